@@ -1,0 +1,7 @@
+"""``python -m constrainedsparse``."""
+
+import sys
+
+from constrainedsparse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""``constrainedsparse`` command line: ``run``, ``formulations``, ``problems``, ``plot``.
+
+Every bad input ends with one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from constrainedsparse.engine import NonFiniteLossError, RunConfig, run
+from constrainedsparse.formulations import describe_formulations
+from constrainedsparse.logger import WANDB_MODES, plot_metrics
+from constrainedsparse.spec import bundled_problems, load_problem
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parse_settings(items: Sequence[str]) -> dict[str, str]:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set expects KEY=VALUE, got {item!r}")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="constrainedsparse", description="Pruning as constrained optimization on Cooper.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    p = sub.add_parser("run", help="prune a problem with a formulation")
+    p.add_argument("problem", nargs="?", default="digits-mlp", help="bundled name or path to a problem file")
+    p.add_argument("--formulation", default="magnitude", help="formulation name (see `formulations`)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9)")
+    target.add_argument("--pattern", help="N:M pattern along the input dimension, e.g. 2:4")
+    p.add_argument("--epochs", type=int, help="pruning epochs (problem default)")
+    p.add_argument("--pretrain-epochs", type=int, help="dense pre-training epochs (problem default; cached)")
+    p.add_argument("--retrain-epochs", type=int, default=0, help="masked retraining epochs after hard pruning")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run directory (default runs/<problem>-<formulation>)")
+    p.add_argument("--wandb", choices=WANDB_MODES, default="offline", help="wandb mode (default offline)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub.add_parser("formulations", help="list formulations")
+    sub.add_parser("problems", help="list bundled problems")
+    plot = sub.add_parser("plot", help="plot a metrics.jsonl to PNG")
+    plot.add_argument("metrics", type=Path)
+    plot.add_argument("--png", type=Path)
+    return parser
+
+
+def _print_summary(summary: dict) -> None:
+    rows = [("problem", summary["problem"]), ("formulation", summary["formulation"])]
+    rows.append(("target", summary.get("pattern", summary.get("target_sparsity"))))
+    rows.append(("achieved sparsity", f"{summary['achieved_sparsity']:.4f}"))
+    for key in ("dense_accuracy", "hardprune_accuracy", "retrain_accuracy"):
+        if summary.get(key) is not None:
+            rows.append((key.replace("_", " "), f"{100 * summary[key]:.2f} %"))
+    rows.append(("seconds", f"{summary['seconds']:.1f}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``constrainedsparse`` console script."""
+    args = _build_parser().parse_args(argv)
+    if args.command is None:
+        args = _build_parser().parse_args(["run", *(argv or [])])
+    try:
+        if args.command == "formulations":
+            for name, text in describe_formulations().items():
+                print(f"{name:<12} {text}")
+        elif args.command == "problems":
+            for name in bundled_problems():
+                print(f"{name:<16} {load_problem(name).description}")
+        elif args.command == "plot":
+            if not args.metrics.is_file():
+                _fail(f"metrics file {str(args.metrics)!r} does not exist")
+            print(plot_metrics(args.metrics, args.png or args.metrics.with_suffix(".png")))
+        else:
+            out = args.out or Path("runs") / f"{Path(args.problem).stem}-{args.formulation}"
+            config = RunConfig(
+                problem=args.problem,
+                formulation=args.formulation,
+                sparsity=args.sparsity,
+                pattern=args.pattern,
+                epochs=args.epochs,
+                pretrain_epochs=args.pretrain_epochs,
+                retrain_epochs=args.retrain_epochs,
+                seed=args.seed,
+                out=out,
+                wandb=args.wandb,
+                settings=_parse_settings(args.settings),
+                resume=args.resume,
+                progress=not args.no_progress,
+            )
+            summary = run(config)
+            if summary is not None:
+                _print_summary(summary)
+                print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, model.safetensors")
+    except (ValueError, NonFiniteLossError) as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""The run: dense model (cached) -> pruning epochs -> hard pruning -> masked retraining.
+
+:func:`prepare` validates everything a user can get wrong *before* anything is written;
+:func:`execute` runs the phases, checkpointing atomically at every epoch end so ``resume=True``
+continues where a run stopped. The CLI is a thin layer over these two functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import shutil
+import time
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from constrainedsparse.checkpoint import (
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from constrainedsparse.formulations import Formulation, formulation_class
+from constrainedsparse.logger import WANDB_MODES, MetricsLogger, plot_metrics
+from constrainedsparse.masks import (
+    achieved_sparsity,
+    apply_masks,
+    hard_prune,
+    layer_sparsity,
+    remove_masks,
+)
+from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.spec import Problem, load_problem
+from constrainedsparse.targets import SparsityConfig
+
+__all__ = ["NonFiniteLossError", "Prepared", "RunConfig", "cache_dir", "execute", "prepare", "run"]
+
+CHECKPOINT = "checkpoint.pt"
+TRAINING_KEYS: dict[str, type] = {"lr": float, "dual_lr": float, "batch_size": int, "log_every": int}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``constrainedsparse run`` takes (see the CLI reference for each field)."""
+
+    problem: str = "digits-mlp"
+    formulation: str = "magnitude"
+    sparsity: float | None = None
+    pattern: str | None = None
+    epochs: int | None = None
+    pretrain_epochs: int | None = None
+    retrain_epochs: int = 0
+    seed: int = 0
+    out: Path = Path("runs/latest")
+    wandb: str = "disabled"
+    settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    resume: bool = False
+    progress: bool = True
+    stop_after_epochs: int | None = None
+    """Stop (with a checkpoint) after this many epochs of this invocation: for preemptible jobs."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A validated run: the problem, parsed hyperparameters and target, nothing written yet."""
+
+    config: RunConfig
+    problem: Problem
+    formulation_cls: type[Formulation]
+    formulation_config: Any
+    target: SparsityConfig
+    training: dict[str, Any]
+    options: dict[str, Any]
+    epochs: int
+    pretrain_epochs: int
+
+
+def cache_dir() -> Path:
+    """Where dense models are cached: ``$CONSTRAINEDSPARSE_CACHE`` or ``~/.cache/constrainedsparse``."""
+    return Path(os.environ.get("CONSTRAINEDSPARSE_CACHE", Path.home() / ".cache" / "constrainedsparse"))
+
+
+def _parse_value(key: str, text: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--set {key}={text!r} must be a bool (true/false)")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text!r} must be {'an' if kind is int else 'a'} {kind.__name__}") from None
+
+
+def _config_field_types(config_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
+    if value is not None and (not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Validates a run configuration without touching the disk.
+
+    Raises:
+        ValueError: With one line naming the bad value and what is allowed.
+    """
+    formulation_cls = formulation_class(config.formulation)
+    if config.wandb not in WANDB_MODES:
+        raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
+    if config.sparsity is not None and config.pattern is not None:
+        raise ValueError("give either --sparsity or --pattern, not both")
+    if config.pattern is not None:
+        target = SparsityConfig.from_pattern(config.pattern)
+    else:
+        sparsity = 0.9 if config.sparsity is None else config.sparsity
+        if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
+            raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+        target = SparsityConfig(sparsity=sparsity)
+    for name, value in (
+        ("--epochs", config.epochs),
+        ("--pretrain-epochs", config.pretrain_epochs),
+        ("--retrain-epochs", config.retrain_epochs),
+    ):
+        _check_count(name, value)
+    problem = load_problem(config.problem)
+
+    formulation_types = _config_field_types(formulation_cls.Config)
+    option_types = {k: type(v) for k, v in problem.options.items()}
+    allowed = {**TRAINING_KEYS, **option_types, **formulation_types}
+    training = {"lr": problem.lr, "dual_lr": problem.dual_lr, "batch_size": problem.batch_size, "log_every": 10}
+    options = dict(problem.options)
+    formulation_values = {}
+    for key, text in config.settings.items():
+        if key not in allowed:
+            raise ValueError(
+                f"unknown --set key {key!r} for formulation {config.formulation!r} and problem "
+                f"{problem.name!r}; allowed: {', '.join(sorted(allowed))}"
+            )
+        value = _parse_value(key, text, allowed[key])
+        if key in formulation_types:
+            formulation_values[key] = value
+        elif key in option_types:
+            options[key] = value
+        else:
+            training[key] = value
+    for key in ("lr", "dual_lr"):
+        if not training[key] > 0:
+            raise ValueError(f"--set {key} must be > 0, got {training[key]}")
+    for key in ("batch_size", "log_every"):
+        if training[key] < 1:
+            raise ValueError(f"--set {key} must be >= 1, got {training[key]}")
+    formulation_config = formulation_cls.Config(**formulation_values)
+    formulation_config.validate()
+    epochs = problem.epochs if config.epochs is None else config.epochs
+    pretrain_epochs = problem.pretrain_epochs if config.pretrain_epochs is None else config.pretrain_epochs
+    prepared = Prepared(
+        config, problem, formulation_cls, formulation_config, target, training, options, epochs, pretrain_epochs
+    )
+    # Bind the targets to a throwaway model: catches "selects nothing" and N:M width errors now.
+    problem.targets.resolve(problem.model(options), target)
+    if config.resume and not (Path(config.out) / CHECKPOINT).is_file():
+        raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
+    return prepared
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int) -> DataLoader:
+    """Shuffled batches whose order depends only on (seed, phase, epoch): resumable."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+@torch.no_grad()
+def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
+    """The problem's metric over ``dataset``, weighted by batch size."""
+    was_training = model.training
+    model.eval()
+    total, weighted = 0, 0.0
+    for x, y in DataLoader(dataset, batch_size=1024):
+        weighted += problem.metric(model(x), y) * len(y)
+        total += len(y)
+    model.train(was_training)
+    return weighted / max(total, 1)
+
+
+def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
+    """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
+    problem, seed = prepared.problem, prepared.config.seed
+    _seed_everything(seed)
+    model = problem.model(prepared.options)
+    path = cache_dir() / "dense" / f"{problem.cache_tag()}-seed{seed}-pre{prepared.pretrain_epochs}.safetensors"
+    if path.is_file():
+        model.load_state_dict(load_file(path))
+        return model, evaluate(problem, model, test)
+    optimizer = torch.optim.Adam(model.parameters(), lr=prepared.training["lr"])
+    bar = tqdm(range(prepared.pretrain_epochs), desc=f"dense {problem.name}", disable=not prepared.config.progress)
+    for epoch in bar:
+        for x, y in _loader(train, prepared.training["batch_size"], seed, -1, epoch):
+            optimizer.zero_grad(set_to_none=True)
+            loss = problem.loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, model.state_dict())
+    return model, evaluate(problem, model, test)
+
+
+class FixedMaskRetrain(Formulation):
+    """Masked retraining: the masks are fixed, the kept weights (and user multipliers) train."""
+
+    name = "retrain"
+    description = "masked retraining with fixed masks"
+
+    def __init__(self, problem: SparsityProblem, masks: Mapping[str, torch.Tensor], *, lr: float, dual_lr: float):
+        super().__init__(problem, Formulation.Config(), lr=lr, dual_lr=dual_lr)
+        self.masks = dict(masks)
+        apply_masks(problem.targets, self.masks)
+
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        return dict(self.masks)
+
+    def finalize(self) -> None:
+        remove_masks(self.problem.targets)
+
+
+def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
+    metrics = {"loss/train": float(cmp_state.loss)}
+    for constraint, state in cmp_state.observed_constraints.items():
+        if constraint.name in problem.user_constraint_names:
+            violation = state.violation.detach().reshape(-1)
+            metrics[f"violation/{constraint.name}"] = float(
+                violation[0] if violation.numel() == 1 else violation.norm()
+            )
+    for name, value in problem.named_multiplier_values().items():
+        if name in problem.user_constraint_names:
+            metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
+    return metrics
+
+
+class _Run:
+    """Mutable state of one execution (kept in one place so checkpoints see all of it)."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        self.out = Path(prepared.config.out)
+        self.step = 0
+        self.seconds_before = 0.0
+        self.dense_accuracy = float("nan")
+        self.hardprune_accuracy: float | None = None
+        self.epochs_this_invocation = 0
+
+    def checkpoint(self, phase: str, epoch: int, formulation: Formulation, extra: dict | None = None) -> None:
+        state = {
+            "version": 1,
+            "identity": self.identity(),
+            "phase": phase,
+            "epoch": epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "formulation": formulation.state_dict(),
+            "rng": torch.get_rng_state(),
+            "dense_accuracy": self.dense_accuracy,
+            "hardprune_accuracy": self.hardprune_accuracy,
+            "seconds": self.seconds_before + time.perf_counter() - self.started,
+            "wandb_id": self.logger.run_id,
+            **(extra or {}),
+        }
+        save_checkpoint(self.out / CHECKPOINT, state)
+
+    def identity(self) -> dict[str, Any]:
+        p = self.prepared
+        return {
+            "problem": p.problem.name,
+            "formulation": self.config.formulation,
+            "target": p.target.describe(),
+            "seed": self.config.seed,
+            "epochs": p.epochs,
+            "pretrain_epochs": p.pretrain_epochs,
+            "retrain_epochs": self.config.retrain_epochs,
+        }
+
+
+def _train_phase(
+    run: _Run,
+    formulation: Formulation,
+    phase: str,
+    phase_index: int,
+    num_epochs: int,
+    start_epoch: int,
+    train: Dataset,
+    test: Dataset,
+) -> bool:
+    """Trains ``num_epochs`` epochs from ``start_epoch``; returns False if stopped early."""
+    prepared = run.prepared
+    problem = run.sparsity_problem
+    log_every = prepared.training["log_every"]
+    batch_size = prepared.training["batch_size"]
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    bar = tqdm(
+        total=num_epochs * steps_per_epoch,
+        initial=start_epoch * steps_per_epoch,
+        desc=f"{phase} {prepared.config.formulation if phase == 'prune' else ''}".strip(),
+        disable=not prepared.config.progress,
+    )
+    for epoch in range(start_epoch, num_epochs):
+        if run.config.stop_after_epochs is not None and run.epochs_this_invocation >= run.config.stop_after_epochs:
+            bar.close()
+            return False
+        epoch_metrics = formulation.start_epoch(epoch)
+        for batch in _loader(train, batch_size, run.config.seed, phase_index, epoch):
+            cmp_state, metrics = formulation.training_step(batch)
+            run.step += 1
+            loss = float(cmp_state.loss)
+            if not math.isfinite(loss):
+                bar.close()
+                saved = (run.out / CHECKPOINT).is_file()
+                where = (
+                    f"the last good checkpoint is {run.out / CHECKPOINT}" if saved else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(
+                    f"loss became {loss} at step {run.step} ({phase} epoch {epoch + 1}); training stopped, {where}"
+                )
+            if run.step % log_every == 0:
+                run.logger.log({**_step_metrics(problem, cmp_state), **metrics}, run.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        epoch_metrics.update(formulation.end_epoch(epoch))
+        epoch_metrics.update(
+            {
+                "accuracy/test": evaluate(prepared.problem, run.model, test),
+                "sparsity/achieved": achieved_sparsity(problem.targets),
+                "phase": phase_index,
+                "epoch": epoch + 1,
+            }
+        )
+        epoch_metrics.update({f"density/{k}": 1.0 - v for k, v in layer_sparsity(problem.targets).items()})
+        run.logger.log(epoch_metrics, run.step)
+        run.epochs_this_invocation += 1
+        run.checkpoint(phase, epoch + 1, formulation, run.phase_extra)
+    bar.close()
+    return True
+
+
+def execute(prepared: Prepared) -> dict[str, Any] | None:
+    """Runs a prepared configuration; returns the summary (``None`` if stopped early).
+
+    Raises:
+        NonFiniteLossError: If the loss becomes NaN/inf (the last good checkpoint is kept).
+        ValueError: If ``--resume`` finds a checkpoint of a different run.
+    """
+    config, problem = prepared.config, prepared.problem
+    run = _Run(prepared)
+    run.started = time.perf_counter()
+    out = run.out
+    resume_state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    if resume_state is not None and resume_state["identity"] != run.identity():
+        raise ValueError(
+            f"--resume: the checkpoint in {out} is of another run ({resume_state['identity']}), not {run.identity()}"
+        )
+    train, test = problem.data(prepared.options)
+    model, run.dense_accuracy = _dense_model(prepared, train, test)
+    run.model = model
+    targets = problem.targets.resolve(model, prepared.target)
+    example_batch = next(iter(DataLoader(train, batch_size=prepared.training["batch_size"])))
+    run.sparsity_problem = SparsityProblem(model, problem.loss, targets, problem.constraints, example_batch)
+    run.logger = MetricsLogger(
+        out,
+        config.wandb,
+        config={**run.identity(), **dataclasses.asdict(prepared.formulation_config), **prepared.training},
+        run_id=resume_state["wandb_id"] if resume_state else None,
+        resume_step=resume_state["step"] if resume_state else None,
+    )
+    run.phase_extra = {}
+    lr, dual_lr = prepared.training["lr"], prepared.training["dual_lr"]
+    steps_per_epoch = math.ceil(len(train) / prepared.training["batch_size"])
+    try:
+        phase, start_epoch = ("prune", 0) if resume_state is None else (resume_state["phase"], resume_state["epoch"])
+        if resume_state is not None:
+            run.step = resume_state["step"]
+            run.seconds_before = resume_state["seconds"]
+            run.hardprune_accuracy = resume_state["hardprune_accuracy"]
+            torch.set_rng_state(resume_state["rng"])
+        else:
+            _seed_everything(config.seed + 1)
+            run.logger.log({"accuracy/dense": run.dense_accuracy, "phase": 0, "epoch": 0}, 0)
+
+        if phase == "prune":
+            formulation = prepared.formulation_cls(
+                run.sparsity_problem, prepared.formulation_config, lr=lr, dual_lr=dual_lr
+            )
+            formulation.setup(prepared.epochs, steps_per_epoch)
+            if resume_state is not None:
+                formulation.load_state_dict(resume_state["formulation"])
+                model.load_state_dict(resume_state["model"])
+            if not _train_phase(run, formulation, "prune", 0, prepared.epochs, start_epoch, train, test):
+                return None
+            masks = formulation.hard_masks()
+            formulation.finalize()
+            hard_prune(targets, masks)
+            run.hardprune_accuracy = evaluate(problem, model, test)
+            run.logger.log(
+                {"accuracy/hardprune": run.hardprune_accuracy, "sparsity/achieved": achieved_sparsity(targets)},
+                run.step,
+            )
+            phase, start_epoch = "retrain", 0
+            run.phase_extra = {"masks": masks}
+            retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=lr, dual_lr=dual_lr)
+            retrainer.setup(config.retrain_epochs, steps_per_epoch)
+            run.checkpoint("retrain", 0, retrainer, run.phase_extra)
+        else:
+            masks = resume_state["masks"]
+            run.phase_extra = {"masks": masks}
+            remove_masks(targets)
+            retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=lr, dual_lr=dual_lr)
+            retrainer.setup(config.retrain_epochs, steps_per_epoch)
+            retrainer.load_state_dict(resume_state["formulation"])
+            model.load_state_dict(resume_state["model"])
+        if not _train_phase(run, retrainer, "retrain", 1, config.retrain_epochs, start_epoch, train, test):
+            return None
+        retrainer.finalize()
+        hard_prune(targets, masks)
+        final_accuracy = evaluate(problem, model, test)
+        summary = _summary(run, targets, final_accuracy)
+        run.logger.log({"accuracy/final": final_accuracy}, run.step)
+    finally:
+        run.logger.close()
+    atomic_write_json(out / "summary.json", summary)
+    save_weights(out / "model.safetensors", model.state_dict(), metadata={"summary": "see summary.json"})
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    return summary
+
+
+def _summary(run: _Run, targets, final_accuracy: float) -> dict[str, Any]:
+    prepared, config = run.prepared, run.config
+    summary: dict[str, Any] = {
+        "problem": prepared.problem.name,
+        "formulation": config.formulation,
+        "achieved_sparsity": achieved_sparsity(targets),
+        "layer_sparsity": layer_sparsity(targets),
+        "seconds": run.seconds_before + time.perf_counter() - run.started,
+        "epochs": prepared.epochs,
+        "pretrain_epochs": prepared.pretrain_epochs,
+        "retrain_epochs": config.retrain_epochs,
+        "seed": config.seed,
+        "settings": dict(config.settings),
+        "dense_accuracy": run.dense_accuracy,
+        "hardprune_accuracy": run.hardprune_accuracy,
+    }
+    if prepared.target.pattern == "nm":
+        summary["pattern"] = prepared.target.describe()
+    else:
+        summary["target_sparsity"] = prepared.target.sparsity
+    if config.retrain_epochs > 0:
+        summary["retrain_accuracy"] = final_accuracy
+    return summary
+
+
+def run(config: RunConfig) -> dict[str, Any] | None:
+    """Validates and executes; removes a run directory this call created if it fails before a checkpoint.
+
+    Raises:
+        ValueError: Bad input (nothing is left on disk).
+        NonFiniteLossError: NaN/inf loss (the last good checkpoint is kept).
+    """
+    prepared = prepare(config)
+    out = Path(config.out)
+    created = not out.exists()
+    try:
+        return execute(prepared)
+    except BaseException:
+        if created and not (out / CHECKPOINT).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+        raise

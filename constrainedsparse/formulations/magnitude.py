@@ -1,0 +1,70 @@
+r"""Magnitude pruning: gradual (cubic schedule) or one-shot, masks through parametrize.
+
+At the start of pruning epoch :math:`e` of :math:`E`, every target is masked to sparsity
+
+.. math:: s_e = s \left(1 - \left(1 - \tfrac{e + 1}{E}\right)^3\right)
+
+(Zhu & Gupta, 2017) by the projection of its feasible set; masked weights get no gradient and
+stay pruned. With ``--epochs 0`` this is one-shot magnitude pruning of the dense model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from constrainedsparse.formulations.base import Formulation, register_formulation
+from constrainedsparse.masks import apply_masks, current_masks, remove_masks
+
+
+@dataclasses.dataclass
+class MagnitudeConfig:
+    """Hyperparameters of ``magnitude``.
+
+    Attributes:
+        schedule: ``"cubic"`` (gradual over the pruning epochs) or ``"oneshot"`` (prune at once,
+            then train with the mask fixed).
+    """
+
+    schedule: str = "cubic"
+
+    def validate(self) -> None:
+        if self.schedule not in ("cubic", "oneshot"):
+            raise ValueError(f"schedule must be 'cubic' or 'oneshot', got {self.schedule!r}")
+
+
+@register_formulation("magnitude")
+class Magnitude(Formulation):
+    """Magnitude pruning with the cubic gradual schedule (one-shot with 0 epochs)."""
+
+    description = "magnitude pruning: gradual cubic schedule over the pruning epochs (one-shot at 0 epochs)"
+    Config = MagnitudeConfig
+
+    def scheduled_sparsity(self, epoch: int) -> float:
+        """Fraction of the target sparsity reached during epoch ``epoch``."""
+        if self.config.schedule == "oneshot" or self.num_epochs == 0:
+            return 1.0
+        return 1.0 - (1.0 - (epoch + 1) / self.num_epochs) ** 3
+
+    @torch.no_grad()
+    def start_epoch(self, epoch: int) -> dict[str, float]:
+        fraction = self.scheduled_sparsity(epoch)
+        masks = {t.name: t.set_at(t.sparsity * fraction).mask(t.tensor) for t in self.problem.targets}
+        apply_masks(self.problem.targets, masks)
+        return {"schedule/fraction": fraction}
+
+    @torch.no_grad()
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        return {t.name: t.feasible_set.mask(t.tensor) for t in self.problem.targets}
+
+    def finalize(self) -> None:
+        remove_masks(self.problem.targets)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "masks": current_masks(self.problem.targets)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        apply_masks(self.problem.targets, state["masks"])
+        super().load_state_dict(state)

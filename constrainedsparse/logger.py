@@ -1,0 +1,144 @@
+"""Dual-dynamics logging: one logger writes ``metrics.jsonl`` and a wandb run with the same keys.
+
+Key scheme (``/`` separates a family from its member):
+
+* ``loss/train``, ``accuracy/test``, ``accuracy/hardprune`` — objective and metrics;
+* ``multiplier/<constraint>``, ``violation/<constraint>`` — dual dynamics (a constraint with
+  several entries is logged by its Euclidean norm);
+* ``density/<param>``, ``sparsity/achieved`` — what the pruned model looks like;
+* ``phase``, ``epoch`` — where in the run a row was logged (phase 0 = prune, 1 = retrain).
+
+:func:`plot_metrics` turns a ``metrics.jsonl`` into a PNG with one panel per family.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["WANDB_MODES", "MetricsLogger", "plot_metrics", "read_metrics"]
+
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class MetricsLogger:
+    """Writes every logged row to ``metrics.jsonl`` and, unless disabled, to wandb.
+
+    Args:
+        out_dir: Run directory (``metrics.jsonl`` and ``wandb/`` go there).
+        wandb_mode: ``disabled``, ``offline`` or ``online``.
+        config: Run configuration sent to wandb.
+        run_id: wandb run id to resume (kept in checkpoints).
+        resume_step: On resume, rows with ``step > resume_step`` are dropped from the JSONL
+            so the file holds each step once.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        wandb_mode: str = "disabled",
+        config: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        if wandb_mode not in WANDB_MODES:
+            raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+        self._file = self.path.open("a")
+        self.run = None
+        if wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.run = wandb.init(
+                project="constrainedsparse",
+                dir=str(out_dir),
+                mode=wandb_mode,
+                config=dict(config or {}),
+                id=run_id,
+                resume="allow" if run_id else None,
+                reinit="finish_previous",
+            )
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run id (``None`` when disabled)."""
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Logs one row; non-finite values are written as ``null`` in JSON."""
+        row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **row}) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        """Flushes and closes the JSONL file and finishes the wandb run."""
+        self._file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(jsonl_path: Path, png_path: Path) -> Path:
+    """Plots every logged key against the step, one panel per key family.
+
+    Args:
+        jsonl_path: A ``metrics.jsonl`` written by :class:`MetricsLogger`.
+        png_path: Where to write the PNG.
+
+    Returns:
+        ``png_path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, tuple[list[int], list[float]]]] = defaultdict(dict)
+    for row in read_metrics(jsonl_path):
+        for key, value in row.items():
+            if key in ("step", "phase", "epoch") or value is None:
+                continue
+            family = key.split("/", 1)[0]
+            steps, values = series[family].setdefault(key, ([], []))
+            steps.append(row["step"])
+            values.append(value)
+    families = sorted(series) or ["(empty)"]
+    cols = min(3, len(families))
+    rows = math.ceil(len(families) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, family in zip(axes.flat, families):
+        for key, (steps, values) in sorted(series.get(family, {}).items()):
+            label = key.split("/", 1)[1] if "/" in key else key
+            ax.plot(steps, values, label=label, marker="." if len(steps) < 30 else None)
+        ax.set_title(family)
+        ax.set_xlabel("step")
+        if 0 < len(series.get(family, {})) <= 8:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(families) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

@@ -1,0 +1,149 @@
+r"""The sparsity CMP: a :class:`cooper.ConstrainedMinimizationProblem` over a model.
+
+.. math::
+    \min_W f(W) \quad \text{s.t.}\quad W_n \in C_n \ \text{(sparsity, per formulation)},\quad
+    g_j(W) \le 0,\quad h_j(W) = 0 \ \text{(user constraints)}.
+
+The problem holds the model, the loss, the resolved targets and every constraint (the user's and
+the ones a formulation registers, e.g. ``W - Z = 0`` or expected-L0 densities). Each constraint
+is a real :class:`cooper.Constraint` with its own multiplier; ``compute_cmp_state`` evaluates
+the loss and all violations on one batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cooper
+import torch
+from torch import nn
+
+from constrainedsparse.targets import TargetParam
+
+__all__ = ["Batch", "SparsityProblem", "UserConstraint", "ViolationFn"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+ViolationFn = Callable[..., torch.Tensor]
+_SENSES = {"<=": cooper.ConstraintType.INEQUALITY, "==": cooper.ConstraintType.EQUALITY}
+
+
+@dataclass(frozen=True)
+class UserConstraint:
+    """A constraint of the user's: ``fn(model)`` or ``fn(model, batch)`` ``<= 0`` or ``== 0``.
+
+    Args:
+        fn: Returns a tensor (any shape; every entry is one constraint) differentiable in the
+            model's parameters. If it takes two arguments it receives the current batch.
+        sense: ``"<="`` (inequality, multiplier kept >= 0) or ``"=="`` (equality).
+    """
+
+    fn: ViolationFn
+    sense: str = "<="
+
+    def __post_init__(self) -> None:
+        if self.sense not in _SENSES:
+            raise ValueError(f"constraint sense must be '<=' or '==', got {self.sense!r}")
+        if not callable(self.fn):
+            raise ValueError(f"constraint fn must be callable, got {type(self.fn).__name__}")
+
+    @property
+    def uses_batch(self) -> bool:
+        """Whether ``fn`` takes the batch as its second argument."""
+        return len(inspect.signature(self.fn).parameters) >= 2
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        value = self.fn(model, batch) if self.uses_batch else self.fn(model)
+        return torch.as_tensor(value).reshape(-1)
+
+
+@dataclass
+class _Registered:
+    constraint: cooper.Constraint
+    violation: Callable[[nn.Module, Batch], torch.Tensor]
+
+
+class SparsityProblem(cooper.ConstrainedMinimizationProblem):
+    """Model + loss + targets + constraints, as a Cooper CMP.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, y) -> scalar``.
+        targets: Resolved pruning targets (see :meth:`Targets.resolve`).
+        constraints: User constraints by name; each becomes a Cooper constraint with a
+            :class:`cooper.multipliers.DenseMultiplier` sized by one evaluation of ``fn``.
+        example_batch: A batch used to size data-dependent user constraints.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        targets: list[TargetParam],
+        constraints: Mapping[str, UserConstraint] | None = None,
+        example_batch: Batch | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.targets = targets
+        self._violations: dict[str, _Registered] = {}
+        self.user_constraint_names: list[str] = []
+        for name, spec in (constraints or {}).items():
+            self.add_user_constraint(name, spec, example_batch)
+
+    def add_user_constraint(self, name: str, spec: UserConstraint, example_batch: Batch | None) -> None:
+        """Registers a :class:`UserConstraint` as a Cooper constraint with its own multiplier."""
+        if spec.uses_batch and example_batch is None:
+            raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
+        with torch.no_grad():
+            size = spec(self.model, example_batch).numel()
+        device = next(self.model.parameters()).device
+        constraint = cooper.Constraint(
+            constraint_type=_SENSES[spec.sense],
+            formulation_type=cooper.formulations.Lagrangian,
+            multiplier=cooper.multipliers.DenseMultiplier(num_constraints=size, device=device),
+        )
+        self.add_constraint(name, constraint, spec)
+        self.user_constraint_names.append(name)
+
+    def add_constraint(
+        self, name: str, constraint: cooper.Constraint, violation: Callable[[nn.Module, Batch], torch.Tensor]
+    ) -> None:
+        """Registers any Cooper constraint with the function that measures its violation.
+
+        Raises:
+            ValueError: If the name is taken.
+        """
+        if name in self._violations:
+            raise ValueError(f"constraint {name!r} is already registered")
+        self._register_constraint(name, constraint)
+        self._violations[name] = _Registered(constraint, violation)
+
+    def compute_cmp_state(self, batch: Batch) -> cooper.CMPState:
+        """Loss and every constraint violation on ``batch``; ``misc['output']`` keeps the logits."""
+        x, y = batch
+        output = self.model(x)
+        loss = self.loss_fn(output, y)
+        observed = {
+            entry.constraint: cooper.ConstraintState(violation=entry.violation(self.model, batch))
+            for entry in self._violations.values()
+        }
+        return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
+
+    def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """Plain gradient ascent on every multiplier (``SGD(maximize=True)``), or ``None``."""
+        params = list(self.dual_parameters())
+        if not params:
+            return None
+        return torch.optim.SGD(params, lr=lr, maximize=True)
+
+    def named_multiplier_values(self) -> dict[str, torch.Tensor]:
+        """Current multiplier values by constraint name."""
+        return {name: m.weight.detach().reshape(-1) for name, m in self.named_multipliers()}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Checkpointable state of the CMP (multipliers and penalty coefficients)."""
+        return self.state_dict()

@@ -1,0 +1,32 @@
+"""mnist1d-mlp: MNIST-1D generated locally (4,000 train / 1,000 test, 40 features), MLP 40-256-256-10."""
+
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from constrainedsparse.data import as_tensors
+from constrainedsparse.spec import Problem
+
+
+def model(options):
+    return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def data(options):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    generated = make_dataset(get_dataset_args())  # built locally, never downloaded
+    x_train, y_train = as_tensors(generated["x"], generated["y"])
+    x_test, y_test = as_tensors(generated["x_test"], generated["y_test"])
+    return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
+
+
+problem = Problem(
+    name="mnist1d-mlp",
+    description="MNIST-1D generated locally (4,000/1,000, 40 features), MLP 40-256-256-10, accuracy",
+    model=model,
+    data=data,
+    pretrain_epochs=40,
+    epochs=10,
+    batch_size=100,
+    lr=1e-3,
+)

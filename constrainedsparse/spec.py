@@ -1,0 +1,108 @@
+"""Problem files: what a user writes to prune their own model.
+
+A problem file is a plain Python file that defines ``problem = Problem(...)``: the model, the
+data, the loss, the metric, which layers to prune and any constraints of the user's. The bundled
+problems live in ``constrainedsparse/problems/`` and are loaded by path exactly like a user's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from constrainedsparse.problem import UserConstraint
+from constrainedsparse.targets import Targets
+
+__all__ = ["BUNDLED_DIR", "Problem", "accuracy", "bundled_problems", "load_problem"]
+
+BUNDLED_DIR = Path(__file__).parent / "problems"
+
+
+def accuracy(output: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows whose argmax equals the label (summed per batch by the engine)."""
+    return float((output.argmax(dim=-1) == y).float().mean())
+
+
+@dataclass
+class Problem:
+    """A pruning problem.
+
+    Args:
+        name: Short name (used in cache keys and summaries).
+        description: One line for ``constrainedsparse problems``.
+        model: ``model(options) -> nn.Module``; called after seeding, so initialisation is
+            reproducible.
+        data: ``data(options) -> (train_dataset, test_dataset)`` of ``(x, y)`` pairs.
+        loss: ``loss(output, y) -> scalar`` (cross-entropy by default).
+        metric: ``metric(output, y) -> float`` in [0, 1] (accuracy by default).
+        targets: Which parameters to prune (Linear/Conv weights by default).
+        constraints: User constraints by name (see :class:`UserConstraint`).
+        pretrain_epochs: Dense training epochs before pruning (``--pretrain-epochs``).
+        epochs: Default pruning epochs (``--epochs``).
+        batch_size: Minibatch size.
+        lr: Adam learning rate of the primal variables.
+        dual_lr: Learning rate of gradient ascent on user-constraint multipliers.
+        options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
+    """
+
+    name: str
+    description: str
+    model: Callable[[Mapping[str, Any]], nn.Module]
+    data: Callable[[Mapping[str, Any]], tuple[Dataset, Dataset]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
+    targets: Targets = field(default_factory=Targets)
+    constraints: Mapping[str, UserConstraint] = field(default_factory=dict)
+    pretrain_epochs: int = 20
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    dual_lr: float = 1e-2
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def cache_tag(self) -> str:
+        """Identifies the problem's definition for the dense-model cache."""
+        digest = hashlib.sha256(Path(self.source).read_bytes()).hexdigest()[:12] if self.source else "0"
+        return f"{self.name}-{digest}"
+
+
+def bundled_problems() -> dict[str, Path]:
+    """``{name: path}`` of the problems shipped with the package."""
+    return {p.stem.replace("_", "-"): p for p in sorted(BUNDLED_DIR.glob("*.py"))}
+
+
+def load_problem(name_or_path: str) -> Problem:
+    """Loads a bundled problem by name, or a user's problem file by path.
+
+    Raises:
+        ValueError: If the name is unknown, the file is missing, or it defines no ``problem``.
+    """
+    bundled = bundled_problems()
+    if name_or_path in bundled:
+        path = bundled[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if path.suffix != ".py" or not path.is_file():
+            raise ValueError(
+                f"unknown problem {name_or_path!r}; bundled problems: {', '.join(bundled)} "
+                "(or give the path of a .py problem file)"
+            )
+    module_name = f"constrainedsparse_problem_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    problem = getattr(module, "problem", None)
+    if not isinstance(problem, Problem):
+        raise ValueError(f"problem file {str(path)!r} must define `problem = Problem(...)`")
+    problem.source = str(path)
+    return problem

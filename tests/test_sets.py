@@ -1,0 +1,694 @@
+"""Tests for :mod:`constrainedsparse.sets`: projections, linear minimisation oracles, membership.
+
+Every feasible set is checked against an independent reference written in this file:
+
+* feasibility is decided from multi-indices (which "unit" — whole tensor, row, N:M group, slice —
+  an entry belongs to), not through the set's own reshapes;
+* projection optimality and LMO optimality are checked by enumerating every admissible support
+  (or vertex) of tensors with at most 8 entries;
+* tie-breaking is checked against a stable sort (lower flat index first).
+
+Property tests use ``hypothesis`` on tiny shapes; golden tests pin hand-computed outputs; one test
+exercises the sampled-selection fast path of :meth:`TopK.project` on ``2**21`` entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable, Hashable, Sequence
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constrainedsparse import sets
+from constrainedsparse.sets import (
+    GlobalTopK,
+    NMSparse,
+    RowTopK,
+    StructuredGroups,
+    TopK,
+    keep_count,
+    parse_nm,
+    topk_mask,
+)
+
+FAST = settings(max_examples=60, deadline=None)
+BRUTE = settings(max_examples=40, deadline=None)
+TOL = 1e-9
+
+# ---------------------------------------------------------------------------------------------
+# Independent reference: which unit each entry belongs to and how many nonzeros a unit may hold.
+# ---------------------------------------------------------------------------------------------
+
+
+def _units(fs: object, shape: Sequence[int]) -> list[Hashable]:
+    """Unit key of every entry of a tensor of ``shape``, in flat (row-major) order.
+
+    For elementwise patterns a unit is the set of entries sharing one nonzero budget (the whole
+    tensor for TopK, a row for RowTopK, a group of ``m`` consecutive inputs for N:M). For
+    StructuredGroups a unit is one group (a slice along ``dim``).
+    """
+    keys: list[Hashable] = []
+    for idx in itertools.product(*(range(s) for s in shape)):
+        if isinstance(fs, TopK):
+            keys.append(())
+        elif isinstance(fs, RowTopK):
+            keys.append(idx[0])
+        elif isinstance(fs, NMSparse):
+            keys.append((idx[0], idx[1] // fs.m, *idx[2:]))
+        elif isinstance(fs, StructuredGroups):
+            keys.append(idx[fs.dim])
+        else:  # pragma: no cover - programming error in the test
+            raise TypeError(fs)
+    return keys
+
+
+def _cap(fs: object) -> int:
+    """Nonzero budget of one unit (elementwise sets) or number of groups (StructuredGroups)."""
+    return fs.n if isinstance(fs, NMSparse) else fs.k
+
+
+def _unit_counts(fs: object, support: Sequence[bool], shape: Sequence[int]) -> dict:
+    """Number of nonzeros per unit (elementwise sets) or ``{(): nonzero groups}`` (structured)."""
+    counts: dict = {}
+    for key, on in zip(_units(fs, shape), support):
+        counts.setdefault(key, 0)
+        counts[key] += int(bool(on))
+    if isinstance(fs, StructuredGroups):
+        return {(): sum(1 for c in counts.values() if c > 0)}
+    return counts
+
+
+def _ref_feasible(fs: object, support: Sequence[bool], shape: Sequence[int]) -> bool:
+    """Reference membership test on a flat boolean support."""
+    if isinstance(fs, GlobalTopK):
+        return sum(map(bool, support)) <= fs.k
+    return all(c <= _cap(fs) for c in _unit_counts(fs, support, shape).values())
+
+
+def _vertices(fs: object, shape: Sequence[int], exact: bool) -> list[torch.Tensor]:
+    """All 0/1 masks of the pattern (float64, flat), with exactly or at most the budget.
+
+    ``exact=True`` gives the vertices of the hull used by ``lmo(only_negative=False)``;
+    ``exact=False`` those of the hull of masks with *at most* the budget (and every support the
+    projection may choose). Structured masks are unions of whole groups.
+    """
+    numel = math.prod(shape)
+    out = []
+    if isinstance(fs, StructuredGroups):
+        keys = _units(fs, shape)
+        groups = sorted(set(keys))
+        sizes = [fs.k] if exact else range(fs.k + 1)
+        for size in sizes:
+            for chosen in itertools.combinations(groups, size):
+                out.append(torch.tensor([float(key in chosen) for key in keys], dtype=torch.float64))
+        return out
+    for bits in itertools.product((0.0, 1.0), repeat=numel):
+        if isinstance(fs, GlobalTopK):
+            ok = sum(bits) == fs.k if exact else sum(bits) <= fs.k
+        else:
+            counts = _unit_counts(fs, bits, shape).values()
+            ok = all(c == _cap(fs) for c in counts) if exact else all(c <= _cap(fs) for c in counts)
+        if ok:
+            out.append(torch.tensor(bits, dtype=torch.float64))
+    return out
+
+
+def _random_vertex(
+    fs: object, shape: Sequence[int], gen: torch.Generator, at_most: bool = False
+) -> torch.Tensor:
+    """A random 0/1 mask of the pattern (flat float64), built by the test.
+
+    With ``at_most=False`` every unit uses its whole budget (a vertex of the exact-budget hull);
+    otherwise each unit draws a random count in ``[0, budget]``.
+    """
+    numel = math.prod(shape)
+
+    def count(cap: int) -> int:
+        return int(torch.randint(0, cap + 1, (1,), generator=gen)) if at_most else cap
+
+    v = torch.zeros(numel, dtype=torch.float64)
+    if isinstance(fs, GlobalTopK):
+        v[torch.randperm(numel, generator=gen)[: count(fs.k)]] = 1.0
+        return v
+    members: dict = {}
+    for i, key in enumerate(_units(fs, shape)):
+        members.setdefault(key, []).append(i)
+    if isinstance(fs, StructuredGroups):
+        groups = sorted(members)
+        for j in torch.randperm(len(groups), generator=gen)[: count(fs.k)].tolist():
+            v[members[groups[j]]] = 1.0
+        return v
+    for idx in members.values():
+        picks = torch.randperm(len(idx), generator=gen)[: count(_cap(fs))].tolist()
+        v[[idx[p] for p in picks]] = 1.0
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies.
+# ---------------------------------------------------------------------------------------------
+
+# Values: small integers (many exact ties and zeros) or floats bounded away from underflow.
+VALUES = st.one_of(
+    st.integers(-4, 4).map(float),
+    st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False).filter(
+        lambda v: v == 0.0 or abs(v) >= 1e-6
+    ),
+)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, shape: Sequence[int]) -> torch.Tensor:
+    """A float64 tensor of ``shape`` with entries from :data:`VALUES`."""
+    numel = math.prod(shape)
+    values = draw(st.lists(VALUES, min_size=numel, max_size=numel))
+    return torch.tensor(values, dtype=torch.float64).reshape(tuple(shape))
+
+
+@st.composite
+def set_and_shape(draw: st.DrawFn, max_numel: int = 8) -> tuple[object, tuple[int, ...]]:
+    """One of the four single-tensor sets with a compatible shape of at most ``max_numel``."""
+    kind = draw(st.sampled_from(["topk", "row", "nm", "struct"]))
+    if kind == "nm":
+        m = draw(st.integers(1, 4))
+        n = draw(st.integers(1, m))
+        conv = draw(st.booleans())
+        if conv:  # (out, in, kernel): groups run along dim 1 for every kernel position
+            kernel = draw(st.integers(1, 2))
+            out = draw(st.integers(1, max(1, max_numel // (m * kernel))))
+            shape = (out, m, kernel) if out * m * kernel <= max_numel else (1, m, 1)
+        else:
+            groups = draw(st.integers(1, max(1, max_numel // m)))
+            out = draw(st.integers(1, max(1, max_numel // (m * groups))))
+            shape = (out, m * groups)
+        return NMSparse(n, m), shape
+    ndim = draw(st.integers(1 if kind == "topk" else 2, 3))
+    shape: tuple[int, ...] = ()
+    for _ in range(ndim):
+        room = max_numel // max(1, math.prod(shape))
+        shape += (draw(st.integers(1, max(1, min(4, room)))),)
+    if kind == "topk":
+        return TopK(draw(st.integers(0, math.prod(shape)))), shape
+    if kind == "row":
+        return RowTopK(draw(st.integers(0, math.prod(shape[1:])))), shape
+    dim = draw(st.integers(0, 1))
+    return StructuredGroups(draw(st.integers(0, shape[dim])), dim=dim), shape
+
+
+@st.composite
+def set_and_tensor(draw: st.DrawFn, max_numel: int = 8) -> tuple[object, torch.Tensor]:
+    """A single-tensor set with a compatible random tensor."""
+    fs, shape = draw(set_and_shape(max_numel))
+    return fs, draw(tensors(shape))
+
+
+@st.composite
+def global_and_tensors(draw: st.DrawFn, max_numel: int = 8) -> tuple[GlobalTopK, list]:
+    """A :class:`GlobalTopK` with a list of 1-3 tensors holding at most ``max_numel`` entries."""
+    count = draw(st.integers(1, 3))
+    shapes = []
+    room = max_numel
+    for _ in range(count):
+        if room < 1:
+            break
+        a = draw(st.integers(1, min(3, room)))
+        b = draw(st.integers(1, max(1, min(3, room // a))))
+        shapes.append((a, b) if draw(st.booleans()) else (a * b,))
+        room -= a * b
+    xs = [draw(tensors(s)) for s in shapes]
+    total = sum(x.numel() for x in xs)
+    return GlobalTopK(draw(st.integers(0, total))), xs
+
+
+def _flat(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection: feasible, idempotent, optimal, exact count, consistent with mask.
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(set_and_tensor(max_numel=24))
+def test_project_feasible_idempotent_and_consistent(case: tuple[object, torch.Tensor]) -> None:
+    fs, x = case
+    before = x.clone()
+    p = fs.project(x)
+    assert torch.equal(x, before), "project must not modify its input"
+    assert p.shape == x.shape and p.dtype == x.dtype
+    assert fs.contains(p)
+    assert _ref_feasible(fs, (p != 0).reshape(-1).tolist(), x.shape)
+    assert torch.equal(fs.project(p), p)
+    mask = fs.mask(x)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert torch.equal(p, x * mask)
+    # Kept entries are copied, not rescaled.
+    assert torch.equal(p[mask], x[mask])
+
+
+@BRUTE
+@given(set_and_tensor(max_numel=8))
+def test_project_is_optimal_by_enumeration(case: tuple[object, torch.Tensor]) -> None:
+    fs, x = case
+    flat = x.reshape(-1)
+    dist = float(((fs.project(x) - x) ** 2).sum())
+    # The closest point with support S is x restricted to S.
+    best = min(float(((flat * s - flat) ** 2).sum()) for s in _vertices(fs, x.shape, exact=False))
+    assert dist <= best + TOL
+
+
+@FAST
+@given(set_and_tensor(max_numel=24))
+def test_project_keeps_exactly_the_budget(case: tuple[object, torch.Tensor]) -> None:
+    fs, x = case
+    nonzero = (x != 0).reshape(-1).tolist()
+    kept = (fs.project(x) != 0).reshape(-1).tolist()
+    have = _unit_counts(fs, nonzero, x.shape)
+    got = _unit_counts(fs, kept, x.shape)
+    for key, count in have.items():
+        assert got[key] == min(_cap(fs), count), (key, count, got[key])
+
+
+@FAST
+@given(set_and_tensor(max_numel=24))
+def test_contains_matches_reference(case: tuple[object, torch.Tensor]) -> None:
+    fs, x = case
+    assert fs.contains(x) == _ref_feasible(fs, (x != 0).reshape(-1).tolist(), x.shape)
+
+
+@FAST
+@given(global_and_tensors(max_numel=16))
+def test_global_project_feasible_idempotent_count(case: tuple[GlobalTopK, list]) -> None:
+    fs, xs = case
+    before = [x.clone() for x in xs]
+    ps = fs.project(xs)
+    assert all(torch.equal(x, b) for x, b in zip(xs, before))
+    assert [p.shape for p in ps] == [x.shape for x in xs]
+    assert fs.contains(ps)
+    assert all(torch.equal(a, b) for a, b in zip(fs.project(ps), ps))
+    masks = fs.masks(xs)
+    assert all(torch.equal(p, x * m) for p, x, m in zip(ps, xs, masks))
+    nonzero = int(sum(torch.count_nonzero(x) for x in xs))
+    assert int(sum(torch.count_nonzero(p) for p in ps)) == min(fs.k, nonzero)
+    assert int(sum(int(m.sum()) for m in masks)) == fs.k
+    assert fs.contains(xs) == (nonzero <= fs.k)
+
+
+@BRUTE
+@given(global_and_tensors(max_numel=8))
+def test_global_project_is_optimal_by_enumeration(case: tuple[GlobalTopK, list]) -> None:
+    fs, xs = case
+    flat = _flat(xs)
+    dist = float(((_flat(fs.project(xs)) - flat) ** 2).sum())
+    shape = (flat.numel(),)
+    best = min(float(((flat * s - flat) ** 2).sum()) for s in _vertices(fs, shape, exact=False))
+    assert dist <= best + TOL
+
+
+@FAST
+@given(set_and_tensor(max_numel=24))
+def test_project_float32_matches_float64_support(case: tuple[object, torch.Tensor]) -> None:
+    fs, x = case
+    if isinstance(fs, StructuredGroups):
+        return  # group norms round differently in float32, which may reorder near-ties
+    x32 = x.float()
+    # Different values can round to the same float32 and change which one wins a tie.
+    if torch.equal(x32.double(), x):
+        assert torch.equal(fs.mask(x32), fs.mask(x))
+        assert fs.project(x32).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear minimisation oracle.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_vertex(fs: object, v: torch.Tensor, g: torch.Tensor) -> None:
+    assert v.dtype == g.dtype and v.shape == g.shape
+    assert bool(((v == 0) | (v == 1)).all()), "LMO must return a 0/1 vertex"
+
+
+@BRUTE
+@given(set_and_tensor(max_numel=8), st.booleans())
+def test_lmo_is_optimal_by_enumeration(case: tuple[object, torch.Tensor], neg: bool) -> None:
+    fs, g = case
+    v = fs.lmo(g, only_negative=neg)
+    _check_vertex(fs, v, g)
+    assert fs.contains(v)
+    flat = g.reshape(-1)
+    value = float((flat * v.reshape(-1)).sum())
+    verts = _vertices(fs, g.shape, exact=not neg)
+    best = min(float((flat * s).sum()) for s in verts)
+    assert value <= best + TOL
+    # The returned mask is itself one of the enumerated vertices when all budgets are used.
+    if not neg:
+        assert any(torch.equal(v.reshape(-1), s) for s in verts)
+
+
+@FAST
+@given(set_and_tensor(max_numel=32), st.integers(0, 2**31 - 1))
+def test_lmo_beats_random_vertices_and_mixtures(
+    case: tuple[object, torch.Tensor], seed: int
+) -> None:
+    fs, g = case
+    gen = torch.Generator().manual_seed(seed)
+    flat = g.reshape(-1)
+    for neg in (False, True):
+        v = fs.lmo(g, only_negative=neg)
+        _check_vertex(fs, v, g)
+        assert fs.contains(v)
+        value = float((flat * v.reshape(-1)).sum())
+        verts = torch.stack([_random_vertex(fs, g.shape, gen, at_most=neg) for _ in range(8)])
+        for s in verts:
+            assert value <= float((flat * s).sum()) + TOL
+        weights = torch.distributions.Dirichlet(torch.ones(len(verts), dtype=torch.float64))
+        for _ in range(4):
+            w = weights.sample()
+            assert value <= float(flat @ (w @ verts)) + TOL
+
+
+@FAST
+@given(set_and_tensor(max_numel=32))
+def test_lmo_exact_budget_and_only_negative(case: tuple[object, torch.Tensor]) -> None:
+    fs, g = case
+    full = fs.lmo(g)
+    neg = fs.lmo(g, only_negative=True)
+    on_full = (full != 0).reshape(-1).tolist()
+    on_neg = (neg != 0).reshape(-1).tolist()
+    # Without only_negative every unit uses its whole budget.
+    counts = _unit_counts(fs, on_full, g.shape)
+    assert all(c == _cap(fs) for c in counts.values()), counts
+    if isinstance(fs, StructuredGroups):
+        group_sum = g.movedim(fs.dim, 0).reshape(g.shape[fs.dim], -1).sum(dim=1)
+        shape = [1] * g.dim()
+        shape[fs.dim] = -1
+        nonneg = (group_sum >= 0).reshape(shape).expand_as(g)
+    else:
+        nonneg = g >= 0
+    assert not bool(neg[nonneg].any()), "only_negative switched on a non-negative coordinate"
+    # only_negative keeps exactly the negative part of the full vertex.
+    assert torch.equal(neg, full * ~nonneg)
+    assert on_neg == [a and b for a, b in zip(on_full, (~nonneg).reshape(-1).tolist())]
+
+
+@FAST
+@given(global_and_tensors(max_numel=16), st.booleans())
+def test_global_lmo(case: tuple[GlobalTopK, list], neg: bool) -> None:
+    fs, gs = case
+    vs = fs.lmo(gs, only_negative=neg)
+    assert [v.shape for v in vs] == [g.shape for g in gs]
+    for v, g in zip(vs, gs):
+        _check_vertex(fs, v, g)
+    assert fs.contains(vs)
+    flat, vflat = _flat(gs), _flat(vs)
+    value = float((flat * vflat).sum())
+    if neg:
+        assert not bool(vflat[flat >= 0].any())
+    else:
+        assert int(vflat.sum()) == fs.k
+    if flat.numel() <= 8:
+        verts = _vertices(fs, (flat.numel(),), exact=not neg)
+        assert value <= min(float((flat * s).sum()) for s in verts) + TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden tests.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_topk_mask_all_equal_keeps_first_k() -> None:
+    scores = torch.ones(2, 6)
+    expected = torch.tensor([[True, True, True, False, False, False]] * 2)
+    assert torch.equal(topk_mask(scores, 3), expected)
+    assert torch.equal(topk_mask(torch.zeros(5), 2), torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool))
+
+
+def test_topk_mask_ties_at_threshold_lower_index_wins() -> None:
+    scores = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 5.0])
+    assert topk_mask(scores, 3).tolist() == [True, False, True, False, False, True]
+    assert topk_mask(scores, 0).tolist() == [False] * 6
+    assert topk_mask(scores, 6).tolist() == [True] * 6
+
+
+def test_topk_mask_rejects_bad_k() -> None:
+    with pytest.raises(ValueError, match=re.escape("k must be in [0, 3], got 4")):
+        topk_mask(torch.ones(3), 4)
+    with pytest.raises(ValueError, match=re.escape("k must be in [0, 3], got -1")):
+        topk_mask(torch.ones(3), -1)
+
+
+def test_topk_golden() -> None:
+    x = torch.tensor([[1.0, -3.0, 2.0], [-3.0, 0.5, 0.0]])
+    assert torch.equal(TopK(2).project(x), torch.tensor([[0.0, -3.0, 0.0], [-3.0, 0.0, 0.0]]))
+    assert torch.equal(TopK(3).project(x), torch.tensor([[0.0, -3.0, 2.0], [-3.0, 0.0, 0.0]]))
+    g = torch.tensor([0.5, -1.0, 2.0, 3.0])
+    assert TopK(3).lmo(g).tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert TopK(3).lmo(g, only_negative=True).tolist() == [0.0, 1.0, 0.0, 0.0]
+    # Equal gradients: the lower index is switched on.
+    assert TopK(2).lmo(torch.tensor([-1.0, -2.0, -1.0, -1.0])).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert TopK(2).contains(x.new_tensor([0.0, 1.0, 0.0, 2.0]))
+    assert not TopK(1).contains(x.new_tensor([0.0, 1.0, 0.0, 2.0]))
+
+
+def test_rowtopk_golden() -> None:
+    x = torch.tensor([[1.0, -4.0, 2.0, 3.0], [2.0, 2.0, -2.0, 1.0]])
+    expected = torch.tensor([[0.0, -4.0, 0.0, 3.0], [2.0, 2.0, 0.0, 0.0]])
+    assert torch.equal(RowTopK(2).project(x), expected)
+    g = torch.tensor([[1.0, -1.0, 2.0, -3.0], [0.0, 1.0, 2.0, 3.0]])
+    assert RowTopK(2).lmo(g).tolist() == [[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    assert RowTopK(2).lmo(g, only_negative=True).tolist() == [[0.0, 1.0, 0.0, 1.0], [0.0] * 4]
+    # Rows are dim 0; the remaining dims are flattened into one row.
+    x3 = torch.tensor([[[1.0, 5.0], [3.0, 2.0]]])
+    assert torch.equal(RowTopK(1).project(x3), torch.tensor([[[0.0, 5.0], [0.0, 0.0]]]))
+
+
+def test_nm_golden() -> None:
+    x = torch.tensor(
+        [
+            [1.0, -4.0, 2.0, 3.0, 0.5, 0.5, 0.5, 0.5],
+            [0.0, 0.0, 0.0, 1.0, -1.0, 2.0, -3.0, 4.0],
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [0.0, -4.0, 0.0, 3.0, 0.5, 0.5, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, -3.0, 4.0],
+        ]
+    )
+    nm = NMSparse(2, 4)
+    assert torch.equal(nm.project(x), expected)
+    assert nm.contains(expected) and not nm.contains(x)
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0, -1.0, -2.0, 5.0, -3.0]])
+    assert nm.lmo(g).tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]]
+    assert nm.lmo(g, only_negative=True).tolist() == [[0.0] * 5 + [1.0, 0.0, 1.0]]
+
+
+def test_nm_groups_run_along_input_dim_of_conv() -> None:
+    # (out=1, in=4, kh=1, kw=2): each kernel position holds one group of the 4 input channels.
+    x = torch.tensor([1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0]).reshape(1, 4, 1, 2)
+    p = NMSparse(1, 4).project(x)
+    assert p.reshape(4, 2).tolist() == [[0.0, 8.0], [0.0, 0.0], [0.0, 0.0], [4.0, 0.0]]
+
+
+def test_structured_golden() -> None:
+    x = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 2.0], [-3.0, 0.0, 0.0]])
+    # Row norms^2: 3, 4, 9 -> keep rows 2 and 1.
+    rows = StructuredGroups(2, dim=0)
+    assert torch.equal(rows.project(x), torch.tensor([[0.0] * 3, [0.0, 0.0, 2.0], [-3.0, 0, 0]]))
+    # Column norms^2: 10, 1, 5 -> keep column 0.
+    cols = StructuredGroups(1, dim=1)
+    assert torch.equal(cols.project(x), torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [-3.0, 0, 0]]))
+    # Equal norms: the lower group index wins.
+    tie = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert torch.equal(StructuredGroups(1).project(tie), torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    g = torch.tensor([[1.0, -3.0], [-1.0, -1.0], [5.0, -1.0]])  # row sums -2, -2, 4
+    assert StructuredGroups(2).lmo(g).tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    assert StructuredGroups(1).lmo(g).tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert StructuredGroups(3).lmo(g, only_negative=True).tolist() == [[1.0, 1.0]] * 2 + [[0, 0]]
+    assert StructuredGroups(1, dim=1).lmo(g).tolist() == [[0.0, 1.0]] * 3  # column sums 5, -5
+    assert StructuredGroups(1).contains(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    assert not StructuredGroups(1).contains(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
+def test_global_topk_golden() -> None:
+    a = torch.tensor([[1.0, -5.0], [0.5, 2.0]])
+    b = torch.tensor([4.0, -2.0, 0.1])
+    pa, pb = GlobalTopK(3).project([a, b])
+    # |values| 5, 4, then a tie 2 (a[1, 1], flat 3) vs 2 (b[1], flat 5): the lower index wins.
+    assert torch.equal(pa, torch.tensor([[0.0, -5.0], [0.0, 2.0]]))
+    assert torch.equal(pb, torch.tensor([4.0, 0.0, 0.0]))
+    va, vb = GlobalTopK(2).lmo([a, b])
+    assert va.tolist() == [[0.0, 1.0], [0.0, 0.0]] and vb.tolist() == [0.0, 1.0, 0.0]
+    # Five negative gradients, a budget of six: the sixth pick (-0.1 -> 0.1) is non-negative.
+    va, vb = GlobalTopK(6).lmo([-a.abs(), b])
+    assert va.tolist() == [[1.0, 1.0], [1.0, 1.0]] and vb.tolist() == [0.0, 1.0, 1.0]
+    va, vb = GlobalTopK(6).lmo([-a.abs(), b], only_negative=True)
+    assert va.tolist() == [[1.0, 1.0], [1.0, 1.0]] and vb.tolist() == [0.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("numel", "sparsity", "expected"),
+    [(10, 0.0, 10), (10, 0.9, 1), (10, 0.5, 5), (1000, 0.75, 250), (7, 0.5, 4), (0, 0.3, 0)],
+)
+def test_keep_count_values(numel: int, sparsity: float, expected: int) -> None:
+    assert keep_count(numel, sparsity) == expected
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_keep_count_rejects_out_of_range(sparsity: float) -> None:
+    message = f"sparsity must be in [0, 1), got {sparsity}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        keep_count(10, sparsity)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2:4", (2, 4)), ("4:4", (4, 4)), ("1:8", (1, 8))])
+def test_parse_nm_accepts(text: str, expected: tuple[int, int]) -> None:
+    assert parse_nm(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2-4", "3:2", "0:4", "a:b", "2:4:8", "", ":4", "2:", "-1:4"])
+def test_parse_nm_rejects(text: str) -> None:
+    message = f"pattern must look like N:M with integers 0 < N <= M (e.g. 2:4), got {text!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        parse_nm(text)
+
+
+@pytest.mark.parametrize("width", [6, 3, 5])
+def test_nm_rejects_width_not_divisible(width: int) -> None:
+    nm = NMSparse(2, 4)
+    x = torch.ones(2, width)
+    message = f"N:M pattern 2:4 needs the input width divisible by 4, got width {width}"
+    for call in (nm.mask, nm.project, nm.lmo, nm.contains):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call(x)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        nm.check_shape((2, width, 3, 3))
+
+
+def test_nm_rejects_1d_and_bad_pattern() -> None:
+    message = "N:M pattern 2:4 needs a tensor with an input dimension, got shape (8,)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        NMSparse(2, 4).project(torch.ones(8))
+    for n, m in [(3, 2), (0, 4), (-1, 4)]:
+        with pytest.raises(ValueError, match=re.escape(f"N:M needs integers 0 < N <= M, got {n}:{m}")):
+            NMSparse(n, m)
+
+
+@pytest.mark.parametrize(
+    ("make", "arg", "message"),
+    [
+        (lambda: TopK(-1), None, "k must be >= 0, got -1"),
+        (lambda: TopK(5), torch.ones(4), "k=5 exceeds the tensor's 4 entries"),
+        (lambda: RowTopK(-2), None, "k must be >= 0, got -2"),
+        (lambda: RowTopK(4), torch.ones(2, 3), "k=4 exceeds the row width 3"),
+        (lambda: StructuredGroups(-1), None, "k must be >= 0, got -1"),
+        (lambda: StructuredGroups(1, dim=2), None, "dim must be 0 (output groups) or 1"),
+        (lambda: StructuredGroups(3, dim=1), torch.ones(4, 2), "k=3 exceeds the 2 groups along dim 1"),
+        (lambda: GlobalTopK(-1), None, "k must be >= 0, got -1"),
+        (lambda: GlobalTopK(6), [torch.ones(2), torch.ones(3)], "k=6 exceeds the 5 entries"),
+    ],
+)
+def test_invalid_budgets_rejected(make: Callable, arg: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fs = make()
+        fs.project(arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large-tensor fast path (sampled selection + hardshrink), above the 1 << 20 threshold.
+# ---------------------------------------------------------------------------------------------
+
+LARGE = 1 << 21
+
+
+def _stable_topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the k largest of a flat tensor, lower index first among ties (stable sort)."""
+    order = torch.sort(a, descending=True, stable=True).indices[:k]
+    mask = torch.zeros(a.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask
+
+
+@pytest.fixture
+def sampled_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Records the results of the sampled k-th-largest selection, to prove the path is used."""
+    calls: list = []
+    original = sets._kth_largest_sampled
+
+    def spy(*args: object, **kwargs: object) -> object:
+        found = original(*args, **kwargs)
+        calls.append(found)
+        return found
+
+    monkeypatch.setattr(sets, "_kth_largest_sampled", spy)
+    return calls
+
+
+def test_large_topk_project_matches_threshold(sampled_calls: list) -> None:
+    assert LARGE > sets._SAMPLED_SELECT_MIN_NUMEL
+    gen = torch.Generator().manual_seed(0)
+    # Distinct magnitudes (exact in float32), random signs: no ties anywhere.
+    magnitudes = (torch.randperm(LARGE, generator=gen) + 1).float() * 2.0**-21
+    signs = torch.randint(0, 2, (LARGE,), generator=gen).float() * 2 - 1
+    x = (magnitudes * signs).reshape(1024, 2048)
+    a = x.abs()
+    for sparsity in (0.05, 0.5, 0.9, 0.99):
+        k = keep_count(LARGE, sparsity)
+        kth = a.reshape(-1).kthvalue(LARGE - k + 1).values
+        expected = x * (a >= kth)
+        sampled_calls.clear()
+        got = TopK(k).project(x)
+        assert any(c is not None for c in sampled_calls), "sampled path was not taken"
+        assert torch.equal(got, expected), sparsity
+        assert int(torch.count_nonzero(got)) == k
+    # Gaussian data may hold a few exact float32 ties: compare with the stable reference.
+    y = torch.randn(LARGE, generator=gen)
+    k = keep_count(LARGE, 0.9)
+    assert torch.equal(TopK(k).project(y), y * _stable_topk_mask(y.abs(), k))
+
+
+def test_large_topk_project_with_many_ties(sampled_calls: list) -> None:
+    gen = torch.Generator().manual_seed(1)
+    # Magnitudes in {1, 2, 3} with random signs: every threshold is a massive tie.
+    x = torch.randint(1, 4, (LARGE,), generator=gen).float()
+    x *= torch.randint(0, 2, (LARGE,), generator=gen).float() * 2 - 1
+    a = x.abs()
+    for sparsity in (0.5, 0.9):
+        k = keep_count(LARGE, sparsity)
+        sampled_calls.clear()
+        got = TopK(k).project(x)
+        assert sampled_calls, "sampled path was not taken"
+        assert int(torch.count_nonzero(got)) == k
+        expected_mask = _stable_topk_mask(a, k)
+        assert torch.equal(got, x * expected_mask)
+        assert torch.equal(topk_mask(a.reshape(1, -1), k).reshape(-1), expected_mask)
+    # With zeros in the input the mask still has exactly k entries, zeros included.
+    z = torch.randint(0, 3, (LARGE,), generator=gen).float()
+    k = keep_count(LARGE, 0.2)
+    mask = TopK(k).mask(z).reshape(-1)
+    assert int(mask.sum()) == k
+    assert torch.equal(mask, _stable_topk_mask(z, k))
+    assert int(torch.count_nonzero(TopK(k).project(z))) == int(torch.count_nonzero(z))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="sampled selection calls .numpy() on a tensor that requires grad (bug in sets.py)",
+)
+def test_large_lmo_accepts_grad_requiring_tensor() -> None:
+    g = torch.randn(LARGE, requires_grad=True)
+    k = keep_count(LARGE, 0.9)
+    v = TopK(k).lmo(g)
+    assert int(v.sum()) == k
