@@ -246,9 +246,6 @@ class FixedMaskRetrain(Formulation):
     def hard_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.masks)
 
-    def finalize(self) -> None:
-        remove_masks(self.problem.targets)
-
 
 def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
     metrics = {"loss/train": float(cmp_state.loss)}

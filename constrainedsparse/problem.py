@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import cooper
 import torch
@@ -143,7 +142,3 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def named_multiplier_values(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name."""
         return {name: m.weight.detach().reshape(-1) for name, m in self.named_multipliers()}
-
-    def extra_state(self) -> dict[str, Any]:
-        """Checkpointable state of the CMP (multipliers and penalty coefficients)."""
-        return self.state_dict()

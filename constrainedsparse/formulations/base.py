@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import cooper
 import torch
 
+from constrainedsparse.masks import remove_masks
 from constrainedsparse.problem import Batch, SparsityProblem
 
 __all__ = [
@@ -100,7 +101,8 @@ class Formulation(abc.ABC):
         """Boolean masks at the target level, by parameter name (exactly feasible)."""
 
     def finalize(self) -> None:
-        """Removes whatever the formulation attached to the model (parametrizations, hooks)."""
+        """Removes what the formulation attached to the model; masks are baked into the weights."""
+        remove_masks(self.problem.targets)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes during training, for checkpoints."""

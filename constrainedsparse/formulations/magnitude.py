@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from constrainedsparse.formulations.base import Formulation, register_formulation
-from constrainedsparse.masks import apply_masks, current_masks, remove_masks
+from constrainedsparse.masks import apply_masks, current_masks
 
 
 @dataclasses.dataclass
@@ -58,9 +58,6 @@ class Magnitude(Formulation):
     @torch.no_grad()
     def hard_masks(self) -> dict[str, torch.Tensor]:
         return {t.name: t.feasible_set.mask(t.tensor) for t in self.problem.targets}
-
-    def finalize(self) -> None:
-        remove_masks(self.problem.targets)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "masks": current_masks(self.problem.targets)}
