@@ -248,7 +248,7 @@ class FixedMaskRetrain(Formulation):
 
 
 def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
-    metrics = {"loss/train": float(cmp_state.loss)}
+    metrics = {"loss/train": cmp_state.loss.item()}
     for constraint, state in cmp_state.observed_constraints.items():
         if constraint.name in problem.user_constraint_names:
             violation = state.violation.detach().reshape(-1)
@@ -335,7 +335,7 @@ def _train_phase(
         for batch in _loader(train, batch_size, run.config.seed, phase_index, epoch):
             cmp_state, metrics = formulation.training_step(batch)
             run.step += 1
-            loss = float(cmp_state.loss)
+            loss = cmp_state.loss.item()
             if not math.isfinite(loss):
                 bar.close()
                 saved = (run.out / CHECKPOINT).is_file()

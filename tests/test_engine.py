@@ -1,0 +1,119 @@
+"""End-to-end runs through the engine and the CLI on real data (digits)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from constrainedsparse import RunConfig, run
+from constrainedsparse.cli import main
+from constrainedsparse.engine import NonFiniteLossError
+
+PROBLEMS = Path(__file__).parent / "problems"
+FAST = {"pretrain_epochs": 3, "progress": False, "wandb": "disabled"}
+
+
+def _zero_masks(path: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(path)
+    return {k: v != 0 for k, v in weights.items() if k.endswith("weight")}
+
+
+def test_cli_magnitude_end_to_end(tmp_path, capsys):
+    out = tmp_path / "a"
+    code = main(
+        ["run", "digits-mlp", "--formulation", "magnitude", "--sparsity", "0.9", "--epochs", "3",
+         "--retrain-epochs", "2", "--pretrain-epochs", "3", "--out", str(out), "--wandb", "disabled",
+         "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem"] == "digits-mlp" and summary["formulation"] == "magnitude"
+    assert summary["target_sparsity"] == 0.9
+    assert summary["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert set(summary["layer_sparsity"]) == {"0.weight", "2.weight", "4.weight"}
+    for value in summary["layer_sparsity"].values():
+        assert value == pytest.approx(0.9, abs=1e-3)
+    for key in ("dense_accuracy", "hardprune_accuracy", "retrain_accuracy", "seconds", "epochs"):
+        assert key in summary
+    assert summary["dense_accuracy"] > 0.8
+    weights = load_file(out / "model.safetensors")
+    for name in summary["layer_sparsity"]:
+        zeros = (weights[name] == 0).float().mean().item()
+        assert zeros == pytest.approx(summary["layer_sparsity"][name])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/train" in r for r in rows) and any("density/0.weight" in r for r in rows)
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "hardprune accuracy" in printed and "retrain accuracy" in printed
+
+
+def test_dense_model_is_cached(tmp_path):
+    from constrainedsparse.engine import cache_dir
+
+    config = RunConfig(formulation="magnitude", sparsity=0.5, epochs=0, seed=7, out=tmp_path / "a", **FAST)
+    run(config)
+    cached = list((cache_dir() / "dense").glob("digits-mlp-*-seed7-pre3.safetensors"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    run(RunConfig(formulation="magnitude", sparsity=0.5, epochs=0, seed=7, out=tmp_path / "b", **FAST))
+    assert cached[0].stat().st_mtime_ns == stamp
+    second = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert first["dense_accuracy"] == second["dense_accuracy"]
+
+
+def test_one_shot_magnitude_matches_projection_of_dense_weights(tmp_path):
+    from constrainedsparse.engine import cache_dir
+
+    run(RunConfig(formulation="magnitude", sparsity=0.8, epochs=0, seed=3, out=tmp_path / "a", **FAST))
+    dense = load_file(next((cache_dir() / "dense").glob("digits-mlp-*-seed3-pre3.safetensors")))
+    pruned = load_file(tmp_path / "a" / "model.safetensors")
+    for name in ("0.weight", "2.weight", "4.weight"):
+        w = dense[name]
+        k = round(0.2 * w.numel())
+        threshold = w.abs().flatten().kthvalue(w.numel() - k + 1).values
+        assert torch.equal(pruned[name], w * (w.abs() >= threshold))
+
+
+@pytest.mark.parametrize("stop_phase_epochs", [1, 4])
+def test_resume_matches_uninterrupted_run(tmp_path, stop_phase_epochs):
+    common = dict(formulation="magnitude", sparsity=0.9, epochs=3, retrain_epochs=2, seed=1, **FAST)
+    full = run(RunConfig(out=tmp_path / "full", **common))
+    assert run(RunConfig(out=tmp_path / "cut", stop_after_epochs=stop_phase_epochs, **common)) is None
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = run(RunConfig(out=tmp_path / "cut", resume=True, **common))
+    for key in ("achieved_sparsity", "layer_sparsity", "dense_accuracy", "hardprune_accuracy", "retrain_accuracy"):
+        assert resumed[key] == full[key], key
+    full_masks = _zero_masks(tmp_path / "full" / "model.safetensors")
+    cut_masks = _zero_masks(tmp_path / "cut" / "model.safetensors")
+    assert full_masks.keys() == cut_masks.keys()
+    for name in full_masks:
+        assert torch.equal(full_masks[name], cut_masks[name])
+    full_steps = [json.loads(x)["step"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut_steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert full_steps == cut_steps
+
+
+def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
+    common = dict(formulation="magnitude", epochs=2, seed=1, **FAST)
+    run(RunConfig(out=tmp_path / "a", sparsity=0.9, stop_after_epochs=1, **common))
+    with pytest.raises(ValueError, match=r"--resume: the checkpoint in .* is of another run"):
+        run(RunConfig(out=tmp_path / "a", sparsity=0.5, resume=True, **common))
+
+
+def test_user_problem_file_by_path_and_nan_loss_keeps_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    problem_file = str(PROBLEMS / "nan_after.py")
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 7 \(prune epoch 2\)"):
+        run(
+            RunConfig(
+                problem=problem_file, formulation="magnitude", sparsity=0.5, out=out, **{**FAST, "pretrain_epochs": 0}
+            )
+        )
+    assert (out / "checkpoint.pt").is_file()
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 4
+    assert not (out / "summary.json").exists()
