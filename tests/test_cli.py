@@ -1,0 +1,107 @@
+"""CLI listing commands and the bad-input contract: one stderr line, exit 2, nothing left on disk."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from constrainedsparse.cli import main
+
+PROBLEMS = Path(__file__).parent / "problems"
+
+
+def _fails(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+BAD_INPUTS = [
+    (["--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0"),
+    (["--sparsity", "-0.1"], r"--sparsity must be in \[0, 1\), got -0.1"),
+    (["--sparsity", "nan"], r"--sparsity must be in \[0, 1\), got nan"),
+    (["--sparsity", "abc"], r"argument --sparsity: invalid float value: 'abc'"),
+    (["--pattern", "2:3"], r"0.weight: N:M pattern 2:3 needs the input width divisible by 3, got width 64"),
+    (["--pattern", "2-4"], r"pattern must look like N:M with integers 0 < N <= M \(e.g. 2:4\), got '2-4'"),
+    (["--pattern", "4:2"], r"pattern must look like N:M with integers 0 < N <= M"),
+    (["--sparsity", "0.5", "--pattern", "2:4"], r"not allowed with argument"),
+    (["--formulation", "nope"], r"unknown formulation 'nope'; available: .*magnitude"),
+    (["--set", "foo=1"], r"unknown --set key 'foo' for formulation 'magnitude' and problem 'digits-mlp'; allowed: "),
+    (["--set", "lr=abc"], r"--set lr='abc' must be a float"),
+    (["--set", "batch_size=1.5"], r"--set batch_size='1.5' must be an int"),
+    (["--set", "lr=-1"], r"--set lr must be > 0, got -1.0"),
+    (["--set", "schedule=linear"], r"schedule must be 'cubic' or 'oneshot', got 'linear'"),
+    (["--set", "novalue"], r"--set expects KEY=VALUE, got 'novalue'"),
+    (["--epochs", "-1"], r"--epochs must be an integer >= 0, got -1"),
+    (["--wandb", "maybe"], r"argument --wandb: invalid choice: 'maybe'"),
+    (["--resume"], r"--resume needs .*checkpoint.pt, which does not exist"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_run_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    line = _fails(["run", "digits-mlp", "--out", str(out), "--wandb", "disabled", "--no-progress", *extra], capsys)
+    assert __import__("re").search(message, line), line
+    assert not out.exists()
+
+
+def test_unknown_problem(tmp_path, capsys):
+    line = _fails(["run", "no-such-problem", "--out", str(tmp_path / "x")], capsys)
+    assert "unknown problem 'no-such-problem'; bundled problems: digits-mlp, mnist1d-mlp" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_filter_selecting_nothing(tmp_path, capsys):
+    line = _fails(["run", str(PROBLEMS / "selects_nothing.py"), "--out", str(tmp_path / "x")], capsys)
+    assert "the target filter selects no parameters" in line and "include=['encoder.*']" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    line = _fails(
+        ["run", str(PROBLEMS / "nan_after.py"), "--sparsity", "0.5", "--pretrain-epochs", "0", "--out", str(out),
+         "--wandb", "disabled", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert "loss became nan at step 7 (prune epoch 2); training stopped, the last good checkpoint is" in line
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_nan_loss_before_any_checkpoint_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "nan"
+    line = _fails(
+        ["run", str(PROBLEMS / "nan_after.py"), "--set", "nan_after=1", "--pretrain-epochs", "0", "--out", str(out),
+         "--wandb", "disabled", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert "loss became nan at step 2 (prune epoch 1); training stopped, no checkpoint was written yet" in line
+    assert not out.exists()
+
+
+def test_listings(capsys):
+    assert main(["formulations"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("magnitude ") for line in lines)
+    assert main(["problems"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["digits-mlp", "mnist1d-mlp"]
+
+
+def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "constrainedsparse", "run", "--sparsity", "2", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --sparsity must be in [0, 1), got 2.0"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
