@@ -1,0 +1,70 @@
+"""Targets: which parameters, which level, which pattern — validated up front."""
+
+import pytest
+import torch
+from torch import nn
+
+from constrainedsparse.sets import NMSparse, RowTopK, StructuredGroups, TopK
+from constrainedsparse.targets import SparsityConfig, Targets
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 4)
+        self.norm = nn.LayerNorm(32)
+
+
+def test_default_targets_are_linear_and_conv_weights_in_model_order():
+    resolved = Targets().resolve(Net(), SparsityConfig(sparsity=0.75))
+    assert [t.name for t in resolved] == ["conv.weight", "encoder.0.weight", "encoder.1.weight", "head.weight"]
+    assert all(isinstance(t.feasible_set, TopK) for t in resolved)
+    assert resolved[1].feasible_set.k == round(0.25 * 16 * 32)
+
+
+def test_filter_include_exclude_and_overrides():
+    targets = Targets(
+        filter_fn=lambda module, fqn: not fqn.startswith("conv"),
+        exclude=["head.*"],
+        overrides={"encoder.1.*": 0.5},
+    )
+    resolved = targets.resolve(Net(), SparsityConfig(sparsity=0.9))
+    assert [(t.name, t.sparsity) for t in resolved] == [("encoder.0.weight", 0.9), ("encoder.1.weight", 0.5)]
+    only = Targets(include=["encoder.*"], param_names=("weight", "bias")).resolve(Net(), SparsityConfig(0.5))
+    assert [t.name for t in only] == ["encoder.0.weight", "encoder.0.bias", "encoder.1.weight", "encoder.1.bias"]
+
+
+def test_patterns_map_to_feasible_sets():
+    net = Net()
+    assert isinstance(Targets().resolve(net, SparsityConfig(0.5, "row"))[0].feasible_set, RowTopK)
+    structured = Targets().resolve(net, SparsityConfig(0.5, "structured"))[0].feasible_set
+    assert isinstance(structured, StructuredGroups) and structured.k == 4
+    nm = Targets(exclude=["conv.*"]).resolve(net, SparsityConfig.from_pattern("2:4"))
+    assert all(isinstance(t.feasible_set, NMSparse) for t in nm)
+    assert SparsityConfig.from_pattern("2:4").sparsity == 0.5
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
+        SparsityConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match=r"pattern must be one of unstructured, row, nm, structured, got 'diag'"):
+        SparsityConfig(0.5, "diag")
+    with pytest.raises(ValueError, match=r"the target filter selects no parameters"):
+        Targets(include=["nothing.*"]).resolve(Net(), SparsityConfig(0.5))
+    with pytest.raises(
+        ValueError, match=r"conv.weight: N:M pattern 2:4 needs the input width divisible by 4, got width 3"
+    ):
+        Targets().resolve(Net(), SparsityConfig.from_pattern("2:4"))
+    with pytest.raises(ValueError, match=r"override 'head.\*' must be a sparsity in \[0, 1\), got 1.5"):
+        Targets(overrides={"head.*": 1.5})
+    with pytest.raises(ValueError, match=r"module_types must name at least one module class"):
+        Targets(module_types=())
+
+
+def test_set_at_rescales_the_same_pattern():
+    target = Targets().resolve(Net(), SparsityConfig(0.5, "row"))[1]
+    assert isinstance(target.set_at(0.25), RowTopK) and target.set_at(0.25).k == 12
+    assert torch.equal(target.tensor, Net().encoder[0].weight) is False  # different init, same shape
+    assert target.tensor.shape == (32, 16)
