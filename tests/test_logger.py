@@ -1,0 +1,137 @@
+"""MetricsLogger: JSONL and a real (offline) wandb run carry the same rows; resume; non-finite; plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+from wandb_records import history_rows, wait_for_complete_run
+
+from constrainedsparse.logger import MetricsLogger, plot_metrics, read_metrics
+
+WANDB_OWN_KEYS = {"_step", "_runtime", "_timestamp"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(step: int) -> dict[str, float]:
+    return {
+        "loss/train": 2.5 / step,
+        "multiplier/budget": 0.125 * step,
+        "violation/budget": 0.3 - 0.07 * step,
+        "density/fc1.weight": 1.0 / (1.0 + step),
+    }
+
+
+def _strict_json(line: str) -> dict:
+    """Parses a JSONL line, refusing the non-standard NaN/Infinity tokens."""
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token!r} in {line!r}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_offline_wandb_run_matches_jsonl(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "run"
+
+    logger = MetricsLogger(out, wandb_mode="offline", config={"formulation": "slr", "lr": 0.1, "seed": 0})
+    assert logger.run_id
+    for step in range(1, 6):
+        logger.log(_row(step), step)
+    logger.close()
+    assert logger.run is None
+
+    jsonl = read_metrics(out / "metrics.jsonl")
+    history = history_rows(wait_for_complete_run(out))
+
+    assert len(jsonl) == 5
+    assert len(history) == len(jsonl)
+    assert [row["step"] for row in jsonl] == [1, 2, 3, 4, 5]
+    assert [row["_step"] for row in history] == [row["step"] for row in jsonl]
+    for logged, hist in zip(jsonl, history):
+        logged_metrics = {k: v for k, v in logged.items() if k != "step"}
+        hist_metrics = {k: v for k, v in hist.items() if k not in WANDB_OWN_KEYS}
+        assert set(hist_metrics) == set(logged_metrics) == set(_row(1))
+        for key, value in logged_metrics.items():
+            assert hist_metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        assert logged_metrics == pytest.approx(_row(logged["step"]), rel=1e-12)
+
+
+def test_wandb_mode_is_validated(tmp_path):
+    with pytest.raises(ValueError, match=r"^--wandb must be one of disabled, offline, online, got 'bogus'$"):
+        MetricsLogger(tmp_path, "bogus")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_step_drops_later_rows(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 7):
+        logger.log({"loss/train": float(step)}, step)
+    logger.close()
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+    logger = MetricsLogger(tmp_path, resume_step=3)
+    logger.log({"loss/train": 40.0}, 4)
+    logger.close()
+
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["loss/train"] for row in rows] == [1.0, 2.0, 3.0, 40.0]
+
+
+def test_fresh_logger_truncates_previous_file(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    logger.log({"loss/train": 1.0}, 1)
+    logger.close()
+    logger = MetricsLogger(tmp_path)
+    logger.log({"loss/train": 9.0}, 7)
+    logger.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 7, "loss/train": 9.0}]
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    logger.log({"loss/train": math.nan, "violation/a": math.inf, "violation/b": -math.inf, "multiplier/a": 0.5}, 1)
+    logger.close()
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    row = _strict_json(lines[0])
+    assert row == {"step": 1, "loss/train": None, "violation/a": None, "violation/b": None, "multiplier/a": 0.5}
+
+
+def test_plot_metrics_writes_png(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 11):
+        row = _row(step)
+        row["density/fc2.weight"] = 0.5 + 0.01 * step
+        row["accuracy/test"] = 0.1 * step if step != 5 else math.nan  # a null in the middle
+        row["phase"] = 0 if step <= 6 else 1
+        row["epoch"] = step // 3
+        logger.log(row, step)
+    logger.close()
+
+    png = tmp_path / "metrics.png"
+    assert plot_metrics(tmp_path / "metrics.jsonl", png) == png
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 1024
+    # Five families (accuracy, density, loss, multiplier, violation) -> 2 x 3 panels of 5 x 3.2 in at 100 dpi.
+    assert data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (1500, 640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
+
+
+def test_plot_metrics_empty_file(tmp_path):
+    MetricsLogger(tmp_path).close()
+    png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "empty.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.png", "metrics.jsonl"]
