@@ -53,9 +53,19 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        elif resume_step is None:
+        else:
             self.path.write_text("")
-        self._file = self.path.open("a")
+        self._file = self.path.open("r+")
+        self._file.seek(0, os.SEEK_END)
+        # The last written row stays open: rows logged at the same step merge into it, as in wandb.
+        self._last_step: int | None = None
+        self._last_row: dict[str, Any] = {}
+        self._last_offset = self._file.tell()
+        if resume_step is not None and self.path.stat().st_size:
+            rows = read_metrics(self.path)
+            self._last_row = rows[-1]
+            self._last_step = rows[-1]["step"]
+            self._last_offset = self.path.stat().st_size - len(json.dumps(rows[-1]) + "\n")
         self.run = None
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -77,10 +87,22 @@ class MetricsLogger:
         return self.run.id if self.run is not None else None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Logs one row; non-finite values are written as ``null`` in JSON."""
+        """Logs ``metrics`` at ``step``; non-finite values are written as ``null`` in JSON.
+
+        Rows logged at the same step merge into one JSONL object (later keys win), matching the
+        one history row wandb keeps per step.
+        """
         row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, **row}) + "\n")
+        if step == self._last_step:
+            row = {**self._last_row, **row}
+            self._file.seek(self._last_offset)
+            self._file.truncate()
+        else:
+            self._last_offset = self._file.tell()
+        row = {**row, "step": step}
+        self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        self._last_step, self._last_row = step, row
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
 

@@ -79,7 +79,7 @@ def parse_nm(pattern: str) -> tuple[int, int]:
         ValueError: If the text is not two positive integers ``N:M`` with ``N <= M``.
     """
     parts = pattern.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise ValueError(f"pattern must look like N:M with integers 0 < N <= M (e.g. 2:4), got {pattern!r}")
     n, m = int(parts[0]), int(parts[1])
     if not 0 < n <= m:
@@ -127,7 +127,7 @@ def _bracket_counts_numpy(values: np.ndarray, lo: float, hi: float, magnitude: b
     return count_above, np.concatenate(band_parts)
 
 
-def _kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int] | None:
+def _kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int] | None:
     """Exact k-th largest score of a large flat tensor through a sampled bracket.
 
     The score is ``|values|`` when ``magnitude`` is set (without materialising it on CPU), else
@@ -137,8 +137,10 @@ def _kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple
     exact: when the bracket misses, ``None`` is returned and the caller runs the full selection.
 
     Returns:
-        ``(t, count_ge)``: the k-th largest score and how many scores are ``>= t``.
+        ``(t, count_gt, count_ge)``: the k-th largest score and how many scores are ``> t`` and
+        ``>= t``.
     """
+    values = values.detach()
     n = values.numel()
     stride = max(1, n // _SAMPLE_SIZE)
     sample = values[::stride].contiguous()
@@ -162,7 +164,12 @@ def _kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple
         if needed <= 0 or band_np.shape[0] < needed:
             return None
         threshold = torch.as_tensor(np.partition(band_np, band_np.shape[0] - needed)[band_np.shape[0] - needed])
-        return threshold, count_above_hi + int(np.count_nonzero(band_np >= threshold.item()))
+        t = threshold.item()
+        return (
+            threshold,
+            count_above_hi + int(np.count_nonzero(band_np > t)),
+            count_above_hi + int(np.count_nonzero(band_np >= t)),
+        )
     else:
         scores = values.abs() if magnitude else values
         above_hi = scores > hi
@@ -172,8 +179,29 @@ def _kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple
     if needed <= 0 or band.numel() < needed:
         return None
     threshold = torch.kthvalue(band, band.numel() - needed + 1).values
-    count_ge = count_above_hi + int(torch.count_nonzero(band >= threshold))
-    return threshold, count_ge
+    count_gt = count_above_hi + int(torch.count_nonzero(band > threshold))
+    return threshold, count_gt, count_above_hi + int(torch.count_nonzero(band >= threshold))
+
+
+def _first_ties(values: torch.Tensor, threshold: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the first ``count`` entries with ``|value| == threshold``, in index order.
+
+    Scans cache-sized chunks in order and stops as soon as enough ties are found.
+    """
+    if values.device.type != "cpu" or values.dtype not in _NUMPY_DTYPES:
+        return torch.nonzero(values.abs() == threshold)[:count, 0]
+    array, t = values.numpy(), threshold.item()
+    scratch = np.empty(min(_CHUNK, array.shape[0]), dtype=array.dtype)
+    found: list[np.ndarray] = []
+    total = 0
+    for start in range(0, array.shape[0], _CHUNK):
+        part = array[start : start + _CHUNK]
+        hits = np.flatnonzero(np.abs(part, out=scratch[: part.shape[0]]) == t) + start
+        found.append(hits)
+        total += hits.shape[0]
+        if total >= count:
+            break
+    return torch.from_numpy(np.concatenate(found)[:count])
 
 
 def _kth_largest(rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -286,11 +314,18 @@ class TopK(FeasibleSet):
         n = x.numel()
         if 0 < self.k < n and n >= _SAMPLED_SELECT_MIN_NUMEL and x.is_contiguous():
             found = _kth_largest_sampled(x.reshape(-1), self.k, magnitude=True)
-            if found is not None and found[1] == self.k and found[0] > 0:
-                # One fused pass writes the result: hardshrink keeps |x| strictly above its
-                # bound, so the bound sits one ulp below the k-th largest magnitude.
-                bound = torch.nextafter(found[0], torch.zeros_like(found[0]))
-                return torch.hardshrink(x, float(bound))
+            if found is not None and found[0] > 0:
+                threshold, count_gt, count_ge = found
+                if count_ge == self.k:
+                    # One fused pass writes the result: hardshrink keeps |x| strictly above its
+                    # bound, so the bound sits one ulp below the k-th largest magnitude.
+                    return torch.hardshrink(x, float(torch.nextafter(threshold, torch.zeros_like(threshold))))
+                # Ties at the threshold: keep everything above it, then the lowest-index ties.
+                out = torch.hardshrink(x, float(threshold))
+                flat_x, flat_out = x.reshape(-1), out.view(-1)
+                ties = _first_ties(flat_x, threshold, self.k - count_gt)
+                flat_out[ties] = flat_x[ties]
+                return out
         return x * self.mask(x)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
@@ -402,7 +437,8 @@ class StructuredGroups(FeasibleSet):
         return group_mask.reshape(shape).expand_as(like)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        norms = self._groups(x.detach()).square().sum(dim=1)
+        # float64 so that squared norms neither overflow (float16) nor underflow into false ties.
+        norms = self._groups(x.detach()).to(torch.float64).square().sum(dim=1)
         return self._expand(topk_mask(norms.unsqueeze(0), self.k)[0], x)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:

@@ -117,3 +117,23 @@ def test_user_problem_file_by_path_and_nan_loss_keeps_last_checkpoint(tmp_path, 
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 4
     assert not (out / "summary.json").exists()
+
+
+def test_cli_run_with_offline_wandb_logs_the_same_rows_as_the_jsonl(tmp_path, monkeypatch):
+    from wandb_records import history_rows, wait_for_complete_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "w"
+    code = main(
+        ["run", "digits-mlp", "--sparsity", "0.5", "--epochs", "1", "--pretrain-epochs", "3", "--out", str(out),
+         "--wandb", "offline", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = history_rows(wait_for_complete_run(out))
+    assert [row["_step"] for row in history] == [row["step"] for row in jsonl]
+    for logged, recorded in zip(jsonl, history):
+        keys = {k for k in logged if k != "step"}
+        assert keys == {k for k in recorded if not k.startswith("_")}
+        for key in keys:
+            assert recorded[key] == pytest.approx(logged[key])

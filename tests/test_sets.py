@@ -75,7 +75,7 @@ def _cap(fs: object) -> int:
 def _unit_counts(fs: object, support: Sequence[bool], shape: Sequence[int]) -> dict:
     """Number of nonzeros per unit (elementwise sets) or ``{(): nonzero groups}`` (structured)."""
     counts: dict = {}
-    for key, on in zip(_units(fs, shape), support):
+    for key, on in zip(_units(fs, shape), support, strict=True):
         counts.setdefault(key, 0)
         counts[key] += int(bool(on))
     if isinstance(fs, StructuredGroups):
@@ -105,7 +105,9 @@ def _vertices(fs: object, shape: Sequence[int], exact: bool) -> list[torch.Tenso
         sizes = [fs.k] if exact else range(fs.k + 1)
         for size in sizes:
             for chosen in itertools.combinations(groups, size):
-                out.append(torch.tensor([float(key in chosen) for key in keys], dtype=torch.float64))
+                out.append(
+                    torch.tensor([float(key in chosen) for key in keys], dtype=torch.float64)
+                )
         return out
     for bits in itertools.product((0.0, 1.0), repeat=numel):
         if isinstance(fs, GlobalTopK):
@@ -288,12 +290,12 @@ def test_global_project_feasible_idempotent_count(case: tuple[GlobalTopK, list])
     fs, xs = case
     before = [x.clone() for x in xs]
     ps = fs.project(xs)
-    assert all(torch.equal(x, b) for x, b in zip(xs, before))
+    assert all(torch.equal(x, b) for x, b in zip(xs, before, strict=True))
     assert [p.shape for p in ps] == [x.shape for x in xs]
     assert fs.contains(ps)
-    assert all(torch.equal(a, b) for a, b in zip(fs.project(ps), ps))
+    assert all(torch.equal(a, b) for a, b in zip(fs.project(ps), ps, strict=True))
     masks = fs.masks(xs)
-    assert all(torch.equal(p, x * m) for p, x, m in zip(ps, xs, masks))
+    assert all(torch.equal(p, x * m) for p, x, m in zip(ps, xs, masks, strict=True))
     nonzero = int(sum(torch.count_nonzero(x) for x in xs))
     assert int(sum(torch.count_nonzero(p) for p in ps)) == min(fs.k, nonzero)
     assert int(sum(int(m.sum()) for m in masks)) == fs.k
@@ -394,7 +396,7 @@ def test_lmo_exact_budget_and_only_negative(case: tuple[object, torch.Tensor]) -
     assert not bool(neg[nonneg].any()), "only_negative switched on a non-negative coordinate"
     # only_negative keeps exactly the negative part of the full vertex.
     assert torch.equal(neg, full * ~nonneg)
-    assert on_neg == [a and b for a, b in zip(on_full, (~nonneg).reshape(-1).tolist())]
+    assert on_neg == [a and b for a, b in zip(on_full, (~nonneg).reshape(-1).tolist(), strict=True)]
 
 
 @FAST
@@ -403,7 +405,7 @@ def test_global_lmo(case: tuple[GlobalTopK, list], neg: bool) -> None:
     fs, gs = case
     vs = fs.lmo(gs, only_negative=neg)
     assert [v.shape for v in vs] == [g.shape for g in gs]
-    for v, g in zip(vs, gs):
+    for v, g in zip(vs, gs, strict=True):
         _check_vertex(fs, v, g)
     assert fs.contains(vs)
     flat, vflat = _flat(gs), _flat(vs)
@@ -426,7 +428,9 @@ def test_topk_mask_all_equal_keeps_first_k() -> None:
     scores = torch.ones(2, 6)
     expected = torch.tensor([[True, True, True, False, False, False]] * 2)
     assert torch.equal(topk_mask(scores, 3), expected)
-    assert torch.equal(topk_mask(torch.zeros(5), 2), torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool))
+    assert torch.equal(
+        topk_mask(torch.zeros(5), 2), torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)
+    )
 
 
 def test_topk_mask_ties_at_threshold_lower_index_wins() -> None:
@@ -581,7 +585,9 @@ def test_nm_rejects_1d_and_bad_pattern() -> None:
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         NMSparse(2, 4).project(torch.ones(8))
     for n, m in [(3, 2), (0, 4), (-1, 4)]:
-        with pytest.raises(ValueError, match=re.escape(f"N:M needs integers 0 < N <= M, got {n}:{m}")):
+        with pytest.raises(
+            ValueError, match=re.escape(f"N:M needs integers 0 < N <= M, got {n}:{m}")
+        ):
             NMSparse(n, m)
 
 
@@ -594,7 +600,11 @@ def test_nm_rejects_1d_and_bad_pattern() -> None:
         (lambda: RowTopK(4), torch.ones(2, 3), "k=4 exceeds the row width 3"),
         (lambda: StructuredGroups(-1), None, "k must be >= 0, got -1"),
         (lambda: StructuredGroups(1, dim=2), None, "dim must be 0 (output groups) or 1"),
-        (lambda: StructuredGroups(3, dim=1), torch.ones(4, 2), "k=3 exceeds the 2 groups along dim 1"),
+        (
+            lambda: StructuredGroups(3, dim=1),
+            torch.ones(4, 2),
+            "k=3 exceeds the 2 groups along dim 1",
+        ),
         (lambda: GlobalTopK(-1), None, "k must be >= 0, got -1"),
         (lambda: GlobalTopK(6), [torch.ones(2), torch.ones(3)], "k=6 exceeds the 5 entries"),
     ],
@@ -682,13 +692,23 @@ def test_large_topk_project_with_many_ties(sampled_calls: list) -> None:
     assert int(torch.count_nonzero(TopK(k).project(z))) == int(torch.count_nonzero(z))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="sampled selection calls .numpy() on a tensor that requires grad (bug in sets.py)",
-)
 def test_large_lmo_accepts_grad_requiring_tensor() -> None:
     g = torch.randn(LARGE, requires_grad=True)
     k = keep_count(LARGE, 0.9)
     v = TopK(k).lmo(g)
     assert int(v.sum()) == k
+
+
+@pytest.mark.parametrize(
+    ("x", "keep_row"),
+    [
+        # float16: both squared norms (65536, 102400) overflow to inf; row 1 is the larger.
+        (torch.stack([torch.full((4096,), 4.0), torch.full((4096,), 5.0)]).half(), 1),
+        # float32: 1e-30 squares to 0, so a feasible point is not a fixed point of the projection.
+        (torch.tensor([[0.0, 0.0], [1e-30, 0.0]]), 1),
+    ],
+    ids=["float16-overflow", "float32-underflow"],
+)
+def test_structured_project_extreme_magnitudes(x: torch.Tensor, keep_row: int) -> None:
+    mask = StructuredGroups(1).mask(x)
+    assert bool(mask[keep_row].all()) and not bool(mask[1 - keep_row].any())
