@@ -81,9 +81,10 @@ def _print_summary(summary: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``constrainedsparse`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]  # `constrainedsparse [--flags]` means `constrainedsparse run [--flags]`
     args = _build_parser().parse_args(argv)
-    if args.command is None:
-        args = _build_parser().parse_args(["run", *(argv or [])])
     try:
         if args.command == "formulations":
             for name, text in describe_formulations().items():

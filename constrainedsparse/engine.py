@@ -8,6 +8,8 @@ continues where a run stopped. The CLI is a thin layer over these two functions.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
@@ -214,7 +216,14 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
     problem, seed = prepared.problem, prepared.config.seed
     _seed_everything(seed)
     model = problem.model(prepared.options)
-    path = cache_dir() / "dense" / f"{problem.cache_tag()}-seed{seed}-pre{prepared.pretrain_epochs}.safetensors"
+    # Everything that shapes the dense model is in the key: problem file, options, training keys.
+    recipe = json.dumps(
+        {"options": prepared.options, "lr": prepared.training["lr"], "batch": prepared.training["batch_size"]},
+        sort_keys=True,
+        default=str,
+    )
+    tag = f"{problem.cache_tag()}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+    path = cache_dir() / "dense" / f"{tag}-seed{seed}-pre{prepared.pretrain_epochs}.safetensors"
     if path.is_file():
         model.load_state_dict(load_file(path))
         return model, evaluate(problem, model, test)

@@ -100,7 +100,10 @@ def load_problem(name_or_path: str) -> Problem:
     module_name = f"constrainedsparse_problem_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # a user's file: report it on the one-line error path
+        raise ValueError(f"problem file {str(path)!r} failed to load: {type(err).__name__}: {err}") from err
     problem = getattr(module, "problem", None)
     if not isinstance(problem, Problem):
         raise ValueError(f"problem file {str(path)!r} must define `problem = Problem(...)`")

@@ -105,3 +105,16 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
     assert result.stderr.strip() == "error: --sparsity must be in [0, 1), got 2.0"
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_flags_without_subcommand_mean_run(tmp_path, capsys):
+    line = _fails(["--sparsity", "1.5", "--out", str(tmp_path / "x")], capsys)
+    assert line == "error: --sparsity must be in [0, 1), got 1.5"
+
+
+def test_problem_file_that_fails_to_import_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import no_such_module_here\n")
+    line = _fails(["run", str(bad), "--out", str(tmp_path / "x")], capsys)
+    assert "failed to load: ModuleNotFoundError: No module named 'no_such_module_here'" in line
+    assert not (tmp_path / "x").exists()

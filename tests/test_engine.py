@@ -137,3 +137,12 @@ def test_cli_run_with_offline_wandb_logs_the_same_rows_as_the_jsonl(tmp_path, mo
         assert keys == {k for k in recorded if not k.startswith("_")}
         for key in keys:
             assert recorded[key] == pytest.approx(logged[key])
+
+
+def test_dense_cache_key_includes_training_settings(tmp_path):
+    from constrainedsparse.engine import cache_dir
+
+    for lr in ("1e-3", "2e-3"):
+        run(RunConfig(formulation="magnitude", sparsity=0.5, epochs=0, seed=11, settings={"lr": lr},
+                      out=tmp_path / lr, **FAST))  # fmt: skip
+    assert len(list((cache_dir() / "dense").glob("digits-mlp-*-seed11-pre3.safetensors"))) == 2

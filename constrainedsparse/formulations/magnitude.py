@@ -5,7 +5,8 @@ At the start of pruning epoch :math:`e` of :math:`E`, every target is masked to 
 .. math:: s_e = s \left(1 - \left(1 - \tfrac{e + 1}{E}\right)^3\right)
 
 (Zhu & Gupta, 2017) by the projection of its feasible set; masked weights get no gradient and
-stay pruned. With ``--epochs 0`` this is one-shot magnitude pruning of the dense model.
+stay pruned. With ``--epochs 0`` this is one-shot magnitude pruning of the dense model. An N:M
+pattern has no intermediate levels: it applies in full from the first epoch.
 """
 
 from __future__ import annotations

@@ -1,0 +1,52 @@
+"""Print the history rows of a wandb offline run (``wandb/offline-run-*/run-*.wandb``) without a network.
+
+Usage: python read_wandb_offline.py RUN_DIR/wandb/offline-run-*/run-*.wandb [KEY ...]
+"""
+
+import json
+import struct
+import sys
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path):
+    """Payloads of a LevelDB-log file after wandb's 7-byte header (crc32c is not checked here)."""
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", "not a .wandb file"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # block tail too short for a header: skip to the next block
+            pos += BLOCK - pos % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            yield payload
+        elif kind == FIRST:
+            pending = payload
+        elif kind == MIDDLE:
+            pending += payload
+        elif kind == LAST:
+            yield pending + payload
+        else:  # zero padding at the end of the file
+            break
+
+
+def history(path):
+    for payload in records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            yield {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+
+
+if __name__ == "__main__":
+    keys = sys.argv[2:]
+    for row in history(sys.argv[1]):
+        if not keys or any(k in row for k in keys):
+            print({k: v for k, v in row.items() if not keys or k in keys or k == "_step"})
