@@ -45,7 +45,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("run", help="prune a problem with a formulation")
     p.add_argument("problem", nargs="?", default="digits-mlp", help="bundled name or path to a problem file")
-    p.add_argument("--formulation", default="magnitude", help="formulation name (see `formulations`)")
+    p.add_argument("--formulation", default=RunConfig.formulation, help="formulation name (see `formulations`)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9)")
     target.add_argument("--pattern", help="N:M pattern along the input dimension, e.g. 2:4")

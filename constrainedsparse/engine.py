@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from constrainedsparse.checkpoint import (
@@ -41,6 +41,7 @@ from constrainedsparse.masks import (
     hard_prune,
     layer_sparsity,
     remove_masks,
+    temporarily_pruned,
 )
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.spec import Problem, load_problem
@@ -49,6 +50,8 @@ from constrainedsparse.targets import SparsityConfig
 __all__ = ["NonFiniteLossError", "Prepared", "RunConfig", "cache_dir", "execute", "prepare", "run"]
 
 CHECKPOINT = "checkpoint.pt"
+REFERENCE_SAMPLES = 1024
+"""Size of the fixed training batch a formulation may use to compare objectives (SLR's conditions)."""
 TRAINING_KEYS: dict[str, type] = {"lr": float, "dual_lr": float, "batch_size": int, "log_every": int}
 
 
@@ -61,7 +64,7 @@ class RunConfig:
     """Everything ``constrainedsparse run`` takes (see the CLI reference for each field)."""
 
     problem: str = "digits-mlp"
-    formulation: str = "magnitude"
+    formulation: str = "slr"
     sparsity: float | None = None
     pattern: str | None = None
     epochs: int | None = None
@@ -256,6 +259,20 @@ class FixedMaskRetrain(Formulation):
         return dict(self.masks)
 
 
+@torch.no_grad()
+def _hardprune_accuracy_now(run: _Run, formulation: Formulation, test: Dataset) -> float:
+    """Accuracy of a hard-pruned copy of the model with the formulation's current masks."""
+    with temporarily_pruned(run.sparsity_problem.targets, formulation.hard_masks()):
+        return evaluate(run.prepared.problem, run.model, test)
+
+
+def reference_batch(train: Dataset, seed: int, size: int = REFERENCE_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of ``min(size, len(train))`` training samples drawn with ``seed``."""
+    generator = torch.Generator().manual_seed(seed * 7_919 + 13)
+    indices = torch.randperm(len(train), generator=generator)[:size].tolist()
+    return next(iter(DataLoader(Subset(train, indices), batch_size=len(indices))))
+
+
 def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
     metrics = {"loss/train": cmp_state.loss.item()}
     for constraint, state in cmp_state.observed_constraints.items():
@@ -354,7 +371,7 @@ def _train_phase(
                 raise NonFiniteLossError(
                     f"loss became {loss} at step {run.step} ({phase} epoch {epoch + 1}); training stopped, {where}"
                 )
-            if run.step % log_every == 0:
+            if run.step % log_every == 0 or metrics:
                 run.logger.log({**_step_metrics(problem, cmp_state), **metrics}, run.step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -362,6 +379,7 @@ def _train_phase(
         epoch_metrics.update(
             {
                 "accuracy/test": evaluate(prepared.problem, run.model, test),
+                "accuracy/hardprune_now": _hardprune_accuracy_now(run, formulation, test),
                 "sparsity/achieved": achieved_sparsity(problem.targets),
                 "phase": phase_index,
                 "epoch": epoch + 1,
@@ -422,7 +440,7 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
             formulation = prepared.formulation_cls(
                 run.sparsity_problem, prepared.formulation_config, lr=lr, dual_lr=dual_lr
             )
-            formulation.setup(prepared.epochs, steps_per_epoch)
+            formulation.setup(prepared.epochs, steps_per_epoch, reference_batch(train, config.seed))
             if resume_state is not None:
                 formulation.load_state_dict(resume_state["formulation"])
                 model.load_state_dict(resume_state["model"])

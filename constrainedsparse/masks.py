@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ __all__ = [
     "hard_prune",
     "layer_sparsity",
     "remove_masks",
+    "temporarily_pruned",
 ]
 
 
@@ -86,6 +88,34 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
         if target.name in masks:
             weight = getattr(target.module, target.param_name)
             weight.mul_(masks[target.name].to(weight.device))
+
+
+def _stored_parameter(target: TargetParam) -> torch.Tensor:
+    if parametrize.is_parametrized(target.module, target.param_name):
+        return target.module.parametrizations[target.param_name].original
+    return getattr(target.module, target.param_name)
+
+
+@contextlib.contextmanager
+def temporarily_pruned(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block the targets hold exact zeros outside ``masks``; restored on exit.
+
+    Works on plain and parametrized weights alike (the stored tensor is masked, parametrizations
+    stay registered), so a run can measure its hard-prune accuracy without leaving its state.
+    """
+    saved = []
+    with torch.no_grad():
+        for target in targets:
+            if target.name in masks:
+                stored = _stored_parameter(target)
+                saved.append((stored, stored.detach().clone()))
+                stored.mul_(masks[target.name].to(stored.device))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for stored, value in saved:
+                stored.copy_(value)
 
 
 @torch.no_grad()

@@ -62,6 +62,7 @@ class UserConstraint:
 class _Registered:
     constraint: cooper.Constraint
     violation: Callable[[nn.Module, Batch], torch.Tensor]
+    dual_every_step: bool
 
 
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
@@ -109,9 +110,23 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         self.user_constraint_names.append(name)
 
     def add_constraint(
-        self, name: str, constraint: cooper.Constraint, violation: Callable[[nn.Module, Batch], torch.Tensor]
+        self,
+        name: str,
+        constraint: cooper.Constraint,
+        violation: Callable[[nn.Module, Batch], torch.Tensor],
+        *,
+        dual_every_step: bool = True,
     ) -> None:
         """Registers any Cooper constraint with the function that measures its violation.
+
+        Args:
+            name: Unique constraint name (used in logs and checkpoints).
+            constraint: The Cooper constraint (type, formulation, multiplier).
+            violation: ``violation(model, batch) -> tensor``.
+            dual_every_step: If True the multiplier takes a gradient-ascent step after every
+                minibatch (via :meth:`dual_optimizer`). If False it only enters the primal
+                Lagrangian, and a formulation updates it on its own schedule (e.g. the W = Z
+                multipliers of SLR/ADMM).
 
         Raises:
             ValueError: If the name is taken.
@@ -119,7 +134,18 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if name in self._violations:
             raise ValueError(f"constraint {name!r} is already registered")
         self._register_constraint(name, constraint)
-        self._violations[name] = _Registered(constraint, violation)
+        self._violations[name] = _Registered(constraint, violation, dual_every_step)
+
+    def remove_constraint(self, name: str) -> None:
+        """Unregisters a constraint (and its multiplier) added by :meth:`add_constraint`.
+
+        Raises:
+            ValueError: If no constraint has this name.
+        """
+        if name not in self._violations:
+            raise ValueError(f"no constraint named {name!r}; registered: {', '.join(self._violations) or 'none'}")
+        delattr(self, name)
+        del self._violations[name]
 
     def compute_cmp_state(self, batch: Batch) -> cooper.CMPState:
         """Loss and every constraint violation on ``batch``; ``misc['output']`` keeps the logits."""
@@ -127,14 +153,21 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         output = self.model(x)
         loss = self.loss_fn(output, y)
         observed = {
-            entry.constraint: cooper.ConstraintState(violation=entry.violation(self.model, batch))
+            entry.constraint: cooper.ConstraintState(
+                violation=entry.violation(self.model, batch), contributes_to_dual_update=entry.dual_every_step
+            )
             for entry in self._violations.values()
         }
         return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
 
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
-        """Plain gradient ascent on every multiplier (``SGD(maximize=True)``), or ``None``."""
-        params = list(self.dual_parameters())
+        """Gradient ascent (``SGD(maximize=True)``) on every multiplier updated each step, or ``None``."""
+        params = [
+            p
+            for entry in self._violations.values()
+            if entry.dual_every_step and entry.constraint.multiplier is not None
+            for p in entry.constraint.multiplier.parameters()
+        ]
         if not params:
             return None
         return torch.optim.SGD(params, lr=lr, maximize=True)

@@ -31,11 +31,24 @@ BAD_INPUTS = [
     (["--pattern", "4:2"], r"pattern must look like N:M with integers 0 < N <= M"),
     (["--sparsity", "0.5", "--pattern", "2:4"], r"not allowed with argument"),
     (["--formulation", "nope"], r"unknown formulation 'nope'; available: .*magnitude"),
-    (["--set", "foo=1"], r"unknown --set key 'foo' for formulation 'magnitude' and problem 'digits-mlp'; allowed: "),
+    (["--set", "foo=1"], r"unknown --set key 'foo' for formulation 'slr' and problem 'digits-mlp'; allowed: M, "),
     (["--set", "lr=abc"], r"--set lr='abc' must be a float"),
     (["--set", "batch_size=1.5"], r"--set batch_size='1.5' must be an int"),
     (["--set", "lr=-1"], r"--set lr must be > 0, got -1.0"),
-    (["--set", "schedule=linear"], r"schedule must be 'cubic' or 'oneshot', got 'linear'"),
+    (
+        ["--formulation", "magnitude", "--set", "schedule=linear"],
+        r"schedule must be 'cubic' or 'oneshot', got 'linear'",
+    ),
+    (["--set", "rho=0"], r"rho must be > 0, got 0.0"),
+    (["--formulation", "admm", "--set", "rho=-1"], r"rho must be > 0, got -1.0"),
+    (["--set", "s0=0"], r"s0 must be > 0, got 0.0"),
+    (["--set", "M=1"], r"M must be > 1, got 1.0"),
+    (["--set", "r=1"], r"r must be in \(0, 1\), got 1.0"),
+    (["--set", "r=0"], r"r must be in \(0, 1\), got 0.0"),
+    (["--set", "interval=0"], r"interval must be an integer >= 1, got 0"),
+    (["--formulation", "admm", "--set", "interval=0"], r"interval must be an integer >= 1, got 0"),
+    (["--set", "interval_unit=batch"], r"interval_unit must be one of epoch, step, got 'batch'"),
+    (["--set", "rho_growth=0.5"], r"rho_growth must be >= 1, got 0.5"),
     (["--set", "novalue"], r"--set expects KEY=VALUE, got 'novalue'"),
     (["--epochs", "-1"], r"--epochs must be an integer >= 0, got -1"),
     (["--wandb", "maybe"], r"argument --wandb: invalid choice: 'maybe'"),
@@ -66,7 +79,8 @@ def test_filter_selecting_nothing(tmp_path, capsys):
 def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     line = _fails(
-        ["run", str(PROBLEMS / "nan_after.py"), "--sparsity", "0.5", "--pretrain-epochs", "0", "--out", str(out),
+        ["run", str(PROBLEMS / "nan_after.py"), "--formulation", "magnitude", "--sparsity", "0.5",
+         "--pretrain-epochs", "0", "--out", str(out),
          "--wandb", "disabled", "--no-progress"],
         capsys,
     )  # fmt: skip
@@ -77,7 +91,8 @@ def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
 def test_nan_loss_before_any_checkpoint_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "nan"
     line = _fails(
-        ["run", str(PROBLEMS / "nan_after.py"), "--set", "nan_after=1", "--pretrain-epochs", "0", "--out", str(out),
+        ["run", str(PROBLEMS / "nan_after.py"), "--formulation", "magnitude", "--set", "nan_after=1",
+         "--pretrain-epochs", "0", "--out", str(out),
          "--wandb", "disabled", "--no-progress"],
         capsys,
     )  # fmt: skip

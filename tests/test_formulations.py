@@ -25,7 +25,7 @@ def test_every_formulation_hits_its_target_and_resumes(tmp_path, name):
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match=r"unknown formulation 'nope'; available: magnitude"):
+    with pytest.raises(ValueError, match=r"unknown formulation 'nope'; available: admm, magnitude, slr"):
         formulation_class("nope")
     with pytest.raises(ValueError, match=r"formulation 'magnitude' is already registered"):
         register_formulation("magnitude")(type("Dup", (), {}))

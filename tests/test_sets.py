@@ -105,9 +105,7 @@ def _vertices(fs: object, shape: Sequence[int], exact: bool) -> list[torch.Tenso
         sizes = [fs.k] if exact else range(fs.k + 1)
         for size in sizes:
             for chosen in itertools.combinations(groups, size):
-                out.append(
-                    torch.tensor([float(key in chosen) for key in keys], dtype=torch.float64)
-                )
+                out.append(torch.tensor([float(key in chosen) for key in keys], dtype=torch.float64))
         return out
     for bits in itertools.product((0.0, 1.0), repeat=numel):
         if isinstance(fs, GlobalTopK):
@@ -120,9 +118,7 @@ def _vertices(fs: object, shape: Sequence[int], exact: bool) -> list[torch.Tenso
     return out
 
 
-def _random_vertex(
-    fs: object, shape: Sequence[int], gen: torch.Generator, at_most: bool = False
-) -> torch.Tensor:
+def _random_vertex(fs: object, shape: Sequence[int], gen: torch.Generator, at_most: bool = False) -> torch.Tensor:
     """A random 0/1 mask of the pattern (flat float64), built by the test.
 
     With ``at_most=False`` every unit uses its whole budget (a vertex of the exact-budget hull);
@@ -158,9 +154,7 @@ def _random_vertex(
 # Values: small integers (many exact ties and zeros) or floats bounded away from underflow.
 VALUES = st.one_of(
     st.integers(-4, 4).map(float),
-    st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False).filter(
-        lambda v: v == 0.0 or abs(v) >= 1e-6
-    ),
+    st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False).filter(lambda v: v == 0.0 or abs(v) >= 1e-6),
 )
 
 
@@ -355,9 +349,7 @@ def test_lmo_is_optimal_by_enumeration(case: tuple[object, torch.Tensor], neg: b
 
 @FAST
 @given(set_and_tensor(max_numel=32), st.integers(0, 2**31 - 1))
-def test_lmo_beats_random_vertices_and_mixtures(
-    case: tuple[object, torch.Tensor], seed: int
-) -> None:
+def test_lmo_beats_random_vertices_and_mixtures(case: tuple[object, torch.Tensor], seed: int) -> None:
     fs, g = case
     gen = torch.Generator().manual_seed(seed)
     flat = g.reshape(-1)
@@ -428,9 +420,7 @@ def test_topk_mask_all_equal_keeps_first_k() -> None:
     scores = torch.ones(2, 6)
     expected = torch.tensor([[True, True, True, False, False, False]] * 2)
     assert torch.equal(topk_mask(scores, 3), expected)
-    assert torch.equal(
-        topk_mask(torch.zeros(5), 2), torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)
-    )
+    assert torch.equal(topk_mask(torch.zeros(5), 2), torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool))
 
 
 def test_topk_mask_ties_at_threshold_lower_index_wins() -> None:
@@ -585,9 +575,7 @@ def test_nm_rejects_1d_and_bad_pattern() -> None:
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         NMSparse(2, 4).project(torch.ones(8))
     for n, m in [(3, 2), (0, 4), (-1, 4)]:
-        with pytest.raises(
-            ValueError, match=re.escape(f"N:M needs integers 0 < N <= M, got {n}:{m}")
-        ):
+        with pytest.raises(ValueError, match=re.escape(f"N:M needs integers 0 < N <= M, got {n}:{m}")):
             NMSparse(n, m)
 
 

@@ -1,9 +1,9 @@
-"""Formulations, picked by name: ``make("magnitude", problem)``.
+"""Formulations, picked by name: ``make("slr", problem)``.
 
 Importing this package registers every built-in formulation.
 """
 
-from constrainedsparse.formulations import magnitude  # noqa: F401  (registers itself)
+from constrainedsparse.formulations import admm, magnitude, slr  # noqa: F401  (each registers itself)
 from constrainedsparse.formulations.base import (
     Formulation,
     NoConfig,

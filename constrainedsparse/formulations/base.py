@@ -77,8 +77,15 @@ class Formulation(abc.ABC):
             return cooper.optim.UnconstrainedOptimizer(self.problem, primal)
         return cooper.optim.SimultaneousOptimizer(self.problem, primal, dual)
 
-    def setup(self, num_epochs: int, steps_per_epoch: int) -> None:
-        """Builds state before the first epoch (also called before resuming)."""
+    def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
+        """Builds state before the first epoch (also called before resuming).
+
+        Args:
+            num_epochs: Pruning epochs of the run.
+            steps_per_epoch: Minibatches per epoch.
+            reference_batch: A fixed batch of training data for formulations that compare the
+                objective at two points on the same data (e.g. SLR's surrogate conditions).
+        """
         self.num_epochs = num_epochs
         self.steps_per_epoch = steps_per_epoch
         self.optimizer = self.build_optimizer()

@@ -1,0 +1,329 @@
+r"""Duplicate variables :math:`W = Z`: the augmented-Lagrangian core shared by ``slr`` and ``admm``.
+
+The sparsity constraint is moved onto copies :math:`Z_n` of the pruned weights:
+
+.. math::
+    \min_{W, Z} f(W) \quad\text{s.t.}\quad W_n - Z_n = 0,\ Z_n \in C_n, \qquad
+    L_\rho(W, Z, \Lambda) = f(W) + \sum_n \langle \Lambda_n, W_n - Z_n \rangle
+    + \frac{\rho}{2} \sum_n \lVert W_n - Z_n \rVert^2 .
+
+Every :math:`W_n - Z_n = 0` is a real :class:`cooper.Constraint` (equality, Cooper's
+``AugmentedLagrangian`` formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
+``DensePenaltyCoefficient`` :math:`\rho`), registered with ``dual_every_step=False``. So:
+
+* **W-step** — every minibatch is the ordinary Cooper roll on the primal Lagrangian, which for this
+  formulation is exactly :math:`L_\rho` with :math:`Z, \Lambda` fixed.
+* **Coordination** — every ``interval`` steps or epochs, iteration :math:`k` runs
+  :meth:`DuplicateVariables.coordinate`, the one place that fixes the update order:
+
+  1. :meth:`~DuplicateVariables.dual_step_before_z` (SLR: condition (6) and :math:`\Lambda'`),
+  2. Z-step :math:`Z^k = \Pi_{C}(W^k + \Lambda'/\rho)` through the feasible set's projection,
+  3. :meth:`~DuplicateVariables.dual_step_after_z` (SLR: condition (11); ADMM:
+     :math:`\Lambda \leftarrow \Lambda + \rho (W^k - Z^k)`),
+  4. optional :math:`\rho \leftarrow \min(\gamma\rho, \rho_{max})`, and real copies of
+     :math:`W^k` (and :math:`Z^k`, kept as ``z``) for iteration :math:`k + 1`.
+
+A dual step of size :math:`s` is a Cooper dual-Lagrangian step: :math:`\nabla_\Lambda \langle
+\Lambda, W - Z\rangle = W - Z`, applied by ``SGD(lr=s, maximize=True)``. SLR and ADMM differ
+only in the two ``dual_step_*`` hooks, i.e. in the step size rule.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import cooper
+import torch
+
+from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.problem import Batch, SparsityProblem
+from constrainedsparse.targets import TargetParam
+
+__all__ = ["DuplicateConfig", "DuplicateVariables", "INTERVAL_UNITS", "MASK_SOURCES"]
+
+INTERVAL_UNITS = ("epoch", "step")
+MASK_SOURCES = ("w", "z")
+CONSTRAINT_PREFIX = "w_eq_z/"
+
+
+@dataclasses.dataclass
+class DuplicateConfig:
+    """Hyperparameters shared by ``slr`` and ``admm``.
+
+    Attributes:
+        rho: Penalty coefficient :math:`\\rho > 0` of :math:`\\frac{\\rho}{2}\\lVert W - Z\\rVert^2`.
+        rho_growth: Factor :math:`\\gamma \\ge 1` applied to :math:`\\rho` after every coordination.
+        rho_max: Upper bound on :math:`\\rho` when it grows.
+        interval: Coordinate (Z-step and dual steps) every ``interval`` units.
+        interval_unit: ``"epoch"`` or ``"step"`` (minibatches).
+        mask_from: Hard pruning keeps the top-k of ``"w"`` (the trained weights) or the support of
+            ``"z"`` (the last projection).
+    """
+
+    rho: float = 0.1
+    rho_growth: float = 1.0
+    rho_max: float = 1e4
+    interval: int = 1
+    interval_unit: str = "epoch"
+    mask_from: str = "w"
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the first out-of-range value."""
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0, got {self.rho}")
+        if not self.rho_growth >= 1:
+            raise ValueError(f"rho_growth must be >= 1, got {self.rho_growth}")
+        if not self.rho_max >= self.rho:
+            raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
+        if not (isinstance(self.interval, int) and self.interval >= 1):
+            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
+        if self.interval_unit not in INTERVAL_UNITS:
+            raise ValueError(f"interval_unit must be one of {', '.join(INTERVAL_UNITS)}, got {self.interval_unit!r}")
+        if self.mask_from not in MASK_SOURCES:
+            raise ValueError(f"mask_from must be one of {', '.join(MASK_SOURCES)}, got {self.mask_from!r}")
+
+
+def _sum_sq(tensors: dict[str, torch.Tensor]) -> float:
+    return float(sum(t.double().square().sum() for t in tensors.values()))
+
+
+class DuplicateVariables(Formulation):
+    """Shared machinery of the W = Z formulations (see the module docstring for the math).
+
+    Subclasses implement the dual step rule: :meth:`dual_step_before_z` and
+    :meth:`dual_step_after_z` return the step size of the multiplier update they want (or
+    ``None`` for no update) and any metrics to log.
+    """
+
+    Config = DuplicateConfig
+
+    def __init__(self, problem: SparsityProblem, config: DuplicateConfig, *, lr: float, dual_lr: float) -> None:
+        super().__init__(problem, config, lr=lr, dual_lr=dual_lr)
+        self.k = 0
+        self.steps_done = 0
+        self.reference_batch: Batch | None = None
+        self.constraints: dict[str, cooper.Constraint] = {}
+        with torch.no_grad():
+            self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
+            self.w_prev = {t.name: t.tensor.detach().clone() for t in problem.targets}
+        for target in problem.targets:
+            constraint = cooper.Constraint(
+                constraint_type=cooper.ConstraintType.EQUALITY,
+                formulation_type=cooper.formulations.AugmentedLagrangian,
+                multiplier=cooper.multipliers.DenseMultiplier(
+                    num_constraints=target.tensor.numel(), device=target.tensor.device
+                ),
+                penalty_coefficient=cooper.penalty_coefficients.DensePenaltyCoefficient(
+                    init=torch.tensor(float(config.rho), device=target.tensor.device)
+                ),
+            )
+            problem.add_constraint(
+                CONSTRAINT_PREFIX + target.name, constraint, self._violation_fn(target), dual_every_step=False
+            )
+            self.constraints[target.name] = constraint
+        multipliers = [p for c in self.constraints.values() for p in c.multiplier.parameters()]
+        # The step size is set before every update (lr = s); maximize=True makes it ascent on Λ.
+        self.coordination_optimizer = torch.optim.SGD(multipliers, lr=1.0, maximize=True)
+
+    def _violation_fn(self, target: TargetParam):
+        name = target.name
+
+        def violation(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            return (target.tensor - self.z[name]).reshape(-1)
+
+        return violation
+
+    # --- quantities ---------------------------------------------------------------------------
+
+    @property
+    def rho(self) -> float:
+        """The current penalty coefficient :math:`\\rho`."""
+        first = next(iter(self.constraints.values()), None)
+        return float(first.penalty_coefficient.value) if first is not None else self.config.rho
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Detached current :math:`W_n`, by target name."""
+        return {t.name: t.tensor.detach() for t in self.problem.targets}
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        """Detached :math:`\\Lambda_n` shaped like :math:`W_n`, by target name."""
+        return {
+            t.name: self.constraints[t.name].multiplier.weight.detach().view_as(t.tensor) for t in self.problem.targets
+        }
+
+    @torch.no_grad()
+    def objective(self) -> float:
+        """:math:`f(W)` on the fixed reference batch, model in eval mode (no BatchNorm updates).
+
+        Raises:
+            ValueError: If :meth:`setup` got no reference batch.
+        """
+        if self.reference_batch is None:
+            raise ValueError(f"{self.name} needs a reference batch: pass reference_batch to setup()")
+        model = self.problem.model
+        was_training = model.training
+        model.eval()
+        x, y = self.reference_batch
+        value = float(self.problem.loss_fn(model(x), y))
+        model.train(was_training)
+        return value
+
+    def augmented_lagrangian(
+        self,
+        f_value: float,
+        w: dict[str, torch.Tensor],
+        z: dict[str, torch.Tensor],
+        lam: dict[str, torch.Tensor],
+    ) -> float:
+        """The augmented Lagrangian at ``(w, z, lam)`` given :math:`f(w)` (sums in float64).
+
+        .. math::
+            L_\\rho = f + \\sum_n\\langle\\Lambda_n, W_n - Z_n\\rangle
+            + \\frac\\rho2\\sum_n\\lVert W_n - Z_n\\rVert^2
+        """
+        linear = quadratic = 0.0
+        for name in w:
+            residual = (w[name] - z[name]).double()
+            linear += float((lam[name].double() * residual).sum())
+            quadratic += float(residual.square().sum())
+        return f_value + linear + 0.5 * self.rho * quadratic
+
+    @staticmethod
+    def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        """:math:`\\sqrt{\\sum_n \\lVert a_n - b_n\\rVert^2}` (float64)."""
+        return _sum_sq({name: a[name] - b[name] for name in a}) ** 0.5
+
+    # --- updates ------------------------------------------------------------------------------
+
+    def dual_ascent(self, step: float, residual: dict[str, torch.Tensor]) -> None:
+        """:math:`\\Lambda_n \\leftarrow \\Lambda_n + s\\,r_n` through Cooper's dual Lagrangian and SGD."""
+        state = cooper.CMPState(
+            observed_constraints={
+                self.constraints[name]: cooper.ConstraintState(
+                    violation=r.reshape(-1).detach(), contributes_to_primal_update=False
+                )
+                for name, r in residual.items()
+            }
+        )
+        self.coordination_optimizer.zero_grad(set_to_none=True)
+        for group in self.coordination_optimizer.param_groups:
+            group["lr"] = step
+        state.compute_dual_lagrangian().backward()
+        self.coordination_optimizer.step()
+        self.coordination_optimizer.zero_grad(set_to_none=True)
+        for constraint in self.constraints.values():
+            constraint.multiplier.post_step_()
+
+    @torch.no_grad()
+    def z_step(self, w: dict[str, torch.Tensor]) -> None:
+        """:math:`Z_n \\leftarrow \\Pi_{C_n}(W_n + \\Lambda_n/\\rho)`, written in place."""
+        lam, rho = self.multipliers(), self.rho
+        for target in self.problem.targets:
+            self.z[target.name].copy_(target.feasible_set.project(w[target.name] + lam[target.name] / rho))
+
+    @abc.abstractmethod
+    def dual_step_before_z(self, w: dict[str, torch.Tensor], f_value: float | None) -> tuple[float | None, dict]:
+        """Step size of the update :math:`\\Lambda \\mathrel{+}= s'(W^k - Z^{k-1})`, or ``None``; metrics."""
+
+    @abc.abstractmethod
+    def dual_step_after_z(
+        self, w: dict[str, torch.Tensor], z_prev: dict[str, torch.Tensor], f_value: float | None
+    ) -> tuple[float | None, dict]:
+        """Step size of the update :math:`\\Lambda \\mathrel{+}= s(W^k - Z^k)`, or ``None``; metrics."""
+
+    needs_objective: bool = False
+    """Whether the rule compares :math:`L_\\rho` values (then :meth:`objective` is evaluated)."""
+
+    def coordinate(self) -> dict[str, float]:
+        """Coordination iteration :math:`k`: the update order of both formulations, in one place."""
+        self.k += 1
+        w = {name: tensor.clone() for name, tensor in self.weights().items()}
+        z_prev = {name: tensor.clone() for name, tensor in self.z.items()}
+        f_value = self.objective() if self.needs_objective else None
+
+        step, metrics = self.dual_step_before_z(w, f_value)
+        if step is not None:
+            self.dual_ascent(step, {name: w[name] - z_prev[name] for name in w})
+        self.z_step(w)
+        step, after_metrics = self.dual_step_after_z(w, z_prev, f_value)
+        metrics.update(after_metrics)
+        if step is not None:
+            self.dual_ascent(step, {name: w[name] - self.z[name] for name in w})
+        metrics.update(self.dynamics(w, z_prev))
+        self.set_rho(min(self.rho * self.config.rho_growth, self.config.rho_max))
+        self.w_prev = w
+        return metrics
+
+    def set_rho(self, value: float) -> None:
+        """Sets :math:`\\rho` on every W = Z constraint."""
+        for constraint in self.constraints.values():
+            constraint.penalty_coefficient.value = torch.full_like(constraint.penalty_coefficient.value, value)
+
+    def dynamics(self, w: dict[str, torch.Tensor], z_prev: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Dual-dynamics metrics after a coordination (norms per layer and in total)."""
+        lam = self.multipliers()
+        metrics = {
+            "dual/k": float(self.k),
+            "dual/rho": self.rho,
+            "dual/residual": self.distance(w, self.z),
+            "dual/lambda_norm": _sum_sq(lam) ** 0.5,
+            "dual/z_change": self.distance(self.z, z_prev),
+        }
+        for target in self.problem.targets:
+            name = target.name
+            metrics[f"residual/{name}"] = float((w[name] - self.z[name]).norm())
+            metrics[f"lambda/{name}"] = float(lam[name].norm())
+            # Relative weight mass the hard prune would cut now: 0 once W is k-sparse.
+            kept = target.feasible_set.project(w[name])
+            metrics[f"offsupport/{name}"] = float((w[name] - kept).norm() / w[name].norm().clamp_min(1e-30))
+        return metrics
+
+    # --- Formulation hooks --------------------------------------------------------------------
+
+    def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
+        super().setup(num_epochs, steps_per_epoch, reference_batch)
+        self.reference_batch = reference_batch
+
+    def training_step(self, batch: Batch) -> tuple[cooper.CMPState, dict[str, float]]:
+        cmp_state, metrics = super().training_step(batch)
+        self.steps_done += 1
+        if self.config.interval_unit == "step" and self.steps_done % self.config.interval == 0:
+            metrics = {**metrics, **self.coordinate()}
+        return cmp_state, metrics
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        if self.config.interval_unit == "epoch" and (epoch + 1) % self.config.interval == 0:
+            return self.coordinate()
+        return {}
+
+    @torch.no_grad()
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        source = self.z if self.config.mask_from == "z" else self.weights()
+        return {t.name: t.feasible_set.mask(source[t.name]) for t in self.problem.targets}
+
+    def finalize(self) -> None:
+        """Unregisters the W = Z constraints so masked retraining sees only the user's."""
+        for name in self.constraints:
+            self.problem.remove_constraint(CONSTRAINT_PREFIX + name)
+        super().finalize()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "k": self.k,
+            "steps_done": self.steps_done,
+            "z": {name: z.clone() for name, z in self.z.items()},
+            "w_prev": {name: w.clone() for name, w in self.w_prev.items()},
+            "coordination_optimizer": self.coordination_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.k = state["k"]
+        self.steps_done = state["steps_done"]
+        for name, z in state["z"].items():
+            self.z[name].copy_(z)
+        self.w_prev = {name: w.clone() for name, w in state["w_prev"].items()}
+        self.coordination_optimizer.load_state_dict(state["coordination_optimizer"])

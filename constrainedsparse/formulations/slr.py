@@ -1,0 +1,126 @@
+r"""SLR: Surrogate Lagrangian Relaxation on the W = Z core (Zhou, Bragin et al.).
+
+Coordination iteration :math:`k` (after the W-steps that produced :math:`W^k`):
+
+.. math::
+    \alpha^k &= 1 - \frac{1}{M\,k^{\,1 - 1/k^{r}}} \\
+    (6)\ \ & L_\rho(W^k, Z^{k-1}, \Lambda^{k-1}) < L_\rho(W^{k-1}, Z^{k-1}, \Lambda^{k-1})
+      \ \Rightarrow\ s'^k = \alpha^k s^{k-1}
+      \frac{\lVert W^{k-1} - Z^{k-1}\rVert}{\lVert W^k - Z^{k-1}\rVert},\quad
+      \Lambda' = \Lambda^{k-1} + s'^k (W^k - Z^{k-1}) \\
+    & Z^k = \Pi_C(W^k + \Lambda'/\rho) \\
+    (11)\ \ & L_\rho(W^k, Z^k, \Lambda') < L_\rho(W^k, Z^{k-1}, \Lambda')
+      \ \Rightarrow\ s^k = \alpha^k s'^k
+      \frac{\lVert W^{k-1} - Z^{k-1}\rVert}{\lVert W^k - Z^k\rVert},\quad
+      \Lambda^k = \Lambda' + s^k (W^k - Z^k)
+
+with :math:`s^0 = s_0`. When a condition fails its multiplier update is skipped and the step size is
+carried over (:math:`s'^k = s^{k-1}`, resp. :math:`s^k = s'^k`); so is it when a norm in a ratio is
+zero, which keeps every step size positive.
+
+**Estimating** :math:`L_\rho` **in condition (6).** Both sides need :math:`f` on the same data:
+:math:`f` is the loss on one fixed reference batch of training samples (drawn once per run), in
+eval mode. :math:`f(W^{k-1})` is the value measured on that batch at iteration :math:`k-1`;
+:math:`W^{k-1}` and :math:`Z^{k-1}` are real copies (never aliases of the live parameters), and the
+penalty terms on both sides use the current :math:`\Lambda` and :math:`\rho`. In condition (11)
+:math:`W^k` is the same on both sides, so :math:`f` cancels exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from constrainedsparse.formulations.base import register_formulation
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables
+
+__all__ = ["SLR", "SLRConfig", "slr_alpha"]
+
+
+def slr_alpha(k: int, M: float, r: float) -> float:
+    r""":math:`\alpha^k = 1 - 1/(M\,k^{1 - 1/k^r})` for iteration :math:`k \ge 1` (in (0, 1) for M > 1)."""
+    return 1.0 - 1.0 / (M * k ** (1.0 - 1.0 / k**r))
+
+
+@dataclasses.dataclass
+class SLRConfig(DuplicateConfig):
+    """Hyperparameters of ``slr`` (plus the shared ones of :class:`DuplicateConfig`).
+
+    Attributes:
+        s0: Initial dual step size :math:`s^0 > 0`.
+        M: :math:`M > 1` in :math:`\\alpha^k`.
+        r: :math:`r \\in (0, 1)` in :math:`\\alpha^k`.
+    """
+
+    s0: float = 0.01
+    M: float = 300.0
+    r: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.s0 > 0:
+            raise ValueError(f"s0 must be > 0, got {self.s0}")
+        if not self.M > 1:
+            raise ValueError(f"M must be > 1, got {self.M}")
+        if not 0 < self.r < 1:
+            raise ValueError(f"r must be in (0, 1), got {self.r}")
+
+
+def _ratio_step(alpha: float, step: float, numerator: float, denominator: float) -> float:
+    if numerator > 0 and denominator > 0:
+        return alpha * step * numerator / denominator
+    return step
+
+
+@register_formulation("slr")
+class SLR(DuplicateVariables):
+    """Surrogate Lagrangian Relaxation on W = Z: dual steps only when a surrogate condition holds."""
+
+    description = "surrogate Lagrangian relaxation with duplicate variables W = Z (retrain-free pruning)"
+    Config = SLRConfig
+    needs_objective = True
+
+    def __init__(self, problem, config: SLRConfig, *, lr: float, dual_lr: float) -> None:
+        super().__init__(problem, config, lr=lr, dual_lr=dual_lr)
+        self.step_size = config.s0
+        self.f_prev: float | None = None
+
+    def setup(self, num_epochs, steps_per_epoch, reference_batch=None) -> None:
+        super().setup(num_epochs, steps_per_epoch, reference_batch)
+        if self.f_prev is None:
+            self.f_prev = self.objective()
+
+    def dual_step_before_z(self, w, f_value):
+        self.alpha = slr_alpha(self.k, self.config.M, self.config.r)
+        self.prev_gap = self.distance(self.w_prev, self.z)
+        lam = self.multipliers()
+        now = self.augmented_lagrangian(f_value, w, self.z, lam)
+        before = self.augmented_lagrangian(self.f_prev, self.w_prev, self.z, lam)
+        holds = now < before
+        gap = self.distance(w, self.z)
+        self.s_prime = _ratio_step(self.alpha, self.step_size, self.prev_gap, gap) if holds else self.step_size
+        metrics = {
+            "slr/alpha": self.alpha,
+            "slr/cond6": float(holds),
+            "slr/lagrangian": now,
+            "slr/objective": f_value,
+            "slr/s_prime": self.s_prime,
+        }
+        return (self.s_prime if holds else None), metrics
+
+    def dual_step_after_z(self, w, z_prev, f_value):
+        lam = self.multipliers()
+        holds = self.augmented_lagrangian(f_value, w, self.z, lam) < self.augmented_lagrangian(f_value, w, z_prev, lam)
+        self.step_size = (
+            _ratio_step(self.alpha, self.s_prime, self.prev_gap, self.distance(w, self.z)) if holds else self.s_prime
+        )
+        self.f_prev = f_value
+        return (self.step_size if holds else None), {"slr/cond11": float(holds), "slr/s": self.step_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "step_size": self.step_size, "f_prev": self.f_prev}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.step_size = state["step_size"]
+        self.f_prev = state["f_prev"]
