@@ -51,9 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1M entries and few repeats")
     parser.add_argument("--numel", type=int, default=None, help=f"entries (default {FULL_NUMEL})")
-    parser.add_argument(
-        "--sparsity", type=float, nargs="+", default=[0.9], help="one or more sparsities"
-    )
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9], help="one or more sparsities")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -111,9 +109,7 @@ def check(x: torch.Tensor, k: int, got: torch.Tensor, naive: torch.Tensor) -> tu
     # Ties at the threshold: keep the lowest flat indices among them, as sets.py documents.
     room = k - int(above.sum())
     keep = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= room))
-    ok = torch.equal(got, x * keep.reshape(x.shape)) and bool(
-        ((naive != got).reshape(-1) <= tied).all()
-    )
+    ok = torch.equal(got, x * keep.reshape(x.shape)) and bool(((naive != got).reshape(-1) <= tied).all())
     return ok, f"ties({int(tied.sum())})"
 
 
@@ -168,10 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"repeats={args.repeats} (median), warmup={args.warmup}"
     )
     print()
-    print(
-        "| sparsity | abs ms | project ms | project/abs | naive ms | naive/abs "
-        "| check | torch | threads |"
-    )
+    print("| sparsity | abs ms | project ms | project/abs | naive ms | naive/abs | check | torch | threads |")
     print("|---:|---:|---:|---:|---:|---:|:---|:---|---:|")
     rows = []
     failed = False

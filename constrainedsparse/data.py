@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+from pathlib import Path
+
 import numpy as np
 import torch
 
-__all__ = ["as_tensors", "stratified_split"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "as_tensors", "load_cifar10", "stratified_split"]
+
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+"""Per-channel (RGB) mean of the CIFAR-10 training images, pixels scaled to [0, 1]."""
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+"""Per-channel (RGB) standard deviation of the CIFAR-10 training images, pixels scaled to [0, 1]."""
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_FOLDER = "cifar-10-batches-py"
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,3 +35,96 @@ def stratified_split(
         idx = np.flatnonzero(y == label)
         test[rng.choice(idx, size=int(round(test_fraction * len(idx))), replace=False)] = True
     return as_tensors(x[~test], y[~test]), as_tensors(x[test], y[test])
+
+
+def _cifar10_folder(data_dir: Path) -> Path:
+    """The folder holding the batch files: ``data_dir`` itself or its ``cifar-10-batches-py/``."""
+    if not data_dir.is_dir():
+        raise ValueError(f"CIFAR-10 data_dir {str(data_dir)!r} is not a directory")
+    if (data_dir / CIFAR10_TEST_FILE).exists() or (data_dir / CIFAR10_TRAIN_FILES[0]).exists():
+        return data_dir
+    if (data_dir / CIFAR10_FOLDER).is_dir():
+        return data_dir / CIFAR10_FOLDER
+    return data_dir
+
+
+def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, labels)`` of one CIFAR-10 python batch: uint8 ``(n, 3072)`` and int64 ``(n,)``."""
+    if not path.is_file():
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} is missing (need {', '.join(CIFAR10_TRAIN_FILES)} and "
+            f"{CIFAR10_TEST_FILE} from {CIFAR10_FOLDER})"
+        )
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except Exception as err:  # truncated/garbage files raise many different types
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} is corrupt (not a readable pickle: {type(err).__name__})"
+        ) from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"CIFAR-10 batch file {str(path)!r} is corrupt (holds a {type(entry).__name__}, not a dict)")
+    raw = entry.get(b"data", entry.get("data"))
+    labels = entry.get(b"labels", entry.get("labels"))
+    if raw is None or labels is None:
+        raise ValueError(f"CIFAR-10 batch file {str(path)!r} is corrupt (no b'data' or b'labels' entry)")
+    raw = np.asarray(raw)
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"CIFAR-10 batch file {str(path)!r} is corrupt (labels are not integers)") from None
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} is corrupt (data must be uint8 of shape (n, 3072), "
+            f"got {raw.dtype} {tuple(raw.shape)})"
+        )
+    if len(labels) != len(raw):
+        raise ValueError(f"CIFAR-10 batch file {str(path)!r} is corrupt ({len(raw)} images but {len(labels)} labels)")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"CIFAR-10 batch file {str(path)!r} is corrupt (labels outside 0..9)")
+    return raw, labels
+
+
+def _cifar10_tensors(raw: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 NCHW images and int64 labels."""
+    x = torch.from_numpy(np.ascontiguousarray(raw)).view(-1, 3, 32, 32).to(torch.float32).div_(255.0)
+    x.sub_(torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)).div_(torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
+    return x, torch.from_numpy(labels)
+
+
+def load_cifar10(
+    data_dir: str | os.PathLike[str], *, train_subset: int = 0, test_subset: int = 0
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Reads CIFAR-10 from its python batches on disk (nothing is downloaded).
+
+    ``data_dir`` is the ``cifar-10-batches-py`` folder (``data_batch_1`` .. ``data_batch_5`` and
+    ``test_batch``, each a pickled dict with ``b"data"``, uint8 ``(n, 3072)`` channel-major RGB
+    32x32, and ``b"labels"``) or its parent. The batches are unpickled, so only point this at files
+    you trust. Images come back as float32 ``(N, 3, 32, 32)`` normalised with
+    :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD` per channel; labels as int64. No augmentation.
+
+    Args:
+        data_dir: The ``cifar-10-batches-py`` folder or the folder containing it.
+        train_subset: If positive, keep only the first ``train_subset`` training images.
+        test_subset: If positive, keep only the first ``test_subset`` test images.
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``.
+
+    Raises:
+        ValueError: If the folder or a batch file is missing or corrupt (naming the file), or a
+            subset size is negative.
+    """
+    for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0 = all), got {value!r}")
+    folder = _cifar10_folder(Path(data_dir))
+    train = [_read_cifar10_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
+    test_raw, test_labels = _read_cifar10_batch(folder / CIFAR10_TEST_FILE)
+    train_raw = np.concatenate([raw for raw, _ in train])
+    train_labels = np.concatenate([labels for _, labels in train])
+    if train_subset:
+        train_raw, train_labels = train_raw[:train_subset], train_labels[:train_subset]
+    if test_subset:
+        test_raw, test_labels = test_raw[:test_subset], test_labels[:test_subset]
+    return _cifar10_tensors(train_raw, train_labels), _cifar10_tensors(test_raw, test_labels)

@@ -50,9 +50,7 @@ from constrainedsparse.targets import SparsityConfig
 __all__ = ["NonFiniteLossError", "Prepared", "RunConfig", "cache_dir", "execute", "prepare", "run"]
 
 CHECKPOINT = "checkpoint.pt"
-REFERENCE_SAMPLES = 1024
-"""Size of the fixed training batch a formulation may use to compare objectives (SLR's conditions)."""
-TRAINING_KEYS: dict[str, type] = {"lr": float, "dual_lr": float, "batch_size": int, "log_every": int}
+TRAINING_KEYS: dict[str, type] = {"lr": float, "dual_lr": float, "batch_size": int, "log_every": int, "device": str}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,7 +151,13 @@ def prepare(config: RunConfig) -> Prepared:
     formulation_types = _config_field_types(formulation_cls.Config)
     option_types = {k: type(v) for k, v in problem.options.items()}
     allowed = {**TRAINING_KEYS, **option_types, **formulation_types}
-    training = {"lr": problem.lr, "dual_lr": problem.dual_lr, "batch_size": problem.batch_size, "log_every": 10}
+    training = {
+        "lr": problem.lr,
+        "dual_lr": problem.dual_lr,
+        "batch_size": problem.batch_size,
+        "log_every": 10,
+        "device": "cpu",
+    }
     options = dict(problem.options)
     formulation_values = {}
     for key, text in config.settings.items():
@@ -175,6 +179,7 @@ def prepare(config: RunConfig) -> Prepared:
     for key in ("batch_size", "log_every"):
         if training[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {training[key]}")
+    training["device"] = _resolve_device(training["device"])
     formulation_config = formulation_cls.Config(**formulation_values)
     formulation_config.validate()
     epochs = problem.epochs if config.epochs is None else config.epochs
@@ -187,6 +192,26 @@ def prepare(config: RunConfig) -> Prepared:
     if config.resume and not (Path(config.out) / CHECKPOINT).is_file():
         raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
     return prepared
+
+
+def _resolve_device(name: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a usable device string."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--set device={name} but CUDA is not available here; use cpu or auto")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return name
+    raise ValueError(f"--set device must be cpu, cuda, cuda:N or auto, got {name!r}")
+
+
+def _to(batch, device: str):
+    return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def _seed_everything(seed: int) -> None:
@@ -203,11 +228,13 @@ def _loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int
 
 @torch.no_grad()
 def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
-    """The problem's metric over ``dataset``, weighted by batch size."""
+    """The problem's metric over ``dataset`` (on the model's device), weighted by batch size."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, weighted = 0, 0.0
     for x, y in DataLoader(dataset, batch_size=1024):
+        x, y = x.to(device), y.to(device)
         weighted += problem.metric(model(x), y) * len(y)
         total += len(y)
     model.train(was_training)
@@ -218,7 +245,7 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
     """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
     problem, seed = prepared.problem, prepared.config.seed
     _seed_everything(seed)
-    model = problem.model(prepared.options)
+    model = problem.model(prepared.options).to(prepared.training["device"])
     # Everything that shapes the dense model is in the key: problem file, options, training keys.
     recipe = json.dumps(
         {"options": prepared.options, "lr": prepared.training["lr"], "batch": prepared.training["batch_size"]},
@@ -228,12 +255,13 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
     tag = f"{problem.cache_tag()}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
     path = cache_dir() / "dense" / f"{tag}-seed{seed}-pre{prepared.pretrain_epochs}.safetensors"
     if path.is_file():
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(load_file(path, device=str(prepared.training["device"])))
         return model, evaluate(problem, model, test)
     optimizer = torch.optim.Adam(model.parameters(), lr=prepared.training["lr"])
     bar = tqdm(range(prepared.pretrain_epochs), desc=f"dense {problem.name}", disable=not prepared.config.progress)
     for epoch in bar:
         for x, y in _loader(train, prepared.training["batch_size"], seed, -1, epoch):
+            x, y = _to((x, y), prepared.training["device"])
             optimizer.zero_grad(set_to_none=True)
             loss = problem.loss(model(x), y)
             loss.backward()
@@ -266,11 +294,11 @@ def _hardprune_accuracy_now(run: _Run, formulation: Formulation, test: Dataset) 
         return evaluate(run.prepared.problem, run.model, test)
 
 
-def reference_batch(train: Dataset, seed: int, size: int = REFERENCE_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_batch(train: Dataset, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of ``min(size, len(train))`` training samples drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed * 7_919 + 13)
     indices = torch.randperm(len(train), generator=generator)[:size].tolist()
-    return next(iter(DataLoader(Subset(train, indices), batch_size=len(indices))))
+    return tuple(next(iter(DataLoader(Subset(train, indices), batch_size=len(indices)))))
 
 
 def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
@@ -359,7 +387,7 @@ def _train_phase(
             return False
         epoch_metrics = formulation.start_epoch(epoch)
         for batch in _loader(train, batch_size, run.config.seed, phase_index, epoch):
-            cmp_state, metrics = formulation.training_step(batch)
+            cmp_state, metrics = formulation.training_step(_to(batch, prepared.training["device"]))
             run.step += 1
             loss = cmp_state.loss.item()
             if not math.isfinite(loss):
@@ -413,7 +441,8 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
     model, run.dense_accuracy = _dense_model(prepared, train, test)
     run.model = model
     targets = problem.targets.resolve(model, prepared.target)
-    example_batch = next(iter(DataLoader(train, batch_size=prepared.training["batch_size"])))
+    device = prepared.training["device"]
+    example_batch = _to(next(iter(DataLoader(train, batch_size=prepared.training["batch_size"]))), device)
     run.sparsity_problem = SparsityProblem(model, problem.loss, targets, problem.constraints, example_batch)
     run.logger = MetricsLogger(
         out,
@@ -440,7 +469,9 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
             formulation = prepared.formulation_cls(
                 run.sparsity_problem, prepared.formulation_config, lr=lr, dual_lr=dual_lr
             )
-            formulation.setup(prepared.epochs, steps_per_epoch, reference_batch(train, config.seed))
+            wanted = formulation.reference_samples
+            reference = _to(reference_batch(train, config.seed, wanted), device) if wanted else None
+            formulation.setup(prepared.epochs, steps_per_epoch, reference)
             if resume_state is not None:
                 formulation.load_state_dict(resume_state["formulation"])
                 model.load_state_dict(resume_state["model"])

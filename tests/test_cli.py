@@ -66,7 +66,10 @@ def test_bad_run_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, e
 
 def test_unknown_problem(tmp_path, capsys):
     line = _fails(["run", "no-such-problem", "--out", str(tmp_path / "x")], capsys)
-    assert "unknown problem 'no-such-problem'; bundled problems: digits-mlp, mnist1d-mlp" in line
+    assert (
+        "unknown problem 'no-such-problem'; bundled problems: cifar10-resnet18, digits-mlp, mnist1d-cnn, mnist1d-mlp"
+        in line
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -106,7 +109,7 @@ def test_listings(capsys):
     assert any(line.startswith("magnitude ") for line in lines)
     assert main(["problems"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["digits-mlp", "mnist1d-mlp"]
+    assert [line.split()[0] for line in lines] == ["cifar10-resnet18", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp"]
 
 
 def test_python_dash_m_bad_input_has_no_traceback(tmp_path):

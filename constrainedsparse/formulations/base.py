@@ -77,6 +77,11 @@ class Formulation(abc.ABC):
             return cooper.optim.UnconstrainedOptimizer(self.problem, primal)
         return cooper.optim.SimultaneousOptimizer(self.problem, primal, dual)
 
+    @property
+    def reference_samples(self) -> int:
+        """How many training samples :meth:`setup` wants as ``reference_batch`` (0: none)."""
+        return 0
+
     def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
         """Builds state before the first epoch (also called before resuming).
 

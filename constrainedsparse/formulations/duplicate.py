@@ -63,10 +63,10 @@ class DuplicateConfig:
     """
 
     rho: float = 0.1
-    rho_growth: float = 1.0
+    rho_growth: float = 1.05
     rho_max: float = 1e4
-    interval: int = 1
-    interval_unit: str = "epoch"
+    interval: int = 10
+    interval_unit: str = "step"
     mask_from: str = "w"
 
     def validate(self) -> None:
@@ -265,8 +265,8 @@ class DuplicateVariables(Formulation):
         """Dual-dynamics metrics after a coordination (norms per layer and in total)."""
         lam = self.multipliers()
         metrics = {
-            "dual/k": float(self.k),
-            "dual/rho": self.rho,
+            "coordination/k": float(self.k),
+            "penalty/rho": self.rho,
             "dual/residual": self.distance(w, self.z),
             "dual/lambda_norm": _sum_sq(lam) ** 0.5,
             "dual/z_change": self.distance(self.z, z_prev),
@@ -325,5 +325,8 @@ class DuplicateVariables(Formulation):
         self.steps_done = state["steps_done"]
         for name, z in state["z"].items():
             self.z[name].copy_(z)
-        self.w_prev = {name: w.clone() for name, w in state["w_prev"].items()}
+        self.w_prev = {name: w.to(self.z[name].device, copy=True) for name, w in state["w_prev"].items()}
         self.coordination_optimizer.load_state_dict(state["coordination_optimizer"])
+        for name, constraint in self.constraints.items():
+            # Checkpoints load on the CPU; Cooper keeps penalty values as plain tensors.
+            constraint.penalty_coefficient.to(self.z[name].device)

@@ -50,11 +50,14 @@ class SLRConfig(DuplicateConfig):
         s0: Initial dual step size :math:`s^0 > 0`.
         M: :math:`M > 1` in :math:`\\alpha^k`.
         r: :math:`r \\in (0, 1)` in :math:`\\alpha^k`.
+        reference_samples: Size of the fixed training batch on which :math:`f` is compared in
+            condition (6).
     """
 
     s0: float = 0.01
     M: float = 300.0
     r: float = 0.1
+    reference_samples: int = 256
 
     def validate(self) -> None:
         super().validate()
@@ -64,6 +67,8 @@ class SLRConfig(DuplicateConfig):
             raise ValueError(f"M must be > 1, got {self.M}")
         if not 0 < self.r < 1:
             raise ValueError(f"r must be in (0, 1), got {self.r}")
+        if not (isinstance(self.reference_samples, int) and self.reference_samples >= 1):
+            raise ValueError(f"reference_samples must be an integer >= 1, got {self.reference_samples!r}")
 
 
 def _ratio_step(alpha: float, step: float, numerator: float, denominator: float) -> float:
@@ -85,6 +90,10 @@ class SLR(DuplicateVariables):
         self.step_size = config.s0
         self.f_prev: float | None = None
 
+    @property
+    def reference_samples(self) -> int:
+        return self.config.reference_samples
+
     def setup(self, num_epochs, steps_per_epoch, reference_batch=None) -> None:
         super().setup(num_epochs, steps_per_epoch, reference_batch)
         if self.f_prev is None:
@@ -100,11 +109,11 @@ class SLR(DuplicateVariables):
         gap = self.distance(w, self.z)
         self.s_prime = _ratio_step(self.alpha, self.step_size, self.prev_gap, gap) if holds else self.step_size
         metrics = {
-            "slr/alpha": self.alpha,
-            "slr/cond6": float(holds),
-            "slr/lagrangian": now,
-            "slr/objective": f_value,
-            "slr/s_prime": self.s_prime,
+            "stepsize/alpha": self.alpha,
+            "condition/6_holds": float(holds),
+            "lagrangian/L_rho": now,
+            "lagrangian/f_reference": f_value,
+            "stepsize/s_prime": self.s_prime,
         }
         return (self.s_prime if holds else None), metrics
 
@@ -115,7 +124,7 @@ class SLR(DuplicateVariables):
             _ratio_step(self.alpha, self.s_prime, self.prev_gap, self.distance(w, self.z)) if holds else self.s_prime
         )
         self.f_prev = f_value
-        return (self.step_size if holds else None), {"slr/cond11": float(holds), "slr/s": self.step_size}
+        return (self.step_size if holds else None), {"condition/11_holds": float(holds), "stepsize/s": self.step_size}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "step_size": self.step_size, "f_prev": self.f_prev}

@@ -25,7 +25,7 @@ problem = Problem(
     model=model,
     data=data,
     pretrain_epochs=30,
-    epochs=10,
+    epochs=20,
     batch_size=64,
     lr=1e-3,
 )

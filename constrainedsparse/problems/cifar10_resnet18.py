@@ -1,0 +1,59 @@
+"""cifar10-resnet18: real CIFAR-10 read from disk, torchvision's ResNet-18 adapted to 32x32 images.
+
+The data are CIFAR-10's python batches (the ``cifar-10-batches-py`` folder), given with
+``--set data_dir=PATH``; nothing is downloaded. Images are normalised per channel and not
+augmented (kept simple: expect lower dense accuracy than the augmented recipes of the papers).
+``--set train_subset=N`` / ``test_subset=N`` keep only the first N images, for quick runs.
+
+The model is ``torchvision.models.resnet18(num_classes=10)`` from random initialisation with the
+usual CIFAR stem: a 3x3 stride-1 first convolution and no max-pool. Every Conv2d/Linear weight is
+pruned except the first convolution and the classifier (``conv1.weight`` and ``fc.weight``), which
+stay dense as in the SLR papers.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from constrainedsparse.data import load_cifar10
+from constrainedsparse.spec import Problem
+from constrainedsparse.targets import Targets
+
+
+def model(options: Mapping[str, Any]) -> nn.Module:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool, 10 classes, no pretrained weights."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None, num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def data(options: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
+    """CIFAR-10 from ``options["data_dir"]`` (see :func:`constrainedsparse.data.load_cifar10`)."""
+    if not options["data_dir"]:
+        raise ValueError(
+            "cifar10-resnet18 needs --set data_dir=PATH (the cifar-10-batches-py folder with data_batch_1..5 "
+            "and test_batch)"
+        )
+    train, test = load_cifar10(
+        options["data_dir"], train_subset=options["train_subset"], test_subset=options["test_subset"]
+    )
+    return TensorDataset(*train), TensorDataset(*test)
+
+
+problem = Problem(
+    name="cifar10-resnet18",
+    description="CIFAR-10 from disk (--set data_dir=PATH), ResNet-18 for 32x32 (no augmentation), accuracy",
+    model=model,
+    data=data,
+    targets=Targets(module_types=(nn.Conv2d, nn.Linear), exclude=("conv1.weight", "fc.weight")),
+    pretrain_epochs=30,
+    epochs=20,
+    batch_size=128,
+    lr=1e-3,
+    options={"data_dir": "", "train_subset": 0, "test_subset": 0},
+)

@@ -1,0 +1,258 @@
+"""SLR and ADMM on the shared W = Z core: step-size rule, surrogate conditions, Z feasibility, ADMM's
+dual step, the W-step's gradient, and what the two formulations share."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from constrainedsparse.formulations import formulation_class
+from constrainedsparse.formulations.duplicate import CONSTRAINT_PREFIX
+from constrainedsparse.formulations.slr import slr_alpha
+from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.targets import SparsityConfig, Targets
+
+PATTERNS = [
+    SparsityConfig(sparsity=0.5),
+    SparsityConfig(sparsity=0.8, pattern="row"),
+    SparsityConfig.from_pattern("2:4"),
+    SparsityConfig(sparsity=0.5, pattern="structured"),
+]
+
+
+def _tiny(name: str, seed: int = 0, target: SparsityConfig = PATTERNS[0], lr: float = 1e-2, **config):
+    """A tiny model and problem; coordination only when a test asks for it (epoch interval, no growth)."""
+    config = {"interval_unit": "epoch", "interval": 1, "rho_growth": 1.0, **config}
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    x, y = torch.randn(48, 8), torch.randint(0, 4, (48,))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, target))
+    cls = formulation_class(name)
+    formulation = cls(problem, cls.Config(**config), lr=lr, dual_lr=1e-2)
+    formulation.setup(num_epochs=1, steps_per_epoch=6, reference_batch=(x, y))
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
+    return formulation, batches
+
+
+def _lambdas(formulation) -> dict[str, torch.Tensor]:
+    return {name: lam.clone() for name, lam in formulation.multipliers().items()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(1, 10**6),
+    M=st.floats(1.001, 1e4),
+    r=st.floats(0.001, 0.999),
+)
+def test_alpha_is_in_unit_interval_and_increasing(k, M, r):
+    alpha = slr_alpha(k, M, r)
+    assert 0.0 < alpha < 1.0
+    assert slr_alpha(k + 1, M, r) >= alpha
+
+
+def test_alpha_defaults_golden():
+    # k = 1: k**anything = 1, so alpha = 1 - 1/M.
+    assert slr_alpha(1, 300.0, 0.1) == pytest.approx(1 - 1 / 300)
+    assert slr_alpha(2, 300.0, 0.1) == pytest.approx(1 - 1 / (300 * 2 ** (1 - 1 / 2**0.1)))
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10**6), pattern=st.sampled_from(PATTERNS), name=st.sampled_from(["slr", "admm"]))
+def test_every_z_step_is_feasible_and_step_sizes_stay_positive(seed, pattern, name):
+    formulation, batches = _tiny(name, seed=seed, target=pattern, rho=0.5)
+    for _ in range(3):
+        for batch in batches[:3]:
+            formulation.training_step(batch)
+        formulation.coordinate()
+        for target in formulation.problem.targets:
+            assert target.feasible_set.contains(formulation.z[target.name])
+        if name == "slr":
+            assert formulation.step_size > 0 and formulation.s_prime > 0
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_slr_multipliers_move_exactly_by_the_steps_whose_condition_held(seed):
+    formulation, batches = _tiny("slr", seed=seed, rho=0.3)
+    for _ in range(3):
+        for batch in batches[:3]:
+            formulation.training_step(batch)
+        before = _lambdas(formulation)
+        w = {n: t.clone() for n, t in formulation.weights().items()}
+        z_prev = {n: t.clone() for n, t in formulation.z.items()}
+        metrics = formulation.coordinate()
+        expected = {}
+        for name in before:
+            lam = before[name]
+            if metrics["condition/6_holds"]:
+                lam = lam + metrics["stepsize/s_prime"] * (w[name] - z_prev[name])
+            if metrics["condition/11_holds"]:
+                lam = lam + metrics["stepsize/s"] * (w[name] - formulation.z[name])
+            expected[name] = lam
+        for name, lam in formulation.multipliers().items():
+            torch.testing.assert_close(lam, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_slr_condition_6_fails_without_a_w_step_and_leaves_lambda_prime_unchanged():
+    formulation, batches = _tiny("slr", rho=0.3)
+    for batch in batches:
+        formulation.training_step(batch)
+    formulation.coordinate()
+    step_before = formulation.step_size
+    metrics = formulation.coordinate()  # W^k == W^{k-1}: L_rho cannot strictly decrease
+    assert metrics["condition/6_holds"] == 0.0
+    assert metrics["stepsize/s_prime"] == step_before  # carried over
+
+
+def test_slr_both_conditions_fail_on_an_already_sparse_model_and_nothing_moves():
+    formulation, _ = _tiny("slr", s0=0.02)
+    with torch.no_grad():
+        for target in formulation.problem.targets:
+            target.tensor.copy_(target.feasible_set.project(target.tensor))
+    formulation.z = {t.name: t.tensor.detach().clone() for t in formulation.problem.targets}
+    formulation.w_prev = {t.name: t.tensor.detach().clone() for t in formulation.problem.targets}
+    formulation.f_prev = formulation.objective()
+    metrics = formulation.coordinate()
+    assert metrics["condition/6_holds"] == 0.0 and metrics["condition/11_holds"] == 0.0
+    assert formulation.step_size == 0.02
+    for lam in formulation.multipliers().values():
+        assert torch.count_nonzero(lam) == 0
+
+
+@pytest.mark.parametrize("growth", [1.0, 1.5])
+def test_admm_dual_step_is_exactly_rho_times_residual(growth):
+    formulation, batches = _tiny("admm", rho=0.25, rho_growth=growth)
+    for update in range(3):
+        for batch in batches:
+            formulation.training_step(batch)
+        before = _lambdas(formulation)
+        rho = formulation.rho
+        w = {n: t.clone() for n, t in formulation.weights().items()}
+        formulation.coordinate()
+        for name, lam in formulation.multipliers().items():
+            step = rho * (w[name] - formulation.z[name])
+            if update == 0:
+                assert torch.equal(lam, step)  # from Lambda = 0: exactly rho (W - Z)
+            torch.testing.assert_close(lam - before[name], step, rtol=0, atol=1e-7)
+        assert formulation.rho == pytest.approx(0.25 * growth ** (update + 1))
+
+
+def test_rho_growth_is_capped_and_reaches_cooper_penalty_coefficients():
+    formulation, _ = _tiny("admm", rho=1.0, rho_growth=10.0, rho_max=50.0)
+    formulation.coordinate()
+    formulation.coordinate()
+    assert formulation.rho == 50.0
+    for name, constraint in formulation.problem.named_constraints():
+        if name.startswith(CONSTRAINT_PREFIX):
+            assert float(constraint.penalty_coefficient.value) == 50.0
+
+
+def test_w_step_gradient_is_loss_gradient_plus_lambda_plus_rho_residual():
+    """Golden test on hand-set weights: the Cooper primal Lagrangian is exactly L_rho."""
+    formulation, batches = _tiny("admm", rho=0.7)
+    problem = formulation.problem
+    with torch.no_grad():
+        for i, target in enumerate(problem.targets):
+            formulation.constraints[target.name].multiplier.weight.copy_(
+                torch.linspace(-1, 1, target.tensor.numel()) * (i + 1)
+            )
+    batch = batches[0]
+    reference = copy.deepcopy(problem.model)
+    F.cross_entropy(reference(batch[0]), batch[1]).backward()
+
+    problem.model.zero_grad()
+    problem.compute_cmp_state(batch).compute_primal_lagrangian().backward()
+    lam = formulation.multipliers()
+    for target in problem.targets:
+        expected_grad = (
+            reference.get_parameter(target.name).grad
+            + lam[target.name]
+            + 0.7 * (target.tensor.detach() - formulation.z[target.name])
+        )
+        torch.testing.assert_close(target.tensor.grad, expected_grad)
+        assert target.tensor.grad is not None
+    # Multipliers are not touched by a W-step (their updates are the formulation's).
+    for constraint in formulation.constraints.values():
+        assert constraint.multiplier.weight.grad is None
+
+
+def test_slr_and_admm_share_identical_w_steps_until_the_first_dual_update():
+    slr, batches = _tiny("slr", seed=4, interval=4, interval_unit="step")
+    admm, _ = _tiny("admm", seed=4, interval=4, interval_unit="step")
+    for step, batch in enumerate(batches, start=1):
+        _, slr_metrics = slr.training_step(batch)
+        _, admm_metrics = admm.training_step(batch)
+        same = all(torch.equal(a, b) for a, b in zip(slr.problem.model.parameters(), admm.problem.model.parameters()))
+        if step <= 4:
+            assert same, f"W differs after step {step}, before any dual update"
+        assert ("coordination/k" in slr_metrics) == (step % 4 == 0) == ("coordination/k" in admm_metrics)
+    assert not same  # after the first coordination the dual steps differ, and so do the W-steps
+
+
+def test_epoch_interval_coordinates_at_epoch_ends_and_finalize_removes_w_eq_z_constraints():
+    formulation, batches = _tiny("slr")
+    for batch in batches:
+        _, metrics = formulation.training_step(batch)
+        assert "coordination/k" not in metrics
+    metrics = formulation.end_epoch(0)
+    assert metrics["coordination/k"] == 1.0
+    for key in (
+        "dual/residual",
+        "dual/lambda_norm",
+        "penalty/rho",
+        "stepsize/alpha",
+        "stepsize/s",
+        "condition/6_holds",
+        "condition/11_holds",
+    ):
+        assert key in metrics
+    assert formulation.problem.dual_optimizer(0.1) is None  # W = Z multipliers are not stepped per batch
+    formulation.finalize()
+    assert not any(name.startswith(CONSTRAINT_PREFIX) for name, _ in formulation.problem.named_constraints())
+
+
+def test_hard_masks_hit_the_target_from_w_or_z():
+    for source in ("w", "z"):
+        formulation, batches = _tiny("slr", mask_from=source, target=SparsityConfig(sparsity=0.75))
+        for batch in batches:
+            formulation.training_step(batch)
+        formulation.coordinate()
+        masks = formulation.hard_masks()
+        for target in formulation.problem.targets:
+            assert int(masks[target.name].sum()) == target.feasible_set.k
+
+
+def test_slr_needs_a_reference_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, SparsityConfig(sparsity=0.5)))
+    slr = formulation_class("slr")(problem, formulation_class("slr").Config(), lr=1e-3, dual_lr=1e-3)
+    with pytest.raises(ValueError, match=r"slr needs a reference batch: pass reference_batch to setup\(\)"):
+        slr.setup(1, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "message"),
+    [
+        ("slr", {"rho": 0.0}, r"rho must be > 0, got 0.0"),
+        ("admm", {"rho": -1.0}, r"rho must be > 0, got -1.0"),
+        ("slr", {"s0": 0.0}, r"s0 must be > 0, got 0.0"),
+        ("slr", {"M": 1.0}, r"M must be > 1, got 1.0"),
+        ("slr", {"r": 1.0}, r"r must be in \(0, 1\), got 1.0"),
+        ("slr", {"r": 0.0}, r"r must be in \(0, 1\), got 0.0"),
+        ("admm", {"interval": 0}, r"interval must be an integer >= 1, got 0"),
+        ("admm", {"interval_unit": "batch"}, r"interval_unit must be one of epoch, step, got 'batch'"),
+        ("admm", {"rho_growth": 0.9}, r"rho_growth must be >= 1, got 0.9"),
+        ("admm", {"rho": 2.0, "rho_max": 1.0}, r"rho_max must be >= rho \(2.0\), got 1.0"),
+        ("slr", {"mask_from": "x"}, r"mask_from must be one of w, z, got 'x'"),
+    ],
+)
+def test_bad_hyperparameters_are_precise_value_errors(name, config, message):
+    with pytest.raises(ValueError, match=message):
+        formulation_class(name).Config(**config).validate()
