@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from constrainedsparse.cli import main
 
@@ -49,6 +50,7 @@ BAD_INPUTS = [
     (["--formulation", "admm", "--set", "interval=0"], r"interval must be an integer >= 1, got 0"),
     (["--set", "interval_unit=batch"], r"interval_unit must be one of epoch, step, got 'batch'"),
     (["--set", "rho_growth=0.5"], r"rho_growth must be >= 1, got 0.5"),
+    (["--set", "device=tpu"], r"--set device must be cpu, cuda, cuda:N or auto, got 'tpu'"),
     (["--set", "novalue"], r"--set expects KEY=VALUE, got 'novalue'"),
     (["--epochs", "-1"], r"--epochs must be an integer >= 0, got -1"),
     (["--wandb", "maybe"], r"argument --wandb: invalid choice: 'maybe'"),
@@ -136,3 +138,11 @@ def test_problem_file_that_fails_to_import_is_one_line(tmp_path, capsys):
     line = _fails(["run", str(bad), "--out", str(tmp_path / "x")], capsys)
     assert "failed to load: ModuleNotFoundError: No module named 'no_such_module_here'" in line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = _fails(["run", "--set", "device=cuda", "--out", str(out), "--no-progress"], capsys)
+    assert "--set device=cuda but CUDA is not available here; use cpu or auto" in line
+    assert not out.exists()

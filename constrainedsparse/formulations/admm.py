@@ -14,7 +14,7 @@ baseline SLR must beat: same problem, same W-step, same Z-step, only the dual st
 from __future__ import annotations
 
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate
 
 __all__ = ["ADMM"]
 
@@ -26,8 +26,8 @@ class ADMM(DuplicateVariables):
     description = "ADMM with duplicate variables W = Z: Z by projection, constant dual step rho(W - Z)"
     Config = DuplicateConfig
 
-    def dual_step_before_z(self, w, f_value):
+    def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         return None, {}
 
-    def dual_step_after_z(self, w, z_prev, f_value):
+    def dual_step_after_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         return self.rho, {}

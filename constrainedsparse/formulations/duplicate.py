@@ -8,8 +8,9 @@ The sparsity constraint is moved onto copies :math:`Z_n` of the pruned weights:
     + \frac{\rho}{2} \sum_n \lVert W_n - Z_n \rVert^2 .
 
 Every :math:`W_n - Z_n = 0` is a real :class:`cooper.Constraint` (equality, Cooper's
-``AugmentedLagrangian`` formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
-``DensePenaltyCoefficient`` :math:`\rho`), registered with ``dual_every_step=False``. So:
+Augmented Lagrangian formulation — :class:`FusedAugmentedLagrangian`, the same formula with a
+one-pass backward — a ``DenseMultiplier`` :math:`\Lambda_n` and a ``DensePenaltyCoefficient``
+:math:`\rho`), registered with ``dual_every_step=False``. So:
 
 * **W-step** — every minibatch is the ordinary Cooper roll on the primal Lagrangian, which for this
   formulation is exactly :math:`L_\rho` with :math:`Z, \Lambda` fixed.
@@ -36,12 +37,20 @@ from typing import Any
 
 import cooper
 import torch
+from cooper.formulations import ContributionStore
 
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.problem import Batch, SparsityProblem
 from constrainedsparse.targets import TargetParam
 
-__all__ = ["DuplicateConfig", "DuplicateVariables", "INTERVAL_UNITS", "MASK_SOURCES"]
+__all__ = [
+    "DuplicateConfig",
+    "DuplicateVariables",
+    "FusedAugmentedLagrangian",
+    "INTERVAL_UNITS",
+    "Iterate",
+    "MASK_SOURCES",
+]
 
 INTERVAL_UNITS = ("epoch", "step")
 MASK_SOURCES = ("w", "z")
@@ -85,8 +94,90 @@ class DuplicateConfig:
             raise ValueError(f"mask_from must be one of {', '.join(MASK_SOURCES)}, got {self.mask_from!r}")
 
 
-def _sum_sq(tensors: dict[str, torch.Tensor]) -> float:
-    return float(sum(t.double().square().sum() for t in tensors.values()))
+class _AugmentedTerm(torch.autograd.Function):
+    """:math:`\\langle\\Lambda, h\\rangle + \\frac\\rho2\\lVert h\\rVert^2` as one autograd node.
+
+    Backward is one fused pass, :math:`\\partial/\\partial h = \\Lambda + \\rho h`, instead of the
+    einsum/expand/square graph of Cooper's generic formula (3x the time of a ResNet-18 step on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, violation: torch.Tensor, multiplier: torch.Tensor, rho: float) -> torch.Tensor:
+        ctx.save_for_backward(violation, multiplier)
+        ctx.rho = rho
+        return torch.dot(multiplier, violation) + 0.5 * rho * torch.dot(violation, violation)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        violation, multiplier = ctx.saved_tensors
+        grad = torch.add(multiplier, violation, alpha=ctx.rho)
+        if grad_output.device.type != "cpu" or float(grad_output) != 1.0:
+            grad.mul_(grad_output)
+        return grad, None, None
+
+
+class FusedAugmentedLagrangian(cooper.formulations.AugmentedLagrangian):
+    """Cooper's Augmented Lagrangian formulation for the equality constraints W − Z = 0.
+
+    Same primal contribution as :class:`cooper.formulations.AugmentedLagrangian`,
+    :math:`\\langle\\Lambda, h\\rangle + \\frac\\rho2\\lVert h\\rVert^2` with the multiplier detached,
+    computed by :class:`_AugmentedTerm`, and the same dual contribution :math:`\\langle\\Lambda, h\\rangle`
+    (gradient :math:`h` for the multiplier) as one dot product. The penalty coefficient is a 0-d
+    CPU tensor so reading it never synchronises a GPU.
+    """
+
+    def compute_contribution_to_primal_lagrangian(
+        self,
+        constraint_state: cooper.ConstraintState,
+        multiplier: cooper.multipliers.Multiplier,
+        penalty_coefficient: cooper.penalty_coefficients.PenaltyCoefficient,
+    ) -> ContributionStore | None:
+        if not constraint_state.contributes_to_primal_update:
+            return None
+        violation = constraint_state.violation.reshape(-1)
+        value = multiplier.weight.detach().reshape(-1)
+        rho = penalty_coefficient.value
+        return ContributionStore(_AugmentedTerm.apply(violation, value, float(rho)), value, rho)
+
+    def compute_contribution_to_dual_lagrangian(
+        self,
+        constraint_state: cooper.ConstraintState,
+        multiplier: cooper.multipliers.Multiplier,
+        penalty_coefficient: cooper.penalty_coefficients.PenaltyCoefficient,
+    ) -> ContributionStore | None:
+        if not constraint_state.contributes_to_dual_update:
+            return None
+        value = multiplier.weight.reshape(-1)
+        violation = constraint_state.violation.detach().reshape(-1)
+        return ContributionStore(torch.dot(value, violation), value, penalty_coefficient.value)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def sum_sq(tensors: dict[str, torch.Tensor]) -> float:
+    """:math:`\\sum_n \\lVert t_n\\rVert^2` (one BLAS dot per tensor, summed in float64)."""
+    return sum(_dot(t, t) for t in tensors.values())
+
+
+@dataclasses.dataclass
+class Iterate:
+    """What a dual step rule sees during coordination iteration :math:`k`.
+
+    Attributes:
+        w: :math:`W^k` (views of the live weights; they do not change during a coordination).
+        z_prev: :math:`Z^{k-1}`.
+        f_value: :math:`f(W^k)` on the reference batch, if the rule asked for it.
+        residual_before_z: :math:`W^k - Z^{k-1}`.
+        residual: :math:`W^k - Z^k`, set after the Z-step.
+    """
+
+    w: dict[str, torch.Tensor]
+    z_prev: dict[str, torch.Tensor]
+    f_value: float | None
+    residual_before_z: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor] | None = None
 
 
 class DuplicateVariables(Formulation):
@@ -111,12 +202,12 @@ class DuplicateVariables(Formulation):
         for target in problem.targets:
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.EQUALITY,
-                formulation_type=cooper.formulations.AugmentedLagrangian,
+                formulation_type=FusedAugmentedLagrangian,
                 multiplier=cooper.multipliers.DenseMultiplier(
                     num_constraints=target.tensor.numel(), device=target.tensor.device
                 ),
                 penalty_coefficient=cooper.penalty_coefficients.DensePenaltyCoefficient(
-                    init=torch.tensor(float(config.rho), device=target.tensor.device)
+                    init=torch.tensor(float(config.rho))
                 ),
             )
             problem.add_constraint(
@@ -171,29 +262,18 @@ class DuplicateVariables(Formulation):
         return value
 
     def augmented_lagrangian(
-        self,
-        f_value: float,
-        w: dict[str, torch.Tensor],
-        z: dict[str, torch.Tensor],
-        lam: dict[str, torch.Tensor],
+        self, f_value: float, residual: dict[str, torch.Tensor], lam: dict[str, torch.Tensor]
     ) -> float:
-        """The augmented Lagrangian at ``(w, z, lam)`` given :math:`f(w)` (sums in float64).
+        """The augmented Lagrangian given :math:`f(W)` and the residuals :math:`W_n - Z_n`.
 
         .. math::
             L_\\rho = f + \\sum_n\\langle\\Lambda_n, W_n - Z_n\\rangle
             + \\frac\\rho2\\sum_n\\lVert W_n - Z_n\\rVert^2
-        """
-        linear = quadratic = 0.0
-        for name in w:
-            residual = (w[name] - z[name]).double()
-            linear += float((lam[name].double() * residual).sum())
-            quadratic += float(residual.square().sum())
-        return f_value + linear + 0.5 * self.rho * quadratic
 
-    @staticmethod
-    def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-        """:math:`\\sqrt{\\sum_n \\lVert a_n - b_n\\rVert^2}` (float64)."""
-        return _sum_sq({name: a[name] - b[name] for name in a}) ** 0.5
+        (one BLAS dot per tensor, summed across tensors in float64).
+        """
+        linear = sum(_dot(lam[name], r) for name, r in residual.items())
+        return f_value + linear + 0.5 * self.rho * sum_sq(residual)
 
     # --- updates ------------------------------------------------------------------------------
 
@@ -218,19 +298,17 @@ class DuplicateVariables(Formulation):
 
     @torch.no_grad()
     def z_step(self, w: dict[str, torch.Tensor]) -> None:
-        """:math:`Z_n \\leftarrow \\Pi_{C_n}(W_n + \\Lambda_n/\\rho)`, written in place."""
+        """:math:`Z_n \\leftarrow \\Pi_{C_n}(W_n + \\Lambda_n/\\rho)` (new tensors; the old Z stays as Z^{k-1})."""
         lam, rho = self.multipliers(), self.rho
         for target in self.problem.targets:
-            self.z[target.name].copy_(target.feasible_set.project(w[target.name] + lam[target.name] / rho))
+            self.z[target.name] = target.feasible_set.project(w[target.name] + lam[target.name] / rho)
 
     @abc.abstractmethod
-    def dual_step_before_z(self, w: dict[str, torch.Tensor], f_value: float | None) -> tuple[float | None, dict]:
+    def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         """Step size of the update :math:`\\Lambda \\mathrel{+}= s'(W^k - Z^{k-1})`, or ``None``; metrics."""
 
     @abc.abstractmethod
-    def dual_step_after_z(
-        self, w: dict[str, torch.Tensor], z_prev: dict[str, torch.Tensor], f_value: float | None
-    ) -> tuple[float | None, dict]:
+    def dual_step_after_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         """Step size of the update :math:`\\Lambda \\mathrel{+}= s(W^k - Z^k)`, or ``None``; metrics."""
 
     needs_objective: bool = False
@@ -239,21 +317,25 @@ class DuplicateVariables(Formulation):
     def coordinate(self) -> dict[str, float]:
         """Coordination iteration :math:`k`: the update order of both formulations, in one place."""
         self.k += 1
-        w = {name: tensor.clone() for name, tensor in self.weights().items()}
-        z_prev = {name: tensor.clone() for name, tensor in self.z.items()}
+        # W does not change during a coordination, so views of the live weights are W^k.
+        w = self.weights()
+        z_prev = dict(self.z)
         f_value = self.objective() if self.needs_objective else None
+        it = Iterate(w, z_prev, f_value, {name: w[name] - z_prev[name] for name in w})
 
-        step, metrics = self.dual_step_before_z(w, f_value)
+        step, metrics = self.dual_step_before_z(it)
         if step is not None:
-            self.dual_ascent(step, {name: w[name] - z_prev[name] for name in w})
+            self.dual_ascent(step, it.residual_before_z)
         self.z_step(w)
-        step, after_metrics = self.dual_step_after_z(w, z_prev, f_value)
+        it.residual = {name: w[name] - self.z[name] for name in w}
+        step, after_metrics = self.dual_step_after_z(it)
         metrics.update(after_metrics)
         if step is not None:
-            self.dual_ascent(step, {name: w[name] - self.z[name] for name in w})
-        metrics.update(self.dynamics(w, z_prev))
+            self.dual_ascent(step, it.residual)
+        metrics.update(self.dynamics(it))
         self.set_rho(min(self.rho * self.config.rho_growth, self.config.rho_max))
-        self.w_prev = w
+        for name, tensor in w.items():
+            self.w_prev[name].copy_(tensor)  # a real copy of W^k, never an alias of the parameter
         return metrics
 
     def set_rho(self, value: float) -> None:
@@ -261,23 +343,24 @@ class DuplicateVariables(Formulation):
         for constraint in self.constraints.values():
             constraint.penalty_coefficient.value = torch.full_like(constraint.penalty_coefficient.value, value)
 
-    def dynamics(self, w: dict[str, torch.Tensor], z_prev: dict[str, torch.Tensor]) -> dict[str, float]:
+    def dynamics(self, it: Iterate) -> dict[str, float]:
         """Dual-dynamics metrics after a coordination (norms per layer and in total)."""
         lam = self.multipliers()
+        residual_sq = {name: _dot(r, r) for name, r in it.residual.items()}
+        lambda_sq = {name: _dot(value, value) for name, value in lam.items()}
         metrics = {
             "coordination/k": float(self.k),
             "penalty/rho": self.rho,
-            "dual/residual": self.distance(w, self.z),
-            "dual/lambda_norm": _sum_sq(lam) ** 0.5,
-            "dual/z_change": self.distance(self.z, z_prev),
+            "dual/residual": sum(residual_sq.values()) ** 0.5,
+            "dual/lambda_norm": sum(lambda_sq.values()) ** 0.5,
+            "dual/z_change": sum_sq({name: self.z[name] - it.z_prev[name] for name in it.w}) ** 0.5,
         }
-        for target in self.problem.targets:
-            name = target.name
-            metrics[f"residual/{name}"] = float((w[name] - self.z[name]).norm())
-            metrics[f"lambda/{name}"] = float(lam[name].norm())
-            # Relative weight mass the hard prune would cut now: 0 once W is k-sparse.
-            kept = target.feasible_set.project(w[name])
-            metrics[f"offsupport/{name}"] = float((w[name] - kept).norm() / w[name].norm().clamp_min(1e-30))
+        for name, w in it.w.items():
+            metrics[f"residual/{name}"] = residual_sq[name] ** 0.5
+            metrics[f"lambda/{name}"] = lambda_sq[name] ** 0.5
+            # Relative weight mass outside the support of Z: 0 once W is sparse on Z's support.
+            outside = w.masked_fill(self.z[name] != 0, 0)
+            metrics[f"offsupport/{name}"] = (_dot(outside, outside) / max(_dot(w, w), 1e-300)) ** 0.5
         return metrics
 
     # --- Formulation hooks --------------------------------------------------------------------
@@ -324,9 +407,7 @@ class DuplicateVariables(Formulation):
         self.k = state["k"]
         self.steps_done = state["steps_done"]
         for name, z in state["z"].items():
-            self.z[name].copy_(z)
-        self.w_prev = {name: w.to(self.z[name].device, copy=True) for name, w in state["w_prev"].items()}
+            self.z[name] = z.to(self.z[name].device, copy=True)
+        for name, w in state["w_prev"].items():
+            self.w_prev[name].copy_(w)
         self.coordination_optimizer.load_state_dict(state["coordination_optimizer"])
-        for name, constraint in self.constraints.items():
-            # Checkpoints load on the CPU; Cooper keeps penalty values as plain tensors.
-            constraint.penalty_coefficient.to(self.z[name].device)

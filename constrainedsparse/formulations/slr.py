@@ -32,7 +32,7 @@ import dataclasses
 from typing import Any
 
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, sum_sq
 
 __all__ = ["SLR", "SLRConfig", "slr_alpha"]
 
@@ -57,7 +57,7 @@ class SLRConfig(DuplicateConfig):
     s0: float = 0.01
     M: float = 300.0
     r: float = 0.1
-    reference_samples: int = 256
+    reference_samples: int = 128
 
     def validate(self) -> None:
         super().validate()
@@ -99,31 +99,34 @@ class SLR(DuplicateVariables):
         if self.f_prev is None:
             self.f_prev = self.objective()
 
-    def dual_step_before_z(self, w, f_value):
+    def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         self.alpha = slr_alpha(self.k, self.config.M, self.config.r)
-        self.prev_gap = self.distance(self.w_prev, self.z)
         lam = self.multipliers()
-        now = self.augmented_lagrangian(f_value, w, self.z, lam)
-        before = self.augmented_lagrangian(self.f_prev, self.w_prev, self.z, lam)
+        # it.z_prev is Z^{k-1}; w_prev is the real copy of W^{k-1} taken at iteration k-1.
+        residual_prev = {name: self.w_prev[name] - it.z_prev[name] for name in it.w}
+        self.prev_gap = sum_sq(residual_prev) ** 0.5
+        now = self.augmented_lagrangian(it.f_value, it.residual_before_z, lam)
+        before = self.augmented_lagrangian(self.f_prev, residual_prev, lam)
         holds = now < before
-        gap = self.distance(w, self.z)
+        gap = sum_sq(it.residual_before_z) ** 0.5
         self.s_prime = _ratio_step(self.alpha, self.step_size, self.prev_gap, gap) if holds else self.step_size
         metrics = {
             "stepsize/alpha": self.alpha,
             "condition/6_holds": float(holds),
             "lagrangian/L_rho": now,
-            "lagrangian/f_reference": f_value,
+            "lagrangian/f_reference": it.f_value,
             "stepsize/s_prime": self.s_prime,
         }
         return (self.s_prime if holds else None), metrics
 
-    def dual_step_after_z(self, w, z_prev, f_value):
-        lam = self.multipliers()
-        holds = self.augmented_lagrangian(f_value, w, self.z, lam) < self.augmented_lagrangian(f_value, w, z_prev, lam)
-        self.step_size = (
-            _ratio_step(self.alpha, self.s_prime, self.prev_gap, self.distance(w, self.z)) if holds else self.s_prime
+    def dual_step_after_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
+        lam = self.multipliers()  # Lambda' (after the first update, if any)
+        holds = self.augmented_lagrangian(it.f_value, it.residual, lam) < self.augmented_lagrangian(
+            it.f_value, it.residual_before_z, lam
         )
-        self.f_prev = f_value
+        gap = sum_sq(it.residual) ** 0.5
+        self.step_size = _ratio_step(self.alpha, self.s_prime, self.prev_gap, gap) if holds else self.s_prime
+        self.f_prev = it.f_value
         return (self.step_size if holds else None), {"condition/11_holds": float(holds), "stepsize/s": self.step_size}
 
     def state_dict(self) -> dict[str, Any]:

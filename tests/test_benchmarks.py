@@ -1,0 +1,114 @@
+"""The benchmark scripts run end to end in --quick mode and write well-formed results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(text: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body rows of the first markdown table in ``text``."""
+    lines = text[text.index("\n|") + 1 :].split("\n\n")[0].splitlines()
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return split[0], split[2:]
+
+
+@pytest.fixture
+def one_thread():
+    """Runs the benchmark on one thread (fast and steady on a shared 2-core machine); restores the count."""
+    before = torch.get_num_threads()
+    yield ["--threads", "1"]
+    assert torch.get_num_threads() == before
+
+
+def test_slr_vs_admm_quick(tmp_path, one_thread):
+    bench = _load("slr_vs_admm")
+    assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
+
+    for name in ("results.md", "results.json", "accuracy_vs_epoch.png"):
+        assert (tmp_path / name).is_file(), name
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/slr_vs_admm.py --quick --out" in text
+    assert "0.9 x dense accuracy" in text
+    header, rows = _table(text)
+    for method in bench.METHODS:
+        assert f"{method} %" in header and f"{method} epochs to thr." in header
+    assert [row[:2] for row in rows] == [["digits-mlp", "0.9"]]
+    for cell, column in zip(rows[0], header):
+        if column.endswith(" %"):
+            mean, std = (float(x) for x in NUMBER.findall(cell))
+            assert 0 <= mean <= 100 and 0 <= std <= 100, (column, cell)
+        elif column.endswith("epochs to thr."):
+            assert re.fullmatch(r"(\d+\.\d|—) \(\d/1\)", cell), (column, cell)
+
+    payload = json.loads((tmp_path / "results.json").read_text())
+    epochs = payload["epochs"]
+    assert epochs == 3
+    runs = payload["runs"]
+    assert sorted(run["method"] for run in runs) == sorted(bench.METHODS)
+    oneshot = {run["curve"][0] for run in runs}
+    assert len(oneshot) == 1  # epoch 0 is the shared one-shot accuracy
+    for run in runs:
+        assert len(run["curve"]) == epochs + 1, run["method"]
+        assert all(0 <= value <= 1 and math.isfinite(value) for value in run["curve"])
+        assert run["curve"][-1] == pytest.approx(run["final_accuracy"])
+        reached = run["epochs_to_threshold"]
+        assert reached is None or run["curve"][reached] >= run["threshold"] > max(run["curve"][:reached], default=0)
+
+
+def test_slr_vs_admm_threshold_and_settings_parsing():
+    bench = _load("slr_vs_admm")
+    assert bench.parse_threshold("0.9x") == (None, bench.Threshold(0.9, True))
+    assert bench.parse_threshold("mnist1d-mlp=0.6") == ("mnist1d-mlp", bench.Threshold(0.6, False))
+    for bad in ("1.5", "abc", "0x"):
+        with pytest.raises(ValueError, match="--threshold"):
+            bench.parse_threshold(bad)
+    settings = bench.parse_settings(["rho_growth=1.2", "slr:s0=0.02", "M=100", "lr=0.002"])
+    assert settings == {
+        "slr": {"rho_growth": "1.2", "s0": "0.02", "M": "100", "lr": "0.002"},
+        "admm": {"rho_growth": "1.2", "lr": "0.002"},
+        "magnitude+retrain": {"lr": "0.002"},
+        "magnitude-gradual": {"lr": "0.002"},
+    }
+    with pytest.raises(ValueError, match="method prefix"):
+        bench.parse_settings(["magnitude:rho=1"])
+    assert bench.epochs_to_reach([0.2, 0.5, 0.9, 0.8], 0.85) == 2
+    assert bench.epochs_to_reach([0.2, 0.5], 0.85) is None
+
+
+def test_overhead_quick(tmp_path, one_thread):
+    bench = _load("overhead")
+    assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
+
+    text = (tmp_path / "results.md").read_text()
+    header, rows = _table(text)
+    assert header[:5] == ["problem", "params", "batch", "epoch steps", "method"]
+    assert {(row[0], row[4]) for row in rows} == {
+        (problem, method) for problem in ("digits-mlp", "resnet18") for method in ("slr", "admm")
+    }
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [result["problem"] for result in payload["results"]] == ["digits-mlp", "resnet18"]
+    for result in payload["results"]:
+        assert result["plain_step_ms"] > 0
+        for entry in result["methods"].values():
+            assert entry["step_ratio"] > 0 and entry["amortised_ratio"] >= entry["step_ratio"] * (1 - 1e-9)
+            assert entry["step_ratio"] == pytest.approx(entry["step_ms"] / result["plain_step_ms"])
