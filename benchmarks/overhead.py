@@ -39,10 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -52,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import command_line, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -411,17 +409,6 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The command as a user would retype it: interpreter, script and arguments, shell-quoted.
-
-    Args:
-        script: The script path to show when ``argv`` is given (``main`` called from Python).
-        argv: The arguments given to ``main``; ``None`` means ``sys.argv``.
-    """
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    return shlex.join([python, *(sys.argv if argv is None else [script, *argv])])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark, prints the table and writes ``results.md`` and ``results.json``.
 
@@ -474,8 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
         ]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(text, encoding="utf-8")
     payload = {
         "command": command,
         "torch": torch.__version__,
@@ -487,9 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goal_ratio": GOAL,
         "results": results,
     }
-    with open(args.out / "results.json", "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
+    write_results(args.out, text, payload)
     print(table)
     print(f"\nwall time {wall:.1f} s; results in {args.out}")
     return 0

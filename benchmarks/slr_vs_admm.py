@@ -33,10 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import math
-import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -47,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import command_line, write_results
 
 from constrainedsparse.engine import RunConfig, cache_dir, prepare, run
 from constrainedsparse.formulations import formulation_class
@@ -443,17 +441,6 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The command as a user would retype it: interpreter, script and arguments, shell-quoted.
-
-    Args:
-        script: The script path to show when ``argv`` is given (``main`` called from Python).
-        argv: The arguments given to ``main``; ``None`` means ``sys.argv``.
-    """
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    return shlex.join([python, *(sys.argv if argv is None else [script, *argv])])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs every problem x sparsity x seed x method and writes the results.
 
@@ -546,9 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for row in rows
         ],
     }
-    with open(args.out / "results.json", "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
+    write_results(args.out, text, payload)
     plot(records, rows, args.out / "accuracy_vs_epoch.png")
     print(table)
     print(f"\nwall time {wall:.1f} s; results in {args.out}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "as_tensors", "load_cifar10", "stratified_split"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "as_tensors", "load_cifar10", "load_mnist1d", "stratified_split"]
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 """Per-channel (RGB) mean of the CIFAR-10 training images, pixels scaled to [0, 1]."""
@@ -23,6 +23,17 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 def as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 features and int64 labels."""
     return torch.as_tensor(np.asarray(x), dtype=torch.float32), torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+
+def load_mnist1d() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """MNIST-1D's default dataset (4,000 train / 1,000 test, 40 features), generated locally.
+
+    Uses ``mnist1d.data.make_dataset(get_dataset_args())``; never the package's download helper.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    generated = make_dataset(get_dataset_args())
+    return as_tensors(generated["x"], generated["y"]), as_tensors(generated["x_test"], generated["y_test"])
 
 
 def stratified_split(

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))  # as when a script runs: its folder (benchmarks/common.py) is importable
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 

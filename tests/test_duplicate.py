@@ -282,3 +282,37 @@ def test_fused_augmented_lagrangian_matches_coopers_formula_value_and_gradients(
         results.append((primal.detach(), grad_w, dual.detach(), grad_lambda))
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours.reshape(-1), theirs.reshape(-1))
+
+
+def test_slr_run_logs_dual_dynamics_to_jsonl_and_wandb_and_retrains_without_w_eq_z(tmp_path):
+    import json
+
+    from wandb_records import history_rows, wait_for_complete_run
+
+    from constrainedsparse import RunConfig, run
+
+    out = tmp_path / "slr"
+    summary = run(
+        RunConfig(
+            formulation="slr", sparsity=0.9, epochs=2, retrain_epochs=1, pretrain_epochs=2, out=out,
+            wandb="offline", progress=False, settings={"interval": "5"},
+        )
+    )  # fmt: skip
+    assert summary["formulation"] == "slr"
+    assert 0.0 <= summary["hardprune_accuracy"] <= 1.0 and 0.0 <= summary["retrain_accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    coordinations = [r for r in rows if "coordination/k" in r]
+    steps_per_epoch = -(-1437 // 64)  # digits-mlp: 1,437 training images, batch 64
+    assert len(coordinations) == (2 * steps_per_epoch) // 5
+    expected = {
+        "condition/6_holds", "condition/11_holds", "stepsize/alpha", "stepsize/s", "stepsize/s_prime",
+        "penalty/rho", "dual/residual", "dual/lambda_norm", "residual/0.weight", "lambda/2.weight",
+        "offsupport/4.weight", "lagrangian/L_rho",
+    }  # fmt: skip
+    assert expected <= set(coordinations[0])
+    assert [r["coordination/k"] for r in coordinations] == list(range(1, len(coordinations) + 1))
+    epoch_rows = [r for r in rows if "accuracy/hardprune_now" in r]
+    assert [r["epoch"] for r in epoch_rows] == [1, 2, 1]  # two pruning epochs, one retraining epoch
+    logged = [r for r in history_rows(wait_for_complete_run(out)) if "condition/6_holds" in r]
+    assert len(logged) == len(coordinations)
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from constrainedsparse.data import as_tensors
+from constrainedsparse.data import load_mnist1d
 from constrainedsparse.spec import Problem
 from constrainedsparse.targets import Targets
 
@@ -40,12 +40,8 @@ def model(options: Mapping[str, Any]) -> nn.Module:
 
 def data(options: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
     """MNIST-1D's default dataset, generated locally (never downloaded)."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    generated = make_dataset(get_dataset_args())
-    x_train, y_train = as_tensors(generated["x"], generated["y"])
-    x_test, y_test = as_tensors(generated["x_test"], generated["y_test"])
-    return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
+    train, test = load_mnist1d()
+    return TensorDataset(*train), TensorDataset(*test)
 
 
 problem = Problem(

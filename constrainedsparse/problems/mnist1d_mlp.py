@@ -3,7 +3,7 @@
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from constrainedsparse.data import as_tensors
+from constrainedsparse.data import load_mnist1d
 from constrainedsparse.spec import Problem
 
 
@@ -12,12 +12,9 @@ def model(options):
 
 
 def data(options):
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    generated = make_dataset(get_dataset_args())  # built locally, never downloaded
-    x_train, y_train = as_tensors(generated["x"], generated["y"])
-    x_test, y_test = as_tensors(generated["x_test"], generated["y_test"])
-    return TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
+    """MNIST-1D's default dataset, generated locally (never downloaded)."""
+    train, test = load_mnist1d()
+    return TensorDataset(*train), TensorDataset(*test)
 
 
 problem = Problem(
