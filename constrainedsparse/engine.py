@@ -266,6 +266,12 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
             loss = problem.loss(model(x), y)
             loss.backward()
             optimizer.step()
+        if not math.isfinite(loss.item()):
+            bar.close()
+            raise NonFiniteLossError(
+                f"dense pre-training loss became {loss.item()} in epoch {epoch + 1}; nothing was cached "
+                "(lower --set lr?)"
+            )
         bar.set_postfix(loss=f"{loss.item():.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(path, model.state_dict())
@@ -326,6 +332,7 @@ class _Run:
         self.seconds_before = 0.0
         self.dense_accuracy = float("nan")
         self.hardprune_accuracy: float | None = None
+        self.summary_extra: dict[str, Any] = {}
         self.epochs_this_invocation = 0
 
     def checkpoint(self, phase: str, epoch: int, formulation: Formulation, extra: dict | None = None) -> None:
@@ -478,6 +485,7 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
             if not _train_phase(run, formulation, "prune", 0, prepared.epochs, start_epoch, train, test):
                 return None
             masks = formulation.hard_masks()
+            run.summary_extra = formulation.summary_extra()
             formulation.finalize()
             hard_prune(targets, masks)
             run.hardprune_accuracy = evaluate(problem, model, test)
@@ -486,13 +494,14 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
                 run.step,
             )
             phase, start_epoch = "retrain", 0
-            run.phase_extra = {"masks": masks}
+            run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
             retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=lr, dual_lr=dual_lr)
             retrainer.setup(config.retrain_epochs, steps_per_epoch)
             run.checkpoint("retrain", 0, retrainer, run.phase_extra)
         else:
             masks = resume_state["masks"]
-            run.phase_extra = {"masks": masks}
+            run.summary_extra = resume_state.get("summary_extra", {})
+            run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
             remove_masks(targets)
             retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=lr, dual_lr=dual_lr)
             retrainer.setup(config.retrain_epochs, steps_per_epoch)
@@ -535,6 +544,7 @@ def _summary(run: _Run, targets, final_accuracy: float) -> dict[str, Any]:
         summary["target_sparsity"] = prepared.target.sparsity
     if config.retrain_epochs > 0:
         summary["retrain_accuracy"] = final_accuracy
+    summary.update(run.summary_extra)  # the formulation's own fields (e.g. l0's densities)
     return summary
 
 

@@ -2,9 +2,13 @@
 
 Key scheme (``/`` separates a family from its member):
 
-* ``loss/train``, ``accuracy/test``, ``accuracy/hardprune`` — objective and metrics;
-* ``multiplier/<constraint>``, ``violation/<constraint>`` — dual dynamics (a constraint with
-  several entries is logged by its Euclidean norm);
+* ``loss/train``, ``accuracy/test``, ``accuracy/hardprune``, ``accuracy/hardprune_now`` — objective
+  and metrics;
+* ``multiplier/<constraint>``, ``violation/<constraint>`` — dual dynamics of user and density
+  constraints (a constraint with several entries is logged by its Euclidean norm);
+* formulation families: ``condition/*``, ``stepsize/*``, ``lagrangian/*``, ``penalty/rho``,
+  ``coordination/k``, ``dual/*``, ``residual|lambda|offsupport/<param>`` (slr/admm);
+  ``l0/*``, ``l0_density/<param>``, ``restart/<constraint>`` (l0);
 * ``density/<param>``, ``sparsity/achieved`` — what the pruned model looks like;
 * ``phase``, ``epoch`` — where in the run a row was logged (phase 0 = prune, 1 = retrain).
 

@@ -146,3 +146,18 @@ def test_cuda_device_without_cuda_is_one_line_exit_2(tmp_path, capsys):
     line = _fails(["run", "--set", "device=cuda", "--out", str(out), "--no-progress"], capsys)
     assert "--set device=cuda but CUDA is not available here; use cpu or auto" in line
     assert not out.exists()
+
+
+def test_nan_dense_pretraining_is_one_line_and_caches_nothing(tmp_path, capsys):
+    from constrainedsparse.engine import cache_dir
+
+    out = tmp_path / "run"
+    before = set((cache_dir() / "dense").glob("*")) if (cache_dir() / "dense").exists() else set()
+    line = _fails(
+        ["run", "--formulation", "magnitude", "--set", "lr=1e30", "--pretrain-epochs", "2", "--out", str(out),
+         "--wandb", "disabled", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert "dense pre-training loss became nan in epoch 1; nothing was cached" in line
+    after = set((cache_dir() / "dense").glob("*")) if (cache_dir() / "dense").exists() else set()
+    assert after == before and not out.exists()

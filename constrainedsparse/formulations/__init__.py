@@ -3,7 +3,7 @@
 Importing this package registers every built-in formulation.
 """
 
-from constrainedsparse.formulations import admm, magnitude, slr  # noqa: F401  (each registers itself)
+from constrainedsparse.formulations import admm, l0, magnitude, slr  # noqa: F401  (each registers itself)
 from constrainedsparse.formulations.base import (
     Formulation,
     NoConfig,

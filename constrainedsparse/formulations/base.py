@@ -39,7 +39,7 @@ class Formulation(abc.ABC):
 
     The engine drives every formulation the same way::
 
-        setup(num_epochs, steps_per_epoch)
+        setup(num_epochs, steps_per_epoch, reference_batch)  # reference_samples > 0 asks for one
         for epoch: start_epoch(epoch); for batch: training_step(batch); end_epoch(epoch)
         hard_masks()  # -> exact masks at the target, then hard pruning
 
@@ -111,6 +111,10 @@ class Formulation(abc.ABC):
     @abc.abstractmethod
     def hard_masks(self) -> dict[str, torch.Tensor]:
         """Boolean masks at the target level, by parameter name (exactly feasible)."""
+
+    def summary_extra(self) -> dict[str, Any]:
+        """Extra ``summary.json`` fields, taken at the end of pruning (before :meth:`finalize`)."""
+        return {}
 
     def finalize(self) -> None:
         """Removes what the formulation attached to the model; masks are baked into the weights."""

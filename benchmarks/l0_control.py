@@ -1,0 +1,257 @@
+"""Controllability of ``l0``: achieved expected density against the target (the diagonal plot).
+
+For every target density ``d`` (``--sparsity 1 - d``), scope (model-wise / layer-wise) and seed the
+script runs ``l0`` through the engine and reads ``summary.json``: the model-wise expected density
+:math:`\\sum_n |\\theta_n| \\bar P_n / \\sum_n |\\theta_n|` at the end of pruning, the per-layer expected
+densities, the median-rule (test-time) density and the hard-prune accuracy. Next to it the penalized
+baseline ``l0-penalty`` runs over a sweep of fixed ``lmbda``: its achieved density is whatever
+``lmbda`` gives, which is the controllability gap the constrained formulation closes.
+
+The goal of issue 4 is ``|achieved expected density - target| <= 0.02`` for every target; the
+table reports the worst gap over seeds (model-wise) and over seeds and layers (layer-wise).
+
+Usage::
+
+    .venv/bin/python benchmarks/l0_control.py                 # mnist1d-mlp, 5 targets x 2 scopes x 3 seeds
+    .venv/bin/python benchmarks/l0_control.py --quick         # digits-mlp, 2 targets, 1 seed, 2 epochs
+    .venv/bin/python benchmarks/l0_control.py --epochs 30 --dual-lr 2 --out benchmarks/results/l0_control
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from constrainedsparse import RunConfig, run
+from constrainedsparse.logger import read_metrics
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "l0_control"
+DEFAULT_TARGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_LMBDAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
+GOAL = 0.02
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (``--quick`` fills in small defaults for what was not given)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="digits-mlp, targets 0.3 0.7, one seed, 2 epochs")
+    parser.add_argument("--problem", default=None, help="bundled problem (default mnist1d-mlp)")
+    parser.add_argument("--targets", type=float, nargs="+", default=None, help="target densities in (0, 1]")
+    parser.add_argument("--scopes", nargs="+", default=["model", "layer"], choices=["model", "layer"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    parser.add_argument("--epochs", type=int, default=None, help="pruning epochs (default 20)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="dense pre-training (problem default)")
+    parser.add_argument("--dual-lr", type=float, default=1.0, help="step on the density multipliers (density_dual_lr)")
+    parser.add_argument("--lmbdas", type=float, nargs="+", default=None, help="l0-penalty sweep")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.problem = args.problem or ("digits-mlp" if quick else "mnist1d-mlp")
+    args.targets = args.targets or ([0.3, 0.7] if quick else list(DEFAULT_TARGETS))
+    args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    args.epochs = args.epochs if args.epochs is not None else (2 if quick else 20)
+    if args.pretrain_epochs is None and quick:
+        args.pretrain_epochs = 2
+    args.lmbdas = args.lmbdas or ([0.0, 10.0] if quick else list(DEFAULT_LMBDAS))
+    for d in args.targets:
+        if not 0.0 < d <= 1.0:
+            parser.error(f"target densities must be in (0, 1], got {d}")
+    return args
+
+
+def _settings(items: Sequence[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
+
+
+def _one(args: argparse.Namespace, formulation: str, density: float, seed: int, settings: dict, out: Path) -> dict:
+    summary = run(
+        RunConfig(
+            problem=args.problem,
+            formulation=formulation,
+            sparsity=round(1.0 - density, 10),
+            epochs=args.epochs,
+            pretrain_epochs=args.pretrain_epochs,
+            seed=seed,
+            out=out,
+            wandb="disabled",
+            progress=False,
+            settings=settings,
+        )
+    )
+    # The gated model in eval mode (median rule) is what the engine evaluates at each pruning epoch end.
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("phase") == 0 and "accuracy/test" in r]
+    summary["gated_accuracy"] = epochs[-1]["accuracy/test"] if epochs else float("nan")
+    return summary
+
+
+def run_all(args: argparse.Namespace, runs: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every constrained and penalized run (run directories under ``runs``); one record per run."""
+    extra = _settings(args.settings)
+    constrained, penalized = [], []
+    for scope in args.scopes:
+        for density in args.targets:
+            for seed in args.seeds:
+                settings = {"density_dual_lr": str(args.dual_lr), "scope": scope, **extra}
+                s = _one(args, "l0", density, seed, settings, runs / f"l0-{scope}-d{density:g}-seed{seed}")
+                layer_gap = max(abs(v - density) for v in s["layer_density"].values())
+                constrained.append(
+                    {
+                        "scope": scope,
+                        "target": density,
+                        "seed": seed,
+                        "expected_density": s["expected_density"],
+                        "layer_density": s["layer_density"],
+                        "gap": abs(s["expected_density"] - density),
+                        "layer_gap": layer_gap,
+                        "test_density": s["test_density"],
+                        "hardprune_accuracy": s["hardprune_accuracy"],
+                        "gated_accuracy": s["gated_accuracy"],
+                        "dense_accuracy": s["dense_accuracy"],
+                        "seconds": s["seconds"],
+                    }
+                )
+                print(f"l0 {scope} target {density:g} seed {seed}: {s['expected_density']:.4f}", file=sys.stderr)
+    for lmbda in args.lmbdas:
+        for seed in args.seeds:
+            # The penalty ignores the level; --sparsity only sets the hard-pruning target (0.5).
+            settings = {"lmbda": str(lmbda), **{k: v for k, v in extra.items() if k != "scope"}}
+            s = _one(args, "l0-penalty", 0.5, seed, settings, runs / f"penalty-l{lmbda:g}-seed{seed}")
+            penalized.append(
+                {
+                    "lmbda": lmbda,
+                    "seed": seed,
+                    "expected_density": s["expected_density"],
+                    "test_density": s["test_density"],
+                    "gated_accuracy": s["gated_accuracy"],
+                    "seconds": s["seconds"],
+                }
+            )
+            print(f"l0-penalty lmbda {lmbda:g} seed {seed}: {s['expected_density']:.4f}", file=sys.stderr)
+    return {"constrained": constrained, "penalized": penalized}
+
+
+def _ms(values: Sequence[float], digits: int = 4) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]], command: str) -> str:
+    """The results page: constrained table (per scope and target), penalty sweep, goal verdict."""
+    lines = [
+        "# l0 controllability",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Problem {args.problem}, {args.epochs} pruning epochs, dual lr {args.dual_lr}, seeds "
+        f"{' '.join(map(str, args.seeds))}. Expected density at the end of pruning (mean ± std over seeds); "
+        f"worst gap = max over seeds (and, layer-wise, over layers) of |achieved − target|; goal ≤ {GOAL}.",
+        "",
+        "| scope | target | expected density | worst gap | worst layer gap | median-rule density "
+        "| gated (median-rule) acc. % | hard-prune acc. % | goal met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    met_all = True
+    for scope in args.scopes:
+        for density in args.targets:
+            rows = [r for r in records["constrained"] if r["scope"] == scope and r["target"] == density]
+            gap = max(r["gap"] for r in rows)
+            layer_gap = max(r["layer_gap"] for r in rows)
+            met = (gap if scope == "model" else layer_gap) <= GOAL
+            met_all &= met
+            acc = [100 * r["hardprune_accuracy"] for r in rows]
+            gated = [100 * r["gated_accuracy"] for r in rows]
+            lines.append(
+                f"| {scope} | {density:g} | {_ms([r['expected_density'] for r in rows])} | {gap:.4f} | "
+                f"{layer_gap:.4f} | {_ms([r['test_density'] for r in rows])} | {_ms(gated, 2)} | {_ms(acc, 2)} | "
+                f"{'yes' if met else 'no'} |"
+            )
+    dense = statistics.fmean(r["dense_accuracy"] for r in records["constrained"])
+    lines += [
+        "",
+        f"Dense accuracy {100 * dense:.2f} %. Goal met for every target: {'yes' if met_all else 'no'}. "
+        "Gated accuracy: the model with median-rule gates at the last pruning epoch; hard-prune accuracy: "
+        "after the engine's per-layer top-k masks at the target (no retraining).",
+        "",
+        "## Penalized baseline (`l0-penalty`, fixed λ)",
+        "",
+        "| lmbda | expected density | median-rule density | gated (median-rule) acc. % |",
+        "|---|---|---|---|",
+    ]
+    for lmbda in args.lmbdas:
+        rows = [r for r in records["penalized"] if r["lmbda"] == lmbda]
+        lines.append(
+            f"| {lmbda:g} | {_ms([r['expected_density'] for r in rows])} | {_ms([r['test_density'] for r in rows])} "
+            f"| {_ms([100 * r['gated_accuracy'] for r in rows], 2)} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Left: achieved vs target (diagonal) per scope; right: penalty density over lmbda."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    left.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="target")
+    for scope, marker in (("model", "o"), ("layer", "s")):
+        rows = [r for r in records["constrained"] if r["scope"] == scope]
+        if rows:
+            left.scatter([r["target"] for r in rows], [r["expected_density"] for r in rows], marker=marker,
+                         label=f"l0 {scope}-wise", alpha=0.7)  # fmt: skip
+    left.set_xlabel("target density")
+    left.set_ylabel("achieved expected density")
+    left.set_title(f"{args.problem}: l0 (constrained)")
+    left.legend()
+    rows = records["penalized"]
+    xs = [max(r["lmbda"], min([x for x in args.lmbdas if x > 0] or [1e-3]) / 10) for r in rows]
+    right.scatter(xs, [r["expected_density"] for r in rows], color="C3")
+    right.set_xscale("log")
+    right.set_xlabel("lmbda (0 drawn at the left edge)")
+    right.set_ylabel("achieved expected density")
+    right.set_title("l0-penalty (fixed lmbda)")
+    for density in args.targets:
+        right.axhline(density, color="0.85", linewidth=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; writes ``results.md``, ``results.json`` and ``l0_control.png`` under ``--out``."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        started = time.perf_counter()
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="l0_control-") as runs:
+            records = run_all(args, Path(runs))
+        command = "benchmarks/l0_control.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "results.md").write_text(markdown(args, records, command.strip()))
+        payload = {**records, "args": {k: str(v) for k, v in vars(args).items()}}
+        payload["seconds"] = time.perf_counter() - started
+        (args.out / "results.json").write_text(json.dumps(payload, indent=2))
+        plot(args, records, args.out / "l0_control.png")
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

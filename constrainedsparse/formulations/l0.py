@@ -1,0 +1,429 @@
+r"""``l0``: controlled sparsity with hard-concrete gates and expected-density constraints.
+
+After Gallego-Posada, Ramirez, Erraqabi, Bengio & Lacoste-Julien, *Controlled Sparsity via
+Constrained Optimization* (NeurIPS 2022). Every target weight is gated,
+:math:`\theta_n = \tilde\theta_n \odot z_n` (see :mod:`constrainedsparse.gates`), and the problem is
+
+.. math::
+    \min_{\tilde\theta, \log\alpha} \ \mathbb{E}_z\, f(\tilde\theta \odot z) \quad \text{s.t.}\quad
+    \frac{\mathbb{E}\|z_g\|_0}{\#(\theta_g)} - \epsilon_g \le 0,
+
+with :math:`\epsilon_g = 1 - s_g` for the target sparsity :math:`s_g`. ``scope=model`` (default)
+has one constraint over all targets, the expected density weighted by layer sizes,
+:math:`\sum_n |\theta_n| \bar P_n / \sum_n |\theta_n| \le \sum_n |\theta_n|(1 - s_n)/\sum_n |\theta_n|`;
+``scope=layer`` has one constraint per target. Each is a Cooper inequality constraint with the
+Lagrangian formulation and a :class:`~constrainedsparse.multipliers.RestartingMultiplier`; the
+primal step (Adam; gates in their own parameter group with ``gate_lr``, no weight decay and no
+momentum by default) and
+the dual step (``SGD(maximize=True, lr=dual_lr)``, :math:`\lambda \leftarrow [\lambda + \eta g]_+`)
+are simultaneous (:class:`cooper.optim.SimultaneousOptimizer`). With ``dual_restarts`` (default) a
+satisfied constraint's multiplier is reset to 0 after the dual step.
+
+``l0-penalty`` is the penalized baseline: the same gates and optimizer, no constraint, loss
+:math:`f + \lambda\,\mathbb{E}[\text{density}]` with a fixed ``lmbda``.
+
+**Hard masks and the median rule.** The test-time gate is the median rule :math:`\hat z`; its
+density is logged (``l0_test_density/<param>``) and reported in ``summary.json``. The engine needs
+the hard-pruned model exactly at the target, so :meth:`hard_masks` applies each target's feasible
+set to a score that ranks every weight with :math:`\hat z > 0` by :math:`|\tilde\theta \hat z|`
+above every weight with :math:`\hat z = 0` (those ranked by :math:`|\tilde\theta|`). When the gates
+keep more than the target the mask is the top-k of the test-time weights; when they keep fewer, the
+largest gated-off weights are re-admitted, and :meth:`finalize` bakes them in with gate 1 (every
+other weight is baked in as :math:`\tilde\theta \odot \hat z`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import cooper
+import torch
+
+from constrainedsparse.formulations.base import Formulation, register_formulation
+from constrainedsparse.gates import (
+    GROUPINGS,
+    HardConcreteGate,
+    apply_gates,
+    clamp_log_alpha_,
+    find_gate,
+)
+from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
+from constrainedsparse.problem import Batch, SparsityProblem
+from constrainedsparse.targets import TargetParam
+
+__all__ = ["L0", "L0Config", "L0Penalty", "L0PenaltyConfig", "SCOPES", "model_constraint_name", "layer_constraint_name"]
+
+SCOPES = ("model", "layer")
+MODEL_CONSTRAINT = "l0_density"
+
+
+def model_constraint_name() -> str:
+    """Name of the model-wise constraint (``l0_density``)."""
+    return MODEL_CONSTRAINT
+
+
+def layer_constraint_name(param: str) -> str:
+    """Name of the layer-wise constraint of target ``param`` (``l0_density:<param>``)."""
+    return f"{MODEL_CONSTRAINT}:{param}"
+
+
+def _validate_gate_settings(config: Any) -> None:
+    if config.grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {config.grouping!r}")
+    if not (0.0 < config.droprate_init < 1.0):
+        raise ValueError(f"droprate_init must be in (0, 1), got {config.droprate_init}")
+    if not config.gate_lr > 0:
+        raise ValueError(f"gate_lr must be > 0, got {config.gate_lr}")
+    if not (0.0 <= config.gate_momentum < 1.0):
+        raise ValueError(f"gate_momentum must be in [0, 1), got {config.gate_momentum}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if config.log_interval < 1:
+        raise ValueError(f"log_interval must be >= 1, got {config.log_interval}")
+
+
+@dataclasses.dataclass
+class L0Config:
+    """Hyperparameters of ``l0``.
+
+    Attributes:
+        scope: ``"model"`` (one expected-density constraint over all targets) or ``"layer"``.
+        grouping: ``"unstructured"`` (a gate per weight) or ``"structured"`` (per input neuron of
+            Linear, per output channel of Conv).
+        droprate_init: Initial drop rate of every gate, in (0, 1).
+        gate_lr: Adam learning rate of the gates' :math:`\\log\\alpha` (its own parameter group).
+        gate_momentum: Adam :math:`\\beta_1` of the gates' group. 0 by default: with momentum the
+            gates keep moving after a restart sets :math:`\\lambda = 0` and overshoot the target
+            (measured in ``benchmarks/l0_control.py`` and the report of issue 4).
+        weight_decay: L2 weight decay of the weights (the gates' group always has 0).
+        dual_restarts: Reset a multiplier to 0 whenever its constraint is satisfied.
+        density_dual_lr: Gradient-ascent step on the density multipliers. Their violations are
+            fractions in [-1, 1], so they need a far larger step than a problem's default
+            ``dual_lr`` (which stays the step of the user's own constraints).
+        log_interval: Log the dual dynamics every this many steps (and at every restart).
+    """
+
+    scope: str = "model"
+    grouping: str = "unstructured"
+    droprate_init: float = 0.01
+    gate_lr: float = 0.1
+    gate_momentum: float = 0.0
+    weight_decay: float = 0.0
+    dual_restarts: bool = True
+    density_dual_lr: float = 1.0
+    log_interval: int = 10
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the bad value and what is allowed."""
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if not self.density_dual_lr > 0:
+            raise ValueError(f"density_dual_lr must be > 0, got {self.density_dual_lr}")
+        _validate_gate_settings(self)
+
+
+@dataclasses.dataclass
+class L0PenaltyConfig:
+    """Hyperparameters of ``l0-penalty`` (see :class:`L0Config` for the shared ones).
+
+    Attributes:
+        lmbda: Fixed penalty weight :math:`\\lambda \\ge 0` on the expected density.
+    """
+
+    lmbda: float = 1.0
+    grouping: str = "unstructured"
+    droprate_init: float = 0.01
+    gate_lr: float = 0.1
+    gate_momentum: float = 0.0
+    weight_decay: float = 0.0
+    log_interval: int = 10
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the bad value and what is allowed."""
+        if not (self.lmbda >= 0) or math.isinf(self.lmbda):
+            raise ValueError(f"lmbda must be a finite number >= 0, got {self.lmbda}")
+        _validate_gate_settings(self)
+
+
+class _Gated(Formulation):
+    """Shared machinery: gates on every target, two-group Adam, density bookkeeping."""
+
+    def __init__(self, problem: SparsityProblem, config: Any, *, lr: float, dual_lr: float) -> None:
+        super().__init__(problem, config, lr=lr, dual_lr=dual_lr)
+        for t in problem.targets:
+            density = 1.0 - t.sparsity
+            if not (0.0 < density <= 1.0):
+                raise ValueError(f"target density 1 - sparsity of {t.name} must be in (0, 1], got {density}")
+        self.gates: dict[str, HardConcreteGate] = {}
+        # Sizes read once: every access to a gated weight in train mode draws a fresh gate sample.
+        self.sizes = {t.name: t.tensor.numel() for t in problem.targets}
+        self.steps_done = 0
+
+    # --- densities ------------------------------------------------------------------------------
+
+    def layer_expected_density(self) -> dict[str, torch.Tensor]:
+        """Expected density :math:`\\bar P_n` of every target (differentiable in :math:`\\log\\alpha`)."""
+        return {name: gate.expected_density() for name, gate in self.gates.items()}
+
+    def expected_density(self) -> torch.Tensor:
+        """Model-wise expected density :math:`\\sum_n |\\theta_n| \\bar P_n / \\sum_n |\\theta_n|`."""
+        sizes = self.sizes
+        total = sum(sizes.values())
+        return sum(sizes[name] * d for name, d in self.layer_expected_density().items()) / total
+
+    def target_density(self) -> float:
+        """Model-wise level :math:`\\epsilon = \\sum_n |\\theta_n|(1 - s_n) / \\sum_n |\\theta_n|`."""
+        sizes = [(self.sizes[t.name], 1.0 - t.sparsity) for t in self.problem.targets]
+        return sum(n * e for n, e in sizes) / sum(n for n, _ in sizes)
+
+    @torch.no_grad()
+    def layer_test_density(self) -> dict[str, float]:
+        """Fraction of weights whose median-rule gate is nonzero, per target."""
+        return {name: float(gate.test_density()) for name, gate in self.gates.items()}
+
+    @torch.no_grad()
+    def test_density(self) -> float:
+        """Model-wise fraction of weights whose median-rule gate is nonzero."""
+        sizes = self.sizes
+        dens = self.layer_test_density()
+        return sum(sizes[n] * dens[n] for n in dens) / sum(sizes.values())
+
+    # --- Formulation hooks ----------------------------------------------------------------------
+
+    def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
+        device = next(self.problem.model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(torch.initial_seed()) % 2**63)
+        self.gates = apply_gates(self.problem.targets, self.config.grouping, self.config.droprate_init, self.generator)
+        self.add_terms()
+        super().setup(num_epochs, steps_per_epoch, reference_batch)
+
+    def add_terms(self) -> None:
+        """Registers constraints / penalties on the problem (after the gates exist)."""
+
+    def build_optimizer(self) -> cooper.optim.CooperOptimizer:
+        """Adam with two groups: weights (``lr``, ``weight_decay``) and gates (``gate_lr``, no decay)."""
+        gate_params = [gate.log_alpha for gate in self.gates.values()]
+        gate_ids = {id(p) for p in gate_params}
+        weights = [p for p in self.problem.model.parameters() if id(p) not in gate_ids]
+        primal = torch.optim.Adam(
+            [
+                {"params": weights, "lr": self.lr, "weight_decay": self.config.weight_decay},
+                {
+                    "params": gate_params,
+                    "lr": self.config.gate_lr,
+                    "weight_decay": 0.0,
+                    "betas": (self.config.gate_momentum, 0.999),
+                },
+            ]
+        )
+        dual = self.dual_optimizer()
+        if dual is None:
+            return cooper.optim.UnconstrainedOptimizer(self.problem, primal)
+        return cooper.optim.SimultaneousOptimizer(self.problem, primal, dual)
+
+    def dual_optimizer(self) -> torch.optim.Optimizer | None:
+        """Gradient ascent on every per-step multiplier (the user's, at ``dual_lr``)."""
+        return self.problem.dual_optimizer(self.dual_lr)
+
+    def training_step(self, batch: Batch) -> tuple[cooper.CMPState, dict[str, float]]:
+        cmp_state, metrics = super().training_step(batch)
+        clamp_log_alpha_(self.gates.values())
+        self.steps_done += 1
+        metrics.update(self.after_step(cmp_state))
+        if self.steps_done % self.config.log_interval == 0:
+            metrics.update(self.dynamics())
+        return cmp_state, metrics
+
+    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Hook after every primal(-dual) step; returns metrics to log at this step."""
+        return {}
+
+    @torch.no_grad()
+    def dynamics(self) -> dict[str, float]:
+        """Expected (``l0_density/``) and median-rule (``l0_test_density/``) densities per target."""
+        metrics = {"l0/expected_density": float(self.expected_density()), "l0/test_density": self.test_density()}
+        for name, value in self.layer_expected_density().items():
+            metrics[f"l0_density/{name}"] = float(value)
+        for name, value in self.layer_test_density().items():
+            metrics[f"l0_test_density/{name}"] = value
+        return metrics
+
+    @torch.no_grad()
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Densities and gate-probability summaries :math:`P(z \\ne 0)` (mean/min/max, share > 0.5)."""
+        metrics = self.dynamics()
+        for name, gate in self.gates.items():
+            p = gate.prob_nonzero()
+            metrics[f"gates/p_mean/{name}"] = float(p.mean())
+            metrics[f"gates/p_min/{name}"] = float(p.min())
+            metrics[f"gates/p_max/{name}"] = float(p.max())
+            metrics[f"gates/p_above_half/{name}"] = float((p > 0.5).float().mean())
+        return metrics
+
+    def _scores(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(stored weight, median-rule gate over the weight, hard-mask score)`` of a target."""
+        gate = self.gates[target.name]
+        weight = target.module.parametrizations[target.param_name].original.detach()
+        z = gate.expand(gate.test_gate().detach()).expand_as(weight)
+        magnitude = weight.abs()
+        offset = float(magnitude.max()) + 1.0
+        # Gated-on weights rank above all gated-off ones; gated-off ones by |weight|.
+        score = torch.where(z > 0, (weight * z).abs() + offset, magnitude)
+        return weight, z, score
+
+    @torch.no_grad()
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        """Feasible-set masks of the test-time gated weights (see the module docstring)."""
+        return {t.name: t.feasible_set.mask(self._scores(t)[2]) for t in self.problem.targets}
+
+    def summary_extra(self) -> dict[str, Any]:
+        """``expected_density`` (model-wise), ``layer_density`` and their median-rule counterparts."""
+        with torch.no_grad():
+            return {
+                "expected_density": float(self.expected_density()),
+                "layer_density": {name: float(d) for name, d in self.layer_expected_density().items()},
+                "target_density": self.target_density(),
+                "test_density": self.test_density(),
+                "layer_test_density": self.layer_test_density(),
+            }
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        r"""Removes the gates, baking :math:`\tilde\theta \odot \hat z` into plain weights.
+
+        Weights the hard mask re-admits although their gate is 0 keep :math:`\tilde\theta`.
+        """
+        masks = self.hard_masks()
+        for t in self.problem.targets:
+            if find_gate(t.module, t.param_name) is None:
+                continue
+            weight, z, _ = self._scores(t)
+            baked = weight * torch.where((z == 0) & masks[t.name], torch.ones_like(z), z)
+            torch.nn.utils.parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
+            getattr(t.module, t.param_name).copy_(baked)
+        self.gates = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps_done": self.steps_done, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps_done = state["steps_done"]
+        self.generator.set_state(state["generator"])
+
+
+@register_formulation("l0")
+class L0(_Gated):
+    """Hard-concrete gates under expected-density constraints, gradient ascent with dual restarts."""
+
+    description = "hard-concrete L0 gates with expected-density constraints (Lagrangian, dual restarts)"
+    Config = L0Config
+
+    def dual_optimizer(self) -> torch.optim.Optimizer | None:
+        """``SGD(maximize=True)``: density multipliers at ``density_dual_lr``, the user's at ``dual_lr``."""
+        density = [p for m in self._multipliers.values() for p in m.parameters()]
+        density_ids = {id(p) for p in density}
+        user = self.problem.dual_optimizer(self.dual_lr)
+        others = [p for g in (user.param_groups if user else []) for p in g["params"] if id(p) not in density_ids]
+        groups = [{"params": density, "lr": self.config.density_dual_lr}]
+        if others:
+            groups.append({"params": others, "lr": self.dual_lr})
+        return torch.optim.SGD(groups, lr=self.dual_lr, maximize=True)
+
+    def add_terms(self) -> None:
+        """One model-wise constraint or one per target: :math:`\\bar P - \\epsilon \\le 0`."""
+        device = next(self.problem.model.parameters()).device
+        self.constraint_names: list[str] = []
+        self._multipliers: dict[str, RestartingMultiplier] = {}
+        if self.config.scope == "model":
+            level = self.target_density()
+            self._add(
+                model_constraint_name(), lambda model, batch: (self.expected_density() - level).reshape(1), device
+            )
+        else:
+            for t in self.problem.targets:
+                self._add(layer_constraint_name(t.name), self._layer_violation(t), device)
+
+    def _layer_violation(self, target: TargetParam):
+        gate, level = self.gates[target.name], 1.0 - target.sparsity
+
+        def violation(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            return (gate.expected_density() - level).reshape(1)
+
+        return violation
+
+    def _add(self, name: str, violation, device: torch.device) -> None:
+        multiplier = RestartingMultiplier(1, restarts=self.config.dual_restarts, device=device)
+        constraint = cooper.Constraint(
+            constraint_type=cooper.ConstraintType.INEQUALITY,
+            formulation_type=cooper.formulations.Lagrangian,
+            multiplier=multiplier,
+        )
+        self.problem.add_constraint(name, constraint, violation)
+        self.constraint_names.append(name)
+        self._multipliers[name] = multiplier
+
+    def multipliers(self) -> dict[str, RestartingMultiplier]:
+        """The density constraints' multipliers by constraint name."""
+        return dict(self._multipliers)
+
+    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Resets the dual-optimizer state of restarted entries; logs restarts when they happen."""
+        metrics = {}
+        for name, multiplier in self.multipliers().items():
+            if bool(multiplier.last_restart.any()):
+                for dual in self.optimizer.dual_optimizers:
+                    reset_dual_state_(dual, multiplier)
+                metrics[f"restart/{name}"] = 1.0
+        if metrics:
+            metrics.update(self._dual_metrics(cmp_state))
+        return metrics
+
+    def _dual_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        metrics = {}
+        for constraint, state in cmp_state.observed_constraints.items():
+            if constraint.name in self.constraint_names:
+                metrics[f"violation/{constraint.name}"] = float(state.violation.detach().reshape(-1)[0])
+        for name, multiplier in self.multipliers().items():
+            metrics[f"multiplier/{name}"] = float(multiplier.weight.detach().reshape(-1)[0])
+        return metrics
+
+    def training_step(self, batch: Batch) -> tuple[cooper.CMPState, dict[str, float]]:
+        cmp_state, metrics = super().training_step(batch)
+        if self.steps_done % self.config.log_interval == 0:
+            metrics.update(self._dual_metrics(cmp_state))
+        return cmp_state, metrics
+
+    def finalize(self) -> None:
+        """Unregisters the density constraints (retraining sees only the user's), then removes the gates."""
+        for name in self.constraint_names:
+            self.problem.remove_constraint(name)
+        self.constraint_names = []
+        self._multipliers = {}
+        super().finalize()
+
+
+@register_formulation("l0-penalty")
+class L0Penalty(_Gated):
+    """Penalized baseline: the same gates, loss + lmbda * expected density, no constraint."""
+
+    description = "hard-concrete L0 gates with a fixed penalty lmbda * expected density (baseline)"
+    Config = L0PenaltyConfig
+
+    def add_terms(self) -> None:
+        """Wraps the problem's loss: :math:`f + \\lambda\\,\\mathbb{E}[\\text{density}]` (undone in finalize)."""
+        self._task_loss = self.problem.loss_fn
+        lmbda = self.config.lmbda
+
+        def penalized(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self._task_loss(output, y) + lmbda * self.expected_density()
+
+        self.problem.loss_fn = penalized
+
+    def finalize(self) -> None:
+        """Restores the task loss, then removes the gates."""
+        self.problem.loss_fn = self._task_loss
+        super().finalize()

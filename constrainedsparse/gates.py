@@ -1,0 +1,226 @@
+r"""Hard-concrete gates (Louizos, Welling & Kingma, 2018) as :mod:`torch.nn.utils.parametrize` parametrizations.
+
+A gated weight is :math:`\theta = \tilde\theta \odot z` with one stochastic gate :math:`z \in [0, 1]`
+per weight (``unstructured``) or per group of weights (``structured``: one gate per input neuron of
+a Linear layer, i.e. per weight column, and one per output channel of a Conv layer). Each gate has
+a learnable location :math:`\log\alpha` and the fixed constants :math:`\gamma = -0.1`,
+:math:`\zeta = 1.1`, :math:`\beta = 2/3`:
+
+* training (one sample per forward): :math:`u \sim U(0, 1)`,
+  :math:`s = \sigma\big((\log u - \log(1 - u) + \log\alpha)/\beta\big)`,
+  :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))`;
+* evaluation (median rule): :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha)(\zeta - \gamma) + \gamma))`;
+* expected :math:`L_0` of a gate: :math:`P(z \ne 0) = \sigma\big(\log\alpha - \beta \log(-\gamma/\zeta)\big)`.
+
+:math:`\log\alpha` starts at :math:`\log(1 - d) - \log d` for an initial drop rate :math:`d` and is
+kept in :data:`LOG_ALPHA_RANGE` by :func:`clamp_log_alpha_` (in place, after each optimizer step, so
+the gradient is never cut by the clamp).
+
+Sampling draws from an optional :class:`torch.Generator` shared by all gates of a model, whose
+state a formulation checkpoints: a resumed run draws exactly the same gates as an uninterrupted one
+on any device (the global RNG is used when no generator is given).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from constrainedsparse.targets import TargetParam
+
+__all__ = [
+    "BETA",
+    "GAMMA",
+    "GROUPINGS",
+    "LOG_ALPHA_RANGE",
+    "ZETA",
+    "HardConcreteGate",
+    "apply_gates",
+    "clamp_log_alpha_",
+    "find_gate",
+    "gates_of",
+    "log_alpha_from_droprate",
+    "remove_gates",
+]
+
+GAMMA = -0.1
+ZETA = 1.1
+BETA = 2.0 / 3.0
+LOG_ALPHA_RANGE = (-10.0, 10.0)
+GROUPINGS = ("unstructured", "structured")
+_STRUCTURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EPS = 1e-6
+
+
+def log_alpha_from_droprate(droprate: float) -> float:
+    r""":math:`\log\alpha = \log(1 - d) - \log d`, clamped to :data:`LOG_ALPHA_RANGE`.
+
+    Raises:
+        ValueError: If ``droprate`` is not in (0, 1).
+    """
+    if not (0.0 < droprate < 1.0):
+        raise ValueError(f"droprate_init must be in (0, 1), got {droprate}")
+    low, high = LOG_ALPHA_RANGE
+    return min(max(math.log(1.0 - droprate) - math.log(droprate), low), high)
+
+
+def _group_layout(
+    module: nn.Module, weight_shape: torch.Size, grouping: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(gate_shape, view_shape)``: the gates' shape and the shape that broadcasts them over the weight."""
+    if grouping == "unstructured":
+        return tuple(weight_shape), tuple(weight_shape)
+    if grouping != "structured":
+        raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+    if isinstance(module, nn.Linear) and len(weight_shape) == 2:
+        # One gate per input neuron: column j of W (out x in) is multiplied by z_j.
+        return (weight_shape[1],), (1, weight_shape[1])
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        # One gate per output channel: W[c] (in x k...) is multiplied by z_c.
+        return (weight_shape[0],), (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    raise ValueError(
+        f"structured gates have no grouping rule for {type(module).__name__}; allowed: "
+        f"{', '.join(t.__name__ for t in _STRUCTURED_TYPES)} (or use grouping=unstructured)"
+    )
+
+
+class HardConcreteGate(nn.Module):
+    r"""Parametrization :math:`\tilde\theta \mapsto \tilde\theta \odot z` with hard-concrete gates.
+
+    Args:
+        module: The module owning the weight (picks the structured grouping rule).
+        weight_shape: Shape of the gated weight.
+        grouping: ``"unstructured"`` (one gate per weight) or ``"structured"`` (per input neuron of
+            Linear, per output channel of Conv).
+        droprate_init: Initial drop rate :math:`d`; :math:`\log\alpha = \log(1-d) - \log d`.
+        generator: Source of the uniform noise (the global RNG if ``None``).
+
+    Raises:
+        ValueError: For an unknown grouping, a layer type without a structured grouping rule, or a
+            drop rate outside (0, 1).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        weight_shape: torch.Size,
+        grouping: str = "unstructured",
+        droprate_init: float = 0.01,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        gate_shape, self.view_shape = _group_layout(module, weight_shape, grouping)
+        self.grouping = grouping
+        self.group_size = math.prod(weight_shape) // math.prod(gate_shape)
+        self.generator = generator
+        self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
+
+    @property
+    def num_gates(self) -> int:
+        """Number of gates (groups)."""
+        return self.log_alpha.numel()
+
+    def sample(self) -> torch.Tensor:
+        r"""One draw :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` (differentiable in :math:`\log\alpha`)."""
+        u = torch.rand(
+            self.log_alpha.shape, generator=self.generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype
+        ).clamp(_EPS, 1.0 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def test_gate(self) -> torch.Tensor:
+        r"""Median rule :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha)(\zeta - \gamma) + \gamma))`."""
+        return (torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def prob_nonzero(self) -> torch.Tensor:
+        r"""Expected :math:`L_0` per gate, :math:`P(z \ne 0) = \sigma(\log\alpha - \beta\log(-\gamma/\zeta))`."""
+        return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+    def expected_density(self) -> torch.Tensor:
+        """Expected fraction of nonzero weights (every gate covers the same number of weights)."""
+        return self.prob_nonzero().mean()
+
+    def test_density(self) -> torch.Tensor:
+        """Fraction of gates that are nonzero under the median rule."""
+        return (self.test_gate() > 0).float().mean()
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """Gate values shaped to broadcast over the weight."""
+        return z.reshape(self.view_shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        z = self.sample() if self.training else self.test_gate()
+        return weight * self.expand(z)
+
+
+def find_gate(module: nn.Module, param_name: str) -> HardConcreteGate | None:
+    """The :class:`HardConcreteGate` parametrizing ``module.<param_name>``, if any."""
+    if not parametrize.is_parametrized(module, param_name):
+        return None
+    for p in module.parametrizations[param_name]:
+        if isinstance(p, HardConcreteGate):
+            return p
+    return None
+
+
+def apply_gates(
+    targets: Iterable[TargetParam],
+    grouping: str = "unstructured",
+    droprate_init: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> dict[str, HardConcreteGate]:
+    """Registers a gate on every target (all layers are checked before any is touched).
+
+    Returns:
+        ``{param name: gate}`` in target order.
+
+    Raises:
+        ValueError: See :class:`HardConcreteGate` (names the offending parameter).
+    """
+    targets = list(targets)
+    gates = {}
+    for t in targets:
+        try:
+            gate = HardConcreteGate(t.module, t.tensor.shape, grouping, droprate_init, generator)
+        except ValueError as err:
+            raise ValueError(f"{t.name}: {err}") from None
+        gates[t.name] = gate.to(t.tensor.device)
+    for t in targets:
+        parametrize.register_parametrization(t.module, t.param_name, gates[t.name])
+    return gates
+
+
+def gates_of(targets: Iterable[TargetParam]) -> Iterator[tuple[str, HardConcreteGate]]:
+    """``(param name, gate)`` for every gated target."""
+    for t in targets:
+        gate = find_gate(t.module, t.param_name)
+        if gate is not None:
+            yield t.name, gate
+
+
+@torch.no_grad()
+def clamp_log_alpha_(gates: Iterable[HardConcreteGate]) -> None:
+    r"""Keeps every :math:`\log\alpha` in :data:`LOG_ALPHA_RANGE` (in place)."""
+    low, high = LOG_ALPHA_RANGE
+    for gate in gates:
+        gate.log_alpha.clamp_(low, high)
+
+
+@torch.no_grad()
+def remove_gates(targets: Iterable[TargetParam]) -> None:
+    r"""Bakes :math:`\tilde\theta \odot \hat z` (median-rule gates) into plain weights.
+
+    Every parametrization of a gated target is removed, whatever mode the model is in.
+    """
+    for t in targets:
+        gate = find_gate(t.module, t.param_name)
+        if gate is None:
+            continue
+        was_training = gate.training
+        gate.eval()
+        parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=True)
+        gate.train(was_training)

@@ -1,0 +1,74 @@
+r"""Multipliers beyond Cooper's: dual restarts (Gallego-Posada et al., 2022).
+
+Cooper 1.0 dropped ``restart_on_feasible``; :class:`RestartingMultiplier` brings it back as a
+:class:`cooper.multipliers.DenseMultiplier` subclass whose :meth:`~RestartingMultiplier.post_step_`
+runs after every dual step:
+
+.. math::
+    \lambda_g \leftarrow \begin{cases} 0 & \text{if } g(x_t) \le 0 \ \text{(constraint satisfied)} \\
+    \max(0, \lambda_g) & \text{otherwise.} \end{cases}
+
+The violation :math:`g(x_t)` is read from ``weight.grad``: with the Lagrangian formulation the dual
+Lagrangian is :math:`\lambda^\top g(x_t)`, so its gradient in :math:`\lambda` is exactly the
+violation measured at this step (Cooper zeroes it at the start of the next ``roll``).
+
+**Dual-optimizer state on a restart.** A restart makes the entry "as if new": its value is 0 and any
+per-entry state the dual optimizer keeps for it (SGD momentum buffer, Adam moments) is zeroed by
+:func:`reset_dual_state_`, so no stale ascent direction pushes a satisfied constraint's multiplier
+back up. The default dual optimizer (:meth:`SparsityProblem.dual_optimizer`) is plain
+``SGD(maximize=True)`` without momentum, which has no state: there the restart is just
+:math:`\lambda_g \leftarrow 0`. Scalar state (Adam's step counter) is shared and kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from cooper.multipliers import DenseMultiplier
+from cooper.utils import ConstraintType
+
+__all__ = ["RestartingMultiplier", "reset_dual_state_"]
+
+
+class RestartingMultiplier(DenseMultiplier):
+    """A :class:`~cooper.multipliers.DenseMultiplier` with dual restarts (switchable).
+
+    Args:
+        num_constraints: Number of entries.
+        restarts: If False this is a plain ``DenseMultiplier`` (projection onto :math:`\\lambda \\ge 0`).
+        **kwargs: Passed to :class:`~cooper.multipliers.DenseMultiplier` (``init``, ``device``, ``dtype``).
+
+    Attributes:
+        last_restart: Boolean tensor, True for the entries reset by the latest :meth:`post_step_`.
+    """
+
+    def __init__(self, num_constraints: int | None = None, *, restarts: bool = True, **kwargs) -> None:
+        super().__init__(num_constraints=num_constraints, **kwargs)
+        self.restarts = restarts
+        self.last_restart = torch.zeros_like(self.weight, dtype=torch.bool)
+
+    @torch.no_grad()
+    def post_step_(self) -> None:
+        """Projection onto :math:`\\lambda \\ge 0`, then :math:`\\lambda_g = 0` where :math:`g \\le 0`."""
+        super().post_step_()
+        grad = self.weight.grad
+        if not self.restarts or grad is None or self.constraint_type != ConstraintType.INEQUALITY:
+            self.last_restart = torch.zeros_like(self.weight, dtype=torch.bool)
+            return
+        self.last_restart = grad.reshape(self.weight.shape) <= 0
+        self.weight.data = self.weight.data.masked_fill(self.last_restart, 0.0)
+
+
+@torch.no_grad()
+def reset_dual_state_(optimizer: torch.optim.Optimizer, multiplier: RestartingMultiplier) -> None:
+    """Zeroes the dual optimizer's per-entry state of the entries ``multiplier`` just restarted.
+
+    Every state tensor shaped like the multiplier (momentum buffer, Adam moments) is reset on the
+    restarted entries; other state (step counters) is left alone. A no-op for stateless SGD.
+    """
+    restarted = multiplier.last_restart
+    if not bool(restarted.any()):
+        return
+    state = optimizer.state.get(multiplier.weight, {})
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == multiplier.weight.shape:
+            value.masked_fill_(restarted, 0)

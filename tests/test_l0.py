@@ -1,0 +1,272 @@
+"""l0 / l0-penalty: restarting multipliers, config validation, optimizer groups, masks, runs."""
+
+import cooper
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from constrainedsparse import RunConfig, make, run
+from constrainedsparse.formulations.l0 import L0Config, L0PenaltyConfig
+from constrainedsparse.gates import HardConcreteGate
+from constrainedsparse.logger import read_metrics
+from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
+from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.targets import SparsityConfig, Targets
+
+COMMON = dict(problem="digits-mlp", pretrain_epochs=2, wandb="disabled", progress=False)
+
+
+# --- restarting multipliers on a real Cooper CMP ----------------------------------------------
+
+
+def _toy(violations, *, restarts=True, momentum=0.0, dual_lr=0.5):
+    """A one-parameter CMP whose single inequality constraint reports ``violations`` in turn."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    targets = Targets().resolve(model, SparsityConfig(0.0))
+    problem = SparsityProblem(model, lambda out, y: (out - y).pow(2).mean(), targets)
+    values = iter(violations)
+    multiplier = RestartingMultiplier(1, restarts=restarts)
+    constraint = cooper.Constraint(
+        constraint_type=cooper.ConstraintType.INEQUALITY,
+        formulation_type=cooper.formulations.Lagrangian,
+        multiplier=multiplier,
+    )
+    # Violation = value + 0 * (something primal) so the primal Lagrangian has a graph.
+    problem.add_constraint("c", constraint, lambda m, b: next(values) + 0.0 * m.weight.sum().reshape(1))
+    dual = torch.optim.SGD(multiplier.parameters(), lr=dual_lr, maximize=True, momentum=momentum)
+    optimizer = cooper.optim.SimultaneousOptimizer(problem, torch.optim.SGD(model.parameters(), lr=0.1), dual)
+    batch = (torch.ones(4, 1), torch.zeros(4, 1))
+    return multiplier, optimizer, dual, batch
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-2.0, 2.0), min_size=1, max_size=12), st.booleans())
+def test_inequality_multipliers_never_negative(violations, restarts):
+    multiplier, optimizer, _, batch = _toy(violations, restarts=restarts)
+    for _ in violations:
+        optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+        assert float(multiplier.weight.detach().min()) >= 0.0
+
+
+def test_restart_zeroes_a_satisfied_constraint_after_the_dual_step():
+    multiplier, optimizer, _, batch = _toy([1.0, 0.6, -0.1, 0.4])
+    optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+    optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+    assert float(multiplier.weight.detach()) == pytest.approx(0.5 * 1.6)
+    assert not bool(multiplier.last_restart.any())
+    optimizer.roll(compute_cmp_state_kwargs={"batch": batch})  # satisfied: reset, not 0.8 - 0.05
+    assert float(multiplier.weight.detach()) == 0.0 and bool(multiplier.last_restart.all())
+    optimizer.roll(compute_cmp_state_kwargs={"batch": batch})  # violated again: ascent from 0
+    assert float(multiplier.weight.detach()) == pytest.approx(0.2)
+
+
+def test_without_restarts_lambda_decays_by_the_dual_step():
+    multiplier, optimizer, _, batch = _toy([1.0, -0.3, -0.3, -0.3], restarts=False)
+    expected = 0.0
+    for violation in (1.0, -0.3, -0.3, -0.3):
+        optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+        expected = max(0.0, expected + 0.5 * violation)
+        assert float(multiplier.weight.detach()) == pytest.approx(expected)
+        assert not bool(multiplier.last_restart.any())
+
+
+def test_restart_clears_the_dual_optimizers_momentum():
+    multiplier, optimizer, dual, batch = _toy([1.0, 1.0, -0.5], momentum=0.9)
+    for _ in range(3):
+        optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+        reset_dual_state_(dual, multiplier)
+    assert float(multiplier.weight.detach()) == 0.0
+    assert float(dual.state[multiplier.weight]["momentum_buffer"].abs().max()) == 0.0
+    # Plain SGD keeps no state: nothing to clear, nothing fails.
+    multiplier, optimizer, dual, batch = _toy([1.0, -0.5])
+    for _ in range(2):
+        optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+        reset_dual_state_(dual, multiplier)
+    assert float(multiplier.weight.detach()) == 0.0 and not dual.state[multiplier.weight]
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (L0Config(scope="net"), r"scope must be one of model, layer, got 'net'"),
+        (L0Config(grouping="rows"), r"grouping must be one of unstructured, structured, got 'rows'"),
+        (L0Config(droprate_init=0.0), r"droprate_init must be in \(0, 1\), got 0.0"),
+        (L0Config(droprate_init=1.0), r"droprate_init must be in \(0, 1\), got 1.0"),
+        (L0Config(gate_lr=0.0), r"gate_lr must be > 0, got 0.0"),
+        (L0Config(gate_lr=-1.0), r"gate_lr must be > 0, got -1.0"),
+        (L0Config(gate_momentum=1.0), r"gate_momentum must be in \[0, 1\), got 1.0"),
+        (L0Config(weight_decay=-1.0), r"weight_decay must be >= 0, got -1.0"),
+        (L0Config(log_interval=0), r"log_interval must be >= 1, got 0"),
+        (L0PenaltyConfig(lmbda=-0.5), r"lmbda must be a finite number >= 0, got -0.5"),
+        (L0PenaltyConfig(gate_lr=0.0), r"gate_lr must be > 0, got 0.0"),
+    ],
+)
+def test_config_validation(config, message):
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def _mlp_problem(sparsity=0.5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    targets = Targets().resolve(model, SparsityConfig(sparsity))
+    return SparsityProblem(model, nn.functional.cross_entropy, targets), (
+        torch.randn(16, 6),
+        torch.randint(0, 3, (16,)),
+    )
+
+
+def test_target_density_outside_unit_interval():
+    problem, _ = _mlp_problem()
+    problem.targets[1].sparsity = 1.0
+    with pytest.raises(ValueError, match=r"target density 1 - sparsity of 2.weight must be in \(0, 1\], got 0.0"):
+        make("l0", problem)
+
+
+# --- optimizer, masks, finalize -----------------------------------------------------------------
+
+
+def test_gates_have_their_own_lr_and_no_weight_decay():
+    problem, batch = _mlp_problem()
+    f = make("l0", problem, L0Config(gate_lr=0.3, weight_decay=0.01), lr=1e-3, dual_lr=1.0)
+    f.setup(1, 1)
+    weights, gates = f.optimizer.primal_optimizers[0].param_groups
+    assert (weights["lr"], weights["weight_decay"], gates["lr"], gates["weight_decay"]) == (1e-3, 0.01, 0.3, 0.0)
+    gate_ids = {id(g.log_alpha) for g in f.gates.values()}
+    assert {id(p) for p in gates["params"]} == gate_ids
+    assert not gate_ids & {id(p) for p in weights["params"]}
+    assert len(weights["params"]) + len(gates["params"]) == len(list(problem.model.parameters()))
+    assert isinstance(f.optimizer, cooper.optim.SimultaneousOptimizer)
+    f.training_step(batch)
+    assert all(float(m.weight.detach()) >= 0 for m in f.multipliers().values())
+
+
+def test_layer_scope_has_one_constraint_per_target_and_logs_the_dynamics():
+    problem, batch = _mlp_problem()
+    f = make("l0", problem, L0Config(scope="layer", log_interval=1, dual_restarts=False), dual_lr=1.0)
+    f.setup(1, 1)
+    assert f.constraint_names == ["l0_density:0.weight", "l0_density:2.weight"]
+    _, metrics = f.training_step(batch)
+    for key in ("multiplier/l0_density:0.weight", "violation/l0_density:2.weight", "l0/expected_density",
+                "l0_density/0.weight", "l0_test_density/2.weight"):  # fmt: skip
+        assert key in metrics, key
+    # Violated (density ~1 > 0.5): lambda = dual_lr * violation after the first step.
+    assert metrics["multiplier/l0_density:0.weight"] == pytest.approx(metrics["violation/l0_density:0.weight"])
+
+
+@pytest.mark.parametrize("keep_more", [True, False])
+def test_hard_masks_hit_the_target_and_follow_the_median_rule(keep_more):
+    problem, _ = _mlp_problem(sparsity=0.5)
+    f = make("l0", problem, L0Config())
+    f.setup(1, 1)
+    torch.manual_seed(1)
+    for gate in f.gates.values():  # a median-rule density of about 0.75 or 0.25
+        gate.log_alpha.data = torch.where(torch.rand_like(gate.log_alpha) < (0.75 if keep_more else 0.25), 5.0, -5.0)
+    masks = f.hard_masks()
+    test_on = {t.name: f.gates[t.name].test_gate() > 0 for t in problem.targets}
+    for t in problem.targets:
+        assert int(masks[t.name].sum()) == t.feasible_set.k
+        if keep_more:
+            assert bool((masks[t.name] <= test_on[t.name]).all())  # a subset of the gated-on weights
+        else:
+            assert bool((masks[t.name] >= test_on[t.name]).all())  # all gated-on weights + re-admitted
+    problem.model.eval()
+    gated = {t.name: t.tensor.detach().clone() for t in problem.targets}
+    stored = {t.name: t.module.parametrizations[t.param_name].original.detach().clone() for t in problem.targets}
+    f.finalize()
+    assert not any(parametrize.is_parametrized(m) for m in problem.model.modules())
+    assert not any(isinstance(m, HardConcreteGate) for m in problem.model.modules())
+    assert not list(problem.named_constraints())
+    for t in problem.targets:
+        weight = getattr(t.module, t.param_name)
+        assert type(weight) is nn.Parameter
+        readmitted = masks[t.name] & ~test_on[t.name]
+        assert bool(readmitted.any()) != keep_more
+        torch.testing.assert_close(weight[~readmitted], gated[t.name][~readmitted])
+        torch.testing.assert_close(weight[readmitted], stored[t.name][readmitted])
+
+
+def test_structured_l0_gates_columns():
+    problem, batch = _mlp_problem()
+    f = make("l0", problem, L0Config(grouping="structured"))
+    f.setup(1, 1)
+    assert [g.num_gates for g in f.gates.values()] == [6, 8]
+    f.training_step(batch)
+    assert float(f.expected_density().detach()) <= 1.0
+
+
+def test_penalty_wraps_and_restores_the_loss():
+    problem, batch = _mlp_problem()
+    task = problem.loss_fn
+    f = make("l0-penalty", problem, L0PenaltyConfig(lmbda=2.0))
+    f.setup(1, 1)
+    assert isinstance(f.optimizer, cooper.optim.UnconstrainedOptimizer)
+    problem.model.eval()
+    with torch.no_grad():
+        out = problem.model(batch[0])
+        assert float(problem.loss_fn(out, batch[1])) == pytest.approx(
+            float(task(out, batch[1]) + 2.0 * f.expected_density())
+        )
+    f.finalize()
+    assert problem.loss_fn is task
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_l0_run_reaches_its_expected_density(tmp_path, scope):
+    summary = run(
+        RunConfig(
+            formulation="l0",
+            sparsity=0.8,
+            epochs=5,
+            out=tmp_path,
+            settings={"dual_lr": "1.0", "scope": scope},
+            **COMMON,
+        )  # fmt: skip
+    )
+    assert summary["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert summary["target_density"] == pytest.approx(0.2)
+    layer = summary["layer_density"]
+    assert set(layer) == {"0.weight", "2.weight", "4.weight"}
+    if scope == "model":
+        assert abs(summary["expected_density"] - 0.2) <= 0.02, summary["expected_density"]
+    else:
+        assert all(abs(d - 0.2) <= 0.02 for d in layer.values()), layer
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    keys = set().union(*rows)
+    constraint = "l0_density" if scope == "model" else "l0_density:2.weight"
+    for key in (f"multiplier/{constraint}", f"violation/{constraint}", "l0/expected_density",
+                "l0_density/2.weight", "l0_test_density/2.weight", "gates/p_mean/2.weight",
+                "gates/p_above_half/0.weight"):  # fmt: skip
+        assert key in keys, key
+
+
+def test_penalty_density_falls_with_lambda():
+    densities = []
+    for lmbda in (0.0, 5.0):
+        problem, batch = _mlp_problem()
+        f = make("l0-penalty", problem, L0PenaltyConfig(lmbda=lmbda, droprate_init=0.3))
+        f.setup(1, 30)
+        for _ in range(30):
+            f.training_step(batch)
+        densities.append(float(f.expected_density().detach()))
+    assert densities[1] < densities[0] - 0.1, densities
+
+
+def test_structured_l0_run_hits_the_target_after_hard_pruning(tmp_path):
+    summary = run(
+        RunConfig(
+            formulation="l0", sparsity=0.8, epochs=1, out=tmp_path, settings={"grouping": "structured"}, **COMMON
+        )  # fmt: skip
+    )
+    assert summary["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert 0.0 < summary["expected_density"] <= 1.0 and 0.0 <= summary["test_density"] <= 1.0

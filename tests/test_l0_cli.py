@@ -1,0 +1,49 @@
+"""The l0 formulations on the CLI's bad-input path: one stderr line, exit code 2, nothing on disk."""
+
+import re
+
+import pytest
+
+from constrainedsparse.cli import main
+
+BAD_L0_INPUTS = [
+    (["--formulation", "l0", "--set", "scope=net"], r"scope must be one of model, layer, got 'net'"),
+    (
+        ["--formulation", "l0", "--set", "grouping=rows"],
+        r"grouping must be one of unstructured, structured, got 'rows'",
+    ),
+    (["--formulation", "l0", "--set", "droprate_init=0"], r"droprate_init must be in \(0, 1\), got 0.0"),
+    (["--formulation", "l0", "--set", "droprate_init=1.5"], r"droprate_init must be in \(0, 1\), got 1.5"),
+    (["--formulation", "l0", "--set", "gate_lr=0"], r"gate_lr must be > 0, got 0.0"),
+    (["--formulation", "l0", "--set", "gate_momentum=1"], r"gate_momentum must be in \[0, 1\), got 1.0"),
+    (["--formulation", "l0", "--set", "dual_lr=0"], r"--set dual_lr must be > 0, got 0.0"),
+    (["--formulation", "l0", "--set", "density_dual_lr=0"], r"density_dual_lr must be > 0, got 0.0"),
+    (["--formulation", "l0", "--set", "dual_lr=-1"], r"--set dual_lr must be > 0, got -1.0"),
+    (["--formulation", "l0", "--set", "dual_restarts=maybe"], r"--set dual_restarts='maybe' must be a bool"),
+    (["--formulation", "l0", "--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0"),
+    (["--formulation", "l0", "--set", "lmbda=1"], r"unknown --set key 'lmbda' for formulation 'l0'"),
+    (["--formulation", "l0-penalty", "--set", "lmbda=-1"], r"lmbda must be a finite number >= 0, got -1.0"),
+    (
+        ["--formulation", "l0-penalty", "--set", "scope=layer"],
+        r"unknown --set key 'scope' for formulation 'l0-penalty'",
+    ),
+    (["--formulation", "l0-penalty", "--set", "gate_lr=-0.1"], r"gate_lr must be > 0, got -0.1"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_L0_INPUTS, ids=[" ".join(a) for a, _ in BAD_L0_INPUTS])
+def test_bad_l0_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "digits-mlp", "--out", str(out), "--wandb", "disabled", "--no-progress", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and re.search(message, err[0]), err[0]
+    assert not out.exists()
+
+
+def test_l0_formulations_are_listed(capsys):
+    assert main(["formulations"]) == 0
+    listed = capsys.readouterr().out
+    assert "l0" in listed and "l0-penalty" in listed
