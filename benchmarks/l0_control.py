@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import command_line, write_results
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.logger import read_metrics
@@ -242,11 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="l0_control-") as runs:
             records = run_all(args, Path(runs))
-        command = "benchmarks/l0_control.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        (args.out / "results.md").write_text(markdown(args, records, command.strip()))
+        command = command_line("benchmarks/l0_control.py", argv)
         payload = {**records, "args": {k: str(v) for k, v in vars(args).items()}}
         payload["seconds"] = time.perf_counter() - started
-        (args.out / "results.json").write_text(json.dumps(payload, indent=2))
+        write_results(args.out, markdown(args, records, command), payload)
         plot(args, records, args.out / "l0_control.png")
     finally:
         torch.set_num_threads(threads)

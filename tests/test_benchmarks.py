@@ -114,3 +114,25 @@ def test_overhead_quick(tmp_path, one_thread):
         for entry in result["methods"].values():
             assert entry["step_ratio"] > 0 and entry["amortised_ratio"] >= entry["step_ratio"] * (1 - 1e-9)
             assert entry["step_ratio"] == pytest.approx(entry["step_ms"] / result["plain_step_ms"])
+
+
+def test_l0_control_quick(tmp_path):
+    bench = _load("l0_control")
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--targets", "0.5", "--epochs", "1", "--out", str(tmp_path), "--threads", "1"]
+    assert bench.main(argv) == 0
+    assert torch.get_num_threads() == threads
+    for name in ("results.md", "results.json", "l0_control.png"):
+        assert (tmp_path / name).is_file(), name
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["scope"], r["target"]) for r in data["constrained"]] == [("model", 0.5), ("layer", 0.5)]
+    for record in data["constrained"]:
+        assert 0.0 < record["expected_density"] <= 1.0
+        assert record["gap"] == abs(record["expected_density"] - 0.5)
+        assert set(record["layer_density"]) == {"0.weight", "2.weight", "4.weight"}
+        assert 0.0 <= record["gated_accuracy"] <= 1.0
+    assert [r["lmbda"] for r in data["penalized"]] == [0.0, 10.0]
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/l0_control.py --quick --targets 0.5" in text
+    assert "| model | 0.5 |" in text and "| layer | 0.5 |" in text and "| 10 |" in text
+    assert not list(tmp_path.glob("runs"))  # run directories live in a temporary folder

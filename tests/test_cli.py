@@ -6,20 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import fails_with_one_line
 
 from constrainedsparse.cli import main
 
 PROBLEMS = Path(__file__).parent / "problems"
-
-
-def _fails(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: ")
-    return err[0]
 
 
 BAD_INPUTS = [
@@ -61,13 +52,15 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("extra", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_run_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    line = _fails(["run", "digits-mlp", "--out", str(out), "--wandb", "disabled", "--no-progress", *extra], capsys)
+    line = fails_with_one_line(
+        ["run", "digits-mlp", "--out", str(out), "--wandb", "disabled", "--no-progress", *extra], capsys
+    )
     assert __import__("re").search(message, line), line
     assert not out.exists()
 
 
 def test_unknown_problem(tmp_path, capsys):
-    line = _fails(["run", "no-such-problem", "--out", str(tmp_path / "x")], capsys)
+    line = fails_with_one_line(["run", "no-such-problem", "--out", str(tmp_path / "x")], capsys)
     assert (
         "unknown problem 'no-such-problem'; bundled problems: cifar10-resnet18, digits-mlp, mnist1d-cnn, mnist1d-mlp"
         in line
@@ -76,14 +69,14 @@ def test_unknown_problem(tmp_path, capsys):
 
 
 def test_filter_selecting_nothing(tmp_path, capsys):
-    line = _fails(["run", str(PROBLEMS / "selects_nothing.py"), "--out", str(tmp_path / "x")], capsys)
+    line = fails_with_one_line(["run", str(PROBLEMS / "selects_nothing.py"), "--out", str(tmp_path / "x")], capsys)
     assert "the target filter selects no parameters" in line and "include=['encoder.*']" in line
     assert not (tmp_path / "x").exists()
 
 
 def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
-    line = _fails(
+    line = fails_with_one_line(
         ["run", str(PROBLEMS / "nan_after.py"), "--formulation", "magnitude", "--sparsity", "0.5",
          "--pretrain-epochs", "0", "--out", str(out),
          "--wandb", "disabled", "--no-progress"],
@@ -95,7 +88,7 @@ def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
 
 def test_nan_loss_before_any_checkpoint_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "nan"
-    line = _fails(
+    line = fails_with_one_line(
         ["run", str(PROBLEMS / "nan_after.py"), "--formulation", "magnitude", "--set", "nan_after=1",
          "--pretrain-epochs", "0", "--out", str(out),
          "--wandb", "disabled", "--no-progress"],
@@ -128,14 +121,14 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
 
 
 def test_flags_without_subcommand_mean_run(tmp_path, capsys):
-    line = _fails(["--sparsity", "1.5", "--out", str(tmp_path / "x")], capsys)
+    line = fails_with_one_line(["--sparsity", "1.5", "--out", str(tmp_path / "x")], capsys)
     assert line == "error: --sparsity must be in [0, 1), got 1.5"
 
 
 def test_problem_file_that_fails_to_import_is_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.py"
     bad.write_text("import no_such_module_here\n")
-    line = _fails(["run", str(bad), "--out", str(tmp_path / "x")], capsys)
+    line = fails_with_one_line(["run", str(bad), "--out", str(tmp_path / "x")], capsys)
     assert "failed to load: ModuleNotFoundError: No module named 'no_such_module_here'" in line
     assert not (tmp_path / "x").exists()
 
@@ -143,7 +136,7 @@ def test_problem_file_that_fails_to_import_is_one_line(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_device_without_cuda_is_one_line_exit_2(tmp_path, capsys):
     out = tmp_path / "run"
-    line = _fails(["run", "--set", "device=cuda", "--out", str(out), "--no-progress"], capsys)
+    line = fails_with_one_line(["run", "--set", "device=cuda", "--out", str(out), "--no-progress"], capsys)
     assert "--set device=cuda but CUDA is not available here; use cpu or auto" in line
     assert not out.exists()
 
@@ -153,7 +146,7 @@ def test_nan_dense_pretraining_is_one_line_and_caches_nothing(tmp_path, capsys):
 
     out = tmp_path / "run"
     before = set((cache_dir() / "dense").glob("*")) if (cache_dir() / "dense").exists() else set()
-    line = _fails(
+    line = fails_with_one_line(
         ["run", "--formulation", "magnitude", "--set", "lr=1e30", "--pretrain-epochs", "2", "--out", str(out),
          "--wandb", "disabled", "--no-progress"],
         capsys,

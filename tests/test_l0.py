@@ -229,7 +229,7 @@ def test_l0_run_reaches_its_expected_density(tmp_path, scope):
             sparsity=0.8,
             epochs=5,
             out=tmp_path,
-            settings={"dual_lr": "1.0", "scope": scope},
+            settings={"density_dual_lr": "1.0", "scope": scope},
             **COMMON,
         )  # fmt: skip
     )

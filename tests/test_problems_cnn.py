@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import fails_with_one_line
 
 from constrainedsparse.cli import main
 from constrainedsparse.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
@@ -32,16 +33,6 @@ def _write_cifar10(folder: Path, per_file: int = 8) -> Path:
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
     return folder
-
-
-def _fails(args, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: ")
-    return err[0]
 
 
 def test_load_cifar10_round_trip(tmp_path):
@@ -102,7 +93,9 @@ def test_cifar10_resnet18_cli_end_to_end(tmp_path):
 
 def test_cifar10_resnet18_without_data_dir_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
-    line = _fails(["run", "cifar10-resnet18", "--out", str(out), "--wandb", "disabled", "--no-progress"], capsys)
+    line = fails_with_one_line(
+        ["run", "cifar10-resnet18", "--out", str(out), "--wandb", "disabled", "--no-progress"], capsys
+    )
     assert line == (
         "error: cifar10-resnet18 needs --set data_dir=PATH (the cifar-10-batches-py folder with data_batch_1..5 "
         "and test_batch)"
@@ -114,7 +107,7 @@ def test_cifar10_resnet18_folder_without_files_is_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "run"
-    line = _fails(
+    line = fails_with_one_line(
         ["run", "cifar10-resnet18", "--set", f"data_dir={empty}", "--out", str(out), "--wandb", "disabled",
          "--no-progress"],
         capsys,

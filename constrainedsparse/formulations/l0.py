@@ -15,7 +15,8 @@ has one constraint over all targets, the expected density weighted by layer size
 Lagrangian formulation and a :class:`~constrainedsparse.multipliers.RestartingMultiplier`; the
 primal step (Adam; gates in their own parameter group with ``gate_lr``, no weight decay and no
 momentum by default) and
-the dual step (``SGD(maximize=True, lr=dual_lr)``, :math:`\lambda \leftarrow [\lambda + \eta g]_+`)
+the dual step (``SGD(maximize=True)``, step ``density_dual_lr`` on the density multipliers and ``dual_lr`` on the
+user's, :math:`\lambda \leftarrow [\lambda + \eta g]_+`)
 are simultaneous (:class:`cooper.optim.SimultaneousOptimizer`). With ``dual_restarts`` (default) a
 satisfied constraint's multiplier is reset to 0 after the dual step.
 
