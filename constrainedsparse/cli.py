@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run(config)
             if summary is not None:
                 _print_summary(summary)
-                print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, model.safetensors")
+                purged = ", purged.safetensors" if "purged_params" in summary else ""
+                print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, model.safetensors{purged}")
     except (ValueError, NonFiniteLossError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     return 0

@@ -488,6 +488,8 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
             run.summary_extra = formulation.summary_extra()
             formulation.finalize()
             hard_prune(targets, masks)
+            example = _to(reference_batch(train, config.seed, 1), device)
+            run.summary_extra.update(formulation.after_hard_prune(model, example, out))
             run.hardprune_accuracy = evaluate(problem, model, test)
             run.logger.log(
                 {"accuracy/hardprune": run.hardprune_accuracy, "sparsity/achieved": achieved_sparsity(targets)},

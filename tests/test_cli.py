@@ -104,7 +104,8 @@ def test_listings(capsys):
     assert any(line.startswith("magnitude ") for line in lines)
     assert main(["problems"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["cifar10-resnet18", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp"]
+    names = [line.split()[0] for line in lines]
+    assert names == ["cifar10-resnet18", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp", "mnist1d-mlp-macs"]
 
 
 def test_python_dash_m_bad_input_has_no_traceback(tmp_path):

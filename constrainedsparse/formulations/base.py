@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import cooper
@@ -114,6 +115,16 @@ class Formulation(abc.ABC):
 
     def summary_extra(self) -> dict[str, Any]:
         """Extra ``summary.json`` fields, taken at the end of pruning (before :meth:`finalize`)."""
+        return {}
+
+    def after_hard_prune(self, model: torch.nn.Module, example_batch: Batch, out: Path) -> dict[str, Any]:
+        """Hook called once right after hard pruning (before retraining); its dict joins ``summary.json``.
+
+        Args:
+            model: The hard-pruned model (plain weights).
+            example_batch: One training sample ``(x, y)`` on the model's device.
+            out: The run directory (for extra artifacts such as ``purged.safetensors``).
+        """
         return {}
 
     def finalize(self) -> None:

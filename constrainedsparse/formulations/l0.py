@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import cooper
 import torch
 
+from constrainedsparse.checkpoint import save_weights
 from constrainedsparse.formulations.base import Formulation, register_formulation
 from constrainedsparse.gates import (
     GROUPINGS,
@@ -52,6 +54,8 @@ from constrainedsparse.gates import (
 )
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch, SparsityProblem
+from constrainedsparse.purge import count_params_and_macs, purge
+from constrainedsparse.sets import TopK, keep_count, topk_mask
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["L0", "L0Config", "L0Penalty", "L0PenaltyConfig", "SCOPES", "model_constraint_name", "layer_constraint_name"]
@@ -277,8 +281,35 @@ class _Gated(Formulation):
 
     @torch.no_grad()
     def hard_masks(self) -> dict[str, torch.Tensor]:
-        """Feasible-set masks of the test-time gated weights (see the module docstring)."""
+        r"""Feasible-set masks of the test-time gated weights (see the module docstring).
+
+        With ``grouping=structured`` the masks keep whole groups (input columns of Linear, output
+        channels of Conv): :meth:`_group_mask` keeps :math:`\mathrm{round}((1 - s)\,n_{groups})`
+        groups per target, so the achieved sparsity is the group-granular one (e.g. 3 of 8 columns
+        kept is 0.625, not 0.6). Other patterns (``--pattern``) keep their own feasible set.
+        """
+        if self.config.grouping == "structured":  # whole groups for the plain top-k (--sparsity) targets
+            return {
+                t.name: self._group_mask(t)
+                if isinstance(t.feasible_set, TopK)
+                else t.feasible_set.mask(self._scores(t)[2])
+                for t in self.problem.targets
+            }
         return {t.name: t.feasible_set.mask(self._scores(t)[2]) for t in self.problem.targets}
+
+    def _group_mask(self, target: TargetParam) -> torch.Tensor:
+        r"""Whole-group mask: groups with :math:`\hat z > 0` ranked by the norm of their gated
+        weights above gated-off groups (ranked by the norm of their stored weights)."""
+        gate = self.gates[target.name]
+        weight = target.module.parametrizations[target.param_name].original.detach()
+        dim = 1 if isinstance(target.module, torch.nn.Linear) else 0
+        z = gate.test_gate().detach().to(torch.float64)
+        norms = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).to(torch.float64).norm(dim=1)
+        offset = float(norms.max()) + 1.0  # norms * z >= 0, so gated-on groups rank above the rest
+        score = torch.where(z > 0, norms * z + offset, norms)
+        k = keep_count(gate.num_gates, target.sparsity)
+        keep = topk_mask(score.unsqueeze(0), k)[0]
+        return gate.expand(keep).expand_as(weight).clone()
 
     def summary_extra(self) -> dict[str, Any]:
         """``expected_density`` (model-wise), ``layer_density`` and their median-rule counterparts."""
@@ -306,6 +337,28 @@ class _Gated(Formulation):
             torch.nn.utils.parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
             getattr(t.module, t.param_name).copy_(baked)
         self.gates = {}
+
+    def after_hard_prune(self, model: torch.nn.Module, example_batch: Batch, out: Path) -> dict[str, Any]:
+        """With ``grouping=structured``: purges the hard-pruned model (:func:`constrainedsparse.purge.purge`),
+        saves it as ``purged.safetensors`` and reports ``dense_params``/``dense_macs`` and
+        ``purged_params``/``purged_macs`` (MACs per sample). A model :func:`purge` does not handle
+        gets ``purge_skipped`` (the reason) instead."""
+        if self.config.grouping != "structured":
+            return {}
+        x = example_batch[0]
+        try:
+            small = purge(model)
+        except ValueError as err:
+            return {"purge_skipped": str(err)}
+        dense_params, dense_macs = count_params_and_macs(model, x)
+        purged_params, purged_macs = count_params_and_macs(small, x)
+        save_weights(Path(out) / "purged.safetensors", small.state_dict(), metadata={"model": repr(small)})
+        return {
+            "dense_params": dense_params,
+            "dense_macs": dense_macs,
+            "purged_params": purged_params,
+            "purged_macs": purged_macs,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "steps_done": self.steps_done, "generator": self.generator.get_state()}

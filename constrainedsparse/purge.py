@@ -1,0 +1,252 @@
+r"""Purging: a structured-pruned ``nn.Sequential`` becomes a smaller dense model.
+
+After ``l0`` with ``grouping=structured`` and hard pruning, whole input columns of Linear layers
+and whole output channels of Conv layers are zero. :func:`purge` removes them for good:
+
+* an input column ``j`` of Linear ``i`` that is zero removes output row ``j`` of the previous
+  weight layer, its bias entry and the matching BatchNorm entries in between (exact: the unit's
+  value is multiplied by 0 downstream);
+* an output channel ``c`` of a Conv whose weights are zero outputs the constant
+  :math:`v_c = \mathrm{act}(\mathrm{BN}(b_c))`; it is removed with the matching input channel
+  (or, through a ``Flatten``, the matching block of Linear input columns) of the next layer, and
+  :math:`v_c`'s contribution is folded into the next layer's bias. That fold is exact for a Linear
+  consumer and for a Conv consumer without padding; a channel whose :math:`v_c \ne 0` feeds a
+  padded Conv is kept (it then still counts in the parameters and MACs);
+* zero input columns of the first Linear, when nothing but elementwise modules precede it, become
+  a :class:`SelectFeatures` in front of the model.
+
+Handled: a flat ``nn.Sequential`` of Linear, Conv1d/Conv2d (``groups=1``), BatchNorm1d/2d,
+Flatten, Unflatten (before the first weight layer only), Dropout/Identity and elementwise
+activations, e.g. the bundled ``digits-mlp``, ``mnist1d-mlp`` and ``mnist1d-cnn``. Anything else
+raises ``ValueError``.
+
+Example (after a structured ``l0`` run, ``model`` holds the hard-pruned weights)::
+
+    from constrainedsparse.purge import count_params_and_macs, purge
+
+    small = purge(model)
+    x = torch.randn(1, 40)
+    print(count_params_and_macs(model, x), count_params_and_macs(small, x))
+    save_weights("purged.safetensors", small.state_dict())
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["SelectFeatures", "count_params_and_macs", "purge"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_WEIGHTED = (nn.Linear, *_CONVS)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+)
+
+
+class SelectFeatures(nn.Module):
+    """Keeps the input features ``index`` along the last dimension (the purged first layer's inputs)."""
+
+    def __init__(self, index: torch.Tensor, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("index", index.to(torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(-1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.index.numel()} of {self.in_features} features"
+
+
+def _check(model: nn.Module) -> list[nn.Module]:
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"purge handles flat nn.Sequential models, got {type(model).__name__}")
+    layers = list(model)
+    seen_weighted = False
+    for i, m in enumerate(layers):
+        if isinstance(m, _CONVS) and (m.groups != 1 or m.padding_mode != "zeros"):
+            raise ValueError(f"purge: layer {i} ({m}) has groups != 1 or non-zero padding mode; not handled")
+        if isinstance(m, nn.Unflatten) and seen_weighted:
+            raise ValueError(f"purge: Unflatten at layer {i} after a weight layer is not handled")
+        if not isinstance(m, (*_WEIGHTED, *_NORMS, *_ELEMENTWISE, nn.Flatten, nn.Unflatten)):
+            raise ValueError(
+                f"purge: layer {i} is a {type(m).__name__}; handled are Linear, Conv1d, Conv2d, BatchNorm1d/2d, "
+                "Flatten, Unflatten (before the first weight layer), Dropout, Identity and elementwise activations"
+            )
+        seen_weighted = seen_weighted or isinstance(m, _WEIGHTED)
+    return layers
+
+
+def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    for name in ("weight", "bias"):
+        p = getattr(norm, name)
+        if p is not None:
+            setattr(norm, name, nn.Parameter(p.detach()[keep].clone()))
+    for name in ("running_mean", "running_var"):
+        b = getattr(norm, name)
+        if b is not None:
+            setattr(norm, name, b[keep].clone())
+    norm.num_features = int(keep.numel())
+
+
+def _slice_out(layer: nn.Module, keep: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[keep].clone())
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[keep].clone())
+    if isinstance(layer, nn.Linear):
+        layer.out_features = int(keep.numel())
+    else:
+        layer.out_channels = int(keep.numel())
+
+
+def _slice_in(layer: nn.Module, keep: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[:, keep].clone())
+    if isinstance(layer, nn.Linear):
+        layer.in_features = int(keep.numel())
+    else:
+        layer.in_channels = int(keep.numel())
+
+
+def _constant_outputs(producer: nn.Module, between: list[nn.Module]) -> torch.Tensor:
+    """What each output unit of ``producer`` becomes after ``between`` when its weights are zero (bias only)."""
+    n = producer.weight.shape[0]
+    bias = producer.bias.detach() if producer.bias is not None else torch.zeros(n, device=producer.weight.device)
+    x = bias.reshape(1, n, *([1] * (producer.weight.dim() - 2)))
+    for m in between:
+        if isinstance(m, nn.Flatten):
+            break
+        x = m(x)
+    return x.reshape(n)
+
+
+@torch.no_grad()
+def purge(model: nn.Module) -> nn.Module:
+    """A smaller dense copy of a structured-pruned ``model`` with the same outputs in eval mode.
+
+    Args:
+        model: A flat ``nn.Sequential`` (see the module docstring) with plain (un-parametrized)
+            weights, e.g. after ``hard_prune``.
+
+    Returns:
+        A new ``nn.Sequential`` in eval mode with the same child names (so ``state_dict`` keys
+        match the original's), plus ``select`` in front when input features were dropped;
+        ``model`` is left untouched.
+
+    Raises:
+        ValueError: For an architecture :func:`purge` does not handle.
+    """
+    _check(model)
+    names = [name for name, _ in model.named_children()]
+    layers = [copy.deepcopy(m) for m in model.children()]
+    for m in layers:
+        m.eval()
+    weighted = [i for i, m in enumerate(layers) if isinstance(m, _WEIGHTED)]
+    for a, b in zip(weighted, weighted[1:]):
+        producer, consumer, between = layers[a], layers[b], layers[a + 1 : b]
+        n = producer.weight.shape[0]
+        flatten = any(isinstance(m, nn.Flatten) for m in between)
+        if isinstance(consumer, nn.Linear):
+            if consumer.in_features % n:
+                raise ValueError(f"purge: layer {b} has {consumer.in_features} inputs, not a multiple of {n}")
+            block = consumer.in_features // n
+            if block > 1 and not flatten:
+                raise ValueError(f"purge: layers {a} and {b} do not connect unit to unit")
+            consumer_w = consumer.weight.detach().reshape(consumer.out_features, n, block)
+            consumer_dead = (consumer_w == 0).all(dim=2).all(dim=0)
+        else:
+            if isinstance(producer, nn.Linear):
+                raise ValueError(f"purge: a Linear (layer {a}) feeding a Conv (layer {b}) is not handled")
+            if flatten or consumer.in_channels != n:
+                raise ValueError(f"purge: layers {a} and {b} do not connect channel to channel")
+            consumer_dead = (consumer.weight.detach() == 0).reshape(consumer.out_channels, n, -1).all(dim=2).all(dim=0)
+        producer_dead = (producer.weight.detach() == 0).reshape(n, -1).all(dim=1)
+        value = _constant_outputs(producer, between)
+        foldable = isinstance(consumer, nn.Linear) or all(p == 0 for p in consumer.padding)
+        fold = producer_dead & ~consumer_dead & (value != 0)
+        drop = consumer_dead | (producer_dead & ((value == 0) | foldable))
+        fold &= drop
+        if bool(fold.any()):
+            if isinstance(consumer, nn.Linear):
+                delta = (consumer_w[:, fold, :].sum(dim=2) * value[fold]).sum(dim=1)
+            else:
+                w = consumer.weight.detach()[:, fold].reshape(consumer.out_channels, int(fold.sum()), -1)
+                delta = (w.sum(dim=2) * value[fold]).sum(dim=1)
+            if consumer.bias is None:
+                consumer.bias = nn.Parameter(torch.zeros_like(delta))
+            consumer.bias.add_(delta)
+        keep = torch.nonzero(~drop).reshape(-1)
+        if keep.numel() == n:
+            continue
+        _slice_out(producer, keep)
+        for m in between:
+            if isinstance(m, _NORMS):
+                _slice_norm(m, keep)
+        if isinstance(consumer, nn.Linear):
+            columns = (keep.unsqueeze(1) * block + torch.arange(block, device=keep.device)).reshape(-1)
+            _slice_in(consumer, columns)
+        else:
+            _slice_in(consumer, keep)
+    first = layers[weighted[0]] if weighted else None
+    prefix = [] if first is None else layers[: weighted[0]]
+    if isinstance(first, nn.Linear) and all(isinstance(m, _ELEMENTWISE) for m in prefix):
+        alive = torch.nonzero(~(first.weight.detach() == 0).all(dim=0)).reshape(-1)
+        if alive.numel() < first.in_features:
+            select = SelectFeatures(alive, first.in_features)
+            _slice_in(first, alive)
+            layers.insert(weighted[0], select)
+            names.insert(weighted[0], "select")
+    return nn.Sequential(OrderedDict(zip(names, layers))).eval()
+
+
+@torch.no_grad()
+def count_params_and_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """``(parameters, multiply-accumulates per sample)`` of ``model`` on ``example_input``.
+
+    Parameters are all entries of ``model.parameters()`` (zeros included). MACs per sample: Linear
+    ``in · out`` (per position of any extra leading dimension), Conv
+    ``out · in/groups · kernel · output positions``; other modules count 0.
+    """
+    macs = 0
+    batch = example_input.shape[0]
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Linear):
+            positions = output.numel() // output.shape[-1]
+            macs += positions * module.in_features * module.out_features
+        else:
+            kernel = math.prod(module.kernel_size)
+            positions = output.numel() // output.shape[1]
+            macs += positions * module.out_channels * (module.in_channels // module.groups) * kernel
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
+    training = model.training
+    try:
+        model.eval()
+        model(example_input)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return sum(p.numel() for p in model.parameters()), macs // batch

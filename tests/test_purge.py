@@ -1,0 +1,166 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from constrainedsparse import make
+from constrainedsparse.formulations.l0 import L0Config
+from constrainedsparse.masks import hard_prune
+from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.purge import SelectFeatures, count_params_and_macs, purge
+from constrainedsparse.targets import SparsityConfig, Targets
+
+
+def _cnn():
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("unflatten", nn.Unflatten(1, (1, 40))),
+                ("conv1", nn.Conv1d(1, 32, 5, padding=2)),
+                ("relu1", nn.ReLU()),
+                ("conv2", nn.Conv1d(32, 64, 5, stride=2, padding=2)),
+                ("relu2", nn.ReLU()),
+                ("conv3", nn.Conv1d(64, 64, 3, padding=1)),
+                ("relu3", nn.ReLU()),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(64 * 20, 128)),
+                ("relu4", nn.ReLU()),
+                ("fc2", nn.Linear(128, 10)),
+            ]
+        )
+    )
+
+
+def _structured_l0(model, example, sparsity=0.6, seed=0):
+    """Gates on every weight, random median-rule gates, finalize + hard prune (as the engine does)."""
+    torch.manual_seed(seed)
+    targets = Targets().resolve(model, SparsityConfig(sparsity))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    f = make("l0", problem, L0Config(grouping="structured"))
+    f.setup(1, 1)
+    for gate in f.gates.values():
+        gate.log_alpha.data = torch.where(torch.rand_like(gate.log_alpha) < 0.5, 3.0, -5.0)
+        gate.log_alpha.data[0] = 3.0
+    masks = f.hard_masks()
+    model.eval()
+    f.finalize()
+    hard_prune(targets, masks)
+    for m in model.modules():  # nonzero BN statistics so that slicing them matters
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+MODELS = {
+    "digits-mlp": (
+        lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)),
+        (64,),
+    ),
+    "mlp-bn": (
+        lambda: nn.Sequential(nn.Linear(40, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 10)),
+        (40,),
+    ),
+    "mnist1d-cnn": (_cnn, (40,)),
+    "conv2d-bn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 12, 3),
+            nn.BatchNorm2d(12),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(12 * 4 * 4, 5),
+        ),
+        (3, 6, 6),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_purged_model_matches_the_pruned_one_and_is_smaller(name):
+    build, shape = MODELS[name]
+    model = _structured_l0(build(), None)
+    x = torch.randn(7, *shape)
+    small = purge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    (params, macs), (small_params, small_macs) = count_params_and_macs(model, x), count_params_and_macs(small, x)
+    assert small_params < params and small_macs < macs
+    assert sum(p.numel() for p in model.parameters()) == params  # the input model is untouched
+
+
+def test_mlp_purge_drops_columns_rows_and_input_features():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight[:, [1, 4]] = 0
+        model[2].weight[:, [0, 2, 5]] = 0
+    small = purge(model)
+    assert isinstance(small[0], SelectFeatures) and small[0].index.tolist() == [0, 2, 3, 5]
+    assert list(small.state_dict()) == ["select.index", "0.weight", "0.bias", "2.weight", "2.bias"]
+    assert small[1].weight.shape == (5, 4) and small[3].weight.shape == (3, 5)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(small(x), model(x))
+    assert count_params_and_macs(model, x) == (6 * 8 + 8 + 8 * 3 + 3, 6 * 8 + 8 * 3)
+    assert count_params_and_macs(small, x) == (4 * 5 + 5 + 5 * 3 + 3, 4 * 5 + 5 * 3)
+
+
+def test_conv_macs_per_sample():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 4, 3))
+    # Conv: 4 out x 2 in x 3 kernel x 4 positions; Linear: 16 x 3.
+    assert count_params_and_macs(model, torch.randn(5, 2, 9)) == (2 * 4 * 3 + 4 + 16 * 3 + 3, 96 + 48)
+
+
+def test_padded_conv_keeps_a_dead_channel_with_a_nonzero_constant():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv1d(3, 2, 3, padding=1))
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = 0.5  # relu(0.5) != 0 feeds a padded conv: not foldable, kept
+        model[0].weight[2] = 0
+        model[0].bias[2] = -0.5  # relu(-0.5) = 0: dropped
+    small = purge(model)
+    assert small[0].out_channels == 2 and small[2].in_channels == 2
+    x = torch.randn(3, 1, 10)
+    torch.testing.assert_close(small(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (nn.Linear(3, 2), "flat nn.Sequential"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.Linear(4, 2)), "layer 1 is a Softmax"),
+        (nn.Sequential(nn.Conv1d(4, 4, 3, groups=2)), "groups != 1"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 2, 1)), "a Linear .layer 0. feeding a Conv"),
+        (nn.Sequential(nn.Conv1d(3, 4, 1), nn.Conv1d(5, 2, 1)), "do not connect channel to channel"),
+    ],
+)
+def test_unhandled_architectures(model, message):
+    with pytest.raises(ValueError, match=message):
+        purge(model)
+
+
+def test_l0_hook_reports_an_unhandled_model(tmp_path):
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Wrapped()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    f = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets), L0Config(grouping="structured"))
+    batch = (torch.randn(1, 4), torch.zeros(1, dtype=torch.long))
+    assert f.after_hard_prune(model, batch, tmp_path) == {
+        "purge_skipped": "purge handles flat nn.Sequential models, got Wrapped"
+    }
+    assert not (tmp_path / "purged.safetensors").exists()
+    unstructured = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets))
+    assert unstructured.after_hard_prune(model, batch, tmp_path) == {}
