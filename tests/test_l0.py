@@ -173,8 +173,9 @@ def test_hard_masks_hit_the_target_and_follow_the_median_rule(keep_more):
         gate.log_alpha.data = torch.where(torch.rand_like(gate.log_alpha) < (0.75 if keep_more else 0.25), 5.0, -5.0)
     masks = f.hard_masks()
     test_on = {t.name: f.gates[t.name].test_gate() > 0 for t in problem.targets}
+    # Model scope: one budget over all targets (the same total as per-layer top-k at the target).
+    assert sum(int(masks[t.name].sum()) for t in problem.targets) == sum(t.feasible_set.k for t in problem.targets)
     for t in problem.targets:
-        assert int(masks[t.name].sum()) == t.feasible_set.k
         if keep_more:
             assert bool((masks[t.name] <= test_on[t.name]).all())  # a subset of the gated-on weights
         else:
@@ -327,3 +328,20 @@ def test_structured_l0_run_hits_the_target_after_hard_pruning(tmp_path):
 def test_unstructured_l0_run_reports_no_purge(tmp_path):
     summary = run(RunConfig(formulation="l0", sparsity=0.5, epochs=1, out=tmp_path, **COMMON))
     assert "purged_params" not in summary and not (tmp_path / "purged.safetensors").exists()
+
+
+def test_model_scope_hard_masks_follow_the_gates_across_layers_and_layer_scope_stays_per_layer():
+    for scope in ("model", "layer"):
+        problem, _ = _mlp_problem(sparsity=0.5)
+        f = make("l0", problem, L0Config(scope=scope))
+        f.setup(1, 1)
+        first, *rest = problem.targets
+        with torch.no_grad():  # gates open on the whole first layer only
+            for t in problem.targets:
+                f.gates[t.name].log_alpha.fill_(5.0 if t is first else -5.0)
+        masks = f.hard_masks()
+        kept_first = int(masks[first.name].sum())
+        if scope == "model":
+            assert kept_first == min(first.tensor.numel(), sum(t.feasible_set.k for t in problem.targets))
+        else:
+            assert all(int(masks[t.name].sum()) == t.feasible_set.k for t in problem.targets)

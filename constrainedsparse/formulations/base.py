@@ -57,6 +57,8 @@ class Formulation(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+    exact_layer_sparsity: ClassVar[bool] = True
+    """Whether :meth:`hard_masks` meets every tensor's own level (else only the total budget)."""
 
     def __init__(self, problem: SparsityProblem, config: Any, *, lr: float, dual_lr: float) -> None:
         config.validate()

@@ -55,7 +55,7 @@ from constrainedsparse.gates import (
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch, SparsityProblem
 from constrainedsparse.purge import count_params_and_macs, purge
-from constrainedsparse.sets import TopK, keep_count, topk_mask
+from constrainedsparse.sets import GlobalTopK, TopK, keep_count, topk_mask
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["L0", "L0Config", "L0Penalty", "L0PenaltyConfig", "SCOPES", "model_constraint_name", "layer_constraint_name"]
@@ -375,6 +375,29 @@ class L0(_Gated):
 
     description = "hard-concrete L0 gates with expected-density constraints (Lagrangian, dual restarts)"
     Config = L0Config
+    exact_layer_sparsity = False  # model scope: one budget over all targets, layers free
+
+    @torch.no_grad()
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        r"""Model scope (unstructured top-k targets): one global budget :math:`\sum_n k_n`.
+
+        The model-wise constraint lets the gates spread the density unevenly across layers; masking
+        every layer to the same level would undo that (measured on mnist1d-mlp at density 0.1: 66 %
+        gated, 23 % after per-layer masks). So the gated-on weights of all targets compete for one
+        budget (:class:`~constrainedsparse.sets.GlobalTopK`, gated-on above gated-off everywhere);
+        the total number of zeros is exactly the target's. Layer scope and structured gates keep
+        the per-target masks of :meth:`_Gated.hard_masks`.
+        """
+        targets = self.problem.targets
+        if self.config.scope != "model" or self.config.grouping != "unstructured":
+            return super().hard_masks()
+        if not all(isinstance(t.feasible_set, TopK) for t in targets):
+            return super().hard_masks()
+        weights_and_gates = [self._scores(t)[:2] for t in targets]
+        offset = max(float(w.abs().max()) for w, _ in weights_and_gates) + 1.0
+        scores = [torch.where(z > 0, (w * z).abs() + offset, w.abs()) for w, z in weights_and_gates]
+        budget = GlobalTopK(sum(t.feasible_set.k for t in targets))
+        return {t.name: mask for t, mask in zip(targets, budget.masks(scores))}
 
     def dual_optimizer(self) -> torch.optim.Optimizer | None:
         """``SGD(maximize=True)``: density multipliers at ``density_dual_lr``, the user's at ``dual_lr``."""
