@@ -182,7 +182,8 @@ def markdown(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]],
         "",
         f"Dense accuracy {100 * dense:.2f} %. Goal met for every target: {'yes' if met_all else 'no'}. "
         "Gated accuracy: the model with median-rule gates at the last pruning epoch; hard-prune accuracy: "
-        "after the formulation's hard masks at the target (one global budget in model scope, per layer in layer scope; no retraining).",
+        "after the formulation's hard masks at the target "
+        "(one global budget in model scope, per layer in layer scope; no retraining).",
         "",
         "## Penalized baseline (`l0-penalty`, fixed λ)",
         "",
