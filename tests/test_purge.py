@@ -1,5 +1,3 @@
-from collections import OrderedDict
-
 import pytest
 import torch
 from torch import nn
@@ -9,27 +7,13 @@ from constrainedsparse.formulations.l0 import L0Config
 from constrainedsparse.masks import hard_prune
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.purge import SelectFeatures, count_params_and_macs, purge
+from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig, Targets
 
 
 def _cnn():
-    return nn.Sequential(
-        OrderedDict(
-            [
-                ("unflatten", nn.Unflatten(1, (1, 40))),
-                ("conv1", nn.Conv1d(1, 32, 5, padding=2)),
-                ("relu1", nn.ReLU()),
-                ("conv2", nn.Conv1d(32, 64, 5, stride=2, padding=2)),
-                ("relu2", nn.ReLU()),
-                ("conv3", nn.Conv1d(64, 64, 3, padding=1)),
-                ("relu3", nn.ReLU()),
-                ("flatten", nn.Flatten()),
-                ("fc1", nn.Linear(64 * 20, 128)),
-                ("relu4", nn.ReLU()),
-                ("fc2", nn.Linear(128, 10)),
-            ]
-        )
-    )
+    """The bundled mnist1d-cnn model, built as a run builds it."""
+    return load_problem("mnist1d-cnn").model({})
 
 
 def _structured_l0(model, example, sparsity=0.6, seed=0):
