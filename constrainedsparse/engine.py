@@ -411,6 +411,7 @@ def _train_phase(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         epoch_metrics.update(formulation.end_epoch(epoch))
+        run.logger.log_histograms(formulation.histograms(), run.step)
         epoch_metrics.update(
             {
                 "accuracy/test": evaluate(prepared.problem, run.model, test),

@@ -30,6 +30,11 @@ __all__ = ["WANDB_MODES", "MetricsLogger", "plot_metrics", "read_metrics"]
 WANDB_MODES = ("disabled", "offline", "online")
 
 
+def _as_numpy(values: Any) -> Any:
+    detach = getattr(values, "detach", None)
+    return detach().cpu().reshape(-1).numpy() if detach is not None else values
+
+
 class MetricsLogger:
     """Writes every logged row to ``metrics.jsonl`` and, unless disabled, to wandb.
 
@@ -109,6 +114,17 @@ class MetricsLogger:
         self._last_step, self._last_row = step, row
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Sends ``{key: 1-D array of values}`` to wandb as histograms at ``step`` (wandb only).
+
+        The JSONL keeps scalar summaries instead (a formulation logs those next to the histograms).
+        """
+        if self.run is None or not values:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Histogram(_as_numpy(v)) for key, v in values.items()}, step=step)
 
     def close(self) -> None:
         """Flushes and closes the JSONL file and finishes the wandb run."""

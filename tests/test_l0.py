@@ -345,3 +345,19 @@ def test_model_scope_hard_masks_follow_the_gates_across_layers_and_layer_scope_s
             assert kept_first == min(first.tensor.numel(), sum(t.feasible_set.k for t in problem.targets))
         else:
             assert all(int(masks[t.name].sum()) == t.feasible_set.k for t in problem.targets)
+
+
+def test_gate_probabilities_reach_wandb_as_histograms_at_epoch_ends(tmp_path):
+    from wandb_records import history_rows, wait_for_complete_run
+
+    settings = {**COMMON, "wandb": "offline"}
+    run(RunConfig(formulation="l0", sparsity=0.8, epochs=2, out=tmp_path, **settings))
+    # wandb stores a histogram as nested items: <key>/_type, <key>/values (counts), <key>/bins (edges).
+    key = "gates/p/0.weight"
+    rows = [r for r in history_rows(wait_for_complete_run(tmp_path)) if f"{key}/_type" in r]
+    assert len(rows) == 2  # one per pruning epoch
+    assert rows[-1][f"{key}/_type"] == "histogram"
+    assert sum(rows[-1][f"{key}/values"]) == 64 * 256  # one count per gate of the first Linear
+    assert all(0.0 <= edge <= 1.0 for edge in rows[-1][f"{key}/bins"])
+    jsonl_keys = set().union(*read_metrics(tmp_path / "metrics.jsonl"))
+    assert "gates/p/0.weight" not in jsonl_keys and "gates/p_mean/0.weight" in jsonl_keys

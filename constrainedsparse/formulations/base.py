@@ -115,6 +115,10 @@ class Formulation(abc.ABC):
     def hard_masks(self) -> dict[str, torch.Tensor]:
         """Boolean masks at the target level, by parameter name (exactly feasible)."""
 
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Value distributions to log as wandb histograms at epoch ends (none by default)."""
+        return {}
+
     def summary_extra(self) -> dict[str, Any]:
         """Extra ``summary.json`` fields, taken at the end of pruning (before :meth:`finalize`)."""
         return {}

@@ -268,6 +268,11 @@ class _Gated(Formulation):
             metrics[f"gates/p_above_half/{name}"] = float((p > 0.5).float().mean())
         return metrics
 
+    @torch.no_grad()
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """:math:`P(z \\ne 0)` of every gate, per target (``gates/p/<param>``; wandb histograms)."""
+        return {f"gates/p/{name}": gate.prob_nonzero().detach() for name, gate in self.gates.items()}
+
     def _scores(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(stored weight, median-rule gate over the weight, hard-mask score)`` of a target."""
         gate = self.gates[target.name]
