@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["command_line", "write_results"]
+import torch
+
+__all__ = ["command_line", "torch_threads", "write_results"]
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -29,3 +32,16 @@ def write_results(out: Path, markdown: str, payload: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[int]:
+    """Runs the block with ``torch.set_num_threads(count)`` (as is if ``None``); yields the count in
+    effect and restores the previous one on exit."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)

@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from common import command_line, write_results
+from common import command_line, torch_threads, write_results
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.logger import read_metrics
@@ -235,10 +234,7 @@ def plot(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]], pat
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; writes ``results.md``, ``results.json`` and ``l0_control.png`` under ``--out``."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         started = time.perf_counter()
         args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="l0_control-") as runs:
@@ -248,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload["seconds"] = time.perf_counter() - started
         write_results(args.out, markdown(args, records, command), payload)
         plot(args, records, args.out / "l0_control.png")
-    finally:
-        torch.set_num_threads(threads)
     return 0
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, write_results
+from common import command_line, torch_threads, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -420,18 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = parse_args(argv)
     command = command_line("benchmarks/overhead.py", argv)
-    previous_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
     started = time.perf_counter()
-    try:
+    with torch_threads(args.threads) as threads:
         results = []
         for name in args.problems:
             results.append(bench_problem(name, args))
             print(f"{name}: done ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
-    finally:
-        torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - started
     table = markdown_table(results)
     configs = {method: entry["config"] for result in results for method, entry in result["methods"].items()}

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, write_results
+from common import command_line, torch_threads, write_results
 
 from constrainedsparse.engine import RunConfig, cache_dir, prepare, run
 from constrainedsparse.formulations import formulation_class
@@ -462,15 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"error: {method} on {problem}: {err}", file=sys.stderr)
                     return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    previous_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
     started = time.perf_counter()
-    try:
+    with torch_threads(args.threads) as threads:
         records = run_all(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - started
     rows = summarize(records, args.problems, args.sparsities)
     table = markdown_table(rows)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from constrainedsparse.masks import find_parametrization
 from constrainedsparse.targets import TargetParam
 
 __all__ = [
@@ -159,12 +160,7 @@ class HardConcreteGate(nn.Module):
 
 def find_gate(module: nn.Module, param_name: str) -> HardConcreteGate | None:
     """The :class:`HardConcreteGate` parametrizing ``module.<param_name>``, if any."""
-    if not parametrize.is_parametrized(module, param_name):
-        return None
-    for p in module.parametrizations[param_name]:
-        if isinstance(p, HardConcreteGate):
-            return p
-    return None
+    return find_parametrization(module, param_name, HardConcreteGate)
 
 
 def apply_gates(

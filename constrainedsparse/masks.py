@@ -16,6 +16,7 @@ __all__ = [
     "achieved_sparsity",
     "apply_masks",
     "current_masks",
+    "find_parametrization",
     "hard_prune",
     "layer_sparsity",
     "remove_masks",
@@ -39,13 +40,15 @@ class Mask(nn.Module):
         self.mask.copy_(mask)
 
 
-def _mask_module(module: nn.Module, param_name: str) -> Mask | None:
+def find_parametrization(module: nn.Module, param_name: str, kind: type[nn.Module]) -> nn.Module | None:
+    """The first parametrization of type ``kind`` on ``module.<param_name>``, if any."""
     if not parametrize.is_parametrized(module, param_name):
         return None
-    for p in module.parametrizations[param_name]:
-        if isinstance(p, Mask):
-            return p
-    return None
+    return next((p for p in module.parametrizations[param_name] if isinstance(p, kind)), None)
+
+
+def _mask_module(module: nn.Module, param_name: str) -> Mask | None:
+    return find_parametrization(module, param_name, Mask)
 
 
 def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:

@@ -10,9 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from constrainedsparse.data import load_mnist1d
+from constrainedsparse.problems.mnist1d_mlp import data
 from constrainedsparse.spec import Problem
 from constrainedsparse.targets import Targets
 
@@ -36,12 +35,6 @@ def model(options: Mapping[str, Any]) -> nn.Module:
             ]
         )
     )
-
-
-def data(options: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
-    """MNIST-1D's default dataset, generated locally (never downloaded)."""
-    train, test = load_mnist1d()
-    return TensorDataset(*train), TensorDataset(*test)
 
 
 problem = Problem(
