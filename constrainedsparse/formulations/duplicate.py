@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any
 
 import cooper
@@ -156,6 +157,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
 
+def squared_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """:math:`\\lVert t_n\\rVert^2` per tensor (one BLAS dot each)."""
+    return {name: _dot(t, t) for name, t in tensors.items()}
+
+
 def sum_sq(tensors: dict[str, torch.Tensor]) -> float:
     """:math:`\\sum_n \\lVert t_n\\rVert^2` (one BLAS dot per tensor, summed in float64)."""
     return sum(_dot(t, t) for t in tensors.values())
@@ -165,19 +171,40 @@ def sum_sq(tensors: dict[str, torch.Tensor]) -> float:
 class Iterate:
     """What a dual step rule sees during coordination iteration :math:`k`.
 
+    Residuals and their squared norms are computed on first use and then reused, so a rule that
+    never needs :math:`W^k - Z^{k-1}` (ADMM) never pays for it.
+
     Attributes:
         w: :math:`W^k` (views of the live weights; they do not change during a coordination).
         z_prev: :math:`Z^{k-1}`.
         f_value: :math:`f(W^k)` on the reference batch, if the rule asked for it.
-        residual_before_z: :math:`W^k - Z^{k-1}`.
-        residual: :math:`W^k - Z^k`, set after the Z-step.
+        z: :math:`Z^k`, set after the Z-step.
     """
 
     w: dict[str, torch.Tensor]
     z_prev: dict[str, torch.Tensor]
     f_value: float | None
-    residual_before_z: dict[str, torch.Tensor]
-    residual: dict[str, torch.Tensor] | None = None
+    z: dict[str, torch.Tensor] | None = None
+
+    @functools.cached_property
+    def residual_before_z(self) -> dict[str, torch.Tensor]:
+        """:math:`W^k - Z^{k-1}` per tensor."""
+        return {name: self.w[name] - self.z_prev[name] for name in self.w}
+
+    @functools.cached_property
+    def residual_sq_before_z(self) -> dict[str, float]:
+        """:math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor."""
+        return squared_norms(self.residual_before_z)
+
+    @functools.cached_property
+    def residual(self) -> dict[str, torch.Tensor]:
+        """:math:`W^k - Z^k` per tensor (after the Z-step)."""
+        return {name: self.w[name] - self.z[name] for name in self.w}
+
+    @functools.cached_property
+    def residual_sq(self) -> dict[str, float]:
+        """:math:`\\lVert W^k - Z^k\\rVert^2` per tensor."""
+        return squared_norms(self.residual)
 
 
 class DuplicateVariables(Formulation):
@@ -262,9 +289,14 @@ class DuplicateVariables(Formulation):
         return value
 
     def augmented_lagrangian(
-        self, f_value: float, residual: dict[str, torch.Tensor], lam: dict[str, torch.Tensor]
+        self,
+        f_value: float,
+        residual: dict[str, torch.Tensor],
+        residual_sq: dict[str, float],
+        lam: dict[str, torch.Tensor],
     ) -> float:
-        """The augmented Lagrangian given :math:`f(W)` and the residuals :math:`W_n - Z_n`.
+        """The augmented Lagrangian given :math:`f(W)`, the residuals :math:`W_n - Z_n` and their
+        squared norms.
 
         .. math::
             L_\\rho = f + \\sum_n\\langle\\Lambda_n, W_n - Z_n\\rangle
@@ -273,7 +305,7 @@ class DuplicateVariables(Formulation):
         (one BLAS dot per tensor, summed across tensors in float64).
         """
         linear = sum(_dot(lam[name], r) for name, r in residual.items())
-        return f_value + linear + 0.5 * self.rho * sum_sq(residual)
+        return f_value + linear + 0.5 * self.rho * sum(residual_sq.values())
 
     # --- updates ------------------------------------------------------------------------------
 
@@ -321,13 +353,13 @@ class DuplicateVariables(Formulation):
         w = self.weights()
         z_prev = dict(self.z)
         f_value = self.objective() if self.needs_objective else None
-        it = Iterate(w, z_prev, f_value, {name: w[name] - z_prev[name] for name in w})
+        it = Iterate(w, z_prev, f_value)
 
         step, metrics = self.dual_step_before_z(it)
         if step is not None:
             self.dual_ascent(step, it.residual_before_z)
         self.z_step(w)
-        it.residual = {name: w[name] - self.z[name] for name in w}
+        it.z = self.z
         step, after_metrics = self.dual_step_after_z(it)
         metrics.update(after_metrics)
         if step is not None:
@@ -346,8 +378,8 @@ class DuplicateVariables(Formulation):
     def dynamics(self, it: Iterate) -> dict[str, float]:
         """Dual-dynamics metrics after a coordination (norms per layer and in total)."""
         lam = self.multipliers()
-        residual_sq = {name: _dot(r, r) for name, r in it.residual.items()}
-        lambda_sq = {name: _dot(value, value) for name, value in lam.items()}
+        residual_sq = it.residual_sq
+        lambda_sq = squared_norms(lam)
         metrics = {
             "coordination/k": float(self.k),
             "penalty/rho": self.rho,

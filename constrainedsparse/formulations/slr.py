@@ -32,7 +32,7 @@ import dataclasses
 from typing import Any
 
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, sum_sq
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, squared_norms
 
 __all__ = ["SLR", "SLRConfig", "slr_alpha"]
 
@@ -104,11 +104,12 @@ class SLR(DuplicateVariables):
         lam = self.multipliers()
         # it.z_prev is Z^{k-1}; w_prev is the real copy of W^{k-1} taken at iteration k-1.
         residual_prev = {name: self.w_prev[name] - it.z_prev[name] for name in it.w}
-        self.prev_gap = sum_sq(residual_prev) ** 0.5
-        now = self.augmented_lagrangian(it.f_value, it.residual_before_z, lam)
-        before = self.augmented_lagrangian(self.f_prev, residual_prev, lam)
+        residual_prev_sq = squared_norms(residual_prev)
+        self.prev_gap = sum(residual_prev_sq.values()) ** 0.5
+        now = self.augmented_lagrangian(it.f_value, it.residual_before_z, it.residual_sq_before_z, lam)
+        before = self.augmented_lagrangian(self.f_prev, residual_prev, residual_prev_sq, lam)
         holds = now < before
-        gap = sum_sq(it.residual_before_z) ** 0.5
+        gap = sum(it.residual_sq_before_z.values()) ** 0.5
         self.s_prime = _ratio_step(self.alpha, self.step_size, self.prev_gap, gap) if holds else self.step_size
         metrics = {
             "stepsize/alpha": self.alpha,
@@ -121,10 +122,9 @@ class SLR(DuplicateVariables):
 
     def dual_step_after_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         lam = self.multipliers()  # Lambda' (after the first update, if any)
-        holds = self.augmented_lagrangian(it.f_value, it.residual, lam) < self.augmented_lagrangian(
-            it.f_value, it.residual_before_z, lam
-        )
-        gap = sum_sq(it.residual) ** 0.5
+        after = self.augmented_lagrangian(it.f_value, it.residual, it.residual_sq, lam)
+        holds = after < self.augmented_lagrangian(it.f_value, it.residual_before_z, it.residual_sq_before_z, lam)
+        gap = sum(it.residual_sq.values()) ** 0.5
         self.step_size = _ratio_step(self.alpha, self.s_prime, self.prev_gap, gap) if holds else self.s_prime
         self.f_prev = it.f_value
         return (self.step_size if holds else None), {"condition/11_holds": float(holds), "stepsize/s": self.step_size}
