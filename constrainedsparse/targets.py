@@ -71,6 +71,17 @@ class SparsityConfig:
         """Short human label, e.g. ``'0.9'`` or ``'2:4'``."""
         return f"{self.nm[0]}:{self.nm[1]}" if self.pattern == "nm" else f"{self.sparsity:g}"
 
+    def feasible_set(self, shape: Sequence[int]) -> FeasibleSet:
+        """The pattern's feasible set for a tensor of this shape at this level.
+
+        Raises:
+            ValueError: If the shape does not fit the pattern (e.g. N:M on a width not divisible by M).
+        """
+        feasible = _make_set(self.pattern, torch.Size(shape), self.sparsity, self.nm)
+        if isinstance(feasible, NMSparse):
+            feasible.check_shape(shape)
+        return feasible
+
 
 @dataclass
 class TargetParam:

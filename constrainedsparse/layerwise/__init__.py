@@ -1,0 +1,23 @@
+"""Layer-wise pruning of pretrained models: calibration driver and per-layer solvers."""
+
+from constrainedsparse.layerwise.base import (
+    LayerProblem,
+    LayerResult,
+    LayerwiseSolver,
+    available_solvers,
+    describe_solvers,
+    register_solver,
+    solver_class,
+    wanda_scores,
+)
+
+__all__ = [
+    "LayerProblem",
+    "LayerResult",
+    "LayerwiseSolver",
+    "available_solvers",
+    "describe_solvers",
+    "register_solver",
+    "solver_class",
+    "wanda_scores",
+]

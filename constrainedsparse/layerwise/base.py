@@ -1,0 +1,167 @@
+r"""Layer-wise pruning: one linear layer at a time, from its calibration Gram matrix.
+
+A layer with weight :math:`W \in \mathbb{R}^{d_{out} \times d_{in}}` and calibration inputs
+:math:`X \in \mathbb{R}^{d_{in} \times n}` (one column per token) is pruned by choosing a mask
+:math:`M` in the target pattern (and, for some solvers, new kept weights :math:`\hat W`) to make
+the reconstruction error small:
+
+.. math::
+
+    E(\hat W) = \|W X - \hat W X\|_F^2 = \operatorname{tr}\big((W - \hat W)\, G\, (W - \hat W)^\top\big),
+    \qquad G = X X^\top .
+
+Everything a solver needs is therefore :math:`W` and :math:`G` (memory :math:`O(d_{in}^2)`; the
+driver never holds all activations). A :class:`LayerwiseSolver` maps a :class:`LayerProblem` to a
+:class:`LayerResult`; solvers are picked by name from a registry, like training formulations.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from constrainedsparse.sets import FeasibleSet
+from constrainedsparse.targets import SparsityConfig
+
+__all__ = [
+    "LayerProblem",
+    "LayerResult",
+    "LayerwiseSolver",
+    "available_solvers",
+    "describe_solvers",
+    "register_solver",
+    "solver_class",
+    "wanda_scores",
+]
+
+_REGISTRY: dict[str, type[LayerwiseSolver]] = {}
+
+
+@dataclasses.dataclass
+class LayerProblem:
+    r"""One layer to prune.
+
+    Args:
+        name: The weight's full name in the model (``encoder.layer.0.attention.self.query.weight``).
+        weight: Dense weight :math:`W`, shape ``(d_out, d_in)``, float32 (the solver must not modify it).
+        gram: :math:`G = \sum_t x_t x_t^\top` over the calibration tokens, shape ``(d_in, d_in)``,
+            float32 or float64, symmetric positive semi-definite.
+        target: Sparsity level and pattern (``row``: per output row, ``unstructured``: per layer,
+            ``nm``: N:M along the input dimension).
+        tokens: Number of calibration tokens summed into ``gram``.
+    """
+
+    name: str
+    weight: torch.Tensor
+    gram: torch.Tensor
+    target: SparsityConfig
+    tokens: int = 0
+
+    def feasible_set(self, shape: Sequence[int] | None = None) -> FeasibleSet:
+        """The target pattern's feasible set for the weight (or for a block of columns of ``shape``)."""
+        return self.target.feasible_set(self.weight.shape if shape is None else shape)
+
+    def error(self, weight_hat: torch.Tensor) -> float:
+        r"""Reconstruction error :math:`\operatorname{tr}(D G D^\top)` with :math:`D = W - \hat W`."""
+        diff = (self.weight - weight_hat).to(self.gram.dtype)
+        return float(((diff @ self.gram) * diff).sum())
+
+    def relative_error(self, weight_hat: torch.Tensor) -> float:
+        r""":math:`\|(W - \hat W)X\|_F^2 / \|W X\|_F^2` (0 for a layer whose output is all zero)."""
+        dense = self.error(torch.zeros_like(self.weight))
+        return self.error(weight_hat) / dense if dense > 0 else 0.0
+
+
+@dataclasses.dataclass
+class LayerResult:
+    """What a solver returns for one layer.
+
+    Args:
+        weight: The pruned weight :math:`\\hat W` (zero outside ``mask``), shape and dtype of the input.
+        mask: Boolean support, satisfying the layer's feasible set.
+        metrics: Scalars worth logging once per layer (e.g. ``fw/iterations``, ``fw/gap``).
+        trace: Sampled per-iteration scalars of iterative solvers (e.g. objective and duality gap).
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    trace: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class NoSolverConfig:
+    """Hyperparameters of a solver that has none."""
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` for out-of-range values (none here)."""
+
+
+class LayerwiseSolver(abc.ABC):
+    """How one layer's mask (and kept weights) are chosen from :math:`W` and :math:`G`.
+
+    Attributes:
+        name: Registry name (``--formulation``).
+        description: One line for ``constrainedsparse formulations``.
+        Config: Dataclass of hyperparameters (``--set``), validated by its ``validate()``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type] = NoSolverConfig
+
+    def __init__(self, config: Any | None = None) -> None:
+        config = self.Config() if config is None else config
+        config.validate()
+        self.config = config
+
+    @abc.abstractmethod
+    def prune(self, layer: LayerProblem) -> LayerResult:
+        """Prunes one layer to its target pattern."""
+
+
+def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    r"""Wanda's importance :math:`S_{ij} = |W_{ij}| \cdot \|X_j\|_2` with :math:`\|X_j\|_2^2 = G_{jj}`."""
+    return weight.abs() * gram.diagonal().clamp_min(0).sqrt().to(weight.dtype)
+
+
+def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[LayerwiseSolver]]:
+    """Class decorator adding a layer-wise solver to the registry under ``name``.
+
+    Raises:
+        ValueError: If ``name`` is already registered.
+    """
+
+    def decorate(cls: type[LayerwiseSolver]) -> type[LayerwiseSolver]:
+        if name in _REGISTRY:
+            raise ValueError(f"layer-wise solver {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_solvers() -> list[str]:
+    """Registered layer-wise solver names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe_solvers() -> dict[str, str]:
+    """``{name: one-line description}`` of the layer-wise solvers."""
+    return {name: _REGISTRY[name].description for name in available_solvers()}
+
+
+def solver_class(name: str) -> type[LayerwiseSolver]:
+    """The layer-wise solver registered as ``name``.
+
+    Raises:
+        ValueError: If no solver has that name.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown layer-wise solver {name!r}; choose one of {', '.join(available_solvers())}")
+    return _REGISTRY[name]
