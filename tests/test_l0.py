@@ -106,6 +106,12 @@ def test_restart_clears_the_dual_optimizers_momentum():
         (L0Config(gate_momentum=1.0), r"gate_momentum must be in \[0, 1\), got 1.0"),
         (L0Config(weight_decay=-1.0), r"weight_decay must be >= 0, got -1.0"),
         (L0Config(log_interval=0), r"log_interval must be >= 1, got 0"),
+        (
+            L0Config(density_constraint="exact"),
+            r"density_constraint must be one of inequality, equality, two-sided, got 'exact'",
+        ),
+        (L0Config(density_dual_kp=-1.0), r"density_dual_kp must be a finite number >= 0, got -1.0"),
+        (L0Config(density_dual_kp=float("inf")), r"density_dual_kp must be a finite number >= 0, got inf"),
         (L0PenaltyConfig(lmbda=-0.5), r"lmbda must be a finite number >= 0, got -0.5"),
         (L0PenaltyConfig(gate_lr=0.0), r"gate_lr must be > 0, got 0.0"),
     ],
@@ -161,6 +167,75 @@ def test_layer_scope_has_one_constraint_per_target_and_logs_the_dynamics():
         assert key in metrics, key
     # Violated (density ~1 > 0.5): lambda = dual_lr * violation after the first step.
     assert metrics["multiplier/l0_density:0.weight"] == pytest.approx(metrics["violation/l0_density:0.weight"])
+
+
+@pytest.mark.parametrize("dual_restarts", [True, False])
+def test_equality_multiplier_goes_negative_and_never_restarts(dual_restarts):
+    # Target density 1.0: the gates start at P(z != 0) ~ 0.998, so the violation is negative at every step.
+    violations, multipliers = {}, {}
+    for kind in ("inequality", "equality"):
+        problem, batch = _mlp_problem(sparsity=0.0)
+        config = L0Config(scope="layer", density_constraint=kind, dual_restarts=dual_restarts, log_interval=1)
+        f = make("l0", problem, config, dual_lr=1.0)
+        f.setup(1, 3)
+        for _ in range(3):
+            _, metrics = f.training_step(batch)
+        violations[kind] = metrics["violation/l0_density:0.weight"]
+        multipliers[kind] = {name: float(m.weight.detach()) for name, m in f.multipliers().items()}
+        expected_type = cooper.ConstraintType.EQUALITY if kind == "equality" else cooper.ConstraintType.INEQUALITY
+        assert all(m.constraint_type == expected_type for m in f.multipliers().values())
+        # Restarts act on inequalities only (dual_restarts is ignored for an equality).
+        assert all(m.restarts == (dual_restarts and kind == "inequality") for m in f.multipliers().values())
+        assert not any(bool(m.last_restart.any()) for m in f.multipliers().values()) or kind == "inequality"
+    assert violations["equality"] < 0 and violations["inequality"] < 0
+    assert all(value == 0.0 for value in multipliers["inequality"].values())  # projected (or restarted) to 0
+    assert all(value < 0.0 for value in multipliers["equality"].values())  # free in sign: pushes density up
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_two_sided_density_is_a_pair_of_restarting_inequalities(sparsity):
+    # Density ~0.998 at the start: above the level 0.5 (upper bound violated), below 1.0 (lower bound violated).
+    problem, batch = _mlp_problem(sparsity=sparsity)
+    f = make("l0", problem, L0Config(density_constraint="two-sided", log_interval=1), dual_lr=1.0)
+    f.setup(1, 3)
+    assert f.constraint_names == ["l0_density", "l0_density_min"]
+    upper, lower = (f.multipliers()[name] for name in f.constraint_names)
+    assert all(m.constraint_type == cooper.ConstraintType.INEQUALITY and m.restarts for m in (upper, lower))
+    for _ in range(3):
+        _, metrics = f.training_step(batch)
+        g = metrics["violation/l0_density"]
+        assert metrics["violation/l0_density_min"] == pytest.approx(-g)
+        # The satisfied side is restarted: at most one multiplier is nonzero, and it is the violated side's.
+        lam_upper, lam_lower = metrics["multiplier/l0_density"], metrics["multiplier/l0_density_min"]
+        assert min(lam_upper, lam_lower) == 0.0
+        assert (lam_upper > 0) == (g > 0) and (lam_lower > 0) == (g < 0)
+    f.finalize()
+    assert not list(problem.named_constraints())
+
+
+def test_density_dual_kp_is_a_nupi_step_on_the_density_multipliers():
+    problem, batch = _mlp_problem(sparsity=0.5)
+    config = L0Config(density_constraint="equality", density_dual_lr=0.5, density_dual_kp=3.0, log_interval=1)
+    f = make("l0", problem, config, dual_lr=1.0)
+    f.setup(1, 4)
+    assert isinstance(f.optimizer.dual_optimizers[0], cooper.optim.nuPI)
+    lam, total, previous = 0.0, 0.0, None
+    for step in range(4):
+        _, metrics = f.training_step(batch)
+        g = metrics["violation/l0_density"]
+        # nuPI(Kp, Ki=1, nu=0): the first step is SGD and Cooper then starts the error memory at 0, so
+        # lambda += lr * (g_t + Kp * (g_t - g_{t-1})) with g_0 read as 0, i.e. lambda_t = lr * (sum g + Kp g_t).
+        lam += 0.5 * (g + (0.0 if previous is None else 3.0 * (g - previous)))
+        previous = 0.0 if previous is None else g
+        total += g
+        assert metrics["multiplier/l0_density"] == pytest.approx(lam, rel=1e-5, abs=1e-7)
+        if step > 0:
+            assert lam == pytest.approx(0.5 * (total + 3.0 * g), rel=1e-5)
+    # Kp = 0 (the default) keeps plain gradient ascent.
+    problem, _ = _mlp_problem(sparsity=0.5)
+    f = make("l0", problem, L0Config(), dual_lr=1.0)
+    f.setup(1, 1)
+    assert type(f.optimizer.dual_optimizers[0]) is torch.optim.SGD
 
 
 @pytest.mark.parametrize("keep_more", [True, False])
@@ -323,6 +398,15 @@ def test_structured_l0_run_hits_the_target_after_hard_pruning(tmp_path):
     assert sum(t.numel() for k, t in purged.items() if k != "select.index") == summary["purged_params"]
     assert purged["select.index"].numel() == round(0.2 * 64)  # the kept input features
     assert purged["0.weight"].shape == (round(0.2 * 256), round(0.2 * 64))
+    # The purged model's measured density: its targeted weights over the dense targeted weights.
+    weights = ("0.weight", "2.weight", "4.weight")
+    assert summary["dense_target_params"] == 64 * 256 + 256 * 128 + 128 * 10
+    assert summary["purged_target_params"] == sum(purged[k].numel() for k in weights)
+    assert summary["purged_density"] == summary["purged_target_params"] / summary["dense_target_params"]
+    nonzero = sum(int(purged[k].count_nonzero()) for k in weights)
+    assert summary["purged_nonzero_density"] == nonzero / summary["dense_target_params"]
+    # A removed input column of a layer also removes the previous layer's output row: below the target.
+    assert summary["purged_density"] < 0.2
 
 
 def test_unstructured_l0_run_reports_no_purge(tmp_path):

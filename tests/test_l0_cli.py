@@ -19,6 +19,18 @@ BAD_L0_INPUTS = [
     (["--formulation", "l0", "--set", "gate_momentum=1"], r"gate_momentum must be in \[0, 1\), got 1.0"),
     (["--formulation", "l0", "--set", "dual_lr=0"], r"--set dual_lr must be > 0, got 0.0"),
     (["--formulation", "l0", "--set", "density_dual_lr=0"], r"density_dual_lr must be > 0, got 0.0"),
+    (
+        ["--formulation", "l0", "--set", "density_constraint=exact"],
+        r"density_constraint must be one of inequality, equality, two-sided, got 'exact'",
+    ),
+    (
+        ["--formulation", "l0", "--set", "density_dual_kp=-1"],
+        r"density_dual_kp must be a finite number >= 0, got -1.0",
+    ),
+    (
+        ["--formulation", "l0-penalty", "--set", "density_constraint=equality"],
+        r"unknown --set key 'density_constraint' for formulation 'l0-penalty'",
+    ),
     (["--formulation", "l0", "--set", "dual_lr=-1"], r"--set dual_lr must be > 0, got -1.0"),
     (["--formulation", "l0", "--set", "dual_restarts=maybe"], r"--set dual_restarts='maybe' must be a bool"),
     (["--formulation", "l0", "--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0"),
