@@ -10,12 +10,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from constrainedsparse.engine import NonFiniteLossError, RunConfig, run
+from constrainedsparse.engine import NonFiniteLossError, RunConfig, default_formulation, run
 from constrainedsparse.formulations import describe_formulations
+from constrainedsparse.layerwise import describe_solvers
 from constrainedsparse.logger import WANDB_MODES, plot_metrics
 from constrainedsparse.spec import bundled_problems, load_problem
 
 __all__ = ["main"]
+
+LAYERWISE_SCORES = ("fidelity", "dense_perplexity", "perplexity")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("run", help="prune a problem with a formulation")
     p.add_argument("problem", nargs="?", default="digits-mlp", help="bundled name or path to a problem file")
-    p.add_argument("--formulation", default=RunConfig.formulation, help="formulation name (see `formulations`)")
+    p.add_argument(
+        "--formulation", help="formulation name (see `formulations`; default slr, or fw for layer-wise problems)"
+    )
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9)")
     target.add_argument("--pattern", help="N:M pattern along the input dimension, e.g. 2:4")
@@ -73,6 +78,9 @@ def _print_summary(summary: dict) -> None:
     for key in ("dense_accuracy", "hardprune_accuracy", "retrain_accuracy"):
         if summary.get(key) is not None:
             rows.append((key.replace("_", " "), f"{100 * summary[key]:.2f} %"))
+    for key in ("mean_layer_error", *LAYERWISE_SCORES):
+        if summary.get(key) is not None:
+            rows.append((key.replace("_", " "), f"{summary[key]:.4f}"))
     rows.append(("seconds", f"{summary['seconds']:.1f}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -87,8 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "formulations":
+            print("training (problems with data and a loss):")
             for name, text in describe_formulations().items():
-                print(f"{name:<12} {text}")
+                print(f"  {name:<12} {text}")
+            print("layer-wise (pretrained models, calibration data):")
+            for name, text in describe_solvers().items():
+                print(f"  {name:<12} {text}")
         elif args.command == "problems":
             for name in bundled_problems():
                 print(f"{name:<16} {load_problem(name).description}")
@@ -97,10 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _fail(f"metrics file {str(args.metrics)!r} does not exist")
             print(plot_metrics(args.metrics, args.png or args.metrics.with_suffix(".png")))
         else:
-            out = args.out or Path("runs") / f"{Path(args.problem).stem}-{args.formulation}"
+            formulation = args.formulation or default_formulation(args.problem)
+            out = args.out or Path("runs") / f"{Path(args.problem).stem}-{formulation}"
             config = RunConfig(
                 problem=args.problem,
-                formulation=args.formulation,
+                formulation=formulation,
                 sparsity=args.sparsity,
                 pattern=args.pattern,
                 epochs=args.epochs,
@@ -116,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run(config)
             if summary is not None:
                 _print_summary(summary)
+                weights = summary.get("saved_model", "model.safetensors")
                 purged = ", purged.safetensors" if "purged_params" in summary else ""
-                print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, model.safetensors{purged}")
+                print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, {weights}{purged}")
     except (ValueError, NonFiniteLossError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     return 0

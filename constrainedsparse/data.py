@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "as_tensors", "load_cifar10", "load_mnist1d", "stratified_split"]
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "as_tensors",
+    "load_cifar10",
+    "load_mnist1d",
+    "load_text",
+    "split_paragraphs",
+    "stratified_split",
+]
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 """Per-channel (RGB) mean of the CIFAR-10 training images, pixels scaled to [0, 1]."""
@@ -139,3 +149,33 @@ def load_cifar10(
     if test_subset:
         test_raw, test_labels = test_raw[:test_subset], test_labels[:test_subset]
     return _cifar10_tensors(train_raw, train_labels), _cifar10_tensors(test_raw, test_labels)
+
+
+def load_text(path: str = "") -> str:
+    """Calibration/evaluation text: a user's UTF-8 file, or CPython's bundled reference documentation.
+
+    Args:
+        path: A text file; empty for ``pydoc_data.topics`` (~465 kB of English prose and code,
+            topics concatenated in sorted order).
+
+    Raises:
+        ValueError: If ``path`` is given but is not a readable file.
+    """
+    if not path:
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[key] for key in sorted(topics))
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--set text={path!r} is not a file (give a UTF-8 text file, or leave it empty for pydoc)")
+    return file.read_text(encoding="utf-8", errors="replace")
+
+
+def split_paragraphs(text: str, min_chars: int = 200) -> tuple[list[str], list[str]]:
+    """Splits text at blank lines into (calibration pool, held-out) paragraphs, disjoint and fixed.
+
+    Every fourth paragraph (of at least ``min_chars`` characters) is held out, so the two sets
+    interleave across the whole text.
+    """
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) >= min_chars]
+    return [p for i, p in enumerate(paragraphs) if i % 4], paragraphs[::4]

@@ -33,7 +33,8 @@ from constrainedsparse.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from constrainedsparse.formulations import Formulation, formulation_class
+from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
+from constrainedsparse.layerwise import available_solvers
 from constrainedsparse.logger import WANDB_MODES, MetricsLogger, plot_metrics
 from constrainedsparse.masks import (
     achieved_sparsity,
@@ -44,7 +45,7 @@ from constrainedsparse.masks import (
     temporarily_pruned,
 )
 from constrainedsparse.problem import SparsityProblem
-from constrainedsparse.spec import Problem, load_problem
+from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = ["NonFiniteLossError", "Prepared", "RunConfig", "cache_dir", "execute", "prepare", "run"]
@@ -75,7 +76,7 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     stop_after_epochs: int | None = None
-    """Stop (with a checkpoint) after this many epochs of this invocation: for preemptible jobs."""
+    """Stop (with a checkpoint) after this many epochs (blocks, for layer-wise problems) of this invocation."""
 
 
 @dataclasses.dataclass
@@ -128,6 +129,14 @@ def prepare(config: RunConfig) -> Prepared:
     Raises:
         ValueError: With one line naming the bad value and what is allowed.
     """
+    problem = load_problem(config.problem)
+    if isinstance(problem, LayerwiseProblem):
+        raise ValueError(f"problem {problem.name!r} is layer-wise: run it with constrainedsparse.layerwise.run")
+    if config.formulation in available_solvers() and config.formulation not in available_formulations():
+        raise ValueError(
+            f"formulation {config.formulation!r} is layer-wise; problem {problem.name!r} trains: choose one of "
+            f"{', '.join(available_formulations())}"
+        )
     formulation_cls = formulation_class(config.formulation)
     if config.wandb not in WANDB_MODES:
         raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
@@ -146,7 +155,6 @@ def prepare(config: RunConfig) -> Prepared:
         ("--retrain-epochs", config.retrain_epochs),
     ):
         _check_count(name, value)
-    problem = load_problem(config.problem)
 
     formulation_types = _config_field_types(formulation_cls.Config)
     option_types = {k: type(v) for k, v in problem.options.items()}
@@ -551,13 +559,29 @@ def _summary(run: _Run, targets, final_accuracy: float) -> dict[str, Any]:
     return summary
 
 
+def default_formulation(problem_name: str) -> str:
+    """The formulation a run uses when none is named: ``slr`` for training problems, ``fw`` for layer-wise ones.
+
+    Raises:
+        ValueError: If the problem cannot be loaded.
+    """
+    return "fw" if isinstance(load_problem(problem_name), LayerwiseProblem) else "slr"
+
+
 def run(config: RunConfig) -> dict[str, Any] | None:
     """Validates and executes; removes a run directory this call created if it fails before a checkpoint.
+
+    A layer-wise problem is handed to :func:`constrainedsparse.layerwise.run.run`.
 
     Raises:
         ValueError: Bad input (nothing is left on disk).
         NonFiniteLossError: NaN/inf loss (the last good checkpoint is kept).
     """
+    problem = load_problem(config.problem)
+    if isinstance(problem, LayerwiseProblem):
+        from constrainedsparse.layerwise import run as layerwise
+
+        return layerwise.run(config, problem)
     prepared = prepare(config)
     out = Path(config.out)
     created = not out.exists()

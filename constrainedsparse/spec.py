@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from constrainedsparse.problem import UserConstraint
 from constrainedsparse.targets import Targets
 
-__all__ = ["BUNDLED_DIR", "Problem", "accuracy", "bundled_problems", "load_problem"]
+__all__ = ["BUNDLED_DIR", "LayerwiseProblem", "Problem", "accuracy", "bundled_problems", "load_problem"]
 
 BUNDLED_DIR = Path(__file__).parent / "problems"
 
@@ -76,12 +76,61 @@ class Problem:
         return f"{self.name}-{digest}"
 
 
+def _default_layerwise_targets() -> Targets:
+    from constrainedsparse.layerwise.driver import layer_module_types
+
+    return Targets(module_types=layer_module_types())
+
+
+@dataclass
+class LayerwiseProblem:
+    """A layer-wise pruning problem: a pretrained model, calibration data and held-out metrics.
+
+    Nothing is trained: the layer-wise driver prunes the model's blocks one after another from
+    calibration Gram matrices (``--formulation fw|wanda|sparsegpt|magnitude``).
+
+    Args:
+        name: Short name.
+        description: One line for ``constrainedsparse problems``.
+        model: ``model(options) -> nn.Module``, the pretrained model (raise ``ValueError`` with one
+            line if it cannot be loaded).
+        calibration: ``calibration(options, seed) -> [batch, ...]``, each batch the keyword
+            arguments of ``model(**batch)``; an ``attention_mask`` entry marks padding tokens.
+        held_out: ``held_out(model, options) -> tensor`` of outputs on held-out data (sentence
+            embeddings, per-token losses, ...), computed on the dense and on the pruned model.
+        score: ``score(dense_outputs, pruned_outputs) -> {metric: value}`` for the summary.
+        blocks: ``blocks(model) -> [block, ...]`` in execution order (the largest ``ModuleList``
+            of identical modules by default).
+        targets: Which layers inside a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` weights).
+        options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
+    """
+
+    name: str
+    description: str
+    model: Callable[[Mapping[str, Any]], nn.Module]
+    calibration: Callable[[Mapping[str, Any], int], list[dict[str, Any]]]
+    held_out: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None
+    score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
+    blocks: Callable[[nn.Module], Sequence[nn.Module]] | None = None
+    targets: Targets = field(default_factory=_default_layerwise_targets)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def model_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The blocks to prune, in order."""
+        if self.blocks is not None:
+            return self.blocks(model)
+        from constrainedsparse.layerwise.driver import find_blocks
+
+        return find_blocks(model)
+
+
 def bundled_problems() -> dict[str, Path]:
     """``{name: path}`` of the problems shipped with the package."""
     return {p.stem.replace("_", "-"): p for p in sorted(BUNDLED_DIR.glob("*.py"))}
 
 
-def load_problem(name_or_path: str) -> Problem:
+def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
     """Loads a bundled problem by name, or a user's problem file by path.
 
     Raises:
@@ -105,7 +154,7 @@ def load_problem(name_or_path: str) -> Problem:
     except Exception as err:  # a user's file: report it on the one-line error path
         raise ValueError(f"problem file {str(path)!r} failed to load: {type(err).__name__}: {err}") from err
     problem = getattr(module, "problem", None)
-    if not isinstance(problem, Problem):
-        raise ValueError(f"problem file {str(path)!r} must define `problem = Problem(...)`")
+    if not isinstance(problem, (Problem, LayerwiseProblem)):
+        raise ValueError(f"problem file {str(path)!r} must define `problem = Problem(...)` or `LayerwiseProblem(...)`")
     problem.source = str(path)
     return problem

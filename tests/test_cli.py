@@ -62,8 +62,8 @@ def test_bad_run_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, e
 def test_unknown_problem(tmp_path, capsys):
     line = fails_with_one_line(["run", "no-such-problem", "--out", str(tmp_path / "x")], capsys)
     assert (
-        "unknown problem 'no-such-problem'; bundled problems: cifar10-resnet18, digits-mlp, mnist1d-cnn, mnist1d-mlp"
-        in line
+        "unknown problem 'no-such-problem'; bundled problems: cifar10-resnet18, digits-mlp, hf-causal-lm, "
+        "minilm-layerwise, mnist1d-cnn, mnist1d-mlp" in line
     )
     assert not (tmp_path / "x").exists()
 
@@ -100,12 +100,24 @@ def test_nan_loss_before_any_checkpoint_leaves_nothing(tmp_path, capsys):
 
 def test_listings(capsys):
     assert main(["formulations"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert any(line.startswith("magnitude ") for line in lines)
+    text = capsys.readouterr().out
+    training, layerwise = text.split("layer-wise (pretrained models, calibration data):")
+    training_names = [line.split()[0] for line in training.strip().splitlines()[1:]]
+    layerwise_names = [line.split()[0] for line in layerwise.strip().splitlines()]
+    assert training_names == ["admm", "l0", "l0-penalty", "magnitude", "slr"]
+    assert layerwise_names == ["fw", "magnitude", "sparsegpt", "wanda"]
     assert main(["problems"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == ["cifar10-resnet18", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp", "mnist1d-mlp-macs"]
+    assert names == [
+        "cifar10-resnet18",
+        "digits-mlp",
+        "hf-causal-lm",
+        "minilm-layerwise",
+        "mnist1d-cnn",
+        "mnist1d-mlp",
+        "mnist1d-mlp-macs",
+    ]
 
 
 def test_python_dash_m_bad_input_has_no_traceback(tmp_path):

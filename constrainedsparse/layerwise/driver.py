@@ -1,0 +1,339 @@
+r"""Block-sequential calibration driver: capture, accumulate Gram matrices, prune, propagate.
+
+For a model made of a list of blocks (transformer layers), the driver
+
+1. runs the calibration batches through the model once and captures the inputs of the first
+   block to prune (positional and keyword arguments: hidden states, attention masks, position
+   embeddings — whatever the model passes its blocks);
+2. for each block: runs it on the captured inputs with hooks that add
+   :math:`G \mathrel{+}= X_b^\top X_b` for every targeted linear layer (only the rows of real
+   tokens: a batch's ``attention_mask`` marks padding), so memory is :math:`O(d_{in}^2)` per layer
+   and activations are never stored beyond one block's inputs;
+3. prunes every targeted layer of the block with the solver (all from the same, dense-block
+   Gram matrices);
+4. runs the *pruned* block to produce the next block's inputs.
+
+``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored transposed, ``(d_in, d_out)``) are handled;
+solvers always see :math:`W` as ``(d_out, d_in)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
+from constrainedsparse.targets import SparsityConfig, Targets
+
+__all__ = [
+    "BlockInputs",
+    "LayerReport",
+    "capture_block_inputs",
+    "find_blocks",
+    "layer_module_types",
+    "layer_weight",
+    "prune_block",
+    "prune_blocks",
+    "run_block",
+    "set_layer_weight",
+    "targeted_layers",
+]
+
+GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _conv1d_type() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is an optional extra; plain modules need only nn.Linear
+        return None
+    return Conv1D
+
+
+def layer_module_types() -> tuple[type[nn.Module], ...]:
+    """Module types the driver prunes: ``nn.Linear`` and (if transformers is installed) ``Conv1D``."""
+    conv1d = _conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(d_out, d_in)`` (a view; GPT-2's ``Conv1D`` stores it transposed)."""
+    return module.weight.t() if _is_transposed(module) else module.weight
+
+
+def set_layer_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Writes a ``(d_out, d_in)`` weight back into the module, in place, in the module's dtype."""
+    with torch.no_grad():
+        layer_weight(module).copy_(weight.to(module.weight.dtype))
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of blocks: its largest ``nn.ModuleList`` whose entries share one class.
+
+    Works for BERT (``encoder.layer``), GPT-2 (``transformer.h``), LLaMA (``model.layers``) and a
+    plain module holding its blocks in a ``ModuleList``.
+
+    Raises:
+        ValueError: If the model has no such list.
+    """
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to prune layer by layer")
+    return best
+
+
+def targeted_layers(block: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
+    """``(name within the block, module)`` of the block's targeted linear layers, in order."""
+    return [(fqn, module) for fqn, param_name, module in targets.select(block) if param_name == "weight"]
+
+
+@dataclasses.dataclass
+class BlockInputs:
+    """One calibration batch as a block sees it.
+
+    Args:
+        args: Positional arguments of the block call (hidden states first, if positional).
+        kwargs: Keyword arguments (attention mask, position embeddings, ...).
+        token_mask: ``(batch, seq)`` bool, True for real tokens; ``None`` if every token is real.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    token_mask: torch.Tensor | None
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
+        """The same call with new hidden states."""
+        if self.args:
+            return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.token_mask)
+        return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu"
+) -> list[BlockInputs]:
+    """Runs every batch through ``model`` and records what ``block`` is called with.
+
+    Args:
+        model: The whole model (called as ``model(**batch)``).
+        block: The block whose inputs to record.
+        batches: Calibration batches of model keyword arguments; ``attention_mask`` marks padding.
+        device: Where the batches are run.
+
+    Returns:
+        One :class:`BlockInputs` per batch.
+    """
+    captured: list[tuple[tuple, dict]] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, dict(kwargs)))
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    inputs = []
+    try:
+        for batch in batches:
+            batch = _to_device(batch, device)
+            before = len(captured)
+            model(**batch)
+            if len(captured) != before + 1:
+                raise ValueError(f"the block was called {len(captured) - before} times for one batch (expected once)")
+            mask = batch.get("attention_mask")
+            args, kwargs = captured[-1]
+            inputs.append(BlockInputs(args, kwargs, None if mask is None else mask.bool()))
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: Sequence[BlockInputs]) -> list[BlockInputs]:
+    """The block's outputs on every batch, as the next block's inputs."""
+    return [item.with_hidden(_hidden(block(*item.args, **item.kwargs))) for item in inputs]
+
+
+@torch.no_grad()
+def accumulate_grams(
+    block: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    inputs: Sequence[BlockInputs],
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    r"""Streams the block over the batches and sums :math:`G = \sum_t x_t x_t^\top` per layer.
+
+    Padding tokens (``token_mask`` False) are left out.
+
+    Returns:
+        ``{layer name: (G, number of tokens)}``.
+    """
+    grams: dict[str, list] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(name: str, d_in: int) -> Callable:
+        def add(module: nn.Module, args: tuple) -> None:
+            rows = args[0].reshape(-1, d_in)
+            mask = current_mask[0]
+            if mask is not None:
+                if mask.numel() != rows.shape[0]:
+                    raise ValueError(
+                        f"layer {name}: {rows.shape[0]} input rows do not match the {mask.numel()} tokens of the batch"
+                    )
+                rows = rows[mask.reshape(-1)]
+            rows = rows.to(dtype)
+            entry = grams[name]
+            entry[0].addmm_(rows.t(), rows)
+            entry[1] += rows.shape[0]
+
+        return add
+
+    handles = []
+    for name, module in layers:
+        d_in = layer_weight(module).shape[1]
+        grams[name] = [torch.zeros(d_in, d_in, dtype=dtype, device=module.weight.device), 0]
+        handles.append(module.register_forward_pre_hook(hook_for(name, d_in)))
+    try:
+        for item in inputs:
+            current_mask[0] = item.token_mask
+            block(*item.args, **item.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (gram, tokens) for name, (gram, tokens) in grams.items()}
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """What happened to one layer: its error on the calibration inputs, time and solver metrics."""
+
+    name: str
+    relative_error: float
+    sparsity: float
+    seconds: float
+    tokens: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    trace: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module,
+    prefix: str,
+    targets: Targets,
+    target: SparsityConfig,
+    solver: LayerwiseSolver,
+    inputs: Sequence[BlockInputs],
+    gram_dtype: torch.dtype = torch.float32,
+) -> list[LayerReport]:
+    """Prunes every targeted linear layer of ``block`` in place from its calibration Gram matrix.
+
+    Args:
+        block: The block (modified in place).
+        prefix: The block's name in the model, prepended to layer names (``encoder.layer.0``).
+        targets: Which layers of the block are pruned.
+        target: Level and pattern.
+        solver: The layer-wise solver.
+        inputs: The block's calibration inputs.
+        gram_dtype: Accumulation dtype of the Gram matrices.
+
+    Returns:
+        One :class:`LayerReport` per pruned layer.
+    """
+    layers = targeted_layers(block, targets)
+    grams = accumulate_grams(block, layers, inputs, gram_dtype)
+    reports = []
+    for name, module in layers:
+        started = time.perf_counter()
+        gram, tokens = grams[name]
+        full_name = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
+        weight = layer_weight(module).detach().to(torch.float32, copy=True)  # the module is overwritten below
+        problem = LayerProblem(full_name, weight, gram, target, tokens)
+        result = solver.prune(problem)
+        pruned = torch.where(result.mask, result.weight, torch.zeros_like(result.weight))
+        set_layer_weight(module, pruned)
+        reports.append(
+            LayerReport(
+                name=full_name,
+                relative_error=problem.relative_error(pruned),
+                sparsity=1.0 - float(result.mask.float().mean()),
+                seconds=time.perf_counter() - started,
+                tokens=tokens,
+                metrics=dict(result.metrics),
+                trace=list(result.trace),
+            )
+        )
+    return reports
+
+
+def prune_blocks(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Mapping[str, Any]],
+    solver: LayerwiseSolver,
+    target: SparsityConfig,
+    targets: Targets,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    gram_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    on_block: Callable[[int, list[LayerReport]], None] | None = None,
+    progress: bool = True,
+) -> list[LayerReport]:
+    """Prunes blocks ``start, ..., stop - 1`` in order, each from the pruned previous blocks' outputs.
+
+    Args:
+        model: The whole model (its earlier blocks may already be pruned: that is how a run resumes).
+        blocks: The model's blocks, in execution order.
+        batches: Calibration batches (``model(**batch)``).
+        solver: The layer-wise solver.
+        target: Level and pattern.
+        targets: Which layers inside a block are pruned.
+        start: Index of the first block to prune.
+        stop: One past the last block to prune (all remaining blocks by default).
+        gram_dtype: Accumulation dtype of the Gram matrices.
+        device: Where calibration runs.
+        on_block: Called as ``on_block(index, reports)`` after each block (checkpointing, logging).
+        progress: Show a progress bar over blocks.
+
+    Returns:
+        The reports of every layer pruned by this call.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    stop = len(blocks) if stop is None else min(stop, len(blocks))
+    inputs = capture_block_inputs(model, blocks[start], batches, device) if start < stop else []
+    reports: list[LayerReport] = []
+    bar = tqdm(total=len(blocks), initial=start, desc=f"layer-wise {solver.name}", unit="block", disable=not progress)
+    for index in range(start, stop):
+        block = blocks[index]
+        prefix = names.get(id(block), str(index))
+        block_reports = prune_block(block, prefix, targets, target, solver, inputs, gram_dtype)
+        if index + 1 < stop:
+            inputs = run_block(block, inputs)
+        reports.extend(block_reports)
+        if on_block is not None:
+            on_block(index, block_reports)
+        bar.update(1)
+    bar.close()
+    return reports

@@ -1,0 +1,117 @@
+"""hf-causal-lm: any local transformers causal LM directory (``--set model=PATH``), pruned layer by layer.
+
+Text: CPython's reference documentation (``pydoc_data.topics``) or ``--set text=FILE``; the first
+90 % of its tokens is the calibration pool (``calibration_samples`` windows of ``seq_len`` tokens at
+seeded random offsets), the last 10 % the held-out set (consecutive windows). Metric: perplexity of
+the pruned model on the held-out windows, next to the dense model's.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from constrainedsparse.data import load_text
+from constrainedsparse.spec import LayerwiseProblem
+
+OPTIONS = {"model": "", "calibration_samples": 32, "held_out_samples": 16, "seq_len": 128, "text": ""}
+BATCH = 8
+HELD_OUT_FRACTION = 0.1
+
+
+def _directory(options):
+    path = options["model"]
+    if not path:
+        raise ValueError("hf-causal-lm needs --set model=PATH (a local directory holding a transformers causal LM)")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ValueError(f"--set model={path!r}: the directory does not exist")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"--set model={path!r} is not a transformers model directory (no config.json)")
+    return directory
+
+
+def model(options):
+    from transformers import AutoModelForCausalLM
+
+    directory = _directory(options)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"--set model={options['model']!r} is not a loadable causal LM: {message}") from None
+    return loaded.float().eval()
+
+
+def _tokens(options):
+    from transformers import AutoTokenizer
+
+    for key in ("calibration_samples", "held_out_samples", "seq_len"):
+        if options[key] < 1:
+            raise ValueError(f"--set {key} must be >= 1, got {options[key]}")
+    directory = _directory(options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"--set model={options['model']!r} has no usable tokenizer: {message}") from None
+    tokenizer.model_max_length = 1 << 30  # we cut windows ourselves; silences the long-input warning
+    ids = torch.tensor(tokenizer(load_text(options["text"]))["input_ids"], dtype=torch.long)
+    split = int(len(ids) * (1 - HELD_OUT_FRACTION))
+    seq_len = options["seq_len"]
+    if split < seq_len or len(ids) - split < seq_len:
+        raise ValueError(
+            f"the text has {len(ids)} tokens: too short for one calibration and one held-out sequence of "
+            f"seq_len={seq_len} (the last {HELD_OUT_FRACTION:.0%} is held out)"
+        )
+    return ids[:split], ids[split:]
+
+
+def _windows(ids, starts, seq_len):
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def calibration(options, seed):
+    pool, _ = _tokens(options)
+    seq_len = options["seq_len"]
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(pool) - seq_len + 1, (options["calibration_samples"],), generator=generator)
+    windows = _windows(pool, starts.tolist(), seq_len)
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(BATCH)]
+
+
+@torch.no_grad()
+def held_out(model, options):
+    """``[[summed next-token NLL, token count], ...]`` per held-out window."""
+    _, ids = _tokens(options)
+    seq_len = options["seq_len"]
+    count = min(options["held_out_samples"], len(ids) // seq_len)
+    windows = _windows(ids, range(0, count * seq_len, seq_len), seq_len)
+    device = next(model.parameters()).device
+    rows = []
+    for chunk in windows.split(BATCH):
+        chunk = chunk.to(device)
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").sum(dim=1)
+        rows.append(torch.stack([nll.cpu(), torch.full_like(nll.cpu(), seq_len - 1)], dim=1))
+    return torch.cat(rows)
+
+
+def _perplexity(rows):
+    return math.exp(float(rows[:, 0].sum() / rows[:, 1].sum()))
+
+
+def score(dense, pruned):
+    return {"dense_perplexity": _perplexity(dense), "perplexity": _perplexity(pruned)}
+
+
+problem = LayerwiseProblem(
+    name="hf-causal-lm",
+    description="a local transformers causal LM (--set model=PATH), pydoc text; layer error + perplexity",
+    model=model,
+    calibration=calibration,
+    held_out=held_out,
+    score=score,
+    options=OPTIONS,
+)
