@@ -25,7 +25,8 @@ f(M), V\rangle` from the feasible set's linear minimisation oracle, moves
 ``row``, the layer for ``unstructured``, a group of M inputs for ``nm``) are fixed at 1, and
 Frank-Wolfe runs over the remaining budget :math:`k - \lfloor \alpha k\rfloor` on the other
 coordinates, starting from the Wanda mask. The oracle over that face is the pattern's own oracle
-with the reduced budget, fed a gradient of :math:`+\infty` on the fixed coordinates (never chosen).
+(:mod:`constrainedsparse.sets`) with the reduced budget, run on the free coordinates gathered in
+order (``only_negative=True``: the hull of masks with *at most* the free budget, as in the paper).
 
 **Step size.** ``step="open_loop"`` is the paper's :math:`\gamma_t = 2/(t + 2)`. ``step="line_search"``
 (default) minimises the quadratic exactly along :math:`V - M`: for a row-separable pattern (``row``,
@@ -39,7 +40,8 @@ row gets its own step
 
 whose denominator is :math:`2\langle W_i \odot (V_i - M_i), Q_i - P_i\rangle` with
 :math:`Q = (W \odot V) G`, i.e. free given the quantities below (one step for the whole layer under
-``unstructured``, whose budget couples the rows).
+``unstructured``, whose budget couples the rows). With a warm start, :math:`\gamma_0 = 1` of the open
+loop throws the start away; the line search keeps it unless leaving it pays.
 
 **Incremental products.** Everything per iteration is elementwise except :math:`Q = (W\odot V)G`.
 Consecutive vertices differ in few coordinates, so :math:`Q` is updated by the sparse difference,
@@ -50,12 +52,20 @@ iterate exactly (recomputed densely every ``refresh_every`` iterations to bound 
 **Rounding and its guarantee.** The relaxed iterate is rounded to the pattern by the feasible
 set's own mask (top-k per unit of the relaxed values, the fixed weights ranked first, ties broken
 by lower index, so the pattern holds exactly). Rounding a relaxed point has **no guarantee in
-general**: the rounded objective may exceed the relaxed one arbitrarily. What *is* guaranteed: the
-rounded mask is compared with the Wanda warm start and the better one is kept — per row for the
-row-separable patterns, per layer for ``unstructured`` — so the returned objective is **never larger
-than Wanda's** (:math:`f(M_{\text{fw}}) \le f(M_{\text{wanda}})`). The relaxed iterate also gives a
-certificate: :math:`f(M) - g(M)` is a lower bound on :math:`f` over every mask containing the fixed
-weights (``fw/lower_bound``).
+general**: the rounded objective may exceed the relaxed one, and even Wanda's, arbitrarily. What
+*is* guaranteed: the rounded mask is compared with the Wanda warm start and the better one is kept
+— per row for the row-separable patterns, per layer for ``unstructured`` — and the swap polish
+below only ever lowers the objective, so the returned mask satisfies
+:math:`f(M_{\text{fw}}) \le \min(f(M_{\text{rounded}}), f(M_{\text{wanda}}))`, row by row for
+``row``/``nm`` (``fw/objective_final`` ≤ ``fw/objective_rounded`` and ≤ ``fw/objective_start``). The
+relaxed iterate also gives a certificate: :math:`f(M) - g(M) \le f` on every mask of the face (every
+mask containing the fixed weights), reported as ``fw/lower_bound``.
+
+**Swap polish** (``polish_steps > 0``, beyond the paper). The rounded mask is improved by an exact
+best-improvement local search that swaps one kept and one pruned weight of the same unit (row for
+``row`` and ``unstructured`` — which keeps every row's count and so the layer's — N:M group for
+``nm``); see :func:`_swap_polish`. Each swap's change of the objective is computed exactly from
+:math:`C = DG`, so the objective decreases strictly and the pattern's counts never change.
 
 **Reconstruction** (``reconstruct=True``, beyond the paper). On the kept support :math:`S` of every
 row the kept weights are re-solved by damped least squares
@@ -68,7 +78,7 @@ row the kept weights are re-solved by damped least squares
 with :math:`\lambda` = ``damp`` × mean diag(G). The proximal term pulls towards the original weights
 rather than towards 0 (plain ridge) so that :math:`u_S = w_S` — the mask-only solution — is feasible
 with the same value: the reconstructed error is never larger than the mask-only error, for any
-:math:`\lambda`. Rows are solved in batches by Cholesky.
+:math:`\lambda` and any number of conjugate-gradient iterations (:func:`reconstruct_rows`).
 """
 
 from __future__ import annotations
@@ -100,6 +110,7 @@ class FWConfig:
         polish_steps: Maximum steps of the exact swap local search after rounding (0: off).
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
+        reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
         trace_every: Iterations between two sampled trace entries (the last one is always kept).
         refresh_every: Iterations between two dense recomputations of the incremental products.
     """
@@ -110,6 +121,7 @@ class FWConfig:
     polish_steps: int = 200
     reconstruct: bool = False
     damp: float = 0.01
+    reconstruct_iterations: int = 30
     trace_every: int = 1
     refresh_every: int = 50
 
@@ -127,6 +139,8 @@ class FWConfig:
             raise ValueError(f"fw: reconstruct must be true or false, got {self.reconstruct!r}")
         if not _real(self.damp) or not 0.0 <= self.damp < math.inf:
             raise ValueError(f"fw: damp must be a finite number >= 0, got {self.damp!r}")
+        if not _integer(self.reconstruct_iterations) or self.reconstruct_iterations < 1:
+            raise ValueError(f"fw: reconstruct_iterations must be an integer >= 1, got {self.reconstruct_iterations!r}")
         if not _integer(self.trace_every) or self.trace_every < 1:
             raise ValueError(f"fw: trace_every must be an integer >= 1, got {self.trace_every!r}")
         if not _integer(self.refresh_every) or self.refresh_every < 1:
@@ -355,7 +369,9 @@ class FWSolver(LayerwiseSolver):
             final_rows = _row_errors(weight, wg, (weight * final) @ gram, final)
         weight_hat = layer.weight.detach() * final
         if cfg.reconstruct:
-            weight_hat = reconstruct_rows(layer.weight.detach(), layer.gram.detach(), final, cfg.damp)
+            weight_hat = reconstruct_rows(
+                layer.weight.detach(), layer.gram.detach(), final, cfg.damp, cfg.reconstruct_iterations
+            )
 
         trace = [
             {"iteration": t, "objective": run.objectives[t], "gap": run.gaps[t]}
@@ -379,47 +395,61 @@ class FWSolver(LayerwiseSolver):
         return LayerResult(weight=weight_hat, mask=final, metrics=metrics, trace=trace)
 
 
-def reconstruct_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, damp: float) -> torch.Tensor:
+def reconstruct_rows(
+    weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, damp: float, iterations: int
+) -> torch.Tensor:
     r"""Damped least-squares kept weights of every row on its support (see the module docstring).
 
-    Solves :math:`(G_{SS} + \lambda I)\,\hat w_S = (G w)_S + \lambda w_S` for every row with
-    :math:`\lambda` = ``damp`` × mean diag(G), in float64 by batched Cholesky, rows grouped by their
-    support size; zero outside the mask.
+    Solves :math:`(G_{SS} + \lambda I)\,\hat w_S = (G w)_S + \lambda w_S` for all rows at once by
+    Jacobi-preconditioned conjugate gradients on the masked operator
+    :math:`x \mapsto (xG) \odot M + \lambda x` (one :math:`d_{out} \times d_{in} \times d_{in}`
+    product per iteration, every row with its own CG scalars), started from the mask-only weights
+    :math:`w_S`. CG decreases the row's damped objective
+    :math:`\|(w - u)X\|^2 + \lambda\|u_S - w_S\|^2` at every iteration, which bounds the plain error
+    from above and equals the mask-only error at the start, so any iteration count keeps the error
+    at or below the mask-only error; with as many iterations as kept weights the solve is exact (up
+    to round-off). A row whose result is nonetheless worse in floating point keeps its mask-only
+    weights.
 
     Args:
         weight: Dense weight, ``(d_out, d_in)``.
         gram: :math:`G`, ``(d_in, d_in)``.
         mask: Boolean support, ``(d_out, d_in)``.
-        damp: Damping as a fraction of the mean of diag(G).
+        damp: :math:`\lambda` as a fraction of the mean of diag(G) (0: no damping).
+        iterations: Conjugate-gradient iterations.
 
     Returns:
-        The reconstructed weight, dtype of ``weight``.
+        The reconstructed weight (zero outside ``mask``), dtype of ``weight``.
     """
-    g = gram.to(torch.float64)
-    w = weight.to(torch.float64)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w, g = weight.to(dtype), gram.to(dtype)
+    support = mask.to(dtype)
     lam = damp * float(g.diagonal().mean())
-    if lam <= 0:
-        lam = 1e-10 * max(float(g.diagonal().max()), 1e-30)
-    rhs_full = w @ g + lam * w
-    out = torch.zeros_like(w)
-    sizes = mask.sum(dim=1)
-    for size in torch.unique(sizes).tolist():
-        if size == 0:
-            continue
-        rows = (sizes == size).nonzero()[:, 0]
-        support = mask[rows].nonzero()[:, 1].reshape(len(rows), size)
-        for chunk in torch.split(torch.arange(len(rows)), max(1, (1 << 24) // (size * size))):
-            idx = support[chunk]
-            a = g[idx.unsqueeze(2), idx.unsqueeze(1)]
-            a.diagonal(dim1=1, dim2=2).add_(lam)
-            b = torch.gather(rhs_full[rows[chunk]], 1, idx).unsqueeze(2)
-            factor, info = torch.linalg.cholesky_ex(a)
-            if bool((info != 0).any()):
-                solution = torch.linalg.lstsq(a, b).solution
-            else:
-                solution = torch.cholesky_solve(b, factor)
-            out[rows[chunk].unsqueeze(1), idx] = solution.squeeze(2)
-    return out.to(weight.dtype)
+    masked = w * support
+    x = masked.clone()
+    residual = ((w - x) @ g) * support
+    inverse_diag = 1.0 / (g.diagonal() + lam).clamp_min(torch.finfo(dtype).tiny)
+    z = residual * inverse_diag
+    direction = z.clone()
+    rho = (residual * z).sum(dim=1, keepdim=True)
+    zero = torch.zeros_like(rho)
+    for _ in range(iterations):
+        applied = (direction @ g) * support + lam * direction
+        curvature = (direction * applied).sum(dim=1, keepdim=True)
+        step = torch.where(curvature > 0, rho / curvature.clamp_min(torch.finfo(dtype).tiny), zero)
+        x += step * direction
+        residual -= step * applied
+        z = residual * inverse_diag
+        rho_next = (residual * z).sum(dim=1, keepdim=True)
+        beta = torch.where(rho > 0, rho_next / rho.clamp_min(torch.finfo(dtype).tiny), zero)
+        direction = z + beta * direction
+        rho = rho_next
+    x = x * support
+    wg = w @ g
+    solved_rows = ((w - x) * (wg - x @ g)).sum(dim=1, dtype=torch.float64)
+    masked_rows = ((w - masked) * (wg - masked @ g)).sum(dim=1, dtype=torch.float64)
+    x = torch.where((solved_rows <= masked_rows).unsqueeze(1), x, masked)
+    return x.to(weight.dtype)
 
 
 def _row_argmin(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
