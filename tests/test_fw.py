@@ -1,0 +1,324 @@
+"""Tests for the ``fw`` layer-wise solver (:mod:`constrainedsparse.layerwise.fw`).
+
+Independent references written here: the objective :math:`\\operatorname{tr}(DGD^\\top)` from an
+explicit ``X`` (not from the solver's products), pattern counts from plain reshapes, and the
+reconstruction from a direct per-row linear solve in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constrainedsparse.layerwise import fw
+from constrainedsparse.layerwise.base import LayerProblem, solver_class, wanda_scores
+from constrainedsparse.layerwise.fw import FWConfig, FWSolver, _swap_polish, frank_wolfe, reconstruct_rows
+from constrainedsparse.targets import SparsityConfig
+
+FAST = settings(max_examples=25, deadline=None)
+PATTERNS = {
+    "row": SparsityConfig(0.5, "row"),
+    "row60": SparsityConfig(0.6, "row"),
+    "unstructured": SparsityConfig(0.5, "unstructured"),
+    "nm": SparsityConfig.from_pattern("2:4"),
+    "nm14": SparsityConfig.from_pattern("1:4"),
+}
+
+
+def _layer(seed: int, d_out: int = 6, d_in: int = 16, pattern: str = "row", tokens: int = 64) -> LayerProblem:
+    """A layer whose inputs are correlated (mixed features), so masks interact through G."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(d_in) + 0.6 * torch.randn(d_in, d_in, generator=gen) / math.sqrt(d_in)
+    scales = torch.exp(torch.randn(d_in, 1, generator=gen))
+    x = mixing @ (scales * torch.randn(d_in, tokens, generator=gen))
+    weight = torch.randn(d_out, d_in, generator=gen)
+    return LayerProblem("layer.weight", weight, x @ x.T, PATTERNS[pattern], tokens=tokens)
+
+
+def _row_objective(layer: LayerProblem, weight_hat: torch.Tensor) -> torch.Tensor:
+    """Per-row error ``D_i G D_i^T`` in float64 (reference)."""
+    diff = (layer.weight - weight_hat).double()
+    return ((diff @ layer.gram.double()) * diff).sum(dim=1)
+
+
+def _counts_ok(mask: torch.Tensor, target: SparsityConfig) -> bool:
+    """Exact keep counts per unit of the pattern, from plain reshapes."""
+    d_out, d_in = mask.shape
+    if target.pattern == "row":
+        return bool((mask.sum(dim=1) == round((1 - target.sparsity) * d_in)).all())
+    if target.pattern == "unstructured":
+        return int(mask.sum()) == round((1 - target.sparsity) * d_out * d_in)
+    n, m = target.nm
+    return bool((mask.reshape(d_out, d_in // m, m).sum(dim=2) == n).all())
+
+
+def _run(layer: LayerProblem, **overrides) -> tuple:
+    config = FWConfig(**overrides)
+    weight = layer.weight
+    scores = wanda_scores(weight, layer.gram)
+    feasible = layer.feasible_set()
+    start = feasible.mask(scores)
+    return frank_wolfe(weight, layer.gram, feasible, start, scores, config), start
+
+
+# ---------------------------------------------------------------------------------------------
+# Frank-Wolfe iterations
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), pattern=st.sampled_from(sorted(PATTERNS)), alpha=st.sampled_from([0.0, 0.5, 0.9]))
+def test_duality_gap_nonnegative_every_iteration(seed: int, pattern: str, alpha: float) -> None:
+    layer = _layer(seed, pattern=pattern)
+    run, _ = _run(layer, alpha=alpha, iterations=15)
+    scale = max(run.objectives[0], 1.0)
+    assert all(gap >= -1e-5 * scale for gap in run.gaps), run.gaps
+    # The gap bounds the suboptimality: no iterate may fall below the certified lower bound.
+    for objective, gap in zip(run.objectives, run.gaps):
+        assert min(run.objectives) >= objective - gap - 1e-4 * scale
+
+
+@pytest.mark.parametrize("pattern", ["row", "unstructured", "nm"])
+@pytest.mark.parametrize("step", ["line_search", "open_loop"])
+def test_duality_gap_decreases_on_average(pattern: str, step: str) -> None:
+    layer = _layer(3, d_out=8, d_in=32, pattern=pattern)
+    run, _ = _run(layer, alpha=0.0, iterations=40, step=step)
+    gaps = torch.tensor(run.gaps)
+    assert gaps[20:].mean() < gaps[:20].mean()
+    assert gaps[-10:].mean() < 0.5 * gaps[:5].mean()
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), pattern=st.sampled_from(sorted(PATTERNS)), alpha=st.sampled_from([0.0, 0.5, 0.9]))
+def test_line_search_objective_never_increases(seed: int, pattern: str, alpha: float) -> None:
+    layer = _layer(seed, pattern=pattern)
+    run, start = _run(layer, alpha=alpha, iterations=12)
+    objectives = run.objectives
+    scale = max(objectives[0], 1.0)
+    assert all(b <= a + 1e-5 * scale for a, b in zip(objectives, objectives[1:])), objectives
+    # objectives[0] is the Wanda warm start's error, computed independently here.
+    assert objectives[0] == pytest.approx(float(_row_objective(layer, layer.weight * start).sum()), rel=1e-4)
+
+
+def test_open_loop_objective_trend() -> None:
+    layer = _layer(5, d_out=8, d_in=32, pattern="row")
+    run, _ = _run(layer, alpha=0.5, iterations=40, step="open_loop")
+    # gamma_0 = 1 jumps to the first vertex; from there the open loop trends down.
+    assert run.objectives[-1] <= run.objectives[1]
+    assert sum(run.objectives[-10:]) < sum(run.objectives[1:11])
+
+
+@pytest.mark.parametrize("pattern", ["row", "unstructured", "nm"])
+def test_incremental_product_matches_dense(pattern: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Always take the sparse-difference path (small layers change more than the dense threshold).
+    monkeypatch.setattr(fw, "_DENSE_FRACTION", 1.0)
+    layer = _layer(11, d_out=12, d_in=32, pattern=pattern)
+    run, _ = _run(layer, alpha=0.3, iterations=30, refresh_every=1000)
+    assert run.sparse_updates == 29 and run.dense_updates == 1
+    dense = (layer.weight * run.mask) @ layer.gram
+    scale = float(((layer.weight @ layer.gram).abs()).max())
+    assert torch.allclose(run.kept_product, dense, atol=1e-4 * scale, rtol=0)
+
+
+def test_fixed_weights_stay_at_one() -> None:
+    layer = _layer(2, d_out=6, d_in=32, pattern="row")
+    run, start = _run(layer, alpha=0.75, iterations=10)
+    k = int(start[0].sum())
+    assert bool((run.fixed.sum(dim=1) == math.floor(0.75 * k)).all())
+    assert bool((run.mask[run.fixed] == 1).all())
+    assert bool((start | ~run.fixed).all())  # the fixed weights are the Wanda mask's best
+    assert float(run.mask.min()) >= 0 and float(run.mask.max()) <= 1 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The solver: feasibility, rounding guarantee, edge cases
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    seed=st.integers(0, 10_000),
+    pattern=st.sampled_from(sorted(PATTERNS)),
+    alpha=st.sampled_from([0.0, 0.3, 0.9, 0.999]),
+    polish=st.sampled_from([0, 50]),
+)
+def test_result_is_feasible_and_never_worse_than_wanda(seed: int, pattern: str, alpha: float, polish: int) -> None:
+    layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
+    result = FWSolver(FWConfig(alpha=alpha, iterations=8, polish_steps=polish)).prune(layer)
+    assert result.mask.dtype == torch.bool
+    assert layer.feasible_set().contains(result.mask)
+    assert _counts_ok(result.mask, layer.target)
+    assert bool((result.weight[~result.mask] == 0).all())
+    assert torch.equal(result.weight[result.mask], layer.weight[result.mask])
+
+    wanda = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
+    final_rows = _row_objective(layer, result.weight)
+    wanda_rows = _row_objective(layer, layer.weight * wanda)
+    tol = 1e-5 * float(wanda_rows.sum()) + 1e-6
+    if pattern == "unstructured":
+        assert float(final_rows.sum()) <= float(wanda_rows.sum()) + tol
+    else:  # row-separable: the guarantee holds row by row
+        assert bool((final_rows <= wanda_rows + tol).all())
+    metrics = result.metrics
+    assert metrics["fw/objective_final"] <= metrics["fw/objective_start"] + tol
+    assert metrics["fw/objective_final"] <= metrics["fw/objective_rounded"] + tol
+    assert metrics["fw/objective_final"] == pytest.approx(float(final_rows.sum()), rel=1e-4, abs=1e-6)
+
+
+def test_alpha_zero_and_near_one() -> None:
+    layer = _layer(7, d_out=6, d_in=32, pattern="row")
+    k = 16
+    run0, _ = _run(layer, alpha=0.0, iterations=5)
+    assert not bool(run0.fixed.any())
+    near, _ = _run(layer, alpha=0.999, iterations=5)
+    assert bool((near.fixed.sum(dim=1) == k - 1).all())  # floor(0.999 * 16) = 15: one free slot per row
+    # With one free slot per row the relaxed iterate spends at most one unit of mass off the fixed set.
+    assert bool(near.mask[~near.fixed].sum() <= 6 + 1e-5)
+    for alpha in (0.0, 0.999):
+        result = FWSolver(FWConfig(alpha=alpha, iterations=5)).prune(layer)
+        assert _counts_ok(result.mask, layer.target)
+
+
+def test_polish_does_better_than_rounding_on_correlated_inputs() -> None:
+    layer = _layer(13, d_out=16, d_in=32, pattern="row")
+    plain = FWSolver(FWConfig(iterations=10, polish_steps=0)).prune(layer)
+    polished = FWSolver(FWConfig(iterations=10, polish_steps=100)).prune(layer)
+    assert layer.error(polished.weight) < layer.error(plain.weight)
+    assert polished.metrics["fw/swaps"] > 0
+
+
+@pytest.mark.parametrize("pattern", ["row", "nm", "unstructured"])
+def test_swap_polish_keeps_counts_and_only_improves(pattern: str) -> None:
+    layer = _layer(17, d_out=10, d_in=24, pattern=pattern)
+    weight, gram = layer.weight, layer.gram
+    start = layer.feasible_set().mask(weight.abs())  # magnitude: a poor start with room to improve
+    group = 4 if pattern == "nm" else weight.shape[1]
+    polished, steps, swaps = _swap_polish(weight, gram, start, group, 200)
+    assert swaps > 0 and steps >= 1
+    assert torch.equal(polished.sum(dim=1), start.sum(dim=1))
+    if pattern == "nm":
+        assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
+    before, after = _row_objective(layer, weight * start), _row_objective(layer, weight * polished)
+    assert bool((after <= before + 1e-6 * before.abs().max()).all())
+
+
+def test_swap_polish_reaches_the_optimum_of_a_tiny_row() -> None:
+    # 1 row, 6 inputs, keep 3: 20 masks; the polish must find one no single swap improves.
+    layer = _layer(23, d_out=1, d_in=6, pattern="row")
+    weight, gram = layer.weight, layer.gram
+    start = layer.feasible_set().mask(weight.abs())
+    polished, _, _ = _swap_polish(weight, gram, start, 6, 50)
+    value = float(_row_objective(layer, weight * polished).sum())
+    for out in polished[0].nonzero()[:, 0].tolist():
+        for into in (~polished[0]).nonzero()[:, 0].tolist():
+            other = polished.clone()
+            other[0, out], other[0, into] = False, True
+            assert value <= float(_row_objective(layer, weight * other).sum()) + 1e-6 * value
+
+
+def test_metrics_and_trace() -> None:
+    layer = _layer(1, pattern="nm")
+    result = FWSolver(FWConfig(iterations=7, trace_every=3)).prune(layer)
+    for key in ("fw/iterations", "fw/objective_start", "fw/objective_relaxed", "fw/objective_rounded", "fw/gap_last"):
+        assert key in result.metrics
+    assert result.metrics["fw/iterations"] == 7
+    assert [entry["iteration"] for entry in result.trace] == [0, 3, 6]
+    assert all(set(entry) == {"iteration", "objective", "gap"} for entry in result.trace)
+    assert result.metrics["fw/lower_bound"] <= result.metrics["fw/objective_relaxed"] + 1e-6
+
+
+def test_registered_and_structured_rejected() -> None:
+    assert solver_class("fw") is FWSolver
+    layer = _layer(0)
+    layer.target = SparsityConfig(0.5, "structured")
+    with pytest.raises(ValueError, match="fw supports the row, unstructured and nm patterns, got 'structured'"):
+        FWSolver().prune(layer)
+
+
+def test_input_not_modified() -> None:
+    layer = _layer(4)
+    weight, gram = layer.weight.clone(), layer.gram.clone()
+    FWSolver(FWConfig(iterations=3, reconstruct=True)).prune(layer)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.gram, gram)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"alpha": 1.0}, r"fw: alpha must be in \[0, 1\), got 1.0"),
+        ({"alpha": -0.1}, r"fw: alpha must be in \[0, 1\), got -0.1"),
+        ({"alpha": float("nan")}, r"fw: alpha must be in \[0, 1\), got nan"),
+        ({"iterations": 0}, r"fw: iterations must be an integer >= 1, got 0"),
+        ({"iterations": 2.5}, r"fw: iterations must be an integer >= 1, got 2.5"),
+        ({"step": "armijo"}, r"fw: step must be one of line_search, open_loop, got 'armijo'"),
+        ({"polish_steps": -1}, r"fw: polish_steps must be an integer >= 0, got -1"),
+        ({"damp": -1.0}, r"fw: damp must be a finite number >= 0, got -1.0"),
+        ({"reconstruct_iterations": 0}, r"fw: reconstruct_iterations must be an integer >= 1, got 0"),
+        ({"reconstruct": "yes"}, r"fw: reconstruct must be true or false, got 'yes'"),
+        ({"trace_every": 0}, r"fw: trace_every must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_config(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FWSolver(FWConfig(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reconstruct_matches_direct_least_squares() -> None:
+    layer = _layer(29, d_out=4, d_in=8, pattern="row")
+    weight, gram = layer.weight.double(), layer.gram.double()
+    mask = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
+    damp = 0.01
+    lam = damp * float(gram.diagonal().mean())
+    solved = reconstruct_rows(weight, gram, mask, damp, iterations=40)
+    for i in range(weight.shape[0]):
+        support = mask[i].nonzero()[:, 0]
+        system = gram[support][:, support] + lam * torch.eye(len(support), dtype=torch.float64)
+        rhs = (gram @ weight[i])[support] + lam * weight[i, support]
+        expected = torch.zeros_like(weight[i])
+        expected[support] = torch.linalg.solve(system, rhs)
+        assert torch.allclose(solved[i], expected, rtol=1e-6, atol=1e-8)
+    # No damping: the plain least-squares normal equations on the support.
+    exact = reconstruct_rows(weight, gram, mask, 0.0, iterations=40)
+    for i in range(weight.shape[0]):
+        support = mask[i].nonzero()[:, 0]
+        expected = torch.linalg.solve(gram[support][:, support], (gram @ weight[i])[support])
+        assert torch.allclose(exact[i, support], expected, rtol=1e-5, atol=1e-7)
+
+
+@FAST
+@given(
+    seed=st.integers(0, 10_000),
+    pattern=st.sampled_from(sorted(PATTERNS)),
+    iterations=st.sampled_from([1, 3, 30]),
+    damp=st.sampled_from([0.0, 0.01, 1.0]),
+)
+def test_reconstruct_never_increases_error(seed: int, pattern: str, iterations: int, damp: float) -> None:
+    layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
+    mask = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
+    rebuilt = reconstruct_rows(layer.weight, layer.gram, mask, damp, iterations)
+    assert bool((rebuilt[~mask] == 0).all())
+    masked_rows, rebuilt_rows = _row_objective(layer, layer.weight * mask), _row_objective(layer, rebuilt)
+    assert bool((rebuilt_rows <= masked_rows * (1 + 1e-5) + 1e-6).all())
+
+
+def test_solver_reconstruct_beats_mask_only() -> None:
+    layer = _layer(31, d_out=8, d_in=32, pattern="row60")
+    plain = FWSolver(FWConfig(iterations=5)).prune(layer)
+    rebuilt = FWSolver(FWConfig(iterations=5, reconstruct=True)).prune(layer)
+    assert torch.equal(plain.mask, rebuilt.mask)
+    assert layer.error(rebuilt.weight) < layer.error(plain.weight)
+    assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
