@@ -197,12 +197,13 @@ def test_swap_polish_keeps_counts_and_only_improves(pattern: str) -> None:
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())  # magnitude: a poor start with room to improve
     group = 4 if pattern == "nm" else weight.shape[1]
-    polished, steps, swaps = _swap_polish(weight, gram, start, group, 200)
+    polished, rows, steps, swaps = _swap_polish(weight, gram, start, group, 200)
     assert swaps > 0 and steps >= 1
     assert torch.equal(polished.sum(dim=1), start.sum(dim=1))
     if pattern == "nm":
         assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     before, after = _row_objective(layer, weight * start), _row_objective(layer, weight * polished)
+    assert torch.allclose(rows, after, rtol=1e-4, atol=1e-6 * float(before.abs().max()))
     assert bool((after <= before + 1e-6 * before.abs().max()).all())
 
 
@@ -211,7 +212,7 @@ def test_swap_polish_reaches_the_optimum_of_a_tiny_row() -> None:
     layer = _layer(23, d_out=1, d_in=6, pattern="row")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, _ = _swap_polish(weight, gram, start, 6, 50)
+    polished, _, _, _ = _swap_polish(weight, gram, start, 6, 50)
     value = float(_row_objective(layer, weight * polished).sum())
     for out in polished[0].nonzero()[:, 0].tolist():
         for into in (~polished[0]).nonzero()[:, 0].tolist():

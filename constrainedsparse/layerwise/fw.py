@@ -87,6 +87,7 @@ import dataclasses
 import math
 import time
 
+import numpy as np
 import torch
 
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
@@ -95,7 +96,7 @@ from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK, TopK
 __all__ = ["FWConfig", "FWSolver", "reconstruct_rows"]
 
 STEPS = ("line_search", "open_loop")
-_DENSE_FRACTION = 0.15
+_DENSE_FRACTION = 0.05
 
 
 @dataclasses.dataclass
@@ -194,12 +195,22 @@ class _Face:
         self.free_index = (~self.fixed).reshape(-1).nonzero()[:, 0]
 
     def lmo(self, grad: torch.Tensor) -> torch.Tensor:
-        r"""0/1 vertex :math:`V` minimising :math:`\langle \nabla, V\rangle` on the face (fixed entries 1)."""
-        free_grad = grad.reshape(-1)[self.free_index].reshape(self.free_shape)
-        chosen = self.free_set.lmo(free_grad, only_negative=True).reshape(-1)
-        vertex = self.fixed.to(grad.dtype).reshape(-1)
-        vertex[self.free_index] = chosen
-        return vertex.reshape(grad.shape)
+        r"""Free part of the vertex minimising :math:`\langle \nabla, V\rangle` on the face (0/1, flat)."""
+        free_grad = grad.reshape(-1).index_select(0, self.free_index).reshape(self.free_shape)
+        return self.free_set.lmo(free_grad, only_negative=True).reshape(-1)
+
+    def vertex(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The full 0/1 vertex: the fixed weights and the ``chosen`` free coordinates."""
+        vertex = self.fixed.to(chosen.dtype)
+        vertex.view(-1).index_copy_(0, self.free_index, chosen)
+        return vertex
+
+
+def _flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a flat boolean tensor (NumPy's on CPU: several times faster)."""
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flags.numpy()))
+    return flags.nonzero()[:, 0]
 
 
 class _VertexProduct:
@@ -207,33 +218,34 @@ class _VertexProduct:
 
     Consecutive Frank-Wolfe vertices differ in few coordinates, so
     :math:`Q \mathrel{+}= (W \odot (V_t - V_{t-1}))G` costs :math:`O(\mathrm{nnz}(\Delta V)\, d_{in})`;
-    a dense product is used for the first vertex, on request, and when more than 15 % of the
-    entries changed (where a sparse product stops paying off).
+    a dense product is used for the first vertex, on request, and when more than ``_DENSE_FRACTION``
+    of the entries changed (measured break-even of a sparse against a dense product on CPU). Only
+    free coordinates can change, so the change is found on the face's compact free vector.
     """
 
-    def __init__(self, weight: torch.Tensor, gram: torch.Tensor) -> None:
-        self.weight, self.gram = weight, gram
-        self.vertex: torch.Tensor | None = None
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, free_index: torch.Tensor) -> None:
+        self.weight, self.gram, self.free_index = weight, gram, free_index
+        self.chosen: torch.Tensor | None = None
         self.product = torch.empty(0)
         self.sparse_updates = 0
         self.dense_updates = 0
 
-    def update(self, vertex: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        """Returns :math:`(W \\odot V)G` for the new 0/1 vertex ``V``."""
-        if self.vertex is not None and not dense:
-            changed = (vertex != self.vertex).nonzero()
-            if changed.shape[0] <= _DENSE_FRACTION * vertex.numel():
-                rows, cols = changed[:, 0], changed[:, 1]
-                delta = (vertex[rows, cols] - self.vertex[rows, cols]) * self.weight[rows, cols]
-                # nonzero() lists indices in row-major order without repeats: already coalesced.
-                diff = torch.sparse_coo_tensor(
-                    changed.T, delta, vertex.shape, is_coalesced=True, check_invariants=False
-                )
+    def update(self, chosen: torch.Tensor, vertex: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """Returns :math:`(W \\odot V)G` for the new vertex (``chosen``: its free part, flat)."""
+        if self.chosen is not None and not dense:
+            changed = _flat_nonzero(chosen != self.chosen)
+            if changed.numel() <= _DENSE_FRACTION * vertex.numel():
+                flat = self.free_index[changed]
+                delta = (chosen[changed] - self.chosen[changed]) * self.weight.view(-1)[flat]
+                d_in = vertex.shape[1]
+                index = torch.stack((flat // d_in, flat % d_in))
+                # Ascending flat indices without repeats: already coalesced, row-major.
+                diff = torch.sparse_coo_tensor(index, delta, vertex.shape, is_coalesced=True, check_invariants=False)
                 self.product = self.product + torch.sparse.mm(diff, self.gram)
-                self.vertex = vertex
+                self.chosen = chosen
                 self.sparse_updates += 1
                 return self.product
-        self.vertex = vertex
+        self.chosen = chosen
         self.product = (self.weight * vertex) @ self.gram
         self.dense_updates += 1
         return self.product
@@ -251,8 +263,11 @@ class FrankWolfeRun:
     Args:
         mask: The relaxed iterate :math:`M \\in [0, 1]` (fixed entries exactly 1).
         kept_product: The incrementally maintained :math:`P = (W \\odot M)G`.
+        start_product: :math:`(W \\odot M_0)G` of the start mask.
         fixed: Boolean mask of the fixed weights.
-        objectives: :math:`f(M_t)` before every iteration and after the last, float64.
+        objectives: :math:`f(M_t)` before every iteration and after the last, float64 (the first
+            and the last computed from scratch, the others updated by the exact quadratic change
+            of each step).
         gaps: Duality gap :math:`\\langle\\nabla f(M_t), M_t - V_t\\rangle` of every iteration.
         sparse_updates: Vertex products updated by sparse differences.
         dense_updates: Vertex products computed densely.
@@ -260,6 +275,7 @@ class FrankWolfeRun:
 
     mask: torch.Tensor
     kept_product: torch.Tensor
+    start_product: torch.Tensor
     fixed: torch.Tensor
     objectives: list[float]
     gaps: list[float]
@@ -291,41 +307,46 @@ def frank_wolfe(
         The relaxed iterate and its history.
     """
     face = _Face(feasible, config.alpha, scores)
-    fixed = face.fixed
     row_separable = not isinstance(feasible, TopK)
     wg = weight @ gram if wg is None else wg
     mask = start.to(weight.dtype)
     kept = (weight * mask) @ gram
-    vertices = _VertexProduct(weight, gram)
+    start_product = kept.clone()
+    vertices = _VertexProduct(weight, gram, face.free_index)
+    objective = float(((weight - weight * mask) * (wg - kept)).sum(dtype=torch.float64))
     objectives: list[float] = []
     gaps: list[float] = []
     for t in range(config.iterations):
-        residual = wg - kept
-        grad = -2.0 * weight * residual
-        objectives.append(float(((weight - weight * mask) * residual).sum(dtype=torch.float64)))
-        vertex = face.lmo(grad)
-        direction = vertex - mask
-        row_gaps = -(grad * direction).sum(dim=1, dtype=torch.float64)
-        gaps.append(float(row_gaps.sum()))
         refresh = t > 0 and t % config.refresh_every == 0
-        vertex_product = vertices.update(vertex, dense=refresh)
         if refresh:
             kept = (weight * mask) @ gram
-        step_product = vertex_product - kept
+            objective = float(((weight - weight * mask) * (wg - kept)).sum(dtype=torch.float64))
+        # ∇f = -2 W⊙(WG - P); the oracle is invariant to the positive factor 2.
+        weighted_residual = weight * (wg - kept)
+        chosen = face.lmo(-weighted_residual)
+        vertex = face.vertex(chosen)
+        direction = vertex - mask
+        row_gaps = 2.0 * (weighted_residual * direction).sum(dim=1, dtype=torch.float64)
+        objectives.append(objective)
+        gaps.append(float(row_gaps.sum()))
+        step_product = vertices.update(chosen, vertex, dense=refresh) - kept
+        # f(M + γΔ) = f(M) - γ gap + γ² ⟨W⊙Δ, (W⊙Δ)G⟩ with (W⊙Δ)G = Q - P.
+        quadratic = ((weight * direction) * step_product).sum(dim=1, dtype=torch.float64)
+        if not row_separable:
+            row_gaps, quadratic = row_gaps.sum(dim=0, keepdim=True), quadratic.sum(dim=0, keepdim=True)
         if config.step == "open_loop":
-            gamma: torch.Tensor | float = 2.0 / (t + 2.0)
+            gamma = torch.full_like(row_gaps, 2.0 / (t + 2.0))
         else:
-            # f(M + γΔ) = f(M) - γ gap + γ² ⟨W⊙Δ, (W⊙Δ)G⟩ and (W⊙Δ)G = Q - P: the exact minimiser,
-            # per row where rows are independent (row, N:M), for the whole layer otherwise.
-            curvature = 2.0 * (weight * direction * step_product).sum(dim=1, dtype=torch.float64)
-            if not row_separable:
-                row_gaps, curvature = row_gaps.sum(dim=0, keepdim=True), curvature.sum(dim=0, keepdim=True)
-            gamma = torch.where(curvature > 0, row_gaps / curvature.clamp_min(1e-300), 1.0).clamp(0.0, 1.0)
-            gamma = gamma.to(weight.dtype).unsqueeze(1)
-        mask = mask + gamma * direction
-        kept = kept + gamma * step_product
+            # The exact minimiser, per row where rows are independent (row, N:M), else for the layer.
+            gamma = torch.where(quadratic > 0, row_gaps / (2.0 * quadratic).clamp_min(1e-300), 1.0).clamp(0.0, 1.0)
+        objective += float((gamma * (gamma * quadratic - row_gaps)).sum())
+        gamma_column = gamma.to(weight.dtype).unsqueeze(1)
+        mask.addcmul_(gamma_column, direction)
+        kept.addcmul_(gamma_column, step_product)
     objectives.append(float(((weight - weight * mask) * (wg - kept)).sum(dtype=torch.float64)))
-    return FrankWolfeRun(mask, kept, fixed, objectives, gaps, vertices.sparse_updates, vertices.dense_updates)
+    return FrankWolfeRun(
+        mask, kept, start_product, face.fixed, objectives, gaps, vertices.sparse_updates, vertices.dense_updates
+    )
 
 
 @register_solver("fw")
@@ -349,24 +370,27 @@ class FWSolver(LayerwiseSolver):
         wanda = feasible.mask(scores)
         wg = weight @ gram
         run = frank_wolfe(weight, gram, feasible, wanda, scores, cfg, wg=wg)
-        start_rows = _row_errors(weight, wg, (weight * wanda) @ gram, wanda)
+        start_rows = _row_errors(weight, wg, run.start_product, wanda)
 
         # Fixed weights outrank every free value in [0, 1]; the set's own mask rounds (ties by index).
         rounded = feasible.mask(run.mask + 2.0 * run.fixed.to(run.mask.dtype))
-        rounded_rows = _row_errors(weight, wg, (weight * rounded) @ gram, rounded)
+        rounded_product = (weight * rounded) @ gram
+        rounded_rows = _row_errors(weight, wg, rounded_product, rounded)
         if row_separable:
             better = rounded_rows < start_rows
-            final = torch.where(better.unsqueeze(1), rounded, wanda)
-            final_rows = torch.where(better, rounded_rows, start_rows)
-        elif float(rounded_rows.sum()) < float(start_rows.sum()):
-            final, final_rows = rounded, rounded_rows
         else:
-            final, final_rows = wanda, start_rows
+            better = torch.full_like(
+                rounded_rows, float(rounded_rows.sum()) < float(start_rows.sum()), dtype=torch.bool
+            )
+        final = torch.where(better.unsqueeze(1), rounded, wanda)
+        final_rows = torch.where(better, rounded_rows, start_rows)
         polish_steps = swaps = 0
         if cfg.polish_steps > 0:
             group = feasible.m if isinstance(feasible, NMSparse) else weight.shape[1]
-            final, polish_steps, swaps = _swap_polish(weight, gram, final, group, cfg.polish_steps)
-            final_rows = _row_errors(weight, wg, (weight * final) @ gram, final)
+            residual = wg - torch.where(better.unsqueeze(1), rounded_product, run.start_product)
+            final, final_rows, polish_steps, swaps = _swap_polish(
+                weight, gram, final, group, cfg.polish_steps, residual=residual
+            )
         weight_hat = layer.weight.detach() * final
         if cfg.reconstruct:
             weight_hat = reconstruct_rows(
@@ -462,8 +486,13 @@ def _row_argmin(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _swap_polish(
-    weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, group: int, max_steps: int
-) -> tuple[torch.Tensor, int, int]:
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    group: int,
+    max_steps: int,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     r"""Exact one-in-one-out local search on a binary mask, inside groups of ``group`` inputs.
 
     With :math:`D = W \odot (1 - M)` and :math:`C = DG`, pruning a kept weight :math:`j` of row
@@ -485,8 +514,17 @@ def _swap_polish(
     product with :math:`G`), else the single best swap of the row. A row with no improving swap is
     at a local optimum for good (rows do not interact), so it leaves the active set.
 
+    Args:
+        weight: :math:`W`, ``(d_out, d_in)``.
+        gram: :math:`G`, ``(d_in, d_in)``, same dtype.
+        mask: Boolean start mask (not modified).
+        group: Width of the groups of consecutive inputs within which swaps happen (``d_in``: rows).
+        max_steps: Maximum number of steps.
+        residual: :math:`C = (W \\odot (1 - M))G` of the start mask if already known.
+
     Returns:
-        The improved mask (a new tensor), the number of steps and the number of swaps applied.
+        The improved mask (a new tensor), its per-row objective (float64), the number of steps
+        and the number of swaps applied.
     """
     mask = mask.clone()
     d_out, d_in = weight.shape
@@ -495,7 +533,8 @@ def _swap_polish(
     w, m = weight, mask.clone()
     twice_w = 2.0 * w
     w2 = weight * weight * gram.diagonal()
-    c = (weight * ~mask) @ gram
+    c_all = (weight * ~mask) @ gram if residual is None else residual.clone()
+    c = c_all
     # Additive +inf penalties: far cheaper than torch.where/masked_fill on CPU, updated per swap.
     off_pruned = torch.zeros_like(w).masked_fill_(~m, inf)
     off_kept = torch.zeros_like(w).masked_fill_(m, inf)
@@ -560,9 +599,13 @@ def _swap_polish(
         if not bool(moved.all()):
             # Rows without an improving swap are final: write them back and drop them.
             mask[active[~moved]] = m[~moved]
+            c_all[active[~moved]] = c[~moved]
             active, w, m, c = active[moved], w[moved], m[moved], c[moved]
             twice_w, w2, off_pruned, off_kept = twice_w[moved], w2[moved], off_pruned[moved], off_kept[moved]
             if small:
                 cross = cross[moved]
     mask[active] = m
-    return mask, steps, swaps
+    if c is not c_all:
+        c_all[active] = c
+    rows = ((weight * ~mask) * c_all).sum(dim=1, dtype=torch.float64)
+    return mask, rows, steps, swaps
