@@ -447,7 +447,7 @@ class StructuredGroups(FeasibleSet):
         return self._expand(vertex, grad).to(grad.dtype)
 
     def contains(self, x: torch.Tensor) -> bool:
-        return int(torch.count_nonzero(self._groups(x).abs().sum(dim=1))) <= self.k
+        return int((torch.count_nonzero(self._groups(x), dim=1) > 0).sum()) <= self.k
 
     def __repr__(self) -> str:
         return f"StructuredGroups(k={self.k}, dim={self.dim})"

@@ -700,3 +700,14 @@ def test_large_lmo_accepts_grad_requiring_tensor() -> None:
 def test_structured_project_extreme_magnitudes(x: torch.Tensor, keep_row: int) -> None:
     mask = StructuredGroups(1).mask(x)
     assert bool(mask[keep_row].all()) and not bool(mask[1 - keep_row].any())
+
+
+@pytest.mark.parametrize(
+    "feasible", [TopK(3), RowTopK(1), NMSparse(1, 2), StructuredGroups(1, dim=0), StructuredGroups(2, dim=1)]
+)
+def test_contains_accepts_boolean_masks(feasible):
+    weights = torch.arange(1.0, 13.0).reshape(3, 4)
+    mask = feasible.mask(weights)
+    assert mask.dtype == torch.bool
+    assert feasible.contains(mask) and feasible.contains(weights * mask)
+    assert not feasible.contains(torch.ones(3, 4, dtype=torch.bool))
