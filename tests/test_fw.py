@@ -7,6 +7,7 @@ reconstruction from a direct per-row linear solve in float64.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,14 @@ from hypothesis import strategies as st
 
 from constrainedsparse.layerwise import fw
 from constrainedsparse.layerwise.base import LayerProblem, solver_class, wanda_scores
-from constrainedsparse.layerwise.fw import FWConfig, FWSolver, _swap_polish, frank_wolfe, reconstruct_rows
+from constrainedsparse.layerwise.fw import (
+    FWConfig,
+    FWSolver,
+    _group_sweep_polish,
+    _swap_polish,
+    frank_wolfe,
+    reconstruct_rows,
+)
 from constrainedsparse.targets import SparsityConfig
 
 FAST = settings(max_examples=25, deadline=None)
@@ -144,11 +152,11 @@ def test_fixed_weights_stay_at_one() -> None:
     seed=st.integers(0, 10_000),
     pattern=st.sampled_from(sorted(PATTERNS)),
     alpha=st.sampled_from([0.0, 0.3, 0.9, 0.999]),
-    polish=st.sampled_from([0, 50]),
+    polish=st.sampled_from([0, 3]),
 )
 def test_result_is_feasible_and_never_worse_than_wanda(seed: int, pattern: str, alpha: float, polish: int) -> None:
     layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
-    result = FWSolver(FWConfig(alpha=alpha, iterations=8, polish_steps=polish)).prune(layer)
+    result = FWSolver(FWConfig(alpha=alpha, iterations=8, polish_steps=polish, polish_sweeps=polish)).prune(layer)
     assert result.mask.dtype == torch.bool
     assert layer.feasible_set().contains(result.mask)
     assert _counts_ok(result.mask, layer.target)
@@ -187,32 +195,51 @@ def test_polish_does_better_than_rounding_on_correlated_inputs() -> None:
     layer = _layer(13, d_out=16, d_in=32, pattern="row")
     plain = FWSolver(FWConfig(iterations=10, polish_steps=0)).prune(layer)
     polished = FWSolver(FWConfig(iterations=10, polish_steps=100)).prune(layer)
+    assert polished.metrics["fw/objective_final"] < polished.metrics["fw/objective_rounded"]
     assert layer.error(polished.weight) < layer.error(plain.weight)
     assert polished.metrics["fw/swaps"] > 0
 
 
-@pytest.mark.parametrize("pattern", ["row", "nm", "unstructured"])
-def test_swap_polish_keeps_counts_and_only_improves(pattern: str) -> None:
+@pytest.mark.parametrize("pattern", ["row", "nm", "nm14", "unstructured"])
+def test_polish_keeps_counts_and_only_improves(pattern: str) -> None:
     layer = _layer(17, d_out=10, d_in=24, pattern=pattern)
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())  # magnitude: a poor start with room to improve
-    group = 4 if pattern == "nm" else weight.shape[1]
-    polished, rows, steps, swaps = _swap_polish(weight, gram, start, group, 200)
+    if pattern.startswith("nm"):
+        polished, rows, steps, swaps = _group_sweep_polish(weight, gram, start, 4, 5, block=8)
+        assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
+    else:
+        polished, rows, steps, swaps = _swap_polish(weight, gram, start, 200)
     assert swaps > 0 and steps >= 1
     assert torch.equal(polished.sum(dim=1), start.sum(dim=1))
-    if pattern == "nm":
-        assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     before, after = _row_objective(layer, weight * start), _row_objective(layer, weight * polished)
     assert torch.allclose(rows, after, rtol=1e-4, atol=1e-6 * float(before.abs().max()))
     assert bool((after <= before + 1e-6 * before.abs().max()).all())
+    assert float(after.sum()) < float(before.sum())
 
 
-def test_swap_polish_reaches_the_optimum_of_a_tiny_row() -> None:
-    # 1 row, 6 inputs, keep 3: 20 masks; the polish must find one no single swap improves.
+def test_group_sweep_reaches_a_groupwise_optimum() -> None:
+    # After sweeps that change nothing, no group of any row can take a better kept set alone.
+    layer = _layer(19, d_out=3, d_in=12, pattern="nm")
+    weight, gram = layer.weight, layer.gram
+    start = layer.feasible_set().mask(weight.abs())
+    polished, _, sweeps, _ = _group_sweep_polish(weight, gram, start, 4, 50, block=4)
+    assert sweeps < 50
+    value = _row_objective(layer, weight * polished)
+    for group in range(3):
+        for kept in itertools.combinations(range(4), 2):
+            other = polished.clone()
+            other[:, 4 * group : 4 * group + 4] = False
+            other[:, [4 * group + i for i in kept]] = True
+            assert bool((value <= _row_objective(layer, weight * other) + 1e-6 * value.abs().max()).all())
+
+
+def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
+    # 1 row, 6 inputs, keep 3: after the polish no single swap improves.
     layer = _layer(23, d_out=1, d_in=6, pattern="row")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, _, _ = _swap_polish(weight, gram, start, 6, 50)
+    polished, _, _, _ = _swap_polish(weight, gram, start, 50)
     value = float(_row_objective(layer, weight * polished).sum())
     for out in polished[0].nonzero()[:, 0].tolist():
         for into in (~polished[0]).nonzero()[:, 0].tolist():
@@ -262,6 +289,7 @@ def test_input_not_modified() -> None:
         ({"iterations": 2.5}, r"fw: iterations must be an integer >= 1, got 2.5"),
         ({"step": "armijo"}, r"fw: step must be one of line_search, open_loop, got 'armijo'"),
         ({"polish_steps": -1}, r"fw: polish_steps must be an integer >= 0, got -1"),
+        ({"polish_sweeps": -2}, r"fw: polish_sweeps must be an integer >= 0, got -2"),
         ({"damp": -1.0}, r"fw: damp must be a finite number >= 0, got -1.0"),
         ({"reconstruct_iterations": 0}, r"fw: reconstruct_iterations must be an integer >= 1, got 0"),
         ({"reconstruct": "yes"}, r"fw: reconstruct must be true or false, got 'yes'"),

@@ -61,11 +61,13 @@ below only ever lowers the objective, so the returned mask satisfies
 relaxed iterate also gives a certificate: :math:`f(M) - g(M) \le f` on every mask of the face (every
 mask containing the fixed weights), reported as ``fw/lower_bound``.
 
-**Swap polish** (``polish_steps > 0``, beyond the paper). The rounded mask is improved by an exact
-best-improvement local search that swaps one kept and one pruned weight of the same unit (row for
-``row`` and ``unstructured`` — which keeps every row's count and so the layer's — N:M group for
-``nm``); see :func:`_swap_polish`. Each swap's change of the objective is computed exactly from
-:math:`C = DG`, so the objective decreases strictly and the pattern's counts never change.
+**Swap polish** (beyond the paper; ``polish_steps``/``polish_sweeps``, 0 turns it off). Rounding
+loses much of what the relaxation gained, so the rounded mask is improved by an exact local search
+on the binary objective that never changes a unit's count: one-in-one-out swaps within each row for
+``row`` and ``unstructured`` (:func:`_swap_polish`; keeping every row's count keeps the layer's),
+and block-coordinate descent over the N:M groups for ``nm``, each group taking its best kept set
+given the others (:func:`_group_sweep_polish`). Every accepted move's change of the objective is
+computed exactly from :math:`C = DG`, so the objective decreases strictly.
 
 **Reconstruction** (``reconstruct=True``, beyond the paper). On the kept support :math:`S` of every
 row the kept weights are re-solved by damped least squares
@@ -84,6 +86,7 @@ with the same value: the reconstructed error is never larger than the mask-only 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 
@@ -108,7 +111,9 @@ class FWConfig:
         iterations: Frank-Wolfe iterations, at least 1.
         step: ``"line_search"`` (exact, per row where the pattern allows) or ``"open_loop"``
             (:math:`2/(t+2)`, the paper's).
-        polish_steps: Maximum steps of the exact swap local search after rounding (0: off).
+        polish_steps: Maximum steps of the exact swap local search after rounding for whole-row
+            units (``row``, ``unstructured``; 0: off, and off for every pattern).
+        polish_sweeps: Maximum sweeps over the groups of the swap local search for ``nm`` (0: off).
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
         reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
@@ -117,9 +122,10 @@ class FWConfig:
     """
 
     alpha: float = 0.9
-    iterations: int = 10
+    iterations: int = 3
     step: str = "line_search"
-    polish_steps: int = 200
+    polish_steps: int = 20
+    polish_sweeps: int = 2
     reconstruct: bool = False
     damp: float = 0.01
     reconstruct_iterations: int = 30
@@ -136,6 +142,8 @@ class FWConfig:
             raise ValueError(f"fw: step must be one of {', '.join(STEPS)}, got {self.step!r}")
         if not _integer(self.polish_steps) or self.polish_steps < 0:
             raise ValueError(f"fw: polish_steps must be an integer >= 0, got {self.polish_steps!r}")
+        if not _integer(self.polish_sweeps) or self.polish_sweeps < 0:
+            raise ValueError(f"fw: polish_sweeps must be an integer >= 0, got {self.polish_sweeps!r}")
         if not isinstance(self.reconstruct, bool):
             raise ValueError(f"fw: reconstruct must be true or false, got {self.reconstruct!r}")
         if not _real(self.damp) or not 0.0 <= self.damp < math.inf:
@@ -385,12 +393,16 @@ class FWSolver(LayerwiseSolver):
         final = torch.where(better.unsqueeze(1), rounded, wanda)
         final_rows = torch.where(better, rounded_rows, start_rows)
         polish_steps = swaps = 0
-        if cfg.polish_steps > 0:
-            group = feasible.m if isinstance(feasible, NMSparse) else weight.shape[1]
+        if cfg.polish_steps > 0 and cfg.polish_sweeps > 0:
             residual = wg - torch.where(better.unsqueeze(1), rounded_product, run.start_product)
-            final, final_rows, polish_steps, swaps = _swap_polish(
-                weight, gram, final, group, cfg.polish_steps, residual=residual
-            )
+            if isinstance(feasible, NMSparse):
+                final, final_rows, polish_steps, swaps = _group_sweep_polish(
+                    weight, gram, final, feasible.m, cfg.polish_sweeps, residual=residual
+                )
+            else:
+                final, final_rows, polish_steps, swaps = _swap_polish(
+                    weight, gram, final, cfg.polish_steps, residual=residual
+                )
         weight_hat = layer.weight.detach() * final
         if cfg.reconstruct:
             weight_hat = reconstruct_rows(
@@ -489,45 +501,42 @@ def _swap_polish(
     weight: torch.Tensor,
     gram: torch.Tensor,
     mask: torch.Tensor,
-    group: int,
     max_steps: int,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    r"""Exact one-in-one-out local search on a binary mask, inside groups of ``group`` inputs.
+    r"""Exact one-in-one-out local search on a binary mask, within every row.
 
     With :math:`D = W \odot (1 - M)` and :math:`C = DG`, pruning a kept weight :math:`j` of row
-    :math:`i` and restoring a pruned weight :math:`l` of the same group changes that row's
-    objective by exactly
+    :math:`i` and restoring a pruned weight :math:`l` of the same row changes that row's objective
+    by exactly
 
     .. math::
 
         \Delta_{jl} = \underbrace{2 w_j c_j + w_j^2 G_{jj}}_{a_j}
             + \underbrace{w_l^2 G_{ll} - 2 w_l c_l}_{b_l} - 2 w_j w_l G_{jl} .
 
-    Every step applies, per row, only swaps that lower the row objective (:math:`\Delta < 0`,
-    exact), so the objective decreases strictly and the number of kept weights per group — hence
-    per row, per layer and per N:M group — never changes. Whole-row groups (``row``,
-    ``unstructured``) take the better of :math:`j^\star = \arg\min a` with its best partner
-    :math:`\arg\min_l (b_l - 2 w_{j^\star} w_l G_{j^\star l})` and :math:`l^\star = \arg\min b` with its
-    best partner. Small groups (N:M) enumerate all pairs of every group and apply the best swap of
-    every group at once when that batch lowers the row objective (checked exactly through one
-    product with :math:`G`), else the single best swap of the row. A row with no improving swap is
-    at a local optimum for good (rows do not interact), so it leaves the active set.
+    Every step takes, per row, the better of :math:`j^\star = \arg\min a` with its best partner
+    :math:`\arg\min_l (b_l - 2 w_{j^\star} w_l G_{j^\star l})` and :math:`l^\star = \arg\min b` with
+    its best partner, and applies it when :math:`\Delta < 0`; then
+    :math:`C_i \mathrel{+}= w_j G_j - w_l G_l`. The objective decreases strictly and every row keeps
+    its count (so ``row`` and ``unstructured`` patterns hold). A row without an improving candidate
+    swap keeps its mask for good (rows do not interact), so it leaves the active set: a step costs
+    :math:`O(d_{in})` per active row. This is a heuristic local search — other swaps of the row may
+    still improve, it is not a certificate of 1-swap optimality.
 
     Args:
         weight: :math:`W`, ``(d_out, d_in)``.
         gram: :math:`G`, ``(d_in, d_in)``, same dtype.
         mask: Boolean start mask (not modified).
-        group: Width of the groups of consecutive inputs within which swaps happen (``d_in``: rows).
         max_steps: Maximum number of steps.
-        residual: :math:`C = (W \\odot (1 - M))G` of the start mask if already known.
+        residual: :math:`C = (W \odot (1 - M))G` of the start mask if already known.
 
     Returns:
         The improved mask (a new tensor), its per-row objective (float64), the number of steps
         and the number of swaps applied.
     """
     mask = mask.clone()
-    d_out, d_in = weight.shape
+    d_out = weight.shape[0]
     inf = float("inf")
     active = torch.arange(d_out)
     w, m = weight, mask.clone()
@@ -538,59 +547,23 @@ def _swap_polish(
     # Additive +inf penalties: far cheaper than torch.where/masked_fill on CPU, updated per swap.
     off_pruned = torch.zeros_like(w).masked_fill_(~m, inf)
     off_kept = torch.zeros_like(w).masked_fill_(m, inf)
-    small = group < d_in
-    if small:
-        groups = d_in // group
-        index = torch.arange(d_in).reshape(groups, group)
-        block = gram[index.unsqueeze(2), index.unsqueeze(1)]
-        base = (torch.arange(groups) * group).unsqueeze(0)
-        wg = w.reshape(d_out, groups, group)
-        cross = -2.0 * wg.unsqueeze(3) * wg.unsqueeze(2) * block
     swaps = steps = 0
     for steps in range(1, max_steps + 1):  # noqa: B007 - the count is returned
-        n_act = len(active)
-        rows = torch.arange(n_act)
+        rows = torch.arange(len(active))
         twice_wc = twice_w * c
         a = (w2 + twice_wc).add_(off_pruned)
         b = (w2 - twice_wc).add_(off_kept)
-        if small:
-            pair = (a.reshape(n_act, groups, group, 1) + b.reshape(n_act, groups, 1, group)).add_(cross)
-            best, arg = _row_argmin(pair.reshape(n_act, groups, group * group))
-            out_j, in_l = base + arg // group, base + arg % group
-            improving = best < 0
-            row_of = rows.unsqueeze(1).expand_as(out_j)
-            ri, oj, il = row_of[improving], out_j[improving], in_l[improving]
-            change = torch.zeros_like(w)
-            change[ri, oj] = w[ri, oj]
-            change[ri, il] = -w[ri, il]
-            change_gram = change @ gram
-            batch_delta = 2.0 * (change * c).sum(dim=1) + (change * change_gram).sum(dim=1)
-            take_batch = batch_delta < 0
-            best_row, best_group = _row_argmin(best)
-            take_single = ~take_batch & (best_row < 0)
-            moved = take_batch | take_single
-            if not bool(moved.any()):
-                break
-            chosen = improving & take_batch.unsqueeze(1)
-            chosen[rows[take_single], best_group[take_single]] = True
-            c[take_batch] += change_gram[take_batch]
-            if bool(take_single.any()):
-                sr = rows[take_single]
-                sj, sl = out_j[sr, best_group[take_single]], in_l[sr, best_group[take_single]]
-                c[sr] += w[sr, sj].unsqueeze(1) * gram[sj] - w[sr, sl].unsqueeze(1) * gram[sl]
-            sr, sj, sl = row_of[chosen], out_j[chosen], in_l[chosen]
-        else:
-            a_best, j = _row_argmin(a)
-            b_best, k = _row_argmin(b)
-            b_partner, k2 = _row_argmin(torch.addcmul(b, twice_w * w[rows, j].unsqueeze(1), gram[j], value=-1.0))
-            a_partner, j2 = _row_argmin(torch.addcmul(a, twice_w * w[rows, k].unsqueeze(1), gram[k], value=-1.0))
-            first = a_best + b_partner <= b_best + a_partner
-            moved = torch.where(first, a_best + b_partner, b_best + a_partner) < 0
-            if not bool(moved.any()):
-                break
-            sr = rows[moved]
-            sj, sl = torch.where(first, j, j2)[moved], torch.where(first, k2, k)[moved]
-            c[sr] += w[sr, sj].unsqueeze(1) * gram[sj] - w[sr, sl].unsqueeze(1) * gram[sl]
+        a_best, j = _row_argmin(a)
+        b_best, k = _row_argmin(b)
+        b_partner, k2 = _row_argmin(torch.addcmul(b, twice_w * w[rows, j].unsqueeze(1), gram[j], value=-1.0))
+        a_partner, j2 = _row_argmin(torch.addcmul(a, twice_w * w[rows, k].unsqueeze(1), gram[k], value=-1.0))
+        first = a_best + b_partner <= b_best + a_partner
+        moved = torch.where(first, a_best + b_partner, b_best + a_partner) < 0
+        if not bool(moved.any()):
+            break
+        sr = rows[moved]
+        sj, sl = torch.where(first, j, j2)[moved], torch.where(first, k2, k)[moved]
+        c[sr] += w[sr, sj].unsqueeze(1) * gram[sj] - w[sr, sl].unsqueeze(1) * gram[sl]
         m[sr, sj] = False
         m[sr, sl] = True
         off_pruned[sr, sj], off_kept[sr, sj] = inf, 0.0
@@ -602,10 +575,87 @@ def _swap_polish(
             c_all[active[~moved]] = c[~moved]
             active, w, m, c = active[moved], w[moved], m[moved], c[moved]
             twice_w, w2, off_pruned, off_kept = twice_w[moved], w2[moved], off_pruned[moved], off_kept[moved]
-            if small:
-                cross = cross[moved]
     mask[active] = m
     if c is not c_all:
         c_all[active] = c
     rows = ((weight * ~mask) * c_all).sum(dim=1, dtype=torch.float64)
     return mask, rows, steps, swaps
+
+
+def _group_sweep_polish(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    group: int,
+    max_sweeps: int,
+    residual: torch.Tensor | None = None,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    r"""Exact block-coordinate descent over the groups of an N:M mask (Gauss-Seidel sweeps).
+
+    Groups are visited in order; for every row at once the current group's kept set is replaced by
+    the best of *all* :math:`\binom{m}{n}` kept sets of the group, the others fixed: with
+    :math:`C = DG` and the change :math:`e = w_g \odot (m_g - m'_g)` of :math:`D` on the group,
+
+    .. math::
+
+        f(M') - f(M) = 2\langle e, c_g\rangle + e\, G_{gg}\, e^\top ,
+
+    exact, so the objective never increases and the group keeps exactly its count. :math:`C` is
+    kept exact lazily as in SparseGPT: inside a block of columns by updates restricted to the
+    block, for the other columns by one product with the block's accumulated change of :math:`D`
+    (a sweep costs one :math:`d_{out} d_{in}^2` product plus :math:`O(d_{out}\, d_{in} \binom{m}{n})`).
+    Sweeps stop when one changes nothing. Every group of ``mask`` must keep the same number of
+    weights (true of the N:M set's masks); that count is read from the first group.
+
+    Returns:
+        The improved mask (a new tensor), its per-row objective (float64), the number of sweeps
+        and the number of groups changed.
+    """
+    mask = mask.clone()
+    d_out, d_in = weight.shape
+    n = int(mask[0, :group].sum())
+    # All kept sets of one group: C(m, n) rows of 0/1 (tiny for the usual 2:4, 4:8).
+    choices = torch.tensor(
+        [[1.0 if i in kept else 0.0 for i in range(group)] for kept in itertools.combinations(range(group), n)],
+        dtype=weight.dtype,
+    )
+    block = max(group, block // group * group)
+    c = (weight * ~mask) @ gram if residual is None else residual.clone()
+    rows = torch.arange(d_out)
+    changes = sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):  # noqa: B007 - the count is returned
+        before = changes
+        for c1 in range(0, d_in, block):
+            c2 = min(c1 + block, d_in)
+            w_block, m_block = weight[:, c1:c2], mask[:, c1:c2]
+            c_block = c[:, c1:c2].clone()
+            g_block = gram[c1:c2, c1:c2]
+            change = torch.zeros_like(w_block)
+            for g0 in range(0, c2 - c1, group):
+                cols = slice(g0, g0 + group)
+                w_g = w_block[:, cols]
+                # e[r, s, :] = w_g ⊙ (m_g - choice_s): the change of D when row r takes choice s.
+                e = w_g.unsqueeze(1) * (m_block[:, cols].to(w_g.dtype).unsqueeze(1) - choices)
+                delta = 2.0 * (e * c_block[:, cols].unsqueeze(1)).sum(dim=2) + ((e @ g_block[cols, cols]) * e).sum(
+                    dim=2
+                )
+                best, pick = delta.min(dim=1)
+                moved = best < 0
+                if not bool(moved.any()):
+                    continue
+                r = rows[moved]
+                e_moved = e[r, pick[moved]]
+                m_block[r, cols] = choices[pick[moved]].bool()
+                change[r, cols] += e_moved
+                c_block[r] += e_moved @ g_block[cols]
+                changes += len(r)
+            if bool(change.any()):
+                outside = change @ gram[c1:c2]
+                outside[:, c1:c2] = 0.0
+                c += outside
+            c[:, c1:c2] = c_block
+        if changes == before:
+            break
+    row_errors = ((weight * ~mask) * c).sum(dim=1, dtype=torch.float64)
+    return mask, row_errors, sweeps, changes
