@@ -15,7 +15,7 @@ from constrainedsparse.gates import HardConcreteGate
 from constrainedsparse.logger import read_metrics
 from constrainedsparse.masks import hard_prune
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
-from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.targets import SparsityConfig, Targets
 
 COMMON = dict(problem="digits-mlp", pretrain_epochs=2, wandb="disabled", progress=False)
@@ -236,6 +236,25 @@ def test_density_dual_kp_is_a_nupi_step_on_the_density_multipliers():
     f = make("l0", problem, L0Config(), dual_lr=1.0)
     f.setup(1, 1)
     assert type(f.optimizer.dual_optimizers[0]) is torch.optim.SGD
+
+
+def test_density_dual_kp_leaves_the_users_multipliers_on_plain_gradient_ascent():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    # A user constraint that stays violated by 1.0: its multiplier must grow by dual_lr * 1.0 per step.
+    user = UserConstraint(lambda m: 1.0 + 0.0 * m[0].bias.sum().reshape(1), "==")
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets, constraints={"budget": user})
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    f = make("l0", problem, L0Config(density_dual_kp=5.0), dual_lr=0.25)
+    f.setup(1, 3)
+    dual = f.optimizer.dual_optimizers[0]
+    assert isinstance(dual, cooper.optim.nuPI)
+    assert [float(g["Kp"]) for g in dual.param_groups] == [5.0, 0.0]
+    assert [g["lr"] for g in dual.param_groups] == [1.0, 0.25]
+    for step in range(1, 4):
+        f.training_step(batch)
+        assert float(problem.named_multiplier_values()["budget"][0]) == pytest.approx(0.25 * step)
 
 
 @pytest.mark.parametrize("keep_more", [True, False])

@@ -486,10 +486,12 @@ class L0(_Gated):
         if kp == 0:
             return torch.optim.SGD(groups, lr=self.dual_lr, maximize=True)
         # nuPI(Kp, Ki=1, nu=0): SGD plus a proportional term; the user's group keeps Kp = 0 (plain SGD).
-        groups[0]["Kp"] = torch.tensor([kp])
-        for group in groups[1:]:
-            group["Kp"] = torch.tensor([0.0])
-        return cooper.optim.nuPI(groups, lr=self.dual_lr, Kp=torch.tensor([kp]), Ki=torch.tensor([1.0]), maximize=True)
+        # Gains as 1-element tensors (nuPI's rule for several groups) on the multipliers' device.
+        device = density[0].device if density else None
+        for group, gain in zip(groups, [kp] + [0.0] * (len(groups) - 1)):
+            group["Kp"] = torch.tensor([gain], device=device)
+            group["Ki"] = torch.tensor([1.0], device=device)
+        return cooper.optim.nuPI(groups, lr=self.dual_lr, Kp=groups[0]["Kp"], Ki=groups[0]["Ki"], maximize=True)
 
     def add_terms(self) -> None:
         """One model-wise constraint or one per target: :math:`\\bar P - \\epsilon \\le 0` (or ``= 0``)."""
@@ -516,7 +518,11 @@ class L0(_Gated):
     def _add(self, name: str, violation, device: torch.device) -> None:
         if self.config.density_constraint == "two-sided":
             self._add_one(name, violation, device, equality=False)
-            self._add_one(lower_constraint_name(name), lambda model, batch: -violation(model, batch), device, False)
+
+            def lower(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+                return -violation(model, batch)
+
+            self._add_one(lower_constraint_name(name), lower, device, equality=False)
         else:
             self._add_one(name, violation, device, equality=self.config.density_constraint == "equality")
 
