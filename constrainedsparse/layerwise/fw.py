@@ -245,7 +245,7 @@ class _VertexProduct:
             changed = _flat_nonzero(chosen != self.chosen)
             if changed.numel() <= _DENSE_FRACTION * vertex.numel():
                 flat = self.free_index[changed]
-                delta = (chosen[changed] - self.chosen[changed]) * self.weight.view(-1)[flat]
+                delta = (chosen[changed] - self.chosen[changed]) * self.weight.reshape(-1)[flat]
                 d_in = vertex.shape[1]
                 index = torch.stack((flat // d_in, flat % d_in))
                 # Ascending flat indices without repeats: already coalesced, row-major.
@@ -372,8 +372,9 @@ class FWSolver(LayerwiseSolver):
         feasible = layer.feasible_set()
         if not isinstance(feasible, (RowTopK, TopK, NMSparse)):
             raise ValueError(f"fw supports the row, unstructured and nm patterns, got {layer.target.pattern!r}")
-        weight = layer.weight.detach().to(torch.float32)
-        gram = layer.gram.detach().to(torch.float32)
+        # Contiguous float32: the flat views and NumPy fast paths below need it.
+        weight = layer.weight.detach().to(torch.float32).contiguous()
+        gram = layer.gram.detach().to(torch.float32).contiguous()
         row_separable = not isinstance(feasible, TopK)
         scores = wanda_scores(weight, gram)
         wanda = feasible.mask(scores)
@@ -540,7 +541,7 @@ def _swap_polish(
     mask = mask.clone()
     d_out = weight.shape[0]
     inf = float("inf")
-    active = torch.arange(d_out)
+    active = torch.arange(d_out, device=weight.device)
     w, m = weight, mask.clone()
     twice_w = 2.0 * w
     w2 = weight * weight * gram.diagonal()
@@ -551,7 +552,7 @@ def _swap_polish(
     off_kept = torch.zeros_like(w).masked_fill_(m, inf)
     swaps = steps = 0
     for steps in range(1, max_steps + 1):  # noqa: B007 - the count is returned
-        rows = torch.arange(len(active))
+        rows = torch.arange(len(active), device=weight.device)
         twice_wc = twice_w * c
         a = (w2 + twice_wc).add_(off_pruned)
         b = (w2 - twice_wc).add_(off_kept)
@@ -626,14 +627,15 @@ def _group_sweep_polish(
     choices = torch.tensor(
         [[1.0 if i in kept else 0.0 for i in range(group)] for kept in itertools.combinations(range(group), n)],
         dtype=dtype,
+        device=weight.device,
     )
     block = max(group, block // group * group)
     c = (weight * ~mask) @ gram if residual is None else residual.clone()
-    rows = torch.arange(d_out)
+    rows = torch.arange(d_out, device=weight.device)
     # Kept set of a group -> its index among the choices (read through a base-2 code).
-    code = (2 ** torch.arange(group)).to(torch.long)
-    choice_of_code = torch.full((2**group,), -1, dtype=torch.long)
-    choice_of_code[(choices.long() * code).sum(dim=1)] = torch.arange(len(choices))
+    code = 2 ** torch.arange(group, device=weight.device)
+    choice_of_code = torch.full((2**group,), -1, dtype=torch.long, device=weight.device)
+    choice_of_code[(choices.long() * code).sum(dim=1)] = torch.arange(len(choices), device=weight.device)
     # differences[s, t] = choice_s - choice_t: the change of M (and, times w, of -D).
     differences = choices.unsqueeze(1) - choices.unsqueeze(0)
     changes = sweeps = 0
@@ -644,14 +646,14 @@ def _group_sweep_polish(
             groups, width = (c2 - c1) // group, c2 - c1
             w_block = weight[:, c1:c2].reshape(d_out, groups, group)
             g_block = gram[c1:c2, c1:c2]
-            index = torch.arange(width).reshape(groups, group)
+            index = torch.arange(width, device=weight.device).reshape(groups, group)
             g_groups = g_block[index.unsqueeze(2), index.unsqueeze(1)]  # (groups, m, m) diagonal blocks
             # quadratic[r, g, s, t] = e G_gg eᵀ for e = w ⊙ (choice_s - choice_t): fixed for the block.
             scaled = w_block.unsqueeze(3) * g_groups * w_block.unsqueeze(2)  # diag(w) G_gg diag(w)
             quadratic = torch.einsum("stm,rgmn,stn->rgst", differences, scaled, differences)
             current = choice_of_code[(mask[:, c1:c2].reshape(d_out, groups, group).long() * code).sum(dim=2)]
             c_block = c[:, c1:c2].clone()
-            change = torch.zeros(d_out, width, dtype=dtype)
+            change = torch.zeros(d_out, width, dtype=dtype, device=weight.device)
             for _ in range(max_rounds):
                 # Taking choice t instead of s changes D by e = w ⊙ (s - t): Δ = 2<e, c_g> + e G eᵀ.
                 projected = (w_block * c_block.reshape(d_out, groups, group)) @ choices.T  # <w⊙c, choice_t>
