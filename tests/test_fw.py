@@ -351,3 +351,11 @@ def test_solver_reconstruct_beats_mask_only() -> None:
     assert torch.equal(plain.mask, rebuilt.mask)
     assert layer.error(rebuilt.weight) < layer.error(plain.weight)
     assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
+
+
+def test_non_contiguous_weight_gives_the_same_mask() -> None:
+    layer = _layer(37, d_out=8, d_in=16, pattern="row")
+    transposed = LayerProblem(layer.name, layer.weight.T.contiguous().T, layer.gram, layer.target)
+    assert not transposed.weight.is_contiguous()
+    config = FWConfig(iterations=4)
+    assert torch.equal(FWSolver(config).prune(layer).mask, FWSolver(config).prune(transposed).mask)
