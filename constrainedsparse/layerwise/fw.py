@@ -96,7 +96,7 @@ import torch
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
 from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK, TopK
 
-__all__ = ["FWConfig", "FWSolver", "reconstruct_rows"]
+__all__ = ["FWConfig", "FWSolver", "FrankWolfeRun", "frank_wolfe", "reconstruct_rows"]
 
 STEPS = ("line_search", "open_loop")
 _DENSE_FRACTION = 0.05
@@ -413,7 +413,7 @@ class FWSolver(LayerwiseSolver):
             )
 
         trace = [
-            {"iteration": t, "objective": run.objectives[t], "gap": run.gaps[t]}
+            {"iteration": float(t), "objective": run.objectives[t], "gap": run.gaps[t]}
             for t in range(cfg.iterations)
             if t % cfg.trace_every == 0 or t == cfg.iterations - 1
         ]
