@@ -136,3 +136,22 @@ def test_l0_control_quick(tmp_path):
     assert "benchmarks/l0_control.py --quick --targets 0.5" in text
     assert "| model | 0.5 |" in text and "| layer | 0.5 |" in text and "| 10 |" in text
     assert not list(tmp_path.glob("runs"))  # run directories live in a temporary folder
+
+
+def test_layerwise_quick(tmp_path):
+    bench = _load("layerwise")
+    assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    for name in ("results.md", "results.json", "layerwise.png"):
+        assert (tmp_path / name).is_file(), name
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/layerwise.py --quick --threads 1 --out" in text
+    header, rows = _table(text)
+    assert header == ["setting", "method", "mean layer error", "fidelity", "solver s", "run s", "peak RSS MB"]
+    assert [row[:2] for row in rows] == [["50%", "wanda"], ["50%", "fw"]]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    wanda, fw = payload["results"]
+    assert fw["mean_layer_error"] <= wanda["mean_layer_error"]  # fw never returns a worse mask than Wanda's
+    assert all(r["achieved_sparsity"] == 0.5 and r["peak_rss_mb"] > 100 for r in payload["results"])
+    ratio = payload["ratios"][0]["fw / wanda error"]
+    assert ratio == fw["mean_layer_error"] / wanda["mean_layer_error"]
+    assert "fw / wanda error (goal <= 0.45)" in text
