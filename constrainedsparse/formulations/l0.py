@@ -44,6 +44,7 @@ import cooper
 import torch
 
 from constrainedsparse.checkpoint import save_weights
+from constrainedsparse.distributed import is_main_process
 from constrainedsparse.formulations.base import Formulation, register_formulation
 from constrainedsparse.gates import (
     GROUPINGS,
@@ -357,7 +358,8 @@ class _Gated(Formulation):
             return {"purge_skipped": str(err)}
         dense_params, dense_macs = count_params_and_macs(model, x)
         purged_params, purged_macs = count_params_and_macs(small, x)
-        save_weights(Path(out) / "purged.safetensors", small.state_dict(), metadata={"model": repr(small)})
+        if is_main_process():  # under torchrun every rank purged the same model; rank 0 writes it
+            save_weights(Path(out) / "purged.safetensors", small.state_dict(), metadata={"model": repr(small)})
         return {
             "dense_params": dense_params,
             "dense_macs": dense_macs,
