@@ -157,7 +157,7 @@ def _launch(nproc: int, config: RunConfig, argv: list[str]) -> int:
     """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`distributed.launch`)."""
     prepared = prepare(config)  # bad input: one line and exit 2 before any process starts
     distributed.check_global_batch(prepared.training["batch_size"], nproc)
-    code, message = distributed.launch(nproc, argv)
+    code, message = distributed.launch(nproc, ["-m", "constrainedsparse", *argv])
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
     return code

@@ -374,10 +374,11 @@ def _failure_line(global_rank: int, failure: Any) -> str:
 
 
 def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
-    """Runs ``python -m constrainedsparse ARGS`` on ``nproc`` local processes with torch's elastic launcher.
+    """Runs ``python ARGS`` on ``nproc`` local processes with torch's elastic launcher.
 
-    The same as ``torchrun --standalone --nproc_per_node=NPROC -m constrainedsparse ARGS``, with no
-    restarts. Workers that do not set ``OMP_NUM_THREADS`` get ``cpu_count // nproc`` threads each.
+    ``launch(N, ["-m", "constrainedsparse", "run", ...])`` is
+    ``torchrun --standalone --nproc_per_node=N -m constrainedsparse run ...`` with no restarts.
+    Workers get ``OMP_NUM_THREADS = cpu_count // nproc`` unless it is set.
 
     Returns:
         ``(exit code, None)`` on success; ``(the failing rank's exit code, "rank R: MESSAGE")`` when
@@ -407,7 +408,7 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
                 logs_specs=DefaultLogsSpecs(log_dir=logs),
             )
             try:
-                elastic_launch(config, sys.executable)("-u", "-m", "constrainedsparse", *args)
+                elastic_launch(config, sys.executable)("-u", *args)
             except ChildFailedError as err:
                 global_rank, failure = _root_cause(err.failures)
                 return (failure.exitcode if failure.exitcode > 0 else 1), _failure_line(global_rank, failure)
