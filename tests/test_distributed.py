@@ -93,11 +93,19 @@ def _decisions(out: Path) -> list[tuple[int, float, float]]:
 @pytest.mark.parametrize(("size", "replicas"), [(64, 2), (37, 2), (37, 3)])
 def test_sharded_sampler_deals_out_the_one_process_batches(size, replicas):
     seed, per_rank = 12_345, 4
-    one = [b.tolist() for b in DataLoader(range(size), batch_size=per_rank * replicas, shuffle=True,
-                                          generator=torch.Generator().manual_seed(seed))]
+    one = [
+        b.tolist()
+        for b in DataLoader(
+            range(size), batch_size=per_rank * replicas, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
+    ]
     ranks = [
-        [b.tolist() for b in DataLoader(range(size), batch_size=per_rank,
-                                        sampler=distributed.ShardedSampler(size, seed, replicas, r))]
+        [
+            b.tolist()
+            for b in DataLoader(
+                range(size), batch_size=per_rank, sampler=distributed.ShardedSampler(size, seed, replicas, r)
+            )
+        ]
         for r in range(replicas)
     ]
     assert {len(batches) for batches in ranks} == {len(one)}  # same step count on every rank
@@ -176,7 +184,12 @@ def test_two_ranks_slr_identical_on_every_rank_and_match_one_rank(tmp_path, monk
     assert "wrote two/summary.json" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dump2", "two"]  # no stray files from rank 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "checkpoint.pt", "metrics.jsonl", "metrics.png", "model.safetensors", "summary.json", "wandb",
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "metrics.png",
+        "model.safetensors",
+        "summary.json",
+        "wandb",
     ]
     assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
     state = _assert_bit_identical(tmp_path / "dump2" / "prune-rank0.pt", tmp_path / "dump2" / "prune-rank1.pt")
@@ -186,8 +199,16 @@ def test_two_ranks_slr_identical_on_every_rank_and_match_one_rank(tmp_path, monk
     assert float(state["/formulation/cmp/multipliers/w_eq_z/0.weight/weight"].abs().max()) > 0
 
     monkeypatch.setenv(distributed.ENV_DEBUG_STATE_DIR, str(tmp_path / "dump1"))
-    one = run(RunConfig(problem=PROBLEM, formulation="slr", epochs=2, settings={"interval": "3"},
-                        out=tmp_path / "one", progress=False))
+    one = run(
+        RunConfig(
+            problem=PROBLEM,
+            formulation="slr",
+            epochs=2,
+            settings={"interval": "3"},
+            out=tmp_path / "one",
+            progress=False,
+        )
+    )
     single = _load(tmp_path / "dump1" / "prune-rank0.pt")
     for key, value in state.items():
         if key.startswith("/masks/"):
@@ -206,9 +227,30 @@ def test_l0_resumes_on_two_ranks_from_a_one_rank_checkpoint(tmp_path, monkeypatc
     settings = {"log_interval": "2"}
     config = dict(problem=PROBLEM, formulation="l0", epochs=2, retrain_epochs=1, settings=settings, progress=False)
     assert run(RunConfig(**config, out=tmp_path / "resumed", stop_after_epochs=1)) is None
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "constrainedsparse", "run",
-            PROBLEM, "--formulation", "l0", "--epochs", "2", "--retrain-epochs", "1", "--set", "log_interval=2",
-            "--out", "resumed", "--resume", "--wandb", "disabled", "--no-progress"]
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "constrainedsparse",
+        "run",
+        PROBLEM,
+        "--formulation",
+        "l0",
+        "--epochs",
+        "2",
+        "--retrain-epochs",
+        "1",
+        "--set",
+        "log_interval=2",
+        "--out",
+        "resumed",
+        "--resume",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+    ]
     started = time.perf_counter()
     done = _spawn(args, tmp_path, dump=tmp_path / "dump2")
     print(f"2-rank l0 resume: {time.perf_counter() - started:.1f} s")
@@ -235,8 +277,25 @@ def test_l0_resumes_on_two_ranks_from_a_one_rank_checkpoint(tmp_path, monkeypatc
 def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     started = time.perf_counter()
     done = _spawn(
-        ["-m", "constrainedsparse", "run", PROBLEM, "--formulation", "admm", "--nproc", "2", "--out", "o",
-         "--set", "fail_rank=1", "--set", "fail_step=5", "--wandb", "disabled", "--no-progress"],
+        [
+            "-m",
+            "constrainedsparse",
+            "run",
+            PROBLEM,
+            "--formulation",
+            "admm",
+            "--nproc",
+            "2",
+            "--out",
+            "o",
+            "--set",
+            "fail_rank=1",
+            "--set",
+            "fail_step=5",
+            "--wandb",
+            "disabled",
+            "--no-progress",
+        ],
         tmp_path,
     )
     elapsed = time.perf_counter() - started
