@@ -28,6 +28,7 @@ from cli_helpers import fails_with_one_line
 from torch.utils.data import DataLoader
 
 from constrainedsparse import distributed
+from constrainedsparse.data import load_cifar10
 from constrainedsparse.engine import RunConfig, run
 from constrainedsparse.logger import read_metrics
 
@@ -303,3 +304,31 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == "error: rank 1: rank 1 refuses its batch at loss call 5"
     assert "Traceback" not in done.stderr
+
+
+def test_ddp_throughput_benchmark_quick(tmp_path):
+    """``benchmarks/ddp_throughput.py --quick``: 1 and 2 launched processes on a generated CIFAR-10."""
+    import importlib.util
+
+    benchmarks = ROOT / "benchmarks"
+    if str(benchmarks) not in sys.path:
+        sys.path.insert(0, str(benchmarks))  # as when the script runs: benchmarks/common.py is importable
+    spec = importlib.util.spec_from_file_location("benchmark_ddp_throughput", benchmarks / "ddp_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    with pytest.raises(ValueError, match=r"--configs entries must be PxT with integers >= 1"):
+        bench.parse_config("2x0")
+    folder = bench.write_cifar10(tmp_path / "cifar", train_images=12, test_images=3)
+    (x_train, y_train), (x_test, _) = load_cifar10(folder)
+    assert x_train.shape == (12, 3, 32, 32) and x_test.shape == (3, 3, 32, 32) and y_train.dtype == torch.long
+
+    assert bench.main(["--quick", "--out", str(tmp_path / "out")]) == 0
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = payload["results"]
+    assert [(r["processes"], r["threads_per_process"], r["world_size"]) for r in rows] == [(1, 1, 1), (2, 1, 2)]
+    for row in rows:
+        assert row["global_batch"] == 8 and row["per_rank_batch"] == 8 // row["processes"]
+        assert row["samples_per_second"] == pytest.approx(row["steps"] * 8 / row["seconds"])
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "benchmarks/ddp_throughput.py --quick --out" in text and "| 2 x 1 | 4 |" in text
