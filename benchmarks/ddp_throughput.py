@@ -14,7 +14,10 @@ engine does (model, targets, :class:`~constrainedsparse.problem.SparsityProblem`
 of every global batch (:func:`~constrainedsparse.distributed.loader`), and times ``--steps``
 ``training_step`` calls after ``--warmup`` untimed ones, between two barriers. Throughput is
 ``steps x global batch / seconds``: the global batch is the same for every configuration (each of
-P ranks computes ``batch / P`` samples per step), so the figures compare like for like.
+P ranks computes ``batch / P`` samples per step), so the figures compare like for like. With
+``--repeats R`` every configuration runs R times, interleaved (the order rotates every round, so
+a change in the machine's load hits every configuration alike), and the median is reported
+(for an even count, the faster of the two middle runs).
 
 Usage::
 
@@ -134,6 +137,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="global batch (default 32; --quick 8)")
     parser.add_argument("--steps", type=int, help="timed steps (default 20; --quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration, interleaved (median)")
     parser.add_argument("--data-dir", type=Path, help="a cifar-10-batches-py folder (default: generate one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ddp_throughput"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -145,6 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.warmup = 1 if quick and args.warmup is None else (3 if args.warmup is None else args.warmup)
     for processes, _ in args.configs:
         distributed.check_global_batch(args.batch, processes)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     return args
 
 
@@ -187,6 +193,15 @@ def run_config(processes: int, threads: int, args: argparse.Namespace, data_dir:
     }
 
 
+def _median(rows: list[dict]) -> dict:
+    """The median repeat of one configuration (by seconds), with every repeat's throughput."""
+    ordered = sorted(rows, key=lambda row: row["seconds"])
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "repeats_samples_per_second": [row["samples_per_second"] for row in rows],
+    }
+
+
 def markdown(results: list[dict], args: argparse.Namespace, command: str, load: tuple, wall: float) -> str:
     base = results[0]["samples_per_second"]
     lines = [
@@ -201,13 +216,15 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, load: 
         f"{args.warmup} warm-up; generated CIFAR-10 in the python-batch format; load average before / after: "
         f"{load[0]:.1f} / {load[1]:.1f} (the machine is shared: other jobs ran at the same time); {wall:.0f} s wall.",
         "",
-        "| processes x threads | per-rank batch | seconds | samples/s | vs first row |",
-        "|---|---|---|---|---|",
+        f"| processes x threads | per-rank batch | seconds (median) | samples/s (median of {args.repeats}) | "
+        "every repeat, samples/s | vs first row |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
+        every = ", ".join(f"{value:.1f}" for value in r["repeats_samples_per_second"])
         lines.append(
             f"| {r['processes']} x {r['threads_per_process']} | {r['per_rank_batch']} | {r['seconds']:.2f} | "
-            f"{r['samples_per_second']:.1f} | {r['samples_per_second'] / base:.2f}x |"
+            f"{r['samples_per_second']:.1f} | {every} | {r['samples_per_second'] / base:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -236,11 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         scratch = Path(scratch)
         images = args.batch * (args.steps + args.warmup)
         data_dir = args.data_dir or write_cifar10(scratch / "cifar-10-batches-py", images)
-        results = []
-        for processes, threads in args.configs:
-            results.append(run_config(processes, threads, args, data_dir, scratch))
-            row = results[-1]
-            print(f"{processes}x{threads}: {row['samples_per_second']:.1f} samples/s", file=sys.stderr, flush=True)
+        runs: dict[tuple[int, int], list[dict]] = {config: [] for config in args.configs}
+        for repeat in range(args.repeats):
+            shift = repeat % len(args.configs)
+            for processes, threads in args.configs[shift:] + args.configs[:shift]:
+                row = run_config(processes, threads, args, data_dir, scratch)
+                runs[processes, threads].append(row)
+                print(f"{processes}x{threads}: {row['samples_per_second']:.1f} samples/s", file=sys.stderr, flush=True)
+    results = [_median(rows) for rows in runs.values()]
     wall = time.perf_counter() - started
     load = (load_before, os.getloadavg()[0])
     text = markdown(results, args, command, load, wall)

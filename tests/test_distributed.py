@@ -331,4 +331,4 @@ def test_ddp_throughput_benchmark_quick(tmp_path):
         assert row["global_batch"] == 8 and row["per_rank_batch"] == 8 // row["processes"]
         assert row["samples_per_second"] == pytest.approx(row["steps"] * 8 / row["seconds"])
     text = (tmp_path / "out" / "results.md").read_text()
-    assert "benchmarks/ddp_throughput.py --quick --out" in text and "| 2 x 1 | 4 |" in text
+    assert "benchmarks/ddp_throughput.py --quick --out" in text and "| 2 x 1 | 4 |" in text and "every repeat" in text
