@@ -175,20 +175,41 @@ def process_group(device: str) -> Iterator[None]:
 # --- primal side: DDP and data ------------------------------------------------------------------
 
 
-def wrap(model: nn.Module) -> nn.Module:
+def _same_layout(model: nn.Module, wrapper: nn.parallel.DistributedDataParallel) -> bool:
+    """Whether ``model`` trains the very parameters, under the same names, and holds the same buffers
+    as when ``wrapper`` was built (registering a parametrization renames ``weight``)."""
+    params, buffers = wrapper.constrainedsparse_layout
+    now = list(model.named_parameters())
+    return (
+        len(now) == len(params)
+        and all(n == m and p is q for (n, p), (m, q) in zip(now, params))
+        and [n for n, _ in model.named_buffers()] == buffers
+    )
+
+
+def wrap(model: nn.Module, current: nn.Module | None = None) -> nn.Module:
     """``DistributedDataParallel(model)`` when distributed, else ``model`` itself.
 
     Wrapping broadcasts rank 0's parameters and buffers once; afterwards gradients are averaged at
     every backward and buffers (BatchNorm statistics, masks) broadcast from rank 0 at every forward.
+    DDP must be built *after* parametrizations are registered (one registered later leaves its
+    parameter without gradient averaging), so the engine calls this at every epoch start with the
+    wrapper in use: ``current`` is returned as is while the model's parameters and buffers are
+    unchanged, and a new wrapper is built when a formulation registered or removed masks or gates.
     """
     if not is_distributed():
         return model
+    if isinstance(current, nn.parallel.DistributedDataParallel) and current.module is model:
+        if _same_layout(model, current):
+            return current
     device = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(
+    wrapper = nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device] if device.type == "cuda" else None,
         find_unused_parameters=os.environ.get(ENV_FIND_UNUSED, "") not in ("", "0"),
     )
+    wrapper.constrainedsparse_layout = (list(model.named_parameters()), [n for n, _ in model.named_buffers()])
+    return wrapper
 
 
 def _permutation(n: int, seed: int) -> list[int]:

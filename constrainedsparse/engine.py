@@ -424,7 +424,6 @@ def _train_phase(
     log_every = prepared.training["log_every"]
     batch_size = prepared.training["batch_size"]
     steps_per_epoch = math.ceil(len(train) / batch_size)
-    problem.forward_module = distributed.wrap(run.model)  # after the formulation's parametrizations exist
     bar = tqdm(
         total=num_epochs * steps_per_epoch,
         initial=start_epoch * steps_per_epoch,
@@ -436,6 +435,8 @@ def _train_phase(
             bar.close()
             return False
         epoch_metrics = formulation.start_epoch(epoch)
+        # DDP under torchrun: built anew for every phase, and again if masks/gates were (un)registered
+        problem.forward_module = distributed.wrap(run.model, None if epoch == start_epoch else problem.forward_module)
         for batch in _loader(train, batch_size, run.config.seed, phase_index, epoch):
             cmp_state, metrics = formulation.training_step(_to(batch, prepared.training["device"]))
             run.step += 1

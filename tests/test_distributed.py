@@ -275,6 +275,36 @@ def test_l0_resumes_on_two_ranks_from_a_one_rank_checkpoint(tmp_path, monkeypatc
     assert abs(resumed["retrain_accuracy"] - straight["retrain_accuracy"]) <= ACCURACY_TOL
 
 
+def test_magnitude_masks_registered_during_training_are_averaged_on_two_ranks(tmp_path):
+    """magnitude registers its masks at the first epoch start and retraining registers new ones: DDP is
+    (re)built after each, so every parameter keeps its gradient averaging and the ranks stay identical."""
+    args = [
+        "-m",
+        "constrainedsparse",
+        "run",
+        PROBLEM,
+        "--formulation",
+        "magnitude",
+        "--epochs",
+        "2",
+        "--retrain-epochs",
+        "1",
+        "--nproc",
+        "2",
+        "--out",
+        "o",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+    ]
+    done = _spawn(args, tmp_path, dump=tmp_path / "dump")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = _assert_bit_identical(tmp_path / "dump" / "prune-rank0.pt", tmp_path / "dump" / "prune-rank1.pt")
+    _assert_bit_identical(tmp_path / "dump" / "final-rank0.pt", tmp_path / "dump" / "final-rank1.pt")
+    assert any(".parametrizations.weight.original" in key for key in state)  # trained through the masks
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["retrain_epochs"] == 1
+
+
 def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     started = time.perf_counter()
     done = _spawn(
