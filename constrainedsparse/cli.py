@@ -6,11 +6,13 @@ Every bad input ends with one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from constrainedsparse.engine import NonFiniteLossError, RunConfig, default_formulation, run
+from constrainedsparse import distributed
+from constrainedsparse.engine import NonFiniteLossError, RunConfig, default_formulation, prepare, run
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise import describe_solvers
 from constrainedsparse.logger import WANDB_MODES, plot_metrics
@@ -63,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--nproc", type=int, help="train on N local processes (DDP through torch's elastic launcher)")
     sub.add_parser("formulations", help="list formulations")
     sub.add_parser("problems", help="list bundled problems")
     plot = sub.add_parser("plot", help="plot a metrics.jsonl to PNG")
@@ -126,15 +129,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                 resume=args.resume,
                 progress=not args.no_progress,
             )
+            if args.nproc is not None and not os.environ.get(distributed.ENV_LAUNCHED):
+                _check_nproc(args.nproc)
+                if args.nproc > 1:
+                    return _launch(args.nproc, config, argv)
             summary = run(config)
-            if summary is not None:
+            if summary is not None and distributed.is_main_process():
                 _print_summary(summary)
                 weights = summary.get("saved_model", "model.safetensors")
                 purged = ", purged.safetensors" if "purged_params" in summary else ""
                 print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, {weights}{purged}")
     except (ValueError, NonFiniteLossError) as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if distributed.env_world_size() > 1:
+            distributed.report_error(message)
+            raise SystemExit(2) from None
+        _fail(message)
+    except Exception as err:
+        if distributed.env_world_size() > 1:
+            if distributed.lost_peer(err):  # another rank failed first: its error is the one to report
+                distributed.report_error(f"stopped after another rank failed ({type(err).__name__})", peer=True)
+                raise SystemExit(1) from None
+            distributed.report_error(f"{type(err).__name__}: {_first_line(err)}")
+        raise  # a bug: the traceback follows
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_nproc(nproc: int) -> None:
+    if nproc < 1:
+        _fail(f"--nproc must be an integer >= 1, got {nproc}")
+    if distributed.env_world_size() > 1:
+        _fail("--nproc cannot be combined with torchrun (torchrun already started the processes)")
+
+
+def _launch(nproc: int, config: RunConfig, argv: list[str]) -> int:
+    """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`distributed.launch`)."""
+    prepared = prepare(config)  # bad input: one line and exit 2 before any process starts
+    distributed.check_global_batch(prepared.training["batch_size"], nproc)
+    code, message = distributed.launch(nproc, ["-m", "constrainedsparse", *argv])
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

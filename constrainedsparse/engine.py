@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from constrainedsparse import distributed
 from constrainedsparse.checkpoint import (
     atomic_write_json,
     load_checkpoint,
@@ -129,6 +130,8 @@ def prepare(config: RunConfig) -> Prepared:
     Raises:
         ValueError: With one line naming the bad value and what is allowed.
     """
+    if not distributed.is_main_process():
+        config = dataclasses.replace(config, progress=False)  # one progress bar per job: rank 0's
     problem = load_problem(config.problem)
     if isinstance(problem, LayerwiseProblem):
         raise ValueError(f"problem {problem.name!r} is layer-wise: run it with constrainedsparse.layerwise.run")
@@ -187,7 +190,8 @@ def prepare(config: RunConfig) -> Prepared:
     for key in ("batch_size", "log_every"):
         if training[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {training[key]}")
-    training["device"] = _resolve_device(training["device"])
+    distributed.check_global_batch(training["batch_size"])
+    training["device"] = distributed.rank_device(_resolve_device(training["device"]))
     formulation_config = formulation_cls.Config(**formulation_values)
     formulation_config.validate()
     epochs = problem.epochs if config.epochs is None else config.epochs
@@ -197,7 +201,7 @@ def prepare(config: RunConfig) -> Prepared:
     )
     # Bind the targets to a throwaway model: catches "selects nothing" and N:M width errors now.
     problem.targets.resolve(problem.model(options), target)
-    if config.resume and not (Path(config.out) / CHECKPOINT).is_file():
+    if config.resume and distributed.is_main_process() and not (Path(config.out) / CHECKPOINT).is_file():
         raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
     return prepared
 
@@ -229,23 +233,37 @@ def _seed_everything(seed: int) -> None:
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int) -> DataLoader:
-    """Shuffled batches whose order depends only on (seed, phase, epoch): resumable."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
+    """Shuffled batches whose order depends only on (seed, phase, epoch): resumable.
+
+    Under torchrun each rank gets its share of every (global) batch, see :func:`distributed.loader`.
+    """
+    generator_seed = seed * 1_000_003 + phase * 10_007 + epoch
+    if distributed.is_distributed():
+        return distributed.loader(dataset, batch_size, generator_seed)
+    generator = torch.Generator().manual_seed(generator_seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
 @torch.no_grad()
 def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
-    """The problem's metric over ``dataset`` (on the model's device), weighted by batch size."""
+    """The problem's metric over ``dataset`` (on the model's device), weighted by batch size.
+
+    Under torchrun every rank evaluates a shard (with rank 0's buffers) and the means are combined.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    distributed.broadcast_buffers(model)
+    if distributed.is_distributed():
+        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     total, weighted = 0, 0.0
     for x, y in DataLoader(dataset, batch_size=1024):
         x, y = x.to(device), y.to(device)
         weighted += problem.metric(model(x), y) * len(y)
         total += len(y)
     model.train(was_training)
+    if distributed.is_distributed():
+        return float(distributed.weighted_mean(torch.tensor(weighted / max(total, 1), dtype=torch.float64), total))
     return weighted / max(total, 1)
 
 
@@ -262,16 +280,19 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
     )
     tag = f"{problem.cache_tag()}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
     path = cache_dir() / "dense" / f"{tag}-seed{seed}-pre{prepared.pretrain_epochs}.safetensors"
-    if path.is_file():
-        model.load_state_dict(load_file(path, device=str(prepared.training["device"])))
+    if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
+        if distributed.is_main_process():
+            model.load_state_dict(load_file(path, device=str(prepared.training["device"])))
+        distributed.broadcast_module(model)
         return model, evaluate(problem, model, test)
     optimizer = torch.optim.Adam(model.parameters(), lr=prepared.training["lr"])
+    forward = distributed.wrap(model)
     bar = tqdm(range(prepared.pretrain_epochs), desc=f"dense {problem.name}", disable=not prepared.config.progress)
     for epoch in bar:
         for x, y in _loader(train, prepared.training["batch_size"], seed, -1, epoch):
             x, y = _to((x, y), prepared.training["device"])
             optimizer.zero_grad(set_to_none=True)
-            loss = problem.loss(model(x), y)
+            loss = problem.loss(forward(x), y)
             loss.backward()
             optimizer.step()
         if not math.isfinite(loss.item()):
@@ -281,9 +302,28 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
                 "(lower --set lr?)"
             )
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(path, model.state_dict())
+    if distributed.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(path, model.state_dict())
     return model, evaluate(problem, model, test)
+
+
+class _RankLogger:
+    """What ranks other than 0 log to: nothing (they create no files; rank 0 logs the run)."""
+
+    run_id = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class FixedMaskRetrain(Formulation):
@@ -344,6 +384,8 @@ class _Run:
         self.epochs_this_invocation = 0
 
     def checkpoint(self, phase: str, epoch: int, formulation: Formulation, extra: dict | None = None) -> None:
+        if not distributed.is_main_process():
+            return  # every rank holds the same state; rank 0 writes it
         state = {
             "version": 1,
             "identity": self.identity(),
@@ -401,6 +443,8 @@ def _train_phase(
             bar.close()
             return False
         epoch_metrics = formulation.start_epoch(epoch)
+        # DDP under torchrun: built anew for every phase, and again if masks/gates were (un)registered
+        problem.forward_module = distributed.wrap(run.model, None if epoch == start_epoch else problem.forward_module)
         for batch in _loader(train, batch_size, run.config.seed, phase_index, epoch):
             cmp_state, metrics = formulation.training_step(_to(batch, prepared.training["device"]))
             run.step += 1
@@ -448,7 +492,11 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
     run = _Run(prepared)
     run.started = time.perf_counter()
     out = run.out
-    resume_state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    resume_state = None
+    if config.resume:  # rank 0 reads the checkpoint, every rank gets it (any world size)
+        resume_state = distributed.broadcast_object(
+            load_checkpoint(out / CHECKPOINT) if distributed.is_main_process() else None
+        )
     if resume_state is not None and resume_state["identity"] != run.identity():
         raise ValueError(
             f"--resume: the checkpoint in {out} is of another run ({resume_state['identity']}), not {run.identity()}"
@@ -460,7 +508,8 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
     device = prepared.training["device"]
     example_batch = _to(next(iter(DataLoader(train, batch_size=prepared.training["batch_size"]))), device)
     run.sparsity_problem = SparsityProblem(model, problem.loss, targets, problem.constraints, example_batch)
-    run.logger = MetricsLogger(
+    logger_cls = MetricsLogger if distributed.is_main_process() else _RankLogger
+    run.logger = logger_cls(
         out,
         config.wandb,
         config={**run.identity(), **dataclasses.asdict(prepared.formulation_config), **prepared.training},
@@ -486,7 +535,8 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
                 run.sparsity_problem, prepared.formulation_config, lr=lr, dual_lr=dual_lr
             )
             wanted = formulation.reference_samples
-            reference = _to(reference_batch(train, config.seed, wanted), device) if wanted else None
+            # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
+            reference = _to(distributed.shard(reference_batch(train, config.seed, wanted)), device) if wanted else None
             formulation.setup(prepared.epochs, steps_per_epoch, reference)
             if resume_state is not None:
                 formulation.load_state_dict(resume_state["formulation"])
@@ -494,6 +544,9 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
             if not _train_phase(run, formulation, "prune", 0, prepared.epochs, start_epoch, train, test):
                 return None
             masks = formulation.hard_masks()
+            distributed.dump_rank_state(
+                "prune", {"masks": masks, "formulation": formulation.state_dict(), "model": model.state_dict()}
+            )
             run.summary_extra = formulation.summary_extra()
             formulation.finalize()
             hard_prune(targets, masks)
@@ -527,9 +580,11 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
         run.logger.log({"accuracy/final": final_accuracy}, run.step)
     finally:
         run.logger.close()
-    atomic_write_json(out / "summary.json", summary)
-    save_weights(out / "model.safetensors", model.state_dict(), metadata={"summary": "see summary.json"})
-    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    distributed.dump_rank_state("final", {"model": model.state_dict()})
+    if distributed.is_main_process():
+        atomic_write_json(out / "summary.json", summary)
+        save_weights(out / "model.safetensors", model.state_dict(), metadata={"summary": "see summary.json"})
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     return summary
 
 
@@ -586,8 +641,9 @@ def run(config: RunConfig) -> dict[str, Any] | None:
     out = Path(config.out)
     created = not out.exists()
     try:
-        return execute(prepared)
+        with distributed.process_group(prepared.training["device"]):  # under torchrun; else a no-op
+            return execute(prepared)
     except BaseException:
-        if created and not (out / CHECKPOINT).is_file():
+        if created and distributed.is_main_process() and not (out / CHECKPOINT).is_file():
             shutil.rmtree(out, ignore_errors=True)
         raise

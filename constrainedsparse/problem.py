@@ -20,6 +20,7 @@ import cooper
 import torch
 from torch import nn
 
+from constrainedsparse.distributed import synchronised
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["Batch", "SparsityProblem", "UserConstraint", "ViolationFn"]
@@ -63,6 +64,7 @@ class _Registered:
     constraint: cooper.Constraint
     violation: Callable[[nn.Module, Batch], torch.Tensor]
     dual_every_step: bool
+    data_dependent: bool = False
 
 
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
@@ -75,6 +77,11 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         constraints: User constraints by name; each becomes a Cooper constraint with a
             :class:`cooper.multipliers.DenseMultiplier` sized by one evaluation of ``fn``.
         example_batch: A batch used to size data-dependent user constraints.
+
+    Attributes:
+        forward_module: What :meth:`compute_cmp_state` calls on the batch: ``model`` itself, or a
+            ``DistributedDataParallel`` wrapper of it under torchrun (set by the engine per phase).
+            Constraints and formulations always see the plain ``model``.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     ) -> None:
         super().__init__()
         self.model = model
+        self.forward_module: nn.Module = model
         self.loss_fn = loss_fn
         self.targets = targets
         self._violations: dict[str, _Registered] = {}
@@ -106,7 +114,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             formulation_type=cooper.formulations.Lagrangian,
             multiplier=cooper.multipliers.DenseMultiplier(num_constraints=size, device=device),
         )
-        self.add_constraint(name, constraint, spec)
+        self.add_constraint(name, constraint, spec, data_dependent=spec.uses_batch)
         self.user_constraint_names.append(name)
 
     def add_constraint(
@@ -116,6 +124,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         violation: Callable[[nn.Module, Batch], torch.Tensor],
         *,
         dual_every_step: bool = True,
+        data_dependent: bool = False,
     ) -> None:
         """Registers any Cooper constraint with the function that measures its violation.
 
@@ -127,6 +136,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 minibatch (via :meth:`dual_optimizer`). If False it only enters the primal
                 Lagrangian, and a formulation updates it on its own schedule (e.g. the W = Z
                 multipliers of SLR/ADMM).
+            data_dependent: Whether the violation depends on the batch. Under torchrun its value is
+                then averaged over the ranks (:func:`constrainedsparse.distributed.synchronised`)
+                before any dual use, so every rank updates the multiplier the same way.
 
         Raises:
             ValueError: If the name is taken.
@@ -134,7 +146,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if name in self._violations:
             raise ValueError(f"constraint {name!r} is already registered")
         self._register_constraint(name, constraint)
-        self._violations[name] = _Registered(constraint, violation, dual_every_step)
+        self._violations[name] = _Registered(constraint, violation, dual_every_step, data_dependent)
 
     def remove_constraint(self, name: str) -> None:
         """Unregisters a constraint (and its multiplier) added by :meth:`add_constraint`.
@@ -150,15 +162,19 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def compute_cmp_state(self, batch: Batch) -> cooper.CMPState:
         """Loss and every constraint violation on ``batch``; ``misc['output']`` keeps the logits."""
         x, y = batch
-        output = self.model(x)
+        output = self.forward_module(x)
         loss = self.loss_fn(output, y)
         observed = {
             entry.constraint: cooper.ConstraintState(
-                violation=entry.violation(self.model, batch), contributes_to_dual_update=entry.dual_every_step
+                violation=self._violation(entry, batch), contributes_to_dual_update=entry.dual_every_step
             )
             for entry in self._violations.values()
         }
         return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
+
+    def _violation(self, entry: _Registered, batch: Batch) -> torch.Tensor:
+        violation = entry.violation(self.model, batch)
+        return synchronised(violation) if entry.data_dependent else violation
 
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
         """Gradient ascent (``SGD(maximize=True)``) on every multiplier updated each step, or ``None``."""

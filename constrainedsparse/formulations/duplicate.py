@@ -40,6 +40,7 @@ import cooper
 import torch
 from cooper.formulations import ContributionStore
 
+from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.problem import Batch, SparsityProblem
 from constrainedsparse.targets import TargetParam
@@ -275,6 +276,9 @@ class DuplicateVariables(Formulation):
     def objective(self) -> float:
         """:math:`f(W)` on the fixed reference batch, model in eval mode (no BatchNorm updates).
 
+        Under torchrun each rank holds a shard of the reference batch; the shard means are combined
+        (one all-reduce), so every rank gets the same :math:`f` and takes the same branch.
+
         Raises:
             ValueError: If :meth:`setup` got no reference batch.
         """
@@ -284,7 +288,7 @@ class DuplicateVariables(Formulation):
         was_training = model.training
         model.eval()
         x, y = self.reference_batch
-        value = float(self.problem.loss_fn(model(x), y))
+        value = float(weighted_mean(self.problem.loss_fn(model(x), y), len(y)))
         model.train(was_training)
         return value
 

@@ -47,6 +47,7 @@ import cooper
 import torch
 
 from constrainedsparse.checkpoint import save_weights
+from constrainedsparse.distributed import is_main_process
 from constrainedsparse.formulations.base import Formulation, register_formulation
 from constrainedsparse.gates import (
     GROUPINGS,
@@ -415,7 +416,8 @@ class _Gated(Formulation):
         dense_target = sum(model.get_parameter(t.name).numel() for t in self.problem.targets)
         purged_target = sum(small.get_parameter(t.name).numel() for t in self.problem.targets)
         nonzero = sum(int(small.get_parameter(t.name).count_nonzero()) for t in self.problem.targets)
-        save_weights(Path(out) / "purged.safetensors", small.state_dict(), metadata={"model": repr(small)})
+        if is_main_process():  # under torchrun every rank purged the same model; rank 0 writes it
+            save_weights(Path(out) / "purged.safetensors", small.state_dict(), metadata={"model": repr(small)})
         return {
             "dense_params": dense_params,
             "dense_macs": dense_macs,

@@ -1,0 +1,364 @@
+"""Multi-process training: real processes (gloo on CPU) launched from the tests, plus the pieces in one process.
+
+The multi-process tests run ``tests/problems/ddp_digits.py`` (512 training images, global batch 64,
+an MLP and a data-dependent user constraint) on 2 ranks and read the per-rank state every rank
+dumps when ``CONSTRAINEDSPARSE_DEBUG_STATE_DIR`` is set.
+
+Tolerance of "a 2-rank run matches a 1-rank run with the same global batch": the two differ only
+in the order of floating-point sums (a 64-sample mean vs the average of two 32-sample means, an
+all-reduced reference loss), so after 2 epochs the weights agree to ``WEIGHT_ATOL`` = 1e-5, the
+hard masks agree on all but ``MASK_FLIPS`` = 0.1 % of the entries (a weight within ~1e-7 of the
+top-k threshold may swap), every surrogate-condition decision is the same, and accuracies agree to
+one test image (1/256).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from cli_helpers import fails_with_one_line
+from torch.utils.data import DataLoader
+
+from constrainedsparse import distributed
+from constrainedsparse.data import load_cifar10
+from constrainedsparse.engine import RunConfig, run
+from constrainedsparse.logger import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBLEM = str(Path(__file__).parent / "problems" / "ddp_digits.py")
+TIMEOUT = 180  # seconds: a hung job fails the test instead of hanging it
+WEIGHT_ATOL = 1e-5
+MASK_FLIPS = 1e-3
+ACCURACY_TOL = 1.5 / 256
+
+
+def _env(dump: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.pop(distributed.ENV_DEBUG_STATE_DIR, None)
+    if dump is not None:
+        env[distributed.ENV_DEBUG_STATE_DIR] = str(dump)
+    return env
+
+
+def _spawn(args: list[str], cwd: Path, dump: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=_env(dump), capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
+def _flat(obj, prefix: str = "") -> dict[str, object]:
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in _flat(value, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def _load(path: Path) -> dict[str, object]:
+    return _flat(torch.load(path, weights_only=False))
+
+
+def _assert_bit_identical(a: Path, b: Path) -> dict[str, object]:
+    left, right = _load(a), _load(b)
+    assert left.keys() == right.keys()
+    for key, value in left.items():
+        other = right[key]
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == other.dtype and torch.equal(value, other), key
+        else:
+            assert value == other, key
+    return left
+
+
+def _decisions(out: Path) -> list[tuple[int, float, float]]:
+    return [
+        (row["step"], row["condition/6_holds"], row["condition/11_holds"])
+        for row in read_metrics(out / "metrics.jsonl")
+        if "condition/6_holds" in row
+    ]
+
+
+# --- one process ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "replicas"), [(64, 2), (37, 2), (37, 3)])
+def test_sharded_sampler_deals_out_the_one_process_batches(size, replicas):
+    seed, per_rank = 12_345, 4
+    one = [
+        b.tolist()
+        for b in DataLoader(
+            range(size), batch_size=per_rank * replicas, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
+    ]
+    ranks = [
+        [
+            b.tolist()
+            for b in DataLoader(
+                range(size), batch_size=per_rank, sampler=distributed.ShardedSampler(size, seed, replicas, r)
+            )
+        ]
+        for r in range(replicas)
+    ]
+    assert {len(batches) for batches in ranks} == {len(one)}  # same step count on every rank
+    for j, batch in enumerate(one):
+        union = sorted(i for batches in ranks for i in batches[j])
+        if j < len(one) - 1 or size % replicas == 0:
+            assert union == sorted(batch)
+        else:  # the padded last batch: the one-process batch plus repeats of the first samples
+            assert set(batch) <= set(union) and len(union) - len(batch) == -size % replicas
+
+
+def test_single_process_helpers_are_identities():
+    value, model = torch.tensor(2.5), torch.nn.Linear(2, 2)
+    batch = (torch.arange(6), torch.arange(6))
+    assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_main_process()
+    assert distributed.weighted_mean(value, 3) is value
+    assert distributed.synchronised(value) is value
+    assert distributed.shard(batch) is batch
+    assert distributed.wrap(model) is model
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.rank_device("cuda") == "cuda"
+
+
+def test_global_batch_must_split_over_the_processes(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"--set batch_size=30 must be divisible by the number of processes \(4\)"):
+        distributed.check_global_batch(30, 4)
+    distributed.check_global_batch(32, 4)
+    line = fails_with_one_line(
+        ["run", PROBLEM, "--nproc", "4", "--set", "batch_size=30", "--out", str(tmp_path / "o"), "--no-progress"],
+        capsys,
+    )
+    assert line == (
+        "error: --set batch_size=30 must be divisible by the number of processes (4): batch_size is the global "
+        "batch, split evenly over the ranks"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_nproc_bad_values_are_one_line(tmp_path, capsys, monkeypatch):
+    args = ["run", PROBLEM, "--out", str(tmp_path / "o"), "--no-progress", "--nproc"]
+    assert fails_with_one_line([*args, "0"], capsys) == "error: --nproc must be an integer >= 1, got 0"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fails_with_one_line([*args, "2"], capsys) == (
+        "error: --nproc cannot be combined with torchrun (torchrun already started the processes)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_launcher_reports_the_rank_that_raised_not_the_ranks_that_lost_it():
+    def failure(exitcode, timestamp, **mine):
+        data = {"message": "m", "constrainedsparse": mine} if mine else {"message": "<NONE>"}
+        return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, error_file_data=data, message="m")
+
+    own = failure(2, 100, time=100.7, peer=False)
+    lost = failure(1, 100, time=100.2, peer=True)  # earlier, but only lost its peer
+    killed = failure(-15, 99)  # SIGTERM from the launcher: no error file
+    assert distributed._root_cause({0: lost, 1: own, 2: killed}) == (1, own)
+    assert distributed._root_cause({0: lost, 2: killed})[0] == 2
+
+
+# --- several processes --------------------------------------------------------------------------------
+
+
+def test_two_ranks_slr_identical_on_every_rank_and_match_one_rank(tmp_path, monkeypatch):
+    """slr on 2 ranks through ``--nproc 2``: every rank ends with the same masks, Z, Λ, user multiplier
+    and weights bit for bit; rank 0 alone writes files; a 1-rank run with the same global batch agrees."""
+    common = ["--formulation", "slr", "--epochs", "2", "--set", "interval=3", "--no-progress"]
+    started = time.perf_counter()
+    done = _spawn(
+        ["-m", "constrainedsparse", "run", PROBLEM, *common, "--nproc", "2", "--out", "two", "--wandb", "offline"],
+        tmp_path,
+        dump=tmp_path / "dump2",
+    )
+    print(f"2-rank slr run: {time.perf_counter() - started:.1f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote two/summary.json" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump2", "two"]  # no stray files from rank 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "metrics.png",
+        "model.safetensors",
+        "summary.json",
+        "wandb",
+    ]
+    assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
+    state = _assert_bit_identical(tmp_path / "dump2" / "prune-rank0.pt", tmp_path / "dump2" / "prune-rank1.pt")
+    _assert_bit_identical(tmp_path / "dump2" / "final-rank0.pt", tmp_path / "dump2" / "final-rank1.pt")
+    assert any(key.startswith("/masks/") for key in state) and any(key.startswith("/formulation/z/") for key in state)
+    assert float(state["/formulation/cmp/multipliers/logit_budget/weight"].abs().max()) > 0  # the constraint acted
+    assert float(state["/formulation/cmp/multipliers/w_eq_z/0.weight/weight"].abs().max()) > 0
+
+    monkeypatch.setenv(distributed.ENV_DEBUG_STATE_DIR, str(tmp_path / "dump1"))
+    one = run(
+        RunConfig(
+            problem=PROBLEM,
+            formulation="slr",
+            epochs=2,
+            settings={"interval": "3"},
+            out=tmp_path / "one",
+            progress=False,
+        )
+    )
+    single = _load(tmp_path / "dump1" / "prune-rank0.pt")
+    for key, value in state.items():
+        if key.startswith("/masks/"):
+            assert (value != single[key]).float().mean() <= MASK_FLIPS, key
+        elif key.startswith(("/model/", "/formulation/z/", "/formulation/cmp/")):
+            torch.testing.assert_close(value, single[key], atol=WEIGHT_ATOL, rtol=0, msg=key)
+    assert _decisions(tmp_path / "two") == _decisions(tmp_path / "one") != []
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for key in ("dense_accuracy", "hardprune_accuracy"):
+        assert abs(two[key] - one[key]) <= ACCURACY_TOL, key
+
+
+def test_l0_resumes_on_two_ranks_from_a_one_rank_checkpoint(tmp_path, monkeypatch):
+    """l0 (+ masked retraining) stopped after 1 of 2 epochs in one process, resumed by plain torchrun on
+    2 ranks: λ, gates and weights are bit-identical across ranks and close to an uninterrupted run."""
+    settings = {"log_interval": "2"}
+    config = dict(problem=PROBLEM, formulation="l0", epochs=2, retrain_epochs=1, settings=settings, progress=False)
+    assert run(RunConfig(**config, out=tmp_path / "resumed", stop_after_epochs=1)) is None
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "constrainedsparse",
+        "run",
+        PROBLEM,
+        "--formulation",
+        "l0",
+        "--epochs",
+        "2",
+        "--retrain-epochs",
+        "1",
+        "--set",
+        "log_interval=2",
+        "--out",
+        "resumed",
+        "--resume",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+    ]
+    started = time.perf_counter()
+    done = _spawn(args, tmp_path, dump=tmp_path / "dump2")
+    print(f"2-rank l0 resume: {time.perf_counter() - started:.1f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = _assert_bit_identical(tmp_path / "dump2" / "prune-rank0.pt", tmp_path / "dump2" / "prune-rank1.pt")
+    _assert_bit_identical(tmp_path / "dump2" / "final-rank0.pt", tmp_path / "dump2" / "final-rank1.pt")
+    lambda_key = "/formulation/cmp/multipliers/l0_density/weight"
+    assert lambda_key in state and any("log_alpha" in key for key in state)
+
+    monkeypatch.setenv(distributed.ENV_DEBUG_STATE_DIR, str(tmp_path / "dump1"))
+    run(RunConfig(**config, out=tmp_path / "straight"))
+    single = _load(tmp_path / "dump1" / "prune-rank0.pt")
+    for key, value in state.items():
+        if "log_alpha" in key or key.startswith("/model/") or key == lambda_key:
+            torch.testing.assert_close(value, single[key], atol=WEIGHT_ATOL, rtol=0, msg=key)
+    final_two, final_one = _load(tmp_path / "dump2" / "final-rank0.pt"), _load(tmp_path / "dump1" / "final-rank0.pt")
+    for key, value in final_two.items():
+        torch.testing.assert_close(value, final_one[key], atol=WEIGHT_ATOL, rtol=0, msg=key)
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert abs(resumed["retrain_accuracy"] - straight["retrain_accuracy"]) <= ACCURACY_TOL
+
+
+def test_magnitude_masks_registered_during_training_are_averaged_on_two_ranks(tmp_path):
+    """magnitude registers its masks at the first epoch start and retraining registers new ones: DDP is
+    (re)built after each, so every parameter keeps its gradient averaging and the ranks stay identical."""
+    args = [
+        "-m",
+        "constrainedsparse",
+        "run",
+        PROBLEM,
+        "--formulation",
+        "magnitude",
+        "--epochs",
+        "2",
+        "--retrain-epochs",
+        "1",
+        "--nproc",
+        "2",
+        "--out",
+        "o",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+    ]
+    done = _spawn(args, tmp_path, dump=tmp_path / "dump")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = _assert_bit_identical(tmp_path / "dump" / "prune-rank0.pt", tmp_path / "dump" / "prune-rank1.pt")
+    _assert_bit_identical(tmp_path / "dump" / "final-rank0.pt", tmp_path / "dump" / "final-rank1.pt")
+    assert any(".parametrizations.weight.original" in key for key in state)  # trained through the masks
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["retrain_epochs"] == 1
+
+
+def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
+    started = time.perf_counter()
+    done = _spawn(
+        [
+            "-m",
+            "constrainedsparse",
+            "run",
+            PROBLEM,
+            "--formulation",
+            "admm",
+            "--nproc",
+            "2",
+            "--out",
+            "o",
+            "--set",
+            "fail_rank=1",
+            "--set",
+            "fail_step=5",
+            "--wandb",
+            "disabled",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
+    elapsed = time.perf_counter() - started
+    print(f"failing 2-rank job: {elapsed:.1f} s")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "error: rank 1: rank 1 refuses its batch at loss call 5"
+    assert "Traceback" not in done.stderr
+
+
+def test_ddp_throughput_benchmark_quick(tmp_path):
+    """``benchmarks/ddp_throughput.py --quick``: 1 and 2 launched processes on a generated CIFAR-10."""
+    import importlib.util
+
+    benchmarks = ROOT / "benchmarks"
+    if str(benchmarks) not in sys.path:
+        sys.path.insert(0, str(benchmarks))  # as when the script runs: benchmarks/common.py is importable
+    spec = importlib.util.spec_from_file_location("benchmark_ddp_throughput", benchmarks / "ddp_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    with pytest.raises(ValueError, match=r"--configs entries must be PxT with integers >= 1"):
+        bench.parse_config("2x0")
+    folder = bench.write_cifar10(tmp_path / "cifar", train_images=12, test_images=3)
+    (x_train, y_train), (x_test, _) = load_cifar10(folder)
+    assert x_train.shape == (12, 3, 32, 32) and x_test.shape == (3, 3, 32, 32) and y_train.dtype == torch.long
+
+    assert bench.main(["--quick", "--out", str(tmp_path / "out")]) == 0
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = payload["results"]
+    assert [(r["processes"], r["threads_per_process"], r["world_size"]) for r in rows] == [(1, 1, 1), (2, 1, 2)]
+    for row in rows:
+        assert row["global_batch"] == 8 and row["per_rank_batch"] == 8 // row["processes"]
+        assert row["samples_per_second"] == pytest.approx(row["steps"] * 8 / row["seconds"])
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "benchmarks/ddp_throughput.py --quick --out" in text and "| 2 x 1 | 4 |" in text and "every repeat" in text
