@@ -15,8 +15,9 @@ from constrainedsparse import distributed
 from constrainedsparse.engine import NonFiniteLossError, RunConfig, default_formulation, prepare, run
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise import describe_solvers
+from constrainedsparse.layerwise import run as layerwise_run
 from constrainedsparse.logger import WANDB_MODES, plot_metrics
-from constrainedsparse.spec import bundled_problems, load_problem
+from constrainedsparse.spec import LayerwiseProblem, bundled_problems, load_problem
 
 __all__ = ["main"]
 
@@ -169,8 +170,12 @@ def _check_nproc(nproc: int) -> None:
 
 def _launch(nproc: int, config: RunConfig, argv: list[str]) -> int:
     """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`distributed.launch`)."""
-    prepared = prepare(config)  # bad input: one line and exit 2 before any process starts
-    distributed.check_global_batch(prepared.training["batch_size"], nproc)
+    problem = load_problem(config.problem)
+    if isinstance(problem, LayerwiseProblem):  # bad input: one line and exit 2 before any process starts
+        layerwise_run.prepare(config, problem)
+    else:
+        prepared = prepare(config)
+        distributed.check_global_batch(prepared.training["batch_size"], nproc)
     code, message = distributed.launch(nproc, ["-m", "constrainedsparse", *argv])
     if message is not None:
         print(f"error: {message}", file=sys.stderr)

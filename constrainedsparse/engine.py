@@ -36,7 +36,7 @@ from constrainedsparse.checkpoint import (
 )
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
 from constrainedsparse.layerwise import available_solvers
-from constrainedsparse.logger import WANDB_MODES, MetricsLogger, plot_metrics
+from constrainedsparse.logger import WANDB_MODES, MetricsLogger, NullLogger, plot_metrics
 from constrainedsparse.masks import (
     achieved_sparsity,
     apply_masks,
@@ -308,24 +308,6 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
     return model, evaluate(problem, model, test)
 
 
-class _RankLogger:
-    """What ranks other than 0 log to: nothing (they create no files; rank 0 logs the run)."""
-
-    run_id = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class FixedMaskRetrain(Formulation):
     """Masked retraining: the masks are fixed, the kept weights (and user multipliers) train."""
 
@@ -508,7 +490,7 @@ def execute(prepared: Prepared) -> dict[str, Any] | None:
     device = prepared.training["device"]
     example_batch = _to(next(iter(DataLoader(train, batch_size=prepared.training["batch_size"]))), device)
     run.sparsity_problem = SparsityProblem(model, problem.loss, targets, problem.constraints, example_batch)
-    logger_cls = MetricsLogger if distributed.is_main_process() else _RankLogger
+    logger_cls = MetricsLogger if distributed.is_main_process() else NullLogger
     run.logger = logger_cls(
         out,
         config.wandb,

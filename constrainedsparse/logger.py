@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WANDB_MODES", "MetricsLogger", "plot_metrics", "read_metrics"]
+__all__ = ["WANDB_MODES", "MetricsLogger", "NullLogger", "plot_metrics", "read_metrics"]
 
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -132,6 +132,24 @@ class MetricsLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class NullLogger:
+    """A logger that records nothing: what ranks other than 0 log to (they create no files)."""
+
+    run_id = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Drops ``metrics``."""
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Drops ``values``."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

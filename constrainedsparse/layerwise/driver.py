@@ -15,6 +15,13 @@ For a model made of a list of blocks (transformer layers), the driver
 
 ``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored transposed, ``(d_in, d_out)``) are handled;
 solvers always see :math:`W` as ``(d_out, d_in)``.
+
+**Several processes** (``torchrun`` / ``--nproc``): rank r runs the calibration batches
+r, r + N, ... (capture, Gram accumulation and propagation are data-parallel); the Gram matrices and
+token counts are summed over ranks with one all-reduce per layer, so every rank holds the same
+:math:`G`. The block's layers are then dealt out to the ranks by estimated cost
+(:func:`assign_layers`), each rank solves its own layers, and every pruned weight and its report
+are broadcast from the rank that solved it: all ranks end every block with the same weights.
 """
 
 from __future__ import annotations
@@ -25,14 +32,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from constrainedsparse import distributed
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = [
     "BlockInputs",
+    "accumulate_grams",
+    "assign_layers",
     "LayerReport",
     "capture_block_inputs",
     "find_blocks",
@@ -220,7 +231,32 @@ def accumulate_grams(
     finally:
         for handle in handles:
             handle.remove()
+    if distributed.is_distributed():  # each rank saw its share of the batches: sum over ranks
+        counts = torch.tensor([entry[1] for entry in grams.values()], dtype=torch.float64)
+        dist.all_reduce(counts)
+        for entry, count in zip(grams.values(), counts.tolist()):
+            dist.all_reduce(entry[0])
+            entry[1] = int(count)
     return {name: (gram, tokens) for name, (gram, tokens) in grams.items()}
+
+
+def assign_layers(costs: Sequence[float], ranks: int) -> list[int]:
+    """Owner rank of every layer: greedy longest-first onto the least-loaded rank (deterministic).
+
+    Args:
+        costs: Estimated cost of each layer (the driver uses :math:`d_{out} d_{in}^2`).
+        ranks: Number of ranks.
+
+    Returns:
+        One rank per layer, in the order of ``costs``.
+    """
+    loads = [0.0] * ranks
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[index] = owner
+        loads[owner] += costs[index]
+    return owners
 
 
 @dataclasses.dataclass
@@ -262,8 +298,13 @@ def prune_block(
     """
     layers = targeted_layers(block, targets)
     grams = accumulate_grams(block, layers, inputs, gram_dtype)
-    reports = []
-    for name, module in layers:
+    shapes = [layer_weight(module).shape for _, module in layers]
+    world, me = (distributed.world_size(), distributed.rank()) if distributed.is_distributed() else (1, 0)
+    owners = assign_layers([float(d_out) * d_in * d_in for d_out, d_in in shapes], world)
+    solved: dict[str, tuple[torch.Tensor, LayerReport]] = {}
+    for (name, module), owner in zip(layers, owners):
+        if owner != me:
+            continue
         started = time.perf_counter()
         gram, tokens = grams[name]
         full_name = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
@@ -271,18 +312,28 @@ def prune_block(
         problem = LayerProblem(full_name, weight, gram, target, tokens)
         result = solver.prune(problem)
         pruned = torch.where(result.mask, result.weight, torch.zeros_like(result.weight))
-        set_layer_weight(module, pruned)
-        reports.append(
-            LayerReport(
-                name=full_name,
-                relative_error=problem.relative_error(pruned),
-                sparsity=1.0 - float(result.mask.float().mean()),
-                seconds=time.perf_counter() - started,
-                tokens=tokens,
-                metrics=dict(result.metrics),
-                trace=list(result.trace),
-            )
+        report = LayerReport(
+            name=full_name,
+            relative_error=problem.relative_error(pruned),
+            sparsity=1.0 - float(result.mask.float().mean()),
+            seconds=time.perf_counter() - started,
+            tokens=tokens,
+            metrics=dict(result.metrics),
+            trace=list(result.trace),
         )
+        solved[name] = (pruned, report)
+    reports = []
+    for (name, module), owner, shape in zip(layers, owners, shapes):
+        if world > 1:  # every rank receives the layer from the rank that solved it
+            pruned, report = solved.get(name, (torch.empty(shape, device=module.weight.device), None))
+            dist.broadcast(pruned, src=owner)
+            holder = [report]
+            dist.broadcast_object_list(holder, src=owner)
+            report = holder[0]
+        else:
+            pruned, report = solved[name]
+        set_layer_weight(module, pruned)
+        reports.append(report)
     return reports
 
 
@@ -321,6 +372,8 @@ def prune_blocks(
         The reports of every layer pruned by this call.
     """
     names = {id(module): name for name, module in model.named_modules()}
+    if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
+        batches = list(batches)[distributed.rank() :: distributed.world_size()]
     stop = len(blocks) if stop is None else min(stop, len(blocks))
     inputs = capture_block_inputs(model, blocks[start], batches, device) if start < stop else []
     reports: list[LayerReport] = []

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, save_weights
 from constrainedsparse.formulations import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
-from constrainedsparse.logger import WANDB_MODES, MetricsLogger, plot_metrics
+from constrainedsparse.logger import WANDB_MODES, MetricsLogger, NullLogger, plot_metrics
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig
 
@@ -123,7 +124,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise ValueError(f"--set gram_dtype must be one of {', '.join(GRAM_DTYPES)}, got {driver['gram_dtype']!r}")
     from constrainedsparse.engine import _resolve_device
 
-    driver["device"] = _resolve_device(driver["device"])
+    driver["device"] = distributed.rank_device(_resolve_device(driver["device"]))
     if config.pattern is not None:
         target = SparsityConfig.from_pattern(config.pattern)
     else:
@@ -144,7 +145,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
     batches = problem.calibration(options, config.seed)
     if not batches:
         raise ValueError(f"problem {problem.name!r} produced no calibration batches")
-    if config.resume and not (Path(config.out) / CHECKPOINT).is_file():
+    if config.resume and distributed.is_main_process() and not (Path(config.out) / CHECKPOINT).is_file():
         raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
     return LayerwisePrepared(config, problem, solver_cls(solver_config), target, driver, options, model, batches)
 
@@ -200,7 +201,10 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
     config, problem, model = prepared.config, prepared.problem, prepared.model
     out = Path(config.out)
     identity = _identity(prepared)
-    state = load_checkpoint(out / CHECKPOINT) if config.resume else None
+    main = distributed.is_main_process()
+    state = None
+    if config.resume:  # rank 0 reads it and sends it to the others once
+        state = distributed.broadcast_object(load_checkpoint(out / CHECKPOINT) if main else None)
     if state is not None and state["identity"] != identity:
         raise ValueError(f"--resume: the checkpoint in {out} is of another run ({state['identity']}), not {identity}")
     device = prepared.driver["device"]
@@ -208,7 +212,8 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
     started = time.perf_counter()
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # calibration passes must not accumulate key/value caches
-    dense_outputs = problem.held_out(model, prepared.options) if problem.held_out is not None else None
+    scored = main and problem.held_out is not None and problem.score is not None
+    dense_outputs = problem.held_out(model, prepared.options) if scored else None
     blocks = problem.model_blocks(model)
     modules = dict(model.named_modules())
     pruned: dict[str, torch.Tensor] = {}
@@ -221,7 +226,7 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
             module = modules[name.removesuffix(".weight")]
             with torch.no_grad():
                 layer_weight(module).copy_(weight.to(device, module.weight.dtype))
-    logger = MetricsLogger(
+    logger = (MetricsLogger if main else NullLogger)(
         out,
         config.wandb,
         config={**identity, **dataclasses.asdict(prepared.solver.config), **prepared.driver},
@@ -240,6 +245,8 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
             logger.log({**_report_metrics(report), "block": index + 1}, progress["step"])
             pruned[report.name] = layer_weight(modules[report.name.removesuffix(".weight")]).detach().cpu().clone()
             reports.append(dataclasses.asdict(report) | {"trace": []})
+        if not main:
+            return
         save_checkpoint(
             out / CHECKPOINT,
             {
@@ -268,12 +275,12 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
             gram_dtype=GRAM_DTYPES[prepared.driver["gram_dtype"]],
             device=device,
             on_block=on_block,
-            progress=config.progress,
+            progress=config.progress and main,
         )
         if stop < len(blocks):
             return None
         summary = _summary(prepared, model, reports, seconds_before + time.perf_counter() - started)
-        if dense_outputs is not None and problem.score is not None:
+        if scored:
             scores = problem.score(dense_outputs, problem.held_out(model, prepared.options))
             summary.update(scores)
             logger.log(scores, progress["step"] + 1)
@@ -281,9 +288,11 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
         logger.log(final, progress["step"] + 1)
     finally:
         logger.close()
-    summary["saved_model"] = _save_model(model, out)
-    atomic_write_json(out / "summary.json", summary)
-    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    distributed.dump_rank_state("layerwise-final", {"model": model.state_dict(), "summary": summary})
+    if main:
+        summary["saved_model"] = _save_model(model, out)
+        atomic_write_json(out / "summary.json", summary)
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     return summary
 
 
@@ -328,8 +337,9 @@ def run(config: Any, problem: LayerwiseProblem) -> dict[str, Any] | None:
     out = Path(config.out)
     created = not out.exists()
     try:
-        return execute(prepared)
+        with distributed.process_group(prepared.driver["device"]):  # under torchrun; else a no-op
+            return execute(prepared)
     except BaseException:
-        if created and not (out / CHECKPOINT).is_file():
+        if created and distributed.is_main_process() and not (out / CHECKPOINT).is_file():
             shutil.rmtree(out, ignore_errors=True)
         raise
