@@ -35,11 +35,13 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SelectFeatures", "count_params_and_macs", "purge"]
+__all__ = ["SelectFeatures", "chain_purged_params", "count_params_and_macs", "linear_chain", "purge"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _WEIGHTED = (nn.Linear, *_CONVS)
@@ -213,6 +215,67 @@ def purge(model: nn.Module) -> nn.Module:
             layers.insert(weighted[0], select)
             names.insert(weighted[0], "select")
     return nn.Sequential(OrderedDict(zip(names, layers))).eval()
+
+
+def linear_chain(model: nn.Module) -> list[str]:
+    r"""Child names of the Linear layers of an MLP whose purged size :func:`chain_purged_params` gives.
+
+    With one gate per input column, :func:`purge` turns Linear :math:`l` (``in_l x out_l``) into a
+    ``k_l x k_{l+1}`` block: :math:`k_l` kept input columns, and as outputs the kept input columns
+    :math:`k_{l+1}` of the next Linear (the last keeps its ``out_L`` outputs). That holds for a flat
+    ``nn.Sequential`` that :func:`purge` handles, whose weight layers are all Linear, connected unit
+    to unit (``in_{l+1} = out_l``, no Flatten/Unflatten between them), with only elementwise modules
+    in front of the first one (so that :class:`SelectFeatures` drops its zero input columns).
+
+    Args:
+        model: The model (e.g. an MLP such as ``mnist1d-mlp``).
+
+    Returns:
+        The child names of its Linear layers, in order.
+
+    Raises:
+        ValueError: One line naming the first layer that breaks the rule above.
+    """
+    _check(model)
+    names = [name for name, _ in model.named_children()]
+    layers = list(model)
+    weighted = [i for i, m in enumerate(layers) if isinstance(m, _WEIGHTED)]
+    if not weighted:
+        raise ValueError("the model has no Linear layer")
+    for i in weighted:
+        if not isinstance(layers[i], nn.Linear):
+            raise ValueError(
+                f"layer {i} is a {type(layers[i]).__name__}; the purged size is modelled for a chain of Linear layers"
+            )
+    for i, m in enumerate(layers[: weighted[0]]):
+        if not isinstance(m, _ELEMENTWISE):
+            raise ValueError(f"layer {i} ({type(m).__name__}) precedes the first Linear, so purge keeps its inputs")
+    for a, b in zip(weighted, weighted[1:]):
+        between = layers[a + 1 : b]
+        if layers[b].in_features != layers[a].out_features or any(
+            isinstance(m, (nn.Flatten, nn.Unflatten)) for m in between
+        ):
+            raise ValueError(f"layers {a} and {b} do not connect unit to unit")
+    return [names[i] for i in weighted]
+
+
+def chain_purged_params(kept_inputs: Sequence[Any], out_features: int) -> Any:
+    r"""Entries of the purged weights of a :func:`linear_chain`: :math:`\sum_l k_l\,k_{l+1}`, :math:`k_{L+1} = `
+    ``out_features``.
+
+    Args:
+        kept_inputs: :math:`k_l`, the kept input columns of every Linear in order: counts (the
+            hard-pruned model; exact as long as no layer loses all its inputs, since purge then
+            also drops the next layer's now constant inputs) or expected counts
+            :math:`\mathrm{in}_l \bar P_l` (tensors; the gates are independent across layers, so
+            :math:`E[k_l k_{l+1}] = E[k_l] E[k_{l+1}]` and the result is the expected purged size).
+        out_features: Outputs of the last Linear (never removed).
+
+    Returns:
+        :math:`\sum_l k_l\,k_{l+1}` (same type as the inputs).
+    """
+    outputs = [*kept_inputs[1:], out_features]
+    return sum(k * o for k, o in zip(kept_inputs, outputs))
 
 
 @torch.no_grad()

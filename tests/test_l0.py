@@ -16,6 +16,7 @@ from constrainedsparse.logger import read_metrics
 from constrainedsparse.masks import hard_prune
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import SparsityProblem, UserConstraint
+from constrainedsparse.purge import purge
 from constrainedsparse.targets import SparsityConfig, Targets
 
 COMMON = dict(problem="digits-mlp", pretrain_epochs=2, wandb="disabled", progress=False)
@@ -112,6 +113,17 @@ def test_restart_clears_the_dual_optimizers_momentum():
         ),
         (L0Config(density_dual_kp=-1.0), r"density_dual_kp must be a finite number >= 0, got -1.0"),
         (L0Config(density_dual_kp=float("inf")), r"density_dual_kp must be a finite number >= 0, got inf"),
+        (L0Config(density_of="outputs"), r"^density_of must be one of weights, purged, got 'outputs'$"),
+        (
+            L0Config(density_of="purged"),
+            r"^density_of=purged needs grouping=structured \(unstructured gates leave nothing to purge\), "
+            r"got grouping='unstructured'$",
+        ),
+        (
+            L0Config(density_of="purged", grouping="structured", scope="layer"),
+            r"^density_of=purged needs scope=model \(a layer's purged size depends on the next layer's kept "
+            r"inputs\), got scope='layer'$",
+        ),
         (L0PenaltyConfig(lmbda=-0.5), r"lmbda must be a finite number >= 0, got -0.5"),
         (L0PenaltyConfig(gate_lr=0.0), r"gate_lr must be > 0, got 0.0"),
     ],
@@ -302,7 +314,7 @@ def test_structured_l0_gates_columns():
 @pytest.mark.parametrize("keep_more", [True, False])
 def test_structured_hard_masks_are_whole_columns(keep_more):
     problem, _ = _mlp_problem(sparsity=0.5)
-    f = make("l0", problem, L0Config(grouping="structured"))
+    f = make("l0", problem, L0Config(grouping="structured", scope="layer"))
     f.setup(1, 1)
     torch.manual_seed(2)
     for gate in f.gates.values():
@@ -327,7 +339,7 @@ def test_structured_hard_masks_are_whole_conv_channels():
     model = nn.Sequential(nn.Conv1d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6, 3))
     targets = Targets().resolve(model, SparsityConfig(0.6))
     problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
-    f = make("l0", problem, L0Config(grouping="structured"))
+    f = make("l0", problem, L0Config(grouping="structured", scope="layer"))
     f.setup(1, 1)
     gate = f.gates["0.weight"]
     gate.log_alpha.data = torch.tensor([5.0, -5.0, 5.0, -5.0, -5.0])
@@ -402,7 +414,12 @@ def test_penalty_density_falls_with_lambda():
 def test_structured_l0_run_hits_the_target_after_hard_pruning(tmp_path):
     summary = run(
         RunConfig(
-            formulation="l0", sparsity=0.8, epochs=1, out=tmp_path, settings={"grouping": "structured"}, **COMMON
+            formulation="l0",
+            sparsity=0.8,
+            epochs=1,
+            out=tmp_path,
+            settings={"grouping": "structured", "scope": "layer"},
+            **COMMON,
         )  # fmt: skip
     )
     # Group-granular: digits-mlp keeps round(0.2 * n) of 64, 256 and 128 input columns.
@@ -464,3 +481,176 @@ def test_gate_probabilities_reach_wandb_as_histograms_at_epoch_ends(tmp_path):
     assert all(0.0 <= edge <= 1.0 for edge in rows[-1][f"{key}/bins"])
     jsonl_keys = set().union(*read_metrics(tmp_path / "metrics.jsonl"))
     assert "gates/p/0.weight" not in jsonl_keys and "gates/p_mean/0.weight" in jsonl_keys
+
+
+# --- structured gates in model scope: one global budget over groups ---------------------------
+
+
+def _chain_problem(sparsity, first_rms, second_rms, first_gates, second_gates, config):
+    """Linear(4, 6) -> ReLU -> Linear(6, 2) with hand-set column RMS and log alpha (structured gates)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():  # every column constant, so its RMS is the value
+        model[0].weight.copy_(torch.tensor(first_rms).expand(6, 4))
+        model[2].weight.copy_(torch.tensor(second_rms).expand(2, 6))
+    targets = Targets().resolve(model, SparsityConfig(sparsity))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    f = make("l0", problem, config)
+    f.setup(1, 1)
+    f.gates["0.weight"].log_alpha.data = torch.tensor(first_gates)
+    f.gates["2.weight"].log_alpha.data = torch.tensor(second_gates)
+    return problem, f
+
+
+def _kept_columns(masks):
+    return [masks[name].all(dim=0).nonzero().reshape(-1).tolist() for name in ("0.weight", "2.weight")]
+
+
+def test_structured_model_scope_masks_take_one_global_budget_over_groups():
+    # Golden: sparsity 0.5 keeps 12 of 24 and 6 of 12 weights, a budget of 18. Gated on: columns 0-2 of the
+    # first layer (6 weights each, RMS 1, 2, 3; column 3 is off, RMS 10) and columns 0, 5 of the second
+    # (2 weights each, RMS 2.5, 0.5). Global ranking: L1c2 (6), L2c0 (8), L1c1 (14), L1c0 (20), L2c5 (22):
+    # 20 is nearest to 18, so the first layer keeps columns 0-2 and the second only column 0.
+    args = (0.5, [1.0, 2.0, 3.0, 10.0], [2.5, 4.0, 4.0, 4.0, 4.0, 0.5], [5.0, 5.0, 5.0, -5.0],
+            [5.0, -5.0, -5.0, -5.0, -5.0, 5.0])  # fmt: skip
+    problem, f = _chain_problem(*args, L0Config(grouping="structured"))
+    masks = f.hard_masks()
+    assert _kept_columns(masks) == [[0, 1, 2], [0]]
+    assert sum(int(m.sum()) for m in masks.values()) == 20  # |20 - 18| <= max group size / 2 = 3
+    # Per-layer masks (layer scope) cut each layer to half: they differ from the global budget.
+    _, per_layer = _chain_problem(*args, L0Config(grouping="structured", scope="layer"))
+    assert _kept_columns(per_layer.hard_masks()) == [[1, 2], [0, 1, 5]]  # + a re-admitted gated-off column
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.05, 0.95), st.floats(0.1, 0.9))
+def test_structured_model_scope_masks_meet_the_weight_budget_within_half_a_group(seed, sparsity, on_share):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    targets = Targets().resolve(model, SparsityConfig(sparsity))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    f = make("l0", problem, L0Config(grouping="structured"))
+    f.setup(1, 1)
+    for gate in f.gates.values():
+        gate.log_alpha.data = torch.where(torch.rand_like(gate.log_alpha) < on_share, 3.0, -3.0)
+    masks = f.hard_masks()
+    budget = sum(t.feasible_set.k for t in targets)
+    assert abs(sum(int(m.sum()) for m in masks.values()) - budget) <= max(7, 6, 3) / 2
+    for mask in masks.values():
+        assert bool((mask == mask.all(dim=0, keepdim=True)).all())  # whole input columns
+    kept_on = sum(int((masks[t.name].all(dim=0) & (f.gates[t.name].test_gate() > 0)).sum()) for t in targets)
+    total_on = sum(int((f.gates[t.name].test_gate() > 0).sum()) for t in targets)
+    kept = sum(int(masks[t.name].all(dim=0).sum()) for t in targets)
+    assert kept_on == min(total_on, kept)  # gated-on groups first, across all layers
+
+
+def test_structured_model_scope_run_hits_the_target_within_half_a_group(tmp_path):
+    summary = run(
+        RunConfig(
+            formulation="l0", sparsity=0.8, epochs=1, out=tmp_path, settings={"grouping": "structured"}, **COMMON
+        )  # fmt: skip
+    )
+    # digits-mlp: 50,432 targeted weights, columns of 256, 128 and 10 weights: within 128 / 50,432.
+    assert abs(summary["achieved_sparsity"] - 0.8) <= 128 / 50_432
+    assert "expected_purged_density" not in summary
+
+
+# --- density_of=purged -------------------------------------------------------------------------
+
+
+PURGED = L0Config(grouping="structured", density_of="purged")
+
+
+def test_expected_purged_density_is_the_closed_form_and_matches_sampled_gates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("l0", problem, PURGED)
+    f.setup(1, 1)
+    for gate in f.gates.values():
+        gate.log_alpha.data = torch.randn_like(gate.log_alpha) * 2
+    p = [float(f.gates[n].expected_density().detach()) for n in ("0.weight", "2.weight", "4.weight")]
+    dense = 5 * 7 + 7 * 6 + 6 * 3
+    closed = (5 * p[0] * 7 * p[1] + 7 * p[1] * 6 * p[2] + 6 * p[2] * 3) / dense
+    assert float(f.expected_purged_density()) == pytest.approx(closed, rel=1e-6)
+    draws = []
+    with torch.no_grad():
+        for _ in range(4000):
+            k = [int((f.gates[n].sample() > 0).sum()) for n in ("0.weight", "2.weight", "4.weight")]
+            draws.append((k[0] * k[1] + k[1] * k[2] + k[2] * 3) / dense)
+    assert sum(draws) / len(draws) == pytest.approx(closed, abs=0.01)
+    # The model-wise constraint bounds it (at the level 1 - s), and it has a gradient.
+    assert f.constrained_density() is not None
+    f.expected_purged_density().backward()
+    assert all(f.gates[n].log_alpha.grad is not None for n in ("0.weight", "2.weight", "4.weight"))
+
+
+def test_density_of_purged_constrains_the_expected_purged_density():
+    problem, batch = _mlp_problem(sparsity=0.5)
+    f = make("l0", problem, L0Config(grouping="structured", density_of="purged", log_interval=1))
+    f.setup(1, 1)
+    with torch.no_grad():
+        before = float(f.expected_purged_density())
+    _, metrics = f.training_step(batch)
+    assert metrics["violation/l0_density"] == pytest.approx(before - 0.5, abs=1e-6)
+    assert "l0/expected_purged_density" in metrics
+    assert "expected_purged_density" in f.summary_extra()
+
+
+def test_density_of_purged_hard_masks_meet_the_purged_budget():
+    # Golden, level 0.3: budget 0.3 * 36 = 10.8 purged entries. All four first-layer columns and the second
+    # layer's columns 0-2 are gated on; ranked by RMS: L1c3, L1c2, L2c2, L1c1, L2c1, L1c0, L2c0, ... The
+    # purged sizes k1 k2 + 2 k2 of the prefixes are 0, 0, 4, 5, 10, 12, 18, ...: 10 is nearest to 10.8.
+    problem, f = _chain_problem(0.7, [1.0, 2.0, 3.0, 4.0], [0.5, 1.5, 2.5, 4.0, 4.0, 4.0], [5.0] * 4,
+                                [5.0, 5.0, 5.0, -5.0, -5.0, -5.0], PURGED)  # fmt: skip
+    masks = f.hard_masks()
+    assert _kept_columns(masks) == [[1, 2, 3], [1, 2]]
+    problem.model.eval()
+    f.finalize()
+    hard_prune(problem.targets, masks)
+    small = purge(problem.model)
+    assert small.get_parameter("0.weight").numel() + small.get_parameter("2.weight").numel() == 3 * 2 + 2 * 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.05, 0.95), st.floats(0.1, 0.9))
+def test_density_of_purged_masks_are_within_half_a_step_of_the_budget(seed, sparsity, on_share):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(sparsity)))
+    f = make("l0", problem, PURGED)
+    f.setup(1, 1)
+    for gate in f.gates.values():
+        gate.log_alpha.data = torch.where(torch.rand_like(gate.log_alpha) < on_share, 3.0, -3.0)
+    masks = f.hard_masks()
+    k = [int(masks[n].all(dim=0).sum()) for n in ("0.weight", "2.weight", "4.weight")]
+    dense = 5 * 7 + 7 * 6 + 6 * 3
+    step = max(7 + 0, 6 + 5, 3 + 7)  # max over layers of out_l + in_{l-1}
+    assert abs(k[0] * k[1] + k[1] * k[2] + k[2] * 3 - f.target_density() * dense) <= step / 2
+
+
+def test_density_of_purged_rejects_models_it_cannot_size():
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    problem = SparsityProblem(conv, nn.functional.cross_entropy, Targets().resolve(conv, SparsityConfig(0.5)))
+    with pytest.raises(
+        ValueError, match=r"^density_of=purged: layer 0 is a Conv1d; the purged size is modelled for a chain of Linear"
+    ):
+        make("l0", problem, PURGED)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    partial = Targets(exclude=["2.weight"]).resolve(model, SparsityConfig(0.5))
+    with pytest.raises(
+        ValueError, match=r"^density_of=purged needs exactly the Linear weights as targets \(0.weight, 2.weight\), "
+        r"got 0.weight$"
+    ):  # fmt: skip
+        make("l0", SparsityProblem(model, nn.functional.cross_entropy, partial), PURGED)
+    nm = Targets().resolve(model, SparsityConfig.from_pattern("1:2"))
+    with pytest.raises(ValueError, match=r"^density_of=purged needs a --sparsity target \(top-k\), not --pattern$"):
+        make("l0", SparsityProblem(model, nn.functional.cross_entropy, nm), PURGED)
+
+
+def test_density_of_purged_run_purges_to_the_target(tmp_path):
+    settings = {"grouping": "structured", "density_of": "purged"}
+    summary = run(RunConfig(formulation="l0", sparsity=0.8, epochs=1, out=tmp_path, settings=settings, **COMMON))
+    # digits-mlp 64-256-128-10: max_l (out_l + in_{l-1}) = 10 + 256, so within 133 of 50,432 entries.
+    assert abs(summary["purged_density"] - 0.2) <= 133 / 50_432
+    assert 0.0 < summary["expected_purged_density"] <= 1.0
+    assert summary["achieved_sparsity"] < 0.8  # --sparsity's zeros of the unpurged weights: fewer than 0.8

@@ -41,6 +41,24 @@ BAD_L0_INPUTS = [
         r"unknown --set key 'scope' for formulation 'l0-penalty'",
     ),
     (["--formulation", "l0-penalty", "--set", "gate_lr=-0.1"], r"gate_lr must be > 0, got -0.1"),
+    (
+        ["--formulation", "l0", "--set", "density_of=outputs"],
+        r"density_of must be one of weights, purged, got 'outputs'",
+    ),
+    (
+        ["--formulation", "l0", "--set", "density_of=purged"],
+        r"density_of=purged needs grouping=structured \(unstructured gates leave nothing to purge\), "
+        r"got grouping='unstructured'",
+    ),
+    (
+        ["--formulation", "l0", "--set", "density_of=purged", "--set", "grouping=structured", "--set", "scope=layer"],
+        r"density_of=purged needs scope=model \(a layer's purged size depends on the next layer's kept inputs\), "
+        r"got scope='layer'",
+    ),
+    (
+        ["--formulation", "l0-penalty", "--set", "density_of=purged"],
+        r"unknown --set key 'density_of' for formulation 'l0-penalty'",
+    ),
 ]
 
 
@@ -58,3 +76,15 @@ def test_l0_formulations_are_listed(capsys):
     assert main(["formulations"]) == 0
     listed = capsys.readouterr().out
     assert "l0" in listed and "l0-penalty" in listed
+
+
+def test_density_of_purged_on_a_model_it_cannot_size_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = ["--set", "grouping=structured", "--set", "density_of=purged"]
+    args = ["run", "mnist1d-cnn", "--formulation", "l0", *settings, "--pretrain-epochs", "0", "--epochs", "1"]
+    args += ["--out", str(out), "--wandb", "disabled", "--no-progress"]
+    line = fails_with_one_line(args, capsys)
+    assert line == (
+        "error: density_of=purged: layer 1 is a Conv1d; the purged size is modelled for a chain of Linear layers"
+    )
+    assert not out.exists()

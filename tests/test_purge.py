@@ -1,12 +1,14 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from constrainedsparse import make
 from constrainedsparse.formulations.l0 import L0Config
 from constrainedsparse.masks import hard_prune
 from constrainedsparse.problem import SparsityProblem
-from constrainedsparse.purge import SelectFeatures, count_params_and_macs, purge
+from constrainedsparse.purge import SelectFeatures, chain_purged_params, count_params_and_macs, linear_chain, purge
 from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -148,3 +150,47 @@ def test_l0_hook_reports_an_unhandled_model(tmp_path):
     assert not (tmp_path / "purged.safetensors").exists()
     unstructured = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets))
     assert unstructured.after_hard_prune(model, batch, tmp_path) == {}
+
+
+# --- the purged size of a Linear chain (l0 density_of=purged) ----------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=7, max_size=7), min_size=3, max_size=3), st.integers(0, 2**16))
+def test_chain_purged_params_is_the_purged_models_target_size(kept_columns, seed):
+    torch.manual_seed(seed)
+    widths = [5, 7, 6]  # input columns of the three Linear layers; the last one has 4 outputs
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4))
+    keeps = [torch.tensor(k[:w]) for k, w in zip(kept_columns, widths)]
+    for keep in keeps:  # every layer keeps >= 1 input (the formula's exactness condition)
+        keep[seed % keep.numel()] = True
+    assert linear_chain(model) == ["0", "2", "4"]
+    with torch.no_grad():
+        for name, keep in zip(("0", "2", "4"), keeps):
+            model.get_submodule(name).weight[:, ~keep] = 0
+    small = purge(model)
+    purged = sum(small.get_parameter(f"{n}.weight").numel() for n in ("0", "2", "4"))
+    assert purged == chain_purged_params([int(k.sum()) for k in keeps], 4)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(small(x), model(x))
+
+
+def test_chain_purged_params_of_expected_counts():
+    p = [torch.tensor(0.5), torch.tensor(0.25)]
+    # Linear 4 -> 8 -> 3: E[k_1] E[k_2] + E[k_2] * 3 = (4 * 0.5)(8 * 0.25) + (8 * 0.25) * 3
+    assert float(chain_purged_params([4 * p[0], 8 * p[1]], 3)) == pytest.approx(2 * 2 + 2 * 3)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2)), r"^layer 0 is a Conv1d; the purged size"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), r"^layer 0 \(Flatten\) precedes the first Linear"),
+        (nn.Sequential(nn.Linear(4, 6), nn.Flatten(), nn.Linear(6, 2)), r"^layers 0 and 2 do not connect unit to unit"),
+        (nn.Sequential(nn.ReLU()), r"^the model has no Linear layer"),
+        (nn.Linear(3, 2), "flat nn.Sequential"),
+    ],
+)
+def test_linear_chain_rejects_what_the_formula_does_not_model(model, message):
+    with pytest.raises(ValueError, match=message):
+        linear_chain(model)
