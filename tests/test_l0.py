@@ -571,7 +571,7 @@ def test_expected_purged_density_is_the_closed_form_and_matches_sampled_gates():
     p = [float(f.gates[n].expected_density().detach()) for n in ("0.weight", "2.weight", "4.weight")]
     dense = 5 * 7 + 7 * 6 + 6 * 3
     closed = (5 * p[0] * 7 * p[1] + 7 * p[1] * 6 * p[2] + 6 * p[2] * 3) / dense
-    assert float(f.expected_purged_density()) == pytest.approx(closed, rel=1e-6)
+    assert float(f.expected_purged_density().detach()) == pytest.approx(closed, rel=1e-6)
     draws = []
     with torch.no_grad():
         for _ in range(4000):
