@@ -14,7 +14,7 @@ from wandb_records import history_rows, wait_for_complete_run
 
 from constrainedsparse.cli import main
 from constrainedsparse.engine import RunConfig, run
-from constrainedsparse.layerwise import LayerProblem, solver_class
+from constrainedsparse.layerwise import LayerProblem, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import (
     accumulate_grams,
     capture_block_inputs,
@@ -255,3 +255,21 @@ def test_bad_layerwise_input_is_one_line_exit_2_and_leaves_nothing(tiny_gpt2, te
 def test_layerwise_problem_files_load_like_a_users():
     problem = load_problem("minilm-layerwise")
     assert problem.name == "minilm-layerwise" and set(problem.options) >= {"calibration_samples", "max_tokens"}
+
+
+TARGETS = [SparsityConfig(0.5, "row"), SparsityConfig(0.75, "unstructured"), SparsityConfig.from_pattern("2:4")]
+
+
+@pytest.mark.parametrize("name", available_solvers())
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"{t.pattern}-{t.describe()}")
+def test_every_solver_meets_its_pattern_through_the_driver(name, target):
+    """The table every layer-wise solver joins by registering: exact pattern, finite error below dense."""
+    model, batches = _tiny(), _batches()
+    reports = prune_blocks(model, model.blocks, batches, solver_class(name)(), target, Targets(), progress=False)
+    assert len(reports) == 6
+    for report, (_, module) in zip(reports, [(n, m) for b in model.blocks for n, m in targeted_layers(b, Targets())]):
+        weight = layer_weight(module)
+        feasible = target.feasible_set(weight.shape)
+        assert feasible.contains(weight), report.name
+        assert int((weight != 0).sum()) == int(feasible.mask(weight.abs() + 1).sum()), report.name  # exact count
+        assert 0.0 < report.relative_error < 1.0, report.name
