@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import time
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from constrainedsparse.masks import (
     temporarily_pruned,
 )
 from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.settings import config_field_types, parse_value, resolve_device
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
@@ -100,25 +100,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CONSTRAINEDSPARSE_CACHE", Path.home() / ".cache" / "constrainedsparse"))
 
 
-def _parse_value(key: str, text: str, kind: type) -> Any:
-    if kind is bool:
-        lowered = text.strip().lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise ValueError(f"--set {key}={text!r} must be a bool (true/false)")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"--set {key}={text!r} must be {'an' if kind is int else 'a'} {kind.__name__}") from None
-
-
-def _config_field_types(config_cls: type) -> dict[str, type]:
-    hints = typing.get_type_hints(config_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
-
-
 def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
     if value is not None and (not isinstance(value, int) or value < minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -159,7 +140,7 @@ def prepare(config: RunConfig) -> Prepared:
     ):
         _check_count(name, value)
 
-    formulation_types = _config_field_types(formulation_cls.Config)
+    formulation_types = config_field_types(formulation_cls.Config)
     option_types = {k: type(v) for k, v in problem.options.items()}
     allowed = {**TRAINING_KEYS, **option_types, **formulation_types}
     training = {
@@ -177,7 +158,7 @@ def prepare(config: RunConfig) -> Prepared:
                 f"unknown --set key {key!r} for formulation {config.formulation!r} and problem "
                 f"{problem.name!r}; allowed: {', '.join(sorted(allowed))}"
             )
-        value = _parse_value(key, text, allowed[key])
+        value = parse_value(key, text, allowed[key])
         if key in formulation_types:
             formulation_values[key] = value
         elif key in option_types:
@@ -191,7 +172,7 @@ def prepare(config: RunConfig) -> Prepared:
         if training[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {training[key]}")
     distributed.check_global_batch(training["batch_size"])
-    training["device"] = distributed.rank_device(_resolve_device(training["device"]))
+    training["device"] = distributed.rank_device(resolve_device(training["device"]))
     formulation_config = formulation_cls.Config(**formulation_values)
     formulation_config.validate()
     epochs = problem.epochs if config.epochs is None else config.epochs
@@ -204,22 +185,6 @@ def prepare(config: RunConfig) -> Prepared:
     if config.resume and distributed.is_main_process() and not (Path(config.out) / CHECKPOINT).is_file():
         raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
     return prepared
-
-
-def _resolve_device(name: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a usable device string."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--set device={name} but CUDA is not available here; use cpu or auto")
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s)")
-        return name
-    raise ValueError(f"--set device must be cpu, cuda, cuda:N or auto, got {name!r}")
 
 
 def _to(batch, device: str):

@@ -26,6 +26,7 @@ from constrainedsparse.formulations import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.logger import WANDB_MODES, MetricsLogger, NullLogger, plot_metrics
+from constrainedsparse.settings import config_field_types, parse_value, resolve_device
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig
 
@@ -49,18 +50,6 @@ class LayerwisePrepared:
     options: dict[str, Any]
     model: nn.Module
     batches: list[dict[str, Any]]
-
-
-def _parse(key: str, text: str, kind: type) -> Any:
-    from constrainedsparse.engine import _parse_value
-
-    return _parse_value(key, text, kind)
-
-
-def _field_types(config_cls: type) -> dict[str, type]:
-    from constrainedsparse.engine import _config_field_types
-
-    return _config_field_types(config_cls)
 
 
 def _layer_shapes(problem: LayerwiseProblem, model: nn.Module) -> list[tuple[str, torch.Size]]:
@@ -99,7 +88,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
     if config.retrain_epochs:
         raise ValueError(f"--retrain-epochs is not available for the layer-wise problem {problem.name!r}")
     solver_cls = solver_class(name)
-    solver_types = _field_types(solver_cls.Config)
+    solver_types = config_field_types(solver_cls.Config)
     option_types = {k: type(v) for k, v in problem.options.items()}
     allowed = {**DRIVER_KEYS, **option_types, **solver_types}
     driver: dict[str, Any] = {"mask_scope": "row", "gram_dtype": "float32", "device": "cpu"}
@@ -111,7 +100,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
                 f"unknown --set key {key!r} for formulation {name!r} and problem {problem.name!r}; "
                 f"allowed: {', '.join(sorted(allowed))}"
             )
-        value = _parse(key, text, allowed[key])
+        value = parse_value(key, text, allowed[key])
         if key in solver_types:
             solver_values[key] = value
         elif key in option_types:
@@ -122,9 +111,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise ValueError(f"--set mask_scope must be one of {', '.join(MASK_SCOPES)}, got {driver['mask_scope']!r}")
     if driver["gram_dtype"] not in GRAM_DTYPES:
         raise ValueError(f"--set gram_dtype must be one of {', '.join(GRAM_DTYPES)}, got {driver['gram_dtype']!r}")
-    from constrainedsparse.engine import _resolve_device
-
-    driver["device"] = distributed.rank_device(_resolve_device(driver["device"]))
+    driver["device"] = distributed.rank_device(resolve_device(driver["device"]))
     if config.pattern is not None:
         target = SparsityConfig.from_pattern(config.pattern)
     else:

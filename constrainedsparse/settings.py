@@ -1,0 +1,52 @@
+"""``--set KEY=VALUE`` handling shared by the training engine and the layer-wise runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import torch
+
+__all__ = ["config_field_types", "parse_value", "resolve_device"]
+
+
+def parse_value(key: str, text: str, kind: type) -> Any:
+    """Converts the text of ``--set key=text`` to ``kind`` (a bool takes true/false/1/0/yes/no).
+
+    Raises:
+        ValueError: Naming the key and the expected type.
+    """
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--set {key}={text!r} must be a bool (true/false)")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text!r} must be {'an' if kind is int else 'a'} {kind.__name__}") from None
+
+
+def config_field_types(config_cls: type) -> dict[str, type]:
+    """``{field: type}`` of a hyperparameter dataclass (annotations resolved)."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def resolve_device(name: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a usable device string."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--set device={name} but CUDA is not available here; use cpu or auto")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return name
+    raise ValueError(f"--set device must be cpu, cuda, cuda:N or auto, got {name!r}")
