@@ -14,6 +14,7 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "as_tensors",
+    "check_cifar10",
     "load_cifar10",
     "load_mnist1d",
     "load_text",
@@ -58,6 +59,29 @@ def stratified_split(
     return as_tensors(x[~test], y[~test]), as_tensors(x[test], y[test])
 
 
+def check_cifar10(data_dir: str | Path) -> Path:
+    """Checks that ``data_dir`` holds CIFAR-10's python batches without reading them (for validation).
+
+    Returns:
+        The folder holding the batch files.
+
+    Raises:
+        ValueError: If the folder or a batch file is missing (naming it).
+    """
+    folder = _cifar10_folder(Path(data_dir))
+    for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE):
+        _require_batch_file(folder / name)
+    return folder
+
+
+def _require_batch_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} is missing (need {', '.join(CIFAR10_TRAIN_FILES)} and "
+            f"{CIFAR10_TEST_FILE} from {CIFAR10_FOLDER})"
+        )
+
+
 def _cifar10_folder(data_dir: Path) -> Path:
     """The folder holding the batch files: ``data_dir`` itself or its ``cifar-10-batches-py/``."""
     if not data_dir.is_dir():
@@ -71,11 +95,7 @@ def _cifar10_folder(data_dir: Path) -> Path:
 
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(data, labels)`` of one CIFAR-10 python batch: uint8 ``(n, 3072)`` and int64 ``(n,)``."""
-    if not path.is_file():
-        raise ValueError(
-            f"CIFAR-10 batch file {str(path)!r} is missing (need {', '.join(CIFAR10_TRAIN_FILES)} and "
-            f"{CIFAR10_TEST_FILE} from {CIFAR10_FOLDER})"
-        )
+    _require_batch_file(path)
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")

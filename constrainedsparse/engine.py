@@ -180,6 +180,8 @@ def prepare(config: RunConfig) -> Prepared:
     prepared = Prepared(
         config, problem, formulation_cls, formulation_config, target, training, options, epochs, pretrain_epochs
     )
+    if problem.check is not None:
+        problem.check(options)
     # Bind the targets to a throwaway model: catches "selects nothing" and N:M width errors now.
     problem.targets.resolve(problem.model(options), target)
     if config.resume and distributed.is_main_process() and not (Path(config.out) / CHECKPOINT).is_file():

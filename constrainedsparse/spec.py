@@ -52,6 +52,8 @@ class Problem:
         lr: Adam learning rate of the primal variables.
         dual_lr: Learning rate of gradient ascent on user-constraint multipliers.
         options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
+        check: Optional ``check(options)`` raising ``ValueError`` for unusable options (a missing
+            data folder, ...); called before anything is written or trained.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Problem:
     lr: float = 1e-3
     dual_lr: float = 1e-2
     options: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Any]], None] | None = None
     source: str = ""
 
     def cache_tag(self) -> str:

@@ -148,3 +148,13 @@ def test_load_cifar10_rejects_bad_arguments(tmp_path):
         load_cifar10(folder, train_subset=-1)
     with pytest.raises(ValueError, match="is not a directory"):
         load_cifar10(tmp_path / "nowhere")
+
+
+def test_cifar10_resnet18_folder_is_checked_by_prepare_before_any_work(tmp_path):
+    from constrainedsparse.engine import RunConfig, prepare
+
+    with pytest.raises(ValueError, match=r"cifar10-resnet18 needs --set data_dir=PATH"):
+        prepare(RunConfig(problem="cifar10-resnet18", out=tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"CIFAR-10 batch file .*data_batch_1' is missing"):
+        prepare(RunConfig(problem="cifar10-resnet18", out=tmp_path / "run", settings={"data_dir": str(tmp_path)}))
+    assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from constrainedsparse.data import load_cifar10
+from constrainedsparse.data import check_cifar10, load_cifar10
 from constrainedsparse.spec import Problem
 from constrainedsparse.targets import Targets
 
@@ -32,13 +32,19 @@ def model(options: Mapping[str, Any]) -> nn.Module:
     return net
 
 
-def data(options: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
-    """CIFAR-10 from ``options["data_dir"]`` (see :func:`constrainedsparse.data.load_cifar10`)."""
+def check(options: Mapping[str, Any]) -> None:
+    """Fails early (before any training) when the CIFAR-10 folder is not given or incomplete."""
     if not options["data_dir"]:
         raise ValueError(
             "cifar10-resnet18 needs --set data_dir=PATH (the cifar-10-batches-py folder with data_batch_1..5 "
             "and test_batch)"
         )
+    check_cifar10(options["data_dir"])
+
+
+def data(options: Mapping[str, Any]) -> tuple[TensorDataset, TensorDataset]:
+    """CIFAR-10 from ``options["data_dir"]`` (see :func:`constrainedsparse.data.load_cifar10`)."""
+    check(options)
     train, test = load_cifar10(
         options["data_dir"], train_subset=options["train_subset"], test_subset=options["test_subset"]
     )
@@ -56,4 +62,5 @@ problem = Problem(
     batch_size=128,
     lr=1e-3,
     options={"data_dir": "", "train_subset": 0, "test_subset": 0},
+    check=check,
 )
