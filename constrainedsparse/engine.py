@@ -241,7 +241,13 @@ def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.
     model = problem.model(prepared.options).to(prepared.training["device"])
     # Everything that shapes the dense model is in the key: problem file, options, training keys.
     recipe = json.dumps(
-        {"options": prepared.options, "lr": prepared.training["lr"], "batch": prepared.training["batch_size"]},
+        {
+            "options": prepared.options,
+            "lr": prepared.training["lr"],
+            "batch": prepared.training["batch_size"],
+            # CUDA kernels round differently: a GPU-trained dense model is not the CPU one.
+            "device": torch.device(prepared.training["device"]).type,
+        },
         sort_keys=True,
         default=str,
     )
