@@ -45,7 +45,7 @@ from constrainedsparse.masks import (
     temporarily_pruned,
 )
 from constrainedsparse.problem import SparsityProblem
-from constrainedsparse.settings import config_field_types, parse_value, resolve_device
+from constrainedsparse.settings import config_field_types, resolve_device, route_settings
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
@@ -140,31 +140,25 @@ def prepare(config: RunConfig) -> Prepared:
     ):
         _check_count(name, value)
 
-    formulation_types = config_field_types(formulation_cls.Config)
-    option_types = {k: type(v) for k, v in problem.options.items()}
-    allowed = {**TRAINING_KEYS, **option_types, **formulation_types}
+    routed = route_settings(
+        config.settings,
+        {
+            "formulation": config_field_types(formulation_cls.Config),
+            "options": {k: type(v) for k, v in problem.options.items()},
+            "training": TRAINING_KEYS,
+        },
+        f"for formulation {config.formulation!r} and problem {problem.name!r}",
+    )
     training = {
         "lr": problem.lr,
         "dual_lr": problem.dual_lr,
         "batch_size": problem.batch_size,
         "log_every": 10,
         "device": "cpu",
+        **routed["training"],
     }
-    options = dict(problem.options)
-    formulation_values = {}
-    for key, text in config.settings.items():
-        if key not in allowed:
-            raise ValueError(
-                f"unknown --set key {key!r} for formulation {config.formulation!r} and problem "
-                f"{problem.name!r}; allowed: {', '.join(sorted(allowed))}"
-            )
-        value = parse_value(key, text, allowed[key])
-        if key in formulation_types:
-            formulation_values[key] = value
-        elif key in option_types:
-            options[key] = value
-        else:
-            training[key] = value
+    options = {**problem.options, **routed["options"]}
+    formulation_values = routed["formulation"]
     for key in ("lr", "dual_lr"):
         if not training[key] > 0:
             raise ValueError(f"--set {key} must be > 0, got {training[key]}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["config_field_types", "parse_value", "resolve_device"]
+__all__ = ["config_field_types", "parse_value", "resolve_device", "route_settings"]
 
 
 def parse_value(key: str, text: str, kind: type) -> Any:
@@ -50,3 +51,29 @@ def resolve_device(name: str) -> str:
             raise ValueError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s)")
         return name
     raise ValueError(f"--set device must be cpu, cuda, cuda:N or auto, got {name!r}")
+
+
+def route_settings(
+    settings: Mapping[str, str], groups: Mapping[str, Mapping[str, type]], where: str
+) -> dict[str, dict[str, Any]]:
+    """Parses every ``--set key=text`` into the first group (in order) that declares ``key``.
+
+    Args:
+        settings: ``{key: text}`` from the command line.
+        groups: ``{group: {key: type}}`` in priority order (e.g. formulation, problem options, training).
+        where: Context for the error message (``"for formulation 'slr' and problem 'digits-mlp'"``).
+
+    Returns:
+        ``{group: {key: value}}`` with only the keys that were given (every group present).
+
+    Raises:
+        ValueError: For an unknown key (listing every allowed one) or a value of the wrong type.
+    """
+    routed: dict[str, dict[str, Any]] = {group: {} for group in groups}
+    for key, text in settings.items():
+        group = next((g for g, types in groups.items() if key in types), None)
+        if group is None:
+            allowed = sorted({k for types in groups.values() for k in types})
+            raise ValueError(f"unknown --set key {key!r} {where}; allowed: {', '.join(allowed)}")
+        routed[group][key] = parse_value(key, text, groups[group][key])
+    return routed

@@ -13,6 +13,7 @@ import torch
 
 from constrainedsparse.masks import remove_masks
 from constrainedsparse.problem import Batch, SparsityProblem
+from constrainedsparse.registry import Registry
 
 __all__ = [
     "Formulation",
@@ -24,7 +25,7 @@ __all__ = [
     "register_formulation",
 ]
 
-_REGISTRY: dict[str, type[Formulation]] = {}
+_REGISTRY: Registry[type[Formulation]] = Registry("formulation")
 
 
 @dataclasses.dataclass
@@ -153,25 +154,17 @@ def register_formulation(name: str) -> Callable[[type[Formulation]], type[Formul
     Raises:
         ValueError: If ``name`` is already registered.
     """
-
-    def decorate(cls: type[Formulation]) -> type[Formulation]:
-        if name in _REGISTRY:
-            raise ValueError(f"formulation {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def available_formulations() -> list[str]:
     """Registered names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def describe_formulations() -> dict[str, str]:
     """``{name: one-line description}``."""
-    return {name: _REGISTRY[name].description for name in available_formulations()}
+    return _REGISTRY.describe()
 
 
 def formulation_class(name: str) -> type[Formulation]:
@@ -180,9 +173,7 @@ def formulation_class(name: str) -> type[Formulation]:
     Raises:
         ValueError: For an unknown name, listing the known ones.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown formulation {name!r}; available: {', '.join(available_formulations())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name, f"unknown formulation {name!r}; available: ")
 
 
 def make(

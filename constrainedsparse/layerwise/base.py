@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from constrainedsparse.registry import Registry
 from constrainedsparse.sets import FeasibleSet
 from constrainedsparse.targets import SparsityConfig
 
@@ -38,7 +39,7 @@ __all__ = [
     "wanda_scores",
 ]
 
-_REGISTRY: dict[str, type[LayerwiseSolver]] = {}
+_REGISTRY: Registry[type[LayerwiseSolver]] = Registry("layer-wise solver")
 
 
 @dataclasses.dataclass
@@ -135,25 +136,17 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
     Raises:
         ValueError: If ``name`` is already registered.
     """
-
-    def decorate(cls: type[LayerwiseSolver]) -> type[LayerwiseSolver]:
-        if name in _REGISTRY:
-            raise ValueError(f"layer-wise solver {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def available_solvers() -> list[str]:
     """Registered layer-wise solver names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def describe_solvers() -> dict[str, str]:
     """``{name: one-line description}`` of the layer-wise solvers."""
-    return {name: _REGISTRY[name].description for name in available_solvers()}
+    return _REGISTRY.describe()
 
 
 def solver_class(name: str) -> type[LayerwiseSolver]:
@@ -162,6 +155,4 @@ def solver_class(name: str) -> type[LayerwiseSolver]:
     Raises:
         ValueError: If no solver has that name.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown layer-wise solver {name!r}; choose one of {', '.join(available_solvers())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name, f"unknown layer-wise solver {name!r}; choose one of ")

@@ -26,7 +26,7 @@ from constrainedsparse.formulations import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.logger import WANDB_MODES, MetricsLogger, NullLogger, plot_metrics
-from constrainedsparse.settings import config_field_types, parse_value, resolve_device
+from constrainedsparse.settings import config_field_types, resolve_device, route_settings
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig
 
@@ -88,25 +88,18 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
     if config.retrain_epochs:
         raise ValueError(f"--retrain-epochs is not available for the layer-wise problem {problem.name!r}")
     solver_cls = solver_class(name)
-    solver_types = config_field_types(solver_cls.Config)
-    option_types = {k: type(v) for k, v in problem.options.items()}
-    allowed = {**DRIVER_KEYS, **option_types, **solver_types}
-    driver: dict[str, Any] = {"mask_scope": "row", "gram_dtype": "float32", "device": "cpu"}
-    options = dict(problem.options)
-    solver_values = {}
-    for key, text in config.settings.items():
-        if key not in allowed:
-            raise ValueError(
-                f"unknown --set key {key!r} for formulation {name!r} and problem {problem.name!r}; "
-                f"allowed: {', '.join(sorted(allowed))}"
-            )
-        value = parse_value(key, text, allowed[key])
-        if key in solver_types:
-            solver_values[key] = value
-        elif key in option_types:
-            options[key] = value
-        else:
-            driver[key] = value
+    routed = route_settings(
+        config.settings,
+        {
+            "solver": config_field_types(solver_cls.Config),
+            "options": {k: type(v) for k, v in problem.options.items()},
+            "driver": DRIVER_KEYS,
+        },
+        f"for formulation {name!r} and problem {problem.name!r}",
+    )
+    driver: dict[str, Any] = {"mask_scope": "row", "gram_dtype": "float32", "device": "cpu", **routed["driver"]}
+    options = {**problem.options, **routed["options"]}
+    solver_values = routed["solver"]
     if driver["mask_scope"] not in MASK_SCOPES:
         raise ValueError(f"--set mask_scope must be one of {', '.join(MASK_SCOPES)}, got {driver['mask_scope']!r}")
     if driver["gram_dtype"] not in GRAM_DTYPES:

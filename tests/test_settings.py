@@ -1,0 +1,43 @@
+"""``--set`` routing and the name registry shared by training formulations and layer-wise solvers."""
+
+import pytest
+
+from constrainedsparse.registry import Registry
+from constrainedsparse.settings import route_settings
+
+
+def test_route_settings_takes_the_first_group_that_declares_a_key():
+    groups = {"solver": {"alpha": float}, "options": {"alpha": int, "seq_len": int}, "driver": {"device": str}}
+    routed = route_settings({"alpha": "0.5", "seq_len": "16", "device": "cpu"}, groups, "for x")
+    assert routed == {"solver": {"alpha": 0.5}, "options": {"seq_len": 16}, "driver": {"device": "cpu"}}
+    assert route_settings({}, groups, "for x") == {"solver": {}, "options": {}, "driver": {}}
+
+
+def test_route_settings_errors_name_the_key_and_what_is_allowed():
+    groups = {"a": {"rho": float}, "b": {"flag": bool}}
+    with pytest.raises(ValueError, match=r"^unknown --set key 'nope' for formulation 'f'; allowed: flag, rho$"):
+        route_settings({"nope": "1"}, groups, "for formulation 'f'")
+    with pytest.raises(ValueError, match=r"^--set rho='fast' must be a float$"):
+        route_settings({"rho": "fast"}, groups, "for x")
+    with pytest.raises(ValueError, match=r"^--set flag='maybe' must be a bool \(true/false\)$"):
+        route_settings({"flag": "maybe"}, groups, "for x")
+
+
+def test_registry_names_classes_and_refuses_duplicates():
+    registry: Registry[type] = Registry("widget")
+
+    @registry.register("b")
+    class B:
+        description = "the b"
+
+    @registry.register("a")
+    class A:
+        description = "the a"
+
+    assert registry.names() == ["a", "b"] and "a" in registry and A.name == "a"
+    assert registry.describe() == {"a": "the a", "b": "the b"}
+    assert registry.get("b", "unknown widget; choose one of ") is B
+    with pytest.raises(ValueError, match=r"^unknown widget 'c'; choose one of a, b$"):
+        registry.get("c", "unknown widget 'c'; choose one of ")
+    with pytest.raises(ValueError, match=r"^widget 'a' is already registered$"):
+        registry.register("a")(type("Again", (), {}))
