@@ -16,6 +16,9 @@ penalized baseline's gated accuracy at the sweep's ``lmbda`` whose density is ne
 
 ``--set`` passes ``l0`` settings to every run, e.g. ``--set density_constraint=equality --set
 density_dual_kp=10`` or ``--set grouping=structured`` (``scope`` is set per run by ``--scopes``).
+With ``--set density_of=purged`` (structured, ``--scopes model``) the constraint is on the expected
+purged density, so the expected column and its gap are that one (``expected_purged_density`` of
+``summary.json``); structured tables also show the hard-pruned weight density (1 - ``achieved_sparsity``).
 
 Usage::
 
@@ -23,6 +26,8 @@ Usage::
     .venv/bin/python benchmarks/l0_control.py --quick         # digits-mlp, 2 targets, 1 seed, 2 epochs
     .venv/bin/python benchmarks/l0_control.py --epochs 30 --dual-lr 2 --out benchmarks/results/l0_control
     .venv/bin/python benchmarks/l0_control.py --set grouping=structured --out benchmarks/results/l0_control_structured
+    .venv/bin/python benchmarks/l0_control.py --scopes model --set grouping=structured --set density_of=purged \\
+        --lmbdas 0 --threads 1 --out benchmarks/results/l0_control_structured_purged
 """
 
 from __future__ import annotations
