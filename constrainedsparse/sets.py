@@ -22,6 +22,7 @@ re-implement a top-k.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "Face",
     "FeasibleSet",
     "GlobalTopK",
     "NMSparse",
@@ -85,6 +87,12 @@ def parse_nm(pattern: str) -> tuple[int, int]:
     if not 0 < n <= m:
         raise ValueError(f"pattern must look like N:M with integers 0 < N <= M (e.g. 2:4), got {pattern!r}")
     return n, m
+
+
+def _fixed_count(fraction: float, budget: int) -> int:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the fixed fraction of a face must be in [0, 1), got {fraction}")
+    return math.floor(fraction * budget)
 
 
 def _sample_order_statistics(sample: torch.Tensor, ranks: list[int]) -> list[float]:
@@ -267,8 +275,36 @@ def _lmo_mask(neg_scores: torch.Tensor, k: int, only_negative: bool) -> torch.Te
     return vertex
 
 
+@dataclasses.dataclass(frozen=True)
+class Face:
+    r"""A face of a pattern's mask hull: some coordinates of every unit fixed to 1, the rest free.
+
+    Frank-Wolfe's α-fixed warm start works on such a face. Every unit (row, layer, N:M group)
+    fixes the same number of coordinates, so the free coordinates of a tensor, gathered in their
+    original order, form a dense tensor of ``free_shape`` with the same pattern and the remaining
+    budget: its oracle is ``free.lmo`` (lower-index tie-breaking unchanged).
+
+    Args:
+        fixed: Picks the fixed coordinates from scores (``fixed.mask(scores)``); ``None`` if none.
+        free: The pattern with the remaining budget, on the gathered free coordinates.
+        free_shape: Shape of the gathered free coordinates.
+    """
+
+    fixed: FeasibleSet | None
+    free: FeasibleSet
+    free_shape: tuple[int, ...]
+
+
 class FeasibleSet(abc.ABC):
     """A sparsity pattern: projection, linear minimisation oracle and membership test."""
+
+    def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
+        r"""The face fixing :math:`\lfloor f k\rfloor` of every unit's budget :math:`k` (see :class:`Face`).
+
+        Raises:
+            ValueError: If the pattern has no such face (structured groups) or the fraction is not in [0, 1).
+        """
+        raise ValueError(f"{self!r} has no face with fixed coordinates (row, unstructured and N:M patterns do)")
 
     @abc.abstractmethod
     def mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -339,6 +375,10 @@ class TopK(FeasibleSet):
     def contains(self, x: torch.Tensor) -> bool:
         return int(torch.count_nonzero(x)) <= self.k
 
+    def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
+        count = _fixed_count(fixed_fraction, self.k)
+        return Face(TopK(count) if count else None, TopK(self.k - count), (math.prod(shape) - count,))
+
     def __repr__(self) -> str:
         return f"TopK(k={self.k})"
 
@@ -365,6 +405,11 @@ class RowTopK(FeasibleSet):
 
     def contains(self, x: torch.Tensor) -> bool:
         return bool((torch.count_nonzero(x.reshape(x.shape[0], -1), dim=1) <= self.k).all())
+
+    def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
+        count = _fixed_count(fixed_fraction, self.k)
+        width = math.prod(shape[1:])
+        return Face(RowTopK(count) if count else None, RowTopK(self.k - count), (shape[0], width - count))
 
     def __repr__(self) -> str:
         return f"RowTopK(k={self.k})"
@@ -410,6 +455,14 @@ class NMSparse(FeasibleSet):
 
     def contains(self, x: torch.Tensor) -> bool:
         return bool((torch.count_nonzero(self._groups(x), dim=1) <= self.n).all())
+
+    def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
+        self.check_shape(shape)
+        if len(shape) != 2:
+            raise ValueError(f"an N:M face needs a 2-D (out, in) tensor, got shape {tuple(shape)}")
+        count = _fixed_count(fixed_fraction, self.n)
+        fixed = NMSparse(count, self.m) if count else None
+        return Face(fixed, NMSparse(self.n - count, self.m - count), (shape[0], shape[1] // self.m * (self.m - count)))
 
     def __repr__(self) -> str:
         return f"NMSparse({self.n}:{self.m})"

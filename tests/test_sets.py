@@ -711,3 +711,38 @@ def test_contains_accepts_boolean_masks(feasible):
     assert mask.dtype == torch.bool
     assert feasible.contains(mask) and feasible.contains(weights * mask)
     assert not feasible.contains(torch.ones(3, 4, dtype=torch.bool))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["row", "unstructured", "nm"]),
+    rows=st.integers(1, 4),
+    groups=st.integers(1, 4),
+    fraction=st.floats(0.0, 0.99),
+    seed=st.integers(0, 2**16),
+)
+def test_face_vertices_are_vertices_of_the_whole_pattern(kind, rows, groups, fraction, seed):
+    """Fixed coordinates + a free vertex of the face = a vertex of the pattern with the full budget."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rows, 4 * groups)
+    pattern = {"row": RowTopK(2 * groups), "unstructured": TopK(rows * 2 * groups), "nm": NMSparse(2, 4)}[kind]
+    scores = torch.rand(shape, generator=generator)
+    grad = -torch.rand(shape, generator=generator)  # all negative: the oracle fills the whole budget
+    face = pattern.face(fraction, shape)
+    fixed = face.fixed.mask(scores) if face.fixed is not None else torch.zeros(shape, dtype=torch.bool)
+    free_index = (~fixed).reshape(-1).nonzero()[:, 0]
+    assert free_index.numel() == math.prod(face.free_shape)
+    free_vertex = face.free.lmo(grad.reshape(-1)[free_index].reshape(face.free_shape), only_negative=True)
+    vertex = fixed.reshape(-1).clone().float()
+    vertex[free_index] = free_vertex.reshape(-1)
+    vertex = vertex.reshape(shape)
+    assert pattern.contains(vertex)
+    full = pattern.lmo(grad)
+    assert int(vertex.sum()) == int(full.sum())  # the face keeps every unit's budget
+
+
+def test_face_rejects_structured_groups_and_bad_fractions():
+    with pytest.raises(ValueError, match=r"StructuredGroups\(k=1, dim=0\) has no face with fixed coordinates"):
+        StructuredGroups(1, dim=0).face(0.5, (2, 4))
+    with pytest.raises(ValueError, match=r"the fixed fraction of a face must be in \[0, 1\), got 1.0"):
+        RowTopK(2).face(1.0, (2, 4))

@@ -181,25 +181,10 @@ class _Face:
     """
 
     def __init__(self, feasible: FeasibleSet, alpha: float, scores: torch.Tensor) -> None:
-        d_out, d_in = scores.shape
-        fixed_set: FeasibleSet | None
-        if isinstance(feasible, RowTopK):
-            count = math.floor(alpha * feasible.k)
-            fixed_set = RowTopK(count) if count else None
-            self.free_set: FeasibleSet = RowTopK(feasible.k - count)
-            self.free_shape: tuple[int, ...] = (d_out, d_in - count)
-        elif isinstance(feasible, NMSparse):
-            count = math.floor(alpha * feasible.n)
-            fixed_set = NMSparse(count, feasible.m) if count else None
-            self.free_set = NMSparse(feasible.n - count, feasible.m - count)
-            self.free_shape = (d_out, d_in // feasible.m * (feasible.m - count))
-        elif isinstance(feasible, TopK):
-            count = math.floor(alpha * feasible.k)
-            fixed_set = TopK(count) if count else None
-            self.free_set = TopK(feasible.k - count)
-            self.free_shape = (scores.numel() - count,)
-        else:
+        if not isinstance(feasible, (RowTopK, TopK, NMSparse)):
             raise ValueError(f"fw supports the row, unstructured and nm patterns, got {feasible!r}")
+        face = feasible.face(alpha, scores.shape)
+        fixed_set, self.free_set, self.free_shape = face.fixed, face.free, face.free_shape
         self.fixed = fixed_set.mask(scores) if fixed_set is not None else torch.zeros_like(scores, dtype=torch.bool)
         self.free_index = (~self.fixed).reshape(-1).nonzero()[:, 0]
 
