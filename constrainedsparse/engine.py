@@ -45,13 +45,14 @@ from constrainedsparse.masks import (
     temporarily_pruned,
 )
 from constrainedsparse.problem import SparsityProblem
-from constrainedsparse.settings import config_field_types, resolve_device, route_settings
+from constrainedsparse.settings import config_field_types, resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = ["NonFiniteLossError", "Prepared", "RunConfig", "cache_dir", "execute", "prepare", "run"]
 
 CHECKPOINT = "checkpoint.pt"
+DEFAULT_SPARSITY = 0.9
 TRAINING_KEYS: dict[str, type] = {"lr": float, "dual_lr": float, "batch_size": int, "log_every": int, "device": str}
 
 
@@ -124,15 +125,7 @@ def prepare(config: RunConfig) -> Prepared:
     formulation_cls = formulation_class(config.formulation)
     if config.wandb not in WANDB_MODES:
         raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
-    if config.sparsity is not None and config.pattern is not None:
-        raise ValueError("give either --sparsity or --pattern, not both")
-    if config.pattern is not None:
-        target = SparsityConfig.from_pattern(config.pattern)
-    else:
-        sparsity = 0.9 if config.sparsity is None else config.sparsity
-        if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-            raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
-        target = SparsityConfig(sparsity=sparsity)
+    target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY)
     for name, value in (
         ("--epochs", config.epochs),
         ("--pretrain-epochs", config.pretrain_epochs),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["config_field_types", "parse_value", "resolve_device", "route_settings"]
+from constrainedsparse.targets import SparsityConfig
+
+__all__ = ["config_field_types", "parse_value", "resolve_device", "route_settings", "target_from_flags"]
 
 
 def parse_value(key: str, text: str, kind: type) -> Any:
@@ -77,3 +80,27 @@ def route_settings(
             raise ValueError(f"unknown --set key {key!r} {where}; allowed: {', '.join(allowed)}")
         routed[group][key] = parse_value(key, text, groups[group][key])
     return routed
+
+
+def target_from_flags(
+    sparsity: float | None, pattern: str | None, default_sparsity: float, unstructured_pattern: str = "unstructured"
+) -> SparsityConfig:
+    """The run's :class:`SparsityConfig` from ``--sparsity`` / ``--pattern`` (both runners use it).
+
+    Args:
+        sparsity: ``--sparsity`` (``None``: not given).
+        pattern: ``--pattern N:M`` (``None``: not given).
+        default_sparsity: Level used when neither is given.
+        unstructured_pattern: Pattern of a ``--sparsity`` target (``unstructured`` or ``row``).
+
+    Raises:
+        ValueError: If both are given, the level is outside [0, 1), or the N:M text is malformed.
+    """
+    if sparsity is not None and pattern is not None:
+        raise ValueError("give either --sparsity or --pattern, not both")
+    if pattern is not None:
+        return SparsityConfig.from_pattern(pattern)
+    level = default_sparsity if sparsity is None else sparsity
+    if not (0.0 <= level < 1.0) or math.isnan(level):
+        raise ValueError(f"--sparsity must be in [0, 1), got {level}")
+    return SparsityConfig(sparsity=level, pattern=unstructured_pattern)

@@ -41,3 +41,15 @@ def test_registry_names_classes_and_refuses_duplicates():
         registry.get("c", "unknown widget 'c'; choose one of ")
     with pytest.raises(ValueError, match=r"^widget 'a' is already registered$"):
         registry.register("a")(type("Again", (), {}))
+
+
+def test_target_from_flags_is_one_validation_for_both_runners():
+    from constrainedsparse.settings import target_from_flags
+
+    assert target_from_flags(None, None, 0.9).sparsity == 0.9
+    assert target_from_flags(0.5, None, 0.9, "row").pattern == "row"
+    assert target_from_flags(None, "2:4", 0.5).nm == (2, 4)
+    with pytest.raises(ValueError, match=r"^give either --sparsity or --pattern, not both$"):
+        target_from_flags(0.5, "2:4", 0.9)
+    with pytest.raises(ValueError, match=r"^--sparsity must be in \[0, 1\), got 1.0$"):
+        target_from_flags(1.0, None, 0.9)

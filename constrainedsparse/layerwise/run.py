@@ -9,7 +9,6 @@ recomputed from the partially pruned model).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from constrainedsparse.formulations import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.logger import WANDB_MODES, MetricsLogger, NullLogger, plot_metrics
-from constrainedsparse.settings import config_field_types, resolve_device, route_settings
+from constrainedsparse.settings import config_field_types, resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig
 
@@ -105,13 +104,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
     if driver["gram_dtype"] not in GRAM_DTYPES:
         raise ValueError(f"--set gram_dtype must be one of {', '.join(GRAM_DTYPES)}, got {driver['gram_dtype']!r}")
     driver["device"] = distributed.rank_device(resolve_device(driver["device"]))
-    if config.pattern is not None:
-        target = SparsityConfig.from_pattern(config.pattern)
-    else:
-        sparsity = DEFAULT_SPARSITY if config.sparsity is None else config.sparsity
-        if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-            raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
-        target = SparsityConfig(sparsity=sparsity, pattern=MASK_SCOPES[driver["mask_scope"]])
+    target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver["mask_scope"]])
     solver_config = solver_cls.Config(**solver_values)
     solver_config.validate()
     _hide_transformers_progress_bars()
