@@ -6,6 +6,7 @@ seeded random offsets), the last 10 % the held-out set (consecutive windows). Me
 the pruned model on the held-out windows, next to the dense model's.
 """
 
+import functools
 import math
 from pathlib import Path
 
@@ -45,19 +46,10 @@ def model(options):
 
 
 def _tokens(options):
-    from transformers import AutoTokenizer
-
     for key in ("calibration_samples", "held_out_samples", "seq_len"):
         if options[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {options[key]}")
-    directory = _directory(options)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"--set model={options['model']!r} has no usable tokenizer: {message}") from None
-    tokenizer.model_max_length = 1 << 30  # we cut windows ourselves; silences the long-input warning
-    ids = torch.tensor(tokenizer(load_text(options["text"]))["input_ids"], dtype=torch.long)
+    ids = _encoded(str(_directory(options)), options["text"])
     split = int(len(ids) * (1 - HELD_OUT_FRACTION))
     seq_len = options["seq_len"]
     if split < seq_len or len(ids) - split < seq_len:
@@ -66,6 +58,20 @@ def _tokens(options):
             f"seq_len={seq_len} (the last {HELD_OUT_FRACTION:.0%} is held out)"
         )
     return ids[:split], ids[split:]
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded(directory, text):
+    """The text's token ids, tokenised once per (model directory, text) for calibration and both evaluations."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"--set model={directory!r} has no usable tokenizer: {message}") from None
+    tokenizer.model_max_length = 1 << 30  # we cut windows ourselves; silences the long-input warning
+    return torch.tensor(tokenizer(load_text(text))["input_ids"], dtype=torch.long)
 
 
 def _windows(ids, starts, seq_len):

