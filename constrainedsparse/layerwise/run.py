@@ -216,10 +216,11 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
                 logger.log({**row, "trace/layer": len(reports)}, progress["step"])
             progress["step"] += 1
             logger.log({**_report_metrics(report), "block": index + 1}, progress["step"])
-            pruned[report.name] = layer_weight(modules[report.name.removesuffix(".weight")]).detach().cpu().clone()
             reports.append(dataclasses.asdict(report) | {"trace": []})
         if not main:
-            return
+            return  # only rank 0 checkpoints, so only rank 0 keeps copies of the pruned weights
+        for report in block_reports:
+            pruned[report.name] = layer_weight(modules[report.name.removesuffix(".weight")]).detach().cpu().clone()
         save_checkpoint(
             out / CHECKPOINT,
             {
