@@ -174,7 +174,7 @@ def _launch(nproc: int, config: RunConfig, argv: list[str]) -> int:
     if isinstance(problem, LayerwiseProblem):  # bad input: one line and exit 2 before any process starts
         layerwise_run.prepare(config, problem)
     else:
-        prepared = prepare(config)
+        prepared = prepare(config, problem)
         distributed.check_global_batch(prepared.training["batch_size"], nproc)
     code, message = distributed.launch(nproc, ["-m", "constrainedsparse", *argv])
     if message is not None:

@@ -106,15 +106,20 @@ def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def prepare(config: RunConfig) -> Prepared:
+def prepare(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) -> Prepared:
     """Validates a run configuration without touching the disk.
+
+    Args:
+        config: The run configuration.
+        problem: ``config.problem`` already loaded (loaded here when ``None``).
 
     Raises:
         ValueError: With one line naming the bad value and what is allowed.
     """
     if not distributed.is_main_process():
         config = dataclasses.replace(config, progress=False)  # one progress bar per job: rank 0's
-    problem = load_problem(config.problem)
+    if problem is None:
+        problem = load_problem(config.problem)
     if isinstance(problem, LayerwiseProblem):
         raise ValueError(f"problem {problem.name!r} is layer-wise: run it with constrainedsparse.layerwise.run")
     if config.formulation in available_solvers() and config.formulation not in available_formulations():
@@ -579,7 +584,7 @@ def run(config: RunConfig) -> dict[str, Any] | None:
         from constrainedsparse.layerwise import run as layerwise
 
         return layerwise.run(config, problem)
-    prepared = prepare(config)
+    prepared = prepare(config, problem)
     out = Path(config.out)
     created = not out.exists()
     try:
