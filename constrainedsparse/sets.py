@@ -249,6 +249,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k == n:
         return torch.ones_like(scores, dtype=torch.bool)
+    if k == 1:
+        # argmax returns the first maximal index: the same tie rule, several times faster than a selection.
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.argmax(dim=-1, keepdim=True), True)
     rows = scores.reshape(-1, n)
     threshold = _kth_largest(rows, k)
     mask = rows >= threshold

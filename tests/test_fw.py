@@ -206,7 +206,7 @@ def test_polish_keeps_counts_and_only_improves(pattern: str) -> None:
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())  # magnitude: a poor start with room to improve
     if pattern.startswith("nm"):
-        polished, rows, steps, swaps = _group_sweep_polish(weight, gram, start, 4, 5, block=8)
+        polished, _, rows, steps, swaps = _group_sweep_polish(weight, gram, start, 4, 5, block=8)
         assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     else:
         polished, rows, steps, swaps = _swap_polish(weight, gram, start, 200)
@@ -223,7 +223,7 @@ def test_group_sweep_reaches_a_groupwise_optimum() -> None:
     layer = _layer(19, d_out=3, d_in=12, pattern="nm")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, sweeps, _ = _group_sweep_polish(weight, gram, start, 4, 50, block=4)
+    polished, _, _, sweeps, _ = _group_sweep_polish(weight, gram, start, 4, 50, block=4)
     assert sweeps < 50
     value = _row_objective(layer, weight * polished)
     for group in range(3):
@@ -293,6 +293,7 @@ def test_input_not_modified() -> None:
         ({"damp": -1.0}, r"fw: damp must be a finite number >= 0, got -1.0"),
         ({"reconstruct_iterations": 0}, r"fw: reconstruct_iterations must be an integer >= 1, got 0"),
         ({"reconstruct": "yes"}, r"fw: reconstruct must be true or false, got 'yes'"),
+        ({"reconstruct_sweeps": -1}, r"fw: reconstruct_sweeps must be an integer >= 0, got -1"),
         ({"trace_every": 0}, r"fw: trace_every must be an integer >= 1, got 0"),
     ],
 )
@@ -351,6 +352,82 @@ def test_solver_reconstruct_beats_mask_only() -> None:
     assert torch.equal(plain.mask, rebuilt.mask)
     assert layer.error(rebuilt.weight) < layer.error(plain.weight)
     assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
+
+
+def _damped(layer: LayerProblem, damp: float = 0.01) -> torch.Tensor:
+    gram = layer.gram
+    return gram + damp * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+
+@pytest.mark.parametrize("pattern", ["nm", "nm14"])
+def test_joint_group_sweep_keeps_counts_and_lowers_the_damped_objective(pattern: str) -> None:
+    layer = _layer(41, d_out=10, d_in=24, pattern=pattern)
+    weight, damped = layer.weight, _damped(layer)
+    start = layer.feasible_set().mask(weight.abs())
+    values = reconstruct_rows(weight, layer.gram, start, 0.01, 30)
+    mask, kept, rows, sweeps, changes = _group_sweep_polish(weight, damped, start, 4, 5, values=values, block=8)
+    assert changes > 0 and sweeps >= 1
+    assert torch.equal(mask.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
+    assert bool((kept[~mask] == 0).all())
+    damped_layer = LayerProblem(layer.name, weight, damped, layer.target)
+    before, after = _row_objective(damped_layer, values), _row_objective(damped_layer, kept)
+    assert torch.allclose(rows, after, rtol=1e-4, atol=1e-6 * float(before.abs().max()))
+    assert bool((after <= before * (1 + 1e-5)).all())
+    assert float(after.sum()) < float(before.sum())
+
+
+def test_joint_group_sweep_reaches_a_groupwise_optimum_over_masks_and_weights() -> None:
+    # After sweeps that change nothing, no group can take another kept set, or other values on
+    # its own kept set, that lowers the objective with the other groups fixed (brute force).
+    layer = _layer(43, d_out=3, d_in=12, pattern="nm")
+    weight, damped = layer.weight.double(), _damped(layer).double()
+    start = layer.feasible_set().mask(weight.abs())
+    mask, kept, _, sweeps, _ = _group_sweep_polish(weight, damped, start, 4, 50, values=weight * start, block=4)
+    assert sweeps < 50
+    residual = weight - kept
+    value = ((residual @ damped) * residual).sum(dim=1)
+    for row in range(3):
+        for group in range(3):
+            cols = list(range(4 * group, 4 * group + 4))
+            for chosen in itertools.combinations(range(4), 2):
+                free = [cols[i] for i in chosen]
+                # Best values on `free` with every other weight of the row fixed: a 2x2 solve.
+                other = kept[row].clone()
+                other[cols] = 0.0
+                rest = weight[row] - other
+                rest[free] = 0.0
+                best = torch.linalg.solve(damped[free][:, free], (rest @ damped)[free])
+                candidate = other.clone()
+                candidate[free] = best + 0.0 * weight[row, free]
+                diff = weight[row] - candidate
+                assert float(value[row]) <= float(diff @ damped @ diff) + 1e-9 * float(value[row])
+
+
+def test_reconstruct_from_a_start_never_increases_its_error() -> None:
+    layer = _layer(47, d_out=6, d_in=16, pattern="nm")
+    mask = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
+    start = reconstruct_rows(layer.weight, layer.gram, mask, 0.01, 2)
+    for iterations in (1, 3, 30):
+        rebuilt = reconstruct_rows(layer.weight, layer.gram, mask, 0.01, iterations, start=start)
+        assert bool((rebuilt[~mask] == 0).all())
+        assert bool((_row_objective(layer, rebuilt) <= _row_objective(layer, start) * (1 + 1e-5) + 1e-6).all())
+    # Warm and cold starts converge to the same least-squares solution.
+    cold = reconstruct_rows(layer.weight.double(), layer.gram.double(), mask, 0.01, 40)
+    warm = reconstruct_rows(layer.weight.double(), layer.gram.double(), mask, 0.01, 40, start=start.double())
+    assert torch.allclose(cold, warm, rtol=1e-6, atol=1e-8)
+
+
+def test_reconstruct_sweeps_never_worse_than_least_squares_on_the_fw_mask() -> None:
+    layer = _layer(53, d_out=12, d_in=32, pattern="nm")
+    plain = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
+    joint = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=3)).prune(layer)
+    assert plain.metrics["fw/joint_changes"] == 0
+    assert joint.metrics["fw/joint_changes"] > 0
+    assert _counts_ok(joint.mask, layer.target)
+    assert bool((joint.weight[~joint.mask] == 0).all())
+    plain_rows, joint_rows = _row_objective(layer, plain.weight), _row_objective(layer, joint.weight)
+    assert bool((joint_rows <= plain_rows * (1 + 1e-5) + 1e-6).all())
+    assert float(joint_rows.sum()) < float(plain_rows.sum())
 
 
 def test_non_contiguous_weight_gives_the_same_mask() -> None:

@@ -428,6 +428,10 @@ def test_topk_mask_ties_at_threshold_lower_index_wins() -> None:
     assert topk_mask(scores, 3).tolist() == [True, False, True, False, False, True]
     assert topk_mask(scores, 0).tolist() == [False] * 6
     assert topk_mask(scores, 6).tolist() == [True] * 6
+    # k = 1 takes its own (argmax) path: the same rule, batched.
+    assert topk_mask(scores, 1).tolist() == [False] * 5 + [True]
+    batched = torch.tensor([[2.0, 7.0, 7.0], [0.0, 0.0, 0.0], [-1.0, -3.0, -1.0]])
+    assert topk_mask(batched, 1).tolist() == [[False, True, False], [True, False, False], [True, False, False]]
 
 
 def test_topk_mask_rejects_bad_k() -> None:

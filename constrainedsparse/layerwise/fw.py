@@ -53,9 +53,9 @@ iterate exactly (recomputed densely every ``refresh_every`` iterations to bound 
 set's own mask (top-k per unit of the relaxed values, the fixed weights ranked first, ties broken
 by lower index, so the pattern holds exactly). Rounding a relaxed point has **no guarantee in
 general**: the rounded objective may exceed the relaxed one, and even Wanda's, arbitrarily. What
-*is* guaranteed: the rounded mask is compared with the Wanda warm start and the better one is kept
-— per row for the row-separable patterns, per layer for ``unstructured`` — and the swap polish
-below only ever lowers the objective, so the returned mask satisfies
+*is* guaranteed: the swap polish below only ever lowers the rounded mask's objective, and the
+polished mask is then compared with the Wanda warm start and the better one is kept — per row for
+the row-separable patterns, per layer for ``unstructured`` — so the returned mask satisfies
 :math:`f(M_{\text{fw}}) \le \min(f(M_{\text{rounded}}), f(M_{\text{wanda}}))`, row by row for
 ``row``/``nm`` (``fw/objective_final`` ≤ ``fw/objective_rounded`` and ≤ ``fw/objective_start``). The
 relaxed iterate also gives a certificate: :math:`f(M) - g(M) \le f` on every mask of the face (every
@@ -67,7 +67,9 @@ on the binary objective that never changes a unit's count: one-in-one-out swaps 
 ``row`` and ``unstructured`` (:func:`_swap_polish`; keeping every row's count keeps the layer's),
 and block-coordinate descent over the N:M groups for ``nm``, each group taking its best kept set
 given the others (:func:`_group_sweep_polish`). Every accepted move's change of the objective is
-computed exactly from :math:`C = DG`, so the objective decreases strictly.
+computed exactly from :math:`C = DG`, so the objective decreases strictly. The polish starts from
+the rounded mask even in rows where Wanda's is better before polishing: measured on MiniLM, the
+polished rounded mask wins far more often than either unpolished mask.
 
 **Reconstruction** (``reconstruct=True``, beyond the paper). On the kept support :math:`S` of every
 row the kept weights are re-solved by damped least squares
@@ -81,6 +83,21 @@ with :math:`\lambda` = ``damp`` × mean diag(G). The proximal term pulls towards
 rather than towards 0 (plain ridge) so that :math:`u_S = w_S` — the mask-only solution — is feasible
 with the same value: the reconstructed error is never larger than the mask-only error, for any
 :math:`\lambda` and any number of conjugate-gradient iterations (:func:`reconstruct_rows`).
+
+**Joint sweeps** (``reconstruct_sweeps``, N:M only, beyond the paper). A mask chosen for the
+mask-only objective is not the best support for least squares. Given the reconstructed weights
+:math:`\hat W`, every group may change its kept set *and* its kept values,
+
+.. math::
+
+    \min_{t,\; u_t} \; (w - \hat w')\,(G + \lambda I)\,(w - \hat w')^\top,
+    \qquad \hat w' = \hat w \text{ outside the group}, \; u_t \text{ on its kept set } t,
+
+whose inner minimum is a :math:`n \times n` solve per candidate set (:func:`_group_sweep_polish`
+with ``values``). With the damped Gram the objective is the reconstruction's own (up to a constant
+for a fixed support), so sweeps and re-solves alternate as exact block-coordinate descent and the
+damped objective never increases. A row whose plain error ends above the least squares on the
+Frank-Wolfe mask keeps that, so ``reconstruct_sweeps`` never makes a row worse.
 """
 
 from __future__ import annotations
@@ -100,6 +117,8 @@ __all__ = ["FWConfig", "FWSolver", "FrankWolfeRun", "frank_wolfe", "reconstruct_
 
 STEPS = ("line_search", "open_loop")
 _DENSE_FRACTION = 0.05
+# A group move of the sweeps must lower its row's objective by more than this fraction of it.
+_MIN_RELATIVE_GAIN = 1e-6
 
 
 @dataclasses.dataclass
@@ -118,18 +137,22 @@ class FWConfig:
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
         reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
+        reconstruct_sweeps: With ``reconstruct`` and an N:M pattern, rounds of reconstruction-aware
+            group sweeps (masks and kept weights chosen jointly), each followed by a least-squares
+            re-solve (0: least squares on the Frank-Wolfe mask only).
         trace_every: Iterations between two sampled trace entries (the last one is always kept).
         refresh_every: Iterations between two dense recomputations of the incremental products.
     """
 
-    alpha: float = 0.9
-    iterations: int = 3
+    alpha: float = 0.5
+    iterations: int = 20
     step: str = "line_search"
-    polish_steps: int = 20
-    polish_sweeps: int = 2
+    polish_steps: int = 60
+    polish_sweeps: int = 6
     reconstruct: bool = False
     damp: float = 0.01
     reconstruct_iterations: int = 30
+    reconstruct_sweeps: int = 2
     trace_every: int = 1
     refresh_every: int = 50
 
@@ -151,6 +174,8 @@ class FWConfig:
             raise ValueError(f"fw: damp must be a finite number >= 0, got {self.damp!r}")
         if not _integer(self.reconstruct_iterations) or self.reconstruct_iterations < 1:
             raise ValueError(f"fw: reconstruct_iterations must be an integer >= 1, got {self.reconstruct_iterations!r}")
+        if not _integer(self.reconstruct_sweeps) or self.reconstruct_sweeps < 0:
+            raise ValueError(f"fw: reconstruct_sweeps must be an integer >= 0, got {self.reconstruct_sweeps!r}")
         if not _integer(self.trace_every) or self.trace_every < 1:
             raise ValueError(f"fw: trace_every must be an integer >= 1, got {self.trace_every!r}")
         if not _integer(self.refresh_every) or self.refresh_every < 1:
@@ -248,6 +273,12 @@ class _VertexProduct:
 def _row_errors(weight: torch.Tensor, wg: torch.Tensor, kept_product: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     r"""Per-row objective :math:`D_i G D_i^\top = \langle D_i, (WG - (W \odot M)G)_i\rangle`, float64."""
     return ((weight * ~mask) * (wg - kept_product)).sum(dim=1, dtype=torch.float64)
+
+
+def _residual_row_errors(weight: torch.Tensor, gram: torch.Tensor, weight_hat: torch.Tensor) -> torch.Tensor:
+    r"""Per-row error :math:`(w_i - \hat w_i)\, G\, (w_i - \hat w_i)^\top`, float64."""
+    residual = weight - weight_hat
+    return ((residual @ gram) * residual).sum(dim=1, dtype=torch.float64)
 
 
 @dataclasses.dataclass
@@ -371,31 +402,32 @@ class FWSolver(LayerwiseSolver):
         rounded = feasible.mask(run.mask + 2.0 * run.fixed.to(run.mask.dtype))
         rounded_product = (weight * rounded) @ gram
         rounded_rows = _row_errors(weight, wg, rounded_product, rounded)
-        if row_separable:
-            better = rounded_rows < start_rows
-        else:
-            better = torch.full_like(
-                rounded_rows, float(rounded_rows.sum()) < float(start_rows.sum()), dtype=torch.bool
-            )
-        final = torch.where(better.unsqueeze(1), rounded, wanda)
-        final_rows = torch.where(better, rounded_rows, start_rows)
-        polish_steps = swaps = 0
+        # The polish starts from the rounded mask even where Wanda's is better: the polished rounded
+        # mask is the better one far more often than the polished Wanda mask.
+        polished, polished_rows, polish_steps, swaps = rounded, rounded_rows, 0, 0
         nm = isinstance(feasible, NMSparse)
         if (cfg.polish_sweeps if nm else cfg.polish_steps) > 0:
-            residual = wg - torch.where(better.unsqueeze(1), rounded_product, run.start_product)
+            residual = wg - rounded_product
             if nm:
-                final, final_rows, polish_steps, swaps = _group_sweep_polish(
-                    weight, gram, final, feasible.m, cfg.polish_sweeps, residual=residual
+                polished, _, polished_rows, polish_steps, swaps = _group_sweep_polish(
+                    weight, gram, rounded, feasible.m, cfg.polish_sweeps, residual=residual
                 )
             else:
-                final, final_rows, polish_steps, swaps = _swap_polish(
-                    weight, gram, final, cfg.polish_steps, residual=residual
+                polished, polished_rows, polish_steps, swaps = _swap_polish(
+                    weight, gram, rounded, cfg.polish_steps, residual=residual
                 )
-        weight_hat = layer.weight.detach() * final
-        if cfg.reconstruct:
-            weight_hat = reconstruct_rows(
-                layer.weight.detach(), layer.gram.detach(), final, cfg.damp, cfg.reconstruct_iterations
+        if row_separable:
+            better = polished_rows < start_rows
+        else:
+            better = torch.full_like(
+                polished_rows, float(polished_rows.sum()) < float(start_rows.sum()), dtype=torch.bool
             )
+        final = torch.where(better.unsqueeze(1), polished, wanda)
+        final_rows = torch.where(better, polished_rows, start_rows)
+        weight_hat = layer.weight.detach() * final
+        joint_changes = 0
+        if cfg.reconstruct:
+            final, weight_hat, joint_changes = self._reconstruct(layer, weight, gram, final, feasible)
 
         trace = [
             {"iteration": float(t), "objective": run.objectives[t], "gap": run.gaps[t]}
@@ -414,13 +446,62 @@ class FWSolver(LayerwiseSolver):
             "fw/dense_updates": float(run.dense_updates),
             "fw/polish_steps": float(polish_steps),
             "fw/swaps": float(swaps),
+            "fw/joint_changes": float(joint_changes),
             "fw/seconds": time.perf_counter() - start_time,
         }
         return LayerResult(weight=weight_hat, mask=final, metrics=metrics, trace=trace)
 
+    def _reconstruct(
+        self,
+        layer: LayerProblem,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        mask: torch.Tensor,
+        feasible: FeasibleSet,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        r"""Kept weights by damped least squares on ``mask``, then (N:M) joint mask-and-weight sweeps.
+
+        Each of ``reconstruct_sweeps`` rounds runs one reconstruction-aware sweep of
+        :func:`_group_sweep_polish` on :math:`G + \lambda I` (the damped objective whose minimiser
+        on a fixed support is the least-squares solution) and re-solves the kept weights from
+        there, warm-started, with a third of ``reconstruct_iterations``. Rows whose plain error
+        ends above the least squares on ``mask`` keep that.
+
+        Returns:
+            The final mask, its kept weights (dtype of ``layer.weight``) and the number of group
+            replacements of the joint sweeps.
+        """
+        cfg: FWConfig = self.config
+        original = layer.weight.detach()
+        solved = reconstruct_rows(original, layer.gram.detach(), mask, cfg.damp, cfg.reconstruct_iterations)
+        if not isinstance(feasible, NMSparse) or cfg.reconstruct_sweeps == 0:
+            return mask, solved, 0
+        lam = cfg.damp * float(gram.diagonal().mean())
+        damped = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        joint_mask, values, changes = mask, solved.to(weight.dtype), 0
+        warm_iterations = max(1, cfg.reconstruct_iterations // 3)
+        for _ in range(cfg.reconstruct_sweeps):
+            joint_mask, values, _, _, changed = _group_sweep_polish(
+                weight, damped, joint_mask, feasible.m, 1, values=values
+            )
+            # Warm re-solves start next to the solution: a third of the iterations suffices (measured).
+            values = reconstruct_rows(weight, gram, joint_mask, cfg.damp, warm_iterations, start=values)
+            changes += changed
+            if changed == 0:
+                break
+        joint_rows = _residual_row_errors(weight, gram, values)
+        plain_rows = _residual_row_errors(weight, gram, solved.to(weight.dtype))
+        keep = (joint_rows <= plain_rows).unsqueeze(1)
+        return torch.where(keep, joint_mask, mask), torch.where(keep, values.to(original.dtype), solved), changes
+
 
 def reconstruct_rows(
-    weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, damp: float, iterations: int
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    damp: float,
+    iterations: int,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Damped least-squares kept weights of every row on its support (see the module docstring).
 
@@ -428,12 +509,12 @@ def reconstruct_rows(
     Jacobi-preconditioned conjugate gradients on the masked operator
     :math:`x \mapsto (xG) \odot M + \lambda x` (one :math:`d_{out} \times d_{in} \times d_{in}`
     product per iteration, every row with its own CG scalars), started from the mask-only weights
-    :math:`w_S`. CG decreases the row's damped objective
+    :math:`w_S` or from ``start``. CG decreases the row's damped objective
     :math:`\|(w - u)X\|^2 + \lambda\|u_S - w_S\|^2` at every iteration, which bounds the plain error
-    from above and equals the mask-only error at the start, so any iteration count keeps the error
-    at or below the mask-only error; with as many iterations as kept weights the solve is exact (up
-    to round-off). A row whose result is nonetheless worse in floating point keeps its mask-only
-    weights.
+    from above and equals the mask-only error at the mask-only start, so any iteration count keeps
+    the error at or below the mask-only error; with as many iterations as kept weights the solve is
+    exact (up to round-off). A row whose result is nonetheless worse in floating point than its
+    start keeps the start.
 
     Args:
         weight: Dense weight, ``(d_out, d_in)``.
@@ -441,6 +522,7 @@ def reconstruct_rows(
         mask: Boolean support, ``(d_out, d_in)``.
         damp: :math:`\lambda` as a fraction of the mean of diag(G) (0: no damping).
         iterations: Conjugate-gradient iterations.
+        start: Kept weights to start from (zero outside ``mask``); ``None``: the mask-only weights.
 
     Returns:
         The reconstructed weight (zero outside ``mask``), dtype of ``weight``.
@@ -449,9 +531,9 @@ def reconstruct_rows(
     w, g = weight.to(dtype), gram.to(dtype)
     support = mask.to(dtype)
     lam = damp * float(g.diagonal().mean())
-    masked = w * support
-    x = masked.clone()
-    residual = ((w - x) @ g) * support
+    initial = w * support if start is None else start.to(dtype) * support
+    x = initial.clone()
+    residual = ((w - x) @ g - lam * (x - w)) * support
     inverse_diag = 1.0 / (g.diagonal() + lam).clamp_min(torch.finfo(dtype).tiny)
     z = residual * inverse_diag
     direction = z.clone()
@@ -471,8 +553,8 @@ def reconstruct_rows(
     x = x * support
     wg = w @ g
     solved_rows = ((w - x) * (wg - x @ g)).sum(dim=1, dtype=torch.float64)
-    masked_rows = ((w - masked) * (wg - masked @ g)).sum(dim=1, dtype=torch.float64)
-    x = torch.where((solved_rows <= masked_rows).unsqueeze(1), x, masked)
+    initial_rows = ((w - initial) * (wg - initial @ g)).sum(dim=1, dtype=torch.float64)
+    x = torch.where((solved_rows <= initial_rows).unsqueeze(1), x, initial)
     return x.to(weight.dtype)
 
 
@@ -570,6 +652,36 @@ def _swap_polish(
     return mask, rows, steps, swaps
 
 
+@dataclasses.dataclass(frozen=True)
+class _KeptSets:
+    """All :math:`\\binom{m}{n}` kept sets of one N:M group (6 for 2:4, 70 for 4:8).
+
+    Args:
+        choices: ``(count, m)`` 0/1 rows, one per kept set.
+        index: ``(count, n)`` the kept positions of every set.
+        code: ``(m,)`` powers of two: a group's 0/1 mask times ``code``, summed, is its code.
+        of_code: ``(2**m,)`` the set's row in ``choices`` of every code (-1 for other counts).
+    """
+
+    choices: torch.Tensor
+    index: torch.Tensor
+    code: torch.Tensor
+    of_code: torch.Tensor
+
+    @classmethod
+    def of(cls, n: int, m: int, dtype: torch.dtype, device: torch.device) -> _KeptSets:
+        """The kept sets of ``n`` out of ``m``."""
+        combinations = list(itertools.combinations(range(m), n))
+        choices = torch.tensor(
+            [[1.0 if i in chosen else 0.0 for i in range(m)] for chosen in combinations], dtype=dtype, device=device
+        )
+        index = torch.tensor(combinations, dtype=torch.long, device=device).reshape(len(combinations), n)
+        code = 2 ** torch.arange(m, device=device)
+        of_code = torch.full((2**m,), -1, dtype=torch.long, device=device)
+        of_code[(choices.long() * code).sum(dim=1)] = torch.arange(len(combinations), device=device)
+        return cls(choices, index, code, of_code)
+
+
 def _group_sweep_polish(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -577,100 +689,169 @@ def _group_sweep_polish(
     group: int,
     max_sweeps: int,
     residual: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
     block: int = 128,
-    max_rounds: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    max_rounds: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     r"""Exact group-wise local search on an N:M mask, block by block (SparseGPT-style lazy updates).
 
-    A group's kept set can be replaced by any of the :math:`\binom{m}{n}` kept sets; with
-    :math:`C = DG` and the change :math:`e = w_g \odot (m_g - m'_g)` of :math:`D` on the group,
+    The state is the kept weights :math:`\hat W` (zero outside the mask) with the residual
+    :math:`R = W - \hat W` and :math:`C = RG`. A group :math:`g` of a row may replace its kept set by
+    any of the :math:`\binom{m}{n}` kept sets :math:`t`, which changes :math:`R` on the group by some
+    :math:`\delta` and the row's objective :math:`R G R^\top` by exactly
 
     .. math::
 
-        f(M') - f(M) = 2\langle e, c_g\rangle + e\, G_{gg}\, e^\top
+        \Delta = 2\langle \delta, c_g\rangle + \delta\, G_{gg}\, \delta^\top
 
-    exactly when the other groups stay. Columns are processed in blocks of ``block``; inside a
-    block, rounds evaluate every group's best replacement at once and apply, per row, all improving
-    ones together when the batch's exact change
-    :math:`2\langle E, c_b\rangle + E\, G_{bb}\, E^\top` is negative, else only that row's single
-    best group replacement, until no group of the block improves (at most ``max_rounds``). So the
+    when the other groups stay. Pruned weights leave the residual at :math:`\delta_{\bar t} =
+    \hat w_{\bar t}`. Without ``values`` (masks only) the kept weights are the original ones,
+    :math:`\delta_t = \hat w_t - w_t`. With ``values`` (reconstruction-aware, the kept weights are
+    free) the kept ones take their best values given everything else,
+
+    .. math::
+
+        \delta_t = -G_{tt}^{+}\big(c_t + G_{t\bar t}\, \hat w_{\bar t}\big),
+
+    an exact block-coordinate step on the joint objective over masks and weights. Columns are
+    processed in blocks of ``block``; inside a block, rounds evaluate every group's best
+    replacement at once and apply, per row, all improving ones together when the batch's exact
+    change :math:`2\langle E, c_b\rangle + E\, G_{bb}\, E^\top` is negative, else only that row's
+    single best one, until no group of the block improves (at most ``max_rounds``). So the
     objective never increases and every group keeps its count. :math:`C` stays exact inside the
     block by products with :math:`G_{bb}`, and for the other columns by one product with the
-    block's accumulated change of :math:`D` (a sweep costs about one :math:`d_{out} d_{in}^2`
-    product). Sweeps over all blocks stop when one changes nothing. Every group of ``mask`` must
-    keep the same number of weights (true of the N:M set's masks); it is read from the first group.
+    block's accumulated change (a sweep costs about one :math:`d_{out} d_{in}^2` product). Sweeps
+    over all blocks stop when one changes nothing. Every group of ``mask`` must keep the same
+    number of weights (true of the N:M set's masks); it is read from the first group.
+
+    Args:
+        weight: :math:`W`, ``(d_out, d_in)``.
+        gram: :math:`G` (the damped :math:`G + \lambda I` for a reconstruction), same dtype.
+        mask: Boolean start mask (not modified).
+        group: :math:`m`.
+        max_sweeps: Maximum number of sweeps over all columns.
+        residual: :math:`C = (W - \hat W)G` of the start if already known.
+        values: Start kept weights :math:`\hat W` (zero outside ``mask``): turns on the
+            reconstruction-aware moves. ``None``: :math:`\hat W = W \odot M` and masks only.
+        block: Columns per block (rounded down to a multiple of ``group``).
+        max_rounds: Maximum rounds per block.
 
     Returns:
-        The improved mask (a new tensor), its per-row objective (float64), the number of sweeps
-        and the number of group replacements applied.
+        The improved mask, its kept weights, its per-row objective (float64), the number of
+        sweeps and the number of group replacements applied.
     """
     mask = mask.clone()
     d_out, d_in = weight.shape
     n = int(mask[0, :group].sum())
-    dtype = weight.dtype
-    # All kept sets of one group: C(m, n) rows of 0/1 (6 for 2:4, 70 for 4:8).
-    choices = torch.tensor(
-        [[1.0 if i in kept else 0.0 for i in range(group)] for kept in itertools.combinations(range(group), n)],
-        dtype=dtype,
-        device=weight.device,
-    )
+    dtype, device = weight.dtype, weight.device
+    reoptimise = values is not None
+    kept = weight * mask if values is None else values.clone()
+    kept_sets = _KeptSets.of(n, group, dtype, device)
     block = max(group, block // group * group)
-    c = (weight * ~mask) @ gram if residual is None else residual.clone()
-    rows = torch.arange(d_out, device=weight.device)
-    # Kept set of a group -> its index among the choices (read through a base-2 code).
-    code = 2 ** torch.arange(group, device=weight.device)
-    choice_of_code = torch.full((2**group,), -1, dtype=torch.long, device=weight.device)
-    choice_of_code[(choices.long() * code).sum(dim=1)] = torch.arange(len(choices), device=weight.device)
-    # differences[s, t] = choice_s - choice_t: the change of M (and, times w, of -D).
-    differences = choices.unsqueeze(1) - choices.unsqueeze(0)
+    c = (weight - kept) @ gram if residual is None else residual.clone()
     changes = sweeps = 0
+    active = torch.arange(d_out, device=device)
     for sweeps in range(1, max_sweeps + 1):  # noqa: B007 - the count is returned
-        before = changes
-        for c1 in range(0, d_in, block):
-            c2 = min(c1 + block, d_in)
-            groups, width = (c2 - c1) // group, c2 - c1
-            w_block = weight[:, c1:c2].reshape(d_out, groups, group)
-            g_block = gram[c1:c2, c1:c2]
-            index = torch.arange(width, device=weight.device).reshape(groups, group)
-            g_groups = g_block[index.unsqueeze(2), index.unsqueeze(1)]  # (groups, m, m) diagonal blocks
-            # quadratic[r, g, s, t] = e G_gg eᵀ for e = w ⊙ (choice_s - choice_t): fixed for the block.
-            scaled = w_block.unsqueeze(3) * g_groups * w_block.unsqueeze(2)  # diag(w) G_gg diag(w)
-            quadratic = torch.einsum("stm,rgmn,stn->rgst", differences, scaled, differences)
-            current = choice_of_code[(mask[:, c1:c2].reshape(d_out, groups, group).long() * code).sum(dim=2)]
-            c_block = c[:, c1:c2].clone()
-            change = torch.zeros(d_out, width, dtype=dtype, device=weight.device)
-            for _ in range(max_rounds):
-                # Taking choice t instead of s changes D by e = w ⊙ (s - t): Δ = 2<e, c_g> + e G eᵀ.
-                projected = (w_block * c_block.reshape(d_out, groups, group)) @ choices.T  # <w⊙c, choice_t>
-                linear = 2.0 * (projected.gather(2, current.unsqueeze(2)) - projected)
-                delta = (
-                    linear
-                    + quadratic.gather(2, current.reshape(d_out, groups, 1, 1).expand(-1, -1, 1, len(choices)))[:, :, 0]
-                )
-                best, pick = delta.min(dim=2)
-                improving = best < 0
-                if not bool(improving.any()):
-                    break
-                moves = (w_block * (choices[current] - choices[pick])).reshape(d_out, width)
-                batch = moves * improving.repeat_interleave(group, dim=1)
-                batch_delta = 2.0 * (batch * c_block).sum(dim=1) + ((batch @ g_block) * batch).sum(dim=1)
-                take_batch = batch_delta < 0
-                best_row, best_group = best.min(dim=1)
-                single = ~take_batch & (best_row < 0)
-                chosen = improving & take_batch.unsqueeze(1)
-                chosen[rows[single], best_group[single]] = True
-                step = moves * chosen.repeat_interleave(group, dim=1)
-                current = torch.where(chosen, pick, current)
-                c_block += step @ g_block
-                change += step
-                changes += int(chosen.sum())
-            mask[:, c1:c2] = choices[current].bool().reshape(d_out, width)
-            if bool(change.any()):
-                outside = change @ gram[c1:c2]
-                outside[:, c1:c2] = 0.0
-                c += outside
-            c[:, c1:c2] = c_block
-        if changes == before:
+        # Rows do not interact: a row that no sweep changed is final, so later sweeps skip it.
+        sub_weight, sub_mask, sub_kept, sub_c = weight[active], mask[active], kept[active], c[active]
+        # A move must gain more than a relative floor: continuous values only converge in the limit.
+        floor = _MIN_RELATIVE_GAIN * ((sub_weight - sub_kept) * sub_c).sum(dim=1).clamp_min(0.0)
+        moved, changed = _group_sweep_blocks(
+            sub_weight, gram, sub_mask, sub_kept, sub_c, kept_sets, block, max_rounds, reoptimise, floor
+        )
+        mask[active], kept[active], c[active] = sub_mask, sub_kept, sub_c
+        changes += changed
+        active = active[moved]
+        if changed == 0:
             break
-    row_errors = ((weight * ~mask) * c).sum(dim=1, dtype=torch.float64)
-    return mask, row_errors, sweeps, changes
+    row_errors = ((weight - kept) * c).sum(dim=1, dtype=torch.float64)
+    return mask, kept, row_errors, sweeps, changes
+
+
+def _group_sweep_blocks(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    kept: torch.Tensor,
+    c: torch.Tensor,
+    kept_sets: _KeptSets,
+    block: int,
+    max_rounds: int,
+    reoptimise: bool,
+    floor: torch.Tensor,
+) -> tuple[torch.Tensor, int]:
+    """One sweep of :func:`_group_sweep_polish` over all blocks; updates ``mask``, ``kept``, ``c`` in place.
+
+    Returns:
+        Which rows changed, and the number of group replacements.
+    """
+    d_out, d_in = weight.shape
+    choices, chosen_index, choice_of_code = kept_sets.choices, kept_sets.index, kept_sets.of_code
+    count, n = chosen_index.shape
+    group = choices.shape[1]
+    dtype, device = weight.dtype, weight.device
+    code = kept_sets.code
+    rows = torch.arange(d_out, device=device)
+    moved = torch.zeros(d_out, dtype=torch.bool, device=device)
+    changes = 0
+    for c1 in range(0, d_in, block):
+        c2 = min(c1 + block, d_in)
+        groups, width = (c2 - c1) // group, c2 - c1
+        w_block = weight[:, c1:c2].reshape(d_out, groups, group)
+        g_block = gram[c1:c2, c1:c2]
+        index = torch.arange(width, device=device).reshape(groups, group)
+        g_groups = g_block[index.unsqueeze(2), index.unsqueeze(1)]  # (groups, m, m) diagonal blocks
+        if reoptimise:
+            # (groups, choices, n, n): the kept set's block of G, pseudo-inverted (G may be singular).
+            g_kept = g_groups[:, chosen_index.unsqueeze(2), chosen_index.unsqueeze(1)]
+            g_kept_inverse = torch.linalg.pinv(g_kept, hermitian=True)
+            gather_index = chosen_index.reshape(count, 1, 1, n).expand(-1, d_out, groups, -1)
+        current = choice_of_code[(mask[:, c1:c2].reshape(d_out, groups, group).long() * code).sum(dim=2)]
+        x_block = kept[:, c1:c2].reshape(d_out, groups, group).clone()
+        c_block = c[:, c1:c2].clone()
+        change = torch.zeros(d_out, width, dtype=dtype, device=device)
+        for _ in range(max_rounds):
+            c_groups = c_block.reshape(d_out, groups, group)
+            if reoptimise:
+                # delta[s, r, g]: change of R on group g of row r when it takes kept set s.
+                delta = x_block.unsqueeze(0) * (1.0 - choices).reshape(-1, 1, 1, group)
+                pushed = torch.einsum("srgm,gmk->srgk", delta, g_groups)
+                drive = (c_groups.unsqueeze(0) + pushed).gather(3, gather_index)
+                solved = torch.einsum("srgn,gsnk->srgk", drive, g_kept_inverse)
+                # Δ at the optimal δ_t: 2<δ_t̄, c> + δ_t̄ G δ_t̄ᵀ - drive G_tt⁺ driveᵀ.
+                gain = ((delta * (2.0 * c_groups + pushed)).sum(3) - (solved * drive).sum(3)).permute(1, 2, 0)
+                delta.scatter_(3, gather_index, -solved)
+            else:
+                # Taking kept set t restores w on t and prunes the rest: δ = ŵ - w ⊙ t.
+                delta = x_block.unsqueeze(0) - w_block.unsqueeze(0) * choices.reshape(-1, 1, 1, group)
+                pushed = torch.einsum("srgm,gmk->srgk", delta, g_groups)
+                gain = (delta * (2.0 * c_groups + pushed)).sum(3).permute(1, 2, 0)
+            best, pick = gain.min(dim=2)
+            improving = best < -floor.unsqueeze(1)
+            if not bool(improving.any()):
+                break
+            moves = delta.gather(0, pick.reshape(1, d_out, groups, 1).expand(1, -1, -1, group))[0]
+            moves = moves.reshape(d_out, width)
+            batch = moves * improving.repeat_interleave(group, dim=1)
+            batch_delta = 2.0 * (batch * c_block).sum(dim=1) + ((batch @ g_block) * batch).sum(dim=1)
+            take_batch = batch_delta < 0
+            best_row, best_group = best.min(dim=1)
+            single = ~take_batch & (best_row < -floor)
+            chosen = improving & take_batch.unsqueeze(1)
+            chosen[rows[single], best_group[single]] = True
+            step = moves * chosen.repeat_interleave(group, dim=1)
+            current = torch.where(chosen, pick, current)
+            x_block -= step.reshape(d_out, groups, group)
+            c_block += step @ g_block
+            change += step
+            changes += int(chosen.sum())
+            moved |= chosen.any(dim=1)
+        mask[:, c1:c2] = choices[current].bool().reshape(d_out, width)
+        # Exact zeros outside the mask (round-off of the residual updates must not leak weight).
+        kept[:, c1:c2] = x_block.reshape(d_out, width) * mask[:, c1:c2]
+        if bool(change.any()):
+            outside = change @ gram[c1:c2]
+            outside[:, c1:c2] = 0.0
+            c += outside
+        c[:, c1:c2] = c_block
+    return moved, changes
