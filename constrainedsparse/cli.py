@@ -17,7 +17,7 @@ from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise import describe_solvers
 from constrainedsparse.layerwise import run as layerwise_run
 from constrainedsparse.logger import WANDB_MODES, plot_metrics
-from constrainedsparse.spec import LayerwiseProblem, bundled_problems, load_problem
+from constrainedsparse.spec import LayerwiseProblem, Problem, bundled_problems, load_problem
 
 __all__ = ["main"]
 
@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _fail(f"metrics file {str(args.metrics)!r} does not exist")
             print(plot_metrics(args.metrics, args.png or args.metrics.with_suffix(".png")))
         else:
-            formulation = args.formulation or default_formulation(args.problem)
+            problem = load_problem(args.problem)
+            formulation = args.formulation or default_formulation(problem)
             out = args.out or Path("runs") / f"{Path(args.problem).stem}-{formulation}"
             config = RunConfig(
                 problem=args.problem,
@@ -133,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.nproc is not None and not os.environ.get(distributed.ENV_LAUNCHED):
                 _check_nproc(args.nproc)
                 if args.nproc > 1:
-                    return _launch(args.nproc, config, argv)
-            summary = run(config)
+                    return _launch(args.nproc, config, problem, argv)
+            summary = run(config, problem)
             if summary is not None and distributed.is_main_process():
                 _print_summary(summary)
                 weights = summary.get("saved_model", "model.safetensors")
@@ -168,9 +169,8 @@ def _check_nproc(nproc: int) -> None:
         _fail("--nproc cannot be combined with torchrun (torchrun already started the processes)")
 
 
-def _launch(nproc: int, config: RunConfig, argv: list[str]) -> int:
+def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, argv: list[str]) -> int:
     """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`distributed.launch`)."""
-    problem = load_problem(config.problem)
     if isinstance(problem, LayerwiseProblem):  # bad input: one line and exit 2 before any process starts
         layerwise_run.prepare(config, problem)
     else:

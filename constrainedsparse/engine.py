@@ -561,25 +561,22 @@ def _summary(run: _Run, targets, final_accuracy: float) -> dict[str, Any]:
     return summary
 
 
-def default_formulation(problem_name: str) -> str:
-    """The formulation a run uses when none is named: ``slr`` for training problems, ``fw`` for layer-wise ones.
-
-    Raises:
-        ValueError: If the problem cannot be loaded.
-    """
-    return "fw" if isinstance(load_problem(problem_name), LayerwiseProblem) else "slr"
+def default_formulation(problem: Problem | LayerwiseProblem) -> str:
+    """The formulation a run uses when none is named: ``slr`` for training problems, ``fw`` for layer-wise ones."""
+    return "fw" if isinstance(problem, LayerwiseProblem) else "slr"
 
 
-def run(config: RunConfig) -> dict[str, Any] | None:
+def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) -> dict[str, Any] | None:
     """Validates and executes; removes a run directory this call created if it fails before a checkpoint.
 
-    A layer-wise problem is handed to :func:`constrainedsparse.layerwise.run.run`.
+    A layer-wise problem is handed to :func:`constrainedsparse.layerwise.run.run`. ``problem`` is
+    ``config.problem`` already loaded (the CLI loads it once); ``None`` loads it here.
 
     Raises:
         ValueError: Bad input (nothing is left on disk).
         NonFiniteLossError: NaN/inf loss (the last good checkpoint is kept).
     """
-    problem = load_problem(config.problem)
+    problem = load_problem(config.problem) if problem is None else problem
     if isinstance(problem, LayerwiseProblem):
         from constrainedsparse.layerwise import run as layerwise
 

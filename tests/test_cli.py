@@ -1,5 +1,6 @@
 """CLI listing commands and the bad-input contract: one stderr line, exit 2, nothing left on disk."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,18 @@ def test_nan_dense_pretraining_is_one_line_and_caches_nothing(tmp_path, capsys):
     assert "dense pre-training loss became nan in epoch 1; nothing was cached" in line
     after = set((cache_dir() / "dense").glob("*")) if (cache_dir() / "dense").exists() else set()
     assert after == before and not out.exists()
+
+
+def test_problem_file_is_executed_once_per_run(tmp_path):
+    # The default formulation, validation and the run all use the one loaded problem.
+    source = (PROBLEMS / "nan_after.py").read_text()
+    problem_file = tmp_path / "counted.py"
+    counter = "\nimport pathlib\npathlib.Path(__file__).with_suffix('.loads').open('a').write('x')\n"
+    problem_file.write_text(source + counter)
+    code = main(
+        ["run", str(problem_file), "--set", "nan_after=1000", "--epochs", "1", "--pretrain-epochs", "0",
+         "--out", str(tmp_path / "out"), "--wandb", "disabled", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["formulation"] == "slr"
+    assert (tmp_path / "counted.loads").read_text() == "x"
