@@ -105,8 +105,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise ValueError(f"--set gram_dtype must be one of {', '.join(GRAM_DTYPES)}, got {driver['gram_dtype']!r}")
     driver["device"] = distributed.rank_device(resolve_device(driver["device"]))
     target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver["mask_scope"]])
-    solver_config = solver_cls.Config(**solver_values)
-    solver_config.validate()
+    solver = solver_cls(solver_cls.Config(**solver_values))  # validates before the model is loaded
     _hide_transformers_progress_bars()
     model = problem.model(options)
     model.eval()
@@ -120,7 +119,7 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise ValueError(f"problem {problem.name!r} produced no calibration batches")
     if config.resume and distributed.is_main_process() and not (Path(config.out) / CHECKPOINT).is_file():
         raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
-    return LayerwisePrepared(config, problem, solver_cls(solver_config), target, driver, options, model, batches)
+    return LayerwisePrepared(config, problem, solver, target, driver, options, model, batches)
 
 
 def _identity(prepared: LayerwisePrepared) -> dict[str, Any]:
