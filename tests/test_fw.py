@@ -21,6 +21,7 @@ from constrainedsparse.layerwise.fw import (
     FWConfig,
     FWSolver,
     _group_sweep_polish,
+    _joint_swap_polish,
     _swap_polish,
     frank_wolfe,
     reconstruct_rows,
@@ -348,10 +349,12 @@ def test_reconstruct_never_increases_error(seed: int, pattern: str, iterations: 
 def test_solver_reconstruct_beats_mask_only() -> None:
     layer = _layer(31, d_out=8, d_in=32, pattern="row60")
     plain = FWSolver(FWConfig(iterations=5)).prune(layer)
-    rebuilt = FWSolver(FWConfig(iterations=5, reconstruct=True)).prune(layer)
-    assert torch.equal(plain.mask, rebuilt.mask)
+    rebuilt = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
+    assert torch.equal(plain.mask, rebuilt.mask)  # least squares on the fw mask
     assert layer.error(rebuilt.weight) < layer.error(plain.weight)
     assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
+    joint = FWSolver(FWConfig(iterations=5, reconstruct=True)).prune(layer)
+    assert layer.error(joint.weight) <= layer.error(rebuilt.weight) * (1 + 1e-5)
 
 
 def _damped(layer: LayerProblem, damp: float = 0.01) -> torch.Tensor:
@@ -403,6 +406,43 @@ def test_joint_group_sweep_reaches_a_groupwise_optimum_over_masks_and_weights() 
                 assert float(value[row]) <= float(diff @ damped @ diff) + 1e-9 * float(value[row])
 
 
+@pytest.mark.parametrize("pattern", ["row", "row60", "unstructured"])
+def test_joint_swaps_keep_counts_and_lower_the_damped_objective(pattern: str) -> None:
+    layer = _layer(59, d_out=10, d_in=24, pattern=pattern)
+    weight, damped = layer.weight, _damped(layer)
+    start = layer.feasible_set().mask(weight.abs())
+    values = reconstruct_rows(weight, layer.gram, start, 0.01, 30)
+    mask, kept, rows, steps, swaps = _joint_swap_polish(weight, damped, start, values, 100)
+    assert swaps > 0 and steps >= 1
+    assert torch.equal(mask.sum(dim=1), start.sum(dim=1))
+    assert bool((kept[~mask] == 0).all())
+    damped_layer = LayerProblem(layer.name, weight, damped, layer.target)
+    before, after = _row_objective(damped_layer, values), _row_objective(damped_layer, kept)
+    assert torch.allclose(rows, after, rtol=1e-4, atol=1e-6 * float(before.abs().max()))
+    assert bool((after <= before * (1 + 1e-5)).all())
+    assert float(after.sum()) < float(before.sum())
+
+
+def test_joint_swaps_stop_at_a_swap_optimum_of_a_tiny_row() -> None:
+    # 1 row, 6 inputs, keep 3: afterwards no swap with the restored weight at its best value improves.
+    layer = _layer(61, d_out=1, d_in=6, pattern="row")
+    weight, damped = layer.weight.double(), _damped(layer).double()
+    start = layer.feasible_set().mask(weight.abs())
+    mask, kept, _, steps, _ = _joint_swap_polish(weight, damped, start, weight * start, 50)
+    assert steps < 50
+    residual = weight[0] - kept[0]
+    value = float(residual @ damped @ residual)
+    for out in mask[0].nonzero()[:, 0].tolist():
+        for into in (~mask[0]).nonzero()[:, 0].tolist():
+            other = kept[0].clone()
+            other[out] = 0.0
+            rest = weight[0] - other
+            rest[into] = 0.0
+            other[into] = float((rest @ damped)[into] / damped[into, into])
+            diff = weight[0] - other
+            assert value <= float(diff @ damped @ diff) + 2e-6 * value
+
+
 def test_reconstruct_from_a_start_never_increases_its_error() -> None:
     layer = _layer(47, d_out=6, d_in=16, pattern="nm")
     mask = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
@@ -417,8 +457,9 @@ def test_reconstruct_from_a_start_never_increases_its_error() -> None:
     assert torch.allclose(cold, warm, rtol=1e-6, atol=1e-8)
 
 
-def test_reconstruct_sweeps_never_worse_than_least_squares_on_the_fw_mask() -> None:
-    layer = _layer(53, d_out=12, d_in=32, pattern="nm")
+@pytest.mark.parametrize("pattern", ["nm", "row60", "unstructured"])
+def test_reconstruct_sweeps_never_worse_than_least_squares_on_the_fw_mask(pattern: str) -> None:
+    layer = _layer(53, d_out=12, d_in=32, pattern=pattern)
     plain = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
     joint = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=3)).prune(layer)
     assert plain.metrics["fw/joint_changes"] == 0

@@ -84,9 +84,9 @@ rather than towards 0 (plain ridge) so that :math:`u_S = w_S` — the mask-only 
 with the same value: the reconstructed error is never larger than the mask-only error, for any
 :math:`\lambda` and any number of conjugate-gradient iterations (:func:`reconstruct_rows`).
 
-**Joint sweeps** (``reconstruct_sweeps``, N:M only, beyond the paper). A mask chosen for the
-mask-only objective is not the best support for least squares. Given the reconstructed weights
-:math:`\hat W`, every group may change its kept set *and* its kept values,
+**Joint sweeps** (``reconstruct_sweeps``, beyond the paper). A mask chosen for the mask-only
+objective is not the best support for least squares. Given the reconstructed weights
+:math:`\hat W`, every N:M group may change its kept set *and* its kept values,
 
 .. math::
 
@@ -94,10 +94,12 @@ mask-only objective is not the best support for least squares. Given the reconst
     \qquad \hat w' = \hat w \text{ outside the group}, \; u_t \text{ on its kept set } t,
 
 whose inner minimum is a :math:`n \times n` solve per candidate set (:func:`_group_sweep_polish`
-with ``values``). With the damped Gram the objective is the reconstruction's own (up to a constant
-for a fixed support), so sweeps and re-solves alternate as exact block-coordinate descent and the
-damped objective never increases. A row whose plain error ends above the least squares on the
-Frank-Wolfe mask keeps that, so ``reconstruct_sweeps`` never makes a row worse.
+with ``values``); for ``row`` and ``unstructured`` a row swaps one kept weight for a pruned one at
+its best value (:func:`_joint_swap_polish`). With the damped Gram the objective is the
+reconstruction's own (up to a constant for a fixed support), so sweeps and re-solves alternate as
+exact block-coordinate descent and the damped objective never increases. A row whose plain error
+ends above the least squares on the Frank-Wolfe mask keeps that, so ``reconstruct_sweeps`` never
+makes a row worse.
 """
 
 from __future__ import annotations
@@ -137,9 +139,10 @@ class FWConfig:
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
         reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
-        reconstruct_sweeps: With ``reconstruct`` and an N:M pattern, rounds of reconstruction-aware
-            group sweeps (masks and kept weights chosen jointly), each followed by a least-squares
-            re-solve (0: least squares on the Frank-Wolfe mask only).
+        reconstruct_sweeps: With ``reconstruct``, rounds of reconstruction-aware local search
+            (masks and kept weights chosen jointly: a group sweep for ``nm``, up to
+            ``polish_steps`` swap steps otherwise), each followed by a least-squares re-solve
+            (0: least squares on the Frank-Wolfe mask only).
         trace_every: Iterations between two sampled trace entries (the last one is always kept).
         refresh_every: Iterations between two dense recomputations of the incremental products.
     """
@@ -459,10 +462,11 @@ class FWSolver(LayerwiseSolver):
         mask: torch.Tensor,
         feasible: FeasibleSet,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        r"""Kept weights by damped least squares on ``mask``, then (N:M) joint mask-and-weight sweeps.
+        r"""Kept weights by damped least squares on ``mask``, then joint mask-and-weight local search.
 
         Each of ``reconstruct_sweeps`` rounds runs one reconstruction-aware sweep of
-        :func:`_group_sweep_polish` on :math:`G + \lambda I` (the damped objective whose minimiser
+        :func:`_group_sweep_polish` (``nm``) or :func:`_joint_swap_polish` (``row``,
+        ``unstructured``) on :math:`G + \lambda I` (the damped objective whose minimiser
         on a fixed support is the least-squares solution) and re-solves the kept weights from
         there, warm-started, with a third of ``reconstruct_iterations``. Rows whose plain error
         ends above the least squares on ``mask`` keep that.
@@ -474,16 +478,21 @@ class FWSolver(LayerwiseSolver):
         cfg: FWConfig = self.config
         original = layer.weight.detach()
         solved = reconstruct_rows(original, layer.gram.detach(), mask, cfg.damp, cfg.reconstruct_iterations)
-        if not isinstance(feasible, NMSparse) or cfg.reconstruct_sweeps == 0:
+        if cfg.reconstruct_sweeps == 0:
             return mask, solved, 0
         lam = cfg.damp * float(gram.diagonal().mean())
         damped = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         joint_mask, values, changes = mask, solved.to(weight.dtype), 0
         warm_iterations = max(1, cfg.reconstruct_iterations // 3)
         for _ in range(cfg.reconstruct_sweeps):
-            joint_mask, values, _, _, changed = _group_sweep_polish(
-                weight, damped, joint_mask, feasible.m, 1, values=values
-            )
+            if isinstance(feasible, NMSparse):
+                joint_mask, values, _, _, changed = _group_sweep_polish(
+                    weight, damped, joint_mask, feasible.m, 1, values=values
+                )
+            else:
+                joint_mask, values, _, _, changed = _joint_swap_polish(
+                    weight, damped, joint_mask, values, cfg.polish_steps
+                )
             # Warm re-solves start next to the solution: a third of the iterations suffices (measured).
             values = reconstruct_rows(weight, gram, joint_mask, cfg.damp, warm_iterations, start=values)
             changes += changed
@@ -650,6 +659,80 @@ def _swap_polish(
         c_all[active] = c
     rows = ((weight * ~mask) * c_all).sum(dim=1, dtype=torch.float64)
     return mask, rows, steps, swaps
+
+
+def _joint_swap_polish(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    max_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    r"""Reconstruction-aware one-in-one-out swaps within every row (kept values free).
+
+    With kept weights :math:`\hat w` (zero outside the mask), :math:`r = w - \hat w` and
+    :math:`c = rG`, pruning a kept weight :math:`j` and restoring a pruned :math:`l` at its best
+    value :math:`u = (c_l + \hat w_j G_{jl}) / G_{ll}` changes the row's objective by exactly
+
+    .. math::
+
+        \Delta_{jl} = \underbrace{2 \hat w_j c_j + \hat w_j^2 G_{jj}}_{a_j}
+            - \frac{(c_l + \hat w_j G_{jl})^2}{G_{ll}} .
+
+    Every step takes, per row, the better of :math:`j^\star = \arg\min a` with its best partner
+    and :math:`l^\star = \arg\max c_l^2 / G_{ll}` with its best partner, applies it when it gains
+    more than a relative floor, and updates :math:`c \mathrel{+}= \hat w_j G_j - u\, G_l`. The
+    objective decreases strictly and every row keeps its count (the ``row`` and ``unstructured``
+    counterpart of :func:`_group_sweep_polish` with ``values``).
+
+    Args:
+        weight: :math:`W`, ``(d_out, d_in)``.
+        gram: :math:`G` (the damped :math:`G + \lambda I` for a reconstruction), same dtype.
+        mask: Boolean start mask (not modified).
+        values: Start kept weights (zero outside ``mask``).
+        max_steps: Maximum number of steps.
+
+    Returns:
+        The improved mask, its kept weights, its per-row objective (float64), the number of
+        steps and the number of swaps applied.
+    """
+    mask, kept = mask.clone(), values.clone()
+    inf = float("inf")
+    rows = torch.arange(weight.shape[0], device=weight.device)
+    diagonal = gram.diagonal()
+    inverse_diagonal = torch.where(diagonal > 0, 1.0 / diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny), 0.0)
+    c = (weight - kept) @ gram
+    floor = _MIN_RELATIVE_GAIN * ((weight - kept) * c).sum(dim=1).clamp_min(0.0)
+    # Additive +inf penalties (as in _swap_polish): cheaper than masked_fill on CPU, updated per swap.
+    off_pruned = torch.zeros_like(kept).masked_fill_(~mask, inf)
+    off_kept = torch.zeros_like(kept).masked_fill_(mask, inf)
+    swaps = steps = 0
+    for steps in range(1, max_steps + 1):  # noqa: B007 - the count is returned
+        prune_cost = (kept * kept * diagonal + 2.0 * kept * c).add_(off_pruned)
+        restore_gain = (-c * c * inverse_diagonal).add_(off_kept)
+        drop_cost, drop = _row_argmin(prune_cost)
+        _, add = _row_argmin(restore_gain)
+        after_drop = c + kept[rows, drop].unsqueeze(1) * gram[drop]
+        add_gain, add_partner = _row_argmin((-after_drop * after_drop * inverse_diagonal).add_(off_kept))
+        drive = c[rows, add].unsqueeze(1) + kept * gram[add]
+        pair_change, drop_partner = _row_argmin(prune_cost - drive * drive * inverse_diagonal[add].unsqueeze(1))
+        first = drop_cost + add_gain <= pair_change
+        change = torch.where(first, drop_cost + add_gain, pair_change)
+        moved = change < -floor
+        if not bool(moved.any()):
+            break
+        sr = rows[moved]
+        sj, sl = torch.where(first, drop, drop_partner)[moved], torch.where(first, add_partner, add)[moved]
+        pruned_value = kept[sr, sj]
+        restored = (c[sr, sl] + pruned_value * gram[sj, sl]) * inverse_diagonal[sl]
+        c[sr] += pruned_value.unsqueeze(1) * gram[sj] - restored.unsqueeze(1) * gram[sl]
+        kept[sr, sj], kept[sr, sl] = 0.0, restored
+        mask[sr, sj], mask[sr, sl] = False, True
+        off_pruned[sr, sj], off_kept[sr, sj] = inf, 0.0
+        off_pruned[sr, sl], off_kept[sr, sl] = 0.0, inf
+        swaps += len(sr)
+    row_errors = ((weight - kept) * c).sum(dim=1, dtype=torch.float64)
+    return mask, kept, row_errors, steps, swaps
 
 
 @dataclasses.dataclass(frozen=True)
