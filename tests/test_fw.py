@@ -355,6 +355,9 @@ def test_solver_reconstruct_beats_mask_only() -> None:
     assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
     joint = FWSolver(FWConfig(iterations=5, reconstruct=True)).prune(layer)
     assert layer.error(joint.weight) <= layer.error(rebuilt.weight) * (1 + 1e-5)
+    assert joint.metrics["fw/objective_reconstructed"] == pytest.approx(layer.error(joint.weight), rel=1e-4)
+    assert joint.metrics["fw/objective_reconstructed"] <= joint.metrics["fw/objective_final"]
+    assert "fw/objective_reconstructed" not in plain.metrics
 
 
 def _damped(layer: LayerProblem, damp: float = 0.01) -> torch.Tensor:

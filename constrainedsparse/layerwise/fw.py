@@ -452,6 +452,11 @@ class FWSolver(LayerwiseSolver):
             "fw/joint_changes": float(joint_changes),
             "fw/seconds": time.perf_counter() - start_time,
         }
+        if cfg.reconstruct:
+            # fw/objective_final is the mask-only polished mask's; this is what the layer returns.
+            metrics["fw/objective_reconstructed"] = float(
+                _residual_row_errors(weight, gram, weight_hat.to(weight.dtype)).sum()
+            )
         return LayerResult(weight=weight_hat, mask=final, metrics=metrics, trace=trace)
 
     def _reconstruct(
