@@ -792,7 +792,7 @@ def _group_sweep_polish(
 
         \Delta = 2\langle \delta, c_g\rangle + \delta\, G_{gg}\, \delta^\top
 
-    when the other groups stay. Pruned weights leave the residual at :math:`\delta_{\bar t} =
+    when the other groups stay. The weights outside :math:`t` are pruned, :math:`\delta_{\bar t} =
     \hat w_{\bar t}`. Without ``values`` (masks only) the kept weights are the original ones,
     :math:`\delta_t = \hat w_t - w_t`. With ``values`` (reconstruction-aware, the kept weights are
     free) the kept ones take their best values given everything else,
@@ -808,9 +808,11 @@ def _group_sweep_polish(
     single best one, until no group of the block improves (at most ``max_rounds``). So the
     objective never increases and every group keeps its count. :math:`C` stays exact inside the
     block by products with :math:`G_{bb}`, and for the other columns by one product with the
-    block's accumulated change (a sweep costs about one :math:`d_{out} d_{in}^2` product). Sweeps
-    over all blocks stop when one changes nothing. Every group of ``mask`` must keep the same
-    number of weights (true of the N:M set's masks); it is read from the first group.
+    block's accumulated change (a sweep costs about one :math:`d_{out} d_{in}^2` product). A move
+    must gain more than ``_MIN_RELATIVE_GAIN`` (1e-6) of its row's objective; a row that a sweep
+    leaves unchanged is final and skipped by later sweeps, which stop when one changes nothing.
+    Every group of ``mask`` must keep the same number of weights (true of the N:M set's masks); it
+    is read from the first group.
 
     Args:
         weight: :math:`W`, ``(d_out, d_in)``.
