@@ -474,6 +474,19 @@ def test_reconstruct_sweeps_never_worse_than_least_squares_on_the_fw_mask(patter
     assert float(joint_rows.sum()) < float(plain_rows.sum())
 
 
+def test_group_search_is_skipped_for_large_nm_patterns() -> None:
+    # 8:16 has 12870 kept sets per group: the sweeps would enumerate them all, so they are skipped.
+    gen = torch.Generator().manual_seed(67)
+    x = torch.randn(32, 48, generator=gen)
+    large = LayerProblem("w", torch.randn(4, 32, generator=gen), x @ x.T, SparsityConfig.from_pattern("8:16"))
+    result = FWSolver(FWConfig(iterations=4, reconstruct=True)).prune(large)
+    assert result.metrics["fw/group_search_skipped"] == 1.0
+    assert result.metrics["fw/swaps"] == 0 and result.metrics["fw/joint_changes"] == 0
+    assert bool((result.mask.reshape(4, 2, 16).sum(dim=2) == 8).all())
+    small = FWSolver(FWConfig(iterations=4)).prune(_layer(67, pattern="nm"))
+    assert small.metrics["fw/group_search_skipped"] == 0.0
+
+
 def test_non_contiguous_weight_gives_the_same_mask() -> None:
     layer = _layer(37, d_out=8, d_in=16, pattern="row")
     transposed = LayerProblem(layer.name, layer.weight.T.contiguous().T, layer.gram, layer.target)

@@ -121,6 +121,8 @@ STEPS = ("line_search", "open_loop")
 _DENSE_FRACTION = 0.05
 # A group move of the sweeps must lower its row's objective by more than this fraction of it.
 _MIN_RELATIVE_GAIN = 1e-6
+# Largest binom(m, n) the N:M group search enumerates (4:8 has 70); larger patterns skip it.
+MAX_GROUP_CHOICES = 256
 
 
 @dataclasses.dataclass
@@ -135,7 +137,8 @@ class FWConfig:
         polish_steps: Maximum steps of the exact swap local search after rounding for ``row`` and
             ``unstructured`` (0: off).
         polish_sweeps: Maximum sweeps of the exact group-wise local search after rounding for
-            ``nm`` (0: off).
+            ``nm`` (only where a group has at most ``MAX_GROUP_CHOICES`` = 256 kept sets, e.g. up to
+            4:8; larger patterns skip it and the joint sweeps, ``fw/group_search_skipped``) (0: off).
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
         reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
@@ -409,7 +412,9 @@ class FWSolver(LayerwiseSolver):
         # mask is the better one far more often than the polished Wanda mask.
         polished, polished_rows, polish_steps, swaps = rounded, rounded_rows, 0, 0
         nm = isinstance(feasible, NMSparse)
-        if (cfg.polish_sweeps if nm else cfg.polish_steps) > 0:
+        # The group sweep enumerates every kept set of a group: only for small N:M (4:8 has 70).
+        group_search = not nm or math.comb(feasible.m, feasible.n) <= MAX_GROUP_CHOICES
+        if (cfg.polish_sweeps if nm else cfg.polish_steps) > 0 and group_search:
             residual = wg - rounded_product
             if nm:
                 polished, _, polished_rows, polish_steps, swaps = _group_sweep_polish(
@@ -430,7 +435,7 @@ class FWSolver(LayerwiseSolver):
         weight_hat = layer.weight.detach() * final
         joint_changes = 0
         if cfg.reconstruct:
-            final, weight_hat, joint_changes = self._reconstruct(layer, weight, gram, final, feasible)
+            final, weight_hat, joint_changes = self._reconstruct(layer, weight, gram, final, feasible, group_search)
 
         trace = [
             {"iteration": float(t), "objective": run.objectives[t], "gap": run.gaps[t]}
@@ -450,6 +455,7 @@ class FWSolver(LayerwiseSolver):
             "fw/polish_steps": float(polish_steps),
             "fw/swaps": float(swaps),
             "fw/joint_changes": float(joint_changes),
+            "fw/group_search_skipped": float(not group_search),
             "fw/seconds": time.perf_counter() - start_time,
         }
         if cfg.reconstruct:
@@ -466,6 +472,7 @@ class FWSolver(LayerwiseSolver):
         gram: torch.Tensor,
         mask: torch.Tensor,
         feasible: FeasibleSet,
+        group_search: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         r"""Kept weights by damped least squares on ``mask``, then joint mask-and-weight local search.
 
@@ -483,7 +490,7 @@ class FWSolver(LayerwiseSolver):
         cfg: FWConfig = self.config
         original = layer.weight.detach()
         solved = reconstruct_rows(original, layer.gram.detach(), mask, cfg.damp, cfg.reconstruct_iterations)
-        if cfg.reconstruct_sweeps == 0:
+        if cfg.reconstruct_sweeps == 0 or not group_search:
             return mask, solved, 0
         lam = cfg.damp * float(gram.diagonal().mean())
         damped = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
