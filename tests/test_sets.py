@@ -750,3 +750,19 @@ def test_face_rejects_structured_groups_and_bad_fractions():
         StructuredGroups(1, dim=0).face(0.5, (2, 4))
     with pytest.raises(ValueError, match=r"the fixed fraction of a face must be in \[0, 1\), got 1.0"):
         RowTopK(2).face(1.0, (2, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(1, 9),
+    rows=st.integers(1, 5),
+    data=st.data(),
+)
+def test_topk_mask_matches_a_stable_sort_on_short_and_long_rows(width: int, rows: int, data) -> None:
+    """Every path of topk_mask (argmax for k = 1, selection otherwise) keeps the same entries."""
+    values = data.draw(st.lists(st.integers(-2, 2), min_size=width * rows, max_size=width * rows))  # many ties
+    scores = torch.tensor(values, dtype=torch.float32).reshape(rows, width)
+    k = data.draw(st.integers(0, width))
+    mask = topk_mask(scores, k)
+    for row in range(rows):
+        assert torch.equal(mask[row], _stable_topk_mask(scores[row], k))
