@@ -435,7 +435,9 @@ class FWSolver(LayerwiseSolver):
         weight_hat = layer.weight.detach() * final
         joint_changes = 0
         if cfg.reconstruct:
-            final, weight_hat, joint_changes = self._reconstruct(layer, weight, gram, final, feasible, group_search)
+            final, weight_hat, reconstructed_rows, joint_changes = self._reconstruct(
+                layer, weight, gram, final, feasible, group_search
+            )
 
         trace = [
             {"iteration": float(t), "objective": run.objectives[t], "gap": run.gaps[t]}
@@ -460,9 +462,7 @@ class FWSolver(LayerwiseSolver):
         }
         if cfg.reconstruct:
             # fw/objective_final is the mask-only polished mask's; this is what the layer returns.
-            metrics["fw/objective_reconstructed"] = float(
-                _residual_row_errors(weight, gram, weight_hat.to(weight.dtype)).sum()
-            )
+            metrics["fw/objective_reconstructed"] = float(reconstructed_rows.sum())
         return LayerResult(weight=weight_hat, mask=final, metrics=metrics, trace=trace)
 
     def _reconstruct(
@@ -473,7 +473,7 @@ class FWSolver(LayerwiseSolver):
         mask: torch.Tensor,
         feasible: FeasibleSet,
         group_search: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         r"""Kept weights by damped least squares on ``mask``, then joint mask-and-weight local search.
 
         Each of ``reconstruct_sweeps`` rounds runs one reconstruction-aware sweep of
@@ -484,14 +484,15 @@ class FWSolver(LayerwiseSolver):
         ends above the least squares on ``mask`` keep that.
 
         Returns:
-            The final mask, its kept weights (dtype of ``layer.weight``) and the number of group
-            replacements of the joint sweeps.
+            The final mask, its kept weights (dtype of ``layer.weight``), their per-row error
+            (float64) and the number of group replacements of the joint sweeps.
         """
         cfg: FWConfig = self.config
         original = layer.weight.detach()
         solved = reconstruct_rows(original, layer.gram.detach(), mask, cfg.damp, cfg.reconstruct_iterations)
+        plain_rows = _residual_row_errors(weight, gram, solved.to(weight.dtype))
         if cfg.reconstruct_sweeps == 0 or not group_search:
-            return mask, solved, 0
+            return mask, solved, plain_rows, 0
         lam = cfg.damp * float(gram.diagonal().mean())
         damped = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         joint_mask, values, changes = mask, solved.to(weight.dtype), 0
@@ -511,9 +512,13 @@ class FWSolver(LayerwiseSolver):
             if changed == 0:
                 break
         joint_rows = _residual_row_errors(weight, gram, values)
-        plain_rows = _residual_row_errors(weight, gram, solved.to(weight.dtype))
-        keep = (joint_rows <= plain_rows).unsqueeze(1)
-        return torch.where(keep, joint_mask, mask), torch.where(keep, values.to(original.dtype), solved), changes
+        keep = joint_rows <= plain_rows
+        return (
+            torch.where(keep.unsqueeze(1), joint_mask, mask),
+            torch.where(keep.unsqueeze(1), values.to(original.dtype), solved),
+            torch.where(keep, joint_rows, plain_rows),
+            changes,
+        )
 
 
 def reconstruct_rows(
@@ -572,9 +577,7 @@ def reconstruct_rows(
         direction = z + beta * direction
         rho = rho_next
     x = x * support
-    wg = w @ g
-    solved_rows = ((w - x) * (wg - x @ g)).sum(dim=1, dtype=torch.float64)
-    initial_rows = ((w - initial) * (wg - initial @ g)).sum(dim=1, dtype=torch.float64)
+    solved_rows, initial_rows = _residual_row_errors(w, g, x), _residual_row_errors(w, g, initial)
     x = torch.where((solved_rows <= initial_rows).unsqueeze(1), x, initial)
     return x.to(weight.dtype)
 
@@ -909,20 +912,20 @@ def _group_sweep_blocks(
         change = torch.zeros(d_out, width, dtype=dtype, device=device)
         for _ in range(max_rounds):
             c_groups = c_block.reshape(d_out, groups, group)
+            # delta[s, r, g]: change of R on group g of row r when it takes kept set s. The weights
+            # outside s are pruned (δ = ŵ); on s, masks only restore w (δ = ŵ - w), while the joint
+            # search starts from δ = 0 there and solves for the best values below.
+            restored = x_block if reoptimise else w_block
+            delta = x_block.unsqueeze(0) - restored.unsqueeze(0) * choices.reshape(-1, 1, 1, group)
+            pushed = torch.einsum("srgm,gmk->srgk", delta, g_groups)
+            gain = (delta * (2.0 * c_groups + pushed)).sum(3)  # Δ = 2<δ, c_g> + δ G δᵀ
             if reoptimise:
-                # delta[s, r, g]: change of R on group g of row r when it takes kept set s.
-                delta = x_block.unsqueeze(0) * (1.0 - choices).reshape(-1, 1, 1, group)
-                pushed = torch.einsum("srgm,gmk->srgk", delta, g_groups)
                 drive = (c_groups.unsqueeze(0) + pushed).gather(3, gather_index)
                 solved = torch.einsum("srgn,gsnk->srgk", drive, g_kept_inverse)
-                # Δ at the optimal δ_t: 2<δ_t̄, c> + δ_t̄ G δ_t̄ᵀ - drive G_tt⁺ driveᵀ.
-                gain = ((delta * (2.0 * c_groups + pushed)).sum(3) - (solved * drive).sum(3)).permute(1, 2, 0)
+                # Δ at the optimal δ_s = -G_ss⁺ drive: lower by drive G_ss⁺ driveᵀ.
+                gain -= (solved * drive).sum(3)
                 delta.scatter_(3, gather_index, -solved)
-            else:
-                # Taking kept set t restores w on t and prunes the rest: δ = ŵ - w ⊙ t.
-                delta = x_block.unsqueeze(0) - w_block.unsqueeze(0) * choices.reshape(-1, 1, 1, group)
-                pushed = torch.einsum("srgm,gmk->srgk", delta, g_groups)
-                gain = (delta * (2.0 * c_groups + pushed)).sum(3).permute(1, 2, 0)
+            gain = gain.permute(1, 2, 0)
             best, pick = gain.min(dim=2)
             improving = best < -floor.unsqueeze(1)
             if not bool(improving.any()):
