@@ -21,6 +21,7 @@ from constrainedsparse.layerwise.fw import (
     FWConfig,
     FWSolver,
     _group_sweep_polish,
+    _group_tabu_search,
     _joint_swap_polish,
     _swap_polish,
     frank_wolfe,
@@ -235,6 +236,66 @@ def test_group_sweep_reaches_a_groupwise_optimum() -> None:
             assert bool((value <= _row_objective(layer, weight * other) + 1e-6 * value.abs().max()).all())
 
 
+def _group_optimum(layer: LayerProblem, mask: torch.Tensor) -> torch.Tensor:
+    """Brute force: every row's best N:M (2:4) mask over all kept sets of all its groups, float64."""
+    d_out, d_in = mask.shape
+    best = torch.full((d_out,), math.inf, dtype=torch.float64)
+    for kept in itertools.product(itertools.combinations(range(4), 2), repeat=d_in // 4):
+        candidate = torch.zeros(d_in, dtype=torch.bool)
+        for group, chosen in enumerate(kept):
+            candidate[[4 * group + i for i in chosen]] = True
+        best = torch.minimum(best, _row_objective(layer, layer.weight * candidate))
+    return best
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), steps=st.integers(0, 12), tenure=st.integers(1, 4))
+def test_tabu_search_keeps_the_pattern_and_never_worsens_a_row(seed: int, steps: int, tenure: int) -> None:
+    layer = _layer(seed, d_out=5, d_in=16, pattern="nm")
+    start = layer.feasible_set().mask(layer.weight.abs())
+    mask, rows, improved = _group_tabu_search(layer.weight, layer.gram, start, 4, steps, tenure)
+    assert _counts_ok(mask, layer.target)
+    before, after = _row_objective(layer, layer.weight * start), _row_objective(layer, layer.weight * mask)
+    scale = 1e-5 * float(before.abs().max())
+    assert torch.allclose(rows, after, rtol=1e-4, atol=scale)
+    assert bool((after <= before + scale).all())
+    changed = (mask != start).any(dim=1)
+    assert improved == int(changed.sum())
+    assert bool((after[changed] < before[changed]).all())
+    if steps == 0:
+        assert torch.equal(mask, start) and improved == 0
+
+
+def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:
+    # From masks where no single group can improve, accepting uphill moves reaches each row's
+    # brute-force optimum (3 groups: 216 masks per row) on most rows and never ends worse.
+    layer = _layer(29, d_out=24, d_in=12, pattern="nm")
+    weight, gram = layer.weight, layer.gram
+    start, _, _, sweeps, _ = _group_sweep_polish(weight, gram, layer.feasible_set().mask(weight.abs()), 4, 50)
+    assert sweeps < 50
+    optimum = _group_optimum(layer, start)
+    local = _row_objective(layer, weight * start)
+    stuck = local > optimum * (1 + 1e-6)
+    assert int(stuck.sum()) >= 3  # the instance has rows caught in a worse local optimum
+    mask, _, improved = _group_tabu_search(weight, gram, start, 4, 40, 2)
+    found = _row_objective(layer, weight * mask)
+    assert improved >= 3
+    assert bool((found <= local * (1 + 1e-6)).all())
+    assert int((found[stuck] <= optimum[stuck] * (1 + 1e-6)).sum()) >= 2 * int(stuck.sum()) // 3
+
+
+def test_tabu_steps_run_after_the_sweep_in_the_solver() -> None:
+    layer = _layer(31, d_out=24, d_in=32, pattern="nm")
+    plain = FWSolver(FWConfig(iterations=5)).prune(layer)
+    tabu = FWSolver(FWConfig(iterations=5, tabu_steps=30)).prune(layer)
+    assert plain.metrics["fw/tabu_improved_rows"] == 0 and tabu.metrics["fw/tabu_improved_rows"] > 0
+    assert _counts_ok(tabu.mask, layer.target)
+    assert tabu.metrics["fw/objective_final"] < plain.metrics["fw/objective_final"]
+    assert layer.error(tabu.weight) < layer.error(plain.weight)
+    no_sweep = FWSolver(FWConfig(iterations=5, polish_sweeps=0, tabu_steps=30)).prune(layer)
+    assert no_sweep.metrics["fw/tabu_improved_rows"] > 0
+
+
 def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
     # 1 row, 6 inputs, keep 3: after the polish no single swap improves.
     layer = _layer(23, d_out=1, d_in=6, pattern="row")
@@ -291,6 +352,8 @@ def test_input_not_modified() -> None:
         ({"step": "armijo"}, r"fw: step must be one of line_search, open_loop, got 'armijo'"),
         ({"polish_steps": -1}, r"fw: polish_steps must be an integer >= 0, got -1"),
         ({"polish_sweeps": -2}, r"fw: polish_sweeps must be an integer >= 0, got -2"),
+        ({"tabu_steps": -1}, r"fw: tabu_steps must be an integer >= 0, got -1"),
+        ({"tabu_tenure": 0}, r"fw: tabu_tenure must be an integer >= 1, got 0"),
         ({"damp": -1.0}, r"fw: damp must be a finite number >= 0, got -1.0"),
         ({"reconstruct_iterations": 0}, r"fw: reconstruct_iterations must be an integer >= 1, got 0"),
         ({"reconstruct": "yes"}, r"fw: reconstruct must be true or false, got 'yes'"),

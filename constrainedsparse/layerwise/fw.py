@@ -139,6 +139,10 @@ class FWConfig:
         polish_sweeps: Maximum sweeps of the exact group-wise local search after rounding for
             ``nm`` (only where a group has at most ``MAX_GROUP_CHOICES`` = 256 kept sets, e.g. up to
             4:8; larger patterns skip it and the joint sweeps, ``fw/group_search_skipped``) (0: off).
+        tabu_steps: Steps of the tabu search over group moves after the ``nm`` group sweep
+            (:func:`_group_tabu_search`; only where the group search runs) (0: off).
+        tabu_tenure: Steps during which a group that just changed may not change again (unless
+            the move reaches its row's best objective so far), at least 1.
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
         reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
@@ -155,6 +159,8 @@ class FWConfig:
     step: str = "line_search"
     polish_steps: int = 60
     polish_sweeps: int = 6
+    tabu_steps: int = 0
+    tabu_tenure: int = 10
     reconstruct: bool = False
     damp: float = 0.01
     reconstruct_iterations: int = 30
@@ -174,6 +180,10 @@ class FWConfig:
             raise ValueError(f"fw: polish_steps must be an integer >= 0, got {self.polish_steps!r}")
         if not _integer(self.polish_sweeps) or self.polish_sweeps < 0:
             raise ValueError(f"fw: polish_sweeps must be an integer >= 0, got {self.polish_sweeps!r}")
+        if not _integer(self.tabu_steps) or self.tabu_steps < 0:
+            raise ValueError(f"fw: tabu_steps must be an integer >= 0, got {self.tabu_steps!r}")
+        if not _integer(self.tabu_tenure) or self.tabu_tenure < 1:
+            raise ValueError(f"fw: tabu_tenure must be an integer >= 1, got {self.tabu_tenure!r}")
         if not isinstance(self.reconstruct, bool):
             raise ValueError(f"fw: reconstruct must be true or false, got {self.reconstruct!r}")
         if not _real(self.damp) or not 0.0 <= self.damp < math.inf:
@@ -410,20 +420,23 @@ class FWSolver(LayerwiseSolver):
         rounded_rows = _row_errors(weight, wg, rounded_product, rounded)
         # The polish starts from the rounded mask even where Wanda's is better: the polished rounded
         # mask is the better one far more often than the polished Wanda mask.
-        polished, polished_rows, polish_steps, swaps = rounded, rounded_rows, 0, 0
+        polished, polished_rows, polish_steps, swaps, tabu_rows = rounded, rounded_rows, 0, 0, 0
         nm = isinstance(feasible, NMSparse)
         # The group sweep enumerates every kept set of a group: only for small N:M (4:8 has 70).
         group_search = not nm or math.comb(feasible.m, feasible.n) <= MAX_GROUP_CHOICES
-        if (cfg.polish_sweeps if nm else cfg.polish_steps) > 0 and group_search:
-            residual = wg - rounded_product
-            if nm:
+        if nm and group_search:
+            if cfg.polish_sweeps > 0:
                 polished, _, polished_rows, polish_steps, swaps = _group_sweep_polish(
-                    weight, gram, rounded, feasible.m, cfg.polish_sweeps, residual=residual
+                    weight, gram, rounded, feasible.m, cfg.polish_sweeps, residual=wg - rounded_product
                 )
-            else:
-                polished, polished_rows, polish_steps, swaps = _swap_polish(
-                    weight, gram, rounded, cfg.polish_steps, residual=residual
+            if cfg.tabu_steps > 0:
+                polished, polished_rows, tabu_rows = _group_tabu_search(
+                    weight, gram, polished, feasible.m, cfg.tabu_steps, cfg.tabu_tenure
                 )
+        elif not nm and cfg.polish_steps > 0:
+            polished, polished_rows, polish_steps, swaps = _swap_polish(
+                weight, gram, rounded, cfg.polish_steps, residual=wg - rounded_product
+            )
         if row_separable:
             better = polished_rows < start_rows
         else:
@@ -456,6 +469,7 @@ class FWSolver(LayerwiseSolver):
             "fw/dense_updates": float(run.dense_updates),
             "fw/polish_steps": float(polish_steps),
             "fw/swaps": float(swaps),
+            "fw/tabu_improved_rows": float(tabu_rows),
             "fw/joint_changes": float(joint_changes),
             "fw/group_search_skipped": float(not group_search),
             "fw/seconds": time.perf_counter() - start_time,
@@ -955,3 +969,120 @@ def _group_sweep_blocks(
             c += outside
         c[:, c1:c2] = c_block
     return moved, changes
+
+
+def _group_tabu_search(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    group: int,
+    steps: int,
+    tenure: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    r"""Tabu search over N:M group moves on a binary mask, every row at once (masks only).
+
+    The group sweep of :func:`_group_sweep_polish` stops in a local optimum: no single group can
+    change its kept set for the better. Tabu search moves on from there. At every step each row
+    takes its best move even if it raises the objective, except moves of a group that changed in the
+    last ``tenure`` steps (tabu), which stay allowed when they reach a new best objective for the
+    row (aspiration); the row returns the best mask it visited. With :math:`C = (W \odot (1 - M))G`,
+    a group :math:`g` taking kept set :math:`s` changes the residual by
+    :math:`\delta = w_g \odot (m_g - s)` and the row's objective by exactly
+
+    .. math::
+
+        \Delta = 2\langle \delta, c_g\rangle + \delta\, G_{gg}\, \delta^\top
+        = 2\sum_{j} (m_{g,j} - s_j)\, w_j c_j + (m_g - s)^\top Q_g\, (m_g - s),
+        \qquad Q_g = \operatorname{diag}(w_g)\, G_{gg} \operatorname{diag}(w_g),
+
+    so one step scores every move of every group with one :math:`(d_{out} \cdot d_{in}/m) \times m
+    \times \binom{m}{n}` product; the quadratic term
+    :math:`m_g^\top Q_g m_g - 2 s^\top Q_g m_g + s^\top Q_g s` changes only for the moved group,
+    and :math:`C` follows by a sparse product with the move's :math:`m` changed weights, so a step
+    costs :math:`O(d_{out}\, d_{in} \binom{m}{n} / m)`.
+
+    Args:
+        weight: :math:`W`, ``(d_out, d_in)``.
+        gram: :math:`G`, ``(d_in, d_in)``, same dtype.
+        mask: Boolean N:M start mask (not modified); every group keeps as many as the first.
+        group: :math:`m`.
+        steps: Number of steps.
+        tenure: Steps during which a changed group is tabu.
+
+    Returns:
+        The best visited mask of every row, its per-row objective computed from scratch (float64;
+        a row keeps ``mask`` unless the visited one is better in this exact objective), and the
+        number of rows improved.
+    """
+    d_out, d_in = weight.shape
+    groups = d_in // group
+    n = int(mask[0, :group].sum())
+    dtype, device = weight.dtype, weight.device
+    inf = float("inf")
+    kept_sets = _KeptSets.of(n, group, dtype, device)
+    choices, count = kept_sets.choices, kept_sets.choices.shape[0]
+    rows = torch.arange(d_out, device=device)
+    offsets = torch.arange(group, device=device)
+    w_groups = weight.reshape(d_out, groups, group)
+    index = torch.arange(d_in, device=device).reshape(groups, group)
+    g_groups = gram[index.unsqueeze(2), index.unsqueeze(1)]
+    q = w_groups.unsqueeze(3) * g_groups * w_groups.unsqueeze(2)  # (d_out, groups, m, m)
+    outer = (choices.unsqueeze(2) * choices.unsqueeze(1)).reshape(count, group * group)
+    set_quadratic = (q.reshape(-1, group * group) @ outer.T).reshape(d_out, groups, count)  # sᵀ Q_g s
+
+    def quadratic_terms(q_sel: torch.Tensor, set_sel: torch.Tensor, current_sel: torch.Tensor) -> torch.Tensor:
+        """(m_g - s)ᵀ Q_g (m_g - s) for every set s; +inf for the current one (no move)."""
+        kept_now = choices[current_sel]
+        q_kept = (q_sel @ kept_now.unsqueeze(-1)).squeeze(-1)
+        terms = set_sel + (q_kept * kept_now).sum(-1, keepdim=True) - 2.0 * q_kept @ choices.T
+        return terms.scatter_(-1, current_sel.unsqueeze(-1), inf)
+
+    current = kept_sets.of_code[(mask.reshape(d_out, groups, group).long() * kept_sets.code).sum(dim=2)]
+    quadratic = quadratic_terms(q, set_quadratic, current)
+    kept = mask.to(dtype)
+    residual = weight * ~mask
+    c = residual @ gram
+    start_rows = (residual * c).sum(dim=1, dtype=torch.float64)
+    objective, best_objective = start_rows.clone(), start_rows.clone()
+    best = current.clone()
+    tabu_until = torch.zeros(d_out, groups, dtype=torch.long, device=device)
+    for step in range(steps):
+        wc = weight * c
+        # Δ of every move: the quadratic term - 2 Σ_{j∈s} w_j c_j + 2 Σ_{j∈m_g} w_j c_j.
+        gain = torch.addmm(quadratic.reshape(-1, count), wc.reshape(-1, group), choices.T, alpha=-2.0)
+        gain = gain.reshape(d_out, groups, count).add_(
+            (wc * kept).reshape(d_out, groups, group).sum(2, keepdim=True), alpha=2.0
+        )
+        any_gain, any_move = _row_argmin(gain.reshape(d_out, -1))
+        penalty = torch.zeros(d_out, groups, dtype=dtype, device=device).masked_fill_(tabu_until > step, inf)
+        free_gain, free_move = _row_argmin(gain.add_(penalty.unsqueeze(2)).reshape(d_out, -1))
+        aspire = objective + any_gain < best_objective - _MIN_RELATIVE_GAIN * best_objective.abs()
+        change = torch.where(aspire, any_gain, free_gain)
+        move = torch.where(aspire, any_move, free_move)
+        ok = torch.isfinite(change)
+        if not bool(ok.any()):
+            break
+        moved_rows, moved_group, new_set = rows[ok], (move // count)[ok], (move % count)[ok]
+        columns = moved_group.unsqueeze(1) * group + offsets
+        delta = w_groups[moved_rows, moved_group] * (choices[current[moved_rows, moved_group]] - choices[new_set])
+        coordinates = torch.stack((moved_rows.repeat_interleave(group), columns.reshape(-1)))
+        # Row-major and without repeats: already coalesced.
+        step_change = torch.sparse_coo_tensor(
+            coordinates, delta.reshape(-1), (d_out, d_in), is_coalesced=True, check_invariants=False
+        )
+        c += torch.sparse.mm(step_change, gram)
+        current[moved_rows, moved_group] = new_set
+        kept[moved_rows.unsqueeze(1), columns] = choices[new_set]
+        quadratic[moved_rows, moved_group] = quadratic_terms(
+            q[moved_rows, moved_group], set_quadratic[moved_rows, moved_group], new_set
+        )
+        objective[ok] += change[ok].to(torch.float64)
+        tabu_until[moved_rows, moved_group] = step + 1 + tenure
+        better = objective < best_objective
+        best_objective = torch.where(better, objective, best_objective)
+        best[better] = current[better]
+    found = choices[best].bool().reshape(d_out, d_in)
+    found_rows = _residual_row_errors(weight, gram, weight * found)
+    improved = found_rows < start_rows
+    final = torch.where(improved.unsqueeze(1), found, mask)
+    return final, torch.where(improved, found_rows, start_rows), int(improved.sum())
