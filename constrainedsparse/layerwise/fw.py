@@ -71,6 +71,12 @@ computed exactly from :math:`C = DG`, so the objective decreases strictly. The p
 the rounded mask even in rows where Wanda's is better before polishing: measured on MiniLM, the
 polished rounded mask wins far more often than either unpolished mask.
 
+**Tabu search** (``tabu_steps``, off by default; ``nm`` only; beyond the paper). The group sweep
+stops in a local optimum of single-group moves. Tabu search continues from it: every step each row
+takes its best group move even uphill, a group that just changed stays fixed for ``tabu_tenure``
+steps unless its move reaches a new best for the row, and each row keeps the best mask it visited
+(:func:`_group_tabu_search`), so the guarantee above is unchanged.
+
 **Reconstruction** (``reconstruct=True``, beyond the paper). On the kept support :math:`S` of every
 row the kept weights are re-solved by damped least squares
 
@@ -160,7 +166,7 @@ class FWConfig:
     polish_steps: int = 60
     polish_sweeps: int = 6
     tabu_steps: int = 0
-    tabu_tenure: int = 10
+    tabu_tenure: int = 20
     reconstruct: bool = False
     damp: float = 0.01
     reconstruct_iterations: int = 30
