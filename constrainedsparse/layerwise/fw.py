@@ -426,7 +426,7 @@ class FWSolver(LayerwiseSolver):
         rounded_rows = _row_errors(weight, wg, rounded_product, rounded)
         # The polish starts from the rounded mask even where Wanda's is better: the polished rounded
         # mask is the better one far more often than the polished Wanda mask.
-        polished, polished_rows, polish_steps, swaps, tabu_rows = rounded, rounded_rows, 0, 0, 0
+        polished, polished_rows, polish_steps, swaps, tabu_improved = rounded, rounded_rows, 0, 0, 0
         nm = isinstance(feasible, NMSparse)
         # The group sweep enumerates every kept set of a group: only for small N:M (4:8 has 70).
         group_search = not nm or math.comb(feasible.m, feasible.n) <= MAX_GROUP_CHOICES
@@ -436,7 +436,7 @@ class FWSolver(LayerwiseSolver):
                     weight, gram, rounded, feasible.m, cfg.polish_sweeps, residual=wg - rounded_product
                 )
             if cfg.tabu_steps > 0:
-                polished, polished_rows, tabu_rows = _group_tabu_search(
+                polished, polished_rows, tabu_improved = _group_tabu_search(
                     weight, gram, polished, feasible.m, cfg.tabu_steps, cfg.tabu_tenure
                 )
         elif not nm and cfg.polish_steps > 0:
@@ -475,7 +475,7 @@ class FWSolver(LayerwiseSolver):
             "fw/dense_updates": float(run.dense_updates),
             "fw/polish_steps": float(polish_steps),
             "fw/swaps": float(swaps),
-            "fw/tabu_improved_rows": float(tabu_rows),
+            "fw/tabu_improved_rows": float(tabu_improved),
             "fw/joint_changes": float(joint_changes),
             "fw/group_search_skipped": float(not group_search),
             "fw/seconds": time.perf_counter() - start_time,
@@ -799,6 +799,16 @@ class _KeptSets:
         of_code[(choices.long() * code).sum(dim=1)] = torch.arange(len(combinations), device=device)
         return cls(choices, index, code, of_code)
 
+    def of_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The row in ``choices`` of every group of a boolean ``(d_out, groups * m)`` mask, ``(d_out, groups)``."""
+        return self.of_code[(mask.reshape(mask.shape[0], -1, self.code.shape[0]).long() * self.code).sum(dim=2)]
+
+
+def _diagonal_blocks(gram: torch.Tensor, group: int) -> torch.Tensor:
+    """The ``(d / group, group, group)`` diagonal blocks of a ``(d, d)`` matrix, one per group."""
+    index = torch.arange(gram.shape[0], device=gram.device).reshape(-1, group)
+    return gram[index.unsqueeze(2), index.unsqueeze(1)]
+
 
 def _group_sweep_polish(
     weight: torch.Tensor,
@@ -906,11 +916,10 @@ def _group_sweep_blocks(
         Which rows changed, and the number of group replacements.
     """
     d_out, d_in = weight.shape
-    choices, chosen_index, choice_of_code = kept_sets.choices, kept_sets.index, kept_sets.of_code
+    choices, chosen_index = kept_sets.choices, kept_sets.index
     count, n = chosen_index.shape
     group = choices.shape[1]
     dtype, device = weight.dtype, weight.device
-    code = kept_sets.code
     rows = torch.arange(d_out, device=device)
     moved = torch.zeros(d_out, dtype=torch.bool, device=device)
     changes = 0
@@ -919,14 +928,13 @@ def _group_sweep_blocks(
         groups, width = (c2 - c1) // group, c2 - c1
         w_block = weight[:, c1:c2].reshape(d_out, groups, group)
         g_block = gram[c1:c2, c1:c2]
-        index = torch.arange(width, device=device).reshape(groups, group)
-        g_groups = g_block[index.unsqueeze(2), index.unsqueeze(1)]  # (groups, m, m) diagonal blocks
+        g_groups = _diagonal_blocks(g_block, group)
         if reoptimise:
             # (groups, choices, n, n): the kept set's block of G, pseudo-inverted (G may be singular).
             g_kept = g_groups[:, chosen_index.unsqueeze(2), chosen_index.unsqueeze(1)]
             g_kept_inverse = torch.linalg.pinv(g_kept, hermitian=True)
             gather_index = chosen_index.reshape(count, 1, 1, n).expand(-1, d_out, groups, -1)
-        current = choice_of_code[(mask[:, c1:c2].reshape(d_out, groups, group).long() * code).sum(dim=2)]
+        current = kept_sets.of_mask(mask[:, c1:c2])
         x_block = kept[:, c1:c2].reshape(d_out, groups, group).clone()
         c_block = c[:, c1:c2].clone()
         change = torch.zeros(d_out, width, dtype=dtype, device=device)
@@ -1030,9 +1038,7 @@ def _group_tabu_search(
     rows = torch.arange(d_out, device=device)
     offsets = torch.arange(group, device=device)
     w_groups = weight.reshape(d_out, groups, group)
-    index = torch.arange(d_in, device=device).reshape(groups, group)
-    g_groups = gram[index.unsqueeze(2), index.unsqueeze(1)]
-    q = w_groups.unsqueeze(3) * g_groups * w_groups.unsqueeze(2)  # (d_out, groups, m, m)
+    q = w_groups.unsqueeze(3) * _diagonal_blocks(gram, group) * w_groups.unsqueeze(2)  # (d_out, groups, m, m)
     outer = (choices.unsqueeze(2) * choices.unsqueeze(1)).reshape(count, group * group)
     set_quadratic = (q.reshape(-1, group * group) @ outer.T).reshape(d_out, groups, count)  # sᵀ Q_g s
 
@@ -1043,7 +1049,7 @@ def _group_tabu_search(
         terms = set_sel + (q_kept * kept_now).sum(-1, keepdim=True) - 2.0 * q_kept @ choices.T
         return terms.scatter_(-1, current_sel.unsqueeze(-1), inf)
 
-    current = kept_sets.of_code[(mask.reshape(d_out, groups, group).long() * kept_sets.code).sum(dim=2)]
+    current = kept_sets.of_mask(mask)
     quadratic = quadratic_terms(q, set_quadratic, current)
     kept = mask.to(dtype)
     residual = weight * ~mask
