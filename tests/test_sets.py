@@ -434,6 +434,24 @@ def test_topk_mask_ties_at_threshold_lower_index_wins() -> None:
     assert topk_mask(batched, 1).tolist() == [[False, True, False], [True, False, False], [True, False, False]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, 12), min_size=1, max_size=3),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**31 - 1),
+    st.booleans(),
+)
+def test_topk_mask_k1_is_the_first_maximum(shape: list[int], dtype: torch.dtype, seed: int, nan: bool) -> None:
+    """k = 1 scans columns for short rows and calls argmax otherwise: both give argmax's first maximum."""
+    scores = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if nan:
+        scores.view(-1)[seed % scores.numel()] = float("nan")
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.argmax(dim=-1, keepdim=True), True)
+    mask = topk_mask(scores, 1)
+    assert mask.shape == scores.shape and mask.is_contiguous()
+    assert torch.equal(mask, expected)
+
+
 def test_topk_mask_rejects_bad_k() -> None:
     with pytest.raises(ValueError, match=re.escape("k must be in [0, 3], got 4")):
         topk_mask(torch.ones(3), 4)

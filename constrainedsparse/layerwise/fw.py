@@ -272,7 +272,10 @@ class _VertexProduct:
         self.dense_updates = 0
 
     def update(self, chosen: torch.Tensor, vertex: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        """Returns :math:`(W \\odot V)G` for the new vertex (``chosen``: its free part, flat)."""
+        """Returns :math:`(W \\odot V)G` for the new vertex (``chosen``: its free part, flat).
+
+        The returned tensor is updated in place by the next sparse update.
+        """
         if self.chosen is not None and not dense:
             changed = _flat_nonzero(chosen != self.chosen)
             if changed.numel() <= _DENSE_FRACTION * vertex.numel():
@@ -282,7 +285,7 @@ class _VertexProduct:
                 index = torch.stack((flat // d_in, flat % d_in))
                 # Ascending flat indices without repeats: already coalesced, row-major.
                 diff = torch.sparse_coo_tensor(index, delta, vertex.shape, is_coalesced=True, check_invariants=False)
-                self.product = self.product + torch.sparse.mm(diff, self.gram)
+                self.product.addmm_(diff, self.gram)
                 self.chosen = chosen
                 self.sparse_updates += 1
                 return self.product
@@ -1030,6 +1033,7 @@ def _group_tabu_search(
     """
     d_out, d_in = weight.shape
     groups = d_in // group
+    slots = d_out * groups
     n = int(mask[0, :group].sum())
     dtype, device = weight.dtype, weight.device
     inf = float("inf")
@@ -1037,62 +1041,77 @@ def _group_tabu_search(
     choices, count = kept_sets.choices, kept_sets.choices.shape[0]
     rows = torch.arange(d_out, device=device)
     offsets = torch.arange(group, device=device)
+    slot_offsets = torch.arange(slots, device=device)
     w_groups = weight.reshape(d_out, groups, group)
     q = w_groups.unsqueeze(3) * _diagonal_blocks(gram, group) * w_groups.unsqueeze(2)  # (d_out, groups, m, m)
     outer = (choices.unsqueeze(2) * choices.unsqueeze(1)).reshape(count, group * group)
-    set_quadratic = (q.reshape(-1, group * group) @ outer.T).reshape(d_out, groups, count)  # sᵀ Q_g s
+    q_flat = q.reshape(slots, group, group)
+    set_quadratic_flat = q_flat.reshape(slots, group * group) @ outer.T  # sᵀ Q_g s, (slots, count)
 
     def quadratic_terms(q_sel: torch.Tensor, set_sel: torch.Tensor, current_sel: torch.Tensor) -> torch.Tensor:
-        """(m_g - s)ᵀ Q_g (m_g - s) for every set s; +inf for the current one (no move)."""
+        """(m_g - s)ᵀ Q_g (m_g - s) for every set s, set-major; +inf for the current one (no move)."""
         kept_now = choices[current_sel]
         q_kept = (q_sel @ kept_now.unsqueeze(-1)).squeeze(-1)
         terms = set_sel + (q_kept * kept_now).sum(-1, keepdim=True) - 2.0 * q_kept @ choices.T
-        return terms.scatter_(-1, current_sel.unsqueeze(-1), inf)
+        return terms.scatter_(-1, current_sel.unsqueeze(-1), inf).reshape(-1, count).T
 
-    current = kept_sets.of_mask(mask)
-    quadratic = quadratic_terms(q, set_quadratic, current)
-    kept = mask.to(dtype)
+    # Set-major (count, d_out * groups) so that the best set of every group is an elementwise minimum.
+    current = kept_sets.of_mask(mask).reshape(-1)
+    quadratic = quadratic_terms(q_flat, set_quadratic_flat, current).contiguous()
+    current_entry = current * slots + slot_offsets  # where `gain` holds every group's current set
+    minus_twice_choices = -2.0 * choices
     residual = weight * ~mask
     c = residual @ gram
     start_rows = (residual * c).sum(dim=1, dtype=torch.float64)
     objective, best_objective = start_rows.clone(), start_rows.clone()
-    best = current.clone()
-    tabu_until = torch.zeros(d_out, groups, dtype=torch.long, device=device)
+    best = current.reshape(d_out, groups).clone()
+    # A group moved at step s is tabu in steps s + 1 .. s + tenure; moved_at[k] holds the slots moved
+    # at the steps s ≡ k (mod tenure + 1), whose tabu ends when the step comes round again.
+    tabu_until = torch.zeros(slots, dtype=torch.long, device=device)
+    penalty = torch.zeros(d_out, groups, dtype=dtype, device=device)
+    moved_at: list[torch.Tensor | None] = [None] * (tenure + 1)
+    wc = torch.empty_like(c)
+    gain = torch.empty(count, slots, dtype=dtype, device=device)
     for step in range(steps):
-        wc = weight * c
+        expiring = moved_at[step % (tenure + 1)]
+        if expiring is not None:
+            penalty.view(-1)[expiring] = torch.where(tabu_until[expiring] > step, inf, 0.0)
+        torch.mul(weight, c, out=wc)
         # Δ of every move: the quadratic term - 2 Σ_{j∈s} w_j c_j + 2 Σ_{j∈m_g} w_j c_j.
-        gain = torch.addmm(quadratic.reshape(-1, count), wc.reshape(-1, group), choices.T, alpha=-2.0)
-        gain = gain.reshape(d_out, groups, count).add_(
-            (wc * kept).reshape(d_out, groups, group).sum(2, keepdim=True), alpha=2.0
-        )
-        any_gain, any_move = _row_argmin(gain.reshape(d_out, -1))
-        penalty = torch.zeros(d_out, groups, dtype=dtype, device=device).masked_fill_(tabu_until > step, inf)
-        free_gain, free_move = _row_argmin(gain.add_(penalty.unsqueeze(2)).reshape(d_out, -1))
+        torch.mm(minus_twice_choices, wc.reshape(slots, group).T, out=gain)
+        twice_current = gain.reshape(-1).take(current_entry).neg_()
+        group_gain = gain.add_(quadratic).amin(dim=0).add_(twice_current).reshape(d_out, groups)
+        any_gain, any_group = _row_argmin(group_gain)
+        free_gain, free_group = _row_argmin(group_gain.add_(penalty))
         aspire = objective + any_gain < best_objective - _MIN_RELATIVE_GAIN * best_objective.abs()
         change = torch.where(aspire, any_gain, free_gain)
-        move = torch.where(aspire, any_move, free_move)
+        moved_group = torch.where(aspire, any_group, free_group)
+        moved_rows = rows
         ok = torch.isfinite(change)
-        if not bool(ok.any()):
-            break
-        moved_rows, moved_group, new_set = rows[ok], (move // count)[ok], (move % count)[ok]
+        if not bool(ok.all()):
+            if not bool(ok.any()):
+                break
+            moved_rows, moved_group, change = rows[ok], moved_group[ok], change[ok]
+        moved_slots = moved_rows * groups + moved_group
+        new_set = _row_argmin(gain.T[moved_slots])[1]
+        delta = w_groups.reshape(slots, group)[moved_slots] * (choices[current[moved_slots]] - choices[new_set])
         columns = moved_group.unsqueeze(1) * group + offsets
-        delta = w_groups[moved_rows, moved_group] * (choices[current[moved_rows, moved_group]] - choices[new_set])
         coordinates = torch.stack((moved_rows.repeat_interleave(group), columns.reshape(-1)))
         # Row-major and without repeats: already coalesced.
         step_change = torch.sparse_coo_tensor(
             coordinates, delta.reshape(-1), (d_out, d_in), is_coalesced=True, check_invariants=False
         )
-        c += torch.sparse.mm(step_change, gram)
-        current[moved_rows, moved_group] = new_set
-        kept[moved_rows.unsqueeze(1), columns] = choices[new_set]
-        quadratic[moved_rows, moved_group] = quadratic_terms(
-            q[moved_rows, moved_group], set_quadratic[moved_rows, moved_group], new_set
-        )
-        objective[ok] += change[ok].to(torch.float64)
-        tabu_until[moved_rows, moved_group] = step + 1 + tenure
+        c.addmm_(step_change, gram)
+        current[moved_slots] = new_set
+        current_entry[moved_slots] = new_set * slots + moved_slots
+        quadratic[:, moved_slots] = quadratic_terms(q_flat[moved_slots], set_quadratic_flat[moved_slots], new_set)
+        objective[moved_rows] += change.to(torch.float64)
+        tabu_until[moved_slots] = step + 1 + tenure
+        penalty.view(-1)[moved_slots] = inf
+        moved_at[step % (tenure + 1)] = moved_slots
         better = objective < best_objective
         best_objective = torch.where(better, objective, best_objective)
-        best[better] = current[better]
+        best[better] = current.reshape(d_out, groups)[better]
     found = choices[best].bool().reshape(d_out, d_in)
     found_rows = _residual_row_errors(weight, gram, weight * found)
     improved = found_rows < start_rows
