@@ -155,10 +155,14 @@ def test_fixed_weights_stay_at_one() -> None:
     pattern=st.sampled_from(sorted(PATTERNS)),
     alpha=st.sampled_from([0.0, 0.3, 0.9, 0.999]),
     polish=st.sampled_from([0, 3]),
+    tabu=st.sampled_from([0, 20]),
 )
-def test_result_is_feasible_and_never_worse_than_wanda(seed: int, pattern: str, alpha: float, polish: int) -> None:
+def test_result_is_feasible_and_never_worse_than_wanda(
+    seed: int, pattern: str, alpha: float, polish: int, tabu: int
+) -> None:
     layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
-    result = FWSolver(FWConfig(alpha=alpha, iterations=8, polish_steps=polish, polish_sweeps=polish)).prune(layer)
+    config = FWConfig(alpha=alpha, iterations=8, polish_steps=polish, polish_sweeps=polish, tabu_steps=tabu)
+    result = FWSolver(config).prune(layer)
     assert result.mask.dtype == torch.bool
     assert layer.feasible_set().contains(result.mask)
     assert _counts_ok(result.mask, layer.target)
@@ -284,16 +288,19 @@ def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:
     assert int((found[stuck] <= optimum[stuck] * (1 + 1e-6)).sum()) >= 2 * int(stuck.sum()) // 3
 
 
-def test_tabu_steps_run_after_the_sweep_in_the_solver() -> None:
+def test_tabu_search_is_the_default_nm_search_and_runs_after_an_optional_sweep() -> None:
     layer = _layer(31, d_out=24, d_in=32, pattern="nm")
-    plain = FWSolver(FWConfig(iterations=5)).prune(layer)
-    tabu = FWSolver(FWConfig(iterations=5, tabu_steps=30)).prune(layer)
-    assert plain.metrics["fw/tabu_improved_rows"] == 0 and tabu.metrics["fw/tabu_improved_rows"] > 0
-    assert _counts_ok(tabu.mask, layer.target)
-    assert tabu.metrics["fw/objective_final"] < plain.metrics["fw/objective_final"]
-    assert layer.error(tabu.weight) < layer.error(plain.weight)
-    no_sweep = FWSolver(FWConfig(iterations=5, polish_sweeps=0, tabu_steps=30)).prune(layer)
-    assert no_sweep.metrics["fw/tabu_improved_rows"] > 0
+    sweep_only = FWSolver(FWConfig(iterations=5, polish_sweeps=6, tabu_steps=0)).prune(layer)
+    assert sweep_only.metrics["fw/tabu_improved_rows"] == 0 and sweep_only.metrics["fw/polish_steps"] > 0
+    default = FWSolver(FWConfig(iterations=5)).prune(layer)
+    assert default.metrics["fw/polish_steps"] == 0 and default.metrics["fw/tabu_improved_rows"] > 0
+    assert _counts_ok(default.mask, layer.target)
+    assert default.metrics["fw/objective_final"] < default.metrics["fw/objective_rounded"]
+    # After a sweep the tabu search starts from the swept mask and a row keeps it unless it finds better.
+    both = FWSolver(FWConfig(iterations=5, polish_sweeps=6, tabu_steps=30)).prune(layer)
+    assert both.metrics["fw/tabu_improved_rows"] > 0
+    assert both.metrics["fw/objective_final"] < sweep_only.metrics["fw/objective_final"]
+    assert layer.error(both.weight) < layer.error(sweep_only.weight)
 
 
 def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
