@@ -410,7 +410,9 @@ def frank_wolfe(
 class FWSolver(LayerwiseSolver):
     """Frank-Wolfe over the mask hull with an α-fixed Wanda warm start (Roux et al. 2025)."""
 
-    description = "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start (+ swap polish)"
+    description = (
+        "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start (+ swap polish, N:M tabu search)"
+    )
     Config = FWConfig
 
     def prune(self, layer: LayerProblem) -> LayerResult:
