@@ -1,7 +1,6 @@
 """``python -m constrainedsparse``."""
 
-import sys
-
 from constrainedsparse.cli import main
+from constrainedsparse.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())

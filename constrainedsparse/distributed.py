@@ -53,7 +53,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,7 @@ __all__ = [
     "check_global_batch",
     "dump_rank_state",
     "env_world_size",
+    "exit_process",
     "is_distributed",
     "is_main_process",
     "launch",
@@ -170,6 +171,25 @@ def process_group(device: str) -> Iterator[None]:
     yield  # on an error the group is left as is: the process is about to exit, and tearing down a
     # group whose peers are gone can block (the launcher then ends this rank)
     dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends the process with ``code``; a rank of a multi-process job skips interpreter finalization.
+
+    Objects that still hold the gloo process group (a DDP reducer in a reference cycle, pending
+    work) can outlive :func:`process_group`'s teardown; if they are destroyed during interpreter
+    finalization, gloo's worker threads may abort the process ("terminate called without an active
+    exception", SIGABRT), and the launcher then fails a job whose files are all written. Every file
+    of a run is closed and the wandb run finished before this point, so a rank flushes its streams
+    and logging and leaves with ``os._exit``. A single process exits normally.
+    """
+    if env_world_size() <= 1:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 # --- primal side: DDP and data ------------------------------------------------------------------

@@ -362,3 +362,23 @@ def test_ddp_throughput_benchmark_quick(tmp_path):
         assert row["samples_per_second"] == pytest.approx(row["steps"] * 8 / row["seconds"])
     text = (tmp_path / "out" / "results.md").read_text()
     assert "benchmarks/ddp_throughput.py --quick --out" in text and "| 2 x 1 | 4 |" in text and "every repeat" in text
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_flushes_and_skips_finalization_only_in_a_rank(tmp_path, world_size):
+    """A rank leaves with os._exit after flushing (gloo can abort during finalization); one process exits normally."""
+    script = (
+        "import atexit, logging, sys\n"
+        "from constrainedsparse.distributed import exit_process\n"
+        "atexit.register(lambda: print('finalized', flush=True))\n"
+        "logging.basicConfig(filename='log.txt', level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "sys.stdout.write('buffered')\n"
+        "exit_process(3)\n"
+    )
+    env = {**_env(), "WORLD_SIZE": world_size}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("buffered")
+    assert ("finalized" in done.stdout) == (world_size == "1")
+    assert "logged" in (tmp_path / "log.txt").read_text()
