@@ -47,6 +47,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -392,14 +393,22 @@ def lost_peer(err: BaseException) -> bool:
 
 
 def _root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
-    """The failure to report: a rank that raised on its own before ranks that only lost a peer,
-    then the earliest."""
+    """The failure to report, the earliest of the first kind present.
+
+    In order: a rank that raised on its own; a rank that died without a report (an abort, a
+    segfault, an exit code); a rank stopped by SIGTERM or SIGKILL (from outside, or by the agent
+    after another rank failed); a rank that only lost a peer. Ranks without a report all carry the
+    agent's whole-second collection time, so within a kind ties go to the lower rank.
+    """
 
     def key(item: tuple[int, Any]) -> tuple[int, float, int]:
         global_rank, failure = item
         data = failure.error_file_data.get("constrainedsparse", {}) if isinstance(failure.error_file_data, dict) else {}
-        own = "time" in data and not data.get("peer", False)
-        return (0 if own else 1, float(data.get("time", failure.timestamp)), global_rank)
+        if "time" in data:
+            kind = 3 if data.get("peer", False) else 0
+        else:
+            kind = 2 if failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL) else 1
+        return (kind, float(data.get("time", failure.timestamp)), global_rank)
 
     return min(failures.items(), key=key)
 

@@ -165,6 +165,9 @@ def test_launcher_reports_the_rank_that_raised_not_the_ranks_that_lost_it():
     killed = failure(-15, 99)  # SIGTERM from the launcher: no error file
     assert distributed._root_cause({0: lost, 1: own, 2: killed}) == (1, own)
     assert distributed._root_cause({0: lost, 2: killed})[0] == 2
+    aborted = failure(-6, 99)  # SIGABRT without a report: died on its own, before the agent stopped rank 0
+    assert distributed._root_cause({0: failure(-15, 99), 1: aborted}) == (1, aborted)
+    assert distributed._root_cause({0: lost, 1: own, 2: aborted}) == (1, own)
 
 
 # --- several processes --------------------------------------------------------------------------------
