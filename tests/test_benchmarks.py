@@ -155,3 +155,29 @@ def test_layerwise_quick(tmp_path):
     ratio = payload["ratios"][0]["fw / wanda error"]
     assert ratio == fw["mean_layer_error"] / wanda["mean_layer_error"]
     assert "fw / wanda error (goal <= 0.45)" in text
+
+
+def test_nm_search_quick(tmp_path, one_thread):
+    bench = _load("nm_search")
+    assert bench.main(["--quick", "--layers", "2", "--out", str(tmp_path), *one_thread]) == 0
+
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/nm_search.py --quick --layers 2 --out" in text
+    header, rows = _table(text)
+    assert header == ["fw settings", "mean layer error", "error / Wanda's", "solver s"]
+    assert [row[0] for row in rows] == ["`polish_sweeps=6 tabu_steps=0`", "`(defaults)`"]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert len(payload["layers"]) == 2 and payload["pattern"] == "2:4"
+    for result, row in zip(payload["results"], rows):
+        # fw never ends worse than Wanda's mask, row by row, so never above it on the layer either.
+        assert 0.0 < result["error_vs_wanda"] <= 1.0 + 1e-6
+        assert result["error_vs_wanda"] == pytest.approx(result["mean_layer_error"] / payload["wanda_mean_layer_error"])
+        assert float(row[2]) == pytest.approx(result["error_vs_wanda"], abs=5e-5)
+
+
+def test_nm_search_rejects_a_bad_setting_before_loading_the_model():
+    bench = _load("nm_search")
+    with pytest.raises(ValueError, match=r"setting 'sweeps=2' must be KEY=VALUE with KEY one of alpha, "):
+        bench.main(["--configs", "sweeps=2"])
+    with pytest.raises(ValueError, match=r"fw: tabu_tenure must be an integer >= 1, got 0"):
+        bench.main(["--configs", "tabu_tenure=0"])

@@ -1,0 +1,189 @@
+"""fw's N:M search after rounding, on the layers of the real all-MiniLM-L6-v2: group sweeps against tabu steps.
+
+Step 1 records the layer problems (W, G) that a real ``minilm-layerwise`` run with fw's defaults hands
+its solver (every block pruned by fw and its pruned outputs propagated to the next), through a
+registered solver that records each layer and then prunes it with fw. Step 2 prunes every recorded
+layer again with each fw setting, on one thread, and reports the mean relative layer error
+:math:`\\|(W - \\hat W)X\\|^2 / \\|WX\\|^2` as a fraction of Wanda's on the same layers, and the
+solver seconds. The settings compared by default are those of the N:M search table in
+``docs/formulations/layerwise.md``.
+
+Usage::
+
+    .venv/bin/python benchmarks/nm_search.py             # 2:4, all 36 layers, the docs' settings (~4 min)
+    .venv/bin/python benchmarks/nm_search.py --pattern 4:8 --layers 12 \\
+        --configs "polish_sweeps=6 tabu_steps=0" "tabu_steps=120"
+    .venv/bin/python benchmarks/nm_search.py --quick     # tiny calibration, first 6 layers, 2 settings (~20 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common import command_line, torch_threads, write_results
+
+from constrainedsparse.engine import RunConfig, run
+from constrainedsparse.layerwise.base import LayerProblem, LayerResult, available_solvers, register_solver
+from constrainedsparse.layerwise.fw import FWConfig, FWSolver
+from constrainedsparse.layerwise.solvers import Wanda
+from constrainedsparse.settings import config_field_types, parse_value
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "nm_search"
+CONFIGS = (
+    "polish_sweeps=6 tabu_steps=0",
+    "polish_sweeps=3 tabu_steps=0",
+    "polish_sweeps=6 tabu_steps=100",
+    "polish_sweeps=3 tabu_steps=100",
+    "polish_sweeps=1 tabu_steps=100",
+    "tabu_steps=120",
+    "",
+    "tabu_steps=180",
+    "tabu_tenure=10",
+    "tabu_tenure=30",
+)
+QUICK_CONFIGS = ("polish_sweeps=6 tabu_steps=0", "")
+# Quick: a tiny calibration, and the recording run prunes with a single Frank-Wolfe iteration.
+QUICK_OPTIONS = {
+    "calibration_samples": "8",
+    "held_out_samples": "8",
+    "max_tokens": "32",
+    "iterations": "1",
+    "tabu_steps": "0",
+}
+QUICK_LAYERS = 6
+RECORDER = "fw-recorder"
+_recorded: list[LayerProblem] = []
+
+
+def _register_recorder() -> None:
+    """Registers the solver that records every layer it is given and prunes it with fw (once per process)."""
+    if RECORDER in available_solvers():
+        return
+
+    @register_solver(RECORDER)
+    class Recorder(FWSolver):
+        description = "fw that records every layer problem it is given (benchmarks/nm_search.py)"
+
+        def prune(self, layer: LayerProblem) -> LayerResult:
+            _recorded.append(
+                LayerProblem(layer.name, layer.weight.detach().clone(), layer.gram.detach().clone(), layer.target)
+            )
+            return super().prune(layer)
+
+
+def parse_config(text: str) -> FWConfig:
+    """``"key=value key=value"`` (empty: fw's defaults) as a validated :class:`FWConfig`."""
+    types = config_field_types(FWConfig)
+    values: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"setting {item!r} must be KEY=VALUE with KEY one of {', '.join(types)}")
+        values[key] = parse_value(key, value, types[key])
+    config = FWConfig(**values)
+    config.validate()
+    return config
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny calibration, first 6 layers, 2 settings")
+    parser.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    parser.add_argument("--layers", type=int, help="prune only the first LAYERS recorded layers (default: all)")
+    parser.add_argument("--configs", nargs="+", help="fw settings, each one string of KEY=VALUE ('' = defaults)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of step 2 (default 1)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.configs is None:
+        args.configs = list(QUICK_CONFIGS if args.quick else CONFIGS)
+    if args.quick and args.layers is None:
+        args.layers = QUICK_LAYERS
+    for text in args.configs:
+        parse_config(text)  # bad settings fail before the model is loaded
+    return args
+
+
+def record(pattern: str, settings: dict[str, str]) -> list[LayerProblem]:
+    """The layer problems of a ``minilm-layerwise`` run with fw (``settings``: its ``--set``) at ``pattern``."""
+    _register_recorder()
+    _recorded.clear()
+    with tempfile.TemporaryDirectory(prefix="nm-search-") as out:
+        run(
+            RunConfig(
+                problem="minilm-layerwise",
+                formulation=RECORDER,
+                pattern=pattern,
+                out=Path(out) / "run",
+                settings=settings,
+                progress=False,
+            )
+        )
+    return list(_recorded)
+
+
+def measure(layers: Sequence[LayerProblem], configs: Sequence[str]) -> tuple[float, list[dict[str, Any]]]:
+    """Wanda's mean relative error, and every setting's (also as a fraction of Wanda's) and solver seconds."""
+    wanda = sum(layer.relative_error(Wanda().prune(layer).weight) for layer in layers)
+    results = []
+    for text in configs:
+        solver = FWSolver(parse_config(text))
+        seconds, error = 0.0, 0.0
+        for layer in layers:
+            started = time.perf_counter()
+            weight = solver.prune(layer).weight
+            seconds += time.perf_counter() - started
+            error += layer.relative_error(weight)
+        results.append(
+            {
+                "settings": text or "(defaults)",
+                "mean_layer_error": error / len(layers),
+                "error_vs_wanda": error / wanda,
+                "solver_seconds": seconds,
+            }
+        )
+        print(f"{results[-1]['settings']:<32} {error / wanda:.4f} x wanda  {seconds:.1f} s", flush=True)
+    return wanda / len(layers), results
+
+
+def markdown(results: list[dict[str, Any]], pattern: str, layers: int, wanda: float, command: str) -> str:
+    """The results as a markdown table."""
+    lines = [
+        f"# fw's N:M search at {pattern} on {layers} recorded all-MiniLM-L6-v2 layers",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Wanda's mean relative layer error on these layers: {wanda:.4f}.",
+        "",
+        "| fw settings | mean layer error | error / Wanda's | solver s |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        figures = f"{r['mean_layer_error']:.4f} | {r['error_vs_wanda']:.4f} | {r['solver_seconds']:.1f}"
+        lines.append(f"| `{r['settings']}` | {figures} |")
+    return "\n".join([*lines, ""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; writes ``results.md`` and ``results.json``."""
+    args = parse_args(argv)
+    command = command_line("benchmarks/nm_search.py", argv)
+    layers = record(args.pattern, QUICK_OPTIONS if args.quick else {})
+    layers = layers[: args.layers] if args.layers else layers
+    with torch_threads(args.threads):
+        wanda, results = measure(layers, args.configs)
+    text = markdown(results, args.pattern, len(layers), wanda, command)
+    payload = {"command": command, "pattern": args.pattern, "layers": [layer.name for layer in layers]}
+    write_results(args.out, text, {**payload, "wanda_mean_layer_error": wanda, "results": results})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
