@@ -1,8 +1,8 @@
 """fw's N:M search after rounding, on the layers of the real all-MiniLM-L6-v2: group sweeps against tabu steps.
 
 Step 1 records the layer problems (W, G) that a real ``minilm-layerwise`` run with fw's defaults hands
-its solver (every block pruned by fw and its pruned outputs propagated to the next), through a
-registered solver that records each layer and then prunes it with fw. Step 2 prunes every recorded
+its solver (every block pruned by fw and its pruned outputs propagated to the next), through an fw
+solver that keeps a copy of each layer it prunes. Step 2 prunes every recorded
 layer again with each fw setting, on one thread, and reports the mean relative layer error
 :math:`\\|(W - \\hat W)X\\|^2 / \\|WX\\|^2` as a fraction of Wanda's on the same layers, and the
 solver seconds. The settings compared by default are those of the N:M search table in
@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -28,11 +29,13 @@ from typing import Any
 
 from common import command_line, torch_threads, write_results
 
-from constrainedsparse.engine import RunConfig, run
-from constrainedsparse.layerwise.base import LayerProblem, LayerResult, available_solvers, register_solver
+from constrainedsparse.engine import RunConfig
+from constrainedsparse.layerwise import run as layerwise_run
+from constrainedsparse.layerwise.base import LayerProblem, LayerResult
 from constrainedsparse.layerwise.fw import FWConfig, FWSolver
 from constrainedsparse.layerwise.solvers import Wanda
 from constrainedsparse.settings import config_field_types, parse_value
+from constrainedsparse.spec import load_problem
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "nm_search"
 CONFIGS = (
@@ -57,24 +60,20 @@ QUICK_OPTIONS = {
     "tabu_steps": "0",
 }
 QUICK_LAYERS = 6
-RECORDER = "fw-recorder"
-_recorded: list[LayerProblem] = []
 
 
-def _register_recorder() -> None:
-    """Registers the solver that records every layer it is given and prunes it with fw (once per process)."""
-    if RECORDER in available_solvers():
-        return
+class RecordingFW(FWSolver):
+    """fw that keeps a copy of every layer problem it is given (no registry entry: nothing else sees it)."""
 
-    @register_solver(RECORDER)
-    class Recorder(FWSolver):
-        description = "fw that records every layer problem it is given (benchmarks/nm_search.py)"
+    def __init__(self, config: FWConfig | None = None) -> None:
+        super().__init__(config)
+        self.recorded: list[LayerProblem] = []
 
-        def prune(self, layer: LayerProblem) -> LayerResult:
-            _recorded.append(
-                LayerProblem(layer.name, layer.weight.detach().clone(), layer.gram.detach().clone(), layer.target)
-            )
-            return super().prune(layer)
+    def prune(self, layer: LayerProblem) -> LayerResult:
+        self.recorded.append(
+            LayerProblem(layer.name, layer.weight.detach().clone(), layer.gram.detach().clone(), layer.target)
+        )
+        return super().prune(layer)
 
 
 def parse_config(text: str) -> FWConfig:
@@ -111,21 +110,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def record(pattern: str, settings: dict[str, str]) -> list[LayerProblem]:
-    """The layer problems of a ``minilm-layerwise`` run with fw (``settings``: its ``--set``) at ``pattern``."""
-    _register_recorder()
-    _recorded.clear()
+    """The layer problems of a ``minilm-layerwise`` run with fw (``settings``: its ``--set``) at ``pattern``.
+
+    The run is the CLI's (``prepare`` validates and loads, ``execute`` drives the blocks); only its
+    solver is swapped for a recording fw with the same configuration.
+    """
     with tempfile.TemporaryDirectory(prefix="nm-search-") as out:
-        run(
-            RunConfig(
-                problem="minilm-layerwise",
-                formulation=RECORDER,
-                pattern=pattern,
-                out=Path(out) / "run",
-                settings=settings,
-                progress=False,
-            )
+        config = RunConfig(
+            problem="minilm-layerwise",
+            formulation="fw",
+            pattern=pattern,
+            out=Path(out) / "run",
+            settings=settings,
+            progress=False,
         )
-    return list(_recorded)
+        prepared = layerwise_run.prepare(config, load_problem(config.problem))
+        recorder = RecordingFW(prepared.solver.config)
+        layerwise_run.execute(dataclasses.replace(prepared, solver=recorder))
+    return recorder.recorded
 
 
 def measure(layers: Sequence[LayerProblem], configs: Sequence[str]) -> tuple[float, list[dict[str, Any]]]:

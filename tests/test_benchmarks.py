@@ -13,6 +13,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from constrainedsparse.layerwise.base import available_solvers
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))  # as when a script runs: its folder (benchmarks/common.py) is importable
@@ -158,8 +160,10 @@ def test_layerwise_quick(tmp_path):
 
 
 def test_nm_search_quick(tmp_path, one_thread):
+    solvers = available_solvers()
     bench = _load("nm_search")
     assert bench.main(["--quick", "--layers", "2", "--out", str(tmp_path), *one_thread]) == 0
+    assert available_solvers() == solvers  # the recording solver is nobody else's business
 
     text = (tmp_path / "results.md").read_text()
     assert "benchmarks/nm_search.py --quick --layers 2 --out" in text
