@@ -448,8 +448,10 @@ class FWSolver(LayerwiseSolver):
                     weight, gram, rounded, feasible.m, cfg.polish_sweeps, residual=wg - rounded_product
                 )
             if cfg.tabu_steps > 0:
+                # The sweep does not return its C; without a sweep the rounded mask's is at hand.
+                residual = wg - rounded_product if polished is rounded else None
                 polished, polished_rows, tabu_improved = _group_tabu_search(
-                    weight, gram, polished, feasible.m, cfg.tabu_steps, cfg.tabu_tenure
+                    weight, gram, polished, feasible.m, cfg.tabu_steps, cfg.tabu_tenure, residual=residual
                 )
         elif not nm and cfg.polish_steps > 0:
             polished, polished_rows, polish_steps, swaps = _swap_polish(
@@ -1004,6 +1006,7 @@ def _group_tabu_search(
     group: int,
     steps: int,
     tenure: int,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     r"""Tabu search over N:M group moves on a binary mask, every row at once (masks only).
 
@@ -1035,6 +1038,7 @@ def _group_tabu_search(
         group: :math:`m`.
         steps: Number of steps.
         tenure: Steps during which a changed group is tabu.
+        residual: :math:`C = (W \odot (1 - M))G` of ``mask`` if already known.
 
     Returns:
         The best visited mask of every row, its per-row objective computed from scratch (float64;
@@ -1053,9 +1057,9 @@ def _group_tabu_search(
     offsets = torch.arange(group, device=device)
     slot_offsets = torch.arange(slots, device=device)
     w_groups = weight.reshape(d_out, groups, group)
-    q = w_groups.unsqueeze(3) * _diagonal_blocks(gram, group) * w_groups.unsqueeze(2)  # (d_out, groups, m, m)
+    q_blocks = w_groups.unsqueeze(3) * _diagonal_blocks(gram, group) * w_groups.unsqueeze(2)
+    q_flat = q_blocks.reshape(slots, group, group)  # Q_g of every (row, group)
     outer = (choices.unsqueeze(2) * choices.unsqueeze(1)).reshape(count, group * group)
-    q_flat = q.reshape(slots, group, group)
     set_quadratic_flat = q_flat.reshape(slots, group * group) @ outer.T  # sᵀ Q_g s, (slots, count)
 
     def quadratic_terms(q_sel: torch.Tensor, set_sel: torch.Tensor, current_sel: torch.Tensor) -> torch.Tensor:
@@ -1070,9 +1074,9 @@ def _group_tabu_search(
     quadratic = quadratic_terms(q_flat, set_quadratic_flat, current).contiguous()
     current_entry = current * slots + slot_offsets  # where `gain` holds every group's current set
     minus_twice_choices = -2.0 * choices
-    residual = weight * ~mask
-    c = residual @ gram
-    start_rows = (residual * c).sum(dim=1, dtype=torch.float64)
+    pruned = weight * ~mask
+    c = pruned @ gram if residual is None else residual.clone()
+    start_rows = (pruned * c).sum(dim=1, dtype=torch.float64)
     objective, best_objective = start_rows.clone(), start_rows.clone()
     best = current.reshape(d_out, groups).clone()
     # A group moved at step s is tabu in steps s + 1 .. s + tenure; moved_at[k] holds the slots moved
