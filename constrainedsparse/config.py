@@ -1,0 +1,338 @@
+r"""Hyperparameters declared once: type, default, bounds and one line of meaning, checked by one validator.
+
+A formulation's or solver's ``Config`` is a dataclass deriving from :class:`Hyperparameters` whose
+fields are declared with :func:`hyperparameter` (or :func:`nested` for a group of related keys).
+Everything a user can get wrong about a single value — its type, a bound, a choice, a non-finite
+number — is checked here, by :meth:`Hyperparameters.validate`, from the declaration; a class only
+adds the checks that relate several fields (:meth:`Hyperparameters.check`).
+
+Keys stay flat for users whatever the nesting: ``make("fw-like", problem, tabu_steps=100)``,
+``--set tabu_steps=100`` and :meth:`Hyperparameters.from_values` route a key into the nested group
+that declares it. Every key is unique across a config's groups.
+
+Example::
+
+    @dataclasses.dataclass
+    class MyConfig(Hyperparameters):
+        rho: float = hyperparameter(0.1, "penalty coefficient", Bounds(low=0, low_inclusive=False))
+        unit: str = hyperparameter("step", "interval unit", OneOf(("epoch", "step")))
+
+    MyConfig(rho=0.0).validate()  # ValueError: rho must be > 0, got 0.0
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "Bounds",
+    "Check",
+    "HyperparameterInfo",
+    "Hyperparameters",
+    "OneOf",
+    "hyperparameter",
+    "nested",
+]
+
+_TYPE_NAMES = {float: "float", int: "int", bool: "bool", str: "str"}
+
+
+class Check(abc.ABC):
+    """A declarative rule on one value, rendering its own error message."""
+
+    @abc.abstractmethod
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` satisfies the rule."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """What is allowed, as the end of "``key`` must be ...": ``> 0``, ``one of a, b``."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(bound: float) -> str:
+    return f"{bound:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds(Check):
+    """A numeric range, open or closed at either end; optionally integers only or finite only.
+
+    Args:
+        low: Lower bound (``None``: none).
+        high: Upper bound (``None``: none).
+        low_inclusive: Whether ``low`` itself is allowed.
+        high_inclusive: Whether ``high`` itself is allowed.
+        integer: Only Python integers (never ``bool``) are allowed.
+        finite: Said in the message ("a finite number >= 0"); non-finite floats are refused
+            whatever this flag (see :meth:`Hyperparameters.validate`).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    integer: bool = False
+    finite: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if self.integer and (not isinstance(value, int) or isinstance(value, bool)):
+            return False
+        if not _number(value) or math.isnan(value):
+            return False
+        if self.low is not None and not (value >= self.low if self.low_inclusive else value > self.low):
+            return False
+        return self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
+
+    def describe(self, finite: bool | None = None) -> str:
+        finite = self.finite if finite is None else finite
+        noun = "an integer " if self.integer else ("a finite number " if finite else "")
+        if self.low is not None and self.high is not None:
+            left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
+            return f"{noun}in {left}{_fmt(self.low)}, {_fmt(self.high)}{right}"
+        if self.low is not None:
+            return f"{noun}{'>=' if self.low_inclusive else '>'} {_fmt(self.low)}"
+        if self.high is not None:
+            return f"{noun}{'<=' if self.high_inclusive else '<'} {_fmt(self.high)}"
+        return noun.strip() or "a number"
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf(Check):
+    """One of a fixed set of values.
+
+    Args:
+        options: The allowed values, in the order the message lists them.
+        style: ``"list"`` renders "one of a, b"; ``"or"`` renders "'a' or 'b'".
+    """
+
+    options: tuple[Any, ...]
+    style: str = "list"
+
+    def accepts(self, value: Any) -> bool:
+        return any(value == option and type(value) is type(option) for option in self.options)
+
+    def describe(self) -> str:
+        if self.style == "or":
+            return " or ".join(repr(option) for option in self.options)
+        return "one of " + ", ".join(str(option) for option in self.options)
+
+
+def hyperparameter(default: Any, help: str, check: Check | None = None) -> Any:
+    """Declares a hyperparameter field: its default, one line of meaning and its rule.
+
+    Args:
+        default: Default value (its annotation gives the type).
+        help: One line for :func:`constrainedsparse.describe` and ``--set help``.
+        check: The rule a value must satisfy (``None``: any value of the type).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
+
+
+def nested(cls: type, help: str) -> Any:
+    """Declares a group of hyperparameters (a nested :class:`Hyperparameters` dataclass)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "nested": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperparameterInfo:
+    """What :func:`constrainedsparse.describe` lists for one key."""
+
+    key: str
+    type: type
+    default: Any
+    help: str
+    check: Check | None = None
+    group: str = ""
+
+    @property
+    def allowed(self) -> str:
+        """The rule in words ("> 0", "one of a, b", "true or false"), or the type's name."""
+        if self.type is bool:
+            return "true or false"
+        return self.check.describe() if self.check is not None else _TYPE_NAMES.get(self.type, self.type.__name__)
+
+    @property
+    def type_name(self) -> str:
+        """``float``, ``int``, ``bool`` or ``str``."""
+        return _TYPE_NAMES.get(self.type, self.type.__name__)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class Hyperparameters:
+    """Mixin of hyperparameter dataclasses: flat keys, coercion, declarative validation, description.
+
+    Attributes:
+        error_prefix: Prepended to every error message (``"fw: "``), empty by default.
+    """
+
+    error_prefix: ClassVar[str] = ""
+
+    # --- declaration ------------------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> dict[str, HyperparameterInfo]:
+        """Every flat key, in declaration order (nested groups expanded in place).
+
+        Raises:
+            TypeError: If two groups declare the same key (a bug in the declaration).
+        """
+        found: dict[str, HyperparameterInfo] = {}
+        hints = _hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.metadata.get("nested"):
+                for key, info in hints[field.name].keys().items():
+                    if key in found:
+                        raise TypeError(f"{cls.__name__}: key {key!r} is declared twice")
+                    found[key] = dataclasses.replace(info, group=field.name)
+                continue
+            if field.name in found:
+                raise TypeError(f"{cls.__name__}: key {field.name!r} is declared twice")
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            found[field.name] = HyperparameterInfo(
+                field.name, hints[field.name], default, field.metadata.get("help", ""), field.metadata.get("check")
+            )
+        return found
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        """``{flat key: type}`` (what ``--set`` parses text into)."""
+        return {key: info.type for key, info in cls.keys().items()}
+
+    # --- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any] | None = None, *, where: str = "") -> Hyperparameters:
+        """Builds the config from flat ``{key: value}`` (routed into nested groups), without validating.
+
+        Ints are accepted for float keys; other type mismatches are left to :meth:`validate` where a
+        rule renders them (an int key given 2.5), else refused here.
+
+        Args:
+            values: Flat keys and values (Python values, not text).
+            where: Context for the unknown-key message (``" for formulation 'slr'"``).
+
+        Raises:
+            ValueError: For an unknown key (listing every allowed one) or a value of the wrong type.
+        """
+        values = dict(values or {})
+        keys = cls.keys()
+        unknown = [key for key in values if key not in keys]
+        if unknown:
+            raise ValueError(
+                f"{cls.error_prefix}unknown hyperparameter {unknown[0]!r}{where}; allowed: {', '.join(sorted(keys))}"
+            )
+        typed = {key: _coerce(cls.error_prefix, key, value, keys[key]) for key, value in values.items()}
+        return cls._build(typed)
+
+    @classmethod
+    def _build(cls, typed: Mapping[str, Any]) -> Hyperparameters:
+        hints = _hints(cls)
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.metadata.get("nested"):
+                sub = hints[field.name]
+                mine = {k: v for k, v in typed.items() if k in sub.keys()}
+                kwargs[field.name] = sub._build(mine)
+            elif field.name in typed:
+                kwargs[field.name] = typed[field.name]
+        return cls(**kwargs)
+
+    def values(self) -> dict[str, Any]:
+        """The current values by flat key (what runs log and checkpoints store)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get("nested"):
+                out.update(value.values())
+            else:
+                out[field.name] = value
+        return out
+
+    # --- validation -------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Checks every value against its declaration, then the cross-field rules of :meth:`check`.
+
+        A float that is infinite where its range would allow it is refused too: every
+        hyperparameter is a finite number.
+
+        Raises:
+            ValueError: Naming the first bad value and what is allowed.
+        """
+        hints = _hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get("nested"):
+                value.validate()
+                continue
+            _check_value(self.error_prefix, field.name, value, hints[field.name], field.metadata.get("check"))
+        self.check()
+
+    def check(self) -> None:
+        """Rules that relate several fields (none by default); raise ``ValueError`` naming the value."""
+
+    # --- description ------------------------------------------------------------------------------
+
+    @classmethod
+    def describe_keys(cls) -> list[str]:
+        """One line per key: ``key (type, default D): meaning; allowed: rule``."""
+        lines = []
+        for key, info in cls.keys().items():
+            lines.append(f"{key} ({info.type_name}, default {info.default!r}): {info.help}; {info.allowed}")
+        return lines
+
+
+def _coerce(prefix: str, key: str, value: Any, info: HyperparameterInfo) -> Any:
+    kind = info.type
+    if kind is float and _number(value):
+        return float(value)
+    if kind is float or (kind is str and not isinstance(value, str)):
+        raise ValueError(f"{prefix}{key}={value!r} must be a {_TYPE_NAMES[kind]}")
+    if kind is int and info.check is None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{prefix}{key}={value!r} must be an int")
+    return value
+
+
+def _check_value(prefix: str, key: str, value: Any, kind: Any, check: Check | None) -> None:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{prefix}{key} must be true or false, got {value!r}")
+        return
+    if check is not None and not check.accepts(value):
+        raise ValueError(f"{prefix}{key} must be {check.describe()}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        allowed = check.describe(finite=True) if isinstance(check, Bounds) else "a finite number"
+        raise ValueError(f"{prefix}{key} must be {allowed}, got {value!r}")
+    if kind in (int, float, str) and check is None and not _matches(value, kind):
+        raise ValueError(f"{prefix}{key} must be {'an' if kind is int else 'a'} {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+def _matches(value: Any, kind: type) -> bool:
+    if kind is float:
+        return _number(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def describe_table(rows: Sequence[HyperparameterInfo]) -> str:
+    """A fixed-width table of keys: key, type, default, allowed values and meaning."""
+    if not rows:
+        return "  (no hyperparameters)"
+    cells = [(r.key, r.type_name, repr(r.default), r.allowed, r.help) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    return "\n".join(
+        f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {a:<{widths[3]}}  {h}" for k, t, d, a, h in cells
+    )
