@@ -7,7 +7,7 @@ random uint8 images and labels pickled exactly like ``cifar-10-batches-py`` (``d
 ``test_batch``), read back through ``--set data_dir`` / ``train_subset`` like any run.
 
 Every configuration (``PxT`` = P processes with T torch threads each) runs in fresh processes
-started by torch's elastic launcher (:func:`constrainedsparse.distributed.launch`, the same path as
+started by torch's elastic launcher (:func:`constrainedsparse.launcher.launch`, the same path as
 ``constrainedsparse run --nproc P``, also for P = 1). Each worker builds the formulation as the
 engine does (model, targets, :class:`~constrainedsparse.problem.SparsityProblem`, ``make``,
 ``setup``), wraps the model in DDP (:func:`~constrainedsparse.distributed.wrap`), reads its shard
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from common import command_line, write_results
 
-from constrainedsparse import distributed
+from constrainedsparse import distributed, launcher
 
 SCRIPT = Path(__file__).resolve()
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -171,7 +171,7 @@ def run_config(processes: int, threads: int, args: argparse.Namespace, data_dir:
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        code, message = distributed.launch(processes, [str(SCRIPT), "--worker", json.dumps(spec)])
+        code, message = launcher.launch(processes, [str(SCRIPT), "--worker", json.dumps(spec)])
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             worker(json.loads(args.worker))
         except Exception as err:  # the launcher reports this rank's line
-            distributed.report_error(f"{type(err).__name__}: {err}")
+            launcher.report_error(f"{type(err).__name__}: {err}")
             raise
         return 0
     command = command_line("benchmarks/ddp_throughput.py", argv)

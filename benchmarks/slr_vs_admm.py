@@ -1,6 +1,6 @@
 """Hard-prune accuracy per epoch of SLR against ADMM and magnitude baselines (Fig. 1 of the SLR paper).
 
-For every problem x sparsity x seed the script runs, through :func:`constrainedsparse.engine.run`:
+For every problem x sparsity x seed the script runs, through :func:`constrainedsparse.run`:
 
 * ``slr`` and ``admm`` for ``E`` epochs without retraining; the curve is
   ``accuracy/hardprune_now`` at the end of every pruning epoch, i.e. the test accuracy of a
@@ -46,7 +46,8 @@ from typing import Any
 import torch
 from common import command_line, torch_threads, write_results
 
-from constrainedsparse.engine import RunConfig, cache_dir, prepare, run
+from constrainedsparse import RunConfig, run
+from constrainedsparse.engine import cache_dir, prepare
 from constrainedsparse.formulations import formulation_class
 from constrainedsparse.logger import read_metrics
 

@@ -1,20 +1,68 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, then rename."""
+"""Atomic files and safe checkpoints.
+
+Every file a run writes goes through a temporary file in the same directory and one rename, so a
+reader sees the old file or the new one, never half of one; files get the process umask's mode
+(0644 normally), like any file a program writes.
+
+Checkpoints hold only tensors, plain containers, numbers and strings, and are read back with
+``torch.load(weights_only=True)``: a checkpoint file that carries anything else (a pickled object
+whose loading would run code) is refused, with one line, before anything of it is used.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "load_checkpoint", "save_checkpoint", "save_weights"]
+from constrainedsparse.errors import UserInputError
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "directory_mode",
+    "file_mode",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_weights",
+]
+
+CHECKPOINT_FORMAT = "constrainedsparse-checkpoint"
+CHECKPOINT_VERSION = 2
 
 
-def _atomic(path: Path, write) -> None:
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (Linux), else by set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (``0o666 & ~umask``)."""
+    return 0o666 & ~_umask()
+
+
+def directory_mode() -> int:
+    """The mode a new directory gets under the current umask (``0o777 & ~umask``)."""
+    return 0o777 & ~_umask()
+
+
+def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -22,6 +70,7 @@ def _atomic(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,23 +88,57 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic :func:`torch.save` of a checkpoint dictionary."""
+    """Atomic :func:`torch.save` of a checkpoint dictionary (tensors, containers, numbers, strings).
+
+    The file is marked with the format and version :func:`load_checkpoint` expects.
+    """
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     _atomic(Path(path), lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Loads a checkpoint written by :func:`save_checkpoint` (trusted, written by us)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Loads a checkpoint written by :func:`save_checkpoint`, with ``weights_only=True``.
+
+    Raises:
+        UserInputError: With one line if the path is not a readable file, the file is not a
+            checkpoint (empty, truncated, random bytes, another pickle) or it carries anything
+            beyond tensors, containers, numbers and strings (nothing of it is executed).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"--resume needs {path}, which does not exist")
+    if not path.is_file():
+        raise UserInputError(f"--resume: {path} is a directory, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds objects other than tensors, containers, numbers and strings (refused unread)"
+        raise UserInputError(f"--resume: {path} is not a constrainedsparse checkpoint: {reason}") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"--resume: {path} is not a readable checkpoint (damaged or truncated: {first})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserInputError(f"--resume: {path} is not a constrainedsparse checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise UserInputError(
+            f"--resume: {path} has checkpoint version {state.get('version')!r}; this release reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    return state
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomic ``.safetensors`` write (tensors made contiguous and moved to CPU)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """``constrainedsparse`` command line: ``run``, ``formulations``, ``problems``, ``plot``.
 
-Every bad input ends with one ``error: ...`` line on stderr and exit code 2.
+Every bad input ends with one ``error: ...`` line on stderr and exit code 2: the CLI turns a
+:class:`~constrainedsparse.errors.UserInputError` (and a loss that stopped being finite) into that
+line; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,18 +12,24 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from constrainedsparse import distributed
-from constrainedsparse.engine import NonFiniteLossError, RunConfig, default_formulation, prepare, run
+from constrainedsparse import distributed, launcher
+from constrainedsparse.catalog import describe
+from constrainedsparse.config import HyperparameterInfo, describe_table
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, first_line, user_input
 from constrainedsparse.formulations import describe_formulations
-from constrainedsparse.layerwise import describe_solvers
-from constrainedsparse.layerwise import run as layerwise_run
+from constrainedsparse.layerwise.base import describe_solvers
 from constrainedsparse.logger import WANDB_MODES, plot_metrics
-from constrainedsparse.spec import LayerwiseProblem, Problem, bundled_problems, load_problem
+from constrainedsparse.runners import run, runner_for, validate
+from constrainedsparse.runs import RunConfig
+from constrainedsparse.spec import DEBUG_ENV, LayerwiseProblem, Problem, bundled_problems, load_problem
 
 __all__ = ["main"]
 
 LAYERWISE_SCORES = ("fidelity", "dense_perplexity", "perplexity")
+DEFAULTS = {"problem": "digits-mlp", "retrain_epochs": 0, "seed": 0, "wandb": "offline"}
+"""Defaults of the run flags that are ``None`` when not given (so that ``--resume`` can tell)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,24 +58,27 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="constrainedsparse", description="Pruning as constrained optimization on Cooper.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("run", help="prune a problem with a formulation")
-    p.add_argument("problem", nargs="?", default="digits-mlp", help="bundled name or path to a problem file")
+    p.add_argument("problem", nargs="?", help="bundled name or path to a problem file (default digits-mlp)")
     p.add_argument(
         "--formulation", help="formulation name (see `formulations`; default slr, or fw for layer-wise problems)"
     )
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9)")
+    target.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9; 0.5 layer-wise)")
     target.add_argument("--pattern", help="N:M pattern along the input dimension, e.g. 2:4")
     p.add_argument("--epochs", type=int, help="pruning epochs (problem default)")
     p.add_argument("--pretrain-epochs", type=int, help="dense pre-training epochs (problem default; cached)")
-    p.add_argument("--retrain-epochs", type=int, default=0, help="masked retraining epochs after hard pruning")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain-epochs", type=int, help="masked retraining epochs after hard pruning (default 0)")
+    p.add_argument("--seed", type=int, help="seed of everything random (default 0)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<problem>-<formulation>)")
-    p.add_argument("--wandb", choices=WANDB_MODES, default="offline", help="wandb mode (default offline)")
+    p.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default offline)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT with its stored options")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress (bars and per-epoch lines)")
     p.add_argument("--nproc", type=int, help="train on N local processes (DDP through torch's elastic launcher)")
-    sub.add_parser("formulations", help="list formulations")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error in a problem file")
+    listing = sub.add_parser("formulations", help="list formulations, or describe one")
+    listing.add_argument("name", nargs="?", help="a formulation or layer-wise solver: list its hyperparameters")
     sub.add_parser("problems", help="list bundled problems")
     plot = sub.add_parser("plot", help="plot a metrics.jsonl to PNG")
     plot.add_argument("metrics", type=Path)
@@ -91,6 +102,104 @@ def _print_summary(summary: dict) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
+def _given(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]:
+    """The run options given on the command line (a flag left out is absent)."""
+    fields = ("problem", "formulation", "sparsity", "pattern", "epochs", "pretrain_epochs", "retrain_epochs", "seed")
+    given = {key: getattr(args, key) for key in (*fields, "wandb") if getattr(args, key) is not None}
+    if settings:
+        given["settings"] = settings
+    return given
+
+
+def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | LayerwiseProblem]:
+    """The configuration of ``run``: from the flags, or (``--resume``) from the checkpoint plus the flags."""
+    settings = _parse_settings(args.settings)
+    given = _given(args, settings)
+    common = {"progress": not args.no_progress, "overwrite": args.overwrite}
+    if args.resume:
+        problem = load_problem(args.problem) if args.problem is not None else None
+        default_out = Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{args.formulation or 'slr'}"
+        config = RunConfig.resumed(args.out or default_out, given)
+        config = RunConfig(**{**config.__dict__, **common})
+        return config, problem if problem is not None else load_problem(config.problem)
+    problem = load_problem(args.problem or DEFAULTS["problem"])
+    formulation = args.formulation or default_formulation(problem)
+    out = (
+        args.out
+        if args.out is not None
+        else Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{formulation}"
+    )
+    values = {**DEFAULTS, **given, "formulation": formulation, "settings": settings}
+    return RunConfig(**values, out=out, **common), problem
+
+
+def default_formulation(problem: Problem | LayerwiseProblem) -> str:
+    """The formulation a run uses when none is named: ``slr`` for training problems, ``fw`` for layer-wise ones."""
+    return "fw" if isinstance(problem, LayerwiseProblem) else "slr"
+
+
+def _settings_help(config: RunConfig, problem: Problem | LayerwiseProblem) -> None:
+    """``--set help``: every key this formulation and problem accept."""
+    runner = runner_for(problem)
+    kind = "layerwise" if isinstance(problem, LayerwiseProblem) else "training"
+    print(describe(config.formulation, kind))
+    runner_keys = runner.settings.keys()
+    print("runner (--set):")
+    print(describe_table(list(runner_keys.values())))
+    print(f"problem {problem.name!r} options (--set):")
+    rows = [HyperparameterInfo(k, type(v), v, "problem option") for k, v in problem.options.items()]
+    print(describe_table(rows))
+
+
+def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    if "help" in args.settings:
+        config, problem = _run_config(argparse.Namespace(**{**vars(args), "settings": [], "resume": False}))
+        _settings_help(config, problem)
+        return 0
+    config, problem = _run_config(args)
+    if args.nproc is not None and not os.environ.get(distributed.ENV_LAUNCHED):
+        _check_nproc(args.nproc)
+        if args.nproc > 1:
+            return _launch(args.nproc, config, problem, argv)
+    summary = run(config, problem)
+    if summary is not None and distributed.is_main_process():
+        _print_summary(summary)
+        weights = summary.get("saved_model", "model.safetensors")
+        purged = ", purged.safetensors" if "purged_params" in summary else ""
+        print(f"  wrote {config.out}/summary.json, metrics.jsonl, metrics.png, {weights}{purged}")
+    return 0
+
+
+def _command_formulations(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        print(describe(args.name))
+        return 0
+    print("training (problems with data and a loss):")
+    for name, text in describe_formulations().items():
+        print(f"  {name:<12} {text}")
+    print("layer-wise (pretrained models, calibration data):")
+    for name, text in describe_solvers().items():
+        print(f"  {name:<12} {text}")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "formulations":
+        return _command_formulations(args)
+    if args.command == "problems":
+        for name in bundled_problems():
+            print(f"{name:<16} {load_problem(name).description}")
+        return 0
+    if args.command == "plot":
+        if not args.metrics.is_file():
+            raise UserInputError(f"metrics file {str(args.metrics)!r} does not exist")
+        print(plot_metrics(args.metrics, args.png or args.metrics.with_suffix(".png")))
+        return 0
+    return _command_run(args, argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``constrainedsparse`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,68 +207,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run", *argv]  # `constrainedsparse [--flags]` means `constrainedsparse run [--flags]`
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "formulations":
-            print("training (problems with data and a loss):")
-            for name, text in describe_formulations().items():
-                print(f"  {name:<12} {text}")
-            print("layer-wise (pretrained models, calibration data):")
-            for name, text in describe_solvers().items():
-                print(f"  {name:<12} {text}")
-        elif args.command == "problems":
-            for name in bundled_problems():
-                print(f"{name:<16} {load_problem(name).description}")
-        elif args.command == "plot":
-            if not args.metrics.is_file():
-                _fail(f"metrics file {str(args.metrics)!r} does not exist")
-            print(plot_metrics(args.metrics, args.png or args.metrics.with_suffix(".png")))
-        else:
-            problem = load_problem(args.problem)
-            formulation = args.formulation or default_formulation(problem)
-            out = args.out or Path("runs") / f"{Path(args.problem).stem}-{formulation}"
-            config = RunConfig(
-                problem=args.problem,
-                formulation=formulation,
-                sparsity=args.sparsity,
-                pattern=args.pattern,
-                epochs=args.epochs,
-                pretrain_epochs=args.pretrain_epochs,
-                retrain_epochs=args.retrain_epochs,
-                seed=args.seed,
-                out=out,
-                wandb=args.wandb,
-                settings=_parse_settings(args.settings),
-                resume=args.resume,
-                progress=not args.no_progress,
-            )
-            if args.nproc is not None and not os.environ.get(distributed.ENV_LAUNCHED):
-                _check_nproc(args.nproc)
-                if args.nproc > 1:
-                    return _launch(args.nproc, config, problem, argv)
-            summary = run(config, problem)
-            if summary is not None and distributed.is_main_process():
-                _print_summary(summary)
-                weights = summary.get("saved_model", "model.safetensors")
-                purged = ", purged.safetensors" if "purged_params" in summary else ""
-                print(f"  wrote {out}/summary.json, metrics.jsonl, metrics.png, {weights}{purged}")
-    except (ValueError, NonFiniteLossError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return _dispatch(args, argv)
+    except (UserInputError, NonFiniteLossError) as err:
+        message = first_line(err)
         if distributed.env_world_size() > 1:
-            distributed.report_error(message)
+            launcher.report_error(message)
             raise SystemExit(2) from None
         _fail(message)
     except Exception as err:
         if distributed.env_world_size() > 1:
-            if distributed.lost_peer(err):  # another rank failed first: its error is the one to report
-                distributed.report_error(f"stopped after another rank failed ({type(err).__name__})", peer=True)
+            if launcher.lost_peer(err):  # another rank failed first: its error is the one to report
+                launcher.report_error(f"stopped after another rank failed ({type(err).__name__})", peer=True)
                 raise SystemExit(1) from None
-            distributed.report_error(f"{type(err).__name__}: {_first_line(err)}")
+            launcher.report_error(f"{type(err).__name__}: {first_line(err)}")
         raise  # a bug: the traceback follows
     return 0
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _check_nproc(nproc: int) -> None:
@@ -170,13 +232,12 @@ def _check_nproc(nproc: int) -> None:
 
 
 def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, argv: list[str]) -> int:
-    """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`distributed.launch`)."""
-    if isinstance(problem, LayerwiseProblem):  # bad input: one line and exit 2 before any process starts
-        layerwise_run.prepare(config, problem)
-    else:
-        prepared = prepare(config, problem)
-        distributed.check_global_batch(prepared.training["batch_size"], nproc)
-    code, message = distributed.launch(nproc, ["-m", "constrainedsparse", *argv])
+    """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`launcher.launch`)."""
+    prepared = validate(config, problem)  # bad input: one line and exit 2 before any process starts
+    if not isinstance(problem, LayerwiseProblem):
+        with user_input():
+            distributed.check_global_batch(prepared.training.batch_size, nproc)
+    code, message = launcher.launch(nproc, ["-m", "constrainedsparse", *argv])
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
     return code

@@ -312,6 +312,8 @@ def _check_value(prefix: str, key: str, value: Any, kind: Any, check: Check | No
         return
     if check is not None and not check.accepts(value):
         raise ValueError(f"{prefix}{key} must be {check.describe()}, got {value!r}")
+    if kind is int and not _matches(value, int):
+        raise ValueError(f"{prefix}{key} must be an integer, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         allowed = check.describe(finite=True) if isinstance(check, Bounds) else "a finite number"
         raise ValueError(f"{prefix}{key} must be {allowed}, got {value!r}")

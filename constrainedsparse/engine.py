@@ -1,41 +1,41 @@
-"""The run: dense model (cached) -> pruning epochs -> hard pruning -> masked retraining.
+"""The training runner: dense model (cached) -> pruning epochs -> hard pruning -> masked retraining.
 
 :func:`prepare` validates everything a user can get wrong *before* anything is written;
-:func:`execute` runs the phases, checkpointing atomically at every epoch end so ``resume=True``
-continues where a run stopped. The CLI is a thin layer over these two functions.
+:func:`execute` runs the phases, checkpointing atomically at every epoch end through the run
+directory (:class:`~constrainedsparse.runs.RunDirectory`) so a resumed run continues where it
+stopped. The scaffold (:func:`constrainedsparse.runners.run`) owns the directory; the dense model,
+the data order and evaluation are in :mod:`constrainedsparse.dense`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import random
-import shutil
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from constrainedsparse import distributed
-from constrainedsparse.checkpoint import (
-    atomic_write_json,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
+from constrainedsparse.batches import to_device
+from constrainedsparse.checkpoint import save_weights
+from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
+from constrainedsparse.dense import (
+    PRUNE_PHASE,
+    PRUNE_SEED_OFFSET,
+    RETRAIN_PHASE,
+    cache_dir,
+    dense_model,
+    evaluate,
+    loader,
+    reference_batch,
+    seed_everything,
 )
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, user_input
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
-from constrainedsparse.layerwise import available_solvers
-from constrainedsparse.logger import WANDB_MODES, MetricsLogger, NullLogger, plot_metrics
+from constrainedsparse.layerwise.base import available_solvers
 from constrainedsparse.masks import (
     achieved_sparsity,
     apply_masks,
@@ -44,233 +44,158 @@ from constrainedsparse.masks import (
     remove_masks,
     temporarily_pruned,
 )
+from constrainedsparse.postprune import purge_stage
 from constrainedsparse.problem import SparsityProblem
-from constrainedsparse.settings import config_field_types, resolve_device, route_settings, target_from_flags
-from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
+from constrainedsparse.progress import Progress
+from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
+from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
+from constrainedsparse.spec import Problem, call_user, load_problem
 from constrainedsparse.targets import SparsityConfig
 
-__all__ = ["NonFiniteLossError", "Prepared", "RunConfig", "cache_dir", "execute", "prepare", "run"]
+__all__ = [
+    "DEFAULT_SPARSITY",
+    "NonFiniteLossError",
+    "RUNNER",
+    "RunConfig",
+    "TrainingPrepared",
+    "TrainingSettings",
+    "cache_dir",
+    "execute",
+    "prepare",
+    "reference_batch",
+]
 
-CHECKPOINT = "checkpoint.pt"
 DEFAULT_SPARSITY = 0.9
-TRAINING_KEYS: dict[str, type] = {"lr": float, "dual_lr": float, "batch_size": int, "log_every": int, "device": str}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
 
 
 @dataclasses.dataclass
-class RunConfig:
-    """Everything ``constrainedsparse run`` takes (see the CLI reference for each field)."""
+class TrainingSettings(Hyperparameters):
+    """The training runner's own ``--set`` keys (defaults from the problem).
 
-    problem: str = "digits-mlp"
-    formulation: str = "slr"
-    sparsity: float | None = None
-    pattern: str | None = None
-    epochs: int | None = None
-    pretrain_epochs: int | None = None
-    retrain_epochs: int = 0
-    seed: int = 0
-    out: Path = Path("runs/latest")
-    wandb: str = "disabled"
-    settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    resume: bool = False
-    progress: bool = True
-    stop_after_epochs: int | None = None
-    """Stop (with a checkpoint) after this many epochs (blocks, for layer-wise problems) of this invocation."""
+    Attributes:
+        lr: Learning rate of the primal Adam (dense pre-training, pruning, retraining).
+        dual_lr: Gradient-ascent step of the user constraints' multipliers.
+        batch_size: Minibatch size (the global batch under several processes).
+        log_every: Log the training loss and dual dynamics every this many steps.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    """
+
+    error_prefix: ClassVar[str] = "--set "
+    lr: float = hyperparameter(1e-3, "learning rate of the primal Adam", Bounds(low=0, low_inclusive=False))
+    dual_lr: float = hyperparameter(
+        1e-2, "gradient-ascent step of the user constraints' multipliers", Bounds(low=0, low_inclusive=False)
+    )
+    batch_size: int = hyperparameter(64, "minibatch size (the global batch under several processes)", Bounds(low=1))
+    log_every: int = hyperparameter(10, "log the loss and dual dynamics every this many steps", Bounds(low=1))
+    device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
 
 
 @dataclasses.dataclass
-class Prepared:
-    """A validated run: the problem, parsed hyperparameters and target, nothing written yet."""
+class TrainingPrepared:
+    """A validated training run: the problem, parsed hyperparameters and target, nothing written.
+
+    ``config`` is the run configuration with the problem's defaults filled in (what checkpoints store).
+    """
 
     config: RunConfig
     problem: Problem
     formulation_cls: type[Formulation]
     formulation_config: Any
     target: SparsityConfig
-    training: dict[str, Any]
+    training: TrainingSettings
     options: dict[str, Any]
-    epochs: int
-    pretrain_epochs: int
 
+    @property
+    def device(self) -> str:
+        """Where the run computes."""
+        return self.training.device
 
-def cache_dir() -> Path:
-    """Where dense models are cached: ``$CONSTRAINEDSPARSE_CACHE`` or ``~/.cache/constrainedsparse``."""
-    return Path(os.environ.get("CONSTRAINEDSPARSE_CACHE", Path.home() / ".cache" / "constrainedsparse"))
+    @property
+    def epochs(self) -> int:
+        """Pruning epochs."""
+        return self.config.epochs
+
+    @property
+    def pretrain_epochs(self) -> int:
+        """Dense pre-training epochs."""
+        return self.config.pretrain_epochs
 
 
 def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
-    if value is not None and (not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def prepare(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) -> Prepared:
-    """Validates a run configuration without touching the disk.
+def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepared:
+    """Validates a training run configuration without touching the disk.
 
     Args:
         config: The run configuration.
         problem: ``config.problem`` already loaded (loaded here when ``None``).
 
     Raises:
-        ValueError: With one line naming the bad value and what is allowed.
+        UserInputError: With one line naming the bad value and what is allowed.
     """
+    problem = load_problem(config.problem) if problem is None else problem
     if not distributed.is_main_process():
         config = dataclasses.replace(config, progress=False)  # one progress bar per job: rank 0's
-    if problem is None:
-        problem = load_problem(config.problem)
-    if isinstance(problem, LayerwiseProblem):
-        raise ValueError(f"problem {problem.name!r} is layer-wise: run it with constrainedsparse.layerwise.run")
     if config.formulation in available_solvers() and config.formulation not in available_formulations():
-        raise ValueError(
+        raise UserInputError(
             f"formulation {config.formulation!r} is layer-wise; problem {problem.name!r} trains: choose one of "
             f"{', '.join(available_formulations())}"
         )
-    formulation_cls = formulation_class(config.formulation)
-    if config.wandb not in WANDB_MODES:
-        raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
-    target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY)
     for name, value in (
         ("--epochs", config.epochs),
         ("--pretrain-epochs", config.pretrain_epochs),
         ("--retrain-epochs", config.retrain_epochs),
     ):
         _check_count(name, value)
-
-    routed = route_settings(
-        config.settings,
-        {
-            "formulation": config_field_types(formulation_cls.Config),
-            "options": {k: type(v) for k, v in problem.options.items()},
-            "training": TRAINING_KEYS,
-        },
-        f"for formulation {config.formulation!r} and problem {problem.name!r}",
-    )
-    training = {
-        "lr": problem.lr,
-        "dual_lr": problem.dual_lr,
-        "batch_size": problem.batch_size,
-        "log_every": 10,
-        "device": "cpu",
-        **routed["training"],
-    }
+    with user_input():
+        formulation_cls = formulation_class(config.formulation)
+        target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY)
+        routed = route_settings(
+            config.settings,
+            {
+                "formulation": formulation_cls.Config.field_types(),
+                "options": {k: type(v) for k, v in problem.options.items()},
+                "training": TrainingSettings.field_types(),
+            },
+            f"for formulation {config.formulation!r} and problem {problem.name!r}",
+        )
+        defaults = {"lr": problem.lr, "dual_lr": problem.dual_lr, "batch_size": problem.batch_size}
+        training = TrainingSettings.from_values({**defaults, **routed["training"]})
+        training.validate()
+        training.device = distributed.rank_device(resolve_device(training.device))
+        distributed.check_global_batch(training.batch_size)
+        formulation_config = formulation_cls.Config.from_values(routed["formulation"])
+        formulation_config.validate()
     options = {**problem.options, **routed["options"]}
-    formulation_values = routed["formulation"]
-    for key in ("lr", "dual_lr"):
-        if not training[key] > 0:
-            raise ValueError(f"--set {key} must be > 0, got {training[key]}")
-    for key in ("batch_size", "log_every"):
-        if training[key] < 1:
-            raise ValueError(f"--set {key} must be >= 1, got {training[key]}")
-    distributed.check_global_batch(training["batch_size"])
-    training["device"] = distributed.rank_device(resolve_device(training["device"]))
-    formulation_config = formulation_cls.Config(**formulation_values)
-    formulation_config.validate()
-    epochs = problem.epochs if config.epochs is None else config.epochs
-    pretrain_epochs = problem.pretrain_epochs if config.pretrain_epochs is None else config.pretrain_epochs
-    prepared = Prepared(
-        config, problem, formulation_cls, formulation_config, target, training, options, epochs, pretrain_epochs
+    resolved = dataclasses.replace(
+        config,
+        sparsity=None if target.pattern == "nm" else target.sparsity,
+        epochs=problem.epochs if config.epochs is None else config.epochs,
+        pretrain_epochs=problem.pretrain_epochs if config.pretrain_epochs is None else config.pretrain_epochs,
     )
+    prepared = TrainingPrepared(resolved, problem, formulation_cls, formulation_config, target, training, options)
     if problem.check is not None:
-        problem.check(options)
-    # Bind the targets to a throwaway model: catches "selects nothing" and N:M width errors now.
-    problem.targets.resolve(problem.model(options), target)
-    if config.resume and distributed.is_main_process() and not (Path(config.out) / CHECKPOINT).is_file():
-        raise ValueError(f"--resume needs {Path(config.out) / CHECKPOINT}, which does not exist")
+        call_user(problem.name, "check(options)", problem.check, options)
+    # A throwaway model catches now what would fail later: a filter that selects nothing, N:M
+    # widths, and what the formulation checks when it attaches (l0's density_of=purged model).
+    model = call_user(problem.name, "model(options)", problem.model, options)
+    with user_input():
+        targets = problem.targets.resolve(model, target)
+        formulation_cls(_task_problem(problem, model, targets, None, constraints=False), formulation_config)
     return prepared
 
 
-def _to(batch, device: str):
-    return tuple(t.to(device, non_blocking=True) for t in batch)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int) -> DataLoader:
-    """Shuffled batches whose order depends only on (seed, phase, epoch): resumable.
-
-    Under torchrun each rank gets its share of every (global) batch, see :func:`distributed.loader`.
-    """
-    generator_seed = seed * 1_000_003 + phase * 10_007 + epoch
-    if distributed.is_distributed():
-        return distributed.loader(dataset, batch_size, generator_seed)
-    generator = torch.Generator().manual_seed(generator_seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-
-
-@torch.no_grad()
-def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
-    """The problem's metric over ``dataset`` (on the model's device), weighted by batch size.
-
-    Under torchrun every rank evaluates a shard (with rank 0's buffers) and the means are combined.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    distributed.broadcast_buffers(model)
-    if distributed.is_distributed():
-        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    total, weighted = 0, 0.0
-    for x, y in DataLoader(dataset, batch_size=1024):
-        x, y = x.to(device), y.to(device)
-        weighted += problem.metric(model(x), y) * len(y)
-        total += len(y)
-    model.train(was_training)
-    if distributed.is_distributed():
-        return float(distributed.weighted_mean(torch.tensor(weighted / max(total, 1), dtype=torch.float64), total))
-    return weighted / max(total, 1)
-
-
-def _dense_model(prepared: Prepared, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
-    """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
-    problem, seed = prepared.problem, prepared.config.seed
-    _seed_everything(seed)
-    model = problem.model(prepared.options).to(prepared.training["device"])
-    # Everything that shapes the dense model is in the key: problem file, options, training keys.
-    recipe = json.dumps(
-        {
-            "options": prepared.options,
-            "lr": prepared.training["lr"],
-            "batch": prepared.training["batch_size"],
-            # CUDA kernels round differently: a GPU-trained dense model is not the CPU one.
-            "device": torch.device(prepared.training["device"]).type,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    tag = f"{problem.cache_tag()}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
-    path = cache_dir() / "dense" / f"{tag}-seed{seed}-pre{prepared.pretrain_epochs}.safetensors"
-    if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
-        if distributed.is_main_process():
-            model.load_state_dict(load_file(path, device=str(prepared.training["device"])))
-        distributed.broadcast_module(model)
-        return model, evaluate(problem, model, test)
-    optimizer = torch.optim.Adam(model.parameters(), lr=prepared.training["lr"])
-    forward = distributed.wrap(model)
-    bar = tqdm(range(prepared.pretrain_epochs), desc=f"dense {problem.name}", disable=not prepared.config.progress)
-    for epoch in bar:
-        for x, y in _loader(train, prepared.training["batch_size"], seed, -1, epoch):
-            x, y = _to((x, y), prepared.training["device"])
-            optimizer.zero_grad(set_to_none=True)
-            loss = problem.loss(forward(x), y)
-            loss.backward()
-            optimizer.step()
-        if not math.isfinite(loss.item()):
-            bar.close()
-            raise NonFiniteLossError(
-                f"dense pre-training loss became {loss.item()} in epoch {epoch + 1}; nothing was cached "
-                "(lower --set lr?)"
-            )
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    if distributed.is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(path, model.state_dict())
-    return model, evaluate(problem, model, test)
+def _task_problem(
+    problem: Problem, model: torch.nn.Module, targets: list, example: Any, *, constraints: bool = True
+) -> SparsityProblem:
+    """The CMP of a run: the problem's loss (or ``compute_loss``), targets and (unless not wanted) user constraints."""
+    user = problem.constraints if constraints else None
+    if problem.compute_loss is not None:
+        return SparsityProblem(model, None, targets, user, example, compute_loss=problem.compute_loss)
+    return SparsityProblem(model, problem.loss, targets, user, example)
 
 
 class FixedMaskRetrain(Formulation):
@@ -280,26 +205,15 @@ class FixedMaskRetrain(Formulation):
     description = "masked retraining with fixed masks"
 
     def __init__(self, problem: SparsityProblem, masks: Mapping[str, torch.Tensor], *, lr: float, dual_lr: float):
-        super().__init__(problem, Formulation.Config(), lr=lr, dual_lr=dual_lr)
         self.masks = dict(masks)
-        apply_masks(problem.targets, self.masks)
+        super().__init__(problem, lr=lr, dual_lr=dual_lr)
 
-    def hard_masks(self) -> dict[str, torch.Tensor]:
+    def attach(self) -> None:
+        """Registers the fixed masks."""
+        apply_masks(self.problem.targets, self.masks)
+
+    def compute_hard_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.masks)
-
-
-@torch.no_grad()
-def _hardprune_accuracy_now(run: _Run, formulation: Formulation, test: Dataset) -> float:
-    """Accuracy of a hard-pruned copy of the model with the formulation's current masks."""
-    with temporarily_pruned(run.sparsity_problem.targets, formulation.hard_masks()):
-        return evaluate(run.prepared.problem, run.model, test)
-
-
-def reference_batch(train: Dataset, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch of ``min(size, len(train))`` training samples drawn with ``seed``."""
-    generator = torch.Generator().manual_seed(seed * 7_919 + 13)
-    indices = torch.randperm(len(train), generator=generator)[:size].tolist()
-    return tuple(next(iter(DataLoader(Subset(train, indices), batch_size=len(indices)))))
 
 
 def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
@@ -319,230 +233,243 @@ def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
 class _Run:
     """Mutable state of one execution (kept in one place so checkpoints see all of it)."""
 
-    def __init__(self, prepared: Prepared) -> None:
+    def __init__(self, prepared: TrainingPrepared, directory: RunDirectory) -> None:
         self.prepared = prepared
         self.config = prepared.config
-        self.out = Path(prepared.config.out)
+        self.directory = directory
         self.step = 0
         self.seconds_before = 0.0
+        self.started = time.perf_counter()
         self.dense_accuracy = float("nan")
         self.hardprune_accuracy: float | None = None
         self.summary_extra: dict[str, Any] = {}
+        self.phase_extra: dict[str, Any] = {}
         self.epochs_this_invocation = 0
 
-    def checkpoint(self, phase: str, epoch: int, formulation: Formulation, extra: dict | None = None) -> None:
-        if not distributed.is_main_process():
-            return  # every rank holds the same state; rank 0 writes it
-        state = {
-            "version": 1,
-            "identity": self.identity(),
-            "phase": phase,
-            "epoch": epoch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "formulation": formulation.state_dict(),
-            "rng": torch.get_rng_state(),
-            "dense_accuracy": self.dense_accuracy,
-            "hardprune_accuracy": self.hardprune_accuracy,
-            "seconds": self.seconds_before + time.perf_counter() - self.started,
-            "wandb_id": self.logger.run_id,
-            **(extra or {}),
-        }
-        save_checkpoint(self.out / CHECKPOINT, state)
+    def seconds(self) -> float:
+        """Wall seconds of the run over every invocation."""
+        return self.seconds_before + time.perf_counter() - self.started
 
-    def identity(self) -> dict[str, Any]:
-        p = self.prepared
-        return {
-            "problem": p.problem.name,
-            "formulation": self.config.formulation,
-            "target": p.target.describe(),
-            "seed": self.config.seed,
-            "epochs": p.epochs,
-            "pretrain_epochs": p.pretrain_epochs,
-            "retrain_epochs": self.config.retrain_epochs,
-        }
+    def checkpoint(self, phase: str, epoch: int, formulation: Formulation) -> None:
+        """Saves everything the run needs to continue after ``epoch`` of ``phase``."""
+        self.directory.save(
+            self.config,
+            {
+                "phase": phase,
+                "epoch": epoch,
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "formulation": formulation.state_dict(),
+                "optimizer": formulation.optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "dense_accuracy": self.dense_accuracy,
+                "hardprune_accuracy": self.hardprune_accuracy,
+                "seconds": self.seconds(),
+                "wandb_id": self.logger.run_id,
+                **self.phase_extra,
+            },
+        )
+
+    def nonfinite(self, loss: float, phase: str, epoch: int) -> NonFiniteLossError:
+        saved = self.directory.checkpoint_path.is_file()
+        where = (
+            f"the last good checkpoint is {self.directory.checkpoint_path}"
+            if saved
+            else "no checkpoint was written yet"
+        )
+        return NonFiniteLossError(
+            f"loss became {loss} at step {self.step} ({phase} epoch {epoch + 1}); training stopped, {where}"
+        )
 
 
 def _train_phase(
-    run: _Run,
-    formulation: Formulation,
-    phase: str,
-    phase_index: int,
-    num_epochs: int,
-    start_epoch: int,
-    train: Dataset,
-    test: Dataset,
+    run: _Run, formulation: Formulation, phase: str, phase_index: int, num_epochs: int, start_epoch: int
 ) -> bool:
     """Trains ``num_epochs`` epochs from ``start_epoch``; returns False if stopped early."""
-    prepared = run.prepared
-    problem = run.sparsity_problem
-    log_every = prepared.training["log_every"]
-    batch_size = prepared.training["batch_size"]
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    bar = tqdm(
-        total=num_epochs * steps_per_epoch,
-        initial=start_epoch * steps_per_epoch,
-        desc=f"{phase} {prepared.config.formulation if phase == 'prune' else ''}".strip(),
-        disable=not prepared.config.progress,
-    )
+    prepared, problem = run.prepared, run.sparsity_problem
+    batch_size, device = prepared.training.batch_size, prepared.device
+    steps_per_epoch = math.ceil(len(run.train) / batch_size)
+    desc = f"{phase} {prepared.config.formulation if phase == 'prune' else ''}".strip()
+    progress = Progress(num_epochs, desc, run.config.progress, initial=start_epoch, steps_per_unit=steps_per_epoch)
     for epoch in range(start_epoch, num_epochs):
         if run.config.stop_after_epochs is not None and run.epochs_this_invocation >= run.config.stop_after_epochs:
-            bar.close()
+            progress.close()
             return False
         epoch_metrics = formulation.start_epoch(epoch)
         # DDP under torchrun: built anew for every phase, and again if masks/gates were (un)registered
         problem.forward_module = distributed.wrap(run.model, None if epoch == start_epoch else problem.forward_module)
-        for batch in _loader(train, batch_size, run.config.seed, phase_index, epoch):
-            cmp_state, metrics = formulation.training_step(_to(batch, prepared.training["device"]))
+        for batch in loader(run.train, batch_size, run.config.seed, phase_index, epoch):
+            cmp_state, metrics = formulation.training_step(to_device(batch, device))
             run.step += 1
             loss = cmp_state.loss.item()
             if not math.isfinite(loss):
-                bar.close()
-                saved = (run.out / CHECKPOINT).is_file()
-                where = (
-                    f"the last good checkpoint is {run.out / CHECKPOINT}" if saved else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(
-                    f"loss became {loss} at step {run.step} ({phase} epoch {epoch + 1}); training stopped, {where}"
-                )
-            if run.step % log_every == 0 or metrics:
+                progress.close()
+                raise run.nonfinite(loss, phase, epoch)
+            if run.step % prepared.training.log_every == 0 or metrics:
                 run.logger.log({**_step_metrics(problem, cmp_state), **metrics}, run.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            progress.step(loss=loss)
         epoch_metrics.update(formulation.end_epoch(epoch))
         run.logger.log_histograms(formulation.histograms(), run.step)
-        epoch_metrics.update(
-            {
-                "accuracy/test": evaluate(prepared.problem, run.model, test),
-                "accuracy/hardprune_now": _hardprune_accuracy_now(run, formulation, test),
-                "sparsity/achieved": achieved_sparsity(problem.targets),
-                "phase": phase_index,
-                "epoch": epoch + 1,
-            }
-        )
-        epoch_metrics.update({f"density/{k}": 1.0 - v for k, v in layer_sparsity(problem.targets).items()})
+        epoch_metrics.update(_epoch_metrics(run, formulation, phase_index, epoch))
         run.logger.log(epoch_metrics, run.step)
         run.epochs_this_invocation += 1
-        run.checkpoint(phase, epoch + 1, formulation, run.phase_extra)
-    bar.close()
+        run.checkpoint(phase, epoch + 1, formulation)
+        progress.epoch_done(loss=loss, accuracy=epoch_metrics["accuracy/test"])
+    progress.close()
     return True
 
 
-def execute(prepared: Prepared) -> dict[str, Any] | None:
-    """Runs a prepared configuration; returns the summary (``None`` if stopped early).
+@torch.no_grad()
+def _epoch_metrics(run: _Run, formulation: Formulation, phase_index: int, epoch: int) -> dict[str, float]:
+    problem, targets = run.prepared.problem, run.sparsity_problem.targets
+    accuracy = evaluate(problem, run.model, run.test)
+    with temporarily_pruned(targets, formulation.hard_masks()):  # hard-prune accuracy with the masks now
+        hardprune_now = evaluate(problem, run.model, run.test)
+    metrics = {
+        "accuracy/test": accuracy,
+        "accuracy/hardprune_now": hardprune_now,
+        "sparsity/achieved": achieved_sparsity(targets),
+        "phase": phase_index,
+        "epoch": epoch + 1,
+    }
+    metrics.update({f"density/{k}": 1.0 - v for k, v in layer_sparsity(targets).items()})
+    return metrics
+
+
+def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
+    """Data, the dense model, the targets, the problem and the logger of the run."""
+    prepared, config = run.prepared, run.config
+    problem = prepared.problem
+    run.train, run.test = call_user(problem.name, "data(options)", problem.data, prepared.options)
+    for name, dataset in (("training", run.train), ("test", run.test)):
+        if len(dataset) == 0:
+            raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")
+    run.model, run.dense_accuracy = dense_model(prepared, run.train, run.test)
+    run.targets = problem.targets.resolve(run.model, prepared.target)
+    example = to_device(next(iter(DataLoader(run.train, batch_size=prepared.training.batch_size))), prepared.device)
+    run.sparsity_problem = _task_problem(problem, run.model, run.targets, example)
+    logged = {**config.identity(), **prepared.formulation_config.values(), **dataclasses.asdict(prepared.training)}
+    run.logger = open_logger(run.directory, config.wandb, logged, resume_state)
+
+
+def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], FixedMaskRetrain] | None:
+    """The pruning phase, hard pruning and the purge stage; returns the masks and the retrainer."""
+    prepared, config = run.prepared, run.config
+    training = prepared.training
+    formulation = prepared.formulation_cls(
+        run.sparsity_problem, prepared.formulation_config, lr=training.lr, dual_lr=training.dual_lr
+    )
+    wanted = formulation.reference_samples
+    # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
+    reference = (
+        to_device(distributed.shard(reference_batch(run.train, config.seed, wanted)), prepared.device)
+        if wanted
+        else None
+    )
+    steps_per_epoch = math.ceil(len(run.train) / training.batch_size)
+    formulation.setup(prepared.epochs, steps_per_epoch, reference)
+    if state is not None:
+        formulation.load_state_dict(state["formulation"])
+        formulation.optimizer.load_state_dict(state["optimizer"])
+        run.model.load_state_dict(state["model"])
+    if not _train_phase(run, formulation, "prune", PRUNE_PHASE, prepared.epochs, state["epoch"] if state else 0):
+        return None
+    masks = formulation.hard_masks()
+    distributed.dump_rank_state(
+        "prune", {"masks": masks, "formulation": formulation.state_dict(), "model": run.model.state_dict()}
+    )
+    run.summary_extra = formulation.summary_extra()
+    formulation.finalize()
+    hard_prune(run.targets, masks)
+    if formulation.purges:
+        example = to_device(reference_batch(run.train, config.seed, 1), prepared.device)
+        purged, fields = purge_stage(run.model, run.targets, example)
+        run.summary_extra.update(fields)
+        if purged is not None and distributed.is_main_process():
+            save_weights(
+                run.directory.out / "purged.safetensors", purged.state_dict(), metadata={"model": repr(purged)}
+            )
+    run.hardprune_accuracy = evaluate(prepared.problem, run.model, run.test)
+    run.logger.log(
+        {"accuracy/hardprune": run.hardprune_accuracy, "sparsity/achieved": achieved_sparsity(run.targets)}, run.step
+    )
+    run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
+    retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=training.lr, dual_lr=training.dual_lr)
+    retrainer.setup(config.retrain_epochs, steps_per_epoch)
+    run.checkpoint("retrain", 0, retrainer)
+    return masks, retrainer
+
+
+def _resume_retraining(run: _Run, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], FixedMaskRetrain]:
+    training = run.prepared.training
+    masks = state["masks"]
+    run.summary_extra = state.get("summary_extra", {})
+    run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
+    remove_masks(run.targets)
+    retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=training.lr, dual_lr=training.dual_lr)
+    retrainer.setup(run.config.retrain_epochs, math.ceil(len(run.train) / training.batch_size))
+    retrainer.load_state_dict(state["formulation"])
+    retrainer.optimizer.load_state_dict(state["optimizer"])
+    run.model.load_state_dict(state["model"])
+    return masks, retrainer
+
+
+def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
+    """Runs a prepared configuration in its claimed directory; returns the summary (``None`` if stopped early).
+
+    Args:
+        prepared: What :func:`prepare` returned.
+        directory: The claimed run directory.
+        state: The checkpoint to resume from (``None``: a new run).
 
     Raises:
         NonFiniteLossError: If the loss becomes NaN/inf (the last good checkpoint is kept).
-        ValueError: If ``--resume`` finds a checkpoint of a different run.
     """
-    config, problem = prepared.config, prepared.problem
-    run = _Run(prepared)
-    run.started = time.perf_counter()
-    out = run.out
-    resume_state = None
-    if config.resume:  # rank 0 reads the checkpoint, every rank gets it (any world size)
-        resume_state = distributed.broadcast_object(
-            load_checkpoint(out / CHECKPOINT) if distributed.is_main_process() else None
-        )
-    if resume_state is not None and resume_state["identity"] != run.identity():
-        raise ValueError(
-            f"--resume: the checkpoint in {out} is of another run ({resume_state['identity']}), not {run.identity()}"
-        )
-    train, test = problem.data(prepared.options)
-    model, run.dense_accuracy = _dense_model(prepared, train, test)
-    run.model = model
-    targets = problem.targets.resolve(model, prepared.target)
-    device = prepared.training["device"]
-    example_batch = _to(next(iter(DataLoader(train, batch_size=prepared.training["batch_size"]))), device)
-    run.sparsity_problem = SparsityProblem(model, problem.loss, targets, problem.constraints, example_batch)
-    logger_cls = MetricsLogger if distributed.is_main_process() else NullLogger
-    run.logger = logger_cls(
-        out,
-        config.wandb,
-        config={**run.identity(), **dataclasses.asdict(prepared.formulation_config), **prepared.training},
-        run_id=resume_state["wandb_id"] if resume_state else None,
-        resume_step=resume_state["step"] if resume_state else None,
-    )
-    run.phase_extra = {}
-    lr, dual_lr = prepared.training["lr"], prepared.training["dual_lr"]
-    steps_per_epoch = math.ceil(len(train) / prepared.training["batch_size"])
+    run = _Run(prepared, directory)
+    _build(run, state)
     try:
-        phase, start_epoch = ("prune", 0) if resume_state is None else (resume_state["phase"], resume_state["epoch"])
-        if resume_state is not None:
-            run.step = resume_state["step"]
-            run.seconds_before = resume_state["seconds"]
-            run.hardprune_accuracy = resume_state["hardprune_accuracy"]
-            torch.set_rng_state(resume_state["rng"])
+        if state is not None:
+            run.step, run.seconds_before = state["step"], state["seconds"]
+            run.hardprune_accuracy = state["hardprune_accuracy"]
+            torch.set_rng_state(state["rng"])
         else:
-            _seed_everything(config.seed + 1)
+            seed_everything(run.config.seed + PRUNE_SEED_OFFSET)
             run.logger.log({"accuracy/dense": run.dense_accuracy, "phase": 0, "epoch": 0}, 0)
-
-        if phase == "prune":
-            formulation = prepared.formulation_cls(
-                run.sparsity_problem, prepared.formulation_config, lr=lr, dual_lr=dual_lr
-            )
-            wanted = formulation.reference_samples
-            # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
-            reference = _to(distributed.shard(reference_batch(train, config.seed, wanted)), device) if wanted else None
-            formulation.setup(prepared.epochs, steps_per_epoch, reference)
-            if resume_state is not None:
-                formulation.load_state_dict(resume_state["formulation"])
-                model.load_state_dict(resume_state["model"])
-            if not _train_phase(run, formulation, "prune", 0, prepared.epochs, start_epoch, train, test):
+        if state is None or state["phase"] == "prune":
+            pruned = _prune(run, state)
+            if pruned is None:
                 return None
-            masks = formulation.hard_masks()
-            distributed.dump_rank_state(
-                "prune", {"masks": masks, "formulation": formulation.state_dict(), "model": model.state_dict()}
-            )
-            run.summary_extra = formulation.summary_extra()
-            formulation.finalize()
-            hard_prune(targets, masks)
-            example = _to(reference_batch(train, config.seed, 1), device)
-            run.summary_extra.update(formulation.after_hard_prune(model, example, out))
-            run.hardprune_accuracy = evaluate(problem, model, test)
-            run.logger.log(
-                {"accuracy/hardprune": run.hardprune_accuracy, "sparsity/achieved": achieved_sparsity(targets)},
-                run.step,
-            )
-            phase, start_epoch = "retrain", 0
-            run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
-            retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=lr, dual_lr=dual_lr)
-            retrainer.setup(config.retrain_epochs, steps_per_epoch)
-            run.checkpoint("retrain", 0, retrainer, run.phase_extra)
+            masks, retrainer = pruned
+            start = 0
         else:
-            masks = resume_state["masks"]
-            run.summary_extra = resume_state.get("summary_extra", {})
-            run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
-            remove_masks(targets)
-            retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=lr, dual_lr=dual_lr)
-            retrainer.setup(config.retrain_epochs, steps_per_epoch)
-            retrainer.load_state_dict(resume_state["formulation"])
-            model.load_state_dict(resume_state["model"])
-        if not _train_phase(run, retrainer, "retrain", 1, config.retrain_epochs, start_epoch, train, test):
+            masks, retrainer = _resume_retraining(run, state)
+            start = state["epoch"]
+        if not _train_phase(run, retrainer, "retrain", RETRAIN_PHASE, run.config.retrain_epochs, start):
             return None
         retrainer.finalize()
-        hard_prune(targets, masks)
-        final_accuracy = evaluate(problem, model, test)
-        summary = _summary(run, targets, final_accuracy)
+        hard_prune(run.targets, masks)
+        final_accuracy = evaluate(prepared.problem, run.model, run.test)
+        summary = _summary(run, final_accuracy)
         run.logger.log({"accuracy/final": final_accuracy}, run.step)
     finally:
         run.logger.close()
-    distributed.dump_rank_state("final", {"model": model.state_dict()})
+    distributed.dump_rank_state("final", {"model": run.model.state_dict()})
     if distributed.is_main_process():
-        atomic_write_json(out / "summary.json", summary)
-        save_weights(out / "model.safetensors", model.state_dict(), metadata={"summary": "see summary.json"})
-        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        save_weights(
+            directory.out / "model.safetensors", run.model.state_dict(), metadata={"summary": "see summary.json"}
+        )
+    directory.finish(summary)
     return summary
 
 
-def _summary(run: _Run, targets, final_accuracy: float) -> dict[str, Any]:
+def _summary(run: _Run, final_accuracy: float) -> dict[str, Any]:
     prepared, config = run.prepared, run.config
     summary: dict[str, Any] = {
         "problem": prepared.problem.name,
         "formulation": config.formulation,
-        "achieved_sparsity": achieved_sparsity(targets),
-        "layer_sparsity": layer_sparsity(targets),
-        "seconds": run.seconds_before + time.perf_counter() - run.started,
+        "achieved_sparsity": achieved_sparsity(run.targets),
+        "layer_sparsity": layer_sparsity(run.targets),
+        "seconds": run.seconds(),
         "epochs": prepared.epochs,
         "pretrain_epochs": prepared.pretrain_epochs,
         "retrain_epochs": config.retrain_epochs,
@@ -561,33 +488,20 @@ def _summary(run: _Run, targets, final_accuracy: float) -> dict[str, Any]:
     return summary
 
 
-def default_formulation(problem: Problem | LayerwiseProblem) -> str:
-    """The formulation a run uses when none is named: ``slr`` for training problems, ``fw`` for layer-wise ones."""
-    return "fw" if isinstance(problem, LayerwiseProblem) else "slr"
+class TrainingRunner:
+    """The runner of problems that train (see :mod:`constrainedsparse.runners`)."""
+
+    kind = "training"
+    settings = TrainingSettings
+    default_sparsity = DEFAULT_SPARSITY
+
+    def prepare(self, config: RunConfig, problem: Problem) -> TrainingPrepared:
+        """:func:`prepare`."""
+        return prepare(config, problem)
+
+    def execute(self, prepared: TrainingPrepared, directory: RunDirectory, state: dict[str, Any] | None):
+        """:func:`execute`."""
+        return execute(prepared, directory, state)
 
 
-def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) -> dict[str, Any] | None:
-    """Validates and executes; removes a run directory this call created if it fails before a checkpoint.
-
-    A layer-wise problem is handed to :func:`constrainedsparse.layerwise.run.run`. ``problem`` is
-    ``config.problem`` already loaded (the CLI loads it once); ``None`` loads it here.
-
-    Raises:
-        ValueError: Bad input (nothing is left on disk).
-        NonFiniteLossError: NaN/inf loss (the last good checkpoint is kept).
-    """
-    problem = load_problem(config.problem) if problem is None else problem
-    if isinstance(problem, LayerwiseProblem):
-        from constrainedsparse.layerwise import run as layerwise
-
-        return layerwise.run(config, problem)
-    prepared = prepare(config, problem)
-    out = Path(config.out)
-    created = not out.exists()
-    try:
-        with distributed.process_group(prepared.training["device"]):  # under torchrun; else a no-op
-            return execute(prepared)
-    except BaseException:
-        if created and distributed.is_main_process() and not (out / CHECKPOINT).is_file():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+RUNNER = TrainingRunner()

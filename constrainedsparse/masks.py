@@ -13,6 +13,7 @@ from constrainedsparse.targets import TargetParam
 
 __all__ = [
     "Mask",
+    "canonical_parameters",
     "achieved_sparsity",
     "apply_masks",
     "current_masks",
@@ -38,6 +39,29 @@ class Mask(nn.Module):
     def set_(self, mask: torch.Tensor) -> None:
         """Replaces the mask in place (keeps the buffer identity for checkpoints)."""
         self.mask.copy_(mask)
+
+
+def canonical_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters in an order that parametrizations do not change.
+
+    Registering or removing a parametrization moves a parameter to the end of its module's
+    ``_parameters``, so ``model.parameters()`` lists ``bias`` before ``weight`` after a mask came and
+    went. Here every module's parameters come by name (a parametrized tensor's stored ``original``
+    under its own name), so an optimizer built before or after a phase that masked the model holds
+    its parameters in the same order, and a checkpointed optimizer state loads back onto the same
+    tensors.
+    """
+    found: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        own = {name: p for name, p in module.named_parameters(recurse=False) if p is not None}
+        if parametrize.is_parametrized(module):
+            own.update({name: module.parametrizations[name].original for name in module.parametrizations})
+        for name in sorted(own):
+            if id(own[name]) not in seen and not isinstance(module, parametrize.ParametrizationList):
+                seen.add(id(own[name]))
+                found.append(own[name])
+    return found
 
 
 def find_parametrization(module: nn.Module, param_name: str, kind: type[nn.Module]) -> nn.Module | None:
@@ -74,9 +98,31 @@ def current_masks(targets: Iterable[TargetParam]) -> dict[str, torch.Tensor]:
     return found
 
 
+def _foreign_parametrization(target: TargetParam) -> str | None:
+    """The class name of a parametrization on the target that is not a :class:`Mask`, if any."""
+    if not parametrize.is_parametrized(target.module, target.param_name):
+        return None
+    other = [p for p in target.module.parametrizations[target.param_name] if not isinstance(p, Mask)]
+    return type(other[0]).__name__ if other else None
+
+
 @torch.no_grad()
 def remove_masks(targets: Iterable[TargetParam]) -> None:
-    """Bakes the masks into the weights (exact zeros) and removes the parametrizations."""
+    """Ends masked training: writes each target's masked value (exact zeros outside its :class:`Mask`)
+    into its stored parameter and removes the parametrization, leaving a plain ``nn.Parameter``.
+
+    Raises:
+        ValueError: If a target carries a parametrization that is not a :class:`Mask` (a
+            formulation's gates: call the formulation's ``finalize()`` first, which bakes them).
+    """
+    targets = list(targets)
+    for target in targets:
+        foreign = _foreign_parametrization(target)
+        if foreign is not None:
+            raise ValueError(
+                f"{target.name} still carries a {foreign} parametrization: call the formulation's finalize() "
+                "before remove_masks() / hard_prune()"
+            )
     for target in targets:
         if parametrize.is_parametrized(target.module, target.param_name):
             parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=True)
@@ -84,19 +130,24 @@ def remove_masks(targets: Iterable[TargetParam]) -> None:
 
 @torch.no_grad()
 def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
-    """Writes exact zeros outside ``masks`` and leaves plain (un-parametrized) weights."""
+    """Writes exact zeros outside ``masks`` and leaves plain (un-parametrized) weights.
+
+    Raises:
+        ValueError: If a target still carries a formulation's parametrization (call ``finalize()``
+            first), or a mask's shape differs from its tensor's.
+    """
     targets = list(targets)
+    for target in targets:
+        if target.name in masks and tuple(masks[target.name].shape) != tuple(target.tensor.shape):
+            raise ValueError(
+                f"the mask of {target.name} has shape {tuple(masks[target.name].shape)}, the tensor "
+                f"{tuple(target.tensor.shape)}"
+            )
     remove_masks(targets)
     for target in targets:
         if target.name in masks:
             weight = getattr(target.module, target.param_name)
             weight.mul_(masks[target.name].to(weight.device))
-
-
-def _stored_parameter(target: TargetParam) -> torch.Tensor:
-    if parametrize.is_parametrized(target.module, target.param_name):
-        return target.module.parametrizations[target.param_name].original
-    return getattr(target.module, target.param_name)
 
 
 @contextlib.contextmanager
@@ -110,7 +161,7 @@ def temporarily_pruned(targets: Iterable[TargetParam], masks: Mapping[str, torch
     with torch.no_grad():
         for target in targets:
             if target.name in masks:
-                stored = _stored_parameter(target)
+                stored = target.stored
                 saved.append((stored, stored.detach().clone()))
                 stored.mul_(masks[target.name].to(stored.device))
     try:

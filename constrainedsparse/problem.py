@@ -8,13 +8,19 @@ The problem holds the model, the loss, the resolved targets and every constraint
 the ones a formulation registers, e.g. ``W - Z = 0`` or expected-L0 densities). Each constraint
 is a real :class:`cooper.Constraint` with its own multiplier; ``compute_cmp_state`` evaluates
 the loss and all violations on one batch.
+
+**Batches.** The short form takes ``(x, y)`` batches: the loss is ``loss_fn(model(x), y)``. Any
+other batch (a dict for a ``transformers`` model, a triple with sample weights, ...) needs
+``compute_loss(model, batch) -> scalar tensor``; user constraints that take the batch receive the
+same batch object. Penalties (``add_penalty``) are added to the loss, never swapped into it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cooper
 import torch
@@ -23,10 +29,12 @@ from torch import nn
 from constrainedsparse.distributed import synchronised
 from constrainedsparse.targets import TargetParam
 
-__all__ = ["Batch", "SparsityProblem", "UserConstraint", "ViolationFn"]
+__all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn"]
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any
+"""A batch as the problem's loss takes it: ``(x, y)`` for ``loss_fn``, anything for ``compute_loss``."""
 ViolationFn = Callable[..., torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
 _SENSES = {"<=": cooper.ConstraintType.INEQUALITY, "==": cooper.ConstraintType.EQUALITY}
 
 
@@ -55,8 +63,7 @@ class UserConstraint:
         return len(inspect.signature(self.fn).parameters) >= 2
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        value = self.fn(model, batch) if self.uses_batch else self.fn(model)
-        return torch.as_tensor(value).reshape(-1)
+        return self.fn(model, batch) if self.uses_batch else self.fn(model)
 
 
 @dataclass
@@ -65,6 +72,17 @@ class _Registered:
     violation: Callable[[nn.Module, Batch], torch.Tensor]
     dual_every_step: bool
     data_dependent: bool = False
+    user: bool = False
+
+
+def _pair(batch: Batch) -> tuple[Any, Any]:
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
+        return batch[0], batch[1]
+    kind = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, Sequence) else "")
+    raise ValueError(
+        f"loss_fn takes (inputs, targets) batches, got a {kind}: pass compute_loss=fn(model, batch) "
+        "to SparsityProblem for other batches"
+    )
 
 
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
@@ -72,42 +90,115 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
     Args:
         model: The network.
-        loss_fn: ``loss_fn(output, y) -> scalar``.
+        loss_fn: ``loss_fn(output, y) -> scalar`` for ``(x, y)`` batches (the short form).
         targets: Resolved pruning targets (see :meth:`Targets.resolve`).
         constraints: User constraints by name; each becomes a Cooper constraint with a
             :class:`cooper.multipliers.DenseMultiplier` sized by one evaluation of ``fn``.
         example_batch: A batch used to size data-dependent user constraints.
+        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for any batch (instead of
+            ``loss_fn``).
 
     Attributes:
-        forward_module: What :meth:`compute_cmp_state` calls on the batch: ``model`` itself, or a
-            ``DistributedDataParallel`` wrapper of it under torchrun (set by the engine per phase).
+        forward_module: What the loss calls on the batch: ``model`` itself, or a
+            ``DistributedDataParallel`` wrapper of it under torchrun (set by the runner per phase).
             Constraints and formulations always see the plain ``model``.
+
+    Raises:
+        ValueError: Without targets, with neither or both of ``loss_fn`` and ``compute_loss``, or for
+            a constraint that cannot be sized.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        targets: list[TargetParam],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        targets: list[TargetParam] | None = None,
         constraints: Mapping[str, UserConstraint] | None = None,
         example_batch: Batch | None = None,
+        *,
+        compute_loss: LossFn | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if (loss_fn is None) == (compute_loss is None):
+            raise ValueError(
+                "give exactly one of loss_fn(output, y) (for (x, y) batches) and compute_loss(model, batch)"
+            )
+        for key, fn in (("loss_fn", loss_fn), ("compute_loss", compute_loss)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{key} must be callable, got {type(fn).__name__}")
+        if not targets:
+            raise ValueError("targets is required: pass Targets().resolve(model, SparsityConfig(...))")
         self.model = model
         self.forward_module: nn.Module = model
         self.loss_fn = loss_fn
-        self.targets = targets
+        self.compute_loss = compute_loss
+        self.targets = list(targets)
         self._violations: dict[str, _Registered] = {}
+        self._penalties: dict[str, Callable[[nn.Module], torch.Tensor]] = {}
         self.user_constraint_names: list[str] = []
         for name, spec in (constraints or {}).items():
             self.add_user_constraint(name, spec, example_batch)
 
+    # --- the objective --------------------------------------------------------------------------
+
+    def loss(self, batch: Batch, module: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+        """The task loss on ``batch`` (with ``module`` in place of :attr:`forward_module`) and the output.
+
+        Returns:
+            ``(loss, output)``; ``output`` is ``None`` with ``compute_loss``.
+
+        Raises:
+            ValueError: For a batch ``loss_fn`` cannot take, or a loss that is not a scalar tensor.
+        """
+        module = self.forward_module if module is None else module
+        if self.compute_loss is not None:
+            value, output = self.compute_loss(module, batch), None
+            source = "compute_loss"
+        else:
+            x, y = _pair(batch)
+            output = module(x)
+            value, source = self.loss_fn(output, y), "loss_fn"
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{source} must return a scalar tensor, got {shape}")
+        return value.reshape(()), output
+
+    def add_penalty(self, name: str, fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        """Adds ``fn(model)`` (a scalar tensor) to the loss of every step until :meth:`remove_penalty`.
+
+        Raises:
+            ValueError: If the name is taken.
+        """
+        if name in self._penalties:
+            raise ValueError(f"penalty {name!r} is already added")
+        self._penalties[name] = fn
+
+    def remove_penalty(self, name: str) -> None:
+        """Removes a penalty added by :meth:`add_penalty`.
+
+        Raises:
+            ValueError: If no penalty has this name.
+        """
+        if name not in self._penalties:
+            raise ValueError(f"no penalty named {name!r}; added: {', '.join(self._penalties) or 'none'}")
+        del self._penalties[name]
+
+    # --- constraints ----------------------------------------------------------------------------
+
     def add_user_constraint(self, name: str, spec: UserConstraint, example_batch: Batch | None) -> None:
-        """Registers a :class:`UserConstraint` as a Cooper constraint with its own multiplier."""
+        """Registers a :class:`UserConstraint` as a Cooper constraint with its own multiplier.
+
+        Raises:
+            ValueError: If the constraint takes a batch and none is given, or its value is not a tensor.
+        """
+        if not isinstance(spec, UserConstraint):
+            raise ValueError(f"constraint {name!r} must be a UserConstraint, got {type(spec).__name__}")
         if spec.uses_batch and example_batch is None:
             raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
         with torch.no_grad():
-            size = spec(self.model, example_batch).numel()
+            size = _checked_violation(name, spec(self.model, example_batch)).numel()
         device = next(self.model.parameters()).device
         constraint = cooper.Constraint(
             constraint_type=_SENSES[spec.sense],
@@ -115,6 +206,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             multiplier=cooper.multipliers.DenseMultiplier(num_constraints=size, device=device),
         )
         self.add_constraint(name, constraint, spec, data_dependent=spec.uses_batch)
+        self._violations[name].user = True
         self.user_constraint_names.append(name)
 
     def add_constraint(
@@ -160,20 +252,28 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         del self._violations[name]
 
     def compute_cmp_state(self, batch: Batch) -> cooper.CMPState:
-        """Loss and every constraint violation on ``batch``; ``misc['output']`` keeps the logits."""
-        x, y = batch
-        output = self.forward_module(x)
-        loss = self.loss_fn(output, y)
+        """Loss (plus penalties) and every constraint violation on ``batch``; ``misc['output']`` keeps the output."""
+        loss, output = self.loss(batch)
+        for fn in self._penalties.values():
+            loss = loss + fn(self.model)
         observed = {
             entry.constraint: cooper.ConstraintState(
-                violation=self._violation(entry, batch), contributes_to_dual_update=entry.dual_every_step
+                violation=self._violation(name, entry, batch), contributes_to_dual_update=entry.dual_every_step
             )
-            for entry in self._violations.values()
+            for name, entry in self._violations.items()
         }
         return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
 
-    def _violation(self, entry: _Registered, batch: Batch) -> torch.Tensor:
+    def _violation(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
         violation = entry.violation(self.model, batch)
+        if entry.user:
+            violation = _checked_violation(name, violation).reshape(-1)
+            if torch.is_grad_enabled() and not violation.requires_grad:
+                raise ValueError(
+                    f"constraint {name!r} has no gradient path to the model's parameters (its value does not "
+                    "require grad): a constraint must be differentiable in what the optimizer updates "
+                    "(no .item(), .detach() or float())"
+                )
         return synchronised(violation) if entry.data_dependent else violation
 
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
@@ -191,3 +291,14 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def named_multiplier_values(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name."""
         return {name: m.weight.detach().reshape(-1) for name, m in self.named_multipliers()}
+
+
+def _checked_violation(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"constraint {name!r} must return a tensor differentiable in the model's parameters, "
+            f"got {type(value).__name__}"
+        )
+    if not torch.is_floating_point(value) or value.numel() == 0:
+        raise ValueError(f"constraint {name!r} must return a non-empty floating-point tensor, got {value.dtype}")
+    return value.reshape(-1)

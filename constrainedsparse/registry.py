@@ -1,63 +1,68 @@
-"""A name -> class registry: training formulations and layer-wise solvers are picked by name."""
+"""One registry of algorithms keyed by (kind, name): training formulations and layer-wise solvers.
+
+``--formulation NAME`` picks from the kind the problem needs (``training`` for a problem with data
+and a loss, ``layerwise`` for a pretrained model with calibration data). A name may exist in both
+kinds (``magnitude``: gradual magnitude pruning while training, one-shot magnitude per layer).
+:func:`constrainedsparse.catalog.describe` lists an entry's hyperparameters from its ``Config``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["KINDS", "REGISTRY", "Registry"]
 
-T = TypeVar("T", bound=type)
+KINDS = {"training": "formulation", "layerwise": "layer-wise solver"}
 
 
-class Registry(Generic[T]):
-    """Classes registered under unique names, each with a one-line ``description``.
+class Registry:
+    """Classes registered under unique (kind, name) pairs, each with a one-line ``description``."""
 
-    Args:
-        kind: What the entries are, for error messages (``"formulation"``, ``"layer-wise solver"``).
-    """
+    def __init__(self) -> None:
+        self._classes: dict[tuple[str, str], type] = {}
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._classes: dict[str, T] = {}
-
-    def register(self, name: str) -> Callable[[T], T]:
-        """Class decorator adding the class under ``name`` (and setting its ``name``).
+    def register(self, kind: str, name: str) -> Callable[[type], type]:
+        """Class decorator adding the class as ``(kind, name)`` (and setting its ``name``).
 
         Raises:
-            ValueError: If ``name`` is already registered.
+            ValueError: If the kind is unknown or the pair is already registered.
         """
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
 
-        def decorate(cls: T) -> T:
-            if name in self._classes:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+        def decorate(cls: type) -> type:
+            if (kind, name) in self._classes:
+                raise ValueError(f"{KINDS[kind]} {name!r} is already registered")
             cls.name = name
-            self._classes[name] = cls
+            self._classes[(kind, name)] = cls
             return cls
 
         return decorate
 
-    def names(self) -> list[str]:
-        """Registered names, sorted."""
-        return sorted(self._classes)
+    def names(self, kind: str) -> list[str]:
+        """Registered names of ``kind``, sorted."""
+        return sorted(name for k, name in self._classes if k == kind)
 
-    def describe(self) -> dict[str, str]:
-        """``{name: one-line description}``."""
-        return {name: self._classes[name].description for name in self.names()}
+    def kinds_of(self, name: str) -> list[str]:
+        """The kinds under which ``name`` is registered (in :data:`KINDS` order)."""
+        return [kind for kind in KINDS if (kind, name) in self._classes]
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._classes
+    def describe(self, kind: str) -> dict[str, str]:
+        """``{name: one-line description}`` of ``kind``."""
+        return {name: self._classes[(kind, name)].description for name in self.names(kind)}
 
-    def get(self, name: str, unknown: str) -> T:
-        """The class registered as ``name``.
-
-        Args:
-            name: The name looked up.
-            unknown: Error message prefix for an unknown name; the known names are appended.
+    def get(self, kind: str, name: str) -> type:
+        """The class registered as ``(kind, name)``.
 
         Raises:
-            ValueError: For an unknown name, listing the known ones.
+            ValueError: For an unknown name, listing the known ones of that kind.
         """
-        if name not in self._classes:
-            raise ValueError(f"{unknown}{', '.join(self.names())}")
-        return self._classes[name]
+        if (kind, name) not in self._classes:
+            known = ", ".join(self.names(kind))
+            if kind == "training":
+                raise ValueError(f"unknown formulation {name!r}; available: {known}")
+            raise ValueError(f"unknown layer-wise solver {name!r}; choose one of {known}")
+        return self._classes[(kind, name)]
+
+
+REGISTRY = Registry()

@@ -3,12 +3,21 @@
 A problem file is a plain Python file that defines ``problem = Problem(...)``: the model, the
 data, the loss, the metric, which layers to prune and any constraints of the user's. The bundled
 problems live in ``constrainedsparse/problems/`` and are loaded by path exactly like a user's.
+
+A problem file is Python code that runs, like any script: load only files you trust.
+
+**One rule for the user's code.** An exception raised by the problem file itself — while it loads,
+or later in its ``model``, ``data``, ``calibration``, ``held_out``, ``check`` or loss functions
+when the runner calls them — ends the run with one line naming the problem, the function and the
+error (exit code 2 from the CLI); ``--debug`` (or ``CONSTRAINEDSPARSE_DEBUG=1``) shows the full
+traceback instead, since it is the user's code. ``sys.exit()`` inside a problem file is an error too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +28,72 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from constrainedsparse.errors import UserInputError, first_line
+from constrainedsparse.layerwise.driver import find_blocks, layer_module_types
 from constrainedsparse.problem import UserConstraint
 from constrainedsparse.targets import Targets
 
-__all__ = ["BUNDLED_DIR", "LayerwiseProblem", "Problem", "accuracy", "bundled_problems", "load_problem"]
+__all__ = [
+    "BUNDLED_DIR",
+    "DEBUG_ENV",
+    "LayerwiseProblem",
+    "Problem",
+    "accuracy",
+    "bundled_problems",
+    "call_user",
+    "load_problem",
+]
 
 BUNDLED_DIR = Path(__file__).parent / "problems"
+DEBUG_ENV = "CONSTRAINEDSPARSE_DEBUG"
+
+
+def debugging() -> bool:
+    """Whether the user's tracebacks are wanted (``--debug`` sets ``CONSTRAINEDSPARSE_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls a function of a problem file; its exceptions become one :class:`UserInputError` line.
+
+    A ``ValueError`` the file raises on purpose (a bad option) keeps its message; any other
+    exception is reported with the problem, the call and its type. With ``--debug`` the exception
+    propagates with its traceback.
+
+    Args:
+        problem_name: The problem's name, for the message.
+        what: What was called (``"data(options)"``).
+        fn: The user's function.
+        *args: Its arguments.
+    """
+    try:
+        return fn(*args)
+    except UserInputError:
+        raise
+    except ValueError as err:
+        if debugging():
+            raise
+        raise UserInputError(first_line(err)) from err
+    except (Exception, SystemExit) as err:
+        if debugging():
+            raise
+        detail = (
+            f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {first_line(err)}"
+        )
+        raise UserInputError(
+            f"problem {problem_name!r}: {what} failed: {detail} (--debug shows the traceback)"
+        ) from err
 
 
 def accuracy(output: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of rows whose argmax equals the label (summed per batch by the engine)."""
     return float((output.argmax(dim=-1) == y).float().mean())
+
+
+def predict_pair(model: nn.Module, batch: Any) -> tuple[Any, Any]:
+    """``(model(x), y)`` of an ``(x, y)`` batch: what the metric compares (the default ``predict``)."""
+    x, y = batch
+    return model(x), y
 
 
 @dataclass
@@ -41,9 +105,14 @@ class Problem:
         description: One line for ``constrainedsparse problems``.
         model: ``model(options) -> nn.Module``; called after seeding, so initialisation is
             reproducible.
-        data: ``data(options) -> (train_dataset, test_dataset)`` of ``(x, y)`` pairs.
-        loss: ``loss(output, y) -> scalar`` (cross-entropy by default).
+        data: ``data(options) -> (train_dataset, test_dataset)`` of ``(x, y)`` pairs (any sample
+            structure with ``compute_loss`` and ``predict``).
+        loss: ``loss(output, y) -> scalar`` (cross-entropy by default) for ``(x, y)`` batches.
         metric: ``metric(output, y) -> float`` in [0, 1] (accuracy by default).
+        compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for batches that are not
+            ``(x, y)`` pairs (dicts, triples); replaces ``loss``.
+        predict: ``predict(model, batch) -> (output, y)``, what ``metric`` compares
+            (``(model(x), y)`` by default).
         targets: Which parameters to prune (Linear/Conv weights by default).
         constraints: User constraints by name (see :class:`UserConstraint`).
         pretrain_epochs: Dense training epochs before pruning (``--pretrain-epochs``).
@@ -62,6 +131,8 @@ class Problem:
     data: Callable[[Mapping[str, Any]], tuple[Dataset, Dataset]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
+    compute_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    predict: Callable[[nn.Module, Any], tuple[Any, Any]] = predict_pair
     targets: Targets = field(default_factory=Targets)
     constraints: Mapping[str, UserConstraint] = field(default_factory=dict)
     pretrain_epochs: int = 20
@@ -73,6 +144,13 @@ class Problem:
     check: Callable[[Mapping[str, Any]], None] | None = None
     source: str = ""
 
+    def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``."""
+        if self.compute_loss is not None:
+            return self.compute_loss(model, batch)
+        x, y = batch
+        return self.loss(model(x), y)
+
     def cache_tag(self) -> str:
         """Identifies the problem's definition for the dense-model cache."""
         digest = hashlib.sha256(Path(self.source).read_bytes()).hexdigest()[:12] if self.source else "0"
@@ -80,8 +158,6 @@ class Problem:
 
 
 def _default_layerwise_targets() -> Targets:
-    from constrainedsparse.layerwise.driver import layer_module_types
-
     return Targets(module_types=layer_module_types())
 
 
@@ -123,8 +199,6 @@ class LayerwiseProblem:
         """The blocks to prune, in order."""
         if self.blocks is not None:
             return self.blocks(model)
-        from constrainedsparse.layerwise.driver import find_blocks
-
         return find_blocks(model)
 
 
@@ -137,7 +211,8 @@ def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
     """Loads a bundled problem by name, or a user's problem file by path.
 
     Raises:
-        ValueError: If the name is unknown, the file is missing, or it defines no ``problem``.
+        UserInputError: If the name is unknown, the file is missing, fails to load (an exception or
+            ``sys.exit()`` while it runs) or defines no ``problem``.
     """
     bundled = bundled_problems()
     if name_or_path in bundled:
@@ -145,7 +220,7 @@ def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
     else:
         path = Path(name_or_path)
         if path.suffix != ".py" or not path.is_file():
-            raise ValueError(
+            raise UserInputError(
                 f"unknown problem {name_or_path!r}; bundled problems: {', '.join(bundled)} "
                 "(or give the path of a .py problem file)"
             )
@@ -154,10 +229,15 @@ def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as err:  # a user's file: report it on the one-line error path
-        raise ValueError(f"problem file {str(path)!r} failed to load: {type(err).__name__}: {err}") from err
+    except (Exception, SystemExit) as err:  # a user's file: report it on the one-line error path
+        if debugging():
+            raise
+        detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
+        raise UserInputError(f"problem file {str(path)!r} failed to load: {detail}") from err
     problem = getattr(module, "problem", None)
     if not isinstance(problem, (Problem, LayerwiseProblem)):
-        raise ValueError(f"problem file {str(path)!r} must define `problem = Problem(...)` or `LayerwiseProblem(...)`")
+        raise UserInputError(
+            f"problem file {str(path)!r} must define `problem = Problem(...)` or `LayerwiseProblem(...)`"
+        )
     problem.source = str(path)
     return problem

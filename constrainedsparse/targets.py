@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from constrainedsparse.sets import (
     FeasibleSet,
@@ -97,6 +98,13 @@ class TargetParam:
     @property
     def tensor(self) -> torch.Tensor:
         """The current (possibly parametrized) tensor."""
+        return getattr(self.module, self.param_name)
+
+    @property
+    def stored(self) -> torch.nn.Parameter:
+        """The stored parameter (under a parametrization: its ``original``), what an optimizer updates."""
+        if parametrize.is_parametrized(self.module, self.param_name):
+            return self.module.parametrizations[self.param_name].original
         return getattr(self.module, self.param_name)
 
     def set_at(self, sparsity: float) -> FeasibleSet:

@@ -27,9 +27,8 @@ import torch
 from cli_helpers import fails_with_one_line
 from torch.utils.data import DataLoader
 
-from constrainedsparse import distributed
+from constrainedsparse import RunConfig, distributed, launcher, run
 from constrainedsparse.data import load_cifar10
-from constrainedsparse.engine import RunConfig, run
 from constrainedsparse.logger import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,11 +162,11 @@ def test_launcher_reports_the_rank_that_raised_not_the_ranks_that_lost_it():
     own = failure(2, 100, time=100.7, peer=False)
     lost = failure(1, 100, time=100.2, peer=True)  # earlier, but only lost its peer
     killed = failure(-15, 99)  # SIGTERM from the launcher: no error file
-    assert distributed._root_cause({0: lost, 1: own, 2: killed}) == (1, own)
-    assert distributed._root_cause({0: lost, 2: killed})[0] == 2
+    assert launcher.root_cause({0: lost, 1: own, 2: killed}) == (1, own)
+    assert launcher.root_cause({0: lost, 2: killed})[0] == 2
     aborted = failure(-6, 99)  # SIGABRT without a report: died on its own, before the agent stopped rank 0
-    assert distributed._root_cause({0: failure(-15, 99), 1: aborted}) == (1, aborted)
-    assert distributed._root_cause({0: lost, 1: own, 2: aborted}) == (1, own)
+    assert launcher.root_cause({0: failure(-15, 99), 1: aborted}) == (1, aborted)
+    assert launcher.root_cause({0: lost, 1: own, 2: aborted}) == (1, own)
 
 
 # --- several processes --------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ COMMON = dict(problem="digits-mlp", epochs=2, retrain_epochs=1, pretrain_epochs=
 def test_every_formulation_hits_its_target_and_resumes(tmp_path, name):
     full = run(RunConfig(formulation=name, sparsity=0.8, out=tmp_path / "full", **COMMON))
     assert full["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
-    if formulation_class(name).exact_layer_sparsity:
+    cls = formulation_class(name)
+    if cls.exact_layer_sparsity(cls.Config()):
         for level in full["layer_sparsity"].values():
             assert level == pytest.approx(0.8, abs=2e-3)
     assert run(RunConfig(formulation=name, sparsity=0.8, out=tmp_path / "cut", stop_after_epochs=1, **COMMON)) is None

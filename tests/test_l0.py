@@ -157,13 +157,13 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
     problem, batch = _mlp_problem()
     f = make("l0", problem, L0Config(gate_lr=0.3, weight_decay=0.01), lr=1e-3, dual_lr=1.0)
     f.setup(1, 1)
-    weights, gates = f.optimizer.primal_optimizers[0].param_groups
+    weights, gates = f.optimizer.param_groups
     assert (weights["lr"], weights["weight_decay"], gates["lr"], gates["weight_decay"]) == (1e-3, 0.01, 0.3, 0.0)
     gate_ids = {id(g.log_alpha) for g in f.gates.values()}
     assert {id(p) for p in gates["params"]} == gate_ids
     assert not gate_ids & {id(p) for p in weights["params"]}
     assert len(weights["params"]) + len(gates["params"]) == len(list(problem.model.parameters()))
-    assert isinstance(f.optimizer, cooper.optim.SimultaneousOptimizer)
+    assert isinstance(f.cooper_optimizer, cooper.optim.SimultaneousOptimizer)
     f.training_step(batch)
     assert all(float(m.weight.detach()) >= 0 for m in f.multipliers().values())
 
@@ -230,7 +230,7 @@ def test_density_dual_kp_is_a_nupi_step_on_the_density_multipliers():
     config = L0Config(density_constraint="equality", density_dual_lr=0.5, density_dual_kp=3.0, log_interval=1)
     f = make("l0", problem, config, dual_lr=1.0)
     f.setup(1, 4)
-    assert isinstance(f.optimizer.dual_optimizers[0], cooper.optim.nuPI)
+    assert isinstance(f.dual_optimizer, cooper.optim.nuPI)
     lam, total, previous = 0.0, 0.0, None
     for step in range(4):
         _, metrics = f.training_step(batch)
@@ -247,7 +247,7 @@ def test_density_dual_kp_is_a_nupi_step_on_the_density_multipliers():
     problem, _ = _mlp_problem(sparsity=0.5)
     f = make("l0", problem, L0Config(), dual_lr=1.0)
     f.setup(1, 1)
-    assert type(f.optimizer.dual_optimizers[0]) is torch.optim.SGD
+    assert type(f.dual_optimizer) is torch.optim.SGD
 
 
 def test_density_dual_kp_leaves_the_users_multipliers_on_plain_gradient_ascent():
@@ -260,7 +260,7 @@ def test_density_dual_kp_leaves_the_users_multipliers_on_plain_gradient_ascent()
     batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
     f = make("l0", problem, L0Config(density_dual_kp=5.0), dual_lr=0.25)
     f.setup(1, 3)
-    dual = f.optimizer.dual_optimizers[0]
+    dual = f.dual_optimizer
     assert isinstance(dual, cooper.optim.nuPI)
     assert [float(g["Kp"]) for g in dual.param_groups] == [5.0, 0.0]
     assert [g["lr"] for g in dual.param_groups] == [1.0, 0.25]
@@ -351,20 +351,24 @@ def test_structured_hard_masks_are_whole_conv_channels():
     assert bool((fc == fc.all(dim=0, keepdim=True)).all()) and int(fc.all(dim=0).sum()) == 12
 
 
-def test_penalty_wraps_and_restores_the_loss():
+def test_penalty_is_added_to_the_loss_and_removed_at_finalize():
     problem, batch = _mlp_problem()
     task = problem.loss_fn
     f = make("l0-penalty", problem, L0PenaltyConfig(lmbda=2.0))
     f.setup(1, 1)
-    assert isinstance(f.optimizer, cooper.optim.UnconstrainedOptimizer)
+    assert isinstance(f.cooper_optimizer, cooper.optim.UnconstrainedOptimizer)
     problem.model.eval()
     with torch.no_grad():
         out = problem.model(batch[0])
-        assert float(problem.loss_fn(out, batch[1])) == pytest.approx(
+        assert float(problem.compute_cmp_state(batch).loss) == pytest.approx(
             float(task(out, batch[1]) + 2.0 * f.expected_density())
         )
     f.finalize()
     assert problem.loss_fn is task
+    with torch.no_grad():
+        assert float(problem.compute_cmp_state(batch).loss) == pytest.approx(
+            float(task(problem.model(batch[0]), batch[1]))
+        )
 
 
 # --- runs ---------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from cli_helpers import fails_with_one_line
 from torch import nn
 from wandb_records import history_rows, wait_for_complete_run
 
+from constrainedsparse import RunConfig, run
 from constrainedsparse.cli import main
-from constrainedsparse.engine import RunConfig, run
 from constrainedsparse.layerwise import LayerProblem, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import (
     accumulate_grams,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from cli_helpers import fails_with_one_line
 
+from constrainedsparse import RunConfig, run
 from constrainedsparse.cli import main
 from constrainedsparse.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
-from constrainedsparse.engine import RunConfig, run
 from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig
 

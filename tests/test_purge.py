@@ -7,6 +7,7 @@ from torch import nn
 from constrainedsparse import make
 from constrainedsparse.formulations.l0 import L0Config
 from constrainedsparse.masks import hard_prune
+from constrainedsparse.postprune import purge_stage
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.purge import SelectFeatures, chain_purged_params, count_params_and_macs, linear_chain, purge
 from constrainedsparse.spec import load_problem
@@ -131,7 +132,7 @@ def test_unhandled_architectures(model, message):
         purge(model)
 
 
-def test_l0_hook_reports_an_unhandled_model(tmp_path):
+def test_purge_stage_reports_an_unhandled_model(tmp_path):
     class Wrapped(nn.Module):
         def __init__(self):
             super().__init__()
@@ -144,12 +145,14 @@ def test_l0_hook_reports_an_unhandled_model(tmp_path):
     targets = Targets().resolve(model, SparsityConfig(0.5))
     f = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets), L0Config(grouping="structured"))
     batch = (torch.randn(1, 4), torch.zeros(1, dtype=torch.long))
-    assert f.after_hard_prune(model, batch, tmp_path) == {
-        "purge_skipped": "purge handles flat nn.Sequential models, got Wrapped"
-    }
-    assert not (tmp_path / "purged.safetensors").exists()
-    unstructured = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets))
-    assert unstructured.after_hard_prune(model, batch, tmp_path) == {}
+    assert f.purges
+    assert purge_stage(model, targets, batch) == (
+        None,
+        {"purge_skipped": "purge handles flat nn.Sequential models, got Wrapped"},
+    )
+    model2 = Wrapped()
+    targets2 = Targets().resolve(model2, SparsityConfig(0.5))
+    assert not make("l0", SparsityProblem(model2, nn.functional.cross_entropy, targets2)).purges
 
 
 # --- the purged size of a Linear chain (l0 density_of=purged) ----------------------------------

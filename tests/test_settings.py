@@ -23,24 +23,34 @@ def test_route_settings_errors_name_the_key_and_what_is_allowed():
         route_settings({"flag": "maybe"}, groups, "for x")
 
 
-def test_registry_names_classes_and_refuses_duplicates():
-    registry: Registry[type] = Registry("widget")
+def test_registry_names_classes_by_kind_and_refuses_duplicates():
+    registry = Registry()
 
-    @registry.register("b")
+    @registry.register("layerwise", "b")
     class B:
         description = "the b"
 
-    @registry.register("a")
+    @registry.register("training", "a")
     class A:
         description = "the a"
 
-    assert registry.names() == ["a", "b"] and "a" in registry and A.name == "a"
-    assert registry.describe() == {"a": "the a", "b": "the b"}
-    assert registry.get("b", "unknown widget; choose one of ") is B
-    with pytest.raises(ValueError, match=r"^unknown widget 'c'; choose one of a, b$"):
-        registry.get("c", "unknown widget 'c'; choose one of ")
-    with pytest.raises(ValueError, match=r"^widget 'a' is already registered$"):
-        registry.register("a")(type("Again", (), {}))
+    @registry.register("layerwise", "a")
+    class A2:
+        description = "the other a"
+
+    assert (
+        registry.names("layerwise") == ["a", "b"]
+        and A.name == "a"
+        and registry.kinds_of("a") == ["training", "layerwise"]
+    )
+    assert registry.describe("layerwise") == {"a": "the other a", "b": "the b"}
+    assert registry.get("layerwise", "b") is B and registry.get("training", "a") is A
+    with pytest.raises(ValueError, match=r"^unknown layer-wise solver 'c'; choose one of a, b$"):
+        registry.get("layerwise", "c")
+    with pytest.raises(ValueError, match=r"^unknown formulation 'b'; available: a$"):
+        registry.get("training", "b")
+    with pytest.raises(ValueError, match=r"^formulation 'a' is already registered$"):
+        registry.register("training", "a")(type("Again", (), {}))
 
 
 def test_target_from_flags_is_one_validation_for_both_runners():

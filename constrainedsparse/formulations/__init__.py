@@ -6,6 +6,7 @@ Importing this package registers every built-in formulation.
 from constrainedsparse.formulations import admm, l0, magnitude, slr  # noqa: F401  (each registers itself)
 from constrainedsparse.formulations.base import (
     Formulation,
+    LagrangianStep,
     NoConfig,
     available_formulations,
     describe_formulations,
@@ -16,6 +17,7 @@ from constrainedsparse.formulations.base import (
 
 __all__ = [
     "Formulation",
+    "LagrangianStep",
     "NoConfig",
     "available_formulations",
     "describe_formulations",

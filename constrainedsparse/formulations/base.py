@@ -1,22 +1,47 @@
-"""Formulation base class and the registry that picks one by name."""
+r"""Formulation base class, the lifecycle it enforces, and :func:`make`.
+
+A formulation is *how* a :class:`~constrainedsparse.problem.SparsityProblem` reaches its target
+while the user trains: it may attach state to the model (masks, gates), register constraints of
+its own (``W - Z = 0``, expected densities), keep a dual optimizer for its multipliers, and run a
+post-step (dual step, coordination, restarts). The primal optimizer is the user's.
+
+Lifecycle (a call out of order raises ``ValueError`` naming the missing step)::
+
+    f = make("slr", problem, optimizer=opt)            # build: attaches state, adds constraints
+    f.setup(num_epochs, steps_per_epoch, reference_batch)
+    for epoch: f.start_epoch(e); for batch: f.training_step(batch); f.end_epoch(e)
+    masks = f.hard_masks(); f.finalize(); hard_prune(problem.targets, masks)
+
+One step, split so the user can act between backward and the primal step (clipping, AMP,
+accumulation)::
+
+    opt.zero_grad()
+    step = f.backward(batch)              # Lagrangian on the batch, backward (primal and dual)
+    clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()                            # the user's primal step
+    metrics = f.post_step(step)           # dual step, coordination, restarts
+
+:meth:`Formulation.training_step` is exactly these calls in this order (the one update order).
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import cooper
 import torch
 
-from constrainedsparse.masks import remove_masks
+from constrainedsparse.config import Hyperparameters
+from constrainedsparse.masks import canonical_parameters, remove_masks
 from constrainedsparse.problem import Batch, SparsityProblem
-from constrainedsparse.registry import Registry
+from constrainedsparse.registry import REGISTRY
 
 __all__ = [
     "Formulation",
+    "LagrangianStep",
     "NoConfig",
     "available_formulations",
     "describe_formulations",
@@ -25,96 +50,291 @@ __all__ = [
     "register_formulation",
 ]
 
-_REGISTRY: Registry[type[Formulation]] = Registry("formulation")
+_BUILT, _READY, _FINALIZED = "built", "ready", "finalized"
 
 
 @dataclasses.dataclass
-class NoConfig:
+class NoConfig(Hyperparameters):
     """Hyperparameters of a formulation that has none."""
 
-    def validate(self) -> None:
-        """Raises ``ValueError`` for out-of-range values (none here)."""
+
+@dataclasses.dataclass
+class LagrangianStep:
+    """One evaluation of the Lagrangian on a batch (what :meth:`Formulation.backward` returns).
+
+    Attributes:
+        cmp_state: Loss, violations and misc of the batch (Cooper's ``CMPState``).
+        lagrangian: The primal Lagrangian :math:`f + \\sum_j \\lambda_j g_j + \\dots` (a scalar tensor).
+    """
+
+    cmp_state: cooper.CMPState
+    lagrangian: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The objective :math:`f` on the batch (without constraint terms)."""
+        return self.cmp_state.loss
+
+
+def _stage_error(call: str, stage: str) -> ValueError:
+    if stage == _BUILT:
+        return ValueError(f"call setup(num_epochs, steps_per_epoch[, reference_batch]) before {call}")
+    return ValueError(f"{call} after finalize(): the formulation has already removed its state from the model")
 
 
 class Formulation(abc.ABC):
     """How the sparsity target is met: one training-phase algorithm over a :class:`SparsityProblem`.
 
-    The engine drives every formulation the same way::
-
-        setup(num_epochs, steps_per_epoch, reference_batch)  # reference_samples > 0 asks for one
-        for epoch: start_epoch(epoch); for batch: training_step(batch); end_epoch(epoch)
-        hard_masks()  # -> exact masks at the target, then hard pruning
-
-    Primal and dual updates go through a Cooper optimizer: a stock ``torch.optim`` optimizer on
-    the primal side and ``SGD(maximize=True)`` on the multipliers. Everything that changes during
-    training is returned by :meth:`state_dict` so a run can be checkpointed and resumed.
+    Args:
+        problem: The CMP (model, loss, targets, user constraints).
+        config: The formulation's hyperparameters (an instance of its ``Config``), validated here.
+        optimizer: The user's primal optimizer over the model's parameters (any ``torch.optim``
+            optimizer, with its own LR scheduler if any). ``None``: ``Adam(lr)`` over the model's
+            parameters. A formulation with parameters of its own (l0's gates) adds them to it as
+            parameter groups of their own.
+        lr: Learning rate of the default Adam (ignored when ``optimizer`` is given).
+        dual_lr: Gradient-ascent step of the user constraints' multipliers.
 
     Attributes:
         name: Registry name (``--formulation``).
         description: One line for ``constrainedsparse formulations``.
-        Config: Dataclass of hyperparameters, validated by its ``validate()``.
+        Config: Dataclass of hyperparameters (:class:`~constrainedsparse.config.Hyperparameters`).
+        optimizer: The primal optimizer stepped by :meth:`training_step`.
+        dual_optimizer: ``SGD(maximize=True)`` (or another ascent optimizer) over the multipliers
+            updated every step, or ``None`` when there are none.
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoConfig
-    exact_layer_sparsity: ClassVar[bool] = True
-    """Whether :meth:`hard_masks` meets every tensor's own level (else only the total budget)."""
 
-    def __init__(self, problem: SparsityProblem, config: Any, *, lr: float, dual_lr: float) -> None:
+    def __init__(
+        self,
+        problem: SparsityProblem,
+        config: Any = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float = 1e-3,
+        dual_lr: float = 1e-2,
+    ) -> None:
+        config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise ValueError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
         config.validate()
+        _check_rate("dual_lr", dual_lr)
         self.problem = problem
         self.config = config
         self.lr = lr
         self.dual_lr = dual_lr
-        self.optimizer: cooper.optim.CooperOptimizer | None = None
+        if optimizer is None:
+            _check_rate("lr", lr)
+            optimizer = self.default_optimizer(lr)
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_covers(optimizer, problem)
+        self.optimizer = optimizer
+        self.num_epochs = 0
+        self.steps_per_epoch = 0
+        self.reference_batch: Batch | None = None
+        self._stage = _BUILT
+        self.attach()
+        self.dual_optimizer = self.build_dual_optimizer()
+        if self.dual_optimizer is None:
+            self.cooper_optimizer: cooper.optim.CooperOptimizer = cooper.optim.UnconstrainedOptimizer(
+                problem, optimizer
+            )
+        else:
+            self.cooper_optimizer = cooper.optim.SimultaneousOptimizer(problem, optimizer, self.dual_optimizer)
 
-    def primal_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the primal optimizer (the model's by default)."""
-        return list(self.problem.model.parameters())
+    # --- construction hooks -------------------------------------------------------------------------
 
-    def build_optimizer(self) -> cooper.optim.CooperOptimizer:
-        """Adam on the primal side; gradient ascent on the multipliers if there are any."""
-        primal = torch.optim.Adam(self.primal_parameters(), lr=self.lr)
-        dual = self.problem.dual_optimizer(self.dual_lr)
-        if dual is None:
-            return cooper.optim.UnconstrainedOptimizer(self.problem, primal)
-        return cooper.optim.SimultaneousOptimizer(self.problem, primal, dual)
+    def default_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The primal optimizer when the user gives none: ``Adam`` over the model's parameters at ``lr``.
+
+        The parameters come in :func:`~constrainedsparse.masks.canonical_parameters` order, so a run
+        resumed from a checkpoint rebuilds the same optimizer whatever was masked before.
+        """
+        return torch.optim.Adam(canonical_parameters(self.problem.model), lr=lr)
+
+    def attach(self) -> None:
+        """Attaches the formulation's state to the model and problem (masks, gates, constraints).
+
+        Called once by the constructor, after ``self.optimizer`` exists: a formulation with
+        parameters of its own adds them to it here (``optimizer.add_param_group``).
+        """
+        return None
+
+    def build_dual_optimizer(self) -> torch.optim.Optimizer | None:
+        """Gradient ascent on the multipliers updated every step (the user's at ``dual_lr``), or ``None``."""
+        return self.problem.dual_optimizer(self.dual_lr)
+
+    @classmethod
+    def exact_layer_sparsity(cls, config: Any) -> bool:
+        """Whether :meth:`hard_masks` meets every tensor's own level under ``config`` (else only the total)."""
+        return True
 
     @property
     def reference_samples(self) -> int:
         """How many training samples :meth:`setup` wants as ``reference_batch`` (0: none)."""
         return 0
 
+    # --- lifecycle ------------------------------------------------------------------------------------
+
     def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
-        """Builds state before the first epoch (also called before resuming).
+        """Prepares the first epoch (also called before loading a checkpoint to resume).
 
         Args:
-            num_epochs: Pruning epochs of the run.
+            num_epochs: Pruning epochs of the run (schedules use it).
             steps_per_epoch: Minibatches per epoch.
-            reference_batch: A fixed batch of training data for formulations that compare the
-                objective at two points on the same data (e.g. SLR's surrogate conditions).
+            reference_batch: A fixed batch of training data, for formulations that compare the
+                objective at two points on the same data (SLR's surrogate conditions; see
+                :attr:`reference_samples`).
+
+        Raises:
+            ValueError: After :meth:`finalize`, for negative counts, or without a reference batch
+                where one is needed.
         """
+        if self._stage == _FINALIZED:
+            raise _stage_error("setup()", self._stage)
+        for key, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+        if self.reference_samples and reference_batch is None:
+            raise ValueError(
+                f"{self.name} needs a reference batch: pass reference_batch to setup() (a fixed batch of about "
+                f"{self.reference_samples} training samples on which it compares the loss at two points)"
+            )
         self.num_epochs = num_epochs
         self.steps_per_epoch = steps_per_epoch
-        self.optimizer = self.build_optimizer()
+        self.reference_batch = reference_batch
+        self._stage = _READY
+        self.on_setup()
+
+    def on_setup(self) -> None:
+        """Hook at the end of :meth:`setup` (e.g. SLR measures :math:`f` on the reference batch)."""
+        return None
+
+    def _require(self, call: str) -> None:
+        if self._stage != _READY:
+            raise _stage_error(call, self._stage)
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
-        """Hook at the start of epoch ``epoch`` (0-based); returns metrics to log."""
-        return {}
+        """Call at the start of epoch ``epoch`` (0-based); returns metrics to log."""
+        self._require("start_epoch()")
+        return self.on_start_epoch(epoch)
 
-    def training_step(self, batch: Batch) -> tuple[cooper.CMPState, dict[str, float]]:
-        """One primal(-dual) step on ``batch``; returns the CMP state and metrics to log."""
-        rollout = self.optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
-        return rollout.cmp_state, {}
+    def on_start_epoch(self, epoch: int) -> dict[str, float]:
+        """Hook of :meth:`start_epoch`."""
+        return {}
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        """Hook at the end of epoch ``epoch``; returns metrics to log."""
+        """Call at the end of epoch ``epoch``; returns metrics to log."""
+        self._require("end_epoch()")
+        return self.on_end_epoch(epoch)
+
+    def on_end_epoch(self, epoch: int) -> dict[str, float]:
+        """Hook of :meth:`end_epoch`."""
         return {}
 
-    @abc.abstractmethod
+    # --- one step -------------------------------------------------------------------------------------
+
+    def compute_lagrangian(self, batch: Any) -> LagrangianStep:
+        """Evaluates loss and violations on ``batch`` and builds the primal Lagrangian.
+
+        The dual Lagrangian (:math:`\\lambda^\\top g(x_t)` with the violation detached) is
+        backpropagated at once into the multipliers' gradients, so :meth:`post_step` steps the
+        multipliers with the violations measured *here*, whatever the primal step did meanwhile.
+        Several calls before one :meth:`post_step` accumulate the dual gradients, like the primal
+        ones (gradient accumulation).
+        """
+        self._require("compute_lagrangian()")
+        cmp_state = self.problem.compute_cmp_state(batch)
+        primal = cmp_state.compute_primal_lagrangian()
+        if self.dual_optimizer is not None:
+            cmp_state.compute_dual_lagrangian().backward()
+        return LagrangianStep(cmp_state, primal.lagrangian)
+
+    def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
+        """:meth:`compute_lagrangian` then backward of the primal Lagrangian.
+
+        Args:
+            batch: Any batch the problem accepts (``(x, y)``, a dict, ...).
+            scale: Multiplies the primal Lagrangian before backward (``1 / accumulation_steps``).
+            scaler: A ``torch.amp.GradScaler``: the Lagrangian is scaled by it before backward.
+        """
+        step = self.compute_lagrangian(batch)
+        lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
+        if scaler is not None:
+            lagrangian = scaler.scale(lagrangian)
+        lagrangian.backward()
+        return step
+
+    def post_step(self, step: LagrangianStep | Sequence[LagrangianStep]) -> dict[str, float]:
+        """After the user's primal step: the dual step and the formulation's own post-step work.
+
+        Args:
+            step: What :meth:`backward` returned (a sequence of them with gradient accumulation;
+                the last one's state is what the formulation logs).
+
+        Returns:
+            Metrics to log at this step.
+        """
+        self._require("post_step()")
+        last = step[-1] if isinstance(step, Sequence) else step
+        if self.dual_optimizer is not None:
+            self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_
+            self.dual_optimizer.zero_grad(set_to_none=True)
+        return self.after_step(last.cmp_state)
+
+    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Hook of :meth:`post_step`: coordination, restarts, clamps; returns metrics to log."""
+        return {}
+
+    def training_step(self, batch: Any) -> tuple[cooper.CMPState, dict[str, float]]:
+        """One primal-dual step on ``batch``: zero_grad, :meth:`backward`, primal step, :meth:`post_step`."""
+        self._require("training_step()")
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.backward(batch)
+        self.optimizer.step()
+        return step.cmp_state, self.post_step(step)
+
+    # --- the end of pruning -----------------------------------------------------------------------
+
     def hard_masks(self) -> dict[str, torch.Tensor]:
-        """Boolean masks at the target level, by parameter name (exactly feasible)."""
+        """Boolean masks at the target level, by parameter name (exactly feasible).
+
+        Raises:
+            ValueError: After :meth:`finalize`.
+        """
+        if self._stage == _FINALIZED:
+            raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
+        return self.compute_hard_masks()
+
+    @abc.abstractmethod
+    def compute_hard_masks(self) -> dict[str, torch.Tensor]:
+        """The masks of :meth:`hard_masks`."""
+
+    def finalize(self) -> None:
+        """Removes what the formulation attached (masks baked into the weights, its constraints unregistered).
+
+        Raises:
+            ValueError: If called twice.
+        """
+        if self._stage == _FINALIZED:
+            raise ValueError("finalize() was already called")
+        self.detach()
+        self._stage = _FINALIZED
+
+    def detach(self) -> None:
+        """Hook of :meth:`finalize`: undo :meth:`attach` (by default, bake and remove masks)."""
+        remove_masks(self.problem.targets)
+
+    @property
+    def finalized(self) -> bool:
+        """Whether :meth:`finalize` ran."""
+        return self._stage == _FINALIZED
+
+    # --- what runs log and save -----------------------------------------------------------------------
 
     def histograms(self) -> dict[str, torch.Tensor]:
         """Value distributions to log as wandb histograms at epoch ends (none by default)."""
@@ -124,61 +344,101 @@ class Formulation(abc.ABC):
         """Extra ``summary.json`` fields, taken at the end of pruning (before :meth:`finalize`)."""
         return {}
 
-    def after_hard_prune(self, model: torch.nn.Module, example_batch: Batch, out: Path) -> dict[str, Any]:
-        """Hook called once right after hard pruning (before retraining); its dict joins ``summary.json``.
-
-        Args:
-            model: The hard-pruned model (plain weights).
-            example_batch: One training sample ``(x, y)`` on the model's device.
-            out: The run directory (for extra artifacts such as ``purged.safetensors``).
-        """
-        return {}
-
-    def finalize(self) -> None:
-        """Removes what the formulation attached to the model; masks are baked into the weights."""
-        remove_masks(self.problem.targets)
+    @property
+    def purges(self) -> bool:
+        """Whether the hard-pruned model has whole groups removed that a purge stage can cut out."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes during training, for checkpoints."""
-        return {"optimizer": self.optimizer.state_dict(), "cmp": self.problem.state_dict()}
+        """Everything the formulation changes during training (not the model, not the primal optimizer)."""
+        dual = self.dual_optimizer.state_dict() if self.dual_optimizer is not None else None
+        return {"dual_optimizer": dual, "cmp": self.problem.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` (after :meth:`setup`)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dual_optimizer is not None and state.get("dual_optimizer") is not None:
+            self.dual_optimizer.load_state_dict(state["dual_optimizer"])
         self.problem.load_state_dict(state["cmp"])
 
 
+def _check_rate(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+
+
+def _check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> None:
+    """The optimizer must update every targeted tensor (else pruning would train nothing)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for target in problem.targets:
+        stored = target.stored
+        if id(stored) not in held:
+            raise ValueError(
+                f"the optimizer does not hold {target.name}: build it over model.parameters() before make()"
+            )
+
+
 def register_formulation(name: str) -> Callable[[type[Formulation]], type[Formulation]]:
-    """Class decorator adding a formulation to the registry under ``name``.
+    """Class decorator adding a training formulation to the registry under ``name``.
 
     Raises:
         ValueError: If ``name`` is already registered.
     """
-    return _REGISTRY.register(name)
+    return REGISTRY.register("training", name)
 
 
 def available_formulations() -> list[str]:
-    """Registered names, sorted."""
-    return _REGISTRY.names()
+    """Registered training formulation names, sorted."""
+    return REGISTRY.names("training")
 
 
 def describe_formulations() -> dict[str, str]:
     """``{name: one-line description}``."""
-    return _REGISTRY.describe()
+    return REGISTRY.describe("training")
 
 
 def formulation_class(name: str) -> type[Formulation]:
-    """The class registered as ``name``.
+    """The training formulation registered as ``name``.
 
     Raises:
         ValueError: For an unknown name, listing the known ones.
     """
-    return _REGISTRY.get(name, f"unknown formulation {name!r}; available: ")
+    return REGISTRY.get("training", name)
 
 
 def make(
-    name: str, problem: SparsityProblem, config: Any = None, *, lr: float = 1e-3, dual_lr: float = 1e-2
+    name: str,
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
 ) -> Formulation:
-    """Builds the formulation ``name`` on ``problem`` (default hyperparameters if ``config`` is None)."""
+    """Builds the formulation ``name`` on ``problem``.
+
+    Args:
+        name: A registered training formulation (``slr``, ``admm``, ``l0``, ``l0-penalty``, ``magnitude``).
+        problem: The :class:`SparsityProblem`.
+        config: Optional: an instance of the formulation's ``Config`` (or a mapping of hyperparameters).
+        optimizer: The user's primal optimizer (``None``: ``Adam(lr)``), see :class:`Formulation`.
+        lr: Learning rate of the default Adam.
+        dual_lr: Gradient-ascent step of the user constraints' multipliers.
+        **hyperparameters: The formulation's hyperparameters by key (``rho=0.05, interval=20``);
+            :func:`constrainedsparse.describe` lists them.
+
+    Raises:
+        ValueError: For an unknown name, an unknown key (listing the allowed ones), or a value of
+            the wrong type or range.
+    """
     cls = formulation_class(name)
-    return cls(problem, config if config is not None else cls.Config(), lr=lr, dual_lr=dual_lr)
+    if not isinstance(problem, SparsityProblem):
+        raise ValueError(f"problem must be a SparsityProblem, got {type(problem).__name__}")
+    if isinstance(config, Mapping):
+        hyperparameters = {**config, **hyperparameters}
+        config = None
+    if config is not None and hyperparameters:
+        raise ValueError("give either a config object or hyperparameters as keywords, not both")
+    if config is None:
+        config = cls.Config.from_values(hyperparameters, where=f" for formulation {name!r}")
+    return cls(problem, config, optimizer=optimizer, lr=lr, dual_lr=dual_lr)

@@ -40,9 +40,11 @@ import cooper
 import torch
 from cooper.formulations import ContributionStore
 
+from constrainedsparse.batches import batch_size
+from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.formulations.base import Formulation
-from constrainedsparse.problem import Batch, SparsityProblem
+from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
 
 __all__ = [
@@ -60,8 +62,8 @@ CONSTRAINT_PREFIX = "w_eq_z/"
 
 
 @dataclasses.dataclass
-class DuplicateConfig:
-    """Hyperparameters shared by ``slr`` and ``admm``.
+class DuplicateConfig(Hyperparameters):
+    """Hyperparameters shared by ``slr`` and ``admm`` (the same defaults for both).
 
     Attributes:
         rho: Penalty coefficient :math:`\\rho > 0` of :math:`\\frac{\\rho}{2}\\lVert W - Z\\rVert^2`.
@@ -73,27 +75,21 @@ class DuplicateConfig:
             ``"z"`` (the last projection).
     """
 
-    rho: float = 0.1
-    rho_growth: float = 1.05
-    rho_max: float = 1e4
-    interval: int = 10
-    interval_unit: str = "step"
-    mask_from: str = "w"
+    rho: float = hyperparameter(0.1, "penalty coefficient rho of rho/2 ||W - Z||^2", Bounds(low=0, low_inclusive=False))
+    rho_growth: float = hyperparameter(1.05, "factor applied to rho after every coordination", Bounds(low=1))
+    rho_max: float = hyperparameter(1e4, "upper bound on rho when it grows (>= rho)")
+    interval: int = hyperparameter(
+        10, "coordinate (Z-step, dual steps) every this many units", Bounds(low=1, integer=True)
+    )
+    interval_unit: str = hyperparameter("step", "unit of interval", OneOf(INTERVAL_UNITS))
+    mask_from: str = hyperparameter(
+        "w", "hard masks from the top-k of the weights (w) or Z's support (z)", OneOf(MASK_SOURCES)
+    )
 
-    def validate(self) -> None:
-        """Raises ``ValueError`` naming the first out-of-range value."""
-        if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
-        if not self.rho_growth >= 1:
-            raise ValueError(f"rho_growth must be >= 1, got {self.rho_growth}")
+    def check(self) -> None:
+        """``rho_max >= rho``."""
         if not self.rho_max >= self.rho:
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
-        if not (isinstance(self.interval, int) and self.interval >= 1):
-            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
-        if self.interval_unit not in INTERVAL_UNITS:
-            raise ValueError(f"interval_unit must be one of {', '.join(INTERVAL_UNITS)}, got {self.interval_unit!r}")
-        if self.mask_from not in MASK_SOURCES:
-            raise ValueError(f"mask_from must be one of {', '.join(MASK_SOURCES)}, got {self.mask_from!r}")
 
 
 class _AugmentedTerm(torch.autograd.Function):
@@ -180,12 +176,14 @@ class Iterate:
         z_prev: :math:`Z^{k-1}`.
         f_value: :math:`f(W^k)` on the reference batch, if the rule asked for it.
         z: :math:`Z^k`, set after the Z-step.
+        notes: Values a dual rule computes before the Z-step and reads after it (this iteration only).
     """
 
     w: dict[str, torch.Tensor]
     z_prev: dict[str, torch.Tensor]
     f_value: float | None
     z: dict[str, torch.Tensor] | None = None
+    notes: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def residual_before_z(self) -> dict[str, torch.Tensor]:
@@ -218,11 +216,11 @@ class DuplicateVariables(Formulation):
 
     Config = DuplicateConfig
 
-    def __init__(self, problem: SparsityProblem, config: DuplicateConfig, *, lr: float, dual_lr: float) -> None:
-        super().__init__(problem, config, lr=lr, dual_lr=dual_lr)
+    def attach(self) -> None:
+        """Copies :math:`Z = \\Pi_C(W)`, :math:`W^{k-1} = W` and registers one W = Z constraint per target."""
+        problem, config = self.problem, self.config
         self.k = 0
         self.steps_done = 0
-        self.reference_batch: Batch | None = None
         self.constraints: dict[str, cooper.Constraint] = {}
         with torch.no_grad():
             self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
@@ -287,8 +285,8 @@ class DuplicateVariables(Formulation):
         model = self.problem.model
         was_training = model.training
         model.eval()
-        x, y = self.reference_batch
-        value = float(weighted_mean(self.problem.loss_fn(model(x), y), len(y)))
+        loss, _ = self.problem.loss(self.reference_batch, module=model)
+        value = float(weighted_mean(loss, batch_size(self.reference_batch)))
         model.train(was_training)
         return value
 
@@ -401,32 +399,28 @@ class DuplicateVariables(Formulation):
 
     # --- Formulation hooks --------------------------------------------------------------------
 
-    def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
-        super().setup(num_epochs, steps_per_epoch, reference_batch)
-        self.reference_batch = reference_batch
-
-    def training_step(self, batch: Batch) -> tuple[cooper.CMPState, dict[str, float]]:
-        cmp_state, metrics = super().training_step(batch)
+    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Counts the W-step; coordinates every ``interval`` steps (``interval_unit=step``)."""
         self.steps_done += 1
         if self.config.interval_unit == "step" and self.steps_done % self.config.interval == 0:
-            metrics = {**metrics, **self.coordinate()}
-        return cmp_state, metrics
+            return self.coordinate()
+        return {}
 
-    def end_epoch(self, epoch: int) -> dict[str, float]:
+    def on_end_epoch(self, epoch: int) -> dict[str, float]:
         if self.config.interval_unit == "epoch" and (epoch + 1) % self.config.interval == 0:
             return self.coordinate()
         return {}
 
     @torch.no_grad()
-    def hard_masks(self) -> dict[str, torch.Tensor]:
+    def compute_hard_masks(self) -> dict[str, torch.Tensor]:
         source = self.z if self.config.mask_from == "z" else self.weights()
         return {t.name: t.feasible_set.mask(source[t.name]) for t in self.problem.targets}
 
-    def finalize(self) -> None:
+    def detach(self) -> None:
         """Unregisters the W = Z constraints so masked retraining sees only the user's."""
         for name in self.constraints:
             self.problem.remove_constraint(CONSTRAINT_PREFIX + name)
-        super().finalize()
+        super().detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {

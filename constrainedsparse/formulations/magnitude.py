@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.formulations.base import Formulation, register_formulation
 from constrainedsparse.masks import apply_masks, current_masks
 
 
 @dataclasses.dataclass
-class MagnitudeConfig:
+class MagnitudeConfig(Hyperparameters):
     """Hyperparameters of ``magnitude``.
 
     Attributes:
@@ -29,11 +30,9 @@ class MagnitudeConfig:
             then train with the mask fixed).
     """
 
-    schedule: str = "cubic"
-
-    def validate(self) -> None:
-        if self.schedule not in ("cubic", "oneshot"):
-            raise ValueError(f"schedule must be 'cubic' or 'oneshot', got {self.schedule!r}")
+    schedule: str = hyperparameter(
+        "cubic", "gradual cubic schedule over the pruning epochs, or one-shot", OneOf(("cubic", "oneshot"), "or")
+    )
 
 
 @register_formulation("magnitude")
@@ -50,14 +49,14 @@ class Magnitude(Formulation):
         return 1.0 - (1.0 - (epoch + 1) / self.num_epochs) ** 3
 
     @torch.no_grad()
-    def start_epoch(self, epoch: int) -> dict[str, float]:
+    def on_start_epoch(self, epoch: int) -> dict[str, float]:
         fraction = self.scheduled_sparsity(epoch)
         masks = {t.name: t.set_at(t.sparsity * fraction).mask(t.tensor) for t in self.problem.targets}
         apply_masks(self.problem.targets, masks)
         return {"schedule/fraction": fraction}
 
     @torch.no_grad()
-    def hard_masks(self) -> dict[str, torch.Tensor]:
+    def compute_hard_masks(self) -> dict[str, torch.Tensor]:
         return {t.name: t.feasible_set.mask(t.tensor) for t in self.problem.targets}
 
     def state_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from constrainedsparse.config import Bounds, hyperparameter
 from constrainedsparse.formulations.base import register_formulation
 from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, squared_norms
 
@@ -54,21 +55,12 @@ class SLRConfig(DuplicateConfig):
             condition (6).
     """
 
-    s0: float = 0.01
-    M: float = 300.0
-    r: float = 0.1
-    reference_samples: int = 128
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.s0 > 0:
-            raise ValueError(f"s0 must be > 0, got {self.s0}")
-        if not self.M > 1:
-            raise ValueError(f"M must be > 1, got {self.M}")
-        if not 0 < self.r < 1:
-            raise ValueError(f"r must be in (0, 1), got {self.r}")
-        if not (isinstance(self.reference_samples, int) and self.reference_samples >= 1):
-            raise ValueError(f"reference_samples must be an integer >= 1, got {self.reference_samples!r}")
+    s0: float = hyperparameter(0.01, "initial dual step size s^0", Bounds(low=0, low_inclusive=False))
+    M: float = hyperparameter(300.0, "M in alpha^k = 1 - 1/(M k^(1 - 1/k^r))", Bounds(low=1, low_inclusive=False))
+    r: float = hyperparameter(0.1, "r in alpha^k", Bounds(0, 1, low_inclusive=False, high_inclusive=False))
+    reference_samples: int = hyperparameter(
+        128, "training samples of the fixed batch on which f is compared in condition (6)", Bounds(low=1, integer=True)
+    )
 
 
 def _ratio_step(alpha: float, step: float, numerator: float, denominator: float) -> float:
@@ -85,47 +77,51 @@ class SLR(DuplicateVariables):
     Config = SLRConfig
     needs_objective = True
 
-    def __init__(self, problem, config: SLRConfig, *, lr: float, dual_lr: float) -> None:
-        super().__init__(problem, config, lr=lr, dual_lr=dual_lr)
-        self.step_size = config.s0
+    def attach(self) -> None:
+        """The W = Z core, then :math:`s = s_0`; :math:`f(W^0)` is measured at :meth:`setup`."""
+        super().attach()
+        self.step_size = self.config.s0  # s^k
+        self.s_prime = self.config.s0  # s'^k of the latest iteration
         self.f_prev: float | None = None
 
     @property
     def reference_samples(self) -> int:
         return self.config.reference_samples
 
-    def setup(self, num_epochs, steps_per_epoch, reference_batch=None) -> None:
-        super().setup(num_epochs, steps_per_epoch, reference_batch)
+    def on_setup(self) -> None:
+        """Measures :math:`f(W^0)` on the reference batch (kept when resuming from a checkpoint)."""
         if self.f_prev is None:
             self.f_prev = self.objective()
 
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
-        self.alpha = slr_alpha(self.k, self.config.M, self.config.r)
+        alpha = it.notes["alpha"] = slr_alpha(self.k, self.config.M, self.config.r)
         lam = self.multipliers()
         # it.z_prev is Z^{k-1}; w_prev is the real copy of W^{k-1} taken at iteration k-1.
         residual_prev = {name: self.w_prev[name] - it.z_prev[name] for name in it.w}
         residual_prev_sq = squared_norms(residual_prev)
-        self.prev_gap = sum(residual_prev_sq.values()) ** 0.5
+        prev_gap = it.notes["prev_gap"] = sum(residual_prev_sq.values()) ** 0.5
         now = self.augmented_lagrangian(it.f_value, it.residual_before_z, it.residual_sq_before_z, lam)
         before = self.augmented_lagrangian(self.f_prev, residual_prev, residual_prev_sq, lam)
         holds = now < before
         gap = sum(it.residual_sq_before_z.values()) ** 0.5
-        self.s_prime = _ratio_step(self.alpha, self.step_size, self.prev_gap, gap) if holds else self.step_size
+        s_prime = _ratio_step(alpha, self.step_size, prev_gap, gap) if holds else self.step_size
+        self.s_prime = it.notes["s_prime"] = s_prime
         metrics = {
-            "stepsize/alpha": self.alpha,
+            "stepsize/alpha": alpha,
             "condition/6_holds": float(holds),
             "lagrangian/L_rho": now,
             "lagrangian/f_reference": it.f_value,
-            "stepsize/s_prime": self.s_prime,
+            "stepsize/s_prime": s_prime,
         }
-        return (self.s_prime if holds else None), metrics
+        return (s_prime if holds else None), metrics
 
     def dual_step_after_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         lam = self.multipliers()  # Lambda' (after the first update, if any)
         after = self.augmented_lagrangian(it.f_value, it.residual, it.residual_sq, lam)
         holds = after < self.augmented_lagrangian(it.f_value, it.residual_before_z, it.residual_sq_before_z, lam)
         gap = sum(it.residual_sq.values()) ** 0.5
-        self.step_size = _ratio_step(self.alpha, self.s_prime, self.prev_gap, gap) if holds else self.s_prime
+        alpha, s_prime, prev_gap = it.notes["alpha"], it.notes["s_prime"], it.notes["prev_gap"]
+        self.step_size = _ratio_step(alpha, s_prime, prev_gap, gap) if holds else s_prime
         self.f_prev = it.f_value
         return (self.step_size if holds else None), {"condition/11_holds": float(holds), "stepsize/s": self.step_size}
 

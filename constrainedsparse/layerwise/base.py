@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from constrainedsparse.registry import Registry
+from constrainedsparse.config import Hyperparameters
+from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
 from constrainedsparse.targets import SparsityConfig
 
@@ -38,8 +39,6 @@ __all__ = [
     "solver_class",
     "wanda_scores",
 ]
-
-_REGISTRY: Registry[type[LayerwiseSolver]] = Registry("layer-wise solver")
 
 
 @dataclasses.dataclass
@@ -95,11 +94,8 @@ class LayerResult:
 
 
 @dataclasses.dataclass
-class NoSolverConfig:
+class NoSolverConfig(Hyperparameters):
     """Hyperparameters of a solver that has none."""
-
-    def validate(self) -> None:
-        """Raises ``ValueError`` for out-of-range values (none here)."""
 
 
 class LayerwiseSolver(abc.ABC):
@@ -136,17 +132,17 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
     Raises:
         ValueError: If ``name`` is already registered.
     """
-    return _REGISTRY.register(name)
+    return REGISTRY.register("layerwise", name)
 
 
 def available_solvers() -> list[str]:
     """Registered layer-wise solver names, sorted."""
-    return _REGISTRY.names()
+    return REGISTRY.names("layerwise")
 
 
 def describe_solvers() -> dict[str, str]:
     """``{name: one-line description}`` of the layer-wise solvers."""
-    return _REGISTRY.describe()
+    return REGISTRY.describe("layerwise")
 
 
 def solver_class(name: str) -> type[LayerwiseSolver]:
@@ -155,4 +151,4 @@ def solver_class(name: str) -> type[LayerwiseSolver]:
     Raises:
         ValueError: If no solver has that name.
     """
-    return _REGISTRY.get(name, f"unknown layer-wise solver {name!r}; choose one of ")
+    return REGISTRY.get("layerwise", name)

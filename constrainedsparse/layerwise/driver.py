@@ -37,12 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from constrainedsparse import distributed
+from constrainedsparse.batches import to_device
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = [
     "BlockInputs",
     "accumulate_grams",
+    "call_model",
     "assign_layers",
     "LayerReport",
     "capture_block_inputs",
@@ -134,8 +136,19 @@ class BlockInputs:
         return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, ``model(batch)`` otherwise."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` as booleans (True for real tokens), or ``None``."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return None if mask is None else mask.bool()
 
 
 @torch.no_grad()
@@ -145,9 +158,10 @@ def capture_block_inputs(
     """Runs every batch through ``model`` and records what ``block`` is called with.
 
     Args:
-        model: The whole model (called as ``model(**batch)``).
+        model: The whole model (called as :func:`call_model` does).
         block: The block whose inputs to record.
-        batches: Calibration batches of model keyword arguments; ``attention_mask`` marks padding.
+        batches: Calibration batches (dicts of keyword arguments, tuples or tensors); a dict's
+            ``attention_mask`` marks padding.
         device: Where the batches are run.
 
     Returns:
@@ -162,14 +176,13 @@ def capture_block_inputs(
     inputs = []
     try:
         for batch in batches:
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             before = len(captured)
-            model(**batch)
+            call_model(model, batch)
             if len(captured) != before + 1:
                 raise ValueError(f"the block was called {len(captured) - before} times for one batch (expected once)")
-            mask = batch.get("attention_mask")
             args, kwargs = captured[-1]
-            inputs.append(BlockInputs(args, kwargs, None if mask is None else mask.bool()))
+            inputs.append(BlockInputs(args, kwargs, token_mask(batch)))
     finally:
         handle.remove()
     return inputs

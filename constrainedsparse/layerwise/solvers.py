@@ -19,11 +19,11 @@ choosing masks only through the layer's feasible set (:mod:`constrainedsparse.se
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import torch
 
+from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
 from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK, TopK, keep_count
 
@@ -76,7 +76,7 @@ class Wanda(LayerwiseSolver):
 
 
 @dataclasses.dataclass
-class SparseGPTConfig:
+class SparseGPTConfig(Hyperparameters):
     r"""Hyperparameters of ``sparsegpt``.
 
     Attributes:
@@ -87,18 +87,14 @@ class SparseGPTConfig:
             positive definite, before falling back to the Wanda mask without weight update.
     """
 
-    blocksize: int = 128
-    damp: float = 0.01
-    damp_retries: int = 3
-
-    def validate(self) -> None:
-        """Raises ``ValueError`` naming the first out-of-range value."""
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise ValueError(f"sparsegpt: blocksize must be an integer >= 1, got {self.blocksize!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < math.inf:
-            raise ValueError(f"sparsegpt: damp must be a finite number > 0, got {self.damp!r}")
-        if isinstance(self.damp_retries, bool) or not isinstance(self.damp_retries, int) or self.damp_retries < 0:
-            raise ValueError(f"sparsegpt: damp_retries must be an integer >= 0, got {self.damp_retries!r}")
+    error_prefix: ClassVar[str] = "sparsegpt: "
+    blocksize: int = hyperparameter(128, "columns per lazy-update block", Bounds(low=1, integer=True))
+    damp: float = hyperparameter(
+        0.01, "relative damping of H = G + damp * mean(diag G) * I", Bounds(low=0, low_inclusive=False, finite=True)
+    )
+    damp_retries: int = hyperparameter(
+        3, "times the damping is multiplied by 10 before falling back to Wanda", Bounds(low=0, integer=True)
+    )
 
 
 def _inverse_upper_cholesky(hessian: torch.Tensor, shift: float) -> torch.Tensor | None:

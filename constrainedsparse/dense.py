@@ -1,0 +1,161 @@
+"""The dense model a training run starts from, cached; data order and evaluation of training runs.
+
+The dense model is the problem's model trained for ``--pretrain-epochs`` with Adam, cached per
+(problem file, options, lr, batch size, device kind, seed, epochs) under :func:`cache_dir`; a damaged
+cache file (a partial copy) is detected, removed and retrained. Every random choice derives from
+the run's seed (the constants below), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from constrainedsparse import distributed
+from constrainedsparse.batches import to_device
+from constrainedsparse.checkpoint import save_weights
+from constrainedsparse.errors import NonFiniteLossError
+from constrainedsparse.progress import Progress
+from constrainedsparse.spec import Problem, call_user
+
+if TYPE_CHECKING:
+    from constrainedsparse.engine import TrainingPrepared
+
+__all__ = ["cache_dir", "dense_model", "evaluate", "loader", "reference_batch", "seed_everything"]
+
+EVAL_BATCH = 1024
+# Seeds derived from --seed: the dense model uses the seed itself, pruning seed + PRUNE_SEED_OFFSET,
+# every epoch's shuffling (seed, phase, epoch) through LOADER_SEED_* and the reference batch REFERENCE_SEED_*.
+PRUNE_SEED_OFFSET = 1
+LOADER_SEED_MULTIPLIER, LOADER_PHASE_MULTIPLIER = 1_000_003, 10_007
+REFERENCE_SEED_MULTIPLIER, REFERENCE_SEED_OFFSET = 7_919, 13
+DENSE_PHASE, PRUNE_PHASE, RETRAIN_PHASE = -1, 0, 1
+
+
+def cache_dir() -> Path:
+    """Where dense models are cached: ``$CONSTRAINEDSPARSE_CACHE`` or ``~/.cache/constrainedsparse``."""
+    return Path(os.environ.get("CONSTRAINEDSPARSE_CACHE", Path.home() / ".cache" / "constrainedsparse"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int) -> DataLoader:
+    """Shuffled batches whose order depends only on (seed, phase, epoch): resumable.
+
+    Under torchrun each rank gets its share of every (global) batch, see :func:`distributed.loader`.
+    """
+    generator_seed = seed * LOADER_SEED_MULTIPLIER + phase * LOADER_PHASE_MULTIPLIER + epoch
+    if distributed.is_distributed():
+        return distributed.loader(dataset, batch_size, generator_seed)
+    generator = torch.Generator().manual_seed(generator_seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+@torch.no_grad()
+def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
+    """The problem's metric over ``dataset`` (on the model's device), weighted by batch size.
+
+    Under torchrun every rank evaluates a shard (with rank 0's buffers) and the means are combined.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    distributed.broadcast_buffers(model)
+    if distributed.is_distributed():
+        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+    total, weighted = 0, 0.0
+    for batch in DataLoader(dataset, batch_size=EVAL_BATCH):
+        output, y = problem.predict(model, to_device(batch, device))
+        weighted += problem.metric(output, y) * len(y)
+        total += len(y)
+    model.train(was_training)
+    if distributed.is_distributed():
+        return float(distributed.weighted_mean(torch.tensor(weighted / max(total, 1), dtype=torch.float64), total))
+    return weighted / max(total, 1)
+
+
+def _dense_cache_path(prepared: TrainingPrepared) -> Path:
+    """Everything that shapes the dense model is in the key: problem file, options, training keys."""
+    recipe = json.dumps(
+        {
+            "options": prepared.options,
+            "lr": prepared.training.lr,
+            "batch": prepared.training.batch_size,
+            # CUDA kernels round differently: a GPU-trained dense model is not the CPU one.
+            "device": torch.device(prepared.device).type,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    tag = f"{prepared.problem.cache_tag()}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+    return cache_dir() / "dense" / f"{tag}-seed{prepared.config.seed}-pre{prepared.pretrain_epochs}.safetensors"
+
+
+def _load_cached(model: nn.Module, path: Path, device: str) -> bool:
+    """Loads a cached dense model; a damaged file (partial copy, other shapes) is removed and retrained."""
+    try:
+        model.load_state_dict(load_file(path, device=str(device)))
+        return True
+    except (SafetensorError, RuntimeError, OSError, KeyError, ValueError) as err:
+        print(f"warning: the cached dense model {path} is damaged ({type(err).__name__}); retraining it", flush=True)
+        path.unlink(missing_ok=True)
+        return False
+
+
+def dense_model(prepared: TrainingPrepared, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
+    """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
+    problem, seed, device = prepared.problem, prepared.config.seed, prepared.device
+    seed_everything(seed)
+    model = call_user(problem.name, "model(options)", problem.model, prepared.options).to(device)
+    path = _dense_cache_path(prepared)
+    if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
+        loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
+        if distributed.broadcast_object(loaded):
+            distributed.broadcast_module(model)
+            return model, evaluate(problem, model, test)
+        seed_everything(seed)
+        model = call_user(problem.name, "model(options)", problem.model, prepared.options).to(device)
+    training = prepared.training
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
+    forward = distributed.wrap(model)
+    progress = Progress(prepared.pretrain_epochs, f"dense {problem.name}", prepared.config.progress)
+    for epoch in range(prepared.pretrain_epochs):
+        for batch in loader(train, training.batch_size, seed, DENSE_PHASE, epoch):
+            optimizer.zero_grad(set_to_none=True)
+            loss = problem.batch_loss(forward, to_device(batch, device))
+            loss.backward()
+            optimizer.step()
+        if not math.isfinite(loss.item()):
+            progress.close()
+            raise NonFiniteLossError(
+                f"dense pre-training loss became {loss.item()} in epoch {epoch + 1}; nothing was cached "
+                "(lower --set lr?)"
+            )
+        progress.epoch_done(loss=loss.item())
+    progress.close()
+    if distributed.is_main_process():
+        save_weights(path, model.state_dict())
+    return model, evaluate(problem, model, test)
+
+
+def reference_batch(train: Dataset, seed: int, size: int) -> Any:
+    """A fixed batch of ``min(size, len(train))`` training samples drawn with ``seed``."""
+    generator = torch.Generator().manual_seed(seed * REFERENCE_SEED_MULTIPLIER + REFERENCE_SEED_OFFSET)
+    indices = torch.randperm(len(train), generator=generator)[:size].tolist()
+    return next(iter(DataLoader(Subset(train, indices), batch_size=len(indices))))

@@ -1,0 +1,48 @@
+"""The two failures a run reports in one line: bad input, and a loss that stopped being finite.
+
+Everything a user can get wrong (a flag, a ``--set`` value, a problem file, a checkpoint that is not
+ours) is raised as :class:`UserInputError` at the input boundary; the CLI turns only that, and
+:class:`NonFiniteLossError`, into ``error: ...`` with exit code 2. Any other exception is a bug of
+ours and keeps its traceback. :class:`UserInputError` is a :class:`ValueError`, so Python callers
+catch it as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["NonFiniteLossError", "UserInputError", "user_input"]
+
+
+class UserInputError(ValueError):
+    """A value given by the user (flag, setting, file, problem code) is unusable; the message says why."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+
+@contextlib.contextmanager
+def user_input(prefix: str = "") -> Iterator[None]:
+    """Turns a ``ValueError`` raised inside the block into a :class:`UserInputError` (first line kept).
+
+    Use it around validation of user input only, so that a ``ValueError`` elsewhere stays a bug.
+
+    Args:
+        prefix: Prepended to the message (``"block 0 q.weight: "``).
+    """
+    try:
+        yield
+    except UserInputError as err:
+        if not prefix:
+            raise
+        raise UserInputError(f"{prefix}{err}") from err
+    except ValueError as err:
+        raise UserInputError(f"{prefix}{first_line(err)}") from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,140 @@
+r"""Hyperparameters of ``l0`` and ``l0-penalty``: the gate settings both share, and each one's own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
+from constrainedsparse.gates import GROUPINGS
+
+__all__ = [
+    "DENSITY_CONSTRAINTS",
+    "DENSITY_OF",
+    "GateConfig",
+    "L0Config",
+    "L0PenaltyConfig",
+    "SCOPES",
+]
+
+SCOPES = ("model", "layer")
+DENSITY_CONSTRAINTS = ("inequality", "equality", "two-sided")
+DENSITY_OF = ("weights", "purged")
+_POSITIVE = Bounds(low=0, low_inclusive=False)
+
+
+@dataclasses.dataclass
+class GateConfig(Hyperparameters):
+    """The gate settings of both ``l0`` and ``l0-penalty``.
+
+    Attributes:
+        grouping: ``"unstructured"`` (a gate per weight) or ``"structured"`` (per input neuron of
+            Linear, per output channel of Conv).
+        droprate_init: Initial drop rate of every gate, in (0, 1).
+        gate_lr: Learning rate of the gates' :math:`\\log\\alpha` (their own parameter group of the
+            primal optimizer: the default Adam or the user's).
+        gate_momentum: Momentum of the gates' group (Adam's :math:`\\beta_1`, SGD's momentum). 0 by
+            default: with momentum the gates keep moving after a restart sets :math:`\\lambda = 0` and
+            overshoot the target (measured in ``benchmarks/l0_control.py`` and the report of issue 4).
+        weight_decay: L2 weight decay of the weights in the default Adam (a user's optimizer keeps
+            its own); the gates' group always has 0.
+        log_interval: Log the dual dynamics every this many steps (and at every restart).
+    """
+
+    grouping: str = hyperparameter(
+        "unstructured", "a gate per weight, or per input neuron / output channel", OneOf(GROUPINGS)
+    )
+    droprate_init: float = hyperparameter(0.01, "initial drop rate of every gate", Bounds(0, 1, False, False))
+    gate_lr: float = hyperparameter(0.1, "learning rate of the gates' log alpha (own parameter group)", _POSITIVE)
+    gate_momentum: float = hyperparameter(
+        0.0, "momentum of the gates' group (Adam beta1 / SGD momentum)", Bounds(0, 1, high_inclusive=False)
+    )
+    weight_decay: float = hyperparameter(0.0, "L2 weight decay of the weights in the default Adam", Bounds(low=0))
+    log_interval: int = hyperparameter(10, "log the dual dynamics every this many steps", Bounds(low=1))
+
+
+@dataclasses.dataclass
+class L0Config(GateConfig):
+    """Hyperparameters of ``l0`` (plus the gate ones of :class:`GateConfig`).
+
+    Attributes:
+        scope: ``"model"`` (one expected-density constraint over all targets) or ``"layer"``.
+        density_constraint: How the expected density :math:`\\bar P` is held to :math:`\\epsilon`:
+
+            * ``"inequality"`` (default, the paper's): :math:`\\bar P - \\epsilon \\le 0`,
+              :math:`\\lambda \\ge 0`. Inactive wherever the loss alone prefers sparser gates: the
+              density then settles *below* :math:`\\epsilon` (mnist1d-cnn at 0.9: 0.843).
+            * ``"two-sided"`` (for "exactly :math:`\\epsilon`"): the equality :math:`\\bar P =
+              \\epsilon` as two restarting inequalities, :math:`\\bar P - \\epsilon \\le 0`
+              (``l0_density``) and :math:`\\epsilon - \\bar P \\le 0` (``l0_density_min``). Their
+              multipliers' difference is the equality's multiplier, free in sign; the restart of
+              the satisfied side at every crossing keeps gradient ascent from winding up.
+            * ``"equality"``: one Cooper equality constraint, multiplier free in sign, no
+              projection. Dual restarts do not apply (an equality is never strictly satisfied):
+              ``dual_restarts`` is ignored. Plain gradient ascent oscillates around
+              :math:`\\epsilon` (see ``density_dual_kp``) and winds up at low targets (the
+              integral of :math:`\\bar P - \\epsilon` built while the density falls from 1 takes
+              long to unwind, as :math:`\\bar P - \\epsilon \\ge -\\epsilon`).
+        density_of: What the level :math:`\\epsilon` bounds. ``"weights"`` (default): the density of
+            the targeted weights, as ``--sparsity`` counts it. ``"purged"`` (``grouping=structured``,
+            ``scope=model``, an MLP of Linear layers, see :func:`~constrainedsparse.purge.linear_chain`):
+            the size of the purged model's targeted weights over the dense ones. Purging a kept-input
+            fraction :math:`\\epsilon` of every layer leaves about :math:`\\epsilon^2`, because a removed
+            input column of layer :math:`l+1` also removes output row of layer :math:`l`; the
+            constraint is then on :math:`E[\\text{purged}]/\\text{dense} =
+            \\sum_l \\mathrm{in}_l \\bar P_l\\,\\mathrm{out}_l \\bar P_{l+1} / \\sum_l \\mathrm{in}_l\\,\\mathrm{out}_l`
+            (:math:`\\bar P_{L+1} = 1`) and the hard masks meet the purged budget (see
+            :meth:`L0.hard_masks`).
+        dual_restarts: Reset a multiplier to 0 whenever its constraint is satisfied (inequality
+            constraints, so also both sides of ``two-sided``; ignored with ``equality``).
+        density_dual_lr: Gradient-ascent step on the density multipliers. Their violations are
+            fractions in [-1, 1], so they need a far larger step than a problem's default
+            ``dual_lr`` (which stays the step of the user's own constraints).
+        density_dual_kp: Proportional gain :math:`K_P \\ge 0` of a nuPI dual update on the density
+            multipliers (0, the default: plain gradient ascent). Gradient ascent alone is an
+            integral controller; without restarts to stop it (an equality has none) the density
+            oscillates around :math:`\\epsilon` (measured on mnist1d-cnn, target 0.9: 0.69 to 0.98
+            over 20 epochs). A proportional term damps that.
+    """
+
+    scope: str = hyperparameter(
+        "model", "one expected-density constraint over all targets, or one per target", OneOf(SCOPES)
+    )
+    density_constraint: str = hyperparameter(
+        "inequality", "how the expected density is held to its level", OneOf(DENSITY_CONSTRAINTS)
+    )
+    density_of: str = hyperparameter(
+        "weights",
+        "what the level bounds: the targeted weights, or the purged model's (structured MLPs)",
+        OneOf(DENSITY_OF),
+    )
+    dual_restarts: bool = hyperparameter(True, "reset a satisfied inequality's multiplier to 0")
+    density_dual_lr: float = hyperparameter(1.0, "gradient-ascent step on the density multipliers", _POSITIVE)
+    density_dual_kp: float = hyperparameter(
+        0.0,
+        "proportional gain of a nuPI update on the density multipliers (0: plain ascent)",
+        Bounds(low=0, finite=True),
+    )
+
+    def check(self) -> None:
+        """``density_of=purged`` needs structured gates in model scope."""
+        if self.density_of == "purged" and self.grouping != "structured":
+            raise ValueError(
+                "density_of=purged needs grouping=structured (unstructured gates leave nothing to purge), "
+                f"got grouping={self.grouping!r}"
+            )
+        if self.density_of == "purged" and self.scope != "model":
+            raise ValueError(
+                "density_of=purged needs scope=model (a layer's purged size depends on the next layer's kept "
+                f"inputs), got scope={self.scope!r}"
+            )
+
+
+@dataclasses.dataclass
+class L0PenaltyConfig(GateConfig):
+    """Hyperparameters of ``l0-penalty`` (plus the gate ones of :class:`GateConfig`).
+
+    Attributes:
+        lmbda: Fixed penalty weight :math:`\\lambda \\ge 0` on the expected density.
+    """
+
+    lmbda: float = hyperparameter(1.0, "fixed penalty weight on the expected density", Bounds(low=0, finite=True))

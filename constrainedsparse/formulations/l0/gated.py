@@ -1,0 +1,265 @@
+r"""Hard-concrete gates on every target: the machinery ``l0`` and ``l0-penalty`` share, and ``l0-penalty``.
+
+Every target weight is gated, :math:`\theta_n = \tilde\theta_n \odot z_n` (see
+:mod:`constrainedsparse.gates`); the gates' :math:`\log\alpha` join the user's primal optimizer
+as a parameter group of their own (``gate_lr``, no weight decay, momentum ``gate_momentum``).
+``l0-penalty`` is the penalized baseline: the same gates, loss :math:`f + \lambda\,\mathbb{E}[\text{density}]`
+with a fixed ``lmbda`` (a penalty of the problem, :meth:`SparsityProblem.add_penalty`), no constraint.
+See :mod:`constrainedsparse.formulations.l0` for the hard masks and the median rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cooper
+import torch
+
+from constrainedsparse.formulations.base import Formulation, register_formulation
+from constrainedsparse.formulations.l0.config import L0PenaltyConfig
+from constrainedsparse.gates import HardConcreteGate, apply_gates, clamp_log_alpha_, find_gate
+from constrainedsparse.masks import canonical_parameters
+from constrainedsparse.sets import TopK, keep_count, topk_mask
+from constrainedsparse.targets import TargetParam
+
+__all__ = ["Gated", "L0Penalty", "PENALTY"]
+
+PENALTY = "l0_penalty"
+
+
+class Gated(Formulation):
+    """Shared machinery of ``l0`` and ``l0-penalty``: gates on every target, their own parameter group
+    in the primal optimizer, density bookkeeping, hard masks from the test-time gates."""
+
+    def attach(self) -> None:
+        """Gates every target (one shared generator), adds their group to the optimizer, then :meth:`add_terms`."""
+        problem = self.problem
+        for t in problem.targets:
+            density = 1.0 - t.sparsity
+            if not (0.0 < density <= 1.0):
+                raise ValueError(f"target density 1 - sparsity of {t.name} must be in (0, 1], got {density}")
+        # Sizes read once: every access to a gated weight in train mode draws a fresh gate sample.
+        self.sizes = {t.name: t.tensor.numel() for t in problem.targets}
+        self.steps_done = 0
+        device = next(problem.model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(torch.initial_seed()) % 2**63)
+        self.gates: dict[str, HardConcreteGate] = apply_gates(
+            problem.targets, self.config.grouping, self.config.droprate_init, self.generator
+        )
+        self.optimizer.add_param_group(self._gate_group())
+        self.add_terms()
+
+    def default_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """Adam over the weights with ``weight_decay`` (the gates join as their own group)."""
+        weights = canonical_parameters(self.problem.model)
+        return torch.optim.Adam(weights, lr=lr, weight_decay=self.config.weight_decay)
+
+    def _gate_group(self) -> dict[str, Any]:
+        """The gates' parameter group: ``gate_lr``, no weight decay, momentum ``gate_momentum``.
+
+        The momentum goes where the optimizer keeps it: Adam's/AdamW's :math:`\\beta_1` (with the
+        optimizer's own :math:`\\beta_2`), SGD's ``momentum`` (no Nesterov without momentum).
+        """
+        defaults = self.optimizer.defaults
+        group: dict[str, Any] = {"params": [gate.log_alpha for gate in self.gates.values()], "lr": self.config.gate_lr}
+        if "weight_decay" in defaults:
+            group["weight_decay"] = 0.0
+        if "betas" in defaults:
+            group["betas"] = (self.config.gate_momentum, defaults["betas"][1])
+        if "momentum" in defaults:
+            group["momentum"] = self.config.gate_momentum
+            if "nesterov" in defaults and self.config.gate_momentum == 0:
+                group["nesterov"] = False
+        return group
+
+    # --- densities ------------------------------------------------------------------------------
+
+    def layer_expected_density(self) -> dict[str, torch.Tensor]:
+        """Expected density :math:`\\bar P_n` of every target (differentiable in :math:`\\log\\alpha`)."""
+        return {name: gate.expected_density() for name, gate in self.gates.items()}
+
+    def expected_density(self) -> torch.Tensor:
+        """Model-wise expected density :math:`\\sum_n |\\theta_n| \\bar P_n / \\sum_n |\\theta_n|`."""
+        sizes = self.sizes
+        total = sum(sizes.values())
+        return sum(sizes[name] * d for name, d in self.layer_expected_density().items()) / total
+
+    def target_density(self) -> float:
+        """Model-wise level :math:`\\epsilon = \\sum_n |\\theta_n|(1 - s_n) / \\sum_n |\\theta_n|`."""
+        sizes = [(self.sizes[t.name], 1.0 - t.sparsity) for t in self.problem.targets]
+        return sum(n * e for n, e in sizes) / sum(n for n, _ in sizes)
+
+    @torch.no_grad()
+    def layer_test_density(self) -> dict[str, float]:
+        """Fraction of weights whose median-rule gate is nonzero, per target."""
+        return {name: float(gate.test_density()) for name, gate in self.gates.items()}
+
+    @torch.no_grad()
+    def test_density(self) -> float:
+        """Model-wise fraction of weights whose median-rule gate is nonzero."""
+        sizes = self.sizes
+        dens = self.layer_test_density()
+        return sum(sizes[n] * dens[n] for n in dens) / sum(sizes.values())
+
+    # --- Formulation hooks ----------------------------------------------------------------------
+
+    def add_terms(self) -> None:
+        """Registers constraints / penalties on the problem (after the gates exist)."""
+
+    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Clamps :math:`\\log\\alpha`, then :meth:`after_gated_step`; every ``log_interval`` steps the densities."""
+        clamp_log_alpha_(self.gates.values())
+        self.steps_done += 1
+        metrics = self.after_gated_step(cmp_state)
+        if self.steps_done % self.config.log_interval == 0:
+            metrics.update(self.dynamics())
+            metrics.update(self.interval_metrics(cmp_state))
+        return metrics
+
+    def after_gated_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Hook after every primal(-dual) step; returns metrics to log at this step."""
+        return {}
+
+    def interval_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """Extra metrics logged every ``log_interval`` steps (none here)."""
+        return {}
+
+    @torch.no_grad()
+    def dynamics(self) -> dict[str, float]:
+        """Expected (``l0_density/``) and median-rule (``l0_test_density/``) densities per target."""
+        metrics = {"l0/expected_density": float(self.expected_density()), "l0/test_density": self.test_density()}
+        for name, value in self.layer_expected_density().items():
+            metrics[f"l0_density/{name}"] = float(value)
+        for name, value in self.layer_test_density().items():
+            metrics[f"l0_test_density/{name}"] = value
+        return metrics
+
+    @torch.no_grad()
+    def on_end_epoch(self, epoch: int) -> dict[str, float]:
+        """Densities and gate-probability summaries :math:`P(z \\ne 0)` (mean/min/max, share > 0.5)."""
+        metrics = self.dynamics()
+        for name, gate in self.gates.items():
+            p = gate.prob_nonzero()
+            metrics[f"gates/p_mean/{name}"] = float(p.mean())
+            metrics[f"gates/p_min/{name}"] = float(p.min())
+            metrics[f"gates/p_max/{name}"] = float(p.max())
+            metrics[f"gates/p_above_half/{name}"] = float((p > 0.5).float().mean())
+        return metrics
+
+    @torch.no_grad()
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """:math:`P(z \\ne 0)` of every gate, per target (``gates/p/<param>``; wandb histograms)."""
+        return {f"gates/p/{name}": gate.prob_nonzero().detach() for name, gate in self.gates.items()}
+
+    def _scores(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(stored weight, median-rule gate over the weight, hard-mask score)`` of a target."""
+        gate = self.gates[target.name]
+        weight = target.module.parametrizations[target.param_name].original.detach()
+        z = gate.expand(gate.test_gate().detach()).expand_as(weight)
+        magnitude = weight.abs()
+        offset = float(magnitude.max()) + 1.0
+        # Gated-on weights rank above all gated-off ones; gated-off ones by |weight|.
+        score = torch.where(z > 0, (weight * z).abs() + offset, magnitude)
+        return weight, z, score
+
+    @torch.no_grad()
+    def compute_hard_masks(self) -> dict[str, torch.Tensor]:
+        r"""Feasible-set masks of the test-time gated weights (see the module docstring).
+
+        With ``grouping=structured`` the masks keep whole groups (input columns of Linear, output
+        channels of Conv): :meth:`_group_mask` keeps :math:`\mathrm{round}((1 - s)\,n_{groups})`
+        groups per target, so the achieved sparsity is the group-granular one (e.g. 3 of 8 columns
+        kept is 0.625, not 0.6). Other patterns (``--pattern``) keep their own feasible set.
+        """
+        if self.config.grouping == "structured":  # whole groups for the plain top-k (--sparsity) targets
+            return {
+                t.name: self._group_mask(t)
+                if isinstance(t.feasible_set, TopK)
+                else t.feasible_set.mask(self._scores(t)[2])
+                for t in self.problem.targets
+            }
+        return {t.name: t.feasible_set.mask(self._scores(t)[2]) for t in self.problem.targets}
+
+    def _group_rms(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(rms, z)`` per group of a structured target: :math:`\|\tilde\theta_g\|_2/\sqrt{m}` of its
+        stored weights (:math:`m` weights per group) and its median-rule gate :math:`\hat z_g` (float64)."""
+        gate = self.gates[target.name]
+        weight = target.module.parametrizations[target.param_name].original.detach()
+        dim = 1 if isinstance(target.module, torch.nn.Linear) else 0
+        groups = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).to(torch.float64)
+        return groups.norm(dim=1) / math.sqrt(gate.group_size), gate.test_gate().detach().to(torch.float64)
+
+    def _expand_groups(self, target: TargetParam, keep: torch.Tensor) -> torch.Tensor:
+        """A group mask broadcast to a weight mask."""
+        weight = target.module.parametrizations[target.param_name].original
+        return self.gates[target.name].expand(keep).expand_as(weight).clone()
+
+    def _group_mask(self, target: TargetParam) -> torch.Tensor:
+        r"""Whole-group mask: groups with :math:`\hat z > 0` ranked by the norm of their gated
+        weights above gated-off groups (ranked by the norm of their stored weights)."""
+        rms, z = self._group_rms(target)
+        offset = float(rms.max()) + 1.0  # rms * z >= 0, so gated-on groups rank above the rest
+        score = torch.where(z > 0, rms * z + offset, rms)
+        k = keep_count(self.gates[target.name].num_gates, target.sparsity)
+        return self._expand_groups(target, topk_mask(score.unsqueeze(0), k)[0])
+
+    def summary_extra(self) -> dict[str, Any]:
+        """``expected_density`` (model-wise), ``layer_density`` and their median-rule counterparts."""
+        with torch.no_grad():
+            return {
+                "expected_density": float(self.expected_density()),
+                "layer_density": {name: float(d) for name, d in self.layer_expected_density().items()},
+                "target_density": self.target_density(),
+                "test_density": self.test_density(),
+                "layer_test_density": self.layer_test_density(),
+            }
+
+    @torch.no_grad()
+    def detach(self) -> None:
+        r"""Removes the gates, baking :math:`\tilde\theta \odot \hat z` into plain weights.
+
+        Weights the hard mask re-admits although their gate is 0 keep :math:`\tilde\theta`.
+        """
+        masks = self.compute_hard_masks()
+        for t in self.problem.targets:
+            if find_gate(t.module, t.param_name) is None:
+                continue
+            weight, z, _ = self._scores(t)
+            baked = weight * torch.where((z == 0) & masks[t.name], torch.ones_like(z), z)
+            torch.nn.utils.parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
+            getattr(t.module, t.param_name).copy_(baked)
+        self.gates = {}
+        super().detach()
+
+    @property
+    def purges(self) -> bool:
+        """Structured gates remove whole input columns / output channels: the model can be purged."""
+        return self.config.grouping == "structured"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps_done": self.steps_done, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps_done = state["steps_done"]
+        self.generator.set_state(state["generator"])
+
+
+@register_formulation("l0-penalty")
+class L0Penalty(Gated):
+    """Penalized baseline: the same gates, loss + lmbda * expected density, no constraint."""
+
+    description = "hard-concrete L0 gates with a fixed penalty lmbda * expected density (baseline)"
+    Config = L0PenaltyConfig
+
+    def add_terms(self) -> None:
+        """Adds :math:`\\lambda\\,\\mathbb{E}[\\text{density}]` to the loss (:meth:`SparsityProblem.add_penalty`)."""
+        lmbda = self.config.lmbda
+        self.problem.add_penalty(PENALTY, lambda model: lmbda * self.expected_density())
+
+    def detach(self) -> None:
+        """Removes the penalty, then the gates."""
+        self.problem.remove_penalty(PENALTY)
+        super().detach()

@@ -1,0 +1,149 @@
+"""``run --nproc N``: the elastic launcher, and how a failing rank's one line reaches the user.
+
+:func:`launch` starts ``python -m constrainedsparse run ...`` on N local processes with torch's
+elastic launcher (what ``torchrun --standalone`` does); every rank reports its own error with
+:func:`report_error`, and the launcher prints the line of the rank that failed first on its own
+(:func:`root_cause`), not of the ranks that merely lost it as a peer. The collectives themselves
+are in :mod:`constrainedsparse.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from constrainedsparse.distributed import ENV_LAUNCHED, is_main_process, joined_group, rank
+
+__all__ = ["launch", "lost_peer", "report_error", "root_cause"]
+
+
+def report_error(message: str, *, peer: bool = False) -> None:
+    """Reports a rank's one-line error: to the elastic error file, and on stderr.
+
+    Under :func:`launch` nothing is printed (the launcher prints the first failing rank's line).
+    Under plain torchrun an error raised before the process group existed (bad input, the same on
+    every rank) is printed by rank 0 only; later errors by the rank that raised them.
+
+    Args:
+        message: The one-line message.
+        peer: True if this rank stopped because another rank failed (never reported as the cause
+            when a rank that raised on its own exists).
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        now = time.time()
+        record = {
+            "message": {
+                "message": message,
+                "extraInfo": {"timestamp": str(int(now)), "py_callstack": message},
+            },
+            "constrainedsparse": {"time": now, "peer": peer, "rank": rank()},
+        }
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps(record))
+    if os.environ.get(ENV_LAUNCHED):
+        return
+    if joined_group():
+        print(f"error: rank {rank()}: {message}", file=sys.stderr)
+    elif is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+
+
+_PEER_LOST = ("closed by peer", "reset by peer", "remote worker", "Broken pipe", "Socket Timeout")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` says that another rank went away (gloo/NCCL errors after a peer exited)."""
+    return isinstance(err, dist.DistError) or any(text in str(err) for text in _PEER_LOST)
+
+
+def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The failure to report, the earliest of the first kind present.
+
+    In order: a rank that raised on its own; a rank that died without a report (an abort, a
+    segfault, an exit code); a rank stopped by SIGTERM or SIGKILL (from outside, or by the agent
+    after another rank failed); a rank that only lost a peer. Ranks without a report all carry the
+    agent's whole-second collection time, so within a kind ties go to the lower rank.
+    """
+
+    def key(item: tuple[int, Any]) -> tuple[int, float, int]:
+        global_rank, failure = item
+        data = failure.error_file_data.get("constrainedsparse", {}) if isinstance(failure.error_file_data, dict) else {}
+        if "time" in data:
+            kind = 3 if data.get("peer", False) else 0
+        else:
+            kind = 2 if failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL) else 1
+        return (kind, float(data.get("time", failure.timestamp)), global_rank)
+
+    return min(failures.items(), key=key)
+
+
+def _failure_line(global_rank: int, failure: Any) -> str:
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    message = str(message).strip().splitlines()[0] if str(message).strip() else ""
+    if not message or "pytorch.org/docs/stable/elastic/errors" in message:
+        message = f"exited with code {failure.exitcode}"
+    return f"rank {global_rank}: {message}"
+
+
+def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
+    """Runs ``python ARGS`` on ``nproc`` local processes with torch's elastic launcher.
+
+    ``launch(N, ["-m", "constrainedsparse", "run", ...])`` is
+    ``torchrun --standalone --nproc_per_node=N -m constrainedsparse run ...`` with no restarts.
+    Workers get ``OMP_NUM_THREADS = cpu_count // nproc`` unless it is set.
+
+    Returns:
+        ``(exit code, None)`` on success; ``(the failing rank's exit code, "rank R: MESSAGE")`` when
+        a rank fails (the one that raised, not the ranks that merely lost it as a peer).
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    saved = {key: os.environ.get(key) for key in (ENV_LAUNCHED, "OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    os.environ[ENV_LAUNCHED] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    elastic_logger = logging.getLogger("torch.distributed.elastic")
+    level = elastic_logger.level
+    elastic_logger.setLevel(logging.CRITICAL)  # the launcher's own failure report would be many lines
+    try:
+        with tempfile.TemporaryDirectory(prefix="constrainedsparse-launch-") as logs:
+            config = LaunchConfig(
+                min_nodes=1,
+                max_nodes=1,
+                nproc_per_node=nproc,
+                run_id=str(uuid.uuid4()),
+                rdzv_backend="c10d",
+                rdzv_endpoint="localhost:0",
+                max_restarts=0,
+                monitor_interval=0.1,
+                logs_specs=DefaultLogsSpecs(log_dir=logs),
+            )
+            try:
+                elastic_launch(config, sys.executable)("-u", *args)
+            except ChildFailedError as err:
+                global_rank, failure = root_cause(err.failures)
+                return (failure.exitcode if failure.exitcode > 0 else 1), _failure_line(global_rank, failure)
+        return 0, None
+    finally:
+        elastic_logger.setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,154 @@
+"""One-shot pruning of a pretrained model from Python: :func:`prune_layerwise`.
+
+::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from constrainedsparse import prune_layerwise
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    batches = [dict(tokenizer(texts[i:i + 8], return_tensors="pt", padding=True)) for i in range(0, 64, 8)]
+    report = prune_layerwise(model, batches, "sparsegpt", pattern="2:4")
+    print(report.mean_layer_error, report.model_sparsity)   # the model is pruned in place
+
+Nothing is written unless ``out=`` names a directory (then ``summary.json`` and the pruned model go
+there, as a ``constrainedsparse run`` would write them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from constrainedsparse.checkpoint import atomic_write_json
+from constrainedsparse.layerwise.base import LayerwiseSolver
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, find_blocks, layer_module_types, prune_blocks
+from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
+from constrainedsparse.layerwise.runner import (
+    DEFAULT_SPARSITY,
+    MASK_SCOPES,
+    DriverSettings,
+    build_solver,
+    check_layer_shapes,
+    save_model,
+)
+from constrainedsparse.runs import RunDirectory
+from constrainedsparse.settings import resolve_device, target_from_flags
+from constrainedsparse.targets import Targets
+
+__all__ = ["prune_layerwise"]
+
+
+def _check_inputs(model: Any, batches: Any) -> list[Any]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or not batches:
+        raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
+    return list(batches)
+
+
+def prune_layerwise(
+    model: nn.Module,
+    batches: Sequence[Any],
+    method: str | LayerwiseSolver = "fw",
+    *,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    targets: Targets | None = None,
+    out: str | Path | None = None,
+    blocks: Sequence[nn.Module] | None = None,
+    mask_scope: str = "row",
+    gram_dtype: str = "float32",
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **hyperparameters: Any,
+) -> LayerwiseReport:
+    """Prunes a pretrained model block by block from calibration batches, in place.
+
+    Args:
+        model: A ``transformers`` model or any module holding its blocks in an ``nn.ModuleList``.
+        batches: Calibration batches: dicts of keyword arguments (``model(**batch)``; an
+            ``attention_mask`` marks padding), tuples (``model(*batch)``) or tensors (``model(batch)``).
+        method: ``"fw"``, ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` (or a solver instance).
+        sparsity: Fraction of zeros per targeted layer (default 0.5 unless ``pattern`` is given).
+        pattern: An N:M pattern such as ``"2:4"`` (instead of ``sparsity``).
+        targets: Which layers of a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` by default).
+        out: If given, a directory that receives ``summary.json`` and the pruned model.
+        blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
+        mask_scope: ``"row"`` or ``"layer"``: the comparison group of a ``sparsity`` target.
+        gram_dtype: ``"float32"`` or ``"float64"``, accumulation dtype of the Gram matrices.
+        device: Where calibration and pruning run (the model's device by default).
+        overwrite: With ``out``: replace a previous run's files there.
+        progress: Show a progress bar over blocks.
+        **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
+
+    Returns:
+        A :class:`~constrainedsparse.layerwise.report.LayerwiseReport` (errors, sparsities).
+
+    Raises:
+        ValueError: For a bad argument or hyperparameter, or a layer that does not fit the pattern;
+            nothing is pruned or written then.
+    """
+    started = time.perf_counter()
+    batches = _check_inputs(model, batches)
+    driver = DriverSettings.from_values({"mask_scope": mask_scope, "gram_dtype": gram_dtype})
+    driver.validate()
+    target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
+    if isinstance(method, LayerwiseSolver):
+        if hyperparameters:
+            raise ValueError("give hyperparameters to the solver instance's config, not as keywords")
+        solver = method
+    else:
+        solver = build_solver(method, hyperparameters)
+    targets = Targets(module_types=layer_module_types()) if targets is None else targets
+    blocks = find_blocks(model) if blocks is None else blocks
+    check_layer_shapes(blocks, targets, target)
+    directory = None
+    if out is not None:
+        directory = RunDirectory(Path(out), overwrite=overwrite)
+        directory.check()
+    device = str(next(model.parameters()).device) if device is None else resolve_device(device)
+    was_training, use_cache = model.training, getattr(getattr(model, "config", None), "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False  # calibration passes must not accumulate key/value caches
+    try:
+        reports = prune_blocks(
+            model, blocks, batches, solver, target, targets,
+            gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    rows = [{"name": r.name, "relative_error": r.relative_error, "seconds": r.seconds} for r in reports]
+    figures = summarize_layers(model, rows)
+    report = LayerwiseReport(
+        method=solver.name,
+        target=target.describe(),
+        mean_layer_error=figures["mean_layer_error"],
+        layer_error=figures["layer_error"],
+        layer_sparsity=figures["layer_sparsity"],
+        achieved_sparsity=figures["achieved_sparsity"],
+        model_sparsity=figures["model_sparsity"],
+        layer_seconds=figures["layer_seconds"],
+        seconds=time.perf_counter() - started,
+        calibration_tokens=reports[0].tokens if reports else 0,
+        layers={r.name: dict(r.metrics) for r in reports},
+    )
+    if directory is not None:
+        directory.claim()
+        try:
+            summary = {
+                **report.as_dict(),
+                "formulation": report.method,
+                "saved_model": save_model(model, directory.out),
+            }
+            atomic_write_json(directory.out / "summary.json", summary)
+        finally:
+            directory.release()
+    return report

@@ -1,0 +1,344 @@
+"""The layer-wise runner: validate, prune block by block, summarise (``constrainedsparse run`` on a
+layer-wise problem).
+
+Like the training runner, :func:`prepare` checks everything a user can get wrong before anything
+is written, and :func:`execute` checkpoints atomically after every block through the run directory
+so a resumed run continues with the next block (the pruned weights so far are in the checkpoint;
+the next block's inputs are recomputed from the partially pruned model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from constrainedsparse import distributed
+from constrainedsparse.checkpoint import directory_mode, save_weights
+from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
+from constrainedsparse.errors import UserInputError, user_input
+from constrainedsparse.formulations.base import available_formulations
+from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
+from constrainedsparse.layerwise.report import summarize_layers
+from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
+from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
+from constrainedsparse.spec import LayerwiseProblem, call_user
+from constrainedsparse.targets import SparsityConfig, Targets
+
+__all__ = [
+    "DEFAULT_SPARSITY",
+    "DriverSettings",
+    "LayerwisePrepared",
+    "MASK_SCOPES",
+    "RUNNER",
+    "build_solver",
+    "check_layer_shapes",
+    "execute",
+    "prepare",
+]
+
+DEFAULT_SPARSITY = 0.5
+MASK_SCOPES = {"row": "row", "layer": "unstructured"}
+
+
+@dataclasses.dataclass
+class DriverSettings(Hyperparameters):
+    """The layer-wise driver's own ``--set`` keys.
+
+    Attributes:
+        mask_scope: ``row`` (every output row keeps the same count, Wanda's comparison group) or
+            ``layer`` (one count for the whole layer, SparseGPT's) for ``--sparsity`` targets.
+        gram_dtype: Accumulation dtype of the calibration Gram matrices.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+    """
+
+    error_prefix: ClassVar[str] = "--set "
+    mask_scope: str = hyperparameter(
+        "row", "a --sparsity target per output row or per layer", OneOf(tuple(MASK_SCOPES))
+    )
+    gram_dtype: str = hyperparameter("float32", "accumulation dtype of the Gram matrices", OneOf(tuple(GRAM_DTYPES)))
+    device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
+
+
+@dataclasses.dataclass
+class LayerwisePrepared:
+    """A validated layer-wise run (the model is loaded, nothing is written)."""
+
+    config: RunConfig
+    problem: LayerwiseProblem
+    solver: LayerwiseSolver
+    target: SparsityConfig
+    driver: DriverSettings
+    options: dict[str, Any]
+    model: nn.Module
+    batches: list[Any]
+
+    @property
+    def device(self) -> str:
+        """Where calibration and pruning run."""
+        return self.driver.device
+
+
+def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:
+    """The layer-wise solver ``name`` with its hyperparameters (validated before any model is loaded).
+
+    Raises:
+        ValueError: For an unknown name, key, or a bad value.
+    """
+    cls = solver_class(name)
+    config = cls.Config.from_values(values, where=f" for layer-wise solver {name!r}")
+    return cls(config)
+
+
+def check_layer_shapes(blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig) -> None:
+    """Every targeted layer fits the pattern (N:M widths), named as ``block I layer``.
+
+    Raises:
+        UserInputError: For the first layer that does not fit.
+    """
+    for index, block in enumerate(blocks):
+        for name, module in targeted_layers(block, targets):
+            with user_input(f"block {index} {name}: "):
+                target.feasible_set(layer_weight(module).shape)
+
+
+def _hide_transformers_progress_bars() -> None:
+    """Our block bar is the run's progress; transformers' loading/saving bars would also break the
+    one-line error contract (they print to stderr before a bad input is detected)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # transformers is an optional extra
+        return
+    transformers_logging.disable_progress_bar()
+
+
+def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
+    """Validates a layer-wise run and loads the model and calibration data.
+
+    Raises:
+        UserInputError: With one line naming the bad value and what is allowed.
+    """
+    name = config.formulation
+    if name not in available_solvers():
+        kind = "trains the model" if name in available_formulations() else "is not a formulation"
+        raise UserInputError(
+            f"formulation {name!r} {kind}; problem {problem.name!r} is layer-wise: choose one of "
+            f"{', '.join(available_solvers())}"
+        )
+    if config.retrain_epochs:
+        raise UserInputError(f"--retrain-epochs is not available for the layer-wise problem {problem.name!r}")
+    with user_input():
+        solver_cls = solver_class(name)
+        routed = route_settings(
+            config.settings,
+            {
+                "solver": solver_cls.Config.field_types(),
+                "options": {k: type(v) for k, v in problem.options.items()},
+                "driver": DriverSettings.field_types(),
+            },
+            f"for formulation {name!r} and problem {problem.name!r}",
+        )
+        driver = DriverSettings.from_values(routed["driver"])
+        driver.validate()
+        driver.device = distributed.rank_device(resolve_device(driver.device))
+        target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
+        solver = build_solver(name, routed["solver"])  # validates before the model is loaded
+    options = {**problem.options, **routed["options"]}
+    _hide_transformers_progress_bars()
+    model = call_user(problem.name, "model(options)", problem.model, options)
+    model.eval()
+    check_layer_shapes(problem.model_blocks(model), problem.targets, target)
+    batches = call_user(problem.name, "calibration(options, seed)", problem.calibration, options, config.seed)
+    if not batches:
+        raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
+    resolved = dataclasses.replace(config, sparsity=None if target.pattern == "nm" else target.sparsity, epochs=0)
+    return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches)
+
+
+def _report_metrics(report: LayerReport) -> dict[str, float]:
+    metrics = {
+        f"layer_error/{report.name}": report.relative_error,
+        f"layer_seconds/{report.name}": report.seconds,
+        f"layer_sparsity/{report.name}": report.sparsity,
+    }
+    metrics.update({f"{key}/{report.name}": value for key, value in report.metrics.items()})
+    return metrics
+
+
+def save_model(model: nn.Module, out: Path) -> str:
+    """Saves the pruned model: ``save_pretrained`` into ``out/model`` for transformers, else safetensors."""
+    if hasattr(model, "save_pretrained"):
+        final = out / "model"
+        staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
+        try:
+            model.save_pretrained(staging)
+            staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the model from other users
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return "model/"
+    save_weights(out / "model.safetensors", model.state_dict())
+    return "model.safetensors"
+
+
+class _Blocks:
+    """Per-block bookkeeping of a run: logging, the pruned weights so far, checkpoints."""
+
+    def __init__(self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None) -> None:
+        self.prepared, self.directory = prepared, directory
+        self.main = distributed.is_main_process()
+        self.modules = dict(prepared.model.named_modules())
+        self.pruned: dict[str, torch.Tensor] = state["weights"] if state else {}
+        self.reports: list[dict[str, Any]] = state["reports"] if state else []
+        self.start = state["block"] if state else 0
+        self.step = state["step"] if state else 0
+        self.seconds_before = state["seconds"] if state else 0.0
+        self.started = time.perf_counter()
+        logged = {
+            **prepared.config.identity(),
+            **prepared.solver.config.values(),
+            **dataclasses.asdict(prepared.driver),
+        }
+        self.logger = open_logger(directory, prepared.config.wandb, logged, state)
+
+    def restore(self, device: str) -> None:
+        """Writes the pruned weights of a resumed run back into the model."""
+        for name, weight in self.pruned.items():
+            module = self.modules[name.removesuffix(".weight")]
+            with torch.no_grad():
+                layer_weight(module).copy_(weight.to(device, module.weight.dtype))
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def on_block(self, index: int, block_reports: list[LayerReport]) -> None:
+        """Logs the block's layers and checkpoints the run after it."""
+        for report in block_reports:
+            for point in report.trace:  # already sampled by the solver
+                self.step += 1
+                row = {f"trace/{k}": v for k, v in point.items()}
+                self.logger.log({**row, "trace/layer": len(self.reports)}, self.step)
+            self.step += 1
+            self.logger.log({**_report_metrics(report), "block": index + 1}, self.step)
+            self.reports.append(dataclasses.asdict(report) | {"trace": []})
+        if not self.main:
+            return  # only rank 0 checkpoints, so only rank 0 keeps copies of the pruned weights
+        for report in block_reports:
+            module = self.modules[report.name.removesuffix(".weight")]
+            self.pruned[report.name] = layer_weight(module).detach().cpu().clone()
+        self.directory.save(
+            self.prepared.config,
+            {
+                "block": index + 1,
+                "weights": self.pruned,
+                "reports": self.reports,
+                "step": self.step,
+                "seconds": self.seconds(),
+                "wandb_id": self.logger.run_id,
+            },
+        )
+
+
+def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
+    """Prunes the prepared model block by block and writes summary, metrics and the pruned model.
+
+    Returns ``None`` when ``config.stop_after_epochs`` (counted in blocks here) stopped it early.
+    """
+    config, problem, model = prepared.config, prepared.problem, prepared.model
+    device = prepared.device
+    model.to(device)
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # calibration passes must not accumulate key/value caches
+    scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
+    dense_outputs = (
+        call_user(problem.name, "held_out(model, options)", problem.held_out, model, prepared.options)
+        if scored
+        else None
+    )
+    blocks = problem.model_blocks(model)
+    run = _Blocks(prepared, directory, state)
+    run.restore(device)
+    stop = len(blocks) if config.stop_after_epochs is None else run.start + config.stop_after_epochs
+    try:
+        prune_blocks(
+            model,
+            blocks,
+            prepared.batches,
+            prepared.solver,
+            prepared.target,
+            problem.targets,
+            start=run.start,
+            stop=stop,
+            gram_dtype=GRAM_DTYPES[prepared.driver.gram_dtype],
+            device=device,
+            on_block=run.on_block,
+            progress=config.progress and run.main,
+        )
+        if stop < len(blocks):
+            return None
+        summary = _summary(prepared, model, run.reports, run.seconds())
+        if scored:
+            pruned_outputs = call_user(
+                problem.name, "held_out(model, options)", problem.held_out, model, prepared.options
+            )
+            scores = problem.score(dense_outputs, pruned_outputs)
+            summary.update(scores)
+            run.logger.log(scores, run.step + 1)
+        final = {"mean_layer_error": summary["mean_layer_error"], "sparsity/achieved": summary["achieved_sparsity"]}
+        run.logger.log(final, run.step + 1)
+    finally:
+        run.logger.close()
+    distributed.dump_rank_state("layerwise-final", {"model": model.state_dict(), "summary": summary})
+    if run.main:
+        summary["saved_model"] = save_model(model, directory.out)
+    directory.finish(summary)
+    return summary
+
+
+def _summary(prepared: LayerwisePrepared, model: nn.Module, reports: list[dict[str, Any]], seconds: float) -> dict:
+    summary: dict[str, Any] = {
+        "problem": prepared.problem.name,
+        "formulation": prepared.config.formulation,
+        **summarize_layers(model, reports),
+        "seconds": seconds,
+        "epochs": 0,
+        "seed": prepared.config.seed,
+        "settings": dict(prepared.config.settings),
+        "calibration_tokens": reports[0]["tokens"] if reports else 0,
+    }
+    if prepared.target.pattern == "nm":
+        summary["pattern"] = prepared.target.describe()
+    else:
+        summary["target_sparsity"] = prepared.target.sparsity
+        summary["mask_scope"] = prepared.driver.mask_scope
+    return summary
+
+
+class LayerwiseRunner:
+    """The runner of layer-wise problems (see :mod:`constrainedsparse.runners`)."""
+
+    kind = "layerwise"
+    settings = DriverSettings
+    default_sparsity = DEFAULT_SPARSITY
+
+    def prepare(self, config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
+        """:func:`prepare`."""
+        return prepare(config, problem)
+
+    def execute(self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None):
+        """:func:`execute`."""
+        return execute(prepared, directory, state)
+
+
+RUNNER = LayerwiseRunner()

@@ -1,0 +1,96 @@
+"""``run``: validate, claim the run directory, execute with the runner of the problem's kind.
+
+The CLI, the Python API and ``--nproc`` all go through :func:`run`; it picks the runner once
+(:func:`runner_for`) and leaves everything that touches the directory to
+:class:`~constrainedsparse.runs.RunDirectory`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from constrainedsparse import distributed, engine
+from constrainedsparse.errors import UserInputError
+from constrainedsparse.layerwise import runner as layerwise_runner
+from constrainedsparse.logger import WANDB_MODES
+from constrainedsparse.runs import RunConfig, RunDirectory
+from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
+
+__all__ = ["Prepared", "Runner", "check_common", "run", "runner_for", "validate"]
+
+
+class Prepared(Protocol):
+    """What a runner's ``prepare`` returns: a validated run, nothing written."""
+
+    config: RunConfig
+
+    @property
+    def device(self) -> str:
+        """Where the run computes (``cpu``, ``cuda:N``)."""
+
+
+class Runner(Protocol):
+    """A runner supplies validation and the work; the scaffold owns the directory."""
+
+    def prepare(self, config: RunConfig, problem: Any) -> Prepared:
+        """Validates everything a user can get wrong; writes nothing."""
+
+    def execute(self, prepared: Prepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
+        """Does the work; returns the summary (``None`` when stopped early)."""
+
+
+def runner_for(problem: Problem | LayerwiseProblem) -> Runner:
+    """The runner of a problem's kind (a layer-wise problem or one that trains)."""
+    return layerwise_runner.RUNNER if isinstance(problem, LayerwiseProblem) else engine.RUNNER
+
+
+def check_common(config: RunConfig) -> None:
+    """Checks of the configuration both runners share (before anything is loaded).
+
+    Raises:
+        UserInputError: For a ``--wandb`` mode or seed outside what is allowed.
+    """
+    if config.wandb not in WANDB_MODES:
+        raise UserInputError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        raise UserInputError(
+            f"--seed must be an integer in [0, 2**32) (torch's and NumPy's seed range), got {config.seed!r}"
+        )
+
+
+def validate(config: RunConfig, problem: Problem | LayerwiseProblem) -> Prepared:
+    """Every check of a run before any work: the run directory, the shared options, the runner's own.
+
+    Raises:
+        UserInputError: With one line naming the bad value and what is allowed; nothing is written.
+    """
+    if distributed.is_main_process():
+        RunDirectory(config.out, resume=config.resume, overwrite=config.overwrite).check()
+    check_common(config)
+    return runner_for(problem).prepare(config, problem)
+
+
+def run(config: RunConfig, problem: Any = None) -> dict[str, Any] | None:
+    """Validates, claims the run directory, executes; returns the summary (``None`` if stopped early).
+
+    ``problem`` is ``config.problem`` already loaded (the CLI loads it once); ``None`` loads it here.
+
+    Raises:
+        UserInputError: Bad input (nothing is left on disk).
+        NonFiniteLossError: NaN/inf loss (the last good checkpoint is kept).
+    """
+    if problem is None:
+        problem = load_problem(config.problem)
+    prepared = validate(config, problem)
+    runner = runner_for(problem)
+    directory = RunDirectory(config.out, resume=config.resume, overwrite=config.overwrite)
+    with distributed.process_group(prepared.device):  # under torchrun; else a no-op
+        try:
+            directory.claim()
+            state = directory.load(prepared.config)
+            return runner.execute(prepared, directory, state)
+        except BaseException:
+            directory.discard_if_unused()
+            raise
+        finally:
+            directory.release()

@@ -1,0 +1,333 @@
+"""The run scaffold both runners share: one configuration, one run directory, one resume rule.
+
+A run is ``validate → claim the directory → (resume) → execute → summary → plot``
+(:func:`constrainedsparse.runners.run`). The two runners (:mod:`constrainedsparse.engine` for
+problems that train, :mod:`constrainedsparse.layerwise.runner` for pretrained models pruned layer
+by layer) supply only ``prepare`` (validate, nothing written) and ``execute`` (the work) and use
+the pieces here for everything that touches the run directory.
+
+**The run directory** (``--out``) belongs to one run:
+
+* a directory that holds anything is refused unless the run resumes (``--resume``) or replaces it
+  (``--overwrite``, which removes the files a run writes and nothing else);
+* an advisory lock (``fcntl.flock`` on ``OUT/.lock``) is held for the whole run: a second run into
+  a busy directory is refused with the holder's pid; the OS drops the lock of a killed run, so a
+  ``--resume`` after a crash is never blocked;
+* nothing in an existing directory is touched before the run has decided it may use it;
+* a run that fails before its first checkpoint removes the directory it created.
+
+**Resume.** Every checkpoint stores the run's configuration. ``RunConfig.resumed(out, given)``
+rebuilds it from ``OUT/checkpoint.pt``; options given again must match, and a mismatch names the
+differing keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from constrainedsparse import distributed
+from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from constrainedsparse.errors import UserInputError
+from constrainedsparse.logger import MetricsLogger, NullLogger, plot_metrics
+
+__all__ = ["CHECKPOINT", "RUN_FILES", "RunConfig", "RunDirectory", "open_logger"]
+
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+RUN_FILES = (
+    CHECKPOINT,
+    "summary.json",
+    "metrics.jsonl",
+    "metrics.png",
+    "layers.csv",
+    "model.safetensors",
+    "purged.safetensors",
+    "model",
+    "compressed",
+    "wandb",
+)
+"""What a run writes into its directory (``--overwrite`` removes these and nothing else)."""
+VOLATILE_SETTINGS = ("device",)
+"""``--set`` keys that may differ when a run resumes (where it runs, not what it computes)."""
+IDENTITY_FIELDS = (
+    "problem",
+    "formulation",
+    "sparsity",
+    "pattern",
+    "epochs",
+    "pretrain_epochs",
+    "retrain_epochs",
+    "seed",
+)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``constrainedsparse run`` takes (see the CLI reference for each field).
+
+    Attributes:
+        problem: Bundled problem name or path of a problem file.
+        formulation: Training formulation or layer-wise solver name.
+        sparsity: ``--sparsity`` (``None``: the problem kind's default).
+        pattern: ``--pattern`` (``None``: unstructured at ``sparsity``).
+        epochs: Pruning epochs (``None``: the problem's default).
+        pretrain_epochs: Dense pre-training epochs (``None``: the problem's default).
+        retrain_epochs: Masked retraining epochs after hard pruning.
+        seed: Seed of everything random.
+        out: The run directory.
+        wandb: ``disabled``, ``offline`` or ``online``.
+        settings: ``--set KEY=VALUE`` text by key.
+        resume: Continue from ``out/checkpoint.pt``.
+        overwrite: Replace the run in ``out`` (its files are removed first).
+        progress: Show progress (bars on a terminal, one line per epoch otherwise).
+        stop_after_epochs: Stop (with a checkpoint) after this many epochs (blocks, for layer-wise
+            problems) of this invocation.
+    """
+
+    problem: str = "digits-mlp"
+    formulation: str = "slr"
+    sparsity: float | None = None
+    pattern: str | None = None
+    epochs: int | None = None
+    pretrain_epochs: int | None = None
+    retrain_epochs: int = 0
+    seed: int = 0
+    out: Path = Path("runs/latest")
+    wandb: str = "disabled"
+    settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    stop_after_epochs: int | None = None
+
+    def stored(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the configuration (plain types only)."""
+        values = {key: getattr(self, key) for key in (*IDENTITY_FIELDS, "wandb")}
+        return {**values, "settings": dict(sorted(self.settings.items()))}
+
+    def identity(self) -> dict[str, Any]:
+        """What must be the same for a checkpoint to belong to this run."""
+        settings = {k: v for k, v in sorted(self.settings.items()) if k not in VOLATILE_SETTINGS}
+        return {**{key: getattr(self, key) for key in IDENTITY_FIELDS}, "settings": settings}
+
+    @classmethod
+    def resumed(cls, out: Path, given: Mapping[str, Any]) -> RunConfig:
+        """The configuration stored in ``out/checkpoint.pt``, with the options ``given`` again.
+
+        Args:
+            out: The run directory.
+            given: Options given on the command line this time (``{field: value}``; fields that
+                were not given are absent). ``settings`` may be given; its volatile keys
+                (``device``) may differ from the stored ones.
+
+        Raises:
+            UserInputError: Without a readable checkpoint, or when a given option differs from
+                the stored one (naming every differing key).
+        """
+        state = load_checkpoint(Path(out) / CHECKPOINT)
+        stored = state.get("config")
+        if not isinstance(stored, dict):
+            raise UserInputError(f"--resume: {Path(out) / CHECKPOINT} holds no run configuration")
+        differing = []
+        for key, value in given.items():
+            if key == "settings":
+                mine = {k: v for k, v in value.items() if k not in VOLATILE_SETTINGS}
+                theirs = {k: v for k, v in stored.get("settings", {}).items() if k not in VOLATILE_SETTINGS}
+                differing += [f"--set {k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+            elif key in stored and stored[key] != value:
+                differing.append(f"{key} ({value!r}, stored {stored[key]!r})")
+        if differing:
+            raise UserInputError(
+                f"--resume: the run in {out} was started with other options: {', '.join(differing)}; give the "
+                "stored ones or none"
+            )
+        settings = {**stored.get("settings", {}), **given.get("settings", {})}
+        fields = {key: stored[key] for key in (*IDENTITY_FIELDS, "wandb") if key in stored}
+        extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
+        return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
+
+
+def _describe_holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+class RunDirectory:
+    """One run's directory: the decision to use it, its lock, its checkpoint and its final files.
+
+    Args:
+        out: The directory (created by :meth:`claim` if missing).
+        resume: The run continues from ``out/checkpoint.pt``.
+        overwrite: The run replaces the files of a previous run in ``out``.
+    """
+
+    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.created = False
+        self._lock_fd: int | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``out/checkpoint.pt``."""
+        return self.out / CHECKPOINT
+
+    def check(self) -> None:
+        """Decides whether the run may use the directory, touching nothing.
+
+        Raises:
+            UserInputError: For an unusable path (a file, under a file, not writable, the empty
+                path), a non-empty directory without ``--resume``/``--overwrite``, ``--resume``
+                without a checkpoint, or both flags.
+        """
+        out = self.out
+        if str(out) in ("", "."):
+            raise UserInputError("--out must name a run directory, got the current directory")
+        if self.resume and self.overwrite:
+            raise UserInputError("give either --resume or --overwrite, not both")
+        if out.exists() and not out.is_dir():
+            raise UserInputError(f"--out {out} is a file, not a directory")
+        parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise UserInputError(f"--out {out}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserInputError(f"--out {out}: {parent} is not writable")
+        if self.resume:
+            if not self.checkpoint_path.exists():
+                raise UserInputError(f"--resume needs {self.checkpoint_path}, which does not exist")
+            return
+        if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not self.overwrite:
+            raise UserInputError(
+                f"--out {out} already holds a run; continue it with --resume, replace it with --overwrite, "
+                "or choose another --out"
+            )
+
+    def claim(self) -> None:
+        """Creates the directory if needed, takes its lock, and clears what must go before the run.
+
+        Rank 0 only (other ranks never write). Removes orphan temporary files of a killed write
+        and, with ``overwrite``, the previous run's files (:data:`RUN_FILES`).
+
+        Raises:
+            UserInputError: If another process holds the directory's lock, or the directory cannot
+                be created.
+        """
+        if not distributed.is_main_process():
+            return
+        try:
+            self.created = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserInputError(f"--out {self.out} cannot be created: {err.strerror or err}") from None
+        self._lock()
+        for orphan in self.out.glob(".*.tmp"):
+            orphan.unlink(missing_ok=True)
+        if self.overwrite:
+            for name in RUN_FILES:
+                target = self.out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+
+    def _lock(self) -> None:
+        """Takes ``OUT/.lock`` (exclusive, non-blocking); the file is removed again by :meth:`release`.
+
+        A lock file that was removed between our open and our lock (its holder released it) is
+        not the directory's lock any more: then the lock is taken again on the new file.
+        """
+        import fcntl
+
+        path = self.out / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise UserInputError(
+                        f"--out {self.out} is in use by another run ({_describe_holder(path)}); wait for it or "
+                        "choose another --out"
+                    ) from None
+                raise
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Removes the lock file and drops the lock (a finished run leaves only its own files)."""
+        if self._lock_fd is not None:
+            (self.out / LOCK).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def discard_if_unused(self) -> None:
+        """After a failure: removes the directory if this run created it and wrote no checkpoint."""
+        self.release()
+        if self.created and distributed.is_main_process() and not self.checkpoint_path.is_file():
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def load(self, config: RunConfig) -> dict[str, Any] | None:
+        """The checkpoint to resume from (``None`` unless resuming), checked against ``config``.
+
+        Raises:
+            UserInputError: If the checkpoint is unreadable or belongs to another run.
+        """
+        if not self.resume:
+            return None
+        state = distributed.broadcast_object(
+            load_checkpoint(self.checkpoint_path) if distributed.is_main_process() else None
+        )
+        stored = state.get("config", {})
+        mine = config.identity()
+        theirs = RunConfig(**{**stored, "settings": stored.get("settings", {})}).identity() if stored else {}
+        if theirs != mine:
+            raise UserInputError(f"--resume: the checkpoint in {self.out} is of another run ({theirs}), not {mine}")
+        return state
+
+    def save(self, config: RunConfig, state: dict[str, Any]) -> None:
+        """Writes a checkpoint atomically (rank 0), with the run's configuration."""
+        if distributed.is_main_process():
+            save_checkpoint(self.checkpoint_path, {"config": config.stored(), **state})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Writes ``summary.json`` and ``metrics.png`` (rank 0), then drops the lock."""
+        if distributed.is_main_process():
+            atomic_write_json(self.out / "summary.json", summary)
+            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+        self.release()
+
+
+def open_logger(
+    directory: RunDirectory, wandb_mode: str, config: Mapping[str, Any], state: Mapping[str, Any] | None
+) -> MetricsLogger | NullLogger:
+    """The run's logger: ``metrics.jsonl`` (+ wandb) on rank 0, a :class:`NullLogger` elsewhere.
+
+    On resume the wandb run id and the last logged step come from the checkpoint ``state``.
+    """
+    if not distributed.is_main_process():
+        return NullLogger()
+    return MetricsLogger(
+        directory.out,
+        wandb_mode,
+        config=dict(config),
+        run_id=state["wandb_id"] if state else None,
+        resume_step=state["step"] if state else None,
+    )

@@ -1,0 +1,299 @@
+"""The library in the user's own loop: their optimizer, their batches, their step, the whole lifecycle."""
+
+import copy
+import math
+
+import pytest
+import torch
+from sklearn.datasets import load_breast_cancer
+from torch import nn
+
+from constrainedsparse import (
+    SparsityConfig,
+    SparsityProblem,
+    Targets,
+    UserConstraint,
+    achieved_sparsity,
+    apply_masks,
+    hard_prune,
+    make,
+    remove_masks,
+)
+
+
+def _cancer(seed=0):
+    data = load_breast_cancer()
+    x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)
+    y = torch.tensor(data.target)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 2))
+    return model, x, y
+
+
+def _batches(x, y, size=64):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize("name", ["slr", "admm", "l0", "magnitude"])
+def test_own_sgd_momentum_and_cosine_schedule_drive_every_formulation(name):
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.7))
+    budget = UserConstraint(lambda m: m[0].weight.norm() - 8.0, "<=")
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets, {"budget": budget})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    f = make(name, problem, optimizer=optimizer, dual_lr=0.05, **({"gate_lr": 0.2} if name == "l0" else {}))
+    assert f.optimizer is optimizer
+    batches = _batches(x, y)
+    f.setup(num_epochs=3, steps_per_epoch=len(batches), reference_batch=(x[:128], y[:128]))
+    for epoch in range(3):
+        f.start_epoch(epoch)
+        for batch in batches:
+            f.training_step(batch)
+        f.end_epoch(epoch)
+        schedule.step()
+    weight = targets[0].stored
+    assert "momentum_buffer" in optimizer.state[weight]  # the user's optimizer was the one stepped
+    factor = (1 + math.cos(3 * math.pi / 4)) / 2  # the cosine schedule after 3 of T_max = 4 epochs
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * factor)
+    if name == "l0":  # the gates' own group, at gate_lr, follows the user's schedule too
+        gates = optimizer.param_groups[-1]
+        assert gates["lr"] == pytest.approx(0.2 * factor) and gates["momentum"] == 0.0 and gates["weight_decay"] == 0.0
+        assert {id(p) for p in gates["params"]} == {id(g.log_alpha) for g in f.gates.values()}
+    masks = f.hard_masks()
+    f.finalize()
+    hard_prune(targets, masks)
+    assert achieved_sparsity(targets) == pytest.approx(0.7, abs=2e-3)
+    if type(f).exact_layer_sparsity(f.config):
+        assert all(int(torch.count_nonzero(t.tensor)) == t.feasible_set.k for t in targets)
+
+
+def test_masked_fine_tuning_with_apply_and_remove_masks():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.8))
+    masks = {t.name: t.feasible_set.mask(t.tensor) for t in targets}
+    apply_masks(targets, masks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for batch in _batches(x, y):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+    remove_masks(targets)
+    assert achieved_sparsity(targets) == pytest.approx(0.8, abs=2e-3)
+    for t in targets:
+        assert torch.equal(t.tensor != 0, masks[t.name] & (t.tensor != 0))
+
+
+def _step_state(f):
+    return [p.detach().clone() for p in f.problem.model.parameters()] + [
+        m.weight.detach().clone() for _, m in f.problem.named_multipliers()
+    ]
+
+
+@pytest.mark.parametrize("name", ["slr", "l0"])
+def test_split_step_equals_training_step_bit_for_bit(name):
+    states = []
+    for split in (False, True):
+        torch.manual_seed(3)
+        model, x, y = _cancer(seed=1)
+        targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+        budget = UserConstraint(lambda m: m[0].weight.norm() - 5.0, "<=")
+        problem = SparsityProblem(model, nn.functional.cross_entropy, targets, {"budget": budget})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        f = make(name, problem, optimizer=optimizer, dual_lr=0.1, **({"interval": 3} if name == "slr" else {}))
+        f.setup(1, 9, reference_batch=(x[:64], y[:64]))
+        for batch in _batches(x, y)[:9]:
+            if split:
+                optimizer.zero_grad(set_to_none=True)
+                step = f.backward(batch)
+                optimizer.step()
+                f.post_step(step)
+            else:
+                f.training_step(batch)
+        states.append(_step_state(f))
+    assert len(states[0]) == len(states[1])
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+
+
+def test_clipping_and_accumulation_between_backward_and_the_primal_step():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+    problem = SparsityProblem(
+        model, nn.functional.cross_entropy, targets, {"budget": UserConstraint(lambda m: m[0].weight.norm() - 4.0)}
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    f = make("admm", problem, optimizer=optimizer, dual_lr=0.5)
+    f.setup(1, 4)
+    micro = _batches(x, y, size=16)[:4]
+    optimizer.zero_grad()
+    steps = [f.backward(batch, scale=1 / len(micro)) for batch in micro]
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    assert float(norm) > 0.01
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(0.01, rel=1e-4)
+    optimizer.step()
+    violations = [float(s.cmp_state.observed_constraints[problem.budget].violation) for s in steps]
+    f.post_step(steps)
+    # the multiplier took one ascent step on the summed (accumulated) violations of the micro-batches
+    assert float(problem.budget.multiplier.weight) == pytest.approx(max(0.0, 0.5 * sum(violations)), rel=1e-5)
+
+
+def test_amp_autocast_and_grad_scaler_on_cpu():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    f = make("slr", problem, optimizer=optimizer, interval=2)
+    f.setup(1, 4, reference_batch=(x[:64], y[:64]))
+    before = model[0].weight.detach().clone()
+    for batch in _batches(x, y)[:4]:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step = f.backward(batch, scaler=scaler)
+        scaler.step(optimizer)
+        scaler.update()
+        f.post_step(step)
+    assert step.loss.dtype == torch.bfloat16 or step.loss.dtype == torch.float32
+    assert not torch.equal(before, model[0].weight) and f.k == 2
+
+
+def test_l0_gate_group_on_adam_keeps_the_users_beta2():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
+    f = make("l0", problem, optimizer=optimizer, gate_lr=0.3, gate_momentum=0.5)
+    weights, gates = optimizer.param_groups
+    assert weights["weight_decay"] == 0.1 and gates["weight_decay"] == 0.0
+    assert gates["betas"] == (0.5, 0.95) and gates["lr"] == 0.3
+    f.setup(1, 1)
+    f.training_step(_batches(x, y)[0])
+
+
+def test_hyperparameters_as_keywords_and_their_errors():
+    model, x, y = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("slr", problem, rho=0.05, interval=20)
+    assert (f.config.rho, f.config.interval) == (0.05, 20)
+    model, x, y = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    g = make("admm", problem, {"rho": 0.03})  # a mapping works too
+    assert g.config.rho == 0.03
+    with pytest.raises(
+        ValueError, match=r"^unknown hyperparameter 'rhoo' for formulation 'slr'; allowed: M, interval, "
+    ):
+        make("slr", problem, rhoo=1.0)
+    with pytest.raises(ValueError, match=r"^rho='abc' must be a float$"):
+        make("slr", problem, rho="abc")
+    with pytest.raises(ValueError, match=r"^rho must be > 0, got -1.0$"):
+        make("slr", problem, rho=-1)
+    with pytest.raises(ValueError, match=r"^s0 must be a finite number > 0, got inf$"):
+        make("slr", problem, s0=float("inf"))
+    with pytest.raises(ValueError, match=r"^interval must be an integer >= 1, got 2.5$"):
+        make("admm", problem, interval=2.5)
+    with pytest.raises(ValueError, match=r"^schedule must be 'cubic' or 'oneshot', got 'linear'$"):
+        make("magnitude", problem, schedule="linear")
+    with pytest.raises(ValueError, match=r"^optimizer must be a torch.optim.Optimizer, got str$"):
+        make("magnitude", problem, optimizer="sgd")
+    with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got nan$"):
+        make("magnitude", problem, lr=float("nan"))
+
+
+def test_make_twice_on_one_problem_is_refused_with_a_clear_message():
+    model, _, _ = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    make("slr", problem)
+    with pytest.raises(ValueError, match=r"constraint 'w_eq_z/0.weight' is already registered"):
+        make("admm", problem)
+
+
+def test_an_optimizer_that_does_not_hold_the_targets_is_refused():
+    model, _, _ = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^the optimizer does not hold 0.weight: build it over model.parameters"):
+        make("slr", problem, optimizer=optimizer)
+
+
+def test_lifecycle_calls_out_of_order_name_the_missing_step():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    f = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets))
+    with pytest.raises(
+        ValueError, match=r"^call setup\(num_epochs, steps_per_epoch\[, reference_batch\]\) before training_step\(\)$"
+    ):
+        f.training_step((x, y))
+    with pytest.raises(ValueError, match=r"before start_epoch\(\)"):
+        f.start_epoch(0)
+    with pytest.raises(
+        ValueError,
+        match=r"^0.weight still carries a HardConcreteGate parametrization: call the formulation's finalize\(\)",
+    ):
+        hard_prune(targets, f.hard_masks())
+    f.setup(1, 1)
+    f.training_step((x, y))
+    masks = f.hard_masks()
+    f.finalize()
+    with pytest.raises(ValueError, match=r"^hard_masks\(\) after finalize\(\): call hard_masks\(\) first"):
+        f.hard_masks()
+    with pytest.raises(ValueError, match=r"^finalize\(\) was already called$"):
+        f.finalize()
+    with pytest.raises(ValueError, match=r"^training_step\(\) after finalize\(\)"):
+        f.training_step((x, y))
+    hard_prune(targets, masks)
+    other, _, _ = _cancer()
+    slr = make(
+        "slr", SparsityProblem(other, nn.functional.cross_entropy, Targets().resolve(other, SparsityConfig(0.5)))
+    )
+    with pytest.raises(ValueError, match=r"^slr needs a reference batch: pass reference_batch to setup\(\)"):
+        slr.setup(1, 1)
+
+
+def test_constraints_that_return_a_float_or_have_no_gradient_are_refused():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    with pytest.raises(
+        ValueError,
+        match=r"^constraint 'norm' must return a tensor differentiable in the model's parameters, got float$",
+    ):
+        SparsityProblem(
+            model,
+            nn.functional.cross_entropy,
+            targets,
+            {"norm": UserConstraint(lambda m: m[0].weight.norm().item() - 1)},
+        )
+    detached = {"norm": UserConstraint(lambda m: m[0].weight.detach().norm() - 1)}
+    f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets, detached))
+    f.setup(1, 1)
+    with pytest.raises(ValueError, match=r"^constraint 'norm' has no gradient path to the model's parameters"):
+        f.training_step((x, y))
+
+
+def test_batches_that_are_not_pairs_need_compute_loss():
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets))
+    f.setup(1, 1)
+    with pytest.raises(
+        ValueError, match=r"^loss_fn takes \(inputs, targets\) batches, got a tuple of 3: pass compute_loss"
+    ):
+        f.training_step((x, y, torch.ones(len(y))))
+
+    def weighted(net, batch):
+        inputs, labels, weights = batch
+        return (nn.functional.cross_entropy(net(inputs), labels, reduction="none") * weights).mean()
+
+    seen = []
+    constraint = UserConstraint(lambda m, batch: (seen.append(len(batch)), m[0].weight.norm() - 9.0)[1])
+    problem = SparsityProblem(model, None, targets, {"c": constraint}, example_batch=(x, y, torch.ones(len(y))),
+                              compute_loss=weighted)  # fmt: skip
+    g = make("slr", problem, interval=1)
+    g.setup(1, 1, reference_batch=(x[:32], y[:32], torch.ones(32)))
+    cmp_state, metrics = g.training_step((x, y, torch.ones(len(y))))
+    assert cmp_state.loss.dim() == 0 and "dual/residual" in metrics and set(seen) == {3}
+    with pytest.raises(ValueError, match=r"^give exactly one of loss_fn"):
+        SparsityProblem(model, nn.functional.cross_entropy, targets, compute_loss=weighted)
+    with pytest.raises(ValueError, match=r"^compute_loss must return a scalar tensor, got \(569, 2\)"):
+        bad = SparsityProblem(copy.deepcopy(model), None, Targets().resolve(copy.deepcopy(model), SparsityConfig(0.5)),
+                              compute_loss=lambda net, batch: net(batch[0]))  # fmt: skip
+        bad.compute_cmp_state((x, y))
