@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from constrainedsparse.config import Hyperparameters
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = ["config_field_types", "parse_value", "resolve_device", "route_settings", "target_from_flags"]
@@ -35,7 +36,9 @@ def parse_value(key: str, text: str, kind: type) -> Any:
 
 
 def config_field_types(config_cls: type) -> dict[str, type]:
-    """``{field: type}`` of a hyperparameter dataclass (annotations resolved)."""
+    """``{field: type}`` of a hyperparameter dataclass (annotations resolved; flat keys of :class:`Hyperparameters`)."""
+    if issubclass(config_cls, Hyperparameters):
+        return config_cls.field_types()
     hints = typing.get_type_hints(config_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
 

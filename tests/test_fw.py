@@ -27,6 +27,7 @@ from constrainedsparse.layerwise.fw import (
     frank_wolfe,
     reconstruct_rows,
 )
+from constrainedsparse.settings import config_field_types
 from constrainedsparse.targets import SparsityConfig
 
 FAST = settings(max_examples=25, deadline=None)
@@ -67,7 +68,7 @@ def _counts_ok(mask: torch.Tensor, target: SparsityConfig) -> bool:
 
 
 def _run(layer: LayerProblem, **overrides) -> tuple:
-    config = FWConfig(**overrides)
+    config = FWConfig.from_values(overrides)
     weight = layer.weight
     scores = wanda_scores(weight, layer.gram)
     feasible = layer.feasible_set()
@@ -161,7 +162,9 @@ def test_result_is_feasible_and_never_worse_than_wanda(
     seed: int, pattern: str, alpha: float, polish: int, tabu: int
 ) -> None:
     layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
-    config = FWConfig(alpha=alpha, iterations=8, polish_steps=polish, polish_sweeps=polish, tabu_steps=tabu)
+    config = FWConfig.from_values(
+        {"alpha": alpha, "iterations": 8, "polish_steps": polish, "polish_sweeps": polish, "tabu_steps": tabu}
+    )
     result = FWSolver(config).prune(layer)
     assert result.mask.dtype == torch.bool
     assert layer.feasible_set().contains(result.mask)
@@ -193,14 +196,14 @@ def test_alpha_zero_and_near_one() -> None:
     # With one free slot per row the relaxed iterate spends at most one unit of mass off the fixed set.
     assert bool(near.mask[~near.fixed].sum() <= 6 + 1e-5)
     for alpha in (0.0, 0.999):
-        result = FWSolver(FWConfig(alpha=alpha, iterations=5)).prune(layer)
+        result = FWSolver(FWConfig.from_values({"alpha": alpha, "iterations": 5})).prune(layer)
         assert _counts_ok(result.mask, layer.target)
 
 
 def test_polish_does_better_than_rounding_on_correlated_inputs() -> None:
     layer = _layer(13, d_out=16, d_in=32, pattern="row")
-    plain = FWSolver(FWConfig(iterations=10, polish_steps=0)).prune(layer)
-    polished = FWSolver(FWConfig(iterations=10, polish_steps=100)).prune(layer)
+    plain = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 0})).prune(layer)
+    polished = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 100})).prune(layer)
     assert polished.metrics["fw/objective_final"] < polished.metrics["fw/objective_rounded"]
     assert layer.error(polished.weight) < layer.error(plain.weight)
     assert polished.metrics["fw/swaps"] > 0
@@ -290,14 +293,14 @@ def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:
 
 def test_tabu_search_is_the_default_nm_search_and_runs_after_an_optional_sweep() -> None:
     layer = _layer(31, d_out=24, d_in=32, pattern="nm")
-    sweep_only = FWSolver(FWConfig(iterations=5, polish_sweeps=6, tabu_steps=0)).prune(layer)
+    sweep_only = FWSolver(FWConfig.from_values({"iterations": 5, "polish_sweeps": 6, "tabu_steps": 0})).prune(layer)
     assert sweep_only.metrics["fw/tabu_improved_rows"] == 0 and sweep_only.metrics["fw/polish_steps"] > 0
-    default = FWSolver(FWConfig(iterations=5)).prune(layer)
+    default = FWSolver(FWConfig.from_values({"iterations": 5})).prune(layer)
     assert default.metrics["fw/polish_steps"] == 0 and default.metrics["fw/tabu_improved_rows"] > 0
     assert _counts_ok(default.mask, layer.target)
     assert default.metrics["fw/objective_final"] < default.metrics["fw/objective_rounded"]
     # After a sweep the tabu search starts from the swept mask and a row keeps it unless it finds better.
-    both = FWSolver(FWConfig(iterations=5, polish_sweeps=6, tabu_steps=30)).prune(layer)
+    both = FWSolver(FWConfig.from_values({"iterations": 5, "polish_sweeps": 6, "tabu_steps": 30})).prune(layer)
     assert both.metrics["fw/tabu_improved_rows"] > 0
     assert both.metrics["fw/objective_final"] < sweep_only.metrics["fw/objective_final"]
     assert layer.error(both.weight) < layer.error(sweep_only.weight)
@@ -319,7 +322,7 @@ def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
 
 def test_metrics_and_trace() -> None:
     layer = _layer(1, pattern="nm")
-    result = FWSolver(FWConfig(iterations=7, trace_every=3)).prune(layer)
+    result = FWSolver(FWConfig.from_values({"iterations": 7, "trace_every": 3})).prune(layer)
     for key in ("fw/iterations", "fw/objective_start", "fw/objective_relaxed", "fw/objective_rounded", "fw/gap_last"):
         assert key in result.metrics
     assert result.metrics["fw/iterations"] == 7
@@ -339,13 +342,49 @@ def test_registered_and_structured_rejected() -> None:
 def test_input_not_modified() -> None:
     layer = _layer(4)
     weight, gram = layer.weight.clone(), layer.gram.clone()
-    FWSolver(FWConfig(iterations=3, reconstruct=True)).prune(layer)
+    FWSolver(FWConfig.from_values({"iterations": 3, "reconstruct": True})).prune(layer)
     assert torch.equal(layer.weight, weight) and torch.equal(layer.gram, gram)
 
 
 # ---------------------------------------------------------------------------------------------
 # Config validation
 # ---------------------------------------------------------------------------------------------
+
+
+# The keys, types, order and defaults of the flat config before the search and reconstruction groups.
+FLAT_DEFAULTS = {
+    "alpha": (float, 0.5),
+    "iterations": (int, 20),
+    "step": (str, "line_search"),
+    "polish_steps": (int, 60),
+    "polish_sweeps": (int, 0),
+    "tabu_steps": (int, 150),
+    "tabu_tenure": (int, 20),
+    "reconstruct": (bool, False),
+    "damp": (float, 0.01),
+    "reconstruct_iterations": (int, 30),
+    "reconstruct_sweeps": (int, 2),
+    "trace_every": (int, 1),
+    "refresh_every": (int, 50),
+}
+
+
+def test_nested_config_keeps_the_flat_keys() -> None:
+    types = FWConfig.field_types()
+    assert list(types) == list(FLAT_DEFAULTS)
+    assert types == {key: kind for key, (kind, _) in FLAT_DEFAULTS.items()}
+    assert config_field_types(FWConfig) == types  # what --set parses text into
+    assert FWSolver().config.values() == {key: default for key, (_, default) in FLAT_DEFAULTS.items()}
+    config = FWConfig.from_values({"tabu_steps": 3, "reconstruct": True, "damp": 0, "alpha": 0.25})
+    assert config.search.tabu_steps == 3 and config.reconstruction.reconstruct is True
+    assert config.reconstruction.damp == 0.0 and config.alpha == 0.25
+    assert config.values() == {
+        **FWSolver().config.values(),
+        "tabu_steps": 3,
+        "reconstruct": True,
+        "damp": 0.0,
+        "alpha": 0.25,
+    }
 
 
 @pytest.mark.parametrize(
@@ -370,7 +409,7 @@ def test_input_not_modified() -> None:
 )
 def test_bad_config(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        FWSolver(FWConfig(**overrides))
+        FWSolver(FWConfig.from_values(overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,12 +457,14 @@ def test_reconstruct_never_increases_error(seed: int, pattern: str, iterations: 
 
 def test_solver_reconstruct_beats_mask_only() -> None:
     layer = _layer(31, d_out=8, d_in=32, pattern="row60")
-    plain = FWSolver(FWConfig(iterations=5)).prune(layer)
-    rebuilt = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
+    plain = FWSolver(FWConfig.from_values({"iterations": 5})).prune(layer)
+    rebuilt = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True, "reconstruct_sweeps": 0})).prune(
+        layer
+    )
     assert torch.equal(plain.mask, rebuilt.mask)  # least squares on the fw mask
     assert layer.error(rebuilt.weight) < layer.error(plain.weight)
     assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
-    joint = FWSolver(FWConfig(iterations=5, reconstruct=True)).prune(layer)
+    joint = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True})).prune(layer)
     assert layer.error(joint.weight) <= layer.error(rebuilt.weight) * (1 + 1e-5)
     assert joint.metrics["fw/objective_reconstructed"] == pytest.approx(layer.error(joint.weight), rel=1e-4)
     assert joint.metrics["fw/objective_reconstructed"] <= joint.metrics["fw/objective_final"]
@@ -535,8 +576,8 @@ def test_reconstruct_from_a_start_never_increases_its_error() -> None:
 @pytest.mark.parametrize("pattern", ["nm", "row60", "unstructured"])
 def test_reconstruct_sweeps_never_worse_than_least_squares_on_the_fw_mask(pattern: str) -> None:
     layer = _layer(53, d_out=12, d_in=32, pattern=pattern)
-    plain = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
-    joint = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=3)).prune(layer)
+    plain = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True, "reconstruct_sweeps": 0})).prune(layer)
+    joint = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True, "reconstruct_sweeps": 3})).prune(layer)
     assert plain.metrics["fw/joint_changes"] == 0
     assert joint.metrics["fw/joint_changes"] > 0
     assert _counts_ok(joint.mask, layer.target)
@@ -551,11 +592,11 @@ def test_group_search_is_skipped_for_large_nm_patterns() -> None:
     gen = torch.Generator().manual_seed(67)
     x = torch.randn(32, 48, generator=gen)
     large = LayerProblem("w", torch.randn(4, 32, generator=gen), x @ x.T, SparsityConfig.from_pattern("8:16"))
-    result = FWSolver(FWConfig(iterations=4, reconstruct=True)).prune(large)
+    result = FWSolver(FWConfig.from_values({"iterations": 4, "reconstruct": True})).prune(large)
     assert result.metrics["fw/group_search_skipped"] == 1.0
     assert result.metrics["fw/swaps"] == 0 and result.metrics["fw/joint_changes"] == 0
     assert bool((result.mask.reshape(4, 2, 16).sum(dim=2) == 8).all())
-    small = FWSolver(FWConfig(iterations=4)).prune(_layer(67, pattern="nm"))
+    small = FWSolver(FWConfig.from_values({"iterations": 4})).prune(_layer(67, pattern="nm"))
     assert small.metrics["fw/group_search_skipped"] == 0.0
 
 
@@ -563,5 +604,5 @@ def test_non_contiguous_weight_gives_the_same_mask() -> None:
     layer = _layer(37, d_out=8, d_in=16, pattern="row")
     transposed = LayerProblem(layer.name, layer.weight.T.contiguous().T, layer.gram, layer.target)
     assert not transposed.weight.is_contiguous()
-    config = FWConfig(iterations=4)
+    config = FWConfig.from_values({"iterations": 4})
     assert torch.equal(FWSolver(config).prune(layer).mask, FWSolver(config).prune(transposed).mask)

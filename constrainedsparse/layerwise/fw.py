@@ -119,10 +119,12 @@ import dataclasses
 import itertools
 import math
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter, nested
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
 from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK, TopK
 
@@ -137,14 +139,10 @@ MAX_GROUP_CHOICES = 256
 
 
 @dataclasses.dataclass
-class FWConfig:
-    r"""Hyperparameters of :class:`FWSolver` (``--set key=value``).
+class SearchConfig(Hyperparameters):
+    """The local searches after rounding (keys ``polish_steps``, ``polish_sweeps``, ``tabu_steps``, ``tabu_tenure``).
 
     Args:
-        alpha: Fraction of every unit's budget fixed to the highest Wanda scores, in ``[0, 1)``.
-        iterations: Frank-Wolfe iterations, at least 1.
-        step: ``"line_search"`` (exact, per row where the pattern allows) or ``"open_loop"``
-            (:math:`2/(t+2)`, the paper's).
         polish_steps: Maximum steps of the exact swap local search after rounding for ``row`` and
             ``unstructured`` (0: off).
         polish_sweeps: Maximum sweeps of the exact group-wise local search after rounding for
@@ -156,6 +154,29 @@ class FWConfig:
             after the group sweep if any (0: off).
         tabu_tenure: Steps during which a group that just changed may not change again (unless
             the move reaches its row's best objective so far), at least 1.
+    """
+
+    error_prefix: ClassVar[str] = "fw: "
+
+    polish_steps: int = hyperparameter(
+        60, "max steps of the swap search after rounding, row and unstructured (0: off)", Bounds(low=0, integer=True)
+    )
+    polish_sweeps: int = hyperparameter(
+        0, "max sweeps of the N:M group search after rounding (0: off)", Bounds(low=0, integer=True)
+    )
+    tabu_steps: int = hyperparameter(
+        150, "steps of the N:M tabu search, after the group sweeps if any (0: off)", Bounds(low=0, integer=True)
+    )
+    tabu_tenure: int = hyperparameter(
+        20, "steps during which a group that just changed stays tabu", Bounds(low=1, integer=True)
+    )
+
+
+@dataclasses.dataclass
+class ReconstructionConfig(Hyperparameters):
+    r"""The least-squares reconstruction (keys ``reconstruct``, ``damp``, ``reconstruct_*``).
+
+    Args:
         reconstruct: Re-solve the kept weights by damped least squares after rounding.
         damp: Damping :math:`\lambda` of the reconstruction as a fraction of the mean of diag(G).
         reconstruct_iterations: Conjugate-gradient iterations of the reconstruction, at least 1.
@@ -163,60 +184,52 @@ class FWConfig:
             (masks and kept weights chosen jointly: a group sweep for ``nm``, up to
             ``polish_steps`` swap steps otherwise), each followed by a least-squares re-solve
             (0: least squares on the Frank-Wolfe mask only).
+    """
+
+    error_prefix: ClassVar[str] = "fw: "
+
+    reconstruct: bool = hyperparameter(False, "re-solve the kept weights by damped least squares after rounding")
+    damp: float = hyperparameter(
+        0.01, "damping of the least squares as a fraction of the mean of diag(G)", Bounds(low=0, finite=True)
+    )
+    reconstruct_iterations: int = hyperparameter(
+        30, "conjugate-gradient iterations of the least squares", Bounds(low=1, integer=True)
+    )
+    reconstruct_sweeps: int = hyperparameter(
+        2, "rounds of joint mask-and-weight search, each re-solved (0: least squares only)", Bounds(low=0, integer=True)
+    )
+
+
+@dataclasses.dataclass
+class FWConfig(Hyperparameters):
+    """Hyperparameters of :class:`FWSolver` (``--set key=value``; keys are flat whatever the group).
+
+    Args:
+        alpha: Fraction of every unit's budget fixed to the highest Wanda scores, in ``[0, 1)``.
+        iterations: Frank-Wolfe iterations, at least 1.
+        step: ``"line_search"`` (exact, per row where the pattern allows) or ``"open_loop"``
+            (:math:`2/(t+2)`, the paper's).
+        search: The local searches after rounding (:class:`SearchConfig`).
+        reconstruction: The least-squares reconstruction (:class:`ReconstructionConfig`).
         trace_every: Iterations between two sampled trace entries (the last one is always kept).
         refresh_every: Iterations between two dense recomputations of the incremental products.
     """
 
-    alpha: float = 0.5
-    iterations: int = 20
-    step: str = "line_search"
-    polish_steps: int = 60
-    polish_sweeps: int = 0
-    tabu_steps: int = 150
-    tabu_tenure: int = 20
-    reconstruct: bool = False
-    damp: float = 0.01
-    reconstruct_iterations: int = 30
-    reconstruct_sweeps: int = 2
-    trace_every: int = 1
-    refresh_every: int = 50
+    error_prefix: ClassVar[str] = "fw: "
 
-    def validate(self) -> None:
-        """Raises ``ValueError`` for out-of-range values."""
-        if not _real(self.alpha) or not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"fw: alpha must be in [0, 1), got {self.alpha!r}")
-        if not _integer(self.iterations) or self.iterations < 1:
-            raise ValueError(f"fw: iterations must be an integer >= 1, got {self.iterations!r}")
-        if self.step not in STEPS:
-            raise ValueError(f"fw: step must be one of {', '.join(STEPS)}, got {self.step!r}")
-        if not _integer(self.polish_steps) or self.polish_steps < 0:
-            raise ValueError(f"fw: polish_steps must be an integer >= 0, got {self.polish_steps!r}")
-        if not _integer(self.polish_sweeps) or self.polish_sweeps < 0:
-            raise ValueError(f"fw: polish_sweeps must be an integer >= 0, got {self.polish_sweeps!r}")
-        if not _integer(self.tabu_steps) or self.tabu_steps < 0:
-            raise ValueError(f"fw: tabu_steps must be an integer >= 0, got {self.tabu_steps!r}")
-        if not _integer(self.tabu_tenure) or self.tabu_tenure < 1:
-            raise ValueError(f"fw: tabu_tenure must be an integer >= 1, got {self.tabu_tenure!r}")
-        if not isinstance(self.reconstruct, bool):
-            raise ValueError(f"fw: reconstruct must be true or false, got {self.reconstruct!r}")
-        if not _real(self.damp) or not 0.0 <= self.damp < math.inf:
-            raise ValueError(f"fw: damp must be a finite number >= 0, got {self.damp!r}")
-        if not _integer(self.reconstruct_iterations) or self.reconstruct_iterations < 1:
-            raise ValueError(f"fw: reconstruct_iterations must be an integer >= 1, got {self.reconstruct_iterations!r}")
-        if not _integer(self.reconstruct_sweeps) or self.reconstruct_sweeps < 0:
-            raise ValueError(f"fw: reconstruct_sweeps must be an integer >= 0, got {self.reconstruct_sweeps!r}")
-        if not _integer(self.trace_every) or self.trace_every < 1:
-            raise ValueError(f"fw: trace_every must be an integer >= 1, got {self.trace_every!r}")
-        if not _integer(self.refresh_every) or self.refresh_every < 1:
-            raise ValueError(f"fw: refresh_every must be an integer >= 1, got {self.refresh_every!r}")
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    alpha: float = hyperparameter(
+        0.5,
+        "fraction of every unit's budget fixed to the top Wanda scores",
+        Bounds(low=0, high=1, high_inclusive=False),
+    )
+    iterations: int = hyperparameter(20, "Frank-Wolfe iterations", Bounds(low=1, integer=True))
+    step: str = hyperparameter("line_search", "step size rule (open_loop: 2/(t+2), the paper's)", OneOf(STEPS))
+    search: SearchConfig = nested(SearchConfig, "local searches after rounding")
+    reconstruction: ReconstructionConfig = nested(ReconstructionConfig, "least-squares reconstruction")
+    trace_every: int = hyperparameter(1, "iterations between two sampled trace entries", Bounds(low=1, integer=True))
+    refresh_every: int = hyperparameter(
+        50, "iterations between two dense recomputations of the incremental products", Bounds(low=1, integer=True)
+    )
 
 
 class _Face:
@@ -443,19 +456,19 @@ class FWSolver(LayerwiseSolver):
         # The group sweep enumerates every kept set of a group: only for small N:M (4:8 has 70).
         group_search = not nm or math.comb(feasible.m, feasible.n) <= MAX_GROUP_CHOICES
         if nm and group_search:
-            if cfg.polish_sweeps > 0:
+            if cfg.search.polish_sweeps > 0:
                 polished, _, polished_rows, polish_steps, swaps = _group_sweep_polish(
-                    weight, gram, rounded, feasible.m, cfg.polish_sweeps, residual=wg - rounded_product
+                    weight, gram, rounded, feasible.m, cfg.search.polish_sweeps, residual=wg - rounded_product
                 )
-            if cfg.tabu_steps > 0:
+            if cfg.search.tabu_steps > 0:
                 # The sweep does not return its C; without a sweep the rounded mask's is at hand.
                 residual = wg - rounded_product if polished is rounded else None
                 polished, polished_rows, tabu_improved = _group_tabu_search(
-                    weight, gram, polished, feasible.m, cfg.tabu_steps, cfg.tabu_tenure, residual=residual
+                    weight, gram, polished, feasible.m, cfg.search.tabu_steps, cfg.search.tabu_tenure, residual=residual
                 )
-        elif not nm and cfg.polish_steps > 0:
+        elif not nm and cfg.search.polish_steps > 0:
             polished, polished_rows, polish_steps, swaps = _swap_polish(
-                weight, gram, rounded, cfg.polish_steps, residual=wg - rounded_product
+                weight, gram, rounded, cfg.search.polish_steps, residual=wg - rounded_product
             )
         if row_separable:
             better = polished_rows < start_rows
@@ -467,7 +480,7 @@ class FWSolver(LayerwiseSolver):
         final_rows = torch.where(better, polished_rows, start_rows)
         weight_hat = layer.weight.detach() * final
         joint_changes = 0
-        if cfg.reconstruct:
+        if cfg.reconstruction.reconstruct:
             final, weight_hat, reconstructed_rows, joint_changes = self._reconstruct(
                 layer, weight, gram, final, feasible, group_search
             )
@@ -494,7 +507,7 @@ class FWSolver(LayerwiseSolver):
             "fw/group_search_skipped": float(not group_search),
             "fw/seconds": time.perf_counter() - start_time,
         }
-        if cfg.reconstruct:
+        if cfg.reconstruction.reconstruct:
             # fw/objective_final is the mask-only polished mask's; this is what the layer returns.
             metrics["fw/objective_reconstructed"] = float(reconstructed_rows.sum())
         return LayerResult(weight=weight_hat, mask=final, metrics=metrics, trace=trace)
@@ -523,25 +536,27 @@ class FWSolver(LayerwiseSolver):
         """
         cfg: FWConfig = self.config
         original = layer.weight.detach()
-        solved = reconstruct_rows(original, layer.gram.detach(), mask, cfg.damp, cfg.reconstruct_iterations)
+        solved = reconstruct_rows(
+            original, layer.gram.detach(), mask, cfg.reconstruction.damp, cfg.reconstruction.reconstruct_iterations
+        )
         plain_rows = _residual_row_errors(weight, gram, solved.to(weight.dtype))
-        if cfg.reconstruct_sweeps == 0 or not group_search:
+        if cfg.reconstruction.reconstruct_sweeps == 0 or not group_search:
             return mask, solved, plain_rows, 0
-        lam = cfg.damp * float(gram.diagonal().mean())
+        lam = cfg.reconstruction.damp * float(gram.diagonal().mean())
         damped = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         joint_mask, values, changes = mask, solved.to(weight.dtype), 0
-        warm_iterations = max(1, cfg.reconstruct_iterations // 3)
-        for _ in range(cfg.reconstruct_sweeps):
+        warm_iterations = max(1, cfg.reconstruction.reconstruct_iterations // 3)
+        for _ in range(cfg.reconstruction.reconstruct_sweeps):
             if isinstance(feasible, NMSparse):
                 joint_mask, values, _, _, changed = _group_sweep_polish(
                     weight, damped, joint_mask, feasible.m, 1, values=values
                 )
             else:
                 joint_mask, values, _, _, changed = _joint_swap_polish(
-                    weight, damped, joint_mask, values, cfg.polish_steps
+                    weight, damped, joint_mask, values, cfg.search.polish_steps
                 )
             # Warm re-solves start next to the solution: a third of the iterations suffices (measured).
-            values = reconstruct_rows(weight, gram, joint_mask, cfg.damp, warm_iterations, start=values)
+            values = reconstruct_rows(weight, gram, joint_mask, cfg.reconstruction.damp, warm_iterations, start=values)
             changes += changed
             if changed == 0:
                 break

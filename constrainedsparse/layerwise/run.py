@@ -21,6 +21,7 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, save_weights
+from constrainedsparse.config import Hyperparameters
 from constrainedsparse.formulations import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
@@ -105,7 +106,9 @@ def prepare(config: Any, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise ValueError(f"--set gram_dtype must be one of {', '.join(GRAM_DTYPES)}, got {driver['gram_dtype']!r}")
     driver["device"] = distributed.rank_device(resolve_device(driver["device"]))
     target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver["mask_scope"]])
-    solver = solver_cls(solver_cls.Config(**solver_values))  # validates before the model is loaded
+    config_cls = solver_cls.Config
+    flat = issubclass(config_cls, Hyperparameters)  # keys routed into nested groups
+    solver = solver_cls(config_cls.from_values(solver_values) if flat else config_cls(**solver_values))  # validates
     _hide_transformers_progress_bars()
     model = problem.model(options)
     model.eval()
@@ -132,6 +135,11 @@ def _identity(prepared: LayerwisePrepared) -> dict[str, Any]:
         "seed": config.seed,
         "settings": dict(sorted(config.settings.items())),
     }
+
+
+def _solver_values(config: Any) -> dict[str, Any]:
+    """The solver's hyperparameters by flat key (as ``--set`` names them)."""
+    return config.values() if isinstance(config, Hyperparameters) else dataclasses.asdict(config)
 
 
 def _report_metrics(report: LayerReport) -> dict[str, float]:
@@ -201,7 +209,7 @@ def execute(prepared: LayerwisePrepared) -> dict[str, Any] | None:
     logger = (MetricsLogger if main else NullLogger)(
         out,
         config.wandb,
-        config={**identity, **dataclasses.asdict(prepared.solver.config), **prepared.driver},
+        config={**identity, **_solver_values(prepared.solver.config), **prepared.driver},
         run_id=state["wandb_id"] if state else None,
         resume_step=step if state else None,
     )
