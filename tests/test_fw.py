@@ -1,4 +1,4 @@
-"""Tests for the ``fw`` layer-wise solver (:mod:`constrainedsparse.layerwise.fw`).
+"""Tests for the ``fw`` layer-wise solver (:mod:`constrainedsparse.layerwise.fw`) and its public parts.
 
 Independent references written here: the objective :math:`\\operatorname{tr}(DGD^\\top)` from an
 explicit ``X`` (not from the solver's products), pattern counts from plain reshapes, and the
@@ -15,17 +15,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constrainedsparse.layerwise import fw
 from constrainedsparse.layerwise.base import LayerProblem, solver_class, wanda_scores
 from constrainedsparse.layerwise.fw import (
     FWConfig,
     FWSolver,
-    _group_sweep_polish,
-    _group_tabu_search,
-    _joint_swap_polish,
-    _swap_polish,
+    core,
     frank_wolfe,
+    group_sweep_polish,
+    group_tabu_search,
+    joint_swap_polish,
     reconstruct_rows,
+    swap_polish,
 )
 from constrainedsparse.settings import config_field_types
 from constrainedsparse.targets import SparsityConfig
@@ -126,7 +126,7 @@ def test_open_loop_objective_trend() -> None:
 @pytest.mark.parametrize("pattern", ["row", "unstructured", "nm"])
 def test_incremental_product_matches_dense(pattern: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Always take the sparse-difference path (small layers change more than the dense threshold).
-    monkeypatch.setattr(fw, "_DENSE_FRACTION", 1.0)
+    monkeypatch.setattr(core, "DENSE_FRACTION", 1.0)
     layer = _layer(11, d_out=12, d_in=32, pattern=pattern)
     run, _ = _run(layer, alpha=0.3, iterations=30, refresh_every=1000)
     assert run.sparse_updates == 29 and run.dense_updates == 1
@@ -215,10 +215,12 @@ def test_polish_keeps_counts_and_only_improves(pattern: str) -> None:
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())  # magnitude: a poor start with room to improve
     if pattern.startswith("nm"):
-        polished, _, rows, steps, swaps = _group_sweep_polish(weight, gram, start, 4, 5, block=8)
+        result = group_sweep_polish(weight, gram, start, 4, 5, block=8)
+        polished, rows, steps, swaps = result.mask, result.row_errors, result.steps, result.moves
         assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     else:
-        polished, rows, steps, swaps = _swap_polish(weight, gram, start, 200)
+        result = swap_polish(weight, gram, start, 200)
+        polished, rows, steps, swaps = result.mask, result.row_errors, result.steps, result.moves
     assert swaps > 0 and steps >= 1
     assert torch.equal(polished.sum(dim=1), start.sum(dim=1))
     before, after = _row_objective(layer, weight * start), _row_objective(layer, weight * polished)
@@ -232,7 +234,8 @@ def test_group_sweep_reaches_a_groupwise_optimum() -> None:
     layer = _layer(19, d_out=3, d_in=12, pattern="nm")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, _, sweeps, _ = _group_sweep_polish(weight, gram, start, 4, 50, block=4)
+    result = group_sweep_polish(weight, gram, start, 4, 50, block=4)
+    polished, sweeps = result.mask, result.steps
     assert sweeps < 50
     value = _row_objective(layer, weight * polished)
     for group in range(3):
@@ -260,7 +263,8 @@ def _group_optimum(layer: LayerProblem, mask: torch.Tensor) -> torch.Tensor:
 def test_tabu_search_keeps_the_pattern_and_never_worsens_a_row(seed: int, steps: int, tenure: int) -> None:
     layer = _layer(seed, d_out=5, d_in=16, pattern="nm")
     start = layer.feasible_set().mask(layer.weight.abs())
-    mask, rows, improved = _group_tabu_search(layer.weight, layer.gram, start, 4, steps, tenure)
+    result = group_tabu_search(layer.weight, layer.gram, start, 4, steps, tenure)
+    mask, rows, improved = result.mask, result.row_errors, result.improved_rows
     assert _counts_ok(mask, layer.target)
     before, after = _row_objective(layer, layer.weight * start), _row_objective(layer, layer.weight * mask)
     scale = 1e-5 * float(before.abs().max())
@@ -278,13 +282,15 @@ def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:
     # brute-force optimum (3 groups: 216 masks per row) on most rows and never ends worse.
     layer = _layer(29, d_out=24, d_in=12, pattern="nm")
     weight, gram = layer.weight, layer.gram
-    start, _, _, sweeps, _ = _group_sweep_polish(weight, gram, layer.feasible_set().mask(weight.abs()), 4, 50)
+    swept = group_sweep_polish(weight, gram, layer.feasible_set().mask(weight.abs()), 4, 50)
+    start, sweeps = swept.mask, swept.steps
     assert sweeps < 50
     optimum = _group_optimum(layer, start)
     local = _row_objective(layer, weight * start)
     stuck = local > optimum * (1 + 1e-6)
     assert int(stuck.sum()) >= 3  # the instance has rows caught in a worse local optimum
-    mask, _, improved = _group_tabu_search(weight, gram, start, 4, 40, 2)
+    result = group_tabu_search(weight, gram, start, 4, 40, 2)
+    mask, improved = result.mask, result.improved_rows
     found = _row_objective(layer, weight * mask)
     assert improved >= 3
     assert bool((found <= local * (1 + 1e-6)).all())
@@ -311,7 +317,7 @@ def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
     layer = _layer(23, d_out=1, d_in=6, pattern="row")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, _, _ = _swap_polish(weight, gram, start, 50)
+    polished = swap_polish(weight, gram, start, 50).mask
     value = float(_row_objective(layer, weight * polished).sum())
     for out in polished[0].nonzero()[:, 0].tolist():
         for into in (~polished[0]).nonzero()[:, 0].tolist():
@@ -494,7 +500,8 @@ def test_joint_group_sweep_keeps_counts_and_lowers_the_damped_objective(pattern:
     weight, damped = layer.weight, _damped(layer)
     start = layer.feasible_set().mask(weight.abs())
     values = reconstruct_rows(weight, layer.gram, start, 0.01, 30)
-    mask, kept, rows, sweeps, changes = _group_sweep_polish(weight, damped, start, 4, 5, values=values, block=8)
+    result = group_sweep_polish(weight, damped, start, 4, 5, values=values, block=8)
+    mask, kept, rows, sweeps, changes = result.mask, result.kept, result.row_errors, result.steps, result.moves
     assert changes > 0 and sweeps >= 1
     assert torch.equal(mask.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     _assert_lowers_the_damped_objective(layer, damped, values, mask, kept, rows)
@@ -506,7 +513,8 @@ def test_joint_group_sweep_reaches_a_groupwise_optimum_over_masks_and_weights() 
     layer = _layer(43, d_out=3, d_in=12, pattern="nm")
     weight, damped = layer.weight.double(), _damped(layer).double()
     start = layer.feasible_set().mask(weight.abs())
-    mask, kept, _, sweeps, _ = _group_sweep_polish(weight, damped, start, 4, 50, values=weight * start, block=4)
+    result = group_sweep_polish(weight, damped, start, 4, 50, values=weight * start, block=4)
+    kept, sweeps = result.kept, result.steps
     assert sweeps < 50
     residual = weight - kept
     value = ((residual @ damped) * residual).sum(dim=1)
@@ -533,7 +541,8 @@ def test_joint_swaps_keep_counts_and_lower_the_damped_objective(pattern: str) ->
     weight, damped = layer.weight, _damped(layer)
     start = layer.feasible_set().mask(weight.abs())
     values = reconstruct_rows(weight, layer.gram, start, 0.01, 30)
-    mask, kept, rows, steps, swaps = _joint_swap_polish(weight, damped, start, values, 100)
+    result = joint_swap_polish(weight, damped, start, values, 100)
+    mask, kept, rows, steps, swaps = result.mask, result.kept, result.row_errors, result.steps, result.moves
     assert swaps > 0 and steps >= 1
     assert torch.equal(mask.sum(dim=1), start.sum(dim=1))
     _assert_lowers_the_damped_objective(layer, damped, values, mask, kept, rows)
@@ -544,7 +553,8 @@ def test_joint_swaps_stop_at_a_swap_optimum_of_a_tiny_row() -> None:
     layer = _layer(61, d_out=1, d_in=6, pattern="row")
     weight, damped = layer.weight.double(), _damped(layer).double()
     start = layer.feasible_set().mask(weight.abs())
-    mask, kept, _, steps, _ = _joint_swap_polish(weight, damped, start, weight * start, 50)
+    result = joint_swap_polish(weight, damped, start, weight * start, 50)
+    mask, kept, steps = result.mask, result.kept, result.steps
     assert steps < 50
     residual = weight[0] - kept[0]
     value = float(residual @ damped @ residual)
