@@ -18,8 +18,14 @@ __all__ = ["STEPS", "FWConfig", "ReconstructionConfig", "SearchConfig"]
 STEPS = ("line_search", "open_loop")
 
 
+class _FWHyperparameters(Hyperparameters):
+    """fw's hyperparameter groups: every message starts with ``fw: ``."""
+
+    error_prefix: ClassVar[str] = "fw: "
+
+
 @dataclasses.dataclass
-class SearchConfig(Hyperparameters):
+class SearchConfig(_FWHyperparameters):
     """The local searches after rounding (keys ``polish_steps``, ``polish_sweeps``, ``tabu_steps``, ``tabu_tenure``).
 
     Args:
@@ -37,8 +43,6 @@ class SearchConfig(Hyperparameters):
             the move reaches its row's best objective so far), at least 1.
     """
 
-    error_prefix: ClassVar[str] = "fw: "
-
     polish_steps: int = hyperparameter(
         60, "max steps of the swap search after rounding, row and unstructured (0: off)", Bounds(low=0, integer=True)
     )
@@ -54,7 +58,7 @@ class SearchConfig(Hyperparameters):
 
 
 @dataclasses.dataclass
-class ReconstructionConfig(Hyperparameters):
+class ReconstructionConfig(_FWHyperparameters):
     r"""The least-squares reconstruction (keys ``reconstruct``, ``damp``, ``reconstruct_*``).
 
     Args:
@@ -66,8 +70,6 @@ class ReconstructionConfig(Hyperparameters):
             ``polish_steps`` swap steps otherwise), each followed by a least-squares re-solve
             (0: least squares on the Frank-Wolfe mask only).
     """
-
-    error_prefix: ClassVar[str] = "fw: "
 
     reconstruct: bool = hyperparameter(False, "re-solve the kept weights by damped least squares after rounding")
     damp: float = hyperparameter(
@@ -82,7 +84,7 @@ class ReconstructionConfig(Hyperparameters):
 
 
 @dataclasses.dataclass
-class FWConfig(Hyperparameters):
+class FWConfig(_FWHyperparameters):
     """Hyperparameters of :class:`~constrainedsparse.layerwise.fw.solver.FWSolver` (``--set key=value``).
 
     Keys are flat whatever the group: ``FWConfig.from_values({"tabu_steps": 100})`` sets
@@ -98,8 +100,6 @@ class FWConfig(Hyperparameters):
         trace_every: Iterations between two sampled trace entries (the last one is always kept).
         refresh_every: Iterations between two dense recomputations of the incremental products.
     """
-
-    error_prefix: ClassVar[str] = "fw: "
 
     alpha: float = hyperparameter(
         0.5,
