@@ -85,7 +85,7 @@ def parse_config(text: str) -> FWConfig:
         if not sep or key not in types:
             raise ValueError(f"setting {item!r} must be KEY=VALUE with KEY one of {', '.join(types)}")
         values[key] = parse_value(key, value, types[key])
-    config = FWConfig(**values)
+    config = FWConfig.from_values(values)
     config.validate()
     return config
 

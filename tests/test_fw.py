@@ -1,4 +1,4 @@
-"""Tests for the ``fw`` layer-wise solver (:mod:`constrainedsparse.layerwise.fw`).
+"""Tests for the ``fw`` layer-wise solver (:mod:`constrainedsparse.layerwise.fw`) and its public parts.
 
 Independent references written here: the objective :math:`\\operatorname{tr}(DGD^\\top)` from an
 explicit ``X`` (not from the solver's products), pattern counts from plain reshapes, and the
@@ -15,18 +15,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constrainedsparse.layerwise import fw
 from constrainedsparse.layerwise.base import LayerProblem, solver_class, wanda_scores
 from constrainedsparse.layerwise.fw import (
     FWConfig,
     FWSolver,
-    _group_sweep_polish,
-    _group_tabu_search,
-    _joint_swap_polish,
-    _swap_polish,
+    core,
     frank_wolfe,
+    group_sweep_polish,
+    group_tabu_search,
+    joint_swap_polish,
     reconstruct_rows,
+    swap_polish,
 )
+from constrainedsparse.settings import config_field_types
 from constrainedsparse.targets import SparsityConfig
 
 FAST = settings(max_examples=25, deadline=None)
@@ -67,7 +68,7 @@ def _counts_ok(mask: torch.Tensor, target: SparsityConfig) -> bool:
 
 
 def _run(layer: LayerProblem, **overrides) -> tuple:
-    config = FWConfig(**overrides)
+    config = FWConfig.from_values(overrides)
     weight = layer.weight
     scores = wanda_scores(weight, layer.gram)
     feasible = layer.feasible_set()
@@ -125,7 +126,7 @@ def test_open_loop_objective_trend() -> None:
 @pytest.mark.parametrize("pattern", ["row", "unstructured", "nm"])
 def test_incremental_product_matches_dense(pattern: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Always take the sparse-difference path (small layers change more than the dense threshold).
-    monkeypatch.setattr(fw, "_DENSE_FRACTION", 1.0)
+    monkeypatch.setattr(core, "DENSE_FRACTION", 1.0)
     layer = _layer(11, d_out=12, d_in=32, pattern=pattern)
     run, _ = _run(layer, alpha=0.3, iterations=30, refresh_every=1000)
     assert run.sparse_updates == 29 and run.dense_updates == 1
@@ -161,7 +162,9 @@ def test_result_is_feasible_and_never_worse_than_wanda(
     seed: int, pattern: str, alpha: float, polish: int, tabu: int
 ) -> None:
     layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
-    config = FWConfig(alpha=alpha, iterations=8, polish_steps=polish, polish_sweeps=polish, tabu_steps=tabu)
+    config = FWConfig.from_values(
+        {"alpha": alpha, "iterations": 8, "polish_steps": polish, "polish_sweeps": polish, "tabu_steps": tabu}
+    )
     result = FWSolver(config).prune(layer)
     assert result.mask.dtype == torch.bool
     assert layer.feasible_set().contains(result.mask)
@@ -193,14 +196,14 @@ def test_alpha_zero_and_near_one() -> None:
     # With one free slot per row the relaxed iterate spends at most one unit of mass off the fixed set.
     assert bool(near.mask[~near.fixed].sum() <= 6 + 1e-5)
     for alpha in (0.0, 0.999):
-        result = FWSolver(FWConfig(alpha=alpha, iterations=5)).prune(layer)
+        result = FWSolver(FWConfig.from_values({"alpha": alpha, "iterations": 5})).prune(layer)
         assert _counts_ok(result.mask, layer.target)
 
 
 def test_polish_does_better_than_rounding_on_correlated_inputs() -> None:
     layer = _layer(13, d_out=16, d_in=32, pattern="row")
-    plain = FWSolver(FWConfig(iterations=10, polish_steps=0)).prune(layer)
-    polished = FWSolver(FWConfig(iterations=10, polish_steps=100)).prune(layer)
+    plain = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 0})).prune(layer)
+    polished = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 100})).prune(layer)
     assert polished.metrics["fw/objective_final"] < polished.metrics["fw/objective_rounded"]
     assert layer.error(polished.weight) < layer.error(plain.weight)
     assert polished.metrics["fw/swaps"] > 0
@@ -212,10 +215,12 @@ def test_polish_keeps_counts_and_only_improves(pattern: str) -> None:
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())  # magnitude: a poor start with room to improve
     if pattern.startswith("nm"):
-        polished, _, rows, steps, swaps = _group_sweep_polish(weight, gram, start, 4, 5, block=8)
+        result = group_sweep_polish(weight, gram, start, 4, 5, block=8)
+        polished, rows, steps, swaps = result.mask, result.row_errors, result.steps, result.moves
         assert torch.equal(polished.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     else:
-        polished, rows, steps, swaps = _swap_polish(weight, gram, start, 200)
+        result = swap_polish(weight, gram, start, 200)
+        polished, rows, steps, swaps = result.mask, result.row_errors, result.steps, result.moves
     assert swaps > 0 and steps >= 1
     assert torch.equal(polished.sum(dim=1), start.sum(dim=1))
     before, after = _row_objective(layer, weight * start), _row_objective(layer, weight * polished)
@@ -229,7 +234,8 @@ def test_group_sweep_reaches_a_groupwise_optimum() -> None:
     layer = _layer(19, d_out=3, d_in=12, pattern="nm")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, _, sweeps, _ = _group_sweep_polish(weight, gram, start, 4, 50, block=4)
+    result = group_sweep_polish(weight, gram, start, 4, 50, block=4)
+    polished, sweeps = result.mask, result.steps
     assert sweeps < 50
     value = _row_objective(layer, weight * polished)
     for group in range(3):
@@ -257,7 +263,8 @@ def _group_optimum(layer: LayerProblem, mask: torch.Tensor) -> torch.Tensor:
 def test_tabu_search_keeps_the_pattern_and_never_worsens_a_row(seed: int, steps: int, tenure: int) -> None:
     layer = _layer(seed, d_out=5, d_in=16, pattern="nm")
     start = layer.feasible_set().mask(layer.weight.abs())
-    mask, rows, improved = _group_tabu_search(layer.weight, layer.gram, start, 4, steps, tenure)
+    result = group_tabu_search(layer.weight, layer.gram, start, 4, steps, tenure)
+    mask, rows, improved = result.mask, result.row_errors, result.improved_rows
     assert _counts_ok(mask, layer.target)
     before, after = _row_objective(layer, layer.weight * start), _row_objective(layer, layer.weight * mask)
     scale = 1e-5 * float(before.abs().max())
@@ -275,13 +282,15 @@ def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:
     # brute-force optimum (3 groups: 216 masks per row) on most rows and never ends worse.
     layer = _layer(29, d_out=24, d_in=12, pattern="nm")
     weight, gram = layer.weight, layer.gram
-    start, _, _, sweeps, _ = _group_sweep_polish(weight, gram, layer.feasible_set().mask(weight.abs()), 4, 50)
+    swept = group_sweep_polish(weight, gram, layer.feasible_set().mask(weight.abs()), 4, 50)
+    start, sweeps = swept.mask, swept.steps
     assert sweeps < 50
     optimum = _group_optimum(layer, start)
     local = _row_objective(layer, weight * start)
     stuck = local > optimum * (1 + 1e-6)
     assert int(stuck.sum()) >= 3  # the instance has rows caught in a worse local optimum
-    mask, _, improved = _group_tabu_search(weight, gram, start, 4, 40, 2)
+    result = group_tabu_search(weight, gram, start, 4, 40, 2)
+    mask, improved = result.mask, result.improved_rows
     found = _row_objective(layer, weight * mask)
     assert improved >= 3
     assert bool((found <= local * (1 + 1e-6)).all())
@@ -290,14 +299,14 @@ def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:
 
 def test_tabu_search_is_the_default_nm_search_and_runs_after_an_optional_sweep() -> None:
     layer = _layer(31, d_out=24, d_in=32, pattern="nm")
-    sweep_only = FWSolver(FWConfig(iterations=5, polish_sweeps=6, tabu_steps=0)).prune(layer)
+    sweep_only = FWSolver(FWConfig.from_values({"iterations": 5, "polish_sweeps": 6, "tabu_steps": 0})).prune(layer)
     assert sweep_only.metrics["fw/tabu_improved_rows"] == 0 and sweep_only.metrics["fw/polish_steps"] > 0
-    default = FWSolver(FWConfig(iterations=5)).prune(layer)
+    default = FWSolver(FWConfig.from_values({"iterations": 5})).prune(layer)
     assert default.metrics["fw/polish_steps"] == 0 and default.metrics["fw/tabu_improved_rows"] > 0
     assert _counts_ok(default.mask, layer.target)
     assert default.metrics["fw/objective_final"] < default.metrics["fw/objective_rounded"]
     # After a sweep the tabu search starts from the swept mask and a row keeps it unless it finds better.
-    both = FWSolver(FWConfig(iterations=5, polish_sweeps=6, tabu_steps=30)).prune(layer)
+    both = FWSolver(FWConfig.from_values({"iterations": 5, "polish_sweeps": 6, "tabu_steps": 30})).prune(layer)
     assert both.metrics["fw/tabu_improved_rows"] > 0
     assert both.metrics["fw/objective_final"] < sweep_only.metrics["fw/objective_final"]
     assert layer.error(both.weight) < layer.error(sweep_only.weight)
@@ -308,7 +317,7 @@ def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
     layer = _layer(23, d_out=1, d_in=6, pattern="row")
     weight, gram = layer.weight, layer.gram
     start = layer.feasible_set().mask(weight.abs())
-    polished, _, _, _ = _swap_polish(weight, gram, start, 50)
+    polished = swap_polish(weight, gram, start, 50).mask
     value = float(_row_objective(layer, weight * polished).sum())
     for out in polished[0].nonzero()[:, 0].tolist():
         for into in (~polished[0]).nonzero()[:, 0].tolist():
@@ -319,7 +328,7 @@ def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
 
 def test_metrics_and_trace() -> None:
     layer = _layer(1, pattern="nm")
-    result = FWSolver(FWConfig(iterations=7, trace_every=3)).prune(layer)
+    result = FWSolver(FWConfig.from_values({"iterations": 7, "trace_every": 3})).prune(layer)
     for key in ("fw/iterations", "fw/objective_start", "fw/objective_relaxed", "fw/objective_rounded", "fw/gap_last"):
         assert key in result.metrics
     assert result.metrics["fw/iterations"] == 7
@@ -339,13 +348,49 @@ def test_registered_and_structured_rejected() -> None:
 def test_input_not_modified() -> None:
     layer = _layer(4)
     weight, gram = layer.weight.clone(), layer.gram.clone()
-    FWSolver(FWConfig(iterations=3, reconstruct=True)).prune(layer)
+    FWSolver(FWConfig.from_values({"iterations": 3, "reconstruct": True})).prune(layer)
     assert torch.equal(layer.weight, weight) and torch.equal(layer.gram, gram)
 
 
 # ---------------------------------------------------------------------------------------------
 # Config validation
 # ---------------------------------------------------------------------------------------------
+
+
+# The keys, types, order and defaults of the flat config before the search and reconstruction groups.
+FLAT_DEFAULTS = {
+    "alpha": (float, 0.5),
+    "iterations": (int, 20),
+    "step": (str, "line_search"),
+    "polish_steps": (int, 60),
+    "polish_sweeps": (int, 0),
+    "tabu_steps": (int, 150),
+    "tabu_tenure": (int, 20),
+    "reconstruct": (bool, False),
+    "damp": (float, 0.01),
+    "reconstruct_iterations": (int, 30),
+    "reconstruct_sweeps": (int, 2),
+    "trace_every": (int, 1),
+    "refresh_every": (int, 50),
+}
+
+
+def test_nested_config_keeps_the_flat_keys() -> None:
+    types = FWConfig.field_types()
+    assert list(types) == list(FLAT_DEFAULTS)
+    assert types == {key: kind for key, (kind, _) in FLAT_DEFAULTS.items()}
+    assert config_field_types(FWConfig) == types  # what --set parses text into
+    assert FWSolver().config.values() == {key: default for key, (_, default) in FLAT_DEFAULTS.items()}
+    config = FWConfig.from_values({"tabu_steps": 3, "reconstruct": True, "damp": 0, "alpha": 0.25})
+    assert config.search.tabu_steps == 3 and config.reconstruction.reconstruct is True
+    assert config.reconstruction.damp == 0.0 and config.alpha == 0.25
+    assert config.values() == {
+        **FWSolver().config.values(),
+        "tabu_steps": 3,
+        "reconstruct": True,
+        "damp": 0.0,
+        "alpha": 0.25,
+    }
 
 
 @pytest.mark.parametrize(
@@ -370,7 +415,7 @@ def test_input_not_modified() -> None:
 )
 def test_bad_config(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        FWSolver(FWConfig(**overrides))
+        FWSolver(FWConfig.from_values(overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,12 +463,14 @@ def test_reconstruct_never_increases_error(seed: int, pattern: str, iterations: 
 
 def test_solver_reconstruct_beats_mask_only() -> None:
     layer = _layer(31, d_out=8, d_in=32, pattern="row60")
-    plain = FWSolver(FWConfig(iterations=5)).prune(layer)
-    rebuilt = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
+    plain = FWSolver(FWConfig.from_values({"iterations": 5})).prune(layer)
+    rebuilt = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True, "reconstruct_sweeps": 0})).prune(
+        layer
+    )
     assert torch.equal(plain.mask, rebuilt.mask)  # least squares on the fw mask
     assert layer.error(rebuilt.weight) < layer.error(plain.weight)
     assert bool((rebuilt.weight[~rebuilt.mask] == 0).all())
-    joint = FWSolver(FWConfig(iterations=5, reconstruct=True)).prune(layer)
+    joint = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True})).prune(layer)
     assert layer.error(joint.weight) <= layer.error(rebuilt.weight) * (1 + 1e-5)
     assert joint.metrics["fw/objective_reconstructed"] == pytest.approx(layer.error(joint.weight), rel=1e-4)
     assert joint.metrics["fw/objective_reconstructed"] <= joint.metrics["fw/objective_final"]
@@ -453,7 +500,8 @@ def test_joint_group_sweep_keeps_counts_and_lowers_the_damped_objective(pattern:
     weight, damped = layer.weight, _damped(layer)
     start = layer.feasible_set().mask(weight.abs())
     values = reconstruct_rows(weight, layer.gram, start, 0.01, 30)
-    mask, kept, rows, sweeps, changes = _group_sweep_polish(weight, damped, start, 4, 5, values=values, block=8)
+    result = group_sweep_polish(weight, damped, start, 4, 5, values=values, block=8)
+    mask, kept, rows, sweeps, changes = result.mask, result.kept, result.row_errors, result.steps, result.moves
     assert changes > 0 and sweeps >= 1
     assert torch.equal(mask.reshape(10, 6, 4).sum(dim=2), start.reshape(10, 6, 4).sum(dim=2))
     _assert_lowers_the_damped_objective(layer, damped, values, mask, kept, rows)
@@ -465,7 +513,8 @@ def test_joint_group_sweep_reaches_a_groupwise_optimum_over_masks_and_weights() 
     layer = _layer(43, d_out=3, d_in=12, pattern="nm")
     weight, damped = layer.weight.double(), _damped(layer).double()
     start = layer.feasible_set().mask(weight.abs())
-    mask, kept, _, sweeps, _ = _group_sweep_polish(weight, damped, start, 4, 50, values=weight * start, block=4)
+    result = group_sweep_polish(weight, damped, start, 4, 50, values=weight * start, block=4)
+    kept, sweeps = result.kept, result.steps
     assert sweeps < 50
     residual = weight - kept
     value = ((residual @ damped) * residual).sum(dim=1)
@@ -492,7 +541,8 @@ def test_joint_swaps_keep_counts_and_lower_the_damped_objective(pattern: str) ->
     weight, damped = layer.weight, _damped(layer)
     start = layer.feasible_set().mask(weight.abs())
     values = reconstruct_rows(weight, layer.gram, start, 0.01, 30)
-    mask, kept, rows, steps, swaps = _joint_swap_polish(weight, damped, start, values, 100)
+    result = joint_swap_polish(weight, damped, start, values, 100)
+    mask, kept, rows, steps, swaps = result.mask, result.kept, result.row_errors, result.steps, result.moves
     assert swaps > 0 and steps >= 1
     assert torch.equal(mask.sum(dim=1), start.sum(dim=1))
     _assert_lowers_the_damped_objective(layer, damped, values, mask, kept, rows)
@@ -503,7 +553,8 @@ def test_joint_swaps_stop_at_a_swap_optimum_of_a_tiny_row() -> None:
     layer = _layer(61, d_out=1, d_in=6, pattern="row")
     weight, damped = layer.weight.double(), _damped(layer).double()
     start = layer.feasible_set().mask(weight.abs())
-    mask, kept, _, steps, _ = _joint_swap_polish(weight, damped, start, weight * start, 50)
+    result = joint_swap_polish(weight, damped, start, weight * start, 50)
+    mask, kept, steps = result.mask, result.kept, result.steps
     assert steps < 50
     residual = weight[0] - kept[0]
     value = float(residual @ damped @ residual)
@@ -535,8 +586,8 @@ def test_reconstruct_from_a_start_never_increases_its_error() -> None:
 @pytest.mark.parametrize("pattern", ["nm", "row60", "unstructured"])
 def test_reconstruct_sweeps_never_worse_than_least_squares_on_the_fw_mask(pattern: str) -> None:
     layer = _layer(53, d_out=12, d_in=32, pattern=pattern)
-    plain = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=0)).prune(layer)
-    joint = FWSolver(FWConfig(iterations=5, reconstruct=True, reconstruct_sweeps=3)).prune(layer)
+    plain = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True, "reconstruct_sweeps": 0})).prune(layer)
+    joint = FWSolver(FWConfig.from_values({"iterations": 5, "reconstruct": True, "reconstruct_sweeps": 3})).prune(layer)
     assert plain.metrics["fw/joint_changes"] == 0
     assert joint.metrics["fw/joint_changes"] > 0
     assert _counts_ok(joint.mask, layer.target)
@@ -551,11 +602,11 @@ def test_group_search_is_skipped_for_large_nm_patterns() -> None:
     gen = torch.Generator().manual_seed(67)
     x = torch.randn(32, 48, generator=gen)
     large = LayerProblem("w", torch.randn(4, 32, generator=gen), x @ x.T, SparsityConfig.from_pattern("8:16"))
-    result = FWSolver(FWConfig(iterations=4, reconstruct=True)).prune(large)
+    result = FWSolver(FWConfig.from_values({"iterations": 4, "reconstruct": True})).prune(large)
     assert result.metrics["fw/group_search_skipped"] == 1.0
     assert result.metrics["fw/swaps"] == 0 and result.metrics["fw/joint_changes"] == 0
     assert bool((result.mask.reshape(4, 2, 16).sum(dim=2) == 8).all())
-    small = FWSolver(FWConfig(iterations=4)).prune(_layer(67, pattern="nm"))
+    small = FWSolver(FWConfig.from_values({"iterations": 4})).prune(_layer(67, pattern="nm"))
     assert small.metrics["fw/group_search_skipped"] == 0.0
 
 
@@ -563,5 +614,5 @@ def test_non_contiguous_weight_gives_the_same_mask() -> None:
     layer = _layer(37, d_out=8, d_in=16, pattern="row")
     transposed = LayerProblem(layer.name, layer.weight.T.contiguous().T, layer.gram, layer.target)
     assert not transposed.weight.is_contiguous()
-    config = FWConfig(iterations=4)
+    config = FWConfig.from_values({"iterations": 4})
     assert torch.equal(FWSolver(config).prune(layer).mask, FWSolver(config).prune(transposed).mask)

@@ -1,0 +1,216 @@
+r"""The ``fw`` solver: warm start → relax → round → search → keep the better → reconstruct.
+
+:meth:`FWSolver.prune` runs, on one layer: the Wanda mask as warm start; Frank-Wolfe on the face of
+the mask hull that fixes its top ``alpha`` share (:mod:`constrainedsparse.layerwise.fw.core`);
+rounding of the relaxed iterate; a local search on the rounded mask (:func:`search_rounded`:
+:mod:`~constrainedsparse.layerwise.fw.search` for ``row`` and ``unstructured``,
+:mod:`~constrainedsparse.layerwise.fw.groups` and :mod:`~constrainedsparse.layerwise.fw.tabu`
+for ``nm``); the better of the searched mask and Wanda's (:func:`keep_better`); and with
+``reconstruct=true`` least squares on the kept weights
+(:mod:`~constrainedsparse.layerwise.fw.reconstruct`).
+
+**Rounding and its guarantee.** The relaxed iterate is rounded to the pattern by the feasible
+set's own mask (top-k per unit of the relaxed values, the fixed weights ranked first, ties broken
+by lower index, so the pattern holds exactly; :func:`round_relaxed`). Rounding a relaxed point has
+**no guarantee in general**: the rounded objective may exceed the relaxed one, and even Wanda's,
+arbitrarily. What *is* guaranteed: the local searches only ever lower the rounded mask's
+objective, and the searched mask is then compared with the Wanda warm start and the better one is
+kept — per row for the row-separable patterns, per layer for ``unstructured`` — so the returned
+mask satisfies :math:`f(M_{\text{fw}}) \le \min(f(M_{\text{rounded}}), f(M_{\text{wanda}}))`, row
+by row for ``row``/``nm`` (``fw/objective_final`` ≤ ``fw/objective_rounded`` and ≤
+``fw/objective_start``). The relaxed iterate also gives a certificate: :math:`f(M) - g(M) \le f` on
+every mask of the face (every mask containing the fixed weights), reported as ``fw/lower_bound``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
+from constrainedsparse.layerwise.fw.config import FWConfig, SearchConfig
+from constrainedsparse.layerwise.fw.core import FrankWolfeRun, frank_wolfe, masked_row_errors, require_supported
+from constrainedsparse.layerwise.fw.groups import group_search_applies, group_sweep_polish
+from constrainedsparse.layerwise.fw.reconstruct import Reconstruction, reconstruct_layer
+from constrainedsparse.layerwise.fw.search import swap_polish
+from constrainedsparse.layerwise.fw.tabu import group_tabu_search
+from constrainedsparse.sets import FeasibleSet, NMSparse, TopK
+
+__all__ = ["FWSolver", "Polished", "keep_better", "round_relaxed", "search_rounded"]
+
+
+def round_relaxed(feasible: FeasibleSet, run: FrankWolfeRun) -> torch.Tensor:
+    """The pattern's mask of the relaxed iterate, the fixed weights first (ties by lower index)."""
+    # Fixed weights outrank every free value in [0, 1]; the set's own mask rounds.
+    return feasible.mask(run.mask + 2.0 * run.fixed.to(run.mask.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class Polished:
+    """Outcome of :func:`search_rounded`.
+
+    Args:
+        mask: The searched mask (the rounded one itself when no search ran).
+        row_errors: Its per-row objective, float64.
+        steps: Swap steps or group sweeps run (``fw/polish_steps``).
+        moves: Swaps or group replacements applied (``fw/swaps``).
+        tabu_improved_rows: Rows the tabu search improved (``fw/tabu_improved_rows``).
+    """
+
+    mask: torch.Tensor
+    row_errors: torch.Tensor
+    steps: int = 0
+    moves: int = 0
+    tabu_improved_rows: int = 0
+
+
+def search_rounded(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    feasible: FeasibleSet,
+    rounded: torch.Tensor,
+    rounded_rows: torch.Tensor,
+    residual: torch.Tensor,
+    config: SearchConfig,
+) -> Polished:
+    r"""The local searches on the rounded mask: swaps for ``row``/``unstructured``, sweep then tabu for ``nm``.
+
+    The searches start from the rounded mask even where Wanda's is better: the searched rounded
+    mask is the better one far more often than the searched Wanda mask. N:M patterns with more
+    than ``MAX_GROUP_CHOICES`` kept sets per group skip the group searches.
+
+    Args:
+        weight: :math:`W`, float32.
+        gram: :math:`G`, float32.
+        feasible: The layer's pattern.
+        rounded: The rounded mask.
+        rounded_rows: Its per-row objective.
+        residual: Its :math:`C = WG - (W \odot M)G` (not modified).
+        config: Which searches run, and how long.
+    """
+    polished = Polished(rounded, rounded_rows)
+    if not isinstance(feasible, NMSparse):
+        if config.polish_steps > 0:
+            swapped = swap_polish(weight, gram, rounded, config.polish_steps, residual=residual)
+            polished = Polished(swapped.mask, swapped.row_errors, swapped.steps, swapped.moves)
+        return polished
+    if not group_search_applies(feasible):
+        return polished
+    if config.polish_sweeps > 0:
+        swept = group_sweep_polish(weight, gram, rounded, feasible.m, config.polish_sweeps, residual=residual)
+        polished = Polished(swept.mask, swept.row_errors, swept.steps, swept.moves)
+    if config.tabu_steps > 0:
+        # The sweep does not return its C; without a sweep the rounded mask's is at hand.
+        known = residual if polished.mask is rounded else None
+        tabu = group_tabu_search(
+            weight, gram, polished.mask, feasible.m, config.tabu_steps, config.tabu_tenure, residual=known
+        )
+        polished = dataclasses.replace(
+            polished, mask=tabu.mask, row_errors=tabu.row_errors, tabu_improved_rows=tabu.improved_rows
+        )
+    return polished
+
+
+def keep_better(
+    feasible: FeasibleSet, polished: Polished, wanda: torch.Tensor, start_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The better of the searched mask and Wanda's: per row for ``row``/``nm``, for the layer for ``unstructured``.
+
+    Returns:
+        The mask and its per-row objective.
+    """
+    rows = polished.row_errors
+    if not isinstance(feasible, TopK):
+        better = rows < start_rows
+    else:
+        better = torch.full_like(rows, float(rows.sum()) < float(start_rows.sum()), dtype=torch.bool)
+    return torch.where(better.unsqueeze(1), polished.mask, wanda), torch.where(better, rows, start_rows)
+
+
+def _trace(run: FrankWolfeRun, config: FWConfig) -> list[dict[str, float]]:
+    """Every ``trace_every``-th iteration's objective and gap, and the last one's."""
+    return [
+        {"iteration": float(t), "objective": run.objectives[t], "gap": run.gaps[t]}
+        for t in range(config.iterations)
+        if t % config.trace_every == 0 or t == config.iterations - 1
+    ]
+
+
+def _metrics(
+    run: FrankWolfeRun,
+    rows: dict[str, torch.Tensor],
+    polished: Polished,
+    reconstruction: Reconstruction | None,
+    group_search: bool,
+    started: float,
+) -> dict[str, float]:
+    """The layer's ``fw/*`` metrics (``rows``: per-row objectives of the start, rounded and final masks)."""
+    metrics = {
+        "fw/iterations": float(len(run.gaps)),
+        "fw/objective_start": float(rows["start"].sum()),
+        "fw/objective_relaxed": run.objectives[-1],
+        "fw/objective_rounded": float(rows["rounded"].sum()),
+        "fw/objective_final": float(rows["final"].sum()),
+        "fw/gap_last": run.gaps[-1],
+        "fw/lower_bound": run.objectives[-2] - run.gaps[-1],
+        "fw/sparse_updates": float(run.sparse_updates),
+        "fw/dense_updates": float(run.dense_updates),
+        "fw/polish_steps": float(polished.steps),
+        "fw/swaps": float(polished.moves),
+        "fw/tabu_improved_rows": float(polished.tabu_improved_rows),
+        "fw/joint_changes": float(reconstruction.joint_changes if reconstruction is not None else 0),
+        "fw/group_search_skipped": float(not group_search),
+        "fw/seconds": time.perf_counter() - started,
+    }
+    if reconstruction is not None:
+        # fw/objective_final is the mask-only searched mask's; this is what the layer returns.
+        metrics["fw/objective_reconstructed"] = float(reconstruction.row_errors.sum())
+    return metrics
+
+
+@register_solver("fw")
+class FWSolver(LayerwiseSolver):
+    """Frank-Wolfe over the mask hull with an α-fixed Wanda warm start (Roux et al. 2025)."""
+
+    description = (
+        "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start (+ swap polish, N:M tabu search)"
+    )
+    Config = FWConfig
+
+    def prune(self, layer: LayerProblem) -> LayerResult:
+        """Prunes ``layer`` (``layer.weight`` is not modified).
+
+        Raises:
+            ValueError: For a pattern other than ``row``, ``unstructured`` and ``nm``.
+        """
+        cfg: FWConfig = self.config
+        started = time.perf_counter()
+        feasible = layer.feasible_set()
+        require_supported(feasible, layer.target.pattern)
+        # Contiguous float32: the flat views and NumPy fast paths of the searches need it.
+        weight = layer.weight.detach().to(torch.float32).contiguous()
+        gram = layer.gram.detach().to(torch.float32).contiguous()
+        scores = wanda_scores(weight, gram)
+        wanda = feasible.mask(scores)  # warm start
+        wg = weight @ gram
+        run = frank_wolfe(weight, gram, feasible, wanda, scores, cfg, wg=wg)  # relax
+        rounded = round_relaxed(feasible, run)  # round
+        rounded_product = (weight * rounded) @ gram
+        rows = {
+            "start": masked_row_errors(weight, wg, run.start_product, wanda),
+            "rounded": masked_row_errors(weight, wg, rounded_product, rounded),
+        }
+        polished = search_rounded(  # search
+            weight, gram, feasible, rounded, rows["rounded"], wg - rounded_product, cfg.search
+        )
+        final, rows["final"] = keep_better(feasible, polished, wanda, rows["start"])  # keep the better
+        weight_hat = layer.weight.detach() * final
+        group_search = group_search_applies(feasible)
+        reconstruction = None
+        if cfg.reconstruction.reconstruct:  # reconstruct
+            reconstruction = reconstruct_layer(layer, weight, gram, final, feasible, cfg, group_search)
+            final, weight_hat = reconstruction.mask, reconstruction.weight
+        metrics = _metrics(run, rows, polished, reconstruction, group_search, started)
+        return LayerResult(weight=weight_hat, mask=final, metrics=metrics, trace=_trace(run, cfg))
