@@ -19,9 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,12 +27,11 @@ from typing import Any
 
 from common import command_line, torch_threads, write_results
 
-from constrainedsparse.engine import RunConfig
-from constrainedsparse.layerwise import run as layerwise_run
+from constrainedsparse import prune_layerwise
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult
 from constrainedsparse.layerwise.fw import FWConfig, FWSolver
 from constrainedsparse.layerwise.solvers import Wanda
-from constrainedsparse.settings import config_field_types, parse_value
+from constrainedsparse.settings import config_field_types, parse_value, route_settings
 from constrainedsparse.spec import load_problem
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "nm_search"
@@ -112,21 +109,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def record(pattern: str, settings: dict[str, str]) -> list[LayerProblem]:
     """The layer problems of a ``minilm-layerwise`` run with fw (``settings``: its ``--set``) at ``pattern``.
 
-    The run is the CLI's (``prepare`` validates and loads, ``execute`` drives the blocks); only its
-    solver is swapped for a recording fw with the same configuration.
+    The model and calibration batches are the problem's, pruned through :func:`constrainedsparse.prune_layerwise`
+    (the same block driver as ``constrainedsparse run``) with a recording fw of the same configuration.
     """
-    with tempfile.TemporaryDirectory(prefix="nm-search-") as out:
-        config = RunConfig(
-            problem="minilm-layerwise",
-            formulation="fw",
-            pattern=pattern,
-            out=Path(out) / "run",
-            settings=settings,
-            progress=False,
-        )
-        prepared = layerwise_run.prepare(config, load_problem(config.problem))
-        recorder = RecordingFW(prepared.solver.config)
-        layerwise_run.execute(dataclasses.replace(prepared, solver=recorder))
+    problem = load_problem("minilm-layerwise")
+    routed = route_settings(
+        settings,
+        {"solver": config_field_types(FWConfig), "options": {k: type(v) for k, v in problem.options.items()}},
+        "for nm_search",
+    )
+    options = {**problem.options, **routed["options"]}
+    recorder = RecordingFW(FWConfig.from_values(routed["solver"]))
+    prune_layerwise(problem.model(options), problem.calibration(options, 0), recorder, pattern=pattern)
     return recorder.recorded
 
 

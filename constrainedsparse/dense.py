@@ -28,7 +28,7 @@ from constrainedsparse.batches import to_device
 from constrainedsparse.checkpoint import save_weights
 from constrainedsparse.errors import NonFiniteLossError
 from constrainedsparse.progress import Progress
-from constrainedsparse.spec import Problem, call_user
+from constrainedsparse.spec import Problem
 
 if TYPE_CHECKING:
     from constrainedsparse.engine import TrainingPrepared
@@ -122,7 +122,7 @@ def dense_model(prepared: TrainingPrepared, train: Dataset, test: Dataset) -> tu
     """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
     problem, seed, device = prepared.problem, prepared.config.seed, prepared.device
     seed_everything(seed)
-    model = call_user(problem.name, "model(options)", problem.model, prepared.options).to(device)
+    model = problem.model(prepared.options).to(device)
     path = _dense_cache_path(prepared)
     if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
         loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
@@ -130,7 +130,7 @@ def dense_model(prepared: TrainingPrepared, train: Dataset, test: Dataset) -> tu
             distributed.broadcast_module(model)
             return model, evaluate(problem, model, test)
         seed_everything(seed)
-        model = call_user(problem.name, "model(options)", problem.model, prepared.options).to(device)
+        model = problem.model(prepared.options).to(device)
     training = prepared.training
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
     forward = distributed.wrap(model)

@@ -49,7 +49,7 @@ from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
-from constrainedsparse.spec import Problem, call_user, load_problem
+from constrainedsparse.spec import Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = [
@@ -136,7 +136,7 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     Raises:
         UserInputError: With one line naming the bad value and what is allowed.
     """
-    problem = load_problem(config.problem) if problem is None else problem
+    problem = (load_problem(config.problem) if problem is None else problem).guarded()
     if not distributed.is_main_process():
         config = dataclasses.replace(config, progress=False)  # one progress bar per job: rank 0's
     if config.formulation in available_solvers() and config.formulation not in available_formulations():
@@ -178,10 +178,10 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     )
     prepared = TrainingPrepared(resolved, problem, formulation_cls, formulation_config, target, training, options)
     if problem.check is not None:
-        call_user(problem.name, "check(options)", problem.check, options)
+        problem.check(options)
     # A throwaway model catches now what would fail later: a filter that selects nothing, N:M
     # widths, and what the formulation checks when it attaches (l0's density_of=purged model).
-    model = call_user(problem.name, "model(options)", problem.model, options)
+    model = problem.model(options)
     with user_input():
         targets = problem.targets.resolve(model, target)
         formulation_cls(_task_problem(problem, model, targets, None, constraints=False), formulation_config)
@@ -340,7 +340,7 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     """Data, the dense model, the targets, the problem and the logger of the run."""
     prepared, config = run.prepared, run.config
     problem = prepared.problem
-    run.train, run.test = call_user(problem.name, "data(options)", problem.data, prepared.options)
+    run.train, run.test = problem.data(prepared.options)
     for name, dataset in (("training", run.train), ("test", run.test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from constrainedsparse.distributed import synchronised
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn"]
@@ -79,7 +80,7 @@ def _pair(batch: Batch) -> tuple[Any, Any]:
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
         return batch[0], batch[1]
     kind = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, Sequence) else "")
-    raise ValueError(
+    raise UserInputError(
         f"loss_fn takes (inputs, targets) batches, got a {kind}: pass compute_loss=fn(model, batch) "
         "to SparsityProblem for other batches"
     )
@@ -162,7 +163,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             value, source = self.loss_fn(output, y), "loss_fn"
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{source} must return a scalar tensor, got {shape}")
+            raise UserInputError(f"{source} must return a scalar tensor, got {shape}")
         return value.reshape(()), output
 
     def add_penalty(self, name: str, fn: Callable[[nn.Module], torch.Tensor]) -> None:
@@ -269,7 +270,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if entry.user:
             violation = _checked_violation(name, violation).reshape(-1)
             if torch.is_grad_enabled() and not violation.requires_grad:
-                raise ValueError(
+                raise UserInputError(
                     f"constraint {name!r} has no gradient path to the model's parameters (its value does not "
                     "require grad): a constraint must be differentiable in what the optimizer updates "
                     "(no .item(), .detach() or float())"
@@ -295,10 +296,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
 def _checked_violation(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise ValueError(
+        raise UserInputError(
             f"constraint {name!r} must return a tensor differentiable in the model's parameters, "
             f"got {type(value).__name__}"
         )
     if not torch.is_floating_point(value) or value.numel() == 0:
-        raise ValueError(f"constraint {name!r} must return a non-empty floating-point tensor, got {value.dtype}")
+        raise UserInputError(f"constraint {name!r} must return a non-empty floating-point tensor, got {value.dtype}")
     return value.reshape(-1)

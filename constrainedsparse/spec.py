@@ -15,6 +15,8 @@ traceback instead, since it is the user's code. ``sys.exit()`` inside a problem 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib.util
 import os
@@ -41,6 +43,7 @@ __all__ = [
     "accuracy",
     "bundled_problems",
     "call_user",
+    "guard",
     "load_problem",
 ]
 
@@ -51,6 +54,21 @@ DEBUG_ENV = "CONSTRAINEDSPARSE_DEBUG"
 def debugging() -> bool:
     """Whether the user's tracebacks are wanted (``--debug`` sets ``CONSTRAINEDSPARSE_DEBUG=1``)."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def guard(problem_name: str, what: str, fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """``fn`` (a function of a problem file) with its exceptions turned into one line (:func:`call_user`).
+
+    The wrapper keeps ``fn``'s signature (a constraint's arity tells whether it takes the batch).
+    """
+    if fn is None:
+        return None
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        return call_user(problem_name, what, functools.partial(fn, **kwargs), *args)
+
+    return guarded
 
 
 def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -144,6 +162,25 @@ class Problem:
     check: Callable[[Mapping[str, Any]], None] | None = None
     source: str = ""
 
+    def guarded(self) -> Problem:
+        """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
+        name = self.name
+        constraints = {
+            key: UserConstraint(guard(name, f"constraint {key!r}", c.fn), c.sense)
+            for key, c in self.constraints.items()
+        }
+        return dataclasses.replace(
+            self,
+            model=guard(name, "model(options)", self.model),
+            data=guard(name, "data(options)", self.data),
+            loss=guard(name, "loss(output, y)", self.loss),
+            metric=guard(name, "metric(output, y)", self.metric),
+            compute_loss=guard(name, "compute_loss(model, batch)", self.compute_loss),
+            predict=guard(name, "predict(model, batch)", self.predict),
+            check=guard(name, "check(options)", self.check),
+            constraints=constraints,
+        )
+
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``."""
         if self.compute_loss is not None:
@@ -194,6 +231,18 @@ class LayerwiseProblem:
     targets: Targets = field(default_factory=_default_layerwise_targets)
     options: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+
+    def guarded(self) -> LayerwiseProblem:
+        """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
+        name = self.name
+        return dataclasses.replace(
+            self,
+            model=guard(name, "model(options)", self.model),
+            calibration=guard(name, "calibration(options, seed)", self.calibration),
+            held_out=guard(name, "held_out(model, options)", self.held_out),
+            score=guard(name, "score(dense, pruned)", self.score),
+            blocks=guard(name, "blocks(model)", self.blocks),
+        )
 
     def model_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The blocks to prune, in order."""

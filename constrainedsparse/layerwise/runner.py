@@ -31,7 +31,7 @@ from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_w
 from constrainedsparse.layerwise.report import summarize_layers
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
-from constrainedsparse.spec import LayerwiseProblem, call_user
+from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = [
@@ -127,6 +127,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     Raises:
         UserInputError: With one line naming the bad value and what is allowed.
     """
+    problem = problem.guarded()
     name = config.formulation
     if name not in available_solvers():
         kind = "trains the model" if name in available_formulations() else "is not a formulation"
@@ -154,10 +155,10 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
-    model = call_user(problem.name, "model(options)", problem.model, options)
+    model = problem.model(options)
     model.eval()
     check_layer_shapes(problem.model_blocks(model), problem.targets, target)
-    batches = call_user(problem.name, "calibration(options, seed)", problem.calibration, options, config.seed)
+    batches = problem.calibration(options, config.seed)
     if not batches:
         raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
     resolved = dataclasses.replace(config, sparsity=None if target.pattern == "nm" else target.sparsity, epochs=0)
@@ -261,11 +262,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # calibration passes must not accumulate key/value caches
     scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
-    dense_outputs = (
-        call_user(problem.name, "held_out(model, options)", problem.held_out, model, prepared.options)
-        if scored
-        else None
-    )
+    dense_outputs = problem.held_out(model, prepared.options) if scored else None
     blocks = problem.model_blocks(model)
     run = _Blocks(prepared, directory, state)
     run.restore(device)
@@ -289,9 +286,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             return None
         summary = _summary(prepared, model, run.reports, run.seconds())
         if scored:
-            pruned_outputs = call_user(
-                problem.name, "held_out(model, options)", problem.held_out, model, prepared.options
-            )
+            pruned_outputs = problem.held_out(model, prepared.options)
             scores = problem.score(dense_outputs, pruned_outputs)
             summary.update(scores)
             run.logger.log(scores, run.step + 1)

@@ -1,0 +1,162 @@
+"""The public Python API beyond the own loop: describe, prune_layerwise, transformers models with dict batches."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from constrainedsparse import (
+    SparsityConfig,
+    SparsityProblem,
+    Targets,
+    describe,
+    hard_prune,
+    make,
+    prune_layerwise,
+)
+from constrainedsparse.cli import main
+from constrainedsparse.layerwise.driver import layer_module_types
+
+
+def test_describe_lists_every_key_with_type_default_and_meaning():
+    slr = describe("slr")
+    assert slr.kind == "training" and "rho" in slr and slr["rho"].default == 0.1 and slr["rho"].type is float
+    assert slr["interval_unit"].allowed == "one of epoch, step"
+    assert all(info.help for info in slr.hyperparameters.values())
+    fw = describe("fw")
+    assert fw.kind == "layerwise" and {"alpha", "tabu_steps", "reconstruct"} <= set(fw)
+    assert describe("magnitude").also == ["layerwise"] and describe("magnitude", kind="layerwise").kind == "layerwise"
+    text = str(slr)
+    assert text.splitlines()[0].startswith("slr (formulation): surrogate Lagrangian relaxation")
+    assert "rho" in text and "penalty coefficient" in text
+    with pytest.raises(ValueError, match=r"^unknown formulation 'nope'; available: admm, fw, l0"):
+        describe("nope")
+
+
+def test_cli_formulations_name_and_set_help(capsys):
+    assert main(["formulations", "sparsegpt"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sparsegpt (layer-wise solver): SparseGPT") and "blocksize" in out and "damp_retries" in out
+    assert main(["run", "digits-mlp", "--formulation", "l0", "--set", "help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("density_constraint", "gate_lr", "batch_size", "log_every", "device"):
+        assert key in out, key
+    assert main(["run", "minilm-layerwise", "--set", "help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fw (layer-wise solver)") and "mask_scope" in out and "calibration_samples" in out
+
+
+class _Blocks(nn.Module):
+    """A plain module holding its blocks in a ModuleList (tensor batches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = _Blocks()
+    batches = [torch.randn(64, 16) for _ in range(3)]
+    report = prune_layerwise(model, batches, "wanda", sparsity=0.5)
+    assert list(tmp_path.iterdir()) == []
+    assert set(report.layer_sparsity) == {f"blocks.{i}.{j}.weight" for i in range(2) for j in (0, 2)}
+    assert all(v == pytest.approx(0.5) for v in report.layer_sparsity.values())
+    total = sum(p.numel() for p in model.parameters())
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert report.model_sparsity == pytest.approx(zeros / total) and report.model_sparsity < report.achieved_sparsity
+    assert 0 < report.mean_layer_error < 1 and report.layer_error.keys() == report.layer_sparsity.keys()
+
+
+def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    model = _Blocks()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(8, 16)]
+    with pytest.raises(ValueError, match=r"^unknown layer-wise solver 'nope'; choose one of fw, magnitude"):
+        prune_layerwise(model, batches, "nope")
+    with pytest.raises(ValueError, match=r"^fw: alpha must be in \[0, 1\), got 2.0$"):
+        prune_layerwise(model, batches, "fw", alpha=2.0)
+    with pytest.raises(ValueError, match=r"^fw: unknown hyperparameter 'alhpa' for layer-wise solver 'fw'; allowed:"):
+        prune_layerwise(model, batches, "fw", alhpa=0.5)
+    with pytest.raises(ValueError, match=r"^block 0 0: N:M pattern 2:3 needs the input width divisible by 3"):
+        prune_layerwise(model, batches, "wanda", pattern="2:3")
+    with pytest.raises(ValueError, match=r"^batches must be a non-empty list"):
+        prune_layerwise(model, [], "wanda")
+    with pytest.raises(ValueError, match=r"^--set mask_scope must be one of row, layer, got 'col'$"):
+        prune_layerwise(model, batches, "wanda", mask_scope="col")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
+def _dict_batches(n=6, size=8, seq=12):
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (size, seq), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[: size // 2, seq - 3 :] = 0  # some padding
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": (ids[:, 0] % 2)})
+    return batches
+
+
+def test_transformers_model_in_a_user_loop_with_dict_batches(tiny_bert):
+    model = tiny_bert
+    model.train()
+    targets = Targets(module_types=(nn.Linear,), exclude=["classifier.*", "bert.pooler.*"]).resolve(
+        model, SparsityConfig(sparsity=0.6)
+    )
+
+    def compute_loss(net, batch):
+        return net(**batch).loss
+
+    problem = SparsityProblem(model, targets=targets, compute_loss=compute_loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = _dict_batches()
+    f = make("slr", problem, optimizer=optimizer, interval=2)
+    f.setup(1, len(batches), reference_batch=batches[0])
+    for batch in batches:
+        cmp_state, metrics = f.training_step(batch)
+        assert torch.isfinite(cmp_state.loss)
+    assert f.k == 3
+    masks = f.hard_masks()
+    f.finalize()
+    hard_prune(targets, masks)
+    for t in targets:
+        assert int(torch.count_nonzero(t.tensor)) == t.feasible_set.k
+    model.eval()
+
+
+def test_prune_layerwise_on_a_transformers_model_with_dict_batches(tiny_bert, tmp_path):
+    import copy
+
+    model = copy.deepcopy(tiny_bert).eval()
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(4)]
+    report = prune_layerwise(model, batches, "sparsegpt", pattern="2:4", out=tmp_path / "run")
+    assert report.target == "2:4" and len(report.layer_error) == 12
+    for name in report.layer_sparsity:
+        weight = model.get_parameter(name)
+        groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        assert int(groups.max()) <= 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["mean_layer_error"] == pytest.approx(report.mean_layer_error)
+    assert summary["model_sparsity"] == pytest.approx(report.model_sparsity)
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert layer_module_types()[0] is nn.Linear

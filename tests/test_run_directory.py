@@ -1,0 +1,152 @@
+"""Run directories: resume with the stored options, one run per directory, --overwrite, file modes, progress lines."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import torch
+from cli_helpers import fails_with_one_line
+from safetensors.torch import load_file
+
+from constrainedsparse.cli import main
+from constrainedsparse.runs import LOCK, RunDirectory
+
+FAST = ["--pretrain-epochs", "3", "--epochs", "2", "--retrain-epochs", "1", "--wandb", "disabled", "--no-progress"]
+
+
+def _run(out, *extra):
+    return main(["run", "digits-mlp", "--formulation", "admm", "--sparsity", "0.8", "--out", str(out), *FAST, *extra])
+
+
+def test_resume_with_no_other_flag_uses_the_stored_options_and_equals_a_straight_run(tmp_path):
+    assert _run(tmp_path / "full", "--set", "rho=0.2") == 0
+    # an interrupted run: stopped after one epoch, with a checkpoint and no summary
+    from constrainedsparse import RunConfig, run
+
+    config = RunConfig(problem="digits-mlp", formulation="admm", sparsity=0.8, epochs=2, pretrain_epochs=3,
+                       retrain_epochs=1, out=tmp_path / "cut", settings={"rho": "0.2"}, stop_after_epochs=1,
+                       progress=False)  # fmt: skip
+    assert run(config) is None and not (tmp_path / "cut" / "summary.json").exists()
+    assert main(["run", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    for key in ("achieved_sparsity", "layer_sparsity", "hardprune_accuracy", "retrain_accuracy", "settings"):
+        assert cut[key] == full[key], key
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_differing_flag_names_the_keys(tmp_path, capsys):
+    out = tmp_path / "a"
+    from constrainedsparse import RunConfig, run
+
+    run(RunConfig(problem="digits-mlp", formulation="admm", sparsity=0.8, epochs=2, pretrain_epochs=3, out=out,
+                  stop_after_epochs=1, progress=False))  # fmt: skip
+    before = sorted(p.name for p in out.iterdir())
+    line = fails_with_one_line(["run", "--out", str(out), "--resume", "--sparsity", "0.5", "--set", "rho=1"], capsys)
+    assert line.startswith(
+        f"error: --resume: the run in {out} was started with other options: sparsity (0.5, stored 0.8)"
+    )
+    assert "--set rho" in line
+    assert sorted(p.name for p in out.iterdir()) == before
+    # the same options given again are fine
+    assert (
+        main(["run", "--out", str(out), "--resume", "--sparsity", "0.8", "--formulation", "admm", "--no-progress"]) == 0
+    )
+
+
+def test_an_existing_run_directory_is_refused_untouched_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert _run(out) == 0
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), *FAST], capsys)
+    assert line == (
+        f"error: --out {out} already holds a run; continue it with --resume, replace it with --overwrite, "
+        "or choose another --out"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
+    (out / "notes.txt").write_text("mine")
+    assert _run(out, "--overwrite", "--set", "rho=0.3") == 0
+    assert json.loads((out / "summary.json").read_text())["settings"] == {"rho": "0.3"}
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes a run's files, nothing else
+    assert not (out / LOCK).exists()
+
+
+def test_files_get_the_process_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _run(tmp_path / "a") == 0
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "metrics.png"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o644, name
+
+
+def test_out_paths_that_cannot_be_a_run_directory(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (a_file, f"--out {a_file} is a file, not a directory"),
+        (a_file / "under", f"--out {a_file / 'under'}: {a_file} is a file, not a directory"),
+    ]
+    for out, message in cases:
+        assert fails_with_one_line(["run", "--out", str(out), *FAST], capsys) == f"error: {message}"
+    assert fails_with_one_line(["run", "--out", "", *FAST], capsys) == (
+        "error: --out must name a run directory, got the current directory"
+    )
+    assert a_file.read_text() == "x"
+
+
+def test_a_busy_directory_is_refused_with_the_holders_pid(tmp_path):
+    out = tmp_path / "busy"
+    holder = RunDirectory(out)
+    holder.check()
+    holder.claim()
+    try:
+        code = (
+            "import sys; from constrainedsparse.cli import main; "
+            f"sys.exit(main(['run', '--out', {str(out)!r}, '--overwrite', '--no-progress', '--wandb', 'disabled']))"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2
+        assert done.stderr.strip() == (
+            f"error: --out {out} is in use by another run (pid {os.getpid()}); wait for it or choose another --out"
+        )
+    finally:
+        holder.release()
+    assert not (out / LOCK).exists()
+
+
+def test_a_killed_run_leaves_no_lock_that_blocks_resume(tmp_path):
+    out = tmp_path / "killed"
+    script = (
+        "import sys; from constrainedsparse.cli import main; "
+        f"main(['run', 'digits-mlp', '--formulation', 'magnitude', '--out', {str(out)!r}, '--pretrain-epochs', '3', "
+        "'--epochs', '40', '--no-progress', '--wandb', 'disabled'])"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert (out / "checkpoint.pt").exists()
+    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 40
+
+
+def test_progress_is_one_line_per_epoch_when_stderr_is_not_a_terminal(tmp_path):
+    code = (
+        "from constrainedsparse.cli import main; "
+        f"main(['run', 'digits-mlp', '--formulation', 'magnitude', '--out', {str(tmp_path / 'a')!r}, "
+        "'--pretrain-epochs', '2', '--epochs', '3', '--wandb', 'disabled'])"
+    )
+    env = {**os.environ, "CONSTRAINEDSPARSE_CACHE": str(tmp_path / "cache")}  # the dense model is trained here
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["dense digits-mlp"] * 2 + ["prune magnitude"] * 3, lines
+    assert lines[-1].startswith("prune magnitude: epoch 3/3 loss ") and "\r" not in done.stderr
