@@ -62,9 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--formulation", help="formulation name (see `formulations`; default slr, or fw for layer-wise problems)"
     )
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9; 0.5 layer-wise)")
-    target.add_argument("--pattern", help="N:M pattern along the input dimension, e.g. 2:4")
+    p.add_argument("--sparsity", type=float, help="fraction of zeros in [0, 1) (default 0.9; 0.5 layer-wise)")
+    p.add_argument(
+        "--pattern",
+        help="unstructured (default), row, N:M (e.g. 2:4: its own level), structured:rows, structured:columns, "
+        "block:RxC",
+    )
     p.add_argument("--epochs", type=int, help="pruning epochs (problem default)")
     p.add_argument("--pretrain-epochs", type=int, help="dense pre-training epochs (problem default; cached)")
     p.add_argument("--retrain-epochs", type=int, help="masked retraining epochs after hard pruning (default 0)")

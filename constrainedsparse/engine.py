@@ -172,7 +172,7 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     options = {**problem.options, **routed["options"]}
     resolved = dataclasses.replace(
         config,
-        sparsity=None if target.pattern == "nm" else target.sparsity,
+        sparsity=None if target.nm is not None else target.sparsity,
         epochs=problem.epochs if config.epochs is None else config.epochs,
         pretrain_epochs=problem.pretrain_epochs if config.pretrain_epochs is None else config.pretrain_epochs,
     )
@@ -478,10 +478,12 @@ def _summary(run: _Run, final_accuracy: float) -> dict[str, Any]:
         "dense_accuracy": run.dense_accuracy,
         "hardprune_accuracy": run.hardprune_accuracy,
     }
-    if prepared.target.pattern == "nm":
+    if prepared.target.nm is not None:
         summary["pattern"] = prepared.target.describe()
     else:
         summary["target_sparsity"] = prepared.target.sparsity
+        if prepared.target.pattern != "unstructured":
+            summary["pattern"] = prepared.target.pattern_text()
     if config.retrain_epochs > 0:
         summary["retrain_accuracy"] = final_accuracy
     summary.update(run.summary_extra)  # the formulation's own fields (e.g. l0's densities)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from constrainedsparse.config import Hyperparameters
+from constrainedsparse.sets import check_sparsity, parse_pattern, pattern_class
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = ["config_field_types", "parse_value", "resolve_device", "route_settings", "target_from_flags"]
@@ -92,18 +92,25 @@ def target_from_flags(
 
     Args:
         sparsity: ``--sparsity`` (``None``: not given).
-        pattern: ``--pattern N:M`` (``None``: not given).
-        default_sparsity: Level used when neither is given.
-        unstructured_pattern: Pattern of a ``--sparsity`` target (``unstructured`` or ``row``).
+        pattern: ``--pattern`` (``None``: not given): any registered pattern text (``2:4``, ``row``,
+            ``structured:columns``, ``block:4x4``, ...).
+        default_sparsity: Level used when ``--sparsity`` is not given (and the pattern needs one).
+        unstructured_pattern: Pattern of a ``--sparsity`` target without ``--pattern``
+            (``unstructured``, or ``row`` for the layer-wise driver's default mask scope).
 
     Raises:
-        ValueError: If both are given, the level is outside [0, 1), or the N:M text is malformed.
+        ValueError: If the level is outside [0, 1), the pattern text is unknown or malformed, or
+            ``--sparsity`` is given with a pattern that fixes its own level (N:M).
     """
-    if sparsity is not None and pattern is not None:
-        raise ValueError("give either --sparsity or --pattern, not both")
     if pattern is not None:
-        return SparsityConfig.from_pattern(pattern)
-    level = default_sparsity if sparsity is None else sparsity
-    if not (0.0 <= level < 1.0) or math.isnan(level):
-        raise ValueError(f"--sparsity must be in [0, 1), got {level}")
+        kind, _ = parse_pattern(pattern)
+        if pattern_class(kind).fixed_level:
+            if sparsity is not None:
+                raise ValueError(
+                    "argument --pattern: not allowed with argument --sparsity (an N:M pattern fixes its own level)"
+                )
+            return SparsityConfig.parse(pattern)
+    level = check_sparsity(default_sparsity if sparsity is None else sparsity, "--sparsity")
+    if pattern is not None:
+        return SparsityConfig.parse(pattern, level)
     return SparsityConfig(sparsity=level, pattern=unstructured_pattern)

@@ -9,10 +9,11 @@ feasible set. Everything is validated up front with precise ``ValueError``\ s.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,57 +21,99 @@ from torch.nn.utils import parametrize
 
 from constrainedsparse.sets import (
     FeasibleSet,
-    NMSparse,
-    RowTopK,
-    StructuredGroups,
-    TopK,
-    keep_count,
+    available_patterns,
+    check_sparsity,
     parse_nm,
+    parse_pattern,
+    pattern_class,
 )
 
 __all__ = ["PATTERNS", "SparsityConfig", "TargetParam", "Targets", "DEFAULT_MODULE_TYPES"]
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-PATTERNS = ("unstructured", "row", "nm", "structured")
+PATTERNS = tuple(available_patterns())
+"""The registered pattern kinds (see :mod:`constrainedsparse.sets`)."""
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """What to reach: a sparsity fraction (with a pattern) or an N:M pattern.
+    """What to reach: a sparsity level in a pattern (:mod:`constrainedsparse.sets` registers the patterns).
 
     Args:
-        sparsity: Fraction of zeros in ``[0, 1)``; ignored (derived) for ``nm``.
-        pattern: ``"unstructured"`` (top-k per tensor), ``"row"`` (top-k per output row),
-            ``"structured"`` (whole output rows/channels), or ``"nm"``.
-        nm: ``(n, m)`` for the N:M pattern (at most n nonzeros in every m inputs).
+        sparsity: Fraction of zeros in ``[0, 1)``; derived for a pattern that fixes its level (N:M).
+        pattern: The pattern's kind: ``"unstructured"`` (top-k per tensor), ``"row"`` (top-k per
+            output row), ``"nm"``, ``"structured"`` (whole output rows or input columns, see
+            ``params``), ``"block"``, or any registered pattern.
+        nm: ``(n, m)`` of the ``nm`` pattern (at most n nonzeros in every m inputs).
+        params: The pattern's other parameters as ``((name, value), ...)`` (``(("dim", 1),)`` for
+            structured columns); :meth:`parse` fills them from text.
+
+    Raises:
+        ValueError: For an unknown pattern, a level outside ``[0, 1)`` or ``nm`` missing.
     """
 
     sparsity: float = 0.0
     pattern: str = "unstructured"
     nm: tuple[int, int] | None = None
+    params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {self.pattern!r}")
+        cls = pattern_class(self.pattern)
         if self.pattern == "nm":
             if self.nm is None:
                 raise ValueError("pattern 'nm' needs nm=(n, m)")
-            object.__setattr__(self, "sparsity", 1.0 - self.nm[0] / self.nm[1])
-        elif (
-            not isinstance(self.sparsity, (int, float)) or not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity)
-        ):
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            n, m = parse_nm(f"{self.nm[0]}:{self.nm[1]}")
+            object.__setattr__(self, "params", (("n", n), ("m", m)))
+        level = cls.level(**self.options)
+        if level is not None:
+            object.__setattr__(self, "sparsity", level)
+        else:
+            check_sparsity(self.sparsity)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The pattern's parameters as keywords."""
+        return dict(self.params)
+
+    @classmethod
+    def parse(cls, text: str, sparsity: float | None = None) -> SparsityConfig:
+        """The config of a pattern text (``"2:4"``, ``"row"``, ``"structured:columns"``, ``"block:4x4"``).
+
+        Args:
+            text: The pattern as users write it (``--pattern``).
+            sparsity: The level; must be ``None`` for a pattern that fixes its own (N:M).
+
+        Raises:
+            ValueError: For text no pattern reads, or a level given to an N:M pattern.
+        """
+        kind, params = parse_pattern(text)
+        if kind == "nm":
+            if sparsity is not None:
+                raise ValueError(f"the N:M pattern {text} fixes its own level: give --pattern or --sparsity, not both")
+            return cls(pattern="nm", nm=(params["n"], params["m"]))
+        return cls(0.0 if sparsity is None else sparsity, kind, params=tuple(sorted(params.items())))
 
     @classmethod
     def from_pattern(cls, text: str) -> SparsityConfig:
-        """Builds an N:M config from text such as ``"2:4"``."""
-        return cls(pattern="nm", nm=parse_nm(text))
+        """Builds an N:M (or any fixed-level) config from text such as ``"2:4"``."""
+        return cls.parse(text)
+
+    def with_sparsity(self, sparsity: float) -> SparsityConfig:
+        """The same pattern at another level (the same config for a fixed-level pattern)."""
+        return self if self.nm is not None else dataclasses.replace(self, sparsity=sparsity)
+
+    def pattern_text(self) -> str:
+        """The pattern as users write it (``"row"``, ``"2:4"``, ``"structured:columns"``)."""
+        return pattern_class(self.pattern).pattern_text(**self.options)
 
     def describe(self) -> str:
-        """Short human label, e.g. ``'0.9'`` or ``'2:4'``."""
-        return f"{self.nm[0]}:{self.nm[1]}" if self.pattern == "nm" else f"{self.sparsity:g}"
+        """Short human label, e.g. ``'0.9'``, ``'2:4'`` or ``'0.5 row'``."""
+        if self.nm is not None:
+            return self.pattern_text()
+        suffix = "" if self.pattern == "unstructured" else f" {self.pattern_text()}"
+        return f"{self.sparsity:g}{suffix}"
 
     def feasible_set(self, shape: Sequence[int]) -> FeasibleSet:
         """The pattern's feasible set for a tensor of this shape at this level.
@@ -78,15 +121,14 @@ class SparsityConfig:
         Raises:
             ValueError: If the shape does not fit the pattern (e.g. N:M on a width not divisible by M).
         """
-        feasible = _make_set(self.pattern, torch.Size(shape), self.sparsity, self.nm)
-        if isinstance(feasible, NMSparse):
-            feasible.check_shape(shape)
+        feasible = pattern_class(self.pattern).at_level(torch.Size(shape), self.sparsity, **self.options)
+        feasible.check_shape(shape)
         return feasible
 
 
 @dataclass
 class TargetParam:
-    """One pruned tensor: its module, names and feasible set at the target level."""
+    """One pruned tensor: its module, names, level and feasible set at the target level."""
 
     name: str
     module_name: str
@@ -94,6 +136,7 @@ class TargetParam:
     module: nn.Module
     sparsity: float
     feasible_set: FeasibleSet
+    target: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -109,23 +152,7 @@ class TargetParam:
 
     def set_at(self, sparsity: float) -> FeasibleSet:
         """The same pattern at another sparsity level (used by schedules)."""
-        return _make_set(self.feasible_set, self.tensor.shape, sparsity)
-
-
-def _make_set(like: FeasibleSet | str, shape: torch.Size, sparsity: float, nm=None) -> FeasibleSet:
-    kind = like if isinstance(like, str) else type(like).__name__
-    numel = math.prod(shape)
-    if kind in ("unstructured", "TopK"):
-        return TopK(keep_count(numel, sparsity))
-    if kind in ("row", "RowTopK"):
-        return RowTopK(keep_count(numel // shape[0], sparsity))
-    if kind in ("structured", "StructuredGroups"):
-        return StructuredGroups(keep_count(shape[0], sparsity), dim=0)
-    if kind == "nm":
-        return NMSparse(*nm)
-    if kind == "NMSparse":
-        return like
-    raise ValueError(f"unknown pattern {kind!r}")
+        return self.target.with_sparsity(sparsity).feasible_set(self.tensor.shape)
 
 
 @dataclass
@@ -153,8 +180,7 @@ class Targets:
         if not self.module_types:
             raise ValueError("module_types must name at least one module class")
         for pattern, level in self.overrides.items():
-            if not isinstance(level, (int, float)) or not 0.0 <= level < 1.0:
-                raise ValueError(f"override {pattern!r} must be a sparsity in [0, 1), got {level!r}")
+            check_sparsity(level, f"override {pattern!r}", "a sparsity ")
 
     def select(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         """``(module_fqn, param_name, module)`` for every targeted parameter, in model order."""
@@ -193,18 +219,14 @@ class Targets:
         for fqn, param_name, module in selected:
             full = f"{fqn}.{param_name}" if fqn else param_name
             shape = getattr(module, param_name).shape
-            sparsity = config.sparsity
+            own = config
             for pattern, level in self.overrides.items():
                 if fnmatch.fnmatchcase(full, pattern):
-                    sparsity = float(level)
+                    own = config.with_sparsity(float(level))
                     break
-            if config.pattern == "nm":
-                feasible = NMSparse(*config.nm)
-                try:
-                    feasible.check_shape(shape)
-                except ValueError as err:
-                    raise ValueError(f"{full}: {err}") from None
-            else:
-                feasible = _make_set(config.pattern, shape, sparsity)
-            resolved.append(TargetParam(full, fqn, param_name, module, sparsity, feasible))
+            try:
+                feasible = own.feasible_set(shape)
+            except ValueError as err:
+                raise ValueError(f"{full}: {err}") from None
+            resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
         return resolved

@@ -131,7 +131,7 @@ def test_clipping_and_accumulation_between_backward_and_the_primal_step():
     assert float(norm) > 0.01
     assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(0.01, rel=1e-4)
     optimizer.step()
-    violations = [float(s.cmp_state.observed_constraints[problem.budget].violation) for s in steps]
+    violations = [float(s.cmp_state.observed_constraints[problem.budget].violation.detach()) for s in steps]
     f.post_step(steps)
     # the multiplier took one ascent step on the summed (accumulated) violations of the micro-batches
     assert float(problem.budget.multiplier.weight) == pytest.approx(max(0.0, 0.5 * sum(violations)), rel=1e-5)

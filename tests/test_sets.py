@@ -24,8 +24,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constrainedsparse import sets
+from constrainedsparse import selection, sets
 from constrainedsparse.sets import (
+    BlockSparse,
     GlobalTopK,
     NMSparse,
     RowTopK,
@@ -45,6 +46,19 @@ TOL = 1e-9
 # ---------------------------------------------------------------------------------------------
 
 
+GROUP_SETS = (StructuredGroups, BlockSparse)
+"""Sets whose budget counts whole groups (structured slices, blocks) rather than entries."""
+
+# The common table: every registered pattern kind and the set class the tests draw for it. A new
+# pattern joins every property test below by one row here and one unit rule in ``_units``.
+TABLE = {"unstructured": TopK, "row": RowTopK, "nm": NMSparse, "structured": StructuredGroups, "block": BlockSparse}
+
+
+def test_every_registered_pattern_joins_the_table() -> None:
+    assert list(TABLE) == sets.available_patterns()
+    assert all(sets.pattern_class(kind) is cls for kind, cls in TABLE.items())
+
+
 def _units(fs: object, shape: Sequence[int]) -> list[Hashable]:
     """Unit key of every entry of a tensor of ``shape``, in flat (row-major) order.
 
@@ -62,6 +76,8 @@ def _units(fs: object, shape: Sequence[int]) -> list[Hashable]:
             keys.append((idx[0], idx[1] // fs.m, *idx[2:]))
         elif isinstance(fs, StructuredGroups):
             keys.append(idx[fs.dim])
+        elif isinstance(fs, BlockSparse):
+            keys.append((idx[0] // fs.rows, idx[1] // fs.cols))
         else:  # pragma: no cover - programming error in the test
             raise TypeError(fs)
     return keys
@@ -78,7 +94,7 @@ def _unit_counts(fs: object, support: Sequence[bool], shape: Sequence[int]) -> d
     for key, on in zip(_units(fs, shape), support, strict=True):
         counts.setdefault(key, 0)
         counts[key] += int(bool(on))
-    if isinstance(fs, StructuredGroups):
+    if isinstance(fs, GROUP_SETS):
         return {(): sum(1 for c in counts.values() if c > 0)}
     return counts
 
@@ -99,7 +115,7 @@ def _vertices(fs: object, shape: Sequence[int], exact: bool) -> list[torch.Tenso
     """
     numel = math.prod(shape)
     out = []
-    if isinstance(fs, StructuredGroups):
+    if isinstance(fs, GROUP_SETS):
         keys = _units(fs, shape)
         groups = sorted(set(keys))
         sizes = [fs.k] if exact else range(fs.k + 1)
@@ -136,7 +152,7 @@ def _random_vertex(fs: object, shape: Sequence[int], gen: torch.Generator, at_mo
     members: dict = {}
     for i, key in enumerate(_units(fs, shape)):
         members.setdefault(key, []).append(i)
-    if isinstance(fs, StructuredGroups):
+    if isinstance(fs, GROUP_SETS):
         groups = sorted(members)
         for j in torch.randperm(len(groups), generator=gen)[: count(fs.k)].tolist():
             v[members[groups[j]]] = 1.0
@@ -168,8 +184,14 @@ def tensors(draw: st.DrawFn, shape: Sequence[int]) -> torch.Tensor:
 
 @st.composite
 def set_and_shape(draw: st.DrawFn, max_numel: int = 8) -> tuple[object, tuple[int, ...]]:
-    """One of the four single-tensor sets with a compatible shape of at most ``max_numel``."""
-    kind = draw(st.sampled_from(["topk", "row", "nm", "struct"]))
+    """One of the single-tensor sets of :data:`TABLE` with a compatible shape of at most ``max_numel``."""
+    kind = draw(st.sampled_from(["topk", "row", "nm", "struct", "block"]))
+    if kind == "block":
+        rows, cols = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        r = draw(st.integers(1, max(1, max_numel // (rows * cols * 2))))
+        c = draw(st.integers(1, max(1, max_numel // (rows * cols * r))))
+        shape = (rows * r, cols * c)
+        return BlockSparse(draw(st.integers(0, r * c)), rows, cols), shape
     if kind == "nm":
         m = draw(st.integers(1, 4))
         n = draw(st.integers(1, m))
@@ -378,11 +400,12 @@ def test_lmo_exact_budget_and_only_negative(case: tuple[object, torch.Tensor]) -
     # Without only_negative every unit uses its whole budget.
     counts = _unit_counts(fs, on_full, g.shape)
     assert all(c == _cap(fs) for c in counts.values()), counts
-    if isinstance(fs, StructuredGroups):
-        group_sum = g.movedim(fs.dim, 0).reshape(g.shape[fs.dim], -1).sum(dim=1)
-        shape = [1] * g.dim()
-        shape[fs.dim] = -1
-        nonneg = (group_sum >= 0).reshape(shape).expand_as(g)
+    if isinstance(fs, GROUP_SETS):  # a group is switched on by the sign of its summed gradient
+        keys = _units(fs, g.shape)
+        sums: dict = {}
+        for key, value in zip(keys, g.reshape(-1).tolist(), strict=True):
+            sums[key] = sums.get(key, 0.0) + value
+        nonneg = torch.tensor([sums[key] >= 0 for key in keys]).reshape(g.shape)
     else:
         nonneg = g >= 0
     assert not bool(neg[nonneg].any()), "only_negative switched on a non-negative coordinate"
@@ -644,19 +667,19 @@ def _stable_topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
 def sampled_calls(monkeypatch: pytest.MonkeyPatch) -> list:
     """Records the results of the sampled k-th-largest selection, to prove the path is used."""
     calls: list = []
-    original = sets._kth_largest_sampled
+    original = selection.kth_largest_sampled
 
     def spy(*args: object, **kwargs: object) -> object:
         found = original(*args, **kwargs)
         calls.append(found)
         return found
 
-    monkeypatch.setattr(sets, "_kth_largest_sampled", spy)
+    monkeypatch.setattr(selection, "kth_largest_sampled", spy)
     return calls
 
 
 def test_large_topk_project_matches_threshold(sampled_calls: list) -> None:
-    assert LARGE > sets._SAMPLED_SELECT_MIN_NUMEL
+    assert LARGE > selection.SAMPLED_SELECT_MIN_NUMEL
     gen = torch.Generator().manual_seed(0)
     # Distinct magnitudes (exact in float32), random signs: no ties anywhere.
     magnitudes = (torch.randperm(LARGE, generator=gen) + 1).float() * 2.0**-21

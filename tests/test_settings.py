@@ -59,7 +59,9 @@ def test_target_from_flags_is_one_validation_for_both_runners():
     assert target_from_flags(None, None, 0.9).sparsity == 0.9
     assert target_from_flags(0.5, None, 0.9, "row").pattern == "row"
     assert target_from_flags(None, "2:4", 0.5).nm == (2, 4)
-    with pytest.raises(ValueError, match=r"^give either --sparsity or --pattern, not both$"):
+    with pytest.raises(ValueError, match=r"^argument --pattern: not allowed with argument --sparsity \(an N:M pattern"):
         target_from_flags(0.5, "2:4", 0.9)
+    assert target_from_flags(0.5, "structured:columns", 0.9).feasible_set((4, 6)).k == 3  # other patterns take a level
+    assert target_from_flags(None, "row", 0.9).sparsity == 0.9
     with pytest.raises(ValueError, match=r"^--sparsity must be in \[0, 1\), got 1.0$"):
         target_from_flags(1.0, None, 0.9)

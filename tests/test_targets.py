@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from constrainedsparse.sets import NMSparse, RowTopK, StructuredGroups, TopK
+from constrainedsparse.sets import BlockSparse, NMSparse, RowTopK, StructuredGroups, TopK
 from constrainedsparse.targets import SparsityConfig, Targets
 
 
@@ -49,7 +49,9 @@ def test_patterns_map_to_feasible_sets():
 def test_validation_errors():
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
         SparsityConfig(sparsity=1.0)
-    with pytest.raises(ValueError, match=r"pattern must be one of unstructured, row, nm, structured, got 'diag'"):
+    with pytest.raises(
+        ValueError, match=r"pattern must be one of unstructured, row, nm, structured, block, got 'diag'"
+    ):
         SparsityConfig(0.5, "diag")
     with pytest.raises(ValueError, match=r"the target filter selects no parameters"):
         Targets(include=["nothing.*"]).resolve(Net(), SparsityConfig(0.5))
@@ -68,3 +70,48 @@ def test_set_at_rescales_the_same_pattern():
     assert isinstance(target.set_at(0.25), RowTopK) and target.set_at(0.25).k == 12
     assert torch.equal(target.tensor, Net().encoder[0].weight) is False  # different init, same shape
     assert target.tensor.shape == (32, 16)
+
+
+@pytest.mark.parametrize(
+    ("text", "sparsity", "kind", "cls", "params"),
+    [
+        ("row", 0.5, "row", RowTopK, {}),
+        ("unstructured", 0.5, "unstructured", TopK, {}),
+        ("2:4", None, "nm", NMSparse, {"n": 2, "m": 4}),
+        ("structured", 0.5, "structured", StructuredGroups, {"dim": 0}),
+        ("structured:rows", 0.5, "structured", StructuredGroups, {"dim": 0}),
+        ("structured:columns", 0.5, "structured", StructuredGroups, {"dim": 1}),
+        ("block:4x8", 0.5, "block", BlockSparse, {"rows": 4, "cols": 8}),
+        ("block:4", 0.5, "block", BlockSparse, {"rows": 4, "cols": 4}),
+    ],
+)
+def test_one_pattern_vocabulary_from_text_to_sets(text, sparsity, kind, cls, params):
+    config = SparsityConfig.parse(text, sparsity)
+    assert config.pattern == kind and config.options == params
+    assert SparsityConfig.parse(config.pattern_text(), sparsity) == config  # the text round-trips
+    feasible = config.feasible_set((32, 16))
+    assert isinstance(feasible, cls)
+    target = Targets(exclude=["conv.*"]).resolve(Net(), config)[0]
+    assert isinstance(target.feasible_set, cls) and target.set_at(0.25) is not None
+
+
+def test_pattern_text_errors():
+    with pytest.raises(
+        ValueError, match=r"^unknown pattern 'diag'; patterns: unstructured, row, 2:4, structured:columns, block:4x4$"
+    ):
+        SparsityConfig.parse("diag", 0.5)
+    with pytest.raises(ValueError, match=r"structured takes :rows or :columns"):
+        SparsityConfig.parse("structured:diag", 0.5)
+    with pytest.raises(ValueError, match=r"block takes RxC with positive integers"):
+        SparsityConfig.parse("block:0x4", 0.5)
+    with pytest.raises(
+        ValueError, match=r"^pattern must look like N:M with integers 0 < N <= M \(e.g. 2:4\), got '4:2'$"
+    ):
+        SparsityConfig.parse("4:2")
+    with pytest.raises(ValueError, match=r"fixes its own level"):
+        SparsityConfig.parse("2:4", 0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"^head.weight: block pattern 8x8 needs dims 0 and 1 divisible by \(8, 8\), got shape \(4, 32\)$",
+    ):
+        Targets(include=["head.*"]).resolve(Net(), SparsityConfig.parse("block:8x8", 0.5))

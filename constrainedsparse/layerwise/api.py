@@ -75,7 +75,8 @@ def prune_layerwise(
             ``attention_mask`` marks padding), tuples (``model(*batch)``) or tensors (``model(batch)``).
         method: ``"fw"``, ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` (or a solver instance).
         sparsity: Fraction of zeros per targeted layer (default 0.5 unless ``pattern`` is given).
-        pattern: An N:M pattern such as ``"2:4"`` (instead of ``sparsity``).
+        pattern: A pattern text: ``"2:4"`` (its own level), or ``"row"``, ``"unstructured"``,
+            ``"structured:rows"``, ``"block:4x4"`` at ``sparsity`` (see :mod:`constrainedsparse.sets`).
         targets: Which layers of a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` by default).
         out: If given, a directory that receives ``summary.json`` and the pruned model.
         blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
@@ -104,6 +105,7 @@ def prune_layerwise(
         solver = method
     else:
         solver = build_solver(method, hyperparameters)
+    solver.check_target(target)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     blocks = find_blocks(model) if blocks is None else blocks
     check_layer_shapes(blocks, targets, target)

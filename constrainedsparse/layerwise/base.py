@@ -105,11 +105,24 @@ class LayerwiseSolver(abc.ABC):
         name: Registry name (``--formulation``).
         description: One line for ``constrainedsparse formulations``.
         Config: Dataclass of hyperparameters (``--set``), validated by its ``validate()``.
+        supported_patterns: The patterns it prunes to (``None``: all; checked before any model loads).
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoSolverConfig
+    supported_patterns: ClassVar[tuple[str, ...] | None] = None
+    """Pattern texts the solver handles (``"N:M"`` for any N:M); ``None``: every pattern."""
+
+    @classmethod
+    def check_target(cls, target: SparsityConfig) -> None:
+        """Raises ``ValueError`` if the solver cannot prune to ``target``'s pattern (named in the message)."""
+        supported = cls.supported_patterns
+        if supported is None:
+            return
+        text = target.pattern_text()
+        if ("N:M" if target.nm is not None else text) not in supported:
+            raise ValueError(f"{cls.name} supports the {', '.join(supported)} patterns, got {text}")
 
     def __init__(self, config: Any | None = None) -> None:
         config = self.Config() if config is None else config

@@ -151,8 +151,13 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         driver = DriverSettings.from_values(routed["driver"])
         driver.validate()
         driver.device = distributed.rank_device(resolve_device(driver.device))
+        if config.pattern is not None and "mask_scope" in routed["driver"]:
+            raise ValueError(
+                "give either --pattern or --set mask_scope (row is --pattern row, layer --pattern unstructured)"
+            )
         target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
+        solver.check_target(target)
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
@@ -161,7 +166,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     batches = problem.calibration(options, config.seed)
     if not batches:
         raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
-    resolved = dataclasses.replace(config, sparsity=None if target.pattern == "nm" else target.sparsity, epochs=0)
+    resolved = dataclasses.replace(config, sparsity=None if target.nm is not None else target.sparsity, epochs=0)
     return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches)
 
 
@@ -312,10 +317,12 @@ def _summary(prepared: LayerwisePrepared, model: nn.Module, reports: list[dict[s
         "settings": dict(prepared.config.settings),
         "calibration_tokens": reports[0]["tokens"] if reports else 0,
     }
-    if prepared.target.pattern == "nm":
+    if prepared.target.nm is not None:
         summary["pattern"] = prepared.target.describe()
     else:
         summary["target_sparsity"] = prepared.target.sparsity
+        if prepared.target.pattern != "unstructured":
+            summary["pattern"] = prepared.target.pattern_text()
         summary["mask_scope"] = prepared.driver.mask_scope
     return summary
 

@@ -165,6 +165,7 @@ class SparseGPT(LayerwiseSolver):
         "SparseGPT: OBS column sweep (blocks, damped Cholesky of H^-1) with adaptive masks and weight updates"
     )
     Config: ClassVar[type] = SparseGPTConfig
+    supported_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "row", "N:M", "structured:rows")
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` and updates its kept weights (``layer.weight`` is not modified)."""

@@ -59,7 +59,7 @@ from constrainedsparse.gates import LOG_ALPHA_RANGE
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch
 from constrainedsparse.purge import chain_purged_params, linear_chain
-from constrainedsparse.sets import GlobalTopK, TopK
+from constrainedsparse.sets import GlobalTopK, TopK, nearest_prefix
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["L0", "MODEL_CONSTRAINT", "layer_constraint_name", "lower_constraint_name", "model_constraint_name"]
@@ -202,9 +202,8 @@ class L0(Gated):
         :math:`\|\tilde\theta_g\|/\sqrt{m_g}` (:math:`m_g` weights in the group).
         :class:`~constrainedsparse.sets.GlobalTopK` (:math:`k` groups, ties to the lower index) gives
         the top-:math:`k` prefix, and the prefixes are nested, so the size :math:`S(k)` of the kept
-        model never decreases with :math:`k`; a bisection
-        finds the smallest :math:`k` with :math:`S(k) \ge B` and keeps :math:`k` or :math:`k - 1`
-        groups, whichever is nearer to :math:`B` (a tie keeps :math:`k`):
+        model never decreases with :math:`k`; :func:`~constrainedsparse.sets.nearest_prefix` finds by
+        bisection the :math:`k` whose size is nearest to :math:`B` (a tie keeps the larger):
 
         * ``density_of=weights``: :math:`S(k) = \sum_g m_g` kept weights, :math:`B = \sum_n k_n` (the
           per-target keep counts of ``--sparsity``). Guarantee: :math:`|S - B| \le \max_g m_g / 2`.
@@ -242,23 +241,8 @@ class L0(Gated):
             score = (log_alpha - low) + 1e-6 * rms / top_rms
             scores.append(torch.where(z > 0, score + (high - low) + 1.0, score))
 
-        def prefix(k: int) -> list[torch.Tensor]:
-            return GlobalTopK(k).masks(scores)
-
-        def prefix_size(k: int) -> float:
-            return size([int(m.sum()) for m in prefix(k)])
-
-        low, high = 0, sum(s.numel() for s in scores)
-        while low < high:  # smallest k with S(k) >= B (S(all groups) = dense >= B)
-            middle = (low + high) // 2
-            if prefix_size(middle) >= budget:
-                high = middle
-            else:
-                low = middle + 1
-        k = low
-        if k > 0 and budget - prefix_size(k - 1) < prefix_size(k) - budget:
-            k -= 1
-        return {t.name: self._expand_groups(t, keep) for t, keep in zip(targets, prefix(k))}
+        keeps = nearest_prefix(scores, size, budget)
+        return {t.name: self._expand_groups(t, keep) for t, keep in zip(targets, keeps)}
 
     def build_dual_optimizer(self) -> torch.optim.Optimizer | None:
         """``SGD(maximize=True)``: density multipliers at ``density_dual_lr``, the user's at ``dual_lr``.

@@ -20,7 +20,7 @@ from constrainedsparse.formulations.base import Formulation, register_formulatio
 from constrainedsparse.formulations.l0.config import L0PenaltyConfig
 from constrainedsparse.gates import HardConcreteGate, apply_gates, clamp_log_alpha_, find_gate
 from constrainedsparse.masks import canonical_parameters
-from constrainedsparse.sets import TopK, keep_count, topk_mask
+from constrainedsparse.sets import StructuredGroups, TopK
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["Gated", "L0Penalty", "PENALTY"]
@@ -187,7 +187,7 @@ class Gated(Formulation):
         stored weights (:math:`m` weights per group) and its median-rule gate :math:`\hat z_g` (float64)."""
         gate = self.gates[target.name]
         weight = target.module.parametrizations[target.param_name].original.detach()
-        dim = 1 if isinstance(target.module, torch.nn.Linear) else 0
+        dim = self._group_dim(target)
         groups = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).to(torch.float64)
         return groups.norm(dim=1) / math.sqrt(gate.group_size), gate.test_gate().detach().to(torch.float64)
 
@@ -197,13 +197,20 @@ class Gated(Formulation):
         return self.gates[target.name].expand(keep).expand_as(weight).clone()
 
     def _group_mask(self, target: TargetParam) -> torch.Tensor:
-        r"""Whole-group mask: groups with :math:`\hat z > 0` ranked by the norm of their gated
-        weights above gated-off groups (ranked by the norm of their stored weights)."""
+        r"""Whole-group mask from the shared structured set: groups with :math:`\hat z > 0` ranked by
+        the norm of their gated weights above gated-off groups (ranked by the norm of their stored
+        weights), :math:`\mathrm{round}((1 - s)\,n_{groups})` kept."""
         rms, z = self._group_rms(target)
         offset = float(rms.max()) + 1.0  # rms * z >= 0, so gated-on groups rank above the rest
         score = torch.where(z > 0, rms * z + offset, rms)
-        k = keep_count(self.gates[target.name].num_gates, target.sparsity)
-        return self._expand_groups(target, topk_mask(score.unsqueeze(0), k)[0])
+        weight = target.module.parametrizations[target.param_name].original
+        groups = StructuredGroups.at_level(weight.shape, target.sparsity, dim=self._group_dim(target))
+        return groups.group_mask(score, weight).clone()
+
+    @staticmethod
+    def _group_dim(target: TargetParam) -> int:
+        """The dimension a structured gate groups: input columns of Linear (1), output channels of Conv (0)."""
+        return 1 if isinstance(target.module, torch.nn.Linear) else 0
 
     def summary_extra(self) -> dict[str, Any]:
         """``expected_density`` (model-wise), ``layer_density`` and their median-rule counterparts."""

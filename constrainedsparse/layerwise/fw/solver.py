@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import ClassVar
 
 import torch
 
@@ -178,6 +179,7 @@ class FWSolver(LayerwiseSolver):
         "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start (+ swap polish, N:M tabu search)"
     )
     Config = FWConfig
+    supported_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "row", "N:M")
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` (``layer.weight`` is not modified).

@@ -1,0 +1,92 @@
+r"""Patterns over several tensors together: one budget across layers (:class:`GlobalTopK`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from constrainedsparse.selection import topk_mask
+from constrainedsparse.sets.base import JointFeasibleSet, _lmo_mask
+
+__all__ = ["GlobalTopK", "nearest_prefix"]
+
+
+class GlobalTopK(JointFeasibleSet):
+    r"""At most ``k`` nonzeros across several tensors together (one budget, layer-wise free).
+
+    Works on sequences of tensors: :math:`\{(x_1..x_L) : \sum_l \|x_l\|_0 \le k\}`.
+    """
+
+    def __init__(self, k: int) -> None:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.k = k
+
+    def _flat(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat([x.detach().reshape(-1) for x in xs])
+        if self.k > flat.numel():
+            raise ValueError(f"k={self.k} exceeds the {flat.numel()} entries of all tensors")
+        return flat
+
+    @staticmethod
+    def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        parts = torch.split(flat, [x.numel() for x in like])
+        return [p.reshape(x.shape) for p, x in zip(parts, like)]
+
+    def masks(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Boolean supports of :meth:`project`, one per tensor."""
+        return self._split(topk_mask(self._flat(xs).abs().unsqueeze(0), self.k)[0], xs)
+
+    def lmo(self, grads: Sequence[torch.Tensor], only_negative: bool = False) -> list[torch.Tensor]:
+        """Vertex of the joint mask hull minimising the summed inner product."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        vertex = _lmo_mask(-flat.unsqueeze(0), self.k, only_negative)[0]
+        return [v.to(g.dtype) for v, g in zip(self._split(vertex, grads), grads)]
+
+    def contains(self, xs: Sequence[torch.Tensor]) -> bool:
+        """Whether the tensors have at most ``k`` nonzeros in total."""
+        return sum(int(torch.count_nonzero(x)) for x in xs) <= self.k
+
+    def __repr__(self) -> str:
+        return f"GlobalTopK(k={self.k})"
+
+
+def nearest_prefix(
+    scores: Sequence[torch.Tensor], size: Callable[[list[int]], float], budget: float
+) -> list[torch.Tensor]:
+    r"""The top-:math:`k` entries of one ranking across tensors, :math:`k` chosen so their size is nearest a budget.
+
+    The prefixes of :class:`GlobalTopK` are nested (ties to the lower index), so the size
+    :math:`S(k)` of the kept set, any function of the per-tensor counts that grows with them,
+    never decreases with :math:`k`; a bisection finds the smallest :math:`k` with
+    :math:`S(k) \ge B` and keeps :math:`k` or :math:`k - 1` entries, whichever is nearer to
+    :math:`B` (a tie keeps :math:`k`).
+
+    Args:
+        scores: One score tensor per tensor (an entry may stand for a whole group of weights).
+        size: ``size(counts)`` of a prefix from its kept count per tensor (e.g. kept weights, or
+            the parameters of a purged model).
+        budget: :math:`B`; at most the size of everything.
+
+    Returns:
+        The boolean masks of the chosen prefix, one per score tensor.
+    """
+
+    def prefix(k: int) -> list[torch.Tensor]:
+        return GlobalTopK(k).masks(scores)
+
+    def prefix_size(k: int) -> float:
+        return size([int(m.sum()) for m in prefix(k)])
+
+    low, high = 0, sum(s.numel() for s in scores)
+    while low < high:  # smallest k with S(k) >= B (S(all) >= B)
+        middle = (low + high) // 2
+        if prefix_size(middle) >= budget:
+            high = middle
+        else:
+            low = middle + 1
+    k = low
+    if k > 0 and budget - prefix_size(k - 1) < prefix_size(k) - budget:
+        k -= 1
+    return prefix(k)
