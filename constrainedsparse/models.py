@@ -138,6 +138,8 @@ def materialize(final: str | os.PathLike[str], build: Callable[[Path], None]) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         build(staging)
+        for path in staging.iterdir():
+            path.chmod(0o644 if path.is_file() else 0o755)  # readable by other users of a shared cache
         (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1, sort_keys=True) + "\n")
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
         if final.exists() and not folder_is_complete(final):
