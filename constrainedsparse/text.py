@@ -65,10 +65,12 @@ def _data_file(name: str) -> Path:
 
 
 def _plain(markup: str) -> str:
-    """Wiki markup to plain prose: ``filter_wiki``, then bold/italic quotes removed, blank lines collapsed."""
+    """Wiki markup to plain prose: ``filter_wiki``, then bold/italic quotes and the empty parentheses
+    left by removed templates (``Alabama () is``) dropped, blank lines collapsed."""
     from gensim.corpora.wikicorpus import filter_wiki
 
     text = re.sub(r"'{2,}", "", filter_wiki(markup))
+    text = re.sub(r"[ \t]*\([\s,;]*\)", "", text)
     lines = [line.strip() for line in text.splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
