@@ -329,25 +329,22 @@ def to_semi_structured(model: nn.Module, names: list[str] | None = None) -> list
     """
     from torch.sparse import to_sparse_semi_structured
 
-    first = next(model.parameters())
-    if first.device.type != "cuda":
-        raise ValueError(f"to_semi_structured needs the model on a CUDA device, it is on {first.device}")
     modules = dict(model.named_modules())
     chosen = list(names) if names is not None else [n for n, m in modules.items() if _is_two_four_linear(m)]
     if not chosen:
-        raise ValueError("to_semi_structured: no nn.Linear weight is 2:4 sparse (prune with --pattern 2:4)")
+        raise ValueError("to_semi_structured: no nn.Linear of the model is 2:4 sparse (prune with --pattern 2:4)")
     for name in chosen:
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"to_semi_structured: {name!r} is not an nn.Linear of the model")
+        if not is_two_four(module.weight.detach()):
+            raise ValueError(f"to_semi_structured: {name!r} is not 2:4 sparse (N:M 2:4 along the input dimension)")
         weight = module.weight
         if weight.device.type != "cuda" or weight.dtype not in SEMI_STRUCTURED_DTYPES:
             raise ValueError(
-                f"to_semi_structured needs float16 or bfloat16 weights on CUDA, "
+                f"to_semi_structured needs float16 or bfloat16 weights on a CUDA device, "
                 f"{name!r} is {weight.dtype} on {weight.device}"
             )
-        if not is_two_four(weight):
-            raise ValueError(f"to_semi_structured: {name!r} is not 2:4 sparse (N:M 2:4 along the input dimension)")
     for name in chosen:
         module = modules[name]
         module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)

@@ -129,22 +129,33 @@ def test_bad_runs_are_one_line_and_write_nothing(tmp_path, capsys):
     assert "needs --set model=PATH" in line
 
 
-def test_semi_structured_refuses_cpu_models_in_one_line():
-    layer = torch.nn.Linear(64, 32)
+def _two_four_linear(features, out_features):
+    layer = torch.nn.Linear(features, out_features)
     with torch.no_grad():
         layer.weight.masked_fill_(~NMSparse(2, 4).mask(layer.weight), 0.0)
-    assert is_two_four(layer.weight) and not is_two_four(torch.ones(4, 8))
-    with pytest.raises(ValueError, match=r"^to_semi_structured needs the model on a CUDA device, it is on cpu$"):
-        to_semi_structured(torch.nn.Sequential(layer))
+    return layer
+
+
+def test_semi_structured_refusals_are_one_line():
+    layer, dense = _two_four_linear(64, 32), torch.nn.Linear(64, 32)
+    assert is_two_four(layer.weight) and not is_two_four(dense.weight) and not is_two_four(torch.zeros(4, 6))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), dense)
+    with pytest.raises(ValueError, match=r"^to_semi_structured needs float16 or bfloat16 weights on a CUDA device, "
+                                         r"'0' is torch.float32 on cpu$"):  # fmt: skip
+        to_semi_structured(model)
+    with pytest.raises(ValueError, match=r"^to_semi_structured: '2' is not 2:4 sparse \(N:M 2:4 along the input"):
+        to_semi_structured(model, ["2"])
+    with pytest.raises(ValueError, match=r"^to_semi_structured: '1' is not an nn.Linear of the model$"):
+        to_semi_structured(model, ["1"])
+    with pytest.raises(ValueError, match=r"^to_semi_structured: no nn.Linear of the model is 2:4 sparse"):
+        to_semi_structured(torch.nn.Sequential(dense))
+    assert isinstance(layer.weight, torch.nn.Parameter) and layer.weight.layout == torch.strided  # nothing converted
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparsity needs CUDA")
 def test_semi_structured_two_four_linear_matches_dense_on_cuda():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
-    with torch.no_grad():
-        model[0].weight.masked_fill_(~NMSparse(2, 4).mask(model[0].weight), 0.0)
-    model = model.half().cuda()
+    model = torch.nn.Sequential(_two_four_linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).half().cuda()
     x = torch.randn(64, 256, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         expected = model(x)
@@ -153,5 +164,5 @@ def test_semi_structured_two_four_linear_matches_dense_on_cuda():
     assert to_semi_structured(model) == ["0"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
-    with pytest.raises(ValueError, match=r"needs float16 or bfloat16 weights on CUDA"):
-        to_semi_structured(torch.nn.Sequential(torch.nn.Linear(64, 64)).cuda(), ["0"])
+    with pytest.raises(ValueError, match=r"needs float16 or bfloat16 weights on a CUDA device, '0' is torch.float32"):
+        to_semi_structured(torch.nn.Sequential(_two_four_linear(64, 64)).cuda())
