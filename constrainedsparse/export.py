@@ -261,6 +261,8 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
         report = _report(sizes, model_dir, staging, sparsity["format"])
         report["folder"] = str(final)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        for path in staging.glob("*"):
+            path.chmod(0o644 if path.is_file() else 0o755)
         replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -383,7 +385,8 @@ def export_command(args: Any) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    print(f"  wrote {report['folder']}/ (model.safetensors, config.json, {REPORT_FILE}, tokenizer)")
+    written = sorted(path.name for path in Path(report["folder"]).iterdir())
+    print(f"  wrote {report['folder']}/ ({', '.join(written)})")
 
 
 def main(argv: list[str] | None = None) -> int:
