@@ -64,3 +64,11 @@ def tiny_llama(tmp_path_factory):
         max_position_embeddings=64,
     )
     return _save_tiny_lm(tmp_path_factory.mktemp("llama"), config)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(_dense_cache):
+    """The real SmolLM2-135M-Instruct materialized into the session's cache (the suite's one slow step, ~20 s)."""
+    from constrainedsparse.models import materialize_smollm2
+
+    return materialize_smollm2(_dense_cache)

@@ -64,7 +64,7 @@ def test_unknown_problem(tmp_path, capsys):
     line = fails_with_one_line(["run", "no-such-problem", "--out", str(tmp_path / "x")], capsys)
     assert (
         "unknown problem 'no-such-problem'; bundled problems: cifar10-resnet18, digits-mlp, hf-causal-lm, "
-        "minilm-layerwise, mnist1d-cnn, mnist1d-mlp" in line
+        "minilm-layerwise, mnist1d-cnn, mnist1d-mlp, mnist1d-mlp-macs, smollm2-wiki" in line
     )
     assert not (tmp_path / "x").exists()
 
@@ -118,6 +118,7 @@ def test_listings(capsys):
         "mnist1d-cnn",
         "mnist1d-mlp",
         "mnist1d-mlp-macs",
+        "smollm2-wiki",
     ]
 
 

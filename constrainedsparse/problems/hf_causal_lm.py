@@ -3,16 +3,22 @@
 Text: CPython's reference documentation (``pydoc_data.topics``) or ``--set text=FILE``; the first
 90 % of its tokens is the calibration pool (``calibration_samples`` windows of ``seq_len`` tokens at
 seeded random offsets), the last 10 % the held-out set (consecutive windows). Metric: perplexity of
-the pruned model on the held-out windows, next to the dense model's.
+the pruned model on the held-out windows, next to the dense model's. The model directory must hold
+its tokenizer (``tokenizer.save_pretrained(PATH)``).
 """
 
 import functools
-import math
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
+from constrainedsparse.causal_lm import (
+    calibration_batches,
+    consecutive_windows,
+    encode,
+    load_tokenizer,
+    perplexity_scores,
+    random_windows,
+    window_nll,
+)
 from constrainedsparse.data import load_text
 from constrainedsparse.spec import LayerwiseProblem
 
@@ -37,6 +43,7 @@ def model(options):
     from transformers import AutoModelForCausalLM
 
     directory = _directory(options)
+    load_tokenizer(directory)  # a folder without its tokenizer fails here, before the model is loaded
     try:
         loaded = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
@@ -63,53 +70,20 @@ def _tokens(options):
 @functools.lru_cache(maxsize=4)
 def _encoded(directory, text):
     """The text's token ids, tokenised once per (model directory, text) for calibration and both evaluations."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"--set model={directory!r} has no usable tokenizer: {message}") from None
-    tokenizer.model_max_length = 1 << 30  # we cut windows ourselves; silences the long-input warning
-    return torch.tensor(tokenizer(load_text(text))["input_ids"], dtype=torch.long)
-
-
-def _windows(ids, starts, seq_len):
-    return torch.stack([ids[s : s + seq_len] for s in starts])
+    return encode(load_tokenizer(directory), load_text(text))
 
 
 def calibration(options, seed):
     pool, _ = _tokens(options)
-    seq_len = options["seq_len"]
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(pool) - seq_len + 1, (options["calibration_samples"],), generator=generator)
-    windows = _windows(pool, starts.tolist(), seq_len)
-    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(BATCH)]
+    windows = random_windows(pool, options["calibration_samples"], options["seq_len"], seed)
+    return calibration_batches(windows, BATCH)
 
 
-@torch.no_grad()
 def held_out(model, options):
     """``[[summed next-token NLL, token count], ...]`` per held-out window."""
     _, ids = _tokens(options)
     seq_len = options["seq_len"]
-    count = min(options["held_out_samples"], len(ids) // seq_len)
-    windows = _windows(ids, range(0, count * seq_len, seq_len), seq_len)
-    device = next(model.parameters()).device
-    rows = []
-    for chunk in windows.split(BATCH):
-        chunk = chunk.to(device)
-        logits = model(input_ids=chunk).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").sum(dim=1)
-        rows.append(torch.stack([nll.cpu(), torch.full_like(nll.cpu(), seq_len - 1)], dim=1))
-    return torch.cat(rows)
-
-
-def _perplexity(rows):
-    return math.exp(float(rows[:, 0].sum() / rows[:, 1].sum()))
-
-
-def score(dense, pruned):
-    return {"dense_perplexity": _perplexity(dense), "perplexity": _perplexity(pruned)}
+    return window_nll(model, consecutive_windows(ids, seq_len, options["held_out_samples"] * seq_len), BATCH)
 
 
 problem = LayerwiseProblem(
@@ -118,6 +92,6 @@ problem = LayerwiseProblem(
     model=model,
     calibration=calibration,
     held_out=held_out,
-    score=score,
+    score=perplexity_scores,
     options=OPTIONS,
 )

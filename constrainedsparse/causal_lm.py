@@ -1,0 +1,130 @@
+"""Building blocks of the causal-LM problems: tokenizer, token windows, perplexity.
+
+Shared by ``hf-causal-lm`` (any local causal LM) and ``smollm2-wiki`` (the real SmolLM2 on
+Wikipedia). Perplexity follows the papers' protocol (SparseGPT, Wanda): the evaluation text is one
+token stream cut into consecutive non-overlapping windows of ``seq_len`` tokens, each window scored
+on its own (no context carried over), and perplexity is ``exp`` of the mean next-token negative
+log-likelihood over all predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "calibration_batches",
+    "consecutive_windows",
+    "encode",
+    "has_tokenizer",
+    "load_tokenizer",
+    "perplexity",
+    "perplexity_scores",
+    "random_windows",
+    "window_nll",
+]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt")
+"""Files one of which a folder needs for ``AutoTokenizer`` to build a real vocabulary."""
+
+
+def has_tokenizer(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds tokenizer files (``tokenizer.json``, a vocabulary or a SentencePiece model)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | os.PathLike[str], flag: str = "--set model") -> Any:
+    """The folder's tokenizer, refusing folders without tokenizer files.
+
+    ``AutoTokenizer`` can silently build a tokenizer with an empty vocabulary from a folder that
+    holds only a model; this checks for the files first.
+
+    Raises:
+        ValueError: With one line naming the folder (and the ``flag`` that set it).
+    """
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(folder):
+        raise ValueError(
+            f"{flag}={str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+            "save it next to the model with tokenizer.save_pretrained(folder)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{flag}={str(folder)!r} has no usable tokenizer: {message}") from None
+    tokenizer.model_max_length = 1 << 30  # windows are cut by us; silences the long-input warning
+    return tokenizer
+
+
+def encode(tokenizer: Any, text: str) -> torch.Tensor:
+    """The text's token ids as one int64 stream (no special tokens added)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, count: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``count`` windows of ``seq_len`` tokens at seeded uniform random offsets, ``(count, seq_len)``.
+
+    Raises:
+        ValueError: If the stream is shorter than one window.
+    """
+    if len(ids) < seq_len:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len + 1, (count,), generator=generator).tolist()
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def consecutive_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the stream, ``(n, seq_len)``.
+
+    Args:
+        ids: The token stream.
+        seq_len: Tokens per window.
+        max_tokens: Use at most this many tokens (``n = min(len(ids), max_tokens) // seq_len``).
+
+    Raises:
+        ValueError: If not even one window fits.
+    """
+    usable = len(ids) if max_tokens is None else min(len(ids), max_tokens)
+    count = usable // seq_len
+    if count < 1:
+        raise ValueError(f"the evaluation text gives {usable} tokens, fewer than one window of seq_len={seq_len}")
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def calibration_batches(windows: torch.Tensor, batch: int) -> list[dict[str, torch.Tensor]]:
+    """Keyword-argument batches for the layer-wise driver (every token real: an all-ones attention mask)."""
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch)]
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[[summed next-token NLL, predicted tokens], ...]``, one row per window (float64, on CPU)."""
+    device = next(model.parameters()).device
+    rows = []
+    for chunk in windows.split(batch):
+        chunk = chunk.to(device)
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").sum(dim=1)
+        counts = torch.full_like(nll, chunk.shape[1] - 1)
+        rows.append(torch.stack([nll, counts], dim=1).double().cpu())
+    return torch.cat(rows)
+
+
+def perplexity(rows: torch.Tensor) -> float:
+    """``exp(total NLL / total predicted tokens)`` of :func:`window_nll` rows."""
+    return math.exp(float(rows[:, 0].sum() / rows[:, 1].sum()))
+
+
+def perplexity_scores(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
+    """The summary entries of a causal-LM problem: ``dense_perplexity`` and ``perplexity``."""
+    return {"dense_perplexity": perplexity(dense), "perplexity": perplexity(pruned)}

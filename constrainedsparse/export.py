@@ -1,0 +1,409 @@
+"""Deployable exports of a layer-wise run: compressed-tensors' sparse bitmask formats, 2:4 on GPU.
+
+:func:`export_compressed` writes ``RUN_DIR/model`` (the pruned model, dense fp32 with zeros) into
+``RUN_DIR/compressed/`` in the ``compressed-tensors`` sparse layout: for every pruned weight
+``X.weight`` the file holds ``X.compressed`` (the kept values), ``X.bitmask`` (one bit per weight,
+packed with :func:`compressed_tensors.utils.pack_bitmasks`) and ``X.shape``, and ``config.json``
+gains the ``quantization_config`` entry (``quant_method: compressed-tensors`` and a
+``sparsity_config`` serialised from :class:`compressed_tensors.config.Sparse24BitMaskConfig` or
+:class:`~compressed_tensors.config.BitmaskConfig`). A run pruned 2:4 uses ``sparse-24-bitmask``
+(values ``(rows, cols / 2)``, about 0.53 of the dense bytes at fp32); any other sparsity
+``sparse-bitmask`` (flat values plus ``X.row_offsets``).
+
+compressed-tensors removed its sparse compressors after 0.14 (and vLLM its Sparse24 kernels in
+v0.19.1), so the installed library supplies the format's configs and bit packing while the tensor
+layout is assembled here exactly as its 0.14 ``Sparse24BitMaskTensor`` / ``BitmaskTensor`` did.
+:func:`load_compressed` reads it back (``from_pretrained`` cannot any more).
+
+:func:`to_semi_structured` converts the 2:4 ``nn.Linear`` weights of a loaded model to
+``torch.sparse.to_sparse_semi_structured`` (CUDA, fp16/bf16) so 2:4 sparsity runs on sparse tensor cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from constrainedsparse.saving import replace_folder
+
+__all__ = [
+    "COMPRESSED_DIR",
+    "REPORT_FILE",
+    "compress_state_dict",
+    "decompress_state_dict",
+    "export_compressed",
+    "is_two_four",
+    "load_compressed",
+    "load_compressed_model",
+    "to_semi_structured",
+]
+
+COMPRESSED_DIR = "compressed"
+REPORT_FILE = "compression.json"
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_two_four(weight: torch.Tensor) -> bool:
+    """Whether every group of 4 consecutive inputs (dim 1 of a 2-D weight) has at most 2 nonzeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool((torch.count_nonzero(weight.reshape(-1, 4), dim=1) <= 2).all())
+
+
+def _two_four_bytemask(weight: torch.Tensor) -> torch.Tensor:
+    """Exactly 2 kept positions per group of 4: the nonzeros, topped up with zeros (as compressed-tensors chose)."""
+    groups = weight.reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+    return keep.view(weight.shape)
+
+
+def _merge(prefix: str, part: str) -> str:
+    """``prefix.part``, the key compressed-tensors gave a compressed weight's part (its former ``merge_names``)."""
+    return f"{prefix}.{part}"
+
+
+def _compress_weight(prefix: str, weight: torch.Tensor, two_four: bool) -> dict[str, torch.Tensor]:
+    from compressed_tensors.utils import pack_bitmasks
+
+    weight = weight.detach().cpu().contiguous()
+    if two_four:
+        mask = _two_four_bytemask(weight)
+        values = weight[mask].reshape(weight.shape[0], weight.shape[1] // 2)
+        shape = torch.tensor(list(weight.shape)).reshape(-1, 1)
+        return {
+            _merge(prefix, "shape"): shape,
+            _merge(prefix, "compressed"): values,
+            _merge(prefix, "bitmask"): pack_bitmasks(mask),
+        }
+    mask = weight != 0
+    counts = mask.sum(dim=-1)
+    return {
+        _merge(prefix, "shape"): torch.tensor(list(weight.shape)),
+        _merge(prefix, "compressed"): weight[mask],
+        _merge(prefix, "bitmask"): pack_bitmasks(mask),
+        _merge(prefix, "row_offsets"): torch.cumsum(counts, 0) - counts,
+    }
+
+
+def compress_state_dict(
+    state: dict[str, torch.Tensor], names: list[str], two_four: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+    """Replaces each weight in ``names`` by its bitmask-compressed tensors; the rest stays dense.
+
+    Returns:
+        The compressed state dict and ``{name: {"dense_bytes", "compressed_bytes"}}`` per weight.
+
+    Raises:
+        ValueError: If a name is missing, not a 2-D weight, or (``two_four``) not 2:4 sparse.
+    """
+    out = dict(state)
+    sizes = {}
+    for name in names:
+        weight = state.get(name)
+        if weight is None or weight.dim() != 2 or not name.endswith(".weight"):
+            raise ValueError(f"{name!r} is not a 2-D weight of the saved model (cannot compress it)")
+        if two_four and not is_two_four(weight):
+            raise ValueError(f"{name!r} is not 2:4 sparse (a group of 4 inputs holds more than 2 nonzeros)")
+        del out[name]
+        parts = _compress_weight(name.removesuffix(".weight"), weight, two_four)
+        out.update(parts)
+        sizes[name] = {
+            "dense_bytes": weight.numel() * weight.element_size(),
+            "compressed_bytes": sum(t.numel() * t.element_size() for t in parts.values()),
+        }
+    return out, sizes
+
+
+def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense state dict of a compressed one: ``X.compressed`` / ``X.bitmask`` / ``X.shape`` become ``X.weight``."""
+    from compressed_tensors.utils import unpack_bitmasks
+
+    dense = {k: v for k, v in state.items() if not k.endswith((".compressed", ".bitmask", ".shape", ".row_offsets"))}
+    for key in state:
+        if not key.endswith(".compressed"):
+            continue
+        prefix = key.removesuffix(".compressed")
+        shape = state[f"{prefix}.shape"].flatten().tolist()
+        mask = unpack_bitmasks(state[f"{prefix}.bitmask"], shape)
+        values = state[key]
+        weight = torch.zeros(shape, dtype=values.dtype)
+        weight[mask] = values.flatten()
+        dense[f"{prefix}.weight"] = weight
+    return dense
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{str(folder)!r} holds no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The run's ``model/`` folder and summary, refusing runs that cannot be exported."""
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {str(run_dir)!r} does not exist")
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
+    summary = json.loads(summary_file.read_text())
+    if "layer_sparsity" not in summary:
+        raise ValueError(f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/magnitude runs)")
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{str(run_dir)!r} has no saved model/ folder (a transformers model saved by the run)")
+    return model_dir, summary
+
+
+def _sparsity_config(names: list[str], two_four: bool, sparsity: float) -> dict[str, Any]:
+    from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
+
+    config_class = Sparse24BitMaskConfig if two_four else BitmaskConfig
+    structure = "2:4" if two_four else "unstructured"
+    modules = [name.removesuffix(".weight") for name in names]
+    return config_class(targets=modules, global_sparsity=sparsity, sparsity_structure=structure).model_dump()
+
+
+def _quantization_config(sparsity_config: dict[str, Any]) -> dict[str, Any]:
+    import compressed_tensors
+    from compressed_tensors.base import (
+        COMPRESSION_VERSION_NAME,
+        QUANTIZATION_METHOD,
+        QUANTIZATION_METHOD_NAME,
+        SPARSITY_CONFIG_NAME,
+        TRANSFORM_CONFIG_NAME,
+    )
+
+    return {
+        COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
+        QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD,
+        SPARSITY_CONFIG_NAME: sparsity_config,
+        TRANSFORM_CONFIG_NAME: {},
+    }
+
+
+def _copy_model_files(model_dir: Path, staging: Path) -> None:
+    """Everything but the weights: config, tokenizer, generation config, sentence-transformers modules."""
+    for path in model_dir.iterdir():
+        if path.name.startswith(".") or path.suffix == ".safetensors" or path.name in _WEIGHT_FILES:
+            continue
+        if path.is_dir():
+            shutil.copytree(path, staging / path.name)
+        else:
+            shutil.copy2(path, staging / path.name)
+
+
+def _folder_bytes(folder: Path, pattern: str = "**/*") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def _report(sizes: dict[str, dict[str, int]], model_dir: Path, folder: Path, fmt: str) -> dict[str, Any]:
+    dense = sum(s["dense_bytes"] for s in sizes.values())
+    compressed = sum(s["compressed_bytes"] for s in sizes.values())
+    dense_weights = _folder_bytes(model_dir, "*.safetensors")
+    return {
+        "format": fmt,
+        "folder": str(folder),
+        "layers": {name: {**s, "ratio": s["compressed_bytes"] / s["dense_bytes"]} for name, s in sizes.items()},
+        "pruned_dense_bytes": dense,
+        "pruned_compressed_bytes": compressed,
+        "pruned_ratio": compressed / dense if dense else 1.0,
+        "dense_safetensors_bytes": dense_weights,
+        "compressed_safetensors_bytes": _folder_bytes(folder, "*.safetensors"),
+        "compressed_folder_bytes": _folder_bytes(folder),
+        "folder_ratio": _folder_bytes(folder) / dense_weights,
+    }
+
+
+def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Writes a layer-wise run's pruned model in compressed-tensors' sparse bitmask format.
+
+    Args:
+        run_dir: A finished layer-wise run (``summary.json`` and a saved ``model/`` folder).
+        to: The folder to write (replaced atomically if it exists); ``RUN_DIR/compressed`` by default.
+
+    Returns:
+        The report (also written to ``compression.json`` in the folder): format, bytes per pruned
+        layer dense vs compressed, ``pruned_ratio`` and ``folder_ratio`` (the whole compressed folder
+        against the dense model's safetensors).
+
+    Raises:
+        ValueError: With one line, before anything is written, for a run that cannot be exported.
+    """
+    run_dir = Path(run_dir)
+    model_dir, summary = _saved_run(run_dir)
+    names = sorted(summary["layer_sparsity"])
+    state = _read_safetensors(model_dir)
+    two_four = summary.get("pattern") == "2:4" and all(n in state and is_two_four(state[n]) for n in names)
+    compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
+    final = Path(to) if to is not None else run_dir / COMPRESSED_DIR
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _copy_model_files(model_dir, staging)
+        save_file({k: v.contiguous() for k, v in compressed.items()}, staging / "model.safetensors", {"format": "pt"})
+        config = json.loads((staging / "config.json").read_text())
+        sparsity = _sparsity_config(names, two_four, float(summary.get("achieved_sparsity", 0.0)))
+        config["quantization_config"] = _quantization_config(sparsity)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        report = _report(sizes, model_dir, staging, sparsity["format"])
+        report["folder"] = str(final)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        for path in staging.glob("*"):
+            path.chmod(0o644 if path.is_file() else 0o755)
+        replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def load_compressed(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The dense state dict of a folder written by :func:`export_compressed`.
+
+    Raises:
+        ValueError: If the folder holds no compressed-tensors sparse model.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{str(folder)!r} is not an exported model folder (no config.json)")
+    sparsity = json.loads(config_file.read_text()).get("quantization_config", {}).get("sparsity_config")
+    if not sparsity or sparsity.get("format") not in ("sparse-24-bitmask", "sparse-bitmask"):
+        raise ValueError(f"{str(folder)!r} holds no compressed-tensors sparse-bitmask model (see its config.json)")
+    return decompress_state_dict(_read_safetensors(folder))
+
+
+def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
+    """The ``transformers`` model of an exported folder, with its decompressed (dense) weights.
+
+    Raises:
+        ValueError: If the folder holds no compressed-tensors sparse model, or weights are missing.
+    """
+    import transformers
+
+    state = load_compressed(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    architecture = getattr(transformers, (config.architectures or [""])[0], None)
+    model = architecture(config) if architecture is not None else transformers.AutoModel.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {name for name in missing if _is_tied(model, name, state)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{str(folder)!r} does not match its config: missing {sorted(set(missing) - tied)[:3]}")
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether parameter ``name`` shares its storage with a parameter that was loaded."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    pointer = params[name].data_ptr() if name in params else None
+    return pointer is not None and any(params[k].data_ptr() == pointer for k in state if k in params and k != name)
+
+
+def to_semi_structured(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Converts 2:4 ``nn.Linear`` weights to ``torch.sparse.to_sparse_semi_structured``, in place.
+
+    Args:
+        model: A model on a CUDA device in float16 or bfloat16.
+        names: Module names to convert (each must be a 2:4 ``nn.Linear``); ``None`` converts every
+            ``nn.Linear`` whose weight is 2:4 sparse (and not dense).
+
+    Returns:
+        The converted module names.
+
+    Raises:
+        ValueError: With one line, before any layer is converted: the model is not on CUDA, not
+            fp16/bf16, a named layer is not a 2:4 Linear, or no Linear layer is 2:4 sparse.
+    """
+    from torch.sparse import to_sparse_semi_structured
+
+    modules = dict(model.named_modules())
+    chosen = list(names) if names is not None else [n for n, m in modules.items() if _is_two_four_linear(m)]
+    if not chosen:
+        raise ValueError("to_semi_structured: no nn.Linear of the model is 2:4 sparse (prune with --pattern 2:4)")
+    for name in chosen:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"to_semi_structured: {name!r} is not an nn.Linear of the model")
+        if not is_two_four(module.weight.detach()):
+            raise ValueError(f"to_semi_structured: {name!r} is not 2:4 sparse (N:M 2:4 along the input dimension)")
+        weight = module.weight
+        if weight.device.type != "cuda" or weight.dtype not in SEMI_STRUCTURED_DTYPES:
+            raise ValueError(
+                f"to_semi_structured needs float16 or bfloat16 weights on a CUDA device, "
+                f"{name!r} is {weight.dtype} on {weight.device}"
+            )
+    for name in chosen:
+        module = modules[name]
+        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
+    return chosen
+
+
+def _is_two_four_linear(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear):
+        return False
+    weight = module.weight.detach()
+    return bool(torch.count_nonzero(weight) < weight.numel()) and is_two_four(weight)
+
+
+EXPORT_FORMATS = ("compressed",)
+
+
+def add_export_command(subparsers: Any) -> None:
+    """Adds ``export RUN_DIR [--format compressed] [--to DIR]`` to the CLI's subparsers."""
+    parser = subparsers.add_parser("export", help="write a layer-wise run's pruned model in a deployable format")
+    parser.add_argument("run_dir", type=Path, help="a finished layer-wise run directory (with model/)")
+    parser.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default="compressed")
+    parser.add_argument("--to", type=Path, help=f"output folder (default RUN_DIR/{COMPRESSED_DIR})")
+
+
+def export_command(args: Any) -> None:
+    """Runs a parsed ``export`` command and prints its size report (``ValueError`` on bad input)."""
+    report = export_compressed(args.run_dir, args.to)
+    rows = [
+        ("format", report["format"]),
+        ("pruned layers", f"{len(report['layers'])}"),
+        ("pruned bytes", f"{report['pruned_compressed_bytes']:,} of {report['pruned_dense_bytes']:,} dense "
+                         f"({report['pruned_ratio']:.3f}x)"),
+        ("folder bytes", f"{report['compressed_folder_bytes']:,} vs dense safetensors "
+                         f"{report['dense_safetensors_bytes']:,} ({report['folder_ratio']:.3f}x)"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    written = sorted(path.name for path in Path(report["folder"]).iterdir())
+    print(f"  wrote {report['folder']}/ ({', '.join(written)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m constrainedsparse.export RUN_DIR ...`` (the same as ``constrainedsparse export``)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="constrainedsparse")
+    add_export_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        export_command(args)
+    except ValueError as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

