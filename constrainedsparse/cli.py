@@ -18,6 +18,7 @@ from constrainedsparse import distributed, launcher
 from constrainedsparse.catalog import describe
 from constrainedsparse.config import HyperparameterInfo, describe_table
 from constrainedsparse.errors import NonFiniteLossError, UserInputError, first_line, user_input
+from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
 from constrainedsparse.logger import WANDB_MODES, plot_metrics
@@ -83,6 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("formulations", help="list formulations, or describe one")
     listing.add_argument("name", nargs="?", help="a formulation or layer-wise solver: list its hyperparameters")
     sub.add_parser("problems", help="list bundled problems")
+    add_export_command(sub)
     plot = sub.add_parser("plot", help="plot a metrics.jsonl to PNG")
     plot.add_argument("metrics", type=Path)
     plot.add_argument("--png", type=Path)
@@ -194,6 +196,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "problems":
         for name in bundled_problems():
             print(f"{name:<16} {load_problem(name).description}")
+        return 0
+    if args.command == "export":
+        with user_input():
+            export_command(args)
         return 0
     if args.command == "plot":
         if not args.metrics.is_file():

@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from constrainedsparse.checkpoint import directory_mode, file_mode
+
 __all__ = [
     "MANIFEST",
     "SMOLLM2_GGUF",
@@ -139,9 +141,9 @@ def materialize(final: str | os.PathLike[str], build: Callable[[Path], None]) ->
     try:
         build(staging)
         for path in staging.iterdir():
-            path.chmod(0o644 if path.is_file() else 0o755)  # readable by other users of a shared cache
+            path.chmod(file_mode() if path.is_file() else directory_mode())  # readable by other users of a shared cache
         (staging / MANIFEST).write_text(json.dumps(_manifest(staging), indent=1, sort_keys=True) + "\n")
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
+        staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the model from other users
         if final.exists() and not folder_is_complete(final):
             _discard(final)
         try:

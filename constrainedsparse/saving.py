@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from constrainedsparse.causal_lm import load_tokenizer
+from constrainedsparse.checkpoint import directory_mode
 
 __all__ = ["SENTENCE_TRANSFORMERS_FILES", "replace_folder", "save_pretrained_model", "source_folder"]
 
@@ -32,7 +33,7 @@ def replace_folder(staging: Path, final: Path) -> None:
 
     An existing ``final`` is first renamed aside, so readers see the old folder or the new one.
     """
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the folder from other users
+    staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the folder from other users
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
         try:

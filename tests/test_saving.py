@@ -81,3 +81,22 @@ def test_refusals_write_nothing(tiny_llama, tmp_path):
     assert not out.exists()
     save_pretrained_model(in_memory, out, AutoTokenizer.from_pretrained(tiny_llama))  # a tokenizer object works too
     assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_llama).get_vocab()
+
+
+def test_a_layerwise_run_saves_a_model_that_loads_the_standard_way(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from constrainedsparse import prune_layerwise
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    batches = [dict(tokenizer(["some calibration text to prune with", "and a second line"], return_tensors="pt",
+                              padding=True))]  # fmt: skip
+    prune_layerwise(model, batches, "wanda", sparsity=0.5, out=tmp_path / "run")
+    saved = tmp_path / "run" / "model"
+    reloaded = AutoModelForCausalLM.from_pretrained(saved).eval()
+    assert AutoTokenizer.from_pretrained(saved).get_vocab() == tokenizer.get_vocab()
+    ids = tokenizer(["the reloaded model answers as the pruned one"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloaded.config.use_cache == model.config.use_cache

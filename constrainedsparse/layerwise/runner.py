@@ -10,7 +10,6 @@ the next block's inputs are recomputed from the partially pruned model).
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from constrainedsparse import distributed
+from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import directory_mode, save_weights
 from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.errors import UserInputError, user_input
@@ -30,6 +30,7 @@ from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers,
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.layerwise.report import summarize_layers
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
+from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig, Targets
@@ -181,18 +182,25 @@ def _report_metrics(report: LayerReport) -> dict[str, float]:
 
 
 def save_model(model: nn.Module, out: Path) -> str:
-    """Saves the pruned model: ``save_pretrained`` into ``out/model`` for transformers, else safetensors."""
+    """Saves the pruned model so that it loads the standard way.
+
+    A ``transformers`` model goes to ``out/model`` with ``save_pretrained``, together with the
+    tokenizer of the folder it was loaded from (and a sentence-transformers source's module files,
+    so ``SentenceTransformer(out/model)`` works): :func:`constrainedsparse.saving.save_pretrained_model`.
+    Anything else is saved as ``out/model.safetensors``.
+    """
     if hasattr(model, "save_pretrained"):
-        final = out / "model"
-        staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
-        try:
-            model.save_pretrained(staging)
-            staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the model from other users
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        source = source_folder(model)
+        if source is not None and has_tokenizer(source):
+            save_pretrained_model(model, out / "model", source)
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
+            try:
+                model.save_pretrained(staging)
+                staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the model from other users
+                replace_folder(staging, out / "model")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return "model/"
     save_weights(out / "model.safetensors", model.state_dict())
     return "model.safetensors"
@@ -264,7 +272,8 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     config, problem, model = prepared.config, prepared.problem, prepared.model
     device = prepared.device
     model.to(device)
-    if hasattr(getattr(model, "config", None), "use_cache"):
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
         model.config.use_cache = False  # calibration passes must not accumulate key/value caches
     scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
     dense_outputs = problem.held_out(model, prepared.options) if scored else None
@@ -300,6 +309,8 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     finally:
         run.logger.close()
     distributed.dump_rank_state("layerwise-final", {"model": model.state_dict(), "summary": summary})
+    if use_cache is not None:
+        model.config.use_cache = use_cache  # the saved model generates as the original did
     if run.main:
         summary["saved_model"] = save_model(model, directory.out)
     directory.finish(summary)
