@@ -24,8 +24,9 @@ from constrainedsparse.layerwise import LayerwiseSolver, available_solvers, regi
 from constrainedsparse.layerwise.api import prune_layerwise
 from constrainedsparse.layerwise.report import LayerwiseReport
 from constrainedsparse.layerwise.solvers import SparseGPTConfig
-from constrainedsparse.logger import MetricsLogger, plot_metrics, read_metrics
+from constrainedsparse.logger import MetricsLogger, read_metrics
 from constrainedsparse.masks import achieved_sparsity, apply_masks, hard_prune, layer_sparsity, remove_masks
+from constrainedsparse.plots import plot_metrics
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.runners import run
 from constrainedsparse.runs import RunConfig

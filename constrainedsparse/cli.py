@@ -8,6 +8,7 @@ line; any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,9 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError, first_l
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
-from constrainedsparse.logger import WANDB_MODES, plot_metrics
+from constrainedsparse.logger import WANDB_MODES
+from constrainedsparse.plots import plot_metrics
+from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runners import run, runner_for, validate
 from constrainedsparse.runs import RunConfig
 from constrainedsparse.spec import DEBUG_ENV, LayerwiseProblem, Problem, bundled_problems, load_problem
@@ -75,6 +78,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of everything random (default 0)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<problem>-<formulation>)")
     p.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default offline)")
+    p.add_argument("--wandb-project", help="wandb project (default $WANDB_PROJECT or constrainedsparse)")
+    p.add_argument("--wandb-name", help="wandb run name (default $WANDB_NAME or wandb's)")
+    p.add_argument("--wandb-tags", help="comma-separated wandb tags (default $WANDB_TAGS)")
+    p.add_argument("--verbose", action="store_true", help="print the per-layer table (also in OUT/layers.csv)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT with its stored options")
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed)")
@@ -91,20 +98,65 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(summary: dict) -> None:
+def _size(count: int) -> str:
+    return f"{count / 2**20:.2f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
+
+
+def _percent_or_plain(summary: dict, key: str) -> str:
+    value = summary[key]
+    return f"{100 * value:.2f} %" if summary.get("metric", {}).get("name") == "accuracy" else f"{value:.4f}"
+
+
+def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     rows = [("problem", summary["problem"]), ("formulation", summary["formulation"])]
-    rows.append(("target", summary.get("pattern", summary.get("target_sparsity"))))
-    rows.append(("achieved sparsity", f"{summary['achieved_sparsity']:.4f}"))
-    for key in ("dense_accuracy", "hardprune_accuracy", "retrain_accuracy"):
-        if summary.get(key) is not None:
-            rows.append((key.replace("_", " "), f"{100 * summary[key]:.2f} %"))
+    target = summary.get("target_sparsity")
+    pattern = summary.get("pattern")
+    rows.append(("target", f"{target} {pattern}" if target is not None and pattern else str(pattern or target)))
+    rows.append(("achieved sparsity", f"{summary['achieved_sparsity']:.4f} of the pruned weights"))
+    if "model_sparsity" in summary:
+        parameters = summary["parameters"]
+        rows.append(("model sparsity", f"{summary['model_sparsity']:.4f} of all {parameters['total']:,} parameters "
+                                       f"({parameters['nonzero']:,} nonzero)"))  # fmt: skip
+        size = summary["bytes"]
+        rows.append(("size", f"{_size(size['dense'])} dense, {_size(size['sparse'])} stored sparse (values + bitmask)"))
+    metric = summary.get("metric", {}).get("name")
+    if metric:
+        for stage in ("dense", "hardprune", "retrain"):
+            if summary.get(f"{stage}_{metric}") is not None:
+                rows.append((f"{stage} {metric}", _percent_or_plain(summary, f"{stage}_{metric}")))
     for key in ("mean_layer_error", *LAYERWISE_SCORES):
         if summary.get(key) is not None:
             rows.append((key.replace("_", " "), f"{summary[key]:.4f}"))
+    for name, entry in summary.get("constraints", {}).items():
+        value = entry["value"]
+        shown = f"{value:.4g}" if isinstance(value, float) else f"max {max(value):.4g}"
+        verdict = "holds" if entry["satisfied"] else "VIOLATED"
+        rows.append((f"constraint {name}", f"{shown} {entry['sense']} 0: {verdict}"))
     rows.append(("seconds", f"{summary['seconds']:.1f}"))
+    return rows
+
+
+def _print_summary(summary: dict, out: Path, verbose: bool) -> None:
+    rows = _summary_rows(summary)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+    if verbose and (out / "layers.csv").is_file():
+        with (out / "layers.csv").open() as handle:
+            layers = [
+                {
+                    **row,
+                    "sparsity": float(row["sparsity"]),
+                    **({"error": float(row["error"])} if "error" in row else {}),
+                }
+                for row in csv.DictReader(handle)
+            ]
+        print_layer_table(layers, block_names([row["name"] for row in layers]))
+    weights = summary.get("saved_model", "model.safetensors")
+    purged = ", purged.safetensors" if "purged_params" in summary else ""
+    print(f"  wrote {out}/summary.json, layers.csv, metrics.jsonl, metrics.png, {weights}{purged}")
+    if summary.get("wandb_run"):
+        print(f"  {summary['wandb_run']}")
 
 
 def _given(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]:
@@ -120,7 +172,13 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | Layerwis
     """The configuration of ``run``: from the flags, or (``--resume``) from the checkpoint plus the flags."""
     settings = _parse_settings(args.settings)
     given = _given(args, settings)
-    common = {"progress": not args.no_progress, "overwrite": args.overwrite}
+    common = {
+        "progress": not args.no_progress,
+        "overwrite": args.overwrite,
+        "wandb_project": args.wandb_project,
+        "wandb_name": args.wandb_name,
+        "wandb_tags": tuple(t.strip() for t in (args.wandb_tags or "").split(",") if t.strip()),
+    }
     if args.resume:
         problem = load_problem(args.problem) if args.problem is not None else None
         default_out = Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{args.formulation or 'slr'}"
@@ -170,10 +228,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
             return _launch(args.nproc, config, problem, argv)
     summary = run(config, problem)
     if summary is not None and distributed.is_main_process():
-        _print_summary(summary)
-        weights = summary.get("saved_model", "model.safetensors")
-        purged = ", purged.safetensors" if "purged_params" in summary else ""
-        print(f"  wrote {config.out}/summary.json, metrics.jsonl, metrics.png, {weights}{purged}")
+        _print_summary(summary, Path(config.out), args.verbose)
     return 0
 
 

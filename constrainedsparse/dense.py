@@ -69,9 +69,11 @@ def loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int)
 
 @torch.no_grad()
 def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
-    """The problem's metric over ``dataset`` (on the model's device), weighted by batch size.
+    """The problem's metric over the whole of ``dataset`` (on the model's device), computed once.
 
-    Under torchrun every rank evaluates a shard (with rank 0's buffers) and the means are combined.
+    The outputs and targets of every batch are concatenated and the metric is evaluated on all of
+    them (a mean of batch values is wrong for R², AUC or F1). Under torchrun every rank predicts a
+    shard (with rank 0's buffers) and the shards are gathered before the metric.
     """
     was_training = model.training
     model.eval()
@@ -79,15 +81,17 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
     distributed.broadcast_buffers(model)
     if distributed.is_distributed():
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    total, weighted = 0, 0.0
+    outputs, targets = [], []
     for batch in DataLoader(dataset, batch_size=EVAL_BATCH):
         output, y = problem.predict(model, to_device(batch, device))
-        weighted += problem.metric(output, y) * len(y)
-        total += len(y)
+        outputs.append(output.detach().cpu())
+        targets.append(y.detach().cpu())
     model.train(was_training)
     if distributed.is_distributed():
-        return float(distributed.weighted_mean(torch.tensor(weighted / max(total, 1), dtype=torch.float64), total))
-    return weighted / max(total, 1)
+        shards = distributed.gather_objects((outputs, targets))
+        outputs = [o for shard_outputs, _ in shards for o in shard_outputs]
+        targets = [t for _, shard_targets in shards for t in shard_targets]
+    return problem.test_metric(torch.cat(outputs), torch.cat(targets))
 
 
 def _dense_cache_path(prepared: TrainingPrepared) -> Path:

@@ -71,6 +71,7 @@ __all__ = [
     "dump_rank_state",
     "env_world_size",
     "exit_process",
+    "gather_objects",
     "is_distributed",
     "is_main_process",
     "joined_group",
@@ -334,6 +335,15 @@ def broadcast_object(obj: Any) -> Any:
     holder = [obj if is_main_process() else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def dump_rank_state(tag: str, state: dict[str, Any]) -> None:

@@ -47,8 +47,9 @@ from constrainedsparse.masks import (
 from constrainedsparse.postprune import purge_stage
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
+from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
-from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
+from constrainedsparse.settings import check_keeps_weights, resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
@@ -88,6 +89,9 @@ class TrainingSettings(Hyperparameters):
     batch_size: int = hyperparameter(64, "minibatch size (the global batch under several processes)", Bounds(low=1))
     log_every: int = hyperparameter(10, "log the loss and dual dynamics every this many steps", Bounds(low=1))
     device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
+    allow_empty_layers: bool = hyperparameter(
+        False, "let a hard prune leave a targeted tensor without any weight (stops the run otherwise)"
+    )
 
 
 @dataclasses.dataclass
@@ -185,6 +189,8 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     with user_input():
         targets = problem.targets.resolve(model, target)
         formulation_cls(_task_problem(problem, model, targets, None, constraints=False), formulation_config)
+    if not training.allow_empty_layers:
+        check_keeps_weights({t.name: (t.feasible_set, t.tensor.shape) for t in targets}, target)
     return prepared
 
 
@@ -240,8 +246,9 @@ class _Run:
         self.step = 0
         self.seconds_before = 0.0
         self.started = time.perf_counter()
-        self.dense_accuracy = float("nan")
-        self.hardprune_accuracy: float | None = None
+        self.metric = prepared.problem.test_metric.name  # names the logged family and summary keys
+        self.dense_value = float("nan")
+        self.hardprune_value: float | None = None
         self.summary_extra: dict[str, Any] = {}
         self.phase_extra: dict[str, Any] = {}
         self.epochs_this_invocation = 0
@@ -249,6 +256,22 @@ class _Run:
     def seconds(self) -> float:
         """Wall seconds of the run over every invocation."""
         return self.seconds_before + time.perf_counter() - self.started
+
+    def test_batch(self) -> Any:
+        """The whole test set as one batch on the run's device (what data-dependent constraints are reported on)."""
+        batch = next(iter(DataLoader(self.test, batch_size=len(self.test))))
+        return to_device(batch, self.prepared.device)
+
+    def check_not_emptied(self) -> None:
+        """Stops the run when a hard prune left a targeted tensor without a weight (unless allowed)."""
+        emptied = empty_layers({t.name: t.tensor for t in self.targets})
+        if emptied and not self.prepared.training.allow_empty_layers:
+            saved = self.directory.checkpoint_path.is_file()
+            where = f"; the last checkpoint is {self.directory.checkpoint_path}" if saved else ""
+            raise UserInputError(
+                f"hard pruning left {', '.join(emptied)} without a single weight (the layer is cut from the model); "
+                f"set --set allow_empty_layers=true to accept that{where}"
+            )
 
     def checkpoint(self, phase: str, epoch: int, formulation: Formulation) -> None:
         """Saves everything the run needs to continue after ``epoch`` of ``phase``."""
@@ -262,8 +285,8 @@ class _Run:
                 "formulation": formulation.state_dict(),
                 "optimizer": formulation.optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
-                "dense_accuracy": self.dense_accuracy,
-                "hardprune_accuracy": self.hardprune_accuracy,
+                "dense_metric": self.dense_value,
+                "hardprune_metric": self.hardprune_value,
                 "seconds": self.seconds(),
                 "wandb_id": self.logger.run_id,
                 **self.phase_extra,
@@ -314,7 +337,7 @@ def _train_phase(
         run.logger.log(epoch_metrics, run.step)
         run.epochs_this_invocation += 1
         run.checkpoint(phase, epoch + 1, formulation)
-        progress.epoch_done(loss=loss, accuracy=epoch_metrics["accuracy/test"])
+        progress.epoch_done(loss=loss, **{run.metric: epoch_metrics[f"{run.metric}/test"]})
     progress.close()
     return True
 
@@ -322,12 +345,12 @@ def _train_phase(
 @torch.no_grad()
 def _epoch_metrics(run: _Run, formulation: Formulation, phase_index: int, epoch: int) -> dict[str, float]:
     problem, targets = run.prepared.problem, run.sparsity_problem.targets
-    accuracy = evaluate(problem, run.model, run.test)
-    with temporarily_pruned(targets, formulation.hard_masks()):  # hard-prune accuracy with the masks now
+    value = evaluate(problem, run.model, run.test)
+    with temporarily_pruned(targets, formulation.hard_masks()):  # the hard-pruned model's metric now
         hardprune_now = evaluate(problem, run.model, run.test)
     metrics = {
-        "accuracy/test": accuracy,
-        "accuracy/hardprune_now": hardprune_now,
+        f"{run.metric}/test": value,
+        f"{run.metric}/hardprune_now": hardprune_now,
         "sparsity/achieved": achieved_sparsity(targets),
         "phase": phase_index,
         "epoch": epoch + 1,
@@ -344,12 +367,12 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     for name, dataset in (("training", run.train), ("test", run.test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")
-    run.model, run.dense_accuracy = dense_model(prepared, run.train, run.test)
+    run.model, run.dense_value = dense_model(prepared, run.train, run.test)
     run.targets = problem.targets.resolve(run.model, prepared.target)
     example = to_device(next(iter(DataLoader(run.train, batch_size=prepared.training.batch_size))), prepared.device)
     run.sparsity_problem = _task_problem(problem, run.model, run.targets, example)
     logged = {**config.identity(), **prepared.formulation_config.values(), **dataclasses.asdict(prepared.training)}
-    run.logger = open_logger(run.directory, config.wandb, logged, resume_state)
+    run.logger = open_logger(run.directory, config, logged, resume_state)
 
 
 def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], FixedMaskRetrain] | None:
@@ -381,6 +404,7 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
     run.summary_extra = formulation.summary_extra()
     formulation.finalize()
     hard_prune(run.targets, masks)
+    run.check_not_emptied()
     if formulation.purges:
         example = to_device(reference_batch(run.train, config.seed, 1), prepared.device)
         purged, fields = purge_stage(run.model, run.targets, example)
@@ -389,9 +413,9 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
             save_weights(
                 run.directory.out / "purged.safetensors", purged.state_dict(), metadata={"model": repr(purged)}
             )
-    run.hardprune_accuracy = evaluate(prepared.problem, run.model, run.test)
+    run.hardprune_value = evaluate(prepared.problem, run.model, run.test)
     run.logger.log(
-        {"accuracy/hardprune": run.hardprune_accuracy, "sparsity/achieved": achieved_sparsity(run.targets)}, run.step
+        {f"{run.metric}/hardprune": run.hardprune_value, "sparsity/achieved": achieved_sparsity(run.targets)}, run.step
     )
     run.phase_extra = {"masks": masks, "summary_extra": run.summary_extra}
     retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=training.lr, dual_lr=training.dual_lr)
@@ -430,11 +454,11 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
     try:
         if state is not None:
             run.step, run.seconds_before = state["step"], state["seconds"]
-            run.hardprune_accuracy = state["hardprune_accuracy"]
+            run.hardprune_value = state["hardprune_metric"]
             torch.set_rng_state(state["rng"])
         else:
             seed_everything(run.config.seed + PRUNE_SEED_OFFSET)
-            run.logger.log({"accuracy/dense": run.dense_accuracy, "phase": 0, "epoch": 0}, 0)
+            run.logger.log({f"{run.metric}/dense": run.dense_value, "phase": 0, "epoch": 0}, 0)
         if state is None or state["phase"] == "prune":
             pruned = _prune(run, state)
             if pruned is None:
@@ -448,9 +472,13 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
             return None
         retrainer.finalize()
         hard_prune(run.targets, masks)
-        final_accuracy = evaluate(prepared.problem, run.model, run.test)
-        summary = _summary(run, final_accuracy)
-        run.logger.log({"accuracy/final": final_accuracy}, run.step)
+        run.check_not_emptied()
+        final_value = evaluate(prepared.problem, run.model, run.test)
+        summary = _summary(run, final_value)
+        run.logger.log({f"{run.metric}/final": final_value}, run.step)
+        run.logger.set_summary(summary)
+        if run.logger.where() is not None:
+            summary["wandb_run"] = run.logger.where()
     finally:
         run.logger.close()
     distributed.dump_rank_state("final", {"model": run.model.state_dict()})
@@ -458,25 +486,28 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         save_weights(
             directory.out / "model.safetensors", run.model.state_dict(), metadata={"summary": "see summary.json"}
         )
+        write_layers_csv(directory.out / "layers.csv", layer_rows({t.name: t.tensor for t in run.targets}))
     directory.finish(summary)
     return summary
 
 
-def _summary(run: _Run, final_accuracy: float) -> dict[str, Any]:
-    prepared, config = run.prepared, run.config
+def _summary(run: _Run, final_value: float) -> dict[str, Any]:
+    prepared, config, metric = run.prepared, run.config, run.metric
     summary: dict[str, Any] = {
         "problem": prepared.problem.name,
         "formulation": config.formulation,
         "achieved_sparsity": achieved_sparsity(run.targets),
         "layer_sparsity": layer_sparsity(run.targets),
+        **model_figures(run.model, [t.name for t in run.targets]),
         "seconds": run.seconds(),
         "epochs": prepared.epochs,
         "pretrain_epochs": prepared.pretrain_epochs,
         "retrain_epochs": config.retrain_epochs,
         "seed": config.seed,
         "settings": dict(config.settings),
-        "dense_accuracy": run.dense_accuracy,
-        "hardprune_accuracy": run.hardprune_accuracy,
+        "metric": prepared.problem.test_metric.describe(),
+        f"dense_{metric}": run.dense_value,
+        f"hardprune_{metric}": run.hardprune_value,
     }
     if prepared.target.nm is not None:
         summary["pattern"] = prepared.target.describe()
@@ -485,7 +516,10 @@ def _summary(run: _Run, final_accuracy: float) -> dict[str, Any]:
         if prepared.target.pattern != "unstructured":
             summary["pattern"] = prepared.target.pattern_text()
     if config.retrain_epochs > 0:
-        summary["retrain_accuracy"] = final_accuracy
+        summary[f"retrain_{metric}"] = final_value
+    problem = run.sparsity_problem
+    multipliers = {k: v for k, v in problem.named_multiplier_values().items() if k in problem.user_constraint_names}
+    summary["constraints"] = constraint_report(run.model, prepared.problem.constraints, multipliers, run.test_batch())
     summary.update(run.summary_extra)  # the formulation's own fields (e.g. l0's densities)
     return summary
 

@@ -12,7 +12,7 @@ Key scheme (``/`` separates a family from its member):
 * ``density/<param>``, ``sparsity/achieved`` — what the pruned model looks like;
 * ``phase``, ``epoch`` — where in the run a row was logged (phase 0 = prune, 1 = retrain).
 
-:func:`plot_metrics` turns a ``metrics.jsonl`` into a PNG with one panel per family.
+:func:`constrainedsparse.plots.plot_metrics` turns a ``metrics.jsonl`` into a PNG.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WANDB_MODES", "MetricsLogger", "NullLogger", "plot_metrics", "read_metrics"]
+__all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "MetricsLogger", "NullLogger", "read_metrics"]
 
 WANDB_MODES = ("disabled", "offline", "online")
+DEFAULT_PROJECT = "constrainedsparse"
 
 
 def _as_numpy(values: Any) -> Any:
@@ -45,6 +45,9 @@ class MetricsLogger:
         run_id: wandb run id to resume (kept in checkpoints).
         resume_step: On resume, rows with ``step > resume_step`` are dropped from the JSONL
             so the file holds each step once.
+        project: wandb project (``None``: ``$WANDB_PROJECT``, else ``constrainedsparse``).
+        name: wandb run name (``None``: ``$WANDB_NAME``, else wandb's own).
+        tags: wandb run tags (empty: ``$WANDB_TAGS``, comma-separated, if set).
     """
 
     def __init__(
@@ -54,6 +57,9 @@ class MetricsLogger:
         config: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         resume_step: int | None = None,
+        project: str | None = None,
+        name: str | None = None,
+        tags: tuple[str, ...] = (),
     ) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
@@ -80,8 +86,11 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            env_tags = tuple(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)
             self.run = wandb.init(
-                project="constrainedsparse",
+                project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                name=name or os.environ.get("WANDB_NAME") or None,
+                tags=list(tags or env_tags) or None,
                 dir=str(out_dir),
                 mode=wandb_mode,
                 config=dict(config or {}),
@@ -94,6 +103,20 @@ class MetricsLogger:
     def run_id(self) -> str | None:
         """The wandb run id (``None`` when disabled)."""
         return self.run.id if self.run is not None else None
+
+    def where(self) -> str | None:
+        """Where the wandb run went: its offline folder and the ``wandb sync`` command, or its URL."""
+        if self.run is None:
+            return None
+        if self.run.settings.mode == "offline":
+            folder = Path(self.run.dir).parent
+            return f"wandb offline run {folder} (upload it: wandb sync {folder})"
+        return f"wandb run {self.run.url}"
+
+    def set_summary(self, summary: Mapping[str, Any]) -> None:
+        """Puts a run's final figures into the wandb run's summary (the same keys as ``summary.json``)."""
+        if self.run is not None:
+            self.run.summary.update({k: v for k, v in summary.items() if v is not None})
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Logs ``metrics`` at ``step``; non-finite values are written as ``null`` in JSON.
@@ -148,6 +171,12 @@ class NullLogger:
     def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
         """Drops ``values``."""
 
+    def where(self) -> None:
+        """No run."""
+
+    def set_summary(self, summary: Mapping[str, Any]) -> None:
+        """Drops ``summary``."""
+
     def close(self) -> None:
         """Nothing to close."""
 
@@ -155,50 +184,3 @@ class NullLogger:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``metrics.jsonl`` file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_metrics(jsonl_path: Path, png_path: Path) -> Path:
-    """Plots every logged key against the step, one panel per key family.
-
-    Args:
-        jsonl_path: A ``metrics.jsonl`` written by :class:`MetricsLogger`.
-        png_path: Where to write the PNG.
-
-    Returns:
-        ``png_path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, dict[str, tuple[list[int], list[float]]]] = defaultdict(dict)
-    for row in read_metrics(jsonl_path):
-        for key, value in row.items():
-            if key in ("step", "phase", "epoch") or value is None:
-                continue
-            family = key.split("/", 1)[0]
-            steps, values = series[family].setdefault(key, ([], []))
-            steps.append(row["step"])
-            values.append(value)
-    families = sorted(series) or ["(empty)"]
-    cols = min(3, len(families))
-    rows = math.ceil(len(families) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
-    for ax, family in zip(axes.flat, families):
-        for key, (steps, values) in sorted(series.get(family, {}).items()):
-            label = key.split("/", 1)[1] if "/" in key else key
-            ax.plot(steps, values, label=label, marker="." if len(steps) < 30 else None)
-        ax.set_title(family)
-        ax.set_xlabel("step")
-        if 0 < len(series.get(family, {})) <= 8:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(families) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path

@@ -28,6 +28,7 @@ from torch import nn
 
 from constrainedsparse.distributed import synchronised
 from constrainedsparse.errors import UserInputError
+from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn"]
@@ -47,14 +48,22 @@ class UserConstraint:
         fn: Returns a tensor (any shape; every entry is one constraint) differentiable in the
             model's parameters. If it takes two arguments it receives the current batch.
         sense: ``"<="`` (inequality, multiplier kept >= 0) or ``"=="`` (equality).
+        restarts: Dual restarts for an inequality: its multiplier is reset to 0 whenever the
+            constraint holds (:class:`~constrainedsparse.multipliers.RestartingMultiplier`). Plain
+            gradient ascent keeps pushing while the multiplier unwinds, so a budget that binds
+            early overshoots (the model ends far inside it); restarts stop the push as soon as the
+            budget holds, at the price of small oscillations around it.
     """
 
     fn: ViolationFn
     sense: str = "<="
+    restarts: bool = False
 
     def __post_init__(self) -> None:
         if self.sense not in _SENSES:
             raise ValueError(f"constraint sense must be '<=' or '==', got {self.sense!r}")
+        if self.restarts and self.sense != "<=":
+            raise ValueError("restarts apply to inequality constraints ('<='), not to an equality")
         if not callable(self.fn):
             raise ValueError(f"constraint fn must be callable, got {type(self.fn).__name__}")
 
@@ -204,7 +213,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         constraint = cooper.Constraint(
             constraint_type=_SENSES[spec.sense],
             formulation_type=cooper.formulations.Lagrangian,
-            multiplier=cooper.multipliers.DenseMultiplier(num_constraints=size, device=device),
+            multiplier=RestartingMultiplier(size, restarts=spec.restarts, device=device),
         )
         self.add_constraint(name, constraint, spec, data_dependent=spec.uses_batch)
         self._violations[name].user = True

@@ -34,7 +34,8 @@ from typing import Any
 from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.logger import MetricsLogger, NullLogger, plot_metrics
+from constrainedsparse.logger import MetricsLogger, NullLogger
+from constrainedsparse.plots import plot_metrics
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "RunConfig", "RunDirectory", "open_logger"]
 
@@ -53,7 +54,7 @@ RUN_FILES = (
     "wandb",
 )
 """What a run writes into its directory (``--overwrite`` removes these and nothing else)."""
-VOLATILE_SETTINGS = ("device",)
+VOLATILE_SETTINGS = ("device", "allow_empty_layers")
 """``--set`` keys that may differ when a run resumes (where it runs, not what it computes)."""
 IDENTITY_FIELDS = (
     "problem",
@@ -82,6 +83,9 @@ class RunConfig:
         seed: Seed of everything random.
         out: The run directory.
         wandb: ``disabled``, ``offline`` or ``online``.
+        wandb_project: wandb project (``None``: ``$WANDB_PROJECT`` or ``constrainedsparse``).
+        wandb_name: wandb run name (``None``: ``$WANDB_NAME`` or wandb's).
+        wandb_tags: wandb run tags (``$WANDB_TAGS`` when empty).
         settings: ``--set KEY=VALUE`` text by key.
         resume: Continue from ``out/checkpoint.pt``.
         overwrite: Replace the run in ``out`` (its files are removed first).
@@ -100,6 +104,9 @@ class RunConfig:
     seed: int = 0
     out: Path = Path("runs/latest")
     wandb: str = "disabled"
+    wandb_project: str | None = None
+    wandb_name: str | None = None
+    wandb_tags: tuple[str, ...] = ()
     settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     resume: bool = False
     overwrite: bool = False
@@ -316,7 +323,7 @@ class RunDirectory:
 
 
 def open_logger(
-    directory: RunDirectory, wandb_mode: str, config: Mapping[str, Any], state: Mapping[str, Any] | None
+    directory: RunDirectory, run: RunConfig, config: Mapping[str, Any], state: Mapping[str, Any] | None
 ) -> MetricsLogger | NullLogger:
     """The run's logger: ``metrics.jsonl`` (+ wandb) on rank 0, a :class:`NullLogger` elsewhere.
 
@@ -326,8 +333,11 @@ def open_logger(
         return NullLogger()
     return MetricsLogger(
         directory.out,
-        wandb_mode,
+        run.wandb,
         config=dict(config),
         run_id=state["wandb_id"] if state else None,
         resume_step=state["step"] if state else None,
+        project=run.wandb_project,
+        name=run.wandb_name,
+        tags=tuple(run.wandb_tags),
     )

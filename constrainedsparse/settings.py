@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -10,10 +11,18 @@ from typing import Any
 import torch
 
 from constrainedsparse.config import Hyperparameters
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.sets import check_sparsity, parse_pattern, pattern_class
 from constrainedsparse.targets import SparsityConfig
 
-__all__ = ["config_field_types", "parse_value", "resolve_device", "route_settings", "target_from_flags"]
+__all__ = [
+    "check_keeps_weights",
+    "config_field_types",
+    "parse_value",
+    "resolve_device",
+    "route_settings",
+    "target_from_flags",
+]
 
 
 def parse_value(key: str, text: str, kind: type) -> Any:
@@ -114,3 +123,21 @@ def target_from_flags(
     if pattern is not None:
         return SparsityConfig.parse(pattern, level)
     return SparsityConfig(sparsity=level, pattern=unstructured_pattern)
+
+
+def check_keeps_weights(sets: Mapping[str, tuple[Any, Any]], target: SparsityConfig) -> None:
+    """Every targeted tensor keeps at least one weight at the target level (both runners check it).
+
+    Args:
+        sets: ``{name: (feasible set, shape)}`` of the targeted tensors.
+        target: The run's target, named in the message.
+
+    Raises:
+        UserInputError: Naming the first tensor the level would empty and the way to allow it.
+    """
+    for name, (feasible, shape) in sets.items():
+        if not bool(feasible.mask(torch.ones(tuple(shape))).any()):
+            raise UserInputError(
+                f"--sparsity {target.sparsity!r} keeps no weight of {name} ({math.prod(shape)} weights): lower it, "
+                "or set --set allow_empty_layers=true to cut such layers on purpose"
+            )

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from constrainedsparse.errors import UserInputError, first_line
 from constrainedsparse.layerwise.driver import find_blocks, layer_module_types
+from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
 from constrainedsparse.problem import UserConstraint
 from constrainedsparse.targets import Targets
 
@@ -103,11 +104,6 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
         ) from err
 
 
-def accuracy(output: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of rows whose argmax equals the label (summed per batch by the engine)."""
-    return float((output.argmax(dim=-1) == y).float().mean())
-
-
 def predict_pair(model: nn.Module, batch: Any) -> tuple[Any, Any]:
     """``(model(x), y)`` of an ``(x, y)`` batch: what the metric compares (the default ``predict``)."""
     x, y = batch
@@ -126,7 +122,9 @@ class Problem:
         data: ``data(options) -> (train_dataset, test_dataset)`` of ``(x, y)`` pairs (any sample
             structure with ``compute_loss`` and ``predict``).
         loss: ``loss(output, y) -> scalar`` (cross-entropy by default) for ``(x, y)`` batches.
-        metric: ``metric(output, y) -> float`` in [0, 1] (accuracy by default).
+        metric: What the test set reports: a :class:`~constrainedsparse.metrics.Metric` (name,
+            ``fn(outputs, targets)`` over the whole test set, direction) or a plain function of
+            all outputs and targets (named by the function). Accuracy by default.
         compute_loss: ``compute_loss(model, batch) -> scalar tensor`` for batches that are not
             ``(x, y)`` pairs (dicts, triples); replaces ``loss``.
         predict: ``predict(model, batch) -> (output, y)``, what ``metric`` compares
@@ -148,7 +146,7 @@ class Problem:
     model: Callable[[Mapping[str, Any]], nn.Module]
     data: Callable[[Mapping[str, Any]], tuple[Dataset, Dataset]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
-    metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
+    metric: Metric | Callable[[Any, Any], float] = ACCURACY
     compute_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None
     predict: Callable[[nn.Module, Any], tuple[Any, Any]] = predict_pair
     targets: Targets = field(default_factory=Targets)
@@ -174,12 +172,19 @@ class Problem:
             model=guard(name, "model(options)", self.model),
             data=guard(name, "data(options)", self.data),
             loss=guard(name, "loss(output, y)", self.loss),
-            metric=guard(name, "metric(output, y)", self.metric),
+            metric=dataclasses.replace(
+                as_metric(self.metric), fn=guard(name, "metric(outputs, y)", as_metric(self.metric).fn)
+            ),
             compute_loss=guard(name, "compute_loss(model, batch)", self.compute_loss),
             predict=guard(name, "predict(model, batch)", self.predict),
             check=guard(name, "check(options)", self.check),
             constraints=constraints,
         )
+
+    @property
+    def test_metric(self) -> Metric:
+        """:attr:`metric` as a :class:`~constrainedsparse.metrics.Metric`."""
+        return as_metric(self.metric)
 
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``."""

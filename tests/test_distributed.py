@@ -188,6 +188,7 @@ def test_two_ranks_slr_identical_on_every_rank_and_match_one_rank(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dump2", "two"]  # no stray files from rank 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "checkpoint.pt",
+        "layers.csv",
         "metrics.jsonl",
         "metrics.png",
         "model.safetensors",

@@ -9,7 +9,8 @@ import struct
 import pytest
 from wandb_records import history_rows, wait_for_complete_run
 
-from constrainedsparse.logger import MetricsLogger, plot_metrics, read_metrics
+from constrainedsparse.logger import MetricsLogger, read_metrics
+from constrainedsparse.plots import plot_metrics
 
 WANDB_OWN_KEYS = {"_step", "_runtime", "_timestamp"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,9 +125,9 @@ def test_plot_metrics_writes_png(tmp_path):
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC
     assert len(data) > 1024
-    # Five families (accuracy, density, loss, multiplier, violation) -> 2 x 3 panels of 5 x 3.2 in at 100 dpi.
+    # Rows of two 6 x 3.1 in panels at 100 dpi: accuracy | loss, the budget's violation | multiplier, density.
     assert data[12:16] == b"IHDR"
-    assert struct.unpack(">II", data[16:24]) == (1500, 640)
+    assert struct.unpack(">II", data[16:24]) == (1200, 930)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
 
 

@@ -124,3 +124,15 @@ def history_rows(path: Path) -> list[dict[str, object]]:
             row[key] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def summary_values(path: Path) -> dict[str, object]:
+    """The run's summary as the offline file holds it: key (``nested_key`` joined with ``/``) -> last value."""
+    summary: dict[str, object] = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") != "summary":
+            continue
+        for item in record.summary.update:
+            key = item.key if item.key else "/".join(item.nested_key)
+            summary[key] = json.loads(item.value_json)
+    return summary

@@ -36,6 +36,7 @@ import torch
 
 from constrainedsparse.config import Hyperparameters
 from constrainedsparse.masks import canonical_parameters, remove_masks
+from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch, SparsityProblem
 from constrainedsparse.registry import REGISTRY
 
@@ -281,10 +282,21 @@ class Formulation(abc.ABC):
         """
         self._require("post_step()")
         last = step[-1] if isinstance(step, Sequence) else step
+        restarts: dict[str, float] = {}
         if self.dual_optimizer is not None:
-            self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_
+            self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
             self.dual_optimizer.zero_grad(set_to_none=True)
-        return self.after_step(last.cmp_state)
+            restarts = self._restarted()
+        return {**restarts, **self.after_step(last.cmp_state)}
+
+    def _restarted(self) -> dict[str, float]:
+        """``restart/<name>`` for every multiplier just restarted, whose dual-optimizer state is reset."""
+        metrics = {}
+        for name, multiplier in self.problem.named_multipliers():
+            if isinstance(multiplier, RestartingMultiplier) and bool(multiplier.last_restart.any()):
+                reset_dual_state_(self.dual_optimizer, multiplier)
+                metrics[f"restart/{name}"] = 1.0
+        return metrics
 
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         """Hook of :meth:`post_step`: coordination, restarts, clamps; returns metrics to log."""

@@ -13,17 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerwiseReport", "model_sparsity", "summarize_layers"]
+from constrainedsparse.layerwise.driver import layer_weight
+from constrainedsparse.report import model_figures
 
-
-@torch.no_grad()
-def model_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over every parameter of ``model`` (embeddings, norms and biases included)."""
-    zeros = total = 0
-    for parameter in model.parameters():
-        total += parameter.numel()
-        zeros += parameter.numel() - int(torch.count_nonzero(parameter))
-    return zeros / total if total else 0.0
+__all__ = ["LayerwiseReport", "pruned_weights", "summarize_layers"]
 
 
 @torch.no_grad()
@@ -38,7 +31,8 @@ def summarize_layers(model: nn.Module, reports: Sequence[Mapping[str, Any]]) -> 
 
     Returns:
         ``achieved_sparsity`` (zeros over the pruned layers), ``layer_sparsity``, ``layer_error``,
-        ``mean_layer_error``, ``layer_seconds`` and ``model_sparsity`` (zeros over all parameters).
+        ``mean_layer_error``, ``layer_seconds`` and the whole-model figures of
+        :func:`constrainedsparse.report.model_figures` (``model_sparsity``, ``parameters``, ``bytes``).
     """
     modules = dict(model.named_modules())
     zeros, total, layer_sparsity = 0, 0, {}
@@ -54,8 +48,14 @@ def summarize_layers(model: nn.Module, reports: Sequence[Mapping[str, Any]]) -> 
         "layer_error": layer_error,
         "mean_layer_error": sum(layer_error.values()) / len(layer_error) if layer_error else 0.0,
         "layer_seconds": {r["name"]: r["seconds"] for r in reports},
-        "model_sparsity": model_sparsity(model),
+        **model_figures(model, layer_sparsity),
     }
+
+
+def pruned_weights(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The pruned layers' weights by name (``(d_out, d_in)``, GPT-2's ``Conv1D`` transposed back)."""
+    modules = dict(model.named_modules())
+    return {name: layer_weight(modules[name.removesuffix(".weight")]).detach() for name in names}
 
 
 @dataclasses.dataclass

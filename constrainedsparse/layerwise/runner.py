@@ -28,10 +28,11 @@ from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.formulations.base import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
-from constrainedsparse.layerwise.report import summarize_layers
+from constrainedsparse.layerwise.report import pruned_weights, summarize_layers
+from constrainedsparse.report import layer_rows, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
-from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
+from constrainedsparse.settings import check_keeps_weights, resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -68,6 +69,7 @@ class DriverSettings(Hyperparameters):
     )
     gram_dtype: str = hyperparameter("float32", "accumulation dtype of the Gram matrices", OneOf(tuple(GRAM_DTYPES)))
     device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
+    allow_empty_layers: bool = hyperparameter(False, "let the level leave a targeted layer without any weight")
 
 
 @dataclasses.dataclass
@@ -100,16 +102,23 @@ def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:
     return cls(config)
 
 
-def check_layer_shapes(blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig) -> None:
-    """Every targeted layer fits the pattern (N:M widths), named as ``block I layer``.
+def check_layer_shapes(
+    blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, allow_empty: bool = False
+) -> None:
+    """Every targeted layer fits the pattern (N:M widths) and keeps a weight, named as ``block I layer``.
 
     Raises:
-        UserInputError: For the first layer that does not fit.
+        UserInputError: For the first layer that does not fit, or that the level would empty
+            (unless ``allow_empty``).
     """
+    sets = {}
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets):
+            shape = layer_weight(module).shape
             with user_input(f"block {index} {name}: "):
-                target.feasible_set(layer_weight(module).shape)
+                sets[f"block {index} {name}"] = (target.feasible_set(shape), shape)
+    if not allow_empty:
+        check_keeps_weights(sets, target)
 
 
 def _hide_transformers_progress_bars() -> None:
@@ -163,7 +172,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     _hide_transformers_progress_bars()
     model = problem.model(options)
     model.eval()
-    check_layer_shapes(problem.model_blocks(model), problem.targets, target)
+    check_layer_shapes(problem.model_blocks(model), problem.targets, target, driver.allow_empty_layers)
     batches = problem.calibration(options, config.seed)
     if not batches:
         raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
@@ -224,7 +233,7 @@ class _Blocks:
             **prepared.solver.config.values(),
             **dataclasses.asdict(prepared.driver),
         }
-        self.logger = open_logger(directory, prepared.config.wandb, logged, state)
+        self.logger = open_logger(directory, prepared.config, logged, state)
 
     def restore(self, device: str) -> None:
         """Writes the pruned weights of a resumed run back into the model."""
@@ -306,6 +315,9 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             run.logger.log(scores, run.step + 1)
         final = {"mean_layer_error": summary["mean_layer_error"], "sparsity/achieved": summary["achieved_sparsity"]}
         run.logger.log(final, run.step + 1)
+        run.logger.set_summary(summary)
+        if run.logger.where() is not None:
+            summary["wandb_run"] = run.logger.where()
     finally:
         run.logger.close()
     distributed.dump_rank_state("layerwise-final", {"model": model.state_dict(), "summary": summary})
@@ -313,6 +325,8 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         model.config.use_cache = use_cache  # the saved model generates as the original did
     if run.main:
         summary["saved_model"] = save_model(model, directory.out)
+        weights = pruned_weights(model, list(summary["layer_error"]))
+        write_layers_csv(directory.out / "layers.csv", layer_rows(weights, summary["layer_error"]))
     directory.finish(summary)
     return summary
 

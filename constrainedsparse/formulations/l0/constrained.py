@@ -56,7 +56,7 @@ from constrainedsparse.formulations.base import register_formulation
 from constrainedsparse.formulations.l0.config import L0Config
 from constrainedsparse.formulations.l0.gated import Gated
 from constrainedsparse.gates import LOG_ALPHA_RANGE
-from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
+from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.problem import Batch
 from constrainedsparse.purge import chain_purged_params, linear_chain
 from constrainedsparse.sets import GlobalTopK, TopK, nearest_prefix
@@ -323,15 +323,11 @@ class L0(Gated):
         return dict(self._multipliers)
 
     def after_gated_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
-        """Resets the dual-optimizer state of restarted entries; logs restarts when they happen."""
-        metrics = {}
-        for name, multiplier in self.multipliers().items():
-            if bool(multiplier.last_restart.any()):
-                reset_dual_state_(self.dual_optimizer, multiplier)
-                metrics[f"restart/{name}"] = 1.0
-        if metrics:
-            metrics.update(self._dual_metrics(cmp_state))
-        return metrics
+        """Logs the density constraints' dual state at a step where one of them restarted
+        (:meth:`Formulation.post_step` resets the restarted entries and logs ``restart/<name>``)."""
+        if any(bool(m.last_restart.any()) for m in self.multipliers().values()):
+            return self._dual_metrics(cmp_state)
+        return {}
 
     def _dual_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         metrics = {}

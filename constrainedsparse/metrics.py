@@ -1,0 +1,77 @@
+r"""What a problem reports on its test set: a named metric computed once over the whole set.
+
+A :class:`Metric` is a name, a function of *all* test outputs and targets, and a direction. It is
+computed on the concatenated outputs of the whole test set, never as a mean of per-batch values,
+so R², AUC or F1 are what their definitions say (a mean of batch R²'s is not the R² of the set).
+Summary keys follow the name: ``dense_<name>``, ``hardprune_<name>``, ``retrain_<name>``
+(``dense_accuracy`` ... for the default accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["ACCURACY", "R2", "Metric", "accuracy", "as_metric", "r2"]
+
+
+def accuracy(output: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows whose argmax equals the label."""
+    return float((output.argmax(dim=-1) == y).float().mean())
+
+
+def r2(output: torch.Tensor, y: torch.Tensor) -> float:
+    r"""Coefficient of determination :math:`1 - \sum (y - \hat y)^2 / \sum (y - \bar y)^2` (float64)."""
+    prediction = output.reshape(y.shape).to(torch.float64)
+    target = y.to(torch.float64)
+    residual = float(((target - prediction) ** 2).sum())
+    total = float(((target - target.mean()) ** 2).sum())
+    return 1.0 - residual / total if total > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A test-set metric.
+
+    Args:
+        name: Names the summary keys (``dense_<name>``) and the logged family (``<name>/test``).
+        fn: ``fn(outputs, targets) -> float`` over the whole test set.
+        higher_is_better: The direction (for reading; nothing is optimised on it).
+        percent: Shown as a percentage in the printed summary.
+    """
+
+    name: str
+    fn: Callable[[Any, Any], float]
+    higher_is_better: bool = True
+    percent: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"a metric name must be an identifier (it names summary keys), got {self.name!r}")
+        if not callable(self.fn):
+            raise ValueError(f"metric fn must be callable, got {type(self.fn).__name__}")
+
+    def __call__(self, outputs: Any, targets: Any) -> float:
+        return float(self.fn(outputs, targets))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``summary.json`` says of the metric."""
+        return {"name": self.name, "higher_is_better": self.higher_is_better}
+
+
+ACCURACY = Metric("accuracy", accuracy, True, percent=True)
+R2 = Metric("r2", r2, True)
+
+
+def as_metric(metric: Metric | Callable[[Any, Any], float]) -> Metric:
+    """A :class:`Metric` from a metric or a plain function (named by the function, higher is better)."""
+    if isinstance(metric, Metric):
+        return metric
+    if not callable(metric):
+        raise ValueError(f"metric must be a Metric or a function, got {type(metric).__name__}")
+    if metric is accuracy:
+        return ACCURACY
+    return Metric(getattr(metric, "__name__", "metric").strip("_") or "metric", metric)

@@ -1,0 +1,255 @@
+r"""Plots a person reads: what a run did, phase by phase, and why the multipliers moved.
+
+:func:`plot_metrics` turns a run's ``metrics.jsonl`` into one PNG (``constrainedsparse plot`` calls
+the same function). A training run gets, top to bottom:
+
+* the test metric per epoch (and the hard-pruned model's, with the masks of that moment) as lines,
+  the dense level as a dashed reference, the hard-prune and final values as marked points;
+* the training loss;
+* one row per constraint (the user's and the formulation's, e.g. ``l0_density``): its violation
+  with the zero line drawn, beside its multiplier, dual restarts as ticks on the multiplier;
+* the formulation's own dynamics: for ``slr``/``admm`` the residual :math:`\|W - Z\|`, :math:`\|\Lambda\|`
+  and the change of Z (log scale), the dual step sizes :math:`s, s'` on their own log axis and
+  :math:`\alpha^k` on its own, :math:`\rho`; for ``l0`` the expected and test-time densities;
+* the density of every pruned tensor.
+
+Vertical marks show where pruning starts, where the hard prune happens and where retraining
+starts. A layer-wise run gets bar charts of every layer's error and sparsity, labelled by layer
+name and grouped by block, and (for ``fw``) each layer's objective over the iterations.
+:func:`figure_for` returns the figure itself (the tests read its axes back).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from constrainedsparse.logger import read_metrics
+from constrainedsparse.report import block_names
+
+__all__ = ["figure_for", "plot_metrics"]
+
+Rows = Sequence[dict[str, Any]]
+_MARKS = {"pruning": "tab:green", "hard prune": "tab:red", "retraining": "tab:purple"}
+
+
+def _series(rows: Rows, key: str) -> tuple[list[int], list[float]]:
+    points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _keys(rows: Rows, family: str) -> list[str]:
+    found: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if key.startswith(f"{family}/"):
+                found[key] = None
+    return list(found)
+
+
+def _metric_name(rows: Rows) -> str | None:
+    for row in rows:
+        for key in row:
+            if key.endswith("/test"):
+                return key.split("/", 1)[0]
+    return None
+
+
+def _phase_marks(rows: Rows, metric: str | None) -> dict[str, int]:
+    marks: dict[str, int] = {}
+    dense = [row["step"] for row in rows if metric and row.get(f"{metric}/dense") is not None]
+    marks["pruning"] = dense[0] if dense else 0
+    hard = [row["step"] for row in rows if metric and row.get(f"{metric}/hardprune") is not None]
+    if hard:
+        marks["hard prune"] = hard[0]
+    retrain = [row["step"] for row in rows if row.get("phase") == 1]
+    if retrain and hard and retrain[0] > hard[0]:
+        marks["retraining"] = hard[0]
+    return marks
+
+
+def _mark(ax: Any, marks: dict[str, int], legend: bool = False) -> None:
+    for label, step in marks.items():
+        ax.axvline(step, color=_MARKS[label], linestyle=":", linewidth=1, label=label if legend else None)
+
+
+def _line(ax: Any, rows: Rows, key: str, label: str, **style: Any) -> bool:
+    steps, values = _series(rows, key)
+    if steps:
+        ax.plot(steps, values, label=label, marker="." if len(steps) < 40 else None, **style)
+    return bool(steps)
+
+
+def _metric_panel(ax: Any, rows: Rows, metric: str, marks: dict[str, int]) -> None:
+    _line(ax, rows, f"{metric}/test", "test (per epoch)")
+    _line(ax, rows, f"{metric}/hardprune_now", "hard-pruned with the masks of the epoch")
+    _, dense = _series(rows, f"{metric}/dense")
+    if dense:
+        ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label=f"dense {dense[0]:.4g}")
+    for key, label, marker in ((f"{metric}/hardprune", "after hard prune", "X"), (f"{metric}/final", "final", "*")):
+        steps, values = _series(rows, key)
+        if steps:
+            ax.plot(steps, values, linestyle="none", marker=marker, markersize=12, label=f"{label} {values[-1]:.4g}")
+    _mark(ax, marks, legend=True)
+    ax.set_title(f"test {metric}")
+    ax.legend(fontsize=7)
+
+
+def _constraint_names(rows: Rows) -> list[str]:
+    names = [key.split("/", 1)[1] for key in _keys(rows, "violation")]
+    return names + [k.split("/", 1)[1] for k in _keys(rows, "multiplier") if k.split("/", 1)[1] not in names]
+
+
+def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str, int]) -> None:
+    violation, multiplier = axes
+    _line(violation, rows, f"violation/{name}", "violation")
+    violation.axhline(0.0, color="black", linewidth=1)
+    violation.set_title(f"constraint {name}: violation (holds below 0)")
+    _line(multiplier, rows, f"multiplier/{name}", "multiplier", color="tab:orange")
+    restarts, _ = _series(rows, f"restart/{name}")
+    for step in restarts:
+        multiplier.axvline(step, ymax=0.08, color="tab:red", linewidth=1)
+    if restarts:
+        multiplier.plot([], [], color="tab:red", label=f"restart ({len(restarts)})")
+    multiplier.set_title(f"constraint {name}: multiplier")
+    multiplier.legend(fontsize=7)
+    for ax in axes:
+        _mark(ax, marks)
+
+
+def _family_panel(
+    ax: Any, rows: Rows, keys: Sequence[str], title: str, marks: dict[str, int], log: bool = False
+) -> None:
+    drawn = [key for key in keys if _line(ax, rows, key, key.split("/", 1)[1])]
+    if log and drawn and all(v > 0 for key in drawn for v in _series(rows, key)[1]):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    if 0 < len(drawn) <= 8:
+        ax.legend(fontsize=7)
+    _mark(ax, marks)
+
+
+def _dynamics_panels(rows: Rows) -> list[tuple[str, list[str], bool]]:
+    """``(title, keys, log scale)`` of the formulation families present in ``rows``."""
+    panels = [
+        ("training loss", _keys(rows, "loss"), False),
+        ("W = Z: residual ||W - Z||, ||Lambda||, change of Z", _keys(rows, "dual"), True),
+        ("dual step sizes s, s' (log scale)", [k for k in _keys(rows, "stepsize") if k != "stepsize/alpha"], True),
+        ("alpha^k", ["stepsize/alpha"] if _keys(rows, "stepsize") else [], False),
+        ("penalty rho", _keys(rows, "penalty"), False),
+        ("surrogate conditions (1 = holds)", _keys(rows, "condition"), False),
+        ("expected and test-time density (l0)", _keys(rows, "l0"), False),
+        ("expected density per layer (l0)", _keys(rows, "l0_density"), False),
+        ("density per pruned tensor", _keys(rows, "density"), False),
+    ]
+    return [panel for panel in panels if panel[1]]
+
+
+def _training_figure(rows: Rows) -> Any:
+    import matplotlib.pyplot as plt
+
+    metric = _metric_name(rows)
+    marks = _phase_marks(rows, metric)
+    constraints = _constraint_names(rows)
+    panels = _dynamics_panels(rows)
+    beside = 1 if metric and panels and panels[0][0] == "training loss" else 0  # the loss goes next to the metric
+    grid = (1 if metric else 0) + len(constraints) + math.ceil((len(panels) - beside) / 2)
+    fig, axes = plt.subplots(max(1, grid), 2, figsize=(12, 3.1 * max(1, grid)), squeeze=False)
+    row = 0
+    if metric:
+        _metric_panel(axes[0][0], rows, metric, marks)
+        title, keys, log = panels.pop(0) if panels and panels[0][0] == "training loss" else ("", [], False)
+        if keys:
+            _family_panel(axes[0][1], rows, keys, title, marks, log)
+        else:
+            axes[0][1].axis("off")
+        row = 1
+    for name in constraints:
+        _constraint_row(axes[row], rows, name, marks)
+        row += 1
+    for index, (title, keys, log) in enumerate(panels):
+        _family_panel(axes[row + index // 2][index % 2], rows, keys, title, marks, log)
+    if len(panels) % 2:
+        axes[row + len(panels) // 2][1].axis("off")
+    for ax in axes.flat:
+        if ax.axison:
+            ax.set_xlabel("step")
+    return fig
+
+
+def _bars(ax: Any, names: list[str], values: list[float], title: str) -> None:
+    blocks = block_names(names)
+    colors = []
+    last, shade = None, 0
+    for name in names:
+        if blocks.get(name) != last:
+            last, shade = blocks.get(name), 1 - shade
+        colors.append("tab:blue" if shade else "tab:cyan")
+    ax.bar(range(len(names)), values, color=colors)
+    short = [name.removeprefix(f"{blocks[name]}.") if name in blocks else name for name in names]
+    ax.set_xticks(range(len(names)), [s.removesuffix(".weight") for s in short], rotation=90, fontsize=6)
+    starts = {}
+    for index, name in enumerate(names):
+        starts.setdefault(blocks.get(name), index)
+    for block, start in starts.items():
+        if block is not None:
+            ax.axvline(start - 0.5, color="grey", linewidth=0.5)
+            ax.text(start - 0.4, ax.get_ylim()[1] * 0.98, f"block {block.rsplit('.', 1)[-1]}", fontsize=8, va="top")
+    ax.set_title(title)
+
+
+def _layerwise_figure(rows: Rows) -> Any:
+    import matplotlib.pyplot as plt
+
+    errors = {
+        key.split("/", 1)[1]: value for row in rows for key, value in row.items() if key.startswith("layer_error/")
+    }
+    sparsity = {k.split("/", 1)[1]: v for row in rows for k, v in row.items() if k.startswith("layer_sparsity/")}
+    names = list(errors)
+    traced = [row for row in rows if row.get("trace/objective") is not None]
+    fig, axes = plt.subplots(3 if traced else 2, 1, figsize=(max(10, 0.28 * len(names)), 11 if traced else 8))
+    _bars(
+        axes[0],
+        names,
+        [errors[n] for n in names],
+        "relative layer error ||(W - W_hat) X||^2 / ||W X||^2 (blocks alternate)",
+    )
+    _bars(axes[1], names, [sparsity.get(n, float("nan")) for n in names], "layer sparsity")
+    if traced:
+        layers: dict[float, list[float]] = {}
+        for row in traced:
+            layers.setdefault(row["trace/layer"], []).append(row["trace/objective"])
+        for values in layers.values():
+            axes[2].plot([v / values[0] if values[0] else v for v in values], linewidth=0.7)
+        axes[2].set_title("fw objective over the iterations, per layer (relative to its start)")
+        axes[2].set_xlabel("sampled iteration")
+    fig.tight_layout()
+    return fig
+
+
+def figure_for(rows: Rows) -> Any:
+    """The matplotlib figure of a run's metric rows (layer-wise or training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if any(key.startswith("layer_error/") for row in rows for key in row):
+        return _layerwise_figure(rows)
+    fig = _training_figure(rows)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics(jsonl_path: Path, png_path: Path) -> Path:
+    """Plots a ``metrics.jsonl`` into a PNG (see the module docstring); returns ``png_path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure_for(read_metrics(jsonl_path))
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

@@ -1,0 +1,148 @@
+"""Results a person can trust: whole-model figures, constraints reported and guarded, metrics by name, plots, wandb."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import fails_with_one_line
+from safetensors.torch import load_file
+from torch import nn
+
+from constrainedsparse import RunConfig, run
+from constrainedsparse.cli import main
+from constrainedsparse.logger import read_metrics
+from constrainedsparse.plots import figure_for
+from constrainedsparse.report import model_figures
+from constrainedsparse.spec import load_problem
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBLEMS = Path(__file__).parent / "problems"
+
+
+def test_model_figures_of_a_hand_set_model():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0]]))
+        model[0].bias.copy_(torch.tensor([1.0, 0.0, 2.0]))
+        model[1].weight.copy_(torch.tensor([[0.0, 5, 0], [0, 0, 6]]))
+    figures = model_figures(model, ["0.weight", "1.weight"])
+    assert figures["parameters"] == {"total": 12 + 3 + 6, "nonzero": 3 + 2 + 2}
+    assert figures["model_sparsity"] == pytest.approx(1 - 7 / 21)
+    # dense: 21 float32; sparse: pruned tensors as nonzero values + one bit per entry, the bias dense
+    assert figures["bytes"] == {"dense": 21 * 4, "sparse": (3 * 4 + 2) + 3 * 4 + (2 * 4 + 1)}
+
+
+def test_summary_reports_whole_model_figures_and_the_constraint_as_measured_on_the_final_model(tmp_path, capsys):
+    out = tmp_path / "cancer"
+    args = ["run", str(ROOT / "problems" / "breast_cancer.py"), "--formulation", "slr", "--sparsity", "0.8",
+            "--pretrain-epochs", "5", "--epochs", "2", "--retrain-epochs", "1", "--out", str(out), "--wandb",
+            "disabled", "--no-progress", "--verbose"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "model sparsity" in printed and "constraint miss_rate" in printed and "hidden.weight" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parameters"]["total"] == 30 * 64 + 64 + 64 * 2 + 2
+    assert summary["model_sparsity"] < summary["achieved_sparsity"]
+    entry = summary["constraints"]["miss_rate"]
+    assert set(entry) == {"value", "satisfied", "multiplier", "sense"}
+    # The value is the constraint on the final model over the whole test set, evaluated anew here.
+    problem = load_problem(str(ROOT / "problems" / "breast_cancer.py"))
+    model = problem.model(problem.options)
+    model.load_state_dict(load_file(out / "model.safetensors"))
+    model.eval()
+    _, test = problem.data(problem.options)
+    with torch.no_grad():
+        direct = float(problem.constraints["miss_rate"].fn(model, test[:]))
+    assert entry["value"] == pytest.approx(direct, abs=1e-6)
+    assert entry["satisfied"] == (direct <= 0)
+    rows = (out / "layers.csv").read_text().splitlines()
+    assert rows[0] == "name,shape,parameters,nonzero,sparsity" and rows[1].startswith("hidden.weight,64x30,1920,")
+
+
+def test_an_emptied_layer_stops_the_run_and_can_be_allowed(tmp_path, capsys):
+    out = tmp_path / "empty"
+    args = ["run", str(PROBLEMS / "zero_layer.py"), "--formulation", "magnitude", "--sparsity", "0.5", "--epochs",
+            "1", "--pretrain-epochs", "0", "--retrain-epochs", "1", "--wandb", "disabled", "--no-progress"]  # fmt: skip
+    line = fails_with_one_line([*args, "--out", str(out)], capsys)
+    assert line.startswith("error: hard pruning left 0.weight without a single weight")
+    assert "--set allow_empty_layers=true" in line and (out / "checkpoint.pt").is_file()
+    assert not (out / "summary.json").exists()
+    assert main([*args, "--out", str(tmp_path / "allowed"), "--set", "allow_empty_layers=true"]) == 0
+    assert json.loads((tmp_path / "allowed" / "summary.json").read_text())["layer_sparsity"]["0.weight"] == 1.0
+
+
+def test_a_level_that_keeps_no_weight_is_refused_before_any_work(tmp_path, capsys):
+    line = fails_with_one_line(["run", "--sparsity", "0.99999999", "--out", str(tmp_path / "x")], capsys)
+    assert line.startswith("error: --sparsity 0.99999999 keeps no weight of 0.weight (16384 weights)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_regression_problem_reports_r2_equal_to_sklearn(tmp_path):
+    from sklearn.metrics import r2_score
+
+    problem_file = str(ROOT / "problems" / "diabetes.py")
+    summary = run(RunConfig(problem=problem_file, formulation="magnitude", sparsity=0.5, epochs=2, pretrain_epochs=5,
+                            out=tmp_path / "r2", progress=False))  # fmt: skip
+    assert summary["metric"] == {"name": "r2", "higher_is_better": True}
+    assert "dense_accuracy" not in summary and {"dense_r2", "hardprune_r2"} <= set(summary)
+    problem = load_problem(problem_file)
+    model = problem.model(problem.options)
+    model.load_state_dict(load_file(tmp_path / "r2" / "model.safetensors"))
+    _, test = problem.data(problem.options)
+    x, y = test[:]
+    with torch.no_grad():
+        prediction = model(x).squeeze(-1)
+    assert summary["hardprune_r2"] == pytest.approx(r2_score(y.numpy(), prediction.numpy()), abs=1e-6)
+
+
+def _titles(fig):
+    return [ax.get_title() for ax in fig.axes if ax.axison]
+
+
+def test_training_plot_lays_one_row_per_constraint_and_step_sizes_on_a_log_axis(tmp_path):
+    summary = run(RunConfig(problem=str(PROBLEMS / "digits_budget.py"), formulation="slr", sparsity=0.8, epochs=2,
+                            pretrain_epochs=3, out=tmp_path / "p", progress=False))  # fmt: skip
+    assert summary is not None
+    fig = figure_for(read_metrics(tmp_path / "p" / "metrics.jsonl"))
+    titles = _titles(fig)
+    assert titles[:2] == ["test accuracy", "training loss"]
+    assert titles[2:4] == ["constraint budget: violation (holds below 0)", "constraint budget: multiplier"]
+    steps = next(ax for ax in fig.axes if ax.get_title() == "dual step sizes s, s' (log scale)")
+    assert steps.get_yscale() == "log" and "alpha^k" in titles
+    violation = fig.axes[[ax.get_title() for ax in fig.axes].index(titles[2])]
+    assert any(list(line.get_ydata()) == [0.0, 0.0] for line in violation.get_lines())  # the zero line
+    metric = fig.axes[0]
+    labels = [line.get_label() for line in metric.get_lines()]
+    assert any(label.startswith("dense ") for label in labels) and "hard prune" in labels
+    assert (tmp_path / "p" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layerwise_plot_has_bars_per_layer_labelled_by_name(tmp_path, tiny_llama):
+    run(RunConfig(problem="hf-causal-lm", formulation="wanda", sparsity=0.5, out=tmp_path / "lw", progress=False,
+                  settings={"model": str(tiny_llama), "calibration_samples": "4", "seq_len": "16",
+                            "held_out_samples": "2"}))  # fmt: skip
+    fig = figure_for(read_metrics(tmp_path / "lw" / "metrics.jsonl"))
+    assert _titles(fig)[0].startswith("relative layer error") and _titles(fig)[1] == "layer sparsity"
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "self_attn.q_proj" in ticks and len(ticks) == 14
+
+
+def test_wandb_offline_run_carries_the_summary_and_the_cli_says_where(tmp_path, capsys, monkeypatch):
+    from wandb_records import summary_values, wait_for_complete_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "w"
+    args = ["run", "digits-mlp", "--formulation", "magnitude", "--sparsity", "0.5", "--epochs", "1",
+            "--pretrain-epochs", "3", "--out", str(out), "--wandb", "offline", "--wandb-project", "mine",
+            "--wandb-name", "first", "--wandb-tags", "a,b", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "wandb offline run" in printed and "wandb sync" in printed
+    values = summary_values(wait_for_complete_run(out))
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("achieved_sparsity", "model_sparsity", "hardprune_accuracy", "dense_accuracy"):
+        assert values[key] == pytest.approx(summary[key]), key
+    assert values["layer_sparsity"] == summary["layer_sparsity"]
+    assert sys.modules.get("wandb") is not None
