@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "check_context",
     "TOKENIZER_FILES",
     "calibration_batches",
     "consecutive_windows",
@@ -128,3 +129,14 @@ def perplexity(rows: torch.Tensor) -> float:
 def perplexity_scores(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
     """The summary entries of a causal-LM problem: ``dense_perplexity`` and ``perplexity``."""
     return {"dense_perplexity": perplexity(dense), "perplexity": perplexity(pruned)}
+
+
+def check_context(model: nn.Module, seq_len: int) -> None:
+    """Refuses a sequence length above the model's context (an ``IndexError`` deep in the embedding otherwise).
+
+    Raises:
+        ValueError: Naming ``seq_len`` and the model's ``max_position_embeddings``.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ValueError(f"--set seq_len={seq_len} is above the model's context of {context} tokens")

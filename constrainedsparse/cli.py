@@ -22,7 +22,7 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError, first_l
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
-from constrainedsparse.logger import WANDB_MODES
+from constrainedsparse.logger import WANDB_MODES, read_metrics
 from constrainedsparse.plots import plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runners import run, runner_for, validate
@@ -234,7 +234,8 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _command_formulations(args: argparse.Namespace) -> int:
     if args.name is not None:
-        print(describe(args.name))
+        with user_input():
+            print(describe(args.name))
         return 0
     print("training (problems with data and a loss):")
     for name, text in describe_formulations().items():
@@ -257,9 +258,21 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             export_command(args)
         return 0
     if args.command == "plot":
+        png = args.png or args.metrics.with_suffix(".png")
         if not args.metrics.is_file():
             raise UserInputError(f"metrics file {str(args.metrics)!r} does not exist")
-        print(plot_metrics(args.metrics, args.png or args.metrics.with_suffix(".png")))
+        if not png.parent.is_dir():
+            raise UserInputError(f"--png {str(png)!r}: the directory {str(png.parent)!r} does not exist")
+        try:
+            rows = read_metrics(args.metrics)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserInputError(
+                f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (one JSON object per line): "
+                f"{first_line(err)}"
+            ) from None
+        if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
+            raise UserInputError(f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (rows need a step)")
+        print(plot_metrics(args.metrics, png))
         return 0
     return _command_run(args, argv)
 

@@ -93,12 +93,46 @@ def _cifar10_folder(data_dir: Path) -> Path:
     return data_dir
 
 
+class _RefusedObject(pickle.UnpicklingError):
+    """A pickle names a global the CIFAR-10 batch format never holds."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's python batches: plain containers and NumPy arrays only.
+
+    The batches are pickles by format; a pickle can name any global, and loading it would call it.
+    Only what the files hold is admitted (NumPy's array reconstruction, ``ndarray``, ``dtype``, and
+    ``_codecs.encode``, which protocol 2 uses for bytes written by Python 3); any other global is
+    refused before it is looked up.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("_codecs", "encode"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise _RefusedObject(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(data, labels)`` of one CIFAR-10 python batch: uint8 ``(n, 3072)`` and int64 ``(n,)``."""
     _require_batch_file(path)
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _BatchUnpickler(f, encoding="bytes").load()
+    except _RefusedObject as err:
+        raise ValueError(
+            f"CIFAR-10 batch file {str(path)!r} holds {err}, not only the dicts, lists, bytes and NumPy arrays "
+            "of the real files: refused without loading it"
+        ) from None
     except Exception as err:  # truncated/garbage files raise many different types
         raise ValueError(
             f"CIFAR-10 batch file {str(path)!r} is corrupt (not a readable pickle: {type(err).__name__})"

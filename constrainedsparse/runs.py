@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,37 @@ class RunConfig:
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _writable(folder: Path, probe: bool) -> bool:
+    """Whether a run may create files in ``folder``: ``os.access``, and (``probe``) one real try.
+
+    ``os.access`` says yes to root on any local folder; where the run must create its directory
+    anyway, a probe folder is made and removed at once (a read-only mount refuses it for root too).
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    if not probe:
+        return True
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def _describe_holder(lock: Path) -> str:
     try:
         pid = lock.read_text().strip()
@@ -202,12 +234,18 @@ class RunDirectory:
             raise UserInputError("--out must name a run directory, got the current directory")
         if self.resume and self.overwrite:
             raise UserInputError("give either --resume or --overwrite, not both")
+        limit = _name_max(next((p for p in out.parents if _exists(p)), Path(".")))
+        long = next((part for part in out.parts if len(part.encode()) > limit), None)
+        if long is not None:
+            raise UserInputError(
+                f"--out {out}: the name {long[:24]!r}... is longer than the filesystem allows ({limit})"
+            )
         if out.exists() and not out.is_dir():
             raise UserInputError(f"--out {out} is a file, not a directory")
         parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
         if not parent.is_dir():
             raise UserInputError(f"--out {out}: {parent} is a file, not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
+        if not _writable(parent, probe=parent != out):
             raise UserInputError(f"--out {out}: {parent} is not writable")
         if self.resume:
             if not self.checkpoint_path.exists():

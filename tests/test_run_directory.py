@@ -150,3 +150,42 @@ def test_progress_is_one_line_per_epoch_when_stderr_is_not_a_terminal(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["dense digits-mlp"] * 2 + ["prune magnitude"] * 3, lines
     assert lines[-1].startswith("prune magnitude: epoch 3/3 loss ") and "\r" not in done.stderr
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.002)
+
+
+def test_kill_9_at_random_points_and_inside_a_checkpoint_write_resumes_bit_identically(tmp_path):
+    import random
+
+    args = ["run", "digits-mlp", "--formulation", "slr", "--sparsity", "0.8", "--epochs", "6", "--pretrain-epochs",
+            "2", "--retrain-epochs", "2", "--wandb", "disabled", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "killed"
+    script = f"import sys; from constrainedsparse.cli import main; sys.exit(main({[*args, '--out', str(out)]!r}))"
+    rng = random.Random(7)
+    aims = ["random", "checkpoint write", "random"]
+    for attempt, aim in enumerate(aims):
+        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+        code = script if not resume else script.replace("'--no-progress'", "'--no-progress', '--resume'")
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if aim == "random":
+            _wait_for(lambda: (out / "checkpoint.pt").exists() or child.poll() is not None)
+            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # the moment a checkpoint's temporary file appears: the old one must survive
+            _wait_for(lambda: any(out.glob(".checkpoint.pt.*.tmp")) or child.poll() is not None)
+        child.kill()
+        child.wait()
+        assert (out / "checkpoint.pt").exists(), attempt
+    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0
+    full, killed = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", out))
+    for key in ("achieved_sparsity", "layer_sparsity", "dense_accuracy", "hardprune_accuracy", "retrain_accuracy"):
+        assert killed[key] == full[key], key
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(out.glob(".*.tmp"))  # orphans of the killed writes were cleaned

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from constrainedsparse.causal_lm import (
     calibration_batches,
+    check_context,
     consecutive_windows,
     encode,
     load_tokenizer,
@@ -49,6 +50,7 @@ def model(options):
     except (OSError, ValueError, KeyError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"--set model={options['model']!r} is not a loadable causal LM: {message}") from None
+    check_context(loaded, options["seq_len"])
     return loaded.float().eval()
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from constrainedsparse.causal_lm import (
     calibration_batches,
+    check_context,
     consecutive_windows,
     encode,
     load_tokenizer,
@@ -74,7 +75,9 @@ def model(options):
 
     _check(options)  # before the ~20 s materialization
     folder = _folder(options)
-    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).float().eval()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    check_context(loaded, options["seq_len"])
+    return loaded.float().eval()
 
 
 @functools.lru_cache(maxsize=4)

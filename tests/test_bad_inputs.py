@@ -1,0 +1,553 @@
+"""The table of bad inputs every change keeps: one ``error:`` line, exit 2, nothing left behind.
+
+Each CLI row runs ``constrainedsparse ARGS`` in process and asserts exit code 2, a single stderr line
+starting with ``error:`` that matches the row's pattern, no traceback, and the run directory exactly
+as it was before (absent if it was absent). Each Python row asserts the precise ``ValueError``. A new
+option joins by one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cli_helpers import fails_with_one_line
+from torch import nn
+
+from constrainedsparse import (
+    RunConfig,
+    SparsityConfig,
+    SparsityProblem,
+    Targets,
+    UserConstraint,
+    describe,
+    make,
+    prune_layerwise,
+    run,
+)
+from constrainedsparse.metrics import Metric
+
+PROBLEMS = Path(__file__).parent / "problems"
+RUN = ["run", "digits-mlp", "--out", "{out}", "--wandb", "disabled", "--no-progress"]
+FAST = ["--pretrain-epochs", "0", "--epochs", "1"]
+LLAMA = ["run", "hf-causal-lm", "--out", "{out}", "--wandb", "disabled", "--no-progress", "--set", "model={llama}",
+         "--set", "calibration_samples=2", "--set", "seq_len=8", "--set", "held_out_samples=1"]  # fmt: skip
+BASE = "import dataclasses\nfrom constrainedsparse.spec import load_problem\nbase = load_problem('digits-mlp')\n"
+
+
+@dataclasses.dataclass
+class Row:
+    """One bad input: the command line, the pattern its one line must match, and what to set up first."""
+
+    name: str
+    argv: list[str]
+    pattern: str
+    setup: Callable[[dict[str, Any]], None] | None = None
+
+
+def _problem(body: str) -> Callable[[dict[str, Any]], None]:
+    def write(ctx: dict[str, Any]) -> None:
+        (ctx["tmp"] / "bad.py").write_text(BASE + body)
+
+    return write
+
+
+def _interrupted(ctx: dict[str, Any]) -> None:
+    run(RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=2, pretrain_epochs=2,
+                  out=ctx["out"], stop_after_epochs=1, progress=False))  # fmt: skip
+
+
+def _checkpoint(content: bytes | Callable[[Path], None]) -> Callable[[dict[str, Any]], None]:
+    def write(ctx: dict[str, Any]) -> None:
+        ctx["out"].mkdir()
+        target = ctx["out"] / "checkpoint.pt"
+        if callable(content):
+            content(target)
+        else:
+            target.write_bytes(content)
+
+    return write
+
+
+def _truncated(ctx: dict[str, Any]) -> None:
+    _interrupted(ctx)
+    path = ctx["out"] / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _finished(ctx: dict[str, Any]) -> None:
+    run(RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=1, pretrain_epochs=2,
+                  out=ctx["out"], progress=False))  # fmt: skip
+
+
+def _file(name: str, text: str = "x") -> Callable[[dict[str, Any]], None]:
+    def write(ctx: dict[str, Any]) -> None:
+        (ctx["tmp"] / name).write_text(text)
+
+    return write
+
+
+def _readonly(ctx: dict[str, Any]) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder; the read-only mount row covers root")
+    folder = ctx["tmp"] / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+
+
+ROWS: list[Row] = [
+    # --- levels and patterns ---------------------------------------------------------------------
+    Row("sparsity 1", [*RUN, "--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0$"),
+    Row("sparsity negative", [*RUN, "--sparsity", "-0.1"], r"--sparsity must be in \[0, 1\), got -0.1$"),
+    Row("sparsity nan", [*RUN, "--sparsity", "nan"], r"--sparsity must be in \[0, 1\), got nan$"),
+    Row("sparsity inf", [*RUN, "--sparsity", "inf"], r"--sparsity must be in \[0, 1\), got inf$"),
+    Row("sparsity text", [*RUN, "--sparsity", "abc"], r"argument --sparsity: invalid float value: 'abc'"),
+    Row("sparsity keeps nothing", [*RUN, "--sparsity", "0.99999999"], r"--sparsity 0.99999999 keeps no weight of"),
+    Row("nm width", [*RUN, "--pattern", "2:3"], r"0.weight: N:M pattern 2:3 needs the input width divisible by 3"),
+    Row("nm dash", [*RUN, "--pattern", "2-4"], r"pattern must look like N:M with integers 0 < N <= M"),
+    Row("nm reversed", [*RUN, "--pattern", "4:2"], r"pattern must look like N:M with integers 0 < N <= M"),
+    Row("nm zero", [*RUN, "--pattern", "0:4"], r"pattern must look like N:M"),
+    Row("nm with sparsity", [*RUN, "--pattern", "2:4", "--sparsity", "0.5"], r"not allowed with argument --sparsity"),
+    Row("unknown pattern", [*RUN, "--pattern", "diag"], r"unknown pattern 'diag'; patterns: unstructured, row, 2:4"),
+    Row("structured side", [*RUN, "--pattern", "structured:diag"], r"structured takes :rows or :columns"),
+    Row("block size", [*RUN, "--pattern", "block:0x4"], r"block takes RxC with positive integers"),
+    Row("block shape", [*RUN, "--pattern", "block:3x3"], r"0.weight: block pattern 3x3 needs dims 0 and 1 divisible"),
+    # --- formulations and --set ------------------------------------------------------------------
+    Row("unknown formulation", [*RUN, "--formulation", "nope"], r"unknown formulation 'nope'; available: admm, l0"),
+    Row("layer-wise on training", [*RUN, "--formulation", "wanda"], r"formulation 'wanda' is layer-wise"),
+    Row("unknown key", [*RUN, "--set", "foo=1"], r"unknown --set key 'foo' for formulation 'slr'"),
+    Row("no value", [*RUN, "--set", "novalue"], r"--set expects KEY=VALUE, got 'novalue'"),
+    Row("lr text", [*RUN, "--set", "lr=abc"], r"--set lr='abc' must be a float"),
+    Row("lr negative", [*RUN, "--set", "lr=-1"], r"--set lr must be > 0, got -1.0"),
+    Row("lr inf", [*RUN, "--set", "lr=inf"], r"--set lr must be a finite number > 0, got inf"),
+    Row("lr nan", [*RUN, "--set", "lr=nan"], r"--set lr must be > 0, got nan"),
+    Row("dual_lr zero", [*RUN, "--set", "dual_lr=0"], r"--set dual_lr must be > 0, got 0.0"),
+    Row("batch float", [*RUN, "--set", "batch_size=1.5"], r"--set batch_size='1.5' must be an int"),
+    Row("batch zero", [*RUN, "--set", "batch_size=0"], r"--set batch_size must be >= 1, got 0"),
+    Row("log_every zero", [*RUN, "--set", "log_every=0"], r"--set log_every must be >= 1, got 0"),
+    Row("device tpu", [*RUN, "--set", "device=tpu"], r"--set device must be cpu, cuda, cuda:N or auto, got 'tpu'"),
+    Row("allow_empty text", [*RUN, "--set", "allow_empty_layers=maybe"], r"allow_empty_layers='maybe' must be a bool"),
+    Row("rho zero", [*RUN, "--set", "rho=0"], r"rho must be > 0, got 0.0"),
+    Row("rho nan", [*RUN, "--set", "rho=nan"], r"rho must be > 0, got nan"),
+    Row("rho inf", [*RUN, "--set", "rho=inf"], r"rho must be a finite number > 0, got inf"),
+    Row("admm rho", [*RUN, "--formulation", "admm", "--set", "rho=-1"], r"rho must be > 0, got -1.0"),
+    Row("s0 zero", [*RUN, "--set", "s0=0"], r"s0 must be > 0, got 0.0"),
+    Row("s0 inf", [*RUN, "--set", "s0=inf"], r"s0 must be a finite number > 0, got inf"),
+    Row("M one", [*RUN, "--set", "M=1"], r"M must be > 1, got 1.0"),
+    Row("r one", [*RUN, "--set", "r=1"], r"r must be in \(0, 1\), got 1.0"),
+    Row("r zero", [*RUN, "--set", "r=0"], r"r must be in \(0, 1\), got 0.0"),
+    Row("interval zero", [*RUN, "--set", "interval=0"], r"interval must be an integer >= 1, got 0"),
+    Row("interval float", [*RUN, "--set", "interval=1.5"], r"--set interval='1.5' must be an int"),
+    Row("interval unit", [*RUN, "--set", "interval_unit=batch"], r"interval_unit must be one of epoch, step"),
+    Row("rho growth", [*RUN, "--set", "rho_growth=0.5"], r"rho_growth must be >= 1, got 0.5"),
+    Row("rho max", [*RUN, "--set", "rho_max=0.01"], r"rho_max must be >= rho \(0.1\), got 0.01"),
+    Row("mask from", [*RUN, "--set", "mask_from=q"], r"mask_from must be one of w, z, got 'q'"),
+    Row("reference samples", [*RUN, "--set", "reference_samples=0"], r"reference_samples must be an integer >= 1"),
+    Row(
+        "schedule",
+        [*RUN, "--formulation", "magnitude", "--set", "schedule=linear"],
+        r"schedule must be 'cubic' or 'oneshot', got 'linear'",
+    ),  # fmt: skip
+    Row("l0 scope", [*RUN, "--formulation", "l0", "--set", "scope=net"], r"scope must be one of model, layer"),
+    Row("l0 grouping", [*RUN, "--formulation", "l0", "--set", "grouping=rows"], r"grouping must be one of"),
+    Row("l0 droprate", [*RUN, "--formulation", "l0", "--set", "droprate_init=0"], r"droprate_init must be in \(0, 1\)"),
+    Row("l0 gate lr", [*RUN, "--formulation", "l0", "--set", "gate_lr=0"], r"gate_lr must be > 0, got 0.0"),
+    Row("l0 momentum", [*RUN, "--formulation", "l0", "--set", "gate_momentum=1"], r"gate_momentum must be in \[0, 1\)"),
+    Row("l0 decay", [*RUN, "--formulation", "l0", "--set", "weight_decay=-1"], r"weight_decay must be >= 0"),
+    Row("l0 kind", [*RUN, "--formulation", "l0", "--set", "density_constraint=exact"], r"density_constraint must be"),
+    Row("l0 dual lr", [*RUN, "--formulation", "l0", "--set", "density_dual_lr=0"], r"density_dual_lr must be > 0"),
+    Row(
+        "l0 kp inf",
+        [*RUN, "--formulation", "l0", "--set", "density_dual_kp=inf"],
+        r"density_dual_kp must be a finite number >= 0, got inf",
+    ),  # fmt: skip
+    Row("l0 density of", [*RUN, "--formulation", "l0", "--set", "density_of=outputs"], r"density_of must be one of"),
+    Row(
+        "l0 purged unstructured",
+        [*RUN, "--formulation", "l0", "--set", "density_of=purged"],
+        r"density_of=purged needs grouping=structured",
+    ),  # fmt: skip
+    Row(
+        "l0 purged cnn",
+        [
+            "run",
+            "mnist1d-cnn",
+            "--out",
+            "{out}",
+            "--formulation",
+            "l0",
+            "--set",
+            "grouping=structured",
+            "--set",
+            "density_of=purged",
+            "--wandb",
+            "disabled",
+            "--no-progress",
+        ],
+        r"density_of=purged: .*Conv",
+    ),  # fmt: skip
+    Row("l0 log interval", [*RUN, "--formulation", "l0", "--set", "log_interval=0"], r"log_interval must be >= 1"),
+    Row("l0 restarts", [*RUN, "--formulation", "l0", "--set", "dual_restarts=maybe"], r"must be a bool"),
+    Row("penalty lmbda", [*RUN, "--formulation", "l0-penalty", "--set", "lmbda=-1"], r"lmbda must be a finite number"),
+    # --- counts, seeds, processes, wandb ----------------------------------------------------------
+    Row("epochs", [*RUN, "--epochs", "-1"], r"--epochs must be an integer >= 0, got -1"),
+    Row("pretrain epochs", [*RUN, "--pretrain-epochs", "-2"], r"--pretrain-epochs must be an integer >= 0, got -2"),
+    Row("retrain epochs", [*RUN, "--retrain-epochs", "-1"], r"--retrain-epochs must be an integer >= 0, got -1"),
+    Row("seed negative", [*RUN, "--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*32\)"),
+    Row("seed huge", [*RUN, "--seed", str(2**40)], r"--seed must be an integer in \[0, 2\*\*32\)"),
+    Row("epochs text", [*RUN, "--epochs", "two"], r"argument --epochs: invalid int value: 'two'"),
+    Row("nproc zero", [*RUN, "--nproc", "0"], r"--nproc must be an integer >= 1, got 0"),
+    Row("wandb mode", [*RUN, "--wandb", "maybe"], r"argument --wandb: invalid choice: 'maybe'"),
+    # --- the run directory ------------------------------------------------------------------------
+    Row("out is a file", ["run", "--out", "{tmp}/file"], r"--out .*/file is a file, not a directory", _file("file")),
+    Row(
+        "out under a file",
+        ["run", "--out", "{tmp}/file/run"],
+        r"--out .*/file/run: .*/file is a file, not a directory",
+        _file("file"),
+    ),  # fmt: skip
+    Row("out read-only", ["run", "--out", "{tmp}/ro/run"], r"--out .*/ro/run: .*/ro is not writable", _readonly),
+    Row("out on a read-only mount", ["run", "--out", "/proc/cs-run"], r"--out /proc/cs-run: /proc is not writable"),
+    Row("out dev null", ["run", "--out", "/dev/null"], r"--out /dev/null is a file, not a directory"),
+    Row("out too long", ["run", "--out", "{tmp}/" + "x" * 300], r"is longer than the filesystem allows"),
+    Row("out empty", ["run", "--out", ""], r"--out must name a run directory, got the current directory"),
+    Row(
+        "out holds a run",
+        ["run", "--out", "{out}", "--wandb", "disabled"],
+        r"already holds a run; continue it with",
+        _finished,
+    ),  # fmt: skip
+    Row(
+        "resume and overwrite",
+        ["run", "--out", "{out}", "--resume", "--overwrite"],
+        r"give either --resume or --overwrite, not both",
+        _interrupted,
+    ),  # fmt: skip
+    # --- resuming ---------------------------------------------------------------------------------
+    Row("resume missing", [*RUN, "--resume"], r"--resume needs .*checkpoint.pt, which does not exist"),
+    Row("resume truncated", ["run", "--out", "{out}", "--resume"], r"is not a readable checkpoint", _truncated),
+    Row(
+        "resume random",
+        ["run", "--out", "{out}", "--resume"],
+        r"is not a (readable|constrainedsparse) checkpoint",
+        _checkpoint(os.urandom(4096)),
+    ),  # fmt: skip
+    Row("resume empty", ["run", "--out", "{out}", "--resume"], r"is not a readable checkpoint", _checkpoint(b"")),
+    Row(
+        "resume dict",
+        ["run", "--out", "{out}", "--resume"],
+        r"is not a constrainedsparse checkpoint",
+        _checkpoint(lambda p: torch.save({}, p)),
+    ),  # fmt: skip
+    Row(
+        "resume list",
+        ["run", "--out", "{out}", "--resume"],
+        r"is not a constrainedsparse checkpoint",
+        _checkpoint(lambda p: torch.save([1, 2], p)),
+    ),  # fmt: skip
+    Row(
+        "resume pickle",
+        ["run", "--out", "{out}", "--resume"],
+        r"is not a (readable|constrainedsparse) checkpoint",
+        _checkpoint(pickle.dumps({"a": 1})),
+    ),  # fmt: skip
+    Row(
+        "resume directory",
+        ["run", "--out", "{out}", "--resume"],
+        r"checkpoint.pt is a directory, not a checkpoint",
+        _checkpoint(lambda p: p.mkdir()),
+    ),  # fmt: skip
+    Row(
+        "resume other options",
+        ["run", "--out", "{out}", "--resume", "--sparsity", "0.7"],
+        r"was started with other options: sparsity \(0.7, stored 0.5\)",
+        _interrupted,
+    ),  # fmt: skip
+    Row(
+        "resume other key",
+        ["run", "--out", "{out}", "--resume", "--set", "schedule=oneshot"],
+        r"was started with other options: --set schedule",
+        _interrupted,
+    ),  # fmt: skip
+    # --- problem files: the user's code -----------------------------------------------------------
+    Row("unknown problem", ["run", "no-such-problem", "--out", "{out}"], r"unknown problem 'no-such-problem'"),
+    Row(
+        "not a python file",
+        ["run", "{tmp}/notes.txt", "--out", "{out}"],
+        r"unknown problem '.*notes.txt'",
+        _file("notes.txt"),
+    ),  # fmt: skip
+    Row(
+        "import fails",
+        ["run", "{tmp}/bad.py", "--out", "{out}"],
+        r"failed to load: ModuleNotFoundError",
+        _file("bad.py", "import no_such_module_here\n"),
+    ),  # fmt: skip
+    Row(
+        "no problem",
+        ["run", "{tmp}/bad.py", "--out", "{out}"],
+        r"must define `problem = Problem\(...\)`",
+        _file("bad.py", "x = 1\n"),
+    ),  # fmt: skip
+    Row(
+        "problem of a wrong type",
+        ["run", "{tmp}/bad.py", "--out", "{out}"],
+        r"must define `problem = Problem",
+        _file("bad.py", "problem = 42\n"),
+    ),  # fmt: skip
+    Row(
+        "sys.exit at load",
+        ["run", "{tmp}/bad.py", "--out", "{out}"],
+        r"failed to load: sys.exit\(3\)",
+        _file("bad.py", "import sys\nsys.exit(3)\n"),
+    ),  # fmt: skip
+    Row(
+        "model raises",
+        ["run", "{tmp}/bad.py", "--out", "{out}", *FAST],
+        r"problem 'bad': model\(options\) failed: RuntimeError: no model here",
+        _problem(
+            "def model(o):\n    raise RuntimeError('no model here')\n"
+            "problem = dataclasses.replace(base, name='bad', model=model)\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "data raises",
+        ["run", "{tmp}/bad.py", "--out", "{out}", *FAST],
+        r"problem 'bad': data\(options\) failed: FileNotFoundError: .*no/such/file.csv",
+        _problem(
+            "def data(o):\n    return open('/no/such/file.csv')\n"
+            "problem = dataclasses.replace(base, name='bad', data=data)\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "data exits",
+        ["run", "{tmp}/bad.py", "--out", "{out}", *FAST],
+        r"data\(options\) failed: sys.exit\(0\)",
+        _problem(
+            "import sys\ndef data(o):\n    sys.exit(0)\nproblem = dataclasses.replace(base, name='bad', data=data)\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "empty training set",
+        ["run", "{tmp}/bad.py", "--out", "{out}", *FAST],
+        r"data\(options\) returned an empty training set",
+        _problem(
+            "from torch.utils.data import TensorDataset\nimport torch\n"
+            "def data(o):\n    return TensorDataset(torch.zeros(0, 64), torch.zeros(0)), base.data(o)[1]\n"
+            "problem = dataclasses.replace(base, name='bad', data=data)\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "empty test set",
+        ["run", "{tmp}/bad.py", "--out", "{out}", *FAST],
+        r"data\(options\) returned an empty test set",
+        _problem(
+            "from torch.utils.data import TensorDataset\nimport torch\n"
+            "def data(o):\n    return base.data(o)[0], TensorDataset(torch.zeros(0, 64), torch.zeros(0))\n"
+            "problem = dataclasses.replace(base, name='bad', data=data)\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "loss raises",
+        ["run", "{tmp}/bad.py", "--out", "{out}", "--formulation", "magnitude", *FAST],
+        r"problem 'bad': loss\(output, y\) failed: ZeroDivisionError",
+        _problem("def loss(o, y):\n    return 1 / 0\nproblem = dataclasses.replace(base, name='bad', loss=loss)\n"),
+    ),  # fmt: skip
+    Row(
+        "check refuses",
+        ["run", "{tmp}/bad.py", "--out", "{out}"],
+        r"^error: my option is wrong$",
+        _problem(
+            "def check(o):\n    raise ValueError('my option is wrong')\n"
+            "problem = dataclasses.replace(base, name='bad', check=check)\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "constraint float",
+        ["run", "{tmp}/bad.py", "--out", "{out}", "--formulation", "magnitude", *FAST],
+        r"constraint 'c' must return a tensor differentiable in the model's parameters, got float",
+        _problem(
+            "from constrainedsparse import UserConstraint\n"
+            "c = UserConstraint(lambda m: float(m[0].weight.norm()) - 1)\n"
+            "problem = dataclasses.replace(base, name='bad', constraints={'c': c})\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "constraint detached",
+        ["run", "{tmp}/bad.py", "--out", "{out}", "--formulation", "magnitude", *FAST],
+        r"constraint 'c' has no gradient path to the model's parameters",
+        _problem(
+            "from constrainedsparse import UserConstraint\n"
+            "c = UserConstraint(lambda m: m[0].weight.detach().norm() - 1)\n"
+            "problem = dataclasses.replace(base, name='bad', constraints={'c': c})\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "selects nothing",
+        ["run", str(PROBLEMS / "selects_nothing.py"), "--out", "{out}"],
+        r"the target filter selects no parameters",
+    ),  # fmt: skip
+    Row("cifar without data dir", ["run", "cifar10-resnet18", "--out", "{out}"], r"data_dir"),
+    Row(
+        "cifar missing folder",
+        ["run", "cifar10-resnet18", "--out", "{out}", "--set", "data_dir={tmp}/none"],
+        r"CIFAR-10 data_dir .* is not a directory",
+    ),  # fmt: skip
+    # --- layer-wise problems ----------------------------------------------------------------------
+    Row("hf without model", ["run", "hf-causal-lm", "--out", "{out}"], r"hf-causal-lm needs --set model=PATH"),
+    Row(
+        "hf missing folder",
+        ["run", "hf-causal-lm", "--out", "{out}", "--set", "model={tmp}/none"],
+        r"the directory does not exist",
+    ),  # fmt: skip
+    Row(
+        "hf not a model",
+        ["run", "hf-causal-lm", "--out", "{out}", "--set", "model={tmp}"],
+        r"is not a transformers model directory \(no config.json\)",
+    ),  # fmt: skip
+    Row(
+        "hf sequence above context",
+        [*LLAMA, "--set", "seq_len=4096"],
+        r"--set seq_len=4096 is above the model's context of 64 tokens",
+    ),  # fmt: skip
+    Row("hf no calibration", [*LLAMA, "--set", "calibration_samples=0"], r"--set calibration_samples must be >= 1"),
+    Row("training formulation layer-wise", [*LLAMA, "--formulation", "slr"], r"formulation 'slr' trains the model"),
+    Row(
+        "retrain layer-wise", [*LLAMA, "--retrain-epochs", "1"], r"--retrain-epochs is not available for the layer-wise"
+    ),
+    Row(
+        "fw block",
+        [*LLAMA, "--formulation", "fw", "--pattern", "block:4x4", "--sparsity", "0.5"],
+        r"fw supports the unstructured, row, N:M patterns, got block:4x4",
+    ),  # fmt: skip
+    Row(
+        "sparsegpt columns",
+        [*LLAMA, "--formulation", "sparsegpt", "--pattern", "structured:columns"],
+        r"sparsegpt supports the unstructured, row, N:M, structured:rows patterns",
+    ),  # fmt: skip
+    Row("mask scope", [*LLAMA, "--set", "mask_scope=column"], r"--set mask_scope must be one of row, layer"),
+    Row(
+        "mask scope and pattern",
+        [*LLAMA, "--pattern", "row", "--set", "mask_scope=layer"],
+        r"give either --pattern or --set mask_scope",
+    ),  # fmt: skip
+    Row("gram dtype", [*LLAMA, "--set", "gram_dtype=float16"], r"--set gram_dtype must be one of float32, float64"),
+    Row("fw alpha", [*LLAMA, "--set", "alpha=1"], r"fw: alpha must be in \[0, 1\), got 1.0"),
+    Row("fw iterations", [*LLAMA, "--set", "iterations=0"], r"fw: iterations must be an integer >= 1, got 0"),
+    Row("fw damp", [*LLAMA, "--set", "damp=-1"], r"fw: damp must be a finite number >= 0, got -1.0"),
+    Row(
+        "sparsegpt damp",
+        [*LLAMA, "--formulation", "sparsegpt", "--set", "damp=0"],
+        r"sparsegpt: damp must be a finite number > 0, got 0.0",
+    ),  # fmt: skip
+    Row("nm width layer-wise", [*LLAMA, "--pattern", "3:5"], r"block 0 .*: N:M pattern 3:5 needs the input width"),
+    # --- other commands ---------------------------------------------------------------------------
+    Row("plot missing", ["plot", "{tmp}/none.jsonl"], r"metrics file '.*none.jsonl' does not exist"),
+    Row(
+        "plot not jsonl",
+        ["plot", "{tmp}/notes.txt"],
+        r"is not a metrics.jsonl written by a run",
+        _file("notes.txt", "hello\n"),
+    ),  # fmt: skip
+    Row(
+        "plot rows without step",
+        ["plot", "{tmp}/m.jsonl"],
+        r"is not a metrics.jsonl written by a run \(rows need",
+        _file("m.jsonl", '{"a": 1}\n'),
+    ),  # fmt: skip
+    Row(
+        "plot into missing folder",
+        ["plot", "{tmp}/m.jsonl", "--png", "{tmp}/no/such/m.png"],
+        r"--png .*m.png': the directory .* does not exist",
+        _file("m.jsonl", '{"step": 1, "a": 1}\n'),
+    ),  # fmt: skip
+    Row("export missing", ["export", "{tmp}/none"], r"none"),
+    Row("export a training run", ["export", "{out}"], r"has no saved model/ folder", _finished),
+    Row("describe unknown", ["formulations", "nope"], r"unknown formulation 'nope'; available:"),
+]
+
+
+def _snapshot(path: Path) -> Any:
+    try:
+        if not path.exists():
+            return None
+    except OSError:  # a name too long for the filesystem
+        return None
+    if path.is_file():
+        return ("file", path.stat().st_size)
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_bad_cli_input(row, tmp_path, capsys, tiny_llama):
+    ctx = {"out": tmp_path / "run", "tmp": tmp_path, "llama": tiny_llama}
+    if row.setup is not None:
+        row.setup(ctx)
+        capsys.readouterr()
+    argv = [arg.format(**ctx) for arg in row.argv]
+    before = _snapshot(ctx["out"])
+    try:
+        line = fails_with_one_line(argv, capsys)
+    finally:
+        (tmp_path / "ro").chmod(0o700) if (tmp_path / "ro").exists() else None
+    assert re.search(row.pattern, line), line
+    assert "Traceback" not in line
+    assert _snapshot(ctx["out"]) == before
+
+
+def _problem_object():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    return model, SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+
+
+PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
+    ("make unknown key", lambda: make("slr", _problem_object()[1], rhoo=1), r"^unknown hyperparameter 'rhoo'"),
+    ("make wrong type", lambda: make("slr", _problem_object()[1], rho="x"), r"^rho='x' must be a float$"),
+    ("make unknown name", lambda: make("nope", _problem_object()[1]), r"^unknown formulation 'nope'"),
+    ("make not a problem", lambda: make("slr", object()), r"^problem must be a SparsityProblem, got object$"),
+    ("make optimizer", lambda: make("slr", _problem_object()[1], optimizer=3), r"^optimizer must be a torch.optim"),
+    ("make config and keywords", lambda: make("admm", _problem_object()[1], _cfg(), rho=1), r"give either a config"),
+    ("problem no loss", lambda: SparsityProblem(nn.Linear(2, 2), targets=[1]), r"^give exactly one of loss_fn"),
+    ("problem no targets", lambda: SparsityProblem(nn.Linear(2, 2), nn.functional.mse_loss), r"^targets is required"),
+    ("problem not a module", lambda: SparsityProblem(3, nn.functional.mse_loss), r"^model must be a torch.nn.Module"),
+    ("constraint sense", lambda: UserConstraint(lambda m: m, ">="), r"^constraint sense must be '<=' or '=='"),
+    (
+        "constraint restarts on equality",
+        lambda: UserConstraint(lambda m: m, "==", restarts=True),
+        r"^restarts apply to inequality constraints",
+    ),  # fmt: skip
+    ("sparsity config", lambda: SparsityConfig(1.5), r"^sparsity must be in \[0, 1\), got 1.5$"),
+    ("override", lambda: Targets(overrides={"a": 2}), r"^override 'a' must be a sparsity in \[0, 1\), got 2$"),
+    (
+        "layerwise method",
+        lambda: prune_layerwise(nn.Sequential(), [torch.zeros(1)], "nope"),
+        r"^unknown layer-wise solver 'nope'",
+    ),  # fmt: skip
+    ("layerwise batches", lambda: prune_layerwise(nn.Linear(2, 2), "text"), r"^batches must be a non-empty list"),
+    ("layerwise model", lambda: prune_layerwise("model", [1]), r"^model must be a torch.nn.Module, got str$"),
+    ("metric name", lambda: Metric("not a name", len), r"^a metric name must be an identifier"),
+    ("describe kind", lambda: describe("slr", kind="other"), r"^kind must be one of training, layerwise"),
+]
+
+
+def _cfg():
+    from constrainedsparse import DuplicateConfig
+
+    return DuplicateConfig()
+
+
+@pytest.mark.parametrize(("name", "call", "pattern"), PYTHON_ROWS, ids=[row[0] for row in PYTHON_ROWS])
+def test_bad_python_input(name, call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_the_table_has_at_least_100_rows():
+    assert len(ROWS) + len(PYTHON_ROWS) >= 100
