@@ -175,10 +175,10 @@ def test_kill_9_at_random_points_and_inside_a_checkpoint_write_resumes_bit_ident
         code = script if not resume else script.replace("'--no-progress'", "'--no-progress', '--resume'")
         child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if aim == "random":
-            _wait_for(lambda: (out / "checkpoint.pt").exists() or child.poll() is not None)
+            _wait_for(lambda child=child: (out / "checkpoint.pt").exists() or child.poll() is not None)
             time.sleep(rng.uniform(0.0, 1.5))
         else:  # the moment a checkpoint's temporary file appears: the old one must survive
-            _wait_for(lambda: any(out.glob(".checkpoint.pt.*.tmp")) or child.poll() is not None)
+            _wait_for(lambda child=child: any(out.glob(".checkpoint.pt.*.tmp")) or child.poll() is not None)
         child.kill()
         child.wait()
         assert (out / "checkpoint.pt").exists(), attempt
