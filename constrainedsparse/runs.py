@@ -52,6 +52,7 @@ RUN_FILES = (
     "purged.safetensors",
     "model",
     "compressed",
+    "blocks",
     "wandb",
 )
 """What a run writes into its directory (``--overwrite`` removes these and nothing else)."""

@@ -65,6 +65,8 @@ def prune_layerwise(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    offload: bool = False,
+    activations: str = "device",
     **hyperparameters: Any,
 ) -> LayerwiseReport:
     """Prunes a pretrained model block by block from calibration batches, in place.
@@ -85,6 +87,8 @@ def prune_layerwise(
         device: Where calibration and pruning run (the model's device by default).
         overwrite: With ``out``: replace a previous run's files there.
         progress: Show a progress bar over blocks.
+        offload: Keep the model where it is and move one block at a time to ``device``.
+        activations: ``"device"`` or ``"cpu"``: where calibration activations live between blocks.
         **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
 
     Returns:
@@ -96,7 +100,9 @@ def prune_layerwise(
     """
     started = time.perf_counter()
     batches = _check_inputs(model, batches)
-    driver = DriverSettings.from_values({"mask_scope": mask_scope, "gram_dtype": gram_dtype})
+    driver = DriverSettings.from_values(
+        {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations}
+    )
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
     if isinstance(method, LayerwiseSolver):
@@ -122,6 +128,7 @@ def prune_layerwise(
         reports = prune_blocks(
             model, blocks, batches, solver, target, targets,
             gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
+            offload=driver.offload, activations=driver.activations,
         )  # fmt: skip
     finally:
         model.train(was_training)

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from constrainedsparse import distributed
-from constrainedsparse.batches import to_device
+from constrainedsparse.batches import map_tensors, to_device
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -135,6 +135,13 @@ class BlockInputs:
             return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.token_mask)
         return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
 
+    def to(self, device: torch.device | str) -> BlockInputs:
+        """The same call with every tensor on ``device``."""
+        mask = None if self.token_mask is None else self.token_mask.to(device)
+        return BlockInputs(
+            map_tensors(self.args, lambda t: t.to(device)), map_tensors(self.kwargs, lambda t: t.to(device)), mask
+        )
+
 
 def call_model(model: nn.Module, batch: Any) -> Any:
     """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, ``model(batch)`` otherwise."""
@@ -151,26 +158,37 @@ def token_mask(batch: Any) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
+class _Captured(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """Raised by the capture hook to stop the model's forward once the block's inputs are recorded."""
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu"
+    model: nn.Module, block: nn.Module, batches: Sequence[Any], device: torch.device | str = "cpu"
 ) -> list[BlockInputs]:
-    """Runs every batch through ``model`` and records what ``block`` is called with.
+    """Runs every batch through ``model`` up to ``block`` and records what ``block`` is called with.
+
+    The forward stops at the block (nothing after it runs), so capturing the first block's inputs
+    costs the embeddings only.
 
     Args:
         model: The whole model (called as :func:`call_model` does).
         block: The block whose inputs to record.
         batches: Calibration batches (dicts of keyword arguments, tuples or tensors); a dict's
             ``attention_mask`` marks padding.
-        device: Where the batches are run.
+        device: Where the batches are run (the model's modules before the block must be there).
 
     Returns:
         One :class:`BlockInputs` per batch.
+
+    Raises:
+        ValueError: If a batch never reaches the block.
     """
     captured: list[tuple[tuple, dict]] = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args, dict(kwargs)))
+        raise _Captured
 
     handle = block.register_forward_pre_hook(record, with_kwargs=True)
     inputs = []
@@ -178,9 +196,12 @@ def capture_block_inputs(
         for batch in batches:
             batch = to_device(batch, device)
             before = len(captured)
-            call_model(model, batch)
+            try:
+                call_model(model, batch)
+            except _Captured:
+                pass
             if len(captured) != before + 1:
-                raise ValueError(f"the block was called {len(captured) - before} times for one batch (expected once)")
+                raise ValueError("a calibration batch never reached the block to prune (is it one of the model's?)")
             args, kwargs = captured[-1]
             inputs.append(BlockInputs(args, kwargs, token_mask(batch)))
     finally:
@@ -193,9 +214,21 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: Sequence[BlockInputs]) -> list[BlockInputs]:
-    """The block's outputs on every batch, as the next block's inputs."""
-    return [item.with_hidden(_hidden(block(*item.args, **item.kwargs))) for item in inputs]
+def run_block(
+    block: nn.Module, inputs: Sequence[BlockInputs], device: torch.device | str | None = None
+) -> list[BlockInputs]:
+    """The block's outputs on every batch, as the next block's inputs.
+
+    With ``device``, each batch runs there and its outputs return to where its inputs were
+    (activations kept on the CPU while the block computes on the GPU).
+    """
+    outputs = []
+    for item in inputs:
+        home = (item.args[0] if item.args else item.kwargs["hidden_states"]).device
+        call = item.to(device) if device is not None else item
+        hidden = _hidden(block(*call.args, **call.kwargs))
+        outputs.append(item.with_hidden(hidden.to(home)))
+    return outputs
 
 
 @torch.no_grad()
@@ -204,10 +237,13 @@ def accumulate_grams(
     layers: Sequence[tuple[str, nn.Module]],
     inputs: Sequence[BlockInputs],
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     r"""Streams the block over the batches and sums :math:`G = \sum_t x_t x_t^\top` per layer.
 
-    Padding tokens (``token_mask`` False) are left out.
+    Padding tokens (``token_mask`` False) are left out. With ``device`` each batch moves there
+    before the block runs (activations kept elsewhere). The sums accumulate in ``dtype`` whatever
+    the model's dtype (bfloat16 weights still give float32 Gram matrices).
 
     Returns:
         ``{layer name: (G, number of tokens)}``.
@@ -239,8 +275,9 @@ def accumulate_grams(
         handles.append(module.register_forward_pre_hook(hook_for(name, d_in)))
     try:
         for item in inputs:
-            current_mask[0] = item.token_mask
-            block(*item.args, **item.kwargs)
+            call = item.to(device) if device is not None else item
+            current_mask[0] = call.token_mask
+            block(*call.args, **call.kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -294,6 +331,7 @@ def prune_block(
     solver: LayerwiseSolver,
     inputs: Sequence[BlockInputs],
     gram_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> list[LayerReport]:
     """Prunes every targeted linear layer of ``block`` in place from its calibration Gram matrix.
 
@@ -305,12 +343,13 @@ def prune_block(
         solver: The layer-wise solver.
         inputs: The block's calibration inputs.
         gram_dtype: Accumulation dtype of the Gram matrices.
+        device: Where the block computes (each batch of ``inputs`` moves there); ``None``: in place.
 
     Returns:
         One :class:`LayerReport` per pruned layer.
     """
     layers = targeted_layers(block, targets)
-    grams = accumulate_grams(block, layers, inputs, gram_dtype)
+    grams = accumulate_grams(block, layers, inputs, gram_dtype, device)
     shapes = [layer_weight(module).shape for _, module in layers]
     world, me = (distributed.world_size(), distributed.rank()) if distributed.is_distributed() else (1, 0)
     owners = assign_layers([float(d_out) * d_in * d_in for d_out, d_in in shapes], world)
@@ -353,7 +392,7 @@ def prune_block(
 def prune_blocks(
     model: nn.Module,
     blocks: Sequence[nn.Module],
-    batches: Sequence[Mapping[str, Any]],
+    batches: Sequence[Any],
     solver: LayerwiseSolver,
     target: SparsityConfig,
     targets: Targets,
@@ -364,6 +403,8 @@ def prune_blocks(
     device: torch.device | str = "cpu",
     on_block: Callable[[int, list[LayerReport]], None] | None = None,
     progress: bool = True,
+    offload: bool = False,
+    activations: str = "device",
 ) -> list[LayerReport]:
     """Prunes blocks ``start, ..., stop - 1`` in order, each from the pruned previous blocks' outputs.
 
@@ -377,9 +418,15 @@ def prune_blocks(
         start: Index of the first block to prune.
         stop: One past the last block to prune (all remaining blocks by default).
         gram_dtype: Accumulation dtype of the Gram matrices.
-        device: Where calibration runs.
+        device: Where calibration and pruning compute.
         on_block: Called as ``on_block(index, reports)`` after each block (checkpointing, logging).
         progress: Show a progress bar over blocks.
+        offload: The model stays where it is (the CPU): the calibration inputs are captured there
+            and one block at a time moves to ``device`` to be calibrated, pruned and run, then back
+            (SparseGPT's and Wanda's sequential scripts do the same). The model then only needs
+            to fit the device one block at a time.
+        activations: Where the calibration activations between blocks live: ``"device"`` or
+            ``"cpu"`` (each batch moves to ``device`` when its block runs).
 
     Returns:
         The reports of every layer pruned by this call.
@@ -388,15 +435,24 @@ def prune_blocks(
     if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
         batches = list(batches)[distributed.rank() :: distributed.world_size()]
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    inputs = capture_block_inputs(model, blocks[start], batches, device) if start < stop else []
+    capture = next(model.parameters()).device if offload else device
+    store = device if activations == "device" else "cpu"
+    captured = capture_block_inputs(model, blocks[start], batches, capture) if start < stop else []
+    inputs = [item.to(store) for item in captured]
+    compute = device if (offload or store != device) else None
     reports: list[LayerReport] = []
     bar = tqdm(total=len(blocks), initial=start, desc=f"layer-wise {solver.name}", unit="block", disable=not progress)
     for index in range(start, stop):
         block = blocks[index]
+        home = next(block.parameters()).device
+        if offload:
+            block.to(device)
         prefix = names.get(id(block), str(index))
-        block_reports = prune_block(block, prefix, targets, target, solver, inputs, gram_dtype)
+        block_reports = prune_block(block, prefix, targets, target, solver, inputs, gram_dtype, compute)
         if index + 1 < stop:
-            inputs = run_block(block, inputs)
+            inputs = run_block(block, inputs, compute)
+        if offload:
+            block.to(home)
         reports.extend(block_reports)
         if on_block is not None:
             on_block(index, block_reports)

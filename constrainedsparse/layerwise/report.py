@@ -7,6 +7,7 @@ Shared by the layer-wise runner (``summary.json``) and :func:`constrainedsparse.
 from __future__ import annotations
 
 import dataclasses
+import resource
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,28 @@ from torch import nn
 from constrainedsparse.layerwise.driver import layer_weight
 from constrainedsparse.report import model_figures
 
-__all__ = ["LayerwiseReport", "pruned_weights", "summarize_layers"]
+__all__ = ["LayerwiseReport", "PeakMemory", "pruned_weights", "summarize_layers"]
+
+
+class PeakMemory:
+    """Peak memory of a run: the process's resident set (CPU) and, on CUDA, the device's allocations.
+
+    Args:
+        device: The run's device; on CUDA its allocation peak is reset at construction.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
+        self.device = device
+
+    def read(self) -> dict[str, int]:
+        """``{"cpu_rss_bytes": ..., ["cuda_max_allocated_bytes": ...]}`` (RSS: the process's peak so far)."""
+        peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.cuda:
+            peak["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(self.device)))
+        return peak
 
 
 @torch.no_grad()

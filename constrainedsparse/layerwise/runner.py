@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from constrainedsparse import distributed
@@ -28,7 +30,7 @@ from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.formulations.base import available_formulations
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
-from constrainedsparse.layerwise.report import pruned_weights, summarize_layers
+from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
 from constrainedsparse.report import layer_rows, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 DEFAULT_SPARSITY = 0.5
+DTYPES = ("float32", "bfloat16", "float16")
+BLOCKS = "blocks"
+"""Folder of the run directory holding each pruned block's weights (what a resume restores)."""
 MASK_SCOPES = {"row": "row", "layer": "unstructured"}
 
 
@@ -70,6 +75,15 @@ class DriverSettings(Hyperparameters):
     gram_dtype: str = hyperparameter("float32", "accumulation dtype of the Gram matrices", OneOf(tuple(GRAM_DTYPES)))
     device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
     allow_empty_layers: bool = hyperparameter(False, "let the level leave a targeted layer without any weight")
+    offload: bool = hyperparameter(
+        False, "keep the model on the CPU and move one block at a time to the device (models larger than it)"
+    )
+    activations: str = hyperparameter(
+        "device", "where the calibration activations between blocks live", OneOf(("device", "cpu"))
+    )
+    dtype: str = hyperparameter(
+        "float32", "dtype of the model's weights (Gram matrices stay float32/64)", OneOf(DTYPES)
+    )
 
 
 @dataclasses.dataclass
@@ -171,7 +185,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
-    model.eval()
+    model.to(getattr(torch, driver.dtype)).eval()
     check_layer_shapes(problem.model_blocks(model), problem.targets, target, driver.allow_empty_layers)
     batches = problem.calibration(options, config.seed)
     if not batches:
@@ -222,7 +236,6 @@ class _Blocks:
         self.prepared, self.directory = prepared, directory
         self.main = distributed.is_main_process()
         self.modules = dict(prepared.model.named_modules())
-        self.pruned: dict[str, torch.Tensor] = state["weights"] if state else {}
         self.reports: list[dict[str, Any]] = state["reports"] if state else []
         self.start = state["block"] if state else 0
         self.step = state["step"] if state else 0
@@ -235,12 +248,23 @@ class _Blocks:
         }
         self.logger = open_logger(directory, prepared.config, logged, state)
 
-    def restore(self, device: str) -> None:
-        """Writes the pruned weights of a resumed run back into the model."""
-        for name, weight in self.pruned.items():
+    def block_file(self, index: int) -> Path:
+        """Where the pruned weights of block ``index`` are kept (one file per block, written once)."""
+        return self.directory.out / BLOCKS / f"block-{index:05d}.safetensors"
+
+    def restore(self) -> None:
+        """Writes the pruned weights of a resumed run's finished blocks back into the model.
+
+        Rank 0 reads the block files and sends the weights to the other ranks.
+        """
+        weights: dict[str, torch.Tensor] = {}
+        if self.main:
+            for index in range(self.start):
+                weights.update(load_file(self.block_file(index)))
+        for name, weight in distributed.broadcast_object(weights).items():
             module = self.modules[name.removesuffix(".weight")]
             with torch.no_grad():
-                layer_weight(module).copy_(weight.to(device, module.weight.dtype))
+                layer_weight(module).copy_(weight.to(module.weight.device, module.weight.dtype))
 
     def seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
@@ -256,15 +280,13 @@ class _Blocks:
             self.logger.log({**_report_metrics(report), "block": index + 1}, self.step)
             self.reports.append(dataclasses.asdict(report) | {"trace": []})
         if not self.main:
-            return  # only rank 0 checkpoints, so only rank 0 keeps copies of the pruned weights
-        for report in block_reports:
-            module = self.modules[report.name.removesuffix(".weight")]
-            self.pruned[report.name] = layer_weight(module).detach().cpu().clone()
+            return  # only rank 0 writes files
+        weights = {r.name: layer_weight(self.modules[r.name.removesuffix(".weight")]) for r in block_reports}
+        save_weights(self.block_file(index), weights)  # this block's weights only: the checkpoint stays small
         self.directory.save(
             self.prepared.config,
             {
                 "block": index + 1,
-                "weights": self.pruned,
                 "reports": self.reports,
                 "step": self.step,
                 "seconds": self.seconds(),
@@ -279,8 +301,14 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     Returns ``None`` when ``config.stop_after_epochs`` (counted in blocks here) stopped it early.
     """
     config, problem, model = prepared.config, prepared.problem, prepared.model
-    device = prepared.device
-    model.to(device)
+    device, driver = prepared.device, prepared.driver
+    if not driver.offload:
+        model.to(device)
+    elif torch.device(device).type == "cpu" and distributed.is_main_process():
+        print(
+            "note: --set offload=true with device cpu does nothing (the model is on the CPU already)", file=sys.stderr
+        )
+    peak = PeakMemory(device)
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False  # calibration passes must not accumulate key/value caches
@@ -288,7 +316,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     dense_outputs = problem.held_out(model, prepared.options) if scored else None
     blocks = problem.model_blocks(model)
     run = _Blocks(prepared, directory, state)
-    run.restore(device)
+    run.restore()
     stop = len(blocks) if config.stop_after_epochs is None else run.start + config.stop_after_epochs
     try:
         prune_blocks(
@@ -300,14 +328,17 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             problem.targets,
             start=run.start,
             stop=stop,
-            gram_dtype=GRAM_DTYPES[prepared.driver.gram_dtype],
+            gram_dtype=GRAM_DTYPES[driver.gram_dtype],
             device=device,
             on_block=run.on_block,
             progress=config.progress and run.main,
+            offload=driver.offload,
+            activations=driver.activations,
         )
         if stop < len(blocks):
             return None
         summary = _summary(prepared, model, run.reports, run.seconds())
+        summary["peak_memory"] = peak.read()
         if scored:
             pruned_outputs = problem.held_out(model, prepared.options)
             scores = problem.score(dense_outputs, pruned_outputs)
