@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ __all__ = [
     "run_block",
     "set_layer_weight",
     "targeted_layers",
+    "walk_blocks",
 ]
 
 GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -332,6 +333,7 @@ def prune_block(
     inputs: Sequence[BlockInputs],
     gram_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    levels: Mapping[str, SparsityConfig] | None = None,
 ) -> list[LayerReport]:
     """Prunes every targeted linear layer of ``block`` in place from its calibration Gram matrix.
 
@@ -344,6 +346,7 @@ def prune_block(
         inputs: The block's calibration inputs.
         gram_dtype: Accumulation dtype of the Gram matrices.
         device: Where the block computes (each batch of ``inputs`` moves there); ``None``: in place.
+        levels: Per-layer targets by weight name (an allocation); a layer not named gets ``target``.
 
     Returns:
         One :class:`LayerReport` per pruned layer.
@@ -361,7 +364,7 @@ def prune_block(
         gram, tokens = grams[name]
         full_name = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
         weight = layer_weight(module).detach().to(torch.float32, copy=True)  # the module is overwritten below
-        problem = LayerProblem(full_name, weight, gram, target, tokens)
+        problem = LayerProblem(full_name, weight, gram, (levels or {}).get(full_name, target), tokens)
         result = solver.prune(problem)
         pruned = torch.where(result.mask, result.weight, torch.zeros_like(result.weight))
         report = LayerReport(
@@ -389,6 +392,46 @@ def prune_block(
     return reports
 
 
+def walk_blocks(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Any],
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    device: torch.device | str = "cpu",
+    offload: bool = False,
+    activations: str = "device",
+) -> Iterator[tuple[int, nn.Module, str, list[BlockInputs], torch.device | str | None]]:
+    """The block-sequential walk every pass over a model shares: capture, visit, propagate.
+
+    Yields ``(index, block, prefix, inputs, compute)`` for blocks ``start .. stop - 1``: the block's
+    calibration inputs and the device it computes on (``None``: where the inputs are). After the
+    caller is done with a block (pruned it, or measured it) the walk runs it on the inputs to get
+    the next block's (so the next block sees the caller's changes), and with ``offload`` moves it
+    back. See :func:`prune_blocks` for ``offload`` and ``activations``.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
+        batches = list(batches)[distributed.rank() :: distributed.world_size()]
+    stop = len(blocks) if stop is None else min(stop, len(blocks))
+    capture = next(model.parameters()).device if offload else device
+    store = device if activations == "device" else "cpu"
+    captured = capture_block_inputs(model, blocks[start], batches, capture) if start < stop else []
+    inputs = [item.to(store) for item in captured]
+    compute = device if (offload or store != device) else None
+    for index in range(start, stop):
+        block = blocks[index]
+        home = next(block.parameters()).device
+        if offload:
+            block.to(device)
+        yield index, block, names.get(id(block), str(index)), inputs, compute
+        if index + 1 < stop:
+            inputs = run_block(block, inputs, compute)
+        if offload:
+            block.to(home)
+
+
 def prune_blocks(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -405,6 +448,7 @@ def prune_blocks(
     progress: bool = True,
     offload: bool = False,
     activations: str = "device",
+    levels: Mapping[str, SparsityConfig] | None = None,
 ) -> list[LayerReport]:
     """Prunes blocks ``start, ..., stop - 1`` in order, each from the pruned previous blocks' outputs.
 
@@ -427,32 +471,18 @@ def prune_blocks(
             to fit the device one block at a time.
         activations: Where the calibration activations between blocks live: ``"device"`` or
             ``"cpu"`` (each batch moves to ``device`` when its block runs).
+        levels: Per-layer targets by weight name (a non-uniform allocation); others get ``target``.
 
     Returns:
         The reports of every layer pruned by this call.
     """
-    names = {id(module): name for name, module in model.named_modules()}
-    if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
-        batches = list(batches)[distributed.rank() :: distributed.world_size()]
-    stop = len(blocks) if stop is None else min(stop, len(blocks))
-    capture = next(model.parameters()).device if offload else device
-    store = device if activations == "device" else "cpu"
-    captured = capture_block_inputs(model, blocks[start], batches, capture) if start < stop else []
-    inputs = [item.to(store) for item in captured]
-    compute = device if (offload or store != device) else None
     reports: list[LayerReport] = []
+    stop = len(blocks) if stop is None else min(stop, len(blocks))
     bar = tqdm(total=len(blocks), initial=start, desc=f"layer-wise {solver.name}", unit="block", disable=not progress)
-    for index in range(start, stop):
-        block = blocks[index]
-        home = next(block.parameters()).device
-        if offload:
-            block.to(device)
-        prefix = names.get(id(block), str(index))
-        block_reports = prune_block(block, prefix, targets, target, solver, inputs, gram_dtype, compute)
-        if index + 1 < stop:
-            inputs = run_block(block, inputs, compute)
-        if offload:
-            block.to(home)
+    walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
+                       activations=activations)  # fmt: skip
+    for index, block, prefix, inputs, compute in walk:
+        block_reports = prune_block(block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels)
         reports.extend(block_reports)
         if on_block is not None:
             on_block(index, block_reports)

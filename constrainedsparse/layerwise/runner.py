@@ -25,9 +25,10 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import directory_mode, save_weights
-from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
+from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.formulations.base import available_formulations
+from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_levels, level_targets, measure_curves
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
@@ -84,6 +85,29 @@ class DriverSettings(Hyperparameters):
     dtype: str = hyperparameter(
         "float32", "dtype of the model's weights (Gram matrices stay float32/64)", OneOf(DTYPES)
     )
+    allocation: str = hyperparameter(
+        "uniform", "per-layer levels: every layer at --sparsity, or chosen by Lagrangian relaxation",
+        OneOf(("uniform", "lagrangian")),
+    )  # fmt: skip
+    allocation_min: float = hyperparameter(0.0, "lowest level a layer may get (lagrangian)", Bounds(0, 1, True, False))
+    allocation_max: float = hyperparameter(
+        0.95, "highest level a layer may get (lagrangian)", Bounds(0, 1, True, False)
+    )
+    allocation_weight: str = hyperparameter(
+        "block", "what the allocation sums: relative layer errors (equal), absolute errors (energy), or each "
+        "layer's relative change of its block's output (block)",
+        OneOf(("equal", "energy", "block")),
+    )  # fmt: skip
+    allocation_step: float = hyperparameter(
+        0.1, "spacing of the levels each layer's error curve is measured at", Bounds(0, 1, False, False)
+    )
+
+    def check(self) -> None:
+        """``allocation_min <= allocation_max``."""
+        if self.allocation_min > self.allocation_max:
+            raise ValueError(
+                f"--set allocation_min={self.allocation_min} is above allocation_max={self.allocation_max}"
+            )
 
 
 @dataclasses.dataclass
@@ -135,6 +159,26 @@ def check_layer_shapes(
         check_keeps_weights(sets, target)
 
 
+def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
+    """``allocation=lagrangian`` needs a level to share out, inside its bounds.
+
+    Raises:
+        ValueError: For an N:M target (its level is fixed per group) or a budget outside the bounds.
+    """
+    if driver.allocation == "uniform":
+        return
+    if target.nm is not None:
+        raise ValueError(
+            f"--set allocation=lagrangian shares out a --sparsity level; the N:M pattern {target.describe()} "
+            "fixes every group's"
+        )
+    if not driver.allocation_min <= target.sparsity <= driver.allocation_max:
+        raise ValueError(
+            f"--sparsity {target.sparsity} is outside the allocation bounds [{driver.allocation_min}, "
+            f"{driver.allocation_max}] (--set allocation_min / allocation_max)"
+        )
+
+
 def _hide_transformers_progress_bars() -> None:
     """Our block bar is the run's progress; transformers' loading/saving bars would also break the
     one-line error contract (they print to stderr before a bad input is detected)."""
@@ -182,6 +226,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
         solver.check_target(target)
+        check_allocation(driver, target)
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
@@ -240,6 +285,8 @@ class _Blocks:
         self.start = state["block"] if state else 0
         self.step = state["step"] if state else 0
         self.seconds_before = state["seconds"] if state else 0.0
+        stored = state.get("allocation") if state else None
+        self.allocation: Allocation | None = Allocation(**stored) if stored else None
         self.started = time.perf_counter()
         logged = {
             **prepared.config.identity(),
@@ -288,6 +335,7 @@ class _Blocks:
             {
                 "block": index + 1,
                 "reports": self.reports,
+                "allocation": self.allocation.as_dict() if self.allocation is not None else None,
                 "step": self.step,
                 "seconds": self.seconds(),
                 "wandb_id": self.logger.run_id,
@@ -295,53 +343,74 @@ class _Blocks:
         )
 
 
+def _allocation(prepared: LayerwisePrepared, blocks: Sequence[nn.Module], run: _Blocks) -> Allocation | None:
+    """The per-layer levels of ``allocation=lagrangian`` (measured and solved once; kept by checkpoints)."""
+    driver = prepared.driver
+    if driver.allocation != "lagrangian":
+        return None
+    if run.allocation is not None:  # a resumed run keeps the levels it started with
+        return run.allocation
+    levels = grid_levels(driver.allocation_min, driver.allocation_max, driver.allocation_step)
+    curves = measure_curves(
+        prepared.model, blocks, prepared.batches, prepared.target, prepared.problem.targets, levels,
+        gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device, offload=driver.offload,
+        activations=driver.activations, weight_by=driver.allocation_weight,
+    )  # fmt: skip
+    run.allocation = allocate(curves, prepared.target.sparsity)
+    run.logger.log(
+        {"allocation/multiplier": run.allocation.multiplier, "allocation/achieved": run.allocation.achieved,
+         **{f"allocation/level/{name}": level for name, level in run.allocation.levels.items()}},
+        run.step,
+    )  # fmt: skip
+    return run.allocation
+
+
+def _place(prepared: LayerwisePrepared) -> bool | None:
+    """Puts the model where it computes; returns its ``use_cache`` (turned off for calibration)."""
+    model, driver = prepared.model, prepared.driver
+    if not driver.offload:
+        model.to(prepared.device)
+    elif torch.device(prepared.device).type == "cpu" and distributed.is_main_process():
+        print(
+            "note: --set offload=true with device cpu does nothing (the model is on the CPU already)", file=sys.stderr
+        )
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False  # calibration passes must not accumulate key/value caches
+    return use_cache
+
+
 def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
     """Prunes the prepared model block by block and writes summary, metrics and the pruned model.
 
     Returns ``None`` when ``config.stop_after_epochs`` (counted in blocks here) stopped it early.
     """
-    config, problem, model = prepared.config, prepared.problem, prepared.model
-    device, driver = prepared.device, prepared.driver
-    if not driver.offload:
-        model.to(device)
-    elif torch.device(device).type == "cpu" and distributed.is_main_process():
-        print(
-            "note: --set offload=true with device cpu does nothing (the model is on the CPU already)", file=sys.stderr
-        )
-    peak = PeakMemory(device)
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-    if use_cache is not None:
-        model.config.use_cache = False  # calibration passes must not accumulate key/value caches
+    config, problem, model, driver = prepared.config, prepared.problem, prepared.model, prepared.driver
+    use_cache = _place(prepared)
+    peak = PeakMemory(prepared.device)
     scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
     dense_outputs = problem.held_out(model, prepared.options) if scored else None
     blocks = problem.model_blocks(model)
     run = _Blocks(prepared, directory, state)
-    run.restore()
     stop = len(blocks) if config.stop_after_epochs is None else run.start + config.stop_after_epochs
     try:
+        allocation = _allocation(prepared, blocks, run)
+        run.restore()
         prune_blocks(
-            model,
-            blocks,
-            prepared.batches,
-            prepared.solver,
-            prepared.target,
-            problem.targets,
-            start=run.start,
-            stop=stop,
-            gram_dtype=GRAM_DTYPES[driver.gram_dtype],
-            device=device,
-            on_block=run.on_block,
-            progress=config.progress and run.main,
-            offload=driver.offload,
+            model, blocks, prepared.batches, prepared.solver, prepared.target, problem.targets,
+            start=run.start, stop=stop, gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device,
+            on_block=run.on_block, progress=config.progress and run.main, offload=driver.offload,
             activations=driver.activations,
-        )
+            levels=level_targets(prepared.target, allocation.levels) if allocation is not None else None,
+        )  # fmt: skip
         if stop < len(blocks):
             return None
         summary = _summary(prepared, model, run.reports, run.seconds())
         summary["peak_memory"] = peak.read()
+        if allocation is not None:
+            summary["allocation"] = allocation.as_dict()
         if scored:
-            pruned_outputs = problem.held_out(model, prepared.options)
-            scores = problem.score(dense_outputs, pruned_outputs)
+            scores = problem.score(dense_outputs, problem.held_out(model, prepared.options))
             summary.update(scores)
             run.logger.log(scores, run.step + 1)
         final = {"mean_layer_error": summary["mean_layer_error"], "sparsity/achieved": summary["achieved_sparsity"]}
