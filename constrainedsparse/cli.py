@@ -1,4 +1,4 @@
-"""``constrainedsparse`` command line: ``run``, ``formulations``, ``problems``, ``plot``.
+"""``constrainedsparse`` command line: ``run``, ``formulations``, ``problems``, ``plot``, ``export``.
 
 Every bad input ends with one ``error: ...`` line on stderr and exit code 2: the CLI turns a
 :class:`~constrainedsparse.errors.UserInputError` (and a loss that stopped being finite) into that

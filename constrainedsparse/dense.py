@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,9 @@ def _load_cached(model: nn.Module, path: Path, device: str) -> bool:
         model.load_state_dict(load_file(path, device=str(device)))
         return True
     except (SafetensorError, RuntimeError, OSError, KeyError, ValueError) as err:
-        print(f"warning: the cached dense model {path} is damaged ({type(err).__name__}); retraining it", flush=True)
+        print(
+            f"warning: the cached dense model {path} is damaged ({type(err).__name__}); retraining it", file=sys.stderr
+        )
         path.unlink(missing_ok=True)
         return False
 

@@ -42,7 +42,6 @@ from constrainedsparse.masks import (
     hard_prune,
     layer_sparsity,
     remove_masks,
-    temporarily_pruned,
 )
 from constrainedsparse.postprune import purge_stage
 from constrainedsparse.problem import SparsityProblem
@@ -346,7 +345,7 @@ def _train_phase(
 def _epoch_metrics(run: _Run, formulation: Formulation, phase_index: int, epoch: int) -> dict[str, float]:
     problem, targets = run.prepared.problem, run.sparsity_problem.targets
     value = evaluate(problem, run.model, run.test)
-    with temporarily_pruned(targets, formulation.hard_masks()):  # the hard-pruned model's metric now
+    with formulation.hard_prune_preview(formulation.hard_masks()):  # the hard-pruned model's metric now
         hardprune_now = evaluate(problem, run.model, run.test)
     metrics = {
         f"{run.metric}/test": value,

@@ -119,6 +119,8 @@ class HardConcreteGate(nn.Module):
         self.group_size = math.prod(weight_shape) // math.prod(gate_shape)
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
+        self.test_override: torch.Tensor | None = None
+        """When set, the eval-mode gate over the weight (a hard-prune preview), instead of the median rule."""
 
     @property
     def num_gates(self) -> int:
@@ -154,6 +156,8 @@ class HardConcreteGate(nn.Module):
         return z.reshape(self.view_shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.test_override is not None:
+            return weight * self.test_override
         z = self.sample() if self.training else self.test_gate()
         return weight * self.expand(z)
 

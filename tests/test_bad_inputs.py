@@ -448,6 +448,25 @@ ROWS: list[Row] = [
         r"sparsegpt: damp must be a finite number > 0, got 0.0",
     ),  # fmt: skip
     Row("nm width layer-wise", [*LLAMA, "--pattern", "3:5"], r"block 0 .*: N:M pattern 3:5 needs the input width"),
+    Row("allocation kind", [*LLAMA, "--set", "allocation=owl"], r"--set allocation must be one of uniform, lagrangian"),
+    Row(
+        "allocation with N:M",
+        [*LLAMA, "--pattern", "2:4", "--set", "allocation=lagrangian"],
+        r"allocation=lagrangian shares out a --sparsity level; the N:M pattern 2:4",
+    ),  # fmt: skip
+    Row(
+        "allocation bounds",
+        [*LLAMA, "--set", "allocation=lagrangian", "--set", "allocation_min=0.6", "--set", "allocation_max=0.4"],
+        r"--set allocation_min=0.6 is above allocation_max=0.4",
+    ),  # fmt: skip
+    Row(
+        "allocation budget",
+        [*LLAMA, "--set", "allocation=lagrangian", "--set", "allocation_max=0.3"],
+        r"--sparsity 0.5 is outside the allocation bounds \[0.0, 0.3\]",
+    ),  # fmt: skip
+    Row("allocation max 1", [*LLAMA, "--set", "allocation_max=1"], r"allocation_max must be in \[0, 1\), got 1.0"),
+    Row("dtype", [*LLAMA, "--set", "dtype=int8"], r"--set dtype must be one of float32, bfloat16, float16"),
+    Row("activations", [*LLAMA, "--set", "activations=disk"], r"--set activations must be one of device, cpu"),
     # --- other commands ---------------------------------------------------------------------------
     Row("plot missing", ["plot", "{tmp}/none.jsonl"], r"metrics file '.*none.jsonl' does not exist"),
     Row(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from constrainedsparse import RunConfig, available_formulations, make, run
+from constrainedsparse import RunConfig, available_formulations, make, read_metrics, run
 from constrainedsparse.formulations import formulation_class, register_formulation
 
 COMMON = dict(problem="digits-mlp", epochs=2, retrain_epochs=1, pretrain_epochs=2, wandb="disabled", progress=False)
@@ -16,6 +16,10 @@ COMMON = dict(problem="digits-mlp", epochs=2, retrain_epochs=1, pretrain_epochs=
 def test_every_formulation_hits_its_target_and_resumes(tmp_path, name):
     full = run(RunConfig(formulation=name, sparsity=0.8, out=tmp_path / "full", **COMMON))
     assert full["achieved_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    # What the run showed as the hard-pruned model during pruning is what the hard prune then gave.
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    last_preview = [r["accuracy/hardprune_now"] for r in rows if r.get("phase") == 0 and "accuracy/hardprune_now" in r]
+    assert last_preview[-1] == full["hardprune_accuracy"]
     cls = formulation_class(name)
     if cls.exact_layer_sparsity(cls.Config()):
         for level in full["layer_sparsity"].values():

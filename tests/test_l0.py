@@ -658,3 +658,26 @@ def test_density_of_purged_run_purges_to_the_target(tmp_path):
     assert abs(summary["purged_density"] - 0.2) <= 133 / 50_432
     assert 0.0 < summary["expected_purged_density"] <= 1.0
     assert summary["achieved_sparsity"] < 0.8  # --sparsity's zeros of the unpurged weights: fewer than 0.8
+
+
+def test_hard_prune_preview_equals_the_hard_pruned_model_also_when_the_mask_readmits_gated_off_weights():
+    from constrainedsparse.masks import hard_prune
+
+    problem, batch = _mlp_problem()
+    f = make("l0", problem, L0Config(scope="layer"))
+    f.setup(1, 1)
+    with torch.no_grad():  # gate off most weights: the masks at 50 % must re-admit some of them
+        for gate in f.gates.values():
+            gate.log_alpha.fill_(-10.0)
+            gate.log_alpha.view(-1)[::7] = 5.0
+    model = problem.model
+    model.eval()
+    masks = f.hard_masks()
+    gates = f.gates.values()
+    readmitted = sum(int((m & (g.test_gate().expand_as(m) == 0)).sum()) for m, g in zip(masks.values(), gates))
+    assert readmitted > 0
+    with f.hard_prune_preview(masks):
+        preview = model(batch[0]).detach().clone()
+    f.finalize()
+    hard_prune(problem.targets, masks)
+    assert torch.equal(model(batch[0]).detach(), preview)

@@ -29,13 +29,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import cooper
 import torch
 
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.masks import canonical_parameters, remove_masks
+from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch, SparsityProblem
 from constrainedsparse.registry import REGISTRY
@@ -239,20 +240,26 @@ class Formulation(abc.ABC):
 
     # --- one step -------------------------------------------------------------------------------------
 
-    def compute_lagrangian(self, batch: Any) -> LagrangianStep:
+    def compute_lagrangian(self, batch: Any, *, dual_scale: float = 1.0) -> LagrangianStep:
         """Evaluates loss and violations on ``batch`` and builds the primal Lagrangian.
 
         The dual Lagrangian (:math:`\\lambda^\\top g(x_t)` with the violation detached) is
         backpropagated at once into the multipliers' gradients, so :meth:`post_step` steps the
         multipliers with the violations measured *here*, whatever the primal step did meanwhile.
         Several calls before one :meth:`post_step` accumulate the dual gradients, like the primal
-        ones (gradient accumulation).
+        ones (gradient accumulation); ``dual_scale`` scales this call's share (``1 / steps`` makes the
+        dual step use the mean violation over the accumulated micro-batches).
         """
         self._require("compute_lagrangian()")
+        return self._lagrangian(batch, dual_scale)
+
+    def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         cmp_state = self.problem.compute_cmp_state(batch)
         primal = cmp_state.compute_primal_lagrangian()
         if self.dual_optimizer is not None:
-            cmp_state.compute_dual_lagrangian().backward()
+            dual = cmp_state.compute_dual_lagrangian().lagrangian
+            if dual is not None:
+                (dual if dual_scale == 1.0 else dual * dual_scale).backward()
         return LagrangianStep(cmp_state, primal.lagrangian)
 
     def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
@@ -260,10 +267,12 @@ class Formulation(abc.ABC):
 
         Args:
             batch: Any batch the problem accepts (``(x, y)``, a dict, ...).
-            scale: Multiplies the primal Lagrangian before backward (``1 / accumulation_steps``).
-            scaler: A ``torch.amp.GradScaler``: the Lagrangian is scaled by it before backward.
+            scale: Multiplies the Lagrangian before backward (``1 / accumulation_steps``): the primal
+                gradient and the multipliers' ascent direction become means over the micro-batches.
+            scaler: A ``torch.amp.GradScaler``: the primal Lagrangian is scaled by it before backward.
         """
-        step = self.compute_lagrangian(batch)
+        self._require("backward()")
+        step = self._lagrangian(batch, scale)
         lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
         if scaler is not None:
             lagrangian = scaler.scale(lagrangian)
@@ -325,6 +334,12 @@ class Formulation(abc.ABC):
     @abc.abstractmethod
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
         """The masks of :meth:`hard_masks`."""
+
+    def hard_prune_preview(self, masks: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
+        """Inside the block the model computes exactly as :meth:`finalize` + ``hard_prune(masks)`` would
+        leave it (for measuring the hard-pruned model during training); everything is restored on exit.
+        """
+        return temporarily_pruned(self.problem.targets, masks)
 
     def finalize(self) -> None:
         """Removes what the formulation attached (masks baked into the weights, its constraints unregistered).

@@ -221,20 +221,23 @@ def _interpolate(
 def _repair(curves: Sequence[ErrorCurve], levels: dict[str, float], wanted: float) -> None:
     """Rounds every level to a whole number of kept weights per row and makes the kept total exact.
 
-    Each layer keeps ``round((1 - s) * width)`` weights per row; the remainder of the global count is
-    moved one row-count at a time to the layers whose level is furthest from its rounded value.
+    Each layer keeps a whole number of weights per row, within its bounds (the ends of its grid);
+    the remainder of the global count is moved one row-count at a time to the layers whose level is
+    furthest from its rounded value.
     """
     rows = {c.name: c.size // c.width for c in curves}
-    kept = {c.name: keep_count(c.width, min(levels[c.name], 1 - 1e-12)) for c in curves}
+    fewest = {c.name: math.ceil((1 - c.levels[-1]) * c.width - 1e-9) for c in curves}
+    most = {c.name: math.floor((1 - c.levels[0]) * c.width + 1e-9) for c in curves}
+    kept = {c.name: min(max(round((1 - levels[c.name]) * c.width), fewest[c.name]), most[c.name]) for c in curves}
     target = round(sum(c.size for c in curves) - wanted)
-    for _ in range(len(curves) * 4):
+    for _ in range(sum(c.width for c in curves)):
         gap = target - sum(kept[n] * rows[n] for n in kept)
-        candidates = [c for c in curves if (gap > 0 and kept[c.name] < c.width) or (gap < 0 and kept[c.name] > 0)]
-        candidates = [c for c in candidates if rows[c.name] <= abs(gap)]
-        if gap == 0 or not candidates:
+        room = [c for c in curves if (kept[c.name] < most[c.name] if gap > 0 else kept[c.name] > fewest[c.name])]
+        room = [c for c in room if rows[c.name] <= abs(gap) or 2 * abs(gap) > rows[c.name]]
+        if gap == 0 or not room:
             break
         # the layer whose exact level is furthest from its rounded count in the direction of the gap
-        chosen = max(candidates, key=lambda c: math.copysign(1, gap) * ((1 - levels[c.name]) * c.width - kept[c.name]))
+        chosen = max(room, key=lambda c: math.copysign(1, gap) * ((1 - levels[c.name]) * c.width - kept[c.name]))
         kept[chosen.name] += 1 if gap > 0 else -1
     for curve in curves:
         levels[curve.name] = 1.0 - kept[curve.name] / curve.width

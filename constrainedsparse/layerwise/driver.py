@@ -34,11 +34,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import map_tensors, to_device
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
+from constrainedsparse.progress import Progress
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = [
@@ -478,7 +478,7 @@ def prune_blocks(
     """
     reports: list[LayerReport] = []
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    bar = tqdm(total=len(blocks), initial=start, desc=f"layer-wise {solver.name}", unit="block", disable=not progress)
+    bar = Progress(len(blocks), f"layer-wise {solver.name}", progress, initial=start, unit="block")
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
                        activations=activations)  # fmt: skip
     for index, block, prefix, inputs, compute in walk:
@@ -486,6 +486,6 @@ def prune_blocks(
         reports.extend(block_reports)
         if on_block is not None:
             on_block(index, block_reports)
-        bar.update(1)
+        bar.epoch_done()
     bar.close()
     return reports

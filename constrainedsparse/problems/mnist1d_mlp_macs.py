@@ -40,8 +40,9 @@ def expected_macs_fraction(net: nn.Module) -> torch.Tensor:
     for m, g in zip(layers, gates):
         if g is not None:
             densities.append(g.expected_density())
-        else:  # no gates: the exact density of the (possibly masked) weights
-            densities.append((m.weight.detach() != 0).float().mean())
+        else:  # no gates: the exact density of the weights, which no gradient can change (only the
+            # multiplier reacts); the zero term gives it the gradient path a constraint must have
+            densities.append((m.weight != 0).float().mean() + 0.0 * m.weight.sum())
     expected, dense = 0.0, 0
     for i, m in enumerate(layers):
         size = m.in_features * m.out_features

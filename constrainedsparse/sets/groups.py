@@ -1,5 +1,5 @@
 r"""Group patterns: whole slices (``structured:rows``, ``structured:columns``) or whole b×c blocks
-(``block:BxC``) are kept or zeroed together."""
+(``block:RxC``) are kept or zeroed together."""
 
 from __future__ import annotations
 

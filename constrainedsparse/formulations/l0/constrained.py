@@ -176,7 +176,7 @@ class L0(Gated):
           zeros is exactly the target's;
         * structured: whole groups, see :meth:`_global_group_masks`.
 
-        Layer scope keeps the per-target masks of :meth:`_Gated.hard_masks`.
+        Layer scope keeps the per-target masks of :meth:`Gated.compute_hard_masks`.
         """
         targets = self.problem.targets
         if self.config.scope != "model" or not all(isinstance(t.feasible_set, TopK) for t in targets):

@@ -10,7 +10,9 @@ See :mod:`constrainedsparse.formulations.l0` for the hard masks and the median r
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import cooper
@@ -223,6 +225,32 @@ class Gated(Formulation):
                 "layer_test_density": self.layer_test_density(),
             }
 
+    def _baked(self, target: TargetParam, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weight :meth:`detach` leaves: :math:`\\tilde\\theta \\odot \\hat z`, gate 1 where the mask re-admits."""
+        weight, z, _ = self._scores(target)
+        return weight * torch.where((z == 0) & masks[target.name], torch.ones_like(z), z)
+
+    @contextlib.contextmanager
+    def hard_prune_preview(self, masks: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The model as :meth:`detach` + ``hard_prune`` would leave it: baked weights under unit gates."""
+        saved = []
+        with torch.no_grad():
+            for t in self.problem.targets:
+                gate = find_gate(t.module, t.param_name)
+                if gate is None:
+                    continue
+                stored = t.stored
+                saved.append((gate, stored, stored.detach().clone()))
+                stored.copy_(self._baked(t, masks) * masks[t.name])
+                gate.test_override = torch.ones((), device=stored.device)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for gate, stored, value in saved:
+                    stored.copy_(value)
+                    gate.test_override = None
+
     @torch.no_grad()
     def detach(self) -> None:
         r"""Removes the gates, baking :math:`\tilde\theta \odot \hat z` into plain weights.
@@ -233,8 +261,7 @@ class Gated(Formulation):
         for t in self.problem.targets:
             if find_gate(t.module, t.param_name) is None:
                 continue
-            weight, z, _ = self._scores(t)
-            baked = weight * torch.where((z == 0) & masks[t.name], torch.ones_like(z), z)
+            baked = self._baked(t, masks)
             torch.nn.utils.parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
             getattr(t.module, t.param_name).copy_(baked)
         self.gates = {}

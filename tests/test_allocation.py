@@ -1,0 +1,58 @@
+"""Per-layer sparsity allocation: the Lagrangian relaxation meets the budget and the bounds."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from constrainedsparse import RunConfig, run
+from constrainedsparse.layerwise.allocation import ErrorCurve, allocate, grid_levels
+
+
+def _curve(name, size, width, growth, levels):
+    return ErrorCurve(name, size, width, list(levels), [growth * s**2 + 0.01 * s for s in levels])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 6), st.integers(1, 8), st.floats(0.1, 10.0)), min_size=1, max_size=6),
+    st.floats(0.05, 0.9),
+)
+def test_allocation_meets_the_budget_to_a_row_and_keeps_the_bounds(layers, budget):
+    levels = grid_levels(0.0, 0.95, 0.1)
+    curves = [_curve(f"l{i}.weight", rows * 8, 8, growth, levels) for i, (rows, _, growth) in enumerate(layers)]
+    result = allocate(curves, budget)
+    assert all(0.0 <= s <= 0.95 + 1e-9 for s in result.levels.values())
+    kept = sum(round((1 - result.levels[c.name]) * c.width) * (c.size // c.width) for c in curves)
+    wanted = sum(c.size for c in curves) * (1 - budget)
+    assert abs(kept - wanted) <= max(c.size // c.width for c in curves) / 2 + 1  # within half a row-count
+    assert all(abs((1 - s) * 8 - round((1 - s) * 8)) < 1e-6 for s in result.levels.values())  # whole weights per row
+
+
+def test_the_cheaper_layer_gets_the_higher_level_and_the_budget_is_exact_for_layer_wide_levels():
+    levels = grid_levels(0.0, 0.9, 0.1)
+    cheap = _curve("cheap.weight", 100, 100, 0.1, levels)  # layer-wide (unstructured) levels: any count
+    dear = _curve("dear.weight", 100, 100, 10.0, levels)
+    result = allocate([cheap, dear], 0.5)
+    assert result.levels["cheap.weight"] > 0.5 > result.levels["dear.weight"]
+    assert result.achieved == pytest.approx(0.5) and result.multiplier > 0
+    with pytest.raises(ValueError, match=r"^the allocation budget 0.95 is outside the levels the bounds allow"):
+        allocate([cheap, dear], 0.95)
+
+
+def test_a_run_with_lagrangian_allocation(tmp_path, tiny_llama):
+    settings = {"model": str(tiny_llama), "calibration_samples": "4", "seq_len": "16", "held_out_samples": "2",
+                "allocation": "lagrangian", "allocation_max": "0.8"}  # fmt: skip
+    config = RunConfig(problem="hf-causal-lm", formulation="wanda", sparsity=0.6, out=tmp_path / "a", progress=False,
+                       settings=settings)  # fmt: skip
+    summary = run(config)
+    allocation = summary["allocation"]
+    assert set(allocation["levels"]) == set(summary["layer_sparsity"])
+    assert all(0.0 <= s <= 0.8 for s in allocation["levels"].values())
+    assert len({round(s, 6) for s in allocation["levels"].values()}) > 1  # not uniform
+    for name, level in allocation["levels"].items():
+        assert summary["layer_sparsity"][name] == pytest.approx(level, abs=1e-6)
+    assert summary["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert any("allocation/multiplier" in row for row in rows)
