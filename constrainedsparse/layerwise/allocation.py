@@ -59,7 +59,6 @@ from constrainedsparse.layerwise.driver import (
     targeted_layers,
     walk_blocks,
 )
-from constrainedsparse.sets import keep_count
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = ["Allocation", "ErrorCurve", "allocate", "error_curve", "grid_levels", "level_targets", "measure_curves"]
