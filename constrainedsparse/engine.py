@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -35,10 +34,10 @@ from constrainedsparse.dense import (
 )
 from constrainedsparse.errors import NonFiniteLossError, UserInputError, user_input
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
+from constrainedsparse.formulations.retrain import FixedMaskRetrain
 from constrainedsparse.layerwise.base import available_solvers
 from constrainedsparse.masks import (
     achieved_sparsity,
-    apply_masks,
     hard_prune,
     layer_sparsity,
     remove_masks,
@@ -55,7 +54,6 @@ from constrainedsparse.targets import SparsityConfig
 __all__ = [
     "DEFAULT_SPARSITY",
     "NonFiniteLossError",
-    "RUNNER",
     "RunConfig",
     "TrainingPrepared",
     "TrainingSettings",
@@ -201,24 +199,6 @@ def _task_problem(
     if problem.compute_loss is not None:
         return SparsityProblem(model, None, targets, user, example, compute_loss=problem.compute_loss)
     return SparsityProblem(model, problem.loss, targets, user, example)
-
-
-class FixedMaskRetrain(Formulation):
-    """Masked retraining: the masks are fixed, the kept weights (and user multipliers) train."""
-
-    name = "retrain"
-    description = "masked retraining with fixed masks"
-
-    def __init__(self, problem: SparsityProblem, masks: Mapping[str, torch.Tensor], *, lr: float, dual_lr: float):
-        self.masks = dict(masks)
-        super().__init__(problem, lr=lr, dual_lr=dual_lr)
-
-    def attach(self) -> None:
-        """Registers the fixed masks."""
-        apply_masks(self.problem.targets, self.masks)
-
-    def compute_hard_masks(self) -> dict[str, torch.Tensor]:
-        return dict(self.masks)
 
 
 def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
@@ -508,12 +488,7 @@ def _summary(run: _Run, final_value: float) -> dict[str, Any]:
         f"dense_{metric}": run.dense_value,
         f"hardprune_{metric}": run.hardprune_value,
     }
-    if prepared.target.nm is not None:
-        summary["pattern"] = prepared.target.describe()
-    else:
-        summary["target_sparsity"] = prepared.target.sparsity
-        if prepared.target.pattern != "unstructured":
-            summary["pattern"] = prepared.target.pattern_text()
+    summary.update(prepared.target.summary_fields())
     if config.retrain_epochs > 0:
         summary[f"retrain_{metric}"] = final_value
     problem = run.sparsity_problem
@@ -521,22 +496,3 @@ def _summary(run: _Run, final_value: float) -> dict[str, Any]:
     summary["constraints"] = constraint_report(run.model, prepared.problem.constraints, multipliers, run.test_batch())
     summary.update(run.summary_extra)  # the formulation's own fields (e.g. l0's densities)
     return summary
-
-
-class TrainingRunner:
-    """The runner of problems that train (see :mod:`constrainedsparse.runners`)."""
-
-    kind = "training"
-    settings = TrainingSettings
-    default_sparsity = DEFAULT_SPARSITY
-
-    def prepare(self, config: RunConfig, problem: Problem) -> TrainingPrepared:
-        """:func:`prepare`."""
-        return prepare(config, problem)
-
-    def execute(self, prepared: TrainingPrepared, directory: RunDirectory, state: dict[str, Any] | None):
-        """:func:`execute`."""
-        return execute(prepared, directory, state)
-
-
-RUNNER = TrainingRunner()

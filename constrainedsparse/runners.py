@@ -7,6 +7,8 @@ The CLI, the Python API and ``--nproc`` all go through :func:`run`; it picks the
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from constrainedsparse import distributed, engine
@@ -16,7 +18,7 @@ from constrainedsparse.logger import WANDB_MODES
 from constrainedsparse.runs import RunConfig, RunDirectory
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 
-__all__ = ["Prepared", "Runner", "check_common", "run", "runner_for", "validate"]
+__all__ = ["LAYERWISE", "TRAINING", "Prepared", "Runner", "check_common", "run", "runner_for", "validate"]
 
 
 class Prepared(Protocol):
@@ -29,19 +31,30 @@ class Prepared(Protocol):
         """Where the run computes (``cpu``, ``cuda:N``)."""
 
 
-class Runner(Protocol):
-    """A runner supplies validation and the work; the scaffold owns the directory."""
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """A runner supplies validation and the work; the scaffold owns the directory.
 
-    def prepare(self, config: RunConfig, problem: Any) -> Prepared:
-        """Validates everything a user can get wrong; writes nothing."""
+    Attributes:
+        kind: ``"training"`` or ``"layerwise"`` (the registry kind of its formulations).
+        settings: Its own ``--set`` keys (a :class:`~constrainedsparse.config.Hyperparameters` class).
+        prepare: ``prepare(config, problem) -> Prepared``: validates everything, writes nothing.
+        execute: ``execute(prepared, directory, state) -> summary | None``: the work.
+    """
 
-    def execute(self, prepared: Prepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
-        """Does the work; returns the summary (``None`` when stopped early)."""
+    kind: str
+    settings: type
+    prepare: Callable[[RunConfig, Any], Prepared]
+    execute: Callable[[Any, RunDirectory, dict[str, Any] | None], dict[str, Any] | None]
+
+
+TRAINING = Runner("training", engine.TrainingSettings, engine.prepare, engine.execute)
+LAYERWISE = Runner("layerwise", layerwise_runner.DriverSettings, layerwise_runner.prepare, layerwise_runner.execute)
 
 
 def runner_for(problem: Problem | LayerwiseProblem) -> Runner:
     """The runner of a problem's kind (a layer-wise problem or one that trains)."""
-    return layerwise_runner.RUNNER if isinstance(problem, LayerwiseProblem) else engine.RUNNER
+    return LAYERWISE if isinstance(problem, LayerwiseProblem) else TRAINING
 
 
 def check_common(config: RunConfig) -> None:

@@ -115,6 +115,16 @@ class SparsityConfig:
         suffix = "" if self.pattern == "unstructured" else f" {self.pattern_text()}"
         return f"{self.sparsity:g}{suffix}"
 
+    def summary_fields(self) -> dict[str, Any]:
+        """What ``summary.json`` says of the target: ``pattern`` for N:M; else ``target_sparsity`` (and
+        ``pattern`` unless unstructured)."""
+        if self.nm is not None:
+            return {"pattern": self.describe()}
+        fields: dict[str, Any] = {"target_sparsity": self.sparsity}
+        if self.pattern != "unstructured":
+            fields["pattern"] = self.pattern_text()
+        return fields
+
     def feasible_set(self, shape: Sequence[int]) -> FeasibleSet:
         """The pattern's feasible set for a tensor of this shape at this level.
 

@@ -44,7 +44,6 @@ __all__ = [
     "DriverSettings",
     "LayerwisePrepared",
     "MASK_SCOPES",
-    "RUNNER",
     "build_solver",
     "check_layer_shapes",
     "execute",
@@ -442,30 +441,7 @@ def _summary(prepared: LayerwisePrepared, model: nn.Module, reports: list[dict[s
         "settings": dict(prepared.config.settings),
         "calibration_tokens": reports[0]["tokens"] if reports else 0,
     }
-    if prepared.target.nm is not None:
-        summary["pattern"] = prepared.target.describe()
-    else:
-        summary["target_sparsity"] = prepared.target.sparsity
-        if prepared.target.pattern != "unstructured":
-            summary["pattern"] = prepared.target.pattern_text()
+    summary.update(prepared.target.summary_fields())
+    if prepared.target.nm is None:
         summary["mask_scope"] = prepared.driver.mask_scope
     return summary
-
-
-class LayerwiseRunner:
-    """The runner of layer-wise problems (see :mod:`constrainedsparse.runners`)."""
-
-    kind = "layerwise"
-    settings = DriverSettings
-    default_sparsity = DEFAULT_SPARSITY
-
-    def prepare(self, config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
-        """:func:`prepare`."""
-        return prepare(config, problem)
-
-    def execute(self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None):
-        """:func:`execute`."""
-        return execute(prepared, directory, state)
-
-
-RUNNER = LayerwiseRunner()
