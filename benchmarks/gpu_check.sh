@@ -17,7 +17,7 @@
 #
 # Small calibration so it is quick: CALIBRATION_SAMPLES (16) x SEQ_LEN (256), EVAL_TOKENS (4096).
 # DEVICE=cpu runs the whole script without a GPU (a dry run of its logic; part 3 is then skipped).
-# Needs the runner's --set offload/activations and summary key peak_memory; a run that fails is
+# Uses the runner's --set offload/activations and summary key peak_memory; a run that fails is
 # reported as FAIL with the last line of its log, and the script exits 1 if any check failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,7 +105,8 @@ for solver in solvers:
         ok = rel <= tol and dense_rel <= 1e-3
         failed |= not ok
         print(f"| {solver} | {name} | {s['dense_perplexity']:.3f} | {s['perplexity']:.3f} | {rel:.4f} | "
-              f"{mib(s.get('peak_memory'))} | {s['seconds']:.1f} | {'ok' if ok else 'FAIL'} |")
+              f"{mib((s.get('peak_memory') or {}).get('cuda_max_allocated_bytes'))} | {s['seconds']:.1f} | "
+              f"{'ok' if ok else 'FAIL'} |")
 sys.exit(1 if failed else 0)
 EOF
 
@@ -113,13 +114,14 @@ if [ "$DEVICE" = cuda ]; then
   echo
   echo "## 2:4 export (compressed-tensors) and semi-structured sparsity"
   if [ "$(cat "$OUT/$DEVICE-wanda-2of4.status")" = ok ]; then
-    "$PY" -m constrainedsparse.export "$OUT/$DEVICE-wanda-2of4" --format compressed || status=1
+    "$PY" -m constrainedsparse export "$OUT/$DEVICE-wanda-2of4" --format compressed || status=1
     "$PY" benchmarks/semi_structured.py --run "$OUT/$DEVICE-wanda-2of4" --out "$OUT/semi_structured" || status=1
   else
     echo "FAIL: the 2:4 run failed: $(tail -n 1 "$OUT/$DEVICE-wanda-2of4.log")"
     status=1
   fi
-  "$PY" -m pytest -q tests/test_export.py -k semi_structured -p no:cacheprovider || status=1
+  "$PY" -m pytest -q tests/test_export.py tests/test_offload.py -k "semi_structured or cuda" -p no:cacheprovider \
+    || status=1
 fi
 echo
 echo "gpu_check: $([ "$status" = 0 ] && echo PASSED || echo FAILED) in $((SECONDS - started)) s; runs and logs in $OUT"
