@@ -8,6 +8,7 @@ the run's seed (the constants below), so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,7 @@ from constrainedsparse.errors import NonFiniteLossError
 from constrainedsparse.progress import Progress
 from constrainedsparse.spec import Problem
 
-if TYPE_CHECKING:
-    from constrainedsparse.engine import TrainingPrepared
-
-__all__ = ["cache_dir", "dense_model", "evaluate", "loader", "reference_batch", "seed_everything"]
+__all__ = ["DenseRecipe", "cache_dir", "dense_model", "evaluate", "loader", "reference_batch", "seed_everything"]
 
 EVAL_BATCH = 1024
 # Seeds derived from --seed: the dense model uses the seed itself, pruning seed + PRUNE_SEED_OFFSET,
@@ -95,21 +93,46 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
     return problem.test_metric(torch.cat(outputs), torch.cat(targets))
 
 
-def _dense_cache_path(prepared: TrainingPrepared) -> Path:
+@dataclasses.dataclass(frozen=True)
+class DenseRecipe:
+    """Everything that shapes a problem's dense model (and so its cache key).
+
+    Attributes:
+        problem: The problem (its model, data, loss).
+        options: The problem options.
+        lr: Adam's learning rate.
+        batch_size: The minibatch size.
+        device: Where it trains (a CUDA-trained model is not the CPU one: the kind is in the key).
+        seed: The seed.
+        pretrain_epochs: Training epochs.
+        progress: Show progress.
+    """
+
+    problem: Problem
+    options: dict[str, Any]
+    lr: float
+    batch_size: int
+    device: str
+    seed: int
+    pretrain_epochs: int
+    progress: bool = True
+
+
+def _dense_cache_path(recipe: DenseRecipe) -> Path:
     """Everything that shapes the dense model is in the key: problem file, options, training keys."""
-    recipe = json.dumps(
+    key = json.dumps(
         {
-            "options": prepared.options,
-            "lr": prepared.training.lr,
-            "batch": prepared.training.batch_size,
+            "options": recipe.options,
+            "lr": recipe.lr,
+            "batch": recipe.batch_size,
             # CUDA kernels round differently: a GPU-trained dense model is not the CPU one.
-            "device": torch.device(prepared.device).type,
+            "device": torch.device(recipe.device).type,
         },
         sort_keys=True,
         default=str,
     )
-    tag = f"{prepared.problem.cache_tag()}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
-    return cache_dir() / "dense" / f"{tag}-seed{prepared.config.seed}-pre{prepared.pretrain_epochs}.safetensors"
+    tag = f"{recipe.problem.cache_tag()}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return cache_dir() / "dense" / f"{tag}-seed{recipe.seed}-pre{recipe.pretrain_epochs}.safetensors"
 
 
 def _load_cached(model: nn.Module, path: Path, device: str) -> bool:
@@ -125,25 +148,24 @@ def _load_cached(model: nn.Module, path: Path, device: str) -> bool:
         return False
 
 
-def dense_model(prepared: TrainingPrepared, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
+def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
     """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
-    problem, seed, device = prepared.problem, prepared.config.seed, prepared.device
+    problem, seed, device = recipe.problem, recipe.seed, recipe.device
     seed_everything(seed)
-    model = problem.model(prepared.options).to(device)
-    path = _dense_cache_path(prepared)
+    model = problem.model(recipe.options).to(device)
+    path = _dense_cache_path(recipe)
     if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
         loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
         if distributed.broadcast_object(loaded):
             distributed.broadcast_module(model)
             return model, evaluate(problem, model, test)
         seed_everything(seed)
-        model = problem.model(prepared.options).to(device)
-    training = prepared.training
-    optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
+        model = problem.model(recipe.options).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     forward = distributed.wrap(model)
-    progress = Progress(prepared.pretrain_epochs, f"dense {problem.name}", prepared.config.progress)
-    for epoch in range(prepared.pretrain_epochs):
-        for batch in loader(train, training.batch_size, seed, DENSE_PHASE, epoch):
+    progress = Progress(recipe.pretrain_epochs, f"dense {problem.name}", recipe.progress)
+    for epoch in range(recipe.pretrain_epochs):
+        for batch in loader(train, recipe.batch_size, seed, DENSE_PHASE, epoch):
             optimizer.zero_grad(set_to_none=True)
             loss = problem.batch_loss(forward, to_device(batch, device))
             loss.backward()

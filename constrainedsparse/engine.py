@@ -25,6 +25,7 @@ from constrainedsparse.dense import (
     PRUNE_PHASE,
     PRUNE_SEED_OFFSET,
     RETRAIN_PHASE,
+    DenseRecipe,
     cache_dir,
     dense_model,
     evaluate,
@@ -346,7 +347,11 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     for name, dataset in (("training", run.train), ("test", run.test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")
-    run.model, run.dense_value = dense_model(prepared, run.train, run.test)
+    recipe = DenseRecipe(
+        problem, prepared.options, prepared.training.lr, prepared.training.batch_size, prepared.device,
+        config.seed, prepared.pretrain_epochs, config.progress,
+    )  # fmt: skip
+    run.model, run.dense_value = dense_model(recipe, run.train, run.test)
     run.targets = problem.targets.resolve(run.model, prepared.target)
     example = to_device(next(iter(DataLoader(run.train, batch_size=prepared.training.batch_size))), prepared.device)
     run.sparsity_problem = _task_problem(problem, run.model, run.targets, example)
