@@ -807,3 +807,40 @@ def test_topk_mask_matches_a_stable_sort_on_short_and_long_rows(width: int, rows
     mask = topk_mask(scores, k)
     for row in range(rows):
         assert torch.equal(mask[row], _stable_topk_mask(scores[row], k))
+
+
+@FAST
+@given(global_and_tensors(max_numel=16), st.data())
+def test_lifted_floors_keep_each_floor_and_the_best_of_the_rest(case: tuple[GlobalTopK, list], data) -> None:
+    """Every prefix at least as long as the floors keeps each tensor's own best ``floor`` entries,
+    and the rest of the prefix is the best of what remains (a global budget with minimums)."""
+    _, xs = case
+    floors = [data.draw(st.integers(0, x.numel())) for x in xs]
+    k = data.draw(st.integers(sum(floors), sum(x.numel() for x in xs)))
+    masks = GlobalTopK(k).masks(sets.lift_floors(xs, floors))
+    assert sum(int(m.sum()) for m in masks) == k
+    own_best = [selection.topk_mask(x.abs().reshape(1, -1), f)[0].reshape(x.shape) for x, f in zip(xs, floors)]
+    assert all(bool((m | ~b).all()) for m, b in zip(masks, own_best, strict=True))
+    rest_kept = torch.cat([x.abs()[m & ~b] for x, m, b in zip(xs, masks, own_best)])
+    rest_dropped = torch.cat([x.abs()[~m] for x, m in zip(xs, masks)])
+    if rest_kept.numel() and rest_dropped.numel():
+        assert float(rest_kept.min()) >= float(rest_dropped.max())
+
+
+@FAST
+@given(global_and_tensors(max_numel=16), st.data())
+def test_nearest_prefix_never_goes_below_the_floors(case: tuple[GlobalTopK, list], data) -> None:
+    _, xs = case
+    floors = [data.draw(st.integers(0, x.numel())) for x in xs]
+    budget = data.draw(st.integers(0, sum(x.numel() for x in xs)))
+    masks = sets.nearest_prefix(sets.lift_floors(xs, floors), sum, budget, minimum=sum(floors))
+    assert all(int(m.sum()) >= f for m, f in zip(masks, floors, strict=True))
+    if budget >= sum(floors):
+        assert sum(int(m.sum()) for m in masks) == budget
+
+
+def test_lift_floors_bad_input_is_one_value_error() -> None:
+    with pytest.raises(ValueError, match=r"2 floors for 1 score tensors"):
+        sets.lift_floors([torch.ones(3)], [1, 1])
+    with pytest.raises(ValueError, match=r"a floor must be in \[0, 3\], got 4"):
+        sets.lift_floors([torch.ones(3)], [4])

@@ -21,13 +21,14 @@ from constrainedsparse.sets.base import (
 )
 from constrainedsparse.sets.elementwise import NMSparse, RowTopK, TopK
 from constrainedsparse.sets.groups import BlockSparse, StructuredGroups
-from constrainedsparse.sets.joint import GlobalTopK, nearest_prefix
+from constrainedsparse.sets.joint import GlobalTopK, lift_floors, nearest_prefix
 
 __all__ = [
     "BlockSparse",
     "Face",
     "FeasibleSet",
     "GlobalTopK",
+    "lift_floors",
     "JointFeasibleSet",
     "NMSparse",
     "RowTopK",

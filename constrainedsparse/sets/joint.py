@@ -1,4 +1,9 @@
-r"""Patterns over several tensors together: one budget across layers (:class:`GlobalTopK`)."""
+r"""Patterns over several tensors together: one budget across layers (:class:`GlobalTopK`).
+
+A global budget lets one tensor lose every entry to the others; :func:`lift_floors` ranks each
+tensor's own best ``floor`` entries above everything else, so that every prefix of the joint
+ranking at least as long as the floors together keeps them (``--set min_layer_density``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from constrainedsparse.selection import topk_mask
 from constrainedsparse.sets.base import JointFeasibleSet, _lmo_mask
 
-__all__ = ["GlobalTopK", "nearest_prefix"]
+__all__ = ["GlobalTopK", "lift_floors", "nearest_prefix"]
 
 
 class GlobalTopK(JointFeasibleSet):
@@ -52,8 +57,40 @@ class GlobalTopK(JointFeasibleSet):
         return f"GlobalTopK(k={self.k})"
 
 
+def lift_floors(scores: Sequence[torch.Tensor], floors: Sequence[int]) -> list[torch.Tensor]:
+    r"""Scores under which every prefix of the joint ranking keeps each tensor's floor first.
+
+    The ``floors[l]`` best entries of tensor :math:`l` (by ``|score|``, ties to the lower index, as
+    :class:`GlobalTopK` ranks) are raised above every score of every tensor; the others keep their
+    magnitude. So the top-:math:`k` of the lifted scores, for any :math:`k \ge \sum_l f_l`, is the
+    floors plus the best :math:`k - \sum_l f_l` of the rest: a global budget with per-tensor minimums.
+
+    Args:
+        scores: One score tensor per tensor (magnitudes rank, as in :class:`GlobalTopK`).
+        floors: The least number of entries each tensor keeps, ``0 <= floors[l] <= numel``.
+
+    Returns:
+        The lifted scores, float64, one per tensor.
+
+    Raises:
+        ValueError: If the lengths differ or a floor is outside ``[0, numel]``.
+    """
+    if len(floors) != len(scores):
+        raise ValueError(f"{len(floors)} floors for {len(scores)} score tensors")
+    for floor, score in zip(floors, scores):
+        if not 0 <= floor <= score.numel():
+            raise ValueError(f"a floor must be in [0, {score.numel()}], got {floor}")
+    magnitudes = [s.detach().abs().to(torch.float64) for s in scores]
+    top = max((float(m.max()) for m in magnitudes if m.numel()), default=0.0)
+    lifted = []
+    for magnitude, floor in zip(magnitudes, floors):
+        keep = topk_mask(magnitude.reshape(1, -1), floor)[0].reshape(magnitude.shape)
+        lifted.append(torch.where(keep, magnitude + (top + 1.0), magnitude))
+    return lifted
+
+
 def nearest_prefix(
-    scores: Sequence[torch.Tensor], size: Callable[[list[int]], float], budget: float
+    scores: Sequence[torch.Tensor], size: Callable[[list[int]], float], budget: float, minimum: int = 0
 ) -> list[torch.Tensor]:
     r"""The top-:math:`k` entries of one ranking across tensors, :math:`k` chosen so their size is nearest a budget.
 
@@ -68,6 +105,7 @@ def nearest_prefix(
         size: ``size(counts)`` of a prefix from its kept count per tensor (e.g. kept weights, or
             the parameters of a purged model).
         budget: :math:`B`; at most the size of everything.
+        minimum: The least :math:`k` (with :func:`lift_floors`: the floors' sum, so that they are kept).
 
     Returns:
         The boolean masks of the chosen prefix, one per score tensor.
@@ -79,7 +117,7 @@ def nearest_prefix(
     def prefix_size(k: int) -> float:
         return size([int(m.sum()) for m in prefix(k)])
 
-    low, high = 0, sum(s.numel() for s in scores)
+    low, high = minimum, sum(s.numel() for s in scores)
     while low < high:  # smallest k with S(k) >= B (S(all) >= B)
         middle = (low + high) // 2
         if prefix_size(middle) >= budget:
@@ -87,6 +125,6 @@ def nearest_prefix(
         else:
             low = middle + 1
     k = low
-    if k > 0 and budget - prefix_size(k - 1) < prefix_size(k) - budget:
+    if k > minimum and budget - prefix_size(k - 1) < prefix_size(k) - budget:
         k -= 1
     return prefix(k)
