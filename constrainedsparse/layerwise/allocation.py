@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -261,12 +261,13 @@ def measure_curves(
     offload: bool = False,
     activations: str = "device",
     weight_by: str = "equal",
+    on_block: Callable[[], None] | None = None,
 ) -> list[ErrorCurve]:
     """Every targeted layer's error curve, measured block by block on the *dense* model's inputs.
 
     The same walk as pruning (:func:`~constrainedsparse.layerwise.driver.walk_blocks`) without
     changing any weight: each block's Gram matrices give its layers' curves, then the dense block
-    runs to produce the next block's inputs.
+    runs to produce the next block's inputs. ``on_block()`` is called after each block (progress).
     """
     curves = []
     walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
@@ -283,6 +284,8 @@ def measure_curves(
                 curves.append(_block_curve(layer, module, block, inputs, compute, dense, levels))
             else:
                 curves.append(error_curve(layer, levels, weight_by))
+        if on_block is not None:
+            on_block()
     return curves
 
 

@@ -32,6 +32,7 @@ from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_le
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
+from constrainedsparse.progress import Progress
 from constrainedsparse.report import layer_rows, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
@@ -350,11 +351,13 @@ def _allocation(prepared: LayerwisePrepared, blocks: Sequence[nn.Module], run: _
     if run.allocation is not None:  # a resumed run keeps the levels it started with
         return run.allocation
     levels = grid_levels(driver.allocation_min, driver.allocation_max, driver.allocation_step)
+    progress = Progress(len(blocks), "allocation: error curves", prepared.config.progress and run.main, unit="block")
     curves = measure_curves(
         prepared.model, blocks, prepared.batches, prepared.target, prepared.problem.targets, levels,
         gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device, offload=driver.offload,
-        activations=driver.activations, weight_by=driver.allocation_weight,
+        activations=driver.activations, weight_by=driver.allocation_weight, on_block=progress.epoch_done,
     )  # fmt: skip
+    progress.close()
     run.allocation = allocate(curves, prepared.target.sparsity)
     run.logger.log(
         {"allocation/multiplier": run.allocation.multiplier, "allocation/achieved": run.allocation.achieved,
