@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from constrainedsparse import RunConfig, run
-from constrainedsparse.layerwise.allocation import ErrorCurve, allocate, grid_levels
+from constrainedsparse.layerwise.allocation import ErrorCurve, allocate, grid_levels, reachable_range
 
 
 def _curve(name, size, width, growth, levels):
@@ -22,12 +22,35 @@ def _curve(name, size, width, growth, levels):
 def test_allocation_meets_the_budget_to_a_row_and_keeps_the_bounds(layers, budget):
     levels = grid_levels(0.0, 0.95, 0.1)
     curves = [_curve(f"l{i}.weight", rows * 8, 8, growth, levels) for i, (rows, _, growth) in enumerate(layers)]
+    if budget > 0.875:  # a row of 8 keeps at least 1 weight under s_max = 0.95: every layer is at most 0.875
+        with pytest.raises(ValueError, match=r"^the allocation budget .* whole weights per row \[0, 0.875\]$"):
+            allocate(curves, budget)
+        return
     result = allocate(curves, budget)
     assert all(0.0 <= s <= 0.95 + 1e-9 for s in result.levels.values())
     kept = sum(round((1 - result.levels[c.name]) * c.width) * (c.size // c.width) for c in curves)
     wanted = sum(c.size for c in curves) * (1 - budget)
     assert abs(kept - wanted) <= max(c.size // c.width for c in curves) / 2 + 1  # within half a row-count
     assert all(abs((1 - s) * 8 - round((1 - s) * 8)) < 1e-6 for s in result.levels.values())  # whole weights per row
+
+
+def test_reachable_range_counts_whole_weights_per_row():
+    assert reachable_range([(80, 8, 0.0, 0.95)]) == (0.0, 0.875)
+    assert reachable_range([(800, 800, 0.0, 0.95)]) == (0.0, pytest.approx(0.95))  # a layer-wide level: any count
+    assert reachable_range([(80, 8, 0.5, 0.5), (80, 8, 0.0, 0.0)]) == (0.25, 0.25)
+
+
+def test_allocation_the_model_rows_cannot_reach_stops_before_any_measuring(tmp_path, capsys, tiny_llama):
+    from constrainedsparse.cli import main
+
+    # rows of 32 inputs under allocation_max 0.8 keep at least 7 weights (0.78); rows of 64 keep 13 (0.797)
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "hf-causal-lm", "--set", f"model={tiny_llama}", "--set", "seq_len=16", "--formulation", "wanda",
+              "--sparsity", "0.79", "--set", "allocation=lagrangian", "--set", "allocation_max=0.8",
+              "--out", str(tmp_path / "run"), "--wandb", "disabled", "--no-progress"])  # fmt: skip
+    assert stopped.value.code == 2 and not (tmp_path / "run").exists()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --sparsity 0.79 cannot be allocated: whole weights per row"), last
 
 
 def test_the_cheaper_layer_gets_the_higher_level_and_the_budget_is_exact_for_layer_wide_levels():

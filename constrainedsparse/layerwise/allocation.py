@@ -61,7 +61,18 @@ from constrainedsparse.layerwise.driver import (
 )
 from constrainedsparse.targets import SparsityConfig, Targets
 
-__all__ = ["Allocation", "ErrorCurve", "allocate", "error_curve", "grid_levels", "level_targets", "measure_curves"]
+__all__ = [
+    "Allocation",
+    "ErrorCurve",
+    "allocate",
+    "error_curve",
+    "grid_levels",
+    "kept_per_row",
+    "level_targets",
+    "measure_curves",
+    "reachable_range",
+    "row_width",
+]
 
 
 def grid_levels(low: float, high: float, step: float) -> list[float]:
@@ -127,8 +138,7 @@ def error_curve(layer: LayerProblem, levels: Sequence[float], weight_by: str = "
         else:
             errors.append(absolute / dense if dense > 0 else 0.0)
     # A row level keeps the same count in every row; a layer-wide (unstructured) level any count.
-    width = weight.shape[1] if layer.target.pattern == "row" else weight.numel()
-    return ErrorCurve(layer.name, weight.numel(), width, list(levels), errors)
+    return ErrorCurve(layer.name, weight.numel(), row_width(weight.shape, layer.target.pattern), list(levels), errors)
 
 
 @dataclasses.dataclass
@@ -179,12 +189,11 @@ def allocate(curves: Sequence[ErrorCurve], budget: float, *, iterations: int = 1
     hulls = [c.hull() for c in curves]
     sizes = sum(c.size for c in curves)
     wanted = budget * sizes
-    low_total = sum(c.size * h[0][0] for c, h in zip(curves, hulls))
-    high_total = sum(c.size * h[-1][0] for c, h in zip(curves, hulls))
-    if not low_total - 1e-9 <= wanted <= high_total + 1e-9:
+    low, high = reachable_range([(c.size, c.width, c.levels[0], c.levels[-1]) for c in curves])
+    if not low - 1e-9 <= budget <= high + 1e-9:
         raise ValueError(
-            f"the allocation budget {budget} is outside the levels the bounds allow "
-            f"[{low_total / sizes:.4g}, {high_total / sizes:.4g}]"
+            f"the allocation budget {budget} is outside the levels the bounds allow with whole weights per row "
+            f"[{low:.4g}, {high:.4g}]"
         )
     slopes = [(y2 - y1) / ((x2 - x1) * c.size) for c, h in zip(curves, hulls) for (x1, y1), (x2, y2) in zip(h, h[1:])]
     low, high = min(slopes, default=0.0) - 1.0, max(slopes, default=0.0) + 1.0
@@ -217,6 +226,28 @@ def _interpolate(
         total += move * curve.size
 
 
+def kept_per_row(width: int, s_min: float, s_max: float) -> tuple[int, int]:
+    """The fewest and most weights a row of ``width`` keeps at levels within ``[s_min, s_max]``."""
+    return math.ceil((1 - s_max) * width - 1e-9), math.floor((1 - s_min) * width + 1e-9)
+
+
+def row_width(shape: Sequence[int], pattern: str) -> int:
+    """Entries per row of a level: a ``row`` target keeps a count per output row, others per tensor."""
+    return int(shape[1]) if pattern == "row" else math.prod(shape)
+
+
+def reachable_range(layers: Sequence[tuple[int, int, float, float]]) -> tuple[float, float]:
+    """The lowest and highest overall levels of layers ``(size, width, s_min, s_max)`` with whole
+    weights per row (a narrow row cannot reach ``s_max`` exactly: 8 inputs at 0.95 keep 1, level 0.875)."""
+    total = sum(size for size, _, _, _ in layers)
+    fewest = most = 0
+    for size, width, s_min, s_max in layers:
+        low_count, high_count = kept_per_row(width, s_min, s_max)
+        fewest += low_count * (size // width)
+        most += high_count * (size // width)
+    return 1.0 - most / total, 1.0 - fewest / total
+
+
 def _repair(curves: Sequence[ErrorCurve], levels: dict[str, float], wanted: float) -> None:
     """Rounds every level to a whole number of kept weights per row and makes the kept total exact.
 
@@ -225,8 +256,8 @@ def _repair(curves: Sequence[ErrorCurve], levels: dict[str, float], wanted: floa
     furthest from its rounded value.
     """
     rows = {c.name: c.size // c.width for c in curves}
-    fewest = {c.name: math.ceil((1 - c.levels[-1]) * c.width - 1e-9) for c in curves}
-    most = {c.name: math.floor((1 - c.levels[0]) * c.width + 1e-9) for c in curves}
+    fewest = {c.name: kept_per_row(c.width, c.levels[0], c.levels[-1])[0] for c in curves}
+    most = {c.name: kept_per_row(c.width, c.levels[0], c.levels[-1])[1] for c in curves}
     kept = {c.name: min(max(round((1 - levels[c.name]) * c.width), fewest[c.name]), most[c.name]) for c in curves}
     target = round(sum(c.size for c in curves) - wanted)
     for _ in range(sum(c.width for c in curves)):
@@ -318,5 +349,5 @@ def _block_curve(
             errors.append(change / energy if energy > 0 else 0.0)
     finally:
         set_layer_weight(module, original)
-    width = layer.weight.shape[1] if layer.target.pattern == "row" else layer.weight.numel()
+    width = row_width(layer.weight.shape, layer.target.pattern)
     return ErrorCurve(layer.name, layer.weight.numel(), width, list(levels), errors)

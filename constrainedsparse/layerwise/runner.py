@@ -10,6 +10,7 @@ the next block's inputs are recomputed from the partially pruned model).
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,15 @@ from constrainedsparse.checkpoint import directory_mode, save_weights
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.formulations.base import available_formulations
-from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_levels, level_targets, measure_curves
+from constrainedsparse.layerwise.allocation import (
+    Allocation,
+    allocate,
+    grid_levels,
+    level_targets,
+    measure_curves,
+    reachable_range,
+    row_width,
+)
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
@@ -179,6 +188,28 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
         )
 
 
+def check_reachable(
+    blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, driver: DriverSettings
+) -> None:
+    """``allocation=lagrangian``: whole weights per row can reach the level within the bounds.
+
+    Raises:
+        UserInputError: When the rows are too narrow for the level (8 inputs at ``allocation_max``
+            0.95 keep 1 weight: 0.875 at most).
+    """
+    if driver.allocation == "uniform":
+        return
+    shapes = [layer_weight(module).shape for block in blocks for _, module in targeted_layers(block, targets)]
+    layers = [(math.prod(shape), row_width(shape, target.pattern), driver.allocation_min, driver.allocation_max)
+              for shape in shapes]  # fmt: skip
+    low, high = reachable_range(layers)
+    if not low - 1e-9 <= target.sparsity <= high + 1e-9:
+        raise UserInputError(
+            f"--sparsity {target.sparsity} cannot be allocated: whole weights per row within [allocation_min, "
+            f"allocation_max] reach [{low:.4g}, {high:.4g}] on this model (widen the bounds)"
+        )
+
+
 def _hide_transformers_progress_bars() -> None:
     """Our block bar is the run's progress; transformers' loading/saving bars would also break the
     one-line error contract (they print to stderr before a bad input is detected)."""
@@ -232,6 +263,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     model = problem.model(options)
     model.to(getattr(torch, driver.dtype)).eval()
     check_layer_shapes(problem.model_blocks(model), problem.targets, target, driver.allow_empty_layers)
+    check_reachable(problem.model_blocks(model), problem.targets, target, driver)
     batches = problem.calibration(options, config.seed)
     if not batches:
         raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
