@@ -189,6 +189,7 @@ def _bars(ax: Any, names: list[str], values: list[float], title: str) -> None:
             last, shade = blocks.get(name), 1 - shade
         colors.append("tab:blue" if shade else "tab:cyan")
     ax.bar(range(len(names)), values, color=colors)
+    ax.margins(y=0.12)  # headroom: the "block N" labels sit above the tallest bar
     short = [name.removeprefix(f"{blocks[name]}.") if name in blocks else name for name in names]
     ax.set_xticks(range(len(names)), [s.removesuffix(".weight") for s in short], rotation=90, fontsize=6)
     starts = {}
