@@ -38,13 +38,17 @@ class RestartingMultiplier(DenseMultiplier):
         **kwargs: Passed to :class:`~cooper.multipliers.DenseMultiplier` (``init``, ``device``, ``dtype``).
 
     Attributes:
-        last_restart: Boolean tensor, True for the entries reset by the latest :meth:`post_step_`.
+        last_restart: Boolean tensor, True for the entries the latest :meth:`post_step_` reset from a
+            positive value to 0 (what ``restart/<name>`` counts; an entry already at 0 is not restarted).
+        last_satisfied: Boolean tensor, True for the entries whose constraint held (:math:`g \\le 0`)
+            at the latest :meth:`post_step_`: their dual-optimizer state is cleared.
     """
 
     def __init__(self, num_constraints: int | None = None, *, restarts: bool = True, **kwargs) -> None:
         super().__init__(num_constraints=num_constraints, **kwargs)
         self.restarts = restarts
         self.last_restart = torch.zeros_like(self.weight, dtype=torch.bool)
+        self.last_satisfied = torch.zeros_like(self.weight, dtype=torch.bool)
 
     @torch.no_grad()
     def post_step_(self) -> None:
@@ -53,19 +57,22 @@ class RestartingMultiplier(DenseMultiplier):
         grad = self.weight.grad
         if not self.restarts or grad is None or self.constraint_type != ConstraintType.INEQUALITY:
             self.last_restart = torch.zeros_like(self.weight, dtype=torch.bool)
+            self.last_satisfied = torch.zeros_like(self.weight, dtype=torch.bool)
             return
-        self.last_restart = grad.reshape(self.weight.shape) <= 0
-        self.weight.data = self.weight.data.masked_fill(self.last_restart, 0.0)
+        self.last_satisfied = grad.reshape(self.weight.shape) <= 0
+        self.last_restart = self.last_satisfied & (self.weight.data > 0)
+        self.weight.data = self.weight.data.masked_fill(self.last_satisfied, 0.0)
 
 
 @torch.no_grad()
 def reset_dual_state_(optimizer: torch.optim.Optimizer, multiplier: RestartingMultiplier) -> None:
-    """Zeroes the dual optimizer's per-entry state of the entries ``multiplier`` just restarted.
+    """Zeroes the dual optimizer's per-entry state of the entries whose constraint just held (their
+    multiplier is 0 after :meth:`RestartingMultiplier.post_step_`).
 
     Every state tensor shaped like the multiplier (momentum buffer, Adam moments) is reset on the
     restarted entries; other state (step counters) is left alone. A no-op for stateless SGD.
     """
-    restarted = multiplier.last_restart
+    restarted = multiplier.last_satisfied
     if not bool(restarted.any()):
         return
     state = optimizer.state.get(multiplier.weight, {})

@@ -55,6 +55,21 @@ def test_inequality_multipliers_never_negative(violations, restarts):
         assert float(multiplier.weight.detach().min()) >= 0.0
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-2.0, 2.0, width=32), min_size=1, max_size=12))
+def test_a_restart_is_counted_only_where_a_positive_multiplier_is_reset(violations):
+    """``last_satisfied`` marks every held constraint (its multiplier is then 0); ``last_restart``
+    only those whose multiplier was positive before the step (what ``restart/<name>`` logs)."""
+    multiplier, optimizer, _, batch = _toy(violations)
+    for violation in violations:
+        before = float(multiplier.weight.detach())
+        optimizer.roll(compute_cmp_state_kwargs={"batch": batch})
+        held = violation <= 0
+        assert bool(multiplier.last_satisfied.all()) == held
+        assert bool(multiplier.last_restart.all()) == (held and max(0.0, before + 0.5 * violation) > 0)
+        assert float(multiplier.weight.detach()) >= 0.0 and (not held or float(multiplier.weight.detach()) == 0.0)
+
+
 def test_restart_zeroes_a_satisfied_constraint_after_the_dual_step():
     multiplier, optimizer, _, batch = _toy([1.0, 0.6, -0.1, 0.4])
     optimizer.roll(compute_cmp_state_kwargs={"batch": batch})

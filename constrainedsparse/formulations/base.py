@@ -302,8 +302,10 @@ class Formulation(abc.ABC):
         """``restart/<name>`` for every multiplier just restarted, whose dual-optimizer state is reset."""
         metrics = {}
         for name, multiplier in self.problem.named_multipliers():
-            if isinstance(multiplier, RestartingMultiplier) and bool(multiplier.last_restart.any()):
-                reset_dual_state_(self.dual_optimizer, multiplier)
+            if not isinstance(multiplier, RestartingMultiplier):
+                continue
+            reset_dual_state_(self.dual_optimizer, multiplier)
+            if bool(multiplier.last_restart.any()):  # a positive multiplier was reset to 0
                 metrics[f"restart/{name}"] = 1.0
         return metrics
 
