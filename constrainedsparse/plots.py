@@ -174,8 +174,12 @@ def _training_figure(rows: Rows) -> Any:
         _family_panel(axes[row + index // 2][index % 2], rows, keys, title, marks, log)
     if len(panels) % 2:
         axes[row + len(panels) // 2][1].axis("off")
+    steps = [row["step"] for row in rows if isinstance(row.get("step"), (int, float))]
+    span = (min(steps, default=0), max(steps, default=1))
+    pad = 0.02 * max(span[1] - span[0], 1)
     for ax in axes.flat:
-        if ax.axison:
+        if ax.axison:  # one step axis for every panel: a step sits at the same place in every column
+            ax.set_xlim(span[0] - pad, span[1] + pad)
             ax.set_xlabel("step")
     return fig
 
