@@ -22,6 +22,7 @@ from constrainedsparse.formulations.magnitude import MagnitudeConfig
 from constrainedsparse.formulations.slr import SLRConfig
 from constrainedsparse.layerwise import LayerwiseSolver, available_solvers, register_solver
 from constrainedsparse.layerwise.api import prune_layerwise
+from constrainedsparse.layerwise.fw import FWConfig
 from constrainedsparse.layerwise.report import LayerwiseReport
 from constrainedsparse.layerwise.solvers import SparseGPTConfig
 from constrainedsparse.logger import MetricsLogger, read_metrics
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DuplicateConfig",
+    "FWConfig",
     "Formulation",
     "GateConfig",
     "GlobalTopK",
