@@ -1,42 +1,53 @@
 """Wall time of ``TopK(k).project(x)`` against one ``x.abs()`` pass and a naive reference.
 
-For every sparsity the script times, over the same float32 tensor and in one run:
+For every data kind and sparsity the script times, over the same float32 tensor and in one run:
 
-* ``abs``: one elementwise pass, ``x.abs()`` — the floor any magnitude projection must pay;
-* ``project``: :meth:`constrainedsparse.sets.TopK.project`;
+* ``abs``: one elementwise pass, ``x.abs()`` — the floor any magnitude projection must pay (it
+  allocates its result, as ``project`` does);
+* ``project``: :meth:`constrainedsparse.sets.TopK.project`, which allocates its result;
+* ``project(out=)``: the same into a preallocated buffer (``project(x, out=buffer)``), as a caller
+  that owns one (SLR's duplicate variable Z) can call it;
 * ``naive``: a ``kthvalue`` threshold and a mask,
   ``a = x.abs(); t = a.kthvalue(n - k + 1).values; x * (a >= t)``.
 
-The three are interleaved (their order rotates every repeat) after a warm-up, and the median of
-each is reported. The projection is checked against the naive result and the script exits with
-status 1 when they differ. With exact float ties at the threshold the naive mask keeps every tied
-entry while the projection keeps exactly ``k`` (lower flat index first); the check then compares
-with the naive threshold plus that tie-breaking rule and says so in the ``check`` column.
+The data kinds (``--data``): ``randn`` (Gaussian; a tie at the threshold is rare), ``ties``
+(integers 1..8 with random signs: every threshold is tied by about 1/8 of the entries) and
+``quantized`` (Gaussian rounded to multiples of 1/16: a few hundred levels, every threshold tied).
+The timings are interleaved (their order rotates every repeat) after a warm-up, and the median of
+each is reported; the load average is recorded before and after (the machine may be shared). Both
+projections are checked against the naive result and the script exits with status 1 when one
+differs. With ties at the threshold the naive mask keeps every tied entry while the projection
+keeps exactly ``k`` (lower flat index first); the check then compares with the naive threshold
+plus that tie-breaking rule and says so in the ``check`` column.
 
 Usage::
 
-    .venv/bin/python benchmarks/projection.py                      # 16M entries, sparsity 0.9
+    .venv/bin/python benchmarks/projection.py                      # 16M entries, sparsity 0.9, randn
     .venv/bin/python benchmarks/projection.py --quick              # 1M entries, few repeats
-    .venv/bin/python benchmarks/projection.py --sparsity 0.5 0.9 0.99 --repeats 21
-    .venv/bin/python benchmarks/projection.py --json results.json --threads 4
+    .venv/bin/python benchmarks/projection.py --data randn ties quantized --sparsity 0.5 0.9 0.99 --repeats 15 \\
+        --out benchmarks/results/projection
     .venv/bin/python benchmarks/projection.py --device cuda        # if a GPU is available
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from common import command_line, write_results
 
 from constrainedsparse.sets import TopK, keep_count
 
 FULL_NUMEL = 16 * 1024 * 1024
 QUICK_NUMEL = 1024 * 1024
+DATA = ("randn", "ties", "quantized")
+GOAL = 2.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,13 +62,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1M entries and few repeats")
     parser.add_argument("--numel", type=int, default=None, help=f"entries (default {FULL_NUMEL})")
+    parser.add_argument("--data", nargs="+", default=["randn"], choices=DATA, help="data kinds (default randn)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9], help="one or more sparsities")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True, help="time the reference")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the numbers here")
+    parser.add_argument("--out", type=Path, default=None, help="write results.md and results.json here")
     args = parser.parse_args(argv)
     if args.numel is None:
         args.numel = QUICK_NUMEL if args.quick else FULL_NUMEL
@@ -66,6 +79,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.numel < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--numel and --repeats must be >= 1, --warmup >= 0")
     return args
+
+
+def make_data(kind: str, numel: int, seed: int) -> torch.Tensor:
+    """The float32 tensor of a data kind (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        return torch.randn(numel, generator=gen)
+    if kind == "ties":
+        signs = torch.randint(0, 2, (numel,), generator=gen).float() * 2 - 1
+        return torch.randint(1, 9, (numel,), generator=gen).float() * signs
+    if kind == "quantized":
+        return torch.round(torch.randn(numel, generator=gen) * 16) / 16
+    raise ValueError(f"data must be one of {', '.join(DATA)}, got {kind!r}")
 
 
 def _sync(device: torch.device) -> None:
@@ -88,7 +114,7 @@ def naive_project(x: torch.Tensor, k: int) -> torch.Tensor:
     return x * (a >= t)
 
 
-def check(x: torch.Tensor, k: int, got: torch.Tensor, naive: torch.Tensor) -> tuple[bool, str]:
+def check(x: torch.Tensor, k: int, got: torch.Tensor, naive: torch.Tensor) -> tuple[bool, str, int]:
     """Compares the projection with the naive reference.
 
     Args:
@@ -98,19 +124,21 @@ def check(x: torch.Tensor, k: int, got: torch.Tensor, naive: torch.Tensor) -> tu
         naive: :func:`naive_project` of ``x``.
 
     Returns:
-        ``(ok, how)``: whether they agree and a short word on how they were compared.
+        ``(ok, how, ties)``: whether they agree, a short word on how they were compared, and how many
+        entries have the k-th largest magnitude.
     """
     a = x.abs().reshape(-1)
     t = a.kthvalue(a.numel() - k + 1).values
     above = a > t
     tied = a == t
-    if int(above.sum()) + int(tied.sum()) == k:
-        return torch.equal(got, naive), "exact"
+    ties = int(tied.sum())
+    if int(above.sum()) + ties == k:
+        return torch.equal(got, naive), "exact", ties
     # Ties at the threshold: keep the lowest flat indices among them, as sets.py documents.
     room = k - int(above.sum())
     keep = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= room))
     ok = torch.equal(got, x * keep.reshape(x.shape)) and bool(((naive != got).reshape(-1) <= tied).all())
-    return ok, f"ties({int(tied.sum())})"
+    return ok, f"ties({ties})", ties
 
 
 def time_interleaved(
@@ -143,8 +171,86 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _row(args: argparse.Namespace, kind: str, x: torch.Tensor, sparsity: float, device: torch.device) -> dict | None:
+    """Times and checks one data kind at one sparsity (``None`` when it keeps no entry)."""
+    k = keep_count(args.numel, sparsity)
+    if k < 1:
+        print(f"skipping sparsity {sparsity}: keeps no entry", file=sys.stderr)
+        return None
+    projector = TopK(k)
+    buffer = torch.empty_like(x)
+    got = projector.project(x)
+    naive = naive_project(x, k)
+    ok, how, ties = check(x, k, got, naive)
+    into = projector.project(x, out=buffer)
+    ok_out = into is buffer and torch.equal(into, got)
+    del got, naive, into
+    fns: dict[str, Callable[[], object]] = {
+        "abs": x.abs,
+        "project": lambda: projector.project(x),
+        "project_out": lambda: projector.project(x, out=buffer),
+    }
+    if args.naive:
+        fns["naive"] = lambda: naive_project(x, k)
+    ms = time_interleaved(fns, args.repeats, args.warmup, device)
+    return {
+        "data": kind,
+        "sparsity": sparsity,
+        "k": k,
+        "ties_at_threshold": ties,
+        "abs_ms": ms["abs"],
+        "project_ms": ms["project"],
+        "ratio_project_abs": ms["project"] / ms["abs"],
+        "project_out_ms": ms["project_out"],
+        "ratio_project_out_abs": ms["project_out"] / ms["abs"],
+        "naive_ms": ms.get("naive"),
+        "ratio_naive_abs": ms["naive"] / ms["abs"] if "naive" in ms else None,
+        "correct": ok and ok_out,
+        "check": how + ("" if ok_out else ", out= differs"),
+    }
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(args: argparse.Namespace, rows: list[dict], meta: dict) -> str:
+    """The results page: one table row per data kind and sparsity, the goal verdict per column."""
+    lines = [
+        "# Top-k projection against one `abs()` pass",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"n = {args.numel} float32 on {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
+        f"{args.repeats} interleaved repeats (median) after {args.warmup} warm-up; load average (1, 5, 15 min) "
+        f"{meta['load_before']} before, {meta['load_after']} after. `project` allocates its result (as `abs` "
+        "does); `project(out=)` writes into a preallocated buffer. Goal: ≤ 2× one `abs()` pass.",
+        "",
+        "| data | sparsity | entries tied at the threshold | abs ms | project ms | project/abs | project(out=) ms "
+        "| out=/abs | naive ms | naive/abs | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['data']} | {r['sparsity']:g} | {r['ties_at_threshold']} | {r['abs_ms']:.1f} | {r['project_ms']:.1f} "
+            f"| {r['ratio_project_abs']:.2f} | {r['project_out_ms']:.1f} | {r['ratio_project_out_abs']:.2f} "
+            f"| {_cell(r['naive_ms'], 1)} | {_cell(r['ratio_naive_abs'])} | {'ok' if r['correct'] else 'FAIL'} "
+            f"{r['check']} |"
+        )
+    if rows:
+        worst = max(r["ratio_project_abs"] for r in rows)
+        worst_out = max(r["ratio_project_out_abs"] for r in rows)
+        lines += [
+            "",
+            f"Worst ratio: project {worst:.2f}× (goal ≤ {GOAL:g}×: {'met' if worst <= GOAL else 'not met'}), "
+            f"project(out=) {worst_out:.2f}× ({'met' if worst_out <= GOAL else 'not met'}).",
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark and prints a markdown table.
+    """Runs the benchmark, prints the markdown table and writes it under ``--out`` if given.
 
     Args:
         argv: Command-line arguments without the program name.
@@ -153,77 +259,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         Process exit status: 0 when every projection matched the reference, else 1.
     """
     args = parse_args(argv)
+    previous_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.numel, generator=gen, dtype=torch.float32).to(device)
-    threads = torch.get_num_threads()
-    print(
-        f"TopK.project benchmark: n={args.numel} float32 on {device}, "
-        f"repeats={args.repeats} (median), warmup={args.warmup}"
-    )
-    print()
-    print("| sparsity | abs ms | project ms | project/abs | naive ms | naive/abs | check | torch | threads |")
-    print("|---:|---:|---:|---:|---:|---:|:---|:---|---:|")
-    rows = []
-    failed = False
-    for sparsity in args.sparsity:
-        k = keep_count(args.numel, sparsity)
-        if k < 1:
-            print(f"skipping sparsity {sparsity}: keeps no entry", file=sys.stderr)
-            continue
-        projector = TopK(k)
-        got = projector.project(x)
-        naive = naive_project(x, k)
-        ok, how = check(x, k, got, naive)
-        del got, naive
-        if not ok:
-            failed = True
-            print(f"MISMATCH at sparsity {sparsity}: project differs from naive", file=sys.stderr)
-        ms = time_interleaved(
-            {
-                "abs": x.abs,
-                "project": lambda p=projector: p.project(x),
-                "naive": lambda k=k: naive_project(x, k),
-            },
-            args.repeats,
-            args.warmup,
-            device,
-        )
-        row = {
-            "sparsity": sparsity,
-            "k": k,
-            "abs_ms": ms["abs"],
-            "project_ms": ms["project"],
-            "ratio_project_abs": ms["project"] / ms["abs"],
-            "naive_ms": ms["naive"],
-            "ratio_naive_abs": ms["naive"] / ms["abs"],
-            "correct": ok,
-            "check": how,
-        }
-        rows.append(row)
-        print(
-            f"| {sparsity:g} | {row['abs_ms']:.2f} | {row['project_ms']:.2f} "
-            f"| {row['ratio_project_abs']:.2f} | {row['naive_ms']:.2f} "
-            f"| {row['ratio_naive_abs']:.2f} | {'ok' if ok else 'FAIL'} {how} "
-            f"| {torch.__version__} | {threads} |"
-        )
-    if args.json:
-        payload = {
-            "numel": args.numel,
-            "dtype": "float32",
+    try:
+        device = torch.device(args.device)
+        load_before = [round(v, 2) for v in os.getloadavg()]
+        rows = []
+        for kind in args.data:
+            x = make_data(kind, args.numel, args.seed).to(device)
+            for sparsity in args.sparsity:
+                row = _row(args, kind, x, sparsity, device)
+                if row is not None:
+                    rows.append(row)
+                    print(
+                        f"{kind} {sparsity:g}: project/abs {row['ratio_project_abs']:.2f}, "
+                        f"out=/abs {row['ratio_project_out_abs']:.2f} ({row['check']})",
+                        file=sys.stderr,
+                    )
+            del x
+        meta = {
+            "command": command_line("benchmarks/projection.py", argv),
             "device": str(device),
-            "repeats": args.repeats,
-            "warmup": args.warmup,
             "torch": torch.__version__,
-            "threads": threads,
-            "results": rows,
+            "threads": torch.get_num_threads(),
+            "load_before": load_before,
+            "load_after": [round(v, 2) for v in os.getloadavg()],
         }
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-    return 1 if failed else 0
+    finally:
+        torch.set_num_threads(previous_threads)
+    text = markdown(args, rows, meta)
+    print(text)
+    if args.out is not None:
+        payload = {**meta, "numel": args.numel, "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup}
+        write_results(args.out, text, {**payload, "results": rows})
+    return 0 if all(r["correct"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ a learnable location :math:`\log\alpha` and the fixed constants :math:`\gamma = 
 * training (one sample per forward): :math:`u \sim U(0, 1)`,
   :math:`s = \sigma\big((\log u - \log(1 - u) + \log\alpha)/\beta\big)`,
   :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))`;
-* evaluation (median rule): :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha)(\zeta - \gamma) + \gamma))`;
+* evaluation (``test_rule="median"``, the default): the median of the gate's distribution,
+  :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha/\beta)(\zeta - \gamma) + \gamma))` (the median of
+  :math:`\log u - \log(1 - u)` is 0 and :math:`z` is nondecreasing in it), the test-time gate of
+  Gallego-Posada et al. (2022). :math:`\hat z > 0` exactly when :math:`P(z \ne 0) > 1/2`;
+* evaluation with ``test_rule="louizos"``: Louizos et al.'s (2018) estimator
+  :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha)(\zeta - \gamma) + \gamma))`, which drops the
+  temperature and is *not* the median (it is nonzero for :math:`P(z \ne 0) > 0.31`);
 * expected :math:`L_0` of a gate: :math:`P(z \ne 0) = \sigma\big(\log\alpha - \beta \log(-\gamma/\zeta)\big)`.
 
 :math:`\log\alpha` starts at :math:`\log(1 - d) - \log d` for an initial drop rate :math:`d` and is
@@ -38,6 +44,7 @@ __all__ = [
     "GAMMA",
     "GROUPINGS",
     "LOG_ALPHA_RANGE",
+    "TEST_RULES",
     "ZETA",
     "HardConcreteGate",
     "apply_gates",
@@ -53,6 +60,7 @@ ZETA = 1.1
 BETA = 2.0 / 3.0
 LOG_ALPHA_RANGE = (-10.0, 10.0)
 GROUPINGS = ("unstructured", "structured")
+TEST_RULES = ("median", "louizos")
 _STRUCTURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EPS = 1e-6
 
@@ -99,10 +107,12 @@ class HardConcreteGate(nn.Module):
             Linear, per output channel of Conv).
         droprate_init: Initial drop rate :math:`d`; :math:`\log\alpha = \log(1-d) - \log d`.
         generator: Source of the uniform noise (the global RNG if ``None``).
+        test_rule: The eval-mode gate: ``"median"`` (the distribution's median) or ``"louizos"``
+            (Louizos et al.'s estimator, see the module docstring).
 
     Raises:
-        ValueError: For an unknown grouping, a layer type without a structured grouping rule, or a
-            drop rate outside (0, 1).
+        ValueError: For an unknown grouping or test rule, a layer type without a structured grouping
+            rule, or a drop rate outside (0, 1).
     """
 
     def __init__(
@@ -112,15 +122,19 @@ class HardConcreteGate(nn.Module):
         grouping: str = "unstructured",
         droprate_init: float = 0.01,
         generator: torch.Generator | None = None,
+        test_rule: str = "median",
     ) -> None:
         super().__init__()
+        if test_rule not in TEST_RULES:
+            raise ValueError(f"test_rule must be one of {', '.join(TEST_RULES)}, got {test_rule!r}")
+        self.test_rule = test_rule
         gate_shape, self.view_shape = _group_layout(module, weight_shape, grouping)
         self.grouping = grouping
         self.group_size = math.prod(weight_shape) // math.prod(gate_shape)
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
         self.test_override: torch.Tensor | None = None
-        """When set, the eval-mode gate over the weight (a hard-prune preview), instead of the median rule."""
+        """When set, the eval-mode gate over the weight (a hard-prune preview), instead of :meth:`test_gate`."""
 
     @property
     def num_gates(self) -> int:
@@ -135,9 +149,23 @@ class HardConcreteGate(nn.Module):
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
-    def test_gate(self) -> torch.Tensor:
-        r"""Median rule :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha)(\zeta - \gamma) + \gamma))`."""
+    def median(self) -> torch.Tensor:
+        r"""Median of every gate, :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha/\beta)(\zeta - \gamma) + \gamma))`.
+
+        :math:`z` is a nondecreasing function of :math:`\log u - \log(1 - u)`, whose median is 0, so
+        :math:`P(z \le \hat z) \ge 1/2` and :math:`P(z \ge \hat z) \ge 1/2` (strictly inside (0, 1)
+        half the draws lie below :math:`\hat z`); :math:`\hat z > 0` exactly when :math:`P(z \ne 0) > 1/2`.
+        """
+        return (torch.sigmoid(self.log_alpha / BETA) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def louizos_estimate(self) -> torch.Tensor:
+        r"""Louizos et al.'s test-time estimator :math:`\min(1, \max(0, \sigma(\log\alpha)(\zeta - \gamma) + \gamma))`
+        (not the median: it omits the temperature :math:`\beta`)."""
         return (torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def test_gate(self) -> torch.Tensor:
+        """The eval-mode gate of ``test_rule``: :meth:`median` or :meth:`louizos_estimate`."""
+        return self.median() if self.test_rule == "median" else self.louizos_estimate()
 
     def prob_nonzero(self) -> torch.Tensor:
         r"""Expected :math:`L_0` per gate, :math:`P(z \ne 0) = \sigma(\log\alpha - \beta\log(-\gamma/\zeta))`."""
@@ -148,7 +176,7 @@ class HardConcreteGate(nn.Module):
         return self.prob_nonzero().mean()
 
     def test_density(self) -> torch.Tensor:
-        """Fraction of gates that are nonzero under the median rule."""
+        """Fraction of gates that are nonzero at test time (:meth:`test_gate`)."""
         return (self.test_gate() > 0).float().mean()
 
     def expand(self, z: torch.Tensor) -> torch.Tensor:
@@ -172,6 +200,7 @@ def apply_gates(
     grouping: str = "unstructured",
     droprate_init: float = 0.01,
     generator: torch.Generator | None = None,
+    test_rule: str = "median",
 ) -> dict[str, HardConcreteGate]:
     """Registers a gate on every target (all layers are checked before any is touched).
 
@@ -185,7 +214,7 @@ def apply_gates(
     gates = {}
     for t in targets:
         try:
-            gate = HardConcreteGate(t.module, t.tensor.shape, grouping, droprate_init, generator)
+            gate = HardConcreteGate(t.module, t.tensor.shape, grouping, droprate_init, generator, test_rule)
         except ValueError as err:
             raise ValueError(f"{t.name}: {err}") from None
         gates[t.name] = gate.to(t.tensor.device)
@@ -212,7 +241,8 @@ def clamp_log_alpha_(gates: Iterable[HardConcreteGate]) -> None:
 
 @torch.no_grad()
 def remove_gates(targets: Iterable[TargetParam]) -> None:
-    r"""Bakes :math:`\tilde\theta \odot \hat z` (median-rule gates) into plain weights.
+    r"""Bakes :math:`\tilde\theta \odot \hat z` (the test-time gates, :meth:`HardConcreteGate.test_gate`) into
+    plain weights.
 
     Every parametrization of a gated target is removed, whatever mode the model is in.
     """

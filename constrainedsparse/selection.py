@@ -12,16 +12,25 @@ from __future__ import annotations
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["SAMPLED_SELECT_MIN_NUMEL", "kth_largest_sampled", "project_largest_magnitudes", "topk_mask"]
+__all__ = [
+    "SAMPLED_SELECT_MIN_NUMEL",
+    "SampledSelection",
+    "kth_largest_sampled",
+    "project_largest_magnitudes",
+    "topk_mask",
+]
 
 SAMPLED_SELECT_MIN_NUMEL = 1 << 20
 _SAMPLE_SIZE = 1 << 17
 _NUMPY_DTYPES = (torch.float32, torch.float64)
-_CHUNK = 1 << 18
+_CHUNK = 1 << 16
+# A bracket end held by at least 1/_MASS_FRACTION of the sample is counted per chunk, not gathered.
+_MASS_FRACTION = 256
 # Widest rows for which topk_mask(k=1) scans columns instead of calling argmax (CPU).
 _COLUMN_SCAN_MAX_WIDTH = 8
 
@@ -42,49 +51,212 @@ def _thread_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sets")
 
 
-def _bracket_counts_numpy(values: np.ndarray, lo: float, hi: float, magnitude: bool) -> tuple[int, np.ndarray]:
-    """Counts ``score > hi`` and gathers the scores in ``(lo, hi]``, one cache-sized chunk at a time.
+class SampledSelection(NamedTuple):
+    """The k-th largest score found by :func:`kth_largest_sampled`, with what ties at it need.
 
-    Chunking keeps every intermediate (``|x|``, the two comparisons) in cache and reuses the
-    same small buffers, so the whole scan costs about one read of ``values``.
+    Attributes:
+        threshold: The k-th largest score ``t`` (a 0-d tensor in the scores' dtype).
+        count_gt: How many scores are ``> t``.
+        count_ge: How many scores are ``>= t``.
+        cut: ``None`` when keeping every score ``>= t`` keeps exactly ``k``; else the flat index of
+            the ``(k - count_gt)``-th score equal to ``t`` (in index order): the top-k with ties to
+            the lower index keeps ``>= t`` up to and including ``cut`` and ``> t`` after it.
     """
+
+    threshold: torch.Tensor
+    count_gt: int
+    count_ge: int
+    cut: int | None
+
+
+class _Plan(NamedTuple):
+    """One scan's bracket ``[lo, hi]``: the scan counts the scores ``> hi``, counts per chunk the
+    scores equal to a bracket end that is a *mass* (a value so frequent, e.g. in small-integer or
+    quantized data, that gathering it would make the band a large share of the tensor), and
+    gathers the flat indices and scores of the rest of ``[lo, hi]`` (the band)."""
+
+    lo: float
+    hi: float
+    magnitude: bool
+    mass_lo: bool
+    mass_hi: bool
+
+
+class _SliceScan(NamedTuple):
+    """What one thread's scan of a contiguous slice found (see :func:`_scan_numpy`)."""
+
+    count_above: int
+    starts: list[int]
+    eq_hi: list[int]
+    eq_lo: list[int]
+    band_index: np.ndarray
+    band_value: np.ndarray
+
+
+def _scan_numpy(values: np.ndarray, offset: int, plan: _Plan) -> _SliceScan:
+    """One read of a slice, one cache-sized chunk at a time (see :class:`_Plan`).
+
+    Every intermediate (the scores, the comparisons) lives in small reused buffers, so the scan
+    costs about one read of ``values`` and allocates only the band.
+    """
+    lo, hi, magnitude, mass_lo, mass_hi = plan.lo, plan.hi, plan.magnitude, plan.mass_lo, plan.mass_hi
     chunk = min(_CHUNK, values.shape[0])
     scratch = np.empty(chunk, dtype=values.dtype)
-    above = np.empty(chunk, dtype=bool)
-    in_band = np.empty(chunk, dtype=bool)
+    upper = np.empty(chunk, dtype=bool)
+    lower = np.empty(chunk, dtype=bool)
+    equal = np.empty(chunk, dtype=bool)
+    single = lo == hi  # one tied value covers the whole bracket: nothing to gather
     count_above = 0
-    band_parts = []
+    starts: list[int] = []
+    eq_hi: list[int] = []
+    eq_lo: list[int] = []
+    indices, scores_in_band = [], []
     for start in range(0, values.shape[0], chunk):
         part = values[start : start + chunk]
         size = part.shape[0]
+        up, low, eq = upper[:size], lower[:size], equal[:size]
         scores = np.abs(part, out=scratch[:size]) if magnitude else part
-        np.greater(scores, hi, out=above[:size])
-        count_above += int(np.count_nonzero(above[:size]))
-        np.greater(scores, lo, out=in_band[:size])
-        np.logical_xor(in_band[:size], above[:size], out=in_band[:size])
-        band_parts.append(scores[in_band[:size]])
-    return count_above, np.concatenate(band_parts)
+        first = offset + start
+        starts.append(first)
+        if mass_hi:
+            np.greater(scores, hi, out=eq)
+            above = int(np.count_nonzero(eq))
+            np.greater_equal(scores, hi, out=up)
+            eq_hi.append(int(np.count_nonzero(up)) - above)
+            count_above += above
+        else:
+            np.greater(scores, hi, out=up)
+            count_above += int(np.count_nonzero(up))
+        if single:
+            continue
+        if mass_lo:
+            np.equal(scores, lo, out=eq)
+            eq_lo.append(int(np.count_nonzero(eq)))
+            np.greater(scores, lo, out=low)
+        else:
+            np.greater_equal(scores, lo, out=low)
+        np.logical_xor(low, up, out=low)  # up is a subset of low: the band
+        hits = np.flatnonzero(low)
+        indices.append(hits + first)
+        scores_in_band.append(scores[hits])
+    empty_index, empty_value = np.empty(0, dtype=np.int64), np.empty(0, dtype=values.dtype)
+    return _SliceScan(
+        count_above,
+        starts,
+        eq_hi,
+        eq_lo,
+        np.concatenate(indices) if indices else empty_index,
+        np.concatenate(scores_in_band) if scores_in_band else empty_value,
+    )
 
 
-def kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int] | None:
+def _is_mass(sample: np.ndarray, value: float) -> bool:
+    """Whether ``value`` holds so much of the sample that its entries are counted, not gathered."""
+    return int(np.count_nonzero(sample == value)) * _MASS_FRACTION >= sample.shape[0]
+
+
+def _nth_tie(values: np.ndarray, start: int, stop: int, t: float, nth: int, magnitude: bool) -> int:
+    """Flat index of the ``nth`` (1-based) score equal to ``t`` in ``values[start:stop]``."""
+    part = values[start:stop]
+    scores = np.abs(part) if magnitude else part
+    return start + int(np.flatnonzero(scores == t)[nth - 1])
+
+
+def _hardshrink_split(x: torch.Tensor, out: torch.Tensor, threshold: torch.Tensor, cut: int) -> None:
+    """``out[i] = x[i]`` where ``|x[i]| >= t`` for ``i <= cut`` and ``|x[i]| > t`` after (flat views)."""
+    below = float(torch.nextafter(threshold, torch.zeros_like(threshold)))
+    cut = min(max(cut + 1, 0), x.numel())
+    if cut > 0:
+        torch.hardshrink(x[:cut], below, out=out[:cut])
+    if cut < x.numel():
+        torch.hardshrink(x[cut:], float(threshold), out=out[cut:])
+
+
+def _select_numpy(values: np.ndarray, k: int, plan: _Plan) -> SampledSelection | None:
+    """The numpy scan of :func:`kth_largest_sampled` across the intra-op threads, and the answer."""
+    # NumPy releases the GIL in its kernels: one contiguous slice per intra-op thread.
+    n = values.shape[0]
+    bounds = np.linspace(0, n, max(1, torch.get_num_threads()) + 1).astype(np.int64)
+    slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    scans = list(_thread_pool().map(lambda ab: _scan_numpy(values[ab[0] : ab[1]], ab[0], plan), slices))
+    starts = [s for one in scans for s in one.starts] + [n]
+    band_index = np.concatenate([one.band_index for one in scans])  # ascending: slices and chunks in order
+    band_value = np.concatenate([one.band_value for one in scans])
+    eq_hi = [c for one in scans for c in one.eq_hi]
+    eq_lo = [c for one in scans for c in one.eq_lo]
+    count_above = sum(one.count_above for one in scans)
+    return _resolve(values, k, plan, count_above, eq_hi, eq_lo, band_index, band_value, starts)
+
+
+def _resolve(
+    values: np.ndarray, k: int, plan: _Plan, count_above: int, eq_hi: list[int], eq_lo: list[int],
+    band_index: np.ndarray, band_value: np.ndarray, starts: list[int],
+) -> SampledSelection | None:  # fmt: skip
+    """The exact k-th largest from the scan's counts and band (``None`` if the bracket missed)."""
+    # From the top: > hi (counted), == hi (counted if a mass), the band, == lo (counted if a mass).
+    needed = k - count_above
+    if needed <= 0:
+        return None
+    per_chunk: list[int] | None = None
+    total_hi = sum(eq_hi)
+    if plan.mass_hi and needed <= total_hi:
+        t, count_gt, count_eq, per_chunk = plan.hi, count_above, total_hi, eq_hi
+    else:
+        needed -= total_hi
+        count_gt = count_above + total_hi
+        if needed <= band_value.shape[0]:
+            m = band_value.shape[0]
+            t = band_value.dtype.type(np.partition(band_value, m - needed)[m - needed])
+            count_gt += int(np.count_nonzero(band_value > t))
+            count_eq = int(np.count_nonzero(band_value == t))
+        elif plan.mass_lo and needed - band_value.shape[0] <= sum(eq_lo):
+            t, count_eq, per_chunk = plan.lo, sum(eq_lo), eq_lo
+            count_gt += band_value.shape[0]
+        else:
+            return None
+    room = k - count_gt
+    threshold = torch.as_tensor(np.asarray(t, dtype=values.dtype))
+    if room == count_eq:
+        return SampledSelection(threshold, count_gt, count_gt + count_eq, None)
+    if per_chunk is None:  # ties inside the band: their indices were gathered
+        cut = int(band_index[np.flatnonzero(band_value == t)[room - 1]])
+    else:  # ties of a counted value: the chunk holding the room-th, then one chunk's scan
+        before = np.concatenate([[0], np.cumsum(per_chunk)])
+        j = int(np.searchsorted(before, room, side="left")) - 1
+        cut = _nth_tie(values, starts[j], starts[j + 1], float(t), room - int(before[j]), plan.magnitude)
+    return SampledSelection(threshold, count_gt, count_gt + count_eq, cut)
+
+
+def kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> SampledSelection | None:
     """Exact k-th largest score of a large flat tensor through a sampled bracket.
 
     The score is ``|values|`` when ``magnitude`` is set (without materialising it on CPU), else
-    ``values``. A strided sample brackets the k-th largest score in ``(lo, hi]`` with a
+    ``values``. A strided sample brackets the k-th largest score in ``[lo, hi]`` with a
     5-sigma margin; counting the scores above ``hi`` and gathering the few inside the bracket
-    turns one selection over ``n`` entries into one over ``O(sqrt(n))``. The answer is always
-    exact: when the bracket misses, ``None`` is returned and the caller runs the full selection.
+    turns one selection over ``n`` entries into one over ``O(sqrt(n))``. A bracket end that holds
+    a large share of the sample (heavy ties: small integer or quantized values) is counted per
+    chunk instead of gathered. The answer is always exact: when the bracket misses, ``None`` is
+    returned and the caller runs the full selection.
+
+    Args:
+        values: Flat scores (or values whose magnitudes are the scores).
+        k: Rank from the top, ``0 < k < numel``.
+        magnitude: Score ``|values|`` instead of ``values``.
 
     Returns:
-        ``(t, count_gt, count_ge)``: the k-th largest score and how many scores are ``> t`` and
-        ``>= t``.
+        A :class:`SampledSelection`: the k-th largest score ``t``, how many scores are ``> t`` and
+        ``>= t``, and where the lower-index tie rule cuts the ties at ``t``; or ``None``.
     """
     values = values.detach()
     n = values.numel()
     stride = max(1, n // _SAMPLE_SIZE)
-    sample = values[::stride].contiguous()
-    if magnitude:
-        sample = sample.abs()
+    on_numpy = values.device.type == "cpu" and values.dtype in _NUMPY_DTYPES and values.is_contiguous()
+    if on_numpy:  # NumPy's strided copy is several times faster than torch's
+        array = values.reshape(-1).numpy()[::stride]
+        sample = torch.from_numpy(np.abs(array) if magnitude else array.copy())
+    else:
+        sample = values[::stride].contiguous()
+        sample = sample.abs() if magnitude else sample
     m = sample.numel()
     q = k / n
     margin = int(5.0 * math.sqrt(m * q * (1.0 - q))) + 16
@@ -93,54 +265,27 @@ def kth_largest_sampled(values: torch.Tensor, k: int, magnitude: bool) -> tuple[
     if hi_rank < 0 or lo_rank >= m:
         return None
     hi, lo = _sample_order_statistics(sample, [hi_rank, lo_rank])
-    if values.device.type == "cpu" and values.dtype in _NUMPY_DTYPES and values.is_contiguous():
-        # NumPy releases the GIL in its kernels: one contiguous slice per intra-op thread.
-        parts = np.array_split(values.numpy(), max(1, torch.get_num_threads()))
-        results = list(_thread_pool().map(lambda p: _bracket_counts_numpy(p, lo, hi, magnitude), parts))
-        count_above_hi = sum(count for count, _ in results)
-        band_np = np.concatenate([band for _, band in results])
-        needed = k - count_above_hi
-        if needed <= 0 or band_np.shape[0] < needed:
-            return None
-        threshold = torch.as_tensor(np.partition(band_np, band_np.shape[0] - needed)[band_np.shape[0] - needed])
-        t = threshold.item()
-        return (
-            threshold,
-            count_above_hi + int(np.count_nonzero(band_np > t)),
-            count_above_hi + int(np.count_nonzero(band_np >= t)),
-        )
-    else:
-        scores = values.abs() if magnitude else values
-        above_hi = scores > hi
-        count_above_hi = int(torch.count_nonzero(above_hi))
-        band = scores[(scores > lo).logical_xor_(above_hi)]
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        return None  # NaN or inf in the bracket: the full selection decides
+    if on_numpy:
+        array = sample.numpy()
+        mass_hi = lo == hi or _is_mass(array, hi)
+        mass_lo = lo != hi and _is_mass(array, lo)
+        return _select_numpy(values.reshape(-1).numpy(), k, _Plan(lo, hi, magnitude, mass_lo, mass_hi))
+    scores = values.abs() if magnitude else values
+    above_hi = scores > hi
+    count_above_hi = int(torch.count_nonzero(above_hi))
+    band = scores[(scores >= lo).logical_xor_(above_hi)]
     needed = k - count_above_hi
     if needed <= 0 or band.numel() < needed:
         return None
     threshold = torch.kthvalue(band, band.numel() - needed + 1).values
     count_gt = count_above_hi + int(torch.count_nonzero(band > threshold))
-    return threshold, count_gt, count_above_hi + int(torch.count_nonzero(band >= threshold))
-
-
-def _first_ties(values: torch.Tensor, threshold: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat indices of the first ``count`` entries with ``|value| == threshold``, in index order.
-
-    Scans cache-sized chunks in order and stops as soon as enough ties are found.
-    """
-    if values.device.type != "cpu" or values.dtype not in _NUMPY_DTYPES:
-        return torch.nonzero(values.abs() == threshold)[:count, 0]
-    array, t = values.numpy(), threshold.item()
-    scratch = np.empty(min(_CHUNK, array.shape[0]), dtype=array.dtype)
-    found: list[np.ndarray] = []
-    total = 0
-    for start in range(0, array.shape[0], _CHUNK):
-        part = array[start : start + _CHUNK]
-        hits = np.flatnonzero(np.abs(part, out=scratch[: part.shape[0]]) == t) + start
-        found.append(hits)
-        total += hits.shape[0]
-        if total >= count:
-            break
-    return torch.from_numpy(np.concatenate(found)[:count])
+    count_ge = count_above_hi + int(torch.count_nonzero(band >= threshold))
+    cut = None
+    if count_ge > k:
+        cut = int(torch.nonzero(scores.reshape(-1) == threshold)[k - count_gt - 1, 0])
+    return SampledSelection(threshold, count_gt, count_ge, cut)
 
 
 def _kth_largest(rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -225,27 +370,25 @@ def _break_ties(rows: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor,
     return above | (ties & (tie_rank <= room))
 
 
-def project_largest_magnitudes(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """``x`` with all but its ``k`` largest magnitudes zeroed, by the sampled bracket, or ``None``.
+def project_largest_magnitudes(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x`` with all but its ``k`` largest magnitudes zeroed (ties to the lower flat index), or ``None``.
 
     For large contiguous tensors (at least :data:`SAMPLED_SELECT_MIN_NUMEL` entries) with
-    ``0 < k < numel``: one fused ``hardshrink`` pass writes the result when no tie sits at the
-    threshold, otherwise the lowest-index ties are added back. ``None`` when the path does not
-    apply (small tensor, the bracket missed, a zero threshold): the caller masks instead.
+    ``0 < k < numel``: :func:`kth_largest_sampled` reads ``x`` once (heavy ties included), then
+    ``torch.hardshrink`` writes the result in one pass, split in two at the tie cut when only some
+    of the entries tied at the threshold are kept. Nothing of ``x``'s size is allocated besides the
+    result, and not even that when ``out`` (contiguous, ``x``'s shape, dtype and device; ``x``
+    itself is allowed) is given. ``None`` when the path does not apply (small or non-contiguous
+    tensor, the bracket missed): the caller masks instead.
     """
     n = x.numel()
     if not (0 < k < n and n >= SAMPLED_SELECT_MIN_NUMEL and x.is_contiguous()):
         return None
-    found = kth_largest_sampled(x.reshape(-1), k, magnitude=True)
-    if found is None or not found[0] > 0:
+    if out is not None and not out.is_contiguous():
         return None
-    threshold, count_gt, count_ge = found
-    if count_ge == k:
-        # hardshrink keeps |x| strictly above its bound, so the bound sits one ulp below the k-th magnitude.
-        return torch.hardshrink(x, float(torch.nextafter(threshold, torch.zeros_like(threshold))))
-    # Ties at the threshold: keep everything above it, then the lowest-index ties.
-    out = torch.hardshrink(x, float(threshold))
-    flat_x, flat_out = x.reshape(-1), out.view(-1)
-    ties = _first_ties(flat_x, threshold, k - count_gt)
-    flat_out[ties] = flat_x[ties]
+    found = kth_largest_sampled(x.reshape(-1), k, magnitude=True)
+    if found is None:
+        return None
+    out = torch.empty_like(x) if out is None else out
+    _hardshrink_split(x.reshape(-1), out.view(-1), found.threshold, n - 1 if found.cut is None else found.cut)
     return out

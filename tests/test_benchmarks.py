@@ -140,6 +140,26 @@ def test_l0_control_quick(tmp_path):
     assert not list(tmp_path.glob("runs"))  # run directories live in a temporary folder
 
 
+def test_projection_quick(tmp_path, one_thread):
+    bench = _load("projection")
+    argv = ["--quick", "--data", "randn", "ties", "quantized", "--sparsity", "0.5", "0.99", "--repeats", "1"]
+    assert bench.main([*argv, "--warmup", "0", "--out", str(tmp_path), *one_thread]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/projection.py --quick --data randn ties quantized" in text
+    header, rows = _table(text)
+    assert header[:4] == ["data", "sparsity", "entries tied at the threshold", "abs ms"]
+    assert "out=/abs" in header and "project/abs" in header
+    assert [row[:2] for row in rows] == [[d, s] for d in ("randn", "ties", "quantized") for s in ("0.5", "0.99")]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["numel"] == bench.QUICK_NUMEL and len(payload["load_before"]) == 3
+    for result in payload["results"]:
+        assert result["correct"], result
+        assert result["ratio_project_abs"] == pytest.approx(result["project_ms"] / result["abs_ms"])
+        assert result["ratio_project_out_abs"] == pytest.approx(result["project_out_ms"] / result["abs_ms"])
+        if result["data"] != "randn":  # every threshold of the tied kinds is shared by many entries
+            assert result["ties_at_threshold"] > 1 and result["check"].startswith("ties(")
+
+
 def test_layerwise_quick(tmp_path):
     bench = _load("layerwise")
     assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0

@@ -1,4 +1,5 @@
-"""Hard-concrete gates: range, closed-form expected L0, median rule, grouping, removal."""
+"""Hard-concrete gates: range, closed-form expected L0, the median (by sampling) and Louizos' estimator, grouping,
+removal."""
 
 import math
 
@@ -44,14 +45,74 @@ def test_gates_lie_in_unit_interval_in_train_and_eval(values, seed):
     assert torch.all((z >= 0) & (z <= 1))
 
 
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.floats(-12.0, 12.0))
 def test_expected_l0_and_median_rule_closed_forms(log_alpha):
     _, gate = _gate((1, 1), log_alpha=torch.tensor([[log_alpha]]))
-    expected = 1.0 / (1.0 + math.exp(-(log_alpha - BETA * math.log(-GAMMA / ZETA))))
+    expected = _sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
     assert float(gate.prob_nonzero().detach()) == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    median = min(1.0, max(0.0, (1.0 / (1.0 + math.exp(-log_alpha))) * (ZETA - GAMMA) + GAMMA))
+    median = min(1.0, max(0.0, _sigmoid(log_alpha / BETA) * (ZETA - GAMMA) + GAMMA))
+    assert gate.test_rule == "median"
+    assert float(gate.median().detach()) == pytest.approx(median, abs=1e-6)
     assert float(gate.test_gate().detach()) == pytest.approx(median, abs=1e-6)
+    louizos = min(1.0, max(0.0, _sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA))
+    assert float(gate.louizos_estimate().detach()) == pytest.approx(louizos, abs=1e-6)
+    # The median is nonzero exactly when more than half of the draws are: P(z != 0) > 1/2.
+    if abs(expected - 0.5) > 1e-6:
+        assert (float(gate.median().detach()) > 0) == (expected > 0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(-6.0, 6.0), st.integers(0, 2**31 - 1))
+def test_median_has_half_the_draws_on_each_side(log_alpha, seed):
+    """Sampling: P(z <= median) >= 1/2 and P(z >= median) >= 1/2; strictly inside (0, 1) half lie below."""
+    draws = 200_000
+    _, gate = _gate((draws, 1), log_alpha=torch.full((draws, 1), log_alpha))
+    gate.generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = gate.sample()
+        median = float(gate.median()[0, 0])
+    tol = 5 * 0.5 / math.sqrt(draws)  # five binomial standard deviations
+    below, above = float((z < median).float().mean()), float((z > median).float().mean())
+    assert float((z <= median).float().mean()) >= 0.5 - tol
+    assert float((z >= median).float().mean()) >= 0.5 - tol
+    if 0.0 < median < 1.0:  # no atom at an interior median
+        assert below == pytest.approx(0.5, abs=tol) and above == pytest.approx(0.5, abs=tol)
+
+
+def test_louizos_estimate_is_not_the_median():
+    """Where Louizos' estimate c = sigma(log alpha)(zeta - gamma) + gamma is interior, the share of draws below it
+    is sigma(beta logit(sigma(log alpha)) - log alpha) = sigma(-(1 - beta) log alpha), not 1/2 (0.58 at
+    log alpha = -1, 0.42 at 1); and it keeps gates the median drops."""
+    draws = 200_000
+    tol = 5 * 0.5 / math.sqrt(draws)
+    for log_alpha in (-1.0, 1.0, 2.0):
+        _, gate = _gate((draws, 1), log_alpha=torch.full((draws, 1), log_alpha))
+        gate.generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            share = float((gate.sample() < gate.louizos_estimate()).float().mean())
+        assert share == pytest.approx(_sigmoid(-(1.0 - BETA) * log_alpha), abs=tol)
+        assert abs(share - 0.5) > 0.08
+    # log alpha = -2: P(z != 0) = 0.41 < 1/2, so the median is 0; Louizos' estimate is 0.04.
+    _, gate = _gate((1, 1), log_alpha=torch.tensor([[-2.0]]))
+    assert float(gate.median().detach()) == 0.0 and float(gate.louizos_estimate().detach()) > 0.0
+
+
+def test_test_rule_selects_the_eval_gate():
+    module = nn.Linear(3, 2)
+    gate = HardConcreteGate(module, module.weight.shape, test_rule="louizos")
+    gate.log_alpha.data.fill_(-2.0)
+    gate.eval()
+    torch.testing.assert_close(gate(torch.ones(2, 3)), gate.louizos_estimate().detach())
+    assert float(gate.test_density()) == 1.0
+    gate.test_rule = "median"
+    assert float(gate(torch.ones(2, 3)).detach().abs().sum()) == 0.0 and float(gate.test_density()) == 0.0
+    with pytest.raises(ValueError, match=r"test_rule must be one of median, louizos, got 'mean'"):
+        HardConcreteGate(module, module.weight.shape, test_rule="mean")
 
 
 def test_expected_l0_matches_monte_carlo():

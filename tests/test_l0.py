@@ -141,6 +141,7 @@ def test_restart_clears_the_dual_optimizers_momentum():
         ),
         (L0PenaltyConfig(lmbda=-0.5), r"lmbda must be a finite number >= 0, got -0.5"),
         (L0PenaltyConfig(gate_lr=0.0), r"gate_lr must be > 0, got 0.0"),
+        (L0Config(test_rule="mean"), r"^test_rule must be one of median, louizos, got 'mean'$"),
     ],
 )
 def test_config_validation(config, message):
@@ -163,6 +164,20 @@ def test_target_density_outside_unit_interval():
     problem.targets[1].sparsity = 1.0
     with pytest.raises(ValueError, match=r"target density 1 - sparsity of 2.weight must be in \(0, 1\], got 0.0"):
         make("l0", problem)
+
+
+@pytest.mark.parametrize("name", ["l0", "l0-penalty"])
+def test_test_rule_reaches_every_gate(name):
+    """``test_rule`` picks the eval-mode gate of every target: the median by default, or Louizos' estimator."""
+    for rule in ("median", "louizos"):
+        problem, _ = _mlp_problem()
+        config = (L0Config if name == "l0" else L0PenaltyConfig)(test_rule=rule)
+        f = make(name, problem, config)
+        f.setup(1, 1)
+        for gate in f.gates.values():
+            gate.log_alpha.data.fill_(-2.0)  # P(z != 0) = 0.41: off by the median, on by Louizos' estimate
+            assert gate.test_rule == rule
+        assert f.test_density() == (0.0 if rule == "median" else 1.0)
 
 
 # --- optimizer, masks, finalize -----------------------------------------------------------------

@@ -725,6 +725,101 @@ def test_large_topk_project_with_many_ties(sampled_calls: list) -> None:
     assert int(torch.count_nonzero(TopK(k).project(z))) == int(torch.count_nonzero(z))
 
 
+def _tied_data(kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Large tensors whose thresholds are heavily tied (and the orders that stress the tie cut)."""
+    signs = torch.randint(0, 2, (LARGE,), generator=gen).float() * 2 - 1
+    if kind == "integers":  # 1..8: every threshold is tied by about 1/8 of the entries
+        return torch.randint(1, 9, (LARGE,), generator=gen).float() * signs
+    if kind == "quantized":  # a few hundred levels
+        return torch.round(torch.randn(LARGE, generator=gen) * 16) / 16
+    if kind == "sorted":  # the ties of one value are contiguous, not spread over the index range
+        return torch.sort(torch.randint(1, 5, (LARGE,), generator=gen).float()).values
+    if kind == "descending":
+        return torch.sort(torch.randint(1, 5, (LARGE,), generator=gen).float(), descending=True).values
+    if kind == "constant":
+        return torch.full((LARGE,), -2.5)
+    if kind == "float64":
+        return torch.randint(0, 6, (LARGE,), generator=gen).double() * signs.double()
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["integers", "quantized", "sorted", "descending", "constant", "float64"])
+def test_large_topk_project_with_heavy_ties_takes_the_sampled_path(kind: str, sampled_calls: list) -> None:
+    """Heavily tied data is selected by the sampled bracket too (no full selection), with the same result
+    as a stable sort: ties to the lower flat index, into a buffer, in place."""
+    x = _tied_data(kind, torch.Generator().manual_seed(3))
+    for sparsity in (0.2, 0.5, 0.9, 0.99):
+        k = keep_count(LARGE, sparsity)
+        expected = x * _stable_topk_mask(x.abs(), k)
+        sampled_calls.clear()
+        got = TopK(k).project(x)
+        assert sampled_calls and all(c is not None for c in sampled_calls), (kind, sparsity)
+        assert torch.equal(got, expected), (kind, sparsity)
+        buffer = torch.full_like(x, 7.0)
+        assert TopK(k).project(x, out=buffer) is buffer and torch.equal(buffer, expected)
+        y = x.clone()
+        assert TopK(k).project(y, out=y) is y and torch.equal(y, expected)
+
+
+def test_sampled_selection_reports_the_tie_cut() -> None:
+    """The cut is the flat index of the last kept tie: >= t up to it, > t after it."""
+    periods = LARGE // 7  # period 7: prime to the sample's stride
+    x = torch.tensor([3.0, 1.0, -2.0, 2.0, 1.0, 2.0, -2.0]).repeat(periods)
+    found = selection.kth_largest_sampled(x, periods + 3, magnitude=True)  # every 3, then the first three 2s
+    assert found is not None
+    assert float(found.threshold) == 2.0 and found.count_gt == periods and found.count_ge == 5 * periods
+    assert found.cut == 5
+    found = selection.kth_largest_sampled(x, 5 * periods, magnitude=True)
+    assert found is not None and found.cut is None  # every 2 is kept
+
+
+def test_large_project_allocates_only_its_result() -> None:
+    """No second tensor of the input's size: the result (none with ``out=``) and small buffers only."""
+    import tracemalloc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    x = _tied_data("integers", torch.Generator().manual_seed(4))
+    nbytes = x.numel() * x.element_size()
+    k = keep_count(LARGE, 0.5)
+    buffer = torch.empty_like(x)
+    TopK(k).project(x, out=buffer)  # warm-up: the thread pool
+    for out in (buffer, None):
+        tracemalloc.start()  # NumPy's allocations (the sample, the band, the chunk buffers)
+        TopK(k).project(x, out=out)
+        _, numpy_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:  # torch's allocations
+            TopK(k).project(x, out=out)
+        allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+        big = [size for size in allocated if size > nbytes // 8]
+        assert big == ([] if out is not None else [nbytes] * len(big)), big  # only the result, if any
+        assert numpy_peak < nbytes // 4, numpy_peak  # the sample, the band and the chunk buffers: ~1.5 MB here
+
+
+@FAST
+@given(set_and_tensor(max_numel=24), st.booleans())
+def test_project_into_a_buffer_matches_project(case: tuple[object, torch.Tensor], inplace: bool) -> None:
+    """``project(x, out=...)`` writes the projection into ``out`` (``x`` itself allowed) and returns it."""
+    fs, x = case
+    expected = fs.project(x)
+    out = x.clone() if inplace else torch.full_like(x, 7.0)
+    assert fs.project(out if inplace else x, out=out) is out
+    assert torch.equal(out, expected)
+
+
+def test_project_rejects_a_mismatched_buffer() -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    wrong = (
+        (torch.empty(3, 2), r"\(3, 2\) torch.float32"),
+        (torch.empty(2, 3, dtype=torch.float64), r"\(2, 3\) torch.float64"),
+    )
+    for out, what in wrong:
+        for fs in (TopK(2), RowTopK(1), StructuredGroups(1)):
+            with pytest.raises(ValueError, match=rf"out must have the input's shape, dtype and device: got {what}"):
+                fs.project(x, out=out)
+
+
 def test_large_lmo_accepts_grad_requiring_tensor() -> None:
     g = torch.randn(LARGE, requires_grad=True)
     k = keep_count(LARGE, 0.9)

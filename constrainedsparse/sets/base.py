@@ -114,6 +114,15 @@ def _fixed_count(fraction: float, budget: int) -> int:
     return math.floor(fraction * budget)
 
 
+def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> None:
+    """Raises ``ValueError`` unless ``out`` is ``None`` or matches ``x``'s shape, dtype and device."""
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(
+            f"out must have the input's shape, dtype and device: got {tuple(out.shape)} {out.dtype} on "
+            f"{out.device} for {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+
+
 def _lmo_mask(neg_scores: torch.Tensor, k: int, only_negative: bool) -> torch.Tensor:
     """Vertex of the mask hull minimising <g, v>, given -g (batched along the last dim)."""
     vertex = topk_mask(neg_scores, k)
@@ -204,9 +213,19 @@ class FeasibleSet(abc.ABC):
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean support of :meth:`project`: the entries of ``x`` that the projection keeps."""
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        r"""Euclidean projection :math:`\arg\min_{z \in C}\|z - x\|_2` (``x`` is not modified)."""
-        return x * self.mask(x)
+    def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Euclidean projection :math:`\arg\min_{z \in C}\|z - x\|_2`.
+
+        Args:
+            x: The tensor to project (not modified, unless it is ``out``).
+            out: Optional tensor of ``x``'s shape, dtype and device to write the result into (a
+                caller that owns a buffer, e.g. a duplicate variable, avoids an allocation); may be
+                ``x`` itself. It is returned. No gradient flows through ``out``.
+        """
+        if out is None:
+            return x * self.mask(x)
+        _check_out(x, out)
+        return torch.mul(x.detach(), self.mask(x), out=out)
 
     @abc.abstractmethod
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:

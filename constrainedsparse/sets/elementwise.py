@@ -13,6 +13,7 @@ from constrainedsparse.selection import project_largest_magnitudes, topk_mask
 from constrainedsparse.sets.base import (
     Face,
     FeasibleSet,
+    _check_out,
     _fixed_count,
     _lmo_mask,
     keep_count,
@@ -46,11 +47,15 @@ class TopK(FeasibleSet):
         self._check(x)
         return topk_mask(x.detach().abs().reshape(1, -1), self.k).reshape(x.shape)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
         x = x.detach()
-        fast = project_largest_magnitudes(x, self.k)  # large tensors: a sampled bracket, one fused pass
-        return fast if fast is not None else x * self.mask(x)
+        _check_out(x, out)
+        # Large tensors: a sampled bracket (one read) and one hardshrink pass into the result.
+        fast = project_largest_magnitudes(x, self.k, out)
+        if fast is not None:
+            return fast
+        return torch.mul(x, self.mask(x), out=out) if out is not None else x * self.mask(x)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
         self._check(grad)

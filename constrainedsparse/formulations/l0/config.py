@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
-from constrainedsparse.gates import GROUPINGS
+from constrainedsparse.gates import GROUPINGS, TEST_RULES
 
 __all__ = [
     "DENSITY_CONSTRAINTS",
@@ -38,6 +38,12 @@ class GateConfig(Hyperparameters):
         weight_decay: L2 weight decay of the weights in the default Adam (a user's optimizer keeps
             its own); the gates' group always has 0.
         log_interval: Log the dual dynamics every this many steps (and at every restart).
+        test_rule: The test-time (eval-mode) gate that is measured, baked in and ranks the hard
+            masks: ``"median"`` (default), the median of the hard-concrete distribution,
+            :math:`\\min(1, \\max(0, \\sigma(\\log\\alpha/\\beta)(\\zeta - \\gamma) + \\gamma))`, nonzero exactly
+            when :math:`P(z \\ne 0) > 1/2` (Gallego-Posada et al.'s test-time model); ``"louizos"``:
+            Louizos et al.'s estimator :math:`\\min(1, \\max(0, \\sigma(\\log\\alpha)(\\zeta - \\gamma) + \\gamma))`,
+            which is not the median (nonzero for :math:`P(z \\ne 0) > 0.31`). Training is the same.
     """
 
     grouping: str = hyperparameter(
@@ -50,6 +56,9 @@ class GateConfig(Hyperparameters):
     )
     weight_decay: float = hyperparameter(0.0, "L2 weight decay of the weights in the default Adam", Bounds(low=0))
     log_interval: int = hyperparameter(10, "log the dual dynamics every this many steps", Bounds(low=1))
+    test_rule: str = hyperparameter(
+        "median", "test-time gate: the gate's median, or Louizos et al.'s estimator", OneOf(TEST_RULES)
+    )
 
 
 @dataclasses.dataclass

@@ -48,7 +48,7 @@ class Gated(Formulation):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(torch.initial_seed()) % 2**63)
         self.gates: dict[str, HardConcreteGate] = apply_gates(
-            problem.targets, self.config.grouping, self.config.droprate_init, self.generator
+            problem.targets, self.config.grouping, self.config.droprate_init, self.generator, self.config.test_rule
         )
         self.optimizer.add_param_group(self._gate_group())
         self.add_terms()
