@@ -256,6 +256,8 @@ class Formulation(abc.ABC):
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         cmp_state = self.problem.compute_cmp_state(batch)
+        if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
+            return LagrangianStep(cmp_state, cmp_state.loss)
         primal = cmp_state.compute_primal_lagrangian()
         if self.dual_optimizer is not None:
             dual = cmp_state.compute_dual_lagrangian().lagrangian
