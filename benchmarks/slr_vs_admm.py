@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -54,9 +54,16 @@ from constrainedsparse.logger import read_metrics
 METHODS = ("slr", "admm", "magnitude+retrain", "magnitude-gradual")
 DUAL_METHODS = ("slr", "admm")
 DEFAULT_PROBLEMS = ("digits-mlp", "mnist1d-mlp")
+DEFAULT_SPARSITIES = (0.8, 0.9, 0.95)
+DEFAULT_GRID = {"digits-mlp": (0.8, 0.9, 0.95), "mnist1d-mlp": (0.8, 0.9, 0.925, 0.95)}
+GOAL_ROWS = {("mnist1d-mlp", 0.9), ("mnist1d-mlp", 0.925), ("mnist1d-mlp", 0.95), ("digits-mlp", 0.95)}
+"""The issue's goal rows: SLR >= 0.8 x dense, >= ADMM + 5 points and >= gradual magnitude (mean of the seeds)."""
+GOAL_DENSE_FACTOR = 0.8
+GOAL_ADMM_MARGIN = 0.05
+GOAL_EPOCHS_FACTOR = 0.5
 DEFAULT_THRESHOLD = "0.9x"
 DEFAULT_OUT = Path(__file__).parent / "results" / "slr_vs_admm"
-QUICK = {"problems": ["digits-mlp"], "sparsities": [0.9], "seeds": [0], "epochs": 3, "pretrain_epochs": 3}
+QUICK = {"problems": ["digits-mlp"], "sparsities": ["0.9"], "seeds": [0], "epochs": 3, "pretrain_epochs": 3}
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="digits-mlp, sparsity 0.9, one seed, 3 epochs")
     parser.add_argument("--problems", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_PROBLEMS)}")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=None, help="default: 0.8 0.9 0.95")
+    parser.add_argument(
+        "--sparsities",
+        nargs="+",
+        default=None,
+        metavar="LEVEL|PROBLEM=LEVEL,...",
+        help="levels for every problem, or per problem (default: digits-mlp=0.8,0.9,0.95 "
+        "mnist1d-mlp=0.8,0.9,0.925,0.95; other problems 0.8 0.9 0.95)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     parser.add_argument("--epochs", type=int, default=None, help="pruning (and retraining) epochs E (default 20)")
     parser.add_argument(
@@ -180,7 +194,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    defaults = {"problems": list(DEFAULT_PROBLEMS), "sparsities": [0.8, 0.9, 0.95], "seeds": [0, 1, 2], "epochs": 20}
+    defaults = {"problems": list(DEFAULT_PROBLEMS), "sparsities": [], "seeds": [0, 1, 2], "epochs": 20}
     for key, value in (QUICK if args.quick else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -197,7 +211,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--threshold names problems that are not run: {', '.join(unknown)}")
     args.thresholds = thresholds
+    try:
+        args.grid = parse_grid(args.sparsities, args.problems)
+    except ValueError as err:
+        parser.error(str(err))
     return args
+
+
+def parse_grid(items: Sequence[str], problems: Sequence[str]) -> dict[str, list[float]]:
+    """The sparsities of every problem from ``--sparsities`` items.
+
+    Args:
+        items: ``LEVEL`` (every problem) or ``PROBLEM=LEVEL,LEVEL,...``; none: :data:`DEFAULT_GRID`.
+        problems: The problems run.
+
+    Returns:
+        ``{problem: levels}`` in ``problems`` order, levels sorted.
+
+    Raises:
+        ValueError: For a level outside (0, 1) or a problem that is not run.
+    """
+    common: list[float] = []
+    own: dict[str, list[float]] = {}
+    for item in items:
+        problem, sep, levels = item.rpartition("=")
+        if sep and problem not in problems:
+            raise ValueError(f"--sparsities {item!r}: {problem!r} is not among the problems run")
+        try:
+            values = [float(level) for level in levels.split(",")]
+        except ValueError:
+            raise ValueError(f"--sparsities {item!r}: expected LEVEL or PROBLEM=LEVEL,LEVEL,...") from None
+        if not all(0 < value < 1 for value in values):
+            raise ValueError(f"--sparsities {item!r}: a level is in (0, 1)")
+        (own.setdefault(problem, []) if sep else common).extend(values)
+    grid = {}
+    for problem in problems:
+        levels = own.get(problem, []) + common
+        if not items:
+            levels = list(DEFAULT_GRID.get(problem, DEFAULT_SPARSITIES))
+        grid[problem] = sorted(set(levels))
+    return grid
 
 
 def run_config(args: argparse.Namespace, problem: str, sparsity: float, seed: int, method: str, out: Path) -> RunConfig:
@@ -266,20 +319,19 @@ def _pct(values: Sequence[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def summarize(records: list[dict[str, Any]], problems: Sequence[str], sparsities: Sequence[float]) -> list[dict]:
+def summarize(records: list[dict[str, Any]], grid: dict[str, list[float]]) -> list[dict]:
     """Aggregates the per-run records into one row per problem x sparsity.
 
     Args:
         records: One dict per run (see :func:`main`).
-        problems: Problems in table order.
-        sparsities: Sparsities in table order.
+        grid: ``{problem: sparsities}`` in table order.
 
     Returns:
         Rows with ``dense`` (mean, std) and per method ``final`` (mean, std), ``epochs`` (mean over
         the seeds that reached the threshold, or None), ``reached`` and ``seeds`` counts, ``seconds``.
     """
     rows = []
-    for problem in problems:
+    for problem, sparsities in grid.items():
         for sparsity in sparsities:
             group = [r for r in records if r["problem"] == problem and r["sparsity"] == sparsity]
             if not group:
@@ -303,8 +355,83 @@ def summarize(records: list[dict[str, Any]], problems: Sequence[str], sparsities
                     "seconds": statistics.fmean(r["seconds"] for r in runs),
                 }
             row["dense_pct"] = _pct(list(dense.values()))
+            row["goals"] = goal_checks(row)
             rows.append(row)
     return rows
+
+
+def goal_checks(row: dict[str, Any]) -> dict[str, Any]:
+    """The issue's comparisons of one row (means over the seeds).
+
+    Returns:
+        ``goal_row`` (whether the issue sets the goal for this problem and sparsity), ``slr_over_dense``,
+        ``slr_minus_admm``, ``slr_minus_gradual`` (accuracy fractions), ``epochs_ratio`` (slr / admm mean
+        epochs to the threshold where both reached it on some seed, else ``None``), and ``met`` per check.
+    """
+    methods = row["methods"]
+    slr, admm, gradual = (methods[m]["final"][0] for m in ("slr", "admm", "magnitude-gradual"))
+    epochs = (methods["slr"]["epochs"], methods["admm"]["epochs"])
+    ratio = epochs[0] / epochs[1] if None not in epochs and epochs[1] > 0 else None
+    checks = {
+        "slr_over_dense": slr / row["dense"][0],
+        "slr_minus_admm": slr - admm,
+        "slr_minus_gradual": slr - gradual,
+        "epochs_ratio": ratio,
+    }
+    checks["met"] = {
+        "slr_over_dense": checks["slr_over_dense"] >= GOAL_DENSE_FACTOR,
+        "slr_minus_admm": checks["slr_minus_admm"] >= GOAL_ADMM_MARGIN - 1e-12,
+        "slr_minus_gradual": checks["slr_minus_gradual"] >= 0,
+        "epochs_ratio": None if ratio is None else ratio <= GOAL_EPOCHS_FACTOR,
+    }
+    checks["goal_row"] = (row["problem"], row["sparsity"]) in GOAL_ROWS
+    return checks
+
+
+def _load() -> str:
+    try:
+        return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return "unknown"
+
+
+def _mark(met: bool | None) -> str:
+    return "" if met is None else (" ✓" if met else " ✗")
+
+
+def goals_table(rows: list[dict[str, Any]]) -> str:
+    """The goal comparisons per row (✓ met, ✗ not); goal rows are the issue's, the others for information."""
+    header = [
+        "problem",
+        "sparsity",
+        "goal row",
+        f"slr / dense (>= {GOAL_DENSE_FACTOR:g})",
+        f"slr - admm (>= +{100 * GOAL_ADMM_MARGIN:g} points)",
+        "slr - gradual magnitude (>= 0)",
+        f"epochs to thr. slr / admm (<= {GOAL_EPOCHS_FACTOR:g} where both reach it)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|:---|---:|:---:|---:|---:|---:|---:|"]
+    for row in rows:
+        goals, met = row["goals"], row["goals"]["met"]
+        ratio = goals["epochs_ratio"]
+        methods = row["methods"]
+        if ratio is not None:
+            epochs = f"{ratio:.2f}{_mark(met['epochs_ratio'])}"
+        elif methods["slr"]["epochs"] is not None:
+            epochs = "admm never"
+        else:
+            epochs = "slr never" if methods["admm"]["epochs"] is not None else "neither"
+        cells = [
+            row["problem"],
+            f"{row['sparsity']:g}",
+            "yes" if goals["goal_row"] else "no",
+            f"{goals['slr_over_dense']:.2f}{_mark(met['slr_over_dense'])}",
+            f"{100 * goals['slr_minus_admm']:+.1f}{_mark(met['slr_minus_admm'])}",
+            f"{100 * goals['slr_minus_gradual']:+.1f}{_mark(met['slr_minus_gradual'])}",
+            epochs,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -348,7 +475,7 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
     from matplotlib.ticker import MaxNLocator
 
     problems = list(dict.fromkeys(row["problem"] for row in rows))
-    sparsities = list(dict.fromkeys(row["sparsity"] for row in rows))
+    sparsities = sorted({row["sparsity"] for row in rows})
     fig, axes = plt.subplots(
         len(problems),
         len(sparsities),
@@ -397,11 +524,12 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         the engine's ``seconds`` and the formulation ``settings``.
     """
     records: list[dict[str, Any]] = []
-    total = len(args.problems) * len(args.sparsities) * len(args.seeds) * len(METHODS)
+    total = sum(len(levels) for levels in args.grid.values()) * len(args.seeds) * len(METHODS)
     # One-shot first: its hard-prune accuracy is epoch 0 of every method's curve.
     order = sorted(METHODS, key=lambda method: method != "magnitude+retrain")
     with tempfile.TemporaryDirectory(prefix="slr_vs_admm-") as scratch:
-        for problem, seed, sparsity in itertools.product(args.problems, args.seeds, args.sparsities):
+        runs = [(p, seed, level) for p in args.problems for seed in args.seeds for level in args.grid[p]]
+        for problem, seed, sparsity in runs:
             threshold = args.thresholds.get(problem, args.thresholds[None])
             oneshot = math.nan
             for method in order:
@@ -455,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line("benchmarks/slr_vs_admm.py", argv)
     # Validate every configuration (settings, problems, sparsities) before the first run.
     for problem in args.problems:
-        for sparsity in args.sparsities:
+        for sparsity in args.grid[problem]:
             for method in METHODS:
                 try:
                     prepare(run_config(args, problem, sparsity, args.seeds[0], method, Path("unused")))
@@ -463,11 +591,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"error: {method} on {problem}: {err}", file=sys.stderr)
                     return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    load_before = _load()
     started = time.perf_counter()
     with torch_threads(args.threads) as threads:
         records = run_all(args)
     wall = time.perf_counter() - started
-    rows = summarize(records, args.problems, args.sparsities)
+    load_after = _load()
+    rows = summarize(records, args.grid)
     table = markdown_table(rows)
     rules = "; ".join(
         f"{name or 'default'}: {rule.describe()}" for name, rule in sorted(args.thresholds.items(), key=str)
@@ -484,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Epochs E = {args.epochs} per method; pretrain epochs: "
             f"{args.pretrain_epochs if args.pretrain_epochs is not None else 'problem default'}; "
             f"seeds {' '.join(map(str, args.seeds))}; settings (--set): {settings}; torch {torch.__version__}, "
-            f"torch threads: {threads}; dense-model cache {cache_dir()}; total wall time {wall:.0f} s.",
+            f"torch threads: {threads}; dense-model cache {cache_dir()}; total wall time {wall:.0f} s; load average "
+            f"(1, 5, 15 min) {load_before} before, {load_after} after.",
             "",
             "Accuracy columns: test accuracy (%) after hard pruning at the end of the E epochs, mean ± std over "
             "seeds, no retraining for slr, admm and magnitude-gradual; magnitude+retrain is one-shot magnitude "
@@ -495,6 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Epoch 0 is the one-shot magnitude accuracy of the dense model, shared by every method.",
             "",
             table,
+            "",
+            "Goal checks (the issue's, on the mean over seeds; goal rows: mnist1d-mlp 0.9 to 0.95 and digits-mlp "
+            "0.95, the others for information):",
+            "",
+            goals_table(rows),
             "",
             "Mean wall seconds per run (engine's count, dense model from the cache except on the first run "
             "per problem and seed):",
@@ -511,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "epochs": args.epochs,
         "pretrain_epochs": args.pretrain_epochs,
         "problems": args.problems,
-        "sparsities": args.sparsities,
+        "sparsities": args.grid,
         "seeds": args.seeds,
         "methods": list(METHODS),
         "settings": args.method_settings,
@@ -531,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(args.out, text, payload)
     plot(records, rows, args.out / "accuracy_vs_epoch.png")
     print(table)
+    print()
+    print(goals_table(rows))
     print(f"\nwall time {wall:.1f} s; results in {args.out}")
     return 0
 

@@ -66,11 +66,13 @@ class UserConstraint:
             raise ValueError("restarts apply to inequality constraints ('<='), not to an equality")
         if not callable(self.fn):
             raise ValueError(f"constraint fn must be callable, got {type(self.fn).__name__}")
+        # Read once: inspecting the signature at every step costs more than a small model's step.
+        object.__setattr__(self, "_uses_batch", len(inspect.signature(self.fn).parameters) >= 2)
 
     @property
     def uses_batch(self) -> bool:
         """Whether ``fn`` takes the batch as its second argument."""
-        return len(inspect.signature(self.fn).parameters) >= 2
+        return self._uses_batch
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self.fn(model, batch) if self.uses_batch else self.fn(model)
@@ -83,6 +85,7 @@ class _Registered:
     dual_every_step: bool
     data_dependent: bool = False
     user: bool = False
+    observed: bool = True
 
 
 def _pair(batch: Batch) -> tuple[Any, Any]:
@@ -227,6 +230,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         *,
         dual_every_step: bool = True,
         data_dependent: bool = False,
+        observed: bool = True,
     ) -> None:
         """Registers any Cooper constraint with the function that measures its violation.
 
@@ -241,14 +245,20 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             data_dependent: Whether the violation depends on the batch. Under torchrun its value is
                 then averaged over the ranks (:func:`constrainedsparse.distributed.synchronised`)
                 before any dual use, so every rank updates the multiplier the same way.
+            observed: If False, :meth:`compute_cmp_state` does not evaluate the constraint, so it is
+                no part of the per-step Lagrangian: the formulation that registered it applies its
+                primal term itself (``slr``/``admm`` add the W = Z penalty gradient with a gradient
+                hook) and updates its multiplier on its own schedule (requires ``dual_every_step=False``).
 
         Raises:
-            ValueError: If the name is taken.
+            ValueError: If the name is taken, or for an unobserved constraint stepped every step.
         """
         if name in self._violations:
             raise ValueError(f"constraint {name!r} is already registered")
+        if not observed and dual_every_step:
+            raise ValueError(f"constraint {name!r}: an unobserved constraint cannot take a dual step every step")
         self._register_constraint(name, constraint)
-        self._violations[name] = _Registered(constraint, violation, dual_every_step, data_dependent)
+        self._violations[name] = _Registered(constraint, violation, dual_every_step, data_dependent, observed=observed)
 
     def remove_constraint(self, name: str) -> None:
         """Unregisters a constraint (and its multiplier) added by :meth:`add_constraint`.
@@ -262,7 +272,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         del self._violations[name]
 
     def compute_cmp_state(self, batch: Batch) -> cooper.CMPState:
-        """Loss (plus penalties) and every constraint violation on ``batch``; ``misc['output']`` keeps the output."""
+        """Loss (plus penalties) and every observed constraint's violation on ``batch``; ``misc['output']`` keeps
+        the output."""
         loss, output = self.loss(batch)
         for fn in self._penalties.values():
             loss = loss + fn(self.model)
@@ -271,6 +282,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 violation=self._violation(name, entry, batch), contributes_to_dual_update=entry.dual_every_step
             )
             for name, entry in self._violations.items()
+            if entry.observed
         }
         return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
 

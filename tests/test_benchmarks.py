@@ -52,7 +52,12 @@ def test_slr_vs_admm_quick(tmp_path, one_thread):
         assert (tmp_path / name).is_file(), name
     text = (tmp_path / "results.md").read_text()
     assert "benchmarks/slr_vs_admm.py --quick --out" in text
-    assert "0.9 x dense accuracy" in text
+    assert "0.9 x dense accuracy" in text and "load average" in text
+    goals = text[text.index("Goal checks") :]
+    goal_header, goal_rows = _table(goals)
+    assert goal_header[:3] == ["problem", "sparsity", "goal row"] and [r[:3] for r in goal_rows] == [
+        ["digits-mlp", "0.9", "no"]
+    ]
     header, rows = _table(text)
     for method in bench.METHODS:
         assert f"{method} %" in header and f"{method} epochs to thr." in header
@@ -97,6 +102,34 @@ def test_slr_vs_admm_threshold_and_settings_parsing():
         bench.parse_settings(["magnitude:rho=1"])
     assert bench.epochs_to_reach([0.2, 0.5, 0.9, 0.8], 0.85) == 2
     assert bench.epochs_to_reach([0.2, 0.5], 0.85) is None
+    problems = ["digits-mlp", "mnist1d-mlp"]
+    assert bench.parse_grid([], problems) == {"digits-mlp": [0.8, 0.9, 0.95], "mnist1d-mlp": [0.8, 0.9, 0.925, 0.95]}
+    assert bench.parse_grid(["0.9", "mnist1d-mlp=0.95,0.925"], problems) == {
+        "digits-mlp": [0.9],
+        "mnist1d-mlp": [0.9, 0.925, 0.95],
+    }
+    for bad, message in (("cifar=0.9", "not among the problems run"), ("1.0", r"in \(0, 1\)"), ("x", "LEVEL")):
+        with pytest.raises(ValueError, match=message):
+            bench.parse_grid([bad], problems)
+    row = {
+        "problem": "mnist1d-mlp",
+        "sparsity": 0.95,
+        "dense": (0.6, 0.0),
+        "methods": {
+            "slr": {"final": (0.55, 0.0), "epochs": 4.0},
+            "admm": {"final": (0.49, 0.0), "epochs": 10.0},
+            "magnitude-gradual": {"final": (0.55, 0.0), "epochs": None},
+        },
+    }
+    goals = bench.goal_checks(row)
+    assert goals["goal_row"] and goals["epochs_ratio"] == 0.4
+    assert goals["slr_minus_admm"] == pytest.approx(0.06) and goals["slr_over_dense"] == pytest.approx(0.55 / 0.6)
+    assert goals["met"] == {
+        "slr_over_dense": True,
+        "slr_minus_admm": True,
+        "slr_minus_gradual": True,
+        "epochs_ratio": True,
+    }
 
 
 def test_overhead_quick(tmp_path, one_thread):
@@ -104,18 +137,27 @@ def test_overhead_quick(tmp_path, one_thread):
     assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
 
     text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/overhead.py --quick --out" in text and "load average" in text
     header, rows = _table(text)
-    assert header[:5] == ["problem", "params", "batch", "epoch steps", "method"]
-    assert {(row[0], row[4]) for row in rows} == {
-        (problem, method) for problem in ("digits-mlp", "resnet18") for method in ("slr", "admm")
-    }
+    assert header[:3] == ["problem", "optimizer", "method"] and "amortised ratio" in header
+    problems = ("digits-mlp", "cifar10-resnet18")
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (problem, "sgd", method) for problem in problems for method in bench.QUICK_METHODS
+    ]
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert [result["problem"] for result in payload["results"]] == ["digits-mlp", "resnet18"]
+    assert [(result["problem"], result["optimizer"]) for result in payload["results"]] == [(p, "sgd") for p in problems]
     for result in payload["results"]:
         assert result["plain_step_ms"] > 0
-        for entry in result["methods"].values():
+        for method, entry in result["methods"].items():
             assert entry["step_ratio"] > 0 and entry["amortised_ratio"] >= entry["step_ratio"] * (1 - 1e-9)
             assert entry["step_ratio"] == pytest.approx(entry["step_ms"] / result["plain_step_ms"])
+            assert entry["goal"] == bench.goal(result["problem"], method)
+        adds = result["methods"]["slr+l2"]["l2_adds"]
+        assert adds == pytest.approx(
+            result["methods"]["slr+l2"]["amortised_ms"] / result["methods"]["slr"]["amortised_ms"] - 1
+        )
+    assert bench.goal("cifar10-resnet18", "slr") == 1.05 and bench.goal("mnist1d-mlp", "admm") == 1.25
+    assert bench.goal("cifar10-resnet18", "l0") == 1.5 and bench.goal("digits-mlp", "l0") is None
 
 
 def test_l0_control_quick(tmp_path):

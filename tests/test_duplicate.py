@@ -247,7 +247,7 @@ def test_slr_needs_a_reference_batch():
         ("slr", {"r": 1.0}, r"r must be in \(0, 1\), got 1.0"),
         ("slr", {"r": 0.0}, r"r must be in \(0, 1\), got 0.0"),
         ("admm", {"interval": 0}, r"interval must be an integer >= 1, got 0"),
-        ("admm", {"interval_unit": "batch"}, r"interval_unit must be one of epoch, step, got 'batch'"),
+        ("admm", {"interval_unit": "batch"}, r"interval_unit must be one of epoch, step, per-epoch, got 'batch'"),
         ("admm", {"rho_growth": 0.9}, r"rho_growth must be >= 1, got 0.9"),
         ("admm", {"rho": 2.0, "rho_max": 1.0}, r"rho_max must be >= rho \(2.0\), got 1.0"),
         ("slr", {"mask_from": "x"}, r"mask_from must be one of w, z, got 'x'"),
@@ -316,3 +316,143 @@ def test_slr_run_logs_dual_dynamics_to_jsonl_and_wandb_and_retrains_without_w_eq
     logged = [r for r in history_rows(wait_for_complete_run(out)) if "condition/6_holds" in r]
     assert len(logged) == len(coordinations)
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the W-step's penalty gradient (a gradient hook), the coordination schedule, the levers ------------------
+
+
+def _grad_of(formulation, batch, **backward):
+    formulation.optimizer.zero_grad(set_to_none=True)
+    formulation.backward(batch, **backward)
+    return {t.name: t.tensor.grad.clone() for t in formulation.problem.targets}
+
+
+@pytest.mark.parametrize("name", ["slr", "admm"])
+def test_split_step_gradient_is_l_rho_gradient_also_scaled_accumulated_and_amp_scaled(name):
+    formulation, batches = _tiny(name, rho=0.4)
+    for batch in batches[:3]:
+        formulation.training_step(batch)
+    formulation.coordinate()  # non-zero Lambda and a Z different from W
+    problem, lam, rho = formulation.problem, formulation.multipliers(), formulation.rho
+    batch = batches[3]
+    reference = copy.deepcopy(problem.model)  # a deep copy carries no hooks
+    F.cross_entropy(reference(batch[0]), batch[1]).backward()
+    expected = {
+        t.name: reference.get_parameter(t.name).grad + lam[t.name] + rho * (t.tensor.detach() - formulation.z[t.name])
+        for t in problem.targets
+    }
+    for factor, backward in ((1.0, {}), (0.25, {"scale": 0.25})):
+        grads = _grad_of(formulation, batch, **backward)
+        for target in problem.targets:
+            torch.testing.assert_close(grads[target.name], factor * expected[target.name])
+    # two micro-batches at scale 1/2 each: the penalty once in total, as with one backward of the mean
+    formulation.optimizer.zero_grad(set_to_none=True)
+    for half in (batch, batch):
+        formulation.backward(half, scale=0.5)
+    for target in problem.targets:
+        torch.testing.assert_close(target.tensor.grad, expected[target.name])
+    scaled = _grad_of(formulation, batch, scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    for target in problem.targets:
+        torch.testing.assert_close(scaled[target.name], 8.0 * expected[target.name])
+    # after finalize the hook is gone: the loss gradient alone
+    formulation.finalize()
+    problem.model.zero_grad(set_to_none=True)
+    F.cross_entropy(problem.model(batch[0]), batch[1]).backward()
+    for target in problem.targets:
+        torch.testing.assert_close(target.tensor.grad, reference.get_parameter(target.name).grad)
+
+
+def test_w_eq_z_constraints_are_cooper_constraints_outside_the_per_step_state():
+    formulation, batches = _tiny("admm")
+    problem = formulation.problem
+    names = [name for name, _ in problem.named_constraints()]
+    assert names == [CONSTRAINT_PREFIX + t.name for t in problem.targets]
+    state = problem.compute_cmp_state(batches[0])
+    assert state.observed_constraints == {}  # nothing evaluated per step: the hook adds the gradient
+    with pytest.raises(ValueError, match=r"an unobserved constraint cannot take a dual step every step"):
+        problem.add_constraint("x", problem.named_constraints().__next__()[1], lambda m, b: None, observed=False)
+
+
+def test_dual_ascent_is_coopers_dual_lagrangian_step_bit_for_bit():
+    import cooper
+
+    formulation, batches = _tiny("slr", rho=0.3)
+    for batch in batches:
+        formulation.training_step(batch)
+    residual = {n: w - formulation.z[n] for n, w in formulation.weights().items()}
+    before = {n: c.multiplier.weight.detach().clone() for n, c in formulation.constraints.items()}
+    # Cooper's way: the dual Lagrangian's gradient is the residual, SGD(lr=s, maximize=True) steps on it
+    copies = {n: torch.nn.Parameter(lam.clone()) for n, lam in before.items()}
+    sgd = torch.optim.SGD(list(copies.values()), lr=0.37, maximize=True)
+    state = cooper.CMPState(
+        observed_constraints={
+            formulation.constraints[n]: cooper.ConstraintState(
+                violation=r.reshape(-1), contributes_to_primal_update=False
+            )
+            for n, r in residual.items()
+        }
+    )
+    dual = state.compute_dual_lagrangian().lagrangian
+    grads = torch.autograd.grad(dual, [formulation.constraints[n].multiplier.weight for n in residual])
+    for copy_, grad in zip(copies.values(), grads):
+        copy_.grad = grad
+    sgd.step()
+    formulation.dual_ascent(0.37, residual)
+    for name, constraint in formulation.constraints.items():
+        assert torch.equal(constraint.multiplier.weight.detach(), copies[name].detach())
+
+
+def test_parametrized_targets_are_refused():
+    from constrainedsparse.masks import apply_masks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+    apply_masks(targets, {t.name: torch.ones_like(t.tensor, dtype=torch.bool) for t in targets})
+    problem = SparsityProblem(model, F.cross_entropy, targets)
+    with pytest.raises(
+        ValueError, match=r"^admm trains the weights themselves, but 0.weight carries a parametrization"
+    ):
+        formulation_class("admm")(problem, formulation_class("admm").Config())
+
+
+@pytest.mark.parametrize(("steps", "per_epoch", "expected"), [(23, 4, [6, 12, 18, 23]), (5, 8, [1, 2, 3, 4, 5])])
+def test_per_epoch_interval_coordinates_evenly_within_every_epoch(steps, per_epoch, expected):
+    formulation, batches = _tiny("admm", interval=per_epoch, interval_unit="per-epoch")
+    formulation.setup(num_epochs=2, steps_per_epoch=steps)
+    done = []
+    for t in range(1, 2 * steps + 1):
+        _, metrics = formulation.training_step(batches[t % len(batches)])
+        if "coordination/k" in metrics:
+            done.append(t)
+    assert done == expected + [steps + t for t in expected]
+
+
+def test_cubic_schedule_tightens_z_to_the_target_and_keeps_it_feasible():
+    target = SparsityConfig(sparsity=0.75)
+    formulation, batches = _tiny(
+        "slr", target=target, sparsity_schedule="cubic", schedule_end=0.5, interval=2, interval_unit="step"
+    )
+    formulation.setup(num_epochs=2, steps_per_epoch=6, reference_batch=batches[0])
+    for t in formulation.problem.targets:  # Z^0 at level 0: W itself
+        assert torch.equal(formulation.z[t.name], t.tensor.detach())
+    fractions = []
+    for _ in range(2):
+        for batch in batches:
+            _, metrics = formulation.training_step(batch)
+            if "schedule/fraction" in metrics:
+                fractions.append(metrics["schedule/fraction"])
+                for t in formulation.problem.targets:
+                    level = formulation.level_set(t, metrics["schedule/fraction"])
+                    assert level.contains(formulation.z[t.name])
+                    assert int(torch.count_nonzero(formulation.z[t.name])) >= t.feasible_set.k  # never sparser
+    assert fractions == [1 - (1 - min(1.0, t / 6)) ** 3 for t in (2, 4, 6, 8, 10, 12)]
+    for t in formulation.problem.targets:
+        assert t.feasible_set.contains(formulation.z[t.name])
+
+
+def test_residual_balancing_moves_rho_toward_the_larger_residual():
+    formulation, _ = _tiny("admm", rho=1.0, rho_growth=2.0, rho_rule="balance")
+    assert formulation.next_rho({"dual/residual": 11.0, "dual/z_change": 1.0}) == 2.0  # primal >> dual
+    assert formulation.next_rho({"dual/residual": 1.0, "dual/z_change": 11.0}) == 0.5  # dual >> primal
+    assert formulation.next_rho({"dual/residual": 1.0, "dual/z_change": 1.0}) == 1.0

@@ -27,6 +27,7 @@ accumulation)::
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -255,6 +256,8 @@ class Formulation(abc.ABC):
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         cmp_state = self.problem.compute_cmp_state(batch)
+        if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
+            return LagrangianStep(cmp_state, cmp_state.loss)
         primal = cmp_state.compute_primal_lagrangian()
         if self.dual_optimizer is not None:
             dual = cmp_state.compute_dual_lagrangian().lagrangian
@@ -276,8 +279,17 @@ class Formulation(abc.ABC):
         lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
         if scaler is not None:
             lagrangian = scaler.scale(lagrangian)
-        lagrangian.backward()
+        with self.backward_scope(scale, scaler):
+            lagrangian.backward()
         return step
+
+    def backward_scope(self, scale: float, scaler: Any) -> AbstractContextManager[None]:
+        """Context of the primal backward in :meth:`backward`, given its ``scale`` and ``scaler``.
+
+        A formulation that adds gradient terms of its own during backward (``slr``/``admm``: the W = Z
+        penalty gradient, by a hook) scales them by the same factor as the Lagrangian here.
+        """
+        return contextlib.nullcontext()
 
     def post_step(self, step: LagrangianStep | Sequence[LagrangianStep]) -> dict[str, float]:
         """After the user's primal step: the dual step and the formulation's own post-step work.
@@ -302,7 +314,8 @@ class Formulation(abc.ABC):
         """``restart/<name>`` for every multiplier just restarted, whose dual-optimizer state is reset."""
         metrics = {}
         for name, multiplier in self.problem.named_multipliers():
-            if not isinstance(multiplier, RestartingMultiplier):
+            # Only multipliers with restarts can have restarted: no host sync for the others.
+            if not isinstance(multiplier, RestartingMultiplier) or not multiplier.restarts:
                 continue
             reset_dual_state_(self.dual_optimizer, multiplier)
             if bool(multiplier.last_restart.any()):  # a positive multiplier was reset to 0

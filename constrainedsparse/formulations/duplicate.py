@@ -32,13 +32,16 @@ only in the two ``dual_step_*`` hooks, i.e. in the step size rule.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import cooper
 import torch
 from cooper.formulations import ContributionStore
+from torch.nn.utils import parametrize
 
 from constrainedsparse.batches import batch_size
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
@@ -56,8 +59,10 @@ __all__ = [
     "MASK_SOURCES",
 ]
 
-INTERVAL_UNITS = ("epoch", "step")
+INTERVAL_UNITS = ("epoch", "step", "per-epoch")
 MASK_SOURCES = ("w", "z")
+SCHEDULES = ("constant", "cubic")
+RHO_RULES = ("growth", "balance")
 CONSTRAINT_PREFIX = "w_eq_z/"
 
 
@@ -70,7 +75,8 @@ class DuplicateConfig(Hyperparameters):
         rho_growth: Factor :math:`\\gamma \\ge 1` applied to :math:`\\rho` after every coordination.
         rho_max: Upper bound on :math:`\\rho` when it grows.
         interval: Coordinate (Z-step and dual steps) every ``interval`` units.
-        interval_unit: ``"epoch"`` or ``"step"`` (minibatches).
+        interval_unit: ``"epoch"``, ``"step"`` (minibatches), or ``"per-epoch"``: ``interval``
+            coordinations per epoch, evenly spaced over its ``steps_per_epoch`` steps.
         mask_from: Hard pruning keeps the top-k of ``"w"`` (the trained weights) or the support of
             ``"z"`` (the last projection).
     """
@@ -84,6 +90,17 @@ class DuplicateConfig(Hyperparameters):
     interval_unit: str = hyperparameter("step", "unit of interval", OneOf(INTERVAL_UNITS))
     mask_from: str = hyperparameter(
         "w", "hard masks from the top-k of the weights (w) or Z's support (z)", OneOf(MASK_SOURCES)
+    )
+    sparsity_schedule: str = hyperparameter(
+        "constant", "sparsity level of Z: the target from the start, or reached on a cubic schedule", OneOf(SCHEDULES)
+    )
+    schedule_end: float = hyperparameter(
+        0.5,
+        "fraction of the pruning steps at which the cubic schedule reaches the target",
+        Bounds(0, 1, low_inclusive=False),
+    )
+    rho_rule: str = hyperparameter(
+        "growth", "rho after a coordination: times rho_growth, or residual balancing", OneOf(RHO_RULES)
     )
 
     def check(self) -> None:
@@ -150,18 +167,30 @@ class FusedAugmentedLagrangian(cooper.formulations.AugmentedLagrangian):
         return ContributionStore(torch.dot(value, violation), value, penalty_coefficient.value)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+def dots(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """:math:`\\langle a, b\\rangle` for every pair (one BLAS dot each), read back to the host at once.
+
+    One host transfer for the whole list: a coordination synchronises a GPU a few times, not once per dot.
+    """
+    if not pairs:
+        return []
+    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs]).tolist()
 
 
 def squared_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """:math:`\\lVert t_n\\rVert^2` per tensor (one BLAS dot each)."""
-    return {name: _dot(t, t) for name, t in tensors.items()}
+    """:math:`\\lVert t_n\\rVert^2` per tensor (one BLAS dot each, one host transfer)."""
+    return dict(zip(tensors, dots([(t, t) for t in tensors.values()])))
 
 
-def sum_sq(tensors: dict[str, torch.Tensor]) -> float:
-    """:math:`\\sum_n \\lVert t_n\\rVert^2` (one BLAS dot per tensor, summed in float64)."""
-    return sum(_dot(t, t) for t in tensors.values())
+@dataclasses.dataclass
+class _Anchor:
+    """:math:`\\Lambda_n - \\rho Z_n` and what it was computed from."""
+
+    rho: float
+    value: torch.Tensor
+    z: torch.Tensor
+    coefficient: torch.Tensor
+    key: tuple[int, int, int]
 
 
 @dataclasses.dataclass
@@ -188,21 +217,21 @@ class Iterate:
     @functools.cached_property
     def residual_before_z(self) -> dict[str, torch.Tensor]:
         """:math:`W^k - Z^{k-1}` per tensor."""
-        return {name: self.w[name] - self.z_prev[name] for name in self.w}
+        return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z_prev[n] for n in self.w])))
 
     @functools.cached_property
     def residual_sq_before_z(self) -> dict[str, float]:
-        """:math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor."""
+        """:math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor (a rule that measures it with other dots sets it)."""
         return squared_norms(self.residual_before_z)
 
     @functools.cached_property
     def residual(self) -> dict[str, torch.Tensor]:
         """:math:`W^k - Z^k` per tensor (after the Z-step)."""
-        return {name: self.w[name] - self.z[name] for name in self.w}
+        return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z[n] for n in self.w])))
 
     @functools.cached_property
     def residual_sq(self) -> dict[str, float]:
-        """:math:`\\lVert W^k - Z^k\\rVert^2` per tensor."""
+        """:math:`\\lVert W^k - Z^k\\rVert^2` per tensor (a rule that measures it with other dots sets it)."""
         return squared_norms(self.residual)
 
 
@@ -221,11 +250,20 @@ class DuplicateVariables(Formulation):
         problem, config = self.problem, self.config
         self.k = 0
         self.steps_done = 0
+        self._level_sets: dict[tuple[str, float], Any] = {}
         self.constraints: dict[str, cooper.Constraint] = {}
         with torch.no_grad():
             self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
             self.w_prev = {t.name: t.tensor.detach().clone() for t in problem.targets}
+        self._anchors: dict[str, _Anchor] = {}
+        self._grad_factor: float | torch.Tensor = 1.0
+        self._hooks = []
         for target in problem.targets:
+            if parametrize.is_parametrized(target.module, target.param_name):
+                raise ValueError(
+                    f"{self.name} trains the weights themselves, but {target.name} carries a parametrization "
+                    "(masks or gates): remove it before make()"
+                )
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.EQUALITY,
                 formulation_type=FusedAugmentedLagrangian,
@@ -237,12 +275,14 @@ class DuplicateVariables(Formulation):
                 ),
             )
             problem.add_constraint(
-                CONSTRAINT_PREFIX + target.name, constraint, self._violation_fn(target), dual_every_step=False
+                CONSTRAINT_PREFIX + target.name,
+                constraint,
+                self._violation_fn(target),
+                dual_every_step=False,
+                observed=False,
             )
             self.constraints[target.name] = constraint
-        multipliers = [p for c in self.constraints.values() for p in c.multiplier.parameters()]
-        # The step size is set before every update (lr = s); maximize=True makes it ascent on Λ.
-        self.coordination_optimizer = torch.optim.SGD(multipliers, lr=1.0, maximize=True)
+            self._hooks.append(target.stored.register_post_accumulate_grad_hook(self._penalty_hook(target.name)))
 
     def _violation_fn(self, target: TargetParam):
         name = target.name
@@ -251,6 +291,47 @@ class DuplicateVariables(Formulation):
             return (target.tensor - self.z[name]).reshape(-1)
 
         return violation
+
+    def _penalty_hook(self, name: str):
+        """The W-step's penalty gradient for one target, added in place once its gradient is accumulated."""
+
+        def hook(param: torch.Tensor) -> None:
+            rho, anchor = self._anchor(name)
+            grad, factor = param.grad, self._grad_factor
+            if isinstance(factor, torch.Tensor):  # a GradScaler's scale, on the device: no host sync
+                grad.add_(torch.add(anchor, param.detach(), alpha=rho).mul_(factor))
+            elif factor == 1.0:
+                grad.add_(param.detach(), alpha=rho).add_(anchor)
+            else:
+                grad.add_(param.detach(), alpha=rho * factor).add_(anchor, alpha=factor)
+
+        return hook
+
+    def _anchor(self, name: str) -> tuple[float, torch.Tensor]:
+        """:math:`(\\rho, \\Lambda_n - \\rho Z_n)`, recomputed only when :math:`\\Lambda_n`, :math:`Z_n` or
+        :math:`\\rho` changed (by identity and in-place version), so a W-step reads W, the gradient and this."""
+        constraint, z = self.constraints[name], self.z[name]
+        lam, coefficient = constraint.multiplier.weight, constraint.penalty_coefficient.value
+        key = (lam._version, z._version, coefficient._version)
+        anchor = self._anchors.get(name)
+        if anchor is None or anchor.z is not z or anchor.coefficient is not coefficient or anchor.key != key:
+            rho = float(coefficient)  # a 0-d CPU tensor: no device sync
+            with torch.no_grad():
+                value = torch.add(lam.detach().view_as(z), z, alpha=-rho)
+            anchor = self._anchors[name] = _Anchor(rho, value, z, coefficient, key)
+        return anchor.rho, anchor.value
+
+    @contextlib.contextmanager
+    def backward_scope(self, scale: float, scaler: Any) -> Iterator[None]:
+        """The penalty gradient is scaled like the Lagrangian: by ``scale`` and the scaler's scale."""
+        if scaler is not None:
+            device = self.problem.targets[0].tensor.device
+            scale = scaler.scale(torch.tensor(float(scale), device=device))
+        self._grad_factor = scale
+        try:
+            yield
+        finally:
+            self._grad_factor = 1.0
 
     # --- quantities ---------------------------------------------------------------------------
 
@@ -290,52 +371,61 @@ class DuplicateVariables(Formulation):
         model.train(was_training)
         return value
 
-    def augmented_lagrangian(
-        self,
-        f_value: float,
-        residual: dict[str, torch.Tensor],
-        residual_sq: dict[str, float],
-        lam: dict[str, torch.Tensor],
-    ) -> float:
-        """The augmented Lagrangian given :math:`f(W)`, the residuals :math:`W_n - Z_n` and their
-        squared norms.
+    def augmented_lagrangian(self, f_value: float, linear: list[float], squares: list[float]) -> float:
+        """The augmented Lagrangian from :math:`f(W)`, the dots :math:`\\langle\\Lambda_n, W_n - Z_n\\rangle` and
+        the squared norms :math:`\\lVert W_n - Z_n\\rVert^2` (per tensor, summed in float64):
 
         .. math::
             L_\\rho = f + \\sum_n\\langle\\Lambda_n, W_n - Z_n\\rangle
             + \\frac\\rho2\\sum_n\\lVert W_n - Z_n\\rVert^2
-
-        (one BLAS dot per tensor, summed across tensors in float64).
         """
-        linear = sum(_dot(lam[name], r) for name, r in residual.items())
-        return f_value + linear + 0.5 * self.rho * sum(residual_sq.values())
+        return f_value + sum(linear) + 0.5 * self.rho * sum(squares)
 
     # --- updates ------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def dual_ascent(self, step: float, residual: dict[str, torch.Tensor]) -> None:
-        """:math:`\\Lambda_n \\leftarrow \\Lambda_n + s\\,r_n` through Cooper's dual Lagrangian and SGD."""
-        state = cooper.CMPState(
-            observed_constraints={
-                self.constraints[name]: cooper.ConstraintState(
-                    violation=r.reshape(-1).detach(), contributes_to_primal_update=False
-                )
-                for name, r in residual.items()
+        """:math:`\\Lambda_n \\leftarrow \\Lambda_n + s\\,r_n`: one gradient-ascent step of size :math:`s` on
+        Cooper's dual Lagrangian :math:`\\sum_n\\langle\\Lambda_n, r_n\\rangle` (its gradient is :math:`r_n`),
+        applied to the Cooper multipliers in place (one foreach add over all tensors)."""
+        multipliers = [self.constraints[name].multiplier for name in residual]
+        torch._foreach_add_([m.weight for m in multipliers], [r.reshape(-1) for r in residual.values()], alpha=step)
+        for multiplier in multipliers:
+            multiplier.post_step_()
+
+    def level_fraction(self) -> float:
+        """Fraction of each target's sparsity that the Z-step projects to now (1 with ``sparsity_schedule=constant``).
+
+        With ``sparsity_schedule=cubic``: :math:`1 - (1 - \\min(1, t / t_{end}))^3` with :math:`t` the W-steps
+        done so far over the run's (``num_epochs x steps_per_epoch``) and :math:`t_{end}` = ``schedule_end``.
+        """
+        total = self.num_epochs * self.steps_per_epoch
+        if self.config.sparsity_schedule == "constant" or total == 0:
+            return 1.0
+        progress = min(1.0, self.steps_done / (total * self.config.schedule_end))
+        return 1.0 - (1.0 - progress) ** 3
+
+    def level_set(self, target: TargetParam, fraction: float):
+        """The feasible set of ``target`` at ``fraction`` of its level (the target's own set at 1)."""
+        if fraction >= 1.0:
+            return target.feasible_set
+        key = (target.name, fraction)
+        if key not in self._level_sets:
+            self._level_sets = {key: target.set_at(target.sparsity * fraction)} | {
+                k: v for k, v in self._level_sets.items() if k[0] != target.name
             }
-        )
-        self.coordination_optimizer.zero_grad(set_to_none=True)
-        for group in self.coordination_optimizer.param_groups:
-            group["lr"] = step
-        state.compute_dual_lagrangian().backward()
-        self.coordination_optimizer.step()
-        self.coordination_optimizer.zero_grad(set_to_none=True)
-        for constraint in self.constraints.values():
-            constraint.multiplier.post_step_()
+        return self._level_sets[key]
 
     @torch.no_grad()
     def z_step(self, w: dict[str, torch.Tensor]) -> None:
-        """:math:`Z_n \\leftarrow \\Pi_{C_n}(W_n + \\Lambda_n/\\rho)` (new tensors; the old Z stays as Z^{k-1})."""
-        lam, rho = self.multipliers(), self.rho
+        """:math:`Z_n \\leftarrow \\Pi_{C_n(s)}(W_n + \\Lambda_n/\\rho)` (new tensors; the old Z stays as Z^{k-1}).
+
+        :math:`C_n(s)` is the target's set at the scheduled level (:meth:`level_fraction`).
+        """
+        lam, rho, fraction = self.multipliers(), self.rho, self.level_fraction()
         for target in self.problem.targets:
-            self.z[target.name] = target.feasible_set.project(w[target.name] + lam[target.name] / rho)
+            feasible = self.level_set(target, fraction)
+            self.z[target.name] = feasible.project(w[target.name] + lam[target.name] / rho)
 
     @abc.abstractmethod
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
@@ -367,10 +457,28 @@ class DuplicateVariables(Formulation):
         if step is not None:
             self.dual_ascent(step, it.residual)
         metrics.update(self.dynamics(it))
-        self.set_rho(min(self.rho * self.config.rho_growth, self.config.rho_max))
-        for name, tensor in w.items():
-            self.w_prev[name].copy_(tensor)  # a real copy of W^k, never an alias of the parameter
+        self.set_rho(self.next_rho(metrics))
+        # real copies of W^k, never aliases of the parameters
+        torch._foreach_copy_([self.w_prev[n] for n in w], list(w.values()))
         return metrics
+
+    def next_rho(self, metrics: dict[str, float]) -> float:
+        """:math:`\\rho` for the next iteration.
+
+        ``growth``: :math:`\\min(\\gamma\\rho, \\rho_{max})`. ``balance`` (residual balancing, Boyd et al.
+        2011, 3.4.1): with primal residual :math:`r = \\lVert W^k - Z^k\\rVert` and dual residual
+        :math:`d = \\rho\\lVert Z^k - Z^{k-1}\\rVert`, :math:`\\rho` times :math:`\\gamma` if :math:`r > 10 d`,
+        divided by :math:`\\gamma` if :math:`d > 10 r`, else unchanged (capped at :math:`\\rho_{max}`).
+        """
+        rho, growth = self.rho, self.config.rho_growth
+        if self.config.rho_rule == "balance":
+            primal, dual = metrics["dual/residual"], rho * metrics["dual/z_change"]
+            if primal > 10 * dual:
+                rho *= growth
+            elif dual > 10 * primal:
+                rho /= growth
+            return min(rho, self.config.rho_max)
+        return min(rho * growth, self.config.rho_max)
 
     def set_rho(self, value: float) -> None:
         """Sets :math:`\\rho` on every W = Z constraint."""
@@ -378,33 +486,59 @@ class DuplicateVariables(Formulation):
             constraint.penalty_coefficient.value = torch.full_like(constraint.penalty_coefficient.value, value)
 
     def dynamics(self, it: Iterate) -> dict[str, float]:
-        """Dual-dynamics metrics after a coordination (norms per layer and in total)."""
+        """Dual-dynamics metrics after a coordination (norms per layer and in total; one host transfer)."""
         lam = self.multipliers()
-        residual_sq = it.residual_sq
-        lambda_sq = squared_norms(lam)
+        names = list(it.w)
+        change = torch._foreach_sub([self.z[n] for n in names], [it.z_prev[n] for n in names])
+        # Weight mass outside the support of Z: 0 once W is sparse on Z's support.
+        outside = [it.w[n].masked_fill(self.z[n] != 0, 0) for n in names]
+        pairs = [(lam[n], lam[n]) for n in names] + [(c, c) for c in change] + [(o, o) for o in outside]
+        pairs += [(it.w[n], it.w[n]) for n in names]
+        known = "residual_sq" in it.__dict__
+        if not known:
+            pairs += [(r, r) for r in it.residual.values()]
+        values = dots(pairs)
+        m = len(names)
+        lambda_sq, change_sq, outside_sq, w_sq = (values[i * m : (i + 1) * m] for i in range(4))
+        residual_sq = list(it.residual_sq.values()) if known else values[4 * m :]
         metrics = {
             "coordination/k": float(self.k),
             "penalty/rho": self.rho,
-            "dual/residual": sum(residual_sq.values()) ** 0.5,
-            "dual/lambda_norm": sum(lambda_sq.values()) ** 0.5,
-            "dual/z_change": sum_sq({name: self.z[name] - it.z_prev[name] for name in it.w}) ** 0.5,
+            "schedule/fraction": self.level_fraction(),
+            "dual/residual": sum(residual_sq) ** 0.5,
+            "dual/lambda_norm": sum(lambda_sq) ** 0.5,
+            "dual/z_change": sum(change_sq) ** 0.5,
         }
-        for name, w in it.w.items():
-            metrics[f"residual/{name}"] = residual_sq[name] ** 0.5
-            metrics[f"lambda/{name}"] = lambda_sq[name] ** 0.5
-            # Relative weight mass outside the support of Z: 0 once W is sparse on Z's support.
-            outside = w.masked_fill(self.z[name] != 0, 0)
-            metrics[f"offsupport/{name}"] = (_dot(outside, outside) / max(_dot(w, w), 1e-300)) ** 0.5
+        for i, name in enumerate(names):
+            metrics[f"residual/{name}"] = residual_sq[i] ** 0.5
+            metrics[f"lambda/{name}"] = lambda_sq[i] ** 0.5
+            metrics[f"offsupport/{name}"] = (outside_sq[i] / max(w_sq[i], 1e-300)) ** 0.5
         return metrics
 
     # --- Formulation hooks --------------------------------------------------------------------
 
+    @torch.no_grad()
+    def on_setup(self) -> None:
+        """With a schedule, :math:`Z^0` is the projection at the level of step 0 (before any coordination)."""
+        if self.k == 0 and self.config.sparsity_schedule != "constant":
+            fraction = self.level_fraction()
+            for target in self.problem.targets:
+                self.z[target.name] = self.level_set(target, fraction).project(target.tensor.detach())
+
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
-        """Counts the W-step; coordinates every ``interval`` steps (``interval_unit=step``)."""
+        """Counts the W-step; coordinates every ``interval`` steps (``interval_unit=step``), or ``interval``
+        times per epoch (``per-epoch``: after step :math:`t` when :math:`\\lfloor t n / S\\rfloor` moves on, with
+        :math:`n` = ``interval`` and :math:`S` = ``steps_per_epoch``; every step if :math:`n \\ge S`)."""
         self.steps_done += 1
-        if self.config.interval_unit == "step" and self.steps_done % self.config.interval == 0:
-            return self.coordinate()
-        return {}
+        unit, interval, t = self.config.interval_unit, self.config.interval, self.steps_done
+        if unit == "step":
+            due = t % interval == 0
+        elif unit == "per-epoch":
+            per = max(self.steps_per_epoch, 1)
+            due = (t * interval) // per != ((t - 1) * interval) // per
+        else:
+            due = False
+        return self.coordinate() if due else {}
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
         if self.config.interval_unit == "epoch" and (epoch + 1) % self.config.interval == 0:
@@ -417,9 +551,12 @@ class DuplicateVariables(Formulation):
         return {t.name: t.feasible_set.mask(source[t.name]) for t in self.problem.targets}
 
     def detach(self) -> None:
-        """Unregisters the W = Z constraints so masked retraining sees only the user's."""
+        """Unregisters the W = Z constraints and their gradient hooks, so masked retraining sees only the user's."""
         for name in self.constraints:
             self.problem.remove_constraint(CONSTRAINT_PREFIX + name)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._anchors = [], {}
         super().detach()
 
     def state_dict(self) -> dict[str, Any]:
@@ -429,7 +566,6 @@ class DuplicateVariables(Formulation):
             "steps_done": self.steps_done,
             "z": {name: z.clone() for name, z in self.z.items()},
             "w_prev": {name: w.clone() for name, w in self.w_prev.items()},
-            "coordination_optimizer": self.coordination_optimizer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -440,4 +576,3 @@ class DuplicateVariables(Formulation):
             self.z[name] = z.to(self.z[name].device, copy=True)
         for name, w in state["w_prev"].items():
             self.w_prev[name].copy_(w)
-        self.coordination_optimizer.load_state_dict(state["coordination_optimizer"])

@@ -31,9 +31,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from constrainedsparse.config import Bounds, hyperparameter
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, squared_norms
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, dots
 
 __all__ = ["SLR", "SLRConfig", "slr_alpha"]
 
@@ -90,20 +92,29 @@ class SLR(DuplicateVariables):
 
     def on_setup(self) -> None:
         """Measures :math:`f(W^0)` on the reference batch (kept when resuming from a checkpoint)."""
+        super().on_setup()
         if self.f_prev is None:
             self.f_prev = self.objective()
 
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         alpha = it.notes["alpha"] = slr_alpha(self.k, self.config.M, self.config.r)
         lam = self.multipliers()
+        names = list(it.w)
         # it.z_prev is Z^{k-1}; w_prev is the real copy of W^{k-1} taken at iteration k-1.
-        residual_prev = {name: self.w_prev[name] - it.z_prev[name] for name in it.w}
-        residual_prev_sq = squared_norms(residual_prev)
-        prev_gap = it.notes["prev_gap"] = sum(residual_prev_sq.values()) ** 0.5
-        now = self.augmented_lagrangian(it.f_value, it.residual_before_z, it.residual_sq_before_z, lam)
-        before = self.augmented_lagrangian(self.f_prev, residual_prev, residual_prev_sq, lam)
+        previous = torch._foreach_sub([self.w_prev[n] for n in names], [it.z_prev[n] for n in names])
+        residual_prev = dict(zip(names, previous))
+        residual = it.residual_before_z
+        pairs = [(residual_prev[n], residual_prev[n]) for n in names] + [(residual[n], residual[n]) for n in names]
+        pairs += [(lam[n], residual[n]) for n in names] + [(lam[n], residual_prev[n]) for n in names]
+        values = dots(pairs)  # every dot of condition (6), one host transfer
+        m = len(names)
+        prev_sq, now_sq, now_linear, prev_linear = (values[i * m : (i + 1) * m] for i in range(4))
+        it.residual_sq_before_z = dict(zip(names, now_sq))
+        prev_gap = it.notes["prev_gap"] = sum(prev_sq) ** 0.5
+        now = self.augmented_lagrangian(it.f_value, now_linear, now_sq)
+        before = self.augmented_lagrangian(self.f_prev, prev_linear, prev_sq)
         holds = now < before
-        gap = sum(it.residual_sq_before_z.values()) ** 0.5
+        gap = sum(now_sq) ** 0.5
         s_prime = _ratio_step(alpha, self.step_size, prev_gap, gap) if holds else self.step_size
         self.s_prime = it.notes["s_prime"] = s_prime
         metrics = {
@@ -117,9 +128,17 @@ class SLR(DuplicateVariables):
 
     def dual_step_after_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         lam = self.multipliers()  # Lambda' (after the first update, if any)
-        after = self.augmented_lagrangian(it.f_value, it.residual, it.residual_sq, lam)
-        holds = after < self.augmented_lagrangian(it.f_value, it.residual_before_z, it.residual_sq_before_z, lam)
-        gap = sum(it.residual_sq.values()) ** 0.5
+        names = list(it.w)
+        residual, before_z = it.residual, it.residual_before_z
+        pairs = [(residual[n], residual[n]) for n in names] + [(lam[n], residual[n]) for n in names]
+        pairs += [(lam[n], before_z[n]) for n in names]
+        values = dots(pairs)  # every dot of condition (11), one host transfer
+        m = len(names)
+        now_sq, now_linear, before_linear = (values[i * m : (i + 1) * m] for i in range(3))
+        it.residual_sq = dict(zip(names, now_sq))
+        after = self.augmented_lagrangian(it.f_value, now_linear, now_sq)
+        holds = after < self.augmented_lagrangian(it.f_value, before_linear, list(it.residual_sq_before_z.values()))
+        gap = sum(now_sq) ** 0.5
         alpha, s_prime, prev_gap = it.notes["alpha"], it.notes["s_prime"], it.notes["prev_gap"]
         self.step_size = _ratio_step(alpha, s_prime, prev_gap, gap) if holds else s_prime
         self.f_prev = it.f_value
