@@ -32,20 +32,27 @@ import torch
 
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
 from constrainedsparse.layerwise.fw.config import FWConfig, SearchConfig
-from constrainedsparse.layerwise.fw.core import FrankWolfeRun, frank_wolfe, masked_row_errors, require_supported
+from constrainedsparse.layerwise.fw.core import (
+    FrankWolfeRun,
+    as_float,
+    frank_wolfe,
+    masked_row_errors,
+    require_supported,
+)
 from constrainedsparse.layerwise.fw.groups import group_search_applies, group_sweep_polish
 from constrainedsparse.layerwise.fw.reconstruct import Reconstruction, reconstruct_layer
 from constrainedsparse.layerwise.fw.search import swap_polish
+from constrainedsparse.layerwise.fw.swap_tabu import swap_tabu_search
 from constrainedsparse.layerwise.fw.tabu import group_tabu_search
 from constrainedsparse.sets import FeasibleSet, NMSparse, TopK
 
-__all__ = ["FWSolver", "Polished", "keep_better", "round_relaxed", "search_rounded"]
+__all__ = ["FWSolver", "Polished", "keep_better", "relaxes", "round_relaxed", "search_rounded"]
 
 
 def round_relaxed(feasible: FeasibleSet, run: FrankWolfeRun) -> torch.Tensor:
     """The pattern's mask of the relaxed iterate, the fixed weights first (ties by lower index)."""
     # Fixed weights outrank every free value in [0, 1]; the set's own mask rounds.
-    return feasible.mask(run.mask + 2.0 * run.fixed.to(run.mask.dtype))
+    return feasible.mask(run.mask + 2.0 * as_float(run.fixed, run.mask.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +100,12 @@ def search_rounded(
     """
     polished = Polished(rounded, rounded_rows)
     if not isinstance(feasible, NMSparse):
-        if config.polish_steps > 0:
+        if config.swap_steps > 0:
+            tabu = swap_tabu_search(
+                weight, gram, rounded, config.swap_steps, config.swap_tenure, residual=residual, start_rows=rounded_rows
+            )
+            polished = Polished(tabu.mask, tabu.row_errors, tabu.steps, tabu.moves, tabu.improved_rows)
+        elif config.polish_steps > 0:
             swapped = swap_polish(weight, gram, rounded, config.polish_steps, residual=residual)
             polished = Polished(swapped.mask, swapped.row_errors, swapped.steps, swapped.moves)
         return polished
@@ -106,7 +118,14 @@ def search_rounded(
         # The sweep does not return its C; without a sweep the rounded mask's is at hand.
         known = residual if polished.mask is rounded else None
         tabu = group_tabu_search(
-            weight, gram, polished.mask, feasible.m, config.tabu_steps, config.tabu_tenure, residual=known
+            weight,
+            gram,
+            polished.mask,
+            feasible.m,
+            config.tabu_steps,
+            config.tabu_tenure,
+            residual=known,
+            start_rows=polished.row_errors,
         )
         polished = dataclasses.replace(
             polished, mask=tabu.mask, row_errors=tabu.row_errors, tabu_improved_rows=tabu.improved_rows
@@ -127,11 +146,50 @@ def keep_better(
         better = rows < start_rows
     else:
         better = torch.full_like(rows, float(rows.sum()) < float(start_rows.sum()), dtype=torch.bool)
-    return torch.where(better.unsqueeze(1), polished.mask, wanda), torch.where(better, rows, start_rows)
+    mask = wanda ^ ((polished.mask ^ wanda) & better.unsqueeze(1))  # bitwise: where() on masks is slow on CPU
+    return mask, torch.where(better, rows, start_rows)
 
 
-def _trace(run: FrankWolfeRun, config: FWConfig) -> list[dict[str, float]]:
-    """Every ``trace_every``-th iteration's objective and gap, and the last one's."""
+def relaxes(feasible: FeasibleSet, config: FWConfig) -> bool:
+    """Whether Frank-Wolfe runs before the search: always for N:M, for ``row``/``unstructured`` with ``relax_rows``."""
+    return isinstance(feasible, NMSparse) or config.relax_rows
+
+
+def _relax_and_round(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    feasible: FeasibleSet,
+    wanda: torch.Tensor,
+    scores: torch.Tensor,
+    config: FWConfig,
+) -> tuple[FrankWolfeRun | None, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    r"""Frank-Wolfe and rounding where :func:`relaxes`, else the Wanda mask itself (one product).
+
+    Returns:
+        The relaxation's run (``None`` without one), the rounded mask, the per-row objectives of
+        the start (``"start"``) and rounded (``"rounded"``) masks, and the rounded mask's
+        :math:`C = (W \odot (1 - M))G`.
+    """
+    if not relaxes(feasible, config):
+        residual = (weight * as_float(~wanda, weight.dtype)) @ gram
+        start = (weight * as_float(~wanda, weight.dtype)).mul_(residual).sum(dim=1).to(torch.float64)
+        return None, wanda, {"start": start, "rounded": start}, residual
+    wg = weight @ gram
+    run = frank_wolfe(weight, gram, feasible, wanda, scores, config, wg=wg)
+    rounded = round_relaxed(feasible, run)
+    rows = {"start": masked_row_errors(weight, wg, run.start_product, wanda)}
+    if torch.equal(rounded, wanda):  # few iterations often round back to the start: no product to redo
+        rounded_product, rows["rounded"] = run.start_product, rows["start"]
+    else:
+        rounded_product = (weight * as_float(rounded, weight.dtype)) @ gram
+        rows["rounded"] = masked_row_errors(weight, wg, rounded_product, rounded)
+    return run, rounded, rows, wg - rounded_product
+
+
+def _trace(run: FrankWolfeRun | None, config: FWConfig) -> list[dict[str, float]]:
+    """Every ``trace_every``-th iteration's objective and gap, and the last one's (none without a relaxation)."""
+    if run is None:
+        return []
     return [
         {"iteration": float(t), "objective": run.objectives[t], "gap": run.gaps[t]}
         for t in range(config.iterations)
@@ -140,7 +198,7 @@ def _trace(run: FrankWolfeRun, config: FWConfig) -> list[dict[str, float]]:
 
 
 def _metrics(
-    run: FrankWolfeRun,
+    run: FrankWolfeRun | None,
     rows: dict[str, torch.Tensor],
     polished: Polished,
     reconstruction: Reconstruction | None,
@@ -149,15 +207,20 @@ def _metrics(
 ) -> dict[str, float]:
     """The layer's ``fw/*`` metrics (``rows``: per-row objectives of the start, rounded and final masks)."""
     metrics = {
-        "fw/iterations": float(len(run.gaps)),
+        "fw/iterations": float(len(run.gaps)) if run is not None else 0.0,
         "fw/objective_start": float(rows["start"].sum()),
-        "fw/objective_relaxed": run.objectives[-1],
         "fw/objective_rounded": float(rows["rounded"].sum()),
         "fw/objective_final": float(rows["final"].sum()),
-        "fw/gap_last": run.gaps[-1],
-        "fw/lower_bound": run.objectives[-2] - run.gaps[-1],
-        "fw/sparse_updates": float(run.sparse_updates),
-        "fw/dense_updates": float(run.dense_updates),
+    }
+    if run is not None:  # the relaxation ran (N:M, or relax_rows)
+        metrics |= {
+            "fw/objective_relaxed": run.objectives[-1],
+            "fw/gap_last": run.gaps[-1],
+            "fw/lower_bound": run.objectives[-2] - run.gaps[-1],
+            "fw/sparse_updates": float(run.sparse_updates),
+            "fw/dense_updates": float(run.dense_updates),
+        }
+    metrics |= {
         "fw/polish_steps": float(polished.steps),
         "fw/swaps": float(polished.moves),
         "fw/tabu_improved_rows": float(polished.tabu_improved_rows),
@@ -196,16 +259,9 @@ class FWSolver(LayerwiseSolver):
         gram = layer.gram.detach().to(torch.float32).contiguous()
         scores = wanda_scores(weight, gram)
         wanda = feasible.mask(scores)  # warm start
-        wg = weight @ gram
-        run = frank_wolfe(weight, gram, feasible, wanda, scores, cfg, wg=wg)  # relax
-        rounded = round_relaxed(feasible, run)  # round
-        rounded_product = (weight * rounded) @ gram
-        rows = {
-            "start": masked_row_errors(weight, wg, run.start_product, wanda),
-            "rounded": masked_row_errors(weight, wg, rounded_product, rounded),
-        }
+        run, rounded, rows, residual = _relax_and_round(weight, gram, feasible, wanda, scores, cfg)  # relax, round
         polished = search_rounded(  # search
-            weight, gram, feasible, rounded, rows["rounded"], wg - rounded_product, cfg.search
+            weight, gram, feasible, rounded, rows["rounded"], residual, cfg.search
         )
         final, rows["final"] = keep_better(feasible, polished, wanda, rows["start"])  # keep the better
         weight_hat = layer.weight.detach() * final
