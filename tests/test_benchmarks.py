@@ -156,7 +156,39 @@ def test_layerwise_quick(tmp_path):
     assert all(r["achieved_sparsity"] == 0.5 and r["peak_rss_mb"] > 100 for r in payload["results"])
     ratio = payload["ratios"][0]["fw / wanda error"]
     assert ratio == fw["mean_layer_error"] / wanda["mean_layer_error"]
-    assert "fw / wanda error (goal <= 0.45)" in text
+    assert "fw / wanda error (goal <= 0.4)" in text  # issue item 3's raised goal (0.45 before)
+
+
+def test_layerwise_ratios_take_the_better_sparsegpt_and_name_the_winning_scopes():
+    bench = _load("layerwise")
+
+    def result(setting, method, error, seconds):
+        return {"setting": setting, "method": method, "mean_layer_error": error, "solver_seconds": seconds,
+                "run_seconds": seconds + 10}  # fmt: skip
+
+    results = [
+        result("50%", "wanda", 0.04, 0.4),
+        result("50%", "sparsegpt", 0.02, 2.0),
+        result("50%", "sparsegpt-layer", 0.016, 2.5),
+        result("50%", "fw", 0.015, 4.0),
+        result("50%", "fw-layer", 0.012, 6.0),
+        result("50%", "fw+reconstruct", 0.008, 8.0),
+        result("2:4", "sparsegpt", 0.03, 3.0),
+        result("2:4", "fw", 0.032, 3.0),
+    ]
+    fifty, nm = bench.ratios(results)
+    assert fifty["best sparsegpt"] == "sparsegpt-layer" and fifty["fw scope of lower error"] == "fw-layer"
+    assert fifty["fw / best sparsegpt error"] == pytest.approx(0.015 / 0.016)
+    assert fifty["fw+reconstruct / best sparsegpt error"] == pytest.approx(0.5)
+    assert fifty["fw / best sparsegpt solver seconds"] == pytest.approx(4.0 / 2.5)  # the better scope's time
+    assert fifty["fw-layer / wanda error"] == pytest.approx(0.3)
+    assert nm["best sparsegpt"] == "sparsegpt" and "fw-layer / wanda error" not in nm
+    assert [bench.applies("2:4", m) for m in ("fw-layer", "sparsegpt-layer", "fw-sweep")] == [False, False, True]
+    assert [bench.applies("60%", m) for m in ("fw-layer", "sparsegpt-layer", "fw-sweep")] == [True, True, False]
+    text = bench.markdown([{**r, "fidelity": 0.9, "peak_rss_mb": 1, "calibration_tokens": 5} for r in results],
+                          [fifty, nm], "cmd")  # fmt: skip
+    assert "| 50% | sparsegpt-layer | fw-layer |" in text
+    assert "0.500 (met)" in text and "1.600 (met)" in text
 
 
 def test_nm_search_quick(tmp_path, one_thread):
