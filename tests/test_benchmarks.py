@@ -191,6 +191,58 @@ def test_layerwise_ratios_take_the_better_sparsegpt_and_name_the_winning_scopes(
     assert "0.500 (met)" in text and "1.600 (met)" in text
 
 
+def test_causal_lm_quick(tmp_path, tiny_gpt2, text_file, one_thread):
+    bench = _load("causal_lm")
+    argv = ["--quick", "--problem", "hf-causal-lm", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}"]
+    assert bench.main([*argv, "--out", str(tmp_path), *one_thread]) == 0
+    for name in ("results.md", "results.json", "causal_lm.png"):
+        assert (tmp_path / name).is_file(), name
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/causal_lm.py --quick --problem hf-causal-lm" in text
+    header, rows = _table(text)
+    assert header == ["setting", "method", "perplexity", "mean layer error", "solver s", "wall s", "peak RSS MB"]
+    assert [row[:2] for row in rows] == [["50%", "dense"], ["50%", "wanda"], ["50%", "fw"]]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    dense, wanda, fw = payload["results"]
+    assert dense["perplexity"] == wanda["dense_perplexity"] == fw["dense_perplexity"] > 1
+    assert fw["mean_layer_error"] <= wanda["mean_layer_error"]  # fw never returns a worse mask than Wanda's
+    assert all(r["achieved_sparsity"] == 0.5 and r["solver_seconds"] > 0 for r in (wanda, fw))
+    assert payload["goals"] == [
+        {
+            "setting": "50%",
+            "lowest perplexity": min(("wanda", "fw"), key=lambda m: {"wanda": wanda, "fw": fw}[m]["perplexity"]),
+        }
+    ]
+
+
+def test_causal_lm_goals_use_the_better_scopes():
+    bench = _load("causal_lm")
+
+    def result(method, perplexity, seconds=1.0):
+        figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": seconds}
+        return {"setting": "50%", "method": method, "perplexity": perplexity, "dense_perplexity": 20.0, **figures}
+
+    results = [
+        result("dense", 20.0),
+        result("wanda", 40.0),
+        result("sparsegpt", 30.0, 2.0),
+        result("sparsegpt-layer", 28.0, 2.5),
+        result("fw", 29.0, 4.0),
+        result("fw-layer", 27.0, 5.0),
+        result("fw+reconstruct", 25.0),
+        result("fw+reconstruct-layer", 24.0),
+    ]
+    (row,) = bench.goals(results)
+    assert row["lowest perplexity"] == "fw+reconstruct-layer" and row["best sparsegpt"] == "sparsegpt-layer"
+    assert row["best fw"] == "fw-layer" and row["best fw+reconstruct"] == "fw+reconstruct-layer"
+    assert row["fw+reconstruct / best sparsegpt perplexity increase"] == pytest.approx(4.0 / 8.0)
+    assert row["fw / best sparsegpt perplexity"] == pytest.approx(27.0 / 28.0)
+    assert row["fw / best sparsegpt solver seconds"] == pytest.approx(2.0)
+    text = bench.markdown(results, [row], "cmd", "smollm2-wiki")
+    assert "0.500 (met)" in text and "2.000 (NOT met)" not in text and "2.000 (met)" in text
+    assert "fw + reconstruct lowest of all methods: 50% yes." in text
+
+
 def test_nm_search_quick(tmp_path, one_thread):
     solvers = available_solvers()
     bench = _load("nm_search")
