@@ -263,6 +263,30 @@ def test_nm_search_quick(tmp_path, one_thread):
         assert float(row[2]) == pytest.approx(result["error_vs_wanda"], abs=5e-5)
 
 
+def test_fw_settings_quick(tmp_path, one_thread):
+    solvers = available_solvers()
+    bench = _load("fw_settings")
+    argv = ["--quick", "--layers", "2", "--record-with", "wanda", "--configs", "", "swap_steps=5 mask_scope=layer"]
+    assert bench.main([*argv, "--out", str(tmp_path), *one_thread]) == 0
+    assert available_solvers() == solvers  # the recording solver is nobody else's business
+    text = (tmp_path / "results.md").read_text()
+    header, rows = _table(text)
+    assert header[:3] == ["method", "mean layer error", "/ Wanda's"]
+    assert [row[0] for row in rows] == [
+        "`wanda`", "`sparsegpt`", "`sparsegpt-layer`", "`fw (defaults)`", "`fw swap_steps=5 mask_scope=layer`"
+    ]  # fmt: skip
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert len(payload["layers"]) == 2 and payload["setting"] == "50%"
+    results = {r["method"]: r for r in payload["results"]}
+    assert results["wanda"]["error_vs_wanda"] == pytest.approx(1.0)
+    assert results["fw (defaults)"]["error_vs_wanda"] <= 1.0 + 1e-6  # never worse than Wanda, row by row
+    best = results["wanda"]["best_sparsegpt"]
+    assert results[best]["error_vs_best_sparsegpt"] == pytest.approx(1.0)
+    assert results[best]["seconds_vs_best_sparsegpt"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="must be KEY=VALUE"):
+        bench.main(["--configs", "sweeps=2"])
+
+
 def test_nm_search_rejects_a_bad_setting_before_loading_the_model():
     bench = _load("nm_search")
     with pytest.raises(ValueError, match=r"setting 'sweeps=2' must be KEY=VALUE with KEY one of alpha, "):
