@@ -28,6 +28,8 @@ coordinates, starting from the Wanda mask. The oracle over that face (:class:`Fa
 on the pattern's :class:`~constrainedsparse.sets.Face`) is the pattern's own oracle
 (:mod:`constrainedsparse.sets`) with the reduced budget, run on the free coordinates gathered in
 order (``only_negative=True``: the hull of masks with *at most* the free budget, as in the paper).
+The loop takes the same vertex on whole units, the fixed weights blocked by a ``-inf`` score
+(:meth:`FaceCoordinates.chosen_full`): no gather and scatter of the free coordinates per iteration.
 
 **Step size.** ``step="open_loop"`` is the paper's :math:`\gamma_t = 2/(t + 2)`. ``step="line_search"``
 (default) minimises the quadratic exactly along :math:`V - M`: for a row-separable pattern (``row``,
@@ -49,7 +51,14 @@ Consecutive vertices differ in few coordinates, so :math:`Q` is updated by the s
 :math:`Q \mathrel{+}= (W \odot (V_t - V_{t-1}))\,G`, at :math:`O(\mathrm{nnz}(\Delta V)\, d_{in})`
 instead of :math:`O(d_{out} d_{in}^2)` (:class:`VertexProduct`), and :math:`P \leftarrow P + \gamma
 (Q - P)` follows the iterate exactly (recomputed densely every ``refresh_every`` iterations to bound
-round-off drift).
+round-off drift). On real layers 18-34 % of the entries change per iteration, so after a dense
+update that changed more than twice :data:`DENSE_FRACTION` the next one is taken dense without
+counting the changes.
+
+**Cost.** An iteration is one :math:`d_{out} d_{in}^2` product and about twenty passes over the
+layer's :math:`d_{out} \times d_{in}` entries, written into preallocated buffers (fresh large
+tensors cost page faults on CPU); row sums are taken in float32 and returned as float64, and boolean
+masks become floats through a ``uint8`` view (:func:`as_float`, ~8x faster than ``.to`` on CPU).
 """
 
 from __future__ import annotations
