@@ -1,19 +1,22 @@
-"""Pieces every benchmark script shares: the command line it records and how results are written."""
+"""Pieces the benchmark scripts share: the command line, how results are written, one run in a child process."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
+import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["command_line", "torch_threads", "write_results"]
+__all__ = ["ChildRun", "command_line", "run_child", "torch_threads", "write_results"]
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -45,3 +48,55 @@ def torch_threads(count: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildRun:
+    """What :func:`run_child` measured.
+
+    Args:
+        summary: The run's ``summary.json``.
+        peak_rss_mb: The child's own peak resident memory (``os.wait4``), MB.
+        wall_seconds: Seconds from the start of the process to its end (imports and model loading included).
+    """
+
+    summary: dict[str, Any]
+    peak_rss_mb: float
+    wall_seconds: float
+
+
+def run_child(problem: str, args: Sequence[str], out: Path, threads: int | None = None) -> ChildRun:
+    """Runs ``python -m constrainedsparse run PROBLEM ARGS`` in a child process, as a user types it.
+
+    The run writes into ``out`` (``--wandb disabled --no-progress``) and its output into
+    ``out.log`` next to it. Peak memory is the child's own (``os.wait4``), so every configuration is
+    measured alone.
+
+    Args:
+        problem: A bundled problem name or a problem file.
+        args: The run's options (``--formulation``, ``--sparsity``/``--pattern``, ``--set``, ...).
+        out: The run directory.
+        threads: ``OMP_NUM_THREADS`` of the child (``None``: torch's default).
+
+    Raises:
+        RuntimeError: If the run fails (the message holds the last line of its log).
+    """
+    command = [sys.executable, "-m", "constrainedsparse", "run", problem, *args]
+    command += ["--out", str(out), "--wandb", "disabled", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{out.name}.log"
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # wait4, not wait(): it returns this child's own resource usage (peak RSS).
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        last = log_path.read_text().strip().splitlines()[-1:]
+        raise RuntimeError(f"{problem} {' '.join(args)} failed with exit code {process.returncode}: {last}")
+    summary = json.loads((out / "summary.json").read_text())
+    return ChildRun(summary, usage.ru_maxrss / 1024, wall)  # ru_maxrss: kilobytes on Linux

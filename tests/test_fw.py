@@ -26,6 +26,7 @@ from constrainedsparse.layerwise.fw import (
     joint_swap_polish,
     reconstruct_rows,
     swap_polish,
+    swap_tabu_search,
 )
 from constrainedsparse.settings import config_field_types
 from constrainedsparse.targets import SparsityConfig
@@ -202,8 +203,9 @@ def test_alpha_zero_and_near_one() -> None:
 
 def test_polish_does_better_than_rounding_on_correlated_inputs() -> None:
     layer = _layer(13, d_out=16, d_in=32, pattern="row")
-    plain = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 0})).prune(layer)
-    polished = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 100})).prune(layer)
+    # swap_steps=0: the descent of polish_steps, not the tabu search.
+    plain = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 0, "swap_steps": 0})).prune(layer)
+    polished = FWSolver(FWConfig.from_values({"iterations": 10, "polish_steps": 100, "swap_steps": 0})).prune(layer)
     assert polished.metrics["fw/objective_final"] < polished.metrics["fw/objective_rounded"]
     assert layer.error(polished.weight) < layer.error(plain.weight)
     assert polished.metrics["fw/swaps"] > 0
@@ -312,6 +314,111 @@ def test_tabu_search_is_the_default_nm_search_and_runs_after_an_optional_sweep()
     assert layer.error(both.weight) < layer.error(sweep_only.weight)
 
 
+# ---------------------------------------------------------------------------------------------
+# The swap tabu search (row, unstructured) and the search from the Wanda mask
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    seed=st.integers(0, 10_000),
+    steps=st.integers(0, 15),
+    tenure=st.integers(1, 4),
+    pattern=st.sampled_from(["row", "row60", "unstructured"]),
+)
+def test_swap_tabu_search_keeps_counts_and_never_worsens_a_row(
+    seed: int, steps: int, tenure: int, pattern: str
+) -> None:
+    layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
+    start = layer.feasible_set().mask(layer.weight.abs())  # magnitude: a poor start with room to improve
+    result = swap_tabu_search(layer.weight, layer.gram, start, steps, tenure)
+    mask, rows = result.mask, result.row_errors
+    assert torch.equal(mask.sum(dim=1), start.sum(dim=1))  # every row keeps its count
+    assert layer.feasible_set().contains(mask) and _counts_ok(mask, layer.target)
+    before, after = _row_objective(layer, layer.weight * start), _row_objective(layer, layer.weight * mask)
+    scale = 1e-5 * float(before.abs().max())
+    assert torch.allclose(rows, after, rtol=1e-4, atol=scale)
+    assert bool((after <= before + scale).all())
+    changed = (mask != start).any(dim=1)
+    assert result.improved_rows == int(changed.sum())
+    assert bool((after[changed] < before[changed]).all())
+    assert result.steps <= steps and result.moves <= 5 * steps
+    if steps == 0:
+        assert torch.equal(mask, start) and result.improved_rows == 0
+
+
+def test_swap_tabu_search_leaves_swap_optima_for_better_ones() -> None:
+    # From masks where the swap descent stops (no improving swap of its kind), uphill swaps find
+    # better masks on a third of the rows and never end worse.
+    layer = _layer(31, d_out=24, d_in=32, pattern="row")
+    weight, gram = layer.weight, layer.gram
+    descent = swap_polish(weight, gram, layer.feasible_set().mask(weight.abs()), 200)
+    assert descent.steps < 200
+    local = _row_objective(layer, weight * descent.mask)
+    result = swap_tabu_search(weight, gram, descent.mask, 60, 2)
+    found = _row_objective(layer, weight * result.mask)
+    assert result.improved_rows >= 6
+    assert bool((found <= local * (1 + 1e-6)).all())
+    assert float(found.sum()) < 0.97 * float(local.sum())
+
+
+def test_swap_tabu_search_lets_rows_without_a_swap_wait() -> None:
+    # unstructured: a row with every weight kept or none kept has no swap; the others still move.
+    layer = _layer(37, d_out=4, d_in=12, pattern="unstructured")
+    start = layer.feasible_set().mask(layer.weight.abs())
+    start[0], start[1] = True, False
+    result = swap_tabu_search(layer.weight, layer.gram, start, 20, 2)
+    assert torch.equal(result.mask[:2], start[:2])
+    assert torch.equal(result.mask.sum(dim=1), start.sum(dim=1))
+    assert result.improved_rows > 0
+
+
+@pytest.mark.parametrize("pattern", ["row", "row60", "unstructured"])
+def test_row_patterns_search_from_the_wanda_mask_unless_relax_rows(pattern: str) -> None:
+    layer = _layer(41, d_out=12, d_in=32, pattern=pattern)
+    default = FWSolver().prune(layer)
+    metrics = default.metrics
+    assert metrics["fw/iterations"] == 0 and default.trace == []
+    assert "fw/gap_last" not in metrics and "fw/lower_bound" not in metrics
+    assert metrics["fw/objective_rounded"] == metrics["fw/objective_start"]  # the search starts from Wanda
+    assert metrics["fw/objective_final"] < metrics["fw/objective_start"]
+    assert metrics["fw/polish_steps"] == 80 and metrics["fw/tabu_improved_rows"] > 0
+    relaxed = FWSolver(FWConfig.from_values({"relax_rows": True, "iterations": 6})).prune(layer)
+    assert relaxed.metrics["fw/iterations"] == 6 and len(relaxed.trace) == 6
+    assert relaxed.metrics["fw/lower_bound"] <= relaxed.metrics["fw/objective_relaxed"] + 1e-6
+    assert _counts_ok(relaxed.mask, layer.target) and _counts_ok(default.mask, layer.target)
+
+
+def test_swap_tabu_search_does_better_than_the_descent_it_replaces() -> None:
+    layer = _layer(43, d_out=16, d_in=48, pattern="row")
+    descent = FWSolver(FWConfig.from_values({"swap_steps": 0, "polish_steps": 200})).prune(layer)
+    tabu = FWSolver().prune(layer)
+    assert descent.metrics["fw/polish_steps"] < 200  # the descent stopped in a local optimum
+    assert layer.error(tabu.weight) < layer.error(descent.weight)
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), pattern=st.sampled_from(sorted(PATTERNS)), alpha=st.sampled_from([0.0, 0.5, 0.9]))
+def test_full_shape_oracle_matches_the_gathered_one(seed: int, pattern: str, alpha: float) -> None:
+    # The oracle on whole units with the fixed weights blocked picks the gathered oracle's vertex,
+    # ties (rounded gradients) broken alike.
+    layer = _layer(seed, pattern=pattern)
+    scores = wanda_scores(layer.weight, layer.gram)
+    face = core.FaceCoordinates.of(layer.feasible_set(), alpha, scores)
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(layer.weight.shape, generator=gen).mul_(2).round_()
+    gathered = face.vertex(face.lmo(grad))
+    full = core.as_float(face.chosen_full(-grad) | face.fixed)
+    assert torch.equal(full, gathered)
+
+
+def test_as_float_is_to_float() -> None:
+    mask = torch.rand(7, 9) > 0.4
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(core.as_float(mask, dtype), mask.to(dtype))
+    assert torch.equal(core.as_float(mask.T), mask.T.to(torch.float32))
+
+
 def test_swap_polish_finds_a_local_optimum_of_a_tiny_row() -> None:
     # 1 row, 6 inputs, keep 3: after the polish no single swap improves.
     layer = _layer(23, d_out=1, d_in=6, pattern="row")
@@ -357,14 +464,19 @@ def test_input_not_modified() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-# The keys, types, order and defaults of the flat config before the search and reconstruction groups.
+# The keys, types, order and defaults of the flat config (the search and reconstruction groups' keys
+# in place; relax_rows, swap_steps and swap_tenure came with the swap tabu search, when iterations went
+# from 20 to 10 and tabu_steps from 150 to 100).
 FLAT_DEFAULTS = {
     "alpha": (float, 0.5),
-    "iterations": (int, 20),
+    "iterations": (int, 10),
+    "relax_rows": (bool, False),
     "step": (str, "line_search"),
     "polish_steps": (int, 60),
+    "swap_steps": (int, 80),
+    "swap_tenure": (int, 4),
     "polish_sweeps": (int, 0),
-    "tabu_steps": (int, 150),
+    "tabu_steps": (int, 100),
     "tabu_tenure": (int, 20),
     "reconstruct": (bool, False),
     "damp": (float, 0.01),
@@ -406,6 +518,9 @@ def test_nested_config_keeps_the_flat_keys() -> None:
         ({"polish_sweeps": -2}, r"fw: polish_sweeps must be an integer >= 0, got -2"),
         ({"tabu_steps": -1}, r"fw: tabu_steps must be an integer >= 0, got -1"),
         ({"tabu_tenure": 0}, r"fw: tabu_tenure must be an integer >= 1, got 0"),
+        ({"swap_steps": -1}, r"fw: swap_steps must be an integer >= 0, got -1"),
+        ({"swap_tenure": 0}, r"fw: swap_tenure must be an integer >= 1, got 0"),
+        ({"relax_rows": "maybe"}, r"fw: relax_rows must be true or false, got 'maybe'"),
         ({"damp": -1.0}, r"fw: damp must be a finite number >= 0, got -1.0"),
         ({"reconstruct_iterations": 0}, r"fw: reconstruct_iterations must be an integer >= 1, got 0"),
         ({"reconstruct": "yes"}, r"fw: reconstruct must be true or false, got 'yes'"),

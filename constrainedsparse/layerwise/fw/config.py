@@ -26,11 +26,16 @@ class _FWHyperparameters(Hyperparameters):
 
 @dataclasses.dataclass
 class SearchConfig(_FWHyperparameters):
-    """The local searches after rounding (keys ``polish_steps``, ``polish_sweeps``, ``tabu_steps``, ``tabu_tenure``).
+    """The local searches after rounding (keys ``polish_steps``, ``swap_steps``, ``swap_tenure``, ``tabu_steps``, ...).
 
     Args:
-        polish_steps: Maximum steps of the exact swap local search after rounding for ``row`` and
-            ``unstructured`` (0: off).
+        polish_steps: Maximum steps of the swap descent for ``row`` and ``unstructured`` when
+            ``swap_steps`` is 0 (:func:`~constrainedsparse.layerwise.fw.search.swap_polish`; 0:
+            off), and of every round of joint swaps with ``reconstruct_sweeps``.
+        swap_steps: Steps of the tabu search over swaps within rows for ``row`` and
+            ``unstructured`` (:func:`~constrainedsparse.layerwise.fw.swap_tabu.swap_tabu_search`;
+            0: the descent of ``polish_steps`` instead).
+        swap_tenure: Steps during which a swapped weight may not move again, at least 1.
         polish_sweeps: Maximum sweeps of the exact group-wise local search after rounding for
             ``nm`` (0: off, the default: the tabu search does better in less time). Like the tabu
             search and the joint sweeps, only where a group has at most
@@ -44,13 +49,19 @@ class SearchConfig(_FWHyperparameters):
     """
 
     polish_steps: int = hyperparameter(
-        60, "max steps of the swap search after rounding, row and unstructured (0: off)", Bounds(low=0, integer=True)
+        60,
+        "max steps of the swap descent after rounding (swap_steps=0), row and unstructured (0: off)",
+        Bounds(low=0, integer=True),
     )
+    swap_steps: int = hyperparameter(
+        80, "steps of the swap tabu search, row and unstructured (0: the descent instead)", Bounds(low=0, integer=True)
+    )
+    swap_tenure: int = hyperparameter(4, "steps during which a swapped weight stays tabu", Bounds(low=1, integer=True))
     polish_sweeps: int = hyperparameter(
         0, "max sweeps of the N:M group search after rounding (0: off)", Bounds(low=0, integer=True)
     )
     tabu_steps: int = hyperparameter(
-        150, "steps of the N:M tabu search, after the group sweeps if any (0: off)", Bounds(low=0, integer=True)
+        100, "steps of the N:M tabu search, after the group sweeps if any (0: off)", Bounds(low=0, integer=True)
     )
     tabu_tenure: int = hyperparameter(
         20, "steps during which a group that just changed stays tabu", Bounds(low=1, integer=True)
@@ -92,7 +103,11 @@ class FWConfig(_FWHyperparameters):
 
     Args:
         alpha: Fraction of every unit's budget fixed to the highest Wanda scores, in ``[0, 1)``.
-        iterations: Frank-Wolfe iterations, at least 1.
+        iterations: Frank-Wolfe iterations, at least 1 (``nm``; ``row`` and ``unstructured`` only
+            with ``relax_rows``).
+        relax_rows: Run the relaxation for ``row`` and ``unstructured`` too. Off by default: there
+            the search starts from the Wanda mask, which reaches lower errors in the same time
+            (``docs/formulations/layerwise.md``).
         step: ``"line_search"`` (exact, per row where the pattern allows) or ``"open_loop"``
             (:math:`2/(t+2)`, the paper's).
         search: The local searches after rounding (:class:`SearchConfig`).
@@ -106,7 +121,12 @@ class FWConfig(_FWHyperparameters):
         "fraction of every unit's budget fixed to the top Wanda scores",
         Bounds(low=0, high=1, high_inclusive=False),
     )
-    iterations: int = hyperparameter(20, "Frank-Wolfe iterations", Bounds(low=1, integer=True))
+    iterations: int = hyperparameter(
+        10, "Frank-Wolfe iterations (N:M; row and unstructured with relax_rows)", Bounds(low=1, integer=True)
+    )
+    relax_rows: bool = hyperparameter(
+        False, "run Frank-Wolfe for row and unstructured too (off: the search starts from the Wanda mask)"
+    )
     step: str = hyperparameter("line_search", "step size rule (open_loop: 2/(t+2), the paper's)", OneOf(STEPS))
     search: SearchConfig = nested(SearchConfig, "local searches after rounding")
     reconstruction: ReconstructionConfig = nested(ReconstructionConfig, "least-squares reconstruction")

@@ -30,10 +30,11 @@ costs :math:`O(d_{out}\, d_{in} (\binom{m}{n} / m + m))`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
-from constrainedsparse.layerwise.fw.core import residual_row_errors
+from constrainedsparse.layerwise.fw.core import as_float, residual_row_errors
 from constrainedsparse.layerwise.fw.groups import KeptSets, diagonal_blocks
 from constrainedsparse.layerwise.fw.search import MIN_RELATIVE_GAIN, row_argmin
 
@@ -51,11 +52,15 @@ class TabuResult:
             one is better in the exact objective).
         row_errors: Its per-row objective computed from scratch, float64.
         improved_rows: The number of rows that end better than they started.
+        steps: Steps run.
+        moves: Moves applied (a row's group change or swap per step).
     """
 
     mask: torch.Tensor
     row_errors: torch.Tensor
     improved_rows: int
+    steps: int = 0
+    moves: int = 0
 
 
 def _quadratic_terms(
@@ -69,9 +74,12 @@ def _quadratic_terms(
 
 
 class _TabuSearch:
-    """The state of one tabu search: the groups' current and best kept sets, :math:`C`, the tabu list.
+    """The state of one tabu search: the groups' current kept sets, :math:`C`, the tabu list, each row's best step.
 
-    A "slot" is one group of one row, ``row * groups + group``.
+    A "slot" is one group of one row, ``row * groups + group``. Every step's moves are recorded, and
+    each row's best visited mask is rebuilt once at the end by replaying its moves up to its best
+    step (no copy of the state per step). Updates go through ``index_select``/``index_copy_`` on
+    contiguous slot-major arrays: far cheaper on CPU than advanced indexing.
     """
 
     def __init__(
@@ -82,109 +90,142 @@ class _TabuSearch:
         group: int,
         tenure: int,
         residual: torch.Tensor | None,
+        start_rows: torch.Tensor | None = None,
     ) -> None:
         d_out, d_in = weight.shape
         self.weight, self.gram, self.mask, self.group, self.tenure = weight, gram, mask, group, tenure
-        self.groups = d_in // group
+        self.d_out, self.groups = d_out, d_in // group
         self.slots = slots = d_out * self.groups
         dtype, device = weight.dtype, weight.device
         kept_sets = KeptSets.of(int(mask[0, :group].sum()), group, dtype, device)
         self.choices = choices = kept_sets.choices
         count = choices.shape[0]
         self.rows = torch.arange(d_out, device=device)
+        self.slot_base = self.rows * self.groups
         self.offsets = torch.arange(group, device=device)
-        self.w_groups = weight.reshape(d_out, self.groups, group)
-        q_blocks = self.w_groups.unsqueeze(3) * diagonal_blocks(gram, group) * self.w_groups.unsqueeze(2)
+        self.w_slots = weight.reshape(slots, group)
+        w_groups = weight.reshape(d_out, self.groups, group)
+        q_blocks = w_groups.unsqueeze(3) * diagonal_blocks(gram, group) * w_groups.unsqueeze(2)
         self.q_flat = q_blocks.reshape(slots, group, group)  # Q_g of every slot
         outer = (choices.unsqueeze(2) * choices.unsqueeze(1)).reshape(count, group * group)
         self.set_quadratic = self.q_flat.reshape(slots, group * group) @ outer.T  # sᵀ Q_g s, (slots, count)
         # Set-major (count, slots) so that the best set of every group is an elementwise minimum.
         self.current = kept_sets.of_mask(mask).reshape(-1)
+        self.start_sets = self.current.clone()
         self.quadratic = _quadratic_terms(choices, self.q_flat, self.set_quadratic, self.current).contiguous()
         self.current_entry = self.current * slots + torch.arange(slots, device=device)  # in `gain`
         self.minus_twice_choices = -2.0 * choices
-        pruned = weight * ~mask
+        pruned = weight * as_float(~mask, dtype)
         self.c = pruned @ gram if residual is None else residual.clone()
-        self.start_rows = (pruned * self.c).sum(dim=1, dtype=torch.float64)
-        self.objective, self.best_objective = self.start_rows.clone(), self.start_rows.clone()
-        self.best = self.current.reshape(d_out, self.groups).clone()
+        if start_rows is None:
+            start_rows = pruned.mul_(self.c).sum(dim=1).to(torch.float64)
+        self.start_rows = start_rows
+        self.objective, self.best_objective = start_rows.clone(), start_rows.clone()
+        self.best_step = torch.full((d_out,), -1, dtype=torch.long, device=device)
+        self.records: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
         # A group moved at step s is tabu in steps s + 1 .. s + tenure; moved_at[k] holds the slots moved
         # at the steps s ≡ k (mod tenure + 1), whose tabu ends when the step comes round again.
         self.tabu_until = torch.zeros(slots, dtype=torch.long, device=device)
-        self.penalty = torch.zeros(d_out, self.groups, dtype=dtype, device=device)
+        self.penalty = torch.zeros(slots, dtype=dtype, device=device)
         self.moved_at: list[torch.Tensor | None] = [None] * (tenure + 1)
         self.wc = torch.empty_like(self.c)
         self.gain = torch.empty(count, slots, dtype=dtype, device=device)
+        self.all_crow = torch.arange(0, d_out * group + 1, group, device=device)
 
     def expire(self, step: int) -> None:
         """Lifts the tabu of the groups moved ``tenure + 1`` steps ago (unless they moved since)."""
         expiring = self.moved_at[step % (self.tenure + 1)]
         if expiring is not None:
-            self.penalty.view(-1)[expiring] = torch.where(self.tabu_until[expiring] > step, _INF, 0.0)
+            still = self.tabu_until.index_select(0, expiring) > step
+            self.penalty.index_copy_(0, expiring, torch.where(still, _INF, 0.0).to(self.penalty.dtype))
 
     def group_gains(self) -> torch.Tensor:
         """Δ of every group's best move, ``(d_out, groups)``; leaves every move's Δ in ``gain``."""
         torch.mul(self.weight, self.c, out=self.wc)
         # Δ of every move: the quadratic term - 2 Σ_{j∈s} w_j c_j + 2 Σ_{j∈m_g} w_j c_j.
-        torch.mm(self.minus_twice_choices, self.wc.reshape(self.slots, self.group).T, out=self.gain)
-        twice_current = self.gain.reshape(-1).take(self.current_entry).neg_()
-        return self.gain.add_(self.quadratic).amin(dim=0).add_(twice_current).reshape(-1, self.groups)
+        torch.mm(self.minus_twice_choices, self.wc.view(self.slots, self.group).T, out=self.gain)
+        twice_current = self.gain.view(-1).take(self.current_entry).neg_()
+        return self.gain.add_(self.quadratic).amin(dim=0).add_(twice_current).view(-1, self.groups)
 
-    def choose(self, group_gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def choose(self, group_gain: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
         """Every row's move: its best one if that reaches a new best, else its best non-tabu one.
 
         Returns:
-            The rows that move, their groups and objective changes; ``None`` if no row can move.
+            The rows that move (``None``: all), their groups and objective changes; ``None`` if no
+            row can move.
         """
         any_gain, any_group = row_argmin(group_gain)
-        free_gain, free_group = row_argmin(group_gain.add_(self.penalty))
+        free_gain, free_group = row_argmin(group_gain.add_(self.penalty.view(-1, self.groups)))
         best = self.best_objective
         aspire = self.objective + any_gain < best - MIN_RELATIVE_GAIN * best.abs()
         change = torch.where(aspire, any_gain, free_gain)
         moved_group = torch.where(aspire, any_group, free_group)
-        moved_rows = self.rows
         ok = torch.isfinite(change)
-        if not bool(ok.all()):
-            if not bool(ok.any()):
-                return None
-            moved_rows, moved_group, change = self.rows[ok], moved_group[ok], change[ok]
-        return moved_rows, moved_group, change
+        if bool(ok.all()):
+            return None, moved_group, change
+        if not bool(ok.any()):
+            return None
+        moved_rows = self.rows[ok]
+        return moved_rows, moved_group[ok], change[ok]
 
-    def move(self, step: int, moved_rows: torch.Tensor, moved_group: torch.Tensor, change: torch.Tensor) -> None:
+    def move(self, step: int, moved_rows: torch.Tensor | None, moved_group: torch.Tensor, change: torch.Tensor) -> None:
         """Applies the chosen moves: kept sets, :math:`C` (sparse product), quadratic terms, tabu list, bests."""
         group, slots, choices = self.group, self.slots, self.choices
-        moved_slots = moved_rows * self.groups + moved_group
-        new_set = row_argmin(self.gain.T[moved_slots])[1]
-        delta = self.w_groups.reshape(slots, group)[moved_slots] * (
-            choices[self.current[moved_slots]] - choices[new_set]
+        rows = self.rows if moved_rows is None else moved_rows
+        moved_slots = rows * self.groups + moved_group
+        new_set = row_argmin(self.gain.index_select(1, moved_slots).T.contiguous())[1]  # torch's argmin(0) is slow
+        old_set = self.current.index_select(0, moved_slots)
+        delta = self.w_slots.index_select(0, moved_slots) * (
+            choices.index_select(0, old_set) - choices.index_select(0, new_set)
         )
-        columns = moved_group.unsqueeze(1) * group + self.offsets
-        coordinates = torch.stack((moved_rows.repeat_interleave(group), columns.reshape(-1)))
-        # Row-major and without repeats: already coalesced.
-        step_change = torch.sparse_coo_tensor(
-            coordinates, delta.reshape(-1), tuple(self.weight.shape), is_coalesced=True, check_invariants=False
-        )
+        columns = (moved_group.unsqueeze(1) * group + self.offsets).view(-1)
+        if moved_rows is None:
+            crow = self.all_crow
+        else:
+            counts = torch.zeros(self.d_out, dtype=torch.long, device=rows.device).index_fill_(0, rows, group)
+            crow = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
+            warnings.simplefilter("ignore", UserWarning)
+            step_change = torch.sparse_csr_tensor(
+                crow, columns, delta.view(-1), tuple(self.weight.shape), check_invariants=False
+            )
         self.c.addmm_(step_change, self.gram)
-        self.current[moved_slots] = new_set
-        self.current_entry[moved_slots] = new_set * slots + moved_slots
-        self.quadratic[:, moved_slots] = _quadratic_terms(
-            choices, self.q_flat[moved_slots], self.set_quadratic[moved_slots], new_set
-        )
-        self.objective[moved_rows] += change.to(torch.float64)
-        self.tabu_until[moved_slots] = step + 1 + self.tenure
-        self.penalty.view(-1)[moved_slots] = _INF
+        self.current.index_copy_(0, moved_slots, new_set)
+        self.current_entry.index_copy_(0, moved_slots, new_set * slots + moved_slots)
+        q_moved, set_moved = self.q_flat.index_select(0, moved_slots), self.set_quadratic.index_select(0, moved_slots)
+        self.quadratic.index_copy_(1, moved_slots, _quadratic_terms(choices, q_moved, set_moved, new_set))
+        if moved_rows is None:
+            self.objective += change
+        else:
+            self.objective.index_add_(0, moved_rows, change.to(torch.float64))
+        self.tabu_until.index_fill_(0, moved_slots, step + 1 + self.tenure)
+        self.penalty.index_fill_(0, moved_slots, _INF)
         self.moved_at[step % (self.tenure + 1)] = moved_slots
         better = self.objective < self.best_objective
-        self.best_objective = torch.where(better, self.objective, self.best_objective)
-        self.best[better] = self.current.reshape(-1, self.groups)[better]
+        torch.minimum(self.objective, self.best_objective, out=self.best_objective)
+        self.best_step.masked_fill_(better, step)
+        self.records.append((moved_rows, moved_slots, new_set))
+
+    def best_sets(self) -> torch.Tensor:
+        """Every slot's kept set at its row's best step: the recorded moves replayed up to it."""
+        sets = self.start_sets.clone()
+        for step, (moved_rows, moved_slots, new_set) in enumerate(self.records):
+            reached = self.best_step >= step
+            if moved_rows is not None:
+                reached = reached.index_select(0, moved_rows)
+            sets.index_copy_(0, moved_slots[reached], new_set[reached])
+        return sets
 
     def result(self) -> TabuResult:
         """Every row's best visited mask where it beats the start in the exact objective."""
-        found = self.choices[self.best].bool().reshape(self.weight.shape)
-        found_rows = residual_row_errors(self.weight, self.gram, self.weight * found)
-        improved = found_rows < self.start_rows
-        final = torch.where(improved.unsqueeze(1), found, self.mask)
-        return TabuResult(final, torch.where(improved, found_rows, self.start_rows), int(improved.sum()))
+        found = self.choices.index_select(0, self.best_sets()).bool().view(self.weight.shape)
+        found_rows = residual_row_errors(self.weight, self.gram, self.weight * as_float(found, self.weight.dtype))
+        # A row improves when it ends on another mask that is better (not by round-off on the same mask).
+        improved = (found_rows < self.start_rows) & (found != self.mask).any(dim=1)
+        final = self.mask ^ ((found ^ self.mask) & improved.unsqueeze(1))  # found where improved
+        moves = sum(self.d_out if rows is None else rows.numel() for rows, _, _ in self.records)
+        rows = torch.where(improved, found_rows, self.start_rows)
+        return TabuResult(final, rows, int(improved.sum()), len(self.records), moves)
 
 
 def group_tabu_search(
@@ -195,6 +236,7 @@ def group_tabu_search(
     steps: int,
     tenure: int,
     residual: torch.Tensor | None = None,
+    start_rows: torch.Tensor | None = None,
 ) -> TabuResult:
     r"""Tabu search over N:M group moves on a binary mask, every row at once (see the module docstring).
 
@@ -206,13 +248,14 @@ def group_tabu_search(
         steps: Number of steps.
         tenure: Steps during which a changed group is tabu.
         residual: :math:`C = (W \odot (1 - M))G` of ``mask`` if already known.
+        start_rows: The per-row objective of ``mask`` if already known (float64).
 
     Returns:
         The best visited mask of every row, its per-row objective computed from scratch (a row
-        keeps ``mask`` unless the visited one is better in this exact objective), and the number
-        of rows improved.
+        keeps ``mask`` unless the visited one is better in this exact objective), the number
+        of rows improved, the steps run and the moves applied.
     """
-    search = _TabuSearch(weight, gram, mask, group, tenure, residual)
+    search = _TabuSearch(weight, gram, mask, group, tenure, residual, start_rows)
     for step in range(steps):
         search.expire(step)
         moves = search.choose(search.group_gains())
