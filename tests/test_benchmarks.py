@@ -277,6 +277,22 @@ def test_causal_lm_quick(tmp_path, tiny_gpt2, text_file, one_thread):
     ]
 
 
+def test_causal_lm_allocation_rows(tmp_path, tiny_gpt2, text_file, one_thread):
+    """70 %: wanda at one level everywhere and at Lagrangian-allocated levels, compared in their own table."""
+    bench = _load("causal_lm")
+    argv = ["--quick", "--problem", "hf-causal-lm", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}"]
+    argv += ["--settings", "70%", "--methods", "wanda", "wanda+lagrangian", "sparsegpt", "--out", str(tmp_path)]
+    assert bench.main([*argv, *one_thread]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in payload["results"]] == ["dense", "wanda", "wanda+lagrangian"]  # no sparsegpt at 70 %
+    uniform, allocated = payload["results"][1:]
+    assert uniform["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert allocated["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)  # the global budget, met
+    (row,) = payload["allocation"]
+    assert row["solver"] == "wanda" and row["ratio"] == pytest.approx(allocated["perplexity"] / uniform["perplexity"])
+    assert "| 70% | wanda |" in (tmp_path / "results.md").read_text()
+
+
 def test_causal_lm_goals_use_the_better_scopes():
     bench = _load("causal_lm")
 
