@@ -248,9 +248,10 @@ class _Run:
         if emptied and not self.prepared.training.allow_empty_layers:
             saved = self.directory.checkpoint_path.is_file()
             where = f"; the last checkpoint is {self.directory.checkpoint_path}" if saved else ""
+            floor = " (or keep a floor per layer: --set min_layer_density=D)" if self.config.formulation == "l0" else ""
             raise UserInputError(
                 f"hard pruning left {', '.join(emptied)} without a single weight (the layer is cut from the model); "
-                f"set --set allow_empty_layers=true to accept that{where}"
+                f"set --set allow_empty_layers=true to accept that{floor}{where}"
             )
 
     def checkpoint(self, phase: str, epoch: int, formulation: Formulation) -> None:

@@ -108,5 +108,3 @@ def save_pretrained_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
-
-

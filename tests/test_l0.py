@@ -1,5 +1,7 @@
 """l0 / l0-penalty: restarting multipliers, config validation, optimizer groups, masks, runs."""
 
+import math
+
 import cooper
 import pytest
 import torch
@@ -711,3 +713,37 @@ def test_hard_prune_preview_equals_the_hard_pruned_model_also_when_the_mask_read
     f.finalize()
     hard_prune(problem.targets, masks)
     assert torch.equal(model(batch[0]).detach(), preview)
+
+
+@pytest.mark.parametrize("grouping", ["unstructured", "structured"])
+@pytest.mark.parametrize("floor", [0.0, 0.25])
+def test_min_layer_density_keeps_a_layer_the_global_budget_would_empty(grouping, floor):
+    """Model scope, the second layer's gates all off and its weights tiny: one global budget empties it;
+    with min_layer_density it keeps ceil(floor * n) of its weights (groups), and the total stays the budget's."""
+    problem, _ = _mlp_problem(sparsity=0.5)
+    f = make("l0", problem, L0Config(grouping=grouping, min_layer_density=floor))
+    f.setup(1, 1)
+    first, second = problem.targets
+    with torch.no_grad():
+        f.gates[first.name].log_alpha.fill_(5.0)
+        f.gates[second.name].log_alpha.fill_(-9.0)
+        second.module.parametrizations[second.param_name].original.mul_(1e-3)
+    masks = f.hard_masks()
+    groups = f.gates[second.name].log_alpha.numel()
+    kept_groups = int(masks[second.name].reshape(-1, *f.gates[second.name].log_alpha.shape).any(0).sum())
+    if grouping == "unstructured":
+        kept_groups = int(masks[second.name].sum())
+    assert kept_groups == math.ceil(floor * groups)
+    if grouping == "unstructured":
+        assert sum(int(m.sum()) for m in masks.values()) == sum(t.feasible_set.k for t in problem.targets)
+    f.finalize()
+    assert bool(getattr(second.module, second.param_name).detach().ne(0).any()) == (floor > 0)
+
+
+def test_min_layer_density_above_a_target_density():
+    problem, _ = _mlp_problem(sparsity=0.9)
+    with pytest.raises(ValueError, match=r"min_layer_density must be at most every target's density 1 - sparsity: "
+                       r"got 0.2 for 0.weight at density 0.1"):  # fmt: skip
+        make("l0", problem, L0Config(min_layer_density=0.2))
+    with pytest.raises(ValueError, match=r"min_layer_density"):
+        make("l0", _mlp_problem()[0], min_layer_density=1.0)

@@ -103,6 +103,13 @@ class L0Config(GateConfig):
             integral controller; without restarts to stop it (an equality has none) the density
             oscillates around :math:`\\epsilon` (measured on mnist1d-cnn, target 0.9: 0.69 to 0.98
             over 20 epochs). A proportional term damps that.
+        min_layer_density: A floor on every target's density in the model-scope hard masks (0, the
+            default: none). One global budget lets the gates empty a whole layer (a user constraint
+            on active neurons did, on a structured MLP); with a floor :math:`d`, every target keeps
+            at least :math:`\\lceil d\\,n_l \\rceil` of its :math:`n_l` weights (structured: groups),
+            its best ones, and the rest of the budget goes to the best of the remainder
+            (:func:`~constrainedsparse.sets.lift_floors`). At most the lowest target density
+            :math:`1 - s_l`; layer scope masks every target at its own level already.
     """
 
     scope: str = hyperparameter(
@@ -122,6 +129,12 @@ class L0Config(GateConfig):
         0.0,
         "proportional gain of a nuPI update on the density multipliers (0: plain ascent)",
         Bounds(low=0, finite=True),
+    )
+
+    min_layer_density: float = hyperparameter(
+        0.0,
+        "least density of every target in the model-scope hard masks (0: no floor)",
+        Bounds(low=0, high=1, high_inclusive=False),
     )
 
     def check(self) -> None:

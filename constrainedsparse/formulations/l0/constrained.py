@@ -47,6 +47,7 @@ purged size is nearest to :math:`\epsilon \cdot \text{dense}`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import cooper
@@ -59,7 +60,7 @@ from constrainedsparse.gates import LOG_ALPHA_RANGE
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.problem import Batch
 from constrainedsparse.purge import chain_purged_params, linear_chain
-from constrainedsparse.sets import GlobalTopK, TopK, nearest_prefix
+from constrainedsparse.sets import GlobalTopK, TopK, lift_floors, nearest_prefix
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["L0", "MODEL_CONSTRAINT", "layer_constraint_name", "lower_constraint_name", "model_constraint_name"]
@@ -98,7 +99,14 @@ class L0(Gated):
         return config.scope == "layer" and config.grouping == "unstructured"
 
     def attach(self) -> None:
-        """Checks ``density_of=purged``'s model first, then the gates and the density constraints."""
+        """Checks ``density_of=purged``'s model and the floor first, then the gates and the density constraints."""
+        floor = self.config.min_layer_density
+        for t in self.problem.targets:
+            if floor > 1.0 - t.sparsity:
+                raise ValueError(
+                    f"min_layer_density must be at most every target's density 1 - sparsity: got {floor} "
+                    f"for {t.name} at density {1.0 - t.sparsity:g}"
+                )
         # density_of=purged: (child name, in_features, out_features) of every Linear, in order.
         self._chain: list[tuple[str, int, int]] = []
         if self.config.density_of == "purged":
@@ -186,8 +194,14 @@ class L0(Gated):
         weights_and_gates = [self._scores(t)[:2] for t in targets]
         offset = max(float(w.abs().max()) for w, _ in weights_and_gates) + 1.0
         scores = [torch.where(z > 0, (w * z).abs() + offset, w.abs()) for w, z in weights_and_gates]
-        budget = GlobalTopK(sum(t.feasible_set.k for t in targets))
-        return {t.name: mask for t, mask in zip(targets, budget.masks(scores))}
+        floors = self._floors(scores)
+        budget = GlobalTopK(max(sum(t.feasible_set.k for t in targets), sum(floors)))
+        return {t.name: mask for t, mask in zip(targets, budget.masks(lift_floors(scores, floors)))}
+
+    def _floors(self, scores: list[torch.Tensor]) -> list[int]:
+        """``ceil(min_layer_density * n)`` entries (weights or groups) of each of ``scores``' tensors."""
+        floor = self.config.min_layer_density
+        return [min(s.numel(), math.ceil(floor * s.numel() - 1e-9)) for s in scores]
 
     def _global_group_masks(self) -> dict[str, torch.Tensor]:
         r"""Structured model-scope masks: the shortest prefix of one global group ranking whose size is
@@ -241,7 +255,8 @@ class L0(Gated):
             score = (log_alpha - low) + 1e-6 * rms / top_rms
             scores.append(torch.where(z > 0, score + (high - low) + 1.0, score))
 
-        keeps = nearest_prefix(scores, size, budget)
+        floors = self._floors(scores)
+        keeps = nearest_prefix(lift_floors(scores, floors), size, budget, minimum=sum(floors))
         return {t.name: self._expand_groups(t, keep) for t, keep in zip(targets, keeps)}
 
     def build_dual_optimizer(self) -> torch.optim.Optimizer | None:
