@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, run_child, write_results
+from common import command_line, run_child, sweep_defaults, sweep_parser, write_results
 from layerwise import METHODS as LAYERWISE_METHODS
 from layerwise import SETTINGS as LAYERWISE_SETTINGS
 from layerwise import SPARSEGPT_SCOPES
@@ -75,23 +75,11 @@ INCREASE_GOAL, PERPLEXITY_GOAL, TIME_GOAL = 0.7, 1.0, 2.0
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="50 %% only, wanda and fw, tiny calibration")
+    parser = sweep_parser(__doc__.split("\n\n")[0], SETTINGS, RUN_METHODS, DEFAULT_OUT)
     parser.add_argument("--problem", default=DEFAULT_PROBLEM, help="a causal-LM problem (default smollm2-wiki)")
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: all (quick: 50%%)")
-    parser.add_argument("--methods", nargs="+", choices=list(RUN_METHODS), help="default: all (quick: wanda fw)")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
-    parser.add_argument("--threads", type=int, help="OMP/torch threads of each run (default: torch's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if args.settings is None:
-        args.settings = list(QUICK_SETTINGS if args.quick else SETTINGS)
-    if args.methods is None:
-        args.methods = list(QUICK_METHODS if args.quick else RUN_METHODS)
-    if args.quick:
-        args.extra = [*QUICK_OPTIONS.get(args.problem, ()), *args.extra]
-    return args
+    quick_extra = QUICK_OPTIONS.get(args.problem, ()) if args.quick else ()
+    return sweep_defaults(args, (SETTINGS, QUICK_SETTINGS), (RUN_METHODS, QUICK_METHODS), quick_extra)
 
 
 def applies(setting: str, method: str) -> bool:

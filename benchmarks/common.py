@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -28,6 +29,39 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     """
     python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
     return shlex.join([python, *(sys.argv if argv is None else [script, *argv])])
+
+
+def sweep_parser(
+    description: str, settings: Sequence[str], methods: Sequence[str], out: Path
+) -> argparse.ArgumentParser:
+    """The command line of a settings x methods sweep run in child processes (``--quick``, ``--settings``,
+    ``--methods``, ``--set``, ``--threads``, ``--out``); see :func:`sweep_defaults`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="50 %% only, wanda and fw, tiny calibration")
+    parser.add_argument("--settings", nargs="+", choices=list(settings), help="default: all (quick: 50%%)")
+    parser.add_argument("--methods", nargs="+", choices=list(methods), help="default: all (quick: wanda fw)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="OMP/torch threads of each run (default: torch's)")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def sweep_defaults(
+    args: argparse.Namespace,
+    settings: tuple[Sequence[str], Sequence[str]],
+    methods: tuple[Sequence[str], Sequence[str]],
+    quick_extra: Sequence[str],
+) -> argparse.Namespace:
+    """Fills ``--settings`` and ``--methods`` with ``(all, quick)`` defaults and puts ``quick_extra``
+    before the ``--set`` items under ``--quick``."""
+    if args.settings is None:
+        args.settings = list(settings[1] if args.quick else settings[0])
+    if args.methods is None:
+        args.methods = list(methods[1] if args.quick else methods[0])
+    if args.quick:
+        args.extra = [*quick_extra, *args.extra]
+    return args
 
 
 def write_results(out: Path, markdown: str, payload: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, run_child, write_results
+from common import command_line, run_child, sweep_defaults, sweep_parser, write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "layerwise"
 SETTINGS: dict[str, list[str]] = {
@@ -83,22 +83,8 @@ GOALS: dict[str, float | None] = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="50 %% only, wanda and fw, tiny calibration")
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: all (quick: 50%%)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all (quick: wanda fw)")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
-    parser.add_argument("--threads", type=int, help="OMP/torch threads of each run (default: torch's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    if args.settings is None:
-        args.settings = list(QUICK_SETTINGS if args.quick else SETTINGS)
-    if args.methods is None:
-        args.methods = list(QUICK_METHODS if args.quick else METHODS)
-    if args.quick:
-        args.extra = [*QUICK_OPTIONS, *args.extra]
-    return args
+    args = sweep_parser(__doc__.split("\n\n")[0], SETTINGS, METHODS, DEFAULT_OUT).parse_args(argv)
+    return sweep_defaults(args, (SETTINGS, QUICK_SETTINGS), (METHODS, QUICK_METHODS), QUICK_OPTIONS)
 
 
 def applies(setting: str, method: str) -> bool:
