@@ -249,19 +249,24 @@ def markdown(results: list[dict[str, Any]], goal_rows: list[dict[str, Any]], com
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Perplexity per setting, one line per method (dense dashed)."""
+    """Perplexity per setting, one bar per method (log scale), the dense model as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(r["setting"] for r in results))
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results):
+    methods = [m for m in dict.fromkeys(r["method"] for r in results) if m != "dense"]
+    width = 0.8 / max(1, len(methods))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(settings) + 0.25 * len(methods)), 4.5))
+    for i, method in enumerate(methods):
         by = {r["setting"]: r["perplexity"] for r in results if r["method"] == method}
-        xs = [i for i, s in enumerate(settings) if s in by]
-        style = {"linestyle": "--", "color": "black"} if method == "dense" else {"marker": "o"}
-        axis.plot(xs, [by[settings[i]] for i in xs], label=method, **style)
+        xs = [j - 0.4 + (i + 0.5) * width for j, s in enumerate(settings) if s in by]
+        bars = axis.bar(xs, [by[s] for s in settings if s in by], width, label=method)
+        axis.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
+    dense = [r["perplexity"] for r in results if r["method"] == "dense"]
+    if dense:
+        axis.axhline(dense[0], linestyle="--", color="black", label=f"dense ({dense[0]:.1f})")
     axis.set_xticks(range(len(settings)), settings)
     axis.set_yscale("log")
     axis.set_xlabel("setting")
