@@ -235,16 +235,13 @@ def markdown(results: list[dict[str, Any]], goal_rows: list[dict[str, Any]], com
                 f"{row['ratio']:.3f}{verdict} |"
             )
     tokens = {r["calibration_tokens"] for r in results if "calibration_tokens" in r}
-    lines += [
-        "",
-        "fw + reconstruct lowest of all methods: "
-        + ", ".join(
-            f"{row['setting']} {'yes' if row['lowest perplexity'] in RECONSTRUCT_SCOPES else 'no'}" for row in goal_rows
+    rebuilt = [row for row in goal_rows if "best fw+reconstruct" in row]  # settings where fw+reconstruct ran
+    if rebuilt:
+        verdicts = ", ".join(
+            f"{row['setting']} {'yes' if row['lowest perplexity'] in RECONSTRUCT_SCOPES else 'no'}" for row in rebuilt
         )
-        + ".",
-        f"Calibration tokens: {', '.join(map(str, sorted(tokens)))}.",
-        "",
-    ]
+        lines += ["", f"fw + reconstruct lowest of all methods: {verdicts}."]
+    lines += ["", f"Calibration tokens: {', '.join(map(str, sorted(tokens)))}.", ""]
     return "\n".join(lines)
 
 
