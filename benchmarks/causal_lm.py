@@ -255,7 +255,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     settings = list(dict.fromkeys(r["setting"] for r in results))
     methods = [m for m in dict.fromkeys(r["method"] for r in results) if m != "dense"]
     width = 0.8 / max(1, len(methods))
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(settings) + 0.25 * len(methods)), 4.5))
+    figure, axis = plt.subplots(figsize=(max(7.5, 1.6 * len(settings) + 0.25 * len(methods) + 2.0), 4.5))
     for i, method in enumerate(methods):
         by = {r["setting"]: r["perplexity"] for r in results if r["method"] == method}
         xs = [j - 0.4 + (i + 0.5) * width for j, s in enumerate(settings) if s in by]
@@ -268,7 +268,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     axis.set_yscale("log")
     axis.set_xlabel("setting")
     axis.set_ylabel("held-out perplexity (log scale, lower is better)")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
