@@ -355,7 +355,8 @@ class DuplicateVariables(Formulation):
         lam, rho, fraction = self.multipliers(), self.rho, self.level_fraction()
         for target in self.problem.targets:
             feasible = self.level_set(target, fraction)
-            self.z[target.name] = feasible.project(w[target.name] + lam[target.name] / rho)
+            v = w[target.name] + lam[target.name] / rho
+            self.z[target.name] = feasible.project(v, out=v)  # in place: no second full-size tensor
 
     @abc.abstractmethod
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
