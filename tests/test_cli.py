@@ -40,7 +40,7 @@ BAD_INPUTS = [
     (["--set", "r=0"], r"r must be in \(0, 1\), got 0.0"),
     (["--set", "interval=0"], r"interval must be an integer >= 1, got 0"),
     (["--formulation", "admm", "--set", "interval=0"], r"interval must be an integer >= 1, got 0"),
-    (["--set", "interval_unit=batch"], r"interval_unit must be one of epoch, step, got 'batch'"),
+    (["--set", "interval_unit=batch"], r"interval_unit must be one of epoch, step, per-epoch, got 'batch'"),
     (["--set", "rho_growth=0.5"], r"rho_growth must be >= 1, got 0.5"),
     (["--set", "device=tpu"], r"--set device must be cpu, cuda, cuda:N or auto, got 'tpu'"),
     (["--set", "novalue"], r"--set expects KEY=VALUE, got 'novalue'"),
