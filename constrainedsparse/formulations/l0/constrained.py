@@ -196,7 +196,13 @@ class L0(Gated):
         scores = [torch.where(z > 0, (w * z).abs() + offset, w.abs()) for w, z in weights_and_gates]
         floors = self._floors(scores)
         budget = GlobalTopK(max(sum(t.feasible_set.k for t in targets), sum(floors)))
-        return {t.name: mask for t, mask in zip(targets, budget.masks(lift_floors(scores, floors)))}
+        return {t.name: mask for t, mask in zip(targets, budget.masks(self._lifted(scores, floors)))}
+
+    @staticmethod
+    def _lifted(scores: list[torch.Tensor], floors: list[int]) -> list[torch.Tensor]:
+        """``scores`` with the floors ranked first (:func:`~constrainedsparse.sets.lift_floors`); as they are
+        without a floor (the default), where lifting would only copy them to float64."""
+        return lift_floors(scores, floors) if any(floors) else scores
 
     def _floors(self, scores: list[torch.Tensor]) -> list[int]:
         """``ceil(min_layer_density * n)`` entries (weights or groups) of each of ``scores``' tensors."""
@@ -256,7 +262,7 @@ class L0(Gated):
             scores.append(torch.where(z > 0, score + (high - low) + 1.0, score))
 
         floors = self._floors(scores)
-        keeps = nearest_prefix(lift_floors(scores, floors), size, budget, minimum=sum(floors))
+        keeps = nearest_prefix(self._lifted(scores, floors), size, budget, minimum=sum(floors))
         return {t.name: self._expand_groups(t, keep) for t, keep in zip(targets, keeps)}
 
     def build_dual_optimizer(self) -> torch.optim.Optimizer | None:
