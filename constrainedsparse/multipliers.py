@@ -72,10 +72,12 @@ def reset_dual_state_(optimizer: torch.optim.Optimizer, multiplier: RestartingMu
     Every state tensor shaped like the multiplier (momentum buffer, Adam moments) is reset on the
     restarted entries; other state (step counters) is left alone. A no-op for stateless SGD.
     """
+    state = optimizer.state.get(multiplier.weight, {})
+    if not state:  # stateless (plain SGD) or not stepped yet: nothing to reset, no host sync
+        return
     restarted = multiplier.last_satisfied
     if not bool(restarted.any()):
         return
-    state = optimizer.state.get(multiplier.weight, {})
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.shape == multiplier.weight.shape:
             value.masked_fill_(restarted, 0)
