@@ -55,7 +55,7 @@ class TopK(FeasibleSet):
         fast = project_largest_magnitudes(x, self.k, out)
         if fast is not None:
             return fast
-        return torch.mul(x, self.mask(x), out=out) if out is not None else x * self.mask(x)
+        return super().project(x, out)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
         self._check(grad)
