@@ -499,6 +499,9 @@ def _summary(run: _Run, final_value: float) -> dict[str, Any]:
         summary[f"retrain_{metric}"] = final_value
     problem = run.sparsity_problem
     multipliers = {k: v for k, v in problem.named_multiplier_values().items() if k in problem.user_constraint_names}
-    summary["constraints"] = constraint_report(run.model, prepared.problem.constraints, multipliers, run.test_batch())
+    constraints = prepared.problem.constraints  # the whole test set goes to the device only if one is reported
+    summary["constraints"] = (
+        constraint_report(run.model, constraints, multipliers, run.test_batch()) if constraints else {}
+    )
     summary.update(run.summary_extra)  # the formulation's own fields (e.g. l0's densities)
     return summary

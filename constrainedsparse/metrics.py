@@ -40,13 +40,11 @@ class Metric:
         name: Names the summary keys (``dense_<name>``) and the logged family (``<name>/test``).
         fn: ``fn(outputs, targets) -> float`` over the whole test set.
         higher_is_better: The direction (for reading; nothing is optimised on it).
-        percent: Shown as a percentage in the printed summary.
     """
 
     name: str
     fn: Callable[[Any, Any], float]
     higher_is_better: bool = True
-    percent: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -62,7 +60,7 @@ class Metric:
         return {"name": self.name, "higher_is_better": self.higher_is_better}
 
 
-ACCURACY = Metric("accuracy", accuracy, True, percent=True)
+ACCURACY = Metric("accuracy", accuracy, True)
 R2 = Metric("r2", r2, True)
 
 
