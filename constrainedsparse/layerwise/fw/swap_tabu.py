@@ -37,19 +37,13 @@ import warnings
 
 import torch
 
-from constrainedsparse.layerwise.fw.core import as_float
+from constrainedsparse.layerwise.fw.core import as_float, residual_row_errors
 from constrainedsparse.layerwise.fw.search import row_argmin
 from constrainedsparse.layerwise.fw.tabu import TabuResult
 
 __all__ = ["swap_tabu_search"]
 
 _INF = float("inf")
-
-
-def _row_errors(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row objective :math:`D_i G D_i^\\top` of ``mask`` from scratch, float64 (summed in the input dtype)."""
-    pruned = weight * as_float(~mask, weight.dtype)
-    return ((pruned @ gram).mul_(pruned)).sum(dim=1).to(torch.float64)
 
 
 def _sparse_change(crow: torch.Tensor, drop: torch.Tensor, add: torch.Tensor, w_drop: torch.Tensor,
@@ -171,7 +165,7 @@ def swap_tabu_search(
         best_step.masked_fill_(better, step)
         ran, moves = step + 1, moves + moved
     found = _replay(mask, drops[:ran], adds[:ran], best_step)
-    found_rows = _row_errors(weight, gram, found)
+    found_rows = residual_row_errors(weight, gram, weight * as_float(found, weight.dtype))
     # A row improves when it ends on another mask that is better (not by round-off on the same mask).
     improved = (found_rows < start_rows) & (found != mask).any(dim=1)
     final = mask ^ ((found ^ mask) & improved.unsqueeze(1))  # found where improved (bitwise: where() is slow)
