@@ -272,7 +272,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             ) from None
         if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
             raise UserInputError(f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (rows need a step)")
-        print(plot_metrics(args.metrics, png))
+        print(plot_metrics(args.metrics, png, rows))
         return 0
     return _command_run(args, argv)
 

@@ -247,11 +247,14 @@ def figure_for(rows: Rows) -> Any:
     return fig
 
 
-def plot_metrics(jsonl_path: Path, png_path: Path) -> Path:
-    """Plots a ``metrics.jsonl`` into a PNG (see the module docstring); returns ``png_path``."""
+def plot_metrics(jsonl_path: Path, png_path: Path, rows: list[dict] | None = None) -> Path:
+    """Plots a ``metrics.jsonl`` into a PNG (see the module docstring); returns ``png_path``.
+
+    ``rows``: the file's rows when the caller has read them already (not read again).
+    """
     import matplotlib.pyplot as plt
 
-    fig = figure_for(read_metrics(jsonl_path))
+    fig = figure_for(read_metrics(jsonl_path) if rows is None else rows)
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
