@@ -258,32 +258,6 @@ def test_bad_hyperparameters_are_precise_value_errors(name, config, message):
         formulation_class(name).Config(**config).validate()
 
 
-def test_fused_augmented_lagrangian_matches_coopers_formula_value_and_gradients():
-    import cooper
-
-    from constrainedsparse.formulations.duplicate import FusedAugmentedLagrangian
-
-    torch.manual_seed(0)
-    w = torch.randn(30, requires_grad=True)
-    z = torch.randn(30)
-    results = []
-    for formulation_type in (cooper.formulations.AugmentedLagrangian, FusedAugmentedLagrangian):
-        constraint = cooper.Constraint(
-            constraint_type=cooper.ConstraintType.EQUALITY,
-            formulation_type=formulation_type,
-            multiplier=cooper.multipliers.DenseMultiplier(init=torch.linspace(-1, 1, 30)),
-            penalty_coefficient=cooper.penalty_coefficients.DensePenaltyCoefficient(init=torch.tensor(0.3)),
-        )
-        state = cooper.ConstraintState(violation=w - z)
-        primal = constraint.compute_contribution_to_lagrangian(state, "primal").lagrangian_contribution
-        (grad_w,) = torch.autograd.grad(primal, w)
-        dual = constraint.compute_contribution_to_lagrangian(state, "dual").lagrangian_contribution
-        (grad_lambda,) = torch.autograd.grad(dual, constraint.multiplier.weight)
-        results.append((primal.detach(), grad_w, dual.detach(), grad_lambda))
-    for ours, theirs in zip(results[1], results[0]):
-        torch.testing.assert_close(ours.reshape(-1), theirs.reshape(-1))
-
-
 def test_slr_run_logs_dual_dynamics_to_jsonl_and_wandb_and_retrains_without_w_eq_z(tmp_path):
     import json
 

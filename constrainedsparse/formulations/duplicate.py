@@ -8,9 +8,8 @@ The sparsity constraint is moved onto copies :math:`Z_n` of the pruned weights:
     + \frac{\rho}{2} \sum_n \lVert W_n - Z_n \rVert^2 .
 
 Every :math:`W_n - Z_n = 0` is a real :class:`cooper.Constraint` (equality, Cooper's
-Augmented Lagrangian formulation — :class:`FusedAugmentedLagrangian`, the same formula with a
-one-pass backward — a ``DenseMultiplier`` :math:`\Lambda_n` and a ``DensePenaltyCoefficient``
-:math:`\rho`), registered with ``dual_every_step=False``. So:
+Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
+``DensePenaltyCoefficient`` :math:`\rho`), registered with ``dual_every_step=False``. So:
 
 * **W-step** — every minibatch backpropagates the loss (and the user's constraints); a
   post-accumulate-grad hook on each pruned weight adds the rest of :math:`\nabla_W L_\rho`,
@@ -48,7 +47,6 @@ from torch.nn.utils import parametrize
 from constrainedsparse.batches import batch_size
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.distributed import weighted_mean
-from constrainedsparse.formulations.augmented import FusedAugmentedLagrangian, dots, squared_norms
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
@@ -56,7 +54,6 @@ from constrainedsparse.targets import TargetParam
 __all__ = [
     "DuplicateConfig",
     "DuplicateVariables",
-    "FusedAugmentedLagrangian",
     "INTERVAL_UNITS",
     "Iterate",
     "MASK_SOURCES",
@@ -112,6 +109,16 @@ class DuplicateConfig(Hyperparameters):
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
 
 
+def dots(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """:math:`\\langle a, b\\rangle` for every pair (one BLAS dot each), read back to the host at once.
+
+    One host transfer for the whole list: a coordination synchronises a GPU a few times, not once per dot.
+    """
+    if not pairs:
+        return []
+    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs]).tolist()
+
+
 @dataclasses.dataclass
 class _Anchor:
     """:math:`\\Lambda_n - \\rho Z_n` and what it was computed from."""
@@ -127,8 +134,8 @@ class _Anchor:
 class Iterate:
     """What a dual step rule sees during coordination iteration :math:`k`.
 
-    Residuals and their squared norms are computed on first use and then reused, so a rule that
-    never needs :math:`W^k - Z^{k-1}` (ADMM) never pays for it.
+    Residuals are computed on first use and then reused, so a rule that never needs
+    :math:`W^k - Z^{k-1}` (ADMM) never pays for it.
 
     Attributes:
         w: :math:`W^k` (views of the live weights; they do not change during a coordination).
@@ -136,6 +143,9 @@ class Iterate:
         f_value: :math:`f(W^k)` on the reference batch, if the rule asked for it.
         z: :math:`Z^k`, set after the Z-step.
         notes: Values a dual rule computes before the Z-step and reads after it (this iteration only).
+        residual_sq_before_z: :math:`\\lVert W^k - Z^{k-1}\rVert^2` per tensor, if a rule measured it.
+        residual_sq: :math:`\\lVert W^k - Z^k\rVert^2` per tensor, if a rule measured it (else
+            :meth:`DuplicateVariables.dynamics` measures it with its other dots).
     """
 
     w: dict[str, torch.Tensor]
@@ -143,6 +153,8 @@ class Iterate:
     f_value: float | None
     z: dict[str, torch.Tensor] | None = None
     notes: dict[str, float] = dataclasses.field(default_factory=dict)
+    residual_sq_before_z: dict[str, float] | None = None
+    residual_sq: dict[str, float] | None = None
 
     @functools.cached_property
     def residual_before_z(self) -> dict[str, torch.Tensor]:
@@ -150,19 +162,9 @@ class Iterate:
         return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z_prev[n] for n in self.w])))
 
     @functools.cached_property
-    def residual_sq_before_z(self) -> dict[str, float]:
-        """:math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor (a rule that measures it with other dots sets it)."""
-        return squared_norms(self.residual_before_z)
-
-    @functools.cached_property
     def residual(self) -> dict[str, torch.Tensor]:
         """:math:`W^k - Z^k` per tensor (after the Z-step)."""
         return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z[n] for n in self.w])))
-
-    @functools.cached_property
-    def residual_sq(self) -> dict[str, float]:
-        """:math:`\\lVert W^k - Z^k\\rVert^2` per tensor (a rule that measures it with other dots sets it)."""
-        return squared_norms(self.residual)
 
 
 class DuplicateVariables(Formulation):
@@ -196,7 +198,7 @@ class DuplicateVariables(Formulation):
                 )
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.EQUALITY,
-                formulation_type=FusedAugmentedLagrangian,
+                formulation_type=cooper.formulations.AugmentedLagrangian,
                 multiplier=cooper.multipliers.DenseMultiplier(
                     num_constraints=target.tensor.numel(), device=target.tensor.device
                 ),
@@ -425,7 +427,7 @@ class DuplicateVariables(Formulation):
         outside = [it.w[n].masked_fill(self.z[n] != 0, 0) for n in names]
         pairs = [(lam[n], lam[n]) for n in names] + [(c, c) for c in change] + [(o, o) for o in outside]
         pairs += [(it.w[n], it.w[n]) for n in names]
-        known = "residual_sq" in it.__dict__
+        known = it.residual_sq is not None
         if not known:
             pairs += [(r, r) for r in it.residual.values()]
         values = dots(pairs)

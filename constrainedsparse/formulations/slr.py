@@ -34,9 +34,8 @@ from typing import Any
 import torch
 
 from constrainedsparse.config import Bounds, hyperparameter
-from constrainedsparse.formulations.augmented import dots
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, dots
 
 __all__ = ["SLR", "SLRConfig", "slr_alpha"]
 
