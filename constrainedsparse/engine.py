@@ -37,6 +37,7 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError, user_in
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
 from constrainedsparse.layerwise.base import available_solvers
+from constrainedsparse.logger import finish_summary
 from constrainedsparse.masks import (
     achieved_sparsity,
     hard_prune,
@@ -461,9 +462,7 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         final_value = evaluate(prepared.problem, run.model, run.test)
         summary = _summary(run, final_value)
         run.logger.log({f"{run.metric}/final": final_value}, run.step)
-        run.logger.set_summary(summary)
-        if run.logger.where() is not None:
-            summary["wandb_run"] = run.logger.where()
+        finish_summary(run.logger, summary)
     finally:
         run.logger.close()
     distributed.dump_rank_state("final", {"model": run.model.state_dict()})

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "MetricsLogger", "NullLogger", "read_metrics"]
+__all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "MetricsLogger", "NullLogger", "finish_summary", "read_metrics"]
 
 WANDB_MODES = ("disabled", "offline", "online")
 DEFAULT_PROJECT = "constrainedsparse"
@@ -179,6 +179,14 @@ class NullLogger:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def finish_summary(logger: MetricsLogger | NullLogger, summary: dict[str, Any]) -> None:
+    """Puts ``summary`` into the wandb run's summary, then adds where that run went (``wandb_run``) to it."""
+    logger.set_summary(summary)
+    where = logger.where()
+    if where is not None:
+        summary["wandb_run"] = where
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ from constrainedsparse.layerwise.allocation import (
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
+from constrainedsparse.logger import finish_summary
 from constrainedsparse.progress import Progress
 from constrainedsparse.report import layer_rows, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
@@ -449,9 +450,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             run.logger.log(scores, run.step + 1)
         final = {"mean_layer_error": summary["mean_layer_error"], "sparsity/achieved": summary["achieved_sparsity"]}
         run.logger.log(final, run.step + 1)
-        run.logger.set_summary(summary)
-        if run.logger.where() is not None:
-            summary["wandb_run"] = run.logger.where()
+        finish_summary(run.logger, summary)
     finally:
         run.logger.close()
     distributed.dump_rank_state("layerwise-final", {"model": model.state_dict(), "summary": summary})
