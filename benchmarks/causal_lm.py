@@ -50,15 +50,20 @@ RUN_METHODS = (
     "fw+reconstruct",
     "fw+reconstruct-layer",
 )
-# Per-layer levels chosen by Lagrangian relaxation (--set allocation=lagrangian) against the same
-# solver at one level everywhere (its plain row): the issue's comparison at 60 % and 70 %.
-ALLOCATED = {"wanda+lagrangian": "wanda", "fw+lagrangian": "fw"}
+# Per-layer levels chosen by Lagrangian relaxation (--set allocation=lagrangian) or by OWL's published
+# rule (--set allocation=owl, the baseline) against the same solver at one level everywhere (its
+# plain row): the issue's comparison at 60 % and 70 %.
+ALLOCATIONS = ("lagrangian", "owl")
+ALLOCATED = {f"{solver}+{rule}": solver for rule in ALLOCATIONS for solver in ("wanda", "fw")}
 ALLOCATION_SETTINGS = ("60%", "70%")
 ALLOCATION_GOAL_SETTING = "70%"
 SETTINGS: dict[str, list[str]] = {**LAYERWISE_SETTINGS, "70%": ["--sparsity", "0.7"]}
 METHODS: dict[str, list[str]] = {
     **LAYERWISE_METHODS,
-    **{name: [*LAYERWISE_METHODS[base], "--set", "allocation=lagrangian"] for name, base in ALLOCATED.items()},
+    **{
+        name: [*LAYERWISE_METHODS[base], "--set", f"allocation={name.split('+')[1]}"]
+        for name, base in ALLOCATED.items()
+    },
 }
 RUN_METHODS = (*RUN_METHODS, *ALLOCATED)
 FW_SCOPES = ("fw", "fw-layer")
@@ -93,14 +98,14 @@ def applies(setting: str, method: str) -> bool:
 
 
 def allocation_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per setting and solver that ran both ways: uniform and Lagrangian-allocated perplexity."""
+    """Per setting and solver that ran uniform and allocated: the perplexity of each allocation rule."""
     rows = []
     for setting in dict.fromkeys(r["setting"] for r in results):
         by = {r["method"]: r for r in results if r["setting"] == setting}
-        for allocated, uniform in ALLOCATED.items():
-            if allocated in by and uniform in by:
-                a, u = by[allocated]["perplexity"], by[uniform]["perplexity"]
-                rows.append({"setting": setting, "solver": uniform, "uniform": u, "lagrangian": a, "ratio": a / u})
+        for solver in dict.fromkeys(ALLOCATED.values()):
+            ruled = {rule: by[f"{solver}+{rule}"]["perplexity"] for rule in ALLOCATIONS if f"{solver}+{rule}" in by}
+            if solver in by and ruled:
+                rows.append({"setting": setting, "solver": solver, "uniform": by[solver]["perplexity"], **ruled})
     return rows
 
 
@@ -220,20 +225,20 @@ def markdown(results: list[dict[str, Any]], goal_rows: list[dict[str, Any]], com
     if allocation:
         lines += [
             "",
-            "Per-layer allocation (`--set allocation=lagrangian`) against one level everywhere, same solver "
-            f"(goal at {ALLOCATION_GOAL_SETTING}: lagrangian < uniform):",
+            "Per-layer allocation against one level everywhere, same solver: `--set allocation=lagrangian` (ours) "
+            f"and `--set allocation=owl` (OWL's published rule, M = 5, lambda = 0.08; goal at "
+            f"{ALLOCATION_GOAL_SETTING}: lagrangian < uniform):",
             "",
-            "| setting | solver | uniform perplexity | lagrangian perplexity | lagrangian / uniform |",
-            "|---|---|---|---|---|",
+            "| setting | solver | uniform | lagrangian | owl | lagrangian / uniform | owl / uniform |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in allocation:
-            verdict = ""
-            if row["setting"] == ALLOCATION_GOAL_SETTING:
-                verdict = " (met)" if row["ratio"] < 1.0 else " (NOT met)"
-            lines.append(
-                f"| {row['setting']} | {row['solver']} | {row['uniform']:.2f} | {row['lagrangian']:.2f} | "
-                f"{row['ratio']:.3f}{verdict} |"
-            )
+            cells = [f"{row[rule]:.2f}" if rule in row else "" for rule in ALLOCATIONS]
+            ratios = [f"{row[rule] / row['uniform']:.3f}" if rule in row else "" for rule in ALLOCATIONS]
+            if row["setting"] == ALLOCATION_GOAL_SETTING and "lagrangian" in row:
+                ratios[0] += " (met)" if row["lagrangian"] < row["uniform"] else " (NOT met)"
+            head = f"| {row['setting']} | {row['solver']} | {row['uniform']:.2f} | "
+            lines.append(head + " | ".join(cells + ratios) + " |")
     tokens = {r["calibration_tokens"] for r in results if "calibration_tokens" in r}
     rebuilt = [row for row in goal_rows if "best fw+reconstruct" in row]  # settings where fw+reconstruct ran
     if rebuilt:

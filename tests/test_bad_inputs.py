@@ -448,7 +448,11 @@ ROWS: list[Row] = [
         r"sparsegpt: damp must be a finite number > 0, got 0.0",
     ),  # fmt: skip
     Row("nm width layer-wise", [*LLAMA, "--pattern", "3:5"], r"block 0 .*: N:M pattern 3:5 needs the input width"),
-    Row("allocation kind", [*LLAMA, "--set", "allocation=owl"], r"--set allocation must be one of uniform, lagrangian"),
+    Row(
+        "allocation kind",
+        [*LLAMA, "--set", "allocation=owls"],
+        r"--set allocation must be one of uniform, lagrangian, owl",
+    ),
     Row(
         "allocation with N:M",
         [*LLAMA, "--pattern", "2:4", "--set", "allocation=lagrangian"],

@@ -70,6 +70,7 @@ __all__ = [
     "kept_per_row",
     "level_targets",
     "measure_curves",
+    "round_levels",
     "reachable_range",
     "row_width",
 ]
@@ -147,15 +148,20 @@ class Allocation:
 
     Attributes:
         levels: The level of every layer, by weight name.
-        multiplier: :math:`\\lambda^*`, the price of one more pruned weight in error units.
+        multiplier: :math:`\\lambda^*`, the price of one more pruned weight in error units
+            (``None`` for ``owl``, which has no multiplier).
         budget: The target level :math:`S` over all the layers.
         achieved: :math:`\\sum_l n_l s_l / \\sum_l n_l` of the final levels.
+        method: ``"lagrangian"`` or ``"owl"`` (:mod:`~constrainedsparse.layerwise.owl`).
+        outlier_ratios: ``owl``: every block's outlier ratio :math:`D_b`, by block name.
     """
 
     levels: dict[str, float]
-    multiplier: float
+    multiplier: float | None
     budget: float
     achieved: float
+    method: str = "lagrangian"
+    outlier_ratios: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for ``summary.json``."""
@@ -206,7 +212,7 @@ def allocate(curves: Sequence[ErrorCurve], budget: float, *, iterations: int = 1
     levels = {c.name: _choice(h, c.size, low) for c, h in zip(curves, hulls)}
     upper = {c.name: _choice(h, c.size, high) for c, h in zip(curves, hulls)}
     _interpolate(curves, levels, upper, wanted)
-    _repair(curves, levels, wanted)
+    round_levels(curves, levels, wanted)
     achieved = sum(c.size * levels[c.name] for c in curves) / sizes
     return Allocation(levels, max(high, 0.0), budget, achieved)
 
@@ -248,7 +254,7 @@ def reachable_range(layers: Sequence[tuple[int, int, float, float]]) -> tuple[fl
     return 1.0 - most / total, 1.0 - fewest / total
 
 
-def _repair(curves: Sequence[ErrorCurve], levels: dict[str, float], wanted: float) -> None:
+def round_levels(curves: Sequence[ErrorCurve], levels: dict[str, float], wanted: float) -> None:
     """Rounds every level to a whole number of kept weights per row and makes the kept total exact.
 
     Each layer keeps a whole number of weights per row, within its bounds (the ends of its grid);

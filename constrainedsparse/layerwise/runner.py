@@ -40,6 +40,7 @@ from constrainedsparse.layerwise.allocation import (
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
+from constrainedsparse.layerwise.owl import measure_outliers, owl_allocation
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
 from constrainedsparse.logger import finish_summary
 from constrainedsparse.progress import Progress
@@ -96,12 +97,15 @@ class DriverSettings(Hyperparameters):
         "float32", "dtype of the model's weights (Gram matrices stay float32/64)", OneOf(DTYPES)
     )
     allocation: str = hyperparameter(
-        "uniform", "per-layer levels: every layer at --sparsity, or chosen by Lagrangian relaxation",
-        OneOf(("uniform", "lagrangian")),
+        "uniform", "per-layer levels: every layer at --sparsity, chosen by Lagrangian relaxation, or by OWL's "
+        "outlier ratios (the published baseline)",
+        OneOf(("uniform", "lagrangian", "owl")),
     )  # fmt: skip
-    allocation_min: float = hyperparameter(0.0, "lowest level a layer may get (lagrangian)", Bounds(0, 1, True, False))
+    allocation_min: float = hyperparameter(
+        0.0, "lowest level a layer may get (lagrangian, owl)", Bounds(0, 1, True, False)
+    )
     allocation_max: float = hyperparameter(
-        0.95, "highest level a layer may get (lagrangian)", Bounds(0, 1, True, False)
+        0.95, "highest level a layer may get (lagrangian, owl)", Bounds(0, 1, True, False)
     )
     allocation_weight: str = hyperparameter(
         "block", "what the allocation sums: relative layer errors (equal), absolute errors (energy), or each "
@@ -110,6 +114,10 @@ class DriverSettings(Hyperparameters):
     )  # fmt: skip
     allocation_step: float = hyperparameter(
         0.1, "spacing of the levels each layer's error curve is measured at", Bounds(0, 1, False, False)
+    )
+    owl_m: float = hyperparameter(5.0, "owl: a score is an outlier above owl_m x its block's mean", Bounds(low=0))
+    owl_lambda: float = hyperparameter(
+        0.08, "owl: block levels spread over [S - owl_lambda, S + owl_lambda]", Bounds(0, 1, True, False)
     )
 
     def check(self) -> None:
@@ -170,7 +178,7 @@ def check_layer_shapes(
 
 
 def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
-    """``allocation=lagrangian`` needs a level to share out, inside its bounds.
+    """``allocation=lagrangian|owl`` needs a level to share out, inside its bounds.
 
     Raises:
         ValueError: For an N:M target (its level is fixed per group) or a budget outside the bounds.
@@ -179,7 +187,7 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
         return
     if target.nm is not None:
         raise ValueError(
-            f"--set allocation=lagrangian shares out a --sparsity level; the N:M pattern {target.describe()} "
+            f"--set allocation={driver.allocation} shares out a --sparsity level; the N:M pattern {target.describe()} "
             "fixes every group's"
         )
     if not driver.allocation_min <= target.sparsity <= driver.allocation_max:
@@ -192,7 +200,7 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
 def check_reachable(
     blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, driver: DriverSettings
 ) -> None:
-    """``allocation=lagrangian``: whole weights per row can reach the level within the bounds.
+    """``allocation=lagrangian|owl``: whole weights per row can reach the level within the bounds.
 
     Raises:
         UserInputError: When the rows are too narrow for the level (8 inputs at ``allocation_max``
@@ -377,26 +385,35 @@ class _Blocks:
 
 
 def _allocation(prepared: LayerwisePrepared, blocks: Sequence[nn.Module], run: _Blocks) -> Allocation | None:
-    """The per-layer levels of ``allocation=lagrangian`` (measured and solved once; kept by checkpoints)."""
-    driver = prepared.driver
-    if driver.allocation != "lagrangian":
+    """The per-layer levels of ``allocation=lagrangian|owl`` (measured and solved once; kept by checkpoints)."""
+    driver, target = prepared.driver, prepared.target
+    if driver.allocation == "uniform":
         return None
     if run.allocation is not None:  # a resumed run keeps the levels it started with
         return run.allocation
-    levels = grid_levels(driver.allocation_min, driver.allocation_max, driver.allocation_step)
-    progress = Progress(len(blocks), "allocation: error curves", prepared.config.progress and run.main, unit="block")
-    curves = measure_curves(
-        prepared.model, blocks, prepared.batches, prepared.target, prepared.problem.targets, levels,
-        gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device, offload=driver.offload,
-        activations=driver.activations, weight_by=driver.allocation_weight, on_block=progress.epoch_done,
-    )  # fmt: skip
+    what = "error curves" if driver.allocation == "lagrangian" else "outlier ratios"
+    progress = Progress(len(blocks), f"allocation: {what}", prepared.config.progress and run.main, unit="block")
+    walk = {"gram_dtype": GRAM_DTYPES[driver.gram_dtype], "device": prepared.device, "offload": driver.offload,
+            "activations": driver.activations, "on_block": progress.epoch_done}  # fmt: skip
+    if driver.allocation == "lagrangian":
+        levels = grid_levels(driver.allocation_min, driver.allocation_max, driver.allocation_step)
+        curves = measure_curves(prepared.model, blocks, prepared.batches, target, prepared.problem.targets, levels,
+                                weight_by=driver.allocation_weight, **walk)  # fmt: skip
+        run.allocation = allocate(curves, target.sparsity)
+    else:
+        ratios = measure_outliers(prepared.model, blocks, prepared.batches, target, prepared.problem.targets,
+                                  driver.owl_m, **walk)  # fmt: skip
+        run.allocation = owl_allocation(
+            ratios, target.sparsity, driver.owl_lambda, driver.allocation_min, driver.allocation_max
+        )
     progress.close()
-    run.allocation = allocate(curves, prepared.target.sparsity)
-    run.logger.log(
-        {"allocation/multiplier": run.allocation.multiplier, "allocation/achieved": run.allocation.achieved,
-         **{f"allocation/level/{name}": level for name, level in run.allocation.levels.items()}},
-        run.step,
-    )  # fmt: skip
+    logged = {f"allocation/level/{name}": level for name, level in run.allocation.levels.items()}
+    logged["allocation/achieved"] = run.allocation.achieved
+    if run.allocation.multiplier is not None:
+        logged["allocation/multiplier"] = run.allocation.multiplier
+    for block, ratio in (run.allocation.outlier_ratios or {}).items():
+        logged[f"allocation/outlier_ratio/{block}"] = ratio
+    run.logger.log(logged, run.step)
     return run.allocation
 
 
