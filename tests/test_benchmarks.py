@@ -278,19 +278,23 @@ def test_causal_lm_quick(tmp_path, tiny_gpt2, text_file, one_thread):
 
 
 def test_causal_lm_allocation_rows(tmp_path, tiny_gpt2, text_file, one_thread):
-    """70 %: wanda at one level everywhere and at Lagrangian-allocated levels, compared in their own table."""
+    """70 %: wanda at one level everywhere, at Lagrangian-allocated and at OWL's levels, in their own table."""
     bench = _load("causal_lm")
     argv = ["--quick", "--problem", "hf-causal-lm", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}"]
-    argv += ["--settings", "70%", "--methods", "wanda", "wanda+lagrangian", "sparsegpt", "--out", str(tmp_path)]
-    assert bench.main([*argv, *one_thread]) == 0
+    argv += ["--settings", "70%", "--methods", "wanda", "wanda+lagrangian", "wanda+owl", "sparsegpt"]
+    assert bench.main([*argv, "--out", str(tmp_path), *one_thread]) == 0
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in payload["results"]] == ["dense", "wanda", "wanda+lagrangian"]  # no sparsegpt at 70 %
-    uniform, allocated = payload["results"][1:]
-    assert uniform["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
-    assert allocated["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)  # the global budget, met
+    methods = [r["method"] for r in payload["results"]]
+    assert methods == ["dense", "wanda", "wanda+lagrangian", "wanda+owl"]  # no sparsegpt at 70 %
+    uniform, allocated, owl = payload["results"][1:]
+    for result in (uniform, allocated, owl):
+        assert result["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)  # the global budget, met
     (row,) = payload["allocation"]
-    assert row["solver"] == "wanda" and row["ratio"] == pytest.approx(allocated["perplexity"] / uniform["perplexity"])
-    assert "| 70% | wanda |" in (tmp_path / "results.md").read_text()
+    assert row == {"setting": "70%", "solver": "wanda", "uniform": uniform["perplexity"],
+                   "lagrangian": allocated["perplexity"], "owl": owl["perplexity"]}  # fmt: skip
+    ratio = f"{allocated['perplexity'] / uniform['perplexity']:.3f}"
+    assert f"| 70% | wanda | {uniform['perplexity']:.2f} |" in (tmp_path / "results.md").read_text()
+    assert ratio in (tmp_path / "results.md").read_text()
 
 
 def test_causal_lm_goals_use_the_better_scopes():
