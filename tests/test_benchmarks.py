@@ -390,3 +390,19 @@ def test_gpu_check_script_parses_and_semi_structured_refuses_without_cuda(capsys
     if not torch.cuda.is_available():
         assert _load("semi_structured").main([]) == 2
         assert capsys.readouterr().err.strip() == "error: semi-structured sparsity needs CUDA; no GPU here"
+
+
+def test_dense_target_quick(tmp_path, smollm2_folder):
+    """The negative-result script runs end to end on two blocks of the real SmolLM2 (own and dense)."""
+    bench = _load("dense_target")
+    assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/dense_target.py --quick --threads 1" in text
+    header, rows = _table(text)
+    assert header[:3] == ["target", "perplexity", "dense perplexity"]
+    assert [row[0] for row in rows] == ["own", "dense, damp 0.1"]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    own, dense = payload["results"]
+    assert own["dense_perplexity"] == dense["dense_perplexity"] > 1
+    assert own["deviation"][0] == pytest.approx(dense["deviation"][0])  # block 0: both streams agree
+    assert own["deviation"][1] != dense["deviation"][1]
