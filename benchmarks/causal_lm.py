@@ -55,13 +55,16 @@ RUN_METHODS = (
 # plain row): the issue's comparison at 60 % and 70 %.
 ALLOCATIONS = ("lagrangian", "owl")
 ALLOCATED = {f"{solver}+{rule}": solver for rule in ALLOCATIONS for solver in ("wanda", "fw")}
-ALLOCATION_SETTINGS = ("60%", "70%")
+# The methods with weight updates under the Lagrangian allocation too (the fair comparison of the two).
+ALLOCATED.update({f"{solver}+lagrangian": solver for solver in ("sparsegpt", "fw+reconstruct")})
+ALLOCATION_SETTINGS = ("50%", "60%", "70%")
+SEVENTY = ("wanda", "fw")
 ALLOCATION_GOAL_SETTING = "70%"
 SETTINGS: dict[str, list[str]] = {**LAYERWISE_SETTINGS, "70%": ["--sparsity", "0.7"]}
 METHODS: dict[str, list[str]] = {
     **LAYERWISE_METHODS,
     **{
-        name: [*LAYERWISE_METHODS[base], "--set", f"allocation={name.split('+')[1]}"]
+        name: [*LAYERWISE_METHODS[base], "--set", f"allocation={name.rsplit('+', 1)[1]}"]
         for name, base in ALLOCATED.items()
     },
 }
@@ -88,12 +91,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def applies(setting: str, method: str) -> bool:
-    """Whether ``method`` runs at ``setting``: allocation rows at 60 % and 70 % only, 70 % only for
-    the solvers allocation is compared on; the rest as in ``benchmarks/layerwise.py``."""
+    """Whether ``method`` runs at ``setting``: allocation rows at 50 %, 60 % and 70 % only (no N:M),
+    70 % only for wanda and fw (the issue's comparison) and their allocations; the rest as in
+    ``benchmarks/layerwise.py``."""
     if method in ALLOCATED:
-        return setting in ALLOCATION_SETTINGS
+        return setting in ALLOCATION_SETTINGS and (setting != "70%" or ALLOCATED[method] in SEVENTY)
     if setting == "70%":
-        return method in ALLOCATED.values()
+        return method in SEVENTY
     return layerwise_applies(setting, method)
 
 
