@@ -160,3 +160,42 @@ def test_prune_layerwise_on_a_transformers_model_with_dict_batches(tiny_bert, tm
     assert summary["model_sparsity"] == pytest.approx(report.model_sparsity)
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert layer_module_types()[0] is nn.Linear
+
+
+def _fresh_bert():
+    """A tiny BERT of its own (the module's shared ``tiny_bert`` may carry zeros from earlier tests)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("rule", ["lagrangian", "owl"])
+def test_prune_layerwise_allocates_levels_like_the_cli(rule):
+    model = _fresh_bert()
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(4)]
+    options = {"owl_m": 2.0, "owl_lambda": 0.1} if rule == "owl" else {"allocation_max": 0.8}
+    report = prune_layerwise(model, batches, "wanda", sparsity=0.6, allocation=rule, **options)
+    allocation = report.allocation
+    assert allocation is not None and allocation["method"] == rule
+    assert set(allocation["levels"]) == set(report.layer_sparsity)
+    for name, level in allocation["levels"].items():
+        assert report.layer_sparsity[name] == pytest.approx(level, abs=1e-6)
+    assert report.achieved_sparsity == pytest.approx(0.6, abs=0.01)
+    assert len({round(s, 6) for s in allocation["levels"].values()}) > 1  # not uniform
+    assert prune_layerwise(_fresh_bert(), batches, "wanda").allocation is None
+
+
+def test_prune_layerwise_refuses_bad_allocations_before_pruning():
+    model = _fresh_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(2)]
+    with pytest.raises(ValueError, match=r"^--set allocation must be one of uniform, lagrangian, owl, got 'owls'$"):
+        prune_layerwise(model, batches, "wanda", allocation="owls")
+    with pytest.raises(ValueError, match=r"^--set allocation=owl shares out a --sparsity level; the N:M pattern 2:4"):
+        prune_layerwise(model, batches, "wanda", pattern="2:4", allocation="owl")
+    with pytest.raises(ValueError, match=r"^--sparsity 0.9 is outside the allocation bounds \[0.0, 0.8\]"):
+        prune_layerwise(model, batches, "wanda", sparsity=0.9, allocation="lagrangian", allocation_max=0.8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -24,15 +24,19 @@ from typing import Any
 from torch import nn
 
 from constrainedsparse.checkpoint import atomic_write_json
+from constrainedsparse.layerwise.allocation import level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, find_blocks, layer_module_types, prune_blocks
+from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
 from constrainedsparse.layerwise.runner import (
     DEFAULT_SPARSITY,
     MASK_SCOPES,
     DriverSettings,
     build_solver,
+    check_allocation,
     check_layer_shapes,
+    check_reachable,
     save_model,
 )
 from constrainedsparse.runs import RunDirectory
@@ -67,6 +71,13 @@ def prune_layerwise(
     progress: bool = False,
     offload: bool = False,
     activations: str = "device",
+    allocation: str = "uniform",
+    allocation_min: float = 0.0,
+    allocation_max: float = 0.95,
+    allocation_step: float = 0.1,
+    allocation_weight: str = "block",
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
     **hyperparameters: Any,
 ) -> LayerwiseReport:
     """Prunes a pretrained model block by block from calibration batches, in place.
@@ -89,6 +100,15 @@ def prune_layerwise(
         progress: Show a progress bar over blocks.
         offload: Keep the model where it is and move one block at a time to ``device``.
         activations: ``"device"`` or ``"cpu"``: where calibration activations live between blocks.
+        allocation: Per-layer levels under the global ``sparsity``: ``"uniform"`` (every layer at it),
+            ``"lagrangian"`` (Lagrangian relaxation over measured error curves) or ``"owl"`` (OWL's
+            outlier-ratio rule); the levels are in the report's ``allocation``.
+        allocation_min: Lowest level a layer may get (``lagrangian``, ``owl``).
+        allocation_max: Highest level a layer may get (``lagrangian``, ``owl``).
+        allocation_step: Spacing of the levels the error curves are measured at (``lagrangian``).
+        allocation_weight: ``"block"``, ``"equal"`` or ``"energy"``: the cost the allocation sums (``lagrangian``).
+        owl_m: A Wanda score is an outlier above ``owl_m`` times its block's mean (``owl``).
+        owl_lambda: Block levels spread over ``[S - owl_lambda, S + owl_lambda]`` (``owl``).
         **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
 
     Returns:
@@ -101,8 +121,11 @@ def prune_layerwise(
     started = time.perf_counter()
     batches = _check_inputs(model, batches)
     driver = DriverSettings.from_values(
-        {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations}
-    )
+        {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations,
+         "allocation": allocation, "allocation_min": allocation_min, "allocation_max": allocation_max,
+         "allocation_step": allocation_step, "allocation_weight": allocation_weight, "owl_m": owl_m,
+         "owl_lambda": owl_lambda}
+    )  # fmt: skip
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
     if isinstance(method, LayerwiseSolver):
@@ -112,9 +135,11 @@ def prune_layerwise(
     else:
         solver = build_solver(method, hyperparameters)
     solver.check_target(target)
+    check_allocation(driver, target)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     blocks = find_blocks(model) if blocks is None else blocks
     check_layer_shapes(blocks, targets, target)
+    check_reachable(blocks, targets, target, driver)
     directory = None
     if out is not None:
         directory = RunDirectory(Path(out), overwrite=overwrite)
@@ -125,10 +150,12 @@ def prune_layerwise(
     if use_cache is not None:
         model.config.use_cache = False  # calibration passes must not accumulate key/value caches
     try:
+        levels = solve_levels(driver, model, blocks, batches, target, targets, device)
         reports = prune_blocks(
             model, blocks, batches, solver, target, targets,
             gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
             offload=driver.offload, activations=driver.activations,
+            levels=level_targets(target, levels.levels) if levels is not None else None,
         )  # fmt: skip
     finally:
         model.train(was_training)
@@ -148,6 +175,7 @@ def prune_layerwise(
         seconds=time.perf_counter() - started,
         calibration_tokens=reports[0].tokens if reports else 0,
         layers={r.name: dict(r.metrics) for r in reports},
+        allocation=levels.as_dict() if levels is not None else None,
     )
     if directory is not None:
         directory.claim()

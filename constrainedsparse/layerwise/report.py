@@ -96,6 +96,8 @@ class LayerwiseReport:
         seconds: Wall seconds of the whole call.
         calibration_tokens: Calibration tokens (rows) each layer's Gram matrix summed.
         layers: Solver metrics per layer (``fw/gap``, ...).
+        allocation: With ``allocation="lagrangian"|"owl"``: the levels, the budget met and the rule's
+            figures (:class:`~constrainedsparse.layerwise.allocation.Allocation` as a dict).
     """
 
     method: str
@@ -109,6 +111,7 @@ class LayerwiseReport:
     seconds: float
     calibration_tokens: int
     layers: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    allocation: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-able values."""

@@ -31,16 +31,13 @@ from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.formulations.base import available_formulations
 from constrainedsparse.layerwise.allocation import (
     Allocation,
-    allocate,
-    grid_levels,
     level_targets,
-    measure_curves,
     reachable_range,
     row_width,
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
-from constrainedsparse.layerwise.owl import measure_outliers, owl_allocation
+from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
 from constrainedsparse.logger import finish_summary
 from constrainedsparse.progress import Progress
@@ -386,27 +383,17 @@ class _Blocks:
 
 def _allocation(prepared: LayerwisePrepared, blocks: Sequence[nn.Module], run: _Blocks) -> Allocation | None:
     """The per-layer levels of ``allocation=lagrangian|owl`` (measured and solved once; kept by checkpoints)."""
-    driver, target = prepared.driver, prepared.target
+    driver = prepared.driver
     if driver.allocation == "uniform":
         return None
     if run.allocation is not None:  # a resumed run keeps the levels it started with
         return run.allocation
     what = "error curves" if driver.allocation == "lagrangian" else "outlier ratios"
     progress = Progress(len(blocks), f"allocation: {what}", prepared.config.progress and run.main, unit="block")
-    walk = {"gram_dtype": GRAM_DTYPES[driver.gram_dtype], "device": prepared.device, "offload": driver.offload,
-            "activations": driver.activations, "on_block": progress.epoch_done}  # fmt: skip
-    if driver.allocation == "lagrangian":
-        levels = grid_levels(driver.allocation_min, driver.allocation_max, driver.allocation_step)
-        curves = measure_curves(prepared.model, blocks, prepared.batches, target, prepared.problem.targets, levels,
-                                weight_by=driver.allocation_weight, **walk)  # fmt: skip
-        run.allocation = allocate(curves, target.sparsity)
-    else:
-        ratios = measure_outliers(prepared.model, blocks, prepared.batches, target, prepared.problem.targets,
-                                  driver.owl_m, **walk)  # fmt: skip
-        run.allocation = owl_allocation(
-            ratios, target.sparsity, driver.owl_lambda, driver.allocation_min, driver.allocation_max
-        )
+    run.allocation = solve_levels(driver, prepared.model, blocks, prepared.batches, prepared.target,
+                                  prepared.problem.targets, prepared.device, progress.epoch_done)  # fmt: skip
     progress.close()
+    assert run.allocation is not None
     logged = {f"allocation/level/{name}": level for name, level in run.allocation.levels.items()}
     logged["allocation/achieved"] = run.allocation.achieved
     if run.allocation.multiplier is not None:

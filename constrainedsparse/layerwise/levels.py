@@ -1,0 +1,61 @@
+"""Per-layer levels by rule, for the CLI runner and :func:`~constrainedsparse.prune_layerwise` alike.
+
+``uniform`` (every layer at the target, no allocation), ``lagrangian``
+(:mod:`~constrainedsparse.layerwise.allocation`: measured error curves, Lagrangian relaxation) or
+``owl`` (:mod:`~constrainedsparse.layerwise.owl`: OWL's published outlier-ratio rule). The knobs are
+the driver's ``allocation*`` and ``owl_*`` settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_levels, measure_curves
+from constrainedsparse.layerwise.driver import GRAM_DTYPES
+from constrainedsparse.layerwise.owl import measure_outliers, owl_allocation
+from constrainedsparse.targets import SparsityConfig, Targets
+
+if TYPE_CHECKING:
+    from constrainedsparse.layerwise.runner import DriverSettings
+
+__all__ = ["solve_levels"]
+
+
+def solve_levels(
+    driver: DriverSettings,
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Any],
+    target: SparsityConfig,
+    targets: Targets,
+    device: str,
+    on_block: Callable[[], None] | None = None,
+) -> Allocation | None:
+    """The per-layer levels of ``driver.allocation`` on the dense model (``None`` for ``uniform``).
+
+    Args:
+        driver: The driver settings (``allocation``, its bounds, ``allocation_step`` and
+            ``allocation_weight`` for ``lagrangian``, ``owl_m`` and ``owl_lambda`` for ``owl``, and
+            ``gram_dtype``, ``offload``, ``activations`` for the measuring walk).
+        model: The dense model.
+        blocks: Its blocks, in execution order.
+        batches: Calibration batches.
+        target: The level shared out (its pattern is every layer's).
+        targets: Which layers of a block are pruned.
+        device: Where the measuring walk computes.
+        on_block: Called after each measured block (progress).
+    """
+    if driver.allocation == "uniform":
+        return None
+    walk = {"gram_dtype": GRAM_DTYPES[driver.gram_dtype], "device": device, "offload": driver.offload,
+            "activations": driver.activations, "on_block": on_block}  # fmt: skip
+    if driver.allocation == "lagrangian":
+        levels = grid_levels(driver.allocation_min, driver.allocation_max, driver.allocation_step)
+        curves = measure_curves(model, blocks, batches, target, targets, levels, weight_by=driver.allocation_weight,
+                                **walk)  # fmt: skip
+        return allocate(curves, target.sparsity)
+    ratios = measure_outliers(model, blocks, batches, target, targets, driver.owl_m, **walk)
+    return owl_allocation(ratios, target.sparsity, driver.owl_lambda, driver.allocation_min, driver.allocation_max)
