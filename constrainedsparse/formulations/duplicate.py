@@ -143,8 +143,8 @@ class Iterate:
         f_value: :math:`f(W^k)` on the reference batch, if the rule asked for it.
         z: :math:`Z^k`, set after the Z-step.
         notes: Values a dual rule computes before the Z-step and reads after it (this iteration only).
-        residual_sq_before_z: :math:`\\lVert W^k - Z^{k-1}\rVert^2` per tensor, if a rule measured it.
-        residual_sq: :math:`\\lVert W^k - Z^k\rVert^2` per tensor, if a rule measured it (else
+        residual_sq_before_z: :math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor, if a rule measured it.
+        residual_sq: :math:`\\lVert W^k - Z^k\\rVert^2` per tensor, if a rule measured it (else
             :meth:`DuplicateVariables.dynamics` measures it with its other dots).
     """
 
