@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ from constrainedsparse.layerwise.driver import (
     set_layer_weight,
     targeted_layers,
     walk_blocks,
+    weight_name,
 )
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -65,6 +66,7 @@ __all__ = [
     "Allocation",
     "ErrorCurve",
     "allocate",
+    "dense_layer_problems",
     "error_curve",
     "grid_levels",
     "kept_per_row",
@@ -285,6 +287,38 @@ def level_targets(target: SparsityConfig, levels: Mapping[str, float]) -> dict[s
 
 
 @torch.no_grad()
+def dense_layer_problems(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Any],
+    target: SparsityConfig,
+    targets: Targets,
+    *,
+    gram_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    offload: bool = False,
+    activations: str = "device",
+) -> Iterator[tuple[str, nn.Module, list[Any], Any, list[tuple[nn.Module, LayerProblem]]]]:
+    """The walk every allocation measures on: the *dense* model's blocks, each with its layers' problems.
+
+    The same walk as pruning (:func:`~constrainedsparse.layerwise.driver.walk_blocks`) without
+    changing any weight: yields ``(prefix, block, inputs, compute, [(module, problem), ...])`` per
+    block, the problems built from the block's Gram matrices (float32 weights, the run's pattern);
+    the dense block then runs to produce the next block's inputs.
+    """
+    walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
+    for _, block, prefix, inputs, compute in walk:
+        layers = targeted_layers(block, targets)
+        grams = accumulate_grams(block, layers, inputs, gram_dtype, compute)
+        problems = []
+        for name, module in layers:
+            gram, tokens = grams[name]
+            weight = layer_weight(module).detach().to(torch.float32)
+            problems.append((module, LayerProblem(weight_name(prefix, name), weight, gram, target, tokens)))
+        yield prefix, block, inputs, compute, problems
+
+
+@torch.no_grad()
 def measure_curves(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -300,23 +334,15 @@ def measure_curves(
     weight_by: str = "equal",
     on_block: Callable[[], None] | None = None,
 ) -> list[ErrorCurve]:
-    """Every targeted layer's error curve, measured block by block on the *dense* model's inputs.
-
-    The same walk as pruning (:func:`~constrainedsparse.layerwise.driver.walk_blocks`) without
-    changing any weight: each block's Gram matrices give its layers' curves, then the dense block
-    runs to produce the next block's inputs. ``on_block()`` is called after each block (progress).
+    """Every targeted layer's error curve, measured block by block on the *dense* model's inputs
+    (:func:`dense_layer_problems`). ``on_block()`` is called after each block (progress).
     """
     curves = []
-    walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
-    for _, block, prefix, inputs, compute in walk:
-        layers = targeted_layers(block, targets)
-        grams = accumulate_grams(block, layers, inputs, gram_dtype, compute)
+    walk = dense_layer_problems(model, blocks, batches, target, targets, gram_dtype=gram_dtype, device=device,
+                                offload=offload, activations=activations)  # fmt: skip
+    for _, block, inputs, compute, problems in walk:
         dense = _hidden_states(run_block(block, inputs, compute)) if weight_by == "block" else None
-        for name, module in layers:
-            gram, tokens = grams[name]
-            weight = layer_weight(module).detach().to(torch.float32)
-            full = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
-            layer = LayerProblem(full, weight, gram, target, tokens)
+        for module, layer in problems:
             if weight_by == "block":
                 curves.append(_block_curve(layer, module, block, inputs, compute, dense, levels))
             else:

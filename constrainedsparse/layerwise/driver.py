@@ -57,6 +57,7 @@ __all__ = [
     "set_layer_weight",
     "targeted_layers",
     "walk_blocks",
+    "weight_name",
 ]
 
 GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -109,6 +110,11 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     if best is None:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to prune layer by layer")
     return best
+
+
+def weight_name(prefix: str, layer: str) -> str:
+    """The full name of a block's layer's weight (``encoder.layer.0`` + ``attention.self.query`` + ``.weight``)."""
+    return f"{prefix}.{layer}.weight" if prefix else f"{layer}.weight"
 
 
 def targeted_layers(block: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
@@ -362,7 +368,7 @@ def prune_block(
             continue
         started = time.perf_counter()
         gram, tokens = grams[name]
-        full_name = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
+        full_name = weight_name(prefix, name)
         weight = layer_weight(module).detach().to(torch.float32, copy=True)  # the module is overwritten below
         problem = LayerProblem(full_name, weight, gram, (levels or {}).get(full_name, target), tokens)
         result = solver.prune(problem)

@@ -34,9 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from constrainedsparse.layerwise.allocation import Allocation, ErrorCurve, reachable_range, round_levels, row_width
+from constrainedsparse.layerwise.allocation import (
+    Allocation,
+    ErrorCurve,
+    dense_layer_problems,
+    reachable_range,
+    round_levels,
+    row_width,
+)
 from constrainedsparse.layerwise.base import wanda_scores
-from constrainedsparse.layerwise.driver import accumulate_grams, layer_weight, targeted_layers, walk_blocks
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = ["BlockOutliers", "measure_outliers", "outlier_ratio", "owl_allocation"]
@@ -91,16 +97,12 @@ def measure_outliers(
     ``on_block()`` is called after each block (progress).
     """
     measured = []
-    walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
-    for _, block, prefix, inputs, compute in walk:
-        layers = targeted_layers(block, targets)
-        grams = accumulate_grams(block, layers, inputs, gram_dtype, compute)
-        scores, named = [], []
-        for name, module in layers:
-            weight = layer_weight(module).detach().to(torch.float32)
-            scores.append(wanda_scores(weight, grams[name][0]))
-            full = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
-            named.append((full, weight.numel(), row_width(weight.shape, target.pattern)))
+    walk = dense_layer_problems(model, blocks, batches, target, targets, gram_dtype=gram_dtype, device=device,
+                                offload=offload, activations=activations)  # fmt: skip
+    for prefix, _, _, _, problems in walk:
+        scores = [wanda_scores(layer.weight, layer.gram) for _, layer in problems]
+        named = [(layer.name, layer.weight.numel(), row_width(layer.weight.shape, target.pattern))
+                 for _, layer in problems]  # fmt: skip
         measured.append(BlockOutliers(prefix, outlier_ratio(scores, m), named))
         if on_block is not None:
             on_block()
