@@ -199,3 +199,17 @@ def test_prune_layerwise_refuses_bad_allocations_before_pruning():
     with pytest.raises(ValueError, match=r"^--sparsity 0.9 is outside the allocation bounds \[0.0, 0.8\]"):
         prune_layerwise(model, batches, "wanda", sparsity=0.9, allocation="lagrangian", allocation_max=0.8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prune_layerwise_defaults_are_the_cli_driver_defaults():
+    # the keywords restate DriverSettings' keys; their defaults must not drift from the CLI's
+    import inspect
+
+    from constrainedsparse.layerwise.runner import DriverSettings
+
+    defaults = DriverSettings().values()
+    keywords = inspect.signature(prune_layerwise).parameters
+    shared = [name for name in keywords if name in defaults and name != "device"]  # device: the model's by default
+    assert len(shared) >= 11
+    for name in shared:
+        assert keywords[name].default == defaults[name], name
