@@ -52,7 +52,7 @@ RUN_METHODS = (
 )
 # Per-layer levels chosen by Lagrangian relaxation (--set allocation=lagrangian) or by OWL's published
 # rule (--set allocation=owl, the baseline) against the same solver at one level everywhere (its
-# plain row): the comparison at 60 % and 70 %.
+# plain row): the comparison at 60 % and 70 %, and at 50 % where the weight-updating methods run.
 ALLOCATIONS = ("lagrangian", "owl")
 ALLOCATED = {f"{solver}+{rule}": solver for rule in ALLOCATIONS for solver in ("wanda", "fw")}
 # The methods with weight updates under the Lagrangian allocation too (the fair comparison of the two).
