@@ -124,6 +124,10 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
         for stage in ("dense", "hardprune", "retrain"):
             if summary.get(f"{stage}_{metric}") is not None:
                 rows.append((f"{stage} {metric}", _percent_or_plain(summary, f"{stage}_{metric}")))
+    allocation = summary.get("allocation")
+    if allocation:  # per-layer levels of a layer-wise run (lagrangian or owl)
+        levels = allocation["levels"].values()
+        rows.append(("allocation", f"{allocation['method']}: layer levels {min(levels):.4f} to {max(levels):.4f}"))
     for key in ("mean_layer_error", *LAYERWISE_SCORES):
         if summary.get(key) is not None:
             rows.append((key.replace("_", " "), f"{summary[key]:.4f}"))

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from constrainedsparse import RunConfig, run
+from constrainedsparse.cli import _summary_rows
 from constrainedsparse.layerwise.owl import BlockOutliers, outlier_ratio, owl_allocation
 
 
@@ -88,6 +89,8 @@ def test_a_run_with_owl_allocation(tmp_path, tiny_llama):
     assert summary["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
     blocks = allocation["outlier_ratios"]
     assert len(blocks) >= 2 and all(0.0 <= r <= 1.0 for r in blocks.values())
+    low, high = min(allocation["levels"].values()), max(allocation["levels"].values())
+    assert ("allocation", f"owl: layer levels {low:.4f} to {high:.4f}") in _summary_rows(summary)  # printed
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert any(key.startswith("allocation/outlier_ratio/") for row in rows for key in row)
     assert not any("allocation/multiplier" in row for row in rows)
