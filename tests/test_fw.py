@@ -27,6 +27,7 @@ from constrainedsparse.layerwise.fw import (
     reconstruct_rows,
     swap_polish,
     swap_tabu_search,
+    tabu,
 )
 from constrainedsparse.settings import config_field_types
 from constrainedsparse.targets import SparsityConfig
@@ -277,6 +278,40 @@ def test_tabu_search_keeps_the_pattern_and_never_worsens_a_row(seed: int, steps:
     assert bool((after[changed] < before[changed]).all())
     if steps == 0:
         assert torch.equal(mask, start) and improved == 0
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), pattern=st.sampled_from(["nm", "nm14"]))
+def test_tabu_search_tabulated_quadratic_terms_equal_the_recomputed_ones(seed: int, pattern: str) -> None:
+    # The table holds (m_c - s)ᵀ Q_g (m_c - s) for every slot and current set c (+inf for s = c);
+    # the per-move recomputation it replaces gives the same terms for any current sets.
+    layer = _layer(seed, d_out=5, d_in=16, pattern=pattern)
+    start = layer.feasible_set().mask(layer.weight.abs())
+    search = tabu._TabuSearch(layer.weight, layer.gram, start, 4, 2, None)
+    assert search.quadratic_table is not None
+    choices = search.choices
+    count = choices.shape[0]
+    table = search.quadratic_table.view(search.slots, count, count)
+    for current in range(count):
+        sets = torch.full((search.slots,), current, dtype=torch.long)
+        expected = tabu._quadratic_terms(choices, search.q_flat, search.set_quadratic, sets)
+        got = table[:, current, :].T
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        finite = torch.isfinite(expected)
+        scale = 1e-5 * float(expected[finite].abs().max())
+        assert torch.allclose(got[finite], expected[finite], rtol=1e-4, atol=scale)
+
+
+@pytest.mark.parametrize("seed", [3, 17, 41])
+def test_tabu_search_with_and_without_the_table_agree(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer(seed, d_out=8, d_in=32, pattern="nm")
+    start = layer.feasible_set().mask(layer.weight.abs())
+    tabulated = group_tabu_search(layer.weight, layer.gram, start, 4, 15, 3)
+    monkeypatch.setattr(tabu, "MAX_TABLE_CHOICES", 0)
+    recomputed = group_tabu_search(layer.weight, layer.gram, start, 4, 15, 3)
+    assert torch.equal(tabulated.mask, recomputed.mask)
+    assert torch.allclose(tabulated.row_errors, recomputed.row_errors, rtol=1e-6)
+    assert tabulated.improved_rows == recomputed.improved_rows > 0
 
 
 def test_tabu_search_leaves_groupwise_optima_for_better_ones() -> None:

@@ -41,6 +41,9 @@ from constrainedsparse.layerwise.fw.search import MIN_RELATIVE_GAIN, row_argmin
 __all__ = ["TabuResult", "group_tabu_search"]
 
 _INF = float("inf")
+# Up to this many kept sets per group (6 for 2:4) the quadratic terms of every slot and current set
+# are tabulated once (count² per slot); above, a move recomputes them for the moved slots.
+MAX_TABLE_CHOICES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +115,20 @@ class _TabuSearch:
         # Set-major (count, slots) so that the best set of every group is an elementwise minimum.
         self.current = kept_sets.of_mask(mask).reshape(-1)
         self.start_sets = self.current.clone()
-        self.quadratic = _quadratic_terms(choices, self.q_flat, self.set_quadratic, self.current).contiguous()
+        change = choices.unsqueeze(1) - choices.unsqueeze(0)  # m_c - s, (current, set, m)
+        self.set_change = change.reshape(count * count, group)
+        self.quadratic_table = None
+        if count <= MAX_TABLE_CHOICES:
+            # Every slot's terms for every current set, looked up on a move: (m_c - s)ᵀ Q_g (m_c - s).
+            outer_change = (change.unsqueeze(3) * change.unsqueeze(2)).reshape(count * count, group * group)
+            table = self.q_flat.reshape(slots, group * group) @ outer_change.T
+            no_move = torch.eye(count, dtype=torch.bool, device=device).reshape(-1)
+            table[:, no_move] = _INF
+            self.quadratic_table = table.view(slots * count, count)
+            entries = torch.arange(slots, device=device) * count + self.current
+            self.quadratic = self.quadratic_table.index_select(0, entries).T.contiguous()
+        else:
+            self.quadratic = _quadratic_terms(choices, self.q_flat, self.set_quadratic, self.current).contiguous()
         self.current_entry = self.current * slots + torch.arange(slots, device=device)  # in `gain`
         self.minus_twice_choices = -2.0 * choices
         pruned = weight * as_float(~mask, dtype)
@@ -175,9 +191,8 @@ class _TabuSearch:
         moved_slots = rows * self.groups + moved_group
         new_set = row_argmin(self.gain.index_select(1, moved_slots).T.contiguous())[1]  # torch's argmin(0) is slow
         old_set = self.current.index_select(0, moved_slots)
-        delta = self.w_slots.index_select(0, moved_slots) * (
-            choices.index_select(0, old_set) - choices.index_select(0, new_set)
-        )
+        moved_entry = old_set * choices.shape[0] + new_set
+        delta = self.w_slots.index_select(0, moved_slots) * self.set_change.index_select(0, moved_entry)
         columns = (moved_group.unsqueeze(1) * group + self.offsets).view(-1)
         if moved_rows is None:
             crow = self.all_crow
@@ -192,8 +207,13 @@ class _TabuSearch:
         self.c.addmm_(step_change, self.gram)
         self.current.index_copy_(0, moved_slots, new_set)
         self.current_entry.index_copy_(0, moved_slots, new_set * slots + moved_slots)
-        q_moved, set_moved = self.q_flat.index_select(0, moved_slots), self.set_quadratic.index_select(0, moved_slots)
-        self.quadratic.index_copy_(1, moved_slots, _quadratic_terms(choices, q_moved, set_moved, new_set))
+        if self.quadratic_table is not None:
+            entries = moved_slots * choices.shape[0] + new_set
+            self.quadratic.index_copy_(1, moved_slots, self.quadratic_table.index_select(0, entries).T)
+        else:
+            q_moved = self.q_flat.index_select(0, moved_slots)
+            set_moved = self.set_quadratic.index_select(0, moved_slots)
+            self.quadratic.index_copy_(1, moved_slots, _quadratic_terms(choices, q_moved, set_moved, new_set))
         if moved_rows is None:
             self.objective += change
         else:
