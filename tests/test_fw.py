@@ -137,6 +137,33 @@ def test_incremental_product_matches_dense(pattern: str, monkeypatch: pytest.Mon
     assert torch.allclose(run.kept_product, dense, atol=1e-4 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("pattern", ["row", "nm"])
+def test_bfloat16_products_approximate_the_float32_relaxation(pattern: str) -> None:
+    # bfloat16 vertex products: the same iterations on rounded inputs, the result kept in float32.
+    layer = _layer(13, d_out=12, d_in=32, pattern=pattern)
+    exact, _ = _run(layer, alpha=0.5, iterations=10)
+    low, _ = _run(layer, alpha=0.5, iterations=10, product_dtype="bfloat16")
+    assert low.kept_product.dtype == torch.float32 and low.dense_updates == exact.dense_updates
+    assert low.objectives[-1] == pytest.approx(exact.objectives[-1], rel=0.05)
+    # P follows the iterate up to the products' rounding.
+    dense = (layer.weight * low.mask) @ layer.gram
+    scale = float(((layer.weight @ layer.gram).abs()).max())
+    assert torch.allclose(low.kept_product, dense, atol=2e-2 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["nm", "row60"])
+def test_bfloat16_products_keep_the_pattern_and_the_guarantee(pattern: str) -> None:
+    layer = _layer(8, d_out=10, d_in=32, pattern=pattern)
+    config = {"iterations": 6, "relax_rows": True, "tabu_steps": 10, "product_dtype": "bfloat16"}
+    result = FWSolver(FWConfig.from_values(config)).prune(layer)
+    assert _counts_ok(result.mask, layer.target)
+    wanda = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
+    final, start = _row_objective(layer, result.weight), _row_objective(layer, layer.weight * wanda)
+    assert bool((final <= start * (1 + 1e-5) + 1e-6).all())
+    metrics = result.metrics
+    assert metrics["fw/objective_final"] <= metrics["fw/objective_rounded"] * (1 + 1e-6)
+
+
 def test_fixed_weights_stay_at_one() -> None:
     layer = _layer(2, d_out=6, d_in=32, pattern="row")
     run, start = _run(layer, alpha=0.75, iterations=10)
@@ -519,6 +546,7 @@ FLAT_DEFAULTS = {
     "reconstruct_sweeps": (int, 2),
     "trace_every": (int, 1),
     "refresh_every": (int, 50),
+    "product_dtype": (str, "float32"),
 }
 
 
@@ -549,6 +577,7 @@ def test_nested_config_keeps_the_flat_keys() -> None:
         ({"iterations": 0}, r"fw: iterations must be an integer >= 1, got 0"),
         ({"iterations": 2.5}, r"fw: iterations must be an integer >= 1, got 2.5"),
         ({"step": "armijo"}, r"fw: step must be one of line_search, open_loop, got 'armijo'"),
+        ({"product_dtype": "float16"}, r"fw: product_dtype must be one of float32, bfloat16, got 'float16'"),
         ({"polish_steps": -1}, r"fw: polish_steps must be an integer >= 0, got -1"),
         ({"polish_sweeps": -2}, r"fw: polish_sweeps must be an integer >= 0, got -2"),
         ({"tabu_steps": -1}, r"fw: tabu_steps must be an integer >= 0, got -1"),

@@ -13,9 +13,10 @@ from typing import ClassVar
 
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter, nested
 
-__all__ = ["STEPS", "FWConfig", "ReconstructionConfig", "SearchConfig"]
+__all__ = ["PRODUCT_DTYPES", "STEPS", "FWConfig", "ReconstructionConfig", "SearchConfig"]
 
 STEPS = ("line_search", "open_loop")
+PRODUCT_DTYPES = ("float32", "bfloat16")
 
 
 class _FWHyperparameters(Hyperparameters):
@@ -96,7 +97,7 @@ class ReconstructionConfig(_FWHyperparameters):
 
 @dataclasses.dataclass
 class FWConfig(_FWHyperparameters):
-    """Hyperparameters of :class:`~constrainedsparse.layerwise.fw.solver.FWSolver` (``--set key=value``).
+    r"""Hyperparameters of :class:`~constrainedsparse.layerwise.fw.solver.FWSolver` (``--set key=value``).
 
     Keys are flat whatever the group: ``FWConfig.from_values({"tabu_steps": 100})`` sets
     ``config.search.tabu_steps``.
@@ -114,6 +115,14 @@ class FWConfig(_FWHyperparameters):
         reconstruction: The least-squares reconstruction (:class:`ReconstructionConfig`).
         trace_every: Iterations between two sampled trace entries (the last one is always kept).
         refresh_every: Iterations between two dense recomputations of the incremental products.
+        product_dtype: dtype of the dense vertex products :math:`(W \odot V)G` of the iterations
+            (:class:`~constrainedsparse.layerwise.fw.core.VertexProduct`): ``"float32"``, or
+            ``"bfloat16"`` (inputs rounded to bfloat16, result stored in float32): several times
+            faster where the hardware multiplies bfloat16 natively (CPUs with AMX, recent GPUs),
+            slower elsewhere. The relaxation is then approximate: ``fw/objective_relaxed`` within
+            about 0.3 % on MiniLM's layers, and ``fw/lower_bound`` is no certificate (the gap of an
+            approximate gradient). The rounded and searched masks' objectives stay float32, so the
+            guarantee against the Wanda mask is unchanged.
     """
 
     alpha: float = hyperparameter(
@@ -133,4 +142,9 @@ class FWConfig(_FWHyperparameters):
     trace_every: int = hyperparameter(1, "iterations between two sampled trace entries", Bounds(low=1, integer=True))
     refresh_every: int = hyperparameter(
         50, "iterations between two dense recomputations of the incremental products", Bounds(low=1, integer=True)
+    )
+    product_dtype: str = hyperparameter(
+        "float32",
+        "dtype of the Frank-Wolfe vertex products (bfloat16: faster where multiplied natively, approximate)",
+        OneOf(PRODUCT_DTYPES),
     )

@@ -211,7 +211,8 @@ class VertexProduct:
 
     Consecutive Frank-Wolfe vertices differ in few coordinates, so
     :math:`Q \mathrel{+}= (W \odot (V_t - V_{t-1}))G` costs :math:`O(\mathrm{nnz}(\Delta V)\, d_{in})`;
-    a dense product is used for the first vertex, on request, and when more than
+    a dense product (in ``dtype`` when given: bfloat16 inputs, the result stored in the weight's
+    dtype) is used for the first vertex, on request, and when more than
     :data:`DENSE_FRACTION` of the entries changed. After a dense update that changed more than
     twice that fraction the next vertex is taken dense without counting its changes (measured on
     real layers: 18-34 % of the entries change per iteration, so the count is a wasted pass).
@@ -221,8 +222,10 @@ class VertexProduct:
         dense_updates: Products computed densely so far.
     """
 
-    def __init__(self, weight: torch.Tensor, gram: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         self.weight, self.gram = weight, gram
+        # Dense products in a lower precision (``dtype``): G rounded once, W ⊙ V at every product.
+        self.low_gram = gram.to(dtype) if dtype is not None and dtype != gram.dtype else None
         self.vertex: torch.Tensor | None = None
         self.product = torch.empty(0)
         self.sparse_updates = 0
@@ -255,7 +258,10 @@ class VertexProduct:
             self.vertex, self.product = vertex.clone(), torch.empty_like(self.weight)
         else:
             self.vertex.copy_(vertex)
-        torch.mm(self.weight * vertex, self.gram, out=self.product)
+        if self.low_gram is not None:
+            self.product.copy_(torch.mm((self.weight * vertex).to(self.low_gram.dtype), self.low_gram))
+        else:
+            torch.mm(self.weight * vertex, self.gram, out=self.product)
         self.dense_updates += 1
         return self.product
 
@@ -345,7 +351,7 @@ def frank_wolfe(
         feasible: The layer's pattern (``RowTopK``, ``TopK`` or ``NMSparse``).
         start: Boolean start mask in the pattern containing the fixed weights (the Wanda mask).
         scores: Scores choosing the fixed weights (Wanda's).
-        config: ``alpha``, ``iterations``, ``step``, ``refresh_every`` are used.
+        config: ``alpha``, ``iterations``, ``step``, ``refresh_every``, ``product_dtype`` are used.
         wg: :math:`WG` if already computed.
 
     Returns:
@@ -361,7 +367,7 @@ def frank_wolfe(
     mask = as_float(start, weight.dtype)
     kept = torch.mm(torch.mul(weight, mask), gram)
     start_product = kept.clone()
-    vertices = VertexProduct(weight, gram)
+    vertices = VertexProduct(weight, gram, getattr(torch, config.product_dtype))
     # Work buffers, written in place every iteration (fresh large tensors cost page faults on CPU).
     residual, direction, scratch = torch.empty_like(kept), torch.empty_like(kept), torch.empty_like(kept)
     step_product = torch.empty_like(kept)
