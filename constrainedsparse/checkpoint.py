@@ -119,7 +119,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             reason = "it holds objects other than tensors, containers, numbers and strings (refused unread)"
         raise UserInputError(f"--resume: {path} is not a constrainedsparse checkpoint: {reason}") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as err:
+    # Random bytes read as a legacy pickle stream fail inside torch.load with whatever the bytes decode to
+    # (a KeyError for an unknown opcode's argument, an IndexError, ...): all mean an unreadable file.
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(f"--resume: {path} is not a readable checkpoint (damaged or truncated: {first})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
