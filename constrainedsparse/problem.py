@@ -86,6 +86,7 @@ class _Registered:
     data_dependent: bool = False
     user: bool = False
     observed: bool = True
+    strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None
 
 
 def _pair(batch: Batch) -> tuple[Any, Any]:
@@ -231,6 +232,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         dual_every_step: bool = True,
         data_dependent: bool = False,
         observed: bool = True,
+        strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     ) -> None:
         """Registers any Cooper constraint with the function that measures its violation.
 
@@ -249,6 +251,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 no part of the per-step Lagrangian: the formulation that registered it applies its
                 primal term itself (``slr``/``admm`` add the W = Z penalty gradient with a gradient
                 hook) and updates its multiplier on its own schedule (requires ``dual_every_step=False``).
+            strict_violation: ``strict_violation(model, batch) -> tensor``, a *proxy constraint*
+                (Cotter et al., 2019; Cooper's ``ConstraintState.strict_violation``): the dual step
+                (and a dual restart) reads this measurement, which need not be differentiable, while
+                the primal Lagrangian keeps ``violation`` as its differentiable surrogate.
 
         Raises:
             ValueError: If the name is taken, or for an unobserved constraint stepped every step.
@@ -258,7 +264,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if not observed and dual_every_step:
             raise ValueError(f"constraint {name!r}: an unobserved constraint cannot take a dual step every step")
         self._register_constraint(name, constraint)
-        self._violations[name] = _Registered(constraint, violation, dual_every_step, data_dependent, observed=observed)
+        self._violations[name] = _Registered(
+            constraint, violation, dual_every_step, data_dependent, observed=observed, strict_violation=strict_violation
+        )
 
     def remove_constraint(self, name: str) -> None:
         """Unregisters a constraint (and its multiplier) added by :meth:`add_constraint`.
@@ -279,7 +287,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             loss = loss + fn(self.model)
         observed = {
             entry.constraint: cooper.ConstraintState(
-                violation=self._violation(name, entry, batch), contributes_to_dual_update=entry.dual_every_step
+                violation=self._violation(name, entry, batch),
+                strict_violation=None if entry.strict_violation is None else entry.strict_violation(self.model, batch),
+                contributes_to_dual_update=entry.dual_every_step,
             )
             for name, entry in self._violations.items()
             if entry.observed
