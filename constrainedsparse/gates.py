@@ -175,6 +175,18 @@ class HardConcreteGate(nn.Module):
         """Expected fraction of nonzero weights (every gate covers the same number of weights)."""
         return self.prob_nonzero().mean()
 
+    def test_threshold(self) -> float:
+        r""":math:`t` with test-time gate :math:`> 0` exactly when :math:`\log\alpha > t`: the median is
+        positive when :math:`\sigma(\log\alpha/\beta) > -\gamma/(\zeta - \gamma)`, Louizos et al.'s estimator
+        when :math:`\sigma(\log\alpha) > -\gamma/(\zeta - \gamma)`."""
+        cut = math.log(-GAMMA / ZETA)  # logit(-gamma / (zeta - gamma))
+        return BETA * cut if self.test_rule == "median" else cut
+
+    def soft_test_density(self, temperature: float = 1.0) -> torch.Tensor:
+        r"""A smooth :meth:`test_density`, :math:`\mathrm{mean}\,\sigma((\log\alpha - t)/\tau)` with
+        :math:`t` = :meth:`test_threshold` and :math:`\tau` = ``temperature`` (differentiable in :math:`\log\alpha`)."""
+        return torch.sigmoid((self.log_alpha - self.test_threshold()) / temperature).mean()
+
     def test_density(self) -> torch.Tensor:
         """Fraction of gates that are nonzero at test time (:meth:`test_gate`)."""
         return (self.test_gate() > 0).float().mean()

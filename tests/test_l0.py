@@ -202,7 +202,12 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
 
 def test_layer_scope_has_one_constraint_per_target_and_logs_the_dynamics():
     problem, batch = _mlp_problem()
-    f = make("l0", problem, L0Config(scope="layer", log_interval=1, dual_restarts=False), dual_lr=1.0)
+    f = make(
+        "l0",
+        problem,
+        L0Config(scope="layer", log_interval=1, dual_restarts=False, density_constraint="inequality", test_gap_max=1.0),
+        dual_lr=1.0,
+    )
     f.setup(1, 1)
     assert f.constraint_names == ["l0_density:0.weight", "l0_density:2.weight"]
     _, metrics = f.training_step(batch)
@@ -219,7 +224,9 @@ def test_equality_multiplier_goes_negative_and_never_restarts(dual_restarts):
     violations, multipliers = {}, {}
     for kind in ("inequality", "equality"):
         problem, batch = _mlp_problem(sparsity=0.0)
-        config = L0Config(scope="layer", density_constraint=kind, dual_restarts=dual_restarts, log_interval=1)
+        config = L0Config(
+            scope="layer", density_constraint=kind, dual_restarts=dual_restarts, log_interval=1, test_gap_max=1.0
+        )
         f = make("l0", problem, config, dual_lr=1.0)
         f.setup(1, 3)
         for _ in range(3):
@@ -240,7 +247,7 @@ def test_equality_multiplier_goes_negative_and_never_restarts(dual_restarts):
 def test_two_sided_density_is_a_pair_of_restarting_inequalities(sparsity):
     # Density ~0.998 at the start: above the level 0.5 (upper bound violated), below 1.0 (lower bound violated).
     problem, batch = _mlp_problem(sparsity=sparsity)
-    f = make("l0", problem, L0Config(density_constraint="two-sided", log_interval=1), dual_lr=1.0)
+    f = make("l0", problem, L0Config(density_constraint="two-sided", log_interval=1, test_gap_max=1.0), dual_lr=1.0)
     f.setup(1, 3)
     assert f.constraint_names == ["l0_density", "l0_density_min"]
     upper, lower = (f.multipliers()[name] for name in f.constraint_names)

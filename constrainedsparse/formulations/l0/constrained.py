@@ -13,9 +13,12 @@ has one constraint over all targets, the expected density weighted by layer size
 :math:`\sum_n |\theta_n| \bar P_n / \sum_n |\theta_n| \le \sum_n |\theta_n|(1 - s_n)/\sum_n |\theta_n|`;
 ``scope=layer`` has one constraint per target. Each is a Cooper inequality constraint with the
 Lagrangian formulation and a :class:`~constrainedsparse.multipliers.RestartingMultiplier`
-(``density_constraint=two-sided`` adds the lower bound :math:`\epsilon - \bar P \le 0` to each,
-with its own restarting multiplier, for users who want exactly :math:`\epsilon`;
-``density_constraint=equality`` makes each a Cooper equality with a multiplier free in sign); the
+(``density_constraint=two-sided``, the default, adds the lower bound :math:`\epsilon - \bar P \le 0` to
+each, with its own restarting multiplier: exactly :math:`\epsilon`; ``density_constraint=inequality``
+is the paper's upper bound alone; ``equality`` makes each a Cooper equality with a multiplier free in
+sign). ``test_gap_max`` (default 0.01) adds, in the same scope, the proxy pair
+:math:`\pm(T - \bar P) - \delta \le 0` on the test-time density :math:`T` (see
+:class:`~constrainedsparse.formulations.l0.config.L0Config`). The
 primal step (Adam; gates in their own parameter group with ``gate_lr``, no weight decay and no
 momentum by default) and
 the dual step (``SGD(maximize=True)``, step ``density_dual_lr`` on the density multipliers and ``dual_lr`` on the
@@ -47,6 +50,7 @@ purged size is nearest to :math:`\epsilon \cdot \text{dense}`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -54,8 +58,8 @@ import cooper
 import torch
 
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.l0.config import L0Config
-from constrainedsparse.formulations.l0.gated import Gated
+from constrainedsparse.formulations.l0.config import TEST_GAP_OFF, L0Config
+from constrainedsparse.formulations.l0.gated import TEST_TEMPERATURE, Gated
 from constrainedsparse.gates import LOG_ALPHA_RANGE
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.problem import Batch
@@ -66,6 +70,7 @@ from constrainedsparse.targets import TargetParam
 __all__ = ["L0", "MODEL_CONSTRAINT", "layer_constraint_name", "lower_constraint_name", "model_constraint_name"]
 
 MODEL_CONSTRAINT = "l0_density"
+TEST_GAP_CONSTRAINT = "l0_test_gap"
 
 
 def model_constraint_name() -> str:
@@ -293,7 +298,8 @@ class L0(Gated):
         return cooper.optim.nuPI(groups, lr=self.dual_lr, Kp=groups[0]["Kp"], Ki=groups[0]["Ki"], maximize=True)
 
     def add_terms(self) -> None:
-        """One model-wise constraint or one per target: :math:`\\bar P - \\epsilon \\le 0` (or ``= 0``)."""
+        """One model-wise constraint or one per target: :math:`\\bar P - \\epsilon \\le 0` (or ``= 0``), and
+        with ``test_gap_max < 1`` the test-gap proxy constraint in the same scope."""
         device = next(self.problem.model.parameters()).device
         self.constraint_names: list[str] = []
         self._multipliers: dict[str, RestartingMultiplier] = {}
@@ -307,6 +313,39 @@ class L0(Gated):
         else:
             for t in self.problem.targets:
                 self._add(layer_constraint_name(t.name), self._layer_violation(t), device)
+        if self.config.test_gap_max >= TEST_GAP_OFF:
+            return
+        if self.config.scope == "model":
+            self._add_test_gap(
+                TEST_GAP_CONSTRAINT, self.soft_test_density, self.expected_density, self.test_density, device
+            )
+        else:
+            for name, gate in self.gates.items():
+                self._add_test_gap(
+                    f"{TEST_GAP_CONSTRAINT}:{name}",
+                    functools.partial(gate.soft_test_density, TEST_TEMPERATURE),
+                    gate.expected_density,
+                    gate.test_density,
+                    device,
+                )
+
+    def _add_test_gap(self, name: str, soft, expected, hard, device: torch.device) -> None:
+        """The proxy pair :math:`\\pm(T - \\bar P) - \\tau \\le 0` (``name`` and ``name_min``): the dual steps read
+        the measured test-time density ``hard()``, the primal the smooth ``soft()`` in its place."""
+        limit = self.config.test_gap_max
+        for sign, suffix in ((1.0, ""), (-1.0, "_min")):
+
+            def surrogate(model: torch.nn.Module, batch: Batch, sign: float = sign) -> torch.Tensor:
+                return (sign * (soft() - expected()) - limit).reshape(1)
+
+            @torch.no_grad()
+            def strict(model: torch.nn.Module, batch: Batch, sign: float = sign) -> torch.Tensor:
+                measured = expected()
+                return (sign * (measured.new_tensor(float(hard())) - measured) - limit).reshape(1)
+
+            self._add_one(
+                name.replace(TEST_GAP_CONSTRAINT, TEST_GAP_CONSTRAINT + suffix, 1), surrogate, device, False, strict
+            )
 
     def _layer_violation(self, target: TargetParam):
         gate, level = self.gates[target.name], 1.0 - target.sparsity
@@ -327,7 +366,7 @@ class L0(Gated):
         else:
             self._add_one(name, violation, device, equality=self.config.density_constraint == "equality")
 
-    def _add_one(self, name: str, violation, device: torch.device, equality: bool) -> None:
+    def _add_one(self, name: str, violation, device: torch.device, equality: bool, strict=None) -> None:
         # Restarts are defined for inequalities only; an equality's multiplier is free in sign.
         multiplier = RestartingMultiplier(1, restarts=self.config.dual_restarts and not equality, device=device)
         constraint = cooper.Constraint(
@@ -335,7 +374,7 @@ class L0(Gated):
             formulation_type=cooper.formulations.Lagrangian,
             multiplier=multiplier,
         )
-        self.problem.add_constraint(name, constraint, violation)
+        self.problem.add_constraint(name, constraint, violation, strict_violation=strict)
         self.constraint_names.append(name)
         self._multipliers[name] = multiplier
 
@@ -354,7 +393,9 @@ class L0(Gated):
         metrics = {}
         for constraint, state in cmp_state.observed_constraints.items():
             if constraint.name in self.constraint_names:
-                metrics[f"violation/{constraint.name}"] = float(state.violation.detach().reshape(-1)[0])
+                # A proxy constraint's dual step reads its strict (measured) violation: log that one.
+                measured = state.violation if state.strict_violation is None else state.strict_violation
+                metrics[f"violation/{constraint.name}"] = float(measured.detach().reshape(-1)[0])
         for name, multiplier in self.multipliers().items():
             metrics[f"multiplier/{name}"] = float(multiplier.weight.detach().reshape(-1)[0])
         return metrics

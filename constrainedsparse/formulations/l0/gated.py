@@ -28,6 +28,9 @@ from constrainedsparse.targets import TargetParam
 __all__ = ["Gated", "L0Penalty", "PENALTY"]
 
 PENALTY = "l0_penalty"
+TEST_TEMPERATURE = 0.25
+"""Temperature :math:`\\tau` of the smooth test-time density (:meth:`Gated.soft_test_density`): 4x sharper in
+:math:`\\log\\alpha` than :math:`P(z \\ne 0)`, which is the same sigmoid at :math:`\\tau = 1` (median rule)."""
 
 
 class Gated(Formulation):
@@ -88,6 +91,12 @@ class Gated(Formulation):
         total = sum(sizes.values())
         return sum(sizes[name] * d for name, d in self.layer_expected_density().items()) / total
 
+    def soft_test_density(self) -> torch.Tensor:
+        """Model-wise smooth test-time density (:meth:`HardConcreteGate.soft_test_density`), size-weighted."""
+        sizes = self.sizes
+        total = sum(sizes.values())
+        return sum(sizes[name] * gate.soft_test_density(TEST_TEMPERATURE) for name, gate in self.gates.items()) / total
+
     def target_density(self) -> float:
         """Model-wise level :math:`\\epsilon = \\sum_n |\\theta_n|(1 - s_n) / \\sum_n |\\theta_n|`."""
         sizes = [(self.sizes[t.name], 1.0 - t.sparsity) for t in self.problem.targets]
@@ -131,7 +140,10 @@ class Gated(Formulation):
     @torch.no_grad()
     def dynamics(self) -> dict[str, float]:
         """Expected (``l0_density/``) and median-rule (``l0_test_density/``) densities per target."""
-        metrics = {"l0/expected_density": float(self.expected_density()), "l0/test_density": self.test_density()}
+        metrics = {
+            "l0/expected_density": float(self.expected_density()),
+            "l0/test_density": self.test_density(),
+        }
         for name, value in self.layer_expected_density().items():
             metrics[f"l0_density/{name}"] = float(value)
         for name, value in self.layer_test_density().items():
