@@ -197,7 +197,7 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
     assert len(weights["params"]) + len(gates["params"]) == len(list(problem.model.parameters()))
     assert isinstance(f.cooper_optimizer, cooper.optim.SimultaneousOptimizer)
     f.training_step(batch)
-    assert all(float(m.weight.detach()) >= 0 for m in f.multipliers().values())
+    assert all(bool((m.weight.detach() >= 0).all()) for m in f.multipliers().values())
 
 
 def test_layer_scope_has_one_constraint_per_target_and_logs_the_dynamics():

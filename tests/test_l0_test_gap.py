@@ -89,18 +89,12 @@ def _gap_problem(scope, sparsity=0.5):
 
 
 @pytest.mark.parametrize(
-    ("scope", "names"),
-    [
-        ("model", ["l0_test_gap", "l0_test_gap_min"]),
-        (
-            "layer",
-            ["l0_test_gap:0.weight", "l0_test_gap_min:0.weight", "l0_test_gap:2.weight", "l0_test_gap_min:2.weight"],
-        ),
-    ],
+    ("scope", "names"), [("model", ["l0_test_gap"]), ("layer", ["l0_test_gap:0.weight", "l0_test_gap:2.weight"])]
 )
 def test_test_gap_constraints_follow_the_scope(scope, names):
     f, _ = _gap_problem(scope)
     assert [n for n in f.constraint_names if "test_gap" in n] == names
+    assert all(f.multipliers()[n].weight.numel() == 2 for n in names)  # the pair: T - E and E - T
     f.finalize()
     assert not list(f.problem.named_constraints())
 
@@ -113,13 +107,18 @@ def test_a_measured_gap_above_the_bound_raises_its_side_and_restarts_the_other(s
         for gate in f.gates.values():
             gate.log_alpha.fill_(math.log(0.6 / 0.4) + gate.test_threshold())
     _, metrics = f.training_step(batch)
-    upper = {k: v for k, v in metrics.items() if k.startswith("violation/l0_test_gap") and "_min" not in k}
-    assert upper and all(v == pytest.approx(0.4 - 0.05, abs=0.02) for v in upper.values())  # the strict gap
+    gap = {k: v for k, v in metrics.items() if k.startswith("violation/l0_test_gap")}
+    upper = {k: v for k, v in gap.items() if "_min" not in k}
+    lower = {k: v for k, v in gap.items() if "_min" in k}
+    assert upper and len(lower) == len(upper)
+    assert all(v == pytest.approx(0.4 - 0.05, abs=0.02) for v in upper.values())  # the measured gap, not T~
+    assert all(v == pytest.approx(-0.4 - 0.05, abs=0.02) for v in lower.values())
     for name, multiplier in f.multipliers().items():
-        if name.startswith("l0_test_gap_min"):
-            assert float(multiplier.weight) == 0.0
-        elif name.startswith("l0_test_gap"):
-            assert float(multiplier.weight) > 0.0
+        if name.startswith("l0_test_gap"):
+            up, down = multiplier.weight.tolist()
+            assert up > 0.0 and down == 0.0  # the violated side rises, the satisfied one is restarted
+            assert metrics[f"multiplier/{name}"] == up
+            assert metrics[f"multiplier/{name.replace('l0_test_gap', 'l0_test_gap_min')}"] == down
 
 
 def test_the_primal_step_under_a_positive_gap_multiplier_pushes_marginal_gates_off():
@@ -127,11 +126,11 @@ def test_the_primal_step_under_a_positive_gap_multiplier_pushes_marginal_gates_o
     with torch.no_grad():
         for gate in f.gates.values():
             gate.log_alpha.fill_(gate.test_threshold() + 0.1)  # just on at test time
-    f.multipliers()["l0_test_gap"].weight.data.fill_(50.0)
+    f.multipliers()["l0_test_gap"].weight.data.copy_(torch.tensor([50.0, 0.0]))
     f.optimizer.zero_grad()
     f.backward(batch)
     for name, gate in f.gates.items():
-        # gradient of lambda * (soft T - E): positive near the threshold, so descent lowers log alpha
+        # gradient of lambda * soft T: positive near the threshold, so descent lowers log alpha
         assert bool((gate.log_alpha.grad > 0).all()), name
 
 

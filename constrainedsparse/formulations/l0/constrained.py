@@ -60,7 +60,7 @@ import torch
 from constrainedsparse.formulations.base import register_formulation
 from constrainedsparse.formulations.l0.config import TEST_GAP_OFF, L0Config
 from constrainedsparse.formulations.l0.gated import TEST_TEMPERATURE, Gated
-from constrainedsparse.gates import LOG_ALPHA_RANGE
+from constrainedsparse.gates import LOG_ALPHA_RANGE, HardConcreteGate
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.problem import Batch
 from constrainedsparse.purge import chain_purged_params, linear_chain
@@ -303,6 +303,7 @@ class L0(Gated):
         device = next(self.problem.model.parameters()).device
         self.constraint_names: list[str] = []
         self._multipliers: dict[str, RestartingMultiplier] = {}
+        self._second_entry: dict[str, str] = {}  # constraint of two entries -> the name its second is logged as
         if self.config.scope == "model":
             level = self.target_density()
             self._add(
@@ -316,36 +317,40 @@ class L0(Gated):
         if self.config.test_gap_max >= TEST_GAP_OFF:
             return
         if self.config.scope == "model":
-            self._add_test_gap(
-                TEST_GAP_CONSTRAINT, self.soft_test_density, self.expected_density, self.test_density, device
-            )
+            self._add_test_gap(TEST_GAP_CONSTRAINT, self.soft_test_density, self.hard_test_density, device)
         else:
             for name, gate in self.gates.items():
                 self._add_test_gap(
                     f"{TEST_GAP_CONSTRAINT}:{name}",
                     functools.partial(gate.soft_test_density, TEST_TEMPERATURE),
-                    gate.expected_density,
-                    gate.test_density,
+                    functools.partial(self._gate_test_density, gate),
                     device,
                 )
 
-    def _add_test_gap(self, name: str, soft, expected, hard, device: torch.device) -> None:
-        """The proxy pair :math:`\\pm(T - \\bar P) - \\tau \\le 0` (``name`` and ``name_min``): the dual steps read
-        the measured test-time density ``hard()``, the primal the smooth ``soft()`` in its place."""
+    @staticmethod
+    @torch.no_grad()
+    def _gate_test_density(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, P̄)`` of one gate, measured: the share of gates above the test threshold, the expected density."""
+        return (gate.log_alpha > gate.test_threshold()).float().mean(), gate.expected_density()
+
+    def _add_test_gap(self, name: str, soft, measure, device: torch.device) -> None:
+        """The proxy pair :math:`\\pm(T - \\bar P) - \\delta \\le 0` as one Cooper constraint with two entries
+        (``name``, logged also as ``name_min`` for the second): the dual step reads the measured
+        ``measure() = (T, P̄)``, the primal Lagrangian the smooth ``soft()`` in place of :math:`T` (the
+        :math:`\\bar P` term has the density constraints' gradient already, and is left out)."""
         limit = self.config.test_gap_max
-        for sign, suffix in ((1.0, ""), (-1.0, "_min")):
 
-            def surrogate(model: torch.nn.Module, batch: Batch, sign: float = sign) -> torch.Tensor:
-                return (sign * (soft() - expected()) - limit).reshape(1)
+        def surrogate(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            value = soft()
+            return torch.stack([value, -value]) - limit
 
-            @torch.no_grad()
-            def strict(model: torch.nn.Module, batch: Batch, sign: float = sign) -> torch.Tensor:
-                measured = expected()
-                return (sign * (measured.new_tensor(float(hard())) - measured) - limit).reshape(1)
+        def strict(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            test, expected = measure()
+            gap = test - expected
+            return torch.stack([gap, -gap]) - limit
 
-            self._add_one(
-                name.replace(TEST_GAP_CONSTRAINT, TEST_GAP_CONSTRAINT + suffix, 1), surrogate, device, False, strict
-            )
+        self._add_one(name, surrogate, device, False, strict, entries=2)
+        self._second_entry[name] = name.replace(TEST_GAP_CONSTRAINT, TEST_GAP_CONSTRAINT + "_min", 1)
 
     def _layer_violation(self, target: TargetParam):
         gate, level = self.gates[target.name], 1.0 - target.sparsity
@@ -366,9 +371,11 @@ class L0(Gated):
         else:
             self._add_one(name, violation, device, equality=self.config.density_constraint == "equality")
 
-    def _add_one(self, name: str, violation, device: torch.device, equality: bool, strict=None) -> None:
+    def _add_one(
+        self, name: str, violation, device: torch.device, equality: bool, strict=None, entries: int = 1
+    ) -> None:
         # Restarts are defined for inequalities only; an equality's multiplier is free in sign.
-        multiplier = RestartingMultiplier(1, restarts=self.config.dual_restarts and not equality, device=device)
+        multiplier = RestartingMultiplier(entries, restarts=self.config.dual_restarts and not equality, device=device)
         constraint = cooper.Constraint(
             constraint_type=cooper.ConstraintType.EQUALITY if equality else cooper.ConstraintType.INEQUALITY,
             formulation_type=cooper.formulations.Lagrangian,
@@ -395,10 +402,16 @@ class L0(Gated):
             if constraint.name in self.constraint_names:
                 # A proxy constraint's dual step reads its strict (measured) violation: log that one.
                 measured = state.violation if state.strict_violation is None else state.strict_violation
-                metrics[f"violation/{constraint.name}"] = float(measured.detach().reshape(-1)[0])
+                self._log_entries(metrics, "violation", constraint.name, measured)
         for name, multiplier in self.multipliers().items():
-            metrics[f"multiplier/{name}"] = float(multiplier.weight.detach().reshape(-1)[0])
+            self._log_entries(metrics, "multiplier", name, multiplier.weight)
         return metrics
+
+    def _log_entries(self, metrics: dict[str, float], kind: str, name: str, value: torch.Tensor) -> None:
+        values = value.detach().reshape(-1).tolist()
+        metrics[f"{kind}/{name}"] = values[0]
+        if name in self._second_entry:
+            metrics[f"{kind}/{self._second_entry[name]}"] = values[1]
 
     def interval_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         """Violations and multipliers of the density constraints."""

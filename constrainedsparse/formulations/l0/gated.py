@@ -97,6 +97,15 @@ class Gated(Formulation):
         total = sum(sizes.values())
         return sum(sizes[name] * gate.soft_test_density(TEST_TEMPERATURE) for name, gate in self.gates.items()) / total
 
+    @torch.no_grad()
+    def hard_test_density(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-wise ``(T, P̄)`` measured on device (no host sync): the share of weights whose gate is above the
+        test rule's threshold (:meth:`HardConcreteGate.test_threshold`) and the expected density."""
+        sizes = self.sizes
+        total = sum(sizes.values())
+        test = sum(sizes[n] * (g.log_alpha > g.test_threshold()).float().mean() for n, g in self.gates.items())
+        return test / total, self.expected_density()
+
     def target_density(self) -> float:
         """Model-wise level :math:`\\epsilon = \\sum_n |\\theta_n|(1 - s_n) / \\sum_n |\\theta_n|`."""
         sizes = [(self.sizes[t.name], 1.0 - t.sparsity) for t in self.problem.targets]
