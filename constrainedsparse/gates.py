@@ -133,6 +133,7 @@ class HardConcreteGate(nn.Module):
         self.group_size = math.prod(weight_shape) // math.prod(gate_shape)
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
+        self._measured: tuple[int, torch.Tensor | None] = (-1, None)  # (log_alpha version, expected density)
         self.test_override: torch.Tensor | None = None
         """When set, the eval-mode gate over the weight (a hard-prune preview), instead of :meth:`test_gate`."""
 
@@ -173,7 +174,18 @@ class HardConcreteGate(nn.Module):
 
     def expected_density(self) -> torch.Tensor:
         """Expected fraction of nonzero weights (every gate covers the same number of weights)."""
-        return self.prob_nonzero().mean()
+        value = self.prob_nonzero().mean()
+        self._measured = (self.log_alpha._version, value.detach())
+        return value
+
+    @torch.no_grad()
+    def measured_expected_density(self) -> torch.Tensor:
+        """:meth:`expected_density` without gradient, the value already computed for the current
+        :math:`\\log\\alpha` when there is one (its in-place version unchanged): no second pass over the gates."""
+        version, value = self._measured
+        if value is not None and version == self.log_alpha._version:
+            return value
+        return self.expected_density()
 
     def test_threshold(self) -> float:
         r""":math:`t` with test-time gate :math:`> 0` exactly when :math:`\log\alpha > t`: the median is

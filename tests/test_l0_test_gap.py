@@ -138,3 +138,13 @@ def test_the_primal_step_under_a_positive_gap_multiplier_pushes_marginal_gates_o
 def test_test_gap_max_is_validated(value):
     with pytest.raises(ValueError, match=rf"^test_gap_max must be in \(0, 1\], got {value}$"):
         L0Config(test_gap_max=value).validate()
+
+
+def test_measured_expected_density_is_reused_only_for_the_same_log_alpha():
+    gate = _gate([0.5, -3.0, 2.0])
+    first = gate.measured_expected_density()
+    assert float(first) == pytest.approx(float(gate.prob_nonzero().mean()))
+    with torch.no_grad():
+        gate.log_alpha.add_(-4.0)  # an optimizer step: in place, a new version
+    assert float(gate.measured_expected_density()) == pytest.approx(float(gate.prob_nonzero().mean()))
+    assert float(gate.measured_expected_density()) < float(first)

@@ -331,7 +331,7 @@ class L0(Gated):
     @torch.no_grad()
     def _gate_test_density(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, P̄)`` of one gate, measured: the share of gates above the test threshold, the expected density."""
-        return (gate.log_alpha > gate.test_threshold()).float().mean(), gate.expected_density()
+        return (gate.log_alpha > gate.test_threshold()).float().mean(), gate.measured_expected_density()
 
     def _add_test_gap(self, name: str, soft, measure, device: torch.device) -> None:
         """The proxy pair :math:`\\pm(T - \\bar P) - \\delta \\le 0` as one Cooper constraint with two entries
@@ -362,11 +362,20 @@ class L0(Gated):
 
     def _add(self, name: str, violation, device: torch.device) -> None:
         if self.config.density_constraint == "two-sided":
-            self._add_one(name, violation, device, equality=False)
+            # The lower bound is evaluated right after the upper one (registration order) and takes its value
+            # (with its graph) instead of a second pass over every gate; it is handed over once, never kept.
+            handed: list[torch.Tensor] = []
+
+            def upper(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+                value = violation(model, batch)
+                handed[:] = [value]
+                return value
 
             def lower(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-                return -violation(model, batch)
+                value = handed.pop() if handed else violation(model, batch)
+                return -value
 
+            self._add_one(name, upper, device, equality=False)
             self._add_one(lower_constraint_name(name), lower, device, equality=False)
         else:
             self._add_one(name, violation, device, equality=self.config.density_constraint == "equality")

@@ -104,7 +104,8 @@ class Gated(Formulation):
         sizes = self.sizes
         total = sum(sizes.values())
         test = sum(sizes[n] * (g.log_alpha > g.test_threshold()).float().mean() for n, g in self.gates.items())
-        return test / total, self.expected_density()
+        expected = sum(sizes[n] * g.measured_expected_density() for n, g in self.gates.items())
+        return test / total, expected / total
 
     def target_density(self) -> float:
         """Model-wise level :math:`\\epsilon = \\sum_n |\\theta_n|(1 - s_n) / \\sum_n |\\theta_n|`."""
