@@ -40,7 +40,7 @@ def test_median_threshold_is_where_half_the_draws_are_zero():
     gate = _gate([0.0])
     with torch.no_grad():
         gate.log_alpha.fill_(gate.test_threshold())
-    assert float(gate.prob_nonzero()) == pytest.approx(0.5, abs=1e-6)
+    assert float(gate.prob_nonzero().detach()) == pytest.approx(0.5, abs=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
