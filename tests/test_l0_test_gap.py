@@ -75,7 +75,7 @@ def test_a_strict_violation_drives_the_dual_step_and_the_surrogate_the_primal():
     dual = torch.optim.SGD(multiplier.parameters(), lr=2.0, maximize=True)
     optimizer = cooper.optim.SimultaneousOptimizer(problem, torch.optim.SGD(model.parameters(), lr=0.1), dual)
     optimizer.roll(compute_cmp_state_kwargs={"batch": (torch.ones(3, 2), torch.zeros(3, 1))})
-    assert float(multiplier.weight) == pytest.approx(0.5)  # 2.0 x the strict 0.25, not the surrogate's -100
+    assert float(multiplier.weight.detach()) == pytest.approx(0.5)  # 2.0 x the strict 0.25, not the surrogate's -100
 
 
 def _gap_problem(scope, sparsity=0.5):
