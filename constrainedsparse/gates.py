@@ -194,7 +194,13 @@ class HardConcreteGate(nn.Module):
         cut = math.log(-GAMMA / ZETA)  # logit(-gamma / (zeta - gamma))
         return BETA * cut if self.test_rule == "median" else cut
 
-    def soft_test_density(self, temperature: float = 1.0) -> torch.Tensor:
+    @torch.no_grad()
+    def measured_test_density(self) -> torch.Tensor:
+        """:meth:`test_density` by the threshold, :math:`\\mathrm{mean}\\,[\\log\\alpha > t]`: one comparison, no
+        gradient, on the device (what the test-gap constraint of ``l0`` measures every step)."""
+        return (self.log_alpha > self.test_threshold()).float().mean()
+
+    def soft_test_density(self, temperature: float) -> torch.Tensor:
         r"""A smooth :meth:`test_density`, :math:`\mathrm{mean}\,\sigma((\log\alpha - t)/\tau)` with
         :math:`t` = :meth:`test_threshold` and :math:`\tau` = ``temperature`` (differentiable in :math:`\log\alpha`)."""
         return torch.sigmoid((self.log_alpha - self.test_threshold()) / temperature).mean()

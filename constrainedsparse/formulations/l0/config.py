@@ -114,19 +114,20 @@ class L0Config(GateConfig):
             (:func:`~constrainedsparse.sets.lift_floors`). At most the lowest target density
             :math:`1 - s_l`; layer scope masks every target at its own level already.
         test_gap_max: A bound :math:`\\delta` on the gap between the test-time (``test_rule``) density
-            :math:`T` and the expected density :math:`\\bar P`: the pair :math:`\\pm(T - \\bar P) - \\delta \\le 0`
-            in the scope of the density constraint (model-wise ``l0_test_gap`` and ``l0_test_gap_min``, or
-            per target ``l0_test_gap:<param>`` and ``l0_test_gap_min:<param>``), restarting multipliers
-            stepped like the density ones. These are *proxy constraints*
+            :math:`T` and the expected density :math:`\\bar P`: the pair
+            :math:`\\pm(T - \\bar P) - \\delta \\le 0` in the scope of the density constraint, as one
+            Cooper constraint of two entries (model-wise ``l0_test_gap``, or per target
+            ``l0_test_gap:<param>``; the second entry is logged as ``l0_test_gap_min…``), a restarting
+            multiplier per entry, stepped like the density ones. These are *proxy constraints*
             (:meth:`~constrainedsparse.problem.SparsityProblem.add_constraint`): the dual step and the
-            restarts read the measured :math:`T`, which has no gradient; the primal Lagrangian has the smooth
-            :math:`\\tilde T = \\mathrm{mean}\\,\\sigma((\\log\\alpha - t)/\\tau)` in its place (:math:`t` the
-            test rule's threshold, :math:`\\tau` = :data:`~constrainedsparse.formulations.l0.gated.TEST_TEMPERATURE`),
-            which pushes gates near the threshold across it and the others towards 0 or 1. With the
-            expected density held at :math:`\\epsilon` (``two-sided``), the test-time density is then within
-            :math:`\\delta` of it too: gates left at intermediate probabilities had put mnist1d-cnn's
-            test-time density 0.05-0.09 off its target. Default 0.01; ``1`` (:data:`TEST_GAP_OFF`) adds
-            no constraint.
+            restarts read the measured :math:`T`, which has no gradient; the primal Lagrangian has the
+            smooth :math:`\\tilde T = \\mathrm{mean}\\,\\sigma((\\log\\alpha - t)/\\tau)` in its place
+            (:math:`t` the test rule's threshold, :math:`\\tau` =
+            :data:`~constrainedsparse.formulations.l0.gated.TEST_TEMPERATURE`), which pushes gates near
+            the threshold across it. With the expected density held at :math:`\\epsilon`
+            (``two-sided``), the test-time density is then within :math:`\\delta` of it too: gates left
+            at intermediate probabilities had put mnist1d-cnn's test-time density 0.05-0.09 off its
+            target. Default 0.01; ``1`` (:data:`TEST_GAP_OFF`) adds no constraint.
     """
 
     scope: str = hyperparameter(

@@ -328,10 +328,9 @@ class L0(Gated):
                 )
 
     @staticmethod
-    @torch.no_grad()
     def _gate_test_density(gate: HardConcreteGate) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, P̄)`` of one gate, measured: the share of gates above the test threshold, the expected density."""
-        return (gate.log_alpha > gate.test_threshold()).float().mean(), gate.measured_expected_density()
+        return gate.measured_test_density(), gate.measured_expected_density()
 
     def _add_test_gap(self, name: str, soft, measure, device: torch.device) -> None:
         """The proxy pair :math:`\\pm(T - \\bar P) - \\delta \\le 0` as one Cooper constraint with two entries

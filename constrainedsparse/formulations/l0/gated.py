@@ -103,7 +103,7 @@ class Gated(Formulation):
         test rule's threshold (:meth:`HardConcreteGate.test_threshold`) and the expected density."""
         sizes = self.sizes
         total = sum(sizes.values())
-        test = sum(sizes[n] * (g.log_alpha > g.test_threshold()).float().mean() for n, g in self.gates.items())
+        test = sum(sizes[n] * g.measured_test_density() for n, g in self.gates.items())
         expected = sum(sizes[n] * g.measured_expected_density() for n, g in self.gates.items())
         return test / total, expected / total
 
@@ -150,10 +150,7 @@ class Gated(Formulation):
     @torch.no_grad()
     def dynamics(self) -> dict[str, float]:
         """Expected (``l0_density/``) and median-rule (``l0_test_density/``) densities per target."""
-        metrics = {
-            "l0/expected_density": float(self.expected_density()),
-            "l0/test_density": self.test_density(),
-        }
+        metrics = {"l0/expected_density": float(self.expected_density()), "l0/test_density": self.test_density()}
         for name, value in self.layer_expected_density().items():
             metrics[f"l0_density/{name}"] = float(value)
         for name, value in self.layer_test_density().items():
