@@ -125,10 +125,7 @@ class _TabuSearch:
             no_move = torch.eye(count, dtype=torch.bool, device=device).reshape(-1)
             table[:, no_move] = _INF
             self.quadratic_table = table.view(slots * count, count)
-            entries = torch.arange(slots, device=device) * count + self.current
-            self.quadratic = self.quadratic_table.index_select(0, entries).T.contiguous()
-        else:
-            self.quadratic = _quadratic_terms(choices, self.q_flat, self.set_quadratic, self.current).contiguous()
+        self.quadratic = self._quadratic(torch.arange(slots, device=device), self.current).contiguous()
         self.current_entry = self.current * slots + torch.arange(slots, device=device)  # in `gain`
         self.minus_twice_choices = -2.0 * choices
         pruned = weight * as_float(~mask, dtype)
@@ -147,6 +144,15 @@ class _TabuSearch:
         self.wc = torch.empty_like(self.c)
         self.gain = torch.empty(count, slots, dtype=dtype, device=device)
         self.all_crow = torch.arange(0, d_out * group + 1, group, device=device)
+
+    def _quadratic(self, slots: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """The quadratic terms of ``slots`` with current sets ``current``, set-major like ``quadratic``: looked up
+        in the table when there is one, else recomputed (:func:`_quadratic_terms`)."""
+        if self.quadratic_table is not None:
+            count = self.quadratic_table.shape[1]
+            return self.quadratic_table.index_select(0, slots * count + current).T
+        q_sel, set_sel = self.q_flat.index_select(0, slots), self.set_quadratic.index_select(0, slots)
+        return _quadratic_terms(self.choices, q_sel, set_sel, current)
 
     def expire(self, step: int) -> None:
         """Lifts the tabu of the groups moved ``tenure + 1`` steps ago (unless they moved since)."""
@@ -207,13 +213,7 @@ class _TabuSearch:
         self.c.addmm_(step_change, self.gram)
         self.current.index_copy_(0, moved_slots, new_set)
         self.current_entry.index_copy_(0, moved_slots, new_set * slots + moved_slots)
-        if self.quadratic_table is not None:
-            entries = moved_slots * choices.shape[0] + new_set
-            self.quadratic.index_copy_(1, moved_slots, self.quadratic_table.index_select(0, entries).T)
-        else:
-            q_moved = self.q_flat.index_select(0, moved_slots)
-            set_moved = self.set_quadratic.index_select(0, moved_slots)
-            self.quadratic.index_copy_(1, moved_slots, _quadratic_terms(choices, q_moved, set_moved, new_set))
+        self.quadratic.index_copy_(1, moved_slots, self._quadratic(moved_slots, new_set))
         if moved_rows is None:
             self.objective += change
         else:
