@@ -52,13 +52,31 @@ def report_error(message: str, *, peer: bool = False) -> None:
             "constrainedsparse": {"time": now, "peer": peer, "rank": rank()},
         }
         with contextlib.suppress(OSError):
-            Path(error_file).write_text(json.dumps(record))
+            _write_atomically(Path(error_file), json.dumps(record))
     if os.environ.get(ENV_LAUNCHED):
         return
     if joined_group():
         print(f"error: rank {rank()}: {message}", file=sys.stderr)
     elif is_main_process():
         print(f"error: {message}", file=sys.stderr)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader sees no file or the whole file.
+
+    A rank that lost its peer can be aborted by gloo's worker threads at any moment; written in
+    place, its error file could be left empty, and the elastic agent then fails on parsing it
+    (``JSONDecodeError``) instead of reporting the rank that raised first.
+    """
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 _PEER_LOST = ("closed by peer", "reset by peer", "remote worker", "Broken pipe", "Socket Timeout")
