@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,11 +43,12 @@ def _run(args: list[str], cwd: Path, dump: Path | None = None) -> subprocess.Com
     )  # fmt: skip
 
 
-def test_two_ranks_split_a_block_and_match_one_rank(tiny_gpt2, text_file, tmp_path):
+@pytest.mark.parametrize("true_sequential", ["false", "true"])
+def test_two_ranks_split_a_block_and_match_one_rank(tiny_gpt2, text_file, tmp_path, true_sequential):
     common = [
         "run", "hf-causal-lm", "--formulation", "sparsegpt", "--sparsity", "0.5", "--wandb", "disabled",
         "--no-progress", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}", "--set", "seq_len=16",
-        "--set", "calibration_samples=16", "--set", "held_out_samples=4",
+        "--set", "calibration_samples=16", "--set", "held_out_samples=4", "--set", f"true_sequential={true_sequential}",
     ]  # fmt: skip
     one = _run([*common, "--out", "one"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -71,6 +71,7 @@ def prune_layerwise(
     progress: bool = False,
     offload: bool = False,
     activations: str = "device",
+    true_sequential: bool = False,
     allocation: str = "uniform",
     allocation_min: float = 0.0,
     allocation_max: float = 0.95,
@@ -100,6 +101,9 @@ def prune_layerwise(
         progress: Show a progress bar over blocks.
         offload: Keep the model where it is and move one block at a time to ``device``.
         activations: ``"device"`` or ``"cpu"``: where calibration activations live between blocks.
+        true_sequential: Prune a block's layers group by group (those called with the same input, in
+            call order), each group from the block with the earlier groups pruned (GPTQ's "true
+            sequential"); ``False`` (SparseGPT's and Wanda's setting): all from the dense block.
         allocation: Per-layer levels under the global ``sparsity``: ``"uniform"`` (every layer at it),
             ``"lagrangian"`` (Lagrangian relaxation over measured error curves) or ``"owl"`` (OWL's
             outlier-ratio rule); the levels are in the report's ``allocation``.
@@ -122,9 +126,9 @@ def prune_layerwise(
     batches = _check_inputs(model, batches)
     driver = DriverSettings.from_values(
         {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations,
-         "allocation": allocation, "allocation_min": allocation_min, "allocation_max": allocation_max,
-         "allocation_step": allocation_step, "allocation_weight": allocation_weight, "owl_m": owl_m,
-         "owl_lambda": owl_lambda}
+         "true_sequential": true_sequential, "allocation": allocation, "allocation_min": allocation_min,
+         "allocation_max": allocation_max, "allocation_step": allocation_step, "allocation_weight": allocation_weight,
+         "owl_m": owl_m, "owl_lambda": owl_lambda}
     )  # fmt: skip
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
@@ -154,7 +158,7 @@ def prune_layerwise(
         reports = prune_blocks(
             model, blocks, batches, solver, target, targets,
             gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
-            offload=driver.offload, activations=driver.activations,
+            offload=driver.offload, activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(target, levels.levels) if levels is not None else None,
         )  # fmt: skip
     finally:

@@ -26,6 +26,7 @@ are broadcast from the rank that solved it: all ranks end every block with the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +39,7 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.batches import map_tensors, to_device
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
+from constrainedsparse.layerwise.sequential import block_groups
 from constrainedsparse.progress import Progress
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -245,12 +247,14 @@ def accumulate_grams(
     inputs: Sequence[BlockInputs],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    stop_after: str | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     r"""Streams the block over the batches and sums :math:`G = \sum_t x_t x_t^\top` per layer.
 
     Padding tokens (``token_mask`` False) are left out. With ``device`` each batch moves there
     before the block runs (activations kept elsewhere). The sums accumulate in ``dtype`` whatever
-    the model's dtype (bfloat16 weights still give float32 Gram matrices).
+    the model's dtype (bfloat16 weights still give float32 Gram matrices). With ``stop_after`` (a
+    layer called once per forward) each forward stops once that layer's input is added.
 
     Returns:
         ``{layer name: (G, number of tokens)}``.
@@ -272,6 +276,8 @@ def accumulate_grams(
             entry = grams[name]
             entry[0].addmm_(rows.t(), rows)
             entry[1] += rows.shape[0]
+            if name == stop_after:
+                raise _Captured
 
         return add
 
@@ -284,7 +290,8 @@ def accumulate_grams(
         for item in inputs:
             call = item.to(device) if device is not None else item
             current_mask[0] = call.token_mask
-            block(*call.args, **call.kwargs)
+            with contextlib.suppress(_Captured):
+                block(*call.args, **call.kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -340,6 +347,7 @@ def prune_block(
     gram_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     levels: Mapping[str, SparsityConfig] | None = None,
+    true_sequential: bool = False,
 ) -> list[LayerReport]:
     """Prunes every targeted linear layer of ``block`` in place from its calibration Gram matrix.
 
@@ -353,12 +361,39 @@ def prune_block(
         gram_dtype: Accumulation dtype of the Gram matrices.
         device: Where the block computes (each batch of ``inputs`` moves there); ``None``: in place.
         levels: Per-layer targets by weight name (an allocation); a layer not named gets ``target``.
+        true_sequential: Prune the layers group by group (those sharing an input, in call order),
+            each group from the block with the earlier groups pruned
+            (:mod:`~constrainedsparse.layerwise.sequential`); otherwise all from the dense block.
 
     Returns:
-        One :class:`LayerReport` per pruned layer.
+        One :class:`LayerReport` per pruned layer, in the block's module order.
     """
     layers = targeted_layers(block, targets)
-    grams = accumulate_grams(block, layers, inputs, gram_dtype, device)
+    if not true_sequential:
+        grams = accumulate_grams(block, layers, inputs, gram_dtype, device)
+        return _solve_layers(prefix, layers, grams, target, solver, levels)
+    groups = block_groups(block, layers, inputs, device)
+    reports: dict[str, LayerReport] = {}
+    for group in groups:
+        stop = group[-1][0] if groups.called_once else None
+        grams = accumulate_grams(block, group, inputs, gram_dtype, device, stop_after=stop)
+        reports.update(zip((name for name, _ in group), _solve_layers(prefix, group, grams, target, solver, levels)))
+    return [reports[name] for name, _ in layers]
+
+
+def _solve_layers(
+    prefix: str,
+    layers: list[tuple[str, nn.Module]],
+    grams: Mapping[str, tuple[torch.Tensor, int]],
+    target: SparsityConfig,
+    solver: LayerwiseSolver,
+    levels: Mapping[str, SparsityConfig] | None,
+) -> list[LayerReport]:
+    """Solves ``layers`` from their Gram matrices and writes the pruned weights into the modules.
+
+    Under several processes the layers are dealt out by estimated cost and every pruned weight and
+    report is broadcast from the rank that solved it.
+    """
     shapes = [layer_weight(module).shape for _, module in layers]
     world, me = (distributed.world_size(), distributed.rank()) if distributed.is_distributed() else (1, 0)
     owners = assign_layers([float(d_out) * d_in * d_in for d_out, d_in in shapes], world)
@@ -455,6 +490,7 @@ def prune_blocks(
     offload: bool = False,
     activations: str = "device",
     levels: Mapping[str, SparsityConfig] | None = None,
+    true_sequential: bool = False,
 ) -> list[LayerReport]:
     """Prunes blocks ``start, ..., stop - 1`` in order, each from the pruned previous blocks' outputs.
 
@@ -478,6 +514,8 @@ def prune_blocks(
         activations: Where the calibration activations between blocks live: ``"device"`` or
             ``"cpu"`` (each batch moves to ``device`` when its block runs).
         levels: Per-layer targets by weight name (a non-uniform allocation); others get ``target``.
+        true_sequential: Inside a block, prune group by group from the partly pruned block
+            (:func:`prune_block`).
 
     Returns:
         The reports of every layer pruned by this call.
@@ -488,7 +526,9 @@ def prune_blocks(
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
                        activations=activations)  # fmt: skip
     for index, block, prefix, inputs, compute in walk:
-        block_reports = prune_block(block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels)
+        block_reports = prune_block(
+            block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels, true_sequential
+        )
         reports.extend(block_reports)
         if on_block is not None:
             on_block(index, block_reports)

@@ -90,6 +90,10 @@ class DriverSettings(Hyperparameters):
     activations: str = hyperparameter(
         "device", "where the calibration activations between blocks live", OneOf(("device", "cpu"))
     )
+    true_sequential: bool = hyperparameter(
+        False, "prune a block's layers group by group (those sharing an input, in call order), each from the "
+        "block with the earlier groups pruned (GPTQ's order); false: all from the dense block (SparseGPT's, Wanda's)",
+    )  # fmt: skip
     dtype: str = hyperparameter(
         "float32", "dtype of the model's weights (Gram matrices stay float32/64)", OneOf(DTYPES)
     )
@@ -439,7 +443,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             model, blocks, prepared.batches, prepared.solver, prepared.target, problem.targets,
             start=run.start, stop=stop, gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device,
             on_block=run.on_block, progress=config.progress and run.main, offload=driver.offload,
-            activations=driver.activations,
+            activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(prepared.target, allocation.levels) if allocation is not None else None,
         )  # fmt: skip
         if stop < len(blocks):
