@@ -36,15 +36,8 @@ from common import command_line, torch_threads, write_results
 
 from constrainedsparse.causal_lm import calibration_batches, consecutive_windows, perplexity_scores
 from constrainedsparse.layerwise import LayerProblem, solver_class
-from constrainedsparse.layerwise.driver import (
-    accumulate_grams,
-    capture_block_inputs,
-    layer_weight,
-    run_block,
-    set_layer_weight,
-    targeted_layers,
-    walk_blocks,
-)
+from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs, run_block, walk_blocks
+from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers
 from constrainedsparse.problems import smollm2_wiki
 from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig

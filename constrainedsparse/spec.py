@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from constrainedsparse.errors import UserInputError, first_line
-from constrainedsparse.layerwise.driver import find_blocks, layer_module_types
+from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
 from constrainedsparse.problem import UserConstraint
 from constrainedsparse.targets import Targets

@@ -16,7 +16,7 @@ from constrainedsparse import (
     prune_layerwise,
 )
 from constrainedsparse.cli import main
-from constrainedsparse.layerwise.driver import layer_module_types
+from constrainedsparse.layerwise.layers import layer_module_types
 
 
 def test_describe_lists_every_key_with_type_default_and_meaning():

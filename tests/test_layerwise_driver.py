@@ -15,14 +15,8 @@ from wandb_records import history_rows, wait_for_complete_run
 from constrainedsparse import RunConfig, run
 from constrainedsparse.cli import main
 from constrainedsparse.layerwise import LayerProblem, available_solvers, solver_class
-from constrainedsparse.layerwise.driver import (
-    accumulate_grams,
-    capture_block_inputs,
-    find_blocks,
-    layer_weight,
-    prune_blocks,
-    targeted_layers,
-)
+from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs, prune_blocks
+from constrainedsparse.layerwise.layers import find_blocks, layer_weight, targeted_layers
 from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig, Targets
 

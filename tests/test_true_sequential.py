@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from constrainedsparse import prune_layerwise
 from constrainedsparse.layerwise import solver_class
 from constrainedsparse.layerwise.base import LayerProblem
-from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs, find_blocks, targeted_layers
+from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs
+from constrainedsparse.layerwise.layers import find_blocks, targeted_layers
 from constrainedsparse.layerwise.sequential import input_groups
 from constrainedsparse.targets import SparsityConfig, Targets
 

@@ -51,15 +51,8 @@ import torch
 from torch import nn
 
 from constrainedsparse.layerwise.base import LayerProblem, wanda_scores
-from constrainedsparse.layerwise.driver import (
-    accumulate_grams,
-    layer_weight,
-    run_block,
-    set_layer_weight,
-    targeted_layers,
-    walk_blocks,
-    weight_name,
-)
+from constrainedsparse.layerwise.driver import accumulate_grams, run_block, walk_blocks
+from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = [

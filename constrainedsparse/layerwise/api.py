@@ -26,7 +26,8 @@ from torch import nn
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, find_blocks, layer_module_types, prune_blocks
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, prune_blocks
+from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
 from constrainedsparse.layerwise.runner import (

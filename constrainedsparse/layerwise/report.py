@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from constrainedsparse.layerwise.driver import layer_weight
+from constrainedsparse.layerwise.layers import layer_weight
 from constrainedsparse.report import model_figures
 
 __all__ = ["LayerwiseReport", "PeakMemory", "pruned_weights", "summarize_layers"]

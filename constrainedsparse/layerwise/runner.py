@@ -36,7 +36,8 @@ from constrainedsparse.layerwise.allocation import (
     row_width,
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, layer_weight, prune_blocks, targeted_layers
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks
+from constrainedsparse.layerwise.layers import layer_weight, targeted_layers
 from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
 from constrainedsparse.logger import finish_summary

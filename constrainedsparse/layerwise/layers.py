@@ -1,0 +1,73 @@
+"""The model side of layer-wise pruning: which modules are layers, their ``(d_out, d_in)`` weights, the blocks.
+
+``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored transposed, ``(d_in, d_out)``) are layers;
+solvers always see :math:`W` as ``(d_out, d_in)`` through :func:`layer_weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from constrainedsparse.targets import Targets
+
+__all__ = ["find_blocks", "layer_module_types", "layer_weight", "set_layer_weight", "targeted_layers", "weight_name"]
+
+
+def _conv1d_type() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is an optional extra; plain modules need only nn.Linear
+        return None
+    return Conv1D
+
+
+def layer_module_types() -> tuple[type[nn.Module], ...]:
+    """Module types the driver prunes: ``nn.Linear`` and (if transformers is installed) ``Conv1D``."""
+    conv1d = _conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``(d_out, d_in)`` (a view; GPT-2's ``Conv1D`` stores it transposed)."""
+    return module.weight.t() if _is_transposed(module) else module.weight
+
+
+def set_layer_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Writes a ``(d_out, d_in)`` weight back into the module, in place, in the module's dtype."""
+    with torch.no_grad():
+        layer_weight(module).copy_(weight.to(module.weight.dtype))
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of blocks: its largest ``nn.ModuleList`` whose entries share one class.
+
+    Works for BERT (``encoder.layer``), GPT-2 (``transformer.h``), LLaMA (``model.layers``) and a
+    plain module holding its blocks in a ``ModuleList``.
+
+    Raises:
+        ValueError: If the model has no such list.
+    """
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to prune layer by layer")
+    return best
+
+
+def weight_name(prefix: str, layer: str) -> str:
+    """The full name of a block's layer's weight (``encoder.layer.0`` + ``attention.self.query`` + ``.weight``)."""
+    return f"{prefix}.{layer}.weight" if prefix else f"{layer}.weight"
+
+
+def targeted_layers(block: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
+    """``(name within the block, module)`` of the block's targeted linear layers, in order."""
+    return [(fqn, module) for fqn, param_name, module in targets.select(block) if param_name == "weight"]
