@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import constrainedsparse
 from constrainedsparse.dense import reference_batch
 from constrainedsparse.formulations import formulation_class
+from constrainedsparse.settings import config_field_types, parse_value
 from constrainedsparse.spec import Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
@@ -205,19 +206,22 @@ def formulation_configs(methods: Sequence[str], settings: Sequence[str]) -> dict
         ValueError: For an unknown formulation, a malformed item, a key no chosen formulation has, a bad value.
     """
     classes = {method: formulation_class(method) for method in methods}
-    values: dict[str, dict[str, str]] = {method: {} for method in methods}
+    values: dict[str, dict[str, Any]] = {method: {} for method in methods}
     for item in settings:
         key, sep, text = item.partition("=")
         prefix, colon, key = key.strip().rpartition(":")
         chosen = [prefix] if colon else list(methods)
         if not sep or not key or (colon and prefix not in methods):
             raise ValueError(f"--set {item!r}: expected KEY=VALUE or METHOD:KEY=VALUE with METHOD in {list(methods)}")
-        takers = [m for m in chosen if key in {f.name for f in dataclasses.fields(classes[m].Config)}]
+        takers = [m for m in chosen if key in config_field_types(classes[m].Config)]
         if not takers:
             raise ValueError(f"--set {item!r}: no formulation among {chosen} has a setting {key!r}")
         for method in takers:
-            values[method][key] = text.strip()
-    return {method: classes[method].Config.from_values(values[method]) for method in methods}
+            values[method][key] = parse_value(key, text.strip(), config_field_types(classes[method].Config)[key])
+    configs = {method: classes[method].Config.from_values(values[method]) for method in methods}
+    for config in configs.values():
+        config.validate()
+    return configs
 
 
 class Runner:

@@ -160,6 +160,22 @@ def test_overhead_quick(tmp_path, one_thread):
     assert bench.goal("cifar10-resnet18", "l0") == 1.5 and bench.goal("digits-mlp", "l0") is None
 
 
+def test_overhead_settings_take_typed_values_and_refuse_bad_ones():
+    bench = _load("overhead")
+    configs = bench.formulation_configs(
+        ["admm", "slr"], ["interval=5", "rho=0.01", "slr:reference_samples=32", "mask_from=z"]
+    )
+    assert configs["admm"].interval == 5 and configs["slr"].interval == 5 and configs["admm"].rho == 0.01
+    assert configs["slr"].reference_samples == 32 and configs["admm"].mask_from == "z"
+    with pytest.raises(ValueError, match=r"--set interval='x' must be an int"):
+        bench.formulation_configs(["admm"], ["interval=x"])
+    with pytest.raises(ValueError, match=r"interval must be an integer >= 1, got 0"):
+        bench.formulation_configs(["admm"], ["interval=0"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--quick", "--methods", "admm", "--set", "rho=-1"])
+    assert exit_info.value.code == 2
+
+
 def test_l0_control_quick(tmp_path):
     bench = _load("l0_control")
     threads = torch.get_num_threads()
