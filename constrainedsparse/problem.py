@@ -177,7 +177,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise UserInputError(f"{source} must return a scalar tensor, got {shape}")
-        return value.reshape(()), output
+        return (value if value.dim() == 0 else value.reshape(())), output  # no view node for a 0-d loss
 
     def add_penalty(self, name: str, fn: Callable[[nn.Module], torch.Tensor]) -> None:
         """Adds ``fn(model)`` (a scalar tensor) to the loss of every step until :meth:`remove_penalty`.

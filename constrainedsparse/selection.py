@@ -28,6 +28,7 @@ __all__ = [
 SAMPLED_SELECT_MIN_NUMEL = 1 << 20
 _SAMPLE_SIZE = 1 << 17
 _NUMPY_DTYPES = (torch.float32, torch.float64)
+_TORCH_OF_NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 _CHUNK = 1 << 16
 # A bracket end held by at least 1/_MASS_FRACTION of the sample is counted per chunk, not gathered.
 _MASS_FRACTION = 256
@@ -370,23 +371,44 @@ def _break_ties(rows: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor,
     return above | (ties & (tie_rank <= room))
 
 
+def _largest_magnitude_numpy(values: np.ndarray, k: int) -> SampledSelection | None:
+    """The exact k-th largest magnitude of a small array and its ties (one introselect, two counts), or
+    ``None`` when it is not finite or NaNs are present."""
+    scores = np.abs(values)
+    n = scores.shape[0]
+    threshold = np.partition(scores, n - k)[n - k]
+    if not np.isfinite(threshold):
+        return None
+    count_gt, count_ge = int(np.count_nonzero(scores > threshold)), int(np.count_nonzero(scores >= threshold))
+    if count_ge < k:  # NaNs sort above every number
+        return None
+    cut = int(np.flatnonzero(scores == threshold)[k - count_gt - 1]) if count_ge > k else None
+    return SampledSelection(torch.tensor(threshold, dtype=_TORCH_OF_NUMPY[values.dtype]), count_gt, count_ge, cut)
+
+
 def project_largest_magnitudes(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x`` with all but its ``k`` largest magnitudes zeroed (ties to the lower flat index), or ``None``.
 
-    For large contiguous tensors (at least :data:`SAMPLED_SELECT_MIN_NUMEL` entries) with
-    ``0 < k < numel``: :func:`kth_largest_sampled` reads ``x`` once (heavy ties included), then
+    For contiguous tensors with ``0 < k < numel``: the threshold comes from
+    :func:`kth_largest_sampled` for large ones (at least :data:`SAMPLED_SELECT_MIN_NUMEL` entries: it
+    reads ``x`` once, heavy ties included), from one NumPy introselect on the magnitudes for smaller
+    float CPU ones (no boolean mask: comparisons into ``bool`` tensors are slow on CPU); then
     ``torch.hardshrink`` writes the result in one pass, split in two at the tie cut when only some
     of the entries tied at the threshold are kept. Nothing of ``x``'s size is allocated besides the
-    result, and not even that when ``out`` (contiguous, ``x``'s shape, dtype and device; ``x``
-    itself is allowed) is given. ``None`` when the path does not apply (small or non-contiguous
-    tensor, the bracket missed): the caller masks instead.
+    result (and, for small tensors, the magnitudes), and not even the result when ``out``
+    (contiguous, ``x``'s shape, dtype and device; ``x`` itself is allowed) is given. ``None`` when
+    the path does not apply (non-contiguous or small non-CPU tensor, NaN or inf at the threshold,
+    the bracket missed): the caller masks instead.
     """
     n = x.numel()
-    if not (0 < k < n and n >= SAMPLED_SELECT_MIN_NUMEL and x.is_contiguous()):
+    if not (0 < k < n and x.is_contiguous()) or (out is not None and not out.is_contiguous()):
         return None
-    if out is not None and not out.is_contiguous():
+    if n >= SAMPLED_SELECT_MIN_NUMEL:
+        found = kth_largest_sampled(x.reshape(-1), k, magnitude=True)
+    elif x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES and not x.requires_grad:
+        found = _largest_magnitude_numpy(x.reshape(-1).numpy(), k)
+    else:
         return None
-    found = kth_largest_sampled(x.reshape(-1), k, magnitude=True)
     if found is None:
         return None
     out = torch.empty_like(x) if out is None else out

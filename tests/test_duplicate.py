@@ -292,6 +292,24 @@ def test_slr_run_logs_dual_dynamics_to_jsonl_and_wandb_and_retrains_without_w_eq
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("name", ["slr", "admm"])
+def test_dynamics_metrics_are_the_norms_they_name(name):
+    formulation, batches = _tiny(name, rho=0.4)
+    for batch in batches[:3]:
+        formulation.training_step(batch)
+    z_prev = {n: z.clone() for n, z in formulation.z.items()}
+    metrics = formulation.coordinate()
+    w, z, lam = formulation.weights(), formulation.z, formulation.multipliers()
+    for n in w:
+        outside = w[n] * (z[n] == 0)
+        assert metrics[f"offsupport/{n}"] == pytest.approx(float(outside.norm() / w[n].norm()), rel=1e-5)
+        assert metrics[f"lambda/{n}"] == pytest.approx(float(lam[n].norm()), rel=1e-5)
+        assert metrics[f"residual/{n}"] == pytest.approx(float((w[n] - z[n]).norm()), rel=1e-5, abs=1e-7)
+    change = sum(float((z[n] - z_prev[n]).pow(2).sum()) for n in w) ** 0.5
+    assert metrics["dual/z_change"] == pytest.approx(change, rel=1e-5)
+    assert 0.0 < metrics[f"offsupport/{next(iter(w))}"] < 1.0  # W is not yet sparse on Z's support
+
+
 # --- the W-step's penalty gradient (a gradient hook), the coordination schedule, the levers ------------------
 
 

@@ -808,6 +808,24 @@ def test_project_into_a_buffer_matches_project(case: tuple[object, torch.Tensor]
     assert torch.equal(out, expected)
 
 
+@FAST
+@given(
+    st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -3.0]), min_size=2, max_size=40),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.data(),
+)
+def test_small_tensor_projection_takes_the_threshold_path_with_ties(values: list, dtype, data) -> None:
+    """Below the sampled-selection size a CPU float tensor is projected from one NumPy introselect
+    and ``hardshrink`` (no bool mask); it keeps exactly the top-k with ties to the lower index."""
+    x = torch.tensor(values, dtype=dtype)
+    k = data.draw(st.integers(1, x.numel() - 1))
+    projected = selection.project_largest_magnitudes(x, k)
+    assert projected is not None
+    assert torch.equal(projected, x * selection.topk_mask(x.abs(), k))
+    assert torch.equal(selection.project_largest_magnitudes(x, k, out=x.clone()), projected)
+    assert selection.project_largest_magnitudes(torch.tensor([float("nan"), 1.0, 2.0], dtype=dtype), 2) is None
+
+
 def test_project_rejects_a_mismatched_buffer() -> None:
     x = torch.arange(6.0).reshape(2, 3)
     wrong = (

@@ -119,6 +119,13 @@ def dots(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs]).tolist()
 
 
+def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """:math:`\\lVert t\\rVert^2` of every tensor: one foreach norm, read back to the host at once."""
+    if not tensors:
+        return []
+    return torch.stack(torch._foreach_norm(tensors)).double().square().tolist()
+
+
 @dataclasses.dataclass
 class _Anchor:
     """:math:`\\Lambda_n - \\rho Z_n` and what it was computed from."""
@@ -419,18 +426,22 @@ class DuplicateVariables(Formulation):
             constraint.penalty_coefficient.value = torch.full_like(constraint.penalty_coefficient.value, value)
 
     def dynamics(self, it: Iterate) -> dict[str, float]:
-        """Dual-dynamics metrics after a coordination (norms per layer and in total; one host transfer)."""
+        """Dual-dynamics metrics after a coordination (norms per layer and in total; one foreach norm, one
+        host transfer)."""
         lam = self.multipliers()
         names = list(it.w)
         change = torch._foreach_sub([self.z[n] for n in names], [it.z_prev[n] for n in names])
-        # Weight mass outside the support of Z: 0 once W is sparse on Z's support.
-        outside = [it.w[n].masked_fill(self.z[n] != 0, 0) for n in names]
-        pairs = [(lam[n], lam[n]) for n in names] + [(c, c) for c in change] + [(o, o) for o in outside]
-        pairs += [(it.w[n], it.w[n]) for n in names]
+        # Weight mass outside the support of Z, W - W |sign(Z)|: 0 once W is sparse on Z's support
+        # (float ops only: a comparison into a bool tensor costs several float passes on CPU).
+        w_list = [it.w[n] for n in names]
+        on_support = torch._foreach_sign([self.z[n] for n in names])
+        torch._foreach_abs_(on_support)
+        outside = torch._foreach_addcmul(w_list, w_list, on_support, value=-1)
+        tensors = [lam[n] for n in names] + list(change) + list(outside) + w_list
         known = it.residual_sq is not None
         if not known:
-            pairs += [(r, r) for r in it.residual.values()]
-        values = dots(pairs)
+            tensors += list(it.residual.values())
+        values = squared_norms(tensors)
         m = len(names)
         lambda_sq, change_sq, outside_sq, w_sq = (values[i * m : (i + 1) * m] for i in range(4))
         residual_sq = list(it.residual_sq.values()) if known else values[4 * m :]
