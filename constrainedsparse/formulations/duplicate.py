@@ -36,7 +36,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +47,7 @@ from constrainedsparse.batches import batch_size
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.formulations.iterate import Iterate, squared_norms
 from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
 
@@ -109,23 +109,6 @@ class DuplicateConfig(Hyperparameters):
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
 
 
-def dots(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """:math:`\\langle a, b\\rangle` for every pair (one BLAS dot each), read back to the host at once.
-
-    One host transfer for the whole list: a coordination synchronises a GPU a few times, not once per dot.
-    """
-    if not pairs:
-        return []
-    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs]).tolist()
-
-
-def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """:math:`\\lVert t\\rVert^2` of every tensor: one foreach norm, read back to the host at once."""
-    if not tensors:
-        return []
-    return torch.stack(torch._foreach_norm(tensors)).double().square().tolist()
-
-
 @dataclasses.dataclass
 class _Anchor:
     """:math:`\\Lambda_n - \\rho Z_n` and what it was computed from."""
@@ -135,43 +118,6 @@ class _Anchor:
     z: torch.Tensor
     coefficient: torch.Tensor
     key: tuple[int, int, int]
-
-
-@dataclasses.dataclass
-class Iterate:
-    """What a dual step rule sees during coordination iteration :math:`k`.
-
-    Residuals are computed on first use and then reused, so a rule that never needs
-    :math:`W^k - Z^{k-1}` (ADMM) never pays for it.
-
-    Attributes:
-        w: :math:`W^k` (views of the live weights; they do not change during a coordination).
-        z_prev: :math:`Z^{k-1}`.
-        f_value: :math:`f(W^k)` on the reference batch, if the rule asked for it.
-        z: :math:`Z^k`, set after the Z-step.
-        notes: Values a dual rule computes before the Z-step and reads after it (this iteration only).
-        residual_sq_before_z: :math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor, if a rule measured it.
-        residual_sq: :math:`\\lVert W^k - Z^k\\rVert^2` per tensor, if a rule measured it (else
-            :meth:`DuplicateVariables.dynamics` measures it with its other dots).
-    """
-
-    w: dict[str, torch.Tensor]
-    z_prev: dict[str, torch.Tensor]
-    f_value: float | None
-    z: dict[str, torch.Tensor] | None = None
-    notes: dict[str, float] = dataclasses.field(default_factory=dict)
-    residual_sq_before_z: dict[str, float] | None = None
-    residual_sq: dict[str, float] | None = None
-
-    @functools.cached_property
-    def residual_before_z(self) -> dict[str, torch.Tensor]:
-        """:math:`W^k - Z^{k-1}` per tensor."""
-        return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z_prev[n] for n in self.w])))
-
-    @functools.cached_property
-    def residual(self) -> dict[str, torch.Tensor]:
-        """:math:`W^k - Z^k` per tensor (after the Z-step)."""
-        return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z[n] for n in self.w])))
 
 
 class DuplicateVariables(Formulation):

@@ -35,7 +35,8 @@ import torch
 
 from constrainedsparse.config import Bounds, hyperparameter
 from constrainedsparse.formulations.base import register_formulation
-from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate, dots
+from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables
+from constrainedsparse.formulations.iterate import Iterate, dots
 
 __all__ = ["SLR", "SLRConfig", "slr_alpha"]
 
