@@ -19,3 +19,17 @@ def test_the_own_loop_example_runs_and_prunes_to_90_percent(capsys):
     exec(compile(code, str(README), "exec"), namespace)
     sparsity, multiplier = capsys.readouterr().out.split()
     assert abs(float(sparsity) - 0.9) < 1e-4 and float(multiplier) >= 0
+
+
+def test_the_cli_reference_lists_every_set_key_as_the_code_declares_it():
+    """docs/cli.md's `--set` tables are what docs/examples/set_keys.py generates from the code now."""
+    import subprocess
+    import sys
+
+    root = README.parent
+    generated = subprocess.run(
+        [sys.executable, str(root / "docs" / "examples" / "set_keys.py")], capture_output=True, text=True, check=True
+    ).stdout
+    documented = set((root / "docs" / "cli.md").read_text().splitlines())
+    stale = [line for line in generated.splitlines() if line.strip() and line not in documented]
+    assert not stale, "docs/cli.md is behind the code; regenerate with docs/examples/set_keys.py:\n" + "\n".join(stale)
