@@ -28,7 +28,6 @@ __all__ = [
 SAMPLED_SELECT_MIN_NUMEL = 1 << 20
 _SAMPLE_SIZE = 1 << 17
 _NUMPY_DTYPES = (torch.float32, torch.float64)
-_TORCH_OF_NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 _CHUNK = 1 << 16
 # A bracket end held by at least 1/_MASS_FRACTION of the sample is counted per chunk, not gathered.
 _MASS_FRACTION = 256
@@ -383,7 +382,7 @@ def _largest_magnitude_numpy(values: np.ndarray, k: int) -> SampledSelection | N
     if count_ge < k:  # NaNs sort above every number
         return None
     cut = int(np.flatnonzero(scores == threshold)[k - count_gt - 1]) if count_ge > k else None
-    return SampledSelection(torch.tensor(threshold, dtype=_TORCH_OF_NUMPY[values.dtype]), count_gt, count_ge, cut)
+    return SampledSelection(torch.as_tensor(np.asarray(threshold, dtype=values.dtype)), count_gt, count_ge, cut)
 
 
 def project_largest_magnitudes(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
