@@ -475,17 +475,19 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) 
     from matplotlib.ticker import MaxNLocator
 
     problems = list(dict.fromkeys(row["problem"] for row in rows))
-    sparsities = sorted({row["sparsity"] for row in rows})
+    # One row of panels per problem, its own sparsities packed from the left (problems may have different lists).
+    levels = {problem: sorted({row["sparsity"] for row in rows if row["problem"] == problem}) for problem in problems}
+    columns = max(len(found) for found in levels.values())
     fig, axes = plt.subplots(
         len(problems),
-        len(sparsities),
-        figsize=(max(6.5, 1 + 4 * len(sparsities)), 1.2 + 3.2 * len(problems)),
+        columns,
+        figsize=(max(6.5, 1 + 4 * columns), 1.2 + 3.2 * len(problems)),
         squeeze=False,
     )
     for ax in axes.flat:
         ax.set_visible(False)
     for row in rows:
-        ax = axes[problems.index(row["problem"])][sparsities.index(row["sparsity"])]
+        ax = axes[problems.index(row["problem"])][levels[row["problem"]].index(row["sparsity"])]
         ax.set_visible(True)
         group = [r for r in records if r["problem"] == row["problem"] and r["sparsity"] == row["sparsity"]]
         for method in METHODS:
