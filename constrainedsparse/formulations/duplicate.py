@@ -308,10 +308,12 @@ class DuplicateVariables(Formulation):
         :math:`C_n(s)` is the target's set at the scheduled level (:meth:`level_fraction`).
         """
         lam, rho, fraction = self.multipliers(), self.rho, self.level_fraction()
-        for target in self.problem.targets:
-            feasible = self.level_set(target, fraction)
-            v = w[target.name] + lam[target.name] / rho
-            self.z[target.name] = feasible.project(v, out=v)  # in place: no second full-size tensor
+        targets = self.problem.targets
+        # W + Λ/ρ for every target in two foreach calls (the same values as w + lam / rho).
+        shifted = torch._foreach_div([lam[t.name] for t in targets], rho)
+        torch._foreach_add_(shifted, [w[t.name] for t in targets])
+        for target, v in zip(targets, shifted):
+            self.z[target.name] = self.level_set(target, fraction).project(v, out=v)  # in place: no second tensor
 
     @abc.abstractmethod
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
