@@ -21,7 +21,7 @@ from constrainedsparse.layerwise.layers import layer_module_types
 
 def test_describe_lists_every_key_with_type_default_and_meaning():
     slr = describe("slr")
-    assert slr.kind == "training" and "rho" in slr and slr["rho"].default == 0.1 and slr["rho"].type is float
+    assert slr.kind == "training" and "rho" in slr and slr["rho"].default == 0.03 and slr["rho"].type is float
     assert slr["interval_unit"].allowed == "one of epoch, step, per-epoch"
     assert all(info.help for info in slr.hyperparameters.values())
     fw = describe("fw")

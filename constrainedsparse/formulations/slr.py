@@ -51,7 +51,9 @@ class SLRConfig(DuplicateConfig):
     """Hyperparameters of ``slr`` (plus the shared ones of :class:`DuplicateConfig`).
 
     Attributes:
-        s0: Initial dual step size :math:`s^0 > 0`.
+        s0: Initial dual step size :math:`s^0 > 0`. 0.001 (the papers use 0.01): SLR's step then
+            grows with the ratio of residual norms as :math:`\\rho` grows; 0.01 and above move
+            :math:`\\Lambda` too far early at 90-95 % sparsity (``benchmarks/slr_vs_admm.py``).
         M: :math:`M > 1` in :math:`\\alpha^k`.
         r: :math:`r \\in (0, 1)` in :math:`\\alpha^k`.
         reference_samples: Size of the fixed training batch on which :math:`f` is compared in
@@ -60,7 +62,7 @@ class SLRConfig(DuplicateConfig):
             the accuracies of ``benchmarks/slr_vs_admm.py`` are the same within 0.3 points.
     """
 
-    s0: float = hyperparameter(0.01, "initial dual step size s^0", Bounds(low=0, low_inclusive=False))
+    s0: float = hyperparameter(0.001, "initial dual step size s^0", Bounds(low=0, low_inclusive=False))
     M: float = hyperparameter(300.0, "M in alpha^k = 1 - 1/(M k^(1 - 1/k^r))", Bounds(low=1, low_inclusive=False))
     r: float = hyperparameter(0.1, "r in alpha^k", Bounds(0, 1, low_inclusive=False, high_inclusive=False))
     reference_samples: int = hyperparameter(
