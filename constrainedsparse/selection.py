@@ -381,7 +381,7 @@ def _largest_magnitude_numpy(values: np.ndarray, k: int) -> SampledSelection | N
     count_gt, count_ge = int(np.count_nonzero(scores > threshold)), int(np.count_nonzero(scores >= threshold))
     if count_ge < k:  # NaNs sort above every number
         return None
-    cut = int(np.flatnonzero(scores == threshold)[k - count_gt - 1]) if count_ge > k else None
+    cut = _nth_tie(scores, 0, n, threshold, k - count_gt, magnitude=False) if count_ge > k else None
     return SampledSelection(torch.as_tensor(np.asarray(threshold, dtype=values.dtype)), count_gt, count_ge, cut)
 
 
