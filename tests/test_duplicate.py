@@ -116,8 +116,8 @@ def test_slr_both_conditions_fail_on_an_already_sparse_model_and_nothing_moves()
         for target in formulation.problem.targets:
             target.tensor.copy_(target.feasible_set.project(target.tensor))
     formulation.z = {t.name: t.tensor.detach().clone() for t in formulation.problem.targets}
-    formulation.w_prev = {t.name: t.tensor.detach().clone() for t in formulation.problem.targets}
-    formulation.f_prev = formulation.objective()
+    formulation.previous = formulation.f_prev = None
+    formulation.on_setup()  # measures f and the terms of W - Z again, at the sparse point
     metrics = formulation.coordinate()
     assert metrics["condition/6_holds"] == 0.0 and metrics["condition/11_holds"] == 0.0
     assert formulation.step_size == 0.02
@@ -180,6 +180,25 @@ def test_w_step_gradient_is_loss_gradient_plus_lambda_plus_rho_residual():
     # Multipliers are not touched by a W-step (their updates are the formulation's).
     for constraint in formulation.constraints.values():
         assert constraint.multiplier.weight.grad is None
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_backward_adds_the_penalty_of_all_weights_at_once_as_the_per_tensor_hooks_do(scale):
+    """backward(scale) adds scale x the penalty after its backward (foreach); the user's own backward of the
+    unscaled Lagrangian goes through the hooks one tensor at a time: the same gradient up to the scale."""
+    formulation, batches = _tiny("admm", rho=0.7)
+    with torch.no_grad():
+        for i, constraint in enumerate(formulation.constraints.values()):
+            constraint.multiplier.weight.copy_(torch.linspace(-1, 1, constraint.multiplier.weight.numel()) * (i + 1))
+    params = [t.tensor for t in formulation.problem.targets]
+    formulation.backward(batches[0], scale=scale)
+    deferred = [p.grad.clone() for p in params]
+    formulation.problem.model.zero_grad()
+    formulation.compute_lagrangian(batches[0]).lagrangian.backward()
+    for d, p, lam, z in zip(deferred, params, formulation.multipliers().values(), formulation.z.values()):
+        torch.testing.assert_close(d, scale * p.grad, rtol=1e-5, atol=1e-7)
+        penalty = lam + 0.7 * (p.detach() - z)
+        assert penalty.abs().max() > 0.1  # not negligible: without the hooks the two would differ
 
 
 def test_slr_and_admm_share_identical_w_steps_until_the_first_dual_update():
@@ -448,3 +467,19 @@ def test_residual_balancing_moves_rho_toward_the_larger_residual():
     assert formulation.next_rho({"dual/residual": 11.0, "dual/z_change": 1.0}) == 2.0  # primal >> dual
     assert formulation.next_rho({"dual/residual": 1.0, "dual/z_change": 11.0}) == 0.5  # dual >> primal
     assert formulation.next_rho({"dual/residual": 1.0, "dual/z_change": 1.0}) == 1.0
+
+
+def test_slr_checkpoint_keeps_the_terms_of_condition_6_and_converts_an_older_copy_of_w():
+    formulation, batches = _tiny("slr")
+    for batch in batches:
+        formulation.training_step(batch)
+    formulation.coordinate()
+    state = copy.deepcopy(formulation.state_dict())
+    older = {k: v for k, v in state.items() if k != "previous"}
+    older["w_prev"] = {n: w.clone() for n, w in formulation.weights().items()}  # no W-step since: W^{k-1} = W
+    for saved in (state, older):
+        restored, _ = _tiny("slr")
+        restored.load_state_dict(copy.deepcopy(saved))
+        assert restored.previous.residual_sq == pytest.approx(formulation.previous.residual_sq, rel=1e-6)
+        assert restored.previous.linear == pytest.approx(formulation.previous.linear, rel=1e-5, abs=1e-12)
+        assert restored.coordinate()["condition/6_holds"] == 0.0  # no W-step: L_rho cannot strictly decrease

@@ -13,8 +13,9 @@ Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
 
 * **W-step** — every minibatch backpropagates the loss (and the user's constraints); a
   post-accumulate-grad hook on each pruned weight adds the rest of :math:`\nabla_W L_\rho`,
-  :math:`\Lambda_n + \rho(W_n - Z_n)`, in place (:meth:`DuplicateVariables._penalty_hook`), so the
-  primal optimizer steps on :math:`L_\rho` with :math:`Z, \Lambda` fixed. The W = Z constraints are
+  :math:`\Lambda_n + \rho(W_n - Z_n)`, in place (:meth:`DuplicateVariables._penalty_hook`; within
+  :meth:`~DuplicateVariables.backward`, for all weights at once after the backward), so the primal
+  optimizer steps on :math:`L_\rho` with :math:`Z, \Lambda` fixed. The W = Z constraints are
   registered ``observed=False``: they are not evaluated per step.
 * **Coordination** — every ``interval`` steps or epochs, iteration :math:`k` runs
   :meth:`DuplicateVariables.coordinate`, the one place that fixes the update order:
@@ -23,8 +24,9 @@ Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
   2. Z-step :math:`Z^k = \Pi_{C}(W^k + \Lambda'/\rho)` through the feasible set's projection,
   3. :meth:`~DuplicateVariables.dual_step_after_z` (SLR: condition (11); ADMM:
      :math:`\Lambda \leftarrow \Lambda + \rho (W^k - Z^k)`),
-  4. optional :math:`\rho \leftarrow \min(\gamma\rho, \rho_{max})`, and real copies of
-     :math:`W^k` (and :math:`Z^k`, kept as ``z``) for iteration :math:`k + 1`.
+  4. :meth:`~DuplicateVariables.end_iteration` (SLR keeps the scalars of :math:`W^k - Z^k` that its
+     next condition (6) compares against: no copy of :math:`W^k` is kept), then
+     :math:`\rho \leftarrow \min(\gamma\rho, \rho_{max})` (or residual balancing).
 
 A dual step of size :math:`s` is a Cooper dual-Lagrangian step: :math:`\nabla_\Lambda \langle
 \Lambda, W - Z\rangle = W - Z`, applied by ``SGD(lr=s, maximize=True)``. SLR and ADMM differ
@@ -135,7 +137,7 @@ class DuplicateVariables(Formulation):
     Config = DuplicateConfig
 
     def attach(self) -> None:
-        """Copies :math:`Z = \\Pi_C(W)`, :math:`W^{k-1} = W` and registers one W = Z constraint per target."""
+        """Copies :math:`Z = \\Pi_C(W)` and registers one W = Z constraint per target."""
         problem, config = self.problem, self.config
         self.k = 0
         self.steps_done = 0
@@ -143,9 +145,9 @@ class DuplicateVariables(Formulation):
         self.constraints: dict[str, cooper.Constraint] = {}
         with torch.no_grad():
             self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
-            self.w_prev = {t.name: t.tensor.detach().clone() for t in problem.targets}
         self._anchors: dict[str, _Anchor] = {}
         self._grad_factor: float | torch.Tensor = 1.0
+        self._pending: list[tuple[str, torch.Tensor]] | None = None  # a list inside backward(): hooks defer
         self._hooks = []
         for target in problem.targets:
             if parametrize.is_parametrized(target.module, target.param_name):
@@ -182,19 +184,41 @@ class DuplicateVariables(Formulation):
         return violation
 
     def _penalty_hook(self, name: str):
-        """The W-step's penalty gradient for one target, added in place once its gradient is accumulated."""
+        """The W-step's penalty gradient for one target, added in place once its gradient is accumulated
+        (inside :meth:`backward`, noted and added with the others after the backward)."""
 
         def hook(param: torch.Tensor) -> None:
-            rho, anchor = self._anchor(name)
-            grad, factor = param.grad, self._grad_factor
-            if isinstance(factor, torch.Tensor):  # a GradScaler's scale, on the device: no host sync
-                grad.add_(torch.add(anchor, param.detach(), alpha=rho).mul_(factor))
-            elif factor == 1.0:
-                grad.add_(param.detach(), alpha=rho).add_(anchor)
+            if self._pending is not None:
+                self._pending.append((name, param))
             else:
-                grad.add_(param.detach(), alpha=rho * factor).add_(anchor, alpha=factor)
+                self._add_penalty_gradients([(name, param)])
 
         return hook
+
+    @torch.no_grad()
+    def _add_penalty_gradients(self, params: list[tuple[str, torch.Tensor]]) -> None:
+        """:math:`\\nabla W_n \\mathrel{+}= c\\,(\\rho W_n + \\Lambda_n - \\rho Z_n)` for every ``(name, W_n)``, with
+        :math:`c` the gradient factor: a few foreach calls over all of them."""
+        anchors = [self._anchor(name) for name, _ in params]
+        rho = anchors[0][0]
+        if any(a[0] != rho for a in anchors):  # not from set_rho (one rho for all): one tensor at a time
+            for one in params:
+                self._add_penalty_gradients([one])
+            return
+        grads = [p.grad for _, p in params]
+        weights = [p.detach() for _, p in params]
+        offsets = [a[1] for a in anchors]
+        factor = self._grad_factor
+        if isinstance(factor, torch.Tensor):  # a GradScaler's scale, on the device: no host sync
+            terms = torch._foreach_add(offsets, weights, alpha=rho)
+            torch._foreach_mul_(terms, factor)
+            torch._foreach_add_(grads, terms)
+        elif factor == 1.0:
+            torch._foreach_add_(grads, weights, alpha=rho)
+            torch._foreach_add_(grads, offsets)
+        else:
+            torch._foreach_add_(grads, weights, alpha=rho * factor)
+            torch._foreach_add_(grads, offsets, alpha=factor)
 
     def _anchor(self, name: str) -> tuple[float, torch.Tensor]:
         """:math:`(\\rho, \\Lambda_n - \\rho Z_n)`, recomputed only when :math:`\\Lambda_n`, :math:`Z_n` or
@@ -212,14 +236,24 @@ class DuplicateVariables(Formulation):
 
     @contextlib.contextmanager
     def backward_scope(self, scale: float, scaler: Any) -> Iterator[None]:
-        """The penalty gradient is scaled like the Lagrangian: by ``scale`` and the scaler's scale."""
+        """The penalty gradient is scaled like the Lagrangian: by ``scale`` and the scaler's scale.
+
+        Inside :meth:`backward` the hooks only note which weights got their gradient; the penalty is
+        added to all of them after the backward, in two foreach calls instead of two calls per tensor
+        (the same sums). A backward the user runs on their own goes through the hooks one tensor at a
+        time.
+        """
         if scaler is not None:
             device = self.problem.targets[0].tensor.device
             scale = scaler.scale(torch.tensor(float(scale), device=device))
         self._grad_factor = scale
+        self._pending = []
         try:
             yield
+            if self._pending:
+                self._add_penalty_gradients(self._pending)
         finally:
+            self._pending = None
             self._grad_factor = 1.0
 
     # --- quantities ---------------------------------------------------------------------------
@@ -348,11 +382,16 @@ class DuplicateVariables(Formulation):
         metrics.update(after_metrics)
         if step is not None:
             self.dual_ascent(step, it.residual)
+        it.notes["updated_after_z"] = float(step is not None)
+        self.end_iteration(it)
         metrics.update(self.dynamics(it))
         self.set_rho(self.next_rho(metrics))
-        # real copies of W^k, never aliases of the parameters
-        torch._foreach_copy_([self.w_prev[n] for n in w], list(w.values()))
         return metrics
+
+    def end_iteration(self, it: Iterate) -> None:
+        """Hook after the last dual step of iteration :math:`k` (:math:`\\Lambda^k` final, :math:`\\rho` not yet
+        changed): what the rule keeps for iteration :math:`k + 1`. ADMM keeps nothing."""
+        return None
 
     def next_rho(self, metrics: dict[str, float]) -> float:
         """:math:`\\rho` for the next iteration.
@@ -375,7 +414,8 @@ class DuplicateVariables(Formulation):
     def set_rho(self, value: float) -> None:
         """Sets :math:`\\rho` on every W = Z constraint."""
         for constraint in self.constraints.values():
-            constraint.penalty_coefficient.value = torch.full_like(constraint.penalty_coefficient.value, value)
+            # In place (the setter clones and checks for every constraint; value > 0 here by construction).
+            constraint.penalty_coefficient.value.fill_(value)
 
     def dynamics(self, it: Iterate) -> dict[str, float]:
         """Dual-dynamics metrics after a coordination (norms per layer and in total; one foreach norm, one
@@ -461,7 +501,6 @@ class DuplicateVariables(Formulation):
             "k": self.k,
             "steps_done": self.steps_done,
             "z": {name: z.clone() for name, z in self.z.items()},
-            "w_prev": {name: w.clone() for name, w in self.w_prev.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -470,5 +509,3 @@ class DuplicateVariables(Formulation):
         self.steps_done = state["steps_done"]
         for name, z in state["z"].items():
             self.z[name] = z.to(self.z[name].device, copy=True)
-        for name, w in state["w_prev"].items():
-            self.w_prev[name].copy_(w)

@@ -48,6 +48,8 @@ class Iterate:
         residual_sq: :math:`\\lVert W^k - Z^k\\rVert^2` per tensor, if a rule measured it (else
             :meth:`~constrainedsparse.formulations.duplicate.DuplicateVariables.dynamics` measures it
             with its other norms).
+        residual_linear: :math:`\\langle\\Lambda, W^k - Z^k\\rangle` per tensor with the multipliers of the
+            second dual step (before it is applied), if a rule measured it.
     """
 
     w: dict[str, torch.Tensor]
@@ -57,6 +59,7 @@ class Iterate:
     notes: dict[str, float] = dataclasses.field(default_factory=dict)
     residual_sq_before_z: dict[str, float] | None = None
     residual_sq: dict[str, float] | None = None
+    residual_linear: dict[str, float] | None = None
 
     @functools.cached_property
     def residual_before_z(self) -> dict[str, torch.Tensor]:

@@ -20,10 +20,14 @@ zero, which keeps every step size positive.
 
 **Estimating** :math:`L_\rho` **in condition (6).** Both sides need :math:`f` on the same data:
 :math:`f` is the loss on one fixed reference batch of training samples (drawn once per run), in
-eval mode. :math:`f(W^{k-1})` is the value measured on that batch at iteration :math:`k-1`;
-:math:`W^{k-1}` and :math:`Z^{k-1}` are real copies (never aliases of the live parameters), and the
-penalty terms on both sides use the current :math:`\Lambda` and :math:`\rho`. In condition (11)
-:math:`W^k` is the same on both sides, so :math:`f` cancels exactly.
+eval mode. :math:`f(W^{k-1})` is the value measured on that batch at iteration :math:`k-1`, and the
+penalty terms on both sides use the current :math:`\Lambda = \Lambda^{k-1}` and :math:`\rho`. Those terms
+of the right-hand side, :math:`\lVert W^{k-1} - Z^{k-1}\rVert^2` and
+:math:`\langle\Lambda^{k-1}, W^{k-1} - Z^{k-1}\rangle` per tensor, are measured at the end of iteration
+:math:`k-1` (:meth:`SLR.end_iteration`; :math:`\Lambda` and both points do not change in between, and
+:math:`\rho` enters only as the factor of the squares): the same numbers as from copies of
+:math:`W^{k-1}`, without keeping a copy. In condition (11) :math:`W^k` is the same on both sides, so
+:math:`f` cancels exactly.
 """
 
 from __future__ import annotations
@@ -70,6 +74,15 @@ class SLRConfig(DuplicateConfig):
     )
 
 
+@dataclasses.dataclass
+class _Previous:
+    """Per tensor, :math:`\\lVert W^{k-1} - Z^{k-1}\\rVert^2` and
+    :math:`\\langle\\Lambda^{k-1}, W^{k-1} - Z^{k-1}\\rangle`."""
+
+    residual_sq: list[float]
+    linear: list[float]
+
+
 def _ratio_step(alpha: float, step: float, numerator: float, denominator: float) -> float:
     if numerator > 0 and denominator > 0:
         return alpha * step * numerator / denominator
@@ -90,30 +103,39 @@ class SLR(DuplicateVariables):
         self.step_size = self.config.s0  # s^k
         self.s_prime = self.config.s0  # s'^k of the latest iteration
         self.f_prev: float | None = None
+        self.previous: _Previous | None = None  # the terms of W^{k-1} - Z^{k-1} in condition (6)
 
     @property
     def reference_samples(self) -> int:
         return self.config.reference_samples
 
     def on_setup(self) -> None:
-        """Measures :math:`f(W^0)` on the reference batch (kept when resuming from a checkpoint)."""
+        """Measures :math:`f(W^0)` on the reference batch and the terms of :math:`W^0 - Z^0` (replaced when
+        resuming from a checkpoint)."""
         super().on_setup()
         if self.f_prev is None:
             self.f_prev = self.objective()
+        if self.previous is None:
+            self.previous = self._measure(self.weights())
+
+    @torch.no_grad()
+    def _measure(self, w: dict[str, torch.Tensor]) -> _Previous:
+        """The terms of condition (6) for the point ``w`` against the current :math:`Z` and :math:`\\Lambda`."""
+        lam, names = self.multipliers(), list(w)
+        residual = torch._foreach_sub([w[n] for n in names], [self.z[n] for n in names])
+        values = dots(list(zip(residual, residual)) + [(lam[n], r) for n, r in zip(names, residual)])
+        return _Previous(values[: len(names)], values[len(names) :])
 
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         alpha = it.notes["alpha"] = slr_alpha(self.k, self.config.M, self.config.r)
         lam = self.multipliers()
         names = list(it.w)
-        # it.z_prev is Z^{k-1}; w_prev is the real copy of W^{k-1} taken at iteration k-1.
-        previous = torch._foreach_sub([self.w_prev[n] for n in names], [it.z_prev[n] for n in names])
-        residual_prev = dict(zip(names, previous))
         residual = it.residual_before_z
-        pairs = [(residual_prev[n], residual_prev[n]) for n in names] + [(residual[n], residual[n]) for n in names]
-        pairs += [(lam[n], residual[n]) for n in names] + [(lam[n], residual_prev[n]) for n in names]
-        values = dots(pairs)  # every dot of condition (6), one host transfer
+        values = dots([(residual[n], residual[n]) for n in names] + [(lam[n], residual[n]) for n in names])
         m = len(names)
-        prev_sq, now_sq, now_linear, prev_linear = (values[i * m : (i + 1) * m] for i in range(4))
+        now_sq, now_linear = values[:m], values[m:]
+        assert self.previous is not None, "setup() measures the terms of W^0 - Z^0"
+        prev_sq, prev_linear = self.previous.residual_sq, self.previous.linear
         it.residual_sq_before_z = dict(zip(names, now_sq))
         prev_gap = it.notes["prev_gap"] = sum(prev_sq) ** 0.5
         now = self.augmented_lagrangian(it.f_value, now_linear, now_sq)
@@ -147,12 +169,31 @@ class SLR(DuplicateVariables):
         alpha, s_prime, prev_gap = it.notes["alpha"], it.notes["s_prime"], it.notes["prev_gap"]
         self.step_size = _ratio_step(alpha, s_prime, prev_gap, gap) if holds else s_prime
         self.f_prev = it.f_value
+        it.residual_linear = dict(zip(names, now_linear))  # <Lambda^k, W^k - Z^k> unless the update changes Lambda
         return (self.step_size if holds else None), {"condition/11_holds": float(holds), "stepsize/s": self.step_size}
 
+    def end_iteration(self, it: Iterate) -> None:
+        """Keeps :math:`\\lVert W^k - Z^k\\rVert^2` and :math:`\\langle\\Lambda^k, W^k - Z^k\\rangle` per tensor for
+        condition (6) of iteration :math:`k + 1` (the second measured after the update of (11), if any)."""
+        assert it.residual_sq is not None and it.residual_linear is not None
+        linear = list(it.residual_linear.values())
+        if it.notes["updated_after_z"]:
+            lam = self.multipliers()
+            linear = dots([(lam[n], it.residual[n]) for n in it.w])
+        self.previous = _Previous(list(it.residual_sq.values()), linear)
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step_size": self.step_size, "f_prev": self.f_prev}
+        previous = dataclasses.asdict(self.previous) if self.previous is not None else None
+        return {**super().state_dict(), "step_size": self.step_size, "f_prev": self.f_prev, "previous": previous}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; a checkpoint of an older version (a copy ``w_prev`` of :math:`W^{k-1}`
+        instead of its terms) is converted with the restored :math:`Z` and :math:`\\Lambda`."""
         super().load_state_dict(state)
         self.step_size = state["step_size"]
         self.f_prev = state["f_prev"]
+        if state.get("previous") is not None:
+            self.previous = _Previous(**state["previous"])
+        else:
+            device = next(iter(self.z.values())).device
+            self.previous = self._measure({n: w.to(device) for n, w in state["w_prev"].items()})
