@@ -28,9 +28,11 @@ Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
      next condition (6) compares against: no copy of :math:`W^k` is kept), then
      :math:`\rho \leftarrow \min(\gamma\rho, \rho_{max})` (or residual balancing).
 
-A dual step of size :math:`s` is a Cooper dual-Lagrangian step: :math:`\nabla_\Lambda \langle
-\Lambda, W - Z\rangle = W - Z`, applied by ``SGD(lr=s, maximize=True)``. SLR and ADMM differ
-only in the two ``dual_step_*`` hooks, i.e. in the step size rule.
+A dual step of size :math:`s` is a gradient-ascent step on Cooper's dual Lagrangian:
+:math:`\nabla_\Lambda \langle \Lambda, W - Z\rangle = W - Z`, added in place into the Cooper
+multipliers (what ``SGD(lr=s, maximize=True)`` does, without building the gradients;
+:meth:`DuplicateVariables.dual_ascent`). SLR and ADMM differ only in the two ``dual_step_*`` hooks,
+i.e. in the step size rule.
 """
 
 from __future__ import annotations
