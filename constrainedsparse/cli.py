@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserInputError, NonFiniteLossError) as err:
         message = first_line(err)
         if distributed.env_world_size() > 1:
-            launcher.report_error(message)
+            launcher.report_error(message, code=2)
             raise SystemExit(2) from None
         _fail(message)
     except Exception as err:

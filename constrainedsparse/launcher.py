@@ -29,7 +29,7 @@ from constrainedsparse.distributed import ENV_LAUNCHED, is_main_process, joined_
 __all__ = ["launch", "lost_peer", "report_error", "root_cause"]
 
 
-def report_error(message: str, *, peer: bool = False) -> None:
+def report_error(message: str, *, peer: bool = False, code: int = 1) -> None:
     """Reports a rank's one-line error: to the elastic error file, and on stderr.
 
     Under :func:`launch` nothing is printed (the launcher prints the first failing rank's line).
@@ -40,6 +40,9 @@ def report_error(message: str, *, peer: bool = False) -> None:
         message: The one-line message.
         peer: True if this rank stopped because another rank failed (never reported as the cause
             when a rank that raised on its own exists).
+        code: The exit status the rank exits with (2 for bad input), recorded so that the job
+            exits with it even if the process ends otherwise (gloo's threads can abort a rank at
+            teardown, after it reported: ``terminate called without an active exception``).
     """
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
@@ -49,7 +52,7 @@ def report_error(message: str, *, peer: bool = False) -> None:
                 "message": message,
                 "extraInfo": {"timestamp": str(int(now)), "py_callstack": message},
             },
-            "constrainedsparse": {"time": now, "peer": peer, "rank": rank()},
+            "constrainedsparse": {"time": now, "peer": peer, "rank": rank(), "code": code},
         }
         with contextlib.suppress(OSError):
             _write_atomically(Path(error_file), json.dumps(record))
@@ -108,6 +111,14 @@ def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
     return min(failures.items(), key=key)
 
 
+def _exit_code(failure: Any) -> int:
+    """The exit status the failing rank reported, else its process's (1 for a signal)."""
+    data = failure.error_file_data.get("constrainedsparse", {}) if isinstance(failure.error_file_data, dict) else {}
+    if isinstance(data.get("code"), int):
+        return data["code"]
+    return failure.exitcode if failure.exitcode > 0 else 1
+
+
 def _failure_line(global_rank: int, failure: Any) -> str:
     message = failure.message
     if isinstance(message, dict):
@@ -156,7 +167,7 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
                 elastic_launch(config, sys.executable)("-u", *args)
             except ChildFailedError as err:
                 global_rank, failure = root_cause(err.failures)
-                return (failure.exitcode if failure.exitcode > 0 else 1), _failure_line(global_rank, failure)
+                return _exit_code(failure), _failure_line(global_rank, failure)
         return 0, None
     finally:
         elastic_logger.setLevel(level)

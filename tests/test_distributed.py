@@ -169,6 +169,16 @@ def test_launcher_reports_the_rank_that_raised_not_the_ranks_that_lost_it():
     assert launcher.root_cause({0: lost, 1: own, 2: aborted}) == (1, own)
 
 
+def test_the_job_exits_with_the_code_the_failing_rank_reported_even_if_its_process_aborted_after():
+    def failure(exitcode, **mine):
+        return SimpleNamespace(exitcode=exitcode, timestamp=1, error_file_data={"constrainedsparse": mine}, message="m")
+
+    assert launcher._exit_code(failure(-6, time=1.0, peer=False, code=2)) == 2  # bad input, then a SIGABRT
+    assert launcher._exit_code(failure(1, time=1.0, peer=False, code=1)) == 1
+    assert launcher._exit_code(failure(-6)) == 1  # no report: a signal is exit status 1
+    assert launcher._exit_code(failure(3)) == 3
+
+
 # --- several processes --------------------------------------------------------------------------------
 
 
