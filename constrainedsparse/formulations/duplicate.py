@@ -13,7 +13,7 @@ Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
 
 * **W-step** — every minibatch backpropagates the loss (and the user's constraints); a
   post-accumulate-grad hook on each pruned weight adds the rest of :math:`\nabla_W L_\rho`,
-  :math:`\Lambda_n + \rho(W_n - Z_n)`, in place (:meth:`DuplicateVariables._penalty_hook`; within
+  :math:`\Lambda_n + \rho(W_n - Z_n)`, in place (:mod:`~constrainedsparse.formulations.penalty`; within
   :meth:`~DuplicateVariables.backward`, for all weights at once after the backward), so the primal
   optimizer steps on :math:`L_\rho` with :math:`Z, \Lambda` fixed. The W = Z constraints are
   registered ``observed=False``: they are not evaluated per step.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import cooper
@@ -52,6 +51,7 @@ from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparame
 from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.iterate import Iterate, squared_norms
+from constrainedsparse.formulations.penalty import PenaltyGradient
 from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
 
@@ -117,17 +117,6 @@ class DuplicateConfig(Hyperparameters):
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
 
 
-@dataclasses.dataclass
-class _Anchor:
-    """:math:`\\Lambda_n - \\rho Z_n` and what it was computed from."""
-
-    rho: float
-    value: torch.Tensor
-    z: torch.Tensor
-    coefficient: torch.Tensor
-    key: tuple[int, int, int]
-
-
 class DuplicateVariables(Formulation):
     """Shared machinery of the W = Z formulations (see the module docstring for the math).
 
@@ -147,9 +136,7 @@ class DuplicateVariables(Formulation):
         self.constraints: dict[str, cooper.Constraint] = {}
         with torch.no_grad():
             self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
-        self._anchors: dict[str, _Anchor] = {}
-        self._grad_factor: float | torch.Tensor = 1.0
-        self._pending: list[tuple[str, torch.Tensor]] | None = None  # a list inside backward(): hooks defer
+        self.penalty = PenaltyGradient(self.constraints, self.z)
         self._hooks = []
         for target in problem.targets:
             if parametrize.is_parametrized(target.module, target.param_name):
@@ -175,7 +162,7 @@ class DuplicateVariables(Formulation):
                 observed=False,
             )
             self.constraints[target.name] = constraint
-            self._hooks.append(target.stored.register_post_accumulate_grad_hook(self._penalty_hook(target.name)))
+            self._hooks.append(target.stored.register_post_accumulate_grad_hook(self.penalty.hook(target.name)))
 
     def _violation_fn(self, target: TargetParam):
         name = target.name
@@ -185,78 +172,13 @@ class DuplicateVariables(Formulation):
 
         return violation
 
-    def _penalty_hook(self, name: str):
-        """The W-step's penalty gradient for one target, added in place once its gradient is accumulated
-        (inside :meth:`backward`, noted and added with the others after the backward)."""
-
-        def hook(param: torch.Tensor) -> None:
-            if self._pending is not None:
-                self._pending.append((name, param))
-            else:
-                self._add_penalty_gradients([(name, param)])
-
-        return hook
-
-    @torch.no_grad()
-    def _add_penalty_gradients(self, params: list[tuple[str, torch.Tensor]]) -> None:
-        """:math:`\\nabla W_n \\mathrel{+}= c\\,(\\rho W_n + \\Lambda_n - \\rho Z_n)` for every ``(name, W_n)``, with
-        :math:`c` the gradient factor: a few foreach calls over all of them."""
-        anchors = [self._anchor(name) for name, _ in params]
-        rho = anchors[0][0]
-        if any(a[0] != rho for a in anchors):  # not from set_rho (one rho for all): one tensor at a time
-            for one in params:
-                self._add_penalty_gradients([one])
-            return
-        grads = [p.grad for _, p in params]
-        weights = [p.detach() for _, p in params]
-        offsets = [a[1] for a in anchors]
-        factor = self._grad_factor
-        if isinstance(factor, torch.Tensor):  # a GradScaler's scale, on the device: no host sync
-            terms = torch._foreach_add(offsets, weights, alpha=rho)
-            torch._foreach_mul_(terms, factor)
-            torch._foreach_add_(grads, terms)
-        elif factor == 1.0:
-            torch._foreach_add_(grads, weights, alpha=rho)
-            torch._foreach_add_(grads, offsets)
-        else:
-            torch._foreach_add_(grads, weights, alpha=rho * factor)
-            torch._foreach_add_(grads, offsets, alpha=factor)
-
-    def _anchor(self, name: str) -> tuple[float, torch.Tensor]:
-        """:math:`(\\rho, \\Lambda_n - \\rho Z_n)`, recomputed only when :math:`\\Lambda_n`, :math:`Z_n` or
-        :math:`\\rho` changed (by identity and in-place version), so a W-step reads W, the gradient and this."""
-        constraint, z = self.constraints[name], self.z[name]
-        lam, coefficient = constraint.multiplier.weight, constraint.penalty_coefficient.value
-        key = (lam._version, z._version, coefficient._version)
-        anchor = self._anchors.get(name)
-        if anchor is None or anchor.z is not z or anchor.coefficient is not coefficient or anchor.key != key:
-            rho = float(coefficient)  # a 0-d CPU tensor: no device sync
-            with torch.no_grad():
-                value = torch.add(lam.detach().view_as(z), z, alpha=-rho)
-            anchor = self._anchors[name] = _Anchor(rho, value, z, coefficient, key)
-        return anchor.rho, anchor.value
-
-    @contextlib.contextmanager
-    def backward_scope(self, scale: float, scaler: Any) -> Iterator[None]:
-        """The penalty gradient is scaled like the Lagrangian: by ``scale`` and the scaler's scale.
-
-        Inside :meth:`backward` the hooks only note which weights got their gradient; the penalty is
-        added to all of them after the backward, in two foreach calls instead of two calls per tensor
-        (the same sums). A backward the user runs on their own goes through the hooks one tensor at a
-        time.
-        """
+    def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
+        """The penalty gradient is added after the backward, scaled like the Lagrangian: by ``scale`` and the
+        scaler's scale (:meth:`PenaltyGradient.scope`)."""
         if scaler is not None:
             device = self.problem.targets[0].tensor.device
-            scale = scaler.scale(torch.tensor(float(scale), device=device))
-        self._grad_factor = scale
-        self._pending = []
-        try:
-            yield
-            if self._pending:
-                self._add_penalty_gradients(self._pending)
-        finally:
-            self._pending = None
-            self._grad_factor = 1.0
+            return self.penalty.scope(scaler.scale(torch.tensor(float(scale), device=device)))
+        return self.penalty.scope(scale)
 
     # --- quantities ---------------------------------------------------------------------------
 
@@ -494,7 +416,8 @@ class DuplicateVariables(Formulation):
             self.problem.remove_constraint(CONSTRAINT_PREFIX + name)
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self._anchors = [], {}
+        self._hooks = []
+        self.penalty.clear()
         super().detach()
 
     def state_dict(self) -> dict[str, Any]:
