@@ -18,11 +18,15 @@ stepped every step).
 
 One repeat is ``--steps`` steps of one method timed as a block, then (except for plain) one epoch boundary
 (``end_epoch`` then ``start_epoch``) timed on its own. The slr/admm coordination (Z-step, dual steps, SLR's
-objective on its reference batch) runs in ``post_step`` every ``interval`` steps, so it is inside the step
-time (keep ``--steps`` a multiple of the interval). Methods are interleaved (their order rotates every
-repeat) after ``--warmup`` untimed repeats; the median over repeats is reported:
+objective on its reference batch) runs in ``post_step`` (or at the epoch boundary) when its ``interval`` is
+due; every coordination is timed on its own (the benchmark wraps the formulation's ``coordinate``), taken out
+of the block and added back spread over the steps: ``coordination ms x coordinations per epoch / S`` per step.
+A repeat without a coordination (one every 390 steps of the ResNet's epoch with the default 4 per epoch)
+times one after its block, outside the window. Methods are interleaved (their order rotates every repeat)
+after ``--warmup`` untimed repeats; the median over repeats is reported:
 
-* ``step ratio``: median time of a step of the method / median time of a plain step;
+* ``step ratio``: (median time of a step of the method without coordination + the coordinations' share) /
+  median time of a plain step;
 * ``amortised ratio``: ``(step + epoch boundary / S) / plain step``, with ``S`` the steps of one epoch of
   the problem, i.e. the cost of a whole epoch;
 * ``+l2 adds``: amortised time of ``X+l2`` / amortised time of ``X``, minus 1.
@@ -238,16 +242,25 @@ class Runner:
         step: Callable[[tuple[torch.Tensor, torch.Tensor]], object],
         epoch_hook: Callable[[int], object] | None = None,
         config: dict[str, Any] | None = None,
+        coordinate: Callable[[], object] | None = None,
+        coordinations_per_epoch: float = 0.0,
     ) -> None:
         self.step = step
         self.epoch_hook = epoch_hook
         self.config = config or {}
         self.epoch = 0
+        self.coordinate = coordinate
+        self.coordinations_per_epoch = coordinations_per_epoch
+        self.coordination_ms: list[float] = []  # every coordination's time, in and out of the timed blocks
 
     def run(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One training step per batch."""
         for batch in batches:
             self.step(batch)
+
+    def coordination_time(self, since: int) -> float:
+        """Milliseconds spent in coordinations recorded after the first ``since``."""
+        return sum(self.coordination_ms[since:])
 
     def end_epoch(self) -> None:
         """The epoch boundary (nothing for the plain loop)."""
@@ -302,6 +315,17 @@ def formulation_runner(
     sparsity_problem = constrainedsparse.SparsityProblem(model, problem.loss, targets, constraints)
     opt = OPTIMIZERS[optimizer](model.parameters())
     formulation = constrainedsparse.make(base_method(method), sparsity_problem, config, optimizer=opt)
+    coordinate = getattr(formulation, "coordinate", None)
+    runner_box: list[Runner] = []
+    if coordinate is not None:  # slr/admm: every coordination is timed (instrumentation of this benchmark)
+
+        def timed_coordinate() -> dict[str, float]:
+            started = time.perf_counter()
+            metrics = coordinate()
+            runner_box[0].coordination_ms.append((time.perf_counter() - started) * 1e3)
+            return metrics
+
+        formulation.coordinate = timed_coordinate  # type: ignore[method-assign]
     wanted = formulation.reference_samples
     formulation.setup(epochs, steps_per_epoch, reference_batch(train, seed, wanted) if wanted else None)
     formulation.start_epoch(0)
@@ -317,7 +341,27 @@ def formulation_runner(
         if epoch + 1 < epochs:
             formulation.start_epoch(epoch + 1)
 
-    return Runner(step, epoch_hook, dataclasses.asdict(formulation.config))
+    runner = Runner(
+        step,
+        epoch_hook,
+        dataclasses.asdict(formulation.config),
+        formulation.coordinate if coordinate is not None else None,
+        coordinations_per_epoch(formulation.config, steps_per_epoch),
+    )
+    runner_box.append(runner)
+    return runner
+
+
+def coordinations_per_epoch(config: Any, steps_per_epoch: int) -> float:
+    """How many slr/admm coordinations an epoch of ``steps_per_epoch`` steps holds (0 for other methods)."""
+    unit = getattr(config, "interval_unit", None)
+    if unit == "per-epoch":
+        return float(min(config.interval, steps_per_epoch))
+    if unit == "step":
+        return steps_per_epoch / config.interval
+    if unit == "epoch":
+        return 1.0 / config.interval
+    return 0.0
 
 
 def fixed_batches(train: TensorDataset, batch_size: int, steps: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
@@ -366,19 +410,26 @@ def bench(name: str, optimizer: str, args: argparse.Namespace) -> dict[str, Any]
         )
     step_ms: dict[str, list[float]] = {method: [] for method in runners}
     epoch_ms: dict[str, list[float]] = {method: [] for method in runners}
+    coordination_ms: dict[str, list[float]] = {method: [] for method in runners}
     names = list(runners)
     for round_ in range(epochs):
         shift = round_ % len(names)
         for method in names[shift:] + names[:shift]:
             runner = runners[method]
+            before = len(runner.coordination_ms)
             start = time.perf_counter()
             runner.run(batches)
             middle = time.perf_counter()
+            in_block = runner.coordination_time(before)
             runner.end_epoch()
             stop = time.perf_counter()
+            boundary = (stop - middle) * 1e3 - runner.coordination_time(before) + in_block
+            if runner.coordinate is not None and len(runner.coordination_ms) == before:
+                runner.coordinate()  # none in this block (an epoch is longer): time one on its own
             if round_ >= args.warmup:
-                step_ms[method].append((middle - start) * 1e3 / len(batches))
-                epoch_ms[method].append((stop - middle) * 1e3)
+                step_ms[method].append(((middle - start) * 1e3 - in_block) / len(batches))
+                epoch_ms[method].append(boundary)
+                coordination_ms[method].extend(runner.coordination_ms[before:])
     plain = statistics.median(step_ms["plain"])
     result: dict[str, Any] = {
         "problem": name,
@@ -389,14 +440,18 @@ def bench(name: str, optimizer: str, args: argparse.Namespace) -> dict[str, Any]
         "epoch_steps": epoch_steps,
         "plain_step_ms": plain,
         "methods": {},
-        "samples_ms": {"step": step_ms, "epoch_boundary": epoch_ms},
+        "samples_ms": {"step": step_ms, "epoch_boundary": epoch_ms, "coordination": coordination_ms},
     }
     for method in args.methods:
-        step = statistics.median(step_ms[method])
+        per_epoch = runners[method].coordinations_per_epoch
+        coordination = statistics.median(coordination_ms[method]) if coordination_ms[method] else 0.0
+        step = statistics.median(step_ms[method]) + per_epoch * coordination / epoch_steps
         boundary = statistics.median(epoch_ms[method])
         amortised = step + boundary / epoch_steps
         result["methods"][method] = {
             "step_ms": step,
+            "coordination_ms": coordination,
+            "coordinations_per_epoch": per_epoch,
             "epoch_boundary_ms": boundary,
             "amortised_ms": amortised,
             "step_ratio": step / plain,
@@ -412,6 +467,12 @@ def bench(name: str, optimizer: str, args: argparse.Namespace) -> dict[str, Any]
     return result
 
 
+def _coordination(entry: dict[str, Any]) -> str:
+    if not entry["coordinations_per_epoch"]:
+        return " | "
+    return f"{entry['coordination_ms']:.2f} | {entry['coordinations_per_epoch']:g}"
+
+
 def _verdict(value: float, limit: float | None) -> str:
     return "" if limit is None else (" ✓" if value <= limit else " ✗")
 
@@ -419,9 +480,9 @@ def _verdict(value: float, limit: float | None) -> str:
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per problem x optimizer x method: step times, epoch boundary, both ratios and the goal."""
     lines = [
-        "| problem | optimizer | method | plain ms/step | method ms/step | step ratio | epoch boundary ms "
-        "| amortised ratio | goal | +l2 adds |",
-        "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|",
+        "| problem | optimizer | method | plain ms/step | method ms/step | step ratio | coordination ms "
+        "| coordinations / epoch | epoch boundary ms | amortised ratio | goal | +l2 adds |",
+        "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         for method, entry in result["methods"].items():
@@ -433,7 +494,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                     adds += f" (goal <= {100 * entry['l2_goal']:.0f} %)"
             lines.append(
                 f"| {result['problem']} | {result['optimizer']} | {method} | {result['plain_step_ms']:.2f} "
-                f"| {entry['step_ms']:.2f} | {entry['step_ratio']:.2f}x | {entry['epoch_boundary_ms']:.1f} "
+                f"| {entry['step_ms']:.2f} | {entry['step_ratio']:.2f}x | {_coordination(entry)} "
+                f"| {entry['epoch_boundary_ms']:.1f} "
                 f"| {entry['amortised_ratio']:.2f}x{_verdict(entry['amortised_ratio'], limit)} "
                 f"| {'' if limit is None else f'<= {limit:.2f}x'} | {adds} |"
             )
@@ -484,8 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             "Optimizers (the user's, the same for the plain loop): "
             + ", ".join(f"`{name}` = {OPTIMIZER_TEXT[name]}" for name in args.optimizers)
-            + ". step ratio = median ms per step (`zero_grad; f.backward(batch); opt.step(); f.post_step(step)`) / "
-            "median ms per plain step (`zero_grad; loss_fn(model(x), y).backward(); opt.step()`), same batches. "
+            + ". step ratio = median ms per step (`zero_grad; f.backward(batch); opt.step(); f.post_step(step)`) "
+            "without coordination, plus the median coordination (slr/admm: Z-step, dual steps, SLR's f) times "
+            "coordinations per epoch / steps per epoch, / median ms per plain step (`zero_grad; "
+            "loss_fn(model(x), y).backward(); opt.step()`), same batches. "
             "amortised ratio adds one epoch boundary (`end_epoch; start_epoch`) spread over the epoch's steps. "
             "`X+l2` is X with one user constraint (squared L2 norm of the last Linear layer's weight <= 0.9 x its "
             "initial value); `+l2 adds` = its amortised time / X's - 1. Goals (issue): on the ResNet slr/admm "

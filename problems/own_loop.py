@@ -55,7 +55,7 @@ norm_budget = UserConstraint(lambda m: m[0].weight.norm() - 8.0, "<=")
 problem = SparsityProblem(model, nn.functional.cross_entropy, targets, {"norm_budget": norm_budget})
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=15)
-f = make("slr", problem, optimizer=optimizer, dual_lr=0.05, rho=0.05, interval=20)
+f = make("slr", problem, optimizer=optimizer, dual_lr=0.05, rho=0.05, interval=20, interval_unit="step")
 f.setup(num_epochs=15, steps_per_epoch=22, reference_batch=(x[train][:128], y[train][:128]))
 for epoch in range(15):
     f.start_epoch(epoch)

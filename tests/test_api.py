@@ -130,12 +130,12 @@ def test_transformers_model_in_a_user_loop_with_dict_batches(tiny_bert):
     problem = SparsityProblem(model, targets=targets, compute_loss=compute_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = _dict_batches()
-    f = make("slr", problem, optimizer=optimizer, interval=2)
+    f = make("slr", problem, optimizer=optimizer, interval=2)  # 2 coordinations per epoch (the default unit)
     f.setup(1, len(batches), reference_batch=batches[0])
     for batch in batches:
         cmp_state, metrics = f.training_step(batch)
         assert torch.isfinite(cmp_state.loss)
-    assert f.k == 3
+    assert f.k == 2
     masks = f.hard_masks()
     f.finalize()
     hard_prune(targets, masks)

@@ -152,6 +152,9 @@ def test_overhead_quick(tmp_path, one_thread):
             assert entry["step_ratio"] > 0 and entry["amortised_ratio"] >= entry["step_ratio"] * (1 - 1e-9)
             assert entry["step_ratio"] == pytest.approx(entry["step_ms"] / result["plain_step_ms"])
             assert entry["goal"] == bench.goal(result["problem"], method)
+            coordinating = method in ("slr", "admm", "slr+l2")
+            assert (entry["coordinations_per_epoch"] == 4) == coordinating  # the default: 4 an epoch
+            assert (entry["coordination_ms"] > 0) == coordinating  # timed even when no epoch fits the window
         adds = result["methods"]["slr+l2"]["l2_adds"]
         assert adds == pytest.approx(
             result["methods"]["slr+l2"]["amortised_ms"] / result["methods"]["slr"]["amortised_ms"] - 1

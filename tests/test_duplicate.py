@@ -295,8 +295,7 @@ def test_slr_run_logs_dual_dynamics_to_jsonl_and_wandb_and_retrains_without_w_eq
     assert 0.0 <= summary["hardprune_accuracy"] <= 1.0 and 0.0 <= summary["retrain_accuracy"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     coordinations = [r for r in rows if "coordination/k" in r]
-    steps_per_epoch = -(-1437 // 64)  # digits-mlp: 1,437 training images, batch 64
-    assert len(coordinations) == (2 * steps_per_epoch) // 5
+    assert len(coordinations) == 2 * 5  # interval=5 in the default unit: 5 coordinations per epoch
     expected = {
         "condition/6_holds", "condition/11_holds", "stepsize/alpha", "stepsize/s", "stepsize/s_prime",
         "penalty/rho", "dual/residual", "dual/lambda_norm", "residual/0.weight", "lambda/2.weight",
@@ -483,3 +482,13 @@ def test_slr_checkpoint_keeps_the_terms_of_condition_6_and_converts_an_older_cop
         assert restored.previous.residual_sq == pytest.approx(formulation.previous.residual_sq, rel=1e-6)
         assert restored.previous.linear == pytest.approx(formulation.previous.linear, rel=1e-5, abs=1e-12)
         assert restored.coordinate()["condition/6_holds"] == 0.0  # no W-step: L_rho cannot strictly decrease
+
+
+def test_per_epoch_coordination_needs_the_steps_of_an_epoch():
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, PATTERNS[0]))
+    formulation = formulation_class("admm")(problem, lr=1e-2)  # the defaults: 4 coordinations per epoch
+    with pytest.raises(ValueError, match=r"coordinates 4 times per epoch .* needs steps_per_epoch >= 1"):
+        formulation.setup(num_epochs=1, steps_per_epoch=0)
+    with pytest.raises(ValueError, match=r"call setup\(num_epochs, steps_per_epoch"):  # nothing was set up
+        formulation.start_epoch(0)
