@@ -61,8 +61,8 @@ class SLRConfig(DuplicateConfig):
         M: :math:`M > 1` in :math:`\\alpha^k`.
         r: :math:`r \\in (0, 1)` in :math:`\\alpha^k`.
         reference_samples: Size of the fixed training batch on which :math:`f` is compared in
-            condition (6). 32: a forward of 32 samples every coordination is about 3 % of a
-            ResNet-18 step at batch 32 with coordination every 10 steps (128 cost 15 %), and
+            condition (6). 32: a forward of 32 samples every coordination was about 3 % of a
+            ResNet-18 step at batch 32 when it coordinated every 10 steps (128 cost 15 %), and
             the accuracies of ``benchmarks/slr_vs_admm.py`` are the same within 0.3 points.
     """
 
