@@ -101,7 +101,7 @@ def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
 
     def key(item: tuple[int, Any]) -> tuple[int, float, int]:
         global_rank, failure = item
-        data = failure.error_file_data.get("constrainedsparse", {}) if isinstance(failure.error_file_data, dict) else {}
+        data = _reported(failure)
         if "time" in data:
             kind = 3 if data.get("peer", False) else 0
         else:
@@ -111,9 +111,15 @@ def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
     return min(failures.items(), key=key)
 
 
+def _reported(failure: Any) -> dict[str, Any]:
+    """What the rank wrote with :func:`report_error` (empty if it wrote nothing)."""
+    data = failure.error_file_data
+    return data.get("constrainedsparse", {}) if isinstance(data, dict) else {}
+
+
 def _exit_code(failure: Any) -> int:
     """The exit status the failing rank reported, else its process's (1 for a signal)."""
-    data = failure.error_file_data.get("constrainedsparse", {}) if isinstance(failure.error_file_data, dict) else {}
+    data = _reported(failure)
     if isinstance(data.get("code"), int):
         return data["code"]
     return failure.exitcode if failure.exitcode > 0 else 1
