@@ -351,21 +351,9 @@ def formulation_runner(
         epoch_hook,
         dataclasses.asdict(formulation.config),
         formulation.coordinate if coordinate is not None else None,
-        coordinations_per_epoch(formulation.config, steps_per_epoch),
+        formulation.coordinations_per_epoch() if coordinate is not None else 0.0,
         coordination_ms,
     )
-
-
-def coordinations_per_epoch(config: Any, steps_per_epoch: int) -> float:
-    """How many slr/admm coordinations an epoch of ``steps_per_epoch`` steps holds (0 for other methods)."""
-    unit = getattr(config, "interval_unit", None)
-    if unit == "per-epoch":
-        return float(min(config.interval, steps_per_epoch))
-    if unit == "step":
-        return steps_per_epoch / config.interval
-    if unit == "epoch":
-        return 1.0 / config.interval
-    return 0.0
 
 
 def fixed_batches(train: TensorDataset, batch_size: int, steps: int, seed: int) -> list[tuple[torch.Tensor, ...]]:

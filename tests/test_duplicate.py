@@ -438,6 +438,30 @@ def test_per_epoch_interval_coordinates_evenly_within_every_epoch(steps, per_epo
     assert done == expected + [steps + t for t in expected]
 
 
+@pytest.mark.parametrize(
+    ("unit", "interval", "steps", "expected"),
+    [
+        ("per-epoch", 4, 23, 4.0),
+        ("per-epoch", 8, 5, 5.0),
+        ("step", 3, 12, 4.0),
+        ("step", 5, 12, 2.4),
+        ("epoch", 2, 6, 0.5),
+    ],
+)
+def test_coordinations_per_epoch_counts_the_coordinations_a_run_does(unit, interval, steps, expected):
+    formulation, batches = _tiny("admm", interval=interval, interval_unit=unit)
+    formulation.setup(num_epochs=10, steps_per_epoch=steps)
+    assert formulation.coordinations_per_epoch() == pytest.approx(expected)
+    done = 0
+    for epoch in range(10):
+        formulation.start_epoch(epoch)
+        for t in range(steps):
+            _, metrics = formulation.training_step(batches[t % len(batches)])
+            done += "coordination/k" in metrics
+        done += "coordination/k" in formulation.end_epoch(epoch)
+    assert done == pytest.approx(10 * expected, abs=1)  # the step unit's remainder may straddle epochs
+
+
 def test_cubic_schedule_tightens_z_to_the_target_and_keeps_it_feasible():
     target = SparsityConfig(sparsity=0.75)
     formulation, batches = _tiny(

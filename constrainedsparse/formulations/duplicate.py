@@ -406,19 +406,35 @@ class DuplicateVariables(Formulation):
                 self.z[target.name] = self.level_set(target, fraction).project(target.tensor.detach())
 
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
-        """Counts the W-step; coordinates every ``interval`` steps (``interval_unit=step``), or ``interval``
-        times per epoch (``per-epoch``: after step :math:`t` when :math:`\\lfloor t n / S\\rfloor` moves on, with
-        :math:`n` = ``interval`` and :math:`S` = ``steps_per_epoch``; every step if :math:`n \\ge S`)."""
+        """Counts the W-step and coordinates when :meth:`coordinates_after` says so."""
         self.steps_done += 1
-        unit, interval, t = self.config.interval_unit, self.config.interval, self.steps_done
+        return self.coordinate() if self.coordinates_after(self.steps_done) else {}
+
+    def coordinates_after(self, step: int) -> bool:
+        """Whether a coordination follows W-step ``step`` (1-based, counted over the whole run).
+
+        Every ``interval`` steps (``interval_unit=step``), or ``interval`` times per epoch (``per-epoch``:
+        after step :math:`t` when :math:`\\lfloor t n / S\\rfloor` moves on, with :math:`n` = ``interval`` and
+        :math:`S` = ``steps_per_epoch``; every step if :math:`n \\ge S`); never after a step with
+        ``interval_unit=epoch`` (:meth:`on_end_epoch` coordinates then).
+        """
+        unit, interval = self.config.interval_unit, self.config.interval
         if unit == "step":
-            due = t % interval == 0
-        elif unit == "per-epoch":
+            return step % interval == 0
+        if unit == "per-epoch":
             per = max(self.steps_per_epoch, 1)
-            due = (t * interval) // per != ((t - 1) * interval) // per
-        else:
-            due = False
-        return self.coordinate() if due else {}
+            return (step * interval) // per != ((step - 1) * interval) // per
+        return False
+
+    def coordinations_per_epoch(self) -> float:
+        """How many coordinations an epoch of ``steps_per_epoch`` W-steps holds on average (after :meth:`setup`):
+        :math:`\\min(n, S)` with ``per-epoch``, :math:`S / n` with ``step``, :math:`1 / n` with ``epoch``."""
+        unit, interval, steps = self.config.interval_unit, self.config.interval, self.steps_per_epoch
+        if unit == "per-epoch":
+            return float(min(interval, steps))
+        if unit == "step":
+            return steps / interval
+        return 1.0 / interval
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
         if self.config.interval_unit == "epoch" and (epoch + 1) % self.config.interval == 0:
