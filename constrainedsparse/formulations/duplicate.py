@@ -311,7 +311,6 @@ class DuplicateVariables(Formulation):
         metrics.update(after_metrics)
         if step is not None:
             self.dual_ascent(step, it.residual)
-        it.notes["updated_after_z"] = float(step is not None)
         self.end_iteration(it)
         metrics.update(self.dynamics(it))
         self.set_rho(self.next_rho(metrics))

@@ -170,6 +170,7 @@ class SLR(DuplicateVariables):
         self.step_size = _ratio_step(alpha, s_prime, prev_gap, gap) if holds else s_prime
         self.f_prev = it.f_value
         it.residual_linear = dict(zip(names, now_linear))  # <Lambda^k, W^k - Z^k> unless the update changes Lambda
+        it.notes["updated_after_z"] = float(holds)  # then end_iteration measures it again
         return (self.step_size if holds else None), {"condition/11_holds": float(holds), "stepsize/s": self.step_size}
 
     def end_iteration(self, it: Iterate) -> None:
