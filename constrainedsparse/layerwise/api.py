@@ -16,17 +16,18 @@ there, as a ``constrainedsparse run`` would write them).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from constrainedsparse.checkpoint import atomic_write_json
-from constrainedsparse.layerwise.allocation import level_targets
+from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, prune_blocks
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
@@ -42,7 +43,7 @@ from constrainedsparse.layerwise.runner import (
 )
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.settings import resolve_device, target_from_flags
-from constrainedsparse.targets import Targets
+from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = ["prune_layerwise"]
 
@@ -133,12 +134,7 @@ def prune_layerwise(
     )  # fmt: skip
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
-    if isinstance(method, LayerwiseSolver):
-        if hyperparameters:
-            raise ValueError("give hyperparameters to the solver instance's config, not as keywords")
-        solver = method
-    else:
-        solver = build_solver(method, hyperparameters)
+    solver = _solver(method, hyperparameters)
     solver.check_target(target)
     check_allocation(driver, target)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
@@ -150,11 +146,7 @@ def prune_layerwise(
         directory = RunDirectory(Path(out), overwrite=overwrite)
         directory.check()
     device = str(next(model.parameters()).device) if device is None else resolve_device(device)
-    was_training, use_cache = model.training, getattr(getattr(model, "config", None), "use_cache", None)
-    model.eval()
-    if use_cache is not None:
-        model.config.use_cache = False  # calibration passes must not accumulate key/value caches
-    try:
+    with _calibration_mode(model):
         levels = solve_levels(driver, model, blocks, batches, target, targets, device)
         reports = prune_blocks(
             model, blocks, batches, solver, target, targets,
@@ -162,13 +154,48 @@ def prune_layerwise(
             offload=driver.offload, activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(target, levels.levels) if levels is not None else None,
         )  # fmt: skip
+    report = _report(model, solver, target, reports, levels, time.perf_counter() - started)
+    if directory is not None:
+        _write(directory, model, report)
+    return report
+
+
+def _solver(method: str | LayerwiseSolver, hyperparameters: dict[str, Any]) -> LayerwiseSolver:
+    """The solver instance, or one built by name from its hyperparameters."""
+    if not isinstance(method, LayerwiseSolver):
+        return build_solver(method, hyperparameters)
+    if hyperparameters:
+        raise ValueError("give hyperparameters to the solver instance's config, not as keywords")
+    return method
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no key/value cache while calibrating; the model's own settings restored after."""
+    was_training, use_cache = model.training, getattr(getattr(model, "config", None), "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False  # calibration passes must not accumulate key/value caches
+    try:
+        yield
     finally:
         model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
+
+
+def _report(
+    model: nn.Module,
+    solver: LayerwiseSolver,
+    target: SparsityConfig,
+    reports: list[LayerReport],
+    levels: Allocation | None,
+    seconds: float,
+) -> LayerwiseReport:
+    """The :class:`LayerwiseReport` of a finished run from its per-layer reports."""
     rows = [{"name": r.name, "relative_error": r.relative_error, "seconds": r.seconds} for r in reports]
     figures = summarize_layers(model, rows)
-    report = LayerwiseReport(
+    return LayerwiseReport(
         method=solver.name,
         target=target.describe(),
         mean_layer_error=figures["mean_layer_error"],
@@ -177,20 +204,18 @@ def prune_layerwise(
         achieved_sparsity=figures["achieved_sparsity"],
         model_sparsity=figures["model_sparsity"],
         layer_seconds=figures["layer_seconds"],
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         calibration_tokens=reports[0].tokens if reports else 0,
         layers={r.name: dict(r.metrics) for r in reports},
         allocation=levels.as_dict() if levels is not None else None,
     )
-    if directory is not None:
-        directory.claim()
-        try:
-            summary = {
-                **report.as_dict(),
-                "formulation": report.method,
-                "saved_model": save_model(model, directory.out),
-            }
-            atomic_write_json(directory.out / "summary.json", summary)
-        finally:
-            directory.release()
-    return report
+
+
+def _write(directory: RunDirectory, model: nn.Module, report: LayerwiseReport) -> None:
+    """``summary.json`` and the pruned model into the run directory."""
+    directory.claim()
+    try:
+        summary = {**report.as_dict(), "formulation": report.method, "saved_model": save_model(model, directory.out)}
+        atomic_write_json(directory.out / "summary.json", summary)
+    finally:
+        directory.release()
