@@ -161,60 +161,80 @@ def purge(model: nn.Module) -> nn.Module:
         m.eval()
     weighted = [i for i, m in enumerate(layers) if isinstance(m, _WEIGHTED)]
     for a, b in zip(weighted, weighted[1:]):
-        producer, consumer, between = layers[a], layers[b], layers[a + 1 : b]
-        n = producer.weight.shape[0]
-        flatten = any(isinstance(m, nn.Flatten) for m in between)
-        if isinstance(consumer, nn.Linear):
-            if consumer.in_features % n:
-                raise ValueError(f"purge: layer {b} has {consumer.in_features} inputs, not a multiple of {n}")
-            block = consumer.in_features // n
-            if block > 1 and not flatten:
-                raise ValueError(f"purge: layers {a} and {b} do not connect unit to unit")
-            consumer_w = consumer.weight.detach().reshape(consumer.out_features, n, block)
-            consumer_dead = (consumer_w == 0).all(dim=2).all(dim=0)
-        else:
-            if isinstance(producer, nn.Linear):
-                raise ValueError(f"purge: a Linear (layer {a}) feeding a Conv (layer {b}) is not handled")
-            if flatten or consumer.in_channels != n:
-                raise ValueError(f"purge: layers {a} and {b} do not connect channel to channel")
-            consumer_dead = (consumer.weight.detach() == 0).reshape(consumer.out_channels, n, -1).all(dim=2).all(dim=0)
-        producer_dead = (producer.weight.detach() == 0).reshape(n, -1).all(dim=1)
-        value = _constant_outputs(producer, between)
-        foldable = isinstance(consumer, nn.Linear) or all(p == 0 for p in consumer.padding)
-        fold = producer_dead & ~consumer_dead & (value != 0)
-        drop = consumer_dead | (producer_dead & ((value == 0) | foldable))
-        fold &= drop
-        if bool(fold.any()):
-            if isinstance(consumer, nn.Linear):
-                delta = (consumer_w[:, fold, :].sum(dim=2) * value[fold]).sum(dim=1)
-            else:
-                w = consumer.weight.detach()[:, fold].reshape(consumer.out_channels, int(fold.sum()), -1)
-                delta = (w.sum(dim=2) * value[fold]).sum(dim=1)
-            if consumer.bias is None:
-                consumer.bias = nn.Parameter(torch.zeros_like(delta))
-            consumer.bias.add_(delta)
-        keep = torch.nonzero(~drop).reshape(-1)
-        if keep.numel() == n:
-            continue
-        _slice_out(producer, keep)
-        for m in between:
-            if isinstance(m, _NORMS):
-                _slice_norm(m, keep)
-        if isinstance(consumer, nn.Linear):
-            columns = (keep.unsqueeze(1) * block + torch.arange(block, device=keep.device)).reshape(-1)
-            _slice_in(consumer, columns)
-        else:
-            _slice_in(consumer, keep)
-    first = layers[weighted[0]] if weighted else None
-    prefix = [] if first is None else layers[: weighted[0]]
-    if isinstance(first, nn.Linear) and all(isinstance(m, _ELEMENTWISE) for m in prefix):
-        alive = torch.nonzero(~(first.weight.detach() == 0).all(dim=0)).reshape(-1)
-        if alive.numel() < first.in_features:
-            select = SelectFeatures(alive, first.in_features)
-            _slice_in(first, alive)
-            layers.insert(weighted[0], select)
-            names.insert(weighted[0], "select")
+        _purge_between(layers, a, b)
+    if weighted:
+        _select_live_inputs(layers, names, weighted[0])
     return nn.Sequential(OrderedDict(zip(names, layers))).eval()
+
+
+def _consumer_inputs(layers: list[nn.Module], a: int, b: int) -> tuple[torch.Tensor, int]:
+    """The consumer's (layer ``b``) weights grouped by the producer's (layer ``a``) units,
+    ``(outputs, units, inputs per unit)``, and the inputs per unit (> 1 only for a Linear after Flatten).
+
+    Raises:
+        ValueError: If the two layers do not connect unit to unit (channel to channel).
+    """
+    producer, consumer, between = layers[a], layers[b], layers[a + 1 : b]
+    n = producer.weight.shape[0]
+    flatten = any(isinstance(m, nn.Flatten) for m in between)
+    block = 1
+    if isinstance(consumer, nn.Linear):
+        if consumer.in_features % n:
+            raise ValueError(f"purge: layer {b} has {consumer.in_features} inputs, not a multiple of {n}")
+        block = consumer.in_features // n
+        if block > 1 and not flatten:
+            raise ValueError(f"purge: layers {a} and {b} do not connect unit to unit")
+    else:
+        if isinstance(producer, nn.Linear):
+            raise ValueError(f"purge: a Linear (layer {a}) feeding a Conv (layer {b}) is not handled")
+        if flatten or consumer.in_channels != n:
+            raise ValueError(f"purge: layers {a} and {b} do not connect channel to channel")
+    return consumer.weight.detach().reshape(consumer.weight.shape[0], n, -1), block
+
+
+def _purge_between(layers: list[nn.Module], a: int, b: int) -> None:
+    """Drops the producer's (layer ``a``) units that the consumer (layer ``b``) does not need, in place:
+    units no consumer weight reads, and dead units (all-zero weights) whose constant output is 0 or is
+    folded into the consumer's bias (see the module docstring)."""
+    producer, consumer, between = layers[a], layers[b], layers[a + 1 : b]
+    n = producer.weight.shape[0]
+    grouped, block = _consumer_inputs(layers, a, b)
+    consumer_dead = (grouped == 0).all(dim=2).all(dim=0)
+    producer_dead = (producer.weight.detach() == 0).reshape(n, -1).all(dim=1)
+    value = _constant_outputs(producer, between)
+    foldable = isinstance(consumer, nn.Linear) or all(p == 0 for p in consumer.padding)
+    drop = consumer_dead | (producer_dead & ((value == 0) | foldable))
+    fold = producer_dead & ~consumer_dead & (value != 0) & drop
+    if bool(fold.any()):
+        delta = (grouped[:, fold, :].sum(dim=2) * value[fold]).sum(dim=1)
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(torch.zeros_like(delta))
+        consumer.bias.add_(delta)
+    keep = torch.nonzero(~drop).reshape(-1)
+    if keep.numel() == n:
+        return
+    _slice_out(producer, keep)
+    for m in between:
+        if isinstance(m, _NORMS):
+            _slice_norm(m, keep)
+    if isinstance(consumer, nn.Linear):
+        _slice_in(consumer, (keep.unsqueeze(1) * block + torch.arange(block, device=keep.device)).reshape(-1))
+    else:
+        _slice_in(consumer, keep)
+
+
+def _select_live_inputs(layers: list[nn.Module], names: list[str], first_index: int) -> None:
+    """Drops the model's input features that no weight of the first Linear reads (a ``select`` layer in
+    front of it), when only elementwise layers come before it."""
+    first = layers[first_index]
+    if not isinstance(first, nn.Linear) or not all(isinstance(m, _ELEMENTWISE) for m in layers[:first_index]):
+        return
+    alive = torch.nonzero(~(first.weight.detach() == 0).all(dim=0)).reshape(-1)
+    if alive.numel() < first.in_features:
+        select = SelectFeatures(alive, first.in_features)
+        _slice_in(first, alive)
+        layers.insert(first_index, select)
+        names.insert(first_index, "select")
 
 
 def linear_chain(model: nn.Module) -> list[str]:

@@ -89,6 +89,7 @@ def test_mlp_purge_drops_columns_rows_and_input_features():
         model[2].weight[:, [0, 2, 5]] = 0
     small = purge(model)
     assert isinstance(small[0], SelectFeatures) and small[0].index.tolist() == [0, 2, 3, 5]
+    assert repr(small[0]) == "SelectFeatures(4 of 6 features)"  # of the original input width
     assert list(small.state_dict()) == ["select.index", "0.weight", "0.bias", "2.weight", "2.bias"]
     assert small[1].weight.shape == (5, 4) and small[3].weight.shape == (3, 5)
     x = torch.randn(4, 6)
