@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,23 @@ def test_cifar10_resnet18_without_data_dir_is_one_line(tmp_path, capsys):
     assert line == (
         "error: cifar10-resnet18 needs --set data_dir=PATH (the cifar-10-batches-py folder with data_batch_1..5 "
         "and test_batch)"
+    )
+    assert not out.exists()
+
+
+def test_cifar10_resnet18_without_torchvision_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    """torchvision is the optional ``vision`` extra: without it the run stops before any work."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what find_spec reports for a missing package
+    folder = _write_cifar10(tmp_path / "cifar-10-batches-py")
+    out = tmp_path / "run"
+    line = fails_with_one_line(
+        ["run", "cifar10-resnet18", "--set", f"data_dir={folder}", "--out", str(out), "--wandb", "disabled",
+         "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert line == (
+        "error: cifar10-resnet18 needs torchvision (its ResNet-18), which is not installed: "
+        'pip install "constrainedsparse[vision]"'
     )
     assert not out.exists()
 

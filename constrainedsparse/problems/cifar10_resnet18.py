@@ -8,9 +8,11 @@ augmented (kept simple: expect lower dense accuracy than the augmented recipes o
 The model is ``torchvision.models.resnet18(num_classes=10)`` from random initialisation with the
 usual CIFAR stem: a 3x3 stride-1 first convolution and no max-pool. Every Conv2d/Linear weight is
 pruned except the first convolution and the classifier (``conv1.weight`` and ``fc.weight``), which
-stay dense as in the SLR papers.
+stay dense as in the SLR papers. torchvision is an optional dependency:
+``pip install "constrainedsparse[vision]"``.
 """
 
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +35,12 @@ def model(options: Mapping[str, Any]) -> nn.Module:
 
 
 def check(options: Mapping[str, Any]) -> None:
-    """Fails early (before any training) when the CIFAR-10 folder is not given or incomplete."""
+    """Fails early (before any training) without torchvision or when the CIFAR-10 folder is not given or incomplete."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise ValueError(
+            "cifar10-resnet18 needs torchvision (its ResNet-18), which is not installed: "
+            'pip install "constrainedsparse[vision]"'
+        )
     if not options["data_dir"]:
         raise ValueError(
             "cifar10-resnet18 needs --set data_dir=PATH (the cifar-10-batches-py folder with data_batch_1..5 "
