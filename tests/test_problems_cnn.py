@@ -107,31 +107,29 @@ def test_cifar10_resnet18_without_data_dir_is_one_line(tmp_path, capsys):
 def test_cifar10_resnet18_without_torchvision_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
     """torchvision is the optional ``vision`` extra: without it the run stops before any work."""
     monkeypatch.setitem(sys.modules, "torchvision", None)  # what find_spec reports for a missing package
-    folder = _write_cifar10(tmp_path / "cifar-10-batches-py")
-    out = tmp_path / "run"
-    line = fails_with_one_line(
-        ["run", "cifar10-resnet18", "--set", f"data_dir={folder}", "--out", str(out), "--wandb", "disabled",
-         "--no-progress"],
-        capsys,
-    )  # fmt: skip
+    line = _cifar_run_error(_write_cifar10(tmp_path / "cifar-10-batches-py"), tmp_path / "run", capsys)
     assert line == (
         "error: cifar10-resnet18 needs torchvision (its ResNet-18), which is not installed: "
         'pip install "constrainedsparse[vision]"'
     )
-    assert not out.exists()
 
 
 def test_cifar10_resnet18_folder_without_files_is_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = tmp_path / "run"
+    line = _cifar_run_error(empty, tmp_path / "run", capsys)
+    assert "CIFAR-10 batch file" in line and str(empty / "data_batch_1") in line and "is missing" in line
+
+
+def _cifar_run_error(data_dir: Path, out: Path, capsys) -> str:
+    """The one error line of ``run cifar10-resnet18`` on ``data_dir``; nothing may be written to ``out``."""
     line = fails_with_one_line(
-        ["run", "cifar10-resnet18", "--set", f"data_dir={empty}", "--out", str(out), "--wandb", "disabled",
+        ["run", "cifar10-resnet18", "--set", f"data_dir={data_dir}", "--out", str(out), "--wandb", "disabled",
          "--no-progress"],
         capsys,
     )  # fmt: skip
-    assert "CIFAR-10 batch file" in line and str(empty / "data_batch_1") in line and "is missing" in line
     assert not out.exists()
+    return line
 
 
 def test_mnist1d_cnn_model_and_targets():
