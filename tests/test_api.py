@@ -205,7 +205,7 @@ def test_prune_layerwise_defaults_are_the_cli_driver_defaults():
     # the keywords restate DriverSettings' keys; their defaults must not drift from the CLI's
     import inspect
 
-    from constrainedsparse.layerwise.runner import DriverSettings
+    from constrainedsparse.layerwise.settings import DriverSettings
 
     defaults = DriverSettings().values()
     keywords = inspect.signature(prune_layerwise).parameters

@@ -33,14 +33,13 @@ from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
 from constrainedsparse.layerwise.runner import (
     DEFAULT_SPARSITY,
-    MASK_SCOPES,
-    DriverSettings,
     build_solver,
     check_allocation,
     check_layer_shapes,
     check_reachable,
     save_model,
 )
+from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.settings import resolve_device, target_from_flags
 from constrainedsparse.targets import SparsityConfig, Targets

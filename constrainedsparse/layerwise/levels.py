@@ -9,17 +9,15 @@ the driver's ``allocation*`` and ``owl_*`` settings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_levels, measure_curves
 from constrainedsparse.layerwise.driver import GRAM_DTYPES
 from constrainedsparse.layerwise.owl import measure_outliers, owl_allocation
+from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.targets import SparsityConfig, Targets
-
-if TYPE_CHECKING:
-    from constrainedsparse.layerwise.runner import DriverSettings
 
 __all__ = ["solve_levels"]
 

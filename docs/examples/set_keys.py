@@ -20,7 +20,7 @@ from constrainedsparse.config import HyperparameterInfo  # noqa: E402
 from constrainedsparse.engine import TrainingSettings  # noqa: E402
 from constrainedsparse.formulations import available_formulations  # noqa: E402
 from constrainedsparse.layerwise import available_solvers  # noqa: E402
-from constrainedsparse.layerwise.runner import DriverSettings  # noqa: E402
+from constrainedsparse.layerwise.settings import DriverSettings  # noqa: E402
 from constrainedsparse.spec import LayerwiseProblem, bundled_problems, load_problem  # noqa: E402
 
 PROBLEM_OPTIONS = {
