@@ -121,19 +121,22 @@ class SLR(DuplicateVariables):
     @torch.no_grad()
     def _measure(self, w: dict[str, torch.Tensor]) -> _Previous:
         """The terms of condition (6) for the point ``w`` against the current :math:`Z` and :math:`\\Lambda`."""
-        lam, names = self.multipliers(), list(w)
-        residual = torch._foreach_sub([w[n] for n in names], [self.z[n] for n in names])
-        values = dots(list(zip(residual, residual)) + [(lam[n], r) for n, r in zip(names, residual)])
-        return _Previous(values[: len(names)], values[len(names) :])
+        names = list(w)
+        return self._terms(dict(zip(names, torch._foreach_sub([w[n] for n in names], [self.z[n] for n in names]))))
+
+    def _terms(self, residual: dict[str, torch.Tensor]) -> _Previous:
+        """:math:`\\lVert r_n\\rVert^2` and :math:`\\langle\\Lambda_n, r_n\\rangle` of every residual :math:`r_n`
+        (one host transfer)."""
+        lam = self.multipliers()
+        values = dots([(r, r) for r in residual.values()] + [(lam[n], r) for n, r in residual.items()])
+        m = len(residual)
+        return _Previous(values[:m], values[m:])
 
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         alpha = it.notes["alpha"] = slr_alpha(self.k, self.config.M, self.config.r)
-        lam = self.multipliers()
         names = list(it.w)
-        residual = it.residual_before_z
-        values = dots([(residual[n], residual[n]) for n in names] + [(lam[n], residual[n]) for n in names])
-        m = len(names)
-        now_sq, now_linear = values[:m], values[m:]
+        terms = self._terms(it.residual_before_z)
+        now_sq, now_linear = terms.residual_sq, terms.linear
         assert self.previous is not None, "setup() measures the terms of W^0 - Z^0"
         prev_sq, prev_linear = self.previous.residual_sq, self.previous.linear
         it.residual_sq_before_z = dict(zip(names, now_sq))
