@@ -114,11 +114,11 @@ def allocation_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_one(
-    problem: str, setting: str, method: str, extra: Sequence[str], threads: int | None, workdir: Path
+    problem: str, setting: str, method: str, extra: Sequence[str], threads: int | None, workdir: Path, seed: int = 0
 ) -> dict[str, Any]:
     """Runs one configuration in a child process; returns its perplexities, errors, seconds and peak RSS."""
     out = workdir / f"{setting.replace(':', '-').replace('%', '')}-{method}"
-    args = [*SETTINGS[setting], *METHODS[method]]
+    args = [*SETTINGS[setting], *METHODS[method], "--seed", str(seed)]
     for item in extra:
         args += ["--set", item]
     child = run_child(problem, args, out, threads)
@@ -135,6 +135,7 @@ def run_one(
         "wall_seconds": child.wall_seconds,
         "peak_rss_mb": child.peak_rss_mb,
         "calibration_tokens": summary["calibration_tokens"],
+        "seed": summary["seed"],
     }
 
 
@@ -294,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for method in args.methods:
                 if not applies(setting, method):
                     continue
-                result = run_one(args.problem, setting, method, args.extra, args.threads, Path(workdir))
+                result = run_one(args.problem, setting, method, args.extra, args.threads, Path(workdir), args.seed)
                 results.append(result)
                 print(
                     f"{setting:>4} {method:<21} perplexity {result['perplexity']:.2f} (dense "

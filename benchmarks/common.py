@@ -35,7 +35,7 @@ def sweep_parser(
     description: str, settings: Sequence[str], methods: Sequence[str], out: Path
 ) -> argparse.ArgumentParser:
     """The command line of a settings x methods sweep run in child processes (``--quick``, ``--settings``,
-    ``--methods``, ``--set``, ``--threads``, ``--out``); see :func:`sweep_defaults`."""
+    ``--methods``, ``--set``, ``--threads``, ``--seed``, ``--out``); see :func:`sweep_defaults`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="50 %% only, wanda and fw, tiny calibration")
     parser.add_argument("--settings", nargs="+", choices=list(settings), help="default: all (quick: 50%%)")
@@ -43,6 +43,7 @@ def sweep_parser(
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="OMP/torch threads of each run (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="every run's --seed: its calibration sample (default 0)")
     parser.add_argument("--out", type=Path, default=out)
     return parser
 

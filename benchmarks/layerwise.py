@@ -93,10 +93,12 @@ def applies(setting: str, method: str) -> bool:
     return not (method in NM_ONLY_METHODS and not nm) and not (method in SPARSITY_ONLY_METHODS and nm)
 
 
-def run_one(setting: str, method: str, extra: Sequence[str], threads: int | None, workdir: Path) -> dict[str, Any]:
+def run_one(
+    setting: str, method: str, extra: Sequence[str], threads: int | None, workdir: Path, seed: int = 0
+) -> dict[str, Any]:
     """Runs one configuration in a child process; returns its summary figures and peak RSS."""
     out = workdir / f"{setting.replace(':', '-').replace('%', '')}-{method}"
-    args = [*SETTINGS[setting], *METHODS[method]]
+    args = [*SETTINGS[setting], *METHODS[method], "--seed", str(seed)]
     for item in extra:
         args += ["--set", item]
     child = run_child("minilm-layerwise", args, out, threads)
@@ -112,6 +114,7 @@ def run_one(setting: str, method: str, extra: Sequence[str], threads: int | None
         "process_seconds": child.wall_seconds,
         "peak_rss_mb": child.peak_rss_mb,
         "calibration_tokens": summary["calibration_tokens"],
+        "seed": summary["seed"],
     }
 
 
@@ -221,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for method in args.methods:
                 if not applies(setting, method):
                     continue
-                result = run_one(setting, method, args.extra, args.threads, Path(workdir))
+                result = run_one(setting, method, args.extra, args.threads, Path(workdir), args.seed)
                 results.append(result)
                 print(
                     f"{setting:>4} {method:<21} error {result['mean_layer_error']:.4f} fidelity "
