@@ -426,3 +426,18 @@ def test_dense_target_quick(tmp_path, smollm2_folder):
     assert own["dense_perplexity"] == dense["dense_perplexity"] > 1
     assert own["deviation"][0] == pytest.approx(dense["deviation"][0])  # block 0: both streams agree
     assert own["deviation"][1] != dense["deviation"][1]
+
+
+def test_mask_only_gap_quick(tmp_path, smollm2_folder, one_thread):
+    """Both parts on the real SmolLM2 (block 0, tiny calibration): tables, and what holds whatever the figures."""
+    bench = _load("mask_only_gap")
+    assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    layers = {r["method"]: r for r in payload["layers"]}
+    assert list(layers) == ["wanda", "sparsegpt", "fw"] and all(r["layers"] == 7 for r in layers.values())
+    assert layers["fw"]["calibration_error"] <= layers["wanda"]["calibration_error"]  # never worse than its start
+    perplexity = {r["method"]: r for r in payload["perplexity"]}
+    assert list(perplexity) == ["sparsegpt", "fw", "fw, rows scaled"]
+    assert len({r["dense_perplexity"] for r in perplexity.values()}) == 1  # one dense model, copied per method
+    header, rows = _table((tmp_path / "results.md").read_text())
+    assert header[-1] == "held-out shrinkage" and [row[1] for row in rows] == ["wanda", "sparsegpt", "fw"]

@@ -96,10 +96,15 @@ def calibration(options, seed):
     return calibration_batches(random_windows(ids, options["calibration_samples"], options["seq_len"], seed), BATCH)
 
 
+def held_out_windows(options):
+    """The evaluated token windows of the held-out articles, ``(n, seq_len)`` (what :func:`held_out` scores)."""
+    ids = _ids(str(_folder(options)), "held-out")
+    return consecutive_windows(ids, options["seq_len"], options["eval_tokens"])
+
+
 def held_out(model, options):
     """``[[summed next-token NLL, predicted tokens], ...]`` per window of the held-out articles."""
-    ids = _ids(str(_folder(options)), "held-out")
-    return window_nll(model, consecutive_windows(ids, options["seq_len"], options["eval_tokens"]), BATCH)
+    return window_nll(model, held_out_windows(options), BATCH)
 
 
 def score(dense, pruned):
