@@ -1,8 +1,9 @@
 r"""Why fw's masks have lower layer error than SparseGPT's yet a higher perplexity (smollm2-wiki, issue 16).
 
-**Part 1, layer statistics.** Per-row masks at 50 / 60 % (as in a run), 2:4 along inputs. Every linear layer of ``--blocks`` of the dense SmolLM2 (no propagation: each sees
+**Part 1, layer statistics.** Every linear layer of ``--blocks`` of the dense SmolLM2 (no propagation: each sees
 the dense model's inputs) is pruned by Wanda, SparseGPT (row scope, its own update) and fw (mask only) from the
-Gram matrix of the calibration windows. For each method: the mean relative error
+Gram matrix of the calibration windows, with per-row masks at 50 / 60 % (as in a run) and 2:4 along inputs. For
+each method: the mean relative error
 :math:`\|(W - \hat W)X\|^2 / \|WX\|^2` on the calibration windows and on as many tokens of the held-out
 articles (the windows the perplexity is computed on), and the **shrinkage**
 
