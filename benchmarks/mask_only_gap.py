@@ -45,6 +45,7 @@ from torch import nn
 from constrainedsparse import prune_layerwise
 from constrainedsparse.causal_lm import calibration_batches
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver
+from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs
 from constrainedsparse.layerwise.fw import FWSolver
 from constrainedsparse.layerwise.layers import find_blocks
 from constrainedsparse.layerwise.solvers import SparseGPT, Wanda
@@ -89,23 +90,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _grams(model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """:math:`X^\\top X` (float64) of every layer's input over ``batches`` (dense model)."""
-    grams: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def accumulate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            grams[name] = grams[name].add_(x.T @ x) if name in grams else x.T @ x
-
-        return accumulate
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
+def _grams(model: nn.Module, blocks: Sequence[int], batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """:math:`X^\\top X` (float64) of the input of every linear layer of ``blocks`` over ``batches``, each block
+    fed the dense model's inputs (the driver's own capture and accumulation), by ``"block.layer"`` name."""
+    all_blocks = find_blocks(model)
+    grams = {}
     with torch.no_grad():
-        for batch in batches:
-            model(**batch)
-    for handle in handles:
-        handle.remove()
+        for b in blocks:
+            block = all_blocks[b]
+            layers = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+            inputs = capture_block_inputs(model, block, batches)
+            for name, (gram, _) in accumulate_grams(block, layers, inputs, dtype=torch.float64).items():
+                grams[f"{b}.{name}"] = gram
     return grams
 
 
@@ -126,9 +122,9 @@ def layer_statistics(model: nn.Module, options: dict[str, Any], args: argparse.N
         for name, module in blocks[b].named_modules()
         if isinstance(module, nn.Linear)
     }
-    calibration = _grams(model, layers, smollm2_wiki.calibration(options, args.seed))
+    calibration = _grams(model, args.blocks, smollm2_wiki.calibration(options, args.seed))
     windows = smollm2_wiki.held_out_windows(options)[: options["calibration_samples"]]
-    held_out = _grams(model, layers, calibration_batches(windows, BATCH))
+    held_out = _grams(model, args.blocks, calibration_batches(windows, BATCH))
     solvers: dict[str, LayerwiseSolver] = {"wanda": Wanda(), "sparsegpt": SparseGPT(), "fw": FWSolver()}
     rows = []
     for setting in args.settings:
@@ -161,12 +157,12 @@ def perplexities(
     rows = []
     solvers: dict[str, type[LayerwiseSolver]] = {"sparsegpt": SparseGPT, "fw": FWSolver, "fw, rows scaled": RowScaledFW}
     dense = problem.held_out(dense_model, options)
+    batches = problem.calibration(options, args.seed)
     for setting in args.settings:
         for method, solver in solvers.items():
             model = copy.deepcopy(dense_model)
             started = time.perf_counter()
             blocks = list(find_blocks(model))[:1] if args.quick else None
-            batches = problem.calibration(options, args.seed)
             prune_layerwise(model, batches, solver(), blocks=blocks, **SETTINGS[setting])
             scores = problem.score(dense, problem.held_out(model, options))
             rows.append({"setting": setting, "method": method, **scores, "seconds": time.perf_counter() - started})
