@@ -87,7 +87,7 @@ def dense_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, 
 
 
 def _hidden(items) -> torch.Tensor:
-    return torch.cat([item.args[0] if item.args else item.kwargs["hidden_states"] for item in items]).double()
+    return torch.cat([item.hidden for item in items]).double()
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError, first_l
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
+from constrainedsparse.layerwise.runner import check_block_fit
 from constrainedsparse.logger import WANDB_MODES, read_metrics
 from constrainedsparse.plots import plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
@@ -315,7 +316,10 @@ def _check_nproc(nproc: int) -> None:
 def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, argv: list[str]) -> int:
     """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`launcher.launch`)."""
     prepared = validate(config, problem)  # bad input: one line and exit 2 before any process starts
-    if not isinstance(problem, LayerwiseProblem):
+    if isinstance(problem, LayerwiseProblem):
+        with user_input():
+            check_block_fit(prepared.driver, nproc)
+    else:
         with user_input():
             distributed.check_global_batch(prepared.training.batch_size, nproc)
     code, message = launcher.launch(nproc, ["-m", "constrainedsparse", *argv])

@@ -441,3 +441,25 @@ def test_mask_only_gap_quick(tmp_path, smollm2_folder, one_thread):
     assert len({r["dense_perplexity"] for r in perplexity.values()}) == 1  # one dense model, copied per method
     header, rows = _table((tmp_path / "results.md").read_text())
     assert header[-1] == "held-out shrinkage" and [row[1] for row in rows] == ["wanda", "sparsegpt", "fw"]
+
+
+def test_causal_lm_fitted_rows_report_both_ratios():
+    """fw+reconstruct+fit against the best SparseGPT (the goal) and against sparsegpt+fit (like for like)."""
+    bench = _load("causal_lm")
+
+    def result(method, perplexity):
+        figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": 1.0}
+        return {"setting": "2:4", "method": method, "perplexity": perplexity, "dense_perplexity": 20.0, **figures}
+
+    results = [result("sparsegpt", 40.0), result("sparsegpt+fit", 30.0), result("fw+reconstruct", 35.0),
+               result("fw+reconstruct+fit", 28.0)]  # fmt: skip
+    (row,) = bench.goals(results)
+    assert row["best sparsegpt"] == "sparsegpt"  # the refit is not SparseGPT's paper setting
+    assert row["fw+reconstruct / best sparsegpt perplexity increase"] == pytest.approx(15.0 / 20.0)
+    assert row["fw+reconstruct+fit / best sparsegpt perplexity increase"] == pytest.approx(8.0 / 20.0)
+    assert row["fw+reconstruct+fit / sparsegpt+fit perplexity increase"] == pytest.approx(8.0 / 10.0)
+    text = bench.markdown(results, [row], "cmd", "smollm2-wiki")
+    assert "0.750 (NOT met)" in text and "0.400 (met)" in text and "| 0.800 |" in text
+    assert "fw + reconstruct lowest of all methods: 2:4 yes." in text
+    assert bench.applies("2:4", "sparsegpt+fit") and not bench.applies("70%", "fw+reconstruct+fit")
+    assert bench.METHODS["sparsegpt+fit"][-2:] == ["--set", f"block_fit_epochs={bench.FIT_EPOCHS}"]

@@ -346,7 +346,7 @@ def measure_curves(
 
 
 def _hidden_states(outputs: Sequence[Any]) -> list[torch.Tensor]:
-    return [(item.args[0] if item.args else item.kwargs["hidden_states"]).detach() for item in outputs]
+    return [item.hidden.detach() for item in outputs]
 
 
 @torch.no_grad()

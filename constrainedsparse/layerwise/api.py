@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
@@ -35,6 +36,7 @@ from constrainedsparse.layerwise.runner import (
     DEFAULT_SPARSITY,
     build_solver,
     check_allocation,
+    check_block_fit,
     check_layer_shapes,
     check_reachable,
     save_model,
@@ -80,6 +82,9 @@ def prune_layerwise(
     allocation_weight: str = "block",
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
+    block_fit_epochs: int = 0,
+    block_fit_lr: float = 1e-3,
+    block_fit_target: str = "dense",
     **hyperparameters: Any,
 ) -> LayerwiseReport:
     """Prunes a pretrained model block by block from calibration batches, in place.
@@ -114,6 +119,12 @@ def prune_layerwise(
         allocation_weight: ``"block"``, ``"equal"`` or ``"energy"``: the cost the allocation sums (``lagrangian``).
         owl_m: A Wanda score is an outlier above ``owl_m`` times its block's mean (``owl``).
         owl_lambda: Block levels spread over ``[S - owl_lambda, S + owl_lambda]`` (``owl``).
+        block_fit_epochs: After each block is pruned, epochs of Adam on its kept weights (masks
+            fixed) towards the dense block outputs (:mod:`~constrainedsparse.layerwise.blockfit`);
+            0 (default): off. One process only.
+        block_fit_lr: Adam's learning rate of the block refit.
+        block_fit_target: ``"dense"`` (the dense model's block outputs) or ``"block"`` (the dense
+            block on the pruned inputs).
         **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
 
     Returns:
@@ -129,13 +140,15 @@ def prune_layerwise(
         {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations,
          "true_sequential": true_sequential, "allocation": allocation, "allocation_min": allocation_min,
          "allocation_max": allocation_max, "allocation_step": allocation_step, "allocation_weight": allocation_weight,
-         "owl_m": owl_m, "owl_lambda": owl_lambda}
+         "owl_m": owl_m, "owl_lambda": owl_lambda, "block_fit_epochs": block_fit_epochs,
+         "block_fit_lr": block_fit_lr, "block_fit_target": block_fit_target}
     )  # fmt: skip
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
     solver = _solver(method, hyperparameters)
     solver.check_target(target)
     check_allocation(driver, target)
+    check_block_fit(driver, distributed.world_size() if distributed.is_distributed() else 1)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     blocks = find_blocks(model) if blocks is None else blocks
     check_layer_shapes(blocks, targets, target)
@@ -152,6 +165,7 @@ def prune_layerwise(
             gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
             offload=driver.offload, activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(target, levels.levels) if levels is not None else None,
+            fit=driver.block_fit(),
         )  # fmt: skip
     report = _report(model, solver, target, reports, levels, time.perf_counter() - started)
     if directory is not None:

@@ -38,8 +38,10 @@ import torch.distributed as dist
 from torch import nn
 
 from constrainedsparse import distributed
-from constrainedsparse.batches import map_tensors, to_device
+from constrainedsparse.batches import to_device
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
+from constrainedsparse.layerwise.blockfit import BlockFit, fit_block
+from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.sequential import block_groups
 from constrainedsparse.progress import Progress
@@ -50,6 +52,7 @@ __all__ = [
     "accumulate_grams",
     "call_model",
     "assign_layers",
+    "block_output",
     "LayerReport",
     "capture_block_inputs",
     "prune_block",
@@ -59,34 +62,6 @@ __all__ = [
 ]
 
 GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclasses.dataclass
-class BlockInputs:
-    """One calibration batch as a block sees it.
-
-    Args:
-        args: Positional arguments of the block call (hidden states first, if positional).
-        kwargs: Keyword arguments (attention mask, position embeddings, ...).
-        token_mask: ``(batch, seq)`` bool, True for real tokens; ``None`` if every token is real.
-    """
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    token_mask: torch.Tensor | None
-
-    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
-        """The same call with new hidden states."""
-        if self.args:
-            return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.token_mask)
-        return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
-
-    def to(self, device: torch.device | str) -> BlockInputs:
-        """The same call with every tensor on ``device``."""
-        mask = None if self.token_mask is None else self.token_mask.to(device)
-        return BlockInputs(
-            map_tensors(self.args, lambda t: t.to(device)), map_tensors(self.kwargs, lambda t: t.to(device)), mask
-        )
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -155,10 +130,6 @@ def capture_block_inputs(
     return inputs
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @torch.no_grad()
 def run_block(
     block: nn.Module, inputs: Sequence[BlockInputs], device: torch.device | str | None = None
@@ -170,9 +141,9 @@ def run_block(
     """
     outputs = []
     for item in inputs:
-        home = (item.args[0] if item.args else item.kwargs["hidden_states"]).device
+        home = item.hidden.device
         call = item.to(device) if device is not None else item
-        hidden = _hidden(block(*call.args, **call.kwargs))
+        hidden = block_output(block, call)
         outputs.append(item.with_hidden(hidden.to(home)))
     return outputs
 
@@ -428,6 +399,8 @@ def prune_blocks(
     activations: str = "device",
     levels: Mapping[str, SparsityConfig] | None = None,
     true_sequential: bool = False,
+    fit: BlockFit | None = None,
+    reference: Sequence[BlockInputs] | None = None,
 ) -> list[LayerReport]:
     """Prunes blocks ``start, ..., stop - 1`` in order, each from the pruned previous blocks' outputs.
 
@@ -453,6 +426,12 @@ def prune_blocks(
         levels: Per-layer targets by weight name (a non-uniform allocation); others get ``target``.
         true_sequential: Inside a block, prune group by group from the partly pruned block
             (:func:`prune_block`).
+        fit: Refit every pruned block's kept weights to its dense outputs
+            (:mod:`~constrainedsparse.layerwise.blockfit`); its before/after block errors join the
+            metrics of the block's layer reports (``block_error``, ``block_error_fitted``).
+        reference: With ``fit.target == "dense"``, the dense model's inputs of block ``start`` (a
+            resumed run's earlier blocks are pruned already); default: the captured inputs,
+            which are the dense ones when ``start`` is the first block.
 
     Returns:
         The reports of every layer pruned by this call.
@@ -463,9 +442,18 @@ def prune_blocks(
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
                        activations=activations)  # fmt: skip
     for index, block, prefix, inputs, compute in walk:
+        wanted = None
+        if fit is not None and fit.enabled:  # the dense block's outputs, before it is pruned
+            reference = inputs if reference is None or fit.target == "block" else reference
+            wanted = run_block(block, reference, compute)
         block_reports = prune_block(
             block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels, true_sequential
         )
+        if fit is not None and wanted is not None:
+            fitted = fit_block(block, targeted_layers(block, targets), inputs, wanted, fit, compute)
+            for report in block_reports:
+                report.metrics.update(block_error=fitted.before, block_error_fitted=fitted.after)
+            reference = wanted
         reports.extend(block_reports)
         if on_block is not None:
             on_block(index, block_reports)

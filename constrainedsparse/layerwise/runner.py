@@ -35,7 +35,7 @@ from constrainedsparse.layerwise.allocation import (
     row_width,
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, capture_block_inputs, prune_blocks
 from constrainedsparse.layerwise.layers import layer_weight, targeted_layers
 from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
@@ -134,6 +134,19 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
         )
 
 
+def check_block_fit(driver: DriverSettings, processes: int) -> None:
+    """``block_fit_epochs > 0`` runs in one process (the refit would diverge over ranks' batch shares).
+
+    Raises:
+        ValueError: For a refit under several processes.
+    """
+    if driver.block_fit_epochs and processes > 1:
+        raise ValueError(
+            f"--set block_fit_epochs={driver.block_fit_epochs} runs in one process; with --nproc / torchrun "
+            "leave it at 0"
+        )
+
+
 def check_reachable(
     blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, driver: DriverSettings
 ) -> None:
@@ -204,6 +217,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
         solver.check_target(target)
         check_allocation(driver, target)
+        check_block_fit(driver, distributed.world_size() if distributed.is_distributed() else 1)
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
@@ -359,6 +373,18 @@ def _place(prepared: LayerwisePrepared) -> bool | None:
     return use_cache
 
 
+def _resumed_reference(prepared: LayerwisePrepared, blocks: Sequence[nn.Module], start: int) -> list | None:
+    """A resumed run's dense inputs of block ``start`` for ``block_fit_target=dense`` (before the restore)."""
+    driver = prepared.driver
+    fit = driver.block_fit()
+    if start == 0 or start >= len(blocks) or not fit.enabled or fit.target != "dense":
+        return None
+    model = prepared.model
+    capture = next(model.parameters()).device if driver.offload else prepared.device
+    store = prepared.device if driver.activations == "device" else "cpu"
+    return [item.to(store) for item in capture_block_inputs(model, blocks[start], prepared.batches, capture)]
+
+
 def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
     """Prunes the prepared model block by block and writes summary, metrics and the pruned model.
 
@@ -374,6 +400,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     stop = len(blocks) if config.stop_after_epochs is None else run.start + config.stop_after_epochs
     try:
         allocation = _allocation(prepared, blocks, run)
+        reference = _resumed_reference(prepared, blocks, run.start)
         run.restore()
         prune_blocks(
             model, blocks, prepared.batches, prepared.solver, prepared.target, problem.targets,
@@ -381,6 +408,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             on_block=run.on_block, progress=config.progress and run.main, offload=driver.offload,
             activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(prepared.target, allocation.levels) if allocation is not None else None,
+            fit=driver.block_fit(), reference=reference,
         )  # fmt: skip
         if stop < len(blocks):
             return None

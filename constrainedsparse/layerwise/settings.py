@@ -7,6 +7,7 @@ import dataclasses
 from typing import ClassVar
 
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
+from constrainedsparse.layerwise.blockfit import TARGETS, BlockFit
 from constrainedsparse.layerwise.driver import GRAM_DTYPES
 
 __all__ = ["DTYPES", "MASK_SCOPES", "DriverSettings"]
@@ -70,6 +71,23 @@ class DriverSettings(Hyperparameters):
     owl_lambda: float = hyperparameter(
         0.08, "owl: block levels spread over [S - owl_lambda, S + owl_lambda]", Bounds(0, 1, True, False)
     )
+
+    block_fit_epochs: int = hyperparameter(
+        0, "after each block is pruned, epochs of Adam on its kept weights towards the dense block outputs "
+        "(masks fixed; 0: off)",
+        Bounds(low=0, integer=True),
+    )  # fmt: skip
+    block_fit_lr: float = hyperparameter(
+        1e-3, "Adam's learning rate of the block refit", Bounds(low=0, low_inclusive=False, finite=True)
+    )
+    block_fit_target: str = hyperparameter(
+        "dense", "the block refit's target: the dense model's block outputs, or the dense block on the pruned inputs",
+        OneOf(TARGETS),
+    )  # fmt: skip
+
+    def block_fit(self) -> BlockFit:
+        """The block refit these settings ask for (``enabled`` False when ``block_fit_epochs`` is 0)."""
+        return BlockFit(epochs=self.block_fit_epochs, lr=self.block_fit_lr, target=self.block_fit_target)
 
     def check(self) -> None:
         """``allocation_min <= allocation_max``."""

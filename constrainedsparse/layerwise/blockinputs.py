@@ -1,0 +1,55 @@
+"""One calibration batch as a block sees it (:class:`BlockInputs`), and the block's output on it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from constrainedsparse.batches import map_tensors
+
+__all__ = ["BlockInputs", "block_output"]
+
+
+@dataclasses.dataclass
+class BlockInputs:
+    """One calibration batch as a block sees it.
+
+    Args:
+        args: Positional arguments of the block call (hidden states first, if positional).
+        kwargs: Keyword arguments (attention mask, position embeddings, ...).
+        token_mask: ``(batch, seq)`` bool, True for real tokens; ``None`` if every token is real.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    token_mask: torch.Tensor | None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The hidden states (the first positional argument, or ``hidden_states``)."""
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
+        """The same call with new hidden states."""
+        if self.args:
+            return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.token_mask)
+        return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
+
+    def to(self, device: torch.device | str) -> BlockInputs:
+        """The same call with every tensor on ``device``."""
+        mask = None if self.token_mask is None else self.token_mask.to(device)
+        return BlockInputs(
+            map_tensors(self.args, lambda t: t.to(device)), map_tensors(self.kwargs, lambda t: t.to(device)), mask
+        )
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def block_output(block: nn.Module, item: BlockInputs) -> torch.Tensor:
+    """The block's output hidden states on one batch (where the batch is)."""
+    return _hidden(block(*item.args, **item.kwargs))

@@ -1,0 +1,134 @@
+"""The block refit (``block_fit_*``): masks kept, block errors lowered, targets, resume, bad input."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from constrainedsparse import RunConfig, prune_layerwise, run
+from constrainedsparse.layerwise.blockfit import BlockFit, fit_block
+from constrainedsparse.layerwise.driver import capture_block_inputs, run_block
+from constrainedsparse.layerwise.layers import find_blocks, targeted_layers
+from constrainedsparse.layerwise.runner import check_block_fit
+from constrainedsparse.layerwise.settings import DriverSettings
+from constrainedsparse.targets import Targets
+
+LINEAR = Targets(module_types=(torch.nn.Linear,))
+
+
+def _batches(seed=0, count=3):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 30522, (2, 12), generator=generator)} for _ in range(count)]
+
+
+def _model(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model.config.use_cache = False
+    return model
+
+
+def _final_hidden(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1] for b in batches])
+
+
+def test_the_refit_keeps_every_mask_and_lowers_each_block_error(tiny_llama):
+    batches = _batches()
+    plain, fitted = _model(tiny_llama), _model(tiny_llama)
+    prune_layerwise(plain, batches, "sparsegpt", pattern="2:4")
+    report = prune_layerwise(fitted, batches, "sparsegpt", pattern="2:4", block_fit_epochs=20, block_fit_lr=1e-3)
+    for (name, a), (_, b) in zip(plain.named_parameters(), fitted.named_parameters()):
+        if name.startswith("model.layers.") and a.ndim == 2:
+            assert int((b.reshape(-1, 4) != 0).sum(dim=1).max()) <= 2, name  # 2:4 holds after the refit
+            assert not torch.equal(a, b), name
+            if name.startswith("model.layers.0."):  # same inputs as the plain run: the solve's own masks
+                assert torch.equal(a == 0, b == 0), name
+        else:
+            assert torch.equal(a, b), name  # norms and embeddings untouched
+    for name, metrics in report.layers.items():
+        assert metrics["block_error_fitted"] < metrics["block_error"], name
+
+
+def test_the_dense_target_brings_the_model_closer_to_the_dense_one(tiny_llama):
+    batches = _batches()
+    dense = _model(tiny_llama)
+    reference = _final_hidden(dense, batches)
+    errors = {}
+    for epochs in (0, 20):
+        model = copy.deepcopy(dense)
+        prune_layerwise(model, batches, "wanda", sparsity=0.6, block_fit_epochs=epochs)
+        errors[epochs] = float((_final_hidden(model, batches) - reference).square().sum())
+    assert errors[20] < 0.8 * errors[0]
+
+
+def test_the_two_targets_agree_on_the_first_block_and_differ_after(tiny_llama):
+    metrics = {}
+    for target in ("dense", "block"):
+        model = _model(tiny_llama)
+        report = prune_layerwise(model, _batches(), "wanda", sparsity=0.6, block_fit_epochs=2, block_fit_target=target)
+        metrics[target] = report.layers
+    first, second = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    assert metrics["dense"][first]["block_error"] == metrics["block"][first]["block_error"]
+    assert metrics["dense"][second]["block_error"] > metrics["block"][second]["block_error"]
+
+
+def test_fit_block_computes_in_float32_and_returns_the_weights_dtype(tiny_llama):
+    model = _model(tiny_llama)
+    block = find_blocks(model)[0]
+    inputs = capture_block_inputs(model, block, _batches(), "cpu")
+    wanted = run_block(block, inputs)
+    layers = targeted_layers(block, LINEAR)
+    with torch.no_grad():
+        for _, module in layers:
+            module.weight[:, ::2] = 0
+    block.to(torch.bfloat16)
+    low = [item.to("cpu") for item in inputs]
+    low = [type(i)((i.hidden.bfloat16(), *i.args[1:]), i.kwargs, i.token_mask) if i.args else i for i in low]
+    result = fit_block(block, layers, low, wanted, BlockFit(epochs=5, lr=1e-3))
+    assert result.after < result.before
+    assert all(module.weight.dtype == torch.bfloat16 for _, module in layers)
+    assert all(bool((module.weight[:, ::2] == 0).all()) for _, module in layers)
+
+
+def test_a_resumed_refit_run_matches_a_straight_one(tiny_llama, tmp_path):
+    settings = {"model": str(tiny_llama), "calibration_samples": "4", "seq_len": "16", "held_out_samples": "2",
+                "block_fit_epochs": "3"}  # fmt: skip
+
+    def config(out, **extra):
+        return RunConfig(problem="hf-causal-lm", formulation="wanda", sparsity=0.5, out=out, settings=settings,
+                         progress=False, **extra)  # fmt: skip
+
+    straight = run(config(tmp_path / "straight"))
+    assert run(config(tmp_path / "split", stop_after_epochs=1)) is None
+    resumed = run(config(tmp_path / "split", resume=True))
+    assert resumed["perplexity"] == straight["perplexity"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"block_fit_epochs": -1}, "block_fit_epochs"),
+        ({"block_fit_epochs": 1.5}, "block_fit_epochs"),
+        ({"block_fit_lr": 0.0}, "block_fit_lr"),
+        ({"block_fit_target": "model"}, "block_fit_target"),
+    ],
+)
+def test_bad_refit_settings_are_one_precise_error(tiny_llama, values, match):
+    model = _model(tiny_llama)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        prune_layerwise(model, _batches(), "wanda", **values)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
+
+
+def test_the_refit_refuses_several_processes():
+    driver = DriverSettings.from_values({"block_fit_epochs": 2})
+    check_block_fit(driver, 1)
+    with pytest.raises(ValueError, match=r"block_fit_epochs=2 runs in one process"):
+        check_block_fit(driver, 2)
