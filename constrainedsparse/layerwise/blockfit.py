@@ -80,19 +80,31 @@ def _float32(item: BlockInputs) -> BlockInputs:
     return BlockInputs(map_tensors(item.args, cast), map_tensors(item.kwargs, cast), item.token_mask)
 
 
-def _batch_loss(block: nn.Module, item: BlockInputs, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed squared error and summed squared target over the batch's real tokens."""
-    error = (block_output(block, item) - target).square().sum(dim=-1)
-    energy = target.square().sum(dim=-1)
+Pairs = Sequence[tuple[BlockInputs, BlockInputs]]
+
+
+def _batch_loss(
+    block: nn.Module, item: BlockInputs, target: BlockInputs, device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed squared error and summed squared target over the batch's real tokens.
+
+    The batch moves to ``device`` here, one at a time (``activations=cpu`` keeps the rest where it is).
+    """
+    if device is not None:
+        item, target = item.to(device), target.to(device)
+    wanted = target.hidden.float()
+    error = (block_output(block, _float32(item)) - wanted).square().sum(dim=-1)
+    energy = wanted.square().sum(dim=-1)
     if item.token_mask is not None:
         error, energy = error[item.token_mask], energy[item.token_mask]
     return error.sum(), energy.sum()
 
 
-def _relative_error(block: nn.Module, batches: Sequence[tuple[BlockInputs, torch.Tensor]]) -> float:
+def _sums(block: nn.Module, pairs: Pairs, device: torch.device | str | None) -> tuple[float, float]:
+    """Summed squared error and summed squared target over every batch."""
     with torch.no_grad():
-        sums = [_batch_loss(block, item, target) for item, target in batches]
-    return float(sum(e for e, _ in sums) / sum(t for _, t in sums).clamp_min(torch.finfo(torch.float32).tiny))
+        sums = [_batch_loss(block, item, target, device) for item, target in pairs]
+    return float(sum(e for e, _ in sums)), float(sum(t for _, t in sums))
 
 
 def fit_block(
@@ -113,7 +125,7 @@ def fit_block(
         inputs: The block's calibration inputs.
         targets: The target outputs, one per batch (their hidden states).
         fit: Epochs, learning rate.
-        device: Where the block computes (batches move there); ``None``: where they are.
+        device: Where the block computes (each batch moves there in turn); ``None``: where they are.
 
     Returns:
         The relative block error before and after.
@@ -121,42 +133,42 @@ def fit_block(
     dtype = layers[0][1].weight.dtype
     if dtype != torch.float32:
         block.float()
-    batches = [
-        (_float32(item.to(device) if device is not None else item), _hidden(target, device).float())
-        for item, target in zip(inputs, targets)
-    ]
+    pairs = list(zip(inputs, targets))
     weights = [module.weight for _, module in layers]  # the parameters (GPT-2's Conv1D: transposed)
     flags = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
     try:
-        before = _relative_error(block, batches)
-        _adam(block, weights, batches, fit)
-        after = _relative_error(block, batches)
+        error, energy = _sums(block, pairs, device)
+        scale = 1.0 / max(energy, torch.finfo(torch.float32).tiny)
+        _adam(block, weights, pairs, fit, scale, device)
+        after, _ = _sums(block, pairs, device)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         if dtype != torch.float32:
             block.to(dtype)
-    return BlockFitResult(before=before, after=after)
+    return BlockFitResult(before=error * scale, after=after * scale)
 
 
 def _adam(
-    block: nn.Module, weights: list[torch.Tensor], batches: list[tuple[BlockInputs, torch.Tensor]], fit: BlockFit
+    block: nn.Module,
+    weights: list[torch.Tensor],
+    pairs: Pairs,
+    fit: BlockFit,
+    scale: float,
+    device: torch.device | str | None,
 ) -> None:
-    """``fit.epochs`` passes of Adam over ``batches`` on ``weights``, their zero entries held at zero."""
+    """``fit.epochs`` passes of Adam over ``pairs`` on ``weights``, their zero entries held at zero."""
     masks = [w != 0 for w in weights]
-    with torch.no_grad():
-        energy = float(sum(_batch_loss(block, item, target)[1] for item, target in batches))
-    scale = 1.0 / max(energy, torch.finfo(torch.float32).tiny)
     optimizer = torch.optim.Adam(weights, lr=fit.lr)
     with torch.enable_grad():
         for w in weights:
             w.requires_grad_(True)
         for _ in range(fit.epochs):
-            for item, target in batches:
+            for item, target in pairs:
                 optimizer.zero_grad(set_to_none=True)
-                error, _ = _batch_loss(block, item, target)
+                error, _ = _batch_loss(block, item, target, device)
                 (error * scale).backward()
                 for w, mask in zip(weights, masks):
                     w.grad.mul_(mask)
@@ -164,8 +176,3 @@ def _adam(
                 with torch.no_grad():
                     for w, mask in zip(weights, masks):
                         w.mul_(mask)
-
-
-def _hidden(target: BlockInputs, device: torch.device | str | None) -> torch.Tensor:
-    """The hidden states a target batch carries, on ``device``."""
-    return target.hidden.to(device) if device is not None else target.hidden
