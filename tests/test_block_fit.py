@@ -132,3 +132,15 @@ def test_the_refit_refuses_several_processes():
     check_block_fit(driver, 1)
     with pytest.raises(ValueError, match=r"block_fit_epochs=2 runs in one process"):
         check_block_fit(driver, 2)
+
+
+def test_the_cli_refuses_the_refit_on_several_processes_before_any_work(tiny_llama, tmp_path, capsys):
+    from cli_helpers import fails_with_one_line
+
+    out = tmp_path / "run"
+    args = ["run", "hf-causal-lm", "--formulation", "wanda", "--nproc", "2", "--out", str(out), "--wandb", "disabled",
+            "--set", f"model={tiny_llama}", "--set", "calibration_samples=4", "--set", "seq_len=16",
+            "--set", "block_fit_epochs=2"]  # fmt: skip
+    line = fails_with_one_line(args, capsys)
+    assert "block_fit_epochs=2 runs in one process" in line
+    assert not out.exists()  # nothing written
