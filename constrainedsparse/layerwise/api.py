@@ -24,7 +24,6 @@ from typing import Any
 
 from torch import nn
 
-from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
@@ -148,7 +147,7 @@ def prune_layerwise(
     solver = _solver(method, hyperparameters)
     solver.check_target(target)
     check_allocation(driver, target)
-    check_block_fit(driver, distributed.world_size() if distributed.is_distributed() else 1)
+    check_block_fit(driver)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     blocks = find_blocks(model) if blocks is None else blocks
     check_layer_shapes(blocks, targets, target)

@@ -59,6 +59,7 @@ __all__ = [
     "prune_blocks",
     "run_block",
     "walk_blocks",
+    "walk_inputs",
 ]
 
 GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -341,6 +342,21 @@ def _solve_layers(
     return reports
 
 
+def walk_inputs(
+    model: nn.Module,
+    block: nn.Module,
+    batches: Sequence[Any],
+    device: torch.device | str,
+    offload: bool,
+    activations: str,
+) -> list[BlockInputs]:
+    """``block``'s calibration inputs as the walk keeps them: captured where the model computes (on the
+    model's own device with ``offload``), stored on ``device`` or the CPU per ``activations``."""
+    capture = next(model.parameters()).device if offload else device
+    store = device if activations == "device" else "cpu"
+    return [item.to(store) for item in capture_block_inputs(model, block, batches, capture)]
+
+
 def walk_blocks(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -364,10 +380,8 @@ def walk_blocks(
     if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
         batches = list(batches)[distributed.rank() :: distributed.world_size()]
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    capture = next(model.parameters()).device if offload else device
+    inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     store = device if activations == "device" else "cpu"
-    captured = capture_block_inputs(model, blocks[start], batches, capture) if start < stop else []
-    inputs = [item.to(store) for item in captured]
     compute = device if (offload or store != device) else None
     for index in range(start, stop):
         block = blocks[index]
@@ -450,9 +464,10 @@ def prune_blocks(
             block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels, true_sequential
         )
         if fit is not None and wanted is not None:
-            fitted = fit_block(block, targeted_layers(block, targets), inputs, wanted, fit, compute)
-            for report in block_reports:
-                report.metrics.update(block_error=fitted.before, block_error_fitted=fitted.after)
+            if block_reports:  # a block without targeted layers has nothing to refit
+                fitted = fit_block(block, targeted_layers(block, targets), inputs, wanted, fit, compute)
+                for report in block_reports:
+                    report.metrics.update(block_error=fitted.before, block_error_fitted=fitted.after)
             reference = wanted
         reports.extend(block_reports)
         if on_block is not None:

@@ -35,7 +35,7 @@ from constrainedsparse.layerwise.allocation import (
     row_width,
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, capture_block_inputs, prune_blocks
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks, walk_inputs
 from constrainedsparse.layerwise.layers import layer_weight, targeted_layers
 from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
@@ -134,12 +134,15 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
         )
 
 
-def check_block_fit(driver: DriverSettings, processes: int) -> None:
+def check_block_fit(driver: DriverSettings, processes: int | None = None) -> None:
     """``block_fit_epochs > 0`` runs in one process (the refit would diverge over ranks' batch shares).
+
+    ``processes`` defaults to this run's (:func:`~constrainedsparse.distributed.world_size`).
 
     Raises:
         ValueError: For a refit under several processes.
     """
+    processes = distributed.world_size() if processes is None else processes
     if driver.block_fit_epochs and processes > 1:
         raise ValueError(
             f"--set block_fit_epochs={driver.block_fit_epochs} runs in one process; with --nproc / torchrun "
@@ -217,7 +220,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
         solver.check_target(target)
         check_allocation(driver, target)
-        check_block_fit(driver, distributed.world_size() if distributed.is_distributed() else 1)
+        check_block_fit(driver)
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
@@ -379,10 +382,8 @@ def _resumed_reference(prepared: LayerwisePrepared, blocks: Sequence[nn.Module],
     fit = driver.block_fit()
     if start == 0 or start >= len(blocks) or not fit.enabled or fit.target != "dense":
         return None
-    model = prepared.model
-    capture = next(model.parameters()).device if driver.offload else prepared.device
-    store = prepared.device if driver.activations == "device" else "cpu"
-    return [item.to(store) for item in capture_block_inputs(model, blocks[start], prepared.batches, capture)]
+    return walk_inputs(prepared.model, blocks[start], prepared.batches, prepared.device, driver.offload,
+                       driver.activations)  # fmt: skip
 
 
 def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:
