@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from lm_batches import random_token_batches
 from transformers import AutoModelForCausalLM
 
 from constrainedsparse import RunConfig, prune_layerwise, run
@@ -15,11 +16,6 @@ from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.targets import Targets
 
 LINEAR = Targets(module_types=(torch.nn.Linear,))
-
-
-def _batches(seed=0, count=3):
-    generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 30522, (2, 12), generator=generator)} for _ in range(count)]
 
 
 def _model(folder):
@@ -34,7 +30,7 @@ def _final_hidden(model, batches):
 
 
 def test_the_refit_keeps_every_mask_and_lowers_each_block_error(tiny_llama):
-    batches = _batches()
+    batches = random_token_batches()
     plain, fitted = _model(tiny_llama), _model(tiny_llama)
     prune_layerwise(plain, batches, "sparsegpt", pattern="2:4")
     report = prune_layerwise(fitted, batches, "sparsegpt", pattern="2:4", block_fit_epochs=20, block_fit_lr=1e-3)
@@ -51,7 +47,7 @@ def test_the_refit_keeps_every_mask_and_lowers_each_block_error(tiny_llama):
 
 
 def test_the_dense_target_brings_the_model_closer_to_the_dense_one(tiny_llama):
-    batches = _batches()
+    batches = random_token_batches()
     dense = _model(tiny_llama)
     reference = _final_hidden(dense, batches)
     errors = {}
@@ -66,7 +62,9 @@ def test_the_two_targets_agree_on_the_first_block_and_differ_after(tiny_llama):
     metrics = {}
     for target in ("dense", "block"):
         model = _model(tiny_llama)
-        report = prune_layerwise(model, _batches(), "wanda", sparsity=0.6, block_fit_epochs=2, block_fit_target=target)
+        report = prune_layerwise(
+            model, random_token_batches(), "wanda", sparsity=0.6, block_fit_epochs=2, block_fit_target=target
+        )
         metrics[target] = report.layers
     first, second = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
     assert metrics["dense"][first]["block_error"] == metrics["block"][first]["block_error"]
@@ -76,7 +74,7 @@ def test_the_two_targets_agree_on_the_first_block_and_differ_after(tiny_llama):
 def test_fit_block_computes_in_float32_and_returns_the_weights_dtype(tiny_llama):
     model = _model(tiny_llama)
     block = find_blocks(model)[0]
-    inputs = capture_block_inputs(model, block, _batches(), "cpu")
+    inputs = capture_block_inputs(model, block, random_token_batches(), "cpu")
     wanted = run_block(block, inputs)
     layers = targeted_layers(block, LINEAR)
     with torch.no_grad():
@@ -123,7 +121,7 @@ def test_bad_refit_settings_are_one_precise_error(tiny_llama, values, match):
     model = _model(tiny_llama)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match):
-        prune_layerwise(model, _batches(), "wanda", **values)
+        prune_layerwise(model, random_token_batches(), "wanda", **values)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
 
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from lm_batches import random_token_batches
 from transformers import AutoModelForCausalLM
 
 from constrainedsparse import prune_layerwise
@@ -23,11 +24,6 @@ LLAMA_GROUPS = [
 ]
 
 
-def _batches(seed=0, count=3):
-    generator = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 30522, (2, 12), generator=generator)} for _ in range(count)]
-
-
 def _setup(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     model.config.use_cache = False
@@ -38,7 +34,7 @@ def _setup(tiny_llama):
 
 def test_a_llama_block_has_four_input_groups_in_call_order(tiny_llama):
     model, blocks, layers = _setup(tiny_llama)
-    inputs = capture_block_inputs(model, blocks[0], _batches())
+    inputs = capture_block_inputs(model, blocks[0], random_token_batches())
     groups = input_groups(layers, lambda: blocks[0](*inputs[0].args, **inputs[0].kwargs))
     assert [[name for name, _ in group] for group in groups] == LLAMA_GROUPS
     assert groups.called_once
@@ -52,7 +48,7 @@ def test_a_layer_never_called_ends_up_alone_and_last(tiny_llama):
 
 def test_stopping_after_a_group_gives_the_same_gram_matrices(tiny_llama):
     model, blocks, layers = _setup(tiny_llama)
-    inputs = capture_block_inputs(model, blocks[0], _batches())
+    inputs = capture_block_inputs(model, blocks[0], random_token_batches())
     group = [layer for layer in layers if layer[0] in LLAMA_GROUPS[2]]
     full = accumulate_grams(blocks[0], group, inputs)
     stopped = accumulate_grams(blocks[0], group, inputs, stop_after="mlp.up_proj")
@@ -95,13 +91,17 @@ def _by_hand(model, batches, method, target):
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_true_sequential_prunes_each_group_from_the_partly_pruned_block(tiny_llama, method):
     model, _, _ = _setup(tiny_llama)
-    expected = _by_hand(copy.deepcopy(model), _batches(), method, SparsityConfig(sparsity=0.5, pattern="row"))
+    expected = _by_hand(
+        copy.deepcopy(model), random_token_batches(), method, SparsityConfig(sparsity=0.5, pattern="row")
+    )
     dense = copy.deepcopy(model)
-    report = prune_layerwise(model, _batches(), method, sparsity=0.5, true_sequential=True)
+    report = prune_layerwise(model, random_token_batches(), method, sparsity=0.5, true_sequential=True)
     got, want = dict(model.named_parameters()), dict(expected.named_parameters())
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
-    prune_layerwise(dense, _batches(), method, sparsity=0.5)  # the default: every layer from the dense block
+    prune_layerwise(
+        dense, random_token_batches(), method, sparsity=0.5
+    )  # the default: every layer from the dense block
     first = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(dict(dense.named_parameters())[first], got[first])  # the first group sees the same inputs
     later = "model.layers.0.mlp.down_proj.weight"
