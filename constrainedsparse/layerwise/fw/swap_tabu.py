@@ -65,6 +65,111 @@ def _replay(mask: torch.Tensor, drops: torch.Tensor, adds: torch.Tensor, best_st
     return mask ^ toggles.bitwise_and_(1).view(mask.shape).bool()
 
 
+class _SwapSearch:
+    """The state of one swap tabu search: :math:`C`, the prune and restore bases (+inf where tabu or on the
+    other side), the recorded swaps and each row's best step."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        mask: torch.Tensor,
+        steps: int,
+        tenure: int,
+        residual: torch.Tensor | None,
+        start_rows: torch.Tensor | None,
+    ) -> None:
+        d_out, d_in = weight.shape
+        device = weight.device
+        self.weight, self.gram, self.mask, self.tenure = weight, gram, mask, tenure
+        pruned = weight * as_float(~mask, weight.dtype)
+        self.c = pruned @ gram if residual is None else residual.clone()
+        if start_rows is None:
+            start_rows = pruned.mul_(self.c).sum(dim=1).to(torch.float64)
+        self.start_rows = start_rows
+        self.twice_w = 2.0 * weight
+        diagonal = (weight * weight).mul_(gram.diagonal())
+        # a = prune_base + 2wc on kept weights, b = restore_base - 2wc on pruned ones; +inf where a weight
+        # is on the other side or tabu (additive: far cheaper than masking on CPU). The bases divide by the
+        # 0/1 masks (x / 0 = +inf; the tiny shift keeps 0 / 0 away), several times faster than where() on CPU.
+        kept = as_float(mask, weight.dtype)
+        shifted = diagonal + torch.finfo(weight.dtype).tiny
+        self.prune_base, self.restore_base = shifted / kept, shifted / kept.neg_().add_(1.0)
+        self.flat_diagonal = diagonal.view(-1)
+        self.flat_weight, self.flat_gram = weight.reshape(-1), gram.reshape(-1)
+        self.a, self.b = torch.empty_like(self.c), torch.empty_like(self.c)
+        self.row_base = torch.arange(d_out, device=device) * d_in
+        self.crow = torch.arange(0, 2 * d_out + 1, 2, device=device)
+        # Flat indices of every step's swaps; a row that waits records (row, row): a weight toggled twice.
+        self.drops = self.row_base.repeat(steps, 1)
+        self.adds = self.drops.clone()
+        self.objective, self.best_objective = start_rows.clone(), start_rows.clone()
+        self.best_step = torch.full((d_out,), -1, dtype=torch.long, device=device)
+        # The weights swapped at step s are tabu in steps s + 1 .. s + tenure; slot s % (tenure + 1) holds
+        # them (and the bases they get back) until the step comes round again.
+        self.expiring: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * (
+            tenure + 1
+        )
+        self.ran = self.moves = 0
+
+    def expire(self, step: int) -> None:
+        """Lifts the tabu of the weights swapped ``tenure + 1`` steps ago: the pruned one may be restored
+        again, the restored one pruned."""
+        expiring = self.expiring[step % (self.tenure + 1)]
+        if expiring is not None:
+            dropped, added, dropped_base, added_base = expiring
+            self.restore_base.view(-1).index_put_((dropped,), dropped_base)
+            self.prune_base.view(-1).index_put_((added,), added_base)
+
+    def step(self, step: int) -> bool:
+        """Every row's swap of its cheapest prune and cheapest restore; ``False`` if no row can move."""
+        d_out, d_in = self.weight.shape
+        row_base = self.row_base
+        torch.addcmul(self.prune_base, self.twice_w, self.c, out=self.a)
+        torch.addcmul(self.restore_base, self.twice_w, self.c, value=-1.0, out=self.b)
+        a_best, drop = row_argmin(self.a)
+        b_best, add = row_argmin(self.b)
+        flat_drop, flat_add = row_base + drop, row_base + add
+        w_drop, w_add = self.flat_weight[flat_drop], self.flat_weight[flat_add]
+        change = torch.addcmul(a_best + b_best, w_drop * w_add, self.flat_gram[drop * d_in + add], value=-2.0)
+        movable = torch.isfinite(change)
+        moved = d_out
+        if not bool(movable.all()):  # rows that cannot move swap nothing (zero weights in the update)
+            moved = int(movable.sum())
+            if moved == 0:
+                return False
+            flat_drop, flat_add = torch.where(movable, flat_drop, row_base), torch.where(movable, flat_add, row_base)
+            drop, add = flat_drop - row_base, flat_add - row_base
+            w_drop, w_add = w_drop * movable, w_add * movable
+            change = torch.where(movable, change, 0.0)
+        self.drops[step], self.adds[step] = flat_drop, flat_add
+        self.c.addmm_(_sparse_change(self.crow, drop, add, w_drop, w_add, (d_out, d_in)), self.gram)
+        if moved < d_out:
+            flat_drop, flat_add = flat_drop[movable], flat_add[movable]
+        diagonal = self.flat_diagonal
+        self.expiring[step % (self.tenure + 1)] = (flat_drop, flat_add, diagonal[flat_drop], diagonal[flat_add])
+        both = torch.cat((flat_drop, flat_add))
+        self.prune_base.view(-1).index_fill_(0, both, _INF)  # the dropped weight is pruned, the added one tabu
+        self.restore_base.view(-1).index_fill_(0, both, _INF)  # the added weight is kept, the dropped one tabu
+        self.objective += change
+        better = self.objective < self.best_objective
+        torch.minimum(self.objective, self.best_objective, out=self.best_objective)
+        self.best_step.masked_fill_(better, step)
+        self.ran, self.moves = step + 1, self.moves + moved
+        return True
+
+    def result(self) -> TabuResult:
+        """Every row's best visited mask where it beats the start in the exact objective."""
+        mask, start_rows = self.mask, self.start_rows
+        found = _replay(mask, self.drops[: self.ran], self.adds[: self.ran], self.best_step)
+        found_rows = residual_row_errors(self.weight, self.gram, self.weight * as_float(found, self.weight.dtype))
+        # A row improves when it ends on another mask that is better (not by round-off on the same mask).
+        improved = (found_rows < start_rows) & (found != mask).any(dim=1)
+        final = mask ^ ((found ^ mask) & improved.unsqueeze(1))  # found where improved (bitwise: where() is slow)
+        rows = torch.where(improved, found_rows, start_rows)
+        return TabuResult(final, rows, int(improved.sum()), self.ran, self.moves)
+
+
 def swap_tabu_search(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -98,75 +203,11 @@ def swap_tabu_search(
     """
     if tenure < 1:
         raise ValueError(f"tenure must be >= 1, got {tenure}")
-    d_out, d_in = weight.shape
-    device = weight.device
-    pruned = weight * as_float(~mask, weight.dtype)
-    c = pruned @ gram if residual is None else residual.clone()
-    if start_rows is None:
-        start_rows = pruned.mul_(c).sum(dim=1).to(torch.float64)
+    search = _SwapSearch(weight, gram, mask, steps, tenure, residual, start_rows)
     if steps == 0 or mask.numel() == 0:
-        return TabuResult(mask.clone(), start_rows.clone(), 0)
-    twice_w = 2.0 * weight
-    diagonal = (weight * weight).mul_(gram.diagonal())
-    # a = prune_base + 2wc on kept weights, b = restore_base - 2wc on pruned ones; +inf where a weight
-    # is on the other side or tabu (additive: far cheaper than masking on CPU). The bases divide by the
-    # 0/1 masks (x / 0 = +inf; the tiny shift keeps 0 / 0 away), several times faster than where() on CPU.
-    kept = as_float(mask, weight.dtype)
-    shifted = diagonal + torch.finfo(weight.dtype).tiny
-    prune_base, restore_base = shifted / kept, shifted / kept.neg_().add_(1.0)
-    flat_prune, flat_restore, flat_diagonal = prune_base.view(-1), restore_base.view(-1), diagonal.view(-1)
-    flat_weight, flat_gram = weight.reshape(-1), gram.reshape(-1)
-    a, b = torch.empty_like(c), torch.empty_like(c)
-    row_base = torch.arange(d_out, device=device) * d_in
-    crow = torch.arange(0, 2 * d_out + 1, 2, device=device)
-    # Flat indices of every step's swaps; a row that waits records (row, row): a weight toggled twice.
-    drops = row_base.repeat(steps, 1)
-    adds = drops.clone()
-    objective, best_objective = start_rows.clone(), start_rows.clone()
-    best_step = torch.full((d_out,), -1, dtype=torch.long, device=device)
-    # The weights swapped at step s are tabu in steps s + 1 .. s + tenure; slot s % (tenure + 1) holds
-    # them (and the bases they get back) until the step comes round again.
-    expiring: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * (tenure + 1)
-    ran = moves = 0
+        return TabuResult(mask.clone(), search.start_rows.clone(), 0)
     for step in range(steps):
-        slot = step % (tenure + 1)
-        if expiring[slot] is not None:  # the pruned one may be restored again, the restored one pruned
-            dropped, added, dropped_base, added_base = expiring[slot]
-            flat_restore.index_put_((dropped,), dropped_base)
-            flat_prune.index_put_((added,), added_base)
-        torch.addcmul(prune_base, twice_w, c, out=a)
-        torch.addcmul(restore_base, twice_w, c, value=-1.0, out=b)
-        a_best, drop = row_argmin(a)
-        b_best, add = row_argmin(b)
-        flat_drop, flat_add = row_base + drop, row_base + add
-        w_drop, w_add = flat_weight[flat_drop], flat_weight[flat_add]
-        change = torch.addcmul(a_best + b_best, w_drop * w_add, flat_gram[drop * d_in + add], value=-2.0)
-        movable = torch.isfinite(change)
-        moved = d_out
-        if not bool(movable.all()):  # rows that cannot move swap nothing (zero weights in the update)
-            moved = int(movable.sum())
-            if moved == 0:
-                break
-            flat_drop, flat_add = torch.where(movable, flat_drop, row_base), torch.where(movable, flat_add, row_base)
-            drop, add = flat_drop - row_base, flat_add - row_base
-            w_drop, w_add = w_drop * movable, w_add * movable
-            change = torch.where(movable, change, 0.0)
-        drops[step], adds[step] = flat_drop, flat_add
-        c.addmm_(_sparse_change(crow, drop, add, w_drop, w_add, (d_out, d_in)), gram)
-        if moved < d_out:
-            flat_drop, flat_add = flat_drop[movable], flat_add[movable]
-        expiring[slot] = (flat_drop, flat_add, flat_diagonal[flat_drop], flat_diagonal[flat_add])
-        both = torch.cat((flat_drop, flat_add))
-        flat_prune.index_fill_(0, both, _INF)  # the dropped weight is pruned, the added one tabu
-        flat_restore.index_fill_(0, both, _INF)  # the added weight is kept, the dropped one tabu
-        objective += change
-        better = objective < best_objective
-        torch.minimum(objective, best_objective, out=best_objective)
-        best_step.masked_fill_(better, step)
-        ran, moves = step + 1, moves + moved
-    found = _replay(mask, drops[:ran], adds[:ran], best_step)
-    found_rows = residual_row_errors(weight, gram, weight * as_float(found, weight.dtype))
-    # A row improves when it ends on another mask that is better (not by round-off on the same mask).
-    improved = (found_rows < start_rows) & (found != mask).any(dim=1)
-    final = mask ^ ((found ^ mask) & improved.unsqueeze(1))  # found where improved (bitwise: where() is slow)
-    return TabuResult(final, torch.where(improved, found_rows, start_rows), int(improved.sum()), ran, moves)
+        search.expire(step)
+        if not search.step(step):
+            break
+    return search.result()
