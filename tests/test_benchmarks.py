@@ -463,3 +463,21 @@ def test_causal_lm_fitted_rows_report_both_ratios():
     assert "fw + reconstruct lowest of all methods: 2:4 yes." in text
     assert bench.applies("2:4", "sparsegpt+fit") and not bench.applies("70%", "fw+reconstruct+fit")
     assert bench.METHODS["sparsegpt+fit"][-2:] == ["--set", f"block_fit_epochs={bench.FIT_EPOCHS}"]
+
+
+def test_causal_lm_mask_search_rows_join_the_mask_only_goal():
+    """fw+mask (still masks only) against the best SparseGPT, goal 1; a plain fw row keeps its own ratio."""
+    bench = _load("causal_lm")
+
+    def result(method, perplexity):
+        figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": 1.0}
+        return {"setting": "60%", "method": method, "perplexity": perplexity, "dense_perplexity": 20.0, **figures}
+
+    results = [result("sparsegpt", 40.0), result("fw", 44.0), result("fw+mask", 36.0)]
+    (row,) = bench.goals(results)
+    assert row["fw / best sparsegpt perplexity"] == pytest.approx(1.1)
+    assert row["fw+mask / best sparsegpt perplexity"] == pytest.approx(0.9)
+    text = bench.markdown(results, [row], "cmd", "smollm2-wiki")
+    assert "1.100 (NOT met)" in text and "0.900 (met)" in text
+    assert bench.applies("2:4", "fw+mask") and not bench.applies("70%", "wanda+mask")
+    assert bench.METHODS["fw+mask"][-2:] == ["--set", f"block_mask_rounds={bench.MASK_ROUNDS}"]

@@ -89,9 +89,10 @@ def test_fit_block_computes_in_float32_and_returns_the_weights_dtype(tiny_llama)
     assert all(bool((module.weight[:, ::2] == 0).all()) for _, module in layers)
 
 
-def test_a_resumed_refit_run_matches_a_straight_one(tiny_llama, tmp_path):
+@pytest.mark.parametrize("step", [{"block_fit_epochs": "3"}, {"block_mask_rounds": "1"}])
+def test_a_resumed_run_with_a_block_step_matches_a_straight_one(tiny_llama, tmp_path, step):
     settings = {"model": str(tiny_llama), "calibration_samples": "4", "seq_len": "16", "held_out_samples": "2",
-                "block_fit_epochs": "3"}  # fmt: skip
+                **step}  # fmt: skip
 
     def config(out, **extra):
         return RunConfig(problem="hf-causal-lm", formulation="wanda", sparsity=0.5, out=out, settings=settings,
@@ -125,10 +126,11 @@ def test_bad_refit_settings_are_one_precise_error(tiny_llama, values, match):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
 
 
-def test_the_refit_refuses_several_processes():
-    driver = DriverSettings.from_values({"block_fit_epochs": 2})
+@pytest.mark.parametrize("key", ["block_fit_epochs", "block_mask_rounds"])
+def test_the_block_steps_refuse_several_processes(key):
+    driver = DriverSettings.from_values({key: 2})
     check_block_fit(driver, 1)
-    with pytest.raises(ValueError, match=r"block_fit_epochs=2 runs in one process"):
+    with pytest.raises(ValueError, match=rf"{key}=2 runs in one process"):
         check_block_fit(driver, 2)
 
 

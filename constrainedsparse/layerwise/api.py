@@ -36,6 +36,7 @@ from constrainedsparse.layerwise.runner import (
     build_solver,
     check_allocation,
     check_block_fit,
+    check_block_mask,
     check_layer_shapes,
     check_reachable,
     save_model,
@@ -84,6 +85,7 @@ def prune_layerwise(
     block_fit_epochs: int = 0,
     block_fit_lr: float = 1e-3,
     block_fit_target: str = "dense",
+    block_mask_rounds: int = 0,
     **hyperparameters: Any,
 ) -> LayerwiseReport:
     """Prunes a pretrained model block by block from calibration batches, in place.
@@ -123,7 +125,12 @@ def prune_layerwise(
             0 (default): off. One process only.
         block_fit_lr: Adam's learning rate of the block refit.
         block_fit_target: ``"dense"`` (the dense model's block outputs) or ``"block"`` (the dense
-            block on the pruned inputs).
+            block on the pruned inputs): the target of the refit and of the mask search.
+        block_mask_rounds: After each block is pruned (and before any refit), rounds of the
+            block-level mask search towards that target: masks move, kept weights stay the dense
+            ones (:mod:`~constrainedsparse.layerwise.blockmask`; ``magnitude``, ``wanda``, ``fw``
+            without ``reconstruct``; row, unstructured and N:M patterns); 0 (default): off. One
+            process only.
         **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
 
     Returns:
@@ -140,7 +147,7 @@ def prune_layerwise(
          "true_sequential": true_sequential, "allocation": allocation, "allocation_min": allocation_min,
          "allocation_max": allocation_max, "allocation_step": allocation_step, "allocation_weight": allocation_weight,
          "owl_m": owl_m, "owl_lambda": owl_lambda, "block_fit_epochs": block_fit_epochs,
-         "block_fit_lr": block_fit_lr, "block_fit_target": block_fit_target}
+         "block_fit_lr": block_fit_lr, "block_fit_target": block_fit_target, "block_mask_rounds": block_mask_rounds}
     )  # fmt: skip
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
@@ -148,6 +155,7 @@ def prune_layerwise(
     solver.check_target(target)
     check_allocation(driver, target)
     check_block_fit(driver)
+    check_block_mask(driver, solver, target)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     blocks = find_blocks(model) if blocks is None else blocks
     check_layer_shapes(blocks, targets, target)

@@ -133,6 +133,10 @@ class LayerwiseSolver(abc.ABC):
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes one layer to its target pattern."""
 
+    def keeps_dense_weights(self) -> bool:
+        """Whether every kept weight is the dense one (a mask-only solver); ``False`` unless a solver says so."""
+        return False
+
 
 def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     r"""Wanda's importance :math:`S_{ij} = |W_{ij}| \cdot \|X_j\|_2` with :math:`\|X_j\|_2^2 = G_{jj}`."""

@@ -29,8 +29,9 @@ and after.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,29 +39,32 @@ from torch import nn
 from constrainedsparse.batches import map_tensors
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 
-__all__ = ["BlockFit", "BlockFitResult", "fit_block"]
+__all__ = ["BlockFit", "BlockFitResult", "batch_loss", "block_sums", "fit_block", "float32_block"]
 
 TARGETS = ("dense", "block")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockFit:
-    """How every pruned block is refitted (``epochs == 0``: not at all).
+    """The block-level steps after every block is pruned: the mask search, then the refit (0: off).
 
     Args:
-        epochs: Passes of Adam over the calibration batches per block.
+        epochs: Passes of Adam over the calibration batches per block (the refit).
         lr: Adam's learning rate.
         target: ``"dense"`` (the dense model's block outputs) or ``"block"`` (the dense block on the
-            pruned inputs).
+            pruned inputs), for both steps.
+        mask_rounds: Rounds of the block-level mask search
+            (:mod:`~constrainedsparse.layerwise.blockmask`; mask-only solvers).
     """
 
     epochs: int = 0
     lr: float = 1e-3
     target: str = "dense"
+    mask_rounds: int = 0
 
     @property
     def enabled(self) -> bool:
-        return self.epochs > 0
+        return self.epochs > 0 or self.mask_rounds > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +87,7 @@ def _float32(item: BlockInputs) -> BlockInputs:
 Pairs = Sequence[tuple[BlockInputs, BlockInputs]]
 
 
-def _batch_loss(
+def batch_loss(
     block: nn.Module, item: BlockInputs, target: BlockInputs, device: torch.device | str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed squared error and summed squared target over the batch's real tokens.
@@ -100,11 +104,32 @@ def _batch_loss(
     return error.sum(), energy.sum()
 
 
-def _sums(block: nn.Module, pairs: Pairs, device: torch.device | str | None) -> tuple[float, float]:
+def block_sums(block: nn.Module, pairs: Pairs, device: torch.device | str | None) -> tuple[float, float]:
     """Summed squared error and summed squared target over every batch."""
     with torch.no_grad():
-        sums = [_batch_loss(block, item, target, device) for item, target in pairs]
+        sums = [batch_loss(block, item, target, device) for item, target in pairs]
     return float(sum(e for e, _ in sums)), float(sum(t for _, t in sums))
+
+
+@contextlib.contextmanager
+def float32_block(block: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The block computes in float32 with no parameter requiring gradients; dtype and flags restored after.
+
+    Weights in bfloat16 or float16 (read from ``modules[0]``) are cast to float32 and back.
+    """
+    dtype = modules[0].weight.dtype
+    if dtype != torch.float32:
+        block.float()
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        if dtype != torch.float32:
+            block.to(dtype)
 
 
 def fit_block(
@@ -130,24 +155,13 @@ def fit_block(
     Returns:
         The relative block error before and after.
     """
-    dtype = layers[0][1].weight.dtype
-    if dtype != torch.float32:
-        block.float()
     pairs = list(zip(inputs, targets))
     weights = [module.weight for _, module in layers]  # the parameters (GPT-2's Conv1D: transposed)
-    flags = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    try:
-        error, energy = _sums(block, pairs, device)
+    with float32_block(block, [module for _, module in layers]):
+        error, energy = block_sums(block, pairs, device)
         scale = 1.0 / max(energy, torch.finfo(torch.float32).tiny)
         _adam(block, weights, pairs, fit, scale, device)
-        after, _ = _sums(block, pairs, device)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        if dtype != torch.float32:
-            block.to(dtype)
+        after, _ = block_sums(block, pairs, device)
     return BlockFitResult(before=error * scale, after=after * scale)
 
 
@@ -168,7 +182,7 @@ def _adam(
         for _ in range(fit.epochs):
             for item, target in pairs:
                 optimizer.zero_grad(set_to_none=True)
-                error, _ = _batch_loss(block, item, target, device)
+                error, _ = batch_loss(block, item, target, device)
                 (error * scale).backward()
                 for w, mask in zip(weights, masks):
                     w.grad.mul_(mask)

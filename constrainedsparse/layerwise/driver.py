@@ -40,8 +40,9 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
-from constrainedsparse.layerwise.blockfit import BlockFit, fit_block
+from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
+from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.sequential import block_groups
 from constrainedsparse.progress import Progress
@@ -440,9 +441,10 @@ def prune_blocks(
         levels: Per-layer targets by weight name (a non-uniform allocation); others get ``target``.
         true_sequential: Inside a block, prune group by group from the partly pruned block
             (:func:`prune_block`).
-        fit: Refit every pruned block's kept weights to its dense outputs
-            (:mod:`~constrainedsparse.layerwise.blockfit`); its before/after block errors join the
-            metrics of the block's layer reports (``block_error``, ``block_error_fitted``).
+        fit: The block-level steps after every block is pruned (:mod:`~constrainedsparse.layerwise.blocksteps`):
+            the mask search and the refit of the kept weights towards the dense outputs; the block
+            errors join the metrics of the block's layer reports (``block_error``,
+            ``block_error_masked``, ``block_error_fitted``).
         reference: With ``fit.target == "dense"``, the dense model's inputs of block ``start`` (a
             resumed run's earlier blocks are pruned already); default: the captured inputs,
             which are the dense ones when ``start`` is the first block.
@@ -456,18 +458,19 @@ def prune_blocks(
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
                        activations=activations)  # fmt: skip
     for index, block, prefix, inputs, compute in walk:
-        wanted = None
-        if fit is not None and fit.enabled:  # the dense block's outputs, before it is pruned
+        wanted = mask_layers = None
+        if fit is not None and fit.enabled:  # the dense block's outputs and weights, before it is pruned
             reference = inputs if reference is None or fit.target == "block" else reference
             wanted = run_block(block, reference, compute)
+            mask_layers = dense_layers(block, prefix, targets, target, levels) if fit.mask_rounds else None
         block_reports = prune_block(
             block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels, true_sequential
         )
         if fit is not None and wanted is not None:
-            if block_reports:  # a block without targeted layers has nothing to refit
-                fitted = fit_block(block, targeted_layers(block, targets), inputs, wanted, fit, compute)
+            if block_reports:  # a block without targeted layers has nothing to refine
+                metrics = block_steps(block, targets, mask_layers, inputs, wanted, fit, compute)
                 for report in block_reports:
-                    report.metrics.update(block_error=fitted.before, block_error_fitted=fitted.after)
+                    report.metrics.update(metrics)
             reference = wanted
         reports.extend(block_reports)
         if on_block is not None:

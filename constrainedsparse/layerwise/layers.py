@@ -11,7 +11,15 @@ from torch import nn
 
 from constrainedsparse.targets import Targets
 
-__all__ = ["find_blocks", "layer_module_types", "layer_weight", "set_layer_weight", "targeted_layers", "weight_name"]
+__all__ = [
+    "find_blocks",
+    "layer_module_types",
+    "layer_weight",
+    "set_layer_weight",
+    "targeted_layers",
+    "to_layer_layout",
+    "weight_name",
+]
 
 
 def _conv1d_type() -> type[nn.Module] | None:
@@ -36,6 +44,11 @@ def _is_transposed(module: nn.Module) -> bool:
 def layer_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as ``(d_out, d_in)`` (a view; GPT-2's ``Conv1D`` stores it transposed)."""
     return module.weight.t() if _is_transposed(module) else module.weight
+
+
+def to_layer_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``module.weight`` (its gradient, say) as ``(d_out, d_in)``, like :func:`layer_weight`."""
+    return tensor.t() if _is_transposed(module) else tensor
 
 
 def set_layer_weight(module: nn.Module, weight: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from constrainedsparse.layerwise.allocation import (
     row_width,
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
+from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks, walk_inputs
 from constrainedsparse.layerwise.layers import layer_weight, targeted_layers
 from constrainedsparse.layerwise.levels import solve_levels
@@ -135,18 +136,38 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
 
 
 def check_block_fit(driver: DriverSettings, processes: int | None = None) -> None:
-    """``block_fit_epochs > 0`` runs in one process (the refit would diverge over ranks' batch shares).
+    """The block-level steps (``block_fit_epochs``, ``block_mask_rounds``) run in one process (they would
+    diverge over the ranks' batch shares).
 
     ``processes`` defaults to this run's (:func:`~constrainedsparse.distributed.world_size`).
 
     Raises:
-        ValueError: For a refit under several processes.
+        ValueError: For a block-level step under several processes.
     """
     processes = distributed.world_size() if processes is None else processes
-    if driver.block_fit_epochs and processes > 1:
+    for key in ("block_fit_epochs", "block_mask_rounds"):
+        value = getattr(driver, key)
+        if value and processes > 1:
+            raise ValueError(f"--set {key}={value} runs in one process; with --nproc / torchrun leave it at 0")
+
+
+def check_block_mask(driver: DriverSettings, solver: LayerwiseSolver, target: SparsityConfig) -> None:
+    """``block_mask_rounds > 0`` needs a mask-only solver and a pattern the search has moves for.
+
+    Raises:
+        ValueError: Naming the solver or the pattern and what is allowed.
+    """
+    if not driver.block_mask_rounds:
+        return
+    if not solver.keeps_dense_weights():
         raise ValueError(
-            f"--set block_fit_epochs={driver.block_fit_epochs} runs in one process; with --nproc / torchrun "
-            "leave it at 0"
+            f"--set block_mask_rounds moves masks over the dense weights; {solver.name} changes the kept weights "
+            "(use magnitude, wanda, or fw without reconstruct)"
+        )
+    if target.pattern not in SEARCHABLE_PATTERNS:
+        raise ValueError(
+            f"--set block_mask_rounds searches the {', '.join(SEARCHABLE_PATTERNS)} patterns, "
+            f"got {target.pattern_text()}"
         )
 
 
@@ -221,6 +242,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         solver.check_target(target)
         check_allocation(driver, target)
         check_block_fit(driver)
+        check_block_mask(driver, solver, target)
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)

@@ -81,13 +81,25 @@ class DriverSettings(Hyperparameters):
         1e-3, "Adam's learning rate of the block refit", Bounds(low=0, low_inclusive=False, finite=True)
     )
     block_fit_target: str = hyperparameter(
-        "dense", "the block refit's target: the dense model's block outputs, or the dense block on the pruned inputs",
+        "dense", "the target of the block refit and mask search: the dense model's block outputs, or the dense "
+        "block on the pruned inputs",
         OneOf(TARGETS),
     )  # fmt: skip
 
+    block_mask_rounds: int = hyperparameter(
+        0, "after each block is pruned, rounds of the block-level mask search towards the block_fit_target "
+        "outputs (masks move, weights stay dense; magnitude, wanda, fw without reconstruct; 0: off)",
+        Bounds(low=0, integer=True),
+    )  # fmt: skip
+
     def block_fit(self) -> BlockFit:
-        """The block refit these settings ask for (``enabled`` False when ``block_fit_epochs`` is 0)."""
-        return BlockFit(epochs=self.block_fit_epochs, lr=self.block_fit_lr, target=self.block_fit_target)
+        """The block-level steps these settings ask for (``enabled`` False when both are 0)."""
+        return BlockFit(
+            epochs=self.block_fit_epochs,
+            lr=self.block_fit_lr,
+            target=self.block_fit_target,
+            mask_rounds=self.block_mask_rounds,
+        )
 
     def check(self) -> None:
         """``allocation_min <= allocation_max``."""

@@ -56,6 +56,9 @@ class Magnitude(LayerwiseSolver):
 
     description: ClassVar[str] = "keep the largest |W_ij| in the target pattern; kept weights unchanged"
 
+    def keeps_dense_weights(self) -> bool:
+        return True
+
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` by weight magnitude (the Gram matrix is not used)."""
         mask = layer.feasible_set().mask(layer.weight)
@@ -67,6 +70,9 @@ class Wanda(LayerwiseSolver):
     r"""Wanda: keeps the largest :math:`S_{ij} = |W_{ij}| \sqrt{G_{jj}}`; :math:`\hat W = W \odot M`."""
 
     description: ClassVar[str] = "Wanda: keep the largest |W_ij|*||X_j|| in the target pattern; kept weights unchanged"
+
+    def keeps_dense_weights(self) -> bool:
+        return True
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` by Wanda scores (per output row for ``row``, N:M groups for ``nm``)."""

@@ -256,6 +256,10 @@ class FWSolver(LayerwiseSolver):
     Config = FWConfig
     supported_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "row", "N:M")
 
+    def keeps_dense_weights(self) -> bool:
+        """Masks only unless ``reconstruct`` refits the kept weights."""
+        return not self.config.reconstruction.reconstruct
+
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` (``layer.weight`` is not modified).
 
