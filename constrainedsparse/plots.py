@@ -206,6 +206,39 @@ def _bars(ax: Any, names: list[str], values: list[float], title: str) -> None:
     ax.set_title(title)
 
 
+# The block-level steps' errors (every layer of a block carries its block's), in the order they happen.
+BLOCK_STEPS = {
+    "block_error": "pruned",
+    "block_error_masked": "after the mask search",
+    "block_error_fitted": "after the refit",
+}
+
+
+def _block_errors(rows: Rows) -> dict[str, dict[str, float]]:
+    """``{block: {step key: relative block error}}`` in block order, from the block's first layer."""
+    found: dict[str, dict[str, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            step, _, name = key.partition("/")
+            if step in BLOCK_STEPS and name:
+                block = block_names([name]).get(name, name)
+                found.setdefault(block, {}).setdefault(step, value)
+    return found
+
+
+def _block_panel(ax: Any, blocks: dict[str, dict[str, float]]) -> None:
+    """The block errors per block, one line per step that ran."""
+    for step, label in BLOCK_STEPS.items():
+        values = [errors.get(step, float("nan")) for errors in blocks.values()]
+        if any(v == v for v in values):  # not all NaN
+            ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
+    ax.set_xticks(range(len(blocks)), [block.rsplit(".", 1)[-1] for block in blocks], fontsize=7)
+    ax.set_xlabel("block")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("relative block error against the block_fit_target outputs (calibration), per block")
+
+
 def _layerwise_figure(rows: Rows) -> Any:
     import matplotlib.pyplot as plt
 
@@ -215,7 +248,9 @@ def _layerwise_figure(rows: Rows) -> Any:
     sparsity = {k.split("/", 1)[1]: v for row in rows for k, v in row.items() if k.startswith("layer_sparsity/")}
     names = list(errors)
     traced = [row for row in rows if row.get("trace/objective") is not None]
-    fig, axes = plt.subplots(3 if traced else 2, 1, figsize=(max(10, 0.28 * len(names)), 11 if traced else 8))
+    blocks = _block_errors(rows)
+    count = 2 + bool(traced) + bool(blocks)
+    fig, axes = plt.subplots(count, 1, figsize=(max(10, 0.28 * len(names)), 3 + 2.7 * count))
     _bars(
         axes[0],
         names,
@@ -231,6 +266,8 @@ def _layerwise_figure(rows: Rows) -> Any:
             axes[2].plot([v / values[0] if values[0] else v for v in values], linewidth=0.7)
         axes[2].set_title("fw objective over the iterations, per layer (relative to its start)")
         axes[2].set_xlabel("sampled iteration")
+    if blocks:
+        _block_panel(axes[-1], blocks)
     fig.tight_layout()
     return fig
 

@@ -127,6 +127,20 @@ def test_layerwise_plot_has_bars_per_layer_labelled_by_name(tmp_path, tiny_llama
     assert _titles(fig)[0].startswith("relative layer error") and _titles(fig)[1] == "layer sparsity"
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert "self_attn.q_proj" in ticks and len(ticks) == 14
+    assert not any(title.startswith("relative block error") for title in _titles(fig))  # no block steps ran
+
+
+def test_layerwise_plot_shows_the_block_errors_of_the_block_steps(tmp_path, tiny_llama):
+    run(RunConfig(problem="hf-causal-lm", formulation="wanda", sparsity=0.5, out=tmp_path / "lw", progress=False,
+                  settings={"model": str(tiny_llama), "calibration_samples": "4", "seq_len": "16",
+                            "held_out_samples": "2", "block_mask_rounds": "1", "block_fit_epochs": "2"}))  # fmt: skip
+    fig = figure_for(read_metrics(tmp_path / "lw" / "metrics.jsonl"))
+    panel = fig.axes[-1]
+    assert panel.get_title().startswith("relative block error")
+    lines = {line.get_label(): list(line.get_ydata()) for line in panel.get_lines()}
+    assert set(lines) == {"pruned", "after the mask search", "after the refit"}
+    assert all(len(values) == 2 for values in lines.values())  # the tiny LLaMA's two blocks
+    assert all(a > b for a, b in zip(lines["after the mask search"], lines["after the refit"]))
 
 
 def test_wandb_offline_run_carries_the_summary_and_the_cli_says_where(tmp_path, capsys, monkeypatch):
