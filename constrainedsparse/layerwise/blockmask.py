@@ -227,8 +227,8 @@ def _gradients_and_grams(
                 w.requires_grad_(True)
                 w.grad = None
             for count[0], (item, target) in enumerate(pairs):
-                moved = item.to(device) if device is not None else item
-                token_mask[0] = moved.token_mask
+                mask = item.token_mask
+                token_mask[0] = mask.to(device) if mask is not None and device is not None else mask
                 error, _ = batch_loss(block, item, target, device)
                 (error / energy).backward()
     finally:
