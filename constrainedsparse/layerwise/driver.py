@@ -27,7 +27,6 @@ are broadcast from the rank that solved it: all ranks end every block with the s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +42,7 @@ from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
+from constrainedsparse.layerwise.grams import StopForward, accumulate_grams
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.sequential import block_groups
 from constrainedsparse.progress import Progress
@@ -81,10 +81,6 @@ def token_mask(batch: Any) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
-class _Captured(Exception):  # noqa: N818  (a control-flow signal, not an error)
-    """Raised by the capture hook to stop the model's forward once the block's inputs are recorded."""
-
-
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, batches: Sequence[Any], device: torch.device | str = "cpu"
@@ -111,7 +107,7 @@ def capture_block_inputs(
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args, dict(kwargs)))
-        raise _Captured
+        raise StopForward
 
     handle = block.register_forward_pre_hook(record, with_kwargs=True)
     inputs = []
@@ -121,7 +117,7 @@ def capture_block_inputs(
             before = len(captured)
             try:
                 call_model(model, batch)
-            except _Captured:
+            except StopForward:
                 pass
             if len(captured) != before + 1:
                 raise ValueError("a calibration batch never reached the block to prune (is it one of the model's?)")
@@ -151,69 +147,6 @@ def run_block(
 
 
 @torch.no_grad()
-def accumulate_grams(
-    block: nn.Module,
-    layers: Sequence[tuple[str, nn.Module]],
-    inputs: Sequence[BlockInputs],
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    stop_after: str | None = None,
-) -> dict[str, tuple[torch.Tensor, int]]:
-    r"""Streams the block over the batches and sums :math:`G = \sum_t x_t x_t^\top` per layer.
-
-    Padding tokens (``token_mask`` False) are left out. With ``device`` each batch moves there
-    before the block runs (activations kept elsewhere). The sums accumulate in ``dtype`` whatever
-    the model's dtype (bfloat16 weights still give float32 Gram matrices). With ``stop_after`` (a
-    layer called once per forward) each forward stops once that layer's input is added.
-
-    Returns:
-        ``{layer name: (G, number of tokens)}``.
-    """
-    grams: dict[str, list] = {}
-    current_mask: list[torch.Tensor | None] = [None]
-
-    def hook_for(name: str, d_in: int) -> Callable:
-        def add(module: nn.Module, args: tuple) -> None:
-            rows = args[0].reshape(-1, d_in)
-            mask = current_mask[0]
-            if mask is not None:
-                if mask.numel() != rows.shape[0]:
-                    raise ValueError(
-                        f"layer {name}: {rows.shape[0]} input rows do not match the {mask.numel()} tokens of the batch"
-                    )
-                rows = rows[mask.reshape(-1)]
-            rows = rows.to(dtype)
-            entry = grams[name]
-            entry[0].addmm_(rows.t(), rows)
-            entry[1] += rows.shape[0]
-            if name == stop_after:
-                raise _Captured
-
-        return add
-
-    handles = []
-    for name, module in layers:
-        d_in = layer_weight(module).shape[1]
-        grams[name] = [torch.zeros(d_in, d_in, dtype=dtype, device=module.weight.device), 0]
-        handles.append(module.register_forward_pre_hook(hook_for(name, d_in)))
-    try:
-        for item in inputs:
-            call = item.to(device) if device is not None else item
-            current_mask[0] = call.token_mask
-            with contextlib.suppress(_Captured):
-                block(*call.args, **call.kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if distributed.is_distributed():  # each rank saw its share of the batches: sum over ranks
-        counts = torch.tensor([entry[1] for entry in grams.values()], dtype=torch.float64)
-        dist.all_reduce(counts)
-        for entry, count in zip(grams.values(), counts.tolist()):
-            dist.all_reduce(entry[0])
-            entry[1] = int(count)
-    return {name: (gram, tokens) for name, (gram, tokens) in grams.items()}
-
-
 def assign_layers(costs: Sequence[float], ranks: int) -> list[int]:
     """Owner rank of every layer: greedy longest-first onto the least-loaded rank (deterministic).
 

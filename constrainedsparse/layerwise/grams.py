@@ -1,0 +1,87 @@
+r"""Gram matrices :math:`G = \sum_t x_t x_t^\top` of a block's linear layers over its calibration inputs.
+
+One home for the accumulation (padding left out, any accumulation dtype, summed over ranks): the
+driver's layer-wise solve, the allocation's error curves and the block mask search all call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from constrainedsparse import distributed
+from constrainedsparse.layerwise.blockinputs import BlockInputs
+from constrainedsparse.layerwise.layers import layer_weight
+
+__all__ = ["StopForward", "accumulate_grams"]
+
+
+class StopForward(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """Raised by a hook to stop a forward once what it records is recorded."""
+
+
+def accumulate_grams(
+    block: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    inputs: Sequence[BlockInputs],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    stop_after: str | None = None,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    r"""Streams the block over the batches and sums :math:`G = \sum_t x_t x_t^\top` per layer.
+
+    Padding tokens (``token_mask`` False) are left out. With ``device`` each batch moves there
+    before the block runs (activations kept elsewhere). The sums accumulate in ``dtype`` whatever
+    the model's dtype (bfloat16 weights still give float32 Gram matrices). With ``stop_after`` (a
+    layer called once per forward) each forward stops once that layer's input is added.
+
+    Returns:
+        ``{layer name: (G, number of tokens)}``.
+    """
+    grams: dict[str, list] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(name: str, d_in: int) -> Callable:
+        def add(module: nn.Module, args: tuple) -> None:
+            rows = args[0].reshape(-1, d_in)
+            mask = current_mask[0]
+            if mask is not None:
+                if mask.numel() != rows.shape[0]:
+                    raise ValueError(
+                        f"layer {name}: {rows.shape[0]} input rows do not match the {mask.numel()} tokens of the batch"
+                    )
+                rows = rows[mask.reshape(-1)]
+            rows = rows.to(dtype)
+            entry = grams[name]
+            entry[0].addmm_(rows.t(), rows)
+            entry[1] += rows.shape[0]
+            if name == stop_after:
+                raise StopForward
+
+        return add
+
+    handles = []
+    for name, module in layers:
+        d_in = layer_weight(module).shape[1]
+        grams[name] = [torch.zeros(d_in, d_in, dtype=dtype, device=module.weight.device), 0]
+        handles.append(module.register_forward_pre_hook(hook_for(name, d_in)))
+    try:
+        for item in inputs:
+            call = item.to(device) if device is not None else item
+            current_mask[0] = call.token_mask
+            with contextlib.suppress(StopForward):
+                block(*call.args, **call.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if distributed.is_distributed():  # each rank saw its share of the batches: sum over ranks
+        counts = torch.tensor([entry[1] for entry in grams.values()], dtype=torch.float64)
+        dist.all_reduce(counts)
+        for entry, count in zip(grams.values(), counts.tolist()):
+            dist.all_reduce(entry[0])
+            entry[1] = int(count)
+    return {name: (gram, tokens) for name, (gram, tokens) in grams.items()}
