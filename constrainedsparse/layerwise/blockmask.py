@@ -48,15 +48,17 @@ from torch import nn
 
 from constrainedsparse.layerwise.blockfit import Pairs, batch_loss, block_sums, float32_block
 from constrainedsparse.layerwise.blockinputs import BlockInputs
+from constrainedsparse.layerwise.fw.core import SUPPORTED_SETS
 from constrainedsparse.layerwise.fw.groups import group_sweep_polish
 from constrainedsparse.layerwise.fw.search import swap_polish
+from constrainedsparse.layerwise.grams import accumulate_grams
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, to_layer_layout
-from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK, TopK
+from constrainedsparse.sets import FeasibleSet, NMSparse
 
 __all__ = ["MaskSearchResult", "SEARCHABLE_PATTERNS", "search_block_masks"]
 
-# Patterns whose moves the search has: swaps within rows (row, unstructured), group changes (N:M).
-SEARCHABLE_PATTERNS = ("row", "unstructured", "nm")
+# Patterns whose moves the search has, fw's own: swaps within rows (row, unstructured), group changes (N:M).
+SEARCHABLE_PATTERNS = tuple(cls.kind for cls in SUPPORTED_SETS)
 # Trust factors tried every round (the model's curvature times each); picked on one block of
 # SmolLM2 at 60 % and 2:4 by its calibration loss (lowest at 300-500 there; 100 and below raise it).
 TRUST = (200.0, 300.0, 450.0, 700.0, 1000.0, 1500.0)
@@ -148,8 +150,10 @@ def _round(
     device: torch.device | str | None,
 ) -> float | None:
     """One round: the best candidate over ``TRUST`` if it beats ``current`` (then applied), else ``None``."""
-    grads, grams, few_grams = _gradients_and_grams(block, state, pairs, energy, device)
-    few = pairs[:CURVATURE_BATCHES]
+    grads = _gradients(block, state, pairs, energy, device)
+    named, few = [(str(i), layer.module) for i, layer in enumerate(state)], pairs[:CURVATURE_BATCHES]
+    grams = [gram for gram, _ in accumulate_grams(block, named, [item for item, _ in pairs], device=device).values()]
+    few_grams = [gram for gram, _ in accumulate_grams(block, named, [item for item, _ in few], device=device).values()]
     curvatures = [_curvature(block, layer, few, gram, device) / energy for layer, gram in zip(state, few_grams)]
     best, best_masks = current, None
     for trust in TRUST:
@@ -173,10 +177,8 @@ def _descend(layer: _Layer, gram: torch.Tensor, grad: torch.Tensor, curvature: f
     residual = grad / (-2.0 * curvature)
     if isinstance(layer.feasible, NMSparse):
         found = group_sweep_polish(layer.dense, gram, layer.mask, layer.feasible.m, GROUP_SWEEPS, residual=residual)
-    elif isinstance(layer.feasible, (RowTopK, TopK)):
+    else:  # RowTopK, TopK: check_block_mask refuses other patterns at the boundary
         found = swap_polish(layer.dense, gram, layer.mask, SWAP_STEPS, residual=residual)
-    else:
-        raise TypeError(f"no mask moves for {type(layer.feasible).__name__}")  # refused at the boundary
     return found.mask
 
 
@@ -198,45 +200,21 @@ def _curvature(
     return (values[0] + values[1] - 2.0 * values[2]) / (2.0 * EPSILON**2 * quadratic)
 
 
-def _gradients_and_grams(
+def _gradients(
     block: nn.Module, state: list[_Layer], pairs: Pairs, energy: float, device: torch.device | str | None
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """:math:`\\partial\\mathcal{L}/\\partial\\hat W` of every layer (the normalised error) and its Gram
-    matrices on the real tokens: of every batch, and of the first ``CURVATURE_BATCHES``."""
-    grams = [torch.zeros(layer.dense.shape[1], layer.dense.shape[1], device=layer.dense.device) for layer in state]
-    few_grams = [torch.zeros_like(gram) for gram in grams]
-    token_mask: list[torch.Tensor | None] = [None]
-    count = [0]
-
-    def hook(index: int):  # noqa: ANN202 - a forward hook
-        def accumulate(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            x = (x[token_mask[0]] if token_mask[0] is not None else x.reshape(-1, x.shape[-1])).float()
-            x = x.to(grams[index].device)
-            grams[index].addmm_(x.T, x)
-            if count[0] < CURVATURE_BATCHES:
-                few_grams[index].addmm_(x.T, x)
-
-        return accumulate
-
-    handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(state)]
+) -> list[torch.Tensor]:
+    """:math:`\\partial\\mathcal{L}/\\partial\\hat W` of every layer (the normalised error), ``(d_out, d_in)``."""
     weights = [layer.module.weight for layer in state]
     try:
         with torch.enable_grad():
             for w in weights:
                 w.requires_grad_(True)
                 w.grad = None
-            for count[0], (item, target) in enumerate(pairs):
-                mask = item.token_mask
-                token_mask[0] = mask.to(device) if mask is not None and device is not None else mask
+            for item, target in pairs:
                 error, _ = batch_loss(block, item, target, device)
                 (error / energy).backward()
+        return [to_layer_layout(layer.module, layer.module.weight.grad).float() for layer in state]
     finally:
-        for handle in handles:
-            handle.remove()
         for w in weights:
             w.requires_grad_(False)
-    grads = [to_layer_layout(layer.module, layer.module.weight.grad).float() for layer in state]
-    for w in weights:
-        w.grad = None
-    return grads, grams, few_grams
+            w.grad = None

@@ -56,7 +56,7 @@ def block_steps(
         search), ``block_error_fitted`` (the refit): the relative block errors on the calibration batches.
     """
     metrics: dict[str, float] = {}
-    if fit.mask_rounds and mask_layers is not None:
+    if mask_layers is not None:  # taken by the driver when fit.mask_rounds > 0
         searched = search_block_masks(block, mask_layers, inputs, wanted, fit.mask_rounds, device)
         metrics.update(
             block_error=searched.before, block_error_masked=searched.after, block_mask_changed=float(searched.changed)
