@@ -32,8 +32,9 @@ descents minimise it unchanged: the swap descent
 keeps its count) and the N:M group sweep
 (:func:`~constrainedsparse.layerwise.fw.groups.group_sweep_polish`).
 
-**A round**: one forward and backward pass for :math:`g` and :math:`G`, two forward passes per layer
-on the first batches for :math:`\beta`, then one candidate per :math:`\tau` in ``TRUST`` (all layers
+**A round**: one forward and backward pass for :math:`g`, one forward pass for every :math:`G`
+(:func:`~constrainedsparse.layerwise.grams.accumulate_grams`, also on the first batches), two forward
+passes per layer on the first batches for :math:`\beta`, then one candidate per :math:`\tau` in ``TRUST`` (all layers
 at once) whose exact :math:`\mathcal{L}` is computed; the best candidate is kept if it lowers
 :math:`\mathcal{L}`, otherwise the search stops. So the block's calibration loss never increases.
 """
