@@ -135,9 +135,7 @@ def search_block_masks(
             found = _round(block, state, pairs, energy, current, device)
             if found is None:
                 break
-            current, done = found, done + 1
-        for layer in state:
-            layer.apply(layer.mask)
+            current, done = found, done + 1  # every round leaves its chosen masks applied
     changed = sum(int((layer.mask != start).sum()) for layer, start in zip(state, starts))
     return MaskSearchResult(before=before, after=current, rounds=done, changed=changed)
 
@@ -155,7 +153,8 @@ def _round(
     named, few = [(str(i), layer.module) for i, layer in enumerate(state)], pairs[:CURVATURE_BATCHES]
     grams = [gram for gram, _ in accumulate_grams(block, named, [item for item, _ in pairs], device=device).values()]
     few_grams = [gram for gram, _ in accumulate_grams(block, named, [item for item, _ in few], device=device).values()]
-    curvatures = [_curvature(block, layer, few, gram, device) / energy for layer, gram in zip(state, few_grams)]
+    base = block_sums(block, few, device)[0]  # the current error on few: every curvature's middle point
+    curvatures = [_curvature(block, layer, few, gram, base, device) / energy for layer, gram in zip(state, few_grams)]
     best, best_masks = current, None
     for trust in TRUST:
         masks = [
@@ -184,21 +183,22 @@ def _descend(layer: _Layer, gram: torch.Tensor, grad: torch.Tensor, curvature: f
 
 
 def _curvature(
-    block: nn.Module, layer: _Layer, few: Pairs, gram: torch.Tensor, device: torch.device | str | None
+    block: nn.Module, layer: _Layer, few: Pairs, gram: torch.Tensor, base: float, device: torch.device | str | None
 ) -> float:
     r"""The curvature of the summed squared error along :math:`D_0` per unit of :math:`\sum_i d_i^\top G d_i`:
-    its second difference on ``few``, over the quadratic form with ``few``'s Gram matrix ``gram``."""
+    its second difference on ``few`` (``base``: the error there now), over the quadratic form with ``few``'s
+    Gram matrix ``gram``."""
     pruned = layer.dense * ~layer.mask
     quadratic = float(((pruned @ gram) * pruned).sum())
     if quadratic <= 0:
         return 0.0
     values = []
-    for sign in (1.0, -1.0, 0.0):
+    for sign in (1.0, -1.0):
         set_layer_weight(layer.module, layer.dense * layer.mask - sign * EPSILON * pruned)
         values.append(block_sums(block, few, device)[0])
     layer.apply(layer.mask)
     # few's squared error e(s) ~ e0 + s a + s^2 beta q_few, with q_few the quadratic form on few's Gram.
-    return (values[0] + values[1] - 2.0 * values[2]) / (2.0 * EPSILON**2 * quadratic)
+    return (values[0] + values[1] - 2.0 * base) / (2.0 * EPSILON**2 * quadratic)
 
 
 def _gradients(
