@@ -57,6 +57,8 @@ RUN_METHODS = (
     "fw-layer",
     "fw+reconstruct",
     "fw+reconstruct-layer",
+    "admm",
+    "admm-layer",
 )
 # Per-layer levels chosen by Lagrangian relaxation (--set allocation=lagrangian) or by OWL's published
 # rule (--set allocation=owl, the baseline) against the same solver at one level everywhere (its
@@ -209,6 +211,12 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["best fw"] = fw
                 row["fw / best sparsegpt perplexity"] = by[fw]["perplexity"] / reference["perplexity"]
                 row["fw / best sparsegpt solver seconds"] = by[fw]["solver_seconds"] / reference["solver_seconds"]
+            if "admm" in by:  # the layer-wise ADMM: weights re-solved like fw + reconstruct (no goal of its own)
+                admm = by["admm"]
+                row["admm / best sparsegpt perplexity increase"] = (admm["perplexity"] - dense) / (
+                    reference["perplexity"] - dense
+                )
+                row["admm / best sparsegpt solver seconds"] = admm["solver_seconds"] / reference["solver_seconds"]
         row.update(_fitted_ratios(by, sparsegpt))
         if sparsegpt is not None:
             for name in MASKED:  # still masks only: the mask-only goal's comparison

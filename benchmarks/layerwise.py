@@ -55,11 +55,13 @@ METHODS: dict[str, list[str]] = {
     "fw+reconstruct": ["--formulation", "fw", "--set", "reconstruct=true"],
     "fw+reconstruct-layer": ["--formulation", "fw", "--set", "reconstruct=true", *LAYER_SCOPE],
     "fw-sweep": ["--formulation", "fw", "--set", "polish_sweeps=6", "--set", "tabu_steps=0"],
+    "admm": ["--formulation", "admm"],
+    "admm-layer": ["--formulation", "admm", *LAYER_SCOPE],
 }
 # Both searches move N:M groups: at row sparsity the run would repeat fw.
 NM_ONLY_METHODS = ("fw-sweep",)
 # The mask scope is a --sparsity option: an N:M pattern has none.
-SPARSITY_ONLY_METHODS = ("sparsegpt-layer", "fw-layer", "fw+reconstruct-layer")
+SPARSITY_ONLY_METHODS = ("sparsegpt-layer", "fw-layer", "fw+reconstruct-layer", "admm-layer")
 SPARSEGPT_SCOPES = ("sparsegpt", "sparsegpt-layer")
 QUICK_SETTINGS = ("50%",)
 QUICK_METHODS = ("wanda", "fw")
@@ -78,6 +80,9 @@ GOALS: dict[str, float | None] = {
     "fw / best sparsegpt run seconds": None,
     "fw-sweep / wanda error": FW_ERROR_GOAL,
     "fw-sweep / best sparsegpt solver seconds": TIME_GOAL,
+    "admm / best sparsegpt error": None,
+    "admm-layer / best sparsegpt error": None,
+    "admm / best sparsegpt solver seconds": None,
 }
 
 
@@ -138,12 +143,13 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["fw scope of lower error"] = min(fw_scopes, key=lambda name: by[name]["mean_layer_error"])
 
         pairs = [(method, "wanda", "wanda") for method in ("fw", "fw-layer", "fw-sweep")]
-        pairs += [(m, best, "best sparsegpt") for m in ("fw", "fw-layer", "fw+reconstruct", "fw+reconstruct-layer")]
+        reconstructing = ("fw+reconstruct", "fw+reconstruct-layer", "admm", "admm-layer")
+        pairs += [(m, best, "best sparsegpt") for m in ("fw", "fw-layer", *reconstructing)]
         for method, reference, name in pairs:
             if method in by and reference in by:
                 row[f"{method} / {name} error"] = by[method]["mean_layer_error"] / by[reference]["mean_layer_error"]
         if best is not None:
-            for method in ("fw", "fw-layer", "fw-sweep"):
+            for method in ("fw", "fw-layer", "fw-sweep", "admm"):
                 if method in by:
                     seconds = by[method]["solver_seconds"] / by[best]["solver_seconds"]
                     row[f"{method} / best sparsegpt solver seconds"] = seconds

@@ -81,7 +81,7 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
     model = _Blocks()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [torch.randn(8, 16)]
-    with pytest.raises(ValueError, match=r"^unknown layer-wise solver 'nope'; choose one of fw, magnitude"):
+    with pytest.raises(ValueError, match=r"^unknown layer-wise solver 'nope'; choose one of admm, fw, magnitude"):
         prune_layerwise(model, batches, "nope")
     with pytest.raises(ValueError, match=r"^fw: alpha must be in \[0, 1\), got 2.0$"):
         prune_layerwise(model, batches, "fw", alpha=2.0)

@@ -20,7 +20,7 @@ from constrainedsparse.layerwise.solvers import Magnitude, SparseGPT, SparseGPTC
 from constrainedsparse.sets import NMSparse, RowTopK, TopK, keep_count
 from constrainedsparse.targets import SparsityConfig
 
-SOLVERS = ("magnitude", "wanda", "sparsegpt")
+SOLVERS = ("magnitude", "wanda", "sparsegpt", "admm")
 
 # Hand-set case: |W| favours columns 2, 3 in row 0, but input 0 has a 4x larger norm (G_00 = 16).
 W_HAND = torch.tensor([[1.0, -2.0, 3.0, -4.0], [4.0, 3.0, -2.0, 1.0]])
