@@ -481,3 +481,29 @@ def test_causal_lm_mask_search_rows_join_the_mask_only_goal():
     assert "1.100 (NOT met)" in text and "0.900 (met)" in text
     assert bench.applies("2:4", "fw+mask") and not bench.applies("70%", "wanda+mask")
     assert bench.METHODS["fw+mask"][-2:] == ["--set", f"block_mask_rounds={bench.MASK_ROUNDS}"]
+
+
+def test_admm_rows_report_their_ratios_without_a_goal_of_their_own():
+    """The layer-wise admm solver against the better SparseGPT: error and seconds (layer-wise benchmark),
+    perplexity increase and seconds (causal LM); no goal marks (the issue's goals are fw's)."""
+    layerwise, causal = _load("layerwise"), _load("causal_lm")
+    rows = [
+        {"setting": "60%", "method": name, "mean_layer_error": error, "solver_seconds": seconds, "run_seconds": 9.0}
+        for name, error, seconds in (("sparsegpt", 0.03, 2.0), ("sparsegpt-layer", 0.02, 2.5), ("admm", 0.01, 20.0),
+                                     ("admm-layer", 0.008, 21.0))
+    ]  # fmt: skip
+    (row,) = layerwise.ratios(rows)
+    assert row["admm / best sparsegpt error"] == pytest.approx(0.5)
+    assert row["admm-layer / best sparsegpt error"] == pytest.approx(0.4)
+    assert row["admm / best sparsegpt solver seconds"] == pytest.approx(8.0)
+    assert layerwise.applies("60%", "admm-layer") and not layerwise.applies("2:4", "admm-layer")
+
+    def result(method, perplexity, seconds):
+        figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": seconds}
+        return {"setting": "2:4", "method": method, "perplexity": perplexity, "dense_perplexity": 20.0, **figures}
+
+    (row,) = causal.goals([result("sparsegpt", 40.0, 2.0), result("admm", 30.0, 10.0)])
+    assert row["admm / best sparsegpt perplexity increase"] == pytest.approx(0.5)
+    assert row["admm / best sparsegpt solver seconds"] == pytest.approx(5.0)
+    text = causal.markdown([result("sparsegpt", 40.0, 2.0), result("admm", 30.0, 10.0)], [row], "cmd", "smollm2-wiki")
+    assert "| 0.500 |" in text and "0.500 (met)" not in text
