@@ -71,7 +71,7 @@ ALLOCATION_SETTINGS = ("50%", "60%", "70%")
 # The block refit (--set block_fit_epochs): every pruned block's kept weights fitted to the dense model's
 # block outputs, for SparseGPT and for fw + reconstruct alike (like for like).
 FIT_EPOCHS = 5
-FITTED = {"sparsegpt+fit": "sparsegpt", "fw+reconstruct+fit": "fw+reconstruct"}
+FITTED = {"sparsegpt+fit": "sparsegpt", "fw+reconstruct+fit": "fw+reconstruct", "admm+fit": "admm"}
 # The block-level mask search (--set block_mask_rounds): the masks of a mask-only solver moved towards the
 # dense model's block outputs, kept weights dense (still a mask-only result).
 MASK_ROUNDS = 2
@@ -227,18 +227,20 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _fitted_ratios(by: dict[str, dict[str, Any]], sparsegpt: str | None) -> dict[str, float]:
-    """fw + reconstruct with the block refit: its increase over dense against the best SparseGPT (the
-    issue's baseline, at its paper's setting) and against SparseGPT with the same refit (like for like)."""
-    if "fw+reconstruct+fit" not in by:
-        return {}
-    fitted = by["fw+reconstruct+fit"]
-    dense = fitted["dense_perplexity"]
+    """fw + reconstruct (and the layer-wise admm) with the block refit: the increase over dense against the
+    best SparseGPT (the issue's baseline, at its paper's setting) and against SparseGPT with the same refit
+    (like for like)."""
     ratios = {}
-    for name, key in ((sparsegpt, "best sparsegpt"), ("sparsegpt+fit", "sparsegpt+fit")):
-        if name in by:
-            ratios[f"fw+reconstruct+fit / {key} perplexity increase"] = (fitted["perplexity"] - dense) / (
-                by[name]["perplexity"] - dense
-            )
+    for fitted_name in ("fw+reconstruct+fit", "admm+fit"):
+        if fitted_name not in by:
+            continue
+        fitted = by[fitted_name]
+        dense = fitted["dense_perplexity"]
+        for name, key in ((sparsegpt, "best sparsegpt"), ("sparsegpt+fit", "sparsegpt+fit")):
+            if name in by:
+                ratios[f"{fitted_name} / {key} perplexity increase"] = (fitted["perplexity"] - dense) / (
+                    by[name]["perplexity"] - dense
+                )
     return ratios
 
 

@@ -502,8 +502,12 @@ def test_admm_rows_report_their_ratios_without_a_goal_of_their_own():
         figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": seconds}
         return {"setting": "2:4", "method": method, "perplexity": perplexity, "dense_perplexity": 20.0, **figures}
 
-    (row,) = causal.goals([result("sparsegpt", 40.0, 2.0), result("admm", 30.0, 10.0)])
+    fitted = [result("sparsegpt+fit", 30.0, 3.0), result("admm+fit", 25.0, 11.0)]
+    (row,) = causal.goals([result("sparsegpt", 40.0, 2.0), result("admm", 30.0, 10.0), *fitted])
     assert row["admm / best sparsegpt perplexity increase"] == pytest.approx(0.5)
     assert row["admm / best sparsegpt solver seconds"] == pytest.approx(5.0)
+    assert row["admm+fit / best sparsegpt perplexity increase"] == pytest.approx(0.25)
+    assert row["admm+fit / sparsegpt+fit perplexity increase"] == pytest.approx(0.5)
+    assert causal.METHODS["admm+fit"][-2:] == ["--set", f"block_fit_epochs={causal.FIT_EPOCHS}"]
     text = causal.markdown([result("sparsegpt", 40.0, 2.0), result("admm", 30.0, 10.0)], [row], "cmd", "smollm2-wiki")
     assert "| 0.500 |" in text and "0.500 (met)" not in text

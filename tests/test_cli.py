@@ -106,7 +106,7 @@ def test_listings(capsys):
     training_names = [line.split()[0] for line in training.strip().splitlines()[1:]]
     layerwise_names = [line.split()[0] for line in layerwise.strip().splitlines()]
     assert training_names == ["admm", "l0", "l0-penalty", "magnitude", "slr"]
-    assert layerwise_names == ["fw", "magnitude", "sparsegpt", "wanda"]
+    assert layerwise_names == ["admm", "fw", "magnitude", "sparsegpt", "wanda"]
     assert main(["problems"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     names = [line.split()[0] for line in lines]
