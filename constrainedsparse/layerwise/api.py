@@ -94,7 +94,7 @@ def prune_layerwise(
         model: A ``transformers`` model or any module holding its blocks in an ``nn.ModuleList``.
         batches: Calibration batches: dicts of keyword arguments (``model(**batch)``; an
             ``attention_mask`` marks padding), tuples (``model(*batch)``) or tensors (``model(batch)``).
-        method: ``"fw"``, ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` (or a solver instance).
+        method: ``"fw"``, ``"admm"``, ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` (or a solver instance).
         sparsity: Fraction of zeros per targeted layer (default 0.5 unless ``pattern`` is given).
         pattern: A pattern text: ``"2:4"`` (its own level), or ``"row"``, ``"unstructured"``,
             ``"structured:rows"``, ``"block:4x4"`` at ``sparsity`` (see :mod:`constrainedsparse.sets`).
