@@ -3,11 +3,11 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default /tmp/gpu-check; a few minutes on an H200
 #
-# 1. smollm2-wiki pruned to 50 % by each of $SOLVERS (wanda sparsegpt fw) three times: on the CPU (the
+# 1. smollm2-wiki pruned to 50 % by each of $SOLVERS (wanda sparsegpt fw admm) three times: on the CPU (the
 #    reference, in the background on the CPU cores), on cuda, and on cuda with --set offload=true
 #    (--set activations=device). Each cuda perplexity must be within TOL (relative, default 0.02) of the
 #    CPU run's, and the dense perplexities within 0.001: fp32 on both, so only summation order differs;
-#    fw's discrete mask search can flip near-ties, hence 2 % and not less. Measured on the CPU at these
+#    fw's and admm's discrete mask choices can flip near-ties, hence 2 % and not less. Measured on the CPU at these
 #    settings: wanda with 1 and 2 threads gives the same perplexity (56.4496); with 2 x 32 calibration tokens
 #    the thread count alone moved it by 6 %, so do not shrink the calibration below the defaults here.
 # 2. Peak device memory (summary key peak_memory) with and without offload.
@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-/tmp/gpu-check}
-SOLVERS=${SOLVERS:-wanda sparsegpt fw}
+SOLVERS=${SOLVERS:-wanda sparsegpt fw admm}
 DEVICE=${DEVICE:-cuda}
 TOL=${TOL:-0.02}
 SMALL=(--set "calibration_samples=${CALIBRATION_SAMPLES:-16}" --set "seq_len=${SEQ_LEN:-256}"
