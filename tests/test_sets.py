@@ -293,6 +293,29 @@ def test_project_keeps_exactly_the_budget(case: tuple[object, torch.Tensor]) -> 
         assert got[key] == min(_cap(fs), count), (key, count, got[key])
 
 
+def test_only_row_and_nm_are_rows_independent() -> None:
+    assert {kind for kind, cls in TABLE.items() if cls.rows_independent} == {"row", "nm"}
+    # A layer-wide count is not: the first row of one member and the second of another exceed k = 2.
+    first, second = torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    topk = TopK(2)
+    assert topk.contains(first) and topk.contains(second) and not topk.contains(first + second)
+
+
+@FAST
+@given(set_and_tensor(max_numel=24), st.integers(0, 2**31 - 1))
+def test_rows_independent_sets_take_any_mix_of_two_members_rows(case: tuple[object, torch.Tensor], seed: int) -> None:
+    """``rows_independent`` (what the layer-wise solvers read to choose row by row) holds: any rows of two
+    members form a member."""
+    fs, x = case
+    if not fs.rows_independent or x.dim() < 2:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    other = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    rows = torch.rand(x.shape[0], generator=gen) < 0.5
+    pick = rows.reshape(-1, *([1] * (x.dim() - 1)))
+    assert fs.contains(torch.where(pick, fs.project(x), fs.project(other)))
+
+
 @FAST
 @given(set_and_tensor(max_numel=24))
 def test_contains_matches_reference(case: tuple[object, torch.Tensor]) -> None:

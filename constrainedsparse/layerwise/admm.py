@@ -45,11 +45,18 @@ from typing import ClassVar
 import torch
 
 from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
-from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
+from constrainedsparse.layerwise.base import (
+    LayerProblem,
+    LayerResult,
+    LayerwiseSolver,
+    below_per_row,
+    register_solver,
+    wanda_scores,
+)
 from constrainedsparse.layerwise.fw.core import residual_row_errors
 from constrainedsparse.layerwise.fw.reconstruct import reconstruct_rows
 from constrainedsparse.layerwise.solvers import _check_shapes
-from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK
+from constrainedsparse.sets import FeasibleSet
 
 __all__ = ["ADMMLayerConfig", "ADMMLayerSolver", "EigenGram", "admm_support", "penalised_solve"]
 
@@ -164,16 +171,6 @@ def admm_support(weight: torch.Tensor, gram: torch.Tensor, feasible: FeasibleSet
     )
 
 
-def _fallback(feasible: FeasibleSet, rows: torch.Tensor, wanda_rows: torch.Tensor) -> torch.Tensor:
-    """The rows that take the Wanda mask: each row worse than Wanda's for patterns that constrain rows one by
-    one (``row``, N:M); all rows or none, by the layer's error, for the others (a mix would break the
-    layer-wide count of ``unstructured``, ``structured``, ``block``)."""
-    worse = wanda_rows < rows
-    if isinstance(feasible, (RowTopK, NMSparse)):
-        return worse
-    return torch.full_like(worse, bool(wanda_rows.sum() < rows.sum()))
-
-
 @register_solver("admm")
 class ADMMLayerSolver(LayerwiseSolver):
     """Layer-wise ADMM on the split :math:`\\hat W = Z`, :math:`Z` in the pattern, then least squares on the support."""
@@ -201,7 +198,7 @@ class ADMMLayerSolver(LayerwiseSolver):
         solved = reconstruct_rows(weight, gram, run.mask, cfg.damp, cfg.reconstruct_iterations, start=run.z)
         rows = residual_row_errors(weight, gram, solved)
         wanda_rows = residual_row_errors(weight, gram, weight * wanda)
-        fallback = _fallback(feasible, rows, wanda_rows)
+        fallback = below_per_row(feasible, wanda_rows, rows)  # Wanda's rows where strictly better
         mask = torch.where(fallback.unsqueeze(1), wanda, run.mask)
         weight_hat = torch.where(fallback.unsqueeze(1), weight * wanda, solved).to(layer.weight.dtype)
         metrics = {

@@ -34,6 +34,7 @@ __all__ = [
     "LayerResult",
     "LayerwiseSolver",
     "available_solvers",
+    "below_per_row",
     "describe_solvers",
     "register_solver",
     "solver_class",
@@ -141,6 +142,18 @@ class LayerwiseSolver(abc.ABC):
 def wanda_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     r"""Wanda's importance :math:`S_{ij} = |W_{ij}| \cdot \|X_j\|_2` with :math:`\|X_j\|_2^2 = G_{jj}`."""
     return weight.abs() * gram.diagonal().clamp_min(0).sqrt().to(weight.dtype)
+
+
+def below_per_row(feasible: FeasibleSet, rows: torch.Tensor, than: torch.Tensor) -> torch.Tensor:
+    """Which rows should take the candidate whose per-row errors are ``rows`` over the one with ``than``.
+
+    Row by row (``rows < than``) where the pattern constrains rows on their own
+    (:attr:`~constrainedsparse.sets.FeasibleSet.rows_independent`); else one answer for every row, the
+    layer's sums compared, so that a layer-wide count holds in whichever mask is kept.
+    """
+    if feasible.rows_independent:
+        return rows < than
+    return torch.full_like(rows, bool(rows.sum() < than.sum()), dtype=torch.bool)
 
 
 def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[LayerwiseSolver]]:

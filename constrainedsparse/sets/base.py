@@ -159,10 +159,13 @@ class FeasibleSet(abc.ABC):
             sets only).
         fixed_level: Whether the pattern fixes its own sparsity level (N:M), so ``--sparsity``
             does not apply.
+        rows_independent: Whether the pattern constrains every row (dim 0) on its own (``row``, N:M), so
+            rows of two members make a member; ``False`` for a count over the whole tensor.
     """
 
     kind: ClassVar[str] = ""
     fixed_level: ClassVar[bool] = False
+    rows_independent: ClassVar[bool] = False
 
     # --- the pattern vocabulary (class level) -------------------------------------------------
 

@@ -77,6 +77,7 @@ class RowTopK(FeasibleSet):
     """At most ``k`` nonzeros in every row (dim 0 indexes rows; the rest is flattened); pattern ``row``."""
 
     kind = "row"
+    rows_independent = True
 
     @classmethod
     def at_level(cls, shape: Sequence[int], sparsity: float, **params: Any) -> RowTopK:
@@ -125,6 +126,7 @@ class NMSparse(FeasibleSet):
 
     kind = "nm"
     fixed_level = True
+    rows_independent = True
 
     @classmethod
     def parse(cls, text: str) -> dict[str, Any] | None:

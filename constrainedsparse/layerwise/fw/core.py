@@ -362,7 +362,7 @@ def frank_wolfe(
     """
     face = FaceCoordinates.of(feasible, config.alpha, scores)
     # The exact line search is per row where rows are independent (row, N:M), else for the layer.
-    row_separable = not isinstance(feasible, TopK)
+    row_separable = feasible.rows_independent
     wg = weight @ gram if wg is None else wg
     mask = as_float(start, weight.dtype)
     kept = torch.mm(torch.mul(weight, mask), gram)

@@ -42,7 +42,14 @@ from typing import ClassVar
 
 import torch
 
-from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
+from constrainedsparse.layerwise.base import (
+    LayerProblem,
+    LayerResult,
+    LayerwiseSolver,
+    below_per_row,
+    register_solver,
+    wanda_scores,
+)
 from constrainedsparse.layerwise.fw.config import FWConfig, SearchConfig
 from constrainedsparse.layerwise.fw.core import (
     FrankWolfeRun,
@@ -56,7 +63,7 @@ from constrainedsparse.layerwise.fw.reconstruct import Reconstruction, reconstru
 from constrainedsparse.layerwise.fw.search import swap_polish
 from constrainedsparse.layerwise.fw.swap_tabu import swap_tabu_search
 from constrainedsparse.layerwise.fw.tabu import group_tabu_search
-from constrainedsparse.sets import FeasibleSet, NMSparse, TopK
+from constrainedsparse.sets import FeasibleSet, NMSparse
 
 __all__ = ["FWSolver", "Polished", "keep_better", "relaxes", "round_relaxed", "search_rounded"]
 
@@ -154,10 +161,7 @@ def keep_better(
         The mask and its per-row objective.
     """
     rows = polished.row_errors
-    if not isinstance(feasible, TopK):
-        better = rows < start_rows
-    else:
-        better = torch.full_like(rows, float(rows.sum()) < float(start_rows.sum()), dtype=torch.bool)
+    better = below_per_row(feasible, rows, start_rows)
     mask = wanda ^ ((polished.mask ^ wanda) & better.unsqueeze(1))  # bitwise: where() on masks is slow on CPU
     return mask, torch.where(better, rows, start_rows)
 
