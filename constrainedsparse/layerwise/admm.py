@@ -197,10 +197,11 @@ class ADMMLayerSolver(LayerwiseSolver):
         run = admm_support(weight, gram, feasible, cfg)
         solved = reconstruct_rows(weight, gram, run.mask, cfg.damp, cfg.reconstruct_iterations, start=run.z)
         rows = residual_row_errors(weight, gram, solved)
-        wanda_rows = residual_row_errors(weight, gram, weight * wanda)
+        wanda_weight = weight * wanda
+        wanda_rows = residual_row_errors(weight, gram, wanda_weight)
         fallback = below_per_row(feasible, wanda_rows, rows)  # Wanda's rows where strictly better
         mask = torch.where(fallback.unsqueeze(1), wanda, run.mask)
-        weight_hat = torch.where(fallback.unsqueeze(1), weight * wanda, solved).to(layer.weight.dtype)
+        weight_hat = torch.where(fallback.unsqueeze(1), wanda_weight, solved).to(layer.weight.dtype)
         metrics = {
             "admm/iterations": float(cfg.iterations),
             "admm/rho_final": run.rho,
