@@ -6,7 +6,7 @@ available, in this order:
 
 - ``polish_sweeps`` (default 0, off): block-coordinate descent, each group taking its best kept set
   given the others (:func:`group_sweep_polish`), until no single group move improves;
-- ``tabu_steps`` (default 150): tabu search (:mod:`constrainedsparse.layerwise.fw.tabu`), which
+- ``tabu_steps`` (default 100): tabu search (:mod:`constrainedsparse.layerwise.fw.tabu`), which
   leaves the local optima where the sweep stops.
 
 Both enumerate every kept set of a group, so they run only up to :data:`MAX_GROUP_CHOICES` kept

@@ -1,6 +1,6 @@
 r"""Tabu search over N:M group moves on a binary mask, every row at once (masks only).
 
-``tabu_steps`` (default 150) steps, after the group sweep if any
+``tabu_steps`` (default 100) steps, after the group sweep if any
 (:mod:`constrainedsparse.layerwise.fw.groups`). A descent over single-group moves, such as that
 sweep, stops in a local optimum: no single group can change its kept set for the better. Tabu
 search descends from any start mask and moves on from such optima. At every step each row takes
