@@ -420,6 +420,11 @@ ROWS: list[Row] = [
     Row("hf no calibration", [*LLAMA, "--set", "calibration_samples=0"], r"--set calibration_samples must be >= 1"),
     Row("training formulation layer-wise", [*LLAMA, "--formulation", "slr"], r"formulation 'slr' trains the model"),
     Row(
+        "unknown layer-wise formulation",
+        [*LLAMA, "--formulation", "nope"],
+        r"unknown formulation 'nope'; problem 'hf-causal-lm' is layer-wise: choose one of admm, fw, magnitude",
+    ),  # fmt: skip
+    Row(
         "retrain layer-wise", [*LLAMA, "--retrain-epochs", "1"], r"--retrain-epochs is not available for the layer-wise"
     ),
     Row(

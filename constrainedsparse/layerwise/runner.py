@@ -212,10 +212,10 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     problem = problem.guarded()
     name = config.formulation
     if name not in available_solvers():
-        kind = "trains the model" if name in available_formulations() else "is not a formulation"
+        trains = name in available_formulations()
+        what = f"formulation {name!r} trains the model" if trains else f"unknown formulation {name!r}"
         raise UserInputError(
-            f"formulation {name!r} {kind}; problem {problem.name!r} is layer-wise: choose one of "
-            f"{', '.join(available_solvers())}"
+            f"{what}; problem {problem.name!r} is layer-wise: choose one of {', '.join(available_solvers())}"
         )
     if config.retrain_epochs:
         raise UserInputError(f"--retrain-epochs is not available for the layer-wise problem {problem.name!r}")
