@@ -10,9 +10,10 @@ catch it as one.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
-__all__ = ["NonFiniteLossError", "UserInputError", "user_input"]
+__all__ = ["DEBUG_ENV", "NonFiniteLossError", "UserInputError", "debugging", "first_line", "user_input"]
 
 
 class UserInputError(ValueError):
@@ -46,3 +47,11 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+DEBUG_ENV = "CONSTRAINEDSPARSE_DEBUG"
+
+
+def debugging() -> bool:
+    """Whether the user's tracebacks are wanted (``--debug`` sets ``CONSTRAINEDSPARSE_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -24,15 +24,21 @@ class Registry:
     def register(self, kind: str, name: str) -> Callable[[type], type]:
         """Class decorator adding the class as ``(kind, name)`` (and setting its ``name``).
 
+        The same definition loaded again (a problem file that registers a solver, loaded twice in one
+        process: same module and class name) replaces the earlier class.
+
         Raises:
-            ValueError: If the kind is unknown or the pair is already registered.
+            ValueError: If the kind is unknown or the pair is already registered by another class.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
 
         def decorate(cls: type) -> type:
-            if (kind, name) in self._classes:
-                raise ValueError(f"{KINDS[kind]} {name!r} is already registered")
+            known = self._classes.get((kind, name))
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(
+                    f"{KINDS[kind]} {name!r} is already registered (by {known.__module__}.{known.__qualname__})"
+                )
             cls.name = name
             self._classes[(kind, name)] = cls
             return cls

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from constrainedsparse.errors import UserInputError, first_line
+from constrainedsparse.errors import DEBUG_ENV, UserInputError, debugging, first_line
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
 from constrainedsparse.problem import UserConstraint
@@ -49,12 +48,6 @@ __all__ = [
 ]
 
 BUNDLED_DIR = Path(__file__).parent / "problems"
-DEBUG_ENV = "CONSTRAINEDSPARSE_DEBUG"
-
-
-def debugging() -> bool:
-    """Whether the user's tracebacks are wanted (``--debug`` sets ``CONSTRAINEDSPARSE_DEBUG=1``)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def guard(problem_name: str, what: str, fn: Callable[..., Any] | None) -> Callable[..., Any] | None:

@@ -1,5 +1,7 @@
 """``--set`` routing and the name registry shared by training formulations and layer-wise solvers."""
 
+import re
+
 import pytest
 
 from constrainedsparse.registry import Registry
@@ -49,8 +51,12 @@ def test_registry_names_classes_by_kind_and_refuses_duplicates():
         registry.get("layerwise", "c")
     with pytest.raises(ValueError, match=r"^unknown formulation 'b'; available: a$"):
         registry.get("training", "b")
-    with pytest.raises(ValueError, match=r"^formulation 'a' is already registered$"):
+    by = re.escape(f"{A.__module__}.{A.__qualname__}")
+    with pytest.raises(ValueError, match=rf"^formulation 'a' is already registered \(by {by}\)$"):
         registry.register("training", "a")(type("Again", (), {}))
+    # The same definition loaded again (a problem file loaded twice in one process) replaces the class.
+    Reloaded = type("A", (), {"__module__": A.__module__, "__qualname__": A.__qualname__, "description": "new"})
+    assert registry.register("training", "a")(Reloaded) is Reloaded and registry.get("training", "a") is Reloaded
 
 
 def test_target_from_flags_is_one_validation_for_both_runners():

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from constrainedsparse.config import Hyperparameters
+from constrainedsparse.errors import UserInputError, debugging, first_line
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
 from constrainedsparse.targets import SparsityConfig
@@ -35,6 +36,8 @@ __all__ = [
     "LayerwiseSolver",
     "available_solvers",
     "below_per_row",
+    "check_result",
+    "solve",
     "describe_solvers",
     "register_solver",
     "solver_class",
@@ -94,6 +97,57 @@ class LayerResult:
     trace: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
+def solve(solver: LayerwiseSolver, layer: LayerProblem) -> LayerResult:
+    """``solver.prune(layer)``, its answer checked (:func:`check_result`).
+
+    A solver defined outside this package (the user's, e.g. registered in a problem file) that raises is
+    reported as one :class:`UserInputError` line naming it and the layer (``--debug``: its own traceback);
+    a built-in solver's exception is a bug of ours and keeps its traceback.
+    """
+    if type(solver).__module__.split(".")[0] == __name__.split(".")[0] or debugging():
+        result = solver.prune(layer)
+    else:
+        try:
+            result = solver.prune(layer)
+        except UserInputError:
+            raise
+        except Exception as err:
+            detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
+            raise UserInputError(
+                f"layer-wise solver {solver.name!r} on {layer.name} failed: {detail} (--debug shows the traceback)"
+            ) from err
+    check_result(solver.name, layer, result)
+    return result
+
+
+def check_result(solver: str, layer: LayerProblem, result: Any) -> None:
+    """What the driver checks of every solver's answer before writing it into the model (a solver of the
+    user's may break the contract of :class:`LayerResult`).
+
+    Raises:
+        UserInputError: (a ``ValueError``) One line naming the solver and the layer: not a ``LayerResult``,
+            a mask that is not a boolean tensor of the weight's shape, a weight of another shape,
+            non-finite kept weights, or a mask outside the layer's pattern.
+    """
+    where = f"layer-wise solver {solver!r} on {layer.name}"
+    if not isinstance(result, LayerResult):
+        raise UserInputError(f"{where}: prune() must return a LayerResult, got {type(result).__name__}")
+    shape = tuple(layer.weight.shape)
+    mask, weight = result.mask, result.weight
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise UserInputError(f"{where}: the mask must be a torch.bool tensor of the weight's shape {shape}, got {got}")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise UserInputError(f"{where}: the weight must have the shape {shape}, got {got}")
+    if not bool(torch.isfinite(weight[mask]).all()):
+        raise UserInputError(f"{where}: kept weights must be finite (some are inf or nan)")
+    feasible = layer.feasible_set()
+    if not feasible.contains(mask):
+        pattern = layer.target.describe()
+        raise UserInputError(f"{where}: the mask is outside the layer's pattern {pattern} ({feasible!r})")
+
+
 @dataclasses.dataclass
 class NoSolverConfig(Hyperparameters):
     """Hyperparameters of a solver that has none."""
@@ -114,6 +168,13 @@ class LayerwiseSolver(abc.ABC):
     Config: ClassVar[type] = NoSolverConfig
     supported_patterns: ClassVar[tuple[str, ...] | None] = None
     """Pattern texts the solver handles (``"N:M"`` for any N:M); ``None``: every pattern."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An unregistered solver class (an instance handed to ``prune_layerwise``) is named after its class;
+        :func:`register_solver` replaces the name by the registered one."""
+        super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "name"):
+            cls.name = cls.__name__
 
     @classmethod
     def check_target(cls, target: SparsityConfig) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
-from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver
+from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
@@ -249,7 +249,7 @@ def _solve_layers(
         full_name = weight_name(prefix, name)
         weight = layer_weight(module).detach().to(torch.float32, copy=True)  # the module is overwritten below
         problem = LayerProblem(full_name, weight, gram, (levels or {}).get(full_name, target), tokens)
-        result = solver.prune(problem)
+        result = solve(solver, problem)
         pruned = torch.where(result.mask, result.weight, torch.zeros_like(result.weight))
         report = LayerReport(
             name=full_name,
