@@ -93,6 +93,13 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, [], "wanda")
     with pytest.raises(ValueError, match=r"^--set mask_scope must be one of row, layer, got 'col'$"):
         prune_layerwise(model, batches, "wanda", mask_scope="col")
+    with pytest.raises(ValueError, match=r"^no blocks to prune: the list of blocks is empty$"):
+        prune_layerwise(model, batches, "wanda", blocks=[])
+    with pytest.raises(ValueError, match=r"^no layer to prune: the targets match no layer in the 2 blocks$"):
+        prune_layerwise(model, batches, "wanda", targets=Targets(include=["nothing.*"]))
+    nan = r"^blocks\.0\.0\.weight: its calibration inputs are not finite \(nan or inf in their Gram matrix\)"
+    with pytest.raises(ValueError, match=nan):
+        prune_layerwise(model, [torch.full((8, 16), float("nan"))], "sparsegpt")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
@@ -237,6 +238,12 @@ def _solve_layers(
     Under several processes the layers are dealt out by estimated cost and every pruned weight and
     report is broadcast from the rank that solved it.
     """
+    for name, _ in layers:  # every rank holds the same Gram matrices: all refuse alike
+        if not bool(torch.isfinite(grams[name][0]).all()):
+            raise UserInputError(
+                f"{weight_name(prefix, name)}: its calibration inputs are not finite (nan or inf in their Gram "
+                "matrix): check the calibration batches, and the model's dtype for overflow"
+            )
     shapes = [layer_weight(module).shape for _, module in layers]
     world, me = (distributed.world_size(), distributed.rank()) if distributed.is_distributed() else (1, 0)
     owners = assign_layers([float(d_out) * d_in * d_in for d_out, d_in in shapes], world)

@@ -102,15 +102,19 @@ def check_layer_shapes(
     """Every targeted layer fits the pattern (N:M widths) and keeps a weight, named as ``block I layer``.
 
     Raises:
-        UserInputError: For the first layer that does not fit, or that the level would empty
-            (unless ``allow_empty``).
+        UserInputError: For no block or no targeted layer at all, for the first layer that does not fit,
+            or that the level would empty (unless ``allow_empty``).
     """
+    if not blocks:
+        raise UserInputError("no blocks to prune: the list of blocks is empty")
     sets = {}
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets):
             shape = layer_weight(module).shape
             with user_input(f"block {index} {name}: "):
                 sets[f"block {index} {name}"] = (target.feasible_set(shape), shape)
+    if not sets:
+        raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
     if not allow_empty:
         check_keeps_weights(sets, target)
 
