@@ -134,9 +134,13 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
 
     Raises:
         ValueError: If a target still carries a formulation's parametrization (call ``finalize()``
-            first), or a mask's shape differs from its tensor's.
+            first), a mask names no target, or a mask's shape differs from its tensor's.
     """
     targets = list(targets)
+    unknown = sorted(set(masks) - {target.name for target in targets})
+    if unknown:
+        known = ", ".join(target.name for target in targets)
+        raise ValueError(f"masks name no target: {', '.join(map(repr, unknown))}; the targets are {known}")
     for target in targets:
         if target.name in masks and tuple(masks[target.name].shape) != tuple(target.tensor.shape):
             raise ValueError(

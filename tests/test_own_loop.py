@@ -241,6 +241,8 @@ def test_lifecycle_calls_out_of_order_name_the_missing_step():
         f.finalize()
     with pytest.raises(ValueError, match=r"^training_step\(\) after finalize\(\)"):
         f.training_step((x, y))
+    with pytest.raises(ValueError, match=r"^masks name no target: '0\.weigth'; the targets are 0\.weight"):
+        hard_prune(targets, {"0.weigth": masks["0.weight"]})
     hard_prune(targets, masks)
     other, _, _ = _cancer()
     slr = make(
