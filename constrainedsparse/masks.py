@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ __all__ = [
     "canonical_parameters",
     "achieved_sparsity",
     "apply_masks",
+    "check_masks",
     "current_masks",
     "find_parametrization",
     "hard_prune",
@@ -75,8 +76,32 @@ def _mask_module(module: nn.Module, param_name: str) -> Mask | None:
     return find_parametrization(module, param_name, Mask)
 
 
+def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
+    """Every mask names a target and has its tensor's shape.
+
+    Raises:
+        ValueError: For a name that is no target (a typo would leave that tensor dense), or a shape that differs.
+    """
+    unknown = sorted(set(masks) - {target.name for target in targets})
+    if unknown:
+        known = ", ".join(target.name for target in targets)
+        raise ValueError(f"masks name no target: {', '.join(map(repr, unknown))}; the targets are {known}")
+    for target in targets:
+        if target.name in masks and tuple(masks[target.name].shape) != tuple(target.tensor.shape):
+            raise ValueError(
+                f"the mask of {target.name} has shape {tuple(masks[target.name].shape)}, the tensor "
+                f"{tuple(target.tensor.shape)}"
+            )
+
+
 def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
-    """Registers (or updates) a :class:`Mask` parametrization on every target in ``masks``."""
+    """Registers (or updates) a :class:`Mask` parametrization on every target in ``masks``.
+
+    Raises:
+        ValueError: If a mask names no target or has another shape than its tensor (:func:`check_masks`).
+    """
+    targets = list(targets)
+    check_masks(targets, masks)
     for target in targets:
         if target.name not in masks:
             continue
@@ -137,16 +162,7 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
             first), a mask names no target, or a mask's shape differs from its tensor's.
     """
     targets = list(targets)
-    unknown = sorted(set(masks) - {target.name for target in targets})
-    if unknown:
-        known = ", ".join(target.name for target in targets)
-        raise ValueError(f"masks name no target: {', '.join(map(repr, unknown))}; the targets are {known}")
-    for target in targets:
-        if target.name in masks and tuple(masks[target.name].shape) != tuple(target.tensor.shape):
-            raise ValueError(
-                f"the mask of {target.name} has shape {tuple(masks[target.name].shape)}, the tensor "
-                f"{tuple(target.tensor.shape)}"
-            )
+    check_masks(targets, masks)
     remove_masks(targets)
     for target in targets:
         if target.name in masks:

@@ -144,6 +144,13 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 raise ValueError(f"{key} must be callable, got {type(fn).__name__}")
         if not targets:
             raise ValueError("targets is required: pass Targets().resolve(model, SparsityConfig(...))")
+        held = {id(p) for p in model.parameters()}
+        foreign = [t.name for t in targets if id(t.stored) not in held]
+        if foreign:
+            raise ValueError(
+                f"target {foreign[0]} is not a parameter of this model: resolve the targets on the model you "
+                "train (Targets().resolve(model, ...)), after any copy of it"
+            )
         self.model = model
         self.forward_module: nn.Module = model
         self.loss_fn = loss_fn

@@ -72,6 +72,10 @@ def test_masked_fine_tuning_with_apply_and_remove_masks():
     model, x, y = _cancer()
     targets = Targets().resolve(model, SparsityConfig(sparsity=0.8))
     masks = {t.name: t.feasible_set.mask(t.tensor) for t in targets}
+    with pytest.raises(ValueError, match=r"^masks name no target: '0\.weigth'; the targets are 0\.weight, 2\.weight$"):
+        apply_masks(targets, {"0.weigth": masks["0.weight"]})
+    with pytest.raises(ValueError, match=r"^the mask of 0\.weight has shape \(3, 3\), the tensor \(32, 30\)$"):
+        apply_masks(targets, {"0.weight": torch.ones(3, 3, dtype=torch.bool)})
     apply_masks(targets, masks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for batch in _batches(x, y):
@@ -296,7 +300,10 @@ def test_batches_that_are_not_pairs_need_compute_loss():
     assert cmp_state.loss.dim() == 0 and "dual/residual" in metrics and set(seen) == {3}
     with pytest.raises(ValueError, match=r"^give exactly one of loss_fn"):
         SparsityProblem(model, nn.functional.cross_entropy, targets, compute_loss=weighted)
+    other = copy.deepcopy(model)
     with pytest.raises(ValueError, match=r"^compute_loss must return a scalar tensor, got \(569, 2\)"):
-        bad = SparsityProblem(copy.deepcopy(model), None, Targets().resolve(copy.deepcopy(model), SparsityConfig(0.5)),
+        bad = SparsityProblem(other, None, Targets().resolve(other, SparsityConfig(0.5)),
                               compute_loss=lambda net, batch: net(batch[0]))  # fmt: skip
         bad.compute_cmp_state((x, y))
+    with pytest.raises(ValueError, match=r"^target 0\.weight is not a parameter of this model: resolve the targets"):
+        SparsityProblem(copy.deepcopy(model), nn.functional.cross_entropy, targets)
