@@ -562,6 +562,11 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
     ("layerwise model", lambda: prune_layerwise("model", [1]), r"^model must be a torch.nn.Module, got str$"),
     ("metric name", lambda: Metric("not a name", len), r"^a metric name must be an identifier"),
     ("describe kind", lambda: describe("slr", kind="other"), r"^kind must be one of training, layerwise"),
+    (
+        "describe the other kind",
+        lambda: describe("slr", kind="layerwise"),
+        r"^'slr' is a formulation, not a layer-wise solver; layer-wise solvers: admm, fw, magnitude, sparsegpt, wanda",
+    ),  # fmt: skip
 ]
 
 
