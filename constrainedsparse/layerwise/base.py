@@ -37,9 +37,9 @@ __all__ = [
     "available_solvers",
     "below_per_row",
     "check_result",
-    "solve",
     "describe_solvers",
     "register_solver",
+    "solve",
     "solver_class",
     "wanda_scores",
 ]
