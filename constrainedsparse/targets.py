@@ -215,7 +215,8 @@ class Targets:
         """Binds the targets to ``model`` at the level of ``config``.
 
         Raises:
-            ValueError: If nothing is selected, or a pattern does not fit a tensor (e.g. N:M on a
+            ValueError: If nothing is selected, an override matches no selected parameter (a typo would
+                leave its level at the default), or a pattern does not fit a tensor (e.g. N:M on a
                 width not divisible by M).
         """
         selected = self.select(model)
@@ -225,6 +226,11 @@ class Targets:
                 f"{', '.join(t.__name__ for t in self.module_types)}, include={list(self.include)}, "
                 f"exclude={list(self.exclude)})"
             )
+        names = [f"{fqn}.{param_name}" if fqn else param_name for fqn, param_name, _ in selected]
+        for pattern in self.overrides:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+                raise ValueError(f"override {pattern!r} matches no targeted parameter; they are {shown}")
         resolved = []
         for fqn, param_name, module in selected:
             full = f"{fqn}.{param_name}" if fqn else param_name

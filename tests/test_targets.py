@@ -61,6 +61,9 @@ def test_validation_errors():
         Targets().resolve(Net(), SparsityConfig.from_pattern("2:4"))
     with pytest.raises(ValueError, match=r"override 'head.\*' must be a sparsity in \[0, 1\), got 1.5"):
         Targets(overrides={"head.*": 1.5})
+    names = ", ".join(t.name for t in Targets().resolve(Net(), SparsityConfig(0.5)))
+    with pytest.raises(ValueError, match=rf"^override 'encodr\.\*' matches no targeted parameter; they are {names}$"):
+        Targets(overrides={"encodr.*": 0.5}).resolve(Net(), SparsityConfig(0.5))
     with pytest.raises(ValueError, match=r"module_types must name at least one module class"):
         Targets(module_types=())
 

@@ -102,9 +102,14 @@ def check_layer_shapes(
     """Every targeted layer fits the pattern (N:M widths) and keeps a weight, named as ``block I layer``.
 
     Raises:
-        UserInputError: For no block or no targeted layer at all, for the first layer that does not fit,
-            or that the level would empty (unless ``allow_empty``).
+        UserInputError: For ``targets.overrides`` (training runs only), no block or no targeted layer at
+            all, the first layer that does not fit, or that the level would empty (unless ``allow_empty``).
     """
+    if targets.overrides:
+        raise UserInputError(
+            "Targets.overrides (per-parameter levels) apply to training runs; a layer-wise run takes per-layer "
+            "levels from allocation=lagrangian or owl: remove the overrides"
+        )
     if not blocks:
         raise UserInputError("no blocks to prune: the list of blocks is empty")
     sets = {}
