@@ -192,32 +192,52 @@ class Targets:
         for pattern, level in self.overrides.items():
             check_sparsity(level, f"override {pattern!r}", "a sparsity ")
 
-    def select(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-        """``(module_fqn, param_name, module)`` for every targeted parameter, in model order."""
-        chosen = []
+    def candidates(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+        """``(module_fqn, param_name, module)`` of every parameter of the module types, names and
+        ``filter_fn``, before ``include``/``exclude``, in model order."""
+        found = []
         for fqn, module in model.named_modules():
             if not isinstance(module, self.module_types):
                 continue
             if self.filter_fn is not None and not self.filter_fn(module, fqn):
                 continue
-            for param_name in self.param_names:
-                if getattr(module, param_name, None) is None:
-                    continue
-                full = f"{fqn}.{param_name}" if fqn else param_name
-                if self.include and not any(fnmatch.fnmatchcase(full, p) for p in self.include):
-                    continue
-                if any(fnmatch.fnmatchcase(full, p) for p in self.exclude):
-                    continue
-                chosen.append((fqn, param_name, module))
+            found.extend((fqn, name, module) for name in self.param_names if getattr(module, name, None) is not None)
+        return found
+
+    def select(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+        """``(module_fqn, param_name, module)`` for every targeted parameter, in model order."""
+        chosen = []
+        for fqn, param_name, module in self.candidates(model):
+            full = _full_name(fqn, param_name)
+            if self.include and not any(fnmatch.fnmatchcase(full, p) for p in self.include):
+                continue
+            if any(fnmatch.fnmatchcase(full, p) for p in self.exclude):
+                continue
+            chosen.append((fqn, param_name, module))
         return chosen
+
+    def check_globs(self, candidates: Sequence[str], selected: Sequence[str]) -> None:
+        """Every ``include``/``exclude`` glob matches a candidate name and every override a selected one.
+
+        Raises:
+            ValueError: Naming the first glob that matches nothing (a typo would prune what was meant to
+                be kept, or leave a level at the default) and the names it could have matched.
+        """
+        checks = [("include", self.include, candidates, "parameter; the candidates are")]
+        checks.append(("exclude", self.exclude, candidates, "parameter; the candidates are"))
+        checks.append(("override", list(self.overrides), selected, "targeted parameter; they are"))
+        for kind, globs, names, what in checks:
+            for pattern in globs:
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+                    raise ValueError(f"{kind} {pattern!r} matches no {what} {shown}")
 
     def resolve(self, model: nn.Module, config: SparsityConfig) -> list[TargetParam]:
         """Binds the targets to ``model`` at the level of ``config``.
 
         Raises:
-            ValueError: If nothing is selected, an override matches no selected parameter (a typo would
-                leave its level at the default), or a pattern does not fit a tensor (e.g. N:M on a
-                width not divisible by M).
+            ValueError: If nothing is selected, a glob matches nothing (:meth:`check_globs`), or a
+                pattern does not fit a tensor (e.g. N:M on a width not divisible by M).
         """
         selected = self.select(model)
         if not selected:
@@ -226,14 +246,13 @@ class Targets:
                 f"{', '.join(t.__name__ for t in self.module_types)}, include={list(self.include)}, "
                 f"exclude={list(self.exclude)})"
             )
-        names = [f"{fqn}.{param_name}" if fqn else param_name for fqn, param_name, _ in selected]
-        for pattern in self.overrides:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-                raise ValueError(f"override {pattern!r} matches no targeted parameter; they are {shown}")
+        self.check_globs(
+            [_full_name(fqn, name) for fqn, name, _ in self.candidates(model)],
+            [_full_name(fqn, name) for fqn, name, _ in selected],
+        )
         resolved = []
         for fqn, param_name, module in selected:
-            full = f"{fqn}.{param_name}" if fqn else param_name
+            full = _full_name(fqn, param_name)
             shape = getattr(module, param_name).shape
             own = config
             for pattern, level in self.overrides.items():
@@ -246,3 +265,8 @@ class Targets:
                 raise ValueError(f"{full}: {err}") from None
             resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
         return resolved
+
+
+def _full_name(fqn: str, param_name: str) -> str:
+    """``"<module fqn>.<param>"`` (the bare parameter name for the root module)."""
+    return f"{fqn}.{param_name}" if fqn else param_name

@@ -97,6 +97,10 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", blocks=[])
     with pytest.raises(ValueError, match=r"^Targets\.overrides \(per-parameter levels\) apply to training runs"):
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.2}))
+    with pytest.raises(
+        ValueError, match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight$"
+    ):
+        prune_layerwise(model, batches, "wanda", targets=Targets(exclude=["3.weight"]))  # names within a block
     with pytest.raises(ValueError, match=r"^no layer to prune: the targets match no layer in the 2 blocks$"):
         prune_layerwise(model, batches, "wanda", targets=Targets(include=["nothing.*"]))
     nan = r"^blocks\.0\.0\.weight: its calibration inputs are not finite \(nan or inf in their Gram matrix\)"

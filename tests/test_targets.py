@@ -64,6 +64,10 @@ def test_validation_errors():
     names = ", ".join(t.name for t in Targets().resolve(Net(), SparsityConfig(0.5)))
     with pytest.raises(ValueError, match=rf"^override 'encodr\.\*' matches no targeted parameter; they are {names}$"):
         Targets(overrides={"encodr.*": 0.5}).resolve(Net(), SparsityConfig(0.5))
+    for kind in ("include", "exclude"):  # a typo would prune what was meant to be kept, or keep what was not
+        globs = {"include": ["conv.*", "hed.*"]} if kind == "include" else {"exclude": ["hed.*"]}
+        with pytest.raises(ValueError, match=rf"^{kind} 'hed\.\*' matches no parameter; the candidates are {names}$"):
+            Targets(**globs).resolve(Net(), SparsityConfig(0.5))
     with pytest.raises(ValueError, match=r"module_types must name at least one module class"):
         Targets(module_types=())
 

@@ -120,6 +120,10 @@ def check_layer_shapes(
                 sets[f"block {index} {name}"] = (target.feasible_set(shape), shape)
     if not sets:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
+    with user_input():  # include/exclude globs are names within a block; each must match in some block
+        candidates = {f"{fqn}.{p}" if fqn else p for block in blocks for fqn, p, _ in targets.candidates(block)}
+        selected = {f"{fqn}.{p}" if fqn else p for block in blocks for fqn, p, _ in targets.select(block)}
+        targets.check_globs(sorted(candidates), sorted(selected))
     if not allow_empty:
         check_keeps_weights(sets, target)
 
