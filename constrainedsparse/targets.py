@@ -28,7 +28,7 @@ from constrainedsparse.sets import (
     pattern_class,
 )
 
-__all__ = ["PATTERNS", "SparsityConfig", "TargetParam", "Targets", "DEFAULT_MODULE_TYPES"]
+__all__ = ["PATTERNS", "SparsityConfig", "TargetParam", "Targets", "DEFAULT_MODULE_TYPES", "full_name"]
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PATTERNS = tuple(available_patterns())
@@ -208,7 +208,7 @@ class Targets:
         """``(module_fqn, param_name, module)`` for every targeted parameter, in model order."""
         chosen = []
         for fqn, param_name, module in self.candidates(model):
-            full = _full_name(fqn, param_name)
+            full = full_name(fqn, param_name)
             if self.include and not any(fnmatch.fnmatchcase(full, p) for p in self.include):
                 continue
             if any(fnmatch.fnmatchcase(full, p) for p in self.exclude):
@@ -247,12 +247,12 @@ class Targets:
                 f"exclude={list(self.exclude)})"
             )
         self.check_globs(
-            [_full_name(fqn, name) for fqn, name, _ in self.candidates(model)],
-            [_full_name(fqn, name) for fqn, name, _ in selected],
+            [full_name(fqn, name) for fqn, name, _ in self.candidates(model)],
+            [full_name(fqn, name) for fqn, name, _ in selected],
         )
         resolved = []
         for fqn, param_name, module in selected:
-            full = _full_name(fqn, param_name)
+            full = full_name(fqn, param_name)
             shape = getattr(module, param_name).shape
             own = config
             for pattern, level in self.overrides.items():
@@ -267,6 +267,6 @@ class Targets:
         return resolved
 
 
-def _full_name(fqn: str, param_name: str) -> str:
+def full_name(fqn: str, param_name: str) -> str:
     """``"<module fqn>.<param>"`` (the bare parameter name for the root module)."""
     return f"{fqn}.{param_name}" if fqn else param_name

@@ -48,7 +48,7 @@ from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.settings import check_keeps_weights, resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
-from constrainedsparse.targets import SparsityConfig, Targets
+from constrainedsparse.targets import SparsityConfig, Targets, full_name
 
 __all__ = [
     "DEFAULT_SPARSITY",
@@ -121,8 +121,8 @@ def check_layer_shapes(
     if not sets:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
     with user_input():  # include/exclude globs are names within a block; each must match in some block
-        candidates = {f"{fqn}.{p}" if fqn else p for block in blocks for fqn, p, _ in targets.candidates(block)}
-        selected = {f"{fqn}.{p}" if fqn else p for block in blocks for fqn, p, _ in targets.select(block)}
+        candidates = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.candidates(block)}
+        selected = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.select(block)}
         targets.check_globs(sorted(candidates), sorted(selected))
     if not allow_empty:
         check_keeps_weights(sets, target)
