@@ -206,8 +206,12 @@ class Targets:
 
     def select(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         """``(module_fqn, param_name, module)`` for every targeted parameter, in model order."""
+        return self._included(self.candidates(model))
+
+    def _included(self, candidates: Sequence[tuple[str, str, nn.Module]]) -> list[tuple[str, str, nn.Module]]:
+        """The ``candidates`` that ``include`` and ``exclude`` keep."""
         chosen = []
-        for fqn, param_name, module in self.candidates(model):
+        for fqn, param_name, module in candidates:
             full = full_name(fqn, param_name)
             if self.include and not any(fnmatch.fnmatchcase(full, p) for p in self.include):
                 continue
@@ -239,7 +243,8 @@ class Targets:
             ValueError: If nothing is selected, a glob matches nothing (:meth:`check_globs`), or a
                 pattern does not fit a tensor (e.g. N:M on a width not divisible by M).
         """
-        selected = self.select(model)
+        candidates = self.candidates(model)
+        selected = self._included(candidates)
         if not selected:
             raise ValueError(
                 "the target filter selects no parameters (module types "
@@ -247,8 +252,7 @@ class Targets:
                 f"exclude={list(self.exclude)})"
             )
         self.check_globs(
-            [full_name(fqn, name) for fqn, name, _ in self.candidates(model)],
-            [full_name(fqn, name) for fqn, name, _ in selected],
+            [full_name(fqn, name) for fqn, name, _ in candidates], [full_name(fqn, name) for fqn, name, _ in selected]
         )
         resolved = []
         for fqn, param_name, module in selected:

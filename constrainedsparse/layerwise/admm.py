@@ -55,7 +55,6 @@ from constrainedsparse.layerwise.base import (
 )
 from constrainedsparse.layerwise.fw.core import residual_row_errors
 from constrainedsparse.layerwise.fw.reconstruct import reconstruct_rows
-from constrainedsparse.layerwise.solvers import _check_shapes
 from constrainedsparse.sets import FeasibleSet
 
 __all__ = ["ADMMLayerConfig", "ADMMLayerSolver", "EigenGram", "admm_support", "penalised_solve"]
@@ -189,7 +188,7 @@ class ADMMLayerSolver(LayerwiseSolver):
         """
         cfg: ADMMLayerConfig = self.config
         started = time.perf_counter()
-        _check_shapes(layer)
+        layer.checked_shape()
         feasible = layer.feasible_set()
         weight = layer.weight.detach().to(torch.float32).contiguous()
         gram = layer.gram.detach().to(torch.float32).contiguous()

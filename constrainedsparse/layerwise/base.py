@@ -65,6 +65,22 @@ class LayerProblem:
     target: SparsityConfig
     tokens: int = 0
 
+    def checked_shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the weight.
+
+        Raises:
+            ValueError: If the weight is not 2-D or the Gram matrix is not ``(d_in, d_in)``.
+        """
+        if self.weight.dim() != 2:
+            raise ValueError(f"{self.name}: layer-wise solvers need a 2-D weight, got shape {tuple(self.weight.shape)}")
+        d_out, d_in = self.weight.shape
+        if tuple(self.gram.shape) != (d_in, d_in):
+            raise ValueError(
+                f"{self.name}: the Gram matrix must have shape ({d_in}, {d_in}) for a weight of shape "
+                f"({d_out}, {d_in}), got {tuple(self.gram.shape)}"
+            )
+        return d_out, d_in
+
     def feasible_set(self, shape: Sequence[int] | None = None) -> FeasibleSet:
         """The target pattern's feasible set for the weight (or for a block of columns of ``shape``)."""
         return self.target.feasible_set(self.weight.shape if shape is None else shape)
@@ -104,18 +120,16 @@ def solve(solver: LayerwiseSolver, layer: LayerProblem) -> LayerResult:
     reported as one :class:`UserInputError` line naming it and the layer (``--debug``: its own traceback);
     a built-in solver's exception is a bug of ours and keeps its traceback.
     """
-    if type(solver).__module__.split(".")[0] == __name__.split(".")[0] or debugging():
+    ours = type(solver).__module__.split(".")[0] == __name__.split(".")[0]
+    try:
         result = solver.prune(layer)
-    else:
-        try:
-            result = solver.prune(layer)
-        except UserInputError:
+    except Exception as err:
+        if ours or debugging() or isinstance(err, UserInputError):
             raise
-        except Exception as err:
-            detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
-            raise UserInputError(
-                f"layer-wise solver {solver.name!r} on {layer.name} failed: {detail} (--debug shows the traceback)"
-            ) from err
+        detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
+        raise UserInputError(
+            f"layer-wise solver {solver.name!r} on {layer.name} failed: {detail} (--debug shows the traceback)"
+        ) from err
     check_result(solver.name, layer, result)
     return result
 

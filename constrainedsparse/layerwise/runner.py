@@ -112,17 +112,17 @@ def check_layer_shapes(
         )
     if not blocks:
         raise UserInputError("no blocks to prune: the list of blocks is empty")
-    sets = {}
+    sets, selected = {}, set()
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets):
             shape = layer_weight(module).shape
             with user_input(f"block {index} {name}: "):
                 sets[f"block {index} {name}"] = (target.feasible_set(shape), shape)
+            selected.add(full_name(name, "weight"))
     if not sets:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
     with user_input():  # include/exclude globs are names within a block; each must match in some block
         candidates = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.candidates(block)}
-        selected = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.select(block)}
         targets.check_globs(sorted(candidates), sorted(selected))
     if not allow_empty:
         check_keeps_weights(sets, target)

@@ -32,19 +32,6 @@ __all__ = ["Magnitude", "SparseGPT", "SparseGPTConfig", "Wanda"]
 _SUB_BLOCK = 16
 
 
-def _check_shapes(layer: LayerProblem) -> tuple[int, int]:
-    """``(d_out, d_in)`` of the layer; raises ``ValueError`` if the weight or Gram shape is wrong."""
-    if layer.weight.dim() != 2:
-        raise ValueError(f"{layer.name}: layer-wise solvers need a 2-D weight, got shape {tuple(layer.weight.shape)}")
-    d_out, d_in = layer.weight.shape
-    if tuple(layer.gram.shape) != (d_in, d_in):
-        raise ValueError(
-            f"{layer.name}: the Gram matrix must have shape ({d_in}, {d_in}) for a weight of shape "
-            f"({d_out}, {d_in}), got {tuple(layer.gram.shape)}"
-        )
-    return d_out, d_in
-
-
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``weight`` with exact zeros outside ``mask`` (a new tensor)."""
     return weight.masked_fill(~mask, 0)
@@ -76,7 +63,7 @@ class Wanda(LayerwiseSolver):
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` by Wanda scores (per output row for ``row``, N:M groups for ``nm``)."""
-        _check_shapes(layer)
+        layer.checked_shape()
         mask = layer.feasible_set().mask(wanda_scores(layer.weight, layer.gram))
         return LayerResult(weight=_masked(layer.weight, mask), mask=mask)
 
@@ -175,7 +162,7 @@ class SparseGPT(LayerwiseSolver):
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` and updates its kept weights (``layer.weight`` is not modified)."""
-        d_out, d_in = _check_shapes(layer)
+        d_out, d_in = layer.checked_shape()
         feasible = layer.feasible_set()
         config: SparseGPTConfig = self.config
         if layer.target.pattern == "structured":
