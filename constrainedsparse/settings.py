@@ -125,12 +125,15 @@ def target_from_flags(
     return SparsityConfig(sparsity=level, pattern=unstructured_pattern)
 
 
-def check_keeps_weights(sets: Mapping[str, tuple[Any, Any]], target: SparsityConfig) -> None:
+def check_keeps_weights(
+    sets: Mapping[str, tuple[Any, Any]], target: SparsityConfig, level_name: str = "--sparsity"
+) -> None:
     """Every targeted tensor keeps at least one weight at the target level (both runners check it).
 
     Args:
         sets: ``{name: (feasible set, shape)}`` of the targeted tensors.
-        target: The run's target, named in the message.
+        target: The level of these tensors, named in the message.
+        level_name: What set that level, named in the message.
 
     Raises:
         UserInputError: Naming the first tensor the level would empty and the way to allow it.
@@ -138,6 +141,6 @@ def check_keeps_weights(sets: Mapping[str, tuple[Any, Any]], target: SparsityCon
     for name, (feasible, shape) in sets.items():
         if not bool(feasible.mask(torch.ones(tuple(shape))).any()):
             raise UserInputError(
-                f"--sparsity {target.sparsity!r} keeps no weight of {name} ({math.prod(shape)} weights): lower it, "
+                f"{level_name} {target.sparsity!r} keeps no weight of {name} ({math.prod(shape)} weights): lower it, "
                 "or set --set allow_empty_layers=true to cut such layers on purpose"
             )

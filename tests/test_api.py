@@ -76,6 +76,20 @@ def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch)
     assert 0 < report.mean_layer_error < 1 and report.layer_error.keys() == report.layer_sparsity.keys()
 
 
+def test_prune_layerwise_overrides_set_levels_by_full_or_block_name():
+    torch.manual_seed(0)
+    model = _Blocks()
+    batches = [torch.randn(64, 16) for _ in range(3)]
+    # First match wins: blocks.0.2 takes the full-name glob, blocks.1.2 the within-block one.
+    targets = Targets(overrides={"blocks.0.*": 0.25, "2.weight": 0.75})
+    report = prune_layerwise(model, batches, "sparsegpt", sparsity=0.5, targets=targets)
+    wanted = {"blocks.0.0.weight": 0.25, "blocks.0.2.weight": 0.25, "blocks.1.0.weight": 0.5, "blocks.1.2.weight": 0.75}
+    assert report.layer_sparsity == pytest.approx(wanted)
+    for name, level in wanted.items():
+        weight = model.get_parameter(name)
+        assert float((weight == 0).float().mean()) == pytest.approx(level)
+
+
 def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
     torch.manual_seed(0)
     model = _Blocks()
@@ -95,8 +109,18 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", mask_scope="col")
     with pytest.raises(ValueError, match=r"^no blocks to prune: the list of blocks is empty$"):
         prune_layerwise(model, batches, "wanda", blocks=[])
-    with pytest.raises(ValueError, match=r"^Targets\.overrides \(per-parameter levels\) apply to training runs"):
-        prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.2}))
+    with pytest.raises(
+        ValueError, match=r"^Targets\.overrides set per-layer sparsity levels; the N:M pattern 2:4 fixes"
+    ):
+        prune_layerwise(model, batches, "wanda", pattern="2:4", targets=Targets(overrides={"0.weight": 0.2}))
+    with pytest.raises(
+        ValueError, match=r"^--set allocation=owl sets every layer's level; Targets\.overrides set some"
+    ):
+        prune_layerwise(model, batches, "wanda", allocation="owl", targets=Targets(overrides={"0.weight": 0.2}))
+    with pytest.raises(ValueError, match=r"^override '3\.weight' matches no targeted parameter; they are 0\.weight, "):
+        prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"3.weight": 0.2}))
+    with pytest.raises(ValueError, match=r"^the override level 0\.99 keeps no weight of block 0 0 \(512 weights\)"):
+        prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.99}))
     with pytest.raises(
         ValueError, match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight$"
     ):

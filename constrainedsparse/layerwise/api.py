@@ -27,9 +27,9 @@ from torch import nn
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
-from constrainedsparse.layerwise.levels import solve_levels
+from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
 from constrainedsparse.layerwise.runner import (
     DEFAULT_SPARSITY,
@@ -98,7 +98,9 @@ def prune_layerwise(
         sparsity: Fraction of zeros per targeted layer (default 0.5 unless ``pattern`` is given).
         pattern: A pattern text: ``"2:4"`` (its own level), or ``"row"``, ``"unstructured"``,
             ``"structured:rows"``, ``"block:4x4"`` at ``sparsity`` (see :mod:`constrainedsparse.sets`).
-        targets: Which layers of a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` by default).
+        targets: Which layers of a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` by default);
+            ``include``/``exclude`` globs match layer names within a block, ``overrides``
+            (``{glob: sparsity}``, first match wins) a layer's name in the model or within its block.
         out: If given, a directory that receives ``summary.json`` and the pruned model.
         blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
         mask_scope: ``"row"`` or ``"layer"``: the comparison group of a ``sparsity`` target.
@@ -153,12 +155,13 @@ def prune_layerwise(
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
     solver = _solver(method, hyperparameters)
     solver.check_target(target)
-    check_allocation(driver, target)
+    targets = Targets(module_types=layer_module_types()) if targets is None else targets
+    check_allocation(driver, target, targets)
     check_block_fit(driver)
     check_block_mask(driver, solver, target)
-    targets = Targets(module_types=layer_module_types()) if targets is None else targets
     blocks = find_blocks(model) if blocks is None else blocks
-    check_layer_shapes(blocks, targets, target)
+    overrides = override_levels(model, blocks, targets, target)
+    check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=block_prefixes(model, blocks))
     check_reachable(blocks, targets, target, driver)
     directory = None
     if out is not None:
@@ -171,7 +174,7 @@ def prune_layerwise(
             model, blocks, batches, solver, target, targets,
             gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
             offload=driver.offload, activations=driver.activations, true_sequential=driver.true_sequential,
-            levels=level_targets(target, levels.levels) if levels is not None else None,
+            levels=level_targets(target, levels.levels) if levels is not None else overrides,
             fit=driver.block_fit(),
         )  # fmt: skip
     report = _report(model, solver, target, reports, levels, time.perf_counter() - started)

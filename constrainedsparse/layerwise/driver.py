@@ -55,6 +55,7 @@ __all__ = [
     "call_model",
     "assign_layers",
     "block_output",
+    "block_prefixes",
     "LayerReport",
     "capture_block_inputs",
     "prune_block",
@@ -298,6 +299,13 @@ def walk_inputs(
     return [item.to(store) for item in capture_block_inputs(model, block, batches, capture)]
 
 
+def block_prefixes(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
+    """Every block's name in ``model`` (``model.layers.3``), prepended to its layers' names; a block
+    that is not a submodule of ``model`` is named by its index."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names.get(id(block), str(index)) for index, block in enumerate(blocks)]
+
+
 def walk_blocks(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -317,7 +325,7 @@ def walk_blocks(
     the next block's (so the next block sees the caller's changes), and with ``offload`` moves it
     back. See :func:`prune_blocks` for ``offload`` and ``activations``.
     """
-    names = {id(module): name for name, module in model.named_modules()}
+    prefixes = block_prefixes(model, blocks)
     if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
         batches = list(batches)[distributed.rank() :: distributed.world_size()]
     stop = len(blocks) if stop is None else min(stop, len(blocks))
@@ -329,7 +337,7 @@ def walk_blocks(
         home = next(block.parameters()).device
         if offload:
             block.to(device)
-        yield index, block, names.get(id(block), str(index)), inputs, compute
+        yield index, block, prefixes[index], inputs, compute
         if index + 1 < stop:
             inputs = run_block(block, inputs, compute)
         if offload:

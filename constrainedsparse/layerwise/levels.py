@@ -1,6 +1,7 @@
-"""Per-layer levels by rule, for the CLI runner and :func:`~constrainedsparse.prune_layerwise` alike.
+"""Per-layer levels, for the CLI runner and :func:`~constrainedsparse.prune_layerwise` alike.
 
-``uniform`` (every layer at the target, no allocation), ``lagrangian``
+Given by the user (:func:`override_levels`: ``Targets.overrides``, a glob per level) or by rule
+(:func:`solve_levels`): ``uniform`` (every layer at the target, no allocation), ``lagrangian``
 (:mod:`~constrainedsparse.layerwise.allocation`: measured error curves, Lagrangian relaxation) or
 ``owl`` (:mod:`~constrainedsparse.layerwise.owl`: OWL's published outlier-ratio rule). The knobs are
 the driver's ``allocation*`` and ``owl_*`` settings.
@@ -8,18 +9,53 @@ the driver's ``allocation*`` and ``owl_*`` settings.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_levels, measure_curves
-from constrainedsparse.layerwise.driver import GRAM_DTYPES
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, block_prefixes
+from constrainedsparse.layerwise.layers import targeted_layers, weight_name
 from constrainedsparse.layerwise.owl import measure_outliers, owl_allocation
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.targets import SparsityConfig, Targets
 
-__all__ = ["solve_levels"]
+__all__ = ["override_levels", "solve_levels"]
+
+
+def override_levels(
+    model: nn.Module, blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig
+) -> dict[str, SparsityConfig]:
+    """The levels ``targets.overrides`` gives, by layer weight name in the model (others keep ``target``).
+
+    A glob matches a layer's weight name in the model (``model.layers.0.mlp.down_proj.weight``) or
+    within its block (``mlp.down_proj.weight``, as ``include``/``exclude`` do in a layer-wise run);
+    the first glob that matches sets the layer's level, at the run's pattern (row or layer scope).
+    Whether every glob matches a layer, and every level fits its layer, is checked with the shapes
+    (:func:`~constrainedsparse.layerwise.runner.check_layer_shapes`).
+
+    Raises:
+        UserInputError: For overrides on an N:M target (its level is fixed per group).
+    """
+    if not targets.overrides:
+        return {}
+    if target.nm is not None:
+        raise UserInputError(
+            f"Targets.overrides set per-layer sparsity levels; the N:M pattern {target.describe()} fixes every "
+            "group's: use a sparsity target, or exclude the layers to keep dense"
+        )
+    levels = {}
+    for prefix, block in zip(block_prefixes(model, blocks), blocks):
+        for name, _ in targeted_layers(block, targets):
+            names = (weight_name(prefix, name), weight_name("", name))
+            for pattern, level in targets.overrides.items():
+                if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
+                    levels[names[0]] = target.with_sparsity(float(level))
+                    break
+    return levels
 
 
 def solve_levels(

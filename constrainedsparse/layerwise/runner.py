@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,9 @@ from constrainedsparse.layerwise.allocation import (
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, prune_blocks, walk_inputs
-from constrainedsparse.layerwise.layers import layer_weight, targeted_layers
-from constrainedsparse.layerwise.levels import solve_levels
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks, walk_inputs
+from constrainedsparse.layerwise.layers import layer_weight, targeted_layers, weight_name
+from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
 from constrainedsparse.logger import finish_summary
@@ -78,6 +78,8 @@ class LayerwisePrepared:
     options: dict[str, Any]
     model: nn.Module
     batches: list[Any]
+    levels: dict[str, SparsityConfig] = dataclasses.field(default_factory=dict)
+    """The levels ``Targets.overrides`` give, by layer weight name (the other layers: ``target``)."""
 
     @property
     def device(self) -> str:
@@ -97,45 +99,72 @@ def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:
 
 
 def check_layer_shapes(
-    blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, allow_empty: bool = False
+    blocks: Sequence[nn.Module],
+    targets: Targets,
+    target: SparsityConfig,
+    allow_empty: bool = False,
+    levels: Mapping[str, SparsityConfig] | None = None,
+    prefixes: Sequence[str] | None = None,
 ) -> None:
-    """Every targeted layer fits the pattern (N:M widths) and keeps a weight, named as ``block I layer``.
+    """Every targeted layer fits its level's pattern (N:M widths) and keeps a weight, named as ``block I layer``.
+
+    Args:
+        blocks: The model's blocks.
+        targets: Which layers of a block are pruned.
+        target: The run's level and pattern.
+        allow_empty: Whether a level may empty a layer.
+        levels: Per-layer levels by weight name in the model (:func:`override_levels`); others get
+            ``target``.
+        prefixes: The blocks' names in the model (:func:`block_prefixes`); needed with ``levels``.
 
     Raises:
-        UserInputError: For ``targets.overrides`` (training runs only), no block or no targeted layer at
-            all, the first layer that does not fit, or that the level would empty (unless ``allow_empty``).
+        UserInputError: For no block or no targeted layer at all, a glob that matches nothing, the
+            first layer that does not fit, or that its level would empty (unless ``allow_empty``).
     """
-    if targets.overrides:
-        raise UserInputError(
-            "Targets.overrides (per-parameter levels) apply to training runs; a layer-wise run takes per-layer "
-            "levels from allocation=lagrangian or owl: remove the overrides"
-        )
     if not blocks:
         raise UserInputError("no blocks to prune: the list of blocks is empty")
-    sets, selected = {}, set()
+    levels = levels or {}
+    prefixes = prefixes if prefixes is not None else [str(index) for index in range(len(blocks))]
+    by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
+    selected = set()
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets):
-            shape = layer_weight(module).shape
+            shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
+            own = levels.get(full, target)
             with user_input(f"block {index} {name}: "):
-                sets[f"block {index} {name}"] = (target.feasible_set(shape), shape)
-            selected.add(full_name(name, "weight"))
-    if not sets:
+                by_level.setdefault(own, {})[f"block {index} {name}"] = (own.feasible_set(shape), shape)
+            selected.update((full_name(name, "weight"), full))
+    if not by_level:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
     with user_input():  # include/exclude globs are names within a block; each must match in some block
         candidates = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.candidates(block)}
         targets.check_globs(sorted(candidates), sorted(selected))
     if not allow_empty:
-        check_keeps_weights(sets, target)
+        for own, sets in by_level.items():
+            check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")
 
 
-def check_allocation(driver: DriverSettings, target: SparsityConfig) -> None:
-    """``allocation=lagrangian|owl`` needs a level to share out, inside its bounds.
+def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Targets | None = None) -> None:
+    """Per-layer levels: ``allocation=lagrangian|owl`` needs a level to share out, inside its bounds, and sets
+    every layer's; ``Targets.overrides`` need a sparsity target and no allocation.
 
     Raises:
-        ValueError: For an N:M target (its level is fixed per group) or a budget outside the bounds.
+        ValueError: For an N:M target (its level is fixed per group) with an allocation or
+            ``targets.overrides``, a budget outside the bounds, or overrides (levels given by hand) next
+            to an allocation.
     """
+    if targets is not None and targets.overrides and target.nm is not None:
+        raise ValueError(
+            f"Targets.overrides set per-layer sparsity levels; the N:M pattern {target.describe()} fixes every "
+            "group's: use a sparsity target, or exclude the layers to keep dense"
+        )
     if driver.allocation == "uniform":
         return
+    if targets is not None and targets.overrides:
+        raise ValueError(
+            f"--set allocation={driver.allocation} sets every layer's level; Targets.overrides set some by hand: "
+            "give one or the other"
+        )
     if target.nm is not None:
         raise ValueError(
             f"--set allocation={driver.allocation} shares out a --sparsity level; the N:M pattern {target.describe()} "
@@ -253,20 +282,23 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
         solver.check_target(target)
-        check_allocation(driver, target)
+        check_allocation(driver, target, problem.targets)
         check_block_fit(driver)
         check_block_mask(driver, solver, target)
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
     model.to(getattr(torch, driver.dtype)).eval()
-    check_layer_shapes(problem.model_blocks(model), problem.targets, target, driver.allow_empty_layers)
-    check_reachable(problem.model_blocks(model), problem.targets, target, driver)
+    blocks = problem.model_blocks(model)
+    levels = override_levels(model, blocks, problem.targets, target)
+    prefixes = block_prefixes(model, blocks)
+    check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
+    check_reachable(blocks, problem.targets, target, driver)
     batches = problem.calibration(options, config.seed)
     if not batches:
         raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
     resolved = dataclasses.replace(config, sparsity=None if target.nm is not None else target.sparsity, epochs=0)
-    return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches)
+    return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, levels)
 
 
 def _report_metrics(report: LayerReport) -> dict[str, float]:
@@ -443,7 +475,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
             start=run.start, stop=stop, gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device,
             on_block=run.on_block, progress=config.progress and run.main, offload=driver.offload,
             activations=driver.activations, true_sequential=driver.true_sequential,
-            levels=level_targets(prepared.target, allocation.levels) if allocation is not None else None,
+            levels=level_targets(prepared.target, allocation.levels) if allocation is not None else prepared.levels,
             fit=driver.block_fit(), reference=reference,
         )  # fmt: skip
         if stop < len(blocks):
