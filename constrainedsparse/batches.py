@@ -1,4 +1,4 @@
-"""Batches of any structure: tensors inside tuples, lists and dicts (what a user's loss takes).
+"""Batches of any structure: tensors inside tuples, lists, dicts and dataclasses (what a user's loss takes).
 
 The runners and formulations never unpack a batch themselves: they move it, count it and shard it
 through these functions, so ``(x, y)`` pairs, ``(x, y, w)`` triples and ``transformers``-style dicts
@@ -7,6 +7,7 @@ all work the same.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,6 +26,9 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         return type(batch)(*(map_tensors(value, fn) for value in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(map_tensors(value, fn) for value in batch)
+    if _is_dataclass_instance(batch):  # a batch class of the user's: its init fields mapped
+        changes = {f.name: map_tensors(getattr(batch, f.name), fn) for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **changes)
     return batch
 
 
@@ -38,6 +42,13 @@ def tensors_in(batch: Any) -> Iterator[torch.Tensor]:
     elif isinstance(batch, (list, tuple)):
         for value in batch:
             yield from tensors_in(value)
+    elif _is_dataclass_instance(batch):
+        for field in dataclasses.fields(batch):
+            yield from tensors_in(getattr(batch, field.name))
+
+
+def _is_dataclass_instance(batch: Any) -> bool:
+    return dataclasses.is_dataclass(batch) and not isinstance(batch, type)
 
 
 def batch_size(batch: Any) -> int:

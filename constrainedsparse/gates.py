@@ -214,10 +214,11 @@ class HardConcreteGate(nn.Module):
         return z.reshape(self.view_shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # The gates stay float32 (their log alpha trains there); the product keeps the weight's dtype.
         if not self.training and self.test_override is not None:
-            return weight * self.test_override
+            return weight * self.test_override.to(weight.dtype)
         z = self.sample() if self.training else self.test_gate()
-        return weight * self.expand(z)
+        return weight * self.expand(z).to(weight.dtype)
 
 
 def find_gate(module: nn.Module, param_name: str) -> HardConcreteGate | None:

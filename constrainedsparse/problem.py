@@ -60,7 +60,7 @@ class UserConstraint:
     restarts: bool = False
 
     def __post_init__(self) -> None:
-        if self.sense not in _SENSES:
+        if not isinstance(self.sense, str) or self.sense not in _SENSES:
             raise ValueError(f"constraint sense must be '<=' or '==', got {self.sense!r}")
         if self.restarts and self.sense != "<=":
             raise ValueError("restarts apply to inequality constraints ('<='), not to an equality")
@@ -87,6 +87,15 @@ class _Registered:
     user: bool = False
     observed: bool = True
     strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+
+
+def _described_targets(targets: Any) -> str:
+    """What was passed as ``targets`` instead of the resolved list (for the error line)."""
+    if isinstance(targets, (list, tuple)):
+        odd = sorted({type(t).__name__ for t in targets if not isinstance(t, TargetParam)})
+        return f"a {type(targets).__name__} holding {', '.join(odd)}"
+    hint = ": call .resolve(model, config) on it" if hasattr(targets, "resolve") else ""
+    return f"{type(targets).__name__}{hint}"
 
 
 def _pair(batch: Batch) -> tuple[Any, Any]:
@@ -144,6 +153,13 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 raise ValueError(f"{key} must be callable, got {type(fn).__name__}")
         if not targets:
             raise ValueError("targets is required: pass Targets().resolve(model, SparsityConfig(...))")
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, TargetParam) for t in targets):
+            shown = _described_targets(targets)
+            raise ValueError(
+                f"targets must be the list Targets(...).resolve(model, SparsityConfig(...)) returns, got {shown}"
+            )
+        if constraints is not None and not isinstance(constraints, Mapping):
+            raise ValueError(f"constraints must be a dict {{name: UserConstraint}}, got a {type(constraints).__name__}")
         held = {id(p) for p in model.parameters()}
         foreign = [t.name for t in targets if id(t.stored) not in held]
         if foreign:
@@ -184,6 +200,11 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise UserInputError(f"{source} must return a scalar tensor, got {shape}")
+        if torch.is_grad_enabled() and not value.requires_grad:
+            raise UserInputError(
+                f"{source} returned a loss with no gradient (requires_grad=False, dtype {value.dtype}): compute it "
+                "from the model's output, without detach(), .item() or an integer cast"
+            )
         return (value if value.dim() == 0 else value.reshape(())), output  # no view node for a 0-d loss
 
     def add_penalty(self, name: str, fn: Callable[[nn.Module], torch.Tensor]) -> None:
@@ -268,6 +289,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         """
         if name in self._violations:
             raise ValueError(f"constraint {name!r} is already registered")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a constraint name must be a non-empty string, got {name!r}")
+        if hasattr(type(self), name) or name in vars(self):  # problem.<name> would not read the constraint
+            raise ValueError(f"constraint name {name!r} is taken by SparsityProblem.{name}: choose another")
         if not observed and dual_every_step:
             raise ValueError(f"constraint {name!r}: an unobserved constraint cannot take a dual step every step")
         self._register_constraint(name, constraint)

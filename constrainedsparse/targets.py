@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,10 @@ class SparsityConfig:
         if self.pattern == "nm":
             if self.nm is None:
                 raise ValueError("pattern 'nm' needs nm=(n, m)")
+            if not isinstance(self.nm, (tuple, list)) or len(self.nm) != 2:
+                raise ValueError(
+                    f"nm must be a pair (n, m), got {self.nm!r} (for text such as '2:4' use SparsityConfig.parse)"
+                )
             n, m = parse_nm(f"{self.nm[0]}:{self.nm[1]}")
             object.__setattr__(self, "params", (("n", n), ("m", m)))
         level = cls.level(**self.options)
@@ -189,6 +194,15 @@ class Targets:
     def __post_init__(self) -> None:
         if not self.module_types:
             raise ValueError("module_types must name at least one module class")
+        for key in ("module_types", "param_names", "include", "exclude"):
+            value = getattr(self, key)
+            if isinstance(value, (str, type)) or not isinstance(value, Collection):  # "4.*" is not a list of globs
+                shown = value.__name__ if isinstance(value, type) else repr(value)
+                raise ValueError(f"{key} must be a list, tuple or set, got {shown}: wrap a single item as ({shown},)")
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(f"overrides must be a dict {{glob: sparsity}}, got a {type(self.overrides).__name__}")
+        if self.filter_fn is not None and not _takes_two(self.filter_fn):
+            raise ValueError("filter_fn must take (module, fqn): the module and its dotted name in the model")
         for pattern, level in self.overrides.items():
             check_sparsity(level, f"override {pattern!r}", "a sparsity ")
 
@@ -240,9 +254,17 @@ class Targets:
         """Binds the targets to ``model`` at the level of ``config``.
 
         Raises:
-            ValueError: If nothing is selected, a glob matches nothing (:meth:`check_globs`), or a
-                pattern does not fit a tensor (e.g. N:M on a width not divisible by M).
+            ValueError: If ``model`` is not a module or ``config`` not a :class:`SparsityConfig`, nothing
+                is selected, a glob matches nothing (:meth:`check_globs`), or a pattern does not fit a
+                tensor (e.g. N:M on a width not divisible by M).
         """
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"resolve(model, config): model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, SparsityConfig):
+            raise ValueError(
+                f"resolve(model, config): config must be a SparsityConfig (e.g. SparsityConfig(sparsity=0.9) or "
+                f"SparsityConfig.parse('2:4')), got {config!r}"
+            )
         candidates = self.candidates(model)
         selected = self._included(candidates)
         if not selected:
@@ -269,6 +291,17 @@ class Targets:
                 raise ValueError(f"{full}: {err}") from None
             resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
         return resolved
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called with two positional arguments (unknown signatures pass)."""
+    try:
+        inspect.signature(fn).bind(None, "")
+    except TypeError:
+        return False
+    except ValueError:  # a builtin without a signature
+        return True
+    return True
 
 
 def full_name(fqn: str, param_name: str) -> str:

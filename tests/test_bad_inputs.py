@@ -27,7 +27,9 @@ from constrainedsparse import (
     SparsityProblem,
     Targets,
     UserConstraint,
+    achieved_sparsity,
     describe,
+    hard_prune,
     make,
     prune_layerwise,
     run,
@@ -562,12 +564,77 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
     ("layerwise model", lambda: prune_layerwise("model", [1]), r"^model must be a torch.nn.Module, got str$"),
     ("metric name", lambda: Metric("not a name", len), r"^a metric name must be an identifier"),
     ("describe kind", lambda: describe("slr", kind="other"), r"^kind must be one of training, layerwise"),
+    ("sparsity text", lambda: SparsityConfig("0.5"), r"^sparsity must be a number in \[0, 1\), got '0\.5' \(a str\)$"),
+    ("nm text", lambda: SparsityConfig(pattern="nm", nm="2:4"), r"^nm must be a pair \(n, m\), got '2:4' \(for text"),
+    ("targets exclude str", lambda: Targets(exclude="4.*"), r"^exclude must be a list, tuple or set, got '4\.\*'"),
+    ("targets module class", lambda: Targets(module_types=nn.Linear), r"^module_types must be .*got Linear: wrap"),
+    ("targets overrides list", lambda: Targets(overrides=["0.*"]), r"^overrides must be a dict \{glob: sparsity\}"),
+    ("targets filter arity", lambda: Targets(filter_fn=lambda m: True), r"^filter_fn must take \(module, fqn\)"),
+    ("resolve a float", lambda: Targets().resolve(nn.Linear(2, 2), 0.5), r"^resolve\(model, config\): config must be"),
+    (
+        "resolve no model",
+        lambda: Targets().resolve(None, SparsityConfig(0.5)),
+        r"^resolve\(model, config\): model must",
+    ),
+    (
+        "problem unresolved targets",
+        lambda: SparsityProblem(nn.Linear(2, 2), nn.functional.mse_loss, Targets()),
+        r"^targets must be the list .* got Targets: call \.resolve\(model, config\) on it$",
+    ),  # fmt: skip
+    (
+        "problem constraints list",
+        lambda: SparsityProblem(*_model_loss_targets(), [UserConstraint(lambda m: m[0].weight.sum())]),
+        r"^constraints must be a dict \{name: UserConstraint\}, got a list$",
+    ),  # fmt: skip
+    (
+        "constraint name taken",
+        lambda: SparsityProblem(*_model_loss_targets(), {"loss": UserConstraint(lambda m: m[0].weight.sum())}),
+        r"^constraint name 'loss' is taken by SparsityProblem\.loss: choose another$",
+    ),  # fmt: skip
+    ("constraint sense list", lambda: UserConstraint(lambda m: m, ["<="]), r"^constraint sense must be '<=' or '=='"),
+    ("achieved sparsity", lambda: achieved_sparsity(None), r"^achieved_sparsity\(targets\): targets must be the list"),
+    ("hard_prune a list", lambda: hard_prune(_model_loss_targets()[2], [torch.ones(4, 8)]), r"^masks must be a dict"),
+    (
+        "post_step an int",
+        lambda: _ready("admm").post_step(42),
+        r"^post_step\(\) takes what backward\(\) returned .*got int$",
+    ),
+    ("post_step empty", lambda: _ready("slr").post_step([]), r"^post_step\(\) takes .* got an empty list$"),
+    (
+        "start_epoch text",
+        lambda: _ready("magnitude").start_epoch("0"),
+        r"^start_epoch\(epoch\): epoch must be an integer",
+    ),
+    (
+        "frozen target",
+        lambda: make("slr", _frozen_problem()),
+        r"^slr trains the weights towards Z, but 0\.weight is frozen \(requires_grad=False\)",
+    ),  # fmt: skip
     (
         "describe the other kind",
         lambda: describe("slr", kind="layerwise"),
         r"^'slr' is a formulation, not a layer-wise solver; layer-wise solvers: admm, fw, magnitude, sparsegpt, wanda",
     ),  # fmt: skip
 ]
+
+
+def _model_loss_targets():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    return model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5))
+
+
+def _frozen_problem():
+    model, loss, targets = _model_loss_targets()
+    model[0].weight.requires_grad_(False)
+    return SparsityProblem(model, loss, targets)
+
+
+def _ready(method):
+    """A formulation after setup(), on a fresh model."""
+    model, problem = _problem_object()
+    formulation = make(method, problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    formulation.setup(1, 1, reference_batch=(torch.randn(4, 8), torch.tensor([0, 1, 0, 1])))
+    return formulation
 
 
 def _cfg():

@@ -79,6 +79,22 @@ class LagrangianStep:
         return self.cmp_state.loss
 
 
+def _checked_epoch(epoch: Any, call: str) -> int:
+    """``epoch`` if it is an integer >= 0 (a bool is not)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
+    return epoch
+
+
+def _described(value: Any) -> str:
+    """A short name of ``value`` for an error line (its type; never a tensor's or list's whole contents)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"an empty {type(value).__name__}"
+        return f"a {type(value).__name__} of {', '.join(sorted({type(v).__name__ for v in value}))}"
+    return type(value).__name__
+
+
 def _stage_error(call: str, stage: str) -> ValueError:
     if stage == _BUILT:
         return ValueError(f"call setup(num_epochs, steps_per_epoch[, reference_batch]) before {call}")
@@ -210,8 +226,12 @@ class Formulation(abc.ABC):
         self.num_epochs = num_epochs
         self.steps_per_epoch = steps_per_epoch
         self.reference_batch = reference_batch
-        self._stage = _READY
-        self.on_setup()
+        stage, self._stage = self._stage, _READY
+        try:
+            self.on_setup()
+        except BaseException:
+            self._stage = stage  # a setup that failed leaves the formulation as it was: not ready
+            raise
 
     def on_setup(self) -> None:
         """Hook at the end of :meth:`setup` (e.g. SLR measures :math:`f` on the reference batch)."""
@@ -222,18 +242,26 @@ class Formulation(abc.ABC):
             raise _stage_error(call, self._stage)
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
-        """Call at the start of epoch ``epoch`` (0-based); returns metrics to log."""
+        """Call at the start of epoch ``epoch`` (0-based); returns metrics to log.
+
+        Raises:
+            ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
+        """
         self._require("start_epoch()")
-        return self.on_start_epoch(epoch)
+        return self.on_start_epoch(_checked_epoch(epoch, "start_epoch"))
 
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`start_epoch`."""
         return {}
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        """Call at the end of epoch ``epoch``; returns metrics to log."""
+        """Call at the end of epoch ``epoch``; returns metrics to log.
+
+        Raises:
+            ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
+        """
         self._require("end_epoch()")
-        return self.on_end_epoch(epoch)
+        return self.on_end_epoch(_checked_epoch(epoch, "end_epoch"))
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`end_epoch`."""
@@ -302,7 +330,13 @@ class Formulation(abc.ABC):
             Metrics to log at this step.
         """
         self._require("post_step()")
-        last = step[-1] if isinstance(step, Sequence) else step
+        steps = list(step) if isinstance(step, Sequence) else [step]
+        if not steps or not all(isinstance(item, LagrangianStep) for item in steps):
+            raise ValueError(
+                "post_step() takes what backward() returned (a LagrangianStep, or a non-empty list of them with "
+                f"gradient accumulation), got {_described(step)}"
+            )
+        last = steps[-1]
         restarts: dict[str, float] = {}
         if self.dual_optimizer is not None:
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)

@@ -46,6 +46,7 @@ import cooper
 import torch
 from torch.nn.utils import parametrize
 
+from constrainedsparse import distributed
 from constrainedsparse.batches import batch_size
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.distributed import weighted_mean
@@ -122,6 +123,11 @@ class DuplicateConfig(Hyperparameters):
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
 
 
+def multiplier_dtype(target: TargetParam) -> torch.dtype:
+    """:math:`\\Lambda`'s dtype: the weight's, at least float32 (a half-precision model keeps float32 multipliers)."""
+    return torch.promote_types(target.tensor.dtype, torch.float32)
+
+
 class DuplicateVariables(Formulation):
     """Shared machinery of the W = Z formulations (see the module docstring for the math).
 
@@ -149,11 +155,16 @@ class DuplicateVariables(Formulation):
                     f"{self.name} trains the weights themselves, but {target.name} carries a parametrization "
                     "(masks or gates): remove it before make()"
                 )
+            if not target.stored.requires_grad:
+                raise ValueError(
+                    f"{self.name} trains the weights towards Z, but {target.name} is frozen (requires_grad=False): "
+                    "leave it out of the Targets (exclude), or unfreeze it"
+                )
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.EQUALITY,
                 formulation_type=cooper.formulations.AugmentedLagrangian,
                 multiplier=cooper.multipliers.DenseMultiplier(
-                    num_constraints=target.tensor.numel(), device=target.tensor.device
+                    num_constraints=target.tensor.numel(), device=target.tensor.device, dtype=multiplier_dtype(target)
                 ),
                 penalty_coefficient=cooper.penalty_coefficients.DensePenaltyCoefficient(
                     init=torch.tensor(float(config.rho))
@@ -219,7 +230,9 @@ class DuplicateVariables(Formulation):
         was_training = model.training
         model.eval()
         loss, _ = self.problem.loss(self.reference_batch, module=model)
-        value = float(weighted_mean(loss, batch_size(self.reference_batch)))
+        if distributed.is_distributed():  # the ranks' shard means, weighted by their samples
+            loss = weighted_mean(loss, batch_size(self.reference_batch))
+        value = float(loss)
         model.train(was_training)
         return value
 

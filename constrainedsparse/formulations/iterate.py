@@ -15,13 +15,22 @@ __all__ = ["Iterate", "dots", "squared_norms"]
 
 
 def dots(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """:math:`\\langle a, b\\rangle` for every pair (one BLAS dot each), read back to the host at once.
+    """:math:`\\langle a, b\\rangle` for every pair (one BLAS dot each, in the wider dtype of the two), read back
+    to the host at once.
 
     One host transfer for the whole list: a coordination synchronises a GPU a few times, not once per dot.
     """
     if not pairs:
         return []
-    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs]).tolist()
+    return torch.stack([_dot(a.reshape(-1), b.reshape(-1)) for a, b in pairs]).double().tolist()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.dot`` in the wider dtype of the two (float32 multipliers of a bfloat16 model)."""
+    if a.dtype != b.dtype:
+        common = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(common), b.to(common)
+    return torch.dot(a, b)
 
 
 def squared_norms(tensors: list[torch.Tensor]) -> list[float]:

@@ -46,7 +46,8 @@ class Magnitude(Formulation):
         """Fraction of the target sparsity reached during epoch ``epoch``."""
         if self.config.schedule == "oneshot" or self.num_epochs == 0:
             return 1.0
-        return 1.0 - (1.0 - (epoch + 1) / self.num_epochs) ** 3
+        # Epochs beyond the num_epochs given to setup() stay at the target (the schedule is over).
+        return 1.0 - (1.0 - min(1.0, (epoch + 1) / self.num_epochs)) ** 3
 
     @torch.no_grad()
     def on_start_epoch(self, epoch: int) -> dict[str, float]:

@@ -65,8 +65,9 @@ def check_sparsity(value: Any, name: str = "sparsity", noun: str = "") -> float:
     Raises:
         ValueError: ``"<name> must be <noun>in [0, 1), got <value>"``.
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
-    if not ok:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # "0.5" or a tensor: not the range's fault
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r} (a {type(value).__name__})")
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be {noun}in [0, 1), got {value}")
     return float(value)
 
