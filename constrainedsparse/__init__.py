@@ -6,6 +6,7 @@ for one-shot pruning of a pretrained model, :func:`run` / the CLI for whole runs
 geometry lives in :mod:`constrainedsparse.sets`; :func:`describe` lists every hyperparameter.
 """
 
+from constrainedsparse.batchnorm import recalibrate_batchnorm
 from constrainedsparse.catalog import describe
 from constrainedsparse.errors import NonFiniteLossError, UserInputError
 from constrainedsparse.formulations import (
@@ -78,6 +79,7 @@ __all__ = [
     "plot_metrics",
     "prune_layerwise",
     "read_metrics",
+    "recalibrate_batchnorm",
     "register_formulation",
     "register_solver",
     "remove_masks",

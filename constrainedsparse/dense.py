@@ -41,6 +41,8 @@ PRUNE_SEED_OFFSET = 1
 LOADER_SEED_MULTIPLIER, LOADER_PHASE_MULTIPLIER = 1_000_003, 10_007
 REFERENCE_SEED_MULTIPLIER, REFERENCE_SEED_OFFSET = 7_919, 13
 DENSE_PHASE, PRUNE_PHASE, RETRAIN_PHASE = -1, 0, 1
+BATCHNORM_PHASE = 2
+"""Loader phase of the batches that re-estimate BatchNorm statistics after the hard prune."""
 
 
 def cache_dir() -> Path:

@@ -44,7 +44,7 @@ from constrainedsparse.masks import (
     layer_sparsity,
     remove_masks,
 )
-from constrainedsparse.postprune import purge_stage
+from constrainedsparse.postprune import batchnorm_stage, purge_stage
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
@@ -78,6 +78,9 @@ class TrainingSettings(Hyperparameters):
         batch_size: Minibatch size (the global batch under several processes).
         log_every: Log the training loss and dual dynamics every this many steps.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        allow_empty_layers: Let a hard prune leave a targeted tensor without any weight.
+        batchnorm_batches: Training batches over which BatchNorm statistics are re-estimated after
+            the hard prune (:func:`~constrainedsparse.postprune.batchnorm_stage`).
     """
 
     error_prefix: ClassVar[str] = "--set "
@@ -90,6 +93,12 @@ class TrainingSettings(Hyperparameters):
     device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
     allow_empty_layers: bool = hyperparameter(
         False, "let a hard prune leave a targeted tensor without any weight (stops the run otherwise)"
+    )
+    batchnorm_batches: int = hyperparameter(
+        100,
+        "after the hard prune, re-estimate BatchNorm running statistics over this many training batches "
+        "(models with BatchNorm only; 0 keeps the dense model's)",
+        Bounds(low=0),
     )
 
 
@@ -391,6 +400,10 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
     formulation.finalize()
     hard_prune(run.targets, masks)
     run.check_not_emptied()
+    run.summary_extra.update(
+        batchnorm_stage(run.model, prepared.problem, run.train, training.batch_size, training.batchnorm_batches,
+                        config.seed, prepared.device)
+    )  # fmt: skip
     if formulation.purges:
         example = to_device(reference_batch(run.train, config.seed, 1), prepared.device)
         purged, fields = purge_stage(run.model, run.targets, example)

@@ -1,4 +1,8 @@
-"""What every hard-pruned model passes through before it is saved: the purge stage.
+"""What every hard-pruned model passes through before it is evaluated and saved: BatchNorm statistics, purge.
+
+A model with BatchNorm layers gets their running statistics re-estimated on training batches
+(:func:`batchnorm_stage`, :mod:`constrainedsparse.batchnorm`): the dense ones no longer describe
+the pruned weights' activations.
 
 Formulations hold no I/O. When a formulation's hard masks remove whole groups
 (:attr:`Formulation.purges`: l0 with structured gates), the runner calls :func:`purge_stage`: the
@@ -14,11 +18,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from constrainedsparse.batches import tensors_in
+from constrainedsparse import distributed
+from constrainedsparse.batches import tensors_in, to_device
+from constrainedsparse.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from constrainedsparse.dense import BATCHNORM_PHASE, loader
 from constrainedsparse.purge import count_params_and_macs, purge
+from constrainedsparse.spec import Problem
 from constrainedsparse.targets import TargetParam
 
-__all__ = ["purge_stage"]
+__all__ = ["batchnorm_stage", "purge_stage"]
+
+
+def batchnorm_stage(
+    model: nn.Module, problem: Problem, train: Any, batch_size: int, batches: int, seed: int, device: str
+) -> dict[str, Any]:
+    """Re-estimates the BatchNorm statistics of a hard-pruned model on ``batches`` shuffled training batches.
+
+    Returns:
+        ``{"batchnorm_batches": count}`` when the model has BatchNorm layers with running statistics
+        and ``batches > 0``; ``{}`` otherwise (nothing ran). Under several processes every rank
+        averages over its share of each batch, and rank 0's statistics are kept.
+    """
+    if batches == 0 or not batchnorm_layers(model):
+        return {}
+    data = (to_device(batch, device) for batch in loader(train, batch_size, seed, BATCHNORM_PHASE, 0))
+    seen = recalibrate_batchnorm(model, data, forward=problem.predict, max_batches=batches)
+    distributed.broadcast_buffers(model)
+    return {"batchnorm_batches": seen}
 
 
 def purge_stage(

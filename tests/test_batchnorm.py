@@ -1,0 +1,89 @@
+"""BatchNorm statistics of a pruned model, re-estimated (library function and the training runner's stage)."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import constrainedsparse as cs
+from constrainedsparse.cli import main
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    )
+
+
+def test_it_is_torch_update_bn_for_pairs_and_takes_dict_batches():
+    data = TensorDataset(torch.randn(64, 1, 8, 8) * 3 + 1, torch.randint(0, 10, (64,)))
+    reference, ours, keyed = _cnn(), _cnn(), _cnn()
+    torch.optim.swa_utils.update_bn(DataLoader(data, batch_size=16), reference)
+    reference.eval(), ours.eval()
+    assert cs.recalibrate_batchnorm(ours, DataLoader(data, batch_size=16)) == 4
+    assert not ours.training and not any(p.grad is not None for p in ours.parameters())
+    for name in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(ours[1], name), getattr(reference[1], name))
+    assert ours[1].momentum == reference[1].momentum == 0.1  # restored
+    batches = [{"input": x} for x, _ in DataLoader(data, batch_size=16)]
+    seen = cs.recalibrate_batchnorm(keyed, batches, forward=lambda m, b: m(b["input"]), max_batches=2)
+    assert seen == 2 and not torch.allclose(keyed[1].running_mean, ours[1].running_mean)
+
+
+def test_a_model_without_batchnorm_is_left_alone_and_bad_inputs_are_one_line():
+    mlp = nn.Sequential(nn.Linear(4, 4))
+    assert cs.recalibrate_batchnorm(mlp, []) == 0
+    with pytest.raises(ValueError, match=r"^recalibrate_batchnorm got no batch"):
+        cs.recalibrate_batchnorm(_cnn(), [])
+    with pytest.raises(ValueError, match=r"^recalibrate_batchnorm cannot feed a str batch to the model"):
+        cs.recalibrate_batchnorm(_cnn(), ["text"])
+    with pytest.raises(ValueError, match=r"^max_batches must be >= 1, got 0$"):
+        cs.recalibrate_batchnorm(_cnn(), [torch.zeros(1, 1, 8, 8)], max_batches=0)
+
+
+PROBLEM_FILE = """
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from constrainedsparse import Problem
+
+
+def data(options):
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    return TensorDataset(x[:1400], y[:1400]), TensorDataset(x[1400:], y[1400:])
+
+
+problem = Problem(
+    name="digits-bn-cnn",
+    description="a small BatchNorm CNN on sklearn digits",
+    model=lambda options: nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)
+    ),
+    data=data,
+    loss=nn.functional.cross_entropy,
+    pretrain_epochs=3,
+)
+"""
+
+
+def test_the_training_runner_re_estimates_them_after_the_hard_prune(tmp_path):
+    path = tmp_path / "digits_bn_cnn.py"
+    path.write_text(textwrap.dedent(PROBLEM_FILE))
+    common = ["run", str(path), "--formulation", "admm", "--sparsity", "0.9", "--epochs", "2", "--wandb", "disabled",
+              "--no-progress"]  # fmt: skip
+    summaries = {}
+    for batches in (0, 20):
+        out = tmp_path / f"run{batches}"
+        assert main([*common, "--set", f"batchnorm_batches={batches}", "--out", str(out)]) == 0
+        summaries[batches] = json.loads((out / "summary.json").read_text())
+    assert "batchnorm_batches" not in summaries[0] and summaries[20]["batchnorm_batches"] == 20
+    stale, fresh = summaries[0]["hardprune_accuracy"], summaries[20]["hardprune_accuracy"]
+    assert fresh > stale + 0.05, (stale, fresh)
