@@ -228,12 +228,34 @@ def _report(sizes: dict[str, dict[str, int]], model_dir: Path, folder: Path, fmt
     }
 
 
+def _check_destination(final: Path, run_dir: Path) -> None:
+    """The export may replace ``final`` only if it is new, empty or an earlier export, outside the run's files.
+
+    Raises:
+        ValueError: For a file, the run directory or a folder holding it, a folder inside the run's
+            ``model/``, or a folder with other files (it would be deleted).
+    """
+    where, run = final.resolve(), run_dir.resolve()
+    if where.is_file():
+        raise ValueError(f"--to {str(final)!r} is a file: give a folder")
+    if where == run or run.is_relative_to(where) or where.is_relative_to(run / "model"):
+        raise ValueError(
+            f"--to {str(final)!r} would replace the run's own files: give a folder outside {str(run_dir)!r}"
+        )
+    if where.is_dir() and any(where.iterdir()) and not (where / REPORT_FILE).is_file():
+        raise ValueError(
+            f"--to {str(final)!r} holds files that are not an earlier export (no {REPORT_FILE}); the export replaces "
+            "its folder: give a new or empty one"
+        )
+
+
 def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Writes a layer-wise run's pruned model in compressed-tensors' sparse bitmask format.
 
     Args:
         run_dir: A finished layer-wise run (``summary.json`` and a saved ``model/`` folder).
-        to: The folder to write (replaced atomically if it exists); ``RUN_DIR/compressed`` by default.
+        to: The folder to write, ``RUN_DIR/compressed`` by default: new, empty or an earlier export
+            (replaced atomically), outside the run's other files.
 
     Returns:
         The report (also written to ``compression.json`` in the folder): format, bytes per pruned
@@ -241,15 +263,18 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
         against the dense model's safetensors).
 
     Raises:
-        ValueError: With one line, before anything is written, for a run that cannot be exported.
+        ValueError: With one line, before anything is written, for a run that cannot be exported or a
+            destination the export must not replace.
     """
     run_dir = Path(run_dir)
     model_dir, summary = _saved_run(run_dir)
     names = sorted(summary["layer_sparsity"])
     state = _read_safetensors(model_dir)
-    two_four = summary.get("pattern") == "2:4" and all(n in state and is_two_four(state[n]) for n in names)
-    compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
+    pattern = summary.get("pattern", summary.get("target"))  # prune_layerwise wrote only "target" before 0.1
+    two_four = pattern == "2:4" and all(n in state and is_two_four(state[n]) for n in names)
     final = Path(to) if to is not None else run_dir / COMPRESSED_DIR
+    _check_destination(final, run_dir)
+    compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:

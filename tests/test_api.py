@@ -109,6 +109,8 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", mask_scope="col")
     with pytest.raises(ValueError, match=r"^no blocks to prune: the list of blocks is empty$"):
         prune_layerwise(model, batches, "wanda", blocks=[])
+    with pytest.raises(ValueError, match=r"^blocks must be in execution order: blocks\.0 runs before blocks\.1"):
+        prune_layerwise(model, batches, "wanda", blocks=[model.blocks[1], model.blocks[0]])
     with pytest.raises(
         ValueError, match=r"^Targets\.overrides set per-layer sparsity levels; the N:M pattern 2:4 fixes"
     ):
@@ -250,3 +252,14 @@ def test_prune_layerwise_defaults_are_the_cli_driver_defaults():
     assert len(shared) >= 11
     for name in shared:
         assert keywords[name].default == defaults[name], name
+
+
+def test_calibration_of_padding_only_is_refused(tiny_bert):
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}]
+    before = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"^bert\.encoder\.layer\.0\.attention\.self\.query\.weight: no calibration token"
+    ):
+        prune_layerwise(tiny_bert, batches, "sparsegpt", sparsity=0.5)
+    assert all(torch.equal(before[k], v) for k, v in tiny_bert.state_dict().items())

@@ -166,3 +166,36 @@ def test_semi_structured_two_four_linear_matches_dense_on_cuda():
         torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match=r"needs float16 or bfloat16 weights on a CUDA device, '0' is torch.float32"):
         to_semi_structured(torch.nn.Sequential(_two_four_linear(64, 64)).cuda())
+
+
+def test_destinations_that_an_export_would_destroy_are_refused(tmp_path, capsys):
+    _pruned_run(tmp_path / "run", _two_four, "2:4")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine")
+    refused = [
+        (tmp_path / "run", r"would replace the run's own files"),
+        (tmp_path, r"would replace the run's own files"),
+        (tmp_path / "run" / "model", r"would replace the run's own files"),
+        (tmp_path / "notes", r"holds files that are not an earlier export \(no compression\.json\)"),
+        (tmp_path / "file.txt", r"is a file: give a folder"),
+    ]
+    for to, message in refused:
+        with pytest.raises(ValueError, match=f"^--to '.*' {message}"):
+            export_compressed(tmp_path / "run", to)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "file.txt").is_file()
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "model" / "config.json").is_file()
+    export_compressed(tmp_path / "run", tmp_path / "deploy")
+    assert export_compressed(tmp_path / "run", tmp_path / "deploy")["format"] == "sparse-24-bitmask"  # again: replaced
+
+
+def test_a_two_four_run_of_prune_layerwise_exports_as_two_four(tiny_llama, tmp_path):
+    from constrainedsparse import prune_layerwise
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    batches = [
+        {"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)
+    ]
+    prune_layerwise(model, batches, "wanda", pattern="2:4", out=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["pattern"] == "2:4"
+    assert export_compressed(tmp_path / "run")["format"] == "sparse-24-bitmask"

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from constrainedsparse.checkpoint import atomic_write_json
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
@@ -159,9 +160,11 @@ def prune_layerwise(
     check_allocation(driver, target, targets)
     check_block_fit(driver)
     check_block_mask(driver, solver, target)
-    blocks = find_blocks(model) if blocks is None else blocks
+    blocks = find_blocks(model) if blocks is None else list(blocks)
+    prefixes = block_prefixes(model, blocks)
+    _check_consecutive(prefixes)
     overrides = override_levels(model, blocks, targets, target)
-    check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=block_prefixes(model, blocks))
+    check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes)
     check_reachable(blocks, targets, target, driver)
     directory = None
     if out is not None:
@@ -179,8 +182,27 @@ def prune_layerwise(
         )  # fmt: skip
     report = _report(model, solver, target, reports, levels, time.perf_counter() - started)
     if directory is not None:
-        _write(directory, model, report)
+        _write(directory, model, report, target)
     return report
+
+
+def _check_consecutive(prefixes: Sequence[str]) -> None:
+    """Blocks of one ``ModuleList`` (``model.layers.<i>``) follow each other without a gap: each block is
+    calibrated on the previous one's outputs, so a skipped block would be left out of its inputs.
+
+    Raises:
+        UserInputError: Naming the first gap.
+    """
+    for before, after in zip(prefixes, prefixes[1:]):
+        (parent, _, first), (other, _, second) = before.rpartition("."), after.rpartition(".")
+        if parent != other or not (first.isdigit() and second.isdigit()) or int(second) == int(first) + 1:
+            continue
+        if int(second) <= int(first):
+            raise UserInputError(f"blocks must be in execution order: {after} runs before {before} in the model")
+        raise UserInputError(
+            f"blocks must follow each other without a gap: {before} is followed by {after}, which skips "
+            f"{parent}.{int(first) + 1} (its inputs would be {before}'s outputs); give a consecutive slice"
+        )
 
 
 def _solver(method: str | LayerwiseSolver, hyperparameters: dict[str, Any]) -> LayerwiseSolver:
@@ -234,11 +256,13 @@ def _report(
     )
 
 
-def _write(directory: RunDirectory, model: nn.Module, report: LayerwiseReport) -> None:
-    """``summary.json`` and the pruned model into the run directory."""
+def _write(directory: RunDirectory, model: nn.Module, report: LayerwiseReport, target: SparsityConfig) -> None:
+    """``summary.json`` (with the target's fields as a CLI run writes them: ``pattern`` of an N:M run, which
+    ``export`` reads) and the pruned model into the run directory."""
     directory.claim()
     try:
-        summary = {**report.as_dict(), "formulation": report.method, "saved_model": save_model(model, directory.out)}
+        summary = {**report.as_dict(), **target.summary_fields(), "formulation": report.method,
+                   "saved_model": save_model(model, directory.out)}  # fmt: skip
         atomic_write_json(directory.out / "summary.json", summary)
     finally:
         directory.release()

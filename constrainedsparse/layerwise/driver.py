@@ -240,6 +240,11 @@ def _solve_layers(
     report is broadcast from the rank that solved it.
     """
     for name, _ in layers:  # every rank holds the same Gram matrices: all refuse alike
+        if grams[name][1] == 0:
+            raise UserInputError(
+                f"{weight_name(prefix, name)}: no calibration token reached it (every position of the calibration "
+                "batches is padding: attention_mask all 0): give batches with real tokens"
+            )
         if not bool(torch.isfinite(grams[name][0]).all()):
             raise UserInputError(
                 f"{weight_name(prefix, name)}: its calibration inputs are not finite (nan or inf in their Gram "
