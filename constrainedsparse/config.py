@@ -231,7 +231,8 @@ class Hyperparameters:
         unknown = [key for key in values if key not in keys]
         if unknown:
             raise ValueError(
-                f"{cls.error_prefix}unknown hyperparameter {unknown[0]!r}{where}; allowed: {', '.join(sorted(keys))}"
+                f"{cls.error_prefix}unknown hyperparameter {unknown[0]!r}{where}; "
+                + (f"allowed: {', '.join(sorted(keys))}" if keys else "it takes none")
             )
         typed = {key: _coerce(cls.error_prefix, key, value, keys[key]) for key, value in values.items()}
         return cls._build(typed)

@@ -208,12 +208,15 @@ class RunDirectory:
         out: The directory (created by :meth:`claim` if missing).
         resume: The run continues from ``out/checkpoint.pt``.
         overwrite: The run replaces the files of a previous run in ``out``.
+        keywords: Messages name ``out=`` and ``overwrite=True`` (Python callers) instead of the flags.
     """
 
-    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False, keywords: bool = False) -> None:
         self.out = Path(out)
         self.resume = resume
         self.overwrite = overwrite
+        # How messages name the folder and the way to replace it: CLI flags, or Python keywords (prune_layerwise).
+        self._out, self._overwrite = ("out=", "overwrite=True") if keywords else ("--out ", "--overwrite")
         self.created = False
         self._lock_fd: int | None = None
 
@@ -239,23 +242,26 @@ class RunDirectory:
         long = next((part for part in out.parts if len(part.encode()) > limit), None)
         if long is not None:
             raise UserInputError(
-                f"--out {out}: the name {long[:24]!r}... is longer than the filesystem allows ({limit})"
+                f"{self._out}{out}: the name {long[:24]!r}... is longer than the filesystem allows ({limit})"
             )
         if out.exists() and not out.is_dir():
-            raise UserInputError(f"--out {out} is a file, not a directory")
+            raise UserInputError(f"{self._out}{out} is a file, not a directory")
         parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
         if not parent.is_dir():
-            raise UserInputError(f"--out {out}: {parent} is a file, not a directory")
+            raise UserInputError(f"{self._out}{out}: {parent} is a file, not a directory")
         if not _writable(parent, probe=parent != out):
-            raise UserInputError(f"--out {out}: {parent} is not writable")
+            raise UserInputError(f"{self._out}{out}: {parent} is not writable")
         if self.resume:
             if not self.checkpoint_path.exists():
                 raise UserInputError(f"--resume needs {self.checkpoint_path}, which does not exist")
             return
-        if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not self.overwrite:
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+        if held and not self.overwrite:
+            what = "a run" if any(name in RUN_FILES for name in held) else f"other files ({', '.join(held[:3])})"
+            resume = "continue it with --resume, " if self._out == "--out " and what == "a run" else ""
             raise UserInputError(
-                f"--out {out} already holds a run; continue it with --resume, replace it with --overwrite, "
-                "or choose another --out"
+                f"{self._out}{out} already holds {what}; {resume}replace the run's files with {self._overwrite} "
+                "(other files stay), or choose another folder"
             )
 
     def claim(self) -> None:
@@ -274,7 +280,7 @@ class RunDirectory:
             self.created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserInputError(f"--out {self.out} cannot be created: {err.strerror or err}") from None
+            raise UserInputError(f"{self._out}{self.out} cannot be created: {err.strerror or err}") from None
         self._lock()
         for orphan in self.out.glob(".*.tmp"):
             orphan.unlink(missing_ok=True)
@@ -303,7 +309,7 @@ class RunDirectory:
                 os.close(fd)
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise UserInputError(
-                        f"--out {self.out} is in use by another run ({_describe_holder(path)}); wait for it or "
+                        f"{self._out}{self.out} is in use by another run ({_describe_holder(path)}); wait for it or "
                         "choose another --out"
                     ) from None
                 raise

@@ -95,7 +95,11 @@ def route_settings(
 
 
 def target_from_flags(
-    sparsity: float | None, pattern: str | None, default_sparsity: float, unstructured_pattern: str = "unstructured"
+    sparsity: float | None,
+    pattern: str | None,
+    default_sparsity: float,
+    unstructured_pattern: str = "unstructured",
+    keywords: bool = False,
 ) -> SparsityConfig:
     """The run's :class:`SparsityConfig` from ``--sparsity`` / ``--pattern`` (both runners use it).
 
@@ -106,6 +110,7 @@ def target_from_flags(
         default_sparsity: Level used when ``--sparsity`` is not given (and the pattern needs one).
         unstructured_pattern: Pattern of a ``--sparsity`` target without ``--pattern``
             (``unstructured``, or ``row`` for the layer-wise driver's default mask scope).
+        keywords: Messages name the Python keywords ``sparsity``/``pattern`` instead of the flags.
 
     Raises:
         ValueError: If the level is outside [0, 1), the pattern text is unknown or malformed, or
@@ -115,11 +120,13 @@ def target_from_flags(
         kind, _ = parse_pattern(pattern)
         if pattern_class(kind).fixed_level:
             if sparsity is not None:
+                if keywords:
+                    raise ValueError(f"pattern={pattern!r} fixes its own level: give sparsity or pattern, not both")
                 raise ValueError(
                     "argument --pattern: not allowed with argument --sparsity (an N:M pattern fixes its own level)"
                 )
             return SparsityConfig.parse(pattern)
-    level = check_sparsity(default_sparsity if sparsity is None else sparsity, "--sparsity")
+    level = check_sparsity(default_sparsity if sparsity is None else sparsity, "sparsity" if keywords else "--sparsity")
     if pattern is not None:
         return SparsityConfig.parse(pattern, level)
     return SparsityConfig(sparsity=level, pattern=unstructured_pattern)

@@ -105,7 +105,13 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", pattern="2:3")
     with pytest.raises(ValueError, match=r"^batches must be a non-empty list"):
         prune_layerwise(model, [], "wanda")
-    with pytest.raises(ValueError, match=r"^--set mask_scope must be one of row, layer, got 'col'$"):
+    with pytest.raises(ValueError, match=r"^pattern='2:4' fixes its own level: give sparsity or pattern, not both$"):
+        prune_layerwise(model, batches, "wanda", pattern="2:4", sparsity=0.5)
+    with pytest.raises(
+        ValueError, match=r"^unknown hyperparameter 'foo' for layer-wise solver 'wanda'; it takes none$"
+    ):
+        prune_layerwise(model, batches, "wanda", foo=1)
+    with pytest.raises(ValueError, match=r"^mask_scope must be one of row, layer, got 'col'$"):
         prune_layerwise(model, batches, "wanda", mask_scope="col")
     with pytest.raises(ValueError, match=r"^no blocks to prune: the list of blocks is empty$"):
         prune_layerwise(model, batches, "wanda", blocks=[])
@@ -231,7 +237,7 @@ def test_prune_layerwise_refuses_bad_allocations_before_pruning():
     model = _fresh_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(2)]
-    with pytest.raises(ValueError, match=r"^--set allocation must be one of uniform, lagrangian, owl, got 'owls'$"):
+    with pytest.raises(ValueError, match=r"^allocation must be one of uniform, lagrangian, owl, got 'owls'$"):
         prune_layerwise(model, batches, "wanda", allocation="owls")
     with pytest.raises(ValueError, match=r"^--set allocation=owl shares out a --sparsity level; the N:M pattern 2:4"):
         prune_layerwise(model, batches, "wanda", pattern="2:4", allocation="owl")

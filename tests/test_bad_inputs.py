@@ -561,6 +561,16 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         r"^unknown layer-wise solver 'nope'",
     ),  # fmt: skip
     ("layerwise batches", lambda: prune_layerwise(nn.Linear(2, 2), "text"), r"^batches must be a non-empty list"),
+    (
+        "layerwise text batches",
+        lambda: prune_layerwise(nn.Linear(2, 2), ["hello world"]),
+        r"^calibration batch 0 holds no tensor \(got a str\): tokenize text first",
+    ),  # fmt: skip
+    (
+        "layerwise empty batch",
+        lambda: prune_layerwise(nn.Linear(2, 2), [{"input_ids": torch.zeros(1, 0, dtype=torch.long)}]),
+        r"^calibration batch 0 holds an empty tensor of shape \(1, 0\)$",
+    ),  # fmt: skip
     ("layerwise model", lambda: prune_layerwise("model", [1]), r"^model must be a torch.nn.Module, got str$"),
     ("metric name", lambda: Metric("not a name", len), r"^a metric name must be an identifier"),
     ("describe kind", lambda: describe("slr", kind="other"), r"^kind must be one of training, layerwise"),

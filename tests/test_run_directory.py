@@ -64,8 +64,8 @@ def test_an_existing_run_directory_is_refused_untouched_unless_overwrite(tmp_pat
     files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), *FAST], capsys)
     assert line == (
-        f"error: --out {out} already holds a run; continue it with --resume, replace it with --overwrite, "
-        "or choose another --out"
+        f"error: --out {out} already holds a run; continue it with --resume, replace the run's files with "
+        "--overwrite (other files stay), or choose another folder"
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
     (out / "notes.txt").write_text("mine")

@@ -17,13 +17,16 @@ there, as a ``constrainedsparse run`` would write them).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from constrainedsparse.batches import tensors_in
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
@@ -50,17 +53,37 @@ from constrainedsparse.targets import SparsityConfig, Targets
 __all__ = ["prune_layerwise"]
 
 
+@dataclasses.dataclass
+class _DriverKeywords(DriverSettings):
+    """The driver settings as ``prune_layerwise`` keywords: errors name ``mask_scope``, not ``--set mask_scope``."""
+
+    error_prefix: ClassVar[str] = ""
+
+
 def _check_inputs(model: Any, batches: Any) -> list[Any]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or not batches:
+    if isinstance(batches, (str, bytes, Mapping, torch.Tensor)) or not isinstance(batches, Iterable):
         raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
-    return list(batches)
+    items = list(batches)  # a DataLoader or a generator: read once
+    if not items:
+        raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
+    for index, batch in enumerate(items):
+        found = list(tensors_in(batch))
+        if not found:
+            raise ValueError(
+                f"calibration batch {index} holds no tensor (got a {type(batch).__name__}): tokenize text first, "
+                "e.g. tokenizer(texts, return_tensors='pt')"
+            )
+        empty = next((t for t in found if t.numel() == 0), None)
+        if empty is not None:
+            raise ValueError(f"calibration batch {index} holds an empty tensor of shape {tuple(empty.shape)}")
+    return items
 
 
 def prune_layerwise(
     model: nn.Module,
-    batches: Sequence[Any],
+    batches: Iterable[Any],
     method: str | LayerwiseSolver = "fw",
     *,
     sparsity: float | None = None,
@@ -93,8 +116,9 @@ def prune_layerwise(
 
     Args:
         model: A ``transformers`` model or any module holding its blocks in an ``nn.ModuleList``.
-        batches: Calibration batches: dicts of keyword arguments (``model(**batch)``; an
-            ``attention_mask`` marks padding), tuples (``model(*batch)``) or tensors (``model(batch)``).
+        batches: Calibration batches (a list, or a ``DataLoader`` read once): dicts of keyword
+            arguments (``model(**batch)``; an ``attention_mask`` marks padding), tuples
+            (``model(*batch)``) or tensors (``model(batch)``).
         method: ``"fw"``, ``"admm"``, ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` (or a solver instance).
         sparsity: Fraction of zeros per targeted layer (default 0.5 unless ``pattern`` is given).
         pattern: A pattern text: ``"2:4"`` (its own level), or ``"row"``, ``"unstructured"``,
@@ -145,7 +169,7 @@ def prune_layerwise(
     """
     started = time.perf_counter()
     batches = _check_inputs(model, batches)
-    driver = DriverSettings.from_values(
+    driver = _DriverKeywords.from_values(
         {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations,
          "true_sequential": true_sequential, "allocation": allocation, "allocation_min": allocation_min,
          "allocation_max": allocation_max, "allocation_step": allocation_step, "allocation_weight": allocation_weight,
@@ -153,7 +177,7 @@ def prune_layerwise(
          "block_fit_lr": block_fit_lr, "block_fit_target": block_fit_target, "block_mask_rounds": block_mask_rounds}
     )  # fmt: skip
     driver.validate()
-    target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope])
+    target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope], keywords=True)
     solver = _solver(method, hyperparameters)
     solver.check_target(target)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
@@ -168,7 +192,7 @@ def prune_layerwise(
     check_reachable(blocks, targets, target, driver)
     directory = None
     if out is not None:
-        directory = RunDirectory(Path(out), overwrite=overwrite)
+        directory = RunDirectory(Path(out), overwrite=overwrite, keywords=True)
         directory.check()
     device = str(next(model.parameters()).device) if device is None else resolve_device(device)
     with _calibration_mode(model):
