@@ -32,7 +32,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from constrainedsparse.checkpoint import directory_mode, file_mode
 from constrainedsparse.saving import replace_folder
 
 __all__ = [
@@ -287,8 +286,6 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
         report = _report(sizes, model_dir, staging, sparsity["format"])
         report["folder"] = str(final)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        for path in staging.glob("*"):
-            path.chmod(file_mode() if path.is_file() else directory_mode())
         replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from constrainedsparse.causal_lm import load_tokenizer
-from constrainedsparse.checkpoint import directory_mode
+from constrainedsparse.checkpoint import directory_mode, file_mode
 
 __all__ = ["SENTENCE_TRANSFORMERS_FILES", "replace_folder", "save_pretrained_model", "source_folder"]
 
@@ -31,9 +31,13 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "con
 def replace_folder(staging: Path, final: Path) -> None:
     """Moves ``staging`` to ``final`` atomically, replacing (and deleting) any folder already there.
 
-    An existing ``final`` is first renamed aside, so readers see the old folder or the new one.
+    An existing ``final`` is first renamed aside, so readers see the old folder or the new one. Every
+    file and folder in it gets the mode a new one has under the umask (mkdtemp's 0700, and the 0600
+    of files some writers stage through ``mkstemp``, would hide the folder from other users).
     """
-    staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the folder from other users
+    for path in staging.rglob("*"):
+        path.chmod(file_mode() if path.is_file() else directory_mode())
+    staging.chmod(directory_mode())
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
         try:

@@ -197,6 +197,12 @@ def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gp
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "split" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run keeps its pruned model, not the per-block copies; resuming it again says so.
+    assert not (tmp_path / "split" / "blocks").exists() and not (tmp_path / "straight" / "blocks").exists()
+    with pytest.raises(
+        ValueError, match=r"^--resume: .*block-00000\.safetensors is missing: the run in .* has finished"
+    ):
+        run(config(tmp_path / "split", resume=True))
 
 
 def test_minilm_layerwise_real_model_small(tmp_path):

@@ -100,3 +100,23 @@ def test_a_layerwise_run_saves_a_model_that_loads_the_standard_way(tmp_path, tin
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
     assert reloaded.config.use_cache == model.config.use_cache
+
+
+def test_a_replaced_folder_has_the_umask_modes_of_new_files(tmp_path):
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from constrainedsparse.checkpoint import directory_mode, file_mode
+    from constrainedsparse.saving import replace_folder
+
+    staging = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as mkdtemp makes it
+    (staging / "sub").mkdir()
+    fd, name = tempfile.mkstemp(dir=staging / "sub")  # 0600, as a writer staging through mkstemp leaves it
+    os.close(fd)
+    replace_folder(staging, tmp_path / "final")
+    final = tmp_path / "final"
+    assert (
+        final.stat().st_mode & 0o777 == directory_mode() and (final / "sub").stat().st_mode & 0o777 == directory_mode()
+    )
+    assert (final / "sub" / Path(name).name).stat().st_mode & 0o777 == file_mode()

@@ -25,7 +25,7 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.causal_lm import has_tokenizer
-from constrainedsparse.checkpoint import directory_mode, save_weights
+from constrainedsparse.checkpoint import save_weights
 from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.formulations.base import available_formulations
 from constrainedsparse.layerwise.allocation import (
@@ -327,7 +327,6 @@ def save_model(model: nn.Module, out: Path) -> str:
             staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
             try:
                 model.save_pretrained(staging)
-                staging.chmod(directory_mode())  # mkdtemp's 0700 would hide the model from other users
                 replace_folder(staging, out / "model")
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -369,6 +368,12 @@ class _Blocks:
         weights: dict[str, torch.Tensor] = {}
         if self.main:
             for index in range(self.start):
+                if not self.block_file(index).is_file():
+                    raise UserInputError(
+                        f"--resume: {self.block_file(index)} is missing: the run in {self.directory.out} has finished "
+                        "(a finished run keeps its pruned model, not its block files) or its files were removed; "
+                        "--overwrite runs it again"
+                    )
                 weights.update(load_file(self.block_file(index)))
         for name, weight in distributed.broadcast_object(weights).items():
             module = self.modules[name.removesuffix(".weight")]
@@ -501,6 +506,8 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         weights = pruned_weights(model, list(summary["layer_error"]))
         write_layers_csv(directory.out / "layers.csv", layer_rows(weights, summary["layer_error"]))
     directory.finish(summary)
+    if run.main:  # the saved model holds every pruned block: the per-block copies would double the run's size
+        shutil.rmtree(directory.out / BLOCKS, ignore_errors=True)
     return summary
 
 
