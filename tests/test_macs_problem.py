@@ -9,6 +9,7 @@ from constrainedsparse.formulations.l0 import L0Config
 from constrainedsparse.logger import read_metrics
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.problems.mnist1d_mlp_macs import expected_macs_fraction, macs_violation, model
+from constrainedsparse.purge import count_params_and_macs, purge
 from constrainedsparse.targets import SparsityConfig, Targets
 
 DENSE = 40 * 256 + 256 * 256 + 256 * 10
@@ -27,13 +28,22 @@ def _gated(grouping):
     return net, densities
 
 
-def test_expected_macs_without_gates_is_the_exact_density():
+def test_macs_without_gates_are_the_purged_networks():
     net = model({"macs_fraction": 0.3})
     assert float(expected_macs_fraction(net).detach()) == pytest.approx(1.0)
     with torch.no_grad():
-        net[2].weight[:, :128] = 0
-    assert float(expected_macs_fraction(net).detach()) == pytest.approx(1 - 256 * 128 / DENSE)
-    assert float(macs_violation(net).detach()) == pytest.approx(0.7 - 256 * 128 / DENSE)
+        net[2].weight[:, :128] = 0  # hidden units 0..127 of the first layer are read by no weight: purge drops them
+    want = (40 * 128 + 256 * 128 + 256 * 10) / DENSE
+    assert float(expected_macs_fraction(net).detach()) == pytest.approx(want)
+    assert float(macs_violation(net).detach()) == pytest.approx(want - 0.3)
+    with torch.no_grad():
+        net[0].weight[200:] = 0  # units 200..255 get no weight in: constants folded into the next bias
+        net[4].weight[3, 5] = 0  # and one unstructured zero counts as one MAC less
+    want = (40 * 72 + 256 * 128 - 56 * 256 + 256 * 10 - 1) / DENSE
+    assert float(expected_macs_fraction(net).detach()) == pytest.approx(want)
+    purged = purge(net)
+    x = torch.randn(1, 40)
+    assert count_params_and_macs(purged, x)[1] >= want * DENSE  # purge's dense MACs bound the sparse count
 
 
 def test_expected_macs_with_structured_and_unstructured_gates():

@@ -7,8 +7,10 @@ layers. With structured gates (``--set grouping=structured``, one gate per input
 :math:`\mathrm{in}_i\,\mathrm{out}_i\,\bar P_i\,\bar P_{i+1}` (:math:`\bar P` the gates' expected
 density, independent across layers; the last layer keeps its 10 outputs). With unstructured gates
 the expected MACs of a layer are :math:`\mathrm{in}_i\,\mathrm{out}_i\,\bar P_i` (sparse MACs).
-Without gates (another formulation) the exact density of the weights is used; it has no gradient,
-so only the multiplier reacts. The violation is a fraction, expected MACs / dense MACs −
+Without gates (another formulation, or the final hard-pruned model) the MACs are those of the
+purged network, counted exactly: a hidden unit whose weights in or out are all zero goes, and each
+layer multiplies its nonzero weights between the units that stay (:func:`purged_macs`); they have
+no gradient, so only the multiplier reacts. The violation is a fraction, expected MACs / dense MACs −
 ``macs_fraction``, hence the problem's ``dual_lr = 0.2``.
 """
 
@@ -31,24 +33,41 @@ def model(options: Mapping[str, Any]) -> nn.Module:
     return net
 
 
+def purged_macs(layers: list[nn.Linear]) -> int:
+    """Sparse MACs per sample of the purged chain: the nonzero weights between the hidden units that stay.
+
+    A hidden unit stays when its row in the layer before and its column in the layer after both hold
+    a nonzero weight (a unit with no weight in is a constant that purge folds into the next bias; one
+    with no weight out is unused); the inputs and the last layer's outputs always stay.
+    """
+    weights = [m.weight.detach() != 0 for m in layers]
+    alive = [w.any(dim=1) for w in weights[:-1]]  # hidden units fed by some weight ...
+    alive = [a & nxt.any(dim=0) for a, nxt in zip(alive, weights[1:])]  # ... that some weight reads
+    total = 0
+    for i, w in enumerate(weights):
+        rows = alive[i] if i < len(alive) else torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+        cols = alive[i - 1] if i > 0 else torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+        total += int(w[rows][:, cols].sum())
+    return total
+
+
 def expected_macs_fraction(net: nn.Module) -> torch.Tensor:
     """Expected MACs of the (purged) network over its dense MACs."""
     layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
     gates = [find_gate(m, "weight") for m in layers]
+    dense = sum(m.in_features * m.out_features for m in layers)
+    if all(g is None for g in gates):  # the exact MACs, which no gradient can change (only the multiplier
+        # reacts); the zero term gives the constraint the gradient path it must have
+        return torch.tensor(purged_macs(layers) / dense) + 0.0 * sum(m.weight.sum() for m in layers)
     structured = [g is not None and g.grouping == "structured" for g in gates]
-    densities = []
-    for m, g in zip(layers, gates):
-        if g is not None:
-            densities.append(g.expected_density())
-        else:  # no gates: the exact density of the weights, which no gradient can change (only the
-            # multiplier reacts); the zero term gives it the gradient path a constraint must have
-            densities.append((m.weight != 0).float().mean() + 0.0 * m.weight.sum())
-    expected, dense = 0.0, 0
+    densities = [
+        g.expected_density() if g is not None else (m.weight != 0).float().mean() for m, g in zip(layers, gates)
+    ]
+    expected = 0.0
     for i, m in enumerate(layers):
         size = m.in_features * m.out_features
         out_density = densities[i + 1] if i + 1 < len(layers) and structured[i + 1] else 1.0
         expected = expected + size * densities[i] * (out_density if structured[i] else 1.0)
-        dense += size
     return expected / dense
 
 
