@@ -2,17 +2,23 @@ r"""BatchNorm running statistics of a pruned model, re-estimated from training b
 
 A formulation that trains dense weights towards a sparse copy (``slr``, ``admm``) leaves
 BatchNorm layers with the running mean and variance of the *dense* model's activations; once the
-weights are hard-pruned those statistics no longer match, and eval-mode accuracy can collapse
-(a digits CNN trained retrain-free with ``slr`` at 90 %: 30 % with the dense statistics, 94 %
-re-estimated; ``tests/test_batchnorm.py``). :func:`recalibrate_batchnorm` re-estimates them as the
-cumulative average over a few training batches in train mode, without gradients — what
+weights are hard-pruned those statistics no longer describe the network. Whether the pruned
+network's own statistics score better is an empirical question: on a digits BatchNorm CNN at 90 %
+(``tests/test_batchnorm.py``'s problem) re-estimating them raised the hard-pruned accuracy of
+``slr`` from 14.9 to 39.8 % after 2 epochs and from 44.3 to 54.2 % after 10, of ``admm`` from 31.2
+to 42.1 and 55.4 to 58.9 %, and left ``l0``/``magnitude`` within a point; on another digits CNN
+(two BatchNorm layers, top-2 accuracy) it lowered ``slr`` from 75.3 to 72.2 % and ``l0`` from 72.2 to
+59.4 %. So it is offered, not imposed (the training runner's ``--set batchnorm_batches``, default
+0). :func:`recalibrate_batchnorm` re-estimates them as the cumulative average over training
+batches, without gradients, the BatchNorm layers in train mode and every other module in eval
+mode (dropout off: the statistics are those of the network as evaluated) — what
 ``torch.optim.swa_utils.update_bn`` does for ``(x, y)`` loaders, here for any batch structure:
 
 .. math::
     \hat\mu = \frac1B \sum_{b=1}^{B} \mu_b, \qquad \hat\sigma^2 = \frac1B \sum_{b=1}^{B} \sigma^2_b
 
 (torch's ``momentum=None`` running average, with the unbiased batch variances). No weight and no
-other buffer changes, and the model's training mode is restored.
+other buffer changes, and every module's training mode is restored.
 """
 
 from __future__ import annotations
@@ -76,11 +82,13 @@ def recalibrate_batchnorm(
         return 0
     run = _forward if forward is None else forward
     momenta = [layer.momentum for layer in layers]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative average over the batches
-    model.train()
+    model.eval()
+    for layer in layers:
+        layer.train()
     seen = 0
     try:
         for batch in batches:
@@ -91,7 +99,8 @@ def recalibrate_batchnorm(
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if seen == 0:
         raise ValueError("recalibrate_batchnorm got no batch: the BatchNorm statistics were reset and not re-estimated")
     return seen

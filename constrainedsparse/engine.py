@@ -95,9 +95,9 @@ class TrainingSettings(Hyperparameters):
         False, "let a hard prune leave a targeted tensor without any weight (stops the run otherwise)"
     )
     batchnorm_batches: int = hyperparameter(
-        100,
+        0,
         "after the hard prune, re-estimate BatchNorm running statistics over this many training batches "
-        "(models with BatchNorm only; 0 keeps the dense model's)",
+        "(models with BatchNorm only; 0 keeps those of training)",
         Bounds(low=0),
     )
 

@@ -34,6 +34,19 @@ def test_it_is_torch_update_bn_for_pairs_and_takes_dict_batches():
     assert seen == 2 and not torch.allclose(keyed[1].running_mean, ours[1].running_mean)
 
 
+def test_other_modules_run_as_evaluated_and_keep_their_modes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8))
+    model[1].train()  # a mode of the user's own, restored afterwards
+    model[2].eval()
+    batches = [torch.randn(16, 4) for _ in range(3)]
+    cs.recalibrate_batchnorm(model, batches)
+    first = model[2].running_mean.clone()
+    cs.recalibrate_batchnorm(model, batches)
+    assert torch.equal(first, model[2].running_mean)  # dropout was off: the same statistics twice
+    assert model[0].training and model[1].training and not model[2].training  # as they were
+
+
 def test_a_model_without_batchnorm_is_left_alone_and_bad_inputs_are_one_line():
     mlp = nn.Sequential(nn.Linear(4, 4))
     assert cs.recalibrate_batchnorm(mlp, []) == 0
