@@ -18,7 +18,7 @@ from typing import Any
 from constrainedsparse import distributed, launcher
 from constrainedsparse.catalog import describe
 from constrainedsparse.config import HyperparameterInfo, describe_table
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, first_line, user_input
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, debugging, first_line, user_input
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
@@ -93,8 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     listing.add_argument("name", nargs="?", help="a formulation or layer-wise solver: list its hyperparameters")
     sub.add_parser("problems", help="list bundled problems")
     add_export_command(sub)
-    plot = sub.add_parser("plot", help="plot a metrics.jsonl to PNG")
-    plot.add_argument("metrics", type=Path)
+    plot = sub.add_parser("plot", help="plot a metrics.jsonl (or a run directory's) to PNG")
+    plot.add_argument("metrics", type=Path, help="a metrics.jsonl, or a run directory holding one")
     plot.add_argument("--png", type=Path)
     return parser
 
@@ -263,6 +263,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             export_command(args)
         return 0
     if args.command == "plot":
+        if args.metrics.is_dir():  # a run directory: its metrics.jsonl
+            args.metrics = args.metrics / "metrics.jsonl"
         png = args.png or args.metrics.with_suffix(".png")
         if not args.metrics.is_file():
             raise UserInputError(f"metrics file {str(args.metrics)!r} does not exist")
@@ -296,6 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher.report_error(message, code=2)
             raise SystemExit(2) from None
         _fail(message)
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        out = getattr(args, "out", None)
+        hint = f"; continue from the last checkpoint with --resume --out {out}" if out else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
     except Exception as err:
         if distributed.env_world_size() > 1:
             if launcher.lost_peer(err):  # another rank failed first: its error is the one to report

@@ -354,7 +354,7 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     """Data, the dense model, the targets, the problem and the logger of the run."""
     prepared, config = run.prepared, run.config
     problem = prepared.problem
-    run.train, run.test = problem.data(prepared.options)
+    run.train, run.test = problem.datasets(prepared.options)
     for name, dataset in (("training", run.train), ("test", run.test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")

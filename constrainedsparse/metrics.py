@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from constrainedsparse.errors import UserInputError
+
 __all__ = ["ACCURACY", "R2", "Metric", "accuracy", "as_metric", "r2"]
 
 
@@ -53,7 +55,13 @@ class Metric:
             raise ValueError(f"metric fn must be callable, got {type(self.fn).__name__}")
 
     def __call__(self, outputs: Any, targets: Any) -> float:
-        return float(self.fn(outputs, targets))
+        value = self.fn(outputs, targets)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:40]
+            raise UserInputError(f"metric {self.name!r} must return one number over the test set, got {shown}")
+        return float(value)
 
     def describe(self) -> dict[str, Any]:
         """What ``summary.json`` says of the metric."""
@@ -65,11 +73,13 @@ R2 = Metric("r2", r2, True)
 
 
 def as_metric(metric: Metric | Callable[[Any, Any], float]) -> Metric:
-    """A :class:`Metric` from a metric or a plain function (named by the function, higher is better)."""
+    """A :class:`Metric` from a metric or a plain function (named by the function, ``metric`` for a lambda;
+    higher is better)."""
     if isinstance(metric, Metric):
         return metric
     if not callable(metric):
         raise ValueError(f"metric must be a Metric or a function, got {type(metric).__name__}")
     if metric is accuracy:
         return ACCURACY
-    return Metric(getattr(metric, "__name__", "metric").strip("_") or "metric", metric)
+    name = getattr(metric, "__name__", "").strip("_")
+    return Metric(name if name.isidentifier() else "metric", metric)  # a lambda is "metric"

@@ -98,14 +98,35 @@ def _described_targets(targets: Any) -> str:
     return f"{type(targets).__name__}{hint}"
 
 
-def _pair(batch: Batch) -> tuple[Any, Any]:
+def pair_of(batch: Batch, hint: str = "pass compute_loss=fn(model, batch) to SparsityProblem") -> tuple[Any, Any]:
+    """``(x, y)`` of a pair batch.
+
+    Raises:
+        UserInputError: For any other batch (a dict, a triple), with ``hint`` on what to give instead.
+    """
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
         return batch[0], batch[1]
     kind = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, Sequence) else "")
-    raise UserInputError(
-        f"loss_fn takes (inputs, targets) batches, got a {kind}: pass compute_loss=fn(model, batch) "
-        "to SparsityProblem for other batches"
-    )
+    keys = f" (keys {', '.join(map(str, batch))})" if isinstance(batch, Mapping) else ""
+    raise UserInputError(f"loss_fn takes (inputs, targets) batches, got a {kind}{keys}: {hint} for other batches")
+
+
+def checked_loss(value: Any, source: str) -> torch.Tensor:
+    """``value`` as a 0-d tensor if it is the scalar, differentiable loss a step needs.
+
+    Raises:
+        UserInputError: For a non-tensor, a tensor of several entries (``reduction="none"``), or a
+            loss without gradient while gradients are on (detached, ``.item()``, an integer cast).
+    """
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise UserInputError(f"{source} must return a scalar tensor, got {shape}")
+    if torch.is_grad_enabled() and not value.requires_grad:
+        raise UserInputError(
+            f"{source} returned a loss with no gradient (requires_grad=False, dtype {value.dtype}): compute it "
+            "from the model's output, without detach(), .item() or an integer cast"
+        )
+    return value if value.dim() == 0 else value.reshape(())  # no view node for a 0-d loss
 
 
 class SparsityProblem(cooper.ConstrainedMinimizationProblem):
@@ -194,18 +215,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             value, output = self.compute_loss(module, batch), None
             source = "compute_loss"
         else:
-            x, y = _pair(batch)
+            x, y = pair_of(batch)
             output = module(x)
             value, source = self.loss_fn(output, y), "loss_fn"
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise UserInputError(f"{source} must return a scalar tensor, got {shape}")
-        if torch.is_grad_enabled() and not value.requires_grad:
-            raise UserInputError(
-                f"{source} returned a loss with no gradient (requires_grad=False, dtype {value.dtype}): compute it "
-                "from the model's output, without detach(), .item() or an integer cast"
-            )
-        return (value if value.dim() == 0 else value.reshape(())), output  # no view node for a 0-d loss
+        return checked_loss(value, source), output
 
     def add_penalty(self, name: str, fn: Callable[[nn.Module], torch.Tensor]) -> None:
         """Adds ``fn(model)`` (a scalar tensor) to the loss of every step until :meth:`remove_penalty`.

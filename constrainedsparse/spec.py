@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from constrainedsparse.errors import DEBUG_ENV, UserInputError, debugging, first_line
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
-from constrainedsparse.problem import UserConstraint
+from constrainedsparse.problem import UserConstraint, checked_loss, pair_of
 from constrainedsparse.targets import Targets
 
 __all__ = [
@@ -97,9 +97,30 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
         ) from err
 
 
+def _kind(value: Any) -> str:
+    """A value's class name, or the class itself for a class given instead of an instance."""
+    return f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
+
+
+def check_options(options: Any) -> None:
+    """Problem options: a dict whose defaults give ``--set`` the type to parse (so none is ``None``).
+
+    Raises:
+        ValueError: For another container or a default ``--set`` could not parse a value for.
+    """
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict {{key: default}}, got {_kind(options)}")
+    for key, default in options.items():
+        if not isinstance(default, (bool, int, float, str)):
+            raise ValueError(
+                f"option {key!r} has default {default!r}: give a bool, int, float or str default (its type is the "
+                "one --set parses)"
+            )
+
+
 def predict_pair(model: nn.Module, batch: Any) -> tuple[Any, Any]:
     """``(model(x), y)`` of an ``(x, y)`` batch: what the metric compares (the default ``predict``)."""
-    x, y = batch
+    x, y = pair_of(batch, "give the Problem predict(model, batch) and compute_loss(model, batch)")
     return model(x), y
 
 
@@ -153,6 +174,34 @@ class Problem:
     check: Callable[[Mapping[str, Any]], None] | None = None
     source: str = ""
 
+    def __post_init__(self) -> None:
+        """Every field of the right kind, named as the problem file writes it (a ``ValueError`` there
+        is the file's one-line load error)."""
+        for key in ("model", "data", "loss", "predict"):
+            if not callable(getattr(self, key)):
+                raise ValueError(f"Problem.{key} must be a function, got {type(getattr(self, key)).__name__}")
+        for key in ("compute_loss", "check"):
+            if getattr(self, key) is not None and not callable(getattr(self, key)):
+                raise ValueError(f"Problem.{key} must be a function or None, got {type(getattr(self, key)).__name__}")
+        as_metric(self.metric)
+        if not isinstance(self.targets, Targets):
+            raise ValueError(f"Problem.targets must be a Targets(...), got {_kind(self.targets)}")
+        if not isinstance(self.constraints, Mapping) or not all(
+            isinstance(c, UserConstraint) for c in self.constraints.values()
+        ):
+            raise ValueError(
+                f"Problem.constraints must be a dict {{name: UserConstraint(...)}}, got {_kind(self.constraints)}"
+            )
+        for key, low in (("pretrain_epochs", 0), ("epochs", 0), ("batch_size", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Problem.{key} must be an integer >= {low}, got {value!r}")
+        for key in ("lr", "dual_lr"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"Problem.{key} must be a finite number > 0, got {value!r}")
+        check_options(self.options)
+
     def guarded(self) -> Problem:
         """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
         name = self.name
@@ -179,12 +228,33 @@ class Problem:
         """:attr:`metric` as a :class:`~constrainedsparse.metrics.Metric`."""
         return as_metric(self.metric)
 
+    def datasets(self, options: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
+        """``data(options)``'s ``(train, test)``, checked to be two datasets with a length.
+
+        Raises:
+            UserInputError: For anything else (one set alone, ``None``, a DataLoader in place of a dataset).
+        """
+        returned = self.data(options)
+        if isinstance(returned, (tuple, list)) and len(returned) == 2 and all(hasattr(d, "__len__") for d in returned):
+            return returned[0], returned[1]
+        count = f" of {len(returned)}" if isinstance(returned, (tuple, list)) else ""
+        raise UserInputError(
+            f"problem {self.name!r}: data(options) must return (train_dataset, test_dataset), two datasets with a "
+            f"length, got {type(returned).__name__}{count}"
+        )
+
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``."""
+        """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``.
+
+        Raises:
+            UserInputError: For a batch that is no ``(x, y)`` pair without ``compute_loss``, a model that
+                fails on the batch, or a loss that is not a differentiable scalar.
+        """
         if self.compute_loss is not None:
-            return self.compute_loss(model, batch)
-        x, y = batch
-        return self.loss(model(x), y)
+            return checked_loss(self.compute_loss(model, batch), "compute_loss(model, batch)")
+        x, y = pair_of(batch, "give the Problem compute_loss(model, batch) and predict(model, batch)")
+        output = call_user(self.name, "the model on a training batch, model(x)", model, x)
+        return checked_loss(self.loss(output, y), "loss(output, y)")
 
     def cache_tag(self) -> str:
         """Identifies the problem's definition for the dense-model cache."""

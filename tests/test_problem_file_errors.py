@@ -1,0 +1,113 @@
+"""Mistakes in a problem file of one's own: each is one `error:` line and exit 2, nothing written (or it just works)."""
+
+import json
+import re
+
+import pytest
+from cli_helpers import fails_with_one_line
+
+from constrainedsparse.cli import main
+
+BASE = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from constrainedsparse import Problem, Targets, UserConstraint
+
+
+def data(options):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:])
+
+
+class Dicts(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return {"x": x, "y": y}
+
+
+def model(options):
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+FIELDS = dict()
+problem = Problem(name="mine", description="a problem of one's own", **(dict(model=model, data=data) | FIELDS))
+"""
+FAST = ["--epochs", "1", "--pretrain-epochs", "1", "--wandb", "disabled", "--no-progress"]
+
+MISTAKES = [
+    ("model(x) fails", "model=lambda o: nn.Linear(7, 2)",
+     r"problem 'mine': the model on a training batch, model\(x\) failed: RuntimeError: mat1 and mat2 shapes"),
+    ("dict batches without compute_loss", "data=lambda o: tuple(Dicts(d) for d in data(o))",
+     r"loss_fn takes \(inputs, targets\) batches, got a dict \(keys x, y\): give the Problem compute_loss"),
+    ("a loss per sample", "loss=lambda o, y: F.cross_entropy(o, y, reduction='none')",
+     r"loss\(output, y\) must return a scalar tensor, got \(64,\)"),
+    ("a float loss", "loss=lambda o, y: 1.0", r"loss\(output, y\) must return a scalar tensor, got float"),
+    ("a detached loss", "loss=lambda o, y: F.cross_entropy(o, y).detach()",
+     r"loss\(output, y\) returned a loss with no gradient"),
+    ("data returns one set", "data=lambda o: data(o)[0]",
+     r"problem 'mine': data\(options\) must return \(train_dataset, test_dataset\), two datasets with a length, got "
+     r"TensorDataset"),
+    ("data returns None", "data=lambda o: None", r"data\(options\) must return .* got NoneType$"),
+    ("a metric of one number per sample", "metric=lambda o, y: o.argmax(1) == y",
+     r"metric 'metric' must return one number over the test set, got a tensor of shape \(64,\)"),
+    ("a metric returning text", "metric=lambda o, y: 'good'",
+     r"metric 'metric' must return one number over the test set, got 'good'"),
+    ("targets as a class", "targets=nn.Linear", r"Problem\.targets must be a Targets\(\.\.\.\), got the class Linear"),
+    ("constraints as a list", "constraints=[UserConstraint(lambda m: m[0].weight.sum())]",
+     r"Problem\.constraints must be a dict \{name: UserConstraint\(\.\.\.\)\}, got a list"),
+    ("epochs as text", "epochs='3'", r"Problem\.epochs must be an integer >= 0, got '3'"),
+    ("batch size 0", "batch_size=0", r"Problem\.batch_size must be an integer >= 1, got 0"),
+    ("lr negative", "lr=-1.0", r"Problem\.lr must be a finite number > 0, got -1\.0"),
+    ("an option without a type", "options={'hidden': None}", r"option 'hidden' has default None: give a bool, int"),
+]  # fmt: skip
+
+
+def _file(tmp_path, fields):
+    path = tmp_path / "mine.py"
+    path.write_text(BASE.replace("FIELDS = dict()", f"FIELDS = dict({fields})"))
+    return str(path)
+
+
+@pytest.mark.parametrize(("name", "fields", "message"), MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_a_mistake_in_a_problem_file_is_one_line(name, fields, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = fails_with_one_line(["run", _file(tmp_path, fields), "--out", str(out), *FAST], capsys)
+    assert re.search(message, line), line
+    assert not out.exists() or not any(p.name == "summary.json" for p in out.iterdir())
+
+
+def test_a_lambda_metric_is_named_metric_and_a_run_directory_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    fields = "metric=lambda o, y: float((o.argmax(1) == y).float().mean())"
+    assert main(["run", _file(tmp_path, fields), "--out", str(out), *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["dense_metric"] <= 1 and "hardprune_metric" in summary
+    capsys.readouterr()
+    (out / "metrics.png").unlink()
+    assert main(["plot", str(out)]) == 0  # the run directory stands for its metrics.jsonl
+    assert (out / "metrics.png").is_file()
+
+
+def test_ctrl_c_is_one_line_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import constrainedsparse.cli as cli
+
+    def interrupted(args, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["run", "digits-mlp", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted; continue from the last checkpoint with --resume --out {out}"
+    ]
