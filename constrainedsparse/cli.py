@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -185,6 +186,8 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | Layerwis
         "wandb_tags": tuple(t.strip() for t in (args.wandb_tags or "").split(",") if t.strip()),
     }
     if args.resume:
+        if args.overwrite:
+            raise UserInputError("give either --resume or --overwrite, not both")
         problem = load_problem(args.problem) if args.problem is not None else None
         default_out = Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{args.formulation or 'slr'}"
         config = RunConfig.resumed(args.out or default_out, given)
@@ -212,6 +215,11 @@ def _settings_help(config: RunConfig, problem: Problem | LayerwiseProblem) -> No
     kind = "layerwise" if isinstance(problem, LayerwiseProblem) else "training"
     print(describe(config.formulation, kind))
     runner_keys = runner.settings.keys()
+    if isinstance(problem, Problem):  # lr, dual_lr, batch_size: the problem's own defaults
+        runner_keys = {
+            key: dataclasses.replace(info, default=getattr(problem, key)) if hasattr(problem, key) else info
+            for key, info in runner_keys.items()
+        }
     print("runner (--set):")
     print(describe_table(list(runner_keys.values())))
     print(f"problem {problem.name!r} options (--set):")

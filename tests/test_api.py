@@ -45,6 +45,9 @@ def test_cli_formulations_name_and_set_help(capsys):
     assert main(["run", "minilm-layerwise", "--set", "help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("fw (layer-wise solver)") and "mask_scope" in out and "calibration_samples" in out
+    assert main(["run", "mnist1d-mlp-macs", "--set", "help"]) == 0  # the runner's keys with the problem's defaults
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert rows["batch_size"] == "100" and rows["dual_lr"] == "0.2" and rows["lr"] == "0.001"
 
 
 class _Blocks(nn.Module):

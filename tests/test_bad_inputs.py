@@ -234,6 +234,7 @@ ROWS: list[Row] = [
     ),  # fmt: skip
     # --- resuming ---------------------------------------------------------------------------------
     Row("resume missing", [*RUN, "--resume"], r"--resume needs .*checkpoint.pt, which does not exist"),
+    Row("resume and overwrite", [*RUN, "--resume", "--overwrite"], r"give either --resume or --overwrite, not both$"),
     Row("resume truncated", ["run", "--out", "{out}", "--resume"], r"is not a readable checkpoint", _truncated),
     Row(
         "resume random",
