@@ -23,7 +23,7 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError, debuggi
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
-from constrainedsparse.layerwise.runner import check_block_fit
+from constrainedsparse.layerwise.checks import check_block_fit
 from constrainedsparse.logger import WANDB_MODES, read_metrics
 from constrainedsparse.plots import plot_metrics
 from constrainedsparse.report import block_names, print_layer_table

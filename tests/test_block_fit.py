@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from constrainedsparse import RunConfig, prune_layerwise, run
 from constrainedsparse.layerwise.blockfit import BlockFit, fit_block
+from constrainedsparse.layerwise.checks import check_block_fit
 from constrainedsparse.layerwise.driver import capture_block_inputs, run_block
 from constrainedsparse.layerwise.layers import find_blocks, targeted_layers
-from constrainedsparse.layerwise.runner import check_block_fit
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.targets import Targets
 

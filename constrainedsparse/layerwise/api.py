@@ -31,20 +31,18 @@ from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
-from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
-from constrainedsparse.layerwise.levels import override_levels, solve_levels
-from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
-from constrainedsparse.layerwise.runner import (
-    DEFAULT_SPARSITY,
-    build_solver,
+from constrainedsparse.layerwise.checks import (
     check_allocation,
     check_block_fit,
     check_block_mask,
     check_layer_shapes,
     check_reachable,
-    save_model,
 )
+from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
+from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
+from constrainedsparse.layerwise.levels import override_levels, solve_levels
+from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
+from constrainedsparse.layerwise.runner import DEFAULT_SPARSITY, build_solver, save_model
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.settings import resolve_device, target_from_flags

@@ -35,7 +35,7 @@ def override_levels(
     within its block (``mlp.down_proj.weight``, as ``include``/``exclude`` do in a layer-wise run);
     the first glob that matches sets the layer's level, at the run's pattern (row or layer scope).
     Whether every glob matches a layer, and every level fits its layer, is checked with the shapes
-    (:func:`~constrainedsparse.layerwise.runner.check_layer_shapes`).
+    (:func:`~constrainedsparse.layerwise.checks.check_layer_shapes`).
 
     Raises:
         UserInputError: For overrides on an N:M target (its level is fixed per group).

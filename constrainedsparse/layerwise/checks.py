@@ -1,0 +1,161 @@
+"""What a layer-wise run checks before anything is pruned or written, for the CLI runner and
+:func:`~constrainedsparse.prune_layerwise` alike: the layers against their patterns and levels, the
+allocation settings, and the block-level steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from constrainedsparse import distributed
+from constrainedsparse.errors import UserInputError, user_input
+from constrainedsparse.layerwise.allocation import reachable_range, row_width
+from constrainedsparse.layerwise.base import LayerwiseSolver
+from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
+from constrainedsparse.layerwise.layers import layer_weight, targeted_layers, weight_name
+from constrainedsparse.layerwise.settings import DriverSettings
+from constrainedsparse.settings import check_keeps_weights
+from constrainedsparse.targets import SparsityConfig, Targets, full_name
+
+__all__ = ["check_allocation", "check_block_fit", "check_block_mask", "check_layer_shapes", "check_reachable"]
+
+
+def check_layer_shapes(
+    blocks: Sequence[nn.Module],
+    targets: Targets,
+    target: SparsityConfig,
+    allow_empty: bool = False,
+    levels: Mapping[str, SparsityConfig] | None = None,
+    prefixes: Sequence[str] | None = None,
+) -> None:
+    """Every targeted layer fits its level's pattern (N:M widths) and keeps a weight, named as ``block I layer``.
+
+    Args:
+        blocks: The model's blocks.
+        targets: Which layers of a block are pruned.
+        target: The run's level and pattern.
+        allow_empty: Whether a level may empty a layer.
+        levels: Per-layer levels by weight name in the model (:func:`override_levels`); others get
+            ``target``.
+        prefixes: The blocks' names in the model (:func:`block_prefixes`); needed with ``levels``.
+
+    Raises:
+        UserInputError: For no block or no targeted layer at all, a glob that matches nothing, the
+            first layer that does not fit, or that its level would empty (unless ``allow_empty``).
+    """
+    if not blocks:
+        raise UserInputError("no blocks to prune: the list of blocks is empty")
+    levels = levels or {}
+    prefixes = prefixes if prefixes is not None else [str(index) for index in range(len(blocks))]
+    by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
+    selected = set()
+    for index, block in enumerate(blocks):
+        for name, module in targeted_layers(block, targets):
+            shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
+            own = levels.get(full, target)
+            with user_input(f"block {index} {name}: "):
+                by_level.setdefault(own, {})[f"block {index} {name}"] = (own.feasible_set(shape), shape)
+            selected.update((full_name(name, "weight"), full))
+    if not by_level:
+        raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
+    with user_input():  # include/exclude globs are names within a block; each must match in some block
+        candidates = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.candidates(block)}
+        targets.check_globs(sorted(candidates), sorted(selected))
+    if not allow_empty:
+        for own, sets in by_level.items():
+            check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")
+
+
+def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Targets | None = None) -> None:
+    """Per-layer levels: ``allocation=lagrangian|owl`` needs a level to share out, inside its bounds, and sets
+    every layer's; ``Targets.overrides`` need a sparsity target and no allocation.
+
+    Raises:
+        ValueError: For an N:M target (its level is fixed per group) with an allocation or
+            ``targets.overrides``, a budget outside the bounds, or overrides (levels given by hand) next
+            to an allocation.
+    """
+    if targets is not None and targets.overrides and target.nm is not None:
+        raise ValueError(
+            f"Targets.overrides set per-layer sparsity levels; the N:M pattern {target.describe()} fixes every "
+            "group's: use a sparsity target, or exclude the layers to keep dense"
+        )
+    if driver.allocation == "uniform":
+        return
+    if targets is not None and targets.overrides:
+        raise ValueError(
+            f"--set allocation={driver.allocation} sets every layer's level; Targets.overrides set some by hand: "
+            "give one or the other"
+        )
+    if target.nm is not None:
+        raise ValueError(
+            f"--set allocation={driver.allocation} shares out a --sparsity level; the N:M pattern {target.describe()} "
+            "fixes every group's"
+        )
+    if not driver.allocation_min <= target.sparsity <= driver.allocation_max:
+        raise ValueError(
+            f"--sparsity {target.sparsity} is outside the allocation bounds [{driver.allocation_min}, "
+            f"{driver.allocation_max}] (--set allocation_min / allocation_max)"
+        )
+
+
+def check_block_fit(driver: DriverSettings, processes: int | None = None) -> None:
+    """The block-level steps (``block_fit_epochs``, ``block_mask_rounds``) run in one process (they would
+    diverge over the ranks' batch shares).
+
+    ``processes`` defaults to this run's (:func:`~constrainedsparse.distributed.world_size`).
+
+    Raises:
+        ValueError: For a block-level step under several processes.
+    """
+    processes = distributed.world_size() if processes is None else processes
+    for key in ("block_fit_epochs", "block_mask_rounds"):
+        value = getattr(driver, key)
+        if value and processes > 1:
+            raise ValueError(f"--set {key}={value} runs in one process; with --nproc / torchrun leave it at 0")
+
+
+def check_block_mask(driver: DriverSettings, solver: LayerwiseSolver, target: SparsityConfig) -> None:
+    """``block_mask_rounds > 0`` needs a mask-only solver and a pattern the search has moves for.
+
+    Raises:
+        ValueError: Naming the solver or the pattern and what is allowed.
+    """
+    if not driver.block_mask_rounds:
+        return
+    if not solver.keeps_dense_weights():
+        raise ValueError(
+            f"--set block_mask_rounds moves masks over the dense weights; {solver.name} changes the kept weights "
+            "(use magnitude, wanda, or fw without reconstruct)"
+        )
+    if target.pattern not in SEARCHABLE_PATTERNS:
+        raise ValueError(
+            f"--set block_mask_rounds searches the {', '.join(SEARCHABLE_PATTERNS)} patterns, "
+            f"got {target.pattern_text()}"
+        )
+
+
+def check_reachable(
+    blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, driver: DriverSettings
+) -> None:
+    """``allocation=lagrangian|owl``: whole weights per row can reach the level within the bounds.
+
+    Raises:
+        UserInputError: When the rows are too narrow for the level (8 inputs at ``allocation_max``
+            0.95 keep 1 weight: 0.875 at most).
+    """
+    if driver.allocation == "uniform":
+        return
+    shapes = [layer_weight(module).shape for block in blocks for _, module in targeted_layers(block, targets)]
+    layers = [(math.prod(shape), row_width(shape, target.pattern), driver.allocation_min, driver.allocation_max)
+              for shape in shapes]  # fmt: skip
+    low, high = reachable_range(layers)
+    if not low - 1e-9 <= target.sparsity <= high + 1e-9:
+        raise UserInputError(
+            f"--sparsity {target.sparsity} cannot be allocated: whole weights per row within [allocation_min, "
+            f"allocation_max] reach [{low:.4g}, {high:.4g}] on this model (widen the bounds)"
+        )
