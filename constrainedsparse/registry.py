@@ -8,6 +8,7 @@ kinds (``magnitude``: gradual magnitude pruning while training, one-shot magnitu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 __all__ = ["KINDS", "REGISTRY", "Registry"]
@@ -21,19 +22,39 @@ class Registry:
     def __init__(self) -> None:
         self._classes: dict[tuple[str, str], type] = {}
 
-    def register(self, kind: str, name: str) -> Callable[[type], type]:
+    def register(self, kind: str, name: str, base: type | None = None) -> Callable[[type], type]:
         """Class decorator adding the class as ``(kind, name)`` (and setting its ``name``).
 
         The same definition loaded again (a problem file that registers a solver, loaded twice in one
         process: same module and class name) replaces the earlier class.
 
+        Args:
+            kind: ``training`` or ``layerwise``.
+            name: What ``--formulation`` and ``make``/``prune_layerwise`` call it: letters, digits and
+                ``-_.+``, starting with a letter or digit.
+            base: The class every entry of this kind subclasses, if checked.
+
         Raises:
-            ValueError: If the kind is unknown or the pair is already registered by another class.
+            ValueError: If the kind or the name is not valid, the class is no subclass of ``base`` or has
+                no one-line ``description``, or the pair is already registered by another class.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ValueError(
+                f"a {KINDS[kind]} name is letters, digits and -_.+ (what --formulation takes), got {name!r}"
+            )
 
         def decorate(cls: type) -> type:
+            if not isinstance(cls, type) or (base is not None and not issubclass(cls, base)):
+                wanted = f"a {base.__name__} subclass" if base is not None else "a class"
+                raise ValueError(f"register {KINDS[kind]} {name!r}: it takes {wanted}, got {cls!r}")
+            description = getattr(cls, "description", None)
+            if not isinstance(description, str) or not description.strip():
+                raise ValueError(
+                    f"{KINDS[kind]} {name!r} ({cls.__qualname__}) needs a one-line `description` string (what "
+                    "`constrainedsparse formulations` and describe() print)"
+                )
             known = self._classes.get((kind, name))
             if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(

@@ -123,7 +123,8 @@ def target_from_flags(
                 if keywords:
                     raise ValueError(f"pattern={pattern!r} fixes its own level: give sparsity or pattern, not both")
                 raise ValueError(
-                    "argument --pattern: not allowed with argument --sparsity (an N:M pattern fixes its own level)"
+                    f"argument --pattern: not allowed with argument --sparsity (the pattern {pattern} fixes its own "
+                    "level)"
                 )
             return SparsityConfig.parse(pattern)
     level = check_sparsity(default_sparsity if sparsity is None else sparsity, "sparsity" if keywords else "--sparsity")

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,9 +345,13 @@ def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
     module_name = f"constrainedsparse_problem_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    # In sys.modules while it runs, as an import would be: dataclasses (and pickling) look the module up
+    # there, e.g. a Config dataclass under `from __future__ import annotations`.
+    sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # a user's file: report it on the one-line error path
+        sys.modules.pop(module_name, None)
         if debugging():
             raise
         detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"

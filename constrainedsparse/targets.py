@@ -71,11 +71,27 @@ class SparsityConfig:
                 )
             n, m = parse_nm(f"{self.nm[0]}:{self.nm[1]}")
             object.__setattr__(self, "params", (("n", n), ("m", m)))
+        self._check_params(cls)
         level = cls.level(**self.options)
         if level is not None:
             object.__setattr__(self, "sparsity", level)
         else:
             check_sparsity(self.sparsity)
+
+    def _check_params(self, cls: type[FeasibleSet]) -> None:
+        """``params`` are the pattern's own keys, of its types, with none it needs missing."""
+        example = cls.example_params()
+        odd = [k for k, v in self.options.items() if k not in example or type(v) is not type(example[k])]
+        try:
+            complete = not odd and bool(cls.pattern_text(**self.options))
+        except (KeyError, TypeError):
+            complete = False
+        if not complete:
+            wanted = ", ".join(f"({k!r}, {v!r})" for k, v in sorted(example.items()))
+            takes = f"takes params like {wanted}" if wanted else "takes no params"
+            raise ValueError(
+                f"pattern {self.pattern!r} {takes}, got {self.params!r} (SparsityConfig.parse reads pattern text)"
+            )
 
     @property
     def options(self) -> dict[str, Any]:
@@ -91,14 +107,19 @@ class SparsityConfig:
             sparsity: The level; must be ``None`` for a pattern that fixes its own (N:M).
 
         Raises:
-            ValueError: For text no pattern reads, or a level given to an N:M pattern.
+            ValueError: For text no pattern reads, a level given to a pattern that fixes its own (N:M),
+                or none given to one that does not.
         """
         kind, params = parse_pattern(text)
-        if kind == "nm":
+        if pattern_class(kind).fixed_level:
             if sparsity is not None:
-                raise ValueError(f"the N:M pattern {text} fixes its own level: give --pattern or --sparsity, not both")
-            return cls(pattern="nm", nm=(params["n"], params["m"]))
-        return cls(0.0 if sparsity is None else sparsity, kind, params=tuple(sorted(params.items())))
+                raise ValueError(f"the pattern {text} fixes its own level: give --pattern or --sparsity, not both")
+            if kind == "nm":
+                return cls(pattern="nm", nm=(params["n"], params["m"]))
+            return cls(0.0, kind, params=tuple(sorted(params.items())))  # the level comes from the pattern
+        if sparsity is None:
+            raise ValueError(f"the pattern {text} needs a level: SparsityConfig.parse({text!r}, sparsity)")
+        return cls(sparsity, kind, params=tuple(sorted(params.items())))
 
     @classmethod
     def from_pattern(cls, text: str) -> SparsityConfig:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from constrainedsparse import RunConfig, available_formulations, make, read_metrics, run
+from constrainedsparse import Formulation, RunConfig, available_formulations, make, read_metrics, run
 from constrainedsparse.formulations import formulation_class, register_formulation
 
 COMMON = dict(problem="digits-mlp", epochs=2, retrain_epochs=1, pretrain_epochs=2, wandb="disabled", progress=False)
@@ -37,7 +37,7 @@ def test_registry_errors():
     with pytest.raises(ValueError, match=rf"unknown formulation 'nope'; available: {known}$"):
         formulation_class("nope")
     with pytest.raises(ValueError, match=r"formulation 'magnitude' is already registered"):
-        register_formulation("magnitude")(type("Dup", (), {}))
+        register_formulation("magnitude")(type("Dup", (Formulation,), {"description": "another magnitude"}))
     with pytest.raises(ValueError, match=r"unknown formulation 'nope'"):
         make("nope", None)
 

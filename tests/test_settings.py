@@ -53,7 +53,7 @@ def test_registry_names_classes_by_kind_and_refuses_duplicates():
         registry.get("training", "b")
     by = re.escape(f"{A.__module__}.{A.__qualname__}")
     with pytest.raises(ValueError, match=rf"^formulation 'a' is already registered \(by {by}\)$"):
-        registry.register("training", "a")(type("Again", (), {}))
+        registry.register("training", "a")(type("Again", (), {"description": "another a"}))
     # The same definition loaded again (a problem file loaded twice in one process) replaces the class.
     Reloaded = type("A", (), {"__module__": A.__module__, "__qualname__": A.__qualname__, "description": "new"})
     assert registry.register("training", "a")(Reloaded) is Reloaded and registry.get("training", "a") is Reloaded
@@ -65,7 +65,10 @@ def test_target_from_flags_is_one_validation_for_both_runners():
     assert target_from_flags(None, None, 0.9).sparsity == 0.9
     assert target_from_flags(0.5, None, 0.9, "row").pattern == "row"
     assert target_from_flags(None, "2:4", 0.5).nm == (2, 4)
-    with pytest.raises(ValueError, match=r"^argument --pattern: not allowed with argument --sparsity \(an N:M pattern"):
+    with pytest.raises(
+        ValueError,
+        match=r"^argument --pattern: not allowed with argument --sparsity \(the pattern 2:4 fixes its own level\)",
+    ):
         target_from_flags(0.5, "2:4", 0.9)
     assert target_from_flags(0.5, "structured:columns", 0.9).feasible_set((4, 6)).k == 3  # other patterns take a level
     assert target_from_flags(None, "row", 0.9).sparsity == 0.9

@@ -37,6 +37,13 @@ import cooper
 import torch
 
 from constrainedsparse.config import Hyperparameters
+from constrainedsparse.formulations.checks import (
+    check_covers,
+    check_hard_masks,
+    check_rate,
+    checked_epoch,
+    described,
+)
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch, SparsityProblem
@@ -77,22 +84,6 @@ class LagrangianStep:
     def loss(self) -> torch.Tensor:
         """The objective :math:`f` on the batch (without constraint terms)."""
         return self.cmp_state.loss
-
-
-def _checked_epoch(epoch: Any, call: str) -> int:
-    """``epoch`` if it is an integer >= 0 (a bool is not)."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
-    return epoch
-
-
-def _described(value: Any) -> str:
-    """A short name of ``value`` for an error line (its type; never a tensor's or list's whole contents)."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            return f"an empty {type(value).__name__}"
-        return f"a {type(value).__name__} of {', '.join(sorted({type(v).__name__ for v in value}))}"
-    return type(value).__name__
 
 
 def _stage_error(call: str, stage: str) -> ValueError:
@@ -140,17 +131,17 @@ class Formulation(abc.ABC):
         if not isinstance(config, self.Config):
             raise ValueError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
         config.validate()
-        _check_rate("dual_lr", dual_lr)
+        check_rate("dual_lr", dual_lr)
         self.problem = problem
         self.config = config
         self.lr = lr
         self.dual_lr = dual_lr
         if optimizer is None:
-            _check_rate("lr", lr)
+            check_rate("lr", lr)
             optimizer = self.default_optimizer(lr)
         elif not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        _check_covers(optimizer, problem)
+        check_covers(optimizer, problem)
         self.optimizer = optimizer
         self.num_epochs = 0
         self.steps_per_epoch = 0
@@ -248,7 +239,7 @@ class Formulation(abc.ABC):
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
         """
         self._require("start_epoch()")
-        return self.on_start_epoch(_checked_epoch(epoch, "start_epoch"))
+        return self.on_start_epoch(checked_epoch(epoch, "start_epoch"))
 
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`start_epoch`."""
@@ -261,7 +252,7 @@ class Formulation(abc.ABC):
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
         """
         self._require("end_epoch()")
-        return self.on_end_epoch(_checked_epoch(epoch, "end_epoch"))
+        return self.on_end_epoch(checked_epoch(epoch, "end_epoch"))
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`end_epoch`."""
@@ -334,7 +325,7 @@ class Formulation(abc.ABC):
         if not steps or not all(isinstance(item, LagrangianStep) for item in steps):
             raise ValueError(
                 "post_step() takes what backward() returned (a LagrangianStep, or a non-empty list of them with "
-                f"gradient accumulation), got {_described(step)}"
+                f"gradient accumulation), got {described(step)}"
             )
         last = steps[-1]
         restarts: dict[str, float] = {}
@@ -378,7 +369,10 @@ class Formulation(abc.ABC):
         """
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
-        return self.compute_hard_masks()
+        masks = self.compute_hard_masks()
+        if type(self).__module__.split(".")[0] != __name__.split(".")[0]:  # a formulation of the user's: check it
+            check_hard_masks(self.name, self.problem.targets, masks)
+        return masks
 
     @abc.abstractmethod
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
@@ -437,29 +431,13 @@ class Formulation(abc.ABC):
         self.problem.load_state_dict(state["cmp"])
 
 
-def _check_rate(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
-
-
-def _check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> None:
-    """The optimizer must update every targeted tensor (else pruning would train nothing)."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for target in problem.targets:
-        stored = target.stored
-        if id(stored) not in held:
-            raise ValueError(
-                f"the optimizer does not hold {target.name}: build it over model.parameters() before make()"
-            )
-
-
 def register_formulation(name: str) -> Callable[[type[Formulation]], type[Formulation]]:
     """Class decorator adding a training formulation to the registry under ``name``.
 
     Raises:
         ValueError: If ``name`` is already registered.
     """
-    return REGISTRY.register("training", name)
+    return REGISTRY.register("training", name, Formulation)
 
 
 def available_formulations() -> list[str]:

@@ -181,7 +181,8 @@ class LayerwiseSolver(abc.ABC):
     description: ClassVar[str]
     Config: ClassVar[type] = NoSolverConfig
     supported_patterns: ClassVar[tuple[str, ...] | None] = None
-    """Pattern texts the solver handles (``"N:M"`` for any N:M); ``None``: every pattern."""
+    """Pattern texts the solver handles (``"N:M"`` for any N:M, a kind such as ``"block"`` for every size
+    of it); ``None``: every pattern."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """An unregistered solver class (an instance handed to ``prune_layerwise``) is named after its class;
@@ -197,7 +198,8 @@ class LayerwiseSolver(abc.ABC):
         if supported is None:
             return
         text = target.pattern_text()
-        if ("N:M" if target.nm is not None else text) not in supported:
+        # A pattern text (row, 2:4), "N:M" for any N:M, or a pattern's kind for every size of it (block).
+        if not {text, target.pattern, *(("N:M",) if target.nm is not None else ())} & set(supported):
             raise ValueError(f"{cls.name} supports the {', '.join(supported)} patterns, got {text}")
 
     def __init__(self, config: Any | None = None) -> None:
@@ -237,7 +239,7 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
     Raises:
         ValueError: If ``name`` is already registered.
     """
-    return REGISTRY.register("layerwise", name)
+    return REGISTRY.register("layerwise", name, LayerwiseSolver)
 
 
 def available_solvers() -> list[str]:

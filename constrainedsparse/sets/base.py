@@ -252,13 +252,20 @@ class FeasibleSet(abc.ABC):
 def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
     """Class decorator: makes a :class:`FeasibleSet` a pattern users can name (``--pattern``).
 
+    The same definition (module and qualified name: a problem file loaded again) may register again
+    and replaces the earlier class.
+
     Raises:
-        ValueError: If the class has no ``kind`` or the kind is taken.
+        ValueError: If ``cls`` is no :class:`FeasibleSet` subclass, has no ``kind`` string, or the kind
+            is taken by another definition.
     """
-    if not cls.kind:
-        raise ValueError(f"{cls.__name__} needs a kind to be registered as a pattern")
-    if cls.kind in _PATTERNS:
-        raise ValueError(f"pattern {cls.kind!r} is already registered")
+    if not (isinstance(cls, type) and issubclass(cls, FeasibleSet)):
+        raise ValueError(f"register_pattern takes a FeasibleSet subclass, got {cls!r}")
+    if not isinstance(cls.kind, str) or not cls.kind:
+        raise ValueError(f"{cls.__name__} needs a kind (a non-empty string) to be registered as a pattern")
+    held = _PATTERNS.get(cls.kind)
+    if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"pattern {cls.kind!r} is already registered (by {held.__module__}.{held.__qualname__})")
     _PATTERNS[cls.kind] = cls
     return cls
 

@@ -1,0 +1,78 @@
+"""What a formulation checks of its caller's input: the optimizer and rates of ``make``, the arguments of
+the lifecycle calls, and the hard masks of a formulation defined outside the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from constrainedsparse.errors import UserInputError
+
+if TYPE_CHECKING:
+    from constrainedsparse.problem import SparsityProblem
+
+__all__ = ["check_covers", "check_hard_masks", "check_rate", "checked_epoch", "described"]
+
+
+def checked_epoch(epoch: Any, call: str) -> int:
+    """``epoch`` if it is an integer >= 0 (a bool is not)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
+    return epoch
+
+
+def described(value: Any) -> str:
+    """A short name of ``value`` for an error line (its type; never a tensor's or list's whole contents)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"an empty {type(value).__name__}"
+        return f"a {type(value).__name__} of {', '.join(sorted({type(v).__name__ for v in value}))}"
+    return type(value).__name__
+
+
+def check_hard_masks(name: str, targets: Sequence[Any], masks: Any) -> None:
+    """A user formulation's ``compute_hard_masks()``: a boolean mask of every target's shape, in its pattern.
+
+    Raises:
+        UserInputError: Naming the formulation, the target and what is wrong (the built-in formulations
+            are not checked: their masks are feasible by construction, and tested so).
+    """
+    if not isinstance(masks, dict) or set(masks) != {t.name for t in targets}:
+        got = sorted(masks) if isinstance(masks, dict) else type(masks).__name__
+        raise UserInputError(
+            f"formulation {name!r}: compute_hard_masks() must return {{target name: mask}} for every target "
+            f"({', '.join(t.name for t in targets)}), got {got}"
+        )
+    for t in targets:
+        mask = masks[t.name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != t.tensor.shape:
+            shown = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise UserInputError(
+                f"formulation {name!r}: the mask of {t.name} must be a torch.bool tensor of shape "
+                f"{tuple(t.tensor.shape)}, got {shown}"
+            )
+        if not t.feasible_set.contains(mask.to(t.tensor.dtype)):
+            raise UserInputError(
+                f"formulation {name!r}: the mask of {t.name} is outside its pattern {t.feasible_set} "
+                f"({int(mask.sum())} of {mask.numel()} kept)"
+            )
+
+
+def check_rate(key: str, value: Any) -> None:
+    """A learning rate: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+
+
+def check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> None:
+    """The optimizer must update every targeted tensor (else pruning would train nothing)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for target in problem.targets:
+        stored = target.stored
+        if id(stored) not in held:
+            raise ValueError(
+                f"the optimizer does not hold {target.name}: build it over model.parameters() before make()"
+            )

@@ -1,0 +1,151 @@
+"""Extension points used as a power user would: what a formulation, solver or pattern of one's own must be,
+each mistake one precise error; problem files that define classes load like modules."""
+
+import textwrap
+
+import pytest
+import torch
+from cli_helpers import fails_with_one_line
+from torch import nn
+
+import constrainedsparse as cs
+from constrainedsparse import Formulation, LayerwiseSolver, register_formulation, register_solver
+from constrainedsparse.cli import main
+from constrainedsparse.registry import REGISTRY
+from constrainedsparse.sets import TopK
+from constrainedsparse.sets.base import _PATTERNS, register_pattern
+
+
+@pytest.fixture
+def registry():
+    """The registries as they were: entries a test adds go away."""
+    classes, patterns = dict(REGISTRY._classes), dict(_PATTERNS)
+    yield
+    REGISTRY._classes.clear()
+    REGISTRY._classes.update(classes)
+    _PATTERNS.clear()
+    _PATTERNS.update(patterns)
+
+
+class _Described(Formulation):
+    description = "keeps every weight"
+
+    def compute_hard_masks(self):
+        return {t.name: torch.ones_like(t.tensor, dtype=torch.bool) for t in self.problem.targets}
+
+
+def test_registration_refuses_bad_names_classes_and_missing_descriptions(registry):
+    with pytest.raises(ValueError, match=r"^a formulation name is letters, digits and -_\.\+ .*got 3$"):
+        register_formulation(3)
+    with pytest.raises(ValueError, match=r"^a layer-wise solver name is .*got ''$"):
+        register_solver("")
+    with pytest.raises(ValueError, match=r"^register formulation 'x': it takes a Formulation subclass, got 42$"):
+        register_formulation("x")(42)
+    with pytest.raises(ValueError, match=r"^register layer-wise solver 'y': it takes a LayerwiseSolver subclass"):
+        register_solver("y")(_Described)
+
+    class NoDescription(LayerwiseSolver):
+        def prune(self, layer):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match=r"^layer-wise solver 'z' \(.*NoDescription\) needs a one-line `description`"):
+        register_solver("z")(NoDescription)
+    with pytest.raises(ValueError, match=r"^register_pattern takes a FeasibleSet subclass, got 42$"):
+        register_pattern(42)
+
+    class Unnamed(TopK):
+        kind = ""
+
+    with pytest.raises(ValueError, match=r"^Unnamed needs a kind \(a non-empty string\)"):
+        register_pattern(Unnamed)
+
+
+def test_the_hard_masks_of_a_formulation_of_ones_own_are_checked(registry):
+    register_formulation("keep-all")(_Described)
+    model = nn.Sequential(nn.Linear(8, 4))
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(0.5))
+    f = cs.make("keep-all", cs.SparsityProblem(model, nn.functional.cross_entropy, targets))
+    f.setup(1, 1)
+    with pytest.raises(ValueError, match=r"^formulation 'keep-all': the mask of 0\.weight is outside its pattern "):
+        f.hard_masks()
+
+
+PROBLEM_FILE = """
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from constrainedsparse import LayerwiseProblem, LayerwiseSolver, register_solver
+from constrainedsparse.config import Hyperparameters, hyperparameter
+from constrainedsparse.layerwise import LayerResult
+from constrainedsparse.sets import TopK
+from constrainedsparse.sets.base import register_pattern
+
+
+@register_pattern
+class HalfTopK(TopK):
+    kind = "halftopk"
+
+
+@dataclasses.dataclass
+class KeepConfig(Hyperparameters):
+    every: int = hyperparameter(2, "keep every n-th input")
+
+
+@register_solver("every-nth")
+class EveryNth(LayerwiseSolver):
+    description = "keeps every n-th input of each row"
+    Config = KeepConfig
+
+    def prune(self, layer):
+        mask = (torch.arange(layer.weight.shape[1]) % self.config.every == 0).expand_as(layer.weight).clone()
+        return LayerResult(layer.weight * mask, mask)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+problem = LayerwiseProblem(
+    name="every-nth",
+    description="a Config dataclass under `from __future__ import annotations`, loaded twice",
+    model=lambda options: Net().eval(),
+    calibration=lambda options, seed: [{"x": torch.randn(16, 8)}],
+)
+"""
+
+
+def test_a_problem_file_with_dataclasses_and_a_pattern_loads_twice(registry, tmp_path, capsys):
+    path = tmp_path / "every_nth.py"
+    path.write_text(textwrap.dedent(PROBLEM_FILE))
+    common = ["--formulation", "every-nth", "--sparsity", "0.5", "--wandb", "disabled", "--no-progress"]
+    for attempt in range(2):  # the same definitions register again
+        assert main(["run", str(path), "--out", str(tmp_path / f"run{attempt}"), *common]) == 0
+    capsys.readouterr()
+    bad = ["run", str(path), "--out", str(tmp_path / "bad"), *common, "--set", "every=x"]
+    assert "every" in fails_with_one_line(bad, capsys)
+
+
+def test_a_solver_may_support_a_pattern_kind_of_any_size():
+    class Blocks(LayerwiseSolver):
+        description = "blocks of any size"
+        supported_patterns = ("block", "row")
+
+        def prune(self, layer):
+            raise AssertionError
+
+    for text in ("block:2x2", "block:4x8"):
+        Blocks.check_target(cs.SparsityConfig.parse(text, 0.5))
+    Blocks.check_target(cs.SparsityConfig(0.5, "row"))
+    with pytest.raises(ValueError, match=r"^Blocks supports the block, row patterns, got 2:4$"):
+        Blocks.check_target(cs.SparsityConfig.parse("2:4"))
