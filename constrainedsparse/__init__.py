@@ -32,13 +32,14 @@ from constrainedsparse.plots import plot_metrics
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.runners import run
 from constrainedsparse.runs import RunConfig
-from constrainedsparse.sets import GlobalTopK, NMSparse, RowTopK, StructuredGroups, TopK
+from constrainedsparse.sets import BlockSparse, GlobalTopK, NMSparse, RowTopK, StructuredGroups, TopK
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparse",
     "DuplicateConfig",
     "FWConfig",
     "Formulation",
