@@ -33,7 +33,7 @@ from constrainedsparse.dense import (
     reference_batch,
     seed_everything,
 )
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, user_input
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, plugin_code, user_input
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
 from constrainedsparse.layerwise.base import available_solvers
@@ -374,31 +374,33 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
     """The pruning phase, hard pruning and the purge stage; returns the masks and the retrainer."""
     prepared, config = run.prepared, run.config
     training = prepared.training
-    formulation = prepared.formulation_cls(
-        run.sparsity_problem, prepared.formulation_config, lr=training.lr, dual_lr=training.dual_lr
-    )
-    wanted = formulation.reference_samples
-    # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
-    reference = (
-        to_device(distributed.shard(reference_batch(run.train, config.seed, wanted)), prepared.device)
-        if wanted
-        else None
-    )
-    steps_per_epoch = math.ceil(len(run.train) / training.batch_size)
-    formulation.setup(prepared.epochs, steps_per_epoch, reference)
-    if state is not None:
-        formulation.load_state_dict(state["formulation"])
-        formulation.optimizer.load_state_dict(state["optimizer"])
-        run.model.load_state_dict(state["model"])
-    if not _train_phase(run, formulation, "prune", PRUNE_PHASE, prepared.epochs, state["epoch"] if state else 0):
-        return None
-    masks = formulation.hard_masks()
-    distributed.dump_rank_state(
-        "prune", {"masks": masks, "formulation": formulation.state_dict(), "model": run.model.state_dict()}
-    )
-    run.summary_extra = formulation.summary_extra()
-    formulation.finalize()
-    hard_prune(run.targets, masks)
+    # A formulation of the user's that raises is one line naming it (a built-in's exception keeps its traceback).
+    with plugin_code(prepared.formulation_cls, f"formulation {prepared.config.formulation!r}"):
+        formulation = prepared.formulation_cls(
+            run.sparsity_problem, prepared.formulation_config, lr=training.lr, dual_lr=training.dual_lr
+        )
+        wanted = formulation.reference_samples
+        # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
+        reference = (
+            to_device(distributed.shard(reference_batch(run.train, config.seed, wanted)), prepared.device)
+            if wanted
+            else None
+        )
+        steps_per_epoch = math.ceil(len(run.train) / training.batch_size)
+        formulation.setup(prepared.epochs, steps_per_epoch, reference)
+        if state is not None:
+            formulation.load_state_dict(state["formulation"])
+            formulation.optimizer.load_state_dict(state["optimizer"])
+            run.model.load_state_dict(state["model"])
+        if not _train_phase(run, formulation, "prune", PRUNE_PHASE, prepared.epochs, state["epoch"] if state else 0):
+            return None
+        masks = formulation.hard_masks()
+        distributed.dump_rank_state(
+            "prune", {"masks": masks, "formulation": formulation.state_dict(), "model": run.model.state_dict()}
+        )
+        run.summary_extra = formulation.summary_extra()
+        formulation.finalize()
+        hard_prune(run.targets, masks)
     run.check_not_emptied()
     run.summary_extra.update(
         batchnorm_stage(run.model, prepared.problem, run.train, training.batch_size, training.batchnorm_batches,

@@ -13,7 +13,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["DEBUG_ENV", "NonFiniteLossError", "UserInputError", "debugging", "first_line", "user_input"]
+__all__ = [
+    "DEBUG_ENV",
+    "NonFiniteLossError",
+    "UserInputError",
+    "debugging",
+    "first_line",
+    "is_ours",
+    "plugin_code",
+    "user_input",
+]
 
 
 class UserInputError(ValueError):
@@ -55,3 +64,27 @@ DEBUG_ENV = "CONSTRAINEDSPARSE_DEBUG"
 def debugging() -> bool:
     """Whether the user's tracebacks are wanted (``--debug`` sets ``CONSTRAINEDSPARSE_DEBUG=1``)."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def is_ours(cls: type) -> bool:
+    """Whether ``cls`` is defined in this package (a built-in solver or formulation), not by a user."""
+    return cls.__module__.split(".")[0] == __name__.split(".")[0]
+
+
+@contextlib.contextmanager
+def plugin_code(cls: type, what: str) -> Iterator[None]:
+    """Reports an exception raised by code of a user's class (a solver or formulation registered outside
+    this package) as one :class:`UserInputError` line: ``{what} failed: <Type>: <message>``.
+
+    A built-in class's exception is a bug of ours and keeps its traceback, as does every exception
+    under ``--debug``; a :class:`UserInputError` or :class:`NonFiniteLossError` passes as it is.
+    """
+    try:
+        yield
+    except (UserInputError, NonFiniteLossError):
+        raise
+    except Exception as err:
+        if is_ours(cls) or debugging():
+            raise
+        detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
+        raise UserInputError(f"{what} failed: {detail} (--debug shows the traceback)") from err

@@ -149,3 +149,40 @@ def test_a_solver_may_support_a_pattern_kind_of_any_size():
     Blocks.check_target(cs.SparsityConfig(0.5, "row"))
     with pytest.raises(ValueError, match=r"^Blocks supports the block, row patterns, got 2:4$"):
         Blocks.check_target(cs.SparsityConfig.parse("2:4"))
+
+
+BOOM_FILE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from constrainedsparse import Formulation, Problem, register_formulation
+
+
+@register_formulation("boom")
+class Boom(Formulation):
+    description = "fails at the start of every epoch"
+
+    def on_start_epoch(self, epoch):
+        return {}["missing"]
+
+    def compute_hard_masks(self):
+        return {t.name: torch.ones_like(t.tensor, dtype=torch.bool) for t in self.problem.targets}
+
+
+def data(options):
+    x = torch.randn(64, 8)
+    return TensorDataset(x, (x[:, 0] > 0).long()), TensorDataset(x, (x[:, 0] > 0).long())
+
+
+problem = Problem(name="boom", description="d", model=lambda o: nn.Sequential(nn.Linear(8, 2)), data=data)
+"""
+
+
+def test_a_formulation_of_ones_own_that_raises_is_one_line(registry, tmp_path, capsys):
+    path = tmp_path / "boom.py"
+    path.write_text(textwrap.dedent(BOOM_FILE))
+    args = ["run", str(path), "--formulation", "boom", "--epochs", "1", "--pretrain-epochs", "1", "--wandb", "disabled",
+            "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    line = fails_with_one_line(args, capsys)
+    assert line == "error: formulation 'boom' failed: KeyError: 'missing' (--debug shows the traceback)"

@@ -37,6 +37,7 @@ import cooper
 import torch
 
 from constrainedsparse.config import Hyperparameters
+from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.checks import (
     check_covers,
     check_hard_masks,
@@ -370,7 +371,7 @@ class Formulation(abc.ABC):
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
         masks = self.compute_hard_masks()
-        if type(self).__module__.split(".")[0] != __name__.split(".")[0]:  # a formulation of the user's: check it
+        if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)
         return masks
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.errors import UserInputError, debugging, first_line
+from constrainedsparse.errors import UserInputError, plugin_code
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
 from constrainedsparse.targets import SparsityConfig
@@ -120,16 +120,8 @@ def solve(solver: LayerwiseSolver, layer: LayerProblem) -> LayerResult:
     reported as one :class:`UserInputError` line naming it and the layer (``--debug``: its own traceback);
     a built-in solver's exception is a bug of ours and keeps its traceback.
     """
-    ours = type(solver).__module__.split(".")[0] == __name__.split(".")[0]
-    try:
+    with plugin_code(type(solver), f"layer-wise solver {solver.name!r} on {layer.name}"):
         result = solver.prune(layer)
-    except Exception as err:
-        if ours or debugging() or isinstance(err, UserInputError):
-            raise
-        detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
-        raise UserInputError(
-            f"layer-wise solver {solver.name!r} on {layer.name} failed: {detail} (--debug shows the traceback)"
-        ) from err
     check_result(solver.name, layer, result)
     return result
 
