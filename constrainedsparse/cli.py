@@ -35,6 +35,8 @@ __all__ = ["main"]
 
 LAYERWISE_SCORES = ("fidelity", "dense_perplexity", "perplexity")
 DEFAULTS = {"problem": "digits-mlp", "retrain_epochs": 0, "seed": 0, "wandb": "offline"}
+_RESOLVED_OUT: dict[str, Path] = {}
+"""The run directory this process resolved (``--out`` or the default), for the Ctrl-C hint."""
 """Defaults of the run flags that are ``None`` when not given (so that ``--resume`` can tell)."""
 
 
@@ -235,6 +237,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         _settings_help(config, problem)
         return 0
     config, problem = _run_config(args)
+    _RESOLVED_OUT["run"] = Path(config.out)
     if args.nproc is not None and not os.environ.get(distributed.ENV_LAUNCHED):
         _check_nproc(args.nproc)
         if args.nproc > 1:
@@ -285,6 +288,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (one JSON object per line): "
                 f"{first_line(err)}"
             ) from None
+        if not rows:
+            raise UserInputError(f"{str(args.metrics)!r} holds no rows yet: nothing to plot")
         if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
             raise UserInputError(f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (rows need a step)")
         print(plot_metrics(args.metrics, png, rows))
@@ -309,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debugging():
             raise
-        out = getattr(args, "out", None)
+        out = getattr(args, "out", None) or _RESOLVED_OUT.get("run")
         hint = f"; continue from the last checkpoint with --resume --out {out}" if out else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130  # the shell's code for SIGINT

@@ -111,3 +111,24 @@ def test_ctrl_c_is_one_line_and_says_how_to_resume(tmp_path, capsys, monkeypatch
     assert capsys.readouterr().err.strip().splitlines() == [
         f"interrupted; continue from the last checkpoint with --resume --out {out}"
     ]
+
+
+def test_ctrl_c_without_out_names_the_default_run_directory(tmp_path, capsys, monkeypatch):
+    import constrainedsparse.cli as cli
+
+    def interrupted(config, problem):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(["run", "digits-mlp", "--wandb", "disabled"]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "interrupted; continue from the last checkpoint with --resume --out runs/digits-mlp-slr"
+
+
+def test_plot_of_an_empty_metrics_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    line = fails_with_one_line(["plot", str(tmp_path)], capsys)
+    assert (
+        line.endswith("metrics.jsonl' holds no rows yet: nothing to plot") and not (tmp_path / "metrics.png").exists()
+    )
