@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from constrainedsparse.targets import TargetParam
+from constrainedsparse.targets import TargetParam, resolved_targets
 
 __all__ = [
     "Mask",
@@ -119,7 +118,7 @@ def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor
     Raises:
         ValueError: If a mask names no target or has another shape than its tensor (:func:`check_masks`).
     """
-    targets = _target_list(targets, "apply_masks(targets, masks)")
+    targets = resolved_targets(targets, "apply_masks(targets, masks): ")
     check_masks(targets, masks)
     for target in targets:
         if target.name not in masks:
@@ -180,7 +179,7 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
         ValueError: If a target still carries a formulation's parametrization (call ``finalize()``
             first), a mask names no target, or a mask's shape differs from its tensor's.
     """
-    targets = _target_list(targets, "hard_prune(targets, masks)")
+    targets = resolved_targets(targets, "hard_prune(targets, masks): ")
     check_masks(targets, masks)
     remove_masks(targets)
     for target in targets:
@@ -224,23 +223,9 @@ def achieved_sparsity(targets: Iterable[TargetParam]) -> float:
     Raises:
         ValueError: If ``targets`` is not what :meth:`Targets.resolve` returns.
     """
-    targets = _target_list(targets, "achieved_sparsity(targets)")
+    targets = resolved_targets(targets, "achieved_sparsity(targets): ")
     zeros = total = 0
     for t in targets:
         zeros += t.tensor.numel() - int(torch.count_nonzero(t.tensor))
         total += t.tensor.numel()
     return zeros / total if total else 0.0
-
-
-def _target_list(targets: Any, call: str) -> list[TargetParam]:
-    """``targets`` as a list if it is an iterable of :class:`TargetParam` (what ``Targets.resolve`` returns)."""
-    items = list(targets) if isinstance(targets, Iterable) and not isinstance(targets, (str, Mapping)) else None
-    if items is None or not all(isinstance(t, TargetParam) for t in items):
-        what = (
-            type(targets).__name__
-            if items is None
-            else "a list holding "
-            + ", ".join(sorted({type(t).__name__ for t in items if not isinstance(t, TargetParam)}))
-        )
-        raise ValueError(f"{call}: targets must be the list Targets(...).resolve(model, config) returns, got {what}")
-    return items

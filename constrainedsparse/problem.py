@@ -29,7 +29,7 @@ from torch import nn
 from constrainedsparse.distributed import synchronised
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.multipliers import RestartingMultiplier
-from constrainedsparse.targets import TargetParam
+from constrainedsparse.targets import TargetParam, resolved_targets
 
 __all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn"]
 
@@ -87,15 +87,6 @@ class _Registered:
     user: bool = False
     observed: bool = True
     strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None
-
-
-def _described_targets(targets: Any) -> str:
-    """What was passed as ``targets`` instead of the resolved list (for the error line)."""
-    if isinstance(targets, (list, tuple)):
-        odd = sorted({type(t).__name__ for t in targets if not isinstance(t, TargetParam)})
-        return f"a {type(targets).__name__} holding {', '.join(odd)}"
-    hint = ": call .resolve(model, config) on it" if hasattr(targets, "resolve") else ""
-    return f"{type(targets).__name__}{hint}"
 
 
 def pair_of(batch: Batch, hint: str = "pass compute_loss=fn(model, batch) to SparsityProblem") -> tuple[Any, Any]:
@@ -174,11 +165,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 raise ValueError(f"{key} must be callable, got {type(fn).__name__}")
         if not targets:
             raise ValueError("targets is required: pass Targets().resolve(model, SparsityConfig(...))")
-        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, TargetParam) for t in targets):
-            shown = _described_targets(targets)
-            raise ValueError(
-                f"targets must be the list Targets(...).resolve(model, SparsityConfig(...)) returns, got {shown}"
-            )
+        targets = resolved_targets(targets)
         if constraints is not None and not isinstance(constraints, Mapping):
             raise ValueError(f"constraints must be a dict {{name: UserConstraint}}, got a {type(constraints).__name__}")
         held = {id(p) for p in model.parameters()}
@@ -192,7 +179,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         self.forward_module: nn.Module = model
         self.loss_fn = loss_fn
         self.compute_loss = compute_loss
-        self.targets = list(targets)
+        self.targets = targets
         self._violations: dict[str, _Registered] = {}
         self._penalties: dict[str, Callable[[nn.Module], torch.Tensor]] = {}
         self.user_constraint_names: list[str] = []

@@ -11,9 +11,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-__all__ = ["KINDS", "REGISTRY", "Registry"]
+__all__ = ["KINDS", "REGISTRY", "Registry", "same_definition"]
 
 KINDS = {"training": "formulation", "layerwise": "layer-wise solver"}
+
+
+def same_definition(a: type, b: type) -> bool:
+    """Whether two classes are one definition loaded twice (same module and qualified name: a problem file
+    run again), which may register again and replace the earlier class."""
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 class Registry:
@@ -56,7 +62,7 @@ class Registry:
                     "`constrainedsparse formulations` and describe() print)"
                 )
             known = self._classes.get((kind, name))
-            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            if known is not None and not same_definition(known, cls):
                 raise ValueError(
                     f"{KINDS[kind]} {name!r} is already registered (by {known.__module__}.{known.__qualname__})"
                 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import inspect
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,15 @@ from constrainedsparse.sets import (
     pattern_class,
 )
 
-__all__ = ["PATTERNS", "SparsityConfig", "TargetParam", "Targets", "DEFAULT_MODULE_TYPES", "full_name"]
+__all__ = [
+    "PATTERNS",
+    "SparsityConfig",
+    "TargetParam",
+    "Targets",
+    "DEFAULT_MODULE_TYPES",
+    "full_name",
+    "resolved_targets",
+]
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PATTERNS = tuple(available_patterns())
@@ -227,6 +235,13 @@ class Targets:
         for pattern, level in self.overrides.items():
             check_sparsity(level, f"override {pattern!r}", "a sparsity ")
 
+    def override_for(self, *names: str) -> float | None:
+        """The level of the first ``overrides`` glob that matches one of ``names`` (``None``: no override)."""
+        for pattern, level in self.overrides.items():
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                return float(level)
+        return None
+
     def candidates(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         """``(module_fqn, param_name, module)`` of every parameter of the module types, names and
         ``filter_fn``, before ``include``/``exclude``, in model order."""
@@ -301,17 +316,35 @@ class Targets:
         for fqn, param_name, module in selected:
             full = full_name(fqn, param_name)
             shape = getattr(module, param_name).shape
-            own = config
-            for pattern, level in self.overrides.items():
-                if fnmatch.fnmatchcase(full, pattern):
-                    own = config.with_sparsity(float(level))
-                    break
+            level = self.override_for(full)
+            own = config if level is None else config.with_sparsity(level)
             try:
                 feasible = own.feasible_set(shape)
             except ValueError as err:
                 raise ValueError(f"{full}: {err}") from None
             resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
         return resolved
+
+
+def resolved_targets(targets: Any, call: str = "") -> list[TargetParam]:
+    """``targets`` as a list, if it holds only :class:`TargetParam` (what :meth:`Targets.resolve` returns).
+
+    Args:
+        targets: What a caller passed as the resolved targets.
+        call: The call to name at the start of the message (``"hard_prune(targets, masks): "``).
+
+    Raises:
+        ValueError: Naming what was passed instead (an unresolved :class:`Targets`: how to resolve it).
+    """
+    items = list(targets) if isinstance(targets, Iterable) and not isinstance(targets, (str, Mapping)) else None
+    if items is not None and all(isinstance(t, TargetParam) for t in items):
+        return items
+    if items is not None:
+        odd = sorted({type(t).__name__ for t in items if not isinstance(t, TargetParam)})
+        what = f"a {type(targets).__name__} holding {', '.join(odd)}"
+    else:
+        what = type(targets).__name__ + (": call .resolve(model, config) on it" if hasattr(targets, "resolve") else "")
+    raise ValueError(f"{call}targets must be the list Targets(...).resolve(model, config) returns, got {what}")
 
 
 def _takes_two(fn: Callable[..., Any]) -> bool:

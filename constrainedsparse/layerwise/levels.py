@@ -9,7 +9,6 @@ the driver's ``allocation*`` and ``owl_*`` settings.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,11 +49,9 @@ def override_levels(
     levels = {}
     for prefix, block in zip(block_prefixes(model, blocks), blocks):
         for name, _ in targeted_layers(block, targets):
-            names = (weight_name(prefix, name), weight_name("", name))
-            for pattern, level in targets.overrides.items():
-                if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
-                    levels[names[0]] = target.with_sparsity(float(level))
-                    break
+            level = targets.override_for(weight_name(prefix, name), weight_name("", name))
+            if level is not None:
+                levels[weight_name(prefix, name)] = target.with_sparsity(level)
     return levels
 
 

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from constrainedsparse.registry import same_definition
 from constrainedsparse.selection import topk_mask
 
 __all__ = [
@@ -264,7 +265,7 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
     if not isinstance(cls.kind, str) or not cls.kind:
         raise ValueError(f"{cls.__name__} needs a kind (a non-empty string) to be registered as a pattern")
     held = _PATTERNS.get(cls.kind)
-    if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+    if held is not None and not same_definition(held, cls):
         raise ValueError(f"pattern {cls.kind!r} is already registered (by {held.__module__}.{held.__qualname__})")
     _PATTERNS[cls.kind] = cls
     return cls
