@@ -400,7 +400,7 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
         )
         run.summary_extra = formulation.summary_extra()
         formulation.finalize()
-        hard_prune(run.targets, masks)
+        hard_prune(run.targets, masks, allow_empty=True)  # check_not_emptied words it
     run.check_not_emptied()
     run.summary_extra.update(
         batchnorm_stage(run.model, prepared.problem, run.train, training.batch_size, training.batchnorm_batches,
@@ -472,7 +472,7 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         if not _train_phase(run, retrainer, "retrain", RETRAIN_PHASE, run.config.retrain_epochs, start):
             return None
         retrainer.finalize()
-        hard_prune(run.targets, masks)
+        hard_prune(run.targets, masks, allow_empty=True)  # check_not_emptied words it
         run.check_not_emptied()
         final_value = evaluate(prepared.problem, run.model, run.test)
         summary = _summary(run, final_value)

@@ -172,15 +172,27 @@ def remove_masks(targets: Iterable[TargetParam]) -> None:
 
 
 @torch.no_grad()
-def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
+def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor], *, allow_empty: bool = False) -> None:
     """Writes exact zeros outside ``masks`` and leaves plain (un-parametrized) weights.
+
+    Args:
+        targets: What :meth:`~constrainedsparse.Targets.resolve` returned.
+        masks: Boolean masks by target name (what a formulation's ``hard_masks()`` returns).
+        allow_empty: Accept a mask that keeps no weight of its tensor (the layer is cut from the model).
 
     Raises:
         ValueError: If a target still carries a formulation's parametrization (call ``finalize()``
-            first), a mask names no target, or a mask's shape differs from its tensor's.
+            first), a mask names no target, a mask's shape differs from its tensor's, or a mask keeps
+            nothing (unless ``allow_empty``). Nothing is changed then.
     """
     targets = resolved_targets(targets, "hard_prune(targets, masks): ")
     check_masks(targets, masks)
+    emptied = [name for name, mask in masks.items() if mask.numel() and not bool(mask.any())]
+    if emptied and not allow_empty:
+        raise ValueError(
+            f"hard_prune(targets, masks): the mask of {', '.join(emptied)} keeps no weight (the layer would be cut "
+            "from the model); pass allow_empty=True to accept that"
+        )
     remove_masks(targets)
     for target in targets:
         if target.name in masks:

@@ -231,7 +231,7 @@ class RunDirectory:
         Raises:
             UserInputError: For an unusable path (a file, under a file, not writable, the empty
                 path), a non-empty directory without ``--resume``/``--overwrite``, ``--resume``
-                without a checkpoint, or both flags.
+                without a checkpoint or of a finished run (``summary.json``), or both flags.
         """
         out = self.out
         if str(out) in ("", "."):
@@ -254,6 +254,11 @@ class RunDirectory:
         if self.resume:
             if not self.checkpoint_path.exists():
                 raise UserInputError(f"--resume needs {self.checkpoint_path}, which does not exist")
+            if (out / "summary.json").is_file():
+                raise UserInputError(
+                    f"--resume: the run in {out} has finished ({out / 'summary.json'}); there is nothing to continue: "
+                    f"run it again with {self._overwrite}, or choose another folder"
+                )
             return
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
         if held and not self.overwrite:
@@ -360,10 +365,13 @@ class RunDirectory:
             save_checkpoint(self.checkpoint_path, {"config": config.stored(), **state})
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Writes ``summary.json`` and ``metrics.png`` (rank 0), then drops the lock."""
+        """Writes ``metrics.png`` then ``summary.json`` (rank 0), then drops the lock.
+
+        ``summary.json`` comes last: its presence marks a finished run (``--resume`` refuses one).
+        """
         if distributed.is_main_process():
-            atomic_write_json(self.out / "summary.json", summary)
             plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+            atomic_write_json(self.out / "summary.json", summary)
         self.release()
 
 

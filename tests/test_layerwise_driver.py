@@ -199,9 +199,7 @@ def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A finished run keeps its pruned model, not the per-block copies; resuming it again says so.
     assert not (tmp_path / "split" / "blocks").exists() and not (tmp_path / "straight" / "blocks").exists()
-    with pytest.raises(
-        ValueError, match=r"^--resume: .*block-00000\.safetensors is missing: the run in .* has finished"
-    ):
+    with pytest.raises(ValueError, match=r"^--resume: the run in .*split has finished \(.*summary\.json\)"):
         run(config(tmp_path / "split", resume=True))
 
 

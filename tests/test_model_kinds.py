@@ -83,3 +83,32 @@ def test_a_setup_that_fails_leaves_the_formulation_not_ready():
         formulation.setup(1, 1, reference_batch={"input": torch.randn(4, 8)})
     with pytest.raises(ValueError, match=r"^call setup\(num_epochs, steps_per_epoch\[, reference_batch\]\) before"):
         formulation.backward(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("method", FORMULATIONS)
+def test_a_diverged_own_loop_is_stopped_at_the_end_of_its_epoch(method):
+    model = _model()
+    batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    diverge = {"now": False}
+
+    def loss_fn(out, y):
+        loss = nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if diverge["now"] else loss
+
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.75))
+    problem = cs.SparsityProblem(model, loss_fn, targets)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    formulation = cs.make(method, problem, optimizer=optimizer)
+    formulation.setup(2, 3, reference_batch=batch)
+    formulation.start_epoch(0)
+    formulation.training_step(batch)
+    formulation.end_epoch(0)  # finite: no error
+    formulation.start_epoch(1)
+    diverge["now"] = True
+    formulation.training_step(batch)
+    diverge["now"] = False  # the weights are NaN now: every later loss is too
+    formulation.training_step(batch)
+    with pytest.raises(cs.NonFiniteLossError, match=r"^the loss is nan at the last step of epoch 1: the weights"):
+        formulation.end_epoch(1)
+    with pytest.raises(cs.NonFiniteLossError, match=r"^the loss is nan at the last step before hard_masks\(\)"):
+        formulation.hard_masks()

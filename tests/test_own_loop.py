@@ -247,7 +247,13 @@ def test_lifecycle_calls_out_of_order_name_the_missing_step():
         f.training_step((x, y))
     with pytest.raises(ValueError, match=r"^masks name no target: '0\.weigth'; the targets are 0\.weight"):
         hard_prune(targets, {"0.weigth": masks["0.weight"]})
-    hard_prune(targets, masks)
+    emptied = {**masks, "0.weight": torch.zeros_like(masks["0.weight"])}
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^hard_prune\(targets, masks\): the mask of 0\.weight keeps no weight \(the"):
+        hard_prune(targets, emptied)
+    assert torch.equal(model[0].weight, before)  # nothing changed
+    hard_prune(targets, emptied, allow_empty=True)
+    assert not model[0].weight.any() and model[2].weight.any()
     other, _, _ = _cancer()
     slr = make(
         "slr", SparsityProblem(other, nn.functional.cross_entropy, Targets().resolve(other, SparsityConfig(0.5)))

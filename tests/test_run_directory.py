@@ -58,6 +58,18 @@ def test_resume_with_a_differing_flag_names_the_keys(tmp_path, capsys):
     )
 
 
+def test_resume_of_a_finished_run_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert _run(out) == 0
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    line = fails_with_one_line(["run", "--out", str(out), "--resume", "--no-progress"], capsys)
+    assert line == (
+        f"error: --resume: the run in {out} has finished ({out / 'summary.json'}); there is nothing to continue: "
+        "run it again with --overwrite, or choose another folder"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
+
+
 def test_an_existing_run_directory_is_refused_untouched_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "a"
     assert _run(out) == 0
@@ -182,7 +194,8 @@ def test_kill_9_at_random_points_and_inside_a_checkpoint_write_resumes_bit_ident
         child.kill()
         child.wait()
         assert (out / "checkpoint.pt").exists(), attempt
-    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0
+    if not (out / "summary.json").exists():  # a kill after the run finished leaves nothing to resume
+        assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0
     full, killed = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", out))
     for key in ("achieved_sparsity", "layer_sparsity", "dense_accuracy", "hardprune_accuracy", "retrain_accuracy"):
         assert killed[key] == full[key], key

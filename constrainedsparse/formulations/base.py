@@ -40,6 +40,7 @@ from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.checks import (
     check_covers,
+    check_finite_loss,
     check_hard_masks,
     check_rate,
     checked_epoch,
@@ -147,6 +148,7 @@ class Formulation(abc.ABC):
         self.num_epochs = 0
         self.steps_per_epoch = 0
         self.reference_batch: Batch | None = None
+        self._last_loss: torch.Tensor | None = None  # checked by end_epoch() and hard_masks(), not per step
         self._stage = _BUILT
         self.attach()
         self.dual_optimizer = self.build_dual_optimizer()
@@ -251,9 +253,12 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
+            NonFiniteLossError: If the epoch's last loss is NaN/inf (the run has diverged).
         """
         self._require("end_epoch()")
-        return self.on_end_epoch(checked_epoch(epoch, "end_epoch"))
+        epoch = checked_epoch(epoch, "end_epoch")
+        check_finite_loss(self._last_loss, f"at the last step of epoch {epoch}")
+        return self.on_end_epoch(epoch)
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`end_epoch`."""
@@ -276,6 +281,7 @@ class Formulation(abc.ABC):
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         cmp_state = self.problem.compute_cmp_state(batch)
+        self._last_loss = cmp_state.loss.detach()
         if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
             return LagrangianStep(cmp_state, cmp_state.loss)
         primal = cmp_state.compute_primal_lagrangian()
@@ -367,9 +373,11 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: After :meth:`finalize`.
+            NonFiniteLossError: If the last step's loss is NaN/inf (the masks would come from NaN weights).
         """
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
+        check_finite_loss(self._last_loss, "at the last step before hard_masks()")
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from constrainedsparse.errors import UserInputError
+from constrainedsparse.errors import NonFiniteLossError, UserInputError
 
 if TYPE_CHECKING:
     from constrainedsparse.problem import SparsityProblem
 
-__all__ = ["check_covers", "check_hard_masks", "check_rate", "checked_epoch", "described"]
+__all__ = ["check_covers", "check_finite_loss", "check_hard_masks", "check_rate", "checked_epoch", "described"]
 
 
 def checked_epoch(epoch: Any, call: str) -> int:
@@ -22,6 +22,23 @@ def checked_epoch(epoch: Any, call: str) -> int:
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
     return epoch
+
+
+def check_finite_loss(loss: torch.Tensor | None, when: str) -> None:
+    """The last step's loss is finite (once an epoch, not per step: one host sync, not one per step).
+
+    Once the weights or multipliers hold a NaN/inf every later loss does too, so the last step's
+    loss catches a run that has diverged; a single skipped step (``GradScaler`` overflow) does not.
+
+    Raises:
+        NonFiniteLossError: Naming the value and ``when`` it was seen (``"at the last step of epoch 2"``).
+    """
+    if loss is not None and not bool(torch.isfinite(loss).all()):
+        value = loss.detach().reshape(-1)[0].item() if loss.numel() else loss
+        raise NonFiniteLossError(
+            f"the loss is {value} {when}: the weights or multipliers are no longer finite; lower lr or dual_lr, "
+            "clip the gradients, or continue from a checkpoint"
+        )
 
 
 def described(value: Any) -> str:
