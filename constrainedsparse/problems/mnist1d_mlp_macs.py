@@ -29,7 +29,10 @@ from constrainedsparse.spec import Problem
 def model(options: Mapping[str, Any]) -> nn.Module:
     """MLP 40-256-256-10; remembers ``macs_fraction`` for the constraint."""
     net = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    net.macs_fraction = float(options["macs_fraction"])
+    fraction = float(options["macs_fraction"])
+    if not 0.0 < fraction <= 1.0:  # a budget no network meets would run to the end VIOLATED
+        raise ValueError(f"--set macs_fraction={fraction} must be in (0, 1]: the share of the dense MACs to keep")
+    net.macs_fraction = fraction
     return net
 
 
