@@ -254,18 +254,27 @@ class Targets:
             found.extend((fqn, name, module) for name in self.param_names if getattr(module, name, None) is not None)
         return found
 
-    def select(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-        """``(module_fqn, param_name, module)`` for every targeted parameter, in model order."""
-        return self._included(self.candidates(model))
+    def select(self, model: nn.Module, prefix: str = "") -> list[tuple[str, str, nn.Module]]:
+        """``(module_fqn, param_name, module)`` for every targeted parameter, in model order.
 
-    def _included(self, candidates: Sequence[tuple[str, str, nn.Module]]) -> list[tuple[str, str, nn.Module]]:
-        """The ``candidates`` that ``include`` and ``exclude`` keep."""
+        Args:
+            model: The model, or a block of it.
+            prefix: The block's name in its model (``model.layers.3``): ``include``/``exclude`` globs
+                then match a parameter's name in the block or in the model.
+        """
+        return self._included(self.candidates(model), prefix)
+
+    def _included(
+        self, candidates: Sequence[tuple[str, str, nn.Module]], prefix: str = ""
+    ) -> list[tuple[str, str, nn.Module]]:
+        """The ``candidates`` that ``include`` and ``exclude`` keep (names within ``prefix``'s module)."""
         chosen = []
         for fqn, param_name, module in candidates:
             full = full_name(fqn, param_name)
-            if self.include and not any(fnmatch.fnmatchcase(full, p) for p in self.include):
+            names = (full, f"{prefix}.{full}") if prefix else (full,)
+            if self.include and not any(fnmatch.fnmatchcase(n, p) for p in self.include for n in names):
                 continue
-            if any(fnmatch.fnmatchcase(full, p) for p in self.exclude):
+            if any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in names):
                 continue
             chosen.append((fqn, param_name, module))
         return chosen

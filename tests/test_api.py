@@ -93,6 +93,24 @@ def test_prune_layerwise_overrides_set_levels_by_full_or_block_name():
         assert float((weight == 0).float().mean()) == pytest.approx(level)
 
 
+@pytest.mark.parametrize("method", ["wanda", "fw"])
+def test_prune_layerwise_include_and_exclude_match_names_in_the_model_or_within_a_block(method):
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 16) for _ in range(2)]
+    for targets, pruned in [
+        (Targets(exclude=["blocks.0.*"]), {"blocks.1.0.weight", "blocks.1.2.weight"}),
+        (
+            Targets(include=["blocks.1.0.weight", "2.weight"]),
+            {"blocks.0.2.weight", "blocks.1.0.weight", "blocks.1.2.weight"},
+        ),
+    ]:
+        model = _Blocks()
+        report = prune_layerwise(model, batches, method, sparsity=0.5, targets=targets)
+        assert set(report.layer_sparsity) == pruned
+        for name, weight in model.named_parameters():
+            assert float((weight == 0).float().mean()) == (0.5 if name in pruned else 0.0), name
+
+
 def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
     torch.manual_seed(0)
     model = _Blocks()
@@ -133,9 +151,10 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
     with pytest.raises(ValueError, match=r"^the override level 0\.99 keeps no weight of block 0 0 \(512 weights\)"):
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.99}))
     with pytest.raises(
-        ValueError, match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight$"
-    ):
-        prune_layerwise(model, batches, "wanda", targets=Targets(exclude=["3.weight"]))  # names within a block
+        ValueError,
+        match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight, blocks\.0\.0",
+    ):  # names within a block or in the model
+        prune_layerwise(model, batches, "wanda", targets=Targets(exclude=["3.weight"]))
     with pytest.raises(ValueError, match=r"^no layer to prune: the targets match no layer in the 2 blocks$"):
         prune_layerwise(model, batches, "wanda", targets=Targets(include=["nothing.*"]))
     nan = r"^blocks\.0\.0\.weight: its calibration inputs are not finite \(nan or inf in their Gram matrix\)"

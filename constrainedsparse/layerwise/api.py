@@ -122,8 +122,8 @@ def prune_layerwise(
         pattern: A pattern text: ``"2:4"`` (its own level), or ``"row"``, ``"unstructured"``,
             ``"structured:rows"``, ``"block:4x4"`` at ``sparsity`` (see :mod:`constrainedsparse.sets`).
         targets: Which layers of a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` by default);
-            ``include``/``exclude`` globs match layer names within a block, ``overrides``
-            (``{glob: sparsity}``, first match wins) a layer's name in the model or within its block.
+            ``include``/``exclude`` globs and ``overrides`` (``{glob: sparsity}``, first match wins)
+            match a layer's weight name in the model or within its block.
         out: If given, a directory that receives ``summary.json`` and the pruned model.
         blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
         mask_scope: ``"row"`` or ``"layer"``: the comparison group of a ``sparsity`` target.

@@ -33,7 +33,7 @@ def dense_layers(
 ) -> MaskLayers:
     """``(module, dense weight as (d_out, d_in) float32, pattern)`` of the block's targeted layers."""
     layers = []
-    for name, module in targeted_layers(block, targets):
+    for name, module in targeted_layers(block, targets, prefix):
         dense = layer_weight(module).detach().to(torch.float32, copy=True)
         own = (levels or {}).get(weight_name(prefix, name), target)
         layers.append((module, dense, own.feasible_set(dense.shape)))
@@ -42,6 +42,7 @@ def dense_layers(
 
 def block_steps(
     block: nn.Module,
+    prefix: str,
     targets: Targets,
     mask_layers: MaskLayers | None,
     inputs: Sequence[BlockInputs],
@@ -62,7 +63,7 @@ def block_steps(
             block_error=searched.before, block_error_masked=searched.after, block_mask_changed=float(searched.changed)
         )
     if fit.epochs:
-        fitted = fit_block(block, targeted_layers(block, targets), inputs, wanted, fit, device)
+        fitted = fit_block(block, targeted_layers(block, targets, prefix), inputs, wanted, fit, device)
         metrics.setdefault("block_error", fitted.before)
         metrics["block_error_fitted"] = fitted.after
     return metrics

@@ -54,7 +54,7 @@ def check_layer_shapes(
     by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
     selected = set()
     for index, block in enumerate(blocks):
-        for name, module in targeted_layers(block, targets):
+        for name, module in targeted_layers(block, targets, prefixes[index]):
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
             own = levels.get(full, target)
             with user_input(f"block {index} {name}: "):
@@ -62,8 +62,13 @@ def check_layer_shapes(
             selected.update((full_name(name, "weight"), full))
     if not by_level:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
-    with user_input():  # include/exclude globs are names within a block; each must match in some block
-        candidates = {full_name(fqn, p) for block in blocks for fqn, p, _ in targets.candidates(block)}
+    with user_input():  # include/exclude globs match a name within a block or in the model, in some block
+        candidates = {
+            name
+            for prefix, block in zip(prefixes, blocks)
+            for fqn, p, _ in targets.candidates(block)
+            for name in (full_name(fqn, p), f"{prefix}.{full_name(fqn, p)}")
+        }
         targets.check_globs(sorted(candidates), sorted(selected))
     if not allow_empty:
         for own, sets in by_level.items():

@@ -213,7 +213,7 @@ def prune_block(
     Returns:
         One :class:`LayerReport` per pruned layer, in the block's module order.
     """
-    layers = targeted_layers(block, targets)
+    layers = targeted_layers(block, targets, prefix)
     if not true_sequential:
         grams = accumulate_grams(block, layers, inputs, gram_dtype, device)
         return _solve_layers(prefix, layers, grams, target, solver, levels)
@@ -421,7 +421,7 @@ def prune_blocks(
         )
         if fit is not None and wanted is not None:
             if block_reports:  # a block without targeted layers has nothing to refine
-                metrics = block_steps(block, targets, mask_layers, inputs, wanted, fit, compute)
+                metrics = block_steps(block, prefix, targets, mask_layers, inputs, wanted, fit, compute)
                 for report in block_reports:
                     report.metrics.update(metrics)
             reference = wanted

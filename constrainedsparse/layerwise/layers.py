@@ -81,6 +81,10 @@ def weight_name(prefix: str, layer: str) -> str:
     return f"{prefix}.{layer}.weight" if prefix else f"{layer}.weight"
 
 
-def targeted_layers(block: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
-    """``(name within the block, module)`` of the block's targeted linear layers, in order."""
-    return [(fqn, module) for fqn, param_name, module in targets.select(block) if param_name == "weight"]
+def targeted_layers(block: nn.Module, targets: Targets, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(name within the block, module)`` of the block's targeted linear layers, in order.
+
+    ``prefix`` is the block's name in the model: ``include``/``exclude`` then also match layer names
+    in the model (``model.layers.0.mlp.down_proj.weight``), not only within the block.
+    """
+    return [(fqn, module) for fqn, param_name, module in targets.select(block, prefix) if param_name == "weight"]

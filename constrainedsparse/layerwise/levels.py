@@ -48,7 +48,7 @@ def override_levels(
         )
     levels = {}
     for prefix, block in zip(block_prefixes(model, blocks), blocks):
-        for name, _ in targeted_layers(block, targets):
+        for name, _ in targeted_layers(block, targets, prefix):
             level = targets.override_for(weight_name(prefix, name), weight_name("", name))
             if level is not None:
                 levels[weight_name(prefix, name)] = target.with_sparsity(level)
