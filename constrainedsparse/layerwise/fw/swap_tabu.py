@@ -1,7 +1,8 @@
 r"""Tabu search over one-in-one-out swaps within rows, every row at once (``row`` and ``unstructured``, masks only).
 
-``polish_steps`` steps with ``swap_tenure`` >= 1 (the defaults; ``swap_tenure=0`` runs the descent
-:func:`~constrainedsparse.layerwise.fw.search.swap_polish` instead). With :math:`D = W \odot (1 - M)`
+``swap_steps`` steps (default 80) with a tenure ``swap_tenure`` >= 1 (default 4; 0 is rejected).
+``swap_steps=0`` runs the descent :func:`~constrainedsparse.layerwise.fw.search.swap_polish` of up to
+``polish_steps`` steps instead (the switch is in ``search_rounded``, ``fw/solver.py``). With :math:`D = W \odot (1 - M)`
 and :math:`C = DG`, pruning a kept weight :math:`j` of row :math:`i` and restoring a pruned weight
 :math:`l` changes the row's objective by exactly
 
