@@ -28,7 +28,7 @@ from constrainedsparse.logger import WANDB_MODES, read_metrics
 from constrainedsparse.plots import plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runners import run, runner_for, validate
-from constrainedsparse.runs import RunConfig
+from constrainedsparse.runs import CHECKPOINT, RunConfig, RunDirectory
 from constrainedsparse.spec import DEBUG_ENV, LayerwiseProblem, Problem, bundled_problems, load_problem
 
 __all__ = ["main"]
@@ -314,9 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debugging():
             raise
-        out = getattr(args, "out", None) or _RESOLVED_OUT.get("run")
-        hint = f"; continue from the last checkpoint with --resume --out {out}" if out else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        if not _speaks_for_the_run():
+            return 130  # the launcher (or rank 0 under torchrun) says it once
+        print(f"interrupted{_resume_hint(getattr(args, 'out', None) or _RESOLVED_OUT.get('run'))}", file=sys.stderr)
         return 130  # the shell's code for SIGINT
     except Exception as err:
         if distributed.env_world_size() > 1:
@@ -326,6 +326,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher.report_error(f"{type(err).__name__}: {first_line(err)}")
         raise  # a bug: the traceback follows
     return 0
+
+
+def _speaks_for_the_run() -> bool:
+    """Whether this process reports an interrupt: not a rank that ``--nproc`` started, not rank > 0 under torchrun."""
+    return not os.environ.get(distributed.ENV_LAUNCHED) and distributed.rank() == 0
+
+
+def _resume_hint(out: Any) -> str:
+    """What to do after an interrupt: resume if a checkpoint was written, else run again (nothing was kept)."""
+    if not out:
+        return ""
+    if (Path(out) / CHECKPOINT).is_file():
+        return f"; continue from the last checkpoint with --resume --out {out}"
+    return " before the first checkpoint: nothing to resume, start the run again"
 
 
 def _check_nproc(nproc: int) -> None:
@@ -344,7 +358,15 @@ def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, 
     else:
         with user_input():
             distributed.check_global_batch(prepared.training.batch_size, nproc)
-    code, message = launcher.launch(nproc, ["-m", "constrainedsparse", *argv])
+    directory = RunDirectory(config.out)
+    directory.created = not config.out.exists()  # a failed or interrupted job leaves no directory it made
+    try:
+        code, message = launcher.launch(nproc, ["-m", "constrainedsparse", *argv])
+    except BaseException:
+        directory.discard_if_unused()
+        raise
+    if code != 0:
+        directory.discard_if_unused()  # rank 0 may have been stopped before it could clean up
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
     return code

@@ -147,15 +147,23 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
         a rank fails (the one that raised, not the ranks that merely lost it as a peer).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     saved = {key: os.environ.get(key) for key in (ENV_LAUNCHED, "OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
     os.environ[ENV_LAUNCHED] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    elastic_logger = logging.getLogger("torch.distributed.elastic")
-    level = elastic_logger.level
-    elastic_logger.setLevel(logging.CRITICAL)  # the launcher's own failure report would be many lines
+    # The launcher's own failure report would be many lines; its modules' loggers have levels of their own.
+    loggers = [logging.getLogger("torch.distributed.elastic")]
+    loggers += [
+        logger
+        for name, logger in list(logging.Logger.manager.loggerDict.items())
+        if name.startswith("torch.distributed.elastic.") and isinstance(logger, logging.Logger)
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="constrainedsparse-launch-") as logs:
             config = LaunchConfig(
@@ -171,12 +179,17 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
             )
             try:
                 elastic_launch(config, sys.executable)("-u", *args)
+            except SignalException as err:  # Ctrl-C reached the agent: the workers got it too
+                if err.sigval != signal.SIGINT:
+                    raise
+                raise KeyboardInterrupt from None
             except ChildFailedError as err:
                 global_rank, failure = root_cause(err.failures)
                 return _exit_code(failure), _failure_line(global_rank, failure)
         return 0, None
     finally:
-        elastic_logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

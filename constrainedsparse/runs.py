@@ -132,8 +132,9 @@ class RunConfig:
         Args:
             out: The run directory.
             given: Options given on the command line this time (``{field: value}``; fields that
-                were not given are absent). ``settings`` may be given; its volatile keys
-                (``device``) may differ from the stored ones.
+                were not given are absent). ``settings`` may name some keys: each must mean its
+                stored value (``0.20`` for ``0.2``; the stored text is kept), the others keep theirs;
+                volatile keys (``device``, ``allow_empty_layers``) may differ.
 
         Raises:
             UserInputError: Without a readable checkpoint, or when a given option differs from
@@ -143,23 +144,38 @@ class RunConfig:
         stored = state.get("config")
         if not isinstance(stored, dict):
             raise UserInputError(f"--resume: {Path(out) / CHECKPOINT} holds no run configuration")
-        differing = []
-        for key, value in given.items():
-            if key == "settings":
-                mine = {k: v for k, v in value.items() if k not in VOLATILE_SETTINGS}
-                theirs = {k: v for k, v in stored.get("settings", {}).items() if k not in VOLATILE_SETTINGS}
-                differing += [f"--set {k}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-            elif key in stored and stored[key] != value:
-                differing.append(f"{key} ({value!r}, stored {stored[key]!r})")
+        differing = [
+            f"{key} ({value!r}, stored {stored[key]!r})"
+            for key, value in given.items()
+            if key != "settings" and key in stored and stored[key] != value
+        ]
+        theirs = dict(stored.get("settings", {}))
+        settings = dict(theirs)
+        for key, value in sorted(given.get("settings", {}).items()):
+            if key in VOLATILE_SETTINGS:
+                settings[key] = value
+            elif key not in theirs:
+                differing.append(f"--set {key} ({value}, not set at the start)")
+            elif not _same_setting(value, theirs[key]):
+                differing.append(f"--set {key} ({value}, stored {theirs[key]})")
         if differing:
             raise UserInputError(
                 f"--resume: the run in {out} was started with other options: {', '.join(differing)}; give the "
                 "stored ones or none"
             )
-        settings = {**stored.get("settings", {}), **given.get("settings", {})}
         fields = {key: stored[key] for key in (*IDENTITY_FIELDS, "wandb") if key in stored}
         extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
+
+
+def _same_setting(given: str, stored: str) -> bool:
+    """Whether a ``--set`` value given again means the stored one (``0.20`` is ``0.2``)."""
+    if given == stored:
+        return True
+    try:
+        return float(given) == float(stored)
+    except (TypeError, ValueError):
+        return False
 
 
 def _exists(path: Path) -> bool:

@@ -347,6 +347,22 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == "error: rank 1: rank 1 refuses its batch at loss call 5"
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()  # no checkpoint yet: the job leaves no half-written directory
+
+
+def test_ctrl_c_of_a_two_process_job_is_one_line_and_exit_130(tmp_path):
+    import signal
+
+    args = [sys.executable, "-m", "constrainedsparse", "run", PROBLEM, "--formulation", "admm", "--epochs", "30",
+            "--nproc", "2", "--out", "o", "--wandb", "disabled", "--no-progress"]  # fmt: skip
+    child = subprocess.Popen(args, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "o" / "checkpoint.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(child.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["interrupted; continue from the last checkpoint with --resume --out o"]
 
 
 def test_ddp_throughput_benchmark_quick(tmp_path):

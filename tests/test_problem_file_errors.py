@@ -109,6 +109,12 @@ def test_ctrl_c_is_one_line_and_says_how_to_resume(tmp_path, capsys, monkeypatch
     out = tmp_path / "run"
     assert cli.main(["run", "digits-mlp", "--out", str(out)]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted before the first checkpoint: nothing to resume, start the run again"
+    ]
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")  # a checkpoint was written: resume it
+    assert cli.main(["run", "digits-mlp", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"interrupted; continue from the last checkpoint with --resume --out {out}"
     ]
 
@@ -117,6 +123,8 @@ def test_ctrl_c_without_out_names_the_default_run_directory(tmp_path, capsys, mo
     import constrainedsparse.cli as cli
 
     def interrupted(config, problem):
+        (config.out / "checkpoint.pt").parent.mkdir(parents=True)
+        (config.out / "checkpoint.pt").write_bytes(b"")
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)

@@ -58,6 +58,23 @@ def test_resume_with_a_differing_flag_names_the_keys(tmp_path, capsys):
     )
 
 
+def test_resume_takes_some_set_keys_again_by_value_and_keeps_the_others(tmp_path, capsys):
+    out = tmp_path / "a"
+    from constrainedsparse import RunConfig, run
+
+    run(RunConfig(problem="digits-mlp", formulation="admm", sparsity=0.8, epochs=2, pretrain_epochs=3, out=out,
+                  settings={"rho": "0.2", "batch_size": "32"}, stop_after_epochs=1, progress=False))  # fmt: skip
+    line = fails_with_one_line(["run", "--out", str(out), "--resume", "--set", "rho=0.3", "--set", "seed_x=1"], capsys)
+    assert line.endswith("other options: --set rho (0.3, stored 0.2), --set seed_x (1, not set at the start); give "
+                         "the stored ones or none")  # fmt: skip
+    # a volatile key alone, and a stored value written another way: the stored settings carry on
+    assert (
+        main(["run", "--out", str(out), "--resume", "--set", "device=cpu", "--set", "rho=0.20", "--no-progress"]) == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"] == {"batch_size": "32", "device": "cpu", "rho": "0.2"}
+
+
 def test_resume_of_a_finished_run_is_refused_untouched(tmp_path, capsys):
     out = tmp_path / "a"
     assert _run(out) == 0
