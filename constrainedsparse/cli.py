@@ -24,8 +24,8 @@ from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
 from constrainedsparse.layerwise.checks import check_block_fit
-from constrainedsparse.logger import WANDB_MODES, read_metrics
-from constrainedsparse.plots import plot_metrics
+from constrainedsparse.logger import WANDB_MODES
+from constrainedsparse.plots import check_png, metrics_rows, plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runners import run, runner_for, validate
 from constrainedsparse.runs import CHECKPOINT, RunConfig, RunDirectory
@@ -274,25 +274,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             export_command(args)
         return 0
     if args.command == "plot":
-        if args.metrics.is_dir():  # a run directory: its metrics.jsonl
-            args.metrics = args.metrics / "metrics.jsonl"
-        png = args.png or args.metrics.with_suffix(".png")
-        if not args.metrics.is_file():
-            raise UserInputError(f"metrics file {str(args.metrics)!r} does not exist")
-        if not png.parent.is_dir():
-            raise UserInputError(f"--png {str(png)!r}: the directory {str(png.parent)!r} does not exist")
-        try:
-            rows = read_metrics(args.metrics)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise UserInputError(
-                f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (one JSON object per line): "
-                f"{first_line(err)}"
-            ) from None
-        if not rows:
-            raise UserInputError(f"{str(args.metrics)!r} holds no rows yet: nothing to plot")
-        if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
-            raise UserInputError(f"{str(args.metrics)!r} is not a metrics.jsonl written by a run (rows need a step)")
-        print(plot_metrics(args.metrics, png, rows))
+        with user_input():
+            path, rows = metrics_rows(args.metrics)
+        png = args.png or path.with_suffix(".png")
+        with user_input("--png "):
+            check_png(png)
+        print(plot_metrics(path, png, rows))
         return 0
     return _command_run(args, argv)
 

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from constrainedsparse.errors import UserInputError, first_line
+
 __all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "MetricsLogger", "NullLogger", "finish_summary", "read_metrics"]
 
 WANDB_MODES = ("disabled", "offline", "online")
@@ -87,17 +89,35 @@ class MetricsLogger:
             import wandb
 
             env_tags = tuple(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)
-            self.run = wandb.init(
-                project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-                name=name or os.environ.get("WANDB_NAME") or None,
-                tags=list(tags or env_tags) or None,
-                dir=str(out_dir),
-                mode=wandb_mode,
-                config=dict(config or {}),
-                id=run_id,
-                resume="allow" if run_id else None,
-                reinit="finish_previous",
-            )
+            try:
+                self.run = self._init_wandb(wandb, wandb_mode, project, name, tags or env_tags, out_dir, config, run_id)
+            except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
+                self._file.close()
+                raise UserInputError(f"--wandb {wandb_mode}: {first_line(err)} (or use --wandb offline)") from None
+
+    @staticmethod
+    def _init_wandb(
+        wandb: Any,
+        mode: str,
+        project: str | None,
+        name: str | None,
+        tags: tuple[str, ...],
+        out_dir: Path,
+        config: Mapping[str, Any] | None,
+        run_id: str | None,
+    ) -> Any:
+        """``wandb.init`` of the run (continued when ``run_id`` is given)."""
+        return wandb.init(
+            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            name=name or os.environ.get("WANDB_NAME") or None,
+            tags=list(tags) or None,
+            dir=str(out_dir),
+            mode=mode,
+            config=dict(config or {}),
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="finish_previous",
+        )
 
     @property
     def run_id(self) -> str | None:

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from constrainedsparse.errors import first_line
 from constrainedsparse.logger import read_metrics
 from constrainedsparse.report import block_names
 
-__all__ = ["figure_for", "plot_metrics"]
+__all__ = ["check_png", "figure_for", "metrics_rows", "plot_metrics"]
 
 Rows = Sequence[dict[str, Any]]
 _MARKS = {"pruning": "tab:green", "hard prune": "tab:red", "retraining": "tab:purple"}
@@ -284,15 +285,67 @@ def figure_for(rows: Rows) -> Any:
     return fig
 
 
-def plot_metrics(jsonl_path: Path, png_path: Path, rows: list[dict] | None = None) -> Path:
-    """Plots a ``metrics.jsonl`` into a PNG (see the module docstring); returns ``png_path``.
+def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
+    """The rows of a run's ``metrics.jsonl``; ``path`` may be the run directory.
 
-    ``rows``: the file's rows when the caller has read them already (not read again).
+    Returns:
+        The file's path and its rows.
+
+    Raises:
+        ValueError: For a missing file, one that is not a run's ``metrics.jsonl`` (one JSON object
+            with an integer ``step`` per line), or one without rows.
+    """
+    path = Path(path)
+    if path.is_dir():  # a run directory: its metrics.jsonl
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"metrics file {str(path)!r} does not exist")
+    what = f"{str(path)!r} is not a metrics.jsonl written by a run"
+    try:
+        rows = read_metrics(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} (one JSON object per line): {first_line(err)}") from None
+    if not rows:
+        raise ValueError(f"{str(path)!r} holds no rows yet: nothing to plot")
+    if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
+        raise ValueError(f"{what} (rows need a step)")
+    return path, rows
+
+
+def check_png(png_path: Path | str) -> None:
+    """``png_path`` can receive the plot: a file name ending in ``.png`` in an existing directory.
+
+    Raises:
+        ValueError: Naming what is wrong with it.
+    """
+    png = Path(png_path)
+    if png.is_dir():
+        raise ValueError(f"{str(png)!r} is a directory: give a file name ending in .png")
+    if png.suffix.lower() != ".png":
+        raise ValueError(f"{str(png)!r}: the plot is a PNG image, give a file name ending in .png")
+    if not png.parent.is_dir():
+        raise ValueError(f"{str(png)!r}: the directory {str(png.parent)!r} does not exist")
+
+
+def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, rows: Rows | None = None) -> Path:
+    """Plots a ``metrics.jsonl`` into a PNG (see the module docstring); returns the PNG's path.
+
+    Args:
+        jsonl_path: A run's ``metrics.jsonl``, or the run directory holding it.
+        png_path: Where the PNG goes (``None``: next to the file, ``metrics.png``).
+        rows: The file's rows when the caller has read them already (not read again).
+
+    Raises:
+        ValueError: For a file that is missing, not a run's or empty (:func:`metrics_rows`), or a
+            PNG path that cannot receive the plot (:func:`check_png`).
     """
     import matplotlib.pyplot as plt
 
-    fig = figure_for(read_metrics(jsonl_path) if rows is None else rows)
-    png_path = Path(png_path)
+    if rows is None:
+        jsonl_path, rows = metrics_rows(jsonl_path)
+    png_path = Path(png_path) if png_path is not None else Path(jsonl_path).with_suffix(".png")
+    check_png(png_path)
+    fig = figure_for(rows)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -514,6 +514,18 @@ ROWS: list[Row] = [
         r"--png .*m.png': the directory .* does not exist",
         _file("m.jsonl", '{"step": 1, "a": 1}\n'),
     ),  # fmt: skip
+    Row(
+        "plot into a folder",
+        ["plot", "{tmp}/m.jsonl", "--png", "{tmp}"],
+        r"^error: --png '.*' is a directory: give a file name ending in \.png$",
+        _file("m.jsonl", '{"step": 1, "a": 1}\n'),
+    ),  # fmt: skip
+    Row(
+        "plot as svg",
+        ["plot", "{tmp}/m.jsonl", "--png", "{tmp}/m.svg"],
+        r"--png '.*m.svg': the plot is a PNG image, give a file name ending in \.png$",
+        _file("m.jsonl", '{"step": 1, "a": 1}\n'),
+    ),  # fmt: skip
     Row("export missing", ["export", "{tmp}/none"], r"none"),
     Row("export a training run", ["export", "{out}"], r"has no saved model/ folder", _finished),
     Row("describe unknown", ["formulations", "nope"], r"unknown formulation 'nope'; available:"),

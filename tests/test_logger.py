@@ -72,6 +72,15 @@ def test_wandb_mode_is_validated(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no key anywhere
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    with pytest.raises(ValueError, match=r"^--wandb online: No API key configured\..* \(or use --wandb offline\)$"):
+        MetricsLogger(tmp_path / "run", "online")
+
+
 def test_resume_step_drops_later_rows(tmp_path):
     logger = MetricsLogger(tmp_path)
     for step in range(1, 7):
@@ -131,8 +140,18 @@ def test_plot_metrics_writes_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
 
 
-def test_plot_metrics_empty_file(tmp_path):
+def test_plot_metrics_refuses_what_the_cli_refuses_and_takes_a_run_directory(tmp_path):
     MetricsLogger(tmp_path).close()
-    png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "empty.png")
-    assert png.read_bytes()[:8] == PNG_MAGIC
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.png", "metrics.jsonl"]
+    with pytest.raises(ValueError, match=r"^'.*metrics\.jsonl' holds no rows yet: nothing to plot$"):
+        plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "empty.png")
+    with pytest.raises(ValueError, match=r"^metrics file '.*none\.jsonl' does not exist$"):
+        plot_metrics(tmp_path / "none.jsonl")
+    logger = MetricsLogger(tmp_path)
+    logger.log(_row(1), 1)
+    logger.close()
+    with pytest.raises(ValueError, match=r"^'.*' is a directory: give a file name ending in \.png$"):
+        plot_metrics(tmp_path, tmp_path)
+    with pytest.raises(ValueError, match=r"^'.*p\.png': the directory '.*nowhere' does not exist$"):
+        plot_metrics(tmp_path, tmp_path / "nowhere" / "p.png")
+    assert plot_metrics(tmp_path) == tmp_path / "metrics.png"  # a run directory: its metrics.jsonl, PNG beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
