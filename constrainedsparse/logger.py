@@ -129,8 +129,10 @@ class MetricsLogger:
         if self.run is None:
             return None
         if self.run.settings.mode == "offline":
+            # A resumed offline run goes on in a folder of its own (same id): name them all, in order.
             folder = Path(self.run.dir).parent
-            return f"wandb offline run {folder} (upload it: wandb sync {folder})"
+            folders = " ".join(map(str, sorted(folder.parent.glob(f"offline-run-*-{self.run.id}")))) or str(folder)
+            return f"wandb offline run {folders} (upload it: wandb sync {folders})"
         return f"wandb run {self.run.url}"
 
     def set_summary(self, summary: Mapping[str, Any]) -> None:

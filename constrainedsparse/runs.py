@@ -209,6 +209,23 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _held(lock: Path) -> bool:
+    """Whether another process holds ``lock`` now (a lock file left by a killed run is not held)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock if it was taken
+    return False
+
+
 def _describe_holder(lock: Path) -> str:
     try:
         pid = lock.read_text().strip()
@@ -267,6 +284,8 @@ class RunDirectory:
             raise UserInputError(f"{self._out}{out}: {parent} is a file, not a directory")
         if not _writable(parent, probe=parent != out):
             raise UserInputError(f"{self._out}{out}: {parent} is not writable")
+        if _held(out / LOCK):
+            raise self._busy(out / LOCK)
         if self.resume:
             if not self.checkpoint_path.exists():
                 raise UserInputError(f"--resume needs {self.checkpoint_path}, which does not exist")
@@ -284,6 +303,12 @@ class RunDirectory:
                 f"{self._out}{out} already holds {what}; {resume}replace the run's files with {self._overwrite} "
                 "(other files stay), or choose another folder"
             )
+
+    def _busy(self, lock: Path) -> UserInputError:
+        return UserInputError(
+            f"{self._out}{self.out} is in use by another run ({_describe_holder(lock)}); wait for it or choose "
+            "another folder"
+        )
 
     def claim(self) -> None:
         """Creates the directory if needed, takes its lock, and clears what must go before the run.
@@ -329,10 +354,7 @@ class RunDirectory:
             except OSError as err:
                 os.close(fd)
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise UserInputError(
-                        f"{self._out}{self.out} is in use by another run ({_describe_holder(path)}); wait for it or "
-                        "choose another --out"
-                    ) from None
+                    raise self._busy(path) from None
                 raise
             try:
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:

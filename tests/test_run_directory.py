@@ -1,11 +1,13 @@
 """Run directories: resume with the stored options, one run per directory, --overwrite, file modes, progress lines."""
 
+import dataclasses
 import json
 import os
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from cli_helpers import fails_with_one_line
@@ -75,6 +77,33 @@ def test_resume_takes_some_set_keys_again_by_value_and_keeps_the_others(tmp_path
     assert summary["settings"] == {"batch_size": "32", "device": "cpu", "rho": "0.2"}
 
 
+def test_a_resumed_offline_wandb_run_names_both_folders_and_reads_back_whole(tmp_path):
+    import importlib.util
+
+    from wandb_records import wait_for_complete_file
+
+    from constrainedsparse import RunConfig, run
+    from constrainedsparse.logger import read_metrics
+
+    out = tmp_path / "a"
+    config = RunConfig(problem="digits-mlp", formulation="admm", sparsity=0.8, epochs=3, pretrain_epochs=2, out=out,
+                       wandb="offline", progress=False)  # fmt: skip
+    assert run(dataclasses.replace(config, stop_after_epochs=1)) is None
+    summary = run(dataclasses.replace(config, resume=True))
+    folders = sorted(out.glob("wandb/offline-run-*"))
+    assert len(folders) == 2 and summary["wandb_run"].startswith(f"wandb offline run {folders[0]} {folders[1]} (")
+    files = [next(folder.glob("run-*.wandb")) for folder in folders]
+    for file in files:
+        wait_for_complete_file(file)
+    spec = importlib.util.spec_from_file_location(
+        "reader", Path(__file__).parents[1] / "docs/examples/read_wandb_offline.py"
+    )
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    rows = reader.merged_history([str(f) for f in files])
+    assert [row["_step"] for row in rows] == [row["step"] for row in read_metrics(out / "metrics.jsonl")]
+
+
 def test_resume_of_a_finished_run_is_refused_untouched(tmp_path, capsys):
     out = tmp_path / "a"
     assert _run(out) == 0
@@ -134,16 +163,18 @@ def test_a_busy_directory_is_refused_with_the_holders_pid(tmp_path):
     holder = RunDirectory(out)
     holder.check()
     holder.claim()
+    (out / "metrics.jsonl").write_text("")  # the busy run's files: a plain run is told who holds them
     try:
-        code = (
-            "import sys; from constrainedsparse.cli import main; "
-            f"sys.exit(main(['run', '--out', {str(out)!r}, '--overwrite', '--no-progress', '--wandb', 'disabled']))"
-        )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2
-        assert done.stderr.strip() == (
-            f"error: --out {out} is in use by another run (pid {os.getpid()}); wait for it or choose another --out"
-        )
+        for flags in (["--overwrite"], []):
+            code = (
+                "import sys; from constrainedsparse.cli import main; "
+                f"sys.exit(main(['run', '--out', {str(out)!r}, *{flags!r}, '--no-progress', '--wandb', 'disabled']))"
+            )
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, flags
+            assert done.stderr.strip() == (
+                f"error: --out {out} is in use by another run (pid {os.getpid()}); wait for it or choose another folder"
+            ), flags
     finally:
         holder.release()
     assert not (out / LOCK).exists()

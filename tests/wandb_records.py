@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
-__all__ = ["find_run_file", "history_rows", "read_records", "wait_for_complete_run"]
+__all__ = ["find_run_file", "history_rows", "read_records", "wait_for_complete_file", "wait_for_complete_run"]
 
 HEADER_LEN = 7
 HEADER_IDENT = b":W&B"
@@ -106,6 +106,21 @@ def wait_for_complete_run(out_dir: Path, timeout_s: float = 30.0) -> Path:
             problem = str(err)
         if time.monotonic() > deadline:
             raise AssertionError(f"wandb run under {out_dir} not complete after {timeout_s} s: {problem}")
+        time.sleep(0.01)
+
+
+def wait_for_complete_file(path: Path, timeout_s: float = 30.0) -> Path:
+    """``path`` (one ``run-*.wandb`` file) once its ``exit`` record is on disk (see :func:`wait_for_complete_run`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(record.WhichOneof("record_type") == "exit" for record in read_records(path)):
+                return path
+            problem = "no exit record yet"
+        except AssertionError as err:  # a partly flushed chunk
+            problem = str(err)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} not complete after {timeout_s} s: {problem}")
         time.sleep(0.01)
 
 

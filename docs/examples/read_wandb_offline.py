@@ -1,6 +1,10 @@
 """Print the history rows of a wandb offline run (``wandb/offline-run-*/run-*.wandb``) without a network.
 
 Usage: python read_wandb_offline.py RUN_DIR/wandb/offline-run-*/run-*.wandb [KEY ...]
+
+A resumed run continues in a folder of its own with the same id: give every folder's file (the
+glob above does, in time order). Rows an interrupted part logged after its last checkpoint are
+replaced by the resumed part's, which starts again from that checkpoint's step.
 """
 
 import json
@@ -45,8 +49,20 @@ def history(path):
             yield {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
 
 
+def merged_history(paths):
+    """The rows of a run's files in order; a later file replaces the earlier rows from its first step on."""
+    rows = []
+    for path in paths:
+        part = list(history(path))
+        if part:
+            rows = [row for row in rows if row.get("_step", -1) < part[0].get("_step", 0)]
+        rows += part
+    return rows
+
+
 if __name__ == "__main__":
-    keys = sys.argv[2:]
-    for row in history(sys.argv[1]):
+    paths = [arg for arg in sys.argv[1:] if arg.endswith(".wandb")]
+    keys = [arg for arg in sys.argv[1:] if not arg.endswith(".wandb")]
+    for row in merged_history(paths):
         if not keys or any(k in row for k in keys):
             print({k: v for k, v in row.items() if not keys or k in keys or k == "_step"})
