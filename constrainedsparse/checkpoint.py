@@ -122,8 +122,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     # Random bytes read as a legacy pickle stream fail inside torch.load with whatever the bytes decode to
     # (a KeyError for an unknown opcode's argument, an IndexError, ...): all mean an unreadable file.
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"--resume: {path} is not a readable checkpoint (damaged or truncated: {first})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        # The bytes' own reading ("174812789" from a KeyError) means nothing without what raised it.
+        detail = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        raise UserInputError(
+            f"--resume: {path} is not a readable checkpoint (damaged or truncated; {detail})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(f"--resume: {path} is not a constrainedsparse checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:

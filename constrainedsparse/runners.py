@@ -61,7 +61,7 @@ def check_common(config: RunConfig) -> None:
     """Checks of the configuration both runners share (before anything is loaded).
 
     Raises:
-        UserInputError: For a ``--wandb`` mode or seed outside what is allowed.
+        UserInputError: For a ``--wandb`` mode, seed or ``stop_after_epochs`` outside what is allowed.
     """
     if config.wandb not in WANDB_MODES:
         raise UserInputError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
@@ -69,6 +69,9 @@ def check_common(config: RunConfig) -> None:
         raise UserInputError(
             f"--seed must be an integer in [0, 2**32) (torch's and NumPy's seed range), got {config.seed!r}"
         )
+    stop = config.stop_after_epochs
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < 1):
+        raise UserInputError(f"RunConfig(stop_after_epochs=...) must be an integer >= 1 or None, got {stop!r}")
 
 
 def validate(config: RunConfig, problem: Problem | LayerwiseProblem) -> Prepared:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from cli_helpers import fails_with_one_line
 from safetensors.torch import load_file
@@ -102,6 +103,15 @@ def test_a_resumed_offline_wandb_run_names_both_folders_and_reads_back_whole(tmp
     spec.loader.exec_module(reader)
     rows = reader.merged_history([str(f) for f in files])
     assert [row["_step"] for row in rows] == [row["step"] for row in read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("stop", [0, -1, 1.5, True])
+def test_stop_after_epochs_below_one_is_refused_before_anything_is_written(tmp_path, stop):
+    from constrainedsparse import RunConfig, run
+
+    with pytest.raises(ValueError, match=r"^RunConfig\(stop_after_epochs=\.\.\.\) must be an integer >= 1 or None"):
+        run(RunConfig(problem="digits-mlp", out=tmp_path / "a", stop_after_epochs=stop, progress=False))
+    assert not (tmp_path / "a").exists()
 
 
 def test_resume_of_a_finished_run_is_refused_untouched(tmp_path, capsys):
