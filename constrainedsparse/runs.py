@@ -251,6 +251,7 @@ class RunDirectory:
         # How messages name the folder and the way to replace it: CLI flags, or Python keywords (prune_layerwise).
         self._out, self._overwrite = ("out=", "overwrite=True") if keywords else ("--out ", "--overwrite")
         self.created = False
+        self._created_parents: list[Path] = []
         self._lock_fd: int | None = None
 
     @property
@@ -324,6 +325,8 @@ class RunDirectory:
             return
         try:
             self.created = not self.out.exists()
+            # The parents mkdir creates, innermost first: a discarded run removes them again if empty.
+            self._created_parents = [p for p in self.out.absolute().parents if not p.exists()]
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserInputError(f"{self._out}{self.out} cannot be created: {err.strerror or err}") from None
@@ -374,10 +377,16 @@ class RunDirectory:
             self._lock_fd = None
 
     def discard_if_unused(self) -> None:
-        """After a failure: removes the directory if this run created it and wrote no checkpoint."""
+        """After a failure: removes the directory if this run created it and wrote no checkpoint, and the
+        parents it created with it (``runs/`` of the default ``runs/NAME``) if they are empty now."""
         self.release()
         if self.created and distributed.is_main_process() and not self.checkpoint_path.is_file():
             shutil.rmtree(self.out, ignore_errors=True)
+            for parent in self._created_parents:
+                try:
+                    parent.rmdir()  # only if empty: a folder something else wrote into stays
+                except OSError:
+                    break
 
     def load(self, config: RunConfig) -> dict[str, Any] | None:
         """The checkpoint to resume from (``None`` unless resuming), checked against ``config``.

@@ -168,6 +168,21 @@ def test_out_paths_that_cannot_be_a_run_directory(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
+def test_a_discarded_run_removes_the_parents_it_created_if_empty(tmp_path):
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "runs" / "a" / "b", tmp_path / "kept" / "new" / "c"):
+        directory = RunDirectory(out)
+        directory.check()
+        directory.claim()
+        directory.discard_if_unused()  # failed before a checkpoint: nothing of it stays
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    other = RunDirectory(tmp_path / "runs" / "x")
+    other.claim()
+    (tmp_path / "runs" / "mine.txt").write_text("a file of the user's")
+    other.discard_if_unused()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mine.txt"]
+
+
 def test_a_busy_directory_is_refused_with_the_holders_pid(tmp_path):
     out = tmp_path / "busy"
     holder = RunDirectory(out)
