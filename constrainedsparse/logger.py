@@ -129,9 +129,11 @@ class MetricsLogger:
         if self.run is None:
             return None
         if self.run.settings.mode == "offline":
-            # A resumed offline run goes on in a folder of its own (same id): name them all, in order.
-            folder = Path(self.run.dir).parent
-            folders = " ".join(map(str, sorted(folder.parent.glob(f"offline-run-*-{self.run.id}")))) or str(folder)
+            # A resumed offline run goes on in a folder of its own (same id; "-1" appended when started in the
+            # same second): name them all, in order.
+            folder, run_id = Path(self.run.dir).parent, self.run.id
+            found = [*folder.parent.glob(f"offline-run-*-{run_id}"), *folder.parent.glob(f"offline-run-*-{run_id}-*")]
+            folders = " ".join(map(str, sorted(set(found)))) or str(folder)
             return f"wandb offline run {folders} (upload it: wandb sync {folders})"
         return f"wandb run {self.run.url}"
 

@@ -101,7 +101,7 @@ def test_a_resumed_offline_wandb_run_names_both_folders_and_reads_back_whole(tmp
     )
     reader = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reader)
-    rows = reader.merged_history([str(f) for f in files])
+    rows = reader.merged_history([str(f) for f in reversed(files)])  # in any order
     assert [row["_step"] for row in rows] == [row["step"] for row in read_metrics(out / "metrics.jsonl")]
 
 

@@ -50,12 +50,14 @@ def history(path):
 
 
 def merged_history(paths):
-    """The rows of a run's files in order; a later file replaces the earlier rows from its first step on."""
+    """The rows of a run's files; a later part replaces the earlier rows from its first step on.
+
+    The parts are ordered by their first step (a shell glob may list ``...-ID-1/`` before ``...-ID/``).
+    """
+    parts = sorted((part for part in map(list, map(history, paths)) if part), key=lambda p: p[0].get("_step", 0))
     rows = []
-    for path in paths:
-        part = list(history(path))
-        if part:
-            rows = [row for row in rows if row.get("_step", -1) < part[0].get("_step", 0)]
+    for part in parts:
+        rows = [row for row in rows if row.get("_step", -1) < part[0].get("_step", 0)]
         rows += part
     return rows
 
