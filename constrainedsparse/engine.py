@@ -47,6 +47,7 @@ from constrainedsparse.masks import (
 from constrainedsparse.postprune import batchnorm_stage, purge_stage
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
+from constrainedsparse.purge import purge
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.settings import check_keeps_weights, resolve_device, route_settings, target_from_flags
@@ -406,14 +407,9 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
         batchnorm_stage(run.model, prepared.problem, run.train, training.batch_size, training.batchnorm_batches,
                         config.seed, prepared.device)
     )  # fmt: skip
-    if formulation.purges:
+    if formulation.purges:  # the figures now; purged.safetensors holds the final (retrained) weights
         example = to_device(reference_batch(run.train, config.seed, 1), prepared.device)
-        purged, fields = purge_stage(run.model, run.targets, example)
-        run.summary_extra.update(fields)
-        if purged is not None and distributed.is_main_process():
-            save_weights(
-                run.directory.out / "purged.safetensors", purged.state_dict(), metadata={"model": repr(purged)}
-            )
+        run.summary_extra.update(purge_stage(run.model, run.targets, example)[1])
     run.hardprune_value = evaluate(prepared.problem, run.model, run.test)
     run.logger.log(
         {f"{run.metric}/hardprune": run.hardprune_value, "sparsity/achieved": achieved_sparsity(run.targets)}, run.step
@@ -485,6 +481,9 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         save_weights(
             directory.out / "model.safetensors", run.model.state_dict(), metadata={"summary": "see summary.json"}
         )
+        if "purged_params" in run.summary_extra:  # a structured run: the final weights, purged
+            small = purge(run.model)
+            save_weights(directory.out / "purged.safetensors", small.state_dict(), metadata={"model": repr(small)})
         write_layers_csv(directory.out / "layers.csv", layer_rows({t.name: t.tensor for t in run.targets}))
     directory.finish(summary)
     return summary

@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["SelectFeatures", "chain_purged_params", "count_params_and_macs", "linear_chain", "purge"]
+__all__ = ["SelectFeatures", "chain_purged_params", "count_params_and_macs", "linear_chain", "load_purged", "purge"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _WEIGHTED = (nn.Linear, *_CONVS)
@@ -83,6 +85,17 @@ def _check(model: nn.Module) -> list[nn.Module]:
     layers = list(model)
     seen_weighted = False
     for i, m in enumerate(layers):
+        if parametrize.is_parametrized(m):
+            raise ValueError(
+                f"purge: layer {i} ({type(m).__name__.removeprefix('Parametrized')}) still carries a parametrization "
+                "(a formulation's gates or mask): call the formulation's finalize() and hard_prune() first (or "
+                "remove_masks())"
+            )
+        if isinstance(m, _NORMS) and not m.track_running_stats:
+            raise ValueError(
+                f"purge: layer {i} is a {type(m).__name__} without running statistics (track_running_stats=False): "
+                "it normalises by each batch's, so a removed unit's constant output is not defined; not handled"
+            )
         if isinstance(m, _CONVS) and (m.groups != 1 or m.padding_mode != "zeros"):
             raise ValueError(f"purge: layer {i} ({m}) has groups != 1 or non-zero padding mode; not handled")
         if isinstance(m, nn.Unflatten) and seen_weighted:
@@ -165,6 +178,62 @@ def purge(model: nn.Module) -> nn.Module:
     if weighted:
         _select_live_inputs(layers, names, weighted[0])
     return nn.Sequential(OrderedDict(zip(names, layers))).eval()
+
+
+def load_purged(model: nn.Module, state: Mapping[str, torch.Tensor] | str | os.PathLike[str]) -> nn.Sequential:
+    """The purged model saved by a structured run (``purged.safetensors``), rebuilt on ``model``'s architecture.
+
+    Every Linear, Conv and BatchNorm of ``model`` (the dense ``nn.Sequential`` the run started from,
+    e.g. the problem's ``model(options)``) takes the saved tensors' shapes, and a ``select`` entry
+    becomes the :class:`SelectFeatures` in front; ``model`` is left untouched.
+
+    Args:
+        model: The dense model (its weights do not matter).
+        state: The purged ``state_dict``, or the path of a ``.safetensors`` file holding it.
+
+    Returns:
+        The purged model in eval mode, its weights loaded.
+
+    Raises:
+        ValueError: For a model :func:`purge` does not handle, or a state that does not fit it.
+    """
+    if not isinstance(state, Mapping):
+        from safetensors.torch import load_file
+
+        state = load_file(os.fspath(state))
+    _check(model)
+    names = [name for name, _ in model.named_children()]
+    layers = [copy.deepcopy(m) for m in model.children()]
+    for name, layer in zip(names, layers):
+        if isinstance(layer, (*_WEIGHTED, *_NORMS)):
+            _take_shapes(name, layer, state)
+    if "select.index" in state:
+        first = next(i for i, m in enumerate(layers) if isinstance(m, _WEIGHTED))
+        layers.insert(first, SelectFeatures(state["select.index"], model[first].in_features))
+        names.insert(first, "select")
+    purged = nn.Sequential(OrderedDict(zip(names, layers)))
+    try:
+        purged.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"load_purged: the state does not fit the model: {str(err).splitlines()[0]}") from None
+    return purged.eval()
+
+
+def _take_shapes(name: str, layer: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Resizes ``layer``'s tensors to ``state``'s (``name.weight`` ...) and its size attributes to match."""
+    for key in list(layer.state_dict()):
+        saved = state.get(f"{name}.{key}")
+        if saved is None:
+            raise ValueError(f"load_purged: the state has no {name}.{key}")
+        empty = torch.empty_like(saved)
+        setattr(layer, key, nn.Parameter(empty) if isinstance(getattr(layer, key), nn.Parameter) else empty)
+    weight = layer.weight
+    if isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = weight.shape
+    elif isinstance(layer, _CONVS):
+        layer.out_channels, layer.in_channels = weight.shape[:2]
+    else:
+        layer.num_features = int(weight.shape[0]) if weight is not None else int(layer.running_mean.shape[0])
 
 
 def _consumer_inputs(layers: list[nn.Module], a: int, b: int) -> tuple[torch.Tensor, int]:

@@ -174,6 +174,27 @@ ROWS: list[Row] = [
     ),  # fmt: skip
     Row("l0 scope", [*RUN, "--formulation", "l0", "--set", "scope=net"], r"scope must be one of model, layer"),
     Row("l0 grouping", [*RUN, "--formulation", "l0", "--set", "grouping=rows"], r"grouping must be one of"),
+    Row(
+        "l0 structured gates, other groups",
+        [
+            *RUN,
+            "--formulation",
+            "l0",
+            "--set",
+            "grouping=structured",
+            "--pattern",
+            "structured:rows",
+            "--sparsity",
+            "0.5",
+        ],
+        r"grouping=structured gates whole input neurons / output channels under a --sparsity budget; 0\.weight has "
+        r"the pattern 0\.5 structured:rows, whose groups differ",
+    ),
+    Row(
+        "l0 purged with a pattern",
+        [*RUN, "--formulation", "l0", "--set", "grouping=structured", "--set", "density_of=purged", "--pattern", "2:4"],
+        r"density_of=purged needs --sparsity without --pattern \(a top-k budget\); 0\.weight has the pattern 2:4",
+    ),
     Row("l0 droprate", [*RUN, "--formulation", "l0", "--set", "droprate_init=0"], r"droprate_init must be in \(0, 1\)"),
     Row("l0 gate lr", [*RUN, "--formulation", "l0", "--set", "gate_lr=0"], r"gate_lr must be > 0, got 0.0"),
     Row("l0 momentum", [*RUN, "--formulation", "l0", "--set", "gate_momentum=1"], r"gate_momentum must be in \[0, 1\)"),

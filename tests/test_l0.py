@@ -460,6 +460,7 @@ def test_structured_l0_run_hits_the_target_after_hard_pruning(tmp_path):
             formulation="l0",
             sparsity=0.8,
             epochs=1,
+            retrain_epochs=1,
             out=tmp_path,
             settings={"grouping": "structured", "scope": "layer"},
             **COMMON,
@@ -486,6 +487,18 @@ def test_structured_l0_run_hits_the_target_after_hard_pruning(tmp_path):
     assert summary["purged_nonzero_density"] == nonzero / summary["dense_target_params"]
     # A removed input column of a layer also removes the previous layer's output row: below the target.
     assert summary["purged_density"] < 0.2
+    # purged.safetensors holds the final (retrained) weights: loaded as a user does, it computes what
+    # model.safetensors computes.
+    from constrainedsparse.purge import load_purged
+    from constrainedsparse.spec import load_problem
+
+    problem = load_problem("digits-mlp")
+    final = problem.model(dict(problem.options))
+    final.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    small = load_purged(problem.model(dict(problem.options)), tmp_path / "purged.safetensors")
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), final.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unstructured_l0_run_reports_no_purge(tmp_path):
@@ -686,7 +699,11 @@ def test_density_of_purged_rejects_models_it_cannot_size():
     ):  # fmt: skip
         make("l0", SparsityProblem(model, nn.functional.cross_entropy, partial), PURGED)
     nm = Targets().resolve(model, SparsityConfig.from_pattern("1:2"))
-    with pytest.raises(ValueError, match=r"^density_of=purged needs a --sparsity target \(top-k\), not --pattern$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^density_of=purged needs --sparsity without --pattern \(a top-k budget\); 0\.weight has the "
+        r"pattern 1:2$",
+    ):
         make("l0", SparsityProblem(model, nn.functional.cross_entropy, nm), PURGED)
 
 

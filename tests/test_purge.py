@@ -9,7 +9,14 @@ from constrainedsparse.formulations.l0 import L0Config
 from constrainedsparse.masks import hard_prune
 from constrainedsparse.postprune import purge_stage
 from constrainedsparse.problem import SparsityProblem
-from constrainedsparse.purge import SelectFeatures, chain_purged_params, count_params_and_macs, linear_chain, purge
+from constrainedsparse.purge import (
+    SelectFeatures,
+    chain_purged_params,
+    count_params_and_macs,
+    linear_chain,
+    load_purged,
+    purge,
+)
 from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -79,6 +86,11 @@ def test_purged_model_matches_the_pruned_one_and_is_smaller(name):
     (params, macs), (small_params, small_macs) = count_params_and_macs(model, x), count_params_and_macs(small, x)
     assert small_params < params and small_macs < macs
     assert sum(p.numel() for p in model.parameters()) == params  # the input model is untouched
+    # saved and loaded back on a fresh dense model of the same architecture, as a user does
+    loaded = load_purged(build(), small.state_dict())
+    assert repr(loaded) == repr(small)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
 
 
 def test_mlp_purge_drops_columns_rows_and_input_features():
@@ -131,6 +143,25 @@ def test_padded_conv_keeps_a_dead_channel_with_a_nonzero_constant():
 def test_unhandled_architectures(model, message):
     with pytest.raises(ValueError, match=message):
         purge(model)
+
+
+def test_purge_refuses_parametrized_weights_and_batch_statistics_norms_and_load_purged_a_wrong_state(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    f = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets), L0Config(grouping="structured"))
+    with pytest.raises(ValueError, match=r"^purge: layer 0 \(Linear\) still carries a parametrization .* finalize\(\)"):
+        purge(model)
+    f.finalize()
+    no_stats = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"^purge: layer 1 is a BatchNorm1d without running statistics"):
+        purge(no_stats)
+    with pytest.raises(ValueError, match=r"^load_purged: the state has no 2\.bias$"):
+        load_purged(model, {"0.weight": torch.zeros(8, 6), "0.bias": torch.zeros(8), "2.weight": torch.zeros(3, 8)})
+    from safetensors.torch import save_file
+
+    small = purge(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
+    save_file(small.state_dict(), tmp_path / "purged.safetensors")
+    assert repr(load_purged(model, tmp_path / "purged.safetensors")) == repr(small)  # from a file's path
 
 
 def test_purge_stage_reports_an_unhandled_model(tmp_path):

@@ -132,8 +132,12 @@ class L0(Gated):
                 f"density_of=purged needs exactly the Linear weights as targets ({', '.join(sorted(wanted))}), "
                 f"got {', '.join(sorted(have)) or 'none'}"
             )
-        if not all(isinstance(t.feasible_set, TopK) for t in targets):
-            raise ValueError("density_of=purged needs a --sparsity target (top-k), not --pattern")
+        patterned = next((t for t in targets if not isinstance(t.feasible_set, TopK)), None)
+        if patterned is not None:
+            raise ValueError(
+                f"density_of=purged needs --sparsity without --pattern (a top-k budget); {patterned.name} has the "
+                f"pattern {patterned.target.describe()}"
+            )
         layers = [model.get_submodule(name) for name in names]
         return [(name, layer.in_features, layer.out_features) for name, layer in zip(names, layers)]
 

@@ -44,6 +44,12 @@ class Gated(Formulation):
             density = 1.0 - t.sparsity
             if not (0.0 < density <= 1.0):
                 raise ValueError(f"target density 1 - sparsity of {t.name} must be in (0, 1], got {density}")
+            if self.config.grouping == "structured" and not isinstance(t.feasible_set, TopK):
+                raise ValueError(
+                    f"grouping=structured gates whole input neurons / output channels under a --sparsity budget; "
+                    f"{t.name} has the pattern {t.target.describe()}, whose groups differ from the gates': give "
+                    "--sparsity without --pattern (the purge then shrinks the model), or grouping=unstructured"
+                )
         # Sizes read once: every access to a gated weight in train mode draws a fresh gate sample.
         self.sizes = {t.name: t.tensor.numel() for t in problem.targets}
         self.steps_done = 0
