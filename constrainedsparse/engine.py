@@ -213,20 +213,6 @@ def _task_problem(
     return SparsityProblem(model, problem.loss, targets, user, example)
 
 
-def _step_metrics(problem: SparsityProblem, cmp_state) -> dict[str, float]:
-    metrics = {"loss/train": cmp_state.loss.item()}
-    for constraint, state in cmp_state.observed_constraints.items():
-        if constraint.name in problem.user_constraint_names:
-            violation = state.violation.detach().reshape(-1)
-            metrics[f"violation/{constraint.name}"] = float(
-                violation[0] if violation.numel() == 1 else violation.norm()
-            )
-    for name, value in problem.named_multiplier_values().items():
-        if name in problem.user_constraint_names:
-            metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
-    return metrics
-
-
 class _Run:
     """Mutable state of one execution (kept in one place so checkpoints see all of it)."""
 
@@ -321,7 +307,7 @@ def _train_phase(
                 progress.close()
                 raise run.nonfinite(loss, phase, epoch)
             if run.step % prepared.training.log_every == 0 or metrics:
-                run.logger.log({**_step_metrics(problem, cmp_state), **metrics}, run.step)
+                run.logger.log({**problem.step_metrics(cmp_state), **metrics}, run.step)
             progress.step(loss=loss)
         epoch_metrics.update(formulation.end_epoch(epoch))
         run.logger.log_histograms(formulation.histograms(), run.step)

@@ -356,6 +356,26 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         """Current multiplier values by constraint name."""
         return {name: m.weight.detach().reshape(-1) for name, m in self.named_multipliers()}
 
+    def step_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+        """What a training loop logs of one step: ``loss/train``, and ``violation/<name>`` and
+        ``multiplier/<name>`` of every user constraint (the norm of a vector one); reads them to the host.
+
+        Args:
+            cmp_state: A step's state (``step.cmp_state`` of what ``backward()`` returned).
+        """
+        metrics = {"loss/train": float(cmp_state.loss.detach())}
+        users = set(self.user_constraint_names)
+        for constraint, state in cmp_state.observed_constraints.items():
+            if constraint.name in users:
+                violation = state.violation.detach().reshape(-1)
+                metrics[f"violation/{constraint.name}"] = float(
+                    violation[0] if violation.numel() == 1 else violation.norm()
+                )
+        for name, value in self.named_multiplier_values().items():
+            if name in users:
+                metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
+        return metrics
+
 
 def _checked_violation(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):

@@ -112,3 +112,47 @@ def test_a_diverged_own_loop_is_stopped_at_the_end_of_its_epoch(method):
         formulation.end_epoch(1)
     with pytest.raises(cs.NonFiniteLossError, match=r"^the loss is nan at the last step before hard_masks\(\)"):
         formulation.hard_masks()
+
+
+def test_an_epoch_with_other_post_step_calls_than_declared_warns_once():
+    import warnings
+
+    model = _model()
+    batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.75))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    formulation = cs.make("slr", cs.SparsityProblem(model, nn.functional.cross_entropy, targets), optimizer=optimizer)
+    formulation.setup(2, 8, reference_batch=batch)  # 8 micro-batches, accumulated in pairs: 4 optimizer steps
+    for epoch in range(2):
+        formulation.start_epoch(epoch)
+        for _ in range(4):
+            optimizer.zero_grad()
+            steps = [formulation.backward(batch, scale=0.5) for _ in range(2)]
+            optimizer.step()
+            formulation.post_step(steps)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            formulation.end_epoch(epoch)
+        messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        if epoch == 0:
+            assert messages == [
+                "setup() declared steps_per_epoch=8, but epoch 0 had 4 post_step() calls: the schedules count "
+                "post_step() calls (optimizer steps with gradient accumulation, not micro-batches); pass that number "
+                "to setup()"
+            ]
+        else:
+            assert messages == []  # once per run
+
+
+def test_an_evaluation_loop_may_compute_the_lagrangian_under_no_grad():
+    model = _model()
+    batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.75))
+    norm = cs.UserConstraint(lambda m: m[0].weight.norm() - 1.0, "<=")
+    formulation = cs.make("slr", cs.SparsityProblem(model, nn.functional.cross_entropy, targets, {"norm": norm}))
+    formulation.setup(1, 1, reference_batch=batch)
+    with torch.no_grad():  # e.g. transformers.Trainer.evaluate() calling an overridden compute_loss
+        step = formulation.compute_lagrangian(batch)
+    assert torch.isfinite(step.lagrangian) and not step.lagrangian.requires_grad
+    metrics = formulation.problem.step_metrics(step.cmp_state)
+    assert set(metrics) == {"loss/train", "violation/norm", "multiplier/norm"} and metrics["multiplier/norm"] == 0.0

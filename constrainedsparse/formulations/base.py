@@ -43,6 +43,7 @@ from constrainedsparse.formulations.checks import (
     check_finite_loss,
     check_hard_masks,
     check_rate,
+    check_step_count,
     checked_epoch,
     described,
 )
@@ -149,6 +150,7 @@ class Formulation(abc.ABC):
         self.steps_per_epoch = 0
         self.reference_batch: Batch | None = None
         self._last_loss: torch.Tensor | None = None  # checked by end_epoch() and hard_masks(), not per step
+        self._epoch_steps, self._steps_warned = 0, False  # post_step() calls this epoch, against setup()'s count
         self._stage = _BUILT
         self.attach()
         self.dual_optimizer = self.build_dual_optimizer()
@@ -242,6 +244,7 @@ class Formulation(abc.ABC):
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
         """
         self._require("start_epoch()")
+        self._epoch_steps = 0
         return self.on_start_epoch(checked_epoch(epoch, "start_epoch"))
 
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
@@ -258,6 +261,8 @@ class Formulation(abc.ABC):
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
         check_finite_loss(self._last_loss, f"at the last step of epoch {epoch}")
+        if not self._steps_warned:
+            self._steps_warned = check_step_count(self.steps_per_epoch, self._epoch_steps, epoch)
         return self.on_end_epoch(epoch)
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
@@ -287,7 +292,7 @@ class Formulation(abc.ABC):
         primal = cmp_state.compute_primal_lagrangian()
         if self.dual_optimizer is not None:
             dual = cmp_state.compute_dual_lagrangian().lagrangian
-            if dual is not None:
+            if dual is not None and dual.requires_grad:  # not under no_grad (an evaluation loop's loss)
                 (dual if dual_scale == 1.0 else dual * dual_scale).backward()
         return LagrangianStep(cmp_state, primal.lagrangian)
 
@@ -335,6 +340,7 @@ class Formulation(abc.ABC):
                 f"gradient accumulation), got {described(step)}"
             )
         last = steps[-1]
+        self._epoch_steps += 1
         restarts: dict[str, float] = {}
         if self.dual_optimizer is not None:
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)

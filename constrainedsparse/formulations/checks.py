@@ -4,6 +4,7 @@ the lifecycle calls, and the hard masks of a formulation defined outside the pac
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,15 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError
 if TYPE_CHECKING:
     from constrainedsparse.problem import SparsityProblem
 
-__all__ = ["check_covers", "check_finite_loss", "check_hard_masks", "check_rate", "checked_epoch", "described"]
+__all__ = [
+    "check_covers",
+    "check_finite_loss",
+    "check_hard_masks",
+    "check_rate",
+    "check_step_count",
+    "checked_epoch",
+    "described",
+]
 
 
 def checked_epoch(epoch: Any, call: str) -> int:
@@ -39,6 +48,24 @@ def check_finite_loss(loss: torch.Tensor | None, when: str) -> None:
             f"the loss is {value} {when}: the weights or multipliers are no longer finite; lower lr or dual_lr, "
             "clip the gradients, or continue from a checkpoint"
         )
+
+
+def check_step_count(declared: int, done: int, epoch: int) -> bool:
+    """Warns (returns ``True``) when an epoch saw another number of ``post_step()`` calls than ``setup()`` declared.
+
+    The schedules (``slr``/``admm``'s coordination spacing, ramps over the run) count ``post_step()``
+    calls; with gradient accumulation that is the optimizer steps, not the micro-batches.
+    """
+    if done == declared or done == 0:
+        return False
+    warnings.warn(
+        f"setup() declared steps_per_epoch={declared}, but epoch {epoch} had {done} post_step() calls: the schedules "
+        "count post_step() calls (optimizer steps with gradient accumulation, not micro-batches); pass that number "
+        "to setup()",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def described(value: Any) -> str:
