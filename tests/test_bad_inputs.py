@@ -191,6 +191,11 @@ ROWS: list[Row] = [
         r"the pattern 0\.5 structured:rows, whose groups differ",
     ),
     Row(
+        "l0 structured layer scope empties a layer",
+        [*RUN, "--formulation", "l0", "--set", "grouping=structured", "--set", "scope=layer", "--sparsity", "0.995"],
+        r"scope=layer with grouping=structured keeps none of the 64 input columns of 0\.weight at sparsity 0\.995",
+    ),
+    Row(
         "l0 purged with a pattern",
         [*RUN, "--formulation", "l0", "--set", "grouping=structured", "--set", "density_of=purged", "--pattern", "2:4"],
         r"density_of=purged needs --sparsity without --pattern \(a top-k budget\); 0\.weight has the pattern 2:4",

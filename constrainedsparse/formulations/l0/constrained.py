@@ -64,7 +64,7 @@ from constrainedsparse.gates import LOG_ALPHA_RANGE, HardConcreteGate
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.problem import Batch
 from constrainedsparse.purge import chain_purged_params, linear_chain
-from constrainedsparse.sets import GlobalTopK, TopK, lift_floors, nearest_prefix
+from constrainedsparse.sets import GlobalTopK, StructuredGroups, TopK, lift_floors, nearest_prefix
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["L0", "MODEL_CONSTRAINT", "layer_constraint_name", "lower_constraint_name", "model_constraint_name"]
@@ -112,11 +112,28 @@ class L0(Gated):
                     f"min_layer_density must be at most every target's density 1 - sparsity: got {floor} "
                     f"for {t.name} at density {1.0 - t.sparsity:g}"
                 )
+        if self.config.grouping == "structured" and self.config.scope == "layer":
+            for t in self.problem.targets:
+                self._check_keeps_a_group(t)
         # density_of=purged: (child name, in_features, out_features) of every Linear, in order.
         self._chain: list[tuple[str, int, int]] = []
         if self.config.density_of == "purged":
             self._chain = self._purge_chain()
         super().attach()
+
+    def _check_keeps_a_group(self, target: TargetParam) -> None:
+        """Layer scope, structured gates: the target's level keeps at least one group (else its hard prune cuts
+        the layer, found only after training)."""
+        dim = self._group_dim(target)
+        groups = target.tensor.shape[dim]
+        if isinstance(target.feasible_set, TopK) and StructuredGroups.at_level(target.tensor.shape, target.sparsity,
+                                                                                dim=dim).k == 0:  # fmt: skip
+            what = "input columns" if dim == 1 else "output channels"
+            raise ValueError(
+                f"scope=layer with grouping=structured keeps none of the {groups} {what} of {target.name} at "
+                f"sparsity {target.sparsity:g} (the hard prune would cut the layer): lower --sparsity or use "
+                "scope=model"
+            )
 
     def _purge_chain(self) -> list[tuple[str, int, int]]:
         """The Linear chain whose expected purged size the constraint bounds (checked once, at construction)."""
