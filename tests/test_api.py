@@ -155,8 +155,12 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight, blocks\.0\.0",
     ):  # names within a block or in the model
         prune_layerwise(model, batches, "wanda", targets=Targets(exclude=["3.weight"]))
-    with pytest.raises(ValueError, match=r"^no layer to prune: the targets match no layer in the 2 blocks$"):
+    with pytest.raises(
+        ValueError, match=r"^include 'nothing\.\*' matches no parameter; the candidates are 0\.weight, "
+    ):
         prune_layerwise(model, batches, "wanda", targets=Targets(include=["nothing.*"]))
+    with pytest.raises(ValueError, match=r"^no layer to prune: the targets match no layer in the 2 blocks$"):
+        prune_layerwise(model, batches, "wanda", targets=Targets(include=["0.weight"], exclude=["*.0.weight", "0.*"]))
     nan = r"^blocks\.0\.0\.weight: its calibration inputs are not finite \(nan or inf in their Gram matrix\)"
     with pytest.raises(ValueError, match=nan):
         prune_layerwise(model, [torch.full((8, 16), float("nan"))], "sparsegpt")

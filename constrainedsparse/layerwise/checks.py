@@ -60,16 +60,19 @@ def check_layer_shapes(
             with user_input(f"block {index} {name}: "):
                 by_level.setdefault(own, {})[f"block {index} {name}"] = (own.feasible_set(shape), shape)
             selected.update((full_name(name, "weight"), full))
-    if not by_level:
-        raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
-    with user_input():  # include/exclude globs match a name within a block or in the model, in some block
-        candidates = {
+    # include/exclude globs match a name within a block or in the model, in some block
+    candidates = sorted(
+        {
             name
             for prefix, block in zip(prefixes, blocks)
             for fqn, p, _ in targets.candidates(block)
             for name in (full_name(fqn, p), f"{prefix}.{full_name(fqn, p)}")
         }
-        targets.check_globs(sorted(candidates), sorted(selected))
+    )
+    with user_input():  # with nothing selected, an include glob that matches nothing still names the candidates
+        targets.check_globs(candidates, sorted(selected) if by_level else candidates)
+    if not by_level:
+        raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
     if not allow_empty:
         for own, sets in by_level.items():
             check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")

@@ -4,7 +4,8 @@ Trainer keeps its loop, optimizer, scheduler, accumulation, clipping, checkpoint
 the formulation's four calls go where the own-loop page puts them: ``backward`` in ``training_step``,
 ``start_epoch`` / ``post_step`` / ``end_epoch`` in a callback, and the hard prune at the end.
 
-Usage: python hf_trainer.py [slr|l0|admm|magnitude] [OUT_DIR] [--quick]
+Usage: python hf_trainer.py [METHOD] [OUT_DIR] [--quick]   (METHOD: slr by default, or l0, admm, magnitude, ...;
+OUT_DIR: /tmp/cs-trainer by default; --quick: 128 samples and one pruning epoch)
 """
 
 import math
@@ -16,8 +17,12 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 import constrainedsparse as cs
 
-METHOD = next((a for a in sys.argv[1:] if a in cs.available_formulations()), "slr")
-OUT = next((a for a in sys.argv[1:] if "/" in a), "/tmp/cs-trainer")
+POSITIONAL = [a for a in sys.argv[1:] if a != "--quick"]
+METHOD, OUT = (POSITIONAL + ["slr", "/tmp/cs-trainer"][len(POSITIONAL) :])[:2] if len(POSITIONAL) <= 2 else ("", "")
+if METHOD not in cs.available_formulations():
+    sys.exit(
+        f"usage: hf_trainer.py [METHOD] [OUT_DIR] [--quick]; METHOD one of {', '.join(cs.available_formulations())}"
+    )
 SAMPLES, EPOCHS = (128, 1) if "--quick" in sys.argv else (768, 3)
 
 
