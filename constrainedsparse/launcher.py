@@ -145,6 +145,10 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
     Returns:
         ``(exit code, None)`` on success; ``(the failing rank's exit code, "rank R: MESSAGE")`` when
         a rank fails (the one that raised, not the ranks that merely lost it as a peer).
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C reached the elastic agent (the workers got it too and stopped,
+            each keeping the last checkpoint).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
