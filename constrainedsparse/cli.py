@@ -135,6 +135,11 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     for key in ("mean_layer_error", *LAYERWISE_SCORES):
         if summary.get(key) is not None:
             rows.append((key.replace("_", " "), f"{summary[key]:.4f}"))
+    if "purged_params" in summary:  # a structured l0 run: the smaller dense model purged.safetensors holds
+        rows.append(("purged", f"{summary['dense_params']:,} -> {summary['purged_params']:,} parameters, "
+                               f"{summary['dense_macs']:,} -> {summary['purged_macs']:,} MACs per sample"))  # fmt: skip
+    elif summary.get("purge_skipped"):
+        rows.append(("purge skipped", str(summary["purge_skipped"])))
     for name, entry in summary.get("constraints", {}).items():
         value = entry["value"]
         shown = f"{value:.4g}" if isinstance(value, float) else f"max {max(value):.4g}"

@@ -1,5 +1,6 @@
 """The l0 formulations on the CLI's bad-input path: one stderr line, exit code 2, nothing on disk."""
 
+import json
 import re
 
 import pytest
@@ -88,3 +89,22 @@ def test_density_of_purged_on_a_model_it_cannot_size_is_one_line(tmp_path, capsy
         "error: density_of=purged: layer 1 is a Conv1d; the purged size is modelled for a chain of Linear layers"
     )
     assert not out.exists()
+
+
+def test_a_structured_run_prints_its_purge_and_a_skipped_one_why(tmp_path, capsys):
+    from constrainedsparse.cli import _summary_rows
+
+    out = tmp_path / "run"
+    args = ["run", "digits-mlp", "--formulation", "l0", "--set", "grouping=structured", "--sparsity", "0.8"]
+    args += ["--epochs", "1", "--pretrain-epochs", "1", "--out", str(out), "--wandb", "disabled", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("purged "))
+    assert line.split(None, 1)[1] == (
+        f"{summary['dense_params']:,} -> {summary['purged_params']:,} parameters, "
+        f"{summary['dense_macs']:,} -> {summary['purged_macs']:,} MACs per sample"
+    )
+    skipped = {k: v for k, v in summary.items() if "purged" not in k} | {
+        "purge_skipped": "purge: layer 4 is a Res; ..."
+    }
+    assert ("purge skipped", "purge: layer 4 is a Res; ...") in _summary_rows(skipped)
