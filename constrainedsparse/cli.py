@@ -351,7 +351,7 @@ def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, 
         with user_input():
             distributed.check_global_batch(prepared.training.batch_size, nproc)
     directory = RunDirectory(config.out)
-    directory.created = not config.out.exists()  # a failed or interrupted job leaves no directory it made
+    directory.mark_created()  # a failed or interrupted job leaves no directory it made
     try:
         code, message = launcher.launch(nproc, ["-m", "constrainedsparse", *argv])
     except BaseException:

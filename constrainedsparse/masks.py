@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from constrainedsparse.report import empty_layers
 from constrainedsparse.targets import TargetParam, resolved_targets
 
 __all__ = [
@@ -187,7 +188,7 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
     """
     targets = resolved_targets(targets, "hard_prune(targets, masks): ")
     check_masks(targets, masks)
-    emptied = [name for name, mask in masks.items() if mask.numel() and not bool(mask.any())]
+    emptied = empty_layers(masks)
     if emptied and not allow_empty:
         raise ValueError(
             f"hard_prune(targets, masks): the mask of {', '.join(emptied)} keeps no weight (the layer would be cut "

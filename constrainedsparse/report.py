@@ -131,7 +131,8 @@ def block_names(names: Sequence[str]) -> dict[str, str]:
 
 
 def empty_layers(weights: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors without a single nonzero weight (a layer the model no longer uses)."""
+    """Names of the tensors without a single nonzero entry: weights of a layer the model no longer uses, or
+    masks that would make them so."""
     return [name for name, weight in weights.items() if weight.numel() and int(torch.count_nonzero(weight)) == 0]
 
 

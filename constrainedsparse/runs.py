@@ -311,6 +311,12 @@ class RunDirectory:
             "another folder"
         )
 
+    def mark_created(self) -> None:
+        """Notes what of ``out`` and its parents does not exist yet: what :meth:`discard_if_unused` may remove
+        (the parents innermost first, each only if empty then)."""
+        self.created = not self.out.exists()
+        self._created_parents = [p for p in self.out.absolute().parents if not p.exists()]
+
     def claim(self) -> None:
         """Creates the directory if needed, takes its lock, and clears what must go before the run.
 
@@ -324,9 +330,7 @@ class RunDirectory:
         if not distributed.is_main_process():
             return
         try:
-            self.created = not self.out.exists()
-            # The parents mkdir creates, innermost first: a discarded run removes them again if empty.
-            self._created_parents = [p for p in self.out.absolute().parents if not p.exists()]
+            self.mark_created()
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserInputError(f"{self._out}{self.out} cannot be created: {err.strerror or err}") from None

@@ -36,6 +36,7 @@ __all__ = [
     "Targets",
     "DEFAULT_MODULE_TYPES",
     "full_name",
+    "glob_names",
     "resolved_targets",
 ]
 
@@ -271,7 +272,7 @@ class Targets:
         chosen = []
         for fqn, param_name, module in candidates:
             full = full_name(fqn, param_name)
-            names = (full, f"{prefix}.{full}") if prefix else (full,)
+            names = glob_names(full, prefix)
             if self.include and not any(fnmatch.fnmatchcase(n, p) for p in self.include for n in names):
                 continue
             if any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in names):
@@ -370,3 +371,9 @@ def _takes_two(fn: Callable[..., Any]) -> bool:
 def full_name(fqn: str, param_name: str) -> str:
     """``"<module fqn>.<param>"`` (the bare parameter name for the root module)."""
     return f"{fqn}.{param_name}" if fqn else param_name
+
+
+def glob_names(name: str, prefix: str = "") -> tuple[str, ...]:
+    """The names a glob may match for parameter ``name`` of a block named ``prefix`` in its model: the name
+    within the block (``mlp.down_proj.weight``) and in the model (``model.layers.0.mlp.down_proj.weight``)."""
+    return (name, f"{prefix}.{name}") if prefix else (name,)

@@ -14,3 +14,17 @@ def fails_with_one_line(args: list[str], capsys: pytest.CaptureFixture) -> str:
     assert len(err) == 1, err
     assert err[0].startswith("error: ")
     return err[0]
+
+
+# The source of a toy model for problem files written by tests: two residual blocks of two Linear layers.
+TWO_RESIDUAL_BLOCKS = """
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+"""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import fails_with_one_line
+from cli_helpers import TWO_RESIDUAL_BLOCKS, fails_with_one_line
 from torch import nn
 
 from constrainedsparse import LayerwiseSolver, describe, prune_layerwise
@@ -120,7 +120,8 @@ def test_a_broken_answer_is_one_precise_error_and_the_model_is_left_as_it_was(ca
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the first layer failed
 
 
-PROBLEM_FILE = """
+PROBLEM_FILE = (
+    """
 import torch
 from torch import nn
 
@@ -144,16 +145,9 @@ class KeepAll(LayerwiseSolver):
     def prune(self, layer):
         return LayerResult(layer.weight.clone(), torch.ones_like(layer.weight, dtype=torch.bool))
 
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
+"""
+    + TWO_RESIDUAL_BLOCKS
+    + """
 
 
 problem = LayerwiseProblem(
@@ -163,6 +157,7 @@ problem = LayerwiseProblem(
     calibration=lambda options, seed: [{"x": torch.randn(16, 8)} for _ in range(2)],
 )
 """
+)
 
 
 def test_a_solver_registered_in_a_problem_file_runs_from_the_cli(registry, tmp_path, capsys):

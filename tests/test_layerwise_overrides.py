@@ -3,26 +3,20 @@
 import json
 import textwrap
 
-from cli_helpers import fails_with_one_line
+from cli_helpers import TWO_RESIDUAL_BLOCKS, fails_with_one_line
 
 from constrainedsparse.cli import main
 
-PROBLEM_FILE = """
+PROBLEM_FILE = (
+    """
 import torch
 from torch import nn
 
 from constrainedsparse import LayerwiseProblem, Targets
 
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
+"""
+    + TWO_RESIDUAL_BLOCKS
+    + """
 
 
 problem = LayerwiseProblem(
@@ -33,6 +27,7 @@ problem = LayerwiseProblem(
     targets=Targets(overrides=OVERRIDES),
 )
 """
+)
 COMMON = ["--wandb", "disabled", "--no-progress", "--formulation", "sparsegpt"]
 
 

@@ -19,7 +19,7 @@ from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
 from constrainedsparse.layerwise.layers import layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.settings import check_keeps_weights
-from constrainedsparse.targets import SparsityConfig, Targets, full_name
+from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names
 
 __all__ = ["check_allocation", "check_block_fit", "check_block_mask", "check_layer_shapes", "check_reachable"]
 
@@ -66,7 +66,7 @@ def check_layer_shapes(
             name
             for prefix, block in zip(prefixes, blocks)
             for fqn, p, _ in targets.candidates(block)
-            for name in (full_name(fqn, p), f"{prefix}.{full_name(fqn, p)}")
+            for name in glob_names(full_name(fqn, p), prefix)
         }
     )
     with user_input():  # with nothing selected, an include glob that matches nothing still names the candidates

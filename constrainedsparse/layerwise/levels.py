@@ -20,7 +20,7 @@ from constrainedsparse.layerwise.driver import GRAM_DTYPES, block_prefixes
 from constrainedsparse.layerwise.layers import targeted_layers, weight_name
 from constrainedsparse.layerwise.owl import measure_outliers, owl_allocation
 from constrainedsparse.layerwise.settings import DriverSettings
-from constrainedsparse.targets import SparsityConfig, Targets
+from constrainedsparse.targets import SparsityConfig, Targets, glob_names
 
 __all__ = ["override_levels", "solve_levels"]
 
@@ -49,7 +49,7 @@ def override_levels(
     levels = {}
     for prefix, block in zip(block_prefixes(model, blocks), blocks):
         for name, _ in targeted_layers(block, targets, prefix):
-            level = targets.override_for(weight_name(prefix, name), weight_name("", name))
+            level = targets.override_for(*glob_names(weight_name("", name), prefix))
             if level is not None:
                 levels[weight_name(prefix, name)] = target.with_sparsity(level)
     return levels

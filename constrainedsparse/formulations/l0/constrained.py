@@ -64,7 +64,7 @@ from constrainedsparse.gates import LOG_ALPHA_RANGE, HardConcreteGate
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.problem import Batch
 from constrainedsparse.purge import chain_purged_params, linear_chain
-from constrainedsparse.sets import GlobalTopK, StructuredGroups, TopK, lift_floors, nearest_prefix
+from constrainedsparse.sets import GlobalTopK, TopK, lift_floors, nearest_prefix
 from constrainedsparse.targets import TargetParam
 
 __all__ = ["L0", "MODEL_CONSTRAINT", "layer_constraint_name", "lower_constraint_name", "model_constraint_name"]
@@ -124,10 +124,9 @@ class L0(Gated):
     def _check_keeps_a_group(self, target: TargetParam) -> None:
         """Layer scope, structured gates: the target's level keeps at least one group (else its hard prune cuts
         the layer, found only after training)."""
-        dim = self._group_dim(target)
-        groups = target.tensor.shape[dim]
-        if isinstance(target.feasible_set, TopK) and StructuredGroups.at_level(target.tensor.shape, target.sparsity,
-                                                                                dim=dim).k == 0:  # fmt: skip
+        if isinstance(target.feasible_set, TopK) and self._group_set(target).k == 0:
+            dim = self._group_dim(target)
+            groups = target.stored.shape[dim]
             what = "input columns" if dim == 1 else "output channels"
             raise ValueError(
                 f"scope=layer with grouping=structured keeps none of the {groups} {what} of {target.name} at "

@@ -231,8 +231,13 @@ class Gated(Formulation):
         offset = float(rms.max()) + 1.0  # rms * z >= 0, so gated-on groups rank above the rest
         score = torch.where(z > 0, rms * z + offset, rms)
         weight = target.module.parametrizations[target.param_name].original
-        groups = StructuredGroups.at_level(weight.shape, target.sparsity, dim=self._group_dim(target))
-        return groups.group_mask(score, weight).clone()
+        return self._group_set(target).group_mask(score, weight).clone()
+
+    @classmethod
+    def _group_set(cls, target: TargetParam) -> StructuredGroups:
+        r"""The whole groups a structured target keeps at its level: :math:`\mathrm{round}((1 - s)\,n_{groups})`."""
+        # The stored tensor's shape: reading the gated one would draw a gate sample.
+        return StructuredGroups.at_level(target.stored.shape, target.sparsity, dim=cls._group_dim(target))
 
     @staticmethod
     def _group_dim(target: TargetParam) -> int:
