@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -296,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run", *argv]  # `constrainedsparse [--flags]` means `constrainedsparse run [--flags]`
     args = _build_parser().parse_args(argv)
     try:
-        return _dispatch(args, argv)
+        with warnings.catch_warnings():  # restores the hook when the command ends (main runs in tests too)
+            warnings.showwarning = _show_warning
+            return _dispatch(args, argv)
     except (UserInputError, NonFiniteLossError) as err:
         message = first_line(err)
         if distributed.env_world_size() > 1:
@@ -318,6 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher.report_error(f"{type(err).__name__}: {first_line(err)}")
         raise  # a bug: the traceback follows
     return 0
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A warning during a command: one ``warning: ...`` line on stderr, as errors are one ``error: ...`` line."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _speaks_for_the_run() -> bool:

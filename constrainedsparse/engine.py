@@ -267,6 +267,7 @@ class _Run:
                 "hardprune_metric": self.hardprune_value,
                 "seconds": self.seconds(),
                 "wandb_id": self.logger.run_id,
+                "logged_step": self.logger.last_step,
                 **self.phase_extra,
             },
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class MetricsLogger:
         run_id: wandb run id to resume (kept in checkpoints).
         resume_step: On resume, rows with ``step > resume_step`` are dropped from the JSONL
             so the file holds each step once.
+        logged_step: On resume, the last step the file held when the checkpoint was saved
+            (:attr:`last_step` then). If the file now ends elsewhere (deleted, shortened by hand),
+            a warning names the steps that will be missing from it and from the plot.
         project: wandb project (``None``: ``$WANDB_PROJECT``, else ``constrainedsparse``).
         name: wandb run name (``None``: ``$WANDB_NAME``, else wandb's own).
         tags: wandb run tags (empty: ``$WANDB_TAGS``, comma-separated, if set).
@@ -59,6 +63,7 @@ class MetricsLogger:
         config: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         resume_step: int | None = None,
+        logged_step: int | None = None,
         project: str | None = None,
         name: str | None = None,
         tags: tuple[str, ...] = (),
@@ -83,6 +88,8 @@ class MetricsLogger:
             self._last_row = rows[-1]
             self._last_step = rows[-1]["step"]
             self._last_offset = self.path.stat().st_size - len(json.dumps(rows[-1]) + "\n")
+        if logged_step is not None and self._last_step != logged_step:
+            _warn_missing_rows(self.path, self._last_step, logged_step)
         self.run = None
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -118,6 +125,11 @@ class MetricsLogger:
             resume="allow" if run_id else None,
             reinit="finish_previous",
         )
+
+    @property
+    def last_step(self) -> int | None:
+        """The step of the last row written (``None`` before the first)."""
+        return self._last_step
 
     @property
     def run_id(self) -> str | None:
@@ -185,6 +197,7 @@ class NullLogger:
     """A logger that records nothing: what ranks other than 0 log to (they create no files)."""
 
     run_id = None
+    last_step = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -203,6 +216,16 @@ class NullLogger:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def _warn_missing_rows(path: Path, held: int | None, logged: int) -> None:
+    """Warns that a resumed ``metrics.jsonl`` lost rows the checkpoint's run had logged."""
+    now = "is empty" if held is None else f"ends at step {held}"
+    warnings.warn(
+        f"{path} {now}, but it held rows up to step {logged} when the checkpoint was saved (deleted or "
+        f"shortened since?): the steps in between stay missing from it and from metrics.png; wandb keeps its own",
+        stacklevel=3,
+    )
 
 
 def finish_summary(logger: MetricsLogger | NullLogger, summary: dict[str, Any]) -> None:

@@ -431,7 +431,7 @@ def open_logger(
 ) -> MetricsLogger | NullLogger:
     """The run's logger: ``metrics.jsonl`` (+ wandb) on rank 0, a :class:`NullLogger` elsewhere.
 
-    On resume the wandb run id and the last logged step come from the checkpoint ``state``.
+    On resume the wandb run id, the step and the last logged step come from the checkpoint ``state``.
     """
     if not distributed.is_main_process():
         return NullLogger()
@@ -441,6 +441,7 @@ def open_logger(
         config=dict(config),
         run_id=state["wandb_id"] if state else None,
         resume_step=state["step"] if state else None,
+        logged_step=state.get("logged_step") if state else None,
         project=run.wandb_project,
         name=run.wandb_name,
         tags=tuple(run.wandb_tags),

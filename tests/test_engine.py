@@ -97,6 +97,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, stop_phase_epochs):
     assert full_steps == cut_steps
 
 
+def test_resume_after_metrics_jsonl_was_deleted_warns(tmp_path):
+    common = dict(formulation="magnitude", sparsity=0.9, epochs=2, retrain_epochs=0, seed=1, **FAST)
+    assert run(RunConfig(out=tmp_path / "cut", stop_after_epochs=1, **common)) is None
+    (tmp_path / "cut" / "metrics.jsonl").unlink()
+    with pytest.warns(UserWarning, match=r"metrics.jsonl is empty, but it held rows up to step \d+"):
+        run(RunConfig(out=tmp_path / "cut", resume=True, **common))
+
+
 def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
     common = dict(formulation="magnitude", epochs=2, seed=1, **FAST)
     run(RunConfig(out=tmp_path / "a", sparsity=0.9, stop_after_epochs=1, **common))

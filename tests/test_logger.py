@@ -97,6 +97,32 @@ def test_resume_step_drops_later_rows(tmp_path):
     assert [row["loss/train"] for row in rows] == [1.0, 2.0, 3.0, 40.0]
 
 
+@pytest.mark.parametrize("shortened", ["deleted", "cut"])
+def test_resume_warns_when_the_file_lost_rows_the_checkpoint_had_logged(tmp_path, shortened):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 5):
+        logger.log({"loss/train": float(step)}, step)
+    assert logger.last_step == 4
+    logger.close()
+    path = tmp_path / "metrics.jsonl"
+    if shortened == "deleted":
+        path.unlink()
+    else:
+        path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:2]))
+    now = "is empty" if shortened == "deleted" else "ends at step 2"
+    with pytest.warns(UserWarning, match=rf"metrics.jsonl {now}, but it held rows up to step 4 when the checkpoint"):
+        MetricsLogger(tmp_path, resume_step=4, logged_step=4).close()
+
+
+def test_resume_of_an_intact_file_does_not_warn(tmp_path, recwarn):
+    logger = MetricsLogger(tmp_path)
+    for step in (1, 3):
+        logger.log({"loss/train": float(step)}, step)
+    logger.close()
+    MetricsLogger(tmp_path, resume_step=4, logged_step=3).close()
+    assert not [w for w in recwarn if "metrics.jsonl" in str(w.message)]
+
+
 def test_fresh_logger_truncates_previous_file(tmp_path):
     logger = MetricsLogger(tmp_path)
     logger.log({"loss/train": 1.0}, 1)
