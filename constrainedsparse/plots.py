@@ -51,10 +51,14 @@ def _keys(rows: Rows, family: str) -> list[str]:
     return list(found)
 
 
+_METRIC_SUFFIXES = ("/test", "/dense", "/hardprune", "/final")
+"""The keys that name the run's metric: a one-shot run (no epochs) logs only the last three."""
+
+
 def _metric_name(rows: Rows) -> str | None:
     for row in rows:
         for key in row:
-            if key.endswith("/test"):
+            if key.endswith(_METRIC_SUFFIXES):
                 return key.split("/", 1)[0]
     return None
 
@@ -177,7 +181,7 @@ def _training_figure(rows: Rows) -> Any:
         axes[row + len(panels) // 2][1].axis("off")
     steps = [row["step"] for row in rows if isinstance(row.get("step"), (int, float))]
     span = (min(steps, default=0), max(steps, default=1))
-    pad = 0.02 * max(span[1] - span[0], 1)
+    pad = 0.02 * (span[1] - span[0]) if span[1] > span[0] else 1.0  # one step (a one-shot run): a unit either side
     for ax in axes.flat:
         if ax.axison:  # one step axis for every panel: a step sits at the same place in every column
             ax.set_xlim(span[0] - pad, span[1] + pad)

@@ -181,3 +181,18 @@ def test_plot_metrics_refuses_what_the_cli_refuses_and_takes_a_run_directory(tmp
         plot_metrics(tmp_path, tmp_path / "nowhere" / "p.png")
     assert plot_metrics(tmp_path) == tmp_path / "metrics.png"  # a run directory: its metrics.jsonl, PNG beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.png"]
+
+
+def test_one_shot_run_plot_shows_its_metric():
+    import matplotlib.pyplot as plt
+
+    from constrainedsparse.plots import figure_for
+
+    rows = [{"accuracy/dense": 0.98, "step": 0, "accuracy/hardprune": 0.47, "accuracy/final": 0.47}]
+    fig = figure_for(rows)
+    ax = fig.axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    plt.close(fig)
+    assert ax.get_title() == "test accuracy"
+    assert labels[:3] == ["dense 0.98", "after hard prune 0.47", "final 0.47"]
+    assert ax.get_xlim() == (-1.0, 1.0)
