@@ -1,21 +1,22 @@
 """Prune a Hugging Face model while ``transformers.Trainer`` trains it (docs/own-loop.md, "transformers.Trainer").
 
-Trainer keeps its loop, optimizer, scheduler, accumulation, clipping, checkpoints and evaluation;
-the formulation's four calls go where the own-loop page puts them: ``backward`` in ``training_step``,
-``start_epoch`` / ``post_step`` / ``end_epoch`` in a callback, and the hard prune at the end.
+``SparsityTrainer`` is a Trainer: it keeps its loop, optimizer, scheduler, accumulation, clipping,
+checkpoints and evaluation, and runs the formulation's calls where the own-loop page puts them
+(``backward`` in ``training_step``, ``start_epoch`` / ``post_step`` / ``end_epoch`` at Trainer's
+events, the formulation's state in every checkpoint, the hard prune at the end of ``train()``).
 
 Usage: python hf_trainer.py [METHOD] [OUT_DIR] [--quick]   (METHOD: slr by default, or l0, admm, magnitude, ...;
 OUT_DIR: /tmp/cs-trainer by default; --quick: 128 samples and one pruning epoch)
 """
 
-import math
 import sys
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 import constrainedsparse as cs
+from constrainedsparse.integrations.hf import SparsityTrainer
 
 POSITIONAL = [a for a in sys.argv[1:] if a != "--quick"]
 METHOD, OUT = (POSITIONAL + ["slr", "/tmp/cs-trainer"][len(POSITIONAL) :])[:2] if len(POSITIONAL) <= 2 else ("", "")
@@ -24,47 +25,6 @@ if METHOD not in cs.available_formulations():
         f"usage: hf_trainer.py [METHOD] [OUT_DIR] [--quick]; METHOD one of {', '.join(cs.available_formulations())}"
     )
 SAMPLES, EPOCHS = (128, 1) if "--quick" in sys.argv else (768, 3)
-
-
-class PruningTrainer(Trainer):
-    """Trainer whose backward is the formulation's: the loss plus the constraint terms, scaled like Trainer's."""
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        step = self.formulation.backward(self._prepare_inputs(inputs), scale=scale)
-        self.micro_steps.append(step)  # post_step() gets them all after the optimizer step
-        return step.loss.detach() * scale  # what Trainer logs as "loss": the task loss
-
-
-class PruningCallback(TrainerCallback):
-    """The formulation's lifecycle at Trainer's events; its state is saved with every Trainer checkpoint."""
-
-    def __init__(self, trainer: PruningTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.formulation.problem.forward_module = self.trainer.model_wrapped  # DDP under torchrun
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer.formulation.start_epoch(int(state.epoch))
-
-    def on_step_end(self, args, state, control, **kwargs):  # after the optimizer step
-        self.trainer.formulation.post_step(self.trainer.micro_steps)
-        self.trainer.micro_steps.clear()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer.formulation.end_epoch(round(state.epoch) - 1)
-
-    def on_save(self, args, state, control, **kwargs):  # Trainer's checkpoint does not hold it
-        folder = f"{args.output_dir}/checkpoint-{state.global_step}"
-        torch.save(self.trainer.formulation.state_dict(), f"{folder}/formulation.pt")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        f = self.trainer.formulation
-        masks = f.hard_masks()
-        f.finalize()
-        cs.hard_prune(f.problem.targets, masks)  # plain weights with exact zeros: save_model() saves them
 
 
 def examples(n: int, seed: int) -> list[dict]:
@@ -103,17 +63,10 @@ def mean_square_logit(m: nn.Module, b: dict) -> torch.Tensor:
 logit_scale = cs.UserConstraint(mean_square_logit, "<=")
 args = TrainingArguments(OUT, num_train_epochs=EPOCHS, learning_rate=1e-3, gradient_accumulation_steps=2,
                          max_grad_norm=1.0, save_strategy="epoch", per_device_eval_batch_size=64, **common)  # fmt: skip
-trainer = PruningTrainer(model, args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy)
-batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # one collated batch
-problem = cs.SparsityProblem(model, targets=targets, compute_loss=lambda m, b: m(**b).loss, example_batch=batch,
-                             constraints={"logit_scale": logit_scale})  # fmt: skip
-trainer.create_optimizer()  # Trainer's AdamW before make(): l0 adds its gates to it as a group of their own
-trainer.formulation = cs.make(METHOD, problem, optimizer=trainer.optimizer, dual_lr=0.05)
-trainer.micro_steps = []
-steps_per_epoch = math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps)  # optimizer steps
-trainer.formulation.setup(EPOCHS, steps_per_epoch, reference_batch=batch)
-trainer.add_callback(PruningCallback(trainer))
+trainer = SparsityTrainer(model, args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy,
+                          targets=targets, formulation=METHOD, constraints={"logit_scale": logit_scale},
+                          dual_lr=0.05)  # fmt: skip
 print(f"dense accuracy       {trainer.evaluate()['eval_accuracy']:.3f}")
-trainer.train()
+trainer.train()  # prunes while training; hard-pruned at the end
 print(f"hard-pruned accuracy {trainer.evaluate()['eval_accuracy']:.3f} at sparsity {cs.achieved_sparsity(targets):.3f}")
 trainer.save_model(f"{OUT}/final")  # loads with plain transformers: from_pretrained(f"{OUT}/final")

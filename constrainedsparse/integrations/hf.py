@@ -1,0 +1,255 @@
+"""``SparsityTrainer``: a ``transformers.Trainer`` that prunes the model while it trains it.
+
+Trainer keeps everything it owns (its loop, optimizer, schedule, gradient accumulation, clipping,
+mixed precision, checkpoints, evaluation and logging); the formulation's calls go where the own-loop
+API puts them (docs/own-loop.md):
+
+* ``training_step`` is the formulation's ``backward(batch, scale=1/accumulation)``: the loss
+  (Trainer's own ``compute_loss``) plus the constraint terms;
+* after each optimizer step ``post_step`` (dual steps, coordinations), at the epoch's ends
+  ``start_epoch`` / ``end_epoch``;
+* every Trainer checkpoint gets the formulation's state (``formulation.pt``), and
+  ``train(resume_from_checkpoint=...)`` loads it back;
+* at the end of ``train()`` the model is hard-pruned: plain weights with exact zeros, so
+  ``save_model()`` writes a model that plain ``from_pretrained`` loads.
+
+Example::
+
+    targets = cs.Targets(module_types=(nn.Linear,), exclude=["classifier.*"])
+    targets = targets.resolve(model, cs.SparsityConfig(sparsity=0.5))
+    trainer = SparsityTrainer(model, args, train_dataset=train, targets=targets, formulation="slr")
+    trainer.train()
+    trainer.save_model("pruned")
+
+Not supported (refused in ``__init__``): DeepSpeed, FSDP, ``model_init`` (hyperparameter search)
+and several GPUs in one process (``DataParallel``; use ``torchrun``, one process per GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from constrainedsparse.formulations import Formulation, LagrangianStep, make
+from constrainedsparse.masks import hard_prune as hard_prune_targets
+from constrainedsparse.problem import SparsityProblem, UserConstraint
+from constrainedsparse.targets import TargetParam
+
+STATE_FILE = "formulation.pt"
+"""The formulation's state in each Trainer checkpoint folder."""
+
+
+class SparsityTrainer(Trainer):
+    """A ``transformers.Trainer`` that prunes ``targets`` with a formulation picked by name.
+
+    Args:
+        model: The model (its weights are pruned in place).
+        args: Trainer's ``TrainingArguments``.
+        targets: What to prune, at which level: ``Targets(...).resolve(model, SparsityConfig(...))``.
+        formulation: A registered training formulation (``slr``, ``admm``, ``l0``, ``l0-penalty``,
+            ``magnitude``; :func:`constrainedsparse.available_formulations`).
+        constraints: Your constraints by name, next to the sparsity target; each
+            ``fn(model, batch)`` gets Trainer's prepared (dict) batch.
+        hyperparameters: The formulation's hyperparameters by key (``{"rho": 0.05}``).
+        dual_lr: Gradient-ascent step of your constraints' multipliers.
+        hard_prune_at_end: Hard-prune at the end of :meth:`train` (``False``: call :meth:`hard_prune`).
+        log_layers: Also log the formulation's per-tensor metrics (``residual/<weight>``, ...) with
+            Trainer's training rows; by default only its model-wide ones.
+        **kwargs: Everything else ``Trainer`` takes (``train_dataset`` is required).
+
+    Attributes:
+        formulation: The built :class:`~constrainedsparse.Formulation` (its ``problem`` is the
+            :class:`~constrainedsparse.SparsityProblem`).
+
+    Raises:
+        ValueError: Without a ``train_dataset``, under DeepSpeed / FSDP / ``model_init`` / several GPUs
+            in one process, with a learning-rate scheduler passed in ``optimizers`` when the
+            formulation adds parameters to the optimizer (``l0``: pass ``(optimizer, None)``), or for
+            anything :func:`constrainedsparse.make` refuses.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *,
+        targets: list[TargetParam],
+        formulation: str = "slr",
+        constraints: Mapping[str, UserConstraint] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        dual_lr: float = 1e-2,
+        hard_prune_at_end: bool = True,
+        log_layers: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("model_init") is not None:
+            raise ValueError("SparsityTrainer takes a model, not model_init (its targets are the model's parameters)")
+        super().__init__(model=model, args=args, **kwargs)
+        _check_supported(self)
+        batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))  # one collated batch, on device
+        problem = SparsityProblem(
+            self.model, targets=targets, constraints=constraints, example_batch=batch, compute_loss=self._task_loss
+        )
+        scheduler_given = self.lr_scheduler is not None
+        optimizer = self.create_optimizer()  # Trainer's optimizer, or the one passed in `optimizers`
+        groups = len(optimizer.param_groups)
+        self.formulation: Formulation = make(
+            formulation, problem, dict(hyperparameters or {}), optimizer=optimizer, dual_lr=dual_lr
+        )
+        if scheduler_given and len(optimizer.param_groups) != groups:
+            raise ValueError(
+                f"formulation {formulation!r} adds a parameter group to the optimizer, which the scheduler "
+                "passed in optimizers= does not know: pass optimizers=(optimizer, None) and Trainer builds "
+                "its schedule after it"
+            )
+        self.formulation.setup(*_epochs_and_steps(self), reference_batch=batch)
+        self.hard_prune_at_end = hard_prune_at_end
+        self._layer_names = set() if log_layers else {t.name for t in problem.targets}
+        self._micro_steps: list[LagrangianStep] = []  # backward() of the optimizer step under way
+        self._last_step: LagrangianStep | None = None
+        self._pending_logs: dict[str, float] = {}  # the formulation's metrics since Trainer last logged
+        self._pruned = False
+        self.add_callback(_PruningCallback(self))
+
+    def _task_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Trainer's own loss (``compute_loss``: label smoothing, your override) on a copy of the batch."""
+        with self.compute_loss_context_manager():
+            return self.compute_loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
+
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The formulation's backward on one micro-batch; returns the task loss scaled as Trainer's is.
+
+        The loss is the micro-batch mean divided by the accumulation steps (Trainer's
+        ``num_items_in_batch`` token weighting across micro-batches is not applied).
+        """
+        model.train()
+        self.formulation.problem.forward_module = model  # DDP's wrapper under torchrun
+        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        step = self.formulation.backward(
+            self._prepare_inputs(inputs), scale=scale, scaler=getattr(self.accelerator, "scaler", None)
+        )
+        self._micro_steps.append(step)
+        return step.loss.detach() * scale
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Trainer's log; a training row also gets the formulation's metrics and your constraints'
+        ``violation/<name>`` and ``multiplier/<name>`` (read to the host only here)."""
+        if "loss" in logs and self._last_step is not None:
+            constraint_metrics = self.formulation.problem.step_metrics(self._last_step.cmp_state)
+            constraint_metrics.pop("loss/train")  # Trainer's "loss" is that
+            pending = {k: v for k, v in self._pending_logs.items() if k.rpartition("/")[2] not in self._layer_names}
+            logs = {**logs, **pending, **constraint_metrics}
+            self._pending_logs = {}
+        super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's ``train``, resuming the formulation's state too; hard-prunes at the end (see class).
+
+        Raises:
+            ValueError: After the model was hard-pruned, or for a checkpoint without ``formulation.pt``.
+        """
+        if self._pruned:
+            raise ValueError("this SparsityTrainer hard-pruned its model already; build a new one to prune again")
+        if resume_from_checkpoint:
+            self._load_formulation_state(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.hard_prune_at_end:
+            self.hard_prune()
+        return output
+
+    def hard_prune(self) -> dict[str, torch.Tensor]:
+        """Hard-prunes the model: the formulation's masks, then plain weights with exact zeros.
+
+        Returns:
+            The boolean masks by target name.
+        """
+        if self._pruned:
+            raise ValueError("hard_prune(): the model is hard-pruned already")
+        masks = self.formulation.hard_masks()
+        self.formulation.finalize()
+        hard_prune_targets(self.formulation.problem.targets, masks)
+        self._pruned = True
+        return masks
+
+    def evaluate_hard_pruned(self, **kwargs: Any) -> dict[str, float]:
+        """``evaluate(**kwargs)`` of the model as :meth:`hard_prune` would leave it now (nothing is changed).
+
+        Metric keys start with ``hardpruned_`` unless ``metric_key_prefix`` is given.
+        """
+        kwargs.setdefault("metric_key_prefix", "hardpruned")
+        if self._pruned:
+            return self.evaluate(**kwargs)
+        with self.formulation.hard_prune_preview(self.formulation.hard_masks()):
+            return self.evaluate(**kwargs)
+
+    def _load_formulation_state(self, checkpoint: str | bool) -> None:
+        folder = get_last_checkpoint(self.args.output_dir) if checkpoint is True else str(checkpoint)
+        if folder is None:
+            where = self.args.output_dir
+            raise ValueError(f"resume_from_checkpoint=True: no {PREFIX_CHECKPOINT_DIR}-* folder in {where}")
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"resume_from_checkpoint: {folder} holds no {STATE_FILE}, so it was not saved by a SparsityTrainer "
+                "(the pruning state is needed to resume)"
+            )
+        self.formulation.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+
+class _PruningCallback(TrainerCallback):
+    """The formulation's lifecycle at Trainer's events (the trainer's own state is all it touches)."""
+
+    def __init__(self, trainer: SparsityTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._pending_logs.update(self.trainer.formulation.start_epoch(int(state.epoch)))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # after the optimizer step
+        trainer = self.trainer
+        if trainer._micro_steps:
+            trainer._pending_logs.update(trainer.formulation.post_step(trainer._micro_steps))
+            trainer._last_step = trainer._micro_steps[-1]
+            trainer._micro_steps = []
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._pending_logs.update(self.trainer.formulation.end_epoch(round(state.epoch) - 1))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
+
+
+def _check_supported(trainer: Trainer) -> None:
+    if trainer.train_dataset is None:
+        raise ValueError("SparsityTrainer needs train_dataset (the pruning schedule counts its batches)")
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError("SparsityTrainer does not run under DeepSpeed or FSDP (the formulation owns the backward)")
+    if trainer.args.n_gpu > 1:
+        raise ValueError(
+            f"SparsityTrainer runs one device per process, this one sees {trainer.args.n_gpu} GPUs: "
+            "start one process per GPU with torchrun, or set CUDA_VISIBLE_DEVICES"
+        )
+
+
+def _epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
+    """``setup()``'s epochs and optimizer steps per epoch, counted as Trainer counts them."""
+    args = trainer.args
+    dataloader = trainer.get_train_dataloader()
+    try:
+        batches = len(dataloader)
+    except TypeError:  # an iterable dataset: Trainer runs max_steps as one epoch
+        if args.max_steps <= 0:
+            raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)") from None
+        return 1, args.max_steps
+    steps = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    epochs = math.ceil(args.max_steps / steps) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
+    return max(epochs, 1), steps

@@ -1,0 +1,121 @@
+"""constrainedsparse.integrations.hf.SparsityTrainer: pruning inside transformers.Trainer, resume, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import constrainedsparse as cs  # noqa: E402
+from constrainedsparse.integrations.hf import SparsityTrainer  # noqa: E402
+
+
+def _examples(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, 64, (n, 16), generator=g)
+    ids[torch.rand(n, 16, generator=g) < 0.08] = 7
+    return [{"input_ids": i, "labels": int((i == 7).sum() >= 2)} for i in ids]
+
+
+def _model() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def _targets(model: nn.Module) -> list:
+    chosen = cs.Targets(module_types=(nn.Linear,), exclude=["bert.pooler.*", "classifier.*"])
+    return chosen.resolve(model, cs.SparsityConfig(sparsity=0.5))
+
+
+def _args(out, **kwargs) -> TrainingArguments:
+    common = dict(report_to=[], use_cpu=True, disable_tqdm=True, per_device_train_batch_size=8, learning_rate=3e-3)
+    return TrainingArguments(str(out), **{**common, **kwargs})
+
+
+def _mean_square_logit(m: nn.Module, b: dict) -> torch.Tensor:
+    return m(input_ids=b["input_ids"]).logits.pow(2).mean() - 1e-5
+
+
+def _trainer(out, formulation: str, **kwargs) -> SparsityTrainer:
+    model = _model()
+    args = _args(out, num_train_epochs=2, gradient_accumulation_steps=2, logging_steps=2, save_strategy="epoch")
+    constraints = {"logit": cs.UserConstraint(_mean_square_logit, "<=")}
+    return SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
+                           formulation=formulation, constraints=constraints, dual_lr=0.5, **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("formulation", ["slr", "l0"])
+def test_trainer_prunes_logs_the_constraint_and_saves_a_plain_model(tmp_path, formulation):
+    trainer = _trainer(tmp_path / "run", formulation)
+    trainer.train()
+    assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert rows and all("violation/logit" in row and "multiplier/logit" in row for row in rows)
+    assert rows[-1]["multiplier/logit"] > 0  # the constraint is violated (mean logit² > 1e-5): its multiplier rose
+    assert not [key for row in rows for key in row if key.endswith(".weight")]  # no per-layer keys by default
+    assert (tmp_path / "run" / "checkpoint-4" / "formulation.pt").is_file()
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "final"))
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("formulation", ["magnitude", "slr"])
+def test_resume_from_a_trainer_checkpoint_ends_as_an_uninterrupted_run(tmp_path, formulation):
+    full = _trainer(tmp_path / "full", formulation)
+    full.train()
+
+    class StopAfterFirstEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    cut = _trainer(tmp_path / "cut", formulation, hard_prune_at_end=False, callbacks=[StopAfterFirstEpoch()])
+    cut.train()
+    resumed = _trainer(tmp_path / "cut", formulation)
+    resumed.train(resume_from_checkpoint=True)
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+def test_evaluate_hard_pruned_leaves_the_model_as_it_was(tmp_path):
+    trainer = _trainer(tmp_path / "run", "slr", eval_dataset=_examples(32, 1))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.evaluate_hard_pruned()
+    assert "hardpruned_loss" in metrics
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(before[name], tensor), name
+
+
+def test_refusals(tmp_path):
+    model = _model()
+    args = _args(tmp_path / "a", num_train_epochs=1)
+    with pytest.raises(ValueError, match="SparsityTrainer needs train_dataset"):
+        SparsityTrainer(model, args, targets=_targets(model))
+    with pytest.raises(ValueError, match="SparsityTrainer takes a model, not model_init"):
+        SparsityTrainer(args=args, model_init=_model, train_dataset=_examples(8, 0), targets=_targets(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(ValueError, match=r"formulation 'l0' adds a parameter group .* optimizers=\(optimizer, None\)"):
+        SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model), formulation="l0",
+                        optimizers=(optimizer, scheduler))  # fmt: skip
+    with pytest.raises(ValueError, match=r"target .* is not a parameter of this model"):
+        SparsityTrainer(_model(), args, train_dataset=_examples(8, 0), targets=_targets(model))
+    model = _model()
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match=r"plain holds no formulation.pt, so it was not saved by a SparsityTrainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain"))
+    trainer.train()
+    with pytest.raises(ValueError, match="hard-pruned its model already; build a new one"):
+        trainer.train()
