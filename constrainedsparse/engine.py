@@ -196,7 +196,7 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     # widths, and what the formulation checks when it attaches (l0's density_of=purged model).
     model = problem.model(options)
     with user_input():
-        targets = problem.targets.resolve(model, target)
+        targets = problem.targets.resolve(model, target, allow_empty=True)  # checked below, with the CLI's words
         formulation_cls(_task_problem(problem, model, targets, None, constraints=False), formulation_config)
     if not training.allow_empty_layers:
         check_keeps_weights({t.name: (t.feasible_set, t.tensor.shape) for t in targets}, target)
@@ -351,7 +351,7 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
         config.seed, prepared.pretrain_epochs, config.progress,
     )  # fmt: skip
     run.model, run.dense_value = dense_model(recipe, run.train, run.test)
-    run.targets = problem.targets.resolve(run.model, prepared.target)
+    run.targets = problem.targets.resolve(run.model, prepared.target, allow_empty=True)
     example = to_device(next(iter(DataLoader(run.train, batch_size=prepared.training.batch_size))), prepared.device)
     run.sparsity_problem = _task_problem(problem, run.model, run.targets, example)
     logged = {**config.identity(), **prepared.formulation_config.values(), **dataclasses.asdict(prepared.training)}

@@ -91,10 +91,11 @@ def _mask_module(module: nn.Module, param_name: str) -> Mask | None:
 
 
 def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
-    """Every mask names a target and has its tensor's shape.
+    """Every mask names a target, is boolean and has its tensor's shape.
 
     Raises:
-        ValueError: For a name that is no target (a typo would leave that tensor dense), or a shape that differs.
+        ValueError: For a name that is no target (a typo would leave that tensor dense), a mask that is
+            not boolean (scores or 0/1 floats: ``hard_prune`` would multiply by them), or a shape that differs.
     """
     if not isinstance(masks, Mapping) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
         raise ValueError(
@@ -105,6 +106,13 @@ def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor
     if unknown:
         known = ", ".join(target.name for target in targets)
         raise ValueError(f"masks name no target: {', '.join(map(repr, unknown))}; the targets are {known}")
+    not_bool = [(name, mask.dtype) for name, mask in masks.items() if mask.dtype != torch.bool]
+    if not_bool:
+        name, dtype = not_bool[0]
+        raise ValueError(
+            f"the mask of {name} is {dtype}; masks are boolean tensors, True where a weight is kept "
+            "(what hard_masks() returns; from scores, keep the top k: scores >= threshold)"
+        )
     for target in targets:
         if target.name in masks and tuple(masks[target.name].shape) != tuple(target.tensor.shape):
             raise ValueError(

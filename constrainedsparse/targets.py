@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import inspect
+import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -296,13 +297,19 @@ class Targets:
                     shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
                     raise ValueError(f"{kind} {pattern!r} matches no {what} {shown}")
 
-    def resolve(self, model: nn.Module, config: SparsityConfig) -> list[TargetParam]:
+    def resolve(self, model: nn.Module, config: SparsityConfig, *, allow_empty: bool = False) -> list[TargetParam]:
         """Binds the targets to ``model`` at the level of ``config``.
+
+        Args:
+            model: The model to prune.
+            config: The level and pattern (overrides set other levels per tensor).
+            allow_empty: Accept a level that keeps no weight of a tensor (``Linear(2, 1)`` at 0.9).
 
         Raises:
             ValueError: If ``model`` is not a module or ``config`` not a :class:`SparsityConfig`, nothing
-                is selected, a glob matches nothing (:meth:`check_globs`), or a pattern does not fit a
-                tensor (e.g. N:M on a width not divisible by M).
+                is selected, a glob matches nothing (:meth:`check_globs`), a selected weight is tied to
+                another parameter name, a pattern does not fit a tensor (e.g. N:M on a width not
+                divisible by M), or a level keeps no weight of a tensor (unless ``allow_empty``).
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"resolve(model, config): model must be a torch.nn.Module, got {type(model).__name__}")
@@ -313,15 +320,13 @@ class Targets:
             )
         candidates = self.candidates(model)
         selected = self._included(candidates)
+        names = [full_name(fqn, name) for fqn, name, _ in candidates]
         if not selected:
-            raise ValueError(
-                "the target filter selects no parameters (module types "
-                f"{', '.join(t.__name__ for t in self.module_types)}, include={list(self.include)}, "
-                f"exclude={list(self.exclude)})"
-            )
-        self.check_globs(
-            [full_name(fqn, name) for fqn, name, _ in candidates], [full_name(fqn, name) for fqn, name, _ in selected]
-        )
+            if candidates:
+                self.check_globs(names, names)  # an include typo: named, with the names it could match
+            raise ValueError(self._selects_nothing(model))
+        self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected])
+        _check_untied(model, selected)
         resolved = []
         for fqn, param_name, module in selected:
             full = full_name(fqn, param_name)
@@ -332,8 +337,39 @@ class Targets:
                 feasible = own.feasible_set(shape)
             except ValueError as err:
                 raise ValueError(f"{full}: {err}") from None
+            if not allow_empty and not bool(feasible.mask(torch.ones(tuple(shape))).any()):
+                raise ValueError(
+                    f"{full}: sparsity {own.describe()} keeps none of its {math.prod(shape)} weights (the layer would "
+                    "be cut from the model); lower its level (overrides={name: level}) or pass allow_empty=True"
+                )
             resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
         return resolved
+
+    def _selects_nothing(self, model: nn.Module) -> str:
+        """The message for a filter that selects nothing: every criterion, and the model's weights."""
+        params = [name for name, _ in model.named_parameters()]
+        shown = ", ".join(params[:6]) + (f", ... ({len(params)} in all)" if len(params) > 6 else "") or "none"
+        return (
+            "the target filter selects no parameters (module_types="
+            f"{', '.join(t.__name__ for t in self.module_types)}, param_names={list(self.param_names)}, "
+            f"filter_fn={'given' if self.filter_fn is not None else None}, include={list(self.include)}, "
+            f"exclude={list(self.exclude)}); the model's parameters are {shown}"
+        )
+
+
+def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module]]) -> None:
+    """No selected weight is tied (the same tensor under another name, e.g. an LM head and its embedding)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for fqn, param_name, module in selected:
+        full = full_name(fqn, param_name)
+        others = [n for n in names.get(id(getattr(module, param_name)), []) if n != full]
+        if others:
+            raise ValueError(
+                f"{full} is tied to {others[0]} (the same tensor): pruning a tied weight is not supported (masks "
+                f"and gates would untie it while training); exclude it (exclude=[{full!r}]) or untie the weights"
+            )
 
 
 def resolved_targets(targets: Any, call: str = "") -> list[TargetParam]:

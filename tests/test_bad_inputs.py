@@ -436,7 +436,7 @@ ROWS: list[Row] = [
     Row(
         "selects nothing",
         ["run", str(PROBLEMS / "selects_nothing.py"), "--out", "{out}"],
-        r"the target filter selects no parameters",
+        r"include 'encoder\.\*' matches no parameter; the candidates are 0\.weight, 2\.weight",
     ),  # fmt: skip
     Row("cifar without data dir", ["run", "cifar10-resnet18", "--out", "{out}"], r"data_dir"),
     Row(

@@ -278,6 +278,7 @@ def test_constraints_that_return_a_float_or_have_no_gradient_are_refused():
     detached = {"norm": UserConstraint(lambda m: m[0].weight.detach().norm() - 1)}
     f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets, detached))
     f.setup(1, 1)
+    f.start_epoch(0)
     with pytest.raises(ValueError, match=r"^constraint 'norm' has no gradient path to the model's parameters"):
         f.training_step((x, y))
 
@@ -285,7 +286,7 @@ def test_constraints_that_return_a_float_or_have_no_gradient_are_refused():
 def test_batches_that_are_not_pairs_need_compute_loss():
     model, x, y = _cancer()
     targets = Targets().resolve(model, SparsityConfig(0.5))
-    f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets))
+    f = make("admm", SparsityProblem(model, nn.functional.cross_entropy, targets))
     f.setup(1, 1)
     with pytest.raises(
         ValueError, match=r"^loss_fn takes \(inputs, targets\) batches, got a tuple of 3: pass compute_loss"
@@ -313,3 +314,87 @@ def test_batches_that_are_not_pairs_need_compute_loss():
         bad.compute_cmp_state((x, y))
     with pytest.raises(ValueError, match=r"^target 0\.weight is not a parameter of this model: resolve the targets"):
         SparsityProblem(copy.deepcopy(model), nn.functional.cross_entropy, targets)
+
+
+def _built(name, seed=0, hidden=32):
+    data = load_breast_cancer()
+    x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)[:128]
+    y = torch.tensor(data.target)[:128]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    norm = {"norm": UserConstraint(lambda m: m[0].weight.norm() - 1.0)}
+    f = make(
+        name, SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)), norm)
+    )
+    f.setup(1, 4, reference_batch=(x, y))
+    return f, x, y
+
+
+def test_load_state_dict_refuses_another_formulations_or_problems_state_before_restoring_anything():
+    f, x, y = _built("slr")
+    f.start_epoch(0)
+    f.training_step((x, y))
+    before = {k: v.clone() for k, v in f.problem.named_multiplier_values().items()}
+    other, _, _ = _built("magnitude")
+    with pytest.raises(ValueError, match=r"^load_state_dict\(\): the state lacks 'k', 'steps_done', 'z'.*not a slr"):
+        f.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match=r"^load_state_dict\(\): the state lacks 'dual_optimizer', 'cmp'"):
+        f.load_state_dict(f.problem.model.state_dict())
+    wider, _, _ = _built("slr", hidden=16)
+    with pytest.raises(ValueError, match=r"^load_state_dict\(\): cmp/multipliers/w_eq_z/0.weight/weight is \(480,\)"):
+        f.load_state_dict(wider.state_dict())
+    with pytest.raises(ValueError, match=r"^load_state_dict\(\) takes what slr's state_dict\(\) returned, got"):
+        f.load_state_dict([1, 2])
+    for name, value in f.problem.named_multiplier_values().items():
+        assert torch.equal(value, before[name]), name  # nothing was restored
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.nan, math.inf, "0.5"])
+def test_backward_scale_must_be_a_finite_positive_number(scale):
+    f, x, y = _built("admm")
+    f.start_epoch(0)
+    with pytest.raises(ValueError, match=r"^backward\(scale=\.\.\.\) must be a finite number > 0"):
+        f.backward((x, y), scale=scale)
+
+
+def test_magnitude_without_start_epoch_is_refused():
+    f, x, y = _built("magnitude")
+    with pytest.raises(ValueError, match=r"^magnitude sets its masks in start_epoch\(epoch\): call start_epoch\(0\)"):
+        f.training_step((x, y))
+    f.start_epoch(0)
+    f.training_step((x, y))
+
+
+@pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
+def test_a_loop_resumed_mid_epoch_counts_the_epochs_steps_on(name, recwarn):
+    f, x, y = _built(name)
+    f.start_epoch(0)
+    for _ in range(2):
+        f.training_step((x, y))
+    state = copy.deepcopy(f.state_dict())
+    again, _, _ = _built(name)
+    again.load_state_dict(state)
+    again.start_epoch(0)  # the loop starts the epoch it was in again, then does its 2 remaining steps
+    for _ in range(2):
+        again.training_step((x, y))
+    again.end_epoch(0)
+    assert not [w for w in recwarn if "post_step() calls" in str(w.message)]
+    fresh, _, _ = _built(name)
+    fresh.start_epoch(0)
+    fresh.training_step((x, y))
+    with pytest.warns(UserWarning, match=r"steps_per_epoch=4, but epoch 0 had 1 post_step\(\) calls"):
+        fresh.end_epoch(0)
+
+
+def test_masks_must_be_boolean():
+    model, _, _ = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    scores = {t.name: t.tensor.detach().abs() for t in targets}
+    before = model[0].weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"^the mask of 0.weight is torch.float32; masks are boolean tensors, True where"
+    ):
+        hard_prune(targets, scores)
+    with pytest.raises(ValueError, match=r"the mask of 0.weight is torch.float32; masks are boolean tensors"):
+        apply_masks(targets, scores)
+    assert torch.equal(model[0].weight, before)

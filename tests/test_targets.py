@@ -53,8 +53,16 @@ def test_validation_errors():
         ValueError, match=r"pattern must be one of unstructured, row, nm, structured, block, got 'diag'"
     ):
         SparsityConfig(0.5, "diag")
-    with pytest.raises(ValueError, match=r"the target filter selects no parameters"):
+    with pytest.raises(ValueError, match=r"^include 'nothing\.\*' matches no parameter; the candidates are conv"):
         Targets(include=["nothing.*"]).resolve(Net(), SparsityConfig(0.5))
+    with pytest.raises(
+        ValueError,
+        match=r"^the target filter selects no parameters \(module_types=Linear, Conv1d, Conv2d, Conv3d, "
+        r"param_names=\['weights'\], filter_fn=None, include=\[\], exclude=\[\]\); the model's parameters are conv",
+    ):
+        Targets(param_names=("weights",)).resolve(Net(), SparsityConfig(0.5))
+    with pytest.raises(ValueError, match=r"selects no parameters \(.*filter_fn=given"):
+        Targets(filter_fn=lambda module, fqn: fqn == "nope").resolve(Net(), SparsityConfig(0.5))
     with pytest.raises(
         ValueError, match=r"conv.weight: N:M pattern 2:4 needs the input width divisible by 4, got width 3"
     ):
@@ -122,3 +130,29 @@ def test_pattern_text_errors():
         match=r"^head.weight: block pattern 8x8 needs dims 0 and 1 divisible by \(8, 8\), got shape \(4, 32\)$",
     ):
         Targets(include=["head.*"]).resolve(Net(), SparsityConfig.parse("block:8x8", 0.5))
+
+
+def test_a_tied_weight_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.fc(self.emb(x)))
+
+    with pytest.raises(ValueError, match=r"^head\.weight is tied to emb\.weight \(the same tensor\): pruning a tied"):
+        Targets().resolve(Tied(), SparsityConfig(0.5))
+    assert [t.name for t in Targets(exclude=["head.*"]).resolve(Tied(), SparsityConfig(0.5))] == ["fc.weight"]
+
+
+def test_a_level_that_keeps_no_weight_is_refused_at_resolve():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"^2\.weight: sparsity 0\.9 keeps none of its 2 weights \(the layer would be"):
+        Targets().resolve(model, SparsityConfig(0.9))
+    kept = Targets(overrides={"2.*": 0.5}).resolve(model, SparsityConfig(0.9))
+    assert [t.sparsity for t in kept] == [0.9, 0.5]
+    assert len(Targets().resolve(model, SparsityConfig(0.9), allow_empty=True)) == 2

@@ -43,6 +43,7 @@ from constrainedsparse.formulations.checks import (
     check_finite_loss,
     check_hard_masks,
     check_rate,
+    check_state,
     check_step_count,
     checked_epoch,
     described,
@@ -151,6 +152,8 @@ class Formulation(abc.ABC):
         self.reference_batch: Batch | None = None
         self._last_loss: torch.Tensor | None = None  # checked by end_epoch() and hard_masks(), not per step
         self._epoch_steps, self._steps_warned = 0, False  # post_step() calls this epoch, against setup()'s count
+        self._epoch = -1  # the epoch start_epoch() began last
+        self._resumed_mid_epoch = False  # a state saved mid-epoch: start_epoch() of that epoch keeps _epoch_steps
         self._stage = _BUILT
         self.attach()
         self.dual_optimizer = self.build_dual_optimizer()
@@ -244,8 +247,11 @@ class Formulation(abc.ABC):
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
         """
         self._require("start_epoch()")
-        self._epoch_steps = 0
-        return self.on_start_epoch(checked_epoch(epoch, "start_epoch"))
+        epoch = checked_epoch(epoch, "start_epoch")
+        if not (self._resumed_mid_epoch and epoch == self._epoch):  # a loop resumed mid-epoch starts it again
+            self._epoch_steps = 0
+        self._epoch, self._resumed_mid_epoch = epoch, False
+        return self.on_start_epoch(epoch)
 
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`start_epoch`."""
@@ -263,6 +269,7 @@ class Formulation(abc.ABC):
         check_finite_loss(self._last_loss, f"at the last step of epoch {epoch}")
         if not self._steps_warned:
             self._steps_warned = check_step_count(self.steps_per_epoch, self._epoch_steps, epoch)
+        self._epoch_steps = 0  # counted: a state saved now is not mid-epoch
         return self.on_end_epoch(epoch)
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
@@ -306,6 +313,8 @@ class Formulation(abc.ABC):
             scaler: A ``torch.amp.GradScaler``: the primal Lagrangian is scaled by it before backward.
         """
         self._require("backward()")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
         step = self._lagrangian(batch, scale)
         lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
         if scaler is not None:
@@ -437,10 +446,22 @@ class Formulation(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """Everything the formulation changes during training (not the model, not the primal optimizer)."""
         dual = self.dual_optimizer.state_dict() if self.dual_optimizer is not None else None
-        return {"dual_optimizer": dual, "cmp": self.problem.state_dict()}
+        epoch_steps = [self._epoch, self._epoch_steps]  # the epoch under way and its post_step() calls so far
+        return {"dual_optimizer": dual, "cmp": self.problem.state_dict(), "epoch_steps": epoch_steps}
+
+    _optional_state_keys: frozenset[str] = frozenset({"epoch_steps"})
+    """Keys of :meth:`state_dict` that states of earlier versions lack."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` (after :meth:`setup`)."""
+        """Restores :meth:`state_dict` (after :meth:`setup`).
+
+        Raises:
+            ValueError: If ``state`` lacks a key of this formulation's :meth:`state_dict` or a tensor
+                has another shape (another formulation's state, other targets); nothing is restored then.
+        """
+        check_state(self.name, self.state_dict(), state, self._optional_state_keys)
+        self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
+        self._resumed_mid_epoch = self._epoch_steps > 0
         if self.dual_optimizer is not None and state.get("dual_optimizer") is not None:
             self.dual_optimizer.load_state_dict(state["dual_optimizer"])
         self.problem.load_state_dict(state["cmp"])

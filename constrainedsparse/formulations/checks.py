@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_covers",
+    "check_state",
     "check_finite_loss",
     "check_hard_masks",
     "check_rate",
@@ -120,3 +121,45 @@ def check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> 
             raise ValueError(
                 f"the optimizer does not hold {target.name}: build it over model.parameters() before make()"
             )
+
+
+def check_state(name: str, expected: Any, given: Any, optional: frozenset[str] = frozenset()) -> None:
+    """``given`` (for ``load_state_dict``) has every key of ``expected`` (this formulation's own
+    ``state_dict()``; top-level ``optional`` keys may be absent), and its tensors the same shapes.
+
+    Optimizer states are not compared (their per-parameter entries appear after the first step).
+
+    Raises:
+        ValueError: Naming the first missing key or differing shape, before anything is restored.
+    """
+    if not isinstance(given, dict):
+        raise ValueError(f"load_state_dict() takes what {name}'s state_dict() returned, got {described(given)}")
+    missing = [key for key in expected if key not in given and key not in optional]
+    if missing:
+        raise ValueError(
+            f"load_state_dict(): the state lacks {', '.join(map(repr, missing))}, so it is not a {name} formulation's "
+            f"state_dict() (another formulation's, or a model's / a whole checkpoint's?)"
+        )
+    _same_shapes(name, expected, given, "")
+
+
+def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(given, torch.Tensor) or given.shape != expected.shape:
+            got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise ValueError(
+                f"load_state_dict(): {path} is {got} in the state, {tuple(expected.shape)} here: the state was "
+                f"saved for other targets or layer sizes than this {name} formulation's"
+            )
+    elif isinstance(expected, dict) and isinstance(given, dict):
+        for key, value in expected.items():
+            if "optimizer" in str(key):
+                continue
+            if key not in given:
+                if path:  # a nested entry (a multiplier, a target's Z) of another problem
+                    raise ValueError(
+                        f"load_state_dict(): the state has no {path}/{key}: it was saved for other targets or "
+                        f"constraints than this {name} formulation's"
+                    )
+                continue
+            _same_shapes(name, value, given[key], f"{path}/{key}" if path else str(key))

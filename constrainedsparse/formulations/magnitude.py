@@ -42,6 +42,10 @@ class Magnitude(Formulation):
     description = "magnitude pruning: gradual cubic schedule over the pruning epochs (one-shot at 0 epochs)"
     Config = MagnitudeConfig
 
+    def attach(self) -> None:
+        """No masks yet: the first :meth:`start_epoch` (or :meth:`load_state_dict`) registers them."""
+        self._masked = False
+
     def scheduled_sparsity(self, epoch: int) -> float:
         """Fraction of the target sparsity reached during epoch ``epoch``."""
         if self.config.schedule == "oneshot" or self.num_epochs == 0:
@@ -54,6 +58,7 @@ class Magnitude(Formulation):
         fraction = self.scheduled_sparsity(epoch)
         masks = {t.name: t.set_at(t.sparsity * fraction).mask(t.tensor) for t in self.problem.targets}
         apply_masks(self.problem.targets, masks)
+        self._masked = True
         return {"schedule/fraction": fraction}
 
     @torch.no_grad()
@@ -64,5 +69,14 @@ class Magnitude(Formulation):
         return {**super().state_dict(), "masks": current_masks(self.problem.targets)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # checks the state first
         apply_masks(self.problem.targets, state["masks"])
-        super().load_state_dict(state)
+        self._masked = True
+
+    def _require(self, call: str) -> None:
+        super()._require(call)
+        if not self._masked and call in ("compute_lagrangian()", "backward()", "training_step()"):
+            raise ValueError(
+                f"magnitude sets its masks in start_epoch(epoch): call start_epoch(0) before {call} "
+                "(else the first epoch trains dense)"
+            )
