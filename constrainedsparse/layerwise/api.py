@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from constrainedsparse.batches import tensors_in
+from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
@@ -42,9 +44,10 @@ from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_p
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
-from constrainedsparse.layerwise.runner import DEFAULT_SPARSITY, build_solver, save_model
+from constrainedsparse.layerwise.runner import DEFAULT_SPARSITY, build_solver, check_savable, save_model
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
 from constrainedsparse.runs import RunDirectory
+from constrainedsparse.saving import source_folder
 from constrainedsparse.settings import resolve_device, target_from_flags
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -88,6 +91,7 @@ def prune_layerwise(
     pattern: str | None = None,
     targets: Targets | None = None,
     out: str | Path | None = None,
+    tokenizer: Any = None,
     blocks: Sequence[nn.Module] | None = None,
     mask_scope: str = "row",
     gram_dtype: str = "float32",
@@ -125,6 +129,8 @@ def prune_layerwise(
             ``include``/``exclude`` globs and ``overrides`` (``{glob: sparsity}``, first match wins)
             match a layer's weight name in the model or within its block.
         out: If given, a directory that receives ``summary.json`` and the pruned model.
+        tokenizer: With ``out``: the tokenizer saved with a ``transformers`` model in ``out/model``
+            (default: the one in the folder the model was loaded from; without one, a warning).
         blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
         mask_scope: ``"row"`` or ``"layer"``: the comparison group of a ``sparsity`` target.
         gram_dtype: ``"float32"`` or ``"float64"``, accumulation dtype of the Gram matrices.
@@ -190,6 +196,7 @@ def prune_layerwise(
     check_reachable(blocks, targets, target, driver)
     directory = None
     if out is not None:
+        check_savable(model)
         directory = RunDirectory(Path(out), overwrite=overwrite, keywords=True)
         directory.check()
     device = str(next(model.parameters()).device) if device is None else resolve_device(device)
@@ -204,8 +211,21 @@ def prune_layerwise(
         )  # fmt: skip
     report = _report(model, solver, target, reports, levels, time.perf_counter() - started)
     if directory is not None:
-        _write(directory, model, report, target)
+        _warn_without_tokenizer(model, tokenizer, directory.out)
+        _write(directory, model, report, target, driver.mask_scope, tokenizer)
     return report
+
+
+def _warn_without_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    """A ``transformers`` model saved without a tokenizer loads, but ``AutoTokenizer`` on its folder fails: say so."""
+    if tokenizer is not None or not hasattr(model, "save_pretrained"):
+        return
+    source = source_folder(model)
+    if source is None or not has_tokenizer(source):
+        where = f"in {source}" if source is not None else "(the model was not loaded from a folder)"
+        warnings.warn(
+            f"{out / 'model'} gets no tokenizer: none was found {where}; pass tokenizer= to save one", stacklevel=3
+        )
 
 
 def _check_consecutive(prefixes: Sequence[str]) -> None:
@@ -278,13 +298,22 @@ def _report(
     )
 
 
-def _write(directory: RunDirectory, model: nn.Module, report: LayerwiseReport, target: SparsityConfig) -> None:
+def _write(
+    directory: RunDirectory,
+    model: nn.Module,
+    report: LayerwiseReport,
+    target: SparsityConfig,
+    mask_scope: str,
+    tokenizer: Any,
+) -> None:
     """``summary.json`` (with the target's fields as a CLI run writes them: ``pattern`` of an N:M run, which
-    ``export`` reads) and the pruned model into the run directory."""
+    ``export`` reads) and the pruned model into the run directory (removed again if saving fails)."""
     directory.claim()
     try:
         summary = {**report.as_dict(), **target.summary_fields(), "formulation": report.method,
-                   "saved_model": save_model(model, directory.out)}  # fmt: skip
+                   "mask_scope": mask_scope, "saved_model": save_model(model, directory.out, tokenizer)}  # fmt: skip
         atomic_write_json(directory.out / "summary.json", summary)
-    finally:
-        directory.release()
+    except BaseException:
+        directory.discard_if_unused()
+        raise
+    directory.release()

@@ -69,7 +69,8 @@ def check_layer_shapes(
             for name in glob_names(full_name(fqn, p), prefix)
         }
     )
-    with user_input():  # with nothing selected, an include glob that matches nothing still names the candidates
+    # with nothing selected, an include glob that matches nothing still names the candidates
+    with user_input(suffix=" (layer-wise pruning prunes the blocks' layers only: embeddings and the head stay dense)"):
         targets.check_globs(candidates, sorted(selected) if by_level else candidates)
     if not by_level:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")

@@ -176,17 +176,42 @@ def _report_metrics(report: LayerReport) -> dict[str, float]:
     return metrics
 
 
-def save_model(model: nn.Module, out: Path) -> str:
+def check_savable(model: nn.Module) -> None:
+    """A ``transformers`` model that ``save_pretrained`` refuses (loaded quantized, e.g. from a GGUF file) is
+    refused before anything is pruned.
+
+    Raises:
+        ValueError: Naming the quantization and a savable way to load the model.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or not hasattr(model, "save_pretrained"):
+        return
+    try:
+        savable = bool(quantizer.is_serializable())
+    except Exception:  # a quantizer whose check needs more than it has: transformers would refuse it too
+        savable = False
+    if not savable:
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise ValueError(
+            f"out=: the model was loaded quantized ({getattr(method, 'value', method)}, e.g. from a GGUF file) and "
+            "transformers cannot save it: load a plain copy (SmolLM2: constrainedsparse.models.materialize_smollm2"
+            "(folder) writes one) or leave out= out and save the pruned weights yourself"
+        )
+
+
+def save_model(model: nn.Module, out: Path, tokenizer: Any = None) -> str:
     """Saves the pruned model so that it loads the standard way.
 
-    A ``transformers`` model goes to ``out/model`` with ``save_pretrained``, together with the
-    tokenizer of the folder it was loaded from (and a sentence-transformers source's module files,
-    so ``SentenceTransformer(out/model)`` works): :func:`constrainedsparse.saving.save_pretrained_model`.
-    Anything else is saved as ``out/model.safetensors``.
+    A ``transformers`` model goes to ``out/model`` with ``save_pretrained``, together with ``tokenizer``
+    or else the tokenizer of the folder it was loaded from (and a sentence-transformers source's module
+    files, so ``SentenceTransformer(out/model)`` works): :func:`constrainedsparse.saving.save_pretrained_model`;
+    without a tokenizer it is saved alone. Anything else is saved as ``out/model.safetensors``.
     """
     if hasattr(model, "save_pretrained"):
         source = source_folder(model)
-        if source is not None and has_tokenizer(source):
+        if tokenizer is not None:
+            save_pretrained_model(model, out / "model", tokenizer)
+        elif source is not None and has_tokenizer(source):
             save_pretrained_model(model, out / "model", source)
         else:
             staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))

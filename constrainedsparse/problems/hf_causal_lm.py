@@ -33,8 +33,15 @@ def _directory(options):
     if not path:
         raise ValueError("hf-causal-lm needs --set model=PATH (a local directory holding a transformers causal LM)")
     directory = Path(path)
+    if directory.is_file() and directory.suffix == ".gguf":
+        raise ValueError(
+            f"--set model={path!r} is a GGUF file, not a transformers model directory: run smollm2-wiki "
+            f"--set gguf={path} (it converts a GGUF causal LM)"
+        )
     if not directory.is_dir():
-        raise ValueError(f"--set model={path!r}: the directory does not exist")
+        raise ValueError(
+            f"--set model={path!r}: " + ("not a directory" if directory.exists() else "the directory does not exist")
+        )
     if not (directory / "config.json").is_file():
         raise ValueError(f"--set model={path!r} is not a transformers model directory (no config.json)")
     return directory
