@@ -16,9 +16,11 @@ and whole output channels of Conv layers are zero. :func:`purge` removes them fo
   a :class:`SelectFeatures` in front of the model.
 
 Handled: a flat ``nn.Sequential`` of Linear, Conv1d/Conv2d (``groups=1``), BatchNorm1d/2d,
-Flatten, Unflatten (before the first weight layer only), Dropout/Identity and elementwise
-activations, e.g. the bundled ``digits-mlp``, ``mnist1d-mlp`` and ``mnist1d-cnn``. Anything else
-raises ``ValueError``.
+Flatten, Unflatten (before the first weight layer only), Dropout/Identity, elementwise
+activations, max / average / adaptive pooling (channel by channel: a constant channel stays the
+same constant; an average pool that counts zero padding is not handled) and a Softmax /
+LogSoftmax after the last weight layer, e.g. the bundled ``digits-mlp``, ``mnist1d-mlp`` and
+``mnist1d-cnn`` or a LeNet. Anything else (nested ``nn.Sequential`` included) raises ``ValueError``.
 
 Example (after a structured ``l0`` run, ``model`` holds the hard-pruned weights)::
 
@@ -62,6 +64,19 @@ _ELEMENTWISE = (
     nn.Identity,
     nn.Dropout,
 )
+_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+)
+"""Pooling channel by channel: a channel that is one constant everywhere pools to the same constant."""
+_TRAILING = (nn.Softmax, nn.LogSoftmax)
+"""Handled after the last weight layer only (they mix the units, which nothing is removed from there)."""
 
 
 class SelectFeatures(nn.Module):
@@ -100,13 +115,30 @@ def _check(model: nn.Module) -> list[nn.Module]:
             raise ValueError(f"purge: layer {i} ({m}) has groups != 1 or non-zero padding mode; not handled")
         if isinstance(m, nn.Unflatten) and seen_weighted:
             raise ValueError(f"purge: Unflatten at layer {i} after a weight layer is not handled")
-        if not isinstance(m, (*_WEIGHTED, *_NORMS, *_ELEMENTWISE, nn.Flatten, nn.Unflatten)):
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and m.count_include_pad and _any(m.padding):
+            raise ValueError(
+                f"purge: layer {i} ({m}) averages zero padding in: a removed channel's constant is not constant "
+                "at the borders; not handled (count_include_pad=False is)"
+            )
+        if not isinstance(m, (*_WEIGHTED, *_NORMS, *_ELEMENTWISE, *_POOLS, *_TRAILING, nn.Flatten, nn.Unflatten)):
             raise ValueError(
                 f"purge: layer {i} is a {type(m).__name__}; handled are Linear, Conv1d, Conv2d, BatchNorm1d/2d, "
-                "Flatten, Unflatten (before the first weight layer), Dropout, Identity and elementwise activations"
+                "Flatten, Unflatten (before the first weight layer), Dropout, Identity, elementwise activations, "
+                "pooling, and Softmax / LogSoftmax after the last weight layer"
             )
         seen_weighted = seen_weighted or isinstance(m, _WEIGHTED)
+    last = max((i for i, m in enumerate(layers) if isinstance(m, _WEIGHTED)), default=-1)
+    early = next((i for i, m in enumerate(layers[:last]) if isinstance(m, _TRAILING)), None)
+    if early is not None:
+        raise ValueError(
+            f"purge: layer {early} is a {type(layers[early]).__name__} before a weight layer (it mixes the units "
+            "that purge removes); handled only after the last weight layer"
+        )
     return layers
+
+
+def _any(size: int | tuple[int, ...]) -> bool:
+    return any(size) if isinstance(size, tuple) else bool(size)
 
 
 def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> None:
@@ -147,7 +179,8 @@ def _constant_outputs(producer: nn.Module, between: list[nn.Module]) -> torch.Te
     for m in between:
         if isinstance(m, nn.Flatten):
             break
-        x = m(x)
+        if not isinstance(m, _POOLS):  # a pool leaves a constant channel as it is (and a 1x1 map may not fit it)
+            x = m(x)
     return x.reshape(n)
 
 

@@ -72,6 +72,36 @@ MODELS = {
         ),
         (3, 6, 6),
     ),
+    "lenet-pools-logsoftmax": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 6, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 2 * 2, 16),
+            nn.ReLU(),
+            nn.Linear(16, 10),
+            nn.LogSoftmax(dim=1),
+        ),
+        (1, 14, 14),
+    ),
+    "conv1d-adaptive-pool": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 6, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveMaxPool1d(5),
+            nn.Conv1d(6, 4, 3),
+            nn.AdaptiveAvgPool1d(2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+            nn.Softmax(dim=-1),
+        ),  # fmt: skip
+        (2, 12),
+    ),
 }
 
 
@@ -138,6 +168,8 @@ def test_padded_conv_keeps_a_dead_channel_with_a_nonzero_constant():
         (nn.Sequential(nn.Conv1d(4, 4, 3, groups=2)), "groups != 1"),
         (nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 2, 1)), "a Linear .layer 0. feeding a Conv"),
         (nn.Sequential(nn.Conv1d(3, 4, 1), nn.Conv1d(5, 2, 1)), "do not connect channel to channel"),
+        (nn.Sequential(nn.Conv1d(1, 4, 3), nn.AvgPool1d(2, padding=1), nn.Conv1d(4, 2, 1)), "averages zero padding"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU()), nn.Linear(4, 2)), "layer 1 is a Sequential"),
     ],
 )
 def test_unhandled_architectures(model, message):
