@@ -73,6 +73,7 @@ def test_inequality_multipliers_never_negative(violations, lr):
     problem, batch = _tiny({"c": UserConstraint(lambda m: m[0].weight.sum() * 0 + torch.tensor(violations), "<=")})
     formulation = make("magnitude", problem, dual_lr=lr)
     formulation.setup(1, 1)
+    formulation.start_epoch(0)
     for _ in range(3):
         formulation.training_step(batch)
         weight = problem.c.multiplier.weight
