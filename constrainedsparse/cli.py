@@ -59,7 +59,7 @@ def _parse_settings(items: Sequence[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             _fail(f"--set expects KEY=VALUE, got {item!r}")
-        settings[key.strip()] = value.strip()
+        settings[key.strip()] = value.strip()  # a key given again overrides (the last one wins)
     return settings
 
 

@@ -272,7 +272,7 @@ class _Run:
             },
         )
 
-    def nonfinite(self, loss: float, phase: str, epoch: int) -> NonFiniteLossError:
+    def nonfinite(self, loss: float, phase: str, epoch: int, constraints: list[str] = ()) -> NonFiniteLossError:
         saved = self.directory.checkpoint_path.is_file()
         where = (
             f"the last good checkpoint is {self.directory.checkpoint_path}"
@@ -280,7 +280,13 @@ class _Run:
             else "no checkpoint was written yet"
         )
         return NonFiniteLossError(
-            f"loss became {loss} at step {self.step} ({phase} epoch {epoch + 1}); training stopped, {where}"
+            f"loss became {loss} at step {self.step} ({phase} epoch {epoch + 1})"
+            + (
+                f" after constraint {', '.join(map(repr, constraints))} went non-finite (its value or multiplier)"
+                if constraints
+                else ""
+            )
+            + f"; training stopped, {where}"
         )
 
 
@@ -306,7 +312,7 @@ def _train_phase(
             loss = cmp_state.loss.item()
             if not math.isfinite(loss):
                 progress.close()
-                raise run.nonfinite(loss, phase, epoch)
+                raise run.nonfinite(loss, phase, epoch, _nonfinite_constraints(problem, cmp_state))
             if run.step % prepared.training.log_every == 0 or metrics:
                 run.logger.log({**problem.step_metrics(cmp_state), **metrics}, run.step)
             progress.step(loss=loss)
@@ -319,6 +325,17 @@ def _train_phase(
         progress.epoch_done(loss=loss, **{run.metric: epoch_metrics[f"{run.metric}/test"]})
     progress.close()
     return True
+
+
+def _nonfinite_constraints(problem: SparsityProblem, cmp_state: Any) -> list[str]:
+    """Your constraints whose violation on the step or multiplier is not finite (a NaN loss's likely cause)."""
+    users = set(problem.user_constraint_names)
+    bad = {c.name for c, state in cmp_state.observed_constraints.items()
+           if c.name in users and not bool(torch.isfinite(state.violation).all())}  # fmt: skip
+    bad.update(
+        n for n, v in problem.named_multiplier_values().items() if n in users and not bool(torch.isfinite(v).all())
+    )
+    return sorted(bad)
 
 
 @torch.no_grad()

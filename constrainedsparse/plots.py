@@ -94,10 +94,15 @@ def _metric_panel(ax: Any, rows: Rows, metric: str, marks: dict[str, int]) -> No
     _, dense = _series(rows, f"{metric}/dense")
     if dense:
         ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label=f"dense {dense[0]:.4g}")
-    for key, label, marker in ((f"{metric}/hardprune", "after hard prune", "X"), (f"{metric}/final", "final", "*")):
+    points = (
+        (f"{metric}/hardprune", "after hard prune", "X", "tab:green"),
+        (f"{metric}/final", "final", "*", "tab:red"),
+    )
+    for key, label, marker, color in points:
         steps, values = _series(rows, key)
         if steps:
-            ax.plot(steps, values, linestyle="none", marker=marker, markersize=12, label=f"{label} {values[-1]:.4g}")
+            ax.plot(steps, values, linestyle="none", marker=marker, markersize=12, color=color,
+                    label=f"{label} {values[-1]:.4g}")  # fmt: skip
     _mark(ax, marks, legend=True)
     ax.set_title(f"test {metric}")
     ax.legend(fontsize=7)

@@ -338,6 +338,13 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                     "require grad): a constraint must be differentiable in what the optimizer updates "
                     "(no .item(), .detach() or float())"
                 )
+            sized = entry.constraint.multiplier.weight.numel()
+            if violation.numel() != sized:
+                raise UserInputError(
+                    f"constraint {name!r} returned {violation.numel()} entries on this batch, but it was sized with "
+                    f"{sized} (one multiplier per entry): return as many entries on every batch (e.g. 0 for a class "
+                    "the batch lacks)"
+                )
         return synchronised(violation) if entry.data_dependent else violation
 
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:

@@ -82,8 +82,16 @@ def route_settings(
         ``{group: {key: value}}`` with only the keys that were given (every group present).
 
     Raises:
-        ValueError: For an unknown key (listing every allowed one) or a value of the wrong type.
+        ValueError: For an unknown key (listing every allowed one), a value of the wrong type, or a
+            problem option (group ``options``) named like a key of another group.
     """
+    for key in groups.get("options", {}):  # a problem's own option named like a runner's or formulation's key
+        other = next((g for g, types in groups.items() if g != "options" and key in types), None)
+        if other is not None:
+            raise ValueError(
+                f"the problem's option {key!r} has the name of a {other} --set key {where}, so --set {key}=... "
+                "would set only one of them: rename the option"
+            )
     routed: dict[str, dict[str, Any]] = {group: {} for group in groups}
     for key, text in settings.items():
         group = next((g for g, types in groups.items() if key in types), None)

@@ -69,9 +69,11 @@ def guard(problem_name: str, what: str, fn: Callable[..., Any] | None) -> Callab
 def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Calls a function of a problem file; its exceptions become one :class:`UserInputError` line.
 
-    A ``ValueError`` the file raises on purpose (a bad option) keeps its message; any other
-    exception is reported with the problem, the call and its type. With ``--debug`` the exception
-    propagates with its traceback.
+    A ``ValueError`` of a call that reads the options (``model(options)``, ``data(options)``, ...) is
+    taken as raised on purpose (a bad option) and keeps its message as the line; elsewhere (a
+    constraint, the loss, a metric: often an unpacking mistake) the message is prefixed with the
+    problem and the call. Any other exception is reported with the problem, the call and its type.
+    With ``--debug`` the exception propagates with its traceback.
 
     Args:
         problem_name: The problem's name, for the message.
@@ -86,7 +88,9 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
     except ValueError as err:
         if debugging():
             raise
-        raise UserInputError(first_line(err)) from err
+        if "options" in what:
+            raise UserInputError(first_line(err)) from err
+        raise UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}") from err
     except (Exception, SystemExit) as err:
         if debugging():
             raise
@@ -96,6 +100,24 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
         raise UserInputError(
             f"problem {problem_name!r}: {what} failed: {detail} (--debug shows the traceback)"
         ) from err
+
+
+def _check_dataset(problem_name: str, which: str, dataset: Any) -> None:
+    """A DataLoader, or an ``(x, y)`` pair of arrays, where a dataset belongs: one line saying what to return."""
+    from torch.utils.data import DataLoader
+
+    where = f"problem {problem_name!r}: data(options) returned"
+    if isinstance(dataset, DataLoader):
+        raise UserInputError(
+            f"{where} a DataLoader as the {which} set: return the dataset itself (e.g. TensorDataset(x, y)); the "
+            "runner batches it (--set batch_size)"
+        )
+    if isinstance(dataset, (tuple, list)) and dataset and all(hasattr(a, "shape") for a in dataset):
+        kinds = ", ".join(type(a).__name__ for a in dataset)
+        raise UserInputError(
+            f"{where} a ({kinds}) tuple as the {which} set, not a dataset: wrap the arrays as "
+            "TensorDataset(torch.as_tensor(x), torch.as_tensor(y))"
+        )
 
 
 def _kind(value: Any) -> str:
@@ -187,12 +209,14 @@ class Problem:
         as_metric(self.metric)
         if not isinstance(self.targets, Targets):
             raise ValueError(f"Problem.targets must be a Targets(...), got {_kind(self.targets)}")
-        if not isinstance(self.constraints, Mapping) or not all(
-            isinstance(c, UserConstraint) for c in self.constraints.values()
-        ):
+        if not isinstance(self.constraints, Mapping):
             raise ValueError(
                 f"Problem.constraints must be a dict {{name: UserConstraint(...)}}, got {_kind(self.constraints)}"
             )
+        for key, c in self.constraints.items():
+            if not isinstance(c, UserConstraint):
+                hint = f": wrap it as UserConstraint({getattr(c, '__name__', 'fn')}, '<=')" if callable(c) else ""
+                raise ValueError(f"Problem.constraints[{key!r}] must be a UserConstraint(...), got {_kind(c)}{hint}")
         for key, low in (("pretrain_epochs", 0), ("epochs", 0), ("batch_size", 1)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -237,6 +261,8 @@ class Problem:
         """
         returned = self.data(options)
         if isinstance(returned, (tuple, list)) and len(returned) == 2 and all(hasattr(d, "__len__") for d in returned):
+            for which, dataset in zip(("train", "test"), returned):
+                _check_dataset(self.name, which, dataset)
             return returned[0], returned[1]
         count = f" of {len(returned)}" if isinstance(returned, (tuple, list)) else ""
         raise UserInputError(

@@ -70,6 +70,28 @@ MISTAKES = [
     ("batch size 0", "batch_size=0", r"Problem\.batch_size must be an integer >= 1, got 0"),
     ("lr negative", "lr=-1.0", r"Problem\.lr must be a finite number > 0, got -1\.0"),
     ("an option without a type", "options={'hidden': None}", r"option 'hidden' has default None: give a bool, int"),
+    ("data returns DataLoaders",
+     "data=lambda o: tuple(torch.utils.data.DataLoader(d, batch_size=32) for d in data(o))",
+     r"problem 'mine': data\(options\) returned a DataLoader as the train set: return the dataset itself"),
+    ("data returns array pairs", "data=lambda o: tuple(tuple(d.tensors) for d in data(o))",
+     r"returned a \(Tensor, Tensor\) tuple as the train set, not a dataset: wrap the arrays as TensorDataset"),
+    ("a constraint that is a bare function", "constraints={'norm': lambda m: m[0].weight.norm() - 1}",
+     r"Problem\.constraints\['norm'\] must be a UserConstraint\(\.\.\.\), got a function: wrap it as "
+     r"UserConstraint\(<lambda>, '<='\)"),
+    ("an unpacking mistake in a constraint",
+     "constraints={'c': UserConstraint(lambda m, b: (lambda x, y, w: x.sum())(*b) + m[0].weight.sum())}",
+     r"problem 'mine': constraint 'c' failed: .*missing 1 required positional argument"),
+    ("a ValueError in a constraint",
+     "constraints={'c': UserConstraint(lambda m, b: int('x') + m[0].weight.sum())}",
+     r"^error: problem 'mine': constraint 'c' failed: invalid literal for int\(\) with base 10: 'x'"),
+    ("a constraint whose length changes",
+     "constraints={'c': UserConstraint(lambda m, b: m(b[0]).mean(1)[: 1 + int(b[1].sum()) % 3] - 9)}",
+     r"constraint 'c' returned \d entries on this batch, but it was sized with \d \(one multiplier per entry\)"),
+    ("a constraint that goes nan",
+     "constraints={'c': UserConstraint(lambda m: m[0].weight.norm() * float('nan'))}",
+     r"loss became nan at step \d+ \(prune epoch 1\) after constraint 'c' went non-finite"),
+    ("an option named like a runner key", "options={'lr': 0.1}",
+     r"the problem's option 'lr' has the name of a training --set key for formulation 'slr' and problem 'mine', so"),
 ]  # fmt: skip
 
 

@@ -8,11 +8,14 @@ from constrainedsparse.registry import Registry
 from constrainedsparse.settings import route_settings
 
 
-def test_route_settings_takes_the_first_group_that_declares_a_key():
-    groups = {"solver": {"alpha": float}, "options": {"alpha": int, "seq_len": int}, "driver": {"device": str}}
+def test_route_settings_sends_each_key_to_its_group_and_refuses_an_option_named_like_another_groups_key():
+    groups = {"solver": {"alpha": float}, "options": {"seq_len": int}, "driver": {"device": str}}
     routed = route_settings({"alpha": "0.5", "seq_len": "16", "device": "cpu"}, groups, "for x")
     assert routed == {"solver": {"alpha": 0.5}, "options": {"seq_len": 16}, "driver": {"device": "cpu"}}
     assert route_settings({}, groups, "for x") == {"solver": {}, "options": {}, "driver": {}}
+    clash = {**groups, "options": {"alpha": int}}
+    with pytest.raises(ValueError, match=r"^the problem's option 'alpha' has the name of a solver --set key for x, so"):
+        route_settings({}, clash, "for x")
 
 
 def test_route_settings_errors_name_the_key_and_what_is_allowed():
