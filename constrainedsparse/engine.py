@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
 from constrainedsparse.checkpoint import save_weights
-from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
 from constrainedsparse.dense import (
     PRUNE_PHASE,
     PRUNE_SEED_OFFSET,
@@ -49,8 +48,14 @@ from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.purge import purge
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
-from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
-from constrainedsparse.settings import check_keeps_weights, resolve_device, route_settings, target_from_flags
+from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, setting_text
+from constrainedsparse.settings import (
+    TrainingSettings,
+    check_keeps_weights,
+    resolve_device,
+    route_settings,
+    target_from_flags,
+)
 from constrainedsparse.spec import Problem, load_problem
 from constrainedsparse.targets import SparsityConfig
 
@@ -67,40 +72,6 @@ __all__ = [
 ]
 
 DEFAULT_SPARSITY = 0.9
-
-
-@dataclasses.dataclass
-class TrainingSettings(Hyperparameters):
-    """The training runner's own ``--set`` keys (defaults from the problem).
-
-    Attributes:
-        lr: Learning rate of the primal Adam (dense pre-training, pruning, retraining).
-        dual_lr: Gradient-ascent step of the user constraints' multipliers.
-        batch_size: Minibatch size (the global batch under several processes).
-        log_every: Log the training loss and dual dynamics every this many steps.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        allow_empty_layers: Let a hard prune leave a targeted tensor without any weight.
-        batchnorm_batches: Training batches over which BatchNorm statistics are re-estimated after
-            the hard prune (:func:`~constrainedsparse.postprune.batchnorm_stage`).
-    """
-
-    error_prefix: ClassVar[str] = "--set "
-    lr: float = hyperparameter(1e-3, "learning rate of the primal Adam", Bounds(low=0, low_inclusive=False))
-    dual_lr: float = hyperparameter(
-        1e-2, "gradient-ascent step of the user constraints' multipliers", Bounds(low=0, low_inclusive=False)
-    )
-    batch_size: int = hyperparameter(64, "minibatch size (the global batch under several processes)", Bounds(low=1))
-    log_every: int = hyperparameter(10, "log the loss and dual dynamics every this many steps", Bounds(low=1))
-    device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
-    allow_empty_layers: bool = hyperparameter(
-        False, "let a hard prune leave a targeted tensor without any weight (stops the run otherwise)"
-    )
-    batchnorm_batches: int = hyperparameter(
-        0,
-        "after the hard prune, re-estimate BatchNorm running statistics over this many training batches "
-        "(models with BatchNorm only; 0 keeps those of training)",
-        Bounds(low=0),
-    )
 
 
 @dataclasses.dataclass
@@ -122,6 +93,12 @@ class TrainingPrepared:
     def device(self) -> str:
         """Where the run computes."""
         return self.training.device
+
+    def effective_settings(self) -> dict[str, str]:
+        """Every ``--set`` key's value in effect (given or default), as text: checkpoints keep it so that
+        ``--resume`` accepts a key given again with the value the run already uses."""
+        values = {**self.training.values(), **self.options, **self.formulation_config.values()}
+        return {key: setting_text(value) for key, value in values.items()}
 
     @property
     def epochs(self) -> int:
@@ -267,6 +244,7 @@ class _Run:
                 "hardprune_metric": self.hardprune_value,
                 "seconds": self.seconds(),
                 "wandb_id": self.logger.run_id,
+                "effective_settings": self.prepared.effective_settings(),
                 "logged_step": self.logger.last_step,
                 **self.phase_extra,
             },

@@ -150,12 +150,16 @@ class RunConfig:
             if key != "settings" and key in stored and stored[key] != value
         ]
         theirs = dict(stored.get("settings", {}))
+        effective = state.get("effective_settings") or {}
         settings = dict(theirs)
         for key, value in sorted(given.get("settings", {}).items()):
             if key in VOLATILE_SETTINGS:
                 settings[key] = value
+            elif key not in theirs and key in effective and _same_setting(value, effective[key]):
+                continue  # the value the run already uses (a default): nothing changes
             elif key not in theirs:
-                differing.append(f"--set {key} ({value}, not set at the start)")
+                in_effect = f"; in effect {effective[key]}" if key in effective else ""
+                differing.append(f"--set {key} ({value}, not set at the start{in_effect})")
             elif not _same_setting(value, theirs[key]):
                 differing.append(f"--set {key} ({value}, stored {theirs[key]})")
         if differing:
@@ -168,9 +172,17 @@ class RunConfig:
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
 
 
+def setting_text(value: Any) -> str:
+    """A ``--set`` value as text (``true``/``false`` for a bool, as ``--set`` takes it)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _same_setting(given: str, stored: str) -> bool:
-    """Whether a ``--set`` value given again means the stored one (``0.20`` is ``0.2``)."""
+    """Whether a ``--set`` value given again means the stored one (``0.20`` is ``0.2``, ``yes`` is ``true``)."""
     if given == stored:
+        return True
+    truth = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false", "no": "false"}
+    if stored in ("true", "false") and truth.get(given.lower()) == stored:
         return True
     try:
         return float(given) == float(stored)

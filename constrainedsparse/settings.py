@@ -1,4 +1,5 @@
-"""``--set KEY=VALUE`` handling shared by the training engine and the layer-wise runner."""
+"""``--set KEY=VALUE`` handling shared by the training engine and the layer-wise runner, and the training
+runner's own keys (:class:`TrainingSettings`; the layer-wise driver's are in ``layerwise/settings.py``)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import dataclasses
 import math
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from constrainedsparse.config import Hyperparameters
+from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.sets import check_sparsity, parse_pattern, pattern_class
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = [
+    "TrainingSettings",
     "check_keeps_weights",
     "config_field_types",
     "parse_value",
@@ -23,6 +25,40 @@ __all__ = [
     "route_settings",
     "target_from_flags",
 ]
+
+
+@dataclasses.dataclass
+class TrainingSettings(Hyperparameters):
+    """The training runner's own ``--set`` keys (defaults from the problem).
+
+    Attributes:
+        lr: Learning rate of the primal Adam (dense pre-training, pruning, retraining).
+        dual_lr: Gradient-ascent step of the user constraints' multipliers.
+        batch_size: Minibatch size (the global batch under several processes).
+        log_every: Log the training loss and dual dynamics every this many steps.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        allow_empty_layers: Let a hard prune leave a targeted tensor without any weight.
+        batchnorm_batches: Training batches over which BatchNorm statistics are re-estimated after
+            the hard prune (:func:`~constrainedsparse.postprune.batchnorm_stage`).
+    """
+
+    error_prefix: ClassVar[str] = "--set "
+    lr: float = hyperparameter(1e-3, "learning rate of the primal Adam", Bounds(low=0, low_inclusive=False))
+    dual_lr: float = hyperparameter(
+        1e-2, "gradient-ascent step of the user constraints' multipliers", Bounds(low=0, low_inclusive=False)
+    )
+    batch_size: int = hyperparameter(64, "minibatch size (the global batch under several processes)", Bounds(low=1))
+    log_every: int = hyperparameter(10, "log the loss and dual dynamics every this many steps", Bounds(low=1))
+    device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
+    allow_empty_layers: bool = hyperparameter(
+        False, "let a hard prune leave a targeted tensor without any weight (stops the run otherwise)"
+    )
+    batchnorm_batches: int = hyperparameter(
+        0,
+        "after the hard prune, re-estimate BatchNorm running statistics over this many training batches "
+        "(models with BatchNorm only; 0 keeps those of training)",
+        Bounds(low=0),
+    )
 
 
 def parse_value(key: str, text: str, kind: type) -> Any:

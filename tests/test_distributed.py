@@ -345,7 +345,9 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     elapsed = time.perf_counter() - started
     print(f"failing 2-rank job: {elapsed:.1f} s")
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1] == "error: rank 1: rank 1 refuses its batch at loss call 5"
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: rank 1: problem 'ddp-digits': loss(output, y) failed: rank 1 refuses its batch at loss call 5"
+    )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()  # no checkpoint yet: the job leaves no half-written directory
 

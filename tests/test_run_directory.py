@@ -67,13 +67,15 @@ def test_resume_takes_some_set_keys_again_by_value_and_keeps_the_others(tmp_path
 
     run(RunConfig(problem="digits-mlp", formulation="admm", sparsity=0.8, epochs=2, pretrain_epochs=3, out=out,
                   settings={"rho": "0.2", "batch_size": "32"}, stop_after_epochs=1, progress=False))  # fmt: skip
-    line = fails_with_one_line(["run", "--out", str(out), "--resume", "--set", "rho=0.3", "--set", "seed_x=1"], capsys)
-    assert line.endswith("other options: --set rho (0.3, stored 0.2), --set seed_x (1, not set at the start); give "
-                         "the stored ones or none")  # fmt: skip
-    # a volatile key alone, and a stored value written another way: the stored settings carry on
-    assert (
-        main(["run", "--out", str(out), "--resume", "--set", "device=cpu", "--set", "rho=0.20", "--no-progress"]) == 0
+    line = fails_with_one_line(["run", "--out", str(out), "--resume", "--set", "rho=0.3", "--set", "seed_x=1",
+                                "--set", "dual_lr=0.5"], capsys)  # fmt: skip
+    assert line.endswith(
+        "other options: --set dual_lr (0.5, not set at the start; in effect 0.01), --set rho (0.3, stored 0.2), "
+        "--set seed_x (1, not set at the start); give the stored ones or none"
     )
+    # a volatile key alone, a stored value written another way, and a default given as the value in effect
+    assert main(["run", "--out", str(out), "--resume", "--set", "device=cpu", "--set", "rho=0.20",
+                 "--set", "dual_lr=0.010", "--no-progress"]) == 0  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"] == {"batch_size": "32", "device": "cpu", "rho": "0.2"}
 

@@ -4,10 +4,8 @@ Importing this package registers every built-in formulation.
 """
 
 from constrainedsparse.formulations import admm, l0, magnitude, slr  # noqa: F401  (each registers itself)
-from constrainedsparse.formulations.base import (
-    Formulation,
-    LagrangianStep,
-    NoConfig,
+from constrainedsparse.formulations.base import Formulation, LagrangianStep, NoConfig
+from constrainedsparse.formulations.factory import (
     available_formulations,
     describe_formulations,
     formulation_class,

@@ -13,8 +13,8 @@ baseline SLR must beat: same problem, same W-step, same Z-step, only the dual st
 
 from __future__ import annotations
 
-from constrainedsparse.formulations.base import register_formulation
 from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate
+from constrainedsparse.formulations.factory import register_formulation
 
 __all__ = ["ADMM"]
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
-from constrainedsparse.formulations.base import Formulation, register_formulation
+from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.masks import apply_masks, current_masks
 
 

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from constrainedsparse.config import Bounds, hyperparameter
-from constrainedsparse.formulations.base import register_formulation
 from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables
+from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.iterate import Iterate, dots
 
 __all__ = ["SLR", "SLRConfig", "slr_alpha"]

@@ -26,7 +26,7 @@ from constrainedsparse import distributed
 from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import save_weights
 from constrainedsparse.errors import UserInputError, user_input
-from constrainedsparse.formulations.base import available_formulations
+from constrainedsparse.formulations.factory import available_formulations
 from constrainedsparse.layerwise.allocation import (
     Allocation,
     level_targets,

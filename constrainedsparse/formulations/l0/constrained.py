@@ -57,7 +57,7 @@ from typing import Any
 import cooper
 import torch
 
-from constrainedsparse.formulations.base import register_formulation
+from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import TEST_GAP_OFF, L0Config
 from constrainedsparse.formulations.l0.gated import TEST_TEMPERATURE, Gated
 from constrainedsparse.gates import LOG_ALPHA_RANGE, HardConcreteGate

@@ -18,7 +18,8 @@ from typing import Any
 import cooper
 import torch
 
-from constrainedsparse.formulations.base import Formulation, register_formulation
+from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import L0PenaltyConfig
 from constrainedsparse.gates import HardConcreteGate, apply_gates, clamp_log_alpha_, find_gate
 from constrainedsparse.masks import canonical_parameters

@@ -1,0 +1,82 @@
+"""The formulation registry: :func:`register_formulation` adds a class under a name, :func:`make`
+builds the one a name picks on a :class:`~constrainedsparse.SparsityProblem`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.problem import SparsityProblem
+from constrainedsparse.registry import REGISTRY
+
+__all__ = ["available_formulations", "describe_formulations", "formulation_class", "make", "register_formulation"]
+
+
+def register_formulation(name: str) -> Callable[[type[Formulation]], type[Formulation]]:
+    """Class decorator adding a training formulation to the registry under ``name``.
+
+    Raises:
+        ValueError: If ``name`` is already registered.
+    """
+    return REGISTRY.register("training", name, Formulation)
+
+
+def available_formulations() -> list[str]:
+    """Registered training formulation names, sorted."""
+    return REGISTRY.names("training")
+
+
+def describe_formulations() -> dict[str, str]:
+    """``{name: one-line description}``."""
+    return REGISTRY.describe("training")
+
+
+def formulation_class(name: str) -> type[Formulation]:
+    """The training formulation registered as ``name``.
+
+    Raises:
+        ValueError: For an unknown name, listing the known ones.
+    """
+    return REGISTRY.get("training", name)
+
+
+def make(
+    name: str,
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> Formulation:
+    """Builds the formulation ``name`` on ``problem``.
+
+    Args:
+        name: A registered training formulation (``slr``, ``admm``, ``l0``, ``l0-penalty``, ``magnitude``).
+        problem: The :class:`SparsityProblem`.
+        config: Optional: an instance of the formulation's ``Config`` (or a mapping of hyperparameters).
+        optimizer: The user's primal optimizer (``None``: ``Adam(lr)``), see :class:`Formulation`.
+        lr: Learning rate of the default Adam.
+        dual_lr: Gradient-ascent step of the user constraints' multipliers.
+        **hyperparameters: The formulation's hyperparameters by key (``rho=0.05, interval=20``);
+            :func:`constrainedsparse.describe` lists them.
+
+    Raises:
+        ValueError: For an unknown name, an unknown key (listing the allowed ones), or a value of
+            the wrong type or range.
+    """
+    cls = formulation_class(name)
+    if not isinstance(problem, SparsityProblem):
+        raise ValueError(f"problem must be a SparsityProblem, got {type(problem).__name__}")
+    if isinstance(config, Mapping):
+        hyperparameters = {**config, **hyperparameters}
+        config = None
+    if config is not None and hyperparameters:
+        raise ValueError("give either a config object or hyperparameters as keywords, not both")
+    if config is None:
+        config = cls.Config.from_values(hyperparameters, where=f" for formulation {name!r}")
+    return cls(problem, config, optimizer=optimizer, lr=lr, dual_lr=dual_lr)
