@@ -333,6 +333,12 @@ class Targets:
             shape = getattr(module, param_name).shape
             level = self.override_for(full)
             own = config if level is None else config.with_sparsity(level)
+            if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and own.pattern != "unstructured":
+                raise ValueError(
+                    f"{full}: a transformers Conv1D stores its weight as (inputs, outputs), so pattern "
+                    f"{own.pattern_text()!r} would group its outputs; only unstructured targets it in training "
+                    "(prune_layerwise handles Conv1D patterns)"
+                )
             try:
                 feasible = own.feasible_set(shape)
             except ValueError as err:

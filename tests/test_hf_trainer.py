@@ -119,3 +119,59 @@ def test_refusals(tmp_path):
     trainer.train()
     with pytest.raises(ValueError, match="hard-pruned its model already; build a new one"):
         trainer.train()
+
+
+def test_epochs_follow_the_loop_also_when_max_steps_cuts_them(tmp_path, recwarn):
+    model = _model()
+    args = _args(tmp_path / "run", max_steps=3, logging_steps=1, save_strategy="no")
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model))
+    seen = []
+    start, end = trainer.formulation.start_epoch, trainer.formulation.end_epoch
+    trainer.formulation.start_epoch = lambda e: (seen.append(("start", e)), start(e))[1]
+    trainer.formulation.end_epoch = lambda e: (seen.append(("end", e)), end(e))[1]
+    trainer.train()  # 3 of an epoch's 8 steps: Trainer's epoch is 0.375 at the end
+    assert seen == [("start", 0), ("end", 0)]
+    assert not [w for w in recwarn if "post_step() calls" in str(w.message)]  # Trainer cut it, not a miscount
+    assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
+
+
+def test_a_second_train_and_an_unpruned_save_are_caught(tmp_path):
+    model = _model()
+    args = _args(tmp_path / "run", num_train_epochs=1, save_strategy="no")
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(16, 0), targets=_targets(model),
+                              formulation="magnitude", hard_prune_at_end=False)  # fmt: skip
+    trainer.train()
+    with pytest.raises(ValueError, match=r"^train\(\) ran already: a second run would restart the pruning schedule"):
+        trainer.train()
+    with pytest.warns(UserWarning, match=r"save_model\(\) before hard_prune\(\): .* carry the formulation's param"):
+        trainer.save_model(str(tmp_path / "early"))
+    with pytest.raises(ValueError, match=r"^resume_from_checkpoint: .*nowhere is not a folder"):
+        trainer._load_formulation_state(str(tmp_path / "nowhere"))
+
+
+def test_load_best_model_at_end_brings_the_best_checkpoints_formulation_state_back(tmp_path):
+    model = _model()
+    args = _args(tmp_path / "run", num_train_epochs=2, eval_strategy="epoch", save_strategy="epoch",
+                 load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)  # fmt: skip
+    scores = iter([1.0, 0.0])  # the first epoch's checkpoint is the best one
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), eval_dataset=_examples(32, 1),
+                              compute_metrics=lambda prediction: {"score": next(scores)},
+                              targets=_targets(model), formulation="magnitude", hard_prune_at_end=False)  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    saved = torch.load(f"{best}/formulation.pt", weights_only=True)["masks"]
+    current = trainer.formulation.state_dict()["masks"]
+    assert best.endswith("checkpoint-8") and (tmp_path / "run" / "checkpoint-16").is_dir()  # best is not the last
+    assert all(torch.equal(saved[k], current[k]) for k in saved)
+
+
+def test_a_conv1d_takes_only_unstructured_targets_in_training():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    from transformers.pytorch_utils import Conv1D
+
+    chosen = cs.Targets(module_types=(Conv1D,))
+    assert len(chosen.resolve(model, cs.SparsityConfig(0.5))) == 4
+    with pytest.raises(ValueError, match=r"^transformer\.h\.0\.attn\.c_attn\.weight: a transformers Conv1D stores"):
+        chosen.resolve(model, cs.SparsityConfig.parse("2:4"))

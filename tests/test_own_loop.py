@@ -216,7 +216,10 @@ def test_an_optimizer_that_does_not_hold_the_targets_is_refused():
     model, _, _ = _cancer()
     problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
     optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"^the optimizer does not hold 0.weight: build it over model.parameters"):
+    with pytest.raises(
+        ValueError,
+        match=r"^the optimizer does not hold 0.weight: build it over this model's parameters \(model\.parameters",
+    ):
         make("slr", problem, optimizer=optimizer)
 
 

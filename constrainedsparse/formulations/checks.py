@@ -119,7 +119,8 @@ def check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> 
         stored = target.stored
         if id(stored) not in held:
             raise ValueError(
-                f"the optimizer does not hold {target.name}: build it over model.parameters() before make()"
+                f"the optimizer does not hold {target.name}: build it over this model's parameters "
+                "(model.parameters()), and before make()"
             )
 
 

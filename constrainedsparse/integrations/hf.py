@@ -28,12 +28,14 @@ and several GPUs in one process (``DataParallel``; use ``torchrun``, one process
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -115,6 +117,8 @@ class SparsityTrainer(Trainer):
         self._micro_steps: list[LagrangianStep] = []  # backward() of the optimizer step under way
         self._last_step: LagrangianStep | None = None
         self._pending_logs: dict[str, float] = {}  # the formulation's metrics since Trainer last logged
+        self._epoch: int | None = None  # the epoch under way (counted from the first on_epoch_begin)
+        self._trained = False
         self._pruned = False
         self.add_callback(_PruningCallback(self))
 
@@ -124,7 +128,8 @@ class SparsityTrainer(Trainer):
             return self.compute_loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        """The formulation's backward on one micro-batch; returns the task loss scaled as Trainer's is.
+        """The formulation's backward on one micro-batch; returns its loss scaled as Trainer's is (the task
+        loss; ``l0-penalty``'s includes its penalty ``lmbda · E[density]``).
 
         The loss is the micro-batch mean divided by the accumulation steps (Trainer's
         ``num_items_in_batch`` token weighting across micro-batches is not applied).
@@ -157,12 +162,37 @@ class SparsityTrainer(Trainer):
         """
         if self._pruned:
             raise ValueError("this SparsityTrainer hard-pruned its model already; build a new one to prune again")
+        if self._trained:
+            raise ValueError(
+                "train() ran already: a second run would restart the pruning schedule on a pruned model; call "
+                "hard_prune(), or build a new SparsityTrainer (resume_from_checkpoint= continues a stopped run)"
+            )
         if resume_from_checkpoint:
             self._load_formulation_state(resume_from_checkpoint)
+        self._trained = True
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.hard_prune_at_end:
             self.hard_prune()
         return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's ``save_model``; before the hard prune (your call, not a checkpoint's) it warns: the
+        weights are not pruned yet, and ``l0``/``magnitude`` weights are saved with their gates or masks,
+        which plain ``from_pretrained`` does not load."""
+        if not _internal_call and not self._pruned:
+            warnings.warn(
+                "save_model() before hard_prune(): the saved weights are not hard-pruned"
+                + (" and carry the formulation's parametrizations (plain from_pretrained re-initialises them)"
+                   if _parametrized(self.model) else "")
+                + "; call hard_prune() first",
+                stacklevel=2,
+            )  # fmt: skip
+        super().save_model(output_dir, _internal_call)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's formulation state comes back with its weights."""
+        super()._load_best_model()
+        self._load_formulation_state(self.state.best_model_checkpoint)
 
     def hard_prune(self) -> dict[str, torch.Tensor]:
         """Hard-prunes the model: the formulation's masks, then plain weights with exact zeros.
@@ -194,6 +224,8 @@ class SparsityTrainer(Trainer):
         if folder is None:
             where = self.args.output_dir
             raise ValueError(f"resume_from_checkpoint=True: no {PREFIX_CHECKPOINT_DIR}-* folder in {where}")
+        if not Path(folder).is_dir():
+            raise ValueError(f"resume_from_checkpoint: {folder} is not a folder")
         path = Path(folder) / STATE_FILE
         if not path.is_file():
             raise ValueError(
@@ -210,7 +242,9 @@ class _PruningCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._pending_logs.update(self.trainer.formulation.start_epoch(int(state.epoch)))
+        trainer = self.trainer  # Trainer's float epoch (1.5 mid-epoch, 0.5 for a cut one) only places the first
+        trainer._epoch = int(state.epoch) if trainer._epoch is None else trainer._epoch + 1
+        trainer._pending_logs.update(trainer.formulation.start_epoch(trainer._epoch))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # after the optimizer step
         trainer = self.trainer
@@ -220,12 +254,29 @@ class _PruningCallback(TrainerCallback):
             trainer._micro_steps = []
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._pending_logs.update(self.trainer.formulation.end_epoch(round(state.epoch) - 1))
+        trainer = self.trainer
+        with warnings.catch_warnings():
+            if state.global_step >= state.max_steps or not _has_length(trainer.train_dataset):
+                # max_steps cut this last epoch short (or the dataset has no length): its count is Trainer's choice
+                warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
+            trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
+
+
+def _has_length(dataset: Any) -> bool:
+    try:
+        len(dataset)
+    except TypeError:
+        return False
+    return True
+
+
+def _parametrized(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
 def _check_supported(trainer: Trainer) -> None:
