@@ -165,6 +165,11 @@ ROWS: list[Row] = [
     Row("interval unit", [*RUN, "--set", "interval_unit=batch"], r"interval_unit must be one of epoch, step"),
     Row("rho growth", [*RUN, "--set", "rho_growth=0.5"], r"rho_growth must be >= 1, got 0.5"),
     Row("rho max", [*RUN, "--set", "rho_max=0.01"], r"rho_max must be >= rho \(0.03\), got 0.01"),
+    Row(
+        "schedule end without the cubic schedule",
+        [*RUN, "--set", "schedule_end=0.8"],
+        r"schedule_end=0.8 applies only with sparsity_schedule=cubic",
+    ),
     Row("mask from", [*RUN, "--set", "mask_from=q"], r"mask_from must be one of w, z, got 'q'"),
     Row("reference samples", [*RUN, "--set", "reference_samples=0"], r"reference_samples must be an integer >= 1"),
     Row(

@@ -118,9 +118,15 @@ class DuplicateConfig(Hyperparameters):
     )
 
     def check(self) -> None:
-        """``rho_max >= rho``."""
+        """``rho_max >= rho``; ``schedule_end`` other than its default only with the cubic schedule."""
         if not self.rho_max >= self.rho:
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
+        default_end = next(f.default for f in dataclasses.fields(self) if f.name == "schedule_end")
+        if self.sparsity_schedule == "constant" and self.schedule_end != default_end:
+            raise ValueError(
+                f"schedule_end={self.schedule_end} applies only with sparsity_schedule=cubic (the constant "
+                "schedule projects to the target from the start)"
+            )
 
 
 def multiplier_dtype(target: TargetParam) -> torch.dtype:
