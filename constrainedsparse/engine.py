@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -171,7 +172,10 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
         problem.check(options)
     # A throwaway model catches now what would fail later: a filter that selects nothing, N:M
     # widths, and what the formulation checks when it attaches (l0's density_of=purged model).
-    model = problem.model(options)
+    # Its warnings wait for the run's own model (an error line here stands alone).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = problem.model(options)
     with user_input():
         targets = problem.targets.resolve(model, target, allow_empty=True)  # checked below, with the CLI's words
         formulation_cls(_task_problem(problem, model, targets, None, constraints=False), formulation_config)
