@@ -109,6 +109,8 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"formulation 'l0' adds a parameter group .* optimizers=\(optimizer, None\)"):
         SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model), formulation="l0",
                         optimizers=(optimizer, scheduler))  # fmt: skip
+    assert not any(type(m).__name__.startswith("Parametrized") for m in model.modules())  # refused before make
+    assert len(optimizer.param_groups) == 1
     with pytest.raises(ValueError, match=r"target .* is not a parameter of this model"):
         SparsityTrainer(_model(), args, train_dataset=_examples(8, 0), targets=_targets(model))
     model = _model()

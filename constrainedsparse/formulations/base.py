@@ -103,6 +103,8 @@ class Formulation(abc.ABC):
         name: Registry name (``--formulation``).
         description: One line for ``constrainedsparse formulations``.
         Config: Dataclass of hyperparameters (:class:`~constrainedsparse.config.Hyperparameters`).
+        adds_parameters: Whether :meth:`attach` adds a parameter group of its own to the primal
+            optimizer (``l0``'s gates): a learning-rate scheduler must then be built after ``make``.
         optimizer: The primal optimizer stepped by :meth:`training_step`.
         dual_optimizer: ``SGD(maximize=True)`` (or another ascent optimizer) over the multipliers
             updated every step, or ``None`` when there are none.
@@ -111,6 +113,7 @@ class Formulation(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+    adds_parameters: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from constrainedsparse.formulations import Formulation, LagrangianStep, make
+from constrainedsparse.formulations import Formulation, LagrangianStep, formulation_class, make
 from constrainedsparse.masks import hard_prune as hard_prune_targets
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.targets import TargetParam
@@ -99,18 +99,16 @@ class SparsityTrainer(Trainer):
         problem = SparsityProblem(
             self.model, targets=targets, constraints=constraints, example_batch=batch, compute_loss=self._task_loss
         )
-        scheduler_given = self.lr_scheduler is not None
-        optimizer = self.create_optimizer()  # Trainer's optimizer, or the one passed in `optimizers`
-        groups = len(optimizer.param_groups)
-        self.formulation: Formulation = make(
-            formulation, problem, dict(hyperparameters or {}), optimizer=optimizer, dual_lr=dual_lr
-        )
-        if scheduler_given and len(optimizer.param_groups) != groups:
+        if self.lr_scheduler is not None and formulation_class(formulation).adds_parameters:  # before make: untouched
             raise ValueError(
                 f"formulation {formulation!r} adds a parameter group to the optimizer, which the scheduler "
                 "passed in optimizers= does not know: pass optimizers=(optimizer, None) and Trainer builds "
                 "its schedule after it"
             )
+        optimizer = self.create_optimizer()  # Trainer's optimizer, or the one passed in `optimizers`
+        self.formulation: Formulation = make(
+            formulation, problem, dict(hyperparameters or {}), optimizer=optimizer, dual_lr=dual_lr
+        )
         self.formulation.setup(*_epochs_and_steps(self), reference_batch=batch)
         self.hard_prune_at_end = hard_prune_at_end
         self._layer_names = set() if log_layers else {t.name for t in problem.targets}

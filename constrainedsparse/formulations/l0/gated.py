@@ -38,6 +38,8 @@ class Gated(Formulation):
     """Shared machinery of ``l0`` and ``l0-penalty``: gates on every target, their own parameter group
     in the primal optimizer, density bookkeeping, hard masks from the test-time gates."""
 
+    adds_parameters = True
+
     def attach(self) -> None:
         """Gates every target (one shared generator), adds their group to the optimizer, then :meth:`add_terms`."""
         problem = self.problem
