@@ -44,7 +44,13 @@ class Magnitude(Formulation):
     Config = MagnitudeConfig
 
     def attach(self) -> None:
-        """No masks yet: the first :meth:`start_epoch` (or :meth:`load_state_dict`) registers them."""
+        """Registers all-ones masks now, so that :meth:`start_epoch` and :meth:`load_state_dict` only update
+        them in place: a model wrapped in ``DistributedDataParallel`` after ``make`` keeps averaging the
+        gradients of the masked weights (a parametrization registered after the wrap is not), and the
+        model's ``state_dict`` has the masked keys from the start. Steps wait for the first masks."""
+        apply_masks(
+            self.problem.targets, {t.name: torch.ones_like(t.tensor, dtype=torch.bool) for t in self.problem.targets}
+        )
         self._masked = False
 
     def scheduled_sparsity(self, epoch: int) -> float:

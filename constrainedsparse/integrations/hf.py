@@ -230,7 +230,7 @@ class SparsityTrainer(Trainer):
                 f"resume_from_checkpoint: {folder} holds no {STATE_FILE}, so it was not saved by a SparsityTrainer "
                 "(the pruning state is needed to resume)"
             )
-        self.formulation.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        self.formulation.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 class _PruningCallback(TrainerCallback):
