@@ -1,8 +1,10 @@
 """Targets.overrides in layer-wise runs: per-layer levels set by hand, from a problem file on the CLI."""
 
 import json
+import re
 import textwrap
 
+import pytest
 from cli_helpers import TWO_RESIDUAL_BLOCKS, fails_with_one_line
 
 from constrainedsparse.cli import main
@@ -57,3 +59,66 @@ def test_overrides_next_to_an_n_m_pattern_or_an_allocation_stop_before_anything_
     line = fails_with_one_line(["run", typo, "--out", str(out), *COMMON], capsys)
     assert line.startswith("error: override 'blocks.7.*' matches no targeted parameter; they are 0.weight, 2.weight")
     assert not out.exists()
+
+
+LAYERWISE_FILE = (
+    """
+import torch
+from torch import nn
+
+from constrainedsparse import LayerwiseProblem, Targets
+
+"""
+    + TWO_RESIDUAL_BLOCKS
+    + """
+
+
+def held_out(model, options):
+    return model(torch.ones(4, 8))
+
+
+FIELDS = dict(model=lambda options: Net().eval(), calibration=lambda options, seed: [{"x": torch.randn(16, 8)}])
+problem = LayerwiseProblem(name="mine", description="two residual blocks", **(FIELDS | dict(CHANGE)))
+"""
+)
+LAYERWISE_MISTAKES = [
+    ("model returns None", "model=lambda o: None", r"problem 'mine': model\(options\) must return a torch.nn.Module"),
+    ("calibration returns text", "calibration=lambda o, s: 'some text'",
+     r"calibration\(options, seed\): batches must be a non-empty list of calibration batches .* got str"),
+    ("calibration returns a tensor", "calibration=lambda o, s: torch.randn(4, 8)",
+     r"calibration\(options, seed\): batches must be a non-empty list .* got Tensor"),
+    ("calibration batches of text", "calibration=lambda o, s: [{'text': 'hello'}]",
+     r"calibration batch 0 holds no tensor \(got a dict\): tokenize text first"),
+    ("blocks returns None", "blocks=lambda m: None", r"problem 'mine': blocks must be a list .* got NoneType"),
+    ("blocks returns the model", "blocks=lambda m: m", r"blocks must be a list of the model's blocks .* model itself"),
+    ("blocks returns nothing", "blocks=lambda m: []", r"problem 'mine': blocks is empty: there is nothing to prune"),
+    ("a block that is a layer", "blocks=lambda m: [m.blocks[0][0]]",
+     r"block 0 \(blocks\.0\.0, a Linear\) is a single layer: blocks are the modules holding layers"),
+    ("a block twice", "blocks=lambda m: [m.blocks[0], m.blocks[0]]", r"block 1 \(blocks\.0\) is listed twice"),
+    ("blocks in reverse", "blocks=lambda m: list(m.blocks)[::-1]",
+     r"blocks must be in execution order: blocks\.0 runs before blocks\.1"),
+    ("a score that is a number", "held_out=held_out, score=lambda d, p: 1.0",
+     r"score\(dense, pruned\) must return a dict \{name: number\}, got float"),
+    ("a score of text", "held_out=held_out, score=lambda d, p: {'ppl': 'abc'}",
+     r"score\(dense, pruned\) returned 'ppl': 'abc', not a number"),
+    ("a score named like the summary", "held_out=held_out, score=lambda d, p: {'achieved_sparsity': 0.99}",
+     r"score\(dense, pruned\) returned 'achieved_sparsity', a key of the run's own summary: rename it"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "change", "message"), LAYERWISE_MISTAKES, ids=[m[0] for m in LAYERWISE_MISTAKES])
+def test_a_mistake_in_a_layerwise_problem_file_is_one_line_before_pruning(name, change, message, tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text(LAYERWISE_FILE.replace("dict(CHANGE)", f"dict({change})"))
+    out = tmp_path / "run"
+    line = fails_with_one_line(["run", str(path), "--out", str(out), *COMMON], capsys)
+    assert re.search(message, line), line
+    assert not out.exists()
+
+
+def test_a_layerwise_score_of_tensors_is_read_as_numbers(tmp_path):
+    path = tmp_path / "mine.py"
+    change = "held_out=held_out, score=lambda d, p: {'gap': (d - p).abs().mean()}"
+    path.write_text(LAYERWISE_FILE.replace("dict(CHANGE)", f"dict({change})"))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), *COMMON]) == 0
+    assert isinstance(json.loads((tmp_path / "run" / "summary.json").read_text())["gap"], float)

@@ -27,18 +27,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from constrainedsparse.batches import tensors_in
 from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
-from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
 from constrainedsparse.layerwise.checks import (
     check_allocation,
     check_block_fit,
     check_block_mask,
+    check_consecutive,
     check_layer_shapes,
     check_reachable,
+    checked_batches,
 )
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
@@ -66,20 +66,7 @@ def _check_inputs(model: Any, batches: Any) -> list[Any]:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(batches, (str, bytes, Mapping, torch.Tensor)) or not isinstance(batches, Iterable):
         raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
-    items = list(batches)  # a DataLoader or a generator: read once
-    if not items:
-        raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
-    for index, batch in enumerate(items):
-        found = list(tensors_in(batch))
-        if not found:
-            raise ValueError(
-                f"calibration batch {index} holds no tensor (got a {type(batch).__name__}): tokenize text first, "
-                "e.g. tokenizer(texts, return_tensors='pt')"
-            )
-        empty = next((t for t in found if t.numel() == 0), None)
-        if empty is not None:
-            raise ValueError(f"calibration batch {index} holds an empty tensor of shape {tuple(empty.shape)}")
-    return items
+    return checked_batches(batches)
 
 
 def prune_layerwise(
@@ -190,7 +177,7 @@ def prune_layerwise(
     check_block_mask(driver, solver, target)
     blocks = find_blocks(model) if blocks is None else list(blocks)
     prefixes = block_prefixes(model, blocks)
-    _check_consecutive(prefixes)
+    check_consecutive(prefixes)
     overrides = override_levels(model, blocks, targets, target)
     check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes)
     check_reachable(blocks, targets, target, driver)
@@ -225,25 +212,6 @@ def _warn_without_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None
         where = f"in {source}" if source is not None else "(the model was not loaded from a folder)"
         warnings.warn(
             f"{out / 'model'} gets no tokenizer: none was found {where}; pass tokenizer= to save one", stacklevel=3
-        )
-
-
-def _check_consecutive(prefixes: Sequence[str]) -> None:
-    """Blocks of one ``ModuleList`` (``model.layers.<i>``) follow each other without a gap: each block is
-    calibrated on the previous one's outputs, so a skipped block would be left out of its inputs.
-
-    Raises:
-        UserInputError: Naming the first gap.
-    """
-    for before, after in zip(prefixes, prefixes[1:]):
-        (parent, _, first), (other, _, second) = before.rpartition("."), after.rpartition(".")
-        if parent != other or not (first.isdigit() and second.isdigit()) or int(second) == int(first) + 1:
-            continue
-        if int(second) <= int(first):
-            raise UserInputError(f"blocks must be in execution order: {after} runs before {before} in the model")
-        raise UserInputError(
-            f"blocks must follow each other without a gap: {before} is followed by {after}, which skips "
-            f"{parent}.{int(first) + 1} (its inputs would be {before}'s outputs); give a consecutive slice"
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from constrainedsparse import distributed
+from constrainedsparse.batches import tensors_in
 from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.layerwise.allocation import reachable_range, row_width
 from constrainedsparse.layerwise.base import LayerwiseSolver
@@ -21,7 +22,17 @@ from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.settings import check_keeps_weights
 from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names
 
-__all__ = ["check_allocation", "check_block_fit", "check_block_mask", "check_layer_shapes", "check_reachable"]
+__all__ = [
+    "check_allocation",
+    "check_block_fit",
+    "check_block_mask",
+    "check_consecutive",
+    "check_layer_shapes",
+    "check_reachable",
+    "checked_batches",
+    "checked_blocks",
+    "checked_scores",
+]
 
 
 def check_layer_shapes(
@@ -167,4 +178,101 @@ def check_reachable(
         raise UserInputError(
             f"--sparsity {target.sparsity} cannot be allocated: whole weights per row within [allocation_min, "
             f"allocation_max] reach [{low:.4g}, {high:.4g}] on this model (widen the bounds)"
+        )
+
+
+def checked_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
+    """``blocks`` as a list: non-empty, distinct modules of ``model`` that hold layers (not single layers).
+
+    Raises:
+        ValueError: Naming what is wrong (``None``, the model itself, a layer, a repeat, a foreign module).
+    """
+    listed = isinstance(blocks, nn.ModuleList) or (
+        not isinstance(blocks, (nn.Module, str, bytes, Mapping)) and hasattr(blocks, "__iter__")
+    )
+    if not listed:
+        kind = "the model itself" if blocks is model else type(blocks).__name__
+        raise ValueError(f"blocks must be a list of the model's blocks in execution order, got {kind}")
+    blocks = list(blocks)  # a ModuleList, a tuple, a generator
+    if not blocks:
+        raise ValueError("blocks is empty: there is nothing to prune")
+    names = {id(m): name for name, m in model.named_modules()}
+    for index, block in enumerate(blocks):
+        if not isinstance(block, nn.Module) or id(block) not in names or block is model:
+            what = "the model itself" if block is model else type(block).__name__
+            raise ValueError(f"block {index} must be a sub-module of the model, got {what}")
+        if next(block.children(), None) is None:
+            raise ValueError(
+                f"block {index} ({names[id(block)]}, a {type(block).__name__}) is a single layer: blocks are the "
+                "modules holding layers (e.g. model.model.layers)"
+            )
+        if any(block is other for other in blocks[:index]):
+            raise ValueError(f"block {index} ({names[id(block)]}) is listed twice")
+    return blocks
+
+
+def checked_batches(batches: Any) -> list[Any]:
+    """Calibration batches as a non-empty list whose every batch holds a non-empty tensor.
+
+    Raises:
+        ValueError: For anything else (text that was not tokenized, a bare tensor, an empty list).
+    """
+    if isinstance(batches, (str, bytes, Mapping)) or hasattr(batches, "dim") or not hasattr(batches, "__iter__"):
+        raise ValueError(
+            f"batches must be a non-empty list of calibration batches (dicts, tuples or tensors), got "
+            f"{type(batches).__name__}"
+        )
+    items = list(batches)  # a DataLoader or a generator: read once
+    if not items:
+        raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
+    for index, batch in enumerate(items):
+        found = list(tensors_in(batch))
+        if not found:
+            raise ValueError(
+                f"calibration batch {index} holds no tensor (got a {type(batch).__name__}): tokenize text first, "
+                "e.g. tokenizer(texts, return_tensors='pt')"
+            )
+        empty = next((t for t in found if t.numel() == 0), None)
+        if empty is not None:
+            raise ValueError(f"calibration batch {index} holds an empty tensor of shape {tuple(empty.shape)}")
+    return items
+
+
+def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
+    """``score(dense, pruned)``'s return as ``{name: float}``; a name of the run's own summary is refused.
+
+    Raises:
+        ValueError: For anything but a dict of numbers (one-element tensors are read), or a reserved key.
+    """
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"score(dense, pruned) must return a dict {{name: number}}, got {type(scores).__name__}")
+    out = {}
+    for key, value in scores.items():
+        if not isinstance(key, str):
+            raise ValueError(f"score(dense, pruned) must return a dict with text keys, got the key {key!r}")
+        if key in reserved:
+            raise ValueError(f"score(dense, pruned) returned {key!r}, a key of the run's own summary: rename it")
+        try:
+            out[key] = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"score(dense, pruned) returned {key!r}: {value!r}, not a number") from None
+    return out
+
+
+def check_consecutive(prefixes: Sequence[str]) -> None:
+    """Blocks of one ``ModuleList`` (``model.layers.<i>``) follow each other without a gap: each block is
+    calibrated on the previous one's outputs, so a skipped block would be left out of its inputs.
+
+    Raises:
+        UserInputError: Naming the first gap.
+    """
+    for before, after in zip(prefixes, prefixes[1:]):
+        (parent, _, first), (other, _, second) = before.rpartition("."), after.rpartition(".")
+        if parent != other or not (first.isdigit() and second.isdigit()) or int(second) == int(first) + 1:
+            continue
+        if int(second) <= int(first):
+            raise UserInputError(f"blocks must be in execution order: {after} runs before {before} in the model")
+        raise UserInputError(
+            f"blocks must follow each other without a gap: {before} is followed by {after}, which skips "
+            f"{parent}.{int(first) + 1} (its inputs would be {before}'s outputs); give a consecutive slice"
         )

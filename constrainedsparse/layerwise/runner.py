@@ -36,8 +36,12 @@ from constrainedsparse.layerwise.checks import (
     check_allocation,
     check_block_fit,
     check_block_mask,
+    check_consecutive,
     check_layer_shapes,
     check_reachable,
+    checked_batches,
+    checked_blocks,
+    checked_scores,
 )
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks, walk_inputs
 from constrainedsparse.layerwise.layers import layer_weight
@@ -153,15 +157,20 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
     options = {**problem.options, **routed["options"]}
     _hide_transformers_progress_bars()
     model = problem.model(options)
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"problem {problem.name!r}: model(options) must return a torch.nn.Module, got "
+                             f"{type(model).__name__}")  # fmt: skip
     model.to(getattr(torch, driver.dtype)).eval()
-    blocks = problem.model_blocks(model)
+    with user_input(f"problem {problem.name!r}: "):
+        blocks = checked_blocks(model, problem.model_blocks(model))
     levels = override_levels(model, blocks, problem.targets, target)
     prefixes = block_prefixes(model, blocks)
+    with user_input(f"problem {problem.name!r}: "):
+        check_consecutive(prefixes)
     check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
     check_reachable(blocks, problem.targets, target, driver)
-    batches = problem.calibration(options, config.seed)
-    if not batches:
-        raise UserInputError(f"problem {problem.name!r} produced no calibration batches")
+    with user_input(f"problem {problem.name!r}: calibration(options, seed): "):
+        batches = checked_batches(problem.calibration(options, config.seed))
     resolved = dataclasses.replace(config, sparsity=None if target.nm is not None else target.sparsity, epochs=0)
     return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, levels)
 
@@ -358,6 +367,10 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     peak = PeakMemory(prepared.device)
     scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
     dense_outputs = problem.held_out(model, prepared.options) if scored else None
+    if scored:  # its mistakes now, not after the pruning: the dense model scored against itself
+        reserved = {*_summary(prepared, model, [], 0.0), "peak_memory", "allocation", "saved_model", "wandb_run"}
+        with user_input(f"problem {problem.name!r}: "):
+            checked_scores(problem.score(dense_outputs, dense_outputs), reserved)
     blocks = problem.model_blocks(model)
     run = _Blocks(prepared, directory, state)
     stop = len(blocks) if config.stop_after_epochs is None else run.start + config.stop_after_epochs
@@ -380,7 +393,10 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         if allocation is not None:
             summary["allocation"] = allocation.as_dict()
         if scored:
-            scores = problem.score(dense_outputs, problem.held_out(model, prepared.options))
+            with user_input(f"problem {problem.name!r}: "):
+                scores = checked_scores(
+                    problem.score(dense_outputs, problem.held_out(model, prepared.options)), summary
+                )
             summary.update(scores)
             run.logger.log(scores, run.step + 1)
         final = {"mean_layer_error": summary["mean_layer_error"], "sparsity/achieved": summary["achieved_sparsity"]}
