@@ -133,8 +133,8 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     if allocation:  # per-layer levels of a layer-wise run (lagrangian or owl)
         levels = allocation["levels"].values()
         rows.append(("allocation", f"{allocation['method']}: layer levels {min(levels):.4f} to {max(levels):.4f}"))
-    for key in ("mean_layer_error", *LAYERWISE_SCORES):
-        if summary.get(key) is not None:
+    for key in ("mean_layer_error", *summary.get("score_keys", LAYERWISE_SCORES)):  # a problem's own score keys
+        if isinstance(summary.get(key), float):  # counts (evaluated_tokens) stay in summary.json
             rows.append((key.replace("_", " "), f"{summary[key]:.4f}"))
     if "purged_params" in summary:  # a structured l0 run: the smaller dense model purged.safetensors holds
         rows.append(("purged", f"{summary['dense_params']:,} -> {summary['purged_params']:,} parameters, "

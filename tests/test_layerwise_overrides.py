@@ -116,9 +116,11 @@ def test_a_mistake_in_a_layerwise_problem_file_is_one_line_before_pruning(name, 
     assert not out.exists()
 
 
-def test_a_layerwise_score_of_tensors_is_read_as_numbers(tmp_path):
+def test_a_layerwise_score_of_tensors_is_read_as_numbers_and_printed(tmp_path, capsys):
     path = tmp_path / "mine.py"
-    change = "held_out=held_out, score=lambda d, p: {'gap': (d - p).abs().mean()}"
+    change = "held_out=held_out, score=lambda d, p: {'output_gap': (d - p).abs().mean()}"
     path.write_text(LAYERWISE_FILE.replace("dict(CHANGE)", f"dict({change})"))
     assert main(["run", str(path), "--out", str(tmp_path / "run"), *COMMON]) == 0
-    assert isinstance(json.loads((tmp_path / "run" / "summary.json").read_text())["gap"], float)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert isinstance(summary["output_gap"], float) and summary["score_keys"] == ["output_gap"]
+    assert re.search(r"\n  output gap +\d+\.\d{4}\n", capsys.readouterr().out)

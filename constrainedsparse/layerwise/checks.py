@@ -239,7 +239,8 @@ def checked_batches(batches: Any) -> list[Any]:
 
 
 def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
-    """``score(dense, pruned)``'s return as ``{name: float}``; a name of the run's own summary is refused.
+    """``score(dense, pruned)``'s return as ``{name: number}`` (ints stay ints, the rest floats); a name of the
+    run's own summary is refused.
 
     Raises:
         ValueError: For anything but a dict of numbers (one-element tensors are read), or a reserved key.
@@ -253,7 +254,8 @@ def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
         if key in reserved:
             raise ValueError(f"score(dense, pruned) returned {key!r}, a key of the run's own summary: rename it")
         try:
-            out[key] = float(value.item() if hasattr(value, "item") else value)
+            number = value.item() if hasattr(value, "item") else value  # a one-element tensor or numpy number
+            out[key] = number if isinstance(number, int) and not isinstance(number, bool) else float(number)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"score(dense, pruned) returned {key!r}: {value!r}, not a number") from None
     return out

@@ -368,7 +368,8 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
     dense_outputs = problem.held_out(model, prepared.options) if scored else None
     if scored:  # its mistakes now, not after the pruning: the dense model scored against itself
-        reserved = {*_summary(prepared, model, [], 0.0), "peak_memory", "allocation", "saved_model", "wandb_run"}
+        reserved = {*_summary(prepared, model, [], 0.0), "peak_memory", "allocation", "saved_model", "wandb_run",
+                    "score_keys"}  # fmt: skip
         with user_input(f"problem {problem.name!r}: "):
             checked_scores(problem.score(dense_outputs, dense_outputs), reserved)
     blocks = problem.model_blocks(model)
@@ -398,6 +399,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
                     problem.score(dense_outputs, problem.held_out(model, prepared.options)), summary
                 )
             summary.update(scores)
+            summary["score_keys"] = list(scores)  # what the printed summary shows of them
             run.logger.log(scores, run.step + 1)
         final = {"mean_layer_error": summary["mean_layer_error"], "sparsity/achieved": summary["achieved_sparsity"]}
         run.logger.log(final, run.step + 1)
