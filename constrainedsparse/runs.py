@@ -37,6 +37,7 @@ from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, sav
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.logger import MetricsLogger, NullLogger
 from constrainedsparse.plots import plot_metrics
+from constrainedsparse.settings import parse_value
 
 __all__ = ["CHECKPOINT", "RUN_FILES", "RunConfig", "RunDirectory", "open_logger"]
 
@@ -181,9 +182,11 @@ def _same_setting(given: str, stored: str) -> bool:
     """Whether a ``--set`` value given again means the stored one (``0.20`` is ``0.2``, ``yes`` is ``true``)."""
     if given == stored:
         return True
-    truth = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false", "no": "false"}
-    if stored in ("true", "false") and truth.get(given.lower()) == stored:
-        return True
+    if stored in ("true", "false"):  # a bool, read the way --set reads one
+        try:
+            return parse_value("", given, bool) == (stored == "true")
+        except ValueError:
+            return False
     try:
         return float(given) == float(stored)
     except (TypeError, ValueError):

@@ -191,7 +191,7 @@ def check_keeps_weights(
         UserInputError: Naming the first tensor the level would empty and the way to allow it.
     """
     for name, (feasible, shape) in sets.items():
-        if not bool(feasible.mask(torch.ones(tuple(shape))).any()):
+        if not feasible.keeps_any(shape):
             raise UserInputError(
                 f"{level_name} {target.sparsity!r} keeps no weight of {name} ({math.prod(shape)} weights): lower it, "
                 "or set --set allow_empty_layers=true to cut such layers on purpose"

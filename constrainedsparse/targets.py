@@ -294,8 +294,7 @@ class Targets:
         for kind, globs, names, what in checks:
             for pattern in globs:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-                    raise ValueError(f"{kind} {pattern!r} matches no {what} {shown}")
+                    raise ValueError(f"{kind} {pattern!r} matches no {what} {_shown(names)}")
 
     def resolve(self, model: nn.Module, config: SparsityConfig, *, allow_empty: bool = False) -> list[TargetParam]:
         """Binds the targets to ``model`` at the level of ``config``.
@@ -343,7 +342,7 @@ class Targets:
                 feasible = own.feasible_set(shape)
             except ValueError as err:
                 raise ValueError(f"{full}: {err}") from None
-            if not allow_empty and not bool(feasible.mask(torch.ones(tuple(shape))).any()):
+            if not allow_empty and not feasible.keeps_any(shape):
                 raise ValueError(
                     f"{full}: sparsity {own.describe()} keeps none of its {math.prod(shape)} weights (the layer would "
                     "be cut from the model); lower its level (overrides={name: level}) or pass allow_empty=True"
@@ -353,14 +352,18 @@ class Targets:
 
     def _selects_nothing(self, model: nn.Module) -> str:
         """The message for a filter that selects nothing: every criterion, and the model's weights."""
-        params = [name for name, _ in model.named_parameters()]
-        shown = ", ".join(params[:6]) + (f", ... ({len(params)} in all)" if len(params) > 6 else "") or "none"
+        shown = _shown([name for name, _ in model.named_parameters()]) or "none"
         return (
             "the target filter selects no parameters (module_types="
             f"{', '.join(t.__name__ for t in self.module_types)}, param_names={list(self.param_names)}, "
             f"filter_fn={'given' if self.filter_fn is not None else None}, include={list(self.include)}, "
             f"exclude={list(self.exclude)}); the model's parameters are {shown}"
         )
+
+
+def _shown(names: Sequence[str]) -> str:
+    """The first six of ``names`` and their count when there are more (for a message)."""
+    return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
 
 def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module]]) -> None:

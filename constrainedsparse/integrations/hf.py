@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from constrainedsparse.formulations import Formulation, LagrangianStep, formulation_class, make
 from constrainedsparse.masks import hard_prune as hard_prune_targets
@@ -254,7 +254,7 @@ class _PruningCallback(TrainerCallback):
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         with warnings.catch_warnings():
-            if state.global_step >= state.max_steps or not _has_length(trainer.train_dataset):
+            if state.global_step >= state.max_steps or not has_length(trainer.train_dataset):
                 # max_steps cut this last epoch short (or the dataset has no length): its count is Trainer's choice
                 warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
             trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
@@ -263,14 +263,6 @@ class _PruningCallback(TrainerCallback):
         if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
-
-
-def _has_length(dataset: Any) -> bool:
-    try:
-        len(dataset)
-    except TypeError:
-        return False
-    return True
 
 
 def _parametrized(model: nn.Module) -> bool:
@@ -293,12 +285,10 @@ def _epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
     """``setup()``'s epochs and optimizer steps per epoch, counted as Trainer counts them."""
     args = trainer.args
     dataloader = trainer.get_train_dataloader()
-    try:
-        batches = len(dataloader)
-    except TypeError:  # an iterable dataset: Trainer runs max_steps as one epoch
+    if not has_length(dataloader):  # an iterable dataset: Trainer runs max_steps as one epoch
         if args.max_steps <= 0:
-            raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)") from None
+            raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
         return 1, args.max_steps
-    steps = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    steps = max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
     epochs = math.ceil(args.max_steps / steps) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
     return max(epochs, 1), steps

@@ -20,14 +20,12 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
-from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
@@ -44,7 +42,13 @@ from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_p
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
-from constrainedsparse.layerwise.runner import DEFAULT_SPARSITY, build_solver, check_savable, save_model
+from constrainedsparse.layerwise.runner import (
+    DEFAULT_SPARSITY,
+    build_solver,
+    check_savable,
+    save_model,
+    tokenizer_source,
+)
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.saving import source_folder
@@ -64,8 +68,6 @@ class _DriverKeywords(DriverSettings):
 def _check_inputs(model: Any, batches: Any) -> list[Any]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(batches, (str, bytes, Mapping, torch.Tensor)) or not isinstance(batches, Iterable):
-        raise ValueError("batches must be a non-empty list of calibration batches (dicts, tuples or tensors)")
     return checked_batches(batches)
 
 
@@ -205,10 +207,8 @@ def prune_layerwise(
 
 def _warn_without_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:
     """A ``transformers`` model saved without a tokenizer loads, but ``AutoTokenizer`` on its folder fails: say so."""
-    if tokenizer is not None or not hasattr(model, "save_pretrained"):
-        return
-    source = source_folder(model)
-    if source is None or not has_tokenizer(source):
+    if hasattr(model, "save_pretrained") and tokenizer_source(model, tokenizer) is None:
+        source = source_folder(model)
         where = f"in {source}" if source is not None else "(the model was not loaded from a folder)"
         warnings.warn(
             f"{out / 'model'} gets no tokenizer: none was found {where}; pass tokenizer= to save one", stacklevel=3

@@ -208,6 +208,15 @@ def check_savable(model: nn.Module) -> None:
         )
 
 
+def tokenizer_source(model: nn.Module, tokenizer: Any = None) -> Any:
+    """What the saved model's tokenizer comes from: ``tokenizer`` if given, else the folder the model was
+    loaded from if it holds one, else ``None``."""
+    if tokenizer is not None:
+        return tokenizer
+    source = source_folder(model)
+    return source if source is not None and has_tokenizer(source) else None
+
+
 def save_model(model: nn.Module, out: Path, tokenizer: Any = None) -> str:
     """Saves the pruned model so that it loads the standard way.
 
@@ -217,10 +226,8 @@ def save_model(model: nn.Module, out: Path, tokenizer: Any = None) -> str:
     without a tokenizer it is saved alone. Anything else is saved as ``out/model.safetensors``.
     """
     if hasattr(model, "save_pretrained"):
-        source = source_folder(model)
-        if tokenizer is not None:
-            save_pretrained_model(model, out / "model", tokenizer)
-        elif source is not None and has_tokenizer(source):
+        source = tokenizer_source(model, tokenizer)
+        if source is not None:
             save_pretrained_model(model, out / "model", source)
         else:
             staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))

@@ -218,6 +218,10 @@ class FeasibleSet(abc.ABC):
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean support of :meth:`project`: the entries of ``x`` that the projection keeps."""
 
+    def keeps_any(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of ``shape`` in this set may keep any entry (a level can round to 0 kept)."""
+        return bool(self.mask(torch.ones(tuple(shape))).any())
+
     def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         r"""Euclidean projection :math:`\arg\min_{z \in C}\|z - x\|_2`.
 
