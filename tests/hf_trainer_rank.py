@@ -45,3 +45,6 @@ trainer.train(resume_from_checkpoint=True if "--resume" in sys.argv else None)
 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 multiplier = trainer.formulation.problem.named_multiplier_values()["logits"].clone()
 torch.save({"model": state, "multiplier": multiplier}, f"{out}/final-rank{rank}.pt")
+if torch.distributed.is_initialized():  # a rank leaving with gloo's threads still up can abort at exit
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
