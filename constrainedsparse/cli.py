@@ -115,7 +115,8 @@ def _percent_or_plain(summary: dict, key: str) -> str:
 def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     rows = [("problem", summary["problem"]), ("formulation", summary["formulation"])]
     target = summary.get("target_sparsity")
-    pattern = summary.get("pattern")
+    # A layer-wise run names its scope either way (mask_scope=layer is the unstructured pattern).
+    pattern = summary.get("pattern") or ("unstructured" if "mask_scope" in summary else None)
     rows.append(("target", f"{target} {pattern}" if target is not None and pattern else str(pattern or target)))
     rows.append(("achieved sparsity", f"{summary['achieved_sparsity']:.4f} of the pruned weights"))
     if "model_sparsity" in summary:

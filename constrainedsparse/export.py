@@ -222,6 +222,7 @@ def _report(sizes: dict[str, dict[str, int]], model_dir: Path, folder: Path, fmt
         "pruned_ratio": compressed / dense if dense else 1.0,
         "dense_safetensors_bytes": dense_weights,
         "compressed_safetensors_bytes": _folder_bytes(folder, "*.safetensors"),
+        "safetensors_ratio": _folder_bytes(folder, "*.safetensors") / dense_weights,
         "compressed_folder_bytes": _folder_bytes(folder),
         "folder_ratio": _folder_bytes(folder) / dense_weights,
     }
@@ -258,8 +259,9 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
 
     Returns:
         The report (also written to ``compression.json`` in the folder): format, bytes per pruned
-        layer dense vs compressed, ``pruned_ratio`` and ``folder_ratio`` (the whole compressed folder
-        against the dense model's safetensors).
+        layer dense vs compressed, ``pruned_ratio``, ``safetensors_ratio`` (the compressed weight files
+        against the dense model's) and ``folder_ratio`` (the whole compressed folder, configuration and
+        tokenizer included, against the dense model's safetensors).
 
     Raises:
         ValueError: With one line, before anything is written, for a run that cannot be exported or a
@@ -402,8 +404,9 @@ def export_command(args: Any) -> None:
         ("pruned layers", f"{len(report['layers'])}"),
         ("pruned bytes", f"{report['pruned_compressed_bytes']:,} of {report['pruned_dense_bytes']:,} dense "
                          f"({report['pruned_ratio']:.3f}x)"),
-        ("folder bytes", f"{report['compressed_folder_bytes']:,} vs dense safetensors "
-                         f"{report['dense_safetensors_bytes']:,} ({report['folder_ratio']:.3f}x)"),
+        ("safetensors bytes", f"{report['compressed_safetensors_bytes']:,} vs dense "
+                              f"{report['dense_safetensors_bytes']:,} ({report['safetensors_ratio']:.3f}x)"),
+        ("folder bytes", f"{report['compressed_folder_bytes']:,} (with configuration and tokenizer files)"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

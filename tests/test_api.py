@@ -327,3 +327,12 @@ def test_prune_layerwise_out_refuses_a_model_transformers_cannot_save_before_pru
         prune_layerwise(model, batches, "wanda", out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
+
+
+def test_the_printed_target_names_a_layer_wise_runs_scope():
+    from constrainedsparse.cli import _summary_rows
+
+    base = {"problem": "p", "formulation": "wanda", "achieved_sparsity": 0.6, "target_sparsity": 0.6, "seconds": 1.0}
+    assert ("target", "0.6 unstructured") in _summary_rows(base | {"mask_scope": "layer"})
+    assert ("target", "0.6 row") in _summary_rows(base | {"mask_scope": "row", "pattern": "row"})
+    assert ("target", "0.6") in _summary_rows(base)  # a training run's unstructured target, as before

@@ -97,7 +97,9 @@ class DuplicateConfig(Hyperparameters):
         0.03, "penalty coefficient rho of rho/2 ||W - Z||^2", Bounds(low=0, low_inclusive=False)
     )
     rho_growth: float = hyperparameter(1.05, "factor applied to rho after every coordination", Bounds(low=1))
-    rho_max: float = hyperparameter(1e4, "upper bound on rho when it grows (>= rho)")
+    rho_max: float = hyperparameter(
+        1e4, "upper bound on rho when it grows (>= rho)", Bounds(low=0, low_inclusive=False)
+    )
     interval: int = hyperparameter(
         4, "coordinate (Z-step, dual steps) every this many units", Bounds(low=1, integer=True)
     )
