@@ -201,3 +201,42 @@ def test_two_ranks_under_torchrun_stay_identical_and_resume(tmp_path, formulatio
     assert torch.equal(ranks[0]["multiplier"], ranks[1]["multiplier"])
     weight = ranks[0]["model"]["bert.encoder.layer.0.intermediate.dense.weight"]
     assert float((weight == 0).float().mean()) == 0.5
+
+
+def test_a_causal_lm_gets_trainers_token_weighting_across_accumulated_micro_batches(tmp_path):
+    """With num_items_in_batch, Trainer normalises a causal LM's loss by the tokens of the whole accumulated
+    batch, not per micro-batch: the formulation's backward gives the same gradient as Trainer's own."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length in (3, 12, 5, 12, 2, 9, 12, 4):  # micro-batches with very different token counts
+        ids = torch.randint(1, 48, (12,), generator=g)
+        labels = ids.clone()
+        labels[length:] = -100
+        examples.append({"input_ids": ids, "labels": labels, "attention_mask": (labels != -100).long()})
+
+    def llama() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    class Gradient(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            # Not pruned, and slr changes no forward: the task loss's gradient alone.
+            self.grad = model.model.embed_tokens.weight.grad.clone()
+
+    grads = []
+    for build in (Trainer, SparsityTrainer):
+        model, seen = llama(), Gradient()
+        args = _args(
+            tmp_path / build.__name__, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2
+        )
+        extra = {}
+        if build is SparsityTrainer:
+            chosen = cs.Targets(module_types=(nn.Linear,), include=["model.layers.*.mlp.*"])
+            extra = {"targets": chosen.resolve(model, cs.SparsityConfig(sparsity=0.5)), "formulation": "slr"}
+        build(model, args, train_dataset=examples, callbacks=[seen], **extra).train()
+        grads.append(seen.grad)
+    assert float((grads[0] - grads[1]).abs().max()) < 1e-4 * float(grads[0].abs().max())  # per micro-batch: 0.75

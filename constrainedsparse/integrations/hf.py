@@ -95,6 +95,7 @@ class SparsityTrainer(Trainer):
             raise ValueError("SparsityTrainer takes a model, not model_init (its targets are the model's parameters)")
         super().__init__(model=model, args=args, **kwargs)
         _check_supported(self)
+        self._num_items_in_batch: Any = None  # Trainer's, while training_step runs
         batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))  # one collated batch, on device
         problem = SparsityProblem(
             self.model, targets=targets, constraints=constraints, example_batch=batch, compute_loss=self._task_loss
@@ -121,23 +122,52 @@ class SparsityTrainer(Trainer):
         self.add_callback(_PruningCallback(self))
 
     def _task_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Trainer's own loss (``compute_loss``: label smoothing, your override) on a copy of the batch."""
+        """Trainer's own loss (``compute_loss``: label smoothing, your override) on a copy of the batch.
+
+        Inside :meth:`training_step` it gets Trainer's ``num_items_in_batch``. A loss Trainer counts as
+        already normalised over the accumulated batch (the tokens of every micro-batch, as Trainer
+        decides it) is returned times the accumulation steps, so that ``backward``'s ``1/accumulation``
+        leaves it as Trainer would and scales only the formulation's own terms.
+        """
+        batch = dict(batch) if isinstance(batch, Mapping) else batch
+        items = self._num_items_in_batch
         with self.compute_loss_context_manager():
-            return self.compute_loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
+            if items is None:
+                return self.compute_loss(model, batch)
+            loss = self.compute_loss(model, batch, num_items_in_batch=items)
+        if self._loss_scaled_for_accumulation(items):
+            loss = loss * self._accumulation_steps()
+        return loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """Trainer's own test (``training_step``) of whether ``compute_loss`` normalised over the accumulated batch."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        accepts = getattr(self, "model_accepts_loss_kwargs", False)
+        return bool(accepts and num_items_in_batch is not None) or getattr(self, "compute_loss_func", None) is not None
+
+    def _accumulation_steps(self) -> int:
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         """The formulation's backward on one micro-batch; returns its loss scaled as Trainer's is (the task
         loss; ``l0-penalty``'s includes its penalty ``lmbda · E[density]``).
 
-        The loss is the micro-batch mean divided by the accumulation steps (Trainer's
-        ``num_items_in_batch`` token weighting across micro-batches is not applied).
+        The task loss is Trainer's: with ``num_items_in_batch`` (a causal LM's tokens over the accumulated
+        batch) it is normalised as Trainer normalises it, else the micro-batch mean divided by the
+        accumulation steps; the formulation's terms are divided by the accumulation steps.
         """
         model.train()
         self.formulation.problem.forward_module = model  # DDP's wrapper under torchrun
-        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        step = self.formulation.backward(
-            self._prepare_inputs(inputs), scale=scale, scaler=getattr(self.accelerator, "scaler", None)
-        )
+        scale = 1.0 / self._accumulation_steps()
+        self._num_items_in_batch = num_items_in_batch  # for this micro-batch's loss only (not SLR's reference f)
+        try:
+            step = self.formulation.backward(
+                self._prepare_inputs(inputs), scale=scale, scaler=getattr(self.accelerator, "scaler", None)
+            )
+        finally:
+            self._num_items_in_batch = None
         self._micro_steps.append(step)
         return step.loss.detach() * scale
 
