@@ -204,12 +204,28 @@ def test_hyperparameters_as_keywords_and_their_errors():
         make("magnitude", problem, lr=float("nan"))
 
 
-def test_make_twice_on_one_problem_is_refused_with_a_clear_message():
+def test_a_second_formulation_on_the_same_tensors_is_refused_until_the_first_is_finalized():
+    """On the same problem or a new one over the same model (a notebook cell run again): the first one's
+    gradient hooks, masks or gates would stay and stack; a copy of the model or a finalized first one is free."""
+    import copy
+
     model, _, _ = _cancer()
-    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
-    make("slr", problem)
-    with pytest.raises(ValueError, match=r"constraint 'w_eq_z/0.weight' is already registered"):
-        make("admm", problem)
+
+    def problem_of(m: nn.Module) -> SparsityProblem:
+        return SparsityProblem(m, nn.functional.cross_entropy, Targets().resolve(m, SparsityConfig(0.5)))
+
+    problem = problem_of(model)
+    first = make("slr", problem)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for again in (problem, problem_of(model)):
+        with pytest.raises(
+            ValueError, match=r"^0.weight is pruned already by a 'slr' formulation built on this model "
+        ):
+            make("l0", again)
+    assert model.state_dict().keys() == before.keys()  # nothing attached by the refused one
+    make("l0", problem_of(copy.deepcopy(model)))
+    first.finalize()
+    make("magnitude", problem_of(model))
 
 
 def test_an_optimizer_that_does_not_hold_the_targets_is_refused():
@@ -295,6 +311,7 @@ def test_batches_that_are_not_pairs_need_compute_loss():
         ValueError, match=r"^loss_fn takes \(inputs, targets\) batches, got a tuple of 3: pass compute_loss"
     ):
         f.training_step((x, y, torch.ones(len(y))))
+    f.finalize()  # the same tensors take one formulation at a time
 
     def weighted(net, batch):
         inputs, labels, weights = batch

@@ -46,7 +46,9 @@ from constrainedsparse.formulations.checks import (
     check_state,
     check_step_count,
     checked_epoch,
+    claim_targets,
     described,
+    release_targets,
 )
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
@@ -148,6 +150,7 @@ class Formulation(abc.ABC):
         self._epoch = -1  # the epoch start_epoch() began last
         self._resumed_mid_epoch = False  # a state saved mid-epoch: start_epoch() of that epoch keeps _epoch_steps
         self._stage = _BUILT
+        self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
         self.attach()
         self.dual_optimizer = self.build_dual_optimizer()
         if self.dual_optimizer is None:
@@ -411,6 +414,7 @@ class Formulation(abc.ABC):
             raise ValueError("finalize() was already called")
         self.detach()
         self._stage = _FINALIZED
+        release_targets(self._claim)
 
     def detach(self) -> None:
         """Hook of :meth:`finalize`: undo :meth:`attach` (by default, bake and remove masks)."""
@@ -455,6 +459,9 @@ class Formulation(abc.ABC):
         check_state(self.name, self.state_dict(), state, self._optional_state_keys)
         self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
         self._resumed_mid_epoch = self._epoch_steps > 0
-        if self.dual_optimizer is not None and state.get("dual_optimizer") is not None:
-            self.dual_optimizer.load_state_dict(state["dual_optimizer"])
+        if self.dual_optimizer is not None:
+            # A step cut short (an exception before post_step) leaves its dual gradients: not the state's.
+            self.dual_optimizer.zero_grad(set_to_none=True)
+            if state.get("dual_optimizer") is not None:
+                self.dual_optimizer.load_state_dict(state["dual_optimizer"])
         self.problem.load_state_dict(state["cmp"])
