@@ -58,10 +58,18 @@ def _trainer(out, formulation: str, **kwargs) -> SparsityTrainer:
 @pytest.mark.parametrize("formulation", ["slr", "l0"])
 def test_trainer_prunes_logs_the_constraint_and_saves_a_plain_model(tmp_path, formulation):
     trainer = _trainer(tmp_path / "run", formulation)
+    ended = []
+    end_epoch = trainer.formulation.end_epoch
+    trainer.formulation.end_epoch = lambda e: (ended.append(end_epoch(e)), ended[-1])[1]
     trainer.train()
     assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert rows and all("violation/logit" in row and "multiplier/logit" in row for row in rows)
+    # BERT's classification loss ignores num_items_in_batch: the micro-batch mean (ln 2 at the start), not the
+    # sum of the two accumulated means that Trainer would take it for.
+    assert rows[0]["loss"] < 1.0
+    last = {k for k in ended[-1] if not k.endswith(".weight")}  # the last epoch's metrics are logged too
+    assert last <= {k for row in trainer.state.log_history[-2:] for k in row} and (last or formulation == "slr")
     assert rows[-1]["multiplier/logit"] > 0  # the constraint is violated (mean logit² > 1e-5): its multiplier rose
     assert not [key for row in rows for key in row if key.endswith(".weight")]  # no per-layer keys by default
     assert (tmp_path / "run" / "checkpoint-4" / "formulation.pt").is_file()
@@ -86,6 +94,19 @@ def test_resume_from_a_trainer_checkpoint_ends_as_an_uninterrupted_run(tmp_path,
     resumed.train(resume_from_checkpoint=True)
     for name, tensor in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+    class Interrupt(TrainerCallback):  # Ctrl-C mid-epoch 2; the same trainer then resumes
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6 and not state.is_hyper_param_search and not getattr(self, "done", False):
+                self.done = True
+                raise KeyboardInterrupt
+
+    same = _trainer(tmp_path / "interrupted", formulation, callbacks=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        same.train()
+    same.train(resume_from_checkpoint=True)
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(same.model.state_dict()[name], tensor), name
 
 
 def test_evaluate_hard_pruned_leaves_the_model_as_it_was(tmp_path):
@@ -121,6 +142,31 @@ def test_refusals(tmp_path):
     trainer.train()
     with pytest.raises(ValueError, match="hard-pruned its model already; build a new one"):
         trainer.train()
+
+
+def test_a_quantized_model_an_empty_dataset_and_a_second_trainer_on_one_model_are_refused(tmp_path):
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = _model()
+    args = _args(tmp_path / "a", num_train_epochs=1)
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())  # what from_pretrained(gguf_file=...) attaches
+    with pytest.raises(ValueError, match=r"^the model was loaded quantized \(gguf, .*models\.materialize_gguf\(file"):
+        SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model))
+    del model.hf_quantizer
+    with pytest.raises(ValueError, match=r"^train_dataset is empty: SparsityTrainer needs at least one example$"):
+        SparsityTrainer(model, args, train_dataset=[], targets=_targets(model))
+    SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model))  # a notebook cell run twice
+    with pytest.raises(ValueError, match=r"is pruned already by a 'slr' formulation built on this model"):
+        SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model))
+
+
+def test_slrs_reference_batch_holds_reference_samples_examples(tmp_path):
+    model = _model()
+    args = _args(tmp_path / "a", num_train_epochs=1)
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
+                              hyperparameters={"reference_samples": 24})  # fmt: skip
+    assert trainer.formulation.reference_batch["input_ids"].shape[0] == 24  # not the training batch's 8
 
 
 def test_epochs_follow_the_loop_also_when_max_steps_cuts_them(tmp_path, recwarn):

@@ -27,6 +27,7 @@ and several GPUs in one process (``DataParallel``; use ``torchrun``, one process
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -93,10 +94,12 @@ class SparsityTrainer(Trainer):
     ) -> None:
         if kwargs.get("model_init") is not None:
             raise ValueError("SparsityTrainer takes a model, not model_init (its targets are the model's parameters)")
+        _check_trainable(model, kwargs.get("train_dataset"))
         super().__init__(model=model, args=args, **kwargs)
         _check_supported(self)
         self._num_items_in_batch: Any = None  # Trainer's, while training_step runs
-        batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))  # one collated batch, on device
+        batch = self._train_batch()
+        self._weighs_tokens = self._loss_uses_num_items(batch)
         problem = SparsityProblem(
             self.model, targets=targets, constraints=constraints, example_batch=batch, compute_loss=self._task_loss
         )
@@ -110,7 +113,9 @@ class SparsityTrainer(Trainer):
         self.formulation: Formulation = make(
             formulation, problem, dict(hyperparameters or {}), optimizer=optimizer, dual_lr=dual_lr
         )
-        self.formulation.setup(*_epochs_and_steps(self), reference_batch=batch)
+        wanted = self.formulation.reference_samples  # slr's f: that many samples, shared out over the processes
+        reference = self._train_batch(math.ceil(wanted / self.args.world_size)) if wanted else None
+        self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference)
         self.hard_prune_at_end = hard_prune_at_end
         self._layer_names = set() if log_layers else {t.name for t in problem.targets}
         self._micro_steps: list[LagrangianStep] = []  # backward() of the optimizer step under way
@@ -121,31 +126,52 @@ class SparsityTrainer(Trainer):
         self._pruned = False
         self.add_callback(_PruningCallback(self))
 
+    def _train_batch(self, size: int | None = None) -> Any:
+        """One collated batch of Trainer's training loader, on the device (``size`` examples per process instead
+        of the training batch size if given), drawn without touching the random state Trainer's shuffling uses."""
+        saved = self._train_batch_size
+        if size is not None:
+            self._train_batch_size = min(size, len(self.train_dataset)) if has_length(self.train_dataset) else size
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return self._prepare_inputs(next(iter(self.get_train_dataloader())))
+        finally:
+            self._train_batch_size = saved
+
+    def _loss_uses_num_items(self, batch: Any) -> bool:
+        """Whether Trainer's loss is normalised by ``num_items_in_batch`` (a causal LM's tokens), found by
+        computing it on ``batch`` with two counts: many models take the keyword and ignore it (BERT's
+        classification heads), and Trainer would then add up their micro-batch means."""
+        if "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters:
+            return False
+        declared = getattr(self, "loss_is_scaled_for_ga", None)  # your compute_loss's own word, if given
+        if declared is not None:
+            return bool(declared)
+        if not (getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None)):
+            return False  # Trainer divides by the accumulation steps itself
+        training = self.model.training
+        self.model.eval()  # no dropout: the two losses differ only by the count
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                one, two = (self.compute_loss(self.model, dict(batch), num_items_in_batch=n) for n in (1, 2))
+        finally:
+            self.model.train(training)
+        return not torch.allclose(one, two)
+
     def _task_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Trainer's own loss (``compute_loss``: label smoothing, your override) on a copy of the batch.
 
-        Inside :meth:`training_step` it gets Trainer's ``num_items_in_batch``. A loss Trainer counts as
-        already normalised over the accumulated batch (the tokens of every micro-batch, as Trainer
-        decides it) is returned times the accumulation steps, so that ``backward``'s ``1/accumulation``
-        leaves it as Trainer would and scales only the formulation's own terms.
+        Inside :meth:`training_step`, a loss normalised by Trainer's ``num_items_in_batch`` (the tokens of
+        the whole accumulated batch) gets it, and is returned times the accumulation steps, so that
+        ``backward``'s ``1/accumulation`` leaves it as Trainer has it and scales only the formulation's
+        own terms. Any other loss is the micro-batch mean.
         """
         batch = dict(batch) if isinstance(batch, Mapping) else batch
-        items = self._num_items_in_batch
+        items = self._num_items_in_batch if self._weighs_tokens else None
         with self.compute_loss_context_manager():
             if items is None:
                 return self.compute_loss(model, batch)
-            loss = self.compute_loss(model, batch, num_items_in_batch=items)
-        if self._loss_scaled_for_accumulation(items):
-            loss = loss * self._accumulation_steps()
-        return loss
-
-    def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
-        """Trainer's own test (``training_step``) of whether ``compute_loss`` normalised over the accumulated batch."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is not None:
-            return bool(scaled)
-        accepts = getattr(self, "model_accepts_loss_kwargs", False)
-        return bool(accepts and num_items_in_batch is not None) or getattr(self, "compute_loss_func", None) is not None
+            return self.compute_loss(model, batch, num_items_in_batch=items) * self._accumulation_steps()
 
     def _accumulation_steps(self) -> int:
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -177,10 +203,13 @@ class SparsityTrainer(Trainer):
         if "loss" in logs and self._last_step is not None:
             constraint_metrics = self.formulation.problem.step_metrics(self._last_step.cmp_state)
             constraint_metrics.pop("loss/train")  # Trainer's "loss" is that
-            pending = {k: v for k, v in self._pending_logs.items() if k.rpartition("/")[2] not in self._layer_names}
-            logs = {**logs, **pending, **constraint_metrics}
+            logs = {**logs, **self._logged(self._pending_logs), **constraint_metrics}
             self._pending_logs = {}
         super().log(logs, *args, **kwargs)
+
+    def _logged(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The formulation's metrics to log: its per-tensor ones only with ``log_layers``."""
+        return {k: v for k, v in metrics.items() if k.rpartition("/")[2] not in self._layer_names}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer's ``train``, resuming the formulation's state too; hard-prunes at the end (see class).
@@ -190,15 +219,20 @@ class SparsityTrainer(Trainer):
         """
         if self._pruned:
             raise ValueError("this SparsityTrainer hard-pruned its model already; build a new one to prune again")
-        if self._trained:
+        if self._trained and not resume_from_checkpoint:
             raise ValueError(
                 "train() ran already: a second run would restart the pruning schedule on a pruned model; call "
-                "hard_prune(), or build a new SparsityTrainer (resume_from_checkpoint= continues a stopped run)"
+                "hard_prune(), or train(resume_from_checkpoint=...) to continue a stopped run"
             )
         if resume_from_checkpoint:
             self._load_formulation_state(resume_from_checkpoint)
+        # A run stopped by an exception left these behind; the checkpoint's state is what goes on.
+        self._epoch, self._micro_steps, self._last_step, self._pending_logs = None, [], None, {}
         self._trained = True
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._pending_logs:  # the last epoch's end_epoch metrics: Trainer logged its last row before them
+            super().log(self._logged(self._pending_logs))
+            self._pending_logs = {}
         if self.hard_prune_at_end:
             self.hard_prune()
         return output
@@ -297,6 +331,20 @@ class _PruningCallback(TrainerCallback):
 
 def _parametrized(model: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def _check_trainable(model: nn.Module | None, train_dataset: Any) -> None:
+    """What Trainer would refuse with a message of its own, or torch's: a model loaded quantized, no examples."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_trainable", False):
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise ValueError(
+            f"the model was loaded quantized ({getattr(method, 'value', method)}, e.g. from a GGUF file), which "
+            "Trainer does not fine-tune: load a plain copy (constrainedsparse.models.materialize_gguf(file, cache, "
+            "name) writes one; SmolLM2: materialize_smollm2(cache))"
+        )
+    if train_dataset is not None and has_length(train_dataset) and len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty: SparsityTrainer needs at least one example")
 
 
 def _check_supported(trainer: Trainer) -> None:
