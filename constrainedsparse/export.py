@@ -407,6 +407,8 @@ def export_command(args: Any) -> None:
         ("safetensors bytes", f"{report['compressed_safetensors_bytes']:,} vs dense "
                               f"{report['dense_safetensors_bytes']:,} ({report['safetensors_ratio']:.3f}x)"),
         ("folder bytes", f"{report['compressed_folder_bytes']:,} (with configuration and tokenizer files)"),
+        ("load with", "constrainedsparse.export.load_compressed_model(folder) (transformers' from_pretrained does "
+                      "not decompress it: its weights would be random)"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

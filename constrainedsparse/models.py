@@ -89,26 +89,22 @@ def convert_gguf(gguf_path: str | os.PathLike[str], folder: Path) -> None:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from constrainedsparse.progress import transformers_bars_off
 
     file = check_gguf(gguf_path)
     print(f"converting {file.name} into a plain transformers folder (once; about 20 s)", file=sys.stderr)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one line instead of a bar per tensor (logs off a terminal)
-    try:
+    with transformers_bars_off():  # the line above instead of a bar per tensor (and per shard)
         loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = ""
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    del loaded
-    model.eval().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name).save_pretrained(folder)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = ""
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        model.eval().save_pretrained(folder)
+        AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name).save_pretrained(folder)
 
 
 def _manifest(folder: Path) -> dict[str, int]:

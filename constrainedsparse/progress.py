@@ -6,13 +6,37 @@ line per epoch (or block); ``progress=False`` (``--no-progress``) prints nothing
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "transformers_bars_off"]
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """``transformers``' own progress bars off inside (saving shards, reading a GGUF file), restored after:
+    the library's bars are its own, and ``--no-progress`` / ``progress=False`` mean none at all."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_reader, "tqdm", None)  # the GGUF reader calls tqdm itself, not transformers' wrapper
+    hf_logging.disable_progress_bar()
+    if gguf_bar is not None:
+        gguf_reader.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_bar is not None:
+            gguf_reader.tqdm = gguf_bar
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 class Progress:

@@ -88,20 +88,23 @@ def config_field_types(config_cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
 
 
-def resolve_device(name: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a usable device string."""
+def resolve_device(name: str, key: str = "--set device") -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a usable device string.
+
+    ``key`` names the setting in messages (``device`` for a Python keyword).
+    """
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+    if isinstance(name, str) and (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         if not torch.cuda.is_available():
-            raise ValueError(f"--set device={name} but CUDA is not available here; use cpu or auto")
+            raise ValueError(f"{key}={name} but CUDA is not available here; use cpu or auto")
         index = int(name[5:]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{key}={name}: only {torch.cuda.device_count()} CUDA device(s)")
         return name
-    raise ValueError(f"--set device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    raise ValueError(f"{key} must be cpu, cuda, cuda:N or auto, got {name!r}")
 
 
 def route_settings(

@@ -363,7 +363,10 @@ def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
         path = bundled[name_or_path]
     else:
         path = Path(name_or_path)
-        if path.suffix != ".py" or not path.is_file():
+        if path.suffix == ".py" and not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise UserInputError(f"problem file {name_or_path} {what} (bundled problems: {', '.join(bundled)})")
+        if path.suffix != ".py":
             raise UserInputError(
                 f"unknown problem {name_or_path!r}; bundled problems: {', '.join(bundled)} "
                 "(or give the path of a .py problem file)"

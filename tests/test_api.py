@@ -1,6 +1,7 @@
 """The public Python API beyond the own loop: describe, prune_layerwise, transformers models with dict batches."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -134,17 +135,29 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", foo=1)
     with pytest.raises(ValueError, match=r"^mask_scope must be one of row, layer, got 'col'$"):
         prune_layerwise(model, batches, "wanda", mask_scope="col")
-    with pytest.raises(ValueError, match=r"^no blocks to prune: the list of blocks is empty$"):
+    with pytest.raises(ValueError, match=r"^blocks is empty: there is nothing to prune$"):
         prune_layerwise(model, batches, "wanda", blocks=[])
+    with pytest.raises(
+        ValueError, match=r"^block 0 \(blocks\.0\.0, a Linear\) is a single layer: blocks are the modules"
+    ):
+        prune_layerwise(model, batches, "wanda", blocks=[model.blocks[0][0]])
+    with pytest.raises(ValueError, match=r"^blocks must be a list of the model's blocks in execution order, got Seq"):
+        prune_layerwise(model, batches, "wanda", blocks=model.blocks[0])
+    with pytest.raises(ValueError, match=r"^block 1 \(blocks\.0\) is listed twice$"):
+        prune_layerwise(model, batches, "wanda", blocks=[model.blocks[0], model.blocks[0]])
+    with pytest.raises(ValueError, match=r"^give either pattern or mask_scope \(mask_scope='row' is pattern='row'"):
+        prune_layerwise(model, batches, "wanda", pattern="row", mask_scope="layer")
+    with pytest.raises(ValueError, match=r"^device must be cpu, cuda, cuda:N or auto, got 'gpu'$"):
+        prune_layerwise(model, batches, "wanda", device="gpu")
+    with pytest.raises(ValueError, match=r"^block_mask_rounds moves masks over the dense weights; sparsegpt changes"):
+        prune_layerwise(model, batches, "sparsegpt", block_mask_rounds=1)
     with pytest.raises(ValueError, match=r"^blocks must be in execution order: blocks\.0 runs before blocks\.1"):
         prune_layerwise(model, batches, "wanda", blocks=[model.blocks[1], model.blocks[0]])
     with pytest.raises(
         ValueError, match=r"^Targets\.overrides set per-layer sparsity levels; the N:M pattern 2:4 fixes"
     ):
         prune_layerwise(model, batches, "wanda", pattern="2:4", targets=Targets(overrides={"0.weight": 0.2}))
-    with pytest.raises(
-        ValueError, match=r"^--set allocation=owl sets every layer's level; Targets\.overrides set some"
-    ):
+    with pytest.raises(ValueError, match=r"^allocation=owl sets every layer's level; Targets\.overrides set some"):
         prune_layerwise(model, batches, "wanda", allocation="owl", targets=Targets(overrides={"0.weight": 0.2}))
     with pytest.raises(ValueError, match=r"^override '3\.weight' matches no targeted parameter; they are 0\.weight, "):
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"3.weight": 0.2}))
@@ -266,9 +279,11 @@ def test_prune_layerwise_refuses_bad_allocations_before_pruning():
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(2)]
     with pytest.raises(ValueError, match=r"^allocation must be one of uniform, lagrangian, owl, got 'owls'$"):
         prune_layerwise(model, batches, "wanda", allocation="owls")
-    with pytest.raises(ValueError, match=r"^--set allocation=owl shares out a --sparsity level; the N:M pattern 2:4"):
+    with pytest.raises(ValueError, match=r"^allocation=owl shares out a sparsity level; the N:M pattern 2:4"):
         prune_layerwise(model, batches, "wanda", pattern="2:4", allocation="owl")
-    with pytest.raises(ValueError, match=r"^--sparsity 0.9 is outside the allocation bounds \[0.0, 0.8\]"):
+    with pytest.raises(
+        ValueError, match=r"^sparsity 0.9 is outside the allocation bounds \[0.0, 0.8\] \(allocation_min"
+    ):
         prune_layerwise(model, batches, "wanda", sparsity=0.9, allocation="lagrangian", allocation_max=0.8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -281,7 +296,8 @@ def test_prune_layerwise_defaults_are_the_cli_driver_defaults():
 
     defaults = DriverSettings().values()
     keywords = inspect.signature(prune_layerwise).parameters
-    shared = [name for name in keywords if name in defaults and name != "device"]  # device: the model's by default
+    # device: the model's by default; mask_scope: None, which is row (None tells it apart from a given scope)
+    shared = [name for name in keywords if name in defaults and name not in ("device", "mask_scope")]
     assert len(shared) >= 11
     for name in shared:
         assert keywords[name].default == defaults[name], name
@@ -336,3 +352,15 @@ def test_the_printed_target_names_a_layer_wise_runs_scope():
     assert ("target", "0.6 unstructured") in _summary_rows(base | {"mask_scope": "layer"})
     assert ("target", "0.6 row") in _summary_rows(base | {"mask_scope": "row", "pattern": "row"})
     assert ("target", "0.6") in _summary_rows(base)  # a training run's unstructured target, as before
+
+
+def test_summary_names_the_scope_the_pattern_has_and_a_tokenizer_without_out_is_flagged(tmp_path):
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(2)]
+    for pattern, scope in (("unstructured", {"mask_scope": "layer"}), ("row", {"mask_scope": "row"}), ("2:4", {})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # no tokenizer to save
+            prune_layerwise(_fresh_bert(), batches, "magnitude", pattern=pattern, out=tmp_path / pattern)
+        summary = json.loads((tmp_path / pattern / "summary.json").read_text())
+        assert {k: v for k, v in summary.items() if k == "mask_scope"} == scope, pattern
+    with pytest.warns(UserWarning, match=r"^tokenizer= is saved with the pruned model, which only out= writes"):
+        prune_layerwise(_fresh_bert(), batches, "magnitude", tokenizer=object())

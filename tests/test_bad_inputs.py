@@ -328,6 +328,11 @@ ROWS: list[Row] = [
     # --- problem files: the user's code -----------------------------------------------------------
     Row("unknown problem", ["run", "no-such-problem", "--out", "{out}"], r"unknown problem 'no-such-problem'"),
     Row(
+        "missing problem file",
+        ["run", "{tmp}/nowhere.py", "--out", "{out}"],
+        r"problem file .*nowhere\.py does not exist \(bundled problems: ",
+    ),  # fmt: skip
+    Row(
         "not a python file",
         ["run", "{tmp}/notes.txt", "--out", "{out}"],
         r"unknown problem '.*notes.txt'",
@@ -467,6 +472,7 @@ ROWS: list[Row] = [
         r"--set seq_len=4096 is above the model's context of 64 tokens",
     ),  # fmt: skip
     Row("hf no calibration", [*LLAMA, "--set", "calibration_samples=0"], r"--set calibration_samples must be >= 1"),
+    Row("hf no held-out", [*LLAMA, "--set", "held_out_samples=-1"], r"^error: --set held_out_samples must be >= 1"),
     Row("training formulation layer-wise", [*LLAMA, "--formulation", "slr"], r"formulation 'slr' trains the model"),
     Row(
         "unknown layer-wise formulation",

@@ -37,6 +37,7 @@ from constrainedsparse.layerwise.checks import (
     check_layer_shapes,
     check_reachable,
     checked_batches,
+    checked_blocks,
 )
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
@@ -49,7 +50,7 @@ from constrainedsparse.layerwise.runner import (
     save_model,
     tokenizer_source,
 )
-from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
+from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, scope_field
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.saving import source_folder
 from constrainedsparse.settings import resolve_device, target_from_flags
@@ -82,7 +83,7 @@ def prune_layerwise(
     out: str | Path | None = None,
     tokenizer: Any = None,
     blocks: Sequence[nn.Module] | None = None,
-    mask_scope: str = "row",
+    mask_scope: str | None = None,
     gram_dtype: str = "float32",
     device: str | None = None,
     overwrite: bool = False,
@@ -121,7 +122,8 @@ def prune_layerwise(
         tokenizer: With ``out``: the tokenizer saved with a ``transformers`` model in ``out/model``
             (default: the one in the folder the model was loaded from; without one, a warning).
         blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
-        mask_scope: ``"row"`` or ``"layer"``: the comparison group of a ``sparsity`` target.
+        mask_scope: ``"row"`` (default) or ``"layer"``: the comparison group of a ``sparsity`` target
+            without ``pattern`` (``"row"`` is ``pattern="row"``, ``"layer"`` ``pattern="unstructured"``).
         gram_dtype: ``"float32"`` or ``"float64"``, accumulation dtype of the Gram matrices.
         device: Where calibration and pruning run (the model's device by default).
         overwrite: With ``out``: replace a previous run's files there.
@@ -162,6 +164,13 @@ def prune_layerwise(
     """
     started = time.perf_counter()
     batches = _check_inputs(model, batches)
+    if pattern is not None and mask_scope is not None:
+        raise ValueError(
+            "give either pattern or mask_scope (mask_scope='row' is pattern='row', 'layer' is pattern='unstructured')"
+        )
+    mask_scope = "row" if mask_scope is None else mask_scope
+    if tokenizer is not None and out is None:
+        warnings.warn("tokenizer= is saved with the pruned model, which only out= writes: it is not used", stacklevel=2)
     driver = _DriverKeywords.from_values(
         {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations,
          "true_sequential": true_sequential, "allocation": allocation, "allocation_min": allocation_min,
@@ -177,7 +186,7 @@ def prune_layerwise(
     check_allocation(driver, target, targets)
     check_block_fit(driver)
     check_block_mask(driver, solver, target)
-    blocks = find_blocks(model) if blocks is None else list(blocks)
+    blocks = find_blocks(model) if blocks is None else checked_blocks(model, blocks)
     prefixes = block_prefixes(model, blocks)
     check_consecutive(prefixes)
     overrides = override_levels(model, blocks, targets, target)
@@ -188,7 +197,7 @@ def prune_layerwise(
         check_savable(model)
         directory = RunDirectory(Path(out), overwrite=overwrite, keywords=True)
         directory.check()
-    device = str(next(model.parameters()).device) if device is None else resolve_device(device)
+    device = str(next(model.parameters()).device) if device is None else resolve_device(device, "device")
     with _calibration_mode(model):
         levels = solve_levels(driver, model, blocks, batches, target, targets, device)
         reports = prune_blocks(
@@ -201,7 +210,7 @@ def prune_layerwise(
     report = _report(model, solver, target, reports, levels, time.perf_counter() - started)
     if directory is not None:
         _warn_without_tokenizer(model, tokenizer, directory.out)
-        _write(directory, model, report, target, driver.mask_scope, tokenizer)
+        _write(directory, model, report, target, tokenizer)
     return report
 
 
@@ -271,15 +280,14 @@ def _write(
     model: nn.Module,
     report: LayerwiseReport,
     target: SparsityConfig,
-    mask_scope: str,
     tokenizer: Any,
 ) -> None:
     """``summary.json`` (with the target's fields as a CLI run writes them: ``pattern`` of an N:M run, which
     ``export`` reads) and the pruned model into the run directory (removed again if saving fails)."""
     directory.claim()
     try:
-        summary = {**report.as_dict(), **target.summary_fields(), "formulation": report.method,
-                   "mask_scope": mask_scope, "saved_model": save_model(model, directory.out, tokenizer)}  # fmt: skip
+        summary = {**report.as_dict(), **target.summary_fields(), **scope_field(target), "formulation": report.method,
+                   "saved_model": save_model(model, directory.out, tokenizer)}  # fmt: skip
         atomic_write_json(directory.out / "summary.json", summary)
     except BaseException:
         directory.discard_if_unused()

@@ -106,21 +106,28 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Ta
         )
     if driver.allocation == "uniform":
         return
+    key, level = _names(driver)
     if targets is not None and targets.overrides:
         raise ValueError(
-            f"--set allocation={driver.allocation} sets every layer's level; Targets.overrides set some by hand: "
+            f"{key}allocation={driver.allocation} sets every layer's level; Targets.overrides set some by hand: "
             "give one or the other"
         )
     if target.nm is not None:
         raise ValueError(
-            f"--set allocation={driver.allocation} shares out a --sparsity level; the N:M pattern {target.describe()} "
+            f"{key}allocation={driver.allocation} shares out a {level} level; the N:M pattern {target.describe()} "
             "fixes every group's"
         )
     if not driver.allocation_min <= target.sparsity <= driver.allocation_max:
         raise ValueError(
-            f"--sparsity {target.sparsity} is outside the allocation bounds [{driver.allocation_min}, "
-            f"{driver.allocation_max}] (--set allocation_min / allocation_max)"
+            f"{level} {target.sparsity} is outside the allocation bounds [{driver.allocation_min}, "
+            f"{driver.allocation_max}] ({key}allocation_min / allocation_max)"
         )
+
+
+def _names(driver: DriverSettings) -> tuple[str, str]:
+    """How messages name a driver key and the level: ``--set key`` / ``--sparsity`` for the CLI, the keywords
+    ``key`` / ``sparsity`` for :func:`~constrainedsparse.prune_layerwise`."""
+    return driver.error_prefix, "--sparsity" if driver.error_prefix else "sparsity"
 
 
 def check_block_fit(driver: DriverSettings, processes: int | None = None) -> None:
@@ -136,7 +143,9 @@ def check_block_fit(driver: DriverSettings, processes: int | None = None) -> Non
     for key in ("block_fit_epochs", "block_mask_rounds"):
         value = getattr(driver, key)
         if value and processes > 1:
-            raise ValueError(f"--set {key}={value} runs in one process; with --nproc / torchrun leave it at 0")
+            raise ValueError(
+                f"{driver.error_prefix}{key}={value} runs in one process; with --nproc / torchrun leave it at 0"
+            )
 
 
 def check_block_mask(driver: DriverSettings, solver: LayerwiseSolver, target: SparsityConfig) -> None:
@@ -147,14 +156,15 @@ def check_block_mask(driver: DriverSettings, solver: LayerwiseSolver, target: Sp
     """
     if not driver.block_mask_rounds:
         return
+    key = driver.error_prefix
     if not solver.keeps_dense_weights():
         raise ValueError(
-            f"--set block_mask_rounds moves masks over the dense weights; {solver.name} changes the kept weights "
+            f"{key}block_mask_rounds moves masks over the dense weights; {solver.name} changes the kept weights "
             "(use magnitude, wanda, or fw without reconstruct)"
         )
     if target.pattern not in SEARCHABLE_PATTERNS:
         raise ValueError(
-            f"--set block_mask_rounds searches the {', '.join(SEARCHABLE_PATTERNS)} patterns, "
+            f"{key}block_mask_rounds searches the {', '.join(SEARCHABLE_PATTERNS)} patterns, "
             f"got {target.pattern_text()}"
         )
 

@@ -47,9 +47,9 @@ from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_p
 from constrainedsparse.layerwise.layers import layer_weight
 from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
-from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings
+from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, scope_field
 from constrainedsparse.logger import finish_summary
-from constrainedsparse.progress import Progress
+from constrainedsparse.progress import Progress, transformers_bars_off
 from constrainedsparse.report import layer_rows, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
@@ -169,8 +169,9 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         check_consecutive(prefixes)
     check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
     check_reachable(blocks, problem.targets, target, driver)
+    batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
     with user_input(f"problem {problem.name!r}: calibration(options, seed): "):
-        batches = checked_batches(problem.calibration(options, config.seed))
+        batches = checked_batches(batches)
     resolved = dataclasses.replace(config, sparsity=None if target.nm is not None else target.sparsity, epochs=0)
     return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, levels)
 
@@ -227,15 +228,16 @@ def save_model(model: nn.Module, out: Path, tokenizer: Any = None) -> str:
     """
     if hasattr(model, "save_pretrained"):
         source = tokenizer_source(model, tokenizer)
-        if source is not None:
-            save_pretrained_model(model, out / "model", source)
-        else:
-            staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
-            try:
-                model.save_pretrained(staging)
-                replace_folder(staging, out / "model")
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        with transformers_bars_off():  # transformers' "Writing model shards" bar: the run has its own progress
+            if source is not None:
+                save_pretrained_model(model, out / "model", source)
+            else:
+                staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
+                try:
+                    model.save_pretrained(staging)
+                    replace_folder(staging, out / "model")
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
         return "model/"
     save_weights(out / "model.safetensors", model.state_dict())
     return "model.safetensors"
@@ -438,6 +440,5 @@ def _summary(prepared: LayerwisePrepared, model: nn.Module, reports: list[dict[s
         "calibration_tokens": reports[0]["tokens"] if reports else 0,
     }
     summary.update(prepared.target.summary_fields())
-    if prepared.target.nm is None:
-        summary["mask_scope"] = prepared.driver.mask_scope
+    summary.update(scope_field(prepared.target))
     return summary

@@ -9,12 +9,20 @@ from typing import ClassVar
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.layerwise.blockfit import TARGETS, BlockFit
 from constrainedsparse.layerwise.driver import GRAM_DTYPES
+from constrainedsparse.targets import SparsityConfig
 
-__all__ = ["DTYPES", "MASK_SCOPES", "DriverSettings"]
+__all__ = ["DTYPES", "MASK_SCOPES", "DriverSettings", "scope_field"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 MASK_SCOPES = {"row": "row", "layer": "unstructured"}
 """The pattern a ``--sparsity`` target gets per ``mask_scope``."""
+
+
+def scope_field(target: SparsityConfig) -> dict[str, str]:
+    """``summary.json``'s ``mask_scope`` of a target whose pattern is a scope's (``--pattern unstructured``
+    too: ``layer``); none for other patterns (N:M, blocks)."""
+    scopes = [scope for scope, pattern in MASK_SCOPES.items() if pattern == target.pattern]
+    return {"mask_scope": scopes[0]} if scopes else {}
 
 
 @dataclasses.dataclass
