@@ -97,11 +97,15 @@ def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor
         ValueError: For a name that is no target (a typo would leave that tensor dense), a mask that is
             not boolean (scores or 0/1 floats: ``hard_prune`` would multiply by them), or a shape that differs.
     """
-    if not isinstance(masks, Mapping) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+    if not isinstance(masks, Mapping):
         raise ValueError(
             f"masks must be a dict {{target name: boolean tensor}} (what hard_masks() returns), got a "
             f"{type(masks).__name__}"
         )
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor):
+            kind = f"{type(mask).__module__}.{type(mask).__name__}".removeprefix("builtins.")
+            raise ValueError(f"the mask of {name} is a {kind}, not a torch tensor (torch.from_numpy converts one)")
     unknown = sorted(set(masks) - {target.name for target in targets})
     if unknown:
         known = ", ".join(target.name for target in targets)

@@ -117,7 +117,7 @@ def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str,
     violation, multiplier = axes
     _line(violation, rows, f"violation/{name}", "violation")
     violation.axhline(0.0, color="black", linewidth=1)
-    violation.set_title(f"constraint {name}: violation (holds below 0)")
+    violation.set_title(f"constraint {name}: violation (holds at or below 0; an equality at 0)")
     _line(multiplier, rows, f"multiplier/{name}", "multiplier", color="tab:orange")
     restarts, _ = _series(rows, f"restart/{name}")
     for step in restarts:

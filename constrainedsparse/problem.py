@@ -62,12 +62,14 @@ class UserConstraint:
     def __post_init__(self) -> None:
         if not isinstance(self.sense, str) or self.sense not in _SENSES:
             raise ValueError(f"constraint sense must be '<=' or '==', got {self.sense!r}")
+        if not isinstance(self.restarts, bool):
+            raise ValueError(f"restarts must be True or False, got {self.restarts!r}")
         if self.restarts and self.sense != "<=":
             raise ValueError("restarts apply to inequality constraints ('<='), not to an equality")
         if not callable(self.fn):
             raise ValueError(f"constraint fn must be callable, got {type(self.fn).__name__}")
         # Read once: inspecting the signature at every step costs more than a small model's step.
-        object.__setattr__(self, "_uses_batch", len(inspect.signature(self.fn).parameters) >= 2)
+        object.__setattr__(self, "_uses_batch", _takes_batch(self.fn))
 
     @property
     def uses_batch(self) -> bool:
@@ -76,6 +78,25 @@ class UserConstraint:
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self.fn(model, batch) if self.uses_batch else self.fn(model)
+
+
+def _takes_batch(fn: Callable[..., Any]) -> bool:
+    """Whether a constraint's ``fn`` is ``fn(model, batch)`` (else ``fn(model)``).
+
+    Raises:
+        ValueError: For any other signature (no argument, or more than two required ones).
+    """
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: called as fn(model, batch)
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    if len(required) > 2 or (not positional and not varargs):
+        names = ", ".join(p.name for p in parameters)
+        raise ValueError(f"constraint fn must take (model) or (model, batch), got a function of ({names})")
+    return len(positional) >= 2 or varargs
 
 
 @dataclass
@@ -237,6 +258,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         """
         if not isinstance(spec, UserConstraint):
             raise ValueError(f"constraint {name!r} must be a UserConstraint, got {type(spec).__name__}")
+        if name in self._violations:
+            raise ValueError(f"constraint {name!r} is already registered")
+        if isinstance(name, str) and "/" in name:  # logged as violation/<name>, multiplier/<name>
+            raise ValueError(f"constraint name {name!r} has a '/': logged keys are family/name, choose a name without")
         if spec.uses_batch and example_batch is None:
             raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
         with torch.no_grad():
@@ -288,6 +313,11 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             ValueError: If the name is taken, or for an unobserved constraint stepped every step.
         """
         if name in self._violations:
+            if self._violations[name].user:  # a formulation registering its own constraint under a user's name
+                raise ValueError(
+                    f"constraint {name!r} is one of yours, and the formulation being built registers its own "
+                    "under that name: give yours another name"
+                )
             raise ValueError(f"constraint {name!r} is already registered")
         if not isinstance(name, str) or not name:
             raise ValueError(f"a constraint name must be a non-empty string, got {name!r}")
@@ -299,6 +329,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         self._violations[name] = _Registered(
             constraint, violation, dual_every_step, data_dependent, observed=observed, strict_violation=strict_violation
         )
+
+    def constraint_names(self) -> list[str]:
+        """The registered constraints' names: yours, then those formulations added, in order."""
+        return list(self._violations)
 
     def remove_constraint(self, name: str) -> None:
         """Unregisters a constraint (and its multiplier) added by :meth:`add_constraint`.
@@ -365,7 +399,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
     def step_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         """What a training loop logs of one step: ``loss/train``, and ``violation/<name>`` and
-        ``multiplier/<name>`` of every user constraint (the norm of a vector one); reads them to the host.
+        ``multiplier/<name>`` of every user constraint; reads them to the host. A vector inequality logs its
+        largest entry (it holds when that is ≤ 0), a vector equality its norm (it holds at 0); a vector
+        constraint's multiplier, its norm.
 
         Args:
             cmp_state: A step's state (``step.cmp_state`` of what ``backward()`` returned).
@@ -375,9 +411,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         for constraint, state in cmp_state.observed_constraints.items():
             if constraint.name in users:
                 violation = state.violation.detach().reshape(-1)
-                metrics[f"violation/{constraint.name}"] = float(
-                    violation[0] if violation.numel() == 1 else violation.norm()
-                )
+                if violation.numel() > 1:  # holds when the max is <= 0 (inequality), when the norm is 0 (equality)
+                    equality = constraint.constraint_type == cooper.ConstraintType.EQUALITY
+                    violation = violation.norm() if equality else violation.max()
+                metrics[f"violation/{constraint.name}"] = float(violation.reshape(-1)[0])
         for name, value in self.named_multiplier_values().items():
             if name in users:
                 metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())

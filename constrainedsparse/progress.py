@@ -22,9 +22,15 @@ __all__ = ["Progress", "transformers_bars_off"]
 def transformers_bars_off() -> Iterator[None]:
     """``transformers``' own progress bars off inside (saving shards, reading a GGUF file), restored after:
     the library's bars are its own, and ``--no-progress`` / ``progress=False`` mean none at all."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_reader
-    from transformers.utils import logging as hf_logging
-
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # a model with save_pretrained that is not transformers' (huggingface_hub's mixin)
+        yield
+        return
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    except ImportError:  # a transformers without the GGUF reader
+        gguf_reader = None
     was_on = hf_logging.is_progress_bar_enabled()
     gguf_bar = getattr(gguf_reader, "tqdm", None)  # the GGUF reader calls tqdm itself, not transformers' wrapper
     hf_logging.disable_progress_bar()

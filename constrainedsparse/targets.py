@@ -377,7 +377,8 @@ def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module
         if others:
             raise ValueError(
                 f"{full} is tied to {others[0]} (the same tensor): pruning a tied weight is not supported (masks "
-                f"and gates would untie it while training); exclude it (exclude=[{full!r}]) or untie the weights"
+                f"and gates would untie it while training); exclude every name of it (exclude={[full, *others]!r}) "
+                "or untie the weights"
             )
 
 

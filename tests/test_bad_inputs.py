@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import fails_with_one_line
@@ -684,6 +685,37 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         "frozen target",
         lambda: make("slr", _frozen_problem()),
         r"^slr trains the weights towards Z, but 0\.weight is frozen \(requires_grad=False\)",
+    ),  # fmt: skip
+    (
+        "constraint no arguments",
+        lambda: UserConstraint(lambda: 1.0),
+        r"^constraint fn must take \(model\) or \(model, ",
+    ),
+    (
+        "constraint three arguments",
+        lambda: UserConstraint(lambda m, b, c: 1.0),
+        r"^constraint fn must take \(model\) or \(model, batch\), got a function of \(m, b, c\)$",
+    ),  # fmt: skip
+    ("constraint restarts text", lambda: UserConstraint(lambda m: m, restarts="yes"), r"^restarts must be True or"),
+    (
+        "constraint name with a slash",
+        lambda: SparsityProblem(*_model_loss_targets(), {"a/b": UserConstraint(lambda m: m[0].weight.sum())}),
+        r"^constraint name 'a/b' has a '/': logged keys are family/name",
+    ),  # fmt: skip
+    (
+        "hard_prune numpy masks",
+        lambda: hard_prune(_model_loss_targets()[2], {"0.weight": np.ones((4, 8), dtype=bool)}),
+        r"^the mask of 0\.weight is a numpy\.ndarray, not a torch tensor",
+    ),  # fmt: skip
+    (
+        "backward scaler",
+        lambda: _ready("slr").backward((torch.randn(4, 8), torch.tensor([0, 1, 0, 1])), scaler=1.0),
+        r"^backward\(scaler=\.\.\.\) must be a torch\.amp\.GradScaler \(or None\), got float$",
+    ),  # fmt: skip
+    (
+        "frozen target outside the optimizer",
+        lambda: make("magnitude", _frozen_problem(), optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)])),
+        r"^the optimizer does not hold 0\.weight, which is frozen \(requires_grad=False\): leave it out",
     ),  # fmt: skip
     (
         "describe the other kind",

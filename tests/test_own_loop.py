@@ -228,6 +228,30 @@ def test_a_second_formulation_on_the_same_tensors_is_refused_until_the_first_is_
     make("magnitude", problem_of(model))
 
 
+def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
+    """l0 adds gates, a parameter group and its density constraint, slr its W = Z constraints and hooks; a
+    build refused part-way (a constraint of yours under the formulation's own name) takes all of it back."""
+    model, _, _ = _cancer()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    mine = {"l0_density": UserConstraint(lambda m: m[0].weight.norm() - 3.0)}
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets, mine)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^constraint 'l0_density' is one of yours, and the formulation being "):
+        make("l0", problem, optimizer=optimizer)
+    assert len(optimizer.param_groups) == 1 and problem.constraint_names() == ["l0_density"]
+    model[-1].weight.requires_grad_(False)  # slr registers 0.weight's constraint and hook, then refuses this one
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    with pytest.raises(ValueError, match=r"^slr trains the weights towards Z, but 2\.weight is frozen"):
+        make("slr", problem)
+    assert problem.constraint_names() == []
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    assert model.state_dict().keys() == weights.keys()  # no gates or masks left
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # nothing baked
+    model[-1].weight.requires_grad_(True)
+    make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets))  # the model is free
+
+
 def test_an_optimizer_that_does_not_hold_the_targets_is_refused():
     model, _, _ = _cancer()
     problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
@@ -418,3 +442,41 @@ def test_masks_must_be_boolean():
     with pytest.raises(ValueError, match=r"the mask of 0.weight is torch.float32; masks are boolean tensors"):
         apply_masks(targets, scores)
     assert torch.equal(model[0].weight, before)
+
+
+def test_a_vector_constraint_logs_whether_it_holds():
+    """A vector inequality holds when its largest entry is <= 0 (its norm would never be), an equality when
+    its norm is 0."""
+    model, x, y = _cancer()
+    offsets = torch.tensor([-1.0, 0.5])
+    constraints = {
+        "below": UserConstraint(lambda m: offsets + 0.0 * m[0].weight.sum()),
+        "at": UserConstraint(lambda m: torch.tensor([3.0, 4.0]) + 0.0 * m[0].weight.sum(), "=="),
+    }
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)),
+                              constraints)  # fmt: skip
+    f = make("magnitude", problem)
+    f.setup(1, 1)
+    f.start_epoch(0)
+    metrics = problem.step_metrics(f.backward((x, y)).cmp_state)
+    assert metrics["violation/below"] == 0.5 and metrics["violation/at"] == 5.0
+
+
+def test_a_state_saved_for_other_levels_is_refused():
+    model, x, y = _cancer()
+
+    def built(level: float):
+        problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(level)))
+        f = make("slr", problem)
+        f.setup(1, 1, reference_batch=(x, y))
+        return f
+
+    first = built(0.5)
+    state = first.state_dict()
+    first.finalize()
+    second = built(0.8)
+    with pytest.raises(
+        ValueError, match=r"^slr: the state was saved for other targets: 0\.weight at 0\.5 unstructured, "
+    ):
+        second.load_state_dict(state)  # the shapes agree: only the levels tell them apart
+    second.load_state_dict(second.state_dict())

@@ -146,6 +146,11 @@ def test_a_tied_weight_is_refused():
 
     with pytest.raises(ValueError, match=r"^head\.weight is tied to emb\.weight \(the same tensor\): pruning a tied"):
         Targets().resolve(Tied(), SparsityConfig(0.5))
+    hint = r"exclude every name of it \(exclude=\['emb\.weight', 'head\.weight'\]\)"  # one name is not enough
+    with pytest.raises(ValueError, match=hint):
+        Targets(module_types=(nn.Linear, nn.Embedding)).resolve(Tied(), SparsityConfig(0.5))
+    chosen = Targets(module_types=(nn.Linear, nn.Embedding), exclude=["head.weight", "emb.weight"])
+    assert [t.name for t in chosen.resolve(Tied(), SparsityConfig(0.5))] == ["fc.weight"]
     assert [t.name for t in Targets(exclude=["head.*"]).resolve(Tied(), SparsityConfig(0.5))] == ["fc.weight"]
 
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import cooper
 import torch
+from torch.nn.utils import parametrize
 
 from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_ours
@@ -86,6 +87,38 @@ def _stage_error(call: str, stage: str) -> ValueError:
     if stage == _BUILT:
         return ValueError(f"call setup(num_epochs, steps_per_epoch[, reference_batch]) before {call}")
     return ValueError(f"{call} after finalize(): the formulation has already removed its state from the model")
+
+
+@dataclasses.dataclass
+class _Attachments:
+    """What a formulation's ``attach`` may change, as it was before: restored when the build fails part-way."""
+
+    constraints: list[str]
+    groups: int
+    plain: list[Any]  # the targets without a parametrization
+
+    @classmethod
+    def of(cls, formulation: Formulation) -> _Attachments:
+        targets = formulation.problem.targets
+        plain = [t for t in targets if not parametrize.is_parametrized(t.module, t.param_name)]
+        return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups), plain)
+
+    def restore(self, formulation: Formulation) -> None:
+        """Masks or gates off (the weights as they were, not baked), the formulation's constraints, gradient
+        hooks and parameter groups removed."""
+        for target in self.plain:
+            if parametrize.is_parametrized(target.module, target.param_name):
+                parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
+        with contextlib.suppress(Exception):  # its own hooks and bookkeeping, as far as attach got
+            formulation.detach()
+        problem, optimizer = formulation.problem, formulation.optimizer
+        for name in problem.constraint_names():
+            if name not in self.constraints:
+                problem.remove_constraint(name)
+        for group in optimizer.param_groups[self.groups :]:
+            for parameter in group["params"]:
+                optimizer.state.pop(parameter, None)
+        del optimizer.param_groups[self.groups :]
 
 
 class Formulation(abc.ABC):
@@ -151,14 +184,20 @@ class Formulation(abc.ABC):
         self._resumed_mid_epoch = False  # a state saved mid-epoch: start_epoch() of that epoch keeps _epoch_steps
         self._stage = _BUILT
         self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
-        self.attach()
-        self.dual_optimizer = self.build_dual_optimizer()
-        if self.dual_optimizer is None:
-            self.cooper_optimizer: cooper.optim.CooperOptimizer = cooper.optim.UnconstrainedOptimizer(
-                problem, optimizer
-            )
-        else:
-            self.cooper_optimizer = cooper.optim.SimultaneousOptimizer(problem, optimizer, self.dual_optimizer)
+        before = _Attachments.of(self)
+        try:
+            self.attach()
+            self.dual_optimizer = self.build_dual_optimizer()
+            if self.dual_optimizer is None:
+                self.cooper_optimizer: cooper.optim.CooperOptimizer = cooper.optim.UnconstrainedOptimizer(
+                    problem, optimizer
+                )
+            else:
+                self.cooper_optimizer = cooper.optim.SimultaneousOptimizer(problem, optimizer, self.dual_optimizer)
+        except BaseException:  # a refused build leaves model, optimizer and problem as they were
+            before.restore(self)
+            release_targets(self._claim)
+            raise
 
     # --- construction hooks -------------------------------------------------------------------------
 
@@ -311,6 +350,10 @@ class Formulation(abc.ABC):
         self._require("backward()")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
             raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise ValueError(
+                f"backward(scaler=...) must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}"
+            )
         step = self._lagrangian(batch, scale)
         lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
         if scaler is not None:
@@ -444,9 +487,18 @@ class Formulation(abc.ABC):
         """Everything the formulation changes during training (not the model, not the primal optimizer)."""
         dual = self.dual_optimizer.state_dict() if self.dual_optimizer is not None else None
         epoch_steps = [self._epoch, self._epoch_steps]  # the epoch under way and its post_step() calls so far
-        return {"dual_optimizer": dual, "cmp": self.problem.state_dict(), "epoch_steps": epoch_steps}
+        return {
+            "dual_optimizer": dual,
+            "cmp": self.problem.state_dict(),
+            "epoch_steps": epoch_steps,
+            "target_levels": self._target_levels(),
+        }
 
-    _optional_state_keys: frozenset[str] = frozenset({"epoch_steps"})
+    def _target_levels(self) -> dict[str, str]:
+        """Each target's level and pattern, as a state records them (a state of other levels is refused)."""
+        return {t.name: f"{t.sparsity:g} {t.target.pattern_text()}" for t in self.problem.targets}
+
+    _optional_state_keys: frozenset[str] = frozenset({"epoch_steps", "target_levels"})
     """Keys of :meth:`state_dict` that states of earlier versions lack."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -457,6 +509,14 @@ class Formulation(abc.ABC):
                 has another shape (another formulation's state, other targets); nothing is restored then.
         """
         check_state(self.name, self.state_dict(), state, self._optional_state_keys)
+        levels, saved = self._target_levels(), state.get("target_levels", {})
+        differ = [name for name in levels if name in saved and saved[name] != levels[name]]
+        if differ:
+            name = differ[0]
+            raise ValueError(
+                f"{self.name}: the state was saved for other targets: {name} at {saved[name]}, here at {levels[name]} "
+                "(resolve the targets at the level the run was started with)"
+            )
         self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
         self._resumed_mid_epoch = self._epoch_steps > 0
         if self.dual_optimizer is not None:

@@ -121,6 +121,11 @@ def check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> 
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for target in problem.targets:
         stored = target.stored
+        if id(stored) not in held and not stored.requires_grad:
+            raise ValueError(
+                f"the optimizer does not hold {target.name}, which is frozen (requires_grad=False): leave it out of "
+                "the Targets (exclude), or unfreeze it and build the optimizer over it"
+            )
         if id(stored) not in held:
             raise ValueError(
                 f"the optimizer does not hold {target.name}: build it over this model's parameters "

@@ -27,13 +27,16 @@ and several GPUs in one process (``DataParallel``; use ``torchrun``, one process
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -110,12 +113,20 @@ class SparsityTrainer(Trainer):
                 "its schedule after it"
             )
         optimizer = self.create_optimizer()  # Trainer's optimizer, or the one passed in `optimizers`
+        hyperparameters = dict(hyperparameters or {})
         self.formulation: Formulation = make(
-            formulation, problem, dict(hyperparameters or {}), optimizer=optimizer, dual_lr=dual_lr
+            formulation, problem, hyperparameters, optimizer=optimizer, dual_lr=dual_lr
         )
-        wanted = self.formulation.reference_samples  # slr's f: that many samples, shared out over the processes
-        reference = self._train_batch(math.ceil(wanted / self.args.world_size)) if wanted else None
-        self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference)
+        try:  # what make attached comes off again if the rest fails (out of memory in slr's f, an interrupt)
+            # slr's f: one training batch (it fits, as training does), or the reference_samples you set, shared
+            # out over the processes and evaluated in one forward.
+            wanted = self.formulation.reference_samples
+            given = "reference_samples" in hyperparameters
+            reference = self._train_batch(math.ceil(wanted / self.args.world_size)) if given else batch
+            self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference if wanted else None)
+        except BaseException:
+            self.formulation.finalize()
+            raise
         self.hard_prune_at_end = hard_prune_at_end
         self._layer_names = set() if log_layers else {t.name for t in problem.targets}
         self._micro_steps: list[LagrangianStep] = []  # backward() of the optimizer step under way
@@ -128,23 +139,35 @@ class SparsityTrainer(Trainer):
 
     def _train_batch(self, size: int | None = None) -> Any:
         """One collated batch of Trainer's training loader, on the device (``size`` examples per process instead
-        of the training batch size if given), drawn without touching the random state Trainer's shuffling uses."""
+        of the training batch size if given); the random states Trainer's shuffling and collators use are left
+        as they were, and the loader is let go."""
         saved = self._train_batch_size
         if size is not None:
-            self._train_batch_size = min(size, len(self.train_dataset)) if has_length(self.train_dataset) else size
+            share = len(self.train_dataset) // self.args.world_size if has_length(self.train_dataset) else size
+            self._train_batch_size = max(1, min(size, share))
         try:
-            with torch.random.fork_rng(devices=[]):
-                return self._prepare_inputs(next(iter(self.get_train_dataloader())))
+            with _random_states_kept():
+                loader = self.get_train_dataloader()
+                batch = next(iter(loader), None)
+                _let_go(self.accelerator, loader)
         finally:
             self._train_batch_size = saved
+        if batch is None:
+            raise ValueError(
+                "the training loader gives no batch on this process (too few examples for the processes, "
+                "with dataloader_drop_last?)"
+            )
+        return self._prepare_inputs(batch)
 
     def _loss_uses_num_items(self, batch: Any) -> bool:
-        """Whether Trainer's loss is normalised by ``num_items_in_batch`` (a causal LM's tokens), found by
-        computing it on ``batch`` with two counts: many models take the keyword and ignore it (BERT's
-        classification heads), and Trainer would then add up their micro-batch means."""
+        """Whether Trainer's loss is normalised by ``num_items_in_batch`` (a causal LM's tokens): your
+        ``loss_is_scaled_for_ga`` if you set it, else found by computing it on ``batch`` with two counts. Many
+        models take the keyword and ignore it (BERT's classification heads); Trainer would then add up their
+        micro-batch means. A batch whose loss is 0 or not finite tells nothing: Trainer's rule then. Every
+        process takes the same answer."""
         if "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters:
             return False
-        declared = getattr(self, "loss_is_scaled_for_ga", None)  # your compute_loss's own word, if given
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
         if declared is not None:
             return bool(declared)
         if not (getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None)):
@@ -152,26 +175,39 @@ class SparsityTrainer(Trainer):
         training = self.model.training
         self.model.eval()  # no dropout: the two losses differ only by the count
         try:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                one, two = (self.compute_loss(self.model, dict(batch), num_items_in_batch=n) for n in (1, 2))
+            with torch.no_grad(), _random_states_kept(), self.compute_loss_context_manager():
+                one, two = (self._task_loss(self.model, batch, count) for count in (1, 2))
         finally:
             self.model.train(training)
-        return not torch.allclose(one, two)
+        informative = bool(torch.isfinite(one) and torch.isfinite(two) and (one != 0 or two != 0))
+        uses = not torch.allclose(one, two) if informative else True
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor(int(uses), device=self.args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            uses = bool(flag)
+        return uses
 
-    def _task_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+    def _task_loss(self, model: nn.Module, batch: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's own loss (``compute_loss``: label smoothing, your override) on a copy of the batch.
 
         Inside :meth:`training_step`, a loss normalised by Trainer's ``num_items_in_batch`` (the tokens of
-        the whole accumulated batch) gets it, and is returned times the accumulation steps, so that
+        the whole accumulated batch) gets it, and one Trainer counts as scaled for the accumulation (that
+        one, or your ``loss_is_scaled_for_ga=True``) is returned times the accumulation steps, so that
         ``backward``'s ``1/accumulation`` leaves it as Trainer has it and scales only the formulation's
         own terms. Any other loss is the micro-batch mean.
         """
         batch = dict(batch) if isinstance(batch, Mapping) else batch
+        if num_items_in_batch is not None:  # the probe's count
+            return self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
         items = self._num_items_in_batch if self._weighs_tokens else None
         with self.compute_loss_context_manager():
-            if items is None:
-                return self.compute_loss(model, batch)
-            return self.compute_loss(model, batch, num_items_in_batch=items) * self._accumulation_steps()
+            loss = (
+                self.compute_loss(model, batch)
+                if items is None
+                else self.compute_loss(model, batch, num_items_in_batch=items)
+            )
+        scaled = self._weighs_tokens and (items is not None or getattr(self, "loss_is_scaled_for_ga", None) is True)
+        return loss * self._accumulation_steps() if scaled else loss
 
     def _accumulation_steps(self) -> int:
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -230,9 +266,6 @@ class SparsityTrainer(Trainer):
         self._epoch, self._micro_steps, self._last_step, self._pending_logs = None, [], None, {}
         self._trained = True
         output = super().train(resume_from_checkpoint, *args, **kwargs)
-        if self._pending_logs:  # the last epoch's end_epoch metrics: Trainer logged its last row before them
-            super().log(self._logged(self._pending_logs))
-            self._pending_logs = {}
         if self.hard_prune_at_end:
             self.hard_prune()
         return output
@@ -322,11 +355,37 @@ class _PruningCallback(TrainerCallback):
                 # max_steps cut this last epoch short (or the dataset has no length): its count is Trainer's choice
                 warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
             trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
+        if trainer._pending_logs and (state.global_step >= state.max_steps or control.should_training_stop):
+            # The last epoch: Trainer logs no training row after it, so its metrics get a row of their own
+            # (before Trainer's summary row and on_train_end).
+            Trainer.log(trainer, trainer._logged(trainer._pending_logs))
+            trainer._pending_logs = {}
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
+
+
+@contextlib.contextmanager
+def _random_states_kept() -> Iterator[None]:
+    """torch's CPU generator, Python's ``random`` and NumPy's global state as they were after the block."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _let_go(accelerator: Any, loader: Any) -> None:
+    """Forgets a prepared loader read only in part: accelerate keeps a reference (and its workers) otherwise."""
+    if hasattr(loader, "end"):
+        loader.end()
+    registered = getattr(accelerator, "_dataloaders", None)
+    if isinstance(registered, list) and any(entry is loader for entry in registered):
+        registered[:] = [entry for entry in registered if entry is not loader]
 
 
 def _parametrized(model: nn.Module) -> bool:
@@ -363,6 +422,7 @@ def _epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
     """``setup()``'s epochs and optimizer steps per epoch, counted as Trainer counts them."""
     args = trainer.args
     dataloader = trainer.get_train_dataloader()
+    _let_go(trainer.accelerator, dataloader)  # only its length is read
     if not has_length(dataloader):  # an iterable dataset: Trainer runs max_steps as one epoch
         if args.max_steps <= 0:
             raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
