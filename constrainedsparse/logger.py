@@ -5,7 +5,7 @@ Key scheme (``/`` separates a family from its member):
 * ``loss/train``, ``accuracy/test``, ``accuracy/hardprune``, ``accuracy/hardprune_now`` — objective
   and metrics;
 * ``multiplier/<constraint>``, ``violation/<constraint>`` — dual dynamics of user and density
-  constraints (a constraint with several entries is logged by its Euclidean norm);
+  constraints (with several entries: an inequality's largest entry, an equality's norm, the multipliers' norm);
 * formulation families: ``condition/*``, ``stepsize/*``, ``lagrangian/*``, ``penalty/rho``,
   ``coordination/k``, ``dual/*``, ``residual|lambda|offsupport/<param>`` (slr/admm);
   ``l0/*``, ``l0_density/<param>``, ``restart/<constraint>`` (l0);
