@@ -1,10 +1,12 @@
-"""Any bytes in checkpoint.pt: load_checkpoint refuses them with one UserInputError, never an internal error."""
+"""Any bytes in checkpoint.pt: load_checkpoint refuses them with one UserInputError, never an internal error; a
+Ctrl-C while one is written leaves it whole."""
 
 import random
 
 import pytest
+import torch
 
-from constrainedsparse.checkpoint import load_checkpoint
+from constrainedsparse.checkpoint import load_checkpoint, save_checkpoint
 from constrainedsparse.errors import UserInputError
 
 
@@ -16,3 +18,22 @@ def test_random_bytes_are_refused_with_one_clear_error(tmp_path):
         path.write_bytes(rng.randbytes(rng.choice([16, 512, 4096])))
         with pytest.raises(UserInputError, match=r"^--resume: .* is not a (readable|constrainedsparse) checkpoint"):
             load_checkpoint(path)
+
+
+class _CtrlCWhilePickled:
+    """Sends this process SIGINT while torch.save pickles it: a Ctrl-C in the middle of a checkpoint write."""
+
+    def __reduce__(self):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+        return (int, (7,))
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_raised_after_the_file_is_complete(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"weights": torch.ones(3), "late": _CtrlCWhilePickled()})
+    assert torch.load(path, weights_only=False)["late"] == 7  # written whole, then interrupted
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -249,40 +251,85 @@ def test_two_ranks_under_torchrun_stay_identical_and_resume(tmp_path, formulatio
     assert float((weight == 0).float().mean()) == 0.5
 
 
-def test_a_causal_lm_gets_trainers_token_weighting_across_accumulated_micro_batches(tmp_path):
-    """With num_items_in_batch, Trainer normalises a causal LM's loss by the tokens of the whole accumulated
-    batch, not per micro-batch: the formulation's backward gives the same gradient as Trainer's own."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
-
+def _lm_examples(lengths, unlabelled=()) -> list[dict]:
+    """Causal-LM examples of 12 tokens whose first ``length`` are labelled (none for the indices in ``unlabelled``)."""
     g = torch.Generator().manual_seed(0)
     examples = []
-    for length in (3, 12, 5, 12, 2, 9, 12, 4):  # micro-batches with very different token counts
+    for index, length in enumerate(lengths):
         ids = torch.randint(1, 48, (12,), generator=g)
         labels = ids.clone()
-        labels[length:] = -100
-        examples.append({"input_ids": ids, "labels": labels, "attention_mask": (labels != -100).long()})
+        labels[0 if index in unlabelled else length :] = -100
+        examples.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(12, dtype=torch.long)})
+    return examples
 
-    def llama() -> LlamaForCausalLM:
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
-        return LlamaForCausalLM(config)
 
-    class Gradient(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            # Not pruned, and slr changes no forward: the task loss's gradient alone.
-            self.grad = model.model.embed_tokens.weight.grad.clone()
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+class _Gradient(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # Not pruned, and slr changes no forward: the task loss's gradient alone.
+        self.grad = model.model.embed_tokens.weight.grad.clone()
+
+
+def _mlp_targets(model) -> list:
+    return cs.Targets(module_types=(nn.Linear,), include=["model.layers.*.mlp.*"]).resolve(
+        model, cs.SparsityConfig(sparsity=0.5)
+    )
+
+
+class _KeywordsOverride:
+    """A compute_loss override written with **kwargs (as TRL's are): Trainer's count still reaches the model."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        return super().compute_loss(model, inputs, return_outputs, **kwargs)
+
+
+@pytest.mark.parametrize("override", [False, True], ids=["trainer's", "**kwargs override"])
+def test_a_causal_lm_gets_trainers_token_weighting_across_accumulated_micro_batches(tmp_path, override):
+    """With num_items_in_batch, Trainer normalises a causal LM's loss by the tokens of the whole accumulated
+    batch, not per micro-batch: the formulation's backward gives the same gradient as Trainer's own."""
+    from transformers import Trainer
+
+    examples = _lm_examples((3, 12, 5, 12, 2, 9, 12, 4))  # micro-batches with very different token counts
+    plain = type("Plain", (_KeywordsOverride, Trainer), {}) if override else Trainer
+    sparse = type("Sparse", (_KeywordsOverride, SparsityTrainer), {}) if override else SparsityTrainer
     grads = []
-    for build in (Trainer, SparsityTrainer):
-        model, seen = llama(), Gradient()
+    for build in (plain, sparse):
+        model, seen = _llama(), _Gradient()
         args = _args(
             tmp_path / build.__name__, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2
         )
-        extra = {}
-        if build is SparsityTrainer:
-            chosen = cs.Targets(module_types=(nn.Linear,), include=["model.layers.*.mlp.*"])
-            extra = {"targets": chosen.resolve(model, cs.SparsityConfig(sparsity=0.5)), "formulation": "slr"}
+        extra = {"targets": _mlp_targets(model), "formulation": "slr"} if build is sparse else {}
         build(model, args, train_dataset=examples, callbacks=[seen], **extra).train()
         grads.append(seen.grad)
     assert float((grads[0] - grads[1]).abs().max()) < 1e-4 * float(grads[0].abs().max())  # per micro-batch: 0.75
+
+
+def test_slrs_reference_batch_has_labelled_tokens_and_epoch_logging_keeps_trainers_last_row(tmp_path):
+    """A completion-only first batch has no labelled token (a NaN mean): slr's f takes the next batch. With
+    logging_strategy="epoch", the last epoch's formulation metrics join Trainer's own last row."""
+    from torch.utils.data import SequentialSampler
+
+    class InOrder(SparsityTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    model = _llama()
+    args = _args(tmp_path / "run", num_train_epochs=2, per_device_train_batch_size=2, logging_strategy="epoch",
+                 save_strategy="no")  # fmt: skip
+    examples = _lm_examples([12] * 8, unlabelled=(0, 1))
+    trainer = InOrder(model, args, train_dataset=examples, targets=_mlp_targets(model), formulation="slr")
+    reference = trainer.formulation.reference_batch["labels"]
+    assert (reference != -100).any()  # not the first, unlabelled batch
+    trainer.train()
+    rows = trainer.state.log_history
+    assert all(math.isfinite(row["lagrangian/f_reference"]) for row in rows if "lagrangian/f_reference" in row)
+    last_epoch = [row for row in rows if row.get("step") == trainer.state.global_step and "loss" in row]
+    assert last_epoch and "train_runtime" in rows[-1]  # Trainer's last training row, then its summary

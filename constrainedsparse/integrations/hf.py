@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import random
 import warnings
@@ -50,6 +51,9 @@ from constrainedsparse.targets import TargetParam
 
 STATE_FILE = "formulation.pt"
 """The formulation's state in each Trainer checkpoint folder."""
+
+REFERENCE_TRIES = 16
+"""Training batches tried for slr's reference batch (the first with a finite loss)."""
 
 
 class SparsityTrainer(Trainer):
@@ -122,8 +126,9 @@ class SparsityTrainer(Trainer):
             # out over the processes and evaluated in one forward.
             wanted = self.formulation.reference_samples
             given = "reference_samples" in hyperparameters
-            reference = self._train_batch(math.ceil(wanted / self.args.world_size)) if given else batch
-            self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference if wanted else None)
+            size = math.ceil(wanted / self.args.world_size) if given else None
+            reference = self._train_batch(size, finite_loss=True) if wanted else None
+            self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference)
         except BaseException:
             self.formulation.finalize()
             raise
@@ -137,27 +142,52 @@ class SparsityTrainer(Trainer):
         self._pruned = False
         self.add_callback(_PruningCallback(self))
 
-    def _train_batch(self, size: int | None = None) -> Any:
+    def _train_batch(self, size: int | None = None, finite_loss: bool = False) -> Any:
         """One collated batch of Trainer's training loader, on the device (``size`` examples per process instead
-        of the training batch size if given); the random states Trainer's shuffling and collators use are left
-        as they were, and the loader is let go."""
+        of the training batch size if given; with ``finite_loss``, the first of its first batches whose loss is
+        finite: a completion-only batch without a labelled token has a NaN mean). The random states Trainer's
+        shuffling and collators use are left as they were, and the loader is let go.
+
+        Raises:
+            ValueError: If the loader gives no batch, or none of the first batches has a finite loss.
+        """
         saved = self._train_batch_size
         if size is not None:
             share = len(self.train_dataset) // self.args.world_size if has_length(self.train_dataset) else size
             self._train_batch_size = max(1, min(size, share))
+        found, tried = None, 0
         try:
             with _random_states_kept():
                 loader = self.get_train_dataloader()
-                batch = next(iter(loader), None)
+                for raw in itertools.islice(loader, REFERENCE_TRIES if finite_loss else 1):
+                    tried += 1
+                    batch = self._prepare_inputs(raw)
+                    if not finite_loss or self._loss_is_finite(batch):
+                        found = batch
+                        break
                 _let_go(self.accelerator, loader)
         finally:
             self._train_batch_size = saved
-        if batch is None:
+        if found is None and not tried:
             raise ValueError(
                 "the training loader gives no batch on this process (too few examples for the processes, "
                 "with dataloader_drop_last?)"
             )
-        return self._prepare_inputs(batch)
+        if found is None:
+            raise ValueError(
+                f"slr's reference batch: none of the first {tried} training batches gives a finite loss (batches "
+                "without a labelled token?)"
+            )
+        return found
+
+    def _loss_is_finite(self, batch: Any) -> bool:
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return bool(torch.isfinite(self._task_loss(self.model, batch)))
+        finally:
+            self.model.train(training)
 
     def _loss_uses_num_items(self, batch: Any) -> bool:
         """Whether Trainer's loss is normalised by ``num_items_in_batch`` (a causal LM's tokens): your
@@ -165,8 +195,9 @@ class SparsityTrainer(Trainer):
         models take the keyword and ignore it (BERT's classification heads); Trainer would then add up their
         micro-batch means. A batch whose loss is 0 or not finite tells nothing: Trainer's rule then. Every
         process takes the same answer."""
-        if "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters:
-            return False
+        parameters = inspect.signature(self.compute_loss).parameters.values()
+        if not any(p.name == "num_items_in_batch" or p.kind is p.VAR_KEYWORD for p in parameters):
+            return False  # a transformers without it, or your override without it
         declared = getattr(self, "loss_is_scaled_for_ga", None)
         if declared is not None:
             return bool(declared)
@@ -355,9 +386,11 @@ class _PruningCallback(TrainerCallback):
                 # max_steps cut this last epoch short (or the dataset has no length): its count is Trainer's choice
                 warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
             trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
-        if trainer._pending_logs and (state.global_step >= state.max_steps or control.should_training_stop):
-            # The last epoch: Trainer logs no training row after it, so its metrics get a row of their own
-            # (before Trainer's summary row and on_train_end).
+        last = state.global_step >= state.max_steps or control.should_training_stop
+        if trainer._pending_logs and last and not control.should_log:
+            # The last epoch, and Trainer logs no training row after it (with logging_strategy="epoch" it does,
+            # and log() adds them to that one): its metrics get a row of their own, before Trainer's summary
+            # row and on_train_end.
             Trainer.log(trainer, trainer._logged(trainer._pending_logs))
             trainer._pending_logs = {}
 
