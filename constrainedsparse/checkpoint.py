@@ -68,8 +68,9 @@ def directory_mode() -> int:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block is held until it ends, then raised as ``KeyboardInterrupt``: a file
-    being written is finished first (only in the main thread, where Python handles signals; elsewhere a no-op).
+    """Ctrl-C (SIGINT) inside the block is held until it ends, then given to the handler in place (Python's
+    raises ``KeyboardInterrupt``; an ignored one stays ignored): a file being written is finished first (only
+    in the main thread, where Python handles signals; elsewhere a no-op).
 
     A Ctrl-C of a several-process job that reached a rank inside ``torch.save`` printed that rank's traceback
     (seen once in CI) instead of the one ``interrupted`` line.
@@ -83,8 +84,8 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+    if received and callable(previous):  # the handler that was in place (Python's raises KeyboardInterrupt)
+        previous(received[0], None)
 
 
 def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
