@@ -314,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130  # the launcher (or rank 0 under torchrun) says it once
         print(f"interrupted{_resume_hint(getattr(args, 'out', None) or _RESOLVED_OUT.get('run'))}", file=sys.stderr)
         return 130  # the shell's code for SIGINT
+    except BrokenPipeError:  # the reader went away (`| head`): quiet, with the shell's code for SIGPIPE, as cat
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as err:
         if distributed.env_world_size() > 1:
             if launcher.lost_peer(err):  # another rank failed first: its error is the one to report

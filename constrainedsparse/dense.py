@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
 from constrainedsparse.checkpoint import save_weights
-from constrainedsparse.errors import NonFiniteLossError
+from constrainedsparse.errors import NonFiniteLossError, UserInputError
 from constrainedsparse.progress import Progress
 from constrainedsparse.spec import Problem
 
@@ -150,6 +151,20 @@ def _load_cached(model: nn.Module, path: Path, device: str) -> bool:
         return False
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why the dense-model cache ``folder`` cannot take a file, or ``None`` if it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return (
+            f"the dense-model cache {folder} cannot be written ({err.strerror or type(err).__name__}): set "
+            "CONSTRAINEDSPARSE_CACHE to a writable folder"
+        )
+    return None
+
+
 def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
     """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
     problem, seed, device = recipe.problem, recipe.seed, recipe.device
@@ -163,6 +178,9 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
             return model, evaluate(problem, model, test)
         seed_everything(seed)
         model = problem.model(recipe.options).to(device)
+    unwritable = distributed.broadcast_object(_unwritable(path.parent) if distributed.is_main_process() else None)
+    if unwritable:  # before pre-training, not after it
+        raise UserInputError(unwritable)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     forward = distributed.wrap(model)
     progress = Progress(recipe.pretrain_epochs, f"dense {problem.name}", recipe.progress)

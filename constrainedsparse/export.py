@@ -154,7 +154,8 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The run's ``model/`` folder and summary, refusing runs that cannot be exported."""
     if not run_dir.is_dir():
-        raise ValueError(f"run directory {str(run_dir)!r} does not exist")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise ValueError(f"run directory {str(run_dir)!r} {what}")
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
@@ -162,6 +163,11 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     if "layer_sparsity" not in summary:
         raise ValueError(f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/magnitude runs)")
     model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file() and summary.get("epochs", 0) > 0:
+        raise ValueError(
+            f"{str(run_dir)!r} is a training run (its model is model.safetensors): export takes the transformers "
+            "model/ folder of a layer-wise run (fw/wanda/sparsegpt/magnitude one-shot)"
+        )
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{str(run_dir)!r} has no saved model/ folder (a transformers model saved by the run)")
     return model_dir, summary
@@ -276,8 +282,13 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
     final = Path(to) if to is not None else run_dir / COMPRESSED_DIR
     _check_destination(final, run_dir)
     compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as err:
+        raise ValueError(
+            f"--to {final}: {final.parent} cannot be written ({err.strerror or type(err).__name__})"
+        ) from None
     try:
         _copy_model_files(model_dir, staging)
         save_file({k: v.contiguous() for k, v in compressed.items()}, staging / "model.safetensors", {"format": "pt"})

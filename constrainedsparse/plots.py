@@ -318,6 +318,13 @@ def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
         raise ValueError(f"{str(path)!r} holds no rows yet: nothing to plot")
     if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
         raise ValueError(f"{what} (rows need a step)")
+    for row in rows:
+        bad = next(
+            (k for k, v in row.items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))),
+            None,
+        )
+        if bad is not None:
+            raise ValueError(f"{what} (values are numbers or null; step {row['step']} has {bad}={row[bad]!r})")
     return path, rows
 
 
@@ -334,6 +341,8 @@ def check_png(png_path: Path | str) -> None:
         raise ValueError(f"{str(png)!r}: the plot is a PNG image, give a file name ending in .png")
     if not png.parent.is_dir():
         raise ValueError(f"{str(png)!r}: the directory {str(png.parent)!r} does not exist")
+    if not os.access(png.parent, os.W_OK):
+        raise ValueError(f"{str(png)!r}: the directory {str(png.parent)!r} cannot be written")
 
 
 def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, rows: Rows | None = None) -> Path:

@@ -148,7 +148,7 @@ class RunConfig:
         differing = [
             f"{key} ({value!r}, stored {stored[key]!r})"
             for key, value in given.items()
-            if key != "settings" and key in stored and stored[key] != value
+            if key != "settings" and key in stored and not _same_option(key, value, stored)
         ]
         theirs = dict(stored.get("settings", {}))
         effective = state.get("effective_settings") or {}
@@ -461,3 +461,15 @@ def open_logger(
         name=run.wandb_name,
         tags=tuple(run.wandb_tags),
     )
+
+
+def _same_option(key: str, value: Any, stored: Mapping[str, Any]) -> bool:
+    """Whether an option given on ``--resume`` means the stored one: equal, or ``--pattern unstructured`` for a
+    training run started without ``--pattern`` (its default; a layer-wise run's default is the row scope)."""
+    if stored[key] == value:
+        return True
+    if key == "pattern" and value == "unstructured" and stored[key] is None:
+        from constrainedsparse.formulations.factory import available_formulations
+
+        return stored.get("formulation") in available_formulations()
+    return False

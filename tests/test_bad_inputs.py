@@ -329,6 +329,18 @@ ROWS: list[Row] = [
     # --- problem files: the user's code -----------------------------------------------------------
     Row("unknown problem", ["run", "no-such-problem", "--out", "{out}"], r"unknown problem 'no-such-problem'"),
     Row(
+        "plot a text value",
+        ["plot", "{tmp}/m.jsonl"],
+        r"values are numbers or null; step 0 has accuracy/dense='abc'\)$",
+        _file("m.jsonl", '{"step": 0, "accuracy/dense": "abc"}\n'),
+    ),  # fmt: skip
+    Row(
+        "export a file",
+        ["export", "{tmp}/notes.txt"],
+        r"run directory '.*notes.txt' is a file, not a run",
+        _file("notes.txt"),
+    ),
+    Row(
         "missing problem file",
         ["run", "{tmp}/nowhere.py", "--out", "{out}"],
         r"problem file .*nowhere\.py does not exist \(bundled problems: ",
@@ -565,7 +577,7 @@ ROWS: list[Row] = [
         _file("m.jsonl", '{"step": 1, "a": 1}\n'),
     ),  # fmt: skip
     Row("export missing", ["export", "{tmp}/none"], r"none"),
-    Row("export a training run", ["export", "{out}"], r"has no saved model/ folder", _finished),
+    Row("export a training run", ["export", "{out}"], r"is a training run \(its model is model\.safet", _finished),
     Row("describe unknown", ["formulations", "nope"], r"unknown formulation 'nope'; available:"),
 ]
 

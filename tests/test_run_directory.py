@@ -277,3 +277,26 @@ def test_kill_9_at_random_points_and_inside_a_checkpoint_write_resumes_bit_ident
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(out.glob(".*.tmp"))  # orphans of the killed writes were cleaned
+
+
+def test_a_dense_cache_that_cannot_be_written_is_refused_before_pre_training(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CONSTRAINEDSPARSE_CACHE", str(blocker))  # a file where the cache folder should be
+    started = time.perf_counter()
+    line = fails_with_one_line(["run", "--out", str(tmp_path / "run"), "--epochs", "1", "--pretrain-epochs", "50",
+                                "--wandb", "disabled", "--no-progress"], capsys)  # fmt: skip
+    assert line.startswith(f"error: the dense-model cache {blocker}/dense cannot be written (Not a directory)")
+    assert time.perf_counter() - started < 30 and not (tmp_path / "run").exists()  # 50 dense epochs not run
+
+
+def test_resume_takes_the_unstructured_pattern_a_training_run_started_with_by_default(tmp_path):
+    from constrainedsparse.cli import main
+    from constrainedsparse.runners import run
+    from constrainedsparse.runs import RunConfig
+
+    out = tmp_path / "run"
+    run(RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=2, pretrain_epochs=2, out=out,
+                  stop_after_epochs=1, progress=False, wandb="disabled"))  # fmt: skip
+    assert main(["run", "--out", str(out), "--resume", "--pattern", "unstructured", "--no-progress"]) == 0
+    assert (out / "summary.json").is_file()

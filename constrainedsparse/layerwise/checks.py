@@ -115,7 +115,7 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Ta
     if target.nm is not None:
         raise ValueError(
             f"{key}allocation={driver.allocation} shares out a {level} level; the N:M pattern {target.describe()} "
-            "fixes every group's"
+            f"fixes every group's level: give a {level} instead of the pattern, or leave allocation at uniform"
         )
     if not driver.allocation_min <= target.sparsity <= driver.allocation_max:
         raise ValueError(
