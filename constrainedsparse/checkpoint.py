@@ -66,6 +66,23 @@ def directory_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def writable(folder: Path, probe: bool = True) -> bool:
+    """Whether files may be created in ``folder``: ``os.access``, and (``probe``) one real try.
+
+    ``os.access`` says yes to root on any local folder; where the run must create its directory
+    anyway, a probe folder is made and removed at once (a read-only mount refuses it for root too).
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    if not probe:
+        return True
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Ctrl-C (SIGINT) inside the block is held until it ends, then given to the handler in place (Python's

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
-from constrainedsparse.checkpoint import save_weights
+from constrainedsparse.checkpoint import save_weights, writable
 from constrainedsparse.errors import NonFiniteLossError, UserInputError
 from constrainedsparse.progress import Progress
 from constrainedsparse.spec import Problem
@@ -155,14 +154,14 @@ def _unwritable(folder: Path) -> str | None:
     """Why the dense-model cache ``folder`` cannot take a file, or ``None`` if it can."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        reason = None if writable(folder) else "not writable"
     except OSError as err:
-        return (
-            f"the dense-model cache {folder} cannot be written ({err.strerror or type(err).__name__}): set "
-            "CONSTRAINEDSPARSE_CACHE to a writable folder"
-        )
-    return None
+        reason = err.strerror or type(err).__name__
+    if reason is None:
+        return None
+    return (
+        f"the dense-model cache {folder} cannot be written ({reason}): set CONSTRAINEDSPARSE_CACHE to a writable folder"
+    )
 
 
 def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from constrainedsparse.checkpoint import writable
 from constrainedsparse.errors import first_line
 from constrainedsparse.logger import read_metrics
 from constrainedsparse.report import block_names
@@ -341,7 +342,7 @@ def check_png(png_path: Path | str) -> None:
         raise ValueError(f"{str(png)!r}: the plot is a PNG image, give a file name ending in .png")
     if not png.parent.is_dir():
         raise ValueError(f"{str(png)!r}: the directory {str(png.parent)!r} does not exist")
-    if not os.access(png.parent, os.W_OK):
+    if not writable(png.parent):
         raise ValueError(f"{str(png)!r}: the directory {str(png.parent)!r} cannot be written")
 
 

@@ -258,10 +258,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         """
         if not isinstance(spec, UserConstraint):
             raise ValueError(f"constraint {name!r} must be a UserConstraint, got {type(spec).__name__}")
-        if name in self._violations:
-            raise ValueError(f"constraint {name!r} is already registered")
-        if isinstance(name, str) and "/" in name:  # logged as violation/<name>, multiplier/<name>
-            raise ValueError(f"constraint name {name!r} has a '/': logged keys are family/name, choose a name without")
+        self._check_name(name, yours=True)
         if spec.uses_batch and example_batch is None:
             raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
         with torch.no_grad():
@@ -312,8 +309,24 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         Raises:
             ValueError: If the name is taken, or for an unobserved constraint stepped every step.
         """
+        self._check_name(name, yours=False)
+        if not observed and dual_every_step:
+            raise ValueError(f"constraint {name!r}: an unobserved constraint cannot take a dual step every step")
+        self._register_constraint(name, constraint)
+        self._violations[name] = _Registered(
+            constraint, violation, dual_every_step, data_dependent, observed=observed, strict_violation=strict_violation
+        )
+
+    def _check_name(self, name: str, yours: bool) -> None:
+        """The rules of a constraint's name, for yours (:meth:`add_user_constraint`, checked before its function
+        runs) and a formulation's (:meth:`add_constraint`).
+
+        Raises:
+            ValueError: If it is taken (by a constraint, or an attribute ``problem.<name>``), not a non-empty
+                string, or (yours) holds a ``/``.
+        """
         if name in self._violations:
-            if self._violations[name].user:  # a formulation registering its own constraint under a user's name
+            if self._violations[name].user and not yours:  # a formulation registering its own under your name
                 raise ValueError(
                     f"constraint {name!r} is one of yours, and the formulation being built registers its own "
                     "under that name: give yours another name"
@@ -321,14 +334,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             raise ValueError(f"constraint {name!r} is already registered")
         if not isinstance(name, str) or not name:
             raise ValueError(f"a constraint name must be a non-empty string, got {name!r}")
+        if yours and "/" in name:  # logged as violation/<name>, multiplier/<name>
+            raise ValueError(f"constraint name {name!r} has a '/': logged keys are family/name, choose a name without")
         if hasattr(type(self), name) or name in vars(self):  # problem.<name> would not read the constraint
             raise ValueError(f"constraint name {name!r} is taken by SparsityProblem.{name}: choose another")
-        if not observed and dual_every_step:
-            raise ValueError(f"constraint {name!r}: an unobserved constraint cannot take a dual step every step")
-        self._register_constraint(name, constraint)
-        self._violations[name] = _Registered(
-            constraint, violation, dual_every_step, data_dependent, observed=observed, strict_violation=strict_violation
-        )
 
     def constraint_names(self) -> list[str]:
         """The registered constraints' names: yours, then those formulations added, in order."""

@@ -27,13 +27,12 @@ import dataclasses
 import errno
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from constrainedsparse import distributed
-from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, writable
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.logger import MetricsLogger, NullLogger
 from constrainedsparse.plots import plot_metrics
@@ -200,23 +199,6 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def _writable(folder: Path, probe: bool) -> bool:
-    """Whether a run may create files in ``folder``: ``os.access``, and (``probe``) one real try.
-
-    ``os.access`` says yes to root on any local folder; where the run must create its directory
-    anyway, a probe folder is made and removed at once (a read-only mount refuses it for root too).
-    """
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return False
-    if not probe:
-        return True
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
-    except OSError:
-        return False
-    return True
-
-
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -298,7 +280,7 @@ class RunDirectory:
         parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
         if not parent.is_dir():
             raise UserInputError(f"{self._out}{out}: {parent} is a file, not a directory")
-        if not _writable(parent, probe=parent != out):
+        if not writable(parent, probe=parent != out):
             raise UserInputError(f"{self._out}{out}: {parent} is not writable")
         if _held(out / LOCK):
             raise self._busy(out / LOCK)

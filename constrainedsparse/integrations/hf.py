@@ -181,13 +181,8 @@ class SparsityTrainer(Trainer):
         return found
 
     def _loss_is_finite(self, batch: Any) -> bool:
-        training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return bool(torch.isfinite(self._task_loss(self.model, batch)))
-        finally:
-            self.model.train(training)
+        with _eval_mode(self.model), torch.no_grad():
+            return bool(torch.isfinite(self._task_loss(self.model, batch)))
 
     def _loss_uses_num_items(self, batch: Any) -> bool:
         """Whether Trainer's loss is normalised by ``num_items_in_batch`` (a causal LM's tokens): your
@@ -203,13 +198,9 @@ class SparsityTrainer(Trainer):
             return bool(declared)
         if not (getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None)):
             return False  # Trainer divides by the accumulation steps itself
-        training = self.model.training
-        self.model.eval()  # no dropout: the two losses differ only by the count
-        try:
-            with torch.no_grad(), _random_states_kept(), self.compute_loss_context_manager():
-                one, two = (self._task_loss(self.model, batch, count) for count in (1, 2))
-        finally:
-            self.model.train(training)
+        # Eval mode, no dropout: the two losses differ only by the count.
+        with _eval_mode(self.model), torch.no_grad(), _random_states_kept(), self.compute_loss_context_manager():
+            one, two = (self._task_loss(self.model, batch, count) for count in (1, 2))
         informative = bool(torch.isfinite(one) and torch.isfinite(two) and (one != 0 or two != 0))
         uses = not torch.allclose(one, two) if informative else True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -398,6 +389,17 @@ class _PruningCallback(TrainerCallback):
         if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its own mode after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 @contextlib.contextmanager
