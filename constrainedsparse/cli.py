@@ -361,7 +361,7 @@ def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, 
             check_block_fit(prepared.driver, nproc)
     else:
         with user_input():
-            distributed.check_global_batch(prepared.training.batch_size, nproc)
+            distributed.check_global_batch(prepared.training.batch_size, nproc, given="batch_size" in config.settings)
     directory = RunDirectory(config.out)
     directory.mark_created()  # a failed or interrupted job leaves no directory it made
     try:

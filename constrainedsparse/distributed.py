@@ -137,14 +137,16 @@ def rank_device(device: str) -> str:
     return device
 
 
-def check_global_batch(batch_size: int, processes: int | None = None) -> None:
+def check_global_batch(batch_size: int, processes: int | None = None, *, given: bool = True) -> None:
     """Raises ``ValueError`` unless ``batch_size`` (the global batch) splits evenly over the ranks
-    (``processes``, default :func:`world_size`)."""
+    (``processes``, default :func:`world_size`); ``given``: the user set it (else it is the problem's default)."""
     n = world_size() if processes is None else processes
     if batch_size % n:
+        what = f"--set batch_size={batch_size}" if given else f"the problem's batch size {batch_size}"
+        hint = "" if given else "; choose one with --set batch_size=N"
         raise ValueError(
-            f"--set batch_size={batch_size} must be divisible by the number of processes ({n}): "
-            "batch_size is the global batch, split evenly over the ranks"
+            f"{what} must be divisible by the number of processes ({n}): "
+            f"batch_size is the global batch, split evenly over the ranks{hint}"
         )
 
 

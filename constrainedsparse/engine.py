@@ -38,12 +38,7 @@ from constrainedsparse.formulations import Formulation, available_formulations, 
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
 from constrainedsparse.layerwise.base import available_solvers
 from constrainedsparse.logger import finish_summary
-from constrainedsparse.masks import (
-    achieved_sparsity,
-    hard_prune,
-    layer_sparsity,
-    remove_masks,
-)
+from constrainedsparse.masks import achieved_sparsity, hard_prune, layer_sparsity, remove_masks
 from constrainedsparse.postprune import batchnorm_stage, purge_stage
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
@@ -157,7 +152,7 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
         training = TrainingSettings.from_values({**defaults, **routed["training"]})
         training.validate()
         training.device = distributed.rank_device(resolve_device(training.device))
-        distributed.check_global_batch(training.batch_size)
+        distributed.check_global_batch(training.batch_size, given="batch_size" in routed["training"])
         formulation_config = formulation_cls.Config.from_values(routed["formulation"])
         formulation_config.validate()
     options = {**problem.options, **routed["options"]}

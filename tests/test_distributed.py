@@ -142,6 +142,12 @@ def test_global_batch_must_split_over_the_processes(tmp_path, capsys):
         "batch, split evenly over the ranks"
     )
     assert not (tmp_path / "o").exists()
+    line = fails_with_one_line(["run", PROBLEM, "--nproc", "3", "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert line.startswith("error: the problem's batch size ") and line.endswith(
+        "must be divisible by the number of processes (3): batch_size is the global batch, split evenly over the "
+        "ranks; choose one with --set batch_size=N"
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_nproc_bad_values_are_one_line(tmp_path, capsys, monkeypatch):

@@ -430,6 +430,20 @@ def test_a_loop_resumed_mid_epoch_counts_the_epochs_steps_on(name, recwarn):
         fresh.end_epoch(0)
 
 
+def test_start_epoch_past_setups_epochs_warns_once(recwarn):
+    f, x, y = _built("magnitude")  # setup(num_epochs=1): its cubic ramp ends with epoch 0
+    f.start_epoch(0)
+    assert not [w for w in recwarn if "past setup" in str(w.message)]
+    f.end_epoch(0)
+    with pytest.warns(
+        UserWarning, match=r"^start_epoch\(1\) is past setup\(num_epochs=1\) \(epochs 0 to 0\): the sched"
+    ):
+        f.start_epoch(1)
+    recwarn.clear()
+    f.start_epoch(2)
+    assert not [w for w in recwarn if "past setup" in str(w.message)]
+
+
 def test_masks_must_be_boolean():
     model, _, _ = _cancer()
     targets = Targets().resolve(model, SparsityConfig(0.5))

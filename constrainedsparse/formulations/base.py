@@ -41,6 +41,7 @@ from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.checks import (
     check_covers,
+    check_epoch_count,
     check_finite_loss,
     check_hard_masks,
     check_rate,
@@ -179,6 +180,7 @@ class Formulation(abc.ABC):
         self.steps_per_epoch = 0
         self.reference_batch: Batch | None = None
         self._last_loss: torch.Tensor | None = None  # checked by end_epoch() and hard_masks(), not per step
+        self._epochs_warned = False  # start_epoch() past setup()'s num_epochs, warned once
         self._epoch_steps, self._steps_warned = 0, False  # post_step() calls this epoch, against setup()'s count
         self._epoch = -1  # the epoch start_epoch() began last
         self._resumed_mid_epoch = False  # a state saved mid-epoch: start_epoch() of that epoch keeps _epoch_steps
@@ -280,9 +282,14 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
+
+        Warns:
+            UserWarning: Once, for an ``epoch`` past ``setup()``'s ``num_epochs`` (the schedules have ended).
         """
         self._require("start_epoch()")
         epoch = checked_epoch(epoch, "start_epoch")
+        if not self._epochs_warned:
+            self._epochs_warned = check_epoch_count(self.num_epochs, epoch)
         if not (self._resumed_mid_epoch and epoch == self._epoch):  # a loop resumed mid-epoch starts it again
             self._epoch_steps = 0
         self._epoch, self._resumed_mid_epoch = epoch, False

@@ -73,6 +73,23 @@ def check_step_count(declared: int, done: int, epoch: int) -> bool:
     return True
 
 
+def check_epoch_count(declared: int, epoch: int) -> bool:
+    """Warns (returns ``True``) when ``start_epoch(epoch)`` runs past the ``num_epochs`` that ``setup()`` declared.
+
+    The schedules over the run (``magnitude``'s cubic ramp, ``sparsity_schedule=cubic``) end at
+    ``num_epochs``: later epochs stay at the target, which is not what a longer run was meant to get.
+    """
+    if declared == 0 or epoch < declared:
+        return False
+    warnings.warn(
+        f"start_epoch({epoch}) is past setup(num_epochs={declared}) (epochs 0 to {declared - 1}): the schedules over "
+        "the run have ended and stay at the target; pass setup() the number of epochs you train",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def described(value: Any) -> str:
     """A short name of ``value`` for an error line (its type; never a tensor's or list's whole contents)."""
     if isinstance(value, (list, tuple)):
