@@ -1,5 +1,6 @@
 """l0 / l0-penalty: restarting multipliers, config validation, optimizer groups, masks, runs."""
 
+import copy
 import math
 
 import cooper
@@ -764,6 +765,25 @@ def test_min_layer_density_keeps_a_layer_the_global_budget_would_empty(grouping,
     assert bool(getattr(second.module, second.param_name).detach().ne(0).any()) == (floor > 0)
 
 
+def test_model_scope_masks_of_gates_not_yet_apart_keep_every_layer_in_proportion():
+    """Stopped before the gates moved: every log alpha equal, the second layer's weights 100x smaller. The
+    global budget ranks by log alpha (the same scale in every layer), ties by |w| over its layer's RMS, so
+    each layer keeps about its share (raw |w| ranked every weight of the second layer below the first's)."""
+    problem, _ = _mlp_problem(sparsity=0.5)
+    f = make("l0", problem, L0Config(scope="model"))
+    f.setup(1, 1)
+    first, second = problem.targets
+    with torch.no_grad():
+        second.module.parametrizations[second.param_name].original.mul_(1e-2)
+    masks = f.hard_masks()
+    assert sum(int(m.sum()) for m in masks.values()) == sum(t.feasible_set.k for t in problem.targets)
+    for target in (first, second):
+        assert abs(masks[target.name].float().mean().item() - 0.5) <= 0.2
+        magnitude = target.module.parametrizations[target.param_name].original.detach().abs()
+        kept, dropped = magnitude[masks[target.name]], magnitude[~masks[target.name]]
+        assert kept.min() >= dropped.max()  # within a layer: still its largest weights
+
+
 def test_min_layer_density_above_a_target_density():
     problem, _ = _mlp_problem(sparsity=0.9)
     with pytest.raises(ValueError, match=r"min_layer_density must be at most every target's density 1 - sparsity: "
@@ -771,3 +791,59 @@ def test_min_layer_density_above_a_target_density():
         make("l0", problem, L0Config(min_layer_density=0.2))
     with pytest.raises(ValueError, match=r"min_layer_density"):
         make("l0", _mlp_problem()[0], min_layer_density=1.0)
+
+
+def _trained_l0(batch, **settings):
+    problem, _ = _mlp_problem()
+    f = make("l0", problem, L0Config(**settings), optimizer=torch.optim.SGD(problem.model.parameters(), lr=0.1))
+    f.setup(1, 2)
+    f.start_epoch(0)
+    for _ in range(2):
+        f.training_step(batch)
+    return f
+
+
+def test_a_state_with_nupi_dual_optimizer_saves_weights_only_and_resumes(tmp_path):
+    """density_dual_kp > 0 makes the dual optimizer Cooper's nuPI, whose param groups hold an enum: the state
+    stores its value (torch.load(weights_only=True) refused the file) and load_state_dict makes it the enum."""
+    _, batch = _mlp_problem()
+    f = _trained_l0(batch, density_dual_kp=2.0)
+    torch.save(f.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    again = _trained_l0(batch, density_dual_kp=2.0)
+    again.load_state_dict(state)
+    kinds = [type(g["init_type"]) for g in again.dual_optimizer.param_groups]
+    assert kinds == [type(g["init_type"]) for g in f.dual_optimizer.param_groups] and kinds[0] is not int
+    assert torch.equal(again.problem.l0_density.multiplier.weight, f.problem.l0_density.multiplier.weight)
+    again.training_step(batch)  # nuPI steps with the restored groups
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "extra"),
+    [
+        ("l0-penalty", {}, "l0_density"),
+        ("l0", {"test_gap_max": 1.0}, "l0_test_gap"),
+        ("l0", {"density_constraint": "inequality"}, "l0_density_min"),
+    ],
+)
+def test_load_state_dict_refuses_a_state_of_other_constraints_before_restoring_anything(name, settings, extra):
+    _, batch = _mlp_problem()
+    state = _trained_l0(batch, test_gap_max=0.01 if extra == "l0_test_gap" else 1.0).state_dict()
+    problem, _ = _mlp_problem()
+    config = L0PenaltyConfig(**settings) if name == "l0-penalty" else L0Config(**settings)
+    other = make(name, problem, config)
+    other.setup(1, 2)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=rf"^load_state_dict\(\): the state has cmp/multipliers/{extra}, which this "):
+        other.load_state_dict(state)
+    assert other.state_dict()["epoch_steps"] == before["epoch_steps"]
+
+
+def test_hard_prune_preview_after_finalize_is_refused():
+    problem, batch = _mlp_problem()
+    f = make("l0", problem)
+    f.setup(1, 1)
+    masks = f.hard_masks()
+    f.finalize()
+    with pytest.raises(ValueError, match=r"^hard_prune_preview\(\) after finalize\(\): the formulation has already"):
+        f.hard_prune_preview(masks)

@@ -37,7 +37,9 @@ set to a score that ranks every weight with :math:`\hat z > 0` by :math:`|\tilde
 above every weight with :math:`\hat z = 0` (those ranked by :math:`|\tilde\theta|`). When the gates
 keep more than the target the mask is the top-k of the test-time weights; when they keep fewer, the
 largest gated-off weights are re-admitted, and :meth:`finalize` bakes them in with gate 1 (every
-other weight is baked in as :math:`\tilde\theta \odot \hat z`).
+other weight is baked in as :math:`\tilde\theta \odot \hat z`). That is layer scope; in model scope the
+weights of all targets share one budget, ranked by their gates' :math:`\log\alpha` (the same scale in
+every layer; see :meth:`L0.compute_hard_masks`).
 
 **Structured gates in model scope** take one budget over the groups of all targets (whole input
 columns / output channels, ranked by :math:`\log\alpha`, see :meth:`L0._global_group_masks`), so the
@@ -204,9 +206,9 @@ class L0(Gated):
         gated, 23 % after per-layer masks; structured: 41 % gated, 14 % per layer). So the
         gated-on weights of all targets compete for one budget:
 
-        * unstructured: :class:`~constrainedsparse.sets.GlobalTopK` of :math:`\sum_n k_n` over
-          :math:`|\tilde\theta \hat z|` (gated-on above gated-off everywhere); the total number of
-          zeros is exactly the target's;
+        * unstructured: :class:`~constrainedsparse.sets.GlobalTopK` of :math:`\sum_n k_n` over the gates'
+          :math:`\log\alpha` (gated-on above gated-off everywhere, see :meth:`_global_weight_scores`); the
+          total number of zeros is exactly the target's;
         * structured: whole groups, see :meth:`_global_group_masks`.
 
         Layer scope keeps the per-target masks of :meth:`Gated.compute_hard_masks`.
@@ -216,12 +218,33 @@ class L0(Gated):
             return super().compute_hard_masks()
         if self.config.grouping == "structured":
             return self._global_group_masks()
-        weights_and_gates = [self._scores(t)[:2] for t in targets]
-        offset = max(float(w.abs().max()) for w, _ in weights_and_gates) + 1.0
-        scores = [torch.where(z > 0, (w * z).abs() + offset, w.abs()) for w, z in weights_and_gates]
+        scores = self._global_weight_scores()
         floors = self._floors(scores)
         budget = GlobalTopK(max(sum(t.feasible_set.k for t in targets), sum(floors)))
         return {t.name: mask for t, mask in zip(targets, budget.masks(self._lifted(scores, floors)))}
+
+    def _global_weight_scores(self) -> list[torch.Tensor]:
+        r"""Unstructured model-scope scores: every weight ranked by its gate's :math:`\log\alpha` (clamped to
+        :data:`~constrainedsparse.gates.LOG_ALPHA_RANGE`), ties by :math:`|\tilde\theta|` in units of its
+        layer's RMS (float64).
+
+        The median-rule gate is monotone in :math:`\log\alpha`, so gated-on weights rank above gated-off
+        ones, and :math:`\log\alpha` is on the same scale in every layer. Raw :math:`|\tilde\theta \hat z|`
+        is not: while the gates are still all on (stopped early), it emptied a layer whose weights
+        were initialised smaller than the others'.
+        """
+        low, high = LOG_ALPHA_RANGE
+        ratios = []
+        for t in self.problem.targets:
+            magnitude = self._scores(t)[0].to(torch.float64).abs()
+            ratios.append(magnitude / (float(magnitude.square().mean().sqrt()) or 1.0))
+        top = max(float(r.max()) for r in ratios) or 1.0
+        scores = []
+        for t, ratio in zip(self.problem.targets, ratios):
+            gate = self.gates[t.name]
+            log_alpha = gate.expand(gate.log_alpha.detach()).expand_as(ratio).to(torch.float64).clamp(low, high)
+            scores.append((log_alpha - low) + 1e-6 * ratio / top)  # the ratio in [0, 1e-6]: ties only
+        return scores
 
     @staticmethod
     def _lifted(scores: list[torch.Tensor], floors: list[int]) -> list[torch.Tensor]:
