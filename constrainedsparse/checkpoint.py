@@ -12,6 +12,7 @@ whose loading would run code) is refused, with one line, before anything of it i
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import pickle
@@ -35,6 +36,8 @@ __all__ = [
     "directory_mode",
     "file_mode",
     "load_checkpoint",
+    "optimizer_state_plain",
+    "optimizer_state_typed",
     "save_checkpoint",
     "save_weights",
 ]
@@ -195,3 +198,20 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def optimizer_state_plain(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``state_dict()`` that ``torch.load(weights_only=True)`` reads: enum hyperparameters of its
+    param groups (Cooper's ``nuPI`` keeps ``init_type``) as their values; :func:`optimizer_state_typed` undoes it."""
+    groups = [{k: v.value if isinstance(v, enum.Enum) else v for k, v in g.items()} for g in state["param_groups"]]
+    return {**state, "param_groups": groups}
+
+
+def optimizer_state_typed(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (from :func:`optimizer_state_plain`) with the values of ``optimizer``'s enum hyperparameters made
+    enums again, as its ``load_state_dict`` needs them."""
+    groups = []
+    for current, saved in zip(optimizer.param_groups, state.get("param_groups", [])):
+        kinds = {k: type(v) for k, v in current.items() if isinstance(v, enum.Enum)}
+        groups.append({k: kinds[k](v) if k in kinds and not isinstance(v, enum.Enum) else v for k, v in saved.items()})
+    return {**state, "param_groups": groups + list(state.get("param_groups", []))[len(groups) :]}

@@ -20,7 +20,14 @@ from typing import Any
 from constrainedsparse import distributed, launcher
 from constrainedsparse.catalog import describe
 from constrainedsparse.config import HyperparameterInfo, describe_table
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, debugging, first_line, user_input
+from constrainedsparse.errors import (
+    NonFiniteLossError,
+    UserInputError,
+    debugging,
+    failed_pattern,
+    first_line,
+    user_input,
+)
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
@@ -318,6 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as err:
+        pattern_line = None if debugging() else failed_pattern(err)
+        if pattern_line is not None:  # a pattern of the user's raised: one line, as a solver of theirs gets
+            if distributed.env_world_size() > 1:
+                launcher.report_error(pattern_line, code=2)
+                raise SystemExit(2) from None
+            _fail(pattern_line)
         if distributed.env_world_size() > 1:
             if launcher.lost_peer(err):  # another rank failed first: its error is the one to report
                 launcher.report_error(f"stopped after another rank failed ({type(err).__name__})", peer=True)

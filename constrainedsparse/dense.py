@@ -84,7 +84,7 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     outputs, targets = [], []
     for batch in DataLoader(dataset, batch_size=EVAL_BATCH):
-        output, y = problem.predict(model, to_device(batch, device))
+        output, y = problem.predicted(model, to_device(batch, device))
         outputs.append(output.detach().cpu())
         targets.append(y.detach().cpu())
     model.train(was_training)
@@ -168,7 +168,7 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
     """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
     problem, seed, device = recipe.problem, recipe.seed, recipe.device
     seed_everything(seed)
-    model = problem.model(recipe.options).to(device)
+    model = problem.built_model(recipe.options).to(device)
     path = _dense_cache_path(recipe)
     if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
         loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
@@ -176,7 +176,7 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
             distributed.broadcast_module(model)
             return model, evaluate(problem, model, test)
         seed_everything(seed)
-        model = problem.model(recipe.options).to(device)
+        model = problem.built_model(recipe.options).to(device)
     unwritable = distributed.broadcast_object(_unwritable(path.parent) if distributed.is_main_process() else None)
     if unwritable:  # before pre-training, not after it
         raise UserInputError(unwritable)

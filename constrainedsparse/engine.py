@@ -170,10 +170,20 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     # Its warnings wait for the run's own model (an error line here stands alone).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = problem.model(options)
+        model = problem.built_model(options)
     with user_input():
         targets = problem.targets.resolve(model, target, allow_empty=True)  # checked below, with the CLI's words
-        formulation_cls(_task_problem(problem, model, targets, None, constraints=False), formulation_config)
+        task = _task_problem(problem, model, targets, None, constraints=False)
+        with user_input(f"problem {problem.name!r}: "):
+            for name in problem.constraints:  # the names' rules now, not after pre-training
+                task.check_constraint_name(name)
+        formulation_cls(task, formulation_config)
+    clash = [name for name in problem.constraints if name in task.constraint_names()]
+    if clash:
+        raise UserInputError(
+            f"problem {problem.name!r}: constraint {clash[0]!r} has the name of one that formulation "
+            f"{config.formulation!r} registers: give yours another name"
+        )
     if not training.allow_empty_layers:
         check_keeps_weights({t.name: (t.feasible_set, t.tensor.shape) for t in targets}, target)
     return prepared

@@ -19,6 +19,7 @@ __all__ = [
     "UserInputError",
     "debugging",
     "first_line",
+    "failed_pattern",
     "is_ours",
     "plugin_code",
     "user_input",
@@ -70,6 +71,26 @@ def debugging() -> bool:
 def is_ours(cls: type) -> bool:
     """Whether ``cls`` is defined in this package (a built-in solver or formulation), not by a user."""
     return cls.__module__.split(".")[0] == __name__.split(".")[0]
+
+
+def failed_pattern(err: BaseException) -> str | None:
+    """The one line for an exception raised inside a sparsity pattern registered outside this package (its
+    ``mask``, ``at_level``, ...), found on the traceback; ``None`` if no such pattern's code is on it."""
+    tb = err.__traceback__
+    culprit = None
+    while tb is not None:
+        frame_locals = tb.tb_frame.f_locals
+        owner = frame_locals.get("self", frame_locals.get("cls"))
+        cls = owner if isinstance(owner, type) else type(owner)
+        if not is_ours(cls) and any(
+            base.__name__ == "FeasibleSet" and is_ours(base) for base in getattr(cls, "__mro__", ())[1:]
+        ):
+            culprit = cls
+        tb = tb.tb_next
+    if culprit is None:
+        return None
+    detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
+    return f"pattern {getattr(culprit, 'kind', culprit.__name__)!r} failed: {detail} (--debug shows the traceback)"
 
 
 @contextlib.contextmanager

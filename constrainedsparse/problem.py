@@ -339,6 +339,10 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         if hasattr(type(self), name) or name in vars(self):  # problem.<name> would not read the constraint
             raise ValueError(f"constraint name {name!r} is taken by SparsityProblem.{name}: choose another")
 
+    def check_constraint_name(self, name: str) -> None:
+        """Raises ``ValueError`` if ``name`` cannot be one of your constraints here (taken, empty, a ``/``)."""
+        self._check_name(name, yours=True)
+
     def constraint_names(self) -> list[str]:
         """The registered constraints' names: yours, then those formulations added, in order."""
         return list(self._violations)

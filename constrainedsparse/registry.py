@@ -41,8 +41,9 @@ class Registry:
             base: The class every entry of this kind subclasses, if checked.
 
         Raises:
-            ValueError: If the kind or the name is not valid, the class is no subclass of ``base`` or has
-                no one-line ``description``, or the pair is already registered by another class.
+            ValueError: If the kind or the name is not valid, the class is no subclass of ``base``, has no
+                one-line ``description`` or an abstract method left, or the pair is already registered by
+                another class.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -66,6 +67,11 @@ class Registry:
                 raise ValueError(
                     f"{KINDS[kind]} {name!r} is already registered (by {known.__module__}.{known.__qualname__})"
                 )
+            missing = sorted(getattr(cls, "__abstractmethods__", ()))
+            if missing:
+                methods = ", ".join(m + "()" for m in missing)
+                owner = base.__name__ if base is not None else "its base class"
+                raise ValueError(f"{KINDS[kind]} {name!r} ({cls.__qualname__}) does not implement {methods} of {owner}")
             cls.name = name
             self._classes[(kind, name)] = cls
             return cls

@@ -194,6 +194,11 @@ def check_keeps_weights(
         UserInputError: Naming the first tensor the level would empty and the way to allow it.
     """
     for name, (feasible, shape) in sets.items():
+        if math.prod(shape) == 0:
+            raise UserInputError(
+                f"{name} has no weights (shape {tuple(shape)}): the model has a layer of width 0 (check the "
+                "options that size it)"
+            )
         if not feasible.keeps_any(shape):
             raise UserInputError(
                 f"{level_name} {target.sparsity!r} keeps no weight of {name} ({math.prod(shape)} weights): lower it, "

@@ -200,6 +200,11 @@ class Problem:
     def __post_init__(self) -> None:
         """Every field of the right kind, named as the problem file writes it (a ``ValueError`` there
         is the file's one-line load error)."""
+        if not isinstance(self.name, str) or not self.name.strip() or self.name in (".", "..") or "/" in self.name:
+            raise ValueError(
+                f"Problem.name must be a non-empty name without '/' (it names the run and the dense-model cache "
+                f"file), got {self.name!r}"
+            )
         for key in ("model", "data", "loss", "predict"):
             if not callable(getattr(self, key)):
                 raise ValueError(f"Problem.{key} must be a function, got {type(getattr(self, key)).__name__}")
@@ -264,11 +269,52 @@ class Problem:
             for which, dataset in zip(("train", "test"), returned):
                 _check_dataset(self.name, which, dataset)
             return returned[0], returned[1]
+        if isinstance(returned, (tuple, list)) and len(returned) == 2:
+            for which, dataset in zip(("train", "test"), returned):
+                _check_dataset(self.name, which, dataset)
+                if not hasattr(dataset, "__len__"):
+                    raise UserInputError(
+                        f"problem {self.name!r}: data(options) returned a {which} set without a length "
+                        f"({type(dataset).__name__}): the runner needs map-style datasets (len and indexing), e.g. "
+                        "TensorDataset(x, y)"
+                    )
         count = f" of {len(returned)}" if isinstance(returned, (tuple, list)) else ""
         raise UserInputError(
             f"problem {self.name!r}: data(options) must return (train_dataset, test_dataset), two datasets with a "
             f"length, got {type(returned).__name__}{count}"
         )
+
+    def built_model(self, options: Mapping[str, Any]) -> nn.Module:
+        """``model(options)``, checked to be an ``nn.Module``.
+
+        Raises:
+            UserInputError: For anything else (``None``, a function, a class).
+        """
+        model = self.model(options)
+        if not isinstance(model, nn.Module):
+            raise UserInputError(f"problem {self.name!r}: model(options) must return an nn.Module, got {_kind(model)}")
+        return model
+
+    def predicted(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict(model, batch)``, checked to be an ``(output, y)`` pair of tensors.
+
+        Raises:
+            UserInputError: For anything else (the output alone, a dict, a list of labels).
+        """
+        returned = self.predict(model, batch)
+        if not (
+            isinstance(returned, tuple) and len(returned) == 2 and all(isinstance(t, torch.Tensor) for t in returned)
+        ):
+            got = (
+                f"a tuple of {', '.join(type(t).__name__ for t in returned)}"
+                if isinstance(returned, tuple)
+                else _kind(returned)
+            )
+            raise UserInputError(
+                f"problem {self.name!r}: predict(model, batch) must return (output, y), two tensors the metric "
+                f"compares, got {got}"
+            )
+        return returned
 
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``.

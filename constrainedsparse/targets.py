@@ -338,6 +338,8 @@ class Targets:
                     f"{own.pattern_text()!r} would group its outputs; only unstructured targets it in training "
                     "(prune_layerwise handles Conv1D patterns)"
                 )
+            if math.prod(shape) == 0:
+                raise ValueError(f"{full} has no weights (shape {tuple(shape)}): a layer of width 0 cannot be pruned")
             try:
                 feasible = own.feasible_set(shape)
             except ValueError as err:

@@ -50,6 +50,12 @@ def test_registration_refuses_bad_names_classes_and_missing_descriptions(registr
 
     with pytest.raises(ValueError, match=r"^layer-wise solver 'z' \(.*NoDescription\) needs a one-line `description`"):
         register_solver("z")(NoDescription)
+
+    class NoPrune(LayerwiseSolver):
+        description = "forgot prune()"
+
+    with pytest.raises(ValueError, match=r"^layer-wise solver 'np' \(.*NoPrune\) does not implement prune\(\) of "):
+        register_solver("np")(NoPrune)
     with pytest.raises(ValueError, match=r"^register_pattern takes a FeasibleSet subclass, got 42$"):
         register_pattern(42)
 
@@ -186,3 +192,66 @@ def test_a_formulation_of_ones_own_that_raises_is_one_line(registry, tmp_path, c
             "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
     line = fails_with_one_line(args, capsys)
     assert line == "error: formulation 'boom' failed: KeyError: 'missing' (--debug shows the traceback)"
+
+
+PATTERN_FILE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from constrainedsparse import Problem
+from constrainedsparse.sets.base import FeasibleSet, register_pattern
+
+
+@register_pattern
+class Broken(FeasibleSet):
+    kind = "broken"
+
+    @classmethod
+    def at_level(cls, shape, sparsity, **params):
+        return cls()
+
+    def mask(self, x):
+        return torch.ones_like(x, dtype=torch.bool)  # keeps everything, which contains() refuses
+
+    def lmo(self, grad, only_negative=False):
+        return torch.ones_like(grad)
+
+    def contains(self, x):
+        return False
+
+
+@register_pattern
+class Raises(Broken):
+    kind = "raises"
+
+    def mask(self, x):
+        return {}["oops"]
+
+
+def data(options):
+    x = torch.randn(64, 8)
+    return TensorDataset(x, (x[:, 0] > 0).long()), TensorDataset(x, (x[:, 0] > 0).long())
+
+
+problem = Problem(name="pat", description="d", model=lambda o: nn.Sequential(nn.Linear(8, 2)), data=data)
+"""
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("broken", "error: pattern 'broken' (Broken): the hard mask of 0.weight from its mask() is outside the set by "
+         "its contains() (16 of 16 kept): the two must agree"),
+        ("raises", "error: pattern 'raises' failed: KeyError: 'oops' (--debug shows the traceback)"),
+    ],
+)  # fmt: skip
+def test_a_pattern_of_ones_own_that_breaks_its_contract_or_raises_is_one_line(
+    pattern, message, registry, tmp_path, capsys
+):
+    path = tmp_path / "pat.py"
+    path.write_text(PATTERN_FILE)
+    args = ["run", str(path), "--formulation", "magnitude", "--pattern", pattern, "--epochs", "1", "--pretrain-epochs",
+            "1", "--wandb", "disabled", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert fails_with_one_line(args, capsys) == message
+    assert not (tmp_path / "run").exists()

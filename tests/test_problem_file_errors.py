@@ -36,6 +36,11 @@ class Dicts(torch.utils.data.Dataset):
         return {"x": x, "y": y}
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(data({})[0])
+
+
 def model(options):
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
 
@@ -90,6 +95,17 @@ MISTAKES = [
     ("a constraint that goes nan",
      "constraints={'c': UserConstraint(lambda m: m[0].weight.norm() * float('nan'))}",
      r"loss became nan at step \d+ \(prune epoch 1\) after constraint 'c' went non-finite"),
+    ("predict returns the output alone", "predict=lambda m, b: m(b[0])",
+     r"problem 'mine': predict\(model, batch\) must return \(output, y\), two tensors the metric compares, got a "
+     r"Tensor$"),
+    ("model(options) returns None", "model=lambda o: None",
+     r"problem 'mine': model\(options\) must return an nn.Module, got a NoneType$"),
+    ("data returns an iterable dataset", "data=lambda o: (Stream(), data(o)[1])",
+     r"problem 'mine': data\(options\) returned a train set without a length \(Stream\): the runner"),
+    ("a constraint name with a slash", "constraints={'a/b': UserConstraint(lambda m: m[0].weight.norm() - 1)}",
+     r"^error: problem 'mine': constraint name 'a/b' has a '/'"),
+    ("a constraint named like an attribute", "constraints={'model': UserConstraint(lambda m: m[0].weight.norm() - 1)}",
+     r"^error: problem 'mine': constraint name 'model' is taken by SparsityProblem.model: choose another$"),
     ("an option named like a runner key", "options={'lr': 0.1}",
      r"the problem's option 'lr' has the name of a training --set key for formulation 'slr' and problem 'mine', so"),
 ]  # fmt: skip
@@ -162,3 +178,23 @@ def test_plot_of_an_empty_metrics_file_is_one_line(tmp_path, capsys):
     assert (
         line.endswith("metrics.jsonl' holds no rows yet: nothing to plot") and not (tmp_path / "metrics.png").exists()
     )
+
+
+@pytest.mark.parametrize("name", ["", "../up", "a/b"])
+def test_a_problem_name_that_cannot_name_a_cache_file_is_refused_at_load(name, tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text(BASE.replace('name="mine"', f"name={name!r}"))
+    line = fails_with_one_line(["run", str(path), "--out", str(tmp_path / "run"), *FAST], capsys)
+    assert line.endswith(f"Problem.name must be a non-empty name without '/' (it names the run and the dense-model "
+                         f"cache file), got {name!r}")  # fmt: skip
+
+
+def test_a_constraint_with_the_name_of_one_the_formulation_registers_is_one_line_before_pretraining(tmp_path, capsys):
+    fields = "constraints={'l0_density': UserConstraint(lambda m: m[0].weight.norm() - 1)}, pretrain_epochs=50"
+    args = ["run", _file(tmp_path, fields), "--formulation", "l0", "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--wandb", "disabled", "--no-progress"]  # fmt: skip
+    assert fails_with_one_line(args, capsys) == (
+        "error: problem 'mine': constraint 'l0_density' has the name of one that formulation 'l0' registers: give "
+        "yours another name"
+    )
+    assert not (tmp_path / "run").exists()

@@ -37,6 +37,7 @@ import cooper
 import torch
 from torch.nn.utils import parametrize
 
+from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.checks import (
@@ -44,6 +45,7 @@ from constrainedsparse.formulations.checks import (
     check_epoch_count,
     check_finite_loss,
     check_hard_masks,
+    check_pattern_masks,
     check_rate,
     check_state,
     check_step_count,
@@ -442,6 +444,7 @@ class Formulation(abc.ABC):
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)
+        check_pattern_masks(self.problem.targets, masks)  # a pattern of the user's
         return masks
 
     @abc.abstractmethod
@@ -451,7 +454,16 @@ class Formulation(abc.ABC):
     def hard_prune_preview(self, masks: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
         """Inside the block the model computes exactly as :meth:`finalize` + ``hard_prune(masks)`` would
         leave it (for measuring the hard-pruned model during training); everything is restored on exit.
+
+        Raises:
+            ValueError: After :meth:`finalize` (the formulation has nothing left to preview: hard-prune).
         """
+        if self._stage == _FINALIZED:
+            raise _stage_error("hard_prune_preview()", self._stage)
+        return self.preview_scope(masks)
+
+    def preview_scope(self, masks: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
+        """Hook of :meth:`hard_prune_preview` (by default the masks applied to the weights for the block)."""
         return temporarily_pruned(self.problem.targets, masks)
 
     def finalize(self) -> None:
@@ -492,7 +504,7 @@ class Formulation(abc.ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the formulation changes during training (not the model, not the primal optimizer)."""
-        dual = self.dual_optimizer.state_dict() if self.dual_optimizer is not None else None
+        dual = optimizer_state_plain(self.dual_optimizer.state_dict()) if self.dual_optimizer is not None else None
         epoch_steps = [self._epoch, self._epoch_steps]  # the epoch under way and its post_step() calls so far
         return {
             "dual_optimizer": dual,
@@ -524,11 +536,11 @@ class Formulation(abc.ABC):
                 f"{self.name}: the state was saved for other targets: {name} at {saved[name]}, here at {levels[name]} "
                 "(resolve the targets at the level the run was started with)"
             )
-        self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
-        self._resumed_mid_epoch = self._epoch_steps > 0
         if self.dual_optimizer is not None:
             # A step cut short (an exception before post_step) leaves its dual gradients: not the state's.
             self.dual_optimizer.zero_grad(set_to_none=True)
             if state.get("dual_optimizer") is not None:
-                self.dual_optimizer.load_state_dict(state["dual_optimizer"])
+                self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, state["dual_optimizer"]))
         self.problem.load_state_dict(state["cmp"])
+        self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
+        self._resumed_mid_epoch = self._epoch_steps > 0

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from constrainedsparse.errors import NonFiniteLossError, UserInputError
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_ours
+from constrainedsparse.sets.base import set_text
 
 if TYPE_CHECKING:
     from constrainedsparse.problem import SparsityProblem
@@ -122,9 +123,26 @@ def check_hard_masks(name: str, targets: Sequence[Any], masks: Any) -> None:
             )
         if not t.feasible_set.contains(mask.to(t.tensor.dtype)):
             raise UserInputError(
-                f"formulation {name!r}: the mask of {t.name} is outside its pattern {t.feasible_set} "
+                f"formulation {name!r}: the mask of {t.name} is outside its pattern {set_text(t.feasible_set)} "
                 f"({int(mask.sum())} of {mask.numel()} kept)"
             )
+
+
+def check_pattern_masks(targets: Sequence[Any], masks: dict[str, torch.Tensor]) -> None:
+    """Hard masks of targets whose pattern was registered outside this package: inside it by its own ``contains``.
+
+    Raises:
+        UserInputError: Naming the pattern and the target (its ``mask`` and ``contains`` disagree).
+    """
+    for t in targets:
+        if is_ours(type(t.feasible_set)) or t.feasible_set.contains(masks[t.name].to(t.tensor.dtype)):
+            continue
+        mask = masks[t.name]
+        raise UserInputError(
+            f"pattern {t.target.pattern_text()!r} ({set_text(t.feasible_set)}): the hard mask of {t.name} from its "
+            f"mask() is outside the set by its contains() ({int(mask.sum())} of {mask.numel()} kept): the two must "
+            "agree"
+        )
 
 
 def check_rate(key: str, value: Any) -> None:
@@ -168,6 +186,21 @@ def check_state(name: str, expected: Any, given: Any, optional: frozenset[str] =
             f"state_dict() (another formulation's, or a model's / a whole checkpoint's?)"
         )
     _same_shapes(name, expected, given, "")
+    _same_groups(name, expected.get("dual_optimizer"), given.get("dual_optimizer"))
+
+
+def _same_groups(name: str, expected: Any, given: Any) -> None:
+    """The dual optimizers' param groups hold as many multiplier tensors (else torch refuses mid-restore)."""
+    sizes = [len(g["params"]) for g in expected["param_groups"]] if isinstance(expected, dict) else []
+    saved = given.get("param_groups") if isinstance(given, dict) else None
+    if expected is None or saved is None:
+        return
+    if not isinstance(saved, list) or [len(g.get("params", [])) for g in saved] != sizes:
+        got = [len(g.get("params", [])) for g in saved] if isinstance(saved, list) else saved
+        raise ValueError(
+            f"load_state_dict(): the state's dual optimizer has multiplier groups of sizes {got}, this {name} "
+            f"formulation's {sizes}: it was saved with other constraints or settings"
+        )
 
 
 def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
@@ -179,6 +212,12 @@ def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
                 f"saved for other targets or layer sizes than this {name} formulation's"
             )
     elif isinstance(expected, dict) and isinstance(given, dict):
+        extra = [key for key in given if key not in expected and "optimizer" not in str(key)]
+        if path and extra:  # a multiplier, a target's Z, ... this formulation does not have
+            raise ValueError(
+                f"load_state_dict(): the state has {path}/{extra[0]}, which this {name} formulation lacks: it was "
+                "saved with other targets, constraints or settings"
+            )
         for key, value in expected.items():
             if "optimizer" in str(key):
                 continue

@@ -28,6 +28,7 @@ from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import UserInputError, plugin_code
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
+from constrainedsparse.sets.base import set_text
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = [
@@ -151,7 +152,7 @@ def check_result(solver: str, layer: LayerProblem, result: Any) -> None:
     feasible = layer.feasible_set()
     if not feasible.contains(mask):
         pattern = layer.target.describe()
-        raise UserInputError(f"{where}: the mask is outside the layer's pattern {pattern} ({feasible!r})")
+        raise UserInputError(f"{where}: the mask is outside the layer's pattern {pattern} ({set_text(feasible)})")
 
 
 @dataclasses.dataclass

@@ -46,6 +46,7 @@ __all__ = [
     "available_patterns",
     "check_sparsity",
     "keep_count",
+    "set_text",
     "parse_nm",
     "parse_pattern",
     "pattern_class",
@@ -53,6 +54,12 @@ __all__ = [
 ]
 
 _PATTERNS: dict[str, type[FeasibleSet]] = {}
+
+
+def set_text(feasible: Any) -> str:
+    """A feasible set for a message: its ``repr`` if its class defines one, else the class name (never
+    ``<... object at 0x...>``)."""
+    return repr(feasible) if type(feasible).__repr__ is not object.__repr__ else type(feasible).__name__
 
 
 def check_sparsity(value: Any, name: str = "sparsity", noun: str = "") -> float:

@@ -42,11 +42,19 @@ def records(path):
 
 
 def history(path):
+    """History rows; a nested value (a histogram: ``_type``, ``bins``, ``values``) is a dict under its key."""
     for payload in records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
-            yield {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            row = {}
+            for item in record.history.item:
+                *outer, last = [item.key] if item.key else list(item.nested_key)
+                place = row
+                for name in outer:
+                    place = place.setdefault(name, {})
+                place[last] = json.loads(item.value_json)
+            yield row
 
 
 def merged_history(paths):

@@ -264,7 +264,7 @@ class Gated(Formulation):
         return weight * torch.where((z == 0) & masks[target.name], torch.ones_like(z), z)
 
     @contextlib.contextmanager
-    def hard_prune_preview(self, masks: dict[str, torch.Tensor]) -> Iterator[None]:
+    def preview_scope(self, masks: dict[str, torch.Tensor]) -> Iterator[None]:
         """The model as :meth:`detach` + ``hard_prune`` would leave it: baked weights under unit gates."""
         saved = []
         with torch.no_grad():
