@@ -205,7 +205,8 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | Layerwis
         if args.overwrite:
             raise UserInputError("give either --resume or --overwrite, not both")
         problem = load_problem(args.problem) if args.problem is not None else None
-        default_out = Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{args.formulation or 'slr'}"
+        named = args.formulation or default_formulation(problem or load_problem(DEFAULTS["problem"]))
+        default_out = Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{named}"
         config = RunConfig.resumed(args.out or default_out, given)
         config = RunConfig(**{**config.__dict__, **common})
         return config, problem if problem is not None else load_problem(config.problem)
@@ -229,7 +230,8 @@ def _settings_help(config: RunConfig, problem: Problem | LayerwiseProblem) -> No
     """``--set help``: every key this formulation and problem accept."""
     runner = runner_for(problem)
     kind = "layerwise" if isinstance(problem, LayerwiseProblem) else "training"
-    print(describe(config.formulation, kind))
+    with user_input():  # a solver named for a training problem (or the reverse): one line, as run says it
+        print(describe(config.formulation, kind))
     runner_keys = runner.settings.keys()
     if isinstance(problem, Problem):  # lr, dual_lr, batch_size: the problem's own defaults
         runner_keys = {
@@ -247,7 +249,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
     if "help" in args.settings:
-        config, problem = _run_config(argparse.Namespace(**{**vars(args), "settings": [], "resume": False}))
+        config, problem = _run_config(argparse.Namespace(**{**vars(args), "settings": []}))  # --resume: the run's
         _settings_help(config, problem)
         return 0
     config, problem = _run_config(args)

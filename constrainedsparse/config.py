@@ -25,12 +25,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
     "Bounds",
+    "DeviceName",
     "Check",
     "HyperparameterInfo",
     "Hyperparameters",
@@ -124,6 +126,17 @@ class OneOf(Check):
         if self.style == "or":
             return " or ".join(repr(option) for option in self.options)
         return "one of " + ", ".join(str(option) for option in self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceName(Check):
+    """A device a run can name: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (whether it exists is checked when used)."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", value) is not None
+
+    def describe(self) -> str:
+        return "cpu, cuda, cuda:N or auto"
 
 
 def hyperparameter(default: Any, help: str, check: Check | None = None) -> Any:

@@ -161,12 +161,14 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
     summary = json.loads(summary_file.read_text())
     if "layer_sparsity" not in summary:
-        raise ValueError(f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/magnitude runs)")
+        raise ValueError(
+            f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/admm/magnitude runs)"
+        )
     model_dir = run_dir / "model"
     if not (model_dir / "config.json").is_file() and summary.get("epochs", 0) > 0:
         raise ValueError(
             f"{str(run_dir)!r} is a training run (its model is model.safetensors): export takes the transformers "
-            "model/ folder of a layer-wise run (fw/wanda/sparsegpt/magnitude one-shot)"
+            "model/ folder of a layer-wise run (fw/wanda/sparsegpt/admm/magnitude one-shot)"
         )
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{str(run_dir)!r} has no saved model/ folder (a transformers model saved by the run)")

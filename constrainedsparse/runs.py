@@ -140,12 +140,14 @@ class RunConfig:
             UserInputError: Without a readable checkpoint, or when a given option differs from
                 the stored one (naming every differing key).
         """
+        if (Path(out) / "summary.json").is_file():  # finished: that, before any option that differs
+            raise finished_error(Path(out), "--overwrite")
         state = load_checkpoint(Path(out) / CHECKPOINT)
         stored = state.get("config")
         if not isinstance(stored, dict):
             raise UserInputError(f"--resume: {Path(out) / CHECKPOINT} holds no run configuration")
         differing = [
-            f"{key} ({value!r}, stored {stored[key]!r})"
+            f"{key} ({value!r}, stored {_stored_text(key, stored)})"
             for key, value in given.items()
             if key != "settings" and key in stored and not _same_option(key, value, stored)
         ]
@@ -170,6 +172,23 @@ class RunConfig:
         fields = {key: stored[key] for key in (*IDENTITY_FIELDS, "wandb") if key in stored}
         extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
+
+
+def finished_error(out: Path, overwrite: str) -> UserInputError:
+    """``--resume`` of a finished run (its ``summary.json`` written); ``overwrite`` names the flag or keyword."""
+    return UserInputError(
+        f"--resume: the run in {out} has finished ({out / 'summary.json'}); there is nothing to continue: run it "
+        f"again with {overwrite}, or choose another folder"
+    )
+
+
+def _stored_text(key: str, stored: Mapping[str, Any]) -> str:
+    """A stored option for a message: ``none`` for an unset one (a run with ``--pattern`` stores no sparsity)."""
+    value = stored[key]
+    if value is not None:
+        return repr(value)
+    pattern = stored.get("pattern")
+    return f"none: the run used --pattern {pattern}" if key == "sparsity" and pattern else "none"
 
 
 def setting_text(value: Any) -> str:
@@ -288,10 +307,7 @@ class RunDirectory:
             if not self.checkpoint_path.exists():
                 raise UserInputError(f"--resume needs {self.checkpoint_path}, which does not exist")
             if (out / "summary.json").is_file():
-                raise UserInputError(
-                    f"--resume: the run in {out} has finished ({out / 'summary.json'}); there is nothing to continue: "
-                    f"run it again with {self._overwrite}, or choose another folder"
-                )
+                raise finished_error(out, self._overwrite)
             return
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
         if held and not self.overwrite:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
+from constrainedsparse.config import Bounds, DeviceName, Hyperparameters, hyperparameter
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.sets import check_sparsity, parse_pattern, pattern_class
 from constrainedsparse.targets import SparsityConfig
@@ -49,7 +49,7 @@ class TrainingSettings(Hyperparameters):
     )
     batch_size: int = hyperparameter(64, "minibatch size (the global batch under several processes)", Bounds(low=1))
     log_every: int = hyperparameter(10, "log the loss and dual dynamics every this many steps", Bounds(low=1))
-    device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
+    device: str = hyperparameter("cpu", "where the run trains (auto: CUDA when available)", DeviceName())
     allow_empty_layers: bool = hyperparameter(
         False, "let a hard prune leave a targeted tensor without any weight (stops the run otherwise)"
     )

@@ -184,3 +184,37 @@ def test_problem_file_is_executed_once_per_run(tmp_path):
     assert code == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["formulation"] == "slr"
     assert (tmp_path / "counted.loads").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--formulation", "fw"], "error: 'fw' is a layer-wise solver, not a formulation; formulations: "),
+        (["minilm-layerwise", "--formulation", "slr"], "error: 'slr' is a formulation, not a layer-wise solver; "),
+        (["--formulation", "nosuch"], "error: unknown formulation 'nosuch'; available: "),
+    ],
+)
+def test_set_help_with_a_formulation_of_the_wrong_kind_is_one_line(args, message, capsys):
+    assert fails_with_one_line(["run", *args, "--set", "help"], capsys).startswith(message)
+
+
+def test_resume_of_a_layerwise_problem_without_formulation_looks_in_fws_default_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = fails_with_one_line(["run", "minilm-layerwise", "--resume"], capsys)
+    assert line == "error: --resume needs runs/minilm-layerwise-fw/checkpoint.pt, which does not exist"
+
+
+def test_resume_messages_name_a_pattern_run_and_a_finished_one_first(tmp_path, capsys):
+    from constrainedsparse import RunConfig, run
+
+    out = tmp_path / "nm"
+    quick = {"problem": "digits-mlp", "formulation": "magnitude", "pattern": "2:4", "pretrain_epochs": 1}
+    run(RunConfig(**quick, epochs=2, out=out, progress=False, stop_after_epochs=1, wandb="disabled"))
+    line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), "--resume", "--sparsity", "0.5"], capsys)
+    assert "sparsity (0.5, stored none: the run used --pattern 2:4)" in line
+    assert main(["run", "--out", str(out), "--resume", "--set", "help"]) == 0  # the stored run's keys
+    assert capsys.readouterr().out.startswith("magnitude (formulation)")
+    main(["run", "--out", str(out), "--resume", "--no-progress"])
+    capsys.readouterr()
+    line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), "--resume", "--sparsity", "0.5"], capsys)
+    assert line.startswith(f"error: --resume: the run in {out} has finished")

@@ -110,7 +110,7 @@ def _bad_runs(tmp_path):
     return [
         (tmp_path / "missing", r"run directory '.*missing' does not exist"),
         (unfinished, r"'.*unfinished' has no summary.json: export needs a finished layer-wise run"),
-        (training, r"'.*training' is not a layer-wise run \(export takes fw/wanda/sparsegpt/magnitude runs\)"),
+        (training, r"'.*training' is not a layer-wise run \(export takes fw/wanda/sparsegpt/admm/magnitude runs\)"),
         (unsaved, r"'.*unsaved' has no saved model/ folder"),
     ]
 

@@ -112,7 +112,7 @@ class DuplicateConfig(Hyperparameters):
     )
     schedule_end: float = hyperparameter(
         0.5,
-        "fraction of the pruning steps at which the cubic schedule reaches the target",
+        "fraction of the pruning steps at which the cubic schedule reaches the target (sparsity_schedule=cubic only)",
         Bounds(0, 1, low_inclusive=False),
     )
     rho_rule: str = hyperparameter(

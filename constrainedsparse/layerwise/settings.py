@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
+from constrainedsparse.config import Bounds, DeviceName, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.layerwise.blockfit import TARGETS, BlockFit
 from constrainedsparse.layerwise.driver import GRAM_DTYPES
 from constrainedsparse.targets import SparsityConfig
@@ -41,7 +41,7 @@ class DriverSettings(Hyperparameters):
         "row", "a --sparsity target per output row or per layer", OneOf(tuple(MASK_SCOPES))
     )
     gram_dtype: str = hyperparameter("float32", "accumulation dtype of the Gram matrices", OneOf(tuple(GRAM_DTYPES)))
-    device: str = hyperparameter("cpu", "cpu, cuda, cuda:N or auto")
+    device: str = hyperparameter("cpu", "where the run computes (auto: CUDA when available)", DeviceName())
     allow_empty_layers: bool = hyperparameter(False, "let the level leave a targeted layer without any weight")
     offload: bool = hyperparameter(
         False, "keep the model on the CPU and move one block at a time to the device (models larger than it)"
@@ -62,7 +62,7 @@ class DriverSettings(Hyperparameters):
         OneOf(("uniform", "lagrangian", "owl")),
     )  # fmt: skip
     allocation_min: float = hyperparameter(
-        0.0, "lowest level a layer may get (lagrangian, owl)", Bounds(0, 1, True, False)
+        0.0, "lowest level a layer may get (lagrangian, owl; <= allocation_max)", Bounds(0, 1, True, False)
     )
     allocation_max: float = hyperparameter(
         0.95, "highest level a layer may get (lagrangian, owl)", Bounds(0, 1, True, False)

@@ -16,12 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's package, not an installed one
 
 from constrainedsparse import describe  # noqa: E402
-from constrainedsparse.config import HyperparameterInfo  # noqa: E402
+from constrainedsparse.config import Bounds, HyperparameterInfo, OneOf  # noqa: E402
 from constrainedsparse.engine import TrainingSettings  # noqa: E402
 from constrainedsparse.formulations import available_formulations  # noqa: E402
 from constrainedsparse.layerwise import available_solvers  # noqa: E402
 from constrainedsparse.layerwise.settings import DriverSettings  # noqa: E402
 from constrainedsparse.spec import LayerwiseProblem, bundled_problems, load_problem  # noqa: E402
+from constrainedsparse.text import TEXT_SOURCES  # noqa: E402
 
 PROBLEM_OPTIONS = {
     "cifar10-resnet18": {
@@ -51,6 +52,17 @@ PROBLEM_OPTIONS = {
         "eval_tokens": "held-out tokens scored: the first eval_tokens // seq_len consecutive windows (>= seq_len)",
         "calibration_text": "calibration text: wiki (the 70 calibration articles), news or pydoc",
         "gguf": "another GGUF causal LM instead of SmolLM2 (empty: SmolLM2-135M-Instruct)",
+    },
+}
+
+AT_LEAST_ONE = Bounds(low=1, integer=True)
+PROBLEM_RULES = {  # the checks the problem files make (their ValueErrors), for the "allowed" column
+    "mnist1d-mlp-macs": {"macs_fraction": Bounds(0, 1, low_inclusive=False)},
+    "minilm-layerwise": {k: AT_LEAST_ONE for k in ("calibration_samples", "held_out_samples", "max_tokens")},
+    "hf-causal-lm": {k: AT_LEAST_ONE for k in ("calibration_samples", "held_out_samples", "seq_len")},
+    "smollm2-wiki": {
+        **{k: AT_LEAST_ONE for k in ("calibration_samples", "seq_len", "eval_tokens")},
+        "calibration_text": OneOf(TEXT_SOURCES),
     },
 }
 
@@ -87,7 +99,8 @@ def main() -> None:
         meanings = PROBLEM_OPTIONS.get(name, {})
         if set(meanings) != set(problem.options):
             raise SystemExit(f"{name}: options {sorted(problem.options)} but described {sorted(meanings)}")
-        rows = [HyperparameterInfo(k, type(v), v, meanings[k]) for k, v in problem.options.items()]
+        rules = PROBLEM_RULES.get(name, {})
+        rows = [HyperparameterInfo(k, type(v), v, meanings[k], rules.get(k)) for k, v in problem.options.items()]
         print(f"#### Problem `{name}` ({kind})\n")
         print(table(rows))
 
