@@ -76,21 +76,31 @@ def is_ours(cls: type) -> bool:
 def failed_pattern(err: BaseException) -> str | None:
     """The one line for an exception raised inside a sparsity pattern registered outside this package (its
     ``mask``, ``at_level``, ...), found on the traceback; ``None`` if no such pattern's code is on it."""
-    tb = err.__traceback__
-    culprit = None
-    while tb is not None:
-        frame_locals = tb.tb_frame.f_locals
-        owner = frame_locals.get("self", frame_locals.get("cls"))
-        cls = owner if isinstance(owner, type) else type(owner)
-        if not is_ours(cls) and any(
-            base.__name__ == "FeasibleSet" and is_ours(base) for base in getattr(cls, "__mro__", ())[1:]
-        ):
-            culprit = cls
-        tb = tb.tb_next
+    try:
+        culprit = _pattern_frame_owner(err)
+    except Exception:  # the error handler itself never fails
+        return None
     if culprit is None:
         return None
     detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
     return f"pattern {getattr(culprit, 'kind', culprit.__name__)!r} failed: {detail} (--debug shows the traceback)"
+
+
+def _pattern_frame_owner(err: BaseException) -> type | None:
+    """The user's pattern class whose own method (not one it inherits from ours) raised ``err`` or called what did."""
+    tb, culprit = err.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self", frame.f_locals.get("cls"))
+        cls = owner if isinstance(owner, type) else type(owner)
+        if any(base.__name__ == "FeasibleSet" and is_ours(base) for base in cls.__mro__[1:]):
+            for klass in cls.__mro__:  # the class that defines the running method
+                fn = klass.__dict__.get(frame.f_code.co_name)
+                if getattr(getattr(fn, "__func__", fn), "__code__", None) is frame.f_code:
+                    culprit = culprit if is_ours(klass) else klass
+                    break
+        tb = tb.tb_next
+    return culprit
 
 
 @contextlib.contextmanager

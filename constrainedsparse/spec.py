@@ -302,19 +302,18 @@ class Problem:
             UserInputError: For anything else (the output alone, a dict, a list of labels).
         """
         returned = self.predict(model, batch)
-        if not (
-            isinstance(returned, tuple) and len(returned) == 2 and all(isinstance(t, torch.Tensor) for t in returned)
-        ):
+        pair = isinstance(returned, (tuple, list)) and len(returned) == 2
+        if not (pair and all(isinstance(t, torch.Tensor) for t in returned)):
             got = (
-                f"a tuple of {', '.join(type(t).__name__ for t in returned)}"
-                if isinstance(returned, tuple)
+                f"a {type(returned).__name__} of {', '.join(type(t).__name__ for t in returned)}"
+                if isinstance(returned, (tuple, list))
                 else _kind(returned)
             )
             raise UserInputError(
                 f"problem {self.name!r}: predict(model, batch) must return (output, y), two tensors the metric "
                 f"compares, got {got}"
             )
-        return returned
+        return returned[0], returned[1]
 
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The training loss of ``model`` on ``batch``: ``compute_loss(model, batch)`` or ``loss(model(x), y)``.

@@ -255,3 +255,38 @@ def test_a_pattern_of_ones_own_that_breaks_its_contract_or_raises_is_one_line(
             "1", "--wandb", "disabled", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
     assert fails_with_one_line(args, capsys) == message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pattern_subclassing_a_built_in_one_keeps_l0s_model_scope_and_our_bugs_their_traceback(registry, monkeypatch):
+    """l0 in model scope takes one budget over every TopK (a user's subclass too): its hard masks are not held to
+    each target's own k. A failure inside the inherited TopK code is ours (no one-line blame on the pattern)."""
+    import constrainedsparse.sets.elementwise as elementwise
+    from constrainedsparse.errors import failed_pattern
+
+    @register_pattern
+    class MyTopK(TopK):
+        kind = "mytopk"
+
+        def mask(self, x):
+            return super().mask(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 2))
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(0.5, pattern="mytopk"))
+    f = cs.make("l0", cs.SparsityProblem(model, nn.functional.cross_entropy, targets))
+    f.setup(1, 1)
+    with torch.no_grad():
+        f.gates["0.weight"].log_alpha.normal_()  # gates apart: the global budget moves weights between layers
+    masks = f.hard_masks()
+    assert sum(int(m.sum()) for m in masks.values()) == sum(t.feasible_set.k for t in targets)
+    monkeypatch.setattr(elementwise, "topk_mask", lambda *a: {}["internal"])
+    with pytest.raises(KeyError) as caught:
+        MyTopK(3).mask(torch.randn(4, 4))  # MyTopK.mask (theirs) -> TopK.mask (ours) -> the failure
+    assert failed_pattern(caught.value) == "pattern 'mytopk' failed: KeyError: 'internal' (--debug shows the traceback)"
+
+    class Inherits(TopK):
+        kind = "inherits"
+
+    with pytest.raises(KeyError) as caught:
+        Inherits(3).mask(torch.randn(4, 4))  # only our code ran: a bug of ours keeps its traceback
+    assert failed_pattern(caught.value) is None

@@ -185,6 +185,19 @@ def test_epochs_follow_the_loop_also_when_max_steps_cuts_them(tmp_path, recwarn)
     assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
 
 
+def test_a_stream_runs_max_steps_over_several_epochs_without_a_warning(tmp_path, recwarn):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_examples(16, 0))  # 2 batches: Trainer starts 3 epochs to reach max_steps=5
+
+    model = _model()
+    args = _args(tmp_path / "run", max_steps=5, save_strategy="no", logging_steps=100)
+    trainer = SparsityTrainer(model, args, train_dataset=Stream(), targets=_targets(model), formulation="magnitude")
+    trainer.train()
+    assert not [w for w in recwarn if "past setup" in str(w.message) or "post_step() calls" in str(w.message)]
+    assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
+
+
 def test_a_second_train_and_an_unpruned_save_are_caught(tmp_path):
     model = _model()
     args = _args(tmp_path / "run", num_train_epochs=1, save_strategy="no")

@@ -821,7 +821,6 @@ def test_a_state_with_nupi_dual_optimizer_saves_weights_only_and_resumes(tmp_pat
 @pytest.mark.parametrize(
     ("name", "settings", "extra"),
     [
-        ("l0-penalty", {}, "l0_density"),
         ("l0", {"test_gap_max": 1.0}, "l0_test_gap"),
         ("l0", {"density_constraint": "inequality"}, "l0_density_min"),
     ],
@@ -837,6 +836,12 @@ def test_load_state_dict_refuses_a_state_of_other_constraints_before_restoring_a
     with pytest.raises(ValueError, match=rf"^load_state_dict\(\): the state has cmp/multipliers/{extra}, which this "):
         other.load_state_dict(state)
     assert other.state_dict()["epoch_steps"] == before["epoch_steps"]
+    penalty = make("l0-penalty", _mlp_problem()[0])
+    penalty.setup(1, 2)
+    with pytest.raises(
+        ValueError, match=r"^load_state_dict\(\): the state is a 'l0' formulation's, this one is 'l0-pe"
+    ):
+        penalty.load_state_dict(state)
 
 
 def test_hard_prune_preview_after_finalize_is_refused():

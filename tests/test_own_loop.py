@@ -380,8 +380,18 @@ def test_load_state_dict_refuses_another_formulations_or_problems_state_before_r
     f.training_step((x, y))
     before = {k: v.clone() for k, v in f.problem.named_multiplier_values().items()}
     other, _, _ = _built("magnitude")
-    with pytest.raises(ValueError, match=r"^load_state_dict\(\): the state lacks 'k', 'steps_done', 'z'.*not a slr"):
+    with pytest.raises(
+        ValueError, match=r"^load_state_dict\(\): the state is a 'magnitude' formulation's, this one is 'slr'$"
+    ):
         f.load_state_dict(other.state_dict())
+    admm, _, _ = _built("admm")  # slr's state holds every key of admm's: the name tells them apart
+    with pytest.raises(
+        ValueError, match=r"^load_state_dict\(\): the state is a 'slr' formulation's, this one is 'admm'$"
+    ):
+        admm.load_state_dict(f.state_dict())
+    older = {k: v for k, v in other.state_dict().items() if k != "formulation"}  # a state of an earlier version
+    with pytest.raises(ValueError, match=r"^load_state_dict\(\): the state lacks 'k', 'steps_done', 'z'.*not a slr"):
+        f.load_state_dict(older)
     with pytest.raises(ValueError, match=r"^load_state_dict\(\): the state lacks 'dual_optimizer', 'cmp'"):
         f.load_state_dict(f.problem.model.state_dict())
     wider, _, _ = _built("slr", hidden=16)
@@ -494,3 +504,81 @@ def test_a_state_saved_for_other_levels_is_refused():
     ):
         second.load_state_dict(state)  # the shapes agree: only the levels tell them apart
     second.load_state_dict(second.state_dict())
+
+
+def test_a_formulation_state_with_a_nested_dict_that_grows_during_training_resumes():
+    from constrainedsparse import register_formulation
+    from constrainedsparse.formulations.magnitude import Magnitude
+    from constrainedsparse.registry import REGISTRY
+
+    @register_formulation("mag-log")
+    class MagLog(Magnitude):
+        description = "magnitude that keeps a log per epoch"
+
+        def attach(self):
+            super().attach()
+            self.log = {}
+
+        def on_end_epoch(self, epoch):
+            self.log[f"epoch{epoch}"] = torch.tensor(float(epoch))
+            return super().on_end_epoch(epoch)
+
+        def state_dict(self):
+            return {**super().state_dict(), "log": dict(self.log)}
+
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            self.log = dict(state["log"])
+
+    try:
+        f, x, y = _built("mag-log")
+        f.start_epoch(0)
+        for _ in range(4):  # setup(1, 4)
+            f.training_step((x, y))
+        f.end_epoch(0)
+        again, _, _ = _built("mag-log")
+        again.load_state_dict(f.state_dict())  # its log has epoch0, the fresh one's none: still its own state
+        assert list(again.log) == ["epoch0"]
+    finally:
+        REGISTRY._classes.pop(("training", "mag-log"), None)
+
+
+def test_a_step_given_to_post_step_twice_and_an_epoch_never_ended_are_caught(recwarn):
+    f, x, y = _built("admm")
+    f.start_epoch(0)
+    step = f.backward((x, y))
+    f.post_step(step)
+    with pytest.raises(ValueError, match=r"^post_step\(\) got a step it has already taken: call backward\(\)"):
+        f.post_step(step)
+    with pytest.warns(UserWarning, match=r"^start_epoch\(1\) while epoch 0 was not ended: call end_epoch\(0\)"):
+        f.start_epoch(1)
+
+
+def test_slr_with_epoch_coordination_and_no_end_epoch_warns_at_hard_masks():
+    data = load_breast_cancer()
+    x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)[:64]
+    y = torch.tensor(data.target)[:64]
+    model = nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("admm", problem, interval=1, interval_unit="epoch")
+    f.setup(1, 2)
+    for _ in range(2):
+        f.training_step((x, y))  # the loop forgot start_epoch / end_epoch: admm never coordinated
+    with pytest.warns(
+        UserWarning, match=r"^admm ran 2 steps without a coordination \(interval=1 epoch; it coordinates"
+    ):
+        f.hard_masks()
+
+
+def test_several_processes_and_a_model_not_wrapped_in_ddp_warn_at_the_first_backward(monkeypatch, recwarn):
+    from constrainedsparse import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    f, x, y = _built("admm")
+    f.start_epoch(0)
+    with pytest.warns(UserWarning, match=r"^2 processes train, but problem.forward_module is not DistributedDataPar"):
+        f.backward((x, y))
+    recwarn.clear()
+    f.backward((x, y))  # once
+    assert not [w for w in recwarn if "processes train" in str(w.message)]

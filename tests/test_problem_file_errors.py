@@ -198,3 +198,9 @@ def test_a_constraint_with_the_name_of_one_the_formulation_registers_is_one_line
         "yours another name"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_predict_may_return_a_list(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", _file(tmp_path, "predict=lambda m, b: [m(b[0]), b[1]]"), "--out", str(out), *FAST]) == 0
+    assert "dense_accuracy" in json.loads((out / "summary.json").read_text())

@@ -35,20 +35,24 @@ from typing import Any, ClassVar
 
 import cooper
 import torch
-from torch.nn.utils import parametrize
 
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_ours
+from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     check_covers,
+    check_ddp_wrapped,
     check_epoch_count,
+    check_epoch_ended,
     check_finite_loss,
     check_hard_masks,
     check_pattern_masks,
     check_rate,
     check_state,
     check_step_count,
+    check_steps_untaken,
+    check_target_levels,
     checked_epoch,
     claim_targets,
     described,
@@ -79,6 +83,7 @@ class LagrangianStep:
 
     cmp_state: cooper.CMPState
     lagrangian: torch.Tensor
+    taken: bool = dataclasses.field(default=False, repr=False, compare=False)  # post_step() used it
 
     @property
     def loss(self) -> torch.Tensor:
@@ -90,38 +95,6 @@ def _stage_error(call: str, stage: str) -> ValueError:
     if stage == _BUILT:
         return ValueError(f"call setup(num_epochs, steps_per_epoch[, reference_batch]) before {call}")
     return ValueError(f"{call} after finalize(): the formulation has already removed its state from the model")
-
-
-@dataclasses.dataclass
-class _Attachments:
-    """What a formulation's ``attach`` may change, as it was before: restored when the build fails part-way."""
-
-    constraints: list[str]
-    groups: int
-    plain: list[Any]  # the targets without a parametrization
-
-    @classmethod
-    def of(cls, formulation: Formulation) -> _Attachments:
-        targets = formulation.problem.targets
-        plain = [t for t in targets if not parametrize.is_parametrized(t.module, t.param_name)]
-        return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups), plain)
-
-    def restore(self, formulation: Formulation) -> None:
-        """Masks or gates off (the weights as they were, not baked), the formulation's constraints, gradient
-        hooks and parameter groups removed."""
-        for target in self.plain:
-            if parametrize.is_parametrized(target.module, target.param_name):
-                parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
-        with contextlib.suppress(Exception):  # its own hooks and bookkeeping, as far as attach got
-            formulation.detach()
-        problem, optimizer = formulation.problem, formulation.optimizer
-        for name in problem.constraint_names():
-            if name not in self.constraints:
-                problem.remove_constraint(name)
-        for group in optimizer.param_groups[self.groups :]:
-            for parameter in group["params"]:
-                optimizer.state.pop(parameter, None)
-        del optimizer.param_groups[self.groups :]
 
 
 class Formulation(abc.ABC):
@@ -186,9 +159,11 @@ class Formulation(abc.ABC):
         self._epoch_steps, self._steps_warned = 0, False  # post_step() calls this epoch, against setup()'s count
         self._epoch = -1  # the epoch start_epoch() began last
         self._resumed_mid_epoch = False  # a state saved mid-epoch: start_epoch() of that epoch keeps _epoch_steps
+        self._open_epoch: int | None = None  # started and not yet ended
+        self._unended_warned = self._ddp_checked = False
         self._stage = _BUILT
         self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
-        before = _Attachments.of(self)
+        before = Attachments.of(self)
         try:
             self.attach()
             self.dual_optimizer = self.build_dual_optimizer()
@@ -262,6 +237,7 @@ class Formulation(abc.ABC):
                 f"{self.reference_samples} training samples on which it compares the loss at two points)"
             )
         self.num_epochs = num_epochs
+        self._epochs_warned = False  # a new count: warned again once past it
         self.steps_per_epoch = steps_per_epoch
         self.reference_batch = reference_batch
         stage, self._stage = self._stage, _READY
@@ -292,9 +268,11 @@ class Formulation(abc.ABC):
         epoch = checked_epoch(epoch, "start_epoch")
         if not self._epochs_warned:
             self._epochs_warned = check_epoch_count(self.num_epochs, epoch)
+        if not self._unended_warned:
+            self._unended_warned = check_epoch_ended(self._open_epoch, epoch)
         if not (self._resumed_mid_epoch and epoch == self._epoch):  # a loop resumed mid-epoch starts it again
             self._epoch_steps = 0
-        self._epoch, self._resumed_mid_epoch = epoch, False
+        self._epoch, self._resumed_mid_epoch, self._open_epoch = epoch, False, epoch
         return self.on_start_epoch(epoch)
 
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
@@ -313,7 +291,7 @@ class Formulation(abc.ABC):
         check_finite_loss(self._last_loss, f"at the last step of epoch {epoch}")
         if not self._steps_warned:
             self._steps_warned = check_step_count(self.steps_per_epoch, self._epoch_steps, epoch)
-        self._epoch_steps = 0  # counted: a state saved now is not mid-epoch
+        self._epoch_steps, self._open_epoch = 0, None  # counted: a state saved now is not mid-epoch
         return self.on_end_epoch(epoch)
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
@@ -363,6 +341,8 @@ class Formulation(abc.ABC):
             raise ValueError(
                 f"backward(scaler=...) must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}"
             )
+        if not self._ddp_checked:
+            self._ddp_checked = check_ddp_wrapped(self.problem)
         step = self._lagrangian(batch, scale)
         lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
         if scaler is not None:
@@ -396,6 +376,7 @@ class Formulation(abc.ABC):
                 "post_step() takes what backward() returned (a LagrangianStep, or a non-empty list of them with "
                 f"gradient accumulation), got {described(step)}"
             )
+        check_steps_untaken(steps)
         last = steps[-1]
         self._epoch_steps += 1
         restarts: dict[str, float] = {}
@@ -444,7 +425,8 @@ class Formulation(abc.ABC):
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)
-        check_pattern_masks(self.problem.targets, masks)  # a pattern of the user's
+        elif type(self).exact_layer_sparsity(self.config):  # masks from each target's own set: a user's pattern
+            check_pattern_masks(self.problem.targets, masks)
         return masks
 
     @abc.abstractmethod
@@ -507,6 +489,7 @@ class Formulation(abc.ABC):
         dual = optimizer_state_plain(self.dual_optimizer.state_dict()) if self.dual_optimizer is not None else None
         epoch_steps = [self._epoch, self._epoch_steps]  # the epoch under way and its post_step() calls so far
         return {
+            "formulation": self.name,
             "dual_optimizer": dual,
             "cmp": self.problem.state_dict(),
             "epoch_steps": epoch_steps,
@@ -517,7 +500,7 @@ class Formulation(abc.ABC):
         """Each target's level and pattern, as a state records them (a state of other levels is refused)."""
         return {t.name: f"{t.sparsity:g} {t.target.pattern_text()}" for t in self.problem.targets}
 
-    _optional_state_keys: frozenset[str] = frozenset({"epoch_steps", "target_levels"})
+    _optional_state_keys: frozenset[str] = frozenset({"epoch_steps", "target_levels", "formulation"})
     """Keys of :meth:`state_dict` that states of earlier versions lack."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -528,14 +511,7 @@ class Formulation(abc.ABC):
                 has another shape (another formulation's state, other targets); nothing is restored then.
         """
         check_state(self.name, self.state_dict(), state, self._optional_state_keys)
-        levels, saved = self._target_levels(), state.get("target_levels", {})
-        differ = [name for name in levels if name in saved and saved[name] != levels[name]]
-        if differ:
-            name = differ[0]
-            raise ValueError(
-                f"{self.name}: the state was saved for other targets: {name} at {saved[name]}, here at {levels[name]} "
-                "(resolve the targets at the level the run was started with)"
-            )
+        check_target_levels(self.name, self._target_levels(), state.get("target_levels", {}))
         if self.dual_optimizer is not None:
             # A step cut short (an exception before post_step) leaves its dual gradients: not the state's.
             self.dual_optimizer.zero_grad(set_to_none=True)
@@ -543,4 +519,4 @@ class Formulation(abc.ABC):
                 self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, state["dual_optimizer"]))
         self.problem.load_state_dict(state["cmp"])
         self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
-        self._resumed_mid_epoch = self._epoch_steps > 0
+        self._resumed_mid_epoch, self._open_epoch = self._epoch_steps > 0, None

@@ -91,6 +91,61 @@ def check_epoch_count(declared: int, epoch: int) -> bool:
     return True
 
 
+def check_target_levels(name: str, levels: dict[str, str], saved: dict[str, str]) -> None:
+    """A state's targets were at this formulation's levels (a state of other levels has the same shapes).
+
+    Raises:
+        ValueError: Naming the first target whose level or pattern differs.
+    """
+    differ = [target for target in levels if target in saved and saved[target] != levels[target]]
+    if differ:
+        target = differ[0]
+        raise ValueError(
+            f"{name}: the state was saved for other targets: {target} at {saved[target]}, here at {levels[target]} "
+            "(resolve the targets at the level the run was started with)"
+        )
+
+
+def check_epoch_ended(open_epoch: int | None, epoch: int) -> bool:
+    """Warns (returns ``True``) when ``start_epoch(epoch)`` comes while epoch ``open_epoch`` was never ended."""
+    if open_epoch is None:
+        return False
+    warnings.warn(
+        f"start_epoch({epoch}) while epoch {open_epoch} was not ended: call end_epoch({open_epoch}) after its steps "
+        "(slr/admm with interval_unit=epoch coordinate there, and the epoch's checks run there)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def check_ddp_wrapped(problem: Any) -> bool:
+    """Warns when several processes train a model the problem runs unwrapped (``forward_module`` not DDP): each
+    rank would then step on its own gradients and the ranks drift apart. Returns ``True`` (checked)."""
+    from constrainedsparse import distributed
+
+    wrapped = isinstance(problem.forward_module, torch.nn.parallel.DistributedDataParallel)
+    if distributed.is_distributed() and problem.compute_loss is None and not wrapped:
+        warnings.warn(
+            f"{distributed.world_size()} processes train, but problem.forward_module is not DistributedDataParallel: "
+            "the ranks' gradients are not averaged and their models drift apart; set problem.forward_module = "
+            "DistributedDataParallel(model) after make() (docs/distributed.md)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return True
+
+
+def check_steps_untaken(steps: Sequence[Any]) -> None:
+    """Every step handed to ``post_step()`` is new (a step given twice would take a second dual step on it)."""
+    if any(getattr(step, "taken", False) for step in steps):
+        raise ValueError(
+            "post_step() got a step it has already taken: call backward() (or training_step()) for each new step"
+        )
+    for step in steps:
+        step.taken = True
+
+
 def described(value: Any) -> str:
     """A short name of ``value`` for an error line (its type; never a tensor's or list's whole contents)."""
     if isinstance(value, (list, tuple)):
@@ -179,6 +234,10 @@ def check_state(name: str, expected: Any, given: Any, optional: frozenset[str] =
     """
     if not isinstance(given, dict):
         raise ValueError(f"load_state_dict() takes what {name}'s state_dict() returned, got {described(given)}")
+    if given.get("formulation", name) != name:
+        raise ValueError(
+            f"load_state_dict(): the state is a {given['formulation']!r} formulation's, this one is {name!r}"
+        )
     missing = [key for key in expected if key not in given and key not in optional]
     if missing:
         raise ValueError(
@@ -213,7 +272,7 @@ def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
             )
     elif isinstance(expected, dict) and isinstance(given, dict):
         extra = [key for key in given if key not in expected and "optimizer" not in str(key)]
-        if path and extra:  # a multiplier, a target's Z, ... this formulation does not have
+        if path.startswith("cmp/") and extra:  # a multiplier or penalty coefficient this problem does not have
             raise ValueError(
                 f"load_state_dict(): the state has {path}/{extra[0]}, which this {name} formulation lacks: it was "
                 "saved with other targets, constraints or settings"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import warnings
 from typing import Any
 
 import cooper
@@ -463,6 +464,15 @@ class DuplicateVariables(Formulation):
 
     @torch.no_grad()
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
+        if self.k == 0 and self.steps_done > 0:
+            where = "end_epoch()" if self.config.interval_unit == "epoch" else "post_step()"
+            warnings.warn(
+                f"{self.name} ran {self.steps_done} steps without a coordination (interval={self.config.interval} "
+                f"{self.config.interval_unit}; it coordinates in {where}): the hard masks are the top-k of weights "
+                "never pulled towards Z",
+                UserWarning,
+                stacklevel=3,
+            )
         source = self.z if self.config.mask_from == "z" else self.weights()
         return {t.name: t.feasible_set.mask(source[t.name]) for t in self.problem.targets}
 

@@ -361,7 +361,10 @@ class _PruningCallback(TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer  # Trainer's float epoch (1.5 mid-epoch, 0.5 for a cut one) only places the first
         trainer._epoch = int(state.epoch) if trainer._epoch is None else trainer._epoch + 1
-        trainer._pending_logs.update(trainer.formulation.start_epoch(trainer._epoch))
+        with warnings.catch_warnings():
+            if not has_length(trainer.train_dataset):  # a stream: Trainer starts epochs until max_steps
+                warnings.filterwarnings("ignore", message=r"start_epoch\(\d+\) is past setup")
+            trainer._pending_logs.update(trainer.formulation.start_epoch(trainer._epoch))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # after the optimizer step
         trainer = self.trainer

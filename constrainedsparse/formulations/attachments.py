@@ -1,0 +1,46 @@
+"""What a formulation's ``attach`` may change, kept before it runs: restored when the build fails part-way."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from constrainedsparse.formulations.base import Formulation
+
+__all__ = ["Attachments"]
+
+
+@dataclasses.dataclass
+class Attachments:
+    """What a formulation's ``attach`` may change, as it was before: restored when the build fails part-way."""
+
+    constraints: list[str]
+    groups: int
+    plain: list[Any]  # the targets without a parametrization
+
+    @classmethod
+    def of(cls, formulation: Formulation) -> Attachments:
+        targets = formulation.problem.targets
+        plain = [t for t in targets if not parametrize.is_parametrized(t.module, t.param_name)]
+        return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups), plain)
+
+    def restore(self, formulation: Formulation) -> None:
+        """Masks or gates off (the weights as they were, not baked), the formulation's constraints, gradient
+        hooks and parameter groups removed."""
+        for target in self.plain:
+            if parametrize.is_parametrized(target.module, target.param_name):
+                parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
+        with contextlib.suppress(Exception):  # its own hooks and bookkeeping, as far as attach got
+            formulation.detach()
+        problem, optimizer = formulation.problem, formulation.optimizer
+        for name in problem.constraint_names():
+            if name not in self.constraints:
+                problem.remove_constraint(name)
+        for group in optimizer.param_groups[self.groups :]:
+            for parameter in group["params"]:
+                optimizer.state.pop(parameter, None)
+        del optimizer.param_groups[self.groups :]
