@@ -87,18 +87,19 @@ def failed_pattern(err: BaseException) -> str | None:
 
 
 def _pattern_frame_owner(err: BaseException) -> type | None:
-    """The user's pattern class whose own method (not one it inherits from ours) raised ``err`` or called what did."""
+    """The user's pattern class whose own code is the deepest pattern code on ``err``'s traceback (its module's
+    methods, decorated ones and helpers too); ``None`` when that deepest pattern code is ours (a method it
+    inherits: a bug of ours keeps its traceback) or no pattern ran."""
     tb, culprit = err.__traceback__, None
     while tb is not None:
         frame = tb.tb_frame
         owner = frame.f_locals.get("self", frame.f_locals.get("cls"))
         cls = owner if isinstance(owner, type) else type(owner)
         if any(base.__name__ == "FeasibleSet" and is_ours(base) for base in cls.__mro__[1:]):
-            for klass in cls.__mro__:  # the class that defines the running method
-                fn = klass.__dict__.get(frame.f_code.co_name)
-                if getattr(getattr(fn, "__func__", fn), "__code__", None) is frame.f_code:
-                    culprit = culprit if is_ours(klass) else klass
-                    break
+            module = frame.f_globals.get("__name__")
+            theirs = [k for k in cls.__mro__ if not is_ours(k) and k.__module__ == module]
+            if theirs or str(module).split(".")[0] == __name__.split(".")[0]:  # not a decorator's frame (torch)
+                culprit = theirs[0] if theirs else None
         tb = tb.tb_next
     return culprit
 

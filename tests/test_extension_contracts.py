@@ -280,13 +280,21 @@ def test_a_pattern_subclassing_a_built_in_one_keeps_l0s_model_scope_and_our_bugs
     masks = f.hard_masks()
     assert sum(int(m.sum()) for m in masks.values()) == sum(t.feasible_set.k for t in targets)
     monkeypatch.setattr(elementwise, "topk_mask", lambda *a: {}["internal"])
-    with pytest.raises(KeyError) as caught:
-        MyTopK(3).mask(torch.randn(4, 4))  # MyTopK.mask (theirs) -> TopK.mask (ours) -> the failure
-    assert failed_pattern(caught.value) == "pattern 'mytopk' failed: KeyError: 'internal' (--debug shows the traceback)"
+    for pattern in (MyTopK(3), type("Inherits", (TopK,), {"kind": "inherits"})(3)):
+        with pytest.raises(KeyError) as caught:
+            pattern.mask(torch.randn(4, 4))  # (MyTopK.mask, theirs ->) TopK.mask, ours -> the failure
+        assert failed_pattern(caught.value) is None  # the deepest pattern code is ours: a bug of ours, its traceback
 
-    class Inherits(TopK):
-        kind = "inherits"
+    class Own(TopK):
+        kind = "own"
 
-    with pytest.raises(KeyError) as caught:
-        Inherits(3).mask(torch.randn(4, 4))  # only our code ran: a bug of ours keeps its traceback
-    assert failed_pattern(caught.value) is None
+        @torch.no_grad()
+        def mask(self, x):
+            return self.__helper(x)
+
+        def __helper(self, x):
+            raise RuntimeError("theirs")
+
+    with pytest.raises(RuntimeError) as caught:
+        Own(3).mask(torch.randn(4, 4))  # decorated, through a name-mangled helper: still the pattern's own code
+    assert failed_pattern(caught.value) == "pattern 'own' failed: RuntimeError: theirs (--debug shows the traceback)"

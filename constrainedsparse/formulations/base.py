@@ -384,7 +384,9 @@ class Formulation(abc.ABC):
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
             self.dual_optimizer.zero_grad(set_to_none=True)
             restarts = self._restarted()
-        return {**restarts, **self.after_step(last.cmp_state)}
+        metrics = {**restarts, **self.after_step(last.cmp_state)}
+        last.taken = True
+        return metrics
 
     def _restarted(self) -> dict[str, float]:
         """``restart/<name>`` for every multiplier just restarted, whose dual-optimizer state is reset."""

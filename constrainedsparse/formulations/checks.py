@@ -124,7 +124,10 @@ def check_ddp_wrapped(problem: Any) -> bool:
     rank would then step on its own gradients and the ranks drift apart. Returns ``True`` (checked)."""
     from constrainedsparse import distributed
 
-    wrapped = isinstance(problem.forward_module, torch.nn.parallel.DistributedDataParallel)
+    wrapped = any(  # DDP or FSDP, also inside a wrapper or torch.compile's module
+        type(m).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
+        for m in problem.forward_module.modules()
+    )
     if distributed.is_distributed() and problem.compute_loss is None and not wrapped:
         warnings.warn(
             f"{distributed.world_size()} processes train, but problem.forward_module is not DistributedDataParallel: "
@@ -137,13 +140,11 @@ def check_ddp_wrapped(problem: Any) -> bool:
 
 
 def check_steps_untaken(steps: Sequence[Any]) -> None:
-    """Every step handed to ``post_step()`` is new (a step given twice would take a second dual step on it)."""
-    if any(getattr(step, "taken", False) for step in steps):
+    """The last step handed to ``post_step()`` is new (given twice, it would take a second dual step on it)."""
+    if getattr(steps[-1], "taken", False):
         raise ValueError(
             "post_step() got a step it has already taken: call backward() (or training_step()) for each new step"
         )
-    for step in steps:
-        step.taken = True
 
 
 def described(value: Any) -> str:

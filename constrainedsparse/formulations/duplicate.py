@@ -464,20 +464,24 @@ class DuplicateVariables(Formulation):
 
     @torch.no_grad()
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
-        if self.k == 0 and self.steps_done > 0:
-            where = "end_epoch()" if self.config.interval_unit == "epoch" else "post_step()"
-            warnings.warn(
-                f"{self.name} ran {self.steps_done} steps without a coordination (interval={self.config.interval} "
-                f"{self.config.interval_unit}; it coordinates in {where}): the hard masks are the top-k of weights "
-                "never pulled towards Z",
-                UserWarning,
-                stacklevel=3,
-            )
         source = self.z if self.config.mask_from == "z" else self.weights()
         return {t.name: t.feasible_set.mask(source[t.name]) for t in self.problem.targets}
 
     def detach(self) -> None:
-        """Unregisters the W = Z constraints and their gradient hooks, so masked retraining sees only the user's."""
+        """Unregisters the W = Z constraints and their gradient hooks, so masked retraining sees only the user's.
+
+        Warns if it trained without a single coordination (e.g. ``interval_unit=epoch`` and a loop that never
+        calls ``end_epoch``): the weights were never pulled towards Z, and the hard masks cut dense weights.
+        """
+        if self.k == 0 and self.steps_done > 0:
+            where = "end_epoch()" if self.config.interval_unit == "epoch" else "post_step()"
+            warnings.warn(
+                f"{self.name} ran {self.steps_done} steps without a coordination (interval={self.config.interval} "
+                f"{self.config.interval_unit}; it coordinates in {where}): its hard masks cut weights never pulled "
+                "towards Z",
+                UserWarning,
+                stacklevel=3,
+            )
         for name in self.constraints:
             self.problem.remove_constraint(CONSTRAINT_PREFIX + name)
         for handle in self._hooks:

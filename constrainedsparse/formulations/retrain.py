@@ -36,6 +36,11 @@ class FixedMaskRetrain(Formulation):
         self.masks = dict(masks)
         super().__init__(problem, optimizer=optimizer, lr=lr, dual_lr=dual_lr)
 
+    @classmethod
+    def exact_layer_sparsity(cls, config: object) -> bool:
+        """The masks it was given (checked where they were made: l0's model scope shares one budget)."""
+        return False
+
     def attach(self) -> None:
         """Registers the fixed masks."""
         apply_masks(self.problem.targets, self.masks)
