@@ -144,6 +144,10 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     for key in ("mean_layer_error", *summary.get("score_keys", LAYERWISE_SCORES)):  # a problem's own score keys
         if isinstance(summary.get(key), float):  # counts (evaluated_tokens) stay in summary.json
             rows.append((key.replace("_", " "), f"{summary[key]:.4f}"))
+    if isinstance(summary.get("expected_density"), float) and isinstance(summary.get("target_density"), float):
+        expected, wanted = summary["expected_density"], summary["target_density"]
+        note = "" if abs(expected - wanted) <= 0.02 else " (more than 0.02 apart: the hard prune set the level)"
+        rows.append(("l0 gates", f"expected density {expected:.4f}, target {wanted:.4f}{note}"))
     if "purged_params" in summary:  # a structured l0 run: the smaller dense model purged.safetensors holds
         rows.append(("purged", f"{summary['dense_params']:,} -> {summary['purged_params']:,} parameters, "
                                f"{summary['dense_macs']:,} -> {summary['purged_macs']:,} MACs per sample"))  # fmt: skip
@@ -153,6 +157,9 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
         value = entry["value"]
         shown = f"{value:.4g}" if isinstance(value, float) else f"max {max(value):.4g}"
         verdict = "holds" if entry["satisfied"] else "VIOLATED"
+        multiplier = entry.get("multiplier")
+        if isinstance(multiplier, float):
+            verdict += f" (multiplier {multiplier:.4g})"
         rows.append((f"constraint {name}", f"{shown} {entry['sense']} 0: {verdict}"))
     rows.append(("seconds", f"{summary['seconds']:.1f}"))
     return rows

@@ -106,7 +106,7 @@ def _metric_panel(ax: Any, rows: Rows, metric: str, marks: dict[str, int]) -> No
                     label=f"{label} {values[-1]:.4g}")  # fmt: skip
     _mark(ax, marks, legend=True)
     ax.set_title(f"test {metric}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, framealpha=0.6)
 
 
 def _constraint_names(rows: Rows) -> list[str]:
@@ -118,15 +118,18 @@ def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str,
     violation, multiplier = axes
     _line(violation, rows, f"violation/{name}", "violation")
     violation.axhline(0.0, color="black", linewidth=1)
-    violation.set_title(f"constraint {name}: violation (holds at or below 0; an equality at 0)")
+    violation.set_title(f"{name}: violation\n(<= 0 holds; an equality: = 0)", fontsize=9)
     _line(multiplier, rows, f"multiplier/{name}", "multiplier", color="tab:orange")
     restarts, _ = _series(rows, f"restart/{name}")
     for step in restarts:
         multiplier.axvline(step, ymax=0.08, color="tab:red", linewidth=1)
     if restarts:
         multiplier.plot([], [], color="tab:red", label=f"restart ({len(restarts)})")
-    multiplier.set_title(f"constraint {name}: multiplier")
-    multiplier.legend(fontsize=7)
+    multiplier.set_title(f"{name}: multiplier", fontsize=9)
+    _, values = _series(rows, f"multiplier/{name}")
+    if values and min(values) >= 0:  # an inequality's multiplier: no negative half
+        multiplier.set_ylim(bottom=0, top=max(max(values) * 1.05, 1e-3))
+    multiplier.legend(fontsize=7, framealpha=0.6)
     for ax in axes:
         _mark(ax, marks)
 
@@ -134,12 +137,17 @@ def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str,
 def _family_panel(
     ax: Any, rows: Rows, keys: Sequence[str], title: str, marks: dict[str, int], log: bool = False
 ) -> None:
-    drawn = [key for key in keys if _line(ax, rows, key, key.split("/", 1)[1])]
+    # Densities change at the hard prune, between two logged rows: drawn as steps, not as a slope.
+    style = {"drawstyle": "steps-pre"} if title.startswith("density") else {}
+    drawn = [key for key in keys if _line(ax, rows, key, key.split("/", 1)[1], **style)]
     if log and drawn and all(v > 0 for key in drawn for v in _series(rows, key)[1]):
         ax.set_yscale("log")
+        title = title if "log scale" in title else f"{title} (log scale)"
+    if title.startswith("surrogate conditions"):
+        ax.set_ylim(-0.05, 1.05)
     ax.set_title(title)
     if 0 < len(drawn) <= 8:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, framealpha=0.6)
     _mark(ax, marks)
 
 

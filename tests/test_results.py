@@ -108,8 +108,8 @@ def test_training_plot_lays_one_row_per_constraint_and_step_sizes_on_a_log_axis(
     fig = figure_for(read_metrics(tmp_path / "p" / "metrics.jsonl"))
     titles = _titles(fig)
     assert titles[:2] == ["test accuracy", "training loss"]
-    violation = "constraint budget: violation (holds at or below 0; an equality at 0)"
-    assert titles[2:4] == [violation, "constraint budget: multiplier"]
+    violation = "budget: violation\n(<= 0 holds; an equality: = 0)"
+    assert titles[2:4] == [violation, "budget: multiplier"]
     steps = next(ax for ax in fig.axes if ax.get_title() == "dual step sizes s, s' (log scale)")
     assert steps.get_yscale() == "log" and "alpha^k" in titles
     violation = fig.axes[[ax.get_title() for ax in fig.axes].index(titles[2])]
