@@ -346,3 +346,55 @@ def test_slrs_reference_batch_has_labelled_tokens_and_epoch_logging_keeps_traine
     assert all(math.isfinite(row["lagrangian/f_reference"]) for row in rows if "lagrangian/f_reference" in row)
     last_epoch = [row for row in rows if row.get("step") == trainer.state.global_step and "loss" in row]
     assert last_epoch and "train_runtime" in rows[-1]  # Trainer's last training row, then its summary
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_checkpoint_of_an_epochs_last_step_resumes_with_that_epochs_end(tmp_path):
+    """Trainer saves at on_step_end, before on_epoch_end: resumed, the epoch is ended before the next one starts
+    (slr with interval_unit=epoch coordinated once less, and the weights differed, before)."""
+
+    def build(out, callbacks=()):
+        model = _model()
+        args = _args(out, num_train_epochs=2, gradient_accumulation_steps=2, save_strategy="steps", save_steps=4,
+                     logging_strategy="no")  # fmt: skip
+        return SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
+                               hyperparameters={"interval_unit": "epoch", "interval": 1}, callbacks=list(callbacks),
+                               hard_prune_at_end=False)  # fmt: skip
+
+    full = build(tmp_path / "full")
+    full.train()
+    cut = build(tmp_path / "cut", [_Interrupt(5)])  # 4 optimizer steps an epoch: checkpoint-4 ends epoch 0
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    resumed = build(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.formulation.k == full.formulation.k == 2
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_run_stopped_early_or_shorter_than_an_epoch_neither_warns_nor_skips_coordinating(tmp_path, recwarn):
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    model = _model()
+    args = _args(tmp_path / "stop", num_train_epochs=3, save_strategy="no", logging_strategy="no")
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model), callbacks=[Stop()])
+    trainer.train()  # a callback cut epoch 0 at its 3rd of 8 steps: Trainer's choice, not a miscount
+    assert not [w for w in recwarn if "constrainedsparse" in str(w.filename) or "post_step" in str(w.message)]
+    assert [row for row in trainer.state.log_history if "coordination/k" in row] == []  # logging_strategy="no"
+    model = _model()
+    args = _args(tmp_path / "short", max_steps=3, save_strategy="no")  # 8 steps an epoch: 3 of them run
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model))
+    trainer.train()
+    assert trainer.formulation.k == 3  # 4 coordinations an epoch over a 3-step epoch: one after every step
+    assert not [w for w in recwarn if "without a coordination" in str(w.message)]

@@ -467,6 +467,12 @@ class Formulation(abc.ABC):
         remove_masks(self.problem.targets)
 
     @property
+    def resumed_epoch(self) -> int | None:
+        """The epoch a state loaded with :meth:`load_state_dict` was saved in, until :meth:`start_epoch` (``None``
+        otherwise): a loop that moves on to the next epoch ends that one first (a checkpoint of its last step)."""
+        return self._epoch if self._resumed_mid_epoch else None
+
+    @property
     def finalized(self) -> bool:
         """Whether :meth:`finalize` ran."""
         return self._stage == _FINALIZED

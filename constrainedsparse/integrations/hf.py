@@ -279,8 +279,9 @@ class SparsityTrainer(Trainer):
             raise ValueError("this SparsityTrainer hard-pruned its model already; build a new one to prune again")
         if self._trained and not resume_from_checkpoint:
             raise ValueError(
-                "train() ran already: a second run would restart the pruning schedule on a pruned model; call "
-                "hard_prune(), or train(resume_from_checkpoint=...) to continue a stopped run"
+                "train() ran already: a second run would restart the pruning schedule on a model pruned (or partly "
+                "pruned) by the first; call hard_prune(), or train(resume_from_checkpoint=...) to continue a stopped "
+                "run"
             )
         if resume_from_checkpoint:
             self._load_formulation_state(resume_from_checkpoint)
@@ -361,6 +362,9 @@ class _PruningCallback(TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer  # Trainer's float epoch (1.5 mid-epoch, 0.5 for a cut one) only places the first
         trainer._epoch = int(state.epoch) if trainer._epoch is None else trainer._epoch + 1
+        unended = trainer.formulation.resumed_epoch
+        if unended is not None and unended < trainer._epoch:  # a checkpoint of an epoch's last step: end it first
+            trainer._pending_logs.update(trainer.formulation.end_epoch(unended))
         with warnings.catch_warnings():
             if not has_length(trainer.train_dataset):  # a stream: Trainer starts epochs until max_steps
                 warnings.filterwarnings("ignore", message=r"start_epoch\(\d+\) is past setup")
@@ -376,12 +380,16 @@ class _PruningCallback(TrainerCallback):
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         with warnings.catch_warnings():
-            if state.global_step >= state.max_steps or not has_length(trainer.train_dataset):
-                # max_steps cut this last epoch short (or the dataset has no length): its count is Trainer's choice
+            if (
+                state.global_step >= state.max_steps
+                or control.should_training_stop
+                or not has_length(trainer.train_dataset)
+            ):
+                # max_steps or a callback cut this epoch short (or the dataset has no length): Trainer's choice
                 warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
             trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
         last = state.global_step >= state.max_steps or control.should_training_stop
-        if trainer._pending_logs and last and not control.should_log:
+        if trainer._pending_logs and last and not control.should_log and args.logging_strategy != "no":
             # The last epoch, and Trainer logs no training row after it (with logging_strategy="epoch" it does,
             # and log() adds them to that one): its metrics get a row of their own, before Trainer's summary
             # row and on_train_end.
@@ -466,5 +474,7 @@ def _epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
             raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
         return 1, args.max_steps
     steps = max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
+    if 0 < args.max_steps < steps:  # a run shorter than an epoch: the schedules spread over the steps it takes
+        steps = args.max_steps
     epochs = math.ceil(args.max_steps / steps) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
     return max(epochs, 1), steps
