@@ -246,7 +246,8 @@ def _check_destination(final: Path, run_dir: Path) -> None:
     where, run = final.resolve(), run_dir.resolve()
     if where.is_file():
         raise ValueError(f"--to {str(final)!r} is a file: give a folder")
-    if where == run or run.is_relative_to(where) or where.is_relative_to(run / "model"):
+    inside_export = where != (run / COMPRESSED_DIR) and where.is_relative_to(run / COMPRESSED_DIR)
+    if where == run or run.is_relative_to(where) or where.is_relative_to(run / "model") or inside_export:
         raise ValueError(
             f"--to {str(final)!r} would replace the run's own files: give a folder outside {str(run_dir)!r}"
         )
@@ -281,6 +282,8 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
     state = _read_safetensors(model_dir)
     pattern = summary.get("pattern", summary.get("target"))  # prune_layerwise wrote only "target" before 0.1
     two_four = pattern == "2:4" and all(n in state and is_two_four(state[n]) for n in names)
+    # GPT-2's Conv1D stores inputs x outputs: its 2:4 groups run along dim 0, which sparse-24-bitmask cannot hold.
+    transposed = [n for n in names if pattern == "2:4" and n in state and not is_two_four(state[n])]
     final = Path(to) if to is not None else run_dir / COMPRESSED_DIR
     _check_destination(final, run_dir)
     compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
@@ -300,6 +303,11 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         report = _report(sizes, model_dir, staging, sparsity["format"])
         report["folder"] = str(final)
+        if transposed:
+            report["format_note"] = (
+                f"a 2:4 run, but {transposed[0]}{' and others' if len(transposed) > 1 else ''} store the groups "
+                "of 4 along dim 0 (a Conv1D's inputs x outputs), which sparse-24-bitmask cannot hold: sparse-bitmask"
+            )
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         replace_folder(staging, final)
     finally:
@@ -413,7 +421,7 @@ def export_command(args: Any) -> None:
     """Runs a parsed ``export`` command and prints its size report (``ValueError`` on bad input)."""
     report = export_compressed(args.run_dir, args.to)
     rows = [
-        ("format", report["format"]),
+        ("format", report["format"] + (f" ({report['format_note']})" if report.get("format_note") else "")),
         ("pruned layers", f"{len(report['layers'])}"),
         ("pruned bytes", f"{report['pruned_compressed_bytes']:,} of {report['pruned_dense_bytes']:,} dense "
                          f"({report['pruned_ratio']:.3f}x)"),

@@ -364,3 +364,21 @@ def test_summary_names_the_scope_the_pattern_has_and_a_tokenizer_without_out_is_
         assert {k: v for k, v in summary.items() if k == "mask_scope"} == scope, pattern
     with pytest.warns(UserWarning, match=r"^tokenizer= is saved with the pruned model, which only out= writes"):
         prune_layerwise(_fresh_bert(), batches, "magnitude", tokenizer=object())
+
+
+def test_prune_layerwise_checks_tokenizer_and_calibration_batches_before_pruning(tmp_path):
+    from constrainedsparse import prune_layerwise
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(2)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"^tokenizer= must be a folder holding a tokenizer or a tokenizer object"):
+        prune_layerwise(model, batches, "wanda", blocks=list(model), out=tmp_path / "o", tokenizer=5)
+    with pytest.raises(
+        ValueError, match=r"^layer 0: its input is torch\.float32 of width 15, its weight takes 16 features: the cal"
+    ):
+        prune_layerwise(model, [torch.randn(8, 15)], "wanda", blocks=list(model))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # nothing pruned
+    assert not (tmp_path / "o").exists()

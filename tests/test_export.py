@@ -177,6 +177,7 @@ def test_destinations_that_an_export_would_destroy_are_refused(tmp_path, capsys)
         (tmp_path / "run", r"would replace the run's own files"),
         (tmp_path, r"would replace the run's own files"),
         (tmp_path / "run" / "model", r"would replace the run's own files"),
+        (tmp_path / "run" / "compressed" / "inner", r"would replace the run's own files"),  # a default export's
         (tmp_path / "notes", r"holds files that are not an earlier export \(no compression\.json\)"),
         (tmp_path / "file.txt", r"is a file: give a folder"),
     ]
@@ -199,3 +200,11 @@ def test_a_two_four_run_of_prune_layerwise_exports_as_two_four(tiny_llama, tmp_p
     prune_layerwise(model, batches, "wanda", pattern="2:4", out=tmp_path / "run")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["pattern"] == "2:4"
     assert export_compressed(tmp_path / "run")["format"] == "sparse-24-bitmask"
+
+
+def test_a_24_run_with_groups_along_dim_0_exports_as_bitmask_and_says_why(tmp_path):
+    """GPT-2's Conv1D stores inputs x outputs: its 2:4 groups run along dim 0, which sparse-24-bitmask cannot hold."""
+    _pruned_run(tmp_path / "run", lambda w: _two_four(w.t()).t(), "2:4")
+    report = export_compressed(tmp_path / "run")
+    assert report["format"] == "sparse-bitmask"
+    assert "store the groups of 4 along dim 0 (a Conv1D's inputs x outputs)" in report["format_note"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from constrainedsparse.causal_lm import load_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
@@ -195,6 +197,7 @@ def prune_layerwise(
     directory = None
     if out is not None:
         check_savable(model)
+        _check_tokenizer(tokenizer)
         directory = RunDirectory(Path(out), overwrite=overwrite, keywords=True)
         directory.check()
     device = str(next(model.parameters()).device) if device is None else resolve_device(device, "device")
@@ -212,6 +215,23 @@ def prune_layerwise(
         _warn_without_tokenizer(model, tokenizer, directory.out)
         _write(directory, model, report, target, tokenizer)
     return report
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    """``tokenizer=``: a folder holding tokenizer files, or an object with ``save_pretrained`` (checked before pruning).
+
+    Raises:
+        ValueError: Naming the keyword and what it got.
+    """
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, os.PathLike)):
+        load_tokenizer(tokenizer, "tokenizer")
+    elif not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise ValueError(
+            f"tokenizer= must be a folder holding a tokenizer or a tokenizer object (with save_pretrained), got "
+            f"{type(tokenizer).__name__}"
+        )
 
 
 def _warn_without_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
-from constrainedsparse.errors import UserInputError
+from constrainedsparse.errors import UserInputError, first_line
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
@@ -114,13 +114,18 @@ def capture_block_inputs(
     handle = block.register_forward_pre_hook(record, with_kwargs=True)
     inputs = []
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             batch = to_device(batch, device)
             before = len(captured)
             try:
                 call_model(model, batch)
             except StopForward:
                 pass
+            except (RuntimeError, IndexError, TypeError) as err:  # before any block: a batch the model cannot take
+                raise UserInputError(
+                    f"calibration batch {index}: the model's forward failed before the first block: "
+                    f"{type(err).__name__}: {first_line(err)} (check the batches' shapes, dtypes and token ids)"
+                ) from err
             if len(captured) != before + 1:
                 raise ValueError("a calibration batch never reached the block to prune (is it one of the model's?)")
             args, kwargs = captured[-1]

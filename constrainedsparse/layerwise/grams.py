@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from constrainedsparse import distributed
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.blockinputs import BlockInputs
 from constrainedsparse.layerwise.layers import layer_weight
 
@@ -47,6 +48,11 @@ def accumulate_grams(
 
     def hook_for(name: str, d_in: int) -> Callable:
         def add(module: nn.Module, args: tuple) -> None:
+            if args[0].shape[-1] != d_in or not args[0].is_floating_point():
+                raise UserInputError(
+                    f"layer {name}: its input is {args[0].dtype} of width {args[0].shape[-1]}, its weight takes "
+                    f"{d_in} features: the calibration batches do not fit the model"
+                )
             rows = args[0].reshape(-1, d_in)
             mask = current_mask[0]
             if mask is not None:
