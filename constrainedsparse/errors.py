@@ -82,8 +82,15 @@ def failed_pattern(err: BaseException) -> str | None:
         return None
     if culprit is None:
         return None
-    detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
-    return f"pattern {getattr(culprit, 'kind', culprit.__name__)!r} failed: {detail} (--debug shows the traceback)"
+    return (
+        f"pattern {getattr(culprit, 'kind', culprit.__name__)!r} failed: {_detail(err)} (--debug shows the traceback)"
+    )
+
+
+def _detail(err: BaseException) -> str:
+    """An exception of code of the user's, in one line: a ``ValueError``'s message (raised on purpose), else its
+    type and message."""
+    return first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
 
 
 def _pattern_frame_owner(err: BaseException) -> type | None:
@@ -119,5 +126,4 @@ def plugin_code(cls: type, what: str) -> Iterator[None]:
     except Exception as err:
         if is_ours(cls) or debugging():
             raise
-        detail = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
-        raise UserInputError(f"{what} failed: {detail} (--debug shows the traceback)") from err
+        raise UserInputError(f"{what} failed: {_detail(err)} (--debug shows the traceback)") from err

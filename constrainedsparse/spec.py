@@ -265,10 +265,6 @@ class Problem:
             UserInputError: For anything else (one set alone, ``None``, a DataLoader in place of a dataset).
         """
         returned = self.data(options)
-        if isinstance(returned, (tuple, list)) and len(returned) == 2 and all(hasattr(d, "__len__") for d in returned):
-            for which, dataset in zip(("train", "test"), returned):
-                _check_dataset(self.name, which, dataset)
-            return returned[0], returned[1]
         if isinstance(returned, (tuple, list)) and len(returned) == 2:
             for which, dataset in zip(("train", "test"), returned):
                 _check_dataset(self.name, which, dataset)
@@ -278,6 +274,7 @@ class Problem:
                         f"({type(dataset).__name__}): the runner needs map-style datasets (len and indexing), e.g. "
                         "TensorDataset(x, y)"
                     )
+            return returned[0], returned[1]
         count = f" of {len(returned)}" if isinstance(returned, (tuple, list)) else ""
         raise UserInputError(
             f"problem {self.name!r}: data(options) must return (train_dataset, test_dataset), two datasets with a "

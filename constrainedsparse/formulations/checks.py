@@ -124,11 +124,13 @@ def check_ddp_wrapped(problem: Any) -> bool:
     rank would then step on its own gradients and the ranks drift apart. Returns ``True`` (checked)."""
     from constrainedsparse import distributed
 
+    if not distributed.is_distributed() or problem.compute_loss is not None:
+        return True
     wrapped = any(  # DDP or FSDP, also inside a wrapper or torch.compile's module
         type(m).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
         for m in problem.forward_module.modules()
     )
-    if distributed.is_distributed() and problem.compute_loss is None and not wrapped:
+    if not wrapped:
         warnings.warn(
             f"{distributed.world_size()} processes train, but problem.forward_module is not DistributedDataParallel: "
             "the ranks' gradients are not averaged and their models drift apart; set problem.forward_module = "

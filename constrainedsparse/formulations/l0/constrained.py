@@ -236,7 +236,7 @@ class L0(Gated):
         low, high = LOG_ALPHA_RANGE
         ratios = []
         for t in self.problem.targets:
-            magnitude = self._scores(t)[0].to(torch.float64).abs()
+            magnitude = t.stored.detach().to(torch.float64).abs()  # the weight under its gate
             ratios.append(magnitude / (float(magnitude.square().mean().sqrt()) or 1.0))
         top = max(float(r.max()) for r in ratios) or 1.0
         scores = []
