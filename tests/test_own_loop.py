@@ -447,8 +447,9 @@ def test_start_epoch_past_setups_epochs_warns_once(recwarn):
     f.end_epoch(0)
     with pytest.warns(
         UserWarning, match=r"^start_epoch\(1\) is past setup\(num_epochs=1\) \(epochs 0 to 0\): the sched"
-    ):
+    ) as record:
         f.start_epoch(1)
+    assert record[0].filename == __file__  # the warning points at the caller's line
     recwarn.clear()
     f.start_epoch(2)
     assert not [w for w in recwarn if "past setup" in str(w.message)]
@@ -551,8 +552,11 @@ def test_a_step_given_to_post_step_twice_and_an_epoch_never_ended_are_caught(rec
     with pytest.raises(ValueError, match=r"^post_step\(\) got a step it has already taken: call backward\(\)"):
         f.post_step(step)
     f.post_step([step, f.backward((x, y))])  # a list the loop keeps appending to: its last step is new
-    with pytest.warns(UserWarning, match=r"^start_epoch\(1\) while epoch 0 was not ended: call end_epoch\(0\)"):
+    with pytest.warns(
+        UserWarning, match=r"^start_epoch\(1\) while epoch 0 was not ended: call end_epoch\(0\)"
+    ) as record:
         f.start_epoch(1)
+    assert record[0].filename == __file__
 
 
 def test_slr_with_epoch_coordination_and_no_end_epoch_warns_at_finalize():

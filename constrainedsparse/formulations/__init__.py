@@ -4,7 +4,7 @@ Importing this package registers every built-in formulation.
 """
 
 from constrainedsparse.formulations import admm, l0, magnitude, slr  # noqa: F401  (each registers itself)
-from constrainedsparse.formulations.base import Formulation, LagrangianStep, NoConfig
+from constrainedsparse.formulations.base import Formulation, NoConfig
 from constrainedsparse.formulations.factory import (
     available_formulations,
     describe_formulations,
@@ -12,6 +12,7 @@ from constrainedsparse.formulations.factory import (
     make,
     register_formulation,
 )
+from constrainedsparse.formulations.step import LagrangianStep
 
 __all__ = [
     "Formulation",

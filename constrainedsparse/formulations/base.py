@@ -43,21 +43,17 @@ from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     check_covers,
     check_ddp_wrapped,
-    check_epoch_count,
-    check_epoch_ended,
     check_finite_loss,
     check_hard_masks,
     check_pattern_masks,
     check_rate,
     check_state,
-    check_step_count,
-    check_steps_untaken,
     check_target_levels,
-    checked_epoch,
     claim_targets,
-    described,
     release_targets,
 )
+from constrainedsparse.formulations.epochs import EpochCount, checked_epoch
+from constrainedsparse.formulations.step import LagrangianStep, checked_steps
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
 from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
 from constrainedsparse.problem import Batch, SparsityProblem
@@ -70,25 +66,6 @@ _BUILT, _READY, _FINALIZED = "built", "ready", "finalized"
 @dataclasses.dataclass
 class NoConfig(Hyperparameters):
     """Hyperparameters of a formulation that has none."""
-
-
-@dataclasses.dataclass
-class LagrangianStep:
-    """One evaluation of the Lagrangian on a batch (what :meth:`Formulation.backward` returns).
-
-    Attributes:
-        cmp_state: Loss, violations and misc of the batch (Cooper's ``CMPState``).
-        lagrangian: The primal Lagrangian :math:`f + \\sum_j \\lambda_j g_j + \\dots` (a scalar tensor).
-    """
-
-    cmp_state: cooper.CMPState
-    lagrangian: torch.Tensor
-    taken: bool = dataclasses.field(default=False, repr=False, compare=False)  # post_step() used it
-
-    @property
-    def loss(self) -> torch.Tensor:
-        """The objective :math:`f` on the batch (without constraint terms)."""
-        return self.cmp_state.loss
 
 
 def _stage_error(call: str, stage: str) -> ValueError:
@@ -151,16 +128,10 @@ class Formulation(abc.ABC):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_covers(optimizer, problem)
         self.optimizer = optimizer
-        self.num_epochs = 0
-        self.steps_per_epoch = 0
         self.reference_batch: Batch | None = None
         self._last_loss: torch.Tensor | None = None  # checked by end_epoch() and hard_masks(), not per step
-        self._epochs_warned = False  # start_epoch() past setup()'s num_epochs, warned once
-        self._epoch_steps, self._steps_warned = 0, False  # post_step() calls this epoch, against setup()'s count
-        self._epoch = -1  # the epoch start_epoch() began last
-        self._resumed_mid_epoch = False  # a state saved mid-epoch: start_epoch() of that epoch keeps _epoch_steps
-        self._open_epoch: int | None = None  # started and not yet ended
-        self._unended_warned = self._ddp_checked = False
+        self._epochs = EpochCount()  # the epoch under way and its post_step() calls
+        self._ddp_checked = False
         self._stage = _BUILT
         self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
         before = Attachments.of(self)
@@ -236,9 +207,7 @@ class Formulation(abc.ABC):
                 f"{self.name} needs a reference batch: pass reference_batch to setup() (a fixed batch of about "
                 f"{self.reference_samples} training samples on which it compares the loss at two points)"
             )
-        self.num_epochs = num_epochs
-        self._epochs_warned = False  # a new count: warned again once past it
-        self.steps_per_epoch = steps_per_epoch
+        self._epochs.declare(num_epochs, steps_per_epoch)
         self.reference_batch = reference_batch
         stage, self._stage = self._stage, _READY
         try:
@@ -246,6 +215,16 @@ class Formulation(abc.ABC):
         except BaseException:
             self._stage = stage  # a setup that failed leaves the formulation as it was: not ready
             raise
+
+    @property
+    def num_epochs(self) -> int:
+        """Pruning epochs declared by :meth:`setup` (0 before it)."""
+        return self._epochs.num_epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """``post_step()`` calls an epoch, declared by :meth:`setup` (0 before it)."""
+        return self._epochs.steps_per_epoch
 
     def on_setup(self) -> None:
         """Hook at the end of :meth:`setup` (e.g. SLR measures :math:`f` on the reference batch)."""
@@ -266,13 +245,7 @@ class Formulation(abc.ABC):
         """
         self._require("start_epoch()")
         epoch = checked_epoch(epoch, "start_epoch")
-        if not self._epochs_warned:
-            self._epochs_warned = check_epoch_count(self.num_epochs, epoch)
-        if not self._unended_warned:
-            self._unended_warned = check_epoch_ended(self._open_epoch, epoch)
-        if not (self._resumed_mid_epoch and epoch == self._epoch):  # a loop resumed mid-epoch starts it again
-            self._epoch_steps = 0
-        self._epoch, self._resumed_mid_epoch, self._open_epoch = epoch, False, epoch
+        self._epochs.start(epoch)
         return self.on_start_epoch(epoch)
 
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
@@ -289,9 +262,7 @@ class Formulation(abc.ABC):
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
         check_finite_loss(self._last_loss, f"at the last step of epoch {epoch}")
-        if not self._steps_warned:
-            self._steps_warned = check_step_count(self.steps_per_epoch, self._epoch_steps, epoch)
-        self._epoch_steps, self._open_epoch = 0, None  # counted: a state saved now is not mid-epoch
+        self._epochs.end(epoch)
         return self.on_end_epoch(epoch)
 
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
@@ -370,15 +341,8 @@ class Formulation(abc.ABC):
             Metrics to log at this step.
         """
         self._require("post_step()")
-        steps = list(step) if isinstance(step, Sequence) else [step]
-        if not steps or not all(isinstance(item, LagrangianStep) for item in steps):
-            raise ValueError(
-                "post_step() takes what backward() returned (a LagrangianStep, or a non-empty list of them with "
-                f"gradient accumulation), got {described(step)}"
-            )
-        check_steps_untaken(steps)
-        last = steps[-1]
-        self._epoch_steps += 1
+        last = checked_steps(step)[-1]
+        self._epochs.steps += 1
         restarts: dict[str, float] = {}
         if self.dual_optimizer is not None:
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
@@ -470,7 +434,7 @@ class Formulation(abc.ABC):
     def resumed_epoch(self) -> int | None:
         """The epoch a state loaded with :meth:`load_state_dict` was saved in, until :meth:`start_epoch` (``None``
         otherwise): a loop that moves on to the next epoch ends that one first (a checkpoint of its last step)."""
-        return self._epoch if self._resumed_mid_epoch else None
+        return self._epochs.epoch if self._epochs.resumed_mid_epoch else None
 
     @property
     def finalized(self) -> bool:
@@ -495,12 +459,11 @@ class Formulation(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """Everything the formulation changes during training (not the model, not the primal optimizer)."""
         dual = optimizer_state_plain(self.dual_optimizer.state_dict()) if self.dual_optimizer is not None else None
-        epoch_steps = [self._epoch, self._epoch_steps]  # the epoch under way and its post_step() calls so far
         return {
             "formulation": self.name,
             "dual_optimizer": dual,
             "cmp": self.problem.state_dict(),
-            "epoch_steps": epoch_steps,
+            "epoch_steps": self._epochs.state(),  # the epoch under way and its post_step() calls so far
             "target_levels": self._target_levels(),
         }
 
@@ -526,5 +489,4 @@ class Formulation(abc.ABC):
             if state.get("dual_optimizer") is not None:
                 self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, state["dual_optimizer"]))
         self.problem.load_state_dict(state["cmp"])
-        self._epoch, self._epoch_steps = state.get("epoch_steps", [self._epoch, self._epoch_steps])
-        self._resumed_mid_epoch, self._open_epoch = self._epoch_steps > 0, None
+        self._epochs.load(state.get("epoch_steps", self._epochs.state()))

@@ -26,17 +26,8 @@ __all__ = [
     "check_finite_loss",
     "check_hard_masks",
     "check_rate",
-    "check_step_count",
-    "checked_epoch",
     "described",
 ]
-
-
-def checked_epoch(epoch: Any, call: str) -> int:
-    """``epoch`` if it is an integer >= 0 (a bool is not)."""
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
-    return epoch
 
 
 def check_finite_loss(loss: torch.Tensor | None, when: str) -> None:
@@ -56,41 +47,6 @@ def check_finite_loss(loss: torch.Tensor | None, when: str) -> None:
         )
 
 
-def check_step_count(declared: int, done: int, epoch: int) -> bool:
-    """Warns (returns ``True``) when an epoch saw another number of ``post_step()`` calls than ``setup()`` declared.
-
-    The schedules (``slr``/``admm``'s coordination spacing, ramps over the run) count ``post_step()``
-    calls; with gradient accumulation that is the optimizer steps, not the micro-batches.
-    """
-    if done == declared or done == 0:
-        return False
-    warnings.warn(
-        f"setup() declared steps_per_epoch={declared}, but epoch {epoch} had {done} post_step() calls: the schedules "
-        "count post_step() calls (optimizer steps with gradient accumulation, not micro-batches); pass that number "
-        "to setup()",
-        UserWarning,
-        stacklevel=3,
-    )
-    return True
-
-
-def check_epoch_count(declared: int, epoch: int) -> bool:
-    """Warns (returns ``True``) when ``start_epoch(epoch)`` runs past the ``num_epochs`` that ``setup()`` declared.
-
-    The schedules over the run (``magnitude``'s cubic ramp, ``sparsity_schedule=cubic``) end at
-    ``num_epochs``: later epochs stay at the target, which is not what a longer run was meant to get.
-    """
-    if declared == 0 or epoch < declared:
-        return False
-    warnings.warn(
-        f"start_epoch({epoch}) is past setup(num_epochs={declared}) (epochs 0 to {declared - 1}): the schedules over "
-        "the run have ended and stay at the target; pass setup() the number of epochs you train",
-        UserWarning,
-        stacklevel=3,
-    )
-    return True
-
-
 def check_target_levels(name: str, levels: dict[str, str], saved: dict[str, str]) -> None:
     """A state's targets were at this formulation's levels (a state of other levels has the same shapes).
 
@@ -104,19 +60,6 @@ def check_target_levels(name: str, levels: dict[str, str], saved: dict[str, str]
             f"{name}: the state was saved for other targets: {target} at {saved[target]}, here at {levels[target]} "
             "(resolve the targets at the level the run was started with)"
         )
-
-
-def check_epoch_ended(open_epoch: int | None, epoch: int) -> bool:
-    """Warns (returns ``True``) when ``start_epoch(epoch)`` comes while epoch ``open_epoch`` was never ended."""
-    if open_epoch is None:
-        return False
-    warnings.warn(
-        f"start_epoch({epoch}) while epoch {open_epoch} was not ended: call end_epoch({open_epoch}) after its steps "
-        "(slr/admm with interval_unit=epoch coordinate there, and the epoch's checks run there)",
-        UserWarning,
-        stacklevel=3,
-    )
-    return True
 
 
 def check_ddp_wrapped(problem: Any) -> bool:
@@ -139,14 +82,6 @@ def check_ddp_wrapped(problem: Any) -> bool:
             stacklevel=3,
         )
     return True
-
-
-def check_steps_untaken(steps: Sequence[Any]) -> None:
-    """The last step handed to ``post_step()`` is new (given twice, it would take a second dual step on it)."""
-    if getattr(steps[-1], "taken", False):
-        raise ValueError(
-            "post_step() got a step it has already taken: call backward() (or training_step()) for each new step"
-        )
 
 
 def described(value: Any) -> str:

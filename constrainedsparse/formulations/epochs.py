@@ -1,0 +1,109 @@
+"""Where a formulation's caller is in its run: the epoch under way and its ``post_step()`` calls.
+
+:class:`EpochCount` is the lifecycle's only changing count (what a state records as ``epoch_steps``) and
+warns, once each, when the caller's loop departs from what ``setup()`` declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+__all__ = ["EpochCount", "checked_epoch"]
+
+
+def checked_epoch(epoch: Any, call: str) -> int:
+    """``epoch`` if it is an integer >= 0 (a bool is not).
+
+    Raises:
+        ValueError: Naming ``call`` and the value.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
+    return epoch
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)  # at the caller of start_epoch() / end_epoch()
+
+
+@dataclasses.dataclass
+class EpochCount:
+    """The epoch under way and its ``post_step()`` calls, against ``setup()``'s declared counts.
+
+    Attributes:
+        num_epochs: Epochs ``setup()`` declared (0: not declared).
+        steps_per_epoch: ``post_step()`` calls an epoch ``setup()`` declared.
+        epoch: The epoch started last (-1 before the first).
+        steps: ``post_step()`` calls in that epoch so far.
+        open_epoch: The epoch started and not yet ended, if any.
+        resumed_mid_epoch: A state saved mid-epoch was loaded: starting that epoch again keeps ``steps``.
+    """
+
+    num_epochs: int = 0
+    steps_per_epoch: int = 0
+    epoch: int = -1
+    steps: int = 0
+    open_epoch: int | None = None
+    resumed_mid_epoch: bool = False
+    _warned: set[str] = dataclasses.field(default_factory=set, repr=False)
+
+    def declare(self, num_epochs: int, steps_per_epoch: int) -> None:
+        """``setup()``'s counts (a new count warns again once past it)."""
+        self.num_epochs, self.steps_per_epoch = num_epochs, steps_per_epoch
+        self._warned.discard("epochs")
+
+    def start(self, epoch: int) -> None:
+        """``start_epoch(epoch)``.
+
+        Warns:
+            UserWarning: Once, for an ``epoch`` past the declared ``num_epochs`` (the schedules over the run
+                have ended), and once for a start while another epoch was never ended.
+        """
+        declared = self.num_epochs
+        if declared and epoch >= declared and self._once("epochs"):
+            _warn(
+                f"start_epoch({epoch}) is past setup(num_epochs={declared}) (epochs 0 to {declared - 1}): the "
+                "schedules over the run have ended and stay at the target; pass setup() the number of epochs you train"
+            )
+        if self.open_epoch is not None and self._once("unended"):
+            _warn(
+                f"start_epoch({epoch}) while epoch {self.open_epoch} was not ended: call end_epoch({self.open_epoch}) "
+                "after its steps (slr/admm with interval_unit=epoch coordinate there, and the epoch's checks run there)"
+            )
+        if not (self.resumed_mid_epoch and epoch == self.epoch):  # a loop resumed mid-epoch starts it again
+            self.steps = 0
+        self.epoch, self.resumed_mid_epoch, self.open_epoch = epoch, False, epoch
+
+    def end(self, epoch: int) -> None:
+        """``end_epoch(epoch)``.
+
+        Warns:
+            UserWarning: Once, when an epoch saw another number of ``post_step()`` calls than declared (the
+                schedules count ``post_step()`` calls: optimizer steps with gradient accumulation).
+        """
+        declared, done = self.steps_per_epoch, self.steps
+        if done not in (declared, 0) and self._once("steps"):
+            _warn(
+                f"setup() declared steps_per_epoch={declared}, but epoch {epoch} had {done} post_step() calls: the "
+                "schedules count post_step() calls (optimizer steps with gradient accumulation, not micro-batches); "
+                "pass that number to setup()"
+            )
+        self.steps, self.open_epoch = 0, None  # counted: a state saved now is not mid-epoch
+
+    def _once(self, kind: str) -> bool:
+        """Whether the warning ``kind`` is still to give (then it counts as given)."""
+        if kind in self._warned:
+            return False
+        self._warned.add(kind)
+        return True
+
+    def state(self) -> list[int]:
+        """``[epoch, steps]``: the epoch under way and its ``post_step()`` calls so far."""
+        return [self.epoch, self.steps]
+
+    def load(self, state: list[int]) -> None:
+        """Restores :meth:`state` (a state saved mid-epoch resumes that epoch)."""
+        self.epoch, self.steps = state
+        self.resumed_mid_epoch, self.open_epoch = self.steps > 0, None
