@@ -795,3 +795,30 @@ def test_non_contiguous_weight_gives_the_same_mask() -> None:
     assert not transposed.weight.is_contiguous()
     config = FWConfig.from_values({"iterations": 4})
     assert torch.equal(FWSolver(config).prune(layer).mask, FWSolver(config).prune(transposed).mask)
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern", "idle"),
+    [
+        ({}, None, set()),
+        ({"iterations": 3, "alpha": 0.2, "product_dtype": "bfloat16"}, None, {"iterations", "alpha", "product_dtype"}),
+        ({"iterations": 3, "relax_rows": True}, None, set()),
+        ({"iterations": 3, "tabu_steps": 10}, "2:4", set()),
+        (
+            {"swap_steps": 10, "polish_steps": 5, "relax_rows": True},
+            "2:4",
+            {"swap_steps", "polish_steps", "relax_rows"},
+        ),
+        ({"tabu_steps": 10, "polish_sweeps": 2}, None, {"tabu_steps", "polish_sweeps"}),
+        ({"polish_steps": 5}, None, {"polish_steps"}),
+        ({"polish_steps": 5, "swap_steps": 0}, None, set()),
+        ({"polish_steps": 5, "reconstruct": True}, None, set()),  # the joint swaps of reconstruct_sweeps read it
+        ({"damp": 0.1, "reconstruct_sweeps": 0}, "2:4", {"damp", "reconstruct_sweeps"}),
+        ({"damp": 0.1, "reconstruct": True}, "2:4", set()),
+        ({"tabu_steps": 0, "tabu_tenure": 5}, "2:4", {"tabu_tenure"}),
+    ],
+)
+def test_fw_names_the_settings_a_pattern_never_reads(values, pattern, idle):
+    solver = solver_class("fw")(FWConfig.from_values(values))
+    target = SparsityConfig.from_pattern(pattern) if pattern else SparsityConfig(0.5)
+    assert set(solver.idle_settings(target)) == idle

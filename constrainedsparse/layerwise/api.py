@@ -183,7 +183,7 @@ def prune_layerwise(
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope], keywords=True)
     solver = _solver(method, hyperparameters)
-    solver.check_target(target)
+    solver.check(target)
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     check_allocation(driver, target, targets)
     check_block_fit(driver)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -194,6 +195,25 @@ class LayerwiseSolver(abc.ABC):
         # A pattern text (row, 2:4), "N:M" for any N:M, or a pattern's kind for every size of it (block).
         if not {text, target.pattern, *(("N:M",) if target.nm is not None else ())} & set(supported):
             raise ValueError(f"{cls.name} supports the {', '.join(supported)} patterns, got {text}")
+
+    def check(self, target: SparsityConfig) -> None:
+        """:meth:`check_target`, then a warning naming every hyperparameter set away from its default that does
+        nothing at ``target``'s pattern (:meth:`idle_settings`)."""
+        self.check_target(target)
+        idle = self.idle_settings(target)
+        if idle:
+            values = self.config.values()
+            warnings.warn(
+                f"{self.name}: at the {target.pattern_text()} pattern, "
+                + "; ".join(f"{key}={values[key]} has no effect ({why})" for key, why in idle.items()),
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def idle_settings(self, target: SparsityConfig) -> dict[str, str]:
+        """Hyperparameters set away from their defaults that do nothing at ``target``'s pattern, each with the
+        reason (none by default)."""
+        return {}
 
     def __init__(self, config: Any | None = None) -> None:
         config = self.Config() if config is None else config

@@ -150,7 +150,7 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
             )
         target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
-        solver.check_target(target)
+        solver.check(target)
         check_allocation(driver, target, problem.targets)
         check_block_fit(driver)
         check_block_mask(driver, solver, target)

@@ -64,6 +64,7 @@ from constrainedsparse.layerwise.fw.search import swap_polish
 from constrainedsparse.layerwise.fw.swap_tabu import swap_tabu_search
 from constrainedsparse.layerwise.fw.tabu import group_tabu_search
 from constrainedsparse.sets import FeasibleSet, NMSparse
+from constrainedsparse.targets import SparsityConfig
 
 __all__ = ["FWSolver", "Polished", "keep_better", "relaxes", "round_relaxed", "search_rounded"]
 
@@ -166,6 +167,10 @@ def keep_better(
     return mask, torch.where(better, rows, start_rows)
 
 
+_RELAXATION_KEYS = ("alpha", "iterations", "step", "trace_every", "refresh_every", "product_dtype")
+"""The keys only the Frank-Wolfe relaxation reads."""
+
+
 def relaxes(feasible: FeasibleSet, config: FWConfig) -> bool:
     """Whether Frank-Wolfe runs before the search: always for N:M, for ``row``/``unstructured`` with ``relax_rows``."""
     return isinstance(feasible, NMSparse) or config.relax_rows
@@ -263,6 +268,33 @@ class FWSolver(LayerwiseSolver):
     def keeps_dense_weights(self) -> bool:
         """Masks only unless ``reconstruct`` refits the kept weights."""
         return not self.config.reconstruction.reconstruct
+
+    def idle_settings(self, target: SparsityConfig) -> dict[str, str]:
+        """Keys set away from their defaults that the pipeline never reads at ``target``'s pattern: the relaxation's
+        without it (``row``/``unstructured`` unless ``relax_rows``), the N:M searches' at ``row``/``unstructured``
+        and the swap searches' at N:M, the reconstruction's without ``reconstruct``."""
+        cfg: FWConfig = self.config
+        defaults = {key: info.default for key, info in FWConfig.keys().items()}
+        nm, search, rebuild = target.nm is not None, cfg.search, cfg.reconstruction
+        relax = "the Frank-Wolfe relaxation runs for N:M patterns, for row and unstructured with relax_rows=true"
+        joint = rebuild.reconstruct and rebuild.reconstruct_sweeps > 0
+        idle = {key: relax for key in _RELAXATION_KEYS if not (nm or cfg.relax_rows)}
+        if nm:
+            idle |= {key: "a search of row and unstructured masks" for key in ("swap_steps", "swap_tenure")}
+            idle["polish_steps"] = "a search of row and unstructured masks"
+            idle["relax_rows"] = "N:M always runs the relaxation"
+            if search.tabu_steps == 0:
+                idle["tabu_tenure"] = "tabu_steps=0 turns the N:M tabu search off"
+        else:
+            idle |= {key: "a search of N:M masks" for key in ("polish_sweeps", "tabu_steps", "tabu_tenure")}
+            if search.swap_steps > 0 and not joint:
+                idle["polish_steps"] = "the swap descent runs only with swap_steps=0, or with reconstruct_sweeps"
+            if search.swap_steps == 0:
+                idle["swap_tenure"] = "swap_steps=0 turns the swap tabu search off"
+        if not rebuild.reconstruct:
+            idle |= {key: "reconstruct=false" for key in ("damp", "reconstruct_iterations", "reconstruct_sweeps")}
+        values = cfg.values()
+        return {key: why for key, why in idle.items() if values[key] != defaults[key]}
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         """Prunes ``layer`` (``layer.weight`` is not modified).
