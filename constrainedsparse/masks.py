@@ -108,7 +108,7 @@ def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor
             raise ValueError(f"the mask of {name} is a {kind}, not a torch tensor (torch.from_numpy converts one)")
     unknown = sorted(set(masks) - {target.name for target in targets})
     if unknown:
-        known = ", ".join(target.name for target in targets)
+        known = ", ".join(target.name for target in targets) or "none (an empty list)"
         raise ValueError(f"masks name no target: {', '.join(map(repr, unknown))}; the targets are {known}")
     not_bool = [(name, mask.dtype) for name, mask in masks.items() if mask.dtype != torch.bool]
     if not_bool:
@@ -237,7 +237,12 @@ def temporarily_pruned(targets: Iterable[TargetParam], masks: Mapping[str, torch
 
 @torch.no_grad()
 def layer_sparsity(targets: Iterable[TargetParam]) -> dict[str, float]:
-    """Fraction of exact zeros in every targeted tensor (as the model computes it)."""
+    """Fraction of exact zeros in every targeted tensor (as the model computes it).
+
+    Raises:
+        ValueError: If ``targets`` is not what :meth:`Targets.resolve` returns.
+    """
+    targets = resolved_targets(targets, "layer_sparsity(targets): ")
     return {t.name: 1.0 - int(torch.count_nonzero(t.tensor)) / t.tensor.numel() for t in targets}
 
 

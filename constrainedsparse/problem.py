@@ -118,7 +118,9 @@ def pair_of(batch: Batch, hint: str = "pass compute_loss=fn(model, batch) to Spa
     """
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
         return batch[0], batch[1]
-    kind = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, Sequence) else "")
+    kind = type(batch).__name__ + (
+        f" of {len(batch)}" if isinstance(batch, Sequence) and not isinstance(batch, str) else ""
+    )
     keys = f" (keys {', '.join(map(str, batch))})" if isinstance(batch, Mapping) else ""
     raise UserInputError(f"loss_fn takes (inputs, targets) batches, got a {kind}{keys}: {hint} for other batches")
 
@@ -441,5 +443,6 @@ def _checked_violation(name: str, value: Any) -> torch.Tensor:
             f"got {type(value).__name__}"
         )
     if not torch.is_floating_point(value) or value.numel() == 0:
-        raise UserInputError(f"constraint {name!r} must return a non-empty floating-point tensor, got {value.dtype}")
+        got = "an empty tensor" if value.numel() == 0 else value.dtype
+        raise UserInputError(f"constraint {name!r} must return a non-empty floating-point tensor, got {got}")
     return value.reshape(-1)

@@ -72,6 +72,8 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         cls = pattern_class(self.pattern)
+        if self.nm is not None and self.pattern != "nm":
+            raise ValueError(f"nm={self.nm!r} is for pattern='nm', got pattern={self.pattern!r}")
         if self.pattern == "nm":
             if self.nm is None:
                 raise ValueError("pattern 'nm' needs nm=(n, m)")
@@ -84,6 +86,11 @@ class SparsityConfig:
         self._check_params(cls)
         level = cls.level(**self.options)
         if level is not None:
+            if self.sparsity not in (0.0, level):  # 0.0: not given (the default)
+                raise ValueError(
+                    f"pattern {cls.pattern_text(**self.options)} fixes its own level {level:g}, got sparsity="
+                    f"{self.sparsity!r}: give one or the other"
+                )
             object.__setattr__(self, "sparsity", level)
         else:
             check_sparsity(self.sparsity)
@@ -138,7 +145,7 @@ class SparsityConfig:
 
     def with_sparsity(self, sparsity: float) -> SparsityConfig:
         """The same pattern at another level (the same config for a fixed-level pattern)."""
-        return self if self.nm is not None else dataclasses.replace(self, sparsity=sparsity)
+        return self if pattern_class(self.pattern).fixed_level else dataclasses.replace(self, sparsity=sparsity)
 
     def pattern_text(self) -> str:
         """The pattern as users write it (``"row"``, ``"2:4"``, ``"structured:columns"``)."""
@@ -230,6 +237,9 @@ class Targets:
             if isinstance(value, (str, type)) or not isinstance(value, Collection):  # "4.*" is not a list of globs
                 shown = value.__name__ if isinstance(value, type) else repr(value)
                 raise ValueError(f"{key} must be a list, tuple or set, got {shown}: wrap a single item as ({shown},)")
+        odd = [t for t in self.module_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+        if odd:
+            raise ValueError(f"module_types must hold nn.Module classes (nn.Linear, ...), got {odd[0]!r}")
         if not isinstance(self.overrides, Mapping):
             raise ValueError(f"overrides must be a dict {{glob: sparsity}}, got a {type(self.overrides).__name__}")
         if self.filter_fn is not None and not _takes_two(self.filter_fn):

@@ -387,9 +387,7 @@ def test_prune_layerwise_checks_tokenizer_and_calibration_batches_before_pruning
 def test_prune_layerwise_warns_of_fw_settings_its_pattern_never_reads():
     torch.manual_seed(0)
     batches = [torch.randn(64, 16) for _ in range(2)]
-    with pytest.warns(
-        UserWarning, match=r"^fw: at the row pattern, iterations=3 has no effect \(the Frank-Wolfe "
-    ):
+    with pytest.warns(UserWarning, match=r"^fw: at the row pattern, iterations=3 has no effect \(the Frank-Wolfe "):
         prune_layerwise(_Blocks(), batches, "fw", sparsity=0.5, iterations=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read at N:M: no warning

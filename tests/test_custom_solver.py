@@ -96,7 +96,27 @@ BROKEN = {
     ),
     "weight of another shape": (
         lambda layer: LayerResult(layer.weight[:, :4].clone(), _two_of_four(layer)),
-        WHERE + r": the weight must have the shape \(16, 8\), got \(16, 4\)$",
+        WHERE + r": the weight must be a floating-point tensor of the shape \(16, 8\), got torch\.float32 \(16, 4\)$",
+    ),
+    "integer weight": (
+        lambda layer: LayerResult((layer.weight * 100).long(), _two_of_four(layer)),
+        WHERE + r": the weight must be a floating-point tensor of the shape \(16, 8\), got torch\.int64 \(16, 8\)$",
+    ),
+    "tensor metrics": (
+        lambda layer: LayerResult(layer.weight.clone(), _two_of_four(layer), metrics={"x/y": torch.ones(3)}),
+        WHERE + r": metrics must map names to numbers \(float\(t\) of a tensor t\), got 'x/y': Tensor$",
+    ),
+    "metrics not a dict": (
+        lambda layer: LayerResult(layer.weight.clone(), _two_of_four(layer), metrics=[1]),
+        WHERE + r": metrics must be a dict of names to numbers, got list$",
+    ),
+    "trace entry": (
+        lambda layer: LayerResult(layer.weight.clone(), _two_of_four(layer), trace=[{"gap": "small"}]),
+        WHERE + r": trace\[0\] must map names to numbers \(float\(t\) of a tensor t\), got 'gap': str$",
+    ),
+    "weight changed in place": (
+        lambda layer: LayerResult(layer.weight.mul_(_two_of_four(layer)), _two_of_four(layer)),
+        WHERE + r": prune\(\) modified layer\.weight in place \(it is read only",
     ),
     "not a LayerResult": (
         lambda layer: (layer.weight, _two_of_four(layer)),

@@ -318,6 +318,12 @@ def test_constraints_that_return_a_float_or_have_no_gradient_are_refused():
             targets,
             {"norm": UserConstraint(lambda m: m[0].weight.norm().item() - 1)},
         )
+    with pytest.raises(
+        ValueError, match=r"^constraint 'none' must return a non-empty floating-point tensor, got an empty"
+    ):
+        SparsityProblem(
+            model, nn.functional.cross_entropy, targets, {"none": UserConstraint(lambda m: m[0].weight[:0])}
+        )
     detached = {"norm": UserConstraint(lambda m: m[0].weight.detach().norm() - 1)}
     f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets, detached))
     f.setup(1, 1)

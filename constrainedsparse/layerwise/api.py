@@ -184,6 +184,8 @@ def prune_layerwise(
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope], keywords=True)
     solver = _solver(method, hyperparameters)
     solver.check(target)
+    if targets is not None and not isinstance(targets, Targets):
+        raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     check_allocation(driver, target, targets)
     check_block_fit(driver)

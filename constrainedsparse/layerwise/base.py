@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.errors import UserInputError, plugin_code
+from constrainedsparse.errors import UserInputError, is_ours, plugin_code
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
 from constrainedsparse.sets.base import set_text
@@ -122,8 +122,15 @@ def solve(solver: LayerwiseSolver, layer: LayerProblem) -> LayerResult:
     reported as one :class:`UserInputError` line naming it and the layer (``--debug``: its own traceback);
     a built-in solver's exception is a bug of ours and keeps its traceback.
     """
+    yours = not is_ours(type(solver))
+    before = layer.weight.clone() if yours else None  # the contract says W is read only: a user's solver is checked
     with plugin_code(type(solver), f"layer-wise solver {solver.name!r} on {layer.name}"):
         result = solver.prune(layer)
+    if before is not None and not torch.equal(before, layer.weight):
+        raise UserInputError(
+            f"layer-wise solver {solver.name!r} on {layer.name}: prune() modified layer.weight in place (it is read "
+            "only: the layer's error is measured against it); work on a copy, layer.weight.clone()"
+        )
     check_result(solver.name, layer, result)
     return result
 
@@ -145,15 +152,32 @@ def check_result(solver: str, layer: LayerProblem, result: Any) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise UserInputError(f"{where}: the mask must be a torch.bool tensor of the weight's shape {shape}, got {got}")
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
-        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise UserInputError(f"{where}: the weight must have the shape {shape}, got {got}")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape or not weight.is_floating_point():
+        got = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise UserInputError(f"{where}: the weight must be a floating-point tensor of the shape {shape}, got {got}")
     if not bool(torch.isfinite(weight[mask]).all()):
         raise UserInputError(f"{where}: kept weights must be finite (some are inf or nan)")
+    _check_scalars(where, "metrics", result.metrics)
+    if not isinstance(result.trace, list):
+        raise UserInputError(f"{where}: trace must be a list of dicts of numbers, got {type(result.trace).__name__}")
+    for i, entry in enumerate(result.trace):
+        _check_scalars(where, f"trace[{i}]", entry)
     feasible = layer.feasible_set()
     if not feasible.contains(mask):
         pattern = layer.target.describe()
         raise UserInputError(f"{where}: the mask is outside the layer's pattern {pattern} ({set_text(feasible)})")
+
+
+def _check_scalars(where: str, what: str, values: Any) -> None:
+    """``values`` maps names to plain numbers (what the report and summary.json write)."""
+    if not isinstance(values, dict):
+        raise UserInputError(f"{where}: {what} must be a dict of names to numbers, got {type(values).__name__}")
+    for key, value in values.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserInputError(
+                f"{where}: {what} must map names to numbers (float(t) of a tensor t), got {key!r}: "
+                f"{type(value).__name__}"
+            )
 
 
 @dataclasses.dataclass
