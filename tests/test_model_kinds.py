@@ -114,6 +114,31 @@ def test_a_diverged_own_loop_is_stopped_at_the_end_of_its_epoch(method):
         formulation.hard_masks()
 
 
+def test_a_constraint_that_turns_nan_at_an_epochs_last_step_is_named():
+    model = _model()
+    batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    first = next(model.parameters())
+    # sqrt of a negative value: nan, while the loss stays finite
+    constraint = cs.UserConstraint(lambda m: (first.sum() - 1e6).sqrt(), "<=")
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.75))
+    problem = cs.SparsityProblem(model, nn.functional.cross_entropy, targets, {"root": constraint})
+    formulation = cs.make("magnitude", problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    formulation.setup(1, 1)
+    formulation.start_epoch(0)
+    step = formulation.backward(batch)
+    formulation.post_step(step)
+    with pytest.raises(
+        cs.NonFiniteLossError,
+        match=r"^the loss is finite but constraint 'root' was nan at the last step of epoch 0: the step took a non-fin",
+    ):
+        formulation.end_epoch(0)
+    del step  # the caller no longer holds the step: the Lagrangian is still checked, the constraint unnamed
+    with pytest.raises(
+        cs.NonFiniteLossError, match=r"^the loss is finite but the Lagrangian was not \(a constraint or multiplier\)"
+    ):
+        formulation.hard_masks()
+
+
 def test_an_epoch_with_other_post_step_calls_than_declared_warns_once():
     import warnings
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
@@ -41,9 +42,10 @@ from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
+    LastStep,
     check_covers,
     check_ddp_wrapped,
-    check_finite_loss,
+    check_finite_step,
     check_hard_masks,
     check_pattern_masks,
     check_rate,
@@ -129,7 +131,7 @@ class Formulation(abc.ABC):
         check_covers(optimizer, problem)
         self.optimizer = optimizer
         self.reference_batch: Batch | None = None
-        self._last_loss: torch.Tensor | None = None  # checked by end_epoch() and hard_masks(), not per step
+        self._last: LastStep | None = None  # the last step's loss and Lagrangian, checked once an epoch
         self._epochs = EpochCount()  # the epoch under way and its post_step() calls
         self._ddp_checked = False
         self._stage = _BUILT
@@ -261,7 +263,7 @@ class Formulation(abc.ABC):
         """
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
-        check_finite_loss(self._last_loss, f"at the last step of epoch {epoch}")
+        check_finite_step(self._last, f"at the last step of epoch {epoch}")
         self._epochs.end(epoch)
         return self.on_end_epoch(epoch)
 
@@ -286,10 +288,11 @@ class Formulation(abc.ABC):
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         cmp_state = self.problem.compute_cmp_state(batch)
-        self._last_loss = cmp_state.loss.detach()
         if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
+            self._last = LastStep(cmp_state.loss.detach())
             return LagrangianStep(cmp_state, cmp_state.loss)
         primal = cmp_state.compute_primal_lagrangian()
+        self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
         if self.dual_optimizer is not None:
             dual = cmp_state.compute_dual_lagrangian().lagrangian
             if dual is not None and dual.requires_grad:  # not under no_grad (an evaluation loop's loss)
@@ -387,7 +390,7 @@ class Formulation(abc.ABC):
         """
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
-        check_finite_loss(self._last_loss, "at the last step before hard_masks()")
+        check_finite_step(self._last, "at the last step before hard_masks()")
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)

@@ -16,6 +16,8 @@ from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_ours
 from constrainedsparse.sets.base import set_text
 
 if TYPE_CHECKING:
+    import cooper
+
     from constrainedsparse.problem import SparsityProblem
 
 __all__ = [
@@ -23,28 +25,69 @@ __all__ = [
     "claim_targets",
     "release_targets",
     "check_state",
-    "check_finite_loss",
+    "LastStep",
+    "check_finite_step",
     "check_hard_masks",
     "check_rate",
     "described",
 ]
 
 
-def check_finite_loss(loss: torch.Tensor | None, when: str) -> None:
-    """The last step's loss is finite (once an epoch, not per step: one host sync, not one per step).
+@dataclasses.dataclass
+class LastStep:
+    """What the lifecycle keeps of the last step to check once an epoch (detached: no graph kept alive).
+
+    Attributes:
+        loss: The objective on the step's batch.
+        lagrangian: The primal Lagrangian (``None`` without constraints: the loss itself).
+        state: A weak reference to the step's ``CMPState`` (to name a constraint that was not finite while
+            the caller still holds the step).
+    """
+
+    loss: torch.Tensor
+    lagrangian: torch.Tensor | None = None
+    state: weakref.ref[cooper.CMPState] | None = None
+
+
+def check_finite_step(last: LastStep | None, when: str) -> None:
+    """The last step's loss and Lagrangian are finite (once an epoch, not per step: one host sync, not one per step).
 
     Once the weights or multipliers hold a NaN/inf every later loss does too, so the last step's
-    loss catches a run that has diverged; a single skipped step (``GradScaler`` overflow) does not.
+    loss catches a run that has diverged; a single skipped step (``GradScaler`` overflow) does not. A finite
+    loss beside a non-finite Lagrangian is a constraint (or multiplier) that was not finite: the step took
+    its gradient, and the constraint is named while the caller still holds the step.
 
     Raises:
         NonFiniteLossError: Naming the value and ``when`` it was seen (``"at the last step of epoch 2"``).
     """
-    if loss is not None and not bool(torch.isfinite(loss).all()):
-        value = loss.detach().reshape(-1)[0].item() if loss.numel() else loss
+    if last is None:
+        return
+    if not bool(torch.isfinite(last.loss).all()):
+        value = last.loss.reshape(-1)[0].item() if last.loss.numel() else last.loss
         raise NonFiniteLossError(
-            f"the loss is {value} {when}: the weights or multipliers are no longer finite; lower lr or dual_lr, "
-            "clip the gradients, or continue from a checkpoint"
+            f"the loss is {value} {when}: the weights or multipliers are no longer finite (a step took a non-finite "
+            "gradient, from the loss or a constraint); lower lr or dual_lr, clip the gradients, or continue from a "
+            "checkpoint"
         )
+    if last.lagrangian is None or bool(torch.isfinite(last.lagrangian).all()):
+        return
+    state = last.state() if last.state is not None else None
+    odd = [
+        (constraint.name, item.violation.detach().reshape(-1))
+        for constraint, item in (state.observed_constraints.items() if state is not None else ())
+        if not bool(torch.isfinite(item.violation.detach()).all())
+    ]
+    if odd:
+        name, values = odd[0]
+        which = f"constraint {name!r} was {values[~torch.isfinite(values)][0].item()}"
+        fix = "make it finite wherever the weights can go (no sqrt or log of a value that reaches 0)"
+    else:
+        which = "the Lagrangian was not (a constraint or multiplier)"
+        fix = "make every constraint finite wherever the weights can go, or lower dual_lr"
+    raise NonFiniteLossError(
+        f"the loss is finite but {which} {when}: the step took a non-finite gradient from it; {fix}, then continue "
+        "from a checkpoint"
+    )
 
 
 def check_target_levels(name: str, levels: dict[str, str], saved: dict[str, str]) -> None:
