@@ -13,7 +13,7 @@ from constrainedsparse import Formulation, LayerwiseSolver, register_formulation
 from constrainedsparse.cli import main
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import TopK
-from constrainedsparse.sets.base import _PATTERNS, register_pattern
+from constrainedsparse.sets.base import _PATTERNS, FeasibleSet, register_pattern
 
 
 @pytest.fixture
@@ -62,8 +62,24 @@ def test_registration_refuses_bad_names_classes_and_missing_descriptions(registr
     class Unnamed(TopK):
         kind = ""
 
-    with pytest.raises(ValueError, match=r"^Unnamed needs a kind \(a non-empty string\)"):
+    with pytest.raises(ValueError, match=r"^Unnamed needs a kind to be registered as a pattern: a name of letters"):
         register_pattern(Unnamed)
+    Unnamed.kind = "2x"  # --pattern would read it as N:M
+    with pytest.raises(ValueError, match=r"^Unnamed needs a kind .* starting with a letter .*, got '2x'$"):
+        register_pattern(Unnamed)
+
+    class Abstract(FeasibleSet):
+        kind = "abstract"
+
+    with pytest.raises(ValueError, match=r"^Abstract must define contains, lmo, mask to be registered as a pattern$"):
+        register_pattern(Abstract)
+
+    class NoLevel(TopK):
+        kind = "nolevel"
+        at_level = FeasibleSet.at_level
+
+    with pytest.raises(ValueError, match=r"^NoLevel must define at_level to be registered as a pattern$"):
+        register_pattern(NoLevel)
 
 
 def test_the_hard_masks_of_a_formulation_of_ones_own_are_checked(registry):
@@ -298,3 +314,54 @@ def test_a_pattern_subclassing_a_built_in_one_keeps_l0s_model_scope_and_our_bugs
     with pytest.raises(RuntimeError) as caught:
         Own(3).mask(torch.randn(4, 4))  # decorated, through a name-mangled helper: still the pattern's own code
     assert failed_pattern(caught.value) == "pattern 'own' failed: RuntimeError: theirs (--debug shows the traceback)"
+
+
+class _FlatMask(TopK):
+    kind = "flatmask"
+
+    def mask(self, x):
+        return super().mask(x).reshape(-1)
+
+
+class _FloatProjection(TopK):
+    kind = "floatprojection"
+
+    def project(self, x, out=None):
+        return super().project(x).double()
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks[0](x))
+
+
+def _problem(model, kind):
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(0.5, pattern=kind))
+    return cs.SparsityProblem(model, nn.functional.cross_entropy, targets)
+
+
+@pytest.mark.parametrize(
+    ("cls", "method"),
+    [
+        (_FlatMask, lambda m, kind: cs.prune_layerwise(m, [torch.randn(4, 8)], "wanda", pattern=kind)),
+        (_FlatMask, lambda m, kind: _problem(m, kind)),  # resolve() asks the pattern already
+        (_FloatProjection, lambda m, kind: cs.make("admm", _problem(m, kind))),
+    ],
+)
+def test_a_patterns_wrong_answer_is_one_error_naming_it(cls, method, registry):
+    register_pattern(cls)
+    torch.manual_seed(0)
+    model = _Net()
+    before = [p.detach().clone() for p in model.parameters()]
+    wanted = r"a torch\.bool tensor of the input's shape \(16, 8\), got torch\.bool \(128,\)"
+    if cls is _FloatProjection:
+        wanted = r"a torch\.float32 tensor of the input's shape \(16, 8\), got torch\.float64 \(16, 8\)"
+    name = "mask" if cls is _FlatMask else "project"
+    with pytest.raises(ValueError, match=rf"^pattern '{cls.kind}': {name}\(\) must return {wanted}$"):
+        method(model, cls.kind)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

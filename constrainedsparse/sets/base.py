@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import inspect
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from constrainedsparse.errors import UserInputError, is_ours
 from constrainedsparse.registry import same_definition
 from constrainedsparse.selection import topk_mask
 
@@ -267,19 +271,63 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
     The same definition (module and qualified name: a problem file loaded again) may register again
     and replaces the earlier class.
 
+    A pattern defined outside this package gets its ``mask`` and ``project`` answers checked (a boolean
+    mask, a projection of the input's shape): one error naming the pattern, not a shape error deep inside
+    a formulation.
+
     Raises:
-        ValueError: If ``cls`` is no :class:`FeasibleSet` subclass, has no ``kind`` string, or the kind
-            is taken by another definition.
+        ValueError: If ``cls`` is no :class:`FeasibleSet` subclass, leaves a method abstract or ``at_level``
+            undefined, has no ``kind`` (a name starting with a letter), or the kind is taken by another
+            definition.
     """
     if not (isinstance(cls, type) and issubclass(cls, FeasibleSet)):
         raise ValueError(f"register_pattern takes a FeasibleSet subclass, got {cls!r}")
-    if not isinstance(cls.kind, str) or not cls.kind:
-        raise ValueError(f"{cls.__name__} needs a kind (a non-empty string) to be registered as a pattern")
+    if not isinstance(cls.kind, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", cls.kind):
+        raise ValueError(
+            f"{cls.__name__} needs a kind to be registered as a pattern: a name of letters, digits, _ and - "
+            f"starting with a letter (what --pattern reads), got {cls.kind!r}"
+        )
+    missing = sorted(getattr(cls, "__abstractmethods__", ())) if inspect.isabstract(cls) else []
+    if missing or cls.at_level.__func__ is FeasibleSet.at_level.__func__:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"{cls.__name__} must define {', '.join(missing or ['at_level'])} to be registered as a pattern"
+        )
     held = _PATTERNS.get(cls.kind)
     if held is not None and not same_definition(held, cls):
         raise ValueError(f"pattern {cls.kind!r} is already registered (by {held.__module__}.{held.__qualname__})")
+    if not is_ours(cls):
+        _check_answers(cls)
     _PATTERNS[cls.kind] = cls
     return cls
+
+
+def _check_answers(cls: type[FeasibleSet]) -> None:
+    """Wraps the ``mask`` and ``project`` that ``cls`` defines itself so that their answers are checked."""
+    for method in ("mask", "project"):
+        fn = cls.__dict__.get(method)
+        if fn is None or getattr(fn, "_answer_checked", False):
+            continue
+
+        @functools.wraps(fn)
+        def checked(self: FeasibleSet, x: torch.Tensor, *args: Any, _fn: Any = fn, _method: str = method, **kw: Any):
+            answer = _fn(self, x, *args, **kw)
+            boolean = _method == "mask"
+            dtype = torch.bool if boolean else x.dtype
+            if not isinstance(answer, torch.Tensor) or answer.shape != x.shape or answer.dtype != dtype:
+                got = (
+                    f"{answer.dtype} {tuple(answer.shape)}"
+                    if isinstance(answer, torch.Tensor)
+                    else type(answer).__name__
+                )
+                wanted = f"a {dtype} tensor"
+                raise UserInputError(
+                    f"pattern {type(self).kind!r}: {_method}() must return {wanted} of the input's shape "
+                    f"{tuple(x.shape)}, got {got}"
+                )
+            return answer
+
+        checked._answer_checked = True  # type: ignore[attr-defined]
+        setattr(cls, method, checked)
 
 
 def available_patterns() -> list[str]:
