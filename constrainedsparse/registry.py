@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from constrainedsparse.config import Hyperparameters
+
 __all__ = ["KINDS", "REGISTRY", "Registry", "same_definition"]
 
 KINDS = {"training": "formulation", "layerwise": "layer-wise solver"}
@@ -42,8 +44,9 @@ class Registry:
 
         Raises:
             ValueError: If the kind or the name is not valid, the class is no subclass of ``base``, has no
-                one-line ``description`` or an abstract method left, or the pair is already registered by
-                another class.
+                one-line ``description``, a ``Config`` that is no ``Hyperparameters`` class or an abstract
+                method left, is registered under another name, or the pair is already registered by another
+                class.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -66,6 +69,18 @@ class Registry:
             if known is not None and not same_definition(known, cls):
                 raise ValueError(
                     f"{KINDS[kind]} {name!r} is already registered (by {known.__module__}.{known.__qualname__})"
+                )
+            other = next((n for (k, n), c in self._classes.items() if k == kind and c is cls and n != name), None)
+            if other is not None:  # its name would change under the first registration
+                raise ValueError(
+                    f"{cls.__qualname__} is already registered as {KINDS[kind]} {other!r}: register a subclass "
+                    f"under {name!r} (class Other({cls.__qualname__}): ...)"
+                )
+            config = getattr(cls, "Config", None)
+            if config is not None and not (isinstance(config, type) and issubclass(config, Hyperparameters)):
+                raise ValueError(
+                    f"{KINDS[kind]} {name!r} ({cls.__qualname__}): Config must be a Hyperparameters dataclass "
+                    f"(constrainedsparse.config), got {config!r}"
                 )
             missing = sorted(getattr(cls, "__abstractmethods__", ()))
             if missing:

@@ -365,3 +365,32 @@ def test_a_patterns_wrong_answer_is_one_error_naming_it(cls, method, registry):
     with pytest.raises(ValueError, match=rf"^pattern '{cls.kind}': {name}\(\) must return {wanted}$"):
         method(model, cls.kind)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_registration_refuses_a_second_name_a_config_that_is_not_hyperparameters_and_unknown_patterns(registry):
+    class Good(LayerwiseSolver):
+        description = "keeps the largest weights"
+
+        def prune(self, layer):
+            raise AssertionError
+
+    register_solver("good")(Good)
+    with pytest.raises(ValueError, match=r"^.*Good is already registered as layer-wise solver 'good': register a sub"):
+        register_solver("good-again")(Good)
+    assert Good.name == "good" and type("Sub", (Good,), {}).name == "Sub"  # an unregistered subclass: its own name
+
+    class DictConfig(Good):
+        Config = dict
+
+    with pytest.raises(ValueError, match=r"^layer-wise solver 'dc' \(.*DictConfig\): Config must be a Hyperparameters"):
+        register_solver("dc")(DictConfig)
+    with pytest.raises(ValueError, match=r"^Good: config must be a NoSolverConfig, got dict$"):
+        type("Good", (Good,), {})({"p": 1})
+    for supported, message in [
+        ("row", r"supported_patterns must be None or a non-empty tuple of pattern texts .*got 'row'$"),
+        (("rows", "2:4"), r"supported_patterns names 'rows', which is no pattern: give pattern texts"),
+    ]:
+        odd = type("Odd", (Good,), {"supported_patterns": supported})
+        with pytest.raises(ValueError, match=rf"^layer-wise solver 'odd': {message}"):
+            register_solver("odd")(odd)
+    register_solver("fine")(type("Fine", (Good,), {"supported_patterns": ("row", "N:M", "block", "structured:rows")}))

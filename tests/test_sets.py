@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Hashable, Sequence
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -650,18 +651,18 @@ def test_nm_rejects_1d_and_bad_pattern() -> None:
 @pytest.mark.parametrize(
     ("make", "arg", "message"),
     [
-        (lambda: TopK(-1), None, "k must be >= 0, got -1"),
+        (lambda: TopK(-1), None, "k must be an integer >= 0, got -1"),
         (lambda: TopK(5), torch.ones(4), "k=5 exceeds the tensor's 4 entries"),
-        (lambda: RowTopK(-2), None, "k must be >= 0, got -2"),
+        (lambda: RowTopK(-2), None, "k must be an integer >= 0, got -2"),
         (lambda: RowTopK(4), torch.ones(2, 3), "k=4 exceeds the row width 3"),
-        (lambda: StructuredGroups(-1), None, "k must be >= 0, got -1"),
+        (lambda: StructuredGroups(-1), None, "k must be an integer >= 0, got -1"),
         (lambda: StructuredGroups(1, dim=2), None, "dim must be 0 (output groups) or 1"),
         (
             lambda: StructuredGroups(3, dim=1),
             torch.ones(4, 2),
             "k=3 exceeds the 2 groups along dim 1",
         ),
-        (lambda: GlobalTopK(-1), None, "k must be >= 0, got -1"),
+        (lambda: GlobalTopK(-1), None, "k must be an integer >= 0, got -1"),
         (lambda: GlobalTopK(6), [torch.ones(2), torch.ones(3)], "k=6 exceeds the 5 entries"),
     ],
 )
@@ -980,3 +981,21 @@ def test_lift_floors_bad_input_is_one_value_error() -> None:
         sets.lift_floors([torch.ones(3)], [1, 1])
     with pytest.raises(ValueError, match=r"a floor must be in \[0, 3\], got 4"):
         sets.lift_floors([torch.ones(3)], [4])
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: TopK(2.5), r"^k must be an integer >= 0, got 2\.5$"),
+        (lambda: TopK("3"), r"^k must be an integer >= 0, got '3'$"),
+        (lambda: TopK(True), r"^k must be an integer >= 0, got True$"),
+        (lambda: RowTopK(float("nan")), r"^k must be an integer >= 0, got nan$"),
+        (lambda: StructuredGroups(1.5), r"^k must be an integer >= 0, got 1\.5$"),
+        (lambda: NMSparse(2, 4.0), r"^M must be an integer, got 4\.0$"),
+        (lambda: GlobalTopK(2).project([]), r"^GlobalTopK needs at least one tensor$"),
+    ],
+)
+def test_set_constructors_refuse_counts_that_are_not_integers(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+    assert TopK(np.int64(3)).k == 3 and isinstance(TopK(torch.tensor(3)).k, int)

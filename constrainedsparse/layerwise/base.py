@@ -29,7 +29,7 @@ from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import UserInputError, is_ours, plugin_code
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
-from constrainedsparse.sets.base import set_text
+from constrainedsparse.sets.base import available_patterns, parse_pattern, set_text
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = [
@@ -206,7 +206,7 @@ class LayerwiseSolver(abc.ABC):
         """An unregistered solver class (an instance handed to ``prune_layerwise``) is named after its class;
         :func:`register_solver` replaces the name by the registered one."""
         super().__init_subclass__(**kwargs)
-        if not hasattr(cls, "name"):
+        if "name" not in vars(cls):  # not the registered name of a class it subclasses
             cls.name = cls.__name__
 
     @classmethod
@@ -241,6 +241,8 @@ class LayerwiseSolver(abc.ABC):
 
     def __init__(self, config: Any | None = None) -> None:
         config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise ValueError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
         config.validate()
         self.config = config
 
@@ -274,9 +276,39 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
     """Class decorator adding a layer-wise solver to the registry under ``name``.
 
     Raises:
-        ValueError: If ``name`` is already registered.
+        ValueError: If ``name`` is already registered, or the class breaks the contract (no description, a
+            ``supported_patterns`` that is not a tuple of pattern texts, ...).
     """
-    return REGISTRY.register("layerwise", name, LayerwiseSolver)
+    register = REGISTRY.register("layerwise", name, LayerwiseSolver)
+
+    def decorate(cls: type[LayerwiseSolver]) -> type[LayerwiseSolver]:
+        _check_supported_patterns(name, cls)
+        return register(cls)
+
+    return decorate
+
+
+def _check_supported_patterns(name: str, cls: type) -> None:
+    """``supported_patterns`` is ``None`` or a tuple of texts naming patterns: a text such as ``row`` or
+    ``2:4``, ``"N:M"`` for any N:M, or a registered kind."""
+    supported = getattr(cls, "supported_patterns", None)
+    if supported is None:
+        return
+    if isinstance(supported, str) or not isinstance(supported, (tuple, list)) or not supported:
+        raise ValueError(
+            f"layer-wise solver {name!r}: supported_patterns must be None or a non-empty tuple of pattern texts "
+            f"(('unstructured', 'row', 'N:M')), got {supported!r}"
+        )
+    for text in supported:
+        if text == "N:M" or (isinstance(text, str) and text in available_patterns()):
+            continue
+        try:
+            parse_pattern(text)
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(
+                f"layer-wise solver {name!r}: supported_patterns names {text!r}, which is no pattern: give pattern "
+                f"texts (row, 2:4), 'N:M' for any N:M, or a kind ({', '.join(available_patterns())})"
+            ) from None
 
 
 def available_solvers() -> list[str]:

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import operator
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -48,6 +49,7 @@ __all__ = [
     "FeasibleSet",
     "JointFeasibleSet",
     "available_patterns",
+    "check_count",
     "check_sparsity",
     "keep_count",
     "set_text",
@@ -82,6 +84,22 @@ def check_sparsity(value: Any, name: str = "sparsity", noun: str = "") -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be {noun}in [0, 1), got {value}")
     return float(value)
+
+
+def check_count(value: Any, name: str = "k", low: int | None = 0) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= low`` (any integer with ``low=None``; a NumPy or 0-d
+    tensor integer too; a bool or float is not).
+
+    Raises:
+        ValueError: Naming ``name`` and the value.
+    """
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or isinstance(value, bool) or (low is not None and count < low):
+        raise ValueError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
+    return count
 
 
 def keep_count(numel: int, sparsity: float) -> int:

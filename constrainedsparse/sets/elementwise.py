@@ -16,6 +16,7 @@ from constrainedsparse.sets.base import (
     _check_out,
     _fixed_count,
     _lmo_mask,
+    check_count,
     keep_count,
     parse_nm,
     register_pattern,
@@ -35,8 +36,7 @@ class TopK(FeasibleSet):
         return cls(keep_count(math.prod(shape), sparsity))
 
     def __init__(self, k: int) -> None:
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        k = check_count(k)
         self.k = k
 
     def _check(self, x: torch.Tensor) -> None:
@@ -88,8 +88,7 @@ class RowTopK(FeasibleSet):
             raise ValueError(f"the row pattern needs a tensor with rows, got shape {tuple(shape)}")
 
     def __init__(self, k: int) -> None:
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        k = check_count(k)
         self.k = k
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +151,7 @@ class NMSparse(FeasibleSet):
         return 1.0 - params["n"] / params["m"]
 
     def __init__(self, n: int, m: int) -> None:
+        n, m = check_count(n, "N", None), check_count(m, "M", None)
         if not 0 < n <= m:
             raise ValueError(f"N:M needs integers 0 < N <= M, got {n}:{m}")
         self.n, self.m = n, m

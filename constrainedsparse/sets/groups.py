@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from constrainedsparse.selection import topk_mask
-from constrainedsparse.sets.base import FeasibleSet, _lmo_mask, keep_count, register_pattern
+from constrainedsparse.sets.base import FeasibleSet, _lmo_mask, check_count, keep_count, register_pattern
 
 __all__ = ["BlockSparse", "StructuredGroups"]
 
@@ -55,8 +55,7 @@ class StructuredGroups(FeasibleSet):
         return {"dim": 1}
 
     def __init__(self, k: int, dim: int = 0) -> None:
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        k = check_count(k)
         if dim not in (0, 1):
             raise ValueError(f"dim must be 0 (output groups) or 1 (input groups), got {dim}")
         self.k, self.dim = k, dim
@@ -111,10 +110,8 @@ class BlockSparse(FeasibleSet):
     kind = "block"
 
     def __init__(self, k: int, rows: int, cols: int) -> None:
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        if rows < 1 or cols < 1:
-            raise ValueError(f"block sizes must be >= 1, got {rows}x{cols}")
+        k = check_count(k)
+        rows, cols = check_count(rows, "block rows", 1), check_count(cols, "block cols", 1)
         self.k, self.rows, self.cols = k, rows, cols
 
     @classmethod

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from constrainedsparse.selection import topk_mask
-from constrainedsparse.sets.base import JointFeasibleSet, _lmo_mask
+from constrainedsparse.sets.base import JointFeasibleSet, _lmo_mask, check_count
 
 __all__ = ["GlobalTopK", "lift_floors", "nearest_prefix"]
 
@@ -24,11 +24,12 @@ class GlobalTopK(JointFeasibleSet):
     """
 
     def __init__(self, k: int) -> None:
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        k = check_count(k)
         self.k = k
 
     def _flat(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not xs:
+            raise ValueError("GlobalTopK needs at least one tensor")
         flat = torch.cat([x.detach().reshape(-1) for x in xs])
         if self.k > flat.numel():
             raise ValueError(f"k={self.k} exceeds the {flat.numel()} entries of all tensors")
