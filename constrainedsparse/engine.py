@@ -13,6 +13,7 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -112,12 +113,16 @@ def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
         raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepared:
+def prepare(
+    config: RunConfig, problem: Problem | None = None, before_model: Callable[[], None] | None = None
+) -> TrainingPrepared:
     """Validates a training run configuration without touching the disk.
 
     Args:
         config: The run configuration.
         problem: ``config.problem`` already loaded (loaded here when ``None``).
+        before_model: Called once the options are checked, before the throwaway model is built (the run
+            directory's check: a bad value is reported before a folder that holds a run).
 
     Raises:
         UserInputError: With one line naming the bad value and what is allowed.
@@ -165,6 +170,8 @@ def prepare(config: RunConfig, problem: Problem | None = None) -> TrainingPrepar
     prepared = TrainingPrepared(resolved, problem, formulation_cls, formulation_config, target, training, options)
     if problem.check is not None:
         problem.check(options)
+    if before_model is not None:
+        before_model()
     # A throwaway model catches now what would fail later: a filter that selects nothing, N:M
     # widths, and what the formulation checks when it attaches (l0's density_of=purged model).
     # Its warnings wait for the run's own model (an error line here stands alone).

@@ -38,13 +38,14 @@ class Runner:
     Attributes:
         kind: ``"training"`` or ``"layerwise"`` (the registry kind of its formulations).
         settings: Its own ``--set`` keys (a :class:`~constrainedsparse.config.Hyperparameters` class).
-        prepare: ``prepare(config, problem) -> Prepared``: validates everything, writes nothing.
+        prepare: ``prepare(config, problem, before_model) -> Prepared``: validates everything, writes nothing;
+            calls ``before_model()`` (if given) once the options are checked, before any model is built.
         execute: ``execute(prepared, directory, state) -> summary | None``: the work.
     """
 
     kind: str
     settings: type
-    prepare: Callable[[RunConfig, Any], Prepared]
+    prepare: Callable[[RunConfig, Any, Callable[[], None] | None], Prepared]
     execute: Callable[[Any, RunDirectory, dict[str, Any] | None], dict[str, Any] | None]
 
 
@@ -75,15 +76,19 @@ def check_common(config: RunConfig) -> None:
 
 
 def validate(config: RunConfig, problem: Problem | LayerwiseProblem) -> Prepared:
-    """Every check of a run before any work: the run directory, the shared options, the runner's own.
+    """Every check of a run before any work, cheapest first: the shared options, the runner's options, the run
+    directory, then what needs the model (built or loaded).
 
     Raises:
         UserInputError: With one line naming the bad value and what is allowed; nothing is written.
     """
-    if distributed.is_main_process():
-        RunDirectory(config.out, resume=config.resume, overwrite=config.overwrite).check()
     check_common(config)
-    return runner_for(problem).prepare(config, problem)
+
+    def check_directory() -> None:
+        if distributed.is_main_process():
+            RunDirectory(config.out, resume=config.resume, overwrite=config.overwrite).check()
+
+    return runner_for(problem).prepare(config, problem, check_directory)
 
 
 def run(config: RunConfig, problem: Any = None) -> dict[str, Any] | None:

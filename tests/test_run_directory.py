@@ -138,6 +138,9 @@ def test_an_existing_run_directory_is_refused_untouched_unless_overwrite(tmp_pat
         "--overwrite (other files stay), or choose another folder"
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
+    # a bad value in the same command is reported first (the folder's error would come back once it is fixed)
+    line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), "--set", "rho=-1", *FAST], capsys)
+    assert line == "error: rho must be > 0, got -1.0"
     (out / "notes.txt").write_text("mine")
     assert _run(out, "--overwrite", "--set", "rho=0.3") == 0
     assert json.loads((out / "summary.json").read_text())["settings"] == {"rho": "0.3"}

@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,11 @@ def _hide_transformers_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
-    """Validates a layer-wise run and loads the model and calibration data.
+def prepare(
+    config: RunConfig, problem: LayerwiseProblem, before_model: Callable[[], None] | None = None
+) -> LayerwisePrepared:
+    """Validates a layer-wise run and loads the model and calibration data (``before_model()``, if given, is
+    called once the options are checked, before the model loads).
 
     Raises:
         UserInputError: With one line naming the bad value and what is allowed.
@@ -163,6 +166,8 @@ def prepare(config: RunConfig, problem: LayerwiseProblem) -> LayerwisePrepared:
         check_block_fit(driver)
         check_block_mask(driver, solver, target)
     options = {**problem.options, **routed["options"]}
+    if before_model is not None:
+        before_model()
     _hide_transformers_progress_bars()
     model = problem.model(options)
     if not isinstance(model, nn.Module):
