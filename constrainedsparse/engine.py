@@ -306,7 +306,7 @@ def _train_phase(
             loss = cmp_state.loss.item()
             if not math.isfinite(loss):
                 progress.close()
-                raise run.nonfinite(loss, phase, epoch, _nonfinite_constraints(problem, cmp_state))
+                raise run.nonfinite(loss, phase, epoch, problem.nonfinite_constraints(cmp_state, yours=True))
             if run.step % prepared.training.log_every == 0 or metrics:
                 run.logger.log({**problem.step_metrics(cmp_state), **metrics}, run.step)
             progress.step(loss=loss)
@@ -319,17 +319,6 @@ def _train_phase(
         progress.epoch_done(loss=loss, **{run.metric: epoch_metrics[f"{run.metric}/test"]})
     progress.close()
     return True
-
-
-def _nonfinite_constraints(problem: SparsityProblem, cmp_state: Any) -> list[str]:
-    """Your constraints whose violation on the step or multiplier is not finite (a NaN loss's likely cause)."""
-    users = set(problem.user_constraint_names)
-    bad = {c.name for c, state in cmp_state.observed_constraints.items()
-           if c.name in users and not bool(torch.isfinite(state.violation).all())}  # fmt: skip
-    bad.update(
-        n for n, v in problem.named_multiplier_values().items() if n in users and not bool(torch.isfinite(v).all())
-    )
-    return sorted(bad)
 
 
 @torch.no_grad()

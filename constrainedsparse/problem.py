@@ -408,6 +408,16 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             return None
         return torch.optim.SGD(params, lr=lr, maximize=True)
 
+    def nonfinite_constraints(self, cmp_state: cooper.CMPState | None = None, *, yours: bool = False) -> list[str]:
+        """The constraints whose violation on ``cmp_state`` (if given) or whose multiplier is not finite, sorted
+        (``yours``: only your constraints): the likely cause of a NaN loss or Lagrangian."""
+        bad = {n for n, v in self.named_multiplier_values().items() if not bool(torch.isfinite(v).all())}
+        if cmp_state is not None:
+            bad.update(
+                c.name for c, s in cmp_state.observed_constraints.items() if not bool(torch.isfinite(s.violation).all())
+            )
+        return sorted(n for n in bad if not yours or n in self.user_constraint_names)
+
     def named_multiplier_values(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name."""
         return {name: m.weight.detach().reshape(-1) for name, m in self.named_multipliers()}

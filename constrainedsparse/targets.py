@@ -86,9 +86,9 @@ class SparsityConfig:
         self._check_params(cls)
         level = cls.level(**self.options)
         if level is not None:
-            if self.sparsity not in (0.0, level):  # 0.0: not given (the default)
+            if self.sparsity != 0.0 and not math.isclose(self.sparsity, level, abs_tol=1e-9):  # 0.0: not given
                 raise ValueError(
-                    f"pattern {cls.pattern_text(**self.options)} fixes its own level {level:g}, got sparsity="
+                    f"pattern {cls.pattern_text(**self.options)} fixes its own level {level!r}, got sparsity="
                     f"{self.sparsity!r}: give one or the other"
                 )
             object.__setattr__(self, "sparsity", level)

@@ -7,6 +7,7 @@ import runpy
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import TWO_RESIDUAL_BLOCKS, fails_with_one_line
@@ -83,6 +84,18 @@ def test_an_unregistered_instance_is_named_after_its_class():
     assert report.method == "Mine" and report.achieved_sparsity == 0.5
 
 
+def test_metrics_of_numpy_scalars_and_0d_tensors_become_floats():
+    metrics = {"a": np.float32(1.5), "b": torch.tensor(2), "c": 3}
+    report = prune_layerwise(
+        Net(),
+        [torch.randn(16, 8)],
+        _solver(lambda layer: LayerResult(layer.weight * _two_of_four(layer), _two_of_four(layer), metrics)),
+        pattern="2:4",
+    )
+    for values in report.layers.values():
+        assert values == {"a": 1.5, "b": 2.0, "c": 3.0} and all(type(v) is float for v in values.values())
+
+
 WHERE = r"^layer-wise solver 'Mine' on blocks\.0\.0\.weight"
 BROKEN = {
     "keeps every weight": (
@@ -102,8 +115,10 @@ BROKEN = {
         lambda layer: LayerResult((layer.weight * 100).long(), _two_of_four(layer)),
         WHERE + r": the weight must be a floating-point tensor of the shape \(16, 8\), got torch\.int64 \(16, 8\)$",
     ),
-    "tensor metrics": (
-        lambda layer: LayerResult(layer.weight.clone(), _two_of_four(layer), metrics={"x/y": torch.ones(3)}),
+    "tensor metrics": (  # a 0-d tensor or a NumPy scalar converts; three numbers do not
+        lambda layer: LayerResult(
+            layer.weight.clone(), _two_of_four(layer), metrics={"a": torch.tensor(1.5), "x/y": torch.ones(3)}
+        ),
         WHERE + r": metrics must map names to numbers \(float\(t\) of a tensor t\), got 'x/y': Tensor$",
     ),
     "metrics not a dict": (

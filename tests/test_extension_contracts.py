@@ -62,11 +62,10 @@ def test_registration_refuses_bad_names_classes_and_missing_descriptions(registr
     class Unnamed(TopK):
         kind = ""
 
-    with pytest.raises(ValueError, match=r"^Unnamed needs a kind to be registered as a pattern: a name of letters"):
-        register_pattern(Unnamed)
-    Unnamed.kind = "2x"  # --pattern would read it as N:M
-    with pytest.raises(ValueError, match=r"^Unnamed needs a kind .* starting with a letter .*, got '2x'$"):
-        register_pattern(Unnamed)
+    for kind in ("", "2x", "two words"):  # "2x" would read as N:M
+        Unnamed.kind = kind
+        with pytest.raises(ValueError, match=rf"^Unnamed needs a kind to be registered as a pattern: .*got '{kind}'$"):
+            register_pattern(Unnamed)
 
     class Abstract(FeasibleSet):
         kind = "abstract"
@@ -74,9 +73,9 @@ def test_registration_refuses_bad_names_classes_and_missing_descriptions(registr
     with pytest.raises(ValueError, match=r"^Abstract must define contains, lmo, mask to be registered as a pattern$"):
         register_pattern(Abstract)
 
-    class NoLevel(TopK):
+    class NoLevel(FeasibleSet):
         kind = "nolevel"
-        at_level = FeasibleSet.at_level
+        mask, lmo, contains = TopK.mask, TopK.lmo, TopK.contains
 
     with pytest.raises(ValueError, match=r"^NoLevel must define at_level to be registered as a pattern$"):
         register_pattern(NoLevel)
@@ -388,9 +387,32 @@ def test_registration_refuses_a_second_name_a_config_that_is_not_hyperparameters
         type("Good", (Good,), {})({"p": 1})
     for supported, message in [
         ("row", r"supported_patterns must be None or a non-empty tuple of pattern texts .*got 'row'$"),
-        (("rows", "2:4"), r"supported_patterns names 'rows', which is no pattern: give pattern texts"),
+        (("row", 4), r"supported_patterns must hold pattern texts, got 4$"),
     ]:
         odd = type("Odd", (Good,), {"supported_patterns": supported})
         with pytest.raises(ValueError, match=rf"^layer-wise solver 'odd': {message}"):
             register_solver("odd")(odd)
-    register_solver("fine")(type("Fine", (Good,), {"supported_patterns": ("row", "N:M", "block", "structured:rows")}))
+    # names are matched at run time: a pattern of yours may be registered after the solver
+    register_solver("fine")(type("Fine", (Good,), {"supported_patterns": ("row", "N:M", "later-pattern")}))
+
+
+def test_patterns_register_with_any_readable_kind_a_static_at_level_and_inherited_answers_checked(registry):
+    class Static(TopK):
+        kind = "v2.block"
+
+        @staticmethod
+        def at_level(shape, sparsity, **params):
+            return Static(1)
+
+    register_pattern(Static)  # a dotted kind and a static at_level register
+
+    class FloatMaskBase(TopK):  # a base class of yours, unregistered
+        def mask(self, x):
+            return super().mask(x).float()
+
+    class Inherits(FloatMaskBase):
+        kind = "inherits-float"
+
+    register_pattern(Inherits)
+    with pytest.raises(ValueError, match=r"^pattern 'inherits-float': mask\(\) must return a torch\.bool tensor"):
+        Inherits(2).mask(torch.randn(4))

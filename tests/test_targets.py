@@ -161,3 +161,9 @@ def test_a_level_that_keeps_no_weight_is_refused_at_resolve():
     kept = Targets(overrides={"2.*": 0.5}).resolve(model, SparsityConfig(0.9))
     assert [t.sparsity for t in kept] == [0.9, 0.5]
     assert len(Targets().resolve(model, SparsityConfig(0.9), allow_empty=True)) == 2
+
+
+def test_a_fixed_level_given_as_well_must_match_it():
+    assert SparsityConfig(sparsity=1 / 3, pattern="nm", nm=(2, 3)).sparsity == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"^pattern 2:3 fixes its own level 0\.33333333333333337, got sparsity=0\.5"):
+        SparsityConfig(sparsity=0.5, pattern="nm", nm=(2, 3))

@@ -263,7 +263,7 @@ class Formulation(abc.ABC):
         """
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
-        check_finite_step(self._last, f"at the last step of epoch {epoch}")
+        check_finite_step(self._last, self.problem, f"at the last step of epoch {epoch}")
         self._epochs.end(epoch)
         return self.on_end_epoch(epoch)
 
@@ -390,7 +390,7 @@ class Formulation(abc.ABC):
         """
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
-        check_finite_step(self._last, "at the last step before hard_masks()")
+        check_finite_step(self._last, self.problem, "at the last step before hard_masks()")
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)

@@ -49,13 +49,13 @@ class LastStep:
     state: weakref.ref[cooper.CMPState] | None = None
 
 
-def check_finite_step(last: LastStep | None, when: str) -> None:
+def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str) -> None:
     """The last step's loss and Lagrangian are finite (once an epoch, not per step: one host sync, not one per step).
 
     Once the weights or multipliers hold a NaN/inf every later loss does too, so the last step's
     loss catches a run that has diverged; a single skipped step (``GradScaler`` overflow) does not. A finite
     loss beside a non-finite Lagrangian is a constraint (or multiplier) that was not finite: the step took
-    its gradient, and the constraint is named while the caller still holds the step.
+    its gradient. The constraint is named by its multiplier, or by its value while the caller still holds the step.
 
     Raises:
         NonFiniteLossError: Naming the value and ``when`` it was seen (``"at the last step of epoch 2"``).
@@ -71,15 +71,10 @@ def check_finite_step(last: LastStep | None, when: str) -> None:
         )
     if last.lagrangian is None or bool(torch.isfinite(last.lagrangian).all()):
         return
-    state = last.state() if last.state is not None else None
-    odd = [
-        (constraint.name, item.violation.detach().reshape(-1))
-        for constraint, item in (state.observed_constraints.items() if state is not None else ())
-        if not bool(torch.isfinite(item.violation.detach()).all())
-    ]
+    odd = problem.nonfinite_constraints(last.state() if last.state is not None else None)
+    yours = [name for name in odd if name in problem.user_constraint_names]
     if odd:
-        name, values = odd[0]
-        which = f"constraint {name!r} was {values[~torch.isfinite(values)][0].item()}"
+        which = f"constraint {(yours or odd)[0]!r} is not (its value or multiplier)"
         fix = "make it finite wherever the weights can go (no sqrt or log of a value that reaches 0)"
     else:
         which = "the Lagrangian was not (a constraint or multiplier)"

@@ -30,7 +30,7 @@ from torch import nn
 from constrainedsparse.causal_lm import load_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
-from constrainedsparse.layerwise.base import LayerwiseSolver
+from constrainedsparse.layerwise.base import LayerwiseSolver, check_solver
 from constrainedsparse.layerwise.checks import (
     check_allocation,
     check_block_fit,
@@ -183,7 +183,7 @@ def prune_layerwise(
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope], keywords=True)
     solver = _solver(method, hyperparameters)
-    solver.check(target)
+    check_solver(solver, target)
     if targets is not None and not isinstance(targets, Targets):
         raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
     targets = Targets(module_types=layer_module_types()) if targets is None else targets

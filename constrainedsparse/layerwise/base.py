@@ -29,7 +29,7 @@ from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import UserInputError, is_ours, plugin_code
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
-from constrainedsparse.sets.base import available_patterns, parse_pattern, set_text
+from constrainedsparse.sets.base import set_text
 from constrainedsparse.targets import SparsityConfig
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "available_solvers",
     "below_per_row",
     "check_result",
+    "check_solver",
     "describe_solvers",
     "register_solver",
     "solve",
@@ -126,7 +127,7 @@ def solve(solver: LayerwiseSolver, layer: LayerProblem) -> LayerResult:
     before = layer.weight.clone() if yours else None  # the contract says W is read only: a user's solver is checked
     with plugin_code(type(solver), f"layer-wise solver {solver.name!r} on {layer.name}"):
         result = solver.prune(layer)
-    if before is not None and not torch.equal(before, layer.weight):
+    if before is not None and not torch.allclose(before, layer.weight, rtol=0, atol=0, equal_nan=True):
         raise UserInputError(
             f"layer-wise solver {solver.name!r} on {layer.name}: prune() modified layer.weight in place (it is read "
             "only: the layer's error is measured against it); work on a copy, layer.weight.clone()"
@@ -157,27 +158,53 @@ def check_result(solver: str, layer: LayerProblem, result: Any) -> None:
         raise UserInputError(f"{where}: the weight must be a floating-point tensor of the shape {shape}, got {got}")
     if not bool(torch.isfinite(weight[mask]).all()):
         raise UserInputError(f"{where}: kept weights must be finite (some are inf or nan)")
-    _check_scalars(where, "metrics", result.metrics)
+    result.metrics = _scalars(where, "metrics", result.metrics)
     if not isinstance(result.trace, list):
         raise UserInputError(f"{where}: trace must be a list of dicts of numbers, got {type(result.trace).__name__}")
-    for i, entry in enumerate(result.trace):
-        _check_scalars(where, f"trace[{i}]", entry)
+    result.trace = [_scalars(where, f"trace[{i}]", entry) for i, entry in enumerate(result.trace)]
     feasible = layer.feasible_set()
     if not feasible.contains(mask):
         pattern = layer.target.describe()
         raise UserInputError(f"{where}: the mask is outside the layer's pattern {pattern} ({set_text(feasible)})")
 
 
-def _check_scalars(where: str, what: str, values: Any) -> None:
-    """``values`` maps names to plain numbers (what the report and summary.json write)."""
+def check_solver(solver: LayerwiseSolver, target: SparsityConfig) -> None:
+    """``solver.check_target(target)``, then a warning naming every hyperparameter set away from its default that
+    does nothing at ``target``'s pattern (:meth:`LayerwiseSolver.idle_settings`)."""
+    solver.check_target(target)
+    idle = solver.idle_settings(target)
+    if idle:
+        values = solver.config.values()
+        warnings.warn(
+            f"{solver.name}: at the {target.pattern_text()} pattern, "
+            + "; ".join(f"{key}={values[key]} has no effect ({why})" for key, why in idle.items()),
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _scalars(where: str, what: str, values: Any) -> dict[str, float]:
+    """``values`` as names to floats (a NumPy scalar or a 0-d tensor is converted), what the report and
+    summary.json write.
+
+    Raises:
+        UserInputError: For anything else (a multi-element tensor, a string, a key that is not a string).
+    """
     if not isinstance(values, dict):
         raise UserInputError(f"{where}: {what} must be a dict of names to numbers, got {type(values).__name__}")
+    converted = {}
     for key, value in values.items():
-        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            number = None if isinstance(value, (str, bytes)) else float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+        if not isinstance(key, str) or number is None:
             raise UserInputError(
                 f"{where}: {what} must map names to numbers (float(t) of a tensor t), got {key!r}: "
                 f"{type(value).__name__}"
             )
+        converted[key] = number
+    return converted
 
 
 @dataclasses.dataclass
@@ -219,20 +246,6 @@ class LayerwiseSolver(abc.ABC):
         # A pattern text (row, 2:4), "N:M" for any N:M, or a pattern's kind for every size of it (block).
         if not {text, target.pattern, *(("N:M",) if target.nm is not None else ())} & set(supported):
             raise ValueError(f"{cls.name} supports the {', '.join(supported)} patterns, got {text}")
-
-    def check(self, target: SparsityConfig) -> None:
-        """:meth:`check_target`, then a warning naming every hyperparameter set away from its default that does
-        nothing at ``target``'s pattern (:meth:`idle_settings`)."""
-        self.check_target(target)
-        idle = self.idle_settings(target)
-        if idle:
-            values = self.config.values()
-            warnings.warn(
-                f"{self.name}: at the {target.pattern_text()} pattern, "
-                + "; ".join(f"{key}={values[key]} has no effect ({why})" for key, why in idle.items()),
-                UserWarning,
-                stacklevel=3,
-            )
 
     def idle_settings(self, target: SparsityConfig) -> dict[str, str]:
         """Hyperparameters set away from their defaults that do nothing at ``target``'s pattern, each with the
@@ -277,7 +290,7 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
 
     Raises:
         ValueError: If ``name`` is already registered, or the class breaks the contract (no description, a
-            ``supported_patterns`` that is not a tuple of pattern texts, ...).
+            ``supported_patterns`` that is not a tuple of strings, ...).
     """
     register = REGISTRY.register("layerwise", name, LayerwiseSolver)
 
@@ -289,8 +302,8 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
 
 
 def _check_supported_patterns(name: str, cls: type) -> None:
-    """``supported_patterns`` is ``None`` or a tuple of texts naming patterns: a text such as ``row`` or
-    ``2:4``, ``"N:M"`` for any N:M, or a registered kind."""
+    """``supported_patterns`` is ``None`` or a non-empty tuple of pattern texts (``row``, ``2:4``, ``"N:M"`` for
+    any N:M, a kind)."""
     supported = getattr(cls, "supported_patterns", None)
     if supported is None:
         return
@@ -299,16 +312,9 @@ def _check_supported_patterns(name: str, cls: type) -> None:
             f"layer-wise solver {name!r}: supported_patterns must be None or a non-empty tuple of pattern texts "
             f"(('unstructured', 'row', 'N:M')), got {supported!r}"
         )
-    for text in supported:
-        if text == "N:M" or (isinstance(text, str) and text in available_patterns()):
-            continue
-        try:
-            parse_pattern(text)
-        except (ValueError, TypeError, AttributeError):
-            raise ValueError(
-                f"layer-wise solver {name!r}: supported_patterns names {text!r}, which is no pattern: give pattern "
-                f"texts (row, 2:4), 'N:M' for any N:M, or a kind ({', '.join(available_patterns())})"
-            ) from None
+    odd = [text for text in supported if not isinstance(text, str) or not text]
+    if odd:  # the names are matched at run time (a pattern of yours may be registered after the solver)
+        raise ValueError(f"layer-wise solver {name!r}: supported_patterns must hold pattern texts, got {odd[0]!r}")
 
 
 def available_solvers() -> list[str]:

@@ -31,7 +31,7 @@ from constrainedsparse.layerwise.allocation import (
     Allocation,
     level_targets,
 )
-from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
+from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, check_solver, solver_class
 from constrainedsparse.layerwise.checks import (
     check_allocation,
     check_block_fit,
@@ -161,7 +161,7 @@ def prepare(
             )
         target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
-        solver.check(target)
+        check_solver(solver, target)
         check_allocation(driver, target, problem.targets)
         check_block_fit(driver)
         check_block_mask(driver, solver, target)

@@ -300,13 +300,13 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
     """
     if not (isinstance(cls, type) and issubclass(cls, FeasibleSet)):
         raise ValueError(f"register_pattern takes a FeasibleSet subclass, got {cls!r}")
-    if not isinstance(cls.kind, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", cls.kind):
+    if not isinstance(cls.kind, str) or not re.fullmatch(r"[^\d\s]\S*", cls.kind):  # a digit first reads as N:M
         raise ValueError(
-            f"{cls.__name__} needs a kind to be registered as a pattern: a name of letters, digits, _ and - "
-            f"starting with a letter (what --pattern reads), got {cls.kind!r}"
+            f"{cls.__name__} needs a kind to be registered as a pattern: its registry key, a name without spaces "
+            f"that does not start with a digit, got {cls.kind!r}"
         )
     missing = sorted(getattr(cls, "__abstractmethods__", ())) if inspect.isabstract(cls) else []
-    if missing or cls.at_level.__func__ is FeasibleSet.at_level.__func__:  # type: ignore[attr-defined]
+    if missing or inspect.getattr_static(cls, "at_level") is vars(FeasibleSet)["at_level"]:
         raise ValueError(
             f"{cls.__name__} must define {', '.join(missing or ['at_level'])} to be registered as a pattern"
         )
@@ -320,10 +320,12 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
 
 
 def _check_answers(cls: type[FeasibleSet]) -> None:
-    """Wraps the ``mask`` and ``project`` that ``cls`` defines itself so that their answers are checked."""
+    """Wraps the ``mask`` and ``project`` that ``cls`` has from code outside this package (its own or a base
+    class's) so that their answers are checked."""
     for method in ("mask", "project"):
-        fn = cls.__dict__.get(method)
-        if fn is None or getattr(fn, "_answer_checked", False):
+        owner = next(k for k in cls.__mro__ if method in vars(k))
+        fn = vars(owner)[method]
+        if is_ours(owner) or getattr(fn, "_answer_checked", False):
             continue
 
         @functools.wraps(fn)
