@@ -236,7 +236,7 @@ class Problem:
         """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
         name = self.name
         constraints = {
-            key: UserConstraint(guard(name, f"constraint {key!r}", c.fn), c.sense)
+            key: dataclasses.replace(c, fn=guard(name, f"constraint {key!r}", c.fn))  # its sense and restarts too
             for key, c in self.constraints.items()
         }
         return dataclasses.replace(

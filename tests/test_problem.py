@@ -109,3 +109,15 @@ def test_run_logs_user_constraint_multiplier_and_violation(tmp_path):
     assert len(multipliers) == len(violations) > 5
     assert violations[0] > 0 and max(multipliers) > 0
     assert all(m >= 0 for m in multipliers)
+
+
+def test_a_problem_files_constraint_keeps_its_restarts_and_sense_in_a_run():
+    import dataclasses
+
+    from constrainedsparse.spec import load_problem
+
+    problem = load_problem(str(PROBLEMS / "digits_budget.py"))
+    (name, spec), *_ = problem.constraints.items()
+    problem = dataclasses.replace(problem, constraints={name: dataclasses.replace(spec, restarts=True)})
+    guarded = problem.guarded().constraints[name]  # what a run uses (its errors as one line)
+    assert guarded.restarts and guarded.sense == spec.sense and guarded.fn is not spec.fn
