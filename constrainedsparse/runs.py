@@ -154,6 +154,14 @@ class RunConfig:
         theirs = dict(stored.get("settings", {}))
         effective = state.get("effective_settings") or {}
         settings = dict(theirs)
+        unknown = [
+            k for k in given.get("settings", {}) if effective and k not in {*effective, *theirs, *VOLATILE_SETTINGS}
+        ]
+        if unknown:  # every key the run knows is in effect: this one means nothing to it
+            raise UserInputError(
+                f"unknown --set key {unknown[0]!r} for the run in {out} (formulation {stored.get('formulation')!r}); "
+                f"allowed: {', '.join(sorted(effective))}"
+            )
         for key, value in sorted(given.get("settings", {}).items()):
             if key in VOLATILE_SETTINGS:
                 settings[key] = value

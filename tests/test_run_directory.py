@@ -69,9 +69,12 @@ def test_resume_takes_some_set_keys_again_by_value_and_keeps_the_others(tmp_path
                   settings={"rho": "0.2", "batch_size": "32"}, stop_after_epochs=1, progress=False))  # fmt: skip
     line = fails_with_one_line(["run", "--out", str(out), "--resume", "--set", "rho=0.3", "--set", "seed_x=1",
                                 "--set", "dual_lr=0.5"], capsys)  # fmt: skip
+    assert line.startswith(f"error: unknown --set key 'seed_x' for the run in {out} (formulation 'admm'); allowed: ")
+    line = fails_with_one_line(["run", "--out", str(out), "--resume", "--set", "rho=0.3", "--set", "dual_lr=0.5"],
+                               capsys)  # fmt: skip
     assert line.endswith(
-        "other options: --set dual_lr (0.5, not set at the start; in effect 0.01), --set rho (0.3, stored 0.2), "
-        "--set seed_x (1, not set at the start); give the stored ones or none"
+        "other options: --set dual_lr (0.5, not set at the start; in effect 0.01), --set rho (0.3, stored 0.2); "
+        "give the stored ones or none"
     )
     # a volatile key alone, a stored value written another way, and a default given as the value in effect
     assert main(["run", "--out", str(out), "--resume", "--set", "device=cpu", "--set", "rho=0.20",
