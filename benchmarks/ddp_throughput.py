@@ -194,7 +194,8 @@ def run_config(processes: int, threads: int, args: argparse.Namespace, data_dir:
 
 
 def _median(rows: list[dict]) -> dict:
-    """The median repeat of one configuration (by seconds), with every repeat's throughput."""
+    """The median repeat of one configuration (by seconds; of an even count, the faster of the middle two), with
+    every repeat's throughput."""
     ordered = sorted(rows, key=lambda row: row["seconds"])
     return {
         **ordered[(len(ordered) - 1) // 2],
@@ -216,7 +217,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, load: 
         f"{args.warmup} warm-up; generated CIFAR-10 in the python-batch format; load average before / after: "
         f"{load[0]:.1f} / {load[1]:.1f} (the machine is shared: other jobs ran at the same time); {wall:.0f} s wall.",
         "",
-        f"| processes x threads | per-rank batch | seconds (median) | samples/s (median of {args.repeats}) | "
+        f"| processes x threads | per-rank batch | seconds (lower median) | samples/s (lower median of {args.repeats}) | "
         "every repeat, samples/s | vs first row |",
         "|---|---|---|---|---|---|",
     ]

@@ -34,7 +34,7 @@ from constrainedsparse.runners import run
 from constrainedsparse.runs import RunConfig
 from constrainedsparse.sets import BlockSparse, GlobalTopK, NMSparse, RowTopK, StructuredGroups, TopK
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
-from constrainedsparse.targets import SparsityConfig, Targets
+from constrainedsparse.targets import SparsityConfig, TargetParam, Targets
 
 __version__ = "0.1.0"
 
@@ -63,6 +63,7 @@ __all__ = [
     "SparsityConfig",
     "SparsityProblem",
     "StructuredGroups",
+    "TargetParam",
     "Targets",
     "TopK",
     "UserConstraint",
