@@ -217,8 +217,8 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, load: 
         f"{args.warmup} warm-up; generated CIFAR-10 in the python-batch format; load average before / after: "
         f"{load[0]:.1f} / {load[1]:.1f} (the machine is shared: other jobs ran at the same time); {wall:.0f} s wall.",
         "",
-        f"| processes x threads | per-rank batch | seconds (lower median) | samples/s (lower median of {args.repeats}) | "
-        "every repeat, samples/s | vs first row |",
+        "| processes x threads | per-rank batch | seconds (lower median) | "
+        f"samples/s (lower median of {args.repeats}) | every repeat, samples/s | vs first row |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
