@@ -290,13 +290,13 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
     and replaces the earlier class.
 
     A pattern defined outside this package gets its ``mask`` and ``project`` answers checked (a boolean
-    mask, a projection of the input's shape): one error naming the pattern, not a shape error deep inside
-    a formulation.
+    mask, a projection of the input's dtype, both of the input's shape): one error naming the pattern, not a
+    shape error deep inside a formulation.
 
     Raises:
         ValueError: If ``cls`` is no :class:`FeasibleSet` subclass, leaves a method abstract or ``at_level``
-            undefined, has no ``kind`` (a name starting with a letter), or the kind is taken by another
-            definition.
+            undefined, has no ``kind`` (a name without spaces, not starting with a digit), or the kind is taken
+            by another definition.
     """
     if not (isinstance(cls, type) and issubclass(cls, FeasibleSet)):
         raise ValueError(f"register_pattern takes a FeasibleSet subclass, got {cls!r}")
