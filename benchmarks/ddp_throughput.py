@@ -218,7 +218,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str, load: 
         f"{load[0]:.1f} / {load[1]:.1f} (the machine is shared: other jobs ran at the same time); {wall:.0f} s wall.",
         "",
         "| processes x threads | per-rank batch | seconds (lower median) | "
-        f"samples/s (lower median of {args.repeats}) | every repeat, samples/s | vs first row |",
+        f"samples/s (of the lower-median seconds of {args.repeats}) | every repeat, samples/s | vs first row |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -31,7 +31,6 @@ from constrainedsparse.errors import (
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
-from constrainedsparse.layerwise.checks import check_block_fit
 from constrainedsparse.logger import WANDB_MODES
 from constrainedsparse.plots import check_png, metrics_rows, plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
@@ -377,13 +376,7 @@ def _check_nproc(nproc: int) -> None:
 
 def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, argv: list[str]) -> int:
     """``run --nproc N``: validates once here, then runs ``argv`` on N processes (see :func:`launcher.launch`)."""
-    prepared = validate(config, problem)  # bad input: one line and exit 2 before any process starts
-    if isinstance(problem, LayerwiseProblem):
-        with user_input():
-            check_block_fit(prepared.driver, nproc)
-    else:
-        with user_input():
-            distributed.check_global_batch(prepared.training.batch_size, nproc, given="batch_size" in config.settings)
+    validate(config, problem, nproc)  # bad input: one line and exit 2 before any process starts
     directory = RunDirectory(config.out)
     directory.mark_created()  # a failed or interrupted job leaves no directory it made
     try:

@@ -114,7 +114,10 @@ def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
 
 
 def prepare(
-    config: RunConfig, problem: Problem | None = None, before_model: Callable[[], None] | None = None
+    config: RunConfig,
+    problem: Problem | None = None,
+    before_model: Callable[[], None] | None = None,
+    processes: int | None = None,
 ) -> TrainingPrepared:
     """Validates a training run configuration without touching the disk.
 
@@ -123,6 +126,7 @@ def prepare(
         problem: ``config.problem`` already loaded (loaded here when ``None``).
         before_model: Called once the options are checked, before the throwaway model is built (the run
             directory's check: a bad value is reported before a folder that holds a run).
+        processes: The processes the run will have (``--nproc``; default: this job's).
 
     Raises:
         UserInputError: With one line naming the bad value and what is allowed.
@@ -157,7 +161,7 @@ def prepare(
         training = TrainingSettings.from_values({**defaults, **routed["training"]})
         training.validate()
         training.device = distributed.rank_device(resolve_device(training.device))
-        distributed.check_global_batch(training.batch_size, given="batch_size" in routed["training"])
+        distributed.check_global_batch(training.batch_size, processes, given="batch_size" in routed["training"])
         formulation_config = formulation_cls.Config.from_values(routed["formulation"])
         formulation_config.validate()
     options = {**problem.options, **routed["options"]}

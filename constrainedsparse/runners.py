@@ -38,14 +38,15 @@ class Runner:
     Attributes:
         kind: ``"training"`` or ``"layerwise"`` (the registry kind of its formulations).
         settings: Its own ``--set`` keys (a :class:`~constrainedsparse.config.Hyperparameters` class).
-        prepare: ``prepare(config, problem, before_model) -> Prepared``: validates everything, writes nothing;
-            calls ``before_model()`` (if given) once the options are checked, before any model is built.
+        prepare: ``prepare(config, problem, before_model, processes) -> Prepared``: validates everything, writes
+            nothing; calls ``before_model()`` (if given) once the options are checked, before any model is built;
+            ``processes``: the run's process count (``--nproc``; ``None``: this job's).
         execute: ``execute(prepared, directory, state) -> summary | None``: the work.
     """
 
     kind: str
     settings: type
-    prepare: Callable[[RunConfig, Any, Callable[[], None] | None], Prepared]
+    prepare: Callable[[RunConfig, Any, Callable[[], None] | None, int | None], Prepared]
     execute: Callable[[Any, RunDirectory, dict[str, Any] | None], dict[str, Any] | None]
 
 
@@ -75,9 +76,10 @@ def check_common(config: RunConfig) -> None:
         raise UserInputError(f"RunConfig(stop_after_epochs=...) must be an integer >= 1 or None, got {stop!r}")
 
 
-def validate(config: RunConfig, problem: Problem | LayerwiseProblem) -> Prepared:
+def validate(config: RunConfig, problem: Problem | LayerwiseProblem, processes: int | None = None) -> Prepared:
     """Every check of a run before any work, cheapest first: the shared options, the runner's options, the run
-    directory, then what needs the model (built or loaded).
+    directory, then what needs the model (built or loaded). ``processes``: the run's (``--nproc``; default this
+    job's).
 
     Raises:
         UserInputError: With one line naming the bad value and what is allowed; nothing is written.
@@ -88,7 +90,7 @@ def validate(config: RunConfig, problem: Problem | LayerwiseProblem) -> Prepared
         if distributed.is_main_process():
             RunDirectory(config.out, resume=config.resume, overwrite=config.overwrite).check()
 
-    return runner_for(problem).prepare(config, problem, check_directory)
+    return runner_for(problem).prepare(config, problem, check_directory, processes)
 
 
 def run(config: RunConfig, problem: Any = None) -> dict[str, Any] | None:

@@ -148,6 +148,11 @@ def test_global_batch_must_split_over_the_processes(tmp_path, capsys):
         "ranks; choose one with --set batch_size=N"
     )
     assert not (tmp_path / "o").exists()
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "summary.json").write_text("{}")  # a folder holding a run: the bad value is still reported first
+    line = fails_with_one_line(["run", PROBLEM, "--nproc", "4", "--set", "batch_size=30", "--out", str(held)], capsys)
+    assert line.startswith("error: --set batch_size=30 must be divisible by the number of processes (4)")
 
 
 def test_nproc_bad_values_are_one_line(tmp_path, capsys, monkeypatch):

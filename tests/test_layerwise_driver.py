@@ -170,7 +170,7 @@ def test_fw_logs_objective_gap_and_layer_errors_to_jsonl_and_wandb(tiny_gpt2, te
     assert any("trace/gap" in row for row in history)
 
 
-def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gpt2, text_file, tmp_path):
+def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gpt2, text_file, tmp_path, capsys):
     settings = {"model": str(tiny_gpt2), "text": str(text_file), "seq_len": "16", "calibration_samples": "8"}
 
     def config(out, **extra):
@@ -190,7 +190,12 @@ def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gp
     from safetensors.torch import load_file as load_block
 
     assert state["block"] == 1 and len(load_block(tmp_path / "split" / "blocks" / "block-00000.safetensors")) == 4
-    resumed = run(config(tmp_path / "split", resume=True))
+    split = str(tmp_path / "split")
+    line = fails_with_one_line(["run", "--out", split, "--resume", "--set", "bogus=1"], capsys)
+    assert line.startswith(f"error: unknown --set key 'bogus' for the run in {split} (formulation 'sparsegpt')")
+    # a key not given at the start, given with the value in effect (the checkpoint keeps every key's value)
+    assert main(["run", "--out", split, "--resume", "--set", "offload=false", "--no-progress"]) == 0
+    resumed = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert resumed["layer_error"] == straight["layer_error"]
     from safetensors.torch import load_file
 

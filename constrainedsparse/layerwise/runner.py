@@ -51,7 +51,7 @@ from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, sc
 from constrainedsparse.logger import finish_summary
 from constrainedsparse.progress import Progress, transformers_bars_off
 from constrainedsparse.report import layer_rows, write_layers_csv
-from constrainedsparse.runs import RunConfig, RunDirectory, open_logger
+from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, setting_text
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
@@ -92,6 +92,12 @@ class LayerwisePrepared:
         """Where calibration and pruning run."""
         return self.driver.device
 
+    def effective_settings(self) -> dict[str, str]:
+        """Every ``--set`` key's value in effect (given or default), as text: checkpoints keep it so that
+        ``--resume`` accepts a key given again with the value the run already uses."""
+        values = {**self.driver.values(), **self.options, **self.solver.config.values()}
+        return {key: setting_text(value) for key, value in values.items()}
+
 
 def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:
     """The layer-wise solver ``name`` with its hyperparameters (validated before any model is loaded).
@@ -115,10 +121,13 @@ def _hide_transformers_progress_bars() -> None:
 
 
 def prepare(
-    config: RunConfig, problem: LayerwiseProblem, before_model: Callable[[], None] | None = None
+    config: RunConfig,
+    problem: LayerwiseProblem,
+    before_model: Callable[[], None] | None = None,
+    processes: int | None = None,
 ) -> LayerwisePrepared:
     """Validates a layer-wise run and loads the model and calibration data (``before_model()``, if given, is
-    called once the options are checked, before the model loads).
+    called once the options are checked, before the model loads; ``processes``: the run's, default this job's).
 
     Raises:
         UserInputError: With one line naming the bad value and what is allowed.
@@ -163,7 +172,7 @@ def prepare(
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
         check_solver(solver, target)
         check_allocation(driver, target, problem.targets)
-        check_block_fit(driver)
+        check_block_fit(driver, processes)
         check_block_mask(driver, solver, target)
     options = {**problem.options, **routed["options"]}
     if before_model is not None:
@@ -327,6 +336,7 @@ class _Blocks:
                 "step": self.step,
                 "seconds": self.seconds(),
                 "wandb_id": self.logger.run_id,
+                "effective_settings": self.prepared.effective_settings(),
             },
         )
 
