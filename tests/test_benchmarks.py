@@ -163,7 +163,7 @@ def test_overhead_quick(tmp_path, one_thread):
     assert bench.goal("cifar10-resnet18", "l0") == 1.5 and bench.goal("digits-mlp", "l0") is None
 
 
-def test_overhead_settings_take_typed_values_and_refuse_bad_ones():
+def test_overhead_settings_take_typed_values_and_refuse_bad_ones(capsys):
     bench = _load("overhead")
     configs = bench.formulation_configs(
         ["admm", "slr"], ["interval=5", "rho=0.01", "slr:reference_samples=32", "mask_from=z"]
@@ -176,7 +176,7 @@ def test_overhead_settings_take_typed_values_and_refuse_bad_ones():
         bench.formulation_configs(["admm"], ["interval=0"])
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--quick", "--methods", "admm", "--set", "rho=-1"])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "rho must be > 0, got -1" in capsys.readouterr().err
 
 
 def test_l0_control_quick(tmp_path):

@@ -47,3 +47,41 @@ def test_every_formulation_has_a_description_and_a_validated_config():
         cls = formulation_class(name)
         assert cls.name == name and cls.description and "\n" not in cls.description
         cls.Config().validate()
+
+
+PATTERNS = {"unstructured": 0.75, "row": 0.5, "2:4": None, "structured:rows": 0.5, "structured:columns": 0.5,
+            "block:2x2": 0.5}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", available_formulations())
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_every_formulation_meets_every_pattern_in_its_own_loop(name, pattern):
+    """Every registered formulation × every built-in pattern kind: the hard-pruned weights lie in each target's set."""
+    from torch import nn
+
+    from constrainedsparse import SparsityConfig, SparsityProblem, Targets, achieved_sparsity, hard_prune
+    from constrainedsparse.errors import is_ours
+    from constrainedsparse.sets import available_patterns, pattern_class
+
+    built_in = {kind for kind in available_patterns() if is_ours(pattern_class(kind))}
+    config = SparsityConfig.parse(pattern, PATTERNS[pattern])
+    assert {SparsityConfig.parse(p, s).pattern for p, s in PATTERNS.items()} == built_in  # new patterns join
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    targets = Targets().resolve(model, config)
+    f = make(name, SparsityProblem(model, nn.functional.cross_entropy, targets), optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.05))  # fmt: skip
+    f.setup(1, 4, reference_batch=(x, y))
+    f.start_epoch(0)
+    for _ in range(4):
+        f.training_step((x, y))
+    f.end_epoch(0)
+    masks = f.hard_masks()
+    f.finalize()
+    hard_prune(targets, masks)
+    cls = formulation_class(name)
+    for target in targets:
+        if cls.exact_layer_sparsity(cls.Config()):
+            assert target.feasible_set.contains(target.tensor.detach()), target.name
+    assert achieved_sparsity(targets) == pytest.approx(config.sparsity, abs=0.05)

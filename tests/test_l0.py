@@ -238,7 +238,8 @@ def test_equality_multiplier_goes_negative_and_never_restarts(dual_restarts):
         assert all(m.constraint_type == expected_type for m in f.multipliers().values())
         # Restarts act on inequalities only (dual_restarts is ignored for an equality).
         assert all(m.restarts == (dual_restarts and kind == "inequality") for m in f.multipliers().values())
-        assert not any(bool(m.last_restart.any()) for m in f.multipliers().values()) or kind == "inequality"
+        if kind != "inequality":  # an equality's or two-sided multiplier is never restarted
+            assert not any(bool(m.last_restart.any()) for m in f.multipliers().values())
     assert violations["equality"] < 0 and violations["inequality"] < 0
     assert all(value == 0.0 for value in multipliers["inequality"].values())  # projected (or restarted) to 0
     assert all(value < 0.0 for value in multipliers["equality"].values())  # free in sign: pushes density up
@@ -852,3 +853,32 @@ def test_hard_prune_preview_after_finalize_is_refused():
     f.finalize()
     with pytest.raises(ValueError, match=r"^hard_prune_preview\(\) after finalize\(\): the formulation has already"):
         f.hard_prune_preview(masks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 2.0), st.floats(0.1, 2.0), st.floats(-2.0, 2.0)), min_size=1, max_size=6))
+def test_restarts_zero_exactly_the_satisfied_entries_and_their_dual_state(entries):
+    """A vector multiplier with SGD momentum: after a dual step on mixed violations, exactly the entries whose
+    constraint held are 0 and lose their momentum; the others keep their projected value and momentum."""
+    start, first, second = (torch.tensor(v, dtype=torch.float32) for v in zip(*entries))
+    multiplier = RestartingMultiplier(len(entries))
+    cooper.Constraint(cooper.ConstraintType.INEQUALITY, cooper.formulations.Lagrangian, multiplier=multiplier)
+    dual = torch.optim.SGD(multiplier.parameters(), lr=0.5, maximize=True, momentum=0.9)
+    with torch.no_grad():
+        multiplier.weight.copy_(start)
+    for violation in (first, second):  # the first builds momentum (every constraint violated: no restart)
+        multiplier.weight.grad = violation.clone()
+        dual.step()
+        stepped = multiplier.weight.detach().clone()
+        buffer = dual.state[multiplier.weight]["momentum_buffer"].clone()
+        multiplier.post_step_()
+        reset_dual_state_(dual, multiplier)
+    satisfied = second <= 0
+    value, kept_buffer = multiplier.weight.detach(), dual.state[multiplier.weight]["momentum_buffer"]
+    assert bool((value >= 0).all())
+    assert torch.equal(multiplier.last_satisfied, satisfied)
+    assert torch.equal(multiplier.last_restart, satisfied & (stepped.clamp_min(0) > 0))
+    assert torch.equal(value[satisfied], torch.zeros(int(satisfied.sum())))
+    assert torch.equal(value[~satisfied], stepped.clamp_min(0)[~satisfied])
+    assert torch.equal(kept_buffer[satisfied], torch.zeros(int(satisfied.sum())))
+    assert torch.equal(kept_buffer[~satisfied], buffer[~satisfied])

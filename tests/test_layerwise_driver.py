@@ -14,9 +14,11 @@ from wandb_records import history_rows, wait_for_complete_run
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.cli import main
+from constrainedsparse.errors import is_ours
 from constrainedsparse.layerwise import LayerProblem, available_solvers, solver_class
 from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs, prune_blocks
 from constrainedsparse.layerwise.layers import find_blocks, layer_weight, targeted_layers
+from constrainedsparse.sets import available_patterns, pattern_class
 from constrainedsparse.spec import load_problem
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -282,12 +284,23 @@ def test_layerwise_problem_files_load_like_a_users():
 
 
 TARGETS = [SparsityConfig(0.5, "row"), SparsityConfig(0.75, "unstructured"), SparsityConfig.from_pattern("2:4")]
+TARGETS += [SparsityConfig.parse(text, 0.5) for text in ("structured:rows", "structured:columns", "block:2x2")]
 
 
 @pytest.mark.parametrize("name", available_solvers())
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"{t.pattern}-{t.describe()}")
 def test_every_solver_meets_its_pattern_through_the_driver(name, target):
-    """The table every layer-wise solver joins by registering: exact pattern, finite error below dense."""
+    """The table every layer-wise solver joins by registering: every registered pattern kind, refused as the run
+    refuses it (before any model loads) or met exactly, with a finite error below dense."""
+    built_in = {kind for kind in available_patterns() if is_ours(pattern_class(kind))}
+    assert {t.pattern for t in TARGETS} == built_in  # a new pattern of the package joins the table
+    cls = solver_class(name)
+    try:
+        cls.check_target(target)
+    except ValueError as err:  # a pattern the solver declares it does not take
+        assert cls.supported_patterns is not None and target.pattern_text() not in cls.supported_patterns
+        assert re.match(rf"^{name} supports the .* patterns, got {target.pattern_text()}$", str(err))
+        return
     model, batches = _tiny(), _batches()
     reports = prune_blocks(model, model.blocks, batches, solver_class(name)(), target, Targets(), progress=False)
     assert len(reports) == 6

@@ -192,6 +192,8 @@ def set_and_shape(draw: st.DrawFn, max_numel: int = 8) -> tuple[object, tuple[in
         r = draw(st.integers(1, max(1, max_numel // (rows * cols * 2))))
         c = draw(st.integers(1, max(1, max_numel // (rows * cols * r))))
         shape = (rows * r, cols * c)
+        if draw(st.booleans()) and r * c * rows * cols * 2 <= max_numel:  # a conv weight: blocks span its kernel
+            shape = (*shape, 2)
         return BlockSparse(draw(st.integers(0, r * c)), rows, cols), shape
     if kind == "nm":
         m = draw(st.integers(1, 4))
@@ -999,3 +1001,33 @@ def test_set_constructors_refuse_counts_that_are_not_integers(build, message):
     with pytest.raises(ValueError, match=message):
         build()
     assert TopK(np.int64(3)).k == 3 and isinstance(TopK(torch.tensor(3)).k, int)
+
+
+def test_block_sparse_blocks_span_a_conv_weights_kernel() -> None:
+    fs = BlockSparse(1, 1, 1)
+    x = torch.tensor([[[3.0, 0.0]], [[2.0, 2.5]]])  # (out 2, in 1, kernel 2): block norms 3 and 3.2
+    assert torch.equal(fs.project(x), torch.tensor([[[0.0, 0.0]], [[2.0, 2.5]]]))
+    two = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # two nonzero blocks, the second only at kernel position 1
+    assert not fs.contains(two) and BlockSparse(2, 1, 1).contains(two)
+
+
+@pytest.mark.parametrize(
+    ("build", "x", "message"),
+    [
+        (lambda: BlockSparse(1, 0, 2), None, "block rows must be an integer >= 1, got 0"),
+        (lambda: BlockSparse(1, 2, 2.0), None, "block cols must be an integer >= 1, got 2.0"),
+        (lambda: BlockSparse(5, 2, 2), torch.ones(4, 4), "k=5 exceeds the 4 blocks"),
+        (
+            lambda: BlockSparse(1, 2, 2),
+            torch.ones(3, 4),
+            "block pattern 2x2 needs dims 0 and 1 divisible by (2, 2), got shape (3, 4)",
+        ),
+    ],
+)
+def test_block_sparse_refusals(build, x, message) -> None:
+    if x is None:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            build()
+        return
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build().project(x)
