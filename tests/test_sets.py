@@ -359,13 +359,12 @@ def test_global_project_is_optimal_by_enumeration(case: tuple[GlobalTopK, list])
 @given(set_and_tensor(max_numel=24))
 def test_project_float32_matches_float64_support(case: tuple[object, torch.Tensor]) -> None:
     fs, x = case
-    if isinstance(fs, StructuredGroups):
+    if isinstance(fs, (StructuredGroups, BlockSparse)):
         return  # group norms round differently in float32, which may reorder near-ties
     x32 = x.float()
-    # Different values can round to the same float32 and change which one wins a tie.
-    if torch.equal(x32.double(), x):
-        assert torch.equal(fs.mask(x32), fs.mask(x))
-        assert fs.project(x32).dtype == torch.float32
+    x = x32.double()  # the same numbers in both dtypes (values that round alike tie alike in both)
+    assert torch.equal(fs.mask(x32), fs.mask(x))
+    assert fs.project(x32).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
