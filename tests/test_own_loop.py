@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -593,3 +594,51 @@ def test_several_processes_and_a_model_not_wrapped_in_ddp_warn_at_the_first_back
     recwarn.clear()
     f.backward((x, y))  # once
     assert not [w for w in recwarn if "processes train" in str(w.message)]
+
+
+def _l0_loop(**config):
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    f = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets), optimizer=optimizer, **config)
+    return model, x[:64], y[:64], optimizer, f
+
+
+def test_l0_follows_a_model_moved_to_float64_after_make_and_finalize_empties_its_gate_group():
+    model, x, y, optimizer, f = _l0_loop()
+    model.double()
+    f.setup(1, 2)
+    f.start_epoch(0)
+    for _ in range(2):
+        step = f.training_step((x.double(), y))
+    f.end_epoch(0)
+    assert torch.isfinite(step[0].loss)
+    masks = f.hard_masks()
+    f.finalize()
+    hard_prune(f.problem.targets, masks)
+    assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["params"] == []  # a scheduler's count kept
+    assert {id(p) for p in optimizer.state} <= {id(p) for p in model.parameters()}  # no state of removed gates
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.add_param_group({"params": []})
+    fresh.load_state_dict(optimizer.state_dict())
+
+
+def test_l0_warns_once_when_a_gated_layer_trains_in_eval_mode():
+    model, x, y, _, f = _l0_loop()
+    f.setup(1, 2)
+    f.start_epoch(0)
+    model.eval()
+    with pytest.warns(UserWarning, match=r"^l0: backward\(\) of a step run with a gated layer in eval mode") as record:
+        f.backward((x, y))
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f.backward((x, y))  # once
+
+
+def test_slr_refuses_a_target_frozen_after_make_at_setup():
+    model, x, y = _cancer()
+    f = make("slr", SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5))))
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^slr trains the weights towards Z, but 0\.weight is frozen"):
+        f.setup(1, 2, reference_batch=(x, y))

@@ -164,11 +164,7 @@ class DuplicateVariables(Formulation):
                     f"{self.name} trains the weights themselves, but {target.name} carries a parametrization "
                     "(masks or gates): remove it before make()"
                 )
-            if not target.stored.requires_grad:
-                raise ValueError(
-                    f"{self.name} trains the weights towards Z, but {target.name} is frozen (requires_grad=False): "
-                    "leave it out of the Targets (exclude), or unfreeze it"
-                )
+            self._check_trainable(target)
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.EQUALITY,
                 formulation_type=cooper.formulations.AugmentedLagrangian,
@@ -188,6 +184,14 @@ class DuplicateVariables(Formulation):
             )
             self.constraints[target.name] = constraint
             self._hooks.append(target.stored.register_post_accumulate_grad_hook(self.penalty.hook(target.name)))
+
+    def _check_trainable(self, target: TargetParam) -> None:
+        """Raises ``ValueError`` for a frozen target (its W would never move towards Z)."""
+        if not target.stored.requires_grad:
+            raise ValueError(
+                f"{self.name} trains the weights towards Z, but {target.name} is frozen (requires_grad=False): "
+                "leave it out of the Targets (exclude), or unfreeze it"
+            )
 
     def _violation_fn(self, target: TargetParam):
         name = target.name
@@ -408,8 +412,10 @@ class DuplicateVariables(Formulation):
 
         Raises:
             ValueError: Also for ``steps_per_epoch=0`` with ``interval_unit=per-epoch`` (the
-                coordinations are spaced over the epoch's steps).
+                coordinations are spaced over the epoch's steps), or a target frozen since ``make``.
         """
+        for target in self.problem.targets:
+            self._check_trainable(target)
         if self.config.interval_unit == "per-epoch" and steps_per_epoch == 0:
             raise ValueError(
                 f"{self.name} coordinates {self.config.interval} times per epoch (interval_unit=per-epoch), which "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,7 +64,22 @@ class Gated(Formulation):
             problem.targets, self.config.grouping, self.config.droprate_init, self.generator, self.config.test_rule
         )
         self.optimizer.add_param_group(self._gate_group())
+        self._eval_warned = False  # a gated layer seen in eval mode by backward(), warned once
         self.add_terms()
+
+    def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
+        """Warns once when a gated layer ran in eval mode: its gates took their test-time value (no sample),
+        so the loss gave log α no gradient."""
+        if not self._eval_warned and any(not t.module.training for t in self.problem.targets):
+            self._eval_warned = True
+            warnings.warn(
+                f"{self.name}: backward() of a step run with a gated layer in eval mode: its gates took their "
+                "deterministic test-time value and the loss gives their log alpha no gradient; call model.train() "
+                "before training steps",
+                UserWarning,
+                stacklevel=3,
+            )
+        return super().backward_scope(scale, scaler)
 
     def default_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """Adam over the weights with ``weight_decay`` (the gates join as their own group)."""
@@ -297,6 +313,12 @@ class Gated(Formulation):
             baked = self._baked(t, masks)
             torch.nn.utils.parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
             getattr(t.module, t.param_name).copy_(baked)
+        gates = {id(gate.log_alpha) for gate in self.gates.values()}
+        for group in self.optimizer.param_groups:  # the gates' group stays (a scheduler counts groups), emptied
+            if any(id(p) in gates for p in group["params"]):
+                for parameter in group["params"]:
+                    self.optimizer.state.pop(parameter, None)
+                group["params"] = [p for p in group["params"] if id(p) not in gates]
         self.gates = {}
         super().detach()
 
