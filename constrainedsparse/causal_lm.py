@@ -9,10 +9,8 @@ log-likelihood over all predicted tokens.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ __all__ = [
     "encode",
     "has_tokenizer",
     "load_tokenizer",
-    "quiet_transformers",
     "perplexity",
     "perplexity_scores",
     "random_windows",
@@ -37,19 +34,6 @@ __all__ = [
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt")
 """Files one of which a folder needs for ``AutoTokenizer`` to build a real vocabulary."""
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' own messages (load reports, hints) down to errors for the block."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def has_tokenizer(folder: str | os.PathLike[str]) -> bool:
@@ -82,14 +66,9 @@ def load_tokenizer(folder: str | os.PathLike[str], flag: str = "--set model") ->
 
 
 def encode(tokenizer: Any, text: str) -> torch.Tensor:
-    """The text's token ids as one int64 stream (no special tokens added; the tokenizer is left as it was)."""
-    limit = tokenizer.model_max_length
-    tokenizer.model_max_length = 1 << 30  # windows are cut by us: no long-input warning (saved unchanged)
-    try:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    finally:
-        tokenizer.model_max_length = limit
-    return torch.tensor(ids, dtype=torch.long)
+    """The text's token ids as one int64 stream (no special tokens added; windows are cut later, so no
+    long-input warning)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def random_windows(ids: torch.Tensor, count: int, seq_len: int, seed: int) -> torch.Tensor:

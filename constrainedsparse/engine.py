@@ -45,7 +45,7 @@ from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.purge import purge
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
-from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, setting_text
+from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, settings_text
 from constrainedsparse.settings import (
     TrainingSettings,
     check_keeps_weights,
@@ -94,8 +94,7 @@ class TrainingPrepared:
     def effective_settings(self) -> dict[str, str]:
         """Every ``--set`` key's value in effect (given or default), as text: checkpoints keep it so that
         ``--resume`` accepts a key given again with the value the run already uses."""
-        values = {**self.training.values(), **self.options, **self.formulation_config.values()}
-        return {key: setting_text(value) for key, value in values.items()}
+        return settings_text(self.training.values(), self.options, self.formulation_config.values())
 
     @property
     def epochs(self) -> int:
@@ -310,7 +309,9 @@ def _train_phase(
             loss = cmp_state.loss.item()
             if not math.isfinite(loss):
                 progress.close()
-                raise run.nonfinite(loss, phase, epoch, problem.nonfinite_constraints(cmp_state, yours=True))
+                users = set(problem.user_constraint_names)
+                odd = [name for name in problem.nonfinite_constraints(cmp_state) if name in users]
+                raise run.nonfinite(loss, phase, epoch, odd)
             if run.step % prepared.training.log_every == 0 or metrics:
                 run.logger.log({**problem.step_metrics(cmp_state), **metrics}, run.step)
             progress.step(loss=loss)

@@ -99,7 +99,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], folder: Path) -> None:
 
     from constrainedsparse.progress import transformers_bars_off
 
-    file = check_gguf(gguf_path)
+    file = Path(gguf_path)  # checked by materialize_gguf, its caller
     print(f"converting {file.name} into a plain transformers folder (once; about 20 s)", file=sys.stderr)
     with transformers_bars_off():  # the line above instead of a bar per tensor (and per shard)
         loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)

@@ -369,7 +369,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         observed = {
             entry.constraint: cooper.ConstraintState(
                 violation=self._violation(name, entry, batch),
-                strict_violation=None if entry.strict_violation is None else entry.strict_violation(self.model, batch),
+                strict_violation=None
+                if entry.strict_violation is None
+                else _in_multiplier_dtype(entry, entry.strict_violation(self.model, batch)),
                 contributes_to_dual_update=entry.dual_every_step,
             )
             for name, entry in self._violations.items()
@@ -378,7 +380,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
 
     def _violation(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
-        violation = entry.violation(self.model, batch)
+        violation = _in_multiplier_dtype(entry, entry.violation(self.model, batch))
         if entry.user:
             violation = _checked_violation(name, violation).reshape(-1)
             if torch.is_grad_enabled() and not violation.requires_grad:
@@ -408,15 +410,16 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             return None
         return torch.optim.SGD(params, lr=lr, maximize=True)
 
-    def nonfinite_constraints(self, cmp_state: cooper.CMPState | None = None, *, yours: bool = False) -> list[str]:
-        """The constraints whose violation on ``cmp_state`` (if given) or whose multiplier is not finite, sorted
-        (``yours``: only your constraints): the likely cause of a NaN loss or Lagrangian."""
+    def nonfinite_constraints(self, cmp_state: cooper.CMPState | None = None) -> list[str]:
+        """The constraints whose violation on ``cmp_state`` (if given) or whose multiplier is not finite, yours
+        first, each sorted: the likely cause of a NaN loss or Lagrangian."""
         bad = {n for n, v in self.named_multiplier_values().items() if not bool(torch.isfinite(v).all())}
         if cmp_state is not None:
             bad.update(
                 c.name for c, s in cmp_state.observed_constraints.items() if not bool(torch.isfinite(s.violation).all())
             )
-        return sorted(n for n in bad if not yours or n in self.user_constraint_names)
+        yours = set(self.user_constraint_names)
+        return sorted(bad, key=lambda name: (name not in yours, name))
 
     def named_multiplier_values(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name."""
@@ -444,6 +447,16 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             if name in users:
                 metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
         return metrics
+
+
+def _in_multiplier_dtype(entry: _Registered, value: Any) -> Any:
+    """A violation in its multiplier's dtype (a model moved to float64 after ``make`` keeps float32 multipliers;
+    Cooper's Lagrangian needs one dtype). A no-op while the two agree, and for what is not a tensor (checked
+    after)."""
+    multiplier = entry.constraint.multiplier
+    if multiplier is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    return value.to(multiplier.weight.dtype)
 
 
 def _checked_violation(name: str, value: Any) -> torch.Tensor:

@@ -15,7 +15,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "transformers_bars_off"]
+__all__ = ["Progress", "transformers_bars_off", "transformers_quiet"]
+
+
+@contextlib.contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """``transformers``' own messages (load reports, hints) down to errors inside, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

@@ -199,6 +199,12 @@ def _stored_text(key: str, stored: Mapping[str, Any]) -> str:
     return f"none: the run used --pattern {pattern}" if key == "sparsity" and pattern else "none"
 
 
+def settings_text(*groups: Mapping[str, Any]) -> dict[str, str]:
+    """Every ``--set`` key's value in effect as text, from the runner's groups of settings (checkpoints keep it so
+    that ``--resume`` accepts a key given again with the value the run already uses)."""
+    return {key: setting_text(value) for group in groups for key, value in group.items()}
+
+
 def setting_text(value: Any) -> str:
     """A ``--set`` value as text (``true``/``false`` for a bool, as ``--set`` takes it)."""
     return str(value).lower() if isinstance(value, bool) else str(value)

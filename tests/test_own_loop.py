@@ -600,11 +600,13 @@ def _l0_loop(**config):
     model, x, y = _cancer()
     targets = Targets().resolve(model, SparsityConfig(0.5))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    f = make("l0", SparsityProblem(model, nn.functional.cross_entropy, targets), optimizer=optimizer, **config)
+    rows = {"rows": UserConstraint(lambda m: m[0].weight.norm(dim=1) - 8.0)}  # a vector constraint of yours
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets, rows)
+    f = make("l0", problem, optimizer=optimizer, **config)
     return model, x[:64], y[:64], optimizer, f
 
 
-def test_l0_follows_a_model_moved_to_float64_after_make_and_finalize_empties_its_gate_group():
+def test_constraints_follow_a_model_moved_to_float64_after_make_and_finalize_empties_l0s_gate_group():
     model, x, y, optimizer, f = _l0_loop()
     model.double()
     f.setup(1, 2)

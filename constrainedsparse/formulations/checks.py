@@ -71,10 +71,9 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
         )
     if last.lagrangian is None or bool(torch.isfinite(last.lagrangian).all()):
         return
-    odd = problem.nonfinite_constraints(last.state() if last.state is not None else None)
-    yours = [name for name in odd if name in problem.user_constraint_names]
+    odd = problem.nonfinite_constraints(last.state() if last.state is not None else None)  # yours first
     if odd:
-        which = f"constraint {(yours or odd)[0]!r} is not (its value or multiplier)"
+        which = f"constraint {odd[0]!r} is not (its value or multiplier)"
         fix = "make it finite wherever the weights can go (no sqrt or log of a value that reaches 0)"
     else:
         which = "the Lagrangian was not (a constraint or multiplier)"

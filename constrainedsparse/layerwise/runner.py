@@ -51,7 +51,7 @@ from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, sc
 from constrainedsparse.logger import finish_summary
 from constrainedsparse.progress import Progress, transformers_bars_off
 from constrainedsparse.report import layer_rows, write_layers_csv
-from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, setting_text
+from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, settings_text
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
@@ -95,8 +95,7 @@ class LayerwisePrepared:
     def effective_settings(self) -> dict[str, str]:
         """Every ``--set`` key's value in effect (given or default), as text: checkpoints keep it so that
         ``--resume`` accepts a key given again with the value the run already uses."""
-        values = {**self.driver.values(), **self.options, **self.solver.config.values()}
-        return {key: setting_text(value) for key, value in values.items()}
+        return settings_text(self.driver.values(), self.options, self.solver.config.values())
 
 
 def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:

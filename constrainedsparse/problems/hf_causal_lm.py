@@ -17,11 +17,11 @@ from constrainedsparse.causal_lm import (
     encode,
     load_tokenizer,
     perplexity_scores,
-    quiet_transformers,
     random_windows,
     window_nll,
 )
 from constrainedsparse.data import load_text
+from constrainedsparse.progress import transformers_quiet
 from constrainedsparse.spec import LayerwiseProblem
 
 OPTIONS = {"model": "", "calibration_samples": 32, "held_out_samples": 16, "seq_len": 128, "text": ""}
@@ -54,7 +54,7 @@ def model(options):
     directory = _directory(options)
     load_tokenizer(directory)  # a folder without its tokenizer fails here, before the model is loaded
     try:
-        with quiet_transformers():  # its load report: the missing weights are checked below
+        with transformers_quiet():  # its load report: the missing weights are checked below
             loaded, info = AutoModelForCausalLM.from_pretrained(
                 directory, local_files_only=True, output_loading_info=True
             )

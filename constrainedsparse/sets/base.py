@@ -305,7 +305,7 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
             f"{cls.__name__} needs a kind to be registered as a pattern: its registry key, a name without spaces "
             f"that does not start with a digit, got {cls.kind!r}"
         )
-    missing = sorted(getattr(cls, "__abstractmethods__", ())) if inspect.isabstract(cls) else []
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
     if missing or inspect.getattr_static(cls, "at_level") is vars(FeasibleSet)["at_level"]:
         raise ValueError(
             f"{cls.__name__} must define {', '.join(missing or ['at_level'])} to be registered as a pattern"

@@ -432,10 +432,7 @@ class L0(Gated):
             formulation_type=cooper.formulations.Lagrangian,
             multiplier=multiplier,
         )
-        dtype = multiplier.weight.dtype  # the gates follow the model's dtype (model.double() after make)
-        self.problem.add_constraint(
-            name, constraint, _in_dtype(violation, dtype), strict_violation=strict and _in_dtype(strict, dtype)
-        )
+        self.problem.add_constraint(name, constraint, violation, strict_violation=strict)
         self.constraint_names.append(name)
         self._multipliers[name] = multiplier
 
@@ -478,12 +475,3 @@ class L0(Gated):
         self.constraint_names = []
         self._multipliers = {}
         super().detach()
-
-
-def _in_dtype(violation, dtype: torch.dtype):
-    """``violation`` with its value in the multiplier's ``dtype`` (a no-op while the model keeps float32)."""
-
-    def cast(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return violation(model, batch).to(dtype)
-
-    return cast

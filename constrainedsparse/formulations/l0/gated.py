@@ -315,10 +315,10 @@ class Gated(Formulation):
             getattr(t.module, t.param_name).copy_(baked)
         gates = {id(gate.log_alpha) for gate in self.gates.values()}
         for group in self.optimizer.param_groups:  # the gates' group stays (a scheduler counts groups), emptied
-            if any(id(p) in gates for p in group["params"]):
-                for parameter in group["params"]:
+            for parameter in group["params"]:
+                if id(parameter) in gates:
                     self.optimizer.state.pop(parameter, None)
-                group["params"] = [p for p in group["params"] if id(p) not in gates]
+            group["params"] = [p for p in group["params"] if id(p) not in gates]
         self.gates = {}
         super().detach()
 
