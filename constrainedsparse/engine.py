@@ -166,7 +166,7 @@ def prepare(
     options = {**problem.options, **routed["options"]}
     resolved = dataclasses.replace(
         config,
-        sparsity=None if target.nm is not None else target.sparsity,
+        sparsity=None if target.fixed_level else target.sparsity,
         epochs=problem.epochs if config.epochs is None else config.epochs,
         pretrain_epochs=problem.pretrain_epochs if config.pretrain_epochs is None else config.pretrain_epochs,
     )

@@ -143,9 +143,15 @@ class SparsityConfig:
         """Builds an N:M (or any fixed-level) config from text such as ``"2:4"``."""
         return cls.parse(text)
 
+    @property
+    def fixed_level(self) -> bool:
+        """Whether the pattern fixes its own level (N:M, or a pattern of yours that does): no level of its own
+        is given, overridden per layer or allocated."""
+        return pattern_class(self.pattern).fixed_level
+
     def with_sparsity(self, sparsity: float) -> SparsityConfig:
         """The same pattern at another level (the same config for a fixed-level pattern)."""
-        return self if pattern_class(self.pattern).fixed_level else dataclasses.replace(self, sparsity=sparsity)
+        return self if self.fixed_level else dataclasses.replace(self, sparsity=sparsity)
 
     def pattern_text(self) -> str:
         """The pattern as users write it (``"row"``, ``"2:4"``, ``"structured:columns"``)."""
@@ -153,7 +159,7 @@ class SparsityConfig:
 
     def describe(self) -> str:
         """Short human label, e.g. ``'0.9'``, ``'2:4'`` or ``'0.5 row'``."""
-        if self.nm is not None:
+        if self.fixed_level:
             return self.pattern_text()
         suffix = "" if self.pattern == "unstructured" else f" {self.pattern_text()}"
         return f"{self.sparsity:g}{suffix}"
@@ -161,7 +167,7 @@ class SparsityConfig:
     def summary_fields(self) -> dict[str, Any]:
         """What ``summary.json`` says of the target: ``pattern`` for N:M; else ``target_sparsity`` (and
         ``pattern`` unless unstructured)."""
-        if self.nm is not None:
+        if self.fixed_level:
             return {"pattern": self.describe()}
         fields: dict[str, Any] = {"target_sparsity": self.sparsity}
         if self.pattern != "unstructured":

@@ -416,3 +416,28 @@ def test_patterns_register_with_any_readable_kind_a_static_at_level_and_inherite
     register_pattern(Inherits)
     with pytest.raises(ValueError, match=r"^pattern 'inherits-float': mask\(\) must return a torch\.bool tensor"):
         Inherits(2).mask(torch.randn(4))
+
+
+def test_a_pattern_of_yours_that_fixes_its_level_is_treated_like_nm(registry):
+    from constrainedsparse.sets import RowTopK
+
+    @register_pattern
+    class FixedHalf(RowTopK):
+        kind = "fixed-half"
+        fixed_level = True
+
+        @classmethod
+        def level(cls, **params):
+            return 0.5
+
+        @classmethod
+        def at_level(cls, shape, sparsity, **params):
+            return super().at_level(shape, 0.5, **params)
+
+    config = cs.SparsityConfig.parse("fixed-half")
+    assert config.fixed_level and config.sparsity == 0.5 and config.with_sparsity(0.9) is config
+    assert config.describe() == "fixed-half" and config.summary_fields() == {"pattern": "fixed-half"}
+    model = _Net()
+    with pytest.raises(ValueError, match=r"^Targets\.overrides set per-layer sparsity levels; the pattern fixed-half "):
+        cs.prune_layerwise(model, [torch.randn(4, 8)], "wanda", pattern="fixed-half", targets=cs.Targets(
+            overrides={"blocks.0.0.weight": 0.25}))  # fmt: skip

@@ -99,9 +99,10 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Ta
             ``targets.overrides``, a budget outside the bounds, or overrides (levels given by hand) next
             to an allocation.
     """
-    if targets is not None and targets.overrides and target.nm is not None:
+    if targets is not None and targets.overrides and target.fixed_level:
         raise ValueError(
-            f"Targets.overrides set per-layer sparsity levels; the N:M pattern {target.describe()} fixes every "
+            f"Targets.overrides set per-layer sparsity levels; the {'N:M ' * bool(target.nm)}pattern "
+            f"{target.describe()} fixes every "
             "group's: use a sparsity target, or exclude the layers to keep dense"
         )
     if driver.allocation == "uniform":
@@ -112,9 +113,10 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Ta
             f"{key}allocation={driver.allocation} sets every layer's level; Targets.overrides set some by hand: "
             "give one or the other"
         )
-    if target.nm is not None:
+    if target.fixed_level:
         raise ValueError(
-            f"{key}allocation={driver.allocation} shares out a {level} level; the N:M pattern {target.describe()} "
+            f"{key}allocation={driver.allocation} shares out a {level} level; the {'N:M ' * bool(target.nm)}pattern "
+            f"{target.describe()} "
             f"fixes every group's level: give a {level} instead of the pattern, or leave allocation at uniform"
         )
     if not driver.allocation_min <= target.sparsity <= driver.allocation_max:

@@ -41,9 +41,10 @@ def override_levels(
     """
     if not targets.overrides:
         return {}
-    if target.nm is not None:
+    if target.fixed_level:
         raise UserInputError(
-            f"Targets.overrides set per-layer sparsity levels; the N:M pattern {target.describe()} fixes every "
+            f"Targets.overrides set per-layer sparsity levels; the {'N:M ' * bool(target.nm)}pattern "
+            f"{target.describe()} fixes every "
             "group's: use a sparsity target, or exclude the layers to keep dense"
         )
     levels = {}

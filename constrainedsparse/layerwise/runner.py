@@ -193,7 +193,7 @@ def prepare(
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
     with user_input(f"problem {problem.name!r}: calibration(options, seed): "):
         batches = checked_batches(batches)
-    resolved = dataclasses.replace(config, sparsity=None if target.nm is not None else target.sparsity, epochs=0)
+    resolved = dataclasses.replace(config, sparsity=None if target.fixed_level else target.sparsity, epochs=0)
     return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, levels)
 
 
