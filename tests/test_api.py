@@ -387,8 +387,11 @@ def test_prune_layerwise_checks_tokenizer_and_calibration_batches_before_pruning
 def test_prune_layerwise_warns_of_fw_settings_its_pattern_never_reads():
     torch.manual_seed(0)
     batches = [torch.randn(64, 16) for _ in range(2)]
-    with pytest.warns(UserWarning, match=r"^fw: at the row pattern, iterations=3 has no effect \(the Frank-Wolfe "):
+    with pytest.warns(
+        UserWarning, match=r"^fw: at the row pattern, iterations=3 has no effect \(the Frank-Wolfe "
+    ) as record:
         prune_layerwise(_Blocks(), batches, "fw", sparsity=0.5, iterations=3)
+    assert record[0].filename == __file__  # the warning points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read at N:M: no warning
         prune_layerwise(_Blocks(), batches, "fw", pattern="2:4", iterations=3)

@@ -30,14 +30,12 @@ from torch import nn
 from constrainedsparse.causal_lm import load_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
-from constrainedsparse.layerwise.base import LayerwiseSolver, check_solver
+from constrainedsparse.layerwise.base import LayerwiseSolver
 from constrainedsparse.layerwise.checks import (
-    check_allocation,
-    check_block_fit,
-    check_block_mask,
     check_consecutive,
     check_layer_shapes,
     check_reachable,
+    check_settings,
     checked_batches,
     checked_blocks,
 )
@@ -183,13 +181,10 @@ def prune_layerwise(
     driver.validate()
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope], keywords=True)
     solver = _solver(method, hyperparameters)
-    check_solver(solver, target)
     if targets is not None and not isinstance(targets, Targets):
         raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
-    check_allocation(driver, target, targets)
-    check_block_fit(driver)
-    check_block_mask(driver, solver, target)
+    check_settings(driver, solver, target, targets)
     blocks = find_blocks(model) if blocks is None else checked_blocks(model, blocks)
     prefixes = block_prefixes(model, blocks)
     check_consecutive(prefixes)

@@ -179,7 +179,7 @@ def check_solver(solver: LayerwiseSolver, target: SparsityConfig) -> None:
             f"{solver.name}: at the {target.pattern_text()} pattern, "
             + "; ".join(f"{key}={values[key]} has no effect ({why})" for key, why in idle.items()),
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of prune_layerwise (through check_settings)
         )
 
 

@@ -15,7 +15,7 @@ from constrainedsparse import distributed
 from constrainedsparse.batches import tensors_in
 from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.layerwise.allocation import reachable_range, row_width
-from constrainedsparse.layerwise.base import LayerwiseSolver
+from constrainedsparse.layerwise.base import LayerwiseSolver, check_solver
 from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
 from constrainedsparse.layerwise.layers import layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.settings import DriverSettings
@@ -23,6 +23,7 @@ from constrainedsparse.settings import check_keeps_weights
 from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names
 
 __all__ = [
+    "check_settings",
     "check_allocation",
     "check_block_fit",
     "check_block_mask",
@@ -88,6 +89,26 @@ def check_layer_shapes(
     if not allow_empty:
         for own, sets in by_level.items():
             check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")
+
+
+def check_settings(
+    driver: DriverSettings,
+    solver: LayerwiseSolver,
+    target: SparsityConfig,
+    targets: Targets | None,
+    processes: int | None = None,
+) -> None:
+    """Every check of a layer-wise run's settings before a model is needed, in one order for the CLI runner and
+    :func:`~constrainedsparse.prune_layerwise`: the solver against the pattern (and its idle settings), the
+    allocation, the block-level steps.
+
+    Raises:
+        ValueError: Naming the first setting that cannot work.
+    """
+    check_solver(solver, target)
+    check_allocation(driver, target, targets)
+    check_block_fit(driver, processes)
+    check_block_mask(driver, solver, target)
 
 
 def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Targets | None = None) -> None:

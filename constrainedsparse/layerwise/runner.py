@@ -31,14 +31,12 @@ from constrainedsparse.layerwise.allocation import (
     Allocation,
     level_targets,
 )
-from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, check_solver, solver_class
+from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.checks import (
-    check_allocation,
-    check_block_fit,
-    check_block_mask,
     check_consecutive,
     check_layer_shapes,
     check_reachable,
+    check_settings,
     checked_batches,
     checked_blocks,
     checked_scores,
@@ -169,10 +167,7 @@ def prepare(
             )
         target = target_from_flags(config.sparsity, config.pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope])
         solver = build_solver(name, routed["solver"])  # validates before the model is loaded
-        check_solver(solver, target)
-        check_allocation(driver, target, problem.targets)
-        check_block_fit(driver, processes)
-        check_block_mask(driver, solver, target)
+        check_settings(driver, solver, target, problem.targets, processes)
     options = {**problem.options, **routed["options"]}
     if before_model is not None:
         before_model()
