@@ -153,6 +153,53 @@ def test_rho_growth_is_capped_and_reaches_cooper_penalty_coefficients():
             assert float(constraint.penalty_coefficient.value) == 50.0
 
 
+def _sgd_run(name: str, lr: float, steps: int, **config):
+    """``steps`` split steps of a user's SGD (momentum 0.9), coordinating after every step, rho doubling."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    x, y = torch.randn(48, 8), torch.randint(0, 4, (48,))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, SparsityConfig(sparsity=0.5)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    cls = formulation_class(name)
+    settings = {"rho": 0.1, "rho_growth": 2.0, "interval": 1, "interval_unit": "step", **config}
+    formulation = cls(problem, cls.Config(**settings), optimizer=optimizer, dual_lr=1e-2)
+    formulation.setup(num_epochs=1, steps_per_epoch=steps, reference_batch=(x, y))
+    rhos = []
+    for i in range(steps):
+        optimizer.zero_grad()
+        step = formulation.backward((x[i % 6 * 8 : i % 6 * 8 + 8], y[i % 6 * 8 : i % 6 * 8 + 8]))
+        optimizer.step()
+        formulation.post_step(step)
+        rhos.append(formulation.rho)
+    return formulation, model, optimizer, rhos
+
+
+@pytest.mark.parametrize("name", ["slr", "admm"])
+def test_rho_is_held_at_one_over_the_sgd_learning_rate_where_it_would_diverge(name, monkeypatch):
+    with pytest.warns(UserWarning, match=r"holds rho at 2 = 1 / lr of your SGD instead of 3\.2") as caught:
+        _, model, _, rhos = _sgd_run(name, lr=0.5, steps=30)
+    assert len([w for w in caught if "holds rho" in str(w.message)]) == 1  # once
+    assert max(rhos) == 2.0 and rhos[-1] == 2.0  # 0.1 x 2^k, held at 1 / 0.5
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    # the same run without the bound diverges: what the hold prevents
+    monkeypatch.setattr(formulation_class(name), "stable_rho", lambda self: float("inf"))
+    _, model, _, rhos = _sgd_run(name, lr=0.5, steps=30, rho_max=100.0)
+    assert rhos[-1] == 100.0
+    assert not all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_the_rho_bound_follows_the_learning_rate_and_ignores_adaptive_optimizers():
+    formulation, _, optimizer, _ = _sgd_run("admm", lr=0.5, steps=1, rho_max=1e4)
+    assert formulation.stable_rho() == 2.0
+    for group in optimizer.param_groups:
+        group["lr"] = 0.25  # a schedule lowered it: the bound rises
+    assert formulation.stable_rho() == 4.0
+    optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": 10.0})  # holds no target
+    assert formulation.stable_rho() == 4.0
+    adam, _ = _tiny("admm", rho=1.0, rho_growth=10.0)
+    assert adam.stable_rho() == float("inf")
+
+
 def test_w_step_gradient_is_loss_gradient_plus_lambda_plus_rho_residual():
     """Golden test on hand-set weights: the Cooper primal Lagrangian is exactly L_rho."""
     formulation, batches = _tiny("admm", rho=0.7)
