@@ -511,3 +511,18 @@ def test_admm_rows_report_their_ratios_without_a_goal_of_their_own():
     assert causal.METHODS["admm+fit"][-2:] == ["--set", f"block_fit_epochs={causal.FIT_EPOCHS}"]
     text = causal.markdown([result("sparsegpt", 40.0, 2.0), result("admm", 30.0, 10.0)], [row], "cmd", "smollm2-wiki")
     assert "| 0.500 |" in text and "0.500 (met)" not in text
+
+
+def test_sgd_stability_quick(tmp_path, one_thread):
+    bench = _load("sgd_stability")
+    assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "benchmarks/sgd_stability.py --quick --out" in text and "on (the library)" in text
+    header, rows = _table(text)
+    assert header[:5] == ["formulation", "momentum", "lr schedule", "settings", "outcome"]
+    assert [r[:2] for r in rows] == [["slr", "0.9"], ["admm", "0.9"]]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    for row in payload["rows"]:  # two epochs stay finite, at the target
+        assert row["nonfinite_epoch"] is None and row["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    admm_warnings = payload["rows"][1]["warnings"]
+    assert any("fewer than the 10 that your SGD's momentum takes to settle" in w for w in admm_warnings)

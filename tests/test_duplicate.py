@@ -14,6 +14,7 @@ from torch import nn
 
 from constrainedsparse.formulations import formulation_class
 from constrainedsparse.formulations.duplicate import CONSTRAINT_PREFIX
+from constrainedsparse.formulations.rho import PenaltyRule
 from constrainedsparse.formulations.slr import slr_alpha
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.targets import SparsityConfig, Targets
@@ -182,7 +183,7 @@ def test_rho_is_held_at_one_over_the_sgd_learning_rate_where_it_would_diverge(na
     assert max(rhos) == 2.0 and rhos[-1] == 2.0  # 0.1 x 2^k, held at 1 / 0.5
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     # the same run without the bound diverges: what the hold prevents
-    monkeypatch.setattr(formulation_class(name), "stable_rho", lambda self: float("inf"))
+    monkeypatch.setattr(PenaltyRule, "stable", lambda self: float("inf"))
     _, model, _, rhos = _sgd_run(name, lr=0.5, steps=30, rho_max=100.0)
     assert rhos[-1] == 100.0
     assert not all(bool(p.isfinite().all()) for p in model.parameters())
@@ -190,14 +191,67 @@ def test_rho_is_held_at_one_over_the_sgd_learning_rate_where_it_would_diverge(na
 
 def test_the_rho_bound_follows_the_learning_rate_and_ignores_adaptive_optimizers():
     formulation, _, optimizer, _ = _sgd_run("admm", lr=0.5, steps=1, rho_max=1e4)
-    assert formulation.stable_rho() == 2.0
+    rule = formulation.penalty_rule
+    assert rule.stable() == 2.0
     for group in optimizer.param_groups:
         group["lr"] = 0.25  # a schedule lowered it: the bound rises
-    assert formulation.stable_rho() == 4.0
+    assert rule.stable() == 4.0
     optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": 10.0})  # holds no target
-    assert formulation.stable_rho() == 4.0
+    assert rule.stable() == 4.0
     adam, _ = _tiny("admm", rho=1.0, rho_growth=10.0)
-    assert adam.stable_rho() == float("inf")
+    assert adam.penalty_rule.stable() == float("inf")
+
+
+def test_rho_follows_a_learning_rate_raised_between_coordinations_before_the_next_w_step():
+    formulation, _, optimizer, rhos = _sgd_run("slr", lr=0.1, steps=12, interval=4)
+    assert rhos[-1] == pytest.approx(0.1 * 2**3)  # three coordinations, far below 1 / 0.1
+    for group in optimizer.param_groups:
+        group["lr"] = 2.0  # a warm restart: the bound drops to 0.5
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    with pytest.warns(UserWarning, match=r"holds rho at 0\.5 = 1 / lr of your SGD instead of 0\.8"):
+        formulation.backward((x, y))
+    assert formulation.rho == 0.5  # before this step's penalty gradient
+
+
+def test_slr_step_sizes_never_exceed_rho():
+    """s0 = 10 rho: the carried and the ratio steps are both held at rho (ADMM's step)."""
+    formulation, batches = _tiny("slr", rho=0.1, s0=1.0)
+    capped = 0
+    for _ in range(4):
+        for batch in batches:
+            formulation.training_step(batch)
+        formulation.coordinate()
+        assert formulation.s_prime <= formulation.rho and formulation.step_size <= formulation.rho
+        capped += formulation.rho in (formulation.s_prime, formulation.step_size)
+    assert capped  # the cap bound at least once (s0 is 10 rho)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "settings", "warns"),
+    [
+        ("sgd-momentum", {}, True),  # 4 coordinations in a 10-step epoch: 2.5 steps apart, momentum needs 10
+        ("sgd-momentum", {"interval": 10, "interval_unit": "step"}, False),
+        ("sgd", {}, False),
+        ("adam", {}, False),
+    ],
+)
+def test_admm_warns_when_coordinations_are_closer_than_sgd_momentum_settles(optimizer, settings, warns, recwarn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, SparsityConfig(sparsity=0.5)))
+    opt = {
+        "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    }[optimizer](model.parameters())
+    cls = formulation_class("admm")
+    formulation = cls(problem, cls.Config(**settings), optimizer=opt)
+    formulation.setup(num_epochs=2, steps_per_epoch=10)
+    messages = [str(w.message) for w in recwarn if "W-steps between coordinations" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert "admm coordinates every 2.5 W-steps, fewer than the 10 " in messages[0]
+        assert "leave at least 10 W-steps between coordinations" in messages[0]
 
 
 def test_w_step_gradient_is_loss_gradient_plus_lambda_plus_rho_residual():

@@ -882,3 +882,17 @@ def test_restarts_zero_exactly_the_satisfied_entries_and_their_dual_state(entrie
     assert torch.equal(value[~satisfied], stepped.clamp_min(0)[~satisfied])
     assert torch.equal(kept_buffer[satisfied], torch.zeros(int(satisfied.sum())))
     assert torch.equal(kept_buffer[~satisfied], buffer[~satisfied])
+
+
+@pytest.mark.parametrize("name", ["l0", "l0-penalty"])
+def test_gates_in_a_users_sgd_warn_that_their_steps_scale_with_one_over_the_gate_count(name, recwarn):
+    problem, _ = _mlp_problem()
+    gates = sum(t.tensor.numel() for t in problem.targets)  # one gate per target weight
+    make(name, problem, optimizer=torch.optim.SGD(problem.model.parameters(), lr=0.1, momentum=0.9))
+    messages = [w for w in recwarn if "gates (log alpha) learn in a group of your SGD" in str(w.message)]
+    assert len(messages) == 1 and messages[0].filename == __file__  # points at the make() call
+    assert f"{name}'s {gates} gates" in str(messages[0].message)
+    assert f"order 1/{gates}" in str(messages[0].message)
+    problem, _ = _mlp_problem()
+    make(name, problem, optimizer=torch.optim.AdamW(problem.model.parameters(), lr=1e-3))
+    assert len([w for w in recwarn if "learn in a group of your SGD" in str(w.message)]) == 1  # none for AdamW

@@ -54,6 +54,8 @@ from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.iterate import Iterate, squared_norms
 from constrainedsparse.formulations.penalty import PenaltyGradient
+from constrainedsparse.formulations.rho import PenaltyRule
+from constrainedsparse.formulations.step import LagrangianStep
 from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
 
@@ -81,7 +83,7 @@ class DuplicateConfig(Hyperparameters):
             0.03 (the papers use 0.1): with ``s0 = 0.001`` it lifts retrain-free accuracy at
             90-95 % sparsity (``benchmarks/slr_vs_admm.py``, README) and keeps it at 80-90 %.
         rho_growth: Factor :math:`\\gamma \\ge 1` applied to :math:`\\rho` after every coordination.
-        rho_max: Upper bound on :math:`\\rho` when it grows (with SGD also :meth:`DuplicateVariables.stable_rho`).
+        rho_max: Upper bound on :math:`\\rho` when it grows (with SGD also :meth:`PenaltyRule.stable`).
         interval: Coordinate (Z-step and dual steps) every ``interval`` units.
         interval_unit: ``"epoch"``, ``"step"`` (minibatches), or ``"per-epoch"``: ``interval``
             coordinations per epoch, evenly spaced over its ``steps_per_epoch`` steps. Default 4 per
@@ -152,7 +154,7 @@ class DuplicateVariables(Formulation):
         problem, config = self.problem, self.config
         self.k = 0
         self.steps_done = 0
-        self._rho_held = False  # stable_rho() has capped rho (warned once)
+        self.penalty_rule = PenaltyRule(self.name, config, self.optimizer, problem.targets)
         self._level_sets: dict[tuple[str, float], Any] = {}
         self.constraints: dict[str, cooper.Constraint] = {}
         with torch.no_grad():
@@ -201,6 +203,13 @@ class DuplicateVariables(Formulation):
             return (target.tensor - self.z[name]).reshape(-1)
 
         return violation
+
+    def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
+        """:meth:`Formulation.backward`, with :math:`\\rho` first lowered to :meth:`PenaltyRule.stable` if the
+        learning rate rose above its bound since the last coordination (a warm restart of the schedule)."""
+        if self.rho > self.penalty_rule.stable():
+            self.set_rho(self.penalty_rule.capped(self.rho, stacklevel=2))  # backward, caller
+        return super().backward(batch, scale=scale, scaler=scaler)
 
     def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
         """The penalty gradient is added after the backward, scaled like the Lagrangian: by ``scale`` and the
@@ -349,55 +358,9 @@ class DuplicateVariables(Formulation):
         return None
 
     def next_rho(self, metrics: dict[str, float]) -> float:
-        """:math:`\\rho` for the next iteration.
-
-        ``growth``: :math:`\\min(\\gamma\\rho, \\rho_{max})`. ``balance`` (residual balancing, Boyd et al.
-        2011, 3.4.1): with primal residual :math:`r = \\lVert W^k - Z^k\\rVert` and dual residual
-        :math:`d = \\rho\\lVert Z^k - Z^{k-1}\\rVert`, :math:`\\rho` times :math:`\\gamma` if :math:`r > 10 d`,
-        divided by :math:`\\gamma` if :math:`d > 10 r`, else unchanged (capped at :math:`\\rho_{max}`).
-        """
-        rho, growth = self.rho, self.config.rho_growth
-        if self.config.rho_rule == "balance":
-            primal, dual = metrics["dual/residual"], rho * metrics["dual/z_change"]
-            if primal > 10 * dual:
-                rho *= growth
-            elif dual > 10 * primal:
-                rho /= growth
-        else:
-            rho *= growth
-        return self._capped(rho)
-
-    def stable_rho(self) -> float:
-        r"""The largest :math:`\rho` the user's SGD step takes on the penalty without overshooting Z.
-
-        With SGD (momentum or not) at learning rate :math:`\eta`, the penalty's gradient :math:`\rho(W - Z)`
-        makes every W-step contract :math:`W - Z` by :math:`1 - \eta\rho`: stable up to :math:`\eta\rho = 2(1 +
-        \beta)` with momentum :math:`\beta`, divergent beyond (ρ growing 5 % a coordination crosses that bound
-        after ~40 epochs at :math:`\eta = 0.05`). The bound is :math:`1 / \eta` with the largest learning rate
-        among the parameter groups that hold a target (read at every coordination: schedules change it);
-        ``inf`` for other optimizers (Adam's and other adaptive steps do not scale with the gradient).
-        """
-        if not isinstance(self.optimizer, torch.optim.SGD):
-            return float("inf")
-        held = {id(t.stored) for t in self.problem.targets}
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups if any(id(p) in held for p in g["params"])]
-        lr = max(lrs, default=0.0)
-        return 1.0 / lr if lr > 0 else float("inf")
-
-    def _capped(self, rho: float) -> float:
-        """``rho`` capped at ``rho_max`` and at :meth:`stable_rho` (warns once when the latter binds)."""
-        stable = self.stable_rho()
-        if rho > stable and stable < self.config.rho_max:
-            if not self._rho_held:
-                self._rho_held = True
-                warnings.warn(
-                    f"{self.name} holds rho at {stable:.4g} = 1 / lr of your SGD instead of {rho:.4g} (beyond it "
-                    "every W-step overshoots W = Z, and the run diverges): a lower learning rate allows a firmer pull",
-                    UserWarning,
-                    stacklevel=6,  # _capped, next_rho, coordinate, after_step / on_end_epoch, post_step / end_epoch
-                )
-            return stable
-        return min(rho, self.config.rho_max)
+        """:math:`\\rho` for the next iteration: :meth:`PenaltyRule.next` (growth or residual balancing, capped at
+        ``rho_max`` and at the user's SGD bound)."""
+        return self.penalty_rule.next(self.rho, metrics, stacklevel=5)  # next_rho, coordinate, after_step, post_step
 
     def set_rho(self, value: float) -> None:
         """Sets :math:`\\rho` on every W = Z constraint."""

@@ -16,7 +16,11 @@ Coordination iteration :math:`k` (after the W-steps that produced :math:`W^k`):
 
 with :math:`s^0 = s_0`. When a condition fails its multiplier update is skipped and the step size is
 carried over (:math:`s'^k = s^{k-1}`, resp. :math:`s^k = s'^k`); so is it when a norm in a ratio is
-zero, which keeps every step size positive.
+zero, which keeps every step size positive. Both step sizes are capped at :math:`\rho`, ADMM's dual step
+(:func:`capped_step`): the ratios grow them whenever the residual shrinks, and beyond :math:`\rho` a dual
+step overshoots what a W-step of a few SGD updates can follow (measured: :math:`s` rising to
+:math:`2.2\rho` made :math:`\Lambda` and the run diverge; with the defaults and Adam :math:`s` stays below
+:math:`0.5\rho`).
 
 **Estimating** :math:`L_\rho` **in condition (6).** Both sides need :math:`f` on the same data:
 :math:`f` is the loss on one fixed reference batch of training samples (drawn once per run), in
@@ -89,6 +93,11 @@ def _ratio_step(alpha: float, step: float, numerator: float, denominator: float)
     return step
 
 
+def capped_step(step: float, rho: float) -> float:
+    """A step size of the rule, at most :math:`\\rho` (ADMM's dual step; see the module docstring)."""
+    return min(step, rho)
+
+
 @register_formulation("slr")
 class SLR(DuplicateVariables):
     """Surrogate Lagrangian Relaxation on W = Z: dual steps only when a surrogate condition holds."""
@@ -146,7 +155,7 @@ class SLR(DuplicateVariables):
         before = self.augmented_lagrangian(self.f_prev, prev_linear, prev_sq)
         holds = now < before
         gap = sum(now_sq) ** 0.5
-        s_prime = _ratio_step(alpha, self.step_size, prev_gap, gap) if holds else self.step_size
+        s_prime = capped_step(_ratio_step(alpha, self.step_size, prev_gap, gap) if holds else self.step_size, self.rho)
         self.s_prime = it.notes["s_prime"] = s_prime
         metrics = {
             "stepsize/alpha": alpha,
@@ -171,7 +180,7 @@ class SLR(DuplicateVariables):
         holds = after < self.augmented_lagrangian(it.f_value, before_linear, list(it.residual_sq_before_z.values()))
         gap = sum(now_sq) ** 0.5
         alpha, s_prime, prev_gap = it.notes["alpha"], it.notes["s_prime"], it.notes["prev_gap"]
-        self.step_size = _ratio_step(alpha, s_prime, prev_gap, gap) if holds else s_prime
+        self.step_size = capped_step(_ratio_step(alpha, s_prime, prev_gap, gap) if holds else s_prime, self.rho)
         self.f_prev = it.f_value
         it.residual_linear = dict(zip(names, now_linear))  # <Lambda^k, W^k - Z^k> unless the update changes Lambda
         it.notes["updated_after_z"] = float(holds)  # then end_iteration measures it again
