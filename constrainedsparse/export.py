@@ -332,7 +332,8 @@ def load_compressed(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
-    """The ``transformers`` model of an exported folder, with its decompressed (dense) weights.
+    """The ``transformers`` model of an exported folder, with its decompressed (dense) weights in their stored
+    dtype (a bfloat16 run reloads in bfloat16, as ``from_pretrained`` of its ``model/`` does).
 
     Raises:
         ValueError: If the folder holds no compressed-tensors sparse model, or weights are missing.
@@ -345,7 +346,8 @@ def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
         del config.quantization_config
     architecture = getattr(transformers, (config.architectures or [""])[0], None)
     model = architecture(config) if architecture is not None else transformers.AutoModel.from_config(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # assign: the parameters become the loaded tensors, dtype included (a copy would cast them to the build dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     tied = {name for name in missing if _is_tied(model, name, state)}
     if set(missing) - tied or unexpected:

@@ -101,6 +101,11 @@ class MetricsLogger:
             except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
                 self._file.close()
                 raise UserInputError(f"--wandb {wandb_mode}: {first_line(err)} (or use --wandb offline)") from None
+            except BaseException:  # Ctrl-C inside init: stop wandb's writers before the run directory is removed
+                self._file.close()
+                wandb.finish()  # a run init had started (none: a no-op)
+                wandb.teardown()
+                raise
 
     @staticmethod
     def _init_wandb(

@@ -325,8 +325,13 @@ class RunDirectory:
             return
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
         if held and not self.overwrite:
-            what = "a run" if any(name in RUN_FILES for name in held) else f"other files ({', '.join(held[:3])})"
-            resume = "continue it with --resume, " if self._out == "--out " and what == "a run" else ""
+            what, resume = f"other files ({', '.join(held[:3])})", ""
+            if "summary.json" in held:
+                what = "a finished run"
+            elif CHECKPOINT in held:
+                what, resume = "a run", "continue it with --resume, " if self._out == "--out " else ""
+            elif any(name in RUN_FILES for name in held):
+                what = "a run stopped before its first checkpoint (nothing to resume)"
             raise UserInputError(
                 f"{self._out}{out} already holds {what}; {resume}replace the run's files with {self._overwrite} "
                 "(other files stay), or choose another folder"

@@ -271,7 +271,7 @@ ROWS: list[Row] = [
     Row(
         "out holds a run",
         ["run", "--out", "{out}", "--wandb", "disabled"],
-        r"already holds a run; continue it with",
+        r"already holds a finished run; replace the run's files with --overwrite",
         _finished,
     ),  # fmt: skip
     Row(

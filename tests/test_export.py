@@ -80,6 +80,18 @@ def test_export_reloads_bit_identical_and_meets_the_size_goals(tmp_path, mask, p
         assert torch.equal(load_compressed_model(folder)(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_a_bfloat16_model_reloads_in_bfloat16(tmp_path):
+    model, _ = _pruned_run(tmp_path, _two_four)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    export_compressed(tmp_path)
+    reloaded = load_compressed_model(tmp_path / "compressed")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # what a user loads from model/
+    assert {p.dtype for p in reloaded.parameters()} == {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, saved(input_ids=ids).logits)
+
+
 def test_cli_export_of_a_real_layerwise_run(tiny_llama, text_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "hf-causal-lm", "--set", f"model={tiny_llama}", "--set", f"text={text_file}",

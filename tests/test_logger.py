@@ -81,6 +81,23 @@ def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):
         MetricsLogger(tmp_path / "run", "online")
 
 
+def test_an_interrupt_inside_wandb_init_stops_wandb_before_the_run_directory_is_removed(tmp_path, monkeypatch):
+    """Ctrl-C while wandb.init runs: the half-started run is torn down (it wrote files/output.log back into the
+    directory the CLI had just removed), the JSONL file closed."""
+    import wandb
+
+    real_init = wandb.init
+
+    def interrupted(**kwargs):
+        real_init(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wandb, "init", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(tmp_path / "run", wandb_mode="offline")
+    assert wandb.run is None
+
+
 def test_resume_step_drops_later_rows(tmp_path):
     logger = MetricsLogger(tmp_path)
     for step in range(1, 7):

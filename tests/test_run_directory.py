@@ -15,6 +15,7 @@ from cli_helpers import fails_with_one_line
 from safetensors.torch import load_file
 
 from constrainedsparse.cli import main
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.runs import LOCK, RunDirectory
 
 FAST = ["--pretrain-epochs", "3", "--epochs", "2", "--retrain-epochs", "1", "--wandb", "disabled", "--no-progress"]
@@ -137,8 +138,8 @@ def test_an_existing_run_directory_is_refused_untouched_unless_overwrite(tmp_pat
     files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), *FAST], capsys)
     assert line == (
-        f"error: --out {out} already holds a run; continue it with --resume, replace the run's files with "
-        "--overwrite (other files stay), or choose another folder"
+        f"error: --out {out} already holds a finished run; replace the run's files with --overwrite (other files "
+        "stay), or choose another folder"
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
     # a bad value in the same command is reported first (the folder's error would come back once it is fixed)
@@ -306,3 +307,23 @@ def test_resume_takes_the_unstructured_pattern_a_training_run_started_with_by_de
                   stop_after_epochs=1, progress=False, wandb="disabled"))  # fmt: skip
     assert main(["run", "--out", str(out), "--resume", "--pattern", "unstructured", "--no-progress"]) == 0
     assert (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        (["checkpoint.pt", "metrics.jsonl"], "a run; continue it with --resume, replace the run's files with"),
+        (["metrics.jsonl", "wandb"], "a run stopped before its first checkpoint (nothing to resume); replace the"),
+        (["checkpoint.pt", "summary.json"], "a finished run; replace the run's files with --overwrite"),
+        (["notes.txt"], "other files (notes.txt); replace the run's files with --overwrite"),
+    ],
+    ids=["resumable", "killed-before-a-checkpoint", "finished", "yours"],
+)
+def test_a_held_directory_is_named_by_what_it_holds_and_resume_offered_only_with_a_checkpoint(tmp_path, files, says):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in files:
+        (out / name).write_text("")
+    with pytest.raises(UserInputError) as caught:
+        RunDirectory(out).check()
+    assert str(caught.value).startswith(f"--out {out} already holds {says}")
