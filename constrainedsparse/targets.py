@@ -341,18 +341,21 @@ class Targets:
                 self.check_globs(names, names)  # an include typo: named, with the names it could match
             raise ValueError(self._selects_nothing(model))
         self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected])
-        _check_untied(model, selected)
+        for fqn, param_name, module in selected:
+            _check_prunable(full_name(fqn, param_name), module, param_name)
+        _check_untied(model, selected, names)
         resolved = []
         for fqn, param_name, module in selected:
             full = full_name(fqn, param_name)
             shape = getattr(module, param_name).shape
             level = self.override_for(full)
             own = config if level is None else config.with_sparsity(level)
-            if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and own.pattern != "unstructured":
+            transposed = _inputs_first(module)
+            if transposed is not None and own.pattern != "unstructured":
                 raise ValueError(
-                    f"{full}: a transformers Conv1D stores its weight as (inputs, outputs), so pattern "
-                    f"{own.pattern_text()!r} would group its outputs; only unstructured targets it in training "
-                    "(prune_layerwise handles Conv1D patterns)"
+                    f"{full}: {transposed} stores its weight as (inputs, outputs, ...), so pattern "
+                    f"{own.pattern_text()!r} would group its outputs; only unstructured targets it in training"
+                    + (" (prune_layerwise handles Conv1D patterns)" if transposed.endswith("Conv1D") else "")
                 )
             if math.prod(shape) == 0:
                 raise ValueError(f"{full} has no weights (shape {tuple(shape)}): a layer of width 0 cannot be pruned")
@@ -384,19 +387,62 @@ def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
 
-def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module]]) -> None:
-    """No selected weight is tied (the same tensor under another name, e.g. an LM head and its embedding)."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+def _inputs_first(module: nn.Module) -> str | None:
+    """What stores its weight as (inputs, outputs, ...): a transformers ``Conv1D`` or a ``ConvTranspose``, else
+    ``None`` (dim 0 is the outputs, what ``row`` and ``structured:rows`` group)."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "a transformers Conv1D"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"a {type(module).__name__}"
+    return None
+
+
+def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
+    """A selected weight is an initialized ``nn.Parameter``, under no parametrization but this package's own.
+
+    Raises:
+        ValueError: For a parametrization of the user's (``spectral_norm``, ``weight_norm``: the masks and gates
+            are parametrizations that replace the weight), a lazy module before its first forward, or a weight
+            that is no parameter (a buffer, or a tensor a hook recomputes).
+    """
+    if parametrize.is_parametrized(module, param_name):
+        kinds = [type(p) for p in module.parametrizations[param_name]]
+        foreign = [kind.__name__ for kind in kinds if not kind.__module__.startswith("constrainedsparse.")]
+        if foreign:
+            raise ValueError(
+                f"{full} carries a parametrization of yours ({foreign[0]}): masks and gates replace the weight "
+                f"through parametrizations of their own; remove it (torch.nn.utils.parametrize."
+                f"remove_parametrizations(module, {param_name!r})) or exclude {full}"
+            )
+        return
+    value = getattr(module, param_name)
+    if isinstance(value, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"{full} is not initialized yet ({type(module).__name__} is lazy): run one forward pass of the model "
+            "before resolving its targets"
+        )
+    if not isinstance(value, nn.Parameter):
+        raise ValueError(
+            f"{full} is a {type(value).__name__}, not an nn.Parameter (a buffer, or a tensor a hook recomputes, as "
+            "the former torch.nn.utils.weight_norm does): only parameters can be pruned; exclude it"
+        )
+
+
+def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module]], candidates: Sequence[str]) -> None:
+    """No selected weight is tied (the same tensor in another module, e.g. an LM head and its embedding). One
+    module under two attribute names is one layer, not a tie: its masks reach both."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for fqn, owner in model.named_modules(remove_duplicate=False):
+        for name, param in owner.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((full_name(fqn, name), owner))
     for fqn, param_name, module in selected:
         full = full_name(fqn, param_name)
-        others = [n for n in names.get(id(getattr(module, param_name)), []) if n != full]
+        others = [n for n, owner in owners.get(id(getattr(module, param_name)), []) if owner is not module]
         if others:
+            excluded = [n for n in (full, *others) if n in candidates]
             raise ValueError(
                 f"{full} is tied to {others[0]} (the same tensor): pruning a tied weight is not supported (masks "
-                f"and gates would untie it while training); exclude every name of it (exclude={[full, *others]!r}) "
-                "or untie the weights"
+                f"and gates would untie it while training); exclude every name of it (exclude={excluded!r}) or untie the weights"
             )
 
 

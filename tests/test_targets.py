@@ -152,6 +152,71 @@ def test_a_tied_weight_is_refused():
     chosen = Targets(module_types=(nn.Linear, nn.Embedding), exclude=["head.weight", "emb.weight"])
     assert [t.name for t in chosen.resolve(Tied(), SparsityConfig(0.5))] == ["fc.weight"]
     assert [t.name for t in Targets(exclude=["head.*"]).resolve(Tied(), SparsityConfig(0.5))] == ["fc.weight"]
+    # the advice names only what exclude can name (emb.weight is no candidate of the default Linear targets)
+    with pytest.raises(ValueError, match=r"exclude every name of it \(exclude=\['head\.weight'\]\)"):
+        Targets().resolve(Tied(), SparsityConfig(0.5))
+
+
+def test_one_module_under_two_attribute_names_is_one_layer_not_a_tie():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    model.again = model[0]  # an alias: the module's masks reach both names
+    assert [t.name for t in Targets().resolve(model, SparsityConfig(0.5))] == ["0.weight", "2.weight"]
+
+
+def _spectral():
+    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _weight_norm():
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _buffer_weight():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    del model[0].weight
+    model[0].register_buffer("weight", torch.ones(8, 4))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "config", "message"),
+    [
+        (
+            _spectral,
+            SparsityConfig(0.5),
+            r"^0\.weight carries a parametrization of yours \(_SpectralNorm\): masks and "
+            r"gates replace the weight .*remove_parametrizations\(module, 'weight'\)\) or exclude 0\.weight$",
+        ),
+        (_weight_norm, SparsityConfig(0.5), r"^0\.weight carries a parametrization of yours \(_WeightNorm\)"),
+        (
+            _buffer_weight,
+            SparsityConfig(0.5),
+            r"^0\.weight is a Tensor, not an nn\.Parameter \(a buffer, .*exclude it$",
+        ),
+        (
+            lambda: nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4)),
+            SparsityConfig(0.5),
+            r"^0\.weight is not initialized yet \(LazyLinear is lazy\): run one forward pass of the model",
+        ),
+        (
+            lambda: nn.Sequential(nn.ConvTranspose2d(8, 4, 3)),
+            SparsityConfig(0.5, pattern="row"),
+            r"^0\.weight: a ConvTranspose2d stores its weight as \(inputs, outputs, \.\.\.\), so pattern 'row' would "
+            r"group its outputs; only unstructured targets it in training$",
+        ),
+    ],
+    ids=["spectral_norm", "weight_norm", "buffer", "lazy", "conv-transpose-row"],
+)
+def test_weights_that_cannot_be_pruned_as_they_are_are_refused_at_resolve(build, config, message):
+    with pytest.raises(ValueError, match=message):
+        Targets(module_types=(nn.Linear, nn.ConvTranspose2d)).resolve(build(), config)
+
+
+def test_a_conv_transpose_is_pruned_unstructured():
+    targets = Targets(module_types=(nn.ConvTranspose2d,)).resolve(
+        nn.Sequential(nn.ConvTranspose2d(8, 4, 3)), SparsityConfig(0.5)
+    )
+    assert [t.name for t in targets] == ["0.weight"]
 
 
 def test_a_level_that_keeps_no_weight_is_refused_at_resolve():
