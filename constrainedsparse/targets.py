@@ -442,7 +442,8 @@ def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module
             excluded = [n for n in (full, *others) if n in candidates]
             raise ValueError(
                 f"{full} is tied to {others[0]} (the same tensor): pruning a tied weight is not supported (masks "
-                f"and gates would untie it while training); exclude every name of it (exclude={excluded!r}) or untie the weights"
+                f"and gates would untie it while training); exclude every name of it (exclude={excluded!r}) or untie "
+                "the weights"
             )
 
 

@@ -302,7 +302,7 @@ def dense_layer_problems(
     walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
     for _, block, prefix, inputs, compute in walk:
         layers = targeted_layers(block, targets)
-        grams = accumulate_grams(block, layers, inputs, gram_dtype, compute)
+        grams = accumulate_grams(block, layers, inputs, gram_dtype, compute, prefix=prefix)
         problems = []
         for name, module in layers:
             gram, tokens = grams[name]

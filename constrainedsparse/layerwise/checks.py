@@ -17,7 +17,7 @@ from constrainedsparse.errors import UserInputError, user_input
 from constrainedsparse.layerwise.allocation import reachable_range, row_width
 from constrainedsparse.layerwise.base import LayerwiseSolver, check_solver
 from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
-from constrainedsparse.layerwise.layers import layer_weight, targeted_layers, weight_name
+from constrainedsparse.layerwise.layers import layer_module_types, layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.settings import check_keeps_weights
 from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names
@@ -29,6 +29,7 @@ __all__ = [
     "check_block_mask",
     "check_consecutive",
     "check_layer_shapes",
+    "check_layer_types",
     "check_reachable",
     "checked_batches",
     "checked_blocks",
@@ -56,13 +57,15 @@ def check_layer_shapes(
         prefixes: The blocks' names in the model (:func:`block_prefixes`); needed with ``levels``.
 
     Raises:
-        UserInputError: For no block or no targeted layer at all, a glob that matches nothing, the
-            first layer that does not fit, or that its level would empty (unless ``allow_empty``).
+        UserInputError: For no block or no targeted layer at all, a targeted module that is not a layer
+            (:func:`check_layer_types`), a glob that matches nothing, the first layer that does not fit, or
+            that its level would empty (unless ``allow_empty``).
     """
     if not blocks:
         raise UserInputError("no blocks to prune: the list of blocks is empty")
     levels = levels or {}
     prefixes = prefixes if prefixes is not None else [str(index) for index in range(len(blocks))]
+    check_layer_types(blocks, targets, prefixes)
     by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
     selected = set()
     for index, block in enumerate(blocks):
@@ -89,6 +92,27 @@ def check_layer_shapes(
     if not allow_empty:
         for own, sets in by_level.items():
             check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")
+
+
+def check_layer_types(blocks: Sequence[nn.Module], targets: Targets, prefixes: Sequence[str]) -> None:
+    """Every parameter the targets select in the blocks is the weight of a module type the driver prunes
+    (:func:`~constrainedsparse.layerwise.layers.layer_module_types`): a convolution's or an attention's
+    own parameters have no ``(d_out, d_in)`` layer and inputs to build a Gram matrix from.
+
+    Raises:
+        UserInputError: Naming the first other parameter, its module's type and the allowed types.
+    """
+    types = layer_module_types()
+    allowed = " and ".join("nn.Linear" if kind is nn.Linear else f"transformers' {kind.__name__}" for kind in types)
+    for prefix, block in zip(prefixes, blocks):
+        for fqn, param_name, module in targets.select(block, prefix):
+            if not isinstance(module, types):
+                name = ".".join(part for part in (prefix, fqn, param_name) if part)
+                kind = f"{'nn.' * type(module).__module__.startswith('torch.nn.')}{type(module).__name__}"
+                raise UserInputError(
+                    f"{name} is a parameter of {kind}, a module type layer-wise pruning cannot prune: it prunes "
+                    f"the weights of {allowed} layers only (narrow Targets.module_types, or exclude it)"
+                )
 
 
 def check_settings(

@@ -220,13 +220,17 @@ def prune_block(
     """
     layers = targeted_layers(block, targets, prefix)
     if not true_sequential:
-        grams = accumulate_grams(block, layers, inputs, gram_dtype, device)
+        grams = accumulate_grams(block, layers, inputs, gram_dtype, device, prefix=prefix)
         return _solve_layers(prefix, layers, grams, target, solver, levels)
     groups = block_groups(block, layers, inputs, device)
+    if groups.uncalled:  # before any group is pruned: refuses a layer no batch reaches (the first one did not)
+        accumulate_grams(
+            block, [(n, m) for n, m in layers if n in groups.uncalled], inputs, device=device, prefix=prefix
+        )
     reports: dict[str, LayerReport] = {}
     for group in groups:
         stop = group[-1][0] if groups.called_once else None
-        grams = accumulate_grams(block, group, inputs, gram_dtype, device, stop_after=stop)
+        grams = accumulate_grams(block, group, inputs, gram_dtype, device, stop_after=stop, prefix=prefix)
         reports.update(zip((name for name, _ in group), _solve_layers(prefix, group, grams, target, solver, levels)))
     return [reports[name] for name, _ in layers]
 

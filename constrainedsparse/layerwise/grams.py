@@ -16,7 +16,7 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.blockinputs import BlockInputs
-from constrainedsparse.layerwise.layers import layer_weight
+from constrainedsparse.layerwise.layers import layer_weight, weight_name
 
 __all__ = ["StopForward", "accumulate_grams"]
 
@@ -32,22 +32,30 @@ def accumulate_grams(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     stop_after: str | None = None,
+    prefix: str = "",
 ) -> dict[str, tuple[torch.Tensor, int]]:
     r"""Streams the block over the batches and sums :math:`G = \sum_t x_t x_t^\top` per layer.
 
     Padding tokens (``token_mask`` False) are left out. With ``device`` each batch moves there
     before the block runs (activations kept elsewhere). The sums accumulate in ``dtype`` whatever
     the model's dtype (bfloat16 weights still give float32 Gram matrices). With ``stop_after`` (a
-    layer called once per forward) each forward stops once that layer's input is added.
+    layer called once per forward) each forward stops once that layer's input is added. ``prefix``
+    (the block's name in the model) names the layers in errors.
 
     Returns:
         ``{layer name: (G, number of tokens)}``.
+
+    Raises:
+        UserInputError: For an input that does not fit a layer, or a layer whose forward never ran on the
+            batches (a module that reads its weight directly, such as ``nn.MultiheadAttention``'s ``out_proj``).
     """
     grams: dict[str, list] = {}
     current_mask: list[torch.Tensor | None] = [None]
+    calls = dict.fromkeys((name for name, _ in layers), 0)
 
     def hook_for(name: str, d_in: int) -> Callable:
         def add(module: nn.Module, args: tuple) -> None:
+            calls[name] += 1
             if args[0].shape[-1] != d_in or not args[0].is_floating_point():
                 raise UserInputError(
                     f"layer {name}: its input is {args[0].dtype} of width {args[0].shape[-1]}, its weight takes "
@@ -85,9 +93,30 @@ def accumulate_grams(
         for handle in handles:
             handle.remove()
     if distributed.is_distributed():  # each rank saw its share of the batches: sum over ranks
-        counts = torch.tensor([entry[1] for entry in grams.values()], dtype=torch.float64)
+        counts = torch.tensor([entry[1] for entry in grams.values()] + list(calls.values()) + [len(inputs)],
+                              dtype=torch.float64)  # fmt: skip
         dist.all_reduce(counts)
-        for entry, count in zip(grams.values(), counts.tolist()):
+        summed = [int(count) for count in counts.tolist()]
+        calls, batches = dict(zip(calls, summed[len(grams) : -1])), summed[-1]
+        for entry, count in zip(grams.values(), summed):
             dist.all_reduce(entry[0])
-            entry[1] = int(count)
+            entry[1] = count
+    else:
+        batches = len(inputs)
+    _check_called(calls, batches, prefix)
     return {name: (gram, tokens) for name, (gram, tokens) in grams.items()}
+
+
+def _check_called(calls: dict[str, int], batches: int, prefix: str) -> None:
+    """Every layer's forward ran on the ``batches`` (a layer it never ran on has no Gram matrix to prune from).
+
+    Raises:
+        UserInputError: Naming the first layer never called (every rank sees the same summed counts).
+    """
+    never = next((name for name, count in calls.items() if count == 0), None)
+    if batches and never is not None:
+        raise UserInputError(
+            f"{weight_name(prefix, never)}: its forward never ran on the {batches} calibration batches (a module "
+            "that reads its weight directly, such as nn.MultiheadAttention's out_proj, or an expert no token was "
+            "routed to): exclude it from the targets"
+        )

@@ -77,8 +77,12 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def weight_name(prefix: str, layer: str) -> str:
-    """The full name of a block's layer's weight (``encoder.layer.0`` + ``attention.self.query`` + ``.weight``)."""
-    return f"{prefix}.{layer}.weight" if prefix else f"{layer}.weight"
+    """The full name of a block's layer's weight (``encoder.layer.0`` + ``attention.self.query`` + ``.weight``).
+
+    Either part may be empty: a block that is itself a layer (a ``ModuleList`` of ``nn.Linear``) names its
+    weight ``blocks.0.weight``.
+    """
+    return ".".join(part for part in (prefix, layer, "weight") if part)
 
 
 def targeted_layers(block: nn.Module, targets: Targets, prefix: str = "") -> list[tuple[str, nn.Module]]:

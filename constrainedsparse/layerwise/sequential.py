@@ -30,9 +30,11 @@ class InputGroups(list):
     Attributes:
         called_once: Whether every layer was called exactly once per forward (then a group's Gram
             matrices are complete when its last layer has been called, and the forward can stop there).
+        uncalled: The layers that forward did not call (each alone in a last group).
     """
 
     called_once: bool = True
+    uncalled: tuple[str, ...] = ()
 
 
 @torch.no_grad()
@@ -71,6 +73,7 @@ def input_groups(layers: Sequence[Layer], run_once: Callable[[], None]) -> Input
         by_key.setdefault(keys.get(name, name), []).append((name, module))
     groups = InputGroups(by_key.values())
     groups.called_once = all(count == 1 for count in calls.values())
+    groups.uncalled = tuple(name for name, count in calls.items() if count == 0)
     return groups
 
 
@@ -85,10 +88,10 @@ def block_groups(block: nn.Module, layers: Sequence[Layer], inputs: Sequence[Any
     groups = input_groups(layers, run_once) if inputs else InputGroups([list(layers)])
     if not distributed.is_distributed():
         return groups
-    holder = [([[name for name, _ in group] for group in groups], groups.called_once)]
+    holder = [([[name for name, _ in group] for group in groups], groups.called_once, groups.uncalled)]
     dist.broadcast_object_list(holder, src=0)
-    names, called_once = holder[0]
+    names, called_once, uncalled = holder[0]
     modules = dict(layers)
     shared = InputGroups([[(name, modules[name]) for name in group] for group in names])
-    shared.called_once = called_once
+    shared.called_once, shared.uncalled = called_once, uncalled
     return shared

@@ -1,0 +1,123 @@
+"""prune_layerwise on models outside the transformers zoo: blocks that are bare layers, a layer whose forward
+never runs (nn.MultiheadAttention's out_proj), and targets of a module type layer-wise pruning cannot prune."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from constrainedsparse import Targets, prune_layerwise
+from constrainedsparse.errors import UserInputError
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+class LinearTower(nn.Module):
+    """Blocks that are bare ``nn.Linear`` layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return x
+
+
+class Encoder(nn.Module):
+    """A plain nn.TransformerEncoder: its attention reads out_proj.weight without calling out_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
+
+
+class ConvStack(nn.Module):
+    def __init__(self, conv: type[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(conv(8, 8, 1), nn.ReLU()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_blocks_that_are_bare_layers_are_pruned_and_named_by_their_weight():
+    torch.manual_seed(0)
+    model = LinearTower()
+    report = prune_layerwise(model, [torch.randn(32, 16)], "wanda", sparsity=0.5)
+    names = [f"blocks.{index}.weight" for index in range(3)]
+    assert report.layer_sparsity == dict.fromkeys(names, 0.5)
+    assert list(report.layer_error) == names
+    assert all(float((block.weight == 0).float().mean()) == 0.5 for block in model.blocks)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_a_layer_whose_forward_never_runs_is_refused_naming_why_before_any_weight_changes(true_sequential):
+    torch.manual_seed(0)
+    model = Encoder()
+    before = _snapshot(model)
+    message = (
+        "enc.layers.0.self_attn.out_proj.weight: its forward never ran on the 2 calibration batches (a module that "
+        "reads its weight directly, such as nn.MultiheadAttention's out_proj, or an expert no token was routed to): "
+        "exclude it from the targets"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(
+            model, [torch.randn(2, 4, 16) for _ in range(2)], "wanda", sparsity=0.5, true_sequential=true_sequential
+        )
+    assert _unchanged(model, before)
+
+
+def test_a_layer_that_ran_on_padding_only_keeps_the_padding_message():
+    model = LinearTower()
+    before = _snapshot(model)
+    batch = {"x": torch.randn(2, 3, 16), "attention_mask": torch.zeros(2, 3, dtype=torch.long)}
+    with pytest.raises(UserInputError, match=r"^blocks\.0\.weight: no calibration token reached it \(every position"):
+        prune_layerwise(model, [batch], "wanda", sparsity=0.5)
+    assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "targets", "name", "kind"),
+    [
+        (ConvStack(nn.Conv2d), (2, 8, 6, 6), Targets(module_types=(nn.Conv2d,)), "blocks.0.0.weight", "nn.Conv2d"),
+        (
+            ConvStack(nn.Conv1d),
+            (2, 8, 8),
+            Targets(module_types=(nn.Conv1d, nn.Linear)),
+            "blocks.0.0.weight",
+            "nn.Conv1d",
+        ),
+        (
+            Encoder(),
+            (2, 4, 16),
+            Targets(module_types=(nn.MultiheadAttention,), param_names=("in_proj_weight",)),
+            "enc.layers.0.self_attn.in_proj_weight",
+            "nn.MultiheadAttention",
+        ),
+    ],
+    ids=["conv2d", "conv1d", "attention-in-proj"],
+)
+def test_targets_of_a_module_type_layerwise_cannot_prune_are_refused_up_front(model, shape, targets, name, kind):
+    before = _snapshot(model)
+    message = (
+        f"{name} is a parameter of {kind}, a module type layer-wise pruning cannot prune: it prunes the weights of "
+        "nn.Linear and transformers' Conv1D layers only (narrow Targets.module_types, or exclude it)"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, [torch.randn(shape)], "sparsegpt", sparsity=0.5, targets=targets)
+    assert _unchanged(model, before)
