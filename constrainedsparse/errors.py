@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "is_ours",
     "plugin_code",
     "user_input",
+    "user_stacklevel",
 ]
 
 
@@ -127,3 +129,13 @@ def plugin_code(cls: type, what: str) -> Iterator[None]:
         if is_ours(cls) or debugging():
             raise
         raise UserInputError(f"{what} failed: {_detail(err)} (--debug shows the traceback)") from err
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the function that calls this: the first frame outside the package
+    (the user's line, whichever of our entry points led there)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -103,8 +103,10 @@ class MetricsLogger:
                 raise UserInputError(f"--wandb {wandb_mode}: {first_line(err)} (or use --wandb offline)") from None
             except BaseException:  # Ctrl-C inside init: stop wandb's writers before the run directory is removed
                 self._file.close()
-                wandb.finish()  # a run init had started (none: a no-op)
-                wandb.teardown()
+                try:
+                    wandb.finish()  # a run init had started (none: a no-op)
+                finally:
+                    wandb.teardown()
                 raise
 
     @staticmethod

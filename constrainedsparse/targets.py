@@ -431,13 +431,14 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
 def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module]], candidates: Sequence[str]) -> None:
     """No selected weight is tied (the same tensor in another module, e.g. an LM head and its embedding). One
     module under two attribute names is one layer, not a tie: its masks reach both."""
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for fqn, owner in model.named_modules(remove_duplicate=False):
-        for name, param in owner.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((full_name(fqn, name), owner))
+        for name, param in owner.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append((full_name(fqn, name), owner, name))
     for fqn, param_name, module in selected:
         full = full_name(fqn, param_name)
-        others = [n for n, owner in owners.get(id(getattr(module, param_name)), []) if owner is not module]
+        aliases = owners.get(id(getattr(module, param_name)), [])
+        others = [n for n, owner, name in aliases if owner is not module or name != param_name]
         if others:
             excluded = [n for n in (full, *others) if n in candidates]
             raise ValueError(

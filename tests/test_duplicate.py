@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from constrainedsparse.formulations import formulation_class
+from constrainedsparse.formulations import slr as slr_module
 from constrainedsparse.formulations.duplicate import CONSTRAINT_PREFIX
 from constrainedsparse.formulations.rho import PenaltyRule
 from constrainedsparse.formulations.slr import slr_alpha
@@ -179,7 +180,8 @@ def _sgd_run(name: str, lr: float, steps: int, **config):
 def test_rho_is_held_at_one_over_the_sgd_learning_rate_where_it_would_diverge(name, monkeypatch):
     with pytest.warns(UserWarning, match=r"holds rho at 2 = 1 / lr of your SGD instead of 3\.2") as caught:
         _, model, _, rhos = _sgd_run(name, lr=0.5, steps=30)
-    assert len([w for w in caught if "holds rho" in str(w.message)]) == 1  # once
+    held = [w for w in caught if "holds rho" in str(w.message)]
+    assert len(held) == 1 and held[0].filename == __file__  # once, at the user's post_step line
     assert max(rhos) == 2.0 and rhos[-1] == 2.0  # 0.1 x 2^k, held at 1 / 0.5
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     # the same run without the bound diverges: what the hold prevents
@@ -202,28 +204,42 @@ def test_the_rho_bound_follows_the_learning_rate_and_ignores_adaptive_optimizers
     assert adam.penalty_rule.stable() == float("inf")
 
 
-def test_rho_follows_a_learning_rate_raised_between_coordinations_before_the_next_w_step():
+@pytest.mark.parametrize("own_backward", [False, True], ids=["f.backward", "compute_lagrangian+own-backward"])
+def test_rho_follows_a_learning_rate_raised_between_coordinations_before_the_next_w_step(own_backward):
     formulation, _, optimizer, rhos = _sgd_run("slr", lr=0.1, steps=12, interval=4)
     assert rhos[-1] == pytest.approx(0.1 * 2**3)  # three coordinations, far below 1 / 0.1
     for group in optimizer.param_groups:
         group["lr"] = 2.0  # a warm restart: the bound drops to 0.5
     x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
-    with pytest.warns(UserWarning, match=r"holds rho at 0\.5 = 1 / lr of your SGD instead of 0\.8"):
-        formulation.backward((x, y))
+    with pytest.warns(UserWarning, match=r"holds rho at 0\.5 = 1 / lr of your SGD instead of 0\.8") as caught:
+        if own_backward:  # the hooks path: the user's backward of the Lagrangian
+            formulation.compute_lagrangian((x, y)).lagrangian.backward()
+        else:
+            formulation.backward((x, y))
+    assert caught[0].filename == __file__
     assert formulation.rho == 0.5  # before this step's penalty gradient
 
 
-def test_slr_step_sizes_never_exceed_rho():
-    """s0 = 10 rho: the carried and the ratio steps are both held at rho (ADMM's step)."""
-    formulation, batches = _tiny("slr", rho=0.1, s0=1.0)
-    capped = 0
-    for _ in range(4):
-        for batch in batches:
-            formulation.training_step(batch)
-        formulation.coordinate()
-        assert formulation.s_prime <= formulation.rho and formulation.step_size <= formulation.rho
-        capped += formulation.rho in (formulation.s_prime, formulation.step_size)
-    assert capped  # the cap bound at least once (s0 is 10 rho)
+def test_slr_step_sizes_never_exceed_rho_with_sgd_and_keep_the_rule_with_adam(monkeypatch):
+    """Every step the rule proposes is 10 (s0 = 1, the ratios 10) and rho is constant: with the user's SGD the
+    carried and the ratio steps are held at rho (ADMM's step), before and after the Z-step; with Adam the rule
+    is the papers'."""
+    monkeypatch.setattr(slr_module, "_ratio_step", lambda alpha, step, numerator, denominator: 10.0)
+    formulation, _, _, _ = _sgd_run("slr", lr=0.01, steps=1, rho=0.1, s0=1.0, rho_growth=1.0, interval=10**6)
+    x, y = torch.randn(48, 8), torch.randint(0, 4, (48,))
+    held = set()
+    for _ in range(6):
+        for i in range(0, 48, 8):
+            formulation.training_step((x[i : i + 8], y[i : i + 8]))
+        metrics = formulation.coordinate()
+        assert formulation.s_prime == formulation.step_size == formulation.rho
+        held |= {key for key in ("condition/6_holds", "condition/11_holds") if metrics[key]}
+    assert held == {"condition/6_holds", "condition/11_holds"}  # both ratio steps were proposed and capped
+    adam, batches = _tiny("slr", rho=0.1, s0=1.0)
+    for batch in batches:
+        adam.training_step(batch)
+    adam.coordinate()
+    assert max(adam.s_prime, adam.step_size) > adam.rho
 
 
 @pytest.mark.parametrize(
@@ -233,6 +249,7 @@ def test_slr_step_sizes_never_exceed_rho():
         ("sgd-momentum", {"interval": 10, "interval_unit": "step"}, False),
         ("sgd", {}, False),
         ("adam", {}, False),
+        ("sgd-momentum", {"interval": 1, "interval_unit": "epoch"}, False),  # 10 steps apart
     ],
 )
 def test_admm_warns_when_coordinations_are_closer_than_sgd_momentum_settles(optimizer, settings, warns, recwarn):
@@ -247,9 +264,11 @@ def test_admm_warns_when_coordinations_are_closer_than_sgd_momentum_settles(opti
     cls = formulation_class("admm")
     formulation = cls(problem, cls.Config(**settings), optimizer=opt)
     formulation.setup(num_epochs=2, steps_per_epoch=10)
-    messages = [str(w.message) for w in recwarn if "W-steps between coordinations" in str(w.message)]
+    caught = [w for w in recwarn if "W-steps between coordinations" in str(w.message)]
+    messages = [str(w.message) for w in caught]
     assert len(messages) == int(warns)
     if warns:
+        assert caught[0].filename == __file__
         assert "admm coordinates every 2.5 W-steps, fewer than the 10 " in messages[0]
         assert "leave at least 10 W-steps between coordinations" in messages[0]
 
@@ -617,3 +636,15 @@ def test_per_epoch_coordination_needs_the_steps_of_an_epoch():
         formulation.setup(num_epochs=1, steps_per_epoch=0)
     with pytest.raises(ValueError, match=r"call setup\(num_epochs, steps_per_epoch"):  # nothing was set up
         formulation.start_epoch(0)
+
+
+def test_admm_says_nothing_of_the_spacing_when_setup_counts_no_steps(recwarn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, SparsityConfig(sparsity=0.5)))
+    cls = formulation_class("admm")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    formulation = cls(problem, cls.Config(interval=1, interval_unit="epoch"), optimizer=optimizer)
+    formulation.setup(num_epochs=2, steps_per_epoch=0)
+    assert formulation.steps_between() == float("inf")
+    assert not [w for w in recwarn if "W-steps between coordinations" in str(w.message)]

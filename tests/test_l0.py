@@ -895,4 +895,7 @@ def test_gates_in_a_users_sgd_warn_that_their_steps_scale_with_one_over_the_gate
     assert f"order 1/{gates}" in str(messages[0].message)
     problem, _ = _mlp_problem()
     make(name, problem, optimizer=torch.optim.AdamW(problem.model.parameters(), lr=1e-3))
+    problem, _ = _mlp_problem()
+    make(name, problem, optimizer=torch.optim.SGD(problem.model.parameters(), lr=0.1), gate_lr=1000.0)
     assert len([w for w in recwarn if "learn in a group of your SGD" in str(w.message)]) == 1  # none for AdamW
+    # nor for a gate_lr of the user's (chosen for their optimizer)

@@ -92,10 +92,13 @@ def test_an_interrupt_inside_wandb_init_stops_wandb_before_the_run_directory_is_
         real_init(**kwargs)
         raise KeyboardInterrupt
 
+    torn_down = []
+    real_teardown = wandb.teardown
     monkeypatch.setattr(wandb, "init", interrupted)
+    monkeypatch.setattr(wandb, "teardown", lambda *args, **kwargs: torn_down.append(real_teardown(*args, **kwargs)))
     with pytest.raises(KeyboardInterrupt):
         MetricsLogger(tmp_path / "run", wandb_mode="offline")
-    assert wandb.run is None
+    assert wandb.run is None and len(torn_down) == 1
 
 
 def test_resume_step_drops_later_rows(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables, Iterate
 from constrainedsparse.formulations.factory import register_formulation
 
@@ -44,9 +45,10 @@ class ADMM(DuplicateVariables):
                 f"admm coordinates every {between:.3g} W-steps, fewer than the {settle:.3g} that your SGD's momentum "
                 "takes to settle: its dual steps rho (W - Z) then read W mid-swing and can diverge; leave at least "
                 f"{math.ceil(settle - 1e-9)} W-steps between coordinations (a smaller interval with "
-                "interval_unit=per-epoch, or interval_unit=step), or use slr (its dual steps stay below rho)",
+                "interval_unit=per-epoch, or interval_unit=step), or use slr (its surrogate conditions skip the dual "
+                "steps that do not improve the Lagrangian)",
                 UserWarning,
-                stacklevel=4,  # on_setup, Formulation.setup, DuplicateVariables.setup, caller
+                stacklevel=user_stacklevel(),
             )
 
     def steps_between(self) -> float:
@@ -54,10 +56,12 @@ class ADMM(DuplicateVariables):
 
         ADMM's dual step :math:`\\rho(W - Z)` supposes W minimises :math:`L_\\rho` for the current Z and
         :math:`\\Lambda`. SGD with momentum :math:`\\beta` swings about the minimiser for :math:`\\sim 1/(1 - \\beta)`
-        steps; a coordination within them reads W mid-swing, and the dual steps can amplify the swing (measured
+        steps or more; a coordination within them reads W mid-swing, and the dual steps can amplify the swing (measured
         on a digits MLP with SGD at momentum 0.9: NaN after 27 epochs coordinating every 5.5 steps, stable over
         80 epochs every 11 or 22).
         """
         if self.config.interval_unit == "step":
             return float(self.config.interval)
+        if self.steps_per_epoch == 0:  # no steps counted (interval_unit=epoch): nothing to say
+            return float("inf")
         return self.steps_per_epoch / self.coordinations_per_epoch()

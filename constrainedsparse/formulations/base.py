@@ -287,6 +287,7 @@ class Formulation(abc.ABC):
         return self._lagrangian(batch, dual_scale)
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
+        self.before_lagrangian()
         cmp_state = self.problem.compute_cmp_state(batch)
         if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
             self._last = LastStep(cmp_state.loss.detach())
@@ -324,6 +325,10 @@ class Formulation(abc.ABC):
         with self.backward_scope(scale, scaler):
             lagrangian.backward()
         return step
+
+    def before_lagrangian(self) -> None:
+        """Hook before every evaluation of the Lagrangian (:meth:`backward` and :meth:`compute_lagrangian`)."""
+        return None
 
     def backward_scope(self, scale: float, scaler: Any) -> AbstractContextManager[None]:
         """Context of the primal backward in :meth:`backward`, given its ``scale`` and ``scaler``.

@@ -55,7 +55,6 @@ from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.iterate import Iterate, squared_norms
 from constrainedsparse.formulations.penalty import PenaltyGradient
 from constrainedsparse.formulations.rho import PenaltyRule
-from constrainedsparse.formulations.step import LagrangianStep
 from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
 
@@ -204,12 +203,11 @@ class DuplicateVariables(Formulation):
 
         return violation
 
-    def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
-        """:meth:`Formulation.backward`, with :math:`\\rho` first lowered to :meth:`PenaltyRule.stable` if the
-        learning rate rose above its bound since the last coordination (a warm restart of the schedule)."""
+    def before_lagrangian(self) -> None:
+        """:math:`\\rho` lowered to :meth:`PenaltyRule.stable` before a W-step whose learning rate is above its bound:
+        the initial :math:`\\rho`, or the lr rose since the last coordination (a warm restart of the schedule)."""
         if self.rho > self.penalty_rule.stable():
-            self.set_rho(self.penalty_rule.capped(self.rho, stacklevel=2))  # backward, caller
-        return super().backward(batch, scale=scale, scaler=scaler)
+            self.set_rho(self.penalty_rule.capped(self.rho))
 
     def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
         """The penalty gradient is added after the backward, scaled like the Lagrangian: by ``scale`` and the
@@ -360,7 +358,7 @@ class DuplicateVariables(Formulation):
     def next_rho(self, metrics: dict[str, float]) -> float:
         """:math:`\\rho` for the next iteration: :meth:`PenaltyRule.next` (growth or residual balancing, capped at
         ``rho_max`` and at the user's SGD bound)."""
-        return self.penalty_rule.next(self.rho, metrics, stacklevel=5)  # next_rho, coordinate, after_step, post_step
+        return self.penalty_rule.next(self.rho, metrics)
 
     def set_rho(self, value: float) -> None:
         """Sets :math:`\\rho` on every W = Z constraint."""

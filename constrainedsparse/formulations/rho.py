@@ -2,11 +2,13 @@ r"""The penalty coefficient :math:`\rho` of the W = Z formulations (``slr``, ``a
 and the bounds the user's SGD puts on the W-step.
 
 The W-step is the user's optimizer on :math:`L_\rho`; the penalty adds :math:`\rho(W - Z)` to the gradient of
-every pruned weight. With SGD at learning rate :math:`\eta` (momentum :math:`\beta`) each step contracts
-:math:`W - Z` by :math:`1 - \eta\rho`: stable up to :math:`\eta\rho = 2(1 + \beta)`, divergent beyond, and
-:math:`\rho` growing 5 % a coordination crosses that bound after ~40 epochs at :math:`\eta = 0.05`. So
-:class:`PenaltyRule` never sets :math:`\rho` above :math:`1/\eta` (:meth:`PenaltyRule.stable`). Adam's and
-other adaptive steps do not scale with the gradient: no bound for them.
+every pruned weight. With SGD at learning rate :math:`\eta` each step contracts :math:`W - Z` by
+:math:`1 - \eta\rho` (plain SGD: stable up to :math:`\eta\rho = 2`; heavy-ball momentum :math:`\beta`: up to
+:math:`2(1 + \beta)`; Nesterov momentum 0.9: up to ~1.36), and :math:`\rho` growing 5 % a coordination crosses
+those bounds after ~40 epochs at :math:`\eta = 0.05`. So :class:`PenaltyRule` never sets :math:`\rho` above
+:math:`1/\eta` (:meth:`PenaltyRule.stable`: a step of the penalty alone then never overshoots Z). Adam's and
+other adaptive steps do not scale with the gradient: no bound for them. The optimizer must be a
+``torch.optim.SGD`` (or a subclass); a wrapper around one (``ZeroRedundancyOptimizer``) is not recognised.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from constrainedsparse.errors import user_stacklevel
 
 __all__ = ["PenaltyRule", "target_groups"]
 
@@ -41,7 +45,12 @@ class PenaltyRule:
         self.target_ids = frozenset(id(t.stored) for t in targets)
         self.held = False  # stable() has capped rho (warned once)
 
-    def next(self, rho: float, metrics: dict[str, float], stacklevel: int) -> float:
+    @property
+    def sgd(self) -> bool:
+        """Whether the W-step is the user's ``torch.optim.SGD``, whose steps scale with the gradient."""
+        return isinstance(self.optimizer, torch.optim.SGD)
+
+    def next(self, rho: float, metrics: dict[str, float]) -> float:
         """:math:`\\rho` for the next iteration.
 
         ``growth``: :math:`\\min(\\gamma\\rho, \\rho_{max})`. ``balance`` (residual balancing, Boyd et al.
@@ -58,36 +67,38 @@ class PenaltyRule:
                 rho /= growth
         else:
             rho *= growth
-        return self.capped(rho, stacklevel + 1)
+        return self.capped(rho)
 
     def stable(self) -> float:
         """:math:`1/\\eta` for the user's ``torch.optim.SGD`` (:math:`\\eta`: the largest learning rate of the groups
         holding a pruned weight, read at every call: schedules change it), ``inf`` for other optimizers."""
-        if not isinstance(self.optimizer, torch.optim.SGD):
+        if not self.sgd:
             return float("inf")
         lr = max((float(g["lr"]) for g in target_groups(self.optimizer, self.target_ids)), default=0.0)
         return 1.0 / lr if lr > 0 else float("inf")
 
-    def capped(self, rho: float, stacklevel: int) -> float:
-        """``rho`` capped at ``rho_max`` and at :meth:`stable` (warns once when the latter binds, pointing
-        ``stacklevel`` frames above the caller)."""
+    def capped(self, rho: float) -> float:
+        """``rho`` capped at ``rho_max`` and at :meth:`stable` (warns once, at the user's line, when the latter
+        binds)."""
         stable = self.stable()
         if rho > stable and stable < self.config.rho_max:
             if not self.held:
                 self.held = True
                 warnings.warn(
-                    f"{self.name} holds rho at {stable:.4g} = 1 / lr of your SGD instead of {rho:.4g} (beyond it "
-                    "every W-step overshoots W = Z, and the run diverges): a lower learning rate allows a firmer pull",
+                    f"{self.name} holds rho at {stable:.4g} = 1 / lr of your SGD instead of {rho:.4g} (beyond it a "
+                    "W-step overshoots W = Z, and beyond 2 (1 + momentum) / lr the run diverges): a lower learning "
+                    "rate allows a firmer pull",
                     UserWarning,
-                    stacklevel=stacklevel + 1,
+                    stacklevel=user_stacklevel(),
                 )
             return stable
         return min(rho, self.config.rho_max)
 
     def momentum_steps(self) -> float:
-        """:math:`1/(1 - \\beta)`, the steps SGD's momentum :math:`\\beta` takes to settle (the largest of the
-        groups holding a pruned weight), 0 without momentum or for other optimizers."""
-        if not isinstance(self.optimizer, torch.optim.SGD):
+        """:math:`1/(1 - \\beta)` for SGD's momentum :math:`\\beta` (the largest of the groups holding a pruned
+        weight; a swing about the W-step's minimiser decays by a factor e every 1 to 2 such spans), 0 without
+        momentum or for other optimizers."""
+        if not self.sgd:
             return 0.0
         beta = max((float(g.get("momentum", 0.0)) for g in target_groups(self.optimizer, self.target_ids)), default=0)
         return 1.0 / (1.0 - beta) if 0 < beta < 1 else 0.0

@@ -19,6 +19,7 @@ from typing import Any
 import cooper
 import torch
 
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import L0PenaltyConfig
@@ -64,7 +65,7 @@ class Gated(Formulation):
             problem.targets, self.config.grouping, self.config.droprate_init, self.generator, self.config.test_rule
         )
         self.optimizer.add_param_group(self._gate_group())
-        if isinstance(self.optimizer, torch.optim.SGD):
+        if isinstance(self.optimizer, torch.optim.SGD) and self.config.gate_lr == type(self.config)().gate_lr:
             count = sum(gate.log_alpha.numel() for gate in self.gates.values())
             warnings.warn(
                 f"{self.name}'s {count} gates (log alpha) learn in a group of your SGD at gate_lr="
@@ -72,7 +73,7 @@ class Gated(Formulation):
                 "scale with it (Adam's do not), so they barely move (a 19k-gate MLP stayed at density 0.998 for 30 "
                 "epochs): use Adam or AdamW, or raise gate_lr by orders of magnitude (1000 reached the target there)",
                 UserWarning,
-                stacklevel=4 if type(self).attach is Gated.attach else 5,  # attach(es), __init__, make, caller
+                stacklevel=user_stacklevel(),
             )
         self._eval_warned = False  # a gated layer seen in eval mode by backward(), warned once
         self.add_terms()
