@@ -2,6 +2,7 @@
 Ctrl-C while one is written leaves it whole."""
 
 import random
+import signal
 
 import pytest
 import torch
@@ -31,7 +32,16 @@ class _CtrlCWhilePickled:
         return (int, (7,))
 
 
-def test_ctrl_c_during_a_checkpoint_write_is_raised_after_the_file_is_complete(tmp_path):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test: a process started in the background by a shell without job
+    control (a CI runner's ``cmd &``) inherits SIGINT ignored, and an ignored Ctrl-C stays ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_raised_after_the_file_is_complete(tmp_path, ctrl_c_raises):
     path = tmp_path / "checkpoint.pt"
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"weights": torch.ones(3), "late": _CtrlCWhilePickled()})
