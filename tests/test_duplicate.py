@@ -200,6 +200,10 @@ def test_the_rho_bound_follows_the_learning_rate_and_ignores_adaptive_optimizers
     assert rule.stable() == 4.0
     optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": 10.0})  # holds no target
     assert rule.stable() == 4.0
+    state = optimizer.state_dict()
+    state["param_groups"][0]["lr"] = 0.125
+    optimizer.load_state_dict(state)  # a resume: new group dicts, the lr of the checkpoint
+    assert rule.stable() == 8.0
     adam, _ = _tiny("admm", rho=1.0, rho_growth=10.0)
     assert adam.penalty_rule.stable() == float("inf")
 

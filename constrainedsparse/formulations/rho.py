@@ -21,12 +21,7 @@ import torch
 
 from constrainedsparse.errors import user_stacklevel
 
-__all__ = ["PenaltyRule", "target_groups"]
-
-
-def target_groups(optimizer: torch.optim.Optimizer, target_ids: frozenset[int]) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups that hold a pruned weight (``target_ids``: their ``id``)."""
-    return [g for g in optimizer.param_groups if any(id(p) in target_ids for p in g["params"])]
+__all__ = ["PenaltyRule"]
 
 
 class PenaltyRule:
@@ -37,13 +32,20 @@ class PenaltyRule:
         config: Its :class:`~constrainedsparse.formulations.duplicate.DuplicateConfig` (``rho_growth``,
             ``rho_max``, ``rho_rule``).
         optimizer: The user's primal optimizer.
-        targets: The pruned weights (their stored parameters are looked up in the optimizer's groups).
+        targets: The pruned weights (the optimizer's groups that hold them are looked up once).
     """
 
     def __init__(self, name: str, config: Any, optimizer: torch.optim.Optimizer, targets: Iterable[Any]) -> None:
         self.name, self.config, self.optimizer = name, config, optimizer
-        self.target_ids = frozenset(id(t.stored) for t in targets)
+        # Which groups is fixed (make() checked the optimizer holds every target; a parameter is in one group, and
+        # groups added later are appended), not the group dicts: load_state_dict replaces them.
+        held = frozenset(id(t.stored) for t in targets)
+        self.indices = [i for i, g in enumerate(optimizer.param_groups) if any(id(p) in held for p in g["params"])]
         self.held = False  # stable() has capped rho (warned once)
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups that hold a pruned weight, as they are now."""
+        return [self.optimizer.param_groups[i] for i in self.indices]
 
     @property
     def sgd(self) -> bool:
@@ -74,7 +76,7 @@ class PenaltyRule:
         holding a pruned weight, read at every call: schedules change it), ``inf`` for other optimizers."""
         if not self.sgd:
             return float("inf")
-        lr = max((float(g["lr"]) for g in target_groups(self.optimizer, self.target_ids)), default=0.0)
+        lr = max((float(g["lr"]) for g in self._groups()), default=0.0)
         return 1.0 / lr if lr > 0 else float("inf")
 
     def capped(self, rho: float) -> float:
@@ -100,5 +102,5 @@ class PenaltyRule:
         momentum or for other optimizers."""
         if not self.sgd:
             return 0.0
-        beta = max((float(g.get("momentum", 0.0)) for g in target_groups(self.optimizer, self.target_ids)), default=0)
+        beta = max((float(g.get("momentum", 0.0)) for g in self._groups()), default=0.0)
         return 1.0 / (1.0 - beta) if 0 < beta < 1 else 0.0
