@@ -56,9 +56,9 @@ class ADMM(DuplicateVariables):
 
         ADMM's dual step :math:`\\rho(W - Z)` supposes W minimises :math:`L_\\rho` for the current Z and
         :math:`\\Lambda`. SGD with momentum :math:`\\beta` swings about the minimiser for :math:`\\sim 1/(1 - \\beta)`
-        steps or more; a coordination within them reads W mid-swing, and the dual steps can amplify the swing (measured
-        on a digits MLP with SGD at momentum 0.9: NaN after 27 epochs coordinating every 5.5 steps, stable over
-        80 epochs every 11 or 22).
+        steps or more; a coordination within them reads W mid-swing, and the dual steps can amplify the swing
+        (``benchmarks/sgd_stability.py``, a digits MLP with SGD at momentum 0.9: NaN after 27 epochs coordinating
+        every 5.5 steps, finite over 60 epochs every 11).
         """
         if self.config.interval_unit == "step":
             return float(self.config.interval)

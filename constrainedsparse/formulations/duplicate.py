@@ -100,7 +100,9 @@ class DuplicateConfig(Hyperparameters):
     )
     rho_growth: float = hyperparameter(1.05, "factor applied to rho after every coordination", Bounds(low=1))
     rho_max: float = hyperparameter(
-        1e4, "upper bound on rho when it grows (>= rho)", Bounds(low=0, low_inclusive=False)
+        1e4,
+        "upper bound on rho when it grows (>= rho; with your own SGD rho also stays <= 1/lr)",
+        Bounds(low=0, low_inclusive=False),
     )
     interval: int = hyperparameter(
         4, "coordinate (Z-step, dual steps) every this many units", Bounds(low=1, integer=True)

@@ -70,7 +70,7 @@ class Gated(Formulation):
             warnings.warn(
                 f"{self.name}'s {count} gates (log alpha) learn in a group of your SGD at gate_lr="
                 f"{self.config.gate_lr:g}: the density terms give each a gradient of order 1/{count}, and SGD's steps "
-                "scale with it (Adam's do not), so they barely move (a 19k-gate MLP stayed at density 0.998 for 30 "
+                "scale with it (Adam's do not), so they barely move (a 50k-gate MLP stayed at density 0.998 for 60 "
                 "epochs): use Adam or AdamW, or raise gate_lr by orders of magnitude (1000 reached the target there)",
                 UserWarning,
                 stacklevel=user_stacklevel(),
