@@ -8,10 +8,13 @@ line; any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -313,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run", *argv]  # `constrainedsparse [--flags]` means `constrainedsparse run [--flags]`
     args = _build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():  # restores the hook when the command ends (main runs in tests too)
+        with warnings.catch_warnings(), _sigterm_interrupts(getattr(args, "nproc", 1)):  # restored at the end
             warnings.showwarning = _show_warning
             return _dispatch(args, argv)
     except (UserInputError, NonFiniteLossError) as err:
@@ -322,13 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher.report_error(message, code=2)
             raise SystemExit(2) from None
         _fail(message)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debugging():
             raise
+        code, what = (143, "terminated") if isinstance(stop, Terminated) else (130, "interrupted")
         if not _speaks_for_the_run():
-            return 130  # the launcher (or rank 0 under torchrun) says it once
-        print(f"interrupted{_resume_hint(getattr(args, 'out', None) or _RESOLVED_OUT.get('run'))}", file=sys.stderr)
-        return 130  # the shell's code for SIGINT
+            return code  # the launcher (or rank 0 under torchrun) says it once
+        print(f"{what}{_resume_hint(getattr(args, 'out', None) or _RESOLVED_OUT.get('run'))}", file=sys.stderr)
+        return code  # the shell's code for SIGINT (130) or SIGTERM (143)
     except BrokenPipeError:  # the reader went away (`| head`): quiet, with the shell's code for SIGPIPE, as cat
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -356,6 +360,30 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 def _speaks_for_the_run() -> bool:
     """Whether this process reports an interrupt: not a rank that ``--nproc`` started, not rank > 0 under torchrun."""
     return not os.environ.get(distributed.ENV_LAUNCHED) and distributed.rank() == 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``) in a single-process command: unwound like
+    Ctrl-C, so a run killed before its first checkpoint removes its folder too."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(nproc: Any) -> Any:
+    """Within: SIGTERM raises :class:`Terminated` (main thread of a single process only: under torchrun or
+    ``--nproc N`` the launcher owns the signals); the previous handler is restored on exit (tests call main)."""
+    launched = distributed.env_world_size() > 1 or nproc not in (None, 1)
+    if launched or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _resume_hint(out: Any) -> str:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -327,3 +328,33 @@ def test_a_held_directory_is_named_by_what_it_holds_and_resume_offered_only_with
     with pytest.raises(UserInputError) as caught:
         RunDirectory(out).check()
     assert str(caught.value).startswith(f"--out {out} already holds {says}")
+
+
+def test_sigterm_unwinds_like_ctrl_c_one_line_exit_143_and_no_folder_before_the_first_checkpoint(tmp_path):
+    """``kill``, ``timeout``, a scheduler: before the first checkpoint the folder it created is removed (it used to
+    stay, refused by a new run and by --resume); after one, the checkpoint is kept and named."""
+    for name, wait_for in (("early", "metrics.jsonl"), ("late", "checkpoint.pt")):
+        out = tmp_path / name
+        script = (
+            "from constrainedsparse.cli import main; import sys; "
+            f"sys.exit(main(['run', 'digits-mlp', '--formulation', 'magnitude', '--out', {str(out)!r}, "
+            "'--pretrain-epochs', '3', '--epochs', '40', '--set', 'batch_size=4', '--no-progress', '--wandb', "
+            "'disabled']))"  # batches of 4: an epoch takes seconds, the signal lands inside the first one
+        )
+        child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda out=out, wait_for=wait_for, child=child: (out / wait_for).exists() or child.poll() is not None)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 143, err[-2000:]
+        if name == "early":
+            assert (
+                err.strip().splitlines()[-1]
+                == "terminated before the first checkpoint: nothing to resume, start the run again"
+            )
+            assert not out.exists()
+        else:
+            assert (
+                err.strip().splitlines()[-1]
+                == f"terminated; continue from the last checkpoint with --resume --out {out}"
+            )
+            assert (out / "checkpoint.pt").is_file()
