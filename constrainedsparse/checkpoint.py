@@ -88,24 +88,34 @@ def writable(folder: Path, probe: bool = True) -> bool:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block is held until it ends, then given to the handler in place (Python's
-    raises ``KeyboardInterrupt``; an ignored one stays ignored): a file being written is finished first (only
-    in the main thread, where Python handles signals; elsewhere a no-op).
+    """Ctrl-C (SIGINT) and SIGTERM inside the block are held until it ends, then given to the handler in place
+    (Python's raises ``KeyboardInterrupt``, the CLI's SIGTERM one ``Terminated``; the default SIGTERM action ends
+    the process; an ignored one stays ignored): a file being written is finished first (only in the main thread,
+    where Python handles signals; elsewhere a no-op).
 
     A Ctrl-C of a several-process job that reached a rank inside ``torch.save`` printed that rank's traceback
     (seen once in CI) instead of the one ``interrupted`` line.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) is not None  # None: a handler not set from Python, left alone
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received and callable(previous):  # the handler that was in place (Python's raises KeyboardInterrupt)
-        previous(received[0], None)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(received[0])  # the default action, now that the file is whole
 
 
 def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

@@ -47,3 +47,43 @@ def test_ctrl_c_during_a_checkpoint_write_is_raised_after_the_file_is_complete(t
         save_checkpoint(path, {"weights": torch.ones(3), "late": _CtrlCWhilePickled()})
     assert torch.load(path, weights_only=False)["late"] == 7  # written whole, then interrupted
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+class _TermWhilePickled:
+    """Sends this process SIGTERM while torch.save pickles it."""
+
+    def __reduce__(self):
+        import os
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        return (int, (7,))
+
+
+def test_sigterm_during_a_checkpoint_write_reaches_the_cli_handler_after_the_file_is_complete(tmp_path):
+    from constrainedsparse.cli import Terminated, _sigterm_interrupts
+
+    path = tmp_path / "checkpoint.pt"
+    with _sigterm_interrupts(None), pytest.raises(Terminated):  # the CLI's handler: SIGTERM unwinds like Ctrl-C
+        save_checkpoint(path, {"weights": torch.ones(3), "late": _TermWhilePickled()})
+    assert torch.load(path, weights_only=False)["late"] == 7  # written whole, then terminated
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_default_sigterm_during_a_checkpoint_write_ends_the_process_after_the_file_is_complete(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "checkpoint.pt"
+    script = (
+        "import os, signal, torch\n"
+        "from constrainedsparse.checkpoint import save_checkpoint\n"
+        "class Late:\n"
+        "    def __reduce__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return (int, (7,))\n"
+        f"save_checkpoint({str(path)!r}, {{'late': Late()}})\n"
+        "print('survived')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout  # the default action, deferred
+    assert torch.load(path, weights_only=False)["late"] == 7
