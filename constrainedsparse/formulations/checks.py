@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_ours
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_ours, user_stacklevel
 from constrainedsparse.sets.base import set_text
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def check_ddp_wrapped(problem: Any) -> bool:
             "the ranks' gradients are not averaged and their models drift apart; set problem.forward_module = "
             "DistributedDataParallel(model) after make() (docs/distributed.md)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return True
 

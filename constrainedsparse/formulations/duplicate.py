@@ -51,6 +51,7 @@ from constrainedsparse import distributed
 from constrainedsparse.batches import batch_size
 from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.distributed import weighted_mean
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.iterate import Iterate, squared_norms
 from constrainedsparse.formulations.penalty import PenaltyGradient
@@ -483,7 +484,7 @@ class DuplicateVariables(Formulation):
                 f"{self.config.interval_unit}; it coordinates in {where}): its hard masks cut weights never pulled "
                 "towards Z",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         for name in self.constraints:
             self.problem.remove_constraint(CONSTRAINT_PREFIX + name)

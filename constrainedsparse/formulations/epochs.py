@@ -10,6 +10,8 @@ import dataclasses
 import warnings
 from typing import Any
 
+from constrainedsparse.errors import user_stacklevel
+
 __all__ = ["EpochCount", "checked_epoch"]
 
 
@@ -25,7 +27,7 @@ def checked_epoch(epoch: Any, call: str) -> int:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)  # at the caller of start_epoch() / end_epoch()
+    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())  # at the caller of start_epoch() / end_epoch()
 
 
 @dataclasses.dataclass

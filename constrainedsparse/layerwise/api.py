@@ -29,6 +29,7 @@ from torch import nn
 
 from constrainedsparse.causal_lm import load_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver
 from constrainedsparse.layerwise.checks import (
@@ -237,7 +238,8 @@ def _warn_without_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None
         source = source_folder(model)
         where = f"in {source}" if source is not None else "(the model was not loaded from a folder)"
         warnings.warn(
-            f"{out / 'model'} gets no tokenizer: none was found {where}; pass tokenizer= to save one", stacklevel=3
+            f"{out / 'model'} gets no tokenizer: none was found {where}; pass tokenizer= to save one",
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.errors import UserInputError, is_ours, plugin_code
+from constrainedsparse.errors import UserInputError, is_ours, plugin_code, user_stacklevel
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
 from constrainedsparse.sets.base import set_text
@@ -179,7 +179,7 @@ def check_solver(solver: LayerwiseSolver, target: SparsityConfig) -> None:
             f"{solver.name}: at the {target.pattern_text()} pattern, "
             + "; ".join(f"{key}={values[key]} has no effect ({why})" for key, why in idle.items()),
             UserWarning,
-            stacklevel=4,  # the caller of prune_layerwise (through check_settings)
+            stacklevel=user_stacklevel(),  # the caller of prune_layerwise (the CLI's entry in a run)
         )
 
 

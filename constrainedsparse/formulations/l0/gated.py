@@ -88,7 +88,7 @@ class Gated(Formulation):
                 "deterministic test-time value and the loss gives their log alpha no gradient; call model.train() "
                 "before training steps",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return super().backward_scope(scale, scaler)
 
