@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.allocation import Allocation, allocate, grid_levels, measure_curves
 from constrainedsparse.layerwise.driver import GRAM_DTYPES, block_prefixes
 from constrainedsparse.layerwise.layers import targeted_layers, weight_name
@@ -34,19 +33,11 @@ def override_levels(
     within its block (``mlp.down_proj.weight``, as ``include``/``exclude`` do in a layer-wise run);
     the first glob that matches sets the layer's level, at the run's pattern (row or layer scope).
     Whether every glob matches a layer, and every level fits its layer, is checked with the shapes
-    (:func:`~constrainedsparse.layerwise.checks.check_layer_shapes`).
-
-    Raises:
-        UserInputError: For overrides on an N:M target (its level is fixed per group).
+    (:func:`~constrainedsparse.layerwise.checks.check_layer_shapes`); overrides beside a pattern that fixes its
+    own level (N:M) are refused before, by :func:`~constrainedsparse.layerwise.checks.check_allocation`.
     """
     if not targets.overrides:
         return {}
-    if target.fixed_level:
-        raise UserInputError(
-            f"Targets.overrides set per-layer sparsity levels; the {'N:M ' * bool(target.nm)}pattern "
-            f"{target.describe()} fixes every "
-            "group's: use a sparsity target, or exclude the layers to keep dense"
-        )
     levels = {}
     for prefix, block in zip(block_prefixes(model, blocks), blocks):
         for name, _ in targeted_layers(block, targets, prefix):
