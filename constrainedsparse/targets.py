@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from constrainedsparse.errors import is_ours
 from constrainedsparse.sets import (
     FeasibleSet,
     available_patterns,
@@ -406,8 +407,7 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
             that is no parameter (a buffer, or a tensor a hook recomputes).
     """
     if parametrize.is_parametrized(module, param_name):
-        kinds = [type(p) for p in module.parametrizations[param_name]]
-        foreign = [kind.__name__ for kind in kinds if not kind.__module__.startswith("constrainedsparse.")]
+        foreign = [type(p).__name__ for p in module.parametrizations[param_name] if not is_ours(type(p))]
         if foreign:
             raise ValueError(
                 f"{full} carries a parametrization of yours ({foreign[0]}): masks and gates replace the weight "
