@@ -128,7 +128,7 @@ class DuplicateConfig(Hyperparameters):
         """``rho_max >= rho``; ``schedule_end`` other than its default only with the cubic schedule."""
         if not self.rho_max >= self.rho:
             raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
-        default_end = next(f.default for f in dataclasses.fields(self) if f.name == "schedule_end")
+        default_end = self.keys()["schedule_end"].default
         if self.sparsity_schedule == "constant" and self.schedule_end != default_end:
             raise ValueError(
                 f"schedule_end={self.schedule_end} applies only with sparsity_schedule=cubic (the constant "

@@ -65,7 +65,7 @@ class Gated(Formulation):
             problem.targets, self.config.grouping, self.config.droprate_init, self.generator, self.config.test_rule
         )
         self.optimizer.add_param_group(self._gate_group())
-        if isinstance(self.optimizer, torch.optim.SGD) and self.config.gate_lr == type(self.config)().gate_lr:
+        if isinstance(self.optimizer, torch.optim.SGD) and self.config.gate_lr == self.config.keys()["gate_lr"].default:
             count = sum(gate.log_alpha.numel() for gate in self.gates.values())
             warnings.warn(
                 f"{self.name}'s {count} gates (log alpha) learn in a group of your SGD at gate_lr="
