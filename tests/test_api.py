@@ -78,6 +78,9 @@ def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     assert report.model_sparsity == pytest.approx(zeros / total) and report.model_sparsity < report.achieved_sparsity
     assert 0 < report.mean_layer_error < 1 and report.layer_error.keys() == report.layer_sparsity.keys()
+    assert report.target == "0.5 row"  # the layer-wise default pattern, named as the CLI's summary names it
+    unstructured = prune_layerwise(_Blocks(), batches, "wanda", sparsity=0.5, pattern="unstructured")
+    assert unstructured.target == "0.5 unstructured"
 
 
 def test_prune_layerwise_overrides_set_levels_by_full_or_block_name():

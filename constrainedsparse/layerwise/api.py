@@ -280,7 +280,8 @@ def _report(
     figures = summarize_layers(model, rows)
     return LayerwiseReport(
         method=solver.name,
-        target=target.describe(),
+        # Layer-wise pruning defaults to rows, so the unstructured pattern is named (as the CLI's summary does).
+        target=target.describe() if target.pattern != "unstructured" else f"{target.describe()} unstructured",
         mean_layer_error=figures["mean_layer_error"],
         layer_error=figures["layer_error"],
         layer_sparsity=figures["layer_sparsity"],

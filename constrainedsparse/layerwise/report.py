@@ -86,7 +86,7 @@ class LayerwiseReport:
 
     Attributes:
         method: The solver's name.
-        target: The level or pattern (``"0.5"``, ``"2:4"``).
+        target: The level and pattern (``"0.5 row"``, ``"0.5 unstructured"``, ``"2:4"``).
         mean_layer_error: Mean over the pruned layers of :math:`\\|(W - \\hat W)X\\|^2 / \\|WX\\|^2`.
         layer_error: That error per layer (weight name).
         layer_sparsity: Fraction of zeros per pruned layer.
