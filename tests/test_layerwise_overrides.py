@@ -92,8 +92,6 @@ LAYERWISE_MISTAKES = [
     ("blocks returns None", "blocks=lambda m: None", r"problem 'mine': blocks must be a list .* got NoneType"),
     ("blocks returns the model", "blocks=lambda m: m", r"blocks must be a list of the model's blocks .* model itself"),
     ("blocks returns nothing", "blocks=lambda m: []", r"problem 'mine': blocks is empty: there is nothing to prune"),
-    ("a block that is a layer", "blocks=lambda m: [m.blocks[0][0]]",
-     r"block 0 \(blocks\.0\.0, a Linear\) is a single layer: blocks are the modules holding layers"),
     ("a block twice", "blocks=lambda m: [m.blocks[0], m.blocks[0]]", r"block 1 \(blocks\.0\) is listed twice"),
     ("blocks in reverse", "blocks=lambda m: list(m.blocks)[::-1]",
      r"blocks must be in execution order: blocks\.0 runs before blocks\.1"),

@@ -1,5 +1,6 @@
-"""prune_layerwise on models outside the transformers zoo: blocks that are bare layers, a layer whose forward
-never runs (nn.MultiheadAttention's out_proj), and targets of a module type layer-wise pruning cannot prune."""
+"""prune_layerwise on models outside the transformers zoo: blocks that are bare layers, computations between
+blocks (an activation, a residual sum), a layer whose forward never runs (nn.MultiheadAttention's out_proj), and
+targets of a module type layer-wise pruning cannot prune."""
 
 import re
 
@@ -63,6 +64,93 @@ def test_blocks_that_are_bare_layers_are_pruned_and_named_by_their_weight():
     assert report.layer_sparsity == dict.fromkeys(names, 0.5)
     assert list(report.layer_error) == names
     assert all(float((block.weight == 0).float().mean()) == 0.5 for block in model.blocks)
+
+
+class Residual(nn.Module):
+    """``x + inner(x)``: a residual sum inside a block."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+class OutsideResidual(nn.Module):
+    """Blocks of two layers whose residual sum the model computes between the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class Chain(nn.Module):
+    """The same computation with everything inside the blocks."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _chained_twin(model: nn.Module) -> nn.Module:
+    """``model`` with what runs between its blocks moved into them (same weights, same outputs)."""
+    import copy
+
+    blocks = copy.deepcopy(list(model.blocks))
+    if isinstance(model, LinearTower):
+        return Chain([nn.Sequential(block, nn.ReLU()) for block in blocks])
+    return Chain([Residual(block) for block in blocks])
+
+
+@pytest.mark.parametrize("model_class", [LinearTower, OutsideResidual])
+def test_what_runs_between_blocks_reaches_the_next_blocks_calibration(model_class):
+    torch.manual_seed(0)
+    model = model_class()
+    twin = _chained_twin(model)
+    batches = [torch.randn(32, 16) for _ in range(2)]
+    x = batches[0]
+    assert torch.equal(model(x), twin(x))
+    report = prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    expected = prune_layerwise(twin, batches, "sparsegpt", sparsity=0.5)
+    # The walk runs the model up to each next block (its activation or residual sum included), so both
+    # models calibrate every layer on the same inputs: identical pruned weights and errors.
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    twin_weights = [p for n, p in twin.named_parameters() if n.endswith("weight")]
+    assert all(torch.equal(a, b) for a, b in zip(weights, twin_weights, strict=True))
+    assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
+
+
+def test_blocks_given_as_bare_layers_are_pruned_and_blocks_out_of_order_refused():
+    torch.manual_seed(0)
+    model = LinearTower()
+    report = prune_layerwise(model, [torch.randn(32, 16)], "wanda", sparsity=0.5, blocks=list(model.blocks)[:2])
+    assert list(report.layer_error) == ["blocks.0.weight", "blocks.1.weight"]
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Sequential(nn.Linear(16, 16)), nn.Sequential(nn.Linear(16, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    model = Named()
+    before = _snapshot(model)
+    message = "blocks must be the model's blocks in execution order, each called once: a ran first"
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, [torch.randn(32, 16)], "wanda", sparsity=0.5, blocks=[model.b, model.a])
+    assert _unchanged(model, before)
 
 
 @pytest.mark.parametrize("true_sequential", [False, True])

@@ -10,7 +10,7 @@ from torch import nn
 
 from constrainedsparse.batches import map_tensors
 
-__all__ = ["BlockInputs", "block_output"]
+__all__ = ["BlockInputs", "block_hidden", "block_output"]
 
 
 @dataclasses.dataclass
@@ -46,10 +46,11 @@ class BlockInputs:
         )
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def block_hidden(output: Any) -> torch.Tensor:
+    """The hidden states of a block's output (the first element of a tuple or list)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def block_output(block: nn.Module, item: BlockInputs) -> torch.Tensor:
     """The block's output hidden states on one batch (where the batch is)."""
-    return _hidden(block(*item.args, **item.kwargs))
+    return block_hidden(block(*item.args, **item.kwargs))

@@ -239,10 +239,10 @@ def check_reachable(
 
 
 def checked_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
-    """``blocks`` as a list: non-empty, distinct modules of ``model`` that hold layers (not single layers).
+    """``blocks`` as a list: non-empty, distinct sub-modules of ``model`` (blocks of layers, or single layers).
 
     Raises:
-        ValueError: Naming what is wrong (``None``, the model itself, a layer, a repeat, a foreign module).
+        ValueError: Naming what is wrong (``None``, the model itself, a repeat, a foreign module).
     """
     listed = isinstance(blocks, nn.ModuleList) or (
         not isinstance(blocks, (nn.Module, str, bytes, Mapping)) and hasattr(blocks, "__iter__")
@@ -258,11 +258,6 @@ def checked_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
         if not isinstance(block, nn.Module) or id(block) not in names or block is model:
             what = "the model itself" if block is model else type(block).__name__
             raise ValueError(f"block {index} must be a sub-module of the model, got {what}")
-        if next(block.children(), None) is None:
-            raise ValueError(
-                f"block {index} ({names[id(block)]}, a {type(block).__name__}) is a single layer: blocks are the "
-                "modules holding layers (e.g. model.model.layers)"
-            )
         if any(block is other for other in blocks[:index]):
             raise ValueError(f"block {index} ({names[id(block)]}) is listed twice")
     return blocks

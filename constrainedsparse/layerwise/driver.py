@@ -12,7 +12,9 @@ For a model made of a list of blocks (transformer layers), the driver
 3. prunes every targeted layer of the block with the solver (all from the dense block's Gram
    matrices; with ``true_sequential``, group by group: steps 2 and 3 repeat for the layers that
    share an input, on the block with the earlier groups pruned);
-4. runs the *pruned* block to produce the next block's inputs.
+4. runs the *pruned* block to produce the next block's inputs (where the model computes something
+   between two blocks, e.g. an activation between bare ``nn.Linear`` blocks or a residual sum
+   outside them, it runs the model up to the next block instead).
 
 ``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored transposed, ``(d_in, d_out)``) are handled;
 solvers always see :math:`W` as ``(d_out, d_in)``.
@@ -38,12 +40,13 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
-from constrainedsparse.errors import UserInputError, first_line
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
-from constrainedsparse.layerwise.grams import StopForward, accumulate_grams
+from constrainedsparse.layerwise.capture import blocks_chained, call_model, capture_block_inputs
+from constrainedsparse.layerwise.grams import accumulate_grams
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.sequential import block_groups
 from constrainedsparse.progress import Progress
@@ -66,73 +69,6 @@ __all__ = [
 ]
 
 GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, ``model(batch)`` otherwise."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def token_mask(batch: Any) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` as booleans (True for real tokens), or ``None``."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    return None if mask is None else mask.bool()
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: Sequence[Any], device: torch.device | str = "cpu"
-) -> list[BlockInputs]:
-    """Runs every batch through ``model`` up to ``block`` and records what ``block`` is called with.
-
-    The forward stops at the block (nothing after it runs), so capturing the first block's inputs
-    costs the embeddings only.
-
-    Args:
-        model: The whole model (called as :func:`call_model` does).
-        block: The block whose inputs to record.
-        batches: Calibration batches (dicts of keyword arguments, tuples or tensors); a dict's
-            ``attention_mask`` marks padding.
-        device: Where the batches are run (the model's modules before the block must be there).
-
-    Returns:
-        One :class:`BlockInputs` per batch.
-
-    Raises:
-        ValueError: If a batch never reaches the block.
-    """
-    captured: list[tuple[tuple, dict]] = []
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, dict(kwargs)))
-        raise StopForward
-
-    handle = block.register_forward_pre_hook(record, with_kwargs=True)
-    inputs = []
-    try:
-        for index, batch in enumerate(batches):
-            batch = to_device(batch, device)
-            before = len(captured)
-            try:
-                call_model(model, batch)
-            except StopForward:
-                pass
-            except (RuntimeError, IndexError, TypeError) as err:  # before any block: a batch the model cannot take
-                raise UserInputError(
-                    f"calibration batch {index}: the model's forward failed before the first block: "
-                    f"{type(err).__name__}: {first_line(err)} (check the batches' shapes, dtypes and token ids)"
-                ) from err
-            if len(captured) != before + 1:
-                raise ValueError("a calibration batch never reached the block to prune (is it one of the model's?)")
-            args, kwargs = captured[-1]
-            inputs.append(BlockInputs(args, kwargs, token_mask(batch)))
-    finally:
-        handle.remove()
-    return inputs
 
 
 @torch.no_grad()
@@ -337,12 +273,19 @@ def walk_blocks(
     calibration inputs and the device it computes on (``None``: where the inputs are). After the
     caller is done with a block (pruned it, or measured it) the walk runs it on the inputs to get
     the next block's (so the next block sees the caller's changes), and with ``offload`` moves it
-    back. See :func:`prune_blocks` for ``offload`` and ``activations``.
+    back. Where the model computes something between two blocks (one forward of the first batch
+    finds out, :func:`~constrainedsparse.layerwise.capture.blocks_chained`), the next block's inputs
+    come from the model run up to it instead (``offload`` assumes chained blocks, as transformer
+    blocks are). See :func:`prune_blocks` for ``offload`` and ``activations``.
     """
     prefixes = block_prefixes(model, blocks)
     if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
         batches = list(batches)[distributed.rank() :: distributed.world_size()]
     stop = len(blocks) if stop is None else min(stop, len(blocks))
+    # With offload the blocks are not where one forward could run them all: chained, as transformer blocks are.
+    chained = offload or stop - start < 2
+    if not chained and batches:
+        chained = blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
     inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     store = device if activations == "device" else "cpu"
     compute = device if (offload or store != device) else None
@@ -352,8 +295,10 @@ def walk_blocks(
         if offload:
             block.to(device)
         yield index, block, prefixes[index], inputs, compute
-        if index + 1 < stop:
+        if index + 1 < stop and chained:
             inputs = run_block(block, inputs, compute)
+        elif index + 1 < stop:  # something runs between the blocks: the model up to the next one, as changed
+            inputs = walk_inputs(model, blocks[index + 1], batches, device, offload, activations)
         if offload:
             block.to(home)
 

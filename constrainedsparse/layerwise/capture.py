@@ -1,0 +1,143 @@
+"""Calling the model to reach its blocks: the calibration batches' inputs to a block, and whether the blocks
+form a chain (each called with the previous one's output), which lets a walk run one block to get the next's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from constrainedsparse.batches import to_device
+from constrainedsparse.errors import UserInputError, first_line
+from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
+from constrainedsparse.layerwise.grams import StopForward
+
+__all__ = ["blocks_chained", "call_model", "capture_block_inputs", "token_mask"]
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, ``model(batch)`` otherwise."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` as booleans (True for real tokens), or ``None``."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return None if mask is None else mask.bool()
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: Sequence[Any], device: torch.device | str = "cpu"
+) -> list[BlockInputs]:
+    """Runs every batch through ``model`` up to ``block`` and records what ``block`` is called with.
+
+    The forward stops at the block (nothing after it runs), so capturing the first block's inputs
+    costs the embeddings only.
+
+    Args:
+        model: The whole model (called as :func:`call_model` does).
+        block: The block whose inputs to record.
+        batches: Calibration batches (dicts of keyword arguments, tuples or tensors); a dict's
+            ``attention_mask`` marks padding.
+        device: Where the batches are run (the model's modules before the block must be there).
+
+    Returns:
+        One :class:`BlockInputs` per batch.
+
+    Raises:
+        ValueError: If a batch never reaches the block.
+    """
+    captured: list[tuple[tuple, dict]] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, dict(kwargs)))
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    inputs = []
+    try:
+        for index, batch in enumerate(batches):
+            batch = to_device(batch, device)
+            before = len(captured)
+            try:
+                call_model(model, batch)
+            except StopForward:
+                pass
+            except (RuntimeError, IndexError, TypeError) as err:  # before any block: a batch the model cannot take
+                raise UserInputError(
+                    f"calibration batch {index}: the model's forward failed before the first block: "
+                    f"{type(err).__name__}: {first_line(err)} (check the batches' shapes, dtypes and token ids)"
+                ) from err
+            if len(captured) != before + 1:
+                raise ValueError("a calibration batch never reached the block to prune (is it one of the model's?)")
+            args, kwargs = captured[-1]
+            inputs.append(BlockInputs(args, kwargs, token_mask(batch)))
+    finally:
+        handle.remove()
+    return inputs
+
+
+@torch.no_grad()
+def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequence[str], batch: Any) -> bool:
+    """Whether every block after the first is called with the previous block's output.
+
+    A walk over chained blocks gets a block's inputs by running the previous block on its own inputs;
+    where the model computes something between two blocks (an activation between bare ``nn.Linear``
+    blocks, a residual sum outside them, a norm) it has to run the model again up to the next block.
+    One forward of ``batch``, stopped where the last block would run (or at the first link that
+    differs), compares each block's hidden states with the previous block's output.
+
+    Args:
+        model: The whole model (called as :func:`call_model` does).
+        blocks: The blocks the walk visits, in order.
+        names: Their names in the model, for the message.
+        batch: One calibration batch, where the model computes.
+
+    Raises:
+        UserInputError: For a block called out of the given order or twice. A forward that fails
+            otherwise counts as chained: the walk then fails at the same place and names it.
+    """
+    if len(blocks) < 2:
+        return True
+    position = {id(block): index for index, block in enumerate(blocks)}
+    last: list[Any] = [-1, None]  # the index of the block that ran last, a copy of its output
+    chained = [True]
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        index = position[id(module)]
+        if index != last[0] + 1:
+            ran = f"after {names[last[0]]}" if last[0] >= 0 else "first"
+            raise UserInputError(
+                f"blocks must be the model's blocks in execution order, each called once: {names[index]} ran {ran}"
+            )
+        if index > 0 and not torch.equal(BlockInputs(args, kwargs, None).hidden, last[1]):
+            chained[0] = False
+            raise StopForward
+        if index == len(blocks) - 1:
+            raise StopForward
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        # A copy: the model may change the output in place before the next block.
+        last[0], last[1] = position[id(module)], block_hidden(output).clone()
+
+    handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in blocks]
+    handles += [block.register_forward_hook(after) for block in blocks]
+    try:
+        call_model(model, batch)
+    except StopForward:
+        pass
+    except UserInputError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError):  # the walk fails there too, and says where and why
+        return True
+    finally:
+        for handle in handles:
+            handle.remove()
+    return chained[0]
