@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
@@ -56,6 +56,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def random_states() -> dict[str, Any]:
+    """The global generators' states (torch's CPU and, once used, CUDA ones; Python's; NumPy's) in the types a
+    ``torch.load(weights_only=True)`` reads back: what a resumed run restores."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any] | torch.Tensor) -> None:
+    """Restores what :func:`random_states` returned (an earlier version's checkpoint holds torch's CPU state only)."""
+    if isinstance(states, torch.Tensor):
+        torch.set_rng_state(states)
+        return
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int) -> DataLoader:
     """Shuffled batches whose order depends only on (seed, phase, epoch): resumable.
 
@@ -83,7 +110,8 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
     if distributed.is_distributed():
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     outputs, targets = [], []
-    for batch in DataLoader(dataset, batch_size=EVAL_BATCH):
+    # Its own generator: an evaluation takes no draw from the global one (training's dropout stream).
+    for batch in DataLoader(dataset, batch_size=EVAL_BATCH, generator=torch.Generator()):
         output, y = problem.predicted(model, to_device(batch, device))
         outputs.append(output.detach().cpu())
         targets.append(y.detach().cpu())
@@ -206,4 +234,6 @@ def reference_batch(train: Dataset, seed: int, size: int) -> Any:
     """A fixed batch of ``min(size, len(train))`` training samples drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed * REFERENCE_SEED_MULTIPLIER + REFERENCE_SEED_OFFSET)
     indices = torch.randperm(len(train), generator=generator)[:size].tolist()
-    return next(iter(DataLoader(Subset(train, indices), batch_size=len(indices))))
+    # Collated as a DataLoader would, without one: its iterator draws a seed from torch's global generator,
+    # which a resumed run has restored just before (dropout after a resume would then take other draws).
+    return default_collate([train[index] for index in indices])

@@ -31,8 +31,10 @@ from constrainedsparse.dense import (
     dense_model,
     evaluate,
     loader,
+    random_states,
     reference_batch,
     seed_everything,
+    set_random_states,
 )
 from constrainedsparse.errors import NonFiniteLossError, UserInputError, plugin_code, user_input
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
@@ -232,7 +234,7 @@ class _Run:
 
     def test_batch(self) -> Any:
         """The whole test set as one batch on the run's device (what data-dependent constraints are reported on)."""
-        batch = next(iter(DataLoader(self.test, batch_size=len(self.test))))
+        batch = next(iter(DataLoader(self.test, batch_size=len(self.test), generator=torch.Generator())))
         return to_device(batch, self.prepared.device)
 
     def check_not_emptied(self) -> None:
@@ -258,7 +260,7 @@ class _Run:
                 "model": self.model.state_dict(),
                 "formulation": formulation.state_dict(),
                 "optimizer": formulation.optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
+                "rng": random_states(),
                 "dense_metric": self.dense_value,
                 "hardprune_metric": self.hardprune_value,
                 "seconds": self.seconds(),
@@ -347,6 +349,7 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     """Data, the dense model, the targets, the problem and the logger of the run."""
     prepared, config = run.prepared, run.config
     problem = prepared.problem
+    seed_everything(config.seed)  # --seed reaches the problem's data(options) too (random data, a random split)
     run.train, run.test = problem.datasets(prepared.options)
     for name, dataset in (("training", run.train), ("test", run.test)):
         if len(dataset) == 0:
@@ -357,7 +360,8 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     )  # fmt: skip
     run.model, run.dense_value = dense_model(recipe, run.train, run.test)
     run.targets = problem.targets.resolve(run.model, prepared.target, allow_empty=True)
-    example = to_device(next(iter(DataLoader(run.train, batch_size=prepared.training.batch_size))), prepared.device)
+    first = DataLoader(run.train, batch_size=prepared.training.batch_size, generator=torch.Generator())
+    example = to_device(next(iter(first)), prepared.device)
     run.sparsity_problem = _task_problem(problem, run.model, run.targets, example)
     logged = {**config.identity(), **prepared.formulation_config.values(), **dataclasses.asdict(prepared.training)}
     run.logger = open_logger(run.directory, config, logged, resume_state)
@@ -444,7 +448,7 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         if state is not None:
             run.step, run.seconds_before = state["step"], state["seconds"]
             run.hardprune_value = state["hardprune_metric"]
-            torch.set_rng_state(state["rng"])
+            set_random_states(state["rng"])
         else:
             seed_everything(run.config.seed + PRUNE_SEED_OFFSET)
             run.logger.log({f"{run.metric}/dense": run.dense_value, "phase": 0, "epoch": 0}, 0)

@@ -154,3 +154,20 @@ def test_dense_cache_key_includes_training_settings(tmp_path):
         run(RunConfig(formulation="magnitude", sparsity=0.5, epochs=0, seed=11, settings={"lr": lr},
                       out=tmp_path / lr, **FAST))  # fmt: skip
     assert len(list((cache_dir() / "dense").glob("digits-mlp-*-seed11-pre3.safetensors"))) == 2
+
+
+RANDOM_DROPOUT = str(Path(__file__).parent / "problems" / "random_dropout.py")
+
+
+def test_seed_reaches_a_problems_random_data_and_a_resumed_slr_run_with_dropout_matches(tmp_path):
+    # The file draws its data from the global generator and its model has dropout: --seed must fix the data,
+    # and a resumed run must continue the same dropout stream (slr's reference batch took a draw from it).
+    common = dict(problem=RANDOM_DROPOUT, formulation="slr", sparsity=0.5, seed=3, progress=False, wandb="disabled")
+    run(RunConfig(out=tmp_path / "full", **common))
+    run(RunConfig(out=tmp_path / "again", **common))
+    assert run(RunConfig(out=tmp_path / "cut", stop_after_epochs=1, **common)) is None
+    run(RunConfig(out=tmp_path / "cut", resume=True, **common))
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    for other in ("again", "cut"):
+        weights = load_file(tmp_path / other / "model.safetensors")
+        assert all(torch.equal(full[name], weights[name]) for name in full), other
