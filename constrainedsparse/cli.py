@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from constrainedsparse import distributed, launcher
+from constrainedsparse import __version__, distributed, launcher
 from constrainedsparse.catalog import describe
 from constrainedsparse.config import HyperparameterInfo, describe_table
 from constrainedsparse.errors import (
@@ -74,6 +74,7 @@ def _parse_settings(items: Sequence[str]) -> dict[str, str]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="constrainedsparse", description="Pruning as constrained optimization on Cooper.")
+    parser.add_argument("--version", action="version", version=f"constrainedsparse {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("run", help="prune a problem with a formulation")
     p.add_argument("problem", nargs="?", help="bundled name or path to a problem file (default digits-mlp)")
@@ -312,7 +313,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``constrainedsparse`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `constrainedsparse [--flags]` means `constrainedsparse run [--flags]`
     args = _build_parser().parse_args(argv)
     try:

@@ -148,15 +148,27 @@ class DenseRecipe:
     progress: bool = True
 
 
-def _dense_cache_path(recipe: DenseRecipe) -> Path:
-    """Everything that shapes the dense model is in the key: problem file, options, training keys."""
+def dense_cache_path(recipe: DenseRecipe) -> Path:
+    """The cache file of the recipe's dense model.
+
+    Its key holds the problem file's bytes (not the modules it imports, nor data files it reads), the
+    options, ``lr``, ``batch_size``, the device type, on the CPU torch's thread count (reductions split
+    differently), and the torch and constrainedsparse versions (the pre-training loop and the bundled
+    data generators are theirs); the seed and pre-training epochs name the file.
+    """
+    from constrainedsparse import __version__
+
+    device = torch.device(recipe.device).type
     key = json.dumps(
         {
             "options": recipe.options,
             "lr": recipe.lr,
             "batch": recipe.batch_size,
             # CUDA kernels round differently: a GPU-trained dense model is not the CPU one.
-            "device": torch.device(recipe.device).type,
+            "device": device,
+            "threads": torch.get_num_threads() if device == "cpu" else None,
+            "torch": torch.__version__,
+            "constrainedsparse": __version__,
         },
         sort_keys=True,
         default=str,
@@ -192,17 +204,18 @@ def _unwritable(folder: Path) -> str | None:
     )
 
 
-def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float]:
-    """The problem's dense model after pre-training, cached per (problem, seed, pretrain epochs)."""
+def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float, bool]:
+    """The problem's dense model after pre-training, its test metric, and whether it came from the cache
+    (:func:`dense_cache_path`)."""
     problem, seed, device = recipe.problem, recipe.seed, recipe.device
     seed_everything(seed)
     model = problem.built_model(recipe.options).to(device)
-    path = _dense_cache_path(recipe)
+    path = dense_cache_path(recipe)
     if distributed.broadcast_object(path.is_file()):  # rank 0's cache decides (multi-node: caches may differ)
         loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
         if distributed.broadcast_object(loaded):
             distributed.broadcast_module(model)
-            return model, evaluate(problem, model, test)
+            return model, evaluate(problem, model, test), True
         seed_everything(seed)
         model = problem.built_model(recipe.options).to(device)
     unwritable = distributed.broadcast_object(_unwritable(path.parent) if distributed.is_main_process() else None)
@@ -227,7 +240,7 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
     progress.close()
     if distributed.is_main_process():
         save_weights(path, model.state_dict())
-    return model, evaluate(problem, model, test)
+    return model, evaluate(problem, model, test), False
 
 
 def reference_batch(train: Dataset, seed: int, size: int) -> Any:

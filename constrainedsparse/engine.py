@@ -28,6 +28,7 @@ from constrainedsparse.dense import (
     RETRAIN_PHASE,
     DenseRecipe,
     cache_dir,
+    dense_cache_path,
     dense_model,
     evaluate,
     loader,
@@ -47,7 +48,7 @@ from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.purge import purge
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
-from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, settings_text
+from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_logger, settings_text
 from constrainedsparse.settings import (
     TrainingSettings,
     check_keeps_weights,
@@ -223,6 +224,7 @@ class _Run:
         self.started = time.perf_counter()
         self.metric = prepared.problem.test_metric.name  # names the logged family and summary keys
         self.dense_value = float("nan")
+        self.dense_cache: dict[str, Any] = {}  # the dense model's cache file, and whether it was loaded from it
         self.hardprune_value: float | None = None
         self.summary_extra: dict[str, Any] = {}
         self.phase_extra: dict[str, Any] = {}
@@ -358,7 +360,8 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
         problem, prepared.options, prepared.training.lr, prepared.training.batch_size, prepared.device,
         config.seed, prepared.pretrain_epochs, config.progress,
     )  # fmt: skip
-    run.model, run.dense_value = dense_model(recipe, run.train, run.test)
+    run.model, run.dense_value, loaded = dense_model(recipe, run.train, run.test)
+    run.dense_cache = {"file": str(dense_cache_path(recipe)), "loaded": loaded}
     run.targets = problem.targets.resolve(run.model, prepared.target, allow_empty=True)
     first = DataLoader(run.train, batch_size=prepared.training.batch_size, generator=torch.Generator())
     example = to_device(next(iter(first)), prepared.device)
@@ -499,6 +502,9 @@ def _summary(run: _Run, final_value: float) -> dict[str, Any]:
         "retrain_epochs": config.retrain_epochs,
         "seed": config.seed,
         "settings": dict(config.settings),
+        "effective_settings": prepared.effective_settings(),
+        **environment(),
+        "dense_cache": run.dense_cache,
         "metric": prepared.problem.test_metric.describe(),
         f"dense_{metric}": run.dense_value,
         f"hardprune_{metric}": run.hardprune_value,

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib.metadata
 import os
+import platform
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, writable
@@ -197,6 +201,20 @@ def _stored_text(key: str, stored: Mapping[str, Any]) -> str:
         return repr(value)
     pattern = stored.get("pattern")
     return f"none: the run used --pattern {pattern}" if key == "sparsity" and pattern else "none"
+
+
+def environment() -> dict[str, Any]:
+    """What a summary records of the software and the CPU threads a run used (``versions``, ``threads``): with
+    ``seed`` and ``effective_settings`` what reproduces it."""
+    from constrainedsparse import __version__
+
+    versions = {"constrainedsparse": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for package in ("cooper-optim", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"versions": versions, "threads": torch.get_num_threads()}
 
 
 def settings_text(*groups: Mapping[str, Any]) -> dict[str, str]:

@@ -62,6 +62,18 @@ def test_dense_model_is_cached(tmp_path):
     assert cached[0].stat().st_mtime_ns == stamp
     second = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert first["dense_accuracy"] == second["dense_accuracy"]
+    assert second["dense_cache"] == {"file": str(cached[0]), "loaded": True}
+    # What reproduces the run: every setting in effect (defaults too), the versions and threads it ran with.
+    assert second["effective_settings"]["lr"] == "0.001" and second["effective_settings"]["schedule"] == "cubic"
+    assert second["versions"]["torch"] == torch.__version__ and second["threads"] == torch.get_num_threads()
+
+
+def test_version_flag_prints_the_version(capsys):
+    from constrainedsparse import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"constrainedsparse {__version__}\n"
 
 
 def test_one_shot_magnitude_matches_projection_of_dense_weights(tmp_path):

@@ -49,7 +49,7 @@ from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, sc
 from constrainedsparse.logger import finish_summary
 from constrainedsparse.progress import Progress, transformers_bars_off
 from constrainedsparse.report import layer_rows, write_layers_csv
-from constrainedsparse.runs import RunConfig, RunDirectory, open_logger, settings_text
+from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_logger, settings_text
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
@@ -454,6 +454,8 @@ def _summary(prepared: LayerwisePrepared, model: nn.Module, reports: list[dict[s
         "epochs": 0,
         "seed": prepared.config.seed,
         "settings": dict(prepared.config.settings),
+        "effective_settings": prepared.effective_settings(),
+        **environment(),
         "calibration_tokens": reports[0]["tokens"] if reports else 0,
     }
     summary.update(prepared.target.summary_fields())
