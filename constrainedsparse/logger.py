@@ -23,13 +23,24 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from constrainedsparse.errors import UserInputError, first_line
 
-__all__ = ["DEFAULT_PROJECT", "WANDB_MODES", "MetricsLogger", "NullLogger", "finish_summary", "read_metrics"]
+__all__ = [
+    "DEFAULT_PROJECT",
+    "WANDB_MODES",
+    "MetricsLogger",
+    "NullLogger",
+    "WandbMode",
+    "finish_summary",
+    "metrics_file",
+    "read_metrics",
+]
 
-WANDB_MODES = ("disabled", "offline", "online")
+WandbMode = Literal["disabled", "offline", "online"]
+"""Where a run's wandb copy goes: nowhere, an offline folder, or the wandb server."""
+WANDB_MODES: tuple[WandbMode, ...] = get_args(WandbMode)
 DEFAULT_PROJECT = "constrainedsparse"
 
 
@@ -42,7 +53,8 @@ class MetricsLogger:
     """Writes every logged row to ``metrics.jsonl`` and, unless disabled, to wandb.
 
     Args:
-        out_dir: Run directory (``metrics.jsonl`` and ``wandb/`` go there).
+        out_dir: Run directory, a ``str`` or a ``Path`` (``metrics.jsonl`` and ``wandb/`` go there; created if
+            missing).
         wandb_mode: ``disabled``, ``offline`` or ``online``.
         config: Run configuration sent to wandb.
         run_id: wandb run id to resume (kept in checkpoints).
@@ -54,12 +66,19 @@ class MetricsLogger:
         project: wandb project (``None``: ``$WANDB_PROJECT``, else ``constrainedsparse``).
         name: wandb run name (``None``: ``$WANDB_NAME``, else wandb's own).
         tags: wandb run tags (empty: ``$WANDB_TAGS``, comma-separated, if set).
+
+    Raises:
+        ValueError: For a ``wandb_mode`` that is none of the three (nothing is written then).
+        UserInputError: When wandb refuses the run (``online`` without a login, no connection), in one line.
+
+    Warns:
+        UserWarning: On resume, when ``metrics.jsonl`` no longer ends at ``logged_step``.
     """
 
     def __init__(
         self,
-        out_dir: Path,
-        wandb_mode: str = "disabled",
+        out_dir: str | os.PathLike[str],
+        wandb_mode: WandbMode = "disabled",
         config: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         resume_step: int | None = None,
@@ -69,8 +88,9 @@ class MetricsLogger:
         tags: tuple[str, ...] = (),
     ) -> None:
         if wandb_mode not in WANDB_MODES:
-            raise ValueError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
-        self.path = Path(out_dir) / "metrics.jsonl"
+            raise ValueError(f"wandb_mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
+        out_dir = Path(out_dir)
+        self.path = out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
@@ -243,6 +263,23 @@ def finish_summary(logger: MetricsLogger | NullLogger, summary: dict[str, Any]) 
         summary["wandb_run"] = where
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def metrics_file(path: str | os.PathLike[str]) -> Path:
+    """The ``metrics.jsonl`` that ``path`` names: ``path`` itself, or the one inside it for a run directory."""
+    path = Path(path)
+    return path / "metrics.jsonl" if path.is_dir() else path
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of a run's ``metrics.jsonl``, one dict per logged step (``step`` and the metrics logged at it).
+
+    Args:
+        path: The ``metrics.jsonl`` file, or the run directory holding it (a ``str`` or a ``Path``).
+
+    Returns:
+        The rows in file order.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: For a line that is not JSON (``json.JSONDecodeError``).
+    """
+    return [json.loads(line) for line in metrics_file(path).read_text().splitlines() if line.strip()]

@@ -29,7 +29,7 @@ from typing import Any
 
 from constrainedsparse.checkpoint import writable
 from constrainedsparse.errors import first_line
-from constrainedsparse.logger import read_metrics
+from constrainedsparse.logger import metrics_file, read_metrics
 from constrainedsparse.report import block_names
 
 __all__ = ["check_png", "figure_for", "metrics_rows", "plot_metrics"]
@@ -313,9 +313,7 @@ def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
         ValueError: For a missing file, one that is not a run's ``metrics.jsonl`` (one JSON object
             with an integer ``step`` per line), or one without rows.
     """
-    path = Path(path)
-    if path.is_dir():  # a run directory: its metrics.jsonl
-        path = path / "metrics.jsonl"
+    path = metrics_file(path)  # a run directory: its metrics.jsonl
     if not path.is_file():
         raise ValueError(f"metrics file {str(path)!r} does not exist")
     what = f"{str(path)!r} is not a metrics.jsonl written by a run"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import cooper
 import torch
@@ -53,10 +53,15 @@ class UserConstraint:
             gradient ascent keeps pushing while the multiplier unwinds, so a budget that binds
             early overshoots (the model ends far inside it); restarts stop the push as soon as the
             budget holds, at the price of small oscillations around it.
+
+    Raises:
+        ValueError: For a ``sense`` other than ``"<="`` and ``"=="``, a ``restarts`` that is not a bool,
+            ``restarts=True`` on an equality, an ``fn`` that is not callable, or one that takes neither
+            ``(model)`` nor ``(model, batch)``.
     """
 
     fn: ViolationFn
-    sense: str = "<="
+    sense: Literal["<=", "=="] = "<="
     restarts: bool = False
 
     def __post_init__(self) -> None:

@@ -93,10 +93,11 @@ def validate(config: RunConfig, problem: Problem | LayerwiseProblem, processes: 
     return runner_for(problem).prepare(config, problem, check_directory, processes)
 
 
-def run(config: RunConfig, problem: Any = None) -> dict[str, Any] | None:
+def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) -> dict[str, Any] | None:
     """Validates, claims the run directory, executes; returns the summary (``None`` if stopped early).
 
-    ``problem`` is ``config.problem`` already loaded (the CLI loads it once); ``None`` loads it here.
+    ``problem`` is ``config.problem`` already loaded (:func:`~constrainedsparse.spec.load_problem`; the CLI
+    loads it once); ``None`` loads it here.
 
     Raises:
         UserInputError: Bad input (nothing is left on disk).

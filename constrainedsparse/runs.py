@@ -38,7 +38,7 @@ import torch
 from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, writable
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.logger import MetricsLogger, NullLogger
+from constrainedsparse.logger import MetricsLogger, NullLogger, WandbMode
 from constrainedsparse.plots import plot_metrics
 from constrainedsparse.settings import parse_value
 
@@ -87,7 +87,7 @@ class RunConfig:
         pretrain_epochs: Dense pre-training epochs (``None``: the problem's default).
         retrain_epochs: Masked retraining epochs after hard pruning.
         seed: Seed of everything random.
-        out: The run directory.
+        out: The run directory: a ``str`` or a path-like, always a ``Path`` once the config is built.
         wandb: ``disabled``, ``offline`` or ``online``.
         wandb_project: wandb project (``None``: ``$WANDB_PROJECT`` or ``constrainedsparse``).
         wandb_name: wandb run name (``None``: ``$WANDB_NAME`` or wandb's).
@@ -108,8 +108,8 @@ class RunConfig:
     pretrain_epochs: int | None = None
     retrain_epochs: int = 0
     seed: int = 0
-    out: Path = Path("runs/latest")
-    wandb: str = "disabled"
+    out: str | os.PathLike[str] = Path("runs/latest")
+    wandb: WandbMode = "disabled"
     wandb_project: str | None = None
     wandb_name: str | None = None
     wandb_tags: tuple[str, ...] = ()
@@ -118,6 +118,10 @@ class RunConfig:
     overwrite: bool = False
     progress: bool = True
     stop_after_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        """``out`` as a ``Path`` (a ``str`` given for it is converted)."""
+        self.out = Path(self.out)
 
     def stored(self) -> dict[str, Any]:
         """What a checkpoint keeps of the configuration (plain types only)."""
@@ -292,7 +296,9 @@ class RunDirectory:
         keywords: Messages name ``out=`` and ``overwrite=True`` (Python callers) instead of the flags.
     """
 
-    def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False, keywords: bool = False) -> None:
+    def __init__(
+        self, out: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False, keywords: bool = False
+    ) -> None:
         self.out = Path(out)
         self.resume = resume
         self.overwrite = overwrite

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -176,6 +177,8 @@ class Problem:
         options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
         check: Optional ``check(options)`` raising ``ValueError`` for unusable options (a missing
             data folder, ...); called before anything is written or trained.
+        source: The path of the problem file it was loaded from (set by :func:`load_problem`; empty for a
+            problem built in Python). The dense-model cache key hashes that file.
     """
 
     name: str
@@ -352,10 +355,12 @@ class LayerwiseProblem:
         held_out: ``held_out(model, options) -> tensor`` of outputs on held-out data (sentence
             embeddings, per-token losses, ...), computed on the dense and on the pruned model.
         score: ``score(dense_outputs, pruned_outputs) -> {metric: value}`` for the summary.
-        blocks: ``blocks(model) -> [block, ...]`` in execution order (the largest ``ModuleList``
-            of identical modules by default).
+        blocks: ``blocks(model) -> [block, ...]`` (a list or an ``nn.ModuleList``) in execution order
+            (the largest ``ModuleList`` of identical modules by default).
         targets: Which layers inside a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` weights).
         options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
+        source: The path of the problem file it was loaded from (set by :func:`load_problem`; empty for a
+            problem built in Python).
     """
 
     name: str
@@ -364,7 +369,7 @@ class LayerwiseProblem:
     calibration: Callable[[Mapping[str, Any], int], list[dict[str, Any]]]
     held_out: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None
     score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
-    blocks: Callable[[nn.Module], Sequence[nn.Module]] | None = None
+    blocks: Callable[[nn.Module], Sequence[nn.Module] | nn.ModuleList] | None = None
     targets: Targets = field(default_factory=_default_layerwise_targets)
     options: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -382,10 +387,9 @@ class LayerwiseProblem:
         )
 
     def model_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        """The blocks to prune, in order."""
-        if self.blocks is not None:
-            return self.blocks(model)
-        return find_blocks(model)
+        """The blocks to prune, in order (a ``ModuleList`` as a list of its modules)."""
+        blocks = self.blocks(model) if self.blocks is not None else find_blocks(model)
+        return list(blocks) if isinstance(blocks, nn.ModuleList) else blocks
 
 
 def bundled_problems() -> dict[str, Path]:
@@ -393,15 +397,15 @@ def bundled_problems() -> dict[str, Path]:
     return {p.stem.replace("_", "-"): p for p in sorted(BUNDLED_DIR.glob("*.py"))}
 
 
-def load_problem(name_or_path: str) -> Problem | LayerwiseProblem:
-    """Loads a bundled problem by name, or a user's problem file by path.
+def load_problem(name_or_path: str | os.PathLike[str]) -> Problem | LayerwiseProblem:
+    """Loads a bundled problem by name, or a user's problem file by path (a ``str`` or a ``Path``).
 
     Raises:
         UserInputError: If the name is unknown, the file is missing, fails to load (an exception or
             ``sys.exit()`` while it runs) or defines no ``problem``.
     """
     bundled = bundled_problems()
-    if name_or_path in bundled:
+    if isinstance(name_or_path, str) and name_or_path in bundled:
         path = bundled[name_or_path]
     else:
         path = Path(name_or_path)

@@ -441,3 +441,19 @@ def test_a_pattern_of_yours_that_fixes_its_level_is_treated_like_nm(registry):
     with pytest.raises(ValueError, match=r"^Targets\.overrides set per-layer sparsity levels; the pattern fixed-half "):
         cs.prune_layerwise(model, [torch.randn(4, 8)], "wanda", pattern="fixed-half", targets=cs.Targets(
             overrides={"blocks.0.0.weight": 0.25}))  # fmt: skip
+
+
+def test_the_registration_decorators_return_the_class_itself(registry):
+    class KeepAll(LayerwiseSolver):
+        description = "keeps every weight"
+
+        def prune(self, layer):
+            raise AssertionError
+
+    class Mine(_Described):
+        pass
+
+    assert register_solver("keep-all-returned")(KeepAll) is KeepAll
+    assert register_formulation("mine-returned")(Mine) is Mine
+    assert REGISTRY.get("layerwise", "keep-all-returned") is KeepAll
+    assert REGISTRY.get("training", "mine-returned") is Mine

@@ -67,9 +67,22 @@ def test_offline_wandb_run_matches_jsonl(tmp_path, monkeypatch):
 
 
 def test_wandb_mode_is_validated(tmp_path):
-    with pytest.raises(ValueError, match=r"^--wandb must be one of disabled, offline, online, got 'bogus'$"):
+    with pytest.raises(ValueError, match=r"^wandb_mode must be one of disabled, offline, online, got 'bogus'$"):
         MetricsLogger(tmp_path, "bogus")
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_paths_may_be_str_and_read_metrics_takes_the_run_directory(tmp_path):
+    """As the docs write them: MetricsLogger("runs/mine"), read_metrics(".../metrics.jsonl") or the run's folder."""
+    out = tmp_path / "mine"
+    logger = MetricsLogger(str(out))
+    logger.log({"loss/train": 1.5}, 1)
+    logger.close()
+    assert logger.path == out / "metrics.jsonl"
+    rows = [{"loss/train": 1.5, "step": 1}]
+    assert read_metrics(str(out / "metrics.jsonl")) == read_metrics(str(out)) == read_metrics(out) == rows
+    with pytest.raises(FileNotFoundError):
+        read_metrics(tmp_path / "missing")
 
 
 def test_wandb_online_without_a_login_is_one_line(tmp_path, monkeypatch):

@@ -121,3 +121,12 @@ def test_a_problem_files_constraint_keeps_its_restarts_and_sense_in_a_run():
     problem = dataclasses.replace(problem, constraints={name: dataclasses.replace(spec, restarts=True)})
     guarded = problem.guarded().constraints[name]  # what a run uses (its errors as one line)
     assert guarded.restarts and guarded.sense == spec.sense and guarded.fn is not spec.fn
+
+
+def test_paths_may_be_str_or_path():
+    """load_problem takes a Path as well as a str; RunConfig(out="...") holds a Path (what a run reads)."""
+    from constrainedsparse.spec import load_problem
+
+    assert load_problem(PROBLEMS / "digits_budget.py").source == str(PROBLEMS / "digits_budget.py")
+    config = RunConfig(out="runs/mine/")
+    assert config.out == Path("runs/mine") and isinstance(config.out, Path)

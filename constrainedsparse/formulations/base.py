@@ -93,6 +93,8 @@ class Formulation(abc.ABC):
         name: Registry name (``--formulation``).
         description: One line for ``constrainedsparse formulations``.
         Config: Dataclass of hyperparameters (:class:`~constrainedsparse.config.Hyperparameters`).
+        config: The formulation's hyperparameters, an instance of its ``Config`` (typed ``Any`` so that a
+            subclass reads its own fields, ``self.config.rho``; a subclass may narrow it: ``config: MyConfig``).
         adds_parameters: Whether :meth:`attach` adds a parameter group of its own to the primal
             optimizer (``l0``'s gates): a learning-rate scheduler must then be built after ``make``.
         optimizer: The primal optimizer stepped by :meth:`training_step`.
@@ -103,6 +105,7 @@ class Formulation(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+    config: Any
     adds_parameters: ClassVar[bool] = False
 
     def __init__(
@@ -308,6 +311,13 @@ class Formulation(abc.ABC):
             scale: Multiplies the Lagrangian before backward (``1 / accumulation_steps``): the primal
                 gradient and the multipliers' ascent direction become means over the micro-batches.
             scaler: A ``torch.amp.GradScaler``: the primal Lagrangian is scaled by it before backward.
+
+        Returns:
+            The step's loss, Lagrangian and CMP state (a :class:`LagrangianStep`), what :meth:`post_step` takes.
+
+        Raises:
+            ValueError: Before :meth:`setup` or after :meth:`finalize`, for a ``scale`` that is not a finite
+                number > 0, or a ``scaler`` without a ``scale`` method.
         """
         self._require("backward()")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):

@@ -4,7 +4,7 @@ builds the one a name picks on a :class:`~constrainedsparse.SparsityProblem`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import torch
 
@@ -12,16 +12,35 @@ from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.registry import REGISTRY
 
+if TYPE_CHECKING:  # the built-ins import this module to register themselves
+    from constrainedsparse.formulations.admm import ADMM
+    from constrainedsparse.formulations.l0.constrained import L0
+    from constrainedsparse.formulations.l0.gated import L0Penalty
+    from constrainedsparse.formulations.magnitude import Magnitude
+    from constrainedsparse.formulations.slr import SLR
+
 __all__ = ["available_formulations", "describe_formulations", "formulation_class", "make", "register_formulation"]
 
 
-def register_formulation(name: str) -> Callable[[type[Formulation]], type[Formulation]]:
+_FormulationClass = TypeVar("_FormulationClass", bound=type[Formulation])
+
+
+def register_formulation(name: str) -> Callable[[_FormulationClass], _FormulationClass]:
     """Class decorator adding a training formulation to the registry under ``name``.
+
+    Returns:
+        The decorator; it returns the class itself (its type kept for type checkers).
 
     Raises:
         ValueError: If ``name`` is already registered.
     """
-    return REGISTRY.register("training", name, Formulation)
+    register = REGISTRY.register("training", name, Formulation)
+
+    def decorate(cls: _FormulationClass) -> _FormulationClass:
+        register(cls)
+        return cls
+
+    return decorate
 
 
 def available_formulations() -> list[str]:
@@ -41,6 +60,84 @@ def formulation_class(name: str) -> type[Formulation]:
         ValueError: For an unknown name, listing the known ones.
     """
     return REGISTRY.get("training", name)
+
+
+@overload
+def make(
+    name: Literal["slr"],
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> SLR: ...
+
+
+@overload
+def make(
+    name: Literal["admm"],
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> ADMM: ...
+
+
+@overload
+def make(
+    name: Literal["l0"],
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> L0: ...
+
+
+@overload
+def make(
+    name: Literal["l0-penalty"],
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> L0Penalty: ...
+
+
+@overload
+def make(
+    name: Literal["magnitude"],
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> Magnitude: ...
+
+
+@overload
+def make(
+    name: str,
+    problem: SparsityProblem,
+    config: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    dual_lr: float = 1e-2,
+    **hyperparameters: Any,
+) -> Formulation: ...
 
 
 def make(
@@ -64,6 +161,10 @@ def make(
         dual_lr: Gradient-ascent step of the user constraints' multipliers.
         **hyperparameters: The formulation's hyperparameters by key (``rho=0.05, interval=20``);
             :func:`constrainedsparse.describe` lists them.
+
+    Returns:
+        The formulation, an instance of the class registered as ``name`` (for a built-in name, type
+        checkers know its class: ``make("slr", ...)`` is an :class:`~constrainedsparse.formulations.slr.SLR`).
 
     Raises:
         ValueError: For an unknown name, an unknown key (listing the allowed ones), or a value of

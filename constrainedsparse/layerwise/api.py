@@ -21,7 +21,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -83,7 +83,7 @@ def prune_layerwise(
     targets: Targets | None = None,
     out: str | Path | None = None,
     tokenizer: Any = None,
-    blocks: Sequence[nn.Module] | None = None,
+    blocks: Iterable[nn.Module] | None = None,
     mask_scope: str | None = None,
     gram_dtype: str = "float32",
     device: str | None = None,
@@ -122,7 +122,8 @@ def prune_layerwise(
         out: If given, a directory that receives ``summary.json`` and the pruned model.
         tokenizer: With ``out``: the tokenizer saved with a ``transformers`` model in ``out/model``
             (default: the one in the folder the model was loaded from; without one, a warning).
-        blocks: The blocks in execution order (the largest ``ModuleList`` of one class by default).
+        blocks: The blocks in execution order: an ``nn.ModuleList``, a list or any iterable of sub-modules
+            (the largest ``ModuleList`` of one class by default).
         mask_scope: ``"row"`` (default) or ``"layer"``: the comparison group of a ``sparsity`` target
             without ``pattern`` (``"row"`` is ``pattern="row"``, ``"layer"`` ``pattern="unstructured"``).
         gram_dtype: ``"float32"`` or ``"float64"``, accumulation dtype of the Gram matrices.
@@ -186,7 +187,7 @@ def prune_layerwise(
         raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     check_settings(driver, solver, target, targets)
-    blocks = find_blocks(model) if blocks is None else checked_blocks(model, blocks)
+    blocks = list(find_blocks(model)) if blocks is None else checked_blocks(model, blocks)
     prefixes = block_prefixes(model, blocks)
     check_consecutive(prefixes)
     overrides = override_levels(model, blocks, targets, target)

@@ -21,7 +21,7 @@ import abc
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -220,11 +220,14 @@ class LayerwiseSolver(abc.ABC):
         description: One line for ``constrainedsparse formulations``.
         Config: Dataclass of hyperparameters (``--set``), validated by its ``validate()``.
         supported_patterns: The patterns it prunes to (``None``: all; checked before any model loads).
+        config: The solver's hyperparameters, an instance of its ``Config`` (typed ``Any`` so that a subclass
+            reads its own fields, ``self.config.p``; a subclass may narrow it: ``config: WandaPConfig``).
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type] = NoSolverConfig
+    config: Any
     supported_patterns: ClassVar[tuple[str, ...] | None] = None
     """Pattern texts the solver handles (``"N:M"`` for any N:M, a kind such as ``"block"`` for every size
     of it); ``None``: every pattern."""
@@ -285,8 +288,14 @@ def below_per_row(feasible: FeasibleSet, rows: torch.Tensor, than: torch.Tensor)
     return torch.full_like(rows, bool(rows.sum() < than.sum()), dtype=torch.bool)
 
 
-def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[LayerwiseSolver]]:
+_SolverClass = TypeVar("_SolverClass", bound=type[LayerwiseSolver])
+
+
+def register_solver(name: str) -> Callable[[_SolverClass], _SolverClass]:
     """Class decorator adding a layer-wise solver to the registry under ``name``.
+
+    Returns:
+        The decorator; it returns the class itself (its type kept for type checkers).
 
     Raises:
         ValueError: If ``name`` is already registered, or the class breaks the contract (no description, a
@@ -294,9 +303,10 @@ def register_solver(name: str) -> Callable[[type[LayerwiseSolver]], type[Layerwi
     """
     register = REGISTRY.register("layerwise", name, LayerwiseSolver)
 
-    def decorate(cls: type[LayerwiseSolver]) -> type[LayerwiseSolver]:
+    def decorate(cls: _SolverClass) -> _SolverClass:
         _check_supported_patterns(name, cls)
-        return register(cls)
+        register(cls)
+        return cls
 
     return decorate
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,13 +58,15 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = x + block(x)
-        return self.head(x)
+        out: torch.Tensor = self.head(x)
+        return out
 
 
 def main() -> None:
     """Prunes the same model with p = 0, 0.5, 1 and with Wanda itself, at 2:4."""
     scale = torch.logspace(-1, 1, 16)  # inputs of very different norms: where p matters
-    for method, options in [("wanda-p", {"p": 0.0}), ("wanda-p", {"p": 0.5}), ("wanda-p", {"p": 1.0}), ("wanda", {})]:
+    runs: list[tuple[str, dict[str, Any]]] = [("wanda-p", {"p": p}) for p in (0.0, 0.5, 1.0)] + [("wanda", {})]
+    for method, options in runs:
         torch.manual_seed(0)
         model = Net()
         batches = [torch.randn(64, 16) * scale for _ in range(4)]
