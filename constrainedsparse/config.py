@@ -30,6 +30,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from constrainedsparse.errors import is_integer, is_number
+
 __all__ = [
     "Bounds",
     "DeviceName",
@@ -54,10 +56,6 @@ class Check(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """What is allowed, as the end of "``key`` must be ...": ``> 0``, ``one of a, b``."""
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fmt(bound: float) -> str:
@@ -86,9 +84,9 @@ class Bounds(Check):
     finite: bool = False
 
     def accepts(self, value: Any) -> bool:
-        if self.integer and (not isinstance(value, int) or isinstance(value, bool)):
+        if self.integer and not is_integer(value):
             return False
-        if not _number(value) or math.isnan(value):
+        if not is_number(value) or math.isnan(value):
             return False
         if self.low is not None and not (value >= self.low if self.low_inclusive else value > self.low):
             return False
@@ -310,11 +308,11 @@ class Hyperparameters:
 
 def _coerce(prefix: str, key: str, value: Any, info: HyperparameterInfo) -> Any:
     kind = info.type
-    if kind is float and _number(value):
+    if kind is float and is_number(value):
         return float(value)
     if kind is float or (kind is str and not isinstance(value, str)):
         raise ValueError(f"{prefix}{key}={value!r} must be a {_TYPE_NAMES[kind]}")
-    if kind is int and info.check is None and (not isinstance(value, int) or isinstance(value, bool)):
+    if kind is int and info.check is None and not is_integer(value):
         raise ValueError(f"{prefix}{key}={value!r} must be an int")
     return value
 
@@ -337,9 +335,9 @@ def _check_value(prefix: str, key: str, value: Any, kind: Any, check: Check | No
 
 def _matches(value: Any, kind: type) -> bool:
     if kind is float:
-        return _number(value)
+        return is_number(value)
     if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_integer(value)
     return isinstance(value, kind)
 
 

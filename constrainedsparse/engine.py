@@ -37,7 +37,7 @@ from constrainedsparse.dense import (
     seed_everything,
     set_random_states,
 )
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, plugin_code, user_input
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_integer, plugin_code, user_input
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
 from constrainedsparse.layerwise.base import available_solvers
@@ -111,7 +111,7 @@ class TrainingPrepared:
 
 
 def _check_count(name: str, value: int | None, minimum: int = 0) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+    if value is not None and (not is_integer(value) or value < minimum):
         raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

@@ -21,6 +21,8 @@ __all__ = [
     "debugging",
     "first_line",
     "failed_pattern",
+    "is_integer",
+    "is_number",
     "is_ours",
     "plugin_code",
     "user_input",
@@ -34,6 +36,16 @@ class UserInputError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an ``int`` that is not a ``bool`` (``True`` is an int to Python, not to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an ``int`` or ``float`` that is not a ``bool`` (not a string, not a tensor)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from constrainedsparse.errors import UserInputError
+from constrainedsparse.errors import UserInputError, is_number
 
 __all__ = ["ACCURACY", "R2", "Metric", "accuracy", "as_metric", "r2"]
 
@@ -58,7 +58,7 @@ class Metric:
         value = self.fn(outputs, targets)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:40]
             raise UserInputError(f"metric {self.name!r} must return one number over the test set, got {shown}")
         return float(value)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from constrainedsparse.checkpoint import writable
-from constrainedsparse.errors import first_line
+from constrainedsparse.errors import first_line, is_number
 from constrainedsparse.logger import metrics_file, read_metrics
 from constrainedsparse.report import block_names
 
@@ -327,7 +327,7 @@ def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
         raise ValueError(f"{what} (rows need a step)")
     for row in rows:
         bad = next(
-            (k for k, v in row.items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))),
+            (k for k, v in row.items() if v is not None and not is_number(v)),
             None,
         )
         if bad is not None:

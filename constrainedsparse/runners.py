@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from constrainedsparse import distributed, engine
-from constrainedsparse.errors import UserInputError
+from constrainedsparse.errors import UserInputError, is_integer
 from constrainedsparse.layerwise import runner as layerwise_runner
 from constrainedsparse.logger import WANDB_MODES
 from constrainedsparse.runs import RunConfig, RunDirectory
@@ -67,12 +67,12 @@ def check_common(config: RunConfig) -> None:
     """
     if config.wandb not in WANDB_MODES:
         raise UserInputError(f"--wandb must be one of {', '.join(WANDB_MODES)}, got {config.wandb!r}")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+    if not is_integer(config.seed) or not 0 <= config.seed < 2**32:
         raise UserInputError(
             f"--seed must be an integer in [0, 2**32) (torch's and NumPy's seed range), got {config.seed!r}"
         )
     stop = config.stop_after_epochs
-    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < 1):
+    if stop is not None and (not is_integer(stop) or stop < 1):
         raise UserInputError(f"RunConfig(stop_after_epochs=...) must be an integer >= 1 or None, got {stop!r}")
 
 

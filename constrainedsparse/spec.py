@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from constrainedsparse.errors import DEBUG_ENV, UserInputError, debugging, first_line
+from constrainedsparse.errors import DEBUG_ENV, UserInputError, debugging, first_line, is_integer, is_number
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
 from constrainedsparse.problem import UserConstraint, checked_loss, pair_of
@@ -227,11 +227,11 @@ class Problem:
                 raise ValueError(f"Problem.constraints[{key!r}] must be a UserConstraint(...), got {_kind(c)}{hint}")
         for key, low in (("pretrain_epochs", 0), ("epochs", 0), ("batch_size", 1)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"Problem.{key} must be an integer >= {low}, got {value!r}")
         for key in ("lr", "dual_lr"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            if not is_number(value) or not 0 < value < float("inf"):
                 raise ValueError(f"Problem.{key} must be a finite number > 0, got {value!r}")
         check_options(self.options)
 

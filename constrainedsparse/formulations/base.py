@@ -39,7 +39,7 @@ import torch
 
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.errors import is_ours
+from constrainedsparse.errors import is_integer, is_number, is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
@@ -205,7 +205,7 @@ class Formulation(abc.ABC):
         if self._stage == _FINALIZED:
             raise _stage_error("setup()", self._stage)
         for key, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
         if self.reference_samples and reference_batch is None:
             raise ValueError(
@@ -320,7 +320,7 @@ class Formulation(abc.ABC):
                 number > 0, or a ``scaler`` without a ``scale`` method.
         """
         self._require("backward()")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        if not is_number(scale) or not 0 < scale < float("inf"):
             raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise ValueError(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_ours, user_stacklevel
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_number, is_ours, user_stacklevel
 from constrainedsparse.sets.base import set_text
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def check_pattern_masks(targets: Sequence[Any], masks: dict[str, torch.Tensor]) 
 
 def check_rate(key: str, value: Any) -> None:
     """A learning rate: a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    if not is_number(value) or not 0 < value < float("inf"):
         raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
 
 

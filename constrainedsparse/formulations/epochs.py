@@ -10,7 +10,7 @@ import dataclasses
 import warnings
 from typing import Any
 
-from constrainedsparse.errors import user_stacklevel
+from constrainedsparse.errors import is_integer, user_stacklevel
 
 __all__ = ["EpochCount", "checked_epoch"]
 
@@ -21,7 +21,7 @@ def checked_epoch(epoch: Any, call: str) -> int:
     Raises:
         ValueError: Naming ``call`` and the value.
     """
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if not is_integer(epoch) or epoch < 0:
         raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
     return epoch
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import tensors_in
-from constrainedsparse.errors import UserInputError, user_input
+from constrainedsparse.errors import UserInputError, is_integer, user_input
 from constrainedsparse.layerwise.allocation import reachable_range, row_width
 from constrainedsparse.layerwise.base import LayerwiseSolver, check_solver
 from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
@@ -307,7 +307,7 @@ def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
             raise ValueError(f"score(dense, pruned) returned {key!r}, a key of the run's own summary: rename it")
         try:
             number = value.item() if hasattr(value, "item") else value  # a one-element tensor or numpy number
-            out[key] = number if isinstance(number, int) and not isinstance(number, bool) else float(number)
+            out[key] = number if is_integer(number) else float(number)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"score(dense, pruned) returned {key!r}: {value!r}, not a number") from None
     return out

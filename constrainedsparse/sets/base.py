@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from constrainedsparse.errors import UserInputError, is_ours
+from constrainedsparse.errors import UserInputError, is_number, is_ours
 from constrainedsparse.registry import same_definition
 from constrainedsparse.selection import topk_mask
 
@@ -79,7 +79,7 @@ def check_sparsity(value: Any, name: str = "sparsity", noun: str = "") -> float:
     Raises:
         ValueError: ``"<name> must be <noun>in [0, 1), got <value>"``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):  # "0.5" or a tensor: not the range's fault
+    if not is_number(value):  # "0.5" or a tensor: not the range's fault
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r} (a {type(value).__name__})")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be {noun}in [0, 1), got {value}")
