@@ -24,7 +24,12 @@ the gradient is never cut by the clamp).
 
 Sampling draws from an optional :class:`torch.Generator` shared by all gates of a model, whose
 state a formulation checkpoints: a resumed run draws exactly the same gates as an uninterrupted one
-on any device (the global RNG is used when no generator is given).
+on any device (the global RNG is used when no generator is given). Activation checkpointing
+(``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) runs a forward again inside the
+backward and restores only the global RNG: each gate keeps the generator's state before each of its
+draws, and a forward recomputed inside a backward replays them in order, so the backward sees the
+gates the forward used (:meth:`HardConcreteGate.sample`; :meth:`HardConcreteGate.forget_draws` drops
+the kept states, before each Lagrangian).
 """
 
 from __future__ import annotations
@@ -97,6 +102,15 @@ def _group_layout(
     )
 
 
+MAX_KEPT_DRAWS = 64
+"""Generator states a gate keeps for replay at most (train-mode forwards without a Lagrangian between them)."""
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward on this thread (where activation checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class HardConcreteGate(nn.Module):
     r"""Parametrization :math:`\tilde\theta \mapsto \tilde\theta \odot z` with hard-concrete gates.
 
@@ -134,6 +148,8 @@ class HardConcreteGate(nn.Module):
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
         self._measured: tuple[int, torch.Tensor | None] = (-1, None)  # (log_alpha version, expected density)
+        self._draws: list[torch.Tensor] = []  # the generator's state before each draw since forget_draws()
+        self._replayed = 0  # how many of them a recomputed forward has replayed
         self.test_override: torch.Tensor | None = None
         """When set, the eval-mode gate over the weight (a hard-prune preview), instead of :meth:`test_gate`."""
 
@@ -143,12 +159,35 @@ class HardConcreteGate(nn.Module):
         return self.log_alpha.numel()
 
     def sample(self) -> torch.Tensor:
-        r"""One draw :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` (differentiable in :math:`\log\alpha`)."""
+        r"""One draw :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` (differentiable in :math:`\log\alpha`).
+
+        Inside a backward (a forward that activation checkpointing recomputes) the draws of the forward
+        are replayed in order from their kept generator states, and the generator does not move on.
+        """
         u = torch.rand(
-            self.log_alpha.shape, generator=self.generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype
+            self.log_alpha.shape, generator=self._noise(), device=self.log_alpha.device, dtype=self.log_alpha.dtype
         ).clamp(_EPS, 1.0 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    def _noise(self) -> torch.Generator | None:
+        """The generator of this draw: a copy at a kept state to replay a recomputed draw, else the shared one."""
+        if self.generator is None:  # the global RNG, which torch.utils.checkpoint restores itself
+            return None
+        if _in_backward() and self._replayed < len(self._draws):
+            replay = torch.Generator(device=self.generator.device)
+            replay.set_state(self._draws[self._replayed])
+            self._replayed += 1
+            return replay
+        if self._replayed or len(self._draws) >= MAX_KEPT_DRAWS:  # a new forward after a backward replayed
+            self.forget_draws()
+        self._draws.append(self.generator.get_state())
+        return self.generator
+
+    def forget_draws(self) -> None:
+        """Drops the kept generator states (a formulation calls it before each Lagrangian)."""
+        self._draws.clear()
+        self._replayed = 0
 
     def median(self) -> torch.Tensor:
         r"""Median of every gate, :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha/\beta)(\zeta - \gamma) + \gamma))`.

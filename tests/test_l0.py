@@ -899,3 +899,51 @@ def test_gates_in_a_users_sgd_warn_that_their_steps_scale_with_one_over_the_gate
     make(name, problem, optimizer=torch.optim.SGD(problem.model.parameters(), lr=0.1), gate_lr=1000.0)
     assert len([w for w in recwarn if "learn in a group of your SGD" in str(w.message)]) == 1  # none for AdamW
     # nor for a gate_lr of the user's (chosen for their optimizer)
+
+
+class _Checkpointed(nn.Module):
+    """A gated block run under activation checkpointing (or not): the same weights either way."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.block = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if self.mode == "plain":
+            return self.head(self.block(x))
+        return self.head(checkpoint(self.block, x, use_reentrant=self.mode == "reentrant"))
+
+
+@pytest.mark.parametrize("name", ["l0", "l0-penalty"])
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_activation_checkpointing_backpropagates_the_gates_the_forward_drew(name, mode):
+    # The recomputed forward inside the backward replays the gates' draws (torch.utils.checkpoint restores
+    # only the global RNG): the gradients and the next steps are those of the same model without it.
+    # Inputs that require grad: reentrant checkpointing backpropagates into the block's weights only then.
+    x, y = torch.randn(16, 12, requires_grad=True), torch.randint(0, 3, (16,))
+
+    def steps(model_mode: str) -> list[dict[str, torch.Tensor]]:
+        torch.manual_seed(3)
+        model = _Checkpointed(model_mode)
+        problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        f = make(name, problem, optimizer=optimizer)
+        f.setup(num_epochs=1, steps_per_epoch=3)
+        f.start_epoch(0)
+        grads = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            step = f.backward((x, y))
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            optimizer.step()
+            f.post_step(step)
+        return grads
+
+    plain, checkpointed = steps("plain"), steps(mode)
+    for expected, got in zip(plain, checkpointed, strict=True):
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[n], got[n]) for n in expected)

@@ -78,6 +78,12 @@ class Gated(Formulation):
         self._eval_warned = False  # a gated layer seen in eval mode by backward(), warned once
         self.add_terms()
 
+    def before_lagrangian(self) -> None:
+        """A new step's forward: the gates drop the draws they kept for a recomputed forward to replay."""
+        super().before_lagrangian()
+        for gate in self.gates.values():
+            gate.forget_draws()
+
     def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
         """Warns once when a gated layer ran in eval mode: its gates took their test-time value (no sample),
         so the loss gave log α no gradient."""
