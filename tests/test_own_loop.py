@@ -35,6 +35,35 @@ def _batches(x, y, size=64):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
+@pytest.mark.parametrize(
+    ("schedule", "warns"),
+    [
+        (lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=20), True),
+        (lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 0.5], total_steps=20), False),
+        (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20), False),
+    ],
+)
+def test_l0_warns_once_when_one_cycle_peaks_the_gates_at_the_weights_rate(schedule, warns):
+    # OneCycleLR sets every group's rate from its max_lr: with one number the gates would learn at the weights'
+    # rate. One max_lr per group (the gates' last) or a multiplicative schedule keeps gate_lr.
+    model, x, y = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.7)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    f = make("l0", problem, optimizer=optimizer, gate_lr=0.5)
+    scheduler = schedule(optimizer)
+    f.setup(num_epochs=1, steps_per_epoch=3)
+    f.start_epoch(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in _batches(x, y)[:3]:
+            f.training_step(batch)
+            scheduler.step()
+    found = [w for w in caught if "OneCycleLR peaks the gates' group" in str(w.message)]
+    assert len(found) == (1 if warns else 0)
+    if warns:
+        assert found[0].filename == __file__ and "max_lr=[lr, gate_lr]" in str(found[0].message)
+
+
 @pytest.mark.parametrize("name", ["slr", "admm", "l0", "magnitude"])
 def test_own_sgd_momentum_and_cosine_schedule_drive_every_formulation(name):
     model, x, y = _cancer()
