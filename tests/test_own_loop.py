@@ -673,3 +673,15 @@ def test_slr_refuses_a_target_frozen_after_make_at_setup():
     model[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match=r"^slr trains the weights towards Z, but 0\.weight is frozen"):
         f.setup(1, 2, reference_batch=(x, y))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_backward_where_gradients_are_disabled_is_one_precise_error(context):
+    model, x, y = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("admm", problem)
+    f.setup(num_epochs=1, steps_per_epoch=1)
+    message = r"^backward\(\) inside torch\.no_grad\(\) or torch\.inference_mode\(\): autograd records nothing"
+    with context(), pytest.raises(ValueError, match=message):
+        f.backward((x, y))
+    f.backward((x, y))  # the same step outside the block is fine

@@ -317,9 +317,15 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: Before :meth:`setup` or after :meth:`finalize`, for a ``scale`` that is not a finite
-                number > 0, or a ``scaler`` without a ``scale`` method.
+                number > 0, a ``scaler`` without a ``scale`` method, or inside ``torch.no_grad()`` /
+                ``torch.inference_mode()`` (nothing to backpropagate).
         """
         self._require("backward()")
+        if not torch.is_grad_enabled():
+            raise ValueError(
+                "backward() inside torch.no_grad() or torch.inference_mode(): autograd records nothing there to "
+                "backpropagate; call it where gradients are enabled (compute_lagrangian() evaluates without them)"
+            )
         if not is_number(scale) or not 0 < scale < float("inf"):
             raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
