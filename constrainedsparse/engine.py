@@ -57,7 +57,7 @@ from constrainedsparse.settings import (
     target_from_flags,
 )
 from constrainedsparse.spec import Problem, load_problem
-from constrainedsparse.targets import SparsityConfig
+from constrainedsparse.targets import SparsityConfig, unwrap_compiled
 
 __all__ = [
     "DEFAULT_SPARSITY",
@@ -478,7 +478,9 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
     distributed.dump_rank_state("final", {"model": run.model.state_dict()})
     if distributed.is_main_process():
         save_weights(
-            directory.out / "model.safetensors", run.model.state_dict(), metadata={"summary": "see summary.json"}
+            directory.out / "model.safetensors",
+            unwrap_compiled(run.model).state_dict(),
+            metadata={"summary": "see summary.json"},
         )
         if "purged_params" in run.summary_extra:  # a structured run: the final weights, purged
             small = purge(run.model)

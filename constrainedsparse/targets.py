@@ -40,6 +40,7 @@ __all__ = [
     "full_name",
     "glob_names",
     "resolved_targets",
+    "unwrap_compiled",
 ]
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -334,6 +335,7 @@ class Targets:
                 f"resolve(model, config): config must be a SparsityConfig (e.g. SparsityConfig(sparsity=0.9) or "
                 f"SparsityConfig.parse('2:4')), got {config!r}"
             )
+        model = unwrap_compiled(model)  # a torch.compile wrapper shares the module's parameters: its names
         candidates = self.candidates(model)
         selected = self._included(candidates)
         names = [full_name(fqn, name) for fqn, name, _ in candidates]
@@ -478,6 +480,13 @@ def _takes_two(fn: Callable[..., Any]) -> bool:
     except ValueError:  # a builtin without a signature
         return True
     return True
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model = torch.compile(model)`` keeps it as ``_orig_mod``), else
+    ``model``: target names, masks, states and saved weights are the module's own, without ``_orig_mod.``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def full_name(fqn: str, param_name: str) -> str:

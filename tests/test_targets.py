@@ -235,3 +235,11 @@ def test_a_fixed_level_given_as_well_must_match_it():
     assert SparsityConfig(sparsity=1 / 3, pattern="nm", nm=(2, 3)).sparsity == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match=r"^pattern 2:3 fixes its own level 0\.33333333333333337, got sparsity=0\.5"):
         SparsityConfig(sparsity=0.5, pattern="nm", nm=(2, 3))
+
+
+def test_a_torch_compile_wrapper_resolves_to_the_modules_own_names():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    compiled = torch.compile(model, backend="eager")  # wraps lazily: nothing compiles here
+    targets = Targets().resolve(compiled, SparsityConfig(0.5))
+    assert [t.name for t in targets] == ["0.weight", "2.weight"]  # no "_orig_mod." prefix
+    assert targets[0].module is model[0]

@@ -53,7 +53,7 @@ from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_lo
 from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.settings import resolve_device, route_settings, target_from_flags
 from constrainedsparse.spec import LayerwiseProblem
-from constrainedsparse.targets import SparsityConfig
+from constrainedsparse.targets import SparsityConfig, unwrap_compiled
 
 __all__ = [
     "DEFAULT_SPARSITY",
@@ -255,7 +255,7 @@ def save_model(model: nn.Module, out: Path, tokenizer: Any = None) -> str:
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
         return "model/"
-    save_weights(out / "model.safetensors", model.state_dict())
+    save_weights(out / "model.safetensors", unwrap_compiled(model).state_dict())
     return "model.safetensors"
 
 
