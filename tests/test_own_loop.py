@@ -685,3 +685,17 @@ def test_backward_where_gradients_are_disabled_is_one_precise_error(context):
     with context(), pytest.raises(ValueError, match=message):
         f.backward((x, y))
     f.backward((x, y))  # the same step outside the block is fine
+
+
+def test_an_optimizer_fused_into_the_backward_is_named_by_slr():
+    # PyTorch's recipe that steps and clears each gradient in a post-accumulate-grad hook leaves slr's W = Z
+    # penalty no gradient to join: one precise error, not a TypeError from a foreach call.
+    model, x, y = _cancer()
+    for parameter in model.parameters():
+        parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("slr", problem)
+    f.setup(num_epochs=1, steps_per_epoch=1, reference_batch=(x, y))
+    message = r"^\d\.weight has no gradient to add the W = Z penalty to .* step the optimizer after backward\(\)$"
+    with pytest.raises(ValueError, match=message):
+        f.backward((x, y))

@@ -71,6 +71,13 @@ class PenaltyGradient:
                 self.add([one])
             return
         grads = [p.grad for _, p in params]
+        if any(grad is None for grad in grads):
+            name = next(name for (name, _), grad in zip(params, grads, strict=True) if grad is None)
+            raise ValueError(
+                f"{name} has no gradient to add the W = Z penalty to once backward accumulated it: a hook of yours "
+                "stepped and cleared it inside the backward (an optimizer fused into the backward)? slr and admm "
+                "add the penalty after the backward: step the optimizer after backward()"
+            )
         weights = [p.detach() for _, p in params]
         offsets = [a[1] for a in anchors]
         factor = self._factor
