@@ -24,12 +24,14 @@ the gradient is never cut by the clamp).
 
 Sampling draws from an optional :class:`torch.Generator` shared by all gates of a model, whose
 state a formulation checkpoints: a resumed run draws exactly the same gates as an uninterrupted one
-on any device (the global RNG is used when no generator is given). Activation checkpointing
-(``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) runs a forward again inside the
-backward and restores only the global RNG: each gate keeps the generator's state before each of its
-draws, and a forward recomputed inside a backward replays them in order, so the backward sees the
-gates the forward used (:meth:`HardConcreteGate.sample`; :meth:`HardConcreteGate.forget_draws` drops
-the kept states, before each Lagrangian).
+on any device (the global RNG is used when no generator is given). A gate takes **one draw per
+Lagrangian** in training forwards (:meth:`HardConcreteGate.step_sample`; :meth:`~HardConcreteGate.sample`
+draws afresh every call): its first sample after :meth:`HardConcreteGate.forget_draws` (which the ``l0``
+formulations call before every evaluation of the Lagrangian) keeps the generator's state, and every
+later sample until the next one reuses it. So a weight read twice in a forward (tied layers) has one
+mask per step, and a forward that activation checkpointing (``torch.utils.checkpoint``,
+``gradient_checkpointing_enable()``) recomputes inside the backward, in whatever order, sees the
+gates the forward used (the checkpoint restores only the global RNG).
 """
 
 from __future__ import annotations
@@ -102,15 +104,6 @@ def _group_layout(
     )
 
 
-MAX_KEPT_DRAWS = 64
-"""Generator states a gate keeps for replay at most (train-mode forwards without a Lagrangian between them)."""
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward on this thread (where activation checkpointing recomputes)."""
-    return torch._C._current_graph_task_id() != -1
-
-
 class HardConcreteGate(nn.Module):
     r"""Parametrization :math:`\tilde\theta \mapsto \tilde\theta \odot z` with hard-concrete gates.
 
@@ -148,8 +141,7 @@ class HardConcreteGate(nn.Module):
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
         self._measured: tuple[int, torch.Tensor | None] = (-1, None)  # (log_alpha version, expected density)
-        self._draws: list[torch.Tensor] = []  # the generator's state before each draw since forget_draws()
-        self._replayed = 0  # how many of them a recomputed forward has replayed
+        self._draw: torch.Tensor | None = None  # the generator's state before this Lagrangian's draw
         self.test_override: torch.Tensor | None = None
         """When set, the eval-mode gate over the weight (a hard-prune preview), instead of :meth:`test_gate`."""
 
@@ -158,36 +150,34 @@ class HardConcreteGate(nn.Module):
         """Number of gates (groups)."""
         return self.log_alpha.numel()
 
-    def sample(self) -> torch.Tensor:
-        r"""One draw :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` (differentiable in :math:`\log\alpha`).
-
-        Inside a backward (a forward that activation checkpointing recomputes) the draws of the forward
-        are replayed in order from their kept generator states, and the generator does not move on.
-        """
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""One draw :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` (differentiable in :math:`\log\alpha`)
+        from ``generator`` (default: the gate's own, or the global RNG without one)."""
         u = torch.rand(
-            self.log_alpha.shape, generator=self._noise(), device=self.log_alpha.device, dtype=self.log_alpha.dtype
+            self.log_alpha.shape,
+            generator=self.generator if generator is None else generator,
+            device=self.log_alpha.device,
+            dtype=self.log_alpha.dtype,
         ).clamp(_EPS, 1.0 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
-    def _noise(self) -> torch.Generator | None:
-        """The generator of this draw: a copy at a kept state to replay a recomputed draw, else the shared one."""
+    def step_sample(self) -> torch.Tensor:
+        """The gate in a training forward: the Lagrangian's draw. The first call after :meth:`forget_draws` draws
+        from the generator; later ones (a weight read again, a forward recomputed by activation checkpointing)
+        repeat that draw, and the generator stays."""
         if self.generator is None:  # the global RNG, which torch.utils.checkpoint restores itself
-            return None
-        if _in_backward() and self._replayed < len(self._draws):
-            replay = torch.Generator(device=self.generator.device)
-            replay.set_state(self._draws[self._replayed])
-            self._replayed += 1
-            return replay
-        if self._replayed or len(self._draws) >= MAX_KEPT_DRAWS:  # a new forward after a backward replayed
-            self.forget_draws()
-        self._draws.append(self.generator.get_state())
-        return self.generator
+            return self.sample()
+        if self._draw is None:
+            self._draw = self.generator.get_state()
+            return self.sample()
+        again = torch.Generator(device=self.generator.device)
+        again.set_state(self._draw)
+        return self.sample(again)
 
     def forget_draws(self) -> None:
-        """Drops the kept generator states (a formulation calls it before each Lagrangian)."""
-        self._draws.clear()
-        self._replayed = 0
+        """Lets the next sample take a new draw (a formulation calls it before each Lagrangian)."""
+        self._draw = None
 
     def median(self) -> torch.Tensor:
         r"""Median of every gate, :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha/\beta)(\zeta - \gamma) + \gamma))`.
@@ -256,7 +246,7 @@ class HardConcreteGate(nn.Module):
         # The gates stay float32 (their log alpha trains there); the product keeps the weight's dtype.
         if not self.training and self.test_override is not None:
             return weight * self.test_override.to(weight.dtype)
-        z = self.sample() if self.training else self.test_gate()
+        z = self.step_sample() if self.training else self.test_gate()
         return weight * self.expand(z).to(weight.dtype)
 
 

@@ -902,27 +902,33 @@ def test_gates_in_a_users_sgd_warn_that_their_steps_scale_with_one_over_the_gate
 
 
 class _Checkpointed(nn.Module):
-    """A gated block run under activation checkpointing (or not): the same weights either way."""
+    """Two checkpointed segments (or none) that share a gated layer: the same weights either way."""
 
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
         self.block = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.shared = nn.Linear(32, 32)  # read by both segments: one gate sample per step for both reads
         self.head = nn.Linear(32, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.utils.checkpoint import checkpoint
 
+        first = lambda v: torch.tanh(self.shared(self.block(v)))  # noqa: E731
+        second = lambda v: torch.tanh(self.shared(v))  # noqa: E731
         if self.mode == "plain":
-            return self.head(self.block(x))
-        return self.head(checkpoint(self.block, x, use_reentrant=self.mode == "reentrant"))
+            return self.head(second(first(x)))
+        reentrant = self.mode == "reentrant"
+        hidden = checkpoint(first, x, use_reentrant=reentrant)
+        return self.head(checkpoint(second, hidden, use_reentrant=reentrant))
 
 
 @pytest.mark.parametrize("name", ["l0", "l0-penalty"])
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
 def test_activation_checkpointing_backpropagates_the_gates_the_forward_drew(name, mode):
-    # The recomputed forward inside the backward replays the gates' draws (torch.utils.checkpoint restores
-    # only the global RNG): the gradients and the next steps are those of the same model without it.
+    # One gate draw per Lagrangian: the forwards recomputed inside the backward (in reverse segment order) see
+    # the forward's gates, though torch.utils.checkpoint restores only the global RNG, and the shared layer has
+    # one mask per step: the gradients and the next steps are those of the same model without checkpointing.
     # Inputs that require grad: reentrant checkpointing backpropagates into the block's weights only then.
     x, y = torch.randn(16, 12, requires_grad=True), torch.randint(0, 3, (16,))
 

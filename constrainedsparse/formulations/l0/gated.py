@@ -81,7 +81,7 @@ class Gated(Formulation):
         self.add_terms()
 
     def before_lagrangian(self) -> None:
-        """A new step's forward: the gates drop the draws they kept for a recomputed forward to replay."""
+        """A new Lagrangian: every gate takes a new draw at its next sample (one draw per gate and Lagrangian)."""
         super().before_lagrangian()
         for gate in self.gates.values():
             gate.forget_draws()
