@@ -57,8 +57,10 @@ def seed_everything(seed: int) -> None:
 
 
 def random_states() -> dict[str, Any]:
-    """The global generators' states (torch's CPU and, once used, CUDA ones; Python's; NumPy's) in the types a
-    ``torch.load(weights_only=True)`` reads back: what a resumed run restores."""
+    """The global generators' states (torch's CPU one and, once used, the current CUDA device's; Python's;
+    NumPy's) in the types a ``torch.load(weights_only=True)`` reads back: what a resumed run restores. The
+    CUDA state is the current device's only: every process of a run seeds its device alike, and each restores
+    its own device from rank 0's."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -66,7 +68,7 @@ def random_states() -> dict[str, Any]:
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -80,7 +82,7 @@ def set_random_states(states: dict[str, Any] | torch.Tensor) -> None:
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int) -> DataLoader:

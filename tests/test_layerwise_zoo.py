@@ -209,3 +209,76 @@ def test_targets_of_a_module_type_layerwise_cannot_prune_are_refused_up_front(mo
     with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
         prune_layerwise(model, [torch.randn(shape)], "sparsegpt", sparsity=0.5, targets=targets)
     assert _unchanged(model, before)
+
+
+class _KeywordBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(x)
+
+
+class _Keywords(nn.Module):
+    """Blocks called with their hidden states under a keyword other than hidden_states; can fail between blocks."""
+
+    def __init__(self, fail_between: bool = False) -> None:
+        super().__init__()
+        self.fail_between = fail_between
+        self.blocks = nn.ModuleList(_KeywordBlock() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            x = torch.relu(block(x=x))
+            if self.fail_between and index == 0:
+                raise RuntimeError("the model fails here")
+        return x
+
+
+def test_keyword_hidden_states_gaps_and_a_failure_between_blocks():
+    torch.manual_seed(0)
+    batches = [torch.randn(32, 16)]
+    report = prune_layerwise(_Keywords(), batches, "sparsegpt", sparsity=0.5)  # reached by running the model
+    assert list(report.layer_error) == [f"blocks.{index}.linear.weight" for index in range(3)]
+    model = _Keywords(fail_between=True)
+    before = _snapshot(model)
+    message = (
+        "calibration batch 0: the model's forward failed after blocks.0, before the next block ran: RuntimeError: "
+        "the model fails here"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    assert _unchanged(model, before)
+    # A gap is found by the chain check (blocks.2 is called with blocks.1's output): blocks.1 runs dense between.
+    model = Chain([nn.Sequential(nn.Linear(16, 16)) for _ in range(3)])
+    twin = _chained_twin_of_gap(model)
+    report = prune_layerwise(model, batches, "sparsegpt", sparsity=0.5, blocks=[model.blocks[0], model.blocks[2]])
+    dense_middle = Targets(module_types=(nn.Linear,), exclude=["blocks.1.0.*"])  # the skipped block stays dense
+    expected = prune_layerwise(twin, batches, "sparsegpt", sparsity=0.5, targets=dense_middle)
+    assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
+    with pytest.raises(UserInputError, match=r"^with offload, blocks must follow each other without a gap"):
+        prune_layerwise(model, batches, "sparsegpt", sparsity=0.5, blocks=[model.blocks[0], model.blocks[2]],
+                        offload=True)  # fmt: skip
+
+
+def _chained_twin_of_gap(model: nn.Module) -> nn.Module:
+    """``Chain`` of blocks 0 and 1 + 2 of ``model`` (copies): the skipped block 1 runs inside block 2."""
+    import copy
+
+    blocks = copy.deepcopy(list(model.blocks))
+    return Chain([blocks[0], nn.Sequential(blocks[1], blocks[2])])
+
+
+def test_a_dense_block_fit_target_is_refused_where_the_model_computes_between_blocks():
+    # The dense target follows the dense blocks' outputs from block to block: wrong where an activation sits
+    # between them. block_fit_target=block (each block's dense outputs on its own inputs) is right there.
+    torch.manual_seed(0)
+    model = LinearTower()
+    before = _snapshot(model)
+    batches = [torch.randn(32, 16)]
+    with pytest.raises(UserInputError, match=r"^block_fit_target=dense fits each block .* set block_fit_target=block"):
+        prune_layerwise(model, batches, "wanda", sparsity=0.5, block_fit_epochs=1)
+    assert _unchanged(model, before)
+    report = prune_layerwise(model, batches, "wanda", sparsity=0.5, block_fit_epochs=1, block_fit_target="block")
+    assert len(report.layer_error) == 3

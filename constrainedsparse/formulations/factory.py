@@ -62,6 +62,8 @@ def formulation_class(name: str) -> type[Formulation]:
     return REGISTRY.get("training", name)
 
 
+# The overloads tell type checkers each built-in's class (make("slr", ...) is an SLR); a new parameter of make()
+# goes into every one of them and into the implementation below.
 @overload
 def make(
     name: Literal["slr"],

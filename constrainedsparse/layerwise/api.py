@@ -189,7 +189,7 @@ def prune_layerwise(
     check_settings(driver, solver, target, targets)
     blocks = list(find_blocks(model)) if blocks is None else checked_blocks(model, blocks)
     prefixes = block_prefixes(model, blocks)
-    check_consecutive(prefixes)
+    check_consecutive(prefixes, driver.offload)
     overrides = override_levels(model, blocks, targets, target)
     check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes)
     check_reachable(blocks, targets, target, driver)

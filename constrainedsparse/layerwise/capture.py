@@ -101,23 +101,30 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
         batch: One calibration batch, where the model computes.
 
     Raises:
-        UserInputError: For a block called out of the given order or twice. A forward that fails
-            otherwise counts as chained: the walk then fails at the same place and names it.
+        UserInputError: For a block called out of the given order or twice, or a forward that fails
+            between two blocks (where no block's calibration would name it). A forward that fails before
+            the first block or inside a block counts as chained: the walk fails there and names it.
     """
     if len(blocks) < 2:
         return True
     position = {id(block): index for index, block in enumerate(blocks)}
     last: list[Any] = [-1, None]  # the index of the block that ran last, a copy of its output
+    entered = [-1]  # the index of the block that started last
     chained = [True]
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         index = position[id(module)]
+        entered[0] = index
         if index != last[0] + 1:
             ran = f"after {names[last[0]]}" if last[0] >= 0 else "first"
             raise UserInputError(
                 f"blocks must be the model's blocks in execution order, each called once: {names[index]} ran {ran}"
             )
-        if index > 0 and not torch.equal(BlockInputs(args, kwargs, None).hidden, last[1]):
+        try:
+            hidden = BlockInputs(args, kwargs, None).hidden
+        except KeyError:  # hidden states under another keyword: only a run of the model up to it reaches them
+            hidden = None
+        if index > 0 and (hidden is None or not torch.equal(hidden, last[1])):
             chained[0] = False
             raise StopForward
         if index == len(blocks) - 1:
@@ -135,8 +142,13 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
         pass
     except UserInputError:
         raise
-    except (RuntimeError, IndexError, TypeError, ValueError):  # the walk fails there too, and says where and why
-        return True
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        if last[0] < 0 or entered[0] > last[0]:  # before the first block or inside one: the walk names it
+            return True
+        raise UserInputError(
+            f"calibration batch 0: the model's forward failed after {names[last[0]]}, before the next block ran: "
+            f"{type(err).__name__}: {first_line(err)}"
+        ) from err
     finally:
         for handle in handles:
             handle.remove()

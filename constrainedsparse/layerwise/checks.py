@@ -313,12 +313,14 @@ def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
     return out
 
 
-def check_consecutive(prefixes: Sequence[str]) -> None:
-    """Blocks of one ``ModuleList`` (``model.layers.<i>``) follow each other without a gap: each block is
-    calibrated on the previous one's outputs, so a skipped block would be left out of its inputs.
+def check_consecutive(prefixes: Sequence[str], offload: bool = False) -> None:
+    """Blocks of one ``ModuleList`` (``model.layers.<i>``) are listed in their order and, with ``offload``,
+    without a gap: an offloaded walk calibrates each block on the previous one's outputs, so a skipped
+    block would be left out of its inputs (without offload the walk finds the gap and runs the model
+    up to the next block, :func:`~constrainedsparse.layerwise.capture.blocks_chained`).
 
     Raises:
-        UserInputError: Naming the first gap.
+        UserInputError: Naming the first pair out of order, or with ``offload`` the first gap.
     """
     for before, after in zip(prefixes, prefixes[1:]):
         (parent, _, first), (other, _, second) = before.rpartition("."), after.rpartition(".")
@@ -326,7 +328,8 @@ def check_consecutive(prefixes: Sequence[str]) -> None:
             continue
         if int(second) <= int(first):
             raise UserInputError(f"blocks must be in execution order: {after} runs before {before} in the model")
-        raise UserInputError(
-            f"blocks must follow each other without a gap: {before} is followed by {after}, which skips "
-            f"{parent}.{int(first) + 1} (its inputs would be {before}'s outputs); give a consecutive slice"
-        )
+        if offload:
+            raise UserInputError(
+                f"with offload, blocks must follow each other without a gap: {before} is followed by {after}, which "
+                f"skips {parent}.{int(first) + 1} (its inputs would be {before}'s outputs); give a consecutive slice"
+            )

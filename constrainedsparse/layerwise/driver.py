@@ -65,6 +65,7 @@ __all__ = [
     "prune_blocks",
     "run_block",
     "walk_blocks",
+    "walk_chained",
     "walk_inputs",
 ]
 
@@ -256,6 +257,26 @@ def block_prefixes(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
     return [names.get(id(block), str(index)) for index, block in enumerate(blocks)]
 
 
+def walk_chained(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Any],
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    device: torch.device | str = "cpu",
+    offload: bool = False,
+) -> bool:
+    """Whether a walk over blocks ``start .. stop - 1`` may run each block to get the next one's inputs
+    (:func:`~constrainedsparse.layerwise.capture.blocks_chained` on the first batch; with ``offload`` the
+    blocks are not where one forward could run them all, and are taken to be chained, as transformer blocks are)."""
+    stop = len(blocks) if stop is None else min(stop, len(blocks))
+    if offload or stop - start < 2 or not batches:
+        return True
+    prefixes = block_prefixes(model, blocks)
+    return blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
+
+
 def walk_blocks(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -266,6 +287,7 @@ def walk_blocks(
     device: torch.device | str = "cpu",
     offload: bool = False,
     activations: str = "device",
+    chained: bool | None = None,
 ) -> Iterator[tuple[int, nn.Module, str, list[BlockInputs], torch.device | str | None]]:
     """The block-sequential walk every pass over a model shares: capture, visit, propagate.
 
@@ -276,16 +298,15 @@ def walk_blocks(
     back. Where the model computes something between two blocks (one forward of the first batch
     finds out, :func:`~constrainedsparse.layerwise.capture.blocks_chained`), the next block's inputs
     come from the model run up to it instead (``offload`` assumes chained blocks, as transformer
-    blocks are). See :func:`prune_blocks` for ``offload`` and ``activations``.
+    blocks are; ``chained``: what :func:`walk_chained` said, if the caller asked already). See
+    :func:`prune_blocks` for ``offload`` and ``activations``.
     """
     prefixes = block_prefixes(model, blocks)
     if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
         batches = list(batches)[distributed.rank() :: distributed.world_size()]
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    # With offload the blocks are not where one forward could run them all: chained, as transformer blocks are.
-    chained = offload or stop - start < 2
-    if not chained and batches:
-        chained = blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
+    if chained is None:
+        chained = walk_chained(model, blocks, batches, start=start, stop=stop, device=device, offload=offload)
     inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     store = device if activations == "device" else "cpu"
     compute = device if (offload or store != device) else None
@@ -362,8 +383,15 @@ def prune_blocks(
     reports: list[LayerReport] = []
     stop = len(blocks) if stop is None else min(stop, len(blocks))
     bar = Progress(len(blocks), f"layer-wise {solver.name}", progress, initial=start, unit="block")
+    chained = walk_chained(model, blocks, batches, start=start, stop=stop, device=device, offload=offload)
+    if fit is not None and fit.enabled and fit.target == "dense" and not chained:
+        raise UserInputError(
+            "block_fit_target=dense fits each block to the dense model's block outputs, which the walk follows "
+            "from block to block, but this model computes something between its blocks: set "
+            "block_fit_target=block (each block fitted to its dense outputs on its own inputs)"
+        )
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
-                       activations=activations)  # fmt: skip
+                       activations=activations, chained=chained)  # fmt: skip
     for index, block, prefix, inputs, compute in walk:
         wanted = mask_layers = None
         if fit is not None and fit.enabled:  # the dense block's outputs and weights, before it is pruned

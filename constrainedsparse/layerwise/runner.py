@@ -182,7 +182,7 @@ def prepare(
     levels = override_levels(model, blocks, problem.targets, target)
     prefixes = block_prefixes(model, blocks)
     with user_input(f"problem {problem.name!r}: "):
-        check_consecutive(prefixes)
+        check_consecutive(prefixes, driver.offload)
     check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
     check_reachable(blocks, problem.targets, target, driver)
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
