@@ -154,9 +154,10 @@ def dense_cache_path(recipe: DenseRecipe) -> Path:
     """The cache file of the recipe's dense model.
 
     Its key holds the problem file's bytes (not the modules it imports, nor data files it reads), the
-    options, ``lr``, ``batch_size``, the device type, on the CPU torch's thread count (reductions split
-    differently), and the torch and constrainedsparse versions (the pre-training loop and the bundled
-    data generators are theirs); the seed and pre-training epochs name the file.
+    options, ``lr``, ``batch_size``, the device type and the torch and constrainedsparse versions (the
+    pre-training loop and the bundled data generators are theirs); the seed and pre-training epochs name
+    the file. Not the thread or process count: those change a dense model's last digits only, and a run
+    resumed on other threads or with another ``--nproc`` must find the dense model it started from.
     """
     from constrainedsparse import __version__
 
@@ -168,7 +169,6 @@ def dense_cache_path(recipe: DenseRecipe) -> Path:
             "batch": recipe.batch_size,
             # CUDA kernels round differently: a GPU-trained dense model is not the CPU one.
             "device": device,
-            "threads": torch.get_num_threads() if device == "cpu" else None,
             "torch": torch.__version__,
             "constrainedsparse": __version__,
         },

@@ -208,8 +208,8 @@ def _stored_text(key: str, stored: Mapping[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """What a summary records of the software and the CPU threads a run used (``versions``, ``threads``): with
-    ``seed`` and ``effective_settings`` what reproduces it."""
+    """What a summary records of the software, the CPU threads per process and the processes a run used
+    (``versions``, ``threads``, ``processes``): with ``seed`` and ``effective_settings`` what reproduces it."""
     from constrainedsparse import __version__
 
     versions = {"constrainedsparse": __version__, "python": platform.python_version(), "torch": torch.__version__}
@@ -218,7 +218,7 @@ def environment() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return {"versions": versions, "threads": torch.get_num_threads()}
+    return {"versions": versions, "threads": torch.get_num_threads(), "processes": distributed.world_size()}
 
 
 def settings_text(*groups: Mapping[str, Any]) -> dict[str, str]:

@@ -66,6 +66,25 @@ def test_dense_model_is_cached(tmp_path):
     # What reproduces the run: every setting in effect (defaults too), the versions and threads it ran with.
     assert second["effective_settings"]["lr"] == "0.001" and second["effective_settings"]["schedule"] == "cubic"
     assert second["versions"]["torch"] == torch.__version__ and second["threads"] == torch.get_num_threads()
+    assert second["processes"] == 1
+
+
+def test_the_dense_cache_key_is_the_same_on_other_threads():
+    # A run resumed on other threads (or with another --nproc, which sets each worker's) finds its dense model.
+    from constrainedsparse.dense import DenseRecipe, dense_cache_path
+    from constrainedsparse.spec import load_problem
+
+    problem = load_problem("digits-mlp")
+    recipe = DenseRecipe(problem, dict(problem.options), 1e-3, 64, "cpu", 0, 3, False)
+    threads = torch.get_num_threads()
+    try:
+        paths = set()
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            paths.add(dense_cache_path(recipe))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(paths) == 1
 
 
 def test_version_flag_prints_the_version(capsys):
