@@ -451,6 +451,7 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         if state is not None:
             run.step, run.seconds_before = state["step"], state["seconds"]
             run.hardprune_value = state["hardprune_metric"]
+            run.dense_value = state["dense_metric"]  # the dense model the run started from, whatever the cache holds
             set_random_states(state["rng"])
         else:
             seed_everything(run.config.seed + PRUNE_SEED_OFFSET)

@@ -202,3 +202,19 @@ def test_seed_reaches_a_problems_random_data_and_a_resumed_slr_run_with_dropout_
     for other in ("again", "cut"):
         weights = load_file(tmp_path / other / "model.safetensors")
         assert all(torch.equal(full[name], weights[name]) for name in full), other
+
+
+def test_a_resumed_run_reports_the_dense_metric_it_started_from(tmp_path):
+    # The cache may hold another dense model by then (trained on other threads, or replaced): the summary's
+    # dense figure is the checkpoint's, the model the run pruned.
+    from safetensors.torch import save_file
+
+    from constrainedsparse.engine import cache_dir
+
+    common = dict(formulation="magnitude", sparsity=0.5, epochs=2, seed=11, **FAST)
+    full = run(RunConfig(out=tmp_path / "full", **common))
+    assert run(RunConfig(out=tmp_path / "cut", stop_after_epochs=1, **common)) is None
+    cached = next((cache_dir() / "dense").glob("digits-mlp-*-seed11-pre3.safetensors"))
+    save_file({name: torch.zeros_like(value) for name, value in load_file(cached).items()}, cached)
+    resumed = run(RunConfig(out=tmp_path / "cut", resume=True, **common))
+    assert resumed["dense_accuracy"] == full["dense_accuracy"]
