@@ -211,10 +211,10 @@ def test_a_resumed_run_reports_the_dense_metric_it_started_from(tmp_path):
 
     from constrainedsparse.engine import cache_dir
 
-    common = dict(formulation="magnitude", sparsity=0.5, epochs=2, seed=11, **FAST)
+    common = dict(formulation="magnitude", sparsity=0.5, epochs=2, seed=23, **FAST)
     full = run(RunConfig(out=tmp_path / "full", **common))
     assert run(RunConfig(out=tmp_path / "cut", stop_after_epochs=1, **common)) is None
-    cached = next((cache_dir() / "dense").glob("digits-mlp-*-seed11-pre3.safetensors"))
+    cached = next((cache_dir() / "dense").glob("digits-mlp-*-seed23-pre3.safetensors"))
     save_file({name: torch.zeros_like(value) for name, value in load_file(cached).items()}, cached)
     resumed = run(RunConfig(out=tmp_path / "cut", resume=True, **common))
     assert resumed["dense_accuracy"] == full["dense_accuracy"]
