@@ -282,3 +282,14 @@ def test_a_dense_block_fit_target_is_refused_where_the_model_computes_between_bl
     assert _unchanged(model, before)
     report = prune_layerwise(model, batches, "wanda", sparsity=0.5, block_fit_epochs=1, block_fit_target="block")
     assert len(report.layer_error) == 3
+
+
+def test_offload_where_the_model_is_still_checks_the_chain():
+    # offload=True with the model already on the compute device moves nothing: the chain check still runs, so an
+    # activation between blocks reaches the next block's calibration as without offload.
+    batches = [torch.randn(32, 16)]
+    reports = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        reports.append(prune_layerwise(LinearTower(), batches, "sparsegpt", sparsity=0.5, offload=offload))
+    assert list(reports[0].layer_error.values()) == pytest.approx(list(reports[1].layer_error.values()))

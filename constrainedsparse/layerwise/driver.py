@@ -268,10 +268,12 @@ def walk_chained(
     offload: bool = False,
 ) -> bool:
     """Whether a walk over blocks ``start .. stop - 1`` may run each block to get the next one's inputs
-    (:func:`~constrainedsparse.layerwise.capture.blocks_chained` on the first batch; with ``offload`` the
-    blocks are not where one forward could run them all, and are taken to be chained, as transformer blocks are)."""
+    (:func:`~constrainedsparse.layerwise.capture.blocks_chained` on the first batch; offloaded to another
+    device than the model's, the blocks are not where one forward could run them all, and are taken to be
+    chained, as transformer blocks are)."""
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    if offload or stop - start < 2 or not batches:
+    elsewhere = offload and torch.device(device) != next(model.parameters()).device
+    if elsewhere or stop - start < 2 or not batches:
         return True
     prefixes = block_prefixes(model, blocks)
     return blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
