@@ -200,7 +200,8 @@ class Gated(Formulation):
         warnings.warn(
             f"{self.name}: a OneCycleLR peaks the gates' group at max_lr={float(peak):g}, not at gate_lr="
             f"{self.config.gate_lr:g}: the gates learn at the weights' rate and may barely move; give one max_lr per "
-            "group, the gates' last: OneCycleLR(optimizer, max_lr=[lr, gate_lr])",
+            "group, the gates' last, and keep gate_momentum: OneCycleLR(optimizer, max_lr=[lr, gate_lr], "
+            "cycle_momentum=False)",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
