@@ -206,9 +206,9 @@ def _unwritable(folder: Path) -> str | None:
     )
 
 
-def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float, bool]:
-    """The problem's dense model after pre-training, its test metric, and whether it came from the cache
-    (:func:`dense_cache_path`)."""
+def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float, dict[str, Any]]:
+    """The problem's dense model after pre-training, its test metric, and its cache file with whether it was
+    loaded from it (``{"file", "loaded"}``, :func:`dense_cache_path`)."""
     problem, seed, device = recipe.problem, recipe.seed, recipe.device
     seed_everything(seed)
     model = problem.built_model(recipe.options).to(device)
@@ -217,7 +217,7 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
         loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
         if distributed.broadcast_object(loaded):
             distributed.broadcast_module(model)
-            return model, evaluate(problem, model, test), True
+            return model, evaluate(problem, model, test), {"file": str(path), "loaded": True}
         seed_everything(seed)
         model = problem.built_model(recipe.options).to(device)
     unwritable = distributed.broadcast_object(_unwritable(path.parent) if distributed.is_main_process() else None)
@@ -242,7 +242,7 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
     progress.close()
     if distributed.is_main_process():
         save_weights(path, model.state_dict())
-    return model, evaluate(problem, model, test), False
+    return model, evaluate(problem, model, test), {"file": str(path), "loaded": False}
 
 
 def reference_batch(train: Dataset, seed: int, size: int) -> Any:

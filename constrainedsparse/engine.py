@@ -28,7 +28,6 @@ from constrainedsparse.dense import (
     RETRAIN_PHASE,
     DenseRecipe,
     cache_dir,
-    dense_cache_path,
     dense_model,
     evaluate,
     loader,
@@ -360,8 +359,7 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
         problem, prepared.options, prepared.training.lr, prepared.training.batch_size, prepared.device,
         config.seed, prepared.pretrain_epochs, config.progress,
     )  # fmt: skip
-    run.model, run.dense_value, loaded = dense_model(recipe, run.train, run.test)
-    run.dense_cache = {"file": str(dense_cache_path(recipe)), "loaded": loaded}
+    run.model, run.dense_value, run.dense_cache = dense_model(recipe, run.train, run.test)
     run.targets = problem.targets.resolve(run.model, prepared.target, allow_empty=True)
     first = DataLoader(run.train, batch_size=prepared.training.batch_size, generator=torch.Generator())
     example = to_device(next(iter(first)), prepared.device)
