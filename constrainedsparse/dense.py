@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -245,10 +246,14 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
     return model, evaluate(problem, model, test), {"file": str(path), "loaded": False}
 
 
+def collate_samples(dataset: Dataset, indices: Iterable[int]) -> Any:
+    """The samples at ``indices`` as one batch, collated as a ``DataLoader`` would, without one: a
+    ``DataLoader``'s iterator draws a seed from torch's global generator, which a resumed run has just
+    restored (dropout after a resume would then take other draws)."""
+    return default_collate([dataset[index] for index in indices])
+
+
 def reference_batch(train: Dataset, seed: int, size: int) -> Any:
     """A fixed batch of ``min(size, len(train))`` training samples drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed * REFERENCE_SEED_MULTIPLIER + REFERENCE_SEED_OFFSET)
-    indices = torch.randperm(len(train), generator=generator)[:size].tolist()
-    # Collated as a DataLoader would, without one: its iterator draws a seed from torch's global generator,
-    # which a resumed run has restored just before (dropout after a resume would then take other draws).
-    return default_collate([train[index] for index in indices])
+    return collate_samples(train, torch.randperm(len(train), generator=generator)[:size].tolist())

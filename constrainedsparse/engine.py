@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
@@ -28,6 +27,7 @@ from constrainedsparse.dense import (
     RETRAIN_PHASE,
     DenseRecipe,
     cache_dir,
+    collate_samples,
     dense_model,
     evaluate,
     loader,
@@ -235,8 +235,7 @@ class _Run:
 
     def test_batch(self) -> Any:
         """The whole test set as one batch on the run's device (what data-dependent constraints are reported on)."""
-        batch = next(iter(DataLoader(self.test, batch_size=len(self.test), generator=torch.Generator())))
-        return to_device(batch, self.prepared.device)
+        return to_device(collate_samples(self.test, range(len(self.test))), self.prepared.device)
 
     def check_not_emptied(self) -> None:
         """Stops the run when a hard prune left a targeted tensor without a weight (unless allowed)."""
@@ -361,8 +360,8 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     )  # fmt: skip
     run.model, run.dense_value, run.dense_cache = dense_model(recipe, run.train, run.test)
     run.targets = problem.targets.resolve(run.model, prepared.target, allow_empty=True)
-    first = DataLoader(run.train, batch_size=prepared.training.batch_size, generator=torch.Generator())
-    example = to_device(next(iter(first)), prepared.device)
+    first = range(min(prepared.training.batch_size, len(run.train)))
+    example = to_device(collate_samples(run.train, first), prepared.device)
     run.sparsity_problem = _task_problem(problem, run.model, run.targets, example)
     logged = {**config.identity(), **prepared.formulation_config.values(), **dataclasses.asdict(prepared.training)}
     run.logger = open_logger(run.directory, config, logged, resume_state)
