@@ -26,12 +26,13 @@ Sampling draws from an optional :class:`torch.Generator` shared by all gates of 
 state a formulation checkpoints: a resumed run draws exactly the same gates as an uninterrupted one
 on any device (the global RNG is used when no generator is given). A gate takes **one draw per
 Lagrangian** in training forwards (:meth:`HardConcreteGate.step_sample`; :meth:`~HardConcreteGate.sample`
-draws afresh every call): its first sample after :meth:`HardConcreteGate.forget_draws` (which the ``l0``
-formulations call before every evaluation of the Lagrangian) keeps the generator's state, and every
-later sample until the next one reuses it. So a weight read twice in a forward (tied layers) has one
-mask per step, and a forward that activation checkpointing (``torch.utils.checkpoint``,
-``gradient_checkpointing_enable()``) recomputes inside the backward, in whatever order, sees the
-gates the forward used (the checkpoint restores only the global RNG).
+draws afresh every call): :meth:`HardConcreteGate.redraw` (which the ``l0`` formulations call before every
+evaluation of the Lagrangian) draws the uniform noise from the generator, and every sample until the next
+one computes the gates from it. So a weight read twice in a forward (tied layers) has one mask per step, a
+forward that activation checkpointing (``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``)
+recomputes inside the backward, in whatever order, sees the gates the forward used (the checkpoint
+restores only the global RNG), and ``torch.compile`` traces the gates without a graph break (the draw
+happens outside the forward).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class HardConcreteGate(nn.Module):
         self.generator = generator
         self.log_alpha = nn.Parameter(torch.full(gate_shape, log_alpha_from_droprate(droprate_init)))
         self._measured: tuple[int, torch.Tensor | None] = (-1, None)  # (log_alpha version, expected density)
-        self._draw: torch.Tensor | None = None  # the generator's state before this Lagrangian's draw
+        self._noise: torch.Tensor | None = None  # this Lagrangian's uniform noise (drawn by redraw)
         self.test_override: torch.Tensor | None = None
         """When set, the eval-mode gate over the weight (a hard-prune preview), instead of :meth:`test_gate`."""
 
@@ -150,34 +151,40 @@ class HardConcreteGate(nn.Module):
         """Number of gates (groups)."""
         return self.log_alpha.numel()
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        r"""One draw :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` (differentiable in :math:`\log\alpha`)
-        from ``generator`` (default: the gate's own, or the global RNG without one)."""
-        u = torch.rand(
-            self.log_alpha.shape,
-            generator=self.generator if generator is None else generator,
-            device=self.log_alpha.device,
-            dtype=self.log_alpha.dtype,
+    def _uniform(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Uniform noise of the gates' shape, kept away from 0 and 1."""
+        return torch.rand(
+            self.log_alpha.shape, generator=generator, device=self.log_alpha.device, dtype=self.log_alpha.dtype
         ).clamp(_EPS, 1.0 - _EPS)
+
+    def _gate(self, u: torch.Tensor) -> torch.Tensor:
+        r""":math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` with
+        :math:`s = \sigma((\log u - \log(1 - u) + \log\alpha) / \beta)`, differentiable in :math:`\log\alpha`."""
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""One fresh draw :math:`z` (differentiable in :math:`\log\alpha`) from ``generator`` (default: the gate's
+        own, or the global RNG without one)."""
+        return self._gate(self._uniform(self.generator if generator is None else generator))
+
     def step_sample(self) -> torch.Tensor:
-        """The gate in a training forward: the Lagrangian's draw. The first call after :meth:`forget_draws` draws
-        from the generator; later ones (a weight read again, a forward recomputed by activation checkpointing)
-        repeat that draw, and the generator stays."""
+        """The gate in a training forward: the Lagrangian's draw. The noise comes from the last :meth:`redraw` (made
+        at the first call if there was none), so every read until the next one (a weight read again, a forward
+        recomputed by activation checkpointing) sees the same gates; a gate on the global RNG draws afresh."""
         if self.generator is None:  # the global RNG, which torch.utils.checkpoint restores itself
             return self.sample()
-        if self._draw is None:
-            self._draw = self.generator.get_state()
-            return self.sample()
-        again = torch.Generator(device=self.generator.device)
-        again.set_state(self._draw)
-        return self.sample(again)
+        noise = self._noise
+        if noise is None or noise.device != self.log_alpha.device or noise.dtype != self.log_alpha.dtype:
+            self.redraw()
+            noise = self._noise
+        return self._gate(noise)
 
-    def forget_draws(self) -> None:
-        """Lets the next sample take a new draw (a formulation calls it before each Lagrangian)."""
-        self._draw = None
+    def redraw(self) -> None:
+        """Draws the noise of the next Lagrangian from the gate's generator (a formulation calls it before each):
+        outside the forward, so a compiled model traces the gates without a graph break."""
+        if self.generator is not None:
+            self._noise = self._uniform(self.generator)
 
     def median(self) -> torch.Tensor:
         r"""Median of every gate, :math:`\hat z = \min(1, \max(0, \sigma(\log\alpha/\beta)(\zeta - \gamma) + \gamma))`.

@@ -41,6 +41,10 @@ class Mask(nn.Module):
         self._factor: tuple[tuple[int, torch.dtype, torch.device], torch.Tensor] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced into the user's compiled graph: the cache's version check would break the graph at every
+            # pruned layer and recompile after every mask update; the conversion fuses into the product there.
+            return weight * self.mask.to(weight.dtype)
         return weight * self.factor(weight)
 
     def factor(self, weight: torch.Tensor) -> torch.Tensor:

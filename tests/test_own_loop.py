@@ -699,3 +699,40 @@ def test_an_optimizer_fused_into_the_backward_is_named_by_slr():
     message = r"^\d\.weight has no gradient to add the W = Z penalty to .* step the optimizer after backward\(\)$"
     with pytest.raises(ValueError, match=message):
         f.backward((x, y))
+
+
+def _compiled_run(name, backend=None):
+    model, x, y = _cancer()
+    x, y = x[:512], y[:512]  # batches of one shape: a last, smaller batch would add a graph of its own
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trained = model if backend is None else torch.compile(model, backend=backend)
+    targets = Targets().resolve(trained, SparsityConfig(sparsity=0.8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # l0's advice for gates on SGD
+        f = make(name, SparsityProblem(trained, nn.functional.cross_entropy, targets), optimizer=optimizer)
+    f.setup(num_epochs=3, steps_per_epoch=len(_batches(x, y, 128)))
+    for epoch in range(3):
+        f.start_epoch(epoch)
+        for batch in _batches(x, y, 128):
+            f.training_step(batch)
+        f.end_epoch(epoch)
+    masks = f.hard_masks()
+    f.finalize()
+    hard_prune(targets, masks)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["magnitude", "l0"])
+def test_masks_and_gates_under_torch_compile_trace_one_graph_through_every_update(name):
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = _compiled_run(name, backend)
+    # magnitude's masks are graph inputs updated in place, l0's gate noise is drawn before the forward:
+    # no break at the pruned layers, no recompile per mask update or per draw.
+    assert len(graphs) == 1
+    assert all(torch.equal(a, b) for a, b in zip(compiled, _compiled_run(name), strict=True))

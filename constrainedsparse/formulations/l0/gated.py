@@ -80,10 +80,10 @@ class Gated(Formulation):
         self.add_terms()
 
     def before_lagrangian(self) -> None:
-        """A new Lagrangian: every gate takes a new draw at its next sample (one draw per gate and Lagrangian)."""
+        """A new Lagrangian: every gate draws its noise (one draw per gate and Lagrangian, outside the forward)."""
         super().before_lagrangian()
         for gate in self.gates.values():
-            gate.forget_draws()
+            gate.redraw()
 
     def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
         """Warns once when a gated layer ran in eval mode: its gates took their test-time value (no sample),
