@@ -7,18 +7,22 @@ and whole output channels of Conv layers are zero. :func:`purge` removes them fo
   weight layer, its bias entry and the matching BatchNorm entries in between (exact: the unit's
   value is multiplied by 0 downstream);
 * an output channel ``c`` of a Conv whose weights are zero outputs the constant
-  :math:`v_c = \mathrm{act}(\mathrm{BN}(b_c))`; it is removed with the matching input channel
-  (or, through a ``Flatten``, the matching block of Linear input columns) of the next layer, and
-  :math:`v_c`'s contribution is folded into the next layer's bias. That fold is exact for a Linear
+  :math:`v_c = \mathrm{act}(\mathrm{BN}(b_c))` (whatever lies between it and the next weight
+  layer applied to its bias; through a ``Flatten`` one value per position, since a BatchNorm1d
+  after it normalises each position of a channel on its own); it is removed with the matching input
+  channel (or, through a ``Flatten``, the matching block of Linear input columns and of any
+  BatchNorm1d's features) of the next layer, and :math:`v_c`'s contribution is folded into the next
+  layer's bias. That fold is exact for a Linear
   consumer and for a Conv consumer without padding; a channel whose :math:`v_c \ne 0` feeds a
   padded Conv is kept (it then still counts in the parameters and MACs);
 * zero input columns of the first Linear, when nothing but elementwise modules precede it, become
   a :class:`SelectFeatures` in front of the model.
 
 Handled: a flat ``nn.Sequential`` of Linear, Conv1d/Conv2d (``groups=1``), BatchNorm1d/2d,
-Flatten, Unflatten (before the first weight layer only), Dropout/Identity, elementwise
-activations, max / average / adaptive pooling (channel by channel: a constant channel stays the
-same constant; an average pool that counts zero padding is not handled) and a Softmax /
+Flatten (of all but the batch dimension), Unflatten (before the first weight layer only),
+Dropout/Identity, elementwise activations, max / average / adaptive pooling before any Flatten
+(channel by channel: a constant channel stays the same constant; an average pool that counts zero
+padding is not handled) and a Softmax /
 LogSoftmax after the last weight layer, e.g. the bundled ``digits-mlp``, ``mnist1d-mlp`` and
 ``mnist1d-cnn`` or a LeNet. Anything else (nested ``nn.Sequential`` included) raises ``ValueError``.
 
@@ -98,7 +102,7 @@ def _check(model: nn.Module) -> list[nn.Module]:
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"purge handles flat nn.Sequential models, got {type(model).__name__}")
     layers = list(model)
-    seen_weighted = False
+    seen_weighted = flattened = False
     for i, m in enumerate(layers):
         if parametrize.is_parametrized(m):
             raise ValueError(
@@ -113,6 +117,10 @@ def _check(model: nn.Module) -> list[nn.Module]:
             )
         if isinstance(m, _CONVS) and (m.groups != 1 or m.padding_mode != "zeros"):
             raise ValueError(f"purge: layer {i} ({m}) has groups != 1 or non-zero padding mode; not handled")
+        if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1):
+            raise ValueError(f"purge: layer {i} ({m}) keeps a dimension apart; handled is a Flatten of all but dim 0")
+        if isinstance(m, _POOLS) and flattened:
+            raise ValueError(f"purge: layer {i} ({type(m).__name__}) pools after a Flatten, across units; not handled")
         if isinstance(m, nn.Unflatten) and seen_weighted:
             raise ValueError(f"purge: Unflatten at layer {i} after a weight layer is not handled")
         if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and m.count_include_pad and _any(m.padding):
@@ -127,6 +135,7 @@ def _check(model: nn.Module) -> list[nn.Module]:
                 "pooling, and Softmax / LogSoftmax after the last weight layer"
             )
         seen_weighted = seen_weighted or isinstance(m, _WEIGHTED)
+        flattened = flattened or isinstance(m, nn.Flatten)
     last = max((i for i, m in enumerate(layers) if isinstance(m, _WEIGHTED)), default=-1)
     early = next((i for i, m in enumerate(layers[:last]) if isinstance(m, _TRAILING)), None)
     if early is not None:
@@ -171,17 +180,19 @@ def _slice_in(layer: nn.Module, keep: torch.Tensor) -> None:
         layer.in_channels = int(keep.numel())
 
 
-def _constant_outputs(producer: nn.Module, between: list[nn.Module]) -> torch.Tensor:
-    """What each output unit of ``producer`` becomes after ``between`` when its weights are zero (bias only)."""
+def _constant_outputs(producer: nn.Module, between: list[nn.Module], block: int) -> torch.Tensor:
+    """What each output unit of ``producer`` becomes after ``between`` when its weights are zero (bias only):
+    ``(units, block)``, one value per consumer input of the unit (``block`` > 1 only through a Flatten, after
+    which a BatchNorm1d normalises each of a channel's positions on its own)."""
     n = producer.weight.shape[0]
     bias = producer.bias.detach() if producer.bias is not None else torch.zeros(n, device=producer.weight.device)
     x = bias.reshape(1, n, *([1] * (producer.weight.dim() - 2)))
     for m in between:
-        if isinstance(m, nn.Flatten):
-            break
-        if not isinstance(m, _POOLS):  # a pool leaves a constant channel as it is (and a 1x1 map may not fit it)
+        if isinstance(m, nn.Flatten):  # every position of a constant channel holds its constant
+            x = x.reshape(1, n, 1).expand(1, n, block).reshape(1, n * block)
+        elif not isinstance(m, _POOLS):  # a pool leaves a constant channel as it is (and a 1x1 map may not fit it)
             x = m(x)
-    return x.reshape(n)
+    return x.reshape(n, -1).expand(n, block)
 
 
 @torch.no_grad()
@@ -303,12 +314,14 @@ def _purge_between(layers: list[nn.Module], a: int, b: int) -> None:
     grouped, block = _consumer_inputs(layers, a, b)
     consumer_dead = (grouped == 0).all(dim=2).all(dim=0)
     producer_dead = (producer.weight.detach() == 0).reshape(n, -1).all(dim=1)
-    value = _constant_outputs(producer, between)
+    value = _constant_outputs(producer, between, block)
+    constant_zero = (value == 0).all(dim=1)
     foldable = isinstance(consumer, nn.Linear) or all(p == 0 for p in consumer.padding)
-    drop = consumer_dead | (producer_dead & ((value == 0) | foldable))
-    fold = producer_dead & ~consumer_dead & (value != 0) & drop
+    drop = consumer_dead | (producer_dead & (constant_zero | foldable))
+    fold = producer_dead & ~consumer_dead & ~constant_zero & drop
     if bool(fold.any()):
-        delta = (grouped[:, fold, :].sum(dim=2) * value[fold]).sum(dim=1)
+        # A Conv consumer reads one value per channel (block 1) at every kernel tap; a Linear one per input.
+        delta = (grouped[:, fold, :] * value[fold].unsqueeze(0)).sum(dim=(1, 2))
         if consumer.bias is None:
             consumer.bias = nn.Parameter(torch.zeros_like(delta))
         consumer.bias.add_(delta)
@@ -316,13 +329,13 @@ def _purge_between(layers: list[nn.Module], a: int, b: int) -> None:
     if keep.numel() == n:
         return
     _slice_out(producer, keep)
+    features = (keep.unsqueeze(1) * block + torch.arange(block, device=keep.device)).reshape(-1)
+    flattened = False
     for m in between:
-        if isinstance(m, _NORMS):
-            _slice_norm(m, keep)
-    if isinstance(consumer, nn.Linear):
-        _slice_in(consumer, (keep.unsqueeze(1) * block + torch.arange(block, device=keep.device)).reshape(-1))
-    else:
-        _slice_in(consumer, keep)
+        flattened = flattened or isinstance(m, nn.Flatten)
+        if isinstance(m, _NORMS):  # after a Flatten a norm has a feature per position of each channel
+            _slice_norm(m, features if flattened else keep)
+    _slice_in(consumer, features if isinstance(consumer, nn.Linear) else keep)
 
 
 def _select_live_inputs(layers: list[nn.Module], names: list[str], first_index: int) -> None:

@@ -89,6 +89,18 @@ MODELS = {
         ),
         (1, 14, 14),
     ),
+    "conv-flatten-bn1d-activation": (  # per-position constants after the Flatten (BatchNorm1d, then Tanh)
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 6, 3),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.BatchNorm1d(6 * 2 * 2),
+            nn.Tanh(),
+            nn.Linear(6 * 2 * 2, 5),
+        ),
+        (3, 8, 8),
+    ),
     "conv1d-adaptive-pool": (
         lambda: nn.Sequential(
             nn.Conv1d(2, 6, 3, padding=1),
@@ -170,6 +182,8 @@ def test_padded_conv_keeps_a_dead_channel_with_a_nonzero_constant():
         (nn.Sequential(nn.Conv1d(3, 4, 1), nn.Conv1d(5, 2, 1)), "do not connect channel to channel"),
         (nn.Sequential(nn.Conv1d(1, 4, 3), nn.AvgPool1d(2, padding=1), nn.Conv1d(4, 2, 1)), "averages zero padding"),
         (nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU()), nn.Linear(4, 2)), "layer 1 is a Sequential"),
+        (nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), nn.MaxPool1d(2), nn.Linear(8, 2)), "pools after a Flatten"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(2), nn.Linear(4, 2)), "keeps a dimension apart"),
     ],
 )
 def test_unhandled_architectures(model, message):
