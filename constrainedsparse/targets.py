@@ -299,8 +299,16 @@ class Targets:
             chosen.append((fqn, param_name, module))
         return chosen
 
-    def check_globs(self, candidates: Sequence[str], selected: Sequence[str]) -> None:
+    def check_globs(
+        self, candidates: Sequence[str], selected: Sequence[str], aliases: Mapping[str, str] | None = None
+    ) -> None:
         """Every ``include``/``exclude`` glob matches a candidate name and every override a selected one.
+
+        Args:
+            candidates: The candidates' names.
+            selected: The selected tensors' names.
+            aliases: A module's second names (one module registered under two attributes) mapped to its first
+                name, which names its tensors here: a glob that matches only a second name says so.
 
         Raises:
             ValueError: Naming the first glob that matches nothing (a typo would prune what was meant to
@@ -312,6 +320,12 @@ class Targets:
         for kind, globs, names, what in checks:
             for pattern in globs:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                    alias = next((a for a in aliases or {} if fnmatch.fnmatchcase(a, pattern)), None)
+                    if alias is not None:
+                        raise ValueError(
+                            f"{kind} {pattern!r} matches {alias}, a second name of {aliases[alias]} (one module "
+                            f"under two names): patterns match the first name, {aliases[alias]}"
+                        )
                     raise ValueError(f"{kind} {pattern!r} matches no {what} {_shown(names)}")
 
     def resolve(self, model: nn.Module, config: SparsityConfig, *, allow_empty: bool = False) -> list[TargetParam]:
@@ -339,11 +353,12 @@ class Targets:
         candidates = self.candidates(model)
         selected = self._included(candidates)
         names = [full_name(fqn, name) for fqn, name, _ in candidates]
+        aliases = _second_names(model, names)
         if not selected:
             if candidates:
-                self.check_globs(names, names)  # an include typo: named, with the names it could match
+                self.check_globs(names, names, aliases)  # an include typo: named, with the names it could match
             raise ValueError(self._selects_nothing(model))
-        self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected])
+        self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected], aliases)
         for fqn, param_name, module in selected:
             _check_prunable(full_name(fqn, param_name), module, param_name)
         _check_untied(model, selected, names)
@@ -428,6 +443,18 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
             f"{full} is a {type(value).__name__}, not an nn.Parameter (a buffer, or a tensor a hook recomputes, as "
             "the former torch.nn.utils.weight_norm does): only parameters can be pruned; exclude it"
         )
+
+
+def _second_names(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """The candidates' parameters under a module's second name (a module registered twice), mapped to their name."""
+    first = {id(module): fqn for fqn, module in model.named_modules()}
+    found = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if first[id(module)] != fqn:
+            for name, _ in module.named_parameters(recurse=False):
+                if full_name(first[id(module)], name) in names:
+                    found[full_name(fqn, name)] = full_name(first[id(module)], name)
+    return found
 
 
 def _check_untied(model: nn.Module, selected: Sequence[tuple[str, str, nn.Module]], candidates: Sequence[str]) -> None:

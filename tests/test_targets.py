@@ -161,6 +161,10 @@ def test_one_module_under_two_attribute_names_is_one_layer_not_a_tie():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
     model.again = model[0]  # an alias: the module's masks reach both names
     assert [t.name for t in Targets().resolve(model, SparsityConfig(0.5))] == ["0.weight", "2.weight"]
+    # patterns match the first name; one that matches only the second says so
+    with pytest.raises(ValueError, match=r"^exclude 'again\.weight' matches again\.weight, a second name of 0\.weight"):
+        Targets(exclude=["again.weight"]).resolve(model, SparsityConfig(0.5))
+    assert [t.name for t in Targets(exclude=["0.weight"]).resolve(model, SparsityConfig(0.5))] == ["2.weight"]
     model[0].register_parameter("weight_alias", model[0].weight)  # one module, its weight under a second name
     with pytest.raises(ValueError, match=r"^0\.weight is tied to 0\.weight_alias \(the same tensor\)"):
         Targets().resolve(model, SparsityConfig(0.5))
