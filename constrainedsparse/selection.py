@@ -365,9 +365,12 @@ def _break_ties(rows: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor,
     """Keeps all entries above the threshold and the lowest-index ties up to ``k`` per row."""
     above = rows > threshold
     room = k - above.sum(dim=-1, keepdim=True)
-    ties = mask & ~above
+    ties = mask.logical_and_(~above)
+    if rows.shape[0] == 1:  # one row (a whole tensor): the indices of its ties, not a rank per entry
+        first = torch.nonzero(ties[0]).reshape(-1)[: int(room)]
+        return above.index_fill_(1, first, True)
     tie_rank = torch.cumsum(ties.to(torch.int64), dim=-1)
-    return above | (ties & (tie_rank <= room))
+    return above.logical_or_(ties.logical_and_(tie_rank <= room))
 
 
 def _largest_magnitude_numpy(values: np.ndarray, k: int) -> SampledSelection | None:

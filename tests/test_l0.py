@@ -343,6 +343,47 @@ def test_hard_masks_hit_the_target_and_follow_the_median_rule(keep_more):
         torch.testing.assert_close(weight[readmitted], stored[t.name][readmitted])
 
 
+def test_layer_scope_hard_masks_rank_gated_on_weights_by_their_exact_gated_magnitude():
+    model = nn.Sequential(nn.Linear(8, 8))
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("l0", problem, L0Config(scope="layer"))
+    f.setup(1, 1)
+    (target,) = problem.targets
+    # Every gate on (median 1); weights 1e-3 (1 + 1e-6 j), the larger ones at the higher indices: steps of 1e-9,
+    # which float32 holds at 1e-3 but not next to an offset of ~1 (a ranking there ties, and the lower index wins).
+    values = 1e-3 * (1.0 + 1e-6 * torch.arange(64, dtype=torch.float64))
+    with torch.no_grad():
+        target.stored.copy_(values.reshape(8, 8).to(torch.float32))
+        f.gates[target.name].log_alpha.fill_(10.0)
+    mask = f.hard_masks()[target.name]
+    assert mask.reshape(-1).tolist() == [False] * 32 + [True] * 32
+
+
+def test_finalize_right_after_hard_masks_selects_once_and_a_step_between_selects_again():
+    problem, batch = _mlp_problem()
+    optimizer = torch.optim.Adam(problem.model.parameters(), lr=0.1)
+    f = make("l0", problem, L0Config(scope="layer"), optimizer=optimizer)
+    f.setup(1, 2)
+    calls = []
+    select = f.compute_hard_masks
+    f.compute_hard_masks = lambda: calls.append(1) or select()
+    f.training_step(batch)
+    f.hard_masks()
+    f.training_step(batch)  # the gates and weights moved: the masks of finalize() are today's
+    masks = f.hard_masks()
+    assert len(calls) == 2
+    problem.model.eval()
+    gated = {t.name: t.tensor.detach().clone() for t in problem.targets}  # stored weights under test-time gates
+    stored = {t.name: t.stored.detach().clone() for t in problem.targets}
+    readmitted = {t.name: masks[t.name] & (f.gates[t.name].test_gate() == 0) for t in problem.targets}
+    f.finalize()
+    assert len(calls) == 2
+    hard_prune(problem.targets, masks)
+    for t in problem.targets:
+        expected = torch.where(readmitted[t.name], stored[t.name], gated[t.name]) * masks[t.name]
+        assert torch.equal(getattr(t.module, t.param_name), expected)
+
+
 def test_structured_l0_gates_columns():
     problem, batch = _mlp_problem()
     f = make("l0", problem, L0Config(grouping="structured"))

@@ -77,11 +77,15 @@ class Gated(Formulation):
             )
         self._eval_warned = False  # a gated layer seen in eval mode by backward(), warned once
         self._schedule_warned = False  # a scheduler that set the gates' rate from its own arguments, warned once
+        # The masks of the last hard_masks(), with the gates and weights they came from: finalize() right after it
+        # bakes the weights with them instead of selecting again (forgotten at the next Lagrangian).
+        self._last_masks: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
         self.add_terms()
 
     def before_lagrangian(self) -> None:
         """A new Lagrangian: every gate draws its noise (one draw per gate and Lagrangian, outside the forward)."""
         super().before_lagrangian()
+        self._last_masks = None
         for gate in self.gates.values():
             gate.redraw()
 
@@ -241,16 +245,22 @@ class Gated(Formulation):
         """:math:`P(z \\ne 0)` of every gate, per target (``gates/p/<param>``; wandb histograms)."""
         return {f"gates/p/{name}": gate.prob_nonzero().detach() for name, gate in self.gates.items()}
 
-    def _scores(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(stored weight, median-rule gate over the weight, hard-mask score)`` of a target."""
+    def _gated(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(stored weight, test-time gate over the weight)`` of a target."""
         gate = self.gates[target.name]
         weight = target.module.parametrizations[target.param_name].original.detach()
-        z = gate.expand(gate.test_gate().detach()).expand_as(weight)
-        magnitude = weight.abs()
+        return weight, gate.expand(gate.test_gate().detach()).expand_as(weight)
+
+    def _score(self, target: TargetParam) -> torch.Tensor:
+        r"""The hard-mask score of a target: gated-on weights by :math:`|\tilde\theta \hat z|` above every gated-off
+        one, gated-off ones by :math:`|\tilde\theta|`."""
+        weight, z = self._gated(target)
+        magnitude = weight.abs().to(torch.float64)
         offset = float(magnitude.max()) + 1.0
-        # Gated-on weights rank above all gated-off ones; gated-off ones by |weight|.
-        score = torch.where(z > 0, (weight * z).abs() + offset, magnitude)
-        return weight, z, score
+        # float64: in float32 the offset (~1) would round |θ z| to steps of ~1e-7, turning the ranking of the
+        # gated-on weights into ties (broken by index) and sending every selection through the tie-breaking pass.
+        on = (weight * z).abs_().to(torch.float64).add_(offset)
+        return torch.where(z > 0, on, magnitude, out=magnitude)
 
     @torch.no_grad()
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
@@ -263,12 +273,10 @@ class Gated(Formulation):
         """
         if self.config.grouping == "structured":  # whole groups for the plain top-k (--sparsity) targets
             return {
-                t.name: self._group_mask(t)
-                if isinstance(t.feasible_set, TopK)
-                else t.feasible_set.mask(self._scores(t)[2])
+                t.name: self._group_mask(t) if isinstance(t.feasible_set, TopK) else t.feasible_set.mask(self._score(t))
                 for t in self.problem.targets
             }
-        return {t.name: t.feasible_set.mask(self._scores(t)[2]) for t in self.problem.targets}
+        return {t.name: t.feasible_set.mask(self._score(t)) for t in self.problem.targets}
 
     def _group_rms(self, target: TargetParam) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(rms, z)`` per group of a structured target: :math:`\|\tilde\theta_g\|_2/\sqrt{m}` of its
@@ -318,7 +326,7 @@ class Gated(Formulation):
 
     def _baked(self, target: TargetParam, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weight :meth:`detach` leaves: :math:`\\tilde\\theta \\odot \\hat z`, gate 1 where the mask re-admits."""
-        weight, z, _ = self._scores(target)
+        weight, z = self._gated(target)
         return weight * torch.where((z == 0) & masks[target.name], torch.ones_like(z), z)
 
     @contextlib.contextmanager
@@ -342,13 +350,27 @@ class Gated(Formulation):
                     stored.copy_(value)
                     gate.test_override = None
 
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        """:meth:`Formulation.hard_masks`, remembered for a :meth:`finalize` that follows before the next step."""
+        masks = super().hard_masks()
+        self._last_masks = (self._mask_inputs(), {name: mask.clone() for name, mask in masks.items()})
+        return masks
+
+    def _mask_inputs(self) -> tuple[int, ...]:
+        """Storage and in-place version of every gate's log α and stored weight (what the hard masks depend on)."""
+        tensors = [tensor for t in self.problem.targets for tensor in (self.gates[t.name].log_alpha, t.stored)]
+        return tuple(value for tensor in tensors for value in (tensor.data_ptr(), tensor._version))
+
     @torch.no_grad()
     def detach(self) -> None:
         r"""Removes the gates, baking :math:`\tilde\theta \odot \hat z` into plain weights.
 
-        Weights the hard mask re-admits although their gate is 0 keep :math:`\tilde\theta`.
+        Weights the hard mask re-admits although their gate is 0 keep :math:`\tilde\theta`. The masks are those of
+        the last :meth:`hard_masks` if nothing changed since (one selection for ``hard_masks(); finalize()``).
         """
-        masks = self.compute_hard_masks()
+        last = self._last_masks
+        masks = last[1] if last is not None and last[0] == self._mask_inputs() else self.compute_hard_masks()
+        self._last_masks = None
         for t in self.problem.targets:
             if find_gate(t.module, t.param_name) is None:
                 continue
