@@ -4,6 +4,8 @@ dual step, the W-step's gradient, and what the two formulations share."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from constrainedsparse.formulations import formulation_class
+from constrainedsparse.formulations import formulation_class, iterate
 from constrainedsparse.formulations import slr as slr_module
 from constrainedsparse.formulations.duplicate import CONSTRAINT_PREFIX
 from constrainedsparse.formulations.rho import PenaltyRule
@@ -56,6 +58,19 @@ def test_alpha_is_in_unit_interval_and_increasing(k, M, r):
     alpha = slr_alpha(k, M, r)
     assert 0.0 < alpha < 1.0
     assert slr_alpha(k + 1, M, r) >= alpha
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), max_size=12), limit=st.integers(1, 80))
+def test_chunks_cut_the_names_in_order_into_greedy_runs_within_the_limit(sizes, limit):
+    names = [f"t{i}" for i in range(len(sizes))]
+    size = dict(zip(names, sizes))
+    runs = iterate.chunks(names, sizes, limit)
+    assert [n for run in runs for n in run] == names and all(runs)
+    for run in runs:
+        assert len(run) == 1 or sum(size[n] for n in run) <= limit  # a larger tensor alone
+    for run, following in zip(runs, runs[1:]):
+        assert sum(size[n] for n in run) + size[following[0]] > limit  # a run ends only where the next would not fit
 
 
 def test_alpha_defaults_golden():
@@ -356,8 +371,11 @@ def test_epoch_interval_coordinates_at_epoch_ends_and_finalize_removes_w_eq_z_co
     ):
         assert key in metrics
     assert formulation.problem.dual_optimizer(0.1) is None  # W = Z multipliers are not stepped per batch
+    z, lam = weakref.ref(formulation.z["0.weight"]), weakref.ref(formulation.constraints["0.weight"].multiplier)
     formulation.finalize()
     assert not any(name.startswith(CONSTRAINT_PREFIX) for name, _ in formulation.problem.named_constraints())
+    gc.collect()
+    assert z() is None and lam() is None  # Z and Λ freed while the formulation object lives on
 
 
 def test_hard_masks_hit_the_target_from_w_or_z():
@@ -435,7 +453,10 @@ def test_slr_run_logs_dual_dynamics_to_jsonl_and_wandb_and_retrains_without_w_eq
 
 
 @pytest.mark.parametrize("name", ["slr", "admm"])
-def test_dynamics_metrics_are_the_norms_they_name(name):
+@pytest.mark.parametrize("chunk", [None, 1])  # one foreach run over all tensors, or one run per tensor
+def test_dynamics_metrics_are_the_norms_they_name(name, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(iterate, "CHUNK_ELEMENTS", chunk)
     formulation, batches = _tiny(name, rho=0.4)
     for batch in batches[:3]:
         formulation.training_step(batch)

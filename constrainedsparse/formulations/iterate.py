@@ -1,7 +1,8 @@
 r"""What one coordination iteration of the W = Z formulations (``slr``, ``admm``) computes and reads.
 
 :class:`Iterate` holds :math:`W^k`, :math:`Z^{k-1}`, :math:`Z^k` and the residuals computed once on first use;
-:func:`dots` and :func:`squared_norms` read many scalars back to the host in one transfer.
+:func:`dots` reads many scalars back to the host in one transfer; :func:`chunks` bounds the full-size temporaries
+of a foreach computation over many tensors.
 """
 
 from __future__ import annotations
@@ -11,7 +12,26 @@ import functools
 
 import torch
 
-__all__ = ["Iterate", "dots", "squared_norms"]
+__all__ = ["CHUNK_ELEMENTS", "Iterate", "chunks", "dots"]
+
+CHUNK_ELEMENTS = 1 << 24
+"""Elements of the tensors whose full-size temporaries :func:`chunks` lets exist at once (64 MB each in float32)."""
+
+
+def chunks(names: list[str], sizes: list[int], limit: int | None = None) -> list[list[str]]:
+    """``names`` in order, cut into runs of at most ``limit`` (default :data:`CHUNK_ELEMENTS`) elements in all (a
+    larger tensor alone): foreach calls over one run at a time bound their temporaries, and a small model is one
+    run (one call per op)."""
+    limit = CHUNK_ELEMENTS if limit is None else limit
+    runs: list[list[str]] = []
+    total = limit
+    for name, size in zip(names, sizes, strict=True):
+        if total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(name)
+        total += size
+    return runs
 
 
 def dots(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -31,13 +51,6 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
     return torch.dot(a, b)
-
-
-def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """:math:`\\lVert t\\rVert^2` of every tensor: one foreach norm, read back to the host at once."""
-    if not tensors:
-        return []
-    return torch.stack(torch._foreach_norm(tensors)).double().square().tolist()
 
 
 @dataclasses.dataclass
@@ -74,6 +87,10 @@ class Iterate:
     def residual_before_z(self) -> dict[str, torch.Tensor]:
         """:math:`W^k - Z^{k-1}` per tensor."""
         return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z_prev[n] for n in self.w])))
+
+    def forget_before_z(self) -> None:
+        """Frees :attr:`residual_before_z` (a copy of the pruned weights) once no dual step needs it."""
+        self.__dict__.pop("residual_before_z", None)
 
     @functools.cached_property
     def residual(self) -> dict[str, torch.Tensor]:
