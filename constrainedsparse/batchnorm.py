@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from constrainedsparse.errors import is_integer
+
 __all__ = ["batchnorm_layers", "recalibrate_batchnorm"]
 
 
@@ -73,14 +75,19 @@ def recalibrate_batchnorm(
         layer with running statistics: then nothing runs and nothing changes).
 
     Raises:
-        ValueError: If the model has BatchNorm layers but ``batches`` yields none, or ``max_batches < 1``.
+        ValueError: If ``batches`` is not iterable, or the model has BatchNorm layers but ``batches`` yields none,
+            or ``max_batches`` is not an integer >= 1. The statistics are then, as after any exception of the
+            model on a batch, those the model had before the call.
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if max_batches is not None and (not is_integer(max_batches) or max_batches < 1):
+        raise ValueError(f"max_batches must be an integer >= 1 or None, got {max_batches!r}")
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes)):
+        raise ValueError(f"recalibrate_batchnorm: batches must be an iterable of batches, got {batches!r}")
     layers = batchnorm_layers(model)
     if not layers:
         return 0
     run = _forward if forward is None else forward
+    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers()} for layer in layers]
     momenta = [layer.momentum for layer in layers]
     modes = [(module, module.training) for module in model.modules()]
     for layer in layers:
@@ -96,11 +103,17 @@ def recalibrate_batchnorm(
             seen += 1
             if max_batches is not None and seen >= max_batches:
                 break
+        if seen == 0:
+            raise ValueError("recalibrate_batchnorm got no batch: the BatchNorm statistics are left as they were")
+    except BaseException:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved):
+                for name, buffer in layer.named_buffers():
+                    buffer.copy_(buffers[name])
+        raise
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         for module, training in modes:
             module.training = training
-    if seen == 0:
-        raise ValueError("recalibrate_batchnorm got no batch: the BatchNorm statistics were reset and not re-estimated")
     return seen

@@ -9,11 +9,12 @@ the data order and evaluation are in :mod:`constrainedsparse.dense`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -36,7 +37,16 @@ from constrainedsparse.dense import (
     seed_everything,
     set_random_states,
 )
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_integer, plugin_code, user_input
+from constrainedsparse.errors import (
+    NonFiniteLossError,
+    UserInputError,
+    debugging,
+    first_line,
+    is_integer,
+    plugin_code,
+    raised_in_forward,
+    user_input,
+)
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
 from constrainedsparse.layerwise.base import available_solvers
@@ -55,7 +65,7 @@ from constrainedsparse.settings import (
     route_settings,
     target_from_flags,
 )
-from constrainedsparse.spec import Problem, load_problem
+from constrainedsparse.spec import Problem, load_problem, user_code_failed
 from constrainedsparse.targets import SparsityConfig, unwrap_compiled
 
 __all__ = [
@@ -306,7 +316,13 @@ def _train_phase(
         # DDP under torchrun: built anew for every phase, and again if masks/gates were (un)registered
         problem.forward_module = distributed.wrap(run.model, None if epoch == start_epoch else problem.forward_module)
         for batch in loader(run.train, batch_size, run.config.seed, phase_index, epoch):
-            cmp_state, metrics = formulation.training_step(to_device(batch, device))
+            try:
+                cmp_state, metrics = formulation.training_step(to_device(batch, device))
+            except Exception as err:  # the problem's model failing on a batch is one line, as in the dense phase
+                if debugging() or isinstance(err, UserInputError) or not raised_in_forward(err, run.model):
+                    raise
+                progress.close()
+                raise user_code_failed(prepared.problem.name, "the model on a training batch, model(x)", err) from err
             run.step += 1
             loss = cmp_state.loss.item()
             if not math.isfinite(loss):
@@ -386,9 +402,10 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
         steps_per_epoch = math.ceil(len(run.train) / training.batch_size)
         formulation.setup(prepared.epochs, steps_per_epoch, reference)
         if state is not None:
-            formulation.load_state_dict(state["formulation"])
-            formulation.optimizer.load_state_dict(state["optimizer"])
-            run.model.load_state_dict(state["model"])
+            with _restoring(run):
+                formulation.load_state_dict(state["formulation"])
+                formulation.optimizer.load_state_dict(state["optimizer"])
+                run.model.load_state_dict(state["model"])
         if not _train_phase(run, formulation, "prune", PRUNE_PHASE, prepared.epochs, state["epoch"] if state else 0):
             return None
         masks = formulation.hard_masks()
@@ -425,10 +442,26 @@ def _resume_retraining(run: _Run, state: dict[str, Any]) -> tuple[dict[str, torc
     remove_masks(run.targets)
     retrainer = FixedMaskRetrain(run.sparsity_problem, masks, lr=training.lr, dual_lr=training.dual_lr)
     retrainer.setup(run.config.retrain_epochs, math.ceil(len(run.train) / training.batch_size))
-    retrainer.load_state_dict(state["formulation"])
-    retrainer.optimizer.load_state_dict(state["optimizer"])
-    run.model.load_state_dict(state["model"])
+    with _restoring(run):
+        retrainer.load_state_dict(state["formulation"])
+        retrainer.optimizer.load_state_dict(state["optimizer"])
+        run.model.load_state_dict(state["model"])
     return masks, retrainer
+
+
+@contextlib.contextmanager
+def _restoring(run: _Run) -> Iterator[None]:
+    """A checkpoint's states restored into this run's model, formulation and optimizer: one that does not fit
+    (a problem file whose model changed since, another run's checkpoint) is one :class:`UserInputError` line."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError) as err:
+        if debugging():
+            raise
+        raise UserInputError(
+            f"--resume: {run.directory.out / 'checkpoint.pt'} does not fit this run ({first_line(err)}): did the "
+            "problem file or its model change since? (--overwrite starts again)"
+        ) from err
 
 
 def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str, Any] | None) -> dict | None:

@@ -25,6 +25,7 @@ __all__ = [
     "is_number",
     "is_ours",
     "plugin_code",
+    "raised_in_forward",
     "user_input",
     "user_stacklevel",
 ]
@@ -99,6 +100,22 @@ def failed_pattern(err: BaseException) -> str | None:
     return (
         f"pattern {getattr(culprit, 'kind', culprit.__name__)!r} failed: {_detail(err)} (--debug shows the traceback)"
     )
+
+
+def raised_in_forward(err: BaseException, model: object) -> bool:
+    """Whether ``err`` was raised inside ``model``'s forward by the model itself: a call of ``model`` is on its
+    traceback and none of this package's code below it (a mask or gate of ours in the forward keeps the
+    traceback of a bug of ours)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    tb, inside = err.__traceback__, False
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl") and frame.f_locals.get("self") is model:
+            inside = True
+        elif inside and frame.f_code.co_filename.startswith(package):
+            return False
+        tb = tb.tb_next
+    return inside
 
 
 def _detail(err: BaseException) -> str:

@@ -93,8 +93,10 @@ class MetricsLogger:
         self.path = out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            rows = read_metrics(self.path)
+            kept = [row for row in rows if row["step"] <= resume_step]
+            if len(kept) < len(rows):  # rewritten only when rows go (a resume refused later leaves the file as is)
+                self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         else:
             self.path.write_text("")
         self._file = self.path.open("r+")
@@ -279,7 +281,24 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         The rows in file order.
 
     Raises:
-        FileNotFoundError: If there is no such file.
-        ValueError: For a line that is not JSON (``json.JSONDecodeError``).
+        ValueError: For a path that is no ``str``/path, names no file, or a line that is not JSON (the file and
+            line named).
     """
-    return [json.loads(line) for line in metrics_file(path).read_text().splitlines() if line.strip()]
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"read_metrics: path must be a metrics.jsonl or a run folder (str or Path), got {path!r}")
+    file = metrics_file(path)
+    if not file.is_file():
+        raise ValueError(f"metrics file {str(file)!r} does not exist")
+    what = f"{str(file)!r} is not a metrics.jsonl written by a run"
+    try:
+        lines = file.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} (not text: {first_line(err)})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"{what} (line {number}: {first_line(err)})") from None
+    return rows

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from constrainedsparse.checkpoint import writable
-from constrainedsparse.errors import first_line, is_number
+from constrainedsparse.errors import is_number
 from constrainedsparse.logger import metrics_file, read_metrics
 from constrainedsparse.report import block_names
 
@@ -313,14 +313,9 @@ def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
         ValueError: For a missing file, one that is not a run's ``metrics.jsonl`` (one JSON object
             with an integer ``step`` per line), or one without rows.
     """
-    path = metrics_file(path)  # a run directory: its metrics.jsonl
-    if not path.is_file():
-        raise ValueError(f"metrics file {str(path)!r} does not exist")
+    rows = read_metrics(path)  # a run directory: its metrics.jsonl
+    path = metrics_file(path)
     what = f"{str(path)!r} is not a metrics.jsonl written by a run"
-    try:
-        rows = read_metrics(path)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} (one JSON object per line): {first_line(err)}") from None
     if not rows:
         raise ValueError(f"{str(path)!r} holds no rows yet: nothing to plot")
     if any(not isinstance(row, dict) or not isinstance(row.get("step"), int) for row in rows):
@@ -366,6 +361,10 @@ def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, row
     """
     import matplotlib.pyplot as plt
 
+    if png_path is not None and not isinstance(png_path, (str, os.PathLike)):
+        raise ValueError(f"plot_metrics(png_path=...) must be a file path (str or Path) or None, got {png_path!r}")
+    if rows is not None and (not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows)):
+        raise ValueError(f"plot_metrics(rows=...) must be the list of dicts read_metrics returns, got {rows!r:.60}")
     if rows is None:
         jsonl_path, rows = metrics_rows(jsonl_path)
     png_path = Path(png_path) if png_path is not None else Path(jsonl_path).with_suffix(".png")

@@ -103,6 +103,13 @@ def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) ->
         UserInputError: Bad input (nothing is left on disk).
         NonFiniteLossError: NaN/inf loss (the last good checkpoint is kept).
     """
+    if not isinstance(config, RunConfig):
+        raise UserInputError(f"run(config): config must be a RunConfig(...), got {type(config).__name__}")
+    if problem is not None and not isinstance(problem, (Problem, LayerwiseProblem)):
+        raise UserInputError(
+            f"run(config, problem): problem must be a loaded problem (load_problem(name)) or None, got "
+            f"{type(problem).__name__}"
+        )
     if problem is None:
         problem = load_problem(config.problem)
     prepared = validate(config, problem)

@@ -120,7 +120,22 @@ class RunConfig:
     stop_after_epochs: int | None = None
 
     def __post_init__(self) -> None:
-        """``out`` as a ``Path`` (a ``str`` given for it is converted)."""
+        """``out`` as a ``Path`` (a ``str`` given for it is converted), after the checks of the fields' types.
+
+        Raises:
+            UserInputError: For a field of another type than its own (``overwrite="no"`` is no ``False``).
+        """
+        for name in ("problem", "out"):
+            if not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise UserInputError(f"RunConfig({name}=...) must be a str or a path, got {getattr(self, name)!r}")
+        if not isinstance(self.formulation, str):
+            raise UserInputError(f"RunConfig(formulation=...) must be a name (str), got {self.formulation!r}")
+        for name in ("resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserInputError(f"RunConfig({name}=...) must be True or False, got {getattr(self, name)!r}")
+        settings = self.settings
+        if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
+            raise UserInputError(f"RunConfig(settings=...) must be a dict like {{'rho': '0.05'}}, got {settings!r}")
         self.out = Path(self.out)
 
     def stored(self) -> dict[str, Any]:

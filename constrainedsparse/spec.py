@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,7 @@ __all__ = [
     "call_user",
     "guard",
     "load_problem",
+    "user_code_failed",
 ]
 
 BUNDLED_DIR = Path(__file__).parent / "problems"
@@ -86,21 +88,20 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
         return fn(*args)
     except UserInputError:
         raise
-    except ValueError as err:
-        if debugging():
-            raise
-        if "options" in what:
-            raise UserInputError(first_line(err)) from err
-        raise UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}") from err
     except (Exception, SystemExit) as err:
         if debugging():
             raise
-        detail = (
-            f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {first_line(err)}"
-        )
-        raise UserInputError(
-            f"problem {problem_name!r}: {what} failed: {detail} (--debug shows the traceback)"
-        ) from err
+        raise user_code_failed(problem_name, what, err) from err
+
+
+def user_code_failed(problem_name: str, what: str, err: BaseException) -> UserInputError:
+    """The one line of :func:`call_user` for ``err``, raised by the problem's ``what``."""
+    if isinstance(err, ValueError):
+        if "options" in what:
+            return UserInputError(first_line(err))
+        return UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}")
+    detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {first_line(err)}"
+    return UserInputError(f"problem {problem_name!r}: {what} failed: {detail} (--debug shows the traceback)")
 
 
 def _check_dataset(problem_name: str, which: str, dataset: Any) -> None:
@@ -135,6 +136,10 @@ def check_options(options: Any) -> None:
     if not isinstance(options, Mapping):
         raise ValueError(f"options must be a dict {{key: default}}, got {_kind(options)}")
     for key, default in options.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"option {key!r}: an option's name is a Python identifier (what --set {{name}}=... sets)")
+        if isinstance(default, float) and not math.isfinite(default):
+            raise ValueError(f"option {key!r} has default {default!r}: give a finite default")
         if not isinstance(default, (bool, int, float, str)):
             raise ValueError(
                 f"option {key!r} has default {default!r}: give a bool, int, float or str default (its type is the "
@@ -405,6 +410,8 @@ def load_problem(name_or_path: str | os.PathLike[str]) -> Problem | LayerwisePro
             ``sys.exit()`` while it runs) or defines no ``problem``.
     """
     bundled = bundled_problems()
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UserInputError(f"load_problem: give a problem name or a problem file's path, got {name_or_path!r}")
     if isinstance(name_or_path, str) and name_or_path in bundled:
         path = bundled[name_or_path]
     else:

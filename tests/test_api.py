@@ -374,10 +374,17 @@ def test_prune_layerwise_checks_tokenizer_and_calibration_batches_before_pruning
     batches = [torch.randn(8, 16) for _ in range(2)]
     with pytest.raises(ValueError, match=r"^tokenizer= must be a folder holding a tokenizer or a tokenizer object"):
         prune_layerwise(model, batches, "wanda", blocks=list(model), out=tmp_path / "o", tokenizer=5)
-    with pytest.raises(
-        ValueError, match=r"^layer 0: its input is torch\.float32 of width 15, its weight takes 16 features: the cal"
-    ):
+    with pytest.raises(ValueError, match=r"^layer 0: its input has width 15, its weight takes 16 features: the cal"):
         prune_layerwise(model, [torch.randn(8, 15)], "wanda", blocks=list(model))
+    with pytest.raises(ValueError, match=r"^layer 0: its input is torch\.int64, not floating point"):
+        prune_layerwise(model, [torch.ones(8, 16, dtype=torch.long)], "wanda", blocks=list(model))
+    with pytest.raises(ValueError, match=r"^layer 0: its input is torch\.float64, its weight torch\.float32: give"):
+        prune_layerwise(model, [torch.randn(8, 16, dtype=torch.float64)], "wanda", blocks=list(model))
+    for keyword, value in (("overwrite", "no"), ("progress", 2)):
+        with pytest.raises(ValueError, match=rf"^{keyword} must be True or False, got {value!r}$"):
+            prune_layerwise(model, batches, "wanda", out=tmp_path / "o", **{keyword: value})
+    with pytest.raises(ValueError, match=r"^out must be a folder path \(str or Path\) or None, got 3$"):
+        prune_layerwise(model, batches, "wanda", out=3)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name  # nothing pruned
     assert not (tmp_path / "o").exists()

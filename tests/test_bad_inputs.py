@@ -32,8 +32,12 @@ from constrainedsparse import (
     describe,
     hard_prune,
     layer_sparsity,
+    load_problem,
     make,
+    plot_metrics,
     prune_layerwise,
+    read_metrics,
+    recalibrate_batchnorm,
     run,
 )
 from constrainedsparse.metrics import Metric
@@ -89,6 +93,15 @@ def _truncated(ctx: dict[str, Any]) -> None:
 def _finished(ctx: dict[str, Any]) -> None:
     run(RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=1, pretrain_epochs=2,
                   out=ctx["out"], progress=False))  # fmt: skip
+
+
+def _changed_model(ctx: dict[str, Any]) -> None:
+    """A run of a problem file stopped after an epoch, then the file's hidden layer widened."""
+    body = "from torch import nn\nproblem = dataclasses.replace(base, name='bad', model=lambda o: nn.Sequential("
+    (ctx["tmp"] / "bad.py").write_text(BASE + body + "nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)))\n")
+    run(RunConfig(problem=str(ctx["tmp"] / "bad.py"), formulation="magnitude", sparsity=0.5, epochs=2,
+                  pretrain_epochs=0, out=ctx["out"], stop_after_epochs=1, progress=False))  # fmt: skip
+    (ctx["tmp"] / "bad.py").write_text(BASE + body + "nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)))\n")
 
 
 def _file(name: str, text: str = "x") -> Callable[[dict[str, Any]], None]:
@@ -421,6 +434,29 @@ ROWS: list[Row] = [
             "def data(o):\n    return base.data(o)[0], TensorDataset(torch.zeros(0, 64), torch.zeros(0))\n"
             "problem = dataclasses.replace(base, name='bad', data=data)\n"
         ),
+    ),  # fmt: skip
+    Row(
+        "model fails while pruning",
+        ["run", "{tmp}/bad.py", "--out", "{out}", "--formulation", "magnitude", *FAST],
+        r"^error: problem 'bad': the model on a training batch, model\(x\) failed: RuntimeError: boom \(--debug",
+        _problem(
+            "from torch import nn\nclass M(nn.Sequential):\n    def forward(self, x):\n        if self.training:\n"
+            "            raise RuntimeError('boom')\n        return super().forward(x)\n"
+            "problem = dataclasses.replace(base, name='bad', model=lambda o: M(nn.Linear(64, 16), nn.ReLU(), "
+            "nn.Linear(16, 10)))\n"
+        ),
+    ),  # fmt: skip
+    Row(
+        "option name",
+        ["run", "{tmp}/bad.py", "--out", "{out}"],
+        r"option 3: an option's name is a Python identifier",
+        _problem("problem = dataclasses.replace(base, name='bad', options={3: 1})\n"),
+    ),  # fmt: skip
+    Row(
+        "resume after the model changed",
+        ["run", "--out", "{out}", "--resume"],
+        r"^error: --resume: .*checkpoint\.pt does not fit this run \(.*\): did the problem file or its model change",
+        _changed_model,
     ),  # fmt: skip
     Row(
         "loss raises",
@@ -757,7 +793,94 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         lambda: describe("slr", kind="layerwise"),
         r"^'slr' is a formulation, not a layer-wise solver; layer-wise solvers: admm, fw, magnitude, sparsegpt, wanda",
     ),  # fmt: skip
+    # --- run(), RunConfig and the run-folder readers: every type at the boundary --------------------------------
+    (
+        "RunConfig overwrite text",
+        lambda: RunConfig(overwrite="no"),
+        r"^RunConfig\(overwrite=\.\.\.\) must be True or False, got 'no'$",
+    ),
+    ("RunConfig resume text", lambda: RunConfig(resume="no"), r"^RunConfig\(resume=\.\.\.\) must be True or False"),
+    ("RunConfig out None", lambda: RunConfig(out=None), r"^RunConfig\(out=\.\.\.\) must be a str or a path, got None$"),
+    (
+        "RunConfig problem None",
+        lambda: RunConfig(problem=None),
+        r"^RunConfig\(problem=\.\.\.\) must be a str or a path",
+    ),
+    (
+        "RunConfig settings list",
+        lambda: RunConfig(settings=["rho=0.05"]),
+        r"^RunConfig\(settings=\.\.\.\) must be a dict like",
+    ),
+    (
+        "run a dict",
+        lambda: run({"problem": "digits-mlp"}),
+        r"^run\(config\): config must be a RunConfig\(\.\.\.\), got dict$",
+    ),
+    (
+        "run a problem name",
+        lambda: run(RunConfig(), problem="digits-mlp"),
+        r"^run\(config, problem\): problem must be a loaded",
+    ),
+    (
+        "load_problem None",
+        lambda: load_problem(None),
+        r"^load_problem: give a problem name or a problem file's path, got None$",
+    ),
+    (
+        "read_metrics missing",
+        lambda: read_metrics("/nonexistent/run"),
+        r"^metrics file '/nonexistent/run' does not exist$",
+    ),
+    ("read_metrics number", lambda: read_metrics(3), r"^read_metrics: path must be a metrics\.jsonl or a run folder"),
+    ("plot_metrics None", lambda: plot_metrics(None), r"^read_metrics: path must be a metrics\.jsonl or a run folder"),
+    (
+        "plot_metrics rows text",
+        lambda: plot_metrics("m.jsonl", rows="x"),
+        r"^plot_metrics\(rows=\.\.\.\) must be the list of dicts",
+    ),
+    (
+        "plot_metrics png number",
+        lambda: plot_metrics("m.jsonl", png_path=3),
+        r"^plot_metrics\(png_path=\.\.\.\) must be a file path",
+    ),
+    (
+        "recalibrate no batches",
+        lambda: recalibrate_batchnorm(_bn_model(), None),
+        r"^recalibrate_batchnorm: batches must be an iterable",
+    ),
+    (
+        "recalibrate max text",
+        lambda: recalibrate_batchnorm(_bn_model(), [], max_batches="2"),
+        r"^max_batches must be an integer >= 1 or None, got '2'$",
+    ),
 ]
+
+
+def _bn_model():
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+
+def test_a_failed_batchnorm_recalibration_leaves_the_statistics_as_they_were():
+    model = _bn_model()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    before = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
+    for batches in ([], [torch.randn(3, 4), torch.randn(3, 5)]):  # none, or the model fails on the second
+        with pytest.raises((ValueError, RuntimeError)):
+            recalibrate_batchnorm(model, batches)
+        assert all(torch.equal(buffer, before[name]) for name, buffer in model[1].named_buffers())
+    assert model.training
+
+
+def test_metrics_that_are_not_json_name_the_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(
+        ValueError, match=r"^'.*/metrics\.jsonl' is not a metrics\.jsonl written by a run \(line 2: Expecting value"
+    ):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"is not a metrics\.jsonl written by a run \(not text: "):
+        read_metrics(tmp_path)
 
 
 def _model_loss_targets():

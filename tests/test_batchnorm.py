@@ -54,7 +54,7 @@ def test_a_model_without_batchnorm_is_left_alone_and_bad_inputs_are_one_line():
         cs.recalibrate_batchnorm(_cnn(), [])
     with pytest.raises(ValueError, match=r"^recalibrate_batchnorm cannot feed a str batch to the model"):
         cs.recalibrate_batchnorm(_cnn(), ["text"])
-    with pytest.raises(ValueError, match=r"^max_batches must be >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^max_batches must be an integer >= 1 or None, got 0$"):
         cs.recalibrate_batchnorm(_cnn(), [torch.zeros(1, 1, 8, 8)], max_batches=0)
 
 

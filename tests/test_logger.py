@@ -81,7 +81,7 @@ def test_paths_may_be_str_and_read_metrics_takes_the_run_directory(tmp_path):
     assert logger.path == out / "metrics.jsonl"
     rows = [{"loss/train": 1.5, "step": 1}]
     assert read_metrics(str(out / "metrics.jsonl")) == read_metrics(str(out)) == read_metrics(out) == rows
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=r"^metrics file '.*/missing' does not exist$"):
         read_metrics(tmp_path / "missing")
 
 

@@ -67,9 +67,15 @@ class _DriverKeywords(DriverSettings):
     error_prefix: ClassVar[str] = ""
 
 
-def _check_inputs(model: Any, batches: Any) -> list[Any]:
+def _check_inputs(model: Any, batches: Any, out: Any, flags: dict[str, Any]) -> list[Any]:
+    """The model, the keywords whose type no later check reads (``out``, the plain flags), then the batches."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"out must be a folder path (str or Path) or None, got {out!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):  # overwrite="no" would replace a finished run
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     return checked_batches(batches)
 
 
@@ -165,7 +171,7 @@ def prune_layerwise(
             nothing is pruned or written then.
     """
     started = time.perf_counter()
-    batches = _check_inputs(model, batches)
+    batches = _check_inputs(model, batches, out, {"overwrite": overwrite, "progress": progress})
     if pattern is not None and mask_scope is not None:
         raise ValueError(
             "give either pattern or mask_scope (mask_scope='row' is pattern='row', 'layer' is pattern='unstructured')"

@@ -56,11 +56,7 @@ def accumulate_grams(
     def hook_for(name: str, d_in: int) -> Callable:
         def add(module: nn.Module, args: tuple) -> None:
             calls[name] += 1
-            if args[0].shape[-1] != d_in or not args[0].is_floating_point():
-                raise UserInputError(
-                    f"layer {name}: its input is {args[0].dtype} of width {args[0].shape[-1]}, its weight takes "
-                    f"{d_in} features: the calibration batches do not fit the model"
-                )
+            _check_input(name, args[0], layer_weight(module))
             rows = args[0].reshape(-1, d_in)
             mask = current_mask[0]
             if mask is not None:
@@ -105,6 +101,30 @@ def accumulate_grams(
         batches = len(inputs)
     _check_called(calls, batches, prefix)
     return {name: (gram, tokens) for name, (gram, tokens) in grams.items()}
+
+
+def _check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A layer's input fits its weight: its width, a floating dtype, the weight's dtype (outside autocast).
+
+    Raises:
+        UserInputError: Naming the layer, what its input is and what the weight takes.
+    """
+    d_in = weight.shape[1]
+    if x.shape[-1] != d_in:
+        raise UserInputError(
+            f"layer {name}: its input has width {x.shape[-1]}, its weight takes {d_in} features: the calibration "
+            "batches do not fit the model"
+        )
+    if not x.is_floating_point():
+        raise UserInputError(
+            f"layer {name}: its input is {x.dtype}, not floating point: the calibration batches do not fit the model "
+            "(token ids go through an embedding first)"
+        )
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise UserInputError(
+            f"layer {name}: its input is {x.dtype}, its weight {weight.dtype}: give calibration batches in the "
+            f"model's dtype (batch.to({weight.dtype}))"
+        )
 
 
 def _check_called(calls: dict[str, int], batches: int, prefix: str) -> None:
