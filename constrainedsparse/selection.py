@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -54,6 +55,11 @@ def _sample_order_statistics(sample: torch.Tensor, ranks: list[int]) -> list[flo
 @functools.cache
 def _thread_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sets")
+
+
+# A forked child (a DataLoader worker, a multiprocessing pool) inherits the pool without its threads: it would wait
+# for them forever. It builds a pool of its own instead.
+os.register_at_fork(after_in_child=_thread_pool.cache_clear)
 
 
 class SampledSelection(NamedTuple):
@@ -403,7 +409,7 @@ def project_largest_magnitudes(x: torch.Tensor, k: int, out: torch.Tensor | None
     the bracket missed): the caller masks instead.
     """
     n = x.numel()
-    if not (0 < k < n and x.is_contiguous()) or (out is not None and not out.is_contiguous()):
+    if not (0 < k < n and x.is_contiguous() and x.is_floating_point()) or (out is not None and not out.is_contiguous()):
         return None
     if n >= SAMPLED_SELECT_MIN_NUMEL:
         found = kth_largest_sampled(x.reshape(-1), k, magnitude=True)

@@ -863,6 +863,36 @@ def test_project_rejects_a_mismatched_buffer() -> None:
                 fs.project(x, out=out)
 
 
+def test_project_refuses_a_buffer_overlapping_the_input_and_leaves_the_input_as_it_was() -> None:
+    storage = torch.tensor([1.0, -1.0, 2.0, 0.5, 9.0])
+    x = storage[:4]
+    for fs, out in ((TopK(2), storage[1:]), (RowTopK(1), x.view(2, 2).t())):
+        shaped = x.view(2, 2) if isinstance(fs, RowTopK) else x
+        with pytest.raises(ValueError, match=r"^out shares memory with the input without being the input itself"):
+            fs.project(shaped, out=out)
+        assert storage.tolist() == [1.0, -1.0, 2.0, 0.5, 9.0]
+    assert TopK(2).project(x, out=x) is x  # x itself stays allowed
+
+
+def test_large_integer_tensors_project_as_small_ones() -> None:
+    x = torch.randint(-1000, 1000, (LARGE,), generator=torch.Generator().manual_seed(0))
+    k = LARGE // 3
+    assert torch.equal(TopK(k).project(x), x * topk_mask(x.abs().reshape(1, -1), k).reshape(-1))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rows"),
+    [
+        (torch.float16, [[-60000.0, -60000.0], [-60000.0, -69984.0]]),  # both sums past float16's range
+        (torch.bfloat16, [[-128.0, -128.0], [-128.0, -129.0]]),  # -256 and -257: one bfloat16 value
+    ],
+)
+def test_group_lmo_sums_half_precision_gradients_without_overflow_or_false_ties(dtype, rows) -> None:
+    grad = torch.tensor(rows, dtype=dtype)  # the second row's sum is the lower one
+    for fs in (StructuredGroups(1, dim=0), BlockSparse(1, 1, 2)):
+        assert fs.lmo(grad)[:, 0].tolist() == [0.0, 1.0]
+
+
 def test_large_lmo_accepts_grad_requiring_tensor() -> None:
     g = torch.randn(LARGE, requires_grad=True)
     k = keep_count(LARGE, 0.9)

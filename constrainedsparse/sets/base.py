@@ -146,12 +146,34 @@ def _fixed_count(fraction: float, budget: int) -> int:
 
 
 def _check_out(x: torch.Tensor, out: torch.Tensor | None) -> None:
-    """Raises ``ValueError`` unless ``out`` is ``None`` or matches ``x``'s shape, dtype and device."""
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+    """Raises ``ValueError`` unless ``out`` is ``None``, or matches ``x``'s shape, dtype and device and is ``x``
+    itself or shares no memory with it (a write into an overlapping buffer would change ``x`` before it is read)."""
+    if out is None:
+        return
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(
             f"out must have the input's shape, dtype and device: got {tuple(out.shape)} {out.dtype} on "
             f"{out.device} for {tuple(x.shape)} {x.dtype} on {x.device}"
         )
+    same = out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+    if not same and _overlap(out, x):
+        raise ValueError(
+            "out shares memory with the input without being the input itself: give x, or a buffer of its own"
+        )
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors of one storage intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        return start, start + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _lmo_mask(neg_scores: torch.Tensor, k: int, only_negative: bool) -> torch.Tensor:

@@ -85,7 +85,7 @@ class StructuredGroups(FeasibleSet):
         return self._expand(topk_mask(scores.unsqueeze(0), self.k)[0], like)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
-        group_grad = self._groups(grad).sum(dim=1)
+        group_grad = self._groups(grad).sum(dim=1, dtype=torch.float64)  # half-precision sums overflow or tie
         vertex = _lmo_mask(-group_grad.unsqueeze(0), self.k, only_negative)[0]
         return self._expand(vertex, grad).to(grad.dtype)
 
@@ -166,7 +166,7 @@ class BlockSparse(FeasibleSet):
         return self._expand(topk_mask(norms.unsqueeze(0), self.k)[0], x)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
-        block_grad = self._blocks(grad).sum(dim=1)
+        block_grad = self._blocks(grad).sum(dim=1, dtype=torch.float64)  # half-precision sums overflow or tie
         vertex = _lmo_mask(-block_grad.unsqueeze(0), self.k, only_negative)[0]
         return self._expand(vertex, grad).to(grad.dtype)
 
