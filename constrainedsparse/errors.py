@@ -62,9 +62,10 @@ def user_input(prefix: str = "", suffix: str = "") -> Iterator[None]:
     try:
         yield
     except UserInputError as err:
-        if not prefix and not suffix:
-            raise
-        raise UserInputError(f"{prefix}{err}{suffix}") from err
+        if (not prefix or str(err).startswith(prefix)) and (not suffix or str(err).endswith(suffix)):
+            raise  # already says it (a problem's guarded function names the problem itself)
+        text = str(err).removeprefix(prefix).removesuffix(suffix)
+        raise UserInputError(f"{prefix}{text}{suffix}") from err
     except ValueError as err:
         raise UserInputError(f"{prefix}{first_line(err)}{suffix}") from err
 

@@ -159,8 +159,12 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
-    summary = json.loads(summary_file.read_text())
-    if "layer_sparsity" not in summary:
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        detail = str(err).splitlines()[0]
+        raise ValueError(f"{str(summary_file)!r} is not a run's summary (not JSON: {detail})") from None
+    if not isinstance(summary, dict) or "layer_sparsity" not in summary:
         raise ValueError(
             f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/admm/magnitude runs)"
         )

@@ -231,6 +231,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             source = "compute_loss"
         else:
             x, y = pair_of(batch)
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0:
+                raise ValueError("the batch holds no samples (its inputs have shape (0, ...)): the mean loss is NaN")
             output = module(x)
             value, source = self.loss_fn(output, y), "loss_fn"
         return checked_loss(value, source), output

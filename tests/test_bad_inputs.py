@@ -614,6 +614,12 @@ ROWS: list[Row] = [
         _file("m.jsonl", '{"step": 1, "a": 1}\n'),
     ),  # fmt: skip
     Row("export missing", ["export", "{tmp}/none"], r"none"),
+    Row(
+        "export summary not json",
+        ["export", "{tmp}/folder"],
+        r"^error: '.*/folder/summary\.json' is not a run's summary \(not JSON: Expecting value",
+        lambda ctx: (ctx["tmp"] / "folder").mkdir() or (ctx["tmp"] / "folder" / "summary.json").write_text("x"),
+    ),  # fmt: skip
     Row("export a training run", ["export", "{out}"], r"is a training run \(its model is model\.safet", _finished),
     Row("describe unknown", ["formulations", "nope"], r"unknown formulation 'nope'; available:"),
 ]
@@ -844,6 +850,16 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         r"^plot_metrics\(png_path=\.\.\.\) must be a file path",
     ),
     (
+        "empty batch",
+        lambda: _ready("slr").backward((torch.randn(0, 8), torch.zeros(0, dtype=torch.long))),
+        r"^the batch holds no samples \(its inputs have shape \(0, \.\.\.\)\): the mean loss is NaN$",
+    ),
+    (
+        "blocks by name",
+        lambda: prune_layerwise(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)], "wanda", blocks=["0"]),
+        r"^block 0 must be a sub-module of the model, got str \(blocks takes the modules themselves",
+    ),
+    (
         "recalibrate no batches",
         lambda: recalibrate_batchnorm(_bn_model(), None),
         r"^recalibrate_batchnorm: batches must be an iterable",
@@ -916,3 +932,14 @@ def test_bad_python_input(name, call, pattern):
 
 def test_the_table_has_at_least_100_rows():
     assert len(ROWS) + len(PYTHON_ROWS) >= 100
+
+
+def test_a_prefix_is_not_repeated_on_a_line_that_already_starts_with_it():
+    from constrainedsparse.errors import UserInputError, user_input
+
+    with pytest.raises(UserInputError, match=r"^problem 'p': blocks\(model\) failed: boom$"):
+        with user_input("problem 'p': "):
+            raise UserInputError("problem 'p': blocks(model) failed: boom")  # a guarded call names the problem
+    with pytest.raises(UserInputError, match=r"^problem 'p': bad width$"):
+        with user_input("problem 'p': "):
+            raise ValueError("bad width")

@@ -257,7 +257,9 @@ def checked_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
     for index, block in enumerate(blocks):
         if not isinstance(block, nn.Module) or id(block) not in names or block is model:
             what = "the model itself" if block is model else type(block).__name__
-            raise ValueError(f"block {index} must be a sub-module of the model, got {what}")
+            hint = " (blocks takes the modules themselves, e.g. list(model.layers), not their names)"
+            hint = hint if isinstance(block, str) else ""
+            raise ValueError(f"block {index} must be a sub-module of the model, got {what}{hint}")
         if any(block is other for other in blocks[:index]):
             raise ValueError(f"block {index} ({names[id(block)]}) is listed twice")
     return blocks
