@@ -25,6 +25,7 @@ from constrainedsparse.catalog import describe
 from constrainedsparse.config import HyperparameterInfo, describe_table
 from constrainedsparse.errors import (
     NonFiniteLossError,
+    Terminated,
     UserInputError,
     debugging,
     failed_pattern,
@@ -264,6 +265,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     config, problem = _run_config(args)
     _RESOLVED_OUT["run"] = Path(config.out)
+    launcher.die_with_launcher()  # a rank that --nproc started: stopped if the launcher is killed
     if args.nproc is not None and not os.environ.get(distributed.ENV_LAUNCHED):
         _check_nproc(args.nproc)
         if args.nproc > 1:
@@ -363,11 +365,6 @@ def _speaks_for_the_run() -> bool:
     return not os.environ.get(distributed.ENV_LAUNCHED) and distributed.rank() == 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``) in a single-process command: unwound like
-    Ctrl-C, so a run killed before its first checkpoint removes its folder too."""
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts(nproc: Any) -> Any:
     """Within: SIGTERM raises :class:`Terminated` (main thread of a single process only: under torchrun or
@@ -388,9 +385,12 @@ def _sigterm_interrupts(nproc: Any) -> Any:
 
 
 def _resume_hint(out: Any) -> str:
-    """What to do after an interrupt: resume if a checkpoint was written, else run again (nothing was kept)."""
+    """What to do after an interrupt: nothing if the run had finished, resume if a checkpoint was written, else run
+    again (nothing was kept)."""
     if not out:
         return ""
+    if (Path(out) / "summary.json").is_file():
+        return f" after the run had finished: its results are in {out} (summary.json)"
     if (Path(out) / CHECKPOINT).is_file():
         return f"; continue from the last checkpoint with --resume --out {out}"
     return " before the first checkpoint: nothing to resume, start the run again"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 __all__ = [
     "DEBUG_ENV",
     "NonFiniteLossError",
+    "Terminated",
     "UserInputError",
     "debugging",
     "first_line",
@@ -33,6 +34,11 @@ __all__ = [
 
 class UserInputError(ValueError):
     """A value given by the user (flag, setting, file, problem code) is unusable; the message says why."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler, ``docker stop``): unwound like Ctrl-C, so a run killed before
+    its first checkpoint removes its folder too."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -10,6 +10,7 @@ are in :mod:`constrainedsparse.distributed`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -25,8 +26,9 @@ from typing import Any
 import torch.distributed as dist
 
 from constrainedsparse.distributed import ENV_LAUNCHED, is_main_process, joined_group, rank
+from constrainedsparse.errors import Terminated
 
-__all__ = ["launch", "lost_peer", "report_error", "root_cause"]
+__all__ = ["ENV_LAUNCHER_PID", "die_with_launcher", "launch", "lost_peer", "report_error", "root_cause"]
 
 
 def report_error(message: str, *, peer: bool = False, code: int = 1) -> None:
@@ -135,6 +137,25 @@ def _failure_line(global_rank: int, failure: Any) -> str:
     return f"rank {global_rank}: {message}"
 
 
+ENV_LAUNCHER_PID = "CONSTRAINEDSPARSE_LAUNCHER_PID"
+"""The launcher's process id, for its workers (:func:`die_with_launcher`)."""
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """In a rank that :func:`launch` started (Linux): SIGTERM when the launcher dies, even by SIGKILL, instead of
+    running on unattended (holding the run folder's lock); at once if it is gone already. Elsewhere a no-op."""
+    launcher = os.environ.get(ENV_LAUNCHER_PID)
+    if not os.environ.get(ENV_LAUNCHED) or not launcher or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl: the launcher's own stop still reaches the workers
+        return
+    if os.getppid() != int(launcher):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
     """Runs ``python ARGS`` on ``nproc`` local processes with torch's elastic launcher.
 
@@ -155,8 +176,10 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    saved = {key: os.environ.get(key) for key in (ENV_LAUNCHED, "OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    saved = {key: os.environ.get(key) for key in (ENV_LAUNCHED, ENV_LAUNCHER_PID, "OMP_NUM_THREADS")}
+    saved["TORCHELASTIC_SIGNALS_TO_HANDLE"] = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
     os.environ[ENV_LAUNCHED] = "1"
+    os.environ[ENV_LAUNCHER_PID] = str(os.getpid())
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The launcher's own failure report would be many lines; its modules' loggers have levels of their own.
     loggers = [logging.getLogger("torch.distributed.elastic")]
@@ -183,10 +206,12 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
             )
             try:
                 elastic_launch(config, sys.executable)("-u", *args)
-            except SignalException as err:  # Ctrl-C reached the agent: the workers got it too
-                if err.sigval != signal.SIGINT:
-                    raise
-                raise KeyboardInterrupt from None
+            except SignalException as err:  # Ctrl-C or SIGTERM reached the agent: it stopped the workers
+                if err.sigval == signal.SIGINT:
+                    raise KeyboardInterrupt from None
+                if err.sigval == signal.SIGTERM:
+                    raise Terminated from None
+                raise
             except ChildFailedError as err:
                 global_rank, failure = root_cause(err.failures)
                 return _exit_code(failure), _failure_line(global_rank, failure)

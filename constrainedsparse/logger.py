@@ -93,9 +93,9 @@ class MetricsLogger:
         self.path = out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            rows = read_metrics(self.path)
+            rows, torn = _rows_to_resume(self.path)
             kept = [row for row in rows if row["step"] <= resume_step]
-            if len(kept) < len(rows):  # rewritten only when rows go (a resume refused later leaves the file as is)
+            if torn or len(kept) < len(rows):  # rewritten only then (a resume refused later leaves the file as is)
                 self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         else:
             self.path.write_text("")
@@ -269,6 +269,21 @@ def metrics_file(path: str | os.PathLike[str]) -> Path:
     """The ``metrics.jsonl`` that ``path`` names: ``path`` itself, or the one inside it for a run directory."""
     path = Path(path)
     return path / "metrics.jsonl" if path.is_dir() else path
+
+
+def _rows_to_resume(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """A resumed run's rows, and whether its last line was cut short (a crash or a full disk in the middle of a
+    write: that row is dropped, and the check of the last logged step warns that rows are missing); any other
+    line that is not JSON is an error (:func:`read_metrics`)."""
+    lines = path.read_bytes().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    try:
+        json.loads(lines[-1]) if lines else None
+    except (ValueError, UnicodeDecodeError):
+        path.write_bytes(b"".join(line + b"\n" for line in lines[:-1]))
+        return read_metrics(path), True
+    return read_metrics(path), False
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

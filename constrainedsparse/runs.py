@@ -446,10 +446,10 @@ class RunDirectory:
 
     def release(self) -> None:
         """Removes the lock file and drops the lock (a finished run leaves only its own files)."""
-        if self._lock_fd is not None:
+        fd, self._lock_fd = self._lock_fd, None  # first: a signal in between must not let a second call close it
+        if fd is not None:
             (self.out / LOCK).unlink(missing_ok=True)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            os.close(fd)
 
     def discard_if_unused(self) -> None:
         """After a failure: removes the directory if this run created it and wrote no checkpoint, and the

@@ -218,3 +218,12 @@ def test_resume_messages_name_a_pattern_run_and_a_finished_one_first(tmp_path, c
     capsys.readouterr()
     line = fails_with_one_line(["run", "digits-mlp", "--out", str(out), "--resume", "--sparsity", "0.5"], capsys)
     assert line.startswith(f"error: --resume: the run in {out} has finished")
+
+
+def test_an_interrupt_after_the_run_finished_says_so_instead_of_offering_a_resume(tmp_path):
+    from constrainedsparse.cli import _resume_hint
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert _resume_hint(tmp_path) == f"; continue from the last checkpoint with --resume --out {tmp_path}"
+    (tmp_path / "summary.json").write_text("{}")  # the signal came while the last files were written
+    assert _resume_hint(tmp_path) == f" after the run had finished: its results are in {tmp_path} (summary.json)"

@@ -378,6 +378,54 @@ def test_ctrl_c_of_a_two_process_job_is_one_line_and_exit_130(tmp_path):
     assert err.strip().splitlines() == ["interrupted; continue from the last checkpoint with --resume --out o"]
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL"])
+def test_a_launcher_terminated_or_killed_takes_its_ranks_with_it(tmp_path, signum):
+    import signal
+
+    args = [sys.executable, "-m", "constrainedsparse", "run", PROBLEM, "--formulation", "admm", "--epochs", "1000",
+            "--nproc", "2", "--out", "o", "--wandb", "disabled", "--no-progress"]  # fmt: skip
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file, as a scheduler's log: a pipe's end would stop ranks
+        child = subprocess.Popen(args, cwd=tmp_path, env=_env(), stderr=stderr, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "o" / "checkpoint.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ranks = _children(child.pid)
+    assert ranks, "the launcher started no process"
+    os.kill(child.pid, getattr(signal, signum))  # the launcher alone (kill PID, a scheduler), not its group
+    child.wait(timeout=60)
+    if signum == "SIGTERM":  # one line and the shell's code, as for one process
+        err = (tmp_path / "stderr.txt").read_text()
+        assert child.returncode == 143, err[-3000:]
+        assert err.strip().splitlines() == ["terminated; continue from the last checkpoint with --resume --out o"]
+    deadline = time.monotonic() + 20  # far less than the 1000 epochs would take
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in ranks)  # no rank runs on unattended
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie waiting for a dead parent's reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_ddp_throughput_benchmark_quick(tmp_path):
     """``benchmarks/ddp_throughput.py --quick``: 1 and 2 launched processes on a generated CIFAR-10."""
     import importlib.util

@@ -193,6 +193,12 @@ def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gp
 
     assert state["block"] == 1 and len(load_block(tmp_path / "split" / "blocks" / "block-00000.safetensors")) == 4
     split = str(tmp_path / "split")
+    block = tmp_path / "split" / "blocks" / "block-00000.safetensors"
+    whole = block.read_bytes()
+    block.write_bytes(whole[: len(whole) // 2])  # a crash or a full disk cut it short
+    line = fails_with_one_line(["run", "--out", split, "--resume"], capsys)
+    assert line.startswith(f"error: --resume: {block} is damaged or truncated (")
+    block.write_bytes(whole)
     line = fails_with_one_line(["run", "--out", split, "--resume", "--set", "bogus=1"], capsys)
     assert line.startswith(f"error: unknown --set key 'bogus' for the run in {split} (formulation 'sparsegpt')")
     # a key not given at the start, given with the value in effect (the checkpoint keeps every key's value)

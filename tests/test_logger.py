@@ -147,6 +147,18 @@ def test_resume_warns_when_the_file_lost_rows_the_checkpoint_had_logged(tmp_path
         MetricsLogger(tmp_path, resume_step=4, logged_step=4).close()
 
 
+def test_resume_drops_a_last_row_cut_short_and_says_rows_are_missing(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 4):
+        logger.log({"loss/train": float(step)}, step)
+    logger.close()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text()[:-12])  # the last row's write cut short (a crash, a full disk)
+    with pytest.warns(UserWarning, match=r"metrics.jsonl ends at step 2, but it held rows up to step 3"):
+        MetricsLogger(tmp_path, resume_step=3, logged_step=3).close()
+    assert [row["step"] for row in read_metrics(path)] == [1, 2]
+
+
 def test_resume_of_an_intact_file_does_not_warn(tmp_path, recwarn):
     logger = MetricsLogger(tmp_path)
     for step in (1, 3):

@@ -25,7 +25,7 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.causal_lm import has_tokenizer
 from constrainedsparse.checkpoint import save_weights
-from constrainedsparse.errors import UserInputError, user_input
+from constrainedsparse.errors import UserInputError, first_line, user_input
 from constrainedsparse.formulations.factory import available_formulations
 from constrainedsparse.layerwise.allocation import (
     Allocation,
@@ -298,7 +298,13 @@ class _Blocks:
                         "(a finished run keeps its pruned model, not its block files) or its files were removed; "
                         "--overwrite runs it again"
                     )
-                weights.update(load_file(self.block_file(index)))
+                try:
+                    weights.update(load_file(self.block_file(index)))
+                except Exception as err:  # safetensors' own error type: a file cut short by a crash, a full disk
+                    raise UserInputError(
+                        f"--resume: {self.block_file(index)} is damaged or truncated ({first_line(err)}); --overwrite "
+                        "runs the pruning again"
+                    ) from err
         for name, weight in distributed.broadcast_object(weights).items():
             module = self.modules[name.removesuffix(".weight")]
             with torch.no_grad():
