@@ -93,10 +93,10 @@ class MetricsLogger:
         self.path = out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            rows, torn = _rows_to_resume(self.path)
-            kept = [row for row in rows if row["step"] <= resume_step]
-            if torn or len(kept) < len(rows):  # rewritten only then (a resume refused later leaves the file as is)
-                self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            rows, _ = _parse_rows(self.path, torn_last=True)  # a torn last row goes; the missing-rows check warns
+            text = "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= resume_step)
+            if self.path.read_text() != text:  # the rows after the checkpoint go, and the offsets below hold
+                self.path.write_text(text)
         else:
             self.path.write_text("")
         self._file = self.path.open("r+")
@@ -271,21 +271,6 @@ def metrics_file(path: str | os.PathLike[str]) -> Path:
     return path / "metrics.jsonl" if path.is_dir() else path
 
 
-def _rows_to_resume(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """A resumed run's rows, and whether its last line was cut short (a crash or a full disk in the middle of a
-    write: that row is dropped, and the check of the last logged step warns that rows are missing); any other
-    line that is not JSON is an error (:func:`read_metrics`)."""
-    lines = path.read_bytes().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    try:
-        json.loads(lines[-1]) if lines else None
-    except (ValueError, UnicodeDecodeError):
-        path.write_bytes(b"".join(line + b"\n" for line in lines[:-1]))
-        return read_metrics(path), True
-    return read_metrics(path), False
-
-
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a run's ``metrics.jsonl``, one dict per logged step (``step`` and the metrics logged at it).
 
@@ -304,16 +289,27 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     file = metrics_file(path)
     if not file.is_file():
         raise ValueError(f"metrics file {str(file)!r} does not exist")
+    return _parse_rows(file)[0]
+
+
+def _parse_rows(file: Path, torn_last: bool = False) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of ``file``, and whether its last line was cut short and left out (only with ``torn_last``: a
+    resumed run's file, whose last write a crash or a full disk may have cut).
+
+    Raises:
+        ValueError: For bytes that are not text, or a line that is not JSON (the file and line named).
+    """
     what = f"{str(file)!r} is not a metrics.jsonl written by a run"
     try:
-        lines = file.read_text().splitlines()
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} (not text: {first_line(err)})") from None
     rows = []
     for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as err:
-                raise ValueError(f"{what} (line {number}: {first_line(err)})") from None
-    return rows
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if torn_last and number == len(lines):
+                return rows, True
+            raise ValueError(f"{what} (line {number}: {first_line(err)})") from None
+    return rows, False

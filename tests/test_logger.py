@@ -159,6 +159,21 @@ def test_resume_drops_a_last_row_cut_short_and_says_rows_are_missing(tmp_path):
     assert [row["step"] for row in read_metrics(path)] == [1, 2]
 
 
+@pytest.mark.parametrize("ending", ["no final newline", "blank line", "another writer's spacing"])
+def test_a_resumed_file_of_other_bytes_is_rewritten_before_rows_merge_into_its_last(tmp_path, ending):
+    rows = [{"a": 1.0, "step": 1}, {"a": 2.0, "step": 2}]
+    text = {
+        "no final newline": '{"a": 1.0, "step": 1}\n{"a": 2.0, "step": 2}',
+        "blank line": '{"a": 1.0, "step": 1}\n{"a": 2.0, "step": 2}\n\n',
+        "another writer's spacing": '{"a":1.0,"step":1}\n{"a":2.0,"step":2}\n',
+    }[ending]
+    (tmp_path / "metrics.jsonl").write_text(text)
+    logger = MetricsLogger(tmp_path, resume_step=2, logged_step=2)
+    logger.log({"b": 3.0}, 2)  # merges into the last row, as a resumed run's first log at the checkpoint's step
+    logger.close()
+    assert read_metrics(tmp_path) == [rows[0], {**rows[1], "b": 3.0}]
+
+
 def test_resume_of_an_intact_file_does_not_warn(tmp_path, recwarn):
     logger = MetricsLogger(tmp_path)
     for step in (1, 3):
