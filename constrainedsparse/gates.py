@@ -180,6 +180,10 @@ class HardConcreteGate(nn.Module):
             noise = self._noise
         return self._gate(noise)
 
+    def release_noise(self) -> None:
+        """Frees the noise of the last :meth:`redraw` (a later training forward draws anew)."""
+        self._noise = None
+
     def redraw(self) -> None:
         """Draws the noise of the next Lagrangian from the gate's generator (a formulation calls it before each):
         outside the forward, so a compiled model traces the gates without a graph break."""

@@ -359,6 +359,19 @@ def test_layer_scope_hard_masks_rank_gated_on_weights_by_their_exact_gated_magni
     assert mask.reshape(-1).tolist() == [False] * 32 + [True] * 32
 
 
+def test_gate_noise_is_drawn_for_training_lagrangians_only_and_freed_after_the_backward():
+    problem, batch = _mlp_problem()
+    f = make("l0", problem, L0Config(scope="layer"), optimizer=torch.optim.Adam(problem.model.parameters()))
+    f.setup(1, 2)
+    gates = list(f.gates.values())
+    f.backward(batch)
+    assert all(gate._noise is None for gate in gates)  # a weight-sized tensor each: not kept between steps
+    state = f.generator.get_state()
+    problem.model.eval()
+    f.compute_lagrangian(batch)  # an evaluation between steps: no draw, the training stream unchanged
+    assert torch.equal(f.generator.get_state(), state)
+
+
 def test_finalize_right_after_hard_masks_selects_once_and_a_step_between_selects_again():
     problem, batch = _mlp_problem()
     optimizer = torch.optim.Adam(problem.model.parameters(), lr=0.1)
@@ -369,6 +382,8 @@ def test_finalize_right_after_hard_masks_selects_once_and_a_step_between_selects
     f.compute_hard_masks = lambda: calls.append(1) or select()
     f.training_step(batch)
     f.hard_masks()
+    f.optimizer.step()  # a step alone (no Lagrangian) forgets them too: a fused one keeps the in-place versions
+    assert f._last_masks is None
     f.training_step(batch)  # the gates and weights moved: the masks of finalize() are today's
     masks = f.hard_masks()
     assert len(calls) == 2

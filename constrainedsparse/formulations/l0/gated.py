@@ -80,6 +80,8 @@ class Gated(Formulation):
         # The masks of the last hard_masks(), with the gates and weights they came from: finalize() right after it
         # bakes the weights with them instead of selecting again (forgotten at the next Lagrangian).
         self._last_masks: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
+        # An optimizer step forgets them too: a fused one changes the weights without their in-place version.
+        self._forget_masks_hook = self.optimizer.register_step_post_hook(self._forget_masks)
         self.add_terms()
 
     def before_lagrangian(self) -> None:
@@ -87,7 +89,7 @@ class Gated(Formulation):
         super().before_lagrangian()
         self._last_masks = None
         for gate in self.gates.values():
-            gate.redraw()
+            gate.redraw() if gate.training else gate.release_noise()  # an eval-mode Lagrangian draws nothing
 
     def backward_scope(self, scale: float, scaler: Any) -> contextlib.AbstractContextManager[None]:
         """Warns once when a gated layer ran in eval mode: its gates took their test-time value (no sample),
@@ -101,7 +103,16 @@ class Gated(Formulation):
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
-        return super().backward_scope(scale, scaler)
+        return self._releasing_noise(super().backward_scope(scale, scaler))
+
+    @contextlib.contextmanager
+    def _releasing_noise(self, scope: contextlib.AbstractContextManager[None]) -> Iterator[None]:
+        """``scope``, then the gates' noise freed (a tensor of the gates' shape each: the backward, and any forward
+        activation checkpointing recomputes in it, has used it)."""
+        with scope:
+            yield
+        for gate in self.gates.values():
+            gate.release_noise()
 
     def default_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """Adam over the weights with ``weight_decay`` (the gates join as their own group)."""
@@ -356,6 +367,10 @@ class Gated(Formulation):
         self._last_masks = (self._mask_inputs(), {name: mask.clone() for name, mask in masks.items()})
         return masks
 
+    def _forget_masks(self, *args: Any) -> None:
+        """Drops the masks of the last :meth:`hard_masks` (an optimizer step's post hook)."""
+        self._last_masks = None
+
     def _mask_inputs(self) -> tuple[int, ...]:
         """Storage and in-place version of every gate's log α and stored weight (what the hard masks depend on)."""
         tensors = [tensor for t in self.problem.targets for tensor in (self.gates[t.name].log_alpha, t.stored)]
@@ -366,11 +381,13 @@ class Gated(Formulation):
         r"""Removes the gates, baking :math:`\tilde\theta \odot \hat z` into plain weights.
 
         Weights the hard mask re-admits although their gate is 0 keep :math:`\tilde\theta`. The masks are those of
-        the last :meth:`hard_masks` if nothing changed since (one selection for ``hard_masks(); finalize()``).
+        the last :meth:`hard_masks` when no Lagrangian, optimizer step or in-place change of a weight or log α came
+        since (one selection for ``hard_masks(); finalize()``; a write through ``.data`` is not seen).
         """
         last = self._last_masks
         masks = last[1] if last is not None and last[0] == self._mask_inputs() else self.compute_hard_masks()
         self._last_masks = None
+        self._forget_masks_hook.remove()
         for t in self.problem.targets:
             if find_gate(t.module, t.param_name) is None:
                 continue
