@@ -81,8 +81,10 @@ def recalibrate_batchnorm(
     """
     if max_batches is not None and (not is_integer(max_batches) or max_batches < 1):
         raise ValueError(f"max_batches must be an integer >= 1 or None, got {max_batches!r}")
-    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes)):
-        raise ValueError(f"recalibrate_batchnorm: batches must be an iterable of batches, got {batches!r}")
+    try:
+        iter(batches)  # a map-style dataset (__getitem__ and __len__) iterates too
+    except TypeError:
+        raise ValueError(f"recalibrate_batchnorm: batches must be an iterable of batches, got {batches!r}") from None
     layers = batchnorm_layers(model)
     if not layers:
         return 0

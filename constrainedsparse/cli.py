@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,8 @@ __all__ = ["main"]
 LAYERWISE_SCORES = ("fidelity", "dense_perplexity", "perplexity")
 DEFAULTS = {"problem": "digits-mlp", "retrain_epochs": 0, "seed": 0, "wandb": "offline"}
 _RESOLVED_OUT: dict[str, Path] = {}
+_STARTED: dict[str, float] = {}
+"""When :func:`main` started (an interrupt names a ``summary.json`` written since as this run's)."""
 """The run directory this process resolved (``--out`` or the default), for the Ctrl-C hint."""
 """Defaults of the run flags that are ``None`` when not given (so that ``--resume`` can tell)."""
 
@@ -314,6 +317,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``constrainedsparse`` console script."""
+    _STARTED["main"] = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `constrainedsparse [--flags]` means `constrainedsparse run [--flags]`
@@ -389,8 +393,9 @@ def _resume_hint(out: Any) -> str:
     again (nothing was kept)."""
     if not out:
         return ""
-    if (Path(out) / "summary.json").is_file():
-        return f" after the run had finished: its results are in {out} (summary.json)"
+    summary = Path(out) / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= _STARTED.get("main", float("inf")):  # this run's, not a
+        return f" after the run had finished: its results are in {out} (summary.json)"  # replaced run's
     if (Path(out) / CHECKPOINT).is_file():
         return f"; continue from the last checkpoint with --resume --out {out}"
     return " before the first checkpoint: nothing to resume, start the run again"

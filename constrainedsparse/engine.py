@@ -456,10 +456,10 @@ def _restoring(run: _Run) -> Iterator[None]:
     try:
         yield
     except (ValueError, RuntimeError, KeyError) as err:
-        if debugging():
+        if debugging() or isinstance(err, torch.cuda.OutOfMemoryError):
             raise
         raise UserInputError(
-            f"--resume: {run.directory.out / 'checkpoint.pt'} does not fit this run ({first_line(err)}): did the "
+            f"--resume: {run.directory.checkpoint_path} does not fit this run ({first_line(err)}): did the "
             "problem file or its model change since? (--overwrite starts again)"
         ) from err
 

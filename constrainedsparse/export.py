@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from constrainedsparse.errors import first_line
 from constrainedsparse.saving import replace_folder
 
 __all__ = [
@@ -161,9 +162,8 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
     try:
         summary = json.loads(summary_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        detail = str(err).splitlines()[0]
-        raise ValueError(f"{str(summary_file)!r} is not a run's summary (not JSON: {detail})") from None
+    except ValueError as err:  # UnicodeDecodeError included
+        raise ValueError(f"{str(summary_file)!r} is not a run's summary (not JSON: {first_line(err)})") from None
     if not isinstance(summary, dict) or "layer_sparsity" not in summary:
         raise ValueError(
             f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/admm/magnitude runs)"

@@ -136,10 +136,11 @@ def check_options(options: Any) -> None:
     if not isinstance(options, Mapping):
         raise ValueError(f"options must be a dict {{key: default}}, got {_kind(options)}")
     for key, default in options.items():
-        if not isinstance(key, str) or not key.isidentifier():
-            raise ValueError(f"option {key!r}: an option's name is a Python identifier (what --set {{name}}=... sets)")
-        if isinstance(default, float) and not math.isfinite(default):
-            raise ValueError(f"option {key!r} has default {default!r}: give a finite default")
+        if not isinstance(key, str) or not key or "=" in key or key != key.strip():
+            raise ValueError(f"option {key!r}: an option's name is a str without '=' or surrounding spaces (what "
+                             "--set NAME=VALUE sets)")  # fmt: skip
+        if isinstance(default, float) and math.isnan(default):
+            raise ValueError(f"option {key!r} has default nan: give a number")
         if not isinstance(default, (bool, int, float, str)):
             raise ValueError(
                 f"option {key!r} has default {default!r}: give a bool, int, float or str default (its type is the "

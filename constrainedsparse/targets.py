@@ -299,16 +299,14 @@ class Targets:
             chosen.append((fqn, param_name, module))
         return chosen
 
-    def check_globs(
-        self, candidates: Sequence[str], selected: Sequence[str], aliases: Mapping[str, str] | None = None
-    ) -> None:
+    def check_globs(self, candidates: Sequence[str], selected: Sequence[str], model: nn.Module | None = None) -> None:
         """Every ``include``/``exclude`` glob matches a candidate name and every override a selected one.
 
         Args:
             candidates: The candidates' names.
             selected: The selected tensors' names.
-            aliases: A module's second names (one module registered under two attributes) mapped to its first
-                name, which names its tensors here: a glob that matches only a second name says so.
+            model: The model: a glob that matches nothing is then looked up among its modules' second names (one
+                module registered under two attributes; its tensors are named by the first) and says so.
 
         Raises:
             ValueError: Naming the first glob that matches nothing (a typo would prune what was meant to
@@ -320,7 +318,8 @@ class Targets:
         for kind, globs, names, what in checks:
             for pattern in globs:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                    alias = next((a for a in aliases or {} if fnmatch.fnmatchcase(a, pattern)), None)
+                    aliases = _second_names(model, candidates) if model is not None else {}
+                    alias = next((a for a in aliases if fnmatch.fnmatchcase(a, pattern)), None)
                     if alias is not None:
                         raise ValueError(
                             f"{kind} {pattern!r} matches {alias}, a second name of {aliases[alias]} (one module "
@@ -353,12 +352,11 @@ class Targets:
         candidates = self.candidates(model)
         selected = self._included(candidates)
         names = [full_name(fqn, name) for fqn, name, _ in candidates]
-        aliases = _second_names(model, names)
         if not selected:
             if candidates:
-                self.check_globs(names, names, aliases)  # an include typo: named, with the names it could match
+                self.check_globs(names, names, model)  # an include typo: named, with the names it could match
             raise ValueError(self._selects_nothing(model))
-        self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected], aliases)
+        self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected], model)
         for fqn, param_name, module in selected:
             _check_prunable(full_name(fqn, param_name), module, param_name)
         _check_untied(model, selected, names)

@@ -449,7 +449,7 @@ ROWS: list[Row] = [
     Row(
         "option name",
         ["run", "{tmp}/bad.py", "--out", "{out}"],
-        r"option 3: an option's name is a Python identifier",
+        r"option 3: an option's name is a str without '=' or surrounding spaces",
         _problem("problem = dataclasses.replace(base, name='bad', options={3: 1})\n"),
     ),  # fmt: skip
     Row(
@@ -886,6 +886,19 @@ def test_a_failed_batchnorm_recalibration_leaves_the_statistics_as_they_were():
             recalibrate_batchnorm(model, batches)
         assert all(torch.equal(buffer, before[name]) for name, buffer in model[1].named_buffers())
     assert model.training
+
+
+def test_batchnorm_recalibration_takes_a_map_style_dataset_and_options_take_any_setable_name():
+    from torch.utils.data import TensorDataset
+
+    from constrainedsparse.spec import check_options
+
+    assert recalibrate_batchnorm(_bn_model(), TensorDataset(torch.randn(3, 2, 4))) == 3  # __getitem__ and __len__
+    check_options({"train-subset": 0, "budget": float("inf")})  # --set train-subset=5 and --set budget=inf parse
+    with pytest.raises(ValueError, match=r"^option 'a=b': an option's name is a str without '='"):
+        check_options({"a=b": 1})
+    with pytest.raises(ValueError, match=r"^option 'w' has default nan: give a number$"):
+        check_options({"w": float("nan")})
 
 
 def test_metrics_that_are_not_json_name_the_file_and_line(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,10 +221,12 @@ def test_resume_messages_name_a_pattern_run_and_a_finished_one_first(tmp_path, c
     assert line.startswith(f"error: --resume: the run in {out} has finished")
 
 
-def test_an_interrupt_after_the_run_finished_says_so_instead_of_offering_a_resume(tmp_path):
-    from constrainedsparse.cli import _resume_hint
+def test_an_interrupt_after_the_run_finished_says_so_instead_of_offering_a_resume(tmp_path, monkeypatch):
+    from constrainedsparse import cli
 
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert _resume_hint(tmp_path) == f"; continue from the last checkpoint with --resume --out {tmp_path}"
-    (tmp_path / "summary.json").write_text("{}")  # the signal came while the last files were written
-    assert _resume_hint(tmp_path) == f" after the run had finished: its results are in {tmp_path} (summary.json)"
+    (tmp_path / "summary.json").write_text("{}")  # an earlier run's (--overwrite interrupted before it got there)
+    monkeypatch.setitem(cli._STARTED, "main", time.time() + 60)
+    assert cli._resume_hint(tmp_path) == f"; continue from the last checkpoint with --resume --out {tmp_path}"
+    monkeypatch.setitem(cli._STARTED, "main", time.time() - 60)  # written by this run: the signal came at its end
+    assert cli._resume_hint(tmp_path) == f" after the run had finished: its results are in {tmp_path} (summary.json)"

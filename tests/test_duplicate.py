@@ -61,7 +61,7 @@ def test_alpha_is_in_unit_interval_and_increasing(k, M, r):
 
 
 @settings(max_examples=200, deadline=None)
-@given(sizes=st.lists(st.integers(1, 50), max_size=12), limit=st.integers(1, 80))
+@given(sizes=st.lists(st.integers(0, 50), max_size=12), limit=st.integers(1, 80))
 def test_chunks_cut_the_names_in_order_into_greedy_runs_within_the_limit(sizes, limit):
     names = [f"t{i}" for i in range(len(sizes))]
     size = dict(zip(names, sizes))

@@ -24,9 +24,9 @@ def chunks(names: list[str], sizes: list[int], limit: int | None = None) -> list
     run (one call per op)."""
     limit = CHUNK_ELEMENTS if limit is None else limit
     runs: list[list[str]] = []
-    total = limit
+    total = 0
     for name, size in zip(names, sizes, strict=True):
-        if total + size > limit:
+        if not runs or total + size > limit:
             runs.append([])
             total = 0
         runs[-1].append(name)
