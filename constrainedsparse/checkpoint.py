@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import glob
 import json
 import os
 import pickle
 import signal
 import tempfile
 import threading
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from constrainedsparse.errors import UserInputError
 
@@ -195,19 +197,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomic ``.safetensors`` write (tensors made contiguous and moved to CPU)."""
+    """Atomic ``.safetensors`` write (tensors made contiguous and moved to CPU), synced to disk before it replaces
+    ``path`` and with interrupts deferred, as every other write of a run (:func:`atomic_write_bytes`); a temporary
+    file that a killed writer left next to ``path`` more than an hour ago is removed."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _remove_stale_temporaries(path)
+    _atomic(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
+
+
+_STALE_SECONDS = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Removes ``.NAME.*.tmp`` files next to ``path`` older than :data:`_STALE_SECONDS` (a writer killed outright;
+    a younger one may be another process's write under way)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > _STALE_SECONDS:
+                tmp.unlink()
 
 
 def optimizer_state_plain(state: dict[str, Any]) -> dict[str, Any]:

@@ -28,11 +28,11 @@ on any device (the global RNG is used when no generator is given). A gate takes 
 Lagrangian** in training forwards (:meth:`HardConcreteGate.step_sample`; :meth:`~HardConcreteGate.sample`
 draws afresh every call): :meth:`HardConcreteGate.redraw` (which the ``l0`` formulations call before every
 training evaluation of the Lagrangian, freeing the noise again after its backward) draws the uniform noise
-from the generator, and every sample until then computes the gates from it. So a weight read twice in a forward (tied layers) has one mask per step, a
-forward that activation checkpointing (``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``)
-recomputes inside the backward, in whatever order, sees the gates the forward used (the checkpoint
-restores only the global RNG), and ``torch.compile`` traces the gates without a graph break (the draw
-happens outside the forward).
+from the generator, and every sample until then computes the gates from it. So a weight read twice in a
+forward (tied layers) has one mask per step, a forward that activation checkpointing
+(``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) recomputes inside the backward, in
+whatever order, sees the gates the forward used (the checkpoint restores only the global RNG), and
+``torch.compile`` traces the gates without a graph break (the draw happens outside the forward).
 """
 
 from __future__ import annotations

@@ -87,3 +87,21 @@ def test_a_default_sigterm_during_a_checkpoint_write_ends_the_process_after_the_
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout  # the default action, deferred
     assert torch.load(path, weights_only=False)["late"] == 7
+
+
+def test_save_weights_removes_a_killed_writers_old_temporary_file_only(tmp_path):
+    import os
+    import time
+
+    from safetensors.torch import load_file
+
+    from constrainedsparse.checkpoint import save_weights
+
+    path = tmp_path / "dense.safetensors"
+    old, fresh = tmp_path / ".dense.safetensors.old1.tmp", tmp_path / ".dense.safetensors.new1.tmp"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")  # another process's write under way, maybe
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    save_weights(path, {"w": torch.ones(2)})
+    assert torch.equal(load_file(path)["w"], torch.ones(2))
+    assert not old.exists() and fresh.exists()
