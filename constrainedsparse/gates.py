@@ -6,7 +6,7 @@ a Linear layer, i.e. per weight column, and one per output channel of a Conv lay
 a learnable location :math:`\log\alpha` and the fixed constants :math:`\gamma = -0.1`,
 :math:`\zeta = 1.1`, :math:`\beta = 2/3`:
 
-* training (one sample per forward): :math:`u \sim U(0, 1)`,
+* training (one draw per Lagrangian, see below): :math:`u \sim U(0, 1)`,
   :math:`s = \sigma\big((\log u - \log(1 - u) + \log\alpha)/\beta\big)`,
   :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))`;
 * evaluation (``test_rule="median"``, the default): the median of the gate's distribution,
@@ -27,12 +27,12 @@ state a formulation checkpoints: a resumed run draws exactly the same gates as a
 on any device (the global RNG is used when no generator is given). A gate takes **one draw per
 Lagrangian** in training forwards (:meth:`HardConcreteGate.step_sample`; :meth:`~HardConcreteGate.sample`
 draws afresh every call): :meth:`HardConcreteGate.redraw` (which the ``l0`` formulations call before every
-training evaluation of the Lagrangian, freeing the noise again after its backward) draws the uniform noise
-from the generator, and every sample until then computes the gates from it. So a weight read twice in a
-forward (tied layers) has one mask per step, a forward that activation checkpointing
-(``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) recomputes inside the backward, in
-whatever order, sees the gates the forward used (the checkpoint restores only the global RNG), and
-``torch.compile`` traces the gates without a graph break (the draw happens outside the forward).
+training evaluation of the Lagrangian, freeing it again after their ``backward()``) draws the uniform noise
+from the generator, and every sample until the noise is freed or drawn again computes the gates from it. So
+a weight read twice in a forward (tied layers) has one mask per step, a forward that activation
+checkpointing (``torch.utils.checkpoint``, ``gradient_checkpointing_enable()``) recomputes inside the
+backward, in whatever order, sees the gates the forward used (the checkpoint restores only the global RNG),
+and ``torch.compile`` traces the gates without a graph break (the draw happens outside the forward).
 """
 
 from __future__ import annotations
