@@ -136,12 +136,28 @@ def test_refusals(tmp_path):
     assert len(optimizer.param_groups) == 1
     with pytest.raises(ValueError, match=r"target .* is not a parameter of this model"):
         SparsityTrainer(_model(), args, train_dataset=_examples(8, 0), targets=_targets(model))
+    for keyword, value, message in (
+        ("hyperparameters", 5, r"^hyperparameters must be a dict like \{'rho': 0\.05\} or None, got 5$"),
+        ("hard_prune_at_end", "no", r"^hard_prune_at_end must be True or False, got 'no'$"),
+        ("log_layers", "no", r"^log_layers must be True or False, got 'no'$"),
+    ):
+        fresh = _model()
+        with pytest.raises(ValueError, match=message):
+            SparsityTrainer(fresh, args, train_dataset=_examples(8, 0), targets=_targets(fresh), **{keyword: value})
+    with pytest.raises(ValueError, match=r"^SparsityTrainer needs model=, a torch\.nn\.Module"):
+        SparsityTrainer(None, args, train_dataset=_examples(8, 0), targets=_targets(model))
     model = _model()
     trainer = SparsityTrainer(model, args, train_dataset=_examples(8, 0), targets=_targets(model))
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match=r"plain holds no formulation.pt, so it was not saved by a SparsityTrainer"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "plain"))
-    trainer.train()
+    (tmp_path / "plain" / "formulation.pt").write_bytes(b"")  # a state cut short
+    with pytest.raises(ValueError, match=r"formulation\.pt is damaged or truncated \(EOFError\)$"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain"))
+    torch.save(trainer.formulation.state_dict(), tmp_path / "plain" / "formulation.pt")  # but no model weights
+    with pytest.raises(ValueError, match=r"Can't find a valid checkpoint"):  # Trainer's own refusal
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain"))
+    trainer.train()  # the refused resumes left the trainer as it was
     with pytest.raises(ValueError, match="hard-pruned its model already; build a new one"):
         trainer.train()
 
@@ -194,6 +210,13 @@ def test_epochs_follow_the_loop_also_when_max_steps_cuts_them(tmp_path, recwarn)
     assert seen == [("start", 0), ("end", 0)]
     assert not [w for w in recwarn if "post_step() calls" in str(w.message)]  # Trainer cut it, not a miscount
     assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
+
+
+def test_a_fraction_of_an_epoch_spreads_the_schedules_over_the_steps_trainer_runs(tmp_path):
+    model = _model()
+    args = _args(tmp_path / "run", num_train_epochs=0.5, save_strategy="no")  # 4 of an epoch's 8 steps
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model))
+    assert (trainer.formulation.num_epochs, trainer.formulation.steps_per_epoch) == (1, 4)
 
 
 def test_a_stream_runs_max_steps_over_several_epochs_without_a_warning(tmp_path, recwarn):

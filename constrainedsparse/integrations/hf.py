@@ -44,6 +44,7 @@ from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
+from constrainedsparse.errors import first_line
 from constrainedsparse.formulations import Formulation, LagrangianStep, formulation_class, make
 from constrainedsparse.masks import hard_prune as hard_prune_targets
 from constrainedsparse.problem import SparsityProblem, UserConstraint
@@ -101,6 +102,11 @@ class SparsityTrainer(Trainer):
     ) -> None:
         if kwargs.get("model_init") is not None:
             raise ValueError("SparsityTrainer takes a model, not model_init (its targets are the model's parameters)")
+        if hyperparameters is not None and not isinstance(hyperparameters, Mapping):
+            raise ValueError(f"hyperparameters must be a dict like {{'rho': 0.05}} or None, got {hyperparameters!r}")
+        for name, flag in (("hard_prune_at_end", hard_prune_at_end), ("log_layers", log_layers)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         _check_trainable(model, kwargs.get("train_dataset"))
         super().__init__(model=model, args=args, **kwargs)
         _check_supported(self)
@@ -286,12 +292,20 @@ class SparsityTrainer(Trainer):
                 "pruned) by the first; call hard_prune(), or train(resume_from_checkpoint=...) to continue a stopped "
                 "run"
             )
+        before = (self._trained, self.formulation.state_dict() if resume_from_checkpoint else None)
         if resume_from_checkpoint:
             self._load_formulation_state(resume_from_checkpoint)
         # A run stopped by an exception left these behind; the checkpoint's state is what goes on.
         self._epoch, self._micro_steps, self._last_step, self._pending_logs = None, [], None, {}
         self._trained = True
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            if self._last_step is None and not self._micro_steps:  # refused before a step (a bad checkpoint folder)
+                self._trained = before[0]
+                if before[1] is not None:
+                    self.formulation.load_state_dict(before[1])
+            raise
         if self.hard_prune_at_end:
             self.hard_prune()
         return output
@@ -353,7 +367,14 @@ class SparsityTrainer(Trainer):
                 f"resume_from_checkpoint: {folder} holds no {STATE_FILE}, so it was not saved by a SparsityTrainer "
                 "(the pruning state is needed to resume)"
             )
-        self.formulation.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's own errors for a file cut short: zip, OSError, EOFError
+            raise ValueError(
+                f"resume_from_checkpoint: {path} is damaged or truncated ("
+                + (f"{type(err).__name__}: {first_line(err)})" if str(err) else f"{type(err).__name__})")
+            ) from None
+        self.formulation.load_state_dict(state)
 
 
 class _PruningCallback(TrainerCallback):
@@ -442,7 +463,10 @@ def _parametrized(model: nn.Module) -> bool:
 
 
 def _check_trainable(model: nn.Module | None, train_dataset: Any) -> None:
-    """What Trainer would refuse with a message of its own, or torch's: a model loaded quantized, no examples."""
+    """What Trainer would refuse with a message of its own, or torch's: no model, a model loaded quantized, no
+    examples."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"SparsityTrainer needs model=, a torch.nn.Module (a transformers model), got {model!r:.60}")
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and not getattr(quantizer, "is_trainable", False):
         method = getattr(quantizer.quantization_config, "quant_method", "?")
@@ -477,7 +501,7 @@ def _epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
             raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
         return 1, args.max_steps
     steps = max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
-    if 0 < args.max_steps < steps:  # a run shorter than an epoch: the schedules spread over the steps it takes
-        steps = args.max_steps
-    epochs = math.ceil(args.max_steps / steps) if args.max_steps > 0 else math.ceil(args.num_train_epochs)
-    return max(epochs, 1), steps
+    # Trainer's total: max_steps, else num_train_epochs (a fraction too, 0.5 of an epoch) times the epoch's steps.
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps)
+    steps = min(steps, max(total, 1))  # a run shorter than an epoch: the schedules spread over the steps it takes
+    return max(math.ceil(total / steps), 1), steps
