@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from constrainedsparse import distributed, engine
+from constrainedsparse import distributed, engine, preparation
 from constrainedsparse.errors import UserInputError, is_integer
 from constrainedsparse.layerwise import runner as layerwise_runner
 from constrainedsparse.logger import WANDB_MODES
@@ -50,7 +50,7 @@ class Runner:
     execute: Callable[[Any, RunDirectory, dict[str, Any] | None], dict[str, Any] | None]
 
 
-TRAINING = Runner("training", engine.TrainingSettings, engine.prepare, engine.execute)
+TRAINING = Runner("training", engine.TrainingSettings, preparation.prepare, engine.execute)
 LAYERWISE = Runner("layerwise", layerwise_runner.DriverSettings, layerwise_runner.prepare, layerwise_runner.execute)
 
 
