@@ -92,9 +92,11 @@ class MetricsLogger:
         out_dir = Path(out_dir)
         self.path = out_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
             rows, _ = _parse_rows(self.path, torn_last=True)  # a torn last row goes; the missing-rows check warns
-            text = "".join(json.dumps(row) + "\n" for row in rows if row["step"] <= resume_step)
+            kept = [row for row in rows if row["step"] <= resume_step]
+            text = "".join(json.dumps(row) + "\n" for row in kept)
             if self.path.read_text() != text:  # the rows after the checkpoint go, and the offsets below hold
                 self.path.write_text(text)
         else:
@@ -105,11 +107,10 @@ class MetricsLogger:
         self._last_step: int | None = None
         self._last_row: dict[str, Any] = {}
         self._last_offset = self._file.tell()
-        if resume_step is not None and self.path.stat().st_size:
-            rows = read_metrics(self.path)
-            self._last_row = rows[-1]
-            self._last_step = rows[-1]["step"]
-            self._last_offset = self.path.stat().st_size - len(json.dumps(rows[-1]) + "\n")
+        if kept:  # the file is exactly their serialisation (ASCII: characters are bytes)
+            self._last_row = kept[-1]
+            self._last_step = kept[-1]["step"]
+            self._last_offset -= len(json.dumps(kept[-1]) + "\n")
         if logged_step is not None and self._last_step != logged_step:
             _warn_missing_rows(self.path, self._last_step, logged_step)
         self.run = None
