@@ -17,13 +17,12 @@ the pieces here for everything that touches the run directory.
 * a run that fails before its first checkpoint removes the directory it created.
 
 **Resume.** Every checkpoint stores the run's configuration. ``RunConfig.resumed(out, given)``
-rebuilds it from ``OUT/checkpoint.pt``; options given again must match, and a mismatch names the
-differing keys.
+(:mod:`constrainedsparse.runconfig`) rebuilds it from ``OUT/checkpoint.pt``; options given again must
+match, and a mismatch names the differing keys.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import importlib.metadata
 import os
@@ -38,13 +37,15 @@ import torch
 from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, writable
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.logger import MetricsLogger, NullLogger, WandbMode
+from constrainedsparse.logger import MetricsLogger, NullLogger
 from constrainedsparse.plots import plot_metrics
-from constrainedsparse.settings import parse_value
+from constrainedsparse.runconfig import CHECKPOINT, RunConfig, finished_error, settings_text
 
-__all__ = ["CHECKPOINT", "RUN_FILES", "RunConfig", "RunDirectory", "open_logger"]
+# RunConfig, CHECKPOINT and settings_text live in runconfig (the configuration and its resume rule); they stay
+# importable from here, where the run scaffold's users look for them.
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "RUN_FILES", "RunConfig", "RunDirectory", "environment", "open_logger", "settings_text"]
+
 LOCK = ".lock"
 RUN_FILES = (
     CHECKPOINT,
@@ -60,166 +61,6 @@ RUN_FILES = (
     "wandb",
 )
 """What a run writes into its directory (``--overwrite`` removes these and nothing else)."""
-VOLATILE_SETTINGS = ("device", "allow_empty_layers")
-"""``--set`` keys that may differ when a run resumes (where it runs, not what it computes)."""
-IDENTITY_FIELDS = (
-    "problem",
-    "formulation",
-    "sparsity",
-    "pattern",
-    "epochs",
-    "pretrain_epochs",
-    "retrain_epochs",
-    "seed",
-)
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """Everything ``constrainedsparse run`` takes (see the CLI reference for each field).
-
-    Attributes:
-        problem: Bundled problem name or path of a problem file.
-        formulation: Training formulation or layer-wise solver name.
-        sparsity: ``--sparsity`` (``None``: the problem kind's default).
-        pattern: ``--pattern`` (``None``: unstructured at ``sparsity``).
-        epochs: Pruning epochs (``None``: the problem's default).
-        pretrain_epochs: Dense pre-training epochs (``None``: the problem's default).
-        retrain_epochs: Masked retraining epochs after hard pruning.
-        seed: Seed of everything random.
-        out: The run directory: a ``str`` or a path-like, always a ``Path`` once the config is built.
-        wandb: ``disabled``, ``offline`` or ``online``.
-        wandb_project: wandb project (``None``: ``$WANDB_PROJECT`` or ``constrainedsparse``).
-        wandb_name: wandb run name (``None``: ``$WANDB_NAME`` or wandb's).
-        wandb_tags: wandb run tags (``$WANDB_TAGS`` when empty).
-        settings: ``--set KEY=VALUE`` text by key.
-        resume: Continue from ``out/checkpoint.pt``.
-        overwrite: Replace the run in ``out`` (its files are removed first).
-        progress: Show progress (bars on a terminal, one line per epoch otherwise).
-        stop_after_epochs: Stop (with a checkpoint) after this many epochs (blocks, for layer-wise
-            problems) of this invocation.
-    """
-
-    problem: str = "digits-mlp"
-    formulation: str = "slr"
-    sparsity: float | None = None
-    pattern: str | None = None
-    epochs: int | None = None
-    pretrain_epochs: int | None = None
-    retrain_epochs: int = 0
-    seed: int = 0
-    out: str | os.PathLike[str] = Path("runs/latest")
-    wandb: WandbMode = "disabled"
-    wandb_project: str | None = None
-    wandb_name: str | None = None
-    wandb_tags: tuple[str, ...] = ()
-    settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    stop_after_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        """``out`` as a ``Path`` (a ``str`` given for it is converted), after the checks of the fields' types.
-
-        Raises:
-            UserInputError: For a field of another type than its own (``overwrite="no"`` is no ``False``).
-        """
-        for name in ("problem", "out"):
-            if not isinstance(getattr(self, name), (str, os.PathLike)):
-                raise UserInputError(f"RunConfig({name}=...) must be a str or a path, got {getattr(self, name)!r}")
-        if not isinstance(self.formulation, str):
-            raise UserInputError(f"RunConfig(formulation=...) must be a name (str), got {self.formulation!r}")
-        for name in ("resume", "overwrite", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserInputError(f"RunConfig({name}=...) must be True or False, got {getattr(self, name)!r}")
-        settings = self.settings
-        if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
-            raise UserInputError(f"RunConfig(settings=...) must be a dict like {{'rho': '0.05'}}, got {settings!r}")
-        self.out = Path(self.out)
-
-    def stored(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the configuration (plain types only)."""
-        values = {key: getattr(self, key) for key in (*IDENTITY_FIELDS, "wandb")}
-        return {**values, "settings": dict(sorted(self.settings.items()))}
-
-    def identity(self) -> dict[str, Any]:
-        """What must be the same for a checkpoint to belong to this run."""
-        settings = {k: v for k, v in sorted(self.settings.items()) if k not in VOLATILE_SETTINGS}
-        return {**{key: getattr(self, key) for key in IDENTITY_FIELDS}, "settings": settings}
-
-    @classmethod
-    def resumed(cls, out: Path, given: Mapping[str, Any]) -> RunConfig:
-        """The configuration stored in ``out/checkpoint.pt``, with the options ``given`` again.
-
-        Args:
-            out: The run directory.
-            given: Options given on the command line this time (``{field: value}``; fields that
-                were not given are absent). ``settings`` may name some keys: each must mean its
-                stored value (``0.20`` for ``0.2``; the stored text is kept), the others keep theirs;
-                volatile keys (``device``, ``allow_empty_layers``) may differ.
-
-        Raises:
-            UserInputError: Without a readable checkpoint, or when a given option differs from
-                the stored one (naming every differing key).
-        """
-        if (Path(out) / "summary.json").is_file():  # finished: that, before any option that differs
-            raise finished_error(Path(out), "--overwrite")
-        state = load_checkpoint(Path(out) / CHECKPOINT)
-        stored = state.get("config")
-        if not isinstance(stored, dict):
-            raise UserInputError(f"--resume: {Path(out) / CHECKPOINT} holds no run configuration")
-        differing = [
-            f"{key} ({value!r}, stored {_stored_text(key, stored)})"
-            for key, value in given.items()
-            if key != "settings" and key in stored and not _same_option(key, value, stored)
-        ]
-        theirs = dict(stored.get("settings", {}))
-        effective = state.get("effective_settings") or {}
-        settings = dict(theirs)
-        unknown = [
-            k for k in given.get("settings", {}) if effective and k not in {*effective, *theirs, *VOLATILE_SETTINGS}
-        ]
-        if unknown:  # every key the run knows is in effect: this one means nothing to it
-            raise UserInputError(
-                f"unknown --set key {unknown[0]!r} for the run in {out} (formulation {stored.get('formulation')!r}); "
-                f"allowed: {', '.join(sorted(effective))}"
-            )
-        for key, value in sorted(given.get("settings", {}).items()):
-            if key in VOLATILE_SETTINGS:
-                settings[key] = value
-            elif key not in theirs and key in effective and _same_setting(value, effective[key]):
-                continue  # the value the run already uses (a default): nothing changes
-            elif key not in theirs:
-                in_effect = f"; in effect {effective[key]}" if key in effective else ""
-                differing.append(f"--set {key} ({value}, not set at the start{in_effect})")
-            elif not _same_setting(value, theirs[key]):
-                differing.append(f"--set {key} ({value}, stored {theirs[key]})")
-        if differing:
-            raise UserInputError(
-                f"--resume: the run in {out} was started with other options: {', '.join(differing)}; give the "
-                "stored ones or none"
-            )
-        fields = {key: stored[key] for key in (*IDENTITY_FIELDS, "wandb") if key in stored}
-        extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
-        return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
-
-
-def finished_error(out: Path, overwrite: str) -> UserInputError:
-    """``--resume`` of a finished run (its ``summary.json`` written); ``overwrite`` names the flag or keyword."""
-    return UserInputError(
-        f"--resume: the run in {out} has finished ({out / 'summary.json'}); there is nothing to continue: run it "
-        f"again with {overwrite}, or choose another folder"
-    )
-
-
-def _stored_text(key: str, stored: Mapping[str, Any]) -> str:
-    """A stored option for a message: ``none`` for an unset one (a run with ``--pattern`` stores no sparsity)."""
-    value = stored[key]
-    if value is not None:
-        return repr(value)
-    pattern = stored.get("pattern")
-    return f"none: the run used --pattern {pattern}" if key == "sparsity" and pattern else "none"
 
 
 def environment() -> dict[str, Any]:
@@ -234,32 +75,6 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return {"versions": versions, "threads": torch.get_num_threads(), "processes": distributed.world_size()}
-
-
-def settings_text(*groups: Mapping[str, Any]) -> dict[str, str]:
-    """Every ``--set`` key's value in effect as text, from the runner's groups of settings (checkpoints keep it so
-    that ``--resume`` accepts a key given again with the value the run already uses)."""
-    return {key: setting_text(value) for group in groups for key, value in group.items()}
-
-
-def setting_text(value: Any) -> str:
-    """A ``--set`` value as text (``true``/``false`` for a bool, as ``--set`` takes it)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _same_setting(given: str, stored: str) -> bool:
-    """Whether a ``--set`` value given again means the stored one (``0.20`` is ``0.2``, ``yes`` is ``true``)."""
-    if given == stored:
-        return True
-    if stored in ("true", "false"):  # a bool, read the way --set reads one
-        try:
-            return parse_value("", given, bool) == (stored == "true")
-        except ValueError:
-            return False
-    try:
-        return float(given) == float(stored)
-    except (TypeError, ValueError):
-        return False
 
 
 def _exists(path: Path) -> bool:
@@ -517,15 +332,3 @@ def open_logger(
         name=run.wandb_name,
         tags=tuple(run.wandb_tags),
     )
-
-
-def _same_option(key: str, value: Any, stored: Mapping[str, Any]) -> bool:
-    """Whether an option given on ``--resume`` means the stored one: equal, or ``--pattern unstructured`` for a
-    training run started without ``--pattern`` (its default; a layer-wise run's default is the row scope)."""
-    if stored[key] == value:
-        return True
-    if key == "pattern" and value == "unstructured" and stored[key] is None:
-        from constrainedsparse.formulations.factory import available_formulations
-
-        return stored.get("formulation") in available_formulations()
-    return False
