@@ -53,7 +53,7 @@ from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparame
 from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
-from constrainedsparse.formulations.iterate import Iterate, chunks
+from constrainedsparse.formulations.iterate import Iterate
 from constrainedsparse.formulations.penalty import PenaltyGradient
 from constrainedsparse.formulations.rho import PenaltyRule
 from constrainedsparse.problem import Batch
@@ -370,46 +370,22 @@ class DuplicateVariables(Formulation):
             constraint.penalty_coefficient.value.fill_(value)
 
     def dynamics(self, it: Iterate) -> dict[str, float]:
-        """Dual-dynamics metrics after a coordination (norms per layer and in total; foreach norms, one host
-        transfer). The full-size differences they need are made for a few tensors at a time
-        (:func:`~constrainedsparse.formulations.iterate.chunks`): a large model's coordination does not hold
-        three more copies of all its pruned weights for its metrics."""
-        lam = self.multipliers()
-        names = list(it.w)
+        """Dual-dynamics metrics after a coordination: norms per layer and in total (:meth:`Iterate.squared_norms`,
+        one host transfer)."""
         it.forget_before_z()  # W^k - Z^{k-1}: the dual steps are done
-        known = it.residual_sq is not None
-        own = [torch._foreach_norm([lam[n] for n in names]), torch._foreach_norm([it.w[n] for n in names])]
-        if not known:
-            own.append(torch._foreach_norm(list(it.residual.values())))
-        change_norms: list[torch.Tensor] = []
-        outside_norms: list[torch.Tensor] = []
-        for part in chunks(names, [it.w[n].numel() for n in names]):
-            change = torch._foreach_sub([self.z[n] for n in part], [it.z_prev[n] for n in part])
-            change_norms += torch._foreach_norm(change)
-            del change
-            # Weight mass outside the support of Z, W - W |sign(Z)|: 0 once W is sparse on Z's support
-            # (float ops only: a comparison into a bool tensor costs several float passes on CPU).
-            w_list = [it.w[n] for n in part]
-            on_support = torch._foreach_sign([self.z[n] for n in part])
-            torch._foreach_abs_(on_support)
-            outside_norms += torch._foreach_norm(torch._foreach_addcmul(w_list, w_list, on_support, value=-1))
-        norms = [*own[0], *change_norms, *outside_norms, *own[1], *(own[2] if not known else [])]
-        values = torch.stack(norms).double().square().tolist()
-        m = len(names)
-        lambda_sq, change_sq, outside_sq, w_sq = (values[i * m : (i + 1) * m] for i in range(4))
-        residual_sq = list(it.residual_sq.values()) if known else values[4 * m :]
+        norms = it.squared_norms(self.multipliers())
         metrics = {
             "coordination/k": float(self.k),
             "penalty/rho": self.rho,
             "schedule/fraction": self.level_fraction(),
-            "dual/residual": sum(residual_sq) ** 0.5,
-            "dual/lambda_norm": sum(lambda_sq) ** 0.5,
-            "dual/z_change": sum(change_sq) ** 0.5,
+            "dual/residual": sum(norms["residual"]) ** 0.5,
+            "dual/lambda_norm": sum(norms["lambda"]) ** 0.5,
+            "dual/z_change": sum(norms["z_change"]) ** 0.5,
         }
-        for i, name in enumerate(names):
-            metrics[f"residual/{name}"] = residual_sq[i] ** 0.5
-            metrics[f"lambda/{name}"] = lambda_sq[i] ** 0.5
-            metrics[f"offsupport/{name}"] = (outside_sq[i] / max(w_sq[i], 1e-300)) ** 0.5
+        for i, name in enumerate(it.w):
+            metrics[f"residual/{name}"] = norms["residual"][i] ** 0.5
+            metrics[f"lambda/{name}"] = norms["lambda"][i] ** 0.5
+            metrics[f"offsupport/{name}"] = (norms["outside"][i] / max(norms["w"][i], 1e-300)) ** 0.5
         return metrics
 
     # --- Formulation hooks --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 r"""What one coordination iteration of the W = Z formulations (``slr``, ``admm``) computes and reads.
 
-:class:`Iterate` holds :math:`W^k`, :math:`Z^{k-1}`, :math:`Z^k` and the residuals computed once on first use;
+:class:`Iterate` holds :math:`W^k`, :math:`Z^{k-1}`, :math:`Z^k` and the residuals computed once on first use
+(and measures the dual dynamics' norms after the last dual step);
 :func:`dots` reads many scalars back to the host in one transfer; :func:`chunks` bounds the full-size temporaries
 of a foreach computation over many tensors.
 """
@@ -68,8 +69,7 @@ class Iterate:
         notes: Values a dual rule computes before the Z-step and reads after it (this iteration only).
         residual_sq_before_z: :math:`\\lVert W^k - Z^{k-1}\\rVert^2` per tensor, if a rule measured it.
         residual_sq: :math:`\\lVert W^k - Z^k\\rVert^2` per tensor, if a rule measured it (else
-            :meth:`~constrainedsparse.formulations.duplicate.DuplicateVariables.dynamics` measures it
-            with its other norms).
+            :meth:`squared_norms` measures it with its other norms).
         residual_linear: :math:`\\langle\\Lambda, W^k - Z^k\\rangle` per tensor with the multipliers of the
             second dual step (before it is applied), if a rule measured it.
     """
@@ -96,3 +96,37 @@ class Iterate:
     def residual(self) -> dict[str, torch.Tensor]:
         """:math:`W^k - Z^k` per tensor (after the Z-step)."""
         return dict(zip(self.w, torch._foreach_sub(list(self.w.values()), [self.z[n] for n in self.w])))
+
+    @torch.no_grad()
+    def squared_norms(self, lam: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+        r"""Squared norms per tensor (in the order of :attr:`w`) after the last dual step, read back at once.
+
+        ``lambda``: :math:`\lVert\Lambda_n\rVert^2` (of ``lam``); ``z_change``: :math:`\lVert Z^k_n -
+        Z^{k-1}_n\rVert^2`; ``outside``: :math:`\lVert W_n - W_n \odot |\operatorname{sign} Z^k_n|\rVert^2`, the
+        weight mass off the support of :math:`Z^k`; ``w``: :math:`\lVert W_n\rVert^2`; ``residual``:
+        :math:`\lVert W_n - Z^k_n\rVert^2` (:attr:`residual_sq` if a rule measured it). The full-size differences
+        are made a few tensors at a time (:func:`chunks`): a large model's coordination does not hold three more
+        copies of its pruned weights for its metrics.
+        """
+        names = list(self.w)
+        known = self.residual_sq is not None
+        own = [torch._foreach_norm([lam[n] for n in names]), torch._foreach_norm([self.w[n] for n in names])]
+        if not known:
+            own.append(torch._foreach_norm(list(self.residual.values())))
+        change_norms: list[torch.Tensor] = []
+        outside_norms: list[torch.Tensor] = []
+        for part in chunks(names, [self.w[n].numel() for n in names]):
+            change = torch._foreach_sub([self.z[n] for n in part], [self.z_prev[n] for n in part])
+            change_norms += torch._foreach_norm(change)
+            del change
+            # W - W |sign(Z)| with float ops only (a comparison into a bool tensor costs several float passes on CPU).
+            w_list = [self.w[n] for n in part]
+            on_support = torch._foreach_sign([self.z[n] for n in part])
+            torch._foreach_abs_(on_support)
+            outside_norms += torch._foreach_norm(torch._foreach_addcmul(w_list, w_list, on_support, value=-1))
+        norms = [*own[0], *change_norms, *outside_norms, *own[1], *(own[2] if not known else [])]
+        values = torch.stack(norms).double().square().tolist()
+        m = len(names)
+        result = {key: values[i * m : (i + 1) * m] for i, key in enumerate(("lambda", "z_change", "outside", "w"))}
+        result["residual"] = list(self.residual_sq.values()) if known else values[4 * m :]
+        return result

@@ -13,7 +13,7 @@ Every sparsity pattern is a :class:`FeasibleSet` with three operations:
 * ``contains(x)`` — whether ``x`` satisfies the pattern (counts nonzeros).
 
 **One pattern vocabulary.** A set class registered with :func:`register_pattern` is a pattern:
-its ``kind`` names it in :class:`~constrainedsparse.targets.SparsityConfig`, its :meth:`parse`
+its ``kind`` names it in :class:`~constrainedsparse.sparsity.SparsityConfig`, its :meth:`parse`
 reads the text users write (``--pattern row``, ``2:4``, ``structured:columns``, ``block:4x4``),
 :meth:`at_level` builds it for a tensor at a sparsity level and :meth:`check_shape` says why a
 tensor does not fit it. The CLI, the targets and every formulation reach a pattern only through
@@ -208,7 +208,7 @@ class FeasibleSet(abc.ABC):
     """A sparsity pattern: projection, linear minimisation oracle and membership test.
 
     Attributes:
-        kind: The pattern's name in :class:`~constrainedsparse.targets.SparsityConfig` (registered
+        kind: The pattern's name in :class:`~constrainedsparse.sparsity.SparsityConfig` (registered
             sets only).
         fixed_level: Whether the pattern fixes its own sparsity level (N:M), so ``--sparsity``
             does not apply.
