@@ -587,6 +587,12 @@ def test_global_topk_golden() -> None:
     # |values| 5, 4, then a tie 2 (a[1, 1], flat 3) vs 2 (b[1], flat 5): the lower index wins.
     assert torch.equal(pa, torch.tensor([[0.0, -5.0], [0.0, 2.0]]))
     assert torch.equal(pb, torch.tensor([4.0, 0.0, 0.0]))
+    leaf = a.clone().requires_grad_()
+    # Every pattern's projection keeps the graph through x with its support fixed (TopK detached it alone).
+    for projected in (*GlobalTopK(3).project([leaf, b])[:1], TopK(2).project(leaf), NMSparse(1, 2).project(leaf)):
+        (grad,) = torch.autograd.grad(projected.sum(), leaf)
+        assert torch.equal(grad, (projected != 0).float())
+    assert not TopK(2).project(leaf, out=torch.empty(2, 2)).requires_grad  # into a buffer: a value
     va, vb = GlobalTopK(2).lmo([a, b])
     assert va.tolist() == [[0.0, 1.0], [0.0, 0.0]] and vb.tolist() == [0.0, 1.0, 0.0]
     # Five negative gradients, a budget of six: the sixth pick (-0.1 -> 0.1) is non-negative.

@@ -281,6 +281,9 @@ class FeasibleSet(abc.ABC):
             out: Optional tensor of ``x``'s shape, dtype and device to write the result into (a
                 caller that owns a buffer, e.g. a duplicate variable, avoids an allocation); may be
                 ``x`` itself. It is returned. No gradient flows through ``out``.
+
+        Without ``out`` the result keeps autograd's graph through ``x`` (the support is a constant:
+        the gradient is the mask times the incoming gradient), for every pattern.
         """
         if out is None:
             return x * self.mask(x)

@@ -49,6 +49,8 @@ class TopK(FeasibleSet):
 
     def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
+        if out is None and x.requires_grad:  # the result keeps the graph through x, as every set's does
+            return super().project(x)
         x = x.detach()
         _check_out(x, out)
         # Large tensors: a sampled bracket (one read) and one hardshrink pass into the result.
