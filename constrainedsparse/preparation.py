@@ -137,9 +137,15 @@ def prepare(
         problem.check(options)
     if before_model is not None:
         before_model()
-    # A throwaway model catches now what would fail later: a filter that selects nothing, N:M
-    # widths, and what the formulation checks when it attaches (l0's density_of=purged model).
-    # Its warnings wait for the run's own model (an error line here stands alone).
+    _check_on_a_throwaway_model(prepared)
+    return prepared
+
+
+def _check_on_a_throwaway_model(prepared: TrainingPrepared) -> None:
+    """Builds the problem's model once to catch now what would fail later: a filter that selects nothing, N:M
+    widths, the user constraints' names, and what the formulation checks when it attaches (l0's
+    ``density_of=purged`` model). Its warnings wait for the run's own model (an error line here stands alone)."""
+    problem, options, target, config = prepared.problem, prepared.options, prepared.target, prepared.config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = problem.built_model(options)
@@ -149,16 +155,15 @@ def prepare(
         with user_input(f"problem {problem.name!r}: "):
             for name in problem.constraints:  # the names' rules now, not after pre-training
                 task.check_constraint_name(name)
-        formulation_cls(task, formulation_config)
+        prepared.formulation_cls(task, prepared.formulation_config)
     clash = [name for name in problem.constraints if name in task.constraint_names()]
     if clash:
         raise UserInputError(
             f"problem {problem.name!r}: constraint {clash[0]!r} has the name of one that formulation "
             f"{config.formulation!r} registers: give yours another name"
         )
-    if not training.allow_empty_layers:
+    if not prepared.training.allow_empty_layers:
         check_keeps_weights({t.name: (t.feasible_set, t.tensor.shape) for t in targets}, target)
-    return prepared
 
 
 def task_problem(
