@@ -398,6 +398,18 @@ def test_slr_needs_a_reference_batch():
         slr.setup(1, 1)
 
 
+def test_slr_refuses_a_reference_batch_whose_loss_is_not_finite():
+    """Condition (6) compares f on the reference batch: a NaN there failed every comparison and Λ never moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    problem = SparsityProblem(model, F.cross_entropy, Targets().resolve(model, SparsityConfig(sparsity=0.5)))
+    slr = formulation_class("slr")(problem, formulation_class("slr").Config(), lr=1e-3, dual_lr=1e-3)
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^slr: the loss on the reference batch is nan \(not finite\)"):
+        slr.setup(1, 1, reference_batch=(x, torch.zeros(8, dtype=torch.long)))
+
+
 @pytest.mark.parametrize(
     ("name", "config", "message"),
     [

@@ -9,6 +9,7 @@ exact zeros outside the mask on random shapes, levels, block sizes and dead inpu
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -213,6 +214,40 @@ def test_sparsegpt_dead_inputs_get_zero_weight_and_are_pruned_first():
     result = SparseGPT().prune(layer)
     assert not result.mask[:, 1].any()
     _check_output(layer, result)
+
+
+def test_sparsegpt_says_when_dead_inputs_make_a_layer_sparser_than_its_target():
+    """The authors' rule zeroes the weights of inputs that are zero on every calibration token, even where the
+    mask keeps them (sparsity 0 here): the result is theirs, and a warning names what it did."""
+    gram = G_FULL.clone().float()
+    gram[1, :] = 0.0
+    gram[:, 1] = 0.0
+    weight = torch.tensor([[1.0, 50.0, -1.2, 0.9], [0.3, -70.0, 0.2, 1.0]])
+    layer = _layer(weight, gram, SparsityConfig(0.0, "row"))
+    expected = (r"^layer.weight: 1 of its 4 inputs are zero on every calibration token; sparsegpt \(as its authors' "
+                r"code\) sets their weights to 0, 2 of them kept by the mask")  # fmt: skip
+    with pytest.warns(UserWarning, match=expected):
+        result = SparseGPT().prune(layer)
+    assert result.mask.all() and torch.equal(result.weight[:, 1], torch.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no dead input: no warning
+        SparseGPT().prune(_layer(weight, G_FULL.clone().float(), SparsityConfig(0.0, "row")))
+
+
+def test_layer_error_is_never_negative_on_a_rank_deficient_gram():
+    """tr(D G Dᵀ) = ‖D X‖² with D X = 0: float32 rounds the product to ±1e-9-ish, reported as 0, never below."""
+    raw = []
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 1, generator=generator)
+        gram = x @ x.T  # rank 1
+        diff = torch.randn(8, 64, generator=generator)
+        diff -= (diff @ x) @ x.T / float(x.T @ x)  # every row orthogonal to x: D X = 0
+        weight = torch.randn(8, 64, generator=generator)
+        layer = LayerProblem("layer", weight, gram, SparsityConfig(0.5, "row"))
+        raw.append(float(((diff @ gram) * diff).sum()))
+        assert layer.error(weight - diff) >= 0.0
+    assert min(raw) < 0.0  # the case the clamp is for does occur
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ of the right-hand side, :math:`\lVert W^{k-1} - Z^{k-1}\rVert^2` and
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -127,6 +128,11 @@ class SLR(DuplicateVariables):
         super().on_setup()
         if self.f_prev is None:
             self.f_prev = self.objective()
+            if not math.isfinite(self.f_prev):  # every condition (6) would fail: Λ would never move
+                raise ValueError(
+                    f"slr: the loss on the reference batch is {self.f_prev} (not finite), and slr compares it "
+                    "between coordinations: pass a reference_batch of finite inputs to setup()"
+                )
         if self.previous is None:
             self.previous = self._measure(self.weights())
 

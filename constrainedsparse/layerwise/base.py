@@ -89,9 +89,10 @@ class LayerProblem:
         return self.target.feasible_set(self.weight.shape if shape is None else shape)
 
     def error(self, weight_hat: torch.Tensor) -> float:
-        r"""Reconstruction error :math:`\operatorname{tr}(D G D^\top)` with :math:`D = W - \hat W`."""
+        r"""Reconstruction error :math:`\operatorname{tr}(D G D^\top)` with :math:`D = W - \hat W`, a sum of squares:
+        at least 0 (a rank-deficient :math:`G` in float32 can round it to a tiny negative number, reported as 0)."""
         diff = (self.weight - weight_hat).to(self.gram.dtype)
-        return float(((diff @ self.gram) * diff).sum())
+        return max(float(((diff @ self.gram) * diff).sum()), 0.0)
 
     def relative_error(self, weight_hat: torch.Tensor) -> float:
         r""":math:`\|(W - \hat W)X\|_F^2 / \|W X\|_F^2` (0 for a layer whose output is all zero)."""

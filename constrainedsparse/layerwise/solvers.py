@@ -19,11 +19,13 @@ choosing masks only through the layer's feasible set (:mod:`constrainedsparse.se
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 import torch
 
 from constrainedsparse.config import Bounds, Hyperparameters, hyperparameter
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, register_solver, wanda_scores
 from constrainedsparse.sets import FeasibleSet, NMSparse, RowTopK, TopK, keep_count
 
@@ -109,13 +111,29 @@ def _inverse_upper_cholesky(hessian: torch.Tensor, shift: float) -> torch.Tensor
     return torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
 
 
+def _warn_dead_inputs(name: str, dead: torch.Tensor, mask: torch.Tensor) -> None:
+    """Warns when inputs that are zero on every calibration token took weights the mask keeps: SparseGPT (as its
+    authors' code) sets those weights to 0, so the layer ends sparser than its target."""
+    zeroed = int(mask[:, dead].sum()) if bool(dead.any()) else 0
+    if zeroed:
+        warnings.warn(
+            f"{name}: {int(dead.sum())} of its {dead.numel()} inputs are zero on every calibration token; "
+            f"sparsegpt (as its authors' code) sets their weights to 0, {zeroed} of them kept by the mask, so the "
+            "layer ends sparser than its target (its error on the calibration data is unchanged): calibrate on "
+            "more data, or prune with wanda or fw, which keep them",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 @register_solver("sparsegpt")
 class SparseGPT(LayerwiseSolver):
     r"""SparseGPT (Frantar & Alistarh 2023): OBS column sweep with adaptive masks per block.
 
     **Hessian.** :math:`H = G` in float64; a dead input (:math:`G_{jj} = 0`, so its whole row and
     column are zero) gets :math:`H_{jj} = 1` and :math:`W_{:,j} = 0` (its weights do not act on
-    the calibration outputs). Then :math:`H \leftarrow H + \lambda I` with
+    the calibration outputs), as in the authors' code: the layer then ends sparser than its target
+    if the mask keeps any of them, which a ``UserWarning`` names. Then :math:`H \leftarrow H + \lambda I` with
     :math:`\lambda = \delta \cdot \operatorname{mean}(\operatorname{diag} H)`, and
     :math:`U` is the upper Cholesky factor of :math:`H^{-1} = U^\top U` (from one Cholesky
     factorisation of the reversed :math:`H`, see :func:`_inverse_upper_cholesky`). If the
@@ -190,6 +208,7 @@ class SparseGPT(LayerwiseSolver):
         mask, pruned, damped_error = self._sweep(layer, weight, upper, d_out, d_in)
         assert feasible.contains(mask), f"{layer.name}: sparsegpt produced a mask outside {feasible!r}"
         metrics = {"sparsegpt/fallback": 0.0, "sparsegpt/damp": damp, "sparsegpt/damped_error": damped_error}
+        _warn_dead_inputs(layer.name, dead, mask)
         return LayerResult(weight=pruned.to(layer.weight.dtype), mask=mask, metrics=metrics)
 
     def _sweep(
