@@ -253,7 +253,7 @@ def _bad_lm_inputs(tiny, text, short, empty_dir):
         (["--set", f"text={empty_dir / 'nope.txt'}"], r"--set text=.*nope.txt' is not a file"),
         (
             ["--pattern", "2:3"],
-            r"block 0 attn.c_attn: N:M pattern 2:3 needs the input width divisible by 3, got width 32",
+            r"transformer\.h\.0\.attn\.c_attn\.weight: N:M pattern 2:3 needs the input width divisible by 3, got",
         ),
         (["--formulation", "fw", "--set", "alpha=1"], r"fw: alpha must be in \[0, 1\)"),
         (["--formulation", "fw", "--set", "iterations=0"], r"fw: iterations must be an integer >= 1"),

@@ -72,8 +72,8 @@ def check_layer_shapes(
         for name, module in targeted_layers(block, targets, prefixes[index]):
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
             own = levels.get(full, target)
-            with user_input(f"block {index} {name}: "):
-                by_level.setdefault(own, {})[f"block {index} {name}"] = (own.feasible_set(shape), shape)
+            with user_input(f"{full}: "):  # the weight's name in the model, as every other layer error says it
+                by_level.setdefault(own, {})[full] = (own.feasible_set(shape), shape)
             selected.update((full_name(name, "weight"), full))
     # include/exclude globs match a name within a block or in the model, in some block
     candidates = sorted(
