@@ -114,6 +114,20 @@ def test_a_diverged_own_loop_is_stopped_at_the_end_of_its_epoch(method):
         formulation.hard_masks()
 
 
+def test_a_float16_model_that_diverges_is_told_to_keep_float32_weights():
+    """Adam's eps (1e-8) is 0 in float16: a float16 model goes NaN where a float32 one trains; the advice says so."""
+    model = _model(torch.float16)
+    batch = (torch.randn(32, 8, dtype=torch.float16), torch.randint(0, 3, (32,)))
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.75))
+    problem = cs.SparsityProblem(model, lambda out, y: nn.functional.cross_entropy(out, y) * float("nan"), targets)
+    formulation = cs.make("magnitude", problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+    formulation.setup(1, 1)
+    formulation.start_epoch(0)
+    formulation.training_step(batch)
+    with pytest.raises(cs.NonFiniteLossError, match=r"the model's weights are float16, whose range a step \(and Adam"):
+        formulation.end_epoch(0)
+
+
 def test_a_constraint_that_turns_nan_at_an_epochs_last_step_is_named():
     model = _model()
     batch = (torch.randn(32, 8), torch.randint(0, 3, (32,)))

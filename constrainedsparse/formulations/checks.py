@@ -64,10 +64,17 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
         return
     if not bool(torch.isfinite(last.loss).all()):
         value = last.loss.reshape(-1)[0].item() if last.loss.numel() else last.loss
+        half = any(p.dtype == torch.float16 for p in problem.model.parameters())
         raise NonFiniteLossError(
             f"the loss is {value} {when}: the weights or multipliers are no longer finite (a step took a non-finite "
-            "gradient, from the loss or a constraint); lower lr or dual_lr, clip the gradients, or continue from a "
-            "checkpoint"
+            "gradient, from the loss or a constraint); "
+            + (
+                "the model's weights are float16, whose range a step (and Adam's eps 1e-8) easily leaves: keep the "
+                "weights in float32 and run the forward under torch.autocast, or "
+                if half
+                else ""
+            )
+            + "lower lr or dual_lr, clip the gradients, or continue from a checkpoint"
         )
     if last.lagrangian is None or bool(torch.isfinite(last.lagrangian).all()):
         return
