@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from constrainedsparse.errors import first_line
+from constrainedsparse.extras import require
 from constrainedsparse.saving import replace_folder
 
 __all__ = [
@@ -280,6 +281,7 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
         ValueError: With one line, before anything is written, for a run that cannot be exported or a
             destination the export must not replace.
     """
+    require("compressed_tensors", "the compressed export", "llm")
     run_dir = Path(run_dir)
     model_dir, summary = _saved_run(run_dir)
     names = sorted(summary["layer_sparsity"])
@@ -332,6 +334,7 @@ def load_compressed(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     sparsity = json.loads(config_file.read_text()).get("quantization_config", {}).get("sparsity_config")
     if not sparsity or sparsity.get("format") not in ("sparse-24-bitmask", "sparse-bitmask"):
         raise ValueError(f"{str(folder)!r} holds no compressed-tensors sparse-bitmask model (see its config.json)")
+    require("compressed_tensors", "loading a compressed export", "llm")
     return decompress_state_dict(_read_safetensors(folder))
 
 

@@ -2,6 +2,8 @@
 2:4 Linear layers convert to semi-structured sparse tensors where CUDA exists."""
 
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -139,6 +141,27 @@ def test_bad_runs_are_one_line_and_write_nothing(tmp_path, capsys):
         load_compressed(tmp_path / "unsaved" / "model")
     line = fails_with_one_line(["run", "hf-causal-lm", "--formulation", "wanda", "--out", str(tmp_path / "x")], capsys)
     assert "needs --set model=PATH" in line
+
+
+def test_without_the_llm_extra_the_export_and_the_llm_problems_name_it(tmp_path, capsys, monkeypatch):
+    """The base install lacks compressed-tensors and transformers: one line naming the extra, nothing written."""
+    _pruned_run(tmp_path / "run", _two_four, "2:4")
+    exported = export_compressed(tmp_path / "run", tmp_path / "exported")["folder"]  # with the extra
+    capsys.readouterr()  # transformers' save progress
+    for module in ("compressed_tensors", "transformers"):
+        monkeypatch.setitem(sys.modules, module, None)  # what find_spec reports for a missing package
+    extra = 'which is not installed: pip install "constrainedsparse\\[llm\\]"$'
+    line = fails_with_one_line(["export", str(tmp_path / "run")], capsys)
+    assert re.match(f"^error: the compressed export needs compressed_tensors, {extra}", line), line
+    assert not (tmp_path / "run" / "compressed").exists()
+    with pytest.raises(ValueError, match=f"^loading a compressed export needs compressed_tensors, {extra}"):
+        load_compressed(exported)
+    for name in ("minilm-layerwise", "hf-causal-lm"):
+        folder = [] if name == "minilm-layerwise" else ["--set", f"model={tmp_path / 'run' / 'model'}"]
+        line = fails_with_one_line(["run", name, "--formulation", "wanda", *folder, "--out", str(tmp_path / name),
+                                    "--wandb", "disabled", "--no-progress"], capsys)  # fmt: skip
+        assert re.match(f"^error: problem '{name}' needs transformers, {extra}", line), line
+        assert not (tmp_path / name).exists()
 
 
 def _two_four_linear(features, out_features):

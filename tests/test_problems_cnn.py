@@ -109,7 +109,7 @@ def test_cifar10_resnet18_without_torchvision_is_one_line_naming_the_extra(tmp_p
     monkeypatch.setitem(sys.modules, "torchvision", None)  # what find_spec reports for a missing package
     line = _cifar_run_error(_write_cifar10(tmp_path / "cifar-10-batches-py"), tmp_path / "run", capsys)
     assert line == (
-        "error: cifar10-resnet18 needs torchvision (its ResNet-18), which is not installed: "
+        "error: cifar10-resnet18 (its ResNet-18) needs torchvision, which is not installed: "
         'pip install "constrainedsparse[vision]"'
     )
 

