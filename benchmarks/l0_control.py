@@ -323,6 +323,8 @@ def plot(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]], pat
     xs = [max(r["lmbda"], min([x for x in args.lmbdas if x > 0] or [1e-3]) / 10) for r in rows]
     right.scatter(xs, [r["expected_density"] for r in rows], color="C3")
     right.set_xscale("log")
+    if xs:  # the leftmost point (lmbda 0, or the smallest) at the left edge, as the label says
+        right.set_xlim(left=min(xs) / 1.5, right=max(max(xs) * 1.5, min(xs) * 100))
     right.set_xlabel("lmbda (0 drawn at the left edge)")
     right.set_ylabel("achieved expected density")
     right.set_title("l0-penalty (fixed lmbda)")
