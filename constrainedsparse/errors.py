@@ -62,7 +62,7 @@ def user_input(prefix: str = "", suffix: str = "") -> Iterator[None]:
     Use it around validation of user input only, so that a ``ValueError`` elsewhere stays a bug.
 
     Args:
-        prefix: Prepended to the message (``"block 0 q.weight: "``).
+        prefix: Prepended to the message (``"blocks.0.attn.q.weight: "``).
         suffix: Appended to it (a hint that holds for every error of the block).
     """
     try:

@@ -345,6 +345,7 @@ def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
     Raises:
         ValueError: If the folder holds no compressed-tensors sparse model, or weights are missing.
     """
+    require("transformers", "loading a compressed export", "llm")
     import transformers
 
     state = load_compressed(folder)

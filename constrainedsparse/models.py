@@ -94,6 +94,10 @@ def convert_gguf(gguf_path: str | os.PathLike[str], folder: Path) -> None:
     The GGUF-loaded model is rebuilt from its config (without the GGUF ``quantization_config``),
     its dequantized state dict loaded strictly, and both model and tokenizer saved to ``folder``.
     """
+    from constrainedsparse.extras import require
+
+    for module in ("transformers", "gguf", "accelerate"):  # transformers reads a GGUF file only with the other two
+        require(module, "converting a GGUF model", "llm")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -39,7 +39,15 @@ from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, sav
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.logger import MetricsLogger, NullLogger
 from constrainedsparse.plots import plot_metrics
-from constrainedsparse.runconfig import CHECKPOINT, RunConfig, finished_error, settings_text
+from constrainedsparse.runconfig import (  # noqa: F401  (importable from here as before the split)
+    CHECKPOINT,
+    IDENTITY_FIELDS,
+    VOLATILE_SETTINGS,
+    RunConfig,
+    finished_error,
+    setting_text,
+    settings_text,
+)
 
 # RunConfig, CHECKPOINT and settings_text live in runconfig (the configuration and its resume rule); they stay
 # importable from here, where the run scaffold's users look for them.

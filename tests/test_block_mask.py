@@ -18,7 +18,7 @@ from constrainedsparse.sets import NMSparse, RowTopK
 
 
 def _model(folder, dtype=torch.float32):
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     model.config.use_cache = False
     return model
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import weakref
 
 import pytest
@@ -408,6 +409,8 @@ def test_slr_refuses_a_reference_batch_whose_loss_is_not_finite():
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"^slr: the loss on the reference batch is nan \(not finite\)"):
         slr.setup(1, 1, reference_batch=(x, torch.zeros(8, dtype=torch.long)))
+    slr.setup(1, 1, reference_batch=(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)))  # the refusal kept nothing
+    assert math.isfinite(slr.f_prev)
 
 
 @pytest.mark.parametrize(

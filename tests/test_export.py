@@ -156,6 +156,8 @@ def test_without_the_llm_extra_the_export_and_the_llm_problems_name_it(tmp_path,
     assert not (tmp_path / "run" / "compressed").exists()
     with pytest.raises(ValueError, match=f"^loading a compressed export needs compressed_tensors, {extra}"):
         load_compressed(exported)
+    with pytest.raises(ValueError, match=f"^loading a compressed export needs transformers, {extra}"):
+        load_compressed_model(exported)  # README's "load with"
     for name in ("minilm-layerwise", "hf-causal-lm"):
         folder = [] if name == "minilm-layerwise" else ["--set", f"model={tmp_path / 'run' / 'model'}"]
         line = fails_with_one_line(["run", name, "--formulation", "wanda", *folder, "--out", str(tmp_path / name),

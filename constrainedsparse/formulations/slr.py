@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from constrainedsparse.config import Bounds, hyperparameter
+from constrainedsparse.errors import UserInputError
 from constrainedsparse.formulations.duplicate import DuplicateConfig, DuplicateVariables
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.iterate import Iterate, dots
@@ -127,12 +128,14 @@ class SLR(DuplicateVariables):
         resuming from a checkpoint)."""
         super().on_setup()
         if self.f_prev is None:
-            self.f_prev = self.objective()
-            if not math.isfinite(self.f_prev):  # every condition (6) would fail: Λ would never move
-                raise ValueError(
-                    f"slr: the loss on the reference batch is {self.f_prev} (not finite), and slr compares it "
-                    "between coordinations: pass a reference_batch of finite inputs to setup()"
+            f_value = self.objective()
+            if not math.isfinite(f_value):  # every condition (6) would fail: Λ would never move
+                raise UserInputError(
+                    f"slr: the loss on the reference batch is {f_value} (not finite), and slr compares it between "
+                    "coordinations: the reference batch (setup()'s reference_batch; in a run, samples of the "
+                    "problem's training data) must give a finite loss"
                 )
+            self.f_prev = f_value
         if self.previous is None:
             self.previous = self._measure(self.weights())
 

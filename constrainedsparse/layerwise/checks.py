@@ -45,7 +45,7 @@ def check_layer_shapes(
     levels: Mapping[str, SparsityConfig] | None = None,
     prefixes: Sequence[str] | None = None,
 ) -> None:
-    """Every targeted layer fits its level's pattern (N:M widths) and keeps a weight, named as ``block I layer``.
+    """Every targeted layer fits its level's pattern (N:M widths) and keeps a weight (errors name its weight).
 
     Args:
         blocks: The model's blocks.

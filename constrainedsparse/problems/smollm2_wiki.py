@@ -71,7 +71,7 @@ def _folder(options):
 
 def model(options):
     _check(options)  # before the ~20 s materialization
-    for module in ("transformers", "gguf", "accelerate", "gensim"):  # gensim: the Wikipedia text
+    for module in ("transformers", "gensim"):  # gensim: the Wikipedia text (the GGUF conversion checks its own)
         require(module, "problem 'smollm2-wiki'", "llm")
     from transformers import AutoModelForCausalLM
 

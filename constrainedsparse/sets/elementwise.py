@@ -49,7 +49,7 @@ class TopK(FeasibleSet):
 
     def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        if out is None and x.requires_grad:  # the result keeps the graph through x, as every set's does
+        if out is None and x.requires_grad and torch.is_grad_enabled():  # keeps the graph through x, as every set's
             return super().project(x)
         x = x.detach()
         _check_out(x, out)
