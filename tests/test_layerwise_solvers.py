@@ -396,6 +396,7 @@ def _problems(draw: st.DrawFn) -> tuple[LayerProblem, int]:
     return _layer(weight, x @ x.T, target), draw(st.integers(1, 9))
 
 
+@pytest.mark.filterwarnings("ignore:.*inputs are zero on every calibration token")  # drawn dead inputs: tested above
 @settings(max_examples=30, deadline=None)
 @given(_problems())
 def test_outputs_are_feasible_and_zero_outside_mask(problem):
