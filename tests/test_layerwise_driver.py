@@ -64,6 +64,21 @@ def _tiny():
     return TinyEncoder().eval()
 
 
+def test_a_layer_report_counts_the_zeros_of_the_result_as_the_summary_does():
+    """SparseGPT zeroes the weights of inputs that never fire even where its mask keeps them: the layer's reported
+    sparsity is its fraction of zeros (what summary.json's layer_sparsity counts), not its mask's."""
+    model, batches = _tiny(), _batches()
+    with torch.no_grad():
+        model.blocks[0].fc1.bias[:4] = -1e4  # four hidden units that never fire: fc2's first four inputs are dead
+    with pytest.warns(UserWarning, match=r"^blocks\.0\.fc2\.weight: 4 of its \d+ inputs are zero on every"):
+        target = SparsityConfig(0.1, "row")
+        reports = prune_blocks(model, model.blocks[:1], batches, solver_class("sparsegpt")(), target, Targets(),
+                               progress=False)  # fmt: skip
+    (fc2,) = [r for r in reports if r.name.endswith("fc2.weight")]
+    weight = model.blocks[0].fc2.weight
+    assert fc2.sparsity == 1.0 - int(torch.count_nonzero(weight)) / weight.numel() == 0.25  # the 4 dead of 16 inputs
+
+
 def test_find_blocks_picks_the_list_of_identical_blocks():
     model = _tiny()
     assert find_blocks(model) is model.blocks
