@@ -94,11 +94,12 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
-            rows, _ = _parse_rows(self.path, torn_last=True)  # a torn last row goes; the missing-rows check warns
+            text = _read_text(self.path)
+            rows = _parse_rows(self.path, text, torn_last=True)  # a torn last row goes; the missing-rows check warns
             kept = [row for row in rows if row["step"] <= resume_step]
-            text = "".join(json.dumps(row) + "\n" for row in kept)
-            if self.path.read_text() != text:  # the rows after the checkpoint go, and the offsets below hold
-                self.path.write_text(text)
+            kept_text = "".join(json.dumps(row) + "\n" for row in kept)
+            if text != kept_text:  # the rows after the checkpoint go, and the offsets below hold
+                self.path.write_text(kept_text)
         else:
             self.path.write_text("")
         self._file = self.path.open("r+")
@@ -290,27 +291,39 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     file = metrics_file(path)
     if not file.is_file():
         raise ValueError(f"metrics file {str(file)!r} does not exist")
-    return _parse_rows(file)[0]
+    return _parse_rows(file, _read_text(file))
 
 
-def _parse_rows(file: Path, torn_last: bool = False) -> tuple[list[dict[str, Any]], bool]:
-    """The rows of ``file``, and whether its last line was cut short and left out (only with ``torn_last``: a
-    resumed run's file, whose last write a crash or a full disk may have cut).
+def _not_metrics(file: Path) -> str:
+    return f"{str(file)!r} is not a metrics.jsonl written by a run"
+
+
+def _read_text(file: Path) -> str:
+    """The text of a metrics file.
 
     Raises:
-        ValueError: For bytes that are not text, or a line that is not JSON (the file and line named).
+        ValueError: For bytes that are not text (the file named).
     """
-    what = f"{str(file)!r} is not a metrics.jsonl written by a run"
     try:
-        lines = [line for line in file.read_text().splitlines() if line.strip()]
+        return file.read_text()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{what} (not text: {first_line(err)})") from None
+        raise ValueError(f"{_not_metrics(file)} (not text: {first_line(err)})") from None
+
+
+def _parse_rows(file: Path, text: str, torn_last: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``file``'s ``text``; with ``torn_last`` a last line cut short is left out (a resumed run's file,
+    whose last write a crash or a full disk may have cut).
+
+    Raises:
+        ValueError: For a line that is not JSON (the file and line named).
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
     rows = []
     for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except ValueError as err:
             if torn_last and number == len(lines):
-                return rows, True
-            raise ValueError(f"{what} (line {number}: {first_line(err)})") from None
-    return rows, False
+                break
+            raise ValueError(f"{_not_metrics(file)} (line {number}: {first_line(err)})") from None
+    return rows
