@@ -47,11 +47,11 @@ __all__ = ["main"]
 
 LAYERWISE_SCORES = ("fidelity", "dense_perplexity", "perplexity")
 DEFAULTS = {"problem": "digits-mlp", "retrain_epochs": 0, "seed": 0, "wandb": "offline"}
+"""Defaults of the run flags that are ``None`` when not given (so that ``--resume`` can tell)."""
 _RESOLVED_OUT: dict[str, Path] = {}
+"""The run directory this process resolved (``--out`` or the default), for the Ctrl-C hint."""
 _STARTED: dict[str, float] = {}
 """When :func:`main` started (an interrupt names a ``summary.json`` written since as this run's)."""
-"""The run directory this process resolved (``--out`` or the default), for the Ctrl-C hint."""
-"""Defaults of the run flags that are ``None`` when not given (so that ``--resume`` can tell)."""
 
 
 class _Parser(argparse.ArgumentParser):

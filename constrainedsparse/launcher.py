@@ -176,8 +176,8 @@ def launch(nproc: int, args: Sequence[str]) -> tuple[int, str | None]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    saved = {key: os.environ.get(key) for key in (ENV_LAUNCHED, ENV_LAUNCHER_PID, "OMP_NUM_THREADS")}
-    saved["TORCHELASTIC_SIGNALS_TO_HANDLE"] = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
+    keys = (ENV_LAUNCHED, ENV_LAUNCHER_PID, "OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")
+    saved = {key: os.environ.get(key) for key in keys}
     os.environ[ENV_LAUNCHED] = "1"
     os.environ[ENV_LAUNCHER_PID] = str(os.getpid())
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
