@@ -39,6 +39,7 @@ from constrainedsparse.layerwise.base import describe_solvers
 from constrainedsparse.logger import WANDB_MODES
 from constrainedsparse.plots import check_png, metrics_rows, plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
+from constrainedsparse.runconfig import WANDB_FIELDS
 from constrainedsparse.runners import run, runner_for, validate
 from constrainedsparse.runs import CHECKPOINT, RunConfig, RunDirectory
 from constrainedsparse.spec import DEBUG_ENV, LayerwiseProblem, Problem, bundled_problems, load_problem
@@ -198,23 +199,24 @@ def _print_summary(summary: dict, out: Path, verbose: bool) -> None:
 def _given(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]:
     """The run options given on the command line (a flag left out is absent)."""
     fields = ("problem", "formulation", "sparsity", "pattern", "epochs", "pretrain_epochs", "retrain_epochs", "seed")
-    given = {key: getattr(args, key) for key in (*fields, "wandb") if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in (*fields, *WANDB_FIELDS) if getattr(args, key) is not None}
+    if args.wandb_tags is not None:
+        given["wandb_tags"] = _tags(args.wandb_tags)
     if settings:
         given["settings"] = settings
     return given
+
+
+def _tags(text: str) -> tuple[str, ...]:
+    """``--wandb-tags a, b`` as ``("a", "b")`` (empty items dropped)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | LayerwiseProblem]:
     """The configuration of ``run``: from the flags, or (``--resume``) from the checkpoint plus the flags."""
     settings = _parse_settings(args.settings)
     given = _given(args, settings)
-    common = {
-        "progress": not args.no_progress,
-        "overwrite": args.overwrite,
-        "wandb_project": args.wandb_project,
-        "wandb_name": args.wandb_name,
-        "wandb_tags": tuple(t.strip() for t in (args.wandb_tags or "").split(",") if t.strip()),
-    }
+    common = {"progress": not args.no_progress, "overwrite": args.overwrite}
     if args.resume:
         if args.overwrite:
             raise UserInputError("give either --resume or --overwrite, not both")

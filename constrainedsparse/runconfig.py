@@ -34,6 +34,10 @@ IDENTITY_FIELDS = (
     "seed",
 )
 
+WANDB_FIELDS = ("wandb", "wandb_project", "wandb_name")
+"""Where the run's wandb run lives and what it is called: kept by a checkpoint, so that ``--resume`` continues the
+same wandb run under the same project, name (and ``wandb_tags``) without the flags given again."""
+
 
 @dataclasses.dataclass
 class RunConfig:
@@ -101,8 +105,8 @@ class RunConfig:
 
     def stored(self) -> dict[str, Any]:
         """What a checkpoint keeps of the configuration (plain types only)."""
-        values = {key: getattr(self, key) for key in (*IDENTITY_FIELDS, "wandb")}
-        return {**values, "settings": dict(sorted(self.settings.items()))}
+        values = {key: getattr(self, key) for key in (*IDENTITY_FIELDS, *WANDB_FIELDS)}
+        return {**values, "wandb_tags": list(self.wandb_tags), "settings": dict(sorted(self.settings.items()))}
 
     def identity(self) -> dict[str, Any]:
         """What must be the same for a checkpoint to belong to this run."""
@@ -161,7 +165,9 @@ class RunConfig:
                 f"--resume: the run in {out} was started with other options: {', '.join(differing)}; give the "
                 "stored ones or none"
             )
-        fields = {key: stored[key] for key in (*IDENTITY_FIELDS, "wandb") if key in stored}
+        fields = {key: stored[key] for key in (*IDENTITY_FIELDS, *WANDB_FIELDS) if key in stored}
+        if "wandb_tags" in stored:  # a checkpoint keeps a list
+            fields["wandb_tags"] = tuple(stored["wandb_tags"])
         extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
 
@@ -212,7 +218,7 @@ def _same_setting(given: str, stored: str) -> bool:
 def _same_option(key: str, value: Any, stored: Mapping[str, Any]) -> bool:
     """Whether an option given on ``--resume`` means the stored one: equal, or ``--pattern unstructured`` for a
     training run started without ``--pattern`` (its default; a layer-wise run's default is the row scope)."""
-    if stored[key] == value:
+    if stored[key] == value or (key == "wandb_tags" and list(stored[key]) == list(value)):
         return True
     if key == "pattern" and value == "unstructured" and stored[key] is None:
         from constrainedsparse.formulations.factory import available_formulations
