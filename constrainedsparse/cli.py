@@ -97,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-epochs", type=int, help="masked retraining epochs after hard pruning (default 0)")
     p.add_argument("--seed", type=int, help="seed of everything random (default 0)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<problem>-<formulation>)")
-    p.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default offline)")
+    p.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default $WANDB_MODE, else offline)")
     p.add_argument("--wandb-project", help="wandb project (default $WANDB_PROJECT or constrainedsparse)")
     p.add_argument("--wandb-name", help="wandb run name (default $WANDB_NAME or wandb's)")
     p.add_argument("--wandb-tags", help="comma-separated wandb tags (default $WANDB_TAGS)")
@@ -207,6 +207,20 @@ def _given(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]
     return given
 
 
+def _default_wandb_mode() -> str:
+    """``--wandb`` when it is not given: ``$WANDB_MODE`` if set (one of the modes), else ``offline``.
+
+    Raises:
+        UserInputError: For a ``$WANDB_MODE`` that is none of the modes.
+    """
+    mode = os.environ.get("WANDB_MODE") or DEFAULTS["wandb"]
+    if mode not in WANDB_MODES:
+        raise UserInputError(
+            f"$WANDB_MODE is {mode!r}, none of the --wandb modes ({', '.join(WANDB_MODES)}): set one, or give --wandb"
+        )
+    return mode
+
+
 def _tags(text: str) -> tuple[str, ...]:
     """``--wandb-tags a, b`` as ``("a", "b")`` (empty items dropped)."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
@@ -233,6 +247,8 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | Layerwis
         if args.out is not None
         else Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{formulation}"
     )
+    if "wandb" not in given:
+        given["wandb"] = _default_wandb_mode()
     values = {**DEFAULTS, **given, "formulation": formulation, "settings": settings}
     return RunConfig(**values, out=out, **common), problem
 

@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from constrainedsparse.errors import UserInputError, first_line
+import numpy as np
+
+from constrainedsparse.errors import UserInputError, first_line, is_integer
 
 __all__ = [
     "DEFAULT_PROJECT",
@@ -45,8 +47,12 @@ DEFAULT_PROJECT = "constrainedsparse"
 
 
 def _as_numpy(values: Any) -> Any:
+    """The values as a 1-D float64 array: numpy cannot cut the range of float32 values a few ulps apart into
+    wandb's 64 bins (``Too many bins for data range``), and gate probabilities that barely differ are such values."""
     detach = getattr(values, "detach", None)
-    return detach().cpu().reshape(-1).numpy() if detach is not None else values
+    if detach is not None:
+        return detach().cpu().reshape(-1).double().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
 class MetricsLogger:
@@ -106,17 +112,19 @@ class MetricsLogger:
         self._file.seek(0, os.SEEK_END)
         # The last written row stays open: rows logged at the same step merge into it, as in wandb.
         self._last_step: int | None = None
+        self._max_step = -1  # the highest step logged, histograms included (rows before it are refused)
         self._last_row: dict[str, Any] = {}
         self._last_offset = self._file.tell()
         if kept:  # the file is exactly their serialisation (ASCII: characters are bytes)
             self._last_row = kept[-1]
-            self._last_step = kept[-1]["step"]
+            self._last_step = self._max_step = kept[-1]["step"]
             self._last_offset -= len(json.dumps(kept[-1]) + "\n")
         if logged_step is not None and self._last_step != logged_step:
             _warn_missing_rows(self.path, self._last_step, logged_step)
         self.run = None
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
+            import pydantic  # wandb's own dependency: its settings are pydantic models
             import wandb
 
             env_tags = tuple(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)
@@ -124,7 +132,12 @@ class MetricsLogger:
                 self.run = self._init_wandb(wandb, wandb_mode, project, name, tags or env_tags, out_dir, config, run_id)
             except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
                 self._file.close()
-                raise UserInputError(f"--wandb {wandb_mode}: {first_line(err)} (or use --wandb offline)") from None
+                hint = " (or use --wandb offline)" if wandb_mode == "online" else ""
+                raise UserInputError(f"--wandb {wandb_mode}: {first_line(err)}{hint}") from None
+            except pydantic.ValidationError as err:  # wandb's settings refused a value (a tag too long)
+                self._file.close()
+                message = err.errors()[0].get("msg", first_line(err)).removeprefix("Value error, ")
+                raise UserInputError(f"--wandb {wandb_mode}: {message}") from None
             except BaseException:  # Ctrl-C inside init: stop wandb's writers before the run directory is removed
                 self._file.close()
                 try:
@@ -190,7 +203,11 @@ class MetricsLogger:
 
         Rows logged at the same step merge into one JSONL object (later keys win), matching the
         one history row wandb keeps per step.
+
+        Raises:
+            ValueError: For a step that is not an integer >= 0, or below a step logged already.
         """
+        self._check_step(step)
         row = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
         if step == self._last_step:
             row = {**self._last_row, **row}
@@ -202,16 +219,33 @@ class MetricsLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         self._last_step, self._last_row = step, row
+        self._max_step = max(self._max_step, step)
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
+
+    def _check_step(self, step: int) -> None:
+        """Refuses a step that is not an integer >= 0 or is before one logged already (wandb drops such rows,
+        saying so only in its debug log)."""
+        if not is_integer(step) or step < 0:
+            raise ValueError(f"log step must be an integer >= 0, got {step!r}")
+        if step < self._max_step:
+            raise ValueError(
+                f"log step {step} is before step {self._max_step}, logged already: steps must not decrease (wandb "
+                f"would drop the row); log at step >= {self._max_step}"
+            )
 
     def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
         """Sends ``{key: 1-D array of values}`` to wandb as histograms at ``step`` (wandb only).
 
         The JSONL keeps scalar summaries instead (a formulation logs those next to the histograms).
+
+        Raises:
+            ValueError: For a step that is not an integer >= 0, or below a step logged already.
         """
+        self._check_step(step)
         if self.run is None or not values:
             return
+        self._max_step = max(self._max_step, step)
         import wandb
 
         self.run.log({key: wandb.Histogram(_as_numpy(v)) for key, v in values.items()}, step=step)

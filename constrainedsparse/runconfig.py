@@ -98,6 +98,7 @@ class RunConfig:
         for name in ("resume", "overwrite", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"RunConfig({name}=...) must be True or False, got {getattr(self, name)!r}")
+        _check_wandb_names(self.wandb_project, self.wandb_name, self.wandb_tags)
         settings = self.settings
         if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
             raise UserInputError(f"RunConfig(settings=...) must be a dict like {{'rho': '0.05'}}, got {settings!r}")
@@ -170,6 +171,34 @@ class RunConfig:
             fields["wandb_tags"] = tuple(stored["wandb_tags"])
         extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
+
+
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+"""Characters wandb refuses in a project name (and at most 128 characters); a tag has 1 to 64 characters."""
+
+
+def _check_wandb_names(project: Any, name: Any, tags: Any) -> None:
+    """wandb's rules for the project, name and tags, checked when the run is configured: wandb checks them when the
+    run opens its logger, after the dense pre-training.
+
+    Raises:
+        UserInputError: Naming the option and what wandb allows.
+    """
+    forbidden = WANDB_PROJECT_FORBIDDEN
+    if project is not None and (
+        not isinstance(project, str) or not 0 < len(project) <= 128 or any(c in project for c in forbidden)
+    ):
+        raise UserInputError(
+            f"wandb_project (--wandb-project) must be 1 to 128 characters, none of {' '.join(forbidden)}; "
+            f"got {project!r}"
+        )
+    if name is not None and not isinstance(name, str):
+        raise UserInputError(f"wandb_name (--wandb-name) must be a str, got {name!r}")
+    if isinstance(tags, str) or not isinstance(tags, (tuple, list)) or not all(isinstance(t, str) for t in tags):
+        raise UserInputError(f"wandb_tags must be a tuple of str, got {tags!r}")
+    for tag in tags:
+        if not 0 < len(tag) <= 64:
+            raise UserInputError(f"wandb_tags (--wandb-tags): a tag has 1 to 64 characters, got {tag!r} ({len(tag)})")
 
 
 def finished_error(out: Path, overwrite: str) -> UserInputError:

@@ -256,3 +256,73 @@ def test_one_shot_run_plot_shows_its_metric():
     assert ax.get_title() == "test accuracy"
     assert labels[:3] == ["dense 0.98", "after hard prune 0.47", "final 0.47"]
     assert ax.get_xlim() == (-1.0, 1.0)
+
+
+def test_histograms_of_float32_values_a_few_ulps_apart_reach_wandb(tmp_path, monkeypatch):
+    """l0's gate probabilities can all but agree: numpy could not cut their float32 range into wandb's 64 bins."""
+    import torch
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    close = torch.full((100,), 0.3, dtype=torch.float32)
+    close[::2] = torch.nextafter(close[::2], torch.tensor(1.0))
+    logger = MetricsLogger(tmp_path / "run", wandb_mode="offline")
+    logger.log_histograms({"gates/p": close, "listed": [0.25, 0.25]}, 1)
+    logger.log({"loss": 1.0}, 1)
+    logger.close()
+    (row,) = history_rows(wait_for_complete_run(tmp_path / "run"))
+    assert row["_step"] == 1 and row["loss"] == 1.0
+    assert sum(row["gates/p/values"]) == 100 and sum(row["listed/values"]) == 2
+
+
+@pytest.mark.parametrize("histogram", [False, True])
+def test_a_step_before_one_logged_already_is_refused(tmp_path, histogram):
+    logger = MetricsLogger(tmp_path / "run")
+    logger.log({"loss": 1.0}, 24)
+    logger.log({"other": 2.0}, 24)  # the same step again: merged into its row
+    log = logger.log_histograms if histogram else logger.log
+    with pytest.raises(ValueError, match=r"^log step 3 is before step 24, logged already: steps must not decrease"):
+        log({"loss": 1.0}, 3)
+    with pytest.raises(ValueError, match=r"^log step must be an integer >= 0, got -1$"):
+        log({"loss": 1.0}, -1)
+    logger.close()
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == [{"loss": 1.0, "other": 2.0, "step": 24}]
+
+
+def test_a_tag_wandb_refuses_at_init_is_one_line_naming_the_rule(tmp_path):
+    with pytest.raises(ValueError, match=r"^--wandb offline: Tag 'x+\.\.\.x+' is 70 characters\. Tags must be between"):
+        MetricsLogger(tmp_path / "run", "offline", tags=("x" * 70,))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--wandb-tags", "ok, " + "x" * 70, r"wandb_tags \(--wandb-tags\): a tag has 1 to 64 characters, got 'x{70}'"),
+        ("--wandb-project", "a#b", r"wandb_project \(--wandb-project\) must be 1 to 128 characters, none of / \\ # \?"),
+        ("--wandb-project", "p" * 129, r"wandb_project \(--wandb-project\) must be 1 to 128 characters"),
+    ],
+)
+def test_wandb_names_wandb_refuses_stop_the_cli_before_anything_runs(tmp_path, capsys, flag, value, message):
+    """Checked with the run's options: wandb itself checks them after the dense pre-training."""
+    import re
+
+    from cli_helpers import fails_with_one_line
+
+    line = fails_with_one_line(["run", "digits-mlp", "--out", str(tmp_path / "a"), flag, value], capsys)
+    assert re.match("error: " + message, line), line
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_cli_takes_its_wandb_mode_from_wandb_mode_when_no_flag_names_one(tmp_path, monkeypatch, capsys):
+    from cli_helpers import fails_with_one_line
+
+    from constrainedsparse.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    fast = ["--pretrain-epochs", "1", "--epochs", "1", "--no-progress"]
+    assert main(["run", "digits-mlp", "--out", str(tmp_path / "a"), *fast]) == 0
+    assert (tmp_path / "a" / "summary.json").is_file() and not (tmp_path / "a" / "wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    line = fails_with_one_line(["run", "digits-mlp", "--out", str(tmp_path / "b"), *fast], capsys)
+    modes = "(disabled, offline, online)"
+    assert line == f"error: $WANDB_MODE is 'dryrun', none of the --wandb modes {modes}: set one, or give --wandb"
+    assert main(["run", "digits-mlp", "--out", str(tmp_path / "b"), "--wandb", "disabled", *fast]) == 0
