@@ -161,3 +161,16 @@ def test_wandb_offline_run_carries_the_summary_and_the_cli_says_where(tmp_path, 
         assert values[key] == pytest.approx(summary[key]), key
     assert values["layer_sparsity"] == summary["layer_sparsity"]
     assert sys.modules.get("wandb") is not None
+
+
+def test_the_wandb_config_holds_the_problems_options_with_the_run_settings(tmp_path):
+    """A problem's options (a constraint's budget, ...) are what a user groups and filters wandb runs by."""
+    from wandb_records import read_records, wait_for_complete_run
+
+    out = tmp_path / "w"
+    problem = Path(__file__).parent / "problems" / "nan_after.py"
+    assert main(["run", str(problem), "--formulation", "magnitude", "--set", "nan_after=100000", "--epochs", "1",
+                 "--pretrain-epochs", "0", "--out", str(out), "--wandb", "offline", "--no-progress"]) == 0  # fmt: skip
+    (run,) = [r.run for r in read_records(wait_for_complete_run(out)) if r.WhichOneof("record_type") == "run"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["nan_after"] == 100000 and config["formulation"] == "magnitude" and config["schedule"] == "cubic"

@@ -274,6 +274,7 @@ class _Blocks:
         self.allocation: Allocation | None = Allocation(**stored) if stored else None
         self.started = time.perf_counter()
         logged = {
+            **prepared.options,  # the problem's options: runs can be grouped by them
             **prepared.config.identity(),
             **prepared.solver.config.values(),
             **dataclasses.asdict(prepared.driver),
