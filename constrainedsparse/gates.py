@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from constrainedsparse.masks import find_parametrization
+from constrainedsparse.masks import find_parametrization, remove_parametrization
 from constrainedsparse.targets import TargetParam
 
 __all__ = [
@@ -323,5 +323,5 @@ def remove_gates(targets: Iterable[TargetParam]) -> None:
             continue
         was_training = gate.training
         gate.eval()
-        parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=True)
+        remove_parametrization(t.module, t.param_name, leave_parametrized=True)
         gate.train(was_training)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from constrainedsparse.claims import attached_formulation
 from constrainedsparse.report import empty_layers
 from constrainedsparse.targets import TargetParam, resolved_targets
 
@@ -167,13 +168,26 @@ def _foreign_parametrization(target: TargetParam) -> str | None:
 
 
 @torch.no_grad()
+def remove_parametrization(module: nn.Module, name: str, *, leave_parametrized: bool) -> None:
+    """``torch.nn.utils.parametrize.remove_parametrizations`` that leaves copies of ``module`` working.
+
+    torch removes a parametrization by deleting the tensor's property from the module's parametrized class, which
+    every ``copy.deepcopy`` of the module made while it was parametrized shares (an EMA or best-so-far copy of the
+    model): the copy would lose its weight. The module gets a class of its own first (the same bases and members).
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(vars(cls)))
+    parametrize.remove_parametrizations(module, name, leave_parametrized=leave_parametrized)
+
+
 def remove_masks(targets: Iterable[TargetParam]) -> None:
     """Ends masked training: writes each target's masked value (exact zeros outside its :class:`Mask`)
     into its stored parameter and removes the parametrization, leaving a plain ``nn.Parameter``.
 
     Raises:
         ValueError: If a target carries a parametrization that is not a :class:`Mask` (a
-            formulation's gates: call the formulation's ``finalize()`` first, which bakes them).
+            formulation's gates: call the formulation's ``finalize()`` first, which bakes them), or a
+            formulation that was not finalized (its gradient hooks would stay).
     """
     targets = list(targets)
     for target in targets:
@@ -183,9 +197,15 @@ def remove_masks(targets: Iterable[TargetParam]) -> None:
                 f"{target.name} still carries a {foreign} parametrization: call the formulation's finalize() "
                 "before remove_masks() / hard_prune()"
             )
+        owner = attached_formulation(target)
+        if owner is not None:  # slr/admm: no parametrization, but gradient hooks that would stay
+            raise ValueError(
+                f"{target.name} carries a {owner!r} formulation that was not finalized (its masks or gradient hooks "
+                "would stay on the model): call its finalize() before remove_masks() / hard_prune()"
+            )
     for target in targets:
         if parametrize.is_parametrized(target.module, target.param_name):
-            parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=True)
+            remove_parametrization(target.module, target.param_name, leave_parametrized=True)
 
 
 @torch.no_grad()

@@ -736,3 +736,60 @@ def test_masks_and_gates_under_torch_compile_trace_one_graph_through_every_updat
     # no break at the pruned layers, no recompile per mask update or per draw.
     assert len(graphs) == 1
     assert all(torch.equal(a, b) for a, b in zip(compiled, _compiled_run(name), strict=True))
+
+
+@pytest.mark.parametrize("name", ["l0", "magnitude"])
+def test_a_copy_of_the_model_made_during_training_still_works_after_finalize(name):
+    """An EMA or best-so-far copy (copy.deepcopy while masks or gates parametrize the weights): torch removes a
+    parametrization by deleting the property from the module's class, which the copy shares."""
+    f, x, y = _built(name)
+    f.start_epoch(0)
+    f.training_step((x, y))
+    best = copy.deepcopy(f.problem.model)
+    expected = best(x)
+    masks = f.hard_masks()
+    f.finalize()
+    hard_prune(f.problem.targets, masks)
+    assert torch.equal(best(x), expected)
+    assert parametrize_names(best) == ["0.weight", "2.weight"] and parametrize_names(f.problem.model) == []
+
+
+def parametrize_names(model):
+    return [f"{n}.{p}" for n, m in model.named_modules() if hasattr(m, "parametrizations") for p in m.parametrizations]
+
+
+@pytest.mark.parametrize("name", ["slr", "admm", "magnitude"])
+def test_hard_prune_under_a_formulation_not_finalized_is_refused_untouched(name):
+    """slr/admm's gradient hooks would keep adding the W = Z penalty to the fine-tuning's gradients."""
+    f, x, y = _built(name)
+    f.start_epoch(0)
+    f.training_step((x, y))
+    masks = f.hard_masks()
+    before = {k: v.clone() for k, v in f.problem.model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=rf"^0\.weight carries a '{name}' formulation that was not finalized \(its masks or gradient hooks would "
+        r"stay on the model\): call its finalize\(\) before remove_masks\(\) / hard_prune\(\)$",
+    ):
+        hard_prune(f.problem.targets, masks)
+    assert all(torch.equal(v, before[k]) for k, v in f.problem.model.state_dict().items())
+    f.finalize()
+    hard_prune(f.problem.targets, masks)
+    assert achieved_sparsity(f.problem.targets) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["slr", "l0"])
+def test_compute_lagrangian_under_no_grad_on_validation_data_leaves_the_dual_steps_alone(name):
+    runs = []
+    for evaluate in (False, True):
+        f, x, y = _built(name)
+        f.start_epoch(0)
+        f.training_step((x[:64], y[:64]))
+        if evaluate:  # in eval mode, as validation runs (l0's gates draw no noise then)
+            f.problem.model.eval()
+            with torch.no_grad():
+                assert torch.isfinite(f.compute_lagrangian((x[64:], y[64:])).lagrangian)
+            f.problem.model.train()
+        f.training_step((x[:64], y[:64]))
+        runs.append(f.problem.named_multiplier_values()["norm"].clone())
+    assert runs[0] != 0 and torch.equal(runs[0], runs[1])

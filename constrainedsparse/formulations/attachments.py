@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch.nn.utils import parametrize
 
+from constrainedsparse.masks import remove_parametrization
+
 if TYPE_CHECKING:
     from constrainedsparse.formulations.base import Formulation
 
@@ -33,7 +35,7 @@ class Attachments:
         hooks and parameter groups removed."""
         for target in self.plain:
             if parametrize.is_parametrized(target.module, target.param_name):
-                parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
+                remove_parametrization(target.module, target.param_name, leave_parametrized=False)
         with contextlib.suppress(Exception):  # its own hooks and bookkeeping, as far as attach got
             formulation.detach()
         problem, optimizer = formulation.problem, formulation.optimizer

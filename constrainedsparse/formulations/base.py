@@ -38,6 +38,7 @@ import cooper
 import torch
 
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
+from constrainedsparse.claims import claim_targets, release_targets
 from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import is_integer, is_number, is_ours
 from constrainedsparse.formulations.attachments import Attachments
@@ -51,8 +52,6 @@ from constrainedsparse.formulations.checks import (
     check_rate,
     check_state,
     check_target_levels,
-    claim_targets,
-    release_targets,
 )
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch
 from constrainedsparse.formulations.step import LagrangianStep, checked_steps
@@ -150,8 +149,8 @@ class Formulation(abc.ABC):
             else:
                 self.cooper_optimizer = cooper.optim.SimultaneousOptimizer(problem, optimizer, self.dual_optimizer)
         except BaseException:  # a refused build leaves model, optimizer and problem as they were
-            before.restore(self)
             release_targets(self._claim)
+            before.restore(self)
             raise
 
     # --- construction hooks -------------------------------------------------------------------------
@@ -284,7 +283,9 @@ class Formulation(abc.ABC):
         multipliers with the violations measured *here*, whatever the primal step did meanwhile.
         Several calls before one :meth:`post_step` accumulate the dual gradients, like the primal
         ones (gradient accumulation); ``dual_scale`` scales this call's share (``1 / steps`` makes the
-        dual step use the mean violation over the accumulated micro-batches).
+        dual step use the mean violation over the accumulated micro-batches). To evaluate the Lagrangian on
+        other data (a validation batch) without feeding its violations to the next dual step, call it under
+        ``torch.no_grad()``: nothing is backpropagated then.
         """
         self._require("compute_lagrangian()")
         return self._lagrangian(batch, dual_scale)
@@ -324,7 +325,7 @@ class Formulation(abc.ABC):
         if not torch.is_grad_enabled():
             raise ValueError(
                 "backward() inside torch.no_grad() or torch.inference_mode(): autograd records nothing there to "
-                "backpropagate; call it where gradients are enabled (compute_lagrangian() evaluates without them)"
+                "backpropagate; call it where gradients are enabled (to evaluate, call compute_lagrangian() there)"
             )
         if not is_number(scale) or not 0 < scale < float("inf"):
             raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
@@ -446,9 +447,13 @@ class Formulation(abc.ABC):
         """
         if self._stage == _FINALIZED:
             raise ValueError("finalize() was already called")
-        self.detach()
+        release_targets(self._claim)  # first: detach() removes the masks that the claim guards
+        try:
+            self.detach()
+        except BaseException:
+            release_targets(self._claim, released=False)
+            raise
         self._stage = _FINALIZED
-        release_targets(self._claim)
 
     def detach(self) -> None:
         """Hook of :meth:`finalize`: undo :meth:`attach` (by default, bake and remove masks)."""

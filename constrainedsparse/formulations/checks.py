@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_covers",
-    "claim_targets",
-    "release_targets",
     "check_state",
     "LastStep",
     "check_finite_step",
@@ -270,48 +268,3 @@ def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
                     )
                 continue
             _same_shapes(name, value, given[key], f"{path}/{key}" if path else str(key))
-
-
-@dataclasses.dataclass
-class _Claim:
-    """That a formulation's attachments (masks, gates, gradient hooks) are on its targets until it is finalized:
-    kept apart from the formulation, whose hooks can outlive it."""
-
-    name: str
-    released: bool = False
-
-
-# Which formulation's attachments each targeted tensor carries: module -> {parameter name: claim}. Keyed by
-# the module object (weakly), so a deep copy of the model starts free and a dropped model is forgotten.
-_CLAIMS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Claim]] = weakref.WeakKeyDictionary()
-
-
-def claim_targets(formulation: Any) -> _Claim:
-    """Records that ``formulation`` attaches to its targets; refuses a target another formulation is attached to.
-
-    A second formulation on the same tensors would stack on the first one's masks, gates or gradient hooks,
-    which stay on the model until it is finalized (also after the first formulation object is dropped).
-
-    Returns:
-        The claim, released by :func:`release_targets`.
-
-    Raises:
-        ValueError: If a target carries another formulation that was not finalized.
-    """
-    for target in formulation.problem.targets:
-        claim = _CLAIMS.get(target.module, {}).get(target.param_name)
-        if claim is not None and not claim.released:
-            raise ValueError(
-                f"{target.name} is pruned already by a {claim.name!r} formulation built on this model and not "
-                "finalized (its masks, gates or gradient hooks stay on the model): finalize() or hard-prune that "
-                "one first, or prune a fresh copy of the model"
-            )
-    claim = _Claim(formulation.name)
-    for target in formulation.problem.targets:
-        _CLAIMS.setdefault(target.module, {})[target.param_name] = claim
-    return claim
-
-
-def release_targets(claim: _Claim) -> None:
-    """Marks a formulation's targets free (after it was finalized)."""
-    claim.released = True

@@ -24,7 +24,7 @@ from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import L0PenaltyConfig
 from constrainedsparse.gates import HardConcreteGate, apply_gates, clamp_log_alpha_, find_gate
-from constrainedsparse.masks import canonical_parameters
+from constrainedsparse.masks import canonical_parameters, remove_parametrization
 from constrainedsparse.sets import StructuredGroups, TopK
 from constrainedsparse.targets import TargetParam
 
@@ -392,7 +392,7 @@ class Gated(Formulation):
             if find_gate(t.module, t.param_name) is None:
                 continue
             baked = self._baked(t, masks)
-            torch.nn.utils.parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
+            remove_parametrization(t.module, t.param_name, leave_parametrized=False)
             getattr(t.module, t.param_name).copy_(baked)
         gates = {id(gate.log_alpha) for gate in self.gates.values()}
         for group in self.optimizer.param_groups:  # the gates' group stays (a scheduler counts groups), emptied
