@@ -22,11 +22,13 @@ back up. The default dual optimizer (:meth:`SparsityProblem.dual_optimizer`) is 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from cooper.multipliers import DenseMultiplier
 from cooper.utils import ConstraintType
 
-__all__ = ["RestartingMultiplier", "reset_dual_state_"]
+__all__ = ["RestartingMultiplier", "reset_dual_state_", "restarted_multipliers"]
 
 
 class RestartingMultiplier(DenseMultiplier):
@@ -81,3 +83,17 @@ def reset_dual_state_(optimizer: torch.optim.Optimizer, multiplier: RestartingMu
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.shape == multiplier.weight.shape:
             value.masked_fill_(restarted, 0)
+
+
+def restarted_multipliers(problem: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """After a dual step: resets ``optimizer``'s state of every restarted entry (:func:`reset_dual_state_`) and
+    returns ``restart/<name>`` = 1 for every multiplier of ``problem`` (a ``SparsityProblem``) that restarted."""
+    metrics = {}
+    for name, multiplier in problem.named_multipliers():
+        # Only multipliers with restarts can have restarted: no host sync for the others.
+        if not isinstance(multiplier, RestartingMultiplier) or not multiplier.restarts:
+            continue
+        reset_dual_state_(optimizer, multiplier)
+        if bool(multiplier.last_restart.any()):  # a positive multiplier was reset to 0
+            metrics[f"restart/{name}"] = 1.0
+    return metrics

@@ -793,3 +793,26 @@ def test_compute_lagrangian_under_no_grad_on_validation_data_leaves_the_dual_ste
         f.training_step((x[:64], y[:64]))
         runs.append(f.problem.named_multiplier_values()["norm"].clone())
     assert runs[0] != 0 and torch.equal(runs[0], runs[1])
+
+
+def test_finalize_before_the_sparsity_schedule_ends_warns_that_the_hard_prune_jumps():
+    f, x, y = _built("magnitude")
+    f.setup(20, 4)
+    f.start_epoch(0)
+    f.training_step((x, y))
+    f.end_epoch(0)
+    masks = f.hard_masks()
+    expected = (
+        r"^magnitude: finalize\(\) with its sparsity schedule at 0\.143 of the target \(setup\(\) declared 20 "
+        r"epochs\): the hard prune removes the rest at once"
+    )
+    with pytest.warns(UserWarning, match=expected) as record:
+        f.finalize()
+    assert record[0].filename == __file__
+    hard_prune(f.problem.targets, masks)
+    done, x, y = _built("magnitude")  # setup(1, 4): its one epoch is the whole schedule
+    done.start_epoch(0)
+    done.training_step((x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done.finalize()

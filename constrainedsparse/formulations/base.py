@@ -40,10 +40,11 @@ import torch
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.claims import claim_targets, release_targets
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.errors import is_integer, is_number, is_ours
+from constrainedsparse.errors import is_integer, is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
+    check_backward_call,
     check_covers,
     check_ddp_wrapped,
     check_finite_step,
@@ -52,11 +53,12 @@ from constrainedsparse.formulations.checks import (
     check_rate,
     check_state,
     check_target_levels,
+    warn_schedule_unfinished,
 )
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch
 from constrainedsparse.formulations.step import LagrangianStep, checked_steps
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
-from constrainedsparse.multipliers import RestartingMultiplier, reset_dual_state_
+from constrainedsparse.multipliers import restarted_multipliers
 from constrainedsparse.problem import Batch, SparsityProblem
 
 __all__ = ["Formulation", "LagrangianStep", "NoConfig"]
@@ -322,17 +324,7 @@ class Formulation(abc.ABC):
                 ``torch.inference_mode()`` (nothing to backpropagate).
         """
         self._require("backward()")
-        if not torch.is_grad_enabled():
-            raise ValueError(
-                "backward() inside torch.no_grad() or torch.inference_mode(): autograd records nothing there to "
-                "backpropagate; call it where gradients are enabled (to evaluate, call compute_lagrangian() there)"
-            )
-        if not is_number(scale) or not 0 < scale < float("inf"):
-            raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
-        if scaler is not None and not callable(getattr(scaler, "scale", None)):
-            raise ValueError(
-                f"backward(scaler=...) must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}"
-            )
+        check_backward_call(scale, scaler)
         if not self._ddp_checked:
             self._ddp_checked = check_ddp_wrapped(self.problem)
         step = self._lagrangian(batch, scale)
@@ -372,21 +364,9 @@ class Formulation(abc.ABC):
         if self.dual_optimizer is not None:
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
             self.dual_optimizer.zero_grad(set_to_none=True)
-            restarts = self._restarted()
+            restarts = restarted_multipliers(self.problem, self.dual_optimizer)
         metrics = {**restarts, **self.after_step(last.cmp_state)}
         last.taken = True
-        return metrics
-
-    def _restarted(self) -> dict[str, float]:
-        """``restart/<name>`` for every multiplier just restarted, whose dual-optimizer state is reset."""
-        metrics = {}
-        for name, multiplier in self.problem.named_multipliers():
-            # Only multipliers with restarts can have restarted: no host sync for the others.
-            if not isinstance(multiplier, RestartingMultiplier) or not multiplier.restarts:
-                continue
-            reset_dual_state_(self.dual_optimizer, multiplier)
-            if bool(multiplier.last_restart.any()):  # a positive multiplier was reset to 0
-                metrics[f"restart/{name}"] = 1.0
         return metrics
 
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
@@ -454,6 +434,12 @@ class Formulation(abc.ABC):
             release_targets(self._claim, released=False)
             raise
         self._stage = _FINALIZED
+        warn_schedule_unfinished(self.name, self.schedule_fraction(), self.num_epochs)
+
+    def schedule_fraction(self) -> float:
+        """Fraction of the target level the formulation's own schedule has reached (1: it has none, or it is
+        over); :meth:`finalize` warns below 1."""
+        return 1.0
 
     def detach(self) -> None:
         """Hook of :meth:`finalize`: undo :meth:`attach` (by default, bake and remove masks)."""

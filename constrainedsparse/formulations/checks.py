@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from constrainedsparse.problem import SparsityProblem
 
 __all__ = [
+    "check_backward_call",
     "check_covers",
     "check_state",
     "LastStep",
@@ -28,6 +29,7 @@ __all__ = [
     "check_hard_masks",
     "check_rate",
     "described",
+    "warn_schedule_unfinished",
 ]
 
 
@@ -268,3 +270,33 @@ def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
                     )
                 continue
             _same_shapes(name, value, given[key], f"{path}/{key}" if path else str(key))
+
+
+def check_backward_call(scale: Any, scaler: Any) -> None:
+    """The arguments of ``backward()``, and that autograd records here.
+
+    Raises:
+        ValueError: Inside ``torch.no_grad()`` / ``torch.inference_mode()``, for a ``scale`` that is not a finite
+            number > 0, or a ``scaler`` without a ``scale`` method.
+    """
+    if not torch.is_grad_enabled():
+        raise ValueError(
+            "backward() inside torch.no_grad() or torch.inference_mode(): autograd records nothing there to "
+            "backpropagate; call it where gradients are enabled (to evaluate, call compute_lagrangian() there)"
+        )
+    if not is_number(scale) or not 0 < scale < float("inf"):
+        raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
+    if scaler is not None and not callable(getattr(scaler, "scale", None)):
+        raise ValueError(f"backward(scaler=...) must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}")
+
+
+def warn_schedule_unfinished(name: str, fraction: float, num_epochs: int) -> None:
+    """Warns when ``finalize()`` finds the formulation's sparsity schedule at ``fraction`` < 1 of the target: a loop
+    that stopped early, whose hard prune jumps to the target at once."""
+    if fraction < 1.0:
+        warnings.warn(
+            f"{name}: finalize() with its sparsity schedule at {fraction:.3g} of the target (setup() declared "
+            f"{num_epochs} epochs): the hard prune removes the rest at once; a loop that stops early calls setup() "
+            "again with the epochs it trains",
+            stacklevel=user_stacklevel(),
+        )

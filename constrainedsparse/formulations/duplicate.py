@@ -282,7 +282,7 @@ class DuplicateVariables(Formulation):
         for multiplier in multipliers:
             multiplier.post_step_()
 
-    def level_fraction(self) -> float:
+    def schedule_fraction(self) -> float:
         """Fraction of each target's sparsity that the Z-step projects to now (1 with ``sparsity_schedule=constant``).
 
         With ``sparsity_schedule=cubic``: :math:`1 - (1 - \\min(1, t / t_{end}))^3` with :math:`t` the W-steps
@@ -309,9 +309,9 @@ class DuplicateVariables(Formulation):
     def z_step(self, w: dict[str, torch.Tensor]) -> None:
         """:math:`Z_n \\leftarrow \\Pi_{C_n(s)}(W_n + \\Lambda_n/\\rho)` (new tensors; the old Z stays as Z^{k-1}).
 
-        :math:`C_n(s)` is the target's set at the scheduled level (:meth:`level_fraction`).
+        :math:`C_n(s)` is the target's set at the scheduled level (:meth:`schedule_fraction`).
         """
-        lam, rho, fraction = self.multipliers(), self.rho, self.level_fraction()
+        lam, rho, fraction = self.multipliers(), self.rho, self.schedule_fraction()
         targets = self.problem.targets
         # W + Λ/ρ for every target in two foreach calls (the same values as w + lam / rho).
         shifted = torch._foreach_div([lam[t.name] for t in targets], rho)
@@ -377,7 +377,7 @@ class DuplicateVariables(Formulation):
         metrics = {
             "coordination/k": float(self.k),
             "penalty/rho": self.rho,
-            "schedule/fraction": self.level_fraction(),
+            "schedule/fraction": self.schedule_fraction(),
             "dual/residual": sum(norms["residual"]) ** 0.5,
             "dual/lambda_norm": sum(norms["lambda"]) ** 0.5,
             "dual/z_change": sum(norms["z_change"]) ** 0.5,
@@ -411,7 +411,7 @@ class DuplicateVariables(Formulation):
     def on_setup(self) -> None:
         """With a schedule, :math:`Z^0` is the projection at the level of step 0 (before any coordination)."""
         if self.k == 0 and self.config.sparsity_schedule != "constant":
-            fraction = self.level_fraction()
+            fraction = self.schedule_fraction()
             for target in self.problem.targets:
                 self.z[target.name] = self.level_set(target, fraction).project(target.tensor.detach())
 

@@ -60,6 +60,10 @@ class Magnitude(Formulation):
         # Epochs beyond the num_epochs given to setup() stay at the target (the schedule is over).
         return 1.0 - (1.0 - min(1.0, (epoch + 1) / self.num_epochs)) ** 3
 
+    def schedule_fraction(self) -> float:
+        """The schedule's fraction in the epoch started last (0 before the first)."""
+        return self.scheduled_sparsity(self._epochs.epoch)
+
     @torch.no_grad()
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
         fraction = self.scheduled_sparsity(epoch)
