@@ -273,8 +273,8 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
 
     Raises:
         ValueError: For a parametrization of the user's (``spectral_norm``, ``weight_norm``: the masks and gates
-            are parametrizations that replace the weight), a lazy module before its first forward, or a weight
-            that is no parameter (a buffer, or a tensor a hook recomputes).
+            are parametrizations that replace the weight), a lazy module before its first forward, a weight
+            that is no parameter (a buffer, or a tensor a hook recomputes), or one on the meta device.
     """
     if parametrize.is_parametrized(module, param_name):
         foreign = [type(p).__name__ for p in module.parametrizations[param_name] if not is_ours(type(p))]
@@ -295,6 +295,11 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
         raise ValueError(
             f"{full} is a {type(value).__name__}, not an nn.Parameter (a buffer, or a tensor a hook recomputes, as "
             "the former torch.nn.utils.weight_norm does): only parameters can be pruned; exclude it"
+        )
+    if value.is_meta:
+        raise ValueError(
+            f"{full} is on the meta device (it has no values yet): load the model's weights before resolving its "
+            "targets (to_empty() then load_state_dict(), or from_pretrained())"
         )
 
 

@@ -142,7 +142,7 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", blocks=[])
     with pytest.raises(ValueError, match=r"^blocks must be a list of the model's blocks in execution order, got Seq"):
         prune_layerwise(model, batches, "wanda", blocks=model.blocks[0])
-    with pytest.raises(ValueError, match=r"^block 1 \(blocks\.0\) is listed twice$"):
+    with pytest.raises(ValueError, match=r"^block 1 \(blocks\.0\) is listed twice: each block is pruned once"):
         prune_layerwise(model, batches, "wanda", blocks=[model.blocks[0], model.blocks[0]])
     with pytest.raises(ValueError, match=r"^give either pattern or mask_scope \(mask_scope='row' is pattern='row'"):
         prune_layerwise(model, batches, "wanda", pattern="row", mask_scope="layer")
@@ -401,3 +401,31 @@ def test_prune_layerwise_warns_of_fw_settings_its_pattern_never_reads():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read at N:M: no warning
         prune_layerwise(_Blocks(), batches, "fw", pattern="2:4", iterations=3)
+
+
+def test_prune_layerwise_refuses_tied_shared_and_meta_weights_before_pruning_anything():
+    """A tensor in two blocks would be pruned twice (its first level lost, its first report stale)."""
+    batches = [torch.randn(4, 16) for _ in range(2)]
+    tied = _Blocks()
+    tied.blocks[1][0].weight = tied.blocks[0][0].weight
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    expected = (
+        r"^blocks\.1\.0\.weight is tied to blocks\.0\.0\.weight \(the same tensor\): "
+        r"one-shot pruning prunes each layer once, from its own inputs; exclude every name of it"
+    )
+    with pytest.raises(ValueError, match=expected):
+        prune_layerwise(tied, batches, "wanda", sparsity=0.5)
+    assert all(torch.equal(v, before[k]) for k, v in tied.state_dict().items())
+    shared = _Blocks()
+    shared.blocks[1] = shared.blocks[0]  # ALBERT-style: one block at two positions
+    expected = (
+        r"^block 1 \(blocks\.0\) is listed twice: each block is pruned once, from "
+        r"its own inputs \(a block shared by several positions of the model, as in ALBERT, is not"
+    )
+    with pytest.raises(ValueError, match=expected):
+        prune_layerwise(shared, batches, "wanda", sparsity=0.5)
+    partly_meta = _Blocks()
+    partly_meta.blocks[1].to("meta")
+    with pytest.raises(ValueError, match=r"^blocks\.1\.0\.weight is on the meta device \(it has no values yet\): load"):
+        prune_layerwise(partly_meta, batches, "wanda", sparsity=0.5)
+    assert float((partly_meta.blocks[0][0].weight == 0).float().mean()) == 0.0

@@ -194,3 +194,28 @@ def test_an_evaluation_loop_may_compute_the_lagrangian_under_no_grad():
     assert torch.isfinite(step.lagrangian) and not step.lagrangian.requires_grad
     metrics = formulation.problem.step_metrics(step.cmp_state)
     assert set(metrics) == {"loss/train", "violation/norm", "multiplier/norm"} and metrics["multiplier/norm"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["slr", "admm", "l0"])
+def test_an_embedding_with_sparse_gradients_is_refused_by_the_formulations_that_need_dense_ones(method):
+    model = nn.Sequential(nn.Embedding(20, 16, sparse=True), nn.Flatten(), nn.Linear(64, 3))
+    targets = cs.Targets(module_types=(nn.Embedding, nn.Linear)).resolve(model, cs.SparsityConfig(sparsity=0.5))
+    problem = cs.SparsityProblem(model, nn.functional.cross_entropy, targets)
+    expected = (
+        rf"^{method} needs dense gradients, but 0\.weight belongs to an? Embedding "
+        r"with sparse=True: build it with sparse=False, exclude it from the Targets, or use magnitude$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        cs.make(method, problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    cs.make("magnitude", problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))  # masks: any gradient
+
+
+def test_a_model_on_the_meta_device_is_refused_when_its_targets_are_resolved():
+    with torch.device("meta"):
+        model = _model()
+    expected = (
+        r"^0\.weight is on the meta device \(it has no values yet\): load the model's "
+        r"weights before resolving its targets"
+    )
+    with pytest.raises(ValueError, match=expected):
+        cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.5))

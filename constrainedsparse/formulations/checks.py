@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_backward_call",
     "check_covers",
+    "check_dense_gradients",
     "check_state",
     "LastStep",
     "check_finite_step",
@@ -300,3 +301,18 @@ def warn_schedule_unfinished(name: str, fraction: float, num_epochs: int) -> Non
             "again with the epochs it trains",
             stacklevel=user_stacklevel(),
         )
+
+
+def check_dense_gradients(name: str, targets: Sequence[Any]) -> None:
+    """No target gets sparse gradients (``nn.Embedding(sparse=True)``): ``slr``/``admm`` add the W = Z penalty to
+    the gradient, ``l0`` multiplies the weight by its gates, and neither works on a sparse gradient.
+
+    Raises:
+        ValueError: Naming the first such target.
+    """
+    for target in targets:
+        if isinstance(target.module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and target.module.sparse:
+            raise ValueError(
+                f"{name} needs dense gradients, but {target.name} belongs to a {type(target.module).__name__} with "
+                "sparse=True: build it with sparse=False, exclude it from the Targets, or use magnitude"
+            )

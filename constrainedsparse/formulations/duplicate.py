@@ -53,6 +53,7 @@ from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparame
 from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.formulations.checks import check_dense_gradients
 from constrainedsparse.formulations.iterate import Iterate
 from constrainedsparse.formulations.penalty import PenaltyGradient
 from constrainedsparse.formulations.rho import PenaltyRule
@@ -154,6 +155,7 @@ class DuplicateVariables(Formulation):
     def attach(self) -> None:
         """Copies :math:`Z = \\Pi_C(W)` and registers one W = Z constraint per target."""
         problem, config = self.problem, self.config
+        check_dense_gradients(self.name, problem.targets)
         self.k = 0
         self.steps_done = 0
         self.penalty_rule = PenaltyRule(self.name, config, self.optimizer, problem.targets)

@@ -35,6 +35,7 @@ from constrainedsparse.layerwise.base import LayerwiseSolver
 from constrainedsparse.layerwise.checks import (
     check_consecutive,
     check_layer_shapes,
+    check_materialized,
     check_reachable,
     check_settings,
     checked_batches,
@@ -193,7 +194,8 @@ def prune_layerwise(
         raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     check_settings(driver, solver, target, targets)
-    blocks = list(find_blocks(model)) if blocks is None else checked_blocks(model, blocks)
+    check_materialized(model)
+    blocks = checked_blocks(model, find_blocks(model) if blocks is None else blocks)
     prefixes = block_prefixes(model, blocks)
     check_consecutive(prefixes, driver.offload)
     overrides = override_levels(model, blocks, targets, target)

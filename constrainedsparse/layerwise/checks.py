@@ -32,6 +32,7 @@ __all__ = [
     "check_layer_types",
     "check_reachable",
     "checked_batches",
+    "check_materialized",
     "checked_blocks",
     "checked_scores",
 ]
@@ -57,7 +58,8 @@ def check_layer_shapes(
         prefixes: The blocks' names in the model (:func:`block_prefixes`); needed with ``levels``.
 
     Raises:
-        UserInputError: For no block or no targeted layer at all, a targeted module that is not a layer
+        UserInputError: For no block or no targeted layer at all, a targeted weight tied to another one, a
+            targeted module that is not a layer
             (:func:`check_layer_types`), a glob that matches nothing, the first layer that does not fit, or
             that its level would empty (unless ``allow_empty``).
     """
@@ -68,9 +70,16 @@ def check_layer_shapes(
     check_layer_types(blocks, targets, prefixes)
     by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
     selected = set()
+    seen: dict[int, str] = {}  # a weight's first name: a tied one would be pruned again by a later block
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets, prefixes[index]):
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
+            first = seen.setdefault(id(layer_weight(module)), full)
+            if first != full:
+                raise UserInputError(
+                    f"{full} is tied to {first} (the same tensor): one-shot pruning prunes each layer once, from its "
+                    "own inputs; exclude every name of it from the Targets, or untie the weights"
+                )
             own = levels.get(full, target)
             with user_input(f"{full}: "):  # the weight's name in the model, as every other layer error says it
                 by_level.setdefault(own, {})[full] = (own.feasible_set(shape), shape)
@@ -261,7 +270,10 @@ def checked_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
             hint = hint if isinstance(block, str) else ""
             raise ValueError(f"block {index} must be a sub-module of the model, got {what}{hint}")
         if any(block is other for other in blocks[:index]):
-            raise ValueError(f"block {index} ({names[id(block)]}) is listed twice")
+            raise ValueError(
+                f"block {index} ({names[id(block)]}) is listed twice: each block is pruned once, from its own inputs "
+                "(a block shared by several positions of the model, as in ALBERT, is not supported)"
+            )
     return blocks
 
 
@@ -334,4 +346,18 @@ def check_consecutive(prefixes: Sequence[str], offload: bool = False) -> None:
             raise UserInputError(
                 f"with offload, blocks must follow each other without a gap: {before} is followed by {after}, which "
                 f"skips {parent}.{int(first) + 1} (its inputs would be {before}'s outputs); give a consecutive slice"
+            )
+
+
+def check_materialized(model: nn.Module) -> None:
+    """No parameter of ``model`` is on the meta device (before anything is pruned: a block on it would fail midway).
+
+    Raises:
+        ValueError: Naming the first such parameter.
+    """
+    for name, parameter in model.named_parameters():
+        if parameter.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device (it has no values yet): load the model's weights before pruning it "
+                "(to_empty() then load_state_dict(), or from_pretrained())"
             )

@@ -21,6 +21,7 @@ import torch
 
 from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
+from constrainedsparse.formulations.checks import check_dense_gradients
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import L0PenaltyConfig
 from constrainedsparse.gates import HardConcreteGate, apply_gates, clamp_log_alpha_, find_gate
@@ -45,6 +46,7 @@ class Gated(Formulation):
     def attach(self) -> None:
         """Gates every target (one shared generator), adds their group to the optimizer, then :meth:`add_terms`."""
         problem = self.problem
+        check_dense_gradients(self.name, problem.targets)
         for t in problem.targets:
             density = 1.0 - t.sparsity
             if not (0.0 < density <= 1.0):
