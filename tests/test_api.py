@@ -429,3 +429,21 @@ def test_prune_layerwise_refuses_tied_shared_and_meta_weights_before_pruning_any
     with pytest.raises(ValueError, match=r"^blocks\.1\.0\.weight is on the meta device \(it has no values yet\): load"):
         prune_layerwise(partly_meta, batches, "wanda", sparsity=0.5)
     assert float((partly_meta.blocks[0][0].weight == 0).float().mean()) == 0.0
+
+
+def test_prune_layerwise_tells_conv1d_layers_apart_from_tied_ones():
+    """GPT-2's Conv1D: its (d_out, d_in) layer weight is a new view at every call; layers are told apart by their
+    parameters (two views made one after the other can share an id)."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.proj = Conv1D(32, 16), Conv1D(16, 32)
+
+        def forward(self, x):
+            return x + self.proj(torch.relu(self.fc(x)))
+
+    model = nn.Sequential(Block(), Block())
+    report = prune_layerwise(model, [torch.randn(4, 16) for _ in range(2)], "wanda", sparsity=0.5, blocks=list(model))
+    assert report.achieved_sparsity == pytest.approx(0.5)

@@ -74,7 +74,7 @@ def check_layer_shapes(
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets, prefixes[index]):
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
-            first = seen.setdefault(id(layer_weight(module)), full)
+            first = seen.setdefault(id(module.weight), full)  # the parameter (a Conv1D's layer_weight is a new view)
             if first != full:
                 raise UserInputError(
                     f"{full} is tied to {first} (the same tensor): one-shot pruning prunes each layer once, from its "
