@@ -36,7 +36,7 @@ from constrainedsparse.errors import (
 from constrainedsparse.export import add_export_command, export_command
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
-from constrainedsparse.logger import WANDB_MODES
+from constrainedsparse.logger import WANDB_MODES, parse_tags
 from constrainedsparse.plots import check_png, metrics_rows, plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runconfig import WANDB_FIELDS
@@ -201,29 +201,26 @@ def _given(args: argparse.Namespace, settings: dict[str, str]) -> dict[str, Any]
     fields = ("problem", "formulation", "sparsity", "pattern", "epochs", "pretrain_epochs", "retrain_epochs", "seed")
     given = {key: getattr(args, key) for key in (*fields, *WANDB_FIELDS) if getattr(args, key) is not None}
     if args.wandb_tags is not None:
-        given["wandb_tags"] = _tags(args.wandb_tags)
+        given["wandb_tags"] = parse_tags(args.wandb_tags)
     if settings:
         given["settings"] = settings
     return given
 
 
 def _default_wandb_mode() -> str:
-    """``--wandb`` when it is not given: ``$WANDB_MODE`` if set (one of the modes), else ``offline``.
+    """``--wandb`` when it is not given: ``$WANDB_MODE`` if set (one of the modes, or wandb's ``dryrun`` and ``run``
+    for ``offline`` and ``online``), else ``offline``.
 
     Raises:
         UserInputError: For a ``$WANDB_MODE`` that is none of the modes.
     """
     mode = os.environ.get("WANDB_MODE") or DEFAULTS["wandb"]
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's older names of the modes
     if mode not in WANDB_MODES:
         raise UserInputError(
             f"$WANDB_MODE is {mode!r}, none of the --wandb modes ({', '.join(WANDB_MODES)}): set one, or give --wandb"
         )
     return mode
-
-
-def _tags(text: str) -> tuple[str, ...]:
-    """``--wandb-tags a, b`` as ``("a", "b")`` (empty items dropped)."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | LayerwiseProblem]:

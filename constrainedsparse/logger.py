@@ -35,9 +35,12 @@ __all__ = [
     "MetricsLogger",
     "NullLogger",
     "WandbMode",
+    "WandbNames",
     "finish_summary",
     "metrics_file",
+    "parse_tags",
     "read_metrics",
+    "wandb_names",
 ]
 
 WandbMode = Literal["disabled", "offline", "online"]
@@ -53,6 +56,63 @@ def _as_numpy(values: Any) -> Any:
     if detach is not None:
         return detach().cpu().reshape(-1).double().numpy()
     return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def parse_tags(text: str) -> tuple[str, ...]:
+    """Comma-separated tags (``--wandb-tags a, b``, ``$WANDB_TAGS``) as ``("a", "b")``, empty items dropped."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+WandbNames = tuple[str, str | None, tuple[str, ...]]
+"""A wandb run's project, name (``None``: wandb's own) and tags."""
+
+
+def wandb_names(project: str | None, name: str | None, tags: tuple[str, ...]) -> WandbNames:
+    """The wandb project, run name and tags a run uses: the given ones, else ``$WANDB_PROJECT`` (else
+    :data:`DEFAULT_PROJECT`), ``$WANDB_NAME`` (else wandb's own) and ``$WANDB_TAGS``. Checkpoints keep them
+    resolved, so that a resumed run continues in the same project whatever its environment."""
+    return (
+        project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+        name or os.environ.get("WANDB_NAME") or None,
+        tuple(tags) or parse_tags(os.environ.get("WANDB_TAGS", "")),
+    )
+
+
+def _open_wandb(
+    mode: str,
+    names: WandbNames,
+    out_dir: Path,
+    config: Mapping[str, Any] | None,
+    run_id: str | None,
+) -> Any:
+    """``wandb.init`` of the run (continued when ``run_id`` is given); what wandb refuses is one line.
+
+    Raises:
+        UserInputError: When wandb refuses the run (no login, no connection, a project or tag it does not allow).
+    """
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    project, name, tags = names
+    try:
+        return wandb.init(
+            project=project, name=name, tags=list(tags) or None, dir=str(out_dir), mode=mode,
+            config=dict(config or {}), id=run_id, resume="allow" if run_id else None, reinit="finish_previous",
+        )  # fmt: skip
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
+        hint = " (or use --wandb offline)" if mode == "online" else ""
+        raise UserInputError(f"--wandb {mode}: {first_line(err)}{hint}") from None
+    except ValueError as err:
+        if type(err).__module__.split(".")[0] != "pydantic_core":  # wandb's settings refused a value (a tag)
+            raise
+        message = err.errors()[0].get("msg", first_line(err)).removeprefix("Value error, ")  # type: ignore[attr-defined]
+        raise UserInputError(f"--wandb {mode}: {message}") from None
+    except BaseException:  # Ctrl-C inside init: stop wandb's writers before the run directory is removed
+        try:
+            wandb.finish()  # a run init had started (none: a no-op)
+        finally:
+            wandb.teardown()
+        raise
 
 
 class MetricsLogger:
@@ -123,52 +183,11 @@ class MetricsLogger:
             _warn_missing_rows(self.path, self._last_step, logged_step)
         self.run = None
         if wandb_mode != "disabled":
-            os.environ.setdefault("WANDB_SILENT", "true")
-            import pydantic  # wandb's own dependency: its settings are pydantic models
-            import wandb
-
-            env_tags = tuple(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)
             try:
-                self.run = self._init_wandb(wandb, wandb_mode, project, name, tags or env_tags, out_dir, config, run_id)
-            except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
+                self.run = _open_wandb(wandb_mode, wandb_names(project, name, tags), out_dir, config, run_id)
+            except BaseException:
                 self._file.close()
-                hint = " (or use --wandb offline)" if wandb_mode == "online" else ""
-                raise UserInputError(f"--wandb {wandb_mode}: {first_line(err)}{hint}") from None
-            except pydantic.ValidationError as err:  # wandb's settings refused a value (a tag too long)
-                self._file.close()
-                message = err.errors()[0].get("msg", first_line(err)).removeprefix("Value error, ")
-                raise UserInputError(f"--wandb {wandb_mode}: {message}") from None
-            except BaseException:  # Ctrl-C inside init: stop wandb's writers before the run directory is removed
-                self._file.close()
-                try:
-                    wandb.finish()  # a run init had started (none: a no-op)
-                finally:
-                    wandb.teardown()
                 raise
-
-    @staticmethod
-    def _init_wandb(
-        wandb: Any,
-        mode: str,
-        project: str | None,
-        name: str | None,
-        tags: tuple[str, ...],
-        out_dir: Path,
-        config: Mapping[str, Any] | None,
-        run_id: str | None,
-    ) -> Any:
-        """``wandb.init`` of the run (continued when ``run_id`` is given)."""
-        return wandb.init(
-            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            name=name or os.environ.get("WANDB_NAME") or None,
-            tags=list(tags) or None,
-            dir=str(out_dir),
-            mode=mode,
-            config=dict(config or {}),
-            id=run_id,
-            resume="allow" if run_id else None,
-            reinit="finish_previous",
-        )
 
     @property
     def last_step(self) -> int | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from constrainedsparse.checkpoint import load_checkpoint
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.logger import WandbMode
+from constrainedsparse.logger import WandbMode, wandb_names
 from constrainedsparse.settings import parse_value
 
 __all__ = ["CHECKPOINT", "RunConfig", "finished_error", "settings_text", "setting_text"]
@@ -35,8 +35,9 @@ IDENTITY_FIELDS = (
 )
 
 WANDB_FIELDS = ("wandb", "wandb_project", "wandb_name")
-"""Where the run's wandb run lives and what it is called: kept by a checkpoint, so that ``--resume`` continues the
-same wandb run under the same project, name (and ``wandb_tags``) without the flags given again."""
+"""Where the run's wandb run lives and what it is called: kept by a checkpoint (as the run resolved them from the
+options or the environment), so that ``--resume`` continues the same wandb run under the same project, name (and
+``wandb_tags``) without the flags or the environment given again."""
 
 
 @dataclasses.dataclass
@@ -106,8 +107,20 @@ class RunConfig:
 
     def stored(self) -> dict[str, Any]:
         """What a checkpoint keeps of the configuration (plain types only)."""
-        values = {key: getattr(self, key) for key in (*IDENTITY_FIELDS, *WANDB_FIELDS)}
-        return {**values, "wandb_tags": list(self.wandb_tags), "settings": dict(sorted(self.settings.items()))}
+        values = {key: getattr(self, key) for key in IDENTITY_FIELDS}
+        project, name, tags = wandb_names(self.wandb_project, self.wandb_name, self.wandb_tags)  # as the run uses them
+        wandb = {"wandb": self.wandb, "wandb_project": project, "wandb_name": name, "wandb_tags": list(tags)}
+        return {**values, **wandb, "settings": dict(sorted(self.settings.items()))}
+
+    def with_stored_wandb(self, stored: Mapping[str, Any]) -> RunConfig:
+        """This configuration with the wandb project, name and tags a checkpoint's ``stored`` configuration keeps
+        where none is given (a resumed run goes on under the names it started with, whatever its environment)."""
+        names = {
+            "wandb_project": self.wandb_project or stored.get("wandb_project"),
+            "wandb_name": self.wandb_name or stored.get("wandb_name"),
+            "wandb_tags": tuple(self.wandb_tags) or tuple(stored.get("wandb_tags") or ()),
+        }
+        return dataclasses.replace(self, **names)
 
     def identity(self) -> dict[str, Any]:
         """What must be the same for a checkpoint to belong to this run."""

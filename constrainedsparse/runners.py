@@ -119,6 +119,8 @@ def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) ->
         try:
             directory.claim()
             state = directory.load(prepared.config)
+            if state is not None:  # the wandb run goes on under the names it started with
+                prepared.config = prepared.config.with_stored_wandb(state.get("config", {}))
             return runner.execute(prepared, directory, state)
         except BaseException:
             directory.discard_if_unused()

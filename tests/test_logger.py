@@ -312,17 +312,22 @@ def test_wandb_names_wandb_refuses_stop_the_cli_before_anything_runs(tmp_path, c
     assert not (tmp_path / "a").exists()
 
 
-def test_the_cli_takes_its_wandb_mode_from_wandb_mode_when_no_flag_names_one(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("env", "mode"), [("disabled", "disabled"), ("dryrun", "offline"), ("run", "online"), ("", "offline")]
+)
+def test_the_cli_takes_its_wandb_mode_from_wandb_mode_when_no_flag_names_one(monkeypatch, env, mode):
+    from constrainedsparse.cli import _build_parser, _run_config
+
+    monkeypatch.setenv("WANDB_MODE", env)
+    assert _run_config(_build_parser().parse_args(["run", "digits-mlp"]))[0].wandb == mode
+    flagged = _build_parser().parse_args(["run", "digits-mlp", "--wandb", "offline"])
+    assert _run_config(flagged)[0].wandb == "offline"
+
+
+def test_a_wandb_mode_wandb_does_not_know_is_one_line(monkeypatch, capsys):
     from cli_helpers import fails_with_one_line
 
-    from constrainedsparse.cli import main
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    fast = ["--pretrain-epochs", "1", "--epochs", "1", "--no-progress"]
-    assert main(["run", "digits-mlp", "--out", str(tmp_path / "a"), *fast]) == 0
-    assert (tmp_path / "a" / "summary.json").is_file() and not (tmp_path / "a" / "wandb").exists()
-    monkeypatch.setenv("WANDB_MODE", "dryrun")
-    line = fails_with_one_line(["run", "digits-mlp", "--out", str(tmp_path / "b"), *fast], capsys)
+    monkeypatch.setenv("WANDB_MODE", "shared")
+    line = fails_with_one_line(["run", "digits-mlp", "--out", "unused"], capsys)
     modes = "(disabled, offline, online)"
-    assert line == f"error: $WANDB_MODE is 'dryrun', none of the --wandb modes {modes}: set one, or give --wandb"
-    assert main(["run", "digits-mlp", "--out", str(tmp_path / "b"), "--wandb", "disabled", *fast]) == 0
+    assert line == f"error: $WANDB_MODE is 'shared', none of the --wandb modes {modes}: set one, or give --wandb"

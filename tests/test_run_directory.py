@@ -112,24 +112,30 @@ def test_a_resumed_offline_wandb_run_names_both_folders_and_reads_back_whole(tmp
     assert [row["_step"] for row in rows] == [row["step"] for row in read_metrics(out / "metrics.jsonl")]
 
 
-def test_resume_alone_continues_the_wandb_run_in_its_project_under_its_name_and_tags(tmp_path, capsys):
+def test_resume_alone_continues_the_wandb_run_in_its_project_under_its_name_and_tags(tmp_path, capsys, monkeypatch):
+    """Also when the project and tags came from the environment of the first part, which the later parts lack."""
     from wandb_records import read_records, wait_for_complete_file
 
     from constrainedsparse import RunConfig, run
 
     out = tmp_path / "a"
-    run(RunConfig(problem="digits-mlp", formulation="admm", sparsity=0.8, epochs=2, pretrain_epochs=2, out=out,
-                  wandb="offline", wandb_project="myproj", wandb_name="myname", wandb_tags=("t1", "t2"),
-                  stop_after_epochs=1, progress=False))  # fmt: skip
+    monkeypatch.setenv("WANDB_PROJECT", "envproj")
+    monkeypatch.setenv("WANDB_TAGS", "t1, t2")
+    config = RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=3, pretrain_epochs=0,
+                       out=out, wandb="offline", wandb_name="myname", stop_after_epochs=1, progress=False)  # fmt: skip
+    run(config)
+    monkeypatch.delenv("WANDB_PROJECT")
+    monkeypatch.delenv("WANDB_TAGS")
+    run(dataclasses.replace(config, wandb_name=None, resume=True))  # Python: the stored names
     line = fails_with_one_line(["run", "--out", str(out), "--resume", "--wandb-project", "other"], capsys)
-    assert line.startswith("error: --resume: the run in") and "wandb_project ('other', stored 'myproj')" in line
-    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert line.startswith("error: --resume: the run in") and "wandb_project ('other', stored 'envproj')" in line
+    assert main(["run", "--out", str(out), "--resume", "--no-progress"]) == 0  # the CLI: the stored names
     folders = sorted(out.glob("wandb/offline-run-*"))
-    assert len(folders) == 2
+    assert len(folders) == 3
     for folder in folders:
         records = read_records(wait_for_complete_file(next(folder.glob("run-*.wandb"))))
         runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        assert [(r.project, r.display_name, list(r.tags)) for r in runs[:1]] == [("myproj", "myname", ["t1", "t2"])]
+        assert [(r.project, r.display_name, list(r.tags)) for r in runs[:1]] == [("envproj", "myname", ["t1", "t2"])]
 
 
 @pytest.mark.parametrize("stop", [0, -1, 1.5, True])
