@@ -230,10 +230,10 @@ def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
     example = to_device(collate_samples(run.train, first), prepared.device)
     run.sparsity_problem = task_problem(problem, run.model, run.targets, example)
     logged = {
-        **prepared.options,  # the problem's options (a constraint's budget): runs can be grouped by them
         **config.identity(),
         **prepared.formulation_config.values(),
         **dataclasses.asdict(prepared.training),
+        "options": dict(prepared.options),  # the problem's (a constraint's budget): runs can be grouped by them
     }
     run.logger = open_logger(run.directory, config, logged, resume_state)
 

@@ -173,4 +173,5 @@ def test_the_wandb_config_holds_the_problems_options_with_the_run_settings(tmp_p
                  "--pretrain-epochs", "0", "--out", str(out), "--wandb", "offline", "--no-progress"]) == 0  # fmt: skip
     (run,) = [r.run for r in read_records(wait_for_complete_run(out)) if r.WhichOneof("record_type") == "run"]
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["nan_after"] == 100000 and config["formulation"] == "magnitude" and config["schedule"] == "cubic"
+    assert config["options"] == {"nan_after": 100000}  # nested: an option named like a run field stays apart
+    assert config["formulation"] == "magnitude" and config["schedule"] == "cubic"

@@ -274,10 +274,10 @@ class _Blocks:
         self.allocation: Allocation | None = Allocation(**stored) if stored else None
         self.started = time.perf_counter()
         logged = {
-            **prepared.options,  # the problem's options: runs can be grouped by them
             **prepared.config.identity(),
             **prepared.solver.config.values(),
             **dataclasses.asdict(prepared.driver),
+            "options": dict(prepared.options),  # the problem's: runs can be grouped by them
         }
         self.logger = open_logger(directory, prepared.config, logged, state)
 
