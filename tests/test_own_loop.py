@@ -797,7 +797,7 @@ def test_compute_lagrangian_under_no_grad_on_validation_data_leaves_the_dual_ste
 
 def test_finalize_before_the_sparsity_schedule_ends_warns_that_the_hard_prune_jumps():
     f, x, y = _built("magnitude")
-    f.setup(20, 4)
+    f.setup(20, 1)
     f.start_epoch(0)
     f.training_step((x, y))
     f.end_epoch(0)
@@ -816,3 +816,15 @@ def test_finalize_before_the_sparsity_schedule_ends_warns_that_the_hard_prune_ju
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         done.finalize()
+
+
+def test_a_validation_batch_evaluated_under_no_grad_is_not_the_step_the_epoch_checks():
+    """A NaN on validation data is the data's: the epoch's finiteness check reads the last training step."""
+    f, x, y = _built("slr")
+    f.start_epoch(0)
+    f.training_step((x, y))
+    bad = x[:8].clone()
+    bad[0, 0] = float("nan")
+    with torch.no_grad():
+        assert not torch.isfinite(f.compute_lagrangian((bad, y[:8])).loss)
+    f.end_epoch(0)

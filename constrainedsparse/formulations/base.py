@@ -295,11 +295,14 @@ class Formulation(abc.ABC):
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         self.before_lagrangian()
         cmp_state = self.problem.compute_cmp_state(batch)
+        training = torch.is_grad_enabled()  # an evaluation under no_grad is not the step the epoch checks
         if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
-            self._last = LastStep(cmp_state.loss.detach())
+            if training:
+                self._last = LastStep(cmp_state.loss.detach())
             return LagrangianStep(cmp_state, cmp_state.loss)
         primal = cmp_state.compute_primal_lagrangian()
-        self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
+        if training:
+            self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
         if self.dual_optimizer is not None:
             dual = cmp_state.compute_dual_lagrangian().lagrangian
             if dual is not None and dual.requires_grad:  # not under no_grad (an evaluation loop's loss)

@@ -338,7 +338,10 @@ class SparsityTrainer(Trainer):
         if self._pruned:
             raise ValueError("hard_prune(): the model is hard-pruned already")
         masks = self.formulation.hard_masks()
-        self.formulation.finalize()
+        with warnings.catch_warnings():
+            if self.state.global_step >= self.state.max_steps > 0:  # the steps it planned: Trainer's last epoch was cut
+                warnings.filterwarnings("ignore", message=r".*: finalize\(\) with its sparsity schedule at")
+            self.formulation.finalize()
         hard_prune_targets(self.formulation.problem.targets, masks)
         self._pruned = True
         return masks
