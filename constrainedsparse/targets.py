@@ -297,10 +297,15 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
             "the former torch.nn.utils.weight_norm does): only parameters can be pruned; exclude it"
         )
     if value.is_meta:
-        raise ValueError(
-            f"{full} is on the meta device (it has no values yet): load the model's weights before resolving its "
-            "targets (to_empty() then load_state_dict(), or from_pretrained())"
-        )
+        raise not_materialized(full, "resolving its targets")
+
+
+def not_materialized(name: str, before: str) -> ValueError:
+    """The error for a weight on the meta device (no values yet), met ``before`` something (``"pruning it"``)."""
+    return ValueError(
+        f"{name} is on the meta device (it has no values yet): load the model's weights before {before} "
+        "(to_empty() then load_state_dict(), or from_pretrained())"
+    )
 
 
 def _second_names(model: nn.Module, names: Sequence[str]) -> dict[str, str]:

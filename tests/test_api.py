@@ -11,6 +11,7 @@ from constrainedsparse import (
     SparsityConfig,
     SparsityProblem,
     Targets,
+    apply_masks,
     describe,
     hard_prune,
     make,
@@ -424,6 +425,11 @@ def test_prune_layerwise_refuses_tied_shared_and_meta_weights_before_pruning_any
     )
     with pytest.raises(ValueError, match=expected):
         prune_layerwise(shared, batches, "wanda", sparsity=0.5)
+    masked = _Blocks()
+    masked_targets = Targets().resolve(masked, SparsityConfig(0.5))
+    apply_masks(masked_targets, {t.name: torch.ones_like(t.tensor, dtype=torch.bool) for t in masked_targets})
+    with pytest.raises(ValueError, match=r"^blocks\.0\.0\.weight carries a parametrization \(masks, gates or one of "):
+        prune_layerwise(masked, batches, "wanda", sparsity=0.5)
     partly_meta = _Blocks()
     partly_meta.blocks[1].to("meta")
     with pytest.raises(ValueError, match=r"^blocks\.1\.0\.weight is on the meta device \(it has no values yet\): load"):

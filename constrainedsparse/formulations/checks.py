@@ -313,6 +313,6 @@ def check_dense_gradients(name: str, targets: Sequence[Any]) -> None:
     for target in targets:
         if isinstance(target.module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and target.module.sparse:
             raise ValueError(
-                f"{name} needs dense gradients, but {target.name} belongs to a {type(target.module).__name__} with "
+                f"{name} needs dense gradients, but {target.name} belongs to an {type(target.module).__name__} with "
                 "sparse=True: build it with sparse=False, exclude it from the Targets, or use magnitude"
             )

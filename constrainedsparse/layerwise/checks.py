@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import tensors_in
@@ -20,7 +21,7 @@ from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
 from constrainedsparse.layerwise.layers import layer_module_types, layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.settings import check_keeps_weights
-from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names
+from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names, not_materialized
 
 __all__ = [
     "check_settings",
@@ -58,8 +59,8 @@ def check_layer_shapes(
         prefixes: The blocks' names in the model (:func:`block_prefixes`); needed with ``levels``.
 
     Raises:
-        UserInputError: For no block or no targeted layer at all, a targeted weight tied to another one, a
-            targeted module that is not a layer
+        UserInputError: For no block or no targeted layer at all, a targeted weight tied to another one or
+            under a parametrization, a targeted module that is not a layer
             (:func:`check_layer_types`), a glob that matches nothing, the first layer that does not fit, or
             that its level would empty (unless ``allow_empty``).
     """
@@ -74,12 +75,7 @@ def check_layer_shapes(
     for index, block in enumerate(blocks):
         for name, module in targeted_layers(block, targets, prefixes[index]):
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
-            first = seen.setdefault(id(module.weight), full)  # the parameter (a Conv1D's layer_weight is a new view)
-            if first != full:
-                raise UserInputError(
-                    f"{full} is tied to {first} (the same tensor): one-shot pruning prunes each layer once, from its "
-                    "own inputs; exclude every name of it from the Targets, or untie the weights"
-                )
+            _check_plain_and_untied(module, full, seen)
             own = levels.get(full, target)
             with user_input(f"{full}: "):  # the weight's name in the model, as every other layer error says it
                 by_level.setdefault(own, {})[full] = (own.feasible_set(shape), shape)
@@ -101,6 +97,31 @@ def check_layer_shapes(
     if not allow_empty:
         for own, sets in by_level.items():
             check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")
+
+
+def _check_plain_and_untied(module: nn.Module, full: str, seen: dict[int, str]) -> None:
+    """A targeted layer's weight is a plain parameter (one-shot pruning writes it: under a parametrization it would
+    write a temporary) that no layer before it holds (a later block would prune a tied weight again).
+
+    Args:
+        module: The layer.
+        full: Its weight's name in the model.
+        seen: The first name of every weight seen so far, by the parameter's id (updated).
+
+    Raises:
+        UserInputError: Naming the weight.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        raise UserInputError(
+            f"{full} carries a parametrization (masks, gates or one of yours): one-shot pruning writes plain "
+            "weights; finalize() the formulation, or remove_masks() / remove the parametrization first"
+        )
+    first = seen.setdefault(id(module.weight), full)  # the parameter (a Conv1D's layer_weight is a new view)
+    if first != full:
+        raise UserInputError(
+            f"{full} is tied to {first} (the same tensor): one-shot pruning prunes each layer once, from its own "
+            "inputs; exclude every name of it from the Targets, or untie the weights"
+        )
 
 
 def check_layer_types(blocks: Sequence[nn.Module], targets: Targets, prefixes: Sequence[str]) -> None:
@@ -357,7 +378,4 @@ def check_materialized(model: nn.Module) -> None:
     """
     for name, parameter in model.named_parameters():
         if parameter.is_meta:
-            raise ValueError(
-                f"{name} is on the meta device (it has no values yet): load the model's weights before pruning it "
-                "(to_empty() then load_state_dict(), or from_pretrained())"
-            )
+            raise not_materialized(name, "pruning it")
