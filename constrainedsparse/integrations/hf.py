@@ -27,25 +27,30 @@ and several GPUs in one process (``DataParallel``; use ``torchrun``, one process
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import math
-import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from constrainedsparse.errors import first_line
 from constrainedsparse.formulations import Formulation, LagrangianStep, formulation_class, make
+from constrainedsparse.integrations.trainer_support import (
+    check_supported,
+    check_trainable,
+    epochs_and_steps,
+    eval_mode,
+    let_go,
+    parametrized,
+    random_states_kept,
+)
 from constrainedsparse.masks import hard_prune as hard_prune_targets
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.targets import TargetParam
@@ -107,9 +112,9 @@ class SparsityTrainer(Trainer):
         for name, flag in (("hard_prune_at_end", hard_prune_at_end), ("log_layers", log_layers)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
-        _check_trainable(model, kwargs.get("train_dataset"))
+        check_trainable(model, kwargs.get("train_dataset"))
         super().__init__(model=model, args=args, **kwargs)
-        _check_supported(self)
+        check_supported(self)
         self._num_items_in_batch: Any = None  # Trainer's, while training_step runs
         batch = self._train_batch()
         self._weighs_tokens = self._loss_uses_num_items(batch)
@@ -137,7 +142,7 @@ class SparsityTrainer(Trainer):
             if wanted:  # the batch drawn above, unless you set its size or its loss is not finite
                 reusable = size is None and self._loss_is_finite(batch)
                 reference = batch if reusable else self._train_batch(size, finite_loss=True)
-            self.formulation.setup(*_epochs_and_steps(self), reference_batch=reference)
+            self.formulation.setup(*epochs_and_steps(self), reference_batch=reference)
         except BaseException:
             self.formulation.finalize()
             raise
@@ -166,7 +171,7 @@ class SparsityTrainer(Trainer):
             self._train_batch_size = max(1, min(size, share))
         found, tried = None, 0
         try:
-            with _random_states_kept():
+            with random_states_kept():
                 loader = self.get_train_dataloader()
                 for raw in itertools.islice(loader, REFERENCE_TRIES if finite_loss else 1):
                     tried += 1
@@ -174,7 +179,7 @@ class SparsityTrainer(Trainer):
                     if not finite_loss or self._loss_is_finite(batch):
                         found = batch
                         break
-                _let_go(self.accelerator, loader)
+                let_go(self.accelerator, loader)
         finally:
             self._train_batch_size = saved
         if found is None and not tried:
@@ -190,7 +195,7 @@ class SparsityTrainer(Trainer):
         return found
 
     def _loss_is_finite(self, batch: Any) -> bool:
-        with _eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             return bool(torch.isfinite(self._task_loss(self.model, batch)))
 
     def _loss_uses_num_items(self, batch: Any) -> bool:
@@ -208,7 +213,7 @@ class SparsityTrainer(Trainer):
         if not (getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None)):
             return False  # Trainer divides by the accumulation steps itself
         # Eval mode, no dropout: the two losses differ only by the count.
-        with _eval_mode(self.model), torch.no_grad(), _random_states_kept(), self.compute_loss_context_manager():
+        with eval_mode(self.model), torch.no_grad(), random_states_kept(), self.compute_loss_context_manager():
             one, two = (self._task_loss(self.model, batch, count) for count in (1, 2))
         informative = bool(torch.isfinite(one) and torch.isfinite(two) and (one != 0 or two != 0))
         uses = not torch.allclose(one, two) if informative else True
@@ -318,7 +323,7 @@ class SparsityTrainer(Trainer):
             warnings.warn(
                 "save_model() before hard_prune(): the saved weights are not hard-pruned"
                 + (" and carry the formulation's parametrizations (plain from_pretrained re-initialises them)"
-                   if _parametrized(self.model) else "")
+                   if parametrized(self.model) else "")
                 + "; call hard_prune() first",
                 stacklevel=2,
             )  # fmt: skip
@@ -427,84 +432,3 @@ class _PruningCallback(TrainerCallback):
         if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the block, its own mode after."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
-
-
-@contextlib.contextmanager
-def _random_states_kept() -> Iterator[None]:
-    """torch's CPU generator, Python's ``random`` and NumPy's global state as they were after the block."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
-def _let_go(accelerator: Any, loader: Any) -> None:
-    """Forgets a prepared loader read only in part: accelerate keeps a reference (and its workers) otherwise."""
-    if hasattr(loader, "end"):
-        loader.end()
-    registered = getattr(accelerator, "_dataloaders", None)
-    if isinstance(registered, list) and any(entry is loader for entry in registered):
-        registered[:] = [entry for entry in registered if entry is not loader]
-
-
-def _parametrized(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) for m in model.modules())
-
-
-def _check_trainable(model: nn.Module | None, train_dataset: Any) -> None:
-    """What Trainer would refuse with a message of its own, or torch's: no model, a model loaded quantized, no
-    examples."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"SparsityTrainer needs model=, a torch.nn.Module (a transformers model), got {model!r:.60}")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and not getattr(quantizer, "is_trainable", False):
-        method = getattr(quantizer.quantization_config, "quant_method", "?")
-        raise ValueError(
-            f"the model was loaded quantized ({getattr(method, 'value', method)}, e.g. from a GGUF file), which "
-            "Trainer does not fine-tune: load a plain copy (constrainedsparse.models.materialize_gguf(file, cache, "
-            "name) writes one; SmolLM2: materialize_smollm2(cache))"
-        )
-    if train_dataset is not None and has_length(train_dataset) and len(train_dataset) == 0:
-        raise ValueError("train_dataset is empty: SparsityTrainer needs at least one example")
-
-
-def _check_supported(trainer: Trainer) -> None:
-    if trainer.train_dataset is None:
-        raise ValueError("SparsityTrainer needs train_dataset (the pruning schedule counts its batches)")
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError("SparsityTrainer does not run under DeepSpeed or FSDP (the formulation owns the backward)")
-    if trainer.args.n_gpu > 1:
-        raise ValueError(
-            f"SparsityTrainer runs one device per process, this one sees {trainer.args.n_gpu} GPUs: "
-            "start one process per GPU with torchrun, or set CUDA_VISIBLE_DEVICES"
-        )
-
-
-def _epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
-    """``setup()``'s epochs and optimizer steps per epoch, counted as Trainer counts them."""
-    args = trainer.args
-    dataloader = trainer.get_train_dataloader()
-    _let_go(trainer.accelerator, dataloader)  # only its length is read
-    if not has_length(dataloader):  # an iterable dataset: Trainer runs max_steps as one epoch
-        if args.max_steps <= 0:
-            raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
-        return 1, args.max_steps
-    steps = max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
-    # Trainer's total: max_steps, else num_train_epochs (a fraction too, 0.5 of an epoch) times the epoch's steps.
-    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps)
-    steps = min(steps, max(total, 1))  # a run shorter than an epoch: the schedules spread over the steps it takes
-    return max(math.ceil(total / steps), 1), steps

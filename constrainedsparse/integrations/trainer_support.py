@@ -1,0 +1,110 @@
+"""What :class:`~constrainedsparse.integrations.hf.SparsityTrainer` checks of its Trainer and model, and the small
+contexts it runs its own forward passes in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import Trainer
+from transformers.trainer_utils import has_length
+
+__all__ = [
+    "check_supported",
+    "check_trainable",
+    "epochs_and_steps",
+    "eval_mode",
+    "let_go",
+    "parametrized",
+    "random_states_kept",
+]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its own mode after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+@contextlib.contextmanager
+def random_states_kept() -> Iterator[None]:
+    """torch's CPU generator, Python's ``random`` and NumPy's global state as they were after the block."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def let_go(accelerator: Any, loader: Any) -> None:
+    """Forgets a prepared loader read only in part: accelerate keeps a reference (and its workers) otherwise."""
+    if hasattr(loader, "end"):
+        loader.end()
+    registered = getattr(accelerator, "_dataloaders", None)
+    if isinstance(registered, list) and any(entry is loader for entry in registered):
+        registered[:] = [entry for entry in registered if entry is not loader]
+
+
+def parametrized(model: nn.Module) -> bool:
+    """Whether a module of ``model`` carries a parametrization (masks or gates still on it)."""
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def check_trainable(model: nn.Module | None, train_dataset: Any) -> None:
+    """What Trainer would refuse with a message of its own, or torch's: no model, a model loaded quantized, no
+    examples."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"SparsityTrainer needs model=, a torch.nn.Module (a transformers model), got {model!r:.60}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_trainable", False):
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise ValueError(
+            f"the model was loaded quantized ({getattr(method, 'value', method)}, e.g. from a GGUF file), which "
+            "Trainer does not fine-tune: load a plain copy (constrainedsparse.models.materialize_gguf(file, cache, "
+            "name) writes one; SmolLM2: materialize_smollm2(cache))"
+        )
+    if train_dataset is not None and has_length(train_dataset) and len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty: SparsityTrainer needs at least one example")
+
+
+def check_supported(trainer: Trainer) -> None:
+    if trainer.train_dataset is None:
+        raise ValueError("SparsityTrainer needs train_dataset (the pruning schedule counts its batches)")
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError("SparsityTrainer does not run under DeepSpeed or FSDP (the formulation owns the backward)")
+    if trainer.args.n_gpu > 1:
+        raise ValueError(
+            f"SparsityTrainer runs one device per process, this one sees {trainer.args.n_gpu} GPUs: "
+            "start one process per GPU with torchrun, or set CUDA_VISIBLE_DEVICES"
+        )
+
+
+def epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
+    """``setup()``'s epochs and optimizer steps per epoch, counted as Trainer counts them."""
+    args = trainer.args
+    dataloader = trainer.get_train_dataloader()
+    let_go(trainer.accelerator, dataloader)  # only its length is read
+    if not has_length(dataloader):  # an iterable dataset: Trainer runs max_steps as one epoch
+        if args.max_steps <= 0:
+            raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
+        return 1, args.max_steps
+    steps = max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
+    # Trainer's total: max_steps, else num_train_epochs (a fraction too, 0.5 of an epoch) times the epoch's steps.
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps)
+    steps = min(steps, max(total, 1))  # a run shorter than an epoch: the schedules spread over the steps it takes
+    return max(math.ceil(total / steps), 1), steps
