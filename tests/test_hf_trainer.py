@@ -434,14 +434,17 @@ def test_a_run_stopped_early_or_shorter_than_an_epoch_neither_warns_nor_skips_co
     assert not [w for w in recwarn if "without a coordination" in str(w.message)]
 
 
-def test_a_schedule_cut_by_max_steps_does_not_warn_at_the_hard_prune(tmp_path, recwarn):
-    """Trainer counts whole epochs for setup() (2 x 8 steps) but runs max_steps=9: the schedule ends at 0.92 of the
-    target by Trainer's rounding, which its user cannot act on."""
+def test_a_schedule_cut_by_max_steps_ends_on_the_steps_trainer_runs(tmp_path, recwarn):
+    """Trainer runs max_steps=9 over two epochs of 8 steps: setup() is told 9 steps in all, so a schedule counted in
+    steps reaches the target at the last one (it stopped at 0.92 of it over 16 steps), and neither the cut epoch nor
+    the hard prune warns."""
     model = _model()
     args = _args(tmp_path / "run", max_steps=9, logging_steps=100, save_strategy="no")
     trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
                               hyperparameters={"sparsity_schedule": "cubic", "schedule_end": 1.0})  # fmt: skip
+    assert (trainer.formulation.num_epochs, trainer.formulation.steps_per_epoch) == (2, 8)
+    assert trainer.formulation.total_steps == 9
     trainer.train()
-    assert trainer.formulation.schedule_fraction() < 1.0
-    assert not [w for w in recwarn if "sparsity schedule" in str(w.message)]
+    assert trainer.formulation.schedule_fraction() == 1.0
+    assert not [w for w in recwarn if "sparsity schedule" in str(w.message) or "post_step() calls" in str(w.message)]
     assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5

@@ -174,9 +174,9 @@ def test_an_epoch_with_other_post_step_calls_than_declared_warns_once():
         messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         if epoch == 0:
             assert messages == [
-                "setup() declared steps_per_epoch=8, but epoch 0 had 4 post_step() calls: the schedules count "
+                "setup() declared 8 steps for epoch 0, but it had 4 post_step() calls: the schedules count "
                 "post_step() calls (optimizer steps with gradient accumulation, not micro-batches); pass that number "
-                "to setup()"
+                "to setup() (and total_steps when the last epoch is cut short)"
             ]
         else:
             assert messages == []  # once per run

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -396,16 +397,15 @@ def test_batches_that_are_not_pairs_need_compute_loss():
         SparsityProblem(copy.deepcopy(model), nn.functional.cross_entropy, targets)
 
 
-def _built(name, seed=0, hidden=32):
+def _built(name, seed=0, hidden=32, **hyperparameters):
     data = load_breast_cancer()
     x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)[:128]
     y = torch.tensor(data.target)[:128]
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(30, hidden), nn.ReLU(), nn.Linear(hidden, 2))
     norm = {"norm": UserConstraint(lambda m: m[0].weight.norm() - 1.0)}
-    f = make(
-        name, SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)), norm)
-    )
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)), norm)
+    f = make(name, problem, **hyperparameters)
     f.setup(1, 4, reference_batch=(x, y))
     return f, x, y
 
@@ -472,8 +472,43 @@ def test_a_loop_resumed_mid_epoch_counts_the_epochs_steps_on(name, recwarn):
     fresh, _, _ = _built(name)
     fresh.start_epoch(0)
     fresh.training_step((x, y))
-    with pytest.warns(UserWarning, match=r"steps_per_epoch=4, but epoch 0 had 1 post_step\(\) calls"):
+    with pytest.warns(UserWarning, match=r"declared 4 steps for epoch 0, but it had 1 post_step\(\) calls"):
         fresh.end_epoch(0)
+
+
+def test_total_steps_cuts_the_last_epoch_short_for_the_checks_and_the_step_schedules(recwarn):
+    """A run of 5 steps over epochs of 4 (a max_steps): the last epoch is declared 1 step, and slr's cubic schedule
+    reaches the target at step 5, not 8."""
+    f, x, y = _built("slr", sparsity_schedule="cubic", schedule_end=1.0)
+    f.setup(2, 4, f.reference_batch, total_steps=5)
+    assert (f.num_epochs, f.steps_per_epoch, f.total_steps) == (2, 4, 5)
+    for epoch, steps in ((0, 4), (1, 1)):
+        f.start_epoch(epoch)
+        for _ in range(steps):
+            f.training_step((x, y))
+        f.end_epoch(epoch)
+    assert not [w for w in recwarn if "post_step() calls" in str(w.message)]
+    assert f.schedule_fraction() == 1.0
+    with pytest.warns(UserWarning, match=r"^setup\(\) declared 1 step for epoch 1, but it had 2 post_step\(\) calls"):
+        again, _, _ = _built("magnitude")
+        again.setup(2, 4, total_steps=5)
+        again.start_epoch(1)
+        again.training_step((x, y))
+        again.training_step((x, y))
+        again.end_epoch(1)
+
+
+@pytest.mark.parametrize("total", [4, 9, 2.5, True, "5"])
+def test_total_steps_must_leave_the_last_epoch_one_to_a_whole_epoch_of_steps(total):
+    f, _, _ = _built("magnitude")
+    with pytest.raises(
+        ValueError,
+        match=rf"^total_steps must be from 5 to 8 \(the last of num_epochs=2 epochs of 4 steps cut short, "
+        rf"or none\), got {re.escape(repr(total))}$",
+    ):
+        f.setup(2, 4, total_steps=total)
+    with pytest.raises(ValueError, match=r"^total_steps must be 0 \(the last of num_epochs=0 epochs"):
+        f.setup(0, 4, total_steps=1)
 
 
 def test_start_epoch_past_setups_epochs_warns_once(recwarn):

@@ -55,7 +55,7 @@ from constrainedsparse.formulations.checks import (
     check_target_levels,
     warn_schedule_unfinished,
 )
-from constrainedsparse.formulations.epochs import EpochCount, checked_epoch
+from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, checked_total_steps
 from constrainedsparse.formulations.step import LagrangianStep, checked_steps
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
 from constrainedsparse.multipliers import restarted_multipliers
@@ -189,31 +189,42 @@ class Formulation(abc.ABC):
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
-    def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
+    def setup(
+        self,
+        num_epochs: int,
+        steps_per_epoch: int,
+        reference_batch: Batch | None = None,
+        *,
+        total_steps: int | None = None,
+    ) -> None:
         """Prepares the first epoch (also called before loading a checkpoint to resume).
 
         Args:
             num_epochs: Pruning epochs of the run (schedules use it).
-            steps_per_epoch: Minibatches per epoch.
+            steps_per_epoch: Minibatches per epoch (``post_step()`` calls: optimizer steps).
             reference_batch: A fixed batch of training data, for formulations that compare the
                 objective at two points on the same data (SLR's surrogate conditions; see
                 :attr:`reference_samples`).
+            total_steps: Steps of the whole run when its last epoch is cut short (a ``max_steps`` that is not a
+                multiple of the epoch): from :math:`(E - 1) S + 1` to :math:`E S`, the default. Schedules counted
+                in steps end on it.
 
         Raises:
-            ValueError: After :meth:`finalize`, for negative counts, or without a reference batch
-                where one is needed.
+            ValueError: After :meth:`finalize`, for negative counts, a ``total_steps`` outside its range, or
+                without a reference batch where one is needed.
         """
         if self._stage == _FINALIZED:
             raise _stage_error("setup()", self._stage)
         for key, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
             if not is_integer(value) or value < 0:
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+        total_steps = checked_total_steps(num_epochs, steps_per_epoch, total_steps)
         if self.reference_samples and reference_batch is None:
             raise ValueError(
                 f"{self.name} needs a reference batch: pass reference_batch to setup() (a fixed batch of about "
                 f"{self.reference_samples} training samples on which it compares the loss at two points)"
             )
-        self._epochs.declare(num_epochs, steps_per_epoch)
+        self._epochs.declare(num_epochs, steps_per_epoch, total_steps)
         self.reference_batch = reference_batch
         stage, self._stage = self._stage, _READY
         try:
@@ -231,6 +242,11 @@ class Formulation(abc.ABC):
     def steps_per_epoch(self) -> int:
         """``post_step()`` calls an epoch, declared by :meth:`setup` (0 before it)."""
         return self._epochs.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        """``post_step()`` calls of the whole run, declared by :meth:`setup` (0 before it)."""
+        return self._epochs.total_steps
 
     def on_setup(self) -> None:
         """Hook at the end of :meth:`setup` (e.g. SLR measures :math:`f` on the reference batch)."""

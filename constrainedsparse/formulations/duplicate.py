@@ -288,9 +288,10 @@ class DuplicateVariables(Formulation):
         """Fraction of each target's sparsity that the Z-step projects to now (1 with ``sparsity_schedule=constant``).
 
         With ``sparsity_schedule=cubic``: :math:`1 - (1 - \\min(1, t / t_{end}))^3` with :math:`t` the W-steps
-        done so far over the run's (``num_epochs x steps_per_epoch``) and :math:`t_{end}` = ``schedule_end``.
+        done so far over the run's (``total_steps``: ``num_epochs x steps_per_epoch`` unless ``setup()`` cut the last
+        epoch short) and :math:`t_{end}` = ``schedule_end``.
         """
-        total = self.num_epochs * self.steps_per_epoch
+        total = self.total_steps
         if self.config.sparsity_schedule == "constant" or total == 0:
             return 1.0
         progress = min(1.0, self.steps_done / (total * self.config.schedule_end))
@@ -392,7 +393,14 @@ class DuplicateVariables(Formulation):
 
     # --- Formulation hooks --------------------------------------------------------------------
 
-    def setup(self, num_epochs: int, steps_per_epoch: int, reference_batch: Batch | None = None) -> None:
+    def setup(
+        self,
+        num_epochs: int,
+        steps_per_epoch: int,
+        reference_batch: Batch | None = None,
+        *,
+        total_steps: int | None = None,
+    ) -> None:
         """:meth:`Formulation.setup`; with ``interval_unit=per-epoch`` the epoch must have steps.
 
         Raises:
@@ -407,7 +415,7 @@ class DuplicateVariables(Formulation):
                 "needs steps_per_epoch >= 1 in setup(); pass the number of steps of one epoch, or set "
                 "interval_unit=step"
             )
-        super().setup(num_epochs, steps_per_epoch, reference_batch)
+        super().setup(num_epochs, steps_per_epoch, reference_batch, total_steps=total_steps)
 
     @torch.no_grad()
     def on_setup(self) -> None:

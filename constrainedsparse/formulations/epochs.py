@@ -12,7 +12,7 @@ from typing import Any
 
 from constrainedsparse.errors import is_integer, user_stacklevel
 
-__all__ = ["EpochCount", "checked_epoch"]
+__all__ = ["EpochCount", "checked_epoch", "checked_total_steps"]
 
 
 def checked_epoch(epoch: Any, call: str) -> int:
@@ -26,6 +26,26 @@ def checked_epoch(epoch: Any, call: str) -> int:
     return epoch
 
 
+def checked_total_steps(num_epochs: int, steps_per_epoch: int, total_steps: Any) -> int:
+    """``setup()``'s ``total_steps``: ``num_epochs x steps_per_epoch`` when ``None``, else a count that leaves the
+    last epoch at least one step and at most a whole epoch.
+
+    Raises:
+        ValueError: Naming the allowed range and the value.
+    """
+    full = num_epochs * steps_per_epoch
+    if total_steps is None:
+        return full
+    low = full - steps_per_epoch + 1 if full else 0
+    if not is_integer(total_steps) or not low <= total_steps <= full:
+        allowed = f"from {low} to {full}" if low < full else f"{full}"
+        raise ValueError(
+            f"total_steps must be {allowed} (the last of num_epochs={num_epochs} epochs of {steps_per_epoch} steps "
+            f"cut short, or none), got {total_steps!r}"
+        )
+    return total_steps
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=user_stacklevel())  # at the caller of start_epoch() / end_epoch()
 
@@ -37,6 +57,8 @@ class EpochCount:
     Attributes:
         num_epochs: Epochs ``setup()`` declared (0: not declared).
         steps_per_epoch: ``post_step()`` calls an epoch ``setup()`` declared.
+        total_steps: ``post_step()`` calls of the whole run ``setup()`` declared (``num_epochs x steps_per_epoch``
+            unless its last epoch is cut short).
         epoch: The epoch started last (-1 before the first).
         steps: ``post_step()`` calls in that epoch so far.
         open_epoch: The epoch started and not yet ended, if any.
@@ -45,16 +67,24 @@ class EpochCount:
 
     num_epochs: int = 0
     steps_per_epoch: int = 0
+    total_steps: int = 0
     epoch: int = -1
     steps: int = 0
     open_epoch: int | None = None
     resumed_mid_epoch: bool = False
     _warned: set[str] = dataclasses.field(default_factory=set, repr=False)
 
-    def declare(self, num_epochs: int, steps_per_epoch: int) -> None:
+    def declare(self, num_epochs: int, steps_per_epoch: int, total_steps: int) -> None:
         """``setup()``'s counts (a new count warns again once past it)."""
-        self.num_epochs, self.steps_per_epoch = num_epochs, steps_per_epoch
+        self.num_epochs, self.steps_per_epoch, self.total_steps = num_epochs, steps_per_epoch, total_steps
         self._warned.discard("epochs")
+
+    def declared_steps(self, epoch: int) -> int:
+        """``post_step()`` calls declared for ``epoch``: ``steps_per_epoch``, what ``total_steps`` leaves to the
+        last epoch."""
+        if epoch == self.num_epochs - 1:
+            return self.total_steps - epoch * self.steps_per_epoch
+        return self.steps_per_epoch
 
     def start(self, epoch: int) -> None:
         """``start_epoch(epoch)``.
@@ -85,12 +115,13 @@ class EpochCount:
             UserWarning: Once, when an epoch saw another number of ``post_step()`` calls than declared (the
                 schedules count ``post_step()`` calls: optimizer steps with gradient accumulation).
         """
-        declared, done = self.steps_per_epoch, self.steps
+        declared, done = self.declared_steps(epoch), self.steps
         if done not in (declared, 0) and self._once("steps"):
             _warn(
-                f"setup() declared steps_per_epoch={declared}, but epoch {epoch} had {done} post_step() calls: the "
+                f"setup() declared {declared} step{'s' * (declared != 1)} for epoch {epoch}, but it had {done} "
+                "post_step() calls: the "
                 "schedules count post_step() calls (optimizer steps with gradient accumulation, not micro-batches); "
-                "pass that number to setup()"
+                "pass that number to setup() (and total_steps when the last epoch is cut short)"
             )
         self.steps, self.open_epoch = 0, None  # counted: a state saved now is not mid-epoch
 

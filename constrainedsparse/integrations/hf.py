@@ -142,7 +142,8 @@ class SparsityTrainer(Trainer):
             if wanted:  # the batch drawn above, unless you set its size or its loss is not finite
                 reusable = size is None and self._loss_is_finite(batch)
                 reference = batch if reusable else self._train_batch(size, finite_loss=True)
-            self.formulation.setup(*epochs_and_steps(self), reference_batch=reference)
+            epochs, steps, total = epochs_and_steps(self)
+            self.formulation.setup(epochs, steps, reference_batch=reference, total_steps=total)
         except BaseException:
             self.formulation.finalize()
             raise
@@ -343,10 +344,7 @@ class SparsityTrainer(Trainer):
         if self._pruned:
             raise ValueError("hard_prune(): the model is hard-pruned already")
         masks = self.formulation.hard_masks()
-        with warnings.catch_warnings():
-            if self.state.global_step >= self.state.max_steps > 0:  # the steps it planned: Trainer's last epoch was cut
-                warnings.filterwarnings("ignore", message=r".*: finalize\(\) with its sparsity schedule at")
-            self.formulation.finalize()
+        self.formulation.finalize()
         hard_prune_targets(self.formulation.problem.targets, masks)
         self._pruned = True
         return masks
@@ -412,12 +410,8 @@ class _PruningCallback(TrainerCallback):
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         with warnings.catch_warnings():
-            if (
-                state.global_step >= state.max_steps
-                or control.should_training_stop
-                or not has_length(trainer.train_dataset)
-            ):
-                # max_steps or a callback cut this epoch short (or the dataset has no length): Trainer's choice
+            if control.should_training_stop or not has_length(trainer.train_dataset):
+                # a callback cut this epoch short (or the dataset has no length): Trainer's choice
                 warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
             trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
         last = state.global_step >= state.max_steps or control.should_training_stop

@@ -94,17 +94,19 @@ def check_supported(trainer: Trainer) -> None:
         )
 
 
-def epochs_and_steps(trainer: Trainer) -> tuple[int, int]:
-    """``setup()``'s epochs and optimizer steps per epoch, counted as Trainer counts them."""
+def epochs_and_steps(trainer: Trainer) -> tuple[int, int, int]:
+    """``setup()``'s epochs, optimizer steps per epoch and steps in all, counted as Trainer counts them (its
+    ``max_steps`` may cut the last epoch short)."""
     args = trainer.args
     dataloader = trainer.get_train_dataloader()
     let_go(trainer.accelerator, dataloader)  # only its length is read
     if not has_length(dataloader):  # an iterable dataset: Trainer runs max_steps as one epoch
         if args.max_steps <= 0:
             raise ValueError("a train_dataset without a length needs TrainingArguments(max_steps=N)")
-        return 1, args.max_steps
+        return 1, args.max_steps, args.max_steps
     steps = max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
     # Trainer's total: max_steps, else num_train_epochs (a fraction too, 0.5 of an epoch) times the epoch's steps.
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps)
     steps = min(steps, max(total, 1))  # a run shorter than an epoch: the schedules spread over the steps it takes
-    return max(math.ceil(total / steps), 1), steps
+    epochs = max(math.ceil(total / steps), 1)
+    return epochs, steps, min(max(total, 1), epochs * steps)
