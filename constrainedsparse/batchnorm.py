@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from constrainedsparse.errors import is_integer
+from constrainedsparse.modes import eval_mode
 
 __all__ = ["batchnorm_layers", "recalibrate_batchnorm"]
 
@@ -91,20 +92,19 @@ def recalibrate_batchnorm(
     run = _forward if forward is None else forward
     saved = [{name: buffer.clone() for name, buffer in layer.named_buffers()} for layer in layers]
     momenta = [layer.momentum for layer in layers]
-    modes = [(module, module.training) for module in model.modules()]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative average over the batches
-    model.eval()
-    for layer in layers:
-        layer.train()
     seen = 0
     try:
-        for batch in batches:
-            run(model, batch)
-            seen += 1
-            if max_batches is not None and seen >= max_batches:
-                break
+        with eval_mode(model):
+            for layer in layers:
+                layer.train()
+            for batch in batches:
+                run(model, batch)
+                seen += 1
+                if max_batches is not None and seen >= max_batches:
+                    break
         if seen == 0:
             raise ValueError("recalibrate_batchnorm got no batch: the BatchNorm statistics are left as they were")
     except BaseException:
@@ -116,6 +116,4 @@ def recalibrate_batchnorm(
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
-        for module, training in modes:
-            module.training = training
     return seen

@@ -30,6 +30,7 @@ from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
 from constrainedsparse.checkpoint import save_weights, writable
 from constrainedsparse.errors import NonFiniteLossError, UserInputError
+from constrainedsparse.modes import eval_mode
 from constrainedsparse.progress import Progress
 from constrainedsparse.spec import Problem
 
@@ -106,19 +107,17 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
     them (a mean of batch values is wrong for R², AUC or F1). Under torchrun every rank predicts a
     shard (with rank 0's buffers) and the shards are gathered before the metric.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     distributed.broadcast_buffers(model)
     if distributed.is_distributed():
         dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     outputs, targets = [], []
     # Its own generator: an evaluation takes no draw from the global one (training's dropout stream).
-    for batch in DataLoader(dataset, batch_size=EVAL_BATCH, generator=torch.Generator()):
-        output, y = problem.predicted(model, to_device(batch, device))
-        outputs.append(output.detach().cpu())
-        targets.append(y.detach().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in DataLoader(dataset, batch_size=EVAL_BATCH, generator=torch.Generator()):
+            output, y = problem.predicted(model, to_device(batch, device))
+            outputs.append(output.detach().cpu())
+            targets.append(y.detach().cpu())
     if distributed.is_distributed():
         shards = distributed.gather_objects((outputs, targets))
         outputs = [o for shard_outputs, _ in shards for o in shard_outputs]

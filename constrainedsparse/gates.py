@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from constrainedsparse.masks import find_parametrization, remove_parametrization
+from constrainedsparse.modes import eval_mode
 from constrainedsparse.targets import TargetParam
 
 __all__ = [
@@ -321,7 +322,5 @@ def remove_gates(targets: Iterable[TargetParam]) -> None:
         gate = find_gate(t.module, t.param_name)
         if gate is None:
             continue
-        was_training = gate.training
-        gate.eval()
-        remove_parametrization(t.module, t.param_name, leave_parametrized=True)
-        gate.train(was_training)
+        with eval_mode(gate):
+            remove_parametrization(t.module, t.param_name, leave_parametrized=True)

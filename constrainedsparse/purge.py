@@ -49,6 +49,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from constrainedsparse.modes import eval_mode
+
 __all__ = ["SelectFeatures", "chain_purged_params", "count_params_and_macs", "linear_chain", "load_purged", "purge"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
@@ -439,12 +441,10 @@ def count_params_and_macs(model: nn.Module, example_input: torch.Tensor) -> tupl
         for m in model.modules()
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
     ]
-    training = model.training
     try:
-        model.eval()
-        model(example_input)
+        with eval_mode(model):
+            model(example_input)
     finally:
-        model.train(training)
         for h in handles:
             h.remove()
     return sum(p.numel() for p in model.parameters()), macs // batch

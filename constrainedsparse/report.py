@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from constrainedsparse.checkpoint import atomic_write_bytes
+from constrainedsparse.modes import eval_mode
 
 __all__ = [
     "EQUALITY_TOLERANCE",
@@ -159,10 +160,8 @@ def constraint_report(
 
     ``satisfied`` is ``max(value) <= 0`` for ``<=`` and ``max|value| <= EQUALITY_TOLERANCE`` for ``==``.
     """
-    was_training = model.training
-    model.eval()
     report = {}
-    try:
+    with eval_mode(model):
         for name, spec in constraints.items():
             value = torch.as_tensor(spec(model, test_batch)).reshape(-1).double()
             worst = float(value.max()) if spec.sense == "<=" else float(value.abs().max())
@@ -174,6 +173,4 @@ def constraint_report(
                 "multiplier": None if multiplier is None else _value(multiplier),
                 "sense": spec.sense,
             }
-    finally:
-        model.train(was_training)
     return report

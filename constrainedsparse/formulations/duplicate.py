@@ -57,6 +57,7 @@ from constrainedsparse.formulations.checks import check_dense_gradients
 from constrainedsparse.formulations.iterate import Iterate
 from constrainedsparse.formulations.penalty import PenaltyGradient
 from constrainedsparse.formulations.rho import PenaltyRule
+from constrainedsparse.modes import eval_mode
 from constrainedsparse.problem import Batch
 from constrainedsparse.targets import TargetParam
 
@@ -253,14 +254,11 @@ class DuplicateVariables(Formulation):
         if self.reference_batch is None:
             raise ValueError(f"{self.name} needs a reference batch: pass reference_batch to setup()")
         model = self.problem.model
-        was_training = model.training
-        model.eval()
-        loss, _ = self.problem.loss(self.reference_batch, module=model)
+        with eval_mode(model):
+            loss, _ = self.problem.loss(self.reference_batch, module=model)
         if distributed.is_distributed():  # the ranks' shard means, weighted by their samples
             loss = weighted_mean(loss, batch_size(self.reference_batch))
-        value = float(loss)
-        model.train(was_training)
-        return value
+        return float(loss)
 
     def augmented_lagrangian(self, f_value: float, linear: list[float], squares: list[float]) -> float:
         """The augmented Lagrangian from :math:`f(W)`, the dots :math:`\\langle\\Lambda_n, W_n - Z_n\\rangle` and

@@ -46,12 +46,12 @@ from constrainedsparse.integrations.trainer_support import (
     check_supported,
     check_trainable,
     epochs_and_steps,
-    eval_mode,
     let_go,
     parametrized,
     random_states_kept,
 )
 from constrainedsparse.masks import hard_prune as hard_prune_targets
+from constrainedsparse.modes import eval_mode
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.targets import TargetParam
 

@@ -21,22 +21,10 @@ __all__ = [
     "check_supported",
     "check_trainable",
     "epochs_and_steps",
-    "eval_mode",
     "let_go",
     "parametrized",
     "random_states_kept",
 ]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the block, its own mode after."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
 
 
 @contextlib.contextmanager

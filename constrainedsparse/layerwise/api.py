@@ -53,6 +53,7 @@ from constrainedsparse.layerwise.runner import (
     tokenizer_source,
 )
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, scope_field
+from constrainedsparse.modes import eval_mode
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.saving import source_folder
 from constrainedsparse.settings import resolve_device, target_from_flags
@@ -264,14 +265,13 @@ def _solver(method: str | LayerwiseSolver, hyperparameters: dict[str, Any]) -> L
 @contextlib.contextmanager
 def _calibration_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no key/value cache while calibrating; the model's own settings restored after."""
-    was_training, use_cache = model.training, getattr(getattr(model, "config", None), "use_cache", None)
-    model.eval()
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False  # calibration passes must not accumulate key/value caches
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
-        model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
 
