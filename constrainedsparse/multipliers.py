@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import cooper
 import torch
 from cooper.multipliers import DenseMultiplier
 from cooper.utils import ConstraintType
 
-__all__ = ["RestartingMultiplier", "reset_dual_state_", "restarted_multipliers"]
+__all__ = ["RestartingMultiplier", "cooper_optimizer", "reset_dual_state_", "restarted_multipliers"]
 
 
 class RestartingMultiplier(DenseMultiplier):
@@ -97,3 +98,15 @@ def restarted_multipliers(problem: Any, optimizer: torch.optim.Optimizer) -> dic
         if bool(multiplier.last_restart.any()):  # a positive multiplier was reset to 0
             metrics[f"restart/{name}"] = 1.0
     return metrics
+
+
+def cooper_optimizer(
+    problem: cooper.ConstrainedMinimizationProblem,
+    primal: torch.optim.Optimizer,
+    dual: torch.optim.Optimizer | None,
+) -> cooper.optim.CooperOptimizer:
+    """Cooper's optimizer of ``problem``: the primal step alone without a dual optimizer, else simultaneous
+    gradient descent-ascent (both steps on the same Lagrangian's gradients)."""
+    if dual is None:
+        return cooper.optim.UnconstrainedOptimizer(problem, primal)
+    return cooper.optim.SimultaneousOptimizer(problem, primal, dual)

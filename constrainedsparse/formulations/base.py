@@ -40,7 +40,7 @@ import torch
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.claims import claim_targets, release_targets
 from constrainedsparse.config import Hyperparameters
-from constrainedsparse.errors import is_integer, is_ours
+from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
@@ -55,10 +55,10 @@ from constrainedsparse.formulations.checks import (
     check_target_levels,
     warn_schedule_unfinished,
 )
-from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, checked_total_steps
+from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, declared_counts
 from constrainedsparse.formulations.step import LagrangianStep, checked_steps
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
-from constrainedsparse.multipliers import restarted_multipliers
+from constrainedsparse.multipliers import cooper_optimizer, restarted_multipliers
 from constrainedsparse.problem import Batch, SparsityProblem
 
 __all__ = ["Formulation", "LagrangianStep", "NoConfig"]
@@ -144,12 +144,7 @@ class Formulation(abc.ABC):
         try:
             self.attach()
             self.dual_optimizer = self.build_dual_optimizer()
-            if self.dual_optimizer is None:
-                self.cooper_optimizer: cooper.optim.CooperOptimizer = cooper.optim.UnconstrainedOptimizer(
-                    problem, optimizer
-                )
-            else:
-                self.cooper_optimizer = cooper.optim.SimultaneousOptimizer(problem, optimizer, self.dual_optimizer)
+            self.cooper_optimizer = cooper_optimizer(problem, optimizer, self.dual_optimizer)
         except BaseException:  # a refused build leaves model, optimizer and problem as they were
             release_targets(self._claim)
             before.restore(self)
@@ -215,16 +210,13 @@ class Formulation(abc.ABC):
         """
         if self._stage == _FINALIZED:
             raise _stage_error("setup()", self._stage)
-        for key, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
-            if not is_integer(value) or value < 0:
-                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
-        total_steps = checked_total_steps(num_epochs, steps_per_epoch, total_steps)
+        counts = declared_counts(num_epochs, steps_per_epoch, total_steps)
         if self.reference_samples and reference_batch is None:
             raise ValueError(
                 f"{self.name} needs a reference batch: pass reference_batch to setup() (a fixed batch of about "
                 f"{self.reference_samples} training samples on which it compares the loss at two points)"
             )
-        self._epochs.declare(num_epochs, steps_per_epoch, total_steps)
+        self._epochs.declare(*counts)
         self.reference_batch = reference_batch
         stage, self._stage = self._stage, _READY
         try:

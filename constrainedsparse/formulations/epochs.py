@@ -12,7 +12,7 @@ from typing import Any
 
 from constrainedsparse.errors import is_integer, user_stacklevel
 
-__all__ = ["EpochCount", "checked_epoch", "checked_total_steps"]
+__all__ = ["EpochCount", "checked_epoch", "declared_counts"]
 
 
 def checked_epoch(epoch: Any, call: str) -> int:
@@ -26,16 +26,19 @@ def checked_epoch(epoch: Any, call: str) -> int:
     return epoch
 
 
-def checked_total_steps(num_epochs: int, steps_per_epoch: int, total_steps: Any) -> int:
-    """``setup()``'s ``total_steps``: ``num_epochs x steps_per_epoch`` when ``None``, else a count that leaves the
-    last epoch at least one step and at most a whole epoch.
+def declared_counts(num_epochs: Any, steps_per_epoch: Any, total_steps: Any) -> tuple[int, int, int]:
+    """``setup()``'s counts: integers >= 0; ``total_steps`` is ``num_epochs x steps_per_epoch`` when ``None``, else
+    a count that leaves the last epoch at least one step and at most a whole epoch.
 
     Raises:
-        ValueError: Naming the allowed range and the value.
+        ValueError: Naming the count, what is allowed and the value.
     """
+    for key, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
+        if not is_integer(value) or value < 0:
+            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
     full = num_epochs * steps_per_epoch
     if total_steps is None:
-        return full
+        return num_epochs, steps_per_epoch, full
     low = full - steps_per_epoch + 1 if full else 0
     if not is_integer(total_steps) or not low <= total_steps <= full:
         allowed = f"from {low} to {full}" if low < full else f"{full}"
@@ -43,7 +46,7 @@ def checked_total_steps(num_epochs: int, steps_per_epoch: int, total_steps: Any)
             f"total_steps must be {allowed} (the last of num_epochs={num_epochs} epochs of {steps_per_epoch} steps "
             f"cut short, or none), got {total_steps!r}"
         )
-    return total_steps
+    return num_epochs, steps_per_epoch, total_steps
 
 
 def _warn(message: str) -> None:
