@@ -12,7 +12,7 @@ from cli_helpers import fails_with_one_line
 from torch import nn
 from wandb_records import history_rows, wait_for_complete_run
 
-from constrainedsparse import RunConfig, run
+from constrainedsparse import RunConfig, prune_layerwise, run
 from constrainedsparse.cli import main
 from constrainedsparse.errors import is_ours
 from constrainedsparse.layerwise import LayerProblem, available_solvers, solver_class
@@ -331,3 +331,30 @@ def test_every_solver_meets_its_pattern_through_the_driver(name, target):
         assert feasible.contains(weight), report.name
         assert int((weight != 0).sum()) == int(feasible.mask(weight.abs() + 1).sum()), report.name  # exact count
         assert 0.0 < report.relative_error < 1.0, report.name
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "owl"])
+def test_an_error_in_an_offloaded_block_sends_it_home(allocation):
+    """The walk moves each block to the device and back; a block whose pruning raises goes back too (it stayed on the
+    GPU), also on the allocation's measuring walk."""
+    moves = []
+
+    class Block(nn.Module):
+        def __init__(self, gain: float) -> None:
+            super().__init__()
+            self.fc, self.gain = nn.Linear(16, 16), gain
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.gain
+
+        def to(self, *args, **kwargs):
+            moves.append(id(self))
+            return super().to(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(1.0), Block(float("inf")), Block(1.0))
+    with pytest.raises(ValueError, match="calibration inputs are not finite"):
+        prune_layerwise(model, [torch.randn(4, 16) for _ in range(2)], "magnitude", sparsity=0.5, offload=True,
+                        device="cpu", blocks=list(model), allocation=allocation)  # fmt: skip
+    counts = [moves.count(id(block)) for block in model]
+    assert counts[2] > 0 and all(count % 2 == 0 for count in counts)  # every move there has its move back

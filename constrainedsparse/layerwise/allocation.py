@@ -42,6 +42,7 @@ convex (their lower convex hull) first, the textbook condition under which the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -300,15 +301,16 @@ def dense_layer_problems(
     the dense block then runs to produce the next block's inputs.
     """
     walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
-    for _, block, prefix, inputs, compute in walk:
-        layers = targeted_layers(block, targets)
-        grams = accumulate_grams(block, layers, inputs, gram_dtype, compute, prefix=prefix)
-        problems = []
-        for name, module in layers:
-            gram, tokens = grams[name]
-            weight = layer_weight(module).detach().to(torch.float32)
-            problems.append((module, LayerProblem(weight_name(prefix, name), weight, gram, target, tokens)))
-        yield prefix, block, inputs, compute, problems
+    with contextlib.closing(walk):  # closing this walk closes that one: an offloaded block goes home
+        for _, block, prefix, inputs, compute in walk:
+            layers = targeted_layers(block, targets)
+            grams = accumulate_grams(block, layers, inputs, gram_dtype, compute, prefix=prefix)
+            problems = []
+            for name, module in layers:
+                gram, tokens = grams[name]
+                weight = layer_weight(module).detach().to(torch.float32)
+                problems.append((module, LayerProblem(weight_name(prefix, name), weight, gram, target, tokens)))
+            yield prefix, block, inputs, compute, problems
 
 
 @torch.no_grad()
@@ -333,15 +335,16 @@ def measure_curves(
     curves = []
     walk = dense_layer_problems(model, blocks, batches, target, targets, gram_dtype=gram_dtype, device=device,
                                 offload=offload, activations=activations)  # fmt: skip
-    for _, block, inputs, compute, problems in walk:
-        dense = _hidden_states(run_block(block, inputs, compute)) if weight_by == "block" else None
-        for module, layer in problems:
-            if weight_by == "block":
-                curves.append(_block_curve(layer, module, block, inputs, compute, dense, levels))
-            else:
-                curves.append(error_curve(layer, levels, weight_by))
-        if on_block is not None:
-            on_block()
+    with contextlib.closing(walk):
+        for _, block, inputs, compute, problems in walk:
+            dense = _hidden_states(run_block(block, inputs, compute)) if weight_by == "block" else None
+            for module, layer in problems:
+                if weight_by == "block":
+                    curves.append(_block_curve(layer, module, block, inputs, compute, dense, levels))
+                else:
+                    curves.append(error_curve(layer, levels, weight_by))
+            if on_block is not None:
+                on_block()
     return curves
 
 

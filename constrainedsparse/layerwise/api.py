@@ -169,8 +169,10 @@ def prune_layerwise(
         A :class:`~constrainedsparse.layerwise.report.LayerwiseReport` (errors, sparsities).
 
     Raises:
-        ValueError: For a bad argument or hyperparameter, or a layer that does not fit the pattern;
-            nothing is pruned or written then.
+        ValueError: For a bad argument or hyperparameter, or a layer that does not fit the pattern:
+            nothing is pruned or written then (these are checked before the first block). An error met on the
+            way (calibration inputs that turn non-finite inside the model, a solver's) leaves the blocks before
+            it pruned in place and nothing written; an offloaded block is back where it was.
     """
     started = time.perf_counter()
     batches = _check_inputs(model, batches, out, {"overwrite": overwrite, "progress": progress})

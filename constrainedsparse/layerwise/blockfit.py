@@ -113,11 +113,20 @@ def block_sums(block: nn.Module, pairs: Pairs, device: torch.device | str | None
 
 @contextlib.contextmanager
 def float32_block(block: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
-    """The block computes in float32 with no parameter requiring gradients; dtype and flags restored after.
+    """The block computes in float32 with no parameter requiring gradients; every tensor's dtype and flag restored
+    after.
 
-    Weights in bfloat16 or float16 (read from ``modules[0]``) are cast to float32 and back.
+    Weights in bfloat16 or float16 (read from ``modules[0]``) are cast to float32 and back; each floating
+    parameter and buffer gets its own dtype back (a norm or a buffer the model keeps in float32 stays float32).
     """
     dtype = modules[0].weight.dtype
+    dtypes = [
+        (module, kind, name, tensor.dtype)
+        for module in block.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, tensor in getattr(module, kind).items()
+        if tensor is not None and tensor.is_floating_point()
+    ]
     if dtype != torch.float32:
         block.float()
     flags = {p: p.requires_grad for p in block.parameters()}
@@ -128,8 +137,12 @@ def float32_block(block: nn.Module, modules: Sequence[nn.Module]) -> Iterator[No
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        if dtype != torch.float32:
-            block.to(dtype)
+        for module, kind, name, was in dtypes:
+            tensor = getattr(module, kind)[name]
+            if tensor.dtype != was and kind == "_parameters":
+                tensor.data = tensor.data.to(was)  # the same Parameter object
+            elif tensor.dtype != was:
+                module._buffers[name] = tensor.to(was)
 
 
 def fit_block(
@@ -179,14 +192,17 @@ def _adam(
     with torch.enable_grad():
         for w in weights:
             w.requires_grad_(True)
-        for _ in range(fit.epochs):
-            for item, target in pairs:
-                optimizer.zero_grad(set_to_none=True)
-                error, _ = batch_loss(block, item, target, device)
-                (error * scale).backward()
-                for w, mask in zip(weights, masks):
-                    w.grad.mul_(mask)
-                optimizer.step()
-                with torch.no_grad():
+        try:
+            for _ in range(fit.epochs):
+                for item, target in pairs:
+                    optimizer.zero_grad(set_to_none=True)
+                    error, _ = batch_loss(block, item, target, device)
+                    (error * scale).backward()
                     for w, mask in zip(weights, masks):
-                        w.mul_(mask)
+                        w.grad.mul_(mask)
+                    optimizer.step()
+                    with torch.no_grad():
+                        for w, mask in zip(weights, masks):
+                            w.mul_(mask)
+        finally:
+            optimizer.zero_grad(set_to_none=True)  # no gradient left on the model's weights

@@ -29,6 +29,7 @@ are broadcast from the rank that solved it: all ranks end every block with the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -319,13 +320,15 @@ def walk_blocks(
         home = next(block.parameters()).device
         if offload:
             block.to(device)
-        yield index, block, prefixes[index], inputs, compute
-        if index + 1 < stop and chained:
-            inputs = run_block(block, inputs, compute)
-        elif index + 1 < stop:  # something runs between the blocks: the model up to the next one, as changed
-            inputs = walk_inputs(model, blocks[index + 1], batches, device, offload, activations)
-        if offload:
-            block.to(home)
+        try:  # an error in the caller (its consumer closes the walk) also sends the block home
+            yield index, block, prefixes[index], inputs, compute
+            if index + 1 < stop and chained:
+                inputs = run_block(block, inputs, compute)
+            elif index + 1 < stop:  # something runs between the blocks: the model up to the next one, as changed
+                inputs = walk_inputs(model, blocks[index + 1], batches, device, offload, activations)
+        finally:
+            if offload:
+                block.to(home)
 
 
 def prune_blocks(
@@ -396,24 +399,25 @@ def prune_blocks(
         )
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
                        activations=activations, chained=chained)  # fmt: skip
-    for index, block, prefix, inputs, compute in walk:
-        wanted = mask_layers = None
-        if fit is not None and fit.enabled:  # the dense block's outputs and weights, before it is pruned
-            reference = inputs if reference is None or fit.target == "block" else reference
-            wanted = run_block(block, reference, compute)
-            mask_layers = dense_layers(block, prefix, targets, target, levels) if fit.mask_rounds else None
-        block_reports = prune_block(
-            block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels, true_sequential
-        )
-        if fit is not None and wanted is not None:
-            if block_reports:  # a block without targeted layers has nothing to refine
-                metrics = block_steps(block, prefix, targets, mask_layers, inputs, wanted, fit, compute)
-                for report in block_reports:
-                    report.metrics.update(metrics)
-            reference = wanted
-        reports.extend(block_reports)
-        if on_block is not None:
-            on_block(index, block_reports)
-        bar.epoch_done()
+    with contextlib.closing(walk):  # an error below sends an offloaded block home at once
+        for index, block, prefix, inputs, compute in walk:
+            wanted = mask_layers = None
+            if fit is not None and fit.enabled:  # the dense block's outputs and weights, before it is pruned
+                reference = inputs if reference is None or fit.target == "block" else reference
+                wanted = run_block(block, reference, compute)
+                mask_layers = dense_layers(block, prefix, targets, target, levels) if fit.mask_rounds else None
+            block_reports = prune_block(
+                block, prefix, targets, target, solver, inputs, gram_dtype, compute, levels, true_sequential
+            )
+            if fit is not None and wanted is not None:
+                if block_reports:  # a block without targeted layers has nothing to refine
+                    metrics = block_steps(block, prefix, targets, mask_layers, inputs, wanted, fit, compute)
+                    for report in block_reports:
+                        report.metrics.update(metrics)
+                reference = wanted
+            reports.extend(block_reports)
+            if on_block is not None:
+                on_block(index, block_reports)
+            bar.epoch_done()
     bar.close()
     return reports

@@ -27,6 +27,7 @@ repair as the Lagrangian allocation). The paper's defaults: :math:`M = 5`, :math
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,13 +100,14 @@ def measure_outliers(
     measured = []
     walk = dense_layer_problems(model, blocks, batches, target, targets, gram_dtype=gram_dtype, device=device,
                                 offload=offload, activations=activations)  # fmt: skip
-    for prefix, _, _, _, problems in walk:
-        scores = [wanda_scores(layer.weight, layer.gram) for _, layer in problems]
-        named = [(layer.name, layer.weight.numel(), row_width(layer.weight.shape, target.pattern))
-                 for _, layer in problems]  # fmt: skip
-        measured.append(BlockOutliers(prefix, outlier_ratio(scores, m), named))
-        if on_block is not None:
-            on_block()
+    with contextlib.closing(walk):
+        for prefix, _, _, _, problems in walk:
+            scores = [wanda_scores(layer.weight, layer.gram) for _, layer in problems]
+            named = [(layer.name, layer.weight.numel(), row_width(layer.weight.shape, target.pattern))
+                     for _, layer in problems]  # fmt: skip
+            measured.append(BlockOutliers(prefix, outlier_ratio(scores, m), named))
+            if on_block is not None:
+                on_block()
     return measured
 
 
