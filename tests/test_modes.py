@@ -67,3 +67,19 @@ def test_one_shot_calibration_leaves_a_frozen_layer_frozen():
     before = _modes(model)
     prune_layerwise(model, [torch.randn(4, 8)], "magnitude", sparsity=0.5)
     assert _modes(model) == before
+
+
+def test_sizing_a_data_dependent_constraint_moves_no_batchnorm_statistics_and_takes_no_random_draw():
+    model = _model()
+    model[1].train()
+    x, y = torch.randn(32, 8) * 5 + 3, torch.randint(0, 3, (32,))
+    per_class = UserConstraint(lambda m, b: m(b[0]).softmax(-1).mean(0) - 0.5)
+    statistics = model[1].running_mean.clone()
+    torch.manual_seed(123)
+    SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)),
+                    {"per_class": per_class}, example_batch=(x, y))  # fmt: skip
+    drawn = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(1))  # the training's stream goes on where it was
+    assert torch.equal(model[1].running_mean, statistics) and int(model[1].num_batches_tracked) == 0
+    assert _modes(model) == [True] * 6
