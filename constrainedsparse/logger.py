@@ -94,10 +94,11 @@ def _open_wandb(
     import wandb
 
     project, name, tags = names
+    yours = wandb.run  # a run the caller has open: it stays open and active beside this one
     try:
         return wandb.init(
             project=project, name=name, tags=list(tags) or None, dir=str(out_dir), mode=mode,
-            config=dict(config or {}), id=run_id, resume="allow" if run_id else None, reinit="finish_previous",
+            config=dict(config or {}), id=run_id, resume="allow" if run_id else None, reinit="create_new",
         )  # fmt: skip
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
         hint = " (or use --wandb offline)" if mode == "online" else ""
@@ -108,10 +109,13 @@ def _open_wandb(
         message = err.errors()[0].get("msg", first_line(err)).removeprefix("Value error, ")  # type: ignore[attr-defined]
         raise UserInputError(f"--wandb {mode}: {message}") from None
     except BaseException:  # Ctrl-C inside init: stop wandb's writers before the run directory is removed
+        started = wandb.run
         try:
-            wandb.finish()  # a run init had started (none: a no-op)
+            if started is not None and started is not yours:  # a run init had started
+                started.finish()
         finally:
-            wandb.teardown()
+            if yours is None:  # the service is the caller's too while their run is open
+                wandb.teardown()
         raise
 
 

@@ -114,6 +114,24 @@ def test_an_interrupt_inside_wandb_init_stops_wandb_before_the_run_directory_is_
     assert wandb.run is None and len(torn_down) == 1
 
 
+def test_a_wandb_run_the_user_has_open_stays_open_and_theirs(tmp_path):
+    """The library's run opens beside the user's (it finished theirs: their next log raised) and an interrupt of its
+    init finishes only its own run."""
+    import wandb
+
+    yours = wandb.init(project="mine", mode="offline", dir=str(tmp_path / "yours"))
+    try:
+        logger = MetricsLogger(tmp_path / "run", wandb_mode="offline")
+        logger.log(_row(1), 1)
+        logger.close()
+        assert wandb.run is yours
+        yours.log({"acc": 0.9}, step=1)
+    finally:
+        yours.finish()
+    assert history_rows(wait_for_complete_run(tmp_path / "yours"))[0]["acc"] == 0.9
+    assert history_rows(wait_for_complete_run(tmp_path / "run"))[0]["_step"] == 1
+
+
 def test_resume_step_drops_later_rows(tmp_path):
     logger = MetricsLogger(tmp_path)
     for step in range(1, 7):
