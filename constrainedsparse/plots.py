@@ -168,7 +168,7 @@ def _dynamics_panels(rows: Rows) -> list[tuple[str, list[str], bool]]:
 
 
 def _training_figure(rows: Rows) -> Any:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     metric = _metric_name(rows)
     marks = _phase_marks(rows, metric)
@@ -176,7 +176,8 @@ def _training_figure(rows: Rows) -> Any:
     panels = _dynamics_panels(rows)
     beside = 1 if metric and panels and panels[0][0] == "training loss" else 0  # the loss goes next to the metric
     grid = (1 if metric else 0) + len(constraints) + math.ceil((len(panels) - beside) / 2)
-    fig, axes = plt.subplots(max(1, grid), 2, figsize=(12, 3.1 * max(1, grid)), squeeze=False)
+    fig = Figure(figsize=(12, 3.1 * max(1, grid)))
+    axes = fig.subplots(max(1, grid), 2, squeeze=False)
     row = 0
     if metric:
         _metric_panel(axes[0][0], rows, metric, marks)
@@ -259,7 +260,7 @@ def _block_panel(ax: Any, blocks: dict[str, dict[str, float]]) -> None:
 
 
 def _layerwise_figure(rows: Rows) -> Any:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     errors = {
         key.split("/", 1)[1]: value for row in rows for key, value in row.items() if key.startswith("layer_error/")
@@ -269,7 +270,8 @@ def _layerwise_figure(rows: Rows) -> Any:
     traced = [row for row in rows if row.get("trace/objective") is not None]
     blocks = _block_errors(rows)
     count = 2 + bool(traced) + bool(blocks)
-    fig, axes = plt.subplots(count, 1, figsize=(max(10, 0.28 * len(names)), 3 + 2.7 * count))
+    fig = Figure(figsize=(max(10, 0.28 * len(names)), 3 + 2.7 * count))
+    axes = fig.subplots(count, 1)
     _bars(
         axes[0],
         names,
@@ -292,10 +294,8 @@ def _layerwise_figure(rows: Rows) -> Any:
 
 
 def figure_for(rows: Rows) -> Any:
-    """The matplotlib figure of a run's metric rows (layer-wise or training)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """The matplotlib figure of a run's metric rows (layer-wise or training): a ``Figure`` of its own, outside pyplot
+    (the process's backend and pyplot's figures are left alone)."""
     if any(key.startswith("layer_error/") for row in rows for key in row):
         return _layerwise_figure(rows)
     fig = _training_figure(rows)
@@ -359,8 +359,6 @@ def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, row
         ValueError: For a file that is missing, not a run's or empty (:func:`metrics_rows`), or a
             PNG path that cannot receive the plot (:func:`check_png`).
     """
-    import matplotlib.pyplot as plt
-
     if png_path is not None and not isinstance(png_path, (str, os.PathLike)):
         raise ValueError(f"plot_metrics(png_path=...) must be a file path (str or Path) or None, got {png_path!r}")
     if rows is not None and (not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows)):
@@ -372,6 +370,5 @@ def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, row
     fig = figure_for(rows)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, png_path)
     return png_path

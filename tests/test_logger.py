@@ -234,7 +234,15 @@ def test_plot_metrics_writes_png(tmp_path):
     logger.close()
 
     png = tmp_path / "metrics.png"
-    assert plot_metrics(tmp_path / "metrics.jsonl", png) == png
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a notebook's inline backend, say: plotting a run leaves it alone (it set Agg)
+    try:
+        assert plot_metrics(tmp_path / "metrics.jsonl", png) == png
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC
     assert len(data) > 1024
