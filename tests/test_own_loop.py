@@ -259,6 +259,30 @@ def test_a_second_formulation_on_the_same_tensors_is_refused_until_the_first_is_
     make("magnitude", problem_of(model))
 
 
+@pytest.mark.parametrize("name", ["slr", "admm", "l0", "magnitude"])
+def test_a_formulation_on_tensors_the_user_masked_is_refused_and_the_masks_stay(name):
+    """Masks of apply_masks (a masked fine-tuning): magnitude overwrote them with ones, l0 stacked its gates on them
+    and brought the masked weights back, a refused slr/admm build baked and removed them."""
+    model, _, _ = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    masks = {t.name: torch.rand_like(t.tensor) < 0.5 for t in targets}
+    apply_masks(targets, masks)
+    stored = {t.name: t.stored.detach().clone() for t in targets}
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: 0\.weight carries masks already \(apply_masks\): keep them with "
+        r"hard_prune\(targets, masks\) or take them off with remove_masks\(targets\) before make\(\)$",
+    ):
+        make(name, problem)
+    for t in targets:
+        assert torch.equal(t.stored, stored[t.name]) and torch.equal(
+            t.tensor != 0, masks[t.name] & (stored[t.name] != 0)
+        )
+    hard_prune(targets, masks)
+    make(name, SparsityProblem(model, nn.functional.cross_entropy, targets))  # baked in: a plain weight again
+
+
 def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
     """l0 adds gates, a parameter group and its density constraint, slr its W = Z constraints and hooks; a
     build refused part-way (a constraint of yours under the formulation's own name) takes all of it back."""

@@ -45,7 +45,6 @@ from typing import Any
 
 import cooper
 import torch
-from torch.nn.utils import parametrize
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import batch_size
@@ -167,11 +166,6 @@ class DuplicateVariables(Formulation):
         self.penalty = PenaltyGradient(self.constraints, self.z)
         self._hooks = []
         for target in problem.targets:
-            if parametrize.is_parametrized(target.module, target.param_name):
-                raise ValueError(
-                    f"{self.name} trains the weights themselves, but {target.name} carries a parametrization "
-                    "(masks or gates): remove it before make()"
-                )
             self._check_trainable(target)
             constraint = cooper.Constraint(
                 constraint_type=cooper.ConstraintType.EQUALITY,
