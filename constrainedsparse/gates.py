@@ -42,9 +42,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from constrainedsparse.masks import find_parametrization, remove_parametrization
+from constrainedsparse.masks import find_parametrization, register_parametrization, remove_parametrization
 from constrainedsparse.modes import eval_mode
 from constrainedsparse.targets import TargetParam
 
@@ -291,7 +290,7 @@ def apply_gates(
             raise ValueError(f"{t.name}: {err}") from None
         gates[t.name] = gate.to(t.tensor.device)
     for t in targets:
-        parametrize.register_parametrization(t.module, t.param_name, gates[t.name])
+        register_parametrization(t.module, t.param_name, gates[t.name])
     return gates
 
 

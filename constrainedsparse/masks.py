@@ -22,6 +22,8 @@ __all__ = [
     "current_masks",
     "find_parametrization",
     "hard_prune",
+    "register_parametrization",
+    "remove_parametrization",
     "layer_sparsity",
     "remove_masks",
     "temporarily_pruned",
@@ -64,9 +66,9 @@ class Mask(nn.Module):
 def canonical_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The model's parameters in an order that parametrizations do not change.
 
-    Registering or removing a parametrization moves a parameter to the end of its module's
-    ``_parameters``, so ``model.parameters()`` lists ``bias`` before ``weight`` after a mask came and
-    went. Here every module's parameters come by name (a parametrized tensor's stored ``original``
+    While a parametrization is registered, the tensor it parametrizes is listed under the module's
+    ``parametrizations`` child, after the module's other parameters (:func:`remove_parametrization`
+    puts it back in its place). Here every module's parameters come by name (a parametrized tensor's stored ``original``
     under its own name), so an optimizer built before or after a phase that masked the model holds
     its parameters in the same order, and a checkpointed optimizer state loads back onto the same
     tensors.
@@ -144,7 +146,7 @@ def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor
         mask = masks[target.name].to(target.tensor.device)
         existing = _mask_module(target.module, target.param_name)
         if existing is None:
-            parametrize.register_parametrization(target.module, target.param_name, Mask(mask))
+            register_parametrization(target.module, target.param_name, Mask(mask))
         else:
             existing.set_(mask)
 
@@ -167,17 +169,39 @@ def _foreign_parametrization(target: TargetParam) -> str | None:
     return type(other[0]).__name__ if other else None
 
 
+_ORDER = "_constrainedsparse_parameter_order"  # a module's parameter names before its first parametrization
+
+
+def register_parametrization(module: nn.Module, name: str, parametrization: nn.Module) -> None:
+    """``torch.nn.utils.parametrize.register_parametrization``, noting the order of the module's parameters first
+    (:func:`remove_parametrization` puts them back in it)."""
+    if not parametrize.is_parametrized(module):
+        module.__dict__[_ORDER] = list(module._parameters)
+    parametrize.register_parametrization(module, name, parametrization)
+
+
 @torch.no_grad()
 def remove_parametrization(module: nn.Module, name: str, *, leave_parametrized: bool) -> None:
-    """``torch.nn.utils.parametrize.remove_parametrizations`` that leaves copies of ``module`` working.
+    """``torch.nn.utils.parametrize.remove_parametrizations`` that leaves copies of ``module`` working and its
+    parameters in their order.
 
     torch removes a parametrization by deleting the tensor's property from the module's parametrized class, which
     every ``copy.deepcopy`` of the module made while it was parametrized shares (an EMA or best-so-far copy of the
     model): the copy would lose its weight. The module gets a class of its own first (the same bases and members).
+    torch also puts the tensor back at the end of the module's parameters (``model.parameters()`` and
+    ``state_dict()`` listed a bias before its weight: a copy of the model made before, an EMA updated by position
+    or an optimizer state saved before, no longer lined up): the order noted at registration is restored.
     """
     cls = type(module)
     module.__class__ = type(cls.__name__, cls.__bases__, dict(vars(cls)))
     parametrize.remove_parametrizations(module, name, leave_parametrized=leave_parametrized)
+    order = module.__dict__.get(_ORDER)
+    if order is not None:
+        params = module._parameters
+        for key in sorted(params, key=lambda key: order.index(key) if key in order else len(order)):
+            params[key] = params.pop(key)  # to the end, in the noted order
+        if not parametrize.is_parametrized(module):
+            del module.__dict__[_ORDER]
 
 
 def remove_masks(targets: Iterable[TargetParam]) -> None:

@@ -283,6 +283,27 @@ def test_a_formulation_on_tensors_the_user_masked_is_refused_and_the_masks_stay(
     make(name, SparsityProblem(model, nn.functional.cross_entropy, targets))  # baked in: a plain weight again
 
 
+@pytest.mark.parametrize("name", ["magnitude", "l0", "masks"])
+def test_masks_and_gates_that_came_and_went_leave_the_parameters_in_their_order(name):
+    """torch re-adds a tensor whose parametrization is removed at the end of its module's parameters: after a
+    finalize the bias came before its weight, and a copy, an EMA or an optimizer state by position was off."""
+    model, x, y = _cancer()
+    order = [n for n, _ in model.named_parameters()]
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    if name == "masks":
+        apply_masks(targets, {t.name: t.tensor != 0 for t in targets})
+        remove_masks(targets)
+    else:
+        f = make(name, SparsityProblem(model, nn.functional.cross_entropy, targets))
+        f.setup(1, 1)
+        f.start_epoch(0)
+        f.training_step((x, y))
+        masks = f.hard_masks()
+        f.finalize()
+        hard_prune(targets, masks)
+    assert [n for n, _ in model.named_parameters()] == list(model.state_dict()) == order
+
+
 def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
     """l0 adds gates, a parameter group and its density constraint, slr its W = Z constraints and hooks; a
     build refused part-way (a constraint of yours under the formulation's own name) takes all of it back."""
