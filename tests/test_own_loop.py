@@ -304,6 +304,24 @@ def test_masks_and_gates_that_came_and_went_leave_the_parameters_in_their_order(
     assert [n for n, _ in model.named_parameters()] == list(model.state_dict()) == order
 
 
+@pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
+def test_discard_takes_the_build_back_without_baking_anything_in(name):
+    """What SparsityTrainer does when its __init__ fails after make: finalize() baked l0's test-time gates into
+    the weights and left the gates' group in the user's optimizer."""
+    model, x, y = _cancer()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make(name, problem, optimizer=optimizer, **({"droprate_init": 0.5} if name == "l0" else {}))
+    f.discard()
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert len(optimizer.param_groups) == 1 and problem.constraint_names() == [] and f.finalized
+    with pytest.raises(ValueError, match=r"^discard\(\) after finalize\(\): the formulation has already removed"):
+        f.discard()
+    make(name, problem)  # the tensors are free again
+
+
 def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
     """l0 adds gates, a parameter group and its density constraint, slr its W = Z constraints and hooks; a
     build refused part-way (a constraint of yours under the formulation's own name) takes all of it back."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch.nn.utils import parametrize
 
@@ -22,18 +22,16 @@ class Attachments:
 
     constraints: list[str]
     groups: int
-    plain: list[Any]  # the targets without a parametrization
 
     @classmethod
     def of(cls, formulation: Formulation) -> Attachments:
-        targets = formulation.problem.targets
-        plain = [t for t in targets if not parametrize.is_parametrized(t.module, t.param_name)]
-        return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups), plain)
+        """Before ``attach``, on targets without masks or gates (``claim_targets`` refuses the others)."""
+        return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups))
 
     def restore(self, formulation: Formulation) -> None:
         """Masks or gates off (the weights as they were, not baked), the formulation's constraints, gradient
         hooks and parameter groups removed."""
-        for target in self.plain:
+        for target in formulation.problem.targets:
             if parametrize.is_parametrized(target.module, target.param_name):
                 remove_parametrization(target.module, target.param_name, leave_parametrized=False)
         with contextlib.suppress(Exception):  # its own hooks and bookkeeping, as far as attach got

@@ -140,7 +140,7 @@ class Formulation(abc.ABC):
         self._ddp_checked = False
         self._stage = _BUILT
         self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
-        before = Attachments.of(self)
+        self._built_on = before = Attachments.of(self)  # what discard() restores
         try:
             self.attach()
             self.dual_optimizer = self.build_dual_optimizer()
@@ -446,6 +446,20 @@ class Formulation(abc.ABC):
             raise
         self._stage = _FINALIZED
         warn_schedule_unfinished(self.name, self.schedule_fraction(), self.num_epochs)
+
+    def discard(self) -> None:
+        """Takes back what the build attached, without baking anything in: masks and gates come off (each weight is
+        its stored tensor, as training left it), the formulation's constraints, gradient hooks and optimizer parameter
+        groups go. For a run abandoned before it trained (a failure after ``make``); finalized after it.
+
+        Raises:
+            ValueError: After :meth:`finalize` (or a first :meth:`discard`).
+        """
+        if self._stage == _FINALIZED:
+            raise ValueError("discard() after finalize(): the formulation has already removed its state from the model")
+        release_targets(self._claim)
+        self._built_on.restore(self)
+        self._stage = _FINALIZED
 
     def schedule_fraction(self) -> float:
         """Fraction of the target level the formulation's own schedule has reached (1: it has none, or it is

@@ -145,7 +145,7 @@ class SparsityTrainer(Trainer):
             epochs, steps, total = epochs_and_steps(self)
             self.formulation.setup(epochs, steps, reference_batch=reference, total_steps=total)
         except BaseException:
-            self.formulation.finalize()
+            self.formulation.discard()  # nothing baked in: the model and optimizer as they were given
             raise
         self.hard_prune_at_end = hard_prune_at_end
         self._layer_names = set() if log_layers else {t.name for t in problem.targets}
