@@ -62,10 +62,18 @@ def claim_targets(formulation: Any) -> _Claim:
                 "finalized (its masks, gates or gradient hooks stay on the model): finalize() that one first, or "
                 "prune a fresh copy of the model"
             )
-        if parametrize.is_parametrized(target.module, target.param_name):
+        parametrized = parametrize.is_parametrized(target.module, target.param_name)
+        kinds = {type(p).__name__ for p in target.module.parametrizations[target.param_name]} if parametrized else set()
+        if kinds == {"Mask"}:
             raise ValueError(
                 f"{formulation.name}: {target.name} carries masks already (apply_masks): keep them with "
                 "hard_prune(targets, masks) or take them off with remove_masks(targets) before make()"
+            )
+        if kinds:  # gates on a copy of a model made while its formulation was attached (the claim stays with it)
+            raise ValueError(
+                f"{formulation.name}: {target.name} carries a {sorted(kinds - {'Mask'})[0]} parametrization already "
+                "(a copy of the model made while a formulation was attached keeps its gates): prune the model whose "
+                "formulation finalize() releases, or a copy made before make()"
             )
     claim = _Claim(formulation.name)
     for target in targets:

@@ -304,6 +304,24 @@ def test_masks_and_gates_that_came_and_went_leave_the_parameters_in_their_order(
     assert [n for n, _ in model.named_parameters()] == list(model.state_dict()) == order
 
 
+@pytest.mark.parametrize("name", ["slr", "l0"])
+def test_a_copy_of_a_gated_model_is_refused_naming_its_gates(name):
+    """A deep copy made while l0 was attached carries gates but no claim (the claim stays with the original):
+    another formulation would stack on the gates; the refusal names them, not masks."""
+    import copy
+
+    model, _, _ = _cancer()
+    make("l0", SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5))))
+    twin = copy.deepcopy(model)
+    problem = SparsityProblem(twin, nn.functional.cross_entropy, Targets().resolve(twin, SparsityConfig(0.5)))
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: 0\.weight carries a HardConcreteGate parametrization already \(a copy of the "
+        r"model made while a formulation was attached keeps its gates\): prune the model whose formulation",
+    ):
+        make(name, problem)
+
+
 @pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
 def test_discard_takes_the_build_back_without_baking_anything_in(name):
     """What SparsityTrainer does when its __init__ fails after make: finalize() baked l0's test-time gates into
