@@ -28,7 +28,7 @@ from torch import nn
 
 from constrainedsparse.distributed import synchronised
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.modes import eval_mode
+from constrainedsparse.modes import eval_mode, random_states_kept
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.targets import TargetParam, resolved_targets
 
@@ -271,8 +271,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         self._check_name(name, yours=True)
         if spec.uses_batch and example_batch is None:
             raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
-        # Sized in eval mode on a forked CPU generator: BatchNorm statistics and the training's random stream untouched.
-        with torch.no_grad(), eval_mode(self.model), torch.random.fork_rng(devices=[]):
+        # Sized in eval mode, the random streams kept: BatchNorm statistics and the training's draws untouched.
+        with torch.no_grad(), eval_mode(self.model), random_states_kept():
             size = _checked_violation(name, spec(self.model, example_batch)).numel()
         device = next(self.model.parameters()).device
         constraint = cooper.Constraint(

@@ -2,6 +2,7 @@
 frozen through everything the library evaluates in eval mode: it restores every module's own mode, not the model's.
 """
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -73,13 +74,15 @@ def test_sizing_a_data_dependent_constraint_moves_no_batchnorm_statistics_and_ta
     model = _model()
     model[1].train()
     x, y = torch.randn(32, 8) * 5 + 3, torch.randint(0, 3, (32,))
-    per_class = UserConstraint(lambda m, b: m(b[0]).softmax(-1).mean(0) - 0.5)
+    per_class = UserConstraint(lambda m, b: m(b[0]).softmax(-1).mean(0) - 0.5 + float(np.random.rand()) * 0)
     statistics = model[1].running_mean.clone()
     torch.manual_seed(123)
+    np.random.seed(123)
     SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)),
                     {"per_class": per_class}, example_batch=(x, y))  # fmt: skip
-    drawn = torch.rand(1)
+    drawn = torch.rand(1), np.random.rand()
     torch.manual_seed(123)
-    assert torch.equal(drawn, torch.rand(1))  # the training's stream goes on where it was
+    np.random.seed(123)
+    assert torch.equal(drawn[0], torch.rand(1)) and drawn[1] == np.random.rand()  # the streams go on where they were
     assert torch.equal(model[1].running_mean, statistics) and int(model[1].num_batches_tracked) == 0
     assert _modes(model) == [True] * 6

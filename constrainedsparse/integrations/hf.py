@@ -48,10 +48,9 @@ from constrainedsparse.integrations.trainer_support import (
     epochs_and_steps,
     let_go,
     parametrized,
-    random_states_kept,
 )
 from constrainedsparse.masks import hard_prune as hard_prune_targets
-from constrainedsparse.modes import eval_mode
+from constrainedsparse.modes import eval_mode, random_states_kept
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.targets import TargetParam
 

@@ -4,14 +4,9 @@ contexts it runs its own forward passes in.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import Trainer
@@ -23,20 +18,7 @@ __all__ = [
     "epochs_and_steps",
     "let_go",
     "parametrized",
-    "random_states_kept",
 ]
-
-
-@contextlib.contextmanager
-def random_states_kept() -> Iterator[None]:
-    """torch's CPU generator, Python's ``random`` and NumPy's global state as they were after the block."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 def let_go(accelerator: Any, loader: Any) -> None:
