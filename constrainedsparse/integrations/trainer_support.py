@@ -1,5 +1,5 @@
-"""What :class:`~constrainedsparse.integrations.hf.SparsityTrainer` checks of its Trainer and model, and the small
-contexts it runs its own forward passes in.
+"""What :class:`~constrainedsparse.integrations.hf.SparsityTrainer` checks of its Trainer and model, and how it
+counts Trainer's epochs and steps (the contexts its own forward passes run in are :mod:`constrainedsparse.modes`').
 """
 
 from __future__ import annotations
