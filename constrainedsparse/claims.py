@@ -3,9 +3,7 @@
 A formulation's masks, gates or gradient hooks stay on the model until its ``finalize()``, also after the
 formulation object is dropped. A second formulation on the same tensors would stack on them, and hard-pruning
 or removing masks under them would leave them half attached (slr's penalty hooks still adding to gradients):
-both are refused, naming the formulation (:func:`claim_targets`, :func:`attached_formulation`). So is a tensor
-that carries masks already (``apply_masks`` for a masked fine-tuning, or a finalized formulation's masks put back):
-a formulation built on it would override, stack on or, refused part-way, remove them.
+both are refused, naming the formulation (:func:`claim_targets`, :func:`attached_formulation`).
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.nn.utils import parametrize
 
 from constrainedsparse.targets import TargetParam
 
@@ -50,8 +47,7 @@ def claim_targets(formulation: Any) -> _Claim:
         The claim, released by :func:`release_targets`.
 
     Raises:
-        ValueError: If a target carries another formulation that was not finalized, or masks or gates of another
-            origin (``apply_masks``).
+        ValueError: If a target carries another formulation that was not finalized.
     """
     targets: Iterable[TargetParam] = formulation.problem.targets
     for target in targets:
@@ -61,19 +57,6 @@ def claim_targets(formulation: Any) -> _Claim:
                 f"{target.name} is pruned already by a {owner!r} formulation built on this model and not "
                 "finalized (its masks, gates or gradient hooks stay on the model): finalize() that one first, or "
                 "prune a fresh copy of the model"
-            )
-        parametrized = parametrize.is_parametrized(target.module, target.param_name)
-        kinds = {type(p).__name__ for p in target.module.parametrizations[target.param_name]} if parametrized else set()
-        if kinds == {"Mask"}:
-            raise ValueError(
-                f"{formulation.name}: {target.name} carries masks already (apply_masks): keep them with "
-                "hard_prune(targets, masks) or take them off with remove_masks(targets) before make()"
-            )
-        if kinds:  # gates on a copy of a model made while its formulation was attached (the claim stays with it)
-            raise ValueError(
-                f"{formulation.name}: {target.name} carries a {sorted(kinds - {'Mask'})[0]} parametrization already "
-                "(a copy of the model made while a formulation was attached keeps its gates): prune the model whose "
-                "formulation finalize() releases, or a copy made before make()"
             )
     claim = _Claim(formulation.name)
     for target in targets:

@@ -21,6 +21,7 @@ __all__ = [
     "check_masks",
     "current_masks",
     "find_parametrization",
+    "foreign_parametrization",
     "hard_prune",
     "register_parametrization",
     "remove_parametrization",
@@ -161,7 +162,7 @@ def current_masks(targets: Iterable[TargetParam]) -> dict[str, torch.Tensor]:
     return found
 
 
-def _foreign_parametrization(target: TargetParam) -> str | None:
+def foreign_parametrization(target: TargetParam) -> str | None:
     """The class name of a parametrization on the target that is not a :class:`Mask`, if any."""
     if not parametrize.is_parametrized(target.module, target.param_name):
         return None
@@ -215,7 +216,7 @@ def remove_masks(targets: Iterable[TargetParam]) -> None:
     """
     targets = list(targets)
     for target in targets:
-        foreign = _foreign_parametrization(target)
+        foreign = foreign_parametrization(target)
         if foreign is not None:
             raise ValueError(
                 f"{target.name} still carries a {foreign} parametrization: call the formulation's finalize() "

@@ -53,6 +53,7 @@ from constrainedsparse.formulations.checks import (
     check_rate,
     check_state,
     check_target_levels,
+    check_unparametrized,
     warn_schedule_unfinished,
 )
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, declared_counts
@@ -139,6 +140,7 @@ class Formulation(abc.ABC):
         self._epochs = EpochCount()  # the epoch under way and its post_step() calls
         self._ddp_checked = False
         self._stage = _BUILT
+        check_unparametrized(self.name, problem.targets)  # the user's masks: nothing below may strip them
         self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
         self._built_on = before = Attachments.of(self)  # what discard() restores
         try:
@@ -211,6 +213,7 @@ class Formulation(abc.ABC):
         if self._stage == _FINALIZED:
             raise _stage_error("setup()", self._stage)
         counts = declared_counts(num_epochs, steps_per_epoch, total_steps)
+        self.check_setup(num_epochs, steps_per_epoch)
         if self.reference_samples and reference_batch is None:
             raise ValueError(
                 f"{self.name} needs a reference batch: pass reference_batch to setup() (a fixed batch of about "
@@ -239,6 +242,11 @@ class Formulation(abc.ABC):
     def total_steps(self) -> int:
         """``post_step()`` calls of the whole run, declared by :meth:`setup` (0 before it)."""
         return self._epochs.total_steps
+
+    def check_setup(self, num_epochs: int, steps_per_epoch: int) -> None:
+        """Hook of :meth:`setup` before it changes anything: raises ``ValueError`` for counts the formulation cannot
+        use (``slr``/``admm``: no steps with coordinations spaced over the epoch)."""
+        return None
 
     def on_setup(self) -> None:
         """Hook at the end of :meth:`setup` (e.g. SLR measures :math:`f` on the reference batch)."""

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.utils import parametrize
 
+from constrainedsparse.claims import attached_formulation
 from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_number, is_ours, user_stacklevel
+from constrainedsparse.masks import foreign_parametrization
 from constrainedsparse.sets.base import set_text
 
 if TYPE_CHECKING:
@@ -316,3 +319,28 @@ def check_dense_gradients(name: str, targets: Sequence[Any]) -> None:
                 f"{name} needs dense gradients, but {target.name} belongs to an {type(target.module).__name__} with "
                 "sparse=True: build it with sparse=False, exclude it from the Targets, or use magnitude"
             )
+
+
+def check_unparametrized(name: str, targets: Sequence[Any]) -> None:
+    """No target carries masks or gates already, except a live formulation's (:func:`~constrainedsparse.claims.
+    claim_targets` names that one): a formulation built on the user's masks (``apply_masks`` for a masked
+    fine-tuning) would override, stack on or, refused part-way, remove them.
+
+    Raises:
+        ValueError: Naming the first such target and the way out.
+    """
+    for target in targets:
+        parametrized = parametrize.is_parametrized(target.module, target.param_name)
+        if not parametrized or attached_formulation(target) is not None:
+            continue
+        foreign = foreign_parametrization(target)
+        if foreign is None:
+            raise ValueError(
+                f"{name}: {target.name} carries masks already (apply_masks): keep them with "
+                "hard_prune(targets, masks) or take them off with remove_masks(targets) before make()"
+            )
+        raise ValueError(  # gates on a copy of a model made while its formulation was attached (no claim)
+            f"{name}: {target.name} carries a {foreign} parametrization already (a copy of the model made while a "
+            "formulation was attached keeps its gates): prune the model whose formulation finalize() releases, or a "
+            "copy made before make()"
+        )

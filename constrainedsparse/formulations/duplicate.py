@@ -385,19 +385,12 @@ class DuplicateVariables(Formulation):
 
     # --- Formulation hooks --------------------------------------------------------------------
 
-    def setup(
-        self,
-        num_epochs: int,
-        steps_per_epoch: int,
-        reference_batch: Batch | None = None,
-        *,
-        total_steps: int | None = None,
-    ) -> None:
-        """:meth:`Formulation.setup`; with ``interval_unit=per-epoch`` the epoch must have steps.
+    def check_setup(self, num_epochs: int, steps_per_epoch: int) -> None:
+        """With ``interval_unit=per-epoch`` the epoch must have steps; no target frozen since ``make``.
 
         Raises:
-            ValueError: Also for ``steps_per_epoch=0`` with ``interval_unit=per-epoch`` (the
-                coordinations are spaced over the epoch's steps), or a target frozen since ``make``.
+            ValueError: For ``steps_per_epoch=0`` with ``interval_unit=per-epoch`` (the coordinations are spaced
+                over the epoch's steps), or a target frozen since ``make``.
         """
         for target in self.problem.targets:
             self._check_trainable(target)
@@ -407,7 +400,6 @@ class DuplicateVariables(Formulation):
                 "needs steps_per_epoch >= 1 in setup(); pass the number of steps of one epoch, or set "
                 "interval_unit=step"
             )
-        super().setup(num_epochs, steps_per_epoch, reference_batch, total_steps=total_steps)
 
     @torch.no_grad()
     def on_setup(self) -> None:

@@ -79,4 +79,4 @@ def epochs_and_steps(trainer: Trainer) -> tuple[int, int, int]:
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps)
     steps = min(steps, max(total, 1))  # a run shorter than an epoch: the schedules spread over the steps it takes
     epochs = max(math.ceil(total / steps), 1)
-    return epochs, steps, min(max(total, 1), epochs * steps)
+    return epochs, steps, max(total, 1)  # a run of 0 steps: the one step setup() can declare
