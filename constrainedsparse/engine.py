@@ -13,10 +13,11 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
@@ -46,17 +47,18 @@ from constrainedsparse.errors import (
 )
 from constrainedsparse.formulations import Formulation
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
-from constrainedsparse.logger import finish_summary
+from constrainedsparse.logger import MetricsLogger, NullLogger, finish_summary
 from constrainedsparse.masks import achieved_sparsity, hard_prune, layer_sparsity, remove_masks
 from constrainedsparse.postprune import batchnorm_stage, purge_stage
 from constrainedsparse.preparation import DEFAULT_SPARSITY, TrainingPrepared, prepare, task_problem
+from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.purge import purge
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_logger
 from constrainedsparse.settings import TrainingSettings
 from constrainedsparse.spec import user_code_failed
-from constrainedsparse.targets import unwrap_compiled
+from constrainedsparse.targets import TargetParam, unwrap_compiled
 
 __all__ = [
     "DEFAULT_SPARSITY",
@@ -71,19 +73,36 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What a run is built from (:func:`_build`): its data, the dense model with its test metric and cache
+    file, the targets, the constrained problem and the logger."""
+
+    train: Dataset
+    test: Dataset
+    model: torch.nn.Module
+    dense_value: float
+    dense_cache: dict[str, Any]
+    targets: list[TargetParam]
+    sparsity_problem: SparsityProblem
+    logger: MetricsLogger | NullLogger
+
+
 class _Run:
     """Mutable state of one execution (kept in one place so checkpoints see all of it)."""
 
-    def __init__(self, prepared: TrainingPrepared, directory: RunDirectory) -> None:
+    def __init__(self, prepared: TrainingPrepared, directory: RunDirectory, parts: _Parts) -> None:
         self.prepared = prepared
         self.config = prepared.config
         self.directory = directory
+        self.train, self.test, self.model = parts.train, parts.test, parts.model
+        self.targets, self.sparsity_problem, self.logger = parts.targets, parts.sparsity_problem, parts.logger
+        self.dense_cache = parts.dense_cache  # the dense model's cache file, and whether it was loaded from it
         self.step = 0
         self.seconds_before = 0.0
         self.started = time.perf_counter()
         self.metric = prepared.problem.test_metric.name  # names the logged family and summary keys
-        self.dense_value = float("nan")
-        self.dense_cache: dict[str, Any] = {}  # the dense model's cache file, and whether it was loaded from it
+        self.dense_value = parts.dense_value
         self.hardprune_value: float | None = None
         self.summary_extra: dict[str, Any] = {}
         self.phase_extra: dict[str, Any] = {}
@@ -131,7 +150,7 @@ class _Run:
             },
         )
 
-    def nonfinite(self, loss: float, phase: str, epoch: int, constraints: list[str] = ()) -> NonFiniteLossError:
+    def nonfinite(self, loss: float, phase: str, epoch: int, constraints: Sequence[str] = ()) -> NonFiniteLossError:
         saved = self.directory.checkpoint_path.is_file()
         where = (
             f"the last good checkpoint is {self.directory.checkpoint_path}"
@@ -211,31 +230,32 @@ def _epoch_metrics(run: _Run, formulation: Formulation, phase_index: int, epoch:
     return metrics
 
 
-def _build(run: _Run, resume_state: dict[str, Any] | None) -> None:
-    """Data, the dense model, the targets, the problem and the logger of the run."""
-    prepared, config = run.prepared, run.config
-    problem = prepared.problem
+def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: dict[str, Any] | None) -> _Run:
+    """The run: its data, the dense model, the targets, the problem and the logger."""
+    config, problem = prepared.config, prepared.problem
     seed_everything(config.seed)  # --seed reaches the problem's data(options) too (random data, a random split)
-    run.train, run.test = problem.datasets(prepared.options)
-    for name, dataset in (("training", run.train), ("test", run.test)):
+    train, test = problem.datasets(prepared.options)
+    for name, dataset in (("training", train), ("test", test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")
     recipe = DenseRecipe(
         problem, prepared.options, prepared.training.lr, prepared.training.batch_size, prepared.device,
         config.seed, prepared.pretrain_epochs, config.progress,
     )  # fmt: skip
-    run.model, run.dense_value, run.dense_cache = dense_model(recipe, run.train, run.test)
-    run.targets = problem.targets.resolve(run.model, prepared.target, allow_empty=True)
-    first = range(min(prepared.training.batch_size, len(run.train)))
-    example = to_device(collate_samples(run.train, first), prepared.device)
-    run.sparsity_problem = task_problem(problem, run.model, run.targets, example)
+    model, dense_value, dense_cache = dense_model(recipe, train, test)
+    targets = problem.targets.resolve(model, prepared.target, allow_empty=True)
+    first = range(min(prepared.training.batch_size, len(train)))
+    example = to_device(collate_samples(train, first), prepared.device)
+    sparsity_problem = task_problem(problem, model, targets, example)
     logged = {
         **config.identity(),
         **prepared.formulation_config.values(),
         **dataclasses.asdict(prepared.training),
         "options": dict(prepared.options),  # the problem's (a constraint's budget): runs can be grouped by them
     }
-    run.logger = open_logger(run.directory, config, logged, resume_state)
+    logger = open_logger(directory, config, logged, resume_state)
+    parts = _Parts(train, test, model, dense_value, dense_cache, targets, sparsity_problem, logger)
+    return _Run(prepared, directory, parts)
 
 
 def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], FixedMaskRetrain] | None:
@@ -330,8 +350,7 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
     Raises:
         NonFiniteLossError: If the loss becomes NaN/inf (the last good checkpoint is kept).
     """
-    run = _Run(prepared, directory)
-    _build(run, state)
+    run = _build(prepared, directory, state)
     try:
         if state is not None:
             run.step, run.seconds_before = state["step"], state["seconds"]
