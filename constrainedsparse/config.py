@@ -28,7 +28,7 @@ import math
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from constrainedsparse.errors import is_integer, is_number
 
@@ -181,6 +181,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_H = TypeVar("_H", bound="Hyperparameters")
+
+
 class Hyperparameters:
     """Mixin of hyperparameter dataclasses: flat keys, coercion, declarative validation, description.
 
@@ -197,7 +200,8 @@ class Hyperparameters:
         """Every flat key, in declaration order (nested groups expanded in place).
 
         Raises:
-            TypeError: If two groups declare the same key (a bug in the declaration).
+            TypeError: If two groups declare the same key, or a key has no default (bugs in the declaration:
+                ``make()`` and ``--set`` give only the keys they change).
         """
         found: dict[str, HyperparameterInfo] = {}
         hints = _hints(cls)
@@ -210,6 +214,11 @@ class Hyperparameters:
                 continue
             if field.name in found:
                 raise TypeError(f"{cls.__name__}: key {field.name!r} is declared twice")
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise TypeError(
+                    f"{cls.__name__}: hyperparameter {field.name!r} needs a default "
+                    "(make() and --set give only the keys they change)"
+                )
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             found[field.name] = HyperparameterInfo(
                 field.name, hints[field.name], default, field.metadata.get("help", ""), field.metadata.get("check")
@@ -224,7 +233,7 @@ class Hyperparameters:
     # --- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any] | None = None, *, where: str = "") -> Hyperparameters:
+    def from_values(cls: type[_H], values: Mapping[str, Any] | None = None, *, where: str = "") -> _H:
         """Builds the config from flat ``{key: value}`` (routed into nested groups), without validating.
 
         Ints are accepted for float keys; other type mismatches are left to :meth:`validate` where a
@@ -249,7 +258,7 @@ class Hyperparameters:
         return cls._build(typed)
 
     @classmethod
-    def _build(cls, typed: Mapping[str, Any]) -> Hyperparameters:
+    def _build(cls: type[_H], typed: Mapping[str, Any]) -> _H:
         hints = _hints(cls)
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):

@@ -82,6 +82,11 @@ class Registry:
                     f"{KINDS[kind]} {name!r} ({cls.__qualname__}): Config must be a Hyperparameters dataclass "
                     f"(constrainedsparse.config), got {config!r}"
                 )
+            if config is not None:
+                try:
+                    config.keys()
+                except TypeError as err:  # a key without a default, or declared twice
+                    raise ValueError(f"{KINDS[kind]} {name!r} ({cls.__qualname__}): {err}") from None
             missing = sorted(getattr(cls, "__abstractmethods__", ()))
             if missing:
                 methods = ", ".join(m + "()" for m in missing)

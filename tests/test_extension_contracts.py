@@ -1,6 +1,7 @@
 """Extension points used as a power user would: what a formulation, solver or pattern of one's own must be,
 each mistake one precise error; problem files that define classes load like modules."""
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 import constrainedsparse as cs
 from constrainedsparse import Formulation, LayerwiseSolver, register_formulation, register_solver
 from constrainedsparse.cli import main
+from constrainedsparse.config import Hyperparameters
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import TopK
 from constrainedsparse.sets.base import _PATTERNS, FeasibleSet, register_pattern
@@ -385,6 +387,15 @@ def test_registration_refuses_a_second_name_a_config_that_is_not_hyperparameters
         register_solver("dc")(DictConfig)
     with pytest.raises(ValueError, match=r"^Good: config must be a NoSolverConfig, got dict$"):
         type("Good", (Good,), {})({"p": 1})
+
+    @dataclasses.dataclass
+    class Required(Hyperparameters):
+        p: float  # no default: describe(), --set and make(p=...) could not build it
+
+    wanted = r"^layer-wise solver 'rq' \(.*\): Required: hyperparameter 'p' needs a default \(make\(\) and --set"
+    with pytest.raises(ValueError, match=wanted):
+        register_solver("rq")(type("Rq", (Good,), {"Config": Required}))
+    assert "rq" not in REGISTRY.names("layerwise")
     for supported, message in [
         ("row", r"supported_patterns must be None or a non-empty tuple of pattern texts .*got 'row'$"),
         (("row", 4), r"supported_patterns must hold pattern texts, got 4$"),
@@ -457,3 +468,15 @@ def test_the_registration_decorators_return_the_class_itself(registry):
     assert register_formulation("mine-returned")(Mine) is Mine
     assert REGISTRY.get("layerwise", "keep-all-returned") is KeepAll
     assert REGISTRY.get("training", "mine-returned") is Mine
+
+
+def test_the_annotations_a_users_type_checker_reads_name_the_config_class():
+    """``from_values`` returns the class it is called on and ``Config`` is a Hyperparameters class (was ``type``:
+    a checker refused ``cs.SLRConfig.from_values({}).rho`` and ``formulation_class(n).Config.from_values``)."""
+    import typing
+
+    returned = typing.get_type_hints(Hyperparameters.from_values)["return"]
+    assert isinstance(returned, typing.TypeVar) and returned.__bound__ == typing.ForwardRef("Hyperparameters")
+    assert typing.get_type_hints(Hyperparameters.from_values.__func__)["cls"] == type[returned]
+    for owner in (Formulation, LayerwiseSolver):
+        assert typing.get_type_hints(owner)["Config"] == typing.ClassVar[type[Hyperparameters]]

@@ -106,7 +106,7 @@ class Formulation(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
-    Config: ClassVar[type] = NoConfig
+    Config: ClassVar[type[Hyperparameters]] = NoConfig
     config: Any
     adds_parameters: ClassVar[bool] = False
 

@@ -227,7 +227,7 @@ class LayerwiseSolver(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
-    Config: ClassVar[type] = NoSolverConfig
+    Config: ClassVar[type[Hyperparameters]] = NoSolverConfig
     config: Any
     supported_patterns: ClassVar[tuple[str, ...] | None] = None
     """Pattern texts the solver handles (``"N:M"`` for any N:M, a kind such as ``"block"`` for every size
