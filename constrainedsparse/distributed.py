@@ -194,10 +194,19 @@ def exit_process(code: int) -> NoReturn:
 # --- primal side: DDP and data ------------------------------------------------------------------
 
 
-def _same_layout(model: nn.Module, wrapper: nn.parallel.DistributedDataParallel) -> bool:
+class _Wrapper(nn.parallel.DistributedDataParallel):
+    """``DistributedDataParallel`` that remembers the parameters (names and objects) and buffer names it was
+    built over."""
+
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
+        super().__init__(module, **kwargs)
+        self.layout = (list(module.named_parameters()), [n for n, _ in module.named_buffers()])
+
+
+def _same_layout(model: nn.Module, wrapper: _Wrapper) -> bool:
     """Whether ``model`` trains the very parameters, under the same names, and holds the same buffers
     as when ``wrapper`` was built (registering a parametrization renames ``weight``)."""
-    params, buffers = wrapper.constrainedsparse_layout
+    params, buffers = wrapper.layout
     now = list(model.named_parameters())
     return (
         len(now) == len(params)
@@ -218,17 +227,14 @@ def wrap(model: nn.Module, current: nn.Module | None = None) -> nn.Module:
     """
     if not is_distributed():
         return model
-    if isinstance(current, nn.parallel.DistributedDataParallel) and current.module is model:
-        if _same_layout(model, current):
-            return current
+    if isinstance(current, _Wrapper) and current.module is model and _same_layout(model, current):
+        return current
     device = next(model.parameters()).device
-    wrapper = nn.parallel.DistributedDataParallel(
+    return _Wrapper(
         model,
         device_ids=[device] if device.type == "cuda" else None,
         find_unused_parameters=os.environ.get(ENV_FIND_UNUSED, "") not in ("", "0"),
     )
-    wrapper.constrainedsparse_layout = (list(model.named_parameters()), [n for n, _ in model.named_buffers()])
-    return wrapper
 
 
 def _permutation(n: int, seed: int) -> list[int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import cooper
@@ -64,6 +64,7 @@ class UserConstraint:
     fn: ViolationFn
     sense: Literal["<=", "=="] = "<="
     restarts: bool = False
+    _uses_batch: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sense, str) or self.sense not in _SENSES:

@@ -741,6 +741,32 @@ def test_several_processes_and_a_model_not_wrapped_in_ddp_warn_at_the_first_back
     assert not [w for w in recwarn if "processes train" in str(w.message)]
 
 
+def test_a_subclass_of_ddp_counts_as_wrapped(monkeypatch, recwarn):
+    """The wrapper is recognised by the classes it derives from (the engine's own wrapper subclasses DDP, and so
+    may a user's), not only by its own class name."""
+    from constrainedsparse import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+    class DistributedDataParallel(nn.Module):  # torch's name; a real one needs a process group
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    class MyDDP(DistributedDataParallel):
+        pass
+
+    f, x, y = _built("admm")
+    f.problem.forward_module = MyDDP(f.problem.model)
+    f.start_epoch(0)
+    f.backward((x, y))
+    assert not [w for w in recwarn if "processes train" in str(w.message)]
+
+
 def _l0_loop(**config):
     model, x, y = _cancer()
     targets = Targets().resolve(model, SparsityConfig(0.5))

@@ -117,9 +117,10 @@ def check_ddp_wrapped(problem: Any) -> bool:
 
     if not distributed.is_distributed() or problem.compute_loss is not None:
         return True
-    wrapped = any(  # DDP or FSDP, also inside a wrapper or torch.compile's module
-        type(m).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
+    wrapped = any(  # DDP or FSDP or a subclass, also inside a wrapper or torch.compile's module
+        cls.__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
         for m in problem.forward_module.modules()
+        for cls in type(m).__mro__
     )
     if not wrapped:
         warnings.warn(
