@@ -99,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default runs/<problem>-<formulation>)")
     p.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default $WANDB_MODE, else offline)")
     p.add_argument("--wandb-project", help="wandb project (default $WANDB_PROJECT or constrainedsparse)")
-    p.add_argument("--wandb-name", help="wandb run name (default $WANDB_NAME or wandb's)")
+    p.add_argument("--wandb-name", help="wandb run name (default $WANDB_NAME, else the --out folder's name)")
     p.add_argument("--wandb-tags", help="comma-separated wandb tags (default $WANDB_TAGS)")
     p.add_argument("--verbose", action="store_true", help="print the per-layer table (also in OUT/layers.csv)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")

@@ -64,16 +64,18 @@ def parse_tags(text: str) -> tuple[str, ...]:
 
 
 WandbNames = tuple[str, str | None, tuple[str, ...]]
-"""A wandb run's project, name (``None``: wandb's own) and tags."""
+"""A wandb run's project, name and tags."""
 
 
-def wandb_names(project: str | None, name: str | None, tags: tuple[str, ...]) -> WandbNames:
+def wandb_names(project: str | None, name: str | None, tags: tuple[str, ...], out_dir: str | os.PathLike) -> WandbNames:
     """The wandb project, run name and tags a run uses: the given ones, else ``$WANDB_PROJECT`` (else
-    :data:`DEFAULT_PROJECT`), ``$WANDB_NAME`` (else wandb's own) and ``$WANDB_TAGS``. Checkpoints keep them
-    resolved, so that a resumed run continues in the same project whatever its environment."""
+    :data:`DEFAULT_PROJECT`), ``$WANDB_NAME`` (else the name of the run's folder ``out_dir``, as the
+    ``transformers`` Trainer names its runs: ``runs/digits-mlp-slr`` is ``digits-mlp-slr`` in wandb's
+    list, not a random name) and ``$WANDB_TAGS``. Checkpoints keep them resolved, so that a resumed run
+    continues in the same project whatever its environment."""
     return (
         project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        name or os.environ.get("WANDB_NAME") or None,
+        name or os.environ.get("WANDB_NAME") or Path(out_dir).resolve().name,
         tuple(tags) or parse_tags(os.environ.get("WANDB_TAGS", "")),
     )
 
@@ -134,7 +136,7 @@ class MetricsLogger:
             (:attr:`last_step` then). If the file now ends elsewhere (deleted, shortened by hand),
             a warning names the steps that will be missing from it and from the plot.
         project: wandb project (``None``: ``$WANDB_PROJECT``, else ``constrainedsparse``).
-        name: wandb run name (``None``: ``$WANDB_NAME``, else wandb's own).
+        name: wandb run name (``None``: ``$WANDB_NAME``, else ``out_dir``'s name).
         tags: wandb run tags (empty: ``$WANDB_TAGS``, comma-separated, if set).
 
     Raises:
@@ -188,7 +190,7 @@ class MetricsLogger:
         self.run = None
         if wandb_mode != "disabled":
             try:
-                self.run = _open_wandb(wandb_mode, wandb_names(project, name, tags), out_dir, config, run_id)
+                self.run = _open_wandb(wandb_mode, wandb_names(project, name, tags, out_dir), out_dir, config, run_id)
             except BaseException:
                 self._file.close()
                 raise

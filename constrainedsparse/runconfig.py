@@ -56,7 +56,7 @@ class RunConfig:
         out: The run directory: a ``str`` or a path-like, always a ``Path`` once the config is built.
         wandb: ``disabled``, ``offline`` or ``online``.
         wandb_project: wandb project (``None``: ``$WANDB_PROJECT`` or ``constrainedsparse``).
-        wandb_name: wandb run name (``None``: ``$WANDB_NAME`` or wandb's).
+        wandb_name: wandb run name (``None``: ``$WANDB_NAME``, else ``out``'s folder name).
         wandb_tags: wandb run tags (``$WANDB_TAGS`` when empty).
         settings: ``--set KEY=VALUE`` text by key.
         resume: Continue from ``out/checkpoint.pt``.
@@ -108,7 +108,8 @@ class RunConfig:
     def stored(self) -> dict[str, Any]:
         """What a checkpoint keeps of the configuration (plain types only)."""
         values = {key: getattr(self, key) for key in IDENTITY_FIELDS}
-        project, name, tags = wandb_names(self.wandb_project, self.wandb_name, self.wandb_tags)  # as the run uses them
+        # as the run resolves them
+        project, name, tags = wandb_names(self.wandb_project, self.wandb_name, self.wandb_tags, self.out)
         wandb = {"wandb": self.wandb, "wandb_project": project, "wandb_name": name, "wandb_tags": list(tags)}
         return {**values, **wandb, "settings": dict(sorted(self.settings.items()))}
 

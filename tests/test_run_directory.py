@@ -138,6 +138,20 @@ def test_resume_alone_continues_the_wandb_run_in_its_project_under_its_name_and_
         assert [(r.project, r.display_name, list(r.tags)) for r in runs[:1]] == [("envproj", "myname", ["t1", "t2"])]
 
 
+def test_a_wandb_run_without_a_name_is_named_after_its_folder(tmp_path, monkeypatch):
+    """As transformers' Trainer names runs after output_dir: runs/digits-mlp-slr is digits-mlp-slr in wandb's list."""
+    from wandb_records import read_records, wait_for_complete_file
+
+    from constrainedsparse import RunConfig, run
+
+    monkeypatch.delenv("WANDB_NAME", raising=False)
+    out = tmp_path / "digits-magnitude-50"
+    run(RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=1, pretrain_epochs=0,
+                  out=out, wandb="offline", progress=False))  # fmt: skip
+    records = read_records(wait_for_complete_file(next(out.glob("wandb/offline-run-*/run-*.wandb"))))
+    assert [r.run.display_name for r in records if r.WhichOneof("record_type") == "run"][:1] == [out.name]
+
+
 @pytest.mark.parametrize("stop", [0, -1, 1.5, True])
 def test_stop_after_epochs_below_one_is_refused_before_anything_is_written(tmp_path, stop):
     from constrainedsparse import RunConfig, run
