@@ -115,7 +115,24 @@ class RunConfig:
 
     def with_stored_wandb(self, stored: Mapping[str, Any]) -> RunConfig:
         """This configuration with the wandb project, name and tags a checkpoint's ``stored`` configuration keeps
-        where none is given (a resumed run goes on under the names it started with, whatever its environment)."""
+        where none is given (a resumed run goes on under the names it started with, whatever its environment).
+
+        Raises:
+            UserInputError: When a given one differs from the stored one (as ``--resume`` refuses it on the
+                command line: the wandb run would be continued under another project or name).
+        """
+        given = {"wandb_project": self.wandb_project, "wandb_name": self.wandb_name}
+        given["wandb_tags"] = list(self.wandb_tags)
+        differing = [
+            f"{key} ({value!r}, stored {stored[key]!r})"
+            for key, value in given.items()
+            if value and key in stored and value != stored[key]
+        ]
+        if differing:
+            raise UserInputError(
+                f"--resume: the run in {self.out} was started with other options: {', '.join(differing)}; give the "
+                "stored ones or none"
+            )
         names = {
             "wandb_project": self.wandb_project or stored.get("wandb_project"),
             "wandb_name": self.wandb_name or stored.get("wandb_name"),

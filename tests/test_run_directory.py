@@ -126,6 +126,8 @@ def test_resume_alone_continues_the_wandb_run_in_its_project_under_its_name_and_
     run(config)
     monkeypatch.delenv("WANDB_PROJECT")
     monkeypatch.delenv("WANDB_TAGS")
+    with pytest.raises(ValueError, match=r"^--resume: the run in .* options: wandb_project \('other', stored 'envproj"):
+        run(dataclasses.replace(config, wandb_project="other", resume=True))  # as the CLI refuses it (below)
     run(dataclasses.replace(config, wandb_name=None, resume=True))  # Python: the stored names
     line = fails_with_one_line(["run", "--out", str(out), "--resume", "--wandb-project", "other"], capsys)
     assert line.startswith("error: --resume: the run in") and "wandb_project ('other', stored 'envproj')" in line
