@@ -322,16 +322,29 @@ def test_a_copy_of_a_gated_model_is_refused_naming_its_gates(name):
         make(name, problem)
 
 
-@pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
-def test_discard_takes_the_build_back_without_baking_anything_in(name):
+@pytest.mark.parametrize(
+    "name, config",
+    [("slr", {}), ("l0", {"droprate_init": 0.5}), ("l0", {"scope": "layer"}), ("l0-penalty", {}), ("magnitude", {})],
+)
+def test_discard_takes_the_build_back_without_baking_anything_in(name, config):
     """What SparsityTrainer does when its __init__ fails after make: finalize() baked l0's test-time gates into
-    the weights and left the gates' group in the user's optimizer."""
+    the weights and left the gates' group in the user's optimizer; l0-penalty and layer-scope l0 left their
+    step hook on the optimizer (each holding the discarded formulation alive, one more per make/discard)."""
+    import gc
+    import weakref
+
     model, x, y = _cancer()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
-    f = make(name, problem, optimizer=optimizer, **({"droprate_init": 0.5} if name == "l0" else {}))
+    f = make(name, problem, optimizer=optimizer, **config)
     f.discard()
+    again = make(name, problem, optimizer=optimizer, **config)
+    again.discard()
+    gone = weakref.ref(again)
+    del again
+    gc.collect()
+    assert gone() is None and not optimizer._optimizer_step_post_hooks
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     assert len(optimizer.param_groups) == 1 and problem.constraint_names() == [] and f.finalized

@@ -386,13 +386,13 @@ class Gated(Formulation):
         the last :meth:`hard_masks` when no Lagrangian, optimizer step or in-place change of a weight or log α came
         since (one selection for ``hard_masks(); finalize()``; a write through ``.data`` is not seen).
         """
-        last = self._last_masks
-        masks = last[1] if last is not None and last[0] == self._mask_inputs() else self.compute_hard_masks()
-        self._last_masks = None
         self._forget_masks_hook.remove()
-        for t in self.problem.targets:
-            if find_gate(t.module, t.param_name) is None:
-                continue
+        last, self._last_masks = self._last_masks, None
+        gated = [t for t in self.problem.targets if find_gate(t.module, t.param_name) is not None]
+        masks: dict[str, torch.Tensor] = {}
+        if gated:  # none under discard(), which took the gates off first
+            masks = last[1] if last is not None and last[0] == self._mask_inputs() else self.compute_hard_masks()
+        for t in gated:
             baked = self._baked(t, masks)
             remove_parametrization(t.module, t.param_name, leave_parametrized=False)
             getattr(t.module, t.param_name).copy_(baked)
