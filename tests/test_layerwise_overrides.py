@@ -122,3 +122,15 @@ def test_a_layerwise_score_of_tensors_is_read_as_numbers_and_printed(tmp_path, c
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert isinstance(summary["output_gap"], float) and summary["score_keys"] == ["output_gap"]
     assert re.search(r"\n  output gap +\d+\.\d{4}\n", capsys.readouterr().out)
+
+
+def test_a_layerwise_run_leaves_transformers_progress_bars_as_it_found_them(tmp_path):
+    """They are off while the run loads and saves (its own progress is the block bar), on again after it: the
+    rest of a notebook's or a test session's downloads and loads kept no bars."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    path = _problem(tmp_path, {})
+    assert main(["run", path, "--sparsity", "0.5", "--out", str(tmp_path / "run"), *COMMON]) == 0
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()

@@ -107,16 +107,6 @@ def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:
     return cls(config)
 
 
-def _hide_transformers_progress_bars() -> None:
-    """Our block bar is the run's progress; transformers' loading/saving bars would also break the
-    one-line error contract (they print to stderr before a bad input is detected)."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:  # transformers is an optional extra
-        return
-    transformers_logging.disable_progress_bar()
-
-
 def prepare(
     config: RunConfig,
     problem: LayerwiseProblem,
@@ -171,8 +161,10 @@ def prepare(
     options = {**problem.options, **routed["options"]}
     if before_model is not None:
         before_model()
-    _hide_transformers_progress_bars()
-    model = problem.model(options)
+    # Our block bar is the run's progress; transformers' loading bars would also break the one-line error
+    # contract (they print to stderr before a bad input is detected).
+    with transformers_bars_off():
+        model = problem.model(options)
     if not isinstance(model, nn.Module):
         raise UserInputError(f"problem {problem.name!r}: model(options) must return a torch.nn.Module, got "
                              f"{type(model).__name__}")  # fmt: skip
