@@ -331,7 +331,23 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``constrainedsparse`` console script."""
+    """Entry point of the ``constrainedsparse`` console script.
+
+    What one call sets for itself (``--debug``'s environment variable, the run folder an interrupt names) is
+    undone when it returns: a notebook's or a test session's later calls are not in debug mode.
+    """
+    debug = os.environ.get(DEBUG_ENV)
+    _RESOLVED_OUT.clear()
+    try:
+        return _main(argv)
+    finally:
+        if debug is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = debug
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _STARTED["main"] = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):

@@ -1,6 +1,7 @@
 """CLI listing commands and the bad-input contract: one stderr line, exit 2, nothing left on disk."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -147,6 +148,20 @@ def test_problem_file_that_fails_to_import_is_one_line(tmp_path, capsys):
     line = fails_with_one_line(["run", str(bad), "--out", str(tmp_path / "x")], capsys)
     assert "failed to load: ModuleNotFoundError: No module named 'no_such_module_here'" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_debug_holds_for_its_own_call_only(tmp_path, capsys, monkeypatch):
+    """--debug set its environment variable for the rest of the process: later calls printed tracebacks."""
+    from constrainedsparse.errors import DEBUG_ENV
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    bad = tmp_path / "broken.py"
+    bad.write_text("import no_such_module_here\n")
+    argv = ["run", str(bad), "--out", str(tmp_path / "x")]
+    with pytest.raises(Exception, match="no_such_module_here"):
+        main([*argv, "--debug"])
+    assert DEBUG_ENV not in os.environ
+    assert "failed to load: ModuleNotFoundError" in fails_with_one_line(argv, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
