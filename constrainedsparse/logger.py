@@ -276,11 +276,18 @@ class MetricsLogger:
         self.run.log({key: wandb.Histogram(_as_numpy(v)) for key, v in values.items()}, step=step)
 
     def close(self) -> None:
-        """Flushes and closes the JSONL file and finishes the wandb run."""
+        """Flushes and closes the JSONL file and finishes the wandb run (again: nothing)."""
         self._file.close()
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Closes the logger also when the loop inside raised (its wandb run finished, its file closed)."""
+        self.close()
 
 
 class NullLogger:
@@ -305,6 +312,12 @@ class NullLogger:
         """Drops ``summary``."""
 
     def close(self) -> None:
+        """Nothing to close."""
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         """Nothing to close."""
 
 

@@ -66,6 +66,17 @@ def test_offline_wandb_run_matches_jsonl(tmp_path, monkeypatch):
         assert logged_metrics == pytest.approx(_row(logged["step"]), rel=1e-12)
 
 
+def test_a_logger_used_as_a_context_closes_when_the_loop_inside_raises(tmp_path):
+    """A sweep's loop that raised left its wandb run unfinished and its file open."""
+    with pytest.raises(RuntimeError, match="diverged"):
+        with MetricsLogger(tmp_path / "run", wandb_mode="offline") as logger:
+            logger.log(_row(1), 1)
+            raise RuntimeError("diverged")
+    assert logger.run is None and logger._file.closed
+    assert read_metrics(tmp_path / "run")[0]["step"] == 1
+    logger.close()  # again: nothing
+
+
 def test_wandb_mode_is_validated(tmp_path):
     with pytest.raises(ValueError, match=r"^wandb_mode must be one of disabled, offline, online, got 'bogus'$"):
         MetricsLogger(tmp_path, "bogus")
