@@ -150,13 +150,12 @@ class _Run:
             },
         )
 
+    def _kept(self) -> str:
+        if self.directory.checkpoint_path.is_file():
+            return f"the last good checkpoint is {self.directory.checkpoint_path}"
+        return "no checkpoint was written yet"
+
     def nonfinite(self, loss: float, phase: str, epoch: int, constraints: Sequence[str] = ()) -> NonFiniteLossError:
-        saved = self.directory.checkpoint_path.is_file()
-        where = (
-            f"the last good checkpoint is {self.directory.checkpoint_path}"
-            if saved
-            else "no checkpoint was written yet"
-        )
         return NonFiniteLossError(
             f"loss became {loss} at step {self.step} ({phase} epoch {epoch + 1})"
             + (
@@ -164,8 +163,18 @@ class _Run:
                 if constraints
                 else ""
             )
-            + f"; training stopped, {where}"
+            + f"; training stopped, {self._kept()}"
         )
+
+    def check_finite_model(self, phase: str, epoch: int) -> None:
+        """Before a checkpoint: the last step's update may have left NaN/inf beside a finite loss (the loss is
+        computed before it), which the checkpoint and the saved model would keep."""
+        odd = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if odd is not None:
+            raise NonFiniteLossError(
+                f"{odd} became NaN or inf by the end of {phase} epoch {epoch + 1} (step {self.step}); training "
+                f"stopped, {self._kept()}"
+            )
 
 
 def _train_phase(
@@ -207,6 +216,7 @@ def _train_phase(
         epoch_metrics.update(_epoch_metrics(run, formulation, phase_index, epoch))
         run.logger.log(epoch_metrics, run.step)
         run.epochs_this_invocation += 1
+        run.check_finite_model(phase, epoch)
         run.checkpoint(phase, epoch + 1, formulation)
         progress.epoch_done(loss=loss, **{run.metric: epoch_metrics[f"{run.metric}/test"]})
     progress.close()

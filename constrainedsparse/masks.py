@@ -259,7 +259,7 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
     for target in targets:
         if target.name in masks:
             weight = getattr(target.module, target.param_name)
-            weight.mul_(masks[target.name].to(weight.device))
+            weight.masked_fill_(~masks[target.name].to(weight.device), 0.0)  # 0, also where it held inf or NaN
 
 
 @contextlib.contextmanager
@@ -275,7 +275,7 @@ def temporarily_pruned(targets: Iterable[TargetParam], masks: Mapping[str, torch
             if target.name in masks:
                 stored = target.stored
                 saved.append((stored, stored.detach().clone()))
-                stored.mul_(masks[target.name].to(stored.device))
+                stored.masked_fill_(~masks[target.name].to(stored.device), 0.0)
     try:
         yield
     finally:

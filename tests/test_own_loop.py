@@ -754,6 +754,41 @@ def test_several_processes_and_a_model_not_wrapped_in_ddp_warn_at_the_first_back
     assert not [w for w in recwarn if "processes train" in str(w.message)]
 
 
+def test_pruned_positions_hold_exact_zeros_also_where_the_weight_was_inf_or_nan():
+    """Masks were multiplied in: inf * 0 is NaN, so an overflowed weight that the mask prunes stayed NaN (and
+    counted as kept)."""
+    from constrainedsparse.masks import temporarily_pruned
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[float("inf"), 1.0, float("nan"), 2.0], [3.0, -float("inf"), 4.0, 5.0]]))
+    mask = torch.tensor([[False, True, False, True], [True, False, True, True]])
+    with temporarily_pruned(targets, {"0.weight": mask}):
+        assert torch.equal(model[0].weight[~mask], torch.zeros(3))
+    assert model[0].weight[0, 0] == float("inf")  # restored
+    hard_prune(targets, {"0.weight": mask})
+    assert torch.equal(model[0].weight[~mask], torch.zeros(3)) and achieved_sparsity(targets) == 3 / 8
+
+
+@pytest.mark.parametrize("name", ["slr", "admm", "l0", "magnitude"])
+def test_weights_made_non_finite_by_the_last_step_stop_end_epoch_and_hard_masks(name):
+    """The last step's loss was computed before its update: a NaN gradient there left NaN weights beside a finite
+    loss, and hard_masks / finalize / hard_prune went on (an l0 NaN score emptied every layer)."""
+    from constrainedsparse import NonFiniteLossError
+
+    f, x, y = _built(name)
+    f.start_epoch(0)
+    for _ in range(4):
+        f.training_step((x, y))
+    with torch.no_grad():
+        f.problem.targets[0].stored[0, 0] = float("nan")  # what a step with a NaN gradient leaves
+    with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at the end of epoch 0: the weights"):
+        f.end_epoch(0)
+    with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at hard_masks\(\): "):
+        f.hard_masks()
+
+
 def test_a_subclass_of_ddp_counts_as_wrapped(monkeypatch, recwarn):
     """The wrapper is recognised by the classes it derives from (the engine's own wrapper subclasses DDP, and so
     may a user's), not only by its own class name."""

@@ -48,6 +48,7 @@ from constrainedsparse.formulations.checks import (
     check_covers,
     check_ddp_wrapped,
     check_finite_step,
+    check_finite_weights,
     check_hard_masks,
     check_pattern_masks,
     check_rate,
@@ -279,11 +280,13 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
-            NonFiniteLossError: If the epoch's last loss is NaN/inf (the run has diverged).
+            NonFiniteLossError: If the epoch's last loss is NaN/inf or a target holds NaN/inf (the run has
+                diverged).
         """
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
         check_finite_step(self._last, self.problem, f"at the last step of epoch {epoch}")
+        check_finite_weights(self.problem.targets, f"at the end of epoch {epoch}")
         self._epochs.end(epoch)
         return self.on_end_epoch(epoch)
 
@@ -407,11 +410,13 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: After :meth:`finalize`.
-            NonFiniteLossError: If the last step's loss is NaN/inf (the masks would come from NaN weights).
+            NonFiniteLossError: If the last step's loss is NaN/inf or a target holds NaN/inf (the masks would come
+                from NaN weights).
         """
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
         check_finite_step(self._last, self.problem, "at the last step before hard_masks()")
+        check_finite_weights(self.problem.targets, "at hard_masks()")
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)

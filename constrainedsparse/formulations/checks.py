@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import cooper
 
     from constrainedsparse.problem import SparsityProblem
+    from constrainedsparse.targets import TargetParam
 
 __all__ = [
     "check_backward_call",
@@ -30,6 +31,7 @@ __all__ = [
     "check_state",
     "LastStep",
     "check_finite_step",
+    "check_finite_weights",
     "check_hard_masks",
     "check_rate",
     "described",
@@ -93,6 +95,24 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
         f"the loss is finite but {which} {when}: the step took a non-finite gradient from it; {fix}, then continue "
         "from a checkpoint"
     )
+
+
+def check_finite_weights(targets: Sequence[TargetParam], when: str) -> None:
+    """Every target's stored tensor is finite (one pass each; where masks are chosen, not per step).
+
+    The last step's loss (:func:`check_finite_step`) was computed before that step's update: a non-finite
+    gradient on the last step leaves NaN weights beside a finite loss, and a top-k of NaN scores is no mask.
+
+    Raises:
+        NonFiniteLossError: Naming the first tensor that holds a NaN or inf and ``when`` it was seen.
+    """
+    for target in targets:
+        if not bool(torch.isfinite(target.stored).all()):
+            raise NonFiniteLossError(
+                f"{target.name} holds NaN or inf {when}: the weights are no longer finite (a step took a "
+                "non-finite gradient, from the loss or a constraint); lower lr or dual_lr, clip the gradients, or "
+                "continue from a checkpoint"
+            )
 
 
 def check_target_levels(name: str, levels: dict[str, str], saved: dict[str, str]) -> None:
