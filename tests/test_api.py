@@ -179,6 +179,11 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
     with pytest.raises(ValueError, match=nan):
         prune_layerwise(model, [torch.full((8, 16), float("nan"))], "sparsegpt")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.blocks[0][0].weight[0, 0] = float("inf")  # blocks.0.2's inputs turn NaN: the cause is named first
+    for solver in ("wanda", "sparsegpt", "fw", "magnitude"):
+        with pytest.raises(ValueError, match=r"^blocks\.0\.0\.weight: its weights hold nan or inf before pruning"):
+            prune_layerwise(model, batches, solver)
 
 
 @pytest.fixture(scope="module")

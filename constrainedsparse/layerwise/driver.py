@@ -187,6 +187,14 @@ def _solve_layers(
     Under several processes the layers are dealt out by estimated cost and every pruned weight and
     report is broadcast from the rank that solved it.
     """
+    # Weights first (a NaN weight makes the next layers' inputs NaN): scores and errors of NaN weights mean
+    # nothing (NaN compares false), and a solver would return them pruned or kept without a word.
+    for name, module in layers:
+        if not bool(torch.isfinite(layer_weight(module)).all()):
+            raise UserInputError(
+                f"{weight_name(prefix, name)}: its weights hold nan or inf before pruning: check the model (its "
+                "checkpoint, or a dtype that overflowed)"
+            )
     for name, _ in layers:  # every rank holds the same Gram matrices: all refuse alike
         if grams[name][1] == 0:
             raise UserInputError(
