@@ -159,7 +159,8 @@ class _Run:
         return NonFiniteLossError(
             f"loss became {loss} at step {self.step} ({phase} epoch {epoch + 1})"
             + (
-                f" after constraint {', '.join(map(repr, constraints))} went non-finite (its value or multiplier)"
+                f"; not finite either: constraint {', '.join(map(repr, constraints))} (its value or multiplier: the "
+                "cause, or carried along by weights a too large step made non-finite)"
                 if constraints
                 else ""
             )
