@@ -754,6 +754,22 @@ def test_several_processes_and_a_model_not_wrapped_in_ddp_warn_at_the_first_back
     assert not [w for w in recwarn if "processes train" in str(w.message)]
 
 
+def test_a_nan_loss_at_end_epoch_names_the_constraints_that_are_not_finite_either():
+    """The own loop's error was generic while the CLI's named them (docs/api.md promises the names)."""
+    from constrainedsparse import NonFiniteLossError
+
+    f, x, y = _built("admm")
+    f.start_epoch(0)
+    f.training_step((x, y))
+    with torch.no_grad():
+        f.problem.norm.multiplier.weight.fill_(float("nan"))  # what a NaN violation's dual step leaves
+    for _ in range(3):
+        f.training_step((x, y))
+    with pytest.raises(NonFiniteLossError, match=r"^the loss is nan at the last step of epoch 0: the weights or "
+                       r"multipliers are no longer finite \(not finite either: constraint 'norm'"):  # fmt: skip
+        f.end_epoch(0)
+
+
 def test_pruned_positions_hold_exact_zeros_also_where_the_weight_was_inf_or_nan():
     """Masks were multiplied in: inf * 0 is NaN, so an overflowed weight that the mask prunes stayed NaN (and
     counted as kept)."""

@@ -71,9 +71,11 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
     if not bool(torch.isfinite(last.loss).all()):
         value = last.loss.reshape(-1)[0].item() if last.loss.numel() else last.loss
         half = any(p.dtype == torch.float16 for p in problem.model.parameters())
+        odd = problem.nonfinite_constraints(last.state() if last.state is not None else None)
+        either = f" (not finite either: constraint {', '.join(map(repr, odd))})" if odd else ""
         raise NonFiniteLossError(
-            f"the loss is {value} {when}: the weights or multipliers are no longer finite (a step took a non-finite "
-            "gradient, from the loss or a constraint); "
+            f"the loss is {value} {when}: the weights or multipliers are no longer finite{either} (a step took a "
+            "non-finite gradient, from the loss or a constraint); "
             + (
                 "the model's weights are float16, whose range a step (and Adam's eps 1e-8) easily leaves: keep the "
                 "weights in float32 and run the forward under torch.autocast, or "
