@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -292,7 +292,7 @@ def dense_layer_problems(
     device: torch.device | str = "cpu",
     offload: bool = False,
     activations: str = "device",
-) -> Iterator[tuple[str, nn.Module, list[Any], Any, list[tuple[nn.Module, LayerProblem]]]]:
+) -> Generator[tuple[str, nn.Module, list[Any], Any, list[tuple[nn.Module, LayerProblem]]], None, None]:
     """The walk every allocation measures on: the *dense* model's blocks, each with its layers' problems.
 
     The same walk as pruning (:func:`~constrainedsparse.layerwise.driver.walk_blocks`) without

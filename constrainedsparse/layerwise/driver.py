@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -301,7 +301,7 @@ def walk_blocks(
     offload: bool = False,
     activations: str = "device",
     chained: bool | None = None,
-) -> Iterator[tuple[int, nn.Module, str, list[BlockInputs], torch.device | str | None]]:
+) -> Generator[tuple[int, nn.Module, str, list[BlockInputs], torch.device | str | None], None, None]:
     """The block-sequential walk every pass over a model shares: capture, visit, propagate.
 
     Yields ``(index, block, prefix, inputs, compute)`` for blocks ``start .. stop - 1``: the block's
