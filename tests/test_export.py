@@ -139,6 +139,7 @@ def test_bad_runs_are_one_line_and_write_nothing(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"holds no compressed-tensors sparse-bitmask model"):
         _pruned_run(tmp_path / "unsaved", _two_four)
         load_compressed(tmp_path / "unsaved" / "model")
+    capsys.readouterr()  # transformers' save progress
     line = fails_with_one_line(["run", "hf-causal-lm", "--formulation", "wanda", "--out", str(tmp_path / "x")], capsys)
     assert "needs --set model=PATH" in line
 
