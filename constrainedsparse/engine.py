@@ -167,15 +167,25 @@ class _Run:
             + f"; training stopped, {self._kept()}"
         )
 
-    def check_finite_model(self, phase: str, epoch: int) -> None:
-        """Before a checkpoint: the last step's update may have left NaN/inf beside a finite loss (the loss is
-        computed before it), which the checkpoint and the saved model would keep."""
-        odd = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-        if odd is not None:
-            raise NonFiniteLossError(
-                f"{odd} became NaN or inf by the end of {phase} epoch {epoch + 1} (step {self.step}); training "
-                f"stopped, {self._kept()}"
-            )
+    def nonfinite_parameter(self, phase: str, epoch: int) -> NonFiniteLossError | None:
+        """At an epoch's end, before its checkpoint: the last step's update may have left NaN/inf beside a finite
+        loss (the loss is computed before it), which the checkpoint and the saved model would keep. Trained
+        floating-point parameters only (a frozen one may hold an inf on purpose); a target by its name."""
+        names = {id(t.stored): t.name for t in self.targets}
+        odd = next(
+            (
+                names.get(id(p), n)
+                for n, p in self.model.named_parameters()
+                if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all())
+            ),
+            None,
+        )
+        if odd is None:
+            return None
+        return NonFiniteLossError(
+            f"{odd} became NaN or inf by the end of {phase} epoch {epoch + 1} (step {self.step}); training stopped, "
+            f"{self._kept()}"
+        )
 
 
 def _train_phase(
@@ -212,12 +222,15 @@ def _train_phase(
             if run.step % prepared.training.log_every == 0 or metrics:
                 run.logger.log({**problem.step_metrics(cmp_state), **metrics}, run.step)
             progress.step(loss=loss)
+        error = run.nonfinite_parameter(phase, epoch)
+        if error is not None:
+            progress.close()
+            raise error
         epoch_metrics.update(formulation.end_epoch(epoch))
         run.logger.log_histograms(formulation.histograms(), run.step)
         epoch_metrics.update(_epoch_metrics(run, formulation, phase_index, epoch))
         run.logger.log(epoch_metrics, run.step)
         run.epochs_this_invocation += 1
-        run.check_finite_model(phase, epoch)
         run.checkpoint(phase, epoch + 1, formulation)
         progress.epoch_done(loss=loss, **{run.metric: epoch_metrics[f"{run.metric}/test"]})
     progress.close()

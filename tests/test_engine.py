@@ -158,14 +158,16 @@ def test_user_problem_file_by_path_and_nan_loss_keeps_last_checkpoint(tmp_path, 
     assert not (out / "summary.json").exists()
 
 
-def test_parameters_a_last_step_made_non_finite_stop_the_run_before_its_checkpoint(tmp_path):
-    """The loss is computed before the update: a NaN gradient on an epoch's last step (a bias here, not a target)
-    went into the checkpoint called 'last good', and on the last epoch into the saved model, with exit 0."""
+@pytest.mark.parametrize("param", ["bias", "weight"])
+def test_parameters_a_last_step_made_non_finite_stop_the_run_before_its_checkpoint(tmp_path, param):
+    """The loss is computed before the update: a NaN gradient on an epoch's last step (a bias, not a target, or a
+    target's weight) went into the checkpoint called 'last good', and on the last epoch into the saved model, with
+    exit 0. A target is named as the run names it, with the checkpoint kept and the epoch counted from 1."""
     out = tmp_path / "nan"
     config = RunConfig(problem=str(PROBLEMS / "nan_grad_bias.py"), formulation="magnitude", sparsity=0.5, out=out,
-                       **{**FAST, "pretrain_epochs": 0})  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match=r"^2\.bias became NaN or inf by the end of prune epoch 2 \(step 8\); "
-                       r"training stopped, the last good checkpoint is .*checkpoint\.pt$"):  # fmt: skip
+                       settings={"param": param}, **{**FAST, "pretrain_epochs": 0})  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=rf"^2\.{param} became NaN or inf by the end of prune epoch 2 \(step "
+                       r"8\); training stopped, the last good checkpoint is .*checkpoint\.pt$"):  # fmt: skip
         run(config)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())

@@ -765,8 +765,12 @@ def test_a_nan_loss_at_end_epoch_names_the_constraints_that_are_not_finite_eithe
         f.problem.norm.multiplier.weight.fill_(float("nan"))  # what a NaN violation's dual step leaves
     for _ in range(3):
         f.training_step((x, y))
-    with pytest.raises(NonFiniteLossError, match=r"^the loss is nan at the last step of epoch 0: the weights or "
-                       r"multipliers are no longer finite \(not finite either: constraint 'norm'"):  # fmt: skip
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^the loss is nan at the last step of epoch 0: the weights or "
+        r"multipliers are no longer finite \(a step .* or a constraint; not finite either: constraint "
+        r"'norm'\); lower",
+    ):  # fmt: skip  (admm's own W = Z constraints are not listed)
         f.end_epoch(0)
 
 
@@ -799,9 +803,26 @@ def test_weights_made_non_finite_by_the_last_step_stop_end_epoch_and_hard_masks(
         f.training_step((x, y))
     with torch.no_grad():
         f.problem.targets[0].stored[0, 0] = float("nan")  # what a step with a NaN gradient leaves
-    with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at the end of epoch 0: the weights"):
+    with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at the end of epoch 0: a step took"):
         f.end_epoch(0)
     with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at hard_masks\(\): "):
+        f.hard_masks()
+
+
+def test_l0_gates_made_non_finite_stop_end_epoch_and_hard_masks():
+    """l0's masks come from its gates' log alpha, not from the weights: a NaN there emptied every layer."""
+    from constrainedsparse import NonFiniteLossError
+
+    f, x, y = _built("l0")
+    f.start_epoch(0)
+    for _ in range(4):
+        f.training_step((x, y))
+    with torch.no_grad():
+        f.gates["2.weight"].log_alpha[0] = float("nan")
+    wanted = r"^2\.weight \(its gates' log alpha\) holds NaN or inf at "
+    with pytest.raises(NonFiniteLossError, match=wanted + r"the end of epoch 0: a step took a non-finite gradient"):
+        f.end_epoch(0)
+    with pytest.raises(NonFiniteLossError, match=wanted + r"hard_masks\(\)"):
         f.hard_masks()
 
 

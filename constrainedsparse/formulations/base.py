@@ -286,7 +286,7 @@ class Formulation(abc.ABC):
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
         check_finite_step(self._last, self.problem, f"at the last step of epoch {epoch}")
-        check_finite_weights(self.problem.targets, f"at the end of epoch {epoch}")
+        check_finite_weights(self.mask_sources(), f"at the end of epoch {epoch}")
         self._epochs.end(epoch)
         return self.on_end_epoch(epoch)
 
@@ -416,7 +416,7 @@ class Formulation(abc.ABC):
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
         check_finite_step(self._last, self.problem, "at the last step before hard_masks()")
-        check_finite_weights(self.problem.targets, "at hard_masks()")
+        check_finite_weights(self.mask_sources(), "at hard_masks()")
         masks = self.compute_hard_masks()
         if not is_ours(type(self)):  # a formulation of the user's: check it
             check_hard_masks(self.name, self.problem.targets, masks)
@@ -427,6 +427,11 @@ class Formulation(abc.ABC):
     @abc.abstractmethod
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
         """The masks of :meth:`hard_masks`."""
+
+    def mask_sources(self) -> dict[str, torch.Tensor]:
+        """The tensors the hard masks are computed from, by name (:meth:`end_epoch` and :meth:`hard_masks` check
+        they are finite): the targets' stored weights; a formulation adds its own (l0 its gates' log α)."""
+        return {t.name: t.stored for t in self.problem.targets}
 
     def hard_prune_preview(self, masks: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
         """Inside the block the model computes exactly as :meth:`finalize` + ``hard_prune(masks)`` would

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import cooper
 
     from constrainedsparse.problem import SparsityProblem
-    from constrainedsparse.targets import TargetParam
 
 __all__ = [
     "check_backward_call",
@@ -71,11 +70,12 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
     if not bool(torch.isfinite(last.loss).all()):
         value = last.loss.reshape(-1)[0].item() if last.loss.numel() else last.loss
         half = any(p.dtype == torch.float16 for p in problem.model.parameters())
-        odd = problem.nonfinite_constraints(last.state() if last.state is not None else None)
-        either = f" (not finite either: constraint {', '.join(map(repr, odd))})" if odd else ""
+        yours = set(problem.user_constraint_names)
+        odd = [n for n in problem.nonfinite_constraints(last.state() if last.state is not None else None) if n in yours]
+        either = f"; not finite either: constraint {', '.join(map(repr, odd))}" if odd else ""
         raise NonFiniteLossError(
-            f"the loss is {value} {when}: the weights or multipliers are no longer finite{either} (a step took a "
-            "non-finite gradient, from the loss or a constraint); "
+            f"the loss is {value} {when}: the weights or multipliers are no longer finite (a step took a non-finite "
+            f"gradient, from the loss or a constraint{either}); "
             + (
                 "the model's weights are float16, whose range a step (and Adam's eps 1e-8) easily leaves: keep the "
                 "weights in float32 and run the forward under torch.autocast, or "
@@ -99,21 +99,24 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
     )
 
 
-def check_finite_weights(targets: Sequence[TargetParam], when: str) -> None:
-    """Every target's stored tensor is finite (one pass each; where masks are chosen, not per step).
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], when: str) -> None:
+    """The tensors the masks are computed from are finite (one pass each; where masks are chosen, not per step).
 
     The last step's loss (:func:`check_finite_step`) was computed before that step's update: a non-finite
     gradient on the last step leaves NaN weights beside a finite loss, and a top-k of NaN scores is no mask.
 
+    Args:
+        tensors: By name (:meth:`~constrainedsparse.formulations.Formulation.mask_sources`).
+        when: When they are checked (``"at hard_masks()"``).
+
     Raises:
         NonFiniteLossError: Naming the first tensor that holds a NaN or inf and ``when`` it was seen.
     """
-    for target in targets:
-        if not bool(torch.isfinite(target.stored).all()):
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteLossError(
-                f"{target.name} holds NaN or inf {when}: the weights are no longer finite (a step took a "
-                "non-finite gradient, from the loss or a constraint); lower lr or dual_lr, clip the gradients, or "
-                "continue from a checkpoint"
+                f"{name} holds NaN or inf {when}: a step took a non-finite gradient (from the loss or a constraint); "
+                "lower lr or dual_lr, clip the gradients, or continue from a checkpoint"
             )
 
 

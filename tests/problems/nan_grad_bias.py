@@ -1,4 +1,5 @@
-"""A user problem whose last training step of epoch 2 gives a finite loss but a NaN gradient on a bias."""
+"""A user problem whose last training step of epoch 2 gives a finite loss but a NaN gradient on the last layer's
+bias (``--set param=weight``: its weight, a pruning target)."""
 
 import torch
 from torch import nn
@@ -8,16 +9,16 @@ from constrainedsparse.spec import Problem
 
 
 class Net(nn.Sequential):
-    def __init__(self, after):
+    def __init__(self, after, param):
         super().__init__(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        self.after, self.calls = after, 0
+        self.after, self.param, self.calls = after, param, 0
 
     def forward(self, x):
         out = super().forward(x)
         if self.training:
             self.calls += 1
-            if self.calls == self.after:  # sqrt at 0: value 0, gradient NaN (for the last bias only)
-                out = out + (self[2].bias.abs().min() * 0).sqrt()
+            if self.calls == self.after:  # sqrt at 0: value 0, gradient NaN (for that one tensor only)
+                out = out + (getattr(self[2], self.param).abs().min() * 0).sqrt()
         return out
 
 
@@ -31,10 +32,10 @@ def data(options):
 problem = Problem(
     name="nan-grad-bias",
     description="tiny synthetic problem whose step nan_after takes a NaN gradient on its last bias",
-    model=lambda options: Net(options["nan_after"]),
+    model=lambda options: Net(options["nan_after"], options["param"]),
     data=data,
     pretrain_epochs=0,
     epochs=4,
     batch_size=16,
-    options={"nan_after": 8},
+    options={"nan_after": 8, "param": "bias"},
 )

@@ -373,6 +373,11 @@ class Gated(Formulation):
         """Drops the masks of the last :meth:`hard_masks` (an optimizer step's post hook)."""
         self._last_masks = None
 
+    def mask_sources(self) -> dict[str, torch.Tensor]:
+        """The stored weights and every gate's log α."""
+        gates = {f"{name} (its gates' log alpha)": gate.log_alpha for name, gate in self.gates.items()}
+        return super().mask_sources() | gates
+
     def _mask_inputs(self) -> tuple[int, ...]:
         """Storage and in-place version of every gate's log α and stored weight (what the hard masks depend on)."""
         tensors = [tensor for t in self.problem.targets for tensor in (self.gates[t.name].log_alpha, t.stored)]
