@@ -64,18 +64,17 @@ def parse_tags(text: str) -> tuple[str, ...]:
 
 
 WandbNames = tuple[str, str | None, tuple[str, ...]]
-"""A wandb run's project, name and tags."""
+"""A wandb run's project, name (``None``: not given) and tags."""
 
 
-def wandb_names(project: str | None, name: str | None, tags: tuple[str, ...], out_dir: str | os.PathLike) -> WandbNames:
+def wandb_names(project: str | None, name: str | None, tags: tuple[str, ...]) -> WandbNames:
     """The wandb project, run name and tags a run uses: the given ones, else ``$WANDB_PROJECT`` (else
-    :data:`DEFAULT_PROJECT`), ``$WANDB_NAME`` (else the name of the run's folder ``out_dir``, as the
-    ``transformers`` Trainer names its runs: ``runs/digits-mlp-slr`` is ``digits-mlp-slr`` in wandb's
-    list, not a random name) and ``$WANDB_TAGS``. Checkpoints keep them resolved, so that a resumed run
+    :data:`DEFAULT_PROJECT`), ``$WANDB_NAME`` (else ``None``: a new run is named after its folder, see
+    :func:`_open_wandb`) and ``$WANDB_TAGS``. Checkpoints keep them resolved, so that a resumed run
     continues in the same project whatever its environment."""
     return (
         project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        name or os.environ.get("WANDB_NAME") or Path(out_dir).resolve().name,
+        name or os.environ.get("WANDB_NAME") or None,
         tuple(tags) or parse_tags(os.environ.get("WANDB_TAGS", "")),
     )
 
@@ -96,6 +95,8 @@ def _open_wandb(
     import wandb
 
     project, name, tags = names
+    if name is None and run_id is None:  # as transformers' Trainer names a run after output_dir: runs/digits-mlp-slr
+        name = out_dir.resolve().name  # is digits-mlp-slr in wandb's list; a resumed one keeps the name it has there
     yours = wandb.run  # a run the caller has open: it stays open and active beside this one
     try:
         return wandb.init(
@@ -136,7 +137,7 @@ class MetricsLogger:
             (:attr:`last_step` then). If the file now ends elsewhere (deleted, shortened by hand),
             a warning names the steps that will be missing from it and from the plot.
         project: wandb project (``None``: ``$WANDB_PROJECT``, else ``constrainedsparse``).
-        name: wandb run name (``None``: ``$WANDB_NAME``, else ``out_dir``'s name).
+        name: wandb run name (``None``: ``$WANDB_NAME``, else ``out_dir``'s name for a new run).
         tags: wandb run tags (empty: ``$WANDB_TAGS``, comma-separated, if set).
 
     Raises:
@@ -190,7 +191,7 @@ class MetricsLogger:
         self.run = None
         if wandb_mode != "disabled":
             try:
-                self.run = _open_wandb(wandb_mode, wandb_names(project, name, tags, out_dir), out_dir, config, run_id)
+                self.run = _open_wandb(wandb_mode, wandb_names(project, name, tags), out_dir, config, run_id)
             except BaseException:
                 self._file.close()
                 raise
@@ -285,8 +286,12 @@ class MetricsLogger:
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        """Closes the logger also when the loop inside raised (its wandb run finished, its file closed)."""
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        """Closes the logger also when the loop inside raised: its file closed, its wandb run finished (as failed,
+        exit code 1, when the loop raised)."""
+        if error_type is not None and self.run is not None:
+            self.run.finish(exit_code=1)
+            self.run = None
         self.close()
 
 

@@ -108,8 +108,7 @@ class RunConfig:
     def stored(self) -> dict[str, Any]:
         """What a checkpoint keeps of the configuration (plain types only)."""
         values = {key: getattr(self, key) for key in IDENTITY_FIELDS}
-        # as the run resolves them
-        project, name, tags = wandb_names(self.wandb_project, self.wandb_name, self.wandb_tags, self.out)
+        project, name, tags = wandb_names(self.wandb_project, self.wandb_name, self.wandb_tags)  # as the run uses them
         wandb = {"wandb": self.wandb, "wandb_project": project, "wandb_name": name, "wandb_tags": list(tags)}
         return {**values, **wandb, "settings": dict(sorted(self.settings.items()))}
 

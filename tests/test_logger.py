@@ -7,7 +7,7 @@ import math
 import struct
 
 import pytest
-from wandb_records import history_rows, wait_for_complete_run
+from wandb_records import history_rows, read_records, wait_for_complete_file, wait_for_complete_run
 
 from constrainedsparse.logger import MetricsLogger, read_metrics
 from constrainedsparse.plots import plot_metrics
@@ -75,6 +75,8 @@ def test_a_logger_used_as_a_context_closes_when_the_loop_inside_raises(tmp_path)
     assert logger.run is None and logger._file.closed
     assert read_metrics(tmp_path / "run")[0]["step"] == 1
     logger.close()  # again: nothing
+    records = read_records(wait_for_complete_file(next((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))))
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]  # shown as failed
 
 
 def test_wandb_mode_is_validated(tmp_path):
