@@ -103,7 +103,7 @@ def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor
 
     Raises:
         ValueError: For a name that is no target (a typo would leave that tensor dense), a mask that is
-            not boolean (scores or 0/1 floats: ``hard_prune`` would multiply by them), or a shape that differs.
+            not boolean (scores or 0/1 floats: which entries they keep is not said), or a shape that differs.
     """
     if not isinstance(masks, Mapping):
         raise ValueError(

@@ -127,11 +127,7 @@ class RunConfig:
             for key, value in given.items()
             if value and key in stored and value != stored[key]
         ]
-        if differing:
-            raise UserInputError(
-                f"--resume: the run in {self.out} was started with other options: {', '.join(differing)}; give the "
-                "stored ones or none"
-            )
+        _refuse_other_options(self.out, differing)
         names = {
             "wandb_project": self.wandb_project or stored.get("wandb_project"),
             "wandb_name": self.wandb_name or stored.get("wandb_name"),
@@ -191,11 +187,7 @@ class RunConfig:
                 differing.append(f"--set {key} ({value}, not set at the start{in_effect})")
             elif not _same_setting(value, theirs[key]):
                 differing.append(f"--set {key} ({value}, stored {theirs[key]})")
-        if differing:
-            raise UserInputError(
-                f"--resume: the run in {out} was started with other options: {', '.join(differing)}; give the "
-                "stored ones or none"
-            )
+        _refuse_other_options(out, differing)
         fields = {key: stored[key] for key in (*IDENTITY_FIELDS, *WANDB_FIELDS) if key in stored}
         if "wandb_tags" in stored:  # a checkpoint keeps a list
             fields["wandb_tags"] = tuple(stored["wandb_tags"])
@@ -237,6 +229,19 @@ def finished_error(out: Path, overwrite: str) -> UserInputError:
         f"--resume: the run in {out} has finished ({out / 'summary.json'}); there is nothing to continue: run it "
         f"again with {overwrite}, or choose another folder"
     )
+
+
+def _refuse_other_options(out: Path, differing: list[str]) -> None:
+    """A resume given options other than the stored ones (``differing``: each ``key (given, stored ...)``) stops.
+
+    Raises:
+        UserInputError: Naming every differing option.
+    """
+    if differing:
+        raise UserInputError(
+            f"--resume: the run in {out} was started with other options: {', '.join(differing)}; give the stored "
+            "ones or none"
+        )
 
 
 def _stored_text(key: str, stored: Mapping[str, Any]) -> str:

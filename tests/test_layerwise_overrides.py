@@ -130,7 +130,12 @@ def test_a_layerwise_run_leaves_transformers_progress_bars_as_it_found_them(tmp_
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as hf_logging
 
+    was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()
-    path = _problem(tmp_path, {})
-    assert main(["run", path, "--sparsity", "0.5", "--out", str(tmp_path / "run"), *COMMON]) == 0
-    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    try:
+        path = _problem(tmp_path, {})
+        assert main(["run", path, "--sparsity", "0.5", "--out", str(tmp_path / "run"), *COMMON]) == 0
+        assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    finally:
+        if not was_on:
+            hf_logging.disable_progress_bar()
