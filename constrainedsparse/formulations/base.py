@@ -280,8 +280,8 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
-            NonFiniteLossError: If the epoch's last loss is NaN/inf or a target holds NaN/inf (the run has
-                diverged).
+            NonFiniteLossError: If the epoch's last loss is NaN/inf or a tensor the masks come from
+                (:meth:`mask_sources`) holds NaN/inf (the run has diverged).
         """
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
@@ -410,8 +410,8 @@ class Formulation(abc.ABC):
 
         Raises:
             ValueError: After :meth:`finalize`.
-            NonFiniteLossError: If the last step's loss is NaN/inf or a target holds NaN/inf (the masks would come
-                from NaN weights).
+            NonFiniteLossError: If the last step's loss is NaN/inf or a tensor the masks come from
+                (:meth:`mask_sources`) holds NaN/inf.
         """
         if self._stage == _FINALIZED:
             raise ValueError("hard_masks() after finalize(): call hard_masks() first, then finalize()")
