@@ -809,6 +809,20 @@ def test_weights_made_non_finite_by_the_last_step_stop_end_epoch_and_hard_masks(
         f.hard_masks()
 
 
+def test_a_float16_weight_made_non_finite_is_told_its_likely_cause():
+    from constrainedsparse import NonFiniteLossError
+
+    model = nn.Sequential(nn.Linear(8, 8)).half()
+    problem = SparsityProblem(model, nn.functional.mse_loss, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make("magnitude", problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    f.setup(1, 1)
+    f.start_epoch(0)
+    with torch.no_grad():
+        problem.targets[0].stored[0, 0] = float("inf")  # float16 overflows at 65504
+    with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at the end of epoch 0: .*; it is flo"):
+        f.end_epoch(0)
+
+
 def test_l0_gates_made_non_finite_stop_end_epoch_and_hard_masks():
     """l0's masks come from its gates' log alpha, not from the weights: a NaN there emptied every layer."""
     from constrainedsparse import NonFiniteLossError

@@ -114,9 +114,15 @@ def check_finite_weights(tensors: Mapping[str, torch.Tensor], when: str) -> None
     """
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
+            half = (
+                "it is float16, whose range a step easily leaves: keep the weights in float32 and run the forward "
+                "under torch.autocast, or "
+                if tensor.dtype == torch.float16
+                else ""
+            )
             raise NonFiniteLossError(
                 f"{name} holds NaN or inf {when}: a step took a non-finite gradient (from the loss or a constraint); "
-                "lower lr or dual_lr, clip the gradients, or continue from a checkpoint"
+                f"{half}lower lr or dual_lr, clip the gradients, or continue from a checkpoint"
             )
 
 
