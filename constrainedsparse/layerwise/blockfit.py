@@ -39,7 +39,7 @@ from torch import nn
 from constrainedsparse.batches import map_tensors
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 
-__all__ = ["BlockFit", "BlockFitResult", "batch_loss", "block_sums", "fit_block", "float32_block"]
+__all__ = ["BlockFit", "BlockFitResult", "batch_loss", "block_sums", "compute_inputs", "fit_block", "widened_block"]
 
 TARGETS = ("dense", "block")
 
@@ -75,11 +75,17 @@ class BlockFitResult:
     after: float
 
 
-def _float32(item: BlockInputs) -> BlockInputs:
-    """The call with every floating tensor in float32 (the refit computes in float32 whatever the weights)."""
+def compute_dtype(target: BlockInputs) -> torch.dtype:
+    """The dtype a block computes in under :func:`widened_block`: its outputs' (``target``'s), at least float32."""
+    return torch.promote_types(target.hidden.dtype, torch.float32)
+
+
+def compute_inputs(item: BlockInputs, target: BlockInputs) -> BlockInputs:
+    """The call with every floating tensor in :func:`compute_dtype` (a half-precision block computes in float32)."""
+    dtype = compute_dtype(target)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.float() if t.is_floating_point() else t
+        return t.to(dtype) if t.is_floating_point() else t
 
     return BlockInputs(map_tensors(item.args, cast), map_tensors(item.kwargs, cast), item.token_mask)
 
@@ -96,8 +102,8 @@ def batch_loss(
     """
     if device is not None:
         item, target = item.to(device), target.to(device)
-    wanted = target.hidden.float()
-    error = (block_output(block, _float32(item)) - wanted).square().sum(dim=-1)
+    wanted = target.hidden.to(compute_dtype(target))
+    error = (block_output(block, compute_inputs(item, target)) - wanted).square().sum(dim=-1)
     energy = wanted.square().sum(dim=-1)
     if item.token_mask is not None:
         error, energy = error[item.token_mask], energy[item.token_mask]
@@ -112,12 +118,13 @@ def block_sums(block: nn.Module, pairs: Pairs, device: torch.device | str | None
 
 
 @contextlib.contextmanager
-def float32_block(block: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
-    """The block computes in float32 with no parameter requiring gradients; every tensor's dtype and flag restored
-    after.
+def widened_block(block: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The block computes in float32 or wider with no parameter requiring gradients; every tensor's dtype and flag
+    restored after.
 
     Weights in bfloat16 or float16 (read from ``modules[0]``) are cast to float32 and back; each floating
     parameter and buffer gets its own dtype back (a norm or a buffer the model keeps in float32 stays float32).
+    A float32 or float64 block computes as it is (a float64 norm is not rounded through float32).
     """
     dtype = modules[0].weight.dtype
     dtypes = [
@@ -127,7 +134,7 @@ def float32_block(block: nn.Module, modules: Sequence[nn.Module]) -> Iterator[No
         for name, tensor in getattr(module, kind).items()
         if tensor is not None and tensor.is_floating_point()
     ]
-    if dtype != torch.float32:
+    if torch.finfo(dtype).bits < 32:
         block.float()
     flags = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
@@ -155,7 +162,7 @@ def fit_block(
 ) -> BlockFitResult:
     """Refits the kept weights of ``layers`` (masks fixed) so that ``block(inputs)`` approaches ``targets``.
 
-    Weights in bfloat16 or float16 are refitted in float32 and cast back.
+    Weights in bfloat16 or float16 are refitted in float32 and cast back; float64 ones in float64.
 
     Args:
         block: The pruned block (its weights are updated in place).
@@ -170,7 +177,7 @@ def fit_block(
     """
     pairs = list(zip(inputs, targets))
     weights = [module.weight for _, module in layers]  # the parameters (GPT-2's Conv1D: transposed)
-    with float32_block(block, [module for _, module in layers]):
+    with widened_block(block, [module for _, module in layers]):
         error, energy = block_sums(block, pairs, device)
         scale = 1.0 / max(energy, torch.finfo(torch.float32).tiny)
         _adam(block, weights, pairs, fit, scale, device)

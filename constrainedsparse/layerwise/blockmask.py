@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from constrainedsparse.layerwise.blockfit import Pairs, batch_loss, block_sums, float32_block
+from constrainedsparse.layerwise.blockfit import Pairs, batch_loss, block_sums, compute_inputs, widened_block
 from constrainedsparse.layerwise.blockinputs import BlockInputs
 from constrainedsparse.layerwise.fw.core import SUPPORTED_SETS
 from constrainedsparse.layerwise.fw.groups import group_sweep_polish
@@ -81,12 +81,17 @@ class MaskSearchResult:
 
 @dataclasses.dataclass
 class _Layer:
-    """One targeted layer: its module, dense weight, pattern and current mask."""
+    """One targeted layer: its module, dense weight (the model's dtype: what a mask keeps is written back exactly),
+    pattern and current mask; ``dense32``, the dense weight in float32, is what the search computes with."""
 
     module: nn.Module
     dense: torch.Tensor
     feasible: FeasibleSet
     mask: torch.Tensor
+    dense32: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dense32 = self.dense.float()
 
     def apply(self, mask: torch.Tensor) -> None:
         set_layer_weight(self.module, self.dense * mask)
@@ -111,7 +116,7 @@ def search_block_masks(
 
     Args:
         block: The pruned block (its targeted weights are rewritten in place).
-        layers: ``(module, dense weight (d_out, d_in) float32, pattern)`` of every targeted layer; the
+        layers: ``(module, dense weight (d_out, d_in) in the model's dtype, pattern)`` of every targeted layer; the
             module's weight is the dense one masked (a mask-only solver's result).
         inputs: The block's calibration inputs.
         targets: The target outputs, one per batch.
@@ -122,7 +127,7 @@ def search_block_masks(
         The block error before and after, the rounds that lowered it, and the mask entries changed.
     """
     pairs = list(zip(inputs, targets))
-    with float32_block(block, [module for module, _, _ in layers]):
+    with widened_block(block, [module for module, _, _ in layers]):
         state = [
             _Layer(module, dense, feasible, start_mask(layer_weight(module).float(), dense, feasible))
             for module, dense, feasible in layers
@@ -151,8 +156,9 @@ def _round(
     """One round: the best candidate over ``TRUST`` if it beats ``current`` (then applied), else ``None``."""
     grads = _gradients(block, state, pairs, energy, device)
     named, few = [(str(i), layer.module) for i, layer in enumerate(state)], pairs[:CURVATURE_BATCHES]
-    grams = [gram for gram, _ in accumulate_grams(block, named, [item for item, _ in pairs], device=device).values()]
-    few_grams = [gram for gram, _ in accumulate_grams(block, named, [item for item, _ in few], device=device).values()]
+    items = [compute_inputs(item, target) for item, target in pairs]  # the block computes in float32 or wider
+    grams = [gram for gram, _ in accumulate_grams(block, named, items, device=device).values()]
+    few_grams = [gram for gram, _ in accumulate_grams(block, named, items[: len(few)], device=device).values()]
     base = block_sums(block, few, device)[0]  # the current error on few: every curvature's middle point
     curvatures = [_curvature(block, layer, few, gram, base, device) / energy for layer, gram in zip(state, few_grams)]
     best, best_masks = current, None
@@ -176,9 +182,9 @@ def _descend(layer: _Layer, gram: torch.Tensor, grad: torch.Tensor, curvature: f
     """The mask minimising the local model from the current one: fw's descents with the shifted residual."""
     residual = grad / (-2.0 * curvature)
     if isinstance(layer.feasible, NMSparse):
-        found = group_sweep_polish(layer.dense, gram, layer.mask, layer.feasible.m, GROUP_SWEEPS, residual=residual)
+        found = group_sweep_polish(layer.dense32, gram, layer.mask, layer.feasible.m, GROUP_SWEEPS, residual=residual)
     else:  # RowTopK, TopK: check_block_mask refuses other patterns at the boundary
-        found = swap_polish(layer.dense, gram, layer.mask, SWAP_STEPS, residual=residual)
+        found = swap_polish(layer.dense32, gram, layer.mask, SWAP_STEPS, residual=residual)
     return found.mask
 
 
@@ -188,13 +194,13 @@ def _curvature(
     r"""The curvature of the summed squared error along :math:`D_0` per unit of :math:`\sum_i d_i^\top G d_i`:
     its second difference on ``few`` (``base``: the error there now), over the quadratic form with ``few``'s
     Gram matrix ``gram``."""
-    pruned = layer.dense * ~layer.mask
+    pruned = layer.dense32 * ~layer.mask
     quadratic = float(((pruned @ gram) * pruned).sum())
     if quadratic <= 0:
         return 0.0
     values = []
     for sign in (1.0, -1.0):
-        set_layer_weight(layer.module, layer.dense * layer.mask - sign * EPSILON * pruned)
+        set_layer_weight(layer.module, layer.dense32 * layer.mask - sign * EPSILON * pruned)
         values.append(block_sums(block, few, device)[0])
     layer.apply(layer.mask)
     # few's squared error e(s) ~ e0 + s a + s^2 beta q_few, with q_few the quadratic form on few's Gram.

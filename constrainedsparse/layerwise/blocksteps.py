@@ -31,10 +31,10 @@ def dense_layers(
     target: SparsityConfig,
     levels: Mapping[str, SparsityConfig] | None,
 ) -> MaskLayers:
-    """``(module, dense weight as (d_out, d_in) float32, pattern)`` of the block's targeted layers."""
+    """``(module, dense weight as (d_out, d_in) in the model's dtype, pattern)`` of the block's targeted layers."""
     layers = []
     for name, module in targeted_layers(block, targets, prefix):
-        dense = layer_weight(module).detach().to(torch.float32, copy=True)
+        dense = layer_weight(module).detach().clone()
         own = (levels or {}).get(weight_name(prefix, name), target)
         layers.append((module, dense, own.feasible_set(dense.shape)))
     return layers

@@ -42,7 +42,7 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
+from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
@@ -216,7 +216,8 @@ def _solve_layers(
         started = time.perf_counter()
         gram, tokens = grams[name]
         full_name = weight_name(prefix, name)
-        weight = layer_weight(module).detach().to(torch.float32, copy=True)  # the module is overwritten below
+        original = layer_weight(module).detach()
+        weight = original.to(torch.float32, copy=True)  # the module is overwritten below
         problem = LayerProblem(full_name, weight, gram, (levels or {}).get(full_name, target), tokens)
         result = solve(solver, problem)
         pruned = torch.where(result.mask, result.weight, torch.zeros_like(result.weight))
@@ -230,11 +231,12 @@ def _solve_layers(
             metrics=dict(result.metrics),
             trace=list(result.trace),
         )
-        solved[name] = (pruned, report)
+        solved[name] = (_written(pruned, result, original), report)
     reports = []
     for (name, module), owner, shape in zip(layers, owners, shapes):
         if world > 1:  # every rank receives the layer from the rank that solved it
-            pruned, report = solved.get(name, (torch.empty(shape, device=module.weight.device), None))
+            dtype = _written_dtype(layer_weight(module).dtype)
+            pruned, report = solved.get(name, (torch.empty(shape, dtype=dtype, device=module.weight.device), None))
             dist.broadcast(pruned, src=owner)
             holder = [report]
             dist.broadcast_object_list(holder, src=owner)
@@ -244,6 +246,20 @@ def _solve_layers(
         set_layer_weight(module, pruned)
         reports.append(report)
     return reports
+
+
+def _written_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a solved layer as written back: float64 for a float64 model, else the solvers' float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _written(pruned: torch.Tensor, result: LayerResult, original: torch.Tensor) -> torch.Tensor:
+    """The solved layer to write back: ``pruned`` (float32), where a float64 model's kept weights the solver left
+    unchanged (every kept one of a mask-only solver) take their float64 values back, not float32's rounding."""
+    if _written_dtype(original.dtype) == torch.float32:
+        return pruned
+    unchanged = result.mask & (result.weight == original.to(torch.float32))
+    return torch.where(unchanged, original, pruned.to(torch.float64))
 
 
 def walk_inputs(
