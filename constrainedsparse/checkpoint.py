@@ -201,9 +201,22 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     ``path`` and with interrupts deferred, as every other write of a run (:func:`atomic_write_bytes`); a temporary
     file that a killed writer left next to ``path`` more than an hour ago is removed."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     _remove_stale_temporaries(path)
     _atomic(path, lambda handle: handle.write(save(tensors, metadata=metadata)))
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor that shares memory with one before it (tied weights, a module under two names) as a copy of its
+    own: safetensors refuses shared memory, and a plain ``load_state_dict`` of the file wants every key."""
+    storages: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in storages else tensor
+        if tensor.numel():
+            storages.add(storage)
+    return out
 
 
 _STALE_SECONDS = 3600.0

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from constrainedsparse import prune_layerwise
 from constrainedsparse.saving import save_pretrained_model
 from constrainedsparse.sets import NMSparse
 
@@ -121,3 +122,37 @@ def test_a_replaced_folder_has_the_umask_modes_of_new_files(tmp_path):
         final.stat().st_mode & 0o777 == directory_mode() and (final / "sub").stat().st_mode & 0o777 == directory_mode()
     )
     assert (final / "sub" / Path(name).name).stat().st_mode & 0o777 == file_mode()
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding tied to the output head (the usual LM layout), and a block also reachable under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+        self.first = self.blocks[0]
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for block in self.blocks:
+            h = h + torch.relu(block(h))
+        return self.head(h)
+
+
+def test_a_model_with_tied_weights_is_saved_and_loads_back_the_plain_way(tmp_path):
+    """safetensors refuses tensors sharing memory: the run used to prune the model, then fail with its traceback."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _TiedLM()
+    batches = [torch.randint(0, 20, (4, 6)) for _ in range(2)]
+    prune_layerwise(model, batches, "wanda", sparsity=0.5, blocks=list(model.blocks), out=tmp_path / "run")
+    fresh = _TiedLM()
+    fresh.load_state_dict(load_file(tmp_path / "run" / "model.safetensors"))  # strict: every key is in the file
+    assert fresh.head.weight is fresh.emb.weight
+    for (name, p), (_, q) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert float((fresh.blocks[0].weight == 0).float().mean()) == 0.5
