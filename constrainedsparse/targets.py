@@ -100,6 +100,9 @@ class Targets:
             if isinstance(value, (str, type)) or not isinstance(value, Collection):  # "4.*" is not a list of globs
                 shown = value.__name__ if isinstance(value, type) else repr(value)
                 raise ValueError(f"{key} must be a list, tuple or set, got {shown}: wrap a single item as ({shown},)")
+        twice = [name for i, name in enumerate(self.param_names) if name in list(self.param_names)[:i]]
+        if twice:
+            raise ValueError(f"param_names lists {twice[0]!r} twice: name each parameter once")
         odd = [t for t in self.module_types if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if odd:
             raise ValueError(f"module_types must hold nn.Module classes (nn.Linear, ...), got {odd[0]!r}")
@@ -348,10 +351,12 @@ def resolved_targets(targets: Any, call: str = "") -> list[TargetParam]:
         call: The call to name at the start of the message (``"hard_prune(targets, masks): "``).
 
     Raises:
-        ValueError: Naming what was passed instead (an unresolved :class:`Targets`: how to resolve it).
+        ValueError: Naming what was passed instead (an unresolved :class:`Targets`: how to resolve it), or a tensor
+            listed twice (two ``resolve`` results joined that overlap).
     """
     items = list(targets) if isinstance(targets, Iterable) and not isinstance(targets, (str, Mapping)) else None
     if items is not None and all(isinstance(t, TargetParam) for t in items):
+        _check_each_once(items, call)
         return items
     if items is not None:
         odd = sorted({type(t).__name__ for t in items if not isinstance(t, TargetParam)})
@@ -359,6 +364,20 @@ def resolved_targets(targets: Any, call: str = "") -> list[TargetParam]:
     else:
         what = type(targets).__name__ + (": call .resolve(model, config) on it" if hasattr(targets, "resolve") else "")
     raise ValueError(f"{call}targets must be the list Targets(...).resolve(model, config) returns, got {what}")
+
+
+def _check_each_once(targets: list[TargetParam], call: str) -> None:
+    """Raises ``ValueError`` for a tensor in ``targets`` twice, by name or by identity (a module under two names)."""
+    first: dict[int, str] = {}
+    for t in targets:
+        seen = first.get(id(t.stored))
+        if seen is not None:
+            same = f"{t.name} twice" if seen == t.name else f"one tensor twice, as {seen} and as {t.name}"
+            raise ValueError(
+                f"{call}targets list {same}: give each tensor once (for another level or pattern on some layers, "
+                "exclude them from the other resolve: Targets(exclude=[...]))"
+            )
+        first[id(t.stored)] = t.name
 
 
 def _takes_two(fn: Callable[..., Any]) -> bool:

@@ -247,3 +247,21 @@ def test_a_torch_compile_wrapper_resolves_to_the_modules_own_names():
     targets = Targets().resolve(compiled, SparsityConfig(0.5))
     assert [t.name for t in targets] == ["0.weight", "2.weight"]  # no "_orig_mod." prefix
     assert targets[0].module is model[0]
+
+
+def test_a_tensor_listed_twice_is_refused_where_the_targets_are_taken():
+    """Two overlapping resolves joined: magnitude kept the last pattern and counted the tensor twice, l0 gated it
+    twice and crashed in finalize, slr/admm named a constraint already registered."""
+    import constrainedsparse as cs
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    targets = Targets().resolve(model, SparsityConfig(0.75)) + Targets(include=["0.weight"]).resolve(
+        model, SparsityConfig.parse("2:4")
+    )
+    message = r"targets list 0\.weight twice: give each tensor once \(for another level or pattern on some layers, "
+    with pytest.raises(ValueError, match="^" + message):
+        cs.SparsityProblem(model, nn.functional.cross_entropy, targets)
+    with pytest.raises(ValueError, match=r"^achieved_sparsity\(targets\): " + message):
+        cs.achieved_sparsity(targets)
+    with pytest.raises(ValueError, match=r"^param_names lists 'weight' twice: name each parameter once$"):
+        Targets(param_names=("weight", "weight"))
