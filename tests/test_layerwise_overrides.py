@@ -139,3 +139,42 @@ def test_a_layerwise_run_leaves_transformers_progress_bars_as_it_found_them(tmp_
     finally:
         if not was_on:
             hf_logging.disable_progress_bar()
+
+
+def test_a_compiled_model_is_pruned_under_its_own_names(tmp_path):
+    """torch.compile's wrapper used to leak into the layer names (``_orig_mod.``): overrides written with the model's
+    names matched nothing, and the report's names differed from the saved weights'."""
+    import torch
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from constrainedsparse import Targets, prune_layerwise
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b(torch.relu(self.a(x)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = torch.compile(Net(), backend="eager")
+    report = prune_layerwise(
+        model, [torch.randn(4, 6, 8) for _ in range(2)], "wanda", sparsity=0.5,
+        targets=Targets(overrides={"blocks.0.*": 0.25}), out=tmp_path / "run",
+    )  # fmt: skip
+    assert list(report.layer_error) == [f"blocks.{i}.{x}.weight" for i in (0, 1) for x in "ab"]
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert float((saved["blocks.0.a.weight"] == 0).float().mean()) == 0.25
+    assert float((saved["blocks.1.a.weight"] == 0).float().mean()) == 0.5

@@ -57,7 +57,7 @@ from constrainedsparse.modes import eval_mode
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.saving import source_folder
 from constrainedsparse.settings import resolve_device, target_from_flags
-from constrainedsparse.targets import SparsityConfig, Targets
+from constrainedsparse.targets import SparsityConfig, Targets, unwrap_compiled
 
 __all__ = ["prune_layerwise"]
 
@@ -176,6 +176,7 @@ def prune_layerwise(
     """
     started = time.perf_counter()
     batches = _check_inputs(model, batches, out, {"overwrite": overwrite, "progress": progress})
+    model = unwrap_compiled(model)  # names without torch.compile's _orig_mod. (blocks run one at a time anyway)
     if pattern is not None and mask_scope is not None:
         raise ValueError(
             "give either pattern or mask_scope (mask_scope='row' is pattern='row', 'layer' is pattern='unstructured')"

@@ -168,6 +168,7 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise UserInputError(f"problem {problem.name!r}: model(options) must return a torch.nn.Module, got "
                              f"{type(model).__name__}")  # fmt: skip
+    model = unwrap_compiled(model)  # names without torch.compile's _orig_mod. (blocks run one at a time anyway)
     model.to(getattr(torch, driver.dtype)).eval()
     with user_input(f"problem {problem.name!r}: "):
         blocks = checked_blocks(model, problem.model_blocks(model))
