@@ -37,7 +37,8 @@ class SparsityConfig:
         sparsity: Fraction of zeros in ``[0, 1)``; derived for a pattern that fixes its level (N:M).
         pattern: The pattern's kind: ``"unstructured"`` (top-k per tensor), ``"row"`` (top-k per
             output row), ``"nm"``, ``"structured"`` (whole output rows or input columns, see
-            ``params``), ``"block"``, or any registered pattern.
+            ``params``), ``"block"``, or any registered pattern; or pattern text with its parameters
+            (``"2:4"``, ``"block:4x4"``, ``"structured:columns"``), read as :meth:`parse` reads it.
         nm: ``(n, m)`` of the ``nm`` pattern (at most n nonzeros in every m inputs).
         params: The pattern's other parameters as ``((name, value), ...)`` (``(("dim", 1),)`` for
             structured columns); :meth:`parse` fills them from text.
@@ -52,6 +53,13 @@ class SparsityConfig:
     params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.pattern, str) and ":" in self.pattern and self.nm is None and not self.params:
+            kind, params = parse_pattern(self.pattern)  # text with parameters: "2:4", "block:4x4"
+            object.__setattr__(self, "pattern", kind)
+            if kind == "nm":
+                object.__setattr__(self, "nm", (params["n"], params["m"]))
+            else:
+                object.__setattr__(self, "params", tuple(sorted(params.items())))
         cls = pattern_class(self.pattern)
         if self.nm is not None and self.pattern != "nm":
             raise ValueError(f"nm={self.nm!r} is for pattern='nm', got pattern={self.pattern!r}")

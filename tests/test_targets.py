@@ -104,6 +104,9 @@ def test_one_pattern_vocabulary_from_text_to_sets(text, sparsity, kind, cls, par
     config = SparsityConfig.parse(text, sparsity)
     assert config.pattern == kind and config.options == params
     assert SparsityConfig.parse(config.pattern_text(), sparsity) == config  # the text round-trips
+    given = {} if sparsity is None else {"sparsity": sparsity}
+    if ":" in text:  # text with parameters, as the README's SparsityConfig(sparsity=0.9, pattern="block:4x4")
+        assert SparsityConfig(pattern=text, **given) == config
     feasible = config.feasible_set((32, 16))
     assert isinstance(feasible, cls)
     target = Targets(exclude=["conv.*"]).resolve(Net(), config)[0]
@@ -125,6 +128,10 @@ def test_pattern_text_errors():
         SparsityConfig.parse("4:2")
     with pytest.raises(ValueError, match=r"fixes its own level"):
         SparsityConfig.parse("2:4", 0.5)
+    with pytest.raises(ValueError, match=r"^pattern 2:4 fixes its own level 0\.5, got sparsity=0\.9: give one or"):
+        SparsityConfig(sparsity=0.9, pattern="2:4")
+    with pytest.raises(ValueError, match=r"^unknown pattern 'diag:3'; patterns: unstructured, row, 2:4,"):
+        SparsityConfig(0.5, "diag:3")
     with pytest.raises(
         ValueError,
         match=r"^head.weight: block pattern 8x8 needs dims 0 and 1 divisible by \(8, 8\), got shape \(4, 32\)$",
