@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
@@ -179,6 +179,19 @@ def dense_cache_path(recipe: DenseRecipe) -> Path:
     return cache_dir() / "dense" / f"{tag}-seed{recipe.seed}-pre{recipe.pretrain_epochs}.safetensors"
 
 
+def _trained_with() -> dict[str, str]:
+    """What a cache file records of the run that trained it: its threads and processes (its last digits)."""
+    return {"threads": str(torch.get_num_threads()), "processes": str(distributed.world_size())}
+
+
+def _recorded(path: Path) -> dict[str, int]:
+    """The threads and processes a cached dense model was trained with (none for a file written before they were
+    recorded)."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return {key: int(metadata[key]) for key in ("threads", "processes") if metadata.get(key, "").isdigit()}
+
+
 def _load_cached(model: nn.Module, path: Path, device: str) -> bool:
     """Loads a cached dense model; a damaged file (partial copy, other shapes) is removed and retrained."""
     try:
@@ -208,7 +221,8 @@ def _unwritable(folder: Path) -> str | None:
 
 def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.Module, float, dict[str, Any]]:
     """The problem's dense model after pre-training, its test metric, and its cache file with whether it was
-    loaded from it (``{"file", "loaded"}``, :func:`dense_cache_path`)."""
+    loaded from it and the threads and processes that trained it (``{"file", "loaded", "threads", "processes"}``,
+    :func:`dense_cache_path`; a file from before they were recorded has neither)."""
     problem, seed, device = recipe.problem, recipe.seed, recipe.device
     seed_everything(seed)
     model = problem.built_model(recipe.options).to(device)
@@ -217,7 +231,8 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
         loaded = _load_cached(model, path, device) if distributed.is_main_process() else True
         if distributed.broadcast_object(loaded):
             distributed.broadcast_module(model)
-            return model, evaluate(problem, model, test), {"file": str(path), "loaded": True}
+            trained = distributed.broadcast_object(_recorded(path) if distributed.is_main_process() else None)
+            return model, evaluate(problem, model, test), {"file": str(path), "loaded": True, **trained}
         seed_everything(seed)
         model = problem.built_model(recipe.options).to(device)
     unwritable = distributed.broadcast_object(_unwritable(path.parent) if distributed.is_main_process() else None)
@@ -240,9 +255,11 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
             )
         progress.epoch_done(loss=loss.item())
     progress.close()
+    trained = _trained_with()
     if distributed.is_main_process():
-        save_weights(path, model.state_dict())
-    return model, evaluate(problem, model, test), {"file": str(path), "loaded": False}
+        save_weights(path, model.state_dict(), metadata=trained)
+    info = {"file": str(path), "loaded": False, **{key: int(value) for key, value in trained.items()}}
+    return model, evaluate(problem, model, test), info
 
 
 def collate_samples(dataset: Dataset, indices: Iterable[int]) -> Any:

@@ -53,16 +53,24 @@ def test_dense_model_is_cached(tmp_path):
     from constrainedsparse.engine import cache_dir
 
     config = RunConfig(formulation="magnitude", sparsity=0.5, epochs=0, seed=7, out=tmp_path / "a", **FAST)
-    run(config)
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    try:  # the run that trains the cached model on other threads than the run that loads it
+        torch.set_num_threads(other)
+        run(config)
+    finally:
+        torch.set_num_threads(threads)
     cached = list((cache_dir() / "dense").glob("digits-mlp-*-seed7-pre3.safetensors"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert first["dense_cache"] == {"file": str(cached[0]), "loaded": False, "threads": other, "processes": 1}
     run(RunConfig(formulation="magnitude", sparsity=0.5, epochs=0, seed=7, out=tmp_path / "b", **FAST))
     assert cached[0].stat().st_mtime_ns == stamp
     second = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert first["dense_accuracy"] == second["dense_accuracy"]
-    assert second["dense_cache"] == {"file": str(cached[0]), "loaded": True}
+    # the threads that trained the dense model, which this run's own threads do not tell (its last digits)
+    assert second["dense_cache"] == {"file": str(cached[0]), "loaded": True, "threads": other, "processes": 1}
     # What reproduces the run: every setting in effect (defaults too), the versions and threads it ran with.
     assert second["effective_settings"]["lr"] == "0.001" and second["effective_settings"]["schedule"] == "cubic"
     assert second["versions"]["torch"] == torch.__version__ and second["threads"] == torch.get_num_threads()
