@@ -296,8 +296,10 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
         )
     if not isinstance(value, nn.Parameter):
         raise ValueError(
-            f"{full} is a {type(value).__name__}, not an nn.Parameter (a buffer, or a tensor a hook recomputes, as "
-            "the former torch.nn.utils.weight_norm does): only parameters can be pruned; exclude it"
+            f"{full} is a {type(value).__name__}, not an nn.Parameter (a buffer, or a tensor a forward pre-hook "
+            "recomputes from another parameter, as torch.nn.utils.prune, spectral_norm and the former weight_norm "
+            "do): only parameters can be pruned; take the hook off first (torch.nn.utils.prune.remove, "
+            "remove_spectral_norm, remove_weight_norm) or exclude it"
         )
     if value.is_meta:
         raise not_materialized(full, "resolving its targets")

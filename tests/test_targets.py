@@ -192,6 +192,14 @@ def _buffer_weight():
     return model
 
 
+def _torch_pruned():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model[0], "weight", amount=0.5)  # weight: recomputed from weight_orig by a pre-hook
+    return model
+
+
 @pytest.mark.parametrize(
     ("build", "config", "message"),
     [
@@ -218,8 +226,15 @@ def _buffer_weight():
             r"^0\.weight: a ConvTranspose2d stores its weight as \(inputs, outputs, \.\.\.\), so pattern 'row' would "
             r"group its outputs; only unstructured targets it in training$",
         ),
+        (
+            _torch_pruned,
+            SparsityConfig(0.5),
+            r"^0\.weight is a Tensor, not an nn\.Parameter .* as torch\.nn\.utils\.prune, spectral_norm .*take the "
+            r"hook off first \(torch\.nn\.utils\.prune\.remove, remove_spectral_norm, remove_weight_norm\) or "
+            r"exclude it$",
+        ),
     ],
-    ids=["spectral_norm", "weight_norm", "buffer", "lazy", "conv-transpose-row"],
+    ids=["spectral_norm", "weight_norm", "buffer", "lazy", "conv-transpose-row", "torch-prune"],
 )
 def test_weights_that_cannot_be_pruned_as_they_are_are_refused_at_resolve(build, config, message):
     with pytest.raises(ValueError, match=message):
