@@ -40,7 +40,7 @@ from constrainedsparse.logger import WANDB_MODES, parse_tags
 from constrainedsparse.plots import check_png, metrics_rows, plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runconfig import WANDB_FIELDS
-from constrainedsparse.runners import run, runner_for, validate
+from constrainedsparse.runners import execute, runner_for, validate
 from constrainedsparse.runs import CHECKPOINT, RunConfig, RunDirectory
 from constrainedsparse.spec import DEBUG_ENV, LayerwiseProblem, Problem, bundled_problems, load_problem
 
@@ -288,7 +288,7 @@ def _command_run(args: argparse.Namespace, argv: list[str]) -> int:
         _check_nproc(args.nproc)
         if args.nproc > 1:
             return _launch(args.nproc, config, problem, argv)
-    summary = run(config, problem)
+    summary = execute(config, problem)
     if summary is not None and distributed.is_main_process():
         _print_summary(summary, Path(config.out), args.verbose)
     return 0

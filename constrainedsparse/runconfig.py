@@ -194,6 +194,27 @@ class RunConfig:
         extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
 
+    def continued(self) -> RunConfig:
+        """What ``run(RunConfig(out=..., resume=True))`` resumes: the configuration stored in ``out``, with the options
+        of this one that differ from :class:`RunConfig`'s defaults given again (as flags on the command line: each
+        must mean its stored value); ``progress``, ``overwrite`` and ``stop_after_epochs`` are this one's.
+
+        Raises:
+            UserInputError: As :meth:`resumed`.
+        """
+        defaults = RunConfig()
+        given: dict[str, Any] = {
+            key: getattr(self, key)
+            for key in (*IDENTITY_FIELDS, *WANDB_FIELDS, "wandb_tags")
+            if getattr(self, key) != getattr(defaults, key)
+        }
+        if self.settings:
+            given["settings"] = dict(self.settings)
+        stored = RunConfig.resumed(Path(self.out), given)
+        return dataclasses.replace(
+            stored, progress=self.progress, overwrite=self.overwrite, stop_after_epochs=self.stop_after_epochs
+        )
+
 
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
 """Characters wandb refuses in a project name (and at most 128 characters); a tag has 1 to 64 characters."""

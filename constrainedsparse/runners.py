@@ -18,7 +18,7 @@ from constrainedsparse.logger import WANDB_MODES
 from constrainedsparse.runs import RunConfig, RunDirectory
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 
-__all__ = ["LAYERWISE", "TRAINING", "Prepared", "Runner", "check_common", "run", "runner_for", "validate"]
+__all__ = ["LAYERWISE", "TRAINING", "Prepared", "Runner", "check_common", "execute", "run", "runner_for", "validate"]
 
 
 class Prepared(Protocol):
@@ -97,7 +97,9 @@ def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) ->
     """Validates, claims the run directory, executes; returns the summary (``None`` if stopped early).
 
     ``problem`` is ``config.problem`` already loaded (:func:`~constrainedsparse.spec.load_problem`; the CLI
-    loads it once); ``None`` loads it here.
+    loads it once); ``None`` loads it here. With ``resume=True`` the run goes on with the configuration its
+    checkpoint stores: ``RunConfig(out=..., resume=True)`` is enough, and options given besides must mean the
+    stored ones (:meth:`RunConfig.continued`).
 
     Raises:
         UserInputError: Bad input (nothing is left on disk).
@@ -105,6 +107,13 @@ def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) ->
     """
     if not isinstance(config, RunConfig):
         raise UserInputError(f"run(config): config must be a RunConfig(...), got {type(config).__name__}")
+    if config.resume and not config.overwrite:  # both at once: refused with the directory's own message
+        config = config.continued()
+    return execute(config, problem)
+
+
+def execute(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) -> dict[str, Any] | None:
+    """:func:`run` of a configuration taken as it is (the CLI's: ``--resume`` already read the checkpoint's)."""
     if problem is not None and not isinstance(problem, (Problem, LayerwiseProblem)):
         raise UserInputError(
             f"run(config, problem): problem must be a loaded problem (load_problem(name)) or None, got "

@@ -147,8 +147,22 @@ def test_resume_after_metrics_jsonl_was_deleted_warns(tmp_path):
 def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
     common = dict(formulation="magnitude", epochs=2, seed=1, **FAST)
     run(RunConfig(out=tmp_path / "a", sparsity=0.9, stop_after_epochs=1, **common))
-    with pytest.raises(ValueError, match=r"--resume: the checkpoint in .* is of another run"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--resume: the run in .* was started with other options: sparsity \(0\.5, stored 0\.9\); give",
+    ):
         run(RunConfig(out=tmp_path / "a", sparsity=0.5, resume=True, **common))
+
+
+def test_a_python_resume_needs_only_the_folder(tmp_path):
+    """As --resume alone on the command line: the options at their defaults are the checkpoint's (they used to be
+    compared with it, so every option of the run had to be given again)."""
+    common = dict(formulation="magnitude", sparsity=0.8, epochs=2, seed=1, **FAST)
+    full = run(RunConfig(out=tmp_path / "full", **common))
+    assert run(RunConfig(out=tmp_path / "cut", stop_after_epochs=1, **common)) is None
+    resumed = run(RunConfig(out=tmp_path / "cut", resume=True))
+    for key in ("achieved_sparsity", "layer_sparsity", "dense_accuracy", "hardprune_accuracy", "effective_settings"):
+        assert resumed[key] == full[key], key
 
 
 def test_user_problem_file_by_path_and_nan_loss_keeps_last_checkpoint(tmp_path, capsys):
