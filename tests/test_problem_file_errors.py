@@ -166,7 +166,7 @@ def test_ctrl_c_without_out_names_the_default_run_directory(tmp_path, capsys, mo
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "run", interrupted)
+    monkeypatch.setattr(cli, "execute", interrupted)
     assert cli.main(["run", "digits-mlp", "--wandb", "disabled"]) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == "interrupted; continue from the last checkpoint with --resume --out runs/digits-mlp-slr"
