@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -246,14 +247,36 @@ def test_a_second_train_and_an_unpruned_save_are_caught(tmp_path):
         trainer._load_formulation_state(str(tmp_path / "nowhere"))
 
 
+def test_a_hard_prune_that_would_empty_a_layer_changes_nothing_and_can_be_allowed(tmp_path):
+    """It used to finalize (gates off) before refusing: no retry could hard-prune, and the error named an option
+    the trainer lacked."""
+    model = _model()
+    args = _args(tmp_path / "run", max_steps=2, save_strategy="no")
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(16, 0), targets=_targets(model),
+                              formulation="l0", hyperparameters={"scope": "model"})  # fmt: skip
+    first = trainer.formulation.problem.targets[0].name
+    with torch.no_grad():  # every gate of the first layer shut: model scope keeps none of its weights
+        trainer.formulation.gates[first].log_alpha.fill_(-50.0)
+    message = (
+        rf"^hard_prune\(\): the mask of {re.escape(first)} keeps no weight \(the layer would be cut from the model\); "
+    )
+    with pytest.raises(ValueError, match=message + r"nothing was changed: call hard_prune\(allow_empty=True\)"):
+        trainer.train()
+    assert not trainer.formulation.finalized
+    trainer.hard_prune(allow_empty=True)
+    assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
+    assert int(torch.count_nonzero(trainer.formulation.problem.targets[0].tensor)) == 0
+
+
 def test_load_best_model_at_end_brings_the_best_checkpoints_formulation_state_back(tmp_path):
     model = _model()
     args = _args(tmp_path / "run", num_train_epochs=2, eval_strategy="epoch", save_strategy="epoch",
                  load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)  # fmt: skip
     scores = iter([1.0, 0.0])  # the first epoch's checkpoint is the best one
-    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), eval_dataset=_examples(32, 1),
-                              compute_metrics=lambda prediction: {"score": next(scores)},
-                              targets=_targets(model), formulation="magnitude", hard_prune_at_end=False)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^load_best_model_at_end=True ranks checkpoints taken while the model is pr"):
+        trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), eval_dataset=_examples(32, 1),
+                                  compute_metrics=lambda prediction: {"score": next(scores)}, targets=_targets(model),
+                                  formulation="magnitude", hard_prune_at_end=False)  # fmt: skip
     trainer.train()
     best = trainer.state.best_model_checkpoint
     saved = torch.load(f"{best}/formulation.pt", weights_only=True)["masks"]

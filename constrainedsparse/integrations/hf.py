@@ -52,6 +52,7 @@ from constrainedsparse.integrations.trainer_support import (
 from constrainedsparse.masks import hard_prune as hard_prune_targets
 from constrainedsparse.modes import eval_mode, random_states_kept
 from constrainedsparse.problem import SparsityProblem, UserConstraint
+from constrainedsparse.report import empty_layers
 from constrainedsparse.targets import TargetParam
 
 STATE_FILE = "formulation.pt"
@@ -75,6 +76,8 @@ class SparsityTrainer(Trainer):
         hyperparameters: The formulation's hyperparameters by key (``{"rho": 0.05}``).
         dual_lr: Gradient-ascent step of your constraints' multipliers.
         hard_prune_at_end: Hard-prune at the end of :meth:`train` (``False``: call :meth:`hard_prune`).
+        allow_empty_layers: Let the hard prune cut a layer whose mask keeps no weight from the model (``l0`` can
+            close every gate of a layer); by default that is refused, before anything is changed.
         log_layers: Also log the formulation's per-tensor metrics (``residual/<weight>``, ...) with
             Trainer's training rows; by default only its model-wide ones.
         **kwargs: Everything else ``Trainer`` takes (``train_dataset`` is required).
@@ -101,6 +104,7 @@ class SparsityTrainer(Trainer):
         hyperparameters: Mapping[str, Any] | None = None,
         dual_lr: float = 1e-2,
         hard_prune_at_end: bool = True,
+        allow_empty_layers: bool = False,
         log_layers: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -108,12 +112,22 @@ class SparsityTrainer(Trainer):
             raise ValueError("SparsityTrainer takes a model, not model_init (its targets are the model's parameters)")
         if hyperparameters is not None and not isinstance(hyperparameters, Mapping):
             raise ValueError(f"hyperparameters must be a dict like {{'rho': 0.05}} or None, got {hyperparameters!r}")
-        for name, flag in (("hard_prune_at_end", hard_prune_at_end), ("log_layers", log_layers)):
+        flags = {"hard_prune_at_end": hard_prune_at_end, "allow_empty_layers": allow_empty_layers}
+        for name, flag in {**flags, "log_layers": log_layers}.items():
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         check_trainable(model, kwargs.get("train_dataset"))
         super().__init__(model=model, args=args, **kwargs)
         check_supported(self)
+        if self.args.load_best_model_at_end:
+            warnings.warn(
+                "load_best_model_at_end=True ranks checkpoints taken while the model is pruned (slr/admm weights dense "
+                "until the hard prune, magnitude's masks partway through their schedule, l0's gates still open): the "
+                "best by metric_for_best_model is often an early, less pruned one, and the hard prune then cuts "
+                "weights no step recovered; rank by evaluate_hard_pruned() yourself, or leave it False",
+                UserWarning,
+                stacklevel=2,
+            )
         self._num_items_in_batch: Any = None  # Trainer's, while training_step runs
         batch = self._train_batch()
         self._weighs_tokens = self._loss_uses_num_items(batch)
@@ -146,7 +160,7 @@ class SparsityTrainer(Trainer):
         except BaseException:
             self.formulation.discard()  # nothing baked in: the model and optimizer as they were given
             raise
-        self.hard_prune_at_end = hard_prune_at_end
+        self.hard_prune_at_end, self.allow_empty_layers = hard_prune_at_end, allow_empty_layers
         self._layer_names = set() if log_layers else {t.name for t in problem.targets}
         self._micro_steps: list[LagrangianStep] = []  # backward() of the optimizer step under way
         self._last_step: LagrangianStep | None = None
@@ -334,17 +348,32 @@ class SparsityTrainer(Trainer):
         super()._load_best_model()
         self._load_formulation_state(self.state.best_model_checkpoint)
 
-    def hard_prune(self) -> dict[str, torch.Tensor]:
+    def hard_prune(self, allow_empty: bool | None = None) -> dict[str, torch.Tensor]:
         """Hard-prunes the model: the formulation's masks, then plain weights with exact zeros.
+
+        Args:
+            allow_empty: Accept masks that cut a layer from the model (``None``: the trainer's
+                ``allow_empty_layers``).
 
         Returns:
             The boolean masks by target name.
+
+        Raises:
+            ValueError: After a hard prune, or for a mask that keeps no weight of its layer unless allowed; nothing is
+                changed then (call it again with ``allow_empty=True`` to accept that).
         """
         if self._pruned:
             raise ValueError("hard_prune(): the model is hard-pruned already")
         masks = self.formulation.hard_masks()
+        emptied = empty_layers(masks)
+        if emptied and not (self.allow_empty_layers if allow_empty is None else allow_empty):
+            raise ValueError(
+                f"hard_prune(): the mask of {', '.join(emptied)} keeps no weight (the layer would be cut from the "
+                "model); nothing was changed: call hard_prune(allow_empty=True) to accept that (or build the "
+                "SparsityTrainer with allow_empty_layers=True)"
+            )
         self.formulation.finalize()
-        hard_prune_targets(self.formulation.problem.targets, masks)
+        hard_prune_targets(self.formulation.problem.targets, masks, allow_empty=True)
         self._pruned = True
         return masks
 
