@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +80,43 @@ def test_a_run_with_lagrangian_allocation(tmp_path, tiny_llama):
     assert summary["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert any("allocation/multiplier" in row for row in rows)
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)) for _ in range(2)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("allocation", ["lagrangian", "owl"])
+def test_an_allocation_shares_the_budget_over_the_targeted_layers_only(allocation):
+    """Globs with the model's names (``blocks.0.*``) were not applied to the measured layers: the budget went to
+    excluded layers that stayed dense, the rest missed the level, and the report said it was met."""
+    from constrainedsparse import Targets, prune_layerwise
+
+    torch.manual_seed(0)
+    model = _TwoBlocks()
+    targets = Targets(module_types=(torch.nn.Linear,), exclude=["blocks.0.*"])
+    report = prune_layerwise(model, [torch.randn(16, 8)], "wanda", sparsity=0.5, targets=targets, allocation=allocation)
+    assert sorted(report.allocation["levels"]) == ["blocks.1.0.weight", "blocks.1.2.weight"]
+    pruned = [model.blocks[1][0].weight, model.blocks[1][2].weight]
+    assert sum(int((w == 0).sum()) for w in pruned) / sum(w.numel() for w in pruned) == 0.5
+    assert all(int((w == 0).sum()) == 0 for w in (model.blocks[0][0].weight, model.blocks[0][2].weight))
+
+
+def test_equal_allocation_bounds_give_every_layer_that_level():
+    """allocation_min = allocation_max made a grid of two equal levels: a division by zero."""
+    from constrainedsparse import prune_layerwise
+
+    assert grid_levels(0.5, 0.5, 0.05) == [0.5]
+    torch.manual_seed(0)
+    report = prune_layerwise(_TwoBlocks(), [torch.randn(16, 8)], "wanda", sparsity=0.5, allocation="lagrangian",
+                             allocation_min=0.5, allocation_max=0.5)  # fmt: skip
+    assert set(report.allocation["levels"].values()) == {0.5}

@@ -73,7 +73,9 @@ __all__ = [
 
 
 def grid_levels(low: float, high: float, step: float) -> list[float]:
-    """The grid of levels ``low, low + step, ..., high`` (both ends included)."""
+    """The grid of levels ``low, low + step, ..., high`` (both ends included; ``[low]`` when they are one)."""
+    if high <= low:
+        return [low]
     count = max(1, round((high - low) / step))
     return [low + (high - low) * i / count for i in range(count + 1)]
 
@@ -303,7 +305,7 @@ def dense_layer_problems(
     walk = walk_blocks(model, blocks, batches, device=device, offload=offload, activations=activations)
     with contextlib.closing(walk):  # closing this walk closes that one: an offloaded block goes home
         for _, block, prefix, inputs, compute in walk:
-            layers = targeted_layers(block, targets)
+            layers = targeted_layers(block, targets, prefix)  # globs match the model's names too, as pruning's
             grams = accumulate_grams(block, layers, inputs, gram_dtype, compute, prefix=prefix)
             problems = []
             for name, module in layers:

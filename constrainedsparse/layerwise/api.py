@@ -204,7 +204,7 @@ def prune_layerwise(
     check_consecutive(prefixes, driver.offload)
     overrides = override_levels(model, blocks, targets, target)
     check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes)
-    check_reachable(blocks, targets, target, driver)
+    check_reachable(blocks, targets, target, driver, prefixes)
     directory = None
     if out is not None:
         check_savable(model)

@@ -247,7 +247,11 @@ def check_block_mask(driver: DriverSettings, solver: LayerwiseSolver, target: Sp
 
 
 def check_reachable(
-    blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, driver: DriverSettings
+    blocks: Sequence[nn.Module],
+    targets: Targets,
+    target: SparsityConfig,
+    driver: DriverSettings,
+    prefixes: Sequence[str],
 ) -> None:
     """``allocation=lagrangian|owl``: whole weights per row can reach the level within the bounds.
 
@@ -257,7 +261,11 @@ def check_reachable(
     """
     if driver.allocation == "uniform":
         return
-    shapes = [layer_weight(module).shape for block in blocks for _, module in targeted_layers(block, targets)]
+    shapes = [
+        layer_weight(module).shape
+        for block, prefix in zip(blocks, prefixes)
+        for _, module in targeted_layers(block, targets, prefix)
+    ]
     layers = [(math.prod(shape), row_width(shape, target.pattern), driver.allocation_min, driver.allocation_max)
               for shape in shapes]  # fmt: skip
     low, high = reachable_range(layers)

@@ -177,7 +177,7 @@ def prepare(
     with user_input(f"problem {problem.name!r}: "):
         check_consecutive(prefixes, driver.offload)
     check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
-    check_reachable(blocks, problem.targets, target, driver)
+    check_reachable(blocks, problem.targets, target, driver, prefixes)
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
     with user_input(f"problem {problem.name!r}: calibration(options, seed): "):
         batches = checked_batches(batches)
