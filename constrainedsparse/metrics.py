@@ -26,12 +26,21 @@ def accuracy(output: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def r2(output: torch.Tensor, y: torch.Tensor) -> float:
-    r"""Coefficient of determination :math:`1 - \sum (y - \hat y)^2 / \sum (y - \bar y)^2` (float64)."""
+    r"""Coefficient of determination :math:`1 - \sum (y - \hat y)^2 / \sum (y - \bar y)^2` (float64).
+
+    Raises:
+        UserInputError: For targets that do not vary (one test sample): :math:`R^2` is undefined there.
+    """
     prediction = output.reshape(y.shape).to(torch.float64)
     target = y.to(torch.float64)
     residual = float(((target - prediction) ** 2).sum())
     total = float(((target - target.mean()) ** 2).sum())
-    return 1.0 - residual / total if total > 0 else float("nan")
+    if not total > 0:
+        raise UserInputError(
+            f"metric 'r2': the {target.numel()} test targets do not vary, so R² is undefined there: give a test set "
+            "whose targets differ"
+        )
+    return 1.0 - residual / total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -278,6 +278,7 @@ def _bad_lm_inputs(tiny, text, short, empty_dir):
         (["--pretrain-epochs", "2"], r"--pretrain-epochs is not available for the layer-wise problem 'hf-causal-lm'"),
         (["--set", "mask_scope=column"], r"--set mask_scope must be one of row, layer, got 'column'"),
         (["--set", "seq_len=0"], r"--set seq_len must be >= 1, got 0"),
+        (["--set", "seq_len=1"], r"--set seq_len must be >= 2 \(a window predicts its tokens after the first\)"),
         (["--set", "foo=1"], r"unknown --set key 'foo' for formulation 'fw' and problem 'hf-causal-lm'; allowed: "),
     ]
 

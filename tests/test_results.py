@@ -79,6 +79,16 @@ def test_a_level_that_keeps_no_weight_is_refused_before_any_work(tmp_path, capsy
     assert not (tmp_path / "x").exists()
 
 
+def test_r2_of_targets_that_do_not_vary_is_refused_not_nan():
+    """A one-sample test set gave R² = nan, printed and written to summary.json as a figure."""
+    from constrainedsparse.errors import UserInputError
+    from constrainedsparse.metrics import R2
+
+    with pytest.raises(UserInputError, match=r"^metric 'r2': the 1 test targets do not vary, so R² is undefined"):
+        R2(torch.tensor([[0.3]]), torch.tensor([1.0]))
+    assert R2(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 3.0])) == pytest.approx(0.5)
+
+
 def test_a_regression_problem_reports_r2_equal_to_sklearn(tmp_path):
     from sklearn.metrics import r2_score
 

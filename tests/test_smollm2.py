@@ -33,6 +33,7 @@ def test_problem_file_declares_its_options():
         ("calibration_text=c4", r"--set calibration_text must be one of wiki, news, pydoc, got 'c4'"),
         ("eval_tokens=100", r"--set eval_tokens must be >= seq_len \(256\), got 100"),
         ("seq_len=0", r"--set seq_len must be >= 1, got 0"),
+        ("seq_len=1", r"--set seq_len must be >= 2 \(a window predicts its tokens after the first\), got 1"),
         ("gguf=/no/such/model.gguf", r"--set gguf='/no/such/model.gguf': the GGUF file does not exist"),
         ("gguf=/tmp", r"--set gguf='/tmp' is a directory: give the path of a \.gguf file"),
         (f"gguf={__file__}", r"--set gguf='.*test_smollm2\.py' is not a GGUF file \(it does not start with b'GGUF'\)"),
