@@ -56,12 +56,14 @@ PROBLEM_OPTIONS = {
 }
 
 AT_LEAST_ONE = Bounds(low=1, integer=True)
+AT_LEAST_TWO = Bounds(low=2, integer=True)  # seq_len: a window predicts its tokens after the first
 PROBLEM_RULES = {  # the checks the problem files make (their ValueErrors), for the "allowed" column
     "mnist1d-mlp-macs": {"macs_fraction": Bounds(0, 1, low_inclusive=False)},
     "minilm-layerwise": {k: AT_LEAST_ONE for k in ("calibration_samples", "held_out_samples", "max_tokens")},
-    "hf-causal-lm": {k: AT_LEAST_ONE for k in ("calibration_samples", "held_out_samples", "seq_len")},
+    "hf-causal-lm": {**{k: AT_LEAST_ONE for k in ("calibration_samples", "held_out_samples")}, "seq_len": AT_LEAST_TWO},
     "smollm2-wiki": {
-        **{k: AT_LEAST_ONE for k in ("calibration_samples", "seq_len", "eval_tokens")},
+        **{k: AT_LEAST_ONE for k in ("calibration_samples", "eval_tokens")},
+        "seq_len": AT_LEAST_TWO,
         "calibration_text": OneOf(TEXT_SOURCES),
     },
 }
