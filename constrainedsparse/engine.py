@@ -292,6 +292,12 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
             run.sparsity_problem, prepared.formulation_config, lr=training.lr, dual_lr=training.dual_lr
         )
         wanted = formulation.reference_samples
+        held, world = min(wanted, len(run.train)), distributed.world_size()
+        if wanted and held < world:  # every rank refuses alike: a rank with no sample has no f to give
+            raise UserInputError(
+                f"{config.formulation}: its reference batch of {held} training samples (--set reference_samples, at "
+                f"most the training set) is shared out over {world} processes: give reference_samples >= {world}"
+            )
         # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
         reference = (
             to_device(distributed.shard(reference_batch(run.train, config.seed, wanted)), prepared.device)
