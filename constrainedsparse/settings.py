@@ -181,7 +181,10 @@ def target_from_flags(
 
 
 def check_keeps_weights(
-    sets: Mapping[str, tuple[Any, Any]], target: SparsityConfig, level_name: str = "--sparsity"
+    sets: Mapping[str, tuple[Any, Any]],
+    target: SparsityConfig,
+    level_name: str = "--sparsity",
+    allow: str = "set --set allow_empty_layers=true to cut such layers on purpose",
 ) -> None:
     """Every targeted tensor keeps at least one weight at the target level (both runners check it).
 
@@ -189,6 +192,7 @@ def check_keeps_weights(
         sets: ``{name: (feasible set, shape)}`` of the targeted tensors.
         target: The level of these tensors, named in the message.
         level_name: What set that level, named in the message.
+        allow: The other way out, named in the message (the CLI's setting that accepts it).
 
     Raises:
         UserInputError: Naming the first tensor the level would empty and the way to allow it.
@@ -202,5 +206,5 @@ def check_keeps_weights(
         if not feasible.keeps_any(shape):
             raise UserInputError(
                 f"{level_name} {target.sparsity!r} keeps no weight of {name} ({math.prod(shape)} weights): lower it, "
-                "or set --set allow_empty_layers=true to cut such layers on purpose"
+                f"or {allow}"
             )

@@ -163,6 +163,11 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"3.weight": 0.2}))
     with pytest.raises(ValueError, match=r"^the override level 0\.99 keeps no weight of blocks\.0\.0\.weight \(512"):
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.99}))
+    with pytest.raises(  # the keyword, and a way out that prune_layerwise has (the CLI's --set allow_empty_layers)
+        ValueError, match=r"^sparsity 0\.9999 keeps no weight of blocks\.0\.0\.weight \(512 weights\): lower it, or "
+        r"exclude it from the targets \(Targets\(exclude=\[\.\.\.\]\)\)$",
+    ):  # fmt: skip
+        prune_layerwise(model, batches, "wanda", sparsity=0.9999)
     with pytest.raises(
         ValueError,
         match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight, blocks\.0\.0.*"

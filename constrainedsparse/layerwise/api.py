@@ -203,7 +203,7 @@ def prune_layerwise(
     prefixes = block_prefixes(model, blocks)
     check_consecutive(prefixes, driver.offload)
     overrides = override_levels(model, blocks, targets, target)
-    check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes)
+    check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes, keywords=True)
     check_reachable(blocks, targets, target, driver, prefixes)
     directory = None
     if out is not None:

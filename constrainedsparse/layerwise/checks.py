@@ -46,6 +46,7 @@ def check_layer_shapes(
     allow_empty: bool = False,
     levels: Mapping[str, SparsityConfig] | None = None,
     prefixes: Sequence[str] | None = None,
+    keywords: bool = False,
 ) -> None:
     """Every targeted layer fits its level's pattern (N:M widths) and keeps a weight (errors name its weight).
 
@@ -57,6 +58,8 @@ def check_layer_shapes(
         levels: Per-layer levels by weight name in the model (:func:`override_levels`); others get
             ``target``.
         prefixes: The blocks' names in the model (:func:`block_prefixes`); needed with ``levels``.
+        keywords: Word the errors for ``prune_layerwise``'s keywords (``sparsity``; a layer is excluded from the
+            targets to leave it dense) instead of the CLI's flags.
 
     Raises:
         UserInputError: For no block or no targeted layer at all, a targeted weight tied to another one or
@@ -96,7 +99,9 @@ def check_layer_shapes(
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
     if not allow_empty:
         for own, sets in by_level.items():
-            check_keeps_weights(sets, own, "--sparsity" if own == target else "the override level")
+            level = ("sparsity" if keywords else "--sparsity") if own == target else "the override level"
+            hint = {"allow": "exclude it from the targets (Targets(exclude=[...]))"} if keywords else {}
+            check_keeps_weights(sets, own, level, **hint)
 
 
 def _check_plain_and_untied(module: nn.Module, full: str, seen: dict[int, str]) -> None:
