@@ -96,12 +96,18 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
 
 def user_code_failed(problem_name: str, what: str, err: BaseException) -> UserInputError:
     """The one line of :func:`call_user` for ``err``, raised by the problem's ``what``."""
+    hint = (  # BatchNorm in training mode on a batch of one sample: what torch's message does not say
+        " (a training batch of 1 sample: an epoch's last batch holds 1 when the training set is 1 more than a multiple "
+        "of batch_size; change --set batch_size)"
+        if "Expected more than 1 value per channel when training" in str(err)
+        else ""
+    )
     if isinstance(err, ValueError):
         if "options" in what:
             return UserInputError(first_line(err))
-        return UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}")
+        return UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}{hint}")
     detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {first_line(err)}"
-    return UserInputError(f"problem {problem_name!r}: {what} failed: {detail} (--debug shows the traceback)")
+    return UserInputError(f"problem {problem_name!r}: {what} failed: {detail}{hint} (--debug shows the traceback)")
 
 
 def _check_dataset(problem_name: str, which: str, dataset: Any) -> None:

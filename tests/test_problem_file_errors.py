@@ -106,6 +106,10 @@ MISTAKES = [
      r"^error: problem 'mine': constraint name 'a/b' has a '/'"),
     ("a constraint named like an attribute", "constraints={'model': UserConstraint(lambda m: m[0].weight.norm() - 1)}",
      r"^error: problem 'mine': constraint name 'model' is taken by SparsityProblem.model: choose another$"),
+    ("BatchNorm on a last batch of one sample",
+     "model=lambda o: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 2)), batch_size=191",
+     r"model\(x\) failed: Expected more than 1 value per channel when training, got input size .* \(a training "
+     r"batch of 1 sample: an epoch's last batch holds 1 when the training set is 1 more than a multiple of batch_size"),
     ("an option named like a runner key", "options={'lr': 0.1}",
      r"the problem's option 'lr' has the name of a training --set key for formulation 'slr' and problem 'mine', so"),
 ]  # fmt: skip
