@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from constrainedsparse.batches import batch_size, tensors_in
 from constrainedsparse.errors import is_integer
 from constrainedsparse.modes import eval_mode
 
@@ -73,7 +74,7 @@ def recalibrate_batchnorm(
 
     Returns:
         The number of batches the statistics were averaged over (0 if the model has no BatchNorm
-        layer with running statistics: then nothing runs and nothing changes).
+        layer with running statistics: then nothing runs and nothing changes); a batch of no sample is skipped.
 
     Raises:
         ValueError: If ``batches`` is not iterable, or the model has BatchNorm layers but ``batches`` yields none,
@@ -101,12 +102,17 @@ def recalibrate_batchnorm(
             for layer in layers:
                 layer.train()
             for batch in batches:
+                if _empty(batch):  # no sample to add: torch's running statistics would take it as one
+                    continue
                 run(model, batch)
                 seen += 1
                 if max_batches is not None and seen >= max_batches:
                     break
         if seen == 0:
-            raise ValueError("recalibrate_batchnorm got no batch: the BatchNorm statistics are left as they were")
+            raise ValueError(
+                "recalibrate_batchnorm got no batch (or empty ones only): the BatchNorm statistics are left as "
+                "they were"
+            )
     except BaseException:
         with torch.no_grad():
             for layer, buffers in zip(layers, saved):
@@ -117,3 +123,8 @@ def recalibrate_batchnorm(
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return seen
+
+
+def _empty(batch: Any) -> bool:
+    """Whether ``batch`` holds tensors with no sample (a batch of other things is passed on as it is)."""
+    return next(tensors_in(batch), None) is not None and batch_size(batch) == 0

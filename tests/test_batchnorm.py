@@ -47,6 +47,19 @@ def test_other_modules_run_as_evaluated_and_keep_their_modes():
     assert model[0].training and model[1].training and not model[2].training  # as they were
 
 
+def test_an_empty_batch_adds_nothing_to_the_statistics():
+    """A batch of no sample used to count as one: the statistics of [x, empty] differed from those of [x]."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    assert cs.recalibrate_batchnorm(model, [x]) == 1
+    alone = model[1].running_mean.clone(), model[1].running_var.clone()
+    assert cs.recalibrate_batchnorm(model, [x, torch.empty(0, 4)]) == 1
+    assert torch.equal(model[1].running_mean, alone[0]) and torch.equal(model[1].running_var, alone[1])
+    with pytest.raises(ValueError, match=r"^recalibrate_batchnorm got no batch \(or empty ones only\): the Batch"):
+        cs.recalibrate_batchnorm(model, [torch.empty(0, 4)])
+    assert torch.equal(model[1].running_mean, alone[0])  # left as they were
+
+
 def test_a_model_without_batchnorm_is_left_alone_and_bad_inputs_are_one_line():
     mlp = nn.Sequential(nn.Linear(4, 4))
     assert cs.recalibrate_batchnorm(mlp, []) == 0
