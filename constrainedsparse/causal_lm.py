@@ -20,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "check_context",
+    "check_seq_len",
     "TOKENIZER_FILES",
     "calibration_batches",
     "consecutive_windows",
@@ -129,6 +130,16 @@ def perplexity(rows: torch.Tensor) -> float:
 def perplexity_scores(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
     """The summary entries of a causal-LM problem: ``dense_perplexity`` and ``perplexity``."""
     return {"dense_perplexity": perplexity(dense), "perplexity": perplexity(pruned)}
+
+
+def check_seq_len(seq_len: int) -> None:
+    """Refuses a window of one token: a window predicts its tokens after the first, so its perplexity would be nan.
+
+    Raises:
+        ValueError: Naming ``seq_len``.
+    """
+    if seq_len < 2:
+        raise ValueError(f"--set seq_len must be >= 2 (a window predicts its tokens after the first), got {seq_len}")
 
 
 def check_context(model: nn.Module, seq_len: int) -> None:

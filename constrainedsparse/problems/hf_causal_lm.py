@@ -13,6 +13,7 @@ from pathlib import Path
 from constrainedsparse.causal_lm import (
     calibration_batches,
     check_context,
+    check_seq_len,
     consecutive_windows,
     encode,
     load_tokenizer,
@@ -77,8 +78,7 @@ def _tokens(options):
     for key in ("calibration_samples", "held_out_samples", "seq_len"):
         if options[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {options[key]}")
-    if options["seq_len"] < 2:  # a window predicts seq_len - 1 tokens: the perplexity of none is nan
-        raise ValueError("--set seq_len must be >= 2 (a window predicts its tokens after the first), got 1")
+    check_seq_len(options["seq_len"])
     ids = _encoded(str(_directory(options)), options["text"])
     split = int(len(ids) * (1 - HELD_OUT_FRACTION))
     seq_len = options["seq_len"]

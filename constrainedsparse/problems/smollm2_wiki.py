@@ -28,6 +28,7 @@ from pathlib import Path
 from constrainedsparse.causal_lm import (
     calibration_batches,
     check_context,
+    check_seq_len,
     consecutive_windows,
     encode,
     load_tokenizer,
@@ -48,8 +49,7 @@ def _check(options):
     for key in ("calibration_samples", "seq_len", "eval_tokens"):
         if options[key] < 1:
             raise ValueError(f"--set {key} must be >= 1, got {options[key]}")
-    if options["seq_len"] < 2:  # a window predicts seq_len - 1 tokens: the perplexity of none is nan
-        raise ValueError("--set seq_len must be >= 2 (a window predicts its tokens after the first), got 1")
+    check_seq_len(options["seq_len"])
     if options["eval_tokens"] < options["seq_len"]:
         raise ValueError(f"--set eval_tokens must be >= seq_len ({options['seq_len']}), got {options['eval_tokens']}")
     if options["calibration_text"] not in TEXT_SOURCES:
