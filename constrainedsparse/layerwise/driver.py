@@ -231,7 +231,7 @@ def _solve_layers(
             metrics=dict(result.metrics),
             trace=list(result.trace),
         )
-        solved[name] = (_written(pruned, result, original), report)
+        solved[name] = (_written(pruned, result, original, weight), report)
     reports = []
     for (name, module), owner, shape in zip(layers, owners, shapes):
         if world > 1:  # every rank receives the layer from the rank that solved it
@@ -253,12 +253,13 @@ def _written_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _written(pruned: torch.Tensor, result: LayerResult, original: torch.Tensor) -> torch.Tensor:
+def _written(pruned: torch.Tensor, result: LayerResult, original: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
     """The solved layer to write back: ``pruned`` (float32), where a float64 model's kept weights the solver left
-    unchanged (every kept one of a mask-only solver) take their float64 values back, not float32's rounding."""
+    unchanged from ``given`` (its float32 input; every kept one of a mask-only solver) take their float64 values
+    back, not float32's rounding."""
     if _written_dtype(original.dtype) == torch.float32:
         return pruned
-    unchanged = result.mask & (result.weight == original.to(torch.float32))
+    unchanged = result.mask & (result.weight == given)
     return torch.where(unchanged, original, pruned.to(torch.float64))
 
 
