@@ -179,9 +179,9 @@ def dense_cache_path(recipe: DenseRecipe) -> Path:
     return cache_dir() / "dense" / f"{tag}-seed{recipe.seed}-pre{recipe.pretrain_epochs}.safetensors"
 
 
-def _trained_with() -> dict[str, str]:
+def _trained_with() -> dict[str, int]:
     """What a cache file records of the run that trained it: its threads and processes (its last digits)."""
-    return {"threads": str(torch.get_num_threads()), "processes": str(distributed.world_size())}
+    return {"threads": torch.get_num_threads(), "processes": distributed.world_size()}
 
 
 def _recorded(path: Path) -> dict[str, int]:
@@ -256,10 +256,9 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
         progress.epoch_done(loss=loss.item())
     progress.close()
     trained = _trained_with()
-    if distributed.is_main_process():
-        save_weights(path, model.state_dict(), metadata=trained)
-    info = {"file": str(path), "loaded": False, **{key: int(value) for key, value in trained.items()}}
-    return model, evaluate(problem, model, test), info
+    if distributed.is_main_process():  # safetensors metadata holds text
+        save_weights(path, model.state_dict(), metadata={key: str(value) for key, value in trained.items()})
+    return model, evaluate(problem, model, test), {"file": str(path), "loaded": False, **trained}
 
 
 def collate_samples(dataset: Dataset, indices: Iterable[int]) -> Any:
