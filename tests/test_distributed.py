@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -361,6 +362,22 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()  # no checkpoint yet: the job leaves no half-written directory
+
+
+def test_a_reference_batch_smaller_than_the_processes_is_one_line_before_pruning(tmp_path):
+    """With reference_samples=1 on two processes the second rank's shard was empty: tracebacks from inside slr's f."""
+    done = _spawn(["-m", "constrainedsparse", "run", PROBLEM, "--formulation", "slr", "--nproc", "2", "--out", "o",
+                   "--epochs", "1", "--pretrain-epochs", "1", "--set", "reference_samples=1", "--wandb", "disabled",
+                   "--no-progress"], tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: rank \d: slr: its reference batch of 1 training samples \(--set reference_samples, at most the "
+        r"training set\) is shared out over 2 processes: give reference_samples >= 2",
+        last,
+    ), last
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_ctrl_c_of_a_two_process_job_is_one_line_and_exit_130(tmp_path):
