@@ -98,6 +98,18 @@ def test_prune_layerwise_overrides_set_levels_by_full_or_block_name():
         assert float((weight == 0).float().mean()) == pytest.approx(level)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prune_layerwise_allow_empty_layers_cuts_the_layers_a_level_empties(method):
+    torch.manual_seed(0)
+    model = _Blocks()
+    batches = [torch.randn(64, 16) for _ in range(2)]
+    targets = Targets(overrides={"blocks.0.2.weight": 0.99})  # keeps none of a row's 32 weights
+    report = prune_layerwise(model, batches, method, sparsity=0.5, targets=targets, allow_empty_layers=True)
+    assert report.layer_sparsity["blocks.0.2.weight"] == 1.0 and not model.blocks[0][2].weight.any()
+    assert report.layer_sparsity["blocks.1.2.weight"] == pytest.approx(0.5)
+    assert torch.isfinite(model(batches[0])).all()
+
+
 @pytest.mark.parametrize("method", ["wanda", "fw"])
 def test_prune_layerwise_include_and_exclude_match_names_in_the_model_or_within_a_block(method):
     torch.manual_seed(0)
@@ -163,11 +175,13 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"3.weight": 0.2}))
     with pytest.raises(ValueError, match=r"^the override level 0\.99 keeps no weight of blocks\.0\.0\.weight \(512"):
         prune_layerwise(model, batches, "wanda", targets=Targets(overrides={"0.weight": 0.99}))
-    with pytest.raises(  # the keyword, and a way out that prune_layerwise has (the CLI's --set allow_empty_layers)
+    with pytest.raises(  # the keyword, and the ways out prune_layerwise has (the CLI's is --set allow_empty_layers)
         ValueError, match=r"^sparsity 0\.9999 keeps no weight of blocks\.0\.0\.weight \(512 weights\): lower it, or "
-        r"exclude it from the targets \(Targets\(exclude=\[\.\.\.\]\)\)$",
+        r"exclude it from the targets \(Targets\(exclude=\[\.\.\.\]\)\) or pass allow_empty_layers=True$",
     ):  # fmt: skip
         prune_layerwise(model, batches, "wanda", sparsity=0.9999)
+    with pytest.raises(ValueError, match=r"^allow_empty_layers must be True or False, got 'yes'$"):
+        prune_layerwise(model, batches, "wanda", allow_empty_layers="yes")
     with pytest.raises(
         ValueError,
         match=r"^exclude '3\.weight' matches no parameter; the candidates are 0\.weight, 2\.weight, blocks\.0\.0.*"

@@ -111,6 +111,7 @@ def prune_layerwise(
     block_fit_lr: float = 1e-3,
     block_fit_target: str = "dense",
     block_mask_rounds: int = 0,
+    allow_empty_layers: bool = False,
     **hyperparameters: Any,
 ) -> LayerwiseReport:
     """Prunes a pretrained model block by block from calibration batches, in place.
@@ -163,6 +164,8 @@ def prune_layerwise(
             ones (:mod:`~constrainedsparse.layerwise.blockmask`; ``magnitude``, ``wanda``, ``fw``
             without ``reconstruct``; row, unstructured and N:M patterns); 0 (default): off. One
             process only.
+        allow_empty_layers: Accept a level that keeps no weight of a targeted layer (the layer is cut from the
+            model; the CLI's ``--set allow_empty_layers``); ``False``: that is an error before pruning.
         **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
 
     Returns:
@@ -175,7 +178,8 @@ def prune_layerwise(
             it pruned in place and nothing written; an offloaded block is back where it was.
     """
     started = time.perf_counter()
-    batches = _check_inputs(model, batches, out, {"overwrite": overwrite, "progress": progress})
+    flags = {"overwrite": overwrite, "progress": progress, "allow_empty_layers": allow_empty_layers}
+    batches = _check_inputs(model, batches, out, flags)
     model = unwrap_compiled(model)  # names without torch.compile's _orig_mod. (blocks run one at a time anyway)
     if pattern is not None and mask_scope is not None:
         raise ValueError(
@@ -203,7 +207,7 @@ def prune_layerwise(
     prefixes = block_prefixes(model, blocks)
     check_consecutive(prefixes, driver.offload)
     overrides = override_levels(model, blocks, targets, target)
-    check_layer_shapes(blocks, targets, target, levels=overrides, prefixes=prefixes, keywords=True)
+    check_layer_shapes(blocks, targets, target, allow_empty_layers, overrides, prefixes, keywords=True)
     check_reachable(blocks, targets, target, driver, prefixes)
     directory = None
     if out is not None:

@@ -100,7 +100,8 @@ def check_layer_shapes(
     if not allow_empty:
         for own, sets in by_level.items():
             level = ("sparsity" if keywords else "--sparsity") if own == target else "the override level"
-            hint = {"allow": "exclude it from the targets (Targets(exclude=[...]))"} if keywords else {}
+            hint = {"allow": "exclude it from the targets (Targets(exclude=[...])) or pass allow_empty_layers=True"}
+            hint = hint if keywords else {}
             check_keeps_weights(sets, own, level, **hint)
 
 
