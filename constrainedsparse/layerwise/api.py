@@ -181,22 +181,17 @@ def prune_layerwise(
     flags = {"overwrite": overwrite, "progress": progress, "allow_empty_layers": allow_empty_layers}
     batches = _check_inputs(model, batches, out, flags)
     model = unwrap_compiled(model)  # names without torch.compile's _orig_mod. (blocks run one at a time anyway)
-    if pattern is not None and mask_scope is not None:
-        raise ValueError(
-            "give either pattern or mask_scope (mask_scope='row' is pattern='row', 'layer' is pattern='unstructured')"
-        )
-    mask_scope = "row" if mask_scope is None else mask_scope
-    if tokenizer is not None and out is None:
-        warnings.warn("tokenizer= is saved with the pruned model, which only out= writes: it is not used", stacklevel=2)
-    driver = _DriverKeywords.from_values(
+    driver = _driver_keywords(
+        pattern,
         {"mask_scope": mask_scope, "gram_dtype": gram_dtype, "offload": offload, "activations": activations,
          "true_sequential": true_sequential, "allocation": allocation, "allocation_min": allocation_min,
          "allocation_max": allocation_max, "allocation_step": allocation_step, "allocation_weight": allocation_weight,
          "owl_m": owl_m, "owl_lambda": owl_lambda, "block_fit_epochs": block_fit_epochs,
-         "block_fit_lr": block_fit_lr, "block_fit_target": block_fit_target, "block_mask_rounds": block_mask_rounds}
+         "block_fit_lr": block_fit_lr, "block_fit_target": block_fit_target, "block_mask_rounds": block_mask_rounds},
     )  # fmt: skip
-    driver.validate()
-    target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[mask_scope], keywords=True)
+    if tokenizer is not None and out is None:
+        warnings.warn("tokenizer= is saved with the pruned model, which only out= writes: it is not used", stacklevel=2)
+    target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope], keywords=True)
     solver = _solver(method, hyperparameters)
     if targets is not None and not isinstance(targets, Targets):
         raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
@@ -209,12 +204,7 @@ def prune_layerwise(
     overrides = override_levels(model, blocks, targets, target)
     check_layer_shapes(blocks, targets, target, allow_empty_layers, overrides, prefixes, keywords=True)
     check_reachable(blocks, targets, target, driver, prefixes)
-    directory = None
-    if out is not None:
-        check_savable(model)
-        _check_tokenizer(tokenizer)
-        directory = RunDirectory(Path(out), overwrite=overwrite, keywords=True)
-        directory.check()
+    directory = _directory(model, out, tokenizer, overwrite)
     device = str(next(model.parameters()).device) if device is None else resolve_device(device, "device")
     with _calibration_mode(model):
         levels = solve_levels(driver, model, blocks, batches, target, targets, device)
@@ -230,6 +220,36 @@ def prune_layerwise(
         _warn_without_tokenizer(model, tokenizer, directory.out)
         _write(directory, model, report, target, tokenizer)
     return report
+
+
+def _driver_keywords(pattern: str | None, values: dict[str, Any]) -> _DriverKeywords:
+    """The driver's keywords checked (``mask_scope`` only without ``pattern``; ``None``: ``"row"``).
+
+    Raises:
+        ValueError: Naming the keyword.
+    """
+    if pattern is not None and values["mask_scope"] is not None:
+        raise ValueError(
+            "give either pattern or mask_scope (mask_scope='row' is pattern='row', 'layer' is pattern='unstructured')"
+        )
+    driver = _DriverKeywords.from_values(
+        {**values, "mask_scope": "row" if values["mask_scope"] is None else values["mask_scope"]}
+    )
+    driver.validate()
+    return driver
+
+
+def _directory(
+    model: nn.Module, out: str | os.PathLike[str] | None, tokenizer: Any, overwrite: bool
+) -> RunDirectory | None:
+    """With ``out``: the run directory, checked (model savable, tokenizer readable, folder free) before pruning."""
+    if out is None:
+        return None
+    check_savable(model)
+    _check_tokenizer(tokenizer)
+    directory = RunDirectory(Path(out), overwrite=overwrite, keywords=True)
+    directory.check()
+    return directory
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
