@@ -2,6 +2,7 @@
 blocks (an activation, a residual sum), a layer whose forward never runs (nn.MultiheadAttention's out_proj), and
 targets of a module type layer-wise pruning cannot prune."""
 
+import copy
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from constrainedsparse import Targets, prune_layerwise
 from constrainedsparse.errors import UserInputError
+from constrainedsparse.layerwise.checks import check_consecutive
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -252,14 +254,23 @@ def test_keyword_hidden_states_gaps_and_a_failure_between_blocks():
     assert _unchanged(model, before)
     # A gap is found by the chain check (blocks.2 is called with blocks.1's output): blocks.1 runs dense between.
     model = Chain([nn.Sequential(nn.Linear(16, 16)) for _ in range(3)])
-    twin = _chained_twin_of_gap(model)
+    twin, fresh = _chained_twin_of_gap(model), copy.deepcopy(model)
     report = prune_layerwise(model, batches, "sparsegpt", sparsity=0.5, blocks=[model.blocks[0], model.blocks[2]])
     dense_middle = Targets(module_types=(nn.Linear,), exclude=["blocks.1.0.*"])  # the skipped block stays dense
     expected = prune_layerwise(twin, batches, "sparsegpt", sparsity=0.5, targets=dense_middle)
     assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
-    with pytest.raises(UserInputError, match=r"^with offload, blocks must follow each other without a gap"):
-        prune_layerwise(model, batches, "sparsegpt", sparsity=0.5, blocks=[model.blocks[0], model.blocks[2]],
-                        offload=True)  # fmt: skip
+    # offload=True where the model already is moves nothing (the docs' "does nothing"): the chain check still runs
+    offloaded = prune_layerwise(fresh, batches, "sparsegpt", sparsity=0.5, blocks=[fresh.blocks[0], fresh.blocks[2]],
+                                offload=True)  # fmt: skip
+    assert list(offloaded.layer_error.values()) == pytest.approx(list(report.layer_error.values()))
+
+
+def test_a_gap_is_refused_where_offload_moves_blocks_to_another_device():
+    # moved elsewhere, the walk runs each block on the previous one's outputs (no forward of the whole model there)
+    with pytest.raises(UserInputError, match=r"^with offload, blocks must follow each other without a gap: "
+                       r"blocks\.0 is followed by blocks\.2, which skips blocks\.1 "):  # fmt: skip
+        check_consecutive(["blocks.0", "blocks.2"], offload=True)
+    check_consecutive(["blocks.0", "blocks.2"], offload=False)
 
 
 def _chained_twin_of_gap(model: nn.Module) -> nn.Module:
@@ -293,3 +304,115 @@ def test_offload_where_the_model_is_still_checks_the_chain():
         torch.manual_seed(0)
         reports.append(prune_layerwise(LinearTower(), batches, "sparsegpt", sparsity=0.5, offload=offload))
     assert list(reports[0].layer_error.values()) == pytest.approx(list(reports[1].layer_error.values()))
+
+
+def test_blocks_without_parameters_are_walked_through_and_the_layers_between_them_pruned():
+    # single layers of an nn.Sequential as its blocks, activations included: they have nothing to prune or move
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    twin = nn.Sequential(*(nn.Sequential(layer) for layer in copy.deepcopy(list(model))))
+    batches = [torch.randn(16, 16) for _ in range(2)]
+    for offload in (False, True):
+        pruned = copy.deepcopy(model)
+        report = prune_layerwise(pruned, batches, "wanda", sparsity=0.5, blocks=list(pruned), offload=offload)
+        assert list(report.layer_sparsity) == ["0.weight", "2.weight", "4.weight"]
+        assert all(level == pytest.approx(0.5) for level in report.layer_sparsity.values())
+    expected = prune_layerwise(twin, batches, "wanda", sparsity=0.5, blocks=list(twin))  # the same, as chained blocks
+    assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
+
+
+class _Partial(nn.Module):
+    """Holds three blocks, its forward calls two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](self.blocks[0](x))
+
+
+def test_a_block_the_forward_never_calls_is_refused_before_pruning():
+    # the walk would have fed blocks.2 the outputs of blocks.1, which the model never gives it
+    torch.manual_seed(0)
+    model = _Partial()
+    before = _snapshot(model)
+    message = (
+        "blocks.2 never ran on calibration batch 0: blocks must be blocks the model's forward calls, in execution order"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
+    assert _unchanged(model, before)
+
+
+class _DictBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": x + self.linear(x)}
+
+
+class _DictBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_DictBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)["out"]
+        return x
+
+
+def test_a_block_returning_a_dict_is_refused_naming_it_and_keyword_inputs_name_what_needs_them():
+    torch.manual_seed(0)
+    model = _DictBlocks()
+    before = _snapshot(model)
+    message = (
+        "blocks.0: a block returned a dict: a block's output must be its hidden states, a tensor or the first element "
+        "of a tuple"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
+    assert _unchanged(model, before)
+    # blocks called as block(x=x): plain pruning runs the model up to each block; running a block on its own cannot
+    model = _Keywords()
+    before = _snapshot(model)
+    message = (
+        "a block is called with its input neither as its first positional argument nor as hidden_states= (keywords: "
+        "x): running a block on its own (block_fit_epochs, block_mask_rounds, allocation=lagrangian) needs its input "
+        "there"
+    )
+    for options in ({"block_fit_epochs": 1, "block_fit_target": "block"}, {"allocation": "lagrangian"}):
+        with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+            prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5, **options)
+        assert _unchanged(model, before)
+
+
+class _ReadsKeys(nn.Module):
+    """Reads its batch as a dict before the first block (as transformers models read a cache object)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch.get("x")
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_batches_the_model_cannot_take_or_without_values_are_one_line_before_pruning():
+    model = _ReadsKeys()
+    before = _snapshot(model)
+    message = (
+        "calibration batch 0: the model's forward failed before the first block: AttributeError: 'Tensor' object has "
+        "no attribute 'get' (check the batches' shapes, dtypes and token ids)"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"^calibration batch 1 holds a tensor on the meta device \(a shape without"):
+        prune_layerwise(model, [{"x": torch.randn(8, 16)}, {"x": torch.randn(8, 16, device="meta")}], "wanda")
+    assert _unchanged(model, before)

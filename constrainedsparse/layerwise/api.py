@@ -41,7 +41,13 @@ from constrainedsparse.layerwise.checks import (
     checked_batches,
     checked_blocks,
 )
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks
+from constrainedsparse.layerwise.driver import (
+    GRAM_DTYPES,
+    LayerReport,
+    block_prefixes,
+    offloaded_elsewhere,
+    prune_blocks,
+)
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
@@ -200,12 +206,12 @@ def prune_layerwise(
     check_materialized(model)
     blocks = checked_blocks(model, find_blocks(model) if blocks is None else blocks)
     prefixes = block_prefixes(model, blocks)
-    check_consecutive(prefixes, driver.offload)
+    device = str(next(model.parameters()).device) if device is None else resolve_device(device, "device")
+    check_consecutive(prefixes, offloaded_elsewhere(model, device, driver.offload))
     overrides = override_levels(model, blocks, targets, target)
     check_layer_shapes(blocks, targets, target, allow_empty_layers, overrides, prefixes, keywords=True)
     check_reachable(blocks, targets, target, driver, prefixes)
     directory = _directory(model, out, tokenizer, overwrite)
-    device = str(next(model.parameters()).device) if device is None else resolve_device(device, "device")
     with _calibration_mode(model):
         levels = solve_levels(driver, model, blocks, batches, target, targets, device)
         reports = prune_blocks(

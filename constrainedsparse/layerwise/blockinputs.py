@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from constrainedsparse.batches import map_tensors
+from constrainedsparse.errors import UserInputError
 
 __all__ = ["BlockInputs", "block_hidden", "block_output"]
 
@@ -29,8 +30,20 @@ class BlockInputs:
 
     @property
     def hidden(self) -> torch.Tensor:
-        """The hidden states (the first positional argument, or ``hidden_states``)."""
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
+        """The hidden states (the first positional argument, or ``hidden_states``).
+
+        Raises:
+            UserInputError: For a call with neither (a block that takes its input under another keyword).
+        """
+        if self.args:
+            return self.args[0]
+        if "hidden_states" not in self.kwargs:
+            raise UserInputError(
+                "a block is called with its input neither as its first positional argument nor as hidden_states= "
+                f"(keywords: {', '.join(self.kwargs) or 'none'}): running a block on its own (block_fit_epochs, "
+                "block_mask_rounds, allocation=lagrangian) needs its input there"
+            )
+        return self.kwargs["hidden_states"]
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
         """The same call with new hidden states."""
@@ -47,8 +60,22 @@ class BlockInputs:
 
 
 def block_hidden(output: Any) -> torch.Tensor:
-    """The hidden states of a block's output (the first element of a tuple or list)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
+    """The hidden states of a block's output: the tensor, the first element of a tuple or list, or the first
+    field of a ``transformers`` ``ModelOutput``.
+
+    Raises:
+        UserInputError: For any other output (a dict: which entry holds the hidden states is not known).
+    """
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif callable(getattr(output, "to_tuple", None)):
+        output = output.to_tuple()[0]
+    if not isinstance(output, torch.Tensor):
+        raise UserInputError(
+            f"a block returned a {type(output).__name__}: a block's output must be its hidden states, a tensor or "
+            "the first element of a tuple"
+        )
+    return output
 
 
 def block_output(block: nn.Module, item: BlockInputs) -> torch.Tensor:

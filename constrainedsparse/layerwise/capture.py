@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from constrainedsparse.batches import to_device
-from constrainedsparse.errors import UserInputError, first_line
+from constrainedsparse.errors import UserInputError, first_line, user_input
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
 from constrainedsparse.layerwise.grams import StopForward
 
@@ -30,6 +30,10 @@ def token_mask(batch: Any) -> torch.Tensor | None:
     """The batch's ``attention_mask`` as booleans (True for real tokens), or ``None``."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     return None if mask is None else mask.bool()
+
+
+MODEL_ERRORS = (RuntimeError, IndexError, TypeError, ValueError, AttributeError, NotImplementedError)
+"""What a model's forward raises on a batch it cannot take (a tuple where it reads a dict's keys, 1-d token ids)."""
 
 
 @torch.no_grad()
@@ -70,7 +74,9 @@ def capture_block_inputs(
                 call_model(model, batch)
             except StopForward:
                 pass
-            except (RuntimeError, IndexError, TypeError) as err:  # before any block: a batch the model cannot take
+            except UserInputError:
+                raise
+            except MODEL_ERRORS as err:  # before any block: a batch the model cannot take (a tuple for a dict, 1-d ids)
                 raise UserInputError(
                     f"calibration batch {index}: the model's forward failed before the first block: "
                     f"{type(err).__name__}: {first_line(err)} (check the batches' shapes, dtypes and token ids)"
@@ -101,7 +107,8 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
         batch: One calibration batch, where the model computes.
 
     Raises:
-        UserInputError: For a block called out of the given order or twice, or a forward that fails
+        UserInputError: For a block called out of the given order or twice, or never (a walk would make up its
+            inputs), a block output without hidden states (:func:`block_hidden`), or a forward that fails
             between two blocks (where no block's calibration would name it). A forward that fails before
             the first block or inside a block counts as chained: the walk fails there and names it.
     """
@@ -122,7 +129,7 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             )
         try:
             hidden = BlockInputs(args, kwargs, None).hidden
-        except KeyError:  # hidden states under another keyword: only a run of the model up to it reaches them
+        except UserInputError:  # hidden states under another keyword: only a run of the model up to it reaches them
             hidden = None
         if index > 0 and (hidden is None or not torch.equal(hidden, last[1])):
             chained[0] = False
@@ -131,18 +138,24 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             raise StopForward
 
     def after(module: nn.Module, args: tuple, output: Any) -> None:
-        # A copy: the model may change the output in place before the next block.
-        last[0], last[1] = position[id(module)], block_hidden(output).clone()
+        index = position[id(module)]
+        with user_input(f"{names[index]}: "):
+            hidden = block_hidden(output)
+        last[0], last[1] = index, hidden.clone()  # a copy: the model may change it in place before the next block
 
     handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in blocks]
     handles += [block.register_forward_hook(after) for block in blocks]
     try:
         call_model(model, batch)
+        raise UserInputError(  # the forward ended without reaching the last block: a walk would make up its inputs
+            f"{names[entered[0] + 1]} never ran on calibration batch 0: blocks must be blocks the model's forward "
+            "calls, in execution order"
+        )
     except StopForward:
         pass
     except UserInputError:
         raise
-    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+    except MODEL_ERRORS as err:
         if last[0] < 0 or entered[0] > last[0]:  # before the first block or inside one: the walk names it
             return True
         raise UserInputError(

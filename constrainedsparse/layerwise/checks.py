@@ -336,6 +336,8 @@ def checked_batches(batches: Any) -> list[Any]:
         empty = next((t for t in found if t.numel() == 0), None)
         if empty is not None:
             raise ValueError(f"calibration batch {index} holds an empty tensor of shape {tuple(empty.shape)}")
+        if any(t.is_meta for t in found):
+            raise ValueError(f"calibration batch {index} holds a tensor on the meta device (a shape without values)")
     return items
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
@@ -285,6 +286,17 @@ def block_prefixes(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
     return [names.get(id(block), str(index)) for index, block in enumerate(blocks)]
 
 
+def offloaded_elsewhere(model: nn.Module, device: torch.device | str, offload: bool) -> bool:
+    """Whether ``offload`` moves blocks to another device than the model's (else it changes nothing)."""
+    return offload and torch.device(device) != next(model.parameters()).device
+
+
+def _home(block: nn.Module) -> torch.device | None:
+    """Where a block's parameters (or buffers) are; ``None`` for a block without any (an activation)."""
+    first = next(itertools.chain(block.parameters(), block.buffers()), None)
+    return None if first is None else first.device
+
+
 def walk_chained(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -300,8 +312,7 @@ def walk_chained(
     device than the model's, the blocks are not where one forward could run them all, and are taken to be
     chained, as transformer blocks are)."""
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    elsewhere = offload and torch.device(device) != next(model.parameters()).device
-    if elsewhere or stop - start < 2 or not batches:
+    if offloaded_elsewhere(model, device, offload) or stop - start < 2 or not batches:
         return True
     prefixes = block_prefixes(model, blocks)
     return blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
@@ -342,8 +353,8 @@ def walk_blocks(
     compute = device if (offload or store != device) else None
     for index in range(start, stop):
         block = blocks[index]
-        home = next(block.parameters()).device
-        if offload:
+        home = _home(block)
+        if offload and home is not None:
             block.to(device)
         try:  # an error in the caller (its consumer closes the walk) also sends the block home
             yield index, block, prefixes[index], inputs, compute
@@ -352,7 +363,7 @@ def walk_blocks(
             elif index + 1 < stop:  # something runs between the blocks: the model up to the next one, as changed
                 inputs = walk_inputs(model, blocks[index + 1], batches, device, offload, activations)
         finally:
-            if offload:
+            if offload and home is not None:
                 block.to(home)
 
 

@@ -41,7 +41,14 @@ from constrainedsparse.layerwise.checks import (
     checked_blocks,
     checked_scores,
 )
-from constrainedsparse.layerwise.driver import GRAM_DTYPES, LayerReport, block_prefixes, prune_blocks, walk_inputs
+from constrainedsparse.layerwise.driver import (
+    GRAM_DTYPES,
+    LayerReport,
+    block_prefixes,
+    offloaded_elsewhere,
+    prune_blocks,
+    walk_inputs,
+)
 from constrainedsparse.layerwise.layers import layer_weight
 from constrainedsparse.layerwise.levels import override_levels, solve_levels
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
@@ -175,7 +182,7 @@ def prepare(
     levels = override_levels(model, blocks, problem.targets, target)
     prefixes = block_prefixes(model, blocks)
     with user_input(f"problem {problem.name!r}: "):
-        check_consecutive(prefixes, driver.offload)
+        check_consecutive(prefixes, offloaded_elsewhere(model, driver.device, driver.offload))
     check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
     check_reachable(blocks, problem.targets, target, driver, prefixes)
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
