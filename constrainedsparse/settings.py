@@ -88,11 +88,14 @@ def config_field_types(config_cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
 
 
-def resolve_device(name: str, key: str = "--set device") -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a usable device string.
+def resolve_device(name: str | torch.device, key: str = "--set device") -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available), or a ``torch.device`` of them -> a usable
+    device string.
 
     ``key`` names the setting in messages (``device`` for a Python keyword).
     """
+    if isinstance(name, torch.device):
+        name = str(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":

@@ -82,6 +82,8 @@ def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch)
     assert report.target == "0.5 row"  # the layer-wise default pattern, named as the CLI's summary names it
     unstructured = prune_layerwise(_Blocks(), batches, "wanda", sparsity=0.5, pattern="unstructured")
     assert unstructured.target == "0.5 unstructured"
+    on_cpu = prune_layerwise(_Blocks(), batches, "wanda", sparsity=0.5, device=torch.device("cpu"))  # as "cpu"
+    assert on_cpu.layer_sparsity == report.layer_sparsity
 
 
 def test_prune_layerwise_overrides_set_levels_by_full_or_block_name():
@@ -161,6 +163,8 @@ def test_prune_layerwise_errors_are_precise_and_leave_the_model_alone():
         prune_layerwise(model, batches, "wanda", pattern="row", mask_scope="layer")
     with pytest.raises(ValueError, match=r"^device must be cpu, cuda, cuda:N or auto, got 'gpu'$"):
         prune_layerwise(model, batches, "wanda", device="gpu")
+    with pytest.raises(ValueError, match=r"^device must be cpu, cuda, cuda:N or auto, got 'meta'$"):
+        prune_layerwise(model, batches, "wanda", device=torch.device("meta"))
     with pytest.raises(ValueError, match=r"^block_mask_rounds moves masks over the dense weights; sparsegpt changes"):
         prune_layerwise(model, batches, "sparsegpt", block_mask_rounds=1)
     with pytest.raises(ValueError, match=r"^blocks must be in execution order: blocks\.0 runs before blocks\.1"):
@@ -399,11 +403,11 @@ def test_prune_layerwise_checks_tokenizer_and_calibration_batches_before_pruning
     batches = [torch.randn(8, 16) for _ in range(2)]
     with pytest.raises(ValueError, match=r"^tokenizer= must be a folder holding a tokenizer or a tokenizer object"):
         prune_layerwise(model, batches, "wanda", blocks=list(model), out=tmp_path / "o", tokenizer=5)
-    with pytest.raises(ValueError, match=r"^layer 0: its input has width 15, its weight takes 16 features: the cal"):
+    with pytest.raises(ValueError, match=r"^0\.0\.weight: its input has width 15, its weight takes 16 features"):
         prune_layerwise(model, [torch.randn(8, 15)], "wanda", blocks=list(model))
-    with pytest.raises(ValueError, match=r"^layer 0: its input is torch\.int64, not floating point"):
+    with pytest.raises(ValueError, match=r"^0\.0\.weight: its input is torch\.int64, not floating point"):
         prune_layerwise(model, [torch.ones(8, 16, dtype=torch.long)], "wanda", blocks=list(model))
-    with pytest.raises(ValueError, match=r"^layer 0: its input is torch\.float64, its weight torch\.float32: give"):
+    with pytest.raises(ValueError, match=r"^0\.0\.weight: its input is torch\.float64, its weight torch\.float32"):
         prune_layerwise(model, [torch.randn(8, 16, dtype=torch.float64)], "wanda", blocks=list(model))
     for keyword, value in (("overwrite", "no"), ("progress", 2)):
         with pytest.raises(ValueError, match=rf"^{keyword} must be True or False, got {value!r}$"):

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from constrainedsparse.causal_lm import load_tokenizer
@@ -100,7 +101,7 @@ def prune_layerwise(
     blocks: Iterable[nn.Module] | None = None,
     mask_scope: str | None = None,
     gram_dtype: str = "float32",
-    device: str | None = None,
+    device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = False,
     offload: bool = False,
@@ -142,7 +143,8 @@ def prune_layerwise(
         mask_scope: ``"row"`` (default) or ``"layer"``: the comparison group of a ``sparsity`` target
             without ``pattern`` (``"row"`` is ``pattern="row"``, ``"layer"`` ``pattern="unstructured"``).
         gram_dtype: ``"float32"`` or ``"float64"``, accumulation dtype of the Gram matrices.
-        device: Where calibration and pruning run (the model's device by default).
+        device: Where calibration and pruning run, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a
+            ``torch.device`` (the model's device by default).
         overwrite: With ``out``: replace a previous run's files there.
         progress: Show a progress bar over blocks.
         offload: Keep the model where it is and move one block at a time to ``device``.

@@ -56,13 +56,14 @@ def accumulate_grams(
     def hook_for(name: str, d_in: int) -> Callable:
         def add(module: nn.Module, args: tuple) -> None:
             calls[name] += 1
-            _check_input(name, args[0], layer_weight(module))
+            _check_input(weight_name(prefix, name), args[0], layer_weight(module))
             rows = args[0].reshape(-1, d_in)
             mask = current_mask[0]
             if mask is not None:
                 if mask.numel() != rows.shape[0]:
                     raise ValueError(
-                        f"layer {name}: {rows.shape[0]} input rows do not match the {mask.numel()} tokens of the batch"
+                        f"{weight_name(prefix, name)}: {rows.shape[0]} input rows do not match the {mask.numel()} "
+                        "tokens of the batch"
                     )
                 rows = rows[mask.reshape(-1)]
             rows = rows.to(dtype)
@@ -107,22 +108,22 @@ def _check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     """A layer's input fits its weight: its width, a floating dtype, the weight's dtype (outside autocast).
 
     Raises:
-        UserInputError: Naming the layer, what its input is and what the weight takes.
+        UserInputError: Naming the layer's weight (``name``), what its input is and what the weight takes.
     """
     d_in = weight.shape[1]
     if x.shape[-1] != d_in:
         raise UserInputError(
-            f"layer {name}: its input has width {x.shape[-1]}, its weight takes {d_in} features: the calibration "
+            f"{name}: its input has width {x.shape[-1]}, its weight takes {d_in} features: the calibration "
             "batches do not fit the model"
         )
     if not x.is_floating_point():
         raise UserInputError(
-            f"layer {name}: its input is {x.dtype}, not floating point: the calibration batches do not fit the model "
+            f"{name}: its input is {x.dtype}, not floating point: the calibration batches do not fit the model "
             "(token ids go through an embedding first)"
         )
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise UserInputError(
-            f"layer {name}: its input is {x.dtype}, its weight {weight.dtype}: give calibration batches in the "
+            f"{name}: its input is {x.dtype}, its weight {weight.dtype}: give calibration batches in the "
             f"model's dtype (batch.to({weight.dtype}))"
         )
 
