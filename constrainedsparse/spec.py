@@ -215,20 +215,8 @@ class Problem:
     def __post_init__(self) -> None:
         """Every field of the right kind, named as the problem file writes it (a ``ValueError`` there
         is the file's one-line load error)."""
-        if not isinstance(self.name, str) or not self.name.strip() or self.name in (".", "..") or "/" in self.name:
-            raise ValueError(
-                f"Problem.name must be a non-empty name without '/' (it names the run and the dense-model cache "
-                f"file), got {self.name!r}"
-            )
-        for key in ("model", "data", "loss", "predict"):
-            if not callable(getattr(self, key)):
-                raise ValueError(f"Problem.{key} must be a function, got {type(getattr(self, key)).__name__}")
-        for key in ("compute_loss", "check"):
-            if getattr(self, key) is not None and not callable(getattr(self, key)):
-                raise ValueError(f"Problem.{key} must be a function or None, got {type(getattr(self, key)).__name__}")
+        _check_common_fields(self, ("model", "data", "loss", "predict"), ("compute_loss", "check"))
         as_metric(self.metric)
-        if not isinstance(self.targets, Targets):
-            raise ValueError(f"Problem.targets must be a Targets(...), got {_kind(self.targets)}")
         if not isinstance(self.constraints, Mapping):
             raise ValueError(
                 f"Problem.constraints must be a dict {{name: UserConstraint(...)}}, got {_kind(self.constraints)}"
@@ -346,6 +334,30 @@ class Problem:
         return f"{self.name}-{digest}"
 
 
+def _check_common_fields(
+    problem: Problem | LayerwiseProblem, functions: tuple[str, ...], optional: tuple[str, ...]
+) -> None:
+    """The fields both kinds of problem share: ``name``, the functions (``optional`` ones may be ``None``),
+    ``targets`` and ``options``.
+
+    Raises:
+        ValueError: Naming the field as the problem file writes it (``Problem.model``, ``LayerwiseProblem.targets``).
+    """
+    kind, name = type(problem).__name__, problem.name
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name:
+        raise ValueError(
+            f"{kind}.name must be a non-empty name without '/' (it names the run and the dense-model cache file), "
+            f"got {name!r}"
+        )
+    for key in functions + optional:
+        value = getattr(problem, key)
+        if not callable(value) and (value is not None or key not in optional):
+            allowed = "a function or None" if key in optional else "a function"
+            raise ValueError(f"{kind}.{key} must be {allowed}, got {type(value).__name__}")
+    if not isinstance(problem.targets, Targets):
+        raise ValueError(f"{kind}.targets must be a Targets(...), got {_kind(problem.targets)}")
+
+
 def _default_layerwise_targets() -> Targets:
     return Targets(module_types=layer_module_types())
 
@@ -386,6 +398,16 @@ class LayerwiseProblem:
     options: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        """Every field of the right kind, named as the problem file writes it (a ``ValueError`` there
+        is the file's one-line load error)."""
+        _check_common_fields(self, ("model", "calibration"), ("held_out", "score", "blocks"))
+        if self.score is not None and self.held_out is None:
+            raise ValueError(
+                "LayerwiseProblem.score compares the outputs held_out(model, options) computes: give held_out too"
+            )
+        check_options(self.options)
+
     def guarded(self) -> LayerwiseProblem:
         """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
         name = self.name
@@ -397,6 +419,20 @@ class LayerwiseProblem:
             score=guard(name, "score(dense, pruned)", self.score),
             blocks=guard(name, "blocks(model)", self.blocks),
         )
+
+    def held_out_outputs(self, model: nn.Module, options: Mapping[str, Any]) -> Any:
+        """``held_out(model, options)``, checked to be something (what ``score`` compares).
+
+        Raises:
+            UserInputError: For ``None`` (a function that forgot its ``return``).
+        """
+        outputs = self.held_out(model, options)
+        if outputs is None:
+            raise UserInputError(
+                f"problem {self.name!r}: held_out(model, options) returned None: it must return the outputs "
+                "score(dense, pruned) compares"
+            )
+        return outputs
 
     def model_blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The blocks to prune, in order (a ``ModuleList`` as a list of its modules)."""

@@ -99,6 +99,18 @@ LAYERWISE_MISTAKES = [
      r"score\(dense, pruned\) must return a dict \{name: number\}, got float"),
     ("a score of text", "held_out=held_out, score=lambda d, p: {'ppl': 'abc'}",
      r"score\(dense, pruned\) returned 'ppl': 'abc', not a number"),
+    ("a score of a vector", "held_out=held_out, score=lambda d, p: {'gap': (d - p).norm(dim=1)}",
+     r"score\(dense, pruned\) returned 'gap': a Tensor of shape \(4,\), not a number$"),
+    ("held_out returns nothing", "held_out=lambda m, o: None, score=lambda d, p: {'gap': 0.0}",
+     r"problem 'mine': held_out\(model, options\) returned None: it must return the outputs score\(dense, pruned\) "
+     r"compares$"),
+    ("a score without held_out", "score=lambda d, p: {'gap': 0.0}",
+     r"LayerwiseProblem\.score compares the outputs held_out\(model, options\) computes: give held_out too$"),
+    ("a model that is text", "model='model'", r"LayerwiseProblem\.model must be a function, got str$"),
+    ("blocks that are a list", "blocks=[]", r"LayerwiseProblem\.blocks must be a function or None, got list$"),
+    ("targets as a list", "targets=[nn.Linear]", r"LayerwiseProblem\.targets must be a Targets\(\.\.\.\), got a list$"),
+    ("options as a list", "options=[('n', 4)]", r"options must be a dict \{key: default\}, got a list$"),
+    ("an option without a type", "options={'n': None}", r"option 'n' has default None: give a bool, int, float or str"),
     ("a score named like the summary", "held_out=held_out, score=lambda d, p: {'achieved_sparsity': 0.99}",
      r"score\(dense, pruned\) returned 'achieved_sparsity', a key of the run's own summary: rename it"),
 ]  # fmt: skip

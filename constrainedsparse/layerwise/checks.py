@@ -360,7 +360,10 @@ def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
             number = value.item() if hasattr(value, "item") else value  # a one-element tensor or numpy number
             out[key] = number if is_integer(number) else float(number)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"score(dense, pruned) returned {key!r}: {value!r}, not a number") from None
+            shown = repr(value) if "\n" not in repr(value) and len(repr(value)) <= 80 else f"a {type(value).__name__}"
+            if hasattr(value, "shape"):  # a tensor's or an array's values would not fit one line
+                shown = f"a {type(value).__name__} of shape {tuple(value.shape)}"
+            raise ValueError(f"score(dense, pruned) returned {key!r}: {shown}, not a number") from None
     return out
 
 

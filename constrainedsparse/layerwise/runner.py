@@ -399,7 +399,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
     use_cache = _place(prepared)
     peak = PeakMemory(prepared.device)
     scored = distributed.is_main_process() and problem.held_out is not None and problem.score is not None
-    dense_outputs = problem.held_out(model, prepared.options) if scored else None
+    dense_outputs = problem.held_out_outputs(model, prepared.options) if scored else None
     if scored:  # its mistakes now, not after the pruning: the dense model scored against itself
         reserved = {*_summary(prepared, model, [], 0.0), "peak_memory", "allocation", "saved_model", "wandb_run",
                     "score_keys"}  # fmt: skip
@@ -429,7 +429,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         if scored:
             with user_input(f"problem {problem.name!r}: "):
                 scores = checked_scores(
-                    problem.score(dense_outputs, problem.held_out(model, prepared.options)), summary
+                    problem.score(dense_outputs, problem.held_out_outputs(model, prepared.options)), summary
                 )
             summary.update(scores)
             summary["score_keys"] = list(scores)  # what the printed summary shows of them
