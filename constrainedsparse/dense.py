@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from constrainedsparse import distributed
-from constrainedsparse.batches import to_device
+from constrainedsparse.batches import collate_fn, to_device
 from constrainedsparse.checkpoint import save_weights, writable
 from constrainedsparse.errors import NonFiniteLossError, UserInputError
 from constrainedsparse.modes import eval_mode
@@ -96,7 +96,7 @@ def loader(dataset: Dataset, batch_size: int, seed: int, phase: int, epoch: int)
     if distributed.is_distributed():
         return distributed.loader(dataset, batch_size, generator_seed)
     generator = torch.Generator().manual_seed(generator_seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn(dataset))
 
 
 @torch.no_grad()
@@ -114,7 +114,9 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
     outputs, targets = [], []
     # Its own generator: an evaluation takes no draw from the global one (training's dropout stream).
     with eval_mode(model):
-        for batch in DataLoader(dataset, batch_size=EVAL_BATCH, generator=torch.Generator()):
+        for batch in DataLoader(
+            dataset, batch_size=EVAL_BATCH, generator=torch.Generator(), collate_fn=collate_fn(dataset)
+        ):
             output, y = problem.predicted(model, to_device(batch, device))
             outputs.append(output.detach().cpu())
             targets.append(y.detach().cpu())
@@ -265,7 +267,7 @@ def collate_samples(dataset: Dataset, indices: Iterable[int]) -> Any:
     """The samples at ``indices`` as one batch, collated as a ``DataLoader`` would, without one: a
     ``DataLoader``'s iterator draws a seed from torch's global generator, which a resumed run has just
     restored (dropout after a resume would then take other draws)."""
-    return default_collate([dataset[index] for index in indices])
+    return (collate_fn(dataset) or default_collate)([dataset[index] for index in indices])
 
 
 def reference_batch(train: Dataset, seed: int, size: int) -> Any:

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from constrainedsparse.batches import map_tensors
+from constrainedsparse.batches import collate_fn, map_tensors
 
 __all__ = [
     "ENV_DEBUG_STATE_DIR",
@@ -278,7 +278,9 @@ class ShardedSampler(Sampler[int]):
 def loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
     """This rank's loader: batches of ``batch_size / N`` from :class:`ShardedSampler`."""
     sampler = ShardedSampler(len(dataset), seed)
-    return DataLoader(dataset, batch_size=batch_size // sampler.num_replicas, sampler=sampler)
+    return DataLoader(
+        dataset, batch_size=batch_size // sampler.num_replicas, sampler=sampler, collate_fn=collate_fn(dataset)
+    )
 
 
 def shard(batch: Any) -> Any:

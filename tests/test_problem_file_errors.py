@@ -36,6 +36,17 @@ class Dicts(torch.utils.data.Dataset):
         return {"x": x, "y": y}
 
 
+class Labelled(Dicts):
+    def __getitem__(self, i):
+        return super().__getitem__(i)["label"]
+
+
+class Ragged(Dicts):
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x[: 7 + i % 2], y
+
+
 class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(data({})[0])
@@ -110,6 +121,14 @@ MISTAKES = [
      "model=lambda o: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 2)), batch_size=191",
      r"model\(x\) failed: Expected more than 1 value per channel when training, got input size .* \(a training "
      r"batch of 1 sample: an epoch's last batch holds 1 when the training set is 1 more than a multiple of batch_size"),
+    ("a training item that fails", "data=lambda o: (Labelled(data(o)[0]), data(o)[1])",
+     r"problem 'mine': reading item \d+ of the training set failed: KeyError: 'label' \(--debug shows the "
+     r"traceback\)$"),
+    ("a test item that fails", "data=lambda o: (data(o)[0], Labelled(data(o)[1]))",
+     r"problem 'mine': reading item 0 of the test set failed: KeyError: 'label' \(--debug shows the traceback\)$"),
+    ("samples of different sizes", "data=lambda o: (Ragged(data(o)[0]), data(o)[1])",
+     r"problem 'mine': batching samples of the training set \(default_collate\) failed: RuntimeError: stack expects "
+     r"each tensor to be equal size"),
     ("an option named like a runner key", "options={'lr': 0.1}",
      r"the problem's option 'lr' has the name of a training --set key for formulation 'slr' and problem 'mine', so"),
 ]  # fmt: skip
