@@ -117,8 +117,10 @@ class _Registered:
     strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None
 
 
-def pair_of(batch: Batch, hint: str = "pass compute_loss=fn(model, batch) to SparsityProblem") -> tuple[Any, Any]:
-    """``(x, y)`` of a pair batch.
+def pair_of(
+    batch: Batch, hint: str = "pass compute_loss=fn(model, batch) to SparsityProblem", who: str = "loss_fn"
+) -> tuple[Any, Any]:
+    """``(x, y)`` of a pair batch (``who`` takes it apart: named in the error).
 
     Raises:
         UserInputError: For any other batch (a dict, a triple), with ``hint`` on what to give instead.
@@ -129,7 +131,7 @@ def pair_of(batch: Batch, hint: str = "pass compute_loss=fn(model, batch) to Spa
         f" of {len(batch)}" if isinstance(batch, Sequence) and not isinstance(batch, str) else ""
     )
     keys = f" (keys {', '.join(map(str, batch))})" if isinstance(batch, Mapping) else ""
-    raise UserInputError(f"loss_fn takes (inputs, targets) batches, got a {kind}{keys}: {hint} for other batches")
+    raise UserInputError(f"{who} takes (inputs, targets) batches, got a {kind}{keys}: {hint} for other batches")
 
 
 def checked_loss(value: Any, source: str) -> torch.Tensor:

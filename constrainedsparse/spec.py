@@ -129,6 +129,11 @@ def _check_dataset(problem_name: str, which: str, dataset: Any) -> None:
         )
 
 
+def _is_default(fn: Callable[..., Any], default: Callable[..., Any]) -> bool:
+    """Whether a problem's function (maybe :func:`guard`-wrapped) is the field's default."""
+    return getattr(fn, "__wrapped__", fn) is default
+
+
 def _kind(value: Any) -> str:
     """A value's class name, or the class itself for a class given instead of an instance."""
     return f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
@@ -157,7 +162,7 @@ def check_options(options: Any) -> None:
 
 def predict_pair(model: nn.Module, batch: Any) -> tuple[Any, Any]:
     """``(model(x), y)`` of an ``(x, y)`` batch: what the metric compares (the default ``predict``)."""
-    x, y = pair_of(batch, "give the Problem predict(model, batch) and compute_loss(model, batch)")
+    x, y = pair_of(batch, "give the Problem predict(model, batch)", "the default predict, (model(x), y),")
     return model(x), y
 
 
@@ -306,6 +311,11 @@ class Problem:
         """
         returned = self.predict(model, batch)
         pair = isinstance(returned, (tuple, list)) and len(returned) == 2
+        if pair and _is_default(self.predict, predict_pair) and not isinstance(returned[0], torch.Tensor):
+            raise UserInputError(
+                f"problem {self.name!r}: the model returned a {type(returned[0]).__name__}, not the output tensor the "
+                "metric compares: give the Problem predict(model, batch) -> (output, y) that picks it"
+            )
         if not (pair and all(isinstance(t, torch.Tensor) for t in returned)):
             got = (
                 f"a {type(returned).__name__} of {', '.join(type(t).__name__ for t in returned)}"
@@ -327,8 +337,16 @@ class Problem:
         """
         if self.compute_loss is not None:
             return checked_loss(self.compute_loss(model, batch), "compute_loss(model, batch)")
-        x, y = pair_of(batch, "give the Problem compute_loss(model, batch) and predict(model, batch)")
+        x, y = pair_of(
+            batch, "give the Problem compute_loss(model, batch) and predict(model, batch)", "loss(model(x), y)"
+        )
         output = call_user(self.name, "the model on a training batch, model(x)", model, x)
+        if _is_default(self.loss, F.cross_entropy) and not isinstance(output, torch.Tensor):
+            raise UserInputError(
+                f"problem {self.name!r}: the model returned a {type(output).__name__}, which the default loss "
+                "(cross-entropy) cannot take: give the Problem loss(output, y) or compute_loss(model, batch), and "
+                "predict(model, batch)"
+            )
         return checked_loss(self.loss(output, y), "loss(output, y)")
 
     def cache_tag(self) -> str:

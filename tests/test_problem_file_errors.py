@@ -47,6 +47,15 @@ class Ragged(Dicts):
         return x[: 7 + i % 2], y
 
 
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(x), x.sum()
+
+
 class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(data({})[0])
@@ -65,7 +74,15 @@ MISTAKES = [
     ("model(x) fails", "model=lambda o: nn.Linear(7, 2)",
      r"problem 'mine': the model on a training batch, model\(x\) failed: RuntimeError: mat1 and mat2 shapes"),
     ("dict batches without compute_loss", "data=lambda o: tuple(Dicts(d) for d in data(o))",
-     r"loss_fn takes \(inputs, targets\) batches, got a dict \(keys x, y\): give the Problem compute_loss"),
+     r"loss\(model\(x\), y\) takes \(inputs, targets\) batches, got a dict \(keys x, y\): give the Problem "
+     r"compute_loss"),
+    ("dict batches with compute_loss but no predict",
+     "data=lambda o: tuple(Dicts(d) for d in data(o)), compute_loss=lambda m, b: F.cross_entropy(m(b['x']), b['y'])",
+     r"the default predict, \(model\(x\), y\), takes \(inputs, targets\) batches, got a dict \(keys x, y\): give "
+     r"the Problem predict\(model, batch\) for other batches$"),
+    ("a model returning a tuple with the default loss", "model=lambda o: Pair()",
+     r"problem 'mine': the model returned a tuple, which the default loss \(cross-entropy\) cannot take: give the "
+     r"Problem loss\(output, y\) or compute_loss\(model, batch\), and predict\(model, batch\)$"),
     ("a loss per sample", "loss=lambda o, y: F.cross_entropy(o, y, reduction='none')",
      r"loss\(output, y\) must return a scalar tensor, got \(64,\)"),
     ("a float loss", "loss=lambda o, y: 1.0", r"loss\(output, y\) must return a scalar tensor, got float"),
