@@ -124,7 +124,14 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
         shards = distributed.gather_objects((outputs, targets))
         outputs = [o for shard_outputs, _ in shards for o in shard_outputs]
         targets = [t for _, shard_targets in shards for t in shard_targets]
-    return problem.test_metric(torch.cat(outputs), torch.cat(targets))
+    outputs = torch.cat(outputs)
+    bad = int((~torch.isfinite(outputs)).sum()) if outputs.is_floating_point() else 0
+    if bad:  # the metric of nan outputs is a number that means nothing (accuracy takes argmax of nan)
+        raise UserInputError(
+            f"problem {problem.name!r}: {bad} of the model's {outputs.numel()} outputs on the test set are nan or inf: "
+            "nan/inf in the test set's inputs?"
+        )
+    return problem.test_metric(outputs, torch.cat(targets))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +260,7 @@ def dense_model(recipe: DenseRecipe, train: Dataset, test: Dataset) -> tuple[nn.
             progress.close()
             raise NonFiniteLossError(
                 f"dense pre-training loss became {loss.item()} in epoch {epoch + 1}; nothing was cached "
-                "(lower --set lr?)"
+                "(lower --set lr, or check the training set for nan/inf)"
             )
         progress.epoch_done(loss=loss.item())
     progress.close()

@@ -146,6 +146,16 @@ MISTAKES = [
     ("samples of different sizes", "data=lambda o: (Ragged(data(o)[0]), data(o)[1])",
      r"problem 'mine': batching samples of the training set \(default_collate\) failed: RuntimeError: stack expects "
      r"each tensor to be equal size"),
+    ("a metric of nan", "metric=lambda o, y: float('nan')",
+     r"error: metric 'metric' returned nan over the test set: it must be a finite number$"),
+    ("nan in the test inputs", "data=lambda o: (data(o)[0], TensorDataset(torch.full((8, 8), torch.nan), "
+     "torch.zeros(8, dtype=torch.long)))",
+     r"problem 'mine': 16 of the model's 16 outputs on the test set are nan or inf: nan/inf in the test set's "
+     r"inputs\?$"),
+    ("nan in the training inputs", "data=lambda o: (TensorDataset(torch.full((64, 8), torch.nan), "
+     "torch.zeros(64, dtype=torch.long)), data(o)[1])",
+     r"dense pre-training loss became nan in epoch 1; nothing was cached \(lower --set lr, or check the training "
+     r"set for nan/inf\)$"),
     ("an option named like a runner key", "options={'lr': 0.1}",
      r"the problem's option 'lr' has the name of a training --set key for formulation 'slr' and problem 'mine', so"),
 ]  # fmt: skip
