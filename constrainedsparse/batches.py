@@ -71,7 +71,7 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
 
 class GuardedDataset(Dataset):
     """A problem's dataset whose item reads and batching report the user's exceptions through ``guard`` (one line
-    naming the problem, :func:`~constrainedsparse.spec.call_user`), not as a traceback from inside a DataLoader.
+    naming the problem, :func:`~constrainedsparse.usercode.call_user`), not as a traceback from inside a DataLoader.
 
     Args:
         dataset: The problem's map-style dataset.

@@ -57,8 +57,8 @@ from constrainedsparse.purge import purge
 from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
 from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_logger
 from constrainedsparse.settings import TrainingSettings
-from constrainedsparse.spec import user_code_failed
 from constrainedsparse.targets import TargetParam, unwrap_compiled
+from constrainedsparse.usercode import user_code_failed
 
 __all__ = [
     "DEFAULT_SPARSITY",

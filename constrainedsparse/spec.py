@@ -22,6 +22,7 @@ import importlib.util
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
 from constrainedsparse.problem import UserConstraint, checked_loss, pair_of
 from constrainedsparse.targets import Targets
+from constrainedsparse.usercode import call_user, guard, user_code_failed
 
 __all__ = [
     "BUNDLED_DIR",
@@ -53,62 +55,6 @@ __all__ = [
 ]
 
 BUNDLED_DIR = Path(__file__).parent / "problems"
-
-
-def guard(problem_name: str, what: str, fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
-    """``fn`` (a function of a problem file) with its exceptions turned into one line (:func:`call_user`).
-
-    The wrapper keeps ``fn``'s signature (a constraint's arity tells whether it takes the batch).
-    """
-    if fn is None:
-        return None
-
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        return call_user(problem_name, what, functools.partial(fn, **kwargs), *args)
-
-    return guarded
-
-
-def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Calls a function of a problem file; its exceptions become one :class:`UserInputError` line.
-
-    A ``ValueError`` of a call that reads the options (``model(options)``, ``data(options)``, ...) is
-    taken as raised on purpose (a bad option) and keeps its message as the line; elsewhere (a
-    constraint, the loss, a metric: often an unpacking mistake) the message is prefixed with the
-    problem and the call. Any other exception is reported with the problem, the call and its type.
-    With ``--debug`` the exception propagates with its traceback.
-
-    Args:
-        problem_name: The problem's name, for the message.
-        what: What was called (``"data(options)"``).
-        fn: The user's function.
-        *args: Its arguments.
-    """
-    try:
-        return fn(*args)
-    except UserInputError:
-        raise
-    except (Exception, SystemExit) as err:
-        if debugging():
-            raise
-        raise user_code_failed(problem_name, what, err) from err
-
-
-def user_code_failed(problem_name: str, what: str, err: BaseException) -> UserInputError:
-    """The one line of :func:`call_user` for ``err``, raised by the problem's ``what``."""
-    hint = (  # BatchNorm in training mode on a batch of one sample: what torch's message does not say
-        " (a training batch of 1 sample: an epoch's last batch holds 1 when the training set is 1 more than a multiple "
-        "of batch_size; change --set batch_size)"
-        if "Expected more than 1 value per channel when training" in str(err)
-        else ""
-    )
-    if isinstance(err, ValueError):
-        if "options" in what:
-            return UserInputError(first_line(err))
-        return UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}{hint}")
-    detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {first_line(err)}"
-    return UserInputError(f"problem {problem_name!r}: {what} failed: {detail}{hint} (--debug shows the traceback)")
 
 
 def _check_dataset(problem_name: str, which: str, dataset: Any) -> None:
@@ -461,6 +407,19 @@ class LayerwiseProblem:
         return list(blocks) if isinstance(blocks, nn.ModuleList) else blocks
 
 
+def _load_failure(err: BaseException, path: Path) -> str:
+    """What :func:`load_problem` says of an exception while the file ran: the file's line it came from, and (but
+    for ``sys.exit`` and a ``ValueError``, raised on purpose) where the traceback is."""
+    if isinstance(err, SystemExit):
+        return f": sys.exit({err.code!r})"
+    frames = traceback.extract_tb(err.__traceback__)
+    lines = [frame.lineno for frame in frames if Path(frame.filename).resolve() == path.resolve()]
+    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (lines[-1] if lines else None)
+    where = f" at line {line}" if line is not None else ""
+    hint = "" if isinstance(err, ValueError) else " (--debug shows the traceback)"
+    return f"{where}: {type(err).__name__}: {first_line(err)}{hint}"
+
+
 def bundled_problems() -> dict[str, Path]:
     """``{name: path}`` of the problems shipped with the package."""
     return {p.stem.replace("_", "-"): p for p in sorted(BUNDLED_DIR.glob("*.py"))}
@@ -500,8 +459,7 @@ def load_problem(name_or_path: str | os.PathLike[str]) -> Problem | LayerwisePro
         sys.modules.pop(module_name, None)
         if debugging():
             raise
-        detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}"
-        raise UserInputError(f"problem file {str(path)!r} failed to load: {detail}") from err
+        raise UserInputError(f"problem file {str(path)!r} failed to load{_load_failure(err, path)}") from err
     problem = getattr(module, "problem", None)
     if not isinstance(problem, (Problem, LayerwiseProblem)):
         raise UserInputError(

@@ -368,7 +368,7 @@ ROWS: list[Row] = [
     Row(
         "import fails",
         ["run", "{tmp}/bad.py", "--out", "{out}"],
-        r"failed to load: ModuleNotFoundError",
+        r"failed to load at line 1: ModuleNotFoundError",
         _file("bad.py", "import no_such_module_here\n"),
     ),  # fmt: skip
     Row(

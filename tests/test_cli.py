@@ -146,7 +146,10 @@ def test_problem_file_that_fails_to_import_is_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.py"
     bad.write_text("import no_such_module_here\n")
     line = fails_with_one_line(["run", str(bad), "--out", str(tmp_path / "x")], capsys)
-    assert "failed to load: ModuleNotFoundError: No module named 'no_such_module_here'" in line
+    assert line.endswith(
+        "failed to load at line 1: ModuleNotFoundError: No module named 'no_such_module_here' (--debug shows the "
+        "traceback)"
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -161,7 +164,7 @@ def test_debug_holds_for_its_own_call_only(tmp_path, capsys, monkeypatch):
     with pytest.raises(Exception, match="no_such_module_here"):
         main([*argv, "--debug"])
     assert DEBUG_ENV not in os.environ
-    assert "failed to load: ModuleNotFoundError" in fails_with_one_line(argv, capsys)
+    assert "failed to load at line 1: ModuleNotFoundError" in fails_with_one_line(argv, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
