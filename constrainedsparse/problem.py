@@ -471,11 +471,18 @@ def _in_multiplier_dtype(entry: _Registered, value: Any) -> Any:
     return value.to(multiplier.weight.dtype)
 
 
+def _type_name(value: Any) -> str:
+    """A value's type as a user tells it apart: ``float``, but ``numpy.float32`` (not torch's dtype)."""
+    kind = type(value)
+    module = kind.__module__.split(".")[0]
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+
+
 def _checked_violation(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise UserInputError(
             f"constraint {name!r} must return a tensor differentiable in the model's parameters, "
-            f"got {type(value).__name__}"
+            f"got {_type_name(value)}"
         )
     if not torch.is_floating_point(value) or value.numel() == 0:
         got = "an empty tensor" if value.numel() == 0 else value.dtype

@@ -5,6 +5,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
@@ -442,6 +443,13 @@ def test_constraints_that_return_a_float_or_have_no_gradient_are_refused():
             nn.functional.cross_entropy,
             targets,
             {"norm": UserConstraint(lambda m: m[0].weight.norm().item() - 1)},
+        )
+    with pytest.raises(ValueError, match=r"^constraint 'np' must return a tensor .*, got numpy\.float32$"):
+        SparsityProblem(  # not torch.float32, the dtype
+            model,
+            nn.functional.cross_entropy,
+            targets,
+            {"np": UserConstraint(lambda m: np.float32(m[0].weight.norm().item()))},
         )
     with pytest.raises(
         ValueError, match=r"^constraint 'none' must return a non-empty floating-point tensor, got an empty"
