@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -359,6 +360,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _dispatch(args, argv)
     except (UserInputError, NonFiniteLossError) as err:
         message = first_line(err)
+        if isinstance(err, UserInputError):  # the loss's own line says what became of the checkpoints
+            message += _kept_checkpoint(getattr(args, "out", None) or _RESOLVED_OUT.get("run"))
         if distributed.env_world_size() > 1:
             launcher.report_error(message, code=2)
             raise SystemExit(2) from None
@@ -430,6 +433,15 @@ def _resume_hint(out: Any) -> str:
     if (Path(out) / CHECKPOINT).is_file():
         return f"; continue from the last checkpoint with --resume --out {out}"
     return " before the first checkpoint: nothing to resume, start the run again"
+
+
+def _kept_checkpoint(out: Any) -> str:
+    """After an error in the middle of a run (the user's code failing at epoch 3): that this run's last checkpoint
+    is kept and how to go on from it; nothing before this run wrote one."""
+    checkpoint = Path(out) / CHECKPOINT if out else None
+    if checkpoint is None or not checkpoint.is_file() or checkpoint.stat().st_mtime < _STARTED.get("main", math.inf):
+        return ""
+    return f" (the last checkpoint is kept: once that is fixed, continue with --resume --out {out})"
 
 
 def _check_nproc(nproc: int) -> None:

@@ -462,8 +462,9 @@ def load_problem(name_or_path: str | os.PathLike[str]) -> Problem | LayerwisePro
         raise UserInputError(f"problem file {str(path)!r} failed to load{_load_failure(err, path)}") from err
     problem = getattr(module, "problem", None)
     if not isinstance(problem, (Problem, LayerwiseProblem)):
+        found = "" if problem is None else f", its `problem` is {_kind(problem)}"
         raise UserInputError(
-            f"problem file {str(path)!r} must define `problem = Problem(...)` or `LayerwiseProblem(...)`"
+            f"problem file {str(path)!r} must define `problem = Problem(...)` or `LayerwiseProblem(...)`{found}"
         )
     problem.source = str(path)
     return problem

@@ -374,13 +374,13 @@ ROWS: list[Row] = [
     Row(
         "no problem",
         ["run", "{tmp}/bad.py", "--out", "{out}"],
-        r"must define `problem = Problem\(...\)`",
+        r"must define `problem = Problem\(...\)` or `LayerwiseProblem\(...\)`$",
         _file("bad.py", "x = 1\n"),
     ),  # fmt: skip
     Row(
         "problem of a wrong type",
         ["run", "{tmp}/bad.py", "--out", "{out}"],
-        r"must define `problem = Problem",
+        r"must define `problem = Problem\(\.\.\.\)` or `LayerwiseProblem\(\.\.\.\)`, its `problem` is a int$",
         _file("bad.py", "problem = 42\n"),
     ),  # fmt: skip
     Row(

@@ -65,6 +65,16 @@ def model(options):
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
 
 
+CALLS = [0]
+
+
+def fails_late(m):
+    CALLS[0] += 1
+    if CALLS[0] > 20:  # in the pruning's 7th step or so: a checkpoint was written after its first epoch
+        raise RuntimeError("late failure")
+    return m[0].weight.norm() - 50
+
+
 FIELDS = dict()
 problem = Problem(name="mine", description="a problem of one's own", **(dict(model=model, data=data) | FIELDS))
 """
@@ -254,3 +264,17 @@ def test_predict_may_return_a_list(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", _file(tmp_path, "predict=lambda m, b: [m(b[0]), b[1]]"), "--out", str(out), *FAST]) == 0
     assert "dense_accuracy" in json.loads((out / "summary.json").read_text())
+
+
+def test_an_error_after_a_checkpoint_says_it_is_kept_and_how_to_go_on(tmp_path, capsys):
+    out = tmp_path / "run"
+    path = _file(tmp_path, "constraints={'late': UserConstraint(fails_late)}")
+    line = fails_with_one_line(["run", path, "--out", str(out), *FAST, "--epochs", "10"], capsys)
+    assert line == (
+        "error: problem 'mine': constraint 'late' failed: RuntimeError: late failure (--debug shows the traceback) "
+        f"(the last checkpoint is kept: once that is fixed, continue with --resume --out {out})"
+    )
+    assert (out / "checkpoint.pt").is_file()
+    line = fails_with_one_line(["run", _file(tmp_path, "metric=lambda o, y: 'good'"), "--out", str(tmp_path / "b"),
+                                *FAST], capsys)  # fmt: skip
+    assert line.endswith("got 'good'")  # an error before any checkpoint: nothing to say of one
