@@ -15,8 +15,9 @@ v0.19.1), so the installed library supplies the format's configs and bit packing
 layout is assembled here exactly as its 0.14 ``Sparse24BitMaskTensor`` / ``BitmaskTensor`` did.
 :func:`load_compressed` reads it back (``from_pretrained`` cannot any more).
 
-:func:`to_semi_structured` converts the 2:4 ``nn.Linear`` weights of a loaded model to
-``torch.sparse.to_sparse_semi_structured`` (CUDA, fp16/bf16) so 2:4 sparsity runs on sparse tensor cores.
+:func:`~constrainedsparse.semistructured.to_semi_structured` (re-exported here) converts the 2:4 ``nn.Linear``
+weights of a loaded model to ``torch.sparse.to_sparse_semi_structured`` (CUDA, fp16/bf16) so 2:4 sparsity runs on
+sparse tensor cores.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from constrainedsparse.errors import first_line
 from constrainedsparse.extras import require
 from constrainedsparse.saving import replace_folder
+from constrainedsparse.semistructured import is_two_four, to_semi_structured
 
 __all__ = [
     "COMPRESSED_DIR",
@@ -50,15 +53,7 @@ __all__ = [
 
 COMPRESSED_DIR = "compressed"
 REPORT_FILE = "compression.json"
-SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def is_two_four(weight: torch.Tensor) -> bool:
-    """Whether every group of 4 consecutive inputs (dim 1 of a 2-D weight) has at most 2 nonzeros."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    return bool((torch.count_nonzero(weight.reshape(-1, 4), dim=1) <= 2).all())
 
 
 def _two_four_bytemask(weight: torch.Tensor) -> torch.Tensor:
@@ -144,13 +139,49 @@ def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's ``.safetensors`` files.
+
+    Raises:
+        ValueError: For none, or a file that is not safetensors (cut short, damaged), naming it.
+    """
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{str(folder)!r} holds no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{str(file)!r} cannot be read as safetensors weights: {first_line(err)}") from None
     return state
+
+
+def _path(value: Any, name: str) -> Path:
+    """``value`` (a ``str`` or ``os.PathLike``) as a ``Path`` the file system takes.
+
+    Raises:
+        ValueError: Naming ``name``, for another type or a path the system refuses (a name too long).
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a folder path (str or Path), got {type(value).__name__}")
+    path = Path(value)
+    try:
+        path.exists()
+    except OSError as err:
+        raise ValueError(f"{name} {str(path)!r} cannot be used: {err.strerror or type(err).__name__}") from None
+    return path
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file's value.
+
+    Raises:
+        ValueError: Naming the file and ``what`` it should be, for text that is not JSON.
+    """
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # UnicodeDecodeError included
+        raise ValueError(f"{str(path)!r} is not {what} (not JSON: {first_line(err)})") from None
 
 
 def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -161,16 +192,13 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
-    try:
-        summary = json.loads(summary_file.read_text())
-    except ValueError as err:  # UnicodeDecodeError included
-        raise ValueError(f"{str(summary_file)!r} is not a run's summary (not JSON: {first_line(err)})") from None
-    if not isinstance(summary, dict) or "layer_sparsity" not in summary:
+    summary = _read_json(summary_file, "a run's summary")
+    if not isinstance(summary, dict) or not isinstance(summary.get("layer_sparsity"), dict):
         raise ValueError(
             f"{str(run_dir)!r} is not a layer-wise run (export takes fw/wanda/sparsegpt/admm/magnitude runs)"
         )
     model_dir = run_dir / "model"
-    if not (model_dir / "config.json").is_file() and summary.get("epochs", 0) > 0:
+    if not (model_dir / "config.json").is_file() and (run_dir / "model.safetensors").is_file():
         raise ValueError(
             f"{str(run_dir)!r} is a training run (its model is model.safetensors): export takes the transformers "
             "model/ folder of a layer-wise run (fw/wanda/sparsegpt/admm/magnitude one-shot)"
@@ -241,24 +269,24 @@ def _report(sizes: dict[str, dict[str, int]], model_dir: Path, folder: Path, fmt
     }
 
 
-def _check_destination(final: Path, run_dir: Path) -> None:
+def _check_destination(final: Path, run_dir: Path, given: bool = True) -> None:
     """The export may replace ``final`` only if it is new, empty or an earlier export, outside the run's files.
 
     Raises:
         ValueError: For a file, the run directory or a folder holding it, a folder inside the run's
-            ``model/``, or a folder with other files (it would be deleted).
+            ``model/``, or a folder with other files (it would be deleted); named ``--to`` if ``given``, else as
+            the default destination.
     """
     where, run = final.resolve(), run_dir.resolve()
+    name = f"--to {str(final)!r}" if given else f"the default destination {str(final)!r} (give --to)"
     if where.is_file():
-        raise ValueError(f"--to {str(final)!r} is a file: give a folder")
+        raise ValueError(f"{name} is a file: give a folder")
     inside_export = where != (run / COMPRESSED_DIR) and where.is_relative_to(run / COMPRESSED_DIR)
     if where == run or run.is_relative_to(where) or where.is_relative_to(run / "model") or inside_export:
-        raise ValueError(
-            f"--to {str(final)!r} would replace the run's own files: give a folder outside {str(run_dir)!r}"
-        )
+        raise ValueError(f"{name} would replace the run's own files: give a folder outside {str(run_dir)!r}")
     if where.is_dir() and any(where.iterdir()) and not (where / REPORT_FILE).is_file():
         raise ValueError(
-            f"--to {str(final)!r} holds files that are not an earlier export (no {REPORT_FILE}); the export replaces "
+            f"{name} holds files that are not an earlier export (no {REPORT_FILE}); the export replaces "
             "its folder: give a new or empty one"
         )
 
@@ -282,7 +310,7 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
             destination the export must not replace.
     """
     require("compressed_tensors", "the compressed export", "llm")
-    run_dir = Path(run_dir)
+    run_dir = _path(run_dir, "run directory")
     model_dir, summary = _saved_run(run_dir)
     names = sorted(summary["layer_sparsity"])
     state = _read_safetensors(model_dir)
@@ -290,8 +318,8 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
     two_four = pattern == "2:4" and all(n in state and is_two_four(state[n]) for n in names)
     # GPT-2's Conv1D stores inputs x outputs: its 2:4 groups run along dim 0, which sparse-24-bitmask cannot hold.
     transposed = [n for n in names if pattern == "2:4" and n in state and not is_two_four(state[n])]
-    final = Path(to) if to is not None else run_dir / COMPRESSED_DIR
-    _check_destination(final, run_dir)
+    final = _path(to, "--to") if to is not None else run_dir / COMPRESSED_DIR
+    _check_destination(final, run_dir, given=to is not None)
     compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -303,12 +331,12 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
     try:
         _copy_model_files(model_dir, staging)
         save_file({k: v.contiguous() for k, v in compressed.items()}, staging / "model.safetensors", {"format": "pt"})
-        config = json.loads((staging / "config.json").read_text())
+        config = _read_json(staging / "config.json", "a transformers model's config")
         sparsity = _sparsity_config(names, two_four, float(summary.get("achieved_sparsity", 0.0)))
         config["quantization_config"] = _quantization_config(sparsity)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         report = _report(sizes, model_dir, staging, sparsity["format"])
-        report["folder"] = str(final)
+        report["folder"], report["pattern"] = str(final), pattern  # the config's sparsity_structure has 2:4 only
         if transposed:
             report["format_note"] = (
                 f"a 2:4 run, but {transposed[0]}{' and others' if len(transposed) > 1 else ''} store the groups "
@@ -327,15 +355,23 @@ def load_compressed(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: If the folder holds no compressed-tensors sparse model.
     """
-    folder = Path(folder)
+    folder = _path(folder, "folder")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{str(folder)!r} is not an exported model folder (no config.json)")
-    sparsity = json.loads(config_file.read_text()).get("quantization_config", {}).get("sparsity_config")
-    if not sparsity or sparsity.get("format") not in ("sparse-24-bitmask", "sparse-bitmask"):
+    config = _read_json(config_file, "a transformers model's config")
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    sparsity = quantization.get("sparsity_config") if isinstance(quantization, dict) else None
+    if not isinstance(sparsity, dict) or sparsity.get("format") not in ("sparse-24-bitmask", "sparse-bitmask"):
         raise ValueError(f"{str(folder)!r} holds no compressed-tensors sparse-bitmask model (see its config.json)")
     require("compressed_tensors", "loading a compressed export", "llm")
-    return decompress_state_dict(_read_safetensors(folder))
+    state = _read_safetensors(folder)
+    for key in state:
+        prefix = key.removesuffix(".compressed")
+        lost = [part for part in (".shape", ".bitmask") if key != prefix and f"{prefix}{part}" not in state]
+        if lost:
+            raise ValueError(f"{str(folder)!r}: {key} has no {prefix}{lost[0]} to decompress it (an incomplete export)")
+    return decompress_state_dict(state)
 
 
 def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
@@ -359,7 +395,10 @@ def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
     model.tie_weights()
     tied = {name for name in missing if _is_tied(model, name, state)}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{str(folder)!r} does not match its config: missing {sorted(set(missing) - tied)[:3]}")
+        raise ValueError(
+            f"{str(folder)!r} does not match its config: missing {sorted(set(missing) - tied)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}"
+        )
     return model.eval()
 
 
@@ -368,52 +407,6 @@ def _is_tied(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> boo
     params = dict(model.named_parameters(remove_duplicate=False))
     pointer = params[name].data_ptr() if name in params else None
     return pointer is not None and any(params[k].data_ptr() == pointer for k in state if k in params and k != name)
-
-
-def to_semi_structured(model: nn.Module, names: list[str] | None = None) -> list[str]:
-    """Converts 2:4 ``nn.Linear`` weights to ``torch.sparse.to_sparse_semi_structured``, in place.
-
-    Args:
-        model: A model on a CUDA device in float16 or bfloat16.
-        names: Module names to convert (each must be a 2:4 ``nn.Linear``); ``None`` converts every
-            ``nn.Linear`` whose weight is 2:4 sparse (and not dense).
-
-    Returns:
-        The converted module names.
-
-    Raises:
-        ValueError: With one line, before any layer is converted: the model is not on CUDA, not
-            fp16/bf16, a named layer is not a 2:4 Linear, or no Linear layer is 2:4 sparse.
-    """
-    from torch.sparse import to_sparse_semi_structured
-
-    modules = dict(model.named_modules())
-    chosen = list(names) if names is not None else [n for n, m in modules.items() if _is_two_four_linear(m)]
-    if not chosen:
-        raise ValueError("to_semi_structured: no nn.Linear of the model is 2:4 sparse (prune with --pattern 2:4)")
-    for name in chosen:
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"to_semi_structured: {name!r} is not an nn.Linear of the model")
-        if not is_two_four(module.weight.detach()):
-            raise ValueError(f"to_semi_structured: {name!r} is not 2:4 sparse (N:M 2:4 along the input dimension)")
-        weight = module.weight
-        if weight.device.type != "cuda" or weight.dtype not in SEMI_STRUCTURED_DTYPES:
-            raise ValueError(
-                f"to_semi_structured needs float16 or bfloat16 weights on a CUDA device, "
-                f"{name!r} is {weight.dtype} on {weight.device}"
-            )
-    for name in chosen:
-        module = modules[name]
-        module.weight = nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
-    return chosen
-
-
-def _is_two_four_linear(module: nn.Module) -> bool:
-    if not isinstance(module, nn.Linear):
-        return False
-    weight = module.weight.detach()
-    return bool(torch.count_nonzero(weight) < weight.numel()) and is_two_four(weight)
 
 
 EXPORT_FORMATS = ("compressed",)

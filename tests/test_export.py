@@ -3,12 +3,13 @@
 
 import json
 import re
+import shutil
 import sys
 
 import pytest
 import torch
 from cli_helpers import fails_with_one_line
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from constrainedsparse.cli import main
@@ -118,14 +119,23 @@ def _bad_runs(tmp_path):
     unsaved = tmp_path / "unsaved"
     unsaved.mkdir()
     (unsaved / "summary.json").write_text(json.dumps({"layer_sparsity": {}}))
-    (unsaved / "model.safetensors").write_bytes(b"")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
+    no_epochs = tmp_path / "no_epochs"  # a training run of --epochs 0: its summary has layer_sparsity too
+    no_epochs.mkdir()
+    (no_epochs / "summary.json").write_text(json.dumps({"layer_sparsity": {"0.weight": 0.5}, "epochs": 0}))
+    (no_epochs / "model.safetensors").write_bytes(b"")
+    null = tmp_path / "null"
+    null.mkdir()
+    (null / "summary.json").write_text(json.dumps({"layer_sparsity": None}))
     return [
         (tmp_path / "missing", r"run directory '.*missing' does not exist"),
         (unfinished, r"'.*unfinished' has no summary.json: export needs a finished layer-wise run"),
         (training, r"'.*training' is not a layer-wise run \(export takes fw/wanda/sparsegpt/admm/magnitude runs\)"),
         (unsaved, r"'.*unsaved' has no saved model/ folder"),
+        (no_epochs, r"'.*no_epochs' is a training run \(its model is model\.safetensors\): export takes"),
+        (null, r"'.*null' is not a layer-wise run"),
+        (tmp_path / ("a" * 300), r"run directory '.*a{300}' cannot be used: File name too long$"),
     ]
 
 
@@ -135,7 +145,8 @@ def test_bad_runs_are_one_line_and_write_nothing(tmp_path, capsys):
             export_compressed(run_dir)
         assert export_main([str(run_dir)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and not (run_dir / "compressed").exists()
+        assert len(err) == 1 and err[0].startswith("error: ")
+        assert len(run_dir.name) > 255 or not (run_dir / "compressed").exists()  # a name too long cannot exist
     with pytest.raises(ValueError, match=r"holds no compressed-tensors sparse-bitmask model"):
         _pruned_run(tmp_path / "unsaved", _two_four)
         load_compressed(tmp_path / "unsaved" / "model")
@@ -246,3 +257,45 @@ def test_a_24_run_with_groups_along_dim_0_exports_as_bitmask_and_says_why(tmp_pa
     report = export_compressed(tmp_path / "run")
     assert report["format"] == "sparse-bitmask"
     assert "store the groups of 4 along dim 0 (a Conv1D's inputs x outputs)" in report["format_note"]
+    assert report["pattern"] == "2:4"  # the run's, as the config's sparsity_structure (2:4 or unstructured) cannot say
+
+
+def test_damaged_runs_and_exports_are_one_precise_error(tmp_path, capsys):
+    _pruned_run(tmp_path / "run", _two_four, "2:4")
+    folder = tmp_path / "exported"
+    export_compressed(tmp_path / "run", folder)
+    capsys.readouterr()
+    damaged = tmp_path / "damaged"  # the run's weights cut short
+    shutil.copytree(tmp_path / "run", damaged)
+    weights = damaged / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"^'.*model\.safetensors' cannot be read as safetensors weights: "):
+        export_compressed(damaged)
+    (tmp_path / "run" / "compressed").write_text("mine")
+    with pytest.raises(ValueError, match=r"^the default destination '.*compressed' \(give --to\) is a file"):
+        export_compressed(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"^run directory must be a folder path \(str or Path\), got NoneType$"):
+        export_compressed(None)
+    config = json.loads((folder / "config.json").read_text())
+    for broken, message in [
+        ({**config, "quantization_config": None}, r"holds no compressed-tensors sparse-bitmask model"),
+        ([], r"holds no compressed-tensors sparse-bitmask model"),
+    ]:
+        (folder / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            load_compressed(folder)
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"^'.*config\.json' is not a transformers model's config \(not JSON: "):
+        load_compressed(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    state = load_file(folder / "model.safetensors")
+    key = next(k for k in state if k.endswith(".shape"))
+    save_file({k: v for k, v in state.items() if k != key}, folder / "model.safetensors")
+    prefix = key.removesuffix(".shape")
+    with pytest.raises(ValueError, match=rf"^'.*': {re.escape(prefix)}\.compressed has no {re.escape(key)} to "):
+        load_compressed(folder)
+    save_file({**state, "extra.weight": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not match its config: missing \[\], unexpected \['extra\.weight'\]$"):
+        load_compressed_model(folder)
+    with pytest.raises(ValueError, match=r"^to_semi_structured: names must be a list of module names, got 'ab'$"):
+        to_semi_structured(torch.nn.Sequential(_two_four_linear(8, 8)), "ab")
