@@ -301,8 +301,9 @@ def test_l0_resumes_on_two_ranks_from_a_one_rank_checkpoint(tmp_path, monkeypatc
 
 
 def test_magnitude_masks_registered_during_training_are_averaged_on_two_ranks(tmp_path):
-    """magnitude registers its masks at the first epoch start and retraining registers new ones: DDP is
-    (re)built after each, so every parameter keeps its gradient averaging and the ranks stay identical."""
+    """magnitude registers its masks when built (updated in place at every epoch start) and retraining registers new
+    ones after the hard prune: DDP is rebuilt then, so every parameter keeps its gradient averaging and the ranks stay
+    identical."""
     args = [
         "-m",
         "constrainedsparse",
