@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset, default_collate
 
-__all__ = ["GuardedDataset", "batch_size", "collate_fn", "map_tensors", "tensors_in", "to_device"]
+__all__ = ["batch_size", "map_tensors", "tensors_in", "to_device"]
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -67,41 +66,3 @@ def batch_size(batch: Any) -> int:
 def to_device(batch: Any, device: torch.device | str) -> Any:
     """The batch with every tensor on ``device`` (non-blocking copies)."""
     return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
-
-
-class GuardedDataset(Dataset):
-    """A problem's dataset whose item reads and batching report the user's exceptions through ``guard`` (one line
-    naming the problem, :func:`~constrainedsparse.usercode.call_user`), not as a traceback from inside a DataLoader.
-
-    Args:
-        dataset: The problem's map-style dataset.
-        guard: ``guard(what, fn, *args)`` calls ``fn(*args)``; an exception of it is reported as ``what`` failing.
-        which: ``"training"`` or ``"test"``, for the messages.
-    """
-
-    def __init__(self, dataset: Any, guard: Callable[..., Any], which: str) -> None:
-        self.dataset, self.guard, self.which = dataset, guard, which
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.guard(f"reading item {index} of the {self.which} set", self.dataset.__getitem__, index)
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        """The items at ``indices`` (the dataset's own ``__getitems__`` where it has one, as a DataLoader calls it)."""
-        many = getattr(self.dataset, "__getitems__", None)
-        if many is None:
-            return [self[index] for index in indices]
-        return self.guard(f"reading items of the {self.which} set", many, indices)
-
-    def collate(self, samples: list[Any]) -> Any:
-        """``default_collate`` of the samples (items of different sizes fail there)."""
-        return self.guard(f"batching samples of the {self.which} set (default_collate)", default_collate, samples)
-
-
-def collate_fn(dataset: Any) -> Callable[[list[Any]], Any] | None:
-    """The collate function a DataLoader of ``dataset`` takes: a :class:`GuardedDataset`'s (also under a
-    ``Subset``), else ``None`` (the DataLoader's default)."""
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    return base.collate if isinstance(base, GuardedDataset) else None

@@ -27,12 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from constrainedsparse import distributed
-from constrainedsparse.batches import collate_fn, to_device
+from constrainedsparse.batches import to_device
 from constrainedsparse.checkpoint import save_weights, writable
 from constrainedsparse.errors import NonFiniteLossError, UserInputError
 from constrainedsparse.modes import eval_mode
 from constrainedsparse.progress import Progress
 from constrainedsparse.spec import Problem
+from constrainedsparse.usercode import collate_fn
 
 __all__ = ["DenseRecipe", "cache_dir", "dense_model", "evaluate", "loader", "reference_batch", "seed_everything"]
 
@@ -125,11 +126,11 @@ def evaluate(problem: Problem, model: nn.Module, dataset: Dataset) -> float:
         outputs = [o for shard_outputs, _ in shards for o in shard_outputs]
         targets = [t for _, shard_targets in shards for t in shard_targets]
     outputs = torch.cat(outputs)
-    bad = int((~torch.isfinite(outputs)).sum()) if outputs.is_floating_point() else 0
-    if bad:  # the metric of nan outputs is a number that means nothing (accuracy takes argmax of nan)
+    bad = int(outputs.isnan().sum()) if outputs.is_floating_point() else 0
+    if bad:  # the metric of nan outputs is a number that means nothing (accuracy takes argmax of nan); -inf is a mask
         raise UserInputError(
-            f"problem {problem.name!r}: {bad} of the model's {outputs.numel()} outputs on the test set are nan or inf: "
-            "nan/inf in the test set's inputs?"
+            f"problem {problem.name!r}: {bad} of the model's {outputs.numel()} outputs on the test set are nan (from "
+            "nan in the test set's inputs, or in the model)"
         )
     return problem.test_metric(outputs, torch.cat(targets))
 

@@ -56,7 +56,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from constrainedsparse.batches import collate_fn, map_tensors
+from constrainedsparse.batches import map_tensors
+from constrainedsparse.usercode import collate_fn
 
 __all__ = [
     "ENV_DEBUG_STATE_DIR",

@@ -58,7 +58,7 @@ from constrainedsparse.report import constraint_report, empty_layers, layer_rows
 from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_logger
 from constrainedsparse.settings import TrainingSettings
 from constrainedsparse.targets import TargetParam, unwrap_compiled
-from constrainedsparse.usercode import user_code_failed
+from constrainedsparse.usercode import GuardedDataset, user_code_failed
 
 __all__ = [
     "DEFAULT_SPARSITY",
@@ -258,7 +258,8 @@ def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: di
     """The run: its data, the dense model, the targets, the problem and the logger."""
     config, problem = prepared.config, prepared.problem
     seed_everything(config.seed)  # --seed reaches the problem's data(options) too (random data, a random split)
-    train, test = problem.datasets(prepared.options)
+    train, test = (GuardedDataset(d, problem.name, which) for d, which in zip(problem.datasets(prepared.options),
+                                                                             ("training", "test")))  # fmt: skip
     for name, dataset in (("training", train), ("test", test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")

@@ -71,8 +71,8 @@ class Metric:
         if not is_number(value):
             shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:40]
             raise UserInputError(f"metric {self.name!r} must return one number over the test set, got {shown}")
-        if not math.isfinite(value):  # summary.json would hold NaN, which JSON does not allow
-            raise UserInputError(f"metric {self.name!r} returned {value} over the test set: it must be a finite number")
+        if math.isnan(value):  # a figure that means nothing (an overflowing perplexity's inf is one)
+            raise UserInputError(f"metric {self.name!r} returned nan over the test set: it must be a number")
         return float(value)
 
     def describe(self) -> dict[str, Any]:

@@ -16,7 +16,6 @@ traceback instead, since it is the user's code. ``sys.exit()`` inside a problem 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import math
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from constrainedsparse.batches import GuardedDataset
 from constrainedsparse.errors import DEBUG_ENV, UserInputError, debugging, first_line, is_integer, is_number
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
 from constrainedsparse.metrics import ACCURACY, Metric, accuracy, as_metric
@@ -214,8 +212,7 @@ class Problem:
         return as_metric(self.metric)
 
     def datasets(self, options: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
-        """``data(options)``'s ``(train, test)``, checked to be two datasets with a length, each read through a
-        :class:`~constrainedsparse.batches.GuardedDataset` (an exception of the user's dataset is one line).
+        """``data(options)``'s ``(train, test)``, checked to be two datasets with a length.
 
         Raises:
             UserInputError: For anything else (one set alone, ``None``, a DataLoader in place of a dataset).
@@ -230,8 +227,7 @@ class Problem:
                         f"({type(dataset).__name__}): the runner needs map-style datasets (len and indexing), e.g. "
                         "TensorDataset(x, y)"
                     )
-            guard = functools.partial(call_user, self.name)  # a Dataset's own exceptions: one line, as any user code's
-            return GuardedDataset(returned[0], guard, "training"), GuardedDataset(returned[1], guard, "test")
+            return returned[0], returned[1]
         count = f" of {len(returned)}" if isinstance(returned, (tuple, list)) else ""
         raise UserInputError(
             f"problem {self.name!r}: data(options) must return (train_dataset, test_dataset), two datasets with a "

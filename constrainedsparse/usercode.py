@@ -1,5 +1,6 @@
 """The problem file's code called by the runners: its exceptions become one line naming the problem and the call
-(:func:`call_user`); ``--debug`` shows the traceback instead (the user's code, not a bug of ours)."""
+(:func:`call_user`, :class:`GuardedDataset` for its datasets); ``--debug`` shows the traceback instead (the user's
+code, not a bug of ours)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from torch.utils.data import Dataset, Subset, default_collate
+
 from constrainedsparse.errors import UserInputError, debugging, first_line
 
-__all__ = ["call_user", "guard", "user_code_failed"]
+__all__ = ["GuardedDataset", "call_user", "collate_fn", "guard", "user_code_failed"]
 
 
 def guard(problem_name: str, what: str, fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
@@ -66,3 +69,54 @@ def user_code_failed(problem_name: str, what: str, err: BaseException) -> UserIn
         return UserInputError(f"problem {problem_name!r}: {what} failed: {first_line(err)}{hint}")
     detail = f"sys.exit({err.code!r})" if isinstance(err, SystemExit) else f"{type(err).__name__}: {first_line(err)}"
     return UserInputError(f"problem {problem_name!r}: {what} failed: {detail}{hint} (--debug shows the traceback)")
+
+
+class GuardedDataset(Dataset):
+    """A problem's dataset as the runner reads it: an exception of the user's item reads or of batching its items is
+    one line naming the problem and the item (:func:`user_code_failed`), not a traceback from inside a DataLoader.
+
+    Args:
+        dataset: The problem's map-style dataset (``data(options)``'s).
+        problem_name: The problem's name, for the message.
+        which: ``"training"`` or ``"test"``, for the message.
+    """
+
+    def __init__(self, dataset: Any, problem_name: str, which: str) -> None:
+        self.dataset, self.problem_name, self.which = dataset, problem_name, which
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._read(lambda: self.dataset[index], lambda: f"reading item {index} of the {self.which} set")
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """The items at ``indices`` (the dataset's own ``__getitems__`` where it has one, as a DataLoader calls it)."""
+        many = getattr(self.dataset, "__getitems__", None)
+        if many is None:
+            return [self[index] for index in indices]
+        return self._read(lambda: many(indices), lambda: f"reading items of the {self.which} set")
+
+    def collate(self, samples: list[Any]) -> Any:
+        """``default_collate`` of the samples (items of different sizes fail there)."""
+        return self._read(
+            lambda: default_collate(samples), lambda: f"batching samples of the {self.which} set (default_collate)"
+        )
+
+    def _read(self, read: Callable[[], Any], what: Callable[[], str]) -> Any:
+        """``read()``; its exception as :func:`call_user` reports one (the message is built only then)."""
+        try:
+            return read()
+        except UserInputError:
+            raise
+        except Exception as err:
+            if debugging():
+                raise
+            raise user_code_failed(self.problem_name, what(), err) from err
+
+
+def collate_fn(dataset: Any) -> Callable[[list[Any]], Any] | None:
+    """The collate function a DataLoader of ``dataset`` takes: a :class:`GuardedDataset`'s (also under a
+    ``Subset``), else ``None`` (the DataLoader's default)."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return base.collate if isinstance(base, GuardedDataset) else None
