@@ -360,8 +360,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _dispatch(args, argv)
     except (UserInputError, NonFiniteLossError) as err:
         message = first_line(err)
-        if isinstance(err, UserInputError):  # the loss's own line says what became of the checkpoints
-            message += _kept_checkpoint(getattr(args, "out", None) or _RESOLVED_OUT.get("run"))
+        if isinstance(err, UserInputError) and "checkpoint" not in message:  # unless the line says it already
+            message += _kept_checkpoint(
+                getattr(args, "out", None) or _RESOLVED_OUT.get("run"), getattr(args, "resume", False)
+            )
         if distributed.env_world_size() > 1:
             launcher.report_error(message, code=2)
             raise SystemExit(2) from None
@@ -435,11 +437,13 @@ def _resume_hint(out: Any) -> str:
     return " before the first checkpoint: nothing to resume, start the run again"
 
 
-def _kept_checkpoint(out: Any) -> str:
-    """After an error in the middle of a run (the user's code failing at epoch 3): that this run's last checkpoint
-    is kept and how to go on from it; nothing before this run wrote one."""
+def _kept_checkpoint(out: Any, resumed: bool) -> str:
+    """After an error in the middle of a run (the user's code failing at epoch 3): that the run's last checkpoint is
+    kept and how to go on from it; nothing where no checkpoint of this run exists (a new run into another's folder)."""
     checkpoint = Path(out) / CHECKPOINT if out else None
-    if checkpoint is None or not checkpoint.is_file() or checkpoint.stat().st_mtime < _STARTED.get("main", math.inf):
+    if checkpoint is None or not checkpoint.is_file():
+        return ""
+    if not resumed and checkpoint.stat().st_mtime < _STARTED.get("main", math.inf):
         return ""
     return f" (the last checkpoint is kept: once that is fixed, continue with --resume --out {out})"
 

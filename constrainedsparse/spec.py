@@ -300,8 +300,8 @@ class Problem:
 def _check_common_fields(
     problem: Problem | LayerwiseProblem, functions: tuple[str, ...], optional: tuple[str, ...]
 ) -> None:
-    """The fields both kinds of problem share: ``name``, the functions (``optional`` ones may be ``None``),
-    ``targets`` and ``options``.
+    """The fields both kinds of problem share: ``name``, the functions (``optional`` ones may be ``None``) and
+    ``targets`` (each caller checks ``options`` after its own fields).
 
     Raises:
         ValueError: Naming the field as the problem file writes it (``Problem.model``, ``LayerwiseProblem.targets``).
@@ -410,7 +410,8 @@ def _load_failure(err: BaseException, path: Path) -> str:
         return f": sys.exit({err.code!r})"
     frames = traceback.extract_tb(err.__traceback__)
     lines = [frame.lineno for frame in frames if Path(frame.filename).resolve() == path.resolve()]
-    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (lines[-1] if lines else None)
+    own = isinstance(err, SyntaxError) and err.filename and Path(err.filename).resolve() == path.resolve()
+    line = err.lineno if own else (lines[-1] if lines else None)  # a module it imports: the file's import line
     where = f" at line {line}" if line is not None else ""
     hint = "" if isinstance(err, ValueError) else " (--debug shows the traceback)"
     return f"{where}: {type(err).__name__}: {first_line(err)}{hint}"

@@ -408,11 +408,62 @@ def test_batches_the_model_cannot_take_or_without_values_are_one_line_before_pru
     model = _ReadsKeys()
     before = _snapshot(model)
     message = (
-        "calibration batch 0: the model's forward failed before the first block: AttributeError: 'Tensor' object has "
-        "no attribute 'get' (check the batches' shapes, dtypes and token ids)"
+        "calibration batch 0: the model's forward failed before the block to calibrate: AttributeError: 'Tensor' "
+        "object has no attribute 'get' (check the batches' shapes, dtypes and token ids)"
     )
     with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
         prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
     with pytest.raises(ValueError, match=r"^calibration batch 1 holds a tensor on the meta device \(a shape without"):
         prune_layerwise(model, [{"x": torch.randn(8, 16)}, {"x": torch.randn(8, 16, device="meta")}], "wanda")
     assert _unchanged(model, before)
+
+
+class _OutputBlock(nn.Module):
+    """Returns its hidden states as a transformers ModelOutput, or as a tuple whose first element is None."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.linear = kind, nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> object:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = x + self.linear(x)
+        return BaseModelOutput(last_hidden_state=h) if self.kind == "output" else (None, h)
+
+
+class _OutputBlocks(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_OutputBlock(kind) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            out = block(x)
+            x = out[0] if not isinstance(out, tuple) else out[1]
+        return x
+
+
+def test_blocks_returning_a_model_output_prune_as_tensor_blocks_and_a_none_first_element_is_named():
+    torch.manual_seed(0)
+    model = _OutputBlocks("output")
+    plain = Chain([nn.Sequential(_Residual16(block.linear)) for block in copy.deepcopy(list(model.blocks))])
+    batches = [torch.randn(8, 16)]
+    report = prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    expected = prune_layerwise(plain, batches, "sparsegpt", sparsity=0.5)
+    assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
+    message = (
+        "blocks.0: a block returned a tuple whose first element is a NoneType: a block's output must be its hidden "
+        "states, a tensor or the first element of a tuple"
+    )
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(_OutputBlocks("none"), batches, "wanda", sparsity=0.5)
+
+
+class _Residual16(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)

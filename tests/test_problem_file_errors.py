@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from cli_helpers import fails_with_one_line
@@ -80,7 +81,7 @@ CALLS = [0]
 
 def fails_late(m):
     CALLS[0] += 1
-    if CALLS[0] > 20:  # in the pruning's 7th step or so: a checkpoint was written after its first epoch
+    if CALLS[0] > 8:  # in the pruning's third epoch or so: a checkpoint was written after its first
         raise RuntimeError("late failure")
     return m[0].weight.norm() - 50
 
@@ -285,6 +286,9 @@ def test_an_error_after_a_checkpoint_says_it_is_kept_and_how_to_go_on(tmp_path, 
         f"(the last checkpoint is kept: once that is fixed, continue with --resume --out {out})"
     )
     assert (out / "checkpoint.pt").is_file()
+    Path(path).write_text(Path(path).read_text().replace("CALLS[0] > 8", "CALLS[0] > 0"))  # fails at once now
+    resumed = fails_with_one_line(["run", "--out", str(out), "--resume", "--no-progress"], capsys)  # no new checkpoint
+    assert resumed.endswith(f"(the last checkpoint is kept: once that is fixed, continue with --resume --out {out})")
     line = fails_with_one_line(["run", _file(tmp_path, "metric=lambda o, y: 'good'"), "--out", str(tmp_path / "b"),
                                 *FAST], capsys)  # fmt: skip
     assert line.endswith("got 'good'")  # an error before any checkpoint: nothing to say of one
@@ -304,3 +308,11 @@ def test_a_problems_datasets_are_its_own_objects(tmp_path):
 
     train, test = load_problem(_file(tmp_path, "")).datasets({})
     assert type(train).__name__ == type(test).__name__ == "TensorDataset" and len(test.tensors) == 2
+
+
+def test_a_syntax_error_in_a_module_the_file_imports_names_the_files_import_line(tmp_path, capsys):
+    (tmp_path / "helper_bad.py").write_text("x = 1\n\n\ndef broken(:\n")
+    path = tmp_path / "mine.py"
+    path.write_text("import sys\nsys.path.insert(0, __file__.rsplit('/', 1)[0])\nimport helper_bad\n")
+    line = fails_with_one_line(["run", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert "failed to load at line 3: SyntaxError: " in line and "helper_bad.py, line 4" in line

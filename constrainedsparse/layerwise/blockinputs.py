@@ -66,16 +66,20 @@ def block_hidden(output: Any) -> torch.Tensor:
     Raises:
         UserInputError: For any other output (a dict: which entry holds the hidden states is not known).
     """
+    hidden = output
     if isinstance(output, (tuple, list)) and output:
-        output = output[0]
+        hidden = output[0]
     elif callable(getattr(output, "to_tuple", None)):
-        output = output.to_tuple()[0]
-    if not isinstance(output, torch.Tensor):
-        raise UserInputError(
-            f"a block returned a {type(output).__name__}: a block's output must be its hidden states, a tensor or "
-            "the first element of a tuple"
+        hidden = output.to_tuple()[0]
+    if not isinstance(hidden, torch.Tensor):
+        got = type(output).__name__ + (
+            f" whose first element is a {type(hidden).__name__}" if hidden is not output else ""
         )
-    return output
+        raise UserInputError(
+            f"a block returned a {got}: a block's output must be its hidden states, a tensor or the first element of "
+            "a tuple"
+        )
+    return hidden
 
 
 def block_output(block: nn.Module, item: BlockInputs) -> torch.Tensor:

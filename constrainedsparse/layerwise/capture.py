@@ -78,7 +78,7 @@ def capture_block_inputs(
                 raise
             except MODEL_ERRORS as err:  # before any block: a batch the model cannot take (a tuple for a dict, 1-d ids)
                 raise UserInputError(
-                    f"calibration batch {index}: the model's forward failed before the first block: "
+                    f"calibration batch {index}: the model's forward failed before the block to calibrate: "
                     f"{type(err).__name__}: {first_line(err)} (check the batches' shapes, dtypes and token ids)"
                 ) from err
             if len(captured) != before + 1:

@@ -287,8 +287,12 @@ def block_prefixes(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
 
 
 def offloaded_elsewhere(model: nn.Module, device: torch.device | str, offload: bool) -> bool:
-    """Whether ``offload`` moves blocks to another device than the model's (else it changes nothing)."""
-    return offload and torch.device(device) != next(model.parameters()).device
+    """Whether ``offload`` moves blocks to another device than the model's (else it changes nothing; ``cuda`` is
+    the current CUDA device, ``cuda:0`` where that is 0)."""
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+        target = torch.device("cuda", torch.cuda.current_device())
+    return offload and target != next(model.parameters()).device
 
 
 def _home(block: nn.Module) -> torch.device | None:
