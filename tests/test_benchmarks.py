@@ -526,3 +526,16 @@ def test_sgd_stability_quick(tmp_path, one_thread):
         assert row["nonfinite_epoch"] is None and row["sparsity"] == pytest.approx(0.9, abs=1e-3)
     admm_warnings = payload["rows"][1]["warnings"]
     assert any("fewer than the 10 that your SGD's momentum takes to settle" in w for w in admm_warnings)
+
+
+def test_readme_runs_quick(tmp_path):
+    bench = _load("readme_runs")
+    assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    (row,) = record["rows"]
+    assert row["command"] == "constrainedsparse run --epochs 1 --pretrain-epochs 1" and row["cache_loaded"] is False
+    assert 0.5 < row["dense"] <= 1 and 0 < row["hardprune"] <= 1 and row["wall_seconds"] > 0
+    assert (
+        "| default run, 1 + 1 epochs | `constrainedsparse run --epochs 1 --pretrain-epochs 1` |"
+        in (tmp_path / "results.md").read_text()
+    )
