@@ -22,6 +22,7 @@ back up. The default dual optimizer (:meth:`SparsityProblem.dual_optimizer`) is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import cooper
@@ -38,6 +39,8 @@ class RestartingMultiplier(DenseMultiplier):
     Args:
         num_constraints: Number of entries.
         restarts: If False this is a plain ``DenseMultiplier`` (projection onto :math:`\\lambda \\ge 0`).
+        entry_names: The name each entry is logged under (``restart/<entry name>``), for a constraint whose
+            entries are logged as constraints of their own (l0's test-gap pair); ``None``: the constraint's name.
         **kwargs: Passed to :class:`~cooper.multipliers.DenseMultiplier` (``init``, ``device``, ``dtype``).
 
     Attributes:
@@ -47,9 +50,17 @@ class RestartingMultiplier(DenseMultiplier):
             at the latest :meth:`post_step_`: their dual-optimizer state is cleared.
     """
 
-    def __init__(self, num_constraints: int | None = None, *, restarts: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        num_constraints: int | None = None,
+        *,
+        restarts: bool = True,
+        entry_names: Sequence[str] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(num_constraints=num_constraints, **kwargs)
         self.restarts = restarts
+        self.entry_names = tuple(entry_names) if entry_names is not None else None
         self.last_restart = torch.zeros_like(self.weight, dtype=torch.bool)
         self.last_satisfied = torch.zeros_like(self.weight, dtype=torch.bool)
 
@@ -88,15 +99,21 @@ def reset_dual_state_(optimizer: torch.optim.Optimizer, multiplier: RestartingMu
 
 def restarted_multipliers(problem: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """After a dual step: resets ``optimizer``'s state of every restarted entry (:func:`reset_dual_state_`) and
-    returns ``restart/<name>`` = 1 for every multiplier of ``problem`` (a ``SparsityProblem``) that restarted."""
+    returns ``restart/<name>`` = 1 for every multiplier of ``problem`` (a ``SparsityProblem``) that restarted (per
+    restarted entry, ``restart/<entry name>``, for a multiplier with ``entry_names``)."""
     metrics = {}
     for name, multiplier in problem.named_multipliers():
         # Only multipliers with restarts can have restarted: no host sync for the others.
         if not isinstance(multiplier, RestartingMultiplier) or not multiplier.restarts:
             continue
         reset_dual_state_(optimizer, multiplier)
-        if bool(multiplier.last_restart.any()):  # a positive multiplier was reset to 0
+        if not bool(multiplier.last_restart.any()):  # no positive multiplier was reset to 0
+            continue
+        if multiplier.entry_names is None:
             metrics[f"restart/{name}"] = 1.0
+        else:
+            restarted = multiplier.last_restart.reshape(-1).tolist()
+            metrics.update({f"restart/{entry}": 1.0 for entry, hit in zip(multiplier.entry_names, restarted) if hit})
     return metrics
 
 

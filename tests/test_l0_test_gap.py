@@ -149,3 +149,19 @@ def test_measured_expected_density_is_reused_only_for_the_same_log_alpha():
         gate.log_alpha.add_(-4.0)  # an optimizer step: in place, a new version
     assert float(gate.measured_expected_density()) == pytest.approx(float(gate.prob_nonzero().mean()))
     assert float(gate.measured_expected_density()) < float(first)
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_a_restart_of_the_pairs_second_entry_is_logged_under_its_own_name(scope):
+    # the pair is one Cooper constraint of two entries, logged as l0_test_gap and l0_test_gap_min: so are its restarts
+    f, batch = _gap_problem(scope)
+    with torch.no_grad():
+        for gate in f.gates.values():
+            gate.log_alpha.fill_(math.log(0.6 / 0.4) + gate.test_threshold())  # T - E = 0.4: the second side holds
+        for name, multiplier in f.multipliers().items():
+            if name.startswith("l0_test_gap"):
+                multiplier.weight.data.copy_(torch.tensor([0.0, 1.0]))  # the held side positive: it restarts
+    _, metrics = f.training_step(batch)
+    restarts = sorted(key for key in metrics if key.startswith("restart/l0_test_gap"))
+    names = [n.replace("l0_test_gap", "l0_test_gap_min") for n in f.constraint_names if "test_gap" in n]
+    assert restarts == sorted(f"restart/{name}" for name in names)

@@ -391,8 +391,8 @@ class L0(Gated):
             gap = test - expected
             return torch.stack([gap, -gap]) - limit
 
-        self._add_one(name, surrogate, device, False, strict, entries=2)
         self._second_entry[name] = name.replace(TEST_GAP_CONSTRAINT, TEST_GAP_CONSTRAINT + "_min", 1)
+        self._add_one(name, surrogate, device, False, strict, entries=(name, self._second_entry[name]))
 
     def _layer_violation(self, target: TargetParam):
         gate, level = self.gates[target.name], 1.0 - target.sparsity
@@ -423,10 +423,14 @@ class L0(Gated):
             self._add_one(name, violation, device, equality=self.config.density_constraint == "equality")
 
     def _add_one(
-        self, name: str, violation, device: torch.device, equality: bool, strict=None, entries: int = 1
+        self, name: str, violation, device: torch.device, equality: bool, strict=None, entries: tuple[str, ...] = ()
     ) -> None:
-        # Restarts are defined for inequalities only; an equality's multiplier is free in sign.
-        multiplier = RestartingMultiplier(entries, restarts=self.config.dual_restarts and not equality, device=device)
+        # Restarts are defined for inequalities only; an equality's multiplier is free in sign. A constraint of
+        # several entries logs each under its own name (entries).
+        restarts = self.config.dual_restarts and not equality
+        multiplier = RestartingMultiplier(
+            max(len(entries), 1), restarts=restarts, entry_names=entries or None, device=device
+        )
         constraint = cooper.Constraint(
             constraint_type=cooper.ConstraintType.EQUALITY if equality else cooper.ConstraintType.INEQUALITY,
             formulation_type=cooper.formulations.Lagrangian,
