@@ -361,9 +361,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (UserInputError, NonFiniteLossError) as err:
         message = first_line(err)
         if isinstance(err, UserInputError) and "checkpoint" not in message:  # unless the line says it already
-            message += _kept_checkpoint(
-                getattr(args, "out", None) or _RESOLVED_OUT.get("run"), getattr(args, "resume", False)
-            )
+            message += _kept_checkpoint(getattr(args, "out", None) or _RESOLVED_OUT.get("run"))
         if distributed.env_world_size() > 1:
             launcher.report_error(message, code=2)
             raise SystemExit(2) from None
@@ -437,13 +435,15 @@ def _resume_hint(out: Any) -> str:
     return " before the first checkpoint: nothing to resume, start the run again"
 
 
-def _kept_checkpoint(out: Any, resumed: bool) -> str:
-    """After an error in the middle of a run (the user's code failing at epoch 3): that the run's last checkpoint is
-    kept and how to go on from it; nothing where no checkpoint of this run exists (a new run into another's folder)."""
+def _kept_checkpoint(out: Any) -> str:
+    """After an error in the middle of a run (the user's code failing at epoch 3): that the checkpoint this command
+    wrote is kept and how to go on from it; nothing where it wrote none (an error before the first checkpoint, or
+    a refused option, whatever an earlier command left there)."""
     checkpoint = Path(out) / CHECKPOINT if out else None
-    if checkpoint is None or not checkpoint.is_file():
-        return ""
-    if not resumed and checkpoint.stat().st_mtime < _STARTED.get("main", math.inf):
+    try:
+        if checkpoint is None or checkpoint.stat().st_mtime < _STARTED.get("main", math.inf):
+            return ""
+    except OSError:  # none there (or a path the system refuses)
         return ""
     return f" (the last checkpoint is kept: once that is fixed, continue with --resume --out {out})"
 

@@ -21,6 +21,7 @@ name and grouped by block, and (for ``fw``) each layer's objective over the iter
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from constrainedsparse.errors import is_number
 from constrainedsparse.logger import metrics_file, read_metrics
 from constrainedsparse.report import block_names
 
-__all__ = ["check_png", "figure_for", "metrics_rows", "plot_metrics"]
+__all__ = ["check_png", "figure_for", "metrics_rows", "plot_metrics", "run_title"]
 
 Rows = Sequence[dict[str, Any]]
 _MARKS = {"pruning": "tab:green", "hard prune": "tab:red", "retraining": "tab:purple"}
@@ -104,9 +105,11 @@ def _metric_panel(ax: Any, rows: Rows, metric: str, marks: dict[str, int]) -> No
         if steps:
             ax.plot(steps, values, linestyle="none", marker=marker, markersize=12, color=color,
                     label=f"{label} {values[-1]:.4g}")  # fmt: skip
-    _mark(ax, marks, legend=True)
+    _mark(ax, marks)
     ax.set_title(f"test {metric}")
-    ax.legend(fontsize=7, framealpha=0.6)
+    ax.set_ylabel(metric)
+    ax.margins(y=0.35)  # headroom for the legend above the lines
+    ax.legend(fontsize=7, framealpha=0.6, loc="best")
 
 
 def _constraint_names(rows: Rows) -> list[str]:
@@ -119,6 +122,7 @@ def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str,
     _line(violation, rows, f"violation/{name}", "violation")
     violation.axhline(0.0, color="black", linewidth=1)
     violation.set_title(f"{name}: violation\n(<= 0 holds; an equality: = 0)", fontsize=9)
+    violation.set_ylabel("g")
     _line(multiplier, rows, f"multiplier/{name}", "multiplier", color="tab:orange")
     restarts, _ = _series(rows, f"restart/{name}")
     for step in restarts:
@@ -126,6 +130,7 @@ def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str,
     if restarts:
         multiplier.plot([], [], color="tab:red", label=f"restart ({len(restarts)})")
     multiplier.set_title(f"{name}: multiplier", fontsize=9)
+    multiplier.set_ylabel("lambda")
     _, values = _series(rows, f"multiplier/{name}")
     if values and min(values) >= 0:  # an inequality's multiplier: no negative half
         multiplier.set_ylim(bottom=0, top=max(max(values) * 1.05, 1e-3))
@@ -148,6 +153,10 @@ def _family_panel(
     ax.set_title(title)
     if 0 < len(drawn) <= 8:
         ax.legend(fontsize=7, framealpha=0.6)
+    if title.startswith(("density", "expected")):
+        ax.set_ylabel("density (fraction kept)")
+    elif title == "training loss":
+        ax.set_ylabel("loss")
     _mark(ax, marks)
 
 
@@ -169,6 +178,7 @@ def _dynamics_panels(rows: Rows) -> list[tuple[str, list[str], bool]]:
 
 def _training_figure(rows: Rows) -> Any:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     metric = _metric_name(rows)
     marks = _phase_marks(rows, metric)
@@ -201,7 +211,14 @@ def _training_figure(rows: Rows) -> Any:
         if ax.axison:  # one step axis for every panel: a step sits at the same place in every column
             ax.set_xlim(span[0] - pad, span[1] + pad)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     return fig
+
+
+def _phase_legend(marks: dict[str, int]) -> str:
+    """The line under the title that says what the dotted lines mark (one legend for every panel)."""
+    names = {"pruning": "green: pruning starts", "hard prune": "red: hard prune", "retraining": "purple: retraining"}
+    return "dotted lines: " + ", ".join(names[label] for label in marks)
 
 
 def _bars(ax: Any, names: list[str], values: list[float], title: str) -> None:
@@ -260,6 +277,7 @@ def _block_panel(ax: Any, blocks: dict[str, dict[str, float]]) -> None:
 
 
 def _layerwise_figure(rows: Rows) -> Any:
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     errors = {
@@ -283,24 +301,47 @@ def _layerwise_figure(rows: Rows) -> Any:
         layers: dict[float, list[float]] = {}
         for row in traced:
             layers.setdefault(row["trace/layer"], []).append(row["trace/objective"])
-        for values in layers.values():
-            axes[2].plot([v / values[0] if values[0] else v for v in values], linewidth=0.7)
-        axes[2].set_title("fw objective over the iterations, per layer (relative to its start)")
+        colours = colormaps["viridis"]
+        for index, values in enumerate(layers.values()):
+            colour = colours(index / max(len(layers) - 1, 1))
+            axes[2].plot([v / values[0] if values[0] else v for v in values], linewidth=0.7, color=colour)
+        axes[2].set_title(
+            "fw objective over the iterations, per layer (relative to its start; colour: layer order, dark = first)"
+        )
         axes[2].set_xlabel("sampled iteration")
+        axes[2].set_ylabel("objective / start")
     if blocks:
         _block_panel(axes[-1], blocks)
-    fig.tight_layout()
     return fig
 
 
-def figure_for(rows: Rows) -> Any:
+def figure_for(rows: Rows, title: str | None = None) -> Any:
     """The matplotlib figure of a run's metric rows (layer-wise or training): a ``Figure`` of its own, outside pyplot
-    (the process's backend and pyplot's figures are left alone)."""
-    if any(key.startswith("layer_error/") for row in rows for key in row):
-        return _layerwise_figure(rows)
-    fig = _training_figure(rows)
-    fig.tight_layout()
+    (the process's backend and pyplot's figures are left alone), under ``title`` (the run, :func:`run_title`)."""
+    layerwise = any(key.startswith("layer_error/") for row in rows for key in row)
+    fig = _layerwise_figure(rows) if layerwise else _training_figure(rows)
+    lines = [title] if title else []
+    if not layerwise:
+        lines.append(_phase_legend(_phase_marks(rows, _metric_name(rows))))
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=11)
+    inches = 0.22 * (len(lines) + 0.5) if lines else 0.0
+    fig.tight_layout(rect=(0, 0, 1, 1 - inches / fig.get_figheight()))
     return fig
+
+
+def run_title(summary: Any) -> str | None:
+    """What run a plot shows, from its ``summary.json``: problem, formulation and target (``None`` without one)."""
+    if not isinstance(summary, dict):
+        return None
+    target, pattern = summary.get("target"), summary.get("pattern")
+    if target is None and is_number(summary.get("target_sparsity")):
+        target = f"sparsity {summary['target_sparsity']:g}" + (f" {pattern}" if isinstance(pattern, str) else "")
+    elif target is None and isinstance(pattern, str):  # a fixed-level pattern (2:4) records no sparsity
+        target = f"pattern {pattern}"
+    parts = [str(summary[key]) for key in ("problem", "formulation") if isinstance(summary.get(key), str)]
+    parts += [str(target)] if target is not None else []
+    return " / ".join(parts) or None
 
 
 def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
@@ -330,6 +371,14 @@ def metrics_rows(path: Path | str) -> tuple[Path, list[dict[str, Any]]]:
     return path, rows
 
 
+def _read_summary(path: Path) -> Any:
+    """A run's ``summary.json`` for the plot's title; ``None`` where there is none or it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check_png(png_path: Path | str) -> None:
     """``png_path`` can receive the plot: a file name ending in ``.png`` in an existing directory.
 
@@ -347,13 +396,16 @@ def check_png(png_path: Path | str) -> None:
         raise ValueError(f"{str(png)!r}: the directory {str(png.parent)!r} cannot be written")
 
 
-def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, rows: Rows | None = None) -> Path:
+def plot_metrics(
+    jsonl_path: Path | str, png_path: Path | str | None = None, rows: Rows | None = None, title: str | None = None
+) -> Path:
     """Plots a ``metrics.jsonl`` into a PNG (see the module docstring); returns the PNG's path.
 
     Args:
         jsonl_path: A run's ``metrics.jsonl``, or the run directory holding it.
         png_path: Where the PNG goes (``None``: next to the file, ``metrics.png``).
         rows: The file's rows when the caller has read them already (not read again).
+        title: What run it is (``None``: from the ``summary.json`` beside the file, if there is one).
 
     Raises:
         ValueError: For a file that is missing, not a run's or empty (:func:`metrics_rows`), or a
@@ -367,7 +419,12 @@ def plot_metrics(jsonl_path: Path | str, png_path: Path | str | None = None, row
         jsonl_path, rows = metrics_rows(jsonl_path)
     png_path = Path(png_path) if png_path is not None else Path(jsonl_path).with_suffix(".png")
     check_png(png_path)
-    fig = figure_for(rows)
+    if title is None:
+        summary = (
+            Path(jsonl_path).parent / "summary.json" if Path(jsonl_path).suffix else Path(jsonl_path) / "summary.json"
+        )
+        title = run_title(_read_summary(summary))
+    fig = figure_for(rows, title)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, png_path)

@@ -38,7 +38,7 @@ from constrainedsparse import distributed
 from constrainedsparse.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint, writable
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.logger import MetricsLogger, NullLogger
-from constrainedsparse.plots import plot_metrics
+from constrainedsparse.plots import plot_metrics, run_title
 from constrainedsparse.runconfig import (  # noqa: F401  (importable from here as before the split)
     CHECKPOINT,
     IDENTITY_FIELDS,
@@ -315,7 +315,7 @@ class RunDirectory:
         ``summary.json`` comes last: its presence marks a finished run (``--resume`` refuses one).
         """
         if distributed.is_main_process():
-            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "metrics.png", title=run_title(summary))
             atomic_write_json(self.out / "summary.json", summary)
         self.release()
 

@@ -126,7 +126,10 @@ def test_training_plot_lays_one_row_per_constraint_and_step_sizes_on_a_log_axis(
     assert any(list(line.get_ydata()) == [0.0, 0.0] for line in violation.get_lines())  # the zero line
     metric = fig.axes[0]
     labels = [line.get_label() for line in metric.get_lines()]
-    assert any(label.startswith("dense ") for label in labels) and "hard prune" in labels
+    assert any(label.startswith("dense ") for label in labels)
+    marks = [line for line in metric.get_lines() if line.get_linestyle() == ":" and line.get_color() == "tab:red"]
+    assert len(marks) == 1  # the hard prune's dotted line
+    assert fig._suptitle.get_text().endswith("dotted lines: green: pruning starts, red: hard prune")  # one legend
     assert (tmp_path / "p" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -185,3 +188,21 @@ def test_the_wandb_config_holds_the_problems_options_with_the_run_settings(tmp_p
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["options"] == {"nan_after": 100000}  # nested: an option named like a run field stays apart
     assert config["formulation"] == "magnitude" and config["schedule"] == "cubic"
+
+
+def test_a_plot_says_which_run_it_is_and_counts_steps_in_whole_numbers(tmp_path):
+    from matplotlib.ticker import MaxNLocator
+
+    from constrainedsparse.plots import run_title
+
+    rows = [{"step": 0, "accuracy/dense": 0.9}, {"step": 1, "loss/train": 0.5, "accuracy/test": 0.8},
+            {"step": 3, "loss/train": 0.4, "accuracy/hardprune": 0.7}]  # fmt: skip
+    title = run_title({"problem": "digits-mlp", "formulation": "slr", "target_sparsity": 0.9})
+    fig = figure_for(rows, title)
+    assert fig._suptitle.get_text().splitlines()[0] == "digits-mlp / slr / sparsity 0.9"
+    locators = [ax.xaxis.get_major_locator() for ax in fig.axes if ax.axison]
+    assert all(isinstance(locator, MaxNLocator) and locator._integer for locator in locators)  # no 2.5 steps
+    assert run_title({"problem": "minilm-layerwise", "formulation": "fw", "pattern": "2:4"}) == (
+        "minilm-layerwise / fw / pattern 2:4"
+    )
+    assert run_title(None) is None and run_title({}) is None
