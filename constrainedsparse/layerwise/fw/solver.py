@@ -15,8 +15,9 @@ for ``nm``); the better of the searched mask and Wanda's (:func:`keep_better`); 
 SmolLM2 (``docs/formulations/layerwise.md``), the tabu search over swaps started from the Wanda
 mask reaches lower errors than Frank-Wolfe followed by the same search in the same time: an
 iteration costs a :math:`d_{out} d_{in}^2` product and some twenty passes over the layer, a search
-step five passes, and a few iterations round back to the Wanda mask anyway (one iteration always
-does: every row steps by less than 1/2). For N:M the relaxation pays and runs by default.
+step five passes, and a few iterations often round back to the Wanda mask anyway (one iteration does whenever
+every row steps by less than 1/2, not always: the line search's steps reach 0.7–0.8). For N:M the relaxation pays
+and runs by default.
 
 **Rounding and its guarantee.** The relaxed iterate is rounded to the pattern by the feasible
 set's own mask (top-k per unit of the relaxed values, the fixed weights ranked first, ties broken
@@ -260,7 +261,8 @@ class FWSolver(LayerwiseSolver):
     """Frank-Wolfe over the mask hull with an α-fixed Wanda warm start (Roux et al. 2025)."""
 
     description = (
-        "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start (+ swap polish, N:M tabu search)"
+        "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start, + tabu search (row/unstructured: "
+        "Wanda + swap tabu search unless relax_rows)"
     )
     Config = FWConfig
     supported_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "row", "N:M")
