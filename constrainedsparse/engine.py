@@ -258,8 +258,8 @@ def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: di
     """The run: its data, the dense model, the targets, the problem and the logger."""
     config, problem = prepared.config, prepared.problem
     seed_everything(config.seed)  # --seed reaches the problem's data(options) too (random data, a random split)
-    train, test = (GuardedDataset(d, problem.name, which) for d, which in zip(problem.datasets(prepared.options),
-                                                                             ("training", "test")))  # fmt: skip
+    data = problem.datasets(prepared.options)  # read through GuardedDataset: the user's item errors are one line
+    train, test = (GuardedDataset(dataset, problem.name, which) for dataset, which in zip(data, ("training", "test")))
     for name, dataset in (("training", train), ("test", test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")

@@ -261,8 +261,8 @@ class FWSolver(LayerwiseSolver):
     """Frank-Wolfe over the mask hull with an α-fixed Wanda warm start (Roux et al. 2025)."""
 
     description = (
-        "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start, + tabu search (row/unstructured: "
-        "Wanda + swap tabu search unless relax_rows)"
+        "Frank-Wolfe on the convex hull of masks from an alpha-fixed Wanda warm start, + tabu search "
+        "(row/unstructured: Wanda + swap tabu search unless relax_rows)"
     )
     Config = FWConfig
     supported_patterns: ClassVar[tuple[str, ...]] = ("unstructured", "row", "N:M")
