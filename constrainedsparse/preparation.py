@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from constrainedsparse import distributed
-from constrainedsparse.errors import UserInputError, is_integer, user_input
+from constrainedsparse.errors import UserInputError, is_integer, plugin_code, user_input
 from constrainedsparse.formulations import Formulation, available_formulations, formulation_class
 from constrainedsparse.layerwise.base import available_solvers
 from constrainedsparse.problem import SparsityProblem
@@ -155,7 +155,8 @@ def _check_on_a_throwaway_model(prepared: TrainingPrepared) -> None:
         with user_input(f"problem {problem.name!r}: "):
             for name in problem.constraints:  # the names' rules now, not after pre-training
                 task.check_constraint_name(name)
-        prepared.formulation_cls(task, prepared.formulation_config)
+        with plugin_code(prepared.formulation_cls, f"formulation {config.formulation!r}"):  # a user's attach()
+            prepared.formulation_cls(task, prepared.formulation_config)
     clash = [name for name in problem.constraints if name in task.constraint_names()]
     if clash:
         raise UserInputError(

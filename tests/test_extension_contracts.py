@@ -64,7 +64,7 @@ def test_registration_refuses_bad_names_classes_and_missing_descriptions(registr
     class Unnamed(TopK):
         kind = ""
 
-    for kind in ("", "2x", "two words"):  # "2x" would read as N:M
+    for kind in ("", "2x", "two words", "a:b", "row,x", "x=y", "a/b"):  # "2x" would read as N:M; ":" "," "=" "/" parse
         Unnamed.kind = kind
         with pytest.raises(ValueError, match=rf"^Unnamed needs a kind to be registered as a pattern: .*got '{kind}'$"):
             register_pattern(Unnamed)
@@ -209,6 +209,10 @@ def test_a_formulation_of_ones_own_that_raises_is_one_line(registry, tmp_path, c
             "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
     line = fails_with_one_line(args, capsys)
     assert line == "error: formulation 'boom' failed: KeyError: 'missing' (--debug shows the traceback)"
+    attach = "def attach(self):\n        {}['at attach']\n\n    def on_start_epoch"
+    path.write_text(textwrap.dedent(BOOM_FILE).replace("def on_start_epoch", attach))
+    line = fails_with_one_line(args, capsys)  # raised while the run checks it on a throwaway model, before training
+    assert line == "error: formulation 'boom' failed: KeyError: 'at attach' (--debug shows the traceback)"
 
 
 PATTERN_FILE = """

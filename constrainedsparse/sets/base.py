@@ -320,15 +320,16 @@ def register_pattern(cls: type[FeasibleSet]) -> type[FeasibleSet]:
 
     Raises:
         ValueError: If ``cls`` is no :class:`FeasibleSet` subclass, leaves a method abstract or ``at_level``
-            undefined, has no ``kind`` (a name without spaces, not starting with a digit), or the kind is taken
+            undefined, has no ``kind`` (a letter, then letters, digits, ``_ . + -``), or the kind is taken
             by another definition.
     """
     if not (isinstance(cls, type) and issubclass(cls, FeasibleSet)):
         raise ValueError(f"register_pattern takes a FeasibleSet subclass, got {cls!r}")
-    if not isinstance(cls.kind, str) or not re.fullmatch(r"[^\d\s]\S*", cls.kind):  # a digit first reads as N:M
+    # a letter first (a digit reads as N:M), no ':' ',' '=' '/' (pattern text and --set use them)
+    if not isinstance(cls.kind, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+-]*", cls.kind):
         raise ValueError(
-            f"{cls.__name__} needs a kind to be registered as a pattern: its registry key, a name without spaces "
-            f"that does not start with a digit, got {cls.kind!r}"
+            f"{cls.__name__} needs a kind to be registered as a pattern: its registry key, a letter then letters, "
+            f"digits, '_', '.', '+' or '-', got {cls.kind!r}"
         )
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
     if missing or inspect.getattr_static(cls, "at_level") is vars(FeasibleSet)["at_level"]:
