@@ -345,29 +345,9 @@ def test_a_block_the_forward_never_calls_is_refused_before_pruning():
     assert _unchanged(model, before)
 
 
-class _DictBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(16, 16)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"out": x + self.linear(x)}
-
-
-class _DictBlocks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(_DictBlock() for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)["out"]
-        return x
-
-
 def test_a_block_returning_a_dict_is_refused_naming_it_and_keyword_inputs_name_what_needs_them():
     torch.manual_seed(0)
-    model = _DictBlocks()
+    model = _OutputBlocks("dict")
     before = _snapshot(model)
     message = (
         "blocks.0: a block returned a dict: a block's output must be its hidden states, a tensor or the first element "
@@ -419,7 +399,7 @@ def test_batches_the_model_cannot_take_or_without_values_are_one_line_before_pru
 
 
 class _OutputBlock(nn.Module):
-    """Returns its hidden states as a transformers ModelOutput, or as a tuple whose first element is None."""
+    """Returns its hidden states as a transformers ModelOutput, a dict, or a tuple whose first element is None."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -429,7 +409,7 @@ class _OutputBlock(nn.Module):
         from transformers.modeling_outputs import BaseModelOutput
 
         h = x + self.linear(x)
-        return BaseModelOutput(last_hidden_state=h) if self.kind == "output" else (None, h)
+        return {"output": BaseModelOutput(last_hidden_state=h), "dict": {"out": h}, "none": (None, h)}[self.kind]
 
 
 class _OutputBlocks(nn.Module):
@@ -440,7 +420,7 @@ class _OutputBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             out = block(x)
-            x = out[0] if not isinstance(out, tuple) else out[1]
+            x = out[1] if isinstance(out, tuple) else out["out"] if isinstance(out, dict) and "out" in out else out[0]
         return x
 
 
