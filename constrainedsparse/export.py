@@ -121,7 +121,11 @@ def compress_state_dict(
 
 
 def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Dense state dict of a compressed one: ``X.compressed`` / ``X.bitmask`` / ``X.shape`` become ``X.weight``."""
+    """Dense state dict of a compressed one: ``X.compressed`` / ``X.bitmask`` / ``X.shape`` become ``X.weight``.
+
+    Raises:
+        ValueError: For an ``X.compressed`` without its ``X.shape`` or ``X.bitmask``.
+    """
     from compressed_tensors.utils import unpack_bitmasks
 
     dense = {k: v for k, v in state.items() if not k.endswith((".compressed", ".bitmask", ".shape", ".row_offsets"))}
@@ -129,6 +133,9 @@ def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if not key.endswith(".compressed"):
             continue
         prefix = key.removesuffix(".compressed")
+        lost = [part for part in (".shape", ".bitmask") if f"{prefix}{part}" not in state]
+        if lost:
+            raise ValueError(f"{key} has no {prefix}{lost[0]} to decompress it (an incomplete export)")
         shape = state[f"{prefix}.shape"].flatten().tolist()
         mask = unpack_bitmasks(state[f"{prefix}.bitmask"], shape)
         values = state[key]
@@ -366,12 +373,10 @@ def load_compressed(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ValueError(f"{str(folder)!r} holds no compressed-tensors sparse-bitmask model (see its config.json)")
     require("compressed_tensors", "loading a compressed export", "llm")
     state = _read_safetensors(folder)
-    for key in state:
-        prefix = key.removesuffix(".compressed")
-        lost = [part for part in (".shape", ".bitmask") if key != prefix and f"{prefix}{part}" not in state]
-        if lost:
-            raise ValueError(f"{str(folder)!r}: {key} has no {prefix}{lost[0]} to decompress it (an incomplete export)")
-    return decompress_state_dict(state)
+    try:
+        return decompress_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{str(folder)!r}: {err}") from None
 
 
 def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
