@@ -315,6 +315,10 @@ class Hyperparameters:
         return lines
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a hyperparameter beyond it is inf in the tensors it scales."""
+
+
 def _coerce(prefix: str, key: str, value: Any, info: HyperparameterInfo) -> Any:
     kind = info.type
     if kind is float and is_number(value):
@@ -338,6 +342,8 @@ def _check_value(prefix: str, key: str, value: Any, kind: Any, check: Check | No
     if isinstance(value, float) and not math.isfinite(value):
         allowed = check.describe(finite=True) if isinstance(check, Bounds) else "a finite number"
         raise ValueError(f"{prefix}{key} must be {allowed}, got {value!r}")
+    if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # it would become inf in the float32 tensors it meets
+        raise ValueError(f"{prefix}{key} must be at most {FLOAT32_MAX:.3g} in size (float32's largest), got {value!r}")
     if kind in (int, float, str) and check is None and not _matches(value, kind):
         raise ValueError(f"{prefix}{key} must be {'an' if kind is int else 'a'} {_TYPE_NAMES[kind]}, got {value!r}")
 

@@ -145,6 +145,12 @@ ROWS: list[Row] = [
     Row("lr negative", [*RUN, "--set", "lr=-1"], r"--set lr must be > 0, got -1.0"),
     Row("lr inf", [*RUN, "--set", "lr=inf"], r"--set lr must be a finite number > 0, got inf"),
     Row("lr nan", [*RUN, "--set", "lr=nan"], r"--set lr must be > 0, got nan"),
+    Row(
+        "lr beyond float32",
+        [*RUN, "--set", "lr=1e39"],
+        r"--set lr must be at most 3\.4e\+38 in size \(float32's largest\), got 1e\+39$",
+    ),
+    Row("s0 beyond float32", [*RUN, "--set", "s0=1e39"], r"s0 must be at most 3\.4e\+38 in size"),
     Row("dual_lr zero", [*RUN, "--set", "dual_lr=0"], r"--set dual_lr must be > 0, got 0.0"),
     Row("batch float", [*RUN, "--set", "batch_size=1.5"], r"--set batch_size='1.5' must be an int"),
     Row("batch zero", [*RUN, "--set", "batch_size=0"], r"--set batch_size must be >= 1, got 0"),
