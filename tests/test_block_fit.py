@@ -211,3 +211,17 @@ def test_every_dtype_keeps_its_values_where_a_step_does_not_change_them(dtype, s
                 assert torch.equal(p[kept], q[kept]), name
         else:
             assert torch.equal(p, q), name  # norms and biases untouched
+
+
+def test_a_refit_that_diverges_is_undone_and_recorded(tiny_llama):
+    # a learning rate far too large for the block: the refit raises the error, and the pruned block is kept
+    batches = random_token_batches()
+    plain, fitted = _model(tiny_llama), _model(tiny_llama)
+    prune_layerwise(plain, batches, "wanda", sparsity=0.5)
+    report = prune_layerwise(
+        fitted, batches, "wanda", sparsity=0.5, block_fit_epochs=3, block_fit_lr=1e6, block_fit_target="block"
+    )
+    for name, metrics in report.layers.items():
+        assert metrics["block_fit_reverted"] == 1.0 and metrics["block_error_fitted"] == metrics["block_error"], name
+    for (name, a), (_, b) in zip(plain.named_parameters(), fitted.named_parameters()):
+        assert torch.equal(a, b), name  # as if no refit ran

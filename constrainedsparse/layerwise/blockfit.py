@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -69,10 +70,12 @@ class BlockFit:
 
 @dataclasses.dataclass(frozen=True)
 class BlockFitResult:
-    """Relative block error :math:`\\mathcal{L}` on the calibration batches before and after the refit."""
+    """Relative block error :math:`\\mathcal{L}` on the calibration batches before and after the refit; ``reverted``:
+    the refit raised the error (a learning rate too large for the block), so the weights went back to before it."""
 
     before: float
     after: float
+    reverted: bool = False
 
 
 def compute_dtype(target: BlockInputs) -> torch.dtype:
@@ -173,16 +176,24 @@ def fit_block(
         device: Where the block computes (each batch moves there in turn); ``None``: where they are.
 
     Returns:
-        The relative block error before and after.
+        The relative block error before and after; a refit that raised it (or made it non-finite) is undone, and
+        ``after`` is then the error before it.
     """
     pairs = list(zip(inputs, targets))
     weights = [module.weight for _, module in layers]  # the parameters (GPT-2's Conv1D: transposed)
     with widened_block(block, [module for _, module in layers]):
         error, energy = block_sums(block, pairs, device)
         scale = 1.0 / max(energy, torch.finfo(torch.float32).tiny)
+        saved = [w.detach().clone() for w in weights]
         _adam(block, weights, pairs, fit, scale, device)
         after, _ = block_sums(block, pairs, device)
-    return BlockFitResult(before=error * scale, after=after * scale)
+        reverted = not math.isfinite(after) or after > error  # diverged: the pruned block was better
+        if reverted:
+            with torch.no_grad():
+                for w, before in zip(weights, saved):
+                    w.copy_(before)
+            after = error
+    return BlockFitResult(before=error * scale, after=after * scale, reverted=reverted)
 
 
 def _adam(

@@ -54,7 +54,8 @@ def block_steps(
 
     Returns:
         ``block_error`` (before either step), ``block_error_masked`` and ``block_mask_changed`` (the
-        search), ``block_error_fitted`` (the refit): the relative block errors on the calibration batches.
+        search), ``block_error_fitted`` (the refit): the relative block errors on the calibration batches;
+        ``block_fit_reverted`` = 1 where the refit raised the error and was undone.
     """
     metrics: dict[str, float] = {}
     if mask_layers is not None:  # taken by the driver when fit.mask_rounds > 0
@@ -66,4 +67,6 @@ def block_steps(
         fitted = fit_block(block, targeted_layers(block, targets, prefix), inputs, wanted, fit, device)
         metrics.setdefault("block_error", fitted.before)
         metrics["block_error_fitted"] = fitted.after
+        if fitted.reverted:
+            metrics["block_fit_reverted"] = 1.0
     return metrics
