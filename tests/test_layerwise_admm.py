@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from constrainedsparse import prune_layerwise
 from constrainedsparse.layerwise import LayerProblem, solver_class
-from constrainedsparse.layerwise.admm import ADMMLayerConfig, ADMMLayerSolver, EigenGram, admm_support, penalised_solve
+from constrainedsparse.layerwise.admm import (
+    RHO_MAX,
+    ADMMLayerConfig,
+    ADMMLayerSolver,
+    EigenGram,
+    admm_support,
+    penalised_solve,
+)
 from constrainedsparse.layerwise.fw.core import residual_row_errors
 from constrainedsparse.layerwise.solvers import SparseGPT, Wanda
 from constrainedsparse.targets import SparsityConfig
@@ -72,6 +79,15 @@ def test_the_iterates_meet_and_the_support_settles():
     assert run.support_changes[-1] == 0.0
     assert torch.equal(run.z != 0, run.mask & (run.z != 0)) and layer.feasible_set().contains(run.mask)
     assert run.rho == pytest.approx(0.03 * 1.2**39)
+
+
+def test_a_penalty_grown_past_float32_stops_at_its_ceiling():
+    # 500 iterations at x1.2 would take rho to 1e38 * mean(diag G) and overflow float32 (a RuntimeError inside)
+    layer = _problem(1, SparsityConfig.from_pattern("2:4"))
+    run = admm_support(layer.weight, layer.gram, layer.feasible_set(), ADMMLayerConfig(iterations=500))
+    scale = float(layer.gram.diagonal().mean())
+    assert run.rho == pytest.approx(RHO_MAX / scale) and layer.feasible_set().contains(run.mask)
+    assert all(math.isfinite(r) for r in run.residuals)
 
 
 def test_metrics_and_trace():

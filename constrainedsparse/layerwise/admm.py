@@ -133,6 +133,10 @@ class ADMMRun:
     rho: float
 
 
+RHO_MAX = 1e30
+"""The penalty's ceiling: growth beyond it (500 iterations at x1.2) would overflow float32 and changes nothing."""
+
+
 def admm_support(weight: torch.Tensor, gram: torch.Tensor, feasible: FeasibleSet, config: ADMMLayerConfig) -> ADMMRun:
     """The ADMM iterations of the module docstring: the support and :math:`Z` they end on.
 
@@ -145,12 +149,13 @@ def admm_support(weight: torch.Tensor, gram: torch.Tensor, feasible: FeasibleSet
     eigen = EigenGram.of(gram, weight.dtype)
     mean_diagonal = float(gram.diagonal().mean())
     scale = mean_diagonal if mean_diagonal > 0 else 1.0  # an all-zero G: any rho works
-    rho = config.rho * scale
+    rho = min(config.rho * scale, RHO_MAX)
     wg = weight @ gram
     z, v = weight, torch.zeros_like(weight)
     mask = feasible.mask(weight.abs())
     changes, residuals = [], []
     for _ in range(config.iterations):
+        last = rho
         w_hat = penalised_solve(torch.add(wg, z - v, alpha=rho), eigen, rho)
         u = w_hat + v
         new_mask = feasible.mask(u.abs())
@@ -159,14 +164,14 @@ def admm_support(weight: torch.Tensor, gram: torch.Tensor, feasible: FeasibleSet
         changes.append((new_mask ^ mask).sum())
         residuals.append(torch.linalg.vector_norm(w_hat - z) / torch.linalg.vector_norm(w_hat))
         mask = new_mask
-        rho *= config.rho_growth
+        rho = min(rho * config.rho_growth, RHO_MAX)  # past it W_hat = Z - V already: growth changes nothing
     numel = mask.numel()
     return ADMMRun(
         mask,
         z,
         (torch.stack(changes).double() / numel).tolist(),
         torch.stack(residuals).nan_to_num(0.0).tolist(),
-        rho / config.rho_growth / scale,
+        (last if config.iterations else rho) / scale,
     )
 
 
