@@ -17,11 +17,12 @@ Key scheme (``/`` separates a family from its member):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -79,6 +80,19 @@ def wandb_names(project: str | None, name: str | None, tags: tuple[str, ...]) ->
     )
 
 
+@contextlib.contextmanager
+def _unset_if_empty(key: str) -> Iterator[None]:
+    """Within: ``$key`` unset if it is set to the empty text (restored after)."""
+    empty = os.environ.get(key) == ""
+    if empty:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        if empty:
+            os.environ[key] = ""
+
+
 def _open_wandb(
     mode: str,
     names: WandbNames,
@@ -99,10 +113,11 @@ def _open_wandb(
         name = out_dir.resolve().name  # is digits-mlp-slr in wandb's list; a resumed one keeps the name it has there
     yours = wandb.run  # a run the caller has open: it stays open and active beside this one
     try:
-        return wandb.init(
-            project=project, name=name, tags=list(tags) or None, dir=str(out_dir), mode=mode,
-            config=dict(config or {}), id=run_id, resume="allow" if run_id else None, reinit="create_new",
-        )  # fmt: skip
+        with _unset_if_empty("WANDB_MODE"):  # empty is unset to the CLI; wandb would refuse the text ''
+            return wandb.init(
+                project=project, name=name, tags=list(tags) or None, dir=str(out_dir), mode=mode,
+                config=dict(config or {}), id=run_id, resume="allow" if run_id else None, reinit="create_new",
+            )  # fmt: skip
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
         hint = " (or use --wandb offline)" if mode == "online" else ""
         raise UserInputError(f"--wandb {mode}: {first_line(err)}{hint}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 
 import pytest
@@ -83,6 +84,15 @@ def test_wandb_mode_is_validated(tmp_path):
     with pytest.raises(ValueError, match=r"^wandb_mode must be one of disabled, offline, online, got 'bogus'$"):
         MetricsLogger(tmp_path, "bogus")
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_empty_wandb_mode_variable_is_unset_for_wandb_too(tmp_path, monkeypatch):
+    # the CLI reads WANDB_MODE= as unset; wandb refused the empty text even with --wandb offline
+    monkeypatch.setenv("WANDB_MODE", "")
+    logger = MetricsLogger(tmp_path / "run", "offline")
+    logger.log({"loss/train": 1.0}, 1)
+    logger.close()
+    assert os.environ["WANDB_MODE"] == "" and list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
 def test_paths_may_be_str_and_read_metrics_takes_the_run_directory(tmp_path):
