@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -431,7 +432,7 @@ def _resume_hint(out: Any) -> str:
     if summary.is_file() and summary.stat().st_mtime >= _STARTED.get("main", float("inf")):  # this run's, not a
         return f" after the run had finished: its results are in {out} (summary.json)"  # replaced run's
     if (Path(out) / CHECKPOINT).is_file():
-        return f"; continue from the last checkpoint with --resume --out {out}"
+        return f"; continue from the last checkpoint with --resume --out {shlex.quote(str(out))}"
     return " before the first checkpoint: nothing to resume, start the run again"
 
 
@@ -445,7 +446,7 @@ def _kept_checkpoint(out: Any) -> str:
             return ""
     except OSError:  # none there (or a path the system refuses)
         return ""
-    return f" (the last checkpoint is kept: once that is fixed, continue with --resume --out {out})"
+    return f" (the last checkpoint is kept: once that is fixed, continue with --resume --out {shlex.quote(str(out))})"
 
 
 def _check_nproc(nproc: int) -> None:

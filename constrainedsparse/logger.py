@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -230,8 +231,8 @@ class MetricsLogger:
             # same second): name them all, in order.
             folder, run_id = Path(self.run.dir).parent, self.run.id
             found = [*folder.parent.glob(f"offline-run-*-{run_id}"), *folder.parent.glob(f"offline-run-*-{run_id}-*")]
-            folders = " ".join(map(str, sorted(set(found)))) or str(folder)
-            return f"wandb offline run {folders} (upload it: wandb sync {folders})"
+            folders = " ".join(shlex.quote(str(f)) for f in sorted(set(found))) or shlex.quote(str(folder))
+            return f"wandb offline run {folders} (upload it: wandb sync {folders})"  # quoted: a command to paste
         return f"wandb run {self.run.url}"
 
     def set_summary(self, summary: Mapping[str, Any]) -> None:

@@ -248,3 +248,7 @@ def test_an_interrupt_after_the_run_finished_says_so_instead_of_offering_a_resum
     assert cli._resume_hint(tmp_path) == f"; continue from the last checkpoint with --resume --out {tmp_path}"
     monkeypatch.setitem(cli._STARTED, "main", time.time() - 60)  # written by this run: the signal came at its end
     assert cli._resume_hint(tmp_path) == f" after the run had finished: its results are in {tmp_path} (summary.json)"
+    spaced = tmp_path / "my runs"
+    spaced.mkdir()
+    (spaced / "checkpoint.pt").write_bytes(b"")  # a command to paste: the folder quoted for the shell
+    assert cli._resume_hint(spaced) == f"; continue from the last checkpoint with --resume --out '{spaced}'"
