@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import math
 import os
 import shlex
@@ -378,6 +379,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): quiet, with the shell's code for SIGPIPE, as cat
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:
+        if err.errno not in _REFUSED_BY_THE_SYSTEM or debugging():
+            raise  # a bug of ours: the traceback follows
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror} (the file system refused it)")
     except Exception as err:
         pattern_line = None if debugging() else failed_pattern(err)
         if pattern_line is not None:  # a pattern of the user's raised: one line, as a solver of theirs gets
@@ -392,6 +398,10 @@ def _main(argv: Sequence[str] | None) -> int:
             launcher.report_error(f"{type(err).__name__}: {first_line(err)}")
         raise  # a bug: the traceback follows
     return 0
+
+
+_REFUSED_BY_THE_SYSTEM = {errno.ENOSPC, errno.ENAMETOOLONG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+"""What a path or a disk refuses (full, read-only, a name too long): the user's environment, one line, exit 2."""
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -252,3 +252,9 @@ def test_an_interrupt_after_the_run_finished_says_so_instead_of_offering_a_resum
     spaced.mkdir()
     (spaced / "checkpoint.pt").write_bytes(b"")  # a command to paste: the folder quoted for the shell
     assert cli._resume_hint(spaced) == f"; continue from the last checkpoint with --resume --out '{spaced}'"
+
+
+def test_a_path_the_file_system_refuses_is_one_line(tmp_path, capsys):
+    long = tmp_path / ("p" * 260)  # a name longer than the file system allows
+    line = fails_with_one_line(["plot", str(long)], capsys)
+    assert line == f"error: {long}: File name too long (the file system refused it)"
