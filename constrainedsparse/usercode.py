@@ -30,7 +30,7 @@ def guard(problem_name: str, what: str, fn: Callable[..., Any] | None) -> Callab
     return guarded
 
 
-def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+def call_user(problem_name: str, what: str | Callable[[], str], fn: Callable[..., Any], *args: Any) -> Any:
     """Calls a function of a problem file; its exceptions become one :class:`UserInputError` line.
 
     A ``ValueError`` of a call that reads the options (``model(options)``, ``data(options)``, ...) is
@@ -41,7 +41,8 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
 
     Args:
         problem_name: The problem's name, for the message.
-        what: What was called (``"data(options)"``).
+        what: What was called (``"data(options)"``), or a function giving it (built only on an exception: a
+            dataset's item reads are called per sample).
         fn: The user's function.
         *args: Its arguments.
     """
@@ -52,7 +53,7 @@ def call_user(problem_name: str, what: str, fn: Callable[..., Any], *args: Any) 
     except (Exception, SystemExit) as err:
         if debugging():
             raise
-        raise user_code_failed(problem_name, what, err) from err
+        raise user_code_failed(problem_name, what if isinstance(what, str) else what(), err) from err
 
 
 def user_code_failed(problem_name: str, what: str, err: BaseException) -> UserInputError:
@@ -88,31 +89,20 @@ class GuardedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        return self._read(lambda: self.dataset[index], lambda: f"reading item {index} of the {self.which} set")
+        what = lambda: f"reading item {index} of the {self.which} set"  # noqa: E731 (built only on an error)
+        return call_user(self.problem_name, what, self.dataset.__getitem__, index)
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """The items at ``indices`` (the dataset's own ``__getitems__`` where it has one, as a DataLoader calls it)."""
         many = getattr(self.dataset, "__getitems__", None)
         if many is None:
             return [self[index] for index in indices]
-        return self._read(lambda: many(indices), lambda: f"reading items of the {self.which} set")
+        return call_user(self.problem_name, f"reading items of the {self.which} set", many, indices)
 
     def collate(self, samples: list[Any]) -> Any:
         """``default_collate`` of the samples (items of different sizes fail there)."""
-        return self._read(
-            lambda: default_collate(samples), lambda: f"batching samples of the {self.which} set (default_collate)"
-        )
-
-    def _read(self, read: Callable[[], Any], what: Callable[[], str]) -> Any:
-        """``read()``; its exception as :func:`call_user` reports one (the message is built only then)."""
-        try:
-            return read()
-        except UserInputError:
-            raise
-        except Exception as err:
-            if debugging():
-                raise
-            raise user_code_failed(self.problem_name, what(), err) from err
+        what = f"batching samples of the {self.which} set (default_collate)"
+        return call_user(self.problem_name, what, default_collate, samples)
 
 
 def collate_fn(dataset: Any) -> Callable[[list[Any]], Any] | None:
