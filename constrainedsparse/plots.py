@@ -420,10 +420,7 @@ def plot_metrics(
     png_path = Path(png_path) if png_path is not None else Path(jsonl_path).with_suffix(".png")
     check_png(png_path)
     if title is None:
-        summary = (
-            Path(jsonl_path).parent / "summary.json" if Path(jsonl_path).suffix else Path(jsonl_path) / "summary.json"
-        )
-        title = run_title(_read_summary(summary))
+        title = run_title(_read_summary(metrics_file(jsonl_path).parent / "summary.json"))
     fig = figure_for(rows, title)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
