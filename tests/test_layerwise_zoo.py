@@ -22,6 +22,15 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
+def _refused_untouched(model: nn.Module, message: str, **options: object) -> None:
+    """``prune_layerwise`` (wanda at 0.5 on one batch of 8 x 16) refuses ``model`` with exactly ``message``, before
+    any weight changes."""
+    before = _snapshot(model)
+    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
+        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5, **options)
+    assert _unchanged(model, before)
+
+
 class LinearTower(nn.Module):
     """Blocks that are bare ``nn.Linear`` layers."""
 
@@ -335,39 +344,27 @@ class _Partial(nn.Module):
 def test_a_block_the_forward_never_calls_is_refused_before_pruning():
     # the walk would have fed blocks.2 the outputs of blocks.1, which the model never gives it
     torch.manual_seed(0)
-    model = _Partial()
-    before = _snapshot(model)
     message = (
         "blocks.2 never ran on calibration batch 0: blocks must be blocks the model's forward calls, in execution order"
     )
-    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
-        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
-    assert _unchanged(model, before)
+    _refused_untouched(_Partial(), message)
 
 
 def test_a_block_returning_a_dict_is_refused_naming_it_and_keyword_inputs_name_what_needs_them():
     torch.manual_seed(0)
-    model = _OutputBlocks("dict")
-    before = _snapshot(model)
     message = (
         "blocks.0: a block returned a dict: a block's output must be its hidden states, a tensor or the first element "
         "of a tuple"
     )
-    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
-        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
-    assert _unchanged(model, before)
+    _refused_untouched(_OutputBlocks("dict"), message)
     # blocks called as block(x=x): plain pruning runs the model up to each block; running a block on its own cannot
-    model = _Keywords()
-    before = _snapshot(model)
     message = (
         "a block is called with its input neither as its first positional argument nor as hidden_states= (keywords: "
         "x): running a block on its own (block_fit_epochs, block_mask_rounds, allocation=lagrangian) needs its input "
         "there"
     )
     for options in ({"block_fit_epochs": 1, "block_fit_target": "block"}, {"allocation": "lagrangian"}):
-        with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
-            prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5, **options)
-        assert _unchanged(model, before)
+        _refused_untouched(_Keywords(), message, **options)
 
 
 class _ReadsKeys(nn.Module):
@@ -391,8 +388,7 @@ def test_batches_the_model_cannot_take_or_without_values_are_one_line_before_pru
         "calibration batch 0: the model's forward failed before the block to calibrate: AttributeError: 'Tensor' "
         "object has no attribute 'get' (check the batches' shapes, dtypes and token ids)"
     )
-    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
-        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
+    _refused_untouched(model, message)
     with pytest.raises(ValueError, match=r"^calibration batch 1 holds a tensor on the meta device \(a shape without"):
         prune_layerwise(model, [{"x": torch.randn(8, 16)}, {"x": torch.randn(8, 16, device="meta")}], "wanda")
     assert _unchanged(model, before)
@@ -436,8 +432,7 @@ def test_blocks_returning_a_model_output_prune_as_tensor_blocks_and_a_none_first
         "blocks.0: a block returned a tuple whose first element is a NoneType: a block's output must be its hidden "
         "states, a tensor or the first element of a tuple"
     )
-    with pytest.raises(UserInputError, match=f"^{re.escape(message)}$"):
-        prune_layerwise(_OutputBlocks("none"), batches, "wanda", sparsity=0.5)
+    _refused_untouched(_OutputBlocks("none"), message)
 
 
 class _Residual16(nn.Module):
