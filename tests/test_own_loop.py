@@ -1044,6 +1044,22 @@ def test_compute_lagrangian_under_no_grad_on_validation_data_leaves_the_dual_ste
     assert runs[0] != 0 and torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
+def test_a_batch_skipped_after_backward_takes_no_part_in_the_dual_step(name):
+    # The common guard `step = f.backward(b); if bad: zero_grad(); continue`: only the steps given to post_step
+    # move the multipliers, so the skipped batch (of NaNs here) adds neither its violation nor a NaN.
+    f, x, y = _built(name, dual_lr=0.5)
+    f.start_epoch(0)
+    f.optimizer.zero_grad()
+    assert not torch.isfinite(f.backward((torch.full_like(x[:64], float("nan")), y[:64])).loss)
+    f.optimizer.zero_grad()
+    step = f.backward((x[:64], y[:64]))
+    f.optimizer.step()
+    f.post_step(step)
+    violation = f.problem.step_metrics(step.cmp_state)["violation/norm"]
+    assert violation > 0 and f.problem.named_multiplier_values()["norm"].item() == pytest.approx(0.5 * violation)
+
+
 def test_finalize_before_the_sparsity_schedule_ends_warns_that_the_hard_prune_jumps():
     f, x, y = _built("magnitude")
     f.setup(20, 1)

@@ -299,14 +299,14 @@ class Formulation(abc.ABC):
     def compute_lagrangian(self, batch: Any, *, dual_scale: float = 1.0) -> LagrangianStep:
         """Evaluates loss and violations on ``batch`` and builds the primal Lagrangian.
 
-        The dual Lagrangian (:math:`\\lambda^\\top g(x_t)` with the violation detached) is
-        backpropagated at once into the multipliers' gradients, so :meth:`post_step` steps the
-        multipliers with the violations measured *here*, whatever the primal step did meanwhile.
-        Several calls before one :meth:`post_step` accumulate the dual gradients, like the primal
-        ones (gradient accumulation); ``dual_scale`` scales this call's share (``1 / steps`` makes the
-        dual step use the mean violation over the accumulated micro-batches). To evaluate the Lagrangian on
-        other data (a validation batch) without feeding its violations to the next dual step, call it under
-        ``torch.no_grad()``: nothing is backpropagated then.
+        The dual Lagrangian (:math:`\\lambda^\\top g(x_t)` with the violation detached, times
+        ``dual_scale``) is kept in the returned step, so :meth:`post_step` steps the multipliers with the
+        violations measured *here*, whatever the primal step did meanwhile, and with those of the steps it
+        is given only: a batch you skip after evaluating it (a loss spike) takes no part in the dual step.
+        Several steps given to one :meth:`post_step` add their dual gradients, like the primal ones
+        (gradient accumulation); ``dual_scale`` scales this call's share (``1 / steps`` makes the dual step
+        use the mean violation over the accumulated micro-batches). Under ``torch.no_grad()`` (a
+        validation batch) the step carries no dual term at all.
         """
         self._require("compute_lagrangian()")
         return self._lagrangian(batch, dual_scale)
@@ -322,11 +322,12 @@ class Formulation(abc.ABC):
         primal = cmp_state.compute_primal_lagrangian()
         if training:
             self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
+        step = LagrangianStep(cmp_state, primal.lagrangian)
         if self.dual_optimizer is not None:
             dual = cmp_state.compute_dual_lagrangian().lagrangian
             if dual is not None and dual.requires_grad:  # not under no_grad (an evaluation loop's loss)
-                (dual if dual_scale == 1.0 else dual * dual_scale).backward()
-        return LagrangianStep(cmp_state, primal.lagrangian)
+                step.dual = dual if dual_scale == 1.0 else dual * dual_scale
+        return step
 
     def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
         """:meth:`compute_lagrangian` then backward of the primal Lagrangian.
@@ -380,15 +381,21 @@ class Formulation(abc.ABC):
             Metrics to log at this step.
         """
         self._require("post_step()")
-        last = checked_steps(step)[-1]
+        steps = checked_steps(step)
+        last = steps[-1]
         self._epochs.steps += 1
         restarts: dict[str, float] = {}
         if self.dual_optimizer is not None:
+            self.dual_optimizer.zero_grad(set_to_none=True)
+            duals = [item.dual for item in steps if item.dual is not None]
+            if duals:  # the steps given, only: a batch skipped after backward() takes no part
+                torch.stack(duals).sum().backward()
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
             self.dual_optimizer.zero_grad(set_to_none=True)
             restarts = restarted_multipliers(self.problem, self.dual_optimizer)
         metrics = {**restarts, **self.after_step(last.cmp_state)}
-        last.taken = True
+        for item in steps:
+            item.taken, item.dual = True, None
         return metrics
 
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:

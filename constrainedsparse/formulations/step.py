@@ -27,6 +27,7 @@ class LagrangianStep:
     cmp_state: cooper.CMPState
     lagrangian: torch.Tensor
     taken: bool = dataclasses.field(default=False, repr=False, compare=False)  # post_step() used it
+    dual: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # λᵀg, g detached
 
     @property
     def loss(self) -> torch.Tensor:
