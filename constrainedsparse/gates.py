@@ -144,7 +144,8 @@ class HardConcreteGate(nn.Module):
         self._measured: tuple[int, torch.Tensor | None] = (-1, None)  # (log_alpha version, expected density)
         self._noise: torch.Tensor | None = None  # this Lagrangian's uniform noise (drawn by redraw)
         self.test_override: torch.Tensor | None = None
-        """When set, the eval-mode gate over the weight (a hard-prune preview), instead of :meth:`test_gate`."""
+        """When set, the gate over the weight in either mode (a hard-prune preview), instead of a sample or
+        :meth:`test_gate`."""
 
     @property
     def num_gates(self) -> int:
@@ -255,7 +256,7 @@ class HardConcreteGate(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # The gates stay float32 (their log alpha trains there); the product keeps the weight's dtype.
-        if not self.training and self.test_override is not None:
+        if self.test_override is not None:  # a preview: the same in train and eval mode
             return weight * self.test_override.to(weight.dtype)
         z = self.step_sample() if self.training else self.test_gate()
         return weight * self.expand(z).to(weight.dtype)

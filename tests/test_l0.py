@@ -774,7 +774,9 @@ def test_density_of_purged_run_purges_to_the_target(tmp_path):
     assert summary["achieved_sparsity"] < 0.8  # --sparsity's zeros of the unpurged weights: fewer than 0.8
 
 
-def test_hard_prune_preview_equals_the_hard_pruned_model_also_when_the_mask_readmits_gated_off_weights():
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_hard_prune_preview_equals_the_hard_pruned_model_also_when_the_mask_readmits_gated_off_weights(training):
+    # In train mode too: the preview's unit gate must not be multiplied by a training sample.
     from constrainedsparse.masks import hard_prune
 
     problem, batch = _mlp_problem()
@@ -785,7 +787,7 @@ def test_hard_prune_preview_equals_the_hard_pruned_model_also_when_the_mask_read
             gate.log_alpha.fill_(-10.0)
             gate.log_alpha.view(-1)[::7] = 5.0
     model = problem.model
-    model.eval()
+    model.train(training)
     masks = f.hard_masks()
     gates = f.gates.values()
     readmitted = sum(int((m & (g.test_gate().expand_as(m) == 0)).sum()) for m, g in zip(masks.values(), gates))
