@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from constrainedsparse import make
 from constrainedsparse.formulations import formulation_class, iterate
 from constrainedsparse.formulations import slr as slr_module
 from constrainedsparse.formulations.duplicate import CONSTRAINT_PREFIX
@@ -530,6 +531,38 @@ def test_split_step_gradient_is_l_rho_gradient_also_scaled_accumulated_and_amp_s
     F.cross_entropy(problem.model(batch[0]), batch[1]).backward()
     for target in problem.targets:
         torch.testing.assert_close(target.tensor.grad, reference.get_parameter(target.name).grad)
+
+
+class _TwoHeads(nn.Module):  # multi-task: a batch trains one head
+    def __init__(self):
+        super().__init__()
+        self.body, self.head_a, self.head_b = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x, task):
+        return (self.head_a if task == "a" else self.head_b)(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("name", ["slr", "admm"])
+def test_a_weight_the_batch_does_not_reach_still_gets_the_penalty_gradient(name):
+    # The W = Z terms are in every Lagrangian: head_b, unused by task a's batch, is pulled towards Z too
+    # (its hook never fires: it has no gradient from the backward), at the backward's scale.
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.8))
+    loss = lambda m, b: F.cross_entropy(m(b["x"], b["task"]), b["y"])  # noqa: E731
+    problem = SparsityProblem(model, targets=targets, compute_loss=loss)
+    formulation = make(name, problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5)
+    batch = {"x": torch.randn(4, 8), "y": torch.randint(0, 3, (4,)), "task": "a"}
+    formulation.setup(1, 4, reference_batch=batch)
+    formulation.start_epoch(0)
+    for scale in (1.0, 0.5):
+        formulation.optimizer.zero_grad(set_to_none=True)
+        formulation.backward(batch, scale=scale)
+        w = model.head_b.weight
+        torch.testing.assert_close(w.grad, scale * 0.5 * (w.detach() - formulation.z["head_b.weight"]))
+    formulation.backward(batch, scale=0.5)  # a second micro-batch: the grad it kept gets its share too
+    torch.testing.assert_close(w.grad, 0.5 * (w.detach() - formulation.z["head_b.weight"]))
+    assert (w.detach() - formulation.z["head_b.weight"]).abs().sum() > 0  # W ≠ Z: the gradient is no zero
 
 
 def test_w_eq_z_constraints_are_cooper_constraints_outside_the_per_step_state():

@@ -163,7 +163,7 @@ class DuplicateVariables(Formulation):
         self.constraints: dict[str, cooper.Constraint] = {}
         with torch.no_grad():
             self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
-        self.penalty = PenaltyGradient(self.constraints, self.z)
+        self.penalty = PenaltyGradient(self.constraints, self.z, {t.name: t.stored for t in problem.targets})
         self._hooks = []
         for target in problem.targets:
             self._check_trainable(target)

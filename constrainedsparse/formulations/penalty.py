@@ -5,8 +5,9 @@ Every minibatch backpropagates the loss (and the user's constraints); the rest o
 :class:`PenaltyGradient` adds it to each pruned weight's gradient once that gradient is accumulated:
 a post-accumulate-grad hook per weight (:meth:`PenaltyGradient.hook`). Inside the formulation's
 ``backward()`` (:meth:`PenaltyGradient.scope`) the hooks only note the weights and all of them get
-the term after the backward, in two foreach calls (the same sums); a backward the user runs on
-their own goes through the hooks one tensor at a time. The anchor :math:`\Lambda_n - \rho Z_n` is
+the term after the backward, in two foreach calls (the same sums), a weight the backward gave no gradient
+(a head this batch did not use) too, as the term is part of every Lagrangian; a backward the user runs on
+their own goes through the hooks one tensor at a time (those weights only). The anchor :math:`\Lambda_n - \rho Z_n` is
 cached until :math:`\Lambda_n`, :math:`Z_n` or :math:`\rho` changes, so a W-step reads only
 :math:`W`, its gradient and the anchor.
 """
@@ -41,10 +42,16 @@ class PenaltyGradient:
         constraints: The W = Z Cooper constraints by target name (their multipliers are
             :math:`\\Lambda_n`, their penalty coefficients :math:`\\rho`).
         z: The duplicates :math:`Z_n` by target name (read at every use: the Z-step replaces them).
+        weights: The pruned weights :math:`W_n` by target name (the parameters the hooks are on).
     """
 
-    def __init__(self, constraints: Mapping[str, cooper.Constraint], z: Mapping[str, torch.Tensor]) -> None:
-        self.constraints, self.z = constraints, z
+    def __init__(
+        self,
+        constraints: Mapping[str, cooper.Constraint],
+        z: Mapping[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
+    ) -> None:
+        self.constraints, self.z, self.weights = constraints, z, weights
         self._anchors: dict[str, _Anchor] = {}
         self._factor: float | torch.Tensor = 1.0  # c: the Lagrangian's scale inside scope()
         self._pending: list[tuple[str, torch.Tensor]] | None = None  # a list inside scope(): hooks defer
@@ -108,12 +115,21 @@ class PenaltyGradient:
 
     @contextlib.contextmanager
     def scope(self, factor: float | torch.Tensor) -> Iterator[None]:
-        """Within: the hooks note the weights; on a normal exit all of them get the term times ``factor``."""
+        """Within: the hooks note the weights; on a normal exit every pruned weight gets the term times
+        ``factor``, one without a gradient from the backward as its whole gradient (a zero one before)."""
         self._factor, self._pending = factor, []
         try:
             yield
-            if self._pending:
-                self.add(self._pending)
+            pending = self._pending
+            if len(pending) < len(self.weights):  # weights this backward did not reach
+                reached = {name for name, _ in pending}
+                for name, weight in self.weights.items():
+                    if name not in reached:
+                        if weight.grad is None:
+                            weight.grad = torch.zeros_like(weight)
+                        pending.append((name, weight))
+            if pending:
+                self.add(pending)
         finally:
             self._pending, self._factor = None, 1.0
 
