@@ -10,6 +10,7 @@ catch it as one.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ __all__ = [
     "NonFiniteLossError",
     "Terminated",
     "UserInputError",
+    "as_float",
+    "as_int",
     "debugging",
     "first_line",
     "failed_pattern",
@@ -48,6 +51,22 @@ class NonFiniteLossError(RuntimeError):
 def is_integer(value: object) -> bool:
     """Whether ``value`` is an ``int`` that is not a ``bool`` (``True`` is an int to Python, not to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def as_int(value: object) -> int | None:
+    """``value`` as a Python ``int`` when it is an integer of Python's or NumPy's (``np.int64(2)``, what
+    ``np.ceil(...).astype(int)`` gives), ``None`` for anything else (a bool, a float, a string, a tensor)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def as_float(value: object) -> float | None:
+    """``value`` as a Python ``float`` when it is a real number of Python's or NumPy's (``np.float32(0.5)``),
+    ``None`` for anything else (a bool, a string, a tensor)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def is_number(value: object) -> bool:

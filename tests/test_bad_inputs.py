@@ -764,6 +764,12 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         lambda: _ready("magnitude").start_epoch("0"),
         r"^start_epoch\(epoch\): epoch must be an integer",
     ),
+    ("start_epoch numpy bool", lambda: _ready("magnitude").start_epoch(np.bool_(0)), r"^start_epoch\(epoch\): epoch"),
+    (
+        "compute_lagrangian dual_scale text",
+        lambda: _ready("slr").compute_lagrangian((torch.randn(4, 8), torch.tensor([0, 1, 0, 1])), dual_scale="1"),
+        r"^compute_lagrangian\(dual_scale=\.\.\.\) must be a finite number > 0 \(1 / accumulation steps\), got '1'$",
+    ),  # fmt: skip
     (
         "frozen target",
         lambda: make("slr", _frozen_problem()),

@@ -717,7 +717,7 @@ def test_a_formulation_state_with_a_nested_dict_that_grows_during_training_resum
         REGISTRY._classes.pop(("training", "mag-log"), None)
 
 
-def test_a_step_given_to_post_step_twice_and_an_epoch_never_ended_are_caught(recwarn):
+def test_a_step_given_to_post_step_twice_an_epoch_never_ended_and_another_one_ended_are_caught(recwarn):
     f, x, y = _built("admm")
     f.start_epoch(0)
     step = f.backward((x, y))
@@ -730,6 +730,8 @@ def test_a_step_given_to_post_step_twice_and_an_epoch_never_ended_are_caught(rec
     ) as record:
         f.start_epoch(1)
     assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"^end_epoch\(2\) while epoch 1 is under way: end the epoch you started "):
+        f.end_epoch(2)
 
 
 def test_slr_with_epoch_coordination_and_no_end_epoch_warns_at_finalize():
@@ -1058,6 +1060,26 @@ def test_a_batch_skipped_after_backward_takes_no_part_in_the_dual_step(name):
     f.post_step(step)
     violation = f.problem.step_metrics(step.cmp_state)["violation/norm"]
     assert violation > 0 and f.problem.named_multiplier_values()["norm"].item() == pytest.approx(0.5 * violation)
+
+
+def test_numpy_counts_and_scales_drive_the_lifecycle_as_python_numbers_do():
+    # Loops often compute counts with numpy (np.ceil(n / batch).astype(int)); they are integers all the same,
+    # kept as Python ints (a checkpoint loaded with weights_only=True holds no numpy scalar).
+    runs = []
+    for count, real in ((int, float), (np.int64, np.float32)):
+        f, x, y = _built("slr")
+        f.setup(count(1), count(2), total_steps=count(2), reference_batch=(x, y))
+        f.start_epoch(count(0))
+        for i in (0, 64):
+            f.optimizer.zero_grad()
+            step = f.backward((x[i : i + 64], y[i : i + 64]), scale=real(0.5))
+            f.optimizer.step()
+            f.post_step(step)
+        counts = (f.num_epochs, f.steps_per_epoch, f.total_steps, *f.state_dict()["epoch_steps"])
+        assert counts == (1, 2, 2, 0, 2) and all(type(c) is int for c in counts)
+        f.end_epoch(count(0))
+        runs.append(f.problem.named_multiplier_values()["norm"].clone())
+    assert runs[0] > 0 and torch.equal(runs[0], runs[1])
 
 
 def test_finalize_before_the_sparsity_schedule_ends_warns_that_the_hard_prune_jumps():

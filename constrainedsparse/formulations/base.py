@@ -55,6 +55,7 @@ from constrainedsparse.formulations.checks import (
     check_state,
     check_target_levels,
     check_unparametrized,
+    checked_scale,
     warn_schedule_unfinished,
 )
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, declared_counts
@@ -309,7 +310,7 @@ class Formulation(abc.ABC):
         validation batch) the step carries no dual term at all.
         """
         self._require("compute_lagrangian()")
-        return self._lagrangian(batch, dual_scale)
+        return self._lagrangian(batch, checked_scale("compute_lagrangian(dual_scale=...)", dual_scale))
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
         self.before_lagrangian()
@@ -347,7 +348,7 @@ class Formulation(abc.ABC):
                 ``torch.inference_mode()`` (nothing to backpropagate).
         """
         self._require("backward()")
-        check_backward_call(scale, scaler)
+        scale = check_backward_call(scale, scaler)
         if not self._ddp_checked:
             self._ddp_checked = check_ddp_wrapped(self.problem)
         step = self._lagrangian(batch, scale)

@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from constrainedsparse.claims import attached_formulation
-from constrainedsparse.errors import NonFiniteLossError, UserInputError, is_number, is_ours, user_stacklevel
+from constrainedsparse.errors import NonFiniteLossError, UserInputError, as_float, is_number, is_ours, user_stacklevel
 from constrainedsparse.masks import foreign_parametrization
 from constrainedsparse.sets.base import set_text
 
@@ -308,8 +308,20 @@ def _same_shapes(name: str, expected: Any, given: Any, path: str) -> None:
             _same_shapes(name, value, given[key], f"{path}/{key}" if path else str(key))
 
 
-def check_backward_call(scale: Any, scaler: Any) -> None:
-    """The arguments of ``backward()``, and that autograd records here.
+def checked_scale(what: str, scale: Any) -> float:
+    """A Lagrangian's scale (``1 / accumulation steps``) as a ``float``: a finite number > 0 (NumPy's too).
+
+    Raises:
+        ValueError: Naming ``what`` and the value.
+    """
+    value = as_float(scale)
+    if value is None or not 0 < value < float("inf"):
+        raise ValueError(f"{what} must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
+    return value
+
+
+def check_backward_call(scale: Any, scaler: Any) -> float:
+    """The arguments of ``backward()``, and that autograd records here; returns ``scale`` as a ``float``.
 
     Raises:
         ValueError: Inside ``torch.no_grad()`` / ``torch.inference_mode()``, for a ``scale`` that is not a finite
@@ -320,10 +332,10 @@ def check_backward_call(scale: Any, scaler: Any) -> None:
             "backward() inside torch.no_grad() or torch.inference_mode(): autograd records nothing there to "
             "backpropagate; call it where gradients are enabled (to evaluate, call compute_lagrangian() there)"
         )
-    if not is_number(scale) or not 0 < scale < float("inf"):
-        raise ValueError(f"backward(scale=...) must be a finite number > 0 (1 / accumulation steps), got {scale!r}")
+    value = checked_scale("backward(scale=...)", scale)
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
         raise ValueError(f"backward(scaler=...) must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}")
+    return value
 
 
 def warn_schedule_unfinished(name: str, fraction: float, num_epochs: int) -> None:

@@ -10,43 +10,50 @@ import dataclasses
 import warnings
 from typing import Any
 
-from constrainedsparse.errors import is_integer, user_stacklevel
+from constrainedsparse.errors import as_int, user_stacklevel
 
 __all__ = ["EpochCount", "checked_epoch", "declared_counts"]
 
 
 def checked_epoch(epoch: Any, call: str) -> int:
-    """``epoch`` if it is an integer >= 0 (a bool is not).
+    """``epoch`` as an ``int`` if it is an integer >= 0 (NumPy's too; a bool is not).
 
     Raises:
         ValueError: Naming ``call`` and the value.
     """
-    if not is_integer(epoch) or epoch < 0:
+    value = as_int(epoch)
+    if value is None or value < 0:
         raise ValueError(f"{call}(epoch): epoch must be an integer >= 0 (0-based), got {epoch!r}")
-    return epoch
+    return value
 
 
 def declared_counts(num_epochs: Any, steps_per_epoch: Any, total_steps: Any) -> tuple[int, int, int]:
-    """``setup()``'s counts: integers >= 0; ``total_steps`` is ``num_epochs x steps_per_epoch`` when ``None``, else
-    a count that leaves the last epoch at least one step and at most a whole epoch.
+    """``setup()``'s counts as ``int``: integers >= 0 (NumPy's too); ``total_steps`` is ``num_epochs x
+    steps_per_epoch`` when ``None``, else a count that leaves the last epoch at least one step and at most a whole
+    epoch.
 
     Raises:
         ValueError: Naming the count, what is allowed and the value.
     """
+    counts = []
     for key, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
-        if not is_integer(value) or value < 0:
+        count = as_int(value)
+        if count is None or count < 0:
             raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+        counts.append(count)
+    num_epochs, steps_per_epoch = counts
     full = num_epochs * steps_per_epoch
     if total_steps is None:
         return num_epochs, steps_per_epoch, full
     low = full - steps_per_epoch + 1 if full else 0
-    if not is_integer(total_steps) or not low <= total_steps <= full:
+    steps = as_int(total_steps)
+    if steps is None or not low <= steps <= full:
         allowed = f"from {low} to {full}" if low < full else f"{full}"
         raise ValueError(
             f"total_steps must be {allowed} (the last of num_epochs={num_epochs} epochs of {steps_per_epoch} steps "
             f"cut short, or none), got {total_steps!r}"
         )
-    return num_epochs, steps_per_epoch, total_steps
+    return num_epochs, steps_per_epoch, steps
 
 
 def _warn(message: str) -> None:
@@ -116,8 +123,14 @@ class EpochCount:
 
         Warns:
             UserWarning: Once, when an epoch saw another number of ``post_step()`` calls than declared (the
-                schedules count ``post_step()`` calls: optimizer steps with gradient accumulation).
+                schedules count ``post_step()`` calls: optimizer steps with gradient accumulation), and once for
+                an end of another epoch than the one started.
         """
+        if self.open_epoch is not None and epoch != self.open_epoch and self._once("other"):
+            _warn(
+                f"end_epoch({epoch}) while epoch {self.open_epoch} is under way: end the epoch you started "
+                f"(end_epoch({self.open_epoch})); the epoch's checks and slr/admm's epoch coordinations count from it"
+            )
         declared, done = self.declared_steps(epoch), self.steps
         if done not in (declared, 0) and self._once("steps"):
             _warn(
