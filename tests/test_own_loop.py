@@ -66,6 +66,21 @@ def test_l0_warns_once_when_one_cycle_peaks_the_gates_at_the_weights_rate(schedu
         assert found[0].filename == __file__ and "max_lr=[lr, gate_lr]" in str(found[0].message)
 
 
+@pytest.mark.parametrize("before", [True, False], ids=["scheduler-before-make", "after"])
+def test_l0_warns_when_a_scheduler_already_holds_the_optimizer_it_adds_the_gates_to(before):
+    model, x, y = _cancer()
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.7)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if before:
+        torch.optim.lr_scheduler.LinearLR(optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make("l0", problem, optimizer=optimizer)
+    found = [w for w in caught if "already holds (its groups carry initial_lr)" in str(w.message)]
+    assert len(found) == int(before) and all(w.filename == __file__ for w in found)
+    assert all(str(w.message).endswith("build the scheduler after make()") for w in found)
+
+
 @pytest.mark.parametrize("name", ["slr", "admm", "l0", "magnitude"])
 def test_own_sgd_momentum_and_cosine_schedule_drive_every_formulation(name):
     model, x, y = _cancer()

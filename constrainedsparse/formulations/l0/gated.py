@@ -66,6 +66,14 @@ class Gated(Formulation):
         self.gates: dict[str, HardConcreteGate] = apply_gates(
             problem.targets, self.config.grouping, self.config.droprate_init, self.generator, self.config.test_rule
         )
+        if any("initial_lr" in group for group in self.optimizer.param_groups):
+            warnings.warn(
+                f"{self.name} adds its gates' parameter group to an optimizer that a scheduler already holds (its "
+                "groups carry initial_lr): that scheduler does not know the group (LinearLR skips it, LambdaLR and "
+                "OneCycleLR raise in step()); build the scheduler after make()",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         self.optimizer.add_param_group(self._gate_group())
         if isinstance(self.optimizer, torch.optim.SGD) and self.config.gate_lr == self.config.keys()["gate_lr"].default:
             count = sum(gate.log_alpha.numel() for gate in self.gates.values())
