@@ -82,6 +82,25 @@ def test_a_run_with_lagrangian_allocation(tmp_path, tiny_llama):
     assert any("allocation/multiplier" in row for row in rows)
 
 
+def test_block_weighted_allocation_leaves_padding_out(tiny_llama):
+    # The same real tokens, right-padded or not, give the same levels (the Gram matrices and the block errors
+    # both read the attention mask; a causal model's real positions do not see the padding after them).
+    from transformers import AutoModelForCausalLM
+
+    from constrainedsparse import prune_layerwise
+
+    ids = torch.randint(1, 200, (3, 10), generator=torch.Generator().manual_seed(0))
+    plain = [{"input_ids": ids}]
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(3, 6, dtype=ids.dtype)], dim=1)
+    padded = [{"input_ids": torch.cat([ids, torch.full((3, 6), 7)], dim=1), "attention_mask": mask}]
+    levels = []
+    for batches in (plain, padded):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        kwargs = {"allocation": "lagrangian", "allocation_weight": "block"}
+        levels.append(prune_layerwise(model, batches, "wanda", sparsity=0.6, **kwargs).allocation["levels"])
+    assert len(set(levels[0].values())) > 1 and levels[0] == levels[1]
+
+
 class _TwoBlocks(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

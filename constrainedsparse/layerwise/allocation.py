@@ -365,17 +365,21 @@ def _block_curve(
     levels: Sequence[float],
 ) -> ErrorCurve:
     r"""The layer's effect on its block's output: :math:`\|h' - h\|^2 / \|h\|^2` with the layer alone
-    pruned by Wanda at each level (:math:`h` the dense block's output on the calibration inputs)."""
+    pruned by Wanda at each level (:math:`h` the dense block's output on the calibration inputs; padding left
+    out, as the Gram matrices leave it out)."""
     original = layer_weight(module).detach().clone()
     scores = wanda_scores(layer.weight, layer.gram)
-    energy = sum(float(h.double().square().sum()) for h in dense)
+    energy = sum(float(item.token_sum(h.double().square())) for h, item in zip(dense, inputs, strict=True))
     errors = []
     try:
         for level in levels:
             mask = layer.target.with_sparsity(level).feasible_set(layer.weight.shape).mask(scores)
             set_layer_weight(module, layer.weight.masked_fill(~mask, 0.0))
             pruned = _hidden_states(run_block(block, inputs, compute))
-            change = sum(float((p - h).double().square().sum()) for p, h in zip(pruned, dense))
+            change = sum(
+                float(item.token_sum((p - h).double().square()))
+                for p, h, item in zip(pruned, dense, inputs, strict=True)
+            )
             errors.append(change / energy if energy > 0 else 0.0)
     finally:
         set_layer_weight(module, original)

@@ -106,11 +106,8 @@ def batch_loss(
     if device is not None:
         item, target = item.to(device), target.to(device)
     wanted = target.hidden.to(compute_dtype(target))
-    error = (block_output(block, compute_inputs(item, target)) - wanted).square().sum(dim=-1)
-    energy = wanted.square().sum(dim=-1)
-    if item.token_mask is not None:
-        error, energy = error[item.token_mask], energy[item.token_mask]
-    return error.sum(), energy.sum()
+    error = item.token_sum((block_output(block, compute_inputs(item, target)) - wanted).square())
+    return error, item.token_sum(wanted.square())
 
 
 def block_sums(block: nn.Module, pairs: Pairs, device: torch.device | str | None) -> tuple[float, float]:

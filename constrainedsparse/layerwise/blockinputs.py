@@ -51,6 +51,14 @@ class BlockInputs:
             return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.token_mask)
         return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
 
+    def token_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum` over the batch's real tokens of ``values`` summed over its last dimension (a
+        ``(batch, seq, hidden)`` output of the block; every position when there is no padding)."""
+        per_token = values.sum(dim=-1)
+        if self.token_mask is not None:
+            per_token = per_token[self.token_mask.to(per_token.device)]
+        return per_token.sum()
+
     def to(self, device: torch.device | str) -> BlockInputs:
         """The same call with every tensor on ``device``."""
         mask = None if self.token_mask is None else self.token_mask.to(device)
