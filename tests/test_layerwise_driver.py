@@ -5,6 +5,7 @@ the same CLI path as a user's, with resume and the bad-input contract."""
 import copy
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -98,6 +99,20 @@ def test_gram_matrices_leave_padding_tokens_out():
     assert tokens == 5 + 3 + 6 + 2 + 6 + 4
     torch.testing.assert_close(gram_fc1, expected_fc1)
     torch.testing.assert_close(grams["fc2"][0], inner.T @ inner, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tuple_batch_whose_mask_has_padding_warns_that_only_a_dicts_mask_is_read():
+    # DataLoader(TensorDataset(ids, mask)) yields [ids, mask]: the model gets the mask, the statistics do not.
+    batches = _batches()
+    tuples = [(b["input_ids"], b["attention_mask"]) for b in batches]
+    with pytest.warns(UserWarning, match=r"^calibration batch 0 is a tuple whose element 1 looks like an attention "):
+        report = prune_layerwise(_tiny(), tuples, "wanda", sparsity=0.5)
+    assert report.calibration_tokens == 2 * 3 * 6  # the padded positions counted, as the warning says
+    unpadded = [(b["input_ids"], torch.ones_like(b["attention_mask"])) for b in batches]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_layerwise(_tiny(), unpadded, "wanda", sparsity=0.5)  # a mask of ones pads nothing: no warning
+        prune_layerwise(_tiny(), batches, "wanda", sparsity=0.5)
 
 
 def test_driver_equals_pruning_by_hand_block_after_block():

@@ -6,15 +6,17 @@ allocation settings, and the block-level steps.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import tensors_in
-from constrainedsparse.errors import UserInputError, is_integer, user_input
+from constrainedsparse.errors import UserInputError, is_integer, user_input, user_stacklevel
 from constrainedsparse.layerwise.allocation import reachable_range, row_width
 from constrainedsparse.layerwise.base import LayerwiseSolver, check_solver
 from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
@@ -319,9 +321,10 @@ def checked_batches(batches: Any) -> list[Any]:
         ValueError: For anything else (text that was not tokenized, a bare tensor, an empty list).
     """
     if isinstance(batches, (str, bytes, Mapping)) or hasattr(batches, "dim") or not hasattr(batches, "__iter__"):
+        one = " (one batch: pass [batch])" if isinstance(batches, Mapping) or hasattr(batches, "dim") else ""
         raise ValueError(
             f"batches must be a non-empty list of calibration batches (dicts, tuples or tensors), got "
-            f"{type(batches).__name__}"
+            f"{type(batches).__name__}{one}"
         )
     items = list(batches)  # a DataLoader or a generator: read once
     if not items:
@@ -338,7 +341,47 @@ def checked_batches(batches: Any) -> list[Any]:
             raise ValueError(f"calibration batch {index} holds an empty tensor of shape {tuple(empty.shape)}")
         if any(t.is_meta for t in found):
             raise ValueError(f"calibration batch {index} holds a tensor on the meta device (a shape without values)")
+        _check_token_ids(index, batch)
+    _warn_unread_padding(items)
     return items
+
+
+def _check_token_ids(index: int, batch: Any) -> None:
+    """Token ids (a dict's ``input_ids``, or a bare integer tensor) must be ``(batch, tokens)``.
+
+    Raises:
+        ValueError: For 1-d ids (embeddings take them, the attention of the first block fails on them).
+    """
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(ids, torch.Tensor) and ids.ndim == 1 and not ids.is_floating_point() and ids.dtype != torch.bool:
+        raise ValueError(
+            f"calibration batch {index}: token ids of shape {tuple(ids.shape)} have no batch dimension: give "
+            "(batch, tokens), e.g. ids.unsqueeze(0) or tokenizer(texts, return_tensors='pt')"
+        )
+
+
+def _warn_unread_padding(items: Sequence[Any]) -> None:
+    """Warns once when a tuple / list batch holds what looks like an attention mask with padding (0/1 integers
+    shaped like its first tensor, some 0): only a dict's ``attention_mask`` marks padding."""
+    for index, batch in enumerate(items):
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            for position, item in enumerate(batch[1:], start=1):
+                if _looks_like_padding_mask(item, batch[0]):
+                    warnings.warn(
+                        f"calibration batch {index} is a {type(batch).__name__} whose element {position} looks like "
+                        "an attention mask with padding: only a dict's attention_mask marks padding, so the padded "
+                        "positions are calibrated on; give dict batches ({'input_ids': ..., 'attention_mask': ...})",
+                        UserWarning,
+                        stacklevel=user_stacklevel(),
+                    )
+                    return
+
+
+def _looks_like_padding_mask(item: Any, first: torch.Tensor) -> bool:
+    if not isinstance(item, torch.Tensor) or item.shape != first.shape or item.is_floating_point():
+        return False
+    values = item.unique()
+    return bool(((values == 0) | (values == 1)).all()) and bool((values == 0).any())
 
 
 def checked_scores(scores: Any, reserved: Any) -> dict[str, float]:
