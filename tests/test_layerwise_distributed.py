@@ -43,10 +43,12 @@ def _run(args: list[str], cwd: Path, dump: Path | None = None) -> subprocess.Com
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("true_sequential", ["false", "true"])
-def test_two_ranks_split_a_block_and_match_one_rank(tiny_gpt2, text_file, tmp_path, true_sequential):
+# wanda returns the weight in its input's memory layout: GPT-2's Conv1D weights (read transposed) must still be
+# broadcast as the layer reads them.
+@pytest.mark.parametrize(("method", "true_sequential"), [("sparsegpt", "false"), ("wanda", "true")])
+def test_two_ranks_split_a_block_and_match_one_rank(tiny_gpt2, text_file, tmp_path, method, true_sequential):
     common = [
-        "run", "hf-causal-lm", "--formulation", "sparsegpt", "--sparsity", "0.5", "--wandb", "disabled",
+        "run", "hf-causal-lm", "--formulation", method, "--sparsity", "0.5", "--wandb", "disabled",
         "--no-progress", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}", "--set", "seq_len=16",
         "--set", "calibration_samples=16", "--set", "held_out_samples=4", "--set", f"true_sequential={true_sequential}",
     ]  # fmt: skip

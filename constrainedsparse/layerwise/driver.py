@@ -232,7 +232,8 @@ def _solve_layers(
             metrics=dict(result.metrics),
             trace=list(result.trace),
         )
-        solved[name] = (_written(pruned, result, original, weight), report)
+        # contiguous: a broadcast sends the raw memory, and GPT-2's Conv1D weight reads as a transposed view
+        solved[name] = (_written(pruned, result, original, weight).contiguous(), report)
     reports = []
     for (name, module), owner, shape in zip(layers, owners, shapes):
         if world > 1:  # every rank receives the layer from the rank that solved it
