@@ -96,18 +96,21 @@ def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
     """The failure to report, the earliest of the first kind present.
 
     In order: a rank that raised on its own; a rank that died without a report (an abort, a
-    segfault, an exit code); a rank stopped by SIGTERM or SIGKILL (from outside, or by the agent
-    after another rank failed); a rank that only lost a peer. Ranks without a report all carry the
-    agent's whole-second collection time, so within a kind ties go to the lower rank.
+    segfault, an exit code); a rank killed by SIGKILL (from outside: the agent stops the other ranks
+    with SIGTERM first, so a kill -9 or the out-of-memory killer took it); a rank stopped by SIGTERM
+    (from outside, or by the agent after another rank failed); a rank that only lost a peer. Ranks
+    without a report all carry the agent's whole-second collection time, so within a kind ties go to
+    the lower rank.
     """
+    signalled = {-signal.SIGKILL: 2, -signal.SIGTERM: 3}
 
     def key(item: tuple[int, Any]) -> tuple[int, float, int]:
         global_rank, failure = item
         data = _reported(failure)
         if "time" in data:
-            kind = 3 if data.get("peer", False) else 0
+            kind = 4 if data.get("peer", False) else 0
         else:
-            kind = 2 if failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL) else 1
+            kind = signalled.get(failure.exitcode, 1)
         return (kind, float(data.get("time", failure.timestamp)), global_rank)
 
     return min(failures.items(), key=key)

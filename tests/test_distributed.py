@@ -179,6 +179,8 @@ def test_launcher_reports_the_rank_that_raised_not_the_ranks_that_lost_it():
     aborted = failure(-6, 99)  # SIGABRT without a report: died on its own, before the agent stopped rank 0
     assert launcher.root_cause({0: failure(-15, 99), 1: aborted}) == (1, aborted)
     assert launcher.root_cause({0: lost, 1: own, 2: aborted}) == (1, own)
+    oom = failure(-9, 99)  # kill -9 / the OOM killer: the agent then stops rank 0 with SIGTERM
+    assert launcher.root_cause({0: failure(-15, 99), 1: oom}) == (1, oom)
 
 
 def test_the_job_exits_with_the_code_the_failing_rank_reported_even_if_its_process_aborted_after():
