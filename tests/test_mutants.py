@@ -128,11 +128,15 @@ def test_mutant_G9_is_caught():
 
     lin = nn.Linear(4, 3)
     gate = HardConcreteGate(lin, lin.weight.shape, droprate_init=0.01)
-    gate.test_override = torch.zeros(())
     gate.train()
-    assert float(gate(torch.ones(3, 4)).abs().sum()) > 0  # training draws gates; the override is eval-only
+    gate.redraw()
+    assert float(gate(torch.ones(3, 4)).abs().sum()) > 0  # training draws gates
+    gate.test_override = torch.zeros(())  # a hard-prune preview: the override in either mode (the pruned model's)
+    assert float(gate(torch.ones(3, 4)).abs().sum()) == 0
     gate.eval()
     assert float(gate(torch.ones(3, 4)).abs().sum()) == 0
+    gate.test_override = None
+    assert float(gate(torch.ones(3, 4)).abs().sum()) > 0  # the test-time gate (droprate 0.01: open)
 
 
 def test_mutant_F5_is_caught():
