@@ -276,7 +276,13 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
         # Sized in eval mode, the random streams kept: BatchNorm statistics and the training's draws untouched.
         with torch.no_grad(), eval_mode(self.model), random_states_kept():
-            size = _checked_violation(name, spec(self.model, example_batch)).numel()
+            value = _checked_violation(name, spec(self.model, example_batch))
+        if not bool(torch.isfinite(value).all()):  # every step would put it into the weights' gradients
+            raise UserInputError(
+                f"constraint {name!r} is not finite on the model as given ({value.tolist()[:4]}): a nan or inf "
+                "violation would make the multiplier and the weights nan; check its function"
+            )
+        size = value.numel()
         device = next(self.model.parameters()).device
         constraint = cooper.Constraint(
             constraint_type=_SENSES[spec.sense],

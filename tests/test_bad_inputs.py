@@ -9,6 +9,7 @@ option joins by one row.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import re
@@ -804,6 +805,11 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         r"^constraint fn must take \(model\) or \(model, batch\), got a function of \(m, b, c\)$",
     ),  # fmt: skip
     ("constraint restarts text", lambda: UserConstraint(lambda m: m, restarts="yes"), r"^restarts must be True or"),
+    (
+        "constraint nan",
+        lambda: SparsityProblem(*_model_loss_targets(), {"c": UserConstraint(lambda m: m[0].weight.sum() * math.nan)}),
+        r"^constraint 'c' is not finite on the model as given \(\[nan\]\): a nan or inf violation would make",
+    ),  # fmt: skip
     (
         "constraint name with a slash",
         lambda: SparsityProblem(*_model_loss_targets(), {"a/b": UserConstraint(lambda m: m[0].weight.sum())}),
