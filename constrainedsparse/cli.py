@@ -165,12 +165,17 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     elif summary.get("purge_skipped"):
         rows.append(("purge skipped", str(summary["purge_skipped"])))
     for name, entry in summary.get("constraints", {}).items():
-        value = entry["value"]
-        shown = f"{value:.4g}" if isinstance(value, float) else f"max {max(value):.4g}"
+        value, equality = entry["value"], entry["sense"] == "=="
+        if isinstance(value, float):
+            shown = f"{value:.4g}"
+        else:  # a vector: its entry that decides (the largest; the largest in size for an equality)
+            shown = f"max |entry| {max(abs(v) for v in value):.4g}" if equality else f"max {max(value):.4g}"
         verdict = "holds" if entry["satisfied"] else "VIOLATED"
         multiplier = entry.get("multiplier")
         if isinstance(multiplier, float):
             verdict += f" (multiplier {multiplier:.4g})"
+        elif isinstance(multiplier, list):  # a vector's multipliers: their norm, as the logs show it
+            verdict += f" (multipliers' norm {math.sqrt(sum(m * m for m in multiplier)):.4g})"
         rows.append((f"constraint {name}", f"{shown} {entry['sense']} 0: {verdict}"))
     rows.append(("seconds", f"{summary['seconds']:.1f}"))
     return rows

@@ -61,6 +61,20 @@ def test_summary_reports_whole_model_figures_and_the_constraint_as_measured_on_t
     assert rows[0] == "name,shape,parameters,nonzero,sparsity" and rows[1].startswith("hidden.weight,64x30,1920,")
 
 
+def test_the_printed_constraint_line_shows_the_deciding_entry_and_a_vectors_multipliers():
+    from constrainedsparse.cli import _summary_rows
+
+    def line(value, sense, multiplier, satisfied):
+        entry = {"value": value, "sense": sense, "multiplier": multiplier, "satisfied": satisfied}
+        run = {"problem": "p", "formulation": "slr", "pattern": "unstructured", "achieved_sparsity": 0.5}
+        return dict(_summary_rows({**run, "constraints": {"c": entry}, "seconds": 1.0}))["constraint c"]
+
+    assert line(0.5, "<=", 2.0, False) == "0.5 <= 0: VIOLATED (multiplier 2)"
+    assert line([-0.5, -2.0], "<=", [0.0, 0.0], True) == "max -0.5 <= 0: holds (multipliers' norm 0)"
+    # an equality's deciding entry is the largest in size, whatever its sign
+    assert line([-0.5, -2e-5], "==", [3.0, 4.0], False) == "max |entry| 0.5 == 0: VIOLATED (multipliers' norm 5)"
+
+
 def test_an_emptied_layer_stops_the_run_and_can_be_allowed(tmp_path, capsys):
     out = tmp_path / "empty"
     args = ["run", str(PROBLEMS / "zero_layer.py"), "--formulation", "magnitude", "--sparsity", "0.5", "--epochs",
