@@ -56,6 +56,8 @@ def is_integer(value: object) -> bool:
 def as_int(value: object) -> int | None:
     """``value`` as a Python ``int`` when it is an integer of Python's or NumPy's (``np.int64(2)``, what
     ``np.ceil(...).astype(int)`` gives), ``None`` for anything else (a bool, a float, a string, a tensor)."""
+    if type(value) is int:  # the common case, without the ABC check (once per training step)
+        return value
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
         return None
     return int(value)
@@ -64,6 +66,8 @@ def as_int(value: object) -> int | None:
 def as_float(value: object) -> float | None:
     """``value`` as a Python ``float`` when it is a real number of Python's or NumPy's (``np.float32(0.5)``),
     ``None`` for anything else (a bool, a string, a tensor)."""
+    if type(value) is float or type(value) is int:  # the common cases, without the ABC check (every backward())
+        return float(value)
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         return None
     return float(value)
