@@ -700,18 +700,6 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
         r"^calibration batch 0 holds an empty tensor of shape \(1, 0\)$",
     ),  # fmt: skip
     (
-        "layerwise 1-d token ids",
-        lambda: prune_layerwise(nn.Linear(2, 2), [torch.arange(5)]),
-        r"^calibration batch 0: token ids of shape \(5,\) have no batch dimension: give \(batch, tokens\), e\.g\.",
-    ),  # fmt: skip
-    (
-        "layerwise 1-d input_ids",
-        lambda: prune_layerwise(
-            nn.Linear(2, 2), [{"input_ids": torch.ones(1, 3).long()}, {"input_ids": torch.ones(3).long()}]
-        ),  # noqa: E501
-        r"^calibration batch 1: token ids of shape \(3,\) have no batch dimension",
-    ),  # fmt: skip
-    (
         "layerwise one dict batch",
         lambda: prune_layerwise(nn.Linear(2, 2), {"input_ids": torch.ones(1, 3, dtype=torch.long)}),
         r"^batches must be a non-empty list of calibration batches \(dicts, tuples or tensors\), got dict "

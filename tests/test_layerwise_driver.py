@@ -17,6 +17,7 @@ from constrainedsparse import RunConfig, prune_layerwise, run
 from constrainedsparse.cli import main
 from constrainedsparse.errors import is_ours
 from constrainedsparse.layerwise import LayerProblem, available_solvers, solver_class
+from constrainedsparse.layerwise.checks import checked_batches
 from constrainedsparse.layerwise.driver import accumulate_grams, capture_block_inputs, prune_blocks
 from constrainedsparse.layerwise.layers import find_blocks, layer_weight, targeted_layers
 from constrainedsparse.sets import available_patterns, pattern_class
@@ -105,14 +106,43 @@ def test_a_tuple_batch_whose_mask_has_padding_warns_that_only_a_dicts_mask_is_re
     # DataLoader(TensorDataset(ids, mask)) yields [ids, mask]: the model gets the mask, the statistics do not.
     batches = _batches()
     tuples = [(b["input_ids"], b["attention_mask"]) for b in batches]
-    with pytest.warns(UserWarning, match=r"^calibration batch 0 is a tuple whose element 1 looks like an attention "):
+    with pytest.warns(UserWarning, match=r"^calibration batch 0 is a tuple whose second element looks like an "):
         report = prune_layerwise(_tiny(), tuples, "wanda", sparsity=0.5)
     assert report.calibration_tokens == 2 * 3 * 6  # the padded positions counted, as the warning says
     unpadded = [(b["input_ids"], torch.ones_like(b["attention_mask"])) for b in batches]
+    # BERT's positional order (ids, mask, token_type_ids): 0/1 segment ids after a mask without padding
+    segments = [(b["input_ids"], torch.ones_like(b["attention_mask"]), b["attention_mask"]) for b in batches]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prune_layerwise(_tiny(), unpadded, "wanda", sparsity=0.5)  # a mask of ones pads nothing: no warning
+        checked_batches(segments)  # (TinyEncoder takes no third argument)
         prune_layerwise(_tiny(), batches, "wanda", sparsity=0.5)
+
+
+def test_a_text_models_token_ids_need_a_batch_dimension_and_a_flat_models_do_not(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # 1-d ids pass its embeddings, then fail in attention
+    cases = [([torch.arange(5)], 0), ([{"input_ids": torch.ones(1, 3).long()}, {"input_ids": torch.arange(3)}], 1),
+             ([(torch.arange(4),)], 0)]  # fmt: skip
+    for batches, index in cases:
+        expected = rf"^calibration batch {index}: token ids of shape \(\d+,\) have no batch dimension: give \(batch, "
+        with pytest.raises(ValueError, match=expected):
+            prune_layerwise(model, batches, "wanda", sparsity=0.5)
+
+    class Flat(nn.Module):  # per-token blocks on a flat sequence of ids: 1-d ids are its input
+        def __init__(self):
+            super().__init__()
+            self.embed, self.blocks = nn.Embedding(20, 8), nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in "ab")
+
+        def forward(self, ids):
+            hidden = self.embed(ids)
+            for block in self.blocks:
+                hidden = block(hidden)
+            return hidden
+
+    report = prune_layerwise(Flat(), [torch.arange(16) % 20], "wanda", sparsity=0.5)
+    assert report.achieved_sparsity == 0.5
 
 
 def test_driver_equals_pruning_by_hand_block_after_block():

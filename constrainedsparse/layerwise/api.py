@@ -85,7 +85,7 @@ def _check_inputs(model: Any, batches: Any, out: Any, flags: dict[str, Any]) -> 
     for name, value in flags.items():
         if not isinstance(value, bool):  # overwrite="no" would replace a finished run
             raise ValueError(f"{name} must be True or False, got {value!r}")
-    return checked_batches(batches)
+    return checked_batches(batches, model)
 
 
 def prune_layerwise(

@@ -314,8 +314,9 @@ def checked_blocks(model: nn.Module, blocks: Any) -> list[nn.Module]:
     return blocks
 
 
-def checked_batches(batches: Any) -> list[Any]:
-    """Calibration batches as a non-empty list whose every batch holds a non-empty tensor.
+def checked_batches(batches: Any, model: nn.Module | None = None) -> list[Any]:
+    """Calibration batches as a non-empty list whose every batch holds a non-empty tensor (and, for a
+    ``model`` that takes token ids, a ``transformers`` text model, ids with a batch dimension).
 
     Raises:
         ValueError: For anything else (text that was not tokenized, a bare tensor, an empty list).
@@ -341,18 +342,22 @@ def checked_batches(batches: Any) -> list[Any]:
             raise ValueError(f"calibration batch {index} holds an empty tensor of shape {tuple(empty.shape)}")
         if any(t.is_meta for t in found):
             raise ValueError(f"calibration batch {index} holds a tensor on the meta device (a shape without values)")
-        _check_token_ids(index, batch)
+        if getattr(model, "main_input_name", None) == "input_ids":
+            _check_token_ids(index, batch)
     _warn_unread_padding(items)
     return items
 
 
 def _check_token_ids(index: int, batch: Any) -> None:
-    """Token ids (a dict's ``input_ids``, or a bare integer tensor) must be ``(batch, tokens)``.
+    """A text model's token ids (a dict's ``input_ids``, a bare integer tensor, a tuple's first) must be
+    ``(batch, tokens)``.
 
     Raises:
         ValueError: For 1-d ids (embeddings take them, the attention of the first block fails on them).
     """
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(ids, (tuple, list)) and ids:
+        ids = ids[0]
     if isinstance(ids, torch.Tensor) and ids.ndim == 1 and not ids.is_floating_point() and ids.dtype != torch.bool:
         raise ValueError(
             f"calibration batch {index}: token ids of shape {tuple(ids.shape)} have no batch dimension: give "
@@ -361,24 +366,24 @@ def _check_token_ids(index: int, batch: Any) -> None:
 
 
 def _warn_unread_padding(items: Sequence[Any]) -> None:
-    """Warns once when a tuple / list batch holds what looks like an attention mask with padding (0/1 integers
-    shaped like its first tensor, some 0): only a dict's ``attention_mask`` marks padding."""
+    """Warns once when a tuple / list batch holds what looks like an attention mask with padding as its second
+    element (where ``transformers`` models take ``attention_mask``; 0/1 integers shaped like the first tensor,
+    some 0): only a dict's ``attention_mask`` marks padding."""
     for index, batch in enumerate(items):
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            for position, item in enumerate(batch[1:], start=1):
-                if _looks_like_padding_mask(item, batch[0]):
-                    warnings.warn(
-                        f"calibration batch {index} is a {type(batch).__name__} whose element {position} looks like "
-                        "an attention mask with padding: only a dict's attention_mask marks padding, so the padded "
-                        "positions are calibrated on; give dict batches ({'input_ids': ..., 'attention_mask': ...})",
-                        UserWarning,
-                        stacklevel=user_stacklevel(),
-                    )
-                    return
+        if isinstance(batch, (tuple, list)) and len(batch) > 1 and _looks_like_padding_mask(batch[1], batch[0]):
+            warnings.warn(
+                f"calibration batch {index} is a {type(batch).__name__} whose second element looks like an "
+                "attention mask with padding: only a dict's attention_mask marks padding, so the padded positions "
+                "are calibrated on; give dict batches ({'input_ids': ..., 'attention_mask': ...})",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return
 
 
-def _looks_like_padding_mask(item: Any, first: torch.Tensor) -> bool:
-    if not isinstance(item, torch.Tensor) or item.shape != first.shape or item.is_floating_point():
+def _looks_like_padding_mask(item: Any, first: Any) -> bool:
+    tensors = isinstance(item, torch.Tensor) and isinstance(first, torch.Tensor)
+    if not tensors or item.shape != first.shape or item.is_floating_point():
         return False
     values = item.unique()
     return bool(((values == 0) | (values == 1)).all()) and bool((values == 0).any())

@@ -187,7 +187,7 @@ def prepare(
     check_reachable(blocks, problem.targets, target, driver, prefixes)
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
     with user_input(f"problem {problem.name!r}: calibration(options, seed): "):
-        batches = checked_batches(batches)
+        batches = checked_batches(batches, model)
     resolved = dataclasses.replace(config, sparsity=None if target.fixed_level else target.sparsity, epochs=0)
     return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, levels)
 
