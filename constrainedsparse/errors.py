@@ -58,7 +58,7 @@ def as_int(value: object) -> int | None:
     ``np.ceil(...).astype(int)`` gives), ``None`` for anything else (a bool, a float, a string, a tensor)."""
     if type(value) is int:  # the common case, without the ABC check (once per training step)
         return value
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
 
@@ -68,7 +68,7 @@ def as_float(value: object) -> float | None:
     ``None`` for anything else (a bool, a string, a tensor)."""
     if type(value) is float or type(value) is int:  # the common cases, without the ABC check (every backward())
         return float(value)
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)
 

@@ -96,8 +96,9 @@ def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
     """The failure to report, the earliest of the first kind present.
 
     In order: a rank that raised on its own; a rank that died without a report (an abort, a
-    segfault, an exit code); a rank killed by SIGKILL (from outside: the agent stops the other ranks
-    with SIGTERM first, so a kill -9 or the out-of-memory killer took it); a rank stopped by SIGTERM
+    segfault, an exit code); a rank killed by SIGKILL (mostly from outside, a kill -9 or the out-of-memory
+    killer: the agent stops the other ranks with SIGTERM and sends SIGKILL only to one still alive 30 s
+    later); a rank stopped by SIGTERM
     (from outside, or by the agent after another rank failed); a rank that only lost a peer. Ranks
     without a report all carry the agent's whole-second collection time, so within a kind ties go to
     the lower rank.

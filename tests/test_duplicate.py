@@ -563,6 +563,10 @@ def test_a_weight_the_batch_does_not_reach_still_gets_the_penalty_gradient(name)
     formulation.backward(batch, scale=0.5)  # a second micro-batch: the grad it kept gets its share too
     torch.testing.assert_close(w.grad, 0.5 * (w.detach() - formulation.z["head_b.weight"]))
     assert (w.detach() - formulation.z["head_b.weight"]).abs().sum() > 0  # W ≠ Z: the gradient is no zero
+    w.requires_grad_(False)  # frozen after make(): it stays frozen (no gradient for the optimizer to step)
+    w.grad = None
+    formulation.backward(batch)
+    assert w.grad is None
 
 
 def test_w_eq_z_constraints_are_cooper_constraints_outside_the_per_step_state():

@@ -1077,6 +1077,37 @@ def test_a_batch_skipped_after_backward_takes_no_part_in_the_dual_step(name):
     assert violation > 0 and f.problem.named_multiplier_values()["norm"].item() == pytest.approx(0.5 * violation)
 
 
+@pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
+def test_post_step_under_no_grad_still_takes_the_dual_step(name):
+    f, x, y = _built(name, dual_lr=0.5)
+    f.start_epoch(0)
+    step = f.backward((x, y))
+    f.optimizer.step()
+    with torch.no_grad():  # a loop that wraps its bookkeeping in no_grad
+        f.post_step(step)
+    violation = f.problem.step_metrics(step.cmp_state)["violation/norm"]
+    assert f.problem.named_multiplier_values()["norm"].item() == pytest.approx(0.5 * violation)
+
+
+def test_accumulation_that_passes_only_its_last_step_warns_and_a_step_twice_is_refused():
+    f, x, y = _built("slr", dual_lr=0.5)
+    f.start_epoch(0)
+    halves = [f.backward((x[i : i + 64], y[i : i + 64]), scale=0.5) for i in (0, 64)]
+    f.optimizer.step()
+    expected = r"^post_step\(\) got 1 step whose backward\(\) scales do not sum to 1, after 2 backward\(\) calls"
+    with pytest.warns(UserWarning, match=expected) as record:
+        f.post_step(halves[-1])  # the dual step is half of the mean violation's: said once
+    assert record[0].filename == __file__
+    with pytest.raises(ValueError, match=r"^post_step\(\) got the same step twice in its list: give each"):
+        step = f.backward((x, y))
+        f.post_step([step, step])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f.post_step(f.backward((x, y)))  # one step of scale 1 after a skipped one: no warning
+        f.backward((x, y))  # skipped
+        f.post_step(f.backward((x, y)))
+
+
 def test_numpy_counts_and_scales_drive_the_lifecycle_as_python_numbers_do():
     # Loops often compute counts with numpy (np.ceil(n / batch).astype(int)); they are integers all the same,
     # kept as Python ints (a checkpoint loaded with weights_only=True holds no numpy scalar).

@@ -124,7 +124,7 @@ class PenaltyGradient:
             if len(pending) < len(self.weights):  # weights this backward did not reach
                 reached = {name for name, _ in pending}
                 for name, weight in self.weights.items():
-                    if name not in reached:
+                    if name not in reached and weight.requires_grad:  # one frozen since make() stays frozen
                         if weight.grad is None:
                             weight.grad = torch.zeros_like(weight)
                         pending.append((name, weight))

@@ -27,7 +27,8 @@ class LagrangianStep:
     cmp_state: cooper.CMPState
     lagrangian: torch.Tensor
     taken: bool = dataclasses.field(default=False, repr=False, compare=False)  # post_step() used it
-    dual: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # λᵀg, g detached
+    dual: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # λᵀg·scale, g detached
+    dual_scale: float = dataclasses.field(default=1.0, repr=False, compare=False)  # backward()'s scale
 
     @property
     def loss(self) -> torch.Tensor:
@@ -52,4 +53,6 @@ def checked_steps(step: Any) -> list[LagrangianStep]:
         raise ValueError(
             "post_step() got a step it has already taken: call backward() (or training_step()) for each new step"
         )
+    if len({id(item) for item in steps}) < len(steps):
+        raise ValueError("post_step() got the same step twice in its list: give each backward()'s step once")
     return steps
