@@ -53,7 +53,7 @@ class Mask(nn.Module):
 
     def factor(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask as 0/1 in ``weight``'s dtype and device (rebuilt after the mask changed in place)."""
-        key = (self.mask._version, weight.dtype, self.mask.device)
+        key = (id(self.mask), self.mask._version, weight.dtype, self.mask.device)  # id: a buffer assigned anew
         if self._factor is None or self._factor[0] != key:
             self._factor = (key, self.mask.to(weight.dtype))
         return self._factor[1]

@@ -815,17 +815,38 @@ def test_large_project_allocates_only_its_result() -> None:
     k = keep_count(LARGE, 0.5)
     buffer = torch.empty_like(x)
     TopK(k).project(x, out=buffer)  # warm-up: the thread pool
-    for out in (buffer, None):
+    # k = 0 and k = numel too (slr's Z-step at the start of its schedule keeps everything)
+    for keep, out in ((k, buffer), (k, None), (0, buffer), (x.numel(), buffer)):
         tracemalloc.start()  # NumPy's allocations (the sample, the band, the chunk buffers)
-        TopK(k).project(x, out=out)
+        TopK(keep).project(x, out=out)
         _, numpy_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:  # torch's allocations
-            TopK(k).project(x, out=out)
+            TopK(keep).project(x, out=out)
         allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
         big = [size for size in allocated if size > nbytes // 8]
         assert big == ([] if out is not None else [nbytes] * len(big)), big  # only the result, if any
         assert numpy_peak < nbytes // 4, numpy_peak  # the sample, the band and the chunk buffers: ~1.5 MB here
+
+
+def test_more_infinities_than_the_level_keeps_project_finite_where_it_zeroes_and_feasible() -> None:
+    inf = math.inf
+    x = torch.tensor([[inf, inf, 1.0, 2.0], [inf, 3.0, -inf, 1.0]])
+    for fs in (TopK(1), RowTopK(1), NMSparse(1, 4), StructuredGroups(1), BlockSparse(1, 1, 4)):
+        for out in (None, torch.empty_like(x)):
+            projected = fs.project(x, out=out)
+            assert not projected.isnan().any() and fs.contains(projected), (fs, projected)  # inf * 0 was nan
+    projected = GlobalTopK(1).project([x[0], x[1]])
+    assert not any(p.isnan().any() for p in projected) and GlobalTopK(1).contains(projected)
+
+
+def test_a_mask_buffer_assigned_anew_is_the_one_applied() -> None:
+    from constrainedsparse.masks import Mask
+
+    mask = Mask(torch.tensor([True, True, False, False]))
+    assert mask(torch.ones(4)).tolist() == [1, 1, 0, 0]
+    mask.load_state_dict({"mask": torch.tensor([False, False, True, True])}, assign=True)
+    assert mask(torch.ones(4)).tolist() == [0, 0, 1, 1]  # was the cached old mask
 
 
 @FAST

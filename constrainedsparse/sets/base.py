@@ -285,10 +285,11 @@ class FeasibleSet(abc.ABC):
         Without ``out`` the result keeps autograd's graph through ``x`` (the support is a constant:
         the gradient is the mask times the incoming gradient), for every pattern.
         """
+        # where, not x * mask: an inf outside the support would give inf * 0 = nan
         if out is None:
-            return x * self.mask(x)
+            return torch.where(self.mask(x), x, x.new_zeros(()))
         _check_out(x, out)
-        return torch.mul(x.detach(), self.mask(x), out=out)
+        return torch.where(self.mask(x), x.detach(), x.new_zeros(()), out=out)
 
     @abc.abstractmethod
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
@@ -416,7 +417,7 @@ class JointFeasibleSet(abc.ABC):
 
     def project(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Euclidean projection of the tuple of tensors (inputs are not modified)."""
-        return [x * m for x, m in zip(xs, self.masks(xs))]
+        return [torch.where(m, x, x.new_zeros(())) for x, m in zip(xs, self.masks(xs))]  # inf * 0 would be nan
 
     @abc.abstractmethod
     def lmo(self, grads: Sequence[torch.Tensor], only_negative: bool = False) -> list[torch.Tensor]:

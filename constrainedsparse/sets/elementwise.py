@@ -53,6 +53,10 @@ class TopK(FeasibleSet):
             return super().project(x)
         x = x.detach()
         _check_out(x, out)
+        if self.k in (0, x.numel()):  # nothing or everything kept: no mask of x's size
+            if out is None:
+                return x.clone() if self.k else torch.zeros_like(x)
+            return out.copy_(x) if self.k else out.zero_()
         # Large tensors: a sampled bracket (one read) and one hardshrink pass into the result.
         fast = project_largest_magnitudes(x, self.k, out)
         if fast is not None:
