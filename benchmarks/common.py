@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ def sweep_parser(
                         help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="OMP/torch threads of each run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="every run's --seed: its calibration sample (default 0)")
-    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--out", type=Path, help=f"default: {out} (--quick: a folder in the system's temp dir)")
+    parser.set_defaults(results_default=out)
     return parser
 
 
@@ -62,7 +64,16 @@ def sweep_defaults(
         args.methods = list(methods[1] if args.quick else methods[0])
     if args.quick:
         args.extra = [*quick_extra, *args.extra]
+    args.out = results_dir(args.out, args.results_default, args.quick)
     return args
+
+
+def results_dir(out: Path | None, default: Path, quick: bool) -> Path:
+    """``--out`` if given; else the committed results folder ``default``, or for a ``--quick`` run a folder in
+    the system's temp dir (a quick check never overwrites the committed results)."""
+    if out is not None:
+        return out
+    return Path(tempfile.gettempdir()) / "constrainedsparse-benchmarks" / f"{default.name}-quick" if quick else default
 
 
 def write_results(out: Path, markdown: str, payload: dict[str, Any]) -> None:

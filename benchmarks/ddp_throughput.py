@@ -42,11 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import command_line, write_results
+from common import command_line, results_dir, write_results
 
 from constrainedsparse import distributed, launcher
 
 SCRIPT = Path(__file__).resolve()
+DEFAULT_OUT = SCRIPT.parent / "results" / "ddp_throughput"
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 CONFIG = re.compile(r"(\d+)x(\d+)")
 
@@ -139,9 +140,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration, interleaved (median)")
     parser.add_argument("--data-dir", type=Path, help="a cifar-10-batches-py folder (default: generate one)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ddp_throughput"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results directory (default: benchmarks/results/ddp_throughput; --quick: a temp folder)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     quick = args.quick
     args.configs = [parse_config(c) for c in (args.configs or (["1x1", "2x1"] if quick else ["1x1", "1x2", "2x1"]))]
     args.batch = args.batch or (8 if quick else 32)

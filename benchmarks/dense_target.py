@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, torch_threads, write_results
+from common import command_line, results_dir, torch_threads, write_results
 
 from constrainedsparse.causal_lm import calibration_batches, consecutive_windows, perplexity_scores
 from constrainedsparse.layerwise import LayerProblem, solver_class
@@ -130,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--damp", type=float, nargs="+", help="default: 0.01 0.1 1 (quick: 0.1)")
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default: benchmarks/results/dense_target; --quick: a temp folder)"
+    )
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     args.damp = args.damp or ([0.1] if args.quick else [0.01, 0.1, 1.0])
     command = command_line("benchmarks/dense_target.py", argv)
     problem = load_problem("smollm2-wiki")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, torch_threads, write_results
+from common import command_line, results_dir, torch_threads, write_results
 from nm_search import parse_config
 
 from constrainedsparse import prune_layerwise
@@ -78,8 +78,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help_configs = "fw settings, each a string of KEY=VALUE ('': defaults; mask_scope=layer: layer-wide)"
     parser.add_argument("--configs", nargs="+", default=[""], help=help_configs)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of step 2 (default 1)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default: benchmarks/results/fw_settings; --quick: a temp folder)"
+    )
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     for text in args.configs:
         parse_config(_fw_part(text))  # bad settings fail before the model is loaded
     if args.quick:

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, torch_threads, write_results
+from common import command_line, results_dir, torch_threads, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -172,8 +172,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default: benchmarks/results/overhead; --quick: a temp folder)"
+    )
     args = parser.parse_args(argv)
+    args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     if args.problems is None:
         args.problems = ["digits-mlp", RESNET] if args.quick else list(DEFAULT_PROBLEMS)
     if args.methods is None:

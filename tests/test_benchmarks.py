@@ -29,6 +29,17 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+def test_a_quick_run_without_out_writes_to_a_temp_folder_never_over_the_committed_results():
+    import tempfile
+
+    temp = Path(tempfile.gettempdir()) / "constrainedsparse-benchmarks"
+    for name in ("slr_vs_admm", "overhead", "l0_control", "nm_search", "sgd_stability", "layerwise", "causal_lm"):
+        bench = _load(name)
+        assert bench.parse_args(["--quick"]).out == temp / f"{name}-quick", name
+        assert bench.parse_args([]).out.resolve() == (BENCHMARKS / "results" / name).resolve(), name
+        assert bench.parse_args(["--quick", "--out", "x"]).out == Path("x"), name
+
+
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
     """Header and body rows of the first markdown table in ``text``."""
     lines = text[text.index("\n|") + 1 :].split("\n\n")[0].splitlines()
