@@ -140,9 +140,12 @@ MISTAKES = [
     ("a constraint whose length changes",
      "constraints={'c': UserConstraint(lambda m, b: m(b[0]).mean(1)[: 1 + int(b[1].sum()) % 3] - 9)}",
      r"constraint 'c' returned \d entries on this batch, but it was sized with \d \(one multiplier per entry\)"),
-    ("a constraint that goes nan",
-     "constraints={'c': UserConstraint(lambda m: m[0].weight.norm() * float('nan'))}",
+    ("a constraint that goes nan",  # finite where it is sized (eval mode), nan in training
+     "constraints={'c': UserConstraint(lambda m: m[0].weight.norm() * (float('nan') if m.training else 1.0))}",
      r"loss became nan at step \d+ \(prune epoch 1\); not finite either: constraint 'c' \(its value or multi"),
+    ("a constraint that is nan from the start",
+     "constraints={'c': UserConstraint(lambda m: m[0].weight.norm() * float('nan'))}",
+     r"^error: constraint 'c' is not finite on the model as given \(\[nan\]\): a nan or inf violation would make"),
     ("predict returns the output alone", "predict=lambda m, b: m(b[0])",
      r"problem 'mine': predict\(model, batch\) must return \(output, y\), two tensors the metric compares, got a "
      r"Tensor$"),
