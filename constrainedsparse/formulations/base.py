@@ -56,9 +56,9 @@ from constrainedsparse.formulations.checks import (
     check_target_levels,
     check_unparametrized,
     checked_scale,
-    warn_partial_accumulation,
     warn_schedule_unfinished,
 )
+from constrainedsparse.formulations.dual import DualTerms
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, declared_counts
 from constrainedsparse.formulations.step import LagrangianStep, checked_steps
 from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
@@ -142,8 +142,7 @@ class Formulation(abc.ABC):
         self._last: LastStep | None = None  # the last step's loss and Lagrangian, checked once an epoch
         self._epochs = EpochCount()  # the epoch under way and its post_step() calls
         self._ddp_checked = False
-        self._evaluated = 0  # Lagrangians with a dual term since the last post_step()
-        self._warned_partial = False  # warn_partial_accumulation given
+        self._duals = DualTerms()  # each step's λᵀg, backpropagated by post_step() for the steps it is given
         self._stage = _BUILT
         check_unparametrized(self.name, problem.targets)  # the user's masks: nothing below may strip them
         self._claim = claim_targets(self)  # before attach: a second formulation on the same tensors is refused
@@ -328,10 +327,7 @@ class Formulation(abc.ABC):
             self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
         step = LagrangianStep(cmp_state, primal.lagrangian)
         if self.dual_optimizer is not None:
-            dual = cmp_state.compute_dual_lagrangian().lagrangian
-            if dual is not None and dual.requires_grad:  # not under no_grad (an evaluation loop's loss)
-                step.dual, step.dual_scale = (dual if dual_scale == 1.0 else dual * dual_scale), dual_scale
-                self._evaluated += 1
+            self._duals.keep(step, cmp_state.compute_dual_lagrangian().lagrangian, dual_scale)
         return step
 
     def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
@@ -391,7 +387,8 @@ class Formulation(abc.ABC):
         self._epochs.steps += 1
         restarts: dict[str, float] = {}
         if self.dual_optimizer is not None:
-            self._dual_gradient(steps)
+            self.dual_optimizer.zero_grad(set_to_none=True)
+            self._duals.backpropagate(steps)
             self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
             self.dual_optimizer.zero_grad(set_to_none=True)
             restarts = restarted_multipliers(self.problem, self.dual_optimizer)
@@ -399,21 +396,6 @@ class Formulation(abc.ABC):
         for item in steps:
             item.taken, item.dual = True, None
         return metrics
-
-    def _dual_gradient(self, steps: list[LagrangianStep]) -> None:
-        """The multipliers' gradients from the dual terms of ``steps`` only (a batch skipped after ``backward()``
-        takes no part); warns once where ``backward()`` ran more often with a scale the given steps do not
-        sum to 1 (gradient accumulation passing its last step only: the dual step would be a fraction)."""
-        self.dual_optimizer.zero_grad(set_to_none=True)
-        given = [item for item in steps if item.dual is not None]
-        evaluated, self._evaluated = self._evaluated, 0
-        partial = evaluated > len(given) and abs(sum(item.dual_scale for item in given) - 1.0) > 1e-6
-        if given and partial and not self._warned_partial:
-            self._warned_partial = True
-            warn_partial_accumulation(len(given), evaluated)
-        if given:
-            with torch.enable_grad():  # post_step() may run under no_grad: the terms hold their graphs
-                torch.stack([item.dual for item in given]).sum().backward()
 
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         """Hook of :meth:`post_step`: coordination, restarts, clamps; returns metrics to log."""
@@ -566,8 +548,8 @@ class Formulation(abc.ABC):
         check_state(self.name, self.state_dict(), state, self._optional_state_keys)
         check_target_levels(self.name, self._target_levels(), state.get("target_levels", {}))
         if self.dual_optimizer is not None:
-            # A step cut short (an exception before post_step) leaves its dual gradients: not the state's.
             self.dual_optimizer.zero_grad(set_to_none=True)
+            self._duals.evaluated = 0  # steps taken before the state was saved or loaded are not this run's
             if state.get("dual_optimizer") is not None:
                 self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, state["dual_optimizer"]))
         self.problem.load_state_dict(state["cmp"])

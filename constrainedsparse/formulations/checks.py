@@ -338,18 +338,6 @@ def check_backward_call(scale: Any, scaler: Any) -> float:
     return value
 
 
-def warn_partial_accumulation(given: int, evaluated: int) -> None:
-    """Warns that ``post_step()`` got ``given`` steps whose scales do not sum to 1 after ``evaluated`` Lagrangians:
-    gradient accumulation passing only some of its micro-batches' steps."""
-    warnings.warn(
-        f"post_step() got {given} step{'s' * (given != 1)} whose backward() scales do not sum to 1, after "
-        f"{evaluated} backward() calls: the dual step uses the steps given only, so it is a fraction of the mean "
-        "violation; with gradient accumulation pass every micro-batch's step (post_step([step_1, ..., step_n]))",
-        UserWarning,
-        stacklevel=user_stacklevel(),
-    )
-
-
 def warn_schedule_unfinished(name: str, fraction: float, num_epochs: int) -> None:
     """Warns when ``finalize()`` finds the formulation's sparsity schedule at ``fraction`` < 1 of the target: a loop
     that stopped early, whose hard prune jumps to the target at once."""
