@@ -1087,3 +1087,46 @@ def test_block_sparse_refusals(build, x, message) -> None:
         return
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         build().project(x)
+
+
+@pytest.mark.parametrize(
+    ("feasible", "x", "message"),
+    [
+        (TopK(1), [1.0, 2.0], "a sparsity set takes a torch.Tensor, got a list"),
+        (RowTopK(1), torch.ones(4), "the row pattern needs a tensor with rows, got shape (4,)"),
+        (RowTopK(1), torch.tensor(1.0), "the row pattern needs a tensor with rows, got shape ()"),
+        (StructuredGroups(1, dim=1), torch.ones(4), "structured groups along dim 1 need a tensor with 2 dimensions"),
+        (NMSparse(2, 4), np.ones((2, 4), dtype=np.float32), "a sparsity set takes a torch.Tensor, got a ndarray"),
+        (BlockSparse(1, 2, 2), None, "a sparsity set takes a torch.Tensor, got a NoneType"),
+    ],
+)
+def test_every_set_method_refuses_an_input_it_cannot_rank(feasible, x, message) -> None:
+    """What a user may pass by mistake (a list, a bool mask, a bias under a row pattern) is one ValueError from
+    every method, not a TypeError/IndexError from inside torch."""
+    for call in (feasible.mask, feasible.project, feasible.lmo, feasible.contains):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            call(x)
+
+
+@pytest.mark.parametrize("feasible", [TopK(1), RowTopK(1), NMSparse(2, 4)])
+def test_a_boolean_mask_is_refused_where_magnitudes_rank_and_counted_by_contains(feasible) -> None:
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for call in (feasible.mask, feasible.project, feasible.lmo):
+        with pytest.raises(ValueError, match="^a sparsity set takes a numeric tensor, got a bool one"):
+            call(mask)
+    assert not feasible.contains(mask) and feasible.contains(torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("xs", "message"),
+    [
+        ([], "GlobalTopK needs at least one tensor"),
+        (torch.ones(4), "GlobalTopK takes a sequence of tensors (one per layer), got a Tensor"),
+        ([torch.ones(2), "w"], "a sparsity set takes a torch.Tensor, got a str"),
+    ],
+)
+def test_global_topk_methods_refuse_what_is_no_sequence_of_tensors(xs, message) -> None:
+    joint = GlobalTopK(1)
+    for call in (joint.masks, joint.project, joint.lmo, joint.contains):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call(xs)

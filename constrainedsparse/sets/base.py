@@ -50,6 +50,7 @@ __all__ = [
     "JointFeasibleSet",
     "available_patterns",
     "check_count",
+    "check_input",
     "check_sparsity",
     "keep_count",
     "set_text",
@@ -100,6 +101,20 @@ def check_count(value: Any, name: str = "k", low: int | None = 0) -> int:
     if count is None or isinstance(value, bool) or (low is not None and count < low):
         raise ValueError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
     return count
+
+
+def check_input(x: Any, ranked: bool = True) -> torch.Tensor:
+    """``x`` if it is a tensor, of a dtype with magnitudes to rank if ``ranked`` (not bool: ``contains``
+    takes a boolean mask, ``project`` does not).
+
+    Raises:
+        ValueError: Naming what ``x`` was.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"a sparsity set takes a torch.Tensor, got a {type(x).__name__}")
+    if ranked and x.dtype == torch.bool:
+        raise ValueError("a sparsity set takes a numeric tensor, got a bool one (a mask has no magnitudes to rank)")
+    return x
 
 
 def keep_count(numel: int, sparsity: float) -> int:

@@ -17,6 +17,7 @@ from constrainedsparse.sets.base import (
     _fixed_count,
     _lmo_mask,
     check_count,
+    check_input,
     keep_count,
     parse_nm,
     register_pattern,
@@ -40,7 +41,7 @@ class TopK(FeasibleSet):
         self.k = k
 
     def _check(self, x: torch.Tensor) -> None:
-        if self.k > x.numel():
+        if self.k > check_input(x).numel():
             raise ValueError(f"k={self.k} exceeds the tensor's {x.numel()} entries")
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ class TopK(FeasibleSet):
         return _lmo_mask(-grad.reshape(1, -1), self.k, only_negative).reshape(grad.shape).to(grad.dtype)
 
     def contains(self, x: torch.Tensor) -> bool:
-        return int(torch.count_nonzero(x)) <= self.k
+        return int(torch.count_nonzero(check_input(x, ranked=False))) <= self.k
 
     def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
         count = _fixed_count(fixed_fraction, self.k)
@@ -98,18 +99,20 @@ class RowTopK(FeasibleSet):
         self.k = k
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_shape(check_input(x).shape)
         rows = x.reshape(x.shape[0], -1)
         if self.k > rows.shape[1]:
             raise ValueError(f"k={self.k} exceeds the row width {rows.shape[1]}")
         return rows
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        return topk_mask(self._rows(x.detach()).abs(), self.k).reshape(x.shape)
+        return topk_mask(self._rows(x).detach().abs(), self.k).reshape(x.shape)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
         return _lmo_mask(-self._rows(grad), self.k, only_negative).reshape(grad.shape).to(grad.dtype)
 
     def contains(self, x: torch.Tensor) -> bool:
+        self.check_shape(check_input(x, ranked=False).shape)
         return bool((torch.count_nonzero(x.reshape(x.shape[0], -1), dim=1) <= self.k).all())
 
     def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
@@ -173,8 +176,8 @@ class NMSparse(FeasibleSet):
                 f"N:M pattern {self.n}:{self.m} needs the input width divisible by {self.m}, got width {shape[1]}"
             )
 
-    def _groups(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_shape(x.shape)
+    def _groups(self, x: torch.Tensor, ranked: bool = True) -> torch.Tensor:
+        self.check_shape(check_input(x, ranked).shape)
         return x.movedim(1, -1).reshape(-1, self.m)
 
     def _ungroup(self, groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -182,14 +185,14 @@ class NMSparse(FeasibleSet):
         return groups.reshape(moved_shape).movedim(-1, 1)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ungroup(topk_mask(self._groups(x.detach()).abs(), self.n), x)
+        return self._ungroup(topk_mask(self._groups(x).detach().abs(), self.n), x)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:
         vertex = _lmo_mask(-self._groups(grad), self.n, only_negative)
         return self._ungroup(vertex, grad).to(grad.dtype)
 
     def contains(self, x: torch.Tensor) -> bool:
-        return bool((torch.count_nonzero(self._groups(x), dim=1) <= self.n).all())
+        return bool((torch.count_nonzero(self._groups(x, ranked=False), dim=1) <= self.n).all())
 
     def face(self, fixed_fraction: float, shape: Sequence[int]) -> Face:
         self.check_shape(shape)

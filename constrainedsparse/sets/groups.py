@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from constrainedsparse.selection import topk_mask
-from constrainedsparse.sets.base import FeasibleSet, _lmo_mask, check_count, keep_count, register_pattern
+from constrainedsparse.sets.base import FeasibleSet, _lmo_mask, check_count, check_input, keep_count, register_pattern
 
 __all__ = ["BlockSparse", "StructuredGroups"]
 
@@ -40,10 +40,7 @@ class StructuredGroups(FeasibleSet):
     @classmethod
     def at_level(cls, shape: Sequence[int], sparsity: float, **params: Any) -> StructuredGroups:
         dim = params.get("dim", 0)
-        if len(shape) <= dim:
-            raise ValueError(
-                f"structured groups along dim {dim} need a tensor with {dim + 1} dimensions, got {tuple(shape)}"
-            )
+        cls(0, dim).check_shape(shape)
         return cls(keep_count(shape[dim], sparsity), dim=dim)
 
     @classmethod
@@ -60,7 +57,15 @@ class StructuredGroups(FeasibleSet):
             raise ValueError(f"dim must be 0 (output groups) or 1 (input groups), got {dim}")
         self.k, self.dim = k, dim
 
+    def check_shape(self, shape: Sequence[int]) -> None:
+        if len(shape) <= self.dim:
+            raise ValueError(
+                f"structured groups along dim {self.dim} need a tensor with {self.dim + 1} dimensions, "
+                f"got {tuple(shape)}"
+            )
+
     def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_shape(check_input(x, ranked=False).shape)  # a bool tensor's group norms are counts
         groups = x.movedim(self.dim, 0).reshape(x.shape[self.dim], -1)
         if self.k > groups.shape[0]:
             raise ValueError(f"k={self.k} exceeds the {groups.shape[0]} groups along dim {self.dim}")
@@ -73,7 +78,7 @@ class StructuredGroups(FeasibleSet):
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         # float64 so that squared norms neither overflow (float16) nor underflow into false ties.
-        norms = self._groups(x.detach()).to(torch.float64).square().sum(dim=1)
+        norms = self._groups(x).detach().to(torch.float64).square().sum(dim=1)
         return self.group_mask(norms, x)
 
     def group_mask(self, scores: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -147,7 +152,7 @@ class BlockSparse(FeasibleSet):
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         """``(blocks, entries per block)``: block (i, j) is row ``i * C + j``."""
-        self.check_shape(x.shape)
+        self.check_shape(check_input(x, ranked=False).shape)
         r, c = x.shape[0] // self.rows, x.shape[1] // self.cols
         tiles = x.reshape(r, self.rows, c, self.cols, -1).transpose(1, 2)
         blocks = tiles.reshape(r * c, -1)
@@ -162,7 +167,7 @@ class BlockSparse(FeasibleSet):
         return tiles.reshape(like.shape)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        norms = self._blocks(x.detach()).to(torch.float64).square().sum(dim=1)
+        norms = self._blocks(x).detach().to(torch.float64).square().sum(dim=1)
         return self._expand(topk_mask(norms.unsqueeze(0), self.k)[0], x)
 
     def lmo(self, grad: torch.Tensor, only_negative: bool = False) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from constrainedsparse.selection import topk_mask
-from constrainedsparse.sets.base import JointFeasibleSet, _lmo_mask, check_count
+from constrainedsparse.sets.base import JointFeasibleSet, _lmo_mask, check_count, check_input
 
 __all__ = ["GlobalTopK", "lift_floors", "nearest_prefix"]
 
@@ -27,9 +27,17 @@ class GlobalTopK(JointFeasibleSet):
         k = check_count(k)
         self.k = k
 
-    def _flat(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _check(xs: Sequence[torch.Tensor]) -> None:
+        if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
+            raise ValueError(f"GlobalTopK takes a sequence of tensors (one per layer), got a {type(xs).__name__}")
         if not xs:
             raise ValueError("GlobalTopK needs at least one tensor")
+        for x in xs:
+            check_input(x, ranked=False)
+
+    def _flat(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        self._check(xs)
         flat = torch.cat([x.detach().reshape(-1) for x in xs])
         if self.k > flat.numel():
             raise ValueError(f"k={self.k} exceeds the {flat.numel()} entries of all tensors")
@@ -46,12 +54,14 @@ class GlobalTopK(JointFeasibleSet):
 
     def lmo(self, grads: Sequence[torch.Tensor], only_negative: bool = False) -> list[torch.Tensor]:
         """Vertex of the joint mask hull minimising the summed inner product."""
+        self._check(grads)
         flat = torch.cat([g.reshape(-1) for g in grads])
         vertex = _lmo_mask(-flat.unsqueeze(0), self.k, only_negative)[0]
         return [v.to(g.dtype) for v, g in zip(self._split(vertex, grads), grads)]
 
     def contains(self, xs: Sequence[torch.Tensor]) -> bool:
         """Whether the tensors have at most ``k`` nonzeros in total."""
+        self._check(xs)
         return sum(int(torch.count_nonzero(x)) for x in xs) <= self.k
 
     def __repr__(self) -> str:
