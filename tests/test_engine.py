@@ -95,6 +95,30 @@ def test_the_dense_cache_key_is_the_same_on_other_threads():
     assert len(paths) == 1
 
 
+def test_every_field_that_shapes_the_dense_model_changes_its_cache_file():
+    # A problem option (a width, a data subset), the batch size, lr, the device kind, the seed or the epochs
+    # trained each give another dense model: a stale cache file must never be read for it.
+    import dataclasses
+
+    from constrainedsparse.dense import DenseRecipe, dense_cache_path
+    from constrainedsparse.spec import load_problem
+
+    problem = load_problem("digits-mlp")
+    recipe = DenseRecipe(problem, dict(problem.options), 1e-3, 64, "cpu", 0, 3, False)
+    changes = {
+        "options": {**problem.options, "hidden": 128},
+        "lr": 2e-3,
+        "batch_size": 32,
+        "device": "meta",
+        "seed": 1,
+        "pretrain_epochs": 4,
+    }
+    base = dense_cache_path(recipe)
+    for field, value in changes.items():
+        assert dense_cache_path(dataclasses.replace(recipe, **{field: value})) != base, field
+    assert dense_cache_path(dataclasses.replace(recipe, progress=True)) == base
+
+
 def test_version_flag_prints_the_version(capsys):
     from constrainedsparse import __version__
 

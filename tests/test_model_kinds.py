@@ -79,7 +79,8 @@ def test_a_setup_that_fails_leaves_the_formulation_not_ready():
     targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.5))
     problem = cs.SparsityProblem(model, targets=targets, compute_loss=lambda m, b: m(b["x"]).sum())
     formulation = cs.make("slr", problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(KeyError):  # the user's loss fails on the reference batch in setup (slr measures f there)
+    # the user's loss fails on the reference batch in setup (slr measures f there)
+    with pytest.raises(KeyError, match="^'x'$"):
         formulation.setup(1, 1, reference_batch={"input": torch.randn(4, 8)})
     with pytest.raises(ValueError, match=r"^call setup\(num_epochs, steps_per_epoch\[, reference_batch\]\) before"):
         formulation.backward(torch.randn(4, 8))

@@ -183,6 +183,9 @@ def test_mutant_MA5_magnitude_resumes_mid_epoch_on_the_loaded_masks():
     resumed.setup(2, 2)
     resumed.load_state_dict(f.state_dict())
     resumed.training_step(_batch())  # no start_epoch() needed: the state carries the masks
+    for ours, theirs in zip(resumed.problem.targets, f.problem.targets):  # the same entries pruned
+        assert torch.equal(ours.module.weight == 0, theirs.module.weight == 0)
+        assert 0 < int((ours.module.weight == 0).sum()) < ours.module.weight.numel()
 
 
 def test_mutant_MK2_parameter_order_survives_a_mask():
