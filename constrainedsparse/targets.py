@@ -100,6 +100,7 @@ class Targets:
             if isinstance(value, (str, type)) or not isinstance(value, Collection):  # "4.*" is not a list of globs
                 shown = value.__name__ if isinstance(value, type) else repr(value)
                 raise ValueError(f"{key} must be a list, tuple or set, got {shown}: wrap a single item as ({shown},)")
+        self.module_types = tuple(self.module_types)  # isinstance() takes a tuple of classes, not a list
         twice = [name for i, name in enumerate(self.param_names) if name in list(self.param_names)[:i]]
         if twice:
             raise ValueError(f"param_names lists {twice[0]!r} twice: name each parameter once")
@@ -248,11 +249,24 @@ class Targets:
     def _selects_nothing(self, model: nn.Module) -> str:
         """The message for a filter that selects nothing: every criterion, and the model's weights."""
         shown = _shown([name for name, _ in model.named_parameters()]) or "none"
+        unlisted = sorted(
+            {
+                type(m).__name__
+                for m in model.modules()
+                if _inputs_first(m) is not None and not isinstance(m, self.module_types)
+            }
+        )
+        hint = (
+            f" (its {', '.join(unlisted)} layers are not in module_types: add their class, e.g. "
+            "transformers.pytorch_utils.Conv1D for GPT-2)"
+            if unlisted
+            else ""
+        )
         return (
             "the target filter selects no parameters (module_types="
             f"{', '.join(t.__name__ for t in self.module_types)}, param_names={list(self.param_names)}, "
             f"filter_fn={'given' if self.filter_fn is not None else None}, include={list(self.include)}, "
-            f"exclude={list(self.exclude)}); the model's parameters are {shown}"
+            f"exclude={list(self.exclude)}); the model's parameters are {shown}{hint}"
         )
 
 

@@ -287,3 +287,24 @@ def test_a_tensor_listed_twice_is_refused_where_the_targets_are_taken():
         cs.achieved_sparsity(targets)
     with pytest.raises(ValueError, match=r"^param_names lists 'weight' twice: name each parameter once$"):
         Targets(param_names=("weight", "weight"))
+
+
+def test_module_types_given_as_a_list_resolve_and_an_unlisted_conv1d_is_named_when_nothing_is_selected():
+    """``Targets(module_types=[nn.Linear])`` (a list, as the error text allows) raised isinstance()'s TypeError; a GPT-2
+    model under the default module types selected nothing without saying its layers are transformers' Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    assert [t.name for t in Targets(module_types=[nn.Linear]).resolve(nn.Linear(4, 4), SparsityConfig(0.5))] == [
+        "weight"
+    ]
+    gpt2_like = nn.Sequential(Conv1D(8, 4), nn.ReLU(), Conv1D(2, 8))
+    with pytest.raises(
+        ValueError,
+        match=r"\(its Conv1D layers are not in module_types: add their class, e.g. "
+        r"transformers\.pytorch_utils\.Conv1D for GPT-2\)$",
+    ):
+        Targets().resolve(gpt2_like, SparsityConfig(0.5))
+    with pytest.raises(ValueError, match=r"the model.s parameters are .* \(10 in all\)$"):
+        Targets(param_names=("weights",)).resolve(Net(), SparsityConfig(0.5))  # nothing unlisted: no hint
+    chosen = Targets(module_types=[nn.Linear, Conv1D]).resolve(gpt2_like, SparsityConfig(0.5))
+    assert [t.name for t in chosen] == ["0.weight", "2.weight"]
