@@ -23,7 +23,7 @@ other buffer changes, and every module's training mode is restored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -77,12 +77,20 @@ def recalibrate_batchnorm(
         layer with running statistics: then nothing runs and nothing changes); a batch of no sample is skipped.
 
     Raises:
-        ValueError: If ``batches`` is not iterable, or the model has BatchNorm layers but ``batches`` yields none,
+        ValueError: If ``model`` is no ``nn.Module``, ``batches`` is not iterable or is one batch (a tensor or
+            a dict: pass ``[batch]``), or the model has BatchNorm layers but ``batches`` yields none,
             or ``max_batches`` is not an integer >= 1. The statistics are then, as after any exception of the
             model on a batch, those the model had before the call.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"recalibrate_batchnorm: model must be an nn.Module, got {type(model).__name__}")
     if max_batches is not None and (not is_integer(max_batches) or max_batches < 1):
         raise ValueError(f"max_batches must be an integer >= 1 or None, got {max_batches!r}")
+    if isinstance(batches, (torch.Tensor, Mapping)):  # iterating would give its rows (keys), not batches
+        raise ValueError(
+            f"recalibrate_batchnorm: batches must be an iterable of batches, got one {type(batches).__name__} "
+            "(one batch: pass [batch])"
+        )
     try:
         iter(batches)  # a map-style dataset (__getitem__ and __len__) iterates too
     except TypeError:

@@ -916,6 +916,17 @@ def test_a_failed_batchnorm_recalibration_leaves_the_statistics_as_they_were():
     assert model.training
 
 
+def test_batchnorm_recalibration_refuses_a_model_that_is_no_module_and_one_batch_given_alone():
+    model = _bn_model()
+    before = {name: buffer.clone() for name, buffer in model[1].named_buffers()}
+    with pytest.raises(ValueError, match=r"^recalibrate_batchnorm: model must be an nn.Module, got NoneType$"):
+        recalibrate_batchnorm(None, [torch.randn(3, 4)])
+    for one in (torch.randn(3, 4), {"x": torch.randn(3, 4)}):  # iterating gave rows (keys): torch's shape error
+        with pytest.raises(ValueError, match=r"got one (Tensor|dict) \(one batch: pass \[batch\]\)$"):
+            recalibrate_batchnorm(model, one)
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model[1].named_buffers())
+
+
 def test_batchnorm_recalibration_takes_a_map_style_dataset_and_options_take_any_setable_name():
     from torch.utils.data import TensorDataset
 
