@@ -98,6 +98,15 @@ class SparsityConfig:
             raise ValueError(
                 f"pattern {self.pattern!r} {takes}, got {self.params!r} (SparsityConfig.parse reads pattern text)"
             )
+        text = cls.pattern_text(**self.options)
+        try:  # values its text cannot say (block:0x2) are refused as the text would be
+            read = cls.parse(text)
+        except ValueError as err:
+            raise ValueError(f"params {self.params!r}: {err}") from None
+        if read is None or any(read.get(key) != value for key, value in self.options.items()):
+            raise ValueError(
+                f"pattern {self.pattern!r}: params {self.params!r} name no pattern ({text!r} reads {read})"
+            )
 
     @property
     def options(self) -> dict[str, Any]:

@@ -308,3 +308,18 @@ def test_module_types_given_as_a_list_resolve_and_an_unlisted_conv1d_is_named_wh
         Targets(param_names=("weights",)).resolve(Net(), SparsityConfig(0.5))  # nothing unlisted: no hint
     chosen = Targets(module_types=[nn.Linear, Conv1D]).resolve(gpt2_like, SparsityConfig(0.5))
     assert [t.name for t in chosen] == ["0.weight", "2.weight"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "params", "message"),
+    [
+        ("structured", (("bogus", 2),), r"^pattern 'structured' takes params like \('dim', 1\), got"),
+        ("structured", (("dim", 2),), r"^structured groups take dim 0 \(rows\) or 1 \(columns\), got 2$"),
+        ("block", (("rows", 0), ("cols", 2)), r"^params \(\('rows', 0\), \('cols', 2\)\): pattern 'block:0x2': block"),
+    ],
+)
+def test_pattern_params_its_text_cannot_say_are_refused_when_the_config_is_built(pattern, params, message):
+    """``dim=2`` was taken and refused only at resolve, as 'need a tensor with 3 dimensions' (no tensor would do)."""
+    with pytest.raises(ValueError, match=message):
+        SparsityConfig(0.5, pattern, params=params)
+    assert SparsityConfig(0.5, "structured", params=(("dim", 1),)).pattern_text() == "structured:columns"

@@ -45,7 +45,10 @@ class StructuredGroups(FeasibleSet):
 
     @classmethod
     def pattern_text(cls, **params: Any) -> str:
-        return f"{cls.kind}:{'columns' if params.get('dim', 0) == 1 else 'rows'}"
+        dim = params.get("dim", 0)
+        if dim not in (0, 1):
+            raise ValueError(f"structured groups take dim 0 (rows) or 1 (columns), got {dim!r}")
+        return f"{cls.kind}:{'columns' if dim == 1 else 'rows'}"
 
     @classmethod
     def example_params(cls) -> dict[str, Any]:
