@@ -34,6 +34,10 @@ _CHUNK = 1 << 16
 _MASS_FRACTION = 256
 # Widest rows for which topk_mask(k=1) scans columns instead of calling argmax (CPU).
 _COLUMN_SCAN_MAX_WIDTH = 8
+# Smallest tensors whose top-k magnitudes are selected within a band of candidates (below: one introselect over all),
+# and the size of the sample that places the band's floor.
+_BAND_MIN_NUMEL = 1 << 12
+_BAND_SAMPLE = 1 << 10
 
 
 def _numpy_compatible(tensor: torch.Tensor) -> bool:
@@ -379,15 +383,40 @@ def _break_ties(rows: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor,
     return above.logical_or_(ties.logical_and_(tie_rank <= room))
 
 
+def _band(scores: np.ndarray, k: int) -> np.ndarray:
+    """The scores at or above a floor a little below the k-th largest (at least ``k`` of them), or all of them.
+
+    The floor is an order statistic of a strided sample of :data:`_BAND_SAMPLE` scores, a 5-sigma margin below the
+    k-th largest's rank: the k-th largest of the band is the k-th largest of ``scores`` (every score left out is
+    below the floor, which is at most the band's k-th largest), found by an introselect over a few times ``k``
+    entries instead of all of them. All of them for a small array, with a NaN (the full introselect's answer
+    stands: NaNs sort above every number), or when the floor missed (fewer than ``k`` at or above it).
+    """
+    n = scores.shape[0]
+    if n < _BAND_MIN_NUMEL or k > n // 2 or np.isnan(scores.max()):
+        return scores
+    sample = scores[:: n // _BAND_SAMPLE]
+    m = sample.shape[0]
+    q = k / n
+    rank = int(q * m) + int(5.0 * math.sqrt(m * q * (1.0 - q))) + 16  # from the top
+    if rank >= m:
+        return scores
+    floor = np.partition(sample, m - 1 - rank)[m - 1 - rank]
+    band = np.compress(scores >= floor, scores)  # about twice as fast as indexing with the mask
+    return band if band.shape[0] >= k else scores
+
+
 def _largest_magnitude_numpy(values: np.ndarray, k: int) -> SampledSelection | None:
-    """The exact k-th largest magnitude of a small array and its ties (one introselect, two counts), or
-    ``None`` when it is not finite or NaNs are present."""
+    """The exact k-th largest magnitude of a small array and its ties (one introselect over the magnitudes of
+    :func:`_band`, two counts), or ``None`` when it is not finite or NaNs are present."""
     scores = np.abs(values)
     n = scores.shape[0]
-    threshold = np.partition(scores, n - k)[n - k]
+    band = _band(scores, k)
+    m = band.shape[0]
+    threshold = np.partition(band, m - k)[m - k]
     if not np.isfinite(threshold):
         return None
-    count_gt, count_ge = int(np.count_nonzero(scores > threshold)), int(np.count_nonzero(scores >= threshold))
+    count_gt, count_ge = int(np.count_nonzero(band > threshold)), int(np.count_nonzero(band >= threshold))
     if count_ge < k:  # NaNs sort above every number
         return None
     cut = _nth_tie(scores, 0, n, threshold, k - count_gt, magnitude=False) if count_ge > k else None
@@ -400,7 +429,8 @@ def project_largest_magnitudes(x: torch.Tensor, k: int, out: torch.Tensor | None
     For contiguous tensors with ``0 < k < numel``: the threshold comes from
     :func:`kth_largest_sampled` for large ones (at least :data:`SAMPLED_SELECT_MIN_NUMEL` entries: it
     reads ``x`` once, heavy ties included), from one NumPy introselect on the magnitudes for smaller
-    float CPU ones (no boolean mask: comparisons into ``bool`` tensors are slow on CPU); then
+    float CPU ones, over a band of candidates from :data:`_BAND_MIN_NUMEL` entries (:func:`_band`; no boolean
+    tensor: comparisons into ``bool`` tensors are slow on CPU); then
     ``torch.hardshrink`` writes the result in one pass, split in two at the tie cut when only some
     of the entries tied at the threshold are kept. Nothing of ``x``'s size is allocated besides the
     result (and, for small tensors, the magnitudes), and not even the result when ``out``

@@ -878,6 +878,37 @@ def test_small_tensor_projection_takes_the_threshold_path_with_ties(values: list
     assert selection.project_largest_magnitudes(torch.tensor([float("nan"), 1.0, 2.0], dtype=dtype), 2) is None
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng, n: rng.standard_normal(n),
+        lambda rng, n: rng.integers(-3, 4, n).astype(float),  # heavy ties and zeros
+        lambda rng, n: np.where(np.arange(n) % 16 == 0, 1.0, 1e-3 * rng.standard_normal(n)),  # the sample sees only 1s
+        lambda rng, n: np.where(np.arange(n) % 97 == 5, np.nan, rng.standard_normal(n)),
+        lambda rng, n: np.where(np.arange(n) % 7 == 0, np.inf, rng.standard_normal(n)),
+    ],
+    ids=["normal", "ties", "biased-sample", "nan", "inf"],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_band_selection_equals_the_full_introselect(make, dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From :data:`selection._BAND_MIN_NUMEL` entries the k-th largest magnitude is selected within a band of
+    candidates: the same threshold, counts and tie cut as one introselect over all of them (or ``None`` alike)."""
+    rng = np.random.default_rng(0)
+    for n in (selection._BAND_MIN_NUMEL, 5000, 20000):
+        values = make(rng, n).astype(dtype)
+        for k in (1, n // 100, n // 10, n // 3, n // 2 + 1, n - 1):
+            banded = selection._largest_magnitude_numpy(values, k)
+            with monkeypatch.context() as patch:
+                patch.setattr(selection, "_band", lambda scores, k: scores)
+                full = selection._largest_magnitude_numpy(values, k)
+            assert (banded is None) == (full is None)
+            if full is not None:
+                assert torch.equal(banded.threshold, full.threshold)
+                assert banded[1:] == full[1:]
+                x = torch.from_numpy(values)
+                assert torch.equal(selection.project_largest_magnitudes(x, k), x * selection.topk_mask(x.abs(), k))
+
+
 def test_project_rejects_a_mismatched_buffer() -> None:
     x = torch.arange(6.0).reshape(2, 3)
     wrong = (
