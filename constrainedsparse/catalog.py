@@ -62,14 +62,15 @@ def describe(name: str, kind: str | None = None) -> Description:
             registered under both kinds (``magnitude``; the training one is the default).
 
     Raises:
-        ValueError: If no entry has this name (listing every name), or none of ``kind`` (listing that kind's).
+        ValueError: If no entry has this name (listing that kind's names, or every name without ``kind``), or none
+            of ``kind`` (listing that kind's).
     """
     kinds = REGISTRY.kinds_of(name)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not kinds:
-        everything = sorted({n for k in KINDS for n in REGISTRY.names(k)})
-        raise ValueError(f"unknown formulation {name!r}; available: {', '.join(everything)}")
+    if not kinds:  # the names of the kind asked for (a problem's --set help), else every name
+        names = REGISTRY.names(kind) if kind is not None else sorted({n for k in KINDS for n in REGISTRY.names(k)})
+        raise ValueError(f"unknown formulation {name!r}; available: {', '.join(names)}")
     if kind is not None and kind not in kinds:
         raise ValueError(
             f"{name!r} is a {KINDS[kinds[0]]}, not a {KINDS[kind]}; {KINDS[kind]}s: {', '.join(REGISTRY.names(kind))}"

@@ -139,6 +139,11 @@ ROWS: list[Row] = [
     Row("block shape", [*RUN, "--pattern", "block:3x3"], r"0.weight: block pattern 3x3 needs dims 0 and 1 divisible"),
     # --- formulations and --set ------------------------------------------------------------------
     Row("unknown formulation", [*RUN, "--formulation", "nope"], r"unknown formulation 'nope'; available: admm, l0"),
+    Row(
+        "unknown formulation, --set help",  # the training ones only (it listed fw, sparsegpt, wanda too)
+        [*RUN, "--formulation", "nope", "--set", "help"],
+        r"unknown formulation 'nope'; available: admm, l0, l0-penalty, magnitude, slr$",
+    ),
     Row("layer-wise on training", [*RUN, "--formulation", "wanda"], r"formulation 'wanda' is layer-wise"),
     Row("unknown key", [*RUN, "--set", "foo=1"], r"unknown --set key 'foo' for formulation 'slr'"),
     Row("no value", [*RUN, "--set", "novalue"], r"--set expects KEY=VALUE, got 'novalue'"),
