@@ -43,7 +43,7 @@ from constrainedsparse.logger import WANDB_MODES, parse_tags
 from constrainedsparse.plots import check_png, metrics_rows, plot_metrics
 from constrainedsparse.report import block_names, print_layer_table
 from constrainedsparse.runconfig import WANDB_FIELDS
-from constrainedsparse.runners import execute, runner_for, validate
+from constrainedsparse.runners import check_options, execute, runner_for, validate
 from constrainedsparse.runs import CHECKPOINT, RunConfig, RunDirectory
 from constrainedsparse.spec import DEBUG_ENV, LayerwiseProblem, Problem, bundled_problems, load_problem
 
@@ -242,7 +242,7 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, Problem | Layerwis
         problem = load_problem(args.problem) if args.problem is not None else None
         named = args.formulation or default_formulation(problem or load_problem(DEFAULTS["problem"]))
         default_out = Path("runs") / f"{Path(args.problem or DEFAULTS['problem']).stem}-{named}"
-        config = RunConfig.resumed(args.out or default_out, given)
+        config = RunConfig.resumed(args.out or default_out, given, check_options)
         config = RunConfig(**{**config.__dict__, **common})
         return config, problem if problem is not None else load_problem(config.problem)
     problem = load_problem(args.problem or DEFAULTS["problem"])

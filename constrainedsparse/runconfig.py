@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,9 @@ class RunConfig:
         return {**{key: getattr(self, key) for key in IDENTITY_FIELDS}, "settings": settings}
 
     @classmethod
-    def resumed(cls, out: Path, given: Mapping[str, Any]) -> RunConfig:
+    def resumed(
+        cls, out: Path, given: Mapping[str, Any], check: Callable[[RunConfig], None] | None = None
+    ) -> RunConfig:
         """The configuration stored in ``out/checkpoint.pt``, with the options ``given`` again.
 
         Args:
@@ -150,11 +152,16 @@ class RunConfig:
                 were not given are absent). ``settings`` may name some keys: each must mean its
                 stored value (``0.20`` for ``0.2``; the stored text is kept), the others keep theirs;
                 volatile keys (``device``, ``allow_empty_layers``) may differ.
+            check: Checks the options of a configuration (:func:`~constrainedsparse.runners.check_options`):
+                called on the stored one with the given options when some differ, so that a value bad in
+                itself (``--set rho=abc``) is reported as such, not as a difference.
 
         Raises:
-            UserInputError: Without a readable checkpoint, or when a given option differs from
-                the stored one (naming every differing key).
+            UserInputError: Without a readable checkpoint, for ``out`` a file, or when a given option differs
+                from the stored one (naming every differing key).
         """
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UserInputError(f"--out {out} is a file, not a directory")
         if (Path(out) / "summary.json").is_file():  # finished: that, before any option that differs
             raise finished_error(Path(out), "--overwrite")
         state = load_checkpoint(Path(out) / CHECKPOINT)
@@ -187,20 +194,24 @@ class RunConfig:
                 differing.append(f"--set {key} ({value}, not set at the start{in_effect})")
             elif not _same_setting(value, theirs[key]):
                 differing.append(f"--set {key} ({value}, stored {theirs[key]})")
-        _refuse_other_options(out, differing)
         fields = {key: stored[key] for key in (*IDENTITY_FIELDS, *WANDB_FIELDS) if key in stored}
         if "wandb_tags" in stored:  # a checkpoint keeps a list
             fields["wandb_tags"] = tuple(stored["wandb_tags"])
+        if differing and check is not None:  # the values first (docs/cli.md), then how they differ
+            target = {"sparsity": None, "pattern": None} if {"sparsity", "pattern"} & set(given) else {}
+            values = {**fields, **target, **given, "settings": {**settings, **given.get("settings", {})}}
+            check(cls(**values, out=Path(out)))  # a given target replaces the stored one: not both at once
+        _refuse_other_options(out, differing)
         extra = {k: v for k, v in given.items() if k not in fields and k != "settings"}
         return cls(**{**fields, **extra, "settings": settings, "out": Path(out), "resume": True})
 
-    def continued(self) -> RunConfig:
+    def continued(self, check: Callable[[RunConfig], None] | None = None) -> RunConfig:
         """What ``run(RunConfig(out=..., resume=True))`` resumes: the configuration stored in ``out``, with the options
         of this one that differ from :class:`RunConfig`'s defaults given again (as flags on the command line: each
         must mean its stored value); ``progress``, ``overwrite`` and ``stop_after_epochs`` are this one's.
 
         Raises:
-            UserInputError: As :meth:`resumed`.
+            UserInputError: As :meth:`resumed` (given ``check``).
         """
         defaults = RunConfig()
         given: dict[str, Any] = {
@@ -210,7 +221,7 @@ class RunConfig:
         }
         if self.settings:
             given["settings"] = dict(self.settings)
-        stored = RunConfig.resumed(Path(self.out), given)
+        stored = RunConfig.resumed(Path(self.out), given, check)
         return dataclasses.replace(
             stored, progress=self.progress, overwrite=self.overwrite, stop_after_epochs=self.stop_after_epochs
         )

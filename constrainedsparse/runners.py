@@ -18,7 +18,18 @@ from constrainedsparse.logger import WANDB_MODES
 from constrainedsparse.runs import RunConfig, RunDirectory
 from constrainedsparse.spec import LayerwiseProblem, Problem, load_problem
 
-__all__ = ["LAYERWISE", "TRAINING", "Prepared", "Runner", "check_common", "execute", "run", "runner_for", "validate"]
+__all__ = [
+    "LAYERWISE",
+    "TRAINING",
+    "Prepared",
+    "Runner",
+    "check_common",
+    "check_options",
+    "execute",
+    "run",
+    "runner_for",
+    "validate",
+]
 
 
 class Prepared(Protocol):
@@ -76,6 +87,28 @@ def check_common(config: RunConfig) -> None:
         raise UserInputError(f"RunConfig(stop_after_epochs=...) must be an integer >= 1 or None, got {stop!r}")
 
 
+class _OptionsChecked(Exception):
+    """Raised by :func:`check_options` where the checks reach the run directory (the options are done)."""
+
+
+def check_options(config: RunConfig) -> None:
+    """The checks of :func:`validate` up to the run directory: the options alone (no directory, no model).
+
+    Raises:
+        UserInputError: As :func:`validate`.
+    """
+    problem = load_problem(config.problem)
+    check_common(config)
+
+    def stop() -> None:
+        raise _OptionsChecked
+
+    try:
+        runner_for(problem).prepare(config, problem, stop, None)
+    except _OptionsChecked:
+        return
+
+
 def validate(config: RunConfig, problem: Problem | LayerwiseProblem, processes: int | None = None) -> Prepared:
     """Every check of a run before any work, cheapest first: the shared options, the runner's options, the run
     directory, then what needs the model (built or loaded). ``processes``: the run's (``--nproc``; default this
@@ -108,7 +141,7 @@ def run(config: RunConfig, problem: Problem | LayerwiseProblem | None = None) ->
     if not isinstance(config, RunConfig):
         raise UserInputError(f"run(config): config must be a RunConfig(...), got {type(config).__name__}")
     if config.resume and not config.overwrite:  # both at once: refused with the directory's own message
-        config = config.continued()
+        config = config.continued(check_options)
     return execute(config, problem)
 
 

@@ -352,6 +352,25 @@ ROWS: list[Row] = [
         r"was started with other options: --set schedule",
         _interrupted,
     ),  # fmt: skip
+    # a value bad in itself is reported as such (it was 'started with other options: --set lr (abc, ...)')
+    Row(
+        "resume bad value",
+        ["run", "--out", "{out}", "--resume", "--set", "lr=abc"],
+        r"--set lr='abc' must be a float$",
+        _interrupted,
+    ),  # fmt: skip
+    Row(
+        "resume bad epochs",
+        ["run", "--out", "{out}", "--resume", "--epochs", "-1"],
+        r"--epochs must be an integer >= 0, got -1$",
+        _interrupted,
+    ),  # fmt: skip
+    Row(
+        "resume out a file",
+        ["run", "--out", "{tmp}/notes.txt", "--resume"],
+        r"--out .*notes.txt is a file, not a directory$",
+        _file("notes.txt"),
+    ),  # fmt: skip
     # --- problem files: the user's code -----------------------------------------------------------
     Row("unknown problem", ["run", "no-such-problem", "--out", "{out}"], r"unknown problem 'no-such-problem'"),
     Row(

@@ -176,6 +176,9 @@ def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
         match=r"^--resume: the run in .* was started with other options: sparsity \(0\.5, stored 0\.9\); give",
     ):
         run(RunConfig(out=tmp_path / "a", sparsity=0.5, resume=True, **common))
+    # a value bad in itself is named as such, before the comparison (it read 'started with other options')
+    with pytest.raises(ValueError, match=r"^--set lr='abc' must be a float$"):
+        run(RunConfig(out=tmp_path / "a", sparsity=0.9, resume=True, settings={"lr": "abc"}, **common))
 
 
 def test_a_python_resume_needs_only_the_folder(tmp_path):
