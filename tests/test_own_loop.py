@@ -749,6 +749,26 @@ def test_a_step_given_to_post_step_twice_an_epoch_never_ended_and_another_one_en
         f.end_epoch(2)
 
 
+def test_an_epoch_ended_twice_is_refused_before_its_end_of_epoch_work_runs_again():
+    """admm with interval_unit=epoch coordinates in end_epoch(): a second end_epoch(0) took one more Z-step and dual
+    step (k went 1 -> 2) without a word."""
+    f, x, y = _built("admm", interval=1, interval_unit="epoch")
+    f.setup(2, 4)
+    f.start_epoch(0)
+    for _ in range(f.steps_per_epoch):
+        f.training_step((x, y))
+    f.end_epoch(0)
+    k = f.k
+    with pytest.raises(ValueError, match=r"^end_epoch\(0\) again: epoch 0 has ended .*; call start_epoch\(1\) before"):
+        f.end_epoch(0)
+    assert f.k == k
+    f.start_epoch(1)
+    for _ in range(f.steps_per_epoch):
+        f.training_step((x, y))
+    f.end_epoch(1)  # the next epoch ends as usual
+    assert f.k == k + 1
+
+
 def test_slr_with_epoch_coordination_and_no_end_epoch_warns_at_finalize():
     data = load_breast_cancer()
     x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)[:64]

@@ -282,12 +282,14 @@ class Formulation(abc.ABC):
         """Call at the end of epoch ``epoch``; returns metrics to log.
 
         Raises:
-            ValueError: Before :meth:`setup`, or for an ``epoch`` that is not an integer >= 0.
+            ValueError: Before :meth:`setup`, for an ``epoch`` that is not an integer >= 0, or for the epoch that
+                has just ended (no :meth:`start_epoch` since).
             NonFiniteLossError: If the epoch's last loss is NaN/inf or a tensor the masks come from
                 (:meth:`mask_sources`) holds NaN/inf (the run has diverged).
         """
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
+        self._epochs.check_end(epoch)
         check_finite_step(self._last, self.problem, f"at the last step of epoch {epoch}")
         check_finite_weights(self.mask_sources(), f"at the end of epoch {epoch}")
         self._epochs.end(epoch)

@@ -72,6 +72,7 @@ class EpochCount:
         epoch: The epoch started last (-1 before the first).
         steps: ``post_step()`` calls in that epoch so far.
         open_epoch: The epoch started and not yet ended, if any.
+        ended: The epoch ended last, if no epoch has started since.
         resumed_mid_epoch: A state saved mid-epoch was loaded: starting that epoch again keeps ``steps``.
     """
 
@@ -81,6 +82,7 @@ class EpochCount:
     epoch: int = -1
     steps: int = 0
     open_epoch: int | None = None
+    ended: int | None = None
     resumed_mid_epoch: bool = False
     _warned: set[str] = dataclasses.field(default_factory=set, repr=False)
 
@@ -116,7 +118,20 @@ class EpochCount:
             )
         if not (self.resumed_mid_epoch and epoch == self.epoch):  # a loop resumed mid-epoch starts it again
             self.steps = 0
-        self.epoch, self.resumed_mid_epoch, self.open_epoch = epoch, False, epoch
+        self.epoch, self.resumed_mid_epoch, self.open_epoch, self.ended = epoch, False, epoch, None
+
+    def check_end(self, epoch: int) -> None:
+        """Before ``end_epoch(epoch)`` does anything.
+
+        Raises:
+            ValueError: For the epoch that has just ended, ended again (its coordinations and checks would run
+                twice: one more Z-step and dual step for slr/admm with ``interval_unit=epoch``).
+        """
+        if self.open_epoch is None and epoch == self.ended:
+            raise ValueError(
+                f"end_epoch({epoch}) again: epoch {epoch} has ended (its end-of-epoch work would run twice); "
+                f"call start_epoch({epoch + 1}) before the next epoch's steps"
+            )
 
     def end(self, epoch: int) -> None:
         """``end_epoch(epoch)``.
@@ -139,7 +154,7 @@ class EpochCount:
                 "schedules count post_step() calls (optimizer steps with gradient accumulation, not micro-batches); "
                 "pass that number to setup() (and total_steps when the last epoch is cut short)"
             )
-        self.steps, self.open_epoch = 0, None  # counted: a state saved now is not mid-epoch
+        self.steps, self.open_epoch, self.ended = 0, None, epoch  # counted: a state saved now is not mid-epoch
 
     def _once(self, kind: str) -> bool:
         """Whether the warning ``kind`` is still to give (then it counts as given)."""
