@@ -139,3 +139,12 @@ def test_equal_allocation_bounds_give_every_layer_that_level():
     report = prune_layerwise(_TwoBlocks(), [torch.randn(16, 8)], "wanda", sparsity=0.5, allocation="lagrangian",
                              allocation_min=0.5, allocation_max=0.5)  # fmt: skip
     assert set(report.allocation["levels"].values()) == {0.5}
+
+
+def test_python_allocation_bounds_out_of_order_are_said_in_keywords():
+    """prune_layerwise answered in the CLI's syntax: '--set allocation_min=0.9 is above ...'."""
+    from constrainedsparse import prune_layerwise
+
+    with pytest.raises(ValueError, match=r"^allocation_min=0.9 is above allocation_max=0.5$"):
+        prune_layerwise(_TwoBlocks(), [torch.randn(16, 8)], "wanda", sparsity=0.5, allocation="lagrangian",
+                        allocation_min=0.9, allocation_max=0.5)  # fmt: skip

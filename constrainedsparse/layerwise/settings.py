@@ -113,5 +113,5 @@ class DriverSettings(Hyperparameters):
         """``allocation_min <= allocation_max``."""
         if self.allocation_min > self.allocation_max:
             raise ValueError(
-                f"--set allocation_min={self.allocation_min} is above allocation_max={self.allocation_max}"
+                f"{self.error_prefix}allocation_min={self.allocation_min} is above allocation_max={self.allocation_max}"
             )
