@@ -8,6 +8,7 @@ geometry lives in :mod:`constrainedsparse.sets`; :func:`describe` lists every hy
 
 from constrainedsparse.batchnorm import recalibrate_batchnorm
 from constrainedsparse.catalog import describe
+from constrainedsparse.causal_lm import perplexity
 from constrainedsparse.errors import NonFiniteLossError, UserInputError
 from constrainedsparse.formulations import (
     Formulation,
@@ -78,6 +79,7 @@ __all__ = [
     "layer_sparsity",
     "load_problem",
     "make",
+    "perplexity",
     "plot_metrics",
     "prune_layerwise",
     "read_metrics",

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from constrainedsparse.errors import as_int
+from constrainedsparse.modes import eval_mode
 
 __all__ = [
     "check_context",
@@ -30,6 +34,7 @@ __all__ = [
     "perplexity",
     "perplexity_scores",
     "random_windows",
+    "rows_perplexity",
     "window_nll",
 ]
 
@@ -122,14 +127,86 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch: int) -> torch.Ten
     return torch.cat(rows)
 
 
-def perplexity(rows: torch.Tensor) -> float:
+def rows_perplexity(rows: torch.Tensor) -> float:
     """``exp(total NLL / total predicted tokens)`` of :func:`window_nll` rows."""
     return math.exp(float(rows[:, 0].sum() / rows[:, 1].sum()))
 
 
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor | Sequence[int],
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> float:
+    r"""Perplexity of a causal LM on a token stream, as SparseGPT and Wanda measure it (and the CLI's problems).
+
+    The stream is cut into consecutive non-overlapping windows of ``seq_len`` tokens (a last partial window is
+    left out), each scored on its own, no context carried over:
+
+    .. math:: \mathrm{ppl} = \exp\Big(\frac{1}{W (L - 1)} \sum_{w=1}^{W} \sum_{t=2}^{L}
+        -\log p_\theta(x_{w,t} \mid x_{w,<t})\Big)
+
+    with :math:`W` windows of :math:`L` = ``seq_len`` tokens. The model runs in eval mode (every module back in
+    its own mode after), without gradients, on the device of its parameters.
+
+    Args:
+        model: A causal LM whose ``model(input_ids=...)`` returns ``.logits`` (a ``transformers``
+            ``AutoModelForCausalLM``).
+        token_ids: The token stream: a 1-D integer tensor, a ``(1, n)`` one
+            (``tokenizer(text, return_tensors="pt").input_ids``) or a list of ints.
+        seq_len: Tokens per window (at least 2, at most the model's context).
+        batch_size: Windows per forward pass.
+        max_tokens: Use at most this many tokens of the stream (default: all).
+
+    Returns:
+        The perplexity (a float; the dense model's, then the pruned one's, is how to compare them).
+
+    Raises:
+        ValueError: For a model that is no ``nn.Module``, token ids that are not one stream of integers, a
+            ``seq_len``, ``batch_size`` or ``max_tokens`` out of range, or a stream shorter than one window.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"perplexity: model must be an nn.Module (a causal LM), got {type(model).__name__}")
+    for key, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("max_tokens", max_tokens, 2)):
+        if (value is not None or key != "max_tokens") and (as_int(value) is None or value < low):
+            raise ValueError(f"perplexity: {key} must be an integer >= {low}, got {value!r}")
+    ids = _token_stream(token_ids)
+    check_context(model, seq_len, "seq_len")
+    windows = consecutive_windows(ids, seq_len, max_tokens)
+    with eval_mode(model):
+        return rows_perplexity(window_nll(model, windows, batch_size))
+
+
+def _token_stream(token_ids: Any) -> torch.Tensor:
+    """``token_ids`` as one 1-D ``long`` tensor: a 1-D or ``(1, n)`` integer tensor, or a list of ints.
+
+    Raises:
+        ValueError: For anything else (a tokenizer's whole output: pass its ``input_ids``).
+    """
+    if isinstance(token_ids, Mapping):
+        raise ValueError("perplexity: token_ids is a tokenizer's output (a dict): pass its input_ids")
+    if not isinstance(token_ids, torch.Tensor):
+        if not isinstance(token_ids, Sequence) or not all(as_int(t) is not None for t in token_ids):
+            raise ValueError(
+                f"perplexity: token_ids must be a tensor or a list of token ids, got {type(token_ids).__name__}"
+            )
+        token_ids = torch.tensor([int(t) for t in token_ids], dtype=torch.long)
+    if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        raise ValueError(f"perplexity: token_ids must hold integers (token ids), got {token_ids.dtype}")
+    if token_ids.dim() == 2 and token_ids.shape[0] == 1:
+        token_ids = token_ids[0]
+    if token_ids.dim() != 1:
+        raise ValueError(
+            f"perplexity: token_ids must be one stream of tokens (1-D, or (1, n)), got shape {tuple(token_ids.shape)}"
+        )
+    return token_ids.long()
+
+
 def perplexity_scores(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
     """The summary entries of a causal-LM problem: ``dense_perplexity`` and ``perplexity``."""
-    return {"dense_perplexity": perplexity(dense), "perplexity": perplexity(pruned)}
+    return {"dense_perplexity": rows_perplexity(dense), "perplexity": rows_perplexity(pruned)}
 
 
 def check_seq_len(seq_len: int) -> None:
@@ -142,12 +219,12 @@ def check_seq_len(seq_len: int) -> None:
         raise ValueError(f"--set seq_len must be >= 2 (a window predicts its tokens after the first), got {seq_len}")
 
 
-def check_context(model: nn.Module, seq_len: int) -> None:
+def check_context(model: nn.Module, seq_len: int, flag: str = "--set seq_len") -> None:
     """Refuses a sequence length above the model's context (an ``IndexError`` deep in the embedding otherwise).
 
     Raises:
-        ValueError: Naming ``seq_len`` and the model's ``max_position_embeddings``.
+        ValueError: Naming ``flag``, ``seq_len`` and the model's ``max_position_embeddings``.
     """
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None and seq_len > context:
-        raise ValueError(f"--set seq_len={seq_len} is above the model's context of {context} tokens")
+        raise ValueError(f"{flag}={seq_len} is above the model's context of {context} tokens")

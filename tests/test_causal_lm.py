@@ -13,9 +13,9 @@ from constrainedsparse.causal_lm import (
     encode,
     has_tokenizer,
     load_tokenizer,
-    perplexity,
     perplexity_scores,
     random_windows,
+    rows_perplexity,
     window_nll,
 )
 
@@ -62,6 +62,59 @@ def test_window_nll_is_the_mean_next_token_loss(tiny_llama):
     assert rows.shape == (len(windows), 2) and rows.dtype == torch.float64 and (rows[:, 1] == 15).all()
     with torch.no_grad():
         mean = model(input_ids=windows, labels=windows).loss  # transformers' own shifted mean cross-entropy
-    assert perplexity(rows) == pytest.approx(math.exp(float(mean)), rel=1e-5)
+    assert rows_perplexity(rows) == pytest.approx(math.exp(float(mean)), rel=1e-5)
     scores = perplexity_scores(rows, rows[:1])
-    assert scores == {"dense_perplexity": perplexity(rows), "perplexity": perplexity(rows[:1])}
+    assert scores == {"dense_perplexity": rows_perplexity(rows), "perplexity": rows_perplexity(rows[:1])}
+
+
+def test_the_public_perplexity_is_transformers_own_loss_over_consecutive_windows_in_eval_mode(tiny_llama):
+    from constrainedsparse import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attention_dropout=0.5)  # train mode would drop out
+    tokenizer = load_tokenizer(tiny_llama)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids  # (1, n)
+    model.train()
+    value = perplexity(model, ids, seq_len=16, batch_size=3)
+    assert model.training  # every module back in its own mode
+    windows = ids[0, : ids.shape[1] // 16 * 16].view(-1, 16)  # consecutive, the partial last window left out
+    with torch.no_grad():
+        mean = model.eval()(input_ids=windows, labels=windows).loss  # transformers' own shifted mean cross-entropy
+    assert value == pytest.approx(math.exp(float(mean)), rel=1e-5)
+    assert perplexity(model, ids[0].tolist(), seq_len=16) == pytest.approx(value, rel=1e-6)  # a list of ints
+    first = perplexity(model, ids[0], seq_len=16, max_tokens=32)  # the first two windows only
+    with torch.no_grad():
+        two = model(input_ids=windows[:2], labels=windows[:2]).loss
+    assert first == pytest.approx(math.exp(float(two)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "keywords", "message"),
+    [
+        ((None, [1, 2, 3]), {}, r"^perplexity: model must be an nn.Module \(a causal LM\), got NoneType$"),
+        (("ids-dict",), {}, r"^perplexity: token_ids is a tokenizer's output \(a dict\): pass its input_ids$"),
+        ((torch.rand(40),), {}, r"^perplexity: token_ids must hold integers \(token ids\), got torch.float32$"),
+        (
+            (torch.zeros(2, 20, dtype=torch.long),),
+            {},
+            r"one stream of tokens \(1-D, or \(1, n\)\), got shape \(2, 20\)$",
+        ),
+        (("abc",), {}, r"^perplexity: token_ids must be a tensor or a list of token ids, got str$"),
+        ((list(range(40)),), {"seq_len": 1}, r"^perplexity: seq_len must be an integer >= 2, got 1$"),
+        ((list(range(40)),), {"batch_size": 0}, r"^perplexity: batch_size must be an integer >= 1, got 0$"),
+        ((list(range(40)),), {"max_tokens": 2.5}, r"^perplexity: max_tokens must be an integer >= 2, got 2.5$"),
+        ((list(range(40)),), {"seq_len": 4096}, r"^seq_len=4096 is above the model's context of \d+ tokens$"),
+        (
+            (list(range(10)),),
+            {"seq_len": 16},
+            r"^the evaluation text gives 10 tokens, fewer than one window of seq_len=16$",
+        ),
+    ],
+)
+def test_the_public_perplexity_refuses_what_it_cannot_score(tiny_llama, args, keywords, message):
+    from constrainedsparse import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    if args[0] is not None:
+        args = (model, {"input_ids": torch.ones(1, 40, dtype=torch.long)} if args[0] == "ids-dict" else args[0])
+    with pytest.raises(ValueError, match=message):
+        perplexity(*args, **keywords)
