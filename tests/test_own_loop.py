@@ -732,6 +732,37 @@ def test_a_formulation_state_with_a_nested_dict_that_grows_during_training_resum
         REGISTRY._classes.pop(("training", "mag-log"), None)
 
 
+def test_a_detach_that_fails_is_raised_by_discard_and_set_aside_when_the_build_itself_failed():
+    """discard() swallowed any exception of the formulation's detach() (a bug in a formulation of the user's went
+    unseen); only a build that failed part-way sets it aside, for the build's own error."""
+    from constrainedsparse import register_formulation
+    from constrainedsparse.formulations.magnitude import Magnitude
+    from constrainedsparse.registry import REGISTRY
+
+    @register_formulation("mag-bad-detach")
+    class BadDetach(Magnitude):
+        description = "magnitude whose detach fails"
+        fail_attach = False
+
+        def attach(self):
+            super().attach()
+            if self.fail_attach:
+                raise RuntimeError("attach failed")
+
+        def detach(self):
+            raise KeyError("detach bug")
+
+    try:
+        f, _, _ = _built("mag-bad-detach")
+        with pytest.raises(KeyError, match="detach bug"):
+            f.discard()
+        BadDetach.fail_attach = True
+        with pytest.raises(RuntimeError, match="^attach failed$"):
+            _built("mag-bad-detach")
+    finally:
+        REGISTRY._classes.pop(("training", "mag-bad-detach"), None)
+
+
 def test_a_step_given_to_post_step_twice_an_epoch_never_ended_and_another_one_ended_are_caught(recwarn):
     f, x, y = _built("admm")
     f.start_epoch(0)

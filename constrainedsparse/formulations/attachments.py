@@ -28,14 +28,21 @@ class Attachments:
         """Before ``attach``, on targets without masks or gates (``claim_targets`` refuses the others)."""
         return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups))
 
-    def restore(self, formulation: Formulation) -> None:
+    def restore(self, formulation: Formulation, failed_build: bool = False) -> None:
         """Masks or gates off (the weights as they were, not baked), the formulation's constraints, gradient
-        hooks and parameter groups removed."""
+        hooks and parameter groups removed.
+
+        Args:
+            formulation: The formulation built on the state this records.
+            failed_build: ``attach`` failed part-way: its ``detach`` may meet what was never attached, and the
+                build's own error is the one to raise (a ``detach`` error is then set aside); otherwise a
+                ``detach`` error is an error of its own (:meth:`~Formulation.discard`).
+        """
         for target in formulation.problem.targets:
             if parametrize.is_parametrized(target.module, target.param_name):
                 remove_parametrization(target.module, target.param_name, leave_parametrized=False)
-        with contextlib.suppress(Exception):  # its own hooks and bookkeeping, as far as attach got
-            formulation.detach()
+        with contextlib.suppress(Exception) if failed_build else contextlib.nullcontext():
+            formulation.detach()  # its own hooks and bookkeeping, as far as attach got
         problem, optimizer = formulation.problem, formulation.optimizer
         for name in problem.constraint_names():
             if name not in self.constraints:

@@ -153,7 +153,7 @@ class Formulation(abc.ABC):
             self.cooper_optimizer = cooper_optimizer(problem, optimizer, self.dual_optimizer)
         except BaseException:  # a refused build leaves model, optimizer and problem as they were
             release_targets(self._claim)
-            before.restore(self)
+            before.restore(self, failed_build=True)
             raise
 
     # --- construction hooks -------------------------------------------------------------------------
