@@ -38,6 +38,7 @@ from constrainedsparse.errors import first_line
 from constrainedsparse.extras import require
 from constrainedsparse.saving import replace_folder
 from constrainedsparse.semistructured import is_two_four, to_semi_structured
+from constrainedsparse.sets import NMSparse
 
 __all__ = [
     "COMPRESSED_DIR",
@@ -57,10 +58,9 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_m
 
 
 def _two_four_bytemask(weight: torch.Tensor) -> torch.Tensor:
-    """Exactly 2 kept positions per group of 4: the nonzeros, topped up with zeros (as compressed-tensors chose)."""
-    groups = weight.reshape(-1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
-    return keep.view(weight.shape)
+    """Exactly 2 kept positions per group of 4: the nonzeros, topped up with zeros (as compressed-tensors chose),
+    the first zeros of a group (the 2:4 set's own tie rule: the same file on every machine)."""
+    return NMSparse(2, 4).mask(weight)
 
 
 def _merge(prefix: str, part: str) -> str:

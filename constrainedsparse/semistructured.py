@@ -6,16 +6,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from constrainedsparse.sets import NMSparse
+
 __all__ = ["SEMI_STRUCTURED_DTYPES", "is_two_four", "to_semi_structured"]
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def is_two_four(weight: torch.Tensor) -> bool:
-    """Whether every group of 4 consecutive inputs (dim 1 of a 2-D weight) has at most 2 nonzeros."""
+    """Whether ``weight`` is a 2-D weight in which every group of 4 consecutive inputs (dim 1) has at most 2
+    nonzeros (membership in the 2:4 set)."""
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    return bool((torch.count_nonzero(weight.reshape(-1, 4), dim=1) <= 2).all())
+    return NMSparse(2, 4).contains(weight)
 
 
 def to_semi_structured(model: nn.Module, names: list[str] | None = None) -> list[str]:

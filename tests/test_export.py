@@ -83,6 +83,16 @@ def test_export_reloads_bit_identical_and_meets_the_size_goals(tmp_path, mask, p
         assert torch.equal(load_compressed_model(folder)(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_a_2_4_bitmask_tops_a_group_up_with_its_first_zeros():
+    """torch.topk's order among the zeros of a group is unspecified: the bytes of the export could differ between
+    machines; the 2:4 set's own rule (lower index first) fixes them."""
+    from constrainedsparse.export import _two_four_bytemask
+
+    weight = torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -2.0, 0.0]])
+    expected = [[True, True, False, False, True, True, False, False, True, False, True, False]]
+    assert torch.equal(_two_four_bytemask(weight), torch.tensor(expected))
+
+
 def test_a_bfloat16_model_reloads_in_bfloat16(tmp_path):
     model, _ = _pruned_run(tmp_path, _two_four)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "model")
