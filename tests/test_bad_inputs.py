@@ -25,6 +25,7 @@ from torch import nn
 
 from constrainedsparse import (
     RunConfig,
+    SLRConfig,
     SparsityConfig,
     SparsityProblem,
     Targets,
@@ -693,6 +694,11 @@ PYTHON_ROWS: list[tuple[str, Callable[[], Any], str]] = [
     ("make unknown key", lambda: make("slr", _problem_object()[1], rhoo=1), r"^unknown hyperparameter 'rhoo'"),
     ("make wrong type", lambda: make("slr", _problem_object()[1], rho="x"), r"^rho='x' must be a float$"),
     ("make unknown name", lambda: make("nope", _problem_object()[1]), r"^unknown formulation 'nope'"),
+    (  # SLRConfig is a DuplicateConfig: admm took it and ignored its M
+        "make another formulation's config",
+        lambda: make("admm", _problem_object()[1], SLRConfig(M=5.0)),
+        r"^admm: config must be a DuplicateConfig, got SLRConfig, whose M, r, reference_samples, s0 mean nothing",
+    ),
     ("make not a problem", lambda: make("slr", object()), r"^problem must be a SparsityProblem, got object$"),
     ("make optimizer", lambda: make("slr", _problem_object()[1], optimizer=3), r"^optimizer must be a torch.optim"),
     ("make config and keywords", lambda: make("admm", _problem_object()[1], _cfg(), rho=1), r"give either a config"),

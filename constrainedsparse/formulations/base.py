@@ -45,6 +45,7 @@ from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
     check_backward_call,
+    check_config,
     check_covers,
     check_ddp_wrapped,
     check_finite_step,
@@ -123,8 +124,7 @@ class Formulation(abc.ABC):
         dual_lr: float = 1e-2,
     ) -> None:
         config = self.Config() if config is None else config
-        if not isinstance(config, self.Config):
-            raise ValueError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        check_config(self.name, self.Config, config)
         config.validate()
         check_rate("dual_lr", dual_lr)
         self.problem = problem
