@@ -19,6 +19,7 @@ __all__ = [
     "achieved_sparsity",
     "apply_masks",
     "check_masks",
+    "set_masks",
     "current_masks",
     "find_parametrization",
     "foreign_parametrization",
@@ -136,10 +137,28 @@ def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor
 def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
     """Registers (or updates) a :class:`Mask` parametrization on every target in ``masks``.
 
+    Args:
+        targets: What :meth:`~constrainedsparse.Targets.resolve` returned.
+        masks: Boolean masks by target name (``True``: kept).
+
     Raises:
-        ValueError: If a mask names no target or has another shape than its tensor (:func:`check_masks`).
+        ValueError: If a mask names no target or has another shape than its tensor (:func:`check_masks`), or a
+            target in ``masks`` carries a formulation (its gates, or an slr/admm not finalized: a mask of yours
+            would fight the formulation's own). Nothing is changed then.
     """
     targets = resolved_targets(targets, "apply_masks(targets, masks): ")
+    check_masks(targets, masks)
+    _check_no_formulation([t for t in targets if t.name in masks], "apply_masks()")
+    set_masks(targets, masks)
+
+
+def set_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
+    """:func:`apply_masks` for a formulation that owns its targets' masks (``magnitude``, the fixed-mask
+    retraining): the masks are checked (a state loaded), not whether a formulation is attached.
+
+    Raises:
+        ValueError: As :func:`check_masks`.
+    """
     check_masks(targets, masks)
     for target in targets:
         if target.name not in masks:
@@ -205,6 +224,27 @@ def remove_parametrization(module: nn.Module, name: str, *, leave_parametrized: 
             del module.__dict__[_ORDER]
 
 
+def _check_no_formulation(targets: Iterable[TargetParam], call: str) -> None:
+    """Refuses targets that carry a formulation: a parametrization of its own, or one not finalized.
+
+    Raises:
+        ValueError: Naming the target, the formulation and ``call``.
+    """
+    for target in targets:
+        foreign = foreign_parametrization(target)
+        if foreign is not None:
+            raise ValueError(
+                f"{target.name} still carries a {foreign} parametrization: call the formulation's finalize() "
+                f"before {call}"
+            )
+        owner = attached_formulation(target)
+        if owner is not None:  # slr/admm: no parametrization, but gradient hooks that would stay
+            raise ValueError(
+                f"{target.name} carries a {owner!r} formulation that was not finalized (its masks or gradient hooks "
+                f"would stay on the model): call its finalize() before {call}"
+            )
+
+
 def remove_masks(targets: Iterable[TargetParam]) -> None:
     """Ends masked training: writes each target's masked value (exact zeros outside its :class:`Mask`)
     into its stored parameter and removes the parametrization, leaving a plain ``nn.Parameter``.
@@ -215,19 +255,7 @@ def remove_masks(targets: Iterable[TargetParam]) -> None:
             formulation that was not finalized (its gradient hooks would stay).
     """
     targets = list(targets)
-    for target in targets:
-        foreign = foreign_parametrization(target)
-        if foreign is not None:
-            raise ValueError(
-                f"{target.name} still carries a {foreign} parametrization: call the formulation's finalize() "
-                "before remove_masks() / hard_prune()"
-            )
-        owner = attached_formulation(target)
-        if owner is not None:  # slr/admm: no parametrization, but gradient hooks that would stay
-            raise ValueError(
-                f"{target.name} carries a {owner!r} formulation that was not finalized (its masks or gradient hooks "
-                "would stay on the model): call its finalize() before remove_masks() / hard_prune()"
-            )
+    _check_no_formulation(targets, "remove_masks() / hard_prune()")
     for target in targets:
         if parametrize.is_parametrized(target.module, target.param_name):
             remove_parametrization(target.module, target.param_name, leave_parametrized=True)

@@ -732,6 +732,25 @@ def test_a_formulation_state_with_a_nested_dict_that_grows_during_training_resum
         REGISTRY._classes.pop(("training", "mag-log"), None)
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("l0", r"^0.weight still carries a HardConcreteGate parametrization: call the formulation's finalize\(\) "
+               r"before apply_masks\(\)$"),
+        ("slr", r"^0.weight carries a 'slr' formulation that was not finalized .*: call its finalize\(\) before "
+                r"apply_masks\(\)$"),
+    ],
+)  # fmt: skip
+def test_apply_masks_refuses_targets_a_formulation_holds(name, message):
+    """apply_masks stacked a Mask over l0's gates, or on the W that slr pulls towards Z, without a word."""
+    f, _, _ = _built(name)
+    target = f.problem.targets[0]
+    with pytest.raises(ValueError, match=message):
+        apply_masks(f.problem.targets, {target.name: torch.ones_like(target.tensor, dtype=torch.bool)})
+    f.finalize()  # then the weights are the user's again
+    apply_masks(f.problem.targets, {target.name: torch.ones_like(target.tensor, dtype=torch.bool)})
+
+
 def test_a_detach_that_fails_is_raised_by_discard_and_set_aside_when_the_build_itself_failed():
     """discard() swallowed any exception of the formulation's detach() (a bug in a formulation of the user's went
     unseen); only a build that failed part-way sets it aside, for the build's own error."""

@@ -19,7 +19,7 @@ import torch
 from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.factory import register_formulation
-from constrainedsparse.masks import apply_masks, current_masks
+from constrainedsparse.masks import current_masks, set_masks
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ class Magnitude(Formulation):
         them in place: a model wrapped in ``DistributedDataParallel`` after ``make`` keeps averaging the
         gradients of the masked weights (a parametrization registered after the wrap is not), and the
         model's ``state_dict`` has the masked keys from the start. Steps wait for the first masks."""
-        apply_masks(
+        set_masks(
             self.problem.targets, {t.name: torch.ones_like(t.tensor, dtype=torch.bool) for t in self.problem.targets}
         )
         self._masked = False
@@ -68,7 +68,7 @@ class Magnitude(Formulation):
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
         fraction = self.scheduled_sparsity(epoch)
         masks = {t.name: t.set_at(t.sparsity * fraction).mask(t.tensor) for t in self.problem.targets}
-        apply_masks(self.problem.targets, masks)
+        set_masks(self.problem.targets, masks)
         self._masked = True
         return {"schedule/fraction": fraction}
 
@@ -81,7 +81,7 @@ class Magnitude(Formulation):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)  # checks the state first
-        apply_masks(self.problem.targets, state["masks"])
+        set_masks(self.problem.targets, state["masks"])
         self._masked = True
 
     def _require(self, call: str) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from constrainedsparse.formulations.base import Formulation
-from constrainedsparse.masks import apply_masks
+from constrainedsparse.masks import set_masks
 from constrainedsparse.problem import SparsityProblem
 
 __all__ = ["FixedMaskRetrain"]
@@ -43,7 +43,7 @@ class FixedMaskRetrain(Formulation):
 
     def attach(self) -> None:
         """Registers the fixed masks."""
-        apply_masks(self.problem.targets, self.masks)
+        set_masks(self.problem.targets, self.masks)
 
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
         return dict(self.masks)
