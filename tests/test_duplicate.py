@@ -725,3 +725,24 @@ def test_admm_says_nothing_of_the_spacing_when_setup_counts_no_steps(recwarn):
     formulation.setup(num_epochs=2, steps_per_epoch=0)
     assert formulation.steps_between() == float("inf")
     assert not [w for w in recwarn if "W-steps between coordinations" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["slr", "admm"])
+def test_a_z_the_z_step_replaced_is_freed_at_once(name):
+    """The W-step's cached anchor kept the replaced Z alive (for an identity check) until the next backward: one more
+    copy of the pruned weights at every coordination."""
+    import gc
+    import weakref
+
+    formulation, batches = _tiny(name)
+    formulation.training_step(batches[0])  # the anchor Lambda - rho Z is cached from this Z
+    old = [weakref.ref(z) for z in formulation.z.values()]
+    formulation.coordinate()
+    gc.collect()
+    assert all(ref() is None for ref in old)
+    formulation.training_step(batches[1])
+    for n, z in formulation.z.items():  # the anchor follows the new Z
+        constraint = formulation.penalty.constraints[n]
+        rho, anchor = formulation.penalty.anchor(n)
+        assert rho == float(constraint.penalty_coefficient.value)
+        assert torch.equal(anchor, torch.add(constraint.multiplier.weight.detach().view_as(z), z, alpha=-rho))

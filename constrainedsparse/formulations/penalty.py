@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import cooper
@@ -30,7 +31,7 @@ class _Anchor:
 
     rho: float
     value: torch.Tensor
-    z: torch.Tensor
+    z: weakref.ref[torch.Tensor]  # not the tensor: a Z the Z-step replaced would stay alive until the next backward
     coefficient: torch.Tensor
     key: tuple[int, int, int]
 
@@ -106,11 +107,11 @@ class PenaltyGradient:
         lam, coefficient = constraint.multiplier.weight, constraint.penalty_coefficient.value
         key = (lam._version, z._version, coefficient._version)
         anchor = self._anchors.get(name)
-        if anchor is None or anchor.z is not z or anchor.coefficient is not coefficient or anchor.key != key:
+        if anchor is None or anchor.z() is not z or anchor.coefficient is not coefficient or anchor.key != key:
             rho = float(coefficient)  # a 0-d CPU tensor: no device sync
             with torch.no_grad():
                 value = torch.add(lam.detach().view_as(z), z, alpha=-rho)
-            anchor = self._anchors[name] = _Anchor(rho, value, z, coefficient, key)
+            anchor = self._anchors[name] = _Anchor(rho, value, weakref.ref(z), coefficient, key)
         return anchor.rho, anchor.value
 
     @contextlib.contextmanager
