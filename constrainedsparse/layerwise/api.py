@@ -129,7 +129,9 @@ def prune_layerwise(
             arguments (``model(**batch)``; an ``attention_mask`` marks padding), tuples
             (``model(*batch)``) or tensors (``model(batch)``).
         method: ``"fw"``, ``"admm"``, ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` (or a solver instance).
-        sparsity: Fraction of zeros per targeted layer (default 0.5 unless ``pattern`` is given).
+        sparsity: Fraction of zeros of every targeted layer (default 0.5 unless ``pattern`` is given), in
+            every row of it by default (``mask_scope="row"``, as Wanda and SparseGPT compare), or over the
+            whole layer with ``mask_scope="layer"``.
         pattern: A pattern text: ``"2:4"`` (its own level), or ``"row"``, ``"unstructured"``,
             ``"structured:rows"``, ``"block:4x4"`` at ``sparsity`` (see :mod:`constrainedsparse.sets`).
         targets: Which layers of a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` by default);
