@@ -39,6 +39,7 @@ __all__ = [
     "HyperparameterInfo",
     "Hyperparameters",
     "OneOf",
+    "check_config",
     "hyperparameter",
     "nested",
 ]
@@ -365,3 +366,20 @@ def describe_table(rows: Sequence[HyperparameterInfo]) -> str:
     return "\n".join(
         f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {a:<{widths[3]}}  {h}" for k, t, d, a, h in cells
     )
+
+
+def check_config(name: str, expected: type, config: Any) -> None:
+    """``config`` is an instance of a formulation's or solver's ``Config`` class ``expected`` with no keys of its own.
+
+    Raises:
+        ValueError: For another class, or a subclass that adds keys (``SLRConfig`` given to ``admm``: its ``M``
+            would be ignored).
+    """
+    if not isinstance(config, expected):
+        raise ValueError(f"{name}: config must be a {expected.__name__}, got {type(config).__name__}")
+    extra = sorted({f.name for f in dataclasses.fields(config)} - {f.name for f in dataclasses.fields(expected)})
+    if extra:
+        raise ValueError(
+            f"{name}: config must be a {expected.__name__}, got {type(config).__name__}, whose "
+            f"{', '.join(extra)} mean nothing to {name}"
+        )

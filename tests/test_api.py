@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from constrainedsparse import (
+    FWConfig,
+    SparseGPTConfig,
     SparsityConfig,
     SparsityProblem,
     Targets,
@@ -84,6 +86,30 @@ def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch)
     assert unstructured.target == "0.5 unstructured"
     on_cpu = prune_layerwise(_Blocks(), batches, "wanda", sparsity=0.5, device=torch.device("cpu"))  # as "cpu"
     assert on_cpu.layer_sparsity == report.layer_sparsity
+
+
+def test_prune_layerwise_takes_the_solvers_config_object_as_make_does():
+    """FWConfig / SparseGPTConfig were exported but prune_layerwise took keywords only ('unknown hyperparameter
+    config'); config= gives the same masks as the keywords."""
+    batches = [torch.randn(64, 16) for _ in range(2)]
+    torch.manual_seed(0)
+    by_config = _Blocks()
+    prune_layerwise(by_config, batches, "sparsegpt", sparsity=0.5, config=SparseGPTConfig(damp=0.1))
+    torch.manual_seed(0)
+    by_keyword = _Blocks()
+    prune_layerwise(by_keyword, batches, "sparsegpt", sparsity=0.5, damp=0.1)
+    torch.manual_seed(0)
+    default = _Blocks()
+    prune_layerwise(default, batches, "sparsegpt", sparsity=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(by_config.parameters(), by_keyword.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(by_config.parameters(), default.parameters()))
+    for keywords, message in (
+        ({"config": SparseGPTConfig(), "damp": 0.1}, r"^give either config= or hyperparameters as keywords, not both$"),
+        ({"config": {"damp": 0.1}}, r"^sparsegpt: config must be a SparseGPTConfig, got dict$"),
+        ({"config": FWConfig()}, r"^sparsegpt: config must be a SparseGPTConfig, got FWConfig$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            prune_layerwise(_Blocks(), batches, "sparsegpt", sparsity=0.5, **keywords)
 
 
 def test_prune_layerwise_overrides_set_levels_by_full_or_block_name():

@@ -39,13 +39,12 @@ import torch
 
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.claims import claim_targets, release_targets
-from constrainedsparse.config import Hyperparameters
+from constrainedsparse.config import Hyperparameters, check_config
 from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
     check_backward_call,
-    check_config,
     check_covers,
     check_ddp_wrapped,
     check_finite_step,

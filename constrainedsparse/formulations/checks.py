@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_backward_call",
-    "check_config",
     "check_covers",
     "check_dense_gradients",
     "check_state",
@@ -223,23 +222,6 @@ def check_rate(key: str, value: Any) -> None:
     """A learning rate: a finite number > 0."""
     if not is_number(value) or not 0 < value < float("inf"):
         raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
-
-
-def check_config(name: str, expected: type, config: Any) -> None:
-    """``config`` is an instance of the formulation's ``Config`` class ``expected`` with no keys of its own.
-
-    Raises:
-        ValueError: For another class, or a subclass that adds keys (``SLRConfig`` given to ``admm``: its ``M``
-            would be ignored).
-    """
-    if not isinstance(config, expected):
-        raise ValueError(f"{name}: config must be a {expected.__name__}, got {type(config).__name__}")
-    extra = sorted({f.name for f in dataclasses.fields(config)} - {f.name for f in dataclasses.fields(expected)})
-    if extra:
-        raise ValueError(
-            f"{name}: config must be a {expected.__name__}, got {type(config).__name__}, whose "
-            f"{', '.join(extra)} mean nothing to {name}"
-        )
 
 
 def check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> None:

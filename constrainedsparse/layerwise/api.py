@@ -32,7 +32,7 @@ from constrainedsparse.causal_lm import load_tokenizer
 from constrainedsparse.checkpoint import atomic_write_json
 from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
-from constrainedsparse.layerwise.base import LayerwiseSolver
+from constrainedsparse.layerwise.base import LayerwiseSolver, solver_class
 from constrainedsparse.layerwise.checks import (
     check_consecutive,
     check_layer_shapes,
@@ -119,6 +119,7 @@ def prune_layerwise(
     block_fit_target: str = "dense",
     block_mask_rounds: int = 0,
     allow_empty_layers: bool = False,
+    config: Any = None,
     **hyperparameters: Any,
 ) -> LayerwiseReport:
     """Prunes a pretrained model block by block from calibration batches, in place.
@@ -176,6 +177,8 @@ def prune_layerwise(
             process only.
         allow_empty_layers: Accept a level that keeps no weight of a targeted layer (the layer is cut from the
             model; the CLI's ``--set allow_empty_layers``); ``False``: that is an error before pruning.
+        config: The solver's hyperparameters as its config object (``FWConfig(alpha=0.3)`` for ``"fw"``),
+            instead of keywords.
         **hyperparameters: The solver's hyperparameters (``describe("fw")`` lists them).
 
     Returns:
@@ -202,7 +205,7 @@ def prune_layerwise(
     if tokenizer is not None and out is None:
         warnings.warn("tokenizer= is saved with the pruned model, which only out= writes: it is not used", stacklevel=2)
     target = target_from_flags(sparsity, pattern, DEFAULT_SPARSITY, MASK_SCOPES[driver.mask_scope], keywords=True)
-    solver = _solver(method, hyperparameters)
+    solver = _solver(method, config, hyperparameters)
     if targets is not None and not isinstance(targets, Targets):
         raise ValueError(f"targets must be a Targets (which layers, per-layer levels), got {type(targets).__name__}")
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
@@ -290,13 +293,17 @@ def _warn_without_tokenizer(model: nn.Module, tokenizer: Any, out: Path) -> None
         )
 
 
-def _solver(method: str | LayerwiseSolver, hyperparameters: dict[str, Any]) -> LayerwiseSolver:
-    """The solver instance, or one built by name from its hyperparameters."""
-    if not isinstance(method, LayerwiseSolver):
+def _solver(method: str | LayerwiseSolver, config: Any, hyperparameters: dict[str, Any]) -> LayerwiseSolver:
+    """The solver instance, or one built by name from its config object or its hyperparameters."""
+    if isinstance(method, LayerwiseSolver):
+        if hyperparameters or config is not None:
+            raise ValueError("give hyperparameters to the solver instance's config, not as keywords or config=")
+        return method
+    if config is None:
         return build_solver(method, hyperparameters)
     if hyperparameters:
-        raise ValueError("give hyperparameters to the solver instance's config, not as keywords")
-    return method
+        raise ValueError("give either config= or hyperparameters as keywords, not both")
+    return solver_class(method)(config)
 
 
 @contextlib.contextmanager

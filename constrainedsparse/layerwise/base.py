@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from constrainedsparse.config import Hyperparameters
+from constrainedsparse.config import Hyperparameters, check_config
 from constrainedsparse.errors import UserInputError, is_ours, plugin_code, user_stacklevel
 from constrainedsparse.registry import REGISTRY
 from constrainedsparse.sets import FeasibleSet
@@ -258,8 +258,7 @@ class LayerwiseSolver(abc.ABC):
 
     def __init__(self, config: Any | None = None) -> None:
         config = self.Config() if config is None else config
-        if not isinstance(config, self.Config):
-            raise ValueError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        check_config(self.name, self.Config, config)
         config.validate()
         self.config = config
 
