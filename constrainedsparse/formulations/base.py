@@ -381,6 +381,10 @@ class Formulation(abc.ABC):
 
         Returns:
             Metrics to log at this step.
+
+        Raises:
+            ValueError: Before :meth:`setup` or after :meth:`finalize`, for anything but steps :meth:`backward`
+                returned, a last step already taken, or the same step twice in the list.
         """
         self._require("post_step()")
         steps = checked_steps(step)
@@ -403,7 +407,14 @@ class Formulation(abc.ABC):
         return {}
 
     def training_step(self, batch: Any) -> tuple[cooper.CMPState, dict[str, float]]:
-        """One primal-dual step on ``batch``: zero_grad, :meth:`backward`, primal step, :meth:`post_step`."""
+        """One primal-dual step on ``batch``: zero_grad, :meth:`backward`, primal step, :meth:`post_step`.
+
+        Returns:
+            The step's CMP state (loss, violations) and :meth:`post_step`'s metrics.
+
+        Raises:
+            ValueError: As :meth:`backward` and :meth:`post_step`.
+        """
         self._require("training_step()")
         self.optimizer.zero_grad(set_to_none=True)
         step = self.backward(batch)
