@@ -18,7 +18,28 @@ from typing import Any
 
 import torch
 
-__all__ = ["ChildRun", "command_line", "run_child", "torch_threads", "write_results"]
+__all__ = ["ChildRun", "command_line", "out_folder", "run_child", "thread_count", "torch_threads", "write_results"]
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: an integer >= 1 (argparse type; a bad value is the parser's one-line error, exit 2)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return count
+
+
+def out_folder(text: str) -> Path:
+    """``--out``: a folder, existing or to be made, not a file nor under one (argparse type: refused before the
+    work, not by a traceback when the results are written at the end)."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise argparse.ArgumentTypeError(f"{part} is a file, not a folder")
+    return path
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -43,9 +64,9 @@ def sweep_parser(
     parser.add_argument("--methods", nargs="+", choices=list(methods), help="default: all (quick: wanda fw)")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
-    parser.add_argument("--threads", type=int, help="OMP/torch threads of each run (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, help="OMP/torch threads of each run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="every run's --seed: its calibration sample (default 0)")
-    parser.add_argument("--out", type=Path, help=f"default: {out} (--quick: a folder in the system's temp dir)")
+    parser.add_argument("--out", type=out_folder, help=f"default: {out} (--quick: a folder in the system's temp dir)")
     parser.set_defaults(results_default=out)
     return parser
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import command_line, results_dir, write_results
+from common import command_line, out_folder, results_dir, write_results
 
 from constrainedsparse import distributed, launcher
 
@@ -142,7 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, help="a cifar-10-batches-py folder (default: generate one)")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=out_folder,
         help="results directory (default: benchmarks/results/ddp_throughput; --quick: a temp folder)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)

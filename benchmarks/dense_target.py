@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse.causal_lm import calibration_batches, consecutive_windows, perplexity_scores
 from constrainedsparse.layerwise import LayerProblem, solver_class
@@ -129,9 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--solver", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--damp", type=float, nargs="+", help="default: 0.01 0.1 1 (quick: 0.1)")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=thread_count)
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/dense_target; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/dense_target; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 from nm_search import parse_config
 
 from constrainedsparse import prune_layerwise
@@ -77,9 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, help="only the first LAYERS recorded layers")
     help_configs = "fw settings, each a string of KEY=VALUE ('': defaults; mask_scope=layer: layer-wide)"
     parser.add_argument("--configs", nargs="+", default=[""], help=help_configs)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of step 2 (default 1)")
+    parser.add_argument("--threads", type=thread_count, default=1, help="torch threads of step 2 (default 1)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/fw_settings; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/fw_settings; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

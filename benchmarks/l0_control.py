@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.formulations.l0 import L0PenaltyConfig
@@ -69,9 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dual-lr", type=float, default=1.0, help="step on the density multipliers (density_dual_lr)")
     parser.add_argument("--lmbdas", type=float, nargs="+", default=None, help="l0-penalty sweep")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/l0_control; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/l0_control; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

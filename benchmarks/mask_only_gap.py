@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 from torch import nn
 
 from constrainedsparse import prune_layerwise
@@ -82,9 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["60%", "2:4"])
     parser.add_argument("--blocks", nargs="+", type=int, default=[3, 14, 25], help="part 1's blocks")
     parser.add_argument("--seed", type=int, default=0, help="calibration sample (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/mask_only_gap; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/mask_only_gap; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

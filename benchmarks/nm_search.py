@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse import prune_layerwise
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult
@@ -94,9 +94,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
     parser.add_argument("--layers", type=int, help="prune only the first LAYERS recorded layers (default: all)")
     parser.add_argument("--configs", nargs="+", help="fw settings, each one string of KEY=VALUE ('' = defaults)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of step 2 (default 1)")
+    parser.add_argument("--threads", type=thread_count, default=1, help="torch threads of step 2 (default 1)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/nm_search; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/nm_search; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -171,9 +171,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="formulation setting, e.g. interval=20 (every method that has it) or slr:s0=0.02",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/overhead; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/overhead; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

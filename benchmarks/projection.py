@@ -37,10 +37,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
-from common import command_line, write_results
+from common import command_line, out_folder, thread_count, write_results
 
 from constrainedsparse.sets import TopK, keep_count
 
@@ -67,10 +66,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True, help="time the reference")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write results.md and results.json here")
+    parser.add_argument("--out", type=out_folder, default=None, help="write results.md and results.json here")
     args = parser.parse_args(argv)
     if args.numel is None:
         args.numel = QUICK_NUMEL if args.quick else FULL_NUMEL

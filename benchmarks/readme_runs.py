@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import results_dir
+from common import out_folder, results_dir, thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "readme_runs"
@@ -69,9 +69,11 @@ def _rows(quick: bool, threads: int, scratch: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one default run of 1 + 1 epochs (a test's check)")
-    parser.add_argument("--threads", type=int, default=2, help="OMP/torch threads of every run (default 2)")
+    parser.add_argument("--threads", type=thread_count, default=2, help="OMP/torch threads of every run (default 2)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/readme_runs; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/readme_runs; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

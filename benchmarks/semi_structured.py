@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, write_results  # noqa: E402
+from common import command_line, out_folder, write_results  # noqa: E402
 
 from constrainedsparse.export import to_semi_structured  # noqa: E402
 from constrainedsparse.sets import NMSparse  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--run", type=Path, help="a 2:4 layer-wise run directory to convert and score")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=out_folder)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: semi-structured sparsity needs CUDA; no GPU here", file=sys.stderr)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, results_dir, torch_threads, write_results
+from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.engine import cache_dir, prepare
@@ -189,9 +189,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="[PROBLEM=]VALUE[x]",
         help=f"accuracy to reach: 0.9x = 0.9 x dense accuracy of the seed, 0.85 = 85%% (default {DEFAULT_THRESHOLD})",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument(
-        "--out", type=Path, help="results directory (default: benchmarks/results/slr_vs_admm; --quick: a temp folder)"
+        "--out",
+        type=out_folder,
+        help="results directory (default: benchmarks/results/slr_vs_admm; --quick: a temp folder)",
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)

@@ -550,3 +550,25 @@ def test_readme_runs_quick(tmp_path):
         "| default run, 1 + 1 epochs | `constrainedsparse run --epochs 1 --pretrain-epochs 1` |"
         in (tmp_path / "results.md").read_text()
     )
+
+
+WITH_THREADS = ["causal_lm", "dense_target", "fw_settings", "l0_control", "layerwise", "mask_only_gap", "nm_search",
+                "overhead", "projection", "readme_runs", "sgd_stability", "slr_vs_admm"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [*WITH_THREADS, "ddp_throughput", "semi_structured"])
+def test_a_bad_threads_or_out_is_the_parsers_one_line_before_any_work(name, tmp_path, capsys):
+    """--threads 0 was accepted by some scripts and a traceback in others; an --out that is a file failed with a
+    traceback when the results were written, after the work."""
+    bench = _load(name)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    cases = [(["--out", str(notes / "results")], f"argument --out: {notes} is a file, not a folder")]
+    if name in WITH_THREADS:
+        cases.append((["--threads", "0"], "argument --threads: must be an integer >= 1, got '0'"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as raised:
+            bench.main(argv)
+        assert raised.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert notes.read_text() == "mine"
