@@ -68,7 +68,7 @@ def model_check(run_dir: Path, dtype: torch.dtype, repeats: int) -> dict[str, An
 
     from transformers import AutoModelForCausalLM
 
-    from constrainedsparse.causal_lm import perplexity
+    from constrainedsparse.causal_lm import rows_perplexity
     from constrainedsparse.spec import load_problem
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -77,10 +77,10 @@ def model_check(run_dir: Path, dtype: torch.dtype, repeats: int) -> dict[str, An
                                      if k in problem.options}}  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=dtype).to("cuda").eval()
     ids = torch.randint(0, model.config.vocab_size, (8, options["seq_len"]), device="cuda")
-    before = perplexity(problem.held_out(model, options))
+    before = rows_perplexity(problem.held_out(model, options))
     dense_ms = _median_ms(lambda: model(input_ids=ids), repeats)
     converted = to_semi_structured(model, [name.removesuffix(".weight") for name in summary["layer_sparsity"]])
-    after = perplexity(problem.held_out(model, options))
+    after = rows_perplexity(problem.held_out(model, options))
     sparse_ms = _median_ms(lambda: model(input_ids=ids), repeats)
     return {"run": str(run_dir), "layers": len(converted), "perplexity_dense_format": before,
             "perplexity_semi_structured": after, "dense_ms": dense_ms, "sparse_ms": sparse_ms}  # fmt: skip

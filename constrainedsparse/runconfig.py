@@ -154,7 +154,8 @@ class RunConfig:
                 volatile keys (``device``, ``allow_empty_layers``) may differ.
             check: Checks the options of a configuration (:func:`~constrainedsparse.runners.check_options`):
                 called on the stored one with the given options when some differ, so that a value bad in
-                itself (``--set rho=abc``) is reported as such, not as a difference.
+                itself (``--set rho=abc``) is reported as such, not as a difference (not when another problem
+                or formulation is given: the stored options are not theirs, the difference is the message).
 
         Raises:
             UserInputError: Without a readable checkpoint, for ``out`` a file, or when a given option differs
@@ -197,7 +198,11 @@ class RunConfig:
         fields = {key: stored[key] for key in (*IDENTITY_FIELDS, *WANDB_FIELDS) if key in stored}
         if "wandb_tags" in stored:  # a checkpoint keeps a list
             fields["wandb_tags"] = tuple(stored["wandb_tags"])
-        if differing and check is not None:  # the values first (docs/cli.md), then how they differ
+        other_run = any(
+            key in given and key in stored and not _same_option(key, given[key], stored)
+            for key in ("problem", "formulation")
+        )
+        if differing and check is not None and not other_run:  # the values first (docs/cli.md), then how they differ
             target = {"sparsity": None, "pattern": None} if {"sparsity", "pattern"} & set(given) else {}
             values = {**fields, **target, **given, "settings": {**settings, **given.get("settings", {})}}
             check(cls(**values, out=Path(out)))  # a given target replaces the stored one: not both at once

@@ -179,6 +179,14 @@ def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
     # a value bad in itself is named as such, before the comparison (it read 'started with other options')
     with pytest.raises(ValueError, match=r"^--set lr='abc' must be a float$"):
         run(RunConfig(out=tmp_path / "a", sparsity=0.9, resume=True, settings={"lr": "abc"}, **common))
+    # another formulation or problem is the difference itself: the stored keys are not its to check
+    run(RunConfig(out=tmp_path / "b", sparsity=0.9, settings={"schedule": "oneshot"}, stop_after_epochs=1, **common))
+    for other, message in (
+        ({"formulation": "admm"}, r"formulation \('admm', stored 'magnitude'\)"),
+        ({"problem": "smollm2-wiki"}, r"problem \('smollm2-wiki', stored 'digits-mlp'\)"),
+    ):
+        with pytest.raises(ValueError, match=rf"^--resume: the run in .* was started with other options: {message}"):
+            run(RunConfig(out=tmp_path / "b", sparsity=0.9, resume=True, **{**common, **other}))
 
 
 def test_a_python_resume_needs_only_the_folder(tmp_path):

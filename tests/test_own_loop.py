@@ -819,6 +819,19 @@ def test_an_epoch_ended_twice_is_refused_before_its_end_of_epoch_work_runs_again
     assert f.k == k + 1
 
 
+def test_a_loop_rolled_back_to_a_state_saved_before_end_epoch_ends_that_epoch_again():
+    f, x, y = _built("admm")
+    f.setup(2, 4)
+    f.start_epoch(0)
+    for _ in range(4):
+        f.training_step((x, y))
+    saved = copy.deepcopy(f.state_dict())  # after the epoch's last step, before end_epoch
+    f.end_epoch(0)
+    f.load_state_dict(saved)
+    assert f.resumed_epoch == 0
+    f.end_epoch(f.resumed_epoch)  # as a fresh formulation loading the state would (it was refused as 'again')
+
+
 def test_slr_with_epoch_coordination_and_no_end_epoch_warns_at_finalize():
     data = load_breast_cancer()
     x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)[:64]

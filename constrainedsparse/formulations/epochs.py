@@ -170,4 +170,4 @@ class EpochCount:
     def load(self, state: list[int]) -> None:
         """Restores :meth:`state` (a state saved mid-epoch resumes that epoch)."""
         self.epoch, self.steps = state
-        self.resumed_mid_epoch, self.open_epoch = self.steps > 0, None
+        self.resumed_mid_epoch, self.open_epoch, self.ended = self.steps > 0, None, None
