@@ -1139,7 +1139,9 @@ def test_every_set_method_refuses_an_input_it_cannot_rank(feasible, x, message) 
             call(x)
 
 
-@pytest.mark.parametrize("feasible", [TopK(1), RowTopK(1), NMSparse(2, 4)])
+@pytest.mark.parametrize(
+    "feasible", [TopK(1), RowTopK(1), NMSparse(2, 4), StructuredGroups(1), BlockSparse(1, 2, 2)], ids=repr
+)
 def test_a_boolean_mask_is_refused_where_magnitudes_rank_and_counted_by_contains(feasible) -> None:
     mask = torch.ones(2, 4, dtype=torch.bool)
     for call in (feasible.mask, feasible.project, feasible.lmo):
@@ -1161,3 +1163,11 @@ def test_global_topk_methods_refuse_what_is_no_sequence_of_tensors(xs, message) 
     for call in (joint.masks, joint.project, joint.lmo, joint.contains):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             call(xs)
+
+
+def test_global_topk_refuses_boolean_masks_where_magnitudes_rank_and_counts_them_in_contains() -> None:
+    joint, masks = GlobalTopK(1), [torch.ones(2, 2, dtype=torch.bool)]
+    for call in (joint.masks, joint.project, joint.lmo):
+        with pytest.raises(ValueError, match="^a sparsity set takes a numeric tensor, got a bool one"):
+            call(masks)
+    assert not joint.contains(masks) and joint.contains([torch.zeros(2, 2, dtype=torch.bool)])

@@ -67,8 +67,8 @@ class StructuredGroups(FeasibleSet):
                 f"got {tuple(shape)}"
             )
 
-    def _groups(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_shape(check_input(x, ranked=False).shape)  # a bool tensor's group norms are counts
+    def _groups(self, x: torch.Tensor, ranked: bool = True) -> torch.Tensor:
+        self.check_shape(check_input(x, ranked).shape)
         groups = x.movedim(self.dim, 0).reshape(x.shape[self.dim], -1)
         if self.k > groups.shape[0]:
             raise ValueError(f"k={self.k} exceeds the {groups.shape[0]} groups along dim {self.dim}")
@@ -98,7 +98,7 @@ class StructuredGroups(FeasibleSet):
         return self._expand(vertex, grad).to(grad.dtype)
 
     def contains(self, x: torch.Tensor) -> bool:
-        return int((torch.count_nonzero(self._groups(x), dim=1) > 0).sum()) <= self.k
+        return int((torch.count_nonzero(self._groups(x, ranked=False), dim=1) > 0).sum()) <= self.k
 
     def __repr__(self) -> str:
         return f"StructuredGroups(k={self.k}, dim={self.dim})"
@@ -153,9 +153,9 @@ class BlockSparse(FeasibleSet):
                 f"got shape {tuple(shape)}"
             )
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, ranked: bool = True) -> torch.Tensor:
         """``(blocks, entries per block)``: block (i, j) is row ``i * C + j``."""
-        self.check_shape(check_input(x, ranked=False).shape)
+        self.check_shape(check_input(x, ranked).shape)
         r, c = x.shape[0] // self.rows, x.shape[1] // self.cols
         tiles = x.reshape(r, self.rows, c, self.cols, -1).transpose(1, 2)
         blocks = tiles.reshape(r * c, -1)
@@ -179,7 +179,7 @@ class BlockSparse(FeasibleSet):
         return self._expand(vertex, grad).to(grad.dtype)
 
     def contains(self, x: torch.Tensor) -> bool:
-        return int((torch.count_nonzero(self._blocks(x), dim=1) > 0).sum()) <= self.k
+        return int((torch.count_nonzero(self._blocks(x, ranked=False), dim=1) > 0).sum()) <= self.k
 
     def __repr__(self) -> str:
         return f"BlockSparse(k={self.k}, {self.rows}x{self.cols})"

@@ -28,13 +28,13 @@ class GlobalTopK(JointFeasibleSet):
         self.k = k
 
     @staticmethod
-    def _check(xs: Sequence[torch.Tensor]) -> None:
+    def _check(xs: Sequence[torch.Tensor], ranked: bool = True) -> None:
         if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
             raise ValueError(f"GlobalTopK takes a sequence of tensors (one per layer), got a {type(xs).__name__}")
         if not xs:
             raise ValueError("GlobalTopK needs at least one tensor")
         for x in xs:
-            check_input(x, ranked=False)
+            check_input(x, ranked)
 
     def _flat(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         self._check(xs)
@@ -61,7 +61,7 @@ class GlobalTopK(JointFeasibleSet):
 
     def contains(self, xs: Sequence[torch.Tensor]) -> bool:
         """Whether the tensors have at most ``k`` nonzeros in total."""
-        self._check(xs)
+        self._check(xs, ranked=False)
         return sum(int(torch.count_nonzero(x)) for x in xs) <= self.k
 
     def __repr__(self) -> str:
