@@ -755,12 +755,12 @@ def test_a_detach_that_fails_is_raised_by_discard_and_set_aside_when_the_build_i
     """discard() swallowed any exception of the formulation's detach() (a bug in a formulation of the user's went
     unseen); only a build that failed part-way sets it aside, for the build's own error."""
     from constrainedsparse import register_formulation
-    from constrainedsparse.formulations.magnitude import Magnitude
+    from constrainedsparse.formulations import formulation_class
     from constrainedsparse.registry import REGISTRY
 
     @register_formulation("mag-bad-detach")
-    class BadDetach(Magnitude):
-        description = "magnitude whose detach fails"
+    class BadDetach(formulation_class("l0")):
+        description = "l0 whose detach fails"
         fail_attach = False
 
         def attach(self):
@@ -773,7 +773,12 @@ def test_a_detach_that_fails_is_raised_by_discard_and_set_aside_when_the_build_i
 
     try:
         f, _, _ = _built("mag-bad-detach")
+        assert len(f.optimizer.param_groups) == 2 and len(f.problem.constraint_names()) == 4  # gates, l0's three
         with pytest.raises(KeyError, match="detach bug"):
+            f.discard()
+        assert len(f.optimizer.param_groups) == 1 and f.problem.constraint_names() == ["norm"]  # restored first
+        assert f.finalized
+        with pytest.raises(ValueError, match=r"^discard\(\) after finalize\(\)"):
             f.discard()
         BadDetach.fail_attach = True
         with pytest.raises(RuntimeError, match="^attach failed$"):

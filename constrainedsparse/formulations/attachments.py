@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -41,8 +40,11 @@ class Attachments:
         for target in formulation.problem.targets:
             if parametrize.is_parametrized(target.module, target.param_name):
                 remove_parametrization(target.module, target.param_name, leave_parametrized=False)
-        with contextlib.suppress(Exception) if failed_build else contextlib.nullcontext():
+        error = None
+        try:
             formulation.detach()  # its own hooks and bookkeeping, as far as attach got
+        except Exception as err:  # the rest is restored first; then raised (set aside after a failed build)
+            error = None if failed_build else err
         problem, optimizer = formulation.problem, formulation.optimizer
         for name in problem.constraint_names():
             if name not in self.constraints:
@@ -51,3 +53,5 @@ class Attachments:
             for parameter in group["params"]:
                 optimizer.state.pop(parameter, None)
         del optimizer.param_groups[self.groups :]
+        if error is not None:
+            raise error

@@ -494,8 +494,10 @@ class Formulation(abc.ABC):
         if self._stage == _FINALIZED:
             raise ValueError("discard() after finalize(): the formulation has already removed its state from the model")
         release_targets(self._claim)
-        self._built_on.restore(self)
-        self._stage = _FINALIZED
+        try:
+            self._built_on.restore(self)
+        finally:
+            self._stage = _FINALIZED  # a detach() that raised: the rest is restored, the build is gone
 
     def schedule_fraction(self) -> float:
         """Fraction of the target level the formulation's own schedule has reached (1: it has none, or it is
