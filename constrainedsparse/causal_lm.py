@@ -104,7 +104,8 @@ def consecutive_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None 
     usable = len(ids) if max_tokens is None else min(len(ids), max_tokens)
     count = usable // seq_len
     if count < 1:
-        raise ValueError(f"the evaluation text gives {usable} tokens, fewer than one window of seq_len={seq_len}")
+        cut = f" (max_tokens={max_tokens} of its {len(ids)})" if usable < len(ids) else ""
+        raise ValueError(f"the evaluation text gives {usable} tokens{cut}, fewer than one window of seq_len={seq_len}")
     return ids[: count * seq_len].view(count, seq_len)
 
 

@@ -19,7 +19,6 @@ __all__ = [
     "achieved_sparsity",
     "apply_masks",
     "check_masks",
-    "set_masks",
     "current_masks",
     "find_parametrization",
     "foreign_parametrization",
@@ -147,9 +146,8 @@ def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor
             would fight the formulation's own). Nothing is changed then.
     """
     targets = resolved_targets(targets, "apply_masks(targets, masks): ")
-    check_masks(targets, masks)
     _check_no_formulation([t for t in targets if t.name in masks], "apply_masks()")
-    set_masks(targets, masks)
+    set_masks(targets, masks)  # checks the masks
 
 
 def set_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:

@@ -108,6 +108,11 @@ def test_the_public_perplexity_is_transformers_own_loss_over_consecutive_windows
             {"seq_len": 16},
             r"^the evaluation text gives 10 tokens, fewer than one window of seq_len=16$",
         ),
+        (
+            (list(range(40)),),
+            {"seq_len": 16, "max_tokens": 10},
+            r"^the evaluation text gives 10 tokens \(max_tokens=10 of its 40\), fewer than one window of seq_len=16$",
+        ),
     ],
 )
 def test_the_public_perplexity_refuses_what_it_cannot_score(tiny_llama, args, keywords, message):
