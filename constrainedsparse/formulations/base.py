@@ -61,7 +61,7 @@ from constrainedsparse.formulations.checks import (
 from constrainedsparse.formulations.dual import DualTerms
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, declared_counts
 from constrainedsparse.formulations.step import LagrangianStep, checked_steps
-from constrainedsparse.masks import canonical_parameters, remove_masks, temporarily_pruned
+from constrainedsparse.masks import canonical_parameters, check_masks, remove_masks, temporarily_pruned
 from constrainedsparse.multipliers import cooper_optimizer, restarted_multipliers
 from constrainedsparse.problem import Batch, SparsityProblem
 
@@ -456,10 +456,12 @@ class Formulation(abc.ABC):
         leave it (for measuring the hard-pruned model during training); everything is restored on exit.
 
         Raises:
-            ValueError: After :meth:`finalize` (the formulation has nothing left to preview: hard-prune).
+            ValueError: After :meth:`finalize` (the formulation has nothing left to preview: hard-prune), or for
+                masks that name no target, are not boolean or have another shape (nothing is changed then).
         """
         if self._stage == _FINALIZED:
             raise _stage_error("hard_prune_preview()", self._stage)
+        check_masks(self.problem.targets, masks)
         return self.preview_scope(masks)
 
     def preview_scope(self, masks: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
@@ -556,9 +558,11 @@ class Formulation(abc.ABC):
         """Restores :meth:`state_dict` (after :meth:`setup`).
 
         Raises:
-            ValueError: If ``state`` lacks a key of this formulation's :meth:`state_dict` or a tensor
-                has another shape (another formulation's state, other targets); nothing is restored then.
+            ValueError: After :meth:`finalize`, or if ``state`` lacks a key of this formulation's :meth:`state_dict`
+                or a tensor has another shape (another formulation's state, other targets); nothing is restored then.
         """
+        if self._stage == _FINALIZED:
+            raise _stage_error("load_state_dict()", self._stage)
         check_state(self.name, self.state_dict(), state, self._optional_state_keys)
         check_target_levels(self.name, self._target_levels(), state.get("target_levels", {}))
         if self.dual_optimizer is not None:

@@ -225,6 +225,7 @@ class SLR(DuplicateVariables):
         self.f_prev = state["f_prev"]
         if state.get("previous") is not None:
             self.previous = _Previous(**state["previous"])
-        else:
+        elif "w_prev" in state:
             device = next(iter(self.z.values())).device
             self.previous = self._measure({n: w.to(device) for n, w in state["w_prev"].items()})
+        # else: a state saved before setup(), which measures the previous iterate: this setup's stands
