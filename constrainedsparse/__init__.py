@@ -22,7 +22,7 @@ from constrainedsparse.formulations.duplicate import DuplicateConfig
 from constrainedsparse.formulations.l0 import GateConfig, L0Config, L0PenaltyConfig
 from constrainedsparse.formulations.magnitude import MagnitudeConfig
 from constrainedsparse.formulations.slr import SLRConfig
-from constrainedsparse.layerwise import LayerwiseSolver, available_solvers, register_solver
+from constrainedsparse.layerwise import LayerwiseSolver, available_solvers, describe_solvers, register_solver
 from constrainedsparse.layerwise.api import prune_layerwise
 from constrainedsparse.layerwise.fw import FWConfig
 from constrainedsparse.layerwise.report import LayerwiseReport
@@ -75,6 +75,7 @@ __all__ = [
     "available_solvers",
     "describe",
     "describe_formulations",
+    "describe_solvers",
     "hard_prune",
     "layer_sparsity",
     "load_problem",

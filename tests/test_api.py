@@ -507,3 +507,14 @@ def test_prune_layerwise_tells_conv1d_layers_apart_from_tied_ones():
     model = nn.Sequential(Block(), Block())
     report = prune_layerwise(model, [torch.randn(4, 16) for _ in range(2)], "wanda", sparsity=0.5, blocks=list(model))
     assert report.achieved_sparsity == pytest.approx(0.5)
+
+
+def test_every_name_the_package_root_exports_is_in_the_api_reference():
+    """docs/api.md: 'Everything below is importable from the package root'; and everything there is documented."""
+    from pathlib import Path
+
+    import constrainedsparse
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    assert [name for name in constrainedsparse.__all__ if f"`{name}" not in text] == []
+    assert all(hasattr(constrainedsparse, name) for name in constrainedsparse.__all__)
