@@ -504,6 +504,11 @@ def test_metrics_and_trace() -> None:
     assert [entry["iteration"] for entry in result.trace] == [0, 3, 6]
     assert all(set(entry) == {"iteration", "objective", "gap"} for entry in result.trace)
     assert result.metrics["fw/lower_bound"] <= result.metrics["fw/objective_relaxed"] + 1e-6
+    # the values, against an independent computation: the final objective is the layer error of the returned weight,
+    # the search after rounding never worsens it, and the Frank-Wolfe bound (the hull's minimum) is below every mask
+    final = float(_row_objective(layer, result.weight).sum())
+    assert result.metrics["fw/objective_final"] == pytest.approx(final, rel=1e-5)
+    assert result.metrics["fw/lower_bound"] <= final <= result.metrics["fw/objective_rounded"] * (1 + 1e-6)
 
 
 def test_registered_and_structured_rejected() -> None:
