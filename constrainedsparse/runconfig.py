@@ -169,11 +169,10 @@ class RunConfig:
         stored = state.get("config")
         if not isinstance(stored, dict):
             raise UserInputError(f"--resume: {Path(out) / CHECKPOINT} holds no run configuration")
-        differing = [
-            f"{key} ({value!r}, stored {_stored_text(key, stored)})"
-            for key, value in given.items()
-            if key != "settings" and key in stored and not _same_option(key, value, stored)
+        other = [
+            key for key in given if key != "settings" and key in stored and not _same_option(key, given[key], stored)
         ]
+        differing = [f"{key} ({given[key]!r}, stored {_stored_text(key, stored)})" for key in other]
         theirs = dict(stored.get("settings", {}))
         effective = state.get("effective_settings") or {}
         settings = dict(theirs)
@@ -198,10 +197,7 @@ class RunConfig:
         fields = {key: stored[key] for key in (*IDENTITY_FIELDS, *WANDB_FIELDS) if key in stored}
         if "wandb_tags" in stored:  # a checkpoint keeps a list
             fields["wandb_tags"] = tuple(stored["wandb_tags"])
-        other_run = any(
-            key in given and key in stored and not _same_option(key, given[key], stored)
-            for key in ("problem", "formulation")
-        )
+        other_run = {"problem", "formulation"} & set(other)
         if differing and check is not None and not other_run:  # the values first (docs/cli.md), then how they differ
             target = {"sparsity": None, "pattern": None} if {"sparsity", "pattern"} & set(given) else {}
             values = {**fields, **target, **given, "settings": {**settings, **given.get("settings", {})}}

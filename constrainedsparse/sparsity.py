@@ -89,16 +89,15 @@ class SparsityConfig:
         example = cls.example_params()
         odd = [k for k, v in self.options.items() if k not in example or type(v) is not type(example[k])]
         try:
-            complete = not odd and bool(cls.pattern_text(**self.options))
+            text = "" if odd else cls.pattern_text(**self.options)
         except (KeyError, TypeError):
-            complete = False
-        if not complete:
+            text = ""
+        if not text:
             wanted = ", ".join(f"({k!r}, {v!r})" for k, v in sorted(example.items()))
             takes = f"takes params like {wanted}" if wanted else "takes no params"
             raise ValueError(
                 f"pattern {self.pattern!r} {takes}, got {self.params!r} (SparsityConfig.parse reads pattern text)"
             )
-        text = cls.pattern_text(**self.options)
         try:  # values its text cannot say (block:0x2) are refused as the text would be
             read = cls.parse(text)
         except ValueError as err:
