@@ -12,29 +12,17 @@ Lifecycle (a call out of order raises ``ValueError`` naming the missing step)::
     for epoch: f.start_epoch(e); for batch: f.training_step(batch); f.end_epoch(e)
     masks = f.hard_masks(); f.finalize(); hard_prune(problem.targets, masks)
 
-One step, split so the user can act between backward and the primal step (clipping, AMP,
-accumulation)::
-
-    opt.zero_grad()
-    step = f.backward(batch)              # Lagrangian on the batch, backward (primal and dual)
-    clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()                            # the user's primal step
-    metrics = f.post_step(step)           # dual step, coordination, restarts
-
-:meth:`Formulation.training_step` is exactly these calls in this order (the one update order).
+One step, split so the user can act between backward and the primal step, is
+:class:`~constrainedsparse.formulations.split_step.SplitStep` (its own module: the one update order).
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
-import weakref
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
-import cooper
 import torch
 
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
@@ -44,9 +32,7 @@ from constrainedsparse.errors import is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
-    check_backward_call,
     check_covers,
-    check_ddp_wrapped,
     check_finite_step,
     check_finite_weights,
     check_hard_masks,
@@ -55,14 +41,14 @@ from constrainedsparse.formulations.checks import (
     check_state,
     check_target_levels,
     check_unparametrized,
-    checked_scale,
     warn_schedule_unfinished,
 )
 from constrainedsparse.formulations.dual import DualTerms
 from constrainedsparse.formulations.epochs import EpochCount, checked_epoch, declared_counts
-from constrainedsparse.formulations.step import LagrangianStep, checked_steps
+from constrainedsparse.formulations.split_step import SplitStep
+from constrainedsparse.formulations.step import LagrangianStep
 from constrainedsparse.masks import canonical_parameters, check_masks, remove_masks, temporarily_pruned
-from constrainedsparse.multipliers import cooper_optimizer, restarted_multipliers
+from constrainedsparse.multipliers import cooper_optimizer
 from constrainedsparse.problem import Batch, SparsityProblem
 
 __all__ = ["Formulation", "LagrangianStep", "NoConfig"]
@@ -81,7 +67,7 @@ def _stage_error(call: str, stage: str) -> ValueError:
     return ValueError(f"{call} after finalize(): the formulation has already removed its state from the model")
 
 
-class Formulation(abc.ABC):
+class Formulation(SplitStep, abc.ABC):
     """How the sparsity target is met: one training-phase algorithm over a :class:`SparsityProblem`.
 
     Args:
@@ -297,129 +283,6 @@ class Formulation(abc.ABC):
     def on_end_epoch(self, epoch: int) -> dict[str, float]:
         """Hook of :meth:`end_epoch`."""
         return {}
-
-    # --- one step -------------------------------------------------------------------------------------
-
-    def compute_lagrangian(self, batch: Any, *, dual_scale: float = 1.0) -> LagrangianStep:
-        """Evaluates loss and violations on ``batch`` and builds the primal Lagrangian.
-
-        The dual Lagrangian (:math:`\\lambda^\\top g(x_t)` with the violation detached, times
-        ``dual_scale``) is kept in the returned step, so :meth:`post_step` steps the multipliers with the
-        violations measured *here*, whatever the primal step did meanwhile, and with those of the steps it
-        is given only: a batch you skip after evaluating it (a loss spike) takes no part in the dual step.
-        Several steps given to one :meth:`post_step` add their dual gradients, like the primal ones
-        (gradient accumulation); ``dual_scale`` scales this call's share (``1 / steps`` makes the dual step
-        use the mean violation over the accumulated micro-batches). Under ``torch.no_grad()`` (a
-        validation batch) the step carries no dual term at all.
-        """
-        self._require("compute_lagrangian()")
-        return self._lagrangian(batch, checked_scale("compute_lagrangian(dual_scale=...)", dual_scale))
-
-    def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
-        self.before_lagrangian()
-        cmp_state = self.problem.compute_cmp_state(batch)
-        training = torch.is_grad_enabled()  # an evaluation under no_grad is not the step the epoch checks
-        if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
-            if training:
-                self._last = LastStep(cmp_state.loss.detach())
-            return LagrangianStep(cmp_state, cmp_state.loss)
-        primal = cmp_state.compute_primal_lagrangian()
-        if training:
-            self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
-        step = LagrangianStep(cmp_state, primal.lagrangian)
-        if self.dual_optimizer is not None:
-            self._duals.keep(step, cmp_state.compute_dual_lagrangian().lagrangian, dual_scale)
-        return step
-
-    def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
-        """:meth:`compute_lagrangian` then backward of the primal Lagrangian.
-
-        Args:
-            batch: Any batch the problem accepts (``(x, y)``, a dict, ...).
-            scale: Multiplies the Lagrangian before backward (``1 / accumulation_steps``): the primal
-                gradient and the multipliers' ascent direction become means over the micro-batches.
-            scaler: A ``torch.amp.GradScaler``: the primal Lagrangian is scaled by it before backward.
-
-        Returns:
-            The step's loss, Lagrangian and CMP state (a :class:`LagrangianStep`), what :meth:`post_step` takes.
-
-        Raises:
-            ValueError: Before :meth:`setup` or after :meth:`finalize`, for a ``scale`` that is not a finite
-                number > 0, a ``scaler`` without a ``scale`` method, or inside ``torch.no_grad()`` /
-                ``torch.inference_mode()`` (nothing to backpropagate).
-        """
-        self._require("backward()")
-        scale = check_backward_call(scale, scaler)
-        if not self._ddp_checked:
-            self._ddp_checked = check_ddp_wrapped(self.problem)
-        step = self._lagrangian(batch, scale)
-        lagrangian = step.lagrangian if scale == 1.0 else step.lagrangian * scale
-        if scaler is not None:
-            lagrangian = scaler.scale(lagrangian)
-        with self.backward_scope(scale, scaler):
-            lagrangian.backward()
-        return step
-
-    def before_lagrangian(self) -> None:
-        """Hook before every evaluation of the Lagrangian (:meth:`backward` and :meth:`compute_lagrangian`)."""
-        return None
-
-    def backward_scope(self, scale: float, scaler: Any) -> AbstractContextManager[None]:
-        """Context of the primal backward in :meth:`backward`, given its ``scale`` and ``scaler``.
-
-        A formulation that adds gradient terms of its own during backward (``slr``/``admm``: the W = Z
-        penalty gradient, by a hook) scales them by the same factor as the Lagrangian here.
-        """
-        return contextlib.nullcontext()
-
-    def post_step(self, step: LagrangianStep | Sequence[LagrangianStep]) -> dict[str, float]:
-        """After the user's primal step: the dual step and the formulation's own post-step work.
-
-        Args:
-            step: What :meth:`backward` returned (a sequence of them with gradient accumulation;
-                the last one's state is what the formulation logs).
-
-        Returns:
-            Metrics to log at this step.
-
-        Raises:
-            ValueError: Before :meth:`setup` or after :meth:`finalize`, for anything but steps :meth:`backward`
-                returned, a last step already taken, or the same step twice in the list.
-        """
-        self._require("post_step()")
-        steps = checked_steps(step)
-        last = steps[-1]
-        self._epochs.steps += 1
-        restarts: dict[str, float] = {}
-        if self.dual_optimizer is not None:
-            self.dual_optimizer.zero_grad(set_to_none=True)
-            self._duals.backpropagate(steps)
-            self.cooper_optimizer.dual_step()  # ascent step, then every multiplier's post_step_ (restarts)
-            self.dual_optimizer.zero_grad(set_to_none=True)
-            restarts = restarted_multipliers(self.problem, self.dual_optimizer)
-        metrics = {**restarts, **self.after_step(last.cmp_state)}
-        for item in steps:
-            item.taken, item.dual = True, None
-        return metrics
-
-    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
-        """Hook of :meth:`post_step`: coordination, restarts, clamps; returns metrics to log."""
-        return {}
-
-    def training_step(self, batch: Any) -> tuple[cooper.CMPState, dict[str, float]]:
-        """One primal-dual step on ``batch``: zero_grad, :meth:`backward`, primal step, :meth:`post_step`.
-
-        Returns:
-            The step's CMP state (loss, violations) and :meth:`post_step`'s metrics.
-
-        Raises:
-            ValueError: As :meth:`backward` and :meth:`post_step`.
-        """
-        self._require("training_step()")
-        self.optimizer.zero_grad(set_to_none=True)
-        step = self.backward(batch)
-        self.optimizer.step()
-        return step.cmp_state, self.post_step(step)
 
     # --- the end of pruning -----------------------------------------------------------------------
 
