@@ -375,11 +375,11 @@ def test_epoch_interval_coordinates_at_epoch_ends_and_finalize_removes_w_eq_z_co
     ):
         assert key in metrics
     assert formulation.problem.dual_optimizer(0.1) is None  # W = Z multipliers are not stepped per batch
-    z, lam = weakref.ref(formulation.z["0.weight"]), weakref.ref(formulation.constraints["0.weight"].multiplier)
+    z, lam = weakref.ref(formulation.z["0.weight"]), weakref.ref(formulation.constraints["0.weight"].multiplier.weight)
     formulation.finalize()
     assert not any(name.startswith(CONSTRAINT_PREFIX) for name, _ in formulation.problem.named_constraints())
     gc.collect()
-    assert z() is None and lam() is None  # Z and Λ freed while the formulation object lives on
+    assert z() is None and lam() is None  # Z and Λ freed while the formulation object lives on (its dual optimizer too)
 
 
 def test_hard_masks_hit_the_target_from_w_or_z():

@@ -29,9 +29,9 @@ Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
      :math:`\rho \leftarrow \min(\gamma\rho, \rho_{max})` (or residual balancing).
 
 A dual step of size :math:`s` is a gradient-ascent step on Cooper's dual Lagrangian:
-:math:`\nabla_\Lambda \langle \Lambda, W - Z\rangle = W - Z`, added in place into the Cooper
-multipliers (what ``SGD(lr=s, maximize=True)`` does, without building the gradients;
-:meth:`DuplicateVariables.dual_ascent`). SLR and ADMM differ only in the two ``dual_step_*`` hooks,
+:math:`\nabla_\Lambda \langle \Lambda, W - Z\rangle = W - Z` is the Cooper multipliers' gradient
+(given, not backpropagated) and a stock ``SGD(lr=s, maximize=True)`` steps them
+(:meth:`DuplicateVariables.dual_ascent`). SLR and ADMM differ only in the two ``dual_step_*`` hooks,
 i.e. in the step size rule.
 """
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import warnings
 from typing import Any
 
@@ -48,11 +47,11 @@ import torch
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import batch_size
-from constrainedsparse.config import Bounds, Hyperparameters, OneOf, hyperparameter
 from constrainedsparse.distributed import weighted_mean
 from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.checks import check_dense_gradients
+from constrainedsparse.formulations.duplicate_config import INTERVAL_UNITS, MASK_SOURCES, DuplicateConfig
 from constrainedsparse.formulations.iterate import Iterate
 from constrainedsparse.formulations.penalty import PenaltyGradient
 from constrainedsparse.formulations.rho import PenaltyRule
@@ -68,73 +67,7 @@ __all__ = [
     "MASK_SOURCES",
 ]
 
-INTERVAL_UNITS = ("epoch", "step", "per-epoch")
-MASK_SOURCES = ("w", "z")
-SCHEDULES = ("constant", "cubic")
-RHO_RULES = ("growth", "balance")
 CONSTRAINT_PREFIX = "w_eq_z/"
-
-
-@dataclasses.dataclass
-class DuplicateConfig(Hyperparameters):
-    """Hyperparameters shared by ``slr`` and ``admm`` (the same defaults for both).
-
-    Attributes:
-        rho: Penalty coefficient :math:`\\rho > 0` of :math:`\\frac{\\rho}{2}\\lVert W - Z\\rVert^2`.
-            0.03 (the papers use 0.1): with ``s0 = 0.001`` it lifts retrain-free accuracy at
-            90-95 % sparsity (``benchmarks/slr_vs_admm.py``, README) and keeps it at 80-90 %.
-        rho_growth: Factor :math:`\\gamma \\ge 1` applied to :math:`\\rho` after every coordination.
-        rho_max: Upper bound on :math:`\\rho` when it grows (with SGD also :meth:`PenaltyRule.stable`).
-        interval: Coordinate (Z-step and dual steps) every ``interval`` units.
-        interval_unit: ``"epoch"``, ``"step"`` (minibatches), or ``"per-epoch"``: ``interval``
-            coordinations per epoch, evenly spaced over its ``steps_per_epoch`` steps. Default 4 per
-            epoch (was every 10 steps): :math:`\\rho`'s growth and the dual steps then follow the
-            epoch whatever the dataset and batch size (every 10 steps is 4 an epoch on mnist1d-mlp,
-            2.3 on digits-mlp and 156 on CIFAR-10 at batch 32, where :math:`\\rho` grew 1.05-fold
-            156 times an epoch); on digits-mlp it lifts retrain-free SLR at 95 % from 90.0 to 94.4 %
-            (``benchmarks/slr_vs_admm.py``, README).
-        mask_from: Hard pruning keeps the top-k of ``"w"`` (the trained weights) or the support of
-            ``"z"`` (the last projection).
-    """
-
-    rho: float = hyperparameter(
-        0.03, "penalty coefficient rho of rho/2 ||W - Z||^2", Bounds(low=0, low_inclusive=False)
-    )
-    rho_growth: float = hyperparameter(1.05, "factor applied to rho after every coordination", Bounds(low=1))
-    rho_max: float = hyperparameter(
-        1e4,
-        "upper bound on rho when it grows (>= rho; with your own SGD rho also stays <= 1/lr)",
-        Bounds(low=0, low_inclusive=False),
-    )
-    interval: int = hyperparameter(
-        4, "coordinate (Z-step, dual steps) every this many units", Bounds(low=1, integer=True)
-    )
-    interval_unit: str = hyperparameter("per-epoch", "unit of interval", OneOf(INTERVAL_UNITS))
-    mask_from: str = hyperparameter(
-        "w", "hard masks from the top-k of the weights (w) or Z's support (z)", OneOf(MASK_SOURCES)
-    )
-    sparsity_schedule: str = hyperparameter(
-        "constant", "sparsity level of Z: the target from the start, or reached on a cubic schedule", OneOf(SCHEDULES)
-    )
-    schedule_end: float = hyperparameter(
-        0.5,
-        "fraction of the pruning steps at which the cubic schedule reaches the target (sparsity_schedule=cubic only)",
-        Bounds(0, 1, low_inclusive=False),
-    )
-    rho_rule: str = hyperparameter(
-        "growth", "rho after a coordination: times rho_growth, or residual balancing", OneOf(RHO_RULES)
-    )
-
-    def check(self) -> None:
-        """``rho_max >= rho``; ``schedule_end`` other than its default only with the cubic schedule."""
-        if not self.rho_max >= self.rho:
-            raise ValueError(f"rho_max must be >= rho ({self.rho}), got {self.rho_max}")
-        default_end = self.keys()["schedule_end"].default
-        if self.sparsity_schedule == "constant" and self.schedule_end != default_end:
-            raise ValueError(
-                f"schedule_end={self.schedule_end} applies only with sparsity_schedule=cubic (the constant "
-                "schedule projects to the target from the start)"
-            )
 
 
 def multiplier_dtype(target: TargetParam) -> torch.dtype:
@@ -186,6 +119,11 @@ class DuplicateVariables(Formulation):
             )
             self.constraints[target.name] = constraint
             self._hooks.append(target.stored.register_post_accumulate_grad_hook(self.penalty.hook(target.name)))
+        # The W = Z multipliers' own dual optimizer: stepped at coordinations only, at the rule's step size (set
+        # by dual_ascent each time; no other state). One tensor at a time: maximize negates a gradient's copy.
+        self.coordination_optimizer: torch.optim.SGD | None = torch.optim.SGD(
+            [c.multiplier.weight for c in self.constraints.values()], lr=1.0, maximize=True, foreach=False
+        )
 
     def _check_trainable(self, target: TargetParam) -> None:
         """Raises ``ValueError`` for a frozen target (its W would never move towards Z)."""
@@ -269,10 +207,17 @@ class DuplicateVariables(Formulation):
     @torch.no_grad()
     def dual_ascent(self, step: float, residual: dict[str, torch.Tensor]) -> None:
         """:math:`\\Lambda_n \\leftarrow \\Lambda_n + s\\,r_n`: one gradient-ascent step of size :math:`s` on
-        Cooper's dual Lagrangian :math:`\\sum_n\\langle\\Lambda_n, r_n\\rangle` (its gradient is :math:`r_n`),
-        applied to the Cooper multipliers in place (one foreach add over all tensors)."""
+        Cooper's dual Lagrangian :math:`\\sum_n\\langle\\Lambda_n, r_n\\rangle`: its gradient :math:`r_n` is
+        given to the Cooper multipliers and :attr:`coordination_optimizer` (a stock ``SGD(maximize=True)``)
+        steps them at ``lr`` :math:`= s` (the rule's step size), then each multiplier's ``post_step_()``."""
         multipliers = [self.constraints[name].multiplier for name in residual]
-        torch._foreach_add_([m.weight for m in multipliers], [r.reshape(-1) for r in residual.values()], alpha=step)
+        for multiplier, r in zip(multipliers, residual.values(), strict=True):
+            multiplier.weight.grad = r.reshape(-1).to(multiplier.weight.dtype)  # ∇_Λ ⟨Λ, r⟩ = r: no autograd
+        optimizer = self.coordination_optimizer
+        assert optimizer is not None, "dual_ascent() after detach()"  # finalize() refuses every later call
+        optimizer.param_groups[0]["lr"] = step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         for multiplier in multipliers:
             multiplier.post_step_()
 
@@ -475,6 +420,7 @@ class DuplicateVariables(Formulation):
         # these dicts; the hard masks, the only later use of Z, are refused after finalize()).
         self.constraints.clear()
         self.z.clear()
+        self.coordination_optimizer = None  # it holds the multipliers too
         super().detach()
 
     def state_dict(self) -> dict[str, Any]:
