@@ -34,23 +34,18 @@ from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.layerwise.allocation import Allocation, level_targets
 from constrainedsparse.layerwise.base import LayerwiseSolver, solver_class
 from constrainedsparse.layerwise.checks import (
-    check_consecutive,
-    check_layer_shapes,
     check_materialized,
-    check_reachable,
     check_settings,
     checked_batches,
-    checked_blocks,
 )
 from constrainedsparse.layerwise.driver import (
     GRAM_DTYPES,
     LayerReport,
-    block_prefixes,
-    offloaded_elsewhere,
     prune_blocks,
 )
 from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
-from constrainedsparse.layerwise.levels import override_levels, solve_levels
+from constrainedsparse.layerwise.levels import solve_levels
+from constrainedsparse.layerwise.preflight import check_block_layout
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
 from constrainedsparse.layerwise.runner import (
     DEFAULT_SPARSITY,
@@ -211,13 +206,12 @@ def prune_layerwise(
     targets = Targets(module_types=layer_module_types()) if targets is None else targets
     check_settings(driver, solver, target, targets)
     check_materialized(model)
-    blocks = checked_blocks(model, find_blocks(model) if blocks is None else blocks)
-    prefixes = block_prefixes(model, blocks)
     device = str(next(model.parameters()).device) if device is None else resolve_device(device, "device")
-    check_consecutive(prefixes, offloaded_elsewhere(model, device, driver.offload))
-    overrides = override_levels(model, blocks, targets, target)
-    check_layer_shapes(blocks, targets, target, allow_empty_layers, overrides, prefixes, keywords=True)
-    check_reachable(blocks, targets, target, driver, prefixes)
+    layout = check_block_layout(
+        model, find_blocks(model) if blocks is None else blocks, targets, target, driver, device,
+        allow_empty_layers=allow_empty_layers, keywords=True,
+    )  # fmt: skip
+    blocks, overrides = layout.blocks, layout.levels
     directory = _directory(model, out, tokenizer, overwrite)
     with _calibration_mode(model):
         levels = solve_levels(driver, model, blocks, batches, target, targets, device)

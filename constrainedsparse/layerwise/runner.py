@@ -33,24 +33,19 @@ from constrainedsparse.layerwise.allocation import (
 )
 from constrainedsparse.layerwise.base import LayerwiseSolver, available_solvers, solver_class
 from constrainedsparse.layerwise.checks import (
-    check_consecutive,
-    check_layer_shapes,
-    check_reachable,
     check_settings,
     checked_batches,
-    checked_blocks,
     checked_scores,
 )
 from constrainedsparse.layerwise.driver import (
     GRAM_DTYPES,
     LayerReport,
-    block_prefixes,
-    offloaded_elsewhere,
     prune_blocks,
     walk_inputs,
 )
 from constrainedsparse.layerwise.layers import layer_weight
-from constrainedsparse.layerwise.levels import override_levels, solve_levels
+from constrainedsparse.layerwise.levels import solve_levels
+from constrainedsparse.layerwise.preflight import check_block_layout
 from constrainedsparse.layerwise.report import PeakMemory, pruned_weights, summarize_layers
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, scope_field
 from constrainedsparse.logger import finish_summary
@@ -177,19 +172,15 @@ def prepare(
                              f"{type(model).__name__}")  # fmt: skip
     model = unwrap_compiled(model)  # names without torch.compile's _orig_mod. (blocks run one at a time anyway)
     model.to(getattr(torch, driver.dtype)).eval()
-    with user_input(f"problem {problem.name!r}: "):
-        blocks = checked_blocks(model, problem.model_blocks(model))
-    levels = override_levels(model, blocks, problem.targets, target)
-    prefixes = block_prefixes(model, blocks)
-    with user_input(f"problem {problem.name!r}: "):
-        check_consecutive(prefixes, offloaded_elsewhere(model, driver.device, driver.offload))
-    check_layer_shapes(blocks, problem.targets, target, driver.allow_empty_layers, levels, prefixes)
-    check_reachable(blocks, problem.targets, target, driver, prefixes)
+    layout = check_block_layout(
+        model, problem.model_blocks(model), problem.targets, target, driver, driver.device,
+        allow_empty_layers=driver.allow_empty_layers, prefix=f"problem {problem.name!r}: ",
+    )  # fmt: skip
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
     with user_input(f"problem {problem.name!r}: calibration(options, seed): "):
         batches = checked_batches(batches, model)
     resolved = dataclasses.replace(config, sparsity=None if target.fixed_level else target.sparsity, epochs=0)
-    return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, levels)
+    return LayerwisePrepared(resolved, problem, solver, target, driver, options, model, batches, layout.levels)
 
 
 def _report_metrics(report: LayerReport) -> dict[str, float]:
