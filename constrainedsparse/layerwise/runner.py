@@ -109,6 +109,20 @@ def build_solver(name: str, values: dict[str, Any]) -> LayerwiseSolver:
     return cls(config)
 
 
+def _refuse_epochs(config: RunConfig, problem: str) -> None:
+    """A layer-wise run trains nothing: an epoch count would be dropped silently (``UserInputError``)."""
+    for flag, value in (
+        ("--epochs", config.epochs),
+        ("--pretrain-epochs", config.pretrain_epochs),
+        ("--retrain-epochs", config.retrain_epochs),
+    ):
+        if value:
+            raise UserInputError(
+                f"{flag} is not available for the layer-wise problem {problem!r} (it prunes a pretrained model "
+                "once, block by block, without training)"
+            )
+
+
 def prepare(
     config: RunConfig,
     problem: LayerwiseProblem,
@@ -129,16 +143,7 @@ def prepare(
         raise UserInputError(
             f"{what}; problem {problem.name!r} is layer-wise: choose one of {', '.join(available_solvers())}"
         )
-    for flag, value in (
-        ("--epochs", config.epochs),
-        ("--pretrain-epochs", config.pretrain_epochs),
-        ("--retrain-epochs", config.retrain_epochs),
-    ):
-        if value:  # a layer-wise run trains nothing: the count would be dropped silently
-            raise UserInputError(
-                f"{flag} is not available for the layer-wise problem {problem.name!r} (it prunes a pretrained model "
-                "once, block by block, without training)"
-            )
+    _refuse_epochs(config, problem.name)
     with user_input():
         solver_cls = solver_class(name)
         routed = route_settings(
