@@ -17,10 +17,9 @@ same batch object. Penalties (``add_penalty``) are added to the loss, never swap
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import cooper
 import torch
@@ -31,79 +30,13 @@ from constrainedsparse.errors import UserInputError
 from constrainedsparse.modes import eval_mode, random_states_kept
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.targets import TargetParam, resolved_targets
+from constrainedsparse.userconstraint import SENSES, UserConstraint, ViolationFn
 
 __all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn"]
 
 Batch = Any
 """A batch as the problem's loss takes it: ``(x, y)`` for ``loss_fn``, anything for ``compute_loss``."""
-ViolationFn = Callable[..., torch.Tensor]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-_SENSES = {"<=": cooper.ConstraintType.INEQUALITY, "==": cooper.ConstraintType.EQUALITY}
-
-
-@dataclass(frozen=True)
-class UserConstraint:
-    """A constraint of the user's: ``fn(model)`` or ``fn(model, batch)`` ``<= 0`` or ``== 0``.
-
-    Args:
-        fn: Returns a tensor (any shape; every entry is one constraint) differentiable in the
-            model's parameters. If it takes two arguments it receives the current batch.
-        sense: ``"<="`` (inequality, multiplier kept >= 0) or ``"=="`` (equality).
-        restarts: Dual restarts for an inequality: its multiplier is reset to 0 whenever the
-            constraint holds (:class:`~constrainedsparse.multipliers.RestartingMultiplier`). Plain
-            gradient ascent keeps pushing while the multiplier unwinds, so a budget that binds
-            early overshoots (the model ends far inside it); restarts stop the push as soon as the
-            budget holds, at the price of small oscillations around it.
-
-    Raises:
-        ValueError: For a ``sense`` other than ``"<="`` and ``"=="``, a ``restarts`` that is not a bool,
-            ``restarts=True`` on an equality, an ``fn`` that is not callable, or one that takes neither
-            ``(model)`` nor ``(model, batch)``.
-    """
-
-    fn: ViolationFn
-    sense: Literal["<=", "=="] = "<="
-    restarts: bool = False
-    _uses_batch: bool = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.sense, str) or self.sense not in _SENSES:
-            raise ValueError(f"constraint sense must be '<=' or '==', got {self.sense!r}")
-        if not isinstance(self.restarts, bool):
-            raise ValueError(f"restarts must be True or False, got {self.restarts!r}")
-        if self.restarts and self.sense != "<=":
-            raise ValueError("restarts apply to inequality constraints ('<='), not to an equality")
-        if not callable(self.fn):
-            raise ValueError(f"constraint fn must be callable, got {type(self.fn).__name__}")
-        # Read once: inspecting the signature at every step costs more than a small model's step.
-        object.__setattr__(self, "_uses_batch", _takes_batch(self.fn))
-
-    @property
-    def uses_batch(self) -> bool:
-        """Whether ``fn`` takes the batch as its second argument."""
-        return self._uses_batch
-
-    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self.fn(model, batch) if self.uses_batch else self.fn(model)
-
-
-def _takes_batch(fn: Callable[..., Any]) -> bool:
-    """Whether a constraint's ``fn`` is ``fn(model, batch)`` (else ``fn(model)``).
-
-    Raises:
-        ValueError: For any other signature (no argument, or more than two required ones).
-    """
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # a builtin without a signature: called as fn(model, batch)
-        return True
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    varargs = any(p.kind is p.VAR_POSITIONAL for p in parameters)
-    if len(required) > 2 or (not positional and not varargs):
-        names = ", ".join(p.name for p in parameters)
-        raise ValueError(f"constraint fn must take (model) or (model, batch), got a function of ({names})")
-    return len(positional) >= 2 or varargs
 
 
 @dataclass
@@ -115,6 +48,7 @@ class _Registered:
     user: bool = False
     observed: bool = True
     strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    dual_lr: float | None = None  # the multiplier's own ascent step (a user constraint's), else the formulation's
 
 
 def pair_of(
@@ -277,20 +211,35 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         # Sized in eval mode, the random streams kept: BatchNorm statistics and the training's draws untouched.
         with torch.no_grad(), eval_mode(self.model), random_states_kept():
             value = _checked_violation(name, spec(self.model, example_batch))
-        if not bool(torch.isfinite(value).all()):  # every step would put it into the weights' gradients
-            raise UserInputError(
-                f"constraint {name!r} is not finite on the model as given ({value.tolist()[:4]}): a nan or inf "
-                "violation would make the multiplier and the weights nan; check its function"
+            strict = (
+                None
+                if spec.strict_fn is None
+                else _checked_violation(name, spec.measure(self.model, example_batch), "strict_fn")
             )
+        for what, measured in (("", value), (" strict_fn", strict)):
+            if measured is not None and not bool(torch.isfinite(measured).all()):  # would make λ and W nan
+                raise UserInputError(
+                    f"constraint {name!r}{what} is not finite on the model as given ({measured.tolist()[:4]}): a nan "
+                    "or inf violation would make the multiplier and the weights nan; check its function"
+                )
         size = value.numel()
+        if strict is not None and strict.numel() != size:
+            raise UserInputError(
+                f"constraint {name!r}: strict_fn returned {strict.numel()} entries but fn {size}: one measurement "
+                "per constraint entry"
+            )
         device = next(self.model.parameters()).device
         constraint = cooper.Constraint(
-            constraint_type=_SENSES[spec.sense],
+            constraint_type=SENSES[spec.sense],
             formulation_type=cooper.formulations.Lagrangian,
             multiplier=RestartingMultiplier(size, restarts=spec.restarts, device=device),
         )
-        self.add_constraint(name, constraint, spec, data_dependent=spec.uses_batch)
+        self.add_constraint(
+            name, constraint, spec, data_dependent=spec.uses_batch,
+            strict_violation=None if spec.strict_fn is None else spec.measure,
+        )  # fmt: skip
         self._violations[name].user = True
+        self._violations[name].dual_lr = spec.dual_lr
         self.user_constraint_names.append(name)
 
     def add_constraint(
@@ -387,9 +336,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         observed = {
             entry.constraint: cooper.ConstraintState(
                 violation=self._violation(name, entry, batch),
-                strict_violation=None
-                if entry.strict_violation is None
-                else _in_multiplier_dtype(entry, entry.strict_violation(self.model, batch)),
+                strict_violation=None if entry.strict_violation is None else self._strict(name, entry, batch),
                 contributes_to_dual_update=entry.dual_every_step,
             )
             for name, entry in self._violations.items()
@@ -416,17 +363,29 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 )
         return synchronised(violation) if entry.data_dependent else violation
 
+    def _strict(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
+        """A constraint's proxy measurement on ``batch`` (what its dual step reads), checked like a violation."""
+        strict = _in_multiplier_dtype(entry, entry.strict_violation(self.model, batch))
+        if entry.user:
+            strict = _checked_violation(name, strict, "strict_fn")
+            sized = entry.constraint.multiplier.weight.numel()
+            if strict.numel() != sized:
+                raise UserInputError(
+                    f"constraint {name!r}: strict_fn returned {strict.numel()} entries on this batch, but the "
+                    f"constraint has {sized}: return as many on every batch"
+                )
+        return synchronised(strict) if entry.data_dependent else strict
+
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
-        """Gradient ascent (``SGD(maximize=True)``) on every multiplier updated each step, or ``None``."""
-        params = [
-            p
-            for entry in self._violations.values()
-            if entry.dual_every_step and entry.constraint.multiplier is not None
-            for p in entry.constraint.multiplier.parameters()
-        ]
-        if not params:
-            return None
-        return torch.optim.SGD(params, lr=lr, maximize=True)
+        """Gradient ascent (``SGD(maximize=True)``) on every multiplier updated each step, or ``None``: one
+        parameter group at ``lr``, then one for each other step size a constraint asked for (``dual_lr``)."""
+        groups: dict[float, list[torch.nn.Parameter]] = {lr: []}
+        for entry in self._violations.values():
+            if entry.dual_every_step and entry.constraint.multiplier is not None:
+                rate = lr if entry.dual_lr is None else entry.dual_lr
+                groups.setdefault(rate, []).extend(entry.constraint.multiplier.parameters())
+        kept = [{"params": params, "lr": rate} for rate, params in groups.items() if params]
+        return torch.optim.SGD(kept, lr=lr, maximize=True) if kept else None
 
     def nonfinite_constraints(self, cmp_state: cooper.CMPState | None = None) -> list[str]:
         """The constraints whose violation on ``cmp_state`` (if given) or whose multiplier is not finite, yours
@@ -456,15 +415,24 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         users = set(self.user_constraint_names)
         for constraint, state in cmp_state.observed_constraints.items():
             if constraint.name in users:
-                violation = state.violation.detach().reshape(-1)
-                if violation.numel() > 1:  # holds when the max is <= 0 (inequality), when the norm is 0 (equality)
-                    equality = constraint.constraint_type == cooper.ConstraintType.EQUALITY
-                    violation = violation.norm() if equality else violation.max()
-                metrics[f"violation/{constraint.name}"] = float(violation.reshape(-1)[0])
+                equality = constraint.constraint_type == cooper.ConstraintType.EQUALITY
+                if state.strict_violation is not None:  # the measurement; fn is its surrogate
+                    metrics[f"surrogate/{constraint.name}"] = _summary(state.violation, equality)
+                measured = state.violation if state.strict_violation is None else state.strict_violation
+                metrics[f"violation/{constraint.name}"] = _summary(measured, equality)
         for name, value in self.named_multiplier_values().items():
             if name in users:
                 metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
         return metrics
+
+
+def _summary(violation: torch.Tensor, equality: bool) -> float:
+    """One number of a violation: a vector inequality's largest entry (it holds when that is <= 0), a vector
+    equality's norm (it holds at 0)."""
+    violation = violation.detach().reshape(-1)
+    if violation.numel() > 1:
+        violation = violation.norm() if equality else violation.max()
+    return float(violation.reshape(-1)[0])
 
 
 def _in_multiplier_dtype(entry: _Registered, value: Any) -> Any:
@@ -484,13 +452,17 @@ def _type_name(value: Any) -> str:
     return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
 
 
-def _checked_violation(name: str, value: Any) -> torch.Tensor:
+def _checked_violation(name: str, value: Any, key: str = "") -> torch.Tensor:
+    """A violation (``key``: ``"strict_fn"``'s, which need not be differentiable) as a flat tensor.
+
+    Raises:
+        UserInputError: For a value that is not a non-empty floating-point tensor.
+    """
+    who = f"constraint {name!r}" + (f" {key}" if key else "")
     if not isinstance(value, torch.Tensor):
-        raise UserInputError(
-            f"constraint {name!r} must return a tensor differentiable in the model's parameters, "
-            f"got {_type_name(value)}"
-        )
+        what = "a tensor" if key else "a tensor differentiable in the model's parameters"
+        raise UserInputError(f"{who} must return {what}, got {_type_name(value)}")
     if not torch.is_floating_point(value) or value.numel() == 0:
         got = "an empty tensor" if value.numel() == 0 else value.dtype
-        raise UserInputError(f"constraint {name!r} must return a non-empty floating-point tensor, got {got}")
+        raise UserInputError(f"{who} must return a non-empty floating-point tensor, got {got}")
     return value.reshape(-1)

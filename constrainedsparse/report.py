@@ -158,12 +158,13 @@ def constraint_report(
             with ``None``).
         test_batch: The whole test set as one batch, for constraints that take a batch.
 
-    ``satisfied`` is ``max(value) <= 0`` for ``<=`` and ``max|value| <= EQUALITY_TOLERANCE`` for ``==``.
+    ``value`` is ``strict_fn``'s measurement when the constraint has one (else ``fn``'s). ``satisfied`` is
+    ``max(value) <= 0`` for ``<=`` and ``max|value| <= EQUALITY_TOLERANCE`` for ``==``.
     """
     report = {}
     with eval_mode(model):
         for name, spec in constraints.items():
-            value = torch.as_tensor(spec(model, test_batch)).reshape(-1).double()
+            value = torch.as_tensor(spec.measure(model, test_batch)).reshape(-1).double()  # strict_fn's if given
             worst = float(value.max()) if spec.sense == "<=" else float(value.abs().max())
             limit = 0.0 if spec.sense == "<=" else EQUALITY_TOLERANCE
             multiplier = multipliers.get(name)

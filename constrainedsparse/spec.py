@@ -189,7 +189,11 @@ class Problem:
         """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
         name = self.name
         constraints = {
-            key: dataclasses.replace(c, fn=guard(name, f"constraint {key!r}", c.fn))  # its sense and restarts too
+            key: dataclasses.replace(  # its sense, restarts and dual_lr too
+                c,
+                fn=guard(name, f"constraint {key!r}", c.fn),
+                strict_fn=None if c.strict_fn is None else guard(name, f"constraint {key!r} strict_fn", c.strict_fn),
+            )
             for key, c in self.constraints.items()
         }
         return dataclasses.replace(

@@ -314,7 +314,7 @@ class L0(Gated):
         return {t.name: self._expand_groups(t, keep) for t, keep in zip(targets, keeps)}
 
     def build_dual_optimizer(self) -> torch.optim.Optimizer | None:
-        """``SGD(maximize=True)``: density multipliers at ``density_dual_lr``, the user's at ``dual_lr``.
+        """``SGD(maximize=True)``: density multipliers at ``density_dual_lr``, the user's at ``dual_lr`` (or their own).
 
         With ``density_dual_kp > 0`` it is :class:`cooper.optim.nuPI` instead (Sohrabi et al., 2024):
         :math:`\\lambda_{t+1} = \\lambda_t + \\eta\\,(g_t + K_P (g_t - g_{t-1}))` on the density multipliers,
@@ -324,11 +324,12 @@ class L0(Gated):
         """
         density = [p for m in self._multipliers.values() for p in m.parameters()]
         density_ids = {id(p) for p in density}
-        user = self.problem.dual_optimizer(self.dual_lr)
-        others = [p for g in (user.param_groups if user else []) for p in g["params"] if id(p) not in density_ids]
+        user = self.problem.dual_optimizer(self.dual_lr)  # one group per step size (a constraint's own dual_lr)
         groups = [{"params": density, "lr": self.config.density_dual_lr}]
-        if others:
-            groups.append({"params": others, "lr": self.dual_lr})
+        for group in user.param_groups if user else []:
+            others = [p for p in group["params"] if id(p) not in density_ids]
+            if others:
+                groups.append({"params": others, "lr": group["lr"]})
         kp = self.config.density_dual_kp
         if kp == 0:
             return torch.optim.SGD(groups, lr=self.dual_lr, maximize=True)

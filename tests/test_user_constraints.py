@@ -1,0 +1,144 @@
+"""UserConstraint's own dual step size (``dual_lr``) and proxy measurement (``strict_fn``), through make() and the
+split step as a user runs them."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import constrainedsparse as cs
+from constrainedsparse import SparsityConfig, SparsityProblem, Targets, UserConstraint, make
+from constrainedsparse.report import constraint_report
+
+FORMULATIONS = ["magnitude", "slr", "admm", "l0"]
+
+
+def _problem(constraints, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    batch = (torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+    return SparsityProblem(model, nn.functional.cross_entropy, targets, constraints, example_batch=batch), batch
+
+
+def _steps(formulation, batch, n):
+    formulation.setup(num_epochs=1, steps_per_epoch=n, reference_batch=batch if formulation.reference_samples else None)
+    formulation.start_epoch(0)
+    return [formulation.training_step(batch) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", FORMULATIONS)
+def test_each_constraint_steps_its_multiplier_at_its_own_dual_lr(method):
+    # Constant violations (2 and 3, not differentiable in a way that matters): after n ascent steps λ = n * lr * g.
+    constant = {
+        "own": UserConstraint(lambda m: m[0].weight.sum() * 0 + 2.0, dual_lr=0.25),
+        "shared": UserConstraint(lambda m: m[0].weight.sum() * 0 + 3.0),
+    }
+    problem, batch = _problem(constant)
+    formulation = make(method, problem, dual_lr=0.01)
+    _steps(formulation, batch, 3)
+    values = problem.named_multiplier_values()
+    assert values["own"].item() == pytest.approx(3 * 0.25 * 2.0, rel=1e-6)
+    assert values["shared"].item() == pytest.approx(3 * 0.01 * 3.0, rel=1e-6)
+
+
+def test_the_dual_optimizer_has_one_group_per_step_size_and_resumes():
+    constraints = {
+        "a": UserConstraint(lambda m: m[0].weight.norm() - 1.0, dual_lr=0.5),
+        "b": UserConstraint(lambda m: m[2].weight.norm() - 1.0),
+        "c": UserConstraint(lambda m: m[2].weight.abs().sum() - 1.0, dual_lr=0.5),
+    }
+    problem, batch = _problem(constraints)
+    formulation = make("magnitude", problem, dual_lr=0.1)
+    assert [g["lr"] for g in formulation.dual_optimizer.param_groups] == [0.1, 0.5]  # the formulation's first
+    assert [len(g["params"]) for g in formulation.dual_optimizer.param_groups] == [1, 2]
+    assert [
+        len(g["params"]) for g in make("magnitude", _problem({"a": constraints["a"]})[0]).dual_optimizer.param_groups
+    ] == [1]
+    _steps(formulation, batch, 2)
+    state = formulation.state_dict()
+    again = make("magnitude", _problem(constraints)[0], dual_lr=0.1)
+    again.setup(num_epochs=1, steps_per_epoch=2)
+    again.load_state_dict(state)
+    for name, value in formulation.problem.named_multiplier_values().items():
+        assert torch.equal(again.problem.named_multiplier_values()[name], value)
+
+
+def test_a_proxy_constraint_steps_on_its_measurement_and_trains_on_its_surrogate():
+    # fn: a differentiable surrogate; strict_fn: the measurement the multiplier reads (a count, not differentiable).
+    layer_norm = lambda m: m[0].weight.norm() - 1.0  # noqa: E731
+    nonzeros = lambda m: (m[0].weight != 0).sum().float() - 10.0  # noqa: E731
+    spec = UserConstraint(layer_norm, strict_fn=nonzeros)
+    problem, batch = _problem({"budget": spec})
+    formulation = make("magnitude", problem, lr=1e-3, dual_lr=0.01)
+    formulation.setup(num_epochs=1, steps_per_epoch=1)
+    formulation.start_epoch(0)
+    measured, surrogate = float(nonzeros(problem.model)), float(layer_norm(problem.model))
+    assert measured != pytest.approx(surrogate)
+    formulation.training_step(batch)
+    assert problem.named_multiplier_values()["budget"].item() == pytest.approx(0.01 * measured, rel=1e-5)
+    step = formulation.backward(batch)
+    metrics = problem.step_metrics(step.cmp_state)
+    assert metrics["violation/budget"] == pytest.approx(float(nonzeros(problem.model)))
+    assert metrics["surrogate/budget"] == pytest.approx(float(layer_norm(problem.model)), rel=1e-5)
+    report = constraint_report(problem.model, {"budget": spec}, problem.named_multiplier_values(), batch)
+    assert report["budget"]["value"] == pytest.approx(float(nonzeros(problem.model)))
+
+
+def test_restarts_read_the_measurement():
+    # The surrogate is violated (> 0) while the measurement holds (< 0): a restart resets the multiplier to 0.
+    spec = UserConstraint(lambda m: m[0].weight.sum() * 0 + 1.0, restarts=True, strict_fn=lambda m: torch.tensor(-1.0))
+    problem, batch = _problem({"c": spec})
+    formulation = make("magnitude", problem, dual_lr=0.1)
+    _steps(formulation, batch, 2)
+    assert problem.named_multiplier_values()["c"].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"dual_lr": 0.0},
+            r"^constraint dual_lr must be a finite number > 0 \(or None: the formulation's\), got 0\.0",
+        ),
+        ({"dual_lr": -1}, r"^constraint dual_lr must be a finite number > 0 .*got -1$"),
+        ({"dual_lr": math.nan}, r"^constraint dual_lr must be a finite number > 0 .*got nan$"),
+        ({"dual_lr": True}, r"^constraint dual_lr must be a finite number > 0 .*got True$"),
+        ({"dual_lr": "0.1"}, r"^constraint dual_lr must be a finite number > 0 .*got '0\.1'$"),
+        ({"strict_fn": 3}, r"^constraint strict_fn must be callable, got int$"),
+        (
+            {"strict_fn": lambda: 0},
+            r"^constraint strict_fn must take \(model\) or \(model, batch\), got a function of \(\)",
+        ),
+    ],
+)
+def test_bad_options_are_one_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UserConstraint(lambda m: m[0].weight.sum(), **kwargs)
+
+
+def test_a_measurement_that_does_not_fit_its_constraint_is_refused_when_sized():
+    two = UserConstraint(lambda m: m[0].weight.sum(), strict_fn=lambda m: torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^constraint 'c': strict_fn returned 2 entries but fn 1: one measurement"):
+        _problem({"c": two})
+    number = UserConstraint(lambda m: m[0].weight.sum(), strict_fn=lambda m: 3)
+    with pytest.raises(ValueError, match=r"^constraint 'c' strict_fn must return a tensor, got int$"):
+        _problem({"c": number})
+    nan = UserConstraint(lambda m: m[0].weight.sum(), strict_fn=lambda m: torch.tensor(math.nan))
+    with pytest.raises(ValueError, match=r"^constraint 'c' strict_fn is not finite on the model as given"):
+        _problem({"c": nan})
+
+
+def test_a_batch_measurement_needs_an_example_batch_and_reads_the_batch():
+    seen = []
+    spec = UserConstraint(lambda m: m[0].weight.sum() * 0, strict_fn=lambda m, b: seen.append(b) or b[0].mean())
+    assert spec.uses_batch
+    problem, batch = _problem({"c": spec})
+    formulation = make("magnitude", problem, dual_lr=1.0)
+    _steps(formulation, batch, 1)
+    assert seen[-1] is batch
+    assert problem.named_multiplier_values()["c"].item() == pytest.approx(max(0.0, float(batch[0].mean())))
+    with pytest.raises(ValueError, match=r"constraint 'd' takes a batch; pass example_batch to size it"):
+        problem.add_user_constraint("d", spec, None)
+    assert cs.UserConstraint is UserConstraint
