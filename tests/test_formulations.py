@@ -85,3 +85,53 @@ def test_every_formulation_meets_every_pattern_in_its_own_loop(name, pattern):
         if cls.exact_layer_sparsity(cls.Config()):
             assert target.feasible_set.contains(target.tensor.detach()), target.name
     assert achieved_sparsity(targets) == pytest.approx(config.sparsity, abs=0.05)
+
+
+def _flat_tensors(value, prefix=""):
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat_tensors(item, f"{prefix}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _flat_tensors(item, f"{prefix}/{i}").items()}
+    return {}
+
+
+@pytest.mark.parametrize("name", available_formulations())
+def test_every_formulations_state_dict_is_a_snapshot_and_a_load_copies_it(name):
+    """A kept state does not follow training on (multipliers, rho, dual optimizer state were the live tensors), and
+    two formulations loaded from one dict do not share a tensor with it (Cooper keeps a loaded rho as given)."""
+    from torch import nn
+
+    from constrainedsparse import SparsityConfig, SparsityProblem, Targets, UserConstraint
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+        budget = {"norm": UserConstraint(lambda m: m[0].weight.norm() - 0.5)}
+        problem = SparsityProblem(model, nn.functional.cross_entropy, targets, budget)
+        config = {"interval": 1, "interval_unit": "step", "rho_growth": 1.5} if name in ("slr", "admm") else {}
+        f = make(name, problem, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), **config)
+        f.setup(1, 6, reference_batch=(x, y))
+        f.start_epoch(0)
+        return f
+
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    f = build()
+    for _ in range(2):
+        f.training_step((x, y))
+    state = f.state_dict()
+    kept = {k: v.clone() for k, v in _flat_tensors(state).items()}
+    assert kept, "the state holds tensors"
+    for _ in range(2):
+        f.training_step((x, y))
+    assert all(torch.equal(_flat_tensors(state)[k], v) for k, v in kept.items())
+    loaded = build()
+    loaded.load_state_dict(state)
+    loaded.training_step((x, y))
+    assert all(torch.equal(_flat_tensors(state)[k], v) for k, v in kept.items())
+    live = {t.data_ptr() for t in _flat_tensors(loaded.state_dict()).values()} | {
+        m.weight.data_ptr() for _, m in loaded.problem.named_multipliers()
+    }
+    assert not live & {t.data_ptr() for t in _flat_tensors(state).values() if t.numel()}

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
+from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed, snapshot
 from constrainedsparse.claims import claim_targets, release_targets
 from constrainedsparse.config import Hyperparameters, check_config
 from constrainedsparse.errors import is_ours
@@ -400,12 +400,13 @@ class Formulation(SplitStep, abc.ABC):
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the formulation changes during training (not the model, not the primal optimizer)."""
+        """Everything the formulation changes during training (not the model, not the primal optimizer): a snapshot,
+        its tensors copies that later steps leave as they are."""
         dual = optimizer_state_plain(self.dual_optimizer.state_dict()) if self.dual_optimizer is not None else None
         return {
             "formulation": self.name,
-            "dual_optimizer": dual,
-            "cmp": self.problem.state_dict(),
+            "dual_optimizer": snapshot(dual),
+            "cmp": snapshot(self.problem.state_dict()),
             "epoch_steps": self._epochs.state(),  # the epoch under way and its post_step() calls so far
             "target_levels": self._target_levels(),
         }
@@ -432,6 +433,7 @@ class Formulation(SplitStep, abc.ABC):
             self.dual_optimizer.zero_grad(set_to_none=True)
             self._duals.evaluated = 0  # steps taken before the state was saved or loaded are not this run's
             if state.get("dual_optimizer") is not None:
-                self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, state["dual_optimizer"]))
-        self.problem.load_state_dict(state["cmp"])
+                dual = snapshot(state["dual_optimizer"])  # copies: training on leaves the given state as it is
+                self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, dual))
+        self.problem.load_state_dict(snapshot(state["cmp"]))
         self._epochs.load(state.get("epoch_steps", self._epochs.state()))
