@@ -400,3 +400,28 @@ def test_sigterm_unwinds_like_ctrl_c_one_line_exit_143_and_no_folder_before_the_
                 == f"terminated; continue from the last checkpoint with --resume --out {out}"
             )
             assert (out / "checkpoint.pt").is_file()
+
+
+def test_the_wandb_reader_merges_a_resumed_parts_first_row_into_the_row_logged_at_that_step():
+    """A run stopped after its last checkpoint (the last epoch's row logged at step 5) resumes at step 5 and logs
+    only the final metrics there: the epoch row's keys stay; rows after a resumed part's first step are replaced."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "reader", Path(__file__).parents[1] / "docs/examples/read_wandb_offline.py"
+    )
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    parts = {
+        "first": [{"_step": 1, "loss": 2.0}, {"_step": 5, "accuracy/test": 0.5}],
+        "resumed": [{"_step": 5, "accuracy/final": 0.9}, {"_step": 6, "loss": 1.0}],
+        "stopped": [{"_step": 1, "loss": 2.0}, {"_step": 3, "loss": 1.5}, {"_step": 4, "loss": 1.4}],
+        "again": [{"_step": 3, "loss": 1.6}],
+    }
+    reader.history = parts.__getitem__
+    assert reader.merged_history(["resumed", "first"]) == [
+        {"_step": 1, "loss": 2.0},
+        {"_step": 5, "accuracy/test": 0.5, "accuracy/final": 0.9},
+        {"_step": 6, "loss": 1.0},
+    ]
+    assert reader.merged_history(["stopped", "again"]) == [{"_step": 1, "loss": 2.0}, {"_step": 3, "loss": 1.6}]

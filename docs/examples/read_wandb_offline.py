@@ -58,15 +58,21 @@ def history(path):
 
 
 def merged_history(paths):
-    """The rows of a run's files; a later part replaces the earlier rows from its first step on.
+    """The rows of a run's files; a later part replaces the earlier rows after its first step, and its first row
+    is merged into an earlier row at that step (its keys win).
 
-    The parts are ordered by their first step (a shell glob may list ``...-ID-1/`` before ``...-ID/``).
+    A resumed part starts at its checkpoint's step, where the earlier part may have logged before it stopped (the
+    last epoch's row when it was stopped after its last checkpoint): those keys stay. The parts are ordered by their
+    first step (a shell glob may list ``...-ID-1/`` before ``...-ID/``).
     """
     parts = sorted((part for part in map(list, map(history, paths)) if part), key=lambda p: p[0].get("_step", 0))
     rows = []
     for part in parts:
-        rows = [row for row in rows if row.get("_step", -1) < part[0].get("_step", 0)]
-        rows += part
+        first = part[0].get("_step", 0)
+        at_first = [row for row in rows if row.get("_step", -1) == first]
+        rows = [row for row in rows if row.get("_step", -1) < first]
+        rows += [{**row, **part[0]} for row in at_first[-1:]] or part[:1]
+        rows += part[1:]
     return rows
 
 
