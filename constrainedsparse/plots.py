@@ -243,6 +243,51 @@ def _bars(ax: Any, names: list[str], values: list[float], title: str) -> None:
     ax.set_title(title)
 
 
+BARS_MAX = 64
+"""Up to this many layers the layer-wise panels draw a bar per layer; beyond (an LLM: 30 blocks of 7 layers), a
+bar per layer is 6 px wide and its label unreadable, so they draw a line per layer kind over the blocks instead."""
+
+
+def _lines_by_block(ax: Any, names: list[str], values: list[float], title: str) -> None:
+    """One line per layer kind (its name within the block: ``mlp.down_proj``) over the blocks, in block order;
+    layers outside every block are named in the title."""
+    blocks = block_names(names)
+    order = list(dict.fromkeys(blocks[name] for name in names if name in blocks))
+    position = {block: index for index, block in enumerate(order)}
+    kinds: dict[str, dict[int, float]] = {}
+    for name, value in zip(names, values, strict=True):
+        if name in blocks:
+            kind = name.removeprefix(f"{blocks[name]}.").removesuffix(".weight")
+            kinds.setdefault(kind, {})[position[blocks[name]]] = value
+    colours = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive")]
+    for index, (kind, points) in enumerate(kinds.items()):
+        xs = sorted(points)
+        style = "-" if index < len(colours) else "--"  # more kinds than colours: dashed for the rest
+        ax.plot(xs, [points[x] for x in xs], style, marker="o", markersize=3, linewidth=1,
+                color=colours[index % len(colours)], label=kind)  # fmt: skip
+    step = max(1, len(order) // 30)  # at most ~30 tick labels
+    ticks = list(range(0, len(order), step))
+    ax.set_xticks(ticks, [order[i].rsplit(".", 1)[-1] for i in ticks], fontsize=7)
+    ax.set_xlabel("block (its index in the model)")
+    ax.margins(x=0.01)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), title="layer", title_fontsize=7)
+    outside = [name.removesuffix(".weight") for name in names if name not in blocks]
+    ax.set_title(title + (f"; not in a block: {', '.join(outside)}" if outside else ""))
+
+
+def _layer_panel(
+    ax: Any, names: list[str], values: list[float], title: str, limits: tuple[float, float] | None = None
+) -> None:
+    """A bar per layer (few layers; the blocks' colours alternate), or a line per layer kind over the blocks (many;
+    the y axis spans ``limits`` if given: sparsities in [0, 1], so that 0.50001 is not drawn as a jump)."""
+    if len(names) <= BARS_MAX:
+        _bars(ax, names, values, title)
+    else:
+        _lines_by_block(ax, names, values, title)
+        if limits is not None:
+            ax.set_ylim(*limits)
+
+
 # The block-level steps' errors (every layer of a block carries its block's), in the order they happen.
 BLOCK_STEPS = {
     "block_error": "pruned",
@@ -288,15 +333,12 @@ def _layerwise_figure(rows: Rows) -> Any:
     traced = [row for row in rows if row.get("trace/objective") is not None]
     blocks = _block_errors(rows)
     count = 2 + bool(traced) + bool(blocks)
-    fig = Figure(figsize=(max(10, 0.28 * len(names)), 3 + 2.7 * count))
+    width = max(10, 0.28 * len(names)) if len(names) <= BARS_MAX else 14
+    fig = Figure(figsize=(width, 3 + 2.7 * count))
     axes = fig.subplots(count, 1)
-    _bars(
-        axes[0],
-        names,
-        [errors[n] for n in names],
-        "relative layer error ||(W - W_hat) X||^2 / ||W X||^2 (blocks alternate)",
-    )
-    _bars(axes[1], names, [sparsity.get(n, float("nan")) for n in names], "layer sparsity")
+    _layer_panel(axes[0], names, [errors[n] for n in names], "relative layer error ||(W - W_hat) X||^2 / ||W X||^2"
+                 + (" (blocks alternate)" if len(names) <= BARS_MAX else ""))  # fmt: skip
+    _layer_panel(axes[1], names, [sparsity.get(n, float("nan")) for n in names], "layer sparsity", (0.0, 1.0))
     if traced:
         layers: dict[float, list[float]] = {}
         for row in traced:

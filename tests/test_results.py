@@ -220,3 +220,28 @@ def test_a_plot_says_which_run_it_is_and_counts_steps_in_whole_numbers(tmp_path)
         "minilm-layerwise / fw / pattern 2:4"
     )
     assert run_title(None) is None and run_title({}) is None
+
+
+def test_an_llms_layerwise_plot_draws_a_line_per_layer_kind_over_the_blocks():
+    """30 blocks of 7 layers: a bar per layer would be 6 px wide (a 5880 px figure); lines per kind stay readable."""
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj", "o", "v"]
+    rows = [
+        {
+            **{f"layer_error/model.layers.{b}.{k}.weight": 0.01 * (i + 1) + 0.001 * b for b in range(30)
+               for i, k in enumerate(kinds)},
+            **{f"layer_sparsity/model.layers.{b}.{k}.weight": 0.5 + 1e-5 * (b % 3) for b in range(30) for k in kinds},
+            "layer_error/lm_head.weight": 0.2,
+            "layer_sparsity/lm_head.weight": 0.5,
+        }
+    ]  # fmt: skip
+    fig = figure_for(rows)
+    errors, sparsity = fig.axes[0], fig.axes[1]
+    lines = {line.get_label(): list(line.get_ydata()) for line in errors.get_lines()}
+    assert list(lines) == kinds and all(len(values) == 30 for values in lines.values())
+    assert lines["mlp.down_proj"][4] == pytest.approx(0.03 + 0.004)
+    assert errors.get_title().endswith("; not in a block: lm_head")
+    assert len(errors.get_xticklabels()) <= 30 and errors.get_xlabel().startswith("block")
+    assert sparsity.get_ylim() == (0.0, 1.0)  # 0.50001 is not drawn as a jump
+    assert fig.get_figwidth() == 14
+    few = figure_for([{k: v for k, v in rows[0].items() if ".layers.0." in k or ".layers.1." in k}])
+    assert [t.get_text() for t in few.axes[0].get_xticklabels()][:2] == ["self_attn.q_proj", "self_attn.k_proj"]
