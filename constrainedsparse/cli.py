@@ -105,11 +105,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-name", help="wandb run name (default $WANDB_NAME, else the --out folder's name)")
     p.add_argument("--wandb-tags", help="comma-separated wandb tags (default $WANDB_TAGS)")
     p.add_argument("--verbose", action="store_true", help="print the per-layer table (also in OUT/layers.csv)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter, training setting or problem option (repeatable; --set help lists every key)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in OUT with its stored options")
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed)")
     p.add_argument("--no-progress", action="store_true", help="hide progress (bars and per-epoch lines)")
-    p.add_argument("--nproc", type=int, help="train on N local processes (DDP through torch's elastic launcher)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="run on N local processes through torch's elastic launcher (DDP training; layer-wise: calibration "
+        "split, layers dealt out)",
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an error in a problem file")
     listing = sub.add_parser("formulations", help="list formulations, or describe one")
     listing.add_argument("name", nargs="?", help="a formulation or layer-wise solver: list its hyperparameters")
@@ -117,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_export_command(sub)
     plot = sub.add_parser("plot", help="plot a metrics.jsonl (or a run directory's) to PNG")
     plot.add_argument("metrics", type=Path, help="a metrics.jsonl, or a run directory holding one")
-    plot.add_argument("--png", type=Path)
+    plot.add_argument("--png", type=Path, help="the PNG to write (default metrics.png beside the metrics file)")
     return parser
 
 

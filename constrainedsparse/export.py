@@ -421,7 +421,13 @@ def add_export_command(subparsers: Any) -> None:
     """Adds ``export RUN_DIR [--format compressed] [--to DIR]`` to the CLI's subparsers."""
     parser = subparsers.add_parser("export", help="write a layer-wise run's pruned model in a deployable format")
     parser.add_argument("run_dir", type=Path, help="a finished layer-wise run directory (with model/)")
-    parser.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default="compressed")
+    parser.add_argument(
+        "--format",
+        dest="export_format",
+        choices=EXPORT_FORMATS,
+        default="compressed",
+        help="compressed: a compressed-tensors checkpoint (sparse-24-bitmask for 2:4, sparse-bitmask otherwise)",
+    )
     parser.add_argument("--to", type=Path, help=f"output folder (default RUN_DIR/{COMPRESSED_DIR})")
 
 
