@@ -290,7 +290,8 @@ def _settings_help(config: RunConfig, problem: Problem | LayerwiseProblem) -> No
     print("runner (--set):")
     print(describe_table(list(runner_keys.values())))
     print(f"problem {problem.name!r} options (--set):")
-    rows = [HyperparameterInfo(k, type(v), v, "problem option") for k, v in problem.options.items()]
+    rows = [HyperparameterInfo(k, type(v), v, problem.option_help.get(k, "problem option"))
+            for k, v in problem.options.items()]  # fmt: skip
     print(describe_table(rows))
 
 

@@ -83,12 +83,20 @@ def _kind(value: Any) -> str:
     return f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
 
 
-def check_options(options: Any) -> None:
-    """Problem options: a dict whose defaults give ``--set`` the type to parse (so none is ``None``).
+def check_options(options: Any, option_help: Any = None) -> None:
+    """Problem options: a dict whose defaults give ``--set`` the type to parse (so none is ``None``), and what
+    ``--set help`` says of them (``option_help``: ``{key: text}`` for some or all of them).
 
     Raises:
-        ValueError: For another container or a default ``--set`` could not parse a value for.
+        ValueError: For another container, a default ``--set`` could not parse a value for, or help for a key that
+            is no option.
     """
+    if option_help is not None:
+        if not isinstance(option_help, Mapping) or not all(isinstance(v, str) for v in option_help.values()):
+            raise ValueError(f"option_help must be a dict {{option: text}}, got {_kind(option_help)}")
+        unknown = [key for key in option_help if key not in (options if isinstance(options, Mapping) else {})]
+        if unknown:
+            raise ValueError(f"option_help names {unknown[0]!r}, which is not in options")
     if not isinstance(options, Mapping):
         raise ValueError(f"options must be a dict {{key: default}}, got {_kind(options)}")
     for key, default in options.items():
@@ -137,6 +145,7 @@ class Problem:
         lr: Adam learning rate of the primal variables.
         dual_lr: Learning rate of gradient ascent on user-constraint multipliers.
         options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
+        option_help: What each option means and allows, ``{key: text}``: the meaning ``--set help`` shows.
         check: Optional ``check(options)`` raising ``ValueError`` for unusable options (a missing
             data folder, ...); called before anything is written or trained.
         source: The path of the problem file it was loaded from (set by :func:`load_problem`; empty for a
@@ -159,6 +168,7 @@ class Problem:
     lr: float = 1e-3
     dual_lr: float = 1e-2
     options: Mapping[str, Any] = field(default_factory=dict)
+    option_help: Mapping[str, str] = field(default_factory=dict)
     check: Callable[[Mapping[str, Any]], None] | None = None
     source: str = ""
 
@@ -183,7 +193,7 @@ class Problem:
             value = getattr(self, key)
             if not is_number(value) or not 0 < value < float("inf"):
                 raise ValueError(f"Problem.{key} must be a finite number > 0, got {value!r}")
-        check_options(self.options)
+        check_options(self.options, self.option_help)
 
     def guarded(self) -> Problem:
         """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""
@@ -350,6 +360,7 @@ class LayerwiseProblem:
             (the largest ``ModuleList`` of identical modules by default).
         targets: Which layers inside a block are pruned (``nn.Linear`` and GPT-2 ``Conv1D`` weights).
         options: Problem options settable with ``--set KEY=VALUE`` (defaults give the types).
+        option_help: What each option means and allows, ``{key: text}``: the meaning ``--set help`` shows.
         source: The path of the problem file it was loaded from (set by :func:`load_problem`; empty for a
             problem built in Python).
     """
@@ -363,6 +374,7 @@ class LayerwiseProblem:
     blocks: Callable[[nn.Module], Sequence[nn.Module] | nn.ModuleList] | None = None
     targets: Targets = field(default_factory=_default_layerwise_targets)
     options: Mapping[str, Any] = field(default_factory=dict)
+    option_help: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -373,7 +385,7 @@ class LayerwiseProblem:
             raise ValueError(
                 "LayerwiseProblem.score compares the outputs held_out(model, options) computes: give held_out too"
             )
-        check_options(self.options)
+        check_options(self.options, self.option_help)
 
     def guarded(self) -> LayerwiseProblem:
         """A copy whose user functions report their exceptions as one line (see :func:`call_user`)."""

@@ -258,3 +258,21 @@ def test_a_path_the_file_system_refuses_is_one_line(tmp_path, capsys):
     long = tmp_path / ("p" * 260)  # a name longer than the file system allows
     line = fails_with_one_line(["plot", str(long)], capsys)
     assert line == f"error: {long}: File name too long (the file system refused it)"
+
+
+def test_set_help_says_what_a_problem_option_means_and_allows(capsys):
+    assert main(["run", "smollm2-wiki", "--formulation", "wanda", "--set", "help"]) == 0
+    out = capsys.readouterr().out
+    options = out[out.index("problem 'smollm2-wiki' options (--set):") :]
+    line = next(line for line in options.splitlines() if line.lstrip().startswith("seq_len"))
+    assert "an integer >= 2: tokens per calibration and evaluation window" in line
+    assert "problem option" not in options  # every bundled option says what it is
+
+
+def test_option_help_must_name_options():
+    from constrainedsparse.spec import LayerwiseProblem, Problem
+
+    with pytest.raises(ValueError, match=r"^option_help names 'widht', which is not in options$"):
+        Problem("p", "d", model=lambda o: None, data=lambda o: None, options={"width": 8}, option_help={"widht": "x"})
+    with pytest.raises(ValueError, match=r"^option_help must be a dict \{option: text\}, got"):
+        LayerwiseProblem("p", "d", model=lambda o: None, calibration=lambda o, s: [], option_help=["x"])

@@ -65,5 +65,10 @@ problem = Problem(
     batch_size=128,
     lr=1e-3,
     options={"data_dir": "", "train_subset": 0, "test_subset": 0},
+    option_help={
+        "data_dir": "required: the `cifar-10-batches-py` folder (or the folder holding it); nothing is downloaded",
+        "train_subset": "keep only the first N training images (0: all)",
+        "test_subset": "keep only the first N test images (0: all)",
+    },
     check=check,
 )

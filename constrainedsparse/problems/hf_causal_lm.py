@@ -117,4 +117,12 @@ problem = LayerwiseProblem(
     held_out=held_out,
     score=perplexity_scores,
     options=OPTIONS,
+    option_help={
+        "model": "required: a local folder holding a transformers causal LM and its tokenizer",
+        "calibration_samples": "an integer >= 1: windows of `seq_len` tokens at seeded offsets in the first 90 % of "
+        "the text",
+        "held_out_samples": "an integer >= 1: consecutive held-out windows from the last 10 % (perplexity)",
+        "seq_len": "an integer >= 2: tokens per window",
+        "text": "a UTF-8 text file to use instead of CPython's pydoc topics (empty: pydoc)",
+    },
 )

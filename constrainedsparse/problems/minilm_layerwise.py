@@ -104,4 +104,10 @@ problem = LayerwiseProblem(
     held_out=held_out,
     score=score,
     options=OPTIONS,
+    option_help={
+        "calibration_samples": "an integer >= 1: calibration paragraphs, drawn with `--seed` from the calibration pool",
+        "held_out_samples": "an integer >= 1: held-out paragraphs the fidelity is measured on",
+        "max_tokens": "an integer >= 1: paragraphs are truncated to this many tokens",
+        "text": "a UTF-8 text file to use instead of CPython's pydoc topics (empty: pydoc)",
+    },
 )

@@ -91,4 +91,5 @@ problem = Problem(
     lr=1e-3,
     dual_lr=0.2,
     options={"macs_fraction": 0.3},
+    option_help={"macs_fraction": "in (0, 1]: the user constraint, expected MACs <= this fraction of the dense MACs"},
 )

@@ -122,4 +122,12 @@ problem = LayerwiseProblem(
     held_out=held_out,
     score=score,
     options=OPTIONS,
+    option_help={
+        "calibration_samples": "an integer >= 1: calibration windows, drawn at seeded offsets (`--seed`)",
+        "seq_len": "an integer >= 2: tokens per calibration and evaluation window",
+        "eval_tokens": "an integer >= seq_len: held-out tokens scored, the first eval_tokens // seq_len consecutive "
+        "windows",
+        "calibration_text": "wiki (the 70 calibration articles), news or pydoc: the calibration text",
+        "gguf": "another GGUF causal LM instead of SmolLM2 (empty: SmolLM2-135M-Instruct)",
+    },
 )
