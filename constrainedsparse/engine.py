@@ -254,6 +254,20 @@ def _epoch_metrics(run: _Run, formulation: Formulation, phase_index: int, epoch:
     return metrics
 
 
+def check_reference_shards(formulation: str, wanted: int, training_samples: int) -> None:
+    """Under torchrun every rank holds a shard of the reference batch (a rank with no sample has no f to give).
+
+    Raises:
+        UserInputError: On every rank alike, when the batch has fewer samples than there are processes.
+    """
+    held, world = min(wanted, training_samples), distributed.world_size()
+    if wanted and held < world:
+        raise UserInputError(
+            f"{formulation}: its reference batch of {held} training samples (--set reference_samples, at "
+            f"most the training set) is shared out over {world} processes: give reference_samples >= {world}"
+        )
+
+
 def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: dict[str, Any] | None) -> _Run:
     """The run: its data, the dense model, the targets, the problem and the logger."""
     config, problem = prepared.config, prepared.problem
@@ -263,6 +277,8 @@ def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: di
     for name, dataset in (("training", train), ("test", test)):
         if len(dataset) == 0:
             raise UserInputError(f"problem {problem.name!r}: data(options) returned an empty {name} set")
+    wanted = prepared.formulation_cls.reference_samples_for(prepared.formulation_config)
+    check_reference_shards(config.formulation, wanted, len(train))  # before the dense model trains
     recipe = DenseRecipe(
         problem, prepared.options, prepared.training.lr, prepared.training.batch_size, prepared.device,
         config.seed, prepared.pretrain_epochs, config.progress,
@@ -293,12 +309,7 @@ def _prune(run: _Run, state: dict[str, Any] | None) -> tuple[dict[str, torch.Ten
             run.sparsity_problem, prepared.formulation_config, lr=training.lr, dual_lr=training.dual_lr
         )
         wanted = formulation.reference_samples
-        held, world = min(wanted, len(run.train)), distributed.world_size()
-        if wanted and held < world:  # every rank refuses alike: a rank with no sample has no f to give
-            raise UserInputError(
-                f"{config.formulation}: its reference batch of {held} training samples (--set reference_samples, at "
-                f"most the training set) is shared out over {world} processes: give reference_samples >= {world}"
-            )
+        check_reference_shards(config.formulation, wanted, len(run.train))
         # Under torchrun each rank holds its shard of the reference batch; f is combined across ranks.
         reference = (
             to_device(distributed.shard(reference_batch(run.train, config.seed, wanted)), prepared.device)

@@ -367,11 +367,14 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path):
     assert not (tmp_path / "o").exists()  # no checkpoint yet: the job leaves no half-written directory
 
 
-def test_a_reference_batch_smaller_than_the_processes_is_one_line_before_pruning(tmp_path):
-    """With reference_samples=1 on two processes the second rank's shard was empty: tracebacks from inside slr's f."""
+def test_a_reference_batch_smaller_than_the_processes_is_one_line_before_the_dense_training(tmp_path):
+    """With reference_samples=1 on two processes the second rank's shard was empty: tracebacks from inside slr's f.
+    Refused before the dense model trains (it came after 1,000 epochs of it: the job would time out here)."""
+    started = time.perf_counter()
     done = _spawn(["-m", "constrainedsparse", "run", PROBLEM, "--formulation", "slr", "--nproc", "2", "--out", "o",
-                   "--epochs", "1", "--pretrain-epochs", "1", "--set", "reference_samples=1", "--wandb", "disabled",
+                   "--epochs", "1", "--pretrain-epochs", "1000", "--set", "reference_samples=1", "--wandb", "disabled",
                    "--no-progress"], tmp_path)  # fmt: skip
+    print(f"refused 2-rank job: {time.perf_counter() - started:.1f} s")
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(

@@ -168,10 +168,16 @@ class Formulation(SplitStep, abc.ABC):
         """Whether :meth:`hard_masks` meets every tensor's own level under ``config`` (else only the total)."""
         return True
 
+    @classmethod
+    def reference_samples_for(cls, config: Any) -> int:
+        """How many training samples :meth:`setup` wants as ``reference_batch`` under ``config`` (0: none): known
+        before a model exists, so a runner can refuse a reference batch it cannot share out before training."""
+        return 0
+
     @property
     def reference_samples(self) -> int:
         """How many training samples :meth:`setup` wants as ``reference_batch`` (0: none)."""
-        return 0
+        return type(self).reference_samples_for(self.config)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 

@@ -119,9 +119,9 @@ class SLR(DuplicateVariables):
         self.f_prev: float | None = None
         self.previous: _Previous | None = None  # the terms of W^{k-1} - Z^{k-1} in condition (6)
 
-    @property
-    def reference_samples(self) -> int:
-        return self.config.reference_samples
+    @classmethod
+    def reference_samples_for(cls, config: SLRConfig) -> int:
+        return config.reference_samples
 
     def on_setup(self) -> None:
         """Measures :math:`f(W^0)` on the reference batch and the terms of :math:`W^0 - Z^0` (replaced when
