@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset
 
 from constrainedsparse import distributed
 from constrainedsparse.batches import to_device
+from constrainedsparse.batchnorm import batchnorm_layers
 from constrainedsparse.checkpoint import save_weights
 from constrainedsparse.dense import (
     PRUNE_PHASE,
@@ -284,6 +286,13 @@ def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: di
         config.seed, prepared.pretrain_epochs, config.progress,
     )  # fmt: skip
     model, dense_value, dense_cache = dense_model(recipe, train, test)
+    if prepared.training.batchnorm_batches and not batchnorm_layers(model):
+        warnings.warn(
+            f"--set batchnorm_batches={prepared.training.batchnorm_batches} has no effect: the model of problem "
+            f"{problem.name!r} has no BatchNorm layer with running statistics",
+            UserWarning,
+            stacklevel=2,
+        )
     targets = problem.targets.resolve(model, prepared.target, allow_empty=True)
     first = range(min(prepared.training.batch_size, len(train)))
     example = to_device(collate_samples(train, first), prepared.device)

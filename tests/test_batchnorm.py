@@ -113,3 +113,15 @@ def test_the_training_runner_re_estimates_them_after_the_hard_prune(tmp_path):
     assert "batchnorm_batches" not in summaries[0] and summaries[20]["batchnorm_batches"] == 20
     stale, fresh = summaries[0]["hardprune_accuracy"], summaries[20]["hardprune_accuracy"]
     assert fresh > stale + 0.05, (stale, fresh)
+
+
+def test_batchnorm_batches_on_a_model_without_batchnorm_warns_before_pruning(tmp_path):
+    from constrainedsparse import RunConfig, run
+
+    config = RunConfig(problem="digits-mlp", formulation="magnitude", sparsity=0.5, epochs=1, pretrain_epochs=1,
+                       out=tmp_path / "o", wandb="disabled", progress=False,
+                       settings={"batchnorm_batches": "2"})  # fmt: skip
+    message = r"^--set batchnorm_batches=2 has no effect: the model of problem 'digits-mlp' has no BatchNorm layer "
+    with pytest.warns(UserWarning, match=message + r"with running statistics$"):
+        summary = run(config)
+    assert "batchnorm_batches" not in summary
