@@ -336,13 +336,16 @@ def _check_value(prefix: str, key: str, value: Any, kind: Any, check: Check | No
         if not isinstance(value, bool):
             raise ValueError(f"{prefix}{key} must be true or false, got {value!r}")
         return
+    if isinstance(value, float) and not math.isfinite(value):  # nan and inf alike ("in [0, 1)" says finite already)
+        if isinstance(check, Bounds):
+            allowed = check.describe(finite=check.low is None or check.high is None)
+        else:
+            allowed = check.describe() if check is not None else "a finite number"
+        raise ValueError(f"{prefix}{key} must be {allowed}, got {value!r}")
     if check is not None and not check.accepts(value):
         raise ValueError(f"{prefix}{key} must be {check.describe()}, got {value!r}")
     if kind is int and not _matches(value, int):
         raise ValueError(f"{prefix}{key} must be an integer, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        allowed = check.describe(finite=True) if isinstance(check, Bounds) else "a finite number"
-        raise ValueError(f"{prefix}{key} must be {allowed}, got {value!r}")
     if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # it would become inf in the float32 tensors it meets
         raise ValueError(f"{prefix}{key} must be at most {FLOAT32_MAX:.3g} in size (float32's largest), got {value!r}")
     if kind in (int, float, str) and check is None and not _matches(value, kind):

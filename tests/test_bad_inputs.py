@@ -151,7 +151,7 @@ ROWS: list[Row] = [
     Row("lr text", [*RUN, "--set", "lr=abc"], r"--set lr='abc' must be a float"),
     Row("lr negative", [*RUN, "--set", "lr=-1"], r"--set lr must be > 0, got -1.0"),
     Row("lr inf", [*RUN, "--set", "lr=inf"], r"--set lr must be a finite number > 0, got inf"),
-    Row("lr nan", [*RUN, "--set", "lr=nan"], r"--set lr must be > 0, got nan"),
+    Row("lr nan", [*RUN, "--set", "lr=nan"], r"--set lr must be a finite number > 0, got nan"),
     Row(
         "lr beyond float32",
         [*RUN, "--set", "lr=1e39"],
@@ -180,7 +180,7 @@ ROWS: list[Row] = [
         r"--set macs_fraction=-1\.0 must be in \(0, 1\]: the share of the dense MACs to keep",
     ),
     Row("rho zero", [*RUN, "--set", "rho=0"], r"rho must be > 0, got 0.0"),
-    Row("rho nan", [*RUN, "--set", "rho=nan"], r"rho must be > 0, got nan"),
+    Row("rho nan", [*RUN, "--set", "rho=nan"], r"rho must be a finite number > 0, got nan"),
     Row("rho inf", [*RUN, "--set", "rho=inf"], r"rho must be a finite number > 0, got inf"),
     Row("admm rho", [*RUN, "--formulation", "admm", "--set", "rho=-1"], r"rho must be > 0, got -1.0"),
     Row("s0 zero", [*RUN, "--set", "s0=0"], r"s0 must be > 0, got 0.0"),
