@@ -378,14 +378,21 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
         """Gradient ascent (``SGD(maximize=True)``) on every multiplier updated each step, or ``None``: one
-        parameter group at ``lr``, then one for each other step size a constraint asked for (``dual_lr``)."""
-        groups: dict[float, list[torch.nn.Parameter]] = {lr: []}
+        parameter group at ``lr`` (empty if every constraint has its own step), then one for each constraint with a
+        ``dual_lr`` of its own, in registration order: the groups depend on which constraints have one, not on the
+        values, so a state saved with other values loads (and the current ones apply)."""
+        shared: list[torch.nn.Parameter] = []
+        own: list[dict[str, Any]] = []
         for entry in self._violations.values():
             if entry.dual_every_step and entry.constraint.multiplier is not None:
-                rate = lr if entry.dual_lr is None else entry.dual_lr
-                groups.setdefault(rate, []).extend(entry.constraint.multiplier.parameters())
-        kept = [{"params": params, "lr": rate} for rate, params in groups.items() if params]
-        return torch.optim.SGD(kept, lr=lr, maximize=True) if kept else None
+                params = list(entry.constraint.multiplier.parameters())
+                if entry.dual_lr is None:
+                    shared.extend(params)
+                else:
+                    own.append({"params": params, "lr": entry.dual_lr})
+        if not shared and not own:
+            return None
+        return torch.optim.SGD([{"params": shared, "lr": lr}, *own], lr=lr, maximize=True)
 
     def nonfinite_constraints(self, cmp_state: cooper.CMPState | None = None) -> list[str]:
         """The constraints whose violation on ``cmp_state`` (if given) or whose multiplier is not finite, yours

@@ -43,7 +43,7 @@ def test_each_constraint_steps_its_multiplier_at_its_own_dual_lr(method):
     assert values["shared"].item() == pytest.approx(3 * 0.01 * 3.0, rel=1e-6)
 
 
-def test_the_dual_optimizer_has_one_group_per_step_size_and_resumes():
+def test_the_dual_optimizer_has_the_formulations_group_and_one_per_constraint_with_its_own_step():
     constraints = {
         "a": UserConstraint(lambda m: m[0].weight.norm() - 1.0, dual_lr=0.5),
         "b": UserConstraint(lambda m: m[2].weight.norm() - 1.0),
@@ -51,11 +51,11 @@ def test_the_dual_optimizer_has_one_group_per_step_size_and_resumes():
     }
     problem, batch = _problem(constraints)
     formulation = make("magnitude", problem, dual_lr=0.1)
-    assert [g["lr"] for g in formulation.dual_optimizer.param_groups] == [0.1, 0.5]  # the formulation's first
-    assert [len(g["params"]) for g in formulation.dual_optimizer.param_groups] == [1, 2]
-    assert [
-        len(g["params"]) for g in make("magnitude", _problem({"a": constraints["a"]})[0]).dual_optimizer.param_groups
-    ] == [1]
+    # The formulation's group first, then one for each constraint with its own step (not one per value).
+    assert [g["lr"] for g in formulation.dual_optimizer.param_groups] == [0.1, 0.5, 0.5]
+    assert [len(g["params"]) for g in formulation.dual_optimizer.param_groups] == [1, 1, 1]
+    alone = make("magnitude", _problem({"a": constraints["a"]})[0]).dual_optimizer
+    assert [len(g["params"]) for g in alone.param_groups] == [0, 1]
     _steps(formulation, batch, 2)
     state = formulation.state_dict()
     again = make("magnitude", _problem(constraints)[0], dual_lr=0.1)
@@ -142,3 +142,39 @@ def test_a_batch_measurement_needs_an_example_batch_and_reads_the_batch():
     with pytest.raises(ValueError, match=r"constraint 'd' takes a batch; pass example_batch to size it"):
         problem.add_user_constraint("d", spec, None)
     assert cs.UserConstraint is UserConstraint
+
+
+@pytest.mark.parametrize("method", ["magnitude", "l0"])
+def test_a_dual_lr_changed_before_a_resume_applies_to_its_own_constraint(method):
+    """The groups were keyed by value: a changed dual_lr was overwritten by the saved one, or (another constraint
+    given one too) the saved step sizes landed on the wrong constraints."""
+
+    def build(a_lr, b_lr):
+        constant = {
+            "a": UserConstraint(lambda m: m[0].weight.sum() * 0 + 1.0, dual_lr=a_lr),
+            "b": UserConstraint(lambda m: m[0].weight.sum() * 0 + 2.0, dual_lr=b_lr),
+        }
+        problem, batch = _problem(constant)
+        formulation = make(method, problem, dual_lr=0.01)
+        formulation.setup(num_epochs=1, steps_per_epoch=4)
+        formulation.start_epoch(0)
+        return formulation, batch
+
+    saved, batch = build(0.3, None)
+    saved.training_step(batch)
+    state = saved.state_dict()
+    # Another set of constraints with a step of their own changes the groups: refused, not misapplied (l0 drops an
+    # empty group of the formulation's, so a: 0.3, b: 0.7 keeps its sizes there and loads).
+    refused = {(None, None)} | ({(0.3, 0.7)} if method == "magnitude" else set())
+    for a_lr, b_lr in [(0.05, None), (0.3, 0.7), (None, None)]:
+        resumed, _ = build(a_lr, b_lr)
+        if (a_lr, b_lr) in refused:
+            with pytest.raises(ValueError, match=r"saved with other constraints or settings \(a constraint given a "):
+                resumed.load_state_dict(state)
+            continue
+        resumed.load_state_dict(state)
+        before = {name: value.clone() for name, value in resumed.problem.named_multiplier_values().items()}
+        resumed.training_step(batch)
+        after = resumed.problem.named_multiplier_values()
+        assert (after["a"] - before["a"]).item() == pytest.approx(1.0 * (a_lr or 0.01), rel=1e-5)
+        assert (after["b"] - before["b"]).item() == pytest.approx(2.0 * (b_lr or 0.01), rel=1e-5)

@@ -440,6 +440,9 @@ class Formulation(SplitStep, abc.ABC):
             self._duals.evaluated = 0  # steps taken before the state was saved or loaded are not this run's
             if state.get("dual_optimizer") is not None:
                 dual = snapshot(state["dual_optimizer"])  # copies: training on leaves the given state as it is
+                rates = [group["lr"] for group in self.dual_optimizer.param_groups]
                 self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, dual))
+                for group, rate in zip(self.dual_optimizer.param_groups, rates, strict=True):
+                    group["lr"] = rate  # the step sizes built now (a constraint's dual_lr changed since) apply
         self.problem.load_state_dict(snapshot(state["cmp"]))
         self._epochs.load(state.get("epoch_steps", self._epochs.state()))

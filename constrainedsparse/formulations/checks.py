@@ -276,7 +276,8 @@ def _same_groups(name: str, expected: Any, given: Any) -> None:
         got = [len(g.get("params", [])) for g in saved] if isinstance(saved, list) else saved
         raise ValueError(
             f"load_state_dict(): the state's dual optimizer has multiplier groups of sizes {got}, this {name} "
-            f"formulation's {sizes}: it was saved with other constraints or settings"
+            f"formulation's {sizes}: it was saved with other constraints or settings (a constraint given a dual_lr "
+            "of its own, or no longer, has a group of its own)"
         )
 
 
