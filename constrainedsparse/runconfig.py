@@ -66,7 +66,7 @@ class RunConfig:
             problems) of this invocation.
     """
 
-    problem: str = "digits-mlp"
+    problem: str | os.PathLike[str] = "digits-mlp"
     formulation: str = "slr"
     sparsity: float | None = None
     pattern: str | None = None
@@ -86,7 +86,8 @@ class RunConfig:
     stop_after_epochs: int | None = None
 
     def __post_init__(self) -> None:
-        """``out`` as a ``Path`` (a ``str`` given for it is converted), after the checks of the fields' types.
+        """``out`` as a ``Path`` (a ``str`` given for it is converted) and ``problem`` as a ``str`` (a path given for it:
+        checkpoints keep plain types), after the checks of the fields' types.
 
         Raises:
             UserInputError: For a field of another type than its own (``overwrite="no"`` is no ``False``).
@@ -104,6 +105,7 @@ class RunConfig:
         if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
             raise UserInputError(f"RunConfig(settings=...) must be a dict like {{'rho': '0.05'}}, got {settings!r}")
         self.out = Path(self.out)
+        self.problem = os.fspath(self.problem)
 
     def stored(self) -> dict[str, Any]:
         """What a checkpoint keeps of the configuration (plain types only)."""

@@ -425,3 +425,16 @@ def test_the_wandb_reader_merges_a_resumed_parts_first_row_into_the_row_logged_a
         {"_step": 6, "loss": 1.0},
     ]
     assert reader.merged_history(["stopped", "again"]) == [{"_step": 1, "loss": 2.0}, {"_step": 3, "loss": 1.6}]
+
+
+def test_a_run_given_its_problem_as_a_path_resumes(tmp_path):
+    """The Path went into checkpoint.pt as it was, and the resume refused its own checkpoint (objects other than
+    tensors, containers, numbers and strings)."""
+    from constrainedsparse import RunConfig, run
+
+    problem = Path(__file__).parents[1] / "constrainedsparse" / "problems" / "digits_mlp.py"
+    config = RunConfig(problem=problem, formulation="magnitude", sparsity=0.5, epochs=2, pretrain_epochs=1,
+                       out=tmp_path / "o", wandb="disabled", progress=False)  # fmt: skip
+    assert config.problem == str(problem)
+    assert run(dataclasses.replace(config, stop_after_epochs=1)) is None
+    assert run(dataclasses.replace(config, resume=True))["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
