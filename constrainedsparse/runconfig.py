@@ -86,8 +86,8 @@ class RunConfig:
     stop_after_epochs: int | None = None
 
     def __post_init__(self) -> None:
-        """``out`` as a ``Path`` (a ``str`` given for it is converted) and ``problem`` as a ``str`` (a path given for it:
-        checkpoints keep plain types), after the checks of the fields' types.
+        """``out`` as a ``Path`` (a ``str`` given for it is converted) and ``problem`` as a ``str`` (a path given
+        for it: checkpoints keep plain types), after the checks of the fields' types.
 
         Raises:
             UserInputError: For a field of another type than its own (``overwrite="no"`` is no ``False``).

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import traceback
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ def _kind(value: Any) -> str:
     return f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
 
 
-def check_options(options: Any, option_help: Any = None) -> None:
+def check_options(options: Any, option_help: Any = types.MappingProxyType({})) -> None:
     """Problem options: a dict whose defaults give ``--set`` the type to parse (so none is ``None``), and what
     ``--set help`` says of them (``option_help``: ``{key: text}`` for some or all of them).
 
@@ -91,14 +92,15 @@ def check_options(options: Any, option_help: Any = None) -> None:
         ValueError: For another container, a default ``--set`` could not parse a value for, or help for a key that
             is no option.
     """
-    if option_help is not None:
-        if not isinstance(option_help, Mapping) or not all(isinstance(v, str) for v in option_help.values()):
-            raise ValueError(f"option_help must be a dict {{option: text}}, got {_kind(option_help)}")
-        unknown = [key for key in option_help if key not in (options if isinstance(options, Mapping) else {})]
-        if unknown:
-            raise ValueError(f"option_help names {unknown[0]!r}, which is not in options")
     if not isinstance(options, Mapping):
         raise ValueError(f"options must be a dict {{key: default}}, got {_kind(options)}")
+    if not isinstance(option_help, Mapping):
+        raise ValueError(f"option_help must be a dict {{option: text}}, got {_kind(option_help)}")
+    for key, text in option_help.items():
+        if key not in options:
+            raise ValueError(f"option_help names {key!r}, which is not in options")
+        if not isinstance(text, str):
+            raise ValueError(f"option_help[{key!r}] must be a str (what --set help says of it), got {_kind(text)}")
     for key, default in options.items():
         if not isinstance(key, str) or not key or "=" in key or key != key.strip():
             raise ValueError(f"option {key!r}: an option's name is a str without '=' or surrounding spaces (what "

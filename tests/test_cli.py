@@ -276,3 +276,24 @@ def test_option_help_must_name_options():
         Problem("p", "d", model=lambda o: None, data=lambda o: None, options={"width": 8}, option_help={"widht": "x"})
     with pytest.raises(ValueError, match=r"^option_help must be a dict \{option: text\}, got"):
         LayerwiseProblem("p", "d", model=lambda o: None, calibration=lambda o, s: [], option_help=["x"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"option_help": None}, r"^option_help must be a dict \{option: text\}, got a NoneType$"),
+        (
+            {"option_help": {"width": 3}},
+            r"^option_help\['width'\] must be a str \(what --set help says of it\), got a int",
+        ),
+        (
+            {"options": [("width", 8)], "option_help": {"width": "w"}},
+            r"^options must be a dict \{key: default\}, got a list",
+        ),
+    ],
+)
+def test_option_help_errors_name_the_field_and_come_after_the_options(kwargs, message):
+    from constrainedsparse.spec import Problem
+
+    with pytest.raises(ValueError, match=message):
+        Problem("p", "d", model=lambda o: None, data=lambda o: None, **{"options": {"width": 8}, **kwargs})
