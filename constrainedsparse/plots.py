@@ -119,7 +119,10 @@ def _constraint_names(rows: Rows) -> list[str]:
 
 def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str, int]) -> None:
     violation, multiplier = axes
-    _line(violation, rows, f"violation/{name}", "violation")
+    proxy = _line(violation, rows, f"surrogate/{name}", "surrogate (fn)", linestyle="--", color="tab:grey")
+    _line(violation, rows, f"violation/{name}", "measured (strict_fn)" if proxy else "violation")
+    if proxy:  # a proxy constraint: the multiplier reads the measurement, the weights train on the surrogate
+        violation.legend(fontsize=7, framealpha=0.6)
     violation.axhline(0.0, color="black", linewidth=1)
     violation.set_title(f"{name}: violation\n(<= 0 holds; an equality: = 0)", fontsize=9)
     violation.set_ylabel("g")

@@ -366,8 +366,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
     def _strict(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
         """A constraint's proxy measurement on ``batch`` (what its dual step reads), checked like a violation."""
         strict = _in_multiplier_dtype(entry, entry.strict_violation(self.model, batch))
-        if entry.user:
-            strict = _checked_violation(name, strict, "strict_fn")
+        if entry.user:  # a measurement taken elsewhere (a latency on the CPU) joins its multiplier's device
+            strict = _checked_violation(name, strict, "strict_fn").to(entry.constraint.multiplier.weight.device)
             sized = entry.constraint.multiplier.weight.numel()
             if strict.numel() != sized:
                 raise UserInputError(
@@ -411,7 +411,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
 
     def step_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         """What a training loop logs of one step: ``loss/train``, and ``violation/<name>`` and
-        ``multiplier/<name>`` of every user constraint; reads them to the host. A vector inequality logs its
+        ``multiplier/<name>`` of every user constraint (with ``strict_fn``: the violation is its measurement, and
+        ``surrogate/<name>`` is ``fn``'s value); reads them to the host. A vector inequality logs its
         largest entry (it holds when that is ≤ 0), a vector equality its norm (it holds at 0); a vector
         constraint's multiplier, its norm.
 

@@ -45,7 +45,9 @@ class TrainingSettings(Hyperparameters):
     error_prefix: ClassVar[str] = "--set "
     lr: float = hyperparameter(1e-3, "learning rate of the primal Adam", Bounds(low=0, low_inclusive=False))
     dual_lr: float = hyperparameter(
-        1e-2, "gradient-ascent step of the user constraints' multipliers", Bounds(low=0, low_inclusive=False)
+        1e-2,
+        "gradient-ascent step of the user constraints' multipliers (a constraint's own dual_lr overrides it)",
+        Bounds(low=0, low_inclusive=False),
     )
     batch_size: int = hyperparameter(64, "minibatch size (the global batch under several processes)", Bounds(low=1))
     log_every: int = hyperparameter(10, "log the loss and dual dynamics every this many steps", Bounds(low=1))

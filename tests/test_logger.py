@@ -380,3 +380,20 @@ def test_a_wandb_mode_wandb_does_not_know_is_one_line(monkeypatch, capsys):
     line = fails_with_one_line(["run", "digits-mlp", "--out", "unused"], capsys)
     modes = "(disabled, offline, online)"
     assert line == f"error: $WANDB_MODE is 'shared', none of the --wandb modes {modes}: set one, or give --wandb"
+
+
+def test_a_proxy_constraints_panel_draws_the_measurement_and_its_surrogate():
+    from constrainedsparse.plots import figure_for
+
+    rows = [{**_row(step), "surrogate/budget": 0.2 - 0.05 * step, "step": step} for step in range(1, 6)]
+    fig = figure_for(rows)
+    panel = next(ax for ax in fig.axes if ax.get_title().startswith("budget: violation"))
+    lines = {
+        line.get_label(): list(line.get_ydata()) for line in panel.get_lines() if not line.get_label().startswith("_")
+    }
+    assert lines["measured (strict_fn)"] == pytest.approx([0.3 - 0.07 * s for s in range(1, 6)])
+    assert lines["surrogate (fn)"] == pytest.approx([0.2 - 0.05 * s for s in range(1, 6)])
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["surrogate (fn)", "measured (strict_fn)"]
+    axes = figure_for([{**_row(1), "step": 1}]).axes
+    plain = next(ax for ax in axes if ax.get_title().startswith("budget: violation"))
+    assert plain.get_legend() is None and [line.get_label() for line in plain.get_lines()][0] == "violation"
