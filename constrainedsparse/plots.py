@@ -14,8 +14,8 @@ the same function). A training run gets, top to bottom:
 * the density of every pruned tensor.
 
 Vertical marks show where pruning starts, where the hard prune happens and where retraining
-starts. A layer-wise run gets bar charts of every layer's error and sparsity, labelled by layer
-name and grouped by block, and (for ``fw``) each layer's objective over the iterations.
+starts. A layer-wise run gets every layer's error and sparsity, and (for ``fw``) each layer's objective over the
+iterations (:mod:`~constrainedsparse.layerwise_plots`).
 :func:`figure_for` returns the figure itself (the tests read its axes back).
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 
 from constrainedsparse.checkpoint import writable
 from constrainedsparse.errors import is_number
+from constrainedsparse.layerwise_plots import layerwise_figure
 from constrainedsparse.logger import metrics_file, read_metrics
-from constrainedsparse.report import block_names
 
 __all__ = ["check_png", "figure_for", "metrics_rows", "plot_metrics", "run_title"]
 
@@ -224,147 +224,11 @@ def _phase_legend(marks: dict[str, int]) -> str:
     return "dotted lines: " + ", ".join(names[label] for label in marks)
 
 
-def _bars(ax: Any, names: list[str], values: list[float], title: str) -> None:
-    blocks = block_names(names)
-    colors = []
-    last, shade = None, 0
-    for name in names:
-        if blocks.get(name) != last:
-            last, shade = blocks.get(name), 1 - shade
-        colors.append("tab:blue" if shade else "tab:cyan")
-    ax.bar(range(len(names)), values, color=colors)
-    ax.margins(y=0.12)  # headroom: the "block N" labels sit above the tallest bar
-    short = [name.removeprefix(f"{blocks[name]}.") if name in blocks else name for name in names]
-    ax.set_xticks(range(len(names)), [s.removesuffix(".weight") for s in short], rotation=90, fontsize=6)
-    starts = {}
-    for index, name in enumerate(names):
-        starts.setdefault(blocks.get(name), index)
-    for block, start in starts.items():
-        if block is not None:
-            ax.axvline(start - 0.5, color="grey", linewidth=0.5)
-            ax.text(start - 0.4, ax.get_ylim()[1] * 0.98, f"block {block.rsplit('.', 1)[-1]}", fontsize=8, va="top")
-    ax.set_title(title)
-
-
-BARS_MAX = 64
-"""Up to this many layers the layer-wise panels draw a bar per layer; beyond (an LLM: 30 blocks of 7 layers), a
-bar per layer is 6 px wide and its label unreadable, so they draw a line per layer kind over the blocks instead."""
-
-
-def _lines_by_block(ax: Any, names: list[str], values: list[float], title: str) -> None:
-    """One line per layer kind (its name within the block: ``mlp.down_proj``) over the blocks, in block order;
-    layers outside every block are named in the title."""
-    blocks = block_names(names)
-    order = list(dict.fromkeys(blocks[name] for name in names if name in blocks))
-    position = {block: index for index, block in enumerate(order)}
-    kinds: dict[str, dict[int, float]] = {}
-    for name, value in zip(names, values, strict=True):
-        if name in blocks:
-            kind = name.removeprefix(f"{blocks[name]}.").removesuffix(".weight")
-            kinds.setdefault(kind, {})[position[blocks[name]]] = value
-    colours = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive")]
-    for index, (kind, points) in enumerate(kinds.items()):
-        xs = sorted(points)
-        style = "-" if index < len(colours) else "--"  # more kinds than colours: dashed for the rest
-        ax.plot(xs, [points[x] for x in xs], style, marker="o", markersize=3, linewidth=1,
-                color=colours[index % len(colours)], label=kind)  # fmt: skip
-    step = max(1, len(order) // 30)  # at most ~30 tick labels
-    ticks = list(range(0, len(order), step))
-    ax.set_xticks(ticks, [order[i].rsplit(".", 1)[-1] for i in ticks], fontsize=7)
-    ax.set_xlabel("block (its index in the model)")
-    ax.margins(x=0.01)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), title="layer", title_fontsize=7)
-    outside = [name.removesuffix(".weight") for name in names if name not in blocks]
-    ax.set_title(title + (f"; not in a block: {', '.join(outside)}" if outside else ""))
-
-
-def _layer_panel(
-    ax: Any, names: list[str], values: list[float], title: str, limits: tuple[float, float] | None = None
-) -> None:
-    """A bar per layer (few layers; the blocks' colours alternate), or a line per layer kind over the blocks (many;
-    the y axis spans ``limits`` if given: sparsities in [0, 1], so that 0.50001 is not drawn as a jump)."""
-    if len(names) <= BARS_MAX:
-        _bars(ax, names, values, title)
-    else:
-        _lines_by_block(ax, names, values, title)
-        if limits is not None:
-            ax.set_ylim(*limits)
-
-
-# The block-level steps' errors (every layer of a block carries its block's), in the order they happen.
-BLOCK_STEPS = {
-    "block_error": "pruned",
-    "block_error_masked": "after the mask search",
-    "block_error_fitted": "after the refit",
-}
-
-
-def _block_errors(rows: Rows) -> dict[str, dict[str, float]]:
-    """``{block: {step key: relative block error}}`` in block order, from the block's first layer."""
-    found: dict[str, dict[str, float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            step, _, name = key.partition("/")
-            if step in BLOCK_STEPS and name:
-                block = block_names([name]).get(name, name)
-                found.setdefault(block, {}).setdefault(step, value)
-    return found
-
-
-def _block_panel(ax: Any, blocks: dict[str, dict[str, float]]) -> None:
-    """The block errors per block, one line per step that ran."""
-    for step, label in BLOCK_STEPS.items():
-        values = [errors.get(step, float("nan")) for errors in blocks.values()]
-        if any(v == v for v in values):  # not all NaN
-            ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
-    ax.set_xticks(range(len(blocks)), [block.rsplit(".", 1)[-1] for block in blocks], fontsize=7)
-    ax.set_xlabel("block")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("relative block error against the block_fit_target outputs (calibration), per block")
-
-
-def _layerwise_figure(rows: Rows) -> Any:
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    errors = {
-        key.split("/", 1)[1]: value for row in rows for key, value in row.items() if key.startswith("layer_error/")
-    }
-    sparsity = {k.split("/", 1)[1]: v for row in rows for k, v in row.items() if k.startswith("layer_sparsity/")}
-    names = list(errors)
-    traced = [row for row in rows if row.get("trace/objective") is not None]
-    blocks = _block_errors(rows)
-    count = 2 + bool(traced) + bool(blocks)
-    width = max(10, 0.28 * len(names)) if len(names) <= BARS_MAX else 14
-    fig = Figure(figsize=(width, 3 + 2.7 * count))
-    axes = fig.subplots(count, 1)
-    _layer_panel(axes[0], names, [errors[n] for n in names], "relative layer error ||(W - W_hat) X||^2 / ||W X||^2"
-                 + (" (blocks alternate)" if len(names) <= BARS_MAX else ""))  # fmt: skip
-    _layer_panel(axes[1], names, [sparsity.get(n, float("nan")) for n in names], "layer sparsity", (0.0, 1.0))
-    if traced:
-        layers: dict[float, list[float]] = {}
-        for row in traced:
-            layers.setdefault(row["trace/layer"], []).append(row["trace/objective"])
-        colours = colormaps["viridis"]
-        for index, values in enumerate(layers.values()):
-            colour = colours(index / max(len(layers) - 1, 1))
-            axes[2].plot([v / values[0] if values[0] else v for v in values], linewidth=0.7, color=colour)
-        axes[2].set_title(
-            "fw objective over the iterations, per layer (relative to its start; colour: layer order, dark = first)"
-        )
-        axes[2].set_xlabel("sampled iteration")
-        axes[2].set_ylabel("objective / start")
-    if blocks:
-        _block_panel(axes[-1], blocks)
-    return fig
-
-
 def figure_for(rows: Rows, title: str | None = None) -> Any:
     """The matplotlib figure of a run's metric rows (layer-wise or training): a ``Figure`` of its own, outside pyplot
     (the process's backend and pyplot's figures are left alone), under ``title`` (the run, :func:`run_title`)."""
     layerwise = any(key.startswith("layer_error/") for row in rows for key in row)
-    fig = _layerwise_figure(rows) if layerwise else _training_figure(rows)
+    fig = layerwise_figure(rows) if layerwise else _training_figure(rows)
     lines = [title] if title else []
     if not layerwise:
         lines.append(_phase_legend(_phase_marks(rows, _metric_name(rows))))

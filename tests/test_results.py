@@ -245,3 +245,26 @@ def test_an_llms_layerwise_plot_draws_a_line_per_layer_kind_over_the_blocks():
     assert fig.get_figwidth() == 14
     few = figure_for([{k: v for k, v in rows[0].items() if ".layers.0." in k or ".layers.1." in k}])
     assert [t.get_text() for t in few.axes[0].get_xticklabels()][:2] == ["self_attn.q_proj", "self_attn.k_proj"]
+
+
+def _layer_rows(names):
+    return [
+        {**{f"layer_error/{n}": 0.01 * i for i, n in enumerate(names)}, **{f"layer_sparsity/{n}": 0.5 for n in names}}
+    ]
+
+
+def test_the_line_view_keeps_block_order_breaks_between_stacks_and_falls_back_to_bars():
+    # Sorted names (0, 1, 10, 11, 2, ...) are drawn in block order; an encoder and a decoder are two stacks.
+    names = sorted(f"{stack}.layer.{b}.{k}.weight" for stack in ("encoder", "decoder") for b in range(12)
+                   for k in ("attn.q", "attn.k", "mlp.fc"))  # fmt: skip
+    ax = figure_for(_layer_rows(names)).axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[:3] == ["decoder.0", "decoder.1", "decoder.2"] and ticks[12:14] == ["encoder.0", "encoder.1"]
+    segments = [list(line.get_xdata()) for line in ax.get_lines()]
+    assert len(segments) == 6 and sorted(len(s) for s in segments) == [12] * 6  # three kinds x two stacks
+    assert [line.get_label() for line in ax.get_lines()].count("attn.q") == 1  # one legend entry a kind
+    # No numbered blocks, or one block of many kinds (experts): bars, as for few layers.
+    flat = figure_for(_layer_rows([f"layer_{i}.weight" for i in range(70)])).axes[0]
+    experts = figure_for(_layer_rows([f"blocks.0.expert{e}.w{j}.weight" for e in range(24) for j in range(3)])).axes[0]
+    for ax in (flat, experts):
+        assert ax.get_title().endswith("(blocks alternate)") and len(ax.patches) in (70, 72)
