@@ -225,3 +225,36 @@ def test_a_refit_that_diverges_is_undone_and_recorded(tiny_llama):
         assert metrics["block_fit_reverted"] == 1.0 and metrics["block_error_fitted"] == metrics["block_error"], name
     for (name, a), (_, b) in zip(plain.named_parameters(), fitted.named_parameters()):
         assert torch.equal(a, b), name  # as if no refit ran
+
+
+@pytest.mark.parametrize("step", [{"block_fit_epochs": 1}, {"block_mask_rounds": 1}])
+def test_a_layer_whose_output_the_block_discards_has_no_gradient_and_the_block_step_runs(step):
+    """Its weight's grad stayed None: AttributeError from inside the refit ('mul_') and the mask search ('float')."""
+    from torch import nn
+
+    import constrainedsparse as cs
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.probe = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            _ = self.probe(x)  # computed, then dropped (a debugging probe, an auxiliary head)
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Model()
+    report = cs.prune_layerwise(model, [torch.randn(4, 8) for _ in range(3)], "wanda", sparsity=0.5, **step)
+    assert report.layers and all(float((layer.weight == 0).float().mean()) == 0.5 for layer in model.modules()
+                                  if isinstance(layer, nn.Linear))  # fmt: skip

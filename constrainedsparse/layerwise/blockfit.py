@@ -214,7 +214,8 @@ def _adam(
                     error, _ = batch_loss(block, item, target, device)
                     (error * scale).backward()
                     for w, mask in zip(weights, masks):
-                        w.grad.mul_(mask)
+                        if w.grad is not None:  # None: a layer whose output the block discards
+                            w.grad.mul_(mask)
                     optimizer.step()
                     with torch.no_grad():
                         for w, mask in zip(weights, masks):

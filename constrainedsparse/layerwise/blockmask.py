@@ -220,7 +220,9 @@ def _gradients(
             for item, target in pairs:
                 error, _ = batch_loss(block, item, target, device)
                 (error / energy).backward()
-        return [to_layer_layout(layer.module, layer.module.weight.grad).float() for layer in state]
+        # No gradient: a layer whose output the block discards (its error does not depend on it).
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+        return [to_layer_layout(layer.module, grad).float() for layer, grad in zip(state, grads, strict=True)]
     finally:
         for w in weights:
             w.requires_grad_(False)
