@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -471,3 +472,23 @@ def test_a_schedule_cut_by_max_steps_ends_on_the_steps_trainer_runs(tmp_path, re
     assert trainer.formulation.schedule_fraction() == 1.0
     assert not [w for w in recwarn if "sparsity schedule" in str(w.message) or "post_step() calls" in str(w.message)]
     assert cs.achieved_sparsity(trainer.formulation.problem.targets) == 0.5
+
+
+def test_a_refused_resume_puts_the_formulations_own_state_back(tmp_path):
+    """The rollback kept state_dict(), whose tensors are the live ones: the refused checkpoint's load overwrote
+    them, so the 'restored' multipliers were the checkpoint's."""
+    model = _model()
+    args = _args(tmp_path / "run", num_train_epochs=1, save_strategy="no")
+    constraints = {"logit": cs.UserConstraint(_mean_square_logit, "<=")}
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(16, 0), targets=_targets(model), formulation="slr",
+                              constraints=constraints, dual_lr=0.5, hard_prune_at_end=False)  # fmt: skip
+    fresh = copy.deepcopy(trainer.formulation.state_dict())  # all multipliers 0
+    trainer.train()
+    trained = {k: v.clone() for k, v in trainer.formulation.problem.named_multiplier_values().items()}
+    assert any(float(v.abs().sum()) > 0 for v in trained.values())
+    (tmp_path / "plain").mkdir()
+    torch.save(fresh, tmp_path / "plain" / "formulation.pt")  # a formulation state, but no model weights
+    with pytest.raises(ValueError, match=r"Can't find a valid checkpoint"):  # Trainer's own refusal, after the load
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain"))
+    now = trainer.formulation.problem.named_multiplier_values()
+    assert all(torch.equal(now[name], value) for name, value in trained.items())

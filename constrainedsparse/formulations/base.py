@@ -406,13 +406,16 @@ class Formulation(SplitStep, abc.ABC):
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the formulation changes during training (not the model, not the primal optimizer): a snapshot,
-        its tensors copies that later steps leave as they are."""
+        """Everything the formulation changes during training (not the model, not the primal optimizer).
+
+        As torch's ``state_dict()``, its tensors are the live ones (no copy of the multipliers on every checkpoint):
+        ``torch.save`` it, or ``copy.deepcopy`` it to keep one in memory while training goes on.
+        """
         dual = optimizer_state_plain(self.dual_optimizer.state_dict()) if self.dual_optimizer is not None else None
         return {
             "formulation": self.name,
-            "dual_optimizer": snapshot(dual),
-            "cmp": snapshot(self.problem.state_dict()),
+            "dual_optimizer": dual,
+            "cmp": self.problem.state_dict(),
             "epoch_steps": self._epochs.state(),  # the epoch under way and its post_step() calls so far
             "target_levels": self._target_levels(),
         }
@@ -439,10 +442,13 @@ class Formulation(SplitStep, abc.ABC):
             self.dual_optimizer.zero_grad(set_to_none=True)
             self._duals.evaluated = 0  # steps taken before the state was saved or loaded are not this run's
             if state.get("dual_optimizer") is not None:
-                dual = snapshot(state["dual_optimizer"])  # copies: training on leaves the given state as it is
+                dual = snapshot(state["dual_optimizer"])  # torch's load keeps its tensors: training on would edit them
                 rates = [group["lr"] for group in self.dual_optimizer.param_groups]
                 self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, dual))
                 for group, rate in zip(self.dual_optimizer.param_groups, rates, strict=True):
                     group["lr"] = rate  # the step sizes built now (a constraint's dual_lr changed since) apply
-        self.problem.load_state_dict(snapshot(state["cmp"]))
+        # Multipliers load by copy (nn.Module's); Cooper keeps a penalty coefficient's tensor as given: copies, so that
+        # set_rho does not write into the given state (two formulations loaded from one dict shared their rho).
+        cmp = state["cmp"]
+        self.problem.load_state_dict({**cmp, "penalty_coefficients": snapshot(cmp.get("penalty_coefficients", {}))})
         self._epochs.load(state.get("epoch_steps", self._epochs.state()))

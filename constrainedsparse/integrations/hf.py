@@ -27,6 +27,7 @@ and several GPUs in one process (``DataParallel``; use ``torchrun``, one process
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import math
@@ -311,7 +312,8 @@ class SparsityTrainer(Trainer):
                 "pruned) by the first; call hard_prune(), or train(resume_from_checkpoint=...) to continue a stopped "
                 "run"
             )
-        before = (self._trained, self.formulation.state_dict() if resume_from_checkpoint else None)
+        # A copy (state_dict()'s tensors are the live ones, which the checkpoint's load overwrites).
+        before = (self._trained, copy.deepcopy(self.formulation.state_dict()) if resume_from_checkpoint else None)
         if resume_from_checkpoint:
             self._load_formulation_state(resume_from_checkpoint)
         # A run stopped by an exception left these behind; the checkpoint's state is what goes on.
