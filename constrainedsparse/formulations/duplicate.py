@@ -94,7 +94,6 @@ class DuplicateVariables(Formulation):
         self.penalty_rule = PenaltyRule(self.name, config, self.optimizer, problem.targets)
         self._level_sets: dict[tuple[str, float], Any] = {}
         self.constraints: dict[str, cooper.Constraint] = {}
-        self._multiplier_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see multipliers()
         with torch.no_grad():
             self.z = {t.name: t.feasible_set.project(t.tensor.detach()) for t in problem.targets}
         self.penalty = PenaltyGradient(self.constraints, self.z, {t.name: t.stored for t in problem.targets})
@@ -169,15 +168,10 @@ class DuplicateVariables(Formulation):
         return {t.name: t.tensor.detach() for t in self.problem.targets}
 
     def multipliers(self) -> dict[str, torch.Tensor]:
-        """Detached :math:`\\Lambda_n` shaped like :math:`W_n`, by target name: views of the live multipliers
-        (every update is in place), built once per multiplier tensor."""
-        views = self._multiplier_views
-        for target in self.problem.targets:
-            weight = self.constraints[target.name].multiplier.weight
-            cached = views.get(target.name)
-            if cached is None or cached[0] is not weight:
-                views[target.name] = (weight, weight.detach().view_as(target.tensor))
-        return {t.name: views[t.name][1] for t in self.problem.targets}
+        """Detached :math:`\\Lambda_n` shaped like :math:`W_n`, by target name."""
+        return {
+            t.name: self.constraints[t.name].multiplier.weight.detach().view_as(t.tensor) for t in self.problem.targets
+        }
 
     @torch.no_grad()
     def objective(self) -> float:
@@ -427,7 +421,6 @@ class DuplicateVariables(Formulation):
         self.constraints.clear()
         self.z.clear()
         self.coordination_optimizer = None  # it holds the multipliers too
-        self._multiplier_views = {}
         super().detach()
 
     def state_dict(self) -> dict[str, Any]:
