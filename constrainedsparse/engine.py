@@ -46,6 +46,7 @@ from constrainedsparse.errors import (
     first_line,
     plugin_code,
     raised_in_forward,
+    user_stacklevel,
 )
 from constrainedsparse.formulations import Formulation
 from constrainedsparse.formulations.retrain import FixedMaskRetrain
@@ -291,7 +292,7 @@ def _build(prepared: TrainingPrepared, directory: RunDirectory, resume_state: di
             f"--set batchnorm_batches={prepared.training.batchnorm_batches} has no effect: the model of problem "
             f"{problem.name!r} has no BatchNorm layer with running statistics",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     targets = problem.targets.resolve(model, prepared.target, allow_empty=True)
     first = range(min(prepared.training.batch_size, len(train)))

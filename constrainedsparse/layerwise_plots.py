@@ -78,10 +78,14 @@ class _Stacks:
         return len(self.order) >= 2 and len(self.kinds) <= KINDS_MAX
 
     def tick(self, index: int) -> str:
-        """The block's index, after its stack's first name when there are several (``encoder.3``)."""
+        """The block's index, after the first name that tells its stack apart when there are several (``encoder.3``
+        for ``model.encoder.layers.3`` beside ``model.decoder.layers``)."""
         stack, _, number = self.order[index].rpartition(".")
-        several = len({self.stack(i) for i in range(len(self.order))}) > 1
-        return f"{stack.split('.')[0]}.{number}" if several else number
+        stacks = [name.split(".") for name in dict.fromkeys(self.stack(i) for i in range(len(self.order)))]
+        if len(stacks) == 1:
+            return number
+        shared = next((i for i, parts in enumerate(zip(*stacks)) if len(set(parts)) > 1), 0)  # first differing name
+        return f"{stack.split('.')[shared]}.{number}"
 
 
 def _lines_by_block(ax: Any, stacks: _Stacks, names: list[str], title: str) -> None:

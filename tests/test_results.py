@@ -266,5 +266,9 @@ def test_the_line_view_keeps_block_order_breaks_between_stacks_and_falls_back_to
     # No numbered blocks, or one block of many kinds (experts): bars, as for few layers.
     flat = figure_for(_layer_rows([f"layer_{i}.weight" for i in range(70)])).axes[0]
     experts = figure_for(_layer_rows([f"blocks.0.expert{e}.w{j}.weight" for e in range(24) for j in range(3)])).axes[0]
+    bart = sorted(f"model.{stack}.layers.{b}.{k}.weight" for stack in ("encoder", "decoder") for b in range(12)
+                  for k in ("q", "k", "fc"))  # fmt: skip
+    labels = [t.get_text() for t in figure_for(_layer_rows(bart)).axes[0].get_xticklabels()]
+    assert labels[0] == "decoder.0" and labels[12] == "encoder.0"  # not "model.0" twice
     for ax in (flat, experts):
         assert ax.get_title().endswith("(blocks alternate)") and len(ax.patches) in (70, 72)
