@@ -92,7 +92,7 @@ def test_density_of_purged_on_a_model_it_cannot_size_is_one_line(tmp_path, capsy
 
 
 def test_a_structured_run_prints_its_purge_and_a_skipped_one_why(tmp_path, capsys):
-    from constrainedsparse.cli import _summary_rows
+    from constrainedsparse.summary_text import summary_rows
 
     out = tmp_path / "run"
     args = ["run", "digits-mlp", "--formulation", "l0", "--set", "grouping=structured", "--sparsity", "0.8"]
@@ -107,4 +107,4 @@ def test_a_structured_run_prints_its_purge_and_a_skipped_one_why(tmp_path, capsy
     skipped = {k: v for k, v in summary.items() if "purged" not in k} | {
         "purge_skipped": "purge: layer 4 is a Res; ..."
     }
-    assert ("purge skipped", "purge: layer 4 is a Res; ...") in _summary_rows(skipped)
+    assert ("purge skipped", "purge: layer 4 is a Res; ...") in summary_rows(skipped)
