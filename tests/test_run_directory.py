@@ -404,7 +404,9 @@ def test_sigterm_unwinds_like_ctrl_c_one_line_exit_143_and_no_folder_before_the_
 
 def test_the_wandb_reader_merges_a_resumed_parts_first_row_into_the_row_logged_at_that_step():
     """A run stopped after its last checkpoint (the last epoch's row logged at step 5) resumes at step 5 and logs
-    only the final metrics there: the epoch row's keys stay; rows after a resumed part's first step are replaced."""
+    only the final metrics there: the epoch row's keys stay; rows after a resumed part's first step are replaced.
+    The rows are given by hand: that stop needs a kill between the last checkpoint and the summary (a review hit it
+    with SIGTERM by timing); the real offline run is read back by the test above."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
