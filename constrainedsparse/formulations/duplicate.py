@@ -30,7 +30,7 @@ Augmented Lagrangian formulation, a ``DenseMultiplier`` :math:`\Lambda_n` and a
 
 A dual step of size :math:`s` is a gradient-ascent step on Cooper's dual Lagrangian:
 :math:`\nabla_\Lambda \langle \Lambda, W - Z\rangle = W - Z` is the Cooper multipliers' gradient
-(given, not backpropagated) and a stock ``SGD(lr=s, maximize=True)`` steps them
+(given, not backpropagated), and the step is the one ``SGD(lr=s, maximize=True)`` takes, applied in place
 (:meth:`DuplicateVariables.dual_ascent`). SLR and ADMM differ only in the two ``dual_step_*`` hooks,
 i.e. in the step size rule.
 """
@@ -119,11 +119,6 @@ class DuplicateVariables(Formulation):
             )
             self.constraints[target.name] = constraint
             self._hooks.append(target.stored.register_post_accumulate_grad_hook(self.penalty.hook(target.name)))
-        # The W = Z multipliers' own dual optimizer: stepped at coordinations only, at the rule's step size (set
-        # by dual_ascent each time; no other state). One tensor at a time: maximize negates a gradient's copy.
-        self.coordination_optimizer: torch.optim.SGD | None = torch.optim.SGD(
-            [c.multiplier.weight for c in self.constraints.values()], lr=1.0, maximize=True, foreach=False
-        )
 
     def _check_trainable(self, target: TargetParam) -> None:
         """Raises ``ValueError`` for a frozen target (its W would never move towards Z)."""
@@ -207,18 +202,16 @@ class DuplicateVariables(Formulation):
     @torch.no_grad()
     def dual_ascent(self, step: float, residual: dict[str, torch.Tensor]) -> None:
         """:math:`\\Lambda_n \\leftarrow \\Lambda_n + s\\,r_n`: one gradient-ascent step of size :math:`s` on
-        Cooper's dual Lagrangian :math:`\\sum_n\\langle\\Lambda_n, r_n\\rangle`: its gradient :math:`r_n` is
-        given to the Cooper multipliers and :attr:`coordination_optimizer` (a stock ``SGD(maximize=True)``)
-        steps them at ``lr`` :math:`= s` (the rule's step size), then each multiplier's ``post_step_()``."""
+        Cooper's dual Lagrangian :math:`\\sum_n\\langle\\Lambda_n, r_n\\rangle` (its gradient is :math:`r_n`),
+        applied to the Cooper multipliers in place, then each multiplier's ``post_step_()``.
+
+        It is the step ``SGD(lr=s, maximize=True)`` takes on that gradient, bit for bit (a test compares them), as
+        one foreach add: a stock optimizer here (its lr set per call, the gradients given and cleared) made a
+        coordination 0.1-0.3 ms slower, 3-7 % of an MLP's step (``benchmarks/overhead.py``, issue 18's goal).
+        """
         multipliers = [self.constraints[name].multiplier for name in residual]
-        for multiplier, r in zip(multipliers, residual.values(), strict=True):
-            multiplier.weight.grad = r.reshape(-1).to(multiplier.weight.dtype)  # ∇_Λ ⟨Λ, r⟩ = r: no autograd
-        optimizer = self.coordination_optimizer
-        assert optimizer is not None, "dual_ascent() after detach()"  # finalize() refuses every later call
-        optimizer.param_groups[0]["lr"] = step
-        optimizer.step()
+        torch._foreach_add_([m.weight for m in multipliers], [r.reshape(-1) for r in residual.values()], alpha=step)
         for multiplier in multipliers:
-            multiplier.weight.grad = None  # what zero_grad(set_to_none=True) does, for these only
             multiplier.post_step_()
 
     def schedule_fraction(self) -> float:
@@ -420,7 +413,6 @@ class DuplicateVariables(Formulation):
         # these dicts; the hard masks, the only later use of Z, are refused after finalize()).
         self.constraints.clear()
         self.z.clear()
-        self.coordination_optimizer = None  # it holds the multipliers too
         super().detach()
 
     def state_dict(self) -> dict[str, Any]:
