@@ -139,7 +139,12 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"target .* is not a parameter of this model"):
         SparsityTrainer(_model(), args, train_dataset=_examples(8, 0), targets=_targets(model))
     for keyword, value, message in (
-        ("hyperparameters", 5, r"^hyperparameters must be a dict like \{'rho': 0\.05\} or None, got 5$"),
+        (
+            "hyperparameters",
+            5,
+            r"^hyperparameters must be a dict like \{'rho': 0\.05\}, the formulation's config "
+            r"object or None, got 5$",
+        ),
         ("hard_prune_at_end", "no", r"^hard_prune_at_end must be True or False, got 'no'$"),
         ("log_layers", "no", r"^log_layers must be True or False, got 'no'$"),
     ):
@@ -187,6 +192,16 @@ def test_slrs_reference_batch_holds_reference_samples_examples(tmp_path):
     trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
                               hyperparameters={"reference_samples": 24})  # fmt: skip
     assert trainer.formulation.reference_batch["input_ids"].shape[0] == 24  # not the training batch's 8
+    # The formulation's config object, as make() takes it: its reference_samples set, its rho kept.
+    model = _model()
+    config = cs.SLRConfig(reference_samples=16, rho=0.07)
+    trainer = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
+                              hyperparameters=config)  # fmt: skip
+    assert trainer.formulation.reference_batch["input_ids"].shape[0] == 16 and trainer.formulation.config.rho == 0.07
+    model = _model()
+    default = SparsityTrainer(model, args, train_dataset=_examples(64, 0), targets=_targets(model),
+                              hyperparameters=cs.SLRConfig())  # fmt: skip
+    assert default.formulation.reference_batch["input_ids"].shape[0] == 8  # the default: the first training batch
 
 
 def test_slrs_default_reference_batch_is_the_first_training_batch_drawn_once(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
+from constrainedsparse.config import Hyperparameters
 from constrainedsparse.errors import first_line
 from constrainedsparse.formulations import Formulation, LagrangianStep, formulation_class, make
 from constrainedsparse.integrations.trainer_support import (
@@ -74,7 +75,8 @@ class SparsityTrainer(Trainer):
             ``magnitude``; :func:`constrainedsparse.available_formulations`).
         constraints: Your constraints by name, next to the sparsity target; each
             ``fn(model, batch)`` gets Trainer's prepared (dict) batch.
-        hyperparameters: The formulation's hyperparameters by key (``{"rho": 0.05}``).
+        hyperparameters: The formulation's hyperparameters by key (``{"rho": 0.05}``), or its config object
+            (``SLRConfig(rho=0.05)``), as :func:`~constrainedsparse.make` takes them.
         dual_lr: Gradient-ascent step of your constraints' multipliers.
         hard_prune_at_end: Hard-prune at the end of :meth:`train` (``False``: call :meth:`hard_prune`).
         allow_empty_layers: Let the hard prune cut a layer whose mask keeps no weight from the model (``l0`` can
@@ -102,7 +104,7 @@ class SparsityTrainer(Trainer):
         targets: list[TargetParam],
         formulation: str = "slr",
         constraints: Mapping[str, UserConstraint] | None = None,
-        hyperparameters: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | Hyperparameters | None = None,
         dual_lr: float = 1e-2,
         hard_prune_at_end: bool = True,
         allow_empty_layers: bool = False,
@@ -111,8 +113,11 @@ class SparsityTrainer(Trainer):
     ) -> None:
         if kwargs.get("model_init") is not None:
             raise ValueError("SparsityTrainer takes a model, not model_init (its targets are the model's parameters)")
-        if hyperparameters is not None and not isinstance(hyperparameters, Mapping):
-            raise ValueError(f"hyperparameters must be a dict like {{'rho': 0.05}} or None, got {hyperparameters!r}")
+        if hyperparameters is not None and not isinstance(hyperparameters, (Mapping, Hyperparameters)):
+            raise ValueError(
+                "hyperparameters must be a dict like {'rho': 0.05}, the formulation's config object or None, got "
+                f"{hyperparameters!r}"
+            )
         flags = {"hard_prune_at_end": hard_prune_at_end, "allow_empty_layers": allow_empty_layers}
         for name, flag in {**flags, "log_layers": log_layers}.items():
             if not isinstance(flag, bool):
@@ -142,7 +147,8 @@ class SparsityTrainer(Trainer):
                 "its schedule after it"
             )
         optimizer = self.create_optimizer()  # Trainer's optimizer, or the one passed in `optimizers`
-        hyperparameters = dict(hyperparameters or {})
+        if not isinstance(hyperparameters, Hyperparameters):
+            hyperparameters = dict(hyperparameters or {})
         self.formulation: Formulation = make(
             formulation, problem, hyperparameters, optimizer=optimizer, dual_lr=dual_lr
         )
@@ -150,7 +156,7 @@ class SparsityTrainer(Trainer):
             # slr's f: one training batch (it fits, as training does), or the reference_samples you set, shared
             # out over the processes and evaluated in one forward.
             wanted = self.formulation.reference_samples
-            given = "reference_samples" in hyperparameters
+            given = _sets_reference_samples(hyperparameters)
             size = math.ceil(wanted / self.args.world_size) if given else None
             reference = None
             if wanted:  # the batch drawn above, unless you set its size or its loss is not finite
@@ -456,3 +462,12 @@ class _PruningCallback(TrainerCallback):
         if args.should_save:  # Trainer's checkpoint does not hold the formulation's state
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             torch.save(self.trainer.formulation.state_dict(), folder / STATE_FILE)
+
+
+def _sets_reference_samples(hyperparameters: Mapping[str, Any] | Hyperparameters) -> bool:
+    """Whether the hyperparameters set slr's ``reference_samples`` (a key given, or a config's other than its
+    default): then the reference batch is drawn at that size, else it is the first training batch."""
+    if isinstance(hyperparameters, Hyperparameters):
+        field = type(hyperparameters).keys().get("reference_samples")
+        return field is not None and hyperparameters.reference_samples != field.default  # type: ignore[attr-defined]
+    return "reference_samples" in hyperparameters
