@@ -400,12 +400,12 @@ def test_prune_layerwise_out_refuses_a_model_transformers_cannot_save_before_pru
 
 
 def test_the_printed_target_names_a_layer_wise_runs_scope():
-    from constrainedsparse.cli import _summary_rows
+    from constrainedsparse.summary_text import summary_rows
 
     base = {"problem": "p", "formulation": "wanda", "achieved_sparsity": 0.6, "target_sparsity": 0.6, "seconds": 1.0}
-    assert ("target", "0.6 unstructured") in _summary_rows(base | {"mask_scope": "layer"})
-    assert ("target", "0.6 row") in _summary_rows(base | {"mask_scope": "row", "pattern": "row"})
-    assert ("target", "0.6") in _summary_rows(base)  # a training run's unstructured target, as before
+    assert ("target", "0.6 unstructured") in summary_rows(base | {"mask_scope": "layer"})
+    assert ("target", "0.6 row") in summary_rows(base | {"mask_scope": "row", "pattern": "row"})
+    assert ("target", "0.6") in summary_rows(base)  # a training run's unstructured target, as before
 
 
 def test_summary_names_the_scope_the_pattern_has_and_a_tokenizer_without_out_is_flagged(tmp_path):

@@ -8,8 +8,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from constrainedsparse import RunConfig, run
-from constrainedsparse.cli import _summary_rows
 from constrainedsparse.layerwise.owl import BlockOutliers, outlier_ratio, owl_allocation
+from constrainedsparse.summary_text import summary_rows
 
 
 def test_outlier_ratio_counts_the_scores_above_m_times_the_pooled_mean():
@@ -91,7 +91,7 @@ def test_a_run_with_owl_allocation(tmp_path, tiny_llama):
     blocks = allocation["outlier_ratios"]
     assert len(blocks) >= 2 and all(0.0 <= r <= 1.0 for r in blocks.values())
     low, high = min(allocation["levels"].values()), max(allocation["levels"].values())
-    assert ("allocation", f"owl: layer levels {low:.4f} to {high:.4f}") in _summary_rows(summary)  # printed
+    assert ("allocation", f"owl: layer levels {low:.4f} to {high:.4f}") in summary_rows(summary)  # printed
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert any(key.startswith("allocation/outlier_ratio/") for row in rows for key in row)
     assert not any("allocation/multiplier" in row for row in rows)

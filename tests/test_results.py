@@ -62,12 +62,12 @@ def test_summary_reports_whole_model_figures_and_the_constraint_as_measured_on_t
 
 
 def test_the_printed_constraint_line_shows_the_deciding_entry_and_a_vectors_multipliers():
-    from constrainedsparse.cli import _summary_rows
+    from constrainedsparse.summary_text import summary_rows
 
     def line(value, sense, multiplier, satisfied):
         entry = {"value": value, "sense": sense, "multiplier": multiplier, "satisfied": satisfied}
         run = {"problem": "p", "formulation": "slr", "pattern": "unstructured", "achieved_sparsity": 0.5}
-        return dict(_summary_rows({**run, "constraints": {"c": entry}, "seconds": 1.0}))["constraint c"]
+        return dict(summary_rows({**run, "constraints": {"c": entry}, "seconds": 1.0}))["constraint c"]
 
     assert line(0.5, "<=", 2.0, False) == "0.5 <= 0: VIOLATED (multiplier 2)"
     assert line([-0.5, -2.0], "<=", [0.0, 0.0], True) == "max -0.5 <= 0: holds (multipliers' norm 0)"
