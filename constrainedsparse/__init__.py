@@ -23,6 +23,7 @@ from constrainedsparse.formulations.l0 import GateConfig, L0Config, L0PenaltyCon
 from constrainedsparse.formulations.magnitude import MagnitudeConfig
 from constrainedsparse.formulations.slr import SLRConfig
 from constrainedsparse.layerwise import LayerwiseSolver, available_solvers, describe_solvers, register_solver
+from constrainedsparse.layerwise.admm import ADMMLayerConfig
 from constrainedsparse.layerwise.api import prune_layerwise
 from constrainedsparse.layerwise.fw import FWConfig
 from constrainedsparse.layerwise.report import LayerwiseReport
@@ -40,6 +41,7 @@ from constrainedsparse.targets import SparsityConfig, TargetParam, Targets
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMMLayerConfig",
     "BlockSparse",
     "DuplicateConfig",
     "FWConfig",
