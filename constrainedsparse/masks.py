@@ -42,7 +42,7 @@ class Mask(nn.Module):
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.detach().to(torch.bool).clone())
-        self._factor: tuple[tuple[int, torch.dtype, torch.device], torch.Tensor] | None = None
+        self._factor: tuple[tuple[int, int, torch.dtype, torch.device], torch.Tensor] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
