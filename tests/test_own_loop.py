@@ -1249,3 +1249,25 @@ def test_a_validation_batch_evaluated_under_no_grad_is_not_the_step_the_epoch_ch
     with torch.no_grad():
         assert not torch.isfinite(f.compute_lagrangian((bad, y[:8])).loss)
     f.end_epoch(0)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        (torch.optim.LBFGS, r"^optimizer LBFGS needs a closure at every step \(it evaluates the loss several times\)"),
+        (torch.optim.SparseAdam, r"^optimizer SparseAdam takes sparse gradients only, and the Lagrangian's are dense"),
+    ],
+)
+def test_an_optimizer_that_cannot_take_the_split_step_is_refused_by_make(optimizer, message):
+    """They failed inside torch at the first step (LBFGS.step() missing 'closure'; SparseAdam on dense gradients)."""
+    from torch import nn
+
+    import constrainedsparse as cs
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    targets = cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.5))
+    problem = cs.SparsityProblem(model, nn.functional.cross_entropy, targets)
+    for name in cs.available_formulations():
+        with pytest.raises(ValueError, match=message):
+            cs.make(name, problem, optimizer=optimizer(model.parameters()))
+        assert not any(type(m).__name__.startswith("Parametrized") for m in model.modules())  # nothing attached

@@ -35,6 +35,7 @@ from constrainedsparse.formulations.checks import (
     check_covers,
     check_finite_step,
     check_finite_weights,
+    check_first_order,
     check_hard_masks,
     check_pattern_masks,
     check_rate,
@@ -121,6 +122,7 @@ class Formulation(SplitStep, abc.ABC):
             optimizer = self.default_optimizer(lr)
         elif not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_first_order(optimizer)
         check_covers(optimizer, problem)
         self.optimizer = optimizer
         self.reference_batch: Batch | None = None

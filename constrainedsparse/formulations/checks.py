@@ -5,6 +5,7 @@ the lifecycle calls, and the hard masks of a formulation defined outside the pac
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -222,6 +223,27 @@ def check_rate(key: str, value: Any) -> None:
     """A learning rate: a finite number > 0."""
     if not is_number(value) or not 0 < value < float("inf"):
         raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+
+
+def check_first_order(optimizer: torch.optim.Optimizer) -> None:
+    """The primal optimizer steps once on the gradients one backward left (the split step): one that needs a closure
+    (``LBFGS`` evaluates the loss several times a step) or sparse gradients (``SparseAdam``) cannot.
+
+    Raises:
+        ValueError: Naming the optimizer and what to use instead.
+    """
+    name = type(optimizer).__name__
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"optimizer {name} needs a closure at every step (it evaluates the loss several times): a formulation "
+            "evaluates the Lagrangian once a step (backward, your step, post_step); use a first-order optimizer "
+            "(SGD, Adam, AdamW, ...)"
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ValueError(
+            "optimizer SparseAdam takes sparse gradients only, and the Lagrangian's are dense: use Adam (or AdamW)"
+        )
 
 
 def check_covers(optimizer: torch.optim.Optimizer, problem: SparsityProblem) -> None:
