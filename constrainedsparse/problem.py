@@ -236,10 +236,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         )
         self.add_constraint(
             name, constraint, spec, data_dependent=spec.uses_batch,
-            strict_violation=None if spec.strict_fn is None else spec.measure,
+            strict_violation=None if spec.strict_fn is None else spec.measure, dual_lr=spec.dual_lr,
         )  # fmt: skip
         self._violations[name].user = True
-        self._violations[name].dual_lr = spec.dual_lr
         self.user_constraint_names.append(name)
 
     def add_constraint(
@@ -252,6 +251,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         data_dependent: bool = False,
         observed: bool = True,
         strict_violation: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+        dual_lr: float | None = None,
     ) -> None:
         """Registers any Cooper constraint with the function that measures its violation.
 
@@ -274,6 +274,8 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 (Cotter et al., 2019; Cooper's ``ConstraintState.strict_violation``): the dual step
                 (and a dual restart) reads this measurement, which need not be differentiable, while
                 the primal Lagrangian keeps ``violation`` as its differentiable surrogate.
+            dual_lr: The multiplier's own step in :meth:`dual_optimizer` (a group of its own); ``None``: the
+                formulation's ``dual_lr``.
 
         Raises:
             ValueError: If the name is taken, or for an unobserved constraint stepped every step.
@@ -283,8 +285,9 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             raise ValueError(f"constraint {name!r}: an unobserved constraint cannot take a dual step every step")
         self._register_constraint(name, constraint)
         self._violations[name] = _Registered(
-            constraint, violation, dual_every_step, data_dependent, observed=observed, strict_violation=strict_violation
-        )
+            constraint, violation, dual_every_step, data_dependent, observed=observed,
+            strict_violation=strict_violation, dual_lr=dual_lr,
+        )  # fmt: skip
 
     def _check_name(self, name: str, yours: bool) -> None:
         """The rules of a constraint's name, for yours (:meth:`add_user_constraint`, checked before its function
