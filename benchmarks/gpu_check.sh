@@ -13,7 +13,8 @@
 # 2. Peak device memory (summary key peak_memory) with and without offload.
 # 3. 2:4: wanda --pattern 2:4 on cuda, `export --format compressed` (size ratios), then
 #    benchmarks/semi_structured.py (a 2:4 Linear timed against dense, the pruned model converted with
-#    to_semi_structured) and the CUDA tests of tests/test_export.py.
+#    to_semi_structured) and the CUDA tests of tests/test_export.py, test_offload.py and test_user_constraints.py
+#    (a strict_fn measured on the host steps a cuda model's multiplier).
 #
 # Small calibration so it is quick: CALIBRATION_SAMPLES (16) x SEQ_LEN (256), EVAL_TOKENS (4096).
 # DEVICE=cpu runs the whole script without a GPU (a dry run of its logic; part 3 is then skipped).
@@ -120,7 +121,8 @@ if [ "$DEVICE" = cuda ]; then
     echo "FAIL: the 2:4 run failed: $(tail -n 1 "$OUT/$DEVICE-wanda-2of4.log")"
     status=1
   fi
-  "$PY" -m pytest -q tests/test_export.py tests/test_offload.py -k "semi_structured or cuda" -p no:cacheprovider \
+  "$PY" -m pytest -q tests/test_export.py tests/test_offload.py tests/test_user_constraints.py \
+    -k "semi_structured or cuda" -p no:cacheprovider \
     || status=1
 fi
 echo

@@ -178,3 +178,17 @@ def test_a_dual_lr_changed_before_a_resume_applies_to_its_own_constraint(method)
         after = resumed.problem.named_multiplier_values()
         assert (after["a"] - before["a"]).item() == pytest.approx(1.0 * (a_lr or 0.01), rel=1e-5)
         assert (after["b"] - before["b"]).item() == pytest.approx(2.0 * (b_lr or 0.01), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+def test_a_strict_fn_measured_on_the_cpu_steps_a_cuda_models_multiplier():
+    """A latency or a count taken on the host: the measurement joins its multiplier's device."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).cuda()
+    batch = (torch.randn(32, 6, device="cuda"), torch.randint(0, 3, (32,), device="cuda"))
+    targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
+    spec = UserConstraint(lambda m: m[0].weight.sum() * 0, strict_fn=lambda m: torch.tensor(2.0))  # on the host
+    problem = SparsityProblem(model, nn.functional.cross_entropy, targets, {"c": spec})
+    formulation = make("magnitude", problem, dual_lr=0.5)
+    _steps(formulation, batch, 1)
+    assert problem.named_multiplier_values()["c"].item() == pytest.approx(1.0)
