@@ -497,3 +497,21 @@ def test_exit_process_flushes_and_skips_finalization_only_in_a_rank(tmp_path, wo
     assert done.stdout.startswith("buffered")
     assert ("finalized" in done.stdout) == (world_size == "1")
     assert "logged" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_ranks_error_exit_skips_interpreter_finalization(tmp_path):
+    """A rank's error paths raised SystemExit past exit_process: interpreter finalization ran with gloo's threads
+    alive, and a failing job sometimes printed a second line ('terminate called without an active exception')."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, os, runpy, sys\n"
+        "os.environ['WORLD_SIZE'] = '2'\n"
+        "atexit.register(lambda: print('interpreter finalization ran', flush=True))\n"
+        "sys.argv = ['constrainedsparse', 'run', 'no-such-problem']\n"
+        "runpy.run_module('constrainedsparse', run_name='__main__')\n"
+    )
+    done = _spawn([str(script)], tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "interpreter finalization ran" not in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown problem 'no-such-problem'"), lines
