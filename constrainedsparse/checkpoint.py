@@ -15,7 +15,6 @@ import contextlib
 import enum
 import glob
 import json
-import math
 import os
 import pickle
 import signal
@@ -143,20 +142,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (indented, sorted keys): standard JSON, a non-finite float written as ``null`` (as
-    ``metrics.jsonl`` writes it; a bare ``NaN`` is no JSON other readers parse)."""
-    atomic_write_bytes(path, (json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (nan, inf) in it, in dicts and lists, as ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
+    """Atomic JSON write (indented, sorted keys)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -105,23 +105,3 @@ def test_save_weights_removes_a_killed_writers_old_temporary_file_only(tmp_path)
     save_weights(path, {"w": torch.ones(2)})
     assert torch.equal(load_file(path)["w"], torch.ones(2))
     assert not old.exists() and fresh.exists()
-
-
-def test_summary_json_is_standard_json_with_null_for_a_non_finite_value(tmp_path):
-    """A constraint measured as nan at the end wrote a bare NaN into summary.json (not JSON other readers parse)."""
-    import json
-    import math
-
-    from constrainedsparse.checkpoint import atomic_write_json
-
-    atomic_write_json(
-        tmp_path / "s.json", {"constraints": {"c": {"value": math.nan, "bound": [1.0, math.inf]}}, "n": 3}
-    )
-
-    def refuse(token):
-        raise AssertionError(f"non-standard JSON token {token!r}")
-
-    assert json.loads((tmp_path / "s.json").read_text(), parse_constant=refuse) == {
-        "constraints": {"c": {"value": None, "bound": [1.0, None]}},
-        "n": 3,
-    }
