@@ -158,7 +158,8 @@ def constraint_report(
             with ``None``).
         test_batch: The whole test set as one batch, for constraints that take a batch.
 
-    ``value`` is ``strict_fn``'s measurement when the constraint has one (else ``fn``'s). ``satisfied`` is
+    ``value`` is ``strict_fn``'s measurement when the constraint has one (else ``fn``'s); ``None`` (not
+    satisfied) when it is not finite. ``satisfied`` is
     ``max(value) <= 0`` for ``<=`` and ``max|value| <= EQUALITY_TOLERANCE`` for ``==``.
     """
     report = {}
@@ -168,9 +169,10 @@ def constraint_report(
             worst = float(value.max()) if spec.sense == "<=" else float(value.abs().max())
             limit = 0.0 if spec.sense == "<=" else EQUALITY_TOLERANCE
             multiplier = multipliers.get(name)
+            finite = bool(torch.isfinite(value).all())  # a nan is no value (summary.json would hold a bare NaN)
             report[name] = {
-                "value": _value(value),
-                "satisfied": bool(worst <= limit),
+                "value": _value(value) if finite else None,
+                "satisfied": finite and bool(worst <= limit),
                 "multiplier": None if multiplier is None else _value(multiplier),
                 "sense": spec.sense,
             }

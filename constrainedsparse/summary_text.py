@@ -60,7 +60,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append(("purge skipped", str(summary["purge_skipped"])))
     for name, entry in summary.get("constraints", {}).items():
         value, equality = entry["value"], entry["sense"] == "=="
-        if isinstance(value, float):
+        if value is None:
+            shown = "not finite"
+        elif isinstance(value, float):
             shown = f"{value:.4g}"
         else:  # a vector: its entry that decides (the largest; the largest in size for an equality)
             shown = f"max |entry| {max(abs(v) for v in value):.4g}" if equality else f"max {max(value):.4g}"

@@ -192,3 +192,19 @@ def test_a_strict_fn_measured_on_the_cpu_steps_a_cuda_models_multiplier():
     formulation = make("magnitude", problem, dual_lr=0.5)
     _steps(formulation, batch, 1)
     assert problem.named_multiplier_values()["c"].item() == pytest.approx(1.0)
+
+
+def test_a_measurement_that_is_not_finite_at_the_end_is_reported_as_none_and_not_satisfied():
+    """It went into summary.json as a bare NaN (no JSON other readers parse) and read 'satisfied': false by chance."""
+    import json
+
+    from constrainedsparse.summary_text import summary_rows
+
+    spec = UserConstraint(lambda m: m[0].weight.sum() * 0, strict_fn=lambda m: torch.tensor(math.nan))
+    problem, batch = _problem({})
+    entry = constraint_report(problem.model, {"c": spec}, {"c": torch.zeros(1)}, batch)["c"]
+    assert entry["value"] is None and entry["satisfied"] is False
+    json.loads(json.dumps(entry), parse_constant=lambda token: pytest.fail(f"non-standard JSON {token}"))
+    rows = dict(summary_rows({"problem": "p", "formulation": "f", "achieved_sparsity": 0.5, "seconds": 1.0,
+                              "constraints": {"c": entry}}))  # fmt: skip
+    assert rows["constraint c"] == "not finite <= 0: VIOLATED (multiplier 0)"
