@@ -232,19 +232,6 @@ def _remove_stale_temporaries(path: Path) -> None:
                 tmp.unlink()
 
 
-def snapshot(value: Any) -> Any:
-    """``value`` with every tensor in it (nested dicts, lists, tuples) detached and cloned: a state that later
-    training does not change, and that a load does not tie to the live tensors (Cooper keeps a loaded penalty
-    coefficient's tensor as it is given)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: snapshot(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(item) for item in value)
-    return value
-
-
 def optimizer_state_plain(state: dict[str, Any]) -> dict[str, Any]:
     """An optimizer's ``state_dict()`` that ``torch.load(weights_only=True)`` reads: enum hyperparameters of its
     param groups (Cooper's ``nuPI`` keeps ``init_type``) as their values; :func:`optimizer_state_typed` undoes it."""

@@ -19,13 +19,14 @@ One step, split so the user can act between backward and the primal step, is
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
 
-from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed, snapshot
+from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.claims import claim_targets, release_targets
 from constrainedsparse.config import Hyperparameters, check_config
 from constrainedsparse.errors import is_ours
@@ -444,7 +445,8 @@ class Formulation(SplitStep, abc.ABC):
             self.dual_optimizer.zero_grad(set_to_none=True)
             self._duals.evaluated = 0  # steps taken before the state was saved or loaded are not this run's
             if state.get("dual_optimizer") is not None:
-                dual = snapshot(state["dual_optimizer"])  # torch's load keeps its tensors: training on would edit them
+                # torch's load keeps the given tensors: training on would edit the caller's state
+                dual = copy.deepcopy(state["dual_optimizer"])
                 rates = [group["lr"] for group in self.dual_optimizer.param_groups]
                 self.dual_optimizer.load_state_dict(optimizer_state_typed(self.dual_optimizer, dual))
                 for group, rate in zip(self.dual_optimizer.param_groups, rates, strict=True):
@@ -452,5 +454,7 @@ class Formulation(SplitStep, abc.ABC):
         # Multipliers load by copy (nn.Module's); Cooper keeps a penalty coefficient's tensor as given: copies, so that
         # set_rho does not write into the given state (two formulations loaded from one dict shared their rho).
         cmp = state["cmp"]
-        self.problem.load_state_dict({**cmp, "penalty_coefficients": snapshot(cmp.get("penalty_coefficients", {}))})
+        self.problem.load_state_dict(
+            {**cmp, "penalty_coefficients": copy.deepcopy(cmp.get("penalty_coefficients", {}))}
+        )
         self._epochs.load(state.get("epoch_steps", self._epochs.state()))
