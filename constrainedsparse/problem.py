@@ -348,36 +348,11 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
 
     def _violation(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
-        violation = _in_multiplier_dtype(entry, entry.violation(self.model, batch))
-        if entry.user:
-            violation = _checked_violation(name, violation).reshape(-1)
-            if torch.is_grad_enabled() and not violation.requires_grad:
-                raise UserInputError(
-                    f"constraint {name!r} has no gradient path to the model's parameters (its value does not "
-                    "require grad): a constraint must be differentiable in what the optimizer updates "
-                    "(no .item(), .detach() or float())"
-                )
-            sized = entry.constraint.multiplier.weight.numel()
-            if violation.numel() != sized:
-                raise UserInputError(
-                    f"constraint {name!r} returned {violation.numel()} entries on this batch, but it was sized with "
-                    f"{sized} (one multiplier per entry): return as many entries on every batch (e.g. 0 for a class "
-                    "the batch lacks)"
-                )
-        return synchronised(violation) if entry.data_dependent else violation
+        return _entries(name, entry, entry.violation(self.model, batch))
 
     def _strict(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
         """A constraint's proxy measurement on ``batch`` (what its dual step reads), checked like a violation."""
-        strict = _in_multiplier_dtype(entry, entry.strict_violation(self.model, batch))
-        if entry.user:  # a measurement taken elsewhere (a latency on the CPU) joins its multiplier's device
-            strict = _checked_violation(name, strict, "strict_fn").to(entry.constraint.multiplier.weight.device)
-            sized = entry.constraint.multiplier.weight.numel()
-            if strict.numel() != sized:
-                raise UserInputError(
-                    f"constraint {name!r}: strict_fn returned {strict.numel()} entries on this batch, but the "
-                    f"constraint has {sized}: return as many on every batch"
-                )
-        return synchronised(strict) if entry.data_dependent else strict
+        return _entries(name, entry, entry.strict_violation(self.model, batch), "strict_fn")
 
     def dual_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
         """Gradient ascent (``SGD(maximize=True)``) on every multiplier updated each step, or ``None``: one
@@ -444,6 +419,32 @@ def _summary(violation: torch.Tensor, equality: bool) -> float:
     if violation.numel() > 1:
         violation = violation.norm() if equality else violation.max()
     return float(violation.reshape(-1)[0])
+
+
+def _entries(name: str, entry: _Registered, value: Any, key: str = "") -> torch.Tensor:
+    """A constraint's value on a batch (``fn``'s, or with ``key="strict_fn"`` its measurement) in its multiplier's
+    dtype, a user constraint's checked (a tensor, differentiable for ``fn``, as many entries as it was sized with; a
+    measurement taken elsewhere, a latency on the CPU, joins its multiplier's device), all-reduced over the ranks if it
+    depends on the batch."""
+    value = _in_multiplier_dtype(entry, value)
+    if entry.user:
+        weight = entry.constraint.multiplier.weight
+        value = _checked_violation(name, value, key)
+        if key:
+            value = value.to(weight.device)
+        elif torch.is_grad_enabled() and not value.requires_grad:
+            raise UserInputError(
+                f"constraint {name!r} has no gradient path to the model's parameters (its value does not "
+                "require grad): a constraint must be differentiable in what the optimizer updates "
+                "(no .item(), .detach() or float())"
+            )
+        if value.numel() != weight.numel():
+            who = f"constraint {name!r}" + (f" {key}" if key else "")
+            raise UserInputError(
+                f"{who} returned {value.numel()} entries on this batch, but it was sized with {weight.numel()} (one "
+                "multiplier per entry): return as many entries on every batch (e.g. 0 for a class the batch lacks)"
+            )
+    return synchronised(value) if entry.data_dependent else value
 
 
 def _in_multiplier_dtype(entry: _Registered, value: Any) -> Any:
