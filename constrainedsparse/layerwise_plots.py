@@ -55,6 +55,7 @@ class _Stacks:
     blocks: dict[str, str]  # layer -> block
     order: list[str]  # blocks, sorted
     kinds: dict[str, dict[int, float]]  # kind (the name within its block) -> {block position: value}
+    stacks: list[str]  # the names before the blocks' indices, in order of appearance
 
     @classmethod
     def of(cls, names: list[str], values: list[float]) -> _Stacks:
@@ -69,7 +70,7 @@ class _Stacks:
             if name in blocks:
                 kind = name.removeprefix(f"{blocks[name]}.").removesuffix(".weight")
                 kinds.setdefault(kind, {})[position[blocks[name]]] = value
-        return cls(blocks, order, kinds)
+        return cls(blocks, order, kinds, parents)
 
     def stack(self, index: int) -> str:
         return self.order[index].rpartition(".")[0]
@@ -81,9 +82,9 @@ class _Stacks:
         """The block's index, after the first name that tells its stack apart when there are several (``encoder.3``
         for ``model.encoder.layers.3`` beside ``model.decoder.layers``)."""
         stack, _, number = self.order[index].rpartition(".")
-        stacks = [name.split(".") for name in dict.fromkeys(self.stack(i) for i in range(len(self.order)))]
-        if len(stacks) == 1:
+        if len(self.stacks) == 1:
             return number
+        stacks = [name.split(".") for name in self.stacks]
         shared = next((i for i, parts in enumerate(zip(*stacks)) if len(set(parts)) > 1), 0)  # first differing name
         return f"{stack.split('.')[shared]}.{number}"
 
