@@ -45,6 +45,7 @@ from typing import Any
 from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse import RunConfig, run
+from constrainedsparse.engine import prepare
 from constrainedsparse.formulations.l0 import L0PenaltyConfig
 from constrainedsparse.logger import read_metrics
 
@@ -88,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for d in args.targets:
         if not 0.0 < d <= 1.0:
             parser.error(f"target densities must be in (0, 1], got {d}")
+    for item in args.settings:
+        if "=" not in item:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
     return args
 
 
@@ -95,21 +99,48 @@ def _settings(items: Sequence[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
-def _one(args: argparse.Namespace, formulation: str, density: float, seed: int, settings: dict, out: Path) -> dict:
-    summary = run(
-        RunConfig(
-            problem=args.problem,
-            formulation=formulation,
-            sparsity=round(1.0 - density, 10),
-            epochs=args.epochs,
-            pretrain_epochs=args.pretrain_epochs,
-            seed=seed,
-            out=out,
-            wandb="disabled",
-            progress=False,
-            settings=settings,
-        )
+def _config(
+    args: argparse.Namespace, formulation: str, density: float, seed: int, settings: dict, out: Path
+) -> RunConfig:
+    return RunConfig(
+        problem=args.problem,
+        formulation=formulation,
+        sparsity=round(1.0 - density, 10),
+        epochs=args.epochs,
+        pretrain_epochs=args.pretrain_epochs,
+        seed=seed,
+        out=out,
+        wandb="disabled",
+        progress=False,
+        settings=settings,
     )
+
+
+def _constrained_settings(args: argparse.Namespace, scope: str) -> dict[str, str]:
+    return {"density_dual_lr": str(args.dual_lr), "scope": scope, **_settings(args.settings)}
+
+
+def _penalty_settings(args: argparse.Namespace, lmbda: float) -> dict[str, str]:
+    # The penalty ignores the level; --sparsity only sets the hard-pruning target (0.5). It takes
+    # the shared gate settings (grouping, gate_lr, ...), not l0's constraint settings.
+    shared = {k: v for k, v in _settings(args.settings).items() if k in PENALTY_KEYS}
+    return {"lmbda": str(lmbda), **shared}
+
+
+def check_configs(args: argparse.Namespace) -> str | None:
+    """Validates every run's configuration before the first one trains: the first error's line, or ``None``."""
+    planned = [("l0", d, _constrained_settings(args, s)) for s in args.scopes for d in args.targets]
+    planned += [("l0-penalty", 0.5, _penalty_settings(args, lmbda)) for lmbda in args.lmbdas]
+    for formulation, density, settings in planned:
+        try:
+            prepare(_config(args, formulation, density, args.seeds[0], settings, Path("unused")))
+        except ValueError as err:
+            return f"{formulation} on {args.problem}: {err}"
+    return None
+
+
+def _one(args: argparse.Namespace, formulation: str, density: float, seed: int, settings: dict, out: Path) -> dict:
+    summary = run(_config(args, formulation, density, seed, settings, out))
     # The gated model in eval mode (median rule) is what the engine evaluates at each pruning epoch end.
     epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("phase") == 0 and "accuracy/test" in r]
     summary["gated_accuracy"] = epochs[-1]["accuracy/test"] if epochs else float("nan")
@@ -118,12 +149,11 @@ def _one(args: argparse.Namespace, formulation: str, density: float, seed: int, 
 
 def run_all(args: argparse.Namespace, runs: Path) -> dict[str, list[dict[str, Any]]]:
     """Every constrained and penalized run (run directories under ``runs``); one record per run."""
-    extra = _settings(args.settings)
     constrained, penalized = [], []
     for scope in args.scopes:
         for density in args.targets:
             for seed in args.seeds:
-                settings = {"density_dual_lr": str(args.dual_lr), "scope": scope, **extra}
+                settings = _constrained_settings(args, scope)
                 s = _one(args, "l0", density, seed, settings, runs / f"l0-{scope}-d{density:g}-seed{seed}")
                 # density_of=purged constrains the expected purged density: that is the one to hold to the target.
                 expected = s.get("expected_purged_density", s["expected_density"])
@@ -160,11 +190,9 @@ def run_all(args: argparse.Namespace, runs: Path) -> dict[str, list[dict[str, An
                 print(f"l0 {scope} target {density:g} seed {seed}: {expected:.4f}", file=sys.stderr)
     for lmbda in args.lmbdas:
         for seed in args.seeds:
-            # The penalty ignores the level; --sparsity only sets the hard-pruning target (0.5). It takes
-            # the shared gate settings (grouping, gate_lr, ...), not l0's constraint settings.
-            shared = {k: v for k, v in extra.items() if k in PENALTY_KEYS}
-            settings = {"lmbda": str(lmbda), **shared}
-            s = _one(args, "l0-penalty", 0.5, seed, settings, runs / f"penalty-l{lmbda:g}-seed{seed}")
+            s = _one(
+                args, "l0-penalty", 0.5, seed, _penalty_settings(args, lmbda), runs / f"penalty-l{lmbda:g}-seed{seed}"
+            )
             penalized.append(
                 {
                     "lmbda": lmbda,
@@ -343,9 +371,12 @@ def plot(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]], pat
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; writes ``results.md``, ``results.json`` and ``l0_control.png`` under ``--out``."""
     args = parse_args(argv)
+    error = check_configs(args)
+    if error is not None:  # before any run, and nothing written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     with torch_threads(args.threads):
         started = time.perf_counter()
-        args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="l0_control-") as runs:
             records = run_all(args, Path(runs))
         command = command_line("benchmarks/l0_control.py", argv)

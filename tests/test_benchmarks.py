@@ -212,6 +212,20 @@ def test_l0_control_quick(tmp_path):
     assert not list(tmp_path.glob("runs"))  # run directories live in a temporary folder
 
 
+def test_l0_control_refuses_a_bad_setting_before_any_run_and_writes_nothing(tmp_path, capsys):
+    bench = _load("l0_control")
+    out = tmp_path / "out"
+    assert bench.main(["--quick", "--set", "density_constraint=sometimes", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: l0 on digits-mlp: ") and "density_constraint" in err and err.count("\n") == 1
+    assert bench.main(["--quick", "--set", "foo=1", "--lmbdas", "0", "--out", str(out)]) == 2
+    assert "unknown --set key 'foo'" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--quick", "--set", "foo"])
+    assert exit_info.value.code == 2 and "--set 'foo': expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_projection_quick(tmp_path, one_thread):
     bench = _load("projection")
     argv = ["--quick", "--data", "randn", "ties", "quantized", "--sparsity", "0.5", "0.99", "--repeats", "1"]
