@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, run_child, sweep_defaults, sweep_parser, write_results
+from common import command_line, run_child, scratch_dir, sweep_defaults, sweep_parser, write_results
 from layerwise import METHODS as LAYERWISE_METHODS
 from layerwise import SETTINGS as LAYERWISE_SETTINGS
 from layerwise import SPARSEGPT_SCOPES
@@ -346,12 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line("benchmarks/causal_lm.py", argv)
     results: list[dict[str, Any]] = []
     text = "no configuration applies"
-    with tempfile.TemporaryDirectory(prefix="causal-lm-bench-") as workdir:
+    with scratch_dir("causal-lm-bench-") as workdir:
         for setting in args.settings:
             for method in args.methods:
                 if not applies(setting, method):
                     continue
-                result = run_one(args.problem, setting, method, args.extra, args.threads, Path(workdir), args.seed)
+                result = run_one(args.problem, setting, method, args.extra, args.threads, workdir, args.seed)
                 results.append(result)
                 print(
                     f"{setting:>4} {method:<21} perplexity {result['perplexity']:.2f} (dense "

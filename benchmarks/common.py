@@ -8,9 +8,11 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +20,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["ChildRun", "command_line", "out_folder", "run_child", "thread_count", "torch_threads", "write_results"]
+__all__ = [
+    "ChildRun",
+    "command_line",
+    "out_folder",
+    "run_child",
+    "scratch_dir",
+    "thread_count",
+    "torch_threads",
+    "write_results",
+]
 
 
 def thread_count(text: str) -> int:
@@ -105,6 +116,25 @@ def write_results(out: Path, markdown: str, payload: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder for the runs, removed on exit, also when the benchmark is stopped by SIGTERM
+    (``kill``, a job scheduler's time limit): the signal leaves as ``SystemExit(143)`` while the folder
+    is open, so cleanups run (Python's default for SIGTERM ends the process where it stands)."""
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit) if main_thread else None
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+            yield Path(folder)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def torch_threads(count: int | None) -> Iterator[int]:
     """Runs the block with ``torch.set_num_threads(count)`` (as is if ``None``); yields the count in
     effect and restores the previous one on exit."""
@@ -158,8 +188,12 @@ def run_child(problem: str, args: Sequence[str], out: Path, threads: int | None 
     started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # wait4, not wait(): it returns this child's own resource usage (peak RSS).
-        _, status, usage = os.wait4(process.pid, 0)
+        try:  # wait4, not wait(): it returns this child's own resource usage (peak RSS).
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): the run stops too, before its folder goes
+            process.terminate()
+            process.wait()
+            raise
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if process.returncode != 0:

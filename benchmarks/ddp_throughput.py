@@ -34,7 +34,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import command_line, out_folder, results_dir, write_results
+from common import command_line, out_folder, results_dir, scratch_dir, write_results
 
 from constrainedsparse import distributed, launcher
 
@@ -256,8 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line("benchmarks/ddp_throughput.py", argv)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="ddp-throughput-") as scratch:
-        scratch = Path(scratch)
+    with scratch_dir("ddp-throughput-") as scratch:
         images = args.batch * (args.steps + args.warmup)
         data_dir = args.data_dir or write_cifar10(scratch / "cifar-10-batches-py", images)
         runs: dict[tuple[int, int], list[dict]] = {config: [] for config in args.configs}

@@ -36,13 +36,12 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import command_line, out_folder, results_dir, scratch_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.engine import prepare
@@ -377,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with torch_threads(args.threads):
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="l0_control-") as runs:
-            records = run_all(args, Path(runs))
+        with scratch_dir("l0_control-") as runs:
+            records = run_all(args, runs)
         command = command_line("benchmarks/l0_control.py", argv)
         payload = {**records, "args": {k: str(v) for k, v in vars(args).items()}}
         payload["seconds"] = time.perf_counter() - started

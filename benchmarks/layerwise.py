@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, run_child, sweep_defaults, sweep_parser, write_results
+from common import command_line, run_child, scratch_dir, sweep_defaults, sweep_parser, write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "layerwise"
 SETTINGS: dict[str, list[str]] = {
@@ -225,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = command_line("benchmarks/layerwise.py", argv)
     results = []
-    with tempfile.TemporaryDirectory(prefix="layerwise-bench-") as workdir:
+    with scratch_dir("layerwise-bench-") as workdir:
         for setting in args.settings:
             for method in args.methods:
                 if not applies(setting, method):
                     continue
-                result = run_one(setting, method, args.extra, args.threads, Path(workdir), args.seed)
+                result = run_one(setting, method, args.extra, args.threads, workdir, args.seed)
                 results.append(result)
                 print(
                     f"{setting:>4} {method:<21} error {result['mean_layer_error']:.4f} fidelity "

@@ -20,11 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import out_folder, results_dir, thread_count
+from common import out_folder, results_dir, scratch_dir, thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "readme_runs"
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as scratch:
-        rows = _rows(args.quick, args.threads, Path(scratch))
+    with scratch_dir("readme-runs-") as scratch:
+        rows = _rows(args.quick, args.threads, scratch)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"command": "python benchmarks/readme_runs.py" + (" --quick" if args.quick else ""),
               "threads": args.threads, "load_before": load, "load_after": os.getloadavg()[0], "rows": rows}  # fmt: skip

@@ -36,7 +36,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import command_line, out_folder, results_dir, scratch_dir, thread_count, torch_threads, write_results
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.engine import cache_dir, prepare
@@ -534,13 +533,13 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     total = sum(len(levels) for levels in args.grid.values()) * len(args.seeds) * len(METHODS)
     # One-shot first: its hard-prune accuracy is epoch 0 of every method's curve.
     order = sorted(METHODS, key=lambda method: method != "magnitude+retrain")
-    with tempfile.TemporaryDirectory(prefix="slr_vs_admm-") as scratch:
+    with scratch_dir("slr_vs_admm-") as scratch:
         runs = [(p, seed, level) for p in args.problems for seed in args.seeds for level in args.grid[p]]
         for problem, seed, sparsity in runs:
             threshold = args.thresholds.get(problem, args.thresholds[None])
             oneshot = math.nan
             for method in order:
-                out = Path(scratch) / f"{problem}-{sparsity:g}-{seed}-{method}"
+                out = scratch / f"{problem}-{sparsity:g}-{seed}-{method}"
                 config = run_config(args, problem, sparsity, seed, method, out)
                 summary = run(config)
                 rows = read_metrics(out / "metrics.jsonl")

@@ -226,6 +226,28 @@ def test_l0_control_refuses_a_bad_setting_before_any_run_and_writes_nothing(tmp_
     assert exit_info.value.code == 2 and "--set 'foo': expected KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_benchmark_stopped_by_sigterm_removes_its_scratch_folder(tmp_path):
+    import signal
+    import subprocess
+
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "from common import scratch_dir\n"
+        "with scratch_dir('bench-test-') as folder:\n"
+        "    (folder / 'run').mkdir()\n"
+        "    print(folder, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    folder = Path(child.stdout.readline().strip())
+    assert folder.is_dir()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    child.stdout.close()
+    assert not folder.exists()
+
+
 def test_projection_quick(tmp_path, one_thread):
     bench = _load("projection")
     argv = ["--quick", "--data", "randn", "ties", "quantized", "--sparsity", "0.5", "0.99", "--repeats", "1"]
