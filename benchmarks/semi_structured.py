@@ -8,7 +8,9 @@ Needs CUDA (an Ampere or newer GPU); ``benchmarks/gpu_check.sh`` runs it. Two pa
 2. ``--run RUN_DIR`` (a 2:4 ``smollm2-wiki`` run): the saved model in ``--dtype`` on CUDA, held-out
    perplexity and forward time before and after converting its 2:4 layers.
 
-Prints a markdown table; with ``--out DIR`` also writes ``results.md`` / ``results.json``.
+Prints a markdown table; with ``--out DIR`` also writes ``results.md`` / ``results.json``. Exits 1 when the
+semi-structured outputs disagree with the dense ones beyond :data:`LINEAR_TOLERANCE` /
+:data:`PERPLEXITY_TOLERANCE` (the figures are still printed and written).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from constrainedsparse.export import to_semi_structured  # noqa: E402
 from constrainedsparse.sets import NMSparse  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# The most the 2:4 kernels may differ from the dense product (max error over max output: a few of the half
+# type's rounding steps, fp32 accumulation on both sides) and the held-out perplexity may move.
+LINEAR_TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
+PERPLEXITY_TOLERANCE = 0.01
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -86,6 +92,28 @@ def model_check(run_dir: Path, dtype: torch.dtype, repeats: int) -> dict[str, An
             "perplexity_semi_structured": after, "dense_ms": dense_ms, "sparse_ms": sparse_ms}  # fmt: skip
 
 
+def disagreements(linear: dict[str, Any], model: dict[str, Any] | None, dtype: str) -> list[str]:
+    """Where the semi-structured result is not the dense one's within tolerance (empty: the check passes).
+
+    Args:
+        linear: :func:`linear_timing`'s result.
+        model: :func:`model_check`'s result, or ``None``.
+        dtype: The ``--dtype`` name (its :data:`LINEAR_TOLERANCE`).
+    """
+    found = []
+    limit = LINEAR_TOLERANCE[dtype]
+    if not linear["max_relative_error"] <= limit:  # a NaN fails too
+        found.append(f"the 2:4 Linear's max relative error {linear['max_relative_error']:.2e} is over {limit:g}")
+    if model is not None:
+        before, after = model["perplexity_dense_format"], model["perplexity_semi_structured"]
+        if not abs(after - before) <= PERPLEXITY_TOLERANCE * before:
+            found.append(
+                f"the converted model's perplexity {after:.3f} is not within {PERPLEXITY_TOLERANCE:.0%} of the "
+                f"dense format's {before:.3f}"
+            )
+    return found
+
+
 def _markdown(argv: list[str] | None, linear: dict[str, Any], model: dict[str, Any] | None, dtype: str) -> str:
     lines = [f"`{command_line('benchmarks/semi_structured.py', argv)}` ({torch.cuda.get_device_name()}, {dtype})", "",
              "| what | dense ms | 2:4 semi-structured ms | speedup | check |", "|---|---|---|---|---|",
@@ -118,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     model = model_check(args.run, dtype, args.repeats) if args.run else None
     markdown = _markdown(argv, linear, model, args.dtype)
     print(markdown)
+    found = disagreements(linear, model, args.dtype)
     if args.out:
-        write_results(args.out, markdown, {"linear": linear, "model": model, "dtype": args.dtype})
-    return 0
+        payload = {"linear": linear, "model": model, "dtype": args.dtype, "disagreements": found}
+        write_results(args.out, markdown, payload)
+    for line in found:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

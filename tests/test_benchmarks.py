@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -457,6 +458,28 @@ def test_gpu_check_script_parses_and_semi_structured_refuses_without_cuda(capsys
     if not torch.cuda.is_available():
         assert _load("semi_structured").main([]) == 2
         assert capsys.readouterr().err.strip() == "error: semi-structured sparsity needs CUDA; no GPU here"
+
+
+def test_gpu_check_script_refuses_a_python_without_the_library_before_writing(tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable + "-missing"}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.startswith("error: no Python with constrainedsparse") and done.stderr.count("\n") == 1
+
+
+def test_semi_structured_fails_on_a_disagreement_beyond_its_tolerance():
+    bench = _load("semi_structured")
+    linear = {"max_relative_error": 4e-3}
+    model = {"perplexity_dense_format": 20.0, "perplexity_semi_structured": 20.1}
+    assert bench.disagreements(linear, model, "float16") == []
+    assert bench.disagreements({"max_relative_error": 0.02}, None, "bfloat16") == []
+    (line,) = bench.disagreements({"max_relative_error": float("nan")}, None, "float16")
+    assert line == "the 2:4 Linear's max relative error nan is over 0.01"
+    (line,) = bench.disagreements(linear, {**model, "perplexity_semi_structured": 20.5}, "float16")
+    assert line == "the converted model's perplexity 20.500 is not within 1% of the dense format's 20.000"
 
 
 def test_dense_target_quick(tmp_path, smollm2_folder):
