@@ -104,11 +104,9 @@ class Progress:
         if self.bar.total == self.total:
             self.step(**postfix)
         if self.lines:
-            shown = " ".join(f"{k} {v:.4g}" for k, v in postfix.items())
+            shown = "".join(f" {k} {v:.4g}" for k, v in postfix.items())
             seconds = time.perf_counter() - self.started
-            print(
-                f"{self.desc}: {self.unit} {self.done}/{self.total} {shown} ({seconds:.1f} s)".rstrip(), file=sys.stderr
-            )
+            print(f"{self.desc}: {self.unit} {self.done}/{self.total}{shown} ({seconds:.1f} s)", file=sys.stderr)
 
     def close(self) -> None:
         """Closes the bar."""

@@ -68,13 +68,15 @@ class _Blocks(nn.Module):
         return self.head(x)
 
 
-def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch):
+def test_prune_layerwise_on_a_plain_module_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     model = _Blocks()
     batches = [torch.randn(64, 16) for _ in range(3)]
-    report = prune_layerwise(model, batches, "wanda", sparsity=0.5)
+    report = prune_layerwise(model, batches, "wanda", sparsity=0.5, progress=True)
     assert list(tmp_path.iterdir()) == []
+    lines = capsys.readouterr().err.splitlines()  # stderr is not a terminal here: one line a block
+    assert [line.split(" (")[0] for line in lines] == [f"layer-wise wanda: block {i}/2" for i in (1, 2)]
     assert set(report.layer_sparsity) == {f"blocks.{i}.{j}.weight" for i in range(2) for j in (0, 2)}
     assert all(v == pytest.approx(0.5) for v in report.layer_sparsity.values())
     total = sum(p.numel() for p in model.parameters())

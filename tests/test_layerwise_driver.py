@@ -74,8 +74,7 @@ def test_a_layer_report_counts_the_zeros_of_the_result_as_the_summary_does():
         model.blocks[0].fc1.bias[:4] = -1e4  # four hidden units that never fire: fc2's first four inputs are dead
     with pytest.warns(UserWarning, match=r"^blocks\.0\.fc2\.weight: 4 of its \d+ inputs are zero on every"):
         target = SparsityConfig(0.1, "row")
-        reports = prune_blocks(model, model.blocks[:1], batches, solver_class("sparsegpt")(), target, Targets(),
-                               progress=False)  # fmt: skip
+        reports = prune_blocks(model, model.blocks[:1], batches, solver_class("sparsegpt")(), target, Targets())
     (fc2,) = [r for r in reports if r.name.endswith("fc2.weight")]
     weight = model.blocks[0].fc2.weight
     assert fc2.sparsity == 1.0 - int(torch.count_nonzero(weight)) / weight.numel() == 0.25  # the 4 dead of 16 inputs
@@ -150,7 +149,7 @@ def test_driver_equals_pruning_by_hand_block_after_block():
     by_hand = copy.deepcopy(model)
     solver = solver_class("wanda")()
     target = SparsityConfig(0.5, "row")
-    reports = prune_blocks(model, model.blocks, batches, solver, target, Targets(), progress=False)
+    reports = prune_blocks(model, model.blocks, batches, solver, target, Targets())
 
     hidden = [by_hand.embed(b["input_ids"]) for b in batches]
     masks = [b["attention_mask"].bool() for b in batches]
@@ -262,7 +261,10 @@ def test_resume_continues_with_the_next_block_and_matches_a_straight_run(tiny_gp
     line = fails_with_one_line(["run", "--out", split, "--resume", "--set", "bogus=1"], capsys)
     assert line.startswith(f"error: unknown --set key 'bogus' for the run in {split} (formulation 'sparsegpt')")
     # a key not given at the start, given with the value in effect (the checkpoint keeps every key's value)
-    assert main(["run", "--out", split, "--resume", "--set", "offload=false", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--out", split, "--resume", "--set", "offload=false"]) == 0
+    bar = [line for line in capsys.readouterr().err.splitlines() if line.startswith("layer-wise")]
+    assert len(bar) == 1 and bar[0].startswith("layer-wise sparsegpt: block 2/2 (")  # the bar resumes at block 2
     resumed = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert resumed["layer_error"] == straight["layer_error"]
     from safetensors.torch import load_file
@@ -369,7 +371,7 @@ def test_every_solver_meets_its_pattern_through_the_driver(name, target):
         assert re.match(rf"^{name} supports the .* patterns, got {target.pattern_text()}$", str(err))
         return
     model, batches = _tiny(), _batches()
-    reports = prune_blocks(model, model.blocks, batches, solver_class(name)(), target, Targets(), progress=False)
+    reports = prune_blocks(model, model.blocks, batches, solver_class(name)(), target, Targets())
     assert len(reports) == 6
     for report, (_, module) in zip(reports, [(n, m) for b in model.blocks for n, m in targeted_layers(b, Targets())]):
         weight = layer_weight(module)

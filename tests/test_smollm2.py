@@ -67,7 +67,7 @@ def test_real_smollm2_perplexity_and_one_pruned_block(smollm2_folder, _dense_cac
     blocks = problem.model_blocks(model)
     assert len(blocks) == 30
     reports = prune_blocks(model, blocks, batches, solver_class("wanda")(), SparsityConfig.from_pattern("2:4"),
-                           problem.targets, stop=1, progress=False)  # fmt: skip
+                           problem.targets, stop=1)  # fmt: skip
     # the fraction of zeros: 2:4's half, and a few exact zeros of the dequantized Q4_1 weights themselves
     assert len(reports) == 7 and all(0.5 <= r.sparsity < 0.5001 for r in reports)
     scores = problem.score(dense, problem.held_out(model, options))

@@ -56,6 +56,7 @@ from constrainedsparse.layerwise.runner import (
 )
 from constrainedsparse.layerwise.settings import MASK_SCOPES, DriverSettings, scope_field
 from constrainedsparse.modes import eval_mode
+from constrainedsparse.progress import Progress
 from constrainedsparse.runs import RunDirectory
 from constrainedsparse.saving import source_folder
 from constrainedsparse.settings import resolve_device, target_from_flags
@@ -213,11 +214,12 @@ def prune_layerwise(
     )  # fmt: skip
     blocks, overrides = layout.blocks, layout.levels
     directory = _directory(model, out, tokenizer, overwrite)
-    with _calibration_mode(model):
+    bar = Progress(len(blocks), f"layer-wise {solver.name}", progress, unit="block")
+    with _calibration_mode(model), contextlib.closing(bar):
         levels = solve_levels(driver, model, blocks, batches, target, targets, device)
         reports = prune_blocks(
-            model, blocks, batches, solver, target, targets,
-            gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device, progress=progress,
+            model, blocks, batches, solver, target, targets, on_block=lambda index, done: bar.epoch_done(),
+            gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=device,
             offload=driver.offload, activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(target, levels.levels) if levels is not None else overrides,
             fit=driver.block_fit(),

@@ -51,7 +51,6 @@ from constrainedsparse.layerwise.capture import blocks_chained, call_model, capt
 from constrainedsparse.layerwise.grams import accumulate_grams
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.sequential import block_groups
-from constrainedsparse.progress import Progress
 from constrainedsparse.targets import SparsityConfig, Targets
 
 __all__ = [
@@ -385,7 +384,6 @@ def prune_blocks(
     gram_dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     on_block: Callable[[int, list[LayerReport]], None] | None = None,
-    progress: bool = True,
     offload: bool = False,
     activations: str = "device",
     levels: Mapping[str, SparsityConfig] | None = None,
@@ -406,8 +404,8 @@ def prune_blocks(
         stop: One past the last block to prune (all remaining blocks by default).
         gram_dtype: Accumulation dtype of the Gram matrices.
         device: Where calibration and pruning compute.
-        on_block: Called as ``on_block(index, reports)`` after each block (checkpointing, logging).
-        progress: Show a progress bar over blocks.
+        on_block: Called as ``on_block(index, reports)`` after each block (checkpointing, logging, a
+            progress bar: the caller's, as every output is).
         offload: The model stays where it is (the CPU): the calibration inputs are captured there
             and one block at a time moves to ``device`` to be calibrated, pruned and run, then back
             (SparseGPT's and Wanda's sequential scripts do the same). The model then only needs
@@ -430,7 +428,6 @@ def prune_blocks(
     """
     reports: list[LayerReport] = []
     stop = len(blocks) if stop is None else min(stop, len(blocks))
-    bar = Progress(len(blocks), f"layer-wise {solver.name}", progress, initial=start, unit="block")
     chained = walk_chained(model, blocks, batches, start=start, stop=stop, device=device, offload=offload)
     if fit is not None and fit.enabled and fit.target == "dense" and not chained:
         raise UserInputError(
@@ -459,6 +456,4 @@ def prune_blocks(
             reports.extend(block_reports)
             if on_block is not None:
                 on_block(index, block_reports)
-            bar.epoch_done()
-    bar.close()
     return reports

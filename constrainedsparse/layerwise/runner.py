@@ -258,7 +258,9 @@ def save_model(model: nn.Module, out: Path, tokenizer: Any = None) -> str:
 class _Blocks:
     """Per-block bookkeeping of a run: logging, the pruned weights so far, checkpoints."""
 
-    def __init__(self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None) -> None:
+    def __init__(
+        self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None, blocks: int
+    ) -> None:
         self.prepared, self.directory = prepared, directory
         self.main = distributed.is_main_process()
         self.modules = dict(prepared.model.named_modules())
@@ -276,6 +278,8 @@ class _Blocks:
             "options": dict(prepared.options),  # the problem's: runs can be grouped by them
         }
         self.logger = open_logger(directory, prepared.config, logged, state)
+        show = prepared.config.progress and self.main
+        self.bar = Progress(blocks, f"layer-wise {prepared.solver.name}", show, initial=self.start, unit="block")
 
     def block_file(self, index: int) -> Path:
         """Where the pruned weights of block ``index`` are kept (one file per block, written once)."""
@@ -311,7 +315,13 @@ class _Blocks:
         return self.seconds_before + time.perf_counter() - self.started
 
     def on_block(self, index: int, block_reports: list[LayerReport]) -> None:
-        """Logs the block's layers and checkpoints the run after it."""
+        """Logs the block's layers, checkpoints the run after it and moves the progress bar."""
+        try:
+            self._block_done(index, block_reports)
+        finally:
+            self.bar.epoch_done()
+
+    def _block_done(self, index: int, block_reports: list[LayerReport]) -> None:
         for report in block_reports:
             for point in report.trace:  # already sampled by the solver
                 self.step += 1
@@ -402,7 +412,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         with user_input(f"problem {problem.name!r}: "):
             checked_scores(problem.score(dense_outputs, dense_outputs), reserved)
     blocks = problem.model_blocks(model)
-    run = _Blocks(prepared, directory, state)
+    run = _Blocks(prepared, directory, state, len(blocks))
     stop = len(blocks) if config.stop_after_epochs is None else run.start + config.stop_after_epochs
     try:
         allocation = _allocation(prepared, blocks, run)
@@ -411,7 +421,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         prune_blocks(
             model, blocks, prepared.batches, prepared.solver, prepared.target, problem.targets,
             start=run.start, stop=stop, gram_dtype=GRAM_DTYPES[driver.gram_dtype], device=prepared.device,
-            on_block=run.on_block, progress=config.progress and run.main, offload=driver.offload,
+            on_block=run.on_block, offload=driver.offload,
             activations=driver.activations, true_sequential=driver.true_sequential,
             levels=level_targets(prepared.target, allocation.levels) if allocation is not None else prepared.levels,
             fit=driver.block_fit(), reference=reference,
@@ -434,6 +444,7 @@ def execute(prepared: LayerwisePrepared, directory: RunDirectory, state: dict[st
         run.logger.log(final, run.step + 1)
         finish_summary(run.logger, summary)
     finally:
+        run.bar.close()
         run.logger.close()
     distributed.dump_rank_state("layerwise-final", {"model": model.state_dict(), "summary": summary})
     if use_cache is not None:
