@@ -84,6 +84,10 @@ class StructuredGroups(FeasibleSet):
         norms = self._groups(x).detach().to(torch.float64).square().sum(dim=1)
         return self.group_mask(norms, x)
 
+    def group_norms(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\|x_g\|_2` of each group along ``dim`` (float64, detached): what :meth:`mask` ranks."""
+        return self._groups(x).detach().to(torch.float64).norm(dim=1)
+
     def group_mask(self, scores: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The mask keeping the ``k`` groups of largest ``scores`` (one per group), shaped like ``like``."""
         if scores.shape != (like.shape[self.dim],):

@@ -303,10 +303,8 @@ class Gated(Formulation):
         r"""``(rms, z)`` per group of a structured target: :math:`\|\tilde\theta_g\|_2/\sqrt{m}` of its
         stored weights (:math:`m` weights per group) and its median-rule gate :math:`\hat z_g` (float64)."""
         gate = self.gates[target.name]
-        weight = target.module.parametrizations[target.param_name].original.detach()
-        dim = self._group_dim(target)
-        groups = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).to(torch.float64)
-        return groups.norm(dim=1) / math.sqrt(gate.group_size), gate.test_gate().detach().to(torch.float64)
+        norms = self._group_set(target).group_norms(target.module.parametrizations[target.param_name].original)
+        return norms / math.sqrt(gate.group_size), gate.test_gate().detach().to(torch.float64)
 
     def _expand_groups(self, target: TargetParam, keep: torch.Tensor) -> torch.Tensor:
         """A group mask broadcast to a weight mask."""
