@@ -79,7 +79,7 @@ class SplitStep:
             self._last = LastStep(cmp_state.loss.detach(), primal.lagrangian.detach(), weakref.ref(cmp_state))
         step = LagrangianStep(cmp_state, primal.lagrangian)
         if self.dual_optimizer is not None:
-            self._duals.keep(step, cmp_state.compute_dual_lagrangian().lagrangian, dual_scale)
+            self._duals.keep(step, _dual_lagrangian(cmp_state), dual_scale)
         return step
 
     def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
@@ -120,6 +120,15 @@ class SplitStep:
 
         A formulation that adds gradient terms of its own during backward (``slr``/``admm``: the W = Z
         penalty gradient, by a hook) scales them by the same factor as the Lagrangian here.
+        """
+        return contextlib.nullcontext()
+
+    def without_penalty(self) -> AbstractContextManager[None]:
+        """Context for a backward of your own that is not the Lagrangian's (an auxiliary loss added after
+        :meth:`backward`, SAM's second pass, a gradient probe): inside, the formulation adds none of its
+        gradient terms to it. ``slr``/``admm`` add the W = Z penalty gradient :math:`\\Lambda + \\rho(W - Z)`
+        in a hook at every backward that reaches the pruned weights, so outside this context an extra
+        backward gets it again; the other formulations add nothing to a backward of yours.
         """
         return contextlib.nullcontext()
 
@@ -171,3 +180,9 @@ class SplitStep:
         step = self.backward(batch)
         self.optimizer.step()
         return step.cmp_state, self.post_step(step)
+
+
+@torch.compiler.disable
+def _dual_lagrangian(cmp_state: cooper.CMPState) -> torch.Tensor:
+    """The dual Lagrangian :math:`\\lambda^\\top g` (violations detached), built outside any compiled frame."""
+    return cmp_state.compute_dual_lagrangian().lagrangian
