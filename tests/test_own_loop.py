@@ -527,6 +527,29 @@ def _built(name, seed=0, hidden=32, **hyperparameters):
     return f, x, y
 
 
+@pytest.mark.parametrize("name", ["admm", "slr", "magnitude", "l0"])
+def test_a_backward_of_your_own_inside_without_penalty_gets_only_its_own_gradient(name):
+    """An auxiliary loss after backward(): slr/admm's hooks added the W = Z penalty to it a second time."""
+    f, x, y = _built(name)
+    f.start_epoch(0)
+    for _ in range(3):
+        f.training_step((x, y))  # Λ and W - Z away from 0
+    weight = f.problem.targets[-1].stored  # the parameter itself (magnitude's and l0's are parametrized)
+    f.optimizer.zero_grad()
+    f.backward((x, y))
+    after_step = weight.grad.clone()
+    with f.without_penalty():
+        (weight * 1e-3).sum().backward()
+    assert torch.allclose(weight.grad, after_step + 1e-3)
+    (weight * 1e-3).sum().backward()  # outside: slr/admm add the penalty again
+    again = weight.grad - after_step - 2e-3
+    if name in ("slr", "admm"):
+        penalty = f.multipliers()["2.weight"] + f.rho * (weight.detach() - f.z["2.weight"])
+        assert float(penalty.norm()) > 1e-3 and torch.allclose(again, penalty, atol=1e-6)
+    else:
+        assert torch.allclose(again, torch.zeros_like(again), atol=1e-7)
+
+
 def test_load_state_dict_refuses_another_formulations_or_problems_state_before_restoring_anything():
     f, x, y = _built("slr")
     f.start_epoch(0)
@@ -1090,6 +1113,45 @@ def test_masks_and_gates_under_torch_compile_trace_one_graph_through_every_updat
     # no break at the pruned layers, no recompile per mask update or per draw.
     assert len(graphs) == 1
     assert all(torch.equal(a, b) for a, b in zip(compiled, _compiled_run(name), strict=True))
+
+
+def _step_function_run(name: str, compiled: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    norm = UserConstraint(lambda m: m[0].weight.norm() - 1.0, "<=")
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)),
+                              {"norm": norm})  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # l0's advice for gates on SGD
+        f = make(name, problem, optimizer=optimizer)
+    f.setup(num_epochs=1, steps_per_epoch=2, reference_batch=(x, y))
+
+    def step_fn(batch):
+        optimizer.zero_grad()
+        step = f.backward(batch)
+        optimizer.step()
+        return step
+
+    step_fn = torch.compile(step_fn, backend="aot_eager") if compiled else step_fn
+    f.start_epoch(0)
+    for i in range(2):
+        f.post_step(step_fn((x[32 * i : 32 * (i + 1)], y[32 * i : 32 * (i + 1)])))
+    return [p.detach().clone() for p in model.parameters()] + [f.problem.named_multiplier_values()["norm"]]
+
+
+@pytest.mark.parametrize("name", ["slr", "l0"])
+def test_a_compiled_step_function_that_calls_backward_steps_as_the_eager_one(name):
+    """The dual Lagrangian is built outside the compiled frame: built inside, its backward in post_step went
+    through a compiled node the primal backward had freed ('backward through the graph a second time')."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break notes
+        compiled = _step_function_run(name, compiled=True)
+    eager = _step_function_run(name, compiled=False)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled, eager, strict=True))
+    assert float(eager[-1].abs().sum()) > 0  # the constraint's multiplier moved
 
 
 @pytest.mark.parametrize("name", ["l0", "magnitude"])

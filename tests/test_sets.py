@@ -569,7 +569,9 @@ def test_structured_golden() -> None:
     cols = StructuredGroups(1, dim=1)
     assert torch.equal(cols.project(x), torch.tensor([[1.0, 0, 0], [0.0, 0, 0], [-3.0, 0, 0]]))
     assert rows.group_norms(x).square().tolist() == pytest.approx([3.0, 4.0, 9.0])  # what the mask ranks
-    assert cols.group_norms(x).dtype == torch.float64 and cols.group_norms(x).square().tolist() == pytest.approx([10.0, 1.0, 5.0])
+    assert cols.group_norms(x).dtype == torch.float64 and cols.group_norms(x).square().tolist() == pytest.approx(
+        [10.0, 1.0, 5.0]
+    )
     # Equal norms: the lower group index wins.
     tie = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
     assert torch.equal(StructuredGroups(1).project(tie), torch.tensor([[1.0, -1.0], [0.0, 0.0]]))

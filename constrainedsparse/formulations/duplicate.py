@@ -150,6 +150,10 @@ class DuplicateVariables(Formulation):
             return self.penalty.scope(scaler.scale(torch.tensor(float(scale), device=device)))
         return self.penalty.scope(scale)
 
+    def without_penalty(self) -> contextlib.AbstractContextManager[None]:
+        """A backward inside gets no W = Z penalty gradient (:meth:`PenaltyGradient.paused`)."""
+        return self.penalty.paused()
+
     # --- quantities ---------------------------------------------------------------------------
 
     @property

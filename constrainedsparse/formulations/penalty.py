@@ -134,6 +134,16 @@ class PenaltyGradient:
         finally:
             self._pending, self._factor = None, 1.0
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within: the hooks note the weights into a list that is then dropped (no penalty gradient)."""
+        pending, factor = self._pending, self._factor
+        self._pending = []
+        try:
+            yield
+        finally:
+            self._pending, self._factor = pending, factor
+
     def clear(self) -> None:
         """Drops the cached anchors (the constraints are gone)."""
         self._anchors = {}
