@@ -550,6 +550,36 @@ def test_a_backward_of_your_own_inside_without_penalty_gets_only_its_own_gradien
         assert torch.allclose(again, torch.zeros_like(again), atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["admm", "l0"])
+def test_a_skipped_batch_given_to_skip_step_counts_for_the_schedules_without_a_dual_step(name):
+    """The documented skip (a non-finite loss): without skip_step the epoch was one step short, end_epoch
+    advised a wrong steps_per_epoch and admm lost the epoch's last coordination."""
+    extra = {"interval": 2} if name == "admm" else {}
+    f, x, y = _built(name, **extra)  # setup(1 epoch, 4 steps)
+    f.start_epoch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(4):
+            f.optimizer.zero_grad()
+            bad = x.clone()
+            if i == 3:
+                bad[0, 0] = float("nan")
+            step = f.backward((bad, y))
+            if not torch.isfinite(step.loss):
+                f.optimizer.zero_grad()
+                before = f.problem.named_multiplier_values()["norm"].clone()
+                f.skip_step(step)
+                assert torch.equal(f.problem.named_multiplier_values()["norm"], before)  # no dual step
+                continue
+            f.optimizer.step()
+            f.post_step(step)
+        f.end_epoch(0)
+    if name == "admm":
+        assert f.k == 2  # the epoch's two coordinations, the last after the skipped step
+    with pytest.raises(ValueError, match=r"^skip_step\(\) got a step it has already taken"):
+        f.skip_step(step)
+
+
 def test_load_state_dict_refuses_another_formulations_or_problems_state_before_restoring_anything():
     f, x, y = _built("slr")
     f.start_epoch(0)

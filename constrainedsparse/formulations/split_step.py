@@ -162,6 +162,33 @@ class SplitStep:
             item.taken, item.dual = True, None
         return metrics
 
+    def skip_step(self, step: LagrangianStep | Sequence[LagrangianStep]) -> dict[str, float]:
+        """Instead of :meth:`post_step` for a step you skip after :meth:`backward` (a non-finite loss: you zero
+        the gradients and take no primal step): no dual step, but the step counts as :meth:`post_step` counts
+        it, for the epoch's step count and the formulation's own work (``slr``/``admm``'s coordination when due,
+        ``l0``'s clamp), and ``end_epoch`` does not take its loss for a diverged run's. Skipped with neither
+        call, the batch is missing from the count: ``end_epoch`` warns that ``setup()`` declared more steps,
+        ``slr``/``admm`` lose the epoch's last coordination, and a skipped last batch of an epoch raises
+        :class:`NonFiniteLossError` there.
+
+        Args:
+            step: What :meth:`backward` returned (or the micro-batches' list).
+
+        Returns:
+            Metrics to log at this step (the formulation's own).
+
+        Raises:
+            ValueError: As :meth:`post_step`.
+        """
+        self._require("skip_step()")
+        steps = checked_steps(step, "skip_step()")
+        self._epochs.steps += 1
+        self._last = None  # the epoch's end checks the last step's loss for divergence: not a skipped one's
+        metrics = self.after_step(steps[-1].cmp_state)
+        for item in steps:
+            item.taken, item.dual = True, None
+        return metrics
+
     def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
         """Hook of :meth:`post_step`: coordination, restarts, clamps; returns metrics to log."""
         return {}

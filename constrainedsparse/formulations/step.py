@@ -36,9 +36,9 @@ class LagrangianStep:
         return self.cmp_state.loss
 
 
-def checked_steps(step: Any) -> list[LagrangianStep]:
-    """What ``post_step()`` got, as a non-empty list of new :class:`LagrangianStep` (one, or the micro-batches'
-    with gradient accumulation).
+def checked_steps(step: Any, call: str = "post_step()") -> list[LagrangianStep]:
+    """What ``post_step()`` (or ``call``) got, as a non-empty list of new :class:`LagrangianStep` (one, or the
+    micro-batches' with gradient accumulation).
 
     Raises:
         ValueError: For anything else, or a last step already taken (a second dual step on it).
@@ -46,13 +46,13 @@ def checked_steps(step: Any) -> list[LagrangianStep]:
     steps = list(step) if isinstance(step, Sequence) else [step]
     if not steps or not all(isinstance(item, LagrangianStep) for item in steps):
         raise ValueError(
-            "post_step() takes what backward() returned (a LagrangianStep, or a non-empty list of them with "
+            f"{call} takes what backward() returned (a LagrangianStep, or a non-empty list of them with "
             f"gradient accumulation), got {described(step)}"
         )
     if steps[-1].taken:
         raise ValueError(
-            "post_step() got a step it has already taken: call backward() (or training_step()) for each new step"
+            f"{call} got a step it has already taken: call backward() (or training_step()) for each new step"
         )
     if len({id(item) for item in steps}) < len(steps):
-        raise ValueError("post_step() got the same step twice in its list: give each backward()'s step once")
+        raise ValueError(f"{call} got the same step twice in its list: give each backward()'s step once")
     return steps
