@@ -57,7 +57,14 @@ from constrainedsparse.preparation import DEFAULT_SPARSITY, TrainingPrepared, pr
 from constrainedsparse.problem import SparsityProblem
 from constrainedsparse.progress import Progress
 from constrainedsparse.purge import purge
-from constrainedsparse.report import constraint_report, empty_layers, layer_rows, model_figures, write_layers_csv
+from constrainedsparse.report import (
+    constraint_report,
+    empty_layers,
+    final_violations,
+    layer_rows,
+    model_figures,
+    write_layers_csv,
+)
 from constrainedsparse.runs import RunConfig, RunDirectory, environment, open_logger
 from constrainedsparse.settings import TrainingSettings
 from constrainedsparse.targets import TargetParam, unwrap_compiled
@@ -428,7 +435,8 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         run.check_not_emptied()
         final_value = evaluate(prepared.problem, run.model, run.test)
         summary = _summary(run, final_value)
-        run.logger.log({f"{run.metric}/final": final_value}, run.step)
+        final_row = {f"final_violation/{name}": v for name, v in final_violations(summary["constraints"]).items()}
+        run.logger.log({f"{run.metric}/final": final_value, **final_row}, run.step)
         finish_summary(run.logger, summary)
     finally:
         run.logger.close()

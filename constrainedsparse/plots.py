@@ -121,7 +121,11 @@ def _constraint_row(axes: Sequence[Any], rows: Rows, name: str, marks: dict[str,
     violation, multiplier = axes
     proxy = _line(violation, rows, f"surrogate/{name}", "surrogate (fn)", linestyle="--", color="tab:grey")
     _line(violation, rows, f"violation/{name}", "measured (strict_fn)" if proxy else "violation")
-    if proxy:  # a proxy constraint: the multiplier reads the measurement, the weights train on the surrogate
+    steps, final = _series(rows, f"final_violation/{name}")  # the final (hard-pruned) model's, on the test set
+    if steps:
+        violation.plot(steps, final, linestyle="none", marker="*", markersize=12, color="tab:red",
+                       label=f"final model {final[-1]:.4g}")  # fmt: skip
+    if proxy or steps:  # a proxy: the multiplier reads the measurement, the weights train on the surrogate
         violation.legend(fontsize=7, framealpha=0.6)
     violation.axhline(0.0, color="black", linewidth=1)
     violation.set_title(f"{name}: violation\n(<= 0 holds; an equality: = 0)", fontsize=9)

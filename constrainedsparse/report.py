@@ -137,6 +137,19 @@ def empty_layers(weights: Mapping[str, torch.Tensor]) -> list[str]:
     return [name for name, weight in weights.items() if weight.numel() and int(torch.count_nonzero(weight)) == 0]
 
 
+def final_violations(report: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The worst entry of each reported constraint's value, as its plot marks the final model: ``max(value)``
+    for ``<=``, ``max |value|`` for ``==`` (a value that was not finite is left out)."""
+    worst = {}
+    for name, entry in report.items():
+        value = entry["value"]
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        worst[name] = max(values) if entry["sense"] == "<=" else max(abs(v) for v in values)
+    return worst
+
+
 def _value(tensor: torch.Tensor) -> float | list[float]:
     flat = tensor.detach().reshape(-1).double().cpu()
     return float(flat[0]) if flat.numel() == 1 else flat.tolist()

@@ -57,8 +57,28 @@ def test_summary_reports_whole_model_figures_and_the_constraint_as_measured_on_t
         direct = float(problem.constraints["miss_rate"].fn(model, test[:]))
     assert entry["value"] == pytest.approx(direct, abs=1e-6)
     assert entry["satisfied"] == (direct <= 0)
+    # The plot's constraint row marks that value at the end: the training line follows slr's dense W.
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["final_violation/miss_rate"] == entry["value"] and "accuracy/final" in last
+    from constrainedsparse.plots import figure_for, metrics_rows
+
+    panel = next(a for a in figure_for(metrics_rows(out)[1]).axes if a.get_title().startswith("miss_rate: violation"))
+    (star,) = [line for line in panel.get_lines() if line.get_label().startswith("final model")]
+    assert list(star.get_ydata()) == [entry["value"]] and star.get_label() == f"final model {entry['value']:.4g}"
     rows = (out / "layers.csv").read_text().splitlines()
     assert rows[0] == "name,shape,parameters,nonzero,sparsity" and rows[1].startswith("hidden.weight,64x30,1920,")
+
+
+def test_the_final_violation_plotted_is_the_summarys_deciding_entry():
+    from constrainedsparse.report import final_violations
+
+    report = {
+        "eq": {"value": [-0.5, 0.2], "sense": "=="},
+        "nan": {"value": None, "sense": "<="},
+        "le": {"value": [-1.0, -3.0], "sense": "<="},
+        "one": {"value": 0.25, "sense": "<="},
+    }
+    assert final_violations(report) == {"eq": 0.5, "le": -1.0, "one": 0.25}
 
 
 def test_the_printed_constraint_line_shows_the_deciding_entry_and_a_vectors_multipliers():
