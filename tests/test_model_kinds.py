@@ -145,7 +145,8 @@ def test_a_constraint_that_turns_nan_at_an_epochs_last_step_is_named():
     with pytest.raises(
         cs.NonFiniteLossError,
         match=r"^the loss is finite but constraint 'root' is not \(its value or multiplier\) at the last step of "
-        r"epoch 0: the step took a non-finite gradient from it; make it finite",
+        r"epoch 0: the step took a non-finite gradient from it; make it finite wherever the weights can go .* and "
+        r"on every batch \(one non-finite input makes a batch constraint's violation, and so its multiplier, NaN",
     ):
         formulation.end_epoch(0)
     del step  # the caller no longer holds the step: its multiplier (nan after the dual step) still names it

@@ -90,7 +90,10 @@ def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str
     odd = problem.nonfinite_constraints(last.state() if last.state is not None else None)  # yours first
     if odd:
         which = f"constraint {odd[0]!r} is not (its value or multiplier)"
-        fix = "make it finite wherever the weights can go (no sqrt or log of a value that reaches 0)"
+        fix = (
+            "make it finite wherever the weights can go (no sqrt or log of a value that reaches 0) and on every "
+            "batch (one non-finite input makes a batch constraint's violation, and so its multiplier, NaN for good)"
+        )
     else:
         which = "the Lagrangian was not (a constraint or multiplier)"
         fix = "make every constraint finite wherever the weights can go, or lower dual_lr"
