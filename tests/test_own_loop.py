@@ -1171,6 +1171,17 @@ def _step_function_run(name: str, compiled: bool) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()] + [f.problem.named_multiplier_values()["norm"]]
 
 
+def test_importing_the_library_does_not_load_the_compiler():
+    """torch._dynamo takes about a second to import (the CLI's --help, a script's start): the compiled step's
+    guard loads it only where a torch.optim optimizer or torch.compile has."""
+    import subprocess
+    import sys
+
+    code = "import sys, constrainedsparse; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
 @pytest.mark.parametrize("name", ["slr", "l0"])
 def test_a_compiled_step_function_that_calls_backward_steps_as_the_eager_one(name):
     """The dual Lagrangian is built outside the compiled frame: built inside, its backward in post_step went

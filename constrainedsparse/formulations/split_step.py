@@ -16,8 +16,10 @@ inherits it; the lifecycle checks (:meth:`_require`) and the state it reads are 
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -209,7 +211,18 @@ class SplitStep:
         return step.cmp_state, self.post_step(step)
 
 
-@torch.compiler.disable
 def _dual_lagrangian(cmp_state: cooper.CMPState) -> torch.Tensor:
-    """The dual Lagrangian :math:`\\lambda^\\top g` (violations detached), built outside any compiled frame."""
-    return cmp_state.compute_dual_lagrangian().lagrangian
+    """The dual Lagrangian :math:`\\lambda^\\top g` (violations detached), built outside any compiled frame: built
+    inside a step function under ``torch.compile``, its backward in ``post_step`` would go through a compiled node
+    the primal backward has freed."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiles without it (and importing it takes a second)
+        return cmp_state.compute_dual_lagrangian().lagrangian
+    return _outside_compile()(cmp_state)
+
+
+@functools.cache
+def _outside_compile() -> Callable[[cooper.CMPState], torch.Tensor]:
+    def dual(cmp_state: cooper.CMPState) -> torch.Tensor:
+        return cmp_state.compute_dual_lagrangian().lagrangian
+
+    return torch.compiler.disable(dual)
