@@ -436,6 +436,7 @@ def execute(prepared: TrainingPrepared, directory: RunDirectory, state: dict[str
         final_value = evaluate(prepared.problem, run.model, run.test)
         summary = _summary(run, final_value)
         final_row = {f"final_violation/{name}": v for name, v in final_violations(summary["constraints"]).items()}
+        final_row.update({f"final_density/{name}": 1.0 - v for name, v in summary["layer_sparsity"].items()})
         run.logger.log({f"{run.metric}/final": final_value, **final_row}, run.step)
         finish_summary(run.logger, summary)
     finally:

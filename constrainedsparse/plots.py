@@ -152,6 +152,15 @@ def _family_panel(
     # Densities change at the hard prune, between two logged rows: drawn as steps, not as a slope.
     style = {"drawstyle": "steps-pre"} if title.startswith("density") else {}
     drawn = [key for key in keys if _line(ax, rows, key, key.split("/", 1)[1], **style)]
+    if title.startswith("density per pruned tensor"):  # the saved model's, after the hard prune: a star per tensor
+        stars = 0
+        for key, line in zip(drawn, list(ax.get_lines()), strict=True):
+            steps, final = _series(rows, f"final_{key}")
+            if steps:
+                ax.plot(steps, final, linestyle="none", marker="*", markersize=10, color=line.get_color())
+                stars += 1
+        if stars:
+            ax.plot([], [], linestyle="none", marker="*", markersize=10, color="tab:grey", label="saved model")
     if log and drawn and all(v > 0 for key in drawn for v in _series(rows, key)[1]):
         ax.set_yscale("log")
         title = title if "log scale" in title else f"{title} (log scale)"

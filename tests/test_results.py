@@ -65,6 +65,13 @@ def test_summary_reports_whole_model_figures_and_the_constraint_as_measured_on_t
     panel = next(a for a in figure_for(metrics_rows(out)[1]).axes if a.get_title().startswith("miss_rate: violation"))
     (star,) = [line for line in panel.get_lines() if line.get_label().startswith("final model")]
     assert list(star.get_ydata()) == [entry["value"]] and star.get_label() == f"final model {entry['value']:.4g}"
+    assert {k: last[f"final_density/{k}"] for k in summary["layer_sparsity"]} == {
+        k: 1.0 - v for k, v in summary["layer_sparsity"].items()
+    }
+    density = next(a for a in figure_for(metrics_rows(out)[1]).axes if a.get_title() == "density per pruned tensor")
+    stars = [line for line in density.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
+    assert sorted(float(s.get_ydata()[0]) for s in stars) == sorted(1.0 - v for v in summary["layer_sparsity"].values())
+    assert "saved model" in [t.get_text() for t in density.get_legend().get_texts()]
     rows = (out / "layers.csv").read_text().splitlines()
     assert rows[0] == "name,shape,parameters,nonzero,sparsity" and rows[1].startswith("hidden.weight,64x30,1920,")
 
