@@ -142,6 +142,73 @@ def test_what_runs_between_blocks_reaches_the_next_blocks_calibration(model_clas
     assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
 
 
+class _Gained(nn.Module):
+    """``x + fc(x * gain)``, with ``gain`` given by the caller or kept by the block."""
+
+    def __init__(self, fc: nn.Linear, gain: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.fc, self.gain = fc, gain
+
+    def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.fc(x * (self.gain if gain is None else gain))
+
+
+class OwnArguments(nn.Module):
+    """Each block called with an argument of its own, as Gemma 2/3's local and global layers get their own
+    attention mask or rotary embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Gained(nn.Linear(16, 16)) for _ in range(3))
+        self.gains = [torch.linspace(0.1, 3.0, 16), torch.linspace(3.0, 0.1, 16), torch.ones(16)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, gain in zip(self.blocks, self.gains, strict=True):
+            x = block(x, gain=gain)
+        return x
+
+
+@pytest.mark.parametrize("solver", ["wanda", "sparsegpt"])
+def test_blocks_called_with_arguments_of_their_own_are_calibrated_with_them(solver):
+    """The walk ran every block with the first block's keyword arguments: Gemma 2's sliding-window masks and
+    Gemma 3's local rotary embeddings were block 0's, and later blocks were calibrated on wrong inputs."""
+    torch.manual_seed(0)
+    model = OwnArguments()
+    twin = Chain([_Gained(copy.deepcopy(b.fc), gain) for b, gain in zip(model.blocks, model.gains, strict=True)])
+    batches = [torch.randn(32, 16) for _ in range(2)]
+    assert torch.equal(model(batches[0]), twin(batches[0]))
+    report = prune_layerwise(model, batches, solver, sparsity=0.5)
+    expected = prune_layerwise(twin, batches, solver, sparsity=0.5)
+    for block, twin_block in zip(model.blocks, twin.blocks, strict=True):
+        assert torch.equal(block.fc.weight, twin_block.fc.weight)
+    assert list(report.layer_error.values()) == pytest.approx(list(expected.layer_error.values()))
+
+
+def test_same_call_compares_everything_but_the_hidden_states():
+    import numpy as np
+
+    from constrainedsparse.layerwise.blockinputs import BlockInputs
+
+    h, mask, cos = torch.randn(2, 3, 4), torch.ones(2, 1, 3, 3), torch.randn(3, 4)
+    call = BlockInputs((h,), {"attention_mask": mask, "position_embeddings": (cos, cos), "use_cache": False}, None)
+    assert call.same_call(call.with_hidden(torch.zeros(2, 3, 4)))
+    same = BlockInputs((h * 2,), {"attention_mask": mask.clone(), "position_embeddings": (cos.clone(), cos),
+                                  "use_cache": False}, None)  # fmt: skip
+    assert call.same_call(same)
+    for key, other in (
+        ("attention_mask", mask.triu()),  # a sliding-window layer's mask
+        ("attention_mask", mask.double()),
+        ("attention_mask", None),
+        ("position_embeddings", (cos * 2, cos)),  # a local layer's rotary embeddings
+        ("position_embeddings", [cos, cos]),
+        ("use_cache", True),
+        ("use_cache", np.zeros(2)),  # == is no truth value: different
+    ):
+        assert not call.same_call(BlockInputs((h,), {**call.kwargs, key: other}, None)), key
+    by_keyword = BlockInputs((), {"hidden_states": h, "attention_mask": mask}, None)
+    assert by_keyword.same_call(by_keyword.with_hidden(h + 1)) and not by_keyword.same_call(call)
+
+
 def test_blocks_given_as_bare_layers_are_pruned_and_blocks_out_of_order_refused():
     torch.manual_seed(0)
     model = LinearTower()

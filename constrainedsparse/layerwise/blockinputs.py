@@ -51,6 +51,18 @@ class BlockInputs:
             return BlockInputs((hidden, *self.args[1:]), self.kwargs, self.token_mask)
         return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.token_mask)
 
+    def same_call(self, other: BlockInputs) -> bool:
+        """Whether ``other`` is this call but for the hidden states: the same other arguments and keywords (equal
+        tensors, the same objects), as the walk assumes when it runs the next block with this call's arguments
+        (an attention mask or rotary embedding of the block's own, as Gemma 2/3's local and global layers get,
+        is not)."""
+        if len(self.args) != len(other.args) or self.kwargs.keys() != other.kwargs.keys():
+            return False
+        skip = {"hidden_states"} if not self.args else set()
+        return _same(self.args[1:], other.args[1:]) and all(
+            _same(value, other.kwargs[key]) for key, value in self.kwargs.items() if key not in skip
+        )
+
     def token_sum(self, values: torch.Tensor) -> torch.Tensor:
         """:math:`\\sum` over the batch's real tokens of ``values`` summed over its last dimension (a
         ``(batch, seq, hidden)`` output of the block; every position when there is no padding)."""
@@ -65,6 +77,26 @@ class BlockInputs:
         return BlockInputs(
             map_tensors(self.args, lambda t: t.to(device)), map_tensors(self.kwargs, lambda t: t.to(device)), mask
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal tensors (shape, dtype, values), containers of such, or the same (or equal) objects; anything that
+    cannot be compared counts as different."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and bool(torch.equal(a, b))
+        )  # fmt: skip
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an object whose == is not a truth value (an array) or raises
+        return False
 
 
 def block_hidden(output: Any) -> torch.Tensor:

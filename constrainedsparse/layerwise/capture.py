@@ -92,13 +92,15 @@ def capture_block_inputs(
 
 @torch.no_grad()
 def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequence[str], batch: Any) -> bool:
-    """Whether every block after the first is called with the previous block's output.
+    """Whether every block after the first is called with the previous block's output, and otherwise with the
+    first block's arguments (the same attention mask, position embeddings, ...).
 
     A walk over chained blocks gets a block's inputs by running the previous block on its own inputs;
     where the model computes something between two blocks (an activation between bare ``nn.Linear``
     blocks, a residual sum outside them, a norm) it has to run the model again up to the next block.
     One forward of ``batch``, stopped where the last block would run (or at the first link that
-    differs), compares each block's hidden states with the previous block's output.
+    differs), compares each block's hidden states with the previous block's output and its other arguments with
+    the first block's (:meth:`BlockInputs.same_call`).
 
     Args:
         model: The whole model (called as :func:`call_model` does).
@@ -116,6 +118,7 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
         return True
     position = {id(block): index for index, block in enumerate(blocks)}
     last: list[Any] = [-1, None]  # the index of the block that ran last, a copy of its output
+    first: list[BlockInputs] = []  # the first block's call: the walk runs every later block with its arguments
     entered = [-1]  # the index of the block that started last
     chained = [True]
 
@@ -127,11 +130,14 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             raise UserInputError(
                 f"blocks must be the model's blocks in execution order, each called once: {names[index]} ran {ran}"
             )
+        call = BlockInputs(args, kwargs, None)
         try:
-            hidden = BlockInputs(args, kwargs, None).hidden
+            hidden = call.hidden
         except UserInputError:  # hidden states under another keyword: only a run of the model up to it reaches them
             hidden = None
-        if index > 0 and (hidden is None or not torch.equal(hidden, last[1])):
+        if index == 0:
+            first.append(call)
+        elif hidden is None or not torch.equal(hidden, last[1]) or not first[0].same_call(call):
             chained[0] = False
             raise StopForward
         if index == len(blocks) - 1:
