@@ -4,6 +4,7 @@ targets of a module type layer-wise pruning cannot prune."""
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -207,6 +208,69 @@ def test_same_call_compares_everything_but_the_hidden_states():
         assert not call.same_call(BlockInputs((h,), {**call.kwargs, key: other}, None)), key
     by_keyword = BlockInputs((), {"hidden_states": h, "attention_mask": mask}, None)
     assert by_keyword.same_call(by_keyword.with_hidden(h + 1)) and not by_keyword.same_call(call)
+
+
+class FusedExperts(nn.Module):
+    """A block whose experts are one 3-D parameter (transformers' Mixtral, Qwen2-MoE, OLMoE), beside an attention
+    ``nn.Linear`` layer-wise pruning prunes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(16, 16)
+        self.experts = nn.Parameter(torch.randn(4, 16, 16) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + torch.einsum("bi,eoi->bo", x, self.experts) / 4
+
+
+class _ExpertLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + sum(expert(x) for expert in self.experts) / 8
+
+
+class ExpertLists(Chain):
+    """Two layers of eight experts each (ModuleLists inside the blocks, longer than the list of blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__([_ExpertLayer() for _ in range(2)])
+
+
+def test_weights_outside_prunable_layers_warn_and_blocks_are_the_outer_list():
+    torch.manual_seed(0)
+    model = Chain([FusedExperts() for _ in range(2)])
+    with pytest.warns(UserWarning, match=r"^blocks\.0\.experts and 1 more \(80% of the blocks' matrix weights\) are "
+                      r"not in a layer layer-wise pruning prunes .* and stay dense"):  # fmt: skip
+        report = prune_layerwise(model, [torch.randn(32, 16)], "wanda", sparsity=0.5)
+    assert list(report.layer_sparsity) == ["blocks.0.attn.weight", "blocks.1.attn.weight"]
+    assert torch.count_nonzero(model.blocks[0].experts) == model.blocks[0].experts.numel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bare layers: nothing outside
+        prune_layerwise(LinearTower(), [torch.randn(32, 16)], "wanda", sparsity=0.5)
+    experts = ExpertLists()  # the blocks are the layers, not a layer's longer list of experts
+    report = prune_layerwise(experts, [torch.randn(32, 16)], "wanda", sparsity=0.5)
+    assert len(report.layer_sparsity) == 16 and list(report.layer_sparsity)[0] == "blocks.0.experts.0.weight"
+
+
+def test_two_block_lists_of_one_length_are_refused_naming_both():
+    class TwoTowers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text, self.image = LinearTower(), LinearTower()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.text(x) + self.image(x)
+
+    model = TwoTowers()
+    refusal = r"^TwoTowers has 2 lists of 3 blocks \(text\.blocks, image\.blocks\): name the one to prune with blocks="
+    with pytest.raises(ValueError, match=refusal):
+        prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
+    report = prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5, blocks=model.text.blocks)
+    assert list(report.layer_sparsity) == [f"text.blocks.{i}.weight" for i in range(3)]
 
 
 def test_blocks_given_as_bare_layers_are_pruned_and_blocks_out_of_order_refused():

@@ -58,22 +58,33 @@ def set_layer_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of blocks: its largest ``nn.ModuleList`` whose entries share one class.
+    """The model's list of blocks: its largest ``nn.ModuleList`` whose entries share one class, not counting a list
+    inside an entry of another such list (a block's experts of a mixture-of-experts model).
 
     Works for BERT (``encoder.layer``), GPT-2 (``transformer.h``), LLaMA (``model.layers``) and a
     plain module holding its blocks in a ``ModuleList``.
 
     Raises:
-        ValueError: If the model has no such list.
+        ValueError: If the model has no such list, or two or more of the largest length (an encoder-decoder's
+            stacks, a two-tower model's towers: which one to prune is the caller's to say with ``blocks=``).
     """
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
+    lists = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(child) for child in module}) == 1
+    }
+    outer = {name: module for name, module in lists.items() if not any(name.startswith(f"{o}.") for o in lists)}
+    if not outer:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to prune layer by layer")
-    return best
+    size = max(len(module) for module in outer.values())
+    largest = [name for name, module in outer.items() if len(module) == size]
+    if len(largest) > 1:
+        raise ValueError(
+            f"{type(model).__name__} has {len(largest)} lists of {size} blocks ({', '.join(largest)}): name the "
+            "one to prune with blocks= (of prune_layerwise, or a LayerwiseProblem's); an encoder-decoder's stacks "
+            "or a two-tower model's towers run on inputs of their own"
+        )
+    return outer[largest[0]]
 
 
 def weight_name(prefix: str, layer: str) -> str:

@@ -6,20 +6,22 @@ its pattern and level, all checked before a calibration batch runs.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from constrainedsparse.errors import user_input
+from constrainedsparse.errors import user_input, user_stacklevel
 from constrainedsparse.layerwise.checks import check_consecutive, check_layer_shapes, check_reachable, checked_blocks
 from constrainedsparse.layerwise.driver import block_prefixes, offloaded_elsewhere
+from constrainedsparse.layerwise.layers import layer_module_types
 from constrainedsparse.layerwise.levels import override_levels
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.targets import SparsityConfig, Targets
 
-__all__ = ["BlockLayout", "check_block_layout"]
+__all__ = ["UNPRUNABLE_SHARE", "BlockLayout", "check_block_layout", "warn_unprunable"]
 
 
 @dataclass
@@ -67,4 +69,37 @@ def check_block_layout(
     levels = override_levels(model, checked, targets, target)
     check_layer_shapes(checked, targets, target, allow_empty_layers, levels, prefixes, keywords=keywords)
     check_reachable(checked, targets, target, driver, prefixes)
+    warn_unprunable(checked, prefixes)
     return BlockLayout(checked, prefixes, levels)
+
+
+UNPRUNABLE_SHARE = 0.05
+"""The share of the blocks' matrix weights outside prunable layers from which :func:`warn_unprunable` warns (a
+relative position bias is below it; a mixture-of-experts model's fused experts far above)."""
+
+
+def warn_unprunable(blocks: Iterable[nn.Module], prefixes: Iterable[str]) -> None:
+    """Warns when weights of two or more dimensions that make up :data:`UNPRUNABLE_SHARE` or more of the blocks'
+    lie outside the layers layer-wise pruning prunes (``nn.Linear``, GPT-2's ``Conv1D``): they stay dense whatever
+    the targets, so ``achieved_sparsity`` (over the pruned layers) says nothing of them."""
+    prunable = layer_module_types()
+    outside: list[tuple[str, int]] = []
+    total = 0
+    for block, prefix in zip(blocks, prefixes, strict=True):
+        for name, module in block.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.dim() < 2:
+                    continue
+                total += param.numel()
+                if not isinstance(module, prunable):
+                    outside.append((".".join(p for p in (prefix, name, param_name) if p), param.numel()))
+    share = sum(numel for _, numel in outside) / total if total else 0.0
+    outside.sort(key=lambda named: -named[1])  # the largest first
+    if outside and share >= UNPRUNABLE_SHARE:
+        others = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+        warnings.warn(
+            f"{outside[0][0]}{others} ({share:.0%} of the blocks' matrix weights) are not in a layer layer-wise "
+            "pruning prunes (nn.Linear, GPT-2's Conv1D) and stay dense: a mixture-of-experts model's fused experts, "
+            "a convolution; achieved_sparsity counts the pruned layers, model_sparsity the whole model",
+            stacklevel=user_stacklevel(),
+        )

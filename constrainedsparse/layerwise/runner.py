@@ -177,8 +177,10 @@ def prepare(
                              f"{type(model).__name__}")  # fmt: skip
     model = unwrap_compiled(model)  # names without torch.compile's _orig_mod. (blocks run one at a time anyway)
     model.to(getattr(torch, driver.dtype)).eval()
+    with user_input(f"problem {problem.name!r}: "):
+        blocks = problem.model_blocks(model)
     layout = check_block_layout(
-        model, problem.model_blocks(model), problem.targets, target, driver, driver.device,
+        model, blocks, problem.targets, target, driver, driver.device,
         allow_empty_layers=driver.allow_empty_layers, prefix=f"problem {problem.name!r}: ",
     )  # fmt: skip
     batches = problem.calibration(options, config.seed)  # its own errors are one line already (guarded)
