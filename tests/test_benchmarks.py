@@ -249,6 +249,22 @@ def test_a_benchmark_stopped_by_sigterm_removes_its_scratch_folder(tmp_path):
     assert not folder.exists()
 
 
+def test_scratch_dir_restores_the_sigterm_handler_and_run_child_sets_threads_and_names_a_failure(tmp_path):
+    import signal
+
+    from common import run_child, scratch_dir
+
+    before = signal.getsignal(signal.SIGTERM)
+    with scratch_dir("bench-test-") as folder:
+        assert folder.is_dir() and signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before and not folder.exists()
+    args = ["--formulation", "magnitude", "--epochs", "1", "--pretrain-epochs", "1", "--sparsity", "0.5"]
+    child = run_child("digits-mlp", args, tmp_path / "run", threads=1)
+    assert child.summary["threads"] == 1 and child.wall_seconds > 0 and child.peak_rss_mb > 0
+    with pytest.raises(RuntimeError, match=r"exit code 2: \[\"error: unknown --set key 'bogus'"):
+        run_child("digits-mlp", [*args, "--set", "bogus=1"], tmp_path / "bad", threads=1)
+
+
 def test_projection_quick(tmp_path, one_thread):
     bench = _load("projection")
     argv = ["--quick", "--data", "randn", "ties", "quantized", "--sparsity", "0.5", "0.99", "--repeats", "1"]

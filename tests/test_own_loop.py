@@ -580,6 +580,38 @@ def test_a_skipped_batch_given_to_skip_step_counts_for_the_schedules_without_a_d
         f.skip_step(step)
 
 
+def test_post_step_marks_every_micro_step_taken_and_leaves_no_dual_gradient():
+    f, x, y = _built("magnitude")  # with the user constraint "norm": a dual step
+    f.start_epoch(0)
+    first, second = f.backward((x, y), scale=0.5), f.backward((x, y), scale=0.5)
+    f.post_step([first, second])
+    assert all(m.weight.grad is None for _, m in f.problem.named_multipliers())  # nothing kept between steps
+    assert first.dual is None and second.dual is None  # their dual graphs are freed
+    with pytest.raises(ValueError, match=r"^post_step\(\) got a step it has already taken"):
+        f.post_step(first)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_a_validation_lagrangian_under_no_grad_is_not_the_step_end_epoch_checks(constrained):
+    f, x, y = _built("magnitude") if constrained else _built_plain("magnitude")
+    f.start_epoch(0)
+    f.training_step((x, y))
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    with torch.no_grad():
+        assert not torch.isfinite(f.compute_lagrangian((bad, y)).loss)
+    f.end_epoch(0)  # the last training step was finite: no NonFiniteLossError
+
+
+def _built_plain(name):
+    f, x, y = _built(name)
+    f.finalize()
+    problem = SparsityProblem(f.problem.model, nn.functional.cross_entropy, f.problem.targets)
+    plain = make(name, problem)
+    plain.setup(1, 4, reference_batch=(x, y))
+    return plain, x, y
+
+
 def test_load_state_dict_refuses_another_formulations_or_problems_state_before_restoring_anything():
     f, x, y = _built("slr")
     f.start_epoch(0)
@@ -726,6 +758,13 @@ def test_a_vector_constraint_logs_whether_it_holds():
     f.start_epoch(0)
     metrics = problem.step_metrics(f.backward((x, y)).cmp_state)
     assert metrics["violation/below"] == 0.5 and metrics["violation/at"] == 5.0
+    step = f.backward((x, y))
+    f.post_step(step)  # the multipliers move: [0, 0.5·lr] and [3, 4]·lr
+    metrics = problem.step_metrics(step.cmp_state)
+    values = problem.named_multiplier_values()
+    assert float(values["at"].norm()) > 0 and float(values["below"].norm()) > 0
+    assert metrics["multiplier/at"] == pytest.approx(float(values["at"].norm()))  # the norm, not an entry
+    assert metrics["multiplier/below"] == pytest.approx(float(values["below"].norm()))
 
 
 def test_a_state_saved_for_other_levels_is_refused():

@@ -76,6 +76,29 @@ def test_summary_reports_whole_model_figures_and_the_constraint_as_measured_on_t
     assert rows[0] == "name,shape,parameters,nonzero,sparsity" and rows[1].startswith("hidden.weight,64x30,1920,")
 
 
+def test_the_printed_summary_formats_metrics_sizes_and_the_layer_table_as_asked(tmp_path, capsys):
+    from constrainedsparse.summary_text import print_summary, summary_rows
+
+    run = {"problem": "p", "formulation": "slr", "achieved_sparsity": 0.5, "seconds": 1.0,
+           "parameters": {"total": 10, "nonzero": 5}, "model_sparsity": 0.5,
+           "bytes": {"dense": 2**20, "sparse": 1023}, "metric": {"name": "accuracy"}, "dense_accuracy": 0.9,
+           "expected_density": 0.515, "target_density": 0.5}  # fmt: skip
+    rows = dict(summary_rows(run))
+    assert rows["dense accuracy"] == "90.00 %"
+    assert rows["size"] == "1.00 MiB dense, 1.0 KiB stored sparse (values + bitmask)"
+    assert rows["l0 gates"] == "expected density 0.5150, target 0.5000"  # within 0.02: no note
+    far = dict(summary_rows({**run, "expected_density": 0.53}))["l0 gates"]
+    assert far.endswith("(more than 0.02 apart: the hard prune set the level)")
+    r2 = dict(summary_rows({**run, "metric": {"name": "r2"}, "dense_r2": 0.9}))
+    assert r2["dense r2"] == "0.9000"
+    (tmp_path / "layers.csv").write_text("name,shape,parameters,nonzero,sparsity\nfc.weight,4x4,16,8,0.5\n")
+    print_summary(run, tmp_path, verbose=False)
+    assert "fc.weight" not in capsys.readouterr().out
+    print_summary(run, tmp_path, verbose=True)
+    printed = capsys.readouterr().out
+    assert "  layer" in printed and "fc.weight" in printed and "0.5000" in printed
+
+
 def test_the_final_violation_plotted_is_the_summarys_deciding_entry():
     from constrainedsparse.report import final_violations
 
@@ -272,6 +295,15 @@ def test_an_llms_layerwise_plot_draws_a_line_per_layer_kind_over_the_blocks():
     assert fig.get_figwidth() == 14
     few = figure_for([{k: v for k, v in rows[0].items() if ".layers.0." in k or ".layers.1." in k}])
     assert [t.get_text() for t in few.axes[0].get_xticklabels()][:2] == ["self_attn.q_proj", "self_attn.k_proj"]
+
+
+def test_the_fw_trace_panel_draws_each_layers_objective_relative_to_its_start():
+    rows = _layer_rows(["blocks.0.fc.weight", "blocks.1.fc.weight"])
+    rows += [{"trace/layer": layer, "trace/objective": value} for layer, values in ((0, [4.0, 2.0, 1.0]),
+             (1, [10.0, 5.0])) for value in values]  # fmt: skip
+    panel = figure_for(rows).axes[2]
+    assert panel.get_ylabel() == "objective / start"
+    assert [list(line.get_ydata()) for line in panel.get_lines()] == [[1.0, 0.5, 0.25], [1.0, 0.5]]
 
 
 def _layer_rows(names):

@@ -104,6 +104,7 @@ def test_restarts_read_the_measurement():
         ),
         ({"dual_lr": -1}, r"^constraint dual_lr must be a finite number > 0 .*got -1$"),
         ({"dual_lr": math.nan}, r"^constraint dual_lr must be a finite number > 0 .*got nan$"),
+        ({"dual_lr": math.inf}, r"^constraint dual_lr must be a finite number > 0 .*got inf$"),
         ({"dual_lr": True}, r"^constraint dual_lr must be a finite number > 0 .*got True$"),
         ({"dual_lr": "0.1"}, r"^constraint dual_lr must be a finite number > 0 .*got '0\.1'$"),
         ({"strict_fn": 3}, r"^constraint strict_fn must be callable, got int$"),
@@ -208,3 +209,51 @@ def test_a_measurement_that_is_not_finite_at_the_end_is_reported_as_none_and_not
     rows = dict(summary_rows({"problem": "p", "formulation": "f", "achieved_sparsity": 0.5, "seconds": 1.0,
                               "constraints": {"c": entry}}))  # fmt: skip
     assert rows["constraint c"] == "not finite <= 0: VIOLATED (multiplier 0)"
+
+
+def test_the_final_report_decides_satisfied_at_the_limits_and_measures_in_eval_mode():
+    """Mutants that survived: the equality's 1e-3 band, a budget met exactly, a -inf measurement, eval mode."""
+
+    def entry(value, sense="<="):
+        spec = UserConstraint(lambda m: m[0].weight.sum() * 0, sense, strict_fn=lambda m: torch.tensor(value))
+        problem, batch = _problem({})
+        return constraint_report(problem.model, {"c": spec}, {}, batch)["c"]
+
+    assert entry(0.0)["satisfied"] is True  # a budget met exactly holds
+    assert entry(5e-4, "==")["satisfied"] is True and entry(-5e-4, "==")["satisfied"] is True
+    assert entry(2e-3, "==")["satisfied"] is False
+    low = entry(-math.inf)
+    assert low["value"] is None and low["satisfied"] is False
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    noisy = UserConstraint(lambda m, b: m(b[0]).mean(), "<=")
+    batch = (torch.randn(16, 4), torch.zeros(16))
+    first = constraint_report(model, {"c": noisy}, {}, batch)["c"]["value"]
+    assert constraint_report(model, {"c": noisy}, {}, batch)["c"]["value"] == first  # no dropout draw
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN stats kept
+
+
+def test_a_measurement_builds_no_graph():
+    spec = UserConstraint(lambda m: m[0].weight.sum(), strict_fn=lambda m: m[0].weight.sum())
+    problem, _ = _problem({})
+    assert spec.measure(problem.model, None).requires_grad is False
+
+
+def test_nonfinite_constraints_name_yours_first_and_read_the_steps_violations():
+    broken = []
+    later = UserConstraint(lambda m: m[0].weight.sum() * (math.nan if broken else 0.0))
+    problem, batch = _problem({"c": later})
+    broken.append(True)
+    formulation = make("slr", problem)
+    formulation.setup(1, 1, reference_batch=batch)
+    formulation.start_epoch(0)
+    step = formulation.compute_lagrangian(batch)  # the violation is nan; no dual step yet: the multiplier is 0
+    assert torch.isfinite(problem.named_multiplier_values()["c"]).all()
+    assert problem.nonfinite_constraints(step.cmp_state) == ["c"]
+    for constraint in formulation.constraints.values():  # a formulation's constraint not finite too: named after
+        constraint.multiplier.weight.data.fill_(math.nan)
+        break
+    named = problem.nonfinite_constraints(step.cmp_state)
+    assert named[0] == "c" and len(named) == 2
