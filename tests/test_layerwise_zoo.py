@@ -273,6 +273,35 @@ def test_two_block_lists_of_one_length_are_refused_naming_both():
     assert list(report.layer_sparsity) == [f"text.blocks.{i}.weight" for i in range(3)]
 
 
+def test_find_blocks_takes_the_list_with_layers_to_prune_and_warns_of_a_shorter_one():
+    from constrainedsparse.layerwise.layers import find_blocks
+
+    class WithNorms(LinearTower):  # a list of norms beside the blocks holds nothing to prune
+        def __init__(self) -> None:
+            super().__init__()
+            self.norms = nn.ModuleList(nn.LayerNorm(16) for _ in range(3))
+
+    model = WithNorms()
+    assert find_blocks(model) is model.blocks
+    wrapped = nn.Module()
+    wrapped.inner = nn.ModuleList([LinearTower()])  # a wrapper's list of one: the blocks are inside it
+    assert find_blocks(wrapped) is wrapped.inner[0].blocks
+    root = nn.ModuleList(_ExpertLayer() for _ in range(2))  # the model is the list: its experts are no blocks
+    assert find_blocks(root) is root
+    single = Chain([nn.Linear(16, 16)])  # one block
+    assert find_blocks(single) is single.blocks
+
+    class Uneven(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoder = LinearTower(), Chain([nn.Linear(16, 16) for _ in range(2)])
+
+    uneven = Uneven()
+    with pytest.warns(UserWarning, match=r"^the blocks pruned are encoder\.blocks \(3\); decoder\.blocks \(2\) also "
+                      r"hold layers and stay dense: name the blocks to prune with blocks=$"):  # fmt: skip
+        assert find_blocks(uneven) is uneven.encoder.blocks
+
+
 def test_blocks_given_as_bare_layers_are_pruned_and_blocks_out_of_order_refused():
     torch.manual_seed(0)
     model = LinearTower()

@@ -6,9 +6,12 @@ solvers always see :math:`W` as ``(d_out, d_in)`` through :func:`layer_weight`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.targets import Targets
 
 __all__ = [
@@ -58,8 +61,9 @@ def set_layer_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of blocks: its largest ``nn.ModuleList`` whose entries share one class, not counting a list
-    inside an entry of another such list (a block's experts of a mixture-of-experts model).
+    """The model's list of blocks: its largest ``nn.ModuleList`` of two or more entries of one class that hold
+    layers layer-wise pruning prunes, not counting a list inside an entry of another such list (a block's experts
+    of a mixture-of-experts model); without one, its largest ``ModuleList`` of one class (a single block).
 
     Works for BERT (``encoder.layer``), GPT-2 (``transformer.h``), LLaMA (``model.layers``) and a
     plain module holding its blocks in a ``ModuleList``.
@@ -67,15 +71,27 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     Raises:
         ValueError: If the model has no such list, or two or more of the largest length (an encoder-decoder's
             stacks, a two-tower model's towers: which one to prune is the caller's to say with ``blocks=``).
+
+    Warns:
+        UserWarning: When another such list, shorter, holds prunable layers too (a decoder shorter than its
+            encoder): it stays dense.
     """
     lists = {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(child) for child in module}) == 1
     }
-    outer = {name: module for name, module in lists.items() if not any(name.startswith(f"{o}.") for o in lists)}
-    if not outer:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to prune layer by layer")
+    prunable = layer_module_types()
+    stacks = {
+        name: module
+        for name, module in lists.items()
+        if len(module) > 1 and any(isinstance(layer, prunable) for layer in module.modules())
+    }
+    outer = {name: module for name, module in stacks.items() if not any(_inside(name, o) for o in stacks)}
+    if not outer:  # one block, or blocks without a layer to prune (refused by the layer checks, naming them)
+        if not lists:
+            raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to prune layer by layer")
+        return max(lists.values(), key=len)
     size = max(len(module) for module in outer.values())
     largest = [name for name, module in outer.items() if len(module) == size]
     if len(largest) > 1:
@@ -84,7 +100,19 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
             "one to prune with blocks= (of prune_layerwise, or a LayerwiseProblem's); an encoder-decoder's stacks "
             "or a two-tower model's towers run on inputs of their own"
         )
+    others = [f"{name} ({len(module)})" for name, module in outer.items() if name != largest[0]]
+    if others:
+        warnings.warn(
+            f"the blocks pruned are {largest[0]} ({size}); {', '.join(others)} also hold layers and stay dense: "
+            "name the blocks to prune with blocks=",
+            stacklevel=user_stacklevel(),
+        )
     return outer[largest[0]]
+
+
+def _inside(name: str, other: str) -> bool:
+    """Whether module ``name`` is inside module ``other`` (the model itself is ``""``)."""
+    return name != other and (other == "" or name.startswith(f"{other}."))
 
 
 def weight_name(prefix: str, layer: str) -> str:
