@@ -138,15 +138,16 @@ def empty_layers(weights: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def final_violations(report: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The worst entry of each reported constraint's value, as its plot marks the final model: ``max(value)``
-    for ``<=``, ``max |value|`` for ``==`` (a value that was not finite is left out)."""
+    """Each reported constraint's value as its plot's training line shows a violation (``violation/<name>``), to
+    mark the final model on it: an inequality's largest entry, an equality's norm (a scalar: the value; a value
+    that was not finite is left out)."""
     worst = {}
     for name, entry in report.items():
         value = entry["value"]
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
-        worst[name] = max(values) if entry["sense"] == "<=" else max(abs(v) for v in values)
+        worst[name] = max(values) if entry["sense"] == "<=" else math.sqrt(sum(v * v for v in values))
     return worst
 
 

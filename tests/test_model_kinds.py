@@ -176,9 +176,10 @@ def test_an_epoch_with_other_post_step_calls_than_declared_warns_once():
         messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         if epoch == 0:
             assert messages == [
-                "setup() declared 8 steps for epoch 0, but it had 4 post_step() calls: the schedules count "
-                "post_step() calls (optimizer steps with gradient accumulation, not micro-batches); pass that number "
-                "to setup() (and total_steps when the last epoch is cut short)"
+                "setup() declared 8 steps for epoch 0, but it had 4 post_step() and skip_step() calls: the schedules "
+                "count those calls (optimizer steps with gradient accumulation, not micro-batches; a batch skipped "
+                "after backward() counts through skip_step()); pass that number to setup() (and total_steps when the "
+                "last epoch is cut short)"
             ]
         else:
             assert messages == []  # once per run

@@ -22,6 +22,7 @@ from constrainedsparse import (
     make,
     remove_masks,
 )
+from constrainedsparse.errors import NonFiniteLossError
 
 
 def _cancer(seed=0):
@@ -541,8 +542,16 @@ def test_a_backward_of_your_own_inside_without_penalty_gets_only_its_own_gradien
     with f.without_penalty():
         (weight * 1e-3).sum().backward()
     assert torch.allclose(weight.grad, after_step + 1e-3)
+    with f.without_penalty():  # an f.backward inside keeps its own penalty and leaves the context paused
+        f.backward((x, y))
+        before = weight.grad.clone()
+        (weight * 1e-3).sum().backward()
+        assert torch.allclose(weight.grad, before + 1e-3)
+    f.optimizer.zero_grad()
+    f.backward((x, y))
+    after_step = weight.grad.clone()
     (weight * 1e-3).sum().backward()  # outside: slr/admm add the penalty again
-    again = weight.grad - after_step - 2e-3
+    again = weight.grad - after_step - 1e-3
     if name in ("slr", "admm"):
         penalty = f.multipliers()["2.weight"] + f.rho * (weight.detach() - f.z["2.weight"])
         assert float(penalty.norm()) > 1e-3 and torch.allclose(again, penalty, atol=1e-6)
@@ -578,6 +587,30 @@ def test_a_skipped_batch_given_to_skip_step_counts_for_the_schedules_without_a_d
         assert f.k == 2  # the epoch's two coordinations, the last after the skipped step
     with pytest.raises(ValueError, match=r"^skip_step\(\) got a step it has already taken"):
         f.skip_step(step)
+
+
+def test_an_epoch_whose_every_step_was_skipped_has_diverged():
+    f, x, y = _built("slr")  # setup(1 epoch, 4 steps)
+    f.start_epoch(0)
+    f.training_step((x, y))  # a finite step taken
+    with torch.no_grad():
+        for p in f.problem.model.parameters():
+            p.fill_(math.nan)  # then the weights diverge: every later loss is nan
+    for _ in range(3):
+        f.optimizer.zero_grad()
+        step = f.backward((x, y))
+        assert not torch.isfinite(step.loss)
+        f.skip_step(step)
+    with pytest.raises(NonFiniteLossError, match=r"^0\.weight holds NaN or inf at the end of epoch 0"):
+        f.end_epoch(0)  # the last step taken was finite; the weights are not
+    g, x, y = _built("magnitude")
+    g.start_epoch(0)
+    for _ in range(4):
+        g.optimizer.zero_grad()
+        g.skip_step(g.backward((x * math.nan, y)))
+    with pytest.raises(NonFiniteLossError, match=r"^every step of epoch 0 went to skip_step\(\) \(4, none to "
+                       r"post_step\(\)\): a run whose losses are all non-finite has diverged"):  # fmt: skip
+        g.end_epoch(0)
 
 
 def test_post_step_marks_every_micro_step_taken_and_leaves_no_dual_gradient():
@@ -674,7 +707,8 @@ def test_a_loop_resumed_mid_epoch_counts_the_epochs_steps_on(name, recwarn):
     fresh, _, _ = _built(name)
     fresh.start_epoch(0)
     fresh.training_step((x, y))
-    with pytest.warns(UserWarning, match=r"declared 4 steps for epoch 0, but it had 1 post_step\(\) calls"):
+    short = r"declared 4 steps for epoch 0, but it had 1 post_step\(\) and skip_step\(\) calls"
+    with pytest.warns(UserWarning, match=short):
         fresh.end_epoch(0)
 
 
@@ -691,7 +725,8 @@ def test_total_steps_cuts_the_last_epoch_short_for_the_checks_and_the_step_sched
         f.end_epoch(epoch)
     assert not [w for w in recwarn if "post_step() calls" in str(w.message)]
     assert f.schedule_fraction() == 1.0
-    with pytest.warns(UserWarning, match=r"^setup\(\) declared 1 step for epoch 1, but it had 2 post_step\(\) calls"):
+    longer = r"^setup\(\) declared 1 step for epoch 1, but it had 2 post_step\(\) and skip_step\(\) calls"
+    with pytest.warns(UserWarning, match=longer):
         again, _, _ = _built("magnitude")
         again.setup(2, 4, total_steps=5)
         again.start_epoch(1)

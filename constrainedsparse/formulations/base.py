@@ -29,7 +29,7 @@ import torch
 from constrainedsparse.checkpoint import optimizer_state_plain, optimizer_state_typed
 from constrainedsparse.claims import claim_targets, release_targets
 from constrainedsparse.config import Hyperparameters, check_config
-from constrainedsparse.errors import is_ours
+from constrainedsparse.errors import NonFiniteLossError, is_ours
 from constrainedsparse.formulations.attachments import Attachments
 from constrainedsparse.formulations.checks import (
     LastStep,
@@ -128,6 +128,7 @@ class Formulation(SplitStep, abc.ABC):
         self.optimizer = optimizer
         self.reference_batch: Batch | None = None
         self._last: LastStep | None = None  # the last step's loss and Lagrangian, checked once an epoch
+        self._last_taken: LastStep | None = None  # the last step given to post_step() (skip_step() restores it)
         self._epochs = EpochCount()  # the epoch under way and its post_step() calls
         self._ddp_checked = False
         self._duals = DualTerms()  # each step's λᵀg, backpropagated by post_step() for the steps it is given
@@ -279,11 +280,18 @@ class Formulation(SplitStep, abc.ABC):
             ValueError: Before :meth:`setup`, for an ``epoch`` that is not an integer >= 0, or for the epoch that
                 has just ended (no :meth:`start_epoch` since).
             NonFiniteLossError: If the epoch's last loss is NaN/inf or a tensor the masks come from
-                (:meth:`mask_sources`) holds NaN/inf (the run has diverged).
+                (:meth:`mask_sources`) holds NaN/inf (the run has diverged), or every step of the epoch went to
+                :meth:`skip_step`.
         """
         self._require("end_epoch()")
         epoch = checked_epoch(epoch, "end_epoch")
         self._epochs.check_end(epoch)
+        if self._epochs.steps and self._epochs.skipped == self._epochs.steps:
+            raise NonFiniteLossError(
+                f"every step of epoch {epoch} went to skip_step() ({self._epochs.steps}, none to post_step()): a run "
+                "whose losses are all non-finite has diverged; lower lr or dual_lr, clip the gradients, or continue "
+                "from a checkpoint"
+            )
         check_finite_step(self._last, self.problem, f"at the last step of epoch {epoch}")
         check_finite_weights(self.mask_sources(), f"at the end of epoch {epoch}")
         self._epochs.end(epoch)

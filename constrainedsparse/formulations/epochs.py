@@ -70,7 +70,8 @@ class EpochCount:
         total_steps: ``post_step()`` calls of the whole run ``setup()`` declared (``num_epochs x steps_per_epoch``
             unless its last epoch is cut short).
         epoch: The epoch started last (-1 before the first).
-        steps: ``post_step()`` calls in that epoch so far.
+        steps: ``post_step()`` and ``skip_step()`` calls in that epoch so far.
+        skipped: ``skip_step()`` calls among them (not kept in :meth:`state`: a resumed epoch counts anew).
         open_epoch: The epoch started and not yet ended, if any.
         ended: The epoch ended last, if no epoch has started since.
         resumed_mid_epoch: A state saved mid-epoch was loaded: starting that epoch again keeps ``steps``.
@@ -81,6 +82,7 @@ class EpochCount:
     total_steps: int = 0
     epoch: int = -1
     steps: int = 0
+    skipped: int = 0
     open_epoch: int | None = None
     ended: int | None = None
     resumed_mid_epoch: bool = False
@@ -118,6 +120,7 @@ class EpochCount:
             )
         if not (self.resumed_mid_epoch and epoch == self.epoch):  # a loop resumed mid-epoch starts it again
             self.steps = 0
+        self.skipped = 0
         self.epoch, self.resumed_mid_epoch, self.open_epoch, self.ended = epoch, False, epoch, None
 
     def check_end(self, epoch: int) -> None:
@@ -150,11 +153,12 @@ class EpochCount:
         if done not in (declared, 0) and self._once("steps"):
             _warn(
                 f"setup() declared {declared} step{'s' * (declared != 1)} for epoch {epoch}, but it had {done} "
-                "post_step() calls: the "
-                "schedules count post_step() calls (optimizer steps with gradient accumulation, not micro-batches); "
+                "post_step() and skip_step() calls: the "
+                "schedules count those calls (optimizer steps with gradient accumulation, not micro-batches; a batch "
+                "skipped after backward() counts through skip_step()); "
                 "pass that number to setup() (and total_steps when the last epoch is cut short)"
             )
-        self.steps, self.open_epoch, self.ended = 0, None, epoch  # counted: a state saved now is not mid-epoch
+        self.steps, self.skipped, self.open_epoch, self.ended = 0, 0, None, epoch  # a state saved now is not mid-epoch
 
     def _once(self, kind: str) -> bool:
         """Whether the warning ``kind`` is still to give (then it counts as given)."""

@@ -118,6 +118,7 @@ class PenaltyGradient:
     def scope(self, factor: float | torch.Tensor) -> Iterator[None]:
         """Within: the hooks note the weights; on a normal exit every pruned weight gets the term times
         ``factor``, one without a gradient from the backward as its whole gradient (a zero one before)."""
+        outer = self._factor, self._pending  # a scope inside paused() leaves it paused
         self._factor, self._pending = factor, []
         try:
             yield
@@ -132,7 +133,7 @@ class PenaltyGradient:
             if pending:
                 self.add(pending)
         finally:
-            self._pending, self._factor = None, 1.0
+            self._factor, self._pending = outer
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

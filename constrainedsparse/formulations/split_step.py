@@ -47,6 +47,7 @@ class SplitStep:
     _duals: DualTerms
     _epochs: EpochCount
     _last: LastStep | None
+    _last_taken: LastStep | None
     _ddp_checked: bool
 
     def _require(self, call: str) -> None:
@@ -126,11 +127,12 @@ class SplitStep:
         return contextlib.nullcontext()
 
     def without_penalty(self) -> AbstractContextManager[None]:
-        """Context for a backward of your own that is not the Lagrangian's (an auxiliary loss added after
-        :meth:`backward`, SAM's second pass, a gradient probe): inside, the formulation adds none of its
-        gradient terms to it. ``slr``/``admm`` add the W = Z penalty gradient :math:`\\Lambda + \\rho(W - Z)`
-        in a hook at every backward that reaches the pruned weights, so outside this context an extra
-        backward gets it again; the other formulations add nothing to a backward of yours.
+        """Context for a backward of your own that adds to what :meth:`backward` left (an auxiliary loss, a
+        gradient probe): inside, the formulation adds none of its gradient terms to it. ``slr``/``admm`` add the
+        W = Z penalty gradient :math:`\\Lambda + \\rho(W - Z)` in a hook at every backward that reaches the pruned
+        weights, so outside this context an extra backward gets it a second time; the other formulations add
+        nothing to a backward of yours. A backward whose gradient replaces the step's (SAM's second pass, after a
+        ``zero_grad``) is the step's own: run it with :meth:`backward`, not in here.
         """
         return contextlib.nullcontext()
 
@@ -162,6 +164,7 @@ class SplitStep:
         metrics = {**restarts, **self.after_step(last.cmp_state)}
         for item in steps:
             item.taken, item.dual = True, None
+        self._last_taken = self._last
         return metrics
 
     def skip_step(self, step: LagrangianStep | Sequence[LagrangianStep]) -> dict[str, float]:
@@ -185,7 +188,8 @@ class SplitStep:
         self._require("skip_step()")
         steps = checked_steps(step, "skip_step()")
         self._epochs.steps += 1
-        self._last = None  # the epoch's end checks the last step's loss for divergence: not a skipped one's
+        self._epochs.skipped += 1
+        self._last = self._last_taken  # the epoch's end checks the last taken step's loss for divergence
         metrics = self.after_step(steps[-1].cmp_state)
         for item in steps:
             item.taken, item.dual = True, None
