@@ -301,3 +301,14 @@ def test_the_blocksparse_page_shows_the_class_as_it_is_in_the_code():
     assert cls == inspect.getsource(groups.BlockSparse)
     module = inspect.getsource(groups).splitlines()
     assert all(line in module for line in imports.splitlines() if line.startswith("from "))
+
+
+def test_the_set_help_example_in_the_cli_reference_is_what_the_cli_prints(capsys):
+    """docs/cli.md's `--set help` console block went stale when the help texts changed."""
+    from constrainedsparse.cli import main
+
+    command = "$ constrainedsparse run mnist1d-mlp-macs --formulation magnitude --set help\n"
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    shown = page.split(command, 1)[1].split("```", 1)[0]
+    assert main(["run", "mnist1d-mlp-macs", "--formulation", "magnitude", "--set", "help"]) == 0
+    assert capsys.readouterr().out == shown
