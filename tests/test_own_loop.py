@@ -589,6 +589,30 @@ def test_a_skipped_batch_given_to_skip_step_counts_for_the_schedules_without_a_d
         f.skip_step(step)
 
 
+def test_a_parameter_that_turned_nan_before_skipped_steps_is_caught_at_the_epochs_end():
+    """Skipped NaN losses after a finite step: end_epoch checked the finite step's loss and the masks' sources
+    only; an excluded head or a bias that turned NaN went unreported."""
+    f, x, y = _built("slr")
+    f.start_epoch(0)
+    f.training_step((x, y))
+    with torch.no_grad():
+        f.problem.model[2].bias.fill_(math.nan)  # not a target: not a mask source
+    for _ in range(3):
+        f.optimizer.zero_grad()
+        f.skip_step(f.backward((x, y)))
+    with pytest.raises(NonFiniteLossError, match=r"^2\.bias holds NaN or inf at the end of epoch 0"):
+        f.end_epoch(0)
+
+
+def test_skip_step_clears_the_count_of_backward_calls_the_next_dual_step_reads():
+    f, x, y = _built("slr")
+    f.start_epoch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'scales do not sum to 1' warning after a skip
+        f.skip_step([f.backward((x, y)), f.backward((x, y))])  # unscaled micro-batches: a sum, as the user wants
+        f.post_step([f.backward((x, y)), f.backward((x, y))])
+
+
 def test_an_epoch_whose_every_step_was_skipped_has_diverged():
     f, x, y = _built("slr")  # setup(1 epoch, 4 steps)
     f.start_epoch(0)
@@ -605,7 +629,13 @@ def test_an_epoch_whose_every_step_was_skipped_has_diverged():
         f.end_epoch(0)  # the last step taken was finite; the weights are not
     g, x, y = _built("magnitude")
     g.start_epoch(0)
-    for _ in range(4):
+    for _ in range(2):
+        g.optimizer.zero_grad()
+        g.skip_step(g.backward((x * math.nan, y)))
+    saved = g.state_dict()  # mid-epoch: the skips are part of the count a resume continues
+    g.load_state_dict(saved)
+    g.start_epoch(0)
+    for _ in range(2):
         g.optimizer.zero_grad()
         g.skip_step(g.backward((x * math.nan, y)))
     with pytest.raises(NonFiniteLossError, match=r"^every step of epoch 0 went to skip_step\(\) \(4, none to "
@@ -1387,7 +1417,7 @@ def test_numpy_counts_and_scales_drive_the_lifecycle_as_python_numbers_do():
             f.optimizer.step()
             f.post_step(step)
         counts = (f.num_epochs, f.steps_per_epoch, f.total_steps, *f.state_dict()["epoch_steps"])
-        assert counts == (1, 2, 2, 0, 2) and all(type(c) is int for c in counts)
+        assert counts == (1, 2, 2, 0, 2, 0) and all(type(c) is int for c in counts)
         f.end_epoch(count(0))
         runs.append(f.problem.named_multiplier_values()["norm"].clone())
     assert runs[0] > 0 and torch.equal(runs[0], runs[1])

@@ -294,6 +294,8 @@ class Formulation(SplitStep, abc.ABC):
             )
         check_finite_step(self._last, self.problem, f"at the last step of epoch {epoch}")
         check_finite_weights(self.mask_sources(), f"at the end of epoch {epoch}")
+        if self._epochs.skipped:  # the last loss checked is a taken step's: a later NaN went to skip_step()
+            check_finite_weights(dict(self.problem.model.named_parameters()), f"at the end of epoch {epoch}")
         self._epochs.end(epoch)
         return self.on_end_epoch(epoch)
 

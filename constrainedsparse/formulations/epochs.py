@@ -71,7 +71,7 @@ class EpochCount:
             unless its last epoch is cut short).
         epoch: The epoch started last (-1 before the first).
         steps: ``post_step()`` and ``skip_step()`` calls in that epoch so far.
-        skipped: ``skip_step()`` calls among them (not kept in :meth:`state`: a resumed epoch counts anew).
+        skipped: ``skip_step()`` calls among them.
         open_epoch: The epoch started and not yet ended, if any.
         ended: The epoch ended last, if no epoch has started since.
         resumed_mid_epoch: A state saved mid-epoch was loaded: starting that epoch again keeps ``steps``.
@@ -119,8 +119,7 @@ class EpochCount:
                 "after its steps (slr/admm with interval_unit=epoch coordinate there, and the epoch's checks run there)"
             )
         if not (self.resumed_mid_epoch and epoch == self.epoch):  # a loop resumed mid-epoch starts it again
-            self.steps = 0
-        self.skipped = 0
+            self.steps = self.skipped = 0
         self.epoch, self.resumed_mid_epoch, self.open_epoch, self.ended = epoch, False, epoch, None
 
     def check_end(self, epoch: int) -> None:
@@ -168,10 +167,12 @@ class EpochCount:
         return True
 
     def state(self) -> list[int]:
-        """``[epoch, steps]``: the epoch under way and its ``post_step()`` calls so far."""
-        return [self.epoch, self.steps]
+        """``[epoch, steps, skipped]``: the epoch under way, its ``post_step()`` and ``skip_step()`` calls so far,
+        and how many of them were ``skip_step()``."""
+        return [self.epoch, self.steps, self.skipped]
 
     def load(self, state: list[int]) -> None:
-        """Restores :meth:`state` (a state saved mid-epoch resumes that epoch)."""
-        self.epoch, self.steps = state
+        """Restores :meth:`state` (a state saved mid-epoch resumes that epoch; one saved before ``skip_step``
+        existed has no skip count)."""
+        self.epoch, self.steps, self.skipped = (*state, 0) if len(state) == 2 else state
         self.resumed_mid_epoch, self.open_epoch, self.ended = self.steps > 0, None, None

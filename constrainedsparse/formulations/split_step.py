@@ -190,6 +190,7 @@ class SplitStep:
         self._epochs.steps += 1
         self._epochs.skipped += 1
         self._last = self._last_taken  # the epoch's end checks the last taken step's loss for divergence
+        self._duals.evaluated = 0  # the skipped backward() calls are no part of the next dual step
         metrics = self.after_step(steps[-1].cmp_state)
         for item in steps:
             item.taken, item.dual = True, None
