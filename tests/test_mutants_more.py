@@ -135,7 +135,7 @@ def test_mutant_E6_resumed_state_restarts_the_count_in_another_epoch():
     count.declare(3, 4, 12)
     count.load([1, 2])  # saved mid-epoch 1
     count.start(2)
-    assert count.state() == [2, 0]
+    assert count.state() == [2, 0, 0]
 
 
 def test_mutant_E7_an_epoch_without_steps_does_not_warn():
@@ -155,7 +155,7 @@ def test_mutant_E8_end_epoch_resets_the_step_count():
     count.start(0)
     count.steps = 3  # what three post_step() calls count
     count.end(0)
-    assert count.state() == [0, 0]
+    assert count.state() == [0, 0, 0]
 
 
 def test_mutant_E10_a_new_setup_warns_again_past_its_epochs():

@@ -129,7 +129,7 @@ class Formulation(SplitStep, abc.ABC):
         self.reference_batch: Batch | None = None
         self._last: LastStep | None = None  # the last step's loss and Lagrangian, checked once an epoch
         self._last_taken: LastStep | None = None  # the last step given to post_step() (skip_step() restores it)
-        self._epochs = EpochCount()  # the epoch under way and its post_step() calls
+        self._epochs = EpochCount()  # the epoch under way and its post_step() and skip_step() calls
         self._ddp_checked = False
         self._duals = DualTerms()  # each step's λᵀg, backpropagated by post_step() for the steps it is given
         self._stage = _BUILT
@@ -429,7 +429,7 @@ class Formulation(SplitStep, abc.ABC):
             "formulation": self.name,
             "dual_optimizer": dual,
             "cmp": self.problem.state_dict(),
-            "epoch_steps": self._epochs.state(),  # the epoch under way and its post_step() calls so far
+            "epoch_steps": self._epochs.state(),  # the epoch under way, its post_step()/skip_step() calls, the skips
             "target_levels": self._target_levels(),
         }
 

@@ -448,7 +448,7 @@ class _PruningCallback(TrainerCallback):
         with warnings.catch_warnings():
             if control.should_training_stop or not has_length(trainer.train_dataset):
                 # a callback cut this epoch short (or the dataset has no length): Trainer's choice
-                warnings.filterwarnings("ignore", message=r".*post_step\(\) calls")
+                warnings.filterwarnings("ignore", message=r"setup\(\) declared \d+ steps? for epoch \d+, but it had")
             trainer._pending_logs.update(trainer.formulation.end_epoch(trainer._epoch))
         last = state.global_step >= state.max_steps or control.should_training_stop
         if trainer._pending_logs and last and not control.should_log and args.logging_strategy != "no":
