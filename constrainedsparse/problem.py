@@ -32,7 +32,7 @@ from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.targets import TargetParam, resolved_targets
 from constrainedsparse.userconstraint import SENSES, UserConstraint, ViolationFn
 
-__all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn"]
+__all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn", "violation_summary"]
 
 Batch = Any
 """A batch as the problem's loss takes it: ``(x, y)`` for ``loss_fn``, anything for ``compute_loss``."""
@@ -403,16 +403,16 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             if constraint.name in users:
                 equality = constraint.constraint_type == cooper.ConstraintType.EQUALITY
                 if state.strict_violation is not None:  # the measurement; fn is its surrogate
-                    metrics[f"surrogate/{constraint.name}"] = _summary(state.violation, equality)
+                    metrics[f"surrogate/{constraint.name}"] = violation_summary(state.violation, equality)
                 measured = state.violation if state.strict_violation is None else state.strict_violation
-                metrics[f"violation/{constraint.name}"] = _summary(measured, equality)
+                metrics[f"violation/{constraint.name}"] = violation_summary(measured, equality)
         for name, value in self.named_multiplier_values().items():
             if name in users:
                 metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
         return metrics
 
 
-def _summary(violation: torch.Tensor, equality: bool) -> float:
+def violation_summary(violation: torch.Tensor, equality: bool) -> float:
     """One number of a violation: a vector inequality's largest entry (it holds when that is <= 0), a vector
     equality's norm (it holds at 0)."""
     violation = violation.detach().reshape(-1)

@@ -26,6 +26,7 @@ from torch import nn
 
 from constrainedsparse.checkpoint import atomic_write_bytes
 from constrainedsparse.modes import eval_mode
+from constrainedsparse.problem import violation_summary
 
 __all__ = [
     "EQUALITY_TOLERANCE",
@@ -141,14 +142,11 @@ def final_violations(report: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     """Each reported constraint's value as its plot's training line shows a violation (``violation/<name>``), to
     mark the final model on it: an inequality's largest entry, an equality's norm (a scalar: the value; a value
     that was not finite is left out)."""
-    worst = {}
-    for name, entry in report.items():
-        value = entry["value"]
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        worst[name] = max(values) if entry["sense"] == "<=" else math.sqrt(sum(v * v for v in values))
-    return worst
+    return {
+        name: violation_summary(torch.tensor(entry["value"], dtype=torch.float64), entry["sense"] == "==")
+        for name, entry in report.items()
+        if entry["value"] is not None
+    }
 
 
 def _value(tensor: torch.Tensor) -> float | list[float]:
