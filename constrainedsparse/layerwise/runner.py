@@ -317,13 +317,8 @@ class _Blocks:
         return self.seconds_before + time.perf_counter() - self.started
 
     def on_block(self, index: int, block_reports: list[LayerReport]) -> None:
-        """Logs the block's layers, checkpoints the run after it and moves the progress bar."""
-        try:
-            self._block_done(index, block_reports)
-        finally:
-            self.bar.epoch_done()
-
-    def _block_done(self, index: int, block_reports: list[LayerReport]) -> None:
+        """Logs the block's layers, checkpoints the run after it and moves the progress bar (rank 0's: the only one
+        shown)."""
         for report in block_reports:
             for point in report.trace:  # already sampled by the solver
                 self.step += 1
@@ -348,6 +343,7 @@ class _Blocks:
                 "effective_settings": self.prepared.effective_settings(),
             },
         )
+        self.bar.epoch_done()
 
 
 def _allocation(prepared: LayerwisePrepared, blocks: Sequence[nn.Module], run: _Blocks) -> Allocation | None:
