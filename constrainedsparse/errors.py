@@ -192,9 +192,12 @@ def plugin_code(cls: type, what: str) -> Iterator[None]:
 
 def user_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` in the function that calls this: the first frame outside the package
-    (the user's line, whichever of our entry points led there)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    and torch (the user's line, whichever of our entry points led there, through torch's autograd hooks or the
+    wrappers of :func:`~constrainedsparse.compiling.outside_compile`)."""
+    import torch  # loaded already: the warnings come from code that runs on it
+
+    ours = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(ours):
         frame, level = frame.f_back, level + 1
     return level

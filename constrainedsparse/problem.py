@@ -25,6 +25,7 @@ import cooper
 import torch
 from torch import nn
 
+from constrainedsparse.compiling import outside_compile
 from constrainedsparse.distributed import synchronised
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.modes import eval_mode, random_states_kept
@@ -336,16 +337,18 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         loss, output = self.loss(batch)
         for fn in self._penalties.values():
             loss = loss + fn(self.model)
-        observed = {
+        observed = {name: entry for name, entry in self._violations.items() if entry.observed}
+        violations = {name: self._violation(name, entry, batch) for name, entry in observed.items()}
+        strict = _strict_violations(self, observed, batch)  # after the violations: l0's reuse their densities
+        states = {
             entry.constraint: cooper.ConstraintState(
-                violation=self._violation(name, entry, batch),
-                strict_violation=None if entry.strict_violation is None else self._strict(name, entry, batch),
+                violation=violations[name],
+                strict_violation=strict.get(name),
                 contributes_to_dual_update=entry.dual_every_step,
             )
-            for name, entry in self._violations.items()
-            if entry.observed
+            for name, entry in observed.items()
         }
-        return cooper.CMPState(loss=loss, observed_constraints=observed, misc={"output": output})
+        return cooper.CMPState(loss=loss, observed_constraints=states, misc={"output": output})
 
     def _violation(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
         return _entries(name, entry, entry.violation(self.model, batch))
@@ -410,6 +413,19 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             if name in users:
                 metrics[f"multiplier/{name}"] = float(value[0] if value.numel() == 1 else value.norm())
         return metrics
+
+
+@outside_compile
+def _strict_violations(
+    problem: SparsityProblem, observed: dict[str, _Registered], batch: Batch
+) -> dict[str, torch.Tensor]:
+    """The proxy measurements (``strict_fn``, no gradient: what the dual steps read) of ``observed``, measured
+    eagerly between the graphs of a step function you compile: traced, one per constraint, they recompiled."""
+    return {
+        name: problem._strict(name, entry, batch)
+        for name, entry in observed.items()
+        if entry.strict_violation is not None
+    }
 
 
 def violation_summary(violation: torch.Tensor, equality: bool) -> float:

@@ -1249,7 +1249,7 @@ def test_masks_and_gates_under_torch_compile_trace_one_graph_through_every_updat
     assert all(torch.equal(a, b) for a, b in zip(compiled, _compiled_run(name), strict=True))
 
 
-def _step_function_run(name: str, compiled: bool) -> list[torch.Tensor]:
+def _step_function_run(name: str, compiled: bool, graphs: list | None = None) -> list[torch.Tensor]:
     torch.manual_seed(0)
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -1260,7 +1260,7 @@ def _step_function_run(name: str, compiled: bool) -> list[torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # l0's advice for gates on SGD
         f = make(name, problem, optimizer=optimizer)
-    f.setup(num_epochs=1, steps_per_epoch=2, reference_batch=(x, y))
+    f.setup(num_epochs=1, steps_per_epoch=4, reference_batch=(x, y))
 
     def step_fn(batch):
         optimizer.zero_grad()
@@ -1268,10 +1268,14 @@ def _step_function_run(name: str, compiled: bool) -> list[torch.Tensor]:
         optimizer.step()
         return step
 
-    step_fn = torch.compile(step_fn, backend="aot_eager") if compiled else step_fn
+    def backend(graph, inputs):  # aot_eager, counting the graphs it compiles
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, inputs)
+
+    step_fn = torch.compile(step_fn, backend=backend) if compiled else step_fn
     f.start_epoch(0)
-    for i in range(2):
-        f.post_step(step_fn((x[32 * i : 32 * (i + 1)], y[32 * i : 32 * (i + 1)])))
+    for i in range(4):
+        f.post_step(step_fn((x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)])))
     return [p.detach().clone() for p in model.parameters()] + [f.problem.named_multiplier_values()["norm"]]
 
 
@@ -1289,13 +1293,19 @@ def test_importing_the_library_does_not_load_the_compiler():
 @pytest.mark.parametrize("name", ["slr", "l0"])
 def test_a_compiled_step_function_that_calls_backward_steps_as_the_eager_one(name):
     """The dual Lagrangian is built outside the compiled frame: built inside, its backward in post_step went
-    through a compiled node the primal backward had freed ('backward through the graph a second time')."""
+    through a compiled node the primal backward had freed ('backward through the graph a second time'). The
+    formulation's bookkeeping runs eagerly between the graphs: traced (slr's W = Z penalty hooks, l0's gate draws,
+    cached densities and test-gap measurements), it recompiled per pruned tensor and per step up to torch's
+    recompile limit, then ran as eager frames that still checked every guard (slr: 195 ms a step against 7.3 on an
+    MLP of 11 pruned layers)."""
     torch._dynamo.reset()
+    graphs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dynamo's graph-break notes
-        compiled = _step_function_run(name, compiled=True)
+        compiled = _step_function_run(name, compiled=True, graphs=graphs)
     eager = _step_function_run(name, compiled=False)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled, eager, strict=True))
+    assert len(graphs) <= 4, len(graphs)  # the forward, the optimizer step, the first step's DDP check
     assert float(eager[-1].abs().sum()) > 0  # the constraint's multiplier moved
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 import cooper
 import torch
 
+from constrainedsparse.compiling import outside_compile
+
 __all__ = ["PenaltyGradient"]
 
 
@@ -66,8 +68,9 @@ class PenaltyGradient:
             else:
                 self.add([(name, param)])
 
-        return add
+        return outside_compile(add)  # traced, the per-target hooks recompiled once per tensor
 
+    @outside_compile
     @torch.no_grad()
     def add(self, params: list[tuple[str, torch.Tensor]]) -> None:
         """:math:`\\nabla W_n \\mathrel{+}= c\\,(\\rho W_n + \\Lambda_n - \\rho Z_n)` for every ``(name, W_n)``: a few

@@ -16,16 +16,15 @@ inherits it; the lifecycle checks (:meth:`_require`) and the state it reads are 
 from __future__ import annotations
 
 import contextlib
-import functools
-import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import cooper
 import torch
 
+from constrainedsparse.compiling import outside_compile
 from constrainedsparse.formulations.checks import LastStep, check_backward_call, check_ddp_wrapped, checked_scale
 from constrainedsparse.formulations.dual import DualTerms
 from constrainedsparse.formulations.epochs import EpochCount
@@ -70,7 +69,7 @@ class SplitStep:
         return self._lagrangian(batch, checked_scale("compute_lagrangian(dual_scale=...)", dual_scale))
 
     def _lagrangian(self, batch: Any, dual_scale: float) -> LagrangianStep:
-        self.before_lagrangian()
+        _before_lagrangian(self)
         cmp_state = self.problem.compute_cmp_state(batch)
         training = torch.is_grad_enabled()  # an evaluation under no_grad is not the step the epoch checks
         if not cmp_state.observed_constraints:  # the loss itself (Cooper would return a clone of it)
@@ -216,18 +215,16 @@ class SplitStep:
         return step.cmp_state, self.post_step(step)
 
 
+@outside_compile
+def _before_lagrangian(formulation: SplitStep) -> None:
+    """The formulation's bookkeeping before a Lagrangian (``l0``'s gate draws), eager between the graphs of a step
+    function you compile: traced, one draw per gate shape recompiled."""
+    formulation.before_lagrangian()
+
+
+@outside_compile
 def _dual_lagrangian(cmp_state: cooper.CMPState) -> torch.Tensor:
     """The dual Lagrangian :math:`\\lambda^\\top g` (violations detached), built outside any compiled frame: built
     inside a step function under ``torch.compile``, its backward in ``post_step`` would go through a compiled node
     the primal backward has freed."""
-    if "torch._dynamo" not in sys.modules:  # nothing compiles without it (and importing it takes a second)
-        return cmp_state.compute_dual_lagrangian().lagrangian
-    return _outside_compile()(cmp_state)
-
-
-@functools.cache
-def _outside_compile() -> Callable[[cooper.CMPState], torch.Tensor]:
-    def dual(cmp_state: cooper.CMPState) -> torch.Tensor:
-        return cmp_state.compute_dual_lagrangian().lagrangian
-
-    return torch.compiler.disable(dual)
+    return cmp_state.compute_dual_lagrangian().lagrangian
