@@ -3,6 +3,7 @@ form a chain (each called with the previous one's output), which lets a walk run
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from constrainedsparse.batches import to_device
-from constrainedsparse.errors import UserInputError, first_line, user_input
+from constrainedsparse.errors import UserInputError, first_line, user_input, user_stacklevel
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
 from constrainedsparse.layerwise.grams import StopForward
 
@@ -139,6 +140,8 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             first.append(call)
         elif hidden is None or not torch.equal(hidden, last[1]) or not first[0].same_call(call):
             chained[0] = False
+            if len(blocks) >= 4:  # fewer: at most 2.5 times the block forwards
+                _warn_unchained(names, index, len(blocks), hidden is not None and torch.equal(hidden, last[1]))
             raise StopForward
         if index == len(blocks) - 1:
             raise StopForward
@@ -172,3 +175,21 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
         for handle in handles:
             handle.remove()
     return chained[0]
+
+
+def _warn_unchained(names: Sequence[str], index: int, count: int, same_hidden: bool) -> None:
+    """Says why a walk over ``count`` blocks re-runs the model up to every block, and what that costs."""
+    why = (
+        "is called with {}'s output but not with the first block's other arguments (an attention mask or rotary "
+        "embedding of its own, as Gemma 2/3's local and global layers get)"
+        if same_hidden
+        else "is not called with {}'s output (the model computes between them: a norm, an activation, a residual sum "
+        "outside the blocks)"
+    )
+    warnings.warn(
+        f"{names[index]} {why.format(names[index - 1])}: each of the {count} blocks' calibration "
+        f"inputs come from a forward of the model up to it, about {count * (count + 1) // 2} block forwards a pass "
+        f"instead of {count}",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
