@@ -158,10 +158,10 @@ class OwnArguments(nn.Module):
     """Each block called with an argument of its own, as Gemma 2/3's local and global layers get their own
     attention mask or rotary embeddings."""
 
-    def __init__(self) -> None:
+    def __init__(self, gains: list[torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(_Gained(nn.Linear(16, 16)) for _ in range(3))
-        self.gains = [torch.linspace(0.1, 3.0, 16), torch.linspace(3.0, 0.1, 16), torch.ones(16)]
+        self.gains = gains or [torch.linspace(0.1, 3.0, 16), torch.linspace(3.0, 0.1, 16), torch.ones(16)]
+        self.blocks = nn.ModuleList(_Gained(nn.Linear(16, 16)) for _ in self.gains)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block, gain in zip(self.blocks, self.gains, strict=True):
@@ -169,12 +169,17 @@ class OwnArguments(nn.Module):
         return x
 
 
+ALTERNATING = [torch.linspace(0.1, 3.0, 16), torch.linspace(3.0, 0.1, 16)] * 2  # Gemma 2's local / global
+
+
+@pytest.mark.parametrize("gains", [None, ALTERNATING], ids=["each-its-own", "alternating"])
 @pytest.mark.parametrize("solver", ["wanda", "sparsegpt"])
-def test_blocks_called_with_arguments_of_their_own_are_calibrated_with_them(solver):
+def test_blocks_called_with_arguments_of_their_own_are_calibrated_with_them(solver, gains):
     """The walk ran every block with the first block's keyword arguments: Gemma 2's sliding-window masks and
-    Gemma 3's local rotary embeddings were block 0's, and later blocks were calibrated on wrong inputs."""
+    Gemma 3's local rotary embeddings were block 0's, and later blocks were calibrated on wrong inputs. Calls that
+    recur (alternating) are captured ahead and each block runs on the previous one's output with its own."""
     torch.manual_seed(0)
-    model = OwnArguments()
+    model = OwnArguments(gains)
     twin = Chain([_Gained(copy.deepcopy(b.fc), gain) for b, gain in zip(model.blocks, model.gains, strict=True)])
     batches = [torch.randn(32, 16) for _ in range(2)]
     assert torch.equal(model(batches[0]), twin(batches[0]))
@@ -189,26 +194,24 @@ def test_a_walk_that_reruns_the_model_up_to_every_block_says_why_and_what_it_cos
     """The fallback for blocks that are not a chain ran about L²/2 block forwards without a word (Gemma 2/3's
     26-62 layers: 13-31 times the chained walk's)."""
     torch.manual_seed(0)
-    own = OwnArguments()
-    own.blocks.append(_Gained(nn.Linear(16, 16)))
-    own.gains.append(torch.ones(16))
+    own = OwnArguments([torch.linspace(0.1, 3.0, 16), torch.linspace(3.0, 0.1, 16), torch.ones(16), torch.ones(16)])
     outside = OutsideResidual()
     outside.blocks.append(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)))
     cost = r": each of the 4 blocks' calibration inputs come from a forward of the model up to it, about 10 block " \
         r"forwards a pass instead of 4$"  # fmt: skip
     for model, why in (
-        (own, r"^blocks\.1 is called with blocks\.0's output but not with the first block's other arguments \(an "
-              r"attention mask or rotary embedding of its own, as Gemma 2/3's local and global layers get\)"),
+        (own, r"^blocks\.1 and 1 more of the 4 blocks get other arguments than any block before them \(3 distinct "
+              r"calls: a walk reuses calls that serve two blocks each on average\)"),
         (outside, r"^blocks\.1 is not called with blocks\.0's output \(the model computes between them: a norm, an "
                   r"activation, a residual sum outside the blocks\)"),
     ):  # fmt: skip
         with pytest.warns(UserWarning, match=why + cost) as caught:
             prune_layerwise(model, [torch.randn(8, 16)], "wanda", sparsity=0.5)
         assert [w.filename for w in caught if "block forwards" in str(w.message)] == [__file__]
-    chained = Chain([nn.Linear(16, 16) for _ in range(4)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        prune_layerwise(chained, [torch.randn(8, 16)], "wanda", sparsity=0.5)
+    for quiet in (Chain([nn.Linear(16, 16) for _ in range(4)]), OwnArguments(ALTERNATING)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            prune_layerwise(quiet, [torch.randn(8, 16)], "wanda", sparsity=0.5)
 
 
 def test_same_call_compares_everything_but_the_hidden_states():
@@ -628,3 +631,37 @@ class _Residual16(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.linear(x)
+
+
+def _tiny_gemma(arch: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, sliding_window=4, attn_implementation="eager")  # fmt: skip
+    if arch == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**shape)).eval()
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**shape)).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_local_and_global_layers_are_walked_as_a_chain_with_their_own_masks(arch, monkeypatch):
+    """Gemma 2/3's sliding-window and global layers get masks (and Gemma 3 rotary embeddings) of their own: the walk
+    re-ran the model up to every block, L(L+1)/2 block forwards a pass. Their calls are now captured ahead: the
+    same pruned weights as that walk's, in a number of block forwards linear in L."""
+    from constrainedsparse.layerwise import driver
+
+    model = _tiny_gemma(arch)
+    rerun = copy.deepcopy(model)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 10))} for _ in range(2)]
+    counts = []
+    for pruned in (model, rerun):
+        count = [0]
+        for layer in pruned.model.layers:
+            layer.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
+        if pruned is rerun:  # the walk that runs the model up to every block
+            monkeypatch.setattr(driver, "capture_block_calls", lambda *args: None)
+        prune_layerwise(pruned, batches, "sparsegpt", sparsity=0.5)
+        counts.append(count[0])
+    for ours, theirs in zip(model.parameters(), rerun.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert counts[0] < counts[1], counts  # 37 against 47 here, 6 blocks; the rerun grows with L², this with L

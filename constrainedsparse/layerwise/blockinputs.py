@@ -45,6 +45,15 @@ class BlockInputs:
             )
         return self.kwargs["hidden_states"]
 
+    def without_hidden(self) -> BlockInputs:
+        """The call's other arguments, its hidden states dropped (``None``): a call kept to run a later block with
+        (:meth:`with_hidden`), without holding the activations it was seen with."""
+        if self.args:
+            return BlockInputs((None, *self.args[1:]), self.kwargs, self.token_mask)
+        if "hidden_states" not in self.kwargs:  # under another keyword: nothing to drop
+            return self
+        return BlockInputs(self.args, {**self.kwargs, "hidden_states": None}, self.token_mask)
+
     def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
         """The same call with new hidden states."""
         if self.args:

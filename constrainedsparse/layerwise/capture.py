@@ -3,6 +3,7 @@ form a chain (each called with the previous one's output), which lets a walk run
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from constrainedsparse.errors import UserInputError, first_line, user_input, use
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
 from constrainedsparse.layerwise.grams import StopForward
 
-__all__ = ["blocks_chained", "call_model", "capture_block_inputs", "token_mask"]
+__all__ = ["BlockChain", "blocks_chained", "call_model", "capture_block_calls", "capture_block_inputs", "token_mask"]
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -91,17 +92,40 @@ def capture_block_inputs(
     return inputs
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockChain:
+    """How a walk gets a block's calibration inputs: from the previous block's output, or by running the model.
+
+    Attributes:
+        linked: Every block is called with the previous block's output as its hidden states (the model computes
+            nothing between them), and its other arguments are one of a few calls the forward repeats.
+        calls: With ``linked``, each block's other arguments as an index into the forward's distinct calls (0: the
+            first block's). All 0 for a plain chain; Gemma 2/3's local and global layers have two, which the walk
+            captures for every batch ahead (:func:`capture_block_calls`).
+    """
+
+    linked: bool
+    calls: tuple[int, ...] = ()
+
+    @property
+    def own_calls(self) -> bool:
+        """Whether some block is called with other arguments than the first block's."""
+        return any(self.calls)
+
+
 @torch.no_grad()
-def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequence[str], batch: Any) -> bool:
-    """Whether every block after the first is called with the previous block's output, and otherwise with the
-    first block's arguments (the same attention mask, position embeddings, ...).
+def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequence[str], batch: Any) -> BlockChain:
+    """Whether every block after the first is called with the previous block's output, and otherwise with one of a
+    few calls the forward repeats (the first block's attention mask and position embeddings, or Gemma 2/3's local
+    and global layers' own).
 
     A walk over chained blocks gets a block's inputs by running the previous block on its own inputs;
     where the model computes something between two blocks (an activation between bare ``nn.Linear``
-    blocks, a residual sum outside them, a norm) it has to run the model again up to the next block.
-    One forward of ``batch``, stopped where the last block would run (or at the first link that
-    differs), compares each block's hidden states with the previous block's output and its other arguments with
-    the first block's (:meth:`BlockInputs.same_call`).
+    blocks, a residual sum outside them, a norm) it has to run the model again up to the next block, as it does
+    where the blocks' other arguments differ at most blocks (more distinct calls than half the blocks: they may be
+    computed from the hidden states). One forward of ``batch``, stopped where the last block would run (or at the
+    first link that differs), compares each block's hidden states with the previous block's output and its other
+    arguments with the distinct calls before it (:meth:`BlockInputs.same_call`).
 
     Args:
         model: The whole model (called as :func:`call_model` does).
@@ -116,10 +140,11 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             the first block or inside a block counts as chained: the walk fails there and names it.
     """
     if len(blocks) < 2:
-        return True
+        return BlockChain(True, (0,) * len(blocks))
     position = {id(block): index for index, block in enumerate(blocks)}
     last: list[Any] = [-1, None]  # the index of the block that ran last, a copy of its output
-    first: list[BlockInputs] = []  # the first block's call: the walk runs every later block with its arguments
+    distinct: list[BlockInputs] = []  # the calls seen, their hidden states dropped
+    calls: list[int] = []  # each block's call, an index into distinct
     entered = [-1]  # the index of the block that started last
     chained = [True]
 
@@ -136,13 +161,12 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             hidden = call.hidden
         except UserInputError:  # hidden states under another keyword: only a run of the model up to it reaches them
             hidden = None
-        if index == 0:
-            first.append(call)
-        elif hidden is None or not torch.equal(hidden, last[1]) or not first[0].same_call(call):
+        if index > 0 and (hidden is None or not torch.equal(hidden, last[1])):
             chained[0] = False
             if len(blocks) >= 4:  # fewer: at most 2.5 times the block forwards
-                _warn_unchained(names, index, len(blocks), hidden is not None and torch.equal(hidden, last[1]))
+                _warn_unchained(names, index, len(blocks), f"is not called with {names[index - 1]}'s output {_BETWEEN}")
             raise StopForward
+        calls.append(_call_index(distinct, call))
         if index == len(blocks) - 1:
             raise StopForward
 
@@ -166,7 +190,7 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
         raise
     except MODEL_ERRORS as err:
         if last[0] < 0 or entered[0] > last[0]:  # before the first block or inside one: the walk names it
-            return True
+            return BlockChain(True, (0,) * len(blocks))
         raise UserInputError(
             f"calibration batch 0: the model's forward failed after {names[last[0]]}, before the next block ran: "
             f"{type(err).__name__}: {first_line(err)}"
@@ -174,22 +198,78 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
     finally:
         for handle in handles:
             handle.remove()
-    return chained[0]
+    if not chained[0]:
+        return BlockChain(False)
+    if 2 * len(distinct) > len(blocks):  # arguments of their own at most blocks: maybe computed from the hidden states
+        if len(blocks) >= 4:
+            why = (
+                f"and {len(distinct) - 2} more of the {len(blocks)} blocks get other arguments than any block before "
+                f"them ({len(distinct)} distinct calls: a walk reuses calls that serve two blocks each on average)"
+            )
+            _warn_unchained(names, calls.index(1), len(blocks), why)
+        return BlockChain(False)
+    return BlockChain(True, tuple(calls))
 
 
-def _warn_unchained(names: Sequence[str], index: int, count: int, same_hidden: bool) -> None:
+_BETWEEN = "(the model computes between them: a norm, an activation, a residual sum outside the blocks)"
+
+
+def _call_index(distinct: list[BlockInputs], call: BlockInputs) -> int:
+    """The index of ``call``'s other arguments among ``distinct``, appended there (hidden states dropped) if new."""
+    for index, seen in enumerate(distinct):
+        if seen.same_call(call):
+            return index
+    distinct.append(call.without_hidden())
+    return len(distinct) - 1
+
+
+@torch.no_grad()
+def capture_block_calls(
+    model: nn.Module, blocks: Sequence[nn.Module], chain: BlockChain, batches: Sequence[Any], device: torch.device | str
+) -> list[list[BlockInputs]] | None:
+    """Every batch's distinct block calls (hidden states dropped) in the order of ``chain.calls``, from one forward
+    of each batch stopped at the last block: what a walk over linked blocks with arguments of their own runs each
+    block with. ``None`` if a batch's blocks do not share their calls as ``chain`` (found on the first batch) says.
+    """
+    position = {id(block): index for index, block in enumerate(blocks)}
+    seen: list[BlockInputs] = []
+    matched = [True]
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        index = position[id(module)]
+        call, kind = BlockInputs(args, kwargs, None), chain.calls[index]
+        if kind == len(seen):
+            seen.append(call.without_hidden())
+        elif kind > len(seen) or not seen[kind].same_call(call):
+            matched[0] = False
+            raise StopForward
+        if index == len(blocks) - 1:
+            raise StopForward
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    captured = []
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            seen = []
+            try:
+                call_model(model, batch)
+            except StopForward:
+                pass
+            if not matched[0] or len(seen) != max(chain.calls) + 1:
+                return None
+            captured.append([dataclasses.replace(call, token_mask=token_mask(batch)) for call in seen])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _warn_unchained(names: Sequence[str], index: int, count: int, why: str) -> None:
     """Says why a walk over ``count`` blocks re-runs the model up to every block, and what that costs."""
-    why = (
-        "is called with {}'s output but not with the first block's other arguments (an attention mask or rotary "
-        "embedding of its own, as Gemma 2/3's local and global layers get)"
-        if same_hidden
-        else "is not called with {}'s output (the model computes between them: a norm, an activation, a residual sum "
-        "outside the blocks)"
-    )
     warnings.warn(
-        f"{names[index]} {why.format(names[index - 1])}: each of the {count} blocks' calibration "
-        f"inputs come from a forward of the model up to it, about {count * (count + 1) // 2} block forwards a pass "
-        f"instead of {count}",
+        f"{names[index]} {why}: each of the {count} blocks' calibration inputs come from a forward of the model up "
+        f"to it, about {count * (count + 1) // 2} block forwards a pass instead of {count}",
         UserWarning,
         stacklevel=user_stacklevel(),
     )

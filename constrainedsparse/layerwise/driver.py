@@ -47,7 +47,13 @@ from constrainedsparse.layerwise.base import LayerProblem, LayerResult, Layerwis
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
-from constrainedsparse.layerwise.capture import blocks_chained, call_model, capture_block_inputs
+from constrainedsparse.layerwise.capture import (
+    BlockChain,
+    blocks_chained,
+    call_model,
+    capture_block_calls,
+    capture_block_inputs,
+)
 from constrainedsparse.layerwise.grams import accumulate_grams
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.sequential import block_groups
@@ -310,14 +316,15 @@ def walk_chained(
     stop: int | None = None,
     device: torch.device | str = "cpu",
     offload: bool = False,
-) -> bool:
-    """Whether a walk over blocks ``start .. stop - 1`` may run each block to get the next one's inputs
-    (:func:`~constrainedsparse.layerwise.capture.blocks_chained` on the first batch; offloaded to another
-    device than the model's, the blocks are not where one forward could run them all, and are taken to be
-    chained, as transformer blocks are)."""
+) -> BlockChain:
+    """Whether a walk over blocks ``start .. stop - 1`` may run each block to get the next one's inputs, and with
+    which of the forward's calls (:func:`~constrainedsparse.layerwise.capture.blocks_chained` on the first batch,
+    its ``calls`` counted from ``start``; offloaded to another device than the model's, the blocks are not where
+    one forward could run them all, and are taken to be chained with the first block's arguments, as most
+    transformer blocks are)."""
     stop = len(blocks) if stop is None else min(stop, len(blocks))
     if offloaded_elsewhere(model, device, offload) or stop - start < 2 or not batches:
-        return True
+        return BlockChain(True, (0,) * max(stop - start, 0))
     prefixes = block_prefixes(model, blocks)
     return blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
 
@@ -332,7 +339,7 @@ def walk_blocks(
     device: torch.device | str = "cpu",
     offload: bool = False,
     activations: str = "device",
-    chained: bool | None = None,
+    chained: BlockChain | None = None,
 ) -> Generator[tuple[int, nn.Module, str, list[BlockInputs], torch.device | str | None], None, None]:
     """The block-sequential walk every pass over a model shares: capture, visit, propagate.
 
@@ -343,8 +350,10 @@ def walk_blocks(
     back. Where the model computes something between two blocks (one forward of the first batch
     finds out, :func:`~constrainedsparse.layerwise.capture.blocks_chained`), the next block's inputs
     come from the model run up to it instead (``offload`` assumes chained blocks, as transformer
-    blocks are; ``chained``: what :func:`walk_chained` said, if the caller asked already). See
-    :func:`prune_blocks` for ``offload`` and ``activations``.
+    blocks are; ``chained``: what :func:`walk_chained` said, if the caller asked already). Blocks called with
+    arguments of their own (Gemma 2/3's local and global layers) get them from one forward of every batch ahead
+    (:func:`~constrainedsparse.layerwise.capture.capture_block_calls`). See :func:`prune_blocks` for ``offload``
+    and ``activations``.
     """
     prefixes = block_prefixes(model, blocks)
     if distributed.is_distributed():  # data-parallel calibration: rank r takes batches r, r + N, ...
@@ -352,8 +361,10 @@ def walk_blocks(
     stop = len(blocks) if stop is None else min(stop, len(blocks))
     if chained is None:
         chained = walk_chained(model, blocks, batches, start=start, stop=stop, device=device, offload=offload)
-    inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     store = device if activations == "device" else "cpu"
+    calls = _own_calls(model, blocks[start:stop], chained, batches, device, store) if chained.own_calls else None
+    linked = chained.linked and (calls is not None or not chained.own_calls)  # a batch of another pattern: unlinked
+    inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     compute = device if (offload or store != device) else None
     for index in range(start, stop):
         block = blocks[index]
@@ -362,13 +373,30 @@ def walk_blocks(
             block.to(device)
         try:  # an error in the caller (its consumer closes the walk) also sends the block home
             yield index, block, prefixes[index], inputs, compute
-            if index + 1 < stop and chained:
+            if index + 1 < stop and linked:
                 inputs = run_block(block, inputs, compute)
+                if calls is not None:  # the next block's own arguments with this block's outputs
+                    kind = chained.calls[index + 1 - start]
+                    inputs = [own[kind].with_hidden(item.hidden) for own, item in zip(calls, inputs, strict=True)]
             elif index + 1 < stop:  # something runs between the blocks: the model up to the next one, as changed
                 inputs = walk_inputs(model, blocks[index + 1], batches, device, offload, activations)
         finally:
             if offload and home is not None:
                 block.to(home)
+
+
+def _own_calls(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    chain: BlockChain,
+    batches: Sequence[Any],
+    device: torch.device | str,
+    store: torch.device | str,
+) -> list[list[BlockInputs]] | None:
+    """Every batch's distinct block calls for a walk over linked blocks with arguments of their own, stored on
+    ``store``; ``None`` where a batch's blocks do not share their calls as the first batch's did."""
+    calls = capture_block_calls(model, blocks, chain, batches, device)
+    return None if calls is None else [[call.to(store) for call in own] for own in calls]
 
 
 def prune_blocks(
@@ -429,10 +457,11 @@ def prune_blocks(
     reports: list[LayerReport] = []
     stop = len(blocks) if stop is None else min(stop, len(blocks))
     chained = walk_chained(model, blocks, batches, start=start, stop=stop, device=device, offload=offload)
-    if fit is not None and fit.enabled and fit.target == "dense" and not chained:
+    if fit is not None and fit.enabled and fit.target == "dense" and (not chained.linked or chained.own_calls):
         raise UserInputError(
             "block_fit_target=dense fits each block to the dense model's block outputs, which the walk follows "
-            "from block to block, but this model computes something between its blocks: set "
+            "from block to block, but this model computes something between its blocks or calls them with arguments "
+            "of their own: set "
             "block_fit_target=block (each block fitted to its dense outputs on its own inputs)"
         )
     walk = walk_blocks(model, blocks, batches, start=start, stop=stop, device=device, offload=offload,
