@@ -171,7 +171,7 @@ def test_clipping_and_accumulation_between_backward_and_the_primal_step():
     model, x, y = _cancer()
     targets = Targets().resolve(model, SparsityConfig(sparsity=0.5))
     problem = SparsityProblem(
-        model, nn.functional.cross_entropy, targets, {"budget": UserConstraint(lambda m: m[0].weight.norm() - 4.0)}
+        model, nn.functional.cross_entropy, targets, {"budget": UserConstraint(lambda m: m[0].weight.norm() - 0.5)}
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     f = make("admm", problem, optimizer=optimizer, dual_lr=0.5)
@@ -187,7 +187,8 @@ def test_clipping_and_accumulation_between_backward_and_the_primal_step():
     f.post_step(steps)
     # the multiplier took one ascent step on the mean violation of the accumulated micro-batches
     mean = sum(violations) / len(violations)
-    assert float(problem.budget.multiplier.weight.detach()) == pytest.approx(max(0.0, 0.5 * mean), rel=1e-5)
+    assert mean > 0  # violated: the multiplier's projection onto >= 0 leaves the step as it is
+    assert float(problem.budget.multiplier.weight.detach()) == pytest.approx(0.5 * mean, rel=1e-5)
 
 
 def test_amp_autocast_and_grad_scaler_on_cpu():
