@@ -665,3 +665,79 @@ def test_gemma_local_and_global_layers_are_walked_as_a_chain_with_their_own_mask
     for ours, theirs in zip(model.parameters(), rerun.parameters(), strict=True):
         assert torch.equal(ours, theirs)
     assert counts[0] < counts[1], counts  # 37 against 47 here, 6 blocks; the rerun grows with L², this with L
+
+
+def _rerun_walk(monkeypatch) -> None:
+    """Forces the walk that runs the model up to every block (the reference: nothing captured ahead)."""
+    from constrainedsparse.layerwise import driver
+    from constrainedsparse.layerwise.capture import BlockChain
+
+    monkeypatch.setattr(driver, "walk_chained", lambda *args, **kwargs: BlockChain(False))
+
+
+class _ValueBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.fc(x if first is None else x * first)
+
+
+class ValueResidual(nn.Module):
+    """ResFormer-style: every block after the first also gets the first block's output, two distinct calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_ValueBlock() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = None
+        for index, block in enumerate(self.blocks):
+            x = block(x, first=first)
+            first = x if index == 0 else first
+        return x
+
+
+def test_arguments_computed_from_earlier_blocks_are_not_captured_ahead(monkeypatch):
+    """Two distinct calls, but the second carries the first block's output: captured from the dense model ahead,
+    blocks 1-3 were calibrated with the unpruned block 0's output."""
+    torch.manual_seed(0)
+    model = ValueResidual()
+    rerun = copy.deepcopy(model)
+    batches = [torch.randn(32, 16) for _ in range(2)]
+    why = (
+        r"^blocks\.1 is called with arguments computed from the weights of the blocks before it, which pruning changes"
+    )
+    with pytest.warns(UserWarning, match=why):
+        prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    _rerun_walk(monkeypatch)
+    prune_layerwise(rerun, batches, "sparsegpt", sparsity=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), rerun.parameters(), strict=True))
+
+
+def test_the_chain_is_judged_on_the_longest_batch(monkeypatch):
+    """Judged on a first batch within Gemma 2's sliding window (every layer the same mask), the blocks passed for a
+    plain chain and the longer batches ran every layer with the first layer's mask."""
+    model = _tiny_gemma("gemma2")
+    rerun = copy.deepcopy(model)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 3))}, {"input_ids": torch.randint(0, 64, (2, 12))}]
+    prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    _rerun_walk(monkeypatch)
+    prune_layerwise(rerun, batches, "sparsegpt", sparsity=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), rerun.parameters(), strict=True))
+
+
+def test_a_key_value_cache_in_the_batches_is_refused_before_any_weight_changes():
+    """A batch's use_cache=True overrode the config's use_cache=False: every block run appended to one cache object
+    (a size mismatch, or wrong weights without an error)."""
+    model = _tiny_gemma("gemma3")
+    before = copy.deepcopy(model.state_dict())
+    batches = [{"input_ids": torch.randint(0, 64, (2, 10)), "use_cache": True}]
+    message = (r"^calibration batch 0: the first block is called with a key/value cache \(\w+: DynamicCache\): the "
+               r"walk runs every block more than once a batch, and each run would add to it; calibrate without one "
+               r"\(model\.config\.use_cache = False, which prune_layerwise sets, and no use_cache=True or "
+               r"past_key_values in the batches\)$")  # fmt: skip
+    with pytest.raises(UserInputError, match=message):
+        prune_layerwise(model, batches, "wanda", sparsity=0.5)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())

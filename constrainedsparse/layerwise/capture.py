@@ -3,15 +3,16 @@ form a chain (each called with the previous one's output), which lets a walk run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from constrainedsparse.batches import to_device
+from constrainedsparse.batches import map_tensors, to_device
 from constrainedsparse.errors import UserInputError, first_line, user_input, user_stacklevel
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
 from constrainedsparse.layerwise.grams import StopForward
@@ -63,6 +64,7 @@ def capture_block_inputs(
     captured: list[tuple[tuple, dict]] = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        _refuse_cache(args, kwargs, len(captured))
         captured.append((args, dict(kwargs)))
         raise StopForward
 
@@ -92,6 +94,23 @@ def capture_block_inputs(
     return inputs
 
 
+_CACHE_KEYWORDS = ("past_key_value", "past_key_values", "layer_past")
+
+
+def _refuse_cache(args: tuple, kwargs: dict, index: int) -> None:
+    """Raises for a block call with a key/value cache (a batch's ``use_cache=True`` or ``past_key_values``): the
+    walk runs every block more than once a batch, and each run would append to the one cache object."""
+    for key, value in [*enumerate(args), *kwargs.items()]:
+        if value is None or not (key in _CACHE_KEYWORDS or any(c.__name__ == "Cache" for c in type(value).__mro__)):
+            continue
+        raise UserInputError(
+            f"calibration batch {index}: the first block is called with a key/value cache ({key}: "
+            f"{type(value).__name__}): the walk runs every block more than once a batch, and each run would add to "
+            "it; calibrate without one (model.config.use_cache = False, which prune_layerwise sets, and no "
+            "use_cache=True or past_key_values in the batches)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockChain:
     """How a walk gets a block's calibration inputs: from the previous block's output, or by running the model.
@@ -113,7 +132,6 @@ class BlockChain:
         return any(self.calls)
 
 
-@torch.no_grad()
 def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequence[str], batch: Any) -> BlockChain:
     """Whether every block after the first is called with the previous block's output, and otherwise with one of a
     few calls the forward repeats (the first block's attention mask and position embeddings, or Gemma 2/3's local
@@ -122,10 +140,12 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
     A walk over chained blocks gets a block's inputs by running the previous block on its own inputs;
     where the model computes something between two blocks (an activation between bare ``nn.Linear``
     blocks, a residual sum outside them, a norm) it has to run the model again up to the next block, as it does
-    where the blocks' other arguments differ at most blocks (more distinct calls than half the blocks: they may be
-    computed from the hidden states). One forward of ``batch``, stopped where the last block would run (or at the
-    first link that differs), compares each block's hidden states with the previous block's output and its other
-    arguments with the distinct calls before it (:meth:`BlockInputs.same_call`).
+    where the blocks' other arguments differ at most blocks (more distinct calls than half the blocks) or are
+    computed from the weights (a value or output of an earlier block, which pruning changes: ResFormer's value
+    residual). One forward of ``batch``, stopped where the last block would run (or at the first link that
+    differs), compares each block's hidden states with the previous block's output and its other arguments with
+    the distinct calls before it (:meth:`BlockInputs.same_call`); it records autograd's graph without keeping a
+    tensor, so an argument that requires grad and is not one of the first block's depends on the weights.
 
     Args:
         model: The whole model (called as :func:`call_model` does).
@@ -147,6 +167,7 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
     calls: list[int] = []  # each block's call, an index into distinct
     entered = [-1]  # the index of the block that started last
     chained = [True]
+    static: set[int] = set()  # the first block's argument tensors: computed before any block, by layers never pruned
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         index = position[id(module)]
@@ -166,7 +187,18 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
             if len(blocks) >= 4:  # fewer: at most 2.5 times the block forwards
                 _warn_unchained(names, index, len(blocks), f"is not called with {names[index - 1]}'s output {_BETWEEN}")
             raise StopForward
+        seen = len(distinct)
         calls.append(_call_index(distinct, call))
+        if index == 0:
+            static.update(id(t) for t in _tensors(distinct[0]))
+        elif len(distinct) > seen and any(t.requires_grad and id(t) not in static for t in _tensors(distinct[-1])):
+            chained[0] = False
+            if len(blocks) >= 4:
+                why = (
+                    "is called with arguments computed from the weights of the blocks before it, which pruning changes"
+                )
+                _warn_unchained(names, index, len(blocks), why)
+            raise StopForward
         if index == len(blocks) - 1:
             raise StopForward
 
@@ -179,7 +211,8 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
     handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in blocks]
     handles += [block.register_forward_hook(after) for block in blocks]
     try:
-        call_model(model, batch)
+        with _graph_without_tensors(model):
+            call_model(model, batch)
         raise UserInputError(  # the forward ended without reaching the last block: a walk would make up its inputs
             f"{names[entered[0] + 1]} never ran on calibration batch 0: blocks must be blocks the model's forward "
             "calls, in execution order"
@@ -212,6 +245,36 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
 
 
 _BETWEEN = "(the model computes between them: a norm, an activation, a residual sum outside the blocks)"
+
+
+def _tensors(call: BlockInputs) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (its hidden states dropped already)."""
+    found: list[torch.Tensor] = []
+    map_tensors((call.args, call.kwargs), lambda t: found.append(t) or t)
+    return found
+
+
+@contextlib.contextmanager
+def _graph_without_tensors(model: nn.Module) -> Iterator[None]:
+    """Within: autograd records which tensors depend on the model's floating-point parameters (each made to require
+    grad for the while) but keeps none of the tensors a backward would need: one forward's provenance, no memory."""
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _never_unpacked):
+            yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
+def _drop(tensor: torch.Tensor) -> None:
+    return None
+
+
+def _never_unpacked(packed: None) -> torch.Tensor:
+    raise AssertionError("blocks_chained never runs a backward")
 
 
 def _call_index(distinct: list[BlockInputs], call: BlockInputs) -> int:

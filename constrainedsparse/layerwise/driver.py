@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from constrainedsparse import distributed
-from constrainedsparse.batches import to_device
+from constrainedsparse.batches import map_tensors, to_device
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
@@ -326,7 +326,16 @@ def walk_chained(
     if offloaded_elsewhere(model, device, offload) or stop - start < 2 or not batches:
         return BlockChain(True, (0,) * max(stop - start, 0))
     prefixes = block_prefixes(model, blocks)
-    return blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(batches[0], device))
+    longest = max(batches, key=_extent)  # a batch within Gemma's window gets the same mask in every layer
+    return blocks_chained(model, blocks[start:stop], prefixes[start:stop], to_device(longest, device))
+
+
+def _extent(batch: Any) -> tuple[int, int]:
+    """A batch's longest last dimension among its tensors of 2+ dimensions (a sequence's length), then its size: the
+    batch whose blocks are likeliest to get arguments of their own (past a sliding window or an attention chunk)."""
+    sizes: list[tuple[int, int]] = []
+    map_tensors(batch, lambda t: sizes.append((t.shape[-1] if t.dim() >= 2 else 0, t.numel())) or t)
+    return (max((s[0] for s in sizes), default=0), sum(s[1] for s in sizes))
 
 
 def walk_blocks(
