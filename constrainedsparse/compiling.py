@@ -31,15 +31,14 @@ def outside_compile(fn: F) -> F:
     if "torch._dynamo" in sys.modules:
         return torch.compiler.disable(fn)
 
+    disabled: list[Callable[..., Any]] = []  # built at the first call that finds torch._dynamo loaded
+
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if "torch._dynamo" not in sys.modules:
-            return fn(*args, **kwargs)
-        return _disabled(fn)(*args, **kwargs)
+        if not disabled:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
 
     return call  # type: ignore[return-value]
-
-
-@functools.cache
-def _disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compiler.disable(fn)

@@ -143,7 +143,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
                 "train (Targets().resolve(model, ...)), after any copy of it"
             )
         self.model = model
-        self.forward_module: nn.Module = model
+        self._wrapper: nn.Module | None = None  # forward_module: a wrapper of model set in its place (DDP's)
         self.loss_fn = loss_fn
         self.compute_loss = compute_loss
         self.targets = targets
@@ -152,6 +152,17 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         self.user_constraint_names: list[str] = []
         for name, spec in (constraints or {}).items():
             self.add_user_constraint(name, spec, example_batch)
+
+    @property
+    def forward_module(self) -> nn.Module:
+        """What the loss calls on the batch: ``model`` itself, or the wrapper of it set here (DDP's)."""
+        return self.model if self._wrapper is None else self._wrapper
+
+    @forward_module.setter
+    def forward_module(self, module: nn.Module) -> None:
+        # The model itself is read through self.model: reached under two names, a compiled model asserted in a step
+        # function compiled around backward() ("already tracked for mutation").
+        self._wrapper = None if module is self.model else module
 
     # --- the objective --------------------------------------------------------------------------
 

@@ -1250,11 +1250,12 @@ def test_masks_and_gates_under_torch_compile_trace_one_graph_through_every_updat
     assert all(torch.equal(a, b) for a, b in zip(compiled, _compiled_run(name), strict=True))
 
 
-def _step_function_run(name: str, compiled: bool, graphs: list | None = None) -> list[torch.Tensor]:
+def _step_function_run(name: str, compiled: bool, graphs: list | None = None, model_too: bool = False) -> list:
     torch.manual_seed(0)
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
-    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
-    norm = UserConstraint(lambda m: m[0].weight.norm() - 1.0, "<=")
+    plain = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = torch.compile(plain, backend="aot_eager") if model_too else plain
+    norm = UserConstraint(lambda m: m.get_submodule("0").weight.norm() - 1.0, "<=")
     problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)),
                               {"norm": norm})  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -1280,6 +1281,18 @@ def _step_function_run(name: str, compiled: bool, graphs: list | None = None) ->
     return [p.detach().clone() for p in model.parameters()] + [f.problem.named_multiplier_values()["norm"]]
 
 
+def test_a_compiled_model_in_a_compiled_step_function_steps_as_the_eager_one():
+    """The problem held the compiled model as model and as forward_module: a step function compiled around backward()
+    reached it under both names and torch asserted ('already tracked for mutation') wherever a constraint read the
+    model (l0's densities always, any formulation's user constraint)."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break notes
+        compiled = _step_function_run("l0", compiled=True, graphs=[], model_too=True)
+    eager = _step_function_run("l0", compiled=False)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled, eager, strict=True))
+
+
 def test_importing_the_library_does_not_load_the_compiler():
     """torch._dynamo takes about a second to import (the CLI's --help, a script's start): the compiled step's
     guard loads it only where a torch.optim optimizer or torch.compile has."""
@@ -1301,12 +1314,13 @@ def test_a_compiled_step_function_that_calls_backward_steps_as_the_eager_one(nam
     MLP of 11 pruned layers)."""
     torch._dynamo.reset()
     graphs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # dynamo's graph-break notes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         compiled = _step_function_run(name, compiled=True, graphs=graphs)
     eager = _step_function_run(name, compiled=False)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled, eager, strict=True))
     assert len(graphs) <= 4, len(graphs)  # the forward, the optimizer step, the first step's DDP check
+    assert not [str(w.message) for w in caught]  # dynamo warned of the lru_cache it traced in the wrapper, every step
     assert float(eager[-1].abs().sum()) > 0  # the constraint's multiplier moved
 
 
