@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -38,6 +38,9 @@ from constrainedsparse.errors import first_line
 from constrainedsparse.extras import require
 from constrainedsparse.saving import replace_folder
 from constrainedsparse.semistructured import is_two_four, to_semi_structured
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from constrainedsparse.sets import NMSparse
 
 __all__ = [
@@ -379,7 +382,7 @@ def load_compressed(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ValueError(f"{str(folder)!r}: {err}") from None
 
 
-def load_compressed_model(folder: str | os.PathLike[str]) -> nn.Module:
+def load_compressed_model(folder: str | os.PathLike[str]) -> PreTrainedModel:
     """The ``transformers`` model of an exported folder, with its decompressed (dense) weights in their stored
     dtype (a bfloat16 run reloads in bfloat16, as ``from_pretrained`` of its ``model/`` does).
 

@@ -118,7 +118,7 @@ def restarted_multipliers(problem: Any, optimizer: torch.optim.Optimizer) -> dic
 
 
 def cooper_optimizer(
-    problem: cooper.ConstrainedMinimizationProblem,
+    problem: cooper.cmp.ConstrainedMinimizationProblem,
     primal: torch.optim.Optimizer,
     dual: torch.optim.Optimizer | None,
 ) -> cooper.optim.CooperOptimizer:

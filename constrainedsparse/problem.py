@@ -1,4 +1,4 @@
-r"""The sparsity CMP: a :class:`cooper.ConstrainedMinimizationProblem` over a model.
+r"""The sparsity CMP: a :class:`cooper.cmp.ConstrainedMinimizationProblem` over a model.
 
 .. math::
     \min_W f(W) \quad \text{s.t.}\quad W_n \in C_n \ \text{(sparsity, per formulation)},\quad
@@ -87,7 +87,7 @@ def checked_loss(value: Any, source: str) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())  # no view node for a 0-d loss
 
 
-class SparsityProblem(cooper.ConstrainedMinimizationProblem):
+class SparsityProblem(cooper.cmp.ConstrainedMinimizationProblem):
     """Model + loss + targets + constraints, as a Cooper CMP.
 
     Args:
@@ -342,7 +342,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         delattr(self, name)
         del self._violations[name]
 
-    def compute_cmp_state(self, batch: Batch) -> cooper.CMPState:
+    def compute_cmp_state(self, batch: Batch) -> cooper.cmp.CMPState:
         """Loss (plus penalties) and every observed constraint's violation on ``batch``; ``misc['output']`` keeps
         the output."""
         loss, output = self.loss(batch)
@@ -359,7 +359,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             )
             for name, entry in observed.items()
         }
-        return cooper.CMPState(loss=loss, observed_constraints=states, misc={"output": output})
+        return cooper.cmp.CMPState(loss=loss, observed_constraints=states, misc={"output": output})
 
     def _violation(self, name: str, entry: _Registered, batch: Batch) -> torch.Tensor:
         return _entries(name, entry, entry.violation(self.model, batch))
@@ -386,7 +386,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
             return None
         return torch.optim.SGD([{"params": shared, "lr": lr}, *own], lr=lr, maximize=True)
 
-    def nonfinite_constraints(self, cmp_state: cooper.CMPState | None = None) -> list[str]:
+    def nonfinite_constraints(self, cmp_state: cooper.cmp.CMPState | None = None) -> list[str]:
         """The constraints whose violation on ``cmp_state`` (if given) or whose multiplier is not finite, yours
         first, each sorted: the likely cause of a NaN loss or Lagrangian."""
         bad = {n for n, v in self.named_multiplier_values().items() if not bool(torch.isfinite(v).all())}
@@ -401,7 +401,7 @@ class SparsityProblem(cooper.ConstrainedMinimizationProblem):
         """Current multiplier values by constraint name."""
         return {name: m.weight.detach().reshape(-1) for name, m in self.named_multipliers()}
 
-    def step_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def step_metrics(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """What a training loop logs of one step: ``loss/train``, and ``violation/<name>`` and
         ``multiplier/<name>`` of every user constraint (with ``strict_fn``: the violation is its measurement, and
         ``surrogate/<name>`` is ``fn``'s value); reads them to the host. A vector inequality logs its

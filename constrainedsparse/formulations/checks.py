@@ -52,7 +52,7 @@ class LastStep:
 
     loss: torch.Tensor
     lagrangian: torch.Tensor | None = None
-    state: weakref.ref[cooper.CMPState] | None = None
+    state: weakref.ref[cooper.cmp.CMPState] | None = None
 
 
 def check_finite_step(last: LastStep | None, problem: SparsityProblem, when: str) -> None:

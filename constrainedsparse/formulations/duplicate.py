@@ -351,7 +351,7 @@ class DuplicateVariables(Formulation):
             for target in self.problem.targets:
                 self.z[target.name] = self.level_set(target, fraction).project(target.tensor.detach())
 
-    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def after_step(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Counts the W-step and coordinates when :meth:`coordinates_after` says so."""
         self.steps_done += 1
         return self.coordinate() if self.coordinates_after(self.steps_done) else {}

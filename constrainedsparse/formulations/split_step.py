@@ -42,7 +42,7 @@ class SplitStep:
     problem: SparsityProblem
     optimizer: torch.optim.Optimizer
     dual_optimizer: torch.optim.Optimizer | None
-    cooper_optimizer: Any
+    cooper_optimizer: cooper.optim.CooperOptimizer
     _duals: DualTerms
     _epochs: EpochCount
     _last: LastStep | None
@@ -84,7 +84,7 @@ class SplitStep:
             self._duals.keep(step, _dual_lagrangian(cmp_state), dual_scale)
         return step
 
-    def backward(self, batch: Any, *, scale: float = 1.0, scaler: Any = None) -> LagrangianStep:
+    def backward(self, batch: Any, *, scale: float = 1.0, scaler: torch.amp.GradScaler | None = None) -> LagrangianStep:
         """:meth:`compute_lagrangian` then backward of the primal Lagrangian.
 
         Args:
@@ -195,11 +195,11 @@ class SplitStep:
             item.taken, item.dual = True, None
         return metrics
 
-    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def after_step(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Hook of :meth:`post_step`: coordination, restarts, clamps; returns metrics to log."""
         return {}
 
-    def training_step(self, batch: Any) -> tuple[cooper.CMPState, dict[str, float]]:
+    def training_step(self, batch: Any) -> tuple[cooper.cmp.CMPState, dict[str, float]]:
         """One primal-dual step on ``batch``: zero_grad, :meth:`backward`, primal step, :meth:`post_step`.
 
         Returns:
@@ -223,7 +223,7 @@ def _before_lagrangian(formulation: SplitStep) -> None:
 
 
 @outside_compile
-def _dual_lagrangian(cmp_state: cooper.CMPState) -> torch.Tensor:
+def _dual_lagrangian(cmp_state: cooper.cmp.CMPState) -> torch.Tensor:
     """The dual Lagrangian :math:`\\lambda^\\top g` (violations detached), built outside any compiled frame: built
     inside a step function under ``torch.compile``, its backward in ``post_step`` would go through a compiled node
     the primal backward has freed."""

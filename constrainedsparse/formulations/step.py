@@ -24,7 +24,7 @@ class LagrangianStep:
         lagrangian: The primal Lagrangian :math:`f + \\sum_j \\lambda_j g_j + \\dots` (a scalar tensor).
     """
 
-    cmp_state: cooper.CMPState
+    cmp_state: cooper.cmp.CMPState
     lagrangian: torch.Tensor
     taken: bool = dataclasses.field(default=False, repr=False, compare=False)  # post_step() used it
     dual: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)  # λᵀg·scale, g detached

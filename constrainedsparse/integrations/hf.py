@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from constrainedsparse.config import Hyperparameters
@@ -99,7 +99,7 @@ class SparsityTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | None = None,
-        args: Any = None,
+        args: TrainingArguments | None = None,
         *,
         targets: list[TargetParam],
         formulation: str = "slr",

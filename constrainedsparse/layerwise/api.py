@@ -92,7 +92,7 @@ def prune_layerwise(
     sparsity: float | None = None,
     pattern: str | None = None,
     targets: Targets | None = None,
-    out: str | Path | None = None,
+    out: str | os.PathLike[str] | None = None,
     tokenizer: Any = None,
     blocks: Iterable[nn.Module] | None = None,
     mask_scope: str | None = None,

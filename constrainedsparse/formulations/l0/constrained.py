@@ -445,14 +445,14 @@ class L0(Gated):
         """The density constraints' multipliers by constraint name."""
         return dict(self._multipliers)
 
-    def after_gated_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def after_gated_step(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Logs the density constraints' dual state at a step where one of them restarted
         (:meth:`Formulation.post_step` resets the restarted entries and logs ``restart/<name>``)."""
         if any(bool(m.last_restart.any()) for m in self.multipliers().values()):
             return self._dual_metrics(cmp_state)
         return {}
 
-    def _dual_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def _dual_metrics(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         metrics = {}
         for constraint, state in cmp_state.observed_constraints.items():
             if constraint.name in self.constraint_names:
@@ -469,7 +469,7 @@ class L0(Gated):
         if name in self._second_entry:
             metrics[f"{kind}/{self._second_entry[name]}"] = values[1]
 
-    def interval_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def interval_metrics(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Violations and multipliers of the density constraints."""
         return self._dual_metrics(cmp_state)
 

@@ -197,7 +197,7 @@ class Gated(Formulation):
     def add_terms(self) -> None:
         """Registers constraints / penalties on the problem (after the gates exist)."""
 
-    def after_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def after_step(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Clamps :math:`\\log\\alpha`, then :meth:`after_gated_step`; every ``log_interval`` steps the densities."""
         clamp_log_alpha_(self.gates.values())
         self.steps_done += 1
@@ -231,11 +231,11 @@ class Gated(Formulation):
             stacklevel=user_stacklevel(),
         )
 
-    def after_gated_step(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def after_gated_step(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Hook after every primal(-dual) step; returns metrics to log at this step."""
         return {}
 
-    def interval_metrics(self, cmp_state: cooper.CMPState) -> dict[str, float]:
+    def interval_metrics(self, cmp_state: cooper.cmp.CMPState) -> dict[str, float]:
         """Extra metrics logged every ``log_interval`` steps (none here)."""
         return {}
 
