@@ -734,8 +734,8 @@ def test_a_key_value_cache_in_the_batches_is_refused_before_any_weight_changes()
     model = _tiny_gemma("gemma3")
     before = copy.deepcopy(model.state_dict())
     batches = [{"input_ids": torch.randint(0, 64, (2, 10)), "use_cache": True}]
-    message = (r"^calibration batch 0: the first block is called with a key/value cache \(\w+: DynamicCache\): the "
-               r"walk runs every block more than once a batch, and each run would add to it; calibrate without one "
+    message = (r"^calibration batch 0: a block is called with a key/value cache \(\w+: DynamicCache\): the walk "
+               r"runs every block more than once a batch, and each run would add to it; calibrate without one "
                r"\(model\.config\.use_cache = False, which prune_layerwise sets, and no use_cache=True or "
                r"past_key_values in the batches\)$")  # fmt: skip
     with pytest.raises(UserInputError, match=message):

@@ -17,7 +17,15 @@ from constrainedsparse.errors import UserInputError, first_line, user_input, use
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
 from constrainedsparse.layerwise.grams import StopForward
 
-__all__ = ["BlockChain", "blocks_chained", "call_model", "capture_block_calls", "capture_block_inputs", "token_mask"]
+__all__ = [
+    "BlockChain",
+    "blocks_chained",
+    "call_model",
+    "capture_block_calls",
+    "capture_block_inputs",
+    "refuse_cache",
+    "token_mask",
+]
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -64,7 +72,6 @@ def capture_block_inputs(
     captured: list[tuple[tuple, dict]] = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        _refuse_cache(args, kwargs, len(captured))
         captured.append((args, dict(kwargs)))
         raise StopForward
 
@@ -97,18 +104,19 @@ def capture_block_inputs(
 _CACHE_KEYWORDS = ("past_key_value", "past_key_values", "layer_past")
 
 
-def _refuse_cache(args: tuple, kwargs: dict, index: int) -> None:
-    """Raises for a block call with a key/value cache (a batch's ``use_cache=True`` or ``past_key_values``): the
+def refuse_cache(inputs: Sequence[BlockInputs]) -> None:
+    """Raises for a block call with a key/value cache (a batch's ``use_cache=True`` or ``past_key_values``): a
     walk runs every block more than once a batch, and each run would append to the one cache object."""
-    for key, value in [*enumerate(args), *kwargs.items()]:
-        if value is None or not (key in _CACHE_KEYWORDS or any(c.__name__ == "Cache" for c in type(value).__mro__)):
-            continue
-        raise UserInputError(
-            f"calibration batch {index}: the first block is called with a key/value cache ({key}: "
-            f"{type(value).__name__}): the walk runs every block more than once a batch, and each run would add to "
-            "it; calibrate without one (model.config.use_cache = False, which prune_layerwise sets, and no "
-            "use_cache=True or past_key_values in the batches)"
-        )
+    for index, call in enumerate(inputs):
+        for key, value in [*enumerate(call.args), *call.kwargs.items()]:
+            if value is None or not (key in _CACHE_KEYWORDS or any(c.__name__ == "Cache" for c in type(value).__mro__)):
+                continue
+            raise UserInputError(
+                f"calibration batch {index}: a block is called with a key/value cache ({key}: {type(value).__name__}): "
+                "the walk runs every block more than once a batch, and each run would add to it; calibrate without "
+                "one (model.config.use_cache = False, which prune_layerwise sets, and no use_cache=True or "
+                "past_key_values in the batches)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

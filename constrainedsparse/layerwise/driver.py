@@ -53,6 +53,7 @@ from constrainedsparse.layerwise.capture import (
     call_model,
     capture_block_calls,
     capture_block_inputs,
+    refuse_cache,
 )
 from constrainedsparse.layerwise.grams import accumulate_grams
 from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
@@ -282,7 +283,9 @@ def walk_inputs(
     model's own device with ``offload``), stored on ``device`` or the CPU per ``activations``."""
     capture = next(model.parameters()).device if offload else device
     store = device if activations == "device" else "cpu"
-    return [item.to(store) for item in capture_block_inputs(model, block, batches, capture)]
+    inputs = capture_block_inputs(model, block, batches, capture)
+    refuse_cache(inputs)
+    return [item.to(store) for item in inputs]
 
 
 def block_prefixes(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
