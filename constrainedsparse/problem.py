@@ -350,7 +350,9 @@ class SparsityProblem(cooper.cmp.ConstrainedMinimizationProblem):
             loss = loss + fn(self.model)
         observed = {name: entry for name, entry in self._violations.items() if entry.observed}
         violations = {name: self._violation(name, entry, batch) for name, entry in observed.items()}
-        strict = _strict_violations(self, observed, batch)  # after the violations: l0's reuse their densities
+        strict = {}  # after the violations: l0's reuse their densities
+        if any(entry.strict_violation is not None for entry in observed.values()):
+            strict = _strict_violations(self, observed, batch)
         states = {
             entry.constraint: cooper.ConstraintState(
                 violation=violations[name],
