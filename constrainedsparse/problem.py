@@ -31,7 +31,7 @@ from constrainedsparse.errors import UserInputError
 from constrainedsparse.modes import eval_mode, random_states_kept
 from constrainedsparse.multipliers import RestartingMultiplier
 from constrainedsparse.targets import TargetParam, resolved_targets
-from constrainedsparse.userconstraint import SENSES, UserConstraint, ViolationFn
+from constrainedsparse.userconstraint import SENSES, UserConstraint, ViolationFn, checked_violation
 
 __all__ = ["Batch", "LossFn", "SparsityProblem", "UserConstraint", "ViolationFn", "violation_summary"]
 
@@ -222,11 +222,11 @@ class SparsityProblem(cooper.cmp.ConstrainedMinimizationProblem):
             raise ValueError(f"constraint {name!r} takes a batch; pass example_batch to size it")
         # Sized in eval mode, the random streams kept: BatchNorm statistics and the training's draws untouched.
         with torch.no_grad(), eval_mode(self.model), random_states_kept():
-            value = _checked_violation(name, spec(self.model, example_batch))
+            value = checked_violation(name, spec(self.model, example_batch))
             strict = (
                 None
                 if spec.strict_fn is None
-                else _checked_violation(name, spec.measure(self.model, example_batch), "strict_fn")
+                else checked_violation(name, spec.measure(self.model, example_batch), "strict_fn")
             )
         for what, measured in (("", value), (" strict_fn", strict)):
             if measured is not None and not bool(torch.isfinite(measured).all()):  # would make λ and W nan
@@ -458,7 +458,7 @@ def _entries(name: str, entry: _Registered, value: Any, key: str = "") -> torch.
     value = _in_multiplier_dtype(entry, value)
     if entry.user:
         weight = entry.constraint.multiplier.weight
-        value = _checked_violation(name, value, key)
+        value = checked_violation(name, value, key)
         if key:
             value = value.to(weight.device)
         elif torch.is_grad_enabled() and not value.requires_grad:
@@ -484,26 +484,3 @@ def _in_multiplier_dtype(entry: _Registered, value: Any) -> Any:
     if multiplier is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
     return value.to(multiplier.weight.dtype)
-
-
-def _type_name(value: Any) -> str:
-    """A value's type as a user tells it apart: ``float``, but ``numpy.float32`` (not torch's dtype)."""
-    kind = type(value)
-    module = kind.__module__.split(".")[0]
-    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
-
-
-def _checked_violation(name: str, value: Any, key: str = "") -> torch.Tensor:
-    """A violation (``key``: ``"strict_fn"``'s, which need not be differentiable) as a flat tensor.
-
-    Raises:
-        UserInputError: For a value that is not a non-empty floating-point tensor.
-    """
-    who = f"constraint {name!r}" + (f" {key}" if key else "")
-    if not isinstance(value, torch.Tensor):
-        what = "a tensor" if key else "a tensor differentiable in the model's parameters"
-        raise UserInputError(f"{who} must return {what}, got {_type_name(value)}")
-    if not torch.is_floating_point(value) or value.numel() == 0:
-        got = "an empty tensor" if value.numel() == 0 else value.dtype
-        raise UserInputError(f"{who} must return a non-empty floating-point tensor, got {got}")
-    return value.reshape(-1)

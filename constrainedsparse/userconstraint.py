@@ -25,7 +25,7 @@ import cooper
 import torch
 from torch import nn
 
-from constrainedsparse.errors import is_number
+from constrainedsparse.errors import UserInputError, is_number
 
 __all__ = ["SENSES", "UserConstraint", "ViolationFn"]
 
@@ -122,3 +122,26 @@ def _takes_batch(fn: Callable[..., Any], key: str) -> bool:
         names = ", ".join(p.name for p in parameters)
         raise ValueError(f"constraint {key} must take (model) or (model, batch), got a function of ({names})")
     return len(positional) >= 2 or varargs
+
+
+def _type_name(value: Any) -> str:
+    """A value's type as a user tells it apart: ``float``, but ``numpy.float32`` (not torch's dtype)."""
+    kind = type(value)
+    module = kind.__module__.split(".")[0]
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+
+
+def checked_violation(name: str, value: Any, key: str = "") -> torch.Tensor:
+    """A violation (``key``: ``"strict_fn"``'s, which need not be differentiable) as a flat tensor.
+
+    Raises:
+        UserInputError: For a value that is not a non-empty floating-point tensor.
+    """
+    who = f"constraint {name!r}" + (f" {key}" if key else "")
+    if not isinstance(value, torch.Tensor):
+        what = "a tensor" if key else "a tensor differentiable in the model's parameters"
+        raise UserInputError(f"{who} must return {what}, got {_type_name(value)}")
+    if not torch.is_floating_point(value) or value.numel() == 0:
+        got = "an empty tensor" if value.numel() == 0 else value.dtype
+        raise UserInputError(f"{who} must return a non-empty floating-point tensor, got {got}")
+    return value.reshape(-1)
