@@ -29,6 +29,7 @@ class ADMM(DuplicateVariables):
 
     description = "ADMM with duplicate variables W = Z: Z by projection, constant dual step rho(W - Z)"
     Config = DuplicateConfig
+    config: DuplicateConfig
 
     def dual_step_before_z(self, it: Iterate) -> tuple[float | None, dict[str, float]]:
         return None, {}

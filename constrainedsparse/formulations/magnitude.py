@@ -42,6 +42,7 @@ class Magnitude(Formulation):
 
     description = "magnitude pruning: gradual cubic schedule over the pruning epochs (one-shot at 0 epochs)"
     Config = MagnitudeConfig
+    config: MagnitudeConfig
 
     def attach(self) -> None:
         """Registers all-ones masks now, so that :meth:`start_epoch` and :meth:`load_state_dict` only update

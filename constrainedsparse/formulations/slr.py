@@ -108,6 +108,7 @@ class SLR(DuplicateVariables):
 
     description = "surrogate Lagrangian relaxation with duplicate variables W = Z (retrain-free pruning)"
     Config = SLRConfig
+    config: SLRConfig
     _optional_state_keys = DuplicateVariables._optional_state_keys | {"previous"}  # older: a copy w_prev
     needs_objective = True
 

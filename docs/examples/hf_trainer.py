@@ -51,8 +51,8 @@ dense_args = TrainingArguments(f"{OUT}/dense", num_train_epochs=4, learning_rate
 Trainer(model, dense_args, train_dataset=train).train()  # dense training: a plain Trainer
 
 # what (50 %), where (the encoder's Linear weights), how (METHOD), plus a constraint of yours
-targets = cs.Targets(module_types=(nn.Linear,), exclude=["bert.pooler.*", "classifier.*"])
-targets = targets.resolve(model, cs.SparsityConfig(sparsity=0.5))
+where = cs.Targets(module_types=(nn.Linear,), exclude=["bert.pooler.*", "classifier.*"])
+targets = where.resolve(model, cs.SparsityConfig(sparsity=0.5))
 
 
 def mean_square_logit(m: nn.Module, b: dict) -> torch.Tensor:

@@ -98,6 +98,7 @@ class L0(Gated):
 
     description = "hard-concrete L0 gates with expected-density constraints (Lagrangian, dual restarts)"
     Config = L0Config
+    config: L0Config
 
     @classmethod
     def exact_layer_sparsity(cls, config: L0Config) -> bool:

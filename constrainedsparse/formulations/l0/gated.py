@@ -436,6 +436,7 @@ class L0Penalty(Gated):
 
     description = "hard-concrete L0 gates with a fixed penalty lmbda * expected density (baseline)"
     Config = L0PenaltyConfig
+    config: L0PenaltyConfig
 
     def add_terms(self) -> None:
         """Adds :math:`\\lambda\\,\\mathbb{E}[\\text{density}]` to the loss (:meth:`SparsityProblem.add_penalty`)."""
