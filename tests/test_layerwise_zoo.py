@@ -741,3 +741,12 @@ def test_a_key_value_cache_in_the_batches_is_refused_before_any_weight_changes()
     with pytest.raises(UserInputError, match=message):
         prune_layerwise(model, batches, "wanda", sparsity=0.5)
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+
+
+def test_a_batch_the_model_cannot_take_is_named_in_one_line_where_blocks_have_calls_of_their_own():
+    """The calls of blocks with arguments of their own were captured before the walk's checked capture: a batch the
+    model fails on (a token id past the vocabulary) raised the embedding's raw IndexError."""
+    model = _tiny_gemma("gemma2")
+    batches = [{"input_ids": torch.randint(0, 64, (2, 12))}, {"input_ids": torch.full((2, 6), 999)}]
+    with pytest.raises(UserInputError, match=r"^calibration batch 1: the model's forward failed before the block"):
+        prune_layerwise(model, batches, "wanda", sparsity=0.5)

@@ -374,9 +374,9 @@ def walk_blocks(
     if chained is None:
         chained = walk_chained(model, blocks, batches, start=start, stop=stop, device=device, offload=offload)
     store = device if activations == "device" else "cpu"
+    inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     calls = _own_calls(model, blocks[start:stop], chained, batches, device, store) if chained.own_calls else None
     linked = chained.linked and (calls is not None or not chained.own_calls)  # a batch of another pattern: unlinked
-    inputs = walk_inputs(model, blocks[start], batches, device, offload, activations) if start < stop else []
     compute = device if (offload or store != device) else None
     for index in range(start, stop):
         block = blocks[index]
