@@ -583,7 +583,7 @@ ROWS: list[Row] = [
     Row("gram dtype", [*LLAMA, "--set", "gram_dtype=float16"], r"--set gram_dtype must be one of float32, float64"),
     Row("fw alpha", [*LLAMA, "--set", "alpha=1"], r"fw: alpha must be in \[0, 1\), got 1.0"),
     Row("fw iterations", [*LLAMA, "--set", "iterations=0"], r"fw: iterations must be an integer >= 1, got 0"),
-    Row("fw damp", [*LLAMA, "--set", "damp=-1"], r"fw: damp must be a finite number >= 0, got -1.0"),
+    Row("fw damp", [*LLAMA, "--set", "damp=0"], r"fw: damp must be a finite number > 0, got 0.0"),
     Row(
         "sparsegpt damp",
         [*LLAMA, "--formulation", "sparsegpt", "--set", "damp=0"],

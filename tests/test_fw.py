@@ -590,7 +590,7 @@ def test_nested_config_keeps_the_flat_keys() -> None:
         ({"swap_steps": -1}, r"fw: swap_steps must be an integer >= 0, got -1"),
         ({"swap_tenure": 0}, r"fw: swap_tenure must be an integer >= 1, got 0"),
         ({"relax_rows": "maybe"}, r"fw: relax_rows must be true or false, got 'maybe'"),
-        ({"damp": -1.0}, r"fw: damp must be a finite number >= 0, got -1.0"),
+        ({"damp": 0.0}, r"fw: damp must be a finite number > 0, got 0.0"),
         ({"reconstruct_iterations": 0}, r"fw: reconstruct_iterations must be an integer >= 1, got 0"),
         ({"reconstruct": "yes"}, r"fw: reconstruct must be true or false, got 'yes'"),
         ({"reconstruct_sweeps": -1}, r"fw: reconstruct_sweeps must be an integer >= 0, got -1"),

@@ -137,7 +137,7 @@ def test_public_api_by_name_with_hyperparameters():
         ({"rho": 0.0}, "admm: rho must be a finite number > 0, got 0.0"),
         ({"rho": math.inf}, "admm: rho must be a finite number > 0, got inf"),
         ({"rho_growth": 0.5}, "admm: rho_growth must be a finite number >= 1, got 0.5"),
-        ({"damp": -1.0}, "admm: damp must be a finite number >= 0, got -1.0"),
+        ({"damp": 0.0}, "admm: damp must be a finite number > 0, got 0.0"),
         ({"reconstruct_iterations": 0}, "admm: reconstruct_iterations must be an integer >= 1, got 0"),
     ],
 )

@@ -79,7 +79,9 @@ class ADMMLayerConfig(Hyperparameters):
     )
     rho_growth: float = hyperparameter(1.2, "factor applied to rho after every iteration", Bounds(low=1, finite=True))
     damp: float = hyperparameter(
-        0.01, "damping of the final least squares as a fraction of mean(diag G)", Bounds(low=0, finite=True)
+        0.01,
+        "damping of the final least squares as a fraction of mean(diag G)",
+        Bounds(low=0, low_inclusive=False, finite=True),
     )
     reconstruct_iterations: int = hyperparameter(
         10, "conjugate-gradient iterations of the final least squares", Bounds(low=1, integer=True)

@@ -85,7 +85,9 @@ class ReconstructionConfig(_FWHyperparameters):
 
     reconstruct: bool = hyperparameter(False, "re-solve the kept weights by damped least squares after rounding")
     damp: float = hyperparameter(
-        0.01, "damping of the least squares as a fraction of the mean of diag(G)", Bounds(low=0, finite=True)
+        0.01,
+        "damping of the least squares as a fraction of the mean of diag(G)",
+        Bounds(low=0, low_inclusive=False, finite=True),
     )
     reconstruct_iterations: int = hyperparameter(
         30, "conjugate-gradient iterations of the least squares", Bounds(low=1, integer=True)

@@ -98,7 +98,9 @@ def reconstruct_rows(
         weight: Dense weight, ``(d_out, d_in)``.
         gram: :math:`G`, ``(d_in, d_in)``.
         mask: Boolean support, ``(d_out, d_in)``.
-        damp: :math:`\lambda` as a fraction of the mean of diag(G) (0: no damping).
+        damp: :math:`\lambda` as a fraction of the mean of diag(G), > 0: a Gram accumulated in float32 from
+            fewer tokens than inputs can have slightly negative eigenvalues, which undamped least squares follows
+            to huge weights (and an error measured on the same Gram misses it).
         iterations: Conjugate-gradient iterations.
         start: Kept weights to start from (zero outside ``mask``); ``None``: the mask-only weights.
 
