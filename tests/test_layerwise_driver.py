@@ -406,3 +406,35 @@ def test_an_error_in_an_offloaded_block_sends_it_home(allocation):
                         device="cpu", blocks=list(model), allocation=allocation)  # fmt: skip
     counts = [moves.count(id(block)) for block in model]
     assert counts[2] > 0 and all(count % 2 == 0 for count in counts)  # every move there has its move back
+
+
+class _OneBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 4, bias=False)])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+@pytest.mark.parametrize(("method", "options"), [("sparsegpt", {}), ("fw", {"reconstruct": True}), ("admm", {})])
+def test_a_float16_weight_update_beyond_float16s_range_is_one_line_and_writes_nothing(method, options):
+    """Four identical input channels with weights of 4e4: the solvers move the pruned ones' share onto the kept twin
+    (8e4), which float16 cannot hold; written back it was inf, with a small reported error."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8) * 1e-3
+    x[:, 1:4] = x[:, :1]
+    model = _OneBlock()
+    with torch.no_grad():
+        model.blocks[0].weight[:, :4] = 4.0e4
+    model = model.half()
+    before = model.blocks[0].weight.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"^blocks\.0\.weight: the solver's kept weights reach [0-9.e+]+, beyond torch\.float16's range "
+        r"\(6\.55e\+04; written back they would be inf\): prune a float32 copy of the model",
+    ):
+        prune_layerwise(model, [x.half()], method, pattern="2:4", blocks=model.blocks, **options)
+    assert torch.equal(model.blocks[0].weight, before)
+    prune_layerwise(model, [x.half()], "wanda", pattern="2:4", blocks=model.blocks)  # the weights kept: in range
+    assert bool(torch.isfinite(model.blocks[0].weight).all())

@@ -43,7 +43,7 @@ from torch import nn
 from constrainedsparse import distributed
 from constrainedsparse.batches import map_tensors, to_device
 from constrainedsparse.errors import UserInputError
-from constrainedsparse.layerwise.base import LayerProblem, LayerResult, LayerwiseSolver, solve
+from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_output
 from constrainedsparse.layerwise.blocksteps import block_steps, dense_layers
@@ -56,7 +56,14 @@ from constrainedsparse.layerwise.capture import (
     refuse_cache,
 )
 from constrainedsparse.layerwise.grams import accumulate_grams
-from constrainedsparse.layerwise.layers import layer_weight, set_layer_weight, targeted_layers, weight_name
+from constrainedsparse.layerwise.layers import (
+    layer_weight,
+    set_layer_weight,
+    targeted_layers,
+    weight_name,
+    written_dtype,
+    written_weight,
+)
 from constrainedsparse.layerwise.sequential import block_groups
 from constrainedsparse.targets import SparsityConfig, Targets
 
@@ -239,11 +246,12 @@ def _solve_layers(
             trace=list(result.trace),
         )
         # contiguous: a broadcast sends the raw memory, and GPT-2's Conv1D weight reads as a transposed view
-        solved[name] = (_written(pruned, result, original, weight).contiguous(), report)
+        unchanged = result.mask & (result.weight == weight)  # kept as given: a float64 model's values go back
+        solved[name] = (written_weight(pruned, unchanged, original, full_name).contiguous(), report)
     reports = []
     for (name, module), owner, shape in zip(layers, owners, shapes):
         if world > 1:  # every rank receives the layer from the rank that solved it
-            dtype = _written_dtype(layer_weight(module).dtype)
+            dtype = written_dtype(layer_weight(module).dtype)
             pruned, report = solved.get(name, (torch.empty(shape, dtype=dtype, device=module.weight.device), None))
             dist.broadcast(pruned, src=owner)
             holder = [report]
@@ -254,21 +262,6 @@ def _solve_layers(
         set_layer_weight(module, pruned)
         reports.append(report)
     return reports
-
-
-def _written_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a solved layer as written back: float64 for a float64 model, else the solvers' float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _written(pruned: torch.Tensor, result: LayerResult, original: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
-    """The solved layer to write back: ``pruned`` (float32), where a float64 model's kept weights the solver left
-    unchanged from ``given`` (its float32 input; every kept one of a mask-only solver) take their float64 values
-    back, not float32's rounding."""
-    if _written_dtype(original.dtype) == torch.float32:
-        return pruned
-    unchanged = result.mask & (result.weight == given)
-    return torch.where(unchanged, original, pruned.to(torch.float64))
 
 
 def walk_inputs(

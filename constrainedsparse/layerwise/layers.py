@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import nn
 
-from constrainedsparse.errors import user_stacklevel
+from constrainedsparse.errors import UserInputError, user_stacklevel
 from constrainedsparse.targets import Targets
 
 __all__ = [
@@ -58,6 +58,31 @@ def set_layer_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Writes a ``(d_out, d_in)`` weight back into the module, in place, in the module's dtype."""
     with torch.no_grad():
         layer_weight(module).copy_(weight.to(module.weight.dtype))
+
+
+def written_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a solved layer as written back: float64 for a float64 model, else the solvers' float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def written_weight(pruned: torch.Tensor, unchanged: torch.Tensor, original: torch.Tensor, name: str) -> torch.Tensor:
+    """The solved layer ``name`` to write back: ``pruned`` (float32), where a float64 model's kept weights the solver
+    left ``unchanged`` (from its float32 input; every kept one of a mask-only solver) take their float64 values
+    back from ``original``, not float32's rounding.
+
+    Raises:
+        UserInputError: If a weight update leaves a kept weight beyond the model dtype's range (float16's 65504).
+    """
+    largest = float(pruned.abs().max()) if pruned.numel() else 0.0
+    if largest > torch.finfo(original.dtype).max:
+        raise UserInputError(
+            f"{name}: the solver's kept weights reach {largest:.3g}, beyond {original.dtype}'s range "
+            f"({torch.finfo(original.dtype).max:.3g}; written back they would be inf): prune a float32 copy of the "
+            "model, or use a method that keeps the weights (wanda, fw without reconstruct)"
+        )
+    if written_dtype(original.dtype) == torch.float32:
+        return pruned
+    return torch.where(unchanged, original, pruned.to(torch.float64))
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
