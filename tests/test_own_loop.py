@@ -395,6 +395,37 @@ def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
     make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets))  # the model is free
 
 
+def _pruned_cancer():
+    """The breast-cancer MLP with half of each targeted weight already zero (a model pruned one-shot before)."""
+    model, x, y = _cancer()
+    targets = Targets().resolve(model, SparsityConfig(0.5))
+    with torch.no_grad():
+        for target in targets:
+            target.tensor[target.tensor.abs() <= target.tensor.abs().median()] = 0.0
+    return model, x, y, targets
+
+
+def test_magnitudes_cubic_schedule_on_a_pruned_model_warns_that_its_zeros_train_again_and_oneshot_keeps_them():
+    model, x, y, targets = _pruned_cancer()
+    zeros = {t.name: t.tensor == 0 for t in targets}
+    f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets))
+    f.setup(4, 1)
+    with pytest.warns(UserWarning, match=r"^magnitude: 0.weight holds 5\d% zeros already \(a model pruned before\?\), "
+                      r"but the cubic schedule's first masks prune 2\d%: \d+ of its zeros train again .* use "
+                      r"schedule='oneshot'$"):  # fmt: skip
+        f.start_epoch(0)
+
+    model, x, y, targets = _pruned_cancer()
+    f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets), schedule="oneshot")
+    f.setup(4, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f.start_epoch(0)
+        for _ in range(3):
+            f.training_step((x, y))
+    assert all(torch.equal(t.tensor == 0, zeros[t.name]) for t in targets)  # the one-shot zeros, kept exactly
+
+
 def test_an_optimizer_that_does_not_hold_the_targets_is_refused():
     model, _, _ = _cancer()
     problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))

@@ -12,11 +12,13 @@ pattern has no intermediate levels: it applies in full from the first epoch.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
 
 from constrainedsparse.config import Hyperparameters, OneOf, hyperparameter
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.base import Formulation
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.masks import current_masks, set_masks
@@ -69,9 +71,28 @@ class Magnitude(Formulation):
     def on_start_epoch(self, epoch: int) -> dict[str, float]:
         fraction = self.scheduled_sparsity(epoch)
         masks = {t.name: t.set_at(t.sparsity * fraction).mask(t.tensor) for t in self.problem.targets}
+        if not self._masked and fraction < 1.0:
+            self._warn_zeros_kept(masks, fraction)
         set_masks(self.problem.targets, masks)
         self._masked = True
         return {"schedule/fraction": fraction}
+
+    def _warn_zeros_kept(self, masks: dict[str, torch.Tensor], fraction: float) -> None:
+        """Warns when the first masks keep (train) more than 1 % of a target's weights that are zero already: a
+        model pruned before (one-shot), whose zeros the cubic schedule's lower first levels let grow back."""
+        for target in self.problem.targets:
+            kept_zeros = int(((target.stored == 0) & masks[target.name]).sum())
+            if kept_zeros > 0.01 * target.stored.numel():
+                warnings.warn(
+                    f"magnitude: {target.name} holds {float((target.stored == 0).float().mean()):.0%} zeros already "
+                    f"(a model pruned before?), but the cubic schedule's first masks prune "
+                    f"{target.sparsity * fraction:.0%}: {kept_zeros} of its zeros train again and the final mask is "
+                    "chosen anew by magnitude; to keep the zeros (fine-tuning a pruned model), use "
+                    "schedule='oneshot'",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                return
 
     @torch.no_grad()
     def compute_hard_masks(self) -> dict[str, torch.Tensor]:
