@@ -35,7 +35,7 @@ from constrainedsparse.errors import (
     first_line,
     user_input,
 )
-from constrainedsparse.export import add_export_command, export_command
+from constrainedsparse.export import COMPRESSED_DIR, EXPORT_FORMATS, export_compressed
 from constrainedsparse.formulations import describe_formulations
 from constrainedsparse.layerwise.base import describe_solvers
 from constrainedsparse.logger import WANDB_MODES, parse_tags
@@ -414,6 +414,46 @@ def _launch(nproc: int, config: RunConfig, problem: Problem | LayerwiseProblem, 
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def add_export_command(subparsers: Any) -> None:
+    """Adds ``export SOURCE [--format compressed] [--to DIR]`` to the CLI's subparsers."""
+    parser = subparsers.add_parser("export", help="write a pruned model in a deployable format")
+    parser.add_argument(
+        "run_dir",
+        type=Path,
+        metavar="SOURCE",
+        help="a finished layer-wise run directory (with model/), or a saved transformers model folder (with --to)",
+    )
+    parser.add_argument(
+        "--format",
+        dest="export_format",
+        choices=EXPORT_FORMATS,
+        default="compressed",
+        help="compressed: a compressed-tensors checkpoint (sparse-24-bitmask for 2:4, sparse-bitmask otherwise)",
+    )
+    parser.add_argument("--to", type=Path, help=f"output folder (default RUN_DIR/{COMPRESSED_DIR} for a run)")
+
+
+def export_command(args: Any) -> None:
+    """Runs a parsed ``export`` command and prints its size report (``ValueError`` on bad input)."""
+    report = export_compressed(args.run_dir, args.to)
+    rows = [
+        ("format", report["format"] + (f" ({report['format_note']})" if report.get("format_note") else "")),
+        ("pruned layers", f"{len(report['layers'])}"),
+        ("pruned bytes", f"{report['pruned_compressed_bytes']:,} of {report['pruned_dense_bytes']:,} dense "
+                         f"({report['pruned_ratio']:.3f}x)"),
+        ("safetensors bytes", f"{report['compressed_safetensors_bytes']:,} vs dense "
+                              f"{report['dense_safetensors_bytes']:,} ({report['safetensors_ratio']:.3f}x)"),
+        ("folder bytes", f"{report['compressed_folder_bytes']:,} (with configuration and tokenizer files)"),
+        ("load with", "constrainedsparse.export.load_compressed_model(folder) (transformers' from_pretrained does "
+                      "not decompress it: its weights would be random)"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    written = sorted(path.name for path in Path(report["folder"]).iterdir())
+    print(f"  wrote {report['folder']}/ ({', '.join(written)})")
 
 
 if __name__ == "__main__":

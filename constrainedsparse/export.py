@@ -22,10 +22,13 @@ sparse tensor cores.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,15 +36,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
+from constrainedsparse.bitmask import compress_state_dict, decompress_state_dict
 from constrainedsparse.errors import first_line
 from constrainedsparse.extras import require
-from constrainedsparse.saving import replace_folder
+from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
 from constrainedsparse.semistructured import is_two_four, to_semi_structured
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-from constrainedsparse.sets import NMSparse
 
 __all__ = [
     "COMPRESSED_DIR",
@@ -58,94 +62,6 @@ __all__ = [
 COMPRESSED_DIR = "compressed"
 REPORT_FILE = "compression.json"
 _WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def _two_four_bytemask(weight: torch.Tensor) -> torch.Tensor:
-    """Exactly 2 kept positions per group of 4: the nonzeros, topped up with zeros (as compressed-tensors chose),
-    the first zeros of a group (the 2:4 set's own tie rule: the same file on every machine)."""
-    return NMSparse(2, 4).mask(weight)
-
-
-def _merge(prefix: str, part: str) -> str:
-    """``prefix.part``, the key compressed-tensors gave a compressed weight's part (its former ``merge_names``)."""
-    return f"{prefix}.{part}"
-
-
-def _compress_weight(prefix: str, weight: torch.Tensor, two_four: bool) -> dict[str, torch.Tensor]:
-    from compressed_tensors.utils import pack_bitmasks
-
-    weight = weight.detach().cpu().contiguous()
-    if two_four:
-        mask = _two_four_bytemask(weight)
-        values = weight[mask].reshape(weight.shape[0], weight.shape[1] // 2)
-        shape = torch.tensor(list(weight.shape)).reshape(-1, 1)
-        return {
-            _merge(prefix, "shape"): shape,
-            _merge(prefix, "compressed"): values,
-            _merge(prefix, "bitmask"): pack_bitmasks(mask),
-        }
-    mask = weight != 0
-    counts = mask.sum(dim=-1)
-    return {
-        _merge(prefix, "shape"): torch.tensor(list(weight.shape)),
-        _merge(prefix, "compressed"): weight[mask],
-        _merge(prefix, "bitmask"): pack_bitmasks(mask),
-        _merge(prefix, "row_offsets"): torch.cumsum(counts, 0) - counts,
-    }
-
-
-def compress_state_dict(
-    state: dict[str, torch.Tensor], names: list[str], two_four: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
-    """Replaces each weight in ``names`` by its bitmask-compressed tensors; the rest stays dense.
-
-    Returns:
-        The compressed state dict and ``{name: {"dense_bytes", "compressed_bytes"}}`` per weight.
-
-    Raises:
-        ValueError: If a name is missing, not a 2-D weight, or (``two_four``) not 2:4 sparse.
-    """
-    out = dict(state)
-    sizes = {}
-    for name in names:
-        weight = state.get(name)
-        if weight is None or weight.dim() != 2 or not name.endswith(".weight"):
-            raise ValueError(f"{name!r} is not a 2-D weight of the saved model (cannot compress it)")
-        if two_four and not is_two_four(weight):
-            raise ValueError(f"{name!r} is not 2:4 sparse (a group of 4 inputs holds more than 2 nonzeros)")
-        del out[name]
-        parts = _compress_weight(name.removesuffix(".weight"), weight, two_four)
-        out.update(parts)
-        sizes[name] = {
-            "dense_bytes": weight.numel() * weight.element_size(),
-            "compressed_bytes": sum(t.numel() * t.element_size() for t in parts.values()),
-        }
-    return out, sizes
-
-
-def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Dense state dict of a compressed one: ``X.compressed`` / ``X.bitmask`` / ``X.shape`` become ``X.weight``.
-
-    Raises:
-        ValueError: For an ``X.compressed`` without its ``X.shape`` or ``X.bitmask``.
-    """
-    from compressed_tensors.utils import unpack_bitmasks
-
-    dense = {k: v for k, v in state.items() if not k.endswith((".compressed", ".bitmask", ".shape", ".row_offsets"))}
-    for key in state:
-        if not key.endswith(".compressed"):
-            continue
-        prefix = key.removesuffix(".compressed")
-        lost = [part for part in (".shape", ".bitmask") if f"{prefix}{part}" not in state]
-        if lost:
-            raise ValueError(f"{key} has no {prefix}{lost[0]} to decompress it (an incomplete export)")
-        shape = state[f"{prefix}.shape"].flatten().tolist()
-        mask = unpack_bitmasks(state[f"{prefix}.bitmask"], shape)
-        values = state[key]
-        weight = torch.zeros(shape, dtype=values.dtype)
-        weight[mask] = values.flatten()
-        dense[f"{prefix}.weight"] = weight
-    return dense
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -201,7 +117,10 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"run directory {str(run_dir)!r} {what}")
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
-        raise ValueError(f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run")
+        raise ValueError(
+            f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run, or a saved transformers "
+            "model folder (config.json)"
+        )
     summary = _read_json(summary_file, "a run's summary")
     if not isinstance(summary, dict) or not isinstance(summary.get("layer_sparsity"), dict):
         raise ValueError(
@@ -279,21 +198,31 @@ def _report(sizes: dict[str, dict[str, int]], model_dir: Path, folder: Path, fmt
     }
 
 
-def _check_destination(final: Path, run_dir: Path, given: bool = True) -> None:
-    """The export may replace ``final`` only if it is new, empty or an earlier export, outside the run's files.
+def _check_destination(final: Path, source: Path | None, given: bool = True, inside: bool = True) -> None:
+    """The export may replace ``final`` only if it is new, empty or an earlier export, outside the source's files.
+
+    Args:
+        final: The destination.
+        source: The run directory or model folder exported (``None``: a model in memory).
+        given: Whether the user named ``final`` (``--to``), else it is the run's default destination.
+        inside: Whether ``final`` may be inside ``source`` (a run's ``compressed/``); not in a model folder.
 
     Raises:
-        ValueError: For a file, the run directory or a folder holding it, a folder inside the run's
-            ``model/``, or a folder with other files (it would be deleted); named ``--to`` if ``given``, else as
-            the default destination.
+        ValueError: For a file, the source or a folder holding it, a folder inside the run's ``model/`` (or
+            anywhere inside a model folder), or a folder with other files (it would be deleted); named ``--to`` if
+            ``given``, else as the default destination.
     """
-    where, run = final.resolve(), run_dir.resolve()
+    where = final.resolve()
     name = f"--to {str(final)!r}" if given else f"the default destination {str(final)!r} (give --to)"
     if where.is_file():
         raise ValueError(f"{name} is a file: give a folder")
-    inside_export = where != (run / COMPRESSED_DIR) and where.is_relative_to(run / COMPRESSED_DIR)
-    if where == run or run.is_relative_to(where) or where.is_relative_to(run / "model") or inside_export:
-        raise ValueError(f"{name} would replace the run's own files: give a folder outside {str(run_dir)!r}")
+    if source is not None:
+        run = source.resolve()
+        inside_export = where != (run / COMPRESSED_DIR) and where.is_relative_to(run / COMPRESSED_DIR)
+        within = where.is_relative_to(run / "model") or inside_export if inside else where.is_relative_to(run)
+        if where == run or run.is_relative_to(where) or within:
+            what = "run's" if inside else "model folder's"
+            raise ValueError(f"{name} would replace the {what} own files: give a folder outside {str(source)!r}")
     if where.is_dir() and any(where.iterdir()) and not (where / REPORT_FILE).is_file():
         raise ValueError(
             f"{name} holds files that are not an earlier export (no {REPORT_FILE}); the export replaces "
@@ -301,13 +230,106 @@ def _check_destination(final: Path, run_dir: Path, given: bool = True) -> None:
         )
 
 
-def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Writes a layer-wise run's pruned model in compressed-tensors' sparse bitmask format.
+@dataclasses.dataclass
+class _Pruned:
+    """What an export writes: the saved model's folder and weights, which of them are pruned, and their pattern."""
+
+    model_dir: Path
+    state: dict[str, torch.Tensor]
+    names: list[str]
+    pattern: str
+    sparsity: float
+
+
+def _run_contents(run_dir: Path) -> _Pruned:
+    """A layer-wise run's ``model/``; its pruned weights and pattern as its summary records them."""
+    model_dir, summary = _saved_run(run_dir)
+    pattern = summary.get("pattern", summary.get("target"))  # prune_layerwise wrote only "target" before 0.1
+    state = _read_safetensors(model_dir)
+    sparsity = float(summary.get("achieved_sparsity", 0.0))
+    return _Pruned(model_dir, state, sorted(summary["layer_sparsity"]), str(pattern), sparsity)
+
+
+def _folder_contents(model_dir: Path) -> _Pruned:
+    """A saved model folder; its pruned weights are the 2-D ``*.weight`` tensors whose zeros outnumber the bitmask's
+    cost (one bit per entry: more than one zero in 16 entries of a 16-bit weight, in 32 of a 32-bit one), 2:4 if
+    every one of them is."""
+    state = _read_safetensors(model_dir)
+    names = sorted(
+        name
+        for name, t in state.items()
+        if name.endswith(".weight") and t.dim() == 2 and t.is_floating_point()
+        and int((t == 0).sum()) * t.element_size() * 8 > t.numel()
+    )  # fmt: skip
+    if not names:
+        raise ValueError(f"{str(model_dir)!r} holds no pruned weight (no 2-D weight with zeros to compress)")
+    pattern = "2:4" if all(is_two_four(state[n]) for n in names) else "unstructured"
+    zeros = sum(int((state[n] == 0).sum()) for n in names)
+    return _Pruned(model_dir, state, names, pattern, zeros / sum(state[n].numel() for n in names))
+
+
+def _destination(to: Any, what: str) -> Path:
+    """``to`` as a path; a model folder or model in memory has no default destination."""
+    if to is None:
+        raise ValueError(f"{what} has no default destination: give to (--to DIR on the command line)")
+    return _path(to, "--to")
+
+
+def _scratch_folder(final: Path, kind: str = "") -> Path:
+    """A new hidden folder beside ``final`` (the same file system: moved into place in one step).
+
+    Raises:
+        ValueError: If ``final``'s parent cannot be made or written.
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}{kind}.", dir=final.parent))
+    except OSError as err:
+        raise ValueError(
+            f"--to {final}: {final.parent} cannot be written ({err.strerror or type(err).__name__})"
+        ) from None
+
+
+@contextlib.contextmanager
+def _saved_model(model: nn.Module, final: Path) -> Iterator[Path]:
+    """``model`` saved (``save_pretrained``, with its tokenizer where it was loaded from a folder) into a scratch folder
+    beside ``final``, removed afterwards.
+
+    Raises:
+        ValueError: For a model without ``save_pretrained`` or one that still carries masks or gates.
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise ValueError(f"export takes a transformers model (with save_pretrained), got {type(model).__name__}")
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise ValueError(
+            "the model still carries masks or gates (parametrizations): remove_masks(targets) or finalize() its "
+            "formulation first, so the saved weights are the pruned ones"
+        )
+    scratch = _scratch_folder(final, ".model")
+    try:
+        if source_folder(model) is not None:
+            save_pretrained_model(model, scratch / "model")  # with the tokenizer of the folder it came from
+        else:
+            model.save_pretrained(scratch / "model")
+        yield scratch / "model"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_compressed(
+    source: str | os.PathLike[str] | nn.Module, to: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Writes a pruned model in compressed-tensors' sparse bitmask format.
 
     Args:
-        run_dir: A finished layer-wise run (``summary.json`` and a saved ``model/`` folder).
-        to: The folder to write, ``RUN_DIR/compressed`` by default: new, empty or an earlier export
-            (replaced atomically), outside the run's other files.
+        source: A finished layer-wise run directory (``summary.json`` and its ``model/`` folder: the pruned
+            weights and pattern its summary records); a saved ``transformers`` model folder (``config.json`` and
+            ``.safetensors``, e.g. a pruned model's ``save_pretrained`` after fine-tuning); or a ``transformers``
+            model in memory, its masks removed. In the last two the pruned weights are the 2-D weights with
+            enough zeros to gain from the bitmask (more than 1 in 32 entries at fp32, 1 in 16 at 16 bits), and the
+            format is ``sparse-24-bitmask`` when all of them are 2:4.
+        to: The folder to write: new, empty or an earlier export (replaced atomically), outside the source's
+            files. ``RUN_DIR/compressed`` by default for a run; required for a model folder or a model.
 
     Returns:
         The report (also written to ``compression.json`` in the folder): format, bytes per pruned
@@ -316,36 +338,47 @@ def export_compressed(run_dir: str | os.PathLike[str], to: str | os.PathLike[str
         tokenizer included, against the dense model's safetensors).
 
     Raises:
-        ValueError: With one line, before anything is written, for a run that cannot be exported or a
+        ValueError: With one line, before anything is written, for a source that cannot be exported or a
             destination the export must not replace.
     """
     require("compressed_tensors", "the compressed export", "llm")
-    run_dir = _path(run_dir, "run directory")
-    model_dir, summary = _saved_run(run_dir)
-    names = sorted(summary["layer_sparsity"])
-    state = _read_safetensors(model_dir)
-    pattern = summary.get("pattern", summary.get("target"))  # prune_layerwise wrote only "target" before 0.1
+    if isinstance(source, nn.Module):
+        final = _destination(to, "a model in memory")
+        _check_destination(final, None)
+        with _saved_model(source, final) as model_dir:
+            return _write_export(_folder_contents(model_dir), final)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"export takes a run directory or model folder (str or Path) or a transformers model, got "
+            f"{type(source).__name__}"
+        )
+    path = _path(source, "export source")
+    if path.is_dir() and not (path / "summary.json").is_file() and (path / "config.json").is_file():
+        final = _destination(to, f"a model folder ({str(path)!r})")
+        _check_destination(final, path, inside=False)
+        return _write_export(_folder_contents(path), final)
+    pruned = _run_contents(path)
+    final = _path(to, "--to") if to is not None else path / COMPRESSED_DIR
+    _check_destination(final, path, given=to is not None)
+    return _write_export(pruned, final)
+
+
+def _write_export(pruned: _Pruned, final: Path) -> dict[str, Any]:
+    """Writes ``pruned`` compressed into ``final`` (staged beside it, then moved in one step); returns the report."""
+    names, state, pattern = pruned.names, pruned.state, pruned.pattern
     two_four = pattern == "2:4" and all(n in state and is_two_four(state[n]) for n in names)
     # GPT-2's Conv1D stores inputs x outputs: its 2:4 groups run along dim 0, which sparse-24-bitmask cannot hold.
     transposed = [n for n in names if pattern == "2:4" and n in state and not is_two_four(state[n])]
-    final = _path(to, "--to") if to is not None else run_dir / COMPRESSED_DIR
-    _check_destination(final, run_dir, given=to is not None)
     compressed, sizes = compress_state_dict(state, names, two_four)  # validates every layer before writing
+    staging = _scratch_folder(final)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    except OSError as err:
-        raise ValueError(
-            f"--to {final}: {final.parent} cannot be written ({err.strerror or type(err).__name__})"
-        ) from None
-    try:
-        _copy_model_files(model_dir, staging)
+        _copy_model_files(pruned.model_dir, staging)
         save_file({k: v.contiguous() for k, v in compressed.items()}, staging / "model.safetensors", {"format": "pt"})
         config = _read_json(staging / "config.json", "a transformers model's config")
-        sparsity = _sparsity_config(names, two_four, float(summary.get("achieved_sparsity", 0.0)))
+        sparsity = _sparsity_config(names, two_four, pruned.sparsity)
         config["quantization_config"] = _quantization_config(sparsity)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        report = _report(sizes, model_dir, staging, sparsity["format"])
+        report = _report(sizes, pruned.model_dir, staging, sparsity["format"])
         report["folder"], report["pattern"] = str(final), pattern  # the config's sparsity_structure has 2:4 only
         if transposed:
             report["format_note"] = (
@@ -420,45 +453,12 @@ def _is_tied(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> boo
 EXPORT_FORMATS = ("compressed",)
 
 
-def add_export_command(subparsers: Any) -> None:
-    """Adds ``export RUN_DIR [--format compressed] [--to DIR]`` to the CLI's subparsers."""
-    parser = subparsers.add_parser("export", help="write a layer-wise run's pruned model in a deployable format")
-    parser.add_argument("run_dir", type=Path, help="a finished layer-wise run directory (with model/)")
-    parser.add_argument(
-        "--format",
-        dest="export_format",
-        choices=EXPORT_FORMATS,
-        default="compressed",
-        help="compressed: a compressed-tensors checkpoint (sparse-24-bitmask for 2:4, sparse-bitmask otherwise)",
-    )
-    parser.add_argument("--to", type=Path, help=f"output folder (default RUN_DIR/{COMPRESSED_DIR})")
-
-
-def export_command(args: Any) -> None:
-    """Runs a parsed ``export`` command and prints its size report (``ValueError`` on bad input)."""
-    report = export_compressed(args.run_dir, args.to)
-    rows = [
-        ("format", report["format"] + (f" ({report['format_note']})" if report.get("format_note") else "")),
-        ("pruned layers", f"{len(report['layers'])}"),
-        ("pruned bytes", f"{report['pruned_compressed_bytes']:,} of {report['pruned_dense_bytes']:,} dense "
-                         f"({report['pruned_ratio']:.3f}x)"),
-        ("safetensors bytes", f"{report['compressed_safetensors_bytes']:,} vs dense "
-                              f"{report['dense_safetensors_bytes']:,} ({report['safetensors_ratio']:.3f}x)"),
-        ("folder bytes", f"{report['compressed_folder_bytes']:,} (with configuration and tokenizer files)"),
-        ("load with", "constrainedsparse.export.load_compressed_model(folder) (transformers' from_pretrained does "
-                      "not decompress it: its weights would be random)"),
-    ]  # fmt: skip
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value}")
-    written = sorted(path.name for path in Path(report["folder"]).iterdir())
-    print(f"  wrote {report['folder']}/ ({', '.join(written)})")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m constrainedsparse.export RUN_DIR ...`` (the same as ``constrainedsparse export``)."""
     import argparse
     import sys
+
+    from constrainedsparse.cli import add_export_command, export_command
 
     parser = argparse.ArgumentParser(prog="constrainedsparse")
     add_export_command(parser.add_subparsers(dest="command", required=True))

@@ -1,6 +1,7 @@
 """Deployable export: compressed-tensors sparse bitmask folders reload bit-identical and meet the size goals;
 2:4 Linear layers convert to semi-structured sparse tensors where CUDA exists."""
 
+import copy
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ from cli_helpers import fails_with_one_line
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from constrainedsparse import SparsityConfig, Targets, apply_masks
 from constrainedsparse.cli import main
 from constrainedsparse.export import (
     REPORT_FILE,
@@ -86,11 +88,65 @@ def test_export_reloads_bit_identical_and_meets_the_size_goals(tmp_path, mask, p
 def test_a_2_4_bitmask_tops_a_group_up_with_its_first_zeros():
     """torch.topk's order among the zeros of a group is unspecified: the bytes of the export could differ between
     machines; the 2:4 set's own rule (lower index first) fixes them."""
-    from constrainedsparse.export import _two_four_bytemask
+    from constrainedsparse.bitmask import two_four_bytemask
 
     weight = torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -2.0, 0.0]])
     expected = [[True, True, False, False, True, True, False, False, True, False, True, False]]
-    assert torch.equal(_two_four_bytemask(weight), torch.tensor(expected))
+    assert torch.equal(two_four_bytemask(weight), torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    ("mask", "fmt"), [(_two_four, "sparse-24-bitmask"), (_half_per_row, "sparse-bitmask")], ids=["2:4", "unstructured"]
+)
+def test_a_model_in_memory_or_a_saved_model_folder_exports_its_pruned_weights(tmp_path, mask, fmt):
+    """A model fine-tuned after one-shot pruning has no run directory: the model, or its save_pretrained folder,
+    exports itself; the pruned weights are found by their zeros (the embeddings and lm_head stay dense)."""
+    model, names = _pruned_run(tmp_path / "run", mask)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, :3] = 0.0  # a few zeros: too few to gain from a bitmask, kept dense
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    for source, to in [(model, tmp_path / "from_model"), (tmp_path / "saved", tmp_path / "from_folder")]:
+        report = export_compressed(source, to)
+        assert report["format"] == fmt and sorted(report["layers"]) == names and report["folder"] == str(to)
+        assert report["pattern"] == ("2:4" if fmt == "sparse-24-bitmask" else "unstructured")
+        sparsity = json.loads((to / "config.json").read_text())["quantization_config"]["sparsity_config"]
+        assert sparsity["global_sparsity"] == pytest.approx(0.5)
+        with torch.no_grad():
+            assert torch.equal(load_compressed_model(to)(input_ids=ids).logits, logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from_folder", "from_model", "run", "saved"]  # no scratch
+    assert main(["export", str(tmp_path / "saved"), "--to", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / REPORT_FILE).read_text())["format"] == fmt
+
+
+def test_a_model_folder_or_model_that_cannot_be_exported_is_one_line(tmp_path, capsys):
+    model, names = _pruned_run(tmp_path / "run", _two_four)
+    model.save_pretrained(tmp_path / "saved")
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG))
+    dense.save_pretrained(tmp_path / "dense")
+    masked = copy.deepcopy(model)
+    targets = Targets(include=["model.layers.0.mlp.up_proj.weight"]).resolve(masked, SparsityConfig(pattern="2:4"))
+    apply_masks(targets, {t.name: t.tensor != 0 for t in targets})  # a masked fine-tune, its masks not removed
+    for source, to, message in [
+        (tmp_path / "saved", None, r"a model folder \('.*saved'\) has no default destination: give to \(--to DIR "),
+        (model, None, r"a model in memory has no default destination: give to"),
+        (tmp_path / "saved", tmp_path / "saved" / "out", r"--to '.*out' would replace the model folder's own files"),
+        (tmp_path / "dense", tmp_path / "out", r"'.*dense' holds no pruned weight \(no 2-D weight with zeros "),
+        (masked, tmp_path / "out", r"the model still carries masks or gates \(parametrizations\): remove_masks"),
+        (torch.nn.Linear(4, 4), tmp_path / "out", r"export takes a transformers model \(with save_pretrained\), got "),
+        (None, tmp_path / "out", r"export takes a run directory or model folder \(str or Path\) or a transformers "),
+    ]:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            export_compressed(source, to)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))  # nothing written, no scratch
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "saved")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: a model folder ({str(tmp_path / 'saved')!r}) has no default destination: give to (--to DIR on "
+        "the command line)"
+    ]
 
 
 def test_a_bfloat16_model_reloads_in_bfloat16(tmp_path):
@@ -145,7 +201,7 @@ def _bad_runs(tmp_path):
         (unsaved, r"'.*unsaved' has no saved model/ folder"),
         (no_epochs, r"'.*no_epochs' is a training run \(its model is model\.safetensors\): export takes"),
         (null, r"'.*null' is not a layer-wise run"),
-        (tmp_path / ("a" * 300), r"run directory '.*a{300}' cannot be used: File name too long$"),
+        (tmp_path / ("a" * 300), r"export source '.*a{300}' cannot be used: File name too long$"),
     ]
 
 
@@ -284,7 +340,7 @@ def test_damaged_runs_and_exports_are_one_precise_error(tmp_path, capsys):
     (tmp_path / "run" / "compressed").write_text("mine")
     with pytest.raises(ValueError, match=r"^the default destination '.*compressed' \(give --to\) is a file"):
         export_compressed(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"^run directory must be a folder path \(str or Path\), got NoneType$"):
+    with pytest.raises(ValueError, match=r"^export takes a run directory or model folder .* got NoneType$"):
         export_compressed(None)
     config = json.loads((folder / "config.json").read_text())
     for broken, message in [
