@@ -108,6 +108,7 @@ RUN = (
     "docs/custom-constraints.md#example-slr-with-a-user-constraint:0",
     "docs/index.md#quick-start:0",
     "docs/one-shot.md#from-python-prune-layerwise:1",
+    "docs/one-shot.md#fine-tuning-after-one-shot-pruning:0",
     "docs/own-loop.md#a-transformers-model-dict-batches-compute-loss-amp-accumulation:0",
     "docs/own-loop.md#masked-fine-tuning-afterwards:0",
     "docs/problem-files.md#a-minimal-example-iris:0",
