@@ -748,3 +748,82 @@ def test_a_batch_the_model_cannot_take_is_named_in_one_line_where_blocks_have_ca
     batches = [{"input_ids": torch.randint(0, 64, (2, 12))}, {"input_ids": torch.full((2, 6), 999)}]
     with pytest.raises(UserInputError, match=r"^calibration batch 1: the model's forward failed before the block"):
         prune_layerwise(model, batches, "wanda", sparsity=0.5)
+
+
+# From a mutation review of the walk: each test below fails under a mutant that survived the suite.
+
+
+def test_gemma_with_padded_batches_longer_than_its_window_prunes_as_the_rerun_walk(monkeypatch):
+    """The own-calls walk keeps each batch's padding (token_mask) with its captured calls: without it, the layers after
+    the first counted the padding in their Gram matrices."""
+    model = _tiny_gemma("gemma2")
+    rerun = copy.deepcopy(model)
+    torch.manual_seed(1)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding, past the sliding window of 4
+    batches = [{"input_ids": torch.randint(0, 64, (2, 10)), "attention_mask": mask}]
+    prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    _rerun_walk(monkeypatch)
+    prune_layerwise(rerun, batches, "sparsegpt", sparsity=0.5)
+    for ours, theirs in zip(model.parameters(), rerun.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_dense_block_fit_target_is_refused_where_blocks_have_calls_of_their_own():
+    model = _tiny_gemma("gemma2")
+    with pytest.raises(UserInputError, match=r"^block_fit_target=dense fits each block .* arguments of their own"):
+        prune_layerwise(model, [{"input_ids": torch.randint(0, 64, (2, 10))}], "wanda", sparsity=0.5,
+                        block_fit_epochs=1)  # fmt: skip
+
+
+class _Block16(nn.Module):
+    def __init__(self, scale: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.scale = scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = hidden_states + torch.relu(self.fc(hidden_states))
+        return out * 2 if self.scale else out
+
+
+class _Tower16(nn.Module):
+    """Three ``_Block16``: called by keyword, or doubling each output in place between blocks, or doubling inside."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        self.call = call
+        self.blocks = nn.ModuleList(_Block16(scale=call == "inside") for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(hidden_states=x) if self.call == "keyword" else block(x)
+            if self.call == "in place":
+                x.mul_(2)
+        return x
+
+
+@pytest.mark.parametrize(("call", "twin"), [("keyword", "positional"), ("in place", "inside")])
+def test_blocks_called_by_keyword_or_changed_in_place_between_prune_as_their_twins(call, twin):
+    """A block called with hidden_states= gets the previous block's output as a positional call does; an output
+    changed in place between blocks (x.mul_(2)) is seen as computed between them, as the twin's scaling inside is."""
+    torch.manual_seed(0)
+    model, reference = _Tower16(call), _Tower16(twin)
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randn(32, 16) for _ in range(2)]
+    assert torch.equal(model(batches[0].clone()), reference(batches[0]))
+    prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
+    prune_layerwise(reference, batches, "sparsegpt", sparsity=0.5)
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_list_batch_is_positional_arguments_as_a_tuple_is():
+    torch.manual_seed(0)
+    model = _Tower16("positional")
+    reference = copy.deepcopy(model)
+    x = torch.randn(32, 16)
+    prune_layerwise(model, [[x]], "wanda", sparsity=0.5)
+    prune_layerwise(reference, [(x,)], "wanda", sparsity=0.5)
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
