@@ -371,6 +371,28 @@ def test_discard_takes_the_build_back_without_baking_anything_in(name, config):
     make(name, problem)  # the tensors are free again
 
 
+@pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
+def test_discard_keeps_the_parameter_groups_the_user_added_after_make(name):
+    """discard() removed every group added since make() (by count): the user's own too, with its state."""
+    model, x, y = _cancer()
+    optimizer = torch.optim.Adam([model[0].weight, model[2].weight], lr=0.01)
+    problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
+    f = make(name, problem, optimizer=optimizer)
+    optimizer.add_param_group({"params": [model[0].bias, model[2].bias], "lr": 1e-3})  # e.g. unfrozen later
+    f.setup(1, 1, (x[:32], y[:32]))
+    f.start_epoch(0)
+    step = f.backward((x, y))
+    optimizer.step()
+    f.post_step(step)
+    f.load_state_dict(f.state_dict())  # a resume: l0 finds its gates' group by its parameters, not its dict
+    f.discard()
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == [
+        [id(model[0].weight), id(model[2].weight)],
+        [id(model[0].bias), id(model[2].bias)],
+    ]
+    assert model[0].bias in optimizer.state and optimizer.param_groups[1]["lr"] == 1e-3
+
+
 def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
     """l0 adds gates, a parameter group and its density constraint, slr its W = Z constraints and hooks; a
     build refused part-way (a constraint of yours under the formulation's own name) takes all of it back."""

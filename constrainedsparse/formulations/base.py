@@ -138,6 +138,7 @@ class Formulation(SplitStep, abc.ABC):
         self._built_on = before = Attachments.of(self)  # what discard() restores
         try:
             self.attach()
+            before.attached(self)
             self.dual_optimizer = self.build_dual_optimizer()
             self.cooper_optimizer = cooper_optimizer(problem, optimizer, self.dual_optimizer)
         except BaseException:  # a refused build leaves model, optimizer and problem as they were
