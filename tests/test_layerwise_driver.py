@@ -438,3 +438,18 @@ def test_a_float16_weight_update_beyond_float16s_range_is_one_line_and_writes_no
     assert torch.equal(model.blocks[0].weight, before)
     prune_layerwise(model, [x.half()], "wanda", pattern="2:4", blocks=model.blocks)  # the weights kept: in range
     assert bool(torch.isfinite(model.blocks[0].weight).all())
+
+
+def test_pruning_again_at_a_lower_level_warns_that_the_layers_keep_their_zeros():
+    torch.manual_seed(0)
+    model = _OneBlock()
+    x = torch.randn(64, 8)
+    prune_layerwise(model, [x], "wanda", sparsity=0.5, blocks=model.blocks)
+    with pytest.warns(UserWarning, match=r"^blocks\.0\.weight holds 50% zeros already, more than the 0\.3 row asked \(a "
+                      r"model pruned before\?\): pruning only adds zeros"):  # fmt: skip
+        report = prune_layerwise(model, [x], "wanda", sparsity=0.3, blocks=model.blocks)
+    assert report.achieved_sparsity == 0.5 and report.mean_layer_error == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_layerwise(model, [x], "wanda", sparsity=0.5, blocks=model.blocks)  # the same level again: no warning
+        prune_layerwise(model, [x], "wanda", pattern="2:4", blocks=model.blocks)

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,9 +41,16 @@ from constrainedsparse.layerwise.checks import (
 from constrainedsparse.layerwise.driver import (
     GRAM_DTYPES,
     LayerReport,
+    block_prefixes,
     prune_blocks,
 )
-from constrainedsparse.layerwise.layers import find_blocks, layer_module_types
+from constrainedsparse.layerwise.layers import (
+    find_blocks,
+    layer_module_types,
+    layer_weight,
+    targeted_layers,
+    weight_name,
+)
 from constrainedsparse.layerwise.levels import solve_levels
 from constrainedsparse.layerwise.preflight import check_block_layout
 from constrainedsparse.layerwise.report import LayerwiseReport, summarize_layers
@@ -213,6 +220,8 @@ def prune_layerwise(
         allow_empty_layers=allow_empty_layers, keywords=True,
     )  # fmt: skip
     blocks, overrides = layout.blocks, layout.levels
+    if driver.allocation == "uniform":
+        _warn_pruned_before(model, blocks, targets, target, overrides)
     directory = _directory(model, out, tokenizer, overwrite)
     bar = Progress(len(blocks), f"layer-wise {solver.name}", progress, unit="block")
     with _calibration_mode(model), contextlib.closing(bar):
@@ -229,6 +238,25 @@ def prune_layerwise(
         _warn_without_tokenizer(model, tokenizer, directory.out)
         _write(directory, model, report, target, tokenizer)
     return report
+
+
+def _warn_pruned_before(
+    model: nn.Module, blocks: Sequence[nn.Module], targets: Targets, target: SparsityConfig, levels: dict[str, Any]
+) -> None:
+    """Warns when a targeted layer holds more zeros than its level (a model pruned before, now at a lower level):
+    pruning only adds zeros, so such a layer keeps its own and its error reads 0."""
+    for prefix, block in zip(block_prefixes(model, blocks), blocks):
+        for name, module in targeted_layers(block, targets, prefix):
+            full_name, level = weight_name(prefix, name), levels.get(weight_name(prefix, name), target)
+            zeros = float((layer_weight(module) == 0).float().mean())
+            if zeros > level.sparsity + 0.01:
+                warnings.warn(
+                    f"{full_name} holds {zeros:.0%} zeros already, more than the {level.describe()} asked (a model "
+                    "pruned before?): pruning only adds zeros, so such layers keep theirs (and their error reads 0)",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                return
 
 
 def _driver_keywords(pattern: str | None, values: dict[str, Any]) -> _DriverKeywords:
