@@ -445,8 +445,8 @@ def test_pruning_again_at_a_lower_level_warns_that_the_layers_keep_their_zeros()
     model = _OneBlock()
     x = torch.randn(64, 8)
     prune_layerwise(model, [x], "wanda", sparsity=0.5, blocks=model.blocks)
-    with pytest.warns(UserWarning, match=r"^blocks\.0\.weight holds 50% zeros already, more than the 0\.3 row asked \(a "
-                      r"model pruned before\?\): pruning only adds zeros"):  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^blocks\.0\.weight holds 50% zeros already, more than the 0\.3 row "
+                      r"asked \(a model pruned before\?\): pruning only adds zeros"):  # fmt: skip
         report = prune_layerwise(model, [x], "wanda", sparsity=0.3, blocks=model.blocks)
     assert report.achieved_sparsity == 0.5 and report.mean_layer_error == 0.0
     with warnings.catch_warnings():
