@@ -46,6 +46,23 @@ def test_the_refit_keeps_every_mask_and_lowers_each_block_error(tiny_llama):
         assert metrics["block_error_fitted"] < metrics["block_error"], name
 
 
+def test_the_refit_leaves_right_padding_out_of_its_loss(tiny_llama):
+    """A batch padded on the right (attention_mask 0) prunes and fits as the same tokens without the padding."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 64, (2, 8))
+    padded = {
+        "input_ids": torch.cat([ids, torch.full((2, 6), 7)], 1),
+        "attention_mask": torch.cat([torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], 1),
+    }
+    models = []
+    for batch in (padded, {"input_ids": ids}):
+        models.append(_model(tiny_llama))
+        report = prune_layerwise(models[-1], [batch], "wanda", sparsity=0.5, block_fit_epochs=3, block_fit_lr=1e-3)
+        assert not any("block_fit_reverted" in m for m in report.layers.values())  # the refit changed the weights
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-4)
+
+
 def test_the_dense_target_brings_the_model_closer_to_the_dense_one(tiny_llama):
     batches = random_token_batches()
     dense = _model(tiny_llama)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lm_batches import random_token_batches
 from transformers import AutoModelForCausalLM
 
-from constrainedsparse import prune_layerwise
+from constrainedsparse import Targets, prune_layerwise
 from constrainedsparse.layerwise.blockmask import start_mask
 from constrainedsparse.layerwise.fw.groups import group_sweep_polish
 from constrainedsparse.layerwise.fw.search import swap_polish
@@ -60,6 +60,24 @@ def test_the_search_then_the_refit_report_all_three_errors(tiny_llama):
     )
     for name, m in report.layers.items():
         assert m["block_error_fitted"] < m["block_error_masked"] <= m["block_error"], name
+
+
+def test_the_search_and_the_refit_report_the_error_before_both_steps(tiny_llama):
+    """block_error is the error before the search and the refit, as with the search alone (not the searched one)."""
+    batches = random_token_batches()
+    searched = prune_layerwise(_model(tiny_llama), batches, "wanda", sparsity=0.5, block_mask_rounds=1).layers
+    both = prune_layerwise(_model(tiny_llama), batches, "wanda", sparsity=0.5, block_mask_rounds=1, block_fit_epochs=1)
+    first = "model.layers.0.self_attn.q_proj.weight"  # the same inputs in both runs
+    assert both.layers[first]["block_error"] == searched[first]["block_error"]
+    assert both.layers[first]["block_error_masked"] < both.layers[first]["block_error"]
+
+
+def test_the_search_keeps_each_layers_own_level(tiny_llama):
+    model = _model(tiny_llama)
+    targets = Targets(overrides={"*mlp*": 0.75})
+    prune_layerwise(model, random_token_batches(), "wanda", sparsity=0.5, targets=targets, block_mask_rounds=1)
+    for name, weight in _pruned_weights(model).items():
+        assert float((weight == 0).float().mean()) == pytest.approx(0.75 if ".mlp." in name else 0.5, abs=0.01), name
 
 
 def test_a_bfloat16_model_keeps_its_dtype_and_its_dense_values(tiny_llama):

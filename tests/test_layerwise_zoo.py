@@ -716,10 +716,11 @@ def test_arguments_computed_from_earlier_blocks_are_not_captured_ahead(monkeypat
 
 def test_the_chain_is_judged_on_the_longest_batch(monkeypatch):
     """Judged on a first batch within Gemma 2's sliding window (every layer the same mask), the blocks passed for a
-    plain chain and the longer batches ran every layer with the first layer's mask."""
+    plain chain and the longer batches ran every layer with the first layer's mask. Longest by sequence, not by size:
+    the short batch has more rows."""
     model = _tiny_gemma("gemma2")
     rerun = copy.deepcopy(model)
-    batches = [{"input_ids": torch.randint(0, 64, (2, 3))}, {"input_ids": torch.randint(0, 64, (2, 12))}]
+    batches = [{"input_ids": torch.randint(0, 64, (4, 3))}, {"input_ids": torch.randint(0, 64, (1, 12))}]
     prune_layerwise(model, batches, "sparsegpt", sparsity=0.5)
     _rerun_walk(monkeypatch)
     prune_layerwise(rerun, batches, "sparsegpt", sparsity=0.5)

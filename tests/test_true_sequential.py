@@ -40,6 +40,24 @@ def test_a_llama_block_has_four_input_groups_in_call_order(tiny_llama):
     assert groups.called_once
 
 
+def test_a_layer_called_twice_is_grouped_by_its_first_calls_input():
+    """``a`` is called on x, then on r = relu(a(x)), where ``b`` reads r too: the groups are [a], [b] (b calibrated on
+    the pruned a's output), not a and b together by a's last input."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            r = torch.relu(self.a(x))
+            return x + self.a(r) + self.b(r)
+
+    block = Block()
+    groups = input_groups([("a", block.a), ("b", block.b)], lambda: block(torch.randn(8, 16)))
+    assert [[name for name, _ in group] for group in groups] == [["a"], ["b"]]
+
+
 def test_a_layer_never_called_ends_up_alone_and_last(tiny_llama):
     model, blocks, layers = _setup(tiny_llama)
     groups = input_groups(layers, lambda: None)
