@@ -115,7 +115,9 @@ def test_one_pattern_vocabulary_from_text_to_sets(text, sparsity, kind, cls, par
 
 def test_pattern_text_errors():
     with pytest.raises(
-        ValueError, match=r"^unknown pattern 'diag'; patterns: unstructured, row, 2:4, structured:columns, block:4x4$"
+        ValueError,
+        match=r"^unknown pattern 'diag'; patterns: unstructured, row, 2:4, structured:rows, structured:columns, "
+        r"block:4x4$",
     ):
         SparsityConfig.parse("diag", 0.5)
     with pytest.raises(ValueError, match=r"structured takes :rows or :columns"):

@@ -262,6 +262,12 @@ class FeasibleSet(abc.ABC):
         return {}
 
     @classmethod
+    def examples(cls) -> list[str]:
+        """The pattern's texts that messages list (one, :meth:`example_params`'s, unless the pattern has forms a
+        user would not guess from one: structured rows and columns)."""
+        return [cls.pattern_text(**cls.example_params())]
+
+    @classmethod
     def level(cls, **params: Any) -> float | None:
         """The sparsity a fixed-level pattern implies (``1 - n/m`` for N:M), else ``None``."""
         return None
@@ -419,7 +425,7 @@ def parse_pattern(text: str) -> tuple[str, dict[str, Any]]:
         params = cls.parse(text)
         if params is not None:
             return kind, params
-    examples = ", ".join(cls.pattern_text(**cls.example_params()) for cls in _PATTERNS.values())
+    examples = ", ".join(text for cls in _PATTERNS.values() for text in cls.examples())
     raise ValueError(f"unknown pattern {text!r}; patterns: {examples}")
 
 

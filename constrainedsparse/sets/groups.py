@@ -54,6 +54,10 @@ class StructuredGroups(FeasibleSet):
     def example_params(cls) -> dict[str, Any]:
         return {"dim": 1}
 
+    @classmethod
+    def examples(cls) -> list[str]:
+        return [cls.pattern_text(dim=0), cls.pattern_text(dim=1)]
+
     def __init__(self, k: int, dim: int = 0) -> None:
         k = check_count(k)
         if dim not in (0, 1):
