@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 from constrainedsparse.bitmask import compress_state_dict, decompress_state_dict
 from constrainedsparse.errors import first_line
 from constrainedsparse.extras import require
-from constrainedsparse.saving import replace_folder, save_pretrained_model, source_folder
+from constrainedsparse.saving import replace_folder, source_folder
 from constrainedsparse.semistructured import is_two_four, to_semi_structured
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ __all__ = [
 
 COMPRESSED_DIR = "compressed"
 REPORT_FILE = "compression.json"
-_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -164,14 +165,26 @@ def _quantization_config(sparsity_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _module_folders(model_dir: Path) -> set[str]:
+    """The module folders a sentence-transformers ``modules.json`` lists (its pooling, normalisation)."""
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text())
+        return {str(m["path"]) for m in modules if isinstance(m, dict) and m.get("path")}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
 def _copy_model_files(model_dir: Path, staging: Path) -> None:
-    """Everything but the weights: config, tokenizer, generation config, sentence-transformers modules."""
+    """The files beside the weights that the model needs: config, tokenizer, generation config, sentence-transformers
+    module folders; not weights, checkpoints or the rest of a training folder (a Trainer's ``checkpoint-N/``,
+    ``runs/``, ``training_args.bin``), nor a file ``staging`` holds already."""
+    modules = _module_folders(model_dir)
     for path in model_dir.iterdir():
-        if path.name.startswith(".") or path.suffix == ".safetensors" or path.name in _WEIGHT_FILES:
+        if path.name.startswith(".") or (staging / path.name).exists() or path.name in _WEIGHT_FILES:
             continue
-        if path.is_dir():
+        if path.is_dir() and path.name in modules:
             shutil.copytree(path, staging / path.name)
-        else:
+        elif path.is_file() and path.suffix not in _WEIGHT_SUFFIXES:
             shutil.copy2(path, staging / path.name)
 
 
@@ -292,8 +305,8 @@ def _scratch_folder(final: Path, kind: str = "") -> Path:
 
 @contextlib.contextmanager
 def _saved_model(model: nn.Module, final: Path) -> Iterator[Path]:
-    """``model`` saved (``save_pretrained``, with its tokenizer where it was loaded from a folder) into a scratch folder
-    beside ``final``, removed afterwards.
+    """``model`` saved (``save_pretrained``, with the tokenizer of the folder it was loaded from, if any) into a scratch
+    folder beside ``final``, removed afterwards.
 
     Raises:
         ValueError: For a model without ``save_pretrained`` or one that still carries masks or gates.
@@ -307,11 +320,11 @@ def _saved_model(model: nn.Module, final: Path) -> Iterator[Path]:
         )
     scratch = _scratch_folder(final, ".model")
     try:
-        if source_folder(model) is not None:
-            save_pretrained_model(model, scratch / "model")  # with the tokenizer of the folder it came from
-        else:
-            model.save_pretrained(scratch / "model")
-        yield scratch / "model"
+        model.save_pretrained(scratch)
+        source = source_folder(model)
+        if source is not None:  # the tokenizer and the like of the folder it was loaded from, if it has them
+            _copy_model_files(source, scratch)
+        yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -107,16 +107,26 @@ def test_a_model_in_memory_or_a_saved_model_folder_exports_its_pruned_weights(tm
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "saved")
-    for source, to in [(model, tmp_path / "from_model"), (tmp_path / "saved", tmp_path / "from_folder")]:
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)  # a Trainer's output_dir: checkpoints and training state beside the model
+    (saved / "checkpoint-4").mkdir()
+    (saved / "checkpoint-4" / "optimizer.pt").write_bytes(b"0" * 4096)
+    (saved / "training_args.bin").write_bytes(b"0")
+    (saved / "tokenizer_config.json").write_text("{}")
+    loaded = AutoModelForCausalLM.from_pretrained(saved)  # from a folder (its tokenizer files come along)
+    sources = [(model, tmp_path / "from_model"), (saved, tmp_path / "from_folder"), (loaded, tmp_path / "loaded")]
+    for source, to in sources:
         report = export_compressed(source, to)
+        files = {p.name for p in to.iterdir()}
+        assert {"config.json", "model.safetensors", REPORT_FILE} <= files and "training_args.bin" not in files
+        assert ("tokenizer_config.json" in files) == (source is not model) and "checkpoint-4" not in files
         assert report["format"] == fmt and sorted(report["layers"]) == names and report["folder"] == str(to)
         assert report["pattern"] == ("2:4" if fmt == "sparse-24-bitmask" else "unstructured")
         sparsity = json.loads((to / "config.json").read_text())["quantization_config"]["sparsity_config"]
         assert sparsity["global_sparsity"] == pytest.approx(0.5)
         with torch.no_grad():
             assert torch.equal(load_compressed_model(to)(input_ids=ids).logits, logits)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["from_folder", "from_model", "run", "saved"]  # no scratch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from_folder", "from_model", "loaded", "run", "saved"]
     assert main(["export", str(tmp_path / "saved"), "--to", str(tmp_path / "cli")]) == 0
     assert json.loads((tmp_path / "cli" / REPORT_FILE).read_text())["format"] == fmt
 

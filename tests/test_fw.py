@@ -561,14 +561,14 @@ def test_nested_config_keeps_the_flat_keys() -> None:
     assert types == {key: kind for key, (kind, _) in FLAT_DEFAULTS.items()}
     assert config_field_types(FWConfig) == types  # what --set parses text into
     assert FWSolver().config.values() == {key: default for key, (_, default) in FLAT_DEFAULTS.items()}
-    config = FWConfig.from_values({"tabu_steps": 3, "reconstruct": True, "damp": 0, "alpha": 0.25})
+    config = FWConfig.from_values({"tabu_steps": 3, "reconstruct": True, "damp": 0.05, "alpha": 0.25})
     assert config.search.tabu_steps == 3 and config.reconstruction.reconstruct is True
-    assert config.reconstruction.damp == 0.0 and config.alpha == 0.25
+    assert config.reconstruction.damp == 0.05 and config.alpha == 0.25
     assert config.values() == {
         **FWSolver().config.values(),
         "tabu_steps": 3,
         "reconstruct": True,
-        "damp": 0.0,
+        "damp": 0.05,
         "alpha": 0.25,
     }
 
