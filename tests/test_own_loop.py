@@ -433,9 +433,23 @@ def test_magnitudes_cubic_schedule_on_a_pruned_model_warns_that_its_zeros_train_
     f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets))
     f.setup(4, 1)
     with pytest.warns(UserWarning, match=r"^magnitude: 0.weight holds 5\d% zeros already \(a model pruned before\?\), "
-                      r"but the cubic schedule's first masks prune 2\d%: \d+ of its zeros train again .* use "
-                      r"schedule='oneshot'$"):  # fmt: skip
+                      r"but the cubic schedule's first masks prune 2\d%: \d+ of the zeros its target mask prunes "
+                      r"train again .* use schedule='oneshot'$"):  # fmt: skip
         f.start_epoch(0)
+
+    for pattern, zero_init in [("2:4", False), (None, True)]:  # N:M applies in full; a zero-initialised layer
+        model, x, y, targets = _pruned_cancer()
+        if zero_init:
+            with torch.no_grad():
+                model[0].weight.normal_()
+                model[2].weight.zero_()
+        config = SparsityConfig(pattern="2:4") if pattern else SparsityConfig(0.5)
+        where = Targets(include=["2.weight"]) if pattern else Targets()  # 2:4 needs 32 inputs (the first has 30)
+        f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, where.resolve(model, config)))
+        f.setup(4, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            f.start_epoch(0)
 
     model, x, y, targets = _pruned_cancer()
     f = make("magnitude", SparsityProblem(model, nn.functional.cross_entropy, targets), schedule="oneshot")

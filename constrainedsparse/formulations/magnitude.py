@@ -78,17 +78,20 @@ class Magnitude(Formulation):
         return {"schedule/fraction": fraction}
 
     def _warn_zeros_kept(self, masks: dict[str, torch.Tensor], fraction: float) -> None:
-        """Warns when the first masks keep (train) more than 1 % of a target's weights that are zero already: a
-        model pruned before (one-shot), whose zeros the cubic schedule's lower first levels let grow back."""
+        """Warns when the first masks keep (train) more than 1 % of a target's weights that are zero already and that
+        its mask at the target level prunes: a model pruned before (one-shot), whose zeros the cubic schedule's lower
+        first levels let grow back. Not for a tensor that is all zeros (zero-initialised, not pruned)."""
         for target in self.problem.targets:
-            kept_zeros = int(((target.stored == 0) & masks[target.name]).sum())
-            if kept_zeros > 0.01 * target.stored.numel():
+            zeros = target.stored == 0
+            if bool(zeros.all()):
+                continue
+            freed = zeros & masks[target.name] & ~target.feasible_set.mask(target.tensor)
+            if int(freed.sum()) > 0.01 * target.stored.numel():
                 warnings.warn(
-                    f"magnitude: {target.name} holds {float((target.stored == 0).float().mean()):.0%} zeros already "
-                    f"(a model pruned before?), but the cubic schedule's first masks prune "
-                    f"{target.sparsity * fraction:.0%}: {kept_zeros} of its zeros train again and the final mask is "
-                    "chosen anew by magnitude; to keep the zeros (fine-tuning a pruned model), use "
-                    "schedule='oneshot'",
+                    f"magnitude: {target.name} holds {float(zeros.float().mean()):.0%} zeros already (a model pruned "
+                    f"before?), but the cubic schedule's first masks prune {target.sparsity * fraction:.0%}: "
+                    f"{int(freed.sum())} of the zeros its target mask prunes train again and the final mask is chosen "
+                    "anew by magnitude; to keep the zeros (fine-tuning a pruned model), use schedule='oneshot'",
                     UserWarning,
                     stacklevel=user_stacklevel(),
                 )
