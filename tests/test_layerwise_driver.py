@@ -453,3 +453,6 @@ def test_pruning_again_at_a_lower_level_warns_that_the_layers_keep_their_zeros()
         warnings.simplefilter("error")
         prune_layerwise(model, [x], "wanda", sparsity=0.5, blocks=model.blocks)  # the same level again: no warning
         prune_layerwise(model, [x], "wanda", pattern="2:4", blocks=model.blocks)
+        again = _OneBlock()
+        prune_layerwise(again, [x], "wanda", sparsity=0.35, blocks=again.blocks)  # 3 of 8 per row: 0.375 zeros
+        prune_layerwise(again, [x], "wanda", sparsity=0.35, blocks=again.blocks)

@@ -248,8 +248,10 @@ def _warn_pruned_before(
     for prefix, block in zip(block_prefixes(model, blocks), blocks):
         for name, module in targeted_layers(block, targets, prefix):
             full_name, level = weight_name(prefix, name), levels.get(weight_name(prefix, name), target)
-            zeros = float((layer_weight(module) == 0).float().mean())
-            if zeros > level.sparsity + 0.01:
+            weight = layer_weight(module).detach()
+            zeros = float((weight == 0).float().mean())
+            pruned = 1.0 - float(level.feasible_set(weight.shape).mask(weight).float().mean())  # counts rounded
+            if zeros > pruned + 1e-9:
                 warnings.warn(
                     f"{full_name} holds {zeros:.0%} zeros already, more than the {level.describe()} asked (a model "
                     "pruned before?): pruning only adds zeros, so such layers keep theirs (and their error reads 0)",

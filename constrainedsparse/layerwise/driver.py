@@ -57,6 +57,7 @@ from constrainedsparse.layerwise.capture import (
 )
 from constrainedsparse.layerwise.grams import accumulate_grams
 from constrainedsparse.layerwise.layers import (
+    check_in_range,
     layer_weight,
     set_layer_weight,
     targeted_layers,
@@ -247,8 +248,8 @@ def _solve_layers(
         )
         # contiguous: a broadcast sends the raw memory, and GPT-2's Conv1D weight reads as a transposed view
         unchanged = result.mask & (result.weight == weight)  # kept as given: a float64 model's values go back
-        solved[name] = (written_weight(pruned, unchanged, original, full_name).contiguous(), report)
-    reports = []
+        solved[name] = (written_weight(pruned, unchanged, original).contiguous(), report)
+    reports, written = [], []
     for (name, module), owner, shape in zip(layers, owners, shapes):
         if world > 1:  # every rank receives the layer from the rank that solved it
             dtype = written_dtype(layer_weight(module).dtype)
@@ -259,8 +260,11 @@ def _solve_layers(
             report = holder[0]
         else:
             pruned, report = solved[name]
-        set_layer_weight(module, pruned)
+        check_in_range(report.name, pruned, layer_weight(module).dtype)  # on every rank: all refuse alike
         reports.append(report)
+        written.append((module, pruned))
+    for module, pruned in written:  # none of the block's layers is written if one is refused
+        set_layer_weight(module, pruned)
     return reports
 
 

@@ -65,24 +65,28 @@ def written_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def written_weight(pruned: torch.Tensor, unchanged: torch.Tensor, original: torch.Tensor, name: str) -> torch.Tensor:
-    """The solved layer ``name`` to write back: ``pruned`` (float32), where a float64 model's kept weights the solver
-    left ``unchanged`` (from its float32 input; every kept one of a mask-only solver) take their float64 values
-    back from ``original``, not float32's rounding.
-
-    Raises:
-        UserInputError: If a weight update leaves a kept weight beyond the model dtype's range (float16's 65504).
-    """
-    largest = float(pruned.abs().max()) if pruned.numel() else 0.0
-    if largest > torch.finfo(original.dtype).max:
-        raise UserInputError(
-            f"{name}: the solver's kept weights reach {largest:.3g}, beyond {original.dtype}'s range "
-            f"({torch.finfo(original.dtype).max:.3g}; written back they would be inf): prune a float32 copy of the "
-            "model, or use a method that keeps the weights (wanda, fw without reconstruct)"
-        )
+def written_weight(pruned: torch.Tensor, unchanged: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """The solved layer to write back: ``pruned`` (float32), where a float64 model's kept weights the solver left
+    ``unchanged`` (from its float32 input; every kept one of a mask-only solver) take their float64 values back from
+    ``original``, not float32's rounding."""
     if written_dtype(original.dtype) == torch.float32:
         return pruned
     return torch.where(unchanged, original, pruned.to(torch.float64))
+
+
+def check_in_range(name: str, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuses a solved weight that ``dtype`` (the model's) cannot hold: written back it would be inf.
+
+    Raises:
+        UserInputError: If a weight update left a kept weight beyond the dtype's range (float16's 65504).
+    """
+    largest = float(weight.abs().max()) if weight.numel() else 0.0
+    if largest > torch.finfo(dtype).max:
+        raise UserInputError(
+            f"{name}: the solver's kept weights reach {largest:.3g}, beyond {dtype}'s range "
+            f"({torch.finfo(dtype).max:.3g}; written back they would be inf): prune a float32 copy of the "
+            "model, or use a method that keeps the weights (wanda, fw without reconstruct)"
+        )
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
