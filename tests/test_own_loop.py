@@ -365,7 +365,8 @@ def test_discard_takes_the_build_back_without_baking_anything_in(name, config):
     assert gone() is None and not optimizer._optimizer_step_post_hooks
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
-    assert len(optimizer.param_groups) == 1 and problem.constraint_names() == [] and f.finalized
+    assert [g["params"] for g in optimizer.param_groups if g["params"]] == [list(model.parameters())]
+    assert not optimizer.state and problem.constraint_names() == [] and f.finalized  # l0's gates' groups: emptied
     with pytest.raises(ValueError, match=r"^discard\(\) after finalize\(\): the formulation has already removed"):
         f.discard()
     make(name, problem)  # the tensors are free again
@@ -373,7 +374,8 @@ def test_discard_takes_the_build_back_without_baking_anything_in(name, config):
 
 @pytest.mark.parametrize("name", ["slr", "l0", "magnitude"])
 def test_discard_keeps_the_parameter_groups_the_user_added_after_make(name):
-    """discard() removed every group added since make() (by count): the user's own too, with its state."""
+    """discard() removed every group added since make() (by count): the user's own too, with its state. Its own
+    groups are emptied and stay, as after finalize(): a scheduler built after make() counts them."""
     model, x, y = _cancer()
     optimizer = torch.optim.Adam([model[0].weight, model[2].weight], lr=0.01)
     problem = SparsityProblem(model, nn.functional.cross_entropy, Targets().resolve(model, SparsityConfig(0.5)))
@@ -385,12 +387,15 @@ def test_discard_keeps_the_parameter_groups_the_user_added_after_make(name):
     optimizer.step()
     f.post_step(step)
     f.load_state_dict(f.state_dict())  # a resume: l0 finds its gates' group by its parameters, not its dict
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.1)  # counts l0's gates' group too
     f.discard()
-    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == [
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups if g["params"]] == [
         [id(model[0].weight), id(model[2].weight)],
         [id(model[0].bias), id(model[2].bias)],
     ]
-    assert model[0].bias in optimizer.state and optimizer.param_groups[1]["lr"] == 1e-3
+    assert model[0].bias in optimizer.state
+    scheduler.step()  # l0's group is emptied, not removed from the middle of the list (whose lr went to the next)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(1e-3 * 0.1)  # the biases' own base rate
 
 
 def test_a_failed_build_leaves_model_optimizer_and_problem_as_they_were():
@@ -1001,7 +1006,7 @@ def test_a_detach_that_fails_is_raised_by_discard_and_set_aside_when_the_build_i
         assert len(f.optimizer.param_groups) == 2 and len(f.problem.constraint_names()) == 4  # gates, l0's three
         with pytest.raises(KeyError, match="detach bug"):
             f.discard()
-        assert len(f.optimizer.param_groups) == 1 and f.problem.constraint_names() == ["norm"]  # restored first
+        assert f.problem.constraint_names() == ["norm"]  # restored first (its groups are its detach's to empty)
         assert f.finalized
         with pytest.raises(ValueError, match=r"^discard\(\) after finalize\(\)"):
             f.discard()

@@ -21,22 +21,15 @@ class Attachments:
 
     constraints: list[str]
     groups: int
-    added: set[int] | None = None  # ids of the parameters of the groups attach added, once it succeeded
 
     @classmethod
     def of(cls, formulation: Formulation) -> Attachments:
         """Before ``attach``, on targets without masks or gates (``claim_targets`` refuses the others)."""
         return cls(formulation.problem.constraint_names(), len(formulation.optimizer.param_groups))
 
-    def attached(self, formulation: Formulation) -> None:
-        """After a successful ``attach``: records the parameters of the groups it added (l0's gates), so that a later
-        restore removes those groups and not the ones the user adds to the optimizer afterwards."""
-        groups = formulation.optimizer.param_groups[self.groups :]
-        self.added = {id(parameter) for group in groups for parameter in group["params"]}
-
     def restore(self, formulation: Formulation, failed_build: bool = False) -> None:
-        """Masks or gates off (the weights as they were, not baked), the formulation's constraints, gradient
-        hooks and parameter groups removed.
+        """Masks or gates off (the weights as they were, not baked), the formulation's constraints and gradient hooks
+        removed, its parameter groups emptied (removed after a failed build).
 
         Args:
             formulation: The formulation built on the state this records.
@@ -44,11 +37,6 @@ class Attachments:
                 build's own error is the one to raise (a ``detach`` error is then set aside); otherwise a
                 ``detach`` error is an error of its own (:meth:`~Formulation.discard`).
         """
-        optimizer = formulation.optimizer
-        if self.added is None:  # attach failed part-way: every group since is its
-            ours = optimizer.param_groups[self.groups :]
-        else:  # found by their parameters before detach() empties them (a loaded state rebuilds the group dicts)
-            ours = [g for g in optimizer.param_groups if g["params"] and all(id(p) in self.added for p in g["params"])]
         for target in formulation.problem.targets:
             if parametrize.is_parametrized(target.module, target.param_name):
                 remove_parametrization(target.module, target.param_name, leave_parametrized=False)
@@ -57,13 +45,14 @@ class Attachments:
             formulation.detach()  # its own hooks and bookkeeping, as far as attach got
         except Exception as err:  # the rest is restored first; then raised (set aside after a failed build)
             error = None if failed_build else err
-        problem = formulation.problem
+        problem, optimizer = formulation.problem, formulation.optimizer
         for name in problem.constraint_names():
             if name not in self.constraints:
                 problem.remove_constraint(name)
-        for group in ours:
-            for parameter in group["params"]:
-                optimizer.state.pop(parameter, None)
-        optimizer.param_groups[:] = [g for g in optimizer.param_groups if not any(g is group for group in ours)]
+        if failed_build:  # every group since attach began is its own; after a build, detach() emptied its groups and
+            for group in optimizer.param_groups[self.groups :]:  # they stay, as after finalize() (a scheduler counts
+                for parameter in group["params"]:  # them, and the user may have added groups of their own since)
+                    optimizer.state.pop(parameter, None)
+            del optimizer.param_groups[self.groups :]
         if error is not None:
             raise error

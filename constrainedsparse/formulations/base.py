@@ -138,7 +138,6 @@ class Formulation(SplitStep, abc.ABC):
         self._built_on = before = Attachments.of(self)  # what discard() restores
         try:
             self.attach()
-            before.attached(self)
             self.dual_optimizer = self.build_dual_optimizer()
             self.cooper_optimizer = cooper_optimizer(problem, optimizer, self.dual_optimizer)
         except BaseException:  # a refused build leaves model, optimizer and problem as they were
@@ -370,8 +369,9 @@ class Formulation(SplitStep, abc.ABC):
 
     def discard(self) -> None:
         """Takes back what the build attached, without baking anything in: masks and gates come off (each weight is
-        its stored tensor, as training left it), the formulation's constraints, gradient hooks and optimizer parameter
-        groups go. For a run abandoned before it trained (a failure after ``make``); finalized after it.
+        its stored tensor, as training left it), the formulation's constraints and gradient hooks go, its optimizer
+        parameter groups are emptied (they stay, as after :meth:`finalize`: a scheduler counts them). For a run
+        abandoned before it trained (a failure after ``make``); finalized after it.
 
         Raises:
             ValueError: After :meth:`finalize` (or a first :meth:`discard`).
