@@ -230,6 +230,31 @@ def test_every_dtype_keeps_its_values_where_a_step_does_not_change_them(dtype, s
             assert torch.equal(p, q), name  # norms and biases untouched
 
 
+class _Duplicates(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 4, bias=False)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x)
+
+
+def test_a_float16_refit_that_would_leave_float16s_range_is_undone():
+    """Four identical inputs with weights of 4e4, pruned 2:4: the refit moves the pruned twins' share onto the kept
+    ones (8e4), which float16 cannot hold; cast back, it was inf."""
+    torch.manual_seed(0)
+    model = _Duplicates()
+    with torch.no_grad():
+        model.blocks[0].weight[:, :4] = 4.0e4
+    model = model.half()
+    x = torch.randn(64, 8) * 1e-3
+    x[:, 1:4] = x[:, :1]
+    report = prune_layerwise(model, [x.half()], "wanda", pattern="2:4", blocks=model.blocks, block_fit_epochs=50,
+                             block_fit_lr=5e3, block_fit_target="block")  # fmt: skip
+    assert report.layers["blocks.0.weight"]["block_fit_reverted"] == 1.0
+    assert bool(torch.isfinite(model.blocks[0].weight).all())
+
+
 def test_a_refit_that_diverges_is_undone_and_recorded(tiny_llama):
     # a learning rate far too large for the block: the refit raises the error, and the pruned block is kept
     batches = random_token_batches()

@@ -173,18 +173,20 @@ def fit_block(
         device: Where the block computes (each batch moves there in turn); ``None``: where they are.
 
     Returns:
-        The relative block error before and after; a refit that raised it (or made it non-finite) is undone, and
-        ``after`` is then the error before it.
+        The relative block error before and after; a refit that raised it, made it non-finite or left a weight
+        beyond the model dtype's range (float16) is undone, and ``after`` is then the error before it.
     """
     pairs = list(zip(inputs, targets))
     weights = [module.weight for _, module in layers]  # the parameters (GPT-2's Conv1D: transposed)
+    largest = torch.finfo(weights[0].dtype).max if weights else math.inf  # the model dtype's: float16 holds 65504
     with widened_block(block, [module for _, module in layers]):
         error, energy = block_sums(block, pairs, device)
         scale = 1.0 / max(energy, torch.finfo(torch.float32).tiny)
         saved = [w.detach().clone() for w in weights]
         _adam(block, weights, pairs, fit, scale, device)
         after, _ = block_sums(block, pairs, device)
-        reverted = not math.isfinite(after) or after > error  # diverged: the pruned block was better
+        beyond = any(float(w.detach().abs().max()) > largest for w in weights)  # cast back, it would be inf
+        reverted = not math.isfinite(after) or after > error or beyond  # diverged: the pruned block was better
         if reverted:
             with torch.no_grad():
                 for w, before in zip(weights, saved):
