@@ -36,11 +36,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
 from constrainedsparse.bitmask import compress_state_dict, decompress_state_dict
 from constrainedsparse.errors import first_line
 from constrainedsparse.extras import require
+from constrainedsparse.masks import parametrized
 from constrainedsparse.saving import replace_folder, source_folder
 from constrainedsparse.semistructured import is_two_four, to_semi_structured
 
@@ -268,17 +268,20 @@ def _folder_contents(model_dir: Path) -> _Pruned:
     cost (one bit per entry: more than one zero in 16 entries of a 16-bit weight, in 32 of a 32-bit one), 2:4 if
     every one of them is."""
     state = _read_safetensors(model_dir)
-    names = sorted(
-        name
+    zeros = {
+        name: int((t == 0).sum())
         for name, t in state.items()
         if name.endswith(".weight") and t.dim() == 2 and t.is_floating_point()
-        and int((t == 0).sum()) * t.element_size() * 8 > t.numel()
-    )  # fmt: skip
+    }
+    names = sorted(
+        name for name, count in zeros.items() if count * state[name].element_size() * 8 > state[name].numel()
+    )
     if not names:
         raise ValueError(f"{str(model_dir)!r} holds no pruned weight (no 2-D weight with zeros to compress)")
     pattern = "2:4" if all(is_two_four(state[n]) for n in names) else "unstructured"
-    zeros = sum(int((state[n] == 0).sum()) for n in names)
-    return _Pruned(model_dir, state, names, pattern, zeros / sum(state[n].numel() for n in names))
+    return _Pruned(
+        model_dir, state, names, pattern, sum(zeros[n] for n in names) / sum(state[n].numel() for n in names)
+    )
 
 
 def _destination(to: Any, what: str) -> Path:
@@ -313,7 +316,7 @@ def _saved_model(model: nn.Module, final: Path) -> Iterator[Path]:
     """
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"export takes a transformers model (with save_pretrained), got {type(model).__name__}")
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
+    if parametrized(model):
         raise ValueError(
             "the model still carries masks or gates (parametrizations): remove_masks(targets) or finalize() its "
             "formulation first, so the saved weights are the pruned ones"

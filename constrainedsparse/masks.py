@@ -26,6 +26,7 @@ __all__ = [
     "register_parametrization",
     "remove_parametrization",
     "layer_sparsity",
+    "parametrized",
     "remove_masks",
     "temporarily_pruned",
 ]
@@ -85,6 +86,11 @@ def canonical_parameters(model: nn.Module) -> list[nn.Parameter]:
                 seen.add(id(own[name]))
                 found.append(own[name])
     return found
+
+
+def parametrized(model: nn.Module) -> bool:
+    """Whether a module of ``model`` carries a parametrization (masks or gates still on it)."""
+    return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
 def find_parametrization(module: nn.Module, param_name: str, kind: type[nn.Module]) -> nn.Module | None:

@@ -350,9 +350,8 @@ class SparsityProblem(cooper.cmp.ConstrainedMinimizationProblem):
             loss = loss + fn(self.model)
         observed = {name: entry for name, entry in self._violations.items() if entry.observed}
         violations = {name: self._violation(name, entry, batch) for name, entry in observed.items()}
-        strict = {}  # after the violations: l0's reuse their densities
-        if any(entry.strict_violation is not None for entry in observed.values()):
-            strict = _strict_violations(self, observed, batch)
+        measured = {name: entry for name, entry in observed.items() if entry.strict_violation is not None}
+        strict = _strict_violations(self, measured, batch) if measured else {}  # after: l0's reuse their densities
         states = {
             entry.constraint: cooper.ConstraintState(
                 violation=violations[name],
@@ -430,15 +429,11 @@ class SparsityProblem(cooper.cmp.ConstrainedMinimizationProblem):
 
 @outside_compile
 def _strict_violations(
-    problem: SparsityProblem, observed: dict[str, _Registered], batch: Batch
+    problem: SparsityProblem, measured: dict[str, _Registered], batch: Batch
 ) -> dict[str, torch.Tensor]:
-    """The proxy measurements (``strict_fn``, no gradient: what the dual steps read) of ``observed``, measured
+    """The proxy measurements (``strict_fn``, no gradient: what the dual steps read) of ``measured``, measured
     eagerly between the graphs of a step function you compile: traced, one per constraint, they recompiled."""
-    return {
-        name: problem._strict(name, entry, batch)
-        for name, entry in observed.items()
-        if entry.strict_violation is not None
-    }
+    return {name: problem._strict(name, entry, batch) for name, entry in measured.items()}
 
 
 def violation_summary(violation: torch.Tensor, equality: bool) -> float:

@@ -49,9 +49,9 @@ from constrainedsparse.integrations.trainer_support import (
     check_trainable,
     epochs_and_steps,
     let_go,
-    parametrized,
 )
 from constrainedsparse.masks import hard_prune as hard_prune_targets
+from constrainedsparse.masks import parametrized
 from constrainedsparse.modes import eval_mode, random_states_kept
 from constrainedsparse.problem import SparsityProblem, UserConstraint
 from constrainedsparse.report import empty_layers

@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers import Trainer
 from transformers.trainer_utils import has_length
 
@@ -17,7 +16,6 @@ __all__ = [
     "check_trainable",
     "epochs_and_steps",
     "let_go",
-    "parametrized",
 ]
 
 
@@ -28,11 +26,6 @@ def let_go(accelerator: Any, loader: Any) -> None:
     registered = getattr(accelerator, "_dataloaders", None)
     if isinstance(registered, list) and any(entry is loader for entry in registered):
         registered[:] = [entry for entry in registered if entry is not loader]
-
-
-def parametrized(model: nn.Module) -> bool:
-    """Whether a module of ``model`` carries a parametrization (masks or gates still on it)."""
-    return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
 def check_trainable(model: nn.Module | None, train_dataset: Any) -> None:

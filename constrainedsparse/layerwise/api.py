@@ -247,7 +247,8 @@ def _warn_pruned_before(
     pruning only adds zeros, so such a layer keeps its own and its error reads 0."""
     for prefix, block in zip(block_prefixes(model, blocks), blocks):
         for name, module in targeted_layers(block, targets, prefix):
-            full_name, level = weight_name(prefix, name), levels.get(weight_name(prefix, name), target)
+            full_name = weight_name(prefix, name)
+            level = levels.get(full_name, target)
             weight = layer_weight(module).detach()
             zeros = float((weight == 0).float().mean())
             pruned = 1.0 - float(level.feasible_set(weight.shape).mask(weight).float().mean())  # counts rounded

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from constrainedsparse.batches import map_tensors, to_device
+from constrainedsparse.batches import tensors_in, to_device
 from constrainedsparse.errors import UserInputError, first_line, user_input, user_stacklevel
 from constrainedsparse.layerwise.blockinputs import BlockInputs, block_hidden
 from constrainedsparse.layerwise.grams import StopForward
@@ -255,11 +255,9 @@ def blocks_chained(model: nn.Module, blocks: Sequence[nn.Module], names: Sequenc
 _BETWEEN = "(the model computes between them: a norm, an activation, a residual sum outside the blocks)"
 
 
-def _tensors(call: BlockInputs) -> list[torch.Tensor]:
+def _tensors(call: BlockInputs) -> Iterator[torch.Tensor]:
     """The tensors among a call's arguments (its hidden states dropped already)."""
-    found: list[torch.Tensor] = []
-    map_tensors((call.args, call.kwargs), lambda t: found.append(t) or t)
-    return found
+    return tensors_in((call.args, call.kwargs))
 
 
 @contextlib.contextmanager

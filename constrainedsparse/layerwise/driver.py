@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from constrainedsparse import distributed
-from constrainedsparse.batches import map_tensors, to_device
+from constrainedsparse.batches import tensors_in, to_device
 from constrainedsparse.errors import UserInputError
 from constrainedsparse.layerwise.base import LayerProblem, LayerwiseSolver, solve
 from constrainedsparse.layerwise.blockfit import BlockFit
@@ -333,9 +333,8 @@ def walk_chained(
 def _extent(batch: Any) -> tuple[int, int]:
     """A batch's longest last dimension among its tensors of 2+ dimensions (a sequence's length), then its size: the
     batch whose blocks are likeliest to get arguments of their own (past a sliding window or an attention chunk)."""
-    sizes: list[tuple[int, int]] = []
-    map_tensors(batch, lambda t: sizes.append((t.shape[-1] if t.dim() >= 2 else 0, t.numel())) or t)
-    return (max((s[0] for s in sizes), default=0), sum(s[1] for s in sizes))
+    tensors = list(tensors_in(batch))
+    return (max((t.shape[-1] for t in tensors if t.dim() >= 2), default=0), sum(t.numel() for t in tensors))
 
 
 def walk_blocks(
