@@ -121,6 +121,18 @@ class Targets:
                 return float(level)
         return None
 
+    def check_overrides(self, config: SparsityConfig) -> None:
+        """``overrides`` need a pattern whose level can change per tensor.
+
+        Raises:
+            ValueError: For overrides next to a pattern that fixes its own level (N:M: every group keeps N).
+        """
+        if self.overrides and config.fixed_level:
+            raise ValueError(
+                f"Targets.overrides set per-layer sparsity levels; the {'N:M ' * bool(config.nm)}pattern "
+                f"{config.describe()} fixes every group's: use a sparsity target, or exclude the layers to keep dense"
+            )
+
     def candidates(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         """``(module_fqn, param_name, module)`` of every parameter of the module types, names and
         ``filter_fn``, before ``include``/``exclude``, in model order."""
@@ -196,7 +208,8 @@ class Targets:
 
         Raises:
             ValueError: If ``model`` is not a module or ``config`` not a :class:`SparsityConfig`, nothing
-                is selected, a glob matches nothing (:meth:`check_globs`), a selected weight is tied to
+                is selected, ``overrides`` sit next to an N:M pattern (:meth:`check_overrides`), a glob matches
+                nothing (:meth:`check_globs`), a selected weight is tied to
                 another parameter name, a pattern does not fit a tensor (e.g. N:M on a width not
                 divisible by M), or a level keeps no weight of a tensor (unless ``allow_empty``).
         """
@@ -207,6 +220,7 @@ class Targets:
                 f"resolve(model, config): config must be a SparsityConfig (e.g. SparsityConfig(sparsity=0.9) or "
                 f"SparsityConfig.parse('2:4')), got {config!r}"
             )
+        self.check_overrides(config)
         model = unwrap_compiled(model)  # a torch.compile wrapper shares the module's parameters: its names
         candidates = self.candidates(model)
         selected = self._included(candidates)

@@ -259,6 +259,14 @@ def test_a_level_that_keeps_no_weight_is_refused_at_resolve():
     assert len(Targets().resolve(model, SparsityConfig(0.9), allow_empty=True)) == 2
 
 
+def test_overrides_next_to_an_n_m_pattern_are_refused_at_resolve():
+    # The level of an N:M tensor is its pattern's: an override was dropped without a word (2:4 at 0.5 for 0.3).
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"^Targets\.overrides set per-layer sparsity levels; the N:M pattern 2:4"):
+        Targets(overrides={"0.weight": 0.3}).resolve(model, SparsityConfig.parse("2:4"))
+    assert len(Targets().resolve(model, SparsityConfig.parse("2:4"))) == 2
+
+
 def test_a_fixed_level_given_as_well_must_match_it():
     assert SparsityConfig(sparsity=1 / 3, pattern="nm", nm=(2, 3)).sparsity == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match=r"^pattern 2:3 fixes its own level 0\.33333333333333337, got sparsity=0\.5"):

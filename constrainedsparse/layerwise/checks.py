@@ -182,12 +182,8 @@ def check_allocation(driver: DriverSettings, target: SparsityConfig, targets: Ta
             ``targets.overrides``, a budget outside the bounds, or overrides (levels given by hand) next
             to an allocation.
     """
-    if targets is not None and targets.overrides and target.fixed_level:
-        raise ValueError(
-            f"Targets.overrides set per-layer sparsity levels; the {'N:M ' * bool(target.nm)}pattern "
-            f"{target.describe()} fixes every "
-            "group's: use a sparsity target, or exclude the layers to keep dense"
-        )
+    if targets is not None:
+        targets.check_overrides(target)
     if driver.allocation == "uniform":
         return
     key, level = _names(driver)
