@@ -231,7 +231,8 @@ ROWS: list[Row] = [
     Row(
         "l0 purged with a pattern",
         [*RUN, "--formulation", "l0", "--set", "grouping=structured", "--set", "density_of=purged", "--pattern", "2:4"],
-        r"density_of=purged needs --sparsity without --pattern \(a top-k budget\); 0\.weight has the pattern 2:4",
+        r"density_of=purged needs a sparsity level without a pattern, a top-k budget \(--sparsity without --pattern; "
+        r"SparsityConfig\(sparsity=\.\.\.\)\); 0\.weight has the pattern 2:4",
     ),
     Row("l0 droprate", [*RUN, "--formulation", "l0", "--set", "droprate_init=0"], r"droprate_init must be in \(0, 1\)"),
     Row("l0 gate lr", [*RUN, "--formulation", "l0", "--set", "gate_lr=0"], r"gate_lr must be > 0, got 0.0"),

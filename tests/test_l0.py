@@ -201,6 +201,28 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
     assert all(bool((m.weight.detach() >= 0).all()) for m in f.multipliers().values())
 
 
+def test_model_scope_warns_that_different_target_levels_only_set_the_total(recwarn):
+    # Overrides of 0.9 / 0.3 came out at 0.79 / 0.725 without a word: model scope shares one budget.
+    def problem(targets=None, rows=False):
+        model, config = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), SparsityConfig(0.9)
+        resolved = (targets or Targets(overrides={"2.weight": 0.3})).resolve(model, config)
+        if rows:  # the last layer at another pattern
+            resolved = Targets(exclude=["2.*"]).resolve(model, config) + Targets(include=["2.*"]).resolve(
+                model, SparsityConfig(0.5, "row")
+            )
+        return SparsityProblem(model, nn.functional.cross_entropy, resolved)
+
+    uneven = r"^l0 scope=model holds one density budget over targets given different levels \(0\.weight 0\.9, "
+    with pytest.warns(UserWarning, match=uneven + r"2\.weight 0\.3\): the hard prune keeps one budget, their total"):
+        make("l0", problem(), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"the hard prune keeps each target's own level \(a target has a pattern\)"):
+        make("l0", problem(rows=True), lr=1e-3)
+    recwarn.clear()
+    make("l0", problem(Targets()), lr=1e-3)
+    make("l0", problem(), L0Config(scope="layer"), lr=1e-3)
+    assert not [w for w in recwarn if "scope=model" in str(w.message)]
+
+
 def test_layer_scope_has_one_constraint_per_target_and_logs_the_dynamics():
     problem, batch = _mlp_problem()
     f = make(
@@ -759,8 +781,8 @@ def test_density_of_purged_rejects_models_it_cannot_size():
     nm = Targets().resolve(model, SparsityConfig.from_pattern("1:2"))
     with pytest.raises(
         ValueError,
-        match=r"^density_of=purged needs --sparsity without --pattern \(a top-k budget\); 0\.weight has the "
-        r"pattern 1:2$",
+        match=r"^density_of=purged needs a sparsity level without a pattern, a top-k budget \(--sparsity without "
+        r"--pattern; SparsityConfig\(sparsity=\.\.\.\)\); 0\.weight has the pattern 1:2$",
     ):
         make("l0", SparsityProblem(model, nn.functional.cross_entropy, nm), PURGED)
 

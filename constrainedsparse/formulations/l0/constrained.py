@@ -54,11 +54,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import cooper
 import torch
 
+from constrainedsparse.errors import user_stacklevel
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import TEST_GAP_OFF, L0Config
 from constrainedsparse.formulations.l0.gated import TEST_TEMPERATURE, Gated
@@ -118,6 +120,20 @@ class L0(Gated):
         if self.config.grouping == "structured" and self.config.scope == "layer":
             for t in self.problem.targets:
                 self._check_keeps_a_group(t)
+        if self.config.scope == "model" and len({t.sparsity for t in self.problem.targets}) > 1:
+            levels = ", ".join(f"{t.name} {t.sparsity:g}" for t in self.problem.targets[:4])
+            hard = (  # compute_hard_masks: one budget over top-k targets only
+                "one budget, their total, whose split follows the gates"
+                if all(isinstance(t.feasible_set, TopK) for t in self.problem.targets)
+                else "each target's own level (a target has a pattern), after gates trained for their total"
+            )
+            warnings.warn(
+                f"l0 scope=model holds one density budget over targets given different levels ({levels}"
+                f"{', ...' * (len(self.problem.targets) > 4)}): the hard prune keeps {hard}; scope=layer holds "
+                "every target at its own level",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         # density_of=purged: (child name, in_features, out_features) of every Linear, in order.
         self._chain: list[tuple[str, int, int]] = []
         if self.config.density_of == "purged":
@@ -154,8 +170,9 @@ class L0(Gated):
         patterned = next((t for t in targets if not isinstance(t.feasible_set, TopK)), None)
         if patterned is not None:
             raise ValueError(
-                f"density_of=purged needs --sparsity without --pattern (a top-k budget); {patterned.name} has the "
-                f"pattern {patterned.target.describe()}"
+                "density_of=purged needs a sparsity level without a pattern, a top-k budget (--sparsity without "
+                f"--pattern; SparsityConfig(sparsity=...)); {patterned.name} has the pattern "
+                f"{patterned.target.describe()}"
             )
         layers = [model.get_submodule(name) for name in names]
         return [(name, layer.in_features, layer.out_features) for name, layer in zip(names, layers)]

@@ -55,7 +55,8 @@ class Gated(Formulation):
                 raise ValueError(
                     f"grouping=structured gates whole input neurons / output channels under a --sparsity budget; "
                     f"{t.name} has the pattern {t.target.describe()}, whose groups differ from the gates': give "
-                    "--sparsity without --pattern (the purge then shrinks the model), or grouping=unstructured"
+                    "a sparsity level without a pattern (--sparsity without --pattern; SparsityConfig(sparsity=...)): "
+                    "the purge then shrinks the model; or grouping=unstructured"
                 )
         # Sizes read once: every access to a gated weight in train mode draws a fresh gate sample.
         self.sizes = {t.name: t.tensor.numel() for t in problem.targets}
