@@ -139,21 +139,33 @@ def check_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor
             )
 
 
-def apply_masks(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
+def apply_masks(
+    targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor], *, allow_empty: bool = False
+) -> None:
     """Registers (or updates) a :class:`Mask` parametrization on every target in ``masks``.
 
     Args:
         targets: What :meth:`~constrainedsparse.Targets.resolve` returned.
         masks: Boolean masks by target name (``True``: kept).
+        allow_empty: Accept a mask that keeps no weight of its tensor (the tensor stays 0 and never trains).
 
     Raises:
-        ValueError: If a mask names no target or has another shape than its tensor (:func:`check_masks`), or a
-            target in ``masks`` carries a formulation (its gates, or an slr/admm not finalized: a mask of yours
-            would fight the formulation's own). Nothing is changed then.
+        ValueError: If a mask names no target or has another shape than its tensor (:func:`check_masks`), a
+            mask keeps nothing (unless ``allow_empty``), or a target in ``masks`` carries a formulation (its
+            gates, or an slr/admm not finalized: a mask of yours would fight the formulation's own). Nothing
+            is changed then.
     """
     targets = resolved_targets(targets, "apply_masks(targets, masks): ")
+    check_masks(targets, masks)
+    emptied = empty_layers(masks)
+    if emptied and not allow_empty:
+        raise ValueError(
+            f"apply_masks(targets, masks): the mask of {', '.join(emptied)} keeps no weight (it would stay 0 and "
+            "never train; a tensor initialised to 0, such as LoRA's lora_B, gives one from tensor != 0: leave it "
+            "out of the targets); pass allow_empty=True to accept that"
+        )
     _check_no_formulation([t for t in targets if t.name in masks], "apply_masks()")
-    set_masks(targets, masks)  # checks the masks
+    _write_masks(targets, masks)
 
 
 def set_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
@@ -164,6 +176,10 @@ def set_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor])
         ValueError: As :func:`check_masks`.
     """
     check_masks(targets, masks)
+    _write_masks(targets, masks)
+
+
+def _write_masks(targets: Sequence[TargetParam], masks: Mapping[str, torch.Tensor]) -> None:
     for target in targets:
         if target.name not in masks:
             continue

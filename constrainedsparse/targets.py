@@ -14,6 +14,7 @@ import dataclasses
 import fnmatch
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from constrainedsparse.errors import is_ours
+from constrainedsparse.errors import is_ours, user_stacklevel
 from constrainedsparse.sets import FeasibleSet, check_sparsity
 from constrainedsparse.sparsity import PATTERNS, SparsityConfig  # the "what", re-exported beside the "where"
 
@@ -258,6 +259,8 @@ class Targets:
                     "be cut from the model); lower its level (overrides={name: level}) or pass allow_empty=True"
                 )
             resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
+        adapters = set(adapter_layers(model, [t.module_name for t in resolved]))
+        warn_adapters([t.name for t in resolved if t.module_name in adapters])
         return resolved
 
     def _selects_nothing(self, model: nn.Module) -> str:
@@ -281,6 +284,35 @@ class Targets:
             f"{', '.join(t.__name__ for t in self.module_types)}, param_names={list(self.param_names)}, "
             f"filter_fn={'given' if self.filter_fn is not None else None}, include={list(self.include)}, "
             f"exclude={list(self.exclude)}); the model's parameters are {shown}{hint}"
+        )
+
+
+def adapter_layers(model: nn.Module, fqns: Iterable[str]) -> list[str]:
+    """The names among ``fqns`` of modules inside a PEFT adapter layer (LoRA's ``lora_A``/``lora_B``: anything
+    in a ``peft`` tuner layer but its ``base_layer``), found by the class name, without importing ``peft``."""
+    tuners = [
+        fqn
+        for fqn, module in model.named_modules()
+        if any(kind.__name__ == "BaseTunerLayer" for kind in type(module).__mro__)
+    ]
+    return [
+        fqn
+        for fqn in fqns
+        if any(fqn.startswith(f"{t}.") and not f"{fqn}.".startswith(f"{t}.base_layer.") for t in tuners)
+    ]
+
+
+def warn_adapters(names: Sequence[str]) -> None:
+    """Warns that the weights ``names`` are adapters' (:func:`adapter_layers`): pruned, they leave a merged weight
+    dense."""
+    if names:
+        warnings.warn(
+            f"the targets hold {len(names)} weights of PEFT adapters ({_shown(names)}): pruning an adapter leaves "
+            "the merged weight dense (merge_and_unload() adds the adapters' product), and a mask of an adapter "
+            "initialised to 0 (lora_B) keeps it 0; prune the model before adding adapters, merge them first, or "
+            "leave them out (Targets(exclude=['*lora_*']))",
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
 
 

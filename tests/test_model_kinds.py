@@ -222,3 +222,15 @@ def test_a_model_on_the_meta_device_is_refused_when_its_targets_are_resolved():
     )
     with pytest.raises(ValueError, match=expected):
         cs.Targets().resolve(model, cs.SparsityConfig(sparsity=0.5))
+
+
+def test_a_model_offloaded_to_disk_by_accelerate_is_refused_before_pruning(tmp_path, tiny_llama):
+    # Its offloaded weights are meta tensors read per forward: the message said to load the weights, as it was.
+    from transformers import AutoModelForCausalLM
+
+    layout = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+              "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, device_map=layout, offload_folder=tmp_path / "offload")
+    batches = [{"input_ids": torch.randint(0, 100, (2, 8))}]
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.self_attn\.q_proj\.weight is offloaded to disk \(from_"):
+        cs.prune_layerwise(model, batches, "wanda", sparsity=0.5)

@@ -23,7 +23,15 @@ from constrainedsparse.layerwise.blockmask import SEARCHABLE_PATTERNS
 from constrainedsparse.layerwise.layers import layer_module_types, layer_weight, targeted_layers, weight_name
 from constrainedsparse.layerwise.settings import DriverSettings
 from constrainedsparse.settings import check_keeps_weights
-from constrainedsparse.targets import SparsityConfig, Targets, full_name, glob_names, not_materialized
+from constrainedsparse.targets import (
+    SparsityConfig,
+    Targets,
+    adapter_layers,
+    full_name,
+    glob_names,
+    not_materialized,
+    warn_adapters,
+)
 
 __all__ = [
     "check_settings",
@@ -77,14 +85,17 @@ def check_layer_shapes(
     by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
     selected = set()
     seen: dict[int, str] = {}  # a weight's first name: a tied one would be pruned again by a later block
+    adapters: list[str] = []
     for index, block in enumerate(blocks):
-        for name, module in targeted_layers(block, targets, prefixes[index]):
+        layers = targeted_layers(block, targets, prefixes[index])
+        for name, module in layers:
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
             _check_plain_and_untied(module, full, seen)
             own = levels.get(full, target)
             with user_input(f"{full}: "):  # the weight's name in the model, as every other layer error says it
                 by_level.setdefault(own, {})[full] = (own.feasible_set(shape), shape)
             selected.update((full_name(name, "weight"), full))
+        adapters += [weight_name(prefixes[index], name) for name in adapter_layers(block, [n for n, _ in layers])]
     # include/exclude globs match a name within a block or in the model, in some block
     candidates = sorted(
         {
@@ -99,6 +110,7 @@ def check_layer_shapes(
         targets.check_globs(candidates, sorted(selected) if by_level else candidates)
     if not by_level:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
+    warn_adapters(adapters)
     if not allow_empty:
         for own, sets in by_level.items():
             level = ("sparsity" if keywords else "--sparsity") if own == target else "the override level"
@@ -439,6 +451,13 @@ def check_materialized(model: nn.Module) -> None:
     Raises:
         ValueError: Naming the first such parameter.
     """
+    device_map = getattr(model, "hf_device_map", None) or {}
     for name, parameter in model.named_parameters():
+        if parameter.is_meta and "disk" in device_map.values():  # accelerate's disk offload: weights read per forward
+            raise ValueError(
+                f"{name} is offloaded to disk (from_pretrained(device_map=..., offload_folder=...)): one-shot pruning "
+                "writes the weights in place; load the model into memory (device_map=None) and pass offload=True to "
+                "move one block at a time to the device"
+            )
         if parameter.is_meta:
             raise not_materialized(name, "pruning it")
