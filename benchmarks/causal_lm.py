@@ -39,7 +39,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, run_child, scratch_dir, sweep_defaults, sweep_parser, write_results
+from common import (
+    command_line,
+    problem_of_kind,
+    scratch_dir,
+    sweep_child,
+    sweep_defaults,
+    sweep_parser,
+    write_results,
+)
 from layerwise import METHODS as LAYERWISE_METHODS
 from layerwise import SETTINGS as LAYERWISE_SETTINGS
 from layerwise import SPARSEGPT_SCOPES
@@ -106,6 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = sweep_parser(__doc__.split("\n\n")[0], SETTINGS, RUN_METHODS, DEFAULT_OUT)
     parser.add_argument("--problem", default=DEFAULT_PROBLEM, help="a causal-LM problem (default smollm2-wiki)")
     args = parser.parse_args(argv)
+    problem_of_kind(parser, "--problem", args.problem, layerwise=True)  # before any run starts
     quick_extra = QUICK_OPTIONS.get(args.problem, ()) if args.quick else ()
     return sweep_defaults(args, (SETTINGS, QUICK_SETTINGS), (RUN_METHODS, QUICK_METHODS), quick_extra)
 
@@ -145,7 +154,7 @@ def run_one(
     args = [*SETTINGS[setting], *METHODS[method], "--seed", str(seed)]
     for item in extra:
         args += ["--set", item]
-    child = run_child(problem, args, out, threads)
+    child = sweep_child(problem, args, out, threads)
     summary = child.summary
     return {
         "setting": setting,

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shlex
 import signal
@@ -14,26 +15,38 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
 __all__ = [
     "ChildRun",
+    "RunRefused",
+    "checked",
     "command_line",
+    "key_value",
+    "non_negative_int",
     "out_folder",
+    "positive_float",
+    "positive_int",
+    "problem_of_kind",
     "run_child",
     "scratch_dir",
+    "sparsity_level",
+    "sweep_child",
     "thread_count",
     "torch_threads",
+    "usage_error",
     "write_results",
 ]
 
+T = TypeVar("T")
 
-def thread_count(text: str) -> int:
-    """``--threads``: an integer >= 1 (argparse type; a bad value is the parser's one-line error, exit 2)."""
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type; a bad value is the parser's one-line error, exit 2)."""
     try:
         count = int(text)
     except ValueError:
@@ -43,13 +56,97 @@ def thread_count(text: str) -> int:
     return count
 
 
+thread_count = positive_int
+"""``--threads``: an integer >= 1 (argparse type)."""
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (argparse type), e.g. a block index."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def sparsity_level(text: str) -> float:
+    """A sparsity level in ``[0, 1)`` (argparse type; the range is the library's own check)."""
+    from constrainedsparse.sets import check_sparsity
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    try:
+        return check_sparsity(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def key_value(text: str) -> str:
+    """``KEY=VALUE`` with a non-empty key (argparse type of ``--set``; the key itself is checked by the run)."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def checked(parser: argparse.ArgumentParser, call: Callable[..., T], *args: Any, flag: str = "") -> T:
+    """``call(*args)``, a ``ValueError`` it raises (the library's own check of a value) as the parser's one-line
+    error (usage, exit 2; after ``flag: `` if given), before any expensive work."""
+    try:
+        return call(*args)
+    except ValueError as err:
+        parser.error(f"{flag}: {err}" if flag else str(err))
+
+
+def problem_of_kind(parser: argparse.ArgumentParser, flag: str, name: str, layerwise: bool) -> Any:
+    """The problem ``name`` (bundled or a file, as ``constrainedsparse run`` reads it), refused by the parser's
+    one-line error when unknown or not of the kind the benchmark runs (layer-wise or trained)."""
+    from constrainedsparse.spec import LayerwiseProblem, load_problem
+
+    problem = checked(parser, load_problem, name, flag=flag)
+    if isinstance(problem, LayerwiseProblem) != layerwise:
+        kind, other = ("layer-wise", "trained") if layerwise else ("trained", "layer-wise")
+        parser.error(f"{flag} {name!r} is a {other} problem: this benchmark runs {kind} problems")
+    return problem
+
+
+def usage_error(message: str) -> NoReturn:
+    """Ends the benchmark as ``parser.error`` does, for a user error found after parsing: ``PROG: error: ...``
+    on stderr, exit status 2, no traceback."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def out_folder(text: str) -> Path:
-    """``--out``: a folder, existing or to be made, not a file nor under one (argparse type: refused before the
-    work, not by a traceback when the results are written at the end)."""
+    """``--out``: a folder, existing or to be made, not a file nor under one, where a folder can be made (argparse
+    type: refused before the work, not by a traceback when the results are written at the end). Checked by
+    making and removing an empty folder in the nearest existing one; nothing is left behind."""
     path = Path(text)
     for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
+        if not part.exists():
+            continue
+        if not part.is_dir():
             raise argparse.ArgumentTypeError(f"{part} is a file, not a folder")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=part))
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"{text}: cannot make a folder in {part} ({err.strerror})") from None
+        break
     return path
 
 
@@ -73,7 +170,7 @@ def sweep_parser(
     parser.add_argument("--quick", action="store_true", help="50 %% only, wanda and fw, tiny calibration")
     parser.add_argument("--settings", nargs="+", choices=list(settings), help="default: all (quick: 50%%)")
     parser.add_argument("--methods", nargs="+", choices=list(methods), help="default: all (quick: wanda fw)")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="extra", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                         help="passed to every run (e.g. calibration_samples=64)")  # fmt: skip
     parser.add_argument("--threads", type=thread_count, help="OMP/torch threads of each run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="every run's --seed: its calibration sample (default 0)")
@@ -162,6 +259,28 @@ class ChildRun:
     wall_seconds: float
 
 
+class RunRefused(RuntimeError):
+    """A run of :func:`run_child` refused its arguments (exit status 2, a user error).
+
+    Args:
+        message: What failed, as for any failed run.
+        line: The run's own error message (its ``error:`` line without the prefix).
+    """
+
+    def __init__(self, message: str, line: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def sweep_child(problem: str, args: Sequence[str], out: Path, threads: int | None = None) -> ChildRun:
+    """:func:`run_child` for a sweep whose ``--set`` items every run takes: a refused run ends the benchmark
+    as the parser would (its own error line, exit status 2, no traceback) before the next run starts."""
+    try:
+        return run_child(problem, args, out, threads)
+    except RunRefused as err:
+        usage_error(err.line)
+
+
 def run_child(problem: str, args: Sequence[str], out: Path, threads: int | None = None) -> ChildRun:
     """Runs ``python -m constrainedsparse run PROBLEM ARGS`` in a child process, as a user types it.
 
@@ -177,6 +296,7 @@ def run_child(problem: str, args: Sequence[str], out: Path, threads: int | None 
 
     Raises:
         RuntimeError: If the run fails (the message holds the last line of its log).
+        RunRefused: If the run refused its arguments (exit 2: a user error, e.g. an unknown ``--set`` key).
     """
     command = [sys.executable, "-m", "constrainedsparse", "run", problem, *args]
     command += ["--out", str(out), "--wandb", "disabled", "--no-progress"]
@@ -202,6 +322,9 @@ def run_child(problem: str, args: Sequence[str], out: Path, threads: int | None 
     wall = time.perf_counter() - started
     if process.returncode != 0:
         last = log_path.read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"{problem} {' '.join(args)} failed with exit code {process.returncode}: {last}")
+        message = f"{problem} {' '.join(args)} failed with exit code {process.returncode}: {last}"
+        if process.returncode == 2 and last:  # the run refused its arguments: the user's error, in its own words
+            raise RunRefused(message, last[0].removeprefix("error: "))
+        raise RuntimeError(message)
     summary = json.loads((out / "summary.json").read_text())
     return ChildRun(summary, usage.ru_maxrss / 1024, wall)  # ru_maxrss: kilobytes on Linux

@@ -41,9 +41,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import command_line, out_folder, results_dir, scratch_dir, write_results
+from common import (
+    checked,
+    command_line,
+    non_negative_int,
+    out_folder,
+    positive_int,
+    results_dir,
+    scratch_dir,
+    write_results,
+)
 
 from constrainedsparse import distributed, launcher
+from constrainedsparse.formulations import formulation_class
 
 SCRIPT = Path(__file__).resolve()
 DEFAULT_OUT = SCRIPT.parent / "results" / "ddp_throughput"
@@ -134,10 +144,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny run: 1x1 and 2x1, batch 8, 3 steps")
     parser.add_argument("--configs", nargs="+", help="PxT: P processes with T threads each (default 1x1 1x2 2x1)")
     parser.add_argument("--formulation", default="admm", help="formulation whose training_step is timed")
-    parser.add_argument("--batch", type=int, help="global batch (default 32; --quick 8)")
-    parser.add_argument("--steps", type=int, help="timed steps (default 20; --quick 3)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration, interleaved (median)")
+    parser.add_argument("--batch", type=positive_int, help="global batch (default 32; --quick 8)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps (default 20; --quick 3)")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed steps first (default 3; --quick 1)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=1, help="runs of every configuration, interleaved (median)"
+    )
     parser.add_argument("--data-dir", type=Path, help="a cifar-10-batches-py folder (default: generate one)")
     parser.add_argument(
         "--out",
@@ -148,14 +160,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     quick = args.quick
-    args.configs = [parse_config(c) for c in (args.configs or (["1x1", "2x1"] if quick else ["1x1", "1x2", "2x1"]))]
-    args.batch = args.batch or (8 if quick else 32)
-    args.steps = args.steps or (3 if quick else 20)
+    configs = args.configs if args.configs is not None else (["1x1", "2x1"] if quick else ["1x1", "1x2", "2x1"])
+    args.configs = [checked(parser, parse_config, c) for c in configs]
+    args.batch = args.batch if args.batch is not None else (8 if quick else 32)
+    args.steps = args.steps if args.steps is not None else (3 if quick else 20)
     args.warmup = 1 if quick and args.warmup is None else (3 if args.warmup is None else args.warmup)
     for processes, _ in args.configs:
-        distributed.check_global_batch(args.batch, processes)
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        checked(parser, distributed.check_global_batch, args.batch, processes)
+    checked(parser, formulation_class, args.formulation, flag="--formulation")  # not the ranks' error, later
     return args
 
 

@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import (
+    command_line,
+    out_folder,
+    positive_float,
+    results_dir,
+    sparsity_level,
+    thread_count,
+    torch_threads,
+    write_results,
+)
 
 from constrainedsparse.causal_lm import calibration_batches, consecutive_windows, perplexity_scores
 from constrainedsparse.layerwise import LayerProblem, solver_class
@@ -122,13 +131,13 @@ def prune(model, blocks, targets, batches, test, solver, target, damp: float | N
     return deviations
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs own and dense at every ``--damp``; writes ``results.md`` and ``results.json``."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the command line (every value checked here, before the model is loaded)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 blocks, 2 x 32 calibration tokens, 64 evaluated")
     parser.add_argument("--solver", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--damp", type=float, nargs="+", help="default: 0.01 0.1 1 (quick: 0.1)")
+    parser.add_argument("--sparsity", type=sparsity_level, default=0.5, help="row sparsity in [0, 1) (default 0.5)")
+    parser.add_argument("--damp", type=positive_float, nargs="+", help="each > 0; default: 0.01 0.1 1 (quick: 0.1)")
     parser.add_argument("--threads", type=thread_count)
     parser.add_argument(
         "--out",
@@ -137,7 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
-    args.damp = args.damp or ([0.1] if args.quick else [0.01, 0.1, 1.0])
+    if args.damp is None:
+        args.damp = [0.1] if args.quick else [0.01, 0.1, 1.0]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs own and dense at every ``--damp``; writes ``results.md`` and ``results.json``."""
+    args = parse_args(argv)
     command = command_line("benchmarks/dense_target.py", argv)
     problem = load_problem("smollm2-wiki")
     options = {**problem.options, "eval_tokens": 4096}

@@ -33,7 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import (
+    checked,
+    command_line,
+    non_negative_int,
+    out_folder,
+    positive_int,
+    problem_of_kind,
+    results_dir,
+    thread_count,
+    torch_threads,
+    usage_error,
+    write_results,
+)
 from nm_search import parse_config
 
 from constrainedsparse import prune_layerwise
@@ -73,8 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--problem", default="minilm-layerwise", help="a bundled layer-wise problem")
     parser.add_argument("--setting", default="50%", choices=list(SETTINGS))
     parser.add_argument("--record-with", default="fw", choices=("fw", "sparsegpt", "wanda"))
-    parser.add_argument("--blocks", nargs="+", type=int, help="only the layers of these blocks (default: all)")
-    parser.add_argument("--layers", type=int, help="only the first LAYERS recorded layers")
+    parser.add_argument(
+        "--blocks", nargs="+", type=non_negative_int, help="only the layers of these blocks (default: all)"
+    )
+    parser.add_argument("--layers", type=positive_int, help="only the first LAYERS recorded layers")
     help_configs = "fw settings, each a string of KEY=VALUE ('': defaults; mask_scope=layer: layer-wide)"
     parser.add_argument("--configs", nargs="+", default=[""], help=help_configs)
     parser.add_argument("--threads", type=thread_count, default=1, help="torch threads of step 2 (default 1)")
@@ -85,19 +99,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
+    problem_of_kind(parser, "--problem", args.problem, layerwise=True)  # bad inputs fail before the model is loaded
     for text in args.configs:
-        parse_config(_fw_part(text))  # bad settings fail before the model is loaded
-    if args.quick:
-        args.layers = args.layers or QUICK_LAYERS
+        checked(parser, parse_config, _fw_part(text), flag="--configs")
+    if args.quick and args.layers is None:
+        args.layers = QUICK_LAYERS
     return args
 
 
-def record(problem_name: str, setting: str, base: str, quick: bool) -> list[LayerProblem]:
-    """The layer problems a ``problem_name`` run at ``setting`` hands the ``base`` solver, block after block."""
+def record(
+    problem_name: str, setting: str, base: str, quick: bool, blocks: Sequence[int] | None = None
+) -> list[LayerProblem]:
+    """The layer problems a ``problem_name`` run at ``setting`` hands the ``base`` solver, block after block
+    (``blocks``: refused, before the recording, unless the model has them)."""
     problem = load_problem(problem_name)
     options = {**problem.options, **(QUICK_OPTIONS if quick else {})}
+    model = problem.model(options)
+    count = len(problem.model_blocks(model))
+    if blocks and max(blocks) >= count:
+        usage_error(f"--blocks {max(blocks)}: {problem_name} has {count} blocks, numbered 0 to {count - 1}")
     recorder = recording(solver_class(base))
-    prune_layerwise(problem.model(options), problem.calibration(options, 0), recorder, **SETTINGS[setting])
+    prune_layerwise(model, problem.calibration(options, 0), recorder, **SETTINGS[setting])
     return recorder.recorded
 
 
@@ -182,10 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the comparison; writes ``results.md`` and ``results.json``."""
     args = parse_args(argv)
     command = command_line("benchmarks/fw_settings.py", argv)
-    layers = record(args.problem, args.setting, args.record_with, args.quick)
+    layers = record(args.problem, args.setting, args.record_with, args.quick, args.blocks)
     if args.blocks:
         layers = [layer for layer in layers if _in_blocks(layer.name, args.blocks)]
-    layers = layers[: args.layers] if args.layers else layers
+    layers = layers[: args.layers] if args.layers is not None else layers
+    if args.blocks and not layers:  # a problem whose layer names do not say their block (the selection is by name)
+        usage_error(f"--blocks {' '.join(map(str, args.blocks))}: no recorded layer lies in these blocks")
     with torch_threads(args.threads):
         results = measure(layers, args.configs)
     text = markdown(results, args, len(layers), command)

@@ -41,7 +41,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, out_folder, results_dir, scratch_dir, thread_count, torch_threads, write_results
+from common import (
+    command_line,
+    out_folder,
+    positive_int,
+    results_dir,
+    scratch_dir,
+    thread_count,
+    torch_threads,
+    write_results,
+)
 
 from constrainedsparse import RunConfig, run
 from constrainedsparse.engine import prepare
@@ -64,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", type=float, nargs="+", default=None, help="target densities in (0, 1]")
     parser.add_argument("--scopes", nargs="+", default=["model", "layer"], choices=["model", "layer"])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
-    parser.add_argument("--epochs", type=int, default=None, help="pruning epochs (default 20)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="pruning epochs, >= 1 (default 20)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="dense pre-training (problem default)")
     parser.add_argument("--dual-lr", type=float, default=1.0, help="step on the density multipliers (density_dual_lr)")
     parser.add_argument("--lmbdas", type=float, nargs="+", default=None, help="l0-penalty sweep")
@@ -78,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
     quick = args.quick
-    args.problem = args.problem or ("digits-mlp" if quick else "mnist1d-mlp")
+    args.problem = args.problem if args.problem is not None else ("digits-mlp" if quick else "mnist1d-mlp")
     args.targets = args.targets or ([0.3, 0.7] if quick else list(DEFAULT_TARGETS))
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
     args.epochs = args.epochs if args.epochs is not None else (2 if quick else 20)

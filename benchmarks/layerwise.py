@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, run_child, scratch_dir, sweep_defaults, sweep_parser, write_results
+from common import command_line, scratch_dir, sweep_child, sweep_defaults, sweep_parser, write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "layerwise"
 SETTINGS: dict[str, list[str]] = {
@@ -105,7 +105,7 @@ def run_one(
     args = [*SETTINGS[setting], *METHODS[method], "--seed", str(seed)]
     for item in extra:
         args += ["--set", item]
-    child = run_child("minilm-layerwise", args, out, threads)
+    child = sweep_child("minilm-layerwise", args, out, threads)
     summary = child.summary
     return {
         "setting": setting,

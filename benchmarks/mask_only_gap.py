@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import command_line, non_negative_int, out_folder, results_dir, thread_count, torch_threads, write_results
 from torch import nn
 
 from constrainedsparse import prune_layerwise
@@ -61,6 +61,8 @@ SETTINGS = {
 }
 """``prune_layerwise``'s ``sparsity`` / ``pattern`` per setting (per-row masks at a level, as in a run)."""
 QUICK_OPTIONS = {"calibration_samples": 2, "seq_len": 32, "eval_tokens": 64}
+BLOCKS = 30
+"""The blocks of smollm2-wiki's model (SmolLM2-135M): ``--blocks`` is checked before the model is loaded."""
 BATCH = 8
 
 
@@ -78,9 +80,13 @@ class RowScaledFW(FWSolver):
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny calibration, block 0 only, first setting")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny calibration, block 0 (unless --blocks), first setting"
+    )
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["60%", "2:4"])
-    parser.add_argument("--blocks", nargs="+", type=int, default=[3, 14, 25], help="part 1's blocks")
+    parser.add_argument(
+        "--blocks", nargs="+", type=non_negative_int, help=f"part 1's blocks, 0 to {BLOCKS - 1} (default 3 14 25)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="calibration sample (default 0)")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
@@ -90,8 +96,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
+    if args.blocks is None:
+        args.blocks = [0] if args.quick else [3, 14, 25]
+    elif max(args.blocks) >= BLOCKS:
+        parser.error(f"--blocks {max(args.blocks)}: smollm2-wiki has {BLOCKS} blocks, numbered 0 to {BLOCKS - 1}")
     if args.quick:
-        args.blocks, args.settings = [0], args.settings[:1]
+        args.settings = args.settings[:1]
     return args
 
 

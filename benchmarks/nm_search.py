@@ -25,7 +25,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import (
+    checked,
+    command_line,
+    out_folder,
+    positive_int,
+    results_dir,
+    thread_count,
+    torch_threads,
+    write_results,
+)
 
 from constrainedsparse import prune_layerwise
 from constrainedsparse.layerwise.base import LayerProblem, LayerResult
@@ -33,6 +42,7 @@ from constrainedsparse.layerwise.fw import FWConfig, FWSolver
 from constrainedsparse.layerwise.solvers import Wanda
 from constrainedsparse.settings import config_field_types, parse_value, route_settings
 from constrainedsparse.spec import load_problem
+from constrainedsparse.targets import SparsityConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "nm_search"
 CONFIGS = (
@@ -92,7 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny calibration, first 6 layers, 2 settings")
     parser.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
-    parser.add_argument("--layers", type=int, help="prune only the first LAYERS recorded layers (default: all)")
+    parser.add_argument(
+        "--layers", type=positive_int, help="prune only the first LAYERS recorded layers (default: all)"
+    )
     parser.add_argument("--configs", nargs="+", help="fw settings, each one string of KEY=VALUE ('' = defaults)")
     parser.add_argument("--threads", type=thread_count, default=1, help="torch threads of step 2 (default 1)")
     parser.add_argument(
@@ -106,8 +118,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.configs = list(QUICK_CONFIGS if args.quick else CONFIGS)
     if args.quick and args.layers is None:
         args.layers = QUICK_LAYERS
+    checked(parser, SparsityConfig.parse, args.pattern, flag="--pattern")  # before the model is loaded
     for text in args.configs:
-        parse_config(text)  # bad settings fail before the model is loaded
+        checked(parser, parse_config, text, flag="--configs")
     return args
 
 
@@ -176,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = command_line("benchmarks/nm_search.py", argv)
     layers = record(args.pattern, QUICK_OPTIONS if args.quick else {})
-    layers = layers[: args.layers] if args.layers else layers
+    layers = layers[: args.layers] if args.layers is not None else layers
     with torch_threads(args.threads):
         wanda, results = measure(layers, args.configs)
     text = markdown(results, args.pattern, len(layers), wanda, command)

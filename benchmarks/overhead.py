@@ -61,7 +61,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
+from common import (
+    command_line,
+    non_negative_int,
+    out_folder,
+    positive_int,
+    problem_of_kind,
+    results_dir,
+    sparsity_level,
+    thread_count,
+    torch_threads,
+    write_results,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -157,11 +168,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--optimizers", nargs="+", default=None, choices=sorted(OPTIMIZERS), help="default: sgd adam")
     parser.add_argument(
-        "--steps", type=int, default=None, help=f"timed steps per repeat (default: one epoch; {RESNET}: 10)"
+        "--steps", type=positive_int, default=None, help=f"timed steps per repeat (default: one epoch; {RESNET}: 10)"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 7)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per method (default 7)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed repeats first")
+    parser.add_argument("--sparsity", type=sparsity_level, default=0.9, help="in [0, 1) (default 0.9)")
     parser.add_argument(
         "--set",
         dest="settings",
@@ -190,8 +201,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.steps is None and args.quick:
         args.steps = 2
     args.resnet = QUICK_RESNET if args.quick else ResNetShape()
-    if args.repeats < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
-        parser.error("--repeats and --steps must be >= 1, --warmup >= 0")
+    for name in args.problems:  # bundled or a file, trained (not layer-wise): refused before any model is built
+        problem_of_kind(parser, "--problems", name, layerwise=False)
     try:
         args.configs = formulation_configs(sorted({base_method(m) for m in args.methods}), args.settings)
     except ValueError as err:
@@ -389,7 +400,9 @@ def bench(name: str, optimizer: str, args: argparse.Namespace) -> dict[str, Any]
         epoch_steps, default_steps = args.resnet.epoch_steps, args.resnet.default_steps
     else:
         epoch_steps = default_steps = math.ceil(len(train) / problem.batch_size)
-    batches = fixed_batches(train, problem.batch_size, args.steps or default_steps, args.seed)
+    batches = fixed_batches(
+        train, problem.batch_size, args.steps if args.steps is not None else default_steps, args.seed
+    )
     epochs = args.warmup + args.repeats
     runners = {"plain": plain_runner(copy.deepcopy(base), problem, optimizer)}
     for method in args.methods:

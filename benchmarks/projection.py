@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from common import command_line, out_folder, thread_count, write_results
+from common import command_line, non_negative_int, out_folder, positive_int, sparsity_level, thread_count, write_results
 
 from constrainedsparse.sets import TopK, keep_count
 
@@ -60,11 +60,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1M entries and few repeats")
-    parser.add_argument("--numel", type=int, default=None, help=f"entries (default {FULL_NUMEL})")
+    parser.add_argument("--numel", type=positive_int, default=None, help=f"entries (default {FULL_NUMEL})")
     parser.add_argument("--data", nargs="+", default=["randn"], choices=DATA, help="data kinds (default randn)")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9], help="one or more sparsities")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--sparsity", type=sparsity_level, nargs="+", default=[0.9], help="one or more, in [0, 1)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default 15)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds first")
     parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True, help="time the reference")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -75,8 +75,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.numel = QUICK_NUMEL if args.quick else FULL_NUMEL
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
-    if args.numel < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--numel and --repeats must be >= 1, --warmup >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is no torch device: give e.g. cpu, cuda or cuda:0")
+    try:  # one this machine lacks: refused before any tensor is made
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        parser.error(f"--device {args.device!r} is not available here: {str(err).splitlines()[0]}")
     return args
 
 

@@ -66,7 +66,7 @@ def _rows(quick: bool, threads: int, scratch: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one default run of 1 + 1 epochs (a test's check)")
     parser.add_argument("--threads", type=thread_count, default=2, help="OMP/torch threads of every run (default 2)")
     parser.add_argument(

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from common import command_line, out_folder, results_dir, thread_count, torch_threads, write_results
-from sklearn.datasets import load_digits
 from torch import nn
 
 import constrainedsparse as cs
@@ -68,13 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.out = results_dir(args.out, DEFAULT_OUT, args.quick)
-    args.epochs = args.epochs or (2 if args.quick else 60)
+    args.epochs = args.epochs if args.epochs is not None else (2 if args.quick else 60)
     if args.epochs < 1 or args.lr <= 0:
         parser.error("--epochs must be >= 1 and --lr > 0")
     return args
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits  # here: a bad argument is refused without this 1.5 s import
+
     data = load_digits()
     return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target)
 
