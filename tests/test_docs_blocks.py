@@ -138,7 +138,7 @@ CHAINS = (
 LISTED = {
     "README.md#your-own-loop-your-optimizer-a-constraint-of-yours:0": "tested: run and its output checked by "
     "tests/test_readme.py",
-    "README.md#one-shot-pruning-of-a-pretrained-model:0": "needs-files: loads path/to/local/model",
+    "README.md#one-shot-pruning-of-a-pretrained-model:0": "slow: SmolLM2-135M, ~2 min on 2 cores",
     "docs/add-a-feasible-set.md#the-worked-example-blocksparse-block-rxc:0": (
         "excerpt: the BlockSparse class of constrainedsparse/sets/groups.py without the module's imports "
         "(re-registering the pattern would replace the library's class)"
