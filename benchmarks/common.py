@@ -45,15 +45,19 @@ __all__ = [
 T = TypeVar("T")
 
 
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (argparse type; a bad value is the parser's one-line error, exit 2)."""
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return count
+    return _int_at_least(text, 1)
 
 
 thread_count = positive_int
@@ -62,13 +66,7 @@ thread_count = positive_int
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (argparse type), e.g. a block index."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:

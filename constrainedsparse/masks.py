@@ -157,12 +157,12 @@ def apply_masks(
     """
     targets = resolved_targets(targets, "apply_masks(targets, masks): ")
     check_masks(targets, masks)
-    emptied = empty_layers(masks)
-    if emptied and not allow_empty:
-        raise ValueError(
-            f"apply_masks(targets, masks): the mask of {', '.join(emptied)} keeps no weight (it would stay 0 and "
-            "never train; a tensor initialised to 0, such as LoRA's lora_B, gives one from tensor != 0: leave it "
-            "out of the targets); pass allow_empty=True to accept that"
+    if not allow_empty:
+        _check_keeps_weights(
+            masks,
+            "apply_masks(targets, masks)",
+            "it would stay 0 and never train; a tensor initialised to 0, such as LoRA's lora_B, gives one from "
+            "tensor != 0: leave it out of the targets",
         )
     _check_no_formulation([t for t in targets if t.name in masks], "apply_masks()")
     _write_masks(targets, masks)
@@ -297,17 +297,22 @@ def hard_prune(targets: Iterable[TargetParam], masks: Mapping[str, torch.Tensor]
     """
     targets = resolved_targets(targets, "hard_prune(targets, masks): ")
     check_masks(targets, masks)
-    emptied = empty_layers(masks)
-    if emptied and not allow_empty:
-        raise ValueError(
-            f"hard_prune(targets, masks): the mask of {', '.join(emptied)} keeps no weight (the layer would be cut "
-            "from the model); pass allow_empty=True to accept that"
-        )
+    if not allow_empty:
+        _check_keeps_weights(masks, "hard_prune(targets, masks)", "the layer would be cut from the model")
     remove_masks(targets)
     for target in targets:
         if target.name in masks:
             weight = getattr(target.module, target.param_name)
             weight.masked_fill_(~masks[target.name].to(weight.device), 0.0)  # 0, also where it held inf or NaN
+
+
+def _check_keeps_weights(masks: Mapping[str, torch.Tensor], call: str, why: str) -> None:
+    """Raises ``ValueError`` naming every mask that keeps no weight (``why``: what that would do)."""
+    emptied = empty_layers(masks)
+    if emptied:
+        raise ValueError(
+            f"{call}: the mask of {', '.join(emptied)} keeps no weight ({why}); pass allow_empty=True to accept that"
+        )
 
 
 @contextlib.contextmanager

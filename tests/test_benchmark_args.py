@@ -3,27 +3,11 @@ loaded, with nothing written in the output folder."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))  # as when a script runs: its folder (benchmarks/common.py) is importable
-
-
-def _load(name: str) -> ModuleType:
-    """The script ``benchmarks/<name>.py`` as a module (as tests/test_benchmarks.py loads it)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
+from benchmark_scripts import load_benchmark
 
 OUT_IN_PROC = ["--out", "/proc/constrainedsparse-no-such-folder/results"]
 
@@ -75,7 +59,7 @@ ROWS = [
 def test_a_bad_argument_is_one_error_line_and_exit_2_before_any_work(script, argv, message, tmp_path, capsys):
     if "--out" in argv and not Path("/proc/self").is_dir():
         pytest.skip("needs /proc (Linux), where no folder can be made")
-    bench = _load(script)
+    bench = load_benchmark(script)
     out = tmp_path / "out"
     argv = ["--quick", *argv, *([] if "--out" in argv else ["--out", str(out)])]
     entry = getattr(bench, "parse_args", bench.main)  # readme_runs parses in main

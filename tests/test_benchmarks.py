@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
 from constrainedsparse.layerwise.base import available_solvers
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))  # as when a script runs: its folder (benchmarks/common.py) is importable
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_quick_run_without_out_writes_to_a_temp_folder_never_over_the_committed_results():
@@ -35,7 +23,7 @@ def test_a_quick_run_without_out_writes_to_a_temp_folder_never_over_the_committe
 
     temp = Path(tempfile.gettempdir()) / "constrainedsparse-benchmarks"
     for name in ("slr_vs_admm", "overhead", "l0_control", "nm_search", "sgd_stability", "layerwise", "causal_lm"):
-        bench = _load(name)
+        bench = load_benchmark(name)
         assert bench.parse_args(["--quick"]).out == temp / f"{name}-quick", name
         assert bench.parse_args([]).out.resolve() == (BENCHMARKS / "results" / name).resolve(), name
         assert bench.parse_args(["--quick", "--out", "x"]).out == Path("x"), name
@@ -57,7 +45,7 @@ def one_thread():
 
 
 def test_slr_vs_admm_quick(tmp_path, one_thread):
-    bench = _load("slr_vs_admm")
+    bench = load_benchmark("slr_vs_admm")
     assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
 
     for name in ("results.md", "results.json", "accuracy_vs_epoch.png"):
@@ -97,7 +85,7 @@ def test_slr_vs_admm_quick(tmp_path, one_thread):
 
 
 def test_slr_vs_admm_threshold_and_settings_parsing():
-    bench = _load("slr_vs_admm")
+    bench = load_benchmark("slr_vs_admm")
     assert bench.parse_threshold("0.9x") == (None, bench.Threshold(0.9, True))
     assert bench.parse_threshold("mnist1d-mlp=0.6") == ("mnist1d-mlp", bench.Threshold(0.6, False))
     for bad in ("1.5", "abc", "0x"):
@@ -145,7 +133,7 @@ def test_slr_vs_admm_threshold_and_settings_parsing():
 
 
 def test_overhead_quick(tmp_path, one_thread):
-    bench = _load("overhead")
+    bench = load_benchmark("overhead")
     assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
 
     text = (tmp_path / "results.md").read_text()
@@ -176,7 +164,7 @@ def test_overhead_quick(tmp_path, one_thread):
 
 
 def test_overhead_settings_take_typed_values_and_refuse_bad_ones(capsys):
-    bench = _load("overhead")
+    bench = load_benchmark("overhead")
     configs = bench.formulation_configs(
         ["admm", "slr"], ["interval=5", "rho=0.01", "slr:reference_samples=32", "mask_from=z"]
     )
@@ -192,7 +180,7 @@ def test_overhead_settings_take_typed_values_and_refuse_bad_ones(capsys):
 
 
 def test_l0_control_quick(tmp_path):
-    bench = _load("l0_control")
+    bench = load_benchmark("l0_control")
     threads = torch.get_num_threads()
     argv = ["--quick", "--targets", "0.5", "--epochs", "1", "--out", str(tmp_path), "--threads", "1"]
     assert bench.main(argv) == 0
@@ -214,7 +202,7 @@ def test_l0_control_quick(tmp_path):
 
 
 def test_l0_control_refuses_a_bad_setting_before_any_run_and_writes_nothing(tmp_path, capsys):
-    bench = _load("l0_control")
+    bench = load_benchmark("l0_control")
     out = tmp_path / "out"
     assert bench.main(["--quick", "--set", "density_constraint=sometimes", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -266,7 +254,7 @@ def test_scratch_dir_restores_the_sigterm_handler_and_run_child_sets_threads_and
 
 
 def test_projection_quick(tmp_path, one_thread):
-    bench = _load("projection")
+    bench = load_benchmark("projection")
     argv = ["--quick", "--data", "randn", "ties", "quantized", "--sparsity", "0.5", "0.99", "--repeats", "1"]
     assert bench.main([*argv, "--warmup", "0", "--out", str(tmp_path), *one_thread]) == 0
     text = (tmp_path / "results.md").read_text()
@@ -286,7 +274,7 @@ def test_projection_quick(tmp_path, one_thread):
 
 
 def test_layerwise_quick(tmp_path):
-    bench = _load("layerwise")
+    bench = load_benchmark("layerwise")
     assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     for name in ("results.md", "results.json", "layerwise.png"):
         assert (tmp_path / name).is_file(), name
@@ -305,7 +293,7 @@ def test_layerwise_quick(tmp_path):
 
 
 def test_layerwise_ratios_take_the_better_sparsegpt_and_name_the_winning_scopes():
-    bench = _load("layerwise")
+    bench = load_benchmark("layerwise")
 
     def result(setting, method, error, seconds):
         return {"setting": setting, "method": method, "mean_layer_error": error, "solver_seconds": seconds,
@@ -337,7 +325,7 @@ def test_layerwise_ratios_take_the_better_sparsegpt_and_name_the_winning_scopes(
 
 
 def test_causal_lm_quick(tmp_path, tiny_gpt2, text_file, one_thread):
-    bench = _load("causal_lm")
+    bench = load_benchmark("causal_lm")
     argv = ["--quick", "--problem", "hf-causal-lm", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}"]
     assert bench.main([*argv, "--seed", "3", "--out", str(tmp_path), *one_thread]) == 0
     for name in ("results.md", "results.json", "causal_lm.png"):
@@ -363,7 +351,7 @@ def test_causal_lm_quick(tmp_path, tiny_gpt2, text_file, one_thread):
 
 def test_causal_lm_allocation_rows(tmp_path, tiny_gpt2, text_file, one_thread):
     """70 %: wanda at one level everywhere, at Lagrangian-allocated and at OWL's levels, in their own table."""
-    bench = _load("causal_lm")
+    bench = load_benchmark("causal_lm")
     argv = ["--quick", "--problem", "hf-causal-lm", "--set", f"model={tiny_gpt2}", "--set", f"text={text_file}"]
     argv += ["--settings", "70%", "--methods", "wanda", "wanda+lagrangian", "wanda+owl", "sparsegpt"]
     assert bench.main([*argv, "--out", str(tmp_path), *one_thread]) == 0
@@ -382,7 +370,7 @@ def test_causal_lm_allocation_rows(tmp_path, tiny_gpt2, text_file, one_thread):
 
 
 def test_causal_lm_goals_use_the_better_scopes():
-    bench = _load("causal_lm")
+    bench = load_benchmark("causal_lm")
 
     def result(method, perplexity, seconds=1.0):
         figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": seconds}
@@ -411,7 +399,7 @@ def test_causal_lm_goals_use_the_better_scopes():
 
 def test_nm_search_quick(tmp_path, one_thread):
     solvers = available_solvers()
-    bench = _load("nm_search")
+    bench = load_benchmark("nm_search")
     assert bench.main(["--quick", "--layers", "2", "--out", str(tmp_path), *one_thread]) == 0
     assert available_solvers() == solvers  # the recording solver is nobody else's business
 
@@ -431,7 +419,7 @@ def test_nm_search_quick(tmp_path, one_thread):
 
 def test_fw_settings_quick(tmp_path, one_thread):
     solvers = available_solvers()
-    bench = _load("fw_settings")
+    bench = load_benchmark("fw_settings")
     argv = ["--quick", "--layers", "2", "--record-with", "wanda", "--configs", "", "swap_steps=5 mask_scope=layer"]
     assert bench.main([*argv, "--out", str(tmp_path), *one_thread]) == 0
     assert available_solvers() == solvers  # the recording solver is nobody else's business
@@ -462,7 +450,7 @@ def test_gpu_check_script_parses_and_semi_structured_refuses_without_cuda(capsys
     for needed in ("--set offload=true", "--set activations=device", "peak_memory", "semi_structured.py", "export"):
         assert needed in text, needed
     if not torch.cuda.is_available():
-        assert _load("semi_structured").main([]) == 2
+        assert load_benchmark("semi_structured").main([]) == 2
         assert capsys.readouterr().err.strip() == "error: semi-structured sparsity needs CUDA; no GPU here"
 
 
@@ -477,7 +465,7 @@ def test_gpu_check_script_refuses_a_python_without_the_library_before_writing(tm
 
 
 def test_semi_structured_fails_on_a_disagreement_beyond_its_tolerance():
-    bench = _load("semi_structured")
+    bench = load_benchmark("semi_structured")
     linear = {"max_relative_error": 4e-3}
     model = {"perplexity_dense_format": 20.0, "perplexity_semi_structured": 20.1}
     assert bench.disagreements(linear, model, "float16") == []
@@ -490,7 +478,7 @@ def test_semi_structured_fails_on_a_disagreement_beyond_its_tolerance():
 
 def test_dense_target_quick(tmp_path, smollm2_folder):
     """The negative-result script runs end to end on two blocks of the real SmolLM2 (own and dense)."""
-    bench = _load("dense_target")
+    bench = load_benchmark("dense_target")
     assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "results.md").read_text()
     assert "benchmarks/dense_target.py --quick --threads 1" in text
@@ -506,7 +494,7 @@ def test_dense_target_quick(tmp_path, smollm2_folder):
 
 def test_mask_only_gap_quick(tmp_path, smollm2_folder, one_thread):
     """Both parts on the real SmolLM2 (block 0, tiny calibration): tables, and what holds whatever the figures."""
-    bench = _load("mask_only_gap")
+    bench = load_benchmark("mask_only_gap")
     assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
     payload = json.loads((tmp_path / "results.json").read_text())
     layers = {r["method"]: r for r in payload["layers"]}
@@ -521,7 +509,7 @@ def test_mask_only_gap_quick(tmp_path, smollm2_folder, one_thread):
 
 def test_causal_lm_fitted_rows_report_both_ratios():
     """fw+reconstruct+fit against the best SparseGPT (the goal) and against sparsegpt+fit (like for like)."""
-    bench = _load("causal_lm")
+    bench = load_benchmark("causal_lm")
 
     def result(method, perplexity):
         figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": 1.0}
@@ -543,7 +531,7 @@ def test_causal_lm_fitted_rows_report_both_ratios():
 
 def test_causal_lm_mask_search_rows_join_the_mask_only_goal():
     """fw+mask (still masks only) against the best SparseGPT, goal 1; a plain fw row keeps its own ratio."""
-    bench = _load("causal_lm")
+    bench = load_benchmark("causal_lm")
 
     def result(method, perplexity):
         figures = {"mean_layer_error": 0.01, "wall_seconds": 9.0, "peak_rss_mb": 1.0, "solver_seconds": 1.0}
@@ -562,7 +550,7 @@ def test_causal_lm_mask_search_rows_join_the_mask_only_goal():
 def test_admm_rows_report_their_ratios_without_a_goal_of_their_own():
     """The layer-wise admm solver against the better SparseGPT: error and seconds (layer-wise benchmark),
     perplexity increase and seconds (causal LM); no goal marks (the issue's goals are fw's)."""
-    layerwise, causal = _load("layerwise"), _load("causal_lm")
+    layerwise, causal = load_benchmark("layerwise"), load_benchmark("causal_lm")
     rows = [
         {"setting": "60%", "method": name, "mean_layer_error": error, "solver_seconds": seconds, "run_seconds": 9.0}
         for name, error, seconds in (("sparsegpt", 0.03, 2.0), ("sparsegpt-layer", 0.02, 2.5), ("admm", 0.01, 20.0),
@@ -590,7 +578,7 @@ def test_admm_rows_report_their_ratios_without_a_goal_of_their_own():
 
 
 def test_sgd_stability_quick(tmp_path, one_thread):
-    bench = _load("sgd_stability")
+    bench = load_benchmark("sgd_stability")
     assert bench.main(["--quick", "--out", str(tmp_path), *one_thread]) == 0
     text = (tmp_path / "results.md").read_text()
     assert "benchmarks/sgd_stability.py --quick --out" in text and "on (the library)" in text
@@ -605,7 +593,7 @@ def test_sgd_stability_quick(tmp_path, one_thread):
 
 
 def test_readme_runs_quick(tmp_path):
-    bench = _load("readme_runs")
+    bench = load_benchmark("readme_runs")
     assert bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
     (row,) = record["rows"]
@@ -625,7 +613,7 @@ WITH_THREADS = ["causal_lm", "dense_target", "fw_settings", "l0_control", "layer
 def test_a_bad_threads_or_out_is_the_parsers_one_line_before_any_work(name, tmp_path, capsys):
     """--threads 0 was accepted by some scripts and a traceback in others; an --out that is a file failed with a
     traceback when the results were written, after the work."""
-    bench = _load(name)
+    bench = load_benchmark(name)
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     cases = [(["--out", str(notes / "results")], f"argument --out: {notes} is a file, not a folder")]
