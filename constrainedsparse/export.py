@@ -43,6 +43,7 @@ from constrainedsparse.extras import require
 from constrainedsparse.masks import parametrized
 from constrainedsparse.saving import replace_folder, source_folder
 from constrainedsparse.semistructured import is_two_four, to_semi_structured
+from constrainedsparse.targets import tuner_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -111,10 +112,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{str(path)!r} is not {what} (not JSON: {first_line(err)})") from None
 
 
-_MERGE_FIRST = (
-    "merge_and_unload() the model, hard_prune(targets, masks) again (the merge adds the adapters' dense product to "
-    "the pruned weights) and export that"
-)
+_MERGE_FIRST = "merge_and_unload() the model, hard_prune(targets, masks) again (the merge adds the adapters' product)"
 
 
 def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -123,9 +121,9 @@ def _saved_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
         raise ValueError(f"run directory {str(run_dir)!r} {what}")
     summary_file = run_dir / "summary.json"
-    if not summary_file.is_file() and (run_dir / "adapter_config.json").is_file():
-        raise ValueError(f"{str(run_dir)!r} holds PEFT adapters only (adapter_config.json): {_MERGE_FIRST}")
     if not summary_file.is_file():
+        if (run_dir / "adapter_config.json").is_file():
+            raise ValueError(f"{str(run_dir)!r} holds PEFT adapters only (adapter_config.json): {_MERGE_FIRST}")
         raise ValueError(
             f"{str(run_dir)!r} has no summary.json: export needs a finished layer-wise run, or a saved transformers "
             "model folder (config.json)"
@@ -324,7 +322,7 @@ def _saved_model(model: nn.Module, final: Path) -> Iterator[Path]:
     """
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"export takes a transformers model (with save_pretrained), got {type(model).__name__}")
-    if getattr(model, "peft_config", None):  # a peft PeftModel, or a transformers model with adapters added
+    if tuner_layers(model):  # a peft PeftModel, or a transformers model with adapters added (not merged)
         raise ValueError(f"the model carries PEFT adapters (save_pretrained would write them only): {_MERGE_FIRST}")
     if parametrized(model):
         raise ValueError(

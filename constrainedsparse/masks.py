@@ -158,12 +158,7 @@ def apply_masks(
     targets = resolved_targets(targets, "apply_masks(targets, masks): ")
     check_masks(targets, masks)
     if not allow_empty:
-        _check_keeps_weights(
-            masks,
-            "apply_masks(targets, masks)",
-            "it would stay 0 and never train; a tensor initialised to 0, such as LoRA's lora_B, gives one from "
-            "tensor != 0: leave it out of the targets",
-        )
+        _check_keeps_weights(masks, "apply_masks(targets, masks)", "the tensor would stay 0 and never train")
     _check_no_formulation([t for t in targets if t.name in masks], "apply_masks()")
     _write_masks(targets, masks)
 

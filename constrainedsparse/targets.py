@@ -231,8 +231,9 @@ class Targets:
                 self.check_globs(names, names, model)  # an include typo: named, with the names it could match
             raise ValueError(self._selects_nothing(model))
         self.check_globs(names, [full_name(fqn, name) for fqn, name, _ in selected], model)
+        device_map = getattr(model, "hf_device_map", None) or {}  # accelerate's placement, if it loaded the model
         for fqn, param_name, module in selected:
-            _check_prunable(full_name(fqn, param_name), module, param_name)
+            _check_prunable(full_name(fqn, param_name), module, param_name, device_map)
         _check_untied(model, selected, names)
         resolved = []
         for fqn, param_name, module in selected:
@@ -259,8 +260,8 @@ class Targets:
                     "be cut from the model); lower its level (overrides={name: level}) or pass allow_empty=True"
                 )
             resolved.append(TargetParam(full, fqn, param_name, module, own.sparsity, feasible, own))
-        adapters = set(adapter_layers(model, [t.module_name for t in resolved]))
-        warn_adapters([t.name for t in resolved if t.module_name in adapters])
+        adapters = adapter_layers(model, [t.module_name for t in resolved])
+        warn_adapters([t.name for t in resolved if t.module_name in adapters], adapters.values())
         return resolved
 
     def _selects_nothing(self, model: nn.Module) -> str:
@@ -287,30 +288,38 @@ class Targets:
         )
 
 
-def adapter_layers(model: nn.Module, fqns: Iterable[str]) -> list[str]:
-    """The names among ``fqns`` of modules inside a PEFT adapter layer (LoRA's ``lora_A``/``lora_B``: anything
-    in a ``peft`` tuner layer but its ``base_layer``), found by the class name, without importing ``peft``."""
-    tuners = [
+def tuner_layers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s PEFT tuner layers (a LoRA-adapted Linear: its ``base_layer`` and adapters), found by
+    the class name ``BaseTunerLayer``, without importing ``peft``; none once ``merge_and_unload()`` ran."""
+    return [
         fqn
         for fqn, module in model.named_modules()
         if any(kind.__name__ == "BaseTunerLayer" for kind in type(module).__mro__)
     ]
-    return [
-        fqn
-        for fqn in fqns
-        if any(fqn.startswith(f"{t}.") and not f"{fqn}.".startswith(f"{t}.base_layer.") for t in tuners)
-    ]
 
 
-def warn_adapters(names: Sequence[str]) -> None:
-    """Warns that the weights ``names`` are adapters' (:func:`adapter_layers`): pruned, they leave a merged weight
-    dense."""
+def adapter_layers(model: nn.Module, fqns: Iterable[str]) -> dict[str, str]:
+    """The modules among ``fqns`` inside a PEFT tuner layer but its ``base_layer`` (LoRA's ``lora_A``/``lora_B``),
+    each with its part's name in the tuner layer (``lora_A``)."""
+    tuners = tuner_layers(model)
+    found = {}
+    for fqn in fqns:
+        tuner = next((t for t in tuners if fqn.startswith(f"{t}.")), None)
+        if tuner is not None and not f"{fqn}.".startswith(f"{tuner}.base_layer."):
+            found[fqn] = fqn[len(tuner) + 1 :].split(".")[0]
+    return found
+
+
+def warn_adapters(names: Sequence[str], parts: Iterable[str]) -> None:
+    """Warns that the weights ``names`` are adapters' (``parts``: their names in the tuner layers, from
+    :func:`adapter_layers`): pruned, they leave a merged weight dense."""
     if names:
+        globs = ", ".join(repr(f"*.{part}.*") for part in sorted(set(parts)))
         warnings.warn(
             f"the targets hold {len(names)} weights of PEFT adapters ({_shown(names)}): pruning an adapter leaves "
             "the merged weight dense (merge_and_unload() adds the adapters' product), and a mask of an adapter "
             "initialised to 0 (lora_B) keeps it 0; prune the model before adding adapters, merge them first, or "
-            "leave them out (Targets(exclude=['*lora_*']))",
+            f"leave them out (Targets(exclude=[{globs}]))",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
@@ -331,7 +340,7 @@ def _inputs_first(module: nn.Module) -> str | None:
     return None
 
 
-def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
+def _check_prunable(full: str, module: nn.Module, param_name: str, device_map: Mapping[str, Any]) -> None:
     """A selected weight is an initialized ``nn.Parameter``, under no parametrization but this package's own.
 
     Raises:
@@ -362,11 +371,18 @@ def _check_prunable(full: str, module: nn.Module, param_name: str) -> None:
             "remove_spectral_norm, remove_weight_norm) or exclude it"
         )
     if value.is_meta:
-        raise not_materialized(full, "resolving its targets")
+        raise not_materialized(full, "resolving its targets", device_map)
 
 
-def not_materialized(name: str, before: str) -> ValueError:
-    """The error for a weight on the meta device (no values yet), met ``before`` something (``"pruning it"``)."""
+def not_materialized(name: str, before: str, device_map: Mapping[str, Any] | None = None) -> ValueError:
+    """The error for a weight on the meta device (no values yet), met ``before`` something (``"pruning it"``); one
+    that accelerate offloaded to disk (the model's ``hf_device_map`` places it there) is named so."""
+    keys = [key for key in device_map or {} if key == "" or name.startswith(f"{key}.")]
+    if keys and device_map is not None and device_map[max(keys, key=len)] == "disk":
+        return ValueError(
+            f"{name} is offloaded to disk (from_pretrained(device_map=..., offload_folder=...)): load the model into "
+            f"memory before {before} (prune_layerwise's offload=True moves one block at a time to the device)"
+        )
     return ValueError(
         f"{name} is on the meta device (it has no values yet): load the model's weights before {before} "
         "(to_empty() then load_state_dict(), or from_pretrained())"

@@ -204,16 +204,19 @@ def test_gates_have_their_own_lr_and_no_weight_decay():
 def test_model_scope_warns_that_different_target_levels_only_set_the_total(recwarn):
     # Overrides of 0.9 / 0.3 came out at 0.79 / 0.725 without a word: model scope shares one budget.
     def problem(targets=None, rows=False):
-        model, config = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), SparsityConfig(0.9)
-        resolved = (targets or Targets(overrides={"2.weight": 0.3})).resolve(model, config)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        config = SparsityConfig(0.9)
+        resolved = (targets or Targets(overrides={"4.weight": 0.3})).resolve(model, config)
         if rows:  # the last layer at another pattern
-            resolved = Targets(exclude=["2.*"]).resolve(model, config) + Targets(include=["2.*"]).resolve(
+            resolved = Targets(exclude=["4.*"]).resolve(model, config) + Targets(include=["4.*"]).resolve(
                 model, SparsityConfig(0.5, "row")
             )
         return SparsityProblem(model, nn.functional.cross_entropy, resolved)
 
-    uneven = r"^l0 scope=model holds one density budget over targets given different levels \(0\.weight 0\.9, "
-    with pytest.warns(UserWarning, match=uneven + r"2\.weight 0\.3\): the hard prune keeps one budget, their total"):
+    uneven = r"^l0 scope=model holds one density budget over targets given different levels \(0\.9 \(0\.weight, \+1\), "
+    with pytest.warns(
+        UserWarning, match=uneven + r"0\.3 \(4\.weight\)\): the hard prune keeps one budget, their total"
+    ):
         make("l0", problem(), lr=1e-3)
     with pytest.warns(UserWarning, match=r"the hard prune keeps each target's own level \(a target has a pattern\)"):
         make("l0", problem(rows=True), lr=1e-3)

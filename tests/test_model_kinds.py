@@ -234,3 +234,10 @@ def test_a_model_offloaded_to_disk_by_accelerate_is_refused_before_pruning(tmp_p
     batches = [{"input_ids": torch.randint(0, 100, (2, 8))}]
     with pytest.raises(ValueError, match=r"^model\.layers\.1\.self_attn\.q_proj\.weight is offloaded to disk \(from_"):
         cs.prune_layerwise(model, batches, "wanda", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\..*offloaded to disk .* memory before resolving its"):
+        cs.Targets(include=["model.layers.*"]).resolve(model, cs.SparsityConfig(sparsity=0.5))
+    with torch.device("meta"):  # on the meta device without a placement: no weights were loaded
+        empty = _model()
+    empty.hf_device_map = {"": "cpu"}
+    with pytest.raises(ValueError, match=r"^0\.weight is on the meta device"):
+        cs.Targets().resolve(empty, cs.SparsityConfig(sparsity=0.5))

@@ -376,6 +376,28 @@ def warn_schedule_unfinished(name: str, fraction: float, num_epochs: int) -> Non
         )
 
 
+def warn_uneven_levels(targets: Sequence[Any], one_budget: bool) -> None:
+    """``l0``'s model scope, targets given different levels: its one density budget keeps only their total
+    (``one_budget``: the hard masks share it too; else each target is masked at its level, after gates trained for
+    the total)."""
+    levels: dict[float, list[str]] = {}
+    for t in targets:
+        levels.setdefault(t.sparsity, []).append(t.name)
+    if len(levels) > 1:
+        shown = ", ".join(f"{s:g} ({n[0]}" + (f", +{len(n) - 1})" if len(n) > 1 else ")") for s, n in levels.items())
+        hard = (
+            "one budget, their total, whose split follows the gates"
+            if one_budget
+            else ("each target's own level (a target has a pattern), after gates trained for their total")
+        )
+        warnings.warn(
+            f"l0 scope=model holds one density budget over targets given different levels ({shown}): the hard "
+            f"prune keeps {hard}; scope=layer holds every target at its own level",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def check_dense_gradients(name: str, targets: Sequence[Any]) -> None:
     """No target gets sparse gradients (``nn.Embedding(sparse=True)``): ``slr``/``admm`` add the W = Z penalty to
     the gradient, ``l0`` multiplies the weight by its gates, and neither works on a sparse gradient.

@@ -85,17 +85,14 @@ def check_layer_shapes(
     by_level: dict[SparsityConfig, dict[str, tuple[Any, Any]]] = {}
     selected = set()
     seen: dict[int, str] = {}  # a weight's first name: a tied one would be pruned again by a later block
-    adapters: list[str] = []
     for index, block in enumerate(blocks):
-        layers = targeted_layers(block, targets, prefixes[index])
-        for name, module in layers:
+        for name, module in targeted_layers(block, targets, prefixes[index]):
             shape, full = layer_weight(module).shape, weight_name(prefixes[index], name)
             _check_plain_and_untied(module, full, seen)
             own = levels.get(full, target)
             with user_input(f"{full}: "):  # the weight's name in the model, as every other layer error says it
                 by_level.setdefault(own, {})[full] = (own.feasible_set(shape), shape)
             selected.update((full_name(name, "weight"), full))
-        adapters += [weight_name(prefixes[index], name) for name in adapter_layers(block, [n for n, _ in layers])]
     # include/exclude globs match a name within a block or in the model, in some block
     candidates = sorted(
         {
@@ -110,13 +107,23 @@ def check_layer_shapes(
         targets.check_globs(candidates, sorted(selected) if by_level else candidates)
     if not by_level:
         raise UserInputError(f"no layer to prune: the targets match no layer in the {len(blocks)} blocks")
-    warn_adapters(adapters)
+    _warn_adapters(blocks, targets, prefixes)
     if not allow_empty:
         for own, sets in by_level.items():
             level = ("sparsity" if keywords else "--sparsity") if own == target else "the override level"
             hint = {"allow": "exclude it from the targets (Targets(exclude=[...])) or pass allow_empty_layers=True"}
             hint = hint if keywords else {}
             check_keeps_weights(sets, own, level, **hint)
+
+
+def _warn_adapters(blocks: Sequence[nn.Module], targets: Targets, prefixes: Sequence[str]) -> None:
+    """Warns of targeted layers that are PEFT adapters (:func:`~constrainedsparse.targets.warn_adapters`)."""
+    names, parts = [], []
+    for prefix, block in zip(prefixes, blocks):
+        found = adapter_layers(block, [name for name, _ in targeted_layers(block, targets, prefix)])
+        names += [weight_name(prefix, name) for name in found]
+        parts += found.values()
+    warn_adapters(names, parts)
 
 
 def _check_plain_and_untied(module: nn.Module, full: str, seen: dict[int, str]) -> None:
@@ -451,13 +458,7 @@ def check_materialized(model: nn.Module) -> None:
     Raises:
         ValueError: Naming the first such parameter.
     """
-    device_map = getattr(model, "hf_device_map", None) or {}
+    device_map = getattr(model, "hf_device_map", None) or {}  # accelerate's placement, if it loaded the model
     for name, parameter in model.named_parameters():
-        if parameter.is_meta and "disk" in device_map.values():  # accelerate's disk offload: weights read per forward
-            raise ValueError(
-                f"{name} is offloaded to disk (from_pretrained(device_map=..., offload_folder=...)): one-shot pruning "
-                "writes the weights in place; load the model into memory (device_map=None) and pass offload=True to "
-                "move one block at a time to the device"
-            )
         if parameter.is_meta:
-            raise not_materialized(name, "pruning it")
+            raise not_materialized(name, "pruning it", device_map)

@@ -54,13 +54,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any
 
 import cooper
 import torch
 
-from constrainedsparse.errors import user_stacklevel
+from constrainedsparse.formulations.checks import warn_uneven_levels
 from constrainedsparse.formulations.factory import register_formulation
 from constrainedsparse.formulations.l0.config import TEST_GAP_OFF, L0Config
 from constrainedsparse.formulations.l0.gated import TEST_TEMPERATURE, Gated
@@ -120,25 +119,18 @@ class L0(Gated):
         if self.config.grouping == "structured" and self.config.scope == "layer":
             for t in self.problem.targets:
                 self._check_keeps_a_group(t)
-        if self.config.scope == "model" and len({t.sparsity for t in self.problem.targets}) > 1:
-            levels = ", ".join(f"{t.name} {t.sparsity:g}" for t in self.problem.targets[:4])
-            hard = (  # compute_hard_masks: one budget over top-k targets only
-                "one budget, their total, whose split follows the gates"
-                if all(isinstance(t.feasible_set, TopK) for t in self.problem.targets)
-                else "each target's own level (a target has a pattern), after gates trained for their total"
-            )
-            warnings.warn(
-                f"l0 scope=model holds one density budget over targets given different levels ({levels}"
-                f"{', ...' * (len(self.problem.targets) > 4)}): the hard prune keeps {hard}; scope=layer holds "
-                "every target at its own level",
-                UserWarning,
-                stacklevel=user_stacklevel(),
-            )
+        if self.config.scope == "model":
+            warn_uneven_levels(self.problem.targets, self._global_budget)
         # density_of=purged: (child name, in_features, out_features) of every Linear, in order.
         self._chain: list[tuple[str, int, int]] = []
         if self.config.density_of == "purged":
             self._chain = self._purge_chain()
         super().attach()
+
+    @property
+    def _global_budget(self) -> bool:
+        """Model scope over top-k targets only: one budget for all of them (:meth:`compute_hard_masks`)."""
+        return self.config.scope == "model" and all(isinstance(t.feasible_set, TopK) for t in self.problem.targets)
 
     def _check_keeps_a_group(self, target: TargetParam) -> None:
         """Layer scope, structured gates: the target's level keeps at least one group (else its hard prune cuts
@@ -232,7 +224,7 @@ class L0(Gated):
         Layer scope keeps the per-target masks of :meth:`Gated.compute_hard_masks`.
         """
         targets = self.problem.targets
-        if self.config.scope != "model" or not all(isinstance(t.feasible_set, TopK) for t in targets):
+        if not self._global_budget:
             return super().compute_hard_masks()
         if self.config.grouping == "structured":
             return self._global_group_masks()
