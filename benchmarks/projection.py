@@ -39,9 +39,19 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from common import command_line, non_negative_int, out_folder, positive_int, sparsity_level, thread_count, write_results
+from common import (
+    checked,
+    command_line,
+    non_negative_int,
+    out_folder,
+    positive_int,
+    sparsity_level,
+    thread_count,
+    write_results,
+)
 
 from constrainedsparse.sets import TopK, keep_count
+from constrainedsparse.settings import resolve_device
 
 FULL_NUMEL = 16 * 1024 * 1024
 QUICK_NUMEL = 1024 * 1024
@@ -67,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds first")
     parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True, help="time the reference")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=out_folder, default=None, help="write results.md and results.json here")
     args = parser.parse_args(argv)
@@ -75,14 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.numel = QUICK_NUMEL if args.quick else FULL_NUMEL
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is no torch device: give e.g. cpu, cuda or cuda:0")
-    try:  # one this machine lacks: refused before any tensor is made
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        parser.error(f"--device {args.device!r} is not available here: {str(err).splitlines()[0]}")
+    args.device = checked(parser, resolve_device, args.device, "--device")  # one this machine lacks too
     return args
 
 

@@ -19,7 +19,7 @@ ROWS = [
     ("projection", ["--sparsity", "1.5"], r"argument --sparsity: sparsity must be in \[0, 1\), got 1.5"),
     ("projection", ["--sparsity", "-0.1"], r"argument --sparsity: sparsity must be in \[0, 1\), got -0.1"),
     ("projection", ["--sparsity", "x"], r"argument --sparsity: must be a number in \[0, 1\), got 'x'"),
-    ("projection", ["--device", "nope"], r"--device 'nope' is no torch device: give e\.g\. cpu, cuda or cuda:0"),
+    ("projection", ["--device", "nope"], r"^--device must be cpu, cuda, cuda:N or auto, got 'nope'$"),
     ("nm_search", ["--pattern", "5:4"], r"--pattern: pattern must look like N:M with integers 0 < N <= M"),
     ("nm_search", ["--pattern", "abc"], r"--pattern: unknown pattern 'abc'; patterns: unstructured, row, 2:4"),
     ("nm_search", ["--configs", "bogus=1"], r"--configs: setting 'bogus=1' must be KEY=VALUE with KEY one of "),
