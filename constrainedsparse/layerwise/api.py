@@ -251,6 +251,8 @@ def _warn_pruned_before(
             level = levels.get(full_name, target)
             weight = layer_weight(module).detach()
             zeros = float((weight == 0).float().mean())
+            if zeros == 0.0:  # a model not pruned before: no mask to compute
+                continue
             pruned = 1.0 - float(level.feasible_set(weight.shape).mask(weight).float().mean())  # counts rounded
             if zeros > pruned + 1e-9:
                 warnings.warn(
