@@ -377,8 +377,9 @@ def _check_prunable(full: str, module: nn.Module, param_name: str, device_map: M
 def not_materialized(name: str, before: str, device_map: Mapping[str, Any] | None = None) -> ValueError:
     """The error for a weight on the meta device (no values yet), met ``before`` something (``"pruning it"``); one
     that accelerate offloaded to disk (the model's ``hf_device_map`` places it there) is named so."""
-    keys = [key for key in device_map or {} if key == "" or name.startswith(f"{key}.")]
-    if keys and device_map is not None and device_map[max(keys, key=len)] == "disk":
+    placement = device_map or {}
+    keys = [key for key in placement if key == "" or name.startswith(f"{key}.")]
+    if keys and placement[max(keys, key=len)] == "disk":
         return ValueError(
             f"{name} is offloaded to disk (from_pretrained(device_map=..., offload_folder=...)): load the model into "
             f"memory before {before} (prune_layerwise's offload=True moves one block at a time to the device)"

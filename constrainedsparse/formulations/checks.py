@@ -388,7 +388,7 @@ def warn_uneven_levels(targets: Sequence[Any], one_budget: bool) -> None:
         hard = (
             "one budget, their total, whose split follows the gates"
             if one_budget
-            else ("each target's own level (a target has a pattern), after gates trained for their total")
+            else "each target's own level (a target has a pattern), after gates trained for their total"
         )
         warnings.warn(
             f"l0 scope=model holds one density budget over targets given different levels ({shown}): the hard "
